@@ -1,0 +1,79 @@
+"""``salience-server`` / ``python -m salience_server``: the gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from salience_server.config import EngineConfig, ModelConfig, ServerConfig, parse_bytes
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(
+        prog="salience-server", description="Salience: a session-based LLM inference server."
+    )
+    parser.add_argument(
+        "--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI shim here")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--max-context", type=int, default=0, help="per-session token limit")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=0,
+        help="KV pool size, e.g. 2GiB (default: 1GiB on CPU, 60%% of free GPU memory)",
+    )
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-running", type=int, default=64)
+    parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--session-ttl", type=float, default=1800.0, help="seconds; 0 disables")
+    parser.add_argument("--readout", help="readout safetensors file (SPEC 2.3)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return ServerConfig(
+            host=args.host,
+            port=args.port,
+            http_port=args.http_port,
+            model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
+            engine=EngineConfig(
+                max_context=args.max_context,
+                block_size=args.block_size,
+                kv_cache_bytes=args.kv_cache_memory,
+                max_batch_tokens=args.max_batch_tokens,
+                max_running=args.max_running,
+                max_queue=args.max_queue,
+                session_ttl_s=args.session_ttl,
+            ),
+            readout_path=args.readout,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    if config.http_port or config.readout_path:
+        sys.exit("salience-server: --http-port and --readout are not part of this build yet")
+    from salience_server.rpc.server import serve
+
+    try:
+        asyncio.run(serve(config))
+    except (FileNotFoundError, ValueError, OSError) as error:
+        logging.getLogger("salience").error("%s", error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Server and engine configuration: frozen dataclasses, checked on creation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """Parses a size such as ``2GiB``, ``512M`` or ``1048576`` into bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (try 2GiB, 512MiB or a number of bytes)")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit.upper()])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs to know beyond the model itself."""
+
+    max_context: int = 0
+    """Tokens a session may hold; 0 means the model's own limit."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_bytes: int = 0
+    """Bytes of accelerator memory for the KV block pool; 0 picks a default."""
+    max_batch_tokens: int = 2048
+    """Tokens one forward pass may carry (decodes plus prefill chunks)."""
+    max_running: int = 64
+    """Requests that may share one forward pass."""
+    max_queue: int = 256
+    """Requests that may wait for room; more fail with RESOURCE_EXHAUSTED."""
+    session_ttl_s: float = 1800.0
+    """Idle sessions older than this are closed; 0 disables expiry."""
+    host_kv_bytes: int = 0
+    """Bytes of host memory for offloaded KV; 0 disables offloading."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError("block_size must be positive")
+        if self.max_batch_tokens <= 0 or self.max_running <= 0:
+            raise ValueError("max_batch_tokens and max_running must be positive")
+        if self.max_context < 0 or self.kv_cache_bytes < 0 or self.max_queue < 0:
+            raise ValueError("max_context, kv_cache_bytes and max_queue must not be negative")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str | None = None
+    """A Hugging Face model directory, a GGUF file, or None for the default model."""
+    dtype: str = "auto"
+    """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when available)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The whole server: where it listens and what it serves."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    http_port: int = 0
+    """Start the OpenAI shim beside the gRPC server on this port; 0 disables it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    readout_path: str | None = None
+    """A safetensors readout file (see SPEC 2.3); None disables readout."""
+    max_message_bytes: int = 64 << 20
+    """Largest gRPC message accepted or sent."""

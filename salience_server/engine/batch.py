@@ -1,0 +1,50 @@
+"""The flattened batch one forward pass runs: plain lists, built from scheduled chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SequenceSpan:
+    """One session's slice of the flattened batch."""
+
+    query_start: int
+    """First row of this sequence in the batch."""
+    query_len: int
+    """Rows (new tokens) this sequence feeds."""
+    context_len: int
+    """Tokens attended to after this step: cached ones plus the new ones."""
+    block_table: list[int]
+
+
+@dataclass
+class ForwardBatch:
+    """Inputs of one forward pass over T new tokens from several sessions."""
+
+    token_ids: list[int] = field(default_factory=list)
+    """[T] token ids, sequence after sequence."""
+    positions: list[int] = field(default_factory=list)
+    """[T] rotary positions (from the session, not the batch index)."""
+    slot_mapping: list[int] = field(default_factory=list)
+    """[T] KV slot (block_id * block_size + offset) each new token writes."""
+    sequences: list[SequenceSpan] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)
+    """[K] batch rows whose logits are needed; nothing else reaches the LM head."""
+
+    def add_sequence(
+        self, token_ids: list[int], start: int, block_table: list[int], block_size: int
+    ) -> None:
+        """Appends ``token_ids`` fed at positions ``start ..`` of one session."""
+        self.sequences.append(
+            SequenceSpan(len(self.token_ids), len(token_ids), start + len(token_ids), block_table)
+        )
+        for position in range(start, start + len(token_ids)):
+            block_id = block_table[position // block_size]
+            self.slot_mapping.append(block_id * block_size + position % block_size)
+            self.positions.append(position)
+        self.token_ids.extend(token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)

@@ -1,0 +1,74 @@
+"""Incremental detokenization that never splits a UTF-8 character, and stop strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Tokens of context decoded before the new ones, so that a leading space or a
+# byte-fallback piece of the first new token renders as it would in the full text.
+_NUM_CONTEXT_TOKENS = 4
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas, holding back incomplete characters."""
+
+    def __init__(self, tokenizer: Any, context_ids: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self._ids = list(context_ids[-_NUM_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def push(self, token_id: int) -> str:
+        """Adds one token; returns the text it completes (may be empty)."""
+        self._ids.append(token_id)
+        decode = self._tokenizer.decode
+        prefix = decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
+        )
+        text = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return text[len(prefix) :]
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text and holds back text that may start one."""
+
+    def __init__(self, stop_strings: list[str]) -> None:
+        self._stop_strings = [s for s in stop_strings if s]
+        self._pending = ""  # text received but not yet released
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to release, whether a stop string matched)."""
+        self._pending += delta
+        if not self._stop_strings:
+            released, self._pending = self._pending, ""
+            return released, False
+        cut = min(
+            (i for i in (self._pending.find(s) for s in self._stop_strings) if i >= 0),
+            default=-1,
+        )
+        if cut >= 0:
+            released, self._pending = self._pending[:cut], ""
+            return released, True
+        keep = self._longest_partial_match()
+        released = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep :]
+        return released, False
+
+    def flush(self) -> str:
+        """Releases whatever was held back (the call ended without a match)."""
+        released, self._pending = self._pending, ""
+        return released
+
+    def _longest_partial_match(self) -> int:
+        """Length of the longest suffix of the pending text that begins a stop string."""
+        best = 0
+        for stop in self._stop_strings:
+            for size in range(min(len(stop) - 1, len(self._pending)), best, -1):
+                if self._pending.endswith(stop[:size]):
+                    best = size
+                    break
+        return best

@@ -1,0 +1,392 @@
+"""The engine: sessions, the scheduler and the model runner, stepped in their own thread.
+
+Each step is one sentence: schedule, run, sample, commit. Calls from the server's
+event loop (submit, cancel, session management) take the same lock as the step's
+bookkeeping; only the forward pass runs without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from salience_server.config import EngineConfig
+from salience_server.engine import sampler
+from salience_server.engine.batch import ForwardBatch
+from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.detokenizer import IncrementalDetokenizer
+from salience_server.engine.errors import Code, SalienceError, session_not_found
+from salience_server.engine.loader import LoadedModel
+from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token
+from salience_server.engine.request import (
+    EventSink,
+    FinishReason,
+    GenerateParams,
+    Request,
+    TokenEvent,
+    in_ranges,
+)
+from salience_server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from salience_server.engine.session import Residency, Session
+from salience_server.engine.validation import check_generate
+
+log = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+_CUDA_KV_FRACTION = 0.6  # of the memory free after loading the model
+
+
+@dataclass
+class SessionInfo:
+    session_id: str
+    length: int
+    max_context: int
+    residency: Residency
+    num_blocks: int
+    kv_bytes: int
+    idle_seconds: float
+    is_busy: bool
+
+
+@dataclass
+class _Row:
+    """One logits row of a forward pass: which request, which fed position."""
+
+    request: Request
+    fed_position: int
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
+        self.max_context = min(config.max_context or loaded.max_context, loaded.max_context)
+        self.eos_token_ids = set(loaded.eos_token_ids)
+        self.has_readout = False
+        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+        block_bytes = self.kv_bytes_per_token * config.block_size
+        num_blocks = max(1, self._kv_budget_bytes() // block_bytes)
+        log.info(
+            "KV pool: %d blocks of %d tokens (%.1f MiB)",
+            num_blocks,
+            config.block_size,
+            num_blocks * block_bytes / 2**20,
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sessions: dict[str, Session] = {}
+        self._request_ids = itertools.count()
+        self._lock = threading.Condition()
+        self._is_stopping = False
+        self._thread = threading.Thread(target=self._loop, name="salience-engine", daemon=True)
+
+    def _kv_budget_bytes(self) -> int:
+        if self.config.kv_cache_bytes:
+            return self.config.kv_cache_bytes
+        if self.loaded.device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(self.loaded.device)
+            return int(free_bytes * _CUDA_KV_FRACTION)
+        return _CPU_DEFAULT_KV_BYTES
+
+    # ----- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Fails every pending request with UNAVAILABLE and stops the loop."""
+        with self._lock:
+            self._is_stopping = True
+            requests = self.scheduler.running + [r for _, r in self.scheduler.waiting]
+            for request in requests:
+                request.sink(
+                    SalienceError(Code.UNAVAILABLE, "SHUTTING_DOWN", "the server is stopping")
+                )
+            self._lock.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    # ----- sessions ----------------------------------------------------------------
+
+    def open_session(self, session_id: str = "", max_context: int = 0) -> Session:
+        with self._lock:
+            session_id = session_id or uuid.uuid4().hex
+            if session_id in self.sessions:
+                raise SalienceError(
+                    Code.INVALID_ARGUMENT,
+                    "SESSION_EXISTS",
+                    f"session {session_id!r} already exists",
+                )
+            limit = min(max_context, self.max_context) if max_context else self.max_context
+            session = Session(session_id, limit)
+            self.sessions[session_id] = session
+            return session
+
+    def close_session(self, session_id: str) -> None:
+        """Frees the session; a call running on it is cancelled first."""
+        with self._lock:
+            session = self._session(session_id)
+            del self.sessions[session_id]
+            session.is_closed = True
+            for request in self.scheduler.running + [r for _, r in self.scheduler.waiting]:
+                if request.session is session:
+                    request.is_cancelled = True
+            if not session.is_busy:
+                self.block_manager.free(session.block_table)
+            self._lock.notify_all()
+
+    def fork_session(self, session_id: str, new_session_id: str = "") -> Session:
+        """A child sharing the parent's committed tokens and KV blocks (copy-on-write)."""
+        with self._lock:
+            parent = self._session(session_id)
+            if parent.is_busy:
+                raise _busy(session_id)
+            child = self.open_session(new_session_id, parent.max_context)
+            child.token_ids = list(parent.token_ids)
+            child.block_table = self.block_manager.share(parent.block_table)
+            child.num_computed = parent.num_computed
+            parent.touch()
+            return child
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        with self._lock:
+            return self._info(self._session(session_id))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        with self._lock:
+            return [self._info(s) for s in self.sessions.values()]
+
+    def _info(self, session: Session) -> SessionInfo:
+        num_blocks = len(session.block_table)
+        return SessionInfo(
+            session_id=session.session_id,
+            length=session.length,
+            max_context=session.max_context,
+            residency=session.residency,
+            num_blocks=num_blocks,
+            kv_bytes=num_blocks * self.config.block_size * self.kv_bytes_per_token,
+            idle_seconds=session.idle_seconds(),
+            is_busy=session.is_busy,
+        )
+
+    def _session(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise session_not_found(session_id)
+        return session
+
+    def _expire_sessions(self) -> None:
+        ttl = self.config.session_ttl_s
+        if ttl <= 0:
+            return
+        for session in list(self.sessions.values()):
+            if not session.is_busy and session.idle_seconds() > ttl:
+                log.info("session %s expired after %.0f s idle", session.session_id, ttl)
+                del self.sessions[session.session_id]
+                session.is_closed = True
+                self.block_manager.free(session.block_table)
+
+    # ----- requests ----------------------------------------------------------------
+
+    def submit(self, params: GenerateParams, sink: EventSink) -> Request:
+        """Checks and queues a Generate call; raises SalienceError for a bad one.
+
+        ``sink`` receives TokenEvents, then a DoneEvent or a SalienceError, from the
+        engine thread. Nothing changes when the call is refused.
+        """
+        with self._lock:
+            if self._is_stopping:
+                raise SalienceError(Code.UNAVAILABLE, "SHUTTING_DOWN", "the server is stopping")
+            session = self._session(params.session_id)
+            if session.is_busy:
+                raise _busy(params.session_id)
+            check_generate(params, session, self.vocab_size, self.has_readout)
+            if len(self.scheduler.waiting) >= self.config.max_queue:
+                raise SalienceError(
+                    Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "too many requests wait; retry later"
+                )
+            request = self._accept(params, session, sink)
+            if request.is_finished:
+                self._finish(request)
+            else:
+                self.scheduler.add(request)
+                self._lock.notify_all()
+            return request
+
+    def _accept(self, params: GenerateParams, session: Session, sink: EventSink) -> Request:
+        """Commits the call's effect on the session and makes its Request."""
+        if params.offset < session.length:
+            session.rewind(params.offset)
+            self.block_manager.truncate(session.block_table, params.offset)
+        session.token_ids.extend(params.append_tokens)
+        session.num_busy = 1
+        session.touch()
+        detokenizer = None
+        if params.return_text or params.stop_strings:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, session.token_ids)
+        request = Request(
+            next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
+        )
+        request.num_recomputed = max(0, params.offset - 1 - session.num_computed)
+        if params.offset > 0 and request.needs_logits_at(params.offset - 1):
+            # The distribution at offset - 1 is not kept: feed that token again.
+            session.num_computed = min(session.num_computed, params.offset - 1)
+        request.num_cached = session.num_computed
+        if params.offset == 0 and session.length > 0:
+            if in_ranges(0, params.logprobs_ranges) or in_ranges(0, params.readout_ranges):
+                sink(TokenEvent(position=0, token_id=session.token_ids[0], is_prefill=True))
+        request.generator = sampler.make_generator(params.sampling, self.loaded.device)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request at the next step (the client went away)."""
+        with self._lock:
+            request.is_cancelled = True
+            self._lock.notify_all()
+
+    # ----- the loop ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._is_stopping and not self.scheduler.has_work():
+                    self._expire_sessions()
+                    self._lock.wait(timeout=1.0)
+                if self._is_stopping:
+                    return
+            try:
+                self.step()
+            except Exception:
+                log.exception("engine step failed")
+                self._fail_running()
+
+    def step(self) -> None:
+        """Schedule, run, sample, commit."""
+        with self._lock:
+            output = self.scheduler.schedule()
+            self._retire(output)
+            batch, rows = self._build_batch(output.chunks)
+        if not output.chunks:
+            return
+        self.runner.copy_blocks(output.block_copies)
+        logprobs = sampler.log_softmax(self.runner.execute(batch))  # [K, V]
+        with self._lock:
+            self._commit(output.chunks, rows, logprobs)
+
+    def _build_batch(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, list[_Row]]:
+        batch, rows = ForwardBatch(), []
+        for chunk in chunks:
+            request, session = chunk.request, chunk.request.session
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            first_row = batch.num_tokens
+            end = chunk.start + chunk.num_tokens
+            batch.add_sequence(
+                session.token_ids[chunk.start : end],
+                chunk.start,
+                session.block_table,
+                self.config.block_size,
+            )
+            for position in range(chunk.start, end):
+                if request.needs_logits_at(position):
+                    batch.logits_rows.append(first_row + position - chunk.start)
+                    rows.append(_Row(request, position))
+        return batch, rows
+
+    def _commit(
+        self, chunks: list[ScheduledChunk], rows: list[_Row], logprobs: torch.Tensor
+    ) -> None:
+        for chunk in chunks:
+            chunk.request.session.num_computed = chunk.start + chunk.num_tokens
+        for row, row_logprobs in zip(rows, logprobs, strict=True):
+            request = row.request
+            if request.is_cancelled:
+                continue
+            target = row.fed_position + 1
+            if target < request.session.length:
+                self._emit_prefill_token(request, target, row_logprobs)
+            else:
+                self._emit_decoded_token(request, row_logprobs)
+        for chunk in chunks:
+            if chunk.request.is_finished and not chunk.request.is_cancelled:
+                self.scheduler.finish(chunk.request)
+                self._finish(chunk.request)
+
+    def _emit_prefill_token(self, request: Request, position: int, logprobs: torch.Tensor) -> None:
+        token_id = request.session.token_ids[position]
+        top_k = request.params.logprob_top_k if request.wants_top_logprobs(position) else 0
+        scored = sampler.score(logprobs, token_id, top_k)
+        request.sink(
+            TokenEvent(position, token_id, True, scored.logprob, scored.rank, scored.top_logprobs)
+        )
+
+    def _emit_decoded_token(self, request: Request, logprobs: torch.Tensor) -> None:
+        session = request.session
+        if request.prefill_done_time is None:
+            request.prefill_done_time = time.monotonic()
+        position = session.length
+        token_id = sampler.sample(
+            logprobs, request.params.sampling, request.generator, session.token_ids
+        )
+        session.token_ids.append(token_id)
+        request.num_decoded += 1
+        top_k = request.params.logprob_top_k if request.wants_top_logprobs(position) else 0
+        scored = sampler.score(logprobs, token_id, top_k)
+        if token_id in request.stop_token_ids:
+            request.finish_reason = FinishReason.STOP
+        text = ""
+        if request.detokenizer is not None:
+            text, matched = request.stop_matcher.push(request.detokenizer.push(token_id))
+            if matched:
+                request.finish_reason = FinishReason.STOP_STRING
+            elif not request.wants_decode:
+                text += request.stop_matcher.flush()
+        if not request.params.return_text:
+            text = ""
+        request.sink(
+            TokenEvent(
+                position, token_id, False, scored.logprob, scored.rank, scored.top_logprobs, text
+            )
+        )
+
+    def _finish(self, request: Request) -> None:
+        request.sink(request.done_event())
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Gives the session back; frees its blocks if it was closed meanwhile."""
+        session = request.session
+        session.num_busy = 0
+        session.touch()
+        if session.is_closed:
+            self.block_manager.free(session.block_table)
+
+    def _retire(self, output: SchedulerOutput) -> None:
+        for request in output.cancelled:
+            self._release(request)
+        for request, error in output.failed:
+            request.sink(error)
+            self._release(request)
+
+    def _fail_running(self) -> None:
+        """After an unexpected failure: fail the running requests, keep serving."""
+        with self._lock:
+            for request in list(self.scheduler.running):
+                self.scheduler.finish(request)
+                request.sink(SalienceError(Code.INTERNAL, "INTERNAL", "the engine step failed"))
+                self._release(request)
+
+
+def _busy(session_id: str) -> SalienceError:
+    return SalienceError(
+        Code.FAILED_PRECONDITION, "SESSION_BUSY", f"session {session_id!r} is running another call"
+    )

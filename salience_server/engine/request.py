@@ -1,0 +1,193 @@
+"""One Generate call: what it asks for, where it stands, and the events it produces."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from salience_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from salience_server.engine.errors import SalienceError
+from salience_server.engine.session import Session
+
+RANGE_END_MAX = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling controls; the zero values mean "off" as in the proto."""
+
+    temperature: float = 0.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 is no top-k."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """A Generate call as the engine sees it (already converted from protobuf)."""
+
+    session_id: str
+    append_tokens: list[int] = field(default_factory=list)
+    offset: int = 0
+    truncating: bool = False
+    max_tokens: int = 0
+    logprobs_ranges: list[tuple[int, int]] = field(default_factory=list)
+    logprob_top_k: int = 0
+    readout_ranges: list[tuple[int, int]] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    return_text: bool = False
+    priority: int = 0
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    STOP_STRING = "stop_string"
+    LENGTH = "length"
+    CONTEXT = "context"
+    PREFILL = "prefill"
+
+
+@dataclass
+class TokenEvent:
+    position: int
+    token_id: int
+    is_prefill: bool
+    logprob: float = 0.0
+    rank: int = 0
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    text: str = ""
+    readout: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DoneEvent:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    finish_reason: FinishReason
+    cached_tokens: int
+    recomputed_tokens: int
+    queue_ms: float
+    prefill_ms: float
+    decode_ms: float
+
+
+Event = TokenEvent | DoneEvent | SalienceError
+EventSink = Callable[[Event], None]
+
+
+def in_ranges(position: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= position < end for start, end in ranges)
+
+
+class Request:
+    """The state of one Generate call while the engine works on it."""
+
+    def __init__(
+        self,
+        request_id: int,
+        params: GenerateParams,
+        session: Session,
+        sink: EventSink,
+        eos_token_ids: set[int],
+        detokenizer: IncrementalDetokenizer | None,
+    ) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.session = session
+        self.sink = sink
+        self.prompt_len = params.offset + len(params.append_tokens)
+        self.stop_token_ids = eos_token_ids | set(params.stop_token_ids)
+        self.detokenizer = detokenizer
+        self.stop_matcher = StopStringMatcher(params.stop_strings)
+        self.num_decoded = 0
+        self.num_cached = 0
+        self.num_recomputed = 0
+        self.finish_reason: FinishReason | None = None
+        self.is_cancelled = False
+        self.generator: Any = None
+        """A seeded torch.Generator, or None for the global one."""
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.prefill_done_time: float | None = None
+
+    @property
+    def priority(self) -> int:
+        return self.params.priority
+
+    @property
+    def order_key(self) -> tuple[int, int]:
+        """Lower priority value first, then arrival order."""
+        return (self.params.priority, self.request_id)
+
+    @property
+    def num_tokens_to_feed(self) -> int:
+        """Tokens whose KV is still missing (1 while decoding)."""
+        return self.session.length - self.session.num_computed
+
+    @property
+    def wants_decode(self) -> bool:
+        return (
+            self.finish_reason is None
+            and self.num_decoded < self.params.max_tokens
+            and self.session.length < self.session.max_context
+        )
+
+    def needs_logits_at(self, fed_position: int) -> bool:
+        """Whether the distribution computed at ``fed_position`` is used: it scores
+        (or reads out) position ``fed_position + 1``, or samples the next token."""
+        target = fed_position + 1
+        if target == self.session.length:
+            return self.wants_decode
+        return target >= self.params.offset and (
+            in_ranges(target, self.params.logprobs_ranges)
+            or in_ranges(target, self.params.readout_ranges)
+        )
+
+    def wants_top_logprobs(self, position: int) -> bool:
+        return self.params.logprob_top_k > 0 and in_ranges(position, self.params.logprobs_ranges)
+
+    def wants_readout(self, position: int) -> bool:
+        return in_ranges(position, self.params.readout_ranges)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.num_tokens_to_feed == 0 and not self.wants_decode
+
+    def final_reason(self) -> FinishReason:
+        if self.finish_reason is not None:
+            return self.finish_reason
+        if self.params.max_tokens == 0:
+            return FinishReason.PREFILL
+        if self.num_decoded >= self.params.max_tokens:
+            return FinishReason.LENGTH
+        return FinishReason.CONTEXT
+
+    def done_event(self) -> DoneEvent:
+        now = time.monotonic()
+        started = self.first_scheduled_time or now
+        prefilled = self.prefill_done_time or now
+        return DoneEvent(
+            prompt_tokens=self.prompt_len,
+            completion_tokens=self.num_decoded,
+            total_tokens=self.session.length,
+            finish_reason=self.final_reason(),
+            cached_tokens=self.num_cached,
+            recomputed_tokens=self.num_recomputed,
+            queue_ms=(started - self.arrival_time) * 1e3,
+            prefill_ms=(prefilled - started) * 1e3,
+            decode_ms=(now - prefilled) * 1e3,
+        )

@@ -1,0 +1,97 @@
+"""Conversions between protobuf messages and the engine's dataclasses."""
+
+from __future__ import annotations
+
+from salience_client.pb import salience_pb2 as pb
+from salience_server.engine.engine import SessionInfo
+from salience_server.engine.request import (
+    DoneEvent,
+    FinishReason,
+    GenerateParams,
+    SamplingParams,
+    TokenEvent,
+)
+from salience_server.engine.session import Residency
+
+_FINISH_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.STOP_STRING: pb.FINISH_REASON_STOP_STRING,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CONTEXT: pb.FINISH_REASON_CONTEXT,
+    FinishReason.PREFILL: pb.FINISH_REASON_PREFILL,
+}
+
+_RESIDENCIES = {
+    Residency.RESIDENT: pb.RESIDENCY_RESIDENT,
+    Residency.OFFLOADED: pb.RESIDENCY_OFFLOADED,
+    Residency.DROPPED: pb.RESIDENCY_DROPPED,
+}
+
+
+def generate_params(request: pb.GenerateRequest) -> GenerateParams:
+    return GenerateParams(
+        session_id=request.session_id,
+        append_tokens=list(request.append_tokens),
+        offset=request.offset,
+        truncating=request.truncating,
+        max_tokens=request.max_tokens,
+        logprobs_ranges=[(r.start, r.end) for r in request.logprobs_ranges],
+        logprob_top_k=request.logprob_top_k,
+        readout_ranges=[(r.start, r.end) for r in request.readout_ranges],
+        sampling=SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p or 1.0,
+            top_k=request.top_k,
+            min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty or 1.0,
+            seed=request.seed if request.HasField("seed") else None,
+        ),
+        stop_token_ids=list(request.stop_token_ids),
+        stop_strings=list(request.stop_strings),
+        return_text=request.return_text,
+        priority=request.priority,
+    )
+
+
+def token_event(event: TokenEvent) -> pb.GenerateEvent:
+    return pb.GenerateEvent(
+        token=pb.Token(
+            id=event.token_id,
+            is_prefill=event.is_prefill,
+            sampled_logprob=event.logprob,
+            readout=event.readout,
+            position=event.position,
+            top_logprobs=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in event.top_logprobs],
+            rank=event.rank,
+            text=event.text,
+        )
+    )
+
+
+def done_event(event: DoneEvent) -> pb.GenerateEvent:
+    return pb.GenerateEvent(
+        done=pb.Done(
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            total_tokens=event.total_tokens,
+            finish_reason=_FINISH_REASONS[event.finish_reason],
+            cached_tokens=event.cached_tokens,
+            recomputed_tokens=event.recomputed_tokens,
+            queue_ms=event.queue_ms,
+            prefill_ms=event.prefill_ms,
+            decode_ms=event.decode_ms,
+        )
+    )
+
+
+def session_info(info: SessionInfo) -> pb.SessionInfo:
+    return pb.SessionInfo(
+        session_id=info.session_id,
+        length=info.length,
+        max_context=info.max_context,
+        residency=_RESIDENCIES[info.residency],
+        num_blocks=info.num_blocks,
+        kv_bytes=info.kv_bytes,
+        idle_seconds=info.idle_seconds,
+        busy=info.is_busy,
+    )

@@ -1,0 +1,39 @@
+"""Maps engine errors onto gRPC statuses with a google.rpc.ErrorInfo reason."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from salience_server.engine.errors import Code, SalienceError
+
+ERROR_DOMAIN = "salience.v1"
+SESSION_LENGTH_METADATA = "salience-session-length"
+
+
+def to_status(error: SalienceError) -> grpc.Status:
+    """A rich status: code, message, and ErrorInfo(reason, metadata) in the details."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code.value), message=error.message, details=[detail]
+    )
+    return rpc_status.to_status(status)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: SalienceError) -> None:
+    """Ends the call with ``error`` (raises, as context.abort does)."""
+    status = to_status(error)
+    metadata = tuple(status.trailing_metadata)
+    if "session_length" in error.metadata:
+        metadata += ((SESSION_LENGTH_METADATA, error.metadata["session_length"]),)
+    await context.abort(status.code, status.details, metadata)
+
+
+def unimplemented(what: str) -> SalienceError:
+    return SalienceError(Code.UNIMPLEMENTED, "UNIMPLEMENTED", f"{what} is not implemented yet")

@@ -1,0 +1,211 @@
+"""The salience.v1.Salience servicer: convert, call the engine, map errors. No engine logic."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
+from salience_server.engine import tokenization
+from salience_server.engine.engine import Engine
+from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.request import DoneEvent, Event, TokenEvent
+from salience_server.rpc import convert
+from salience_server.rpc.errors import abort
+
+
+class SalienceServicer(salience_pb2_grpc.SalienceServicer):
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        """Set once the model is loaded; calls before that get UNAVAILABLE."""
+
+    async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
+        if self.engine is None:
+            await abort(
+                context, SalienceError(Code.UNAVAILABLE, "LOADING", "the model is still loading")
+            )
+        assert self.engine is not None
+        return self.engine
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        """Creates an empty session."""
+        engine = await self._engine(context)
+        try:
+            session = engine.open_session(request.session_id, request.max_context)
+        except SalienceError as error:
+            await abort(context, error)
+        return pb.OpenSessionResponse(
+            session_id=session.session_id,
+            max_context=session.max_context,
+            model_id=engine.loaded.model_id,
+        )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        """Appends, optionally decodes; streams Token events then one Done."""
+        engine = await self._engine(context)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:  # called from the engine thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:
+                pass  # the event loop is gone: the server is stopping
+
+        try:
+            engine_request = engine.submit(convert.generate_params(request), sink)
+        except SalienceError as error:
+            await abort(context, error)
+        is_done = False
+        try:
+            while not is_done:
+                event = await events.get()
+                if isinstance(event, SalienceError):
+                    is_done = True
+                    await abort(context, event)
+                elif isinstance(event, TokenEvent):
+                    yield convert.token_event(event)
+                elif isinstance(event, DoneEvent):
+                    is_done = True
+                    yield convert.done_event(event)
+        finally:
+            if not is_done:  # cancelled by the client or its deadline
+                engine.cancel(engine_request)
+
+    async def AppendImage(
+        self, request: pb.AppendImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AppendImageResponse:
+        """Appends one image as placeholder tokens."""
+        engine = await self._engine(context)
+        try:
+            engine.get_session(request.session_id)
+        except SalienceError as error:
+            await abort(context, error)
+        await abort(
+            context,
+            SalienceError(
+                Code.FAILED_PRECONDITION,
+                "IMAGES_UNSUPPORTED",
+                "the served model does not take images",
+            ),
+        )
+        return pb.AppendImageResponse()
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        """Frees the session and its KV."""
+        engine = await self._engine(context)
+        try:
+            engine.close_session(request.session_id)
+        except SalienceError as error:
+            await abort(context, error)
+        return pb.CloseSessionResponse()
+
+    async def ForkSession(
+        self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForkSessionResponse:
+        """A new session sharing the parent's committed prefix, copy-on-write."""
+        engine = await self._engine(context)
+        try:
+            child = engine.fork_session(request.session_id, request.new_session_id)
+        except SalienceError as error:
+            await abort(context, error)
+        return pb.ForkSessionResponse(session_id=child.session_id, length=child.length)
+
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSessionResponse:
+        """Length, residency, blocks and idle time of one session."""
+        engine = await self._engine(context)
+        try:
+            info = engine.get_session(request.session_id)
+        except SalienceError as error:
+            await abort(context, error)
+        return pb.GetSessionResponse(session=convert.session_info(info))
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        """Every live session."""
+        engine = await self._engine(context)
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_info(info) for info in engine.list_sessions()]
+        )
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        """The served model: ids, limits, special tokens, capabilities."""
+        engine = await self._engine(context)
+        loaded = engine.loaded
+        tokenizer = loaded.tokenizer
+        return pb.GetModelInfoResponse(
+            model_id=loaded.model_id,
+            vocab_size=engine.vocab_size,
+            max_context=engine.max_context,
+            eos_token_ids=sorted(engine.eos_token_ids),
+            chat_template=tokenizer.chat_template or "",
+            bos_token_id=tokenizer.bos_token_id,
+            supports_images=False,
+            supports_readout=engine.has_readout,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+        )
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        """Text, or chat messages through the chat template, to token ids."""
+        engine = await self._engine(context)
+        tokenizer = engine.loaded.tokenizer
+        try:
+            if request.WhichOneof("input") == "messages":
+                chat = request.messages
+                messages = (
+                    tokenization.parse_json_list(chat.messages_json, "messages_json")
+                    if chat.messages_json
+                    else [{"role": m.role, "content": m.content} for m in chat.messages]
+                )
+                tools = (
+                    tokenization.parse_json_list(request.tools_json, "tools_json")
+                    if request.tools_json
+                    else None
+                )
+                token_ids = await asyncio.to_thread(
+                    tokenization.encode_chat,
+                    tokenizer,
+                    messages,
+                    tools,
+                    request.add_generation_prompt,
+                )
+            else:
+                token_ids = await asyncio.to_thread(
+                    tokenization.encode_text, tokenizer, request.text, request.add_special_tokens
+                )
+        except SalienceError as error:
+            await abort(context, error)
+        return pb.TokenizeResponse(token_ids=token_ids)
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        """Token ids to text."""
+        engine = await self._engine(context)
+        try:
+            text = tokenization.decode(
+                engine.loaded.tokenizer,
+                list(request.token_ids),
+                engine.vocab_size,
+                request.skip_special_tokens,
+            )
+        except SalienceError as error:
+            await abort(context, error)
+        return pb.DetokenizeResponse(text=text)
