@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny models on disk and real servers on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from salience_client.pb import salience_pb2_grpc
+from salience_server.config import EngineConfig, ModelConfig, ServerConfig
+from salience_server.engine.loader import default_gguf_path
+from tests.tiny_models import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", seed=1)
+
+
+@dataclass
+class RunningServer:
+    """A SalienceServer on its own event loop thread, and a stub connected to it."""
+
+    port: int
+    stub: salience_pb2_grpc.SalienceStub
+    channel: grpc.Channel
+    server: Any
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def engine(self) -> Any:
+        return self.server.engine
+
+    def stop(self) -> None:
+        self.channel.close()
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+
+
+def start_server(model: str | None, **engine_options: Any) -> RunningServer:
+    """Starts a real gRPC server for ``model`` on port 0 in a background thread."""
+    from salience_server.rpc.server import SalienceServer
+
+    config = ServerConfig(
+        port=0, model=ModelConfig(model=model), engine=EngineConfig(**engine_options)
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def boot() -> Any:
+        server = SalienceServer(config)
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(boot(), loop).result(timeout=300)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    return RunningServer(
+        server.port, salience_pb2_grpc.SalienceStub(channel), channel, server, loop, thread
+    )
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Any]:
+    """Starts servers on demand; stops them and checks the block pool at the end."""
+    servers: list[RunningServer] = []
+
+    def make(model: Path | str | None, **engine_options: Any) -> RunningServer:
+        server = start_server(str(model) if model is not None else None, **engine_options)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        engine = server.engine
+        with engine._lock:
+            tables = [s.block_table for s in engine.sessions.values()]
+            engine.block_manager.check_invariants(tables)
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
+    server = start_server(str(tiny_llama_dir), block_size=4, kv_cache_bytes=4 << 20)
+    yield server
+    server.stop()
+
+
+def default_model_available() -> bool:
+    try:
+        default_gguf_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def default_server() -> Iterator[RunningServer]:
+    server = start_server(None, kv_cache_bytes=256 << 20)
+    yield server
+    server.stop()

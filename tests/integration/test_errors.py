@@ -1,0 +1,119 @@
+"""Every bad call gets its status code and reason, and leaves the session unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+
+from salience_client.pb import salience_pb2 as pb
+from tests.helpers import error_reason, generate, open_session
+
+
+def _length(stub, session_id: str) -> int:
+    return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.length
+
+
+@pytest.fixture
+def session(llama_server):
+    session_id = open_session(llama_server.stub)
+    generate(llama_server.stub, session_id, append_tokens=[1, 2, 3, 4, 5])
+    yield session_id
+    llama_server.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+
+
+BAD_CALLS = {
+    "offset past the end": (dict(offset=9, append_tokens=[1]), grpc.StatusCode.ABORTED, "OFFSET_MISMATCH"),
+    "rewind without truncating": (dict(offset=2, append_tokens=[1]), grpc.StatusCode.ABORTED, "OFFSET_MISMATCH"),
+    "out-of-vocabulary id": (dict(offset=5, append_tokens=[7, 100000]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TOKEN"),
+    "NaN temperature": (dict(offset=5, max_tokens=3, temperature=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
+    "negative temperature": (dict(offset=5, max_tokens=3, temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
+    "infinite temperature": (dict(offset=5, max_tokens=3, temperature=math.inf), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
+    "top_p above 1": (dict(offset=5, max_tokens=3, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
+    "min_p above 1": (dict(offset=5, max_tokens=3, min_p=2.0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
+    "context overflow": (dict(offset=5, append_tokens=[3] * 600), grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_EXCEEDED"),
+    "range before offset": (
+        dict(offset=5, append_tokens=[3], logprobs_ranges=[pb.PositionRange(start=2, end=6)]),
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RANGE",
+    ),
+    "readout without a readout file": (
+        dict(offset=5, append_tokens=[3], readout_ranges=[pb.PositionRange(start=5, end=6)]),
+        grpc.StatusCode.FAILED_PRECONDITION, "READOUT_DISABLED",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_generate_is_refused_and_changes_nothing(name: str, llama_server, session: str) -> None:
+    fields, code, reason = BAD_CALLS[name]
+    stub = llama_server.stub
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(pb.GenerateRequest(session_id=session, **fields)))
+    assert caught.value.code() == code
+    assert error_reason(caught.value) == reason
+    assert _length(stub, session) == 5
+    tokens, done = generate(stub, session, append_tokens=[6], offset=5, logprobs_ranges=[(5, 6)])
+    assert done.total_tokens == 6 and [t.position for t in tokens] == [5]
+
+
+def test_offset_mismatch_reports_the_session_length(llama_server, session: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(llama_server.stub.Generate(pb.GenerateRequest(session_id=session, offset=3)))
+    metadata = dict(caught.value.trailing_metadata())
+    assert metadata["salience-session-length"] == "5"
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    info = error_details_pb2.ErrorInfo()
+    rpc_status.from_call(caught.value).details[0].Unpack(info)
+    assert info.metadata["session_length"] == "5"
+
+
+def test_unknown_session_is_not_found(llama_server) -> None:
+    stub = llama_server.stub
+    for call in (
+        lambda: list(stub.Generate(pb.GenerateRequest(session_id="nope"))),
+        lambda: stub.GetSession(pb.GetSessionRequest(session_id="nope")),
+        lambda: stub.CloseSession(pb.CloseSessionRequest(session_id="nope")),
+        lambda: stub.ForkSession(pb.ForkSessionRequest(session_id="nope")),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_reason(caught.value) == "SESSION_NOT_FOUND"
+
+
+def test_decoding_an_empty_session_is_invalid(llama_server) -> None:
+    session_id = open_session(llama_server.stub)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(llama_server.stub.Generate(pb.GenerateRequest(session_id=session_id, max_tokens=4)))
+    assert error_reason(caught.value) == "EMPTY_SESSION"
+
+
+def test_busy_session_is_refused(llama_server, session: str) -> None:
+    stub = llama_server.stub
+    stream = stub.Generate(pb.GenerateRequest(session_id=session, offset=5, append_tokens=[9] * 400, max_tokens=50))
+    next(stream)  # the first call is running
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(pb.GenerateRequest(session_id=session, offset=5)))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(caught.value) == "SESSION_BUSY"
+    stream.cancel()
+
+
+def test_images_on_a_text_model_are_unsupported(llama_server, session: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        llama_server.stub.AppendImage(pb.AppendImageRequest(session_id=session, image=b"x", offset=5))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(caught.value) == "IMAGES_UNSUPPORTED"
+
+
+def test_bad_tokenize_and_detokenize_inputs(llama_server) -> None:
+    stub = llama_server.stub
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Detokenize(pb.DetokenizeRequest(token_ids=[1, 999999]))
+    assert error_reason(caught.value) == "INVALID_TOKEN"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Tokenize(pb.TokenizeRequest(messages=pb.ChatMessages(messages_json="{not json")))
+    assert error_reason(caught.value) == "BAD_JSON"
