@@ -165,7 +165,9 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.num_tokens_to_feed == 0 and not self.wants_decode
+        """The prompt is in the KV and nothing more is to be decoded. The last decoded
+        token's KV is left for the next call, which feeds it with its own tokens."""
+        return self.session.num_computed >= self.prompt_len and not self.wants_decode
 
     def final_reason(self) -> FinishReason:
         if self.finish_reason is not None:

@@ -1,0 +1,143 @@
+"""Priorities, concurrent streams and cancellation through a real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+
+from salience_client.pb import salience_pb2 as pb
+from tests.helpers import generate, open_session
+
+
+def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_waiting_requests_start_in_priority_order(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(
+        tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20, max_running=1, max_batch_tokens=1
+    )
+    stub = server.stub
+    blocker = open_session(stub)
+    blocker_stream = stub.Generate(
+        pb.GenerateRequest(session_id=blocker, append_tokens=[7] * 300, priority=-1)
+    )
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def run(priority: int) -> None:
+        session_id = open_session(stub)
+        generate(stub, session_id, append_tokens=[1, 2, 3], priority=priority)
+        with lock:
+            finished.append(priority)
+
+    threads = []
+    for priority in (5, 0, 3):
+        thread = threading.Thread(target=run, args=(priority,))
+        thread.start()
+        threads.append(thread)
+        assert _wait_until(lambda n=len(threads): len(server.engine.scheduler.waiting) == n)
+    # All three were queued while the blocker still ran: the test holds.
+    assert stub.GetSession(pb.GetSessionRequest(session_id=blocker)).session.busy
+    list(blocker_stream)
+    for thread in threads:
+        thread.join(timeout=30)
+    # max_running=1: each runs to the end before the next starts.
+    assert finished == [0, 3, 5]
+
+
+def test_concurrent_streams_interleave_and_equal_their_solo_runs(
+    tiny_llama_dir, server_factory
+) -> None:
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
+    stub = server.stub
+    prompts = [[10 + i, 20 + i, 30 + i, 40 + i] for i in range(4)]
+    sampling = dict(max_tokens=24, temperature=1.0, top_k=20)
+    solo = []
+    for index, prompt in enumerate(prompts):
+        tokens, _ = generate(stub, open_session(stub), append_tokens=prompt, seed=index, **sampling)
+        solo.append([t.id for t in tokens])
+    arrivals: list[int] = []
+    together: list[list[int]] = [[] for _ in prompts]
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(prompts))
+
+    def run(index: int) -> None:
+        session_id = open_session(stub)
+        request = pb.GenerateRequest(
+            session_id=session_id, append_tokens=prompts[index], seed=index, **sampling
+        )
+        barrier.wait()
+        for event in stub.Generate(request):
+            if event.HasField("token"):
+                with lock:
+                    arrivals.append(index)
+                    together[index].append(event.token.id)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert together == solo
+    # Interleaved: some stream's events arrive before another stream has finished.
+    last_of = {index: max(i for i, a in enumerate(arrivals) if a == index) for index in range(4)}
+    first_of = {index: arrivals.index(index) for index in range(4)}
+    assert any(first_of[b] < last_of[a] for a in range(4) for b in range(4) if a != b)
+    switches = sum(1 for x, y in zip(arrivals, arrivals[1:], strict=False) if x != y)
+    assert switches > len(prompts)
+
+
+def test_cancelled_stream_frees_its_request_and_keeps_committed_tokens(
+    tiny_llama_dir, server_factory
+) -> None:
+    server = server_factory(
+        tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20, max_batch_tokens=1
+    )
+    stub = server.stub
+    session_id = open_session(stub)
+    stream = stub.Generate(
+        pb.GenerateRequest(
+            session_id=session_id,
+            append_tokens=[5] * 10,
+            max_tokens=400,
+            logprobs_ranges=[pb.PositionRange(start=0, end=0xFFFFFFFF)],
+        )
+    )
+    received = [next(stream) for _ in range(12)]
+    stream.cancel()
+    assert _wait_until(
+        lambda: not server.engine.scheduler.running and not server.engine.scheduler.waiting
+    )
+    info = stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
+    assert not info.busy
+    assert info.length >= 10 + sum(1 for e in received if not e.token.is_prefill)
+    # The session and the server go on: the next call appends at the reported length.
+    tokens, done = generate(stub, session_id, append_tokens=[1], offset=info.length, max_tokens=2)
+    assert done.total_tokens == info.length + 1 + len(tokens)
+
+
+def test_deadline_stops_the_work(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(
+        tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20, max_batch_tokens=1
+    )
+    stub = server.stub
+    session_id = open_session(stub)
+    try:
+        list(
+            stub.Generate(
+                pb.GenerateRequest(session_id=session_id, append_tokens=[5] * 400, max_tokens=100),
+                timeout=0.05,
+            )
+        )
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_until(lambda: not server.engine.scheduler.running)
+    assert not stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.busy

@@ -1,0 +1,47 @@
+"""Incremental text never splits a UTF-8 character; stop strings never leak."""
+
+from __future__ import annotations
+
+import pytest
+
+from salience_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from tests.tiny_models import build_tokenizer
+
+
+def test_multibyte_characters_arrive_whole() -> None:
+    tokenizer = build_tokenizer()  # byte-level: "é" is two tokens, "🙂" four
+    text = "héllo 🙂 wörld"
+    ids = tokenizer.encode(text)
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    deltas = [detokenizer.push(i) for i in ids]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert "" in deltas  # some tokens completed no character
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "released", "matched"),
+    [
+        (["Hello", " wor", "ld"], ["world"], "Hello ", True),
+        (["ab", "c\nU", "ser: x"], ["\nUser:"], "abc", True),
+        (["Hel", "lo"], ["lox"], "Hello", False),  # a partial match is released at the end
+        (["no stops here"], [], "no stops here", False),
+    ],
+)
+def test_stop_strings(pieces: list[str], stops: list[str], released: str, matched: bool) -> None:
+    matcher = StopStringMatcher(stops)
+    out, hit = "", False
+    for piece in pieces:
+        text, hit = matcher.push(piece)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += matcher.flush()
+    assert (out, hit) == (released, matched)
+
+
+def test_text_that_may_begin_a_stop_string_is_held_back() -> None:
+    matcher = StopStringMatcher(["</end>"])
+    assert matcher.push("answer </e") == ("answer ", False)
+    assert matcher.push("xtra") == ("</extra", False)

@@ -1,0 +1,126 @@
+"""The scheduler with a real block pool and hand-made requests; no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from salience_server.config import EngineConfig
+from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.errors import SalienceError
+from salience_server.engine.request import GenerateParams, Request
+from salience_server.engine.scheduler import Scheduler
+from salience_server.engine.session import Session
+
+
+def make_request(
+    request_id: int, priority: int, prompt_len: int = 4, max_tokens: int = 4
+) -> Request:
+    session = Session(f"s{request_id}", max_context=128, token_ids=list(range(prompt_len)))
+    params = GenerateParams(
+        session_id=session.session_id,
+        append_tokens=list(range(prompt_len)),
+        max_tokens=max_tokens,
+        priority=priority,
+    )
+    return Request(request_id, params, session, lambda event: None, set(), None)
+
+
+def run_step(scheduler: Scheduler) -> list[tuple[int, int]]:
+    """Schedules one step and pretends the model ran it: (request id, tokens fed)."""
+    output = scheduler.schedule()
+    for chunk in output.chunks:
+        session = chunk.request.session
+        session.num_computed = chunk.start + chunk.num_tokens
+        if session.num_computed == session.length and chunk.request.wants_decode:
+            session.token_ids.append(0)
+            chunk.request.num_decoded += 1
+        if chunk.request.is_finished:
+            scheduler.finish(chunk.request)
+    return [(chunk.request.request_id, chunk.num_tokens) for chunk in output.chunks]
+
+
+@pytest.fixture
+def pool():
+    manager = BlockManager(num_blocks=64, block_size=4)
+    requests: list[Request] = []
+    yield manager, requests
+    manager.check_invariants([r.session.block_table for r in requests])
+
+
+def test_admission_follows_priority_then_arrival(pool) -> None:
+    manager, requests = pool
+    scheduler = Scheduler(EngineConfig(max_running=1), manager)
+    requests.extend(
+        [make_request(0, 5), make_request(1, 0), make_request(2, 3), make_request(3, 0)]
+    )
+    for request in requests:
+        scheduler.add(request)
+    started = []
+    while scheduler.has_work():
+        for request_id, _ in run_step(scheduler):
+            if request_id not in started:
+                started.append(request_id)
+    assert started == [1, 3, 2, 0]
+
+
+def test_all_running_requests_share_each_step_up_to_the_token_budget(pool) -> None:
+    manager, requests = pool
+    scheduler = Scheduler(EngineConfig(max_batch_tokens=10), manager)
+    requests.extend([make_request(0, 0, prompt_len=8), make_request(1, 1, prompt_len=8)])
+    for request in requests:
+        scheduler.add(request)
+    assert run_step(scheduler) == [(0, 8), (1, 2)]  # prefill chunked at the budget
+    assert run_step(scheduler) == [(0, 1), (1, 6)]  # a decode and the rest of the prefill
+    assert run_step(scheduler) == [(0, 1), (1, 1)]
+
+
+def test_higher_priority_arrival_preempts_at_the_next_step(pool) -> None:
+    manager, requests = pool
+    scheduler = Scheduler(EngineConfig(max_running=1), manager)
+    low = make_request(0, 5, max_tokens=50)
+    requests.append(low)
+    scheduler.add(low)
+    assert run_step(scheduler) == [(0, 4)]
+    high = make_request(1, 0, max_tokens=2)
+    requests.append(high)
+    scheduler.add(high)
+    assert run_step(scheduler) == [(1, 4)]
+    assert [r.request_id for _, r in scheduler.waiting] == [0]
+    assert run_step(scheduler) == [(1, 1)]
+    assert run_step(scheduler) == [(0, 1)]  # resumes where it stopped
+
+
+def test_queue_is_bounded(pool) -> None:
+    manager, requests = pool
+    scheduler = Scheduler(EngineConfig(max_running=1, max_queue=2), manager)
+    requests.extend(make_request(i, 0) for i in range(3))
+    scheduler.add(requests[0])
+    scheduler.add(requests[1])
+    with pytest.raises(SalienceError) as caught:
+        scheduler.add(requests[2])
+    assert caught.value.reason == "QUEUE_FULL"
+
+
+def test_cancelled_requests_leave_at_the_next_step(pool) -> None:
+    manager, requests = pool
+    scheduler = Scheduler(EngineConfig(max_running=1), manager)
+    running, queued = make_request(0, 0, max_tokens=50), make_request(1, 0)
+    requests.extend([running, queued])
+    scheduler.add(running)
+    scheduler.add(queued)
+    run_step(scheduler)
+    running.is_cancelled = queued.is_cancelled = True
+    output = scheduler.schedule()
+    assert output.chunks == [] and set(output.cancelled) == {running, queued}
+    assert not scheduler.has_work()
+
+
+def test_a_request_that_cannot_get_blocks_fails_instead_of_hanging() -> None:
+    manager = BlockManager(num_blocks=2, block_size=4)
+    scheduler = Scheduler(EngineConfig(), manager)
+    request = make_request(0, 0, prompt_len=12)
+    scheduler.add(request)
+    output = scheduler.schedule()
+    assert output.chunks == [] and output.failed[0][0] is request
+    assert output.failed[0][1].reason == "KV_CACHE_FULL"
+    manager.check_invariants([request.session.block_table])
