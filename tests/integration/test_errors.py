@@ -24,22 +24,60 @@ def session(llama_server):
 
 
 BAD_CALLS = {
-    "offset past the end": (dict(offset=9, append_tokens=[1]), grpc.StatusCode.ABORTED, "OFFSET_MISMATCH"),
-    "rewind without truncating": (dict(offset=2, append_tokens=[1]), grpc.StatusCode.ABORTED, "OFFSET_MISMATCH"),
-    "out-of-vocabulary id": (dict(offset=5, append_tokens=[7, 100000]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TOKEN"),
-    "NaN temperature": (dict(offset=5, max_tokens=3, temperature=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
-    "negative temperature": (dict(offset=5, max_tokens=3, temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
-    "infinite temperature": (dict(offset=5, max_tokens=3, temperature=math.inf), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
-    "top_p above 1": (dict(offset=5, max_tokens=3, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
-    "min_p above 1": (dict(offset=5, max_tokens=3, min_p=2.0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING"),
-    "context overflow": (dict(offset=5, append_tokens=[3] * 600), grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_EXCEEDED"),
+    "offset past the end": (
+        dict(offset=9, append_tokens=[1]),
+        grpc.StatusCode.ABORTED,
+        "OFFSET_MISMATCH",
+    ),
+    "rewind without truncating": (
+        dict(offset=2, append_tokens=[1]),
+        grpc.StatusCode.ABORTED,
+        "OFFSET_MISMATCH",
+    ),
+    "out-of-vocabulary id": (
+        dict(offset=5, append_tokens=[7, 100000]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_TOKEN",
+    ),
+    "NaN temperature": (
+        dict(offset=5, max_tokens=3, temperature=math.nan),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
+    "negative temperature": (
+        dict(offset=5, max_tokens=3, temperature=-1.0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
+    "infinite temperature": (
+        dict(offset=5, max_tokens=3, temperature=math.inf),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
+    "top_p above 1": (
+        dict(offset=5, max_tokens=3, top_p=1.5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
+    "min_p above 1": (
+        dict(offset=5, max_tokens=3, min_p=2.0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
+    "context overflow": (
+        dict(offset=5, append_tokens=[3] * 600),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "CONTEXT_EXCEEDED",
+    ),
     "range before offset": (
         dict(offset=5, append_tokens=[3], logprobs_ranges=[pb.PositionRange(start=2, end=6)]),
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RANGE",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_RANGE",
     ),
     "readout without a readout file": (
         dict(offset=5, append_tokens=[3], readout_ranges=[pb.PositionRange(start=5, end=6)]),
-        grpc.StatusCode.FAILED_PRECONDITION, "READOUT_DISABLED",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "READOUT_DISABLED",
     ),
 }
 
@@ -93,7 +131,9 @@ def test_decoding_an_empty_session_is_invalid(llama_server) -> None:
 
 def test_busy_session_is_refused(llama_server, session: str) -> None:
     stub = llama_server.stub
-    stream = stub.Generate(pb.GenerateRequest(session_id=session, offset=5, append_tokens=[9] * 400, max_tokens=50))
+    stream = stub.Generate(
+        pb.GenerateRequest(session_id=session, offset=5, append_tokens=[9] * 400, max_tokens=50)
+    )
     next(stream)  # the first call is running
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Generate(pb.GenerateRequest(session_id=session, offset=5)))
@@ -104,7 +144,9 @@ def test_busy_session_is_refused(llama_server, session: str) -> None:
 
 def test_images_on_a_text_model_are_unsupported(llama_server, session: str) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        llama_server.stub.AppendImage(pb.AppendImageRequest(session_id=session, image=b"x", offset=5))
+        llama_server.stub.AppendImage(
+            pb.AppendImageRequest(session_id=session, image=b"x", offset=5)
+        )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(caught.value) == "IMAGES_UNSUPPORTED"
 

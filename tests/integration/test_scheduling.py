@@ -43,7 +43,8 @@ def test_waiting_requests_start_in_priority_order(tiny_llama_dir, server_factory
         thread = threading.Thread(target=run, args=(priority,))
         thread.start()
         threads.append(thread)
-        assert _wait_until(lambda n=len(threads): len(server.engine.scheduler.waiting) == n)
+        num_queued = len(threads)
+        assert _wait_until(lambda: len(server.engine.scheduler.waiting) == num_queued)  # noqa: B023
     # All three were queued while the blocker still ran: the test holds.
     assert stub.GetSession(pb.GetSessionRequest(session_id=blocker)).session.busy
     list(blocker_stream)
