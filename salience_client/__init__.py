@@ -1,0 +1,32 @@
+"""Python clients of the Salience session-inference server.
+
+``SalienceClient`` (sync) and ``AsyncSalienceClient`` (asyncio) each hold one channel
+that every session and call shares. Sessions track their committed length and send
+``offset`` themselves; every value returned is a plain dataclass, never a protobuf.
+"""
+
+from salience_client.aio import AsyncSalienceClient, AsyncSession
+from salience_client.client import DEFAULT_TARGET, SalienceClient
+from salience_client.session import END, GenerateOptions, Session
+from salience_client.types import (
+    Done,
+    ModelInfo,
+    SalienceClientError,
+    SessionInfo,
+    TokenEvent,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "END",
+    "AsyncSalienceClient",
+    "AsyncSession",
+    "Done",
+    "GenerateOptions",
+    "ModelInfo",
+    "SalienceClient",
+    "SalienceClientError",
+    "Session",
+    "SessionInfo",
+    "TokenEvent",
+]

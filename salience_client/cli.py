@@ -1,0 +1,231 @@
+"""``salience``: a command line for people: chat, score, info, sessions."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import grpc
+
+from salience_client.client import DEFAULT_TARGET, SalienceClient
+from salience_client.session import END, Session
+from salience_client.types import Done, SalienceClientError, TokenEvent
+
+_EXIT_COMMANDS = {"/exit", "/quit"}
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+class ChatSession:
+    """One conversation kept in one server session; each turn sends only new tokens."""
+
+    def __init__(self, client: SalienceClient, session: Session, system: str | None) -> None:
+        self.client = client
+        self.session = session
+        self.messages: list[dict[str, Any]] = (
+            [{"role": "system", "content": system}] if system else []
+        )
+        self.committed_ids: list[int] = []
+        """What this client believes the session holds."""
+
+    def turn(self, user_text: str, out: TextIO, **options: Any) -> Done:
+        """Adds the user's message, streams the reply to ``out``; returns its Done."""
+        messages = [*self.messages, {"role": "user", "content": user_text}]
+        prompt_ids = self.client.tokenize_chat(messages, add_generation_prompt=True)
+        # Re-rendering the conversation may tokenize the last reply differently from how
+        # it was sampled: keep the shared prefix, rewind to it, send the rest.
+        shared = common_prefix_length(self.committed_ids, prompt_ids)
+        truncate_to = shared if shared < self.session.length else None
+        reply_ids: list[int] = []
+        reply_text: list[str] = []
+        done = None
+        events = self.session.generate(prompt_ids[shared:], truncate_to=truncate_to, **options)
+        try:
+            with contextlib.closing(events):
+                for event in events:
+                    if isinstance(event, Done):
+                        done = event
+                    elif not event.is_prefill:
+                        reply_ids.append(event.token_id)
+                        reply_text.append(event.text)
+                        out.write(event.text)
+                        out.flush()
+        finally:
+            out.write("\n")
+            if done is None:  # failed or interrupted: only the shared prefix is certain
+                self.committed_ids = self.committed_ids[: min(shared, self.session.length)]
+        assert done is not None
+        self.committed_ids = prompt_ids + reply_ids
+        self.messages = [*messages, {"role": "assistant", "content": "".join(reply_text)}]
+        return done
+
+
+def chat(client: SalienceClient, args: argparse.Namespace) -> None:
+    """The interactive REPL: one session across turns, replies streamed as they decode."""
+    options: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        options["seed"] = args.seed
+    is_interactive = sys.stdin.isatty()
+    with client.open_session() as session:
+        conversation = ChatSession(client, session, args.system)
+        while True:
+            if is_interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line and is_interactive:
+                print()  # end the prompt's line on Ctrl-D
+            if not line or line.strip() in _EXIT_COMMANDS:
+                return
+            if not line.strip():
+                continue
+            try:
+                done = conversation.turn(line.rstrip("\n"), sys.stdout, **options)
+            except KeyboardInterrupt:
+                print("[interrupted]", file=sys.stderr)
+                continue
+            except SalienceClientError as error:
+                print(f"salience: {describe(error, args.target)}", file=sys.stderr)
+                continue
+            if done.finish_reason in ("length", "context"):
+                print(f"[stopped: {done.finish_reason}]", file=sys.stderr)
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """``"1,2 3"`` -> ``[1, 2, 3]``."""
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit(f"salience: --tokens takes integers, got {text!r}") from None
+
+
+def score(client: SalienceClient, args: argparse.Namespace) -> None:
+    """Prints each token's logprob given the tokens before it, and the total."""
+    if args.tokens is not None:
+        token_ids = parse_token_ids(args.tokens)
+    elif args.text is not None:
+        token_ids = client.tokenize(args.text, add_special_tokens=args.add_special_tokens)
+    else:
+        raise SystemExit("salience: score needs TEXT or --tokens")
+    if not token_ids:
+        raise SystemExit("salience: nothing to score (no tokens)")
+    with client.open_session() as session:
+        events = session.generate(
+            token_ids, max_tokens=0, logprobs_ranges=[(0, END)], return_text=False
+        )
+        scored = [e for e in events if isinstance(e, TokenEvent)]
+    print(f"{'pos':>5}  {'id':>7}  {'token':<20}  {'logprob':>10}  {'rank':>5}")
+    for event in scored:
+        piece = repr(client.detokenize([event.token_id]))
+        if event.position == 0:  # no context: nothing to condition on
+            print(f"{0:>5}  {event.token_id:>7}  {piece:<20}  {'-':>10}  {'-':>5}")
+        else:
+            print(
+                f"{event.position:>5}  {event.token_id:>7}  {piece:<20}  "
+                f"{event.logprob:>10.4f}  {event.rank:>5}"
+            )
+    conditioned = [e.logprob for e in scored if e.position > 0]
+    total = sum(conditioned)
+    mean = total / len(conditioned) if conditioned else 0.0
+    print(f"total logprob: {total:.4f} over {len(conditioned)} tokens (mean {mean:.4f})")
+
+
+def info(client: SalienceClient, args: argparse.Namespace) -> None:
+    """Prints the served model's description."""
+    model = client.model_info()
+    rows = [
+        ("model", model.model_id),
+        ("vocab size", model.vocab_size),
+        ("max context", model.max_context),
+        ("dtype", model.dtype),
+        ("device", model.device),
+        ("eos token ids", ", ".join(map(str, model.eos_token_ids)) or "-"),
+        ("bos token id", model.bos_token_id if model.bos_token_id is not None else "-"),
+        ("chat template", "yes" if model.chat_template else "no"),
+        ("images", "yes" if model.supports_images else "no"),
+        ("readout", "yes" if model.supports_readout else "no"),
+    ]
+    if model.supports_readout:
+        rows.append(("readout layers", ", ".join(map(str, model.readout_layers))))
+        rows.append(("readout concepts", ", ".join(model.readout_concepts)))
+    for name, value in rows:
+        print(f"{name + ':':<18}{value}")
+
+
+def sessions(client: SalienceClient, args: argparse.Namespace) -> None:
+    """Prints a table of the live sessions."""
+    infos = client.list_sessions()
+    if not infos:
+        print("no sessions")
+        return
+    print(
+        f"{'SESSION':<34} {'LENGTH':>7} {'MAX':>7} {'RESIDENCY':<10} {'KV MiB':>8} "
+        f"{'IDLE s':>8}  BUSY"
+    )
+    for s in sorted(infos, key=lambda s: s.idle_seconds):
+        print(
+            f"{s.session_id:<34} {s.length:>7} {s.max_context:>7} {s.residency:<10} "
+            f"{s.kv_bytes / 2**20:>8.2f} {s.idle_seconds:>8.1f}  {'yes' if s.is_busy else 'no'}"
+        )
+
+
+def describe(error: SalienceClientError, target: str) -> str:
+    """One line a person can act on."""
+    if error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "UNAVAILABLE":
+        return f"cannot reach the server at {target} (is it running?)"
+    return f"{error.message} [{error.code.name}, {error.reason}]"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="salience", description="Talk to a Salience server.")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address, HOST:PORT")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per unary call")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chat_parser = commands.add_parser("chat", help="chat with the model (one session per run)")
+    chat_parser.add_argument("--max-tokens", type=int, default=512)
+    chat_parser.add_argument("--temperature", type=float, default=0.7)
+    chat_parser.add_argument("--seed", type=int, help="seed the sampler (reproducible replies)")
+    chat_parser.add_argument("--system", help="a system message opening the conversation")
+    score_parser = commands.add_parser("score", help="per-token logprobs of a text")
+    score_parser.add_argument("text", nargs="?", help="the text to score")
+    score_parser.add_argument("--tokens", help="token ids instead of text: '1,2,3'")
+    score_parser.add_argument("--add-special-tokens", action="store_true", help="prepend BOS")
+    commands.add_parser("info", help="describe the served model")
+    commands.add_parser("sessions", help="list the live sessions")
+    return parser.parse_args(argv)
+
+
+_COMMANDS: dict[str, Callable[[SalienceClient, argparse.Namespace], None]] = {
+    "chat": chat,
+    "score": score,
+    "info": info,
+    "sessions": sessions,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``salience``."""
+    args = parse_args(argv)
+    try:
+        with SalienceClient(args.target, timeout=args.timeout) as client:
+            _COMMANDS[args.command](client, args)
+    except SalienceClientError as error:
+        sys.exit(f"salience: {describe(error, args.target)}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

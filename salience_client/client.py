@@ -1,0 +1,132 @@
+"""``SalienceClient``: the synchronous client. One channel, shared by every session and call."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
+from salience_client.session import Session, call_unary
+from salience_client.types import ModelInfo, SalienceClientError, SessionInfo
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 64 * 2**20
+"""Images travel in one message."""
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def tokenize_chat_request(
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None,
+) -> pb.TokenizeRequest:
+    """Chat messages (and tools) as JSON, so tool calls and content parts pass unchanged."""
+    return pb.TokenizeRequest(
+        messages=pb.ChatMessages(messages_json=json.dumps(messages)),
+        add_generation_prompt=add_generation_prompt,
+        tools_json=json.dumps(tools) if tools else "",
+    )
+
+
+def not_ready(target: str, timeout_s: float) -> SalienceClientError:
+    return SalienceClientError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "NOT_READY",
+        f"the server at {target} was not serving after {timeout_s:g} s",
+    )
+
+
+class SalienceClient:
+    """A synchronous client of a Salience server at ``target`` (``host:port``).
+
+    ``timeout`` (seconds) bounds every unary call; streams are not bounded.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+        self.target = target
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = salience_pb2_grpc.SalienceStub(self._channel)
+
+    def __enter__(self) -> SalienceClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel; sessions opened through it can no longer be used."""
+        self._channel.close()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Waits until the server reports SERVING (its model is loaded)."""
+        health = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet
+            time.sleep(0.05)
+        raise not_ready(self.target, timeout_s)
+
+    def _call(self, method: str, request: Any) -> Any:
+        return call_unary(getattr(self._stub, method), request, self._timeout)
+
+    def open_session(self, max_context: int = 0, session_id: str = "") -> Session:
+        """Creates an empty session; ``max_context`` 0 means the server's limit."""
+        request = pb.OpenSessionRequest(session_id=session_id, max_context=max_context)
+        response = self._call("OpenSession", request)
+        return Session(self._stub, response.session_id, response.max_context, 0, self._timeout)
+
+    def session(self, session_id: str) -> Session:
+        """A handle on an existing session, its length read from the server."""
+        info = self.get_session(session_id)
+        return Session(self._stub, session_id, info.max_context, info.length, self._timeout)
+
+    def model_info(self) -> ModelInfo:
+        """The served model: ids, limits, special tokens, capabilities."""
+        return ModelInfo.from_pb(self._call("GetModelInfo", pb.GetModelInfoRequest()))
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Text to token ids."""
+        request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return list(self._call("Tokenize", request).token_ids)
+
+    def tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Chat messages through the model's chat template to token ids."""
+        request = tokenize_chat_request(messages, add_generation_prompt, tools)
+        return list(self._call("Tokenize", request).token_ids)
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Token ids to text."""
+        request = pb.DetokenizeRequest(
+            token_ids=list(token_ids), skip_special_tokens=skip_special_tokens
+        )
+        return str(self._call("Detokenize", request).text)
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """Every live session."""
+        response = self._call("ListSessions", pb.ListSessionsRequest())
+        return [SessionInfo.from_pb(info) for info in response.sessions]
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        """One session's length, residency and idle time."""
+        response = self._call("GetSession", pb.GetSessionRequest(session_id=session_id))
+        return SessionInfo.from_pb(response.session)
