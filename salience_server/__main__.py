@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=0,
         help="KV pool size, e.g. 2GiB (default: 1GiB on CPU, 60%% of free GPU memory)",
     )
+    parser.add_argument(
+        "--host-kv-memory",
+        type=parse_bytes,
+        default=parse_bytes("1GiB"),
+        help="host memory for offloaded KV of evicted sessions (0: drop and recompute)",
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=256)
@@ -50,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                 max_context=args.max_context,
                 block_size=args.block_size,
                 kv_cache_bytes=args.kv_cache_memory,
+                host_kv_bytes=args.host_kv_memory,
                 max_batch_tokens=args.max_batch_tokens,
                 max_running=args.max_running,
                 max_queue=args.max_queue,

@@ -27,7 +27,7 @@ class BlockManager:
         """Blocks needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
 
-    def _num_new(self, table: list[int], num_tokens: int, write_start: int) -> int:
+    def num_new_blocks(self, table: list[int], num_tokens: int, write_start: int) -> int:
         """Fresh blocks to grow ``table`` to ``num_tokens`` plus copies of shared blocks
         that positions ``write_start ..`` would write into (copy-on-write)."""
         num_grow = max(0, self.blocks_for(num_tokens) - len(table))
@@ -38,7 +38,7 @@ class BlockManager:
 
     def can_append(self, table: list[int], num_tokens: int, write_start: int) -> bool:
         """Whether ``append`` would find enough free blocks."""
-        return self._num_new(table, num_tokens, write_start) <= len(self._free_ids)
+        return self.num_new_blocks(table, num_tokens, write_start) <= len(self._free_ids)
 
     def append(self, table: list[int], num_tokens: int, write_start: int) -> list[tuple[int, int]]:
         """Makes ``table`` hold ``num_tokens`` tokens, with every block that positions

@@ -22,6 +22,7 @@ from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.errors import Code, SalienceError, session_not_found
+from salience_server.engine.evictor import Evictor
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token
 from salience_server.engine.request import (
@@ -82,8 +83,11 @@ class Engine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
-        self.scheduler = Scheduler(config, self.block_manager)
         self.sessions: dict[str, Session] = {}
+        self.evictor = Evictor(
+            self.sessions, self.block_manager, config.host_kv_bytes, self.kv_bytes_per_token
+        )
+        self.scheduler = Scheduler(config, self.block_manager, self.evictor)
         self._request_ids = itertools.count()
         self._lock = threading.Condition()
         self._is_stopping = False
@@ -141,8 +145,15 @@ class Engine:
                 if request.session is session:
                     request.is_cancelled = True
             if not session.is_busy:
-                self.block_manager.free(session.block_table)
+                self._free(session)
             self._lock.notify_all()
+
+    def _free(self, session: Session) -> None:
+        """Returns a closed session's blocks and host memory."""
+        self.block_manager.free(session.block_table)
+        if session.residency == Residency.OFFLOADED:
+            self.evictor.forget(session)
+            self.runner.discard_host_kv(session.session_id)
 
     def fork_session(self, session_id: str, new_session_id: str = "") -> Session:
         """A child sharing the parent's committed tokens and KV blocks (copy-on-write)."""
@@ -152,8 +163,11 @@ class Engine:
                 raise _busy(session_id)
             child = self.open_session(new_session_id, parent.max_context)
             child.token_ids = list(parent.token_ids)
-            child.block_table = self.block_manager.share(parent.block_table)
-            child.num_computed = parent.num_computed
+            if parent.residency == Residency.RESIDENT:
+                child.block_table = self.block_manager.share(parent.block_table)
+                child.num_computed = child.num_ever_computed = parent.num_computed
+            else:  # the child computes its KV on first use
+                child.residency = Residency.DROPPED
             parent.touch()
             return child
 
@@ -167,13 +181,14 @@ class Engine:
 
     def _info(self, session: Session) -> SessionInfo:
         num_blocks = len(session.block_table)
+        kv_bytes = num_blocks * self.config.block_size * self.kv_bytes_per_token
         return SessionInfo(
             session_id=session.session_id,
             length=session.length,
             max_context=session.max_context,
             residency=session.residency,
             num_blocks=num_blocks,
-            kv_bytes=num_blocks * self.config.block_size * self.kv_bytes_per_token,
+            kv_bytes=session.host_kv_bytes or kv_bytes,
             idle_seconds=session.idle_seconds(),
             is_busy=session.is_busy,
         )
@@ -193,7 +208,7 @@ class Engine:
                 log.info("session %s expired after %.0f s idle", session.session_id, ttl)
                 del self.sessions[session.session_id]
                 session.is_closed = True
-                self.block_manager.free(session.block_table)
+                self._free(session)
 
     # ----- requests ----------------------------------------------------------------
 
@@ -210,6 +225,7 @@ class Engine:
             if session.is_busy:
                 raise _busy(params.session_id)
             check_generate(params, session, self.vocab_size, self.has_readout)
+            self._check_fits(params)
             if len(self.scheduler.waiting) >= self.config.max_queue:
                 raise SalienceError(
                     Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "too many requests wait; retry later"
@@ -221,6 +237,18 @@ class Engine:
                 self.scheduler.add(request)
                 self._lock.notify_all()
             return request
+
+    def _check_fits(self, params: GenerateParams) -> None:
+        """RESOURCE_EXHAUSTED at once for a prompt the whole pool cannot hold."""
+        num_tokens = params.offset + len(params.append_tokens) + 1
+        if self.block_manager.blocks_for(num_tokens) > self.block_manager.num_blocks:
+            capacity = self.block_manager.num_blocks * self.config.block_size
+            raise SalienceError(
+                Code.RESOURCE_EXHAUSTED,
+                "KV_CACHE_FULL",
+                f"{num_tokens} tokens do not fit in the KV pool ({capacity} tokens); "
+                "raise --kv-cache-memory",
+            )
 
     def _accept(self, params: GenerateParams, session: Session, sink: EventSink) -> Request:
         """Commits the call's effect on the session and makes its Request."""
@@ -236,10 +264,11 @@ class Engine:
         request = Request(
             next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
         )
-        request.num_recomputed = max(0, params.offset - 1 - session.num_computed)
         if params.offset > 0 and request.needs_logits_at(params.offset - 1):
-            # The distribution at offset - 1 is not kept: feed that token again.
+            # The distribution at offset - 1 is not kept: feed that token again
+            # (not counted as a recomputation).
             session.num_computed = min(session.num_computed, params.offset - 1)
+            session.num_ever_computed = min(session.num_ever_computed, params.offset - 1)
         request.num_cached = session.num_computed
         if params.offset == 0 and session.length > 0:
             if in_ranges(0, params.logprobs_ranges) or in_ranges(0, params.readout_ranges):
@@ -274,10 +303,10 @@ class Engine:
         with self._lock:
             output = self.scheduler.schedule()
             self._retire(output)
+            self.runner.move_kv(output.swap_outs, output.swap_ins, output.block_copies)
             batch, rows = self._build_batch(output.chunks)
         if not output.chunks:
             return
-        self.runner.copy_blocks(output.block_copies)
         logprobs = sampler.log_softmax(self.runner.execute(batch))  # [K, V]
         with self._lock:
             self._commit(output.chunks, rows, logprobs)
@@ -306,7 +335,8 @@ class Engine:
         self, chunks: list[ScheduledChunk], rows: list[_Row], logprobs: torch.Tensor
     ) -> None:
         for chunk in chunks:
-            chunk.request.session.num_computed = chunk.start + chunk.num_tokens
+            end = chunk.start + chunk.num_tokens
+            chunk.request.num_recomputed += chunk.request.session.mark_computed(chunk.start, end)
         for row, row_logprobs in zip(rows, logprobs, strict=True):
             request = row.request
             if request.is_cancelled:
@@ -368,7 +398,7 @@ class Engine:
         session.num_busy = 0
         session.touch()
         if session.is_closed:
-            self.block_manager.free(session.block_table)
+            self._free(session)
 
     def _retire(self, output: SchedulerOutput) -> None:
         for request in output.cancelled:

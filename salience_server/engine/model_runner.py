@@ -8,6 +8,7 @@ import torch
 
 from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
+from salience_server.engine.evictor import SwapIn, SwapOut
 
 
 def kv_shape(model_config: Any) -> tuple[int, int, int]:
@@ -42,6 +43,8 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
+        # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
+        self.host_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
@@ -77,12 +80,33 @@ class ModelRunner:
         )
         return output.logits[0]  # [K, V]
 
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copies whole blocks (copy-on-write before a shared block is written)."""
-        if not copies:
-            return
-        sources = torch.tensor([s for s, _ in copies], dtype=torch.long, device=self.device)
-        targets = torch.tensor([t for _, t in copies], dtype=torch.long, device=self.device)
-        for keys, values in self.kv_caches:
-            keys[targets] = keys[sources]
-            values[targets] = values[sources]
+    def move_kv(
+        self, swap_outs: list[SwapOut], swap_ins: list[SwapIn], copies: list[tuple[int, int]]
+    ) -> None:
+        """Moves KV before a step, in this order: evicted sessions' blocks to host
+        memory (their blocks may be reused next), offloaded sessions' KV back into
+        their new blocks, then copy-on-write block copies."""
+        for swap_out in swap_outs:
+            index = self._index(swap_out.block_ids)
+            self.host_kv[swap_out.session_id] = [
+                (keys[index].to("cpu"), values[index].to("cpu")) for keys, values in self.kv_caches
+            ]
+        for swap_in in swap_ins:
+            index = self._index(swap_in.block_ids)
+            for (keys, values), (host_keys, host_values) in zip(
+                self.kv_caches, self.host_kv.pop(swap_in.session_id), strict=True
+            ):
+                keys[index] = host_keys.to(self.device)
+                values[index] = host_values.to(self.device)
+        if copies:
+            sources = self._index([source for source, _ in copies])
+            targets = self._index([target for _, target in copies])
+            for keys, values in self.kv_caches:
+                keys[targets] = keys[sources]
+                values[targets] = values[sources]
+
+    def discard_host_kv(self, session_id: str) -> None:
+        self.host_kv.pop(session_id, None)
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.evictor import Evictor, SwapIn, SwapOut
 from salience_server.engine.request import Request
+from salience_server.engine.session import Residency
 
 
 @dataclass
@@ -37,12 +39,17 @@ class SchedulerOutput:
     """Requests the client gave up on; they leave the scheduler with this output."""
     failed: list[tuple[Request, SalienceError]] = field(default_factory=list)
     """Requests that cannot go on (no KV room); they leave with this output."""
+    swap_outs: list[SwapOut] = field(default_factory=list)
+    """KV to copy to host memory first (evicted sessions)."""
+    swap_ins: list[SwapIn] = field(default_factory=list)
+    """Host KV to copy back into the pool after the swap-outs."""
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, evictor: Evictor) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.evictor = evictor
         self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap on order_key
         self.running: list[Request] = []
 
@@ -66,35 +73,43 @@ class Scheduler:
         self._drop_cancelled(output)
         self._admit()
         budget = self.config.max_batch_tokens
+        scheduled: set[str] = set()
         for request in sorted(self.running, key=lambda r: r.order_key):
             if budget == 0:
                 break
             num_tokens = min(request.num_tokens_to_feed, budget)
-            if self._reserve(request, num_tokens, output):
+            if self._reserve(request, num_tokens, scheduled, output):
                 budget -= num_tokens
+                scheduled.add(request.session.session_id)
+            elif scheduled:
+                self._preempt(request)  # room comes back when this step's work finishes
+            else:
+                self.running.remove(request)
+                output.failed.append((request, _kv_cache_full()))
         return output
 
-    def _reserve(self, request: Request, num_tokens: int, output: SchedulerOutput) -> bool:
-        """Makes room in the block pool for the next chunk of ``request``."""
+    def _reserve(
+        self, request: Request, num_tokens: int, scheduled: set[str], output: SchedulerOutput
+    ) -> bool:
+        """Makes room in the block pool for the next chunk of ``request``, evicting
+        other sessions' KV if needed and restoring this session's if it was offloaded."""
         session = request.session
         start = session.num_computed
-        if not self.block_manager.can_append(session.block_table, start + num_tokens, start):
-            self.running.remove(request)
-            output.failed.append(
-                (
-                    request,
-                    SalienceError(
-                        Code.RESOURCE_EXHAUSTED,
-                        "KV_CACHE_FULL",
-                        "the KV block pool is full; close idle sessions or raise --kv-cache-memory",
-                    ),
-                )
-            )
+        needed = self.block_manager.num_new_blocks(session.block_table, start + num_tokens, start)
+        protected = scheduled | {session.session_id}
+        if not self.evictor.make_room(needed, protected, output.swap_outs):
             return False
         copies = self.block_manager.append(session.block_table, start + num_tokens, start)
+        if session.residency == Residency.OFFLOADED:
+            self.evictor.restore(session, output.swap_ins)
+        session.residency = Residency.RESIDENT
         output.block_copies.extend(copies)
         output.chunks.append(ScheduledChunk(request, start, num_tokens))
         return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        heapq.heappush(self.waiting, (request.order_key, request))
 
     def _drop_cancelled(self, output: SchedulerOutput) -> None:
         output.cancelled.extend(r for r in self.running if r.is_cancelled)
@@ -118,3 +133,11 @@ class Scheduler:
             self.running.remove(worst)
             self.running.append(request)
             heapq.heappush(self.waiting, (worst.order_key, worst))
+
+
+def _kv_cache_full() -> SalienceError:
+    return SalienceError(
+        Code.RESOURCE_EXHAUSTED,
+        "KV_CACHE_FULL",
+        "the request does not fit in the KV block pool; raise --kv-cache-memory",
+    )

@@ -28,10 +28,15 @@ class Session:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     """Tokens (a prefix of token_ids) whose KV is in block_table."""
+    num_ever_computed: int = 0
+    """Tokens (a prefix) whose KV was computed at some point: feeding them again after
+    an eviction is a recomputation."""
     num_busy: int = 0
     """1 while a Generate call owns the session."""
     is_closed: bool = False
     residency: Residency = Residency.RESIDENT
+    host_kv_bytes: int = 0
+    """Bytes of this session's KV held in host memory while offloaded."""
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -46,6 +51,15 @@ class Session:
         """Forgets every token from ``offset`` on (the caller frees their blocks)."""
         del self.token_ids[offset:]
         self.num_computed = min(self.num_computed, offset)
+        self.num_ever_computed = min(self.num_ever_computed, offset)
+
+    def mark_computed(self, start: int, end: int) -> int:
+        """Records that positions start .. end - 1 now have KV; returns how many of
+        them had it before (recomputed)."""
+        recomputed = max(0, min(end, self.num_ever_computed) - start)
+        self.num_computed = end
+        self.num_ever_computed = max(self.num_ever_computed, end)
+        return recomputed
 
     def touch(self) -> None:
         self.last_used = time.monotonic()

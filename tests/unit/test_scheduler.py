@@ -7,9 +7,17 @@ import pytest
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.errors import SalienceError
+from salience_server.engine.evictor import Evictor
 from salience_server.engine.request import GenerateParams, Request
 from salience_server.engine.scheduler import Scheduler
-from salience_server.engine.session import Session
+from salience_server.engine.session import Residency, Session
+
+
+def make_scheduler(
+    config: EngineConfig, manager: BlockManager, sessions=None, host_bytes=0
+) -> Scheduler:
+    evictor = Evictor(sessions if sessions is not None else {}, manager, host_bytes, 1)
+    return Scheduler(config, manager, evictor)
 
 
 def make_request(
@@ -49,7 +57,7 @@ def pool():
 
 def test_admission_follows_priority_then_arrival(pool) -> None:
     manager, requests = pool
-    scheduler = Scheduler(EngineConfig(max_running=1), manager)
+    scheduler = make_scheduler(EngineConfig(max_running=1), manager)
     requests.extend(
         [make_request(0, 5), make_request(1, 0), make_request(2, 3), make_request(3, 0)]
     )
@@ -65,7 +73,7 @@ def test_admission_follows_priority_then_arrival(pool) -> None:
 
 def test_all_running_requests_share_each_step_up_to_the_token_budget(pool) -> None:
     manager, requests = pool
-    scheduler = Scheduler(EngineConfig(max_batch_tokens=10), manager)
+    scheduler = make_scheduler(EngineConfig(max_batch_tokens=10), manager)
     requests.extend([make_request(0, 0, prompt_len=8), make_request(1, 1, prompt_len=8)])
     for request in requests:
         scheduler.add(request)
@@ -76,7 +84,7 @@ def test_all_running_requests_share_each_step_up_to_the_token_budget(pool) -> No
 
 def test_higher_priority_arrival_preempts_at_the_next_step(pool) -> None:
     manager, requests = pool
-    scheduler = Scheduler(EngineConfig(max_running=1), manager)
+    scheduler = make_scheduler(EngineConfig(max_running=1), manager)
     low = make_request(0, 5, max_tokens=50)
     requests.append(low)
     scheduler.add(low)
@@ -92,7 +100,7 @@ def test_higher_priority_arrival_preempts_at_the_next_step(pool) -> None:
 
 def test_queue_is_bounded(pool) -> None:
     manager, requests = pool
-    scheduler = Scheduler(EngineConfig(max_running=1, max_queue=2), manager)
+    scheduler = make_scheduler(EngineConfig(max_running=1, max_queue=2), manager)
     requests.extend(make_request(i, 0) for i in range(3))
     scheduler.add(requests[0])
     scheduler.add(requests[1])
@@ -103,7 +111,7 @@ def test_queue_is_bounded(pool) -> None:
 
 def test_cancelled_requests_leave_at_the_next_step(pool) -> None:
     manager, requests = pool
-    scheduler = Scheduler(EngineConfig(max_running=1), manager)
+    scheduler = make_scheduler(EngineConfig(max_running=1), manager)
     running, queued = make_request(0, 0, max_tokens=50), make_request(1, 0)
     requests.extend([running, queued])
     scheduler.add(running)
@@ -117,10 +125,91 @@ def test_cancelled_requests_leave_at_the_next_step(pool) -> None:
 
 def test_a_request_that_cannot_get_blocks_fails_instead_of_hanging() -> None:
     manager = BlockManager(num_blocks=2, block_size=4)
-    scheduler = Scheduler(EngineConfig(), manager)
+    scheduler = make_scheduler(EngineConfig(), manager)
     request = make_request(0, 0, prompt_len=12)
     scheduler.add(request)
     output = scheduler.schedule()
     assert output.chunks == [] and output.failed[0][0] is request
     assert output.failed[0][1].reason == "KV_CACHE_FULL"
     manager.check_invariants([request.session.block_table])
+
+
+def _idle_session(manager: BlockManager, name: str, num_tokens: int, last_used: float) -> Session:
+    session = Session(name, max_context=128, token_ids=list(range(num_tokens)))
+    manager.append(session.block_table, num_tokens, 0)
+    session.num_computed = session.num_ever_computed = num_tokens
+    session.last_used = last_used
+    return session
+
+
+@pytest.mark.parametrize("host_bytes", [0, 1000])
+def test_least_recently_used_idle_session_is_evicted_first(host_bytes: int) -> None:
+    manager = BlockManager(num_blocks=5, block_size=4)
+    sessions = {
+        "old": _idle_session(manager, "old", 8, last_used=1.0),
+        "new": _idle_session(manager, "new", 8, last_used=2.0),
+    }
+    scheduler = make_scheduler(EngineConfig(), manager, sessions, host_bytes)
+    request = make_request(0, 0, prompt_len=8)
+    sessions["s0"] = request.session
+    scheduler.add(request)
+    output = scheduler.schedule()
+    assert [c.request for c in output.chunks] == [request]
+    old, new = sessions["old"], sessions["new"]
+    assert new.residency == Residency.RESIDENT and len(new.block_table) == 2
+    assert old.block_table == []
+    if host_bytes:
+        assert old.residency == Residency.OFFLOADED and old.num_computed == 8
+        assert [(s.session_id, s.num_tokens) for s in output.swap_outs] == [("old", 8)]
+    else:
+        assert old.residency == Residency.DROPPED and old.num_computed == 0
+        assert output.swap_outs == []
+    manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_offloaded_session_is_restored_into_fresh_blocks() -> None:
+    manager = BlockManager(num_blocks=4, block_size=4)
+    session = _idle_session(manager, "s0", 8, last_used=1.0)
+    sessions = {"s0": session}
+    scheduler = make_scheduler(EngineConfig(), manager, sessions, host_bytes=1000)
+    scheduler.evictor.evict(session, [])
+    assert session.residency == Residency.OFFLOADED and scheduler.evictor.host_bytes_used == 8
+    request = Request(
+        1,
+        GenerateParams(session_id="s0", offset=8, max_tokens=1),
+        session,
+        lambda e: None,
+        set(),
+        None,
+    )
+    session.num_computed = 7  # the engine feeds the last token again for its distribution
+    scheduler.add(request)
+    output = scheduler.schedule()
+    assert output.chunks[0].start == 7 and output.chunks[0].num_tokens == 1
+    assert [(s.session_id, s.block_ids) for s in output.swap_ins] == [
+        ("s0", session.block_table[:2])
+    ]
+    assert session.residency == Residency.RESIDENT and scheduler.evictor.host_bytes_used == 0
+    manager.check_invariants([session.block_table])
+
+
+def test_request_short_of_memory_waits_while_others_run() -> None:
+    manager = BlockManager(num_blocks=4, block_size=4)
+    scheduler = make_scheduler(EngineConfig(), manager)
+    first, second = make_request(0, 0, prompt_len=8), make_request(1, 0, prompt_len=8)
+    sessions = {r.session.session_id: r.session for r in (first, second)}
+    scheduler.evictor.sessions.update(sessions)
+    scheduler.add(first)
+    scheduler.add(second)
+    output = scheduler.schedule()
+    # Both fit (2 blocks each). Decoding grows both: the pool is full after one more block.
+    assert len(output.chunks) == 2
+    for request in (first, second):
+        request.session.mark_computed(0, 8)
+        request.session.token_ids.extend([0] * 4)  # pretend they decoded past a block boundary
+        request.session.num_computed = 11
+    output = scheduler.schedule()
+    assert [c.request for c in output.chunks] == [first]
+    assert second not in scheduler.running and output.failed == []
+    assert second.session.residency == Residency.DROPPED  # its KV made room for the first
+    manager.check_invariants([s.block_table for s in sessions.values()])

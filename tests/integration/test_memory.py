@@ -1,0 +1,240 @@
+"""Eviction, restore, recompute, fork and overload through a real server."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import grpc
+import pytest
+
+from salience_client.pb import salience_pb2 as pb
+from tests.helpers import U32_MAX, error_reason, generate, open_session
+
+TOLERANCE = 1e-4
+TOKEN_BYTES = 512  # the tiny models: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes
+BLOCK_SIZE = 4
+
+
+def _session_info(stub, session_id: str) -> pb.SessionInfo:
+    return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
+
+
+def _run_cycle(stub, num_sessions: int, rounds: int, on_turn=None) -> list[list[tuple[int, float]]]:
+    """Appends to every session in turn; returns each turn's (token, logprob) events."""
+    rng = random.Random(11)
+    sessions = [open_session(stub) for _ in range(num_sessions)]
+    lengths = [0] * num_sessions
+    results = []
+    for round_index in range(rounds):
+        for index, session_id in enumerate(sessions):
+            append = [rng.randrange(256) for _ in range(40 if round_index == 0 else 6)]
+            if on_turn is not None:
+                on_turn(round_index, session_id)
+            tokens, done = generate(
+                stub,
+                session_id,
+                append_tokens=append,
+                offset=lengths[index],
+                max_tokens=5,
+                logprobs_ranges=[(lengths[index], U32_MAX)],
+            )
+            lengths[index] = done.total_tokens
+            results.append([(t.id, t.sampled_logprob) for t in tokens])
+            results.append([(done.recomputed_tokens, 0.0)])
+    return results
+
+
+def _assert_same(got, want) -> None:
+    for got_turn, want_turn in zip(got[::2], want[::2], strict=True):
+        assert [t for t, _ in got_turn] == [t for t, _ in want_turn]
+        assert (
+            max(abs(a - b) for (_, a), (_, b) in zip(got_turn, want_turn, strict=True)) < TOLERANCE
+        )
+
+
+@pytest.mark.parametrize("host_kv_bytes", [0, 1 << 20], ids=["drop", "offload"])
+def test_cycling_five_sessions_through_a_pool_for_two(
+    host_kv_bytes, tiny_llama_dir, server_factory
+) -> None:
+    roomy = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
+    # 28 blocks of 4 tokens: two sessions of ~51 tokens each, not three.
+    tight = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=28 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=host_kv_bytes,
+    )
+    seen_residency = []
+
+    def record(round_index: int, session_id: str) -> None:
+        if round_index == 1:
+            seen_residency.append(_session_info(tight.stub, session_id).residency)
+
+    want = _run_cycle(roomy.stub, 5, 2)
+    got = _run_cycle(tight.stub, 5, 2, on_turn=record)
+    _assert_same(got, want)
+    recomputed = [turn[0][0] for turn in got[1::2]]
+    assert all(r == 0 for r in recomputed[:5])  # the first round has nothing to recompute
+    expected = pb.RESIDENCY_DROPPED if host_kv_bytes == 0 else pb.RESIDENCY_OFFLOADED
+    assert seen_residency.count(expected) >= 3
+    if host_kv_bytes == 0:
+        assert all(r >= 40 for r in recomputed[5:8])  # dropped sessions were recomputed
+    else:
+        assert all(r == 0 for r in recomputed[5:])  # offloaded ones were copied back
+    assert tight.engine.evictor.host_bytes_used <= host_kv_bytes
+
+
+def test_listing_reports_residency_blocks_and_idle_time(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(
+        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=12 * BLOCK_SIZE * TOKEN_BYTES
+    )
+    first = open_session(server.stub)
+    generate(server.stub, first, append_tokens=[1] * 30)
+    second = open_session(server.stub)
+    generate(server.stub, second, append_tokens=[2] * 30)
+    listing = {s.session_id: s for s in server.stub.ListSessions(pb.ListSessionsRequest()).sessions}
+    assert listing[first].residency == pb.RESIDENCY_DROPPED and listing[first].num_blocks == 0
+    assert listing[second].residency == pb.RESIDENCY_RESIDENT and listing[second].num_blocks == 8
+    assert listing[second].kv_bytes == 8 * BLOCK_SIZE * TOKEN_BYTES
+    assert listing[first].idle_seconds >= listing[second].idle_seconds >= 0
+    assert listing[first].length == 30
+
+
+def test_fork_shares_blocks_and_each_branch_equals_a_fresh_session(
+    tiny_llama_dir, server_factory
+) -> None:
+    server = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
+    stub = server.stub
+    prefix = [
+        random.Random(5).randrange(256) for _ in range(50)
+    ]  # 12.5 blocks: the last is partial
+    parent = open_session(stub)
+    generate(stub, parent, append_tokens=prefix)
+    free_before = server.engine.block_manager.num_free
+    child = stub.ForkSession(pb.ForkSessionRequest(session_id=parent))
+    assert child.length == 50
+    assert server.engine.block_manager.num_free == free_before  # shared, counted once
+    branches = {parent: [7, 8, 9], child.session_id: [100, 101]}
+    results = {}
+    for session_id, append in branches.items():
+        tokens, done = generate(
+            stub,
+            session_id,
+            append_tokens=append,
+            offset=50,
+            max_tokens=6,
+            logprobs_ranges=[(50, U32_MAX)],
+        )
+        assert done.cached_tokens == 49 and done.recomputed_tokens == 0  # no prefill of the prefix
+        results[session_id] = tokens
+    # 12 full blocks stay shared; the partial 13th was copied once, then each side grew
+    # to 15 blocks: 13 + 2 + 3 blocks in all, 5 more than before the fork.
+    assert free_before - server.engine.block_manager.num_free == 5
+    for session_id, append in branches.items():
+        want, _ = generate(
+            stub,
+            open_session(stub),
+            append_tokens=prefix + append,
+            max_tokens=6,
+            logprobs_ranges=[(50, U32_MAX)],
+        )
+        got = results[session_id]
+        assert [t.id for t in got] == [t.id for t in want]
+        assert (
+            max(abs(a.sampled_logprob - b.sampled_logprob) for a, b in zip(got, want, strict=True))
+            < TOLERANCE
+        )
+
+
+def test_eight_sessions_decoding_together_equal_each_alone(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(
+        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, max_batch_tokens=64
+    )
+    stub = server.stub
+    rng = random.Random(2)
+    prompts = [[rng.randrange(256) for _ in range(5 + 7 * i)] for i in range(8)]
+    alone = [
+        [t.id for t in generate(stub, open_session(stub), append_tokens=p, max_tokens=16)[0]]
+        for p in prompts
+    ]
+    together: list[list[int]] = [[] for _ in prompts]
+    steps_with_many = []
+    original_execute = server.engine.runner.execute
+
+    def counting_execute(batch):
+        steps_with_many.append(len(batch.sequences))
+        return original_execute(batch)
+
+    server.engine.runner.execute = counting_execute
+    barrier = threading.Barrier(len(prompts))
+
+    def run(index: int) -> None:
+        session_id = open_session(stub)
+        barrier.wait()
+        together[index] = [
+            t.id for t in generate(stub, session_id, append_tokens=prompts[index], max_tokens=16)[0]
+        ]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert together == alone
+    assert max(steps_with_many) >= 6  # they really shared forward passes
+
+
+def test_overload_queues_or_fails_fast_and_every_admitted_output_is_right(
+    tiny_llama_dir, server_factory
+) -> None:
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=40 * BLOCK_SIZE * TOKEN_BYTES,
+        max_running=2,
+        max_queue=3,
+        host_kv_bytes=0,
+    )
+    stub = server.stub
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6] * 8  # 64 tokens: 16 blocks; the pool holds two such sessions
+    want = [
+        t.id for t in generate(stub, open_session(stub), append_tokens=prompt, max_tokens=20)[0]
+    ]
+    outcomes: list[object] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(10)
+
+    def run() -> None:
+        session_id = open_session(stub)
+        barrier.wait()
+        try:
+            tokens, _ = generate(stub, session_id, append_tokens=prompt, max_tokens=20)
+            result: object = [t.id for t in tokens]
+        except grpc.RpcError as error:
+            result = (error.code(), error_reason(error))
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=run) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(outcomes) == 10
+    completed = [o for o in outcomes if isinstance(o, list)]
+    refused = [o for o in outcomes if not isinstance(o, list)]
+    assert all(o == want for o in completed) and len(completed) >= 2
+    assert all(o == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL") for o in refused)
+
+
+def test_a_prompt_larger_than_the_pool_fails_at_once(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(
+        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=8 * BLOCK_SIZE * TOKEN_BYTES
+    )
+    session_id = open_session(server.stub)
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(server.stub, session_id, append_tokens=[1] * 40)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(caught.value) == "KV_CACHE_FULL"
+    assert _session_info(server.stub, session_id).length == 0
