@@ -82,7 +82,7 @@ class Engine:
             num_blocks * block_bytes / 2**20,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_context)
         self.sessions: dict[str, Session] = {}
         self.evictor = Evictor(
             self.sessions, self.block_manager, config.host_kv_bytes, self.kv_bytes_per_token

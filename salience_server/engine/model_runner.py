@@ -28,7 +28,7 @@ def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
 class ModelRunner:
     """Owns the model and the KV pool tensors; executes ForwardBatches."""
 
-    def __init__(self, model: Any, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: Any, num_blocks: int, block_size: int, max_context: int) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -43,6 +43,12 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
+        max_blocks = min(num_blocks, -(-max_context // block_size))
+        workspace_shape = (max_blocks, block_size, num_kv_heads, head_dim)
+        self.workspace = (
+            torch.empty(workspace_shape, dtype=self.dtype, device=self.device),
+            torch.empty(workspace_shape, dtype=self.dtype, device=self.device),
+        )
         # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
         self.host_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -67,6 +73,7 @@ class ModelRunner:
                 )
                 for span in batch.sequences
             ],
+            workspace=self.workspace,
         )
         input_ids = torch.tensor([batch.token_ids], dtype=torch.long, device=device)  # [1, T]
         positions = torch.tensor([batch.positions], dtype=torch.long, device=device)  # [1, T]

@@ -39,6 +39,10 @@ class PagedAttentionMetadata:
     slot_mapping: torch.Tensor
     """[T] long: where each new token's key and value go."""
     sequences: list[SequenceAttention]
+    workspace: tuple[torch.Tensor, torch.Tensor]
+    """Reused (keys, values) buffers, each [max_blocks, block_size, Hkv, D], that one
+    sequence's context is gathered into: fresh allocations per gather cost page faults
+    that made gathering ~9x slower on CPU."""
 
 
 def paged_attention_forward(
@@ -65,8 +69,8 @@ def paged_attention_forward(
     output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
     for seq in salience_batch.sequences:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
-        keys = _gather(key_cache, seq)  # [1, Hkv, ctx, D]
-        values = _gather(value_cache, seq)
+        keys = _gather(key_cache, seq, salience_batch.workspace[0])  # [1, Hkv, ctx, D]
+        values = _gather(value_cache, seq, salience_batch.workspace[1])
         attended = F.scaled_dot_product_attention(
             query[:, :, rows], keys, values, attn_mask=seq.mask, scale=scaling, enable_gqa=True
         )  # [1, H, q, D]
@@ -74,9 +78,10 @@ def paged_attention_forward(
     return output.unsqueeze(0), None
 
 
-def _gather(cache: torch.Tensor, seq: SequenceAttention) -> torch.Tensor:
+def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor) -> torch.Tensor:
     """[num_blocks, block_size, Hkv, D] -> this sequence's [1, Hkv, context_len, D]."""
-    return cache[seq.block_ids].flatten(0, 1)[: seq.context_len].transpose(0, 1).unsqueeze(0)
+    blocks = torch.index_select(cache, 0, seq.block_ids, out=workspace[: len(seq.block_ids)])
+    return blocks.flatten(0, 1)[: seq.context_len].transpose(0, 1).unsqueeze(0)
 
 
 def causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor | None:

@@ -1,0 +1,45 @@
+"""The shim's configuration: one frozen dataclass, checked on creation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+API_KEY_ENV = "SALIENCE_API_KEY"
+"""Environment variable read for the bearer token when none is given on the command line."""
+
+
+@dataclass(frozen=True)
+class ShimConfig:
+    """What the OpenAI shim needs: where the gRPC server is and how to serve HTTP."""
+
+    target: str = "127.0.0.1:50051"
+    """``host:port`` of the Salience gRPC server."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """Bearer token every /v1 route requires; None leaves the shim open. /health is always open."""
+    served_model_names: tuple[str, ...] = ()
+    """Extra names the ``model`` field may use besides the server's model id."""
+    max_pooled_sessions: int = 32
+    """Idle server sessions kept for prefix reuse; more are closed, least recently used first."""
+    max_stored_responses: int = 1024
+    """Responses kept for ``previous_response_id``; older ones are forgotten (404)."""
+    rpc_timeout_s: float = 30.0
+    """Bound on every unary gRPC call (streams are not bounded)."""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise ValueError("target must be host:port of a Salience server")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range")
+        if self.max_pooled_sessions < 1 or self.max_stored_responses < 0:
+            raise ValueError("max_pooled_sessions must be positive, max_stored_responses >= 0")
+        if self.rpc_timeout_s <= 0:
+            raise ValueError("rpc_timeout_s must be positive")
+
+
+def api_key_from_env() -> str | None:
+    """The bearer token in ``$SALIENCE_API_KEY``, or None when unset or empty."""
+    return os.environ.get(API_KEY_ENV) or None

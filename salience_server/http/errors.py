@@ -1,0 +1,137 @@
+"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and the
+mapping from the gRPC server's statuses onto HTTP ones."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from salience_client import SalienceClientError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+"""What a 429 or 503 tells the client to wait before retrying."""
+
+
+class ApiError(Exception):
+    """A failed request: its HTTP status and the OpenAI error object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def error(self) -> dict[str, Any]:
+        """The inner error object (what a mid-stream error event carries)."""
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.error()}, status_code=self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    """400 ``invalid_request_error``."""
+    return ApiError(400, message, param=param, code=code)
+
+
+def unsupported(what: str, param: str | None = None) -> ApiError:
+    """400 for a feature of the OpenAI API that this server does not offer."""
+    return invalid(f"{what} is not supported by this server", param, "unsupported_parameter")
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404, f"The model {model!r} does not exist", param="model", code="model_not_found"
+    )
+
+
+def from_client_error(error: SalienceClientError, param: str | None = None) -> ApiError:
+    """The HTTP error for a failed gRPC call."""
+    code, reason, message = error.code, error.reason, error.message
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        if reason == "CONTEXT_EXCEEDED":
+            return invalid(
+                f"This model's maximum context length was exceeded: {message}",
+                param,
+                "context_length_exceeded",
+            )
+        return invalid(message, param, reason.lower())
+    if code == grpc.StatusCode.FAILED_PRECONDITION and reason in (
+        "IMAGES_UNSUPPORTED",
+        "READOUT_DISABLED",
+    ):
+        return invalid(message, param, reason.lower())
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ApiError(
+            429,
+            f"The server is overloaded: {message}",
+            "rate_limit_error",
+            code=reason.lower(),
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ApiError(
+            503,
+            f"The inference server is unavailable: {message}",
+            "server_error",
+            code="service_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ApiError(504, f"The inference server timed out: {message}", "server_error")
+    log.error("unexpected gRPC error: %s", error)
+    return ApiError(500, f"Internal error: {error}", "server_error", code="internal_error")
+
+
+@contextlib.contextmanager
+def client_errors(param: str | None = None) -> Iterator[None]:
+    """Turns a SalienceClientError raised inside into the matching ApiError."""
+    try:
+        yield
+    except SalienceClientError as error:
+        raise from_client_error(error, param) from None
+
+
+def as_api_error(error: BaseException) -> ApiError:
+    """Any failure as an ApiError (for errors met in the middle of a stream)."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, SalienceClientError):
+        return from_client_error(error)
+    log.exception("unexpected error", exc_info=error)
+    return ApiError(500, f"Internal error: {error}", "server_error", code="internal_error")
+
+
+async def handle_api_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return error.response()
+
+
+async def handle_http_exception(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return ApiError(error.status_code, str(error.detail), kind).response()
+
+
+async def handle_unexpected(request: Request, error: Exception) -> JSONResponse:
+    return as_api_error(error).response()

@@ -1,0 +1,205 @@
+"""``Generation``: one prompt decoded into ``n`` choices on pooled server sessions.
+
+With ``n == 1`` the prompt's new tokens are appended and decoded in one Generate call.
+With ``n > 1`` the prompt is prefilled once, the session is forked ``n - 1`` times
+(copy-on-write KV) and the choices decode concurrently. Events come out as they arrive:
+``PromptToken`` (scored prompt positions, when asked for), then ``ChoiceToken`` and one
+``ChoiceDone`` per choice. Closing the iterator early cancels every gRPC call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from salience_client import END, Done, GenerateOptions, SalienceClientError, TokenEvent
+from salience_server.http.sessions_pool import Lease, SessionPool
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode, in the server's terms (proto3 zeros mean "unset")."""
+
+    max_tokens: int
+    """0: prefill only."""
+    temperature: float = 1.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 0.0
+    seed: int | None = None
+    """Choice ``i`` uses ``seed + i`` so that n > 1 choices differ."""
+    stop_strings: tuple[str, ...] = ()
+    logprob_top_k: int = 0
+    """Most likely alternatives returned with each decoded token."""
+    score_prompt: bool = False
+    """Also return the logprob of every prompt position (the session is not reused)."""
+
+    def generate_options(self, index: int, decode_start: int) -> GenerateOptions:
+        """The keyword options of ``AsyncSession.generate`` for choice ``index``."""
+        options = GenerateOptions(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            stop_strings=list(self.stop_strings),
+            return_text=True,
+        )
+        if self.seed is not None:
+            options["seed"] = (self.seed + index) % 2**64
+        ranges = []
+        if self.score_prompt:
+            ranges.append((0, END))
+        elif self.logprob_top_k:
+            ranges.append((decode_start, END))
+        if ranges:
+            options["logprobs_ranges"] = ranges
+            options["logprob_top_k"] = self.logprob_top_k
+        return options
+
+
+@dataclass
+class PromptToken:
+    """A scored prompt position (only with ``score_prompt``)."""
+
+    token: TokenEvent
+
+
+@dataclass
+class ChoiceToken:
+    """A decoded token of choice ``index``; ``token.text`` is its text (may be empty)."""
+
+    index: int
+    token: TokenEvent
+
+
+@dataclass
+class ChoiceDone:
+    """Choice ``index`` finished."""
+
+    index: int
+    done: Done
+    token_ids: list[int] = field(default_factory=list)
+    """Every token the choice decoded (the stop token included)."""
+
+
+GenerationEvent = PromptToken | ChoiceToken | ChoiceDone
+
+
+class Generation:
+    """Decodes ``prompt_ids`` into ``n`` choices; iterate ``events()`` once."""
+
+    def __init__(
+        self, pool: SessionPool, prompt_ids: Sequence[int], options: DecodeOptions, n: int = 1
+    ) -> None:
+        self._pool = pool
+        self.prompt_ids = list(prompt_ids)
+        self.options = options
+        self.n = n
+        self.cached_tokens = 0
+        """Prompt tokens whose KV the server already held (set once the prompt is in)."""
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        """Every event of every choice, in arrival order."""
+        lease = await self._pool.acquire(self.prompt_ids, reuse=not self.options.score_prompt)
+        if self.n == 1:
+            async for event in self._first_call(lease, self.options.max_tokens):
+                yield event
+            return
+        async for event in self._first_call(lease, 0):
+            yield event
+        leases = [lease]
+        try:
+            for _ in range(self.n - 1):
+                leases.append(await self._pool.fork(lease, self.prompt_ids))
+        except BaseException:
+            for other in leases:
+                self._pool.release(other, self.prompt_ids)
+            raise
+        async for event in self._merge(leases):
+            yield event
+
+    async def _first_call(self, lease: Lease, max_tokens: int) -> AsyncIterator[GenerationEvent]:
+        """Puts the prompt in ``lease``'s session (and decodes when ``max_tokens`` > 0),
+        retrying once on a fresh session if the server lost the pooled one."""
+        retry = lease.shared > 0
+        while True:
+            is_started = False
+            try:
+                async for event in self._call(lease, 0, lease.shared, max_tokens):
+                    is_started = True
+                    if isinstance(event, ChoiceDone):
+                        self.cached_tokens = event.done.cached_tokens
+                        if max_tokens == 0:
+                            return  # the prefill of n > 1: its Done is not a choice's
+                    yield event
+                return
+            except SalienceClientError as error:
+                if not (retry and not is_started and error.code == grpc.StatusCode.NOT_FOUND):
+                    raise
+                self._pool.discard(lease)
+                lease, retry = await self._pool.acquire(self.prompt_ids, reuse=False), False
+
+    async def _call(
+        self, lease: Lease, index: int, truncate_to: int, max_tokens: int
+    ) -> AsyncIterator[GenerationEvent]:
+        """One Generate call on ``lease``: appends the prompt past ``truncate_to``, decodes;
+        gives the session back to the pool however the call ends."""
+        append = self.prompt_ids[truncate_to:]
+        base_ids = lease.known_ids[:truncate_to] + append
+        options = self.options.generate_options(index, len(self.prompt_ids))
+        options["max_tokens"] = max_tokens
+        decoded: list[int] = []
+        is_accepted = is_finished = False
+        events = lease.session.generate(append, truncate_to=truncate_to, **options)
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    is_accepted = True  # the server has applied the append
+                    if isinstance(event, Done):
+                        is_finished = True
+                        self._pool.release(lease, base_ids + decoded)
+                        yield ChoiceDone(index, event, decoded)
+                    elif event.is_prefill:
+                        yield PromptToken(event)
+                    else:
+                        decoded.append(event.token_id)
+                        yield ChoiceToken(index, event)
+        finally:
+            if not is_finished:
+                known = base_ids + decoded if is_accepted else lease.known_ids[:truncate_to]
+                self._pool.abandon(lease, known)
+
+    async def _merge(self, leases: list[Lease]) -> AsyncIterator[GenerationEvent]:
+        """Decodes one choice per lease concurrently and interleaves their events."""
+        queue: asyncio.Queue[GenerationEvent | BaseException | None] = asyncio.Queue()
+        start = len(self.prompt_ids)
+
+        async def run(index: int, lease: Lease) -> None:
+            try:
+                async for event in self._call(lease, index, start, self.options.max_tokens):
+                    queue.put_nowait(event)
+                queue.put_nowait(None)
+            except Exception as error:
+                queue.put_nowait(error)
+
+        tasks = [asyncio.create_task(run(i, lease)) for i, lease in enumerate(leases)]
+        try:
+            num_running = len(tasks)
+            while num_running:
+                item = await queue.get()
+                if item is None:
+                    num_running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()

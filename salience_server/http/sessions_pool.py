@@ -1,0 +1,218 @@
+"""``SessionPool``: server sessions kept between stateless requests and continued by prefix.
+
+A chat client resends the whole conversation every turn. The pool remembers, for each
+session it keeps, the tokens the server has committed to it (as far as the shim knows),
+and lends each request the idle session that shares the longest prefix with its prompt;
+the request then sends ``offset`` = that shared length with ``truncating``, so the server
+prefills only the new tokens. A lent session is never lent twice at once.
+
+What the pool knows about a session is always a prefix of the server's truth: after a
+call that ended early (cancelled, failed) the server may hold more tokens than the shim
+saw, which is harmless because every call truncates to a length the shim knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from salience_client import AsyncSalienceClient, AsyncSession, SalienceClientError
+
+log = logging.getLogger(__name__)
+
+FORK_MIN_DISCARD = 64
+"""Rewinding a session by at least this many tokens forks it instead, when there is room,
+so that another conversation's cached history survives a request sharing only its start."""
+SETTLE_WAIT_S = 5.0
+"""How long a session whose call was cancelled may stay busy on the server before the pool
+gives up on it and closes it."""
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    limit = min(len(a), len(b))
+    for index in range(limit):
+        if a[index] != b[index]:
+            return index
+    return limit
+
+
+@dataclass(eq=False)
+class PooledSession:
+    """One server session the pool keeps."""
+
+    session: AsyncSession
+    token_ids: list[int]
+    """A prefix of the server's tokens for this session: what the shim knows is committed."""
+    last_used: float
+    is_leased: bool = True
+
+
+@dataclass
+class Lease:
+    """A session lent to one request, and how much of the request's prompt it already holds."""
+
+    entry: PooledSession
+    shared: int
+    """Prompt tokens already in the session: the next call's ``offset`` (with truncating)."""
+
+    @property
+    def session(self) -> AsyncSession:
+        return self.entry.session
+
+    @property
+    def known_ids(self) -> list[int]:
+        """The tokens the session is known to hold before this request's call."""
+        return self.entry.token_ids
+
+
+class SessionPool:
+    """A bounded set of server sessions, lent out by longest shared prefix."""
+
+    def __init__(
+        self,
+        client: AsyncSalienceClient,
+        max_sessions: int,
+        fork_min_discard: int = FORK_MIN_DISCARD,
+    ) -> None:
+        self._client = client
+        self.max_sessions = max_sessions
+        self.fork_min_discard = fork_min_discard
+        self._entries: list[PooledSession] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._entries)
+
+    @property
+    def num_leased(self) -> int:
+        return sum(entry.is_leased for entry in self._entries)
+
+    async def acquire(self, prompt_ids: Sequence[int], reuse: bool = True) -> Lease:
+        """Lends the idle session sharing the longest prefix with ``prompt_ids``, a fork of
+        it, or a fresh session. ``reuse=False`` asks for a session holding nothing useful
+        (a call that must score the prompt from position 0)."""
+        best, shared = self._best_match(prompt_ids) if reuse else (None, 0)
+        if best is not None and shared > 0:
+            discard = len(best.token_ids) - shared
+            if discard >= self.fork_min_discard and self._has_room():
+                return await self._fork_idle(best, shared)
+            best.is_leased = True
+            return Lease(best, shared)
+        victim = None if self._has_room() else self._least_recent_idle()
+        if victim is None:
+            return await self._open()
+        victim.is_leased = True
+        return Lease(victim, 0)
+
+    async def fork(self, lease: Lease, token_ids: Sequence[int]) -> Lease:
+        """A child of a leased session that holds exactly ``token_ids``, leased too."""
+        child = await lease.session.fork()
+        entry = PooledSession(child, list(token_ids), time.monotonic())
+        self._entries.append(entry)
+        return Lease(entry, len(token_ids))
+
+    def release(self, lease: Lease, token_ids: Sequence[int]) -> None:
+        """Takes a session back after a call that finished: it now holds ``token_ids``."""
+        entry = lease.entry
+        entry.token_ids = list(token_ids)
+        entry.last_used = time.monotonic()
+        entry.is_leased = False
+        self._trim()
+
+    def abandon(self, lease: Lease, token_ids: Sequence[int]) -> None:
+        """Takes a session back after a call that ended early: it holds at least
+        ``token_ids``, and stays lent until the server says it is no longer busy."""
+        lease.entry.token_ids = list(token_ids)
+        self._spawn(self._settle(lease))
+
+    def discard(self, lease: Lease) -> None:
+        """Forgets a session (it failed, or the server lost it) and closes it."""
+        if lease.entry in self._entries:
+            self._entries.remove(lease.entry)
+        self._spawn(self._close(lease.session))
+
+    async def close(self) -> None:
+        """Closes every session (at shutdown); errors are ignored."""
+        entries, self._entries = self._entries, []
+        await asyncio.gather(*(self._close(e.session) for e in entries), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ----- internals -----------------------------------------------------------------
+
+    def _best_match(self, prompt_ids: Sequence[int]) -> tuple[PooledSession | None, int]:
+        best, best_key = None, (0, 0.0)
+        for entry in self._entries:
+            if entry.is_leased:
+                continue
+            key = (common_prefix_length(entry.token_ids, prompt_ids), entry.last_used)
+            if key > best_key:
+                best, best_key = entry, key
+        return best, best_key[0]
+
+    def _has_room(self) -> bool:
+        return len(self._entries) < self.max_sessions
+
+    def _least_recent_idle(self) -> PooledSession | None:
+        idle = [entry for entry in self._entries if not entry.is_leased]
+        return min(idle, key=lambda entry: entry.last_used, default=None)
+
+    async def _open(self) -> Lease:
+        session = await self._client.open_session()
+        entry = PooledSession(session, [], time.monotonic())
+        self._entries.append(entry)
+        return Lease(entry, 0)
+
+    async def _fork_idle(self, parent: PooledSession, shared: int) -> Lease:
+        parent.is_leased = True  # no other request may rewind it while it is being forked
+        try:
+            child = await parent.session.fork()
+        except SalienceClientError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            self._entries.remove(parent)  # expired on the server
+            return await self._open()
+        finally:
+            parent.is_leased = False
+        entry = PooledSession(child, list(parent.token_ids), time.monotonic())
+        self._entries.append(entry)
+        return Lease(entry, shared)
+
+    async def _settle(self, lease: Lease) -> None:
+        try:
+            info = await lease.session.sync(wait_s=SETTLE_WAIT_S)
+        except SalienceClientError:
+            self.discard(lease)
+            return
+        if info.is_busy:
+            log.warning("session %s is still busy; closing it", lease.session.session_id)
+            self.discard(lease)
+        else:
+            self.release(lease, lease.entry.token_ids)
+
+    def _trim(self) -> None:
+        while len(self._entries) > self.max_sessions:
+            victim = self._least_recent_idle()
+            if victim is None:
+                return
+            self._entries.remove(victim)
+            self._spawn(self._close(victim.session))
+
+    async def _close(self, session: AsyncSession) -> None:
+        with contextlib.suppress(SalienceClientError):
+            await session.close()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Runs cleanup in its own task, outside any cancelled request's scope."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
