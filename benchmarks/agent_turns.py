@@ -29,15 +29,28 @@ TEXT = (
 ) * 40
 
 
-def run_turn(
-    stub, session_id: str, append: list[int], offset: int, max_tokens: int
-) -> tuple[list[int], float]:
+def run_turn(stub, session_id: str, append: list[int], offset: int, max_tokens: int):
+    """(decoded ids, wall seconds)."""
+    decoded, elapsed, _ = timed_turn(stub, session_id, append, offset, max_tokens)
+    return decoded, elapsed
+
+
+def timed_turn(stub, session_id: str, append: list[int], offset: int, max_tokens: int):
+    """(decoded ids, wall seconds, the turn's seconds normalized to DECODE_TOKENS decoded)."""
     request = pb.GenerateRequest(
         session_id=session_id, append_tokens=append, offset=offset, max_tokens=max_tokens
     )
     start = time.perf_counter()
-    decoded = [e.token.id for e in stub.Generate(request) if e.HasField("token")]
-    return decoded, time.perf_counter() - start
+    decoded, done = [], None
+    for event in stub.Generate(request):
+        if event.HasField("token"):
+            decoded.append(event.token.id)
+        else:
+            done = event.done
+    elapsed = time.perf_counter() - start
+    per_token_ms = done.decode_ms / max(1, done.completion_tokens - 1)
+    normalized_ms = done.prefill_ms + per_token_ms * (DECODE_TOKENS - 1)
+    return decoded, elapsed, normalized_ms / 1e3
 
 
 def main() -> None:
@@ -65,9 +78,11 @@ def main() -> None:
             stub.CloseSession(pb.CloseSessionRequest(session_id=fresh))
             assert replay == decoded, "stateless replay diverged from the session"
         probe = turns[NUM_TURNS]
-        _, long_time = run_turn(stub, session_id, probe, len(history), DECODE_TOKENS)
+        # Times from Done's prefill/decode split, normalized to DECODE_TOKENS decoded
+        # tokens (the empty-session turn may meet EOS earlier).
+        _, _, long_time = timed_turn(stub, session_id, probe, len(history), DECODE_TOKENS)
         empty = stub.OpenSession(pb.OpenSessionRequest()).session_id
-        _, empty_time = run_turn(stub, empty, probe, 0, DECODE_TOKENS)
+        _, _, empty_time = timed_turn(stub, empty, probe, 0, DECODE_TOKENS)
     for index, (a, b) in enumerate(zip(session_times, stateless_times, strict=True)):
         print(
             f"turn {index + 1:2d}: session {a * 1e3:7.1f} ms, stateless {b * 1e3:7.1f} ms ({decoded_counts[index]} decoded)"
