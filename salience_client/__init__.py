@@ -11,6 +11,8 @@ from salience_client.session import END, GenerateOptions, Session
 from salience_client.types import (
     Done,
     ModelInfo,
+    ReadoutManifest,
+    ReadoutValues,
     SalienceClientError,
     SessionInfo,
     TokenEvent,
@@ -24,6 +26,8 @@ __all__ = [
     "Done",
     "GenerateOptions",
     "ModelInfo",
+    "ReadoutManifest",
+    "ReadoutValues",
     "SalienceClient",
     "SalienceClientError",
     "Session",

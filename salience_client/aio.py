@@ -80,6 +80,15 @@ class AsyncSession(SessionBase):
     ) -> AsyncGenerator[TokenEvent | Done, None]:
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
+        manifest = self._manifest
+        if request.readout_ranges and manifest is None:
+            try:
+                info = await self._stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=self._timeout
+                )
+            except grpc.RpcError as error:
+                raise SalienceClientError.from_rpc_error(error) from None
+            manifest = self._set_manifest(info)
         call = self._stub.Generate(request)
         is_done = is_failed = False
         try:
@@ -89,7 +98,7 @@ class AsyncSession(SessionBase):
                     self.length, is_done = done.total_tokens, True
                     yield done
                 else:
-                    yield TokenEvent.from_pb(event.token)
+                    yield TokenEvent.from_pb(event.token, manifest)
         except grpc.RpcError as error:
             is_failed = True
             raise SalienceClientError.from_rpc_error(error) from None

@@ -14,7 +14,13 @@ import grpc
 
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
+from salience_client.types import (
+    Done,
+    ReadoutManifest,
+    SalienceClientError,
+    SessionInfo,
+    TokenEvent,
+)
 
 END = 2**32 - 1
 """A range end meaning "through the end of this call"."""
@@ -138,6 +144,12 @@ class SessionBase:
         self.length = length
         """The committed length as this client last saw it; the next call's ``offset``."""
         self.is_closed = False
+        self._manifest: ReadoutManifest | None = None
+
+    def _set_manifest(self, info: pb.GetModelInfoResponse) -> ReadoutManifest:
+        manifest = info.readout_manifest
+        self._manifest = ReadoutManifest(list(manifest.layers), list(manifest.concepts))
+        return self._manifest
 
     def _offset(self, truncate_to: int | None) -> tuple[int, bool]:
         """(offset, truncating) for the next call."""
@@ -179,6 +191,10 @@ class Session(SessionBase):
     ) -> Generator[TokenEvent | Done, None, None]:
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
+        manifest = self._manifest
+        if request.readout_ranges and manifest is None:
+            info = call_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
+            manifest = self._set_manifest(info)
         call = self._stub.Generate(request)
         is_done = is_failed = False
         try:
@@ -188,7 +204,7 @@ class Session(SessionBase):
                     self.length, is_done = done.total_tokens, True
                     yield done
                 else:
-                    yield TokenEvent.from_pb(event.token)
+                    yield TokenEvent.from_pb(event.token, manifest)
         except grpc.RpcError as error:
             is_failed = True
             raise SalienceClientError.from_rpc_error(error) from None

@@ -28,6 +28,36 @@ def _enum_name(enum_type: object, value: int, prefix: str) -> str:
 
 
 @dataclass
+class ReadoutManifest:
+    """Which layers and concepts a readout covers (``GetModelInfo``)."""
+
+    layers: list[int]
+    concepts: list[str]
+
+
+@dataclass
+class ReadoutValues:
+    """One token's readout: ``values[i][j]`` is layer ``layers[i]``'s hidden state
+    projected onto concept ``concepts[j]``."""
+
+    layers: list[int]
+    concepts: list[str]
+    values: list[list[float]]
+    """[n_layers][n_concepts]."""
+
+    def __getitem__(self, key: tuple[int, str]) -> float:
+        """``readout[layer, concept]``."""
+        layer, concept = key
+        return self.values[self.layers.index(layer)][self.concepts.index(concept)]
+
+    def as_dict(self) -> dict[int, dict[str, float]]:
+        return {
+            layer: dict(zip(self.concepts, row, strict=True))
+            for layer, row in zip(self.layers, self.values, strict=True)
+        }
+
+
+@dataclass
 class TokenEvent:
     """One token of a Generate stream: a decoded token, or a scored prefill position."""
 
@@ -44,12 +74,21 @@ class TokenEvent:
     """(token_id, logprob) of the most likely tokens, most likely first."""
     text: str = ""
     """Text this decoded token completes (with return_text); never splits a character."""
-    readout: list[float] = field(default_factory=list)
-    """Flattened [n_layers][n_concepts] readout; empty outside readout ranges."""
+    readout: ReadoutValues | None = None
+    """This position's readout, inside readout ranges; None elsewhere."""
 
     @classmethod
-    def from_pb(cls, token: pb.Token) -> TokenEvent:
-        """Converts a ``salience.v1.Token``."""
+    def from_pb(cls, token: pb.Token, manifest: ReadoutManifest | None = None) -> TokenEvent:
+        """Converts a ``salience.v1.Token``; ``manifest`` shapes its readout."""
+        readout = None
+        if token.readout and manifest is not None:
+            width = len(manifest.concepts)
+            flat = list(token.readout)
+            readout = ReadoutValues(
+                manifest.layers,
+                manifest.concepts,
+                [flat[i : i + width] for i in range(0, len(flat), width)],
+            )
         return cls(
             position=token.position,
             token_id=token.id,
@@ -58,7 +97,7 @@ class TokenEvent:
             rank=token.rank,
             top_logprobs=[(t.token_id, t.logprob) for t in token.top_logprobs],
             text=token.text,
-            readout=list(token.readout),
+            readout=readout,
         )
 
 

@@ -55,12 +55,17 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
-def start_server(model: str | None, **engine_options: Any) -> RunningServer:
+def start_server(
+    model: str | None, readout_path: str | None = None, **engine_options: Any
+) -> RunningServer:
     """Starts a real gRPC server for ``model`` on port 0 in a background thread."""
     from salience_server.rpc.server import SalienceServer
 
     config = ServerConfig(
-        port=0, model=ModelConfig(model=model), engine=EngineConfig(**engine_options)
+        port=0,
+        model=ModelConfig(model=model),
+        engine=EngineConfig(**engine_options),
+        readout_path=readout_path,
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

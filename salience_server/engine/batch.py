@@ -31,6 +31,8 @@ class ForwardBatch:
     sequences: list[SequenceSpan] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
     """[K] batch rows whose logits are needed; nothing else reaches the LM head."""
+    readout_rows: list[int] = field(default_factory=list)
+    """[R] batch rows whose readout layers' hidden states are captured and projected."""
 
     def add_sequence(
         self, token_ids: list[int], start: int, block_table: list[int], block_size: int

@@ -25,6 +25,7 @@ from salience_server.engine.errors import Code, SalienceError, session_not_found
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token
+from salience_server.engine.readout import Readout
 from salience_server.engine.request import (
     EventSink,
     FinishReason,
@@ -61,17 +62,22 @@ class _Row:
 
     request: Request
     fed_position: int
+    readout_index: int | None
+    """Index into the step's readout rows, when this row's readout is wanted."""
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, readout: Readout | None = None
+    ) -> None:
         self.loaded = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
         self.max_context = min(config.max_context or loaded.max_context, loaded.max_context)
         self.eos_token_ids = set(loaded.eos_token_ids)
-        self.has_readout = False
+        self.readout = readout
+        self.has_readout = readout is not None
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
         block_bytes = self.kv_bytes_per_token * config.block_size
         num_blocks = max(1, self._kv_budget_bytes() // block_bytes)
@@ -83,6 +89,8 @@ class Engine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_context)
+        if readout is not None:
+            self.runner.enable_readout(readout)
         self.sessions: dict[str, Session] = {}
         self.evictor = Evictor(
             self.sessions, self.block_manager, config.host_kv_bytes, self.kv_bytes_per_token
@@ -307,9 +315,10 @@ class Engine:
             batch, rows = self._build_batch(output.chunks)
         if not output.chunks:
             return
-        logprobs = sampler.log_softmax(self.runner.execute(batch))  # [K, V]
+        forward = self.runner.execute(batch)
+        logprobs = sampler.log_softmax(forward.logits)  # [K, V]
         with self._lock:
-            self._commit(output.chunks, rows, logprobs)
+            self._commit(output.chunks, rows, logprobs, forward.readout)
 
     def _build_batch(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, list[_Row]]:
         batch, rows = ForwardBatch(), []
@@ -327,13 +336,23 @@ class Engine:
             )
             for position in range(chunk.start, end):
                 if request.needs_logits_at(position):
-                    batch.logits_rows.append(first_row + position - chunk.start)
-                    rows.append(_Row(request, position))
+                    row = first_row + position - chunk.start
+                    batch.logits_rows.append(row)
+                    readout_index = None
+                    if self.has_readout and request.wants_readout(position + 1):
+                        readout_index = len(batch.readout_rows)
+                        batch.readout_rows.append(row)
+                    rows.append(_Row(request, position, readout_index))
         return batch, rows
 
     def _commit(
-        self, chunks: list[ScheduledChunk], rows: list[_Row], logprobs: torch.Tensor
+        self,
+        chunks: list[ScheduledChunk],
+        rows: list[_Row],
+        logprobs: torch.Tensor,
+        readout: torch.Tensor | None,
     ) -> None:
+        """Records the new KV, emits prefill tokens, samples and commits decoded ones."""
         for chunk in chunks:
             end = chunk.start + chunk.num_tokens
             chunk.request.num_recomputed += chunk.request.session.mark_computed(chunk.start, end)
@@ -342,24 +361,39 @@ class Engine:
             if request.is_cancelled:
                 continue
             target = row.fed_position + 1
+            values: list[float] = []
+            if readout is not None and row.readout_index is not None:
+                values = readout[row.readout_index].flatten().tolist()  # [n_layers * n_concepts]
             if target < request.session.length:
-                self._emit_prefill_token(request, target, row_logprobs)
+                self._emit_prefill_token(request, target, row_logprobs, values)
             else:
-                self._emit_decoded_token(request, row_logprobs)
+                self._emit_decoded_token(request, row_logprobs, values)
         for chunk in chunks:
             if chunk.request.is_finished and not chunk.request.is_cancelled:
                 self.scheduler.finish(chunk.request)
                 self._finish(chunk.request)
 
-    def _emit_prefill_token(self, request: Request, position: int, logprobs: torch.Tensor) -> None:
+    def _emit_prefill_token(
+        self, request: Request, position: int, logprobs: torch.Tensor, readout: list[float]
+    ) -> None:
         token_id = request.session.token_ids[position]
         top_k = request.params.logprob_top_k if request.wants_top_logprobs(position) else 0
         scored = sampler.score(logprobs, token_id, top_k)
         request.sink(
-            TokenEvent(position, token_id, True, scored.logprob, scored.rank, scored.top_logprobs)
+            TokenEvent(
+                position,
+                token_id,
+                True,
+                scored.logprob,
+                scored.rank,
+                scored.top_logprobs,
+                readout=readout,
+            )
         )
 
-    def _emit_decoded_token(self, request: Request, logprobs: torch.Tensor) -> None:
+    def _emit_decoded_token(
+        self, request: Request, logprobs: torch.Tensor, readout: list[float]
+    ) -> None:
         session = request.session
         if request.prefill_done_time is None:
             request.prefill_done_time = time.monotonic()
@@ -384,7 +418,14 @@ class Engine:
             text = ""
         request.sink(
             TokenEvent(
-                position, token_id, False, scored.logprob, scored.rank, scored.top_logprobs, text
+                position,
+                token_id,
+                False,
+                scored.logprob,
+                scored.rank,
+                scored.top_logprobs,
+                text,
+                readout,
             )
         )
 

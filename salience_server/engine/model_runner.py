@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.evictor import SwapIn, SwapOut
+from salience_server.engine.readout import Readout
 
 
 def kv_shape(model_config: Any) -> tuple[int, int, int]:
@@ -23,6 +25,14 @@ def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
     """Bytes of keys and values one token needs across all layers."""
     num_layers, num_kv_heads, head_dim = kv_shape(model_config)
     return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor
+    """[K, V] logits at the batch's logits_rows."""
+    readout: torch.Tensor | None
+    """[R, n_layers, n_concepts] float32 at the batch's readout_rows, or None."""
 
 
 class ModelRunner:
@@ -49,12 +59,32 @@ class ModelRunner:
             torch.empty(workspace_shape, dtype=self.dtype, device=self.device),
             torch.empty(workspace_shape, dtype=self.dtype, device=self.device),
         )
+        self.readout: Readout | None = None
+        self._capture_rows: torch.Tensor | None = None
+        self._captured: list[torch.Tensor] = []
         # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
         self.host_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
+    def enable_readout(self, readout: Readout) -> None:
+        """Captures the readout layers' outputs at the rows a batch asks for."""
+        self.readout = readout
+        self._captured = [torch.empty(0)] * len(readout.layers)
+        layers = self.model.get_decoder().layers
+        for slot, layer_index in enumerate(readout.layers):
+            layers[layer_index].register_forward_hook(self._capture_hook(slot))
+
+    def _capture_hook(self, slot: int) -> Any:
+        def capture(module: Any, inputs: Any, output: Any) -> None:
+            if self._capture_rows is not None:
+                hidden = output[0] if isinstance(output, tuple) else output  # [1, T, H]
+                self._captured[slot] = hidden[0, self._capture_rows]
+
+        return capture
+
     @torch.inference_mode()
-    def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        """Runs one forward pass; returns [K, V] logits for ``batch.logits_rows``."""
+    def execute(self, batch: ForwardBatch) -> ForwardOutput:
+        """Runs one forward pass: logits at ``batch.logits_rows``, readout at
+        ``batch.readout_rows``."""
         device = self.device
         metadata = paged_attention.PagedAttentionMetadata(
             kv_caches=self.kv_caches,
@@ -78,14 +108,23 @@ class ModelRunner:
         input_ids = torch.tensor([batch.token_ids], dtype=torch.long, device=device)  # [1, T]
         positions = torch.tensor([batch.positions], dtype=torch.long, device=device)  # [1, T]
         logits_rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=device)  # [K]
-        output = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=logits_rows,
-            salience_batch=metadata,
-        )
-        return output.logits[0]  # [K, V]
+        if batch.readout_rows and self.readout is not None:
+            self._capture_rows = torch.tensor(batch.readout_rows, dtype=torch.long, device=device)
+        try:
+            output = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=logits_rows,
+                salience_batch=metadata,
+            )
+        finally:
+            self._capture_rows = None
+        readout = None
+        if batch.readout_rows and self.readout is not None:
+            readout = self.readout.project(torch.stack(self._captured))  # [R, L, C]
+            self._captured = [torch.empty(0)] * len(self.readout.layers)
+        return ForwardOutput(logits=output.logits[0], readout=readout)
 
     def move_kv(
         self, swap_outs: list[SwapOut], swap_ins: list[SwapIn], copies: list[tuple[int, int]]

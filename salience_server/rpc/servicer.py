@@ -156,6 +156,11 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             bos_token_id=tokenizer.bos_token_id,
             supports_images=False,
             supports_readout=engine.has_readout,
+            readout_manifest=(
+                pb.ReadoutManifest(concepts=engine.readout.concepts, layers=engine.readout.layers)
+                if engine.readout is not None
+                else None
+            ),
             dtype=str(loaded.dtype).removeprefix("torch."),
             device=str(loaded.device),
         )
