@@ -37,6 +37,10 @@ class EngineConfig:
     """Idle sessions older than this are closed; 0 disables expiry."""
     host_kv_bytes: int = 0
     """Bytes of host memory for offloaded KV; 0 disables offloading."""
+    max_image_bytes: int = 20 << 20
+    """Largest encoded image AppendImage accepts."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest width * height AppendImage accepts (checked before decoding)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

@@ -66,3 +66,66 @@ def build_tiny_model(directory: Path, architecture: str = "llama", seed: int = 0
 def reference_model(directory: Path) -> torch.nn.Module:
     """The same checkpoint loaded plainly by transformers: the oracle."""
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_vision_model(directory: Path, family: str = "qwen2_vl", seed: int = 0) -> Path:
+    """Saves a random tiny Qwen2-VL (or Qwen2.5-VL) with its tokenizer and a real image
+    processor configuration (small pixel limits keep the placeholder count low)."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:] + VISION_TOKENS})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    common = dict(
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    if family == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, initializer_range=0.1)
+        config = Qwen2VLConfig(vision_config=vision, **common)
+    else:
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            initializer_range=0.1,
+        )
+        config = Qwen2_5_VLConfig(vision_config=vision, **common)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(directory)
+    return directory
+
+
+def reference_vision_model(directory: Path) -> torch.nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -26,6 +27,12 @@ class ForwardBatch:
     """[T] token ids, sequence after sequence."""
     positions: list[int] = field(default_factory=list)
     """[T] rotary positions (from the session, not the batch index)."""
+    rope_positions: list[tuple[int, int, int]] = field(default_factory=list)
+    """[T] (t, h, w) positions for multi-dimensional rotary models (Qwen2-VL); empty
+    for the others."""
+    embeds: list[tuple[int, Any]] = field(default_factory=list)
+    """(first row, [n, hidden] tensor): precomputed input embeddings (image
+    placeholders) that replace the token embeddings of n rows."""
     slot_mapping: list[int] = field(default_factory=list)
     """[T] KV slot (block_id * block_size + offset) each new token writes."""
     sequences: list[SequenceSpan] = field(default_factory=list)
@@ -35,9 +42,16 @@ class ForwardBatch:
     """[R] batch rows whose readout layers' hidden states are captured and projected."""
 
     def add_sequence(
-        self, token_ids: list[int], start: int, block_table: list[int], block_size: int
+        self,
+        token_ids: list[int],
+        start: int,
+        block_table: list[int],
+        block_size: int,
+        rope_positions: list[tuple[int, int, int]] | None = None,
     ) -> None:
         """Appends ``token_ids`` fed at positions ``start ..`` of one session."""
+        if rope_positions is not None:
+            self.rope_positions.extend(rope_positions)
         self.sequences.append(
             SequenceSpan(len(self.token_ids), len(token_ids), start + len(token_ids), block_table)
         )

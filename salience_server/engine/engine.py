@@ -23,6 +23,7 @@ from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.errors import Code, SalienceError, session_not_found
 from salience_server.engine.evictor import Evictor
+from salience_server.engine.images import ImageStore
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token
 from salience_server.engine.readout import Readout
@@ -36,7 +37,8 @@ from salience_server.engine.request import (
 )
 from salience_server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from salience_server.engine.session import Residency, Session
-from salience_server.engine.validation import check_generate
+from salience_server.engine.validation import check_generate, offset_mismatch
+from salience_server.engine.vision import EncodedImage, ImageLimits, VisionEncoder, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,12 @@ class Engine:
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.readout = readout
         self.has_readout = readout is not None
+        self.uses_mrope = loaded.uses_mrope
+        self.image_token_id = loaded.special_token_id("image_token_id")
+        self.images = ImageStore()
+        self.vision = (
+            VisionEncoder(loaded.model, loaded.image_processor) if loaded.supports_images else None
+        )
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
         block_bytes = self.kv_bytes_per_token * config.block_size
         num_blocks = max(1, self._kv_budget_bytes() // block_bytes)
@@ -159,6 +167,7 @@ class Engine:
     def _free(self, session: Session) -> None:
         """Returns a closed session's blocks and host memory."""
         self.block_manager.free(session.block_table)
+        self.images.drop(session.images)
         if session.residency == Residency.OFFLOADED:
             self.evictor.forget(session)
             self.runner.discard_host_kv(session.session_id)
@@ -171,6 +180,7 @@ class Engine:
                 raise _busy(session_id)
             child = self.open_session(new_session_id, parent.max_context)
             child.token_ids = list(parent.token_ids)
+            child.images = [self.images.copy(child, span) for span in parent.images]
             if parent.residency == Residency.RESIDENT:
                 child.block_table = self.block_manager.share(parent.block_table)
                 child.num_computed = child.num_ever_computed = parent.num_computed
@@ -220,7 +230,9 @@ class Engine:
 
     # ----- requests ----------------------------------------------------------------
 
-    def submit(self, params: GenerateParams, sink: EventSink) -> Request:
+    def submit(
+        self, params: GenerateParams, sink: EventSink, image: EncodedImage | None = None
+    ) -> Request:
         """Checks and queues a Generate call; raises SalienceError for a bad one.
 
         ``sink`` receives TokenEvents, then a DoneEvent or a SalienceError, from the
@@ -238,7 +250,7 @@ class Engine:
                 raise SalienceError(
                     Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "too many requests wait; retry later"
                 )
-            request = self._accept(params, session, sink)
+            request = self._accept(params, session, sink, image)
             if request.is_finished:
                 self._finish(request)
             else:
@@ -258,11 +270,49 @@ class Engine:
                 "raise --kv-cache-memory",
             )
 
-    def _accept(self, params: GenerateParams, session: Session, sink: EventSink) -> Request:
+    def check_image_target(self, session_id: str, offset: int, truncating: bool) -> None:
+        """The cheap checks of an AppendImage call, made before the image is decoded."""
+        if self.vision is None:
+            raise _images_unsupported()
+        with self._lock:
+            session = self._session(session_id)
+            if session.is_busy:
+                raise _busy(session_id)
+            mismatch = offset_mismatch(session, offset, truncating)
+            if mismatch is not None:
+                raise mismatch
+
+    def encode_image(self, data: bytes, mime_type: str) -> EncodedImage:
+        """Decodes, checks and encodes an image (slow: call it off the event loop)."""
+        if self.vision is None:
+            raise _images_unsupported()
+        limits = ImageLimits(self.config.max_image_bytes, self.config.max_image_pixels)
+        return self.vision.encode(decode_image(data, mime_type, limits))
+
+    def submit_image(
+        self, session_id: str, offset: int, truncating: bool, image: EncodedImage, sink: EventSink
+    ) -> Request:
+        """Appends an encoded image as placeholder tokens (a prefill-only request);
+        ``sink`` gets a DoneEvent once their KV is written."""
+        if self.image_token_id is None:
+            raise _images_unsupported()
+        params = GenerateParams(
+            session_id=session_id,
+            append_tokens=[self.image_token_id] * image.embeds.shape[0],
+            offset=offset,
+            truncating=truncating,
+        )
+        return self.submit(params, sink, image)
+
+    def _accept(
+        self, params: GenerateParams, session: Session, sink: EventSink, image: EncodedImage | None
+    ) -> Request:
         """Commits the call's effect on the session and makes its Request."""
         if params.offset < session.length:
-            session.rewind(params.offset)
+            self.images.drop(session.rewind(params.offset))
             self.block_manager.truncate(session.block_table, params.offset)
+        if image is not None:
+            session.images.append(self.images.add(session, image))
         session.token_ids.extend(params.append_tokens)
         session.num_busy = 1
         session.touch()
@@ -333,7 +383,9 @@ class Engine:
                 chunk.start,
                 session.block_table,
                 self.config.block_size,
+                session.rope_positions(chunk.start, end) if self.uses_mrope else None,
             )
+            batch.embeds.extend(self.images.rows(session, chunk.start, end, first_row))
             for position in range(chunk.start, end):
                 if request.needs_logits_at(position):
                     row = first_row + position - chunk.start
@@ -455,6 +507,12 @@ class Engine:
                 self.scheduler.finish(request)
                 request.sink(SalienceError(Code.INTERNAL, "INTERNAL", "the engine step failed"))
                 self._release(request)
+
+
+def _images_unsupported() -> SalienceError:
+    return SalienceError(
+        Code.FAILED_PRECONDITION, "IMAGES_UNSUPPORTED", "the served model does not take images"
+    )
 
 
 def _busy(session_id: str) -> SalienceError:

@@ -39,6 +39,23 @@ class LoadedModel:
     dtype: torch.dtype
     max_context: int
     eos_token_ids: list[int]
+    image_processor: Any = None
+    """The image processor of a vision model (Qwen2-VL family); None for text models."""
+
+    @property
+    def supports_images(self) -> bool:
+        return self.image_processor is not None
+
+    @property
+    def uses_mrope(self) -> bool:
+        """Multi-dimensional rotary positions (t, h, w), as Qwen2-VL uses."""
+        rope = getattr(self.model.config.get_text_config(), "rope_parameters", None) or {}
+        return "mrope_section" in rope
+
+    def special_token_id(self, name: str) -> int | None:
+        """``image_token_id``, ``vision_start_token_id`` or ``vision_end_token_id``."""
+        value = getattr(self.model.config, name, None)
+        return int(value) if value is not None else None
 
 
 def cache_dir() -> Path:
@@ -130,7 +147,14 @@ def resolve_model_path(model: str | None) -> tuple[Path, str]:
 
 def load_model(config: ModelConfig) -> LoadedModel:
     """Loads the model and tokenizer named by ``config`` onto its device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+        GenerationConfig,
+    )
 
     path, model_id = resolve_model_path(config.model)
     device = resolve_device(config.device)
@@ -139,11 +163,27 @@ def load_model(config: ModelConfig) -> LoadedModel:
     log.info(
         "loading %s from %s (%s on %s)", model_id, path, str(dtype).removeprefix("torch."), device
     )
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=paged_attention.ATTENTION_NAME
-    )
+    is_vision = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+    model: Any
+    image_processor = None
+    if is_vision:
+        # Paged attention for the language model; the vision tower keeps SDPA.
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation={
+                "text_config": paged_attention.ATTENTION_NAME,
+                "vision_config": "sdpa",
+            },
+        )
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=paged_attention.ATTENTION_NAME
+        )
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    text_config = model.config.get_text_config()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -151,8 +191,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
         path=path,
         device=device,
         dtype=dtype,
-        max_context=int(getattr(model.config, "max_position_embeddings", 0) or 4096),
+        max_context=int(getattr(text_config, "max_position_embeddings", 0) or 4096),
         eos_token_ids=_eos_token_ids(path, tokenizer, GenerationConfig),
+        image_processor=image_processor,
     )
 
 

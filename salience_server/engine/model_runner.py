@@ -14,7 +14,8 @@ from salience_server.engine.readout import Readout
 
 
 def kv_shape(model_config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a transformers text config."""
+    """(num_layers, num_kv_heads, head_dim) of a transformers model's text config."""
+    model_config = model_config.get_text_config()
     num_heads = model_config.num_attention_heads
     num_kv_heads = getattr(model_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // num_heads
@@ -106,13 +107,23 @@ class ModelRunner:
             workspace=self.workspace,
         )
         input_ids = torch.tensor([batch.token_ids], dtype=torch.long, device=device)  # [1, T]
-        positions = torch.tensor([batch.positions], dtype=torch.long, device=device)  # [1, T]
+        if batch.rope_positions:  # [3, 1, T]: (t, h, w) rows
+            positions = torch.tensor(batch.rope_positions, dtype=torch.long, device=device)
+            positions = positions.T.unsqueeze(1)
+        else:
+            positions = torch.tensor([batch.positions], dtype=torch.long, device=device)  # [1, T]
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        if batch.embeds:
+            embeds = self.model.get_input_embeddings()(input_ids)  # [1, T, H]
+            for first_row, rows in batch.embeds:
+                embeds[0, first_row : first_row + rows.shape[0]] = rows.to(device, embeds.dtype)
+            inputs = {"inputs_embeds": embeds}
         logits_rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=device)  # [K]
         if batch.readout_rows and self.readout is not None:
             self._capture_rows = torch.tensor(batch.readout_rows, dtype=torch.long, device=device)
         try:
             output = self.model(
-                input_ids=input_ids,
+                **inputs,
                 position_ids=positions,
                 use_cache=False,
                 logits_to_keep=logits_rows,

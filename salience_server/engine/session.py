@@ -7,6 +7,41 @@ import time
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class ImageSpan:
+    """An image's placeholder tokens in a session, and where its rotary grid sits.
+
+    With multi-dimensional rotary positions (Qwen2-VL), the image's tokens take grid
+    positions (t, h, w) offset by ``rope_start``, and the text after it continues at
+    ``rope_start + rope_advance``, not at the next index.
+    """
+
+    start: int
+    """Session index of the first placeholder token."""
+    num_tokens: int
+    rope_start: int
+    grid: tuple[int, int, int]
+    """Merged (t, h, w) grid of placeholder tokens: t * h * w == num_tokens."""
+    image_key: str
+    """The key of the image's embeddings in the engine's image store."""
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def rope_advance(self) -> int:
+        return max(self.grid[1], self.grid[2])
+
+    def rope_position(self, index: int) -> tuple[int, int, int]:
+        """(t, h, w) rotary position of session index ``index`` inside the image."""
+        _, height, width = self.grid
+        offset = index - self.start
+        t, rest = divmod(offset, height * width)
+        h, w = divmod(rest, width)
+        return (self.rope_start + t, self.rope_start + h, self.rope_start + w)
+
+
 class Residency(enum.Enum):
     RESIDENT = "resident"
     OFFLOADED = "offloaded"
@@ -38,6 +73,8 @@ class Session:
     host_kv_bytes: int = 0
     """Bytes of this session's KV held in host memory while offloaded."""
     last_used: float = field(default_factory=time.monotonic)
+    images: list[ImageSpan] = field(default_factory=list)
+    """Image placeholder spans, in session order."""
 
     @property
     def length(self) -> int:
@@ -47,11 +84,40 @@ class Session:
     def is_busy(self) -> bool:
         return self.num_busy > 0
 
-    def rewind(self, offset: int) -> None:
-        """Forgets every token from ``offset`` on (the caller frees their blocks)."""
+    def rewind(self, offset: int) -> list[ImageSpan]:
+        """Forgets every token from ``offset`` on (the caller frees their blocks and
+        the returned images' embeddings). ``offset`` must not cut an image."""
+        dropped = [image for image in self.images if image.start >= offset]
+        self.images = [image for image in self.images if image.start < offset]
         del self.token_ids[offset:]
         self.num_computed = min(self.num_computed, offset)
         self.num_ever_computed = min(self.num_ever_computed, offset)
+        return dropped
+
+    def image_cut_by(self, offset: int) -> ImageSpan | None:
+        """The image that a rewind to ``offset`` would cut in two, if any."""
+        return next((i for i in self.images if i.start < offset < i.end), None)
+
+    def next_rope_position(self) -> int:
+        """The rotary position the next appended token takes."""
+        return self.rope_position(self.length) if self.length else 0
+
+    def rope_position(self, index: int) -> int:
+        """Rotary position of text at ``index`` (the index, shifted by the images before)."""
+        shift = sum(i.rope_advance - i.num_tokens for i in self.images if i.end <= index)
+        return index + shift
+
+    def rope_positions(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(t, h, w) rotary positions of indices start .. end - 1 (text: all three equal)."""
+        positions = []
+        for index in range(start, end):
+            image = next((i for i in self.images if i.start <= index < i.end), None)
+            if image is not None:
+                positions.append(image.rope_position(index))
+            else:
+                position = self.rope_position(index)
+                positions.append((position, position, position))
+        return positions
 
     def mark_computed(self, start: int, end: int) -> int:
         """Records that positions start .. end - 1 now have KV; returns how many of

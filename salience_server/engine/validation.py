@@ -65,6 +65,12 @@ def check_generate(
     mismatch = offset_mismatch(session, params.offset, params.truncating)
     if mismatch is not None:
         raise mismatch
+    cut = session.image_cut_by(params.offset)
+    if cut is not None:
+        raise invalid(
+            "TRUNCATES_IMAGE",
+            f"offset {params.offset} falls inside the image at positions {cut.start}..{cut.end - 1}",
+        )
     check_token_ids(params.append_tokens, vocab_size, "append_tokens")
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
     check_sampling(params.sampling)

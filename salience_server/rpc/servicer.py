@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -12,7 +12,7 @@ from salience_client.pb import salience_pb2_grpc
 from salience_server.engine import tokenization
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import Code, SalienceError
-from salience_server.engine.request import DoneEvent, Event, TokenEvent
+from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
 from salience_server.rpc import convert
 from salience_server.rpc.errors import abort
 
@@ -50,6 +50,19 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         """Appends, optionally decodes; streams Token events then one Done."""
         engine = await self._engine(context)
+        params = convert.generate_params(request)
+        async for event in self._events(context, lambda sink: engine.submit(params, sink)):
+            if isinstance(event, TokenEvent):
+                yield convert.token_event(event)
+            else:
+                yield convert.done_event(event)
+
+    async def _events(
+        self, context: grpc.aio.ServicerContext, submit: Callable[[EventSink], Request]
+    ) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """Submits a request and yields its events until Done; a SalienceError aborts
+        the call. If the client goes away first, the request is cancelled."""
+        engine = await self._engine(context)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -60,7 +73,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 pass  # the event loop is gone: the server is stopping
 
         try:
-            engine_request = engine.submit(convert.generate_params(request), sink)
+            engine_request = submit(sink)
         except SalienceError as error:
             await abort(context, error)
         is_done = False
@@ -70,11 +83,9 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 if isinstance(event, SalienceError):
                     is_done = True
                     await abort(context, event)
-                elif isinstance(event, TokenEvent):
-                    yield convert.token_event(event)
-                elif isinstance(event, DoneEvent):
-                    is_done = True
-                    yield convert.done_event(event)
+                else:
+                    is_done = isinstance(event, DoneEvent)
+                    yield event
         finally:
             if not is_done:  # cancelled by the client or its deadline
                 engine.cancel(engine_request)
@@ -84,18 +95,18 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     ) -> pb.AppendImageResponse:
         """Appends one image as placeholder tokens."""
         engine = await self._engine(context)
+        session_id, offset, truncating = request.session_id, request.offset, request.truncating
         try:
-            engine.get_session(request.session_id)
+            engine.check_image_target(session_id, offset, truncating)
+            image = await asyncio.to_thread(engine.encode_image, request.image, request.mime_type)
         except SalienceError as error:
             await abort(context, error)
-        await abort(
-            context,
-            SalienceError(
-                Code.FAILED_PRECONDITION,
-                "IMAGES_UNSUPPORTED",
-                "the served model does not take images",
-            ),
-        )
+        submit = lambda sink: engine.submit_image(session_id, offset, truncating, image, sink)  # noqa: E731
+        async for event in self._events(context, submit):
+            if isinstance(event, DoneEvent):
+                return pb.AppendImageResponse(
+                    placeholder_count=int(image.embeds.shape[0]), total_length=event.total_tokens
+                )
         return pb.AppendImageResponse()
 
     async def CloseSession(
@@ -154,7 +165,10 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             eos_token_ids=sorted(engine.eos_token_ids),
             chat_template=tokenizer.chat_template or "",
             bos_token_id=tokenizer.bos_token_id,
-            supports_images=False,
+            supports_images=loaded.supports_images,
+            image_pad_token_id=loaded.special_token_id("image_token_id"),
+            vision_start_token_id=loaded.special_token_id("vision_start_token_id"),
+            vision_end_token_id=loaded.special_token_id("vision_end_token_id"),
             supports_readout=engine.has_readout,
             readout_manifest=(
                 pb.ReadoutManifest(concepts=engine.readout.concepts, layers=engine.readout.layers)

@@ -1,0 +1,103 @@
+"""Images for vision models: decode and check the bytes, then run the vision encoder.
+
+Checks happen before decoding: the bytes' size, the format in the header against
+the mime type, and the pixel count from the header (a decompression bomb is refused
+before it is decoded). GIFs give their first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from salience_server.engine.errors import invalid
+
+MIME_FORMATS = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/webp": "WEBP",
+    "image/gif": "GIF",
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 << 20
+    max_pixels: int = 4096 * 4096
+
+
+@dataclass
+class EncodedImage:
+    embeds: torch.Tensor
+    """[num_tokens, hidden_size] merged vision embeddings, one per placeholder token."""
+    grid: tuple[int, int, int]
+    """Merged (t, h, w) grid of placeholder tokens."""
+
+
+def decode_image(data: bytes, mime_type: str, limits: ImageLimits) -> Image.Image:
+    """Decodes ``data`` into an RGB image; INVALID_ARGUMENT with a reason when it is bad."""
+    if not data:
+        raise invalid("EMPTY_IMAGE", "the image has no bytes")
+    if len(data) > limits.max_bytes:
+        raise invalid(
+            "IMAGE_TOO_LARGE", f"the image has {len(data)} bytes; the limit is {limits.max_bytes}"
+        )
+    expected = MIME_FORMATS.get(mime_type.lower().strip()) if mime_type else None
+    if mime_type and expected is None:
+        raise invalid(
+            "UNSUPPORTED_IMAGE_TYPE",
+            f"mime type {mime_type!r} is not one of {', '.join(sorted(MIME_FORMATS))}",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise invalid("IMAGE_TOO_LARGE", f"the image is too large to decode: {error}") from error
+    except Exception as error:
+        raise invalid("BAD_IMAGE", "the bytes are not an image Pillow can read") from error
+    if image.format not in set(MIME_FORMATS.values()):
+        raise invalid("UNSUPPORTED_IMAGE_TYPE", f"{image.format} images are not supported")
+    if expected is not None and image.format != expected:
+        raise invalid("MIME_MISMATCH", f"the bytes are {image.format}, not {mime_type}")
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise invalid(
+            "IMAGE_TOO_LARGE",
+            f"the image is {width}x{height}; the limit is {limits.max_pixels} pixels",
+        )
+    try:
+        image.seek(0)  # a GIF's first frame
+        image.load()
+        return image.convert("RGB")
+    except Exception as error:
+        raise invalid("BAD_IMAGE", f"the image could not be decoded: {error}") from error
+
+
+class VisionEncoder:
+    """Runs a Qwen2-VL-family image processor and vision tower."""
+
+    def __init__(self, model: Any, image_processor: Any) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self.merge_size = int(model.config.vision_config.spatial_merge_size)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @torch.inference_mode()
+    def encode(self, image: Image.Image) -> EncodedImage:
+        features = self.image_processor(images=[image], return_tensors="pt")
+        grid_thw = features["image_grid_thw"].to(self.device)  # [1, 3] in patches
+        pixels = features["pixel_values"].to(self.device, self.dtype)
+        output = self.model.model.get_image_features(pixels, grid_thw)
+        embeds = output.pooler_output[0]  # [num_tokens, hidden]
+        t, h, w = (int(v) for v in grid_thw[0].tolist())
+        grid = (t, h // self.merge_size, w // self.merge_size)
+        assert grid[0] * grid[1] * grid[2] == embeds.shape[0]
+        return EncodedImage(embeds=embeds, grid=grid)

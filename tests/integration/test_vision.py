@@ -1,0 +1,249 @@
+"""AppendImage on tiny Qwen2-VL and Qwen2.5-VL models against transformers (the oracle)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from salience_client.pb import salience_pb2 as pb
+from tests.helpers import U32_MAX, error_reason, generate, open_session
+from tests.tiny_models import build_tiny_vision_model, reference_vision_model
+
+TOLERANCE = 1e-4
+
+
+def make_image(seed: int, size=(90, 60)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def vision(request, tmp_path_factory):
+    from tests.conftest import start_server
+
+    model_dir = build_tiny_vision_model(tmp_path_factory.mktemp(request.param), request.param)
+    server = start_server(str(model_dir), block_size=4, kv_cache_bytes=4 << 20)
+    server.extra.update(model_dir=model_dir, reference=reference_vision_model(model_dir))
+    yield server
+    server.stop()
+
+
+def _info(server) -> pb.GetModelInfoResponse:
+    return server.stub.GetModelInfo(pb.GetModelInfoRequest())
+
+
+def reference_inputs(server, pieces: list) -> dict:
+    """transformers inputs for a sequence of token lists and PIL images."""
+    info = _info(server)
+    processor = server.engine.loaded.image_processor
+    ids, images = [], []
+    for piece in pieces:
+        if isinstance(piece, Image.Image):
+            features = processor(images=[piece], return_tensors="pt")
+            num_tokens = int(features["image_grid_thw"].prod()) // 4
+            ids += (
+                [info.vision_start_token_id]
+                + [info.image_pad_token_id] * num_tokens
+                + [info.vision_end_token_id]
+            )
+            images.append(features)
+        else:
+            ids += piece
+    input_ids = torch.tensor([ids])
+    inputs = {
+        "input_ids": input_ids,
+        "mm_token_type_ids": (input_ids == info.image_pad_token_id).int(),
+    }
+    if images:
+        inputs["pixel_values"] = torch.cat([f["pixel_values"] for f in images])
+        inputs["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in images])
+    return inputs
+
+
+def append_pieces(
+    server, session_id: str, pieces: list, logprobs_from: int = 0
+) -> tuple[int, list]:
+    """Appends text pieces (Generate) and images (AppendImage, wrapped in the vision
+    start/end tokens as a client writes them); returns (length, token events)."""
+    info = _info(server)
+    length, events = 0, []
+    for piece in pieces:
+        if isinstance(piece, Image.Image):
+            generate(
+                server.stub, session_id, append_tokens=[info.vision_start_token_id], offset=length
+            )
+            response = server.stub.AppendImage(
+                pb.AppendImageRequest(
+                    session_id=session_id,
+                    image=encode(piece),
+                    mime_type="image/png",
+                    offset=length + 1,
+                )
+            )
+            assert response.total_length == length + 1 + response.placeholder_count
+            length = response.total_length
+            piece = [info.vision_end_token_id]
+        tokens, done = generate(
+            server.stub,
+            session_id,
+            append_tokens=piece,
+            offset=length,
+            logprobs_ranges=[(max(length, logprobs_from), U32_MAX)],
+        )
+        events += tokens
+        length = done.total_tokens
+    return length, events
+
+
+def test_model_info_reports_images(vision) -> None:
+    info = _info(vision)
+    assert info.supports_images
+    assert info.image_pad_token_id and info.vision_start_token_id and info.vision_end_token_id
+
+
+def test_text_image_text_equals_one_forward_pass_then_greedy_equals_generate(vision) -> None:
+    image = make_image(1)
+    text_before, text_after = [10, 20, 30, 40, 50], [60, 70, 80, 90, 100, 110]
+    session_id = open_session(vision.stub)
+    length, events = append_pieces(
+        vision, session_id, [text_before, image, text_after], logprobs_from=1
+    )
+    inputs = reference_inputs(vision, [text_before, image, text_after])
+    assert length == inputs["input_ids"].shape[1]
+    model = vision.extra["reference"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(**inputs).logits[0].float(), -1)
+    ids = inputs["input_ids"][0]
+    after = [e for e in events if e.position > length - len(text_after) - 2]  # end token and text
+    assert len(after) == len(text_after) + 1
+    for event in after:
+        assert (
+            abs(event.sampled_logprob - logprobs[event.position - 1, ids[event.position]].item())
+            < TOLERANCE
+        )
+    tokens, _ = generate(vision.stub, session_id, offset=length, max_tokens=12)
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, length:].tolist()
+    assert [t.id for t in tokens] == want
+
+
+def test_two_images_and_rewinding_before_the_second(vision) -> None:
+    first, second, other = make_image(2), make_image(3, (70, 70)), make_image(4, (100, 50))
+    stub = vision.stub
+    rewound = open_session(stub)
+    length, _ = append_pieces(vision, rewound, [[5, 6, 7], first, [8, 9], second, [11, 12]])
+    cut = len(reference_inputs(vision, [[5, 6, 7], first, [8, 9]])["input_ids"][0])
+    # Truncating into the middle of an image is refused and changes nothing.
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(stub, rewound, append_tokens=[1], offset=cut + 3, truncating=True)
+    assert error_reason(caught.value) == "TRUNCATES_IMAGE"
+    generate(stub, rewound, append_tokens=[], offset=cut, truncating=True)
+    info = _info(vision)
+    generate(stub, rewound, append_tokens=[info.vision_start_token_id], offset=cut)
+    response = stub.AppendImage(
+        pb.AppendImageRequest(
+            session_id=rewound, image=encode(other), mime_type="image/png", offset=cut + 1
+        )
+    )
+    length = response.total_length
+    got, _ = generate(
+        stub,
+        rewound,
+        append_tokens=[info.vision_end_token_id, 13, 14],
+        offset=length,
+        max_tokens=8,
+        logprobs_ranges=[(length + 1, U32_MAX)],
+    )
+    fresh = open_session(stub)
+    fresh_length, _ = append_pieces(vision, fresh, [[5, 6, 7], first, [8, 9], other])
+    want, _ = generate(
+        stub,
+        fresh,
+        append_tokens=[13, 14],
+        offset=fresh_length,
+        max_tokens=8,
+        logprobs_ranges=[(fresh_length, U32_MAX)],
+    )
+    assert [t.id for t in got] == [t.id for t in want]
+    assert (
+        max(abs(a.sampled_logprob - b.sampled_logprob) for a, b in zip(got, want, strict=True))
+        < TOLERANCE
+    )
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a tiny body."""
+    data = bytearray(encode(make_image(0, (8, 8))))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+BAD_IMAGES = {
+    "empty": (b"", "image/png", "EMPTY_IMAGE"),
+    "truncated png": (encode(make_image(5))[:200], "image/png", "BAD_IMAGE"),
+    "mime mismatch": (encode(make_image(5), "JPEG"), "image/png", "MIME_MISMATCH"),
+    "unsupported type": (encode(make_image(5), "BMP"), "image/bmp", "UNSUPPORTED_IMAGE_TYPE"),
+    "20000x20000": (_png_claiming(20000, 20000), "image/png", "IMAGE_TOO_LARGE"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_images_are_refused_fast_and_change_nothing(name: str, vision) -> None:
+    data, mime, reason = BAD_IMAGES[name]
+    session_id = open_session(vision.stub)
+    generate(vision.stub, session_id, append_tokens=[1, 2, 3])
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        vision.stub.AppendImage(
+            pb.AppendImageRequest(session_id=session_id, image=data, mime_type=mime, offset=3)
+        )
+    assert time.monotonic() - start < 1.0
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == reason
+    assert vision.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.length == 3
+
+
+def test_image_survives_eviction_and_recompute(vision, server_factory) -> None:
+    tight = server_factory(
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=7 * 4 * 512, host_kv_bytes=0
+    )
+    roomy = server_factory(vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20)
+    image = make_image(6)
+    results = []
+    for server in (roomy, tight):
+        first = open_session(server.stub)
+        length, _ = append_pieces(server, first, [[1, 2], image, [3]])
+        other = open_session(server.stub)  # pushes the first session out of the tight pool
+        generate(server.stub, other, append_tokens=[9] * 20)
+        tokens, done = generate(
+            server.stub,
+            first,
+            append_tokens=[4, 5],
+            offset=length,
+            max_tokens=6,
+            logprobs_ranges=[(length, U32_MAX)],
+        )
+        results.append((tokens, done))
+    (want, _), (got, done) = results
+    assert done.recomputed_tokens > 0
+    assert [t.id for t in got] == [t.id for t in want]
+    assert (
+        max(abs(a.sampled_logprob - b.sampled_logprob) for a, b in zip(got, want, strict=True))
+        < TOLERANCE
+    )
