@@ -11,17 +11,16 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import torch
 
 from salience_server.config import EngineConfig
-from salience_server.engine import sampler
+from salience_server.engine import outputs, sampler
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.detokenizer import IncrementalDetokenizer
-from salience_server.engine.errors import Code, SalienceError, session_not_found
+from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.loader import LoadedModel
@@ -29,14 +28,14 @@ from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token
 from salience_server.engine.readout import Readout
 from salience_server.engine.request import (
     EventSink,
-    FinishReason,
     GenerateParams,
     Request,
     TokenEvent,
     in_ranges,
 )
 from salience_server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from salience_server.engine.session import Residency, Session
+from salience_server.engine.session import Session
+from salience_server.engine.session_table import SessionInfo, SessionTable
 from salience_server.engine.validation import check_generate, offset_mismatch
 from salience_server.engine.vision import EncodedImage, ImageLimits, VisionEncoder, decode_image
 
@@ -44,18 +43,6 @@ log = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 _CUDA_KV_FRACTION = 0.6  # of the memory free after loading the model
-
-
-@dataclass
-class SessionInfo:
-    session_id: str
-    length: int
-    max_context: int
-    residency: Residency
-    num_blocks: int
-    kv_bytes: int
-    idle_seconds: float
-    is_busy: bool
 
 
 @dataclass
@@ -103,6 +90,14 @@ class Engine:
         self.evictor = Evictor(
             self.sessions, self.block_manager, config.host_kv_bytes, self.kv_bytes_per_token
         )
+        self.session_table = SessionTable(
+            self.block_manager,
+            self.evictor,
+            self.images,
+            self.runner,
+            self.max_context,
+            block_bytes,
+        )
         self.scheduler = Scheduler(config, self.block_manager, self.evictor)
         self._request_ids = itertools.count()
         self._lock = threading.Condition()
@@ -139,94 +134,33 @@ class Engine:
 
     def open_session(self, session_id: str = "", max_context: int = 0) -> Session:
         with self._lock:
-            session_id = session_id or uuid.uuid4().hex
-            if session_id in self.sessions:
-                raise SalienceError(
-                    Code.INVALID_ARGUMENT,
-                    "SESSION_EXISTS",
-                    f"session {session_id!r} already exists",
-                )
-            limit = min(max_context, self.max_context) if max_context else self.max_context
-            session = Session(session_id, limit)
-            self.sessions[session_id] = session
-            return session
+            return self.session_table.open(session_id, max_context)
 
     def close_session(self, session_id: str) -> None:
         """Frees the session; a call running on it is cancelled first."""
         with self._lock:
-            session = self._session(session_id)
-            del self.sessions[session_id]
-            session.is_closed = True
+            session = self.session_table.get(session_id)
             for request in self.scheduler.running + [r for _, r in self.scheduler.waiting]:
                 if request.session is session:
                     request.is_cancelled = True
-            if not session.is_busy:
-                self._free(session)
+            self.session_table.remove(session)
             self._lock.notify_all()
-
-    def _free(self, session: Session) -> None:
-        """Returns a closed session's blocks and host memory."""
-        self.block_manager.free(session.block_table)
-        self.images.drop(session.images)
-        if session.residency == Residency.OFFLOADED:
-            self.evictor.forget(session)
-            self.runner.discard_host_kv(session.session_id)
 
     def fork_session(self, session_id: str, new_session_id: str = "") -> Session:
         """A child sharing the parent's committed tokens and KV blocks (copy-on-write)."""
         with self._lock:
-            parent = self._session(session_id)
+            parent = self.session_table.get(session_id)
             if parent.is_busy:
                 raise _busy(session_id)
-            child = self.open_session(new_session_id, parent.max_context)
-            child.token_ids = list(parent.token_ids)
-            child.images = [self.images.copy(child, span) for span in parent.images]
-            if parent.residency == Residency.RESIDENT:
-                child.block_table = self.block_manager.share(parent.block_table)
-                child.num_computed = child.num_ever_computed = parent.num_computed
-            else:  # the child computes its KV on first use
-                child.residency = Residency.DROPPED
-            parent.touch()
-            return child
+            return self.session_table.fork(parent, new_session_id)
 
     def get_session(self, session_id: str) -> SessionInfo:
         with self._lock:
-            return self._info(self._session(session_id))
+            return self.session_table.info(self.session_table.get(session_id))
 
     def list_sessions(self) -> list[SessionInfo]:
         with self._lock:
-            return [self._info(s) for s in self.sessions.values()]
-
-    def _info(self, session: Session) -> SessionInfo:
-        num_blocks = len(session.block_table)
-        kv_bytes = num_blocks * self.config.block_size * self.kv_bytes_per_token
-        return SessionInfo(
-            session_id=session.session_id,
-            length=session.length,
-            max_context=session.max_context,
-            residency=session.residency,
-            num_blocks=num_blocks,
-            kv_bytes=session.host_kv_bytes or kv_bytes,
-            idle_seconds=session.idle_seconds(),
-            is_busy=session.is_busy,
-        )
-
-    def _session(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise session_not_found(session_id)
-        return session
-
-    def _expire_sessions(self) -> None:
-        ttl = self.config.session_ttl_s
-        if ttl <= 0:
-            return
-        for session in list(self.sessions.values()):
-            if not session.is_busy and session.idle_seconds() > ttl:
-                log.info("session %s expired after %.0f s idle", session.session_id, ttl)
-                del self.sessions[session.session_id]
-                session.is_closed = True
-                self._free(session)
+            return [self.session_table.info(s) for s in self.sessions.values()]
 
     # ----- requests ----------------------------------------------------------------
 
@@ -241,7 +175,7 @@ class Engine:
         with self._lock:
             if self._is_stopping:
                 raise SalienceError(Code.UNAVAILABLE, "SHUTTING_DOWN", "the server is stopping")
-            session = self._session(params.session_id)
+            session = self.session_table.get(params.session_id)
             if session.is_busy:
                 raise _busy(params.session_id)
             check_generate(params, session, self.vocab_size, self.has_readout)
@@ -275,7 +209,7 @@ class Engine:
         if self.vision is None:
             raise _images_unsupported()
         with self._lock:
-            session = self._session(session_id)
+            session = self.session_table.get(session_id)
             if session.is_busy:
                 raise _busy(session_id)
             mismatch = offset_mismatch(session, offset, truncating)
@@ -346,7 +280,7 @@ class Engine:
         while True:
             with self._lock:
                 while not self._is_stopping and not self.scheduler.has_work():
-                    self._expire_sessions()
+                    self.session_table.expire(self.config.session_ttl_s)
                     self._lock.wait(timeout=1.0)
                 if self._is_stopping:
                     return
@@ -417,69 +351,13 @@ class Engine:
             if readout is not None and row.readout_index is not None:
                 values = readout[row.readout_index].flatten().tolist()  # [n_layers * n_concepts]
             if target < request.session.length:
-                self._emit_prefill_token(request, target, row_logprobs, values)
+                request.sink(outputs.prefill_token(request, target, row_logprobs, values))
             else:
-                self._emit_decoded_token(request, row_logprobs, values)
+                request.sink(outputs.decode_token(request, row_logprobs, values))
         for chunk in chunks:
             if chunk.request.is_finished and not chunk.request.is_cancelled:
                 self.scheduler.finish(chunk.request)
                 self._finish(chunk.request)
-
-    def _emit_prefill_token(
-        self, request: Request, position: int, logprobs: torch.Tensor, readout: list[float]
-    ) -> None:
-        token_id = request.session.token_ids[position]
-        top_k = request.params.logprob_top_k if request.wants_top_logprobs(position) else 0
-        scored = sampler.score(logprobs, token_id, top_k)
-        request.sink(
-            TokenEvent(
-                position,
-                token_id,
-                True,
-                scored.logprob,
-                scored.rank,
-                scored.top_logprobs,
-                readout=readout,
-            )
-        )
-
-    def _emit_decoded_token(
-        self, request: Request, logprobs: torch.Tensor, readout: list[float]
-    ) -> None:
-        session = request.session
-        if request.prefill_done_time is None:
-            request.prefill_done_time = time.monotonic()
-        position = session.length
-        token_id = sampler.sample(
-            logprobs, request.params.sampling, request.generator, session.token_ids
-        )
-        session.token_ids.append(token_id)
-        request.num_decoded += 1
-        top_k = request.params.logprob_top_k if request.wants_top_logprobs(position) else 0
-        scored = sampler.score(logprobs, token_id, top_k)
-        if token_id in request.stop_token_ids:
-            request.finish_reason = FinishReason.STOP
-        text = ""
-        if request.detokenizer is not None:
-            text, matched = request.stop_matcher.push(request.detokenizer.push(token_id))
-            if matched:
-                request.finish_reason = FinishReason.STOP_STRING
-            elif not request.wants_decode:
-                text += request.stop_matcher.flush()
-        if not request.params.return_text:
-            text = ""
-        request.sink(
-            TokenEvent(
-                position,
-                token_id,
-                False,
-                scored.logprob,
-                scored.rank,
-                scored.top_logprobs,
-                text,
-                readout,
-            )
-        )
 
     def _finish(self, request: Request) -> None:
         request.sink(request.done_event())
@@ -491,7 +369,7 @@ class Engine:
         session.num_busy = 0
         session.touch()
         if session.is_closed:
-            self._free(session)
+            self.session_table.free(session)
 
     def _retire(self, output: SchedulerOutput) -> None:
         for request in output.cancelled:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from salience_client.pb import salience_pb2 as pb
-from salience_server.engine.engine import SessionInfo
 from salience_server.engine.request import (
     DoneEvent,
     FinishReason,
@@ -12,6 +11,7 @@ from salience_server.engine.request import (
     TokenEvent,
 )
 from salience_server.engine.session import Residency
+from salience_server.engine.session_table import SessionInfo
 
 _FINISH_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,

@@ -1,0 +1,117 @@
+"""The live sessions: creation, forks, closing and expiry, and what they hold.
+
+Not thread-safe by itself: the engine calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.errors import Code, SalienceError, session_not_found
+from salience_server.engine.evictor import Evictor
+from salience_server.engine.images import ImageStore
+from salience_server.engine.model_runner import ModelRunner
+from salience_server.engine.session import Residency, Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionInfo:
+    session_id: str
+    length: int
+    max_context: int
+    residency: Residency
+    num_blocks: int
+    kv_bytes: int
+    idle_seconds: float
+    is_busy: bool
+
+
+class SessionTable:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        evictor: Evictor,
+        images: ImageStore,
+        runner: ModelRunner,
+        max_context: int,
+        block_bytes: int,
+    ) -> None:
+        self.sessions: dict[str, Session] = evictor.sessions
+        self.block_manager = block_manager
+        self.evictor = evictor
+        self.images = images
+        self.runner = runner
+        self.max_context = max_context
+        self.block_bytes = block_bytes
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise session_not_found(session_id)
+        return session
+
+    def open(self, session_id: str = "", max_context: int = 0) -> Session:
+        session_id = session_id or uuid.uuid4().hex
+        if session_id in self.sessions:
+            raise SalienceError(
+                Code.INVALID_ARGUMENT, "SESSION_EXISTS", f"session {session_id!r} already exists"
+            )
+        limit = min(max_context, self.max_context) if max_context else self.max_context
+        session = Session(session_id, limit)
+        self.sessions[session_id] = session
+        return session
+
+    def fork(self, parent: Session, new_session_id: str = "") -> Session:
+        """A child sharing the parent's committed tokens and KV blocks (copy-on-write)."""
+        child = self.open(new_session_id, parent.max_context)
+        child.token_ids = list(parent.token_ids)
+        child.images = [self.images.copy(child, span) for span in parent.images]
+        if parent.residency == Residency.RESIDENT:
+            child.block_table = self.block_manager.share(parent.block_table)
+            child.num_computed = child.num_ever_computed = parent.num_computed
+        else:  # the child computes its KV on first use
+            child.residency = Residency.DROPPED
+        parent.touch()
+        return child
+
+    def remove(self, session: Session) -> None:
+        """Forgets a session; its memory is freed now, or when its call ends if busy."""
+        del self.sessions[session.session_id]
+        session.is_closed = True
+        if not session.is_busy:
+            self.free(session)
+
+    def free(self, session: Session) -> None:
+        """Returns a closed session's blocks, image embeddings and host memory."""
+        self.block_manager.free(session.block_table)
+        self.images.drop(session.images)
+        if session.residency == Residency.OFFLOADED:
+            self.evictor.forget(session)
+            self.runner.discard_host_kv(session.session_id)
+
+    def expire(self, ttl_s: float) -> None:
+        """Closes sessions idle for longer than ``ttl_s`` (0: never)."""
+        if ttl_s <= 0:
+            return
+        for session in list(self.sessions.values()):
+            if not session.is_busy and session.idle_seconds() > ttl_s:
+                log.info("session %s expired after %.0f s idle", session.session_id, ttl_s)
+                self.remove(session)
+
+    def info(self, session: Session) -> SessionInfo:
+        num_blocks = len(session.block_table)
+        return SessionInfo(
+            session_id=session.session_id,
+            length=session.length,
+            max_context=session.max_context,
+            residency=session.residency,
+            num_blocks=num_blocks,
+            kv_bytes=session.host_kv_bytes or num_blocks * self.block_bytes,
+            idle_seconds=session.idle_seconds(),
+            is_busy=session.is_busy,
+        )
