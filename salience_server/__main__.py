@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--session-ttl", type=float, default=1800.0, help="seconds; 0 disables")
+    parser.add_argument("--max-image-bytes", type=parse_bytes, default=20 << 20)
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     parser.add_argument("--readout", help="readout safetensors file (SPEC 2.3)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                 block_size=args.block_size,
                 kv_cache_bytes=args.kv_cache_memory,
                 host_kv_bytes=args.host_kv_memory,
+                max_image_bytes=args.max_image_bytes,
+                max_image_pixels=args.max_image_pixels,
                 max_batch_tokens=args.max_batch_tokens,
                 max_running=args.max_running,
                 max_queue=args.max_queue,
@@ -71,8 +75,6 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
-    if config.http_port or config.readout_path:
-        sys.exit("salience-server: --http-port and --readout are not part of this build yet")
     from salience_server.rpc.server import serve
 
     try:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 _CUDA_KV_FRACTION = 0.6  # of the memory free after loading the model
+_EXPIRY_PERIOD_S = 0.25
 
 
 @dataclass
@@ -141,8 +142,15 @@ class Engine:
         with self._lock:
             session = self.session_table.get(session_id)
             for request in self.scheduler.running + [r for _, r in self.scheduler.waiting]:
-                if request.session is session:
+                if request.session is session and not request.is_cancelled:
                     request.is_cancelled = True
+                    request.sink(
+                        SalienceError(
+                            Code.CANCELLED,
+                            "SESSION_CLOSED",
+                            "the session was closed during the call",
+                        )
+                    )
             self.session_table.remove(session)
             self._lock.notify_all()
 
@@ -277,11 +285,16 @@ class Engine:
     # ----- the loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        next_expiry = 0.0
         while True:
             with self._lock:
-                while not self._is_stopping and not self.scheduler.has_work():
-                    self.session_table.expire(self.config.session_ttl_s)
-                    self._lock.wait(timeout=1.0)
+                while True:
+                    if time.monotonic() >= next_expiry:  # also while busy
+                        self.session_table.expire(self.config.session_ttl_s)
+                        next_expiry = time.monotonic() + _EXPIRY_PERIOD_S
+                    if self._is_stopping or self.scheduler.has_work():
+                        break
+                    self._lock.wait(timeout=_EXPIRY_PERIOD_S)
                 if self._is_stopping:
                     return
             try:

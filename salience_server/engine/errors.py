@@ -8,6 +8,7 @@ import enum
 class Code(enum.Enum):
     """The status a failure maps to (names follow grpc.StatusCode)."""
 
+    CANCELLED = "CANCELLED"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
     ABORTED = "ABORTED"

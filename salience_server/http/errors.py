@@ -46,6 +46,7 @@ class ApiError(Exception):
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
     def response(self) -> JSONResponse:
+        """The HTTP response carrying this error."""
         return JSONResponse({"error": self.error()}, status_code=self.status, headers=self.headers)
 
 
@@ -60,6 +61,7 @@ def unsupported(what: str, param: str | None = None) -> ApiError:
 
 
 def model_not_found(model: str) -> ApiError:
+    """404 for a ``model`` this server does not serve."""
     return ApiError(
         404, f"The model {model!r} does not exist", param="model", code="model_not_found"
     )
@@ -123,15 +125,18 @@ def as_api_error(error: BaseException) -> ApiError:
 
 
 async def handle_api_error(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI handler: an ApiError as its response."""
     assert isinstance(error, ApiError)
     return error.response()
 
 
 async def handle_http_exception(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI handler: Starlette's 404/405 in OpenAI's shape."""
     assert isinstance(error, HTTPException)
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
     return ApiError(error.status_code, str(error.detail), kind).response()
 
 
 async def handle_unexpected(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI handler: anything else is a 500 in OpenAI's shape."""
     return as_api_error(error).response()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -39,8 +39,11 @@ class DecodeOptions:
     score_prompt: bool = False
     """Also return the logprob of every prompt position (the session is not reused)."""
 
-    def generate_options(self, index: int, decode_start: int) -> GenerateOptions:
-        """The keyword options of ``AsyncSession.generate`` for choice ``index``."""
+    def generate_options(
+        self, index: int, decode_start: int, is_prompt_call: bool
+    ) -> GenerateOptions:
+        """The keyword options of ``AsyncSession.generate`` for choice ``index``;
+        ``is_prompt_call``: this call appends the prompt (and may score it)."""
         options = GenerateOptions(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
@@ -54,7 +57,7 @@ class DecodeOptions:
         if self.seed is not None:
             options["seed"] = (self.seed + index) % 2**64
         ranges = []
-        if self.score_prompt:
+        if self.score_prompt and is_prompt_call:
             ranges.append((0, END))
         elif self.logprob_top_k:
             ranges.append((decode_start, END))
@@ -105,15 +108,18 @@ class Generation:
         self.cached_tokens = 0
         """Prompt tokens whose KV the server already held (set once the prompt is in)."""
 
-    async def events(self) -> AsyncIterator[GenerationEvent]:
+    async def events(self) -> AsyncGenerator[GenerationEvent, None]:
         """Every event of every choice, in arrival order."""
         lease = await self._pool.acquire(self.prompt_ids, reuse=not self.options.score_prompt)
+        max_tokens = self.options.max_tokens if self.n == 1 else 0
+        async with contextlib.aclosing(self._first_call(lease, max_tokens)) as first:
+            async for event in first:
+                if isinstance(event, Lease):
+                    lease = event  # the prompt is in; the session stays lent to this request
+                else:
+                    yield event
         if self.n == 1:
-            async for event in self._first_call(lease, self.options.max_tokens):
-                yield event
             return
-        async for event in self._first_call(lease, 0):
-            yield event
         leases = [lease]
         try:
             for _ in range(self.n - 1):
@@ -122,23 +128,32 @@ class Generation:
             for other in leases:
                 self._pool.release(other, self.prompt_ids)
             raise
-        async for event in self._merge(leases):
-            yield event
+        async with contextlib.aclosing(self._merge(leases)) as merged:
+            async for event in merged:
+                yield event
 
-    async def _first_call(self, lease: Lease, max_tokens: int) -> AsyncIterator[GenerationEvent]:
-        """Puts the prompt in ``lease``'s session (and decodes when ``max_tokens`` > 0),
-        retrying once on a fresh session if the server lost the pooled one."""
+    async def _first_call(
+        self, lease: Lease, max_tokens: int
+    ) -> AsyncGenerator[GenerationEvent | Lease, None]:
+        """Puts the prompt in ``lease``'s session and decodes choice 0, retrying once on a
+        fresh session if the server lost the pooled one. With ``max_tokens`` 0 (the
+        prefill of n > 1 choices) it ends by yielding the lease, still lent, instead of a
+        ChoiceDone."""
         retry = lease.shared > 0
+        is_prefill = self.n > 1
         while True:
             is_started = False
             try:
-                async for event in self._call(lease, 0, lease.shared, max_tokens):
-                    is_started = True
-                    if isinstance(event, ChoiceDone):
-                        self.cached_tokens = event.done.cached_tokens
-                        if max_tokens == 0:
-                            return  # the prefill of n > 1: its Done is not a choice's
-                    yield event
+                calls = self._call(lease, 0, lease.shared, max_tokens, True, is_prefill)
+                async with contextlib.aclosing(calls):
+                    async for event in calls:
+                        is_started = True
+                        if isinstance(event, ChoiceDone):
+                            self.cached_tokens = event.done.cached_tokens
+                            if is_prefill:
+                                yield lease
+                                return
+                        yield event
                 return
             except SalienceClientError as error:
                 if not (retry and not is_started and error.code == grpc.StatusCode.NOT_FOUND):
@@ -147,13 +162,20 @@ class Generation:
                 lease, retry = await self._pool.acquire(self.prompt_ids, reuse=False), False
 
     async def _call(
-        self, lease: Lease, index: int, truncate_to: int, max_tokens: int
-    ) -> AsyncIterator[GenerationEvent]:
+        self,
+        lease: Lease,
+        index: int,
+        truncate_to: int,
+        max_tokens: int,
+        is_prompt_call: bool,
+        keep_lease: bool = False,
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """One Generate call on ``lease``: appends the prompt past ``truncate_to``, decodes;
-        gives the session back to the pool however the call ends."""
+        gives the session back to the pool however the call ends (unless ``keep_lease``
+        and it finished)."""
         append = self.prompt_ids[truncate_to:]
         base_ids = lease.known_ids[:truncate_to] + append
-        options = self.options.generate_options(index, len(self.prompt_ids))
+        options = self.options.generate_options(index, len(self.prompt_ids), is_prompt_call)
         options["max_tokens"] = max_tokens
         decoded: list[int] = []
         is_accepted = is_finished = False
@@ -164,7 +186,10 @@ class Generation:
                     is_accepted = True  # the server has applied the append
                     if isinstance(event, Done):
                         is_finished = True
-                        self._pool.release(lease, base_ids + decoded)
+                        if keep_lease:
+                            lease.entry.token_ids = base_ids + decoded
+                        else:
+                            self._pool.release(lease, base_ids + decoded)
                         yield ChoiceDone(index, event, decoded)
                     elif event.is_prefill:
                         yield PromptToken(event)
@@ -176,15 +201,17 @@ class Generation:
                 known = base_ids + decoded if is_accepted else lease.known_ids[:truncate_to]
                 self._pool.abandon(lease, known)
 
-    async def _merge(self, leases: list[Lease]) -> AsyncIterator[GenerationEvent]:
+    async def _merge(self, leases: list[Lease]) -> AsyncGenerator[GenerationEvent, None]:
         """Decodes one choice per lease concurrently and interleaves their events."""
         queue: asyncio.Queue[GenerationEvent | BaseException | None] = asyncio.Queue()
         start = len(self.prompt_ids)
 
         async def run(index: int, lease: Lease) -> None:
+            calls = self._call(lease, index, start, self.options.max_tokens, False)
             try:
-                async for event in self._call(lease, index, start, self.options.max_tokens):
-                    queue.put_nowait(event)
+                async with contextlib.aclosing(calls):
+                    async for event in calls:
+                        queue.put_nowait(event)
                 queue.put_nowait(None)
             except Exception as error:
                 queue.put_nowait(error)
@@ -203,3 +230,53 @@ class Generation:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+def finish_reason(done: Done) -> str:
+    """OpenAI's ``finish_reason`` for the server's: a stop token or string is ``stop``;
+    max_tokens, the context limit or a prefill-only call is ``length``."""
+    return "stop" if done.finish_reason in ("stop", "stop_string") else "length"
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one choice decoded."""
+
+    index: int
+    tokens: list[TokenEvent] = field(default_factory=list)
+    done: Done | None = None
+
+    @property
+    def text(self) -> str:
+        """The decoded text (stop strings and special tokens excluded by the server)."""
+        return "".join(token.text for token in self.tokens)
+
+
+@dataclass
+class GenerationResult:
+    """A whole generation, collected."""
+
+    prompt_tokens: list[TokenEvent]
+    """Scored prompt positions (only with ``score_prompt``)."""
+    choices: list[ChoiceResult]
+    cached_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens decoded over all choices."""
+        return sum(c.done.completion_tokens for c in self.choices if c.done is not None)
+
+
+async def collect(generation: Generation) -> GenerationResult:
+    """Runs ``generation`` to the end."""
+    prompt_tokens: list[TokenEvent] = []
+    choices = [ChoiceResult(index) for index in range(generation.n)]
+    async with contextlib.aclosing(generation.events()) as events:
+        async for event in events:
+            if isinstance(event, PromptToken):
+                prompt_tokens.append(event.token)
+            elif isinstance(event, ChoiceToken):
+                choices[event.index].tokens.append(event.token)
+            else:
+                choices[event.index].done = event.done
+    return GenerationResult(prompt_tokens, choices, generation.cached_tokens)

@@ -15,8 +15,13 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from salience_server.http.errors import invalid, unsupported
+from salience_server.http.generation import DecodeOptions
 
 _Model = TypeVar("_Model", bound=BaseModel)
+
+_MIN_TOP_P = 1e-6
+"""What an explicit ``top_p: 0`` becomes: only the most likely token (the server reads 0
+as "unset", which is 1)."""
 
 
 class _Body(BaseModel):
@@ -39,6 +44,29 @@ class SamplingFields(_Body):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
+    def decode_options(
+        self,
+        max_tokens: int,
+        stop: str | list[str] | None = None,
+        logprob_top_k: int = 0,
+        score_prompt: bool = False,
+    ) -> DecodeOptions:
+        """The server-side decoding options these fields ask for (OpenAI's default
+        temperature is 1)."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return DecodeOptions(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=_MIN_TOP_P if self.top_p == 0 else self.top_p or 0.0,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 0.0,
+            seed=self.seed,
+            stop_strings=tuple(s for s in stops if s),
+            logprob_top_k=logprob_top_k,
+            score_prompt=score_prompt,
+        )
+
     def check_sampling(self) -> None:
         """Refuses what the server cannot do rather than silently ignoring it."""
         for name in ("frequency_penalty", "presence_penalty"):
@@ -49,6 +77,8 @@ class SamplingFields(_Body):
 
 
 class StreamOptions(_Body):
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
+
     include_usage: bool = False
 
 
@@ -70,6 +100,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
+        """Refuses combinations the schema alone cannot (400)."""
         self.check_sampling()
         if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -95,6 +126,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
     def check(self) -> None:
+        """Refuses combinations the schema alone cannot (400)."""
         self.check_sampling()
         if self.suffix:
             raise unsupported("suffix", "suffix")
@@ -125,6 +157,7 @@ class ResponsesRequest(SamplingFields):
     conversation: str | dict[str, Any] | None = None
 
     def check(self) -> None:
+        """Refuses combinations the schema alone cannot (400)."""
         self.check_sampling()
         text_format = (self.text or {}).get("format") or {}
         if text_format.get("type", "text") != "text":

@@ -65,6 +65,7 @@ class Lease:
 
     @property
     def session(self) -> AsyncSession:
+        """The lent session."""
         return self.entry.session
 
     @property
@@ -90,10 +91,12 @@ class SessionPool:
 
     @property
     def num_sessions(self) -> int:
+        """Sessions the pool holds, lent or idle."""
         return len(self._entries)
 
     @property
     def num_leased(self) -> int:
+        """Sessions lent to requests right now."""
         return sum(entry.is_leased for entry in self._entries)
 
     async def acquire(self, prompt_ids: Sequence[int], reuse: bool = True) -> Lease:

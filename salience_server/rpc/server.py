@@ -15,6 +15,7 @@ from salience_client.pb import salience_pb2, salience_pb2_grpc
 from salience_server.config import ServerConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import LoadedModel, load_model
+from salience_server.engine.readout import Readout, load_readout
 from salience_server.rpc.servicer import SalienceServicer
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,32 @@ class SalienceServer:
         self.engine: Engine | None = None
 
     async def start(self, loader: Callable[[], LoadedModel] | None = None) -> None:
-        """Listens at once (health NOT_SERVING), loads the model, then serves."""
+        """Listens at once (health NOT_SERVING), loads the model, then serves.
+        A model or readout file that fails to load stops the server again."""
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d; loading the model", self.config.host, self.port)
-        loaded = await asyncio.to_thread(loader or (lambda: load_model(self.config.model)))
-        self.engine = await asyncio.to_thread(Engine, loaded, self.config.engine)
+        try:
+            loaded = await asyncio.to_thread(loader or (lambda: load_model(self.config.model)))
+            readout = self._load_readout(loaded)
+            self.engine = await asyncio.to_thread(Engine, loaded, self.config.engine, readout)
+        except BaseException:
+            await self.server.stop(None)
+            raise
         self.engine.start()
         self.servicer.engine = self.engine
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d", loaded.model_id, self.config.host, self.port)
+
+    def _load_readout(self, loaded: LoadedModel) -> Readout | None:
+        if not self.config.readout_path:
+            return None
+        text_config = loaded.model.config.get_text_config()
+        readout = load_readout(
+            self.config.readout_path, text_config.num_hidden_layers, text_config.hidden_size
+        )
+        log.info("readout: %d concepts at layers %s", len(readout.concepts), readout.layers)
+        return readout
 
     async def stop(self) -> None:
         """Refuses new work, fails what is pending with UNAVAILABLE, then stops."""
@@ -68,13 +85,23 @@ class SalienceServer:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Runs the server until SIGTERM or SIGINT."""
+    """Runs the server until SIGTERM or SIGINT; with ``http_port``, the OpenAI shim too, in
+    this event loop, as a gRPC client of this server's own address."""
     server = SalienceServer(config)
+    shim = None
+    if config.http_port:
+        from salience_server.http.serving import shim_beside
+
+        shim = shim_beside(config.host, server.port, config.http_port)  # a taken port fails now
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await server.start()
+    if shim is not None:
+        shim.start()
     await stopping.wait()
     log.info("stopping")
+    if shim is not None:
+        await shim.stop()
     await server.stop()

@@ -238,3 +238,52 @@ def test_a_prompt_larger_than_the_pool_fails_at_once(tiny_llama_dir, server_fact
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_reason(caught.value) == "KV_CACHE_FULL"
     assert _session_info(server.stub, session_id).length == 0
+
+
+def test_idle_sessions_expire_and_free_their_blocks(tiny_llama_dir, server_factory) -> None:
+    import time
+
+    server = server_factory(
+        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, session_ttl_s=0.5
+    )
+    stub = server.stub
+    idle = open_session(stub)
+    generate(stub, idle, append_tokens=[1] * 30)
+    busy = open_session(stub)
+    free_before = server.engine.block_manager.num_free
+    # Keep the engine busy past the TTL with short calls on another session.
+    deadline = time.monotonic() + 1.5
+    length = 0
+    while time.monotonic() < deadline:
+        _, done = generate(stub, busy, append_tokens=[2] * 5, offset=0, truncating=True)
+        length = done.total_tokens
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(stub, idle, append_tokens=[3], offset=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert free_before == server.engine.block_manager.num_blocks - 8  # the idle one's 30 tokens
+    busy_blocks = _session_info(stub, busy).num_blocks
+    assert (
+        server.engine.block_manager.num_free == server.engine.block_manager.num_blocks - busy_blocks
+    )
+    assert _session_info(stub, busy).length == length  # the active one lives on
+
+
+def test_closing_a_session_frees_its_blocks_even_mid_call(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(
+        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, max_batch_tokens=1
+    )
+    stub = server.stub
+    session_id = open_session(stub)
+    stream = stub.Generate(
+        pb.GenerateRequest(session_id=session_id, append_tokens=[4] * 200, max_tokens=50)
+    )
+    total = server.engine.block_manager.num_blocks
+    stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    with pytest.raises(grpc.RpcError):
+        list(stream)  # the call was cancelled by the close (or ended): no hang
+    import time
+
+    deadline = time.monotonic() + 5
+    while server.engine.block_manager.num_free != total and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.engine.block_manager.num_free == total

@@ -1,0 +1,79 @@
+"""``salience-shim`` / ``python -m salience_server.http``: the OpenAI shim alone, a gRPC
+client of a Salience server given by its address."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from salience_client import DEFAULT_TARGET
+from salience_server.http.config import ShimConfig, api_key_from_env
+from salience_server.http.serving import ShimServer
+
+
+def parse_args(argv: list[str] | None = None) -> ShimConfig:
+    """The command line as a ShimConfig (exits with usage on a bad value)."""
+    parser = argparse.ArgumentParser(
+        prog="salience-shim",
+        description="An OpenAI-compatible HTTP server in front of a Salience gRPC server.",
+    )
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="the gRPC server, HOST:PORT")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=api_key_from_env(),
+        help="require this bearer token ($SALIENCE_API_KEY)",
+    )
+    parser.add_argument(
+        "--served-model-name", action="append", default=[], help="another name for the model"
+    )
+    parser.add_argument("--max-pooled-sessions", type=int, default=32)
+    parser.add_argument("--max-stored-responses", type=int, default=1024)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return ShimConfig(
+            target=args.target,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            served_model_names=tuple(args.served_model_name),
+            max_pooled_sessions=args.max_pooled_sessions,
+            max_stored_responses=args.max_stored_responses,
+            log_level=args.log_level,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``salience-shim``: serves until SIGTERM or SIGINT."""
+    config = parse_args(argv)
+    log = logging.getLogger("salience.shim")
+    try:
+        server = ShimServer(config)
+    except OSError as error:
+        log.error("%s", error)
+        sys.exit(1)
+    log.info("OpenAI shim for %s on http://%s:%d/v1", config.target, config.host, server.port)
+    asyncio.run(_serve(server))
+
+
+async def _serve(server: ShimServer) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.request_stop)
+    await server.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``create_app``: the FastAPI application of the shim."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from salience_server.http import chat, completions, info, responses
+from salience_server.http.backend import Backend
+from salience_server.http.config import ShimConfig
+from salience_server.http.errors import (
+    ApiError,
+    handle_api_error,
+    handle_http_exception,
+    handle_unexpected,
+)
+
+OPEN_PATHS = frozenset({"/health"})
+"""Paths that never need the API key."""
+
+
+def create_app(config: ShimConfig) -> FastAPI:
+    """The shim for the Salience server at ``config.target``. The gRPC channel opens when
+    the app starts (in the event loop that serves it)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Opens the Backend in the serving loop; closes its sessions and channels."""
+        app.state.backend = Backend(config)
+        try:
+            yield
+        finally:
+            await app.state.backend.close()
+
+    app = FastAPI(title="Salience OpenAI shim", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.config = config
+    for module in (chat, completions, responses, info):
+        app.include_router(module.router)
+    app.add_exception_handler(ApiError, handle_api_error)
+    app.add_exception_handler(HTTPException, handle_http_exception)
+    app.add_exception_handler(Exception, handle_unexpected)
+    if config.api_key:
+        app.add_middleware(BearerAuth, api_key=config.api_key)
+    return app
+
+
+class BearerAuth:
+    """ASGI middleware: 401 unless ``Authorization: Bearer <api_key>`` (except OPEN_PATHS).
+
+    Plain ASGI rather than BaseHTTPMiddleware, so that streams and disconnects pass
+    through untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(
+            401,
+            "Incorrect or missing API key (send Authorization: Bearer <key>)",
+            "authentication_error",
+            code="invalid_api_key",
+        )
+        await error.response()(scope, receive, send)

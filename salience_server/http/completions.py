@@ -1,0 +1,241 @@
+"""POST /v1/completions: the legacy text completion API, as evaluation harnesses use it.
+
+``prompt`` is text or token ids (or a list of either: one batch, choice ``i * n + j``).
+``echo`` returns the prompt before the completion; with ``logprobs`` the prompt's
+positions are scored too (the first gets None), which is log-likelihood scoring;
+``max_tokens: 0`` scores without decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from salience_client import ModelInfo, TokenEvent
+from salience_server.http.backend import Backend
+from salience_server.http.chat import usage
+from salience_server.http.errors import as_api_error, client_errors, invalid
+from salience_server.http.generation import (
+    ChoiceDone,
+    ChoiceToken,
+    DecodeOptions,
+    Generation,
+    GenerationEvent,
+    GenerationResult,
+    PromptToken,
+    collect,
+    finish_reason,
+)
+from salience_server.http.logprobs import completion_logprobs
+from salience_server.http.schemas import CompletionRequest, parse_body
+from salience_server.http.streaming import (
+    Primed,
+    event_stream,
+    sse_data,
+    start_stream,
+    until_disconnected,
+)
+
+router = APIRouter()
+
+_MAX_TOKEN_ID = 2**32 - 1
+
+
+@dataclass
+class Prompt:
+    """One prompt of the batch."""
+
+    token_ids: list[int]
+    text: str
+    """What ``echo`` returns: the prompt as sent, or its ids decoded."""
+
+
+async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
+    """The batch: every prompt as token ids and text."""
+    raw = body.prompt
+    items: list[Any]
+    items = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
+    prompts = []
+    for index, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt[{index}]"
+        if isinstance(item, str):
+            ids = await backend.tokenize(item, param, add_special_tokens=True)
+            prompts.append(Prompt(ids, item))
+            continue
+        if not item or not all(0 <= i <= _MAX_TOKEN_ID for i in item):
+            raise invalid("token ids must be a non-empty list of non-negative integers", param)
+        text = await backend.detokenize(item, param) if body.echo else ""
+        prompts.append(Prompt(list(item), text))
+    return prompts
+
+
+class _Choices:
+    """Builds the legacy choice objects of one prompt's generation."""
+
+    def __init__(
+        self, backend: Backend, body: CompletionRequest, info: ModelInfo, prompt: Prompt
+    ) -> None:
+        self._backend = backend
+        self._body = body
+        self._eos_ids = set(info.eos_token_ids)
+        self.prompt = prompt
+        self.prompt_tokens: list[TokenEvent] = []
+        self._offsets: dict[int, int] = {}
+
+    def visible(self, tokens: list[TokenEvent]) -> list[TokenEvent]:
+        """The tokens that belong in logprobs (end-of-sequence tokens do not)."""
+        return [t for t in tokens if t.token_id not in self._eos_ids]
+
+    async def logprobs(self, index: int, tokens: list[TokenEvent]) -> dict[str, Any] | None:
+        """Legacy logprobs of ``tokens`` for choice ``index``, its text offsets running on."""
+        if self._body.logprobs is None:
+            return None
+        texts = await self._backend.token_texts.for_tokens(tokens)
+        offset = self._offsets.get(index, 0)
+        shaped = completion_logprobs(tokens, texts, self._body.logprobs, offset)
+        if tokens:
+            self._offsets[index] = offset + sum(len(texts[t.token_id]) for t in tokens)
+        return shaped
+
+    def echo(self) -> tuple[str, list[TokenEvent]]:
+        """The echoed text and scored prompt tokens (empty without ``echo``)."""
+        if not self._body.echo:
+            return "", []
+        return self.prompt.text, self.prompt_tokens
+
+
+def _options(body: CompletionRequest, info: ModelInfo, num_prompt_tokens: int) -> DecodeOptions:
+    max_tokens = min(body.max_tokens, max(0, info.max_context - num_prompt_tokens))
+    score_prompt = body.echo and body.logprobs is not None
+    return body.decode_options(max_tokens, body.stop, body.logprobs or 0, score_prompt)
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request) -> Response:
+    """OpenAI's (legacy) Completions."""
+    backend: Backend = request.app.state.backend
+    body = await parse_body(request, CompletionRequest)
+    body.check()
+    info = await backend.check_model(body.model)
+    prompts = await _prompts(backend, body)
+    generations = [
+        Generation(backend.pool, p.token_ids, _options(body, info, len(p.token_ids)), body.n)
+        for p in prompts
+    ]
+    builders = [_Choices(backend, body, info, prompt) for prompt in prompts]
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        first = await start_stream(generations[0].events(), "prompt")
+        stream = _stream(body, completion_id, generations, builders, first)
+        return event_stream(stream)
+    with client_errors("prompt"):
+        work = asyncio.gather(*(collect(g) for g in generations))
+        results = await until_disconnected(request, work)
+    choices = []
+    for prompt_index, (builder, result) in enumerate(zip(builders, results, strict=True)):
+        builder.prompt_tokens = result.prompt_tokens
+        choices += await _finished_choices(builder, result, prompt_index * body.n)
+    num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    cached = sum(r.cached_tokens for r in results)
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "usage": usage(num_prompt_tokens, completion_tokens, cached),
+            "system_fingerprint": None,
+        }
+    )
+
+
+async def _finished_choices(
+    builder: _Choices, result: GenerationResult, first_index: int
+) -> list[dict[str, Any]]:
+    choices = []
+    for choice in result.choices:
+        assert choice.done is not None
+        echo_text, echo_tokens = builder.echo()
+        tokens = echo_tokens + builder.visible(choice.tokens)
+        choices.append(
+            {
+                "index": first_index + choice.index,
+                "text": echo_text + choice.text,
+                "logprobs": await builder.logprobs(choice.index, tokens),
+                "finish_reason": finish_reason(choice.done),
+            }
+        )
+    return choices
+
+
+async def _stream(
+    body: CompletionRequest,
+    completion_id: str,
+    generations: list[Generation],
+    builders: list[_Choices],
+    first: Primed[GenerationEvent],
+) -> AsyncIterator[str]:
+    """The prompts one after another, their choices interleaved; then usage; ``[DONE]``."""
+    base = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "system_fingerprint": None,
+    }
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def chunk(choices: list[dict[str, Any]], totals: dict[str, Any] | None = None) -> str:
+        payload: dict[str, Any] = {**base, "choices": choices}
+        if include_usage:
+            payload["usage"] = totals
+        return sse_data(payload)
+
+    completion_tokens = 0
+    try:
+        for prompt_index, (generation, builder) in enumerate(
+            zip(generations, builders, strict=True)
+        ):
+            events = first if prompt_index == 0 else Primed(generation.events())
+            started: set[int] = set()
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, PromptToken):
+                        builder.prompt_tokens.append(event.token)
+                        continue
+                    index, text, tokens = event.index, "", list[TokenEvent]()
+                    if index not in started:
+                        started.add(index)
+                        text, tokens = builder.echo()
+                    reason = None
+                    if isinstance(event, ChoiceToken):
+                        text += event.token.text
+                        tokens = tokens + builder.visible([event.token])
+                    elif isinstance(event, ChoiceDone):
+                        completion_tokens += event.done.completion_tokens
+                        reason = finish_reason(event.done)
+                    if text or tokens or reason:
+                        choice = {
+                            "index": prompt_index * body.n + index,
+                            "text": text,
+                            "logprobs": await builder.logprobs(index, tokens),
+                            "finish_reason": reason,
+                        }
+                        yield chunk([choice])
+        if include_usage:
+            prompt_tokens = sum(len(b.prompt.token_ids) for b in builders)
+            cached = sum(g.cached_tokens for g in generations)
+            yield chunk([], usage(prompt_tokens, completion_tokens, cached))
+    except Exception as error:
+        yield sse_data({"error": as_api_error(error).error()})
+    yield sse_data("[DONE]")

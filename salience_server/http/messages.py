@@ -1,0 +1,222 @@
+"""OpenAI messages and Responses input items, checked and turned into chat-template messages.
+
+Two steps: ``chat_messages``/``response_input_messages`` check what the client sent and
+normalise it to Chat Completions messages (text content, ``tool_calls`` with JSON-text
+arguments, images pulled out as ``ImageInput``); ``template_messages`` then adapts those
+to what a Hugging Face chat template expects (arguments as objects, ``content`` never
+None), writing tool calls and results as Hermes text for templates without tool support.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from salience_server.http.errors import invalid, unsupported
+from salience_server.http.tools import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    new_call_id,
+    tools_system_prompt,
+)
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_TEXT_PARTS = {"text", "input_text", "output_text"}
+_IMAGE_PARTS = {"image_url", "input_image"}
+_DATA_URL = re.compile(r"\Adata:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<b64>;base64)?,(?P<data>.*)\Z", re.S)
+
+
+@dataclass
+class ImageInput:
+    """An image from a data URL; it becomes an AppendImage call where its part stood."""
+
+    data: bytes
+    mime_type: str
+
+
+@dataclass
+class Conversation:
+    """Chat Completions messages (text content) and the images they carried, in order."""
+
+    messages: list[dict[str, Any]]
+    images: list[ImageInput] = field(default_factory=list)
+
+
+def parse_image_url(url: Any, param: str) -> ImageInput:
+    """A base64 data URL as bytes and MIME type (remote URLs are not fetched)."""
+    if isinstance(url, dict):
+        url = url.get("url")
+    match = _DATA_URL.match(url) if isinstance(url, str) else None
+    if match is None or not match.group("b64"):
+        raise invalid("images must be base64 data URLs (data:image/png;base64,...)", param)
+    try:
+        data = base64.b64decode(match.group("data"), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("the image data URL is not valid base64", param) from None
+    return ImageInput(data, match.group("mime") or "application/octet-stream")
+
+
+def _content_text(content: Any, param: str, images: list[ImageInput]) -> str | None:
+    """Text content (parts joined by newlines); image parts are collected into ``images``."""
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid("content must be a string or a list of parts", param)
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal":
+            texts.append(str(part.get("refusal", "")))
+        elif kind in _IMAGE_PARTS:
+            images.append(parse_image_url(part.get("image_url"), f"{param}[{index}].image_url"))
+        else:
+            raise unsupported(f"content part {kind!r}", f"{param}[{index}]")
+    return "\n".join(texts)
+
+
+def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise invalid("tool_calls must be a list", param)
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid("a tool call needs function.name", f"{param}[{index}]")
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        calls.append(
+            {
+                "id": call.get("id") or new_call_id(),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return calls
+
+
+def chat_messages(raw: list[dict[str, Any]]) -> Conversation:
+    """Chat Completions ``messages``, checked and normalised."""
+    conversation = Conversation([])
+    for index, message in enumerate(raw):
+        param = f"messages[{index}]"
+        role = message.get("role")
+        if role == "function":  # the deprecated form of a tool result
+            role = "tool"
+        if role not in _ROLES:
+            raise invalid(f"unknown role {role!r}", f"{param}.role")
+        content = _content_text(message.get("content"), f"{param}.content", conversation.images)
+        normalised: dict[str, Any] = {"role": "system" if role == "developer" else role}
+        normalised["content"] = content
+        if role == "assistant" and message.get("tool_calls"):
+            normalised["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
+        elif content is None and role != "assistant":
+            raise invalid("content is required", f"{param}.content")
+        if role == "tool":
+            normalised["tool_call_id"] = message.get("tool_call_id") or message.get("name") or ""
+        if isinstance(message.get("name"), str):
+            normalised["name"] = message["name"]
+        conversation.messages.append(normalised)
+    return conversation
+
+
+def _append_call(messages: list[dict[str, Any]], item: dict[str, Any], param: str) -> None:
+    """A ``function_call`` item joins the assistant message just before it, or starts one."""
+    if not isinstance(item.get("name"), str):
+        raise invalid("a function_call item needs a name", param)
+    call = {
+        "id": item.get("call_id") or new_call_id(),
+        "type": "function",
+        "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"},
+    }
+    if messages and messages[-1]["role"] == "assistant":
+        messages[-1].setdefault("tool_calls", []).append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+
+def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
+    """Responses ``input`` (text, or message / function_call / function_call_output items)
+    as Chat Completions messages."""
+    if isinstance(value, str):
+        return Conversation([{"role": "user", "content": value}])
+    conversation = Conversation([])
+    messages = conversation.messages
+    for index, item in enumerate(value):
+        param = f"input[{index}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _ROLES - {"tool"}:
+                raise invalid(f"unknown role {role!r}", f"{param}.role")
+            content = _content_text(item.get("content"), f"{param}.content", conversation.images)
+            messages.append({"role": "system" if role == "developer" else role, "content": content})
+        elif kind == "function_call":
+            _append_call(messages, item, param)
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else json.dumps(output)
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+        elif kind == "reasoning":
+            continue
+        else:
+            raise unsupported(f"input items of type {kind!r}", f"{param}.type")
+    return conversation
+
+
+def template_supports_tools(chat_template: str) -> bool:
+    """Whether the model's chat template renders ``tools`` itself."""
+    return "tools" in chat_template
+
+
+def _hermes_calls(calls: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{TOOL_CALL_OPEN}\n"
+        + json.dumps({"name": c["function"]["name"], "arguments": _arguments(c)})
+        + f"\n{TOOL_CALL_CLOSE}"
+        for c in calls
+    )
+
+
+def _arguments(call: dict[str, Any]) -> Any:
+    """A call's arguments as an object when they are JSON (templates expect objects)."""
+    text = call["function"]["arguments"]
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
+
+
+def template_messages(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]], has_tool_template: bool
+) -> list[dict[str, Any]]:
+    """Chat Completions messages as the chat template takes them. Without tool support in
+    the template, the tools are described in the system message, and calls and results
+    are written as Hermes text."""
+    rendered = []
+    for message in messages:
+        out = dict(message, content=message.get("content") or "")
+        calls = message.get("tool_calls")
+        if calls and has_tool_template:
+            out["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": _arguments(c)}} for c in calls
+            ]
+        elif calls:
+            del out["tool_calls"]
+            out["content"] = "\n".join(filter(None, [out["content"], _hermes_calls(calls)]))
+        elif message["role"] == "tool" and not has_tool_template:
+            out["content"] = f"<tool_response>\n{out['content']}\n</tool_response>"
+        rendered.append(out)
+    if tools and not has_tool_template:
+        description = tools_system_prompt(tools)
+        if rendered and rendered[0]["role"] == "system":
+            rendered[0] = dict(rendered[0], content=f"{rendered[0]['content']}\n\n{description}")
+        else:
+            rendered.insert(0, {"role": "system", "content": description})
+    return rendered

@@ -1,0 +1,61 @@
+"""``ResponseStore``: stored Responses, for ``previous_response_id`` and GET by id.
+
+A stored response remembers the conversation it ended (as Chat Completions messages)
+and the exact tokens its session holds, so that a chained request continues that
+session: it appends only the new input. The store is bounded; the least recently used
+responses are forgotten first, after which their ids give 404.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StoredResponse:
+    """One finished response and what a chained request needs to continue it."""
+
+    response: dict[str, Any]
+    """The Response object, as it was returned."""
+    conversation: list[dict[str, Any]]
+    """Every message so far as Chat Completions messages, this response's reply last
+    (the instructions are not among them: they apply to one request only)."""
+    rendered_ids: list[int]
+    """The chat template's rendering of the conversation this response answered (up to
+    the assistant turn's opening): what a chained rendering must start with."""
+    session_ids: list[int] = field(default_factory=list)
+    """Exactly what the session holds after this response: its prompt, a forced
+    tool-call opening if any, and every decoded token (the end-of-turn token included
+    when the model produced it)."""
+
+
+class ResponseStore:
+    """Response id to StoredResponse, least recently used forgotten beyond ``max_responses``."""
+
+    def __init__(self, max_responses: int) -> None:
+        self.max_responses = max_responses
+        self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._responses)
+
+    def put(self, stored: StoredResponse) -> None:
+        """Keeps ``stored`` under its response id, forgetting the oldest beyond the bound."""
+        response_id = stored.response["id"]
+        self._responses[response_id] = stored
+        self._responses.move_to_end(response_id)
+        while len(self._responses) > self.max_responses:
+            self._responses.popitem(last=False)
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        """The stored response, or None if unknown or forgotten."""
+        stored = self._responses.get(response_id)
+        if stored is not None:
+            self._responses.move_to_end(response_id)
+        return stored
+
+    def delete(self, response_id: str) -> bool:
+        """Forgets a response; False if it was not there."""
+        return self._responses.pop(response_id, None) is not None

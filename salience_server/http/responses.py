@@ -1,0 +1,293 @@
+"""POST /v1/responses (and GET / DELETE of stored responses): OpenAI's Responses API.
+
+A request with ``previous_response_id`` continues the live session of that response:
+its prompt is the session's exact tokens, then the end of the assistant turn as the chat
+template writes it (only if the model did not end the turn itself), then the new input.
+The pool lends that session back (it shares the whole prefix), so only the new input is
+prefilled. When the template's rendering of the conversation does not extend the
+previous one (other instructions or tools), the whole conversation is rendered afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from salience_client import Done, ModelInfo
+from salience_server.http.backend import Backend
+from salience_server.http.errors import ApiError, as_api_error, client_errors
+from salience_server.http.generation import (
+    ChoiceDone,
+    ChoiceToken,
+    Generation,
+    GenerationEvent,
+    collect,
+)
+from salience_server.http.messages import response_input_messages
+from salience_server.http.response_store import StoredResponse
+from salience_server.http.response_stream import (
+    ResponseStream,
+    function_call_item,
+    message_item,
+    status_of,
+)
+from salience_server.http.schemas import ResponsesRequest, parse_body
+from salience_server.http.streaming import Primed, event_stream, start_stream, until_disconnected
+from salience_server.http.tools import (
+    ToolCall,
+    ToolMode,
+    parse_tool_calls,
+    responses_tools,
+    tool_mode,
+)
+
+router = APIRouter()
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def continue_session(previous: StoredResponse, rendered: list[int], eos_ids: set[int]) -> list[int]:
+    """The prompt continuing ``previous``'s session: its tokens, the turn's closing unless
+    the model wrote it, and the rest of ``rendered``; ``rendered`` itself when the
+    rendering does not extend the previous one."""
+    base = previous.rendered_ids
+    if rendered[: len(base)] != base:
+        return rendered
+    tail = rendered[len(base) :]
+    # The assistant's reply as rendered ends at the first end-of-turn token.
+    end = next((i for i, token_id in enumerate(tail) if token_id in eos_ids), None)
+    if end is None:
+        return rendered
+    has_ended = bool(previous.session_ids) and previous.session_ids[-1] in eos_ids
+    return previous.session_ids + tail[end + 1 if has_ended else end :]
+
+
+@dataclass
+class ResponsePlan:
+    """What a Responses request becomes before anything is decoded."""
+
+    body: ResponsesRequest
+    model_info: ModelInfo
+    tools: ToolMode
+    conversation: list[dict[str, Any]]
+    """Chat messages so far (without instructions), the new input last."""
+    rendered_ids: list[int]
+    prompt_ids: list[int]
+    """What the session must hold before decoding, a forced tool-call opening included."""
+    prefix_text: str
+    response_id: str = field(default_factory=lambda: _new_id("resp"))
+    message_id: str = field(default_factory=lambda: _new_id("msg"))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def generation(self, backend: Backend) -> Generation:
+        """The Generation this request runs (max_output_tokens defaults to the context left)."""
+        body = self.body
+        max_tokens = body.max_output_tokens or max(
+            1, self.model_info.max_context - len(self.prompt_ids)
+        )
+        return Generation(backend.pool, self.prompt_ids, body.decode_options(max_tokens))
+
+    def response(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The Response object in ``status``."""
+        body = self.body
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        return {
+            "id": self.response_id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": error,
+            "incomplete_details": incomplete,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": body.model,
+            "output": output,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": body.previous_response_id,
+            "store": body.store,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": body.tool_choice or "auto",
+            "tools": body.tools or [],
+            "truncation": body.truncation or "disabled",
+            "usage": usage,
+            "user": body.user,
+            "metadata": body.metadata or {},
+        }
+
+    def usage(self, done: Done | None, cached_tokens: int) -> dict[str, Any]:
+        """The Responses ``usage`` object."""
+        output_tokens = done.completion_tokens if done is not None else 0
+        return {
+            "input_tokens": len(self.prompt_ids),
+            "input_tokens_details": {"cached_tokens": cached_tokens},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": len(self.prompt_ids) + output_tokens,
+        }
+
+    def split_reply(self, text: str) -> tuple[str, list[ToolCall]]:
+        """(the message text, the function calls) of the model's whole reply."""
+        if not self.tools.is_enabled:
+            return text, []
+        content, calls = parse_tool_calls(text, self.tools.names)
+        return content, calls
+
+    def output(self, text: str, calls: list[ToolCall], status: str) -> list[dict[str, Any]]:
+        """The output items: the message (when it has text, or nothing else came), then
+        one ``function_call`` per call."""
+        items = [message_item(self.message_id, text, status)] if text or not calls else []
+        return items + [function_call_item(call) for call in calls]
+
+    def store(
+        self,
+        backend: Backend,
+        response: dict[str, Any],
+        text: str,
+        calls: list[ToolCall],
+        decoded_ids: list[int],
+    ) -> None:
+        """Keeps the finished response for ``previous_response_id`` (if ``store``)."""
+        if not self.body.store:
+            return
+        reply: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if calls:
+            reply["tool_calls"] = [call.chat_dict() for call in calls]
+        backend.responses.put(
+            StoredResponse(
+                response=response,
+                conversation=[*self.conversation, reply],
+                rendered_ids=self.rendered_ids,
+                session_ids=self.prompt_ids + decoded_ids,
+            )
+        )
+
+
+async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePlan:
+    """Checks the request, finds the response it continues, renders its prompt."""
+    body.check()
+    info = await backend.check_model(body.model)
+    new_input = response_input_messages(body.input)
+    await backend.check_images(new_input.images, "input")
+    mode = tool_mode(responses_tools(body.tools), body.tool_choice)
+    previous = None
+    if body.previous_response_id is not None:
+        previous = backend.responses.get(body.previous_response_id)
+        if previous is None:
+            raise ApiError(
+                404,
+                f"Previous response with id {body.previous_response_id!r} not found",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+    conversation = (previous.conversation if previous else []) + new_input.messages
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    offered = mode.tools if mode.is_enabled else []
+    rendered = await backend.render_chat(system + conversation, offered, "input")
+    prompt_ids = rendered
+    if previous is not None:
+        prompt_ids = continue_session(previous, rendered, set(info.eos_token_ids))
+    prefix = mode.prefix_text()
+    prompt_ids = prompt_ids + await backend.tokenize(prefix, "tool_choice")
+    return ResponsePlan(body, info, mode, conversation, rendered, prompt_ids, prefix)
+
+
+@router.post("/v1/responses")
+async def create_response(request: Request) -> Response:
+    """OpenAI's Responses."""
+    backend: Backend = request.app.state.backend
+    plan = await plan_response(backend, await parse_body(request, ResponsesRequest))
+    generation = plan.generation(backend)
+    if plan.body.stream:
+        events = await start_stream(generation.events(), "input")
+        return event_stream(_stream(backend, plan, generation, events))
+    with client_errors("input"):
+        result = await until_disconnected(request, collect(generation))
+    choice = result.choices[0]
+    text, calls = plan.split_reply(plan.prefix_text + choice.text)
+    status = status_of(choice.done, calls)
+    output = plan.output(text, calls, status)
+    response = plan.response(status, output, plan.usage(choice.done, result.cached_tokens))
+    decoded_ids = [token.token_id for token in choice.tokens]
+    plan.store(backend, response, text, calls, decoded_ids)
+    return JSONResponse(response)
+
+
+async def _stream(
+    backend: Backend, plan: ResponsePlan, generation: Generation, events: Primed[GenerationEvent]
+) -> AsyncIterator[str]:
+    """The Responses event family, in OpenAI's order, each event numbered; an error
+    midway is an ``error`` event, then ``response.failed``."""
+    stream = ResponseStream(plan.message_id, plan.tools, plan.prefix_text)
+    yield stream.event("response.created", response=plan.response("in_progress", []))
+    yield stream.event("response.in_progress", response=plan.response("in_progress", []))
+    done: Done | None = None
+    decoded_ids: list[int] = []
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, ChoiceToken):
+                    for sse in stream.push(event.token.text):
+                        yield sse
+                elif isinstance(event, ChoiceDone):
+                    done, decoded_ids = event.done, event.token_ids
+        for sse in stream.finish(done):
+            yield sse
+        output = plan.output(stream.text, stream.calls, stream.status)
+        usage = plan.usage(done, generation.cached_tokens)
+        response = plan.response(stream.status, output, usage)
+        plan.store(backend, response, stream.text, stream.calls, decoded_ids)
+        final = "response.completed" if stream.status == "completed" else "response.incomplete"
+        yield stream.event(final, response=response)
+    except Exception as error:
+        api_error = as_api_error(error)
+        yield stream.event(
+            "error", code=api_error.code, message=api_error.message, param=api_error.param
+        )
+        failure = {"code": api_error.code or "server_error", "message": api_error.message}
+        yield stream.event("response.failed", response=plan.response("failed", [], error=failure))
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> JSONResponse:
+    """A stored response."""
+    backend: Backend = request.app.state.backend
+    stored = backend.responses.get(response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    return JSONResponse(stored.response)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> JSONResponse:
+    """Forgets a stored response (its session stays in the pool)."""
+    backend: Backend = request.app.state.backend
+    if not backend.responses.delete(response_id):
+        raise _not_found(response_id)
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+def _not_found(response_id: str) -> ApiError:
+    return ApiError(
+        404,
+        f"Response with id {response_id!r} not found",
+        "invalid_request_error",
+        param="response_id",
+        code="response_not_found",
+    )

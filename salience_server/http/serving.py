@@ -1,0 +1,93 @@
+"""Running the shim under uvicorn: alone (``salience-shim``) or beside the gRPC server
+(``salience-server --http-port``), in the same event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from salience_server.http.app import create_app
+from salience_server.http.config import ShimConfig, api_key_from_env
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 5
+"""How long open HTTP requests may run on after a stop is asked for."""
+
+
+class _HostedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the program hosting it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Leaves the process's signal handlers alone."""
+        yield
+
+
+def local_target(host: str, port: int) -> str:
+    """``host:port`` that reaches a server listening on ``host`` from this machine."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ShimServer:
+    """The shim's HTTP server, its socket bound at construction (so that a taken port
+    fails at once, with the port in the message)."""
+
+    def __init__(self, config: ShimConfig) -> None:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        try:
+            self.socket = socket.create_server((config.host, config.port), family=family)
+        except OSError as error:
+            raise OSError(f"cannot listen on {config.host}:{config.port}: {error}") from error
+        self.host = config.host
+        self.port: int = self.socket.getsockname()[1]
+        self._task: asyncio.Task[None] | None = None
+        uvicorn_config = uvicorn.Config(
+            create_app(config),
+            log_level=config.log_level.lower(),
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        self.server = _HostedServer(uvicorn_config)
+
+    async def serve(self) -> None:
+        """Serves until ``stop``."""
+        try:
+            await self.server.serve(sockets=[self.socket])
+        finally:
+            self.socket.close()
+
+    def start(self) -> None:
+        """Serves in a task of the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self.serve())
+        log.info("OpenAI shim on http://%s/v1", local_target(self.host, self.port))
+
+    def request_stop(self) -> None:
+        """Asks the server to stop (safe from a signal handler)."""
+        self.server.should_exit = True
+
+    async def stop(self) -> None:
+        """Stops serving; open requests may finish within GRACEFUL_SHUTDOWN_S."""
+        self.request_stop()
+        if self._task is not None:
+            await self._task
+
+
+def shim_beside(host: str, grpc_port: int, http_port: int) -> ShimServer:
+    """The shim of ``salience-server --http-port``: on ``host:http_port``, a client of the
+    gRPC server on ``host:grpc_port``; the API key comes from ``$SALIENCE_API_KEY``."""
+    config = ShimConfig(
+        target=local_target(host, grpc_port),
+        host=host,
+        port=http_port,
+        api_key=api_key_from_env(),
+    )
+    return ShimServer(config)

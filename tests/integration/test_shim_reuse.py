@@ -1,0 +1,162 @@
+"""Prefix reuse: the shim's session pool against a real server, and a 20-turn chat through
+the openai SDK that pays each turn only for its new tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from salience_client import AsyncSalienceClient, SalienceClient
+from salience_server.http.generation import DecodeOptions, Generation, collect
+from salience_server.http.sessions_pool import SessionPool
+from tests.conftest import default_model_available
+from tests.shim_support import RunningShim, start_shim
+
+PROMPT = list(range(40, 60))
+GREEDY = DecodeOptions(max_tokens=4, temperature=0.0)
+
+
+def _run(target: str, test: Any, **pool_options: Any) -> Any:
+    """Runs ``test(pool, client)`` in a fresh event loop with a pool on ``target``."""
+
+    async def main() -> Any:
+        async with AsyncSalienceClient(target, timeout=30) as client:
+            for info in await client.list_sessions():  # what earlier tests left
+                await (await client.session(info.session_id)).close()
+            pool = SessionPool(client, **{"max_sessions": 8, **pool_options})
+            try:
+                return await test(pool, client)
+            finally:
+                await pool.close()
+
+    return asyncio.run(main())
+
+
+def test_the_longest_shared_prefix_is_lent_and_never_twice(llama_server: Any) -> None:
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        first = await pool.acquire(PROMPT)
+        assert first.shared == 0
+        pool.release(first, PROMPT)
+        other = await pool.acquire([1, 2, 3])  # shares nothing: a session of its own
+        assert other.session.session_id != first.session.session_id
+        pool.release(other, [1, 2, 3])
+        again = await pool.acquire(PROMPT + [7, 8])
+        assert again.session.session_id == first.session.session_id and again.shared == 20
+        meanwhile = await pool.acquire(PROMPT + [7, 8])  # the best one is lent: not it
+        assert meanwhile.session.session_id not in (
+            first.session.session_id,
+            other.session.session_id,
+        )
+        assert meanwhile.shared == 0 and pool.num_leased == 2
+        assert (await pool.acquire(PROMPT, reuse=False)).shared == 0
+
+    _run(llama_server.target, test)
+
+
+def test_generations_continue_what_the_pool_knows(llama_server: Any) -> None:
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        first = await collect(Generation(pool, PROMPT, GREEDY))
+        decoded = [t.token_id for t in first.choices[0].tokens]
+        follow_up = PROMPT + decoded + [9, 9]
+        second = await collect(Generation(pool, follow_up, GREEDY))
+        assert pool.num_sessions == 1 and pool.num_leased == 0
+        # All but the last decoded token (never fed to the model) was in the KV.
+        assert second.cached_tokens == len(PROMPT) + len(decoded) - 1
+        (session,) = await client.list_sessions()
+        assert session.length == len(follow_up) + 4
+        # The server lost the session (expired, say): the next call starts afresh.
+        await client.open_session()  # one the pool does not know; left alone
+        known = pool._entries[0].session
+        await known.close()
+        third = await collect(Generation(pool, follow_up, GREEDY))
+        assert third.cached_tokens == 0
+        assert [t.token_id for t in third.choices[0].tokens] == [
+            t.token_id for t in second.choices[0].tokens
+        ]
+
+    _run(llama_server.target, test)
+
+
+def test_a_short_match_forks_instead_of_rewinding(llama_server: Any) -> None:
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        long_history = PROMPT + list(range(100, 140))
+        await collect(Generation(pool, long_history, DecodeOptions(max_tokens=0)))
+        (parent,) = pool._entries
+        branch = await collect(Generation(pool, PROMPT[:10] + [5, 6, 7], GREEDY))
+        assert branch.cached_tokens == 10
+        assert pool.num_sessions == 2
+        lengths = sorted(s.length for s in await client.list_sessions())
+        assert lengths == [13 + 4, len(long_history)]  # the long history is intact
+        assert parent.token_ids == long_history
+
+    _run(llama_server.target, test, fork_min_discard=16)
+
+
+def test_the_pool_stays_bounded(llama_server: Any) -> None:
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        for start in (0, 50, 100):  # one after another: the least recent is rewound
+            await collect(Generation(pool, list(range(start, start + 5)), GREEDY))
+        assert pool.num_sessions == 2 and len(await client.list_sessions()) == 2
+        leases = [await pool.acquire([start]) for start in (1, 2, 3)]  # all lent: a third
+        assert pool.num_sessions == 3
+        for lease in leases:
+            pool.release(lease, [])
+        assert pool.num_sessions == 2  # the least recently used was closed
+        for _ in range(100):
+            if len(await client.list_sessions()) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(await client.list_sessions()) == 2
+
+    _run(llama_server.target, test, max_sessions=2)
+
+
+def test_n_choices_share_one_prefill(llama_server: Any) -> None:
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        options = DecodeOptions(max_tokens=5, temperature=1.0, seed=3)
+        result = await collect(Generation(pool, PROMPT, options, n=3))
+        assert [c.done.completion_tokens for c in result.choices if c.done] == [5, 5, 5]
+        assert len({tuple(t.token_id for t in c.tokens) for c in result.choices}) > 1
+        sessions = await client.list_sessions()
+        assert sorted(s.length for s in sessions) == [25, 25, 25]
+        assert pool.num_sessions == 3 and pool.num_leased == 0
+
+    _run(llama_server.target, test)
+
+
+@pytest.fixture(scope="module")
+def default_shim(default_server: Any) -> Iterator[RunningShim]:
+    if not default_model_available():
+        pytest.skip("the default model is not installed")
+    running = start_shim(default_server.target)
+    yield running
+    running.stop()
+
+
+def test_a_twenty_turn_chat_pays_only_for_new_tokens(
+    default_shim: RunningShim, default_server: Any
+) -> None:
+    client = default_shim.client()
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Let us talk about the sea. Say something."}]
+    previous = None
+    with SalienceClient(default_server.target) as grpc_client:
+        for turn in range(20):
+            reply = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=2, temperature=0
+            )
+            usage = reply.usage
+            if previous is not None:
+                # New this turn: the end of the last reply's turn and the new user turn;
+                # plus the last decoded token, whose KV was never computed.
+                new = usage.prompt_tokens - previous.prompt_tokens - previous.completion_tokens
+                assert usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens == new + 1
+            assert usage.prompt_tokens == len(grpc_client.tokenize_chat(messages))
+            previous = usage
+            messages += [
+                {"role": "assistant", "content": reply.choices[0].message.content},
+                {"role": "user", "content": f"Tell me more ({turn})."},
+            ]

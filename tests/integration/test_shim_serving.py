@@ -1,0 +1,104 @@
+"""The shim as a program: ``salience-server --http-port`` serves it beside the gRPC server,
+``python -m salience_server.http`` (``salience-shim``) alone; neither imports the engine
+into the shim."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from salience_server.http.config import ShimConfig
+from salience_server.http.serving import ShimServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for(pattern: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if re.search(pattern, log.read_text()):
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} never appeared:\n{log.read_text()}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=30)
+
+
+def test_the_shim_never_imports_the_engine() -> None:
+    code = (
+        "import sys, salience_server.http.__main__;"
+        "bad = [m for m in sys.modules if m.startswith(('salience_server.engine',"
+        " 'salience_server.rpc', 'torch'))];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_salience_server_http_port_serves_both(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    http_port = _free_port()
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "salience_server", "--model", str(tiny_llama_dir)]
+    command += ["--port", "0", "--http-port", str(http_port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(r"OpenAI shim on http://127\.0\.0\.1:\d+/v1", process, log, 120)
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model=tiny_llama_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert reply.usage.completion_tokens == 3
+    finally:
+        code = _stop(process)
+    assert code == 0, log.read_text()
+
+
+def test_a_taken_port_fails_at_once() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            ShimServer(ShimConfig(port=port))
+
+
+def test_salience_shim_alone(llama_server: Any, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    log = tmp_path / "shim.log"
+    command = [sys.executable, "-m", "salience_server.http", "--target", llama_server.target]
+    command += ["--port", str(port), "--served-model-name", "tiny"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(r"Application startup complete", process, log, 30)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [tiny_llama_dir.name, "tiny"]
+    finally:
+        code = _stop(process)
+    assert code == 0, log.read_text()
