@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-image-bytes", type=parse_bytes, default=20 << 20)
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     parser.add_argument("--readout", help="readout safetensors file (SPEC 2.3)")
+    parser.add_argument(
+        "--allow-remote-images", action="store_true", help="let the shim fetch http(s) images"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -67,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                 session_ttl_s=args.session_ttl,
             ),
             readout_path=args.readout,
+            allow_remote_images=args.allow_remote_images,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -75,5 +75,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     readout_path: str | None = None
     """A safetensors readout file (see SPEC 2.3); None disables readout."""
+    allow_remote_images: bool = False
+    """Let the shim fetch http(s) image URLs (only data: URLs otherwise)."""
     max_message_bytes: int = 64 << 20
     """Largest gRPC message accepted or sent."""

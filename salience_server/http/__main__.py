@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
     )
     parser.add_argument("--max-pooled-sessions", type=int, default=32)
     parser.add_argument("--max-stored-responses", type=int, default=1024)
+    parser.add_argument(
+        "--allow-remote-images", action="store_true", help="fetch http(s) image URLs"
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
     )
     try:
         return ShimConfig(
+            allow_remote_images=args.allow_remote_images,
             target=args.target,
             host=args.host,
             port=args.port,

@@ -3,7 +3,10 @@ cache, the response store, and the served model's description."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
+import urllib.request
 from typing import Any
 
 import grpc
@@ -11,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client import AsyncSalienceClient, ModelInfo
 from salience_server.http.config import ShimConfig
-from salience_server.http.errors import ApiError, client_errors, invalid, model_not_found
+from salience_server.http.errors import client_errors, invalid, model_not_found
 from salience_server.http.logprobs import TokenTexts
 from salience_server.http.messages import (
     ImageInput,
@@ -35,6 +38,8 @@ class Backend:
         self.responses = ResponseStore(config.max_stored_responses)
         self.created = int(time.time())
         self._model_info: ModelInfo | None = None
+        self.image_token_counts: dict[int, int] = {}
+        """Placeholder tokens each image (by marker) took when it was appended."""
         # A channel of its own, so that /health works whatever the client is doing.
         self._health_channel = grpc.aio.insecure_channel(config.target)
 
@@ -100,7 +105,8 @@ class Backend:
 
     async def check_images(self, images: list[ImageInput], param: str) -> None:
         """Images need a model that takes them (the server answers IMAGES_UNSUPPORTED
-        otherwise); asked up front so that no session is touched."""
+        otherwise); asked up front so that no session is touched. Remote URLs are
+        fetched here when allowed, refused otherwise."""
         if not images:
             return
         info = await self.model_info()
@@ -108,6 +114,56 @@ class Backend:
             raise invalid(
                 f"The model {info.model_id!r} does not take images", param, "images_unsupported"
             )
-        # The server cannot take images yet; when it can, Prompt segments become
-        # AppendImage calls at the image parts' places (see messages.ImageInput).
-        raise ApiError(501, "image input is not wired into the shim yet", "server_error")
+        for image in images:
+            if image.url:
+                if not self.config.allow_remote_images:
+                    raise invalid(
+                        "remote image URLs are not fetched (start the shim with "
+                        "--allow-remote-images); send a base64 data: URL",
+                        param,
+                        "remote_images_disabled",
+                    )
+                image.data, image.mime_type = await asyncio.to_thread(
+                    fetch_image, image.url, self.config.max_image_bytes
+                )
+                image.url = ""
+
+    def mark_images(
+        self, prompt_ids: list[int], images: list[ImageInput], param: str
+    ) -> dict[int, ImageInput]:
+        """Replaces, in place, each image pad token of ``prompt_ids`` (one per image, in
+        order) by the image's marker, repeated as many times as the image is known to
+        take; returns marker -> image. Markers are negative ids derived from the
+        image's bytes, so the session pool matches prefixes holding the same images."""
+        pad_id = self._model_info.image_pad_token_id if self._model_info else None
+        positions = [i for i, token_id in enumerate(prompt_ids) if token_id == pad_id]
+        if len(positions) != len(images):
+            raise invalid(
+                f"the prompt has {len(positions)} image places for {len(images)} images", param
+            )
+        markers: dict[int, ImageInput] = {}
+        for position, image in reversed(list(zip(positions, images, strict=True))):
+            marker = image_marker(image.data)
+            markers[marker] = image
+            count = self.image_token_counts.get(marker, 1)
+            prompt_ids[position : position + 1] = [marker] * count
+        return markers
+
+
+def image_marker(data: bytes) -> int:
+    """A negative pseudo token id standing for an image's placeholders in the shim's
+    token lists (never sent to the server)."""
+    return -1 - int.from_bytes(hashlib.sha256(data).digest()[:4], "big") % (2**31 - 1)
+
+
+def fetch_image(url: str, max_bytes: int) -> tuple[bytes, str]:
+    """GETs an image URL (bounded size and time); an ApiError 400 when it fails."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+            data = response.read(max_bytes + 1)
+            mime_type = response.headers.get_content_type()
+    except Exception as error:
+        raise invalid(f"could not fetch the image {url!r}: {error}", "image_url") from error
+    if len(data) > max_bytes:
+        raise invalid(f"the image at {url!r} is larger than {max_bytes} bytes", "image_url")
+    return data, mime_type

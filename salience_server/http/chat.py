@@ -11,7 +11,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -30,7 +30,7 @@ from salience_server.http.generation import (
     finish_reason,
 )
 from salience_server.http.logprobs import chat_logprobs
-from salience_server.http.messages import chat_messages
+from salience_server.http.messages import ImageInput, chat_messages
 from salience_server.http.schemas import ChatCompletionRequest, parse_body
 from salience_server.http.streaming import (
     Primed,
@@ -71,6 +71,8 @@ class ChatPlan:
     tools: ToolMode
     prefix_text: str
     """That forced opening, which belongs to the reply's text."""
+    images: dict[int, ImageInput] = field(default_factory=dict)
+    """The images of the conversation by their marker in ``prompt_ids``."""
 
     @property
     def top_logprobs(self) -> int:
@@ -89,7 +91,9 @@ class ChatPlan:
             max_tokens = max(1, self.model_info.max_context - len(self.prompt_ids))
         top_k = self.top_logprobs if body.logprobs else 0
         options = body.decode_options(max_tokens, body.stop, top_k)
-        return Generation(backend.pool, self.prompt_ids, options, body.n)
+        return Generation(
+            backend.pool, self.prompt_ids, options, body.n, self.images, backend.image_token_counts
+        )
 
 
 async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
@@ -101,9 +105,10 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     mode = tool_mode(chat_tools(body.tools), body.tool_choice)
     offered = mode.tools if mode.is_enabled else []
     prompt_ids = await backend.render_chat(conversation.messages, offered, "messages")
+    images = backend.mark_images(prompt_ids, conversation.images, "messages")
     prefix = mode.prefix_text()
     prompt_ids += await backend.tokenize(prefix, "tool_choice")
-    return ChatPlan(body, info, prompt_ids, mode, prefix)
+    return ChatPlan(body, info, prompt_ids, mode, prefix, images)
 
 
 @router.post("/v1/chat/completions")

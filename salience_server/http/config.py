@@ -28,6 +28,10 @@ class ShimConfig:
     rpc_timeout_s: float = 30.0
     """Bound on every unary gRPC call (streams are not bounded)."""
     log_level: str = "info"
+    allow_remote_images: bool = False
+    """Fetch http(s) image URLs; otherwise only data: URLs are accepted (400)."""
+    max_image_bytes: int = 20 << 20
+    """Largest remote image fetched."""
 
     def __post_init__(self) -> None:
         if not self.target:

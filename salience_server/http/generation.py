@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import grpc
 
 from salience_client import END, Done, GenerateOptions, SalienceClientError, TokenEvent
+from salience_server.http.errors import client_errors
+from salience_server.http.messages import ImageInput
 from salience_server.http.sessions_pool import Lease, SessionPool
 
 
@@ -99,10 +101,21 @@ class Generation:
     """Decodes ``prompt_ids`` into ``n`` choices; iterate ``events()`` once."""
 
     def __init__(
-        self, pool: SessionPool, prompt_ids: Sequence[int], options: DecodeOptions, n: int = 1
+        self,
+        pool: SessionPool,
+        prompt_ids: list[int],
+        options: DecodeOptions,
+        n: int = 1,
+        images: dict[int, ImageInput] | None = None,
+        image_token_counts: dict[int, int] | None = None,
     ) -> None:
         self._pool = pool
-        self.prompt_ids = list(prompt_ids)
+        self.prompt_ids = prompt_ids
+        """The prompt; negative ids are image markers (see Backend.mark_images). Once the
+        images are in the session, each image's run of markers has its true length:
+        this list is updated in place, so the caller's view follows."""
+        self.images = images or {}
+        self.image_token_counts = image_token_counts if image_token_counts is not None else {}
         self.options = options
         self.n = n
         self.cached_tokens = 0
@@ -111,6 +124,12 @@ class Generation:
     async def events(self) -> AsyncGenerator[GenerationEvent, None]:
         """Every event of every choice, in arrival order."""
         lease = await self._pool.acquire(self.prompt_ids, reuse=not self.options.score_prompt)
+        if any(token_id < 0 for token_id in self.prompt_ids[lease.shared :]):
+            try:
+                await self._put_images(lease)
+            except BaseException:
+                self._pool.discard(lease)
+                raise
         max_tokens = self.options.max_tokens if self.n == 1 else 0
         async with contextlib.aclosing(self._first_call(lease, max_tokens)) as first:
             async for event in first:
@@ -131,6 +150,36 @@ class Generation:
         async with contextlib.aclosing(self._merge(leases)) as merged:
             async for event in merged:
                 yield event
+
+    async def _put_images(self, lease: Lease) -> None:
+        """Appends the prompt up to its last image to ``lease``'s session: text with
+        Generate (prefill only), each image with AppendImage; the rest of the prompt
+        is left to the decoding call."""
+        ids, session = self.prompt_ids, lease.session
+        start = lease.shared
+        while 0 < start < len(ids) and ids[start] < 0 and ids[start - 1] == ids[start]:
+            start -= 1  # never resume inside an image's run
+        done_ids, index, truncate_to = list(ids[:start]), start, start
+        while True:
+            image_at = next((i for i in range(index, len(ids)) if ids[i] < 0), None)
+            if image_at is None:
+                break
+            text = ids[index:image_at]
+            marker = ids[image_at]
+            image = self.images[marker]
+            with client_errors("messages"):
+                async for _ in session.generate(text, truncate_to=truncate_to, max_tokens=0):
+                    pass
+                count = await session.append_image(image.data, image.mime_type)
+            self.image_token_counts[marker] = count
+            done_ids += text + [marker] * count
+            index = image_at
+            while index < len(ids) and ids[index] == marker:
+                index += 1
+            truncate_to = len(done_ids)
+        ids[:] = done_ids + ids[index:]
+        lease.entry.token_ids = list(done_ids)
+        lease.shared = len(done_ids)
 
     async def _first_call(
         self, lease: Lease, max_tokens: int

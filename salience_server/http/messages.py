@@ -30,12 +30,21 @@ _IMAGE_PARTS = {"image_url", "input_image"}
 _DATA_URL = re.compile(r"\Adata:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<b64>;base64)?,(?P<data>.*)\Z", re.S)
 
 
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+"""What an image part becomes in the rendered text (the Qwen2-VL family's form): the
+shim appends the start and end tokens as text and the image itself with AppendImage
+where the pad token stands."""
+
+
 @dataclass
 class ImageInput:
-    """An image from a data URL; it becomes an AppendImage call where its part stood."""
+    """An image from a data URL (or a remote URL, fetched only when the shim allows it);
+    it becomes an AppendImage call where its part stood."""
 
     data: bytes
     mime_type: str
+    url: str = ""
+    """The remote http(s) URL when the bytes are still to be fetched."""
 
 
 @dataclass
@@ -50,6 +59,8 @@ def parse_image_url(url: Any, param: str) -> ImageInput:
     """A base64 data URL as bytes and MIME type (remote URLs are not fetched)."""
     if isinstance(url, dict):
         url = url.get("url")
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        return ImageInput(b"", "", url)
     match = _DATA_URL.match(url) if isinstance(url, str) else None
     if match is None or not match.group("b64"):
         raise invalid("images must be base64 data URLs (data:image/png;base64,...)", param)
@@ -75,6 +86,7 @@ def _content_text(content: Any, param: str, images: list[ImageInput]) -> str | N
             texts.append(str(part.get("refusal", "")))
         elif kind in _IMAGE_PARTS:
             images.append(parse_image_url(part.get("image_url"), f"{param}[{index}].image_url"))
+            texts.append(IMAGE_PLACEHOLDER)
         else:
             raise unsupported(f"content part {kind!r}", f"{param}[{index}]")
     return "\n".join(texts)

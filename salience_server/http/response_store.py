@@ -12,6 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from salience_server.http.messages import ImageInput
+
 
 @dataclass
 class StoredResponse:
@@ -29,6 +31,8 @@ class StoredResponse:
     """Exactly what the session holds after this response: its prompt, a forced
     tool-call opening if any, and every decoded token (the end-of-turn token included
     when the model produced it)."""
+    images: list[ImageInput] = field(default_factory=list)
+    """Every image of the conversation, in order."""
 
 
 class ResponseStore:

@@ -30,7 +30,7 @@ from salience_server.http.generation import (
     GenerationEvent,
     collect,
 )
-from salience_server.http.messages import response_input_messages
+from salience_server.http.messages import ImageInput, response_input_messages
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.response_stream import (
     ResponseStream,
@@ -84,6 +84,10 @@ class ResponsePlan:
     prompt_ids: list[int]
     """What the session must hold before decoding, a forced tool-call opening included."""
     prefix_text: str
+    images: dict[int, ImageInput] = field(default_factory=dict)
+    """Images by their marker in ``prompt_ids``."""
+    all_images: list[ImageInput] = field(default_factory=list)
+    """Every image of the conversation, in order (kept for chained requests)."""
     response_id: str = field(default_factory=lambda: _new_id("resp"))
     message_id: str = field(default_factory=lambda: _new_id("msg"))
     created_at: int = field(default_factory=lambda: int(time.time()))
@@ -94,7 +98,13 @@ class ResponsePlan:
         max_tokens = body.max_output_tokens or max(
             1, self.model_info.max_context - len(self.prompt_ids)
         )
-        return Generation(backend.pool, self.prompt_ids, body.decode_options(max_tokens))
+        return Generation(
+            backend.pool,
+            self.prompt_ids,
+            body.decode_options(max_tokens),
+            images=self.images,
+            image_token_counts=backend.image_token_counts,
+        )
 
     def response(
         self,
@@ -175,6 +185,7 @@ class ResponsePlan:
                 conversation=[*self.conversation, reply],
                 rendered_ids=self.rendered_ids,
                 session_ids=self.prompt_ids + decoded_ids,
+                images=self.all_images,
             )
         )
 
@@ -200,12 +211,16 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     offered = mode.tools if mode.is_enabled else []
     rendered = await backend.render_chat(system + conversation, offered, "input")
-    prompt_ids = rendered
+    all_images = (previous.images if previous else []) + new_input.images
+    images = backend.mark_images(rendered, all_images, "input")
+    prompt_ids = list(rendered)
     if previous is not None:
         prompt_ids = continue_session(previous, rendered, set(info.eos_token_ids))
     prefix = mode.prefix_text()
     prompt_ids = prompt_ids + await backend.tokenize(prefix, "tool_choice")
-    return ResponsePlan(body, info, mode, conversation, rendered, prompt_ids, prefix)
+    return ResponsePlan(
+        body, info, mode, conversation, rendered, prompt_ids, prefix, images, all_images
+    )
 
 
 @router.post("/v1/responses")

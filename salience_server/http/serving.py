@@ -81,7 +81,9 @@ class ShimServer:
             await self._task
 
 
-def shim_beside(host: str, grpc_port: int, http_port: int) -> ShimServer:
+def shim_beside(
+    host: str, grpc_port: int, http_port: int, allow_remote_images: bool = False
+) -> ShimServer:
     """The shim of ``salience-server --http-port``: on ``host:http_port``, a client of the
     gRPC server on ``host:grpc_port``; the API key comes from ``$SALIENCE_API_KEY``."""
     config = ShimConfig(
@@ -89,5 +91,6 @@ def shim_beside(host: str, grpc_port: int, http_port: int) -> ShimServer:
         host=host,
         port=http_port,
         api_key=api_key_from_env(),
+        allow_remote_images=allow_remote_images,
     )
     return ShimServer(config)

@@ -92,7 +92,9 @@ async def serve(config: ServerConfig) -> None:
     if config.http_port:
         from salience_server.http.serving import shim_beside
 
-        shim = shim_beside(config.host, server.port, config.http_port)  # a taken port fails now
+        shim = shim_beside(
+            config.host, server.port, config.http_port, config.allow_remote_images
+        )  # a taken port fails now
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -11,6 +11,7 @@ from salience_client import TokenEvent
 from salience_server.http.errors import ApiError
 from salience_server.http.logprobs import chat_logprobs, completion_logprobs
 from salience_server.http.messages import (
+    IMAGE_PLACEHOLDER,
     chat_messages,
     parse_image_url,
     response_input_messages,
@@ -223,11 +224,15 @@ def test_images_come_out_of_data_urls_only() -> None:
             }
         ]
     )
-    assert conversation.messages[0]["content"] == "What is this?"
+    assert conversation.messages[0]["content"] == "What is this?\n" + IMAGE_PLACEHOLDER
     assert [(i.mime_type, i.data[:4]) for i in conversation.images] == [("image/png", b"\x89PNG")]
-    for url in ("https://example.com/cat.png", "data:image/png;base64,@@@", "data:,plain"):
+    for url in ("data:image/png;base64,@@@", "data:,plain"):
         with pytest.raises(ApiError):
             parse_image_url(url, "x")
+    remote = parse_image_url("https://example.com/cat.png", "x")
+    assert (
+        remote.url == "https://example.com/cat.png" and remote.data == b""
+    )  # fetched later, if allowed
 
 
 def test_response_items_become_chat_messages() -> None:

@@ -1,0 +1,137 @@
+"""Images through the shim: data URLs become AppendImage calls (tiny Qwen2-VL)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from salience_client import SalienceClient
+from salience_server.http.messages import IMAGE_PLACEHOLDER
+from tests.integration.test_vision import encode, make_image
+from tests.shim_support import RunningShim, start_shim
+from tests.tiny_models import build_tiny_vision_model
+
+
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.conftest import start_server
+
+    model_dir = build_tiny_vision_model(tmp_path_factory.mktemp("shim-vl"), "qwen2_vl")
+    server = start_server(str(model_dir), block_size=4, kv_cache_bytes=8 << 20)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def shim(vision_server: Any) -> Iterator[RunningShim]:
+    running = start_shim(vision_server.target)
+    yield running
+    running.stop()
+
+
+PNG = encode(make_image(7))
+DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+def _messages(url: str = DATA_URL) -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        }
+    ]
+
+
+def _grpc_answer(target: str, max_tokens: int) -> tuple[str, int]:
+    """The same conversation through the gRPC client: text, image, text, decode."""
+    with SalienceClient(target) as client, client.open_session() as session:
+        info = client.model_info()
+        messages = [{"role": "user", "content": "What is this?\n" + IMAGE_PLACEHOLDER}]
+        ids = client.tokenize_chat(messages)
+        pad = ids.index(info.image_pad_token_id)
+        session.prefill(ids[:pad])
+        count = session.append_image(PNG, "image/png")
+        events = list(session.generate(ids[pad + 1 :], max_tokens=max_tokens))
+    text = "".join(e.text for e in events[:-1])
+    return text, count
+
+
+def test_a_chat_with_a_data_url_image_answers_like_the_grpc_path(
+    shim: RunningShim, vision_server: Any
+) -> None:
+    want_text, count = _grpc_answer(vision_server.target, 8)
+    client = shim.client()
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model, messages=_messages(), max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content == want_text
+    sessions = SalienceClient(vision_server.target).list_sessions()
+    lengths = {s.length for s in sessions}
+    # The session holds the placeholders: prompt (with all of them) plus the reply.
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens in lengths
+    assert reply.usage.prompt_tokens > count  # the image counted its placeholders
+    # A second turn with the same image reuses the whole first turn, image included.
+    history = _messages() + [
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "And now?"},
+    ]
+    second = client.chat.completions.create(
+        model=model, messages=history, max_tokens=4, temperature=0
+    )
+    assert second.usage.prompt_tokens_details.cached_tokens >= reply.usage.prompt_tokens
+
+
+def test_streaming_and_responses_take_images_too(shim: RunningShim, vision_server: Any) -> None:
+    want_text, _ = _grpc_answer(vision_server.target, 6)
+    client = shim.client()
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model, messages=_messages(), max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want_text
+    response = client.responses.create(
+        model=model,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "What is this?"},
+                    {"type": "input_image", "image_url": DATA_URL},
+                ],
+            }
+        ],
+        max_output_tokens=6,
+        temperature=0,
+    )
+    assert response.output_text == want_text
+
+
+def test_remote_images_are_refused_unless_allowed(shim: RunningShim) -> None:
+    client = shim.client()
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=model, messages=_messages("https://example.com/cat.png"), max_tokens=2
+        )
+    assert "allow-remote-images" in str(caught.value)
+
+
+def test_a_bad_image_is_a_400(shim: RunningShim) -> None:
+    client = shim.client()
+    model = client.models.list().data[0].id
+    bad = "data:image/png;base64," + base64.b64encode(PNG[:100]).decode()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=_messages(bad), max_tokens=2)
+    # The shim and the server go on.
+    reply = client.chat.completions.create(
+        model=model, messages=_messages(), max_tokens=2, temperature=0
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
