@@ -37,10 +37,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model(directory: Path, architecture: str = "llama", seed: int = 0) -> Path:
-    """Saves a random tiny model (``llama`` or ``qwen3``) and its tokenizer to ``directory``."""
-    tokenizer = build_tokenizer()
-    common = dict(
+def text_config_options(tokenizer: PreTrainedTokenizerFast, **overrides: object) -> dict:
+    """A two-layer decoder with grouped-query attention, sized for fast tests."""
+    options: dict = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -51,8 +50,14 @@ def build_tiny_model(directory: Path, architecture: str = "llama", seed: int = 0
         initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
     )
+    return options | overrides
+
+
+def build_tiny_model(directory: Path, architecture: str = "llama", seed: int = 0) -> Path:
+    """Saves a random tiny model (``llama`` or ``qwen3``) and its tokenizer to ``directory``."""
+    tokenizer = build_tokenizer()
+    common = text_config_options(tokenizer, tie_word_embeddings=False)
     config = (
         LlamaConfig(**common) if architecture == "llama" else Qwen3Config(head_dim=16, **common)
     )
@@ -82,18 +87,10 @@ def build_tiny_vision_model(directory: Path, family: str = "qwen2_vl", seed: int
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:] + VISION_TOKENS})
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    text = text_config_options(
+        tokenizer,
         max_position_embeddings=1024,
-        initializer_range=0.1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     common = dict(
         text_config=text,

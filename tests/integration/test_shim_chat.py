@@ -29,18 +29,6 @@ from tests.shim_support import (
 QUESTION = [{"role": "user", "content": "Tell me a story."}]
 
 
-@pytest.fixture(scope="module")
-def shim(llama_server: Any) -> Iterator[RunningShim]:
-    running = start_shim(llama_server.target)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def model(shim: RunningShim) -> str:
-    return shim.client().models.list().data[0].id
-
-
 def test_models_lists_the_served_model(shim: RunningShim, tiny_llama_dir: Any) -> None:
     models = shim.client().models.list().data
     assert [m.id for m in models] == [tiny_llama_dir.name]

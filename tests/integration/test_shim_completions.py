@@ -5,27 +5,14 @@ Oracle: the gRPC scoring path (a session's prompt logprobs over the same token i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from salience_client import END, SalienceClient
-from tests.shim_support import RunningShim, start_shim
+from tests.shim_support import RunningShim
 
 TEXT = "The quick brown fox"
-
-
-@pytest.fixture(scope="module")
-def shim(llama_server: Any) -> Iterator[RunningShim]:
-    running = start_shim(llama_server.target)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def model(shim: RunningShim) -> str:
-    return shim.client().models.list().data[0].id
 
 
 def _scored(target: str, token_ids: list[int], top_k: int) -> list[Any]:

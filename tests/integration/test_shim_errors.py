@@ -18,18 +18,6 @@ from tests.shim_support import RunningShim, Script, start_scripted, start_shim
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
-@pytest.fixture(scope="module")
-def shim(llama_server: Any) -> Iterator[RunningShim]:
-    running = start_shim(llama_server.target)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def model(shim: RunningShim) -> str:
-    return shim.client().models.list().data[0].id
-
-
 def _error(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}

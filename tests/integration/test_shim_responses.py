@@ -43,18 +43,6 @@ def _collapse(types: list[str]) -> list[str]:
     return [t for i, t in enumerate(types) if i == 0 or t != types[i - 1] or "delta" not in t]
 
 
-@pytest.fixture(scope="module")
-def shim(llama_server: Any) -> Iterator[RunningShim]:
-    running = start_shim(llama_server.target)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def model(shim: RunningShim) -> str:
-    return shim.client().models.list().data[0].id
-
-
 def test_a_response_is_the_servers_greedy_answer(
     shim: RunningShim, llama_server: Any, model: str
 ) -> None:
