@@ -17,6 +17,7 @@ from typing import Any, TypeVar, Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from salience_client.auth import async_bearer_token
 from salience_client.client import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
@@ -193,10 +194,20 @@ class AsyncSalienceClient:
     ``timeout`` (seconds) bounds every unary call; streams are not bounded.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        """``api_key``: sent as ``authorization: Bearer`` metadata on every call."""
         self.target = target
         self._timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        interceptors = async_bearer_token(api_key) if api_key else None
+        self._channel = grpc.aio.insecure_channel(
+            target, options=CHANNEL_OPTIONS, interceptors=interceptors
+        )
         self._stub = salience_pb2_grpc.SalienceStub(self._channel)
 
     async def __aenter__(self) -> AsyncSalienceClient:

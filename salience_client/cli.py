@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -189,6 +190,11 @@ def describe(error: SalienceClientError, target: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="salience", description="Talk to a Salience server.")
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server address, HOST:PORT")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SALIENCE_API_KEY") or None,
+        help="bearer token for a server started with --api-key (default: $SALIENCE_API_KEY)",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per unary call")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chat_parser = commands.add_parser("chat", help="chat with the model (one session per run)")
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``salience``."""
     args = parse_args(argv)
     try:
-        with SalienceClient(args.target, timeout=args.timeout) as client:
+        with SalienceClient(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             _COMMANDS[args.command](client, args)
     except SalienceClientError as error:
         sys.exit(f"salience: {describe(error, args.target)}")

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from salience_client.auth import BearerToken
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session import Session, call_unary
@@ -51,10 +52,19 @@ class SalienceClient:
     ``timeout`` (seconds) bounds every unary call; streams are not bounded.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        """``api_key``: sent as ``authorization: Bearer`` metadata on every call."""
         self.target = target
         self._timeout = timeout
         self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if api_key:
+            self._channel = grpc.intercept_channel(self._channel, BearerToken(api_key))
         self._stub = salience_pb2_grpc.SalienceStub(self._channel)
 
     def __enter__(self) -> SalienceClient:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from salience_server.config import EngineConfig, ModelConfig, ServerConfig, parse_bytes
@@ -44,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     parser.add_argument("--readout", help="readout safetensors file (SPEC 2.3)")
     parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SALIENCE_API_KEY") or None,
+        help="require 'authorization: Bearer KEY' on every call (default: $SALIENCE_API_KEY)",
+    )
+    parser.add_argument(
         "--allow-remote-images", action="store_true", help="let the shim fetch http(s) images"
     )
     parser.add_argument("--log-level", default="INFO")
@@ -71,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             ),
             readout_path=args.readout,
             allow_remote_images=args.allow_remote_images,
+            api_key=args.api_key,
         )
     except ValueError as error:
         parser.error(str(error))

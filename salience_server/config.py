@@ -75,6 +75,8 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     readout_path: str | None = None
     """A safetensors readout file (see SPEC 2.3); None disables readout."""
+    api_key: str | None = None
+    """Bearer token every call must carry (health and reflection stay open); None: no auth."""
     allow_remote_images: bool = False
     """Let the shim fetch http(s) image URLs (only data: URLs otherwise)."""
     max_message_bytes: int = 64 << 20

@@ -56,7 +56,10 @@ class RunningServer:
 
 
 def start_server(
-    model: str | None, readout_path: str | None = None, **engine_options: Any
+    model: str | None,
+    readout_path: str | None = None,
+    api_key: str | None = None,
+    **engine_options: Any,
 ) -> RunningServer:
     """Starts a real gRPC server for ``model`` on port 0 in a background thread."""
     from salience_server.rpc.server import SalienceServer
@@ -66,6 +69,7 @@ def start_server(
         model=ModelConfig(model=model),
         engine=EngineConfig(**engine_options),
         readout_path=readout_path,
+        api_key=api_key,
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -82,15 +82,20 @@ class ShimServer:
 
 
 def shim_beside(
-    host: str, grpc_port: int, http_port: int, allow_remote_images: bool = False
+    host: str,
+    grpc_port: int,
+    http_port: int,
+    allow_remote_images: bool = False,
+    api_key: str | None = None,
 ) -> ShimServer:
     """The shim of ``salience-server --http-port``: on ``host:http_port``, a client of the
-    gRPC server on ``host:grpc_port``; the API key comes from ``$SALIENCE_API_KEY``."""
+    gRPC server on ``host:grpc_port``. The API key (given, else ``$SALIENCE_API_KEY``)
+    guards the HTTP routes and is sent to the gRPC server."""
     config = ShimConfig(
         target=local_target(host, grpc_port),
         host=host,
         port=http_port,
-        api_key=api_key_from_env(),
+        api_key=api_key or api_key_from_env(),
         allow_remote_images=allow_remote_images,
     )
     return ShimServer(config)

@@ -16,6 +16,7 @@ from salience_server.config import ServerConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import LoadedModel, load_model
 from salience_server.engine.readout import Readout, load_readout
+from salience_server.rpc.auth import BearerTokenInterceptor
 from salience_server.rpc.servicer import SalienceServicer
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class SalienceServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
-        self.server = grpc.aio.server(options=options)
+        interceptors = [BearerTokenInterceptor(config.api_key)] if config.api_key else []
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.servicer = SalienceServicer()
         self.health = health.aio.HealthServicer()
         salience_pb2_grpc.add_SalienceServicer_to_server(self.servicer, self.server)
@@ -93,7 +95,11 @@ async def serve(config: ServerConfig) -> None:
         from salience_server.http.serving import shim_beside
 
         shim = shim_beside(
-            config.host, server.port, config.http_port, config.allow_remote_images
+            config.host,
+            server.port,
+            config.http_port,
+            config.allow_remote_images,
+            config.api_key,
         )  # a taken port fails now
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

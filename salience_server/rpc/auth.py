@@ -1,0 +1,64 @@
+"""Optional bearer-token authentication of the gRPC service.
+
+With an API key configured, every call but the health and reflection services must
+carry ``authorization: Bearer <key>`` metadata; others end UNAUTHENTICATED.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from salience_server.engine.errors import Code, SalienceError
+from salience_server.rpc.errors import abort
+
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = str(metadata.get("authorization", "")).encode()
+        if hmac.compare_digest(given, self._expected):
+            return handler
+        return _refusing(handler)
+
+
+def _refusal() -> SalienceError:
+    return SalienceError(
+        Code.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
+        "a valid 'authorization: Bearer <key>' metadata entry is required",
+    )
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that ends the call UNAUTHENTICATED."""
+
+    async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort(context, _refusal())
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await abort(context, _refusal())
+        yield  # an async generator, as a streaming handler must be
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            refuse_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        refuse_unary, handler.request_deserializer, handler.response_serializer
+    )

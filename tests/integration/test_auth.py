@@ -1,0 +1,74 @@
+"""Bearer-token auth on the gRPC service, through raw stubs, both clients and the shim."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from salience_client import AsyncSalienceClient, SalienceClient, SalienceClientError
+from salience_client.pb import salience_pb2 as pb
+from tests.helpers import error_reason
+from tests.shim_support import start_shim
+
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_llama_dir):
+    from tests.conftest import start_server
+
+    server = start_server(str(tiny_llama_dir), api_key=KEY, block_size=4, kv_cache_bytes=4 << 20)
+    yield server
+    server.stop()
+
+
+def test_calls_without_the_key_are_unauthenticated(guarded) -> None:
+    for metadata in (None, (("authorization", "Bearer wrong"),)):
+        with pytest.raises(grpc.RpcError) as caught:
+            guarded.stub.OpenSession(pb.OpenSessionRequest(), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_reason(caught.value) == "UNAUTHENTICATED"
+        with pytest.raises(grpc.RpcError) as caught:
+            list(guarded.stub.Generate(pb.GenerateRequest(session_id="x"), metadata=metadata))
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Health stays open.
+    health = health_pb2_grpc.HealthStub(guarded.channel)
+    assert (
+        health.Check(health_pb2.HealthCheckRequest()).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+
+
+def test_clients_with_the_key_work(guarded) -> None:
+    with SalienceClient(guarded.target, api_key=KEY) as client, client.open_session() as session:
+        events = list(session.generate([1, 2, 3], max_tokens=3))
+        assert events[-1].total_tokens == session.length > 3
+    with SalienceClient(guarded.target) as client, pytest.raises(SalienceClientError) as caught:
+        client.open_session()
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+    async def run() -> int:
+        async with AsyncSalienceClient(guarded.target, api_key=KEY) as client:
+            session = await client.open_session()
+            return len([e async for e in session.generate([4, 5], max_tokens=2)])
+
+    assert asyncio.run(run()) >= 2
+
+
+def test_the_shim_passes_its_key_to_the_server(guarded) -> None:
+    shim = start_shim(guarded.target, api_key=KEY)
+    try:
+        client = shim.client()
+        model = client.models.list().data[0].id
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert reply.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            shim.client(api_key="wrong").models.list()
+    finally:
+        shim.stop()
