@@ -30,7 +30,10 @@ def decode_together(stub, prompts: list[list[int]]) -> float:
     def run(index: int) -> None:
         session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
         request = pb.GenerateRequest(
-            session_id=session_id, append_tokens=prompts[index], max_tokens=NUM_TOKENS
+            session_id=session_id,
+            append_tokens=prompts[index],
+            max_tokens=NUM_TOKENS,
+            ignore_eos=True,  # every stream decodes exactly NUM_TOKENS
         )
         barrier.wait()
         for event in stub.Generate(request):

@@ -54,6 +54,8 @@ class GenerateOptions(TypedDict, total=False):
     readout_ranges: Sequence[tuple[int, int]]
     priority: int
     """Lower runs first."""
+    ignore_eos: bool
+    """Decode past the model's EOS tokens (stop_token_ids still stop)."""
 
 
 def check_options(options: dict[str, Any]) -> None:
@@ -93,6 +95,7 @@ def generate_request(
         stop_strings=list(options.get("stop_strings", ())),
         return_text=options.get("return_text", True),
         priority=options.get("priority", 0),
+        ignore_eos=options.get("ignore_eos", False),
     )
     seed = options.get("seed")
     if seed is not None:

@@ -50,6 +50,7 @@ class GenerateParams:
     stop_strings: list[str] = field(default_factory=list)
     return_text: bool = False
     priority: int = 0
+    ignore_eos: bool = False
 
 
 class FinishReason(enum.Enum):
@@ -110,7 +111,8 @@ class Request:
         self.session = session
         self.sink = sink
         self.prompt_len = params.offset + len(params.append_tokens)
-        self.stop_token_ids = eos_token_ids | set(params.stop_token_ids)
+        eos = set() if params.ignore_eos else eos_token_ids
+        self.stop_token_ids = eos | set(params.stop_token_ids)
         self.detokenizer = detokenizer
         self.stop_matcher = StopStringMatcher(params.stop_strings)
         self.num_decoded = 0

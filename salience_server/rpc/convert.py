@@ -50,6 +50,7 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         stop_strings=list(request.stop_strings),
         return_text=request.return_text,
         priority=request.priority,
+        ignore_eos=request.ignore_eos,
     )
 
 

@@ -184,3 +184,21 @@ def test_default_model_chat_greedy_equals_transformers(default_server) -> None:
     assert got == want and len(got) > 3
     text = "".join(t.text for t in tokens)
     assert text == loaded.tokenizer.decode(got, skip_special_tokens=True)
+
+
+def test_ignore_eos_decodes_exactly_max_tokens_along_the_argmax_chain(
+    tiny_llama_dir: Path, llama_server
+) -> None:
+    model = reference_model(tiny_llama_dir)
+    sequence = [258, 7, 258, 9]  # the EOS id in the prompt too: only decoding may stop
+    session_id = open_session(llama_server.stub)
+    tokens, done = generate(
+        llama_server.stub, session_id, append_tokens=sequence, max_tokens=30, ignore_eos=True
+    )
+    want = []
+    with torch.no_grad():
+        for _ in range(30):
+            next_id = int(model(torch.tensor([sequence + want])).logits[0, -1].argmax())
+            want.append(next_id)
+    assert [t.id for t in tokens] == want
+    assert done.completion_tokens == 30 and done.finish_reason == 3  # LENGTH
