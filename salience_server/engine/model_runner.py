@@ -87,24 +87,8 @@ class ModelRunner:
         """Runs one forward pass: logits at ``batch.logits_rows``, readout at
         ``batch.readout_rows``."""
         device = self.device
-        metadata = paged_attention.PagedAttentionMetadata(
-            kv_caches=self.kv_caches,
-            slot_mapping=torch.tensor(batch.slot_mapping, dtype=torch.long, device=device),
-            sequences=[
-                paged_attention.SequenceAttention(
-                    query_start=span.query_start,
-                    query_len=span.query_len,
-                    context_len=span.context_len,
-                    block_ids=torch.tensor(
-                        span.block_table[: -(-span.context_len // self.block_size)],
-                        dtype=torch.long,
-                        device=device,
-                    ),
-                    mask=paged_attention.causal_mask(span.query_len, span.context_len, device),
-                )
-                for span in batch.sequences
-            ],
-            workspace=self.workspace,
+        metadata = paged_attention.build_metadata(
+            batch.sequences, batch.slot_mapping, self.kv_caches, self.workspace, self.block_size
         )
         input_ids = torch.tensor([batch.token_ids], dtype=torch.long, device=device)  # [1, T]
         if batch.rope_positions:  # [3, 1, T]: (t, h, w) rows

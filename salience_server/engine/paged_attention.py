@@ -33,12 +33,26 @@ class SequenceAttention:
 
 
 @dataclass
+class DecodeGroup:
+    """Sequences feeding one token each, attended in one padded call per layer."""
+
+    rows: torch.Tensor
+    """[B] long: their rows in the batch."""
+    block_ids: torch.Tensor
+    """[B * max_blocks] long: each sequence's blocks, padded with block 0."""
+    mask: torch.Tensor
+    """[B, 1, 1, max_blocks * block_size] bool: the positions inside each context."""
+
+
+@dataclass
 class PagedAttentionMetadata:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     """Per layer (keys, values), each [num_blocks, block_size, num_kv_heads, head_dim]."""
     slot_mapping: torch.Tensor
     """[T] long: where each new token's key and value go."""
     sequences: list[SequenceAttention]
+    """Sequences attended one by one (prefill chunks, lone decodes)."""
+    decode_group: DecodeGroup | None
     workspace: tuple[torch.Tensor, torch.Tensor]
     """Reused (keys, values) buffers, each [max_blocks, block_size, Hkv, D], that one
     sequence's context is gathered into: fresh allocations per gather cost page faults
@@ -67,6 +81,11 @@ def paged_attention_forward(
         0, 1
     )
     output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+    group = salience_batch.decode_group
+    if group is not None:
+        output[group.rows] = _attend_decodes(
+            query, key_cache, value_cache, group, salience_batch.workspace, scaling
+        )
     for seq in salience_batch.sequences:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         keys = _gather(key_cache, seq, salience_batch.workspace[0])  # [1, Hkv, ctx, D]
@@ -76,6 +95,86 @@ def paged_attention_forward(
         )  # [1, H, q, D]
         output[rows] = attended[0].transpose(0, 1)
     return output.unsqueeze(0), None
+
+
+def _attend_decodes(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group: DecodeGroup,
+    workspace: tuple[torch.Tensor, torch.Tensor],
+    scaling: float | None,
+) -> torch.Tensor:
+    """One SDPA call for every single-token sequence: -> [B, H, D]."""
+    num_rows = group.rows.shape[0]
+    num_blocks = group.block_ids.shape[0]
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+
+    def gather(cache: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        blocks = torch.index_select(cache, 0, group.block_ids, out=buffer[:num_blocks])
+        return blocks.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+
+    keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
+    queries = query[0, :, group.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    attended = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=group.mask, scale=scaling, enable_gqa=True
+    )
+    return attended[:, :, 0]
+
+
+def build_metadata(
+    spans: list[Any],
+    slot_mapping: list[int],
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    workspace: tuple[torch.Tensor, torch.Tensor],
+    block_size: int,
+) -> PagedAttentionMetadata:
+    """The attention inputs of one batch of SequenceSpans: single-token sequences go
+    into one padded decode group when there are several and the workspace holds them."""
+    device = workspace[0].device
+    decodes = [span for span in spans if span.query_len == 1]
+    max_blocks = max((-(-span.context_len // block_size) for span in decodes), default=0)
+    group = None
+    if len(decodes) > 1 and len(decodes) * max_blocks <= workspace[0].shape[0]:
+        group = _decode_group(decodes, max_blocks, block_size, device)
+        spans = [span for span in spans if span.query_len != 1]
+    sequences = [
+        SequenceAttention(
+            query_start=span.query_start,
+            query_len=span.query_len,
+            context_len=span.context_len,
+            block_ids=torch.tensor(
+                span.block_table[: -(-span.context_len // block_size)],
+                dtype=torch.long,
+                device=device,
+            ),
+            mask=causal_mask(span.query_len, span.context_len, device),
+        )
+        for span in spans
+    ]
+    return PagedAttentionMetadata(
+        kv_caches=kv_caches,
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        sequences=sequences,
+        decode_group=group,
+        workspace=workspace,
+    )
+
+
+def _decode_group(
+    decodes: list[Any], max_blocks: int, block_size: int, device: torch.device
+) -> DecodeGroup:
+    block_ids = []
+    for span in decodes:
+        table = span.block_table[: -(-span.context_len // block_size)]
+        block_ids += table + [0] * (max_blocks - len(table))
+    lengths = torch.tensor([span.context_len for span in decodes], device=device)
+    positions = torch.arange(max_blocks * block_size, device=device)
+    return DecodeGroup(
+        rows=torch.tensor([span.query_start for span in decodes], dtype=torch.long, device=device),
+        block_ids=torch.tensor(block_ids, dtype=torch.long, device=device),
+        mask=(positions[None, :] < lengths[:, None])[:, None, None, :],
+    )
 
 
 def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor) -> torch.Tensor:
