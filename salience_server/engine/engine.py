@@ -11,13 +11,12 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
 from salience_server.config import EngineConfig
 from salience_server.engine import outputs, sampler
-from salience_server.engine.batch import ForwardBatch
+from salience_server.engine.batch_builder import LogitsRow, build_batch
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.errors import Code, SalienceError
@@ -44,16 +43,6 @@ log = logging.getLogger(__name__)
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 _CUDA_KV_FRACTION = 0.6  # of the memory free after loading the model
 _EXPIRY_PERIOD_S = 0.25
-
-
-@dataclass
-class _Row:
-    """One logits row of a forward pass: which request, which fed position."""
-
-    request: Request
-    fed_position: int
-    readout_index: int | None
-    """Index into the step's readout rows, when this row's readout is wanted."""
 
 
 class Engine:
@@ -122,11 +111,8 @@ class Engine:
         """Fails every pending request with UNAVAILABLE and stops the loop."""
         with self._lock:
             self._is_stopping = True
-            requests = self.scheduler.running + [r for _, r in self.scheduler.waiting]
-            for request in requests:
-                request.sink(
-                    SalienceError(Code.UNAVAILABLE, "SHUTTING_DOWN", "the server is stopping")
-                )
+            for request in self.scheduler.requests():
+                request.sink(_shutting_down())
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
@@ -141,7 +127,7 @@ class Engine:
         """Frees the session; a call running on it is cancelled first."""
         with self._lock:
             session = self.session_table.get(session_id)
-            for request in self.scheduler.running + [r for _, r in self.scheduler.waiting]:
+            for request in self.scheduler.requests():
                 if request.session is session and not request.is_cancelled:
                     request.is_cancelled = True
                     request.sink(
@@ -182,16 +168,13 @@ class Engine:
         """
         with self._lock:
             if self._is_stopping:
-                raise SalienceError(Code.UNAVAILABLE, "SHUTTING_DOWN", "the server is stopping")
+                raise _shutting_down()
             session = self.session_table.get(params.session_id)
             if session.is_busy:
                 raise _busy(params.session_id)
             check_generate(params, session, self.vocab_size, self.has_readout)
             self._check_fits(params)
-            if len(self.scheduler.waiting) >= self.config.max_queue:
-                raise SalienceError(
-                    Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "too many requests wait; retry later"
-                )
+            self.scheduler.check_room()
             request = self._accept(params, session, sink, image)
             if request.is_finished:
                 self._finish(request)
@@ -309,7 +292,13 @@ class Engine:
             output = self.scheduler.schedule()
             self._retire(output)
             self.runner.move_kv(output.swap_outs, output.swap_ins, output.block_copies)
-            batch, rows = self._build_batch(output.chunks)
+            batch, rows = build_batch(
+                output.chunks,
+                self.config.block_size,
+                self.images,
+                self.uses_mrope,
+                self.has_readout,
+            )
         if not output.chunks:
             return
         forward = self.runner.execute(batch)
@@ -317,37 +306,10 @@ class Engine:
         with self._lock:
             self._commit(output.chunks, rows, logprobs, forward.readout)
 
-    def _build_batch(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, list[_Row]]:
-        batch, rows = ForwardBatch(), []
-        for chunk in chunks:
-            request, session = chunk.request, chunk.request.session
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            first_row = batch.num_tokens
-            end = chunk.start + chunk.num_tokens
-            batch.add_sequence(
-                session.token_ids[chunk.start : end],
-                chunk.start,
-                session.block_table,
-                self.config.block_size,
-                session.rope_positions(chunk.start, end) if self.uses_mrope else None,
-            )
-            batch.embeds.extend(self.images.rows(session, chunk.start, end, first_row))
-            for position in range(chunk.start, end):
-                if request.needs_logits_at(position):
-                    row = first_row + position - chunk.start
-                    batch.logits_rows.append(row)
-                    readout_index = None
-                    if self.has_readout and request.wants_readout(position + 1):
-                        readout_index = len(batch.readout_rows)
-                        batch.readout_rows.append(row)
-                    rows.append(_Row(request, position, readout_index))
-        return batch, rows
-
     def _commit(
         self,
         chunks: list[ScheduledChunk],
-        rows: list[_Row],
+        rows: list[LogitsRow],
         logprobs: torch.Tensor,
         readout: torch.Tensor | None,
     ) -> None:
@@ -398,6 +360,10 @@ class Engine:
                 self.scheduler.finish(request)
                 request.sink(SalienceError(Code.INTERNAL, "INTERNAL", "the engine step failed"))
                 self._release(request)
+
+
+def _shutting_down() -> SalienceError:
+    return SalienceError(Code.UNAVAILABLE, "SHUTTING_DOWN", "the server is stopping")
 
 
 def _images_unsupported() -> SalienceError:

@@ -53,13 +53,23 @@ class Scheduler:
         self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap on order_key
         self.running: list[Request] = []
 
-    def add(self, request: Request) -> None:
-        """Queues a request; RESOURCE_EXHAUSTED when the queue is full."""
+    def check_room(self) -> None:
+        """RESOURCE_EXHAUSTED when the queue is full."""
         if len(self.waiting) >= self.config.max_queue:
             raise SalienceError(
-                Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", f"{len(self.waiting)} requests already wait"
+                Code.RESOURCE_EXHAUSTED,
+                "QUEUE_FULL",
+                f"{len(self.waiting)} requests already wait; retry later",
             )
+
+    def add(self, request: Request) -> None:
+        """Queues a request; RESOURCE_EXHAUSTED when the queue is full."""
+        self.check_room()
         heapq.heappush(self.waiting, (request.order_key, request))
+
+    def requests(self) -> list[Request]:
+        """Every request the scheduler holds, running or waiting."""
+        return self.running + [request for _, request in self.waiting]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

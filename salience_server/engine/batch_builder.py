@@ -1,0 +1,56 @@
+"""Builds the ForwardBatch of a step from the scheduler's chunks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from salience_server.engine.batch import ForwardBatch
+from salience_server.engine.images import ImageStore
+from salience_server.engine.request import Request
+from salience_server.engine.scheduler import ScheduledChunk
+
+
+@dataclass
+class LogitsRow:
+    """One logits row of a forward pass: which request, which fed position."""
+
+    request: Request
+    fed_position: int
+    readout_index: int | None
+    """Index into the step's readout rows, when this row's readout is wanted."""
+
+
+def build_batch(
+    chunks: list[ScheduledChunk],
+    block_size: int,
+    images: ImageStore,
+    uses_mrope: bool,
+    has_readout: bool,
+) -> tuple[ForwardBatch, list[LogitsRow]]:
+    """The flattened batch, and what each of its logits rows is for."""
+    batch, rows = ForwardBatch(), []
+    for chunk in chunks:
+        request, session = chunk.request, chunk.request.session
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        first_row = batch.num_tokens
+        end = chunk.start + chunk.num_tokens
+        batch.add_sequence(
+            session.token_ids[chunk.start : end],
+            chunk.start,
+            session.block_table,
+            block_size,
+            session.rope_positions(chunk.start, end) if uses_mrope else None,
+        )
+        batch.embeds.extend(images.rows(session, chunk.start, end, first_row))
+        for position in range(chunk.start, end):
+            if request.needs_logits_at(position):
+                row = first_row + position - chunk.start
+                batch.logits_rows.append(row)
+                readout_index = None
+                if has_readout and request.wants_readout(position + 1):
+                    readout_index = len(batch.readout_rows)
+                    batch.readout_rows.append(row)
+                rows.append(LogitsRow(request, position, readout_index))
+    return batch, rows
