@@ -7,7 +7,7 @@ per second for each as a ratio to 1 session (the baseline). Aim: >= 4x at 8 sess
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 
 import grpc
@@ -22,35 +22,38 @@ NUM_TOKENS = 48
 LEVELS = (1, 4, 8, 16)
 
 
-def decode_together(stub, prompts: list[list[int]]) -> float:
-    """Aggregate decoded tokens per second while all streams run."""
-    barrier = threading.Barrier(len(prompts))
+async def decode_together(stub, prompts: list[list[int]]) -> float:
+    """Aggregate decoded tokens per second while all streams run (one asyncio client,
+    so that the load generator itself stays light on this small machine)."""
     stamps: list[list[float]] = [[] for _ in prompts]
+    session_ids = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in prompts]
 
-    def run(index: int) -> None:
-        session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
+    async def run(index: int) -> None:
         request = pb.GenerateRequest(
-            session_id=session_id,
+            session_id=session_ids[index],
             append_tokens=prompts[index],
             max_tokens=NUM_TOKENS,
             ignore_eos=True,  # every stream decodes exactly NUM_TOKENS
         )
-        barrier.wait()
-        for event in stub.Generate(request):
+        async for event in stub.Generate(request):
             if event.HasField("token"):
                 stamps[index].append(time.perf_counter())
-        stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    # From the first token anywhere (prefills done) to the last: decode time only.
+    await asyncio.gather(*(run(i) for i in range(len(prompts))))
+    for session_id in session_ids:
+        await stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    # From the moment every stream has its first token (prefills done) to the last.
     start = max(s[0] for s in stamps)
     end = max(s[-1] for s in stamps)
     num_decoded = sum(sum(1 for t in s if t > start) for s in stamps)
     return num_decoded / (end - start)
+
+
+async def measure(target: str, prompts: list[list[int]]) -> dict[int, float]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = salience_pb2_grpc.SalienceStub(channel)
+        await decode_together(stub, prompts[:2])  # warm-up
+        return {n: await decode_together(stub, prompts[:n]) for n in LEVELS}
 
 
 def main() -> None:
@@ -63,10 +66,8 @@ def main() -> None:
         )
         for i in range(max(LEVELS))
     ]
-    with running_server() as target, grpc.insecure_channel(target) as channel:
-        stub = salience_pb2_grpc.SalienceStub(channel)
-        decode_together(stub, prompts[:2])  # warm-up
-        rates = {n: decode_together(stub, prompts[:n]) for n in LEVELS}
+    with running_server() as target:
+        rates = asyncio.run(measure(target, prompts))
     for n, rate in rates.items():
         print(f"{n:2d} sessions: {rate:6.1f} tok/s aggregate, {rate / rates[1]:.2f}x one session")
 
