@@ -287,3 +287,44 @@ def test_closing_a_session_frees_its_blocks_even_mid_call(tiny_llama_dir, server
     while server.engine.block_manager.num_free != total and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.engine.block_manager.num_free == total
+
+
+@pytest.mark.parametrize("host_kv_bytes", [0, 1 << 20], ids=["drop", "offload"])
+def test_rewinding_an_evicted_session_equals_a_fresh_one(
+    host_kv_bytes, tiny_llama_dir, server_factory
+) -> None:
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=host_kv_bytes,
+    )
+    stub = server.stub
+    tokens = [random.Random(9).randrange(256) for _ in range(60)]
+    evicted = open_session(stub)
+    generate(stub, evicted, append_tokens=tokens)
+    other = open_session(stub)
+    generate(stub, other, append_tokens=tokens[::-1])  # pushes the first one out
+    expected = pb.RESIDENCY_DROPPED if host_kv_bytes == 0 else pb.RESIDENCY_OFFLOADED
+    assert _session_info(stub, evicted).residency == expected
+    got, _ = generate(
+        stub,
+        evicted,
+        append_tokens=[5, 6],
+        offset=21,
+        truncating=True,
+        max_tokens=6,
+        logprobs_ranges=[(21, U32_MAX)],
+    )
+    want, _ = generate(
+        stub,
+        open_session(stub),
+        append_tokens=tokens[:21] + [5, 6],
+        max_tokens=6,
+        logprobs_ranges=[(21, U32_MAX)],
+    )
+    assert [t.id for t in got] == [t.id for t in want]
+    assert (
+        max(abs(a.sampled_logprob - b.sampled_logprob) for a, b in zip(got, want, strict=True))
+        < TOLERANCE
+    )
