@@ -91,7 +91,13 @@ def paged_attention_forward(
         keys = _gather(key_cache, seq, salience_batch.workspace[0])  # [1, Hkv, ctx, D]
         values = _gather(value_cache, seq, salience_batch.workspace[1])
         attended = F.scaled_dot_product_attention(
-            query[:, :, rows], keys, values, attn_mask=seq.mask, scale=scaling, enable_gqa=True
+            query[:, :, rows],
+            keys,
+            values,
+            attn_mask=seq.mask,
+            is_causal=seq.query_len > 1 and seq.mask is None,
+            scale=scaling,
+            enable_gqa=True,
         )  # [1, H, q, D]
         output[rows] = attended[0].transpose(0, 1)
     return output.unsqueeze(0), None
@@ -184,8 +190,10 @@ def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor
 
 
 def causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor | None:
-    """Query row i (at position context_len - query_len + i) sees keys 0 .. that position."""
-    if query_len == 1:
+    """Query row i (at position context_len - query_len + i) sees keys 0 .. that position.
+    None when no mask is needed (one query row) or SDPA's own ``is_causal`` applies (the
+    sequence is all new, so its causal mask is the square one)."""
+    if query_len == 1 or query_len == context_len:
         return None
     query_positions = torch.arange(context_len - query_len, context_len, device=device)
     return query_positions[:, None] >= torch.arange(context_len, device=device)[None, :]
