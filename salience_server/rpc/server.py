@@ -32,6 +32,9 @@ class SalienceServer:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # Sessions live in this process: a second server on the same port must fail
+            # to bind, not share the port and split the clients between two servers.
+            ("grpc.so_reuseport", 0),
         ]
         interceptors = [BearerTokenInterceptor(config.api_key)] if config.api_key else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -45,9 +48,10 @@ class SalienceServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(service_names, self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError as error:  # grpc's bind failure
+            raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)") from error
         self.engine: Engine | None = None
 
     async def start(self, loader: Callable[[], LoadedModel] | None = None) -> None:

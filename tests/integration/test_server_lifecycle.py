@@ -79,3 +79,27 @@ def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> 
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "salience_server",
+                "--model",
+                str(tiny_llama_dir),
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
