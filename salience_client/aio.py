@@ -94,12 +94,9 @@ class AsyncSession(SessionBase):
         is_done = is_failed = False
         try:
             async for event in call:
-                if event.HasField("done"):
-                    done = Done.from_pb(event.done)
-                    self.length, is_done = done.total_tokens, True
-                    yield done
-                else:
-                    yield TokenEvent.from_pb(event.token, manifest)
+                converted = self._event(event, manifest)
+                is_done = isinstance(converted, Done)
+                yield converted
         except grpc.RpcError as error:
             is_failed = True
             raise SalienceClientError.from_rpc_error(error) from None

@@ -154,6 +154,16 @@ class SessionBase:
         self._manifest = ReadoutManifest(list(manifest.layers), list(manifest.concepts))
         return self._manifest
 
+    def _event(
+        self, event: pb.GenerateEvent, manifest: ReadoutManifest | None
+    ) -> TokenEvent | Done:
+        """Converts one streamed event; a Done also updates the tracked length."""
+        if event.HasField("done"):
+            done = Done.from_pb(event.done)
+            self.length = done.total_tokens
+            return done
+        return TokenEvent.from_pb(event.token, manifest)
+
     def _offset(self, truncate_to: int | None) -> tuple[int, bool]:
         """(offset, truncating) for the next call."""
         return (self.length, False) if truncate_to is None else (truncate_to, True)
@@ -202,12 +212,9 @@ class Session(SessionBase):
         is_done = is_failed = False
         try:
             for event in call:
-                if event.HasField("done"):
-                    done = Done.from_pb(event.done)
-                    self.length, is_done = done.total_tokens, True
-                    yield done
-                else:
-                    yield TokenEvent.from_pb(event.token, manifest)
+                converted = self._event(event, manifest)
+                is_done = isinstance(converted, Done)
+                yield converted
         except grpc.RpcError as error:
             is_failed = True
             raise SalienceClientError.from_rpc_error(error) from None
