@@ -26,6 +26,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-context", type=int, default=0, help="per-session token limit")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "sdpa", "flash-attn"),
+        default="auto",
+        help="auto: flash-attn on CUDA when installed (paged with --block-size 256), else SDPA",
+    )
+    parser.add_argument(
         "--kv-cache-memory",
         type=parse_bytes,
         default=0,
@@ -66,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             engine=EngineConfig(
                 max_context=args.max_context,
                 block_size=args.block_size,
+                attention_backend=args.attention_backend,
                 kv_cache_bytes=args.kv_cache_memory,
                 host_kv_bytes=args.host_kv_memory,
                 max_image_bytes=args.max_image_bytes,

@@ -41,6 +41,8 @@ class EngineConfig:
     """Largest encoded image AppendImage accepts."""
     max_image_pixels: int = 4096 * 4096
     """Largest width * height AppendImage accepts (checked before decoding)."""
+    attention_backend: str = "auto"
+    """sdpa, flash-attn, or auto (flash-attn where it can run, else sdpa)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -49,6 +51,11 @@ class EngineConfig:
             raise ValueError("max_batch_tokens and max_running must be positive")
         if self.max_context < 0 or self.kv_cache_bytes < 0 or self.max_queue < 0:
             raise ValueError("max_context, kv_cache_bytes and max_queue must not be negative")
+        if self.attention_backend not in ("auto", "sdpa", "flash-attn"):
+            raise ValueError(
+                f"unknown attention backend {self.attention_backend!r}; "
+                "choose auto, sdpa or flash-attn"
+            )
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,13 @@ class Engine:
             num_blocks * block_bytes / 2**20,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_context)
+        self.runner = ModelRunner(
+            loaded.model,
+            num_blocks,
+            config.block_size,
+            self.max_context,
+            config.attention_backend,
+        )
         if readout is not None:
             self.runner.enable_readout(readout)
         self.sessions: dict[str, Session] = {}

@@ -39,7 +39,16 @@ class ForwardOutput:
 class ModelRunner:
     """Owns the model and the KV pool tensors; executes ForwardBatches."""
 
-    def __init__(self, model: Any, num_blocks: int, block_size: int, max_context: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        num_blocks: int,
+        block_size: int,
+        max_context: int,
+        attention: str | paged_attention.AttentionBackend = "auto",
+    ) -> None:
+        """``attention`` names a backend (see ``paged_attention.select_backend``) or is
+        one already built."""
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -54,12 +63,16 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
-        max_blocks = min(num_blocks, -(-max_context // block_size))
-        workspace_shape = (max_blocks, block_size, num_kv_heads, head_dim)
-        self.workspace = (
-            torch.empty(workspace_shape, dtype=self.dtype, device=self.device),
-            torch.empty(workspace_shape, dtype=self.dtype, device=self.device),
-        )
+        if isinstance(attention, str):
+            attention = paged_attention.select_backend(
+                attention,
+                self.device,
+                self.dtype,
+                head_dim,
+                block_size,
+                workspace_blocks=min(num_blocks, -(-max_context // block_size)),
+            )
+        self.attention = attention
         self.readout: Readout | None = None
         self._capture_rows: torch.Tensor | None = None
         self._captured: list[torch.Tensor] = []
@@ -87,8 +100,8 @@ class ModelRunner:
         """Runs one forward pass: logits at ``batch.logits_rows``, readout at
         ``batch.readout_rows``."""
         device = self.device
-        metadata = paged_attention.build_metadata(
-            batch.sequences, batch.slot_mapping, self.kv_caches, self.workspace, self.block_size
+        metadata = self.attention.build_metadata(
+            batch.sequences, batch.slot_mapping, self.kv_caches
         )
         input_ids = torch.tensor([batch.token_ids], dtype=torch.long, device=device)  # [1, T]
         if batch.rope_positions:  # [3, 1, T]: (t, h, w) rows

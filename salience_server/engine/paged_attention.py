@@ -2,23 +2,65 @@
 
 transformers models call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` in
 every attention layer with the projected, rotated queries, keys and values, and pass
-the model's extra keyword arguments down. We register ``salience_paged`` and pass a
-``PagedAttentionMetadata`` as ``salience_batch``: the function writes the new keys and
-values into the pool through the slot mapping, then attends each sequence over its
-own blocks. Llama, Qwen2 and Qwen3 models work unchanged.
+the model's extra keyword arguments down. We register ``salience_paged`` and pass an
+``AttentionMetadata`` as ``salience_batch``: the function writes the new keys and
+values into the pool through the slot mapping, then the metadata attends each
+sequence over its own blocks. Llama, Qwen2 and Qwen3 models work unchanged.
+
+Two backends build that metadata: ``SdpaBackend`` here (any device: torch SDPA per
+prefill sequence, one padded call for all single-token decodes) and
+``flash_attention.FlashAttentionBackend`` (CUDA with flash-attn installed: one varlen
+kernel call per layer). ``select_backend`` picks one at start.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from salience_server.engine import flash_attention
+
+log = logging.getLogger(__name__)
+
 ATTENTION_NAME = "salience_paged"
+BACKENDS = ("auto", "sdpa", "flash-attn")
+
+
+class AttentionMetadata(Protocol):
+    """What one forward pass's attention layers need: built once per batch."""
+
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    slot_mapping: torch.Tensor
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """query [1, H, T, D] over one layer's pool (already holding the new tokens)
+        -> [T, H, D]."""
+        ...
+
+
+class AttentionBackend(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def build_metadata(
+        self,
+        spans: Sequence[Any],
+        slot_mapping: list[int],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> AttentionMetadata: ...
 
 
 @dataclass
@@ -45,7 +87,7 @@ class DecodeGroup:
 
 
 @dataclass
-class PagedAttentionMetadata:
+class SdpaAttentionMetadata:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     """Per layer (keys, values), each [num_blocks, block_size, num_kv_heads, head_dim]."""
     slot_mapping: torch.Tensor
@@ -58,6 +100,36 @@ class PagedAttentionMetadata:
     sequence's context is gathered into: fresh allocations per gather cost page faults
     that made gathering ~9x slower on CPU."""
 
+    def attend(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """query [1, H, T, D] -> [T, H, D]."""
+        output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+        group = self.decode_group
+        if group is not None:
+            output[group.rows] = _attend_decodes(
+                query, key_cache, value_cache, group, self.workspace, scaling
+            )
+        for seq in self.sequences:
+            rows = slice(seq.query_start, seq.query_start + seq.query_len)
+            keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
+            values = _gather(value_cache, seq, self.workspace[1])
+            attended = F.scaled_dot_product_attention(
+                query[:, :, rows],
+                keys,
+                values,
+                attn_mask=seq.mask,
+                is_causal=seq.query_len > 1 and seq.mask is None,
+                scale=scaling,
+                enable_gqa=True,
+            )  # [1, H, q, D]
+            output[rows] = attended[0].transpose(0, 1)
+        return output
+
 
 def paged_attention_forward(
     module: torch.nn.Module,
@@ -67,7 +139,7 @@ def paged_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    salience_batch: PagedAttentionMetadata | None = None,
+    salience_batch: AttentionMetadata | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query [1, H, T, D], key/value [1, Hkv, T, D] -> output [1, T, H, D]."""
@@ -80,27 +152,80 @@ def paged_attention_forward(
     value_cache.view(-1, num_kv_heads, head_dim)[salience_batch.slot_mapping] = value[0].transpose(
         0, 1
     )
-    output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
-    group = salience_batch.decode_group
-    if group is not None:
-        output[group.rows] = _attend_decodes(
-            query, key_cache, value_cache, group, salience_batch.workspace, scaling
-        )
-    for seq in salience_batch.sequences:
-        rows = slice(seq.query_start, seq.query_start + seq.query_len)
-        keys = _gather(key_cache, seq, salience_batch.workspace[0])  # [1, Hkv, ctx, D]
-        values = _gather(value_cache, seq, salience_batch.workspace[1])
-        attended = F.scaled_dot_product_attention(
-            query[:, :, rows],
-            keys,
-            values,
-            attn_mask=seq.mask,
-            is_causal=seq.query_len > 1 and seq.mask is None,
-            scale=scaling,
-            enable_gqa=True,
-        )  # [1, H, q, D]
-        output[rows] = attended[0].transpose(0, 1)
+    output = salience_batch.attend(query, key_cache, value_cache, scaling)
     return output.unsqueeze(0), None
+
+
+def select_backend(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    block_size: int,
+    workspace_blocks: int,
+) -> AttentionBackend:
+    """The backend ``--attention-backend`` names. ``auto`` takes flash-attn where it can
+    run (CUDA, half precision, flash-attn installed) and SDPA otherwise; asking for
+    flash-attn where it cannot run is an error that says why."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    backend: AttentionBackend
+    reason = None if name == "sdpa" else flash_attention.unsupported_reason(device, dtype, head_dim)
+    if name == "flash-attn" and reason is not None:
+        raise ValueError(f"--attention-backend flash-attn: {reason}")
+    if name != "sdpa" and reason is None:
+        kernel = flash_attention.load_kernel()
+        assert kernel is not None
+        flash = flash_attention.FlashAttentionBackend(kernel, block_size, device)
+        if not flash.paged:
+            log.info(
+                "flash-attn reads the pool in place with --block-size %d (or a multiple); "
+                "with %d-token blocks each layer gathers the batch's context first",
+                flash_attention.PAGE_MULTIPLE,
+                block_size,
+            )
+        backend = flash
+    else:
+        if device.type == "cuda" and reason is not None:
+            log.info("attention: SDPA, because %s", reason)
+        backend = SdpaBackend(block_size, workspace_blocks, device)
+    log.info("attention: %s", backend.name)
+    return backend
+
+
+class SdpaBackend:
+    """torch SDPA over each sequence's gathered blocks; decodes padded into one call."""
+
+    name = "torch SDPA"
+
+    def __init__(self, block_size: int, workspace_blocks: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.workspace_blocks = workspace_blocks
+        self.device = device
+        self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def build_metadata(
+        self,
+        spans: Sequence[Any],
+        slot_mapping: list[int],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> SdpaAttentionMetadata:
+        return build_metadata(
+            list(spans), slot_mapping, kv_caches, self._workspace_for(kv_caches), self.block_size
+        )
+
+    def _workspace_for(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Allocated once, shaped like the pool's blocks."""
+        if self._workspace is None:
+            keys = kv_caches[0][0]
+            shape = (self.workspace_blocks, *keys.shape[1:])
+            self._workspace = (
+                torch.empty(shape, dtype=keys.dtype, device=keys.device),
+                torch.empty(shape, dtype=keys.dtype, device=keys.device),
+            )
+        return self._workspace
 
 
 def _attend_decodes(
@@ -134,8 +259,8 @@ def build_metadata(
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     workspace: tuple[torch.Tensor, torch.Tensor],
     block_size: int,
-) -> PagedAttentionMetadata:
-    """The attention inputs of one batch of SequenceSpans: single-token sequences go
+) -> SdpaAttentionMetadata:
+    """The SDPA inputs of one batch of SequenceSpans: single-token sequences go
     into one padded decode group when there are several and the workspace holds them."""
     device = workspace[0].device
     decodes = [span for span in spans if span.query_len == 1]
@@ -158,7 +283,7 @@ def build_metadata(
         )
         for span in spans
     ]
-    return PagedAttentionMetadata(
+    return SdpaAttentionMetadata(
         kv_caches=kv_caches,
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         sequences=sequences,

@@ -1,0 +1,170 @@
+"""Attention backends against dense attention (the oracle), and their selection.
+
+flash-attn cannot run here (no CUDA), so its backend runs over a plain-torch stand-in
+for ``flash_attn_varlen_func`` (``tests/flash_reference.py``); what these tests check
+is everything around the kernel: packing, cu_seqlens, block tables, causal alignment
+of chunks over cached context, and GQA."""
+
+from __future__ import annotations
+
+import inspect
+import random
+import sys
+import types
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salience_server.engine import flash_attention, paged_attention
+from salience_server.engine.batch import ForwardBatch
+from salience_server.engine.flash_attention import FlashAttentionBackend
+from salience_server.engine.paged_attention import SdpaBackend
+from tests import flash_reference
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
+
+
+class _Layer(torch.nn.Module):
+    layer_idx = 0
+
+
+class _KernelSpy:
+    """The reference kernel, remembering whether it was handed a block table."""
+
+    def __init__(self) -> None:
+        self.block_tables: list[Any] = []
+        self.__signature__ = inspect.signature(flash_reference.flash_attn_varlen_func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.block_tables.append(kwargs.get("block_table"))
+        return flash_reference.flash_attn_varlen_func(*args, **kwargs)
+
+
+def _attend_batch(
+    backend: Any, block_size: int, shapes: list[tuple[int, int]], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of (cached tokens, new tokens) in one batch, their blocks scattered
+    through the pool: -> (backend output [T, H, D], dense oracle [T, H, D])."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-(cached + new) // block_size) for cached, new in shapes]
+    num_blocks = sum(blocks_needed) + 3
+    pool_ids = list(range(num_blocks))
+    random.Random(seed).shuffle(pool_ids)
+    pool_shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+    key_cache, value_cache = torch.randn(pool_shape), torch.randn(pool_shape)  # stale data
+    batch = ForwardBatch()
+    new_queries, new_keys, new_values, oracle = [], [], [], []
+    for (cached, new), count in zip(shapes, blocks_needed, strict=True):
+        table, pool_ids = pool_ids[:count], pool_ids[count:]
+        keys = torch.randn(cached + new, NUM_KV_HEADS, HEAD_DIM, generator=generator)
+        values = torch.randn(cached + new, NUM_KV_HEADS, HEAD_DIM, generator=generator)
+        queries = torch.randn(new, NUM_HEADS, HEAD_DIM, generator=generator)
+        for position in range(cached):  # the context an earlier step left in the pool
+            slot = divmod(position, block_size)
+            key_cache[table[slot[0]], slot[1]] = keys[position]
+            value_cache[table[slot[0]], slot[1]] = values[position]
+        batch.add_sequence([0] * new, cached, table, block_size)
+        new_queries.append(queries)
+        new_keys.append(keys[cached:])
+        new_values.append(values[cached:])
+        mask = torch.arange(cached, cached + new)[:, None] >= torch.arange(cached + new)[None, :]
+        dense = F.scaled_dot_product_attention(
+            queries.transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=mask,
+            enable_gqa=True,
+        )  # [H, new, D]
+        oracle.append(dense.transpose(0, 1))
+    kv_caches = [(key_cache, value_cache)]
+    metadata = backend.build_metadata(batch.sequences, batch.slot_mapping, kv_caches)
+    output, _ = paged_attention.paged_attention_forward(
+        _Layer(),
+        torch.cat(new_queries).transpose(0, 1).unsqueeze(0),  # [1, H, T, D]
+        torch.cat(new_keys).transpose(0, 1).unsqueeze(0),  # [1, Hkv, T, D]
+        torch.cat(new_values).transpose(0, 1).unsqueeze(0),
+        None,
+        scaling=HEAD_DIM**-0.5,
+        salience_batch=metadata,
+    )
+    return output[0], torch.cat(oracle)
+
+
+# (cached, new): an all-new prefill, chunks over cached context (one crossing a block
+# boundary), decodes of different lengths, a decode of a one-token context.
+MIXED_BATCH = [(0, 7), (13, 5), (29, 1), (0, 1), (40, 1), (3, 9), (77, 2)]
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_sdpa_backend_equals_dense_attention(block_size: int) -> None:
+    backend = SdpaBackend(block_size, workspace_blocks=64, device=torch.device("cpu"))
+    got, want = _attend_batch(backend, block_size, MIXED_BATCH)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_flash_backend_gathers_small_blocks_and_equals_dense_attention(block_size: int) -> None:
+    spy = _KernelSpy()
+    backend = FlashAttentionBackend(spy, block_size, torch.device("cpu"))
+    assert not backend.paged
+    got, want = _attend_batch(backend, block_size, MIXED_BATCH, seed=1)
+    assert (got - want).abs().max().item() < 1e-5
+    assert spy.block_tables == [None]  # one call for the whole batch, over packed context
+
+
+def test_flash_backend_reads_256_token_pages_in_place_and_equals_dense_attention() -> None:
+    spy = _KernelSpy()
+    backend = FlashAttentionBackend(spy, 256, torch.device("cpu"))
+    assert backend.paged
+    shapes = [(0, 300), (250, 10), (511, 1), (0, 1), (700, 1), (255, 2)]
+    got, want = _attend_batch(backend, 256, shapes, seed=2)
+    assert (got - want).abs().max().item() < 1e-5
+    [table] = spy.block_tables
+    assert table.dtype == torch.int32 and table.shape == (len(shapes), 3)
+
+
+def test_a_kernel_without_block_tables_gathers_even_with_256_token_blocks() -> None:
+    def old_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):  # type: ignore[no-untyped-def]
+        assert "block_table" not in kwargs
+        return flash_reference.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs
+        )
+
+    backend = FlashAttentionBackend(old_kernel, 256, torch.device("cpu"))
+    assert not backend.paged
+    got, want = _attend_batch(backend, 256, [(0, 5), (300, 1)], seed=3)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_auto_selects_sdpa_on_cpu_and_flash_attn_asked_for_on_cpu_says_why() -> None:
+    cpu = torch.device("cpu")
+    backend = paged_attention.select_backend("auto", cpu, torch.float32, 64, 16, 8)
+    assert isinstance(backend, SdpaBackend)
+    with pytest.raises(ValueError, match="flash-attn runs on CUDA only"):
+        paged_attention.select_backend("flash-attn", cpu, torch.float32, 64, 16, 8)
+
+
+def test_flash_attn_unsupported_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")  # a device object only: nothing is allocated on it
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails: not installed
+    assert "not installed" in (flash_attention.unsupported_reason(cuda, torch.bfloat16, 64) or "")
+    assert "float16 or bfloat16" in (
+        flash_attention.unsupported_reason(cuda, torch.float32, 64) or ""
+    )
+    assert "head sizes" in (flash_attention.unsupported_reason(cuda, torch.float16, 512) or "")
+
+
+def test_auto_selects_flash_attn_on_cuda_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = flash_reference.flash_attn_varlen_func  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    cuda = torch.device("cuda")
+    assert flash_attention.unsupported_reason(cuda, torch.bfloat16, 64) is None
+    gathered = paged_attention.select_backend("auto", cuda, torch.bfloat16, 64, 16, 8)
+    paged = paged_attention.select_backend("flash-attn", cuda, torch.float16, 64, 256, 8)
+    assert isinstance(gathered, FlashAttentionBackend) and not gathered.paged
+    assert isinstance(paged, FlashAttentionBackend) and paged.paged
+    fallback = paged_attention.select_backend("auto", cuda, torch.float32, 64, 16, 8)
+    assert isinstance(fallback, SdpaBackend)
