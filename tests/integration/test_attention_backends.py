@@ -6,18 +6,27 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from salience_server.config import ModelConfig
+from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.loader import load_model
 from salience_server.engine.model_runner import ModelRunner
 from tests import flash_reference
-from tests.helpers import reference_logprobs
+from tests.helpers import (
+    U32_MAX,
+    generate,
+    open_session,
+    reference_greedy,
+    reference_logprobs,
+)
 from tests.tiny_models import reference_model
 
 
@@ -54,6 +63,58 @@ def test_model_runner_with_the_flash_backend_equals_one_forward_pass(
             want = reference_logprobs(oracle, sequences[name][:end])[start:end]
             assert (logprobs[row : row + end - start] - want).abs().max().item() < 1e-4
             row += end - start
+
+
+@pytest.mark.parametrize("block_size", [4, 256])
+def test_engine_on_the_flash_backend_equals_transformers(
+    block_size: int, tiny_llama_dir: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole engine (scheduler, chunked prefill, decodes of eight sessions sharing
+    forward passes) with the flash backend in place of SDPA: chunked appends score like
+    one forward pass, and every session's greedy decode equals transformers generate."""
+
+    def flash_backend(name: str, device: torch.device, *args: Any, **kwargs: Any) -> Any:
+        return FlashAttentionBackend(flash_reference.flash_attn_varlen_func, block_size, device)
+
+    monkeypatch.setattr(paged_attention, "select_backend", flash_backend)
+    server = server_factory(
+        tiny_llama_dir, block_size=block_size, kv_cache_bytes=8 << 20, max_batch_tokens=32
+    )
+    stub = server.stub
+    oracle = reference_model(tiny_llama_dir)
+    rng = random.Random(11)
+    token_ids = [rng.randrange(256) for _ in range(70)]
+    session_id = open_session(stub)
+    scored = []
+    for start, end in [(0, 9), (9, 10), (10, 50), (50, 70)]:  # 40 > max_batch_tokens
+        tokens, _ = generate(
+            stub,
+            session_id,
+            append_tokens=token_ids[start:end],
+            offset=start,
+            logprobs_ranges=[(max(start, 1), U32_MAX)],
+        )
+        scored.extend(tokens)
+    got = torch.tensor([t.sampled_logprob for t in scored])
+    want = reference_logprobs(oracle, token_ids)[torch.arange(69), torch.tensor(token_ids[1:])]
+    assert (got - want).abs().max().item() < 1e-4
+
+    prompts = [[rng.randrange(256) for _ in range(3 + 6 * i)] for i in range(8)]
+    together: list[list[int]] = [[] for _ in prompts]
+    barrier = threading.Barrier(len(prompts))
+
+    def run(index: int) -> None:
+        session_id = open_session(stub)
+        barrier.wait()
+        tokens, _ = generate(stub, session_id, append_tokens=prompts[index], max_tokens=12)
+        together[index] = [t.id for t in tokens]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert together == [reference_greedy(oracle, prompt, 12) for prompt in prompts]
 
 
 def test_server_asked_for_flash_attn_without_cuda_exits_with_one_line(tiny_llama_dir) -> None:
