@@ -319,22 +319,30 @@ class Engine:
         logprobs: torch.Tensor,
         readout: torch.Tensor | None,
     ) -> None:
-        """Records the new KV, emits prefill tokens, samples and commits decoded ones."""
+        """Records the new KV, emits prefill tokens, samples and commits decoded ones.
+        Tokens, scores and readout of all rows are computed together and reach the host
+        in a few copies, not a few per row (each one a device sync on CUDA)."""
         for chunk in chunks:
             end = chunk.start + chunk.num_tokens
             chunk.request.num_recomputed += chunk.request.session.mark_computed(chunk.start, end)
-        for row, row_logprobs in zip(rows, logprobs, strict=True):
+        picks = [outputs.pick(row.request, row.fed_position + 1) for row in rows]
+        token_ids, argmax_rows = sampler.pick_tokens(logprobs, picks)
+        top_ks = [outputs.top_k(row.request, row.fed_position + 1) for row in rows]
+        scores = sampler.score(logprobs, token_ids, top_ks, argmax_rows)
+        readout_values = readout.flatten(1).tolist() if readout is not None else []  # [R, L * C]
+        for row, pick, token_id, scored in zip(
+            rows, picks, token_ids.tolist(), scores, strict=True
+        ):
             request = row.request
             if request.is_cancelled:
                 continue
-            target = row.fed_position + 1
             values: list[float] = []
-            if readout is not None and row.readout_index is not None:
-                values = readout[row.readout_index].flatten().tolist()  # [n_layers * n_concepts]
-            if target < request.session.length:
-                request.sink(outputs.prefill_token(request, target, row_logprobs, values))
+            if row.readout_index is not None and readout_values:
+                values = readout_values[row.readout_index]  # [n_layers * n_concepts]
+            if isinstance(pick, int):
+                request.sink(outputs.prefill_token(request, row.fed_position + 1, scored, values))
             else:
-                request.sink(outputs.decode_token(request, row_logprobs, values))
+                request.sink(outputs.decode_token(request, token_id, scored, values))
         for chunk in chunks:
             if chunk.request.is_finished and not chunk.request.is_cancelled:
                 self.scheduler.finish(chunk.request)

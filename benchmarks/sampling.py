@@ -1,0 +1,82 @@
+"""Question: what does turning a step's logits rows into tokens and scores cost?
+
+The engine samples and scores every logits row of a step together (one argmax for the
+greedy rows, one rank and top-k pass for all rows, a few copies to the host). The
+baseline is the per-row loop it replaced: for each row an argmax, a rank and a top-k,
+each read back with ``.item()`` / ``.tolist()``, which on CUDA is a device sync each.
+Two shapes, with the default model's vocabulary (49152): 64 greedy decode rows (a busy
+decode step) and 512 scored rows with top-5 logprobs (a scoring prefill). Prints the
+time per step of each and the ratio. Runs on CUDA when there is one.
+
+    python -m benchmarks.sampling
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from salience_server.engine import sampler
+from salience_server.engine.request import SamplingParams
+
+VOCAB = 49152
+ROUNDS = 20
+
+
+def per_row(logprobs: torch.Tensor, picks: list[int | sampler.Draw], top_k: int) -> list:
+    """The baseline: one row at a time, every value read back on its own."""
+    results = []
+    for row, pick in zip(logprobs, picks, strict=True):
+        token_id = int(torch.argmax(row).item()) if isinstance(pick, sampler.Draw) else pick
+        chosen = row[token_id]
+        rank = int((row > chosen).sum().item()) + 1
+        tops = []
+        if top_k:
+            values, indices = torch.topk(row, top_k)
+            tops = list(zip(indices.tolist(), values.tolist(), strict=True))
+        results.append((token_id, float(chosen.item()), rank, tops))
+    return results
+
+
+def batched(logprobs: torch.Tensor, picks: list[int | sampler.Draw], top_k: int) -> list:
+    token_ids, argmax_rows = sampler.pick_tokens(logprobs, picks)
+    scores = sampler.score(logprobs, token_ids, [top_k] * len(picks), argmax_rows)
+    return list(zip(token_ids.tolist(), scores, strict=True))
+
+
+def timed(function, *args) -> float:  # type: ignore[no-untyped-def]
+    function(*args)  # warm up
+    if args[0].is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(ROUNDS):
+        function(*args)
+    return (time.perf_counter() - start) / ROUNDS
+
+
+def main() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    print(f"device: {device}, vocabulary {VOCAB}, {ROUNDS} rounds each")
+    greedy = sampler.Draw(SamplingParams(), None, [])
+    for name, rows, top_k in [("64 greedy decode rows", 64, 0), ("512 scored rows, top-5", 512, 5)]:
+        logits = torch.randn(rows, VOCAB, generator=generator).to(device)
+        logprobs = sampler.log_softmax(logits)
+        if top_k:
+            picks: list[int | sampler.Draw] = torch.randint(VOCAB, (rows,)).tolist()
+        else:
+            picks = [greedy] * rows
+        baseline = per_row(logprobs, picks, top_k)
+        ours = batched(logprobs, picks, top_k)
+        assert [b[0] for b in baseline] == [o[0] for o in ours]
+        assert [b[2] for b in baseline] == [o[1].rank for o in ours]
+        slow, fast = timed(per_row, logprobs, picks, top_k), timed(batched, logprobs, picks, top_k)
+        print(
+            f"{name}: per row {slow * 1e3:.2f} ms, together {fast * 1e3:.2f} ms "
+            f"-> per-row / together = {slow / fast:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
