@@ -258,6 +258,7 @@ class Engine:
             # (not counted as a recomputation).
             session.num_computed = min(session.num_computed, params.offset - 1)
             session.num_ever_computed = min(session.num_ever_computed, params.offset - 1)
+        self.session_table.release_rewound_host_kv(session)
         request.num_cached = session.num_computed
         if params.offset == 0 and session.length > 0:
             if in_ranges(0, params.logprobs_ranges) or in_ranges(0, params.readout_ranges):

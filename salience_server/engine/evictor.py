@@ -78,6 +78,15 @@ class Evictor:
         self.forget(session)
         session.residency = Residency.RESIDENT
 
+    def shrink(self, session: Session) -> None:
+        """An offloaded session was rewound: only the host KV of the tokens it still has
+        stays budgeted; with none left it counts as dropped."""
+        num_bytes = session.num_computed * self.kv_bytes_per_token
+        self.host_bytes_used -= session.host_kv_bytes - num_bytes
+        session.host_kv_bytes = num_bytes
+        if num_bytes == 0:
+            session.residency = Residency.DROPPED
+
     def forget(self, session: Session) -> None:
         """Releases a session's host budget (restored or closed)."""
         self.host_bytes_used -= session.host_kv_bytes

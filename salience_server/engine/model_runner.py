@@ -150,9 +150,8 @@ class ModelRunner:
             for (keys, values), (host_keys, host_values) in zip(
                 self.kv_caches, self.host_kv.pop(swap_in.session_id), strict=True
             ):
-                # A rewind while offloaded may have shortened the session.
-                keys[index] = host_keys[: len(index)].to(self.device)
-                values[index] = host_values[: len(index)].to(self.device)
+                keys[index] = host_keys.to(self.device)
+                values[index] = host_values.to(self.device)
         if copies:
             sources = self._index([source for source, _ in copies])
             targets = self._index([target for _, target in copies])
@@ -162,6 +161,18 @@ class ModelRunner:
 
     def discard_host_kv(self, session_id: str) -> None:
         self.host_kv.pop(session_id, None)
+
+    def trim_host_kv(self, session_id: str, num_blocks: int) -> None:
+        """Keeps the first ``num_blocks`` blocks of an offloaded session's host KV."""
+        if num_blocks == 0:
+            self.discard_host_kv(session_id)
+            return
+        if self.host_kv[session_id][0][0].shape[0] <= num_blocks:
+            return
+        self.host_kv[session_id] = [
+            (keys[:num_blocks].clone(), values[:num_blocks].clone())
+            for keys, values in self.host_kv[session_id]
+        ]
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=self.device)

@@ -94,6 +94,15 @@ class SessionTable:
             self.evictor.forget(session)
             self.runner.discard_host_kv(session.session_id)
 
+    def release_rewound_host_kv(self, session: Session) -> None:
+        """After a rewind: an offloaded session keeps (and counts) only the host KV of
+        the tokens it still has."""
+        if session.residency != Residency.OFFLOADED:
+            return
+        self.evictor.shrink(session)
+        num_blocks = self.block_manager.blocks_for(session.num_computed)
+        self.runner.trim_host_kv(session.session_id, num_blocks)
+
     def expire(self, ttl_s: float) -> None:
         """Closes sessions idle for longer than ``ttl_s`` (0: never)."""
         if ttl_s <= 0:

@@ -328,3 +328,37 @@ def test_rewinding_an_evicted_session_equals_a_fresh_one(
         max(abs(a.sampled_logprob - b.sampled_logprob) for a, b in zip(got, want, strict=True))
         < TOLERANCE
     )
+
+
+def test_rewinding_an_offloaded_session_releases_the_host_memory_it_no_longer_needs(
+    tiny_llama_dir, server_factory
+) -> None:
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=1 << 20,
+    )
+    stub, engine = server.stub, server.engine
+    tokens = [random.Random(4).randrange(256) for _ in range(60)]
+    evicted = open_session(stub)
+    generate(stub, evicted, append_tokens=tokens)
+    generate(stub, open_session(stub), append_tokens=tokens[::-1])  # pushes it out
+    info = _session_info(stub, evicted)
+    assert info.residency == pb.RESIDENCY_OFFLOADED and info.kv_bytes == 60 * TOKEN_BYTES
+    assert engine.evictor.host_bytes_used == 60 * TOKEN_BYTES
+
+    generate(stub, evicted, offset=21, truncating=True)  # a rewind alone: nothing to run
+    info = _session_info(stub, evicted)
+    assert info.residency == pb.RESIDENCY_OFFLOADED and info.kv_bytes == 21 * TOKEN_BYTES
+    assert engine.evictor.host_bytes_used == 21 * TOKEN_BYTES
+    host_keys = engine.runner.host_kv[evicted][0][0]
+    assert host_keys.shape[0] == -(-21 // BLOCK_SIZE)
+
+    generate(stub, evicted, offset=0, truncating=True)
+    assert _session_info(stub, evicted).residency == pb.RESIDENCY_DROPPED
+    assert engine.evictor.host_bytes_used == 0 and evicted not in engine.runner.host_kv
+
+    got, _ = generate(stub, evicted, append_tokens=tokens[:9], max_tokens=5)
+    want, _ = generate(stub, open_session(stub), append_tokens=tokens[:9], max_tokens=5)
+    assert [t.id for t in got] == [t.id for t in want]
