@@ -24,7 +24,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--max-context", type=int, default=0, help="per-session token limit")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=0,
+        help="tokens per KV block (default: 256 with flash-attn's paged kernel, else 16)",
+    )
     parser.add_argument(
         "--attention-backend",
         choices=("auto", "sdpa", "flash-attn"),

@@ -23,8 +23,8 @@ class EngineConfig:
 
     max_context: int = 0
     """Tokens a session may hold; 0 means the model's own limit."""
-    block_size: int = 16
-    """Tokens per KV block."""
+    block_size: int = 0
+    """Tokens per KV block; 0 picks 256 where flash-attn's paged kernel runs, else 16."""
     kv_cache_bytes: int = 0
     """Bytes of accelerator memory for the KV block pool; 0 picks a default."""
     max_batch_tokens: int = 2048
@@ -45,8 +45,8 @@ class EngineConfig:
     """sdpa, flash-attn, or auto (flash-attn where it can run, else sdpa)."""
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise ValueError("block_size must be positive")
+        if self.block_size < 0:
+            raise ValueError("block_size must not be negative (0 picks a default)")
         if self.max_batch_tokens <= 0 or self.max_running <= 0:
             raise ValueError("max_batch_tokens and max_running must be positive")
         if self.max_context < 0 or self.kv_cache_bytes < 0 or self.max_queue < 0:

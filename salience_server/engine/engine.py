@@ -15,7 +15,7 @@ import time
 import torch
 
 from salience_server.config import EngineConfig
-from salience_server.engine import outputs, sampler
+from salience_server.engine import outputs, paged_attention, sampler
 from salience_server.engine.batch_builder import LogitsRow, build_batch
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.detokenizer import IncrementalDetokenizer
@@ -23,7 +23,7 @@ from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.loader import LoadedModel
-from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token
+from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token, kv_shape
 from salience_server.engine.readout import Readout
 from salience_server.engine.request import (
     EventSink,
@@ -64,19 +64,22 @@ class Engine:
             VisionEncoder(loaded.model, loaded.image_processor) if loaded.supports_images else None
         )
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
-        block_bytes = self.kv_bytes_per_token * config.block_size
+        self.block_size = config.block_size or paged_attention.default_block_size(
+            config.attention_backend, loaded.device, loaded.dtype, kv_shape(loaded.model.config)[2]
+        )
+        block_bytes = self.kv_bytes_per_token * self.block_size
         num_blocks = max(1, self._kv_budget_bytes() // block_bytes)
         log.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB)",
             num_blocks,
-            config.block_size,
+            self.block_size,
             num_blocks * block_bytes / 2**20,
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, self.block_size)
         self.runner = ModelRunner(
             loaded.model,
             num_blocks,
-            config.block_size,
+            self.block_size,
             self.max_context,
             config.attention_backend,
         )
@@ -193,7 +196,7 @@ class Engine:
         """RESOURCE_EXHAUSTED at once for a prompt the whole pool cannot hold."""
         num_tokens = params.offset + len(params.append_tokens) + 1
         if self.block_manager.blocks_for(num_tokens) > self.block_manager.num_blocks:
-            capacity = self.block_manager.num_blocks * self.config.block_size
+            capacity = self.block_manager.num_blocks * self.block_size
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "KV_CACHE_FULL",
@@ -301,7 +304,7 @@ class Engine:
             self.runner.move_kv(output.swap_outs, output.swap_ins, output.block_copies)
             batch, rows = build_batch(
                 output.chunks,
-                self.config.block_size,
+                self.block_size,
                 self.images,
                 self.uses_mrope,
                 self.has_readout,

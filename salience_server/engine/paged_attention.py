@@ -156,6 +156,20 @@ def paged_attention_forward(
     return output.unsqueeze(0), None
 
 
+DEFAULT_BLOCK_SIZE = 16
+
+
+def default_block_size(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> int:
+    """256 where the backend ``name`` resolves to flash-attn's paged kernel, which reads
+    the pool in place but only in pages of 256 tokens; 16 elsewhere."""
+    if name == "sdpa" or flash_attention.unsupported_reason(device, dtype, head_dim) is not None:
+        return DEFAULT_BLOCK_SIZE
+    kernel = flash_attention.load_kernel()
+    if kernel is not None and flash_attention.takes_block_table(kernel):
+        return flash_attention.PAGE_MULTIPLE
+    return DEFAULT_BLOCK_SIZE
+
+
 def select_backend(
     name: str,
     device: torch.device,
@@ -179,8 +193,9 @@ def select_backend(
         flash = flash_attention.FlashAttentionBackend(kernel, block_size, device)
         if not flash.paged:
             log.info(
-                "flash-attn reads the pool in place with --block-size %d (or a multiple); "
-                "with %d-token blocks each layer gathers the batch's context first",
+                "flash-attn reads the pool in place with --block-size %d (or a multiple, "
+                "and flash-attn >= 2.6); with %d-token blocks each layer gathers the "
+                "batch's context first",
                 flash_attention.PAGE_MULTIPLE,
                 block_size,
             )

@@ -137,3 +137,11 @@ def test_server_asked_for_flash_attn_without_cuda_exits_with_one_line(tiny_llama
     assert result.returncode == 1
     assert "--attention-backend flash-attn: flash-attn runs on CUDA only" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_without_flash_attn_the_engine_runs_sdpa_with_16_token_blocks(
+    tiny_llama_dir: Path, server_factory: Any
+) -> None:
+    engine = server_factory(tiny_llama_dir, kv_cache_bytes=1 << 20).engine
+    assert engine.block_size == 16 and engine.block_manager.block_size == 16
+    assert isinstance(engine.runner.attention, paged_attention.SdpaBackend)

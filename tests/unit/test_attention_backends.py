@@ -168,3 +168,23 @@ def test_auto_selects_flash_attn_on_cuda_where_installed(monkeypatch: pytest.Mon
     assert isinstance(paged, FlashAttentionBackend) and paged.paged
     fallback = paged_attention.select_backend("auto", cuda, torch.float32, 64, 16, 8)
     assert isinstance(fallback, SdpaBackend)
+
+
+def test_default_block_size_is_256_only_where_the_paged_kernel_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = flash_reference.flash_attn_varlen_func  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    assert paged_attention.default_block_size("auto", cuda, torch.bfloat16, 64) == 256
+    assert paged_attention.default_block_size("flash-attn", cuda, torch.float16, 64) == 256
+    assert paged_attention.default_block_size("sdpa", cuda, torch.bfloat16, 64) == 16
+    assert paged_attention.default_block_size("auto", cuda, torch.float32, 64) == 16
+    assert paged_attention.default_block_size("auto", cpu, torch.float32, 64) == 16
+
+    def old_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):  # type: ignore[no-untyped-def]
+        raise AssertionError("not called")
+
+    fake.flash_attn_varlen_func = old_kernel  # type: ignore[attr-defined]
+    assert paged_attention.default_block_size("auto", cuda, torch.bfloat16, 64) == 16
