@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,8 @@ class ModelRunner:
 
     def enable_readout(self, readout: Readout) -> None:
         """Captures the readout layers' outputs at the rows a batch asks for."""
+        # The concept vectors live beside the model: no host-to-device copy per step.
+        readout = dataclasses.replace(readout, vectors=readout.vectors.to(self.device))
         self.readout = readout
         self._captured = [torch.empty(0)] * len(readout.layers)
         layers = self.model.get_decoder().layers
