@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import grpc
@@ -67,3 +69,17 @@ def reference_greedy(
             do_sample=False,
         )
     return output[0, len(prompt_ids) :].tolist()
+
+
+def server_start_failure(*args: str) -> str:
+    """Runs ``salience-server ARGS``, which must fail at start: exit 1, one logged error
+    line, no traceback. Returns its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "salience_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr

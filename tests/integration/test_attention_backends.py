@@ -4,8 +4,6 @@ kernel (no CUDA here); and the server refusing a backend that cannot run."""
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from tests.helpers import (
     open_session,
     reference_greedy,
     reference_logprobs,
+    server_start_failure,
 )
 from tests.tiny_models import reference_model
 
@@ -118,25 +117,10 @@ def test_engine_on_the_flash_backend_equals_transformers(
 
 
 def test_server_asked_for_flash_attn_without_cuda_exits_with_one_line(tiny_llama_dir) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "salience_server",
-            "--model",
-            str(tiny_llama_dir),
-            "--port",
-            "0",
-            "--attention-backend",
-            "flash-attn",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    stderr = server_start_failure(
+        "--model", str(tiny_llama_dir), "--port", "0", "--attention-backend", "flash-attn"
     )
-    assert result.returncode == 1
-    assert "--attention-backend flash-attn: flash-attn runs on CUDA only" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "--attention-backend flash-attn: flash-attn runs on CUDA only" in stderr
 
 
 def test_without_flash_attn_the_engine_runs_sdpa_with_16_token_blocks(

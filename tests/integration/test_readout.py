@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from salience_client.pb import salience_pb2 as pb
 from salience_server.engine.readout import load_readout
-from tests.helpers import U32_MAX, generate, open_session
+from tests.helpers import U32_MAX, generate, open_session, server_start_failure
 from tests.tiny_models import reference_model
 
 CONCEPTS = ["alpha", "beta", "gamma"]
@@ -146,29 +146,11 @@ def test_manifest_in_model_info(readout_server) -> None:
 def test_bad_readout_files_fail_at_start_naming_the_problem(
     tmp_path, tiny_llama_dir, kwargs, message
 ) -> None:
-    import subprocess
-    import sys
-
     path = write_readout(tmp_path / "bad.safetensors", **kwargs)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "salience_server",
-            "--model",
-            str(tiny_llama_dir),
-            "--port",
-            "0",
-            "--readout",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    stderr = server_start_failure(
+        "--model", str(tiny_llama_dir), "--port", "0", "--readout", str(path)
     )
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert message in stderr
 
 
 def test_readout_needs_a_configured_file(llama_server) -> None:

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
+from tests.helpers import server_start_failure
 
 
 def _free_port() -> int:
@@ -86,20 +87,5 @@ def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "salience_server",
-                "--model",
-                str(tiny_llama_dir),
-                "--port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
-    assert "Traceback" not in result.stderr
+        stderr = server_start_failure("--model", str(tiny_llama_dir), "--port", str(port))
+    assert f"cannot listen on 127.0.0.1:{port}" in stderr
