@@ -83,6 +83,7 @@ class Engine:
             self.max_context,
             config.attention_backend,
         )
+        self.runner.warm_up(self.uses_mrope, may_fall_back=config.attention_backend == "auto")
         if readout is not None:
             self.runner.enable_readout(readout)
         self.sessions: dict[str, Session] = {}

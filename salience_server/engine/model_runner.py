@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,10 @@ import torch
 from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.evictor import SwapIn, SwapOut
+from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.readout import Readout
+
+log = logging.getLogger(__name__)
 
 
 def kv_shape(model_config: Any) -> tuple[int, int, int]:
@@ -64,14 +68,10 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
+        self._workspace_blocks = min(num_blocks, -(-max_context // block_size))
         if isinstance(attention, str):
             attention = paged_attention.select_backend(
-                attention,
-                self.device,
-                self.dtype,
-                head_dim,
-                block_size,
-                workspace_blocks=min(num_blocks, -(-max_context // block_size)),
+                attention, self.device, self.dtype, head_dim, block_size, self._workspace_blocks
             )
         self.attention = attention
         self.readout: Readout | None = None
@@ -79,6 +79,30 @@ class ModelRunner:
         self._captured: list[torch.Tensor] = []
         # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
         self.host_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def warm_up(self, uses_mrope: bool, may_fall_back: bool) -> None:
+        """One two-token forward pass before serving, so that an attention kernel that
+        cannot run on this device fails at start rather than on every call. flash-attn
+        picked by ``auto`` then falls back to SDPA; asked for by name, it is an error.
+        The pass writes into block 0, which holds nothing yet."""
+        batch = ForwardBatch()
+        rope_positions = [(0, 0, 0), (1, 1, 1)] if uses_mrope else None
+        batch.add_sequence([0, 0], 0, [0], self.block_size, rope_positions)
+        batch.logits_rows = [1]
+        try:
+            self.execute(batch)
+        except Exception as error:
+            if not isinstance(self.attention, FlashAttentionBackend):
+                raise
+            if not may_fall_back:
+                raise ValueError(
+                    f"--attention-backend flash-attn: a first forward pass failed: {error}"
+                ) from error
+            log.warning("flash-attn failed on a first forward pass (%s); using torch SDPA", error)
+            self.attention = paged_attention.SdpaBackend(
+                self.block_size, self._workspace_blocks, self.device
+            )
+            self.execute(batch)
 
     def enable_readout(self, readout: Readout) -> None:
         """Captures the readout layers' outputs at the rows a batch asks for."""

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from salience_server.config import ModelConfig
+from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
+from salience_server.engine.engine import Engine
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.loader import load_model
 from salience_server.engine.model_runner import ModelRunner
@@ -129,3 +130,36 @@ def test_without_flash_attn_the_engine_runs_sdpa_with_16_token_blocks(
     engine = server_factory(tiny_llama_dir, kv_cache_bytes=1 << 20).engine
     assert engine.block_size == 16 and engine.block_manager.block_size == 16
     assert isinstance(engine.runner.attention, paged_attention.SdpaBackend)
+
+
+def _install_broken_flash_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """flash-attn that imports but cannot run here (as on a GPU it was not built for)."""
+
+    def kernel(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("CUDA error: no kernel image is available for execution")
+
+    def flash_backend(name: str, device: torch.device, *args: Any, **kwargs: Any) -> Any:
+        return FlashAttentionBackend(kernel, 16, device)
+
+    monkeypatch.setattr(paged_attention, "select_backend", flash_backend)
+
+
+def test_flash_attn_that_cannot_run_falls_back_to_sdpa_at_start_under_auto(
+    tiny_llama_dir: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _install_broken_flash_kernel(monkeypatch)
+    server = server_factory(tiny_llama_dir, kv_cache_bytes=1 << 20)
+    assert isinstance(server.engine.runner.attention, paged_attention.SdpaBackend)
+    prompt = [random.Random(1).randrange(256) for _ in range(9)]
+    tokens, _ = generate(server.stub, open_session(server.stub), append_tokens=prompt, max_tokens=8)
+    assert [t.id for t in tokens] == reference_greedy(reference_model(tiny_llama_dir), prompt, 8)
+
+
+def test_flash_attn_asked_for_by_name_that_cannot_run_fails_at_start(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _install_broken_flash_kernel(monkeypatch)
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    config = EngineConfig(attention_backend="flash-attn", kv_cache_bytes=1 << 20)
+    with pytest.raises(ValueError, match="a first forward pass failed: CUDA error"):
+        Engine(loaded, config)
