@@ -30,7 +30,9 @@ def flash_attn_varlen_func(
     block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [total_q, H, D]; k, v [total_k, Hkv, D], or [num_blocks, page_size, Hkv, D]
-    with ``block_table`` [B, max_blocks]. Causal masks are aligned to the bottom right."""
+    with ``block_table`` [B, max_blocks]. Causal masks are aligned to the bottom right;
+    ``window_size`` (left, right) limits query row i to keys i + k - q - left ..
+    i + k - q + right (-1: unlimited)."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [total_q, H, D], last dim contiguous"
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
     assert cu_seqlens_q.shape == cu_seqlens_k.shape
@@ -63,9 +65,15 @@ def flash_attn_varlen_func(
         keys = keys.repeat_interleave(group, dim=1)  # [k, H, D]
         values = values.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", queries.float(), keys.float()) * scale
-        if causal:  # query row r sits at key position key_len - query_len + r
-            rows = torch.arange(query_len)[:, None] + key_len - query_len
-            scores = scores.masked_fill(torch.arange(key_len)[None, :] > rows, float("-inf"))
+        rows = torch.arange(query_len)[:, None] + key_len - query_len  # aligned bottom right
+        keys_at = torch.arange(key_len)[None, :]
+        left, right = window_size
+        if causal:
+            right = 0
+        if right >= 0:
+            scores = scores.masked_fill(keys_at > rows + right, float("-inf"))
+        if left >= 0:
+            scores = scores.masked_fill(keys_at < rows - left, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row gives 0
         out[q_start : q_start + query_len] = torch.einsum(
             "hqk,khd->qhd", weights, values.float()

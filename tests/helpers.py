@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from typing import Any
@@ -83,3 +84,9 @@ def server_start_failure(*args: str) -> str:
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     return result.stderr
+
+
+def random_tokens(count: int, seed: int) -> list[int]:
+    """``count`` byte-token ids drawn from one seeded generator."""
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(count)]

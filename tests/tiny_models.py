@@ -10,7 +10,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+SLIDING_WINDOW = 8
 
 SPECIAL_TOKENS = ["<s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -55,14 +64,22 @@ def text_config_options(tokenizer: PreTrainedTokenizerFast, **overrides: object)
 
 
 def build_tiny_model(directory: Path, architecture: str = "llama", seed: int = 0) -> Path:
-    """Saves a random tiny model (``llama`` or ``qwen3``) and its tokenizer to ``directory``."""
+    """Saves a random tiny model and its tokenizer to ``directory``. ``architecture``:
+    ``llama``, ``qwen3``, or with sliding-window attention over ``SLIDING_WINDOW``
+    tokens, ``qwen2-sliding`` (layer 0 full, layer 1 sliding) and ``mistral-sliding``
+    (every layer sliding)."""
     tokenizer = build_tokenizer()
     common = text_config_options(tokenizer, tie_word_embeddings=False)
-    config = (
-        LlamaConfig(**common) if architecture == "llama" else Qwen3Config(head_dim=16, **common)
-    )
+    configs = {
+        "llama": lambda: LlamaConfig(**common),
+        "qwen3": lambda: Qwen3Config(head_dim=16, **common),
+        "qwen2-sliding": lambda: Qwen2Config(
+            use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1, **common
+        ),
+        "mistral-sliding": lambda: MistralConfig(sliding_window=SLIDING_WINDOW, **common),
+    }
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(configs[architecture]())
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

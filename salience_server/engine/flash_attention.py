@@ -91,13 +91,16 @@ class FlashAttentionMetadata:
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         scaling: float | None,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         """query [1, H, T, D] over the pool -> [T, H, D]."""
         queries = query[0].transpose(0, 1).contiguous()  # [T, H, D]
-        paged: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        if sliding_window is not None:  # keys p - w + 1 .. p
+            options["window_size"] = (sliding_window - 1, 0)
         if self.block_table is not None:
             keys, values = key_cache, value_cache
-            paged["block_table"] = self.block_table
+            options["block_table"] = self.block_table
         else:
             assert self.context_slots is not None
             num_kv_heads, head_dim = key_cache.shape[-2:]
@@ -115,7 +118,7 @@ class FlashAttentionMetadata:
             self.max_seqlen_k,
             softmax_scale=scaling,
             causal=True,
-            **paged,
+            **options,
         )
 
 

@@ -163,7 +163,13 @@ def load_model(config: ModelConfig) -> LoadedModel:
     log.info(
         "loading %s from %s (%s on %s)", model_id, path, str(dtype).removeprefix("torch."), device
     )
-    is_vision = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+    hf_config = AutoConfig.from_pretrained(path)
+    if getattr(hf_config.get_text_config(), "attn_logit_softcapping", None):
+        raise ValueError(
+            f"{model_id} uses attention logit softcapping (Gemma 2), "
+            "which Salience's paged attention does not implement"
+        )
+    is_vision = getattr(hf_config, "vision_config", None) is not None
     model: Any
     image_processor = None
     if is_vision:

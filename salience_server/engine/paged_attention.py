@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -45,9 +45,11 @@ class AttentionMetadata(Protocol):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         scaling: float | None,
+        sliding_window: int | None,
     ) -> torch.Tensor:
         """query [1, H, T, D] over one layer's pool (already holding the new tokens)
-        -> [T, H, D]."""
+        -> [T, H, D]. With ``sliding_window`` w, the query at position p sees keys
+        p - w + 1 .. p (transformers' sliding-window layers)."""
         ...
 
 
@@ -82,6 +84,8 @@ class DecodeGroup:
     """[B] long: their rows in the batch."""
     block_ids: torch.Tensor
     """[B * max_blocks] long: each sequence's blocks, padded with block 0."""
+    lengths: torch.Tensor
+    """[B] long: each sequence's context length."""
     mask: torch.Tensor
     """[B, 1, 1, max_blocks * block_size] bool: the positions inside each context."""
 
@@ -99,6 +103,11 @@ class SdpaAttentionMetadata:
     """Reused (keys, values) buffers, each [max_blocks, block_size, Hkv, D], that one
     sequence's context is gathered into: fresh allocations per gather cost page faults
     that made gathering ~9x slower on CPU."""
+    window_masks: dict[int, tuple[list[torch.Tensor | None], torch.Tensor | None]] = field(
+        default_factory=dict
+    )
+    """Per sliding-window size, the sequences' and the decode group's masks: built by
+    the first layer with that window, reused by the others."""
 
     def attend(
         self,
@@ -106,15 +115,17 @@ class SdpaAttentionMetadata:
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         scaling: float | None,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         """query [1, H, T, D] -> [T, H, D]."""
         output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+        masks, group_mask = self._masks(sliding_window)
         group = self.decode_group
-        if group is not None:
+        if group is not None and group_mask is not None:
             output[group.rows] = _attend_decodes(
-                query, key_cache, value_cache, group, self.workspace, scaling
+                query, key_cache, value_cache, group, group_mask, self.workspace, scaling
             )
-        for seq in self.sequences:
+        for seq, mask in zip(self.sequences, masks, strict=True):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
             values = _gather(value_cache, seq, self.workspace[1])
@@ -122,13 +133,34 @@ class SdpaAttentionMetadata:
                 query[:, :, rows],
                 keys,
                 values,
-                attn_mask=seq.mask,
-                is_causal=seq.query_len > 1 and seq.mask is None,
+                attn_mask=mask,
+                is_causal=seq.query_len > 1 and mask is None,
                 scale=scaling,
                 enable_gqa=True,
             )  # [1, H, q, D]
             output[rows] = attended[0].transpose(0, 1)
         return output
+
+    def _masks(
+        self, sliding_window: int | None
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        group = self.decode_group
+        if sliding_window is None:
+            return [seq.mask for seq in self.sequences], group.mask if group else None
+        if sliding_window not in self.window_masks:
+            device = self.slot_mapping.device
+            masks = [
+                causal_mask(seq.query_len, seq.context_len, device, sliding_window)
+                for seq in self.sequences
+            ]
+            group_mask = None
+            if group is not None:
+                positions = torch.arange(group.mask.shape[-1], device=device)[None, :]
+                lengths = group.lengths[:, None]
+                inside = (positions < lengths) & (positions >= lengths - sliding_window)
+                group_mask = inside[:, None, None, :]
+            self.window_masks[sliding_window] = (masks, group_mask)
+        return self.window_masks[sliding_window]
 
 
 def paged_attention_forward(
@@ -145,6 +177,8 @@ def paged_attention_forward(
     """query [1, H, T, D], key/value [1, Hkv, T, D] -> output [1, T, H, D]."""
     if salience_batch is None:
         raise RuntimeError("salience_paged attention needs salience_batch")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit softcapping is not supported")
     key_cache, value_cache = salience_batch.kv_caches[int(module.layer_idx)]  # type: ignore[arg-type]
     num_kv_heads, head_dim = key_cache.shape[-2:]
     # Write the new tokens' keys and values first: each sequence attends to itself too.
@@ -152,7 +186,8 @@ def paged_attention_forward(
     value_cache.view(-1, num_kv_heads, head_dim)[salience_batch.slot_mapping] = value[0].transpose(
         0, 1
     )
-    output = salience_batch.attend(query, key_cache, value_cache, scaling)
+    sliding_window = kwargs.get("sliding_window")
+    output = salience_batch.attend(query, key_cache, value_cache, scaling, sliding_window)
     return output.unsqueeze(0), None
 
 
@@ -248,6 +283,7 @@ def _attend_decodes(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     group: DecodeGroup,
+    mask: torch.Tensor,
     workspace: tuple[torch.Tensor, torch.Tensor],
     scaling: float | None,
 ) -> torch.Tensor:
@@ -263,7 +299,7 @@ def _attend_decodes(
     keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
     queries = query[0, :, group.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
     attended = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=group.mask, scale=scaling, enable_gqa=True
+        queries, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
     )
     return attended[:, :, 0]
 
@@ -319,6 +355,7 @@ def _decode_group(
     return DecodeGroup(
         rows=torch.tensor([span.query_start for span in decodes], dtype=torch.long, device=device),
         block_ids=torch.tensor(block_ids, dtype=torch.long, device=device),
+        lengths=lengths,
         mask=(positions[None, :] < lengths[:, None])[:, None, None, :],
     )
 
@@ -329,14 +366,23 @@ def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor
     return blocks.flatten(0, 1)[: seq.context_len].transpose(0, 1).unsqueeze(0)
 
 
-def causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor | None:
-    """Query row i (at position context_len - query_len + i) sees keys 0 .. that position.
-    None when no mask is needed (one query row) or SDPA's own ``is_causal`` applies (the
-    sequence is all new, so its causal mask is the square one)."""
-    if query_len == 1 or query_len == context_len:
+def causal_mask(
+    query_len: int, context_len: int, device: torch.device, sliding_window: int | None = None
+) -> torch.Tensor | None:
+    """Query row i (at position p = context_len - query_len + i) sees keys 0 .. p, or
+    p - sliding_window + 1 .. p. None when no mask is needed (one query row, no window
+    to apply) or SDPA's own ``is_causal`` applies (the sequence is all new, so its
+    causal mask is the square one)."""
+    windowed = sliding_window is not None and context_len > sliding_window
+    if not windowed and (query_len == 1 or query_len == context_len):
         return None
-    query_positions = torch.arange(context_len - query_len, context_len, device=device)
-    return query_positions[:, None] >= torch.arange(context_len, device=device)[None, :]
+    query_positions = torch.arange(context_len - query_len, context_len, device=device)[:, None]
+    key_positions = torch.arange(context_len, device=device)[None, :]
+    mask = query_positions >= key_positions
+    if windowed:
+        assert sliding_window is not None
+        mask &= key_positions > query_positions - sliding_window
+    return mask
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import Gemma2Config
 
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine import paged_attention
@@ -23,6 +24,7 @@ from tests.helpers import (
     U32_MAX,
     generate,
     open_session,
+    random_tokens,
     reference_greedy,
     reference_logprobs,
     server_start_failure,
@@ -150,7 +152,7 @@ def test_flash_attn_that_cannot_run_falls_back_to_sdpa_at_start_under_auto(
     _install_broken_flash_kernel(monkeypatch)
     server = server_factory(tiny_llama_dir, kv_cache_bytes=1 << 20)
     assert isinstance(server.engine.runner.attention, paged_attention.SdpaBackend)
-    prompt = [random.Random(1).randrange(256) for _ in range(9)]
+    prompt = random_tokens(9, seed=1)
     tokens, _ = generate(server.stub, open_session(server.stub), append_tokens=prompt, max_tokens=8)
     assert [t.id for t in tokens] == reference_greedy(reference_model(tiny_llama_dir), prompt, 8)
 
@@ -163,3 +165,9 @@ def test_flash_attn_asked_for_by_name_that_cannot_run_fails_at_start(
     config = EngineConfig(attention_backend="flash-attn", kv_cache_bytes=1 << 20)
     with pytest.raises(ValueError, match="a first forward pass failed: CUDA error"):
         Engine(loaded, config)
+
+
+def test_a_model_with_attention_softcapping_is_refused_at_load(tmp_path: Path) -> None:
+    Gemma2Config(attn_logit_softcapping=50.0, num_hidden_layers=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="softcapping"):
+        load_model(ModelConfig(model=str(tmp_path), device="cpu"))

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import U32_MAX, error_reason, generate, open_session
+from tests.helpers import U32_MAX, error_reason, generate, open_session, random_tokens
 
 TOLERANCE = 1e-4
 TOKEN_BYTES = 512  # the tiny models: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes
@@ -106,9 +106,7 @@ def test_fork_shares_blocks_and_each_branch_equals_a_fresh_session(
 ) -> None:
     server = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
     stub = server.stub
-    prefix = [
-        random.Random(5).randrange(256) for _ in range(50)
-    ]  # 12.5 blocks: the last is partial
+    prefix = random_tokens(50, seed=5)  # 12.5 blocks: the last is partial
     parent = open_session(stub)
     generate(stub, parent, append_tokens=prefix)
     free_before = server.engine.block_manager.num_free
@@ -300,7 +298,7 @@ def test_rewinding_an_evicted_session_equals_a_fresh_one(
         host_kv_bytes=host_kv_bytes,
     )
     stub = server.stub
-    tokens = [random.Random(9).randrange(256) for _ in range(60)]
+    tokens = random_tokens(60, seed=9)
     evicted = open_session(stub)
     generate(stub, evicted, append_tokens=tokens)
     other = open_session(stub)
@@ -340,7 +338,7 @@ def test_rewinding_an_offloaded_session_releases_the_host_memory_it_no_longer_ne
         host_kv_bytes=1 << 20,
     )
     stub, engine = server.stub, server.engine
-    tokens = [random.Random(4).randrange(256) for _ in range(60)]
+    tokens = random_tokens(60, seed=4)
     evicted = open_session(stub)
     generate(stub, evicted, append_tokens=tokens)
     generate(stub, open_session(stub), append_tokens=tokens[::-1])  # pushes it out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import grpc
@@ -13,7 +12,7 @@ from safetensors.torch import save_file
 
 from salience_client.pb import salience_pb2 as pb
 from salience_server.engine.readout import load_readout
-from tests.helpers import U32_MAX, generate, open_session, server_start_failure
+from tests.helpers import U32_MAX, generate, open_session, random_tokens, server_start_failure
 from tests.tiny_models import reference_model
 
 CONCEPTS = ["alpha", "beta", "gamma"]
@@ -70,7 +69,7 @@ def test_prefill_and_decoded_readout_equal_the_hidden_state_projection(
     tiny_llama_dir, readout_server
 ) -> None:
     stub = readout_server.stub
-    prompt = [random.Random(4).randrange(256) for _ in range(30)]
+    prompt = random_tokens(30, seed=4)
     session_id = open_session(stub)
     tokens, _ = generate(
         stub, session_id, append_tokens=prompt, max_tokens=10, readout_ranges=[(0, U32_MAX)]
