@@ -30,6 +30,8 @@ from salience_server.engine import flash_attention
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "salience_paged"
+_UNSUPPORTED_FEATURES = {"softcap": "attention logit softcapping", "s_aux": "attention sinks"}
+"""Keyword arguments some models pass that change attention's result."""
 BACKENDS = ("auto", "sdpa", "flash-attn")
 
 
@@ -177,8 +179,9 @@ def paged_attention_forward(
     """query [1, H, T, D], key/value [1, Hkv, T, D] -> output [1, T, H, D]."""
     if salience_batch is None:
         raise RuntimeError("salience_paged attention needs salience_batch")
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit softcapping is not supported")
+    for name, feature in _UNSUPPORTED_FEATURES.items():
+        if kwargs.get(name) is not None:  # the start-up pass meets this first
+            raise ValueError(f"the model uses {feature}, which paged attention does not implement")
     key_cache, value_cache = salience_batch.kv_caches[int(module.layer_idx)]  # type: ignore[arg-type]
     num_kv_heads, head_dim = key_cache.shape[-2:]
     # Write the new tokens' keys and values first: each sequence attends to itself too.

@@ -43,7 +43,11 @@ class _KernelSpy:
 
 
 def _attend_batch(
-    backend: Any, block_size: int, shapes: list[tuple[int, int]], seed: int = 0
+    backend: Any,
+    block_size: int,
+    shapes: list[tuple[int, int]],
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences of (cached tokens, new tokens) in one batch, their blocks scattered
     through the pool: -> (backend output [T, H, D], dense oracle [T, H, D])."""
@@ -88,6 +92,7 @@ def _attend_batch(
         None,
         scaling=HEAD_DIM**-0.5,
         salience_batch=metadata,
+        **(extra or {}),
     )
     return output[0], torch.cat(oracle)
 
@@ -188,3 +193,10 @@ def test_default_block_size_is_256_only_where_the_paged_kernel_runs(
 
     fake.flash_attn_varlen_func = old_kernel  # type: ignore[attr-defined]
     assert paged_attention.default_block_size("auto", cuda, torch.bfloat16, 64) == 16
+
+
+@pytest.mark.parametrize(("name", "feature"), [("softcap", "softcapping"), ("s_aux", "sinks")])
+def test_attention_features_it_does_not_implement_are_an_error(name: str, feature: str) -> None:
+    backend = SdpaBackend(4, workspace_blocks=8, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=feature):
+        _attend_batch(backend, 4, [(0, 3)], extra={name: torch.ones(NUM_HEADS)})
