@@ -178,8 +178,8 @@ class ModelRunner:
             for (keys, values), (host_keys, host_values) in zip(
                 self.kv_caches, self.host_kv.pop(swap_in.session_id), strict=True
             ):
-                keys[index] = host_keys.to(self.device)
-                values[index] = host_values.to(self.device)
+                keys[index] = host_keys[: len(index)].to(self.device)
+                values[index] = host_values[: len(index)].to(self.device)
         if copies:
             sources = self._index([source for source, _ in copies])
             targets = self._index([target for _, target in copies])
