@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import grpc
@@ -90,3 +91,58 @@ def random_tokens(count: int, seed: int) -> list[int]:
     """``count`` byte-token ids drawn from one seeded generator."""
     rng = random.Random(seed)
     return [rng.randrange(256) for _ in range(count)]
+
+
+def check_sessions_against_transformers(
+    stub: Any, oracle: torch.nn.Module, cuts: list[int], prompt_step: int, max_tokens: int
+) -> None:
+    """Two oracles at once. One session appends random tokens in chunks cut at ``cuts``
+    and scores every position: equal to one plain forward pass. Then eight sessions
+    (prompts growing by ``prompt_step``) decode greedily together: each equal to
+    transformers ``generate``."""
+    rng = random.Random(11)
+    token_ids = [rng.randrange(256) for _ in range(cuts[-1])]
+    session_id = open_session(stub)
+    scored = []
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        tokens, _ = generate(
+            stub,
+            session_id,
+            append_tokens=token_ids[start:end],
+            offset=start,
+            logprobs_ranges=[(max(start, 1), U32_MAX)],
+        )
+        scored.extend(tokens)
+    got = torch.tensor([t.sampled_logprob for t in scored])
+    positions = torch.arange(len(token_ids) - 1)
+    want = reference_logprobs(oracle, token_ids)[positions, torch.tensor(token_ids[1:])]
+    assert (got - want).abs().max().item() < 1e-4
+
+    prompts = [[rng.randrange(256) for _ in range(3 + prompt_step * i)] for i in range(8)]
+    together: list[list[int]] = [[] for _ in prompts]
+    barrier = threading.Barrier(len(prompts))
+
+    def run(index: int) -> None:
+        session_id = open_session(stub)
+        barrier.wait()
+        tokens, _ = generate(stub, session_id, append_tokens=prompts[index], max_tokens=max_tokens)
+        together[index] = [t.id for t in tokens]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert together == [reference_greedy(oracle, prompt, max_tokens) for prompt in prompts]
+
+
+def use_flash_backend(monkeypatch: Any, kernel: Any, block_size: int) -> None:
+    """Makes servers started after this run the flash-attn backend over ``kernel``
+    (CPU has no flash-attn: the stand-in, or a kernel that fails)."""
+    from salience_server.engine import paged_attention
+    from salience_server.engine.flash_attention import FlashAttentionBackend
+
+    def flash_backend(name: str, device: torch.device, *args: Any, **kwargs: Any) -> Any:
+        return FlashAttentionBackend(kernel, block_size, device)
+
+    monkeypatch.setattr(paged_attention, "select_backend", flash_backend)

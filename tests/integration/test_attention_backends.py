@@ -4,7 +4,6 @@ kernel (no CUDA here); and the server refusing a backend that cannot run."""
 from __future__ import annotations
 
 import random
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,14 @@ from salience_server.engine.loader import load_model
 from salience_server.engine.model_runner import ModelRunner
 from tests import flash_reference
 from tests.helpers import (
-    U32_MAX,
+    check_sessions_against_transformers,
     generate,
     open_session,
     random_tokens,
     reference_greedy,
     reference_logprobs,
     server_start_failure,
+    use_flash_backend,
 )
 from tests.tiny_models import reference_model
 
@@ -74,49 +74,14 @@ def test_engine_on_the_flash_backend_equals_transformers(
     """The whole engine (scheduler, chunked prefill, decodes of eight sessions sharing
     forward passes) with the flash backend in place of SDPA: chunked appends score like
     one forward pass, and every session's greedy decode equals transformers generate."""
-
-    def flash_backend(name: str, device: torch.device, *args: Any, **kwargs: Any) -> Any:
-        return FlashAttentionBackend(flash_reference.flash_attn_varlen_func, block_size, device)
-
-    monkeypatch.setattr(paged_attention, "select_backend", flash_backend)
+    use_flash_backend(monkeypatch, flash_reference.flash_attn_varlen_func, block_size)
     server = server_factory(
         tiny_llama_dir, block_size=block_size, kv_cache_bytes=8 << 20, max_batch_tokens=32
     )
-    stub = server.stub
-    oracle = reference_model(tiny_llama_dir)
-    rng = random.Random(11)
-    token_ids = [rng.randrange(256) for _ in range(70)]
-    session_id = open_session(stub)
-    scored = []
-    for start, end in [(0, 9), (9, 10), (10, 50), (50, 70)]:  # 40 > max_batch_tokens
-        tokens, _ = generate(
-            stub,
-            session_id,
-            append_tokens=token_ids[start:end],
-            offset=start,
-            logprobs_ranges=[(max(start, 1), U32_MAX)],
-        )
-        scored.extend(tokens)
-    got = torch.tensor([t.sampled_logprob for t in scored])
-    want = reference_logprobs(oracle, token_ids)[torch.arange(69), torch.tensor(token_ids[1:])]
-    assert (got - want).abs().max().item() < 1e-4
-
-    prompts = [[rng.randrange(256) for _ in range(3 + 6 * i)] for i in range(8)]
-    together: list[list[int]] = [[] for _ in prompts]
-    barrier = threading.Barrier(len(prompts))
-
-    def run(index: int) -> None:
-        session_id = open_session(stub)
-        barrier.wait()
-        tokens, _ = generate(stub, session_id, append_tokens=prompts[index], max_tokens=12)
-        together[index] = [t.id for t in tokens]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert together == [reference_greedy(oracle, prompt, 12) for prompt in prompts]
+    # a 40-token chunk > max_batch_tokens
+    check_sessions_against_transformers(
+        server.stub, reference_model(tiny_llama_dir), [0, 9, 10, 50, 70], 6, 12
+    )
 
 
 def test_server_asked_for_flash_attn_without_cuda_exits_with_one_line(tiny_llama_dir) -> None:
@@ -140,10 +105,7 @@ def _install_broken_flash_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     def kernel(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("CUDA error: no kernel image is available for execution")
 
-    def flash_backend(name: str, device: torch.device, *args: Any, **kwargs: Any) -> Any:
-        return FlashAttentionBackend(kernel, 16, device)
-
-    monkeypatch.setattr(paged_attention, "select_backend", flash_backend)
+    use_flash_backend(monkeypatch, kernel, 16)
 
 
 def test_flash_attn_that_cannot_run_falls_back_to_sdpa_at_start_under_auto(

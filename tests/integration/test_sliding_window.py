@@ -5,8 +5,6 @@ window would move the logprobs; the first test checks that it would."""
 
 from __future__ import annotations
 
-import random
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from salience_server.engine import paged_attention
-from salience_server.engine.flash_attention import FlashAttentionBackend
 from tests import flash_reference
 from tests.helpers import (
-    U32_MAX,
-    generate,
-    open_session,
+    check_sessions_against_transformers,
     random_tokens,
-    reference_greedy,
     reference_logprobs,
+    use_flash_backend,
 )
 from tests.tiny_models import build_tiny_model, reference_model
 
@@ -60,44 +54,8 @@ def test_sliding_window_sessions_equal_transformers(
     together (the padded decode group) each equal transformers generate."""
     _, model_dir = sliding_model
     if backend == "flash-attn":
-
-        def flash_backend(name: str, device: torch.device, *args: Any, **kwargs: Any) -> Any:
-            return FlashAttentionBackend(flash_reference.flash_attn_varlen_func, 4, device)
-
-        monkeypatch.setattr(paged_attention, "select_backend", flash_backend)
+        use_flash_backend(monkeypatch, flash_reference.flash_attn_varlen_func, 4)
     server = server_factory(model_dir, block_size=4, kv_cache_bytes=8 << 20, max_batch_tokens=16)
-    stub = server.stub
-    oracle = reference_model(model_dir)
-    rng = random.Random(21)
-    token_ids = [rng.randrange(256) for _ in range(50)]
-    session_id = open_session(stub)
-    scored = []
-    for start, end in [(0, 5), (5, 6), (6, 30), (30, 50)]:
-        tokens, _ = generate(
-            stub,
-            session_id,
-            append_tokens=token_ids[start:end],
-            offset=start,
-            logprobs_ranges=[(max(start, 1), U32_MAX)],
-        )
-        scored.extend(tokens)
-    got = torch.tensor([t.sampled_logprob for t in scored])
-    want = reference_logprobs(oracle, token_ids)[torch.arange(49), torch.tensor(token_ids[1:])]
-    assert (got - want).abs().max().item() < 1e-4
-
-    prompts = [[rng.randrange(256) for _ in range(3 + 4 * i)] for i in range(8)]
-    together: list[list[int]] = [[] for _ in prompts]
-    barrier = threading.Barrier(len(prompts))
-
-    def run(index: int) -> None:
-        session_id = open_session(stub)
-        barrier.wait()
-        tokens, _ = generate(stub, session_id, append_tokens=prompts[index], max_tokens=14)
-        together[index] = [t.id for t in tokens]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert together == [reference_greedy(oracle, prompt, 14) for prompt in prompts]
+    check_sessions_against_transformers(
+        server.stub, reference_model(model_dir), [0, 5, 6, 30, 50], 4, 14
+    )
