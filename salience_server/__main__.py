@@ -8,7 +8,13 @@ import logging
 import os
 import sys
 
-from salience_server.config import EngineConfig, ModelConfig, ServerConfig, parse_bytes
+from salience_server.config import (
+    ATTENTION_BACKENDS,
+    EngineConfig,
+    ModelConfig,
+    ServerConfig,
+    parse_bytes,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -32,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     parser.add_argument(
         "--attention-backend",
-        choices=("auto", "sdpa", "flash-attn"),
+        choices=ATTENTION_BACKENDS,
         default="auto",
         help="auto: flash-attn on CUDA when installed (paged with --block-size 256), else SDPA",
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn")
+"""auto: flash-attn where it can run, else sdpa."""
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -51,10 +53,10 @@ class EngineConfig:
             raise ValueError("max_batch_tokens and max_running must be positive")
         if self.max_context < 0 or self.kv_cache_bytes < 0 or self.max_queue < 0:
             raise ValueError("max_context, kv_cache_bytes and max_queue must not be negative")
-        if self.attention_backend not in ("auto", "sdpa", "flash-attn"):
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attention backend {self.attention_backend!r}; "
-                "choose auto, sdpa or flash-attn"
+                f"choose one of {', '.join(ATTENTION_BACKENDS)}"
             )
 
 

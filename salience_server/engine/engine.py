@@ -330,13 +330,14 @@ class Engine:
         for chunk in chunks:
             end = chunk.start + chunk.num_tokens
             chunk.request.num_recomputed += chunk.request.session.mark_computed(chunk.start, end)
-        picks = [outputs.pick(row.request, row.fed_position + 1) for row in rows]
+        targets = [row.fed_position + 1 for row in rows]  # the positions the rows predict
+        picks = [outputs.pick(row.request, t) for row, t in zip(rows, targets, strict=True)]
         token_ids, argmax_rows = sampler.pick_tokens(logprobs, picks)
-        top_ks = [outputs.top_k(row.request, row.fed_position + 1) for row in rows]
+        top_ks = [outputs.top_k(row.request, t) for row, t in zip(rows, targets, strict=True)]
         scores = sampler.score(logprobs, token_ids, top_ks, argmax_rows)
         readout_values = readout.flatten(1).tolist() if readout is not None else []  # [R, L * C]
-        for row, pick, token_id, scored in zip(
-            rows, picks, token_ids.tolist(), scores, strict=True
+        for row, target, pick, token_id, scored in zip(
+            rows, targets, picks, token_ids.tolist(), scores, strict=True
         ):
             request = row.request
             if request.is_cancelled:
@@ -345,7 +346,7 @@ class Engine:
             if row.readout_index is not None and readout_values:
                 values = readout_values[row.readout_index]  # [n_layers * n_concepts]
             if isinstance(pick, int):
-                request.sink(outputs.prefill_token(request, row.fed_position + 1, scored, values))
+                request.sink(outputs.prefill_token(request, target, scored, values))
             else:
                 request.sink(outputs.decode_token(request, token_id, scored, values))
         for chunk in chunks:

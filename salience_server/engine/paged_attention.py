@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from salience_server.config import ATTENTION_BACKENDS
 from salience_server.engine import flash_attention
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 ATTENTION_NAME = "salience_paged"
 _UNSUPPORTED_FEATURES = {"softcap": "attention logit softcapping", "s_aux": "attention sinks"}
 """Keyword arguments some models pass that change attention's result."""
-BACKENDS = ("auto", "sdpa", "flash-attn")
 
 
 class AttentionMetadata(Protocol):
@@ -200,9 +200,7 @@ DEFAULT_BLOCK_SIZE = 16
 def default_block_size(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> int:
     """256 where the backend ``name`` resolves to flash-attn's paged kernel, which reads
     the pool in place but only in pages of 256 tokens; 16 elsewhere."""
-    if name == "sdpa" or flash_attention.unsupported_reason(device, dtype, head_dim) is not None:
-        return DEFAULT_BLOCK_SIZE
-    kernel = flash_attention.load_kernel()
+    kernel = _flash_kernel(name, device, dtype, head_dim)
     if kernel is not None and flash_attention.takes_block_table(kernel):
         return flash_attention.PAGE_MULTIPLE
     return DEFAULT_BLOCK_SIZE
@@ -219,15 +217,9 @@ def select_backend(
     """The backend ``--attention-backend`` names. ``auto`` takes flash-attn where it can
     run (CUDA, half precision, flash-attn installed) and SDPA otherwise; asking for
     flash-attn where it cannot run is an error that says why."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    kernel = _flash_kernel(name, device, dtype, head_dim)
     backend: AttentionBackend
-    reason = None if name == "sdpa" else flash_attention.unsupported_reason(device, dtype, head_dim)
-    if name == "flash-attn" and reason is not None:
-        raise ValueError(f"--attention-backend flash-attn: {reason}")
-    if name != "sdpa" and reason is None:
-        kernel = flash_attention.load_kernel()
-        assert kernel is not None
+    if kernel is not None:
         flash = flash_attention.FlashAttentionBackend(kernel, block_size, device)
         if not flash.paged:
             log.info(
@@ -239,11 +231,30 @@ def select_backend(
             )
         backend = flash
     else:
-        if device.type == "cuda" and reason is not None:
-            log.info("attention: SDPA, because %s", reason)
         backend = SdpaBackend(block_size, workspace_blocks, device)
     log.info("attention: %s", backend.name)
     return backend
+
+
+def _flash_kernel(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int
+) -> flash_attention.VarlenKernel | None:
+    """flash-attn's kernel when the backend ``name`` resolves to it here, else None;
+    a ValueError saying why when flash-attn was asked for by name and cannot run."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+        )
+    if name == "sdpa":
+        return None
+    reason = flash_attention.unsupported_reason(device, dtype, head_dim)
+    if reason is None:
+        return flash_attention.load_kernel()
+    if name == "flash-attn":
+        raise ValueError(f"--attention-backend flash-attn: {reason}")
+    if device.type == "cuda":
+        log.info("attention: SDPA, because %s", reason)
+    return None
 
 
 class SdpaBackend:

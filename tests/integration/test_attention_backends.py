@@ -124,7 +124,7 @@ def test_flash_attn_asked_for_by_name_that_cannot_run_fails_at_start(
 ) -> None:
     _install_broken_flash_kernel(monkeypatch)
     loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
-    config = EngineConfig(attention_backend="flash-attn", kv_cache_bytes=1 << 20)
+    config = EngineConfig(attention_backend="flash-attn", block_size=16, kv_cache_bytes=1 << 20)
     with pytest.raises(ValueError, match="a first forward pass failed: CUDA error"):
         Engine(loaded, config)
 
