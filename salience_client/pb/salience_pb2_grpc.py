@@ -84,6 +84,11 @@ class SalienceStub:
                 request_serializer=salience_dot_v1_dot_salience__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=salience_dot_v1_dot_salience__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/salience.v1.Salience/Embed',
+                request_serializer=salience_dot_v1_dot_salience__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=salience_dot_v1_dot_salience__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class SalienceServicer:
@@ -161,6 +166,14 @@ class SalienceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Texts or token lists to one vector each (pooled final hidden states).
+        Stateless; batched with the other work of the engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SalienceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +226,11 @@ def add_SalienceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=salience_dot_v1_dot_salience__pb2.DetokenizeRequest.FromString,
                     response_serializer=salience_dot_v1_dot_salience__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=salience_dot_v1_dot_salience__pb2.EmbedRequest.FromString,
+                    response_serializer=salience_dot_v1_dot_salience__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +503,33 @@ class Salience:
             '/salience.v1.Salience/Detokenize',
             salience_dot_v1_dot_salience__pb2.DetokenizeRequest.SerializeToString,
             salience_dot_v1_dot_salience__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/salience.v1.Salience/Embed',
+            salience_dot_v1_dot_salience__pb2.EmbedRequest.SerializeToString,
+            salience_dot_v1_dot_salience__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
