@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--host-kv-memory",
         type=parse_bytes,
         default=parse_bytes("1GiB"),
-        help="host memory for offloaded KV of evicted sessions (0: drop and recompute)",
+        help="host memory for offloaded KV of evicted sessions and kept image embeddings "
+        "(0: drop and recompute, no images)",
     )
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--max-running", type=int, default=64)
@@ -69,6 +70,31 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--allow-remote-images", action="store_true", help="let the shim fetch http(s) images"
     )
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long calls in flight may run on (default 30)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics here (with --http-port they are at /metrics)",
+    )
+    parser.add_argument(
+        "--stream-buffer-events",
+        type=int,
+        default=1 << 16,
+        help="events a stream may hold unread before it alone is cancelled",
+    )
+    parser.add_argument(
+        "--keepalive-s", type=float, default=30.0, help="ping idle client connections this often"
+    )
+    parser.add_argument("--max-logprobs", type=int, default=20, help="largest logprob_top_k")
+    parser.add_argument("--max-ranges", type=int, default=64, help="ranges of each kind per call")
+    parser.add_argument("--max-stop-strings", type=int, default=16)
+    parser.add_argument("--max-stop-string-bytes", type=int, default=256)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -92,7 +118,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                 max_running=args.max_running,
                 max_queue=args.max_queue,
                 session_ttl_s=args.session_ttl,
+                max_logprobs=args.max_logprobs,
+                max_ranges=args.max_ranges,
+                max_stop_strings=args.max_stop_strings,
+                max_stop_string_bytes=args.max_stop_string_bytes,
             ),
+            grace_s=args.grace_s,
+            metrics_port=args.metrics_port,
+            stream_buffer_events=args.stream_buffer_events,
+            keepalive_s=args.keepalive_s,
             readout_path=args.readout,
             allow_remote_images=args.allow_remote_images,
             api_key=args.api_key,

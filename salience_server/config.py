@@ -37,14 +37,23 @@ class EngineConfig:
     """Requests that may wait for room; more fail with RESOURCE_EXHAUSTED."""
     session_ttl_s: float = 1800.0
     """Idle sessions older than this are closed; 0 disables expiry."""
-    host_kv_bytes: int = 0
-    """Bytes of host memory for offloaded KV; 0 disables offloading."""
+    host_kv_bytes: int = 1 << 30
+    """Bytes of host memory for offloaded KV and kept image embeddings; 0 disables
+    offloading (and images)."""
     max_image_bytes: int = 20 << 20
     """Largest encoded image AppendImage accepts."""
     max_image_pixels: int = 4096 * 4096
     """Largest width * height AppendImage accepts (checked before decoding)."""
     attention_backend: str = "auto"
     """sdpa, flash-attn, or auto (flash-attn where it can run, else sdpa)."""
+    max_logprobs: int = 20
+    """Largest logprob_top_k a call may ask for."""
+    max_ranges: int = 64
+    """Most logprobs_ranges, and most readout_ranges, one call may carry."""
+    max_stop_strings: int = 16
+    """Most stop strings one call may carry."""
+    max_stop_string_bytes: int = 256
+    """Longest stop string, in UTF-8 bytes."""
 
     def __post_init__(self) -> None:
         if self.block_size < 0:
@@ -53,6 +62,14 @@ class EngineConfig:
             raise ValueError("max_batch_tokens and max_running must be positive")
         if self.max_context < 0 or self.kv_cache_bytes < 0 or self.max_queue < 0:
             raise ValueError("max_context, kv_cache_bytes and max_queue must not be negative")
+        limits = (
+            self.max_logprobs,
+            self.max_ranges,
+            self.max_stop_strings,
+            self.max_stop_string_bytes,
+        )
+        if min(limits) < 0:
+            raise ValueError("the per-call limits must not be negative")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attention backend {self.attention_backend!r}; "
@@ -90,3 +107,18 @@ class ServerConfig:
     """Let the shim fetch http(s) image URLs (only data: URLs otherwise)."""
     max_message_bytes: int = 64 << 20
     """Largest gRPC message accepted or sent."""
+    grace_s: float = 30.0
+    """On SIGTERM: how long calls in flight may run on before they end UNAVAILABLE."""
+    stream_buffer_events: int = 1 << 16
+    """Events one Generate stream may hold unread before it alone is cancelled."""
+    keepalive_s: float = 30.0
+    """Idle connections are pinged this often; a peer that does not answer is gone."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics here when there is no shim (the shim serves /metrics)."""
+
+    def __post_init__(self) -> None:
+        if self.grace_s < 0 or self.keepalive_s <= 0 or self.stream_buffer_events <= 0:
+            raise ValueError(
+                "grace_s must not be negative; keepalive_s and stream_buffer_events "
+                "must be positive"
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -85,6 +86,13 @@ def server_start_failure(*args: str) -> str:
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     return result.stderr
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def random_tokens(count: int, seed: int) -> list[int]:

@@ -40,10 +40,13 @@ class StopStringMatcher:
         self._stop_strings = [s for s in stop_strings if s]
         self._pending = ""  # text received but not yet released
 
-    def push(self, delta: str) -> tuple[str, bool]:
-        """Returns (text safe to release, whether a stop string matched)."""
+    def push(self, delta: str, may_match: bool = True) -> tuple[str, bool]:
+        """Returns (text safe to release, whether a stop string matched). With
+        ``may_match`` false (before min_tokens), nothing matches and nothing is held.
+        The cost per call is bounded by the stop strings' lengths: the pending text is
+        never longer than the longest stop string plus ``delta``."""
         self._pending += delta
-        if not self._stop_strings:
+        if not self._stop_strings or not may_match:
             released, self._pending = self._pending, ""
             return released, False
         cut = min(

@@ -1,42 +1,41 @@
 """The engine: sessions, the scheduler and the model runner, stepped in their own thread.
 
-Each step is one sentence: schedule, run, sample, commit. Calls from the server's
-event loop (submit, cancel, session management) take the same lock as the step's
-bookkeeping; only the forward pass runs without it.
+Each step is one sentence: schedule, move KV, build, run, commit. Calls from the
+server's event loop (submit, cancel, session management) take the same lock as the
+step's bookkeeping; only the forward pass runs without it. A failure in one request's
+part of a step fails that request alone (``outcomes``); if the thread itself dies,
+every call gets UNAVAILABLE.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from salience_server.config import EngineConfig
-from salience_server.engine import outputs, paged_attention, sampler
+from salience_server.engine import paged_attention
+from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.batch_builder import LogitsRow, build_batch
 from salience_server.engine.block_manager import BlockManager
-from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
+from salience_server.engine.intake import Intake
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token, kv_shape
+from salience_server.engine.outcomes import Outcomes
 from salience_server.engine.readout import Readout
-from salience_server.engine.request import (
-    EventSink,
-    GenerateParams,
-    Request,
-    TokenEvent,
-    in_ranges,
-)
-from salience_server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from salience_server.engine.session import Session
+from salience_server.engine.request import EventSink, GenerateParams, Request
+from salience_server.engine.scheduler import ScheduledChunk, Scheduler
+from salience_server.engine.session import Residency, Session
 from salience_server.engine.session_table import SessionInfo, SessionTable
-from salience_server.engine.validation import check_generate, offset_mismatch
+from salience_server.engine.validation import Limits, offset_mismatch
 from salience_server.engine.vision import EncodedImage, ImageLimits, VisionEncoder, decode_image
+from salience_server.metrics import EngineGauges, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,11 @@ _EXPIRY_PERIOD_S = 0.25
 
 class Engine:
     def __init__(
-        self, loaded: LoadedModel, config: EngineConfig, readout: Readout | None = None
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        readout: Readout | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.loaded = loaded
         self.config = config
@@ -59,7 +62,6 @@ class Engine:
         self.has_readout = readout is not None
         self.uses_mrope = loaded.uses_mrope
         self.image_token_id = loaded.special_token_id("image_token_id")
-        self.images = ImageStore()
         self.vision = (
             VisionEncoder(loaded.model, loaded.image_processor) if loaded.supports_images else None
         )
@@ -90,6 +92,7 @@ class Engine:
         self.evictor = Evictor(
             self.sessions, self.block_manager, config.host_kv_bytes, self.kv_bytes_per_token
         )
+        self.images = ImageStore(self.evictor)
         self.session_table = SessionTable(
             self.block_manager,
             self.evictor,
@@ -99,9 +102,25 @@ class Engine:
             block_bytes,
         )
         self.scheduler = Scheduler(config, self.block_manager, self.evictor)
-        self._request_ids = itertools.count()
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self.gauges)
+        self.intake = Intake(
+            self.session_table,
+            self.runner,
+            self.tokenizer,
+            self.vocab_size,
+            self.eos_token_ids,
+            self.has_readout,
+            Limits.from_config(config),
+        )
+        self.outcomes = Outcomes(self.scheduler, self.session_table, self.metrics)
         self._lock = threading.Condition()
         self._is_stopping = False
+        self._is_draining = False
+        self.death: BaseException | None = None
+        """What killed the engine thread, if it died; every call is then UNAVAILABLE."""
+        self.on_death: Callable[[], None] | None = None
+        """Called (from the dying thread) when the engine thread dies."""
         self._thread = threading.Thread(target=self._loop, name="salience-engine", daemon=True)
 
     def _kv_budget_bytes(self) -> int:
@@ -117,6 +136,13 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    def drain(self, grace_s: float) -> bool:
+        """Refuses new work (UNAVAILABLE) and waits up to ``grace_s`` for the calls in
+        flight to end; True if they all did."""
+        with self._lock:
+            self._is_draining = True
+            return self._lock.wait_for(lambda: not self.scheduler.has_work(), timeout=grace_s)
+
     def stop(self) -> None:
         """Fails every pending request with UNAVAILABLE and stops the loop."""
         with self._lock:
@@ -127,10 +153,36 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
+    def _check_serving(self) -> None:
+        """UNAVAILABLE while stopping or draining, or after the engine thread died."""
+        if self.death is not None:
+            raise SalienceError(
+                Code.UNAVAILABLE, "ENGINE_FAILED", f"the engine stopped: {self.death!r}"
+            )
+        if self._is_stopping or self._is_draining:
+            raise _shutting_down()
+
+    def gauges(self) -> EngineGauges:
+        """What the engine holds now, for the metrics endpoint."""
+        with self._lock:
+            by_residency = {residency.value: 0 for residency in Residency}
+            for session in self.sessions.values():
+                by_residency[session.residency.value] += 1
+            num_free = self.block_manager.num_free
+            return EngineGauges(
+                num_waiting=len(self.scheduler.waiting),
+                num_running=len(self.scheduler.running),
+                sessions_by_residency=by_residency,
+                num_blocks_used=self.block_manager.num_blocks - num_free,
+                num_blocks_free=num_free,
+                host_kv_bytes_used=self.evictor.host_bytes_used,
+            )
+
     # ----- sessions ----------------------------------------------------------------
 
     def open_session(self, session_id: str = "", max_context: int = 0) -> Session:
         with self._lock:
+            self._check_serving()
             return self.session_table.open(session_id, max_context)
 
     def close_session(self, session_id: str) -> None:
@@ -153,6 +205,7 @@ class Engine:
     def fork_session(self, session_id: str, new_session_id: str = "") -> Session:
         """A child sharing the parent's committed tokens and KV blocks (copy-on-write)."""
         with self._lock:
+            self._check_serving()
             parent = self.session_table.get(session_id)
             if parent.is_busy:
                 raise _busy(session_id)
@@ -177,33 +230,19 @@ class Engine:
         engine thread. Nothing changes when the call is refused.
         """
         with self._lock:
-            if self._is_stopping:
-                raise _shutting_down()
+            self._check_serving()
             session = self.session_table.get(params.session_id)
             if session.is_busy:
                 raise _busy(params.session_id)
-            check_generate(params, session, self.vocab_size, self.has_readout)
-            self._check_fits(params)
+            self.intake.check(params, session, image)
             self.scheduler.check_room()
-            request = self._accept(params, session, sink, image)
+            request = self.intake.accept(params, session, sink, image)
             if request.is_finished:
-                self._finish(request)
+                self.outcomes.finish(request)
             else:
                 self.scheduler.add(request)
                 self._lock.notify_all()
             return request
-
-    def _check_fits(self, params: GenerateParams) -> None:
-        """RESOURCE_EXHAUSTED at once for a prompt the whole pool cannot hold."""
-        num_tokens = params.offset + len(params.append_tokens) + 1
-        if self.block_manager.blocks_for(num_tokens) > self.block_manager.num_blocks:
-            capacity = self.block_manager.num_blocks * self.block_size
-            raise SalienceError(
-                Code.RESOURCE_EXHAUSTED,
-                "KV_CACHE_FULL",
-                f"{num_tokens} tokens do not fit in the KV pool ({capacity} tokens); "
-                "raise --kv-cache-memory",
-            )
 
     def check_image_target(self, session_id: str, offset: int, truncating: bool) -> None:
         """The cheap checks of an AppendImage call, made before the image is decoded."""
@@ -239,37 +278,6 @@ class Engine:
         )
         return self.submit(params, sink, image)
 
-    def _accept(
-        self, params: GenerateParams, session: Session, sink: EventSink, image: EncodedImage | None
-    ) -> Request:
-        """Commits the call's effect on the session and makes its Request."""
-        if params.offset < session.length:
-            self.images.drop(session.rewind(params.offset))
-            self.block_manager.truncate(session.block_table, params.offset)
-        if image is not None:
-            session.images.append(self.images.add(session, image))
-        session.token_ids.extend(params.append_tokens)
-        session.num_busy = 1
-        session.touch()
-        detokenizer = None
-        if params.return_text or params.stop_strings:
-            detokenizer = IncrementalDetokenizer(self.tokenizer, session.token_ids)
-        request = Request(
-            next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
-        )
-        if params.offset > 0 and request.needs_logits_at(params.offset - 1):
-            # The distribution at offset - 1 is not kept: feed that token again
-            # (not counted as a recomputation).
-            session.num_computed = min(session.num_computed, params.offset - 1)
-            session.num_ever_computed = min(session.num_ever_computed, params.offset - 1)
-        self.session_table.release_rewound_host_kv(session)
-        request.num_cached = session.num_computed
-        if params.offset == 0 and session.length > 0:
-            if in_ranges(0, params.logprobs_ranges) or in_ranges(0, params.readout_ranges):
-                sink(TokenEvent(position=0, token_id=session.token_ids[0], is_prefill=True))
-        request.generator = sampler.make_generator(params.sampling, self.loaded.device)
-        return request
-
     def cancel(self, request: Request) -> None:
         """Stops a request at the next step (the client went away)."""
         with self._lock:
@@ -279,6 +287,13 @@ class Engine:
     # ----- the loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # the thread must not die silently
+            log.critical("the engine thread died", exc_info=True)
+            self._die(error)
+
+    def _serve(self) -> None:
         next_expiry = 0.0
         while True:
             with self._lock:
@@ -295,91 +310,62 @@ class Engine:
                 self.step()
             except Exception:
                 log.exception("engine step failed")
-                self._fail_running()
+                with self._lock:
+                    self.outcomes.fail_running()
+            if self._is_draining:
+                with self._lock:
+                    self._lock.notify_all()  # drain() waits for the work to end
+
+    def _die(self, error: BaseException) -> None:
+        """The engine thread is dying: every call in flight and to come is UNAVAILABLE."""
+        with self._lock:
+            self.death = error
+            for request in self.scheduler.requests():
+                request.sink(SalienceError(Code.UNAVAILABLE, "ENGINE_FAILED", "the engine stopped"))
+                self.outcomes.release(request)
+            self.scheduler.running.clear()
+            self.scheduler.waiting.clear()
+            self._lock.notify_all()
+        if self.on_death is not None:
+            self.on_death()
 
     def step(self) -> None:
-        """Schedule, run, sample, commit."""
+        """Schedule, move KV, build, run, commit."""
         with self._lock:
             output = self.scheduler.schedule()
-            self._retire(output)
-            self.runner.move_kv(output.swap_outs, output.swap_ins, output.block_copies)
-            batch, rows = build_batch(
-                output.chunks,
-                self.block_size,
-                self.images,
-                self.uses_mrope,
-                self.has_readout,
-            )
+            self.outcomes.retire(output)
+            self.runner.move_kv(output.kv_moves)
+            batch, rows = self._build(output.chunks)
         if not output.chunks:
             return
-        forward = self.runner.execute(batch)
-        logprobs = sampler.log_softmax(forward.logits)  # [K, V]
+        try:
+            forward = self.runner.execute(batch)
+        except Exception:
+            if len(output.chunks) == 1:
+                raise
+            self._isolate(output.chunks)
+            return
         with self._lock:
-            self._commit(output.chunks, rows, logprobs, forward.readout)
+            self.outcomes.commit(output.chunks, rows, forward.logits, forward.readout)
 
-    def _commit(
-        self,
-        chunks: list[ScheduledChunk],
-        rows: list[LogitsRow],
-        logprobs: torch.Tensor,
-        readout: torch.Tensor | None,
-    ) -> None:
-        """Records the new KV, emits prefill tokens, samples and commits decoded ones.
-        Tokens, scores and readout of all rows are computed together and reach the host
-        in a few copies, not a few per row (each one a device sync on CUDA)."""
+    def _build(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, list[LogitsRow]]:
+        return build_batch(chunks, self.block_size, self.images, self.uses_mrope, self.has_readout)
+
+    def _isolate(self, chunks: list[ScheduledChunk]) -> None:
+        """After a forward pass over several requests failed: runs each request's
+        chunk alone, so that only the ones that fail alone fail. Rewriting the KV the
+        failed pass may have written is harmless: the same values at the same slots."""
         for chunk in chunks:
-            end = chunk.start + chunk.num_tokens
-            chunk.request.num_recomputed += chunk.request.session.mark_computed(chunk.start, end)
-        targets = [row.fed_position + 1 for row in rows]  # the positions the rows predict
-        picks = [outputs.pick(row.request, t) for row, t in zip(rows, targets, strict=True)]
-        token_ids, argmax_rows = sampler.pick_tokens(logprobs, picks)
-        top_ks = [outputs.top_k(row.request, t) for row, t in zip(rows, targets, strict=True)]
-        scores = sampler.score(logprobs, token_ids, top_ks, argmax_rows)
-        readout_values = readout.flatten(1).tolist() if readout is not None else []  # [R, L * C]
-        for row, target, pick, token_id, scored in zip(
-            rows, targets, picks, token_ids.tolist(), scores, strict=True
-        ):
-            request = row.request
-            if request.is_cancelled:
+            with self._lock:
+                batch, rows = self._build([chunk])
+            try:
+                forward = self.runner.execute(batch)
+            except Exception as error:
+                with self._lock:
+                    self.outcomes.fail(chunk.request, error)
                 continue
-            values: list[float] = []
-            if row.readout_index is not None and readout_values:
-                values = readout_values[row.readout_index]  # [n_layers * n_concepts]
-            if isinstance(pick, int):
-                request.sink(outputs.prefill_token(request, target, scored, values))
-            else:
-                request.sink(outputs.decode_token(request, token_id, scored, values))
-        for chunk in chunks:
-            if chunk.request.is_finished and not chunk.request.is_cancelled:
-                self.scheduler.finish(chunk.request)
-                self._finish(chunk.request)
-
-    def _finish(self, request: Request) -> None:
-        request.sink(request.done_event())
-        self._release(request)
-
-    def _release(self, request: Request) -> None:
-        """Gives the session back; frees its blocks if it was closed meanwhile."""
-        session = request.session
-        session.num_busy = 0
-        session.touch()
-        if session.is_closed:
-            self.session_table.free(session)
-
-    def _retire(self, output: SchedulerOutput) -> None:
-        for request in output.cancelled:
-            self._release(request)
-        for request, error in output.failed:
-            request.sink(error)
-            self._release(request)
-
-    def _fail_running(self) -> None:
-        """After an unexpected failure: fail the running requests, keep serving."""
-        with self._lock:
-            for request in list(self.scheduler.running):
-                self.scheduler.finish(request)
-                request.sink(SalienceError(Code.INTERNAL, "INTERNAL", "the engine step failed"))
-                self._release(request)
+            with self._lock:
+                self.outcomes.commit([chunk], rows, forward.logits, forward.readout)
 
 
 def _shutting_down() -> SalienceError:

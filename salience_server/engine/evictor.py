@@ -1,9 +1,15 @@
-"""Who loses KV residency when the block pool runs short. Plain Python, no tensors.
+"""Which idle session loses KV residency, and how. Plain Python, no tensors.
 
-Victims are the least recently used sessions not in the current step: idle sessions
-first, then sessions whose requests wait. A victim's KV goes to host memory while the
-host budget allows (offloaded: restored by copying back), else it is dropped
-(recomputed from the session's tokens on next use). Tokens are never lost.
+A victim's KV goes to host memory while the host budget allows (offloaded: restored
+by copying back), else it is dropped (recomputed from the session's tokens on next
+use). Tokens are never lost. The host budget also holds the image embeddings kept for
+recomputing image placeholders: they come first, and an image that needs room drops
+offloaded KV (least recently used first).
+
+The KV moves a step needs are returned in the order they were decided, and the model
+runner makes them in that order: a block freed by one eviction and handed to another
+session later in the same step is read (swapped out, or copied for copy-on-write)
+before it is written.
 """
 
 from __future__ import annotations
@@ -31,6 +37,16 @@ class SwapIn:
     block_ids: list[int]
 
 
+@dataclass
+class CopyBlocks:
+    """Copy-on-write: copy each ``(source, destination)`` block."""
+
+    pairs: list[tuple[int, int]]
+
+
+KvMove = SwapOut | SwapIn | CopyBlocks
+
+
 class Evictor:
     def __init__(
         self,
@@ -44,23 +60,30 @@ class Evictor:
         self.host_kv_bytes = host_kv_bytes
         self.kv_bytes_per_token = kv_bytes_per_token
         self.host_bytes_used = 0
+        """Offloaded KV plus kept image embeddings."""
+        self.discarded_host_kv: list[str] = []
+        """Sessions whose host KV was given up for images; the engine frees it."""
 
-    def make_room(self, num_blocks: int, protected: set[str], swap_outs: list[SwapOut]) -> bool:
-        """Evicts until ``num_blocks`` blocks are free; False if that is impossible
-        without touching the ``protected`` sessions (this step's)."""
-        while self.block_manager.num_free < num_blocks:
-            victim = self._pick(protected)
-            if victim is None:
-                return False
-            self.evict(victim, swap_outs)
-        return True
+    def pick_idle(self, protected: set[str]) -> Session | None:
+        """The least recently used idle session holding blocks, outside ``protected``;
+        sessions that free blocks before ones sharing all theirs with forks."""
+        candidates = [
+            s
+            for s in self.sessions.values()
+            if s.block_table and not s.is_busy and s.session_id not in protected
+        ]
+        return min(
+            candidates,
+            key=lambda s: (self.block_manager.num_owned(s.block_table) == 0, s.last_used),
+            default=None,
+        )
 
-    def evict(self, session: Session, swap_outs: list[SwapOut]) -> None:
+    def evict(self, session: Session, moves: list[KvMove]) -> None:
         """Takes ``session``'s blocks away, offloading its KV if the host budget allows."""
         num_bytes = session.num_computed * self.kv_bytes_per_token
         if 0 < num_bytes <= self.host_kv_bytes - self.host_bytes_used:
             num_blocks = self.block_manager.blocks_for(session.num_computed)
-            swap_outs.append(
+            moves.append(
                 SwapOut(session.session_id, session.block_table[:num_blocks], session.num_computed)
             )
             session.residency = Residency.OFFLOADED
@@ -71,10 +94,10 @@ class Evictor:
             session.num_computed = 0
         self.block_manager.free(session.block_table)
 
-    def restore(self, session: Session, swap_ins: list[SwapIn]) -> None:
+    def restore(self, session: Session, moves: list[KvMove]) -> None:
         """Marks an offloaded session resident; its blocks must already be allocated."""
         num_blocks = self.block_manager.blocks_for(session.num_computed)
-        swap_ins.append(SwapIn(session.session_id, session.block_table[:num_blocks]))
+        moves.append(SwapIn(session.session_id, session.block_table[:num_blocks]))
         self.forget(session)
         session.residency = Residency.RESIDENT
 
@@ -92,18 +115,26 @@ class Evictor:
         self.host_bytes_used -= session.host_kv_bytes
         session.host_kv_bytes = 0
 
-    def _pick(self, protected: set[str]) -> Session | None:
-        candidates = [
-            s for s in self.sessions.values() if s.block_table and s.session_id not in protected
-        ]
-        if not candidates:
-            return None
-        # Idle before waiting; sessions that free blocks before ones sharing all theirs.
-        return min(
-            candidates,
-            key=lambda s: (
-                s.is_busy,
-                self.block_manager.num_owned(s.block_table) == 0,
-                s.last_used,
-            ),
+    def can_hold_image(self, num_bytes: int) -> bool:
+        """Whether ``num_bytes`` of image embeddings fit, counting offloaded KV as room
+        (images come first)."""
+        offloaded = sum(s.host_kv_bytes for s in self.sessions.values())
+        return self.host_bytes_used - offloaded + num_bytes <= self.host_kv_bytes
+
+    def hold_image(self, num_bytes: int) -> None:
+        """Budgets image embeddings, dropping offloaded KV (LRU first) to make room."""
+        offloaded = sorted(
+            (s for s in self.sessions.values() if s.residency == Residency.OFFLOADED),
+            key=lambda s: s.last_used,
         )
+        for session in offloaded:
+            if self.host_bytes_used + num_bytes <= self.host_kv_bytes:
+                break
+            self.forget(session)
+            session.residency = Residency.DROPPED
+            session.num_computed = 0
+            self.discarded_host_kv.append(session.session_id)
+        self.host_bytes_used += num_bytes
+
+    def release_image(self, num_bytes: int) -> None:
+        self.host_bytes_used -= num_bytes

@@ -11,7 +11,7 @@ import torch
 
 from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
-from salience_server.engine.evictor import SwapIn, SwapOut
+from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.readout import Readout
 
@@ -162,30 +162,30 @@ class ModelRunner:
             self._captured = [torch.empty(0)] * len(self.readout.layers)
         return ForwardOutput(logits=output.logits[0, : len(batch.logits_rows)], readout=readout)
 
-    def move_kv(
-        self, swap_outs: list[SwapOut], swap_ins: list[SwapIn], copies: list[tuple[int, int]]
-    ) -> None:
-        """Moves KV before a step, in this order: evicted sessions' blocks to host
-        memory (their blocks may be reused next), offloaded sessions' KV back into
-        their new blocks, then copy-on-write block copies."""
-        for swap_out in swap_outs:
-            index = self._index(swap_out.block_ids)
-            self.host_kv[swap_out.session_id] = [
-                (keys[index].to("cpu"), values[index].to("cpu")) for keys, values in self.kv_caches
-            ]
-        for swap_in in swap_ins:
-            index = self._index(swap_in.block_ids)
-            for (keys, values), (host_keys, host_values) in zip(
-                self.kv_caches, self.host_kv.pop(swap_in.session_id), strict=True
-            ):
-                keys[index] = host_keys[: len(index)].to(self.device)
-                values[index] = host_values[: len(index)].to(self.device)
-        if copies:
-            sources = self._index([source for source, _ in copies])
-            targets = self._index([target for _, target in copies])
-            for keys, values in self.kv_caches:
-                keys[targets] = keys[sources]
-                values[targets] = values[sources]
+    def move_kv(self, moves: list[KvMove]) -> None:
+        """Makes a step's KV moves in the order the scheduler decided them (see
+        ``evictor``): evicted sessions' blocks to host memory, copy-on-write copies,
+        offloaded sessions' KV back into their new blocks."""
+        for move in moves:
+            if isinstance(move, SwapOut):
+                index = self._index(move.block_ids)
+                self.host_kv[move.session_id] = [
+                    (keys[index].to("cpu"), values[index].to("cpu"))
+                    for keys, values in self.kv_caches
+                ]
+            elif isinstance(move, SwapIn):
+                index = self._index(move.block_ids)
+                for (keys, values), (host_keys, host_values) in zip(
+                    self.kv_caches, self.host_kv.pop(move.session_id), strict=True
+                ):
+                    keys[index] = host_keys[: len(index)].to(self.device)
+                    values[index] = host_values[: len(index)].to(self.device)
+            else:  # all sources are read before any destination is written
+                sources = self._index([source for source, _ in move.pairs])
+                targets = self._index([target for _, target in move.pairs])
+                for keys, values in self.kv_caches:
+                    keys[targets] = keys[sources]
+                    values[targets] = values[sources]
 
     def discard_host_kv(self, session_id: str) -> None:
         self.host_kv.pop(session_id, None)

@@ -1,12 +1,89 @@
-"""What each logits row of a step is for, and the token event it becomes: a scored
-committed token, or a sampled one that is committed now."""
+"""What each logits row of a step is for, and the token events a fed chunk owes its
+stream: scored committed tokens, and a sampled one that is committed now.
+
+A stream's events follow its high-water mark (``Request.next_event_position``): every
+position at or past it that the call asked for gets one event, in position order, and
+the mark moves past it. Positions fed again (after a preemption, an offload or a drop)
+lie below the mark and produce nothing.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
-from salience_server.engine import sampler
+import torch
+
+from salience_server.engine import penalties, sampler
+from salience_server.engine.batch_builder import LogitsRow
 from salience_server.engine.request import FinishReason, Request, TokenEvent
+from salience_server.engine.scheduler import ScheduledChunk
+
+
+@dataclass
+class RowResult:
+    """One logits row after sampling and scoring."""
+
+    token_id: int
+    scored: sampler.TokenLogprob
+    readout: list[float]
+    """[n_layers * n_concepts], or empty."""
+
+
+RowResults = dict[Request, dict[int, RowResult]]
+"""Per request, its rows' results by fed position."""
+
+
+def row_results(
+    rows: list[LogitsRow],
+    logits: torch.Tensor,
+    readout: torch.Tensor | None,
+) -> tuple[RowResults, dict[Request, Exception]]:
+    """Samples and scores every logits row of a step together ([K, V] raw logits,
+    [R, n_layers, n_concepts] readout): tokens, scores and readout reach the host in a
+    few copies, not a few per row (each one a device sync on CUDA). A failure fails
+    only the requests whose rows cause it: after one, each request's rows are retried
+    alone."""
+    try:
+        return _row_results(rows, logits, readout)
+    except Exception:
+        results: RowResults = {}
+        errors: dict[Request, Exception] = {}
+        by_request: dict[Request, list[int]] = {}
+        for row_index, row in enumerate(rows):
+            by_request.setdefault(row.request, []).append(row_index)
+        for request, indices in by_request.items():
+            own_rows = torch.tensor(indices, dtype=torch.long, device=logits.device)
+            try:
+                part, part_errors = _row_results(
+                    [rows[i] for i in indices], logits[own_rows], readout
+                )
+            except Exception as error:
+                errors[request] = error
+                continue
+            results.update(part)
+            errors.update(part_errors)
+        return results, errors
+
+
+def _row_results(
+    rows: list[LogitsRow], logits: torch.Tensor, readout: torch.Tensor | None
+) -> tuple[RowResults, dict[Request, Exception]]:
+    logprobs = sampler.log_softmax(logits)  # [K, V]
+    targets = [row.fed_position + 1 for row in rows]  # the positions the rows predict
+    picks = [pick(row.request, t) for row, t in zip(rows, targets, strict=True)]
+    picked = sampler.pick_tokens(logits, logprobs, picks)
+    top_ks = [top_k(row.request, t) for row, t in zip(rows, targets, strict=True)]
+    scores = sampler.score(logprobs, picked.token_ids, top_ks, picked.argmax_rows)
+    readout_values = readout.flatten(1).tolist() if readout is not None else []  # [R, L * C]
+    results: RowResults = {}
+    errors = {rows[index].request: error for index, error in picked.errors.items()}
+    for row, token_id, scored in zip(rows, picked.token_ids.tolist(), scores, strict=True):
+        values: list[float] = []
+        if row.readout_index is not None and readout_values:
+            values = readout_values[row.readout_index]
+        results.setdefault(row.request, {})[row.fed_position] = RowResult(token_id, scored, values)
+    return results, errors
 
 
 def pick(request: Request, position: int) -> int | sampler.Draw:
@@ -15,7 +92,16 @@ def pick(request: Request, position: int) -> int | sampler.Draw:
     session = request.session
     if position < session.length:
         return session.token_ids[position]
-    return sampler.Draw(request.params.sampling, request.generator, session.token_ids)
+    params = request.params
+    banned = [] if request.is_stoppable else sorted(request.stop_token_ids)
+    shaping = None
+    if params.sampling.shapes_logits or banned:
+        if request.penalty_state is None:
+            request.penalty_state = penalties.PenaltyState()
+        shaping = penalties.Shaping(
+            params.sampling, session.token_ids, request.prompt_len, banned, request.penalty_state
+        )
+    return sampler.Draw(params.sampling, request.generator, shaping)
 
 
 def top_k(request: Request, position: int) -> int:
@@ -23,35 +109,61 @@ def top_k(request: Request, position: int) -> int:
     return request.params.logprob_top_k if request.wants_top_logprobs(position) else 0
 
 
-def prefill_token(
-    request: Request, position: int, scored: sampler.TokenLogprob, readout: list[float]
-) -> TokenEvent:
-    """The event for committed token ``position``, scored by the row that predicted it."""
+def chunk_events(
+    request: Request, chunk: ScheduledChunk, rows: dict[int, RowResult]
+) -> list[TokenEvent]:
+    """The events owed for the targets a fed chunk predicts (positions ``start + 1 ..
+    start + num_tokens``): ``rows`` maps a fed position to its row's result. A decoded
+    token is committed here."""
+    session = request.session
+    end = chunk.start + chunk.num_tokens
+    events = []
+    for target in range(max(request.next_event_position, chunk.start + 1), end + 1):
+        if target == session.length:  # the row fed at end - 1 drew the next token
+            if target - 1 in rows:
+                events.append(decode_token(request, rows[target - 1]))
+            break
+        if request.wants_event(target):
+            events.append(prefill_token(request, target, rows.get(target - 1)))
+    request.next_event_position = max(request.next_event_position, end + 1)
+    return events
+
+
+def prefill_token(request: Request, position: int, row: RowResult | None) -> TokenEvent:
+    """The event for committed token ``position``, scored by the row that predicted
+    it; an image placeholder has no row, or one kept for its readout only, and carries
+    no logprob."""
     token_id = request.session.token_ids[position]
+    readout = row.readout if row is not None else []
+    if row is None or request.session.is_image_position(position):
+        return TokenEvent(position, token_id, True, readout=readout)
+    scored = row.scored
     return TokenEvent(
         position, token_id, True, scored.logprob, scored.rank, scored.top_logprobs, readout=readout
     )
 
 
-def decode_token(
-    request: Request, token_id: int, scored: sampler.TokenLogprob, readout: list[float]
-) -> TokenEvent:
-    """Commits the sampled ``token_id`` to the session and checks the stops."""
+def decode_token(request: Request, row: RowResult) -> TokenEvent:
+    """Commits the drawn token to the session and checks the stops."""
     session = request.session
     if request.prefill_done_time is None:
         request.prefill_done_time = time.monotonic()
+    token_id = row.token_id
     position = session.length
     session.token_ids.append(token_id)
     request.num_decoded += 1
-    if token_id in request.stop_token_ids:
+    stoppable = request.is_stoppable
+    if stoppable and token_id in request.stop_token_ids:
         request.finish_reason = FinishReason.STOP
     text = ""
     if request.detokenizer is not None:
-        text, matched = request.stop_matcher.push(request.detokenizer.push(token_id))
+        delta = request.detokenizer.push(token_id)
+        text, matched = request.stop_matcher.push(delta, may_match=stoppable)
         if matched:
             request.finish_reason = FinishReason.STOP_STRING
         elif not request.wants_decode:
             text += request.stop_matcher.flush()  # the call ends: release held-back text
+    scored = row.scored
     return TokenEvent(
         position,
         token_id,
@@ -60,5 +172,5 @@ def decode_token(
         scored.rank,
         scored.top_logprobs,
         text if request.params.return_text else "",
-        readout,
+        row.readout,
     )

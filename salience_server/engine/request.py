@@ -13,6 +13,9 @@ from salience_server.engine.errors import SalienceError
 from salience_server.engine.session import Session
 
 RANGE_END_MAX = 0xFFFFFFFF
+GREEDY_BELOW = 1e-5
+"""A temperature below this samples greedily (as in vLLM): dividing by it would
+overflow the logits."""
 
 
 @dataclass(frozen=True)
@@ -20,17 +23,34 @@ class SamplingParams:
     """Sampling controls; the zero values mean "off" as in the proto."""
 
     temperature: float = 0.0
-    """0 is greedy."""
+    """Below ``GREEDY_BELOW`` (0 included) is greedy."""
     top_p: float = 1.0
     top_k: int = 0
     """0 is no top-k."""
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    """transformers' (CTRL's): on the logits of tokens already in the session."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: times each token's count among the tokens decoded in this call."""
+    presence_penalty: float = 0.0
+    """OpenAI's: once for each token decoded in this call."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Added to the logits of these token ids."""
     seed: int | None = None
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything changes the logits before the draw (penalties or bias)."""
+        return (
+            self.repetition_penalty not in (0.0, 1.0)
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,8 @@ class GenerateParams:
     return_text: bool = False
     priority: int = 0
     ignore_eos: bool = False
+    min_tokens: int = 0
+    """EOS and stop tokens cannot end the call before this many decoded tokens."""
 
 
 class FinishReason(enum.Enum):
@@ -94,6 +116,12 @@ def in_ranges(position: int, ranges: list[tuple[int, int]]) -> bool:
     return any(start <= position < end for start, end in ranges)
 
 
+def first_in_ranges(low: int, high: int, ranges: list[tuple[int, int]]) -> int | None:
+    """The smallest position in ``low .. high - 1`` inside one of ``ranges``, if any."""
+    starts = [max(start, low) for start, end in ranges if max(start, low) < min(end, high)]
+    return min(starts, default=None)
+
+
 class Request:
     """The state of one Generate call while the engine works on it."""
 
@@ -116,15 +144,27 @@ class Request:
         self.detokenizer = detokenizer
         self.stop_matcher = StopStringMatcher(params.stop_strings)
         self.num_decoded = 0
+        self.next_event_position = min(
+            [params.offset] + [start for start, _ in params.logprobs_ranges + params.readout_ranges]
+        )
+        """The stream's high-water mark: events for positions below it were sent (or
+        need none). Recomputing those positions after a preemption, an offload or a
+        drop never sends them again."""
+        self.error: SalienceError | None = None
+        """Set when this request failed on its own (a bad row); the engine ends it."""
         self.num_cached = 0
         self.num_recomputed = 0
         self.finish_reason: FinishReason | None = None
         self.is_cancelled = False
         self.generator: Any = None
         """A seeded torch.Generator, or None for the global one."""
+        self.penalty_state: Any = None
+        """The sampler's running token counts (penalties.PenaltyState), made on the
+        first draw that needs them."""
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.prefill_done_time: float | None = None
+        self.last_token_time: float | None = None
 
     @property
     def priority(self) -> int:
@@ -141,6 +181,11 @@ class Request:
         return self.session.length - self.session.num_computed
 
     @property
+    def is_stoppable(self) -> bool:
+        """Whether stop tokens and stop strings may end the call yet (min_tokens)."""
+        return self.num_decoded >= self.params.min_tokens
+
+    @property
     def wants_decode(self) -> bool:
         return (
             self.finish_reason is None
@@ -148,16 +193,42 @@ class Request:
             and self.session.length < self.session.max_context
         )
 
+    def wants_event(self, position: int) -> bool:
+        """Whether committed ``position`` still owes the stream a (prefill) event."""
+        return position >= self.next_event_position and (
+            in_ranges(position, self.params.logprobs_ranges)
+            or in_ranges(position, self.params.readout_ranges)
+        )
+
     def needs_logits_at(self, fed_position: int) -> bool:
-        """Whether the distribution computed at ``fed_position`` is used: it scores
-        (or reads out) position ``fed_position + 1``, or samples the next token."""
+        """Whether the distribution computed at ``fed_position`` is used: it samples
+        the next token, or scores (or reads out) position ``fed_position + 1``, whose
+        event is still owed. Image placeholders carry no logprob: they need a row
+        only for their readout."""
         target = fed_position + 1
         if target == self.session.length:
             return self.wants_decode
-        return target >= self.params.offset and (
-            in_ranges(target, self.params.logprobs_ranges)
-            or in_ranges(target, self.params.readout_ranges)
+        if target < self.next_event_position:
+            return False
+        if in_ranges(target, self.params.readout_ranges):
+            return True
+        return in_ranges(target, self.params.logprobs_ranges) and not (
+            self.session.is_image_position(target)
         )
+
+    def first_fed_needing_logits(self) -> int | None:
+        """The lowest fed position whose logits this request needs (the session's KV
+        must be recomputed from there), or None."""
+        session = self.session
+        owed = first_in_ranges(
+            max(self.next_event_position, 1),
+            session.length,
+            self.params.logprobs_ranges + self.params.readout_ranges,
+        )
+        candidates = [owed - 1] if owed is not None else []
+        if self.wants_decode and session.length > 0:
+            candidates.append(session.length - 1)
+        return min(candidates, default=None)
 
     def wants_top_logprobs(self, position: int) -> bool:
         return self.params.logprob_top_k > 0 and in_ranges(position, self.params.logprobs_ranges)

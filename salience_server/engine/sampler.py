@@ -1,15 +1,16 @@
-"""Turns logits into tokens and log-probabilities.
+"""Turns a step's logits rows into tokens and log-probabilities.
 
-Logprobs, ranks and top-k always come from the raw distribution (before temperature,
-top-k, top-p, min-p and repetition penalty); sampling uses the processed one.
+Logprobs, ranks and top-k always come from the raw distribution; sampling uses the
+shaped (``penalties``) and filtered (``filters``) one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from salience_server.engine import filters, penalties
 from salience_server.engine.request import SamplingParams
 
 
@@ -28,12 +29,25 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Draw:
-    """A row whose next token is sampled (a decode), rather than given (a scored row)."""
+    """A row whose next token is drawn (a decode), rather than given (a scored row)."""
 
     params: SamplingParams
     generator: torch.Generator | None
-    seen_token_ids: list[int]
-    """The session's tokens, for the repetition penalty."""
+    shaping: penalties.Shaping | None = None
+    """Penalties, bias and banned tokens, when any apply to this row."""
+
+
+@dataclass
+class Picks:
+    """The tokens of a step's rows, and the rows whose draw failed."""
+
+    token_ids: torch.Tensor
+    """[K] long, on the logits' device: the given id of a scored row, the drawn one of
+    a decode row (0 where the draw failed)."""
+    argmax_rows: list[int]
+    """Rows whose token is their raw argmax (rank 1 without comparing)."""
+    errors: dict[int, Exception] = field(default_factory=dict)
+    """Rows whose draw failed: only their requests fail."""
 
 
 _RANK_ROWS_CPU, _RANK_ROWS_CUDA = 16, 1024
@@ -42,11 +56,11 @@ the [rows, V] comparison is fastest while it stays in cache (measured: 16 rows o
 49152 vocabulary rank 5x faster than 256)."""
 
 
-def pick_tokens(logprobs: torch.Tensor, picks: list[int | Draw]) -> tuple[torch.Tensor, list[int]]:
-    """[K, V] raw logprobs -> ([K] long token ids on their device, the rows whose token
-    is their argmax): the given id for a scored row, a draw for a decoded one. Plain
-    greedy rows share one argmax; rows that sample draw one by one (each has its own
-    generator). Nothing is copied to the host."""
+def pick_tokens(logits: torch.Tensor, logprobs: torch.Tensor, picks: list[int | Draw]) -> Picks:
+    """[K, V] raw logits and logprobs -> each row's token: the given id for a scored
+    row, a draw for a decode row. Plain greedy rows share one argmax; the other draws
+    are shaped, filtered and drawn together. A failure there is retried row by row, so
+    that it fails the rows that caused it and no other. Nothing is copied to the host."""
     token_ids = torch.tensor(
         [pick if isinstance(pick, int) else 0 for pick in picks],
         dtype=torch.long,
@@ -55,7 +69,7 @@ def pick_tokens(logprobs: torch.Tensor, picks: list[int | Draw]) -> tuple[torch.
     plain_greedy = [
         row
         for row, pick in enumerate(picks)
-        if isinstance(pick, Draw) and pick.params.is_greedy and not _penalizes(pick)
+        if isinstance(pick, Draw) and pick.params.is_greedy and pick.shaping is None
     ]
     if plain_greedy:
         rows = torch.tensor(plain_greedy, dtype=torch.long, device=logprobs.device)
@@ -64,10 +78,40 @@ def pick_tokens(logprobs: torch.Tensor, picks: list[int | Draw]) -> tuple[torch.
         else:  # mostly scored rows: copy out the few greedy ones
             token_ids[rows] = torch.argmax(logprobs[rows], dim=-1)
     chosen = set(plain_greedy)
-    for row, pick in enumerate(picks):
-        if isinstance(pick, Draw) and row not in chosen:
-            token_ids[row] = _draw(logprobs[row], pick)
-    return token_ids, plain_greedy
+    drawn = [row for row, pick in enumerate(picks) if isinstance(pick, Draw) and row not in chosen]
+    result = Picks(token_ids, plain_greedy)
+    if drawn:
+        draws = [pick for pick in (picks[row] for row in drawn) if isinstance(pick, Draw)]
+        try:
+            token_ids[drawn] = draw_rows(logits[drawn].float(), draws)
+        except Exception:
+            for row, one in zip(drawn, draws, strict=True):
+                try:
+                    token_ids[row] = draw_rows(logits[row : row + 1].float(), [one])[0]
+                except Exception as error:
+                    result.errors[row] = error
+    return result
+
+
+def draw_rows(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
+    """[D, V] float32 raw logits -> [D] drawn token ids: shaped (penalties, bias,
+    banned tokens), then greedy rows take their argmax and the others are tempered,
+    filtered and drawn."""
+    shaped = [index for index, d in enumerate(draws) if d.shaping is not None]
+    if shaped:
+        logits = logits.clone()
+        logits[shaped] = penalties.apply(
+            logits[shaped], [d.shaping for d in draws if d.shaping is not None]
+        )
+    token_ids = torch.empty(len(draws), dtype=torch.long, device=logits.device)
+    greedy = [index for index, d in enumerate(draws) if d.params.is_greedy]
+    if greedy:
+        token_ids[greedy] = torch.argmax(logits[greedy], dim=-1)
+    sampled = [index for index, d in enumerate(draws) if not d.params.is_greedy]
+    if sampled:
+        filtered = filters.filter_logits(logits[sampled], [draws[i].params for i in sampled])
+        token_ids[sampled] = filters.draw(filtered, [draws[i].generator for i in sampled])
+    return token_ids
 
 
 def score(
@@ -110,43 +154,3 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed)
     return generator
-
-
-def _penalizes(draw: Draw) -> bool:
-    return draw.params.repetition_penalty not in (0.0, 1.0) and bool(draw.seen_token_ids)
-
-
-def _draw(logprobs: torch.Tensor, draw: Draw) -> torch.Tensor:
-    """One token (a 0-dim tensor) from a [V] row of raw logprobs."""
-    params = draw.params
-    logits = logprobs
-    if _penalizes(draw):
-        logits = _penalize_repeats(logits, draw.seen_token_ids, params.repetition_penalty)
-    if params.is_greedy:
-        return torch.argmax(logits)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_k > 0 and params.top_k < probs.shape[-1]:
-        threshold = torch.topk(probs, params.top_k).values[-1]
-        probs = torch.where(probs >= threshold, probs, 0.0)
-    if params.min_p > 0.0:
-        probs = torch.where(probs >= params.min_p * probs.max(), probs, 0.0)
-    if params.top_p < 1.0:
-        probs = _top_p(probs, params.top_p)
-    return torch.multinomial(probs, 1, generator=draw.generator)[0]
-
-
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keeps the smallest set of most likely tokens whose mass reaches top_p."""
-    sorted_probs, order = torch.sort(probs, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = torch.where(mass_before < top_p * sorted_probs.sum(), sorted_probs, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-
-
-def _penalize_repeats(logits: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
-    """CTRL's penalty: seen tokens' logits are divided by it (multiplied when negative)."""
-    index = torch.tensor(sorted(set(token_ids)), device=logits.device)
-    seen = logits[index]
-    logits = logits.clone()
-    logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits

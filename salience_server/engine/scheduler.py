@@ -1,11 +1,20 @@
 """Picks the work of each engine step. Plain Python: no tensors, no I/O.
 
-Requests wait in a priority queue (lower ``priority`` first, then arrival order) and
-run in a set of at most ``max_running``. Every step feeds one decode token of every
-running request plus chunks of pending prefills, in priority order, up to
-``max_batch_tokens``. A waiting request that outranks a running one when the running
-set is full takes its place at the next step; the preempted request goes back to
-waiting (its session keeps its tokens and KV, so it resumes where it stopped).
+Requests are served in ``order_key`` order: lower ``priority`` first, then arrival.
+Each step walks the running and the waiting requests in that order and feeds each one
+chunk (a decode token, or part of a prefill) while ``max_batch_tokens`` lasts; at most
+``max_running`` requests run. A waiting request that outranks a running one when the
+running set is full takes its place.
+
+Room in the KV pool (SPEC 2.4) is made in this order, never touching what this step
+already scheduled:
+1. idle sessions lose residency, least recently used first (``Evictor``);
+2. then the sessions of waiting requests, latest in order first;
+3. then running requests later in order than the one that needs room are preempted
+   (the most recently arrived, lowest priority first, as vLLM does): sent back to
+   wait, their KV evicted. Their streams stay exact (``Request.next_event_position``).
+A request that still finds no room waits (preempted) while others hold memory, and
+fails with KV_CACHE_FULL only when nothing else holds any.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from dataclasses import dataclass, field
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.errors import Code, SalienceError
-from salience_server.engine.evictor import Evictor, SwapIn, SwapOut
+from salience_server.engine.evictor import CopyBlocks, Evictor, KvMove
 from salience_server.engine.request import Request
 from salience_server.engine.session import Residency
 
@@ -33,16 +42,25 @@ class ScheduledChunk:
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    """(source, destination) blocks to copy before the forward pass (copy-on-write)."""
+    kv_moves: list[KvMove] = field(default_factory=list)
+    """KV to move before the forward pass, in the order it was decided: swap-outs of
+    evicted sessions, copy-on-write copies, swap-ins of restored sessions."""
     cancelled: list[Request] = field(default_factory=list)
     """Requests the client gave up on; they leave the scheduler with this output."""
     failed: list[tuple[Request, SalienceError]] = field(default_factory=list)
     """Requests that cannot go on (no KV room); they leave with this output."""
-    swap_outs: list[SwapOut] = field(default_factory=list)
-    """KV to copy to host memory first (evicted sessions)."""
-    swap_ins: list[SwapIn] = field(default_factory=list)
-    """Host KV to copy back into the pool after the swap-outs."""
+
+
+@dataclass
+class _Step:
+    """What one ``schedule`` call has decided so far."""
+
+    output: SchedulerOutput
+    budget: int
+    scheduled: set[str] = field(default_factory=set)
+    """Sessions fed in this step: their blocks are untouchable."""
+    preempted: set[int] = field(default_factory=set)
+    """Request ids sent back to wait in this step (not fed again in it)."""
 
 
 class Scheduler:
@@ -52,6 +70,8 @@ class Scheduler:
         self.evictor = evictor
         self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap on order_key
         self.running: list[Request] = []
+        self.num_preemptions = 0
+        """Running requests sent back to wait, since start."""
 
     def check_room(self) -> None:
         """RESOURCE_EXHAUSTED when the queue is full."""
@@ -75,51 +95,105 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, request: Request) -> None:
-        """Removes a finished request from the running set."""
+        """Removes a finished (or failed) request from the running set."""
         self.running.remove(request)
 
     def schedule(self) -> SchedulerOutput:
-        output = SchedulerOutput()
-        self._drop_cancelled(output)
-        self._admit()
-        budget = self.config.max_batch_tokens
-        scheduled: set[str] = set()
-        for request in sorted(self.running, key=lambda r: r.order_key):
-            if budget == 0:
+        step = _Step(SchedulerOutput(), self.config.max_batch_tokens)
+        self._drop_cancelled(step.output)
+        for request in sorted(self.requests(), key=lambda r: r.order_key):
+            if step.budget == 0:
                 break
-            num_tokens = min(request.num_tokens_to_feed, budget)
-            if self._reserve(request, num_tokens, scheduled, output):
-                budget -= num_tokens
-                scheduled.add(request.session.session_id)
-            elif scheduled:
-                self._preempt(request)  # room comes back when this step's work finishes
-            else:
-                self.running.remove(request)
-                output.failed.append((request, _kv_cache_full()))
-        return output
+            if request.request_id in step.preempted:
+                continue
+            is_waiting = request not in self.running
+            if is_waiting and not self._free_slot(request, step):
+                continue
+            num_tokens = min(request.num_tokens_to_feed, step.budget)
+            if self._reserve(request, num_tokens, step):
+                if is_waiting:
+                    self._remove_waiting(request)
+                    self.running.append(request)
+                step.budget -= num_tokens
+                step.scheduled.add(request.session.session_id)
+            elif not step.scheduled:  # everything else was evicted: it can never fit
+                self._remove(request)
+                step.output.failed.append((request, _kv_cache_full()))
+            elif not is_waiting:
+                self._preempt(request, step)  # room comes back as this step's work ends
+        return step.output
 
-    def _reserve(
-        self, request: Request, num_tokens: int, scheduled: set[str], output: SchedulerOutput
-    ) -> bool:
-        """Makes room in the block pool for the next chunk of ``request``, evicting
-        other sessions' KV if needed and restoring this session's if it was offloaded."""
+    def _free_slot(self, request: Request, step: _Step) -> bool:
+        """A place in the running set for waiting ``request``: free, or taken from the
+        lowest-priority running request when ``request`` outranks it."""
+        if len(self.running) < self.config.max_running:
+            return True
+        worst = max(self.running, key=lambda r: r.order_key)
+        if request.priority >= worst.priority:
+            return False
+        self._preempt(worst, step)
+        return True
+
+    def _reserve(self, request: Request, num_tokens: int, step: _Step) -> bool:
+        """Makes room in the block pool for the next chunk of ``request`` and schedules
+        it, restoring its session's KV if it was offloaded."""
         session = request.session
         start = session.num_computed
         needed = self.block_manager.num_new_blocks(session.block_table, start + num_tokens, start)
-        protected = scheduled | {session.session_id}
-        if not self.evictor.make_room(needed, protected, output.swap_outs):
-            return False
+        while self.block_manager.num_free < needed:
+            if not self._make_room(request, step):
+                return False
         copies = self.block_manager.append(session.block_table, start + num_tokens, start)
+        if copies:
+            step.output.kv_moves.append(CopyBlocks(copies))
         if session.residency == Residency.OFFLOADED:
-            self.evictor.restore(session, output.swap_ins)
+            self.evictor.restore(session, step.output.kv_moves)
         session.residency = Residency.RESIDENT
-        output.block_copies.extend(copies)
-        output.chunks.append(ScheduledChunk(request, start, num_tokens))
+        step.output.chunks.append(ScheduledChunk(request, start, num_tokens))
         return True
 
-    def _preempt(self, request: Request) -> None:
+    def _make_room(self, request: Request, step: _Step) -> bool:
+        """Evicts one session for ``request`` (see the module docstring for the order);
+        False when none may be evicted."""
+        protected = step.scheduled | {request.session.session_id}
+        moves = step.output.kv_moves
+        idle = self.evictor.pick_idle(protected)
+        if idle is not None:
+            self.evictor.evict(idle, moves)
+            return True
+        holders = [
+            r
+            for r in self.requests()
+            if r.session.block_table and r.session.session_id not in protected
+        ]
+        waiting = [r for r in holders if r not in self.running]
+        if waiting:
+            self.evictor.evict(max(waiting, key=lambda r: r.order_key).session, moves)
+            return True
+        later = [r for r in holders if r.order_key > request.order_key]
+        if later:
+            victim = max(later, key=lambda r: r.order_key)
+            self._preempt(victim, step)
+            self.evictor.evict(victim.session, moves)
+            return True
+        return False
+
+    def _preempt(self, request: Request, step: _Step) -> None:
+        """Sends a running request back to wait; it resumes where it stopped."""
         self.running.remove(request)
         heapq.heappush(self.waiting, (request.order_key, request))
+        step.preempted.add(request.request_id)
+        self.num_preemptions += 1
+
+    def _remove(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self._remove_waiting(request)
+
+    def _remove_waiting(self, request: Request) -> None:
+        self.waiting = [(key, r) for key, r in self.waiting if r is not request]
+        heapq.heapify(self.waiting)
 
     def _drop_cancelled(self, output: SchedulerOutput) -> None:
         output.cancelled.extend(r for r in self.running if r.is_cancelled)
@@ -127,22 +201,6 @@ class Scheduler:
         self.running = [r for r in self.running if not r.is_cancelled]
         self.waiting = [(k, r) for k, r in self.waiting if not r.is_cancelled]
         heapq.heapify(self.waiting)
-
-    def _admit(self) -> None:
-        """Moves waiting requests into the running set, preempting lower-priority ones."""
-        while self.waiting:
-            key, request = self.waiting[0]
-            if len(self.running) < self.config.max_running:
-                heapq.heappop(self.waiting)
-                self.running.append(request)
-                continue
-            worst = max(self.running, key=lambda r: r.order_key)
-            if request.priority >= worst.priority:
-                return
-            heapq.heappop(self.waiting)
-            self.running.remove(worst)
-            self.running.append(request)
-            heapq.heappush(self.waiting, (worst.order_key, worst))
 
 
 def _kv_cache_full() -> SalienceError:

@@ -94,6 +94,10 @@ class Session:
         self.num_ever_computed = min(self.num_ever_computed, offset)
         return dropped
 
+    def is_image_position(self, index: int) -> bool:
+        """Whether ``index`` holds an image placeholder (it has no logprob)."""
+        return any(image.start <= index < image.end for image in self.images)
+
     def image_cut_by(self, offset: int) -> ImageSpan | None:
         """The image that a rewind to ``offset`` would cut in two, if any."""
         return next((i for i in self.images if i.start < offset < i.end), None)

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+from salience_server.config import EngineConfig
 from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.request import GenerateParams, SamplingParams
 from salience_server.engine.session import Session
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-call limits (SPEC 2.1): beyond them a call is INVALID_ARGUMENT, so that no
+    request can slow its batch mates down."""
+
+    max_logprobs: int = 20
+    max_ranges: int = 64
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Limits:
+        return cls(
+            config.max_logprobs,
+            config.max_ranges,
+            config.max_stop_strings,
+            config.max_stop_string_bytes,
+        )
 
 
 def offset_mismatch(session: Session, offset: int, truncating: bool) -> SalienceError | None:
@@ -31,7 +53,7 @@ def check_token_ids(token_ids: list[int], vocab_size: int, what: str) -> None:
             )
 
 
-def check_sampling(sampling: SamplingParams) -> None:
+def check_sampling(sampling: SamplingParams, vocab_size: int) -> None:
     values = {
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -45,21 +67,65 @@ def check_sampling(sampling: SamplingParams) -> None:
         raise invalid("INVALID_SAMPLING", f"top_p must be in [0, 1], got {sampling.top_p}")
     if sampling.min_p > 1:
         raise invalid("INVALID_SAMPLING", f"min_p must be in [0, 1], got {sampling.min_p}")
-
-
-def check_ranges(ranges: list[tuple[int, int]], offset: int, what: str) -> None:
-    for start, end in ranges:
-        if start < offset:
+    for name, value in (
+        ("frequency_penalty", sampling.frequency_penalty),
+        ("presence_penalty", sampling.presence_penalty),
+    ):
+        if not -2.0 <= value <= 2.0:  # NaN fails too
+            raise invalid("INVALID_SAMPLING", f"{name} must be in [-2, 2], got {value}")
+    for token_id, bias in sampling.logit_bias.items():
+        if token_id >= vocab_size:
             raise invalid(
-                "INVALID_RANGE",
-                f"{what} [{start}, {end}) starts before offset {offset}: those positions are committed",
+                "INVALID_TOKEN",
+                f"logit_bias holds token id {token_id}; the vocabulary has {vocab_size}",
             )
+        if not -100.0 <= bias <= 100.0:
+            raise invalid(
+                "INVALID_SAMPLING", f"logit_bias values must be in [-100, 100], got {bias}"
+            )
+
+
+def check_ranges(ranges: list[tuple[int, int]], what: str, limits: Limits) -> None:
+    if len(ranges) > limits.max_ranges:
+        raise invalid(
+            "TOO_MANY_RANGES",
+            f"{len(ranges)} {what}s; at most {limits.max_ranges} (--max-ranges)",
+        )
+    for start, end in ranges:
         if end < start:
             raise invalid("INVALID_RANGE", f"{what} [{start}, {end}) ends before it starts")
 
 
+def check_limits(params: GenerateParams, limits: Limits) -> None:
+    if params.logprob_top_k > limits.max_logprobs:
+        raise invalid(
+            "TOO_MANY_LOGPROBS",
+            f"logprob_top_k {params.logprob_top_k} is above {limits.max_logprobs} (--max-logprobs)",
+        )
+    check_ranges(params.logprobs_ranges, "logprobs range", limits)
+    check_ranges(params.readout_ranges, "readout range", limits)
+    if len(params.stop_strings) > limits.max_stop_strings:
+        raise invalid(
+            "TOO_MANY_STOP_STRINGS",
+            f"{len(params.stop_strings)} stop strings; at most {limits.max_stop_strings} "
+            "(--max-stop-strings)",
+        )
+    for stop in params.stop_strings:
+        if len(stop.encode()) > limits.max_stop_string_bytes:
+            raise invalid(
+                "STOP_STRING_TOO_LONG",
+                f"a stop string has {len(stop.encode())} bytes; at most "
+                f"{limits.max_stop_string_bytes} (--max-stop-string-bytes)",
+            )
+    if params.max_tokens and params.min_tokens > params.max_tokens:
+        raise invalid(
+            "INVALID_SAMPLING",
+            f"min_tokens {params.min_tokens} is above max_tokens {params.max_tokens}",
+        )
+
+
 def check_generate(
-    params: GenerateParams, session: Session, vocab_size: int, has_readout: bool
+    params: GenerateParams, session: Session, vocab_size: int, has_readout: bool, limits: Limits
 ) -> None:
     """Raises the SalienceError a bad call deserves; changes nothing."""
     mismatch = offset_mismatch(session, params.offset, params.truncating)
@@ -73,7 +139,8 @@ def check_generate(
         )
     check_token_ids(params.append_tokens, vocab_size, "append_tokens")
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
-    check_sampling(params.sampling)
+    check_sampling(params.sampling, vocab_size)
+    check_limits(params, limits)
     new_length = params.offset + len(params.append_tokens)
     if new_length > session.max_context:
         raise invalid(
@@ -82,8 +149,6 @@ def check_generate(
         )
     if params.max_tokens > 0 and new_length == 0:
         raise invalid("EMPTY_SESSION", "decoding needs at least one token in the session")
-    check_ranges(params.logprobs_ranges, params.offset, "logprobs range")
-    check_ranges(params.readout_ranges, params.offset, "readout range")
     if params.readout_ranges and not has_readout:
         raise SalienceError(
             Code.FAILED_PRECONDITION,

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -20,13 +22,14 @@ from salience_server.http.errors import (
     handle_unexpected,
 )
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/metrics"})
 """Paths that never need the API key."""
 
 
-def create_app(config: ShimConfig) -> FastAPI:
+def create_app(config: ShimConfig, metrics_registry: CollectorRegistry | None = None) -> FastAPI:
     """The shim for the Salience server at ``config.target``. The gRPC channel opens when
-    the app starts (in the event loop that serves it)."""
+    the app starts (in the event loop that serves it). ``GET /metrics`` serves
+    ``metrics_registry`` (the server's, beside it), else this process's own."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +44,13 @@ def create_app(config: ShimConfig) -> FastAPI:
     app.state.config = config
     for module in (chat, completions, responses, info):
         app.include_router(module.router)
+    registry = metrics_registry or REGISTRY
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(HTTPException, handle_http_exception)
     app.add_exception_handler(Exception, handle_unexpected)

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from salience_server.http.app import create_app
 from salience_server.http.config import ShimConfig, api_key_from_env
@@ -42,7 +43,9 @@ class ShimServer:
     """The shim's HTTP server, its socket bound at construction (so that a taken port
     fails at once, with the port in the message)."""
 
-    def __init__(self, config: ShimConfig) -> None:
+    def __init__(
+        self, config: ShimConfig, metrics_registry: CollectorRegistry | None = None
+    ) -> None:
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         try:
             self.socket = socket.create_server((config.host, config.port), family=family)
@@ -52,7 +55,7 @@ class ShimServer:
         self.port: int = self.socket.getsockname()[1]
         self._task: asyncio.Task[None] | None = None
         uvicorn_config = uvicorn.Config(
-            create_app(config),
+            create_app(config, metrics_registry),
             log_level=config.log_level.lower(),
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
@@ -87,10 +90,12 @@ def shim_beside(
     http_port: int,
     allow_remote_images: bool = False,
     api_key: str | None = None,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> ShimServer:
     """The shim of ``salience-server --http-port``: on ``host:http_port``, a client of the
     gRPC server on ``host:grpc_port``. The API key (given, else ``$SALIENCE_API_KEY``)
-    guards the HTTP routes and is sent to the gRPC server."""
+    guards the HTTP routes and is sent to the gRPC server. ``/metrics`` serves
+    ``metrics_registry`` (the server's)."""
     config = ShimConfig(
         target=local_target(host, grpc_port),
         host=host,
@@ -98,4 +103,4 @@ def shim_beside(
         api_key=api_key or api_key_from_env(),
         allow_remote_images=allow_remote_images,
     )
-    return ShimServer(config)
+    return ShimServer(config, metrics_registry)

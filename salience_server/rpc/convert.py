@@ -44,6 +44,9 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
             top_k=request.top_k,
             min_p=request.min_p,
             repetition_penalty=request.repetition_penalty or 1.0,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            logit_bias=dict(request.logit_bias),
             seed=request.seed if request.HasField("seed") else None,
         ),
         stop_token_ids=list(request.stop_token_ids),
@@ -51,6 +54,7 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         return_text=request.return_text,
         priority=request.priority,
         ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens,
     )
 
 

@@ -10,18 +10,22 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from salience_client.pb import salience_pb2, salience_pb2_grpc
 from salience_server.config import ServerConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import LoadedModel, load_model
 from salience_server.engine.readout import Readout, load_readout
+from salience_server.metrics import Metrics
 from salience_server.rpc.auth import BearerTokenInterceptor
+from salience_server.rpc.metrics import RequestMetricsInterceptor
 from salience_server.rpc.servicer import SalienceServicer
 
 log = logging.getLogger(__name__)
 
-_STOP_GRACE_S = 5.0
+_FLUSH_S = 5.0
+"""After the engine stops: how long the last events may take to reach the clients."""
 
 
 class SalienceServer:
@@ -29,16 +33,28 @@ class SalienceServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        keepalive_ms = int(config.keepalive_s * 1000)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             # Sessions live in this process: a second server on the same port must fail
             # to bind, not share the port and split the clients between two servers.
             ("grpc.so_reuseport", 0),
+            # Ping idle connections, so that a client that vanished without closing its
+            # connection (a dead host, a cut network) is found and its work freed.
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", min(keepalive_ms, 20_000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Clients may ping as often as every 10 s without being cut off.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        interceptors = [BearerTokenInterceptor(config.api_key)] if config.api_key else []
+        self.metrics = Metrics()
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestMetricsInterceptor(self.metrics)]
+        if config.api_key:
+            interceptors.append(BearerTokenInterceptor(config.api_key))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        self.servicer = SalienceServicer()
+        self.servicer = SalienceServicer(config.stream_buffer_events)
         self.health = health.aio.HealthServicer()
         salience_pb2_grpc.add_SalienceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -63,10 +79,14 @@ class SalienceServer:
         try:
             loaded = await asyncio.to_thread(loader or (lambda: load_model(self.config.model)))
             readout = self._load_readout(loaded)
-            self.engine = await asyncio.to_thread(Engine, loaded, self.config.engine, readout)
+            self.engine = await asyncio.to_thread(
+                Engine, loaded, self.config.engine, readout, self.metrics
+            )
         except BaseException:
             await self.server.stop(None)
             raise
+        loop = asyncio.get_running_loop()
+        self.engine.on_death = lambda: self._call_soon(loop, self._not_serving)
         self.engine.start()
         self.servicer.engine = self.engine
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -82,17 +102,32 @@ class SalienceServer:
         log.info("readout: %d concepts at layers %s", len(readout.concepts), readout.layers)
         return readout
 
-    async def stop(self) -> None:
-        """Refuses new work, fails what is pending with UNAVAILABLE, then stops."""
+    @staticmethod
+    def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        loop.call_soon_threadsafe(callback)
+
+    def _not_serving(self) -> None:
+        """The engine thread died: health says so (calls get UNAVAILABLE already)."""
+        asyncio.ensure_future(self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drains (SPEC 2.6): health turns NOT_SERVING and new calls get UNAVAILABLE,
+        while the calls in flight run to their end for up to ``grace_s`` (default: the
+        configured grace); what is left then ends UNAVAILABLE."""
+        grace_s = self.config.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         if self.engine is not None:
+            log.info("draining: calls in flight may run for up to %.0f s", grace_s)
+            if not await asyncio.to_thread(self.engine.drain, grace_s):
+                log.warning("the grace period ended with calls in flight; they end UNAVAILABLE")
             await asyncio.to_thread(self.engine.stop)
-        await self.server.stop(_STOP_GRACE_S)
+        await self.server.stop(_FLUSH_S)
 
 
 async def serve(config: ServerConfig) -> None:
     """Runs the server until SIGTERM or SIGINT; with ``http_port``, the OpenAI shim too, in
-    this event loop, as a gRPC client of this server's own address."""
+    this event loop, as a gRPC client of this server's own address. Metrics are served
+    at the shim's ``/metrics``, or on ``metrics_port``."""
     server = SalienceServer(config)
     shim = None
     if config.http_port:
@@ -104,7 +139,18 @@ async def serve(config: ServerConfig) -> None:
             config.http_port,
             config.allow_remote_images,
             config.api_key,
+            server.metrics.registry,
         )  # a taken port fails now
+    metrics_server = None
+    if config.metrics_port and shim is None:
+        try:
+            metrics_server, _ = start_http_server(
+                config.metrics_port, config.host, server.metrics.registry
+            )
+        except OSError as error:
+            raise OSError(
+                f"cannot serve metrics on {config.host}:{config.metrics_port}: {error}"
+            ) from error
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -114,6 +160,8 @@ async def serve(config: ServerConfig) -> None:
         shim.start()
     await stopping.wait()
     log.info("stopping")
+    await server.stop()  # the shim's calls in flight drain with the others
     if shim is not None:
         await shim.stop()
-    await server.stop()
+    if metrics_server is not None:
+        metrics_server.shutdown()

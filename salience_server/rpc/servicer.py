@@ -18,9 +18,11 @@ from salience_server.rpc.errors import abort
 
 
 class SalienceServicer(salience_pb2_grpc.SalienceServicer):
-    def __init__(self) -> None:
+    def __init__(self, stream_buffer_events: int = 1 << 16) -> None:
         self.engine: Engine | None = None
         """Set once the model is loaded; calls before that get UNAVAILABLE."""
+        self.stream_buffer_events = stream_buffer_events
+        """Events one stream may hold unread; past that it alone is cancelled."""
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.engine is None:
@@ -61,12 +63,25 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         self, context: grpc.aio.ServicerContext, submit: Callable[[EventSink], Request]
     ) -> AsyncIterator[TokenEvent | DoneEvent]:
         """Submits a request and yields its events until Done; a SalienceError aborts
-        the call. If the client goes away first, the request is cancelled."""
+        the call. If the client goes away first, the request is cancelled. A client
+        that reads too slowly (``stream_buffer_events`` unread) is cancelled with
+        RESOURCE_EXHAUSTED: the engine never waits for a reader."""
         engine = await self._engine(context)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+        limit = self.stream_buffer_events
+        # Events sent and events read: each written by one side only (the sink runs
+        # under the engine's lock; the reader in this event loop).
+        num_sent, num_read = [0], [0]
+        engine_request: Request | None = None
 
-        def sink(event: Event) -> None:  # called from the engine thread
+        def sink(event: Event) -> None:
+            if num_sent[0] - num_read[0] >= limit:
+                if engine_request is None or engine_request.is_cancelled:
+                    return
+                engine_request.is_cancelled = True  # the engine drops it at the next step
+                event = _slow_reader(limit)
+            num_sent[0] += 1
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:
@@ -80,6 +95,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         try:
             while not is_done:
                 event = await events.get()
+                num_read[0] += 1
                 if isinstance(event, SalienceError):
                     is_done = True
                     await abort(context, event)
@@ -87,7 +103,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                     is_done = isinstance(event, DoneEvent)
                     yield event
         finally:
-            if not is_done:  # cancelled by the client or its deadline
+            if not is_done and engine_request is not None:  # the client went away
                 engine.cancel(engine_request)
 
     async def AppendImage(
@@ -228,3 +244,12 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         except SalienceError as error:
             await abort(context, error)
         return pb.DetokenizeResponse(text=text)
+
+
+def _slow_reader(limit: int) -> SalienceError:
+    return SalienceError(
+        Code.RESOURCE_EXHAUSTED,
+        "SLOW_READER",
+        f"the client left {limit} events unread; the call was cancelled "
+        "(raise --stream-buffer-events, or read faster)",
+    )

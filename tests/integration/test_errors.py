@@ -23,6 +23,8 @@ def session(llama_server):
     llama_server.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
 
 
+_RANGE = pb.PositionRange(start=5, end=6)
+
 BAD_CALLS = {
     "offset past the end": (
         dict(offset=9, append_tokens=[1]),
@@ -69,10 +71,55 @@ BAD_CALLS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "CONTEXT_EXCEEDED",
     ),
-    "range before offset": (
-        dict(offset=5, append_tokens=[3], logprobs_ranges=[pb.PositionRange(start=2, end=6)]),
+    "range ending before its start": (
+        dict(offset=5, append_tokens=[3], logprobs_ranges=[pb.PositionRange(start=4, end=2)]),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_RANGE",
+    ),
+    "too many top logprobs": (
+        dict(offset=5, append_tokens=[3], logprob_top_k=21, logprobs_ranges=[_RANGE]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TOO_MANY_LOGPROBS",
+    ),
+    "too many ranges": (
+        dict(offset=5, append_tokens=[3], logprobs_ranges=[_RANGE] * 65),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TOO_MANY_RANGES",
+    ),
+    "too many stop strings": (
+        dict(offset=5, max_tokens=3, stop_strings=["x"] * 17),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TOO_MANY_STOP_STRINGS",
+    ),
+    "a stop string too long": (
+        dict(offset=5, max_tokens=3, stop_strings=["é" * 129]),  # 258 bytes
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "STOP_STRING_TOO_LONG",
+    ),
+    "frequency penalty out of range": (
+        dict(offset=5, max_tokens=3, frequency_penalty=2.5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
+    "NaN presence penalty": (
+        dict(offset=5, max_tokens=3, presence_penalty=math.nan),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
+    "logit bias out of range": (
+        dict(offset=5, max_tokens=3, logit_bias={7: 101.0}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
+    "logit bias on an unknown token": (
+        dict(offset=5, max_tokens=3, logit_bias={100000: 1.0}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_TOKEN",
+    ),
+    "min_tokens above max_tokens": (
+        dict(offset=5, max_tokens=3, min_tokens=4),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
     ),
     "readout without a readout file": (
         dict(offset=5, append_tokens=[3], readout_ranges=[pb.PositionRange(start=5, end=6)]),

@@ -87,7 +87,10 @@ def test_cycling_five_sessions_through_a_pool_for_two(
 
 def test_listing_reports_residency_blocks_and_idle_time(tiny_llama_dir, server_factory) -> None:
     server = server_factory(
-        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=12 * BLOCK_SIZE * TOKEN_BYTES
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=12 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=0,
     )
     first = open_session(server.stub)
     generate(server.stub, first, append_tokens=[1] * 30)

@@ -1,4 +1,4 @@
-"""The server as a process: health, reflection, and a graceful stop on SIGTERM."""
+"""The server as a process: health, reflection, and a graceful drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,17 +14,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from tests.helpers import server_start_failure
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.helpers import error_reason, free_port, server_start_failure
 
 
 def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> None:
-    port = _free_port()
+    """SIGTERM drains (SPEC 2.6): health turns NOT_SERVING, new calls get UNAVAILABLE,
+    the call in flight runs to its end, and the process exits 0 within the grace."""
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -36,6 +32,8 @@ def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> 
             str(port),
             "--max-batch-tokens",
             "1",
+            "--grace-s",
+            "20",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -64,18 +62,28 @@ def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> 
         stub = salience_pb2_grpc.SalienceStub(channel)
         session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
         stream = stub.Generate(
-            pb.GenerateRequest(session_id=session_id, append_tokens=[3] * 400, max_tokens=100)
+            pb.GenerateRequest(
+                session_id=session_id, append_tokens=[3] * 10, max_tokens=400, ignore_eos=True
+            )
         )
-        next(stream)  # wait until it runs
+        events = [next(stream)]  # it runs
         start = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        try:
-            for _ in stream:
-                pass
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.UNAVAILABLE  # failed cleanly, not dropped
+        refused = None
+        while refused is None and time.monotonic() - start < 10:
+            try:
+                stub.OpenSession(pb.OpenSessionRequest())
+            except grpc.RpcError as error:
+                refused = error
+        assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_reason(refused) == "SHUTTING_DOWN"
+        assert health.Check(health_pb2.HealthCheckRequest()).status == (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        events += list(stream)  # the call in flight completes
+        assert events[-1].HasField("done") and events[-1].done.completion_tokens == 400
         assert process.wait(timeout=20) == 0
-        assert time.monotonic() - start < 15
+        assert time.monotonic() - start < 20
         assert "Traceback" not in process.stdout.read()
     finally:
         if process.poll() is None:

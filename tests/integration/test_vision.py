@@ -220,8 +220,9 @@ def test_bad_images_are_refused_fast_and_change_nothing(name: str, vision) -> No
 
 
 def test_image_survives_eviction_and_recompute(vision, server_factory) -> None:
+    # The host budget holds the image's embeddings (6 x 64 float32), not the KV: dropped.
     tight = server_factory(
-        vision.extra["model_dir"], block_size=4, kv_cache_bytes=7 * 4 * 512, host_kv_bytes=0
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=7 * 4 * 512, host_kv_bytes=2048
     )
     roomy = server_factory(vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20)
     image = make_image(6)

@@ -1,22 +1,35 @@
-"""The step's sampling and scoring of all rows together against the one-row definitions."""
+"""The step's sampling and scoring of all rows together, against one-row definitions:
+each filter and penalty on the full distribution, and the draws' frequencies."""
 
 from __future__ import annotations
 
-import torch
+import math
 
-from salience_server.engine import sampler
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from salience_server.engine import filters, penalties, sampler
 from salience_server.engine.request import SamplingParams
 
 VOCAB = 300
 
 
-def _rows(count: int, seed: int = 0) -> torch.Tensor:
+def _logits(count: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return sampler.log_softmax(torch.randn(count, VOCAB, generator=generator) * 3)
+    return torch.randn(count, vocab, generator=generator) * 3
+
+
+def _draw(params: SamplingParams, shaping: penalties.Shaping | None = None) -> sampler.Draw:
+    return sampler.Draw(params, sampler.make_generator(params, torch.device("cpu")), shaping)
+
+
+def _shaping(params: SamplingParams, token_ids: list[int], num_prompt: int = 0, banned=()):
+    return penalties.Shaping(params, token_ids, num_prompt, list(banned), penalties.PenaltyState())
 
 
 def test_scores_equal_each_rows_rank_and_top_k() -> None:
-    logprobs = _rows(40)  # more rows than one ranking chunk
+    logprobs = sampler.log_softmax(_logits(40))  # more rows than one ranking chunk
     token_ids = torch.randint(VOCAB, (40,), generator=torch.Generator().manual_seed(1))
     top_ks = [row % 4 for row in range(40)]
     scores = sampler.score(logprobs, token_ids, top_ks)
@@ -29,22 +42,23 @@ def test_scores_equal_each_rows_rank_and_top_k() -> None:
 
 
 def test_picks_mix_given_greedy_penalized_and_seeded_rows() -> None:
-    logprobs = _rows(6, seed=2)
-    greedy = sampler.Draw(SamplingParams(), None, [])
-    seen = logprobs[2].topk(3).indices.tolist()  # the penalty must move the argmax off these
-    penalized = sampler.Draw(SamplingParams(repetition_penalty=50.0), None, seen)
+    logits = _logits(6, seed=2)
+    logprobs = sampler.log_softmax(logits)
+    greedy = _draw(SamplingParams())
+    seen = logits[2].topk(3).indices.tolist()  # the penalty must move the argmax off these
+    penalized_params = SamplingParams(repetition_penalty=50.0)
+    penalized = _draw(penalized_params, _shaping(penalized_params, seen))
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
-    draw = sampler.Draw(seeded, sampler.make_generator(seeded, torch.device("cpu")), [])
-    picks: list[int | sampler.Draw] = [17, greedy, penalized, draw, 250, greedy]
-    token_ids, argmax_rows = sampler.pick_tokens(logprobs, picks)
-    ids = token_ids.tolist()
-    assert ids[0] == 17 and ids[4] == 250
+    picks: list[int | sampler.Draw] = [17, greedy, penalized, _draw(seeded), 250, greedy]
+    picked = sampler.pick_tokens(logits, logprobs, picks)
+    ids = picked.token_ids.tolist()
+    assert ids[0] == 17 and ids[4] == 250 and picked.errors == {}
     assert ids[1] == int(logprobs[1].argmax()) and ids[5] == int(logprobs[5].argmax())
-    assert argmax_rows == [1, 5]
+    assert picked.argmax_rows == [1, 5]
     assert ids[2] not in seen
-    again = sampler.Draw(seeded, sampler.make_generator(seeded, torch.device("cpu")), [])
-    assert ids[3] == int(sampler.pick_tokens(logprobs[3:4], [again])[0][0])
-    scores = sampler.score(logprobs, token_ids, [0] * 6, argmax_rows)
+    again = sampler.pick_tokens(logits[3:4], logprobs[3:4], [_draw(seeded)])
+    assert ids[3] == int(again.token_ids[0])  # seeded draws repeat
+    scores = sampler.score(logprobs, picked.token_ids, [0] * 6, picked.argmax_rows)
     assert [s.rank for s in scores] == [
         int((logprobs[row] > logprobs[row, ids[row]]).sum()) + 1 for row in range(6)
     ]
@@ -52,14 +66,195 @@ def test_picks_mix_given_greedy_penalized_and_seeded_rows() -> None:
 
 
 def test_a_step_of_only_greedy_decodes_and_an_empty_step() -> None:
-    logprobs = _rows(20, seed=3)
-    greedy = sampler.Draw(SamplingParams(), None, [])
-    token_ids, argmax_rows = sampler.pick_tokens(logprobs, [greedy] * 20)
-    assert token_ids.tolist() == logprobs.argmax(dim=1).tolist()
-    scores = sampler.score(logprobs, token_ids, [2] * 20, argmax_rows)
+    logits = _logits(20, seed=3)
+    logprobs = sampler.log_softmax(logits)
+    picked = sampler.pick_tokens(logits, logprobs, [_draw(SamplingParams())] * 20)
+    assert picked.token_ids.tolist() == logprobs.argmax(dim=1).tolist()
+    scores = sampler.score(logprobs, picked.token_ids, [2] * 20, picked.argmax_rows)
     assert all(
         s.rank == 1 and s.top_logprobs[0][0] == t
-        for s, t in zip(scores, token_ids.tolist(), strict=True)
+        for s, t in zip(scores, picked.token_ids.tolist(), strict=True)
     )
-    empty, rows = sampler.pick_tokens(logprobs[:0], [])
-    assert empty.shape == (0,) and rows == [] and sampler.score(logprobs[:0], empty, []) == []
+    empty = sampler.pick_tokens(logits[:0], logprobs[:0], [])
+    assert empty.token_ids.shape == (0,) and empty.argmax_rows == []
+    assert sampler.score(logprobs[:0], empty.token_ids, []) == []
+
+
+def test_a_failing_row_fails_alone() -> None:
+    logits = _logits(4, seed=4)
+    logits[2] = math.nan  # a broken row: no distribution to draw from
+    logprobs = sampler.log_softmax(logits)
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    broken_bias = SamplingParams(logit_bias={VOCAB + 5: 1.0})  # an id past the vocabulary
+    picks: list[int | sampler.Draw] = [
+        _draw(sampled),
+        _draw(broken_bias, _shaping(broken_bias, [])),
+        _draw(sampled),
+        _draw(sampled),
+    ]
+    picked = sampler.pick_tokens(logits, logprobs, picks)
+    assert set(picked.errors) == {1, 2}
+    assert isinstance(picked.errors[2], filters.InvalidDistribution)
+    alone = [
+        sampler.pick_tokens(logits[r : r + 1], logprobs[r : r + 1], [_draw(sampled)])
+        for r in (0, 3)
+    ]
+    assert picked.token_ids[0] == alone[0].token_ids[0]
+    assert picked.token_ids[3] == alone[1].token_ids[0]
+
+
+def test_a_temperature_below_1e_5_is_greedy() -> None:
+    logits = _logits(3, seed=5)
+    logprobs = sampler.log_softmax(logits)
+    picks = [_draw(SamplingParams(temperature=t)) for t in (1e-42, 9e-6, 0.0)]
+    picked = sampler.pick_tokens(logits, logprobs, picks)
+    assert picked.token_ids.tolist() == logits.argmax(dim=1).tolist() and not picked.errors
+
+
+# ----- filters against their definitions on the full distribution ----------------------
+
+
+def _kept_by_definition(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution after temperature, min-p, top-k and top-p, one at a time, by
+    their definitions (a Python loop over the tokens sorted by probability)."""
+    probs = torch.softmax(logits / params.temperature, dim=-1).tolist()
+    kept = set(range(len(probs)))
+
+    def renormalised() -> list[float]:
+        total = sum(probs[i] for i in kept)
+        return [probs[i] / total if i in kept else 0.0 for i in range(len(probs))]
+
+    if params.min_p > 0:
+        top = max(probs)
+        kept = {i for i in kept if probs[i] >= params.min_p * top}
+    if params.top_k > 0:
+        ranked = sorted(kept, key=lambda i: -probs[i])
+        kept = set(ranked[: params.top_k])
+    if params.top_p < 1:
+        current = renormalised()
+        ranked = sorted(kept, key=lambda i: -current[i])
+        mass, chosen = 0.0, set()
+        for i in ranked:
+            chosen.add(i)
+            mass += current[i]
+            if mass >= params.top_p:
+                break
+        kept = chosen
+    return torch.tensor(renormalised())
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.8),
+        SamplingParams(temperature=0.9, min_p=0.05),
+        SamplingParams(temperature=1.2, top_k=40, top_p=0.9, min_p=0.01),
+        SamplingParams(temperature=1.0, top_k=1),
+    ],
+    ids=["temperature", "top-k", "top-p", "min-p", "all", "top-1"],
+)
+def test_filters_equal_their_definitions(params: SamplingParams) -> None:
+    logits = _logits(3, seed=6)
+    filtered = filters.filter_logits(logits, [params] * 3)
+    for row in range(3):
+        got = torch.softmax(filtered[row], dim=-1)
+        want = _kept_by_definition(logits[row], params)
+        assert torch.equal(got > 0, want > 0), "a different set of tokens survived"
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_rows_with_different_filters_are_filtered_together() -> None:
+    logits = _logits(4, seed=7)
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.5, top_k=3),
+        SamplingParams(temperature=1.0, top_p=0.5),
+        SamplingParams(temperature=2.0, min_p=0.2),
+    ]
+    together = filters.filter_logits(logits, params)
+    for row, one in enumerate(params):
+        alone = filters.filter_logits(logits[row : row + 1], [one])[0]
+        assert torch.equal(together[row], alone)
+
+
+# ----- penalties and bias against their definitions -----------------------------------
+
+
+def test_repetition_penalty_equals_transformers_processor() -> None:
+    logits = _logits(1, seed=8)
+    session = [3, 17, 17, 42, 299, 5]
+    params = SamplingParams(repetition_penalty=1.7)
+    got = penalties.apply(logits, [_shaping(params, session)])
+    processor = RepetitionPenaltyLogitsProcessor(penalty=1.7)
+    want = processor(torch.tensor([session]), logits.clone())
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_frequency_presence_and_bias_follow_openai() -> None:
+    logits = _logits(1, seed=9)
+    prompt, decoded = [1, 2, 3, 9], [9, 9, 4, 9, 7]  # 9 thrice in the output, 1..3 only before
+    params = SamplingParams(
+        frequency_penalty=0.5, presence_penalty=1.25, logit_bias={4: 3.0, 8: -100.0}
+    )
+    got = penalties.apply(logits, [_shaping(params, prompt + decoded, num_prompt=len(prompt))])[0]
+    want = logits[0].clone()
+    for token in set(decoded):
+        want[token] -= decoded.count(token) * 0.5 + 1.25
+    want[4] += 3.0
+    want[8] -= 100.0
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_penalty_counts_grow_with_the_session() -> None:
+    """The state is kept across steps and counts only what was added since."""
+    logits = _logits(1, seed=10)
+    params = SamplingParams(frequency_penalty=1.0)
+    state = penalties.PenaltyState()
+    tokens = [5, 6]
+    for step_token in [7, 7, 8]:
+        tokens.append(step_token)
+        shaping = penalties.Shaping(params, tokens, 2, [], state)
+        got = penalties.apply(logits, [shaping])[0]
+    want = logits[0].clone()
+    want[7] -= 2.0
+    want[8] -= 1.0
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_banned_tokens_are_never_drawn() -> None:
+    logits = _logits(1, seed=11, vocab=5)
+    top = int(logits[0].argmax())
+    params = SamplingParams()
+    picked = sampler.pick_tokens(
+        logits, sampler.log_softmax(logits), [_draw(params, _shaping(params, [], banned=[top]))]
+    )
+    assert picked.token_ids.tolist() == [int(logits[0].topk(2).indices[1])]
+
+
+# ----- the draws follow the filtered distribution --------------------------------------
+
+# The 0.999 quantile of the chi-square distribution by degrees of freedom.
+_CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "unseeded"])
+def test_draws_follow_the_filtered_distribution(seeded: bool) -> None:
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -4.0]])
+    params = SamplingParams(temperature=0.9, top_k=6, top_p=0.95, seed=0 if seeded else None)
+    want = _kept_by_definition(logits[0], params)
+    num_draws = 6000
+    rows = logits.expand(num_draws, -1)
+    if seeded:  # each row its own generator, as seeded requests have
+        generators = [torch.Generator().manual_seed(seed) for seed in range(num_draws)]
+    else:
+        generators = [None] * num_draws
+    token_ids = filters.draw(filters.filter_logits(rows, [params] * num_draws), generators)
+    counts = torch.bincount(token_ids, minlength=logits.shape[1]).double()
+    kept = want > 0
+    assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
+    expected = want[kept].double() * num_draws
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    assert chi2 < _CHI2_999[int(kept.sum()) - 1]

@@ -7,7 +7,7 @@ import pytest
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.errors import SalienceError
-from salience_server.engine.evictor import Evictor
+from salience_server.engine.evictor import Evictor, SwapIn
 from salience_server.engine.request import GenerateParams, Request
 from salience_server.engine.scheduler import Scheduler
 from salience_server.engine.session import Residency, Session
@@ -160,10 +160,10 @@ def test_least_recently_used_idle_session_is_evicted_first(host_bytes: int) -> N
     assert old.block_table == []
     if host_bytes:
         assert old.residency == Residency.OFFLOADED and old.num_computed == 8
-        assert [(s.session_id, s.num_tokens) for s in output.swap_outs] == [("old", 8)]
+        assert [(s.session_id, s.num_tokens) for s in output.kv_moves] == [("old", 8)]
     else:
         assert old.residency == Residency.DROPPED and old.num_computed == 0
-        assert output.swap_outs == []
+        assert output.kv_moves == []
     manager.check_invariants([s.block_table for s in sessions.values()])
 
 
@@ -186,9 +186,7 @@ def test_offloaded_session_is_restored_into_fresh_blocks() -> None:
     scheduler.add(request)
     output = scheduler.schedule()
     assert output.chunks[0].start == 7 and output.chunks[0].num_tokens == 1
-    assert [(s.session_id, s.block_ids) for s in output.swap_ins] == [
-        ("s0", session.block_table[:2])
-    ]
+    assert output.kv_moves == [SwapIn("s0", session.block_table[:2])]
     assert session.residency == Residency.RESIDENT and scheduler.evictor.host_bytes_used == 0
     manager.check_invariants([session.block_table])
 

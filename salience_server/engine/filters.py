@@ -1,0 +1,76 @@
+"""Sampling filters and the draw, for many rows at once.
+
+Order (as in vLLM): temperature, then min-p, then top-k, then top-p, each on the
+distribution the previous one left (renormalised):
+- min-p keeps the tokens whose probability is at least ``min_p`` times the top one's;
+- top-k keeps the ``k`` most likely tokens (and any tied with the k-th);
+- top-p keeps the smallest set of most likely tokens whose mass reaches ``p`` (the
+  token that crosses ``p`` is kept).
+The draw is an exponential race (``argmax(p / q)``, ``q ~ Exp(1)``), which picks token
+``i`` with probability ``p_i``; unlike ``torch.multinomial`` it never asserts on the
+device, and the unseeded rows share one noise tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from salience_server.engine.request import SamplingParams
+
+
+class InvalidDistribution(ValueError):
+    """A row left no token to draw (NaN logits, or every token filtered out)."""
+
+
+def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[D, V] float32 logits -> the tempered and filtered logits (removed: -inf)."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temperature[:, None]
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+        probs = torch.softmax(logits, dim=-1)
+        threshold = min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, -torch.inf)
+    vocab_size = logits.shape[1]
+    top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    top_ps = [p.top_p for p in params]
+    if all(k == vocab_size for k in top_ks) and all(p >= 1.0 for p in top_ps):
+        return logits
+    if all(p >= 1.0 for p in top_ps):  # top-k alone: no full sort needed
+        kth = torch.topk(logits, max(top_ks), dim=-1).values  # [D, max k]
+        index = torch.tensor(top_ks, device=device)[:, None] - 1
+        return logits.masked_fill(logits < kth.gather(1, index), -torch.inf)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [D, V] each
+    index = torch.tensor(top_ks, device=device)[:, None] - 1
+    sorted_logits = sorted_logits.masked_fill(
+        sorted_logits < sorted_logits.gather(1, index), -torch.inf
+    )
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    top_p = torch.tensor(top_ps, device=device)[:, None]
+    # Rows without top-p keep every token, whatever the rounding of their mass.
+    sorted_logits = sorted_logits.masked_fill((mass_before >= top_p) & (top_p < 1.0), -torch.inf)
+    return torch.full_like(logits, -torch.inf).scatter(1, order, sorted_logits)
+
+
+def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """[D, V] filtered logits -> [D] token ids drawn from their softmax. Rows with a
+    generator draw their noise from it (seeded, reproducible); the others share one
+    draw. Raises InvalidDistribution when a row has nothing left to draw."""
+    valid = torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)
+    if not bool(valid.all()):
+        bad = [row for row, ok in enumerate(valid.tolist()) if not ok]
+        raise InvalidDistribution(f"rows {bad} have no token left to draw")
+    probs = torch.softmax(logits, dim=-1)
+    noise = torch.empty_like(probs)
+    unseeded = [row for row, generator in enumerate(generators) if generator is None]
+    if len(unseeded) == len(generators):
+        noise.exponential_()
+    else:
+        if unseeded:
+            noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                noise[row].exponential_(generator=generator)
+    return torch.argmax(probs / noise, dim=-1)

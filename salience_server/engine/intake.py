@@ -1,0 +1,120 @@
+"""Taking a Generate call in: its checks against the session (nothing changes when one
+fails), then its effect, committed at once. The call's tokens (and image) join the
+session now; their KV is computed by the steps that feed them. Not thread-safe: the
+engine calls it under its lock."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import torch
+
+from salience_server.engine import sampler
+from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.detokenizer import IncrementalDetokenizer
+from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.evictor import Evictor
+from salience_server.engine.images import ImageStore, embeds_bytes
+from salience_server.engine.model_runner import ModelRunner
+from salience_server.engine.request import EventSink, GenerateParams, Request, TokenEvent
+from salience_server.engine.session import Session
+from salience_server.engine.session_table import SessionTable
+from salience_server.engine.validation import Limits, check_generate
+from salience_server.engine.vision import EncodedImage
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(
+        self,
+        session_table: SessionTable,
+        runner: ModelRunner,
+        tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: set[int],
+        has_readout: bool,
+        limits: Limits,
+    ) -> None:
+        self.session_table = session_table
+        self.block_manager: BlockManager = session_table.block_manager
+        self.evictor: Evictor = session_table.evictor
+        self.images: ImageStore = session_table.images
+        self.runner = runner
+        self.device: torch.device = runner.device
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.has_readout = has_readout
+        self.limits = limits
+        self._request_ids = itertools.count()
+
+    def check(self, params: GenerateParams, session: Session, image: EncodedImage | None) -> None:
+        """Raises the SalienceError a call deserves; changes nothing."""
+        check_generate(params, session, self.vocab_size, self.has_readout, self.limits)
+        self._check_fits(params)
+        if image is not None and not self.evictor.can_hold_image(embeds_bytes(image)):
+            raise SalienceError(
+                Code.RESOURCE_EXHAUSTED,
+                "HOST_MEMORY_FULL",
+                f"the image's embeddings ({embeds_bytes(image)} bytes) do not fit in "
+                "the host memory budget beside the other images; raise --host-kv-memory",
+            )
+
+    def _check_fits(self, params: GenerateParams) -> None:
+        """RESOURCE_EXHAUSTED at once for a prompt the whole pool cannot hold."""
+        num_tokens = params.offset + len(params.append_tokens) + 1
+        if self.block_manager.blocks_for(num_tokens) > self.block_manager.num_blocks:
+            capacity = self.block_manager.num_blocks * self.block_manager.block_size
+            raise SalienceError(
+                Code.RESOURCE_EXHAUSTED,
+                "KV_CACHE_FULL",
+                f"{num_tokens} tokens do not fit in the KV pool ({capacity} tokens); "
+                "raise --kv-cache-memory",
+            )
+
+    def accept(
+        self, params: GenerateParams, session: Session, sink: EventSink, image: EncodedImage | None
+    ) -> Request:
+        """Commits the call's effect on the session and makes its Request."""
+        if params.offset < session.length:
+            self.images.drop(session.rewind(params.offset))
+            self.block_manager.truncate(session.block_table, params.offset)
+        if image is not None:
+            session.images.append(self.images.add(session, image))
+            for session_id in self.evictor.discarded_host_kv:  # made room for the image
+                self.runner.discard_host_kv(session_id)
+            self.evictor.discarded_host_kv.clear()
+        session.token_ids.extend(params.append_tokens)
+        session.num_busy = 1
+        session.touch()
+        detokenizer = None
+        if params.return_text or params.stop_strings:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, session.token_ids)
+        request = Request(
+            next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
+        )
+        first_fed = request.first_fed_needing_logits()
+        if first_fed is not None and first_fed < session.num_computed:
+            # Distributions are not kept between calls: the positions scored (the
+            # first appended one, or committed ones in a range before offset) are fed
+            # again, their KV rewritten with the same values (not a recomputation).
+            session.num_computed = first_fed
+            session.num_ever_computed = min(session.num_ever_computed, first_fed)
+        self.session_table.release_rewound_host_kv(session)
+        request.num_cached = session.num_computed
+        if request.next_event_position == 0 and request.wants_event(0) and session.length > 0:
+            sink(TokenEvent(position=0, token_id=session.token_ids[0], is_prefill=True))
+            request.next_event_position = 1
+        request.generator = sampler.make_generator(params.sampling, self.device)
+        log.debug(
+            "request %d on session %s: %d appended at %d, max_tokens %d",
+            request.request_id,
+            session.session_id,
+            len(params.append_tokens),
+            params.offset,
+            params.max_tokens,
+        )
+        return request

@@ -1,0 +1,140 @@
+"""How requests end, and what a step's results send them: the events they are owed,
+then Done, an error of their own (INTERNAL, the batch goes on), or a retirement (the
+client went away, no room). Every end gives the session back. Not thread-safe: the
+engine calls it under its lock."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from salience_server.engine import outputs
+from salience_server.engine.batch_builder import LogitsRow
+from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.request import Request
+from salience_server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from salience_server.engine.session_table import SessionTable
+from salience_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Outcomes:
+    def __init__(self, scheduler: Scheduler, session_table: SessionTable, metrics: Metrics) -> None:
+        self.scheduler = scheduler
+        self.session_table = session_table
+        self.metrics = metrics
+
+    def commit(
+        self,
+        chunks: list[ScheduledChunk],
+        rows: list[LogitsRow],
+        logits: torch.Tensor,
+        readout: torch.Tensor | None,
+    ) -> None:
+        """Records the new KV, then sends each request the events it is owed: scored
+        prefill tokens, and the token drawn for it, committed now."""
+        for chunk in chunks:
+            request, end = chunk.request, chunk.start + chunk.num_tokens
+            first_new = max(chunk.start, request.session.num_ever_computed)
+            recomputed = request.session.mark_computed(chunk.start, end)
+            request.num_recomputed += recomputed
+            self.metrics.recomputed_tokens.inc(recomputed)
+            self.metrics.prefilled_tokens.inc(max(0, min(end, request.prompt_len) - first_new))
+        results, errors = outputs.row_results(rows, logits, readout)
+        for chunk in chunks:
+            request = chunk.request
+            if request.is_cancelled:
+                continue
+            error = errors.get(request)
+            if error is None:
+                try:
+                    for event in outputs.chunk_events(request, chunk, results.get(request, {})):
+                        request.sink(event)
+                        if not event.is_prefill:
+                            self._count_decoded(request)
+                except Exception as failure:
+                    error = failure
+            if error is not None:
+                self.fail(request, error)
+            elif request.is_finished:
+                self.scheduler.finish(request)
+                self.finish(request)
+
+    def _count_decoded(self, request: Request) -> None:
+        now = time.monotonic()
+        if request.num_decoded == 1:
+            self.metrics.time_to_first_token.observe(now - request.arrival_time)
+        elif request.last_token_time is not None:
+            self.metrics.inter_token_latency.observe(now - request.last_token_time)
+        request.last_token_time = now
+        self.metrics.decoded_tokens.inc()
+
+    def finish(self, request: Request) -> None:
+        done = request.done_event()
+        request.sink(done)
+        self.release(request)
+        log.info(
+            "request %d on session %s: %s after %d prompt (%d cached, %d recomputed) and "
+            "%d decoded tokens in %.0f ms",
+            request.request_id,
+            request.session.session_id,
+            done.finish_reason.value,
+            done.prompt_tokens,
+            done.cached_tokens,
+            done.recomputed_tokens,
+            done.completion_tokens,
+            done.queue_ms + done.prefill_ms + done.decode_ms,
+        )
+
+    def fail(self, request: Request, error: Exception) -> None:
+        """Ends one request with INTERNAL after a failure of its own; the rest of the
+        batch goes on."""
+        log.error(
+            "request %d on session %s failed: %r",
+            request.request_id,
+            request.session.session_id,
+            error,
+            exc_info=error,
+        )
+        if request in self.scheduler.running:
+            self.scheduler.finish(request)
+        request.sink(
+            SalienceError(
+                Code.INTERNAL,
+                "INTERNAL",
+                f"request {request.request_id} failed: {type(error).__name__}: {error}",
+            )
+        )
+        self.release(request)
+
+    def release(self, request: Request) -> None:
+        """Gives the session back; frees its blocks if it was closed meanwhile."""
+        session = request.session
+        session.num_busy = 0
+        session.touch()
+        if session.is_closed:
+            self.session_table.free(session)
+
+    def retire(self, output: SchedulerOutput) -> None:
+        for request in output.cancelled:
+            self.release(request)
+        for request, error in output.failed:
+            request.sink(error)
+            self.release(request)
+
+    def fail_running(self) -> None:
+        """After a failure of the step itself (not of one request): fail the running
+        requests, keep serving."""
+        for request in list(self.scheduler.running):
+            self.scheduler.finish(request)
+            request.sink(
+                SalienceError(
+                    Code.INTERNAL,
+                    "INTERNAL",
+                    f"request {request.request_id}: the engine step failed",
+                )
+            )
+            self.release(request)

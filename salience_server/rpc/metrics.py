@@ -1,0 +1,74 @@
+"""Counts every RPC by method and final status code (``salience_requests_total``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from salience_server.metrics import Metrics
+
+
+class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        count = self.metrics.requests
+        if handler.unary_stream:
+            behavior = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                error: BaseException | None = None
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    count.labels(rpc=rpc, code=_code(context, error)).inc()
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_unary:
+            unary = handler.unary_unary
+
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                error: BaseException | None = None
+                try:
+                    return await unary(request, context)
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    count.labels(rpc=rpc, code=_code(context, error)).inc()
+
+            return grpc.unary_unary_rpc_method_handler(
+                call, handler.request_deserializer, handler.response_serializer
+            )
+        return handler  # no streaming requests in this service
+
+
+def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    """The status the call ends with: set by an abort, OK, CANCELLED when the client
+    went away, UNKNOWN for an escaped exception."""
+    code = context.code()
+    if code is not None:
+        return str(code.name if isinstance(code, grpc.StatusCode) else code)
+    if error is None:
+        return "OK"
+    if isinstance(error, asyncio.CancelledError) or context.cancelled():
+        return "CANCELLED"
+    return "UNKNOWN"

@@ -1,0 +1,225 @@
+"""Faults from outside (SPEC 2.4, 2.6): clients that cancel or die mid-stream, a server
+that is stopped or killed, overload, and many short sessions. Loopback, bounded."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
+from tests.helpers import error_reason, free_port, generate, open_session, random_tokens
+
+BLOCK_SIZE = 4
+ROOT = Path(__file__).resolve().parents[2]
+
+_CLIENT = textwrap.dedent(
+    """
+    import sys, grpc
+    from salience_client.pb import salience_pb2 as pb, salience_pb2_grpc
+    stub = salience_pb2_grpc.SalienceStub(grpc.insecure_channel(sys.argv[1]))
+    streams = [
+        stub.Generate(pb.GenerateRequest(
+            session_id=s, append_tokens=[1, 2, 3], max_tokens=400, ignore_eos=True))
+        for s in sys.argv[2:]
+    ]
+    for stream in streams:
+        next(stream)
+    print("running", flush=True)
+    while True:
+        for stream in streams:
+            next(stream)
+    """
+)
+
+
+def _start_client_process(target: str, session_ids: list[str]) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CLIENT, target, *session_ids],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "running"
+    return process
+
+
+def test_fifty_cancelled_streams_leave_nothing_behind(tiny_llama_dir, server_factory) -> None:
+    """25 streams cancelled by the client, 25 whose client process is killed, at random
+    moments, while 10 control streams run: within 2 s nothing runs any more, every
+    block comes back once the sessions close, and the controls get their solo tokens."""
+    server = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=16 << 20)
+    stub, engine = server.stub, server.engine
+    rng = random.Random(7)
+    controls = [random_tokens(6 + i, seed=100 + i) for i in range(10)]
+    solo = [
+        [t.id for t in generate(stub, open_session(stub), append_tokens=p, max_tokens=60)[0]]
+        for p in controls
+    ]
+    control_results: list[list[int]] = [[] for _ in controls]
+
+    def control(index: int) -> None:
+        tokens, _ = generate(stub, open_session(stub), append_tokens=controls[index], max_tokens=60)
+        control_results[index] = [t.id for t in tokens]
+
+    def cancelled(session_id: str, delay_s: float) -> None:
+        call = stub.Generate(
+            pb.GenerateRequest(
+                session_id=session_id, append_tokens=[4, 5], max_tokens=400, ignore_eos=True
+            )
+        )
+        next(call)
+        time.sleep(delay_s)
+        call.cancel()
+
+    sessions = [open_session(stub) for _ in range(50)]
+    threads = [threading.Thread(target=control, args=(i,)) for i in range(10)]
+    threads += [
+        threading.Thread(target=cancelled, args=(s, rng.uniform(0, 0.5))) for s in sessions[:25]
+    ]
+    for thread in threads:
+        thread.start()
+    processes = [
+        _start_client_process(server.target, sessions[25 + 5 * i : 30 + 5 * i]) for i in range(5)
+    ]
+    for process in processes:
+        time.sleep(rng.uniform(0, 0.1))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    for thread in threads:
+        thread.join(timeout=60)
+    gone = time.monotonic()
+    while time.monotonic() - gone < 2.0:
+        with engine._lock:
+            if not engine.scheduler.has_work():
+                break
+        time.sleep(0.02)
+    with engine._lock:
+        assert not engine.scheduler.has_work(), "cancelled work is still running after 2 s"
+        assert not any(s.is_busy for s in engine.sessions.values())
+    assert control_results == solo
+    for session_id in list(engine.sessions):
+        stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def test_overload_past_the_queue_is_refused_within_100_ms(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(
+        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, max_running=1, max_queue=2
+    )
+    stub = server.stub
+    streams = []
+    for _ in range(3):  # one runs, two wait: the queue is full
+        streams.append(
+            stub.Generate(
+                pb.GenerateRequest(
+                    session_id=open_session(stub),
+                    append_tokens=[1],
+                    max_tokens=300,
+                    ignore_eos=True,
+                )
+            )
+        )
+    next(streams[0])
+    while len(server.engine.scheduler.waiting) < 2:
+        time.sleep(0.001)
+    session_id = open_session(stub)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(stub, session_id, append_tokens=[1], max_tokens=3)
+    assert time.monotonic() - start < 0.1
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(caught.value) == "QUEUE_FULL"
+    for stream in streams:
+        stream.cancel()
+
+
+def _rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_two_thousand_session_cycles_return_to_zero(tiny_llama_dir, server_factory) -> None:
+    """Open, generate, close 2,000 times: no session, block or image is left, and the
+    process (server and client together) grows by less than 48 MiB after warm-up."""
+    server = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
+    stub, engine = server.stub, server.engine
+
+    def cycle(index: int) -> None:
+        session_id = open_session(stub)
+        generate(stub, session_id, append_tokens=[index % 250, 7, 9], max_tokens=2)
+        stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+
+    for index in range(200):
+        cycle(index)
+    before = _rss_bytes()
+    for index in range(2000):
+        cycle(index)
+    growth = _rss_bytes() - before
+    assert len(engine.sessions) == 0 and len(engine.images) == 0
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+    assert growth < 48 << 20, f"RSS grew by {growth / 2**20:.1f} MiB"
+
+
+def _start_server_process(model_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "salience_server",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    target = f"127.0.0.1:{port}"
+    grpc.channel_ready_future(grpc.insecure_channel(target)).result(timeout=60)
+    stub = salience_pb2_grpc.SalienceStub(grpc.insecure_channel(target))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # listening comes before the model is loaded
+        try:
+            stub.GetModelInfo(pb.GetModelInfoRequest())
+            break
+        except grpc.RpcError:
+            time.sleep(0.05)
+    return process, target
+
+
+def test_kill_9_mid_stream_ends_the_stream_unavailable(tiny_llama_dir) -> None:
+    process, target = _start_server_process(tiny_llama_dir, "--max-batch-tokens", "1")
+    try:
+        stub = salience_pb2_grpc.SalienceStub(grpc.insecure_channel(target))
+        stream = stub.Generate(
+            pb.GenerateRequest(
+                session_id=open_session(stub), append_tokens=[1], max_tokens=5000, ignore_eos=True
+            ),
+            timeout=30,
+        )
+        next(stream)
+        start = time.monotonic()
+        process.send_signal(signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in stream:
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 5
+    finally:
+        process.kill()
+        process.wait(timeout=10)

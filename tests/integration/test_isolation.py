@@ -1,0 +1,163 @@
+"""One bad request never hurts another (SPEC 2.1 limits, 2.6): a failure in one
+request's part of a step fails that request alone, with INTERNAL and its request id;
+its batch mates finish with exactly the tokens they get alone. If the engine thread
+dies, health turns NOT_SERVING and every call gets UNAVAILABLE instead of hanging."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from salience_client.pb import salience_pb2 as pb
+from salience_server.engine import outputs
+from tests.helpers import error_reason, generate, open_session, random_tokens
+
+BLOCK_SIZE = 4
+
+
+def _solo(stub, prompt: list[int], max_tokens: int) -> list[int]:
+    tokens, _ = generate(
+        stub, open_session(stub), append_tokens=prompt, max_tokens=max_tokens, ignore_eos=True
+    )
+    return [t.id for t in tokens]
+
+
+def _run_beside(stub, prompt: list[int], max_tokens: int, bad_call) -> tuple[list[int], object]:
+    """Runs a normal stream and, once it decodes, ``bad_call`` beside it: (the normal
+    stream's tokens, what the bad call returned or raised)."""
+    session_id = open_session(stub)
+    stream = stub.Generate(
+        pb.GenerateRequest(
+            session_id=session_id, append_tokens=prompt, max_tokens=max_tokens, ignore_eos=True
+        )
+    )
+    tokens = [next(stream).token.id]  # decoding now
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(bad_call())
+        except grpc.RpcError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    tokens += [e.token.id for e in stream if e.HasField("token")]
+    thread.join(timeout=60)
+    return tokens, outcome[0]
+
+
+@pytest.fixture
+def server(tiny_llama_dir, server_factory):
+    return server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
+
+
+def test_a_tiny_temperature_is_greedy_and_harms_no_one(server) -> None:
+    """temperature=1e-42 used to overflow the logits and fail the whole batch."""
+    stub = server.stub
+    prompt, other = random_tokens(12, seed=1), random_tokens(9, seed=2)
+    want = _solo(stub, prompt, 60)
+
+    def tiny_temperature() -> list[int]:
+        tokens, done = generate(
+            stub,
+            open_session(stub),
+            append_tokens=other,
+            max_tokens=20,
+            temperature=1e-42,
+            ignore_eos=True,
+        )
+        return [t.id for t in tokens]
+
+    got, outcome = _run_beside(stub, prompt, 60, tiny_temperature)
+    assert got == want
+    assert outcome == _solo(stub, other, 20)  # greedy
+
+
+def test_a_failure_in_one_requests_rows_fails_it_alone(server, monkeypatch) -> None:
+    stub = server.stub
+    prompt, poisoned_prompt = random_tokens(12, seed=3), random_tokens(5, seed=4)
+    want = _solo(stub, prompt, 40)
+    poisoned = open_session(stub)
+    real = outputs.chunk_events
+
+    def failing(request, chunk, rows):
+        if request.session.session_id == poisoned:
+            raise RuntimeError("a bad row")
+        return real(request, chunk, rows)
+
+    monkeypatch.setattr(outputs, "chunk_events", failing)
+    call = lambda: generate(stub, poisoned, append_tokens=poisoned_prompt, max_tokens=9)  # noqa: E731
+    got, outcome = _run_beside(stub, prompt, 40, call)
+    assert got == want
+    assert isinstance(outcome, grpc.RpcError)
+    assert outcome.code() == grpc.StatusCode.INTERNAL
+    assert "request" in outcome.details() and "a bad row" in outcome.details()
+    assert not server.engine.sessions[poisoned].is_busy  # released: usable again
+    monkeypatch.setattr(outputs, "chunk_events", real)
+    _, done = generate(stub, poisoned, offset=5, append_tokens=[1], max_tokens=2)
+    assert done.total_tokens == 8
+
+
+def test_a_forward_pass_failure_is_narrowed_to_its_request(server, monkeypatch) -> None:
+    """When the batch's forward pass fails, each request's chunk runs alone: only the
+    one that fails alone fails."""
+    stub = server.stub
+    prompt = random_tokens(12, seed=5)
+    want = _solo(stub, prompt, 40)
+    poison = 257  # a token id no other request uses
+    runner = server.engine.runner
+    real = runner.execute
+
+    def execute(batch):
+        if poison in batch.token_ids:
+            raise RuntimeError("the kernel refused this input")
+        return real(batch)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    call = lambda: generate(stub, open_session(stub), append_tokens=[5, poison, 6], max_tokens=3)  # noqa: E731
+    got, outcome = _run_beside(stub, prompt, 40, call)
+    assert got == want
+    assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.INTERNAL
+    assert "the kernel refused this input" in outcome.details()
+
+
+def test_a_dead_engine_thread_turns_everything_unavailable(server, monkeypatch) -> None:
+    stub = server.stub
+    session_id = open_session(stub)
+    stream = stub.Generate(
+        pb.GenerateRequest(
+            session_id=session_id, append_tokens=[1] * 5, max_tokens=200, ignore_eos=True
+        )
+    )
+    next(stream)
+    engine = server.engine
+
+    def broken(ttl: float) -> None:
+        raise RuntimeError("a bug outside any request")
+
+    monkeypatch.setattr(engine.session_table, "expire", broken)
+    with pytest.raises(grpc.RpcError) as caught:
+        for _ in stream:
+            pass
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(stub, session_id, offset=6, append_tokens=[1])
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_reason(refused.value) == "ENGINE_FAILED"
+    assert time.monotonic() - start < 1.0
+    health = health_pb2_grpc.HealthStub(server.channel)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status = health.Check(health_pb2.HealthCheckRequest()).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.05)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with engine._lock:  # no request is left holding its session
+        assert not any(s.is_busy for s in engine.sessions.values())
