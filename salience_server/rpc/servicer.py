@@ -73,13 +73,16 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         # Events sent and events read: each written by one side only (the sink runs
         # under the engine's lock; the reader in this event loop).
         num_sent, num_read = [0], [0]
+        overflowed = [False]
         engine_request: Request | None = None
 
         def sink(event: Event) -> None:
+            if overflowed[0]:
+                return
             if num_sent[0] - num_read[0] >= limit:
-                if engine_request is None or engine_request.is_cancelled:
-                    return
-                engine_request.is_cancelled = True  # the engine drops it at the next step
+                overflowed[0] = True
+                if engine_request is not None:  # under the engine's lock: safe to mark
+                    engine_request.is_cancelled = True  # dropped at the next step
                 event = _slow_reader(limit)
             num_sent[0] += 1
             try:
@@ -91,6 +94,8 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             engine_request = submit(sink)
         except SalienceError as error:
             await abort(context, error)
+        if overflowed[0]:  # before submit returned
+            engine.cancel(engine_request)
         is_done = False
         try:
             while not is_done:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +21,7 @@ from tests.helpers import error_reason, free_port, server_start_failure
 def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> None:
     """SIGTERM drains (SPEC 2.6): health turns NOT_SERVING, new calls get UNAVAILABLE,
     the call in flight runs to its end, and the process exits 0 within the grace."""
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -34,6 +35,8 @@ def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> 
             "1",
             "--grace-s",
             "20",
+            "--metrics-port",
+            str(metrics_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -67,6 +70,9 @@ def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> 
             )
         )
         events = [next(stream)]  # it runs
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            metrics = response.read().decode()
+        assert "salience_running_requests 1.0" in metrics
         start = time.monotonic()
         process.send_signal(signal.SIGTERM)
         refused = None

@@ -74,6 +74,11 @@ def test_salience_server_http_port_serves_both(tiny_llama_dir: Path, tmp_path: P
             model=tiny_llama_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3
         )
         assert reply.usage.completion_tokens == 3
+        # The server's own metrics are on the shim's port.
+        metrics = httpx.get(f"{base}/metrics")
+        assert metrics.status_code == 200
+        assert 'salience_requests_total{code="OK",rpc="Generate"} 1.0' in metrics.text
+        assert 'salience_tokens_total{kind="decoded"} 3.0' in metrics.text
     finally:
         code = _stop(process)
     assert code == 0, log.read_text()

@@ -248,3 +248,87 @@ def test_image_survives_eviction_and_recompute(vision, server_factory) -> None:
         max(abs(a.sampled_logprob - b.sampled_logprob) for a, b in zip(got, want, strict=True))
         < TOLERANCE
     )
+
+
+def test_one_scoring_call_over_committed_text_and_an_image(vision) -> None:
+    """The Rust client's scoring flow (SPEC 2.1): prefill-only chunks and an image
+    first, then one call whose range covers them all. Text positions equal one forward
+    pass; image placeholders carry no logprob; each position comes once, in order."""
+    image = make_image(4)
+    before, after = [11, 12, 13, 14], [15, 16, 17]
+    session_id = open_session(vision.stub)
+    length, _ = append_pieces(vision, session_id, [before, image, [18]])
+    tokens, done = generate(
+        vision.stub,
+        session_id,
+        append_tokens=after,
+        offset=length,
+        logprobs_ranges=[(1, U32_MAX)],
+        logprob_top_k=2,
+    )
+    inputs = reference_inputs(vision, [before, image, [18] + after])
+    ids = inputs["input_ids"][0]
+    assert [t.position for t in tokens] == list(range(1, len(ids)))
+    assert [t.id for t in tokens] == ids[1:].tolist()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(vision.extra["reference"](**inputs).logits[0].float(), -1)
+    pad = _info(vision).image_pad_token_id
+    for token in tokens:
+        if token.id == pad:
+            assert token.sampled_logprob == 0.0 and not token.top_logprobs and token.rank == 0
+        else:
+            want = logprobs[token.position - 1, token.id].item()
+            assert abs(token.sampled_logprob - want) < TOLERANCE and len(token.top_logprobs) == 2
+    assert done.recomputed_tokens == 0
+
+
+def test_image_embeddings_are_held_in_the_host_budget(vision, server_factory) -> None:
+    """Embeddings live in host memory, counted once however many forks share them; an
+    image that cannot fit is refused before anything changes."""
+    image_bytes = 6 * 64 * 4  # 6 placeholders of 64 float32
+    server = server_factory(
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=image_bytes
+    )
+    engine = server.engine
+    first = open_session(server.stub)
+    length, _ = append_pieces(server, first, [[1, 2], make_image(6), [3]])
+    assert engine.evictor.host_bytes_used == image_bytes
+    child = server.stub.ForkSession(pb.ForkSessionRequest(session_id=first)).session_id
+    assert engine.evictor.host_bytes_used == image_bytes  # shared, counted once
+    second = open_session(server.stub)
+    generate(server.stub, second, append_tokens=[6])
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.AppendImage(
+            pb.AppendImageRequest(
+                session_id=second, image=encode(make_image(8)), mime_type="image/png", offset=1
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(caught.value) == "HOST_MEMORY_FULL"
+    assert server.stub.GetSession(pb.GetSessionRequest(session_id=second)).session.length == 1
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=first))
+    assert engine.evictor.host_bytes_used == image_bytes  # the fork still holds it
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=child))
+    assert engine.evictor.host_bytes_used == 0 and len(engine.images) == 0
+
+
+def test_an_image_pushes_offloaded_kv_out_of_host_memory(vision, server_factory) -> None:
+    image_bytes = 6 * 64 * 4
+    server = server_factory(
+        vision.extra["model_dir"],
+        block_size=4,
+        kv_cache_bytes=8 * 4 * 512,  # 32 tokens
+        host_kv_bytes=image_bytes + 12 * 512,  # one image and 12 tokens of KV
+    )
+    stub = server.stub
+    first = open_session(stub)
+    length, _ = append_pieces(server, first, [[1, 2], make_image(6), [3]])  # 11 tokens
+    generate(stub, open_session(stub), append_tokens=[9] * 24)  # pushes the first out
+    residency = lambda: stub.GetSession(pb.GetSessionRequest(session_id=first)).session.residency  # noqa: E731
+    assert residency() == pb.RESIDENCY_OFFLOADED
+    append_pieces(server, open_session(stub), [[4], make_image(7), [5]])
+    assert residency() == pb.RESIDENCY_DROPPED  # its host KV made room for the image
+    assert server.engine.evictor.host_bytes_used == 2 * image_bytes
+    assert first not in server.engine.runner.host_kv
+    _, done = generate(stub, first, offset=length, append_tokens=[8], max_tokens=2)
+    assert done.recomputed_tokens == length  # recomputed from its tokens and its image

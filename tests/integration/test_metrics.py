@@ -1,0 +1,56 @@
+"""The Prometheus metrics count what happened (SPEC 2.6 observability)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from salience_client.pb import salience_pb2 as pb
+from tests.helpers import generate, open_session
+
+
+def _samples(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(server.server.metrics.registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_tokens_latencies_and_memory(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
+    stub = server.stub
+    session_id = open_session(stub)
+    generate(stub, session_id, append_tokens=list(range(10)), max_tokens=5, ignore_eos=True)
+    with pytest.raises(grpc.RpcError):
+        stub.GetSession(pb.GetSessionRequest(session_id="missing"))
+    counted = [
+        ("salience_requests_total", (("code", "NOT_FOUND"), ("rpc", "GetSession"))),
+        ("salience_requests_total", (("code", "OK"), ("rpc", "Generate"))),
+    ]
+    deadline = time.monotonic() + 2  # counted as the handler returns, after the reply
+    while any(key not in _samples(server) for key in counted) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    samples = _samples(server)
+    assert samples[("salience_requests_total", (("code", "OK"), ("rpc", "Generate")))] == 1
+    assert samples[("salience_requests_total", (("code", "OK"), ("rpc", "OpenSession")))] == 1
+    assert samples[("salience_requests_total", (("code", "NOT_FOUND"), ("rpc", "GetSession")))] == 1
+    assert samples[("salience_tokens_total", (("kind", "prefilled"),))] == 10
+    assert samples[("salience_tokens_total", (("kind", "decoded"),))] == 5
+    assert samples[("salience_tokens_total", (("kind", "recomputed"),))] == 0
+    assert samples[("salience_time_to_first_token_seconds_count", ())] == 1
+    assert samples[("salience_inter_token_latency_seconds_count", ())] == 4
+    assert samples[("salience_sessions", (("residency", "resident"),))] == 1
+    assert samples[("salience_queue_depth", ())] == 0
+    assert samples[("salience_running_requests", ())] == 0
+    used = samples[("salience_kv_blocks", (("state", "used"),))]
+    assert used == 4  # 15 tokens, 14 with KV: 4 blocks of 4
+    assert used + samples[("salience_kv_blocks", (("state", "free"),))] == (
+        server.engine.block_manager.num_blocks
+    )
+    assert samples[("salience_preemptions_total", ())] == 0

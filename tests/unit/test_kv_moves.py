@@ -1,0 +1,94 @@
+"""The KV moves of one step under any interleaving: a copy-on-write source block that an
+eviction frees in the same step, and that a restored session then takes, is copied
+before it is overwritten. The scheduler decides; a real ModelRunner moves the tensors."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from salience_server.config import EngineConfig
+from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.evictor import CopyBlocks, Evictor, SwapIn, SwapOut
+from salience_server.engine.model_runner import ModelRunner
+from salience_server.engine.request import GenerateParams, Request
+from salience_server.engine.scheduler import Scheduler
+from salience_server.engine.session import Residency, Session
+
+BLOCK_SIZE = 4
+
+
+def _runner(num_blocks: int) -> ModelRunner:
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return ModelRunner(model, num_blocks, BLOCK_SIZE, 64, "sdpa")
+
+
+def _request(request_id: int, session: Session, max_tokens: int) -> Request:
+    params = GenerateParams(
+        session_id=session.session_id, offset=session.length, max_tokens=max_tokens
+    )
+    return Request(request_id, params, session, lambda event: None, set(), None)
+
+
+def _session(name: str, num_tokens: int, manager: BlockManager, last_used: float) -> Session:
+    session = Session(name, max_context=64, token_ids=list(range(num_tokens)), last_used=last_used)
+    manager.append(session.block_table, num_tokens, 0)
+    session.num_computed = session.num_ever_computed = num_tokens
+    return session
+
+
+def test_a_cow_source_freed_and_reused_in_one_step_is_copied_first() -> None:
+    manager = BlockManager(num_blocks=5, block_size=BLOCK_SIZE)
+    runner = _runner(5)
+    # Each block holds its own id in every slot, in every layer: a copy is visible.
+    for keys, values in runner.kv_caches:
+        for block_id in range(5):
+            keys[block_id] = block_id
+            values[block_id] = -block_id
+    parent = _session("parent", 6, manager, last_used=1.0)  # blocks 0, 1 (1 half full)
+    child = Session("child", 64, token_ids=list(parent.token_ids) + [9], last_used=2.0)
+    child.block_table = manager.share(parent.block_table)
+    child.num_computed = child.num_ever_computed = 6
+    running = _session("running", 8, manager, last_used=3.0)  # blocks 2, 3
+    running.num_computed = 7  # decoding: feeds position 7, inside block 3
+    restored = Session("restored", 64, token_ids=[5, 6, 7, 8], last_used=0.5)
+    restored.num_computed = restored.num_ever_computed = 3
+    restored.residency = Residency.OFFLOADED
+    host_keys = torch.full_like(runner.kv_caches[0][0][:1], 77.0)
+    runner.host_kv["restored"] = [(host_keys, -host_keys) for _ in runner.kv_caches]
+    sessions = {s.session_id: s for s in (parent, child, running, restored)}
+    for session in (child, running, restored):
+        session.num_busy = 1
+    evictor = Evictor(sessions, manager, host_kv_bytes=1 << 20, kv_bytes_per_token=1)
+    evictor.host_bytes_used = restored.host_kv_bytes = 3
+    scheduler = Scheduler(EngineConfig(), manager, evictor)
+    for index, session in enumerate((running, child, restored)):
+        scheduler.add(_request(index, session, max_tokens=4))
+
+    output = scheduler.schedule()
+
+    assert [c.request.session.session_id for c in output.chunks] == ["running", "child", "restored"]
+    # The child copies the shared half-full block 1 into the one free block (4); then
+    # the restored session needs a block: the idle parent is offloaded, freeing block
+    # 1, which the restored session takes.
+    assert output.kv_moves == [
+        CopyBlocks([(1, 4)]),
+        SwapOut("parent", [0, 1], 6),
+        SwapIn("restored", [1]),
+    ]
+    runner.move_kv(output.kv_moves)
+    for keys, values in runner.kv_caches:
+        assert bool((keys[4] == 1).all()) and bool((values[4] == -1).all())  # the parent's KV
+        assert bool((keys[1] == 77).all())  # then the restored session's
+    parent_host_keys = runner.host_kv["parent"][0][0]
+    assert parent_host_keys[0].eq(0).all() and parent_host_keys[1].eq(1).all()
+    assert child.block_table == [0, 4] and restored.block_table == [1]
+    manager.check_invariants([s.block_table for s in sessions.values()])
