@@ -94,7 +94,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             engine_request = submit(sink)
         except SalienceError as error:
             await abort(context, error)
-        if overflowed[0]:  # before submit returned
+        if overflowed[0] and engine_request is not None:  # before submit returned
             engine.cancel(engine_request)
         is_done = False
         try:
