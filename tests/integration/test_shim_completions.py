@@ -37,7 +37,8 @@ def test_echo_logprobs_equal_the_grpc_scoring_path(
         for token in scored[1:]:
             top: dict[str, float] = {}
             for token_id, logprob in token.top_logprobs:
-                top.setdefault(client.detokenize([token_id]), logprob)
+                (raw,) = client.token_bytes([token_id])
+                top.setdefault(raw.decode("utf-8", errors="backslashreplace"), logprob)
             tops.append(top)
     reply = shim.client().completions.create(
         model=model, prompt=TEXT, max_tokens=0, echo=True, logprobs=2, temperature=0

@@ -36,7 +36,26 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         (dict(temperature=5), "temperature"),
         (dict(n=0), "n"),
         (dict(top_logprobs=3), "top_logprobs"),
-        (dict(presence_penalty=1.0), "presence_penalty"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-3), "frequency_penalty"),
+        (dict(logit_bias={"12": 101}), "logit_bias"),
+        (dict(logit_bias={"not-a-token": 1}), "logit_bias"),
+        (dict(logit_bias={"999999": 1}), "logit_bias"),
+        (dict(max_tokens=4, extra_body={"min_tokens": 5}), "min_tokens"),
+        (
+            dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+            "response_format.json_schema",
+        ),
+        (
+            dict(
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "thing"}},
+                }
+            ),
+            "response_format.json_schema",
+        ),
+        (dict(response_format={"type": "yaml"}), "response_format.type"),
         (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
         (dict(tools=[{"type": "function"}]), "tools[0].function"),
     ]
