@@ -115,7 +115,7 @@ class Script:
     fail_with: tuple[grpc.StatusCode, str] | None = None
     """Fail every Generate at once with this status and ErrorInfo reason."""
     first_token_delay_s: float = 0.0
-    """Wait this long before the first token (a queue wait, a long prefill)."""
+    """Wait this long before answering a decoding call (a queue wait, a long prefill)."""
     prompts: list[list[int]] = field(default_factory=list)
     """Every prompt Generate received (session tokens before decoding), for checks."""
     requests: list[pb.GenerateRequest] = field(default_factory=list)
@@ -186,6 +186,8 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[pb.GenerateEvent]:
         self.script.requests.append(request)
+        if request.max_tokens and self.script.first_token_delay_s:
+            await asyncio.sleep(self.script.first_token_delay_s)
         if self.script.fail_with is not None:
             code, reason = self.script.fail_with
             status = _abort_status(code, reason, f"scripted {reason}")
@@ -194,8 +196,6 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
         self.sessions[request.session_id] = tokens
         self.script.prompts.append(list(tokens))
         prompt_length = len(tokens)
-        if request.max_tokens and self.script.first_token_delay_s:
-            await asyncio.sleep(self.script.first_token_delay_s)
         for count, char in enumerate(self.script.text[: request.max_tokens]):
             if self.script.fail_after is not None and count == self.script.fail_after:
                 status = _abort_status(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", "stopping")
@@ -206,6 +206,8 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
             await asyncio.sleep(0)
         completion = len(tokens) - prompt_length
         reason = pb.FINISH_REASON_STOP if request.max_tokens else pb.FINISH_REASON_PREFILL
+        if 0 < request.max_tokens < len(self.script.text):
+            reason = pb.FINISH_REASON_LENGTH
         done = pb.Done(
             prompt_tokens=prompt_length,
             completion_tokens=completion,

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from salience_server.http import chat, completions, info, responses
+from salience_server.http import chat, completions, info, responses, tokenization
 from salience_server.http.backend import Backend
 from salience_server.http.config import ShimConfig
 from salience_server.http.errors import (
@@ -39,7 +39,7 @@ def create_app(config: ShimConfig) -> FastAPI:
 
     app = FastAPI(title="Salience OpenAI shim", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
-    for module in (chat, completions, responses, info):
+    for module in (chat, completions, responses, tokenization, info):
         app.include_router(module.router)
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(HTTPException, handle_http_exception)

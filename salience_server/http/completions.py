@@ -36,7 +36,7 @@ from salience_server.http.generation import (
     finish_reason,
 )
 from salience_server.http.logprobs import completion_logprobs
-from salience_server.http.schemas import CompletionRequest, parse_body
+from salience_server.http.schemas import MAX_TOKEN_ID, CompletionRequest, parse_body
 from salience_server.http.streaming import (
     Primed,
     event_stream,
@@ -46,8 +46,6 @@ from salience_server.http.streaming import (
 )
 
 router = APIRouter()
-
-_MAX_TOKEN_ID = 2**32 - 1
 
 
 @dataclass
@@ -71,7 +69,7 @@ async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
             ids = await backend.tokenize(item, param, add_special_tokens=True)
             prompts.append(Prompt(ids, item))
             continue
-        if not item or not all(0 <= i <= _MAX_TOKEN_ID for i in item):
+        if not item or not all(0 <= i <= MAX_TOKEN_ID for i in item):
             raise invalid("token ids must be a non-empty list of non-negative integers", param)
         text = await backend.detokenize(item, param) if body.echo else ""
         prompts.append(Prompt(list(item), text))

@@ -27,17 +27,19 @@ from salience_server.http.generation import DecodeOptions
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
-_MAX_TOKEN_ID = 2**32 - 1
+MAX_TOKEN_ID = 2**32 - 1
 _MIN_TOP_P = 1e-6
 """What an explicit ``top_p: 0`` becomes: only the most likely token (the server reads 0
 as "unset", which is 1)."""
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
+    """A request body: unknown fields are kept (``model_extra``), never refused."""
+
     model_config = ConfigDict(extra="allow")
 
 
-class SamplingFields(_Body):
+class SamplingFields(Body):
     """Sampling fields shared by every endpoint; None means the default. Besides
     OpenAI's, vLLM's extra fields: ``top_k``, ``min_p``, ``repetition_penalty``,
     ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``priority``."""
@@ -57,7 +59,7 @@ class SamplingFields(_Body):
     user: str | None = None
     ignore_eos: bool = False
     """Decode past the model's end-of-sequence tokens (``stop_token_ids`` still stop)."""
-    stop_token_ids: list[Annotated[int, Field(ge=0, le=_MAX_TOKEN_ID)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
     min_tokens: int = Field(0, ge=0)
     """End-of-sequence and ``stop_token_ids`` cannot end the reply before this many tokens."""
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
@@ -125,7 +127,7 @@ class SamplingFields(_Body):
         return guided_constraint(self.model_extra or {})
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
 
     include_usage: bool = False

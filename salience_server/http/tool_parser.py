@@ -124,6 +124,9 @@ class ToolCallParser:
     names: set[str]
     max_calls: int | None = None
     allow_bare: bool = True
+    prefix: str = ""
+    """Text the reply starts with that the model did not write (a forced call's
+    opening); its events come with the first push."""
     calls: list[ToolCall] = field(default_factory=list)
     """Every call so far, its arguments as received."""
     _buffer: str = ""
@@ -135,6 +138,7 @@ class ToolCallParser:
 
     def __post_init__(self) -> None:
         self._openings = self._all_openings()
+        self._buffer = self.prefix
 
     def push(self, text: str) -> list[ParsedEvent]:
         """Events for the next piece of the reply."""

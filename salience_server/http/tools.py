@@ -160,12 +160,9 @@ class ToolMode:
                 raise constraint_broken(f"the arguments of {call.name!r} {problem}")
 
     def parser(self, allow_bare: bool = True) -> ToolCallParser:
-        """A parser of one reply, fed the forced opening already."""
-        parser = ToolCallParser(
-            self.names, max_calls=None if self.is_parallel else 1, allow_bare=allow_bare
-        )
-        parser.push(self.prefix_text())
-        return parser
+        """A parser of one reply, which starts with the forced opening."""
+        max_calls = None if self.is_parallel else 1
+        return ToolCallParser(self.names, max_calls, allow_bare, self.prefix_text())
 
 
 def _function_tool(tool: Any, index: int, param: str) -> dict[str, Any]:

@@ -347,3 +347,44 @@ def test_a_template_with_tool_support_gets_the_tools(
     finally:
         script.chat_template = "{{ messages }}"
         shim.backend._model_info = None
+
+
+THINKING = "<think>\nThe user says hi.\n</think>\n\nHello!"
+NUM_THINKING_TOKENS = len("<think>\nThe user says hi.\n</think>") - len("<think")
+"""One token per character: the tokens from the one completing ``<think>`` through ``</think>``."""
+
+
+def test_thinking_is_reasoning_content(scripted: tuple[Script, RunningShim]) -> None:
+    script, shim = scripted
+    script.chat_template = "{{ messages }}{% if enable_thinking %}<think></think>{% endif %}"
+    shim.backend._model_info = None  # ask again
+    try:
+        script.text = THINKING
+        client = shim.client()
+        reply = client.chat.completions.create(model="scripted", messages=QUESTION)
+        message = reply.choices[0].message
+        assert (message.reasoning_content, message.content) == ("The user says hi.\n", "Hello!")
+        assert reply.usage.completion_tokens_details.reasoning_tokens == NUM_THINKING_TOKENS
+        chunks = list(
+            client.chat.completions.create(
+                model="scripted",
+                messages=QUESTION,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        kinds = ["r" if getattr(d, "reasoning_content", None) else "c" for d in deltas[1:-1]]
+        assert "".join(kinds) == "r" * kinds.count("r") + "c" * kinds.count("c")  # in order
+        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        assert reasoning == "The user says hi.\n"
+        assert "".join(d.content or "" for d in deltas) == "Hello!"
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == NUM_THINKING_TOKENS
+        # Without thinking tags, the reply is all content.
+        script.text = "Just hello."
+        plain = client.chat.completions.create(model="scripted", messages=QUESTION)
+        assert plain.choices[0].message.content == "Just hello."
+        assert plain.choices[0].message.reasoning_content is None
+    finally:
+        script.chat_template, script.text = "{{ messages }}", "hello"
+        shim.backend._model_info = None
