@@ -2,7 +2,8 @@
 
 The messages go through the model's chat template (the server's Tokenize), the pool
 lends the session sharing the longest prefix with the result, and the choices decode
-there (``n > 1`` through forks). Tool calls are parsed out of the finished text.
+there (``n > 1`` through forks). Each choice's text is parsed as it streams
+(``reply``): reasoning to ``reasoning_content``, tool calls to ``tool_calls`` deltas.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from salience_server.http.generation import (
 )
 from salience_server.http.logprobs import chat_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
-from salience_server.http.reasoning import ReasoningSplitter, template_reasons
+from salience_server.http.reasoning import template_reasons
 from salience_server.http.reply import ParsedReply, ReasoningDelta, ReplyEvent, ReplyParser
 from salience_server.http.schemas import ChatCompletionRequest, parse_body
 from salience_server.http.streaming import (
@@ -95,16 +96,10 @@ class ChatPlan:
         return token.token_id not in self.model_info.eos_token_ids
 
     def reply_parser(self) -> ReplyParser:
-        """Splits one choice's text into reasoning, content and tool calls. A constrained
-        reply has no thinking; under a structured-output constraint, no bare JSON call."""
-        splitter = None
-        if self.is_reasoning and self.constraint is None:
-            splitter = ReasoningSplitter(self.opens_thinking)
-        tools = None
-        if self.tools.is_enabled:
-            is_json_output = self.constraint is not None and not self.tools.is_forced
-            tools = self.tools.parser(allow_bare=not is_json_output)
-        return ReplyParser(splitter, tools)
+        """Splits one choice's text into reasoning, content and tool calls."""
+        return ReplyParser.for_request(
+            self.tools, self.constraint, self.is_reasoning, self.opens_thinking
+        )
 
     def generation(self, backend: Backend) -> Generation:
         """The Generation this request runs (max_tokens defaults to the context left)."""

@@ -5,7 +5,7 @@ Each token's string and bytes come from the server's Detokenize with
 ``return_token_bytes`` (a vocabulary is finite: they are cached for the life of the
 shim). ``bytes`` are the token's own bytes, which may be a piece of a UTF-8 character;
 the string is their UTF-8 text, with any byte that does not decode written ``\\xNN``
-(as OpenAI and DeepSeek write such tokens), never U+FFFD.
+(as DeepSeek's API writes such tokens), never U+FFFD.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from salience_server.http.constraints import Constraint
 from salience_server.http.reasoning import ReasoningSplitter
 from salience_server.http.tool_parser import ParsedEvent, TextDelta, ToolCall, ToolCallParser
+from salience_server.http.tools import ToolMode
 
 
 @dataclass
@@ -25,6 +27,23 @@ ReplyEvent = ReasoningDelta | ParsedEvent
 
 class ReplyParser:
     """Feed the reply's text with ``push``, end with ``finish``."""
+
+    @classmethod
+    def for_request(
+        cls, tools: ToolMode, constraint: Constraint | None, is_reasoning: bool, is_thinking: bool
+    ) -> ReplyParser:
+        """The parser of one reply to a request: with ``tools`` when they are offered,
+        reasoning when the template reasons (``is_thinking``: the prompt left a
+        ``<think>`` open). A constrained reply has no thinking; under a structured-output
+        constraint, no bare JSON call."""
+        splitter = None
+        if is_reasoning and constraint is None:
+            splitter = ReasoningSplitter(is_thinking)
+        parser = None
+        if tools.is_enabled:
+            is_json_output = constraint is not None and not tools.is_forced
+            parser = tools.parser(allow_bare=not is_json_output)
+        return cls(splitter, parser)
 
     def __init__(
         self, splitter: ReasoningSplitter | None = None, tools: ToolCallParser | None = None

@@ -33,7 +33,7 @@ from salience_server.http.generation import (
     finish_reason,
 )
 from salience_server.http.messages import ImageInput, response_input_messages
-from salience_server.http.reasoning import ReasoningSplitter, template_reasons
+from salience_server.http.reasoning import template_reasons
 from salience_server.http.reply import ReplyParser
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.response_stream import ResponseStream
@@ -110,14 +110,10 @@ class ResponsePlan:
 
     def reply_stream(self) -> ResponseStream:
         """Builds the output items of one reply (reasoning, text, function calls)."""
-        splitter = None
-        if self.is_reasoning and self.constraint is None:
-            splitter = ReasoningSplitter(self.opens_thinking)
-        tools = None
-        if self.tools.is_enabled:
-            is_json_output = self.constraint is not None and not self.tools.is_forced
-            tools = self.tools.parser(allow_bare=not is_json_output)
-        return ResponseStream(ReplyParser(splitter, tools), self.message_id)
+        parser = ReplyParser.for_request(
+            self.tools, self.constraint, self.is_reasoning, self.opens_thinking
+        )
+        return ResponseStream(parser, self.message_id)
 
     def response(
         self,

@@ -329,3 +329,57 @@ def test_chat_template_options_reach_the_template(scripted: tuple[Script, Runnin
         with pytest.raises(openai.BadRequestError) as error:
             client.chat.completions.create(model="scripted", messages=HELLO, extra_body=extra)
         assert error.value.body["param"] == param
+
+
+LLAMA3_TEMPLATE = (
+    '{{ messages }}{% if tools %}Respond as {"name": function name, "parameters": '
+    "dictionary of argument name and its value}{{ tools }}{% endif %}"
+)
+
+
+def test_a_llama3_template_gets_its_own_call_format(scripted: tuple[Script, RunningShim]) -> None:
+    script, shim = scripted
+    script.chat_template = LLAMA3_TEMPLATE
+    shim.backend._model_info = None  # ask again
+    try:
+        client = shim.client()
+        script.text = '{"city": "Oslo"}'
+        reply = client.chat.completions.create(
+            model="scripted",
+            messages=HELLO,
+            tools=[WEATHER, TIME],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
+        assert bytes(script.prompts[-1]).decode().endswith('{"name": "get_weather", "parameters": ')
+        (call,) = reply.choices[0].message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
+        # The template rendered the tools itself (no Hermes system prompt).
+        assert rendered_chat(script.prompts[-1])["tools"] == [WEATHER, TIME]
+        script.text = '{"name": "get_time", "parameters": {}}'
+        reply = client.chat.completions.create(model="scripted", messages=HELLO, tools=[TIME])
+        assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_time"]
+        client.chat.completions.create(
+            model="scripted", messages=HELLO, tools=[TIME], tool_choice="required"
+        )
+        schema = json.loads(_constraint(_last(script))[1])
+        assert set(schema["properties"]) == {"name", "parameters"}
+    finally:
+        script.chat_template, script.text = "{{ messages }}", "hello"
+        shim.backend._model_info = None
+
+
+def test_json_looking_text_streams_while_tools_are_offered(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    script, shim = scripted
+    for text in ['{"city": "Oslo", "temp": 3}', "[1, 2, 3]", "```python\nx = 1\n```"]:
+        script.text = text
+        stream = shim.client().chat.completions.create(
+            model="scripted", messages=HELLO, tools=[WEATHER], stream=True
+        )
+        pieces = [c.choices[0].delta.content for c in stream if c.choices[0].delta.content]
+        assert "".join(pieces) == text
+        # As it came, not held to the end: only an opening that may still be a call's
+        # (up to "```p", "[1", '{"c') waits for its next character.
+        assert len(pieces) >= len(text) - 3
+    script.text = "hello"
