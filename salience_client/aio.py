@@ -261,9 +261,15 @@ class AsyncSalienceClient:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> list[int]:
-        """Chat messages through the model's chat template to token ids."""
-        request = tokenize_chat_request(messages, add_generation_prompt, tools)
+        """Chat messages through the model's chat template to token ids.
+        ``chat_template_kwargs`` are extra template variables (``enable_thinking``);
+        ``continue_final_message`` leaves the last (assistant) message open."""
+        request = tokenize_chat_request(
+            messages, add_generation_prompt, tools, chat_template_kwargs, continue_final_message
+        )
         return list((await self._call("Tokenize", request)).token_ids)
 
     async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -272,6 +278,11 @@ class AsyncSalienceClient:
             token_ids=list(token_ids), skip_special_tokens=skip_special_tokens
         )
         return str((await self._call("Detokenize", request)).text)
+
+    async def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Each token's own bytes (a piece of a UTF-8 character, for some tokens)."""
+        request = pb.DetokenizeRequest(token_ids=list(token_ids), return_token_bytes=True)
+        return list((await self._call("Detokenize", request)).token_bytes)
 
     async def list_sessions(self) -> list[SessionInfo]:
         """Every live session."""

@@ -29,12 +29,17 @@ def tokenize_chat_request(
     messages: list[dict[str, Any]],
     add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    continue_final_message: bool = False,
 ) -> pb.TokenizeRequest:
-    """Chat messages (and tools) as JSON, so tool calls and content parts pass unchanged."""
+    """Chat messages (and tools, template variables) as JSON, so tool calls and content
+    parts pass unchanged."""
     return pb.TokenizeRequest(
         messages=pb.ChatMessages(messages_json=json.dumps(messages)),
         add_generation_prompt=add_generation_prompt,
         tools_json=json.dumps(tools) if tools else "",
+        chat_template_kwargs_json=json.dumps(chat_template_kwargs) if chat_template_kwargs else "",
+        continue_final_message=continue_final_message,
     )
 
 
@@ -119,9 +124,15 @@ class SalienceClient:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> list[int]:
-        """Chat messages through the model's chat template to token ids."""
-        request = tokenize_chat_request(messages, add_generation_prompt, tools)
+        """Chat messages through the model's chat template to token ids.
+        ``chat_template_kwargs`` are extra template variables (``enable_thinking``);
+        ``continue_final_message`` leaves the last (assistant) message open."""
+        request = tokenize_chat_request(
+            messages, add_generation_prompt, tools, chat_template_kwargs, continue_final_message
+        )
         return list(self._call("Tokenize", request).token_ids)
 
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -130,6 +141,11 @@ class SalienceClient:
             token_ids=list(token_ids), skip_special_tokens=skip_special_tokens
         )
         return str(self._call("Detokenize", request).text)
+
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Each token's own bytes (a piece of a UTF-8 character, for some tokens)."""
+        request = pb.DetokenizeRequest(token_ids=list(token_ids), return_token_bytes=True)
+        return list(self._call("Detokenize", request).token_bytes)
 
     def list_sessions(self) -> list[SessionInfo]:
         """Every live session."""

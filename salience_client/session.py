@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
@@ -56,6 +56,17 @@ class GenerateOptions(TypedDict, total=False):
     """Lower runs first."""
     ignore_eos: bool
     """Decode past the model's EOS tokens (stop_token_ids still stop)."""
+    frequency_penalty: float
+    """OpenAI's, in [-2, 2]: times each token's count among the tokens decoded in this call."""
+    presence_penalty: float
+    """OpenAI's, in [-2, 2]: once for each token decoded in this call."""
+    logit_bias: Mapping[int, float]
+    """Token id -> value in [-100, 100] added to its logit."""
+    min_tokens: int
+    """EOS and stop_token_ids cannot end the call before this many decoded tokens."""
+    constraint: Mapping[str, str | bool]
+    """One of ``{"json_schema": SCHEMA_JSON}``, ``{"json_object": True}``,
+    ``{"regex": ...}`` or ``{"ebnf": ...}``: the language the decoded text must be in."""
 
 
 def check_options(options: dict[str, Any]) -> None:
@@ -96,7 +107,14 @@ def generate_request(
         return_text=options.get("return_text", True),
         priority=options.get("priority", 0),
         ignore_eos=options.get("ignore_eos", False),
+        frequency_penalty=options.get("frequency_penalty", 0.0),
+        presence_penalty=options.get("presence_penalty", 0.0),
+        logit_bias=dict(options.get("logit_bias", {})),
+        min_tokens=options.get("min_tokens", 0),
     )
+    constraint = options.get("constraint")
+    if constraint:
+        request.constraint.CopyFrom(pb.Constraint(**dict(constraint)))  # type: ignore[arg-type]
     seed = options.get("seed")
     if seed is not None:
         request.seed = seed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,11 +12,34 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, settings
 
 from salience_client.pb import salience_pb2_grpc
 from salience_server.config import EngineConfig, ModelConfig, ServerConfig
 from salience_server.engine.loader import default_gguf_path
 from tests.tiny_models import build_tiny_model
+
+# Profiles of the model-based stress test (tests/integration/test_stress.py). CI runs
+# "ci": a fixed seed, a few hundred steps. By hand, for thousands of steps:
+#   .venv/bin/pytest tests/integration/test_stress.py --hypothesis-profile=stress-long
+# (add --hypothesis-seed=N to replay a run).
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
+settings.register_profile(
+    "ci",
+    max_examples=10,
+    stateful_step_count=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=_SLOW_OK,
+)
+settings.register_profile(
+    "stress-long",
+    max_examples=120,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=_SLOW_OK,
+)
+settings.load_profile(os.environ.get("SALIENCE_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

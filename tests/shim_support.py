@@ -112,8 +112,14 @@ class Script:
     """(concepts, layers) of a readout the server claims to have; None: readout off."""
     fail_after: int | None = None
     """Fail with UNAVAILABLE after this many tokens (None: finish normally)."""
+    fail_with: tuple[grpc.StatusCode, str] | None = None
+    """Fail every Generate at once with this status and ErrorInfo reason."""
+    first_token_delay_s: float = 0.0
+    """Wait this long before answering a decoding call (a queue wait, a long prefill)."""
     prompts: list[list[int]] = field(default_factory=list)
     """Every prompt Generate received (session tokens before decoding), for checks."""
+    requests: list[pb.GenerateRequest] = field(default_factory=list)
+    """Every GenerateRequest received: what the shim asked the server for."""
 
 
 class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
@@ -161,15 +167,31 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
                 "messages": json.loads(request.messages.messages_json),
                 "tools": json.loads(request.tools_json) if request.tools_json else None,
             }
+            if request.chat_template_kwargs_json:
+                rendered["chat_template_kwargs"] = json.loads(request.chat_template_kwargs_json)
+            if request.continue_final_message:
+                rendered["continue_final_message"] = True
+            if not request.add_generation_prompt:
+                rendered["add_generation_prompt"] = False
             text = json.dumps(rendered) + "\n"
         else:
             text = request.text
         return pb.TokenizeResponse(token_ids=list(text.encode()))
 
     async def Detokenize(self, request: Any, context: Any) -> pb.DetokenizeResponse:
-        return pb.DetokenizeResponse(text=bytes(request.token_ids).decode(errors="replace"))
+        pieces = [bytes([i]) for i in request.token_ids] if request.return_token_bytes else []
+        return pb.DetokenizeResponse(
+            text=bytes(request.token_ids).decode(errors="replace"), token_bytes=pieces
+        )
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[pb.GenerateEvent]:
+        self.script.requests.append(request)
+        if request.max_tokens and self.script.first_token_delay_s:
+            await asyncio.sleep(self.script.first_token_delay_s)
+        if self.script.fail_with is not None:
+            code, reason = self.script.fail_with
+            status = _abort_status(code, reason, f"scripted {reason}")
+            await context.abort(status.code, status.details, status.trailing_metadata)
         tokens = self.sessions[request.session_id][: request.offset] + list(request.append_tokens)
         self.sessions[request.session_id] = tokens
         self.script.prompts.append(list(tokens))
@@ -184,6 +206,8 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
             await asyncio.sleep(0)
         completion = len(tokens) - prompt_length
         reason = pb.FINISH_REASON_STOP if request.max_tokens else pb.FINISH_REASON_PREFILL
+        if 0 < request.max_tokens < len(self.script.text):
+            reason = pb.FINISH_REASON_LENGTH
         done = pb.Done(
             prompt_tokens=prompt_length,
             completion_tokens=completion,
@@ -230,7 +254,8 @@ def start_scripted(script: Script) -> ScriptedServer:
 
 
 def rendered_chat(prompt: list[int]) -> dict[str, Any]:
-    """``{"messages", "tools"}`` that a scripted prompt was rendered from."""
+    """``{"messages", "tools"}`` that a scripted prompt was rendered from (and the
+    template options, when not the defaults)."""
     text = bytes(prompt).decode()
     return dict(json.loads(text[: text.index("\n", text.index('"tools"'))]))
 

@@ -76,5 +76,10 @@ class ImageStore:
                 rows.append((first_row + low - start, embeds))
         return rows
 
+    def num_bytes(self) -> int:
+        """Host memory the kept embeddings take, each shared tensor once."""
+        unique = {id(t): t.numel() * t.element_size() for t in self._embeds.values()}
+        return sum(unique.values())
+
     def __len__(self) -> int:
         return len(self._embeds)

@@ -79,6 +79,8 @@ class ModelRunner:
         self._captured: list[torch.Tensor] = []
         # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
         self.host_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.num_swap_outs = 0
+        self.num_swap_ins = 0
 
     def warm_up(self, uses_mrope: bool, may_fall_back: bool) -> None:
         """One two-token forward pass before serving, so that an attention kernel that
@@ -168,12 +170,14 @@ class ModelRunner:
         offloaded sessions' KV back into their new blocks."""
         for move in moves:
             if isinstance(move, SwapOut):
+                self.num_swap_outs += 1
                 index = self._index(move.block_ids)
                 self.host_kv[move.session_id] = [
                     (keys[index].to("cpu"), values[index].to("cpu"))
                     for keys, values in self.kv_caches
                 ]
             elif isinstance(move, SwapIn):
+                self.num_swap_ins += 1
                 index = self._index(move.block_ids)
                 for (keys, values), (host_keys, host_values) in zip(
                     self.kv_caches, self.host_kv.pop(move.session_id), strict=True

@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
     parser.add_argument(
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs"
     )
+    parser.add_argument(
+        "--keepalive-s",
+        type=float,
+        default=15.0,
+        help="seconds of silence after which a stream sends an SSE keep-alive comment (0: off)",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -51,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
             served_model_names=tuple(args.served_model_name),
             max_pooled_sessions=args.max_pooled_sessions,
             max_stored_responses=args.max_stored_responses,
+            keepalive_s=args.keepalive_s,
             log_level=args.log_level,
         )
     except ValueError as error:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import time
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,10 +22,24 @@ from salience_server.http.messages import (
     template_messages,
     template_supports_tools,
 )
+from salience_server.http.reasoning import opens_thinking
 from salience_server.http.response_store import ResponseStore
 from salience_server.http.sessions_pool import SessionPool
 
 HEALTH_TIMEOUT_S = 2.0
+THINKING_TAIL_TOKENS = 32
+"""Prompt tokens decoded to see whether the prompt leaves a ``<think>`` open."""
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How the chat template renders a conversation (vLLM's request fields)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    """Leave the last (assistant) message open, to be continued."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra template variables (Qwen3's ``enable_thinking``)."""
 
 
 class Backend:
@@ -81,17 +96,32 @@ class Backend:
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], param: str
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        param: str,
+        options: RenderOptions | None = None,
     ) -> list[int]:
-        """Chat messages through the model's chat template, ending with the assistant
-        turn's opening, as token ids."""
+        """Chat messages through the model's chat template, as token ids (by default
+        ending with the assistant turn's opening)."""
+        options = options or RenderOptions()
         info = await self.model_info()
         has_tool_template = template_supports_tools(info.chat_template)
         rendered = template_messages(messages, tools, has_tool_template)
         with client_errors(param):
             return await self.client.tokenize_chat(
-                rendered, add_generation_prompt=True, tools=tools if has_tool_template else None
+                rendered,
+                add_generation_prompt=options.add_generation_prompt,
+                tools=tools if has_tool_template else None,
+                chat_template_kwargs=options.chat_template_kwargs,
+                continue_final_message=options.continue_final_message,
             )
+
+    async def opens_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether a rendered prompt ends inside an open ``<think>`` (its last tokens,
+        images left out, decoded)."""
+        tail = [token_id for token_id in prompt_ids[-THINKING_TAIL_TOKENS:] if token_id >= 0]
+        return opens_thinking(await self.detokenize(tail, "messages"))
 
     async def tokenize(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
         """Text to token ids (errors name ``param``)."""

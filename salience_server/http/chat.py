@@ -2,7 +2,8 @@
 
 The messages go through the model's chat template (the server's Tokenize), the pool
 lends the session sharing the longest prefix with the result, and the choices decode
-there (``n > 1`` through forks). Tool calls are parsed out of the finished text.
+there (``n > 1`` through forks). Each choice's text is parsed as it streams
+(``reply``): reasoning to ``reasoning_content``, tool calls to ``tool_calls`` deltas.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from salience_client import ModelInfo, TokenEvent
-from salience_server.http.backend import Backend
-from salience_server.http.errors import as_api_error, client_errors
+from salience_server.http.backend import Backend, RenderOptions
+from salience_server.http.constraints import Constraint
+from salience_server.http.errors import as_api_error, client_errors, invalid
 from salience_server.http.generation import (
     ChoiceResult,
     ChoiceToken,
@@ -31,6 +33,8 @@ from salience_server.http.generation import (
 )
 from salience_server.http.logprobs import chat_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
+from salience_server.http.reasoning import template_reasons
+from salience_server.http.reply import ParsedReply, ReasoningDelta, ReplyEvent, ReplyParser
 from salience_server.http.schemas import ChatCompletionRequest, parse_body
 from salience_server.http.streaming import (
     Primed,
@@ -39,25 +43,29 @@ from salience_server.http.streaming import (
     start_stream,
     until_disconnected,
 )
-from salience_server.http.tools import (
-    ToolCallFilter,
-    ToolMode,
-    chat_tools,
-    parse_tool_calls,
-    tool_mode,
-)
+from salience_server.http.tool_parser import ArgumentsDelta, CallOpened, TextDelta
+from salience_server.http.tools import ToolMode, chat_tools, tool_format, tool_mode
 
 router = APIRouter()
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    """The ``usage`` object; ``cached_tokens`` counts prompt tokens whose KV was reused."""
-    return {
+def usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    reasoning_tokens: int | None = None,
+) -> dict[str, Any]:
+    """The ``usage`` object; ``cached_tokens`` counts prompt tokens whose KV was reused,
+    ``reasoning_tokens`` (reasoning models only) the tokens of the thinking."""
+    totals: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if reasoning_tokens is not None:
+        totals["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return totals
 
 
 @dataclass
@@ -69,8 +77,12 @@ class ChatPlan:
     prompt_ids: list[int]
     """The rendered conversation, then the forced opening of a tool call if any."""
     tools: ToolMode
-    prefix_text: str
-    """That forced opening, which belongs to the reply's text."""
+    constraint: Constraint | None = None
+    """What the reply must be: a forced tool call, else the structured output asked for."""
+    is_reasoning: bool = False
+    """The model thinks first (a reasoning template): its thinking is reasoning_content."""
+    opens_thinking: bool = False
+    """The prompt ends inside an open ``<think>``: the reply starts in the thinking."""
     images: dict[int, ImageInput] = field(default_factory=dict)
     """The images of the conversation by their marker in ``prompt_ids``."""
 
@@ -83,32 +95,68 @@ class ChatPlan:
         """Whether a token belongs in ``logprobs`` (end-of-sequence tokens do not)."""
         return token.token_id not in self.model_info.eos_token_ids
 
+    def reply_parser(self) -> ReplyParser:
+        """Splits one choice's text into reasoning, content and tool calls."""
+        return ReplyParser.for_request(
+            self.tools, self.constraint, self.is_reasoning, self.opens_thinking
+        )
+
     def generation(self, backend: Backend) -> Generation:
         """The Generation this request runs (max_tokens defaults to the context left)."""
         body = self.body
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_tokens = body.max_reply_tokens
         if max_tokens is None:
             max_tokens = max(1, self.model_info.max_context - len(self.prompt_ids))
         top_k = self.top_logprobs if body.logprobs else 0
-        options = body.decode_options(max_tokens, body.stop, top_k)
+        options = body.decode_options(
+            max_tokens,
+            body.stop,
+            top_k,
+            constraint=self.constraint,
+            extra_stops=self.tools.stop_strings(),
+        )
         return Generation(
             backend.pool, self.prompt_ids, options, body.n, self.images, backend.image_token_counts
         )
 
+    def usage(self, completion_tokens: int, cached_tokens: int, reasoning_tokens: int) -> Any:
+        """The usage object of this request."""
+        reasoning = reasoning_tokens if self.is_reasoning else None
+        return usage(len(self.prompt_ids), completion_tokens, cached_tokens, reasoning)
+
 
 async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     """Checks the request and renders its prompt."""
-    body.check()
     info = await backend.check_model(body.model)
+    body.check(info.vocab_size)
     conversation = chat_messages(body.messages)
     await backend.check_images(conversation.images, "messages")
-    mode = tool_mode(chat_tools(body.tools), body.tool_choice)
+    mode = tool_mode(
+        chat_tools(body.tools),
+        body.tool_choice,
+        tool_format(info.chat_template),
+        body.parallel_tool_calls,
+    )
+    if mode.is_forced and body.continue_final_message:
+        raise invalid("a forced tool call cannot continue the final message", "tool_choice")
+    output_constraint = body.constraint()
     offered = mode.tools if mode.is_enabled else []
-    prompt_ids = await backend.render_chat(conversation.messages, offered, "messages")
+    render = RenderOptions(
+        add_generation_prompt=(
+            not body.continue_final_message
+            if body.add_generation_prompt is None
+            else body.add_generation_prompt
+        ),
+        continue_final_message=body.continue_final_message,
+        chat_template_kwargs=body.chat_template_kwargs,
+    )
+    prompt_ids = await backend.render_chat(conversation.messages, offered, "messages", render)
     images = backend.mark_images(prompt_ids, conversation.images, "messages")
-    prefix = mode.prefix_text()
-    prompt_ids += await backend.tokenize(prefix, "tool_choice")
-    return ChatPlan(body, info, prompt_ids, mode, prefix, images)
+    prompt_ids += await backend.tokenize(mode.prefix_text(), "tool_choice")
+    is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
+    opens = is_reasoning and await backend.opens_thinking(prompt_ids)
+    constraint = mode.constraint() or output_constraint
+    return ChatPlan(body, info, prompt_ids, mode, constraint, is_reasoning, opens, images)
 
 
 @router.post("/v1/chat/completions")
@@ -119,11 +167,16 @@ async def create_chat_completion(request: Request) -> Response:
     generation = plan.generation(backend)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if plan.body.stream:
-        events = await start_stream(generation.events(), "messages")
-        return event_stream(ChatStream(backend, plan, generation, completion_id).sse(events))
+        events = await start_stream(generation.events(), "messages", backend.config.keepalive_s)
+        stream = ChatStream(backend, plan, generation, completion_id).sse(events)
+        return event_stream(stream, backend.config.keepalive_s)
     with client_errors("messages"):
         result = await until_disconnected(request, collect(generation))
-    choices = [await _choice(backend, plan, choice) for choice in result.choices]
+    choices, reasoning_tokens = [], 0
+    for choice in result.choices:
+        message, num_reasoning = await _choice(backend, plan, choice)
+        choices.append(message)
+        reasoning_tokens += num_reasoning
     return JSONResponse(
         {
             "id": completion_id,
@@ -131,35 +184,49 @@ async def create_chat_completion(request: Request) -> Response:
             "created": int(time.time()),
             "model": plan.body.model,
             "choices": choices,
-            "usage": usage(len(plan.prompt_ids), result.completion_tokens, result.cached_tokens),
+            "usage": plan.usage(result.completion_tokens, result.cached_tokens, reasoning_tokens),
             "system_fingerprint": None,
         }
     )
 
 
-async def _choice(backend: Backend, plan: ChatPlan, choice: ChoiceResult) -> dict[str, Any]:
-    """One finished choice of a non-streamed completion."""
+async def _choice(
+    backend: Backend, plan: ChatPlan, choice: ChoiceResult
+) -> tuple[dict[str, Any], int]:
+    """One finished choice of a non-streamed completion, and its reasoning tokens."""
     assert choice.done is not None
-    text = plan.prefix_text + choice.text
-    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    reply = ParsedReply.of(plan.reply_parser(), [token.text for token in choice.tokens])
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+    if plan.is_reasoning:
+        message["reasoning_content"] = reply.reasoning or None
     reason = finish_reason(choice.done)
-    if plan.tools.is_enabled:
-        content, calls = parse_tool_calls(text, plan.tools.names)
-        if calls:
-            message["content"] = content or None
-            message["tool_calls"] = [call.chat_dict() for call in calls]
-            reason = "tool_calls"
+    plan.tools.check_forced(reply.calls, reason)
+    if reply.calls:
+        message["content"] = reply.content or None
+        message["tool_calls"] = [call.chat_dict() for call in reply.calls]
+        reason = "tool_calls" if reason == "stop" else reason
     logprobs = None
     if plan.body.logprobs:
         tokens = [token for token in choice.tokens if plan.is_visible(token)]
         texts = await backend.token_texts.for_tokens(tokens)
         logprobs = chat_logprobs(tokens, texts, plan.top_logprobs)
-    return {
-        "index": choice.index,
-        "message": message,
-        "logprobs": logprobs,
-        "finish_reason": reason,
-    }
+    shaped = {"index": choice.index, "message": message, "logprobs": logprobs}
+    return {**shaped, "finish_reason": reason}, reply.num_reasoning_tokens
+
+
+def delta_of(event: ReplyEvent) -> dict[str, Any] | None:
+    """The chunk ``delta`` of one parsed piece of a reply (None: nothing to send)."""
+    if isinstance(event, ReasoningDelta):
+        return {"reasoning_content": event.text}
+    if isinstance(event, TextDelta):
+        return {"content": event.text}
+    if isinstance(event, CallOpened):
+        opened = {**event.call.chat_dict(), "index": event.index}
+        opened["function"] = {"name": event.call.name, "arguments": ""}
+        return {"tool_calls": [opened]}
+    if isinstance(event, ArgumentsDelta):
+        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+    return None
 
 
 class ChatStream:
@@ -180,9 +247,9 @@ class ChatStream:
         }
         options = plan.body.stream_options
         self._include_usage = options is not None and options.include_usage
-        self._filters: dict[int, ToolCallFilter] = {}
-        self._started: set[int] = set()
+        self._parsers: dict[int, ReplyParser] = {}
         self._num_completion_tokens = 0
+        self._num_reasoning_tokens = 0
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         chunk: dict[str, Any] = {**self._base, "choices": choices}
@@ -203,52 +270,43 @@ class ChatStream:
                     for chunk in await self._on_event(event):
                         yield chunk
             if self._include_usage:
-                prompt_tokens = len(self._plan.prompt_ids)
                 cached = self._generation.cached_tokens
-                totals = usage(prompt_tokens, self._num_completion_tokens, cached)
+                totals = self._plan.usage(
+                    self._num_completion_tokens, cached, self._num_reasoning_tokens
+                )
                 yield self._chunk([], totals)
         except Exception as error:
             yield sse_data({"error": as_api_error(error).error()})
         yield sse_data("[DONE]")
-
-    def _filter(self, index: int) -> ToolCallFilter | None:
-        """The choice's tool-call filter (None when no tools are offered)."""
-        tools = self._plan.tools
-        if not tools.is_enabled:
-            return None
-        if index not in self._filters:
-            self._filters[index] = ToolCallFilter(tools.names, self._plan.prefix_text)
-        return self._filters[index]
 
     async def _on_event(self, event: GenerationEvent) -> list[str]:
         chunks: list[str] = []
         if isinstance(event, PromptToken):
             return chunks
         index = event.index
-        if index not in self._started:  # each choice opens with the assistant's role
-            self._started.add(index)
+        if index not in self._parsers:  # each choice opens with the assistant's role
+            self._parsers[index] = self._plan.reply_parser()
             chunks.append(self._delta(index, {"role": "assistant", "content": ""}))
-        tool_filter = self._filter(index)
+        parser = self._parsers[index]
         if isinstance(event, ChoiceToken):
-            text = event.token.text
-            content = tool_filter.push(text) if tool_filter is not None else text
+            deltas = [d for d in map(delta_of, parser.push(event.token.text)) if d is not None]
             logprobs = None
             if self._plan.body.logprobs and self._plan.is_visible(event.token):
                 texts = await self._backend.token_texts.for_tokens([event.token])
                 logprobs = chat_logprobs([event.token], texts, self._plan.top_logprobs)
-            if content or logprobs is not None:
-                chunks.append(self._delta(index, {"content": content}, logprobs))
+            if logprobs is not None and not deltas:
+                deltas = [{"content": ""}]
+            for position, delta in enumerate(deltas):
+                chunks.append(self._delta(index, delta, logprobs if position == 0 else None))
             return chunks
         self._num_completion_tokens += event.done.completion_tokens
+        self._num_reasoning_tokens += parser.num_reasoning_tokens
+        deltas = [d for d in map(delta_of, parser.finish()) if d is not None]
+        chunks += [self._delta(index, delta) for delta in deltas]
         reason = finish_reason(event.done)
-        if tool_filter is not None:
-            rest, calls = tool_filter.finish()
-            if rest:
-                chunks.append(self._delta(index, {"content": rest}))
-            if calls:
-                delta = [{"index": k, **call.chat_dict()} for k, call in enumerate(calls)]
-                chunks.append(self._delta(index, {"tool_calls": delta}))
-                reason = "tool_calls"
+        self._plan.tools.check_forced(parser.calls, reason)
+        if parser.calls and reason == "stop":
+            reason = "tool_calls"
         finish = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
         chunks.append(self._chunk([finish]))
         return chunks

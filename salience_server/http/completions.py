@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from salience_client import ModelInfo, TokenEvent
 from salience_server.http.backend import Backend
 from salience_server.http.chat import usage
+from salience_server.http.constraints import Constraint
 from salience_server.http.errors import as_api_error, client_errors, invalid
 from salience_server.http.generation import (
     ChoiceDone,
@@ -35,7 +36,7 @@ from salience_server.http.generation import (
     finish_reason,
 )
 from salience_server.http.logprobs import completion_logprobs
-from salience_server.http.schemas import CompletionRequest, parse_body
+from salience_server.http.schemas import MAX_TOKEN_ID, CompletionRequest, parse_body
 from salience_server.http.streaming import (
     Primed,
     event_stream,
@@ -45,8 +46,6 @@ from salience_server.http.streaming import (
 )
 
 router = APIRouter()
-
-_MAX_TOKEN_ID = 2**32 - 1
 
 
 @dataclass
@@ -70,7 +69,7 @@ async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
             ids = await backend.tokenize(item, param, add_special_tokens=True)
             prompts.append(Prompt(ids, item))
             continue
-        if not item or not all(0 <= i <= _MAX_TOKEN_ID for i in item):
+        if not item or not all(0 <= i <= MAX_TOKEN_ID for i in item):
             raise invalid("token ids must be a non-empty list of non-negative integers", param)
         text = await backend.detokenize(item, param) if body.echo else ""
         prompts.append(Prompt(list(item), text))
@@ -78,21 +77,16 @@ async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
 
 
 class _Choices:
-    """Builds the legacy choice objects of one prompt's generation."""
+    """Builds the legacy choice objects of one prompt's generation. Its logprobs cover
+    every token, end-of-sequence tokens included (as vLLM's do): scoring harnesses slice
+    them by position (lm-eval drops the last, the one decoded token)."""
 
-    def __init__(
-        self, backend: Backend, body: CompletionRequest, info: ModelInfo, prompt: Prompt
-    ) -> None:
+    def __init__(self, backend: Backend, body: CompletionRequest, prompt: Prompt) -> None:
         self._backend = backend
         self._body = body
-        self._eos_ids = set(info.eos_token_ids)
         self.prompt = prompt
         self.prompt_tokens: list[TokenEvent] = []
         self._offsets: dict[int, int] = {}
-
-    def visible(self, tokens: list[TokenEvent]) -> list[TokenEvent]:
-        """The tokens that belong in logprobs (end-of-sequence tokens do not)."""
-        return [t for t in tokens if t.token_id not in self._eos_ids]
 
     async def logprobs(self, index: int, tokens: list[TokenEvent]) -> dict[str, Any] | None:
         """Legacy logprobs of ``tokens`` for choice ``index``, its text offsets running on."""
@@ -102,7 +96,7 @@ class _Choices:
         offset = self._offsets.get(index, 0)
         shaped = completion_logprobs(tokens, texts, self._body.logprobs, offset)
         if tokens:
-            self._offsets[index] = offset + sum(len(texts[t.token_id]) for t in tokens)
+            self._offsets[index] = offset + sum(len(texts[t.token_id].text) for t in tokens)
         return shaped
 
     def echo(self) -> tuple[str, list[TokenEvent]]:
@@ -112,10 +106,12 @@ class _Choices:
         return self.prompt.text, self.prompt_tokens
 
 
-def _options(body: CompletionRequest, info: ModelInfo, num_prompt_tokens: int) -> DecodeOptions:
+def _options(
+    body: CompletionRequest, info: ModelInfo, num_prompt_tokens: int, constraint: Constraint | None
+) -> DecodeOptions:
     max_tokens = min(body.max_tokens, max(0, info.max_context - num_prompt_tokens))
     score_prompt = body.echo and body.logprobs is not None
-    return body.decode_options(max_tokens, body.stop, body.logprobs or 0, score_prompt)
+    return body.decode_options(max_tokens, body.stop, body.logprobs or 0, score_prompt, constraint)
 
 
 @router.post("/v1/completions")
@@ -123,19 +119,23 @@ async def create_completion(request: Request) -> Response:
     """OpenAI's (legacy) Completions."""
     backend: Backend = request.app.state.backend
     body = await parse_body(request, CompletionRequest)
-    body.check()
     info = await backend.check_model(body.model)
+    body.check(info.vocab_size)
+    constraint = body.constraint()
     prompts = await _prompts(backend, body)
     generations = [
-        Generation(backend.pool, p.token_ids, _options(body, info, len(p.token_ids)), body.n)
+        Generation(
+            backend.pool, p.token_ids, _options(body, info, len(p.token_ids), constraint), body.n
+        )
         for p in prompts
     ]
-    builders = [_Choices(backend, body, info, prompt) for prompt in prompts]
+    builders = [_Choices(backend, body, prompt) for prompt in prompts]
     completion_id = f"cmpl-{uuid.uuid4().hex}"
+    keepalive_s = backend.config.keepalive_s
     if body.stream:
-        first = await start_stream(generations[0].events(), "prompt")
+        first = await start_stream(generations[0].events(), "prompt", keepalive_s)
         stream = _stream(body, completion_id, generations, builders, first)
-        return event_stream(stream)
+        return event_stream(stream, keepalive_s)
     with client_errors("prompt"):
         work = asyncio.gather(*(collect(g) for g in generations))
         results = await until_disconnected(request, work)
@@ -166,7 +166,7 @@ async def _finished_choices(
     for choice in result.choices:
         assert choice.done is not None
         echo_text, echo_tokens = builder.echo()
-        tokens = echo_tokens + builder.visible(choice.tokens)
+        tokens = echo_tokens + choice.tokens
         choices.append(
             {
                 "index": first_index + choice.index,
@@ -220,7 +220,7 @@ async def _stream(
                     reason = None
                     if isinstance(event, ChoiceToken):
                         text += event.token.text
-                        tokens = tokens + builder.visible([event.token])
+                        tokens = [*tokens, event.token]
                     elif isinstance(event, ChoiceDone):
                         completion_tokens += event.done.completion_tokens
                         reason = finish_reason(event.done)

@@ -32,6 +32,10 @@ class ShimConfig:
     """Fetch http(s) image URLs; otherwise only data: URLs are accepted (400)."""
     max_image_bytes: int = 20 << 20
     """Largest remote image fetched."""
+    keepalive_s: float = 15.0
+    """A stream that has sent nothing for this long sends an SSE comment (``: keep-alive``);
+    it is also how long a streaming request waits for its first event before its
+    response starts (later errors come as error events). 0: no keep-alives."""
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -42,6 +46,8 @@ class ShimConfig:
             raise ValueError("max_pooled_sessions must be positive, max_stored_responses >= 0")
         if self.rpc_timeout_s <= 0:
             raise ValueError("rpc_timeout_s must be positive")
+        if self.keepalive_s < 0:
+            raise ValueError("keepalive_s must be 0 (off) or positive")
 
 
 def api_key_from_env() -> str | None:

@@ -67,22 +67,42 @@ def model_not_found(model: str) -> ApiError:
     )
 
 
+_PLAIN_STATUSES: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ABORTED: (409, "invalid_request_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
+}
+"""HTTP status and OpenAI error type of the gRPC statuses that need no special message."""
+
+_CONFLICTS = frozenset({"SESSION_BUSY", "SESSION_CLOSED"})
+"""Reasons of FAILED_PRECONDITION and CANCELLED that mean another call got in the way
+(409); the other FAILED_PRECONDITION reasons are the request's own fault (400)."""
+
+
 def from_client_error(error: SalienceClientError, param: str | None = None) -> ApiError:
-    """The HTTP error for a failed gRPC call."""
+    """The HTTP error for a failed gRPC call: INVALID_ARGUMENT and FAILED_PRECONDITION
+    400 (``context_length_exceeded`` for a prompt too long), UNAUTHENTICATED 401,
+    NOT_FOUND 404, ABORTED and a busy or closed session 409, RESOURCE_EXHAUSTED 429,
+    UNAVAILABLE 503, DEADLINE_EXCEEDED 504; 500 only for the server's own failures."""
     code, reason, message = error.code, error.reason, error.message
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        if reason == "CONTEXT_EXCEEDED":
-            return invalid(
-                f"This model's maximum context length was exceeded: {message}",
-                param,
-                "context_length_exceeded",
-            )
-        return invalid(message, param, reason.lower())
-    if code == grpc.StatusCode.FAILED_PRECONDITION and reason in (
-        "IMAGES_UNSUPPORTED",
-        "READOUT_DISABLED",
-    ):
-        return invalid(message, param, reason.lower())
+    if code == grpc.StatusCode.INVALID_ARGUMENT and reason == "CONTEXT_EXCEEDED":
+        return invalid(
+            f"This model's maximum context length was exceeded: {message}",
+            param,
+            "context_length_exceeded",
+        )
+    if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED):
+        if reason in _CONFLICTS:
+            return ApiError(409, message, param=param, code=reason.lower())
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            return invalid(message, param, reason.lower())
+        return ApiError(499, f"The call was cancelled: {message}", code=reason.lower())
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(
             429,
@@ -99,8 +119,16 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
             code="service_unavailable",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ApiError(504, f"The inference server timed out: {message}", "server_error")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ApiError(
+            401,
+            f"The inference server refused the credentials: {message}",
+            "authentication_error",
+            code="invalid_api_key",
+        )
+    if code in _PLAIN_STATUSES:
+        status, kind = _PLAIN_STATUSES[code]
+        return ApiError(status, message, kind, param if status < 500 else None, reason.lower())
     log.error("unexpected gRPC error: %s", error)
     return ApiError(500, f"Internal error: {error}", "server_error", code="internal_error")
 

@@ -17,12 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salience_server.http.errors import invalid, unsupported
-from salience_server.http.tools import (
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    new_call_id,
-    tools_system_prompt,
-)
+from salience_server.http.tool_parser import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, new_call_id
+from salience_server.http.tools import tools_system_prompt
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _TEXT_PARTS = {"text", "input_text", "output_text"}

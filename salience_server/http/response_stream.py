@@ -1,25 +1,49 @@
-"""``ResponseStream``: the named, numbered events of one streamed Response.
+"""``ResponseStream``: a Response's output items and the named, numbered events that
+build them, as the reply's text arrives.
 
-For a reply that is text: ``response.output_item.added``, ``response.content_part.added``,
-``response.output_text.delta``..., ``response.output_text.done``,
-``response.content_part.done``, ``response.output_item.done``. Each function call the
-reply makes is one more output item, with ``response.function_call_arguments.delta`` and
-``.done`` between its ``added`` and ``done``. The message opens at its first text, so a
-reply that is only a tool call has no message item.
+The reply is parsed (``ReplyParser``) into reasoning, text and function calls; each run
+of one kind is an output item, in order:
+- reasoning: ``response.output_item.added``, ``response.content_part.added`` (a
+  ``reasoning_text`` part), ``response.reasoning_text.delta``...,
+  ``response.reasoning_text.done``, ``response.content_part.done``,
+  ``response.output_item.done``;
+- text: the same with an ``output_text`` part and ``response.output_text.delta`` /
+  ``.done``;
+- a function call: ``response.output_item.added``,
+  ``response.function_call_arguments.delta``..., ``.done``, ``response.output_item.done``.
+
+The message opens at its first text, so a reply that is only a tool call has no message
+item; a reply with nothing at all still gets an (empty) message. A non-streamed
+response is built the same way, its events unused.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from typing import Any, Literal
 
 from salience_client import Done
+from salience_server.http.reply import ReasoningDelta, ReplyEvent, ReplyParser
 from salience_server.http.streaming import sse_event
-from salience_server.http.tools import ToolCall, ToolCallFilter, ToolMode
+from salience_server.http.tool_parser import (
+    ArgumentsDelta,
+    CallClosed,
+    CallOpened,
+    TextDelta,
+    ToolCall,
+)
+
+_Kind = Literal["reasoning", "message", "function_call"]
 
 
 def output_text_part(text: str) -> dict[str, Any]:
     """A message's ``output_text`` content part."""
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def reasoning_text_part(text: str) -> dict[str, Any]:
+    """A reasoning item's ``reasoning_text`` content part."""
+    return {"type": "reasoning_text", "text": text}
 
 
 def message_item(message_id: str, text: str, status: str) -> dict[str, Any]:
@@ -34,6 +58,12 @@ def message_item(message_id: str, text: str, status: str) -> dict[str, Any]:
     }
 
 
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A reasoning output item: the model's thinking as ``reasoning_text`` content."""
+    content = [] if status == "in_progress" else [reasoning_text_part(text)]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
 def function_call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
     """A ``function_call`` output item (arguments empty while in progress)."""
     return {
@@ -41,7 +71,7 @@ def function_call_item(call: ToolCall, status: str = "completed") -> dict[str, A
         "type": "function_call",
         "call_id": call.call_id,
         "name": call.name,
-        "arguments": call.arguments if status == "completed" else "",
+        "arguments": call.arguments if status != "in_progress" else "",
         "status": status,
     }
 
@@ -54,17 +84,29 @@ def status_of(done: Done | None, calls: list[ToolCall]) -> str:
 
 
 class ResponseStream:
-    """Emits a streamed response's events as its text arrives, numbering them."""
+    """Builds a response's output items from its reply, numbering the events."""
 
-    def __init__(self, message_id: str, tools: ToolMode, prefix_text: str) -> None:
+    def __init__(self, parser: ReplyParser, message_id: str) -> None:
+        self._parser = parser
         self._message_id = message_id
-        self._filter = ToolCallFilter(tools.names, prefix_text) if tools.is_enabled else None
-        self._is_message_open = False
+        self.items: list[dict[str, Any]] = []
+        """The output items so far, each in its latest form."""
+        self._open: _Kind | None = None
+        self._item_text = ""
         self.sequence_number = 0
         self.text = ""
-        """The message's text so far."""
-        self.calls: list[ToolCall] = []
+        """Every message text of the reply."""
         self.status = "in_progress"
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The function calls so far."""
+        return self._parser.calls
+
+    @property
+    def num_reasoning_tokens(self) -> int:
+        """Decoded tokens that were reasoning."""
+        return self._parser.num_reasoning_tokens
 
     def event(self, kind: str, **fields: Any) -> str:
         """One server-sent event of type ``kind``, with the next sequence number."""
@@ -72,100 +114,109 @@ class ResponseStream:
         self.sequence_number += 1
         return sse_event(kind, payload)
 
-    def push(self, delta: str) -> list[str]:
+    def push(self, text: str) -> list[str]:
         """Events for a piece of the model's text."""
-        if self._filter is not None:
-            delta = self._filter.push(delta)
-        return self._text_delta(delta)
+        return [sse for event in self._parser.push(text) for sse in self._on(event)]
 
     def finish(self, done: Done | None) -> list[str]:
-        """Events that close the output: the message, then one item per function call."""
-        events = []
-        if self._filter is not None:
-            rest, self.calls = self._filter.finish()
-            events += self._text_delta(rest)
+        """Events that close the output (the open item takes the response's status)."""
+        events = [sse for event in self._parser.finish() for sse in self._on(event)]
         self.status = status_of(done, self.calls)
-        if self._is_message_open or not self.calls:
-            events += self._close_message()
-        first_index = 1 if self._is_message_open else 0
-        for offset, call in enumerate(self.calls):
-            events += self._function_call(first_index + offset, call)
-        return events
+        if not self.items:
+            events += self._open_item("message")
+        return events + self._close_item(self.status)
 
-    def _text_delta(self, delta: str) -> list[str]:
-        if not delta:
-            return []
-        events = self._open_message()
-        self.text += delta
-        events.append(
-            self.event(
-                "response.output_text.delta",
-                item_id=self._message_id,
-                output_index=0,
-                content_index=0,
-                delta=delta,
-                logprobs=[],
+    def _on(self, event: ReplyEvent) -> list[str]:
+        if isinstance(event, ReasoningDelta):
+            return self._text_delta("reasoning", event.text)
+        if isinstance(event, TextDelta):
+            return self._text_delta("message", event.text)
+        if isinstance(event, CallOpened):
+            events = self._close_item("completed")
+            self.items.append(function_call_item(event.call, "in_progress"))
+            self._open = "function_call"
+            added = self.event(
+                "response.output_item.added", output_index=self._index, item=self.items[-1]
             )
+            return [*events, added]
+        if isinstance(event, ArgumentsDelta):
+            return [
+                self.event(
+                    "response.function_call_arguments.delta", **self._where(), delta=event.text
+                )
+            ]
+        assert isinstance(event, CallClosed)
+        return self._close_item("completed")
+
+    @property
+    def _index(self) -> int:
+        return len(self.items) - 1
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.items[-1]["id"], "output_index": self._index}
+
+    def _text_delta(self, kind: _Kind, delta: str) -> list[str]:
+        events = [] if self._open == kind else self._close_item("completed")
+        events += self._open_item(kind)
+        self._item_text += delta
+        if kind == "message":
+            self.text += delta
+        name = (
+            "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
         )
+        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
+        events.append(self.event(name, **self._where(), content_index=0, delta=delta, **extra))
         return events
 
-    def _open_message(self) -> list[str]:
-        if self._is_message_open:
+    def _open_item(self, kind: _Kind) -> list[str]:
+        if self._open == kind:
             return []
-        self._is_message_open = True
+        self._open, self._item_text = kind, ""
+        if kind == "message":
+            item_id = self._message_id if not self.text else f"msg_{uuid.uuid4().hex}"
+            item, part = message_item(item_id, "", "in_progress"), output_text_part("")
+        else:
+            item = reasoning_item(f"rs_{uuid.uuid4().hex}", "", "in_progress")
+            part = reasoning_text_part("")
+        self.items.append(item)
         return [
-            self.event(
-                "response.output_item.added",
-                output_index=0,
-                item=message_item(self._message_id, "", "in_progress"),
-            ),
-            self.event(
-                "response.content_part.added",
-                item_id=self._message_id,
-                output_index=0,
-                content_index=0,
-                part=output_text_part(""),
-            ),
+            self.event("response.output_item.added", output_index=self._index, item=item),
+            self.event("response.content_part.added", **self._where(), content_index=0, part=part),
         ]
 
-    def _close_message(self) -> list[str]:
-        events = self._open_message()
-        where = {"item_id": self._message_id, "output_index": 0, "content_index": 0}
-        events += [
-            self.event("response.output_text.done", **where, text=self.text, logprobs=[]),
-            self.event("response.content_part.done", **where, part=output_text_part(self.text)),
-            self.event(
-                "response.output_item.done",
-                output_index=0,
-                item=message_item(self._message_id, self.text, self.status),
-            ),
-        ]
-        return events
-
-    def _function_call(self, output_index: int, call: ToolCall) -> list[str]:
-        item_id = function_call_item(call)["id"]
+    def _close_item(self, status: str) -> list[str]:
+        kind, self._open = self._open, None
+        if kind is None:
+            return []
+        where = self._where()
+        if kind == "function_call":
+            call = self.calls[-1]
+            self.items[-1] = function_call_item(call, status)
+            return [
+                self.event(
+                    "response.function_call_arguments.done",
+                    **where,
+                    name=call.name,
+                    arguments=call.arguments,
+                ),
+                self.event(
+                    "response.output_item.done", output_index=self._index, item=self.items[-1]
+                ),
+            ]
+        text = self._item_text
+        extra: dict[str, Any]
+        if kind == "message":
+            self.items[-1] = message_item(where["item_id"], text, status)
+            done, part, extra = (
+                "response.output_text.done",
+                output_text_part(text),
+                {"logprobs": []},
+            )
+        else:
+            self.items[-1] = reasoning_item(where["item_id"], text, status)
+            done, part, extra = "response.reasoning_text.done", reasoning_text_part(text), {}
         return [
-            self.event(
-                "response.output_item.added",
-                output_index=output_index,
-                item=function_call_item(call, "in_progress"),
-            ),
-            self.event(
-                "response.function_call_arguments.delta",
-                item_id=item_id,
-                output_index=output_index,
-                delta=call.arguments,
-            ),
-            self.event(
-                "response.function_call_arguments.done",
-                item_id=item_id,
-                output_index=output_index,
-                name=call.name,
-                arguments=call.arguments,
-            ),
-            self.event(
-                "response.output_item.done",
-                output_index=output_index,
-                item=function_call_item(call),
-            ),
+            self.event(done, **where, content_index=0, text=text, **extra),
+            self.event("response.content_part.done", **where, content_index=0, part=part),
+            self.event("response.output_item.done", output_index=self._index, item=self.items[-1]),
         ]

@@ -21,7 +21,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from salience_client import Done, ModelInfo
-from salience_server.http.backend import Backend
+from salience_server.http.backend import Backend, RenderOptions
+from salience_server.http.constraints import Constraint
 from salience_server.http.errors import ApiError, as_api_error, client_errors
 from salience_server.http.generation import (
     ChoiceDone,
@@ -29,24 +30,17 @@ from salience_server.http.generation import (
     Generation,
     GenerationEvent,
     collect,
+    finish_reason,
 )
 from salience_server.http.messages import ImageInput, response_input_messages
+from salience_server.http.reasoning import template_reasons
+from salience_server.http.reply import ReplyParser
 from salience_server.http.response_store import StoredResponse
-from salience_server.http.response_stream import (
-    ResponseStream,
-    function_call_item,
-    message_item,
-    status_of,
-)
+from salience_server.http.response_stream import ResponseStream
 from salience_server.http.schemas import ResponsesRequest, parse_body
 from salience_server.http.streaming import Primed, event_stream, start_stream, until_disconnected
-from salience_server.http.tools import (
-    ToolCall,
-    ToolMode,
-    parse_tool_calls,
-    responses_tools,
-    tool_mode,
-)
+from salience_server.http.tool_parser import ToolCall
+from salience_server.http.tools import ToolMode, responses_tools, tool_format, tool_mode
 
 router = APIRouter()
 
@@ -83,7 +77,12 @@ class ResponsePlan:
     rendered_ids: list[int]
     prompt_ids: list[int]
     """What the session must hold before decoding, a forced tool-call opening included."""
-    prefix_text: str
+    constraint: Constraint | None = None
+    """What the reply must be: a forced call, else the ``text.format`` asked for."""
+    is_reasoning: bool = False
+    """The model thinks first: its thinking becomes a reasoning item."""
+    opens_thinking: bool = False
+    """The prompt ends inside an open ``<think>``."""
     images: dict[int, ImageInput] = field(default_factory=dict)
     """Images by their marker in ``prompt_ids``."""
     all_images: list[ImageInput] = field(default_factory=list)
@@ -98,13 +97,23 @@ class ResponsePlan:
         max_tokens = body.max_output_tokens or max(
             1, self.model_info.max_context - len(self.prompt_ids)
         )
+        options = body.decode_options(
+            max_tokens, constraint=self.constraint, extra_stops=self.tools.stop_strings()
+        )
         return Generation(
             backend.pool,
             self.prompt_ids,
-            body.decode_options(max_tokens),
+            options,
             images=self.images,
             image_token_counts=backend.image_token_counts,
         )
+
+    def reply_stream(self) -> ResponseStream:
+        """Builds the output items of one reply (reasoning, text, function calls)."""
+        parser = ReplyParser.for_request(
+            self.tools, self.constraint, self.is_reasoning, self.opens_thinking
+        )
+        return ResponseStream(parser, self.message_id)
 
     def response(
         self,
@@ -132,7 +141,7 @@ class ResponsePlan:
             "store": body.store,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
             "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [],
             "truncation": body.truncation or "disabled",
@@ -141,29 +150,26 @@ class ResponsePlan:
             "metadata": body.metadata or {},
         }
 
-    def usage(self, done: Done | None, cached_tokens: int) -> dict[str, Any]:
+    def usage(
+        self, done: Done | None, cached_tokens: int, reasoning_tokens: int = 0
+    ) -> dict[str, Any]:
         """The Responses ``usage`` object."""
         output_tokens = done.completion_tokens if done is not None else 0
         return {
             "input_tokens": len(self.prompt_ids),
             "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens": output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": len(self.prompt_ids) + output_tokens,
         }
 
-    def split_reply(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(the message text, the function calls) of the model's whole reply."""
-        if not self.tools.is_enabled:
-            return text, []
-        content, calls = parse_tool_calls(text, self.tools.names)
-        return content, calls
-
-    def output(self, text: str, calls: list[ToolCall], status: str) -> list[dict[str, Any]]:
-        """The output items: the message (when it has text, or nothing else came), then
-        one ``function_call`` per call."""
-        items = [message_item(self.message_id, text, status)] if text or not calls else []
-        return items + [function_call_item(call) for call in calls]
+    def finished(self, stream: ResponseStream, done: Done | None, cached: int) -> dict[str, Any]:
+        """The finished Response, once ``stream`` has seen the whole reply; a forced
+        call that broke its constraint is a server error."""
+        if done is not None:
+            self.tools.check_forced(stream.calls, finish_reason(done))
+        usage = self.usage(done, cached, stream.num_reasoning_tokens)
+        return self.response(stream.status, stream.items, usage)
 
     def store(
         self,
@@ -192,11 +198,17 @@ class ResponsePlan:
 
 async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePlan:
     """Checks the request, finds the response it continues, renders its prompt."""
-    body.check()
     info = await backend.check_model(body.model)
+    body.check(info.vocab_size)
     new_input = response_input_messages(body.input)
     await backend.check_images(new_input.images, "input")
-    mode = tool_mode(responses_tools(body.tools), body.tool_choice)
+    mode = tool_mode(
+        responses_tools(body.tools),
+        body.tool_choice,
+        tool_format(info.chat_template),
+        body.parallel_tool_calls,
+    )
+    output_constraint = body.constraint()
     previous = None
     if body.previous_response_id is not None:
         previous = backend.responses.get(body.previous_response_id)
@@ -210,16 +222,29 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
     conversation = (previous.conversation if previous else []) + new_input.messages
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     offered = mode.tools if mode.is_enabled else []
-    rendered = await backend.render_chat(system + conversation, offered, "input")
+    render = RenderOptions(chat_template_kwargs=body.chat_template_kwargs)
+    rendered = await backend.render_chat(system + conversation, offered, "input", render)
     all_images = (previous.images if previous else []) + new_input.images
     images = backend.mark_images(rendered, all_images, "input")
     prompt_ids = list(rendered)
     if previous is not None:
         prompt_ids = continue_session(previous, rendered, set(info.eos_token_ids))
-    prefix = mode.prefix_text()
-    prompt_ids = prompt_ids + await backend.tokenize(prefix, "tool_choice")
+    prompt_ids = prompt_ids + await backend.tokenize(mode.prefix_text(), "tool_choice")
+    is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
+    opens = is_reasoning and await backend.opens_thinking(prompt_ids)
+    constraint = mode.constraint() or output_constraint
     return ResponsePlan(
-        body, info, mode, conversation, rendered, prompt_ids, prefix, images, all_images
+        body,
+        info,
+        mode,
+        conversation,
+        rendered,
+        prompt_ids,
+        constraint,
+        is_reasoning,
+        opens,
+        images,
+        all_images,
     )
 
 
@@ -229,18 +254,20 @@ async def create_response(request: Request) -> Response:
     backend: Backend = request.app.state.backend
     plan = await plan_response(backend, await parse_body(request, ResponsesRequest))
     generation = plan.generation(backend)
+    keepalive_s = backend.config.keepalive_s
     if plan.body.stream:
-        events = await start_stream(generation.events(), "input")
-        return event_stream(_stream(backend, plan, generation, events))
+        events = await start_stream(generation.events(), "input", keepalive_s)
+        return event_stream(_stream(backend, plan, generation, events), keepalive_s)
     with client_errors("input"):
         result = await until_disconnected(request, collect(generation))
     choice = result.choices[0]
-    text, calls = plan.split_reply(plan.prefix_text + choice.text)
-    status = status_of(choice.done, calls)
-    output = plan.output(text, calls, status)
-    response = plan.response(status, output, plan.usage(choice.done, result.cached_tokens))
+    stream = plan.reply_stream()
+    for token in choice.tokens:
+        stream.push(token.text)
+    stream.finish(choice.done)
+    response = plan.finished(stream, choice.done, result.cached_tokens)
     decoded_ids = [token.token_id for token in choice.tokens]
-    plan.store(backend, response, text, calls, decoded_ids)
+    plan.store(backend, response, stream.text, stream.calls, decoded_ids)
     return JSONResponse(response)
 
 
@@ -249,7 +276,7 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """The Responses event family, in OpenAI's order, each event numbered; an error
     midway is an ``error`` event, then ``response.failed``."""
-    stream = ResponseStream(plan.message_id, plan.tools, plan.prefix_text)
+    stream = plan.reply_stream()
     yield stream.event("response.created", response=plan.response("in_progress", []))
     yield stream.event("response.in_progress", response=plan.response("in_progress", []))
     done: Done | None = None
@@ -264,9 +291,7 @@ async def _stream(
                     done, decoded_ids = event.done, event.token_ids
         for sse in stream.finish(done):
             yield sse
-        output = plan.output(stream.text, stream.calls, stream.status)
-        usage = plan.usage(done, generation.cached_tokens)
-        response = plan.response(stream.status, output, usage)
+        response = plan.finished(stream, done, generation.cached_tokens)
         plan.store(backend, response, stream.text, stream.calls, decoded_ids)
         final = "response.completed" if stream.status == "completed" else "response.incomplete"
         yield stream.event(final, response=response)

@@ -1,35 +1,48 @@
 """Request bodies of the three OpenAI endpoints, validated by pydantic.
 
-Unknown fields are accepted and ignored (SDKs send fields this server has no use for);
-fields whose non-default values this server cannot honour are refused in ``check_*``.
+Unknown fields are accepted and ignored (SDKs send fields this server has no use for),
+except vLLM's structured-output fields, read from the extra fields; fields whose
+non-default values this server cannot honour are refused in ``check``.
 Responses are built as plain dicts where they are made, to keep their shape visible.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from salience_server.http.constraints import (
+    Constraint,
+    guided_constraint,
+    one_constraint,
+    response_format_constraint,
+    text_format_constraint,
+)
 from salience_server.http.errors import invalid, unsupported
 from salience_server.http.generation import DecodeOptions
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
+MAX_TOKEN_ID = 2**32 - 1
 _MIN_TOP_P = 1e-6
 """What an explicit ``top_p: 0`` becomes: only the most likely token (the server reads 0
 as "unset", which is 1)."""
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
+    """A request body: unknown fields are kept (``model_extra``), never refused."""
+
     model_config = ConfigDict(extra="allow")
 
 
-class SamplingFields(_Body):
-    """Sampling fields shared by every endpoint; None means the default."""
+class SamplingFields(Body):
+    """Sampling fields shared by every endpoint; None means the default. Besides
+    OpenAI's, vLLM's extra fields: ``top_k``, ``min_p``, ``repetition_penalty``,
+    ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``priority``."""
 
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -39,10 +52,18 @@ class SamplingFields(_Body):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    """Token id (as a string, as OpenAI's API sends it) -> value in [-100, 100]."""
     user: str | None = None
+    ignore_eos: bool = False
+    """Decode past the model's end-of-sequence tokens (``stop_token_ids`` still stop)."""
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
+    min_tokens: int = Field(0, ge=0)
+    """End-of-sequence and ``stop_token_ids`` cannot end the reply before this many tokens."""
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    """Lower runs first; equal priorities in arrival order."""
 
     def decode_options(
         self,
@@ -50,6 +71,8 @@ class SamplingFields(_Body):
         stop: str | list[str] | None = None,
         logprob_top_k: int = 0,
         score_prompt: bool = False,
+        constraint: Constraint | None = None,
+        extra_stops: tuple[str, ...] = (),
     ) -> DecodeOptions:
         """The server-side decoding options these fields ask for (OpenAI's default
         temperature is 1)."""
@@ -61,22 +84,50 @@ class SamplingFields(_Body):
             top_k=max(self.top_k or 0, 0),
             min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
             seed=self.seed,
-            stop_strings=tuple(s for s in stops if s),
+            stop_strings=tuple(dict.fromkeys(s for s in [*stops, *extra_stops] if s)),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            priority=self.priority,
+            constraint=constraint,
             logprob_top_k=logprob_top_k,
             score_prompt=score_prompt,
         )
 
-    def check_sampling(self) -> None:
-        """Refuses what the server cannot do rather than silently ignoring it."""
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise unsupported(f"a non-zero {name} (use repetition_penalty)", name)
-        if self.logit_bias:
-            raise unsupported("logit_bias", "logit_bias")
+    def check_sampling(self, vocab_size: int, max_tokens: int | None) -> None:
+        """What the field types alone cannot check: ``logit_bias`` keys are token ids of
+        the vocabulary and its values lie in [-100, 100] (OpenAI's rules);
+        ``min_tokens`` is at most ``max_tokens`` (vLLM's)."""
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise invalid(
+                    f"Invalid key in 'logit_bias': {key!r}. Keys must be token ids "
+                    f"(non-negative integers below the vocabulary size, {vocab_size}).",
+                    "logit_bias",
+                )
+            if not -100.0 <= value <= 100.0:
+                raise invalid(
+                    f"Invalid value in 'logit_bias' for {key}: {value}. Values must be "
+                    "between -100 and 100.",
+                    "logit_bias",
+                )
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise invalid(
+                f"min_tokens ({self.min_tokens}) must be at most the maximum number of "
+                f"tokens ({max_tokens})",
+                "min_tokens",
+            )
+
+    def guided(self) -> Constraint | None:
+        """vLLM's structured-output extra fields (``guided_*``, ``structured_outputs``)."""
+        return guided_constraint(self.model_extra or {})
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
 
     include_usage: bool = False
@@ -98,16 +149,42 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables of the chat template (vLLM's; Qwen3's ``enable_thinking``)."""
+    add_generation_prompt: bool | None = None
+    """End the prompt with the assistant turn's opening (vLLM's; default True, False
+    when ``continue_final_message``)."""
+    continue_final_message: bool = False
+    """The last message is an assistant message to continue, left open (vLLM's)."""
 
-    def check(self) -> None:
+    @property
+    def max_reply_tokens(self) -> int | None:
+        """``max_completion_tokens``, else ``max_tokens`` (None: the context left)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def check(self, vocab_size: int) -> None:
         """Refuses combinations the schema alone cannot (400)."""
-        self.check_sampling()
+        self.check_sampling(vocab_size, self.max_reply_tokens)
         if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format other than text", "response_format")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise invalid(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].get("role") != "assistant":
+            raise invalid(
+                "continue_final_message needs an assistant message last", "continue_final_message"
+            )
+
+    def constraint(self) -> Constraint | None:
+        """The structured output asked for (``response_format`` or vLLM's fields)."""
+        return one_constraint(
+            ("response_format", response_format_constraint(self.response_format)),
+            ("structured_outputs", self.guided()),
+        )
 
 
 class CompletionRequest(SamplingFields):
@@ -124,10 +201,12 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = None
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
+    """vLLM's: ``json_object`` or ``json_schema``, as in Chat Completions."""
 
-    def check(self) -> None:
+    def check(self, vocab_size: int) -> None:
         """Refuses combinations the schema alone cannot (400)."""
-        self.check_sampling()
+        self.check_sampling(vocab_size, self.max_tokens)
         if self.suffix:
             raise unsupported("suffix", "suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -136,6 +215,13 @@ class CompletionRequest(SamplingFields):
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
         if isinstance(self.prompt, list) and not self.prompt:
             raise invalid("prompt must not be empty", "prompt")
+
+    def constraint(self) -> Constraint | None:
+        """The structured output asked for (``response_format`` or vLLM's fields)."""
+        return one_constraint(
+            ("response_format", response_format_constraint(self.response_format)),
+            ("structured_outputs", self.guided()),
+        )
 
 
 class ResponsesRequest(SamplingFields):
@@ -155,17 +241,23 @@ class ResponsesRequest(SamplingFields):
     truncation: Literal["auto", "disabled"] | None = None
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables of the chat template (as in Chat Completions)."""
 
-    def check(self) -> None:
+    def check(self, vocab_size: int) -> None:
         """Refuses combinations the schema alone cannot (400)."""
-        self.check_sampling()
-        text_format = (self.text or {}).get("format") or {}
-        if text_format.get("type", "text") != "text":
-            raise unsupported("text.format other than text", "text.format")
+        self.check_sampling(vocab_size, self.max_output_tokens)
         if self.background:
             raise unsupported("background responses", "background")
         if self.conversation is not None:
             raise unsupported("conversation objects (use previous_response_id)", "conversation")
+
+    def constraint(self) -> Constraint | None:
+        """The structured output asked for (``text.format`` or vLLM's fields)."""
+        return one_constraint(
+            ("text.format", text_format_constraint(self.text)),
+            ("structured_outputs", self.guided()),
+        )
 
 
 async def parse_body(request: Request, model: type[_Model]) -> _Model:

@@ -2,9 +2,12 @@
 
 A streaming request pulls its first event before the response starts, so that errors
 the server raises up front (a prompt too long, a full queue) are plain HTTP errors;
-later errors become error events in the stream. When the client disconnects, Starlette
-cancels the stream's task and closing the event iterators cancels the gRPC calls; for a
-non-streaming request ``until_disconnected`` does the same.
+later errors become error events in the stream. When the first event takes longer than
+the keep-alive interval (a queue wait, a long prefill), the stream starts anyway and
+sends SSE comments (``: keep-alive``) until it comes, and whenever events pause that
+long, so that proxies and SDK read timeouts do not give up on it. When the client
+disconnects, Starlette cancels the stream's task and closing the event iterators
+cancels the gRPC calls; for a non-streaming request ``until_disconnected`` does the same.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KEEPALIVE = ": keep-alive\n\n"
+"""An SSE comment: clients ignore it, connections see traffic."""
 
 
 def sse_data(payload: dict[str, Any] | str) -> str:
@@ -37,17 +42,60 @@ def sse_event(name: str, payload: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    """The HTTP response streaming ``events`` as ``text/event-stream``."""
+def event_stream(events: AsyncIterator[str], keepalive_s: float = 0.0) -> StreamingResponse:
+    """The HTTP response streaming ``events`` as ``text/event-stream``, with a keep-alive
+    comment after every ``keepalive_s`` without an event (0: none)."""
+    if keepalive_s > 0:
+        events = with_keepalive(events, keepalive_s)
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+async def with_keepalive(chunks: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:
+    """``chunks``, with ``KEEPALIVE`` whenever none came for ``interval_s``. Waiting never
+    cancels the pending chunk; closing this iterator closes ``chunks``."""
+    pending: asyncio.Future[str] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(_next(chunks))
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield chunk
+    finally:
+        await _cancel(pending)
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _next(iterator: AsyncIterator[_Item]) -> _Item:
+    return await iterator.__anext__()
+
+
+async def _cancel(task: asyncio.Future[Any] | None) -> None:
+    """Cancels a task that may still run and waits for it to wind down."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
 class Primed(AsyncIterator[_Item]):
-    """An async iterator whose first item has already been fetched (or which was empty)."""
+    """An async iterator whose first item has been asked for ahead of iteration: fetched
+    already (or the iterator was empty), or still coming in a task of its own."""
 
     def __init__(self, iterator: AsyncIterator[_Item]) -> None:
         self._iterator = iterator
         self._first: list[_Item] = []
+        self._pending: asyncio.Future[Primed[_Item]] | None = None
 
     async def prime(self) -> Primed[_Item]:
         """Fetches the first item now, so that an early failure raises here."""
@@ -59,25 +107,39 @@ class Primed(AsyncIterator[_Item]):
         return self
 
     async def __anext__(self) -> _Item:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
         if self._first:
             return self._first.pop()
         return await self._iterator.__anext__()
 
     async def aclose(self) -> None:
         """Closes the underlying iterator (cancelling its gRPC call)."""
+        await _cancel(self._pending)
         close = getattr(self._iterator, "aclose", None)
         if close is not None:
             await close()
 
 
-async def start_stream(events: AsyncIterator[_Item], param: str) -> Primed[_Item]:
-    """``events`` with the first fetched now, so that a failure before anything streamed
-    (a prompt too long, a full queue) is a plain HTTP error."""
+async def start_stream(
+    events: AsyncIterator[_Item], param: str, wait_s: float = 0.0
+) -> Primed[_Item]:
+    """``events`` with the first asked for now: a failure before anything streamed (a
+    prompt too long, a full queue) is a plain HTTP error. With ``wait_s`` > 0, the
+    first event is awaited that long at most; after that the stream starts and the
+    first event (or error) comes in it."""
     primed = Primed(events)
+    first = asyncio.ensure_future(primed.prime())
     try:
-        with client_errors(param):
-            await primed.prime()
+        done, _ = await asyncio.wait({first}, timeout=wait_s if wait_s > 0 else None)
+        if first in done:
+            with client_errors(param):
+                first.result()
+        else:
+            primed._pending = first
     except BaseException:
+        await _cancel(first)
         await primed.aclose()
         raise
     return primed

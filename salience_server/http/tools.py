@@ -1,26 +1,30 @@
-"""Function tools: their definitions, ``tool_choice``, and tool calls parsed from model text.
+"""Function tools: their definitions, ``tool_choice``, and the tool-call format of the
+model's family.
 
-Two forms of call are recognised in the model's output: the Hermes/Qwen form
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (any number, anywhere), and
-a reply that is nothing but a JSON object (or list of objects) naming a declared tool.
-``required`` and a named ``tool_choice`` are enforced by starting the assistant's turn
-with the opening of a call, which the model then completes.
+Calls are parsed out of the model's text by ``tool_parser``. The format a family's chat
+template teaches decides how a call is forced: Hermes and Qwen (``<tool_call>`` tags;
+also what the shim describes to a template without tool support) or Llama 3 JSON
+(``{"name", "parameters"}``). ``required`` starts the assistant's turn with the call's
+opening and constrains the rest to a JSON schema over the declared tools; a named
+function also writes the name, and constrains the arguments to its parameters' schema.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from salience_server.http.errors import invalid, unsupported
+import jsonschema
 
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
-_TAGGED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
-_CODE_FENCE = re.compile(r"\A```(?:json)?\s*(.*?)\s*```\Z", re.DOTALL)
+from salience_server.http.constraints import Constraint
+from salience_server.http.errors import ApiError, invalid, unsupported
+from salience_server.http.tool_parser import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    ToolCall,
+    ToolCallParser,
+)
 
 TOOLS_SYSTEM_PROMPT = """# Tools
 
@@ -39,27 +43,33 @@ For each function call, return a json object with function name and arguments wi
 """Describes the tools to a model whose chat template does not take ``tools`` itself."""
 
 
-def new_call_id() -> str:
-    """A fresh ``call_...`` id."""
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-@dataclass
-class ToolCall:
-    """One call the model made."""
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a model family writes a tool call."""
 
     name: str
-    arguments: str
-    """The arguments as JSON text (what OpenAI's API carries)."""
-    call_id: str = field(default_factory=new_call_id)
+    call_open: str
+    """Text before a call's JSON object."""
+    call_close: str
+    """Text after it (a stop string when only one call is allowed)."""
+    arguments_key: str
 
-    def chat_dict(self) -> dict[str, Any]:
-        """The Chat Completions ``tool_calls`` entry."""
-        return {
-            "id": self.call_id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
+
+HERMES = ToolFormat("hermes", f"{TOOL_CALL_OPEN}\n", f"\n{TOOL_CALL_CLOSE}", "arguments")
+LLAMA3_JSON = ToolFormat("llama3_json", "", "", "parameters")
+
+
+def tool_format(chat_template: str) -> ToolFormat:
+    """The family's format, read from its chat template: Llama 3's mentions the
+    ``"parameters"`` of a call (or its ``<|python_tag|>``); Hermes otherwise."""
+    if TOOL_CALL_OPEN not in chat_template and (
+        '"parameters"' in chat_template or "<|python_tag|>" in chat_template
+    ):
+        return LLAMA3_JSON
+    return HERMES
+
+
+_EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 
 ChoiceKind = Literal["none", "auto", "required", "named"]
@@ -73,6 +83,9 @@ class ToolMode:
     """Chat Completions form: ``{"type": "function", "function": {name, ...}}``."""
     choice: ChoiceKind = "none"
     forced_name: str | None = None
+    format: ToolFormat = HERMES
+    is_parallel: bool = True
+    """``parallel_tool_calls``: more than one call per reply."""
 
     @property
     def is_enabled(self) -> bool:
@@ -80,17 +93,76 @@ class ToolMode:
         return self.choice != "none" and bool(self.tools)
 
     @property
+    def is_forced(self) -> bool:
+        """Whether the reply must be a call (``required`` or a named function)."""
+        return self.choice in ("required", "named")
+
+    @property
     def names(self) -> set[str]:
         """The declared functions' names."""
         return {tool["function"]["name"] for tool in self.tools}
 
+    def parameters(self, name: str) -> dict[str, Any]:
+        """The JSON schema of a declared function's arguments."""
+        tool = next(t for t in self.tools if t["function"]["name"] == name)
+        return tool["function"].get("parameters") or _EMPTY_PARAMETERS
+
     def prefix_text(self) -> str:
         """Text that opens the assistant's turn, forcing a call (empty unless forced)."""
+        fmt = self.format
         if self.choice == "required":
-            return f"{TOOL_CALL_OPEN}\n"
+            return fmt.call_open
         if self.choice == "named":
-            return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(self.forced_name)}, "arguments": '
+            name = json.dumps(self.forced_name)
+            return f'{fmt.call_open}{{"name": {name}, "{fmt.arguments_key}": '
         return ""
+
+    def constraint(self) -> Constraint | None:
+        """What a forced call's text after ``prefix_text`` must be: the named function's
+        arguments, or one call object of any declared function."""
+        if self.choice == "named" and self.forced_name is not None:
+            return "json_schema", json.dumps(self.parameters(self.forced_name))
+        if self.choice != "required":
+            return None
+        key = self.format.arguments_key
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [name]},
+                    key: self.parameters(name),
+                },
+                "required": ["name", key],
+                "additionalProperties": False,
+            }
+            for name in sorted(self.names)
+        ]
+        return "json_schema", json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls})
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """Ends the reply after its first call when only one is allowed (and the format
+        closes calls)."""
+        if self.is_enabled and not self.is_parallel and self.format.call_close.strip():
+            return (self.format.call_close.strip(),)
+        return ()
+
+    def check_forced(self, calls: list[ToolCall], finish_reason: str) -> None:
+        """A forced call was constrained to its schema: a reply that stopped (rather than
+        running out of tokens) without one valid call means the server did not keep to
+        the constraint, a server error (500) rather than a broken call handed on."""
+        if not self.is_forced or finish_reason == "length":
+            return
+        if not calls:
+            raise constraint_broken("the reply holds no tool call")
+        for call in calls:
+            problem = argument_problem(call.arguments, self.parameters(call.name))
+            if problem is not None:
+                raise constraint_broken(f"the arguments of {call.name!r} {problem}")
+
+    def parser(self, allow_bare: bool = True) -> ToolCallParser:
+        """A parser of one reply, which starts with the forced opening."""
+        max_calls = None if self.is_parallel else 1
+        return ToolCallParser(self.names, max_calls, allow_bare, self.prefix_text())
 
 
 def _function_tool(tool: Any, index: int, param: str) -> dict[str, Any]:
@@ -119,127 +191,52 @@ def responses_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     return converted
 
 
-def tool_mode(tools: list[dict[str, Any]], tool_choice: str | dict[str, Any] | None) -> ToolMode:
+def tool_mode(
+    tools: list[dict[str, Any]],
+    tool_choice: str | dict[str, Any] | None,
+    format: ToolFormat = HERMES,
+    parallel_tool_calls: bool | None = None,
+) -> ToolMode:
     """Resolves ``tool_choice`` (either API's form) against the declared tools."""
+    is_parallel = parallel_tool_calls is not False
     if tool_choice is None:
-        return ToolMode(tools, "auto" if tools else "none")
+        return ToolMode(tools, "auto" if tools else "none", None, format, is_parallel)
     if isinstance(tool_choice, dict):
         if tool_choice.get("type") != "function":
             raise invalid("tool_choice must name a function", "tool_choice")
         name = tool_choice.get("name") or (tool_choice.get("function") or {}).get("name")
         if name not in {tool["function"]["name"] for tool in tools}:
             raise invalid(f"tool_choice names an undeclared function {name!r}", "tool_choice")
-        return ToolMode(tools, "named", name)
+        return ToolMode(tools, "named", name, format, is_parallel)
     kinds: dict[str, ChoiceKind] = {"none": "none", "auto": "auto", "required": "required"}
     if tool_choice not in kinds:
         raise invalid(f"tool_choice {tool_choice!r} is not none, auto or required", "tool_choice")
     if tool_choice == "required" and not tools:
         raise invalid("tool_choice 'required' needs tools", "tool_choice")
-    return ToolMode(tools, kinds[tool_choice])
+    return ToolMode(tools, kinds[tool_choice], None, format, is_parallel)
+
+
+def argument_problem(arguments: str, schema: dict[str, Any]) -> str | None:
+    """Why JSON-text ``arguments`` do not match ``schema``; None when they do."""
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError as error:
+        return f"are not JSON ({error})"
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    mismatch = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    return None if mismatch is None else f"do not match the schema: {mismatch.message}"
+
+
+def constraint_broken(what: str) -> ApiError:
+    """500: the server's output broke the constraint the shim asked for."""
+    return ApiError(
+        500,
+        f"The server did not keep to the forced tool call's schema: {what}",
+        "server_error",
+        code="constraint_violated",
+    )
 
 
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
     """The Hermes tool description for templates that do not render ``tools`` themselves."""
     return TOOLS_SYSTEM_PROMPT.format(tools="\n".join(json.dumps(t) for t in tools))
-
-
-def _call_from_value(value: Any, names: set[str]) -> ToolCall | None:
-    """A ToolCall from a decoded JSON object naming a declared tool, else None."""
-    if not isinstance(value, dict) or value.get("name") not in names:
-        return None
-    arguments = value.get("arguments", value.get("parameters", {}))
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(value["name"], arguments)
-
-
-def _call_from_json(text: str, names: set[str]) -> ToolCall | None:
-    try:
-        return _call_from_value(json.loads(text), names)
-    except json.JSONDecodeError:
-        return None
-
-
-def _bare_calls(text: str, names: set[str]) -> list[ToolCall]:
-    """Calls from a reply that is only a JSON object or list of objects (maybe fenced)."""
-    stripped = text.strip()
-    fenced = _CODE_FENCE.match(stripped)
-    try:
-        value = json.loads(fenced.group(1) if fenced else stripped)
-    except json.JSONDecodeError:
-        return []
-    values = value if isinstance(value, list) else [value]
-    calls = [_call_from_value(v, names) for v in values]
-    return [c for c in calls if c is not None] if values and all(calls) else []
-
-
-def parse_tool_calls(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
-    """(the text outside any call, the calls) of a model's reply; no calls: (text, [])."""
-    if TOOL_CALL_OPEN in text:
-        calls: list[ToolCall] = []
-        outside, start = [], 0
-        for match in _TAGGED_CALL.finditer(text):
-            call = _call_from_json(match.group(1), names)
-            if call is not None:
-                calls.append(call)
-                outside.append(text[start : match.start()])
-                start = match.end()
-        outside.append(text[start:])
-        return ("".join(outside).strip(), calls) if calls else (text, [])
-    calls = _bare_calls(text, names)
-    return ("", calls) if calls else (text, [])
-
-
-class ToolCallFilter:
-    """Streams a reply's text while holding back whatever may be a tool call.
-
-    Text is released as it comes until ``<tool_call>`` may be starting; a reply that
-    opens with ``{``, ``[`` or a code fence is held whole (it may be a bare JSON call).
-    ``finish`` parses everything and returns the content not yet released.
-    """
-
-    def __init__(self, names: set[str], prefix: str = "") -> None:
-        self._names = names
-        self._text = prefix
-        """The whole reply so far, the forced prefix included."""
-        self._held = prefix
-        self._is_holding_all = bool(prefix)
-        self._has_started = False
-
-    def push(self, delta: str) -> str:
-        """Adds model text; returns the content safe to stream now."""
-        self._text += delta
-        self._held += delta
-        if self._is_holding_all:
-            return ""
-        if not self._has_started:
-            stripped = self._held.lstrip()
-            if not stripped:
-                return ""
-            self._has_started = True
-            if stripped[0] in "{[`":
-                self._is_holding_all = True
-                return ""
-        cut = self._held.find(TOOL_CALL_OPEN)
-        if cut >= 0:
-            self._is_holding_all = True
-        else:
-            cut = len(self._held) - _partial_suffix(self._held, TOOL_CALL_OPEN)
-        released, self._held = self._held[:cut], self._held[cut:]
-        return released
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """(content not yet released, the tool calls in the whole reply)."""
-        _, calls = parse_tool_calls(self._text, self._names)
-        if not calls:
-            return self._held, []
-        rest, _ = parse_tool_calls(self._held, self._names)
-        return rest, calls
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0

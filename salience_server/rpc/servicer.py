@@ -219,12 +219,21 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                     if request.tools_json
                     else None
                 )
+                template_kwargs = (
+                    tokenization.parse_json_object(
+                        request.chat_template_kwargs_json, "chat_template_kwargs_json"
+                    )
+                    if request.chat_template_kwargs_json
+                    else None
+                )
                 token_ids = await asyncio.to_thread(
                     tokenization.encode_chat,
                     tokenizer,
                     messages,
                     tools,
                     request.add_generation_prompt,
+                    template_kwargs,
+                    request.continue_final_message,
                 )
             else:
                 token_ids = await asyncio.to_thread(
@@ -237,18 +246,22 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
-        """Token ids to text."""
+        """Token ids to text; with ``return_token_bytes``, also each token's own bytes."""
         engine = await self._engine(context)
+        tokenizer = engine.loaded.tokenizer
+        token_ids = list(request.token_ids)
         try:
             text = tokenization.decode(
-                engine.loaded.tokenizer,
-                list(request.token_ids),
-                engine.vocab_size,
-                request.skip_special_tokens,
+                tokenizer, token_ids, engine.vocab_size, request.skip_special_tokens
+            )
+            token_bytes = (
+                tokenization.token_bytes(tokenizer, token_ids, engine.vocab_size)
+                if request.return_token_bytes
+                else []
             )
         except SalienceError as error:
             await abort(context, error)
-        return pb.DetokenizeResponse(text=text)
+        return pb.DetokenizeResponse(text=text, token_bytes=token_bytes)
 
 
 def _slow_reader(limit: int) -> SalienceError:

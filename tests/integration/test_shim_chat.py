@@ -147,15 +147,20 @@ def test_logprobs_have_openais_shape_and_the_servers_values(
         *tokens, _ = s.generate(
             prompt_ids, max_tokens=6, logprobs_ranges=[(len(prompt_ids), END)], logprob_top_k=3
         )
-        token_texts = {t.token_id: grpc_client.detokenize([t.token_id]) for t in tokens}
+        raws = grpc_client.token_bytes([t.token_id for t in tokens])
     reply = shim.client().chat.completions.create(
         model=model, messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
     )
     content = reply.choices[0].logprobs.content
     assert len(content) == len(tokens)
-    for entry, token in zip(content, tokens, strict=True):
-        assert entry.token == token_texts[token.token_id]
-        assert entry.bytes == list(entry.token.encode())
+    # Each entry carries its token's own bytes (the tiny tokenizer has one token per byte,
+    # so most are pieces of a character): the string escapes what does not decode.
+    joined = b"".join(raws).decode("utf-8", errors="replace")
+    assert joined.startswith(reply.choices[0].message.content or "")
+    for entry, token, raw in zip(content, tokens, raws, strict=True):
+        assert entry.bytes == list(raw)
+        assert entry.token == raw.decode("utf-8", errors="backslashreplace")
+        assert "\ufffd" not in entry.token
         assert entry.logprob == pytest.approx(token.logprob, abs=1e-5)
         assert len(entry.top_logprobs) == 3
         tops = [t.logprob for t in entry.top_logprobs]
@@ -270,9 +275,12 @@ def test_tool_calls_come_out_as_tool_calls(scripted: tuple[Script, RunningShim])
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert text == "Checking. "
-    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
-        (0, "get_weather", {"city": "Paris"})
-    ]
+    # The call opens with its id and name, then its arguments stream as they come.
+    assert (calls[0].index, calls[0].id, calls[0].function.name) == (0, calls[0].id, "get_weather")
+    assert calls[0].id.startswith("call_") and calls[0].function.arguments == ""
+    assert all(tc.index == 0 and tc.id is None for tc in calls[1:]) and len(calls) > 5
+    arguments = "".join(tc.function.arguments for tc in calls)
+    assert arguments == '{"city": "Paris"}'
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
     # The result goes back through the template as a tool message.
@@ -338,4 +346,45 @@ def test_a_template_with_tool_support_gets_the_tools(
         assert rendered["tools"] == [WEATHER_TOOL]
     finally:
         script.chat_template = "{{ messages }}"
+        shim.backend._model_info = None
+
+
+THINKING = "<think>\nThe user says hi.\n</think>\n\nHello!"
+NUM_THINKING_TOKENS = len("<think>\nThe user says hi.\n</think>") - len("<think")
+"""One token per character: the tokens from the one completing ``<think>`` through ``</think>``."""
+
+
+def test_thinking_is_reasoning_content(scripted: tuple[Script, RunningShim]) -> None:
+    script, shim = scripted
+    script.chat_template = "{{ messages }}{% if enable_thinking %}<think></think>{% endif %}"
+    shim.backend._model_info = None  # ask again
+    try:
+        script.text = THINKING
+        client = shim.client()
+        reply = client.chat.completions.create(model="scripted", messages=QUESTION)
+        message = reply.choices[0].message
+        assert (message.reasoning_content, message.content) == ("The user says hi.\n", "Hello!")
+        assert reply.usage.completion_tokens_details.reasoning_tokens == NUM_THINKING_TOKENS
+        chunks = list(
+            client.chat.completions.create(
+                model="scripted",
+                messages=QUESTION,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        kinds = ["r" if getattr(d, "reasoning_content", None) else "c" for d in deltas[1:-1]]
+        assert "".join(kinds) == "r" * kinds.count("r") + "c" * kinds.count("c")  # in order
+        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        assert reasoning == "The user says hi.\n"
+        assert "".join(d.content or "" for d in deltas) == "Hello!"
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == NUM_THINKING_TOKENS
+        # Without thinking tags, the reply is all content.
+        script.text = "Just hello."
+        plain = client.chat.completions.create(model="scripted", messages=QUESTION)
+        assert plain.choices[0].message.content == "Just hello."
+        assert plain.choices[0].message.reasoning_content is None
+    finally:
+        script.chat_template, script.text = "{{ messages }}", "hello"
         shim.backend._model_info = None

@@ -5,12 +5,19 @@ Oracle: the gRPC scoring path (a session's prompt logprobs over the same token i
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
+import torch
+from transformers import AutoTokenizer
 
 from salience_client import END, SalienceClient
-from tests.shim_support import RunningShim
+from tests.conftest import default_model_available
+from tests.shim_support import RunningShim, start_shim
+from tests.tiny_models import reference_model
 
 TEXT = "The quick brown fox"
 
@@ -37,7 +44,8 @@ def test_echo_logprobs_equal_the_grpc_scoring_path(
         for token in scored[1:]:
             top: dict[str, float] = {}
             for token_id, logprob in token.top_logprobs:
-                top.setdefault(client.detokenize([token_id]), logprob)
+                (raw,) = client.token_bytes([token_id])
+                top.setdefault(raw.decode("utf-8", errors="backslashreplace"), logprob)
             tops.append(top)
     reply = shim.client().completions.create(
         model=model, prompt=TEXT, max_tokens=0, echo=True, logprobs=2, temperature=0
@@ -106,3 +114,114 @@ def test_streaming_with_echo_and_usage(shim: RunningShim, llama_server: Any, mod
     assert streamed[1:] == pytest.approx(whole[1:], abs=1e-5)
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].usage.completion_tokens == 5
+
+
+# ----- lm-eval's log-likelihood requests ---------------------------------------------
+
+
+EOS_NEXT = [203, 8]
+"""Two tokens after ``Q:`` after which the tiny Llama's most likely token is its EOS
+(found by searching every pair once; checked against transformers below)."""
+
+
+def _reference_logprobs(model_dir: Any, token_ids: list[int]) -> torch.Tensor:
+    """The log-distributions after each token, from one full forward pass of
+    transformers: [len, vocab]."""
+    model = reference_model(model_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_lm_eval_loglikelihood_requests(
+    shim: RunningShim, llama_server: Any, tiny_llama_dir: Any, model: str
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    eos = tokenizer.eos_token_id
+    requests = [  # (context, continuation), as lm-eval tokenizes them
+        (tokenizer.encode("Q:"), EOS_NEXT),
+        (tokenizer.encode("The sky is"), tokenizer.encode(" blue")),
+    ]
+    prompts = [context + continuation for context, continuation in requests]
+    # lm-eval's local-completions payload, posted as it posts it.
+    body = {
+        "model": model,
+        "prompt": prompts,
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
+    choices = httpx.post(f"{shim.base_url}/completions", json=body).json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for (context, continuation), prompt, choice in zip(requests, prompts, choices, strict=True):
+        rows = _reference_logprobs(tiny_llama_dir, prompt)
+        positions = range(len(context), len(prompt))
+        want = [float(rows[i - 1, prompt[i]]) for i in positions]
+        want_greedy = all(int(rows[i - 1].argmax()) == prompt[i] for i in positions)
+        token_logprobs = choice["logprobs"]["token_logprobs"]
+        assert len(token_logprobs) == len(prompt) + 1  # every token, the decoded one too
+        # lm-eval's parse: the sum of the slice, and greedy if each is the top logprob.
+        ctxlen = len(context)
+        assert token_logprobs[ctxlen:-1] == pytest.approx(want, abs=1e-4)
+        assert sum(token_logprobs[ctxlen:-1]) == pytest.approx(sum(want), abs=1e-4)
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        is_greedy = all(
+            lp == max(top.values()) for lp, top in zip(token_logprobs[ctxlen:-1], tops, strict=True)
+        )
+        assert is_greedy == want_greedy
+        decoded = int(rows[-1].argmax())
+        assert token_logprobs[-1] == pytest.approx(float(rows[-1, decoded]), abs=1e-4)
+        if continuation == EOS_NEXT:
+            assert decoded == eos  # the case where dropping EOS shifted lm-eval's slice
+            assert choice["logprobs"]["tokens"][-1] == "<|im_end|>"
+            assert choice["text"] == tokenizer.decode(prompt)  # EOS adds no text
+            assert choice["finish_reason"] == "stop"
+    # The older harness's shape: nothing decoded, the continuation is the tail.
+    body |= {"max_tokens": 0, "logprobs": 0}
+    choices = httpx.post(f"{shim.base_url}/completions", json=body).json()["choices"]
+    for (context, _), prompt, choice in zip(requests, prompts, choices, strict=True):
+        rows = _reference_logprobs(tiny_llama_dir, prompt)
+        want = [float(rows[i - 1, prompt[i]]) for i in range(len(context), len(prompt))]
+        token_logprobs = choice["logprobs"]["token_logprobs"]
+        assert len(token_logprobs) == len(prompt) and token_logprobs[0] is None
+        assert token_logprobs[len(context) :] == pytest.approx(want, abs=1e-4)
+
+
+def test_byte_fragment_tokens_print_their_bytes(shim: RunningShim, model: str) -> None:
+    text = "naïve ☕"  # one token per byte: the two- and three-byte characters are split
+    reply = shim.client().completions.create(
+        model=model, prompt=text, max_tokens=0, echo=True, logprobs=1
+    )
+    strings = reply.choices[0].logprobs.tokens
+    assert strings == [bytes([b]).decode("utf-8", errors="backslashreplace") for b in text.encode()]
+    assert "\\xe2" in strings and "\ufffd" not in "".join(strings)
+
+
+@pytest.fixture(scope="module")
+def default_shim(default_server: Any) -> Iterator[RunningShim]:
+    if not default_model_available():
+        pytest.skip("the default model is not installed")
+    running = start_shim(default_server.target)
+    yield running
+    running.stop()
+
+
+def _unescaped(token: str) -> bytes:
+    """A token string's bytes: its text, with ``\\xNN`` escapes as the bytes they stand for."""
+    return b"".join(
+        bytes([int(part[2:], 16)]) if part.startswith("\\x") else part.encode()
+        for part in re.split(r"(\\x[0-9a-f]{2})", token)
+    )
+
+
+def test_byte_level_bpe_fragments_on_the_default_model(default_shim: RunningShim) -> None:
+    client = default_shim.client()
+    model = client.models.list().data[0].id
+    text = "naïve café ☕ 🙂 ok"
+    reply = client.completions.create(model=model, prompt=text, max_tokens=0, echo=True, logprobs=1)
+    strings = reply.choices[0].logprobs.tokens
+    assert b"".join(map(_unescaped, strings)) == text.encode()  # every byte, once, in order
+    assert any("\\x" in s for s in strings)  # the cup and the smile are split across tokens
+    assert all("\ufffd" not in s for s in strings)

@@ -3,10 +3,12 @@ bearer auth; and a client that goes away stops the work on the server."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -36,7 +38,26 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         (dict(temperature=5), "temperature"),
         (dict(n=0), "n"),
         (dict(top_logprobs=3), "top_logprobs"),
-        (dict(presence_penalty=1.0), "presence_penalty"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-3), "frequency_penalty"),
+        (dict(logit_bias={"12": 101}), "logit_bias"),
+        (dict(logit_bias={"not-a-token": 1}), "logit_bias"),
+        (dict(logit_bias={"999999": 1}), "logit_bias"),
+        (dict(max_tokens=4, extra_body={"min_tokens": 5}), "min_tokens"),
+        (
+            dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+            "response_format.json_schema",
+        ),
+        (
+            dict(
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "thing"}},
+                }
+            ),
+            "response_format.json_schema",
+        ),
+        (dict(response_format={"type": "yaml"}), "response_format.type"),
         (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
         (dict(tools=[{"type": "function"}]), "tools[0].function"),
     ]
@@ -207,3 +228,93 @@ def test_a_dropped_plain_request_stops_the_generation(
         httpx.post(f"{default_shim.base_url}/chat/completions", json=body, timeout=1.0)
     sessions = _settled(default_server.target, default_shim)
     assert max(s.length for s in sessions) < 300
+
+
+# ----- every gRPC status, on a scripted server --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failing() -> Iterator[tuple[Script, RunningShim]]:
+    script = Script(text="abcdef")
+    server = start_scripted(script)
+    running = start_shim(server.target, keepalive_s=0.1)
+    yield script, running
+    running.stop()
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "status", "error_code"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CONSTRAINT", 400, "invalid_constraint"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_EXCEEDED", 400, "context_length_exceeded"),
+        (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", 401, "invalid_api_key"),
+        (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED", 403, "permission_denied"),
+        (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND", 404, "session_not_found"),
+        (grpc.StatusCode.ABORTED, "OFFSET_MISMATCH", 409, "offset_mismatch"),
+        (grpc.StatusCode.ALREADY_EXISTS, "SESSION_EXISTS", 409, "session_exists"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "SESSION_BUSY", 409, "session_busy"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "READOUT_DISABLED", 400, "readout_disabled"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", 429, "queue_full"),
+        (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED", 501, "unimplemented"),
+        (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 503, "service_unavailable"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", 504, "deadline_exceeded"),
+        (grpc.StatusCode.INTERNAL, "INTERNAL", 500, "internal_error"),
+    ],
+)
+def test_each_grpc_status_is_its_http_status(
+    failing: tuple[Script, RunningShim], code: Any, reason: str, status: int, error_code: str
+) -> None:
+    script, shim = failing
+    script.fail_with = (code, reason)
+    try:
+        for path, body in [
+            ("chat/completions", {"messages": HELLO}),
+            ("completions", {"prompt": "x"}),
+            ("responses", {"input": "x"}),
+        ]:
+            response = httpx.post(f"{shim.base_url}/{path}", json={"model": "scripted", **body})
+            assert response.status_code == status, path
+            assert _error(response)["code"] == error_code
+            if status in (429, 503):
+                assert response.headers["retry-after"] == "1"
+    finally:
+        script.fail_with = None
+
+
+def test_keep_alives_while_the_first_token_is_awaited(failing: tuple[Script, RunningShim]) -> None:
+    script, shim = failing
+    script.first_token_delay_s = 0.5
+    try:
+        body = {"model": "scripted", "messages": HELLO, "stream": True}
+        raw = httpx.post(f"{shim.base_url}/chat/completions", json=body).text
+        events = raw.split("\n\n")
+        # The role chunk waits for the first token; comments come every 0.1 s before it.
+        first_data = next(i for i, e in enumerate(events) if e.startswith("data:"))
+        assert 3 <= first_data <= 6 and set(events[:first_data]) == {": keep-alive"}
+        assert events[-2:] == ["data: [DONE]", ""]
+        # The SDK reads through them.
+        stream = shim.client().chat.completions.create(
+            model="scripted", messages=HELLO, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == "abcdef"
+        events = list(shim.client().responses.create(model="scripted", input="x", stream=True))
+        assert events[-1].response.output_text == "abcdef"
+        raw = httpx.post(
+            f"{shim.base_url}/completions",
+            json={"model": "scripted", "prompt": "x", "stream": True},
+        ).text
+        assert raw.startswith(": keep-alive\n\n") and raw.endswith("data: [DONE]\n\n")
+        # An error after the stream started (after the first keep-alive) is an error
+        # event in it; one that comes before is a plain HTTP status.
+        script.fail_with = (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")
+        response = httpx.post(f"{shim.base_url}/chat/completions", json=body)
+        assert response.status_code == 200
+        events = response.text.split("\n\n")
+        assert events[0] == ": keep-alive" and events[-2:] == ["data: [DONE]", ""]
+        assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == "queue_full"
+        script.first_token_delay_s = 0.0
+        assert httpx.post(f"{shim.base_url}/chat/completions", json=body).status_code == 429
+    finally:
+        script.first_token_delay_s = 0.0
+        script.fail_with = None

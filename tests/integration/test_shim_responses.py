@@ -226,7 +226,7 @@ def test_function_calls_are_output_items_and_results_chain(
     events = list(
         client.responses.create(model="scripted", input="Weather?", tools=[WEATHER], stream=True)
     )
-    assert [e.type for e in events] == [
+    assert _collapse([e.type for e in events]) == [
         "response.created",
         "response.in_progress",
         "response.output_item.added",
@@ -235,7 +235,10 @@ def test_function_calls_are_output_items_and_results_chain(
         "response.output_item.done",
         "response.completed",
     ]
-    assert json.loads(events[4].arguments) == {"city": "Oslo"}
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 5 and "".join(deltas) == '{"city": "Oslo"}'
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.arguments == '{"city": "Oslo"}' and done.item_id == events[2].item.id
     assert events[-1].response.output[0].name == "get_weather"
 
     # The result continues the stored response: its session, only the new input.
@@ -270,3 +273,38 @@ def test_an_error_midway_is_an_error_event_then_failed(
     assert types.count("response.output_text.delta") == 3
     assert events[-2].code == "service_unavailable"
     assert events[-1].response.status == "failed" and events[-1].response.error.code
+
+
+def test_thinking_is_a_reasoning_item(scripted: tuple[Script, RunningShim]) -> None:
+    script, shim = scripted
+    script.chat_template = "{{ messages }}<think></think>"
+    shim.backend._model_info = None  # ask again
+    try:
+        script.text = "<think>Short question.</think>Hi!"
+        client = shim.client()
+        response = client.responses.create(model="scripted", input="Hi")
+        reasoning, message = response.output
+        assert reasoning.type == "reasoning" and reasoning.content[0].text == "Short question."
+        assert message.type == "message" and response.output_text == "Hi!"
+        assert response.usage.output_tokens_details.reasoning_tokens == len(
+            "<think>Short question.</think>"
+        ) - len("<think")
+        events = list(client.responses.create(model="scripted", input="Hi", stream=True))
+        assert _collapse([e.type for e in events]) == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            *SPEC_EVENTS[2:],
+        ]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        text = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+        assert text == "Short question."
+        assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
+    finally:
+        script.chat_template, script.text = "{{ messages }}", "hello"
+        shim.backend._model_info = None

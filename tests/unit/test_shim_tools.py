@@ -1,5 +1,5 @@
-"""The shim's pure parts, no server: tool-call parsing and streaming, tool_choice,
-messages for the chat template, the Responses chaining arithmetic, logprob shapes."""
+"""The shim's pure parts, no server: tool-call parsing, tool_choice, messages for the chat
+template, the Responses chaining arithmetic, logprob shapes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from salience_client import TokenEvent
 from salience_server.http.errors import ApiError
-from salience_server.http.logprobs import chat_logprobs, completion_logprobs
+from salience_server.http.logprobs import TokenText, chat_logprobs, completion_logprobs
 from salience_server.http.messages import (
     IMAGE_PLACEHOLDER,
     chat_messages,
@@ -20,13 +20,8 @@ from salience_server.http.messages import (
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.responses import continue_session
 from salience_server.http.sessions_pool import common_prefix_length
-from salience_server.http.tools import (
-    ToolCallFilter,
-    chat_tools,
-    parse_tool_calls,
-    responses_tools,
-    tool_mode,
-)
+from salience_server.http.tool_parser import parse_reply
+from salience_server.http.tools import chat_tools, responses_tools, tool_mode
 
 WEATHER = {
     "type": "function",
@@ -45,7 +40,7 @@ def test_hermes_calls_are_parsed_with_the_text_around_them() -> None:
         '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
         '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
     )
-    content, calls = parse_tool_calls(text, NAMES)
+    content, calls = parse_reply(text, NAMES)
     assert content == "Let me check."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}),
@@ -57,7 +52,7 @@ def test_hermes_calls_are_parsed_with_the_text_around_them() -> None:
 
 def test_an_unclosed_call_at_the_end_still_parses() -> None:
     text = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}'
-    _, calls = parse_tool_calls(text, NAMES)
+    _, calls = parse_reply(text, NAMES)
     assert [(c.name, c.arguments) for c in calls] == [("get_time", '{"zone": "UTC"}')]
 
 
@@ -70,7 +65,7 @@ def test_an_unclosed_call_at_the_end_still_parses() -> None:
     ],
 )
 def test_bare_json_naming_a_tool_is_a_call(text: str) -> None:
-    content, calls = parse_tool_calls(text, NAMES)
+    content, calls = parse_reply(text, NAMES)
     assert content == ""
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
 
@@ -86,53 +81,12 @@ def test_bare_json_naming_a_tool_is_a_call(text: str) -> None:
     ],
 )
 def test_anything_else_is_plain_text(text: str) -> None:
-    assert parse_tool_calls(text, NAMES) == (text, [])
+    assert parse_reply(text, NAMES) == (text, [])
 
 
 def test_string_arguments_pass_through_as_json_text() -> None:
-    _, calls = parse_tool_calls('{"name": "get_time", "arguments": "{\\"a\\": 1}"}', NAMES)
+    _, calls = parse_reply('{"name": "get_time", "arguments": "{\\"a\\": 1}"}', NAMES)
     assert calls[0].arguments == '{"a": 1}'
-
-
-def _stream(pieces: list[str], prefix: str = "") -> tuple[str, str, list]:
-    tool_filter = ToolCallFilter(NAMES, prefix)
-    released = "".join(tool_filter.push(piece) for piece in pieces)
-    rest, calls = tool_filter.finish()
-    return released, rest, calls
-
-
-def test_the_filter_streams_text_and_holds_back_a_call() -> None:
-    call = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
-    pieces = ["Sure", ", one", " moment.", "<tool", "_call>", call[11:]]
-    released, rest, calls = _stream(pieces)
-    assert released == "Sure, one moment."
-    assert rest == "" and [c.name for c in calls] == ["get_time"]
-
-
-def test_the_filter_releases_a_false_alarm_at_the_end() -> None:
-    released, rest, calls = _stream(["a <tool", "box> b"])
-    assert released + rest == "a <toolbox> b" and calls == []
-    released, rest, calls = _stream(["x <tool_cal"])
-    assert released == "x " and rest == "<tool_cal" and calls == []
-
-
-def test_the_filter_holds_a_reply_that_opens_like_json() -> None:
-    released, rest, calls = _stream(
-        ['  {"name": "get_weather", ', '"arguments": {"city": "Rome"}}']
-    )
-    assert released == "" and rest == "" and calls[0].name == "get_weather"
-    released, rest, calls = _stream(["{not a call}"])
-    assert released == "" and rest == "{not a call}" and calls == []
-
-
-def test_a_forced_prefix_is_part_of_the_parsed_text() -> None:
-    prefix = tool_mode(
-        chat_tools([WEATHER]), {"type": "function", "function": {"name": "get_weather"}}
-    ).prefix_text()
-    released, rest, calls = _stream(['{"city": "Lima"}}\n</tool_call>'], prefix)
-    assert released == "" and [(c.name, c.arguments) for c in calls] == [
-        ("get_weather", '{"city": "Lima"}')
-    ]
 
 
 def test_tool_choice_resolves_or_is_refused() -> None:
@@ -140,6 +94,7 @@ def test_tool_choice_resolves_or_is_refused() -> None:
     assert tool_mode(tools, None).choice == "auto" and tool_mode([], None).choice == "none"
     assert not tool_mode(tools, "none").is_enabled
     assert tool_mode(tools, "required").prefix_text() == "<tool_call>\n"
+    assert tool_mode(tools, "required").is_forced and not tool_mode(tools, "auto").is_forced
     named = tool_mode(tools, {"type": "function", "name": "get_weather"})  # Responses' form
     assert named.choice == "named" and named.forced_name == "get_weather"
     for bad in ("sometimes", {"type": "function", "function": {"name": "nope"}}):
@@ -301,12 +256,24 @@ def test_common_prefix_length() -> None:
     assert common_prefix_length([], [1]) == 0
 
 
+def test_a_byte_fragment_token_prints_its_bytes_escaped() -> None:
+    texts = {1: TokenText(b"caf\xc3"), 2: TokenText(b"\xa9!")}
+    tokens = [_token(0, 1, -0.5, [(2, -1.0)], False), _token(1, 2, -0.25, [], False)]
+    entries = chat_logprobs(tokens, texts, 1)["content"]
+    assert [(e["token"], e["bytes"]) for e in entries] == [
+        ("caf\\xc3", [99, 97, 102, 0xC3]),
+        ("\\xa9!", [0xA9, 33]),
+    ]
+    assert entries[0]["top_logprobs"] == [{"token": "\\xa9!", "logprob": -1.0, "bytes": [0xA9, 33]}]
+    assert bytes(entries[0]["bytes"] + entries[1]["bytes"]).decode() == "café!"
+
+
 def _token(position: int, token_id: int, logprob: float, top: list, is_prefill: bool) -> TokenEvent:
     return TokenEvent(position, token_id, is_prefill, logprob, 1, top)
 
 
 def test_logprob_shapes() -> None:
-    texts = {1: "He", 2: "llo", 3: "!", 4: "?"}
+    texts = {i: TokenText(t.encode()) for i, t in {1: "He", 2: "llo", 3: "!", 4: "?"}.items()}
     tokens = [
         _token(0, 1, 0.0, [], True),
         _token(1, 2, -0.5, [(2, -0.5), (3, -1.5)], True),

@@ -1,0 +1,376 @@
+"""``ToolCallParser``: tool calls recognised in a model's reply while it streams.
+
+The forms recognised, with ``"arguments"`` or ``"parameters"`` for the arguments key:
+- Hermes, Qwen2.5 and Qwen3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
+  any number of them, anywhere in the reply;
+- Llama 3 JSON: a reply that is a call object ``{"name": ..., "parameters": {...}}``
+  (several separated by ``;``), a list of them (Mistral-style), or either inside a
+  code fence.
+
+Text streams as it comes. Only what may still open a call is held back: the opening of
+a reply that may be a bare call (``{``, ``[``, a code fence) until it either names a
+declared tool and reaches its arguments, or cannot anymore (then it is plain text after
+all), and a possible ``<tool_call>`` tag. Once a call is open, its arguments stream as
+deltas, exactly the JSON text the model writes, until the value closes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+_FENCES = ("```json", "```")
+_ARGUMENT_KEYS = ("arguments", "parameters")
+_BETWEEN_CALLS = (TOOL_CALL_CLOSE, "```", "]", ";", ",")
+"""What may stand between (or after) calls and is not text: closing tags and fences,
+the end of a list of calls, separators."""
+
+
+def new_call_id() -> str:
+    """A fresh ``call_...`` id."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class ToolCall:
+    """One call the model made."""
+
+    name: str
+    arguments: str
+    """The arguments as JSON text (what OpenAI's API carries)."""
+    call_id: str = field(default_factory=new_call_id)
+
+    def chat_dict(self) -> dict[str, Any]:
+        """The Chat Completions ``tool_calls`` entry."""
+        return {
+            "id": self.call_id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass
+class TextDelta:
+    """Reply text that is not part of any call."""
+
+    text: str
+
+
+@dataclass
+class CallOpened:
+    """A call begins: its name is known, its arguments follow as deltas."""
+
+    index: int
+    call: ToolCall
+
+
+@dataclass
+class ArgumentsDelta:
+    """A piece of call ``index``'s arguments (JSON text)."""
+
+    index: int
+    text: str
+
+
+@dataclass
+class CallClosed:
+    """Call ``index`` is complete (or the reply ended inside it)."""
+
+    index: int
+
+
+ParsedEvent = TextDelta | CallOpened | ArgumentsDelta | CallClosed
+
+_State = Literal["text", "opening", "tag", "arguments", "rest", "after", "ignore"]
+
+
+@dataclass
+class _Json:
+    """Tracks how deep a JSON text is nested, char by char (strings and escapes aware)."""
+
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+
+    def feed(self, char: str) -> None:
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif char == "\\":
+                self.escaped = True
+            elif char == '"':
+                self.in_string = False
+        elif char == '"':
+            self.in_string = True
+        elif char in "{[":
+            self.depth += 1
+        elif char in "}]":
+            self.depth -= 1
+
+
+@dataclass
+class ToolCallParser:
+    """Feed the reply with ``push``, end with ``finish``; both return parsed events.
+
+    ``names``: the declared tools (a call naming another is text). ``max_calls``: calls
+    beyond it are dropped with everything after them (``parallel_tool_calls: false``).
+    ``allow_bare``: whether a reply may be a bare JSON call (not under a JSON constraint
+    of ``response_format``)."""
+
+    names: set[str]
+    max_calls: int | None = None
+    allow_bare: bool = True
+    prefix: str = ""
+    """Text the reply starts with that the model did not write (a forced call's
+    opening); its events come with the first push."""
+    calls: list[ToolCall] = field(default_factory=list)
+    """Every call so far, its arguments as received."""
+    _buffer: str = ""
+    _state: _State = "text"
+    _at_start: bool = True
+    """Nothing but whitespace has been released: a bare call may still start."""
+    _json: _Json = field(default_factory=_Json)
+    _openings: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._openings = self._all_openings()
+        self._buffer = self.prefix
+
+    def push(self, text: str) -> list[ParsedEvent]:
+        """Events for the next piece of the reply."""
+        self._buffer += text
+        return self._advance(is_final=False)
+
+    def finish(self) -> list[ParsedEvent]:
+        """Events for the end of the reply: what was held back is released, an
+        unfinished call is closed."""
+        events = self._advance(is_final=True)
+        if self._state == "arguments":  # cut inside the arguments
+            events += self._arguments(self._buffer)
+            events.append(CallClosed(len(self.calls) - 1))
+        elif self._state == "text" and self._buffer:
+            events.append(TextDelta(self._buffer))
+        self._buffer = ""
+        return events
+
+    # ----- the states -----------------------------------------------------------------
+
+    def _advance(self, is_final: bool) -> list[ParsedEvent]:
+        events: list[ParsedEvent] = []
+        handlers = {
+            "text": self._text,
+            "opening": self._opening,
+            "tag": self._tag,
+            "arguments": self._arguments_value,
+            "rest": self._rest_of_call,
+            "after": self._after_call,
+            "ignore": self._ignore,
+        }
+        while True:
+            state, size = self._state, len(self._buffer)
+            events += handlers[state](is_final)
+            if self._state == state and len(self._buffer) == size:
+                return events
+
+    def _text(self, is_final: bool) -> list[ParsedEvent]:
+        """Plain text: released up to a possible ``<tool_call>`` (or a bare call's start)."""
+        if self._at_start and self.allow_bare:
+            stripped = self._buffer.lstrip()
+            if not stripped:
+                return []
+            self._at_start = False
+            if _could_open(stripped[0]):
+                self._state = "opening"
+                return []
+        cut = self._buffer.find(TOOL_CALL_OPEN)
+        if cut >= 0:
+            self._state = "opening"
+        elif is_final:
+            cut = len(self._buffer)
+        else:
+            cut = len(self._buffer) - _partial_suffix(self._buffer, TOOL_CALL_OPEN)
+        released, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return [TextDelta(released)] if released else []
+
+    def _opening(self, is_final: bool) -> list[ParsedEvent]:
+        """The buffer starts where a call may open: wait until it does or cannot."""
+        compact = "".join(self._buffer.split())
+        for opening, name in self._openings:
+            if compact.startswith(opening):
+                self._buffer = self._buffer[_index_after(self._buffer, len(opening)) :]
+                return self._open(name)
+        could_match = any(opening.startswith(compact) for opening, _ in self._openings)
+        if could_match and not is_final:
+            return []
+        # Not a call in the streamable form.
+        self._state = "tag" if self._buffer.startswith(TOOL_CALL_OPEN) else "text"
+        return []
+
+    def _tag(self, is_final: bool) -> list[ParsedEvent]:
+        """A ``<tool_call>`` whose content is not in the streamable form (keys in another
+        order, say): parsed whole once closed; released as text if it is no call."""
+        end = self._buffer.find(TOOL_CALL_CLOSE)
+        if end < 0 and not is_final:
+            return []
+        stop = len(self._buffer) if end < 0 else end + len(TOOL_CALL_CLOSE)
+        body = self._buffer[len(TOOL_CALL_OPEN) : stop - (len(TOOL_CALL_CLOSE) if end >= 0 else 0)]
+        whole, self._buffer = self._buffer[:stop], self._buffer[stop:]
+        call = _call_from_json(body.strip(), self.names)
+        if call is None:
+            self._state = "text"
+            return [TextDelta(whole)]
+        opened = self._open(call.name)
+        if self._state == "ignore":
+            return opened
+        events = [*opened, *self._arguments(call.arguments), CallClosed(len(self.calls) - 1)]
+        self._state = "after"
+        return events
+
+    def _open(self, name: str) -> list[ParsedEvent]:
+        if self.max_calls is not None and len(self.calls) >= self.max_calls:
+            self._state, self._buffer = "ignore", ""
+            return []
+        call = ToolCall(name, "")
+        self.calls.append(call)
+        self._state, self._json = "arguments", _Json()
+        return [CallOpened(len(self.calls) - 1, call)]
+
+    def _arguments_value(self, is_final: bool) -> list[ParsedEvent]:
+        """Inside a call's arguments: streamed as they come, until the value closes."""
+        text = self._buffer
+        if not self._json.depth:
+            text = text.lstrip()
+            if not text:
+                self._buffer = ""
+                return []
+            if text[0] not in "{[":
+                self._buffer = text
+                return self._string_value(text)
+        for position, char in enumerate(text):
+            self._json.feed(char)
+            if self._json.depth == 0:
+                self._buffer = text[position + 1 :]
+                return self._close(text[: position + 1])
+        self._buffer = ""
+        return self._arguments(text)
+
+    def _string_value(self, text: str) -> list[ParsedEvent]:
+        """Arguments written as a JSON string of JSON text: sent once whole, decoded.
+        Anything else that is not an object (null, say) stands for no arguments."""
+        if text[0] != '"':
+            return self._close("{}")
+        scanner = _Json()
+        for position, char in enumerate(text):
+            scanner.feed(char)
+            if position > 0 and not scanner.in_string:
+                self._buffer = text[position + 1 :]
+                try:
+                    decoded = str(json.loads(text[: position + 1]))
+                except json.JSONDecodeError:
+                    decoded = text[1:position]
+                return self._close(decoded)
+        return []  # not closed yet: wait for more
+
+    def _close(self, last_piece: str) -> list[ParsedEvent]:
+        events = self._arguments(last_piece)
+        events.append(CallClosed(len(self.calls) - 1))
+        self._state, self._json = "rest", _Json(depth=1)
+        return events
+
+    def _arguments(self, text: str) -> list[ParsedEvent]:
+        if not text:
+            return []
+        self.calls[-1].arguments += text
+        return [ArgumentsDelta(len(self.calls) - 1, text)]
+
+    def _rest_of_call(self, is_final: bool) -> list[ParsedEvent]:
+        """The rest of the call object after its arguments: skipped up to its ``}``."""
+        for position, char in enumerate(self._buffer):
+            self._json.feed(char)
+            if self._json.depth == 0:
+                self._buffer = self._buffer[position + 1 :]
+                self._state = "after"
+                return []
+        self._buffer = ""
+        return []
+
+    def _after_call(self, is_final: bool) -> list[ParsedEvent]:
+        """Between calls: closing tags, fences, list ends and separators are skipped;
+        another call opens, or text follows."""
+        rest = self._buffer.lstrip()
+        for junk in _BETWEEN_CALLS:
+            if rest.startswith(junk):
+                self._buffer = rest[len(junk) :]
+                return []
+        if any(junk.startswith(rest) for junk in _BETWEEN_CALLS):  # "" or a part of one
+            self._buffer = "" if is_final else rest
+            return []
+        self._buffer = rest
+        self._state = "opening" if _could_open(rest[0]) else "text"
+        return []
+
+    def _ignore(self, is_final: bool) -> list[ParsedEvent]:
+        self._buffer = ""
+        return []
+
+    def _all_openings(self) -> list[tuple[str, str]]:
+        """Every whitespace-free opening of a call up to its arguments' value, with the
+        name it declares."""
+        openings = []
+        for name in self.names:
+            for key in _ARGUMENT_KEYS:
+                call = f'{{"name":{json.dumps(name)},"{key}":'
+                openings.append((TOOL_CALL_OPEN + call, name))
+                if self.allow_bare:
+                    for fence in ("", *_FENCES):
+                        openings += [(fence + call, name), (fence + "[" + call, name)]
+        return openings
+
+
+def _could_open(char: str) -> bool:
+    return char in "{[`<"
+
+
+def _index_after(text: str, num_visible: int) -> int:
+    """The index in ``text`` just after its first ``num_visible`` non-whitespace chars."""
+    seen = 0
+    for index, char in enumerate(text):
+        if not char.isspace():
+            seen += 1
+            if seen == num_visible:
+                return index + 1
+    return len(text)
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
+            return size
+    return 0
+
+
+def _call_from_json(text: str, names: set[str]) -> ToolCall | None:
+    """A ToolCall from JSON text of an object naming a declared tool, else None."""
+    try:
+        value: Any = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or value.get("name") not in names:
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(value["name"], arguments)
+
+
+def parse_reply(text: str, names: set[str], allow_bare: bool = True) -> tuple[str, list[ToolCall]]:
+    """(the text outside any call, the calls) of a whole reply; no calls: (text, [])."""
+    parser = ToolCallParser(names, allow_bare=allow_bare)
+    events = parser.push(text) + parser.finish()
+    content = "".join(event.text for event in events if isinstance(event, TextDelta))
+    return (content.strip(), parser.calls) if parser.calls else (text, [])

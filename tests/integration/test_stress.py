@@ -1,0 +1,432 @@
+"""A model-based stress test of the whole server (hypothesis stateful testing).
+
+A tiny real Qwen2-VL (text and images, ``initializer_range`` 0.1) with a readout file
+runs behind a real server whose KV pool holds about two sessions, so that nearly
+every step offloads, drops, recomputes or preempts. Rules open, fork, generate (with
+appends, rewinds, ranges before and after ``offset``, top-k, readout, stop tokens),
+append images, cancel mid-stream, close and expire sessions, and run several calls at
+once. The model of the state is each session's tokens and images; the oracle is one
+plain transformers forward pass over them. After every call: the stream's events are
+exactly the positions owed, in order; every logprob, top-k and readout equals the
+forward pass (1e-4); greedy tokens are its argmax. After every rule: each session's
+length is the model's, nothing is busy, and the block pool and host budget balance.
+
+CI runs the "ci" profile (fixed seed); ``--hypothesis-profile=stress-long`` runs
+thousands of steps (see tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from hypothesis import assume
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+from salience_client.pb import salience_pb2 as pb
+from tests.conftest import RunningServer, start_server
+from tests.helpers import U32_MAX
+from tests.integration.test_readout import write_readout
+from tests.integration.test_vision import encode, make_image
+from tests.tiny_models import build_tiny_vision_model, reference_vision_model
+
+TOLERANCE = 1e-4
+MAX_CONTEXT = 40
+BLOCK_SIZE = 4
+TOKEN_BYTES = 512  # 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes
+IMAGE_SIZE = (56, 56)  # 4 placeholder tokens
+READOUT_LAYER = 0
+SESSION_TTL_S = 600.0
+
+
+@dataclass
+class SessionModel:
+    """What a session holds, as the client knows it."""
+
+    token_ids: list[int] = field(default_factory=list)
+    images: list[tuple[int, int]] = field(default_factory=list)
+    """(first placeholder position, image seed), in session order."""
+
+    def copy(self) -> SessionModel:
+        return SessionModel(list(self.token_ids), list(self.images))
+
+    def rewind_points(self) -> list[int]:
+        """Offsets a rewind may go to: not between an image's start token and its end."""
+        cut = set()
+        for start, _ in self.images:
+            cut.update(range(start, start + 5))  # the pads and the end token after them
+        return [p for p in range(len(self.token_ids) + 1) if p not in cut]
+
+
+class Oracle:
+    """One plain forward pass of the reference model per distinct session content."""
+
+    def __init__(self, server: RunningServer, readout_vectors: torch.Tensor) -> None:
+        self.server = server
+        self.model = server.extra["reference"]
+        self.processor = server.engine.loaded.image_processor
+        self.readout_vectors = readout_vectors  # [n_concepts, hidden]
+        self.info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, session: SessionModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """([L, V] logprobs, [L, n_concepts] readout) of the session's tokens."""
+        key = (tuple(session.token_ids), tuple(session.images))
+        if key not in self._cache:
+            input_ids = torch.tensor([session.token_ids])
+            inputs = {
+                "input_ids": input_ids,
+                "mm_token_type_ids": (input_ids == self.info.image_pad_token_id).int(),
+            }
+            if session.images:
+                features = [
+                    self.processor(images=[make_image(seed, IMAGE_SIZE)], return_tensors="pt")
+                    for _, seed in session.images
+                ]
+                inputs["pixel_values"] = torch.cat([f["pixel_values"] for f in features])
+                inputs["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in features])
+            with torch.no_grad():
+                output = self.model(**inputs, output_hidden_states=True)
+            logprobs = torch.log_softmax(output.logits[0].float(), dim=-1)
+            hidden = output.hidden_states[READOUT_LAYER + 1][0].float()
+            self._cache[key] = (logprobs, hidden @ self.readout_vectors.T)
+        return self._cache[key]
+
+
+def _in(position: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= position < end for start, end in ranges)
+
+
+@dataclass
+class Call:
+    """One Generate call the machine makes, and what it must get back."""
+
+    session_id: str
+    offset: int
+    append: list[int]
+    max_tokens: int
+    logprobs_ranges: list[tuple[int, int]]
+    readout_ranges: list[tuple[int, int]]
+    top_k: int
+    stop_token_ids: list[int]
+
+    def request(self) -> pb.GenerateRequest:
+        def ranges(pairs):
+            return [pb.PositionRange(start=s, end=e) for s, e in pairs]
+
+        return pb.GenerateRequest(
+            session_id=self.session_id,
+            append_tokens=self.append,
+            offset=self.offset,
+            truncating=True,
+            max_tokens=self.max_tokens,
+            logprobs_ranges=ranges(self.logprobs_ranges),
+            readout_ranges=ranges(self.readout_ranges),
+            logprob_top_k=self.top_k,
+            stop_token_ids=self.stop_token_ids,
+        )
+
+
+def check_call(
+    oracle: Oracle, before: SessionModel, call: Call, events: list[pb.Token], done: pb.Done
+) -> SessionModel:
+    """Checks one finished call against the model and the oracle; returns the session
+    as it is now."""
+    after = SessionModel(
+        before.token_ids[: call.offset] + call.append,
+        [(start, seed) for start, seed in before.images if start < call.offset],
+    )
+    prompt_len = len(after.token_ids)
+    decoded = [e for e in events if not e.is_prefill]
+    after.token_ids += [e.id for e in decoded]
+    assert done.prompt_tokens == prompt_len
+    assert done.completion_tokens == len(decoded) == done.total_tokens - prompt_len
+    first = min([call.offset] + [s for s, _ in call.logprobs_ranges + call.readout_ranges])
+    scored = call.logprobs_ranges + call.readout_ranges
+    owed = [p for p in range(first, prompt_len) if _in(p, scored)]
+    owed += list(range(prompt_len, len(after.token_ids)))
+    assert [e.position for e in events] == owed, "the stream is not exactly the positions owed"
+    if not events:
+        return after
+    logprobs, readout = oracle.forward(after)
+    pads = {p for start, _ in after.images for p in range(start, start + 4)}
+    for event in events:
+        p = event.position
+        assert event.id == after.token_ids[p]
+        assert event.is_prefill == (p < prompt_len)
+        if p == 0 or p in pads:
+            assert event.sampled_logprob == 0.0 and not event.top_logprobs
+        else:
+            assert abs(event.sampled_logprob - logprobs[p - 1, event.id].item()) < TOLERANCE
+            if not event.is_prefill:
+                assert event.id == int(logprobs[p - 1].argmax()), "not the greedy token"
+            if call.top_k and _in(p, call.logprobs_ranges):
+                want = logprobs[p - 1].topk(call.top_k)
+                assert [t.token_id for t in event.top_logprobs] == want.indices.tolist()
+        if _in(p, call.readout_ranges) and p > 0:
+            got = torch.tensor(list(event.readout))
+            assert (got - readout[p - 1]).abs().max().item() < TOLERANCE
+    stops = set(call.stop_token_ids) | set(oracle.info.eos_token_ids)
+    for index, event in enumerate(decoded):  # the call stops at its first stop token
+        assert (event.id in stops) == (index == len(decoded) - 1 and done.finish_reason == 1)
+    if done.finish_reason == pb.FINISH_REASON_LENGTH:
+        assert len(decoded) == call.max_tokens
+    return after
+
+
+class StressMachine(RuleBasedStateMachine):
+    server: RunningServer
+    oracle: Oracle
+
+    sessions = Bundle("sessions")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: dict[str, SessionModel] = {}
+        self.stub = self.server.stub
+
+    # ----- rules ----------------------------------------------------------------------
+
+    @rule(target=sessions)
+    def open(self) -> str:
+        response = self.stub.OpenSession(pb.OpenSessionRequest(max_context=MAX_CONTEXT))
+        self.models[response.session_id] = SessionModel()
+        return response.session_id
+
+    @rule(target=sessions, parent=sessions)
+    def fork(self, parent: str) -> str:
+        child = self.stub.ForkSession(pb.ForkSessionRequest(session_id=parent))
+        assert child.length == len(self.models[parent].token_ids)
+        self.models[child.session_id] = self.models[parent].copy()
+        return child.session_id
+
+    @rule(session_id=sessions, data=st.data())
+    def generate(self, session_id: str, data: st.DataObject) -> None:
+        call = self._draw_call(session_id, data)
+        events, done = self._run(call)
+        self.models[session_id] = check_call(
+            self.oracle, self.models[session_id], call, events, done
+        )
+
+    @rule(data=st.data())
+    def concurrently(self, data: st.DataObject) -> None:
+        """Two to four calls on distinct sessions at once: they share steps, and
+        squeeze each other out of the pool."""
+        live = sorted(self.models)
+        assume(len(live) >= 2)
+        chosen = data.draw(st.lists(st.sampled_from(live), min_size=2, max_size=4, unique=True))
+        calls = [self._draw_call(session_id, data) for session_id in chosen]
+        results: dict[int, tuple] = {}
+
+        def run(index: int) -> None:
+            results[index] = self._run(calls[index])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        for index, call in enumerate(calls):
+            events, done = results[index]
+            self.models[call.session_id] = check_call(
+                self.oracle, self.models[call.session_id], call, events, done
+            )
+
+    @rule(session_id=sessions, size=st.integers(12, 32), seed=st.integers(0, 2**16))
+    def grow(self, session_id: str, size: int, seed: int) -> None:
+        """A long prefill-only append: large sessions keep the small pool under pressure."""
+        model = self.models[session_id]
+        length = len(model.token_ids)
+        append = [(seed * 7 + 13 * i) % 256 for i in range(min(size, MAX_CONTEXT - length))]
+        assume(append)
+        call = Call(session_id, length, append, 0, [(length, U32_MAX)], [], 0, [])
+        events, done = self._run(call)
+        self.models[session_id] = check_call(self.oracle, model, call, events, done)
+
+    @rule(session_id=sessions, seed=st.integers(0, 3))
+    def append_image(self, session_id: str, seed: int) -> None:
+        model = self.models[session_id]
+        length = len(model.token_ids)
+        assume(length + 6 <= MAX_CONTEXT)
+        info = self.oracle.info
+        self._prefill(session_id, length, [info.vision_start_token_id])
+        response = self.stub.AppendImage(
+            pb.AppendImageRequest(
+                session_id=session_id,
+                image=encode(make_image(seed, IMAGE_SIZE)),
+                mime_type="image/png",
+                offset=length + 1,
+            )
+        )
+        assert response.placeholder_count == 4
+        self._prefill(session_id, length + 5, [info.vision_end_token_id])
+        model.token_ids += [info.vision_start_token_id] + [info.image_pad_token_id] * 4
+        model.token_ids.append(info.vision_end_token_id)
+        model.images.append((length + 1, seed))
+
+    @rule(session_id=sessions, num_read=st.integers(1, 3))
+    def cancel_mid_stream(self, session_id: str, num_read: int) -> None:
+        """A greedy stream cancelled after a few events: whatever it committed stays
+        committed, and is exactly the greedy continuation."""
+        model = self.models[session_id]
+        length = len(model.token_ids)
+        assume(0 < length <= MAX_CONTEXT - 8)
+        stream = self.stub.Generate(
+            pb.GenerateRequest(
+                session_id=session_id, offset=length, max_tokens=MAX_CONTEXT, ignore_eos=True
+            )
+        )
+        received = [next(stream).token for _ in range(num_read)]
+        stream.cancel()
+        now = self._wait_idle(session_id)
+        assert now >= length + num_read
+        events, _ = self._run(
+            Call(session_id, now, [], 0, [(length + 1, now)], [], 0, []), scoring_only=True
+        )
+        tail = [e.id for e in events]
+        assert tail[: num_read - 1] == [t.id for t in received[1:]]
+        after = SessionModel(model.token_ids + [received[0].id] + tail, list(model.images))
+        logprobs, _ = self.oracle.forward(after)
+        for position in range(length, now):
+            assert after.token_ids[position] == int(logprobs[position - 1].argmax())
+        self.models[session_id] = after
+
+    @rule(session_id=consumes(sessions))
+    def close(self, session_id: str) -> None:
+        self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+        del self.models[session_id]
+
+    @rule(session_id=consumes(sessions))
+    def expire(self, session_id: str) -> None:
+        engine = self.server.engine
+        with engine._lock:
+            engine.sessions[session_id].last_used -= SESSION_TTL_S + 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                self.stub.GetSession(pb.GetSessionRequest(session_id=session_id))
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.NOT_FOUND
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the session did not expire")
+        del self.models[session_id]
+
+    # ----- invariants -------------------------------------------------------------------
+
+    @invariant()
+    def sessions_match_the_model(self) -> None:
+        listing = {
+            s.session_id: s for s in self.stub.ListSessions(pb.ListSessionsRequest()).sessions
+        }
+        for session_id, model in self.models.items():
+            info = listing[session_id]
+            assert info.length == len(model.token_ids) and not info.busy
+
+    @invariant()
+    def memory_balances(self) -> None:
+        engine = self.server.engine
+        with engine._lock:
+            assert not engine.scheduler.has_work()
+            engine.block_manager.check_invariants([s.block_table for s in engine.sessions.values()])
+            offloaded = sum(s.host_kv_bytes for s in engine.sessions.values())
+            assert engine.evictor.host_bytes_used == offloaded + engine.images.num_bytes()
+            assert set(engine.runner.host_kv) == {
+                s.session_id for s in engine.sessions.values() if s.host_kv_bytes
+            }
+
+    def teardown(self) -> None:
+        for session_id in list(self.models):
+            self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+
+    # ----- helpers ----------------------------------------------------------------------
+
+    def _draw_call(self, session_id: str, data: st.DataObject) -> Call:
+        model = self.models[session_id]
+        offset = data.draw(
+            st.sampled_from(model.rewind_points()) | st.just(len(model.token_ids)), label="offset"
+        )
+        append = data.draw(st.lists(st.integers(0, 255), max_size=16), label="append")
+        append = append[: MAX_CONTEXT - offset]
+        prompt_len = offset + len(append)
+        max_tokens = data.draw(st.integers(0, min(6, MAX_CONTEXT - prompt_len)), label="max_tokens")
+        if prompt_len == 0:
+            max_tokens = 0
+        end = prompt_len + max_tokens
+        point = st.integers(0, max(end, 1))
+        pair = st.tuples(point, point | st.just(U32_MAX)).map(lambda p: (p[0], max(p)))
+        logprobs_ranges = data.draw(st.lists(pair, max_size=2), label="logprobs_ranges")
+        readout_ranges = data.draw(st.lists(pair, max_size=1), label="readout_ranges")
+        top_k = data.draw(st.integers(0, 3), label="top_k")
+        stop = data.draw(st.lists(st.integers(0, 255), max_size=2), label="stop_token_ids")
+        return Call(
+            session_id, offset, append, max_tokens, logprobs_ranges, readout_ranges, top_k, stop
+        )
+
+    def _run(self, call: Call, scoring_only: bool = False) -> tuple[list[pb.Token], pb.Done]:
+        events, done = [], None
+        for event in self.stub.Generate(call.request(), timeout=120):
+            if event.HasField("token"):
+                events.append(event.token)
+            else:
+                done = event.done
+        assert done is not None
+        return events, done
+
+    def _prefill(self, session_id: str, offset: int, token_ids: list[int]) -> None:
+        self._run(Call(session_id, offset, token_ids, 0, [], [], 0, []))
+
+    def _wait_idle(self, session_id: str) -> int:
+        """The session's length once its cancelled call has wound down."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            info = self.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
+            if not info.busy:
+                return info.length
+            time.sleep(0.005)
+        raise AssertionError("a cancelled call kept its session busy")
+
+
+@pytest.fixture(scope="module")
+def stress_server(tmp_path_factory) -> RunningServer:
+    model_dir: Path = build_tiny_vision_model(tmp_path_factory.mktemp("stress-vl"), "qwen2_vl")
+    readout_path = write_readout(
+        tmp_path_factory.mktemp("stress-readout") / "readout.safetensors", layers=[READOUT_LAYER]
+    )
+    server = start_server(
+        str(model_dir),
+        readout_path=str(readout_path),
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=12 * BLOCK_SIZE * TOKEN_BYTES,  # 48 tokens: one full session
+        host_kv_bytes=24 * TOKEN_BYTES + 4 * 4 * 64 * 4,  # some offloads, the rest dropped
+        max_batch_tokens=16,  # prefills in chunks, beside decodes
+        session_ttl_s=SESSION_TTL_S,
+    )
+    server.extra["reference"] = reference_vision_model(model_dir)
+    yield server
+    server.stop()
+
+
+def test_stress(stress_server: RunningServer) -> None:
+    from safetensors.torch import load_file
+
+    vectors = next(iter(load_file(str(stress_server.server.config.readout_path)).values()))
+    StressMachine.server = stress_server
+    StressMachine.oracle = Oracle(stress_server, vectors)
+    StressMachine.TestCase().runTest()
+    engine = stress_server.engine
+    exercised = {  # what the run went through (pytest -s shows it)
+        "preemptions": engine.scheduler.num_preemptions,
+        "recomputed tokens": engine.metrics.recomputed_tokens._value.get(),
+        "swap-outs": engine.runner.num_swap_outs,
+        "swap-ins": engine.runner.num_swap_ins,
+    }
+    print(exercised)
+    assert all(exercised.values()), "the pool was not tight enough to exercise memory pressure"
