@@ -21,7 +21,8 @@ from tests.tiny_models import build_tiny_model
 
 # Profiles of the model-based stress test (tests/integration/test_stress.py). CI runs
 # "ci": a fixed seed, a few hundred steps. By hand, for thousands of steps:
-#   .venv/bin/pytest tests/integration/test_stress.py --hypothesis-profile=stress-long
+#   .venv/bin/pytest tests/integration/test_stress.py -s --timeout=0 \
+#       --hypothesis-profile=stress-long
 # (add --hypothesis-seed=N to replay a run).
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 settings.register_profile(

@@ -21,6 +21,11 @@ from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.batch_builder import LogitsRow, build_batch
 from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.constraints import (
+    CompiledConstraint,
+    ConstraintCompiler,
+    ConstraintSpec,
+)
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
@@ -104,7 +109,11 @@ class Engine:
         self.scheduler = Scheduler(config, self.block_manager, self.evictor)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.gauges)
+        self.constraints = ConstraintCompiler(
+            self.tokenizer, self.vocab_size, sorted(self.eos_token_ids)
+        )
         self.intake = Intake(
+            self.constraints,
             self.session_table,
             self.runner,
             self.tokenizer,
@@ -243,6 +252,11 @@ class Engine:
                 self.scheduler.add(request)
                 self._lock.notify_all()
             return request
+
+    def compile_constraint(self, spec: ConstraintSpec) -> CompiledConstraint:
+        """Validates a constraint (cached; slow the first time: call it off the event
+        loop); INVALID_ARGUMENT (INVALID_CONSTRAINT) when it does not compile."""
+        return self.constraints.compile(spec)
 
     def check_image_target(self, session_id: str, offset: int, truncating: bool) -> None:
         """The cheap checks of an AppendImage call, made before the image is decoded."""

@@ -13,6 +13,7 @@ import torch
 
 from salience_server.engine import sampler
 from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.constraints import ConstraintCompiler
 from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.evictor import Evictor
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 class Intake:
     def __init__(
         self,
+        constraints: ConstraintCompiler,
         session_table: SessionTable,
         runner: ModelRunner,
         tokenizer: Any,
@@ -38,6 +40,7 @@ class Intake:
         has_readout: bool,
         limits: Limits,
     ) -> None:
+        self.constraints = constraints
         self.session_table = session_table
         self.block_manager: BlockManager = session_table.block_manager
         self.evictor: Evictor = session_table.evictor
@@ -109,6 +112,8 @@ class Intake:
             sink(TokenEvent(position=0, token_id=session.token_ids[0], is_prefill=True))
             request.next_event_position = 1
         request.generator = sampler.make_generator(params.sampling, self.device)
+        if params.constraint is not None:
+            request.matcher = self.constraints.matcher(params.constraint)
         log.debug(
             "request %d on session %s: %d appended at %d, max_tokens %d",
             request.request_id,

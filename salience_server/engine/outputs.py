@@ -95,11 +95,16 @@ def pick(request: Request, position: int) -> int | sampler.Draw:
     params = request.params
     banned = [] if request.is_stoppable else sorted(request.stop_token_ids)
     shaping = None
-    if params.sampling.shapes_logits or banned:
+    if params.sampling.shapes_logits or banned or request.matcher is not None:
         if request.penalty_state is None:
             request.penalty_state = penalties.PenaltyState()
         shaping = penalties.Shaping(
-            params.sampling, session.token_ids, request.prompt_len, banned, request.penalty_state
+            params.sampling,
+            session.token_ids,
+            request.prompt_len,
+            banned,
+            request.penalty_state,
+            request.matcher.bitmask() if request.matcher is not None else None,
         )
     return sampler.Draw(params.sampling, request.generator, shaping)
 
@@ -155,6 +160,10 @@ def decode_token(request: Request, row: RowResult) -> TokenEvent:
     stoppable = request.is_stoppable
     if stoppable and token_id in request.stop_token_ids:
         request.finish_reason = FinishReason.STOP
+    if request.matcher is not None:
+        request.matcher.consume(token_id)
+        if request.matcher.is_complete:  # the output is whole: decoding ends
+            request.finish_reason = FinishReason.STOP
     text = ""
     if request.detokenizer is not None:
         delta = request.detokenizer.push(token_id)

@@ -61,6 +61,8 @@ class Shaping:
     banned_ids: list[int]
     """Tokens that cannot be drawn yet (stop tokens before min_tokens)."""
     state: PenaltyState
+    bitmask: torch.Tensor | None = None
+    """[ceil(V / 32)] int32 tokens the constraint allows next (constraints.Matcher)."""
 
 
 def apply(logits: torch.Tensor, rows: list[Shaping]) -> torch.Tensor:

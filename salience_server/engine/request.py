@@ -73,6 +73,8 @@ class GenerateParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     """EOS and stop tokens cannot end the call before this many decoded tokens."""
+    constraint: Any = None
+    """A constraints.CompiledConstraint the decoded tokens must follow, or None."""
 
 
 class FinishReason(enum.Enum):
@@ -158,6 +160,8 @@ class Request:
         self.is_cancelled = False
         self.generator: Any = None
         """A seeded torch.Generator, or None for the global one."""
+        self.matcher: Any = None
+        """The constraint's matcher (constraints.Matcher), for a constrained call."""
         self.penalty_state: Any = None
         """The sampler's running token counts (penalties.PenaltyState), made on the
         first draw that needs them."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from salience_server.engine import filters, penalties
+from salience_server.engine import constraints, filters, penalties
 from salience_server.engine.request import SamplingParams
 
 
@@ -99,10 +99,10 @@ def draw_rows(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     filtered and drawn."""
     shaped = [index for index, d in enumerate(draws) if d.shaping is not None]
     if shaped:
+        shapings = [d.shaping for d in draws if d.shaping is not None]
+        part = penalties.apply(logits[shaped], shapings)
         logits = logits.clone()
-        logits[shaped] = penalties.apply(
-            logits[shaped], [d.shaping for d in draws if d.shaping is not None]
-        )
+        logits[shaped] = constraints.apply_bitmasks(part, [s.bitmask for s in shapings])
     token_ids = torch.empty(len(draws), dtype=torch.long, device=logits.device)
     greedy = [index for index, d in enumerate(draws) if d.params.is_greedy]
     if greedy:

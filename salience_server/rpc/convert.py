@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from salience_client.pb import salience_pb2 as pb
+from salience_server.engine.constraints import ConstraintSpec
 from salience_server.engine.request import (
     DoneEvent,
     FinishReason,
@@ -56,6 +57,17 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         ignore_eos=request.ignore_eos,
         min_tokens=request.min_tokens,
     )
+
+
+def constraint_spec(request: pb.GenerateRequest) -> ConstraintSpec | None:
+    """The request's constraint, if it has one (compiled by the engine, off the loop)."""
+    if not request.HasField("constraint"):
+        return None
+    kind = request.constraint.WhichOneof("kind")
+    if kind is None:
+        return None
+    value = getattr(request.constraint, kind)
+    return ConstraintSpec(kind, value if isinstance(value, str) else "")
 
 
 def token_event(event: TokenEvent) -> pb.GenerateEvent:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -53,6 +54,13 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Appends, optionally decodes; streams Token events then one Done."""
         engine = await self._engine(context)
         params = convert.generate_params(request)
+        spec = convert.constraint_spec(request)
+        if spec is not None:
+            try:
+                compiled = await asyncio.to_thread(engine.compile_constraint, spec)
+            except SalienceError as error:
+                await abort(context, error)
+            params = dataclasses.replace(params, constraint=compiled)
         async for event in self._events(context, lambda sink: engine.submit(params, sink)):
             if isinstance(event, TokenEvent):
                 yield convert.token_event(event)

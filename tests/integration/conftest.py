@@ -17,6 +17,14 @@ def shim(llama_server: Any) -> Iterator[RunningShim]:
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def default_shim(default_server: Any) -> Iterator[RunningShim]:
+    """The shim in front of the default model's server (installed by the setup)."""
+    running = start_shim(default_server.target)
+    yield running
+    running.stop()
+
+
 @pytest.fixture(scope="module")
 def model(shim: RunningShim) -> str:
     return shim.client().models.list().data[0].id

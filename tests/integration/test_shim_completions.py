@@ -6,7 +6,6 @@ Oracle: the gRPC scoring path (a session's prompt logprobs over the same token i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,8 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from salience_client import END, SalienceClient
-from tests.conftest import default_model_available
-from tests.shim_support import RunningShim, start_shim
+from tests.shim_support import RunningShim
 from tests.tiny_models import reference_model
 
 TEXT = "The quick brown fox"
@@ -197,15 +195,6 @@ def test_byte_fragment_tokens_print_their_bytes(shim: RunningShim, model: str) -
     strings = reply.choices[0].logprobs.tokens
     assert strings == [bytes([b]).decode("utf-8", errors="backslashreplace") for b in text.encode()]
     assert "\\xe2" in strings and "\ufffd" not in "".join(strings)
-
-
-@pytest.fixture(scope="module")
-def default_shim(default_server: Any) -> Iterator[RunningShim]:
-    if not default_model_available():
-        pytest.skip("the default model is not installed")
-    running = start_shim(default_server.target)
-    yield running
-    running.stop()
 
 
 def _unescaped(token: str) -> bytes:

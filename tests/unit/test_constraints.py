@@ -1,0 +1,99 @@
+"""Constraint masks and grammars on a byte-level tokenizer, against their definitions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from salience_server.engine.constraints import (
+    ConstraintCompiler,
+    ConstraintSpec,
+    apply_bitmasks,
+)
+from salience_server.engine.errors import SalienceError
+from tests.tiny_models import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def compiler() -> ConstraintCompiler:
+    tokenizer = build_tokenizer()
+    return ConstraintCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+
+
+def test_bitmasks_forbid_exactly_the_unset_bits() -> None:
+    logits = torch.randn(3, 70)
+    allowed = [{0, 5, 31, 32, 69}, None, set(range(64))]
+    masks: list[torch.Tensor | None] = []
+    for tokens in allowed:
+        if tokens is None:
+            masks.append(None)
+            continue
+        words = [0, 0, 0]
+        for token in tokens:
+            words[token // 32] |= 1 << (token % 32)
+        masks.append(torch.tensor(words, dtype=torch.int64).to(torch.int32))  # bit 31: sign
+    masked = apply_bitmasks(logits, masks)
+    for row, tokens in enumerate(allowed):
+        for token in range(70):
+            if tokens is None or token in tokens:
+                assert masked[row, token] == logits[row, token]
+            else:
+                assert masked[row, token] == -torch.inf
+
+
+def _walk(compiler: ConstraintCompiler, spec: ConstraintSpec, text: str) -> bool:
+    """Feeds ``text`` byte by byte, checking each byte is allowed by the mask before it;
+    returns whether the grammar is complete at the end."""
+    matcher = compiler.matcher(compiler.compile(spec))
+    tokenizer = build_tokenizer()
+    for token_id in tokenizer.encode(text, add_special_tokens=False):
+        mask = matcher.bitmask()
+        assert (int(mask[token_id // 32]) >> (token_id % 32)) & 1, f"{token_id} was masked"
+        matcher.consume(token_id)
+    return matcher.is_complete or bool(
+        (int(matcher.bitmask()[tokenizer.eos_token_id // 32]) >> (tokenizer.eos_token_id % 32)) & 1
+    )
+
+
+def test_json_schema_regex_and_ebnf_accept_their_language(compiler) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    assert _walk(compiler, ConstraintSpec("json_schema", json.dumps(schema)), '{"n": 42}')
+    assert _walk(compiler, ConstraintSpec("json_object", ""), '{"a": [1, 2]}')
+    assert _walk(compiler, ConstraintSpec("regex", "[0-9]{3}-x"), "123-x")
+    assert _walk(compiler, ConstraintSpec("ebnf", 'root ::= "yes" | "no"'), "no")
+
+
+def test_a_token_outside_the_grammar_is_refused(compiler) -> None:
+    matcher = compiler.matcher(compiler.compile(ConstraintSpec("regex", "[0-9]+")))
+    letter = build_tokenizer().encode("a", add_special_tokens=False)[0]
+    assert not (int(matcher.bitmask()[letter // 32]) >> (letter % 32)) & 1
+    with pytest.raises(RuntimeError):
+        matcher.consume(letter)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ConstraintSpec("json_schema", '{"type": "nonsense"}'),
+        ConstraintSpec("json_schema", "not json"),
+        ConstraintSpec("regex", "[a-"),
+        ConstraintSpec("ebnf", "root ::= missing"),
+    ],
+    ids=["bad type", "not json", "bad regex", "undefined rule"],
+)
+def test_a_constraint_that_does_not_compile_is_invalid(compiler, spec) -> None:
+    with pytest.raises(SalienceError) as caught:
+        compiler.compile(spec)
+    assert caught.value.reason == "INVALID_CONSTRAINT" and spec.kind in caught.value.message
+
+
+def test_compilation_is_cached(compiler) -> None:
+    spec = ConstraintSpec("regex", "[a-z]{2}")
+    assert compiler.compile(spec) is compiler.compile(spec)
