@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
@@ -26,9 +26,16 @@ from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from salience_server.engine.errors import invalid
 
+if TYPE_CHECKING:  # only in the type stubs
+    from llguidance._lib import JsonCompileOptions
+
 _CACHE_SIZE = 256
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_LAYOUT: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 """JSON as ``json.dumps`` writes it. Free whitespace lets a model pad its output with
 spaces and newlines until max_tokens; a schema may still choose otherwise through its
 ``x-guidance`` options."""
