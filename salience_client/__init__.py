@@ -10,6 +10,7 @@ from salience_client.client import DEFAULT_TARGET, SalienceClient
 from salience_client.session import END, GenerateOptions, Session
 from salience_client.types import (
     Done,
+    Embeddings,
     ModelInfo,
     ReadoutManifest,
     ReadoutValues,
@@ -24,6 +25,7 @@ __all__ = [
     "AsyncSalienceClient",
     "AsyncSession",
     "Done",
+    "Embeddings",
     "GenerateOptions",
     "ModelInfo",
     "ReadoutManifest",

@@ -21,6 +21,7 @@ from salience_client.auth import async_bearer_token
 from salience_client.client import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
+    embed_request,
     not_ready,
     tokenize_chat_request,
 )
@@ -35,7 +36,14 @@ from salience_client.session import (
     last_done,
     sum_ranges,
 )
-from salience_client.types import Done, ModelInfo, SalienceClientError, SessionInfo, TokenEvent
+from salience_client.types import (
+    Done,
+    Embeddings,
+    ModelInfo,
+    SalienceClientError,
+    SessionInfo,
+    TokenEvent,
+)
 
 _Response = TypeVar("_Response")
 
@@ -283,6 +291,19 @@ class AsyncSalienceClient:
         """Each token's own bytes (a piece of a UTF-8 character, for some tokens)."""
         request = pb.DetokenizeRequest(token_ids=list(token_ids), return_token_bytes=True)
         return list((await self._call("Detokenize", request)).token_bytes)
+
+    async def embed(
+        self,
+        texts: Sequence[str] | None = None,
+        token_lists: Sequence[Sequence[int]] | None = None,
+        pooling: str = "last",
+        normalize: bool = False,
+        add_special_tokens: bool = False,
+    ) -> Embeddings:
+        """One vector per text (or token list): the final hidden state of the last
+        token, or the mean over all tokens, optionally L2-normalised."""
+        request = embed_request(texts, token_lists, pooling, normalize, add_special_tokens)
+        return Embeddings.from_pb(await self._call("Embed", request))
 
     async def list_sessions(self) -> list[SessionInfo]:
         """Every live session."""

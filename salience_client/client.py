@@ -14,7 +14,7 @@ from salience_client.auth import BearerToken
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session import Session, call_unary
-from salience_client.types import ModelInfo, SalienceClientError, SessionInfo
+from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -40,6 +40,25 @@ def tokenize_chat_request(
         tools_json=json.dumps(tools) if tools else "",
         chat_template_kwargs_json=json.dumps(chat_template_kwargs) if chat_template_kwargs else "",
         continue_final_message=continue_final_message,
+    )
+
+
+def embed_request(
+    texts: Sequence[str] | None,
+    token_lists: Sequence[Sequence[int]] | None,
+    pooling: str,
+    normalize: bool,
+    add_special_tokens: bool,
+) -> pb.EmbedRequest:
+    """An EmbedRequest: texts or token lists, ``pooling`` "last" or "mean"."""
+    if pooling not in ("last", "mean"):
+        raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
+    return pb.EmbedRequest(
+        texts=list(texts or ()),
+        token_lists=[pb.TokenIds(token_ids=list(tokens)) for tokens in token_lists or ()],
+        pooling=pb.POOLING_MEAN if pooling == "mean" else pb.POOLING_LAST,
+        normalize=normalize,
+        add_special_tokens=add_special_tokens,
     )
 
 
@@ -146,6 +165,19 @@ class SalienceClient:
         """Each token's own bytes (a piece of a UTF-8 character, for some tokens)."""
         request = pb.DetokenizeRequest(token_ids=list(token_ids), return_token_bytes=True)
         return list(self._call("Detokenize", request).token_bytes)
+
+    def embed(
+        self,
+        texts: Sequence[str] | None = None,
+        token_lists: Sequence[Sequence[int]] | None = None,
+        pooling: str = "last",
+        normalize: bool = False,
+        add_special_tokens: bool = False,
+    ) -> Embeddings:
+        """One vector per text (or token list): the final hidden state of the last
+        token, or the mean over all tokens, optionally L2-normalised."""
+        request = embed_request(texts, token_lists, pooling, normalize, add_special_tokens)
+        return Embeddings.from_pb(self._call("Embed", request))
 
     def list_sessions(self) -> list[SessionInfo]:
         """Every live session."""

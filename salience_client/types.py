@@ -135,6 +135,25 @@ class Done:
 
 
 @dataclass
+class Embeddings:
+    """The vectors of an ``embed`` call, one per input, in input order."""
+
+    vectors: list[list[float]]
+    num_tokens: list[int]
+    """Tokens of each input."""
+    prompt_tokens: int
+    """Tokens of all inputs together."""
+
+    @classmethod
+    def from_pb(cls, response: pb.EmbedResponse) -> Embeddings:
+        return cls(
+            vectors=[list(e.values) for e in response.embeddings],
+            num_tokens=[e.num_tokens for e in response.embeddings],
+            prompt_tokens=response.prompt_tokens,
+        )
+
+
+@dataclass
 class SessionInfo:
     """What the server knows about one session."""
 

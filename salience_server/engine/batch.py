@@ -40,6 +40,8 @@ class ForwardBatch:
     """[K] batch rows whose logits are needed; nothing else reaches the LM head."""
     readout_rows: list[int] = field(default_factory=list)
     """[R] batch rows whose readout layers' hidden states are captured and projected."""
+    embed_rows: list[int] = field(default_factory=list)
+    """[E] batch rows whose final hidden states (after the final norm) are returned."""
 
     def add_sequence(
         self,

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.images import ImageStore
 from salience_server.engine.request import Request
 from salience_server.engine.scheduler import ScheduledChunk
+
+
+@dataclass
+class EmbedRow:
+    """A batch row whose final hidden state an Embed input pools."""
+
+    request: Request
+    position: int
 
 
 @dataclass
@@ -21,15 +29,25 @@ class LogitsRow:
     """Index into the step's readout rows, when this row's readout is wanted."""
 
 
+@dataclass
+class StepRows:
+    """What the rows a forward pass returns are for."""
+
+    logits: list[LogitsRow] = field(default_factory=list)
+    """One per ``ForwardBatch.logits_rows`` entry."""
+    embeds: list[EmbedRow] = field(default_factory=list)
+    """One per ``ForwardBatch.embed_rows`` entry."""
+
+
 def build_batch(
     chunks: list[ScheduledChunk],
     block_size: int,
     images: ImageStore,
     uses_mrope: bool,
     has_readout: bool,
-) -> tuple[ForwardBatch, list[LogitsRow]]:
-    """The flattened batch, and what each of its logits rows is for."""
-    batch, rows = ForwardBatch(), []
+) -> tuple[ForwardBatch, StepRows]:
+    """The flattened batch, and what each of its returned rows is for."""
+    batch, rows = ForwardBatch(), StepRows()
     for chunk in chunks:
         request, session = chunk.request, chunk.request.session
         if request.first_scheduled_time is None:
@@ -45,6 +63,9 @@ def build_batch(
         )
         batch.embeds.extend(images.rows(session, chunk.start, end, first_row))
         for position in range(chunk.start, end):
+            if request.wants_embedding_at(position):
+                batch.embed_rows.append(first_row + position - chunk.start)
+                rows.embeds.append(EmbedRow(request, position))
             if request.needs_logits_at(position):
                 row = first_row + position - chunk.start
                 batch.logits_rows.append(row)
@@ -52,5 +73,5 @@ def build_batch(
                 if has_readout and request.wants_readout(position + 1):
                     readout_index = len(batch.readout_rows)
                     batch.readout_rows.append(row)
-                rows.append(LogitsRow(request, position, readout_index))
+                rows.logits.append(LogitsRow(request, position, readout_index))
     return batch, rows

@@ -9,6 +9,7 @@ every call gets UNAVAILABLE.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ import torch
 from salience_server.config import EngineConfig
 from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
-from salience_server.engine.batch_builder import LogitsRow, build_batch
+from salience_server.engine.batch_builder import StepRows, build_batch
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.constraints import (
     CompiledConstraint,
@@ -123,6 +124,7 @@ class Engine:
             Limits.from_config(config),
         )
         self.outcomes = Outcomes(self.scheduler, self.session_table, self.metrics)
+        self._embed_ids = itertools.count()
         self._lock = threading.Condition()
         self._is_stopping = False
         self._is_draining = False
@@ -292,6 +294,26 @@ class Engine:
         )
         return self.submit(params, sink, image)
 
+    def submit_embedding(
+        self, token_ids: list[int], pooling: str, priority: int, sink: EventSink
+    ) -> Request:
+        """Queues one Embed input: a prefill of ``token_ids`` in a session of its own
+        that lives for this request only (never listed; freed when it ends). ``sink``
+        gets a DoneEvent whose ``embedding`` is the pooled final hidden state."""
+        with self._lock:
+            self._check_serving()
+            params = GenerateParams(
+                session_id="", append_tokens=token_ids, pooling=pooling, priority=priority
+            )
+            session = Session(f"embed-{next(self._embed_ids)}", self.max_context)
+            self.intake.check(params, session, None)
+            self.scheduler.check_room()
+            session.is_closed = True  # freed as its request ends
+            request = self.intake.accept(params, session, sink, None)
+            self.scheduler.add(request)
+            self._lock.notify_all()
+            return request
+
     def cancel(self, request: Request) -> None:
         """Stops a request at the next step (the client went away)."""
         with self._lock:
@@ -360,9 +382,9 @@ class Engine:
             self._isolate(output.chunks)
             return
         with self._lock:
-            self.outcomes.commit(output.chunks, rows, forward.logits, forward.readout)
+            self.outcomes.commit(output.chunks, rows, forward)
 
-    def _build(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, list[LogitsRow]]:
+    def _build(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, StepRows]:
         return build_batch(chunks, self.block_size, self.images, self.uses_mrope, self.has_readout)
 
     def _isolate(self, chunks: list[ScheduledChunk]) -> None:
@@ -379,7 +401,7 @@ class Engine:
                     self.outcomes.fail(chunk.request, error)
                 continue
             with self._lock:
-                self.outcomes.commit([chunk], rows, forward.logits, forward.readout)
+                self.outcomes.commit([chunk], rows, forward)
 
 
 def _shutting_down() -> SalienceError:

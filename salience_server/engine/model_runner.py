@@ -39,6 +39,8 @@ class ForwardOutput:
     """[K, V] logits at the batch's logits_rows."""
     readout: torch.Tensor | None
     """[R, n_layers, n_concepts] float32 at the batch's readout_rows, or None."""
+    embeddings: torch.Tensor | None = None
+    """[E, hidden] float32 final hidden states at the batch's embed_rows, or None."""
 
 
 class ModelRunner:
@@ -76,6 +78,9 @@ class ModelRunner:
         self.attention = attention
         self.readout: Readout | None = None
         self._capture_rows: torch.Tensor | None = None
+        self._embed_rows: torch.Tensor | None = None
+        self._embeddings: torch.Tensor | None = None
+        model.get_decoder().norm.register_forward_hook(self._capture_final_states)
         self._captured: list[torch.Tensor] = []
         # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
         self.host_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -124,6 +129,11 @@ class ModelRunner:
 
         return capture
 
+    def _capture_final_states(self, module: Any, inputs: Any, output: Any) -> None:
+        """Keeps the final norm's output at the embed rows ([1, T, H] -> [E, H])."""
+        if self._embed_rows is not None:
+            self._embeddings = output[0, self._embed_rows].float()
+
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> ForwardOutput:
         """Runs one forward pass: logits at ``batch.logits_rows``, readout at
@@ -148,6 +158,8 @@ class ModelRunner:
         logits_rows = torch.tensor(kept, dtype=torch.long, device=device)  # [K (+ padding)]
         if batch.readout_rows and self.readout is not None:
             self._capture_rows = torch.tensor(batch.readout_rows, dtype=torch.long, device=device)
+        if batch.embed_rows:
+            self._embed_rows = torch.tensor(batch.embed_rows, dtype=torch.long, device=device)
         try:
             output = self.model(
                 **inputs,
@@ -157,12 +169,17 @@ class ModelRunner:
                 salience_batch=metadata,
             )
         finally:
-            self._capture_rows = None
+            self._capture_rows = self._embed_rows = None
+        embeddings, self._embeddings = self._embeddings, None
         readout = None
         if batch.readout_rows and self.readout is not None:
             readout = self.readout.project(torch.stack(self._captured))  # [R, L, C]
             self._captured = [torch.empty(0)] * len(self.readout.layers)
-        return ForwardOutput(logits=output.logits[0, : len(batch.logits_rows)], readout=readout)
+        return ForwardOutput(
+            logits=output.logits[0, : len(batch.logits_rows)],
+            readout=readout,
+            embeddings=embeddings,
+        )
 
     def move_kv(self, moves: list[KvMove]) -> None:
         """Makes a step's KV moves in the order the scheduler decided them (see

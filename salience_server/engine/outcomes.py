@@ -11,8 +11,9 @@ import time
 import torch
 
 from salience_server.engine import outputs
-from salience_server.engine.batch_builder import LogitsRow
+from salience_server.engine.batch_builder import StepRows
 from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.model_runner import ForwardOutput
 from salience_server.engine.request import Request
 from salience_server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from salience_server.engine.session_table import SessionTable
@@ -27,15 +28,10 @@ class Outcomes:
         self.session_table = session_table
         self.metrics = metrics
 
-    def commit(
-        self,
-        chunks: list[ScheduledChunk],
-        rows: list[LogitsRow],
-        logits: torch.Tensor,
-        readout: torch.Tensor | None,
-    ) -> None:
-        """Records the new KV, then sends each request the events it is owed: scored
-        prefill tokens, and the token drawn for it, committed now."""
+    def commit(self, chunks: list[ScheduledChunk], rows: StepRows, forward: ForwardOutput) -> None:
+        """Records the new KV and pools Embed inputs' states, then sends each request the
+        events it is owed: scored prefill tokens, and the token drawn for it, committed
+        now."""
         for chunk in chunks:
             request, end = chunk.request, chunk.start + chunk.num_tokens
             first_new = max(chunk.start, request.session.num_ever_computed)
@@ -43,7 +39,12 @@ class Outcomes:
             request.num_recomputed += recomputed
             self.metrics.recomputed_tokens.inc(recomputed)
             self.metrics.prefilled_tokens.inc(max(0, min(end, request.prompt_len) - first_new))
-        results, errors = outputs.row_results(rows, logits, readout)
+        for row, state in zip(rows.embeds, _rows_of(forward.embeddings), strict=True):
+            request = row.request
+            is_sum = request.params.pooling == "mean" and request.pooled is not None
+            request.pooled = request.pooled + state if is_sum else state
+            request.num_pooled = row.position + 1
+        results, errors = outputs.row_results(rows.logits, forward.logits, forward.readout)
         for chunk in chunks:
             request = chunk.request
             if request.is_cancelled:
@@ -74,6 +75,11 @@ class Outcomes:
 
     def finish(self, request: Request) -> None:
         done = request.done_event()
+        if request.params.pooling:  # [H]: the last state, or the mean of all
+            pooled = request.pooled
+            if request.params.pooling == "mean":
+                pooled = pooled / request.session.length
+            done.embedding = pooled.tolist()
         request.sink(done)
         self.release(request)
         log.info(
@@ -138,3 +144,7 @@ class Outcomes:
                 )
             )
             self.release(request)
+
+
+def _rows_of(tensor: torch.Tensor | None) -> list[torch.Tensor]:
+    return list(tensor) if tensor is not None else []

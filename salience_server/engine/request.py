@@ -75,6 +75,9 @@ class GenerateParams:
     """EOS and stop tokens cannot end the call before this many decoded tokens."""
     constraint: Any = None
     """A constraints.CompiledConstraint the decoded tokens must follow, or None."""
+    pooling: str = ""
+    """An Embed input: "last" or "mean" pooling of the final hidden states (nothing is
+    decoded or streamed); empty for a Generate call."""
 
 
 class FinishReason(enum.Enum):
@@ -108,6 +111,8 @@ class DoneEvent:
     queue_ms: float
     prefill_ms: float
     decode_ms: float
+    embedding: list[float] | None = None
+    """An Embed input's pooled vector."""
 
 
 Event = TokenEvent | DoneEvent | SalienceError
@@ -152,6 +157,10 @@ class Request:
         """The stream's high-water mark: events for positions below it were sent (or
         need none). Recomputing those positions after a preemption, an offload or a
         drop never sends them again."""
+        self.num_pooled = 0
+        """An Embed input's positions pooled so far (fed again, they are not again)."""
+        self.pooled: Any = None
+        """The running sum (mean pooling) or last final hidden state, a [H] tensor."""
         self.error: SalienceError | None = None
         """Set when this request failed on its own (a bad row); the engine ends it."""
         self.num_cached = 0
@@ -203,6 +212,12 @@ class Request:
             in_ranges(position, self.params.logprobs_ranges)
             or in_ranges(position, self.params.readout_ranges)
         )
+
+    def wants_embedding_at(self, position: int) -> bool:
+        """Whether the final hidden state at fed ``position`` is pooled."""
+        if not self.params.pooling or position < self.num_pooled:
+            return False
+        return self.params.pooling == "mean" or position == self.session.length - 1
 
     def needs_logits_at(self, fed_position: int) -> bool:
         """Whether the distribution computed at ``fed_position`` is used: it samples

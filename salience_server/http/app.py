@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from salience_server.http import chat, completions, info, responses, tokenization
+from salience_server.http import chat, completions, embeddings, info, responses, tokenization
 from salience_server.http.backend import Backend
 from salience_server.http.config import ShimConfig
 from salience_server.http.errors import (
@@ -42,7 +42,7 @@ def create_app(config: ShimConfig, metrics_registry: CollectorRegistry | None = 
 
     app = FastAPI(title="Salience OpenAI shim", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
-    for module in (chat, completions, responses, tokenization, info):
+    for module in (chat, completions, responses, embeddings, tokenization, info):
         app.include_router(module.router)
     registry = metrics_registry or REGISTRY
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -12,7 +13,7 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.engine import tokenization
 from salience_server.engine.engine import Engine
-from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
 from salience_server.rpc import convert
 from salience_server.rpc.errors import abort
@@ -70,11 +71,21 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def _events(
         self, context: grpc.aio.ServicerContext, submit: Callable[[EventSink], Request]
     ) -> AsyncIterator[TokenEvent | DoneEvent]:
-        """Submits a request and yields its events until Done; a SalienceError aborts
-        the call. If the client goes away first, the request is cancelled. A client
-        that reads too slowly (``stream_buffer_events`` unread) is cancelled with
-        RESOURCE_EXHAUSTED: the engine never waits for a reader."""
-        engine = await self._engine(context)
+        """A request's events until Done; a SalienceError aborts the call."""
+        try:
+            async for event in self._engine_events(await self._engine(context), submit):
+                yield event
+        except SalienceError as error:
+            await abort(context, error)
+
+    async def _engine_events(
+        self, engine: Engine, submit: Callable[[EventSink], Request]
+    ) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """Submits a request and yields its events until Done; a refusal or a
+        SalienceError event is raised. If the caller stops early (the client went
+        away), the request is cancelled. A client that reads too slowly
+        (``stream_buffer_events`` unread) is cancelled with RESOURCE_EXHAUSTED: the
+        engine never waits for a reader."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         limit = self.stream_buffer_events
@@ -98,11 +109,8 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             except RuntimeError:
                 pass  # the event loop is gone: the server is stopping
 
-        try:
-            engine_request = submit(sink)
-        except SalienceError as error:
-            await abort(context, error)
-        if overflowed[0] and engine_request is not None:  # before submit returned
+        engine_request = submit(sink)
+        if overflowed[0]:  # before submit returned
             engine.cancel(engine_request)
         is_done = False
         try:
@@ -111,13 +119,51 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 num_read[0] += 1
                 if isinstance(event, SalienceError):
                     is_done = True
-                    await abort(context, event)
-                else:
-                    is_done = isinstance(event, DoneEvent)
-                    yield event
+                    raise event
+                is_done = isinstance(event, DoneEvent)
+                yield event
         finally:
-            if not is_done and engine_request is not None:  # the client went away
+            if not is_done:  # the client went away
                 engine.cancel(engine_request)
+
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
+        """Texts or token lists to one pooled, optionally normalised vector each; each
+        input is a prefill batched with the engine's other work."""
+        engine = await self._engine(context)
+        pooling = "mean" if request.pooling == pb.POOLING_MEAN else "last"
+        window = asyncio.Semaphore(_EMBED_WINDOW)  # inputs in the queue at once
+
+        async def embed(token_ids: list[int]) -> list[float]:
+            def submit(sink: EventSink) -> Request:
+                return engine.submit_embedding(token_ids, pooling, request.priority, sink)
+
+            async with window:
+                async for event in self._engine_events(engine, submit):
+                    if isinstance(event, DoneEvent) and event.embedding is not None:
+                        return event.embedding
+            raise SalienceError(Code.INTERNAL, "INTERNAL", "an input ended without a vector")
+
+        failure: SalienceError | None = None
+        try:
+            inputs = await asyncio.to_thread(_embed_inputs, engine, request)
+            async with asyncio.TaskGroup() as group:  # one failure cancels the others
+                tasks = [group.create_task(embed(token_ids)) for token_ids in inputs]
+        except* SalienceError as failures:  # a refused input, or one that failed
+            failure = failures.exceptions[0]  # type: ignore[assignment]
+        if failure is not None:
+            await abort(context, failure)
+        vectors = [task.result() for task in tasks]
+        if request.normalize:
+            vectors = [_l2_normalized(vector) for vector in vectors]
+        return pb.EmbedResponse(
+            embeddings=[
+                pb.Embedding(values=vector, num_tokens=len(token_ids))
+                for vector, token_ids in zip(vectors, inputs, strict=True)
+            ],
+            prompt_tokens=sum(len(token_ids) for token_ids in inputs),
+        )
 
     async def AppendImage(
         self, request: pb.AppendImageRequest, context: grpc.aio.ServicerContext
@@ -279,3 +325,35 @@ def _slow_reader(limit: int) -> SalienceError:
         f"the client left {limit} events unread; the call was cancelled "
         "(raise --stream-buffer-events, or read faster)",
     )
+
+
+_EMBED_WINDOW = 32
+"""Inputs of one Embed call queued in the engine at once (the rest wait their turn), so
+that one large call cannot fill the engine's queue."""
+MAX_EMBED_INPUTS = 2048
+
+
+def _embed_inputs(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
+    """The token lists of an Embed call (texts tokenized here); INVALID_ARGUMENT when
+    it has none, both kinds, too many or an empty one."""
+    if request.texts and request.token_lists:
+        raise invalid("INVALID_INPUT", "give texts or token_lists, not both")
+    count = len(request.texts) + len(request.token_lists)
+    if count == 0:
+        raise invalid("INVALID_INPUT", "nothing to embed: give texts or token_lists")
+    if count > MAX_EMBED_INPUTS:
+        raise invalid("INVALID_INPUT", f"{count} inputs; at most {MAX_EMBED_INPUTS} per call")
+    tokenizer = engine.loaded.tokenizer
+    inputs = [
+        tokenization.encode_text(tokenizer, text, request.add_special_tokens)
+        for text in request.texts
+    ] + [list(tokens.token_ids) for tokens in request.token_lists]
+    for index, token_ids in enumerate(inputs):
+        if not token_ids:
+            raise invalid("INVALID_INPUT", f"input {index} has no tokens")
+    return inputs
+
+
+def _l2_normalized(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+    return [value / norm for value in vector]

@@ -1,0 +1,84 @@
+"""POST /v1/embeddings, through the server's Embed RPC.
+
+``input`` is a string, a list of strings, a list of token ids, or a list of token-id
+lists, as in OpenAI's API; ``encoding_format`` is ``float`` (the default) or
+``base64`` (little-endian float32, as the openai SDK decodes it). Vectors are the final
+hidden state of the last token (``pooling``, vLLM's extra field, may say ``mean``),
+L2-normalised unless ``normalize`` is false, as embedding endpoints return them.
+``dimensions`` is refused: these vectors cannot be shortened meaningfully.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from salience_server.http.backend import Backend
+from salience_server.http.errors import client_errors, invalid
+from salience_server.http.schemas import MAX_TOKEN_ID, Body, parse_body
+
+router = APIRouter()
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+
+
+class EmbeddingsRequest(Body):
+    model: str
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    pooling: Literal["last", "mean"] = "last"
+    normalize: bool = True
+    add_special_tokens: bool = False
+    priority: int = 0
+
+
+@router.post("/v1/embeddings")
+async def create_embeddings(request: Request) -> dict[str, Any]:
+    """One vector per input, in input order."""
+    backend: Backend = request.app.state.backend
+    body = await parse_body(request, EmbeddingsRequest)
+    await backend.check_model(body.model)
+    if body.dimensions is not None:
+        raise invalid("dimensions is not supported by this model", param="dimensions")
+    texts, token_lists = _inputs(body.input)
+    with client_errors("input"):
+        result = await backend.client.embed(
+            texts=texts,
+            token_lists=token_lists,
+            pooling=body.pooling,
+            normalize=body.normalize,
+            add_special_tokens=body.add_special_tokens,
+        )
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": _encoded(vector, body)}
+            for index, vector in enumerate(result.vectors)
+        ],
+        "model": body.model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
+
+
+def _inputs(value: Any) -> tuple[list[str], list[list[int]]]:
+    """(texts, token lists) from OpenAI's four input shapes."""
+    if isinstance(value, str):
+        return [value], []
+    if not value:
+        raise invalid("input must not be empty", param="input")
+    if all(isinstance(item, str) for item in value):
+        return list(value), []
+    if all(isinstance(item, int) for item in value):
+        return [], [list(value)]
+    return [], [list(item) for item in value]
+
+
+def _encoded(vector: list[float], body: EmbeddingsRequest) -> list[float] | str:
+    if body.encoding_format == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -1,0 +1,122 @@
+"""The Embed RPC, the clients' ``embed`` and the shim's /v1/embeddings, against the
+final hidden states of one plain transformers forward pass (the oracle)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import threading
+
+import grpc
+import pytest
+import torch
+
+from salience_client import SalienceClient
+from salience_client.pb import salience_pb2 as pb
+from tests.helpers import error_reason, generate, open_session, random_tokens
+from tests.tiny_models import build_tokenizer, reference_model
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_llama_dir):
+    return reference_model(tiny_llama_dir)
+
+
+def final_states(oracle, token_ids: list[int]) -> torch.Tensor:
+    """[L, H]: the decoder's output after its final norm."""
+    with torch.no_grad():
+        return oracle.model(torch.tensor([token_ids])).last_hidden_state[0].float()
+
+
+def test_last_and_mean_pooling_equal_the_final_hidden_states(llama_server, oracle) -> None:
+    inputs = [random_tokens(n, seed=40 + n) for n in (1, 7, 30)]
+    with SalienceClient(llama_server.target) as client:
+        last = client.embed(token_lists=inputs)
+        mean = client.embed(token_lists=inputs, pooling="mean", normalize=True)
+    assert last.num_tokens == [1, 7, 30] and last.prompt_tokens == 38
+    for index, token_ids in enumerate(inputs):
+        states = final_states(oracle, token_ids)
+        assert (torch.tensor(last.vectors[index]) - states[-1]).abs().max() < TOLERANCE
+        want = torch.nn.functional.normalize(states.mean(dim=0), dim=0)
+        assert (torch.tensor(mean.vectors[index]) - want).abs().max() < TOLERANCE
+
+
+def test_texts_are_tokenized_by_the_server(llama_server, oracle) -> None:
+    with SalienceClient(llama_server.target) as client:
+        result = client.embed(texts=["hello world", "zebra"])
+    tokenizer = build_tokenizer()
+    for vector, text in zip(result.vectors, ["hello world", "zebra"], strict=True):
+        want = final_states(oracle, tokenizer.encode(text, add_special_tokens=False))[-1]
+        assert (torch.tensor(vector) - want).abs().max() < TOLERANCE
+
+
+def test_embeddings_batch_with_generation_in_a_tight_pool(
+    tiny_llama_dir, server_factory, oracle
+) -> None:
+    """Long inputs in a pool that cannot hold them all at once, beside a stream: each
+    input's chunks are pooled once, whatever preemption does; the stream is exact."""
+    server = server_factory(
+        tiny_llama_dir, block_size=4, kv_cache_bytes=24 * 4 * 512, max_batch_tokens=16
+    )
+    inputs = [random_tokens(60, seed=50 + i) for i in range(6)]
+    prompt = random_tokens(8, seed=49)
+    solo = generate(server.stub, open_session(server.stub), append_tokens=prompt, max_tokens=40)
+    streamed: list = []
+
+    def stream() -> None:
+        streamed.append(
+            generate(server.stub, open_session(server.stub), append_tokens=prompt, max_tokens=40)
+        )
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    with SalienceClient(server.target) as client:
+        result = client.embed(token_lists=inputs, pooling="mean")
+    thread.join(timeout=60)
+    assert [t.id for t in streamed[0][0]] == [t.id for t in solo[0]]
+    for vector, token_ids in zip(result.vectors, inputs, strict=True):
+        want = final_states(oracle, token_ids).mean(dim=0)
+        assert (torch.tensor(vector) - want).abs().max() < TOLERANCE
+    engine = server.engine  # the inputs' own sessions are gone, with all their blocks
+    held = sum(len(s.block_table) for s in engine.sessions.values())
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks - held
+
+
+@pytest.mark.parametrize(
+    "request_fields, reason",
+    [
+        (dict(), "INVALID_INPUT"),
+        (dict(texts=["a"], token_lists=[pb.TokenIds(token_ids=[1])]), "INVALID_INPUT"),
+        (dict(token_lists=[pb.TokenIds(token_ids=[])]), "INVALID_INPUT"),
+        (dict(token_lists=[pb.TokenIds(token_ids=[100000])]), "INVALID_TOKEN"),
+        (dict(token_lists=[pb.TokenIds(token_ids=[1] * 600)]), "CONTEXT_EXCEEDED"),
+    ],
+    ids=["nothing", "both kinds", "an empty input", "an unknown token", "too long"],
+)
+def test_bad_embed_calls_are_invalid(llama_server, request_fields, reason) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        llama_server.stub.Embed(pb.EmbedRequest(**request_fields))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == reason
+
+
+def test_openai_embeddings_endpoint(shim, llama_server, oracle, model) -> None:
+    client = shim.client()
+    tokenizer = build_tokenizer()
+    reply = client.embeddings.create(model=model, input=["one fish", "two fish"])
+    assert [d.index for d in reply.data] == [0, 1]
+    assert reply.usage.prompt_tokens == 16
+    for datum, text in zip(reply.data, ["one fish", "two fish"], strict=True):
+        state = final_states(oracle, tokenizer.encode(text, add_special_tokens=False))[-1]
+        want = torch.nn.functional.normalize(state, dim=0)
+        assert (torch.tensor(datum.embedding) - want).abs().max() < TOLERANCE
+    # Token ids in, base64 out (the SDK decodes float32 little-endian itself).
+    raw = shim.client().embeddings.with_raw_response.create(
+        model=model, input=[[5, 6, 7]], encoding_format="base64"
+    )
+    encoded = raw.http_response.json()["data"][0]["embedding"]
+    values = struct.unpack(f"<{len(base64.b64decode(encoded)) // 4}f", base64.b64decode(encoded))
+    want = torch.nn.functional.normalize(final_states(oracle, [5, 6, 7])[-1], dim=0)
+    assert (torch.tensor(values) - want).abs().max() < TOLERANCE
