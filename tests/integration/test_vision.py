@@ -332,3 +332,31 @@ def test_an_image_pushes_offloaded_kv_out_of_host_memory(vision, server_factory)
     assert first not in server.engine.runner.host_kv
     _, done = generate(stub, first, offset=length, append_tokens=[8], max_tokens=2)
     assert done.recomputed_tokens == length  # recomputed from its tokens and its image
+
+
+def test_the_rust_clients_scoring_flow_through_the_python_client(vision) -> None:
+    """Prefill-only chunks and an image through ``Session``, then one ``score`` call
+    whose range covers committed text on both sides of the image, against one forward
+    pass (image positions carry no logprob, so they add nothing to the sum)."""
+    from salience_client import SalienceClient
+
+    info = _info(vision)
+    image = make_image(5)
+    before, middle, scored = [21, 22, 23], [24, 25], [26, 27, 28]
+    with SalienceClient(vision.target) as client, client.open_session() as session:
+        session.prefill(before + [info.vision_start_token_id])
+        placeholders = session.append_image(encode(image), "image/png")
+        session.prefill([info.vision_end_token_id] + middle)
+        start = session.length - len(middle)  # the range starts before the call's offset
+        (total,) = session.score(scored, ranges=[(1, start + len(middle) + len(scored))])
+        assert session.length == len(before) + 1 + placeholders + 1 + len(middle) + len(scored)
+    inputs = reference_inputs(vision, [before, image, middle + scored])
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(vision.extra["reference"](**inputs).logits[0].float(), -1)
+    want = sum(
+        logprobs[p - 1, ids[p]].item()
+        for p in range(1, len(ids))
+        if ids[p] != info.image_pad_token_id
+    )
+    assert abs(total - want) < 1e-3
