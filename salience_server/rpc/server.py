@@ -44,8 +44,11 @@ class SalienceServer:
             # connection (a dead host, a cut network) is found and its work freed.
             ("grpc.keepalive_time_ms", keepalive_ms),
             ("grpc.keepalive_timeout_ms", min(keepalive_ms, 20_000)),
+            ("grpc.http2.ping_timeout_ms", min(keepalive_ms, 20_000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # gRPC spaces pings that no data answered by 5 minutes unless told otherwise.
+            ("grpc.http2.min_time_between_pings_ms", keepalive_ms),
             # Clients may ping as often as every 10 s without being cut off.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]

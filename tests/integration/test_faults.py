@@ -18,6 +18,7 @@ import pytest
 
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
+from tests.conftest import start_server
 from tests.helpers import error_reason, free_port, generate, open_session, random_tokens
 
 BLOCK_SIZE = 4
@@ -107,6 +108,7 @@ def test_fifty_cancelled_streams_leave_nothing_behind(tiny_llama_dir, server_fac
     with engine._lock:
         assert not engine.scheduler.has_work(), "cancelled work is still running after 2 s"
         assert not any(s.is_busy for s in engine.sessions.values())
+    print(f"50 cancelled streams: idle {time.monotonic() - gone:.3f} s after the last")
     assert control_results == solo
     for session_id in list(engine.sessions):
         stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
@@ -137,7 +139,9 @@ def test_overload_past_the_queue_is_refused_within_100_ms(tiny_llama_dir, server
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
         generate(stub, session_id, append_tokens=[1], max_tokens=3)
-    assert time.monotonic() - start < 0.1
+    refused_s = time.monotonic() - start
+    print(f"overload: refused in {refused_s * 1e3:.1f} ms")
+    assert refused_s < 0.1
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_reason(caught.value) == "QUEUE_FULL"
     for stream in streams:
@@ -157,7 +161,7 @@ def test_two_thousand_session_cycles_return_to_zero(tiny_llama_dir, server_facto
 
     def cycle(index: int) -> None:
         session_id = open_session(stub)
-        generate(stub, session_id, append_tokens=[index % 250, 7, 9], max_tokens=2)
+        generate(stub, session_id, append_tokens=[index % 250, 7, 9], max_tokens=1)
         stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
 
     for index in range(200):
@@ -166,6 +170,7 @@ def test_two_thousand_session_cycles_return_to_zero(tiny_llama_dir, server_facto
     for index in range(2000):
         cycle(index)
     growth = _rss_bytes() - before
+    print(f"2,000 session cycles: RSS grew {growth / 2**20:.1f} MiB")
     assert len(engine.sessions) == 0 and len(engine.images) == 0
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
     assert growth < 48 << 20, f"RSS grew by {growth / 2**20:.1f} MiB"
@@ -219,7 +224,67 @@ def test_kill_9_mid_stream_ends_the_stream_unavailable(tiny_llama_dir) -> None:
             for _ in stream:
                 pass
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        print(f"kill -9: the stream ended UNAVAILABLE after {time.monotonic() - start:.3f} s")
         assert time.monotonic() - start < 5
     finally:
         process.kill()
         process.wait(timeout=10)
+
+
+_SILENT_CLIENT = textwrap.dedent(
+    """
+    import sys, grpc
+    from salience_client.pb import salience_pb2 as pb, salience_pb2_grpc
+    stub = salience_pb2_grpc.SalienceStub(grpc.insecure_channel(sys.argv[1]))
+    stream = stub.Generate(pb.GenerateRequest(
+        session_id=sys.argv[2], append_tokens=[1] * 400, max_tokens=20))
+    print("sent", flush=True)
+    for event in stream:
+        pass
+    """
+)
+
+
+def test_keepalive_finds_a_client_that_stopped_answering(tiny_llama_dir, monkeypatch) -> None:
+    """A client frozen during a long prefill (SIGSTOP: its connection stays open, but it
+    answers no ping) is found by the server's keepalive, and its call stops long
+    before it would have ended."""
+    server = start_server(
+        str(tiny_llama_dir),
+        server_options=dict(keepalive_s=1.0),
+        block_size=4,
+        max_batch_tokens=1,
+    )
+    process = None
+    try:
+        runner = server.engine.runner
+        real = runner.execute
+
+        def slow(batch):  # 20 ms a step, one token a step: the call would take 8 s
+            time.sleep(0.02)
+            return real(batch)
+
+        monkeypatch.setattr(runner, "execute", slow)
+        session_id = open_session(server.stub)
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SILENT_CLIENT, server.target, session_id],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert process.stdout is not None and process.stdout.readline().strip() == "sent"
+        session = server.engine.sessions[session_id]
+        while session.num_computed == 0:  # running
+            time.sleep(0.01)
+        process.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        while session.is_busy and time.monotonic() - frozen < 6:
+            time.sleep(0.05)
+        found_s = time.monotonic() - frozen
+        print(f"keepalive: a frozen client's call stopped after {found_s:.2f} s")
+        assert not session.is_busy and session.num_computed < 400
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait(timeout=10)
+        server.stop()

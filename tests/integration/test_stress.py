@@ -295,7 +295,11 @@ class StressMachine(RuleBasedStateMachine):
         logprobs, _ = self.oracle.forward(after)
         for position in range(length, now):
             assert after.token_ids[position] == int(logprobs[position - 1].argmax())
-        self.models[session_id] = after
+        # How far it got after the cancel depends on timing: rewind to what was read,
+        # so that the machine's state (and what it draws next) is reproducible.
+        kept = length + num_read
+        self._run(Call(session_id, kept, [], 0, [], [], 0, []))
+        self.models[session_id] = SessionModel(after.token_ids[:kept], list(model.images))
 
     @rule(session_id=consumes(sessions))
     def close(self, session_id: str) -> None:
