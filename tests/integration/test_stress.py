@@ -31,7 +31,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from salience_client.pb import salience_pb2 as pb
 from tests.conftest import RunningServer, start_server
-from tests.helpers import U32_MAX
+from tests.helpers import U32_MAX, error_reason
 from tests.integration.test_readout import write_readout
 from tests.integration.test_vision import encode, make_image
 from tests.tiny_models import build_tiny_vision_model, reference_vision_model
@@ -41,6 +41,7 @@ MAX_CONTEXT = 40
 BLOCK_SIZE = 4
 TOKEN_BYTES = 512  # 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes
 IMAGE_SIZE = (56, 56)  # 4 placeholder tokens
+IMAGE_BYTES = 4 * 64 * 4  # their embeddings: 4 x 64 float32
 READOUT_LAYER = 0
 SESSION_TTL_S = 600.0
 
@@ -256,18 +257,26 @@ class StressMachine(RuleBasedStateMachine):
         assume(length + 6 <= MAX_CONTEXT)
         info = self.oracle.info
         self._prefill(session_id, length, [info.vision_start_token_id])
-        response = self.stub.AppendImage(
-            pb.AppendImageRequest(
-                session_id=session_id,
-                image=encode(make_image(seed, IMAGE_SIZE)),
-                mime_type="image/png",
-                offset=length + 1,
+        model.token_ids.append(info.vision_start_token_id)
+        engine = self.server.engine
+        try:
+            response = self.stub.AppendImage(
+                pb.AppendImageRequest(
+                    session_id=session_id,
+                    image=encode(make_image(seed, IMAGE_SIZE)),
+                    mime_type="image/png",
+                    offset=length + 1,
+                )
             )
-        )
+        except grpc.RpcError as error:  # refused only when the images fill the host budget
+            assert error_reason(error) == "HOST_MEMORY_FULL"
+            with engine._lock:
+                held = engine.images.num_bytes()
+            assert held + IMAGE_BYTES > engine.evictor.host_kv_bytes
+            return
         assert response.placeholder_count == 4
         self._prefill(session_id, length + 5, [info.vision_end_token_id])
-        model.token_ids += [info.vision_start_token_id] + [info.image_pad_token_id] * 4
-        model.token_ids.append(info.vision_end_token_id)
+        model.token_ids += [info.image_pad_token_id] * 4 + [info.vision_end_token_id]
         model.images.append((length + 1, seed))
 
     @rule(session_id=sessions, num_read=st.integers(1, 3))
@@ -409,7 +418,7 @@ def stress_server(tmp_path_factory) -> RunningServer:
         readout_path=str(readout_path),
         block_size=BLOCK_SIZE,
         kv_cache_bytes=12 * BLOCK_SIZE * TOKEN_BYTES,  # 48 tokens: one full session
-        host_kv_bytes=24 * TOKEN_BYTES + 4 * 4 * 64 * 4,  # some offloads, the rest dropped
+        host_kv_bytes=24 * TOKEN_BYTES + 4 * IMAGE_BYTES,  # some offloads, the rest dropped
         max_batch_tokens=16,  # prefills in chunks, beside decodes
         session_ttl_s=SESSION_TTL_S,
     )
