@@ -139,8 +139,11 @@ class Scheduler:
         it, restoring its session's KV if it was offloaded."""
         session = request.session
         start = session.num_computed
-        needed = self.block_manager.num_new_blocks(session.block_table, start + num_tokens, start)
-        while self.block_manager.num_free < needed:
+        # Recounted after each eviction: evicting a fork's partner can end the sharing
+        # of blocks, and with it the copies this chunk would need.
+        while self.block_manager.num_free < self.block_manager.num_new_blocks(
+            session.block_table, start + num_tokens, start
+        ):
             if not self._make_room(request, step):
                 return False
         copies = self.block_manager.append(session.block_table, start + num_tokens, start)

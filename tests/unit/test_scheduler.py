@@ -211,3 +211,30 @@ def test_request_short_of_memory_waits_while_others_run() -> None:
     assert second not in scheduler.running and output.failed == []
     assert second.session.residency == Residency.DROPPED  # its KV made room for the first
     manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_evicting_a_forks_partner_ends_the_copies_a_write_needs() -> None:
+    """A fork writing into blocks it shares needs copies; if the only room comes from
+    evicting its idle parent, the blocks are then its own and need no copy. (Found by
+    the stress test: the request failed KV_CACHE_FULL though it fit.)"""
+    manager = BlockManager(num_blocks=12, block_size=4)
+    parent = _idle_session(manager, "parent", 40, last_used=1.0)  # 10 blocks
+    child = Session("child", max_context=128, token_ids=list(range(40)))
+    child.block_table = manager.share(parent.block_table)
+    child.num_computed = child.num_ever_computed = 22  # rescoring from position 22
+    sessions = {"parent": parent, "child": child}
+    scheduler = make_scheduler(EngineConfig(), manager, sessions)
+    request = Request(
+        0,
+        GenerateParams(session_id="child", offset=40, max_tokens=0),
+        child,
+        lambda event: None,
+        set(),
+        None,
+    )
+    child.num_busy = 1
+    scheduler.add(request)
+    output = scheduler.schedule()
+    assert output.failed == [] and [c.request for c in output.chunks] == [request]
+    assert parent.residency == Residency.DROPPED and parent.block_table == []
+    manager.check_invariants([s.block_table for s in sessions.values()])
