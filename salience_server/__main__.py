@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--allow-remote-images", action="store_true", help="let the shim fetch http(s) images"
     )
+    parser.add_argument(
+        "--replica-id",
+        default="",
+        help="this replica's name in the salience-replica response metadata (default: host:port)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -96,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             readout_path=args.readout,
             allow_remote_images=args.allow_remote_images,
             api_key=args.api_key,
+            replica_id=args.replica_id,
         )
     except ValueError as error:
         parser.error(str(error))

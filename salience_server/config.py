@@ -90,3 +90,6 @@ class ServerConfig:
     """Let the shim fetch http(s) image URLs (only data: URLs otherwise)."""
     max_message_bytes: int = 64 << 20
     """Largest gRPC message accepted or sent."""
+    replica_id: str = ""
+    """This server's name among replicas, sent as ``salience-replica`` initial metadata on
+    every response (SPEC 2.7); empty: ``host:port`` once the port is bound."""
