@@ -21,20 +21,31 @@ from salience_client.auth import async_bearer_token
 from salience_client.client import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
+    failover_policy,
     not_ready,
     tokenize_chat_request,
 )
+from salience_client.failover import (
+    Attempts,
+    Failover,
+    FailoverStats,
+    StreamProgress,
+    routing_metadata,
+)
+from salience_client.failover import new_session_id as fresh_session_id
+from salience_client.history import History, ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session import (
     SYNC_WAIT_S,
     GenerateOptions,
-    SessionBase,
     check_options,
     generate_request,
     last_done,
+    no_done,
     sum_ranges,
 )
+from salience_client.session_base import SessionBase
 from salience_client.types import Done, ModelInfo, SalienceClientError, SessionInfo, TokenEvent
 
 _Response = TypeVar("_Response")
@@ -51,7 +62,8 @@ async def call_unary(
 
 
 class AsyncSession(SessionBase):
-    """A server session (asyncio). Use ``async with`` to close it on exit."""
+    """A server session (asyncio). Use ``async with`` to close it on exit. It survives
+    the loss of its replica as ``Session`` does (SPEC 2.7)."""
 
     _stub: salience_pb2_grpc.SalienceStub
 
@@ -83,31 +95,62 @@ class AsyncSession(SessionBase):
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         manifest = self._manifest
         if request.readout_ranges and manifest is None:
-            try:
-                info = await self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=self._timeout
-                )
-            except grpc.RpcError as error:
-                raise SalienceClientError.from_rpc_error(error) from None
-            manifest = self._set_manifest(info)
-        call = self._stub.Generate(request)
-        is_done = is_failed = False
+            manifest = self._set_manifest(await self._model_info())
+        progress = StreamProgress(request)
+        attempts = Attempts(self._failover)
+        finish_reason = ""
+        call = None
+        failure: SalienceClientError | None = None
+        is_done = False
         try:
-            async for event in call:
-                converted = self._event(event, manifest)
-                is_done = isinstance(converted, Done)
-                yield converted
-        except grpc.RpcError as error:
-            is_failed = True
-            raise SalienceClientError.from_rpc_error(error) from None
+            while not is_done:
+                call = self._stub.Generate(request, metadata=self._metadata)
+                try:
+                    is_first = True
+                    async for event in call:
+                        if is_first:
+                            self._note_replica(await call.initial_metadata())
+                            is_first = False
+                        converted = self._event(event, manifest, progress, finish_reason)
+                        is_done = isinstance(converted, Done)
+                        yield converted
+                except grpc.RpcError as rpc_error:
+                    failure = self._failure(rpc_error)
+                if failure is None and not is_done:
+                    failure = no_done()
+                    raise failure
+                if failure is not None:
+                    request, finish_reason = await self._recover_stream(failure, progress, attempts)
+                    failure = None
         finally:
             if not is_done:
-                call.cancel()
-                await self._resync(wait=not is_failed)
+                if call is not None:
+                    call.cancel()
+                self._forget_unsure(progress, failure)
+                await self._resync(wait=failure is None)
+
+    async def _recover_stream(
+        self, error: SalienceClientError, progress: StreamProgress, attempts: Attempts
+    ) -> tuple[pb.GenerateRequest, str]:
+        """As ``Session._recover_stream``."""
+        self._commit(progress)
+        if not progress.is_resumable:
+            raise error
+        await self._recover(error, attempts, progress.replay_length)
+        self._resumed(error, progress)
+        eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
+        return progress.next_request(eos_token_ids)
 
     async def _resync(self, wait: bool) -> None:
+        """Re-reads the length after a call that ended early; never replays."""
+        deadline = time.monotonic() + (SYNC_WAIT_S if wait else 0.0)
+        request = pb.GetSessionRequest(session_id=self.session_id)
         with contextlib.suppress(SalienceClientError):
-            await self.sync(wait_s=SYNC_WAIT_S if wait else 0.0)
+            info = (await self._unary(self._stub.GetSession, request)).session
+            while info.busy and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                info = (await self._unary(self._stub.GetSession, request)).session
+            self._synced(info.length)
 
     async def sync(self, wait_s: float = SYNC_WAIT_S) -> SessionInfo:
         """Re-reads ``length`` from the server, waiting up to ``wait_s`` while it is busy."""
@@ -116,7 +159,7 @@ class AsyncSession(SessionBase):
         while info.is_busy and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             info = await self.info()
-        self.length = info.length
+        self._synced(info.length)
         return info
 
     async def _collect(self, events: AsyncIterator[TokenEvent | Done]) -> list[TokenEvent | Done]:
@@ -139,11 +182,29 @@ class AsyncSession(SessionBase):
         return sum_ranges(await self._collect(events), ranges)
 
     async def fork(self, new_session_id: str = "") -> AsyncSession:
-        """A new session sharing this one's committed tokens (copy-on-write KV)."""
-        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=new_session_id)
-        response = await call_unary(self._stub.ForkSession, request, self._timeout)
+        """A new session sharing this one's committed tokens (copy-on-write KV). It routes
+        with this session's ``x-session-id``, so it stays on the replica holding the KV."""
+        child_id = new_session_id or fresh_session_id()
+        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                response = await self._unary(self._stub.ForkSession, request)
+                return self._child(response.session_id or child_id, response.length)
+            except SalienceClientError as error:
+                if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
+                    return self._child(child_id, self.length)  # an earlier try went through
+                failure = error
+            await self._recover(failure, attempts, self.length)
+
+    def _child(self, child_id: str, length: int) -> AsyncSession:
         return AsyncSession(
-            self._stub, response.session_id, self.max_context, response.length, self._timeout
+            self._stub,
+            child_id,
+            self.max_context,
+            length,
+            self._timeout,
+            **self._child_options(length),
         )
 
     async def append_image(
@@ -158,18 +219,27 @@ class AsyncSession(SessionBase):
             offset=offset,
             truncating=truncating,
         )
-        try:
-            response = await call_unary(self._stub.AppendImage, request, self._timeout)
-        except SalienceClientError:
-            await self._resync(wait=False)
-            raise
-        self.length = response.total_length
-        return response.placeholder_count
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                response = await self._unary(self._stub.AppendImage, request)
+                break
+            except SalienceClientError as error:
+                failure = error
+            try:
+                await self._recover(failure, attempts, offset)
+            except SalienceClientError:
+                self._forget_unsure_at(offset, failure)
+                await self._resync(wait=False)
+                raise
+            request.truncating = True  # whatever a broken try left goes
+        self._image_appended(offset, data, mime_type, response)
+        return int(response.placeholder_count)
 
     async def info(self) -> SessionInfo:
         """The server's view of this session."""
         request = pb.GetSessionRequest(session_id=self.session_id)
-        response = await call_unary(self._stub.GetSession, request, self._timeout)
+        response = await self._call(self._stub.GetSession, request, self.length)
         return SessionInfo.from_pb(response.session)
 
     async def close(self) -> None:
@@ -179,14 +249,112 @@ class AsyncSession(SessionBase):
         self.is_closed = True
         request = pb.CloseSessionRequest(session_id=self.session_id)
         try:
-            await call_unary(self._stub.CloseSession, request, self._timeout)
+            await self._unary(self._stub.CloseSession, request)
         except SalienceClientError as error:
             if error.code != grpc.StatusCode.NOT_FOUND:
                 raise
 
+    async def _open(self) -> None:
+        """Creates this session on the server under its id (retrying while no replica
+        answers)."""
+        request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                self._opened(await self._unary(self._stub.OpenSession, request))
+                return
+            except SalienceClientError as error:
+                if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
+                    info = await self._unary(
+                        self._stub.GetSession, pb.GetSessionRequest(session_id=self.session_id)
+                    )
+                    self.max_context = info.session.max_context  # an earlier try went through
+                    return
+                failure = error
+            await self._recover(failure, attempts, None)
+
+    # ----- calls and recovery ------------------------------------------------------------
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        """One call of a unary session RPC with the session's metadata."""
+        call = method(request, timeout=self._timeout, metadata=self._metadata)
+        try:
+            response = await call
+        except grpc.RpcError as error:
+            raise self._failure(error) from None
+        self._note_replica(await call.initial_metadata())
+        return response
+
+    async def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
+        """A unary session RPC that recovers: replays (to ``replay_length``) a lost
+        session, retries while no replica answers."""
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                return await self._unary(method, request)
+            except SalienceClientError as error:
+                failure = error
+            await self._recover(failure, attempts, replay_length)
+
+    def _failure(self, error: grpc.RpcError) -> SalienceClientError:
+        self._note_replica(error.initial_metadata())  # type: ignore[attr-defined]
+        return SalienceClientError.from_rpc_error(error)
+
+    async def _recover(
+        self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
+    ) -> None:
+        """As ``Session._recover``."""
+        recovery = self._recovery(error, attempts, replay_length)
+        if recovery.replay_length is None:
+            await asyncio.sleep(recovery.wait_s)
+            return
+        cause = error
+        while True:
+            try:
+                await self._replay(recovery.replay_length, cause)
+                return
+            except SalienceClientError as failed:
+                cause = failed
+            attempts.begin_replay(self.session_id, cause)
+            await asyncio.sleep(self._failover.first_retry_wait_s)
+
+    async def _replay(self, length: int, cause: SalienceClientError) -> None:
+        """As ``Session._replay``."""
+        request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
+        try:
+            await self._unary(self._stub.OpenSession, request)
+            is_fresh = True
+        except SalienceClientError as error:
+            if error.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            is_fresh = False  # a stale copy: every step rewrites it from position 0
+        for step in self._replay_steps(length, is_fresh):
+            if isinstance(step, ImageStep):
+                image_request = self._replay_image_request(step)
+                response = await self._unary(self._stub.AppendImage, image_request)
+                self._check_replayed_image(step, response.placeholder_count)
+                continue
+            call = self._stub.Generate(self._replay_prefill_request(step), metadata=self._metadata)
+            try:
+                async for _ in call:
+                    pass
+            except grpc.RpcError as error:
+                raise self._failure(error) from None
+            self._note_replica(await call.initial_metadata())
+        self._replayed(cause, length)
+
+    async def _model_info(self) -> pb.GetModelInfoResponse:
+        return await call_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
+
+    async def _eos_ids(self) -> list[int]:
+        if self._eos_token_ids is None:
+            self._eos_token_ids = list((await self._model_info()).eos_token_ids)
+        return self._eos_token_ids
+
 
 class AsyncSalienceClient:
-    """An asyncio client of a Salience server at ``target`` (``host:port``).
+    """An asyncio client of a Salience server at ``target`` (``host:port``), or of
+    several replicas behind a proxy there (SPEC 2.7).
 
     ``timeout`` (seconds) bounds every unary call; streams are not bounded.
     """
@@ -197,10 +365,15 @@ class AsyncSalienceClient:
         *,
         timeout: float | None = None,
         api_key: str | None = None,
+        replay: bool | Failover = True,
     ) -> None:
-        """``api_key``: sent as ``authorization: Bearer`` metadata on every call."""
+        """``api_key``: sent as ``authorization: Bearer`` metadata on every call.
+        ``replay``: as in ``SalienceClient``."""
         self.target = target
         self._timeout = timeout
+        self.failover = failover_policy(replay)
+        self.failover_stats = FailoverStats()
+        """Replays and resumes over every session of this client."""
         interceptors = async_bearer_token(api_key) if api_key else None
         self._channel = grpc.aio.insecure_channel(
             target, options=CHANNEL_OPTIONS, interceptors=interceptors
@@ -237,15 +410,30 @@ class AsyncSalienceClient:
         return await call_unary(getattr(self._stub, method), request, self._timeout)
 
     async def open_session(self, max_context: int = 0, session_id: str = "") -> AsyncSession:
-        """Creates an empty session; ``max_context`` 0 means the server's limit."""
-        request = pb.OpenSessionRequest(session_id=session_id, max_context=max_context)
-        response = await self._call("OpenSession", request)
-        return AsyncSession(self._stub, response.session_id, response.max_context, 0, self._timeout)
+        """As ``SalienceClient.open_session``."""
+        session = self._session(session_id or fresh_session_id(), max_context, 0, "")
+        await session._open()
+        return session
 
-    async def session(self, session_id: str) -> AsyncSession:
-        """A handle on an existing session, its length read from the server."""
-        info = await self.get_session(session_id)
-        return AsyncSession(self._stub, session_id, info.max_context, info.length, self._timeout)
+    async def session(self, session_id: str, routing_key: str = "") -> AsyncSession:
+        """As ``SalienceClient.session``."""
+        info = await self.get_session(session_id, routing_key)
+        return self._session(session_id, info.max_context, info.length, routing_key)
+
+    def _session(
+        self, session_id: str, max_context: int, length: int, routing_key: str
+    ) -> AsyncSession:
+        return AsyncSession(
+            self._stub,
+            session_id,
+            max_context,
+            length,
+            self._timeout,
+            routing_key=routing_key,
+            history=History(),
+            failover=self.failover,
+            stats=self.failover_stats,
+        )
 
     async def model_info(self) -> ModelInfo:
         """The served model: ids, limits, special tokens, capabilities."""
@@ -274,11 +462,18 @@ class AsyncSalienceClient:
         return str((await self._call("Detokenize", request)).text)
 
     async def list_sessions(self) -> list[SessionInfo]:
-        """Every live session."""
+        """Every live session (of the one replica that answers, behind a proxy)."""
         response = await self._call("ListSessions", pb.ListSessionsRequest())
         return [SessionInfo.from_pb(info) for info in response.sessions]
 
-    async def get_session(self, session_id: str) -> SessionInfo:
-        """One session's length, residency and idle time."""
-        response = await self._call("GetSession", pb.GetSessionRequest(session_id=session_id))
+    async def get_session(self, session_id: str, routing_key: str = "") -> SessionInfo:
+        """As ``SalienceClient.get_session``."""
+        request = pb.GetSessionRequest(session_id=session_id)
+        metadata = routing_metadata(routing_key or session_id)
+        try:
+            response = await self._stub.GetSession(
+                request, timeout=self._timeout, metadata=metadata
+            )
+        except grpc.RpcError as error:
+            raise SalienceClientError.from_rpc_error(error) from None
         return SessionInfo.from_pb(response.session)
