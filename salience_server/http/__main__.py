@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
     parser.add_argument(
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs"
     )
+    parser.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="do not re-create sessions lost with their replica nor resume broken streams",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -52,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
             max_pooled_sessions=args.max_pooled_sessions,
             max_stored_responses=args.max_stored_responses,
             log_level=args.log_level,
+            replay=not args.no_replay,
         )
     except ValueError as error:
         parser.error(str(error))

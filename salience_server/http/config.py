@@ -32,6 +32,9 @@ class ShimConfig:
     """Fetch http(s) image URLs; otherwise only data: URLs are accepted (400)."""
     max_image_bytes: int = 20 << 20
     """Largest remote image fetched."""
+    replay: bool = True
+    """Re-create pooled sessions lost with their replica by replaying their tokens, and
+    resume broken streams (SPEC 2.7); off, such failures reach the HTTP client."""
 
     def __post_init__(self) -> None:
         if not self.target:
