@@ -112,8 +112,9 @@ class AsyncSession(SessionBase):
                             self._note_replica(await call.initial_metadata())
                             is_first = False
                         converted = self._event(event, manifest, progress, finish_reason)
-                        is_done = isinstance(converted, Done)
-                        yield converted
+                        if converted is not None:
+                            is_done = isinstance(converted, Done)
+                            yield converted
                 except grpc.RpcError as rpc_error:
                     failure = self._failure(rpc_error)
                 if failure is None and not is_done:

@@ -181,9 +181,15 @@ class Attempts:
 
 class StreamProgress:
     """What one Generate call has streamed so far, so that a broken stream can resume
-    asking only for the rest. Exact for greedy decoding; a sampled continuation is a fresh
-    draw; a call under a ``constraint`` cannot resume once accepted (its grammar state
-    lives on the lost replica)."""
+    asking only for the rest.
+
+    Once a token was decoded, the resuming call continues from the last one received;
+    before that (only scored prompt positions arrived, or nothing) the call is made
+    again and the events already delivered are dropped. Exact for greedy decoding; a
+    sampled continuation is a fresh draw; a call under a ``constraint`` cannot resume
+    once it decoded (its grammar state lived on the lost replica); stop strings are
+    matched on the text decoded since the break.
+    """
 
     def __init__(self, request: pb.GenerateRequest) -> None:
         self.request = request
@@ -191,9 +197,10 @@ class StreamProgress:
         self.is_accepted = False
         """The server applied the append: an event arrived."""
         self.is_resumed = False
+        """The stream continues from decoded tokens received before a break."""
         self.decoded_ids: list[int] = []
         self.next_position = 0
-        """Positions below this have streamed their events."""
+        """Positions below this have delivered their events."""
 
     @property
     def base_length(self) -> int:
@@ -202,19 +209,26 @@ class StreamProgress:
 
     @property
     def replay_length(self) -> int:
-        """Positions a replay must restore before the next attempt."""
-        return self.base_length + len(self.decoded_ids) if self.is_accepted else self.request.offset
+        """Positions a replay must restore before the next try."""
+        if self.decoded_ids:
+            return self.base_length + len(self.decoded_ids)
+        return self.request.offset
 
     @property
     def is_resumable(self) -> bool:
-        return not (self.is_accepted and self.request.HasField("constraint"))
+        return not (self.decoded_ids and self.request.HasField("constraint"))
 
-    def observe(self, event: TokenEvent | Done) -> None:
+    def observe(self, event: TokenEvent | Done) -> bool:
+        """Notes an event; False for one delivered before (a call made again)."""
         self.is_accepted = True
-        if isinstance(event, TokenEvent):
-            self.next_position = event.position + 1
-            if not event.is_prefill:
-                self.decoded_ids.append(event.token_id)
+        if isinstance(event, Done):
+            return True
+        if event.position < self.next_position:
+            return False
+        self.next_position = event.position + 1
+        if not event.is_prefill:
+            self.decoded_ids.append(event.token_id)
+        return True
 
     def committed_ids(self) -> list[int]:
         """What the call put after ``request.offset`` as far as the client saw."""
@@ -226,7 +240,7 @@ class StreamProgress:
         request = pb.GenerateRequest()
         request.CopyFrom(self.request)
         request.truncating = True  # whatever the broken call left on a live replica goes
-        if not self.is_accepted:
+        if not self.decoded_ids:
             return request, ""
         self.is_resumed = True
         num_decoded = len(self.decoded_ids)
@@ -236,16 +250,16 @@ class StreamProgress:
         request.min_tokens = max(0, self.request.min_tokens - num_decoded)
         for ranges in (request.logprobs_ranges, request.readout_ranges):
             kept = [
-                pb.PositionRange(start=max(r.start, self.next_position), end=r.end)
+                pb.PositionRange(start=max(r.start, request.offset), end=r.end)
                 for r in ranges
-                if max(r.start, self.next_position) < r.end
+                if max(r.start, request.offset) < r.end
             ]
             del ranges[:]
             ranges.extend(kept)
         finish_reason = ""
-        if self.request.max_tokens and self._has_stopped(eos_token_ids):
+        if self._has_stopped(eos_token_ids):
             finish_reason = "stop"
-        elif self.request.max_tokens and request.max_tokens == 0:
+        elif request.max_tokens == 0:
             finish_reason = "length"
         if finish_reason:
             request.max_tokens = 0
@@ -254,11 +268,9 @@ class StreamProgress:
     def needs_eos_ids(self) -> bool:
         """Whether ``next_request`` must know the model's EOS ids (the last decoded token
         may have ended the call just before its Done was lost)."""
-        return bool(self.is_accepted and self.decoded_ids and not self.request.ignore_eos)
+        return bool(self.decoded_ids and not self.request.ignore_eos)
 
     def _has_stopped(self, eos_token_ids: Collection[int]) -> bool:
-        if not self.decoded_ids:
-            return False
         last = self.decoded_ids[-1]
         if last in self.request.stop_token_ids:
             return True

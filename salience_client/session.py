@@ -185,8 +185,9 @@ class Session(SessionBase):
                         if index == 0:
                             self._note_replica(call.initial_metadata())
                         converted = self._event(event, manifest, progress, finish_reason)
-                        is_done = isinstance(converted, Done)
-                        yield converted
+                        if converted is not None:
+                            is_done = isinstance(converted, Done)
+                            yield converted
                 except grpc.RpcError as rpc_error:
                     failure = self._failure(rpc_error)
                 if failure is None and not is_done:

@@ -115,8 +115,9 @@ class SessionBase:
         manifest: ReadoutManifest | None,
         progress: StreamProgress,
         finish_reason: str,
-    ) -> TokenEvent | Done:
-        """Converts one streamed event and notes it; a Done also commits the call."""
+    ) -> TokenEvent | Done | None:
+        """Converts one streamed event and notes it; a Done also commits the call. None
+        for an event delivered before (a call made again after a break)."""
         if event.HasField("done"):
             done = progress.merged_done(Done.from_pb(event.done), finish_reason)
             progress.observe(done)
@@ -125,8 +126,7 @@ class SessionBase:
             self._history.truncate(done.total_tokens)
             return done
         token = TokenEvent.from_pb(event.token, manifest)
-        progress.observe(token)
-        return token
+        return token if progress.observe(token) else None
 
     def _commit(self, progress: StreamProgress) -> None:
         """Writes what an accepted call put in the session into the history (again if

@@ -59,6 +59,7 @@ def start_server(
     model: str | None,
     readout_path: str | None = None,
     api_key: str | None = None,
+    replica_id: str = "",
     **engine_options: Any,
 ) -> RunningServer:
     """Starts a real gRPC server for ``model`` on port 0 in a background thread."""
@@ -70,6 +71,7 @@ def start_server(
         engine=EngineConfig(**engine_options),
         readout_path=readout_path,
         api_key=api_key,
+        replica_id=replica_id,
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -2,7 +2,8 @@
 failover (SPEC 2.7) where a model cannot be made to fail on cue.
 
 Its "model" counts: each decoded token is the previous token plus one (mod 256), so a
-resumed stream is right exactly when it continues the count. It honours the client's
+resumed stream is right exactly when it continues the count. It streams an event for
+each appended position inside ``logprobs_ranges`` first, as the real server does. It honours the client's
 session ids (ALREADY_EXISTS on a taken one), records the ``x-session-id`` of every call,
 and names itself through the real ``ReplicaInterceptor``.
 """
@@ -132,10 +133,19 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
         del tokens[request.offset :]
         tokens.extend(request.append_tokens)
         prompt_length = len(tokens)
-        for num_events in range(request.max_tokens + 1):
+        scored = [
+            p
+            for p in range(request.offset, prompt_length)
+            if any(r.start <= p < r.end for r in request.logprobs_ranges)
+        ]
+        for num_events, position in enumerate(scored):  # the scored prompt positions
             await self._maybe_break(num_events, context)
-            is_eos = num_events > 0 and tokens[-1] == EOS and not request.ignore_eos
-            if num_events == request.max_tokens or is_eos:
+            token = pb.Token(id=tokens[position], position=position, is_prefill=True)
+            yield pb.GenerateEvent(token=token)
+        for num_decoded in range(request.max_tokens + 1):
+            await self._maybe_break(len(scored) + num_decoded, context)
+            is_eos = num_decoded > 0 and tokens[-1] == EOS and not request.ignore_eos
+            if num_decoded == request.max_tokens or is_eos:
                 break
             tokens.append((tokens[-1] + 1) % 256 if tokens else 0)
             yield pb.GenerateEvent(token=pb.Token(id=tokens[-1], position=len(tokens) - 1))

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from salience_client import (
+    END,
     AsyncSalienceClient,
     Done,
     Failover,
@@ -214,6 +215,30 @@ def test_a_broken_stream_resumes_asking_only_for_the_rest(
     assert list(resumed.append_tokens) == [] and resumed.offset == 6 and resumed.truncating
     assert resumed.max_tokens == 5
     assert session.num_resumes == client.failover_stats.num_resumes == 1
+
+
+def test_a_stream_broken_before_decoding_is_made_again_without_repeats(
+    fake: RunningFake,
+) -> None:
+    with SalienceClient(fake.target, timeout=10, replay=FAST) as client:
+        session = client.open_session()
+        session.prefill([1, 2])
+        fake.replica.faults.break_after = 2  # two of four scored prompt positions came
+        events = list(session.generate([3, 4, 5, 6], max_tokens=2, logprobs_ranges=[(2, END)]))
+    *tokens, done = events
+    assert [(t.position, t.is_prefill) for t in tokens] == [  # type: ignore[union-attr]
+        (2, True),
+        (3, True),
+        (4, True),
+        (5, True),
+        (6, False),
+        (7, False),
+    ]
+    assert isinstance(done, Done) and done.total_tokens == session.length == 8
+    first, again = fake.replica.requests[-2:]
+    assert again.truncating and not first.truncating
+    assert (again.offset, list(again.append_tokens)) == (first.offset, [3, 4, 5, 6])
+    assert session.num_resumes == 1
 
 
 def test_a_stream_that_broke_after_its_last_token_decodes_nothing_more(
