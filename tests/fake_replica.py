@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from salience_client.pb import salience_pb2 as pb
@@ -172,10 +173,18 @@ class RunningFake:
     loop: asyncio.AbstractEventLoop
     server: Any
     thread: threading.Thread
+    health: health.aio.HealthServicer
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def set_serving(self, is_serving: bool) -> None:
+        """What its standard health service answers (SERVING or NOT_SERVING)."""
+        status = health_pb2.HealthCheckResponse.SERVING
+        if not is_serving:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        asyncio.run_coroutine_threadsafe(self.health.set("", status), self.loop).result(10)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(timeout=10)
@@ -183,18 +192,22 @@ class RunningFake:
         self.thread.join(timeout=10)
 
 
-def start_fake(replica_id: str = "fake-replica") -> RunningFake:
+def start_fake(replica_id: str = "fake-replica", port: int = 0) -> RunningFake:
+    """A fake replica (SERVING) on ``port``, 0 for one the OS picks."""
     replica = FakeReplica()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
-    async def boot() -> tuple[Any, int]:
+    async def boot() -> tuple[Any, int, health.aio.HealthServicer]:
         server = grpc.aio.server(interceptors=[ReplicaInterceptor(replica_id)])
         salience_pb2_grpc.add_SalienceServicer_to_server(replica, server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
-        return server, port
+        return server, bound, health_servicer
 
-    server, port = asyncio.run_coroutine_threadsafe(boot(), loop).result(timeout=10)
-    return RunningFake(replica, port, loop, server, thread)
+    server, bound, health_servicer = asyncio.run_coroutine_threadsafe(boot(), loop).result(10)
+    return RunningFake(replica, bound, loop, server, thread, health_servicer)
