@@ -319,10 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("num_replicas", type=int, help="how many replicas")
     parser.add_argument("--port", type=int, default=50050, help="the proxy's port")
-    parser.add_argument("server_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
-    cluster = LocalCluster(args.num_replicas, server_args, proxy_port=args.port)
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    cluster = LocalCluster(args.num_replicas, argv[split + 1 :], proxy_port=args.port)
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
