@@ -164,9 +164,11 @@ def main() -> None:
         f"({2 * one / baseline:.2f}x), 3 replicas ~ {3 * one:.2f} turns/s ({3 * one / baseline:.2f}x)"
     )
     for length, replayed, live in replays:
+        cost_ms = (replayed - live) * 1e3
         print(
             f"replay of {length:5d} tokens: the next turn took {replayed * 1e3:7.1f} ms, "
-            f"{live * 1e3:6.1f} ms on a live session; ratio {replayed / live:.2f}"
+            f"{live * 1e3:6.1f} ms on a live session; ratio {replayed / live:.2f}; the replay "
+            f"{cost_ms:.0f} ms = {cost_ms / length:.2f} ms per token of history"
         )
 
 
