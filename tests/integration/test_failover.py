@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from salience_client import (
     END,
@@ -97,6 +99,21 @@ def test_the_server_names_its_replica_and_refuses_a_taken_id(llama_server: Any) 
     stream = stub.Generate(pb.GenerateRequest(session_id="taken", append_tokens=[1, 2]))
     assert list(stream)[-1].done.total_tokens == 2
     assert dict(stream.initial_metadata())["salience-replica"] == llama_server.target
+    # The health and reflection services too, streaming or not.
+    replica = ("salience-replica", llama_server.target)
+    health = health_pb2_grpc.HealthStub(llama_server.channel)
+    _, call = health.Check.with_call(health_pb2.HealthCheckRequest())
+    assert replica in call.initial_metadata()
+    watch = health.Watch(health_pb2.HealthCheckRequest())
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    assert replica in watch.initial_metadata()
+    watch.cancel()
+    reflection = reflection_pb2_grpc.ServerReflectionStub(llama_server.channel)
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
+    answers = reflection.ServerReflectionInfo(iter([listing]))
+    assert next(answers).list_services_response.service
+    assert replica in answers.initial_metadata()
+    answers.cancel()
     with SalienceClient(llama_server.target, timeout=10) as client:
         with pytest.raises(SalienceClientError) as error:
             client.open_session(session_id="taken")
