@@ -125,13 +125,15 @@ def is_refusal(error: SalienceClientError) -> bool:
     return error.code in _REFUSALS
 
 
-def replay_failed(session_id: str, error: SalienceClientError, attempts: int) -> Exception:
+def replay_failed(
+    session_id: str, error: SalienceClientError, attempts: int
+) -> SalienceClientError:
     """The clear error of a session that could not be re-created."""
     return SalienceClientError(
         error.code,
         "REPLAY_FAILED",
-        f"session {session_id!r} was lost with its replica and re-creating it failed "
-        f"{attempts} times; last error: {error}",
+        f"session {session_id!r} is gone from the server (its replica lost, or its TTL "
+        f"passed) and re-creating it failed {attempts} times; last error: {error}",
         error.metadata,
     )
 
@@ -141,9 +143,10 @@ def session_lost(session_id: str, needed: int, known: int) -> SalienceClientErro
     return SalienceClientError(
         grpc.StatusCode.NOT_FOUND,
         "SESSION_LOST",
-        f"session {session_id!r} was lost with its replica and cannot be re-created: the "
-        f"call needs its first {needed} positions and this client knows {known} (a handle "
-        "on a session it did not open, or a call that ended before its Done)",
+        f"session {session_id!r} is gone from the server (its replica lost, or its TTL "
+        f"passed) and cannot be re-created: the call needs its first {needed} positions "
+        f"and this client knows {known} (a handle on a session it did not open, or a call "
+        "that ended before its Done)",
     )
 
 
