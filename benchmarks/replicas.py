@@ -1,9 +1,10 @@
 """Question: what do several replicas behind the proxy give an agent workload, and what
 does a replay cost?
 
-1. Aggregate agent-turn throughput: AGENTS sessions at once (one thread each), each
-   running TURNS turns of ~60 appended tokens and 32 greedy decoded tokens, against one
-   server reached directly (the baseline) and against 1, 2 and 3 replicas behind
+1. Aggregate agent-turn throughput: 6 sessions at once (one thread each), each running
+   6 turns of 60 appended tokens and 32 greedy decoded tokens, against one server
+   reached directly (the baseline: the replica of the one-replica cluster, measured
+   just before it is measured behind the proxy) and against 1, 2 and 3 replicas behind
    HAProxy (deploy/haproxy/haproxy.cfg). Prints turns/s and the ratio to the baseline.
    On a machine where the replicas share the same few cores (this one has 2) the
    scaling is flat: the replicas split the cores one server already used. The line
@@ -20,6 +21,7 @@ and lengths); ``--model DIR`` for another model.
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -27,7 +29,6 @@ from dataclasses import dataclass
 import grpc
 from transformers import AutoTokenizer
 
-from benchmarks._server import running_server
 from salience_client import SalienceClient, Session, TokenEvent
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -129,22 +130,25 @@ def main() -> None:
     path, _ = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     corpus = tokenizer.encode(TEXT, add_special_tokens=False)
+    load = os.getloadavg()[0]  # other work on the machine skews every figure
     print(
         f"{work.num_agents} agents x {work.num_turns} turns "
         f"(+{work.turn_tokens} tokens, {work.decode_tokens} decoded each)",
         flush=True,
     )
 
-    with running_server(*server_args) as target:
-        print("one server, direct:", flush=True)
-        baseline = agent_turns_per_s(target, corpus, work)
-        print(f"  {baseline:.2f} turns/s (baseline)", flush=True)
-        replays = [
-            (length, *replay_cost(target, corpus, length, work)) for length in work.replay_lengths
-        ]
     behind_proxy = {}
     for num_replicas in (1, 2, 3):
         with LocalCluster(num_replicas, server_args) as cluster:
+            if num_replicas == 1:  # the baseline: the same server, reached directly
+                direct = cluster.replicas[0].target
+                print("one server, direct (the baseline):", flush=True)
+                baseline = agent_turns_per_s(direct, corpus, work)
+                print(f"  {baseline:.2f} turns/s", flush=True)
+                replays = [
+                    (length, *replay_cost(direct, corpus, length, work))
+                    for length in work.replay_lengths
+                ]
             print(f"{num_replicas} replica(s) behind HAProxy:", flush=True)
             behind_proxy[num_replicas] = agent_turns_per_s(cluster.target, corpus, work)
             rate = behind_proxy[num_replicas]
@@ -163,6 +167,8 @@ def main() -> None:
         f"separate machines (one replica each, projected): 2 replicas ~ {2 * one:.2f} turns/s "
         f"({2 * one / baseline:.2f}x), 3 replicas ~ {3 * one:.2f} turns/s ({3 * one / baseline:.2f}x)"
     )
+    end_load = os.getloadavg()[0]
+    print(f"load average (1 min) at the start and the end: {load:.1f}, {end_load:.1f}")
     for length, replayed, live in replays:
         cost_ms = (replayed - live) * 1e3
         print(
