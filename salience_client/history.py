@@ -9,6 +9,7 @@ history's length (a later call that rewinds to within it needs no more).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -51,8 +52,9 @@ ReplayStep = PrefillStep | ImageStep
 class History:
     """Committed tokens and images of one session, in position order."""
 
-    token_ids: list[int] = field(default_factory=list)
-    """One id per position; IMAGE_PLACEHOLDER at image positions."""
+    token_ids: array[int] = field(default_factory=lambda: array("i"))
+    """One id per position, IMAGE_PLACEHOLDER at image positions (4 bytes each: long
+    sessions, many of them)."""
     images: list[ImageRecord] = field(default_factory=list)
 
     @property
@@ -62,7 +64,7 @@ class History:
 
     def copy(self) -> History:
         """An independent copy (a fork starts from its parent's)."""
-        return History(list(self.token_ids), list(self.images))
+        return History(array("i", self.token_ids), list(self.images))
 
     def truncate(self, length: int) -> None:
         """Keeps the first ``length`` positions (an image cut in two is dropped whole,
@@ -93,9 +95,9 @@ class History:
             if image.position >= length:
                 break
             if image.position > start:
-                steps.append(PrefillStep(start, self.token_ids[start : image.position]))
+                steps.append(PrefillStep(start, self.token_ids[start : image.position].tolist()))
             steps.append(ImageStep(image.position, image))
             start = image.position + image.num_tokens
         if start < length:
-            steps.append(PrefillStep(start, self.token_ids[start:length]))
+            steps.append(PrefillStep(start, self.token_ids[start:length].tolist()))
         return steps
