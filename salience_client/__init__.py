@@ -3,10 +3,13 @@
 ``SalienceClient`` (sync) and ``AsyncSalienceClient`` (asyncio) each hold one channel
 that every session and call shares. Sessions track their committed length and send
 ``offset`` themselves; every value returned is a plain dataclass, never a protobuf.
+Behind a proxy with several replicas, a session survives the loss of its replica
+(``Failover``, SPEC 2.7).
 """
 
 from salience_client.aio import AsyncSalienceClient, AsyncSession
 from salience_client.client import DEFAULT_TARGET, SalienceClient
+from salience_client.failover import Failover, FailoverStats
 from salience_client.session import END, GenerateOptions, Session
 from salience_client.types import (
     Done,
@@ -26,6 +29,8 @@ __all__ = [
     "AsyncSession",
     "Done",
     "Embeddings",
+    "Failover",
+    "FailoverStats",
     "GenerateOptions",
     "ModelInfo",
     "ReadoutManifest",

@@ -9,192 +9,36 @@ dropped is cancelled when it is garbage-collected).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar, Unpack
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from salience_client.aio_session import AsyncSession, call_unary
 from salience_client.auth import async_bearer_token
 from salience_client.client import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
     embed_request,
+    failover_policy,
     not_ready,
     tokenize_chat_request,
 )
+from salience_client.failover import Failover, FailoverStats, routing_metadata
+from salience_client.failover import new_session_id as fresh_session_id
+from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session import (
-    SYNC_WAIT_S,
-    GenerateOptions,
-    SessionBase,
-    check_options,
-    generate_request,
-    last_done,
-    sum_ranges,
-)
-from salience_client.types import (
-    Done,
-    Embeddings,
-    ModelInfo,
-    SalienceClientError,
-    SessionInfo,
-    TokenEvent,
-)
+from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 
-_Response = TypeVar("_Response")
-
-
-async def call_unary(
-    method: Callable[..., Awaitable[_Response]], request: Any, timeout: float | None
-) -> _Response:
-    """Awaits a unary RPC, turning a failed call into SalienceClientError."""
-    try:
-        return await method(request, timeout=timeout)
-    except grpc.RpcError as error:
-        raise SalienceClientError.from_rpc_error(error) from None
-
-
-class AsyncSession(SessionBase):
-    """A server session (asyncio). Use ``async with`` to close it on exit."""
-
-    _stub: salience_pb2_grpc.SalienceStub
-
-    async def __aenter__(self) -> AsyncSession:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    def generate(
-        self,
-        append_tokens: Sequence[int] = (),
-        *,
-        truncate_to: int | None = None,
-        **options: Unpack[GenerateOptions],
-    ) -> AsyncGenerator[TokenEvent | Done, None]:
-        """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
-
-        ``truncate_to`` rewinds the session to that length first. Closing the iterator
-        before Done cancels the call and re-reads the session's length.
-        """
-        check_options(dict(options))
-        return self._stream(append_tokens, truncate_to, options)
-
-    async def _stream(
-        self, append_tokens: Sequence[int], truncate_to: int | None, options: GenerateOptions
-    ) -> AsyncGenerator[TokenEvent | Done, None]:
-        offset, truncating = self._offset(truncate_to)
-        request = generate_request(self.session_id, append_tokens, offset, truncating, options)
-        manifest = self._manifest
-        if request.readout_ranges and manifest is None:
-            try:
-                info = await self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=self._timeout
-                )
-            except grpc.RpcError as error:
-                raise SalienceClientError.from_rpc_error(error) from None
-            manifest = self._set_manifest(info)
-        call = self._stub.Generate(request)
-        is_done = is_failed = False
-        try:
-            async for event in call:
-                converted = self._event(event, manifest)
-                is_done = isinstance(converted, Done)
-                yield converted
-        except grpc.RpcError as error:
-            is_failed = True
-            raise SalienceClientError.from_rpc_error(error) from None
-        finally:
-            if not is_done:
-                call.cancel()
-                await self._resync(wait=not is_failed)
-
-    async def _resync(self, wait: bool) -> None:
-        with contextlib.suppress(SalienceClientError):
-            await self.sync(wait_s=SYNC_WAIT_S if wait else 0.0)
-
-    async def sync(self, wait_s: float = SYNC_WAIT_S) -> SessionInfo:
-        """Re-reads ``length`` from the server, waiting up to ``wait_s`` while it is busy."""
-        deadline = time.monotonic() + wait_s
-        info = await self.info()
-        while info.is_busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-            info = await self.info()
-        self.length = info.length
-        return info
-
-    async def _collect(self, events: AsyncIterator[TokenEvent | Done]) -> list[TokenEvent | Done]:
-        return [event async for event in events]
-
-    async def prefill(self, tokens: Sequence[int]) -> Done:
-        """Appends ``tokens`` without decoding."""
-        return last_done(
-            await self._collect(self.generate(tokens, max_tokens=0, return_text=False))
-        )
-
-    async def rewind(self, offset: int) -> Done:
-        """Truncates the session (and its KV) to ``offset`` tokens."""
-        return last_done(await self._collect(self.generate((), truncate_to=offset, max_tokens=0)))
-
-    async def score(self, tokens: Sequence[int], ranges: Sequence[tuple[int, int]]) -> list[float]:
-        """Appends ``tokens``; returns, per absolute position range, the summed logprob of
-        the tokens in it (each under the model, given every token before it)."""
-        events = self.generate(tokens, max_tokens=0, logprobs_ranges=ranges, return_text=False)
-        return sum_ranges(await self._collect(events), ranges)
-
-    async def fork(self, new_session_id: str = "") -> AsyncSession:
-        """A new session sharing this one's committed tokens (copy-on-write KV)."""
-        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=new_session_id)
-        response = await call_unary(self._stub.ForkSession, request, self._timeout)
-        return AsyncSession(
-            self._stub, response.session_id, self.max_context, response.length, self._timeout
-        )
-
-    async def append_image(
-        self, data: bytes, mime_type: str, truncate_to: int | None = None
-    ) -> int:
-        """Appends one image; returns how many placeholder tokens it became."""
-        offset, truncating = self._offset(truncate_to)
-        request = pb.AppendImageRequest(
-            session_id=self.session_id,
-            image=data,
-            mime_type=mime_type,
-            offset=offset,
-            truncating=truncating,
-        )
-        try:
-            response = await call_unary(self._stub.AppendImage, request, self._timeout)
-        except SalienceClientError:
-            await self._resync(wait=False)
-            raise
-        self.length = response.total_length
-        return response.placeholder_count
-
-    async def info(self) -> SessionInfo:
-        """The server's view of this session."""
-        request = pb.GetSessionRequest(session_id=self.session_id)
-        response = await call_unary(self._stub.GetSession, request, self._timeout)
-        return SessionInfo.from_pb(response.session)
-
-    async def close(self) -> None:
-        """Frees the session on the server; closing twice, or an expired one, is fine."""
-        if self.is_closed:
-            return
-        self.is_closed = True
-        request = pb.CloseSessionRequest(session_id=self.session_id)
-        try:
-            await call_unary(self._stub.CloseSession, request, self._timeout)
-        except SalienceClientError as error:
-            if error.code != grpc.StatusCode.NOT_FOUND:
-                raise
+__all__ = ["AsyncSalienceClient", "AsyncSession"]
 
 
 class AsyncSalienceClient:
-    """An asyncio client of a Salience server at ``target`` (``host:port``).
+    """An asyncio client of a Salience server at ``target`` (``host:port``), or of
+    several replicas behind a proxy there (SPEC 2.7).
 
     ``timeout`` (seconds) bounds every unary call; streams are not bounded.
     """
@@ -205,10 +49,15 @@ class AsyncSalienceClient:
         *,
         timeout: float | None = None,
         api_key: str | None = None,
+        replay: bool | Failover = True,
     ) -> None:
-        """``api_key``: sent as ``authorization: Bearer`` metadata on every call."""
+        """``api_key``: sent as ``authorization: Bearer`` metadata on every call.
+        ``replay``: as in ``SalienceClient``."""
         self.target = target
         self._timeout = timeout
+        self.failover = failover_policy(replay)
+        self.failover_stats = FailoverStats()
+        """Replays and resumes over every session of this client."""
         interceptors = async_bearer_token(api_key) if api_key else None
         self._channel = grpc.aio.insecure_channel(
             target, options=CHANNEL_OPTIONS, interceptors=interceptors
@@ -245,15 +94,30 @@ class AsyncSalienceClient:
         return await call_unary(getattr(self._stub, method), request, self._timeout)
 
     async def open_session(self, max_context: int = 0, session_id: str = "") -> AsyncSession:
-        """Creates an empty session; ``max_context`` 0 means the server's limit."""
-        request = pb.OpenSessionRequest(session_id=session_id, max_context=max_context)
-        response = await self._call("OpenSession", request)
-        return AsyncSession(self._stub, response.session_id, response.max_context, 0, self._timeout)
+        """As ``SalienceClient.open_session``."""
+        session = self._session(session_id or fresh_session_id(), max_context, 0, "")
+        await session._open()
+        return session
 
-    async def session(self, session_id: str) -> AsyncSession:
-        """A handle on an existing session, its length read from the server."""
-        info = await self.get_session(session_id)
-        return AsyncSession(self._stub, session_id, info.max_context, info.length, self._timeout)
+    async def session(self, session_id: str, routing_key: str = "") -> AsyncSession:
+        """As ``SalienceClient.session``."""
+        info = await self.get_session(session_id, routing_key)
+        return self._session(session_id, info.max_context, info.length, routing_key)
+
+    def _session(
+        self, session_id: str, max_context: int, length: int, routing_key: str
+    ) -> AsyncSession:
+        return AsyncSession(
+            self._stub,
+            session_id,
+            max_context,
+            length,
+            self._timeout,
+            routing_key=routing_key,
+            history=History(),
+            failover=self.failover,
+            stats=self.failover_stats,
+        )
 
     async def model_info(self) -> ModelInfo:
         """The served model: ids, limits, special tokens, capabilities."""
@@ -306,11 +170,18 @@ class AsyncSalienceClient:
         return Embeddings.from_pb(await self._call("Embed", request))
 
     async def list_sessions(self) -> list[SessionInfo]:
-        """Every live session."""
+        """Every live session (of the one replica that answers, behind a proxy)."""
         response = await self._call("ListSessions", pb.ListSessionsRequest())
         return [SessionInfo.from_pb(info) for info in response.sessions]
 
-    async def get_session(self, session_id: str) -> SessionInfo:
-        """One session's length, residency and idle time."""
-        response = await self._call("GetSession", pb.GetSessionRequest(session_id=session_id))
+    async def get_session(self, session_id: str, routing_key: str = "") -> SessionInfo:
+        """As ``SalienceClient.get_session``."""
+        request = pb.GetSessionRequest(session_id=session_id)
+        metadata = routing_metadata(routing_key or session_id)
+        try:
+            response = await self._stub.GetSession(
+                request, timeout=self._timeout, metadata=metadata
+            )
+        except grpc.RpcError as error:
+            raise SalienceClientError.from_rpc_error(error) from None
         return SessionInfo.from_pb(response.session)

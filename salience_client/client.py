@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client.auth import BearerToken
+from salience_client.failover import Failover, FailoverStats, new_session_id, routing_metadata
+from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session import Session, call_unary
@@ -62,6 +64,11 @@ def embed_request(
     )
 
 
+def failover_policy(replay: bool | Failover) -> Failover:
+    """``replay`` as a client takes it: a policy, or on/off with the default budget."""
+    return replay if isinstance(replay, Failover) else Failover(replay=replay)
+
+
 def not_ready(target: str, timeout_s: float) -> SalienceClientError:
     return SalienceClientError(
         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -71,7 +78,8 @@ def not_ready(target: str, timeout_s: float) -> SalienceClientError:
 
 
 class SalienceClient:
-    """A synchronous client of a Salience server at ``target`` (``host:port``).
+    """A synchronous client of a Salience server at ``target`` (``host:port``), or of
+    several replicas behind a proxy there (SPEC 2.7).
 
     ``timeout`` (seconds) bounds every unary call; streams are not bounded.
     """
@@ -82,10 +90,16 @@ class SalienceClient:
         *,
         timeout: float | None = None,
         api_key: str | None = None,
+        replay: bool | Failover = True,
     ) -> None:
-        """``api_key``: sent as ``authorization: Bearer`` metadata on every call."""
+        """``api_key``: sent as ``authorization: Bearer`` metadata on every call.
+        ``replay``: re-create sessions lost with their replica and resume broken streams
+        (on by default; ``False`` turns it off, a ``Failover`` sets its budget)."""
         self.target = target
         self._timeout = timeout
+        self.failover = failover_policy(replay)
+        self.failover_stats = FailoverStats()
+        """Replays and resumes over every session of this client."""
         self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         if api_key:
             self._channel = grpc.intercept_channel(self._channel, BearerToken(api_key))
@@ -119,15 +133,34 @@ class SalienceClient:
         return call_unary(getattr(self._stub, method), request, self._timeout)
 
     def open_session(self, max_context: int = 0, session_id: str = "") -> Session:
-        """Creates an empty session; ``max_context`` 0 means the server's limit."""
-        request = pb.OpenSessionRequest(session_id=session_id, max_context=max_context)
-        response = self._call("OpenSession", request)
-        return Session(self._stub, response.session_id, response.max_context, 0, self._timeout)
+        """Creates an empty session; ``max_context`` 0 means the server's limit.
+        ``session_id``: the caller's choice (ALREADY_EXISTS when taken), else a fresh
+        random id chosen here, so that a proxy can route even this first call."""
+        session = self._session(session_id or new_session_id(), max_context, 0, "", History())
+        session._open()
+        return session
 
-    def session(self, session_id: str) -> Session:
-        """A handle on an existing session, its length read from the server."""
-        info = self.get_session(session_id)
-        return Session(self._stub, session_id, info.max_context, info.length, self._timeout)
+    def session(self, session_id: str, routing_key: str = "") -> Session:
+        """A handle on an existing session, its length read from the server.
+        ``routing_key``: its ``x-session-id`` when it is a fork (its family's root id).
+        The handle knows none of its tokens, so it cannot be replayed."""
+        info = self.get_session(session_id, routing_key)
+        return self._session(session_id, info.max_context, info.length, routing_key, History())
+
+    def _session(
+        self, session_id: str, max_context: int, length: int, routing_key: str, history: History
+    ) -> Session:
+        return Session(
+            self._stub,
+            session_id,
+            max_context,
+            length,
+            self._timeout,
+            routing_key=routing_key,
+            history=history,
+            failover=self.failover,
+            stats=self.failover_stats,
+        )
 
     def model_info(self) -> ModelInfo:
         """The served model: ids, limits, special tokens, capabilities."""
@@ -180,11 +213,17 @@ class SalienceClient:
         return Embeddings.from_pb(self._call("Embed", request))
 
     def list_sessions(self) -> list[SessionInfo]:
-        """Every live session."""
+        """Every live session (of the one replica that answers, behind a proxy)."""
         response = self._call("ListSessions", pb.ListSessionsRequest())
         return [SessionInfo.from_pb(info) for info in response.sessions]
 
-    def get_session(self, session_id: str) -> SessionInfo:
-        """One session's length, residency and idle time."""
-        response = self._call("GetSession", pb.GetSessionRequest(session_id=session_id))
+    def get_session(self, session_id: str, routing_key: str = "") -> SessionInfo:
+        """One session's length, residency and idle time (``routing_key``: as in
+        ``session``)."""
+        request = pb.GetSessionRequest(session_id=session_id)
+        metadata = routing_metadata(routing_key or session_id)
+        try:
+            response = self._stub.GetSession(request, timeout=self._timeout, metadata=metadata)
+        except grpc.RpcError as error:
+            raise SalienceClientError.from_rpc_error(error) from None
         return SessionInfo.from_pb(response.session)

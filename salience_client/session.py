@@ -1,6 +1,7 @@
 """``Session``: one server session, tracking its committed length and sending ``offset``.
 
-The request building and range arithmetic here are shared with ``AsyncSession``.
+The request building and range arithmetic here are shared with ``AsyncSession``; so is
+``SessionBase`` (its state and the failover decisions).
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
 
+from salience_client.failover import Attempts, StreamProgress
+from salience_client.failover import new_session_id as fresh_session_id
+from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.types import (
-    Done,
-    ReadoutManifest,
-    SalienceClientError,
-    SessionInfo,
-    TokenEvent,
-)
+from salience_client.session_base import SessionBase
+from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 END = 2**32 - 1
 """A range end meaning "through the end of this call"."""
@@ -129,12 +128,15 @@ def sum_ranges(
     return [sum(lp for p, lp in logprobs.items() if start <= p < end) for start, end in ranges]
 
 
+def no_done() -> SalienceClientError:
+    """The error of a stream that ended without its Done."""
+    return SalienceClientError(grpc.StatusCode.INTERNAL, "NO_DONE", "the stream ended without Done")
+
+
 def last_done(events: Sequence[TokenEvent | Done]) -> Done:
     """The stream's Done (a finished stream always ends with one)."""
     if not events or not isinstance(events[-1], Done):
-        raise SalienceClientError(
-            grpc.StatusCode.INTERNAL, "NO_DONE", "the stream ended without Done"
-        )
+        raise no_done()
     return events[-1]
 
 
@@ -146,52 +148,14 @@ def call_unary(method: Callable[..., _Response], request: Any, timeout: float | 
         raise SalienceClientError.from_rpc_error(error) from None
 
 
-class SessionBase:
-    """What a session knows about itself, with or without asyncio."""
-
-    def __init__(
-        self,
-        stub: Any,
-        session_id: str,
-        max_context: int,
-        length: int = 0,
-        timeout: float | None = None,
-    ) -> None:
-        self._stub = stub
-        self._timeout = timeout
-        self.session_id = session_id
-        self.max_context = max_context
-        """Tokens this session may hold, image placeholders included."""
-        self.length = length
-        """The committed length as this client last saw it; the next call's ``offset``."""
-        self.is_closed = False
-        self._manifest: ReadoutManifest | None = None
-
-    def _set_manifest(self, info: pb.GetModelInfoResponse) -> ReadoutManifest:
-        manifest = info.readout_manifest
-        self._manifest = ReadoutManifest(list(manifest.layers), list(manifest.concepts))
-        return self._manifest
-
-    def _event(
-        self, event: pb.GenerateEvent, manifest: ReadoutManifest | None
-    ) -> TokenEvent | Done:
-        """Converts one streamed event; a Done also updates the tracked length."""
-        if event.HasField("done"):
-            done = Done.from_pb(event.done)
-            self.length = done.total_tokens
-            return done
-        return TokenEvent.from_pb(event.token, manifest)
-
-    def _offset(self, truncate_to: int | None) -> tuple[int, bool]:
-        """(offset, truncating) for the next call."""
-        return (self.length, False) if truncate_to is None else (truncate_to, True)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.session_id!r}, length={self.length})"
-
-
 class Session(SessionBase):
-    """A server session (sync). Use as a context manager to close it on exit."""
+    """A server session (sync). Use as a context manager to close it on exit.
+
+    Every call carries the session's ``x-session-id``; behind a proxy with several
+    replicas the session survives the loss of its replica (SPEC 2.7): a NOT_FOUND is
+    answered by re-creating it from its history, a broken stream resumes (see
+    ``salience_client.failover``).
+    """
 
     _stub: salience_pb2_grpc.SalienceStub
 
@@ -224,26 +188,62 @@ class Session(SessionBase):
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         manifest = self._manifest
         if request.readout_ranges and manifest is None:
-            info = call_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
-            manifest = self._set_manifest(info)
-        call = self._stub.Generate(request)
-        is_done = is_failed = False
+            manifest = self._set_manifest(self._model_info())
+        progress = StreamProgress(request)
+        attempts = Attempts(self._failover)
+        finish_reason = ""
+        call = None
+        failure: SalienceClientError | None = None
+        is_done = False
         try:
-            for event in call:
-                converted = self._event(event, manifest)
-                is_done = isinstance(converted, Done)
-                yield converted
-        except grpc.RpcError as error:
-            is_failed = True
-            raise SalienceClientError.from_rpc_error(error) from None
+            while not is_done:
+                call = self._stub.Generate(request, metadata=self._metadata)
+                try:
+                    for index, event in enumerate(call):
+                        if index == 0:
+                            self._note_replica(call.initial_metadata())
+                        converted = self._event(event, manifest, progress, finish_reason)
+                        if converted is not None:
+                            is_done = isinstance(converted, Done)
+                            yield converted
+                except grpc.RpcError as rpc_error:
+                    failure = self._failure(rpc_error)
+                if failure is None and not is_done:
+                    failure = no_done()
+                    raise failure
+                if failure is not None:
+                    request, finish_reason = self._recover_stream(failure, progress, attempts)
+                    failure = None
         finally:
             if not is_done:
-                call.cancel()
-                self._resync(wait=not is_failed)
+                if call is not None:
+                    call.cancel()
+                self._forget_unsure(progress, failure)
+                self._resync(wait=failure is None)
+
+    def _recover_stream(
+        self, error: SalienceClientError, progress: StreamProgress, attempts: Attempts
+    ) -> tuple[pb.GenerateRequest, str]:
+        """Re-creates the session or waits, as the failure asks; the call that resumes
+        the stream, and the finish reason it settles on when nothing is left."""
+        self._commit(progress)  # a replay restores what has streamed too
+        if not progress.is_resumable:
+            raise error
+        self._recover(error, attempts, progress.replay_length)
+        self._resumed(error, progress)
+        eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
+        return progress.next_request(eos_token_ids)
 
     def _resync(self, wait: bool) -> None:
+        """Re-reads the length after a call that ended early; never replays."""
+        deadline = time.monotonic() + (SYNC_WAIT_S if wait else 0.0)
+        request = pb.GetSessionRequest(session_id=self.session_id)
         with contextlib.suppress(SalienceClientError):
-            self.sync(wait_s=SYNC_WAIT_S if wait else 0.0)
+            info = self._unary(self._stub.GetSession, request).session
+            while info.busy and time.monotonic() < deadline:
+                time.sleep(0.01)
+                info = self._unary(self._stub.GetSession, request).session
+            self._synced(info.length)
 
     def sync(self, wait_s: float = SYNC_WAIT_S) -> SessionInfo:
         """Re-reads ``length`` from the server, waiting up to ``wait_s`` while it is busy."""
@@ -252,7 +252,7 @@ class Session(SessionBase):
         while info.is_busy and time.monotonic() < deadline:
             time.sleep(0.01)
             info = self.info()
-        self.length = info.length
+        self._synced(info.length)
         return info
 
     def prefill(self, tokens: Sequence[int]) -> Done:
@@ -272,11 +272,29 @@ class Session(SessionBase):
         return sum_ranges(events, ranges)
 
     def fork(self, new_session_id: str = "") -> Session:
-        """A new session sharing this one's committed tokens (copy-on-write KV)."""
-        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=new_session_id)
-        response = call_unary(self._stub.ForkSession, request, self._timeout)
+        """A new session sharing this one's committed tokens (copy-on-write KV). It routes
+        with this session's ``x-session-id``, so it stays on the replica holding the KV."""
+        child_id = new_session_id or fresh_session_id()
+        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                response = self._unary(self._stub.ForkSession, request)
+                return self._child(response.session_id or child_id, response.length)
+            except SalienceClientError as error:
+                if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
+                    return self._child(child_id, self.length)  # an earlier try went through
+                failure = error
+            self._recover(failure, attempts, self.length)
+
+    def _child(self, child_id: str, length: int) -> Session:
         return Session(
-            self._stub, response.session_id, self.max_context, response.length, self._timeout
+            self._stub,
+            child_id,
+            self.max_context,
+            length,
+            self._timeout,
+            **self._child_options(length),
         )
 
     def append_image(self, data: bytes, mime_type: str, truncate_to: int | None = None) -> int:
@@ -289,20 +307,27 @@ class Session(SessionBase):
             offset=offset,
             truncating=truncating,
         )
-        try:
-            response = call_unary(self._stub.AppendImage, request, self._timeout)
-        except SalienceClientError:
-            self._resync(wait=False)
-            raise
-        self.length = response.total_length
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                response = self._unary(self._stub.AppendImage, request)
+                break
+            except SalienceClientError as error:
+                failure = error
+            try:
+                self._recover(failure, attempts, offset)
+            except SalienceClientError:
+                self._forget_unsure_at(offset, failure)
+                self._resync(wait=False)
+                raise
+            request.truncating = True  # whatever a broken try left goes
+        self._image_appended(offset, data, mime_type, response)
         return response.placeholder_count
 
     def info(self) -> SessionInfo:
         """The server's view of this session."""
         request = pb.GetSessionRequest(session_id=self.session_id)
-        return SessionInfo.from_pb(
-            call_unary(self._stub.GetSession, request, self._timeout).session
-        )
+        return SessionInfo.from_pb(self._call(self._stub.GetSession, request, self.length).session)
 
     def close(self) -> None:
         """Frees the session on the server; closing twice, or an expired one, is fine."""
@@ -311,7 +336,107 @@ class Session(SessionBase):
         self.is_closed = True
         request = pb.CloseSessionRequest(session_id=self.session_id)
         try:
-            call_unary(self._stub.CloseSession, request, self._timeout)
+            self._unary(self._stub.CloseSession, request)
         except SalienceClientError as error:
             if error.code != grpc.StatusCode.NOT_FOUND:
                 raise
+
+    def _open(self) -> None:
+        """Creates this session on the server under its id (retrying while no replica
+        answers)."""
+        request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                self._opened(self._unary(self._stub.OpenSession, request))
+                return
+            except SalienceClientError as error:
+                if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
+                    self.max_context = self._read_info().max_context  # an earlier try went through
+                    return
+                failure = error
+            self._recover(failure, attempts, None)
+
+    # ----- calls and recovery ------------------------------------------------------------
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        """One call of a unary session RPC with the session's metadata."""
+        try:
+            response, call = method.with_call(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise self._failure(error) from None
+        self._note_replica(call.initial_metadata())
+        return response
+
+    def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
+        """A unary session RPC that recovers: replays (to ``replay_length``) a lost
+        session, retries while no replica answers."""
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                return self._unary(method, request)
+            except SalienceClientError as error:
+                failure = error
+            self._recover(failure, attempts, replay_length)
+
+    def _failure(self, error: grpc.RpcError) -> SalienceClientError:
+        self._note_replica(error.initial_metadata())  # type: ignore[attr-defined]
+        return SalienceClientError.from_rpc_error(error)
+
+    def _read_info(self) -> pb.SessionInfo:
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        return self._unary(self._stub.GetSession, request).session
+
+    def _recover(
+        self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
+    ) -> None:
+        """Does what ``_recovery`` decides: waits, or re-creates the session (trying again
+        until the replays are spent); raises when nothing can be done."""
+        recovery = self._recovery(error, attempts, replay_length)
+        if recovery.replay_length is None:
+            time.sleep(recovery.wait_s)
+            return
+        cause = error
+        while True:
+            try:
+                self._replay(recovery.replay_length, cause)
+                return
+            except SalienceClientError as failed:
+                cause = failed
+            attempts.begin_replay(self.session_id, cause)
+            time.sleep(self._failover.first_retry_wait_s)
+
+    def _replay(self, length: int, cause: SalienceClientError) -> None:
+        """Re-creates the session under its id on whichever replica now serves it, holding
+        the first ``length`` positions of its history."""
+        request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
+        try:
+            self._unary(self._stub.OpenSession, request)
+            is_fresh = True
+        except SalienceClientError as error:
+            if error.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            is_fresh = False  # a stale copy: every step rewrites it from position 0
+        for step in self._replay_steps(length, is_fresh):
+            if isinstance(step, ImageStep):
+                response = self._unary(self._stub.AppendImage, self._replay_image_request(step))
+                self._check_replayed_image(step, response.placeholder_count)
+                continue
+            call = self._stub.Generate(self._replay_prefill_request(step), metadata=self._metadata)
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError as error:
+                raise self._failure(error) from None
+            self._note_replica(call.initial_metadata())
+        self._replayed(cause, length)
+
+    def _model_info(self) -> pb.GetModelInfoResponse:
+        return call_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
+
+    def _eos_ids(self) -> list[int]:
+        if self._eos_token_ids is None:
+            self._eos_token_ids = list(self._model_info().eos_token_ids)
+        return self._eos_token_ids

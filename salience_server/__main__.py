@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--allow-remote-images", action="store_true", help="let the shim fetch http(s) images"
     )
     parser.add_argument(
+        "--replica-id",
+        default="",
+        help="this replica's name in the salience-replica response metadata (default: host:port)",
+    )
+    parser.add_argument(
         "--grace-s",
         type=float,
         default=30.0,
@@ -130,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             readout_path=args.readout,
             allow_remote_images=args.allow_remote_images,
             api_key=args.api_key,
+            replica_id=args.replica_id,
         )
     except ValueError as error:
         parser.error(str(error))

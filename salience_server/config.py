@@ -107,6 +107,9 @@ class ServerConfig:
     """Let the shim fetch http(s) image URLs (only data: URLs otherwise)."""
     max_message_bytes: int = 64 << 20
     """Largest gRPC message accepted or sent."""
+    replica_id: str = ""
+    """This server's name among replicas, sent as ``salience-replica`` initial metadata on
+    every response (SPEC 2.7); empty: ``host:port`` once the port is bound."""
     grace_s: float = 30.0
     """On SIGTERM: how long calls in flight may run on before they end UNAVAILABLE."""
     stream_buffer_events: int = 1 << 16

@@ -89,6 +89,7 @@ def start_server(
     readout_path: str | None = None,
     api_key: str | None = None,
     server_options: dict[str, Any] | None = None,
+    replica_id: str = "",
     **engine_options: Any,
 ) -> RunningServer:
     """Starts a real gRPC server for ``model`` on port 0 in a background thread
@@ -102,6 +103,7 @@ def start_server(
         readout_path=readout_path,
         api_key=api_key,
         **(server_options or {}),
+        replica_id=replica_id,
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -59,7 +59,7 @@ class SessionTable:
         session_id = session_id or uuid.uuid4().hex
         if session_id in self.sessions:
             raise SalienceError(
-                Code.INVALID_ARGUMENT, "SESSION_EXISTS", f"session {session_id!r} already exists"
+                Code.ALREADY_EXISTS, "SESSION_EXISTS", f"session {session_id!r} already exists"
             )
         limit = min(max_context, self.max_context) if max_context else self.max_context
         session = Session(session_id, limit)

@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
         default=15.0,
         help="seconds of silence after which a stream sends an SSE keep-alive comment (0: off)",
     )
+    parser.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="do not re-create sessions lost with their replica nor resume broken streams",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -59,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
             max_stored_responses=args.max_stored_responses,
             keepalive_s=args.keepalive_s,
             log_level=args.log_level,
+            replay=not args.no_replay,
         )
     except ValueError as error:
         parser.error(str(error))

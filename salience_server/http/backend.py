@@ -48,7 +48,10 @@ class Backend:
     def __init__(self, config: ShimConfig) -> None:
         self.config = config
         self.client = AsyncSalienceClient(
-            config.target, timeout=config.rpc_timeout_s, api_key=config.api_key
+            config.target,
+            timeout=config.rpc_timeout_s,
+            api_key=config.api_key,
+            replay=config.replay,
         )
         self.pool = SessionPool(self.client, config.max_pooled_sessions)
         self.token_texts = TokenTexts(self.client)

@@ -36,6 +36,9 @@ class ShimConfig:
     """A stream that has sent nothing for this long sends an SSE comment (``: keep-alive``);
     it is also how long a streaming request waits for its first event before its
     response starts (later errors come as error events). 0: no keep-alives."""
+    replay: bool = True
+    """Re-create pooled sessions lost with their replica by replaying their tokens, and
+    resume broken streams (SPEC 2.7); off, such failures reach the HTTP client."""
 
     def __post_init__(self) -> None:
         if not self.target:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
         count = self.metrics.requests
-        if handler.unary_stream:
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             behavior = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -42,8 +43,13 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_unary:
-            unary = handler.unary_unary
+        if handler.unary_unary or handler.unary_stream:  # a coroutine: returns, or writes
+            unary = handler.unary_unary or handler.unary_stream
+            make = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.unary_stream_rpc_method_handler
+            )
 
             async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 error: BaseException | None = None
@@ -55,9 +61,7 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     count.labels(rpc=rpc, code=_code(context, error)).inc()
 
-            return grpc.unary_unary_rpc_method_handler(
-                call, handler.request_deserializer, handler.response_serializer
-            )
+            return make(call, handler.request_deserializer, handler.response_serializer)
         return handler  # no streaming requests in this service
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 
 import grpc
@@ -20,6 +21,7 @@ from salience_server.engine.readout import Readout, load_readout
 from salience_server.metrics import Metrics
 from salience_server.rpc.auth import BearerTokenInterceptor
 from salience_server.rpc.metrics import RequestMetricsInterceptor
+from salience_server.rpc.replica import ReplicaInterceptor
 from salience_server.rpc.servicer import SalienceServicer
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,13 @@ class SalienceServer:
             # Clients may ping as often as every 10 s without being cut off.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
+        # The replica interceptor comes first, so that even a refused call names the replica.
+        self._replica = ReplicaInterceptor(config.replica_id)
         self.metrics = Metrics()
-        interceptors: list[grpc.aio.ServerInterceptor] = [RequestMetricsInterceptor(self.metrics)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            self._replica,
+            RequestMetricsInterceptor(self.metrics),
+        ]
         if config.api_key:
             interceptors.append(BearerTokenInterceptor(config.api_key))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -71,6 +78,9 @@ class SalienceServer:
             self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         except RuntimeError as error:  # grpc's bind failure
             raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)") from error
+        self.replica_id = config.replica_id or default_replica_id(config.host, self.port)
+        """Sent as ``salience-replica`` initial metadata on every response."""
+        self._replica.replica_id = self.replica_id
         self.engine: Engine | None = None
 
     async def start(self, loader: Callable[[], LoadedModel] | None = None) -> None:
@@ -93,7 +103,13 @@ class SalienceServer:
         self.engine.start()
         self.servicer.engine = self.engine
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d", loaded.model_id, self.config.host, self.port)
+        log.info(
+            "serving %s on %s:%d as replica %s",
+            loaded.model_id,
+            self.config.host,
+            self.port,
+            self.replica_id,
+        )
 
     def _load_readout(self, loaded: LoadedModel) -> Readout | None:
         if not self.config.readout_path:
@@ -125,6 +141,13 @@ class SalienceServer:
                 log.warning("the grace period ended with calls in flight; they end UNAVAILABLE")
             await asyncio.to_thread(self.engine.stop)
         await self.server.stop(_FLUSH_S)
+
+
+def default_replica_id(host: str, port: int) -> str:
+    """``host:port``; the machine's name stands for a wildcard host."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 async def serve(config: ServerConfig) -> None:

@@ -152,7 +152,7 @@ def test_bearer_auth(llama_server: Any, tiny_llama_dir: Any) -> None:
 def test_an_error_mid_stream_is_an_error_chunk() -> None:
     script = Script(text="abcdefgh", fail_after=3)
     server = start_scripted(script)
-    running = start_shim(server.target)
+    running = start_shim(server.target, replay=False)  # else the stream would resume
     try:
         stream = running.client().chat.completions.create(
             model="scripted", messages=HELLO, stream=True

@@ -205,7 +205,7 @@ WEATHER = {
 def scripted() -> Iterator[tuple[Script, RunningShim]]:
     script = Script()
     server = start_scripted(script)
-    running = start_shim(server.target)
+    running = start_shim(server.target, replay=False)  # its failures must reach the client
     yield script, running
     running.stop()
     server.stop()

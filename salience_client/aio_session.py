@@ -1,0 +1,333 @@
+"""``AsyncSession``: one server session over ``grpc.aio``; ``Session`` method for method,
+with every call awaited and ``generate`` an async iterator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar, Unpack
+
+import grpc
+
+from salience_client.failover import Attempts, StreamProgress
+from salience_client.failover import new_session_id as fresh_session_id
+from salience_client.history import ImageStep
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
+from salience_client.session import (
+    SYNC_WAIT_S,
+    GenerateOptions,
+    check_options,
+    generate_request,
+    last_done,
+    no_done,
+    sum_ranges,
+)
+from salience_client.session_base import SessionBase
+from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
+
+_Response = TypeVar("_Response")
+
+
+async def call_unary(
+    method: Callable[..., Awaitable[_Response]], request: Any, timeout: float | None
+) -> _Response:
+    """Awaits a unary RPC, turning a failed call into SalienceClientError."""
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.RpcError as error:
+        raise SalienceClientError.from_rpc_error(error) from None
+
+
+class AsyncSession(SessionBase):
+    """A server session (asyncio). Use ``async with`` to close it on exit. It survives
+    the loss of its replica as ``Session`` does (SPEC 2.7)."""
+
+    _stub: salience_pb2_grpc.SalienceStub
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def generate(
+        self,
+        append_tokens: Sequence[int] = (),
+        *,
+        truncate_to: int | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> AsyncGenerator[TokenEvent | Done, None]:
+        """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
+
+        ``truncate_to`` rewinds the session to that length first. Closing the iterator
+        before Done cancels the call and re-reads the session's length.
+        """
+        check_options(dict(options))
+        return self._stream(append_tokens, truncate_to, options)
+
+    async def _stream(
+        self, append_tokens: Sequence[int], truncate_to: int | None, options: GenerateOptions
+    ) -> AsyncGenerator[TokenEvent | Done, None]:
+        offset, truncating = self._offset(truncate_to)
+        request = generate_request(self.session_id, append_tokens, offset, truncating, options)
+        manifest = self._manifest
+        if request.readout_ranges and manifest is None:
+            manifest = self._set_manifest(await self._model_info())
+        progress = StreamProgress(request)
+        attempts = Attempts(self._failover)
+        finish_reason = ""
+        call = None
+        failure: SalienceClientError | None = None
+        is_done = False
+        try:
+            while not is_done:
+                call = self._stub.Generate(request, metadata=self._metadata)
+                try:
+                    is_first = True
+                    async for event in call:
+                        if is_first:
+                            self._note_replica(await call.initial_metadata())
+                            is_first = False
+                        converted = self._event(event, manifest, progress, finish_reason)
+                        if converted is not None:
+                            is_done = isinstance(converted, Done)
+                            yield converted
+                except grpc.RpcError as rpc_error:
+                    failure = self._failure(rpc_error)
+                if failure is None and not is_done:
+                    failure = no_done()
+                    raise failure
+                if failure is not None:
+                    request, finish_reason = await self._recover_stream(failure, progress, attempts)
+                    failure = None
+        finally:
+            if not is_done:
+                if call is not None:
+                    call.cancel()
+                self._forget_unsure(progress, failure)
+                await self._resync(wait=failure is None)
+
+    async def _recover_stream(
+        self, error: SalienceClientError, progress: StreamProgress, attempts: Attempts
+    ) -> tuple[pb.GenerateRequest, str]:
+        """As ``Session._recover_stream``."""
+        self._commit(progress)
+        if not progress.is_resumable:
+            raise error
+        await self._recover(error, attempts, progress.replay_length)
+        self._resumed(error, progress)
+        eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
+        return progress.next_request(eos_token_ids)
+
+    async def _resync(self, wait: bool) -> None:
+        """Re-reads the length after a call that ended early; never replays."""
+        deadline = time.monotonic() + (SYNC_WAIT_S if wait else 0.0)
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        with contextlib.suppress(SalienceClientError):
+            info = (await self._unary(self._stub.GetSession, request)).session
+            while info.busy and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                info = (await self._unary(self._stub.GetSession, request)).session
+            self._synced(info.length)
+
+    async def sync(self, wait_s: float = SYNC_WAIT_S) -> SessionInfo:
+        """Re-reads ``length`` from the server, waiting up to ``wait_s`` while it is busy."""
+        deadline = time.monotonic() + wait_s
+        info = await self.info()
+        while info.is_busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            info = await self.info()
+        self._synced(info.length)
+        return info
+
+    async def _collect(self, events: AsyncIterator[TokenEvent | Done]) -> list[TokenEvent | Done]:
+        return [event async for event in events]
+
+    async def prefill(self, tokens: Sequence[int]) -> Done:
+        """Appends ``tokens`` without decoding."""
+        return last_done(
+            await self._collect(self.generate(tokens, max_tokens=0, return_text=False))
+        )
+
+    async def rewind(self, offset: int) -> Done:
+        """Truncates the session (and its KV) to ``offset`` tokens."""
+        return last_done(await self._collect(self.generate((), truncate_to=offset, max_tokens=0)))
+
+    async def score(self, tokens: Sequence[int], ranges: Sequence[tuple[int, int]]) -> list[float]:
+        """Appends ``tokens``; returns, per absolute position range, the summed logprob of
+        the tokens in it (each under the model, given every token before it)."""
+        events = self.generate(tokens, max_tokens=0, logprobs_ranges=ranges, return_text=False)
+        return sum_ranges(await self._collect(events), ranges)
+
+    async def fork(self, new_session_id: str = "") -> AsyncSession:
+        """A new session sharing this one's committed tokens (copy-on-write KV). It routes
+        with this session's ``x-session-id``, so it stays on the replica holding the KV."""
+        child_id = new_session_id or fresh_session_id()
+        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                response = await self._unary(self._stub.ForkSession, request)
+                return self._child(response.session_id or child_id, response.length)
+            except SalienceClientError as error:
+                if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
+                    return self._child(child_id, self.length)  # an earlier try went through
+                failure = error
+            await self._recover(failure, attempts, self.length)
+
+    def _child(self, child_id: str, length: int) -> AsyncSession:
+        return AsyncSession(
+            self._stub,
+            child_id,
+            self.max_context,
+            length,
+            self._timeout,
+            **self._child_options(length),
+        )
+
+    async def append_image(
+        self, data: bytes, mime_type: str, truncate_to: int | None = None
+    ) -> int:
+        """Appends one image; returns how many placeholder tokens it became."""
+        offset, truncating = self._offset(truncate_to)
+        request = pb.AppendImageRequest(
+            session_id=self.session_id,
+            image=data,
+            mime_type=mime_type,
+            offset=offset,
+            truncating=truncating,
+        )
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                response = await self._unary(self._stub.AppendImage, request)
+                break
+            except SalienceClientError as error:
+                failure = error
+            try:
+                await self._recover(failure, attempts, offset)
+            except SalienceClientError:
+                self._forget_unsure_at(offset, failure)
+                await self._resync(wait=False)
+                raise
+            request.truncating = True  # whatever a broken try left goes
+        self._image_appended(offset, data, mime_type, response)
+        return int(response.placeholder_count)
+
+    async def info(self) -> SessionInfo:
+        """The server's view of this session."""
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        response = await self._call(self._stub.GetSession, request, self.length)
+        return SessionInfo.from_pb(response.session)
+
+    async def close(self) -> None:
+        """Frees the session on the server; closing twice, or an expired one, is fine."""
+        if self.is_closed:
+            return
+        self.is_closed = True
+        request = pb.CloseSessionRequest(session_id=self.session_id)
+        try:
+            await self._unary(self._stub.CloseSession, request)
+        except SalienceClientError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    async def _open(self) -> None:
+        """Creates this session on the server under its id (retrying while no replica
+        answers)."""
+        request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                self._opened(await self._unary(self._stub.OpenSession, request))
+                return
+            except SalienceClientError as error:
+                if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
+                    info = await self._unary(
+                        self._stub.GetSession, pb.GetSessionRequest(session_id=self.session_id)
+                    )
+                    self.max_context = info.session.max_context  # an earlier try went through
+                    return
+                failure = error
+            await self._recover(failure, attempts, None)
+
+    # ----- calls and recovery ------------------------------------------------------------
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        """One call of a unary session RPC with the session's metadata."""
+        call = method(request, timeout=self._timeout, metadata=self._metadata)
+        try:
+            response = await call
+        except grpc.RpcError as error:
+            raise self._failure(error) from None
+        self._note_replica(await call.initial_metadata())
+        return response
+
+    async def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
+        """A unary session RPC that recovers: replays (to ``replay_length``) a lost
+        session, retries while no replica answers."""
+        attempts = Attempts(self._failover)
+        while True:
+            try:
+                return await self._unary(method, request)
+            except SalienceClientError as error:
+                failure = error
+            await self._recover(failure, attempts, replay_length)
+
+    def _failure(self, error: grpc.RpcError) -> SalienceClientError:
+        self._note_replica(error.initial_metadata())  # type: ignore[attr-defined]
+        return SalienceClientError.from_rpc_error(error)
+
+    async def _recover(
+        self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
+    ) -> None:
+        """As ``Session._recover``."""
+        recovery = self._recovery(error, attempts, replay_length)
+        if recovery.replay_length is None:
+            await asyncio.sleep(recovery.wait_s)
+            return
+        cause = error
+        while True:
+            try:
+                await self._replay(recovery.replay_length, cause)
+                return
+            except SalienceClientError as failed:
+                cause = failed
+            attempts.begin_replay(self.session_id, cause)
+            await asyncio.sleep(self._failover.first_retry_wait_s)
+
+    async def _replay(self, length: int, cause: SalienceClientError) -> None:
+        """As ``Session._replay``."""
+        request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
+        try:
+            await self._unary(self._stub.OpenSession, request)
+            is_fresh = True
+        except SalienceClientError as error:
+            if error.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            is_fresh = False  # a stale copy: every step rewrites it from position 0
+        for step in self._replay_steps(length, is_fresh):
+            if isinstance(step, ImageStep):
+                image_request = self._replay_image_request(step)
+                response = await self._unary(self._stub.AppendImage, image_request)
+                self._check_replayed_image(step, response.placeholder_count)
+                continue
+            call = self._stub.Generate(self._replay_prefill_request(step), metadata=self._metadata)
+            try:
+                async for _ in call:
+                    pass
+            except grpc.RpcError as error:
+                raise self._failure(error) from None
+            self._note_replica(await call.initial_metadata())
+        self._replayed(cause, length)
+
+    async def _model_info(self) -> pb.GetModelInfoResponse:
+        return await call_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
+
+    async def _eos_ids(self) -> list[int]:
+        if self._eos_token_ids is None:
+            self._eos_token_ids = list((await self._model_info()).eos_token_ids)
+        return self._eos_token_ids

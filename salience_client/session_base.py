@@ -1,0 +1,250 @@
+"""``SessionBase``: what a session knows about itself, with or without asyncio: its length,
+its history (for a replay), the replica that served it, and the recovery decisions that
+``Session`` and ``AsyncSession`` act on (SPEC 2.7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from salience_client.failover import (
+    Attempts,
+    Failover,
+    FailoverStats,
+    StreamProgress,
+    is_broken,
+    is_busy,
+    is_refusal,
+    is_session_lost,
+    log_replay,
+    log_resume,
+    replica_of,
+    routing_metadata,
+    session_lost,
+)
+from salience_client.history import History, ImageStep, PrefillStep
+from salience_client.pb import salience_pb2 as pb
+from salience_client.types import Done, ReadoutManifest, SalienceClientError, TokenEvent
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What to do before retrying a failed call."""
+
+    replay_length: int | None
+    """Re-create the session holding this many positions first; None: do not."""
+    wait_s: float = 0.0
+    """Wait this long first (no replica answered, or the session was still busy)."""
+
+
+class SessionBase:
+    """A session's state and decisions; the subclasses make the calls."""
+
+    def __init__(
+        self,
+        stub: Any,
+        session_id: str,
+        max_context: int,
+        length: int = 0,
+        timeout: float | None = None,
+        *,
+        routing_key: str = "",
+        history: History | None = None,
+        failover: Failover | None = None,
+        stats: FailoverStats | None = None,
+    ) -> None:
+        """``history``: what the session holds (empty for a handle on a session opened
+        elsewhere, which therefore cannot be replayed past position 0); ``routing_key``:
+        the ``x-session-id`` value, the session id unless it is a fork (which travels with
+        its family's root, to stay beside the KV it shares)."""
+        self._stub = stub
+        self._timeout = timeout
+        self.session_id = session_id
+        self.max_context = max_context
+        """Tokens this session may hold, image placeholders included."""
+        self.length = length
+        """The committed length as this client last saw it; the next call's ``offset``."""
+        self.is_closed = False
+        self.routing_key = routing_key or session_id
+        """Sent as ``x-session-id`` metadata on every call of this session."""
+        self.replica: str | None = None
+        """The replica that answered this session's last call (``salience-replica``)."""
+        self.num_replays = 0
+        """Times this session was re-created on another replica."""
+        self.num_resumes = 0
+        """Broken streams of this session that resumed."""
+        self._history = history if history is not None else History()
+        self._failover = failover or Failover()
+        self._stats = stats or FailoverStats()
+        self._metadata = routing_metadata(self.routing_key)
+        self._manifest: ReadoutManifest | None = None
+        self._eos_token_ids: list[int] | None = None
+
+    @property
+    def history(self) -> History:
+        """The tokens and images this client knows the session holds (a replay's source)."""
+        return self._history
+
+    def _set_manifest(self, info: pb.GetModelInfoResponse) -> ReadoutManifest:
+        manifest = info.readout_manifest
+        self._manifest = ReadoutManifest(list(manifest.layers), list(manifest.concepts))
+        return self._manifest
+
+    def _offset(self, truncate_to: int | None) -> tuple[int, bool]:
+        """(offset, truncating) for the next call."""
+        return (self.length, False) if truncate_to is None else (truncate_to, True)
+
+    def _opened(self, response: pb.OpenSessionResponse) -> None:
+        """Takes what OpenSession answered; a server that ignores the client's choice of
+        id (an old one) is followed, though a proxy then cannot route by it."""
+        self.max_context = response.max_context
+        if response.session_id and response.session_id != self.session_id:
+            self.session_id = self.routing_key = response.session_id
+            self._metadata = routing_metadata(self.routing_key)
+
+    def _note_replica(self, metadata: object) -> None:
+        self.replica = replica_of(metadata, self.replica)
+
+    # ----- history ---------------------------------------------------------------------
+
+    def _event(
+        self,
+        event: pb.GenerateEvent,
+        manifest: ReadoutManifest | None,
+        progress: StreamProgress,
+        finish_reason: str,
+    ) -> TokenEvent | Done | None:
+        """Converts one streamed event and notes it; a Done also commits the call. None
+        for an event delivered before (a call made again after a break)."""
+        if event.HasField("done"):
+            done = progress.merged_done(Done.from_pb(event.done), finish_reason)
+            progress.observe(done)
+            self._commit(progress)
+            self.length = done.total_tokens
+            self._history.truncate(done.total_tokens)
+            return done
+        token = TokenEvent.from_pb(event.token, manifest)
+        return token if progress.observe(token) else None
+
+    def _commit(self, progress: StreamProgress) -> None:
+        """Writes what an accepted call put in the session into the history (again if
+        need be: it rewrites from the call's offset)."""
+        offset = progress.request.offset
+        if progress.is_accepted and self._history.length >= offset:
+            self._history.truncate(offset)
+            self._history.extend(progress.committed_ids())
+
+    def _forget_unsure(self, progress: StreamProgress, error: SalienceClientError | None) -> None:
+        """After a call that ended without its Done: the history keeps only what the
+        server surely holds."""
+        if progress.is_accepted:
+            self._commit(progress)
+        else:
+            self._forget_unsure_at(progress.request.offset, error)
+
+    def _forget_unsure_at(self, offset: int, error: SalienceClientError | None) -> None:
+        """A call at ``offset`` failed before anything streamed: unless the server refused
+        it, it may or may not have been applied, and only the history before ``offset`` is
+        sure."""
+        if error is None or not is_refusal(error):
+            self._history.truncate(offset)
+
+    def _image_appended(
+        self, offset: int, data: bytes, mime_type: str, response: pb.AppendImageResponse
+    ) -> None:
+        if self._history.length >= offset:
+            self._history.truncate(offset)
+            self._history.add_image(data, mime_type, response.placeholder_count)
+        self.length = response.total_length
+
+    def _child_options(self, length: int) -> dict[str, Any]:
+        """What a fork of this session inherits: its routing, its history, the failover."""
+        history = self._history.copy()
+        history.truncate(min(history.length, length))
+        return {
+            "routing_key": self.routing_key,
+            "history": history,
+            "failover": self._failover,
+            "stats": self._stats,
+        }
+
+    def _synced(self, length: int) -> None:
+        """The server says the session holds ``length`` positions."""
+        self.length = length
+        self._history.truncate(min(self._history.length, length))
+
+    # ----- recovery ----------------------------------------------------------------------
+
+    def _recovery(
+        self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
+    ) -> Recovery:
+        """What to do about a failed call before retrying it; raises the error when the
+        failover is off or cannot help. ``replay_length``: the positions a re-created
+        session needs for this call (None: never re-create it for this call)."""
+        if not self._failover.replay or self.is_closed:
+            raise error
+        if is_session_lost(error) and replay_length is not None:
+            if self._history.length < replay_length:
+                raise session_lost(self.session_id, replay_length, self._history.length) from error
+            attempts.begin_replay(self.session_id, error)
+            return Recovery(replay_length)
+        if is_broken(error) or (is_busy(error) and attempts.num_retries > 0):
+            return Recovery(None, attempts.retry_wait_s(error))
+        raise error
+
+    def _resumed(self, error: SalienceClientError, progress: StreamProgress) -> None:
+        """Counts a broken stream that resumes (once per break: not the lost session its
+        first resuming call may meet)."""
+        if progress.is_accepted and is_broken(error):
+            self.num_resumes += 1
+            self._stats.num_resumes += 1
+            log_resume(self.session_id, error, progress)
+
+    def _replay_steps(self, length: int, is_fresh: bool) -> list[PrefillStep | ImageStep]:
+        """The calls that rebuild the first ``length`` positions; on a stale copy (the id
+        was taken) they start by rewinding it to position 0."""
+        steps = self._history.replay_steps(length)
+        if not is_fresh and not steps:
+            steps = [PrefillStep(0, [])]
+        return steps
+
+    def _replayed(self, cause: SalienceClientError, length: int) -> None:
+        """Counts and logs a replay that restored ``length`` positions."""
+        self.length = length
+        self.num_replays += 1
+        self._stats.num_replays += 1
+        self._stats.num_replayed_tokens += length
+        log_replay(self.session_id, cause, length, self.replica)
+
+    def _replay_prefill_request(self, step: PrefillStep) -> pb.GenerateRequest:
+        return pb.GenerateRequest(
+            session_id=self.session_id,
+            append_tokens=step.token_ids,
+            offset=step.offset,
+            truncating=True,
+            max_tokens=0,
+        )
+
+    def _replay_image_request(self, step: ImageStep) -> pb.AppendImageRequest:
+        return pb.AppendImageRequest(
+            session_id=self.session_id,
+            image=step.image.data,
+            mime_type=step.image.mime_type,
+            offset=step.offset,
+            truncating=True,
+        )
+
+    def _check_replayed_image(self, step: ImageStep, placeholder_count: int) -> None:
+        if placeholder_count != step.image.num_tokens:
+            raise SalienceClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "REPLAY_MISMATCH",
+                f"the image at position {step.offset} of session {self.session_id!r} became "
+                f"{placeholder_count} placeholders on replica {self.replica}, "
+                f"{step.image.num_tokens} before: the replicas serve different models",
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.session_id!r}, length={self.length})"

@@ -1,0 +1,94 @@
+"""HAProxy running the shipped config (deploy/haproxy/haproxy.cfg) in front of two fake
+replicas (tests/fake_replica.py): the health check takes a NOT_SERVING replica out and
+back, sessions stick by x-session-id, and a session that a lost replica sent elsewhere
+stays there when the replica returns. The same with real models: test_replicas.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from salience_client import Failover, SalienceClient
+from salience_server.cluster import Proxy
+from tests.fake_replica import RunningFake, start_fake
+
+FAST = Failover(retry_budget_s=5.0, first_retry_wait_s=0.05)
+
+
+@dataclass
+class Named:
+    """What the proxy needs to know of a replica."""
+
+    name: str
+    target: str
+
+
+@dataclass
+class Proxied:
+    proxy: Proxy
+    fakes: list[RunningFake]
+
+
+@pytest.fixture
+def proxied(tmp_path: Path) -> Iterator[Proxied]:
+    fakes = [start_fake(f"fake{index}") for index in range(2)]
+    named = [Named(f"fake{index}", fake.target) for index, fake in enumerate(fakes)]
+    proxy = Proxy(named, tmp_path, check_interval="100ms")  # type: ignore[arg-type]
+    running = Proxied(proxy, fakes)
+    try:
+        proxy.start()
+        proxy.wait_states({"fake0": "UP", "fake1": "UP"}, 10)
+        yield running
+    finally:
+        proxy.stop()
+        for fake in running.fakes:
+            fake.stop()
+
+
+def test_a_replica_not_serving_gets_no_calls_until_it_serves_again(proxied: Proxied) -> None:
+    proxy, fakes = proxied.proxy, proxied.fakes
+    fakes[1].set_serving(False)
+    proxy.wait_states({"fake0": "UP", "fake1": "DOWN"}, 10)
+    with SalienceClient(proxy.target, timeout=10, replay=FAST) as client:
+        sessions = [client.open_session() for _ in range(4)]
+        assert {session.replica for session in sessions} == {"fake0"}
+        fakes[1].set_serving(True)
+        proxy.wait_states({"fake0": "UP", "fake1": "UP"}, 10)
+        later = [client.open_session() for _ in range(4)]
+        assert {session.replica for session in later} == {"fake0", "fake1"}
+
+
+def test_sessions_stick_and_a_moved_session_stays_moved(proxied: Proxied) -> None:
+    proxy, fakes = proxied.proxy, proxied.fakes
+    with SalienceClient(proxy.target, timeout=10, replay=FAST) as client:
+        sessions = [client.open_session() for _ in range(4)]
+        for turn in range(3):
+            for session in sessions:
+                session.prefill([turn])
+        homes = [session.replica for session in sessions]
+        assert set(homes) == {"fake0", "fake1"}
+        for index, fake in enumerate(fakes):
+            name = f"fake{index}"
+            held = {s.session_id for s, home in zip(sessions, homes, strict=True) if home == name}
+            assert set(fake.replica.sessions) == held  # each session on its replica only
+        assert proxy.sticky_replicas() == {
+            s.session_id: home for s, home in zip(sessions, homes, strict=True)
+        }
+        port = fakes[1].port
+        fakes[1].stop()  # the replica is gone, with its sessions
+        for session in sessions:
+            session.prefill([7])
+        assert {session.replica for session in sessions} == {"fake0"}
+        moved = [s for s, home in zip(sessions, homes, strict=True) if home == "fake1"]
+        assert [s.num_replays for s in moved] == [1] * len(moved)
+        assert all(fakes[0].replica.sessions[s.session_id] == [0, 1, 2, 7] for s in sessions)
+        fakes[1] = start_fake("fake1", port)  # it comes back, empty
+        proxy.wait_states({"fake0": "UP", "fake1": "UP"}, 10)
+        for session in sessions:
+            session.prefill([8])
+        assert {session.replica for session in sessions} == {"fake0"}
+        assert client.failover_stats.num_replays == len(moved)  # no second replay
+        assert fakes[1].replica.sessions == {}

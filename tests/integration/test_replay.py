@@ -1,0 +1,140 @@
+"""Replays of real sessions (SPEC 2.7) on the tiny models: a session lost on its server
+(closed behind the client's back, as when its replica dies or its TTL passes) is
+re-created from its tokens and images, and then decodes exactly what a control session
+that was never lost decodes: greedy tokens equal, logprobs within TOLERANCE."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from salience_client import END, AsyncSalienceClient, SalienceClient, SalienceClientError
+from salience_client import Session as SyncSession
+from salience_client.pb import salience_pb2 as pb
+from tests.conftest import RunningServer, start_server
+from tests.helpers import random_tokens
+from tests.tiny_models import build_tiny_vision_model
+
+TOLERANCE = 1e-4
+
+
+def _lose(server: RunningServer, session_id: str) -> None:
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+
+
+def _turn(session: SyncSession, tokens: list[int], max_tokens: int = 6) -> list[tuple[int, float]]:
+    """(token id, logprob) of every token the call appends or decodes."""
+    ranges = [(max(1, session.length), END)]
+    events = session.generate(tokens, max_tokens=max_tokens, logprobs_ranges=ranges)
+    return [(e.token_id, e.logprob) for e in events if hasattr(e, "token_id")]
+
+
+def _assert_same(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
+    assert [token for token, _ in got] == [token for token, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, abs=TOLERANCE)
+
+
+def test_a_lost_session_and_its_fork_replay_to_what_was_never_lost(
+    llama_server: RunningServer,
+) -> None:
+    turns = [random_tokens(9, seed) for seed in range(5)]
+    with SalienceClient(llama_server.target, timeout=30) as client:
+        lost, control = client.open_session(), client.open_session()
+        for index, turn in enumerate(turns[:3]):
+            if index == 2:
+                _lose(llama_server, lost.session_id)
+            _assert_same(_turn(lost, turn), _turn(control, turn))
+        assert (lost.num_replays, control.num_replays) == (1, 0)
+        assert lost.info().length == control.info().length == control.length
+        lost_child, control_child = lost.fork(), control.fork()
+        _assert_same(_turn(lost_child, turns[3]), _turn(control_child, turns[3]))
+        _lose(llama_server, lost_child.session_id)
+        _assert_same(_turn(lost_child, turns[4]), _turn(control_child, turns[4]))
+        assert lost_child.num_replays == 1 and client.failover_stats.num_replays == 2
+        # The parent was left alone: it continues as its control does.
+        _assert_same(_turn(lost, turns[4]), _turn(control, turns[4]))
+        for session in (lost, control, lost_child, control_child):
+            session.close()
+
+
+def test_the_async_client_replays_a_lost_session(llama_server: RunningServer) -> None:
+    async def scenario() -> None:
+        async with AsyncSalienceClient(llama_server.target, timeout=30) as client:
+            lost, control = await client.open_session(), await client.open_session()
+            got: dict[str, list[int]] = {lost.session_id: [], control.session_id: []}
+            for index, turn in enumerate([random_tokens(7, seed) for seed in range(3)]):
+                if index == 2:
+                    _lose(llama_server, lost.session_id)
+                for session in (lost, control):
+                    async for event in session.generate(turn, max_tokens=5):
+                        if hasattr(event, "token_id"):
+                            got[session.session_id].append(event.token_id)
+            assert got[lost.session_id] == got[control.session_id]
+            assert lost.num_replays == 1 and lost.length == control.length
+            await lost.close()
+            await control.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_server_names_itself_as_told_even_when_refusing(tiny_llama_dir: Path) -> None:
+    server = start_server(str(tiny_llama_dir), api_key="key", replica_id="replica-7")
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            server.stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ("salience-replica", "replica-7") in caught.value.initial_metadata()
+        with SalienceClient(server.target, api_key="key", timeout=30) as client:
+            with client.open_session() as session:
+                session.prefill([1, 2, 3])
+                assert session.replica == "replica-7"
+    finally:
+        server.stop()
+
+
+# ----- images --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    model_dir = build_tiny_vision_model(tmp_path_factory.mktemp("replay-vl"), "qwen2_vl")
+    server = start_server(str(model_dir), block_size=4, kv_cache_bytes=4 << 20)
+    yield server
+    server.stop()
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_lost_session_replays_its_images(vision_server: RunningServer) -> None:
+    with SalienceClient(vision_server.target, timeout=30) as client:
+        info = client.model_info()
+        start, end = info.vision_start_token_id, info.vision_end_token_id
+        assert start is not None and end is not None
+        lost, control = client.open_session(), client.open_session()
+        for session in (lost, control):
+            session.prefill([5, 6, start])
+            session.append_image(_png(1), "image/png")
+            session.prefill([end, 7])
+        _assert_same(_turn(lost, [8, 9]), _turn(control, [8, 9]))
+        _lose(vision_server, lost.session_id)
+        _assert_same(_turn(lost, [10]), _turn(control, [10]))
+        assert lost.num_replays == 1 and len(lost.history.images) == 1
+        # Truncating into the image is refused there as it was here: nothing was lost.
+        image_at = lost.history.images[0].position
+        with pytest.raises(SalienceClientError) as caught:
+            lost.rewind(image_at + 1)
+        assert caught.value.reason == "TRUNCATES_IMAGE"
+        _assert_same(_turn(lost, [11]), _turn(control, [11]))

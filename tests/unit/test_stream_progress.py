@@ -1,0 +1,112 @@
+"""The failover's plain logic: which failures are breaks, the recovery budget, and the call
+that resumes a broken stream."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from salience_client.failover import (
+    Attempts,
+    Failover,
+    StreamProgress,
+    is_broken,
+    is_refusal,
+    is_session_lost,
+)
+from salience_client.pb import salience_pb2 as pb
+from salience_client.types import Done, SalienceClientError, TokenEvent
+
+EOS = 99
+
+
+def _error(code: grpc.StatusCode, reason: str = "") -> SalienceClientError:
+    return SalienceClientError(code, reason or code.name, "message")
+
+
+def _request(**options: object) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(session_id="s", append_tokens=[5, 6, 7], offset=10, **options)  # type: ignore[arg-type]
+    return request
+
+
+def _token(position: int, token_id: int, is_prefill: bool = False) -> TokenEvent:
+    return TokenEvent(position, token_id, is_prefill, logprob=-1.0, rank=1)
+
+
+def test_breaks_are_told_from_answers() -> None:
+    assert is_broken(_error(grpc.StatusCode.UNAVAILABLE))
+    assert is_broken(_error(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"))
+    assert is_broken(_error(grpc.StatusCode.CANCELLED))  # a stream reset by a proxy
+    assert not is_broken(_error(grpc.StatusCode.CANCELLED, "SESSION_CLOSED"))
+    assert not is_broken(_error(grpc.StatusCode.INTERNAL, "INTERNAL_ERROR"))
+    assert is_session_lost(_error(grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND"))
+    assert not is_session_lost(_error(grpc.StatusCode.NOT_FOUND))
+    assert is_refusal(_error(grpc.StatusCode.ABORTED, "OFFSET_MISMATCH"))
+    assert not is_refusal(_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV_CACHE_FULL"))
+
+
+def test_replays_are_counted_and_retries_bounded_in_time() -> None:
+    attempts = Attempts(Failover(max_replays=2, retry_budget_s=0.3, first_retry_wait_s=0.1))
+    lost = _error(grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    attempts.begin_replay("s", lost)
+    attempts.begin_replay("s", lost)
+    with pytest.raises(SalienceClientError) as caught:
+        attempts.begin_replay("s", lost)
+    assert caught.value.reason == "REPLAY_FAILED" and "failed 2 times" in caught.value.message
+    down = _error(grpc.StatusCode.UNAVAILABLE)
+    assert [attempts.retry_wait_s(down) for _ in range(3)] == [0.0, 0.1, 0.2]
+    with pytest.raises(SalienceClientError) as caught:
+        attempts.retry_wait_s(down)  # 0.4 s more would pass the 0.3 s budget
+    assert caught.value is down
+
+
+def test_before_anything_streamed_the_call_is_made_again_truncating() -> None:
+    progress = StreamProgress(_request(max_tokens=4))
+    request, finish_reason = progress.next_request([EOS])
+    assert request.truncating and request.offset == 10 and list(request.append_tokens) == [5, 6, 7]
+    assert finish_reason == "" and progress.replay_length == 10
+
+
+def test_after_decoded_tokens_only_the_rest_is_asked_for() -> None:
+    ranges = [pb.PositionRange(start=11, end=2**32 - 1), pb.PositionRange(start=10, end=14)]
+    progress = StreamProgress(_request(max_tokens=6, min_tokens=4, logprobs_ranges=ranges))
+    for event in (_token(11, 6, True), _token(12, 7, True), _token(13, 50), _token(14, 51)):
+        assert progress.observe(event)
+    assert progress.replay_length == 15 and progress.committed_ids() == [5, 6, 7, 50, 51]
+    request, finish_reason = progress.next_request([EOS])
+    assert (request.offset, list(request.append_tokens), request.truncating) == (15, [], True)
+    assert (request.max_tokens, request.min_tokens, finish_reason) == (4, 2, "")
+    assert [(r.start, r.end) for r in request.logprobs_ranges] == [(15, 2**32 - 1)]
+    assert not progress.observe(_token(13, 50))  # delivered before
+    assert progress.observe(_token(15, 52))
+    done = Done(prompt_tokens=15, completion_tokens=1, total_tokens=16, finish_reason="length")
+    merged = progress.merged_done(done, finish_reason)
+    assert (merged.prompt_tokens, merged.completion_tokens, merged.total_tokens) == (13, 3, 16)
+
+
+@pytest.mark.parametrize(
+    ("options", "last", "want"),
+    [
+        ({"max_tokens": 2}, 51, "length"),
+        ({"max_tokens": 9}, EOS, "stop"),
+        ({"max_tokens": 9, "ignore_eos": True}, EOS, ""),
+        ({"max_tokens": 9, "min_tokens": 5}, EOS, ""),
+        ({"max_tokens": 9, "stop_token_ids": [51]}, 51, "stop"),
+    ],
+)
+def test_a_call_whose_last_token_came_is_settled_not_continued(
+    options: dict[str, object], last: int, want: str
+) -> None:
+    progress = StreamProgress(_request(**options))
+    progress.observe(_token(13, 50))
+    progress.observe(_token(14, last))
+    request, finish_reason = progress.next_request([EOS])
+    assert finish_reason == want
+    assert request.max_tokens == (0 if want else 9 - 2)
+
+
+def test_a_constrained_call_cannot_resume_once_it_decoded() -> None:
+    progress = StreamProgress(_request(max_tokens=5, constraint=pb.Constraint(json_object=True)))
+    assert progress.is_resumable
+    progress.observe(_token(13, 50))
+    assert not progress.is_resumable
