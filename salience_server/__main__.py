@@ -100,6 +100,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-ranges", type=int, default=64, help="ranges of each kind per call")
     parser.add_argument("--max-stop-strings", type=int, default=16)
     parser.add_argument("--max-stop-string-bytes", type=int, default=256)
+    parser.add_argument(
+        "--speculative",
+        choices=("ngram",),
+        default=None,
+        help="speculative decoding: ngram drafts tokens from the session's own history",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens", type=int, default=4, help="drafts verified per step"
+    )
+    parser.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram")
+    parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -127,6 +138,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                 max_ranges=args.max_ranges,
                 max_stop_strings=args.max_stop_strings,
                 max_stop_string_bytes=args.max_stop_string_bytes,
+                speculative=args.speculative or "",
+                num_speculative_tokens=args.num_speculative_tokens,
+                prompt_lookup_min=args.prompt_lookup_min,
+                prompt_lookup_max=args.prompt_lookup_max,
             ),
             grace_s=args.grace_s,
             metrics_port=args.metrics_port,

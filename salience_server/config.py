@@ -54,6 +54,14 @@ class EngineConfig:
     """Most stop strings one call may carry."""
     max_stop_string_bytes: int = 256
     """Longest stop string, in UTF-8 bytes."""
+    speculative: str = ""
+    """Speculative decoding: "ngram" (drafts from the session's own history) or "" (off)."""
+    num_speculative_tokens: int = 4
+    """Draft tokens verified per decode step."""
+    prompt_lookup_min: int = 2
+    """Shortest n-gram whose earlier occurrence proposes drafts."""
+    prompt_lookup_max: int = 4
+    """Longest n-gram tried first."""
 
     def __post_init__(self) -> None:
         if self.block_size < 0:
@@ -70,6 +78,12 @@ class EngineConfig:
         )
         if min(limits) < 0:
             raise ValueError("the per-call limits must not be negative")
+        if self.speculative not in ("", "ngram"):
+            raise ValueError(f"unknown speculative method {self.speculative!r}; use ngram")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt lookup n-gram sizes need 1 <= min <= max")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be at least 1")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attention backend {self.attention_backend!r}; "

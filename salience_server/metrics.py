@@ -51,6 +51,14 @@ class Metrics:
         self.prefilled_tokens = tokens.labels(kind="prefilled")
         self.decoded_tokens = tokens.labels(kind="decoded")
         self.recomputed_tokens = tokens.labels(kind="recomputed")
+        speculation = Counter(
+            "salience_speculative_tokens",
+            "Speculative decoding: draft tokens verified, and accepted.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.drafted_tokens = speculation.labels(kind="drafted")
+        self.accepted_tokens = speculation.labels(kind="accepted")
         self.preemptions = Counter(
             "salience_preemptions",
             "Running requests sent back to wait (their KV evicted) to make room.",

@@ -54,8 +54,9 @@ def build_batch(
             request.first_scheduled_time = time.monotonic()
         first_row = batch.num_tokens
         end = chunk.start + chunk.num_tokens
+        own_end = end - len(chunk.draft_token_ids)
         batch.add_sequence(
-            session.token_ids[chunk.start : end],
+            session.token_ids[chunk.start : own_end] + chunk.draft_token_ids,
             chunk.start,
             session.block_table,
             block_size,
@@ -66,7 +67,8 @@ def build_batch(
             if request.wants_embedding_at(position):
                 batch.embed_rows.append(first_row + position - chunk.start)
                 rows.embeds.append(EmbedRow(request, position))
-            if request.needs_logits_at(position):
+            # A draft's row verifies it and predicts the next (position >= length).
+            if position >= session.length or request.needs_logits_at(position):
                 row = first_row + position - chunk.start
                 batch.logits_rows.append(row)
                 readout_index = None

@@ -33,6 +33,7 @@ from salience_server.engine.images import ImageStore
 from salience_server.engine.intake import Intake
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token, kv_shape
+from salience_server.engine.ngram import NgramProposer
 from salience_server.engine.outcomes import Outcomes
 from salience_server.engine.readout import Readout
 from salience_server.engine.request import EventSink, GenerateParams, Request
@@ -107,7 +108,12 @@ class Engine:
             self.max_context,
             block_bytes,
         )
-        self.scheduler = Scheduler(config, self.block_manager, self.evictor)
+        proposer = None
+        if config.speculative == "ngram":
+            proposer = NgramProposer(
+                config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
+            )
+        self.scheduler = Scheduler(config, self.block_manager, self.evictor, proposer)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.gauges)
         self.constraints = ConstraintCompiler(

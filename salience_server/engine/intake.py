@@ -94,7 +94,7 @@ class Intake:
         session.num_busy = 1
         session.touch()
         detokenizer = None
-        if params.return_text or params.stop_strings:
+        if params.stop_strings:  # they end decoding, so the engine reads the text
             detokenizer = IncrementalDetokenizer(self.tokenizer, session.token_ids)
         request = Request(
             next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer

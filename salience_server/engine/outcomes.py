@@ -33,7 +33,9 @@ class Outcomes:
         events it is owed: scored prefill tokens, and the token drawn for it, committed
         now."""
         for chunk in chunks:
-            request, end = chunk.request, chunk.start + chunk.num_tokens
+            # Drafts' KV counts only once they are accepted (below).
+            request = chunk.request
+            end = chunk.start + chunk.num_tokens - len(chunk.draft_token_ids)
             first_new = max(chunk.start, request.session.num_ever_computed)
             recomputed = request.session.mark_computed(chunk.start, end)
             request.num_recomputed += recomputed
@@ -44,7 +46,8 @@ class Outcomes:
             is_sum = request.params.pooling == "mean" and request.pooled is not None
             request.pooled = request.pooled + state if is_sum else state
             request.num_pooled = row.position + 1
-        results, errors = outputs.row_results(rows.logits, forward.logits, forward.readout)
+        drafts = {c.request: c.draft_token_ids for c in chunks if c.draft_token_ids}
+        results, errors = outputs.row_results(rows.logits, forward.logits, forward.readout, drafts)
         for chunk in chunks:
             request = chunk.request
             if request.is_cancelled:
@@ -58,11 +61,29 @@ class Outcomes:
                             self._count_decoded(request)
                 except Exception as failure:
                     error = failure
+            if chunk.draft_token_ids and error is None:
+                self._count_speculation(chunk)
             if error is not None:
                 self.fail(request, error)
             elif request.is_finished:
                 self.scheduler.finish(request)
                 self.finish(request)
+
+    def _count_speculation(self, chunk: ScheduledChunk) -> None:
+        """After a verification step: the accepted drafts have KV (they were fed as the
+        tokens they turned out to be); the rejected ones' KV is past num_computed,
+        overwritten when those positions are fed. Counts drafts and acceptances."""
+        request, session = chunk.request, chunk.request.session
+        fed_last = chunk.start + chunk.num_tokens - 1  # the last draft's position
+        computed = min(session.length - 1, fed_last + 1)
+        if computed > session.num_computed:
+            session.mark_computed(session.num_computed, computed)
+        accepted = computed - (chunk.start + 1)
+        request.num_drafted += len(chunk.draft_token_ids)
+        request.num_accepted += accepted
+        self.metrics.drafted_tokens.inc(len(chunk.draft_token_ids))
+        self.metrics.accepted_tokens.inc(accepted)
+        self.session_table.block_manager.truncate(session.block_table, session.length)
 
     def _count_decoded(self, request: Request) -> None:
         now = time.monotonic()
@@ -110,7 +131,7 @@ class Outcomes:
         request.sink(
             SalienceError(
                 Code.INTERNAL,
-                "INTERNAL",
+                "REQUEST_FAILED",
                 f"request {request.request_id} failed: {type(error).__name__}: {error}",
             )
         )
@@ -139,7 +160,7 @@ class Outcomes:
             request.sink(
                 SalienceError(
                     Code.INTERNAL,
-                    "INTERNAL",
+                    "STEP_FAILED",
                     f"request {request.request_id}: the engine step failed",
                 )
             )

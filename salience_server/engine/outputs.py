@@ -38,14 +38,18 @@ def row_results(
     rows: list[LogitsRow],
     logits: torch.Tensor,
     readout: torch.Tensor | None,
+    drafts: dict[Request, list[int]] | None = None,
 ) -> tuple[RowResults, dict[Request, Exception]]:
     """Samples and scores every logits row of a step together ([K, V] raw logits,
     [R, n_layers, n_concepts] readout): tokens, scores and readout reach the host in a
     few copies, not a few per row (each one a device sync on CUDA). A failure fails
     only the requests whose rows cause it: after one, each request's rows are retried
-    alone."""
+    alone. ``drafts``: the draft tokens each speculating request fed; its rows from the
+    last committed token on verify them, and only the rows of the tokens it emits (the
+    accepted drafts and one more) get results."""
+    drafts = drafts or {}
     try:
-        return _row_results(rows, logits, readout)
+        return _row_results(rows, logits, readout, drafts)
     except Exception:
         results: RowResults = {}
         errors: dict[Request, Exception] = {}
@@ -56,7 +60,7 @@ def row_results(
             own_rows = torch.tensor(indices, dtype=torch.long, device=logits.device)
             try:
                 part, part_errors = _row_results(
-                    [rows[i] for i in indices], logits[own_rows], readout
+                    [rows[i] for i in indices], logits[own_rows], readout, drafts
                 )
             except Exception as error:
                 errors[request] = error
@@ -67,18 +71,44 @@ def row_results(
 
 
 def _row_results(
-    rows: list[LogitsRow], logits: torch.Tensor, readout: torch.Tensor | None
+    rows: list[LogitsRow],
+    logits: torch.Tensor,
+    readout: torch.Tensor | None,
+    drafts: dict[Request, list[int]],
 ) -> tuple[RowResults, dict[Request, Exception]]:
     logprobs = sampler.log_softmax(logits)  # [K, V]
     targets = [row.fed_position + 1 for row in rows]  # the positions the rows predict
-    picks = [pick(row.request, t) for row, t in zip(rows, targets, strict=True)]
+    verifying: dict[Request, list[int]] = {}  # a speculating request's verification rows
+    for index, (row, target) in enumerate(zip(rows, targets, strict=True)):
+        if row.request in drafts and target >= row.request.session.length:
+            verifying.setdefault(row.request, []).append(index)
+    picks = [
+        0 if row.request in verifying and t >= row.request.session.length else pick(row.request, t)
+        for row, t in zip(rows, targets, strict=True)
+    ]
     picked = sampler.pick_tokens(logits, logprobs, picks)
+    errors = {rows[index].request: error for index, error in picked.errors.items()}
+    unused: set[int] = set()  # verification rows past the first rejected draft
+    for request, indices in verifying.items():
+        draw = sampler.Draw(request.params.sampling, request.generator)
+        try:
+            emitted = sampler.verify(logits[indices].float(), drafts[request], draw)
+        except Exception as error:
+            errors[request] = error
+            continue
+        picked.token_ids[indices[: len(emitted)]] = torch.tensor(
+            emitted, dtype=torch.long, device=logits.device
+        )
+        unused.update(indices[len(emitted) :])
     top_ks = [top_k(row.request, t) for row, t in zip(rows, targets, strict=True)]
     scores = sampler.score(logprobs, picked.token_ids, top_ks, picked.argmax_rows)
     readout_values = readout.flatten(1).tolist() if readout is not None else []  # [R, L * C]
     results: RowResults = {}
-    errors = {rows[index].request: error for index, error in picked.errors.items()}
-    for row, token_id, scored in zip(rows, picked.token_ids.tolist(), scores, strict=True):
+    for index, (row, token_id, scored) in enumerate(
+        zip(rows, picked.token_ids.tolist(), scores, strict=True)
+    ):
+        if index in unused:
+            continue
         values: list[float] = []
         if row.readout_index is not None and readout_values:
             values = readout_values[row.readout_index]
@@ -124,13 +154,18 @@ def chunk_events(
     end = chunk.start + chunk.num_tokens
     events = []
     for target in range(max(request.next_event_position, chunk.start + 1), end + 1):
-        if target == session.length:  # the row fed at end - 1 drew the next token
+        if target == session.length:  # the row fed at target - 1 drew the next token
             if target - 1 in rows:
                 events.append(decode_token(request, rows[target - 1]))
+                if chunk.draft_token_ids and request.wants_decode:
+                    continue  # an accepted draft: the next row emits the next token
             break
         if request.wants_event(target):
             events.append(prefill_token(request, target, rows.get(target - 1)))
-    request.next_event_position = max(request.next_event_position, end + 1)
+    if chunk.draft_token_ids:  # the step emitted 1 + accepted tokens, not all it fed
+        request.next_event_position = max(request.next_event_position, session.length)
+    else:
+        request.next_event_position = max(request.next_event_position, end + 1)
     return events
 
 

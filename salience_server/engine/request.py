@@ -113,6 +113,8 @@ class DoneEvent:
     decode_ms: float
     embedding: list[float] | None = None
     """An Embed input's pooled vector."""
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 Event = TokenEvent | DoneEvent | SalienceError
@@ -157,6 +159,9 @@ class Request:
         """The stream's high-water mark: events for positions below it were sent (or
         need none). Recomputing those positions after a preemption, an offload or a
         drop never sends them again."""
+        self.num_drafted = 0
+        """Speculative draft tokens verified for this call, and how many were accepted."""
+        self.num_accepted = 0
         self.num_pooled = 0
         """An Embed input's positions pooled so far (fed again, they are not again)."""
         self.pooled: Any = None
@@ -192,6 +197,28 @@ class Request:
     def num_tokens_to_feed(self) -> int:
         """Tokens whose KV is still missing (1 while decoding)."""
         return self.session.length - self.session.num_computed
+
+    @property
+    def may_speculate(self) -> bool:
+        """Whether drafts may be verified for this call: a plain decode, whose token
+        distribution does not depend on the tokens drawn before in the step (no
+        penalties, bias, grammar or stop tokens held back by min_tokens)."""
+        return (
+            not self.params.sampling.shapes_logits
+            and self.params.constraint is None
+            and not self.params.pooling
+            and self.num_decoded + 1 >= self.params.min_tokens
+        )
+
+    def room_to_decode(self) -> int:
+        """Tokens this call may still decode (max_tokens and the context limit)."""
+        return max(
+            0,
+            min(
+                self.params.max_tokens - self.num_decoded,
+                self.session.max_context - self.session.length,
+            ),
+        )
 
     @property
     def is_stoppable(self) -> bool:
@@ -281,6 +308,8 @@ class Request:
             finish_reason=self.final_reason(),
             cached_tokens=self.num_cached,
             recomputed_tokens=self.num_recomputed,
+            drafted_tokens=self.num_drafted,
+            accepted_tokens=self.num_accepted,
             queue_ms=(started - self.arrival_time) * 1e3,
             prefill_ms=(prefilled - started) * 1e3,
             decode_ms=(now - prefilled) * 1e3,

@@ -26,17 +26,20 @@ from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.evictor import CopyBlocks, Evictor, KvMove
+from salience_server.engine.ngram import NgramProposer
 from salience_server.engine.request import Request
 from salience_server.engine.session import Residency
 
 
 @dataclass
 class ScheduledChunk:
-    """Feed ``num_tokens`` of ``request``'s session, from position ``start``."""
+    """Feed ``num_tokens`` of ``request``'s session, from position ``start``: its own
+    tokens, then ``draft_token_ids`` (speculation: verified in this step)."""
 
     request: Request
     start: int
     num_tokens: int
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,10 +67,18 @@ class _Step:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, evictor: Evictor) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        evictor: Evictor,
+        proposer: NgramProposer | None = None,
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
         self.evictor = evictor
+        self.proposer = proposer
+        """Drafts for decode steps (speculative decoding), or None."""
         self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap on order_key
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -110,11 +121,12 @@ class Scheduler:
             if is_waiting and not self._free_slot(request, step):
                 continue
             num_tokens = min(request.num_tokens_to_feed, step.budget)
-            if self._reserve(request, num_tokens, step):
+            drafts = self._drafts(request, num_tokens, step.budget)
+            if self._reserve(request, num_tokens + len(drafts), step, drafts):
                 if is_waiting:
                     self._remove_waiting(request)
                     self.running.append(request)
-                step.budget -= num_tokens
+                step.budget -= num_tokens + len(drafts)
                 step.scheduled.add(request.session.session_id)
             elif not step.scheduled:  # everything else was evicted: it can never fit
                 self._remove(request)
@@ -134,7 +146,20 @@ class Scheduler:
         self._preempt(worst, step)
         return True
 
-    def _reserve(self, request: Request, num_tokens: int, step: _Step) -> bool:
+    def _drafts(self, request: Request, num_tokens: int, budget: int) -> list[int]:
+        """Draft tokens to verify beside a decode step, when speculation is on."""
+        if self.proposer is None or num_tokens != 1 or not request.wants_decode:
+            return []
+        if request.session.num_computed != request.session.length - 1:
+            return []  # not a plain decode step
+        if not request.may_speculate:
+            return []
+        limit = min(budget - 1, request.room_to_decode() - 1)
+        return self.proposer.propose(request.session, limit)
+
+    def _reserve(
+        self, request: Request, num_tokens: int, step: _Step, drafts: list[int] | None = None
+    ) -> bool:
         """Makes room in the block pool for the next chunk of ``request`` and schedules
         it, restoring its session's KV if it was offloaded."""
         session = request.session
@@ -152,7 +177,7 @@ class Scheduler:
         if session.residency == Residency.OFFLOADED:
             self.evictor.restore(session, step.output.kv_moves)
         session.residency = Residency.RESIDENT
-        step.output.chunks.append(ScheduledChunk(request, start, num_tokens))
+        step.output.chunks.append(ScheduledChunk(request, start, num_tokens, drafts or []))
         return True
 
     def _make_room(self, request: Request, step: _Step) -> bool:

@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from salience_server.engine.ngram import NgramIndex
+
 
 @dataclass(frozen=True)
 class ImageSpan:
@@ -75,6 +77,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     images: list[ImageSpan] = field(default_factory=list)
     """Image placeholder spans, in session order."""
+    ngram_index: NgramIndex | None = None
+    """Speculative decoding's index of this session's n-grams, kept across calls."""
 
     @property
     def length(self) -> int:
@@ -90,6 +94,8 @@ class Session:
         dropped = [image for image in self.images if image.start >= offset]
         self.images = [image for image in self.images if image.start < offset]
         del self.token_ids[offset:]
+        if self.ngram_index is not None:
+            self.ngram_index.rewind(offset)
         self.num_computed = min(self.num_computed, offset)
         self.num_ever_computed = min(self.num_ever_computed, offset)
         return dropped

@@ -70,6 +70,8 @@ class SessionTable:
         """A child sharing the parent's committed tokens and KV blocks (copy-on-write)."""
         child = self.open(new_session_id, parent.max_context)
         child.token_ids = list(parent.token_ids)
+        if parent.ngram_index is not None:
+            child.ngram_index = parent.ngram_index.copy()
         child.images = [self.images.copy(child, span) for span in parent.images]
         if parent.residency == Residency.RESIDENT:
             child.block_table = self.block_manager.share(parent.block_table)

@@ -94,6 +94,8 @@ def done_event(event: DoneEvent) -> pb.GenerateEvent:
             finish_reason=_FINISH_REASONS[event.finish_reason],
             cached_tokens=event.cached_tokens,
             recomputed_tokens=event.recomputed_tokens,
+            drafted_tokens=event.drafted_tokens,
+            accepted_tokens=event.accepted_tokens,
             queue_ms=event.queue_ms,
             prefill_ms=event.prefill_ms,
             decode_ms=event.decode_ms,

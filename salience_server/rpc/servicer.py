@@ -12,6 +12,7 @@ import grpc
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.engine import tokenization
+from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
@@ -62,8 +63,22 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             except SalienceError as error:
                 await abort(context, error)
             params = dataclasses.replace(params, constraint=compiled)
-        async for event in self._events(context, lambda sink: engine.submit(params, sink)):
+        # Text with stop strings comes from the engine (it must see them to stop); other
+        # text is detokenized here, off the engine thread.
+        detokenizer: IncrementalDetokenizer | None = None
+
+        def submit(sink: EventSink) -> Request:
+            nonlocal detokenizer
+            engine_request = engine.submit(params, sink)
+            if params.return_text and not params.stop_strings:
+                prompt = engine_request.session.token_ids[: engine_request.prompt_len]
+                detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt)
+            return engine_request
+
+        async for event in self._events(context, submit):
             if isinstance(event, TokenEvent):
+                if detokenizer is not None and not event.is_prefill:
+                    event.text = detokenizer.push(event.token_id)
                 yield convert.token_event(event)
             else:
                 yield convert.done_event(event)
@@ -143,7 +158,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 async for event in self._engine_events(engine, submit):
                     if isinstance(event, DoneEvent) and event.embedding is not None:
                         return event.embedding
-            raise SalienceError(Code.INTERNAL, "INTERNAL", "an input ended without a vector")
+            raise SalienceError(Code.INTERNAL, "REQUEST_FAILED", "an input ended without a vector")
 
         failure: SalienceError | None = None
         try:

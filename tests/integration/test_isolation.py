@@ -96,6 +96,7 @@ def test_a_failure_in_one_requests_rows_fails_it_alone(server, monkeypatch) -> N
     assert got == want
     assert isinstance(outcome, grpc.RpcError)
     assert outcome.code() == grpc.StatusCode.INTERNAL
+    assert error_reason(outcome) == "REQUEST_FAILED"  # not a broken stream: no resume
     assert "request" in outcome.details() and "a bad row" in outcome.details()
     assert not server.engine.sessions[poisoned].is_busy  # released: usable again
     monkeypatch.setattr(outputs, "chunk_events", real)

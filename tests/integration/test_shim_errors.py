@@ -237,7 +237,7 @@ def test_a_dropped_plain_request_stops_the_generation(
 def failing() -> Iterator[tuple[Script, RunningShim]]:
     script = Script(text="abcdef")
     server = start_scripted(script)
-    running = start_shim(server.target, keepalive_s=0.1)
+    running = start_shim(server.target, keepalive_s=0.1, replay=False)  # failures reach HTTP
     yield script, running
     running.stop()
     server.stop()

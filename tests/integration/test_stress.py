@@ -11,8 +11,9 @@ exactly the positions owed, in order; every logprob, top-k and readout equals th
 forward pass (1e-4); greedy tokens are its argmax. After every rule: each session's
 length is the model's, nothing is busy, and the block pool and host budget balance.
 
-CI runs the "ci" profile (fixed seed); ``--hypothesis-profile=stress-long`` runs
-thousands of steps (see tests/conftest.py).
+It runs twice: without speculative decoding, and with n-gram speculation (whose
+drafts must then change nothing). CI runs the "ci" profile (fixed seed);
+``--hypothesis-profile=stress-long`` runs thousands of steps (see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -250,6 +251,39 @@ class StressMachine(RuleBasedStateMachine):
         events, done = self._run(call)
         self.models[session_id] = check_call(self.oracle, model, call, events, done)
 
+    @rule(data=st.data())
+    def contend(self, data: st.DataObject) -> None:
+        """Two sessions grow together past what the pool holds: one is preempted, its
+        KV evicted, and recomputed while its stream goes on."""
+        live = list(self.models)
+        assume(len(live) >= 2)
+        first, second = data.draw(
+            st.lists(st.sampled_from(live), min_size=2, max_size=2, unique=True)
+        )
+        calls = []
+        for session_id in (first, second):
+            model = self.models[session_id]
+            length = len(model.token_ids)
+            append = [(13 * i + length) % 256 for i in range(max(0, 30 - length))]
+            room = MAX_CONTEXT - length - len(append)
+            calls.append(
+                Call(session_id, length, append, min(6, room), [(length, U32_MAX)], [], 0, [])
+            )
+        results: dict[int, tuple] = {}
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, self._run(calls[i])))
+            for i in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        for index, call in enumerate(calls):
+            events, done = results[index]
+            self.models[call.session_id] = check_call(
+                self.oracle, self.models[call.session_id], call, events, done
+            )
+
     @rule(session_id=sessions, seed=st.integers(0, 3))
     def append_image(self, session_id: str, seed: int) -> None:
         model = self.models[session_id]
@@ -407,8 +441,8 @@ class StressMachine(RuleBasedStateMachine):
         raise AssertionError("a cancelled call kept its session busy")
 
 
-@pytest.fixture(scope="module")
-def stress_server(tmp_path_factory) -> RunningServer:
+@pytest.fixture(scope="module", params=["plain", "speculative"])
+def stress_server(request, tmp_path_factory) -> RunningServer:
     model_dir: Path = build_tiny_vision_model(tmp_path_factory.mktemp("stress-vl"), "qwen2_vl")
     readout_path = write_readout(
         tmp_path_factory.mktemp("stress-readout") / "readout.safetensors", layers=[READOUT_LAYER]
@@ -421,6 +455,7 @@ def stress_server(tmp_path_factory) -> RunningServer:
         host_kv_bytes=24 * TOKEN_BYTES + 4 * IMAGE_BYTES,  # some offloads, the rest dropped
         max_batch_tokens=16,  # prefills in chunks, beside decodes
         session_ttl_s=SESSION_TTL_S,
+        speculative="ngram" if request.param == "speculative" else "",
     )
     server.extra["reference"] = reference_vision_model(model_dir)
     yield server
@@ -436,6 +471,9 @@ def test_stress(stress_server: RunningServer) -> None:
     StressMachine.TestCase().runTest()
     engine = stress_server.engine
     exercised = {  # what the run went through (pytest -s shows it)
+        "accepted drafts": engine.metrics.accepted_tokens._value.get()
+        if engine.config.speculative
+        else "off",
         "preemptions": engine.scheduler.num_preemptions,
         "recomputed tokens": engine.metrics.recomputed_tokens._value.get(),
         "swap-outs": engine.runner.num_swap_outs,

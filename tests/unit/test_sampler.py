@@ -258,3 +258,34 @@ def test_draws_follow_the_filtered_distribution(seeded: bool) -> None:
     expected = want[kept].double() * num_draws
     chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
     assert chi2 < _CHI2_999[int(kept.sum()) - 1]
+
+
+# ----- speculative verification ---------------------------------------------------------
+
+
+def test_greedy_verification_accepts_drafts_while_they_are_the_argmax() -> None:
+    logits = _logits(4, seed=12)
+    argmax = logits.argmax(dim=1).tolist()
+    draw = _draw(SamplingParams())
+    assert sampler.verify(logits, argmax[:3], draw) == argmax  # all accepted, one more
+    wrong = (argmax[1] + 1) % VOCAB
+    assert sampler.verify(logits, [argmax[0], wrong, 5], draw) == argmax[:2]
+
+
+@pytest.mark.parametrize("draft_mass", ["likely", "unlikely"])
+def test_rejection_sampling_keeps_the_models_distribution(draft_mass: str) -> None:
+    """Whatever the draft, the first emitted token is distributed as the filtered
+    model distribution (chi-square over 2,000 seeded verifications)."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5]] * 2)
+    params = SamplingParams(temperature=1.0, top_k=5)
+    want = _kept_by_definition(logits[0], params)
+    draft = 0 if draft_mass == "likely" else 4
+    counts = torch.zeros(6, dtype=torch.float64)
+    for seed in range(2000):
+        draw = sampler.Draw(params, torch.Generator().manual_seed(seed))
+        counts[sampler.verify(logits, [draft], draw)[0]] += 1
+    kept = want > 0
+    assert counts[~kept].sum() == 0
+    expected = want[kept].double() * 2000
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    assert chi2 < _CHI2_999[int(kept.sum()) - 1]

@@ -1,0 +1,146 @@
+"""Question: how much faster does n-gram speculation (drafts from the session's own
+history) decode, where agents spend their time?
+
+Baseline: the same server without speculation, in the same run. Three workloads on the
+default model, greedy, one session at a time (batch 1): an agent editing a file it was
+shown (the reply repeats most of the file), a summary of a tool output, and free chat.
+For each: decode tokens per second with and without ``--speculative ngram``, the
+speed-up, and the draft acceptance rate. Greedy outputs must be identical (checked).
+
+    .venv/bin/python benchmarks/speculative.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import grpc
+
+from benchmarks._server import running_server
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
+
+FILE = "\n".join(
+    [
+        "import json",
+        "from pathlib import Path",
+        "",
+        "",
+        "def load_config(path: Path) -> dict:",
+        '    """Reads the configuration file and returns its settings."""',
+        "    with path.open() as handle:",
+        "        settings = json.load(handle)",
+        '    settings.setdefault("retries", 3)',
+        '    settings.setdefault("timeout_s", 10.0)',
+        "    return settings",
+        "",
+        "",
+        "def save_config(path: Path, settings: dict) -> None:",
+        '    """Writes the settings back, sorted, two-space indented."""',
+        "    with path.open('w') as handle:",
+        "        json.dump(settings, handle, indent=2, sort_keys=True)",
+        "",
+        "",
+        "def merge_configs(base: dict, override: dict) -> dict:",
+        '    """Settings of ``override`` win over those of ``base``."""',
+        "    merged = dict(base)",
+        "    merged.update(override)",
+        "    return merged",
+    ]
+)
+TOOL_OUTPUT = json.dumps(
+    {
+        "query": "open issues labelled bug",
+        "results": [
+            {"id": 101 + i, "title": f"Crash when saving file {i}", "state": "open", "comments": i}
+            for i in range(12)
+        ],
+    },
+    indent=1,
+)
+WORKLOADS = {
+    "edit": [
+        {"role": "system", "content": "You are a careful coding assistant."},
+        {
+            "role": "user",
+            "content": f"Here is config.py:\n```python\n{FILE}\n```\nRename load_config to "
+            "read_config and give me the whole file back in a python code block.",
+        },
+    ],
+    "summary": [
+        {"role": "system", "content": "You are an agent that uses tools."},
+        {"role": "user", "content": f"The search tool returned:\n{TOOL_OUTPUT}\nList the titles."},
+    ],
+    "chat": [{"role": "user", "content": "Tell me a short story about a dragon and a lighthouse."}],
+}
+
+
+def decode(target: str, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], float, pb.Done]:
+    """(tokens, decode tok/s, Done) of one greedy call on a fresh session."""
+    with grpc.insecure_channel(target) as channel:
+        stub = salience_pb2_grpc.SalienceStub(channel)
+        session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
+        request = pb.GenerateRequest(
+            session_id=session_id, append_tokens=prompt_ids, max_tokens=max_tokens
+        )
+        tokens, times, done = [], [], None
+        for event in stub.Generate(request):
+            if event.HasField("token"):
+                tokens.append(event.token.id)
+                times.append(time.perf_counter())
+            else:
+                done = event.done
+        assert done is not None
+        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+        return tokens, rate, done
+
+
+def prompts(target: str) -> dict[str, list[int]]:
+    with grpc.insecure_channel(target) as channel:
+        stub = salience_pb2_grpc.SalienceStub(channel)
+        return {
+            name: list(
+                stub.Tokenize(
+                    pb.TokenizeRequest(
+                        messages=pb.ChatMessages(messages_json=json.dumps(messages)),
+                        add_generation_prompt=True,
+                    )
+                ).token_ids
+            )
+            for name, messages in WORKLOADS.items()
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens: a run under 2 min")
+    parser.add_argument("--max-tokens", type=int, default=0)
+    args = parser.parse_args()
+    max_tokens = args.max_tokens or (64 if args.quick else 256)
+    results: dict[str, dict[str, object]] = {}
+    for label, flags in (("plain", ()), ("speculative", ("--speculative", "ngram"))):
+        print(f"[{label}] starting the server", flush=True)
+        with running_server(*flags) as target:
+            workload_prompts = prompts(target)
+            decode(target, workload_prompts["chat"], 8)  # warm-up
+            for name, prompt_ids in workload_prompts.items():
+                tokens, rate, done = decode(target, prompt_ids, max_tokens)
+                results.setdefault(name, {})[label] = (tokens, rate, done)
+                print(f"[{label}] {name}: {len(tokens)} tokens at {rate:.1f} tok/s", flush=True)
+    print()
+    print(f"{'workload':<10} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} {'accepted':>9}")
+    for name in WORKLOADS:
+        plain_tokens, plain_rate, _ = results[name]["plain"]  # type: ignore[misc]
+        spec_tokens, spec_rate, done = results[name]["speculative"]  # type: ignore[misc]
+        assert spec_tokens == plain_tokens, f"{name}: speculation changed the greedy output"
+        acceptance = done.accepted_tokens / done.drafted_tokens if done.drafted_tokens else 0.0
+        print(
+            f"{name:<10} {plain_rate:>12.1f} {spec_rate:>11.1f} "
+            f"{spec_rate / plain_rate:>8.2f}x {acceptance:>8.0%}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Draft tokens from a session's own history: prompt-lookup (n-gram) speculation.
+
+An agent's replies repeat what its session already holds: file contents, tool output,
+identifiers. When the last ``n`` tokens occurred earlier, the tokens that followed them
+then are a good guess for what follows now; one forward pass verifies the guess.
+
+Each session keeps its ``NgramIndex`` across calls: for every n-gram (``min_n`` to
+``max_n`` tokens) that has a following token, where its occurrences end. It grows with
+each committed token and is never rebuilt per step; a rewind only moves its watermark
+back (positions past it are indexed again as tokens come, and every hit is checked
+against the tokens before it is used). Plain Python: no tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class NgramIndex:
+    min_n: int
+    max_n: int
+    ends: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+    """n-gram -> the positions just after its indexed occurrences, ascending."""
+    num_indexed: int = 0
+    """n-grams ending at positions below this are indexed (each has a next token)."""
+
+    def sync(self, token_ids: list[int]) -> None:
+        """Indexes the n-grams that gained a following token since the last call."""
+        for end in range(max(self.num_indexed, 1), len(token_ids)):
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                ends = self.ends.setdefault(tuple(token_ids[end - n : end]), [])
+                while ends and ends[-1] >= end:  # left from before a rewind
+                    ends.pop()
+                ends.append(end)
+        self.num_indexed = max(self.num_indexed, len(token_ids))
+
+    def propose(self, token_ids: list[int], num_tokens: int) -> list[int]:
+        """Up to ``num_tokens`` tokens that followed the longest n-gram ending the
+        sequence, at its latest earlier occurrence; none when no suffix recurs."""
+        if num_tokens <= 0:
+            return []
+        self.sync(token_ids)
+        length = len(token_ids)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            suffix = token_ids[length - n :]
+            for end in reversed(self.ends.get(tuple(suffix), ())):
+                # Entries from before a rewind may no longer hold this n-gram.
+                if end < length and token_ids[end - n : end] == suffix:
+                    return token_ids[end : end + num_tokens]
+        return []
+
+    def rewind(self, length: int) -> None:
+        """The sequence was cut to ``length`` tokens."""
+        self.num_indexed = min(self.num_indexed, length)
+
+    def copy(self) -> NgramIndex:
+        ends = {key: list(value) for key, value in self.ends.items()}
+        return NgramIndex(self.min_n, self.max_n, ends, self.num_indexed)
+
+
+@dataclass(frozen=True)
+class NgramProposer:
+    """Proposes drafts from each session's index (made on first use)."""
+
+    num_speculative_tokens: int
+    min_n: int
+    max_n: int
+
+    def propose(self, session: SessionLike, limit: int) -> list[int]:
+        """At most ``min(limit, num_speculative_tokens)`` draft tokens for ``session``."""
+        if session.ngram_index is None:
+            session.ngram_index = NgramIndex(self.min_n, self.max_n)
+        return session.ngram_index.propose(
+            session.token_ids, min(limit, self.num_speculative_tokens)
+        )
+
+
+class SessionLike(Protocol):
+    """What the proposer reads and keeps on a session (``session.Session``)."""
+
+    token_ids: list[int]
+    ngram_index: NgramIndex | None

@@ -1,0 +1,206 @@
+"""Speculative decoding from the session's history (``--speculative ngram``) is exact:
+every stream equals the same call without speculation, token for token, with the same
+logprobs, top-k and readout (1e-4), through stops, limits, forks, rewinds and memory
+pressure. The tiny model repeats itself under greedy decoding, so drafts are accepted."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.helpers import U32_MAX, generate, open_session, random_tokens
+from tests.integration.test_readout import write_readout
+
+TOLERANCE = 1e-4
+BLOCK_SIZE = 4
+TOKEN_BYTES = 512
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_llama_dir, tmp_path_factory):
+    """(plain, speculating) servers of the same model with the same readout."""
+    from tests.conftest import start_server
+
+    readout = write_readout(tmp_path_factory.mktemp("spec") / "readout.safetensors")
+    options = dict(block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, readout_path=str(readout))
+    plain = start_server(str(tiny_llama_dir), **options)
+    speculating = start_server(
+        str(tiny_llama_dir), speculative="ngram", num_speculative_tokens=4, **options
+    )
+    yield plain, speculating
+    plain.stop()
+    speculating.stop()
+
+
+def _same(got, want) -> None:
+    assert [(e.position, e.id, e.is_prefill) for e in got] == [
+        (e.position, e.id, e.is_prefill) for e in want
+    ]
+    for a, b in zip(got, want, strict=True):
+        assert abs(a.sampled_logprob - b.sampled_logprob) < TOLERANCE
+        assert [t.token_id for t in a.top_logprobs] == [t.token_id for t in b.top_logprobs]
+        assert all(
+            abs(x.logprob - y.logprob) < TOLERANCE
+            for x, y in zip(a.top_logprobs, b.top_logprobs, strict=True)
+        )
+        assert len(a.readout) == len(b.readout)
+        assert all(abs(x - y) < TOLERANCE for x, y in zip(a.readout, b.readout, strict=True))
+
+
+def _both(servers, prompt: list[int], **options):
+    results = []
+    for server in servers:
+        results.append(
+            generate(server.stub, open_session(server.stub), append_tokens=prompt, **options)
+        )
+    (want, want_done), (got, got_done) = results
+    return want, want_done, got, got_done
+
+
+# A prompt the tiny model continues by repeating itself: drafts are found and accepted.
+PROMPT = random_tokens(6, seed=3) * 3
+
+
+def test_greedy_output_logprobs_and_readout_equal_decoding_without_speculation(servers) -> None:
+    want, want_done, got, got_done = _both(
+        servers,
+        PROMPT,
+        max_tokens=60,
+        ignore_eos=True,
+        logprobs_ranges=[(0, U32_MAX)],
+        logprob_top_k=3,
+        readout_ranges=[(len(PROMPT), U32_MAX)],
+    )
+    _same(got, want)
+    assert got_done.accepted_tokens > 10 and got_done.drafted_tokens >= got_done.accepted_tokens
+    assert want_done.drafted_tokens == 0
+    assert got_done.total_tokens == want_done.total_tokens
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 7])
+def test_max_tokens_ends_inside_an_accepted_run(servers, max_tokens) -> None:
+    want, want_done, got, got_done = _both(servers, PROMPT, max_tokens=max_tokens, ignore_eos=True)
+    _same(got, want)
+    assert got_done.completion_tokens == max_tokens
+
+
+def test_stop_tokens_and_stop_strings_end_inside_an_accepted_run(servers) -> None:
+    free, _, _, _ = _both(servers, PROMPT, max_tokens=30, ignore_eos=True)
+    stop = free[9].id  # a token decoded well into the run
+    want, want_done, got, got_done = _both(
+        servers, PROMPT, max_tokens=30, ignore_eos=True, stop_token_ids=[stop]
+    )
+    _same(got, want)
+    assert got_done.finish_reason == want_done.finish_reason
+    want, want_done, got, got_done = _both(
+        servers,
+        PROMPT,
+        max_tokens=30,
+        ignore_eos=True,
+        return_text=True,
+        stop_strings=[bytes([free[12].id]).decode("latin-1")],
+    )
+    assert [e.id for e in got] == [e.id for e in want] and [e.text for e in got] == [
+        e.text for e in want
+    ]
+    assert got_done.finish_reason == want_done.finish_reason
+
+
+def test_the_context_limit_ends_inside_an_accepted_run(servers) -> None:
+    results = []
+    for server in servers:
+        session_id = open_session(server.stub, max_context=len(PROMPT) + 9)
+        results.append(
+            generate(server.stub, session_id, append_tokens=PROMPT, max_tokens=40, ignore_eos=True)
+        )
+    (want, want_done), (got, got_done) = results
+    _same(got, want)
+    assert got_done.finish_reason == want_done.finish_reason == 4  # CONTEXT
+
+
+def test_turns_forks_and_rewinds_keep_the_index_right(servers) -> None:
+    """The same sequence of calls (turns, a rewind, a fork and its own turn) on both
+    servers gives the same streams."""
+    streams: list[list] = [[], []]
+    for index, server in enumerate(servers):
+        stub = server.stub
+        session_id = open_session(stub)
+        _, done = generate(stub, session_id, append_tokens=PROMPT, max_tokens=20, ignore_eos=True)
+        length = done.total_tokens
+        tokens, done = generate(
+            stub, session_id, append_tokens=PROMPT[:5], offset=length, max_tokens=15
+        )
+        streams[index].append(tokens)
+        rewound, _ = generate(
+            stub,
+            session_id,
+            append_tokens=[9, 9],
+            offset=length - 7,
+            truncating=True,
+            max_tokens=15,
+            ignore_eos=True,
+        )
+        streams[index].append(rewound)
+        from salience_client.pb import salience_pb2 as pb
+
+        child = stub.ForkSession(pb.ForkSessionRequest(session_id=session_id)).session_id
+        child_length = stub.GetSession(pb.GetSessionRequest(session_id=child)).session.length
+        forked, _ = generate(
+            stub,
+            child,
+            append_tokens=PROMPT[:3],
+            offset=child_length,
+            max_tokens=15,
+            ignore_eos=True,
+        )
+        streams[index].append(forked)
+    for got, want in zip(streams[1], streams[0], strict=True):
+        _same(got, want)
+
+
+def test_speculation_under_memory_pressure_and_preemption(tiny_llama_dir, server_factory) -> None:
+    """Two streams outgrow a small pool: the later is preempted and recomputed while
+    both speculate; both equal their runs on a roomy server without speculation."""
+    tight = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=24 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=0,
+        speculative="ngram",
+        max_batch_tokens=16,
+    )
+    roomy = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
+    prompts = [PROMPT, random_tokens(5, seed=8) * 4]
+    want = [
+        generate(
+            roomy.stub,
+            open_session(roomy.stub),
+            append_tokens=p,
+            max_tokens=40,
+            ignore_eos=True,
+            logprobs_ranges=[(0, U32_MAX)],
+        )[0]
+        for p in prompts
+    ]
+    got: list = [None, None]
+
+    def run(index: int) -> None:
+        got[index] = generate(
+            tight.stub,
+            open_session(tight.stub),
+            append_tokens=prompts[index],
+            max_tokens=40,
+            ignore_eos=True,
+            logprobs_ranges=[(0, U32_MAX)],
+        )[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for a, b in zip(got, want, strict=True):
+        _same(a, b)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.metrics.accepted_tokens._value.get() > 0
