@@ -130,7 +130,9 @@ def main() -> None:
                 results.setdefault(name, {})[label] = (tokens, rate, done)
                 print(f"[{label}] {name}: {len(tokens)} tokens at {rate:.1f} tok/s", flush=True)
     print()
-    print(f"{'workload':<10} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} {'accepted':>9}")
+    print(
+        f"{'workload':<10} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} {'accepted':>9}"
+    )
     for name in WORKLOADS:
         plain_tokens, plain_rate, _ = results[name]["plain"]  # type: ignore[misc]
         spec_tokens, spec_rate, done = results[name]["speculative"]  # type: ignore[misc]
