@@ -21,7 +21,7 @@ Prints the raw figures and a table of Salience ÷ peer ratios, and writes every 
 as JSON (for ``benchmarks/plot.py``). Every server it starts is stopped by its PID,
 whatever happens. ``--quick`` runs small shapes of the same workloads (CI smoke test).
 
-    python -m benchmarks.peers            # full run, writes docs/benchmarks/peers.json
+    python -m benchmarks.peers --plot     # full run: docs/benchmarks/peers.json and PNGs
     python -m benchmarks.peers --quick    # under two minutes
 """
 
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--llama-python", default=sys.executable, help="interpreter with llama-cpp-python"
     )
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
+    parser.add_argument("--plot", action="store_true", help="then draw the PNGs beside the JSON")
     args = parser.parse_args(argv)
     args.servers = _subset(parser, args.servers, SERVERS)
     args.workloads = _subset(parser, args.workloads, WORKLOADS)
@@ -324,6 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     for line in notes(flavours):
         print(f"  {line}")
     print(f"\nraw figures: {args.out}; server logs: {log_dir}")
+    if args.plot:
+        from benchmarks import plot
+
+        plot.main([str(args.out)])
 
 
 def _write(path: Path, report: dict[str, Any]) -> None:
