@@ -24,7 +24,7 @@ import httpx
 from benchmarks._server import free_port
 
 LLAMA_INSTALL = (
-    "pip install 'salience[llama]' (builds llama.cpp from source, about 15 minutes on 2 cores)"
+    "pip install -e '.[llama]' (builds llama.cpp from source, about 15 minutes on 2 cores)"
 )
 TRANSFORMERS_INSTALL = "pip install 'transformers[serving]'"
 STOP_WAIT_S = 20.0

@@ -11,7 +11,7 @@
     python -m benchmarks.plot                       # docs/benchmarks/peers.json
     python -m benchmarks.plot RUN.json --out DIR    # PNGs into DIR (default: beside RUN.json)
 
-Needs matplotlib: ``pip install 'salience[bench]'``.
+Needs matplotlib (in the dev tools, or ``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import matplotlib
     except ImportError:
-        parser.error("needs matplotlib: pip install 'salience[bench]'")
+        parser.error("needs matplotlib: pip install -e '.[bench]'")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
