@@ -304,7 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "quick": args.quick,
         "sizes": plan.sizes.to_json(),
-        "model": {"id": files.model_id, "directory": str(files.directory), "gguf": str(files.gguf)},
+        # File names only: the JSON is committed beside the docs, and paths name the machine.
+        "model": {
+            "id": files.model_id,
+            "directory": files.directory.name,
+            "gguf": files.gguf.name if files.gguf else None,
+        },
         "budget": vars(given),
         "machine": machine(),
         "versions": versions(servers),
