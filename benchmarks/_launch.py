@@ -123,7 +123,8 @@ def transformers_serve(files: ModelFiles, budget: Budget) -> Launch:
 
 def llama_cpp(files: ModelFiles, budget: Budget, python: str) -> Launch:
     """llama-cpp-python's server on the GGUF, every core, logits of every position kept
-    (echo + logprobs needs them)."""
+    (echo + logprobs needs them), and requests queued rather than cut short: by default a
+    new request interrupts the one streaming (``interrupt_requests``)."""
     launch = Launch("llama-cpp", "llama-cpp-python")
     probe = "import llama_cpp, llama_cpp.server; print(llama_cpp.__version__)"
     found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
@@ -140,6 +141,7 @@ def llama_cpp(files: ModelFiles, budget: Budget, python: str) -> Launch:
     launch.command += ["--host", "127.0.0.1", "--port", str(launch.http_port)]
     launch.command += ["--n_ctx", str(LLAMA_CONTEXT), "--n_threads", threads]
     launch.command += ["--n_threads_batch", threads, "--logits_all", "true"]
+    launch.command += ["--interrupt_requests", "false", "--verbose", "false"]
     if budget.device == "cuda":
         launch.command += ["--n_gpu_layers", "-1"]
     return launch
