@@ -4,7 +4,8 @@ A 20-turn conversation on the default model, each turn appending about 60 tokens
 decoding 32 (greedy), through one session. Baseline: the same turns sent statelessly
 (a fresh session given the whole history each turn) to the same server. Prints the total
 time of each, the ratio, the per-turn times, and a probe turn at ~2,000 tokens of
-history against the same turn on an empty session (aim: within 1.3x).
+history against the same turn on an empty session (aim: within 1.3x). ``--quick``: 4
+turns, the probe at their history.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import time
 import grpc
 from transformers import AutoTokenizer
 
+from benchmarks._cli import is_quick
 from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.engine.loader import resolve_model_path
 
 NUM_TURNS = 20
+QUICK_TURNS = 4
 TURN_TOKENS = 60
 DECODE_TOKENS = 32
 TEXT = (
@@ -54,10 +57,11 @@ def timed_turn(stub, session_id: str, append: list[int], offset: int, max_tokens
 
 
 def main() -> None:
+    num_turns = QUICK_TURNS if is_quick(__doc__) else NUM_TURNS
     path, _ = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(path)
     corpus = tokenizer.encode(TEXT, add_special_tokens=False)
-    turns = [corpus[i * TURN_TOKENS : (i + 1) * TURN_TOKENS] for i in range(NUM_TURNS + 1)]
+    turns = [corpus[i * TURN_TOKENS : (i + 1) * TURN_TOKENS] for i in range(num_turns + 1)]
     with running_server() as target, grpc.insecure_channel(target) as channel:
         stub = salience_pb2_grpc.SalienceStub(channel)
         run_turn(
@@ -66,7 +70,7 @@ def main() -> None:
         session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
         history: list[int] = []
         session_times, stateless_times, decoded_counts = [], [], []
-        for user in turns[:NUM_TURNS]:
+        for user in turns[:num_turns]:
             decoded, elapsed = run_turn(stub, session_id, user, len(history), DECODE_TOKENS)
             session_times.append(elapsed)
             decoded_counts.append(len(decoded))
@@ -77,7 +81,7 @@ def main() -> None:
             stateless_times.append(elapsed)
             stub.CloseSession(pb.CloseSessionRequest(session_id=fresh))
             assert replay == decoded, "stateless replay diverged from the session"
-        probe = turns[NUM_TURNS]
+        probe = turns[num_turns]
         # Times from Done's prefill/decode split, normalized to DECODE_TOKENS decoded
         # tokens (the empty-session turn may meet EOS earlier).
         _, _, long_time = timed_turn(stub, session_id, probe, len(history), DECODE_TOKENS)

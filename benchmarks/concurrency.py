@@ -3,6 +3,7 @@
 Runs 1, 4, 8 and 16 sessions decoding at once (greedy, 48 tokens each, short distinct
 prompts) against one server on the default model, and prints aggregate decode tokens
 per second for each as a ratio to 1 session (the baseline). Aim: >= 4x at 8 sessions.
+``--quick``: 1 and 4 sessions, 16 tokens each.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import grpc
 from transformers import AutoTokenizer
 
+from benchmarks._cli import is_quick
 from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -20,9 +22,11 @@ from salience_server.engine.loader import resolve_model_path
 
 NUM_TOKENS = 48
 LEVELS = (1, 4, 8, 16)
+QUICK_TOKENS = 16
+QUICK_LEVELS = (1, 4)
 
 
-async def decode_together(stub, prompts: list[list[int]]) -> float:
+async def decode_together(stub, prompts: list[list[int]], num_tokens: int) -> float:
     """Aggregate decoded tokens per second while all streams run (one asyncio client,
     so that the load generator itself stays light on this small machine)."""
     stamps: list[list[float]] = [[] for _ in prompts]
@@ -32,8 +36,8 @@ async def decode_together(stub, prompts: list[list[int]]) -> float:
         request = pb.GenerateRequest(
             session_id=session_ids[index],
             append_tokens=prompts[index],
-            max_tokens=NUM_TOKENS,
-            ignore_eos=True,  # every stream decodes exactly NUM_TOKENS
+            max_tokens=num_tokens,
+            ignore_eos=True,  # every stream decodes exactly num_tokens
         )
         async for event in stub.Generate(request):
             if event.HasField("token"):
@@ -49,14 +53,18 @@ async def decode_together(stub, prompts: list[list[int]]) -> float:
     return num_decoded / (end - start)
 
 
-async def measure(target: str, prompts: list[list[int]]) -> dict[int, float]:
+async def measure(
+    target: str, prompts: list[list[int]], levels: tuple[int, ...], num_tokens: int
+) -> dict[int, float]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = salience_pb2_grpc.SalienceStub(channel)
-        await decode_together(stub, prompts[:2])  # warm-up
-        return {n: await decode_together(stub, prompts[:n]) for n in LEVELS}
+        await decode_together(stub, prompts[:2], num_tokens)  # warm-up
+        return {n: await decode_together(stub, prompts[:n], num_tokens) for n in levels}
 
 
 def main() -> None:
+    quick = is_quick(__doc__)
+    levels, num_tokens = (QUICK_LEVELS, QUICK_TOKENS) if quick else (LEVELS, NUM_TOKENS)
     path, _ = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [
@@ -64,10 +72,10 @@ def main() -> None:
             f"Story number {i}: once upon a time, in a land of {i} rivers,",
             add_special_tokens=False,
         )
-        for i in range(max(LEVELS))
+        for i in range(max(levels))
     ]
     with running_server() as target:
-        rates = asyncio.run(measure(target, prompts))
+        rates = asyncio.run(measure(target, prompts, levels, num_tokens))
     for n, rate in rates.items():
         print(f"{n:2d} sessions: {rate:6.1f} tok/s aggregate, {rate / rates[1]:.2f}x one session")
 

@@ -3,6 +3,7 @@
 Baseline: the same model's plain transformers greedy decode loop (DynamicCache), in this
 process. Measured: decode tokens per second of one Generate stream from a server
 subprocess (time from the first to the last token). Prints the ratio; aim >= 0.9.
+``--quick``: 32 tokens.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import grpc
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks._cli import is_quick
 from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.engine.loader import resolve_model_path
 
 NUM_TOKENS = 128
+QUICK_TOKENS = 32
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
@@ -50,6 +53,7 @@ def served_tokens_per_s(target: str, prompt_ids: list[int], num_tokens: int) -> 
 
 
 def main() -> None:
+    num_tokens = QUICK_TOKENS if is_quick(__doc__) else NUM_TOKENS
     path, _ = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt_ids = tokenizer.apply_chat_template(
@@ -57,7 +61,7 @@ def main() -> None:
     )
     prompt_ids = tokenizer.encode(prompt_ids, add_special_tokens=False)
     with running_server() as target:
-        served, num_decoded = served_tokens_per_s(target, prompt_ids, NUM_TOKENS)
+        served, num_decoded = served_tokens_per_s(target, prompt_ids, num_tokens)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     plain_decode_tokens_per_s(model, prompt_ids, 8)  # warm-up
     plain = plain_decode_tokens_per_s(model, prompt_ids, num_decoded)

@@ -3,7 +3,7 @@
 One server on the default model with a readout of 16 concepts at every layer. The
 baseline is the same greedy decode (64 tokens) without readout_ranges; measured is
 the decode with readout on every token. Prints decode tokens per second of each and
-the slowdown (aim: under 10%).
+the slowdown (aim: under 10%). ``--quick``: 16 tokens, one round.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
+from benchmarks._cli import is_quick
 from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -26,13 +27,15 @@ from salience_server.engine.loader import resolve_model_path
 NUM_TOKENS = 64
 NUM_CONCEPTS = 16
 ROUNDS = 3
+QUICK_TOKENS = 16
+QUICK_ROUNDS = 1
 
 
-def decode_rate(stub, prompt: list[int], readout: bool) -> float:
+def decode_rate(stub, prompt: list[int], readout: bool, num_tokens: int) -> float:
     session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
     ranges = [pb.PositionRange(start=0, end=0xFFFFFFFF)] if readout else []
     request = pb.GenerateRequest(
-        session_id=session_id, append_tokens=prompt, max_tokens=NUM_TOKENS, readout_ranges=ranges
+        session_id=session_id, append_tokens=prompt, max_tokens=num_tokens, readout_ranges=ranges
     )
     stamps = [
         time.perf_counter()
@@ -44,6 +47,8 @@ def decode_rate(stub, prompt: list[int], readout: bool) -> float:
 
 
 def main() -> None:
+    quick = is_quick(__doc__)
+    num_tokens, rounds = (QUICK_TOKENS, QUICK_ROUNDS) if quick else (NUM_TOKENS, ROUNDS)
     path, _ = resolve_model_path(None)
     config = AutoConfig.from_pretrained(path)
     tensors = {
@@ -65,9 +70,9 @@ def main() -> None:
         grpc.insecure_channel(target) as channel,
     ):
         stub = salience_pb2_grpc.SalienceStub(channel)
-        decode_rate(stub, prompt, False)  # warm-up
-        off = max(decode_rate(stub, prompt, False) for _ in range(ROUNDS))
-        on = max(decode_rate(stub, prompt, True) for _ in range(ROUNDS))
+        decode_rate(stub, prompt, False, num_tokens)  # warm-up
+        off = max(decode_rate(stub, prompt, False, num_tokens) for _ in range(rounds))
+        on = max(decode_rate(stub, prompt, True, num_tokens) for _ in range(rounds))
     print(
         f"readout off: {off:.1f} tok/s; readout on every token ({config.num_hidden_layers} layers x "
         f"{NUM_CONCEPTS} concepts): {on:.1f} tok/s; slowdown {(1 - on / off) * 100:.1f}%"

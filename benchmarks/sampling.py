@@ -8,7 +8,7 @@ Two shapes, with the default model's vocabulary (49152): 64 greedy decode rows (
 decode step) and 512 scored rows with top-5 logprobs (a scoring prefill). Prints the
 time per step of each and the ratio. Runs on CUDA when there is one.
 
-    python -m benchmarks.sampling
+    python -m benchmarks.sampling [--quick]
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import time
 
 import torch
 
+from benchmarks._cli import is_quick
 from salience_server.engine import sampler
 from salience_server.engine.request import SamplingParams
 
 VOCAB = 49152
 ROUNDS = 20
+QUICK_ROUNDS = 1
 
 
 def per_row(logprobs: torch.Tensor, picks: list[int | sampler.Draw], top_k: int) -> list:
@@ -39,27 +41,30 @@ def per_row(logprobs: torch.Tensor, picks: list[int | sampler.Draw], top_k: int)
     return results
 
 
-def batched(logprobs: torch.Tensor, picks: list[int | sampler.Draw], top_k: int) -> list:
-    token_ids, argmax_rows = sampler.pick_tokens(logprobs, picks)
-    scores = sampler.score(logprobs, token_ids, [top_k] * len(picks), argmax_rows)
-    return list(zip(token_ids.tolist(), scores, strict=True))
+def batched(
+    logprobs: torch.Tensor, picks: list[int | sampler.Draw], top_k: int, logits: torch.Tensor
+) -> list:
+    chosen = sampler.pick_tokens(logits, logprobs, picks)
+    scores = sampler.score(logprobs, chosen.token_ids, [top_k] * len(picks), chosen.argmax_rows)
+    return list(zip(chosen.token_ids.tolist(), scores, strict=True))
 
 
-def timed(function, *args) -> float:  # type: ignore[no-untyped-def]
+def timed(rounds: int, function, *args) -> float:  # type: ignore[no-untyped-def]
     function(*args)  # warm up
     if args[0].is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         function(*args)
-    return (time.perf_counter() - start) / ROUNDS
+    return (time.perf_counter() - start) / rounds
 
 
 def main() -> None:
+    rounds = QUICK_ROUNDS if is_quick(__doc__) else ROUNDS
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(0)
-    print(f"device: {device}, vocabulary {VOCAB}, {ROUNDS} rounds each")
-    greedy = sampler.Draw(SamplingParams(), None, [])
+    print(f"device: {device}, vocabulary {VOCAB}, {rounds} rounds each")
+    greedy = sampler.Draw(SamplingParams(), None)
     for name, rows, top_k in [("64 greedy decode rows", 64, 0), ("512 scored rows, top-5", 512, 5)]:
         logits = torch.randn(rows, VOCAB, generator=generator).to(device)
         logprobs = sampler.log_softmax(logits)
@@ -68,10 +73,11 @@ def main() -> None:
         else:
             picks = [greedy] * rows
         baseline = per_row(logprobs, picks, top_k)
-        ours = batched(logprobs, picks, top_k)
+        ours = batched(logprobs, picks, top_k, logits)
         assert [b[0] for b in baseline] == [o[0] for o in ours]
         assert [b[2] for b in baseline] == [o[1].rank for o in ours]
-        slow, fast = timed(per_row, logprobs, picks, top_k), timed(batched, logprobs, picks, top_k)
+        slow = timed(rounds, per_row, logprobs, picks, top_k)
+        fast = timed(rounds, batched, logprobs, picks, top_k, logits)
         print(
             f"{name}: per row {slow * 1e3:.2f} ms, together {fast * 1e3:.2f} ms "
             f"-> per-row / together = {slow / fast:.2f}x"
