@@ -372,7 +372,9 @@ class Engine:
             self.on_death()
 
     def step(self) -> None:
-        """Schedule, move KV, build, run, commit."""
+        """Schedule, move KV, build, run, sample, commit. The lock is not held while
+        the model runs or its rows are sampled (the results reach the host first), so
+        the server's event loop never waits on the device."""
         with self._lock:
             output = self.scheduler.schedule()
             self.outcomes.retire(output)
@@ -387,8 +389,9 @@ class Engine:
                 raise
             self._isolate(output.chunks)
             return
+        sampled = self.outcomes.sample(output.chunks, rows, forward)
         with self._lock:
-            self.outcomes.commit(output.chunks, rows, forward)
+            self.outcomes.commit(output.chunks, rows, forward, sampled)
 
     def _build(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, StepRows]:
         return build_batch(chunks, self.block_size, self.images, self.uses_mrope, self.has_readout)
@@ -406,8 +409,9 @@ class Engine:
                 with self._lock:
                     self.outcomes.fail(chunk.request, error)
                 continue
+            sampled = self.outcomes.sample([chunk], rows, forward)
             with self._lock:
-                self.outcomes.commit([chunk], rows, forward)
+                self.outcomes.commit([chunk], rows, forward, sampled)
 
 
 def _shutting_down() -> SalienceError:

@@ -21,6 +21,9 @@ from salience_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+Sampled = tuple[outputs.RowResults, dict[Request, Exception]]
+"""Each request's row results, and the requests whose rows failed."""
+
 
 class Outcomes:
     def __init__(self, scheduler: Scheduler, session_table: SessionTable, metrics: Metrics) -> None:
@@ -28,9 +31,24 @@ class Outcomes:
         self.session_table = session_table
         self.metrics = metrics
 
-    def commit(self, chunks: list[ScheduledChunk], rows: StepRows, forward: ForwardOutput) -> None:
+    def sample(
+        self, chunks: list[ScheduledChunk], rows: StepRows, forward: ForwardOutput
+    ) -> Sampled:
+        """Samples and scores the step's rows (device work, then one trip to the host).
+        Called without the engine's lock: it reads only what the step's busy sessions
+        hold, which nothing else changes meanwhile."""
+        drafts = {c.request: c.draft_token_ids for c in chunks if c.draft_token_ids}
+        return outputs.row_results(rows.logits, forward.logits, forward.readout, drafts)
+
+    def commit(
+        self,
+        chunks: list[ScheduledChunk],
+        rows: StepRows,
+        forward: ForwardOutput,
+        sampled: Sampled,
+    ) -> None:
         """Records the new KV and pools Embed inputs' states, then sends each request the
-        events it is owed: scored prefill tokens, and the token drawn for it, committed
+        events it is owed: scored prefill tokens, and the tokens drawn for it, committed
         now."""
         for chunk in chunks:
             # Drafts' KV counts only once they are accepted (below).
@@ -46,8 +64,7 @@ class Outcomes:
             is_sum = request.params.pooling == "mean" and request.pooled is not None
             request.pooled = request.pooled + state if is_sum else state
             request.num_pooled = row.position + 1
-        drafts = {c.request: c.draft_token_ids for c in chunks if c.draft_token_ids}
-        results, errors = outputs.row_results(rows.logits, forward.logits, forward.readout, drafts)
+        results, errors = sampled
         for chunk in chunks:
             request = chunk.request
             if request.is_cancelled:

@@ -76,6 +76,8 @@ def _row_results(
     readout: torch.Tensor | None,
     drafts: dict[Request, list[int]],
 ) -> tuple[RowResults, dict[Request, Exception]]:
+    if not rows:
+        return {}, {}
     logprobs = sampler.log_softmax(logits)  # [K, V]
     targets = [row.fed_position + 1 for row in rows]  # the positions the rows predict
     verifying: dict[Request, list[int]] = {}  # a speculating request's verification rows
@@ -101,12 +103,14 @@ def _row_results(
         )
         unused.update(indices[len(emitted) :])
     top_ks = [top_k(row.request, t) for row, t in zip(rows, targets, strict=True)]
-    scores = sampler.score(logprobs, picked.token_ids, top_ks, picked.argmax_rows)
-    readout_values = readout.flatten(1).tolist() if readout is not None else []  # [R, L * C]
+    on_device = sampler.score_on_device(logprobs, picked.token_ids, top_ks, picked.argmax_rows)
+    readout_rows = readout.flatten(1) if readout is not None else torch.empty(0, 0)  # [R, L * C]
+    token_ids, *scored_lists, readout_values = sampler.to_host(
+        [picked.token_ids, *on_device, readout_rows]
+    )
+    scores = sampler.scored_rows(top_ks, *scored_lists) if rows else []
     results: RowResults = {}
-    for index, (row, token_id, scored) in enumerate(
-        zip(rows, picked.token_ids.tolist(), scores, strict=True)
-    ):
+    for index, (row, token_id, scored) in enumerate(zip(rows, token_ids, scores, strict=True)):
         if index in unused:
             continue
         values: list[float] = []

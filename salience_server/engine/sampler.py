@@ -7,6 +7,7 @@ shaped (``penalties``) and filtered (``filters``) one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -164,6 +165,18 @@ def score(
     ``argmax_rows`` hold their argmax, so their rank is 1 without comparing."""
     if not top_ks:
         return []
+    scores = score_on_device(logprobs, token_ids, top_ks, argmax_rows)
+    return scored_rows(top_ks, *to_host(list(scores)))
+
+
+def score_on_device(
+    logprobs: torch.Tensor,
+    token_ids: torch.Tensor,
+    top_ks: list[int],
+    argmax_rows: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([K] logprobs of the tokens, [K] ranks - 1, [K, k] top values, [K, k] top ids),
+    still on the device; ``scored_rows`` reads them once they are on the host."""
     chosen = logprobs.gather(1, token_ids[:, None])  # [K, 1]
     ranks = torch.zeros(len(top_ks), dtype=torch.long, device=logprobs.device)
     known = set(argmax_rows or ())
@@ -174,16 +187,42 @@ def score(
             continue  # a decode step's greedy rows: rank 1 without comparing
         ranks[start:end] = (logprobs[start:end] > chosen[start:end]).sum(dim=1)
     top_k = min(max(top_ks), logprobs.shape[1])
-    value_rows: list[list[float]] = []
-    index_rows: list[list[int]] = []
-    if top_k > 0:
-        values, indices = torch.topk(logprobs, top_k, dim=1)
-        value_rows, index_rows = values.tolist(), indices.tolist()
+    values, indices = torch.topk(logprobs, top_k, dim=1)  # [K, top_k] each
+    return chosen[:, 0], ranks, values, indices
+
+
+def scored_rows(
+    top_ks: list[int],
+    chosen: list[float],
+    ranks: list[int],
+    value_rows: list[list[float]],
+    index_rows: list[list[int]],
+) -> list[TokenLogprob]:
+    """The per-row results of ``score_on_device``, as host lists."""
     results = []
-    for row, (logprob, rank) in enumerate(zip(chosen[:, 0].tolist(), ranks.tolist(), strict=True)):
+    for row, (logprob, rank) in enumerate(zip(chosen, ranks, strict=True)):
         k = top_ks[row]
         tops = list(zip(index_rows[row][:k], value_rows[row][:k], strict=True)) if k else []
-        results.append(TokenLogprob(logprob, rank + 1, tops))
+        results.append(TokenLogprob(logprob, int(rank) + 1, tops))
+    return results
+
+
+def to_host(tensors: list[torch.Tensor], one_copy: bool | None = None) -> list[Any]:
+    """Each tensor as (nested) Python lists, in one device-to-host copy (each copy is a
+    sync on CUDA): flattened into one float64 buffer, which holds token ids exactly.
+    On the CPU each is simply read (``one_copy`` forces the packed path, for tests)."""
+    if one_copy is None:
+        one_copy = any(tensor.device.type != "cpu" for tensor in tensors)
+    if not one_copy:
+        return [tensor.tolist() for tensor in tensors]
+    packed = torch.cat([tensor.reshape(-1).to(torch.float64) for tensor in tensors]).cpu()
+    results, start = [], 0
+    for tensor in tensors:
+        part = packed[start : start + tensor.numel()].reshape(tensor.shape)
+        start += tensor.numel()
+        if not tensor.dtype.is_floating_point:
+            part = part.to(torch.long)
+        results.append(part.tolist())
     return results
 
 

@@ -289,3 +289,12 @@ def test_rejection_sampling_keeps_the_models_distribution(draft_mass: str) -> No
     expected = want[kept].double() * 2000
     chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
     assert chi2 < _CHI2_999[int(kept.sum()) - 1]
+
+
+def test_one_host_copy_reads_the_same_values() -> None:
+    """The packed path (one device-to-host copy on CUDA) equals reading each tensor."""
+    logits = _logits(5, seed=13)
+    logprobs = sampler.log_softmax(logits)
+    token_ids = torch.tensor([3, 7, 250, 0, 299])
+    tensors = list(sampler.score_on_device(logprobs, token_ids, [0, 2, 5, 1, 3])) + [token_ids]
+    assert sampler.to_host(tensors, one_copy=True) == sampler.to_host(tensors, one_copy=False)
