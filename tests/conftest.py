@@ -90,6 +90,7 @@ def start_server(
     api_key: str | None = None,
     server_options: dict[str, Any] | None = None,
     replica_id: str = "",
+    dtype: str = "auto",
     **engine_options: Any,
 ) -> RunningServer:
     """Starts a real gRPC server for ``model`` on port 0 in a background thread
@@ -98,7 +99,7 @@ def start_server(
 
     config = ServerConfig(
         port=0,
-        model=ModelConfig(model=model),
+        model=ModelConfig(model=model, dtype=dtype),
         engine=EngineConfig(**engine_options),
         readout_path=readout_path,
         api_key=api_key,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from salience_server.engine import paged_attention
+from salience_server.engine import cpu_matmul, paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
@@ -59,6 +59,17 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        if (
+            self.device.type == "cpu"
+            and self.dtype in (torch.bfloat16, torch.float16)
+            and not cpu_matmul.has_16_bit_units()
+        ):
+            count = cpu_matmul.upcast_wide_products(model)
+            log.info(
+                "%d Linear layers multiply in float32 from %d rows on (no 16-bit units)",
+                count,
+                cpu_matmul.MIN_ROWS,
+            )
         self.block_size = block_size
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)

@@ -76,6 +76,9 @@ class SequenceAttention:
     """[num_blocks] long: the blocks holding this sequence's context."""
     mask: torch.Tensor | None
     """[query_len, context_len] bool causal mask, None for a single query row."""
+    first_block: int | None = None
+    """When the blocks are consecutive ids (a session that grew in a fresh pool), the
+    first one: the context is then a view of the pool, and no gather is needed."""
 
 
 @dataclass
@@ -120,28 +123,46 @@ class SdpaAttentionMetadata:
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """query [1, H, T, D] -> [T, H, D]."""
-        output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
         masks, group_mask = self._masks(sliding_window)
         group = self.decode_group
+        if group is None and len(self.sequences) == 1:  # one sequence: its rows are all
+            seq = self.sequences[0]
+            return self._attend_one(query, key_cache, value_cache, seq, masks[0], scaling)[
+                0
+            ].transpose(0, 1)
+        output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
         if group is not None and group_mask is not None:
             output[group.rows] = _attend_decodes(
                 query, key_cache, value_cache, group, group_mask, self.workspace, scaling
             )
         for seq, mask in zip(self.sequences, masks, strict=True):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
-            values = _gather(value_cache, seq, self.workspace[1])
-            attended = F.scaled_dot_product_attention(
-                query[:, :, rows],
-                keys,
-                values,
-                attn_mask=mask,
-                is_causal=seq.query_len > 1 and mask is None,
-                scale=scaling,
-                enable_gqa=True,
-            )  # [1, H, q, D]
+            attended = self._attend_one(query, key_cache, value_cache, seq, mask, scaling)
             output[rows] = attended[0].transpose(0, 1)
         return output
+
+    def _attend_one(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        seq: SequenceAttention,
+        mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """One sequence's rows: -> [1, H, q, D]."""
+        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+        keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
+        values = _gather(value_cache, seq, self.workspace[1])
+        return F.scaled_dot_product_attention(
+            query[:, :, rows],
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=seq.query_len > 1 and mask is None,
+            scale=scaling,
+            enable_gqa=True,
+        )
 
     def _masks(
         self, sliding_window: int | None
@@ -335,17 +356,7 @@ def build_metadata(
         group = _decode_group(decodes, max_blocks, block_size, device)
         spans = [span for span in spans if span.query_len != 1]
     sequences = [
-        SequenceAttention(
-            query_start=span.query_start,
-            query_len=span.query_len,
-            context_len=span.context_len,
-            block_ids=torch.tensor(
-                span.block_table[: -(-span.context_len // block_size)],
-                dtype=torch.long,
-                device=device,
-            ),
-            mask=causal_mask(span.query_len, span.context_len, device),
-        )
+        _sequence(span, span.block_table[: -(-span.context_len // block_size)], device)
         for span in spans
     ]
     return SdpaAttentionMetadata(
@@ -354,6 +365,18 @@ def build_metadata(
         sequences=sequences,
         decode_group=group,
         workspace=workspace,
+    )
+
+
+def _sequence(span: Any, table: list[int], device: torch.device) -> SequenceAttention:
+    consecutive = table == list(range(table[0], table[0] + len(table))) if table else False
+    return SequenceAttention(
+        query_start=span.query_start,
+        query_len=span.query_len,
+        context_len=span.context_len,
+        block_ids=torch.tensor(table, dtype=torch.long, device=device),
+        mask=causal_mask(span.query_len, span.context_len, device),
+        first_block=table[0] if consecutive else None,
     )
 
 
@@ -376,7 +399,10 @@ def _decode_group(
 
 def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor) -> torch.Tensor:
     """[num_blocks, block_size, Hkv, D] -> this sequence's [1, Hkv, context_len, D]."""
-    blocks = torch.index_select(cache, 0, seq.block_ids, out=workspace[: len(seq.block_ids)])
+    if seq.first_block is not None:  # consecutive blocks: a view, no copy
+        blocks = cache[seq.first_block : seq.first_block + len(seq.block_ids)]
+    else:
+        blocks = torch.index_select(cache, 0, seq.block_ids, out=workspace[: len(seq.block_ids)])
     return blocks.flatten(0, 1)[: seq.context_len].transpose(0, 1).unsqueeze(0)
 
 

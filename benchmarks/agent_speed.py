@@ -1,0 +1,80 @@
+"""Question: how long does the agent workload take through the shim, in float32, in
+bfloat16, and in bfloat16 with n-gram speculation?
+
+The workload of issue 13: a ~300-token system prompt, 70-token user turns and 16
+streamed greedy tokens per turn, through the openai SDK (each turn resends the whole
+conversation, as a stateless chat client does; the shim's session pool keeps the KV).
+Two shapes: 1 conversation x 10 turns, and 4 conversations x 8 turns. Baseline: the
+float32 server in the same run; prints each configuration's total time and its ratio.
+
+    .venv/bin/python -m benchmarks.agent_speed [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import tempfile
+from pathlib import Path
+
+from benchmarks import _launch as launch
+from benchmarks import _openai_workloads as workloads
+from benchmarks._prompts import Texts, make_plan
+from benchmarks._sizes import Sizes
+from benchmarks.peers import model_files
+
+CONFIGURATIONS = {
+    "fp32": ("float32", []),
+    "bf16": ("bfloat16", []),
+    "bf16 + ngram": ("bfloat16", ["--speculative", "ngram"]),
+}
+SHAPES = {"1 x 10": (1, 10), "4 x 8": (4, 8)}
+KV_TOKENS = 16384
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 x 3 and 2 x 2 turns")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    shapes = {"1 x 3": (1, 3), "2 x 2": (2, 2)} if args.quick else SHAPES
+    logs = Path(tempfile.mkdtemp(prefix="salience-agent-speed-"))
+    totals: dict[tuple[str, str], float] = {}
+    for name, (dtype, flags) in CONFIGURATIONS.items():
+        files = model_files(None, dtype)
+        texts = Texts(AutoTokenizer.from_pretrained(files.directory))
+        server = launch.salience(files, launch.Budget(KV_TOKENS, "cpu", dtype))
+        server.command += flags
+        print(f"[{name}] starting", flush=True)
+        with launch.started(server, logs / f"{name}.log", 600) as running:
+            api = workloads.client(running.base_url)
+            asyncio.run(workloads.warm_up(api, running.model))
+            for shape, (conversations, turns) in shapes.items():
+                sizes = dataclasses.replace(
+                    Sizes(),
+                    num_conversations=conversations,
+                    num_turns=turns,
+                    turn_decode_tokens=16,
+                )
+                plan = make_plan(texts, sizes)
+                result = asyncio.run(
+                    workloads.agent(
+                        workloads.client(running.base_url), running.model, plan, texts, name
+                    )
+                )
+                totals[name, shape] = result["total_s"]
+                print(f"[{name}] {shape}: {result['total_s']:.1f} s", flush=True)
+    print()
+    for shape in shapes:
+        base = totals["fp32", shape]
+        row = ", ".join(
+            f"{name} {totals[name, shape]:.1f} s ({totals[name, shape] / base:.2f}x)"
+            for name in CONFIGURATIONS
+        )
+        print(f"{shape}: {row}")
+
+
+if __name__ == "__main__":
+    main()

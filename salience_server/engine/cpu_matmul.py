@@ -1,0 +1,54 @@
+"""bfloat16 and float16 matrix products on CPUs without 16-bit units.
+
+Without AVX-512 BF16 or AMX, torch's 16-bit GEMM emulates the arithmetic and is several
+times slower than float32 once a product has more than a few rows: on an AVX2 CPU a
+[370, 576] x [576, 1536] bf16 product took 45 ms, against 8.7 ms for the same product
+upcast to float32 (weight conversion included), and the default model's 370-token
+prefill took 5.6 s against 1.2 s. A decode step of a few sequences still gains from
+16-bit weights, which halve the bytes read. So Linear layers keep their 16-bit weights,
+and a product of at least ``MIN_ROWS`` rows runs in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+MIN_ROWS = 12
+"""From this many rows, the float32 product (with the weight's conversion) is faster.
+Measured on AVX2, with 350 MB of weights streamed as a forward pass streams them
+(ms for all, bf16 against upcast): 1 row 45 / 76, 8 rows 206 / 285, 16 rows 450 / 321,
+64 rows 1832 / 550."""
+
+
+def has_16_bit_units() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX)."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def upcast_wide_products(model: torch.nn.Module) -> int:
+    """Makes every Linear of ``model`` multiply in float32 from ``MIN_ROWS`` rows on;
+    returns how many layers were changed."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype in (
+            torch.bfloat16,
+            torch.float16,
+        ):
+            module.forward = _forward(module)  # type: ignore[method-assign]
+            count += 1
+    return count
+
+
+def _forward(linear: torch.nn.Linear) -> Any:
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.numel() // inputs.shape[-1] < MIN_ROWS:
+            return F.linear(inputs, linear.weight, linear.bias)
+        bias = linear.bias.float() if linear.bias is not None else None
+        return F.linear(inputs.float(), linear.weight.float(), bias).to(inputs.dtype)
+
+    return forward

@@ -1,0 +1,50 @@
+"""bfloat16 serving (the CUDA default) against float32, and its CPU matmul path."""
+
+from __future__ import annotations
+
+import torch
+
+from salience_server.engine import cpu_matmul
+from tests.conftest import start_server
+from tests.helpers import U32_MAX, generate, open_session, random_tokens
+
+BF16_TOLERANCE = 0.05
+"""Largest logprob difference (nats) between bf16 and fp32 on the tiny model: bf16 keeps
+8 bits of mantissa, so logits move by about 1e-2 of their size."""
+
+
+def test_bfloat16_logprobs_stay_close_to_float32(tiny_llama_dir) -> None:
+    token_ids = random_tokens(60, seed=17)
+    results = []
+    for dtype in ("float32", "bfloat16"):
+        server = start_server(str(tiny_llama_dir), dtype=dtype, block_size=4)
+        try:
+            assert server.engine.runner.dtype == getattr(torch, dtype)
+            tokens, _ = generate(
+                server.stub,
+                open_session(server.stub),
+                append_tokens=token_ids,  # 60 rows: the float32 product path on CPU
+                logprobs_ranges=[(1, U32_MAX)],
+            )
+            results.append(torch.tensor([t.sampled_logprob for t in tokens]))
+        finally:
+            server.stop()
+    full, half = results
+    assert (full - half).abs().max().item() < BF16_TOLERANCE
+    assert (full - half).abs().max().item() > 0  # it really ran in bf16
+
+
+def test_wide_products_run_in_float32_and_narrow_ones_in_bfloat16() -> None:
+    linear = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    reference = torch.nn.Linear(64, 32)
+    reference.load_state_dict({k: v.float() for k, v in linear.state_dict().items()})
+    assert cpu_matmul.upcast_wide_products(torch.nn.Sequential(linear)) == 1
+    wide = torch.randn(cpu_matmul.MIN_ROWS, 64).to(torch.bfloat16)
+    got = linear(wide)
+    assert got.dtype == torch.bfloat16
+    # Multiplied in float32, rounded once at the end.
+    assert torch.equal(got, reference(wide.float()).to(torch.bfloat16))
+    narrow = wide[:1]
+    assert torch.equal(
+        linear(narrow), torch.nn.functional.linear(narrow, linear.weight, linear.bias)
+    )
