@@ -13,6 +13,7 @@ speed-up, and the draft acceptance rate. Greedy outputs must be identical (check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -117,30 +118,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens: a run under 2 min")
     parser.add_argument("--max-tokens", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=0, help="alternating runs, best kept")
     args = parser.parse_args()
     max_tokens = args.max_tokens or (64 if args.quick else 256)
-    results: dict[str, dict[str, object]] = {}
-    for label, flags in (("plain", ()), ("speculative", ("--speculative", "ngram"))):
-        print(f"[{label}] starting the server", flush=True)
-        with running_server(*flags) as target:
-            workload_prompts = prompts(target)
+    rounds = args.rounds or (1 if args.quick else 2)
+    configurations = {"plain": (), "speculative": ("--speculative", "ngram")}
+    results: dict[str, dict[str, tuple[list[int], float, pb.Done]]] = {}
+    with contextlib.ExitStack() as stack:
+        # Both servers up at once, used in turns: a slow moment of the machine hurts both.
+        targets = {
+            label: stack.enter_context(running_server(*flags))
+            for label, flags in configurations.items()
+        }
+        workload_prompts = prompts(targets["plain"])
+        for target in targets.values():
             decode(target, workload_prompts["chat"], 8)  # warm-up
-            for name, prompt_ids in workload_prompts.items():
-                tokens, rate, done = decode(target, prompt_ids, max_tokens)
-                results.setdefault(name, {})[label] = (tokens, rate, done)
-                print(f"[{label}] {name}: {len(tokens)} tokens at {rate:.1f} tok/s", flush=True)
+        for name, prompt_ids in workload_prompts.items():
+            for _ in range(rounds):
+                for label, target in targets.items():
+                    tokens, rate, done = decode(target, prompt_ids, max_tokens)
+                    best = results.setdefault(name, {}).get(label)
+                    if best is None or rate > best[1]:
+                        results[name][label] = (tokens, rate, done)
+                    print(f"[{label}] {name}: {len(tokens)} tokens at {rate:.1f} tok/s", flush=True)
     print()
     print(
         f"{'workload':<10} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} {'accepted':>9}"
     )
     for name in WORKLOADS:
-        plain_tokens, plain_rate, _ = results[name]["plain"]  # type: ignore[misc]
-        spec_tokens, spec_rate, done = results[name]["speculative"]  # type: ignore[misc]
+        plain_tokens, plain_rate, _ = results[name]["plain"]
+        spec_tokens, spec_rate, done = results[name]["speculative"]
         assert spec_tokens == plain_tokens, f"{name}: speculation changed the greedy output"
         acceptance = done.accepted_tokens / done.drafted_tokens if done.drafted_tokens else 0.0
         print(
             f"{name:<10} {plain_rate:>12.1f} {spec_rate:>11.1f} "
-            f"{spec_rate / plain_rate:>8.2f}x {acceptance:>8.0%}"
+            f"{spec_rate / plain_rate:>8.2f}x {acceptance:>8.0%} of {done.drafted_tokens} drafts"
         )
 
 

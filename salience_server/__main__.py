@@ -110,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--num-speculative-tokens", type=int, default=4, help="drafts verified per step"
     )
     parser.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram")
+    parser.add_argument(
+        "--speculative-cost",
+        type=_two_floats,
+        default=None,
+        help="SWITCH,ROW: a step verifying d drafts costs 1 + SWITCH + ROW*d decode steps "
+        "(default 0.6,0.1 on CPU, 0,0.05 on GPU; 0,0 always drafts the most)",
+    )
     parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -142,6 +149,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                 num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_min=args.prompt_lookup_min,
                 prompt_lookup_max=args.prompt_lookup_max,
+                speculative_cost=args.speculative_cost,
             ),
             grace_s=args.grace_s,
             metrics_port=args.metrics_port,
@@ -155,6 +163,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     except ValueError as error:
         parser.error(str(error))
         raise
+
+
+def _two_floats(text: str) -> tuple[float, float]:
+    first, second = (float(part) for part in text.split(","))
+    return first, second
 
 
 def main(argv: list[str] | None = None) -> None:

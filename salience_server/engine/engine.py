@@ -33,7 +33,12 @@ from salience_server.engine.images import ImageStore
 from salience_server.engine.intake import Intake
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token, kv_shape
-from salience_server.engine.ngram import NgramProposer
+from salience_server.engine.ngram import (
+    ACCELERATOR_DRAFT_COST,
+    CPU_DRAFT_COST,
+    DraftCost,
+    NgramProposer,
+)
 from salience_server.engine.outcomes import Outcomes
 from salience_server.engine.readout import Readout
 from salience_server.engine.request import EventSink, GenerateParams, Request
@@ -111,7 +116,14 @@ class Engine:
         proposer = None
         if config.speculative == "ngram":
             proposer = NgramProposer(
-                config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
+                config.num_speculative_tokens,
+                config.prompt_lookup_min,
+                config.prompt_lookup_max,
+                DraftCost(*config.speculative_cost)
+                if config.speculative_cost is not None
+                else CPU_DRAFT_COST
+                if loaded.device.type == "cpu"
+                else ACCELERATOR_DRAFT_COST,
             )
         self.scheduler = Scheduler(config, self.block_manager, self.evictor, proposer)
         self.metrics = metrics or Metrics()

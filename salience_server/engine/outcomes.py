@@ -98,6 +98,7 @@ class Outcomes:
         accepted = computed - (chunk.start + 1)
         request.num_drafted += len(chunk.draft_token_ids)
         request.num_accepted += accepted
+        session.acceptance.record(len(chunk.draft_token_ids), accepted)
         self.metrics.drafted_tokens.inc(len(chunk.draft_token_ids))
         self.metrics.accepted_tokens.inc(accepted)
         self.session_table.block_manager.truncate(session.block_table, session.length)

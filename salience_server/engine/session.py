@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from salience_server.engine.ngram import NgramIndex
+from salience_server.engine.ngram import Acceptance, NgramIndex
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ class Session:
     """Image placeholder spans, in session order."""
     ngram_index: NgramIndex | None = None
     """Speculative decoding's index of this session's n-grams, kept across calls."""
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    """How often this session's drafts were accepted (it sets the draft length)."""
 
     @property
     def length(self) -> int:

@@ -5,6 +5,7 @@ Not thread-safe by itself: the engine calls it under its lock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class SessionTable:
         child.token_ids = list(parent.token_ids)
         if parent.ngram_index is not None:
             child.ngram_index = parent.ngram_index.copy()
+        child.acceptance = dataclasses.replace(parent.acceptance)
         child.images = [self.images.copy(child, span) for span in parent.images]
         if parent.residency == Residency.RESIDENT:
             child.block_table = self.block_manager.share(parent.block_table)

@@ -26,7 +26,11 @@ def servers(tiny_llama_dir, tmp_path_factory):
     options = dict(block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, readout_path=str(readout))
     plain = start_server(str(tiny_llama_dir), **options)
     speculating = start_server(
-        str(tiny_llama_dir), speculative="ngram", num_speculative_tokens=4, **options
+        str(tiny_llama_dir),
+        speculative="ngram",
+        num_speculative_tokens=4,
+        speculative_cost=(0.0, 0.0),  # always draft the most: exactness is what is tested
+        **options,
     )
     yield plain, speculating
     plain.stop()
@@ -168,6 +172,7 @@ def test_speculation_under_memory_pressure_and_preemption(tiny_llama_dir, server
         kv_cache_bytes=24 * BLOCK_SIZE * TOKEN_BYTES,
         host_kv_bytes=0,
         speculative="ngram",
+        speculative_cost=(0.0, 0.0),
         max_batch_tokens=16,
     )
     roomy = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)

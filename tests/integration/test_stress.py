@@ -456,6 +456,7 @@ def stress_server(request, tmp_path_factory) -> RunningServer:
         max_batch_tokens=16,  # prefills in chunks, beside decodes
         session_ttl_s=SESSION_TTL_S,
         speculative="ngram" if request.param == "speculative" else "",
+        speculative_cost=(0.0, 0.0),
     )
     server.extra["reference"] = reference_vision_model(model_dir)
     yield server

@@ -46,3 +46,35 @@ def test_no_proposal_without_a_recurring_suffix_or_room() -> None:
     index = NgramIndex(2, 4)
     assert index.propose([1, 2, 3, 4, 5], 4) == []
     assert index.propose([1, 2, 1, 2], 0) == []
+
+
+def test_draft_length_maximises_expected_tokens_per_cost() -> None:
+    from salience_server.engine.ngram import CPU_DRAFT_COST, DraftCost, best_draft_length
+
+    def tokens_per_cost(rate: float, cost: DraftCost, length: int) -> float:
+        steps = 1 + (cost.switch + cost.row * length if length else 0)
+        return sum(rate**i for i in range(length + 1)) / steps
+
+    for rate in (0.05, 0.3, 0.5, 0.8, 0.95):
+        for cost in (DraftCost(0, 0.05), DraftCost(0.6, 0.1), DraftCost(0, 1.0)):
+            best = best_draft_length(rate, cost, 6)
+            assert all(
+                tokens_per_cost(rate, cost, best) >= tokens_per_cost(rate, cost, d)
+                for d in range(7)
+            )
+    assert best_draft_length(0.5, CPU_DRAFT_COST, 4) == 0  # drafts cost more than they give
+    assert best_draft_length(0.9, CPU_DRAFT_COST, 4) == 4
+    assert best_draft_length(0.9, DraftCost(0, 0.05), 4) == 4
+
+
+def test_acceptance_follows_recent_verifications() -> None:
+    from salience_server.engine.ngram import Acceptance
+
+    acceptance = Acceptance()
+    assert acceptance.rate == 0.5
+    for _ in range(10):
+        acceptance.record(4, 4)
+    assert acceptance.rate > 0.9
+    for _ in range(10):
+        acceptance.record(4, 0)
+    assert acceptance.rate < 0.4  # one miss a verification against up to four hits
