@@ -15,10 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch
-
 from salience_server.config import EngineConfig
-from salience_server.engine import paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.batch_builder import StepRows, build_batch
 from salience_server.engine.block_manager import BlockManager
@@ -31,14 +28,10 @@ from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.intake import Intake
+from salience_server.engine.kv_pool import size_pool
 from salience_server.engine.loader import LoadedModel
-from salience_server.engine.model_runner import ModelRunner, kv_bytes_per_token, kv_shape
-from salience_server.engine.ngram import (
-    ACCELERATOR_DRAFT_COST,
-    CPU_DRAFT_COST,
-    DraftCost,
-    NgramProposer,
-)
+from salience_server.engine.model_runner import ModelRunner
+from salience_server.engine.ngram import draft_proposer
 from salience_server.engine.outcomes import Outcomes
 from salience_server.engine.readout import Readout
 from salience_server.engine.request import EventSink, GenerateParams, Request
@@ -51,8 +44,6 @@ from salience_server.metrics import EngineGauges, Metrics
 
 log = logging.getLogger(__name__)
 
-_CPU_DEFAULT_KV_BYTES = 1 << 30
-_CUDA_KV_FRACTION = 0.6  # of the memory free after loading the model
 _EXPIRY_PERIOD_S = 0.25
 
 
@@ -77,22 +68,13 @@ class Engine:
         self.vision = (
             VisionEncoder(loaded.model, loaded.image_processor) if loaded.supports_images else None
         )
-        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
-        self.block_size = config.block_size or paged_attention.default_block_size(
-            config.attention_backend, loaded.device, loaded.dtype, kv_shape(loaded.model.config)[2]
-        )
-        block_bytes = self.kv_bytes_per_token * self.block_size
-        num_blocks = max(1, self._kv_budget_bytes() // block_bytes)
-        log.info(
-            "KV pool: %d blocks of %d tokens (%.1f MiB)",
-            num_blocks,
-            self.block_size,
-            num_blocks * block_bytes / 2**20,
-        )
-        self.block_manager = BlockManager(num_blocks, self.block_size)
+        pool = size_pool(loaded, config)
+        self.kv_bytes_per_token = pool.bytes_per_token
+        self.block_size = pool.block_size
+        self.block_manager = BlockManager(pool.num_blocks, self.block_size)
         self.runner = ModelRunner(
             loaded.model,
-            num_blocks,
+            pool.num_blocks,
             self.block_size,
             self.max_context,
             config.attention_backend,
@@ -111,20 +93,9 @@ class Engine:
             self.images,
             self.runner,
             self.max_context,
-            block_bytes,
+            pool.block_bytes,
         )
-        proposer = None
-        if config.speculative == "ngram":
-            proposer = NgramProposer(
-                config.num_speculative_tokens,
-                config.prompt_lookup_min,
-                config.prompt_lookup_max,
-                DraftCost(*config.speculative_cost)
-                if config.speculative_cost is not None
-                else CPU_DRAFT_COST
-                if loaded.device.type == "cpu"
-                else ACCELERATOR_DRAFT_COST,
-            )
+        proposer = draft_proposer(config, loaded.device.type)
         self.scheduler = Scheduler(config, self.block_manager, self.evictor, proposer)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.gauges)
@@ -151,14 +122,6 @@ class Engine:
         self.on_death: Callable[[], None] | None = None
         """Called (from the dying thread) when the engine thread dies."""
         self._thread = threading.Thread(target=self._loop, name="salience-engine", daemon=True)
-
-    def _kv_budget_bytes(self) -> int:
-        if self.config.kv_cache_bytes:
-            return self.config.kv_cache_bytes
-        if self.loaded.device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(self.loaded.device)
-            return int(free_bytes * _CUDA_KV_FRACTION)
-        return _CPU_DEFAULT_KV_BYTES
 
     # ----- lifecycle -------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from salience_server.config import EngineConfig
+
 
 @dataclass
 class NgramIndex:
@@ -139,6 +141,19 @@ class NgramProposer:
         drafts = session.ngram_index.propose(session.token_ids, min(limit, length))
         acceptance.steps_since_drafts = 0 if drafts else acceptance.steps_since_drafts + 1
         return drafts
+
+
+def draft_proposer(config: EngineConfig, device_type: str) -> NgramProposer | None:
+    """The configured proposer (None when speculation is off), with the device's cost."""
+    if config.speculative != "ngram":
+        return None
+    if config.speculative_cost is not None:
+        cost = DraftCost(*config.speculative_cost)
+    else:
+        cost = CPU_DRAFT_COST if device_type == "cpu" else ACCELERATOR_DRAFT_COST
+    return NgramProposer(
+        config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max, cost
+    )
 
 
 class SessionLike(Protocol):

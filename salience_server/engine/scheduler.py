@@ -155,7 +155,18 @@ class Scheduler:
         if not request.may_speculate:
             return []
         limit = min(budget - 1, request.room_to_decode() - 1)
-        return self.proposer.propose(request.session, limit)
+        drafts = self.proposer.propose(request.session, limit)
+        # Drafts use free blocks only: a guess never evicts or preempts anyone.
+        session, start = request.session, request.session.num_computed
+        while (
+            drafts
+            and self.block_manager.num_new_blocks(
+                session.block_table, start + 1 + len(drafts), start
+            )
+            > self.block_manager.num_free
+        ):
+            drafts.pop()
+        return drafts
 
     def _reserve(
         self, request: Request, num_tokens: int, step: _Step, drafts: list[int] | None = None

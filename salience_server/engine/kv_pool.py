@@ -1,0 +1,59 @@
+"""How large the KV block pool is: its block size and its number of blocks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from salience_server.config import EngineConfig
+from salience_server.engine import paged_attention
+from salience_server.engine.loader import LoadedModel
+from salience_server.engine.model_runner import kv_bytes_per_token, kv_shape
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+CUDA_KV_FRACTION = 0.6
+"""Of the memory free after loading the model."""
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    block_size: int
+    """Tokens per block."""
+    num_blocks: int
+    bytes_per_token: int
+    """Keys and values of one token across all layers."""
+
+    @property
+    def block_bytes(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+
+def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
+    """The pool the configured (or default) budget holds, in blocks of the configured (or
+    the attention backend's default) size."""
+    bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+    block_size = config.block_size or paged_attention.default_block_size(
+        config.attention_backend, loaded.device, loaded.dtype, kv_shape(loaded.model.config)[2]
+    )
+    num_blocks = max(1, _budget_bytes(loaded, config) // (bytes_per_token * block_size))
+    size = PoolSize(block_size, num_blocks, bytes_per_token)
+    log.info(
+        "KV pool: %d blocks of %d tokens (%.1f MiB)",
+        num_blocks,
+        block_size,
+        num_blocks * size.block_bytes / 2**20,
+    )
+    return size
+
+
+def _budget_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
+    if config.kv_cache_bytes:
+        return config.kv_cache_bytes
+    if loaded.device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
+        return int(free_bytes * CUDA_KV_FRACTION)
+    return CPU_DEFAULT_KV_BYTES
