@@ -6,6 +6,10 @@ against one server on the default model, greedy, then sampling at temperature 1.
 unseeded, then seeded, and prints aggregate decode tokens per second for each as a
 ratio to 1 session of the same kind (the baseline), and each sampled figure against
 the greedy one. Aim: >= 5x at 8 sessions, sampled as fast as greedy.
+
+Also prints what the frontend adds to each token: the mean time from the end of the
+engine step that decoded it to its event being written to the client's stream (the
+server's ``salience_token_delivery_seconds``), against the mean step time.
 ``--quick``: 1 and 4 sessions, 16 tokens each.
 """
 
@@ -13,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from benchmarks._cli import is_quick
-from benchmarks._server import running_server
+from benchmarks._server import free_port, running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.engine.loader import resolve_model_path
@@ -92,8 +98,10 @@ def main() -> None:
         )
         for i in range(max(levels))
     ]
-    with running_server() as target:
+    metrics_port = free_port()
+    with running_server("--metrics-port", str(metrics_port)) as target:
         rates = asyncio.run(measure(target, prompts, levels, num_tokens))
+        delivery_s = mean_delivery_s(metrics_port)
     for mode, by_level in rates.items():
         for n, rate in by_level.items():
             versus = rate / rates["greedy"][n]
@@ -101,6 +109,28 @@ def main() -> None:
                 f"{mode:>7} {n:2d} sessions: {rate:6.1f} tok/s aggregate, "
                 f"{rate / by_level[1]:.2f}x one session, {versus:.2f}x greedy"
             )
+    busiest = max(levels)
+    step_s = busiest / rates["greedy"][busiest]  # one token per session per step
+    print(
+        f"step end -> client stream: {delivery_s * 1e3:.2f} ms per token on average, "
+        f"{delivery_s / step_s:.3f}x the {busiest}-session step ({step_s * 1e3:.1f} ms)"
+    )
+
+
+def mean_delivery_s(metrics_port: int) -> float:
+    """The mean of the server's salience_token_delivery_seconds over the whole run."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as reply:
+        text = reply.read().decode()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("salience_token_delivery_seconds")
+    }
+    return (
+        values["salience_token_delivery_seconds_sum"]
+        / values["salience_token_delivery_seconds_count"]
+    )
 
 
 if __name__ == "__main__":

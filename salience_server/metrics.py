@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
+_DELIVERY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -74,6 +75,15 @@ class Metrics:
             "salience_inter_token_latency_seconds",
             "Between consecutive decoded tokens of one call.",
             buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+
+        self.token_delivery = Histogram(
+            "salience_token_delivery_seconds",
+            "From the end of the engine step that decoded a token to its event being "
+            "written to the client's gRPC stream (detokenising and protobuf building "
+            "included): what the frontend adds to each token.",
+            buckets=_DELIVERY_BUCKETS_S,
             registry=self.registry,
         )
 

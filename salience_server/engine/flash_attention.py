@@ -19,11 +19,15 @@ Two ways to hand it the context:
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
+
+from salience_server.engine.uploads import Upload, Uploads
 
 PAGE_MULTIPLE = 256
 """flash-attn 2's paged kernel takes pages of a multiple of this many tokens."""
@@ -70,20 +74,41 @@ def takes_block_table(kernel: VarlenKernel) -> bool:
 class FlashAttentionMetadata:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     """Per layer (keys, values), each [num_blocks, block_size, num_kv_heads, head_dim]."""
-    slot_mapping: torch.Tensor
+    slots: Upload
     """[T] long: where each new token's key and value go."""
     kernel: VarlenKernel
-    cu_seqlens_q: torch.Tensor
-    """[B + 1] int32: where each sequence's rows start in the batch."""
-    cu_seqlens_k: torch.Tensor
-    """[B + 1] int32: where each sequence's context starts, counted in tokens."""
+    query_starts: Upload
+    """[B + 1]: where each sequence's rows start in the batch."""
+    context_starts: Upload
+    """[B + 1]: where each sequence's context starts, counted in tokens."""
     max_seqlen_q: int
     max_seqlen_k: int
-    block_table: torch.Tensor | None
-    """[B, max_blocks] int32, padded with block 0: the paged kernel's input."""
-    context_slots: torch.Tensor | None
+    pages: Upload | None
+    """[B * max_blocks], padded with block 0: the paged kernel's block table."""
+    context_slots: Upload | None
     """[sum of context lengths] long: the pool slots to gather, sequence after
     sequence, when the kernel cannot read the pool's pages itself."""
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        return self.slots.tensor
+
+    @cached_property
+    def cu_seqlens_q(self) -> torch.Tensor:
+        """[B + 1] int32, converted on the device once per step."""
+        return self.query_starts.tensor.to(torch.int32)
+
+    @cached_property
+    def cu_seqlens_k(self) -> torch.Tensor:
+        return self.context_starts.tensor.to(torch.int32)
+
+    @cached_property
+    def block_table(self) -> torch.Tensor | None:
+        """[B, max_blocks] int32, or None when the context is gathered."""
+        if self.pages is None:
+            return None
+        num_sequences = self.query_starts.length - 1
+        return self.pages.tensor.to(torch.int32).view(num_sequences, -1)
 
     def attend(
         self,
@@ -104,10 +129,9 @@ class FlashAttentionMetadata:
         else:
             assert self.context_slots is not None
             num_kv_heads, head_dim = key_cache.shape[-2:]
-            keys = key_cache.view(-1, num_kv_heads, head_dim).index_select(0, self.context_slots)
-            values = value_cache.view(-1, num_kv_heads, head_dim).index_select(
-                0, self.context_slots
-            )
+            slots = self.context_slots.tensor
+            keys = key_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+            values = value_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
         return self.kernel(
             queries,
             keys,
@@ -141,39 +165,33 @@ class FlashAttentionBackend:
         spans: Sequence[Any],
         slot_mapping: list[int],
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        uploads: Uploads,
     ) -> FlashAttentionMetadata:
         """Inputs for SequenceSpans that tile the batch's rows in order."""
-        query_lens = torch.tensor([span.query_len for span in spans], dtype=torch.int32)
-        context_lens = torch.tensor([span.context_len for span in spans], dtype=torch.int32)
-        block_table = self._block_table(spans)  # [B, max_blocks], on the host
-        table = None
-        slots = None
+        query_lens = [span.query_len for span in spans]
+        context_lens = [span.context_len for span in spans]
+        size = self.block_size
+        tables = [span.block_table[: -(-span.context_len // size)] for span in spans]
+        pages = context_slots = None
         if self.paged:
-            table = block_table.to(self.device, torch.int32, non_blocking=True)
+            width = max(len(table) for table in tables)
+            pages = uploads.add([b for table in tables for b in table + [0] * (width - len(table))])
         else:
-            offsets = torch.arange(self.block_size)
-            all_slots = (block_table[:, :, None] * self.block_size + offsets).flatten(1)
-            inside = torch.arange(all_slots.shape[1])[None, :] < context_lens[:, None]
-            slots = all_slots[inside].to(self.device, non_blocking=True)
+            context_slots = uploads.add(
+                [
+                    table[position // size] * size + position % size
+                    for table, length in zip(tables, context_lens, strict=True)
+                    for position in range(length)
+                ]
+            )
         return FlashAttentionMetadata(
             kv_caches=kv_caches,
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+            slots=uploads.add(slot_mapping),
             kernel=self.kernel,
-            cu_seqlens_q=_cumulative(query_lens).to(self.device, non_blocking=True),
-            cu_seqlens_k=_cumulative(context_lens).to(self.device, non_blocking=True),
-            max_seqlen_q=int(query_lens.max()),
-            max_seqlen_k=int(context_lens.max()),
-            block_table=table,
-            context_slots=slots,
+            query_starts=uploads.add([0, *itertools.accumulate(query_lens)]),
+            context_starts=uploads.add([0, *itertools.accumulate(context_lens)]),
+            max_seqlen_q=max(query_lens),
+            max_seqlen_k=max(context_lens),
+            pages=pages,
+            context_slots=context_slots,
         )
-
-    def _block_table(self, spans: Sequence[Any]) -> torch.Tensor:
-        """[B, max_blocks] long: each span's blocks up to its context, padded with 0."""
-        tables = [span.block_table[: -(-span.context_len // self.block_size)] for span in spans]
-        width = max(len(table) for table in tables)
-        return torch.tensor([table + [0] * (width - len(table)) for table in tables])
-
-
-def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
-    """[B] -> [B + 1] int32 offsets starting at 0."""
-    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))

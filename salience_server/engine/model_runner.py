@@ -14,6 +14,7 @@ from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.readout import Readout
+from salience_server.engine.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -150,33 +151,42 @@ class ModelRunner:
         """Runs one forward pass: logits at ``batch.logits_rows``, readout at
         ``batch.readout_rows``."""
         device = self.device
+        # Every integer input goes to the device in one copy (``uploads``).
+        uploads = Uploads(device)
         metadata = self.attention.build_metadata(
-            batch.sequences, batch.slot_mapping, self.kv_caches
+            batch.sequences, batch.slot_mapping, self.kv_caches, uploads
         )
-        input_ids = torch.tensor([batch.token_ids], dtype=torch.long, device=device)  # [1, T]
-        if batch.rope_positions:  # [3, 1, T]: (t, h, w) rows
-            positions = torch.tensor(batch.rope_positions, dtype=torch.long, device=device)
-            positions = positions.T.unsqueeze(1)
+        token_ids = uploads.add(batch.token_ids)
+        if batch.rope_positions:  # the t row, then the h row, then the w row
+            axes = zip(*batch.rope_positions, strict=True)
+            positions = uploads.add([position for axis in axes for position in axis])
         else:
-            positions = torch.tensor([batch.positions], dtype=torch.long, device=device)  # [1, T]
+            positions = uploads.add(batch.positions)
+        kept = _pad_rows(batch.logits_rows) if device.type == "cpu" else batch.logits_rows
+        logits_rows = uploads.add(kept)  # [K (+ padding)]
+        capture_rows = uploads.add(batch.readout_rows if self.readout is not None else [])
+        embed_rows = uploads.add(batch.embed_rows)
+        uploads.send()
+        input_ids = token_ids.tensor[None]  # [1, T]
+        position_ids = positions.tensor.view(-1, 1, batch.num_tokens)  # [1 or 3, 1, T]
+        if not batch.rope_positions:
+            position_ids = position_ids[0]  # [1, T]
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
         if batch.embeds:
             embeds = self.model.get_input_embeddings()(input_ids)  # [1, T, H]
             for first_row, rows in batch.embeds:
                 embeds[0, first_row : first_row + rows.shape[0]] = rows.to(device, embeds.dtype)
             inputs = {"inputs_embeds": embeds}
-        kept = _pad_rows(batch.logits_rows) if device.type == "cpu" else batch.logits_rows
-        logits_rows = torch.tensor(kept, dtype=torch.long, device=device)  # [K (+ padding)]
-        if batch.readout_rows and self.readout is not None:
-            self._capture_rows = torch.tensor(batch.readout_rows, dtype=torch.long, device=device)
-        if batch.embed_rows:
-            self._embed_rows = torch.tensor(batch.embed_rows, dtype=torch.long, device=device)
+        if capture_rows.length:
+            self._capture_rows = capture_rows.tensor
+        if embed_rows.length:
+            self._embed_rows = embed_rows.tensor
         try:
             output = self.model(
                 **inputs,
-                position_ids=positions,
+                position_ids=position_ids,
                 use_cache=False,
-                logits_to_keep=logits_rows,
+                logits_to_keep=logits_rows.tensor,
                 salience_batch=metadata,
             )
         finally:

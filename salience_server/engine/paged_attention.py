@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from salience_server.config import ATTENTION_BACKENDS
 from salience_server.engine import flash_attention
+from salience_server.engine.uploads import Upload, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ class AttentionMetadata(Protocol):
     """What one forward pass's attention layers need: built once per batch."""
 
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    slot_mapping: torch.Tensor
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        """[T] long: where each new token's key and value go."""
+        ...
 
     def attend(
         self,
@@ -64,7 +69,11 @@ class AttentionBackend(Protocol):
         spans: Sequence[Any],
         slot_mapping: list[int],
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> AttentionMetadata: ...
+        uploads: Uploads,
+    ) -> AttentionMetadata:
+        """Adds its integer inputs to ``uploads``, which the runner sends (in one copy)
+        before the forward pass reads them."""
+        ...
 
 
 @dataclass
@@ -72,7 +81,7 @@ class SequenceAttention:
     query_start: int
     query_len: int
     context_len: int
-    block_ids: torch.Tensor
+    block_ids: Upload
     """[num_blocks] long: the blocks holding this sequence's context."""
     mask: torch.Tensor | None
     """[query_len, context_len] bool causal mask, None for a single query row."""
@@ -85,21 +94,30 @@ class SequenceAttention:
 class DecodeGroup:
     """Sequences feeding one token each, attended in one padded call per layer."""
 
-    rows: torch.Tensor
+    rows: Upload
     """[B] long: their rows in the batch."""
-    block_ids: torch.Tensor
+    block_ids: Upload
     """[B * max_blocks] long: each sequence's blocks, padded with block 0."""
-    lengths: torch.Tensor
+    lengths: Upload
     """[B] long: each sequence's context length."""
-    mask: torch.Tensor
-    """[B, 1, 1, max_blocks * block_size] bool: the positions inside each context."""
+    width: int
+    """max_blocks * block_size: the padded context each row attends over."""
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, 1, width] bool: the positions inside each context (and window)."""
+        positions = torch.arange(self.width, device=self.lengths.tensor.device)[None, :]
+        lengths = self.lengths.tensor[:, None]
+        inside = positions < lengths
+        if sliding_window is not None:
+            inside &= positions >= lengths - sliding_window
+        return inside[:, None, None, :]
 
 
 @dataclass
 class SdpaAttentionMetadata:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     """Per layer (keys, values), each [num_blocks, block_size, num_kv_heads, head_dim]."""
-    slot_mapping: torch.Tensor
+    slots: Upload
     """[T] long: where each new token's key and value go."""
     sequences: list[SequenceAttention]
     """Sequences attended one by one (prefill chunks, lone decodes)."""
@@ -108,11 +126,15 @@ class SdpaAttentionMetadata:
     """Reused (keys, values) buffers, each [max_blocks, block_size, Hkv, D], that one
     sequence's context is gathered into: fresh allocations per gather cost page faults
     that made gathering ~9x slower on CPU."""
-    window_masks: dict[int, tuple[list[torch.Tensor | None], torch.Tensor | None]] = field(
+    window_masks: dict[int | None, tuple[list[torch.Tensor | None], torch.Tensor | None]] = field(
         default_factory=dict
     )
-    """Per sliding-window size, the sequences' and the decode group's masks: built by
-    the first layer with that window, reused by the others."""
+    """Per sliding-window size (None: no window), the sequences' and the decode group's
+    masks: built by the first layer that needs them, reused by the others."""
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        return self.slots.tensor
 
     def attend(
         self,
@@ -132,7 +154,7 @@ class SdpaAttentionMetadata:
             ].transpose(0, 1)
         output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
         if group is not None and group_mask is not None:
-            output[group.rows] = _attend_decodes(
+            output[group.rows.tensor] = _attend_decodes(
                 query, key_cache, value_cache, group, group_mask, self.workspace, scaling
             )
         for seq, mask in zip(self.sequences, masks, strict=True):
@@ -168,20 +190,16 @@ class SdpaAttentionMetadata:
         self, sliding_window: int | None
     ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         group = self.decode_group
-        if sliding_window is None:
-            return [seq.mask for seq in self.sequences], group.mask if group else None
         if sliding_window not in self.window_masks:
-            device = self.slot_mapping.device
-            masks = [
-                causal_mask(seq.query_len, seq.context_len, device, sliding_window)
-                for seq in self.sequences
-            ]
-            group_mask = None
-            if group is not None:
-                positions = torch.arange(group.mask.shape[-1], device=device)[None, :]
-                lengths = group.lengths[:, None]
-                inside = (positions < lengths) & (positions >= lengths - sliding_window)
-                group_mask = inside[:, None, None, :]
+            if sliding_window is None:
+                masks = [seq.mask for seq in self.sequences]
+            else:
+                device = self.slot_mapping.device
+                masks = [
+                    causal_mask(seq.query_len, seq.context_len, device, sliding_window)
+                    for seq in self.sequences
+                ]
+            group_mask = group.mask(sliding_window) if group is not None else None
             self.window_masks[sliding_window] = (masks, group_mask)
         return self.window_masks[sliding_window]
 
@@ -294,9 +312,15 @@ class SdpaBackend:
         spans: Sequence[Any],
         slot_mapping: list[int],
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        uploads: Uploads,
     ) -> SdpaAttentionMetadata:
         return build_metadata(
-            list(spans), slot_mapping, kv_caches, self._workspace_for(kv_caches), self.block_size
+            list(spans),
+            slot_mapping,
+            kv_caches,
+            self._workspace_for(kv_caches),
+            self.block_size,
+            uploads,
         )
 
     def _workspace_for(
@@ -323,16 +347,16 @@ def _attend_decodes(
     scaling: float | None,
 ) -> torch.Tensor:
     """One SDPA call for every single-token sequence: -> [B, H, D]."""
-    num_rows = group.rows.shape[0]
-    num_blocks = group.block_ids.shape[0]
+    rows, block_ids = group.rows.tensor, group.block_ids.tensor
+    num_rows, num_blocks = group.rows.length, group.block_ids.length
     num_kv_heads, head_dim = key_cache.shape[-2:]
 
     def gather(cache: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        blocks = torch.index_select(cache, 0, group.block_ids, out=buffer[:num_blocks])
+        blocks = torch.index_select(cache, 0, block_ids, out=buffer[:num_blocks])
         return blocks.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
 
     keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
-    queries = query[0, :, group.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    queries = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
     attended = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
     )
@@ -345,6 +369,7 @@ def build_metadata(
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     workspace: tuple[torch.Tensor, torch.Tensor],
     block_size: int,
+    uploads: Uploads,
 ) -> SdpaAttentionMetadata:
     """The SDPA inputs of one batch of SequenceSpans: single-token sequences go
     into one padded decode group when there are several and the workspace holds them."""
@@ -353,56 +378,57 @@ def build_metadata(
     max_blocks = max((-(-span.context_len // block_size) for span in decodes), default=0)
     group = None
     if len(decodes) > 1 and len(decodes) * max_blocks <= workspace[0].shape[0]:
-        group = _decode_group(decodes, max_blocks, block_size, device)
+        group = _decode_group(decodes, max_blocks, block_size, uploads)
         spans = [span for span in spans if span.query_len != 1]
     sequences = [
-        _sequence(span, span.block_table[: -(-span.context_len // block_size)], device)
+        _sequence(span, span.block_table[: -(-span.context_len // block_size)], device, uploads)
         for span in spans
     ]
     return SdpaAttentionMetadata(
         kv_caches=kv_caches,
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        slots=uploads.add(slot_mapping),
         sequences=sequences,
         decode_group=group,
         workspace=workspace,
     )
 
 
-def _sequence(span: Any, table: list[int], device: torch.device) -> SequenceAttention:
+def _sequence(
+    span: Any, table: list[int], device: torch.device, uploads: Uploads
+) -> SequenceAttention:
     consecutive = table == list(range(table[0], table[0] + len(table))) if table else False
     return SequenceAttention(
         query_start=span.query_start,
         query_len=span.query_len,
         context_len=span.context_len,
-        block_ids=torch.tensor(table, dtype=torch.long, device=device),
+        block_ids=uploads.add(table),
         mask=causal_mask(span.query_len, span.context_len, device),
         first_block=table[0] if consecutive else None,
     )
 
 
 def _decode_group(
-    decodes: list[Any], max_blocks: int, block_size: int, device: torch.device
+    decodes: list[Any], max_blocks: int, block_size: int, uploads: Uploads
 ) -> DecodeGroup:
     block_ids = []
     for span in decodes:
         table = span.block_table[: -(-span.context_len // block_size)]
         block_ids += table + [0] * (max_blocks - len(table))
-    lengths = torch.tensor([span.context_len for span in decodes], device=device)
-    positions = torch.arange(max_blocks * block_size, device=device)
     return DecodeGroup(
-        rows=torch.tensor([span.query_start for span in decodes], dtype=torch.long, device=device),
-        block_ids=torch.tensor(block_ids, dtype=torch.long, device=device),
-        lengths=lengths,
-        mask=(positions[None, :] < lengths[:, None])[:, None, None, :],
+        rows=uploads.add([span.query_start for span in decodes]),
+        block_ids=uploads.add(block_ids),
+        lengths=uploads.add([span.context_len for span in decodes]),
+        width=max_blocks * block_size,
     )
 
 
 def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor) -> torch.Tensor:
     """[num_blocks, block_size, Hkv, D] -> this sequence's [1, Hkv, context_len, D]."""
     if seq.first_block is not None:  # consecutive blocks: a view, no copy
-        blocks = cache[seq.first_block : seq.first_block + len(seq.block_ids)]
+        blocks = cache[seq.first_block : seq.first_block + seq.block_ids.length]
     else:
-        blocks = torch.index_select(cache, 0, seq.block_ids, out=workspace[: len(seq.block_ids)])
+        num_blocks = seq.block_ids.length
+        blocks = torch.index_select(cache, 0, seq.block_ids.tensor, out=workspace[:num_blocks])
     return blocks.flatten(0, 1)[: seq.context_len].transpose(0, 1).unsqueeze(0)
 
 

@@ -98,6 +98,8 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     text: str = ""
     readout: list[float] = field(default_factory=list)
+    made_at: float = field(default_factory=time.monotonic, compare=False, repr=False)
+    """When the engine made it: the end of its step (for the delivery latency metric)."""
 
 
 @dataclass

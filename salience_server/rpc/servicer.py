@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -75,11 +76,14 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt)
             return engine_request
 
+        delivery = engine.metrics.token_delivery
         async for event in self._events(context, submit):
             if isinstance(event, TokenEvent):
                 if detokenizer is not None and not event.is_prefill:
                     event.text = detokenizer.push(event.token_id)
-                yield convert.token_event(event)
+                yield convert.token_event(event)  # returns once gRPC has written it
+                if not event.is_prefill:
+                    delivery.observe(time.monotonic() - event.made_at)
             else:
                 yield convert.done_event(event)
 

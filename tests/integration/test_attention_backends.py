@@ -18,6 +18,7 @@ from salience_server.engine.engine import Engine
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.loader import load_model
 from salience_server.engine.model_runner import ModelRunner
+from salience_server.engine.uploads import Uploads
 from tests import flash_reference
 from tests.helpers import (
     check_sessions_against_transformers,
@@ -133,3 +134,53 @@ def test_a_model_with_attention_softcapping_is_refused_at_load(tmp_path: Path) -
     Gemma2Config(attn_logit_softcapping=50.0, num_hidden_layers=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="softcapping"):
         load_model(ModelConfig(model=str(tmp_path), device="cpu"))
+
+
+@pytest.mark.parametrize("backend_name", ["sdpa", "flash-attn"])
+def test_a_forward_pass_sends_its_integer_inputs_to_the_device_in_one_copy(
+    backend_name: str, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token ids, positions, slots, block tables, lengths and row indices of a mixed
+    step (a prefill chunk and two decodes) are all views of the one buffer sent."""
+    sent: list[torch.Tensor] = []
+    send = Uploads.send
+
+    def counting_send(uploads: Uploads) -> None:
+        send(uploads)
+        sent.append(uploads.sent)
+
+    monkeypatch.setattr(Uploads, "send", counting_send)
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    backend: Any = (
+        FlashAttentionBackend(flash_reference.flash_attn_varlen_func, 4, loaded.device)
+        if backend_name == "flash-attn"
+        else paged_attention.SdpaBackend(4, 40, loaded.device)
+    )
+    runner = ModelRunner(loaded.model, 40, 4, 512, attention=backend)
+    metadata: list[Any] = []
+    build = backend.build_metadata
+    backend.build_metadata = lambda *args: metadata.append(build(*args)) or metadata[-1]
+    inputs: dict[str, torch.Tensor] = {}
+    loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.update(kwargs), with_kwargs=True
+    )
+    sent.clear()  # the warm-up pass
+    batch = ForwardBatch()
+    batch.add_sequence(list(range(1, 10)), 0, [5, 2, 9], 4)
+    batch.add_sequence([7], 6, [1, 3], 4)
+    batch.add_sequence([8], 9, [4, 6, 8], 4)
+    batch.logits_rows = [8, 9, 10]
+    runner.execute(batch)
+
+    assert len(sent) == 1
+    [meta] = metadata
+    parts = [meta.slot_mapping, inputs["input_ids"], inputs["position_ids"]]
+    parts.append(inputs["logits_to_keep"])
+    if backend_name == "flash-attn":
+        parts += [meta.query_starts.tensor, meta.context_starts.tensor, meta.context_slots.tensor]
+    else:
+        group = meta.decode_group
+        parts += [group.rows.tensor, group.block_ids.tensor, group.lengths.tensor]
+        parts += [seq.block_ids.tensor for seq in meta.sequences]
+    buffer = sent[0].untyped_storage().data_ptr()
+    assert all(part.untyped_storage().data_ptr() == buffer for part in parts)

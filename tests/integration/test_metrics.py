@@ -45,6 +45,9 @@ def test_metrics_count_requests_tokens_latencies_and_memory(tiny_llama_dir, serv
     assert samples[("salience_tokens_total", (("kind", "recomputed"),))] == 0
     assert samples[("salience_time_to_first_token_seconds_count", ())] == 1
     assert samples[("salience_inter_token_latency_seconds_count", ())] == 4
+    # Every decoded token's step-end-to-stream time, observed before Done is sent.
+    assert samples[("salience_token_delivery_seconds_count", ())] == 5
+    assert 0 < samples[("salience_token_delivery_seconds_sum", ())] < 5
     assert samples[("salience_sessions", (("residency", "resident"),))] == 1
     assert samples[("salience_queue_depth", ())] == 0
     assert samples[("salience_running_requests", ())] == 0

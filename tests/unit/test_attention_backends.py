@@ -21,6 +21,7 @@ from salience_server.engine import flash_attention, paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.paged_attention import SdpaBackend
+from salience_server.engine.uploads import Uploads
 from tests import flash_reference
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -83,7 +84,9 @@ def _attend_batch(
         )  # [H, new, D]
         oracle.append(dense.transpose(0, 1))
     kv_caches = [(key_cache, value_cache)]
-    metadata = backend.build_metadata(batch.sequences, batch.slot_mapping, kv_caches)
+    uploads = Uploads(key_cache.device)
+    metadata = backend.build_metadata(batch.sequences, batch.slot_mapping, kv_caches, uploads)
+    uploads.send()
     output, _ = paged_attention.paged_attention_forward(
         _Layer(),
         torch.cat(new_queries).transpose(0, 1).unsqueeze(0),  # [1, H, T, D]
