@@ -33,6 +33,10 @@ class Sizes:
     continuation_tokens: int = 30
     scoring_concurrency: int = 16
     """scoring: requests in flight at once (the client's batch)."""
+    scoring_time_limit_s: float = 600.0
+    """scoring: requests not answered by then are cancelled, and the rate is over those
+    scored (a server that computes whole-vocabulary logprobs for every prompt position,
+    one request at a time, would take hours)."""
     prefix_tokens: int = 1000
     """prefix reuse: the system prompt the sequential requests share."""
     num_prefix_requests: int = 16
@@ -57,6 +61,7 @@ QUICK = Sizes(
     num_continuations=8,
     continuation_tokens=10,
     scoring_concurrency=4,
+    scoring_time_limit_s=60.0,
     prefix_tokens=200,
     num_prefix_requests=4,
     prefix_question_tokens=12,

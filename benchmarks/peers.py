@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
     parser.add_argument("--plot", action="store_true", help="then draw the PNGs beside the JSON")
+    parser.add_argument(
+        "--add-to",
+        action="store_true",
+        help="keep the servers already in --out (an earlier run of the same shapes on this "
+        "machine) and add or replace those run now",
+    )
     args = parser.parse_args(argv)
     args.servers = _subset(parser, args.servers, SERVERS)
     args.workloads = _subset(parser, args.workloads, WORKLOADS)
@@ -273,7 +279,8 @@ def _read(path: str) -> str:
 
 
 def notes(flavours: dict[str, dict[str, Any]]) -> list[str]:
-    """Why a cell has no number: a server that did not run, a workload it cannot do."""
+    """Why a cell has no number (a server that did not run, a workload it cannot do), or
+    what limits the one it has."""
     lines = []
     for name, flavour in flavours.items():
         if flavour.get("reason"):
@@ -281,6 +288,8 @@ def notes(flavours: dict[str, dict[str, Any]]) -> list[str]:
         for workload, entry in flavour.get("workloads", {}).items():
             if entry.get("status") in ("unsupported", "failed"):
                 lines.append(f"{name} {workload}: {entry.get('reason') or entry.get('error')}")
+            elif entry.get("note"):
+                lines.append(f"{name} {workload}: {entry['note']}")
     return list(dict.fromkeys(lines))
 
 
@@ -315,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions(servers),
         "flavours": {},
     }
+    if args.add_to:
+        _add_earlier(args.out, report)
     for server in servers:
         report["flavours"] |= run_server(server, args, plan, texts, log_dir)
         _write(args.out, report)  # what ran so far survives a later failure
@@ -334,6 +345,27 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks import plot
 
         plot.main([str(args.out)])
+
+
+def _add_earlier(path: Path, report: dict[str, Any]) -> None:
+    """Puts the servers of an earlier report at ``path`` (which must have the same
+    shapes and model) into ``report``, noting the run they came from."""
+    if not path.is_file():
+        raise SystemExit(f"--add-to: there is no earlier report at {path}")
+    earlier = json.loads(path.read_text())
+    sizes = json.loads(json.dumps(report["sizes"]))  # as the JSON has them (lists)
+    # Shapes compared as the earlier report has them (one from before a new size field
+    # was added still matches).
+    same_shapes = all(sizes.get(key) == value for key, value in earlier["sizes"].items())
+    if not same_shapes or earlier["model"] != report["model"]:
+        raise SystemExit(f"--add-to: {path} was run with other shapes or another model")
+    run = {"taken": earlier["taken"], "command": earlier["command"]}
+    report["earlier_runs"] = [
+        *earlier.get("earlier_runs", []),
+        run | {"servers": list(earlier["flavours"])},
+    ]
+    report["flavours"] = earlier["flavours"]
+    report["versions"] = earlier["versions"] | report["versions"]
 
 
 def _write(path: Path, report: dict[str, Any]) -> None:
