@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks._openai_workloads import prefix_summary
+from benchmarks._openai_workloads import prefix_summary, throughput_levels
 from benchmarks._prompts import Plan, Texts
 from benchmarks._report import Progress, Turn, by_turn
 from salience_client import AsyncSalienceClient, AsyncSession, TokenEvent
@@ -101,20 +101,7 @@ async def throughput(target: str, plan: Plan, texts: Texts, name: str) -> dict[s
             progress.step()
             return len(decoded)
 
-        levels = []
-        for level, prompts in plan.throughput_prompts.items():
-            start = time.perf_counter()
-            counts = await asyncio.gather(*(one(p) for p in prompts))
-            wall = time.perf_counter() - start
-            levels.append(
-                {
-                    "concurrency": level,
-                    "wall_s": wall,
-                    "output_tokens": sum(counts),
-                    "output_tok_s": sum(counts) / wall,
-                }
-            )
-    return {"status": "ok", "levels": levels, "output_tok_s": levels[-1]["output_tok_s"]}
+        return await throughput_levels(plan, one)
 
 
 async def scoring(target: str, plan: Plan, texts: Texts, name: str) -> dict[str, Any]:

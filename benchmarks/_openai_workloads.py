@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from openai import AsyncOpenAI
@@ -108,6 +109,13 @@ async def throughput(
             return reply.usage.completion_tokens
         return texts.count(reply.choices[0].text)
 
+    return await throughput_levels(plan, one)
+
+
+async def throughput_levels(plan: Plan, one: Callable[[str], Awaitable[int]]) -> dict[str, Any]:
+    """Runs each concurrency level's prompts at once through ``one`` (a request that
+    returns its output token count): output tokens per second by level, the largest
+    level as the headline."""
     levels = []
     for level, prompts in plan.throughput_prompts.items():
         start = time.perf_counter()

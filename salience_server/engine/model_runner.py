@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from salience_server.engine import cpu_matmul, paged_attention
+from salience_server.engine import cpu_matmul, paged_attention, sdpa_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
@@ -118,7 +118,7 @@ class ModelRunner:
                     f"--attention-backend flash-attn: a first forward pass failed: {error}"
                 ) from error
             log.warning("flash-attn failed on a first forward pass (%s); using torch SDPA", error)
-            self.attention = paged_attention.SdpaBackend(
+            self.attention = sdpa_attention.SdpaBackend(
                 self.block_size, self._workspace_blocks, self.device
             )
             self.execute(batch)

@@ -12,7 +12,7 @@ import torch
 from transformers import Gemma2Config
 
 from salience_server.config import EngineConfig, ModelConfig
-from salience_server.engine import paged_attention
+from salience_server.engine import sdpa_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.engine import Engine
 from salience_server.engine.flash_attention import FlashAttentionBackend
@@ -97,7 +97,7 @@ def test_without_flash_attn_the_engine_runs_sdpa_with_16_token_blocks(
 ) -> None:
     engine = server_factory(tiny_llama_dir, kv_cache_bytes=1 << 20).engine
     assert engine.block_size == 16 and engine.block_manager.block_size == 16
-    assert isinstance(engine.runner.attention, paged_attention.SdpaBackend)
+    assert isinstance(engine.runner.attention, sdpa_attention.SdpaBackend)
 
 
 def _install_broken_flash_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,7 +114,7 @@ def test_flash_attn_that_cannot_run_falls_back_to_sdpa_at_start_under_auto(
 ) -> None:
     _install_broken_flash_kernel(monkeypatch)
     server = server_factory(tiny_llama_dir, kv_cache_bytes=1 << 20)
-    assert isinstance(server.engine.runner.attention, paged_attention.SdpaBackend)
+    assert isinstance(server.engine.runner.attention, sdpa_attention.SdpaBackend)
     prompt = random_tokens(9, seed=1)
     tokens, _ = generate(server.stub, open_session(server.stub), append_tokens=prompt, max_tokens=8)
     assert [t.id for t in tokens] == reference_greedy(reference_model(tiny_llama_dir), prompt, 8)
@@ -154,7 +154,7 @@ def test_a_forward_pass_sends_its_integer_inputs_to_the_device_in_one_copy(
     backend: Any = (
         FlashAttentionBackend(flash_reference.flash_attn_varlen_func, 4, loaded.device)
         if backend_name == "flash-attn"
-        else paged_attention.SdpaBackend(4, 40, loaded.device)
+        else sdpa_attention.SdpaBackend(4, 40, loaded.device)
     )
     runner = ModelRunner(loaded.model, 40, 4, 512, attention=backend)
     metadata: list[Any] = []

@@ -223,22 +223,7 @@ class StressMachine(RuleBasedStateMachine):
         live = list(self.models)  # in creation order (ids are random: sorting them is not)
         assume(len(live) >= 2)
         chosen = data.draw(st.lists(st.sampled_from(live), min_size=2, max_size=4, unique=True))
-        calls = [self._draw_call(session_id, data) for session_id in chosen]
-        results: dict[int, tuple] = {}
-
-        def run(index: int) -> None:
-            results[index] = self._run(calls[index])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        for index, call in enumerate(calls):
-            events, done = results[index]
-            self.models[call.session_id] = check_call(
-                self.oracle, self.models[call.session_id], call, events, done
-            )
+        self._run_together([self._draw_call(session_id, data) for session_id in chosen])
 
     @rule(session_id=sessions, size=st.integers(12, 32), seed=st.integers(0, 2**16))
     def grow(self, session_id: str, size: int, seed: int) -> None:
@@ -269,11 +254,16 @@ class StressMachine(RuleBasedStateMachine):
             calls.append(
                 Call(session_id, length, append, min(6, room), [(length, U32_MAX)], [], 0, [])
             )
+        self._run_together(calls)
+
+    def _run_together(self, calls: list[Call]) -> None:
+        """Runs calls on distinct sessions at once, then checks each against the oracle."""
         results: dict[int, tuple] = {}
-        threads = [
-            threading.Thread(target=lambda i=i: results.__setitem__(i, self._run(calls[i])))
-            for i in range(2)
-        ]
+
+        def run(index: int) -> None:
+            results[index] = self._run(calls[index])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from salience_server.engine import flash_attention, paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.flash_attention import FlashAttentionBackend
-from salience_server.engine.paged_attention import SdpaBackend
+from salience_server.engine.sdpa_attention import SdpaBackend
 from salience_server.engine.uploads import Uploads
 from tests import flash_reference
 

@@ -1,0 +1,299 @@
+"""Paged attention with torch SDPA, on any device: each prefill sequence attends over its
+own blocks, gathered into a reused workspace (or read as a view of the pool when its
+blocks are consecutive); every single-token decode of a batch goes into one padded call.
+``paged_attention`` hooks it into transformers; ``flash_attention`` is the CUDA kernel
+backend beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from salience_server.engine.uploads import Upload, Uploads
+
+
+@dataclass
+class SequenceAttention:
+    query_start: int
+    query_len: int
+    context_len: int
+    block_ids: Upload
+    """[num_blocks] long: the blocks holding this sequence's context."""
+    mask: torch.Tensor | None
+    """[query_len, context_len] bool causal mask, None for a single query row."""
+    first_block: int | None = None
+    """When the blocks are consecutive ids (a session that grew in a fresh pool), the
+    first one: the context is then a view of the pool, and no gather is needed."""
+
+
+@dataclass
+class DecodeGroup:
+    """Sequences feeding one token each, attended in one padded call per layer."""
+
+    rows: Upload
+    """[B] long: their rows in the batch."""
+    block_ids: Upload
+    """[B * max_blocks] long: each sequence's blocks, padded with block 0."""
+    lengths: Upload
+    """[B] long: each sequence's context length."""
+    width: int
+    """max_blocks * block_size: the padded context each row attends over."""
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, 1, width] bool: the positions inside each context (and window)."""
+        positions = torch.arange(self.width, device=self.lengths.tensor.device)[None, :]
+        lengths = self.lengths.tensor[:, None]
+        inside = positions < lengths
+        if sliding_window is not None:
+            inside &= positions >= lengths - sliding_window
+        return inside[:, None, None, :]
+
+
+@dataclass
+class SdpaAttentionMetadata:
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per layer (keys, values), each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    slots: Upload
+    """[T] long: where each new token's key and value go."""
+    sequences: list[SequenceAttention]
+    """Sequences attended one by one (prefill chunks, lone decodes)."""
+    decode_group: DecodeGroup | None
+    workspace: tuple[torch.Tensor, torch.Tensor]
+    """Reused (keys, values) buffers, each [max_blocks, block_size, Hkv, D], that one
+    sequence's context is gathered into: fresh allocations per gather cost page faults
+    that made gathering ~9x slower on CPU."""
+    window_masks: dict[int | None, tuple[list[torch.Tensor | None], torch.Tensor | None]] = field(
+        default_factory=dict
+    )
+    """Per sliding-window size (None: no window), the sequences' and the decode group's
+    masks: built by the first layer that needs them, reused by the others."""
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        return self.slots.tensor
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        scaling: float | None,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """query [1, H, T, D] -> [T, H, D]."""
+        masks, group_mask = self._masks(sliding_window)
+        group = self.decode_group
+        if group is None and len(self.sequences) == 1:  # one sequence: its rows are all
+            seq = self.sequences[0]
+            return self._attend_one(query, key_cache, value_cache, seq, masks[0], scaling)[
+                0
+            ].transpose(0, 1)
+        output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+        if group is not None and group_mask is not None:
+            output[group.rows.tensor] = _attend_decodes(
+                query, key_cache, value_cache, group, group_mask, self.workspace, scaling
+            )
+        for seq, mask in zip(self.sequences, masks, strict=True):
+            rows = slice(seq.query_start, seq.query_start + seq.query_len)
+            attended = self._attend_one(query, key_cache, value_cache, seq, mask, scaling)
+            output[rows] = attended[0].transpose(0, 1)
+        return output
+
+    def _attend_one(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        seq: SequenceAttention,
+        mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """One sequence's rows: -> [1, H, q, D]."""
+        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+        keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
+        values = _gather(value_cache, seq, self.workspace[1])
+        return F.scaled_dot_product_attention(
+            query[:, :, rows],
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=seq.query_len > 1 and mask is None,
+            scale=scaling,
+            enable_gqa=True,
+        )
+
+    def _masks(
+        self, sliding_window: int | None
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        group = self.decode_group
+        if sliding_window not in self.window_masks:
+            if sliding_window is None:
+                masks = [seq.mask for seq in self.sequences]
+            else:
+                device = self.slot_mapping.device
+                masks = [
+                    causal_mask(seq.query_len, seq.context_len, device, sliding_window)
+                    for seq in self.sequences
+                ]
+            group_mask = group.mask(sliding_window) if group is not None else None
+            self.window_masks[sliding_window] = (masks, group_mask)
+        return self.window_masks[sliding_window]
+
+
+class SdpaBackend:
+    """torch SDPA over each sequence's gathered blocks; decodes padded into one call."""
+
+    name = "torch SDPA"
+
+    def __init__(self, block_size: int, workspace_blocks: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.workspace_blocks = workspace_blocks
+        self.device = device
+        self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def build_metadata(
+        self,
+        spans: Sequence[Any],
+        slot_mapping: list[int],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        uploads: Uploads,
+    ) -> SdpaAttentionMetadata:
+        return build_metadata(
+            list(spans),
+            slot_mapping,
+            kv_caches,
+            self._workspace_for(kv_caches),
+            self.block_size,
+            uploads,
+        )
+
+    def _workspace_for(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Allocated once, shaped like the pool's blocks."""
+        if self._workspace is None:
+            keys = kv_caches[0][0]
+            shape = (self.workspace_blocks, *keys.shape[1:])
+            self._workspace = (
+                torch.empty(shape, dtype=keys.dtype, device=keys.device),
+                torch.empty(shape, dtype=keys.dtype, device=keys.device),
+            )
+        return self._workspace
+
+
+def _attend_decodes(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group: DecodeGroup,
+    mask: torch.Tensor,
+    workspace: tuple[torch.Tensor, torch.Tensor],
+    scaling: float | None,
+) -> torch.Tensor:
+    """One SDPA call for every single-token sequence: -> [B, H, D]."""
+    rows, block_ids = group.rows.tensor, group.block_ids.tensor
+    num_rows, num_blocks = group.rows.length, group.block_ids.length
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+
+    def gather(cache: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        blocks = torch.index_select(cache, 0, block_ids, out=buffer[:num_blocks])
+        return blocks.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+
+    keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
+    queries = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    attended = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
+    )
+    return attended[:, :, 0]
+
+
+def build_metadata(
+    spans: list[Any],
+    slot_mapping: list[int],
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    workspace: tuple[torch.Tensor, torch.Tensor],
+    block_size: int,
+    uploads: Uploads,
+) -> SdpaAttentionMetadata:
+    """The SDPA inputs of one batch of SequenceSpans: single-token sequences go
+    into one padded decode group when there are several and the workspace holds them."""
+    device = workspace[0].device
+    decodes = [span for span in spans if span.query_len == 1]
+    max_blocks = max((-(-span.context_len // block_size) for span in decodes), default=0)
+    group = None
+    if len(decodes) > 1 and len(decodes) * max_blocks <= workspace[0].shape[0]:
+        group = _decode_group(decodes, max_blocks, block_size, uploads)
+        spans = [span for span in spans if span.query_len != 1]
+    sequences = [
+        _sequence(span, span.block_table[: -(-span.context_len // block_size)], device, uploads)
+        for span in spans
+    ]
+    return SdpaAttentionMetadata(
+        kv_caches=kv_caches,
+        slots=uploads.add(slot_mapping),
+        sequences=sequences,
+        decode_group=group,
+        workspace=workspace,
+    )
+
+
+def _sequence(
+    span: Any, table: list[int], device: torch.device, uploads: Uploads
+) -> SequenceAttention:
+    consecutive = table == list(range(table[0], table[0] + len(table))) if table else False
+    return SequenceAttention(
+        query_start=span.query_start,
+        query_len=span.query_len,
+        context_len=span.context_len,
+        block_ids=uploads.add(table),
+        mask=causal_mask(span.query_len, span.context_len, device),
+        first_block=table[0] if consecutive else None,
+    )
+
+
+def _decode_group(
+    decodes: list[Any], max_blocks: int, block_size: int, uploads: Uploads
+) -> DecodeGroup:
+    block_ids = []
+    for span in decodes:
+        table = span.block_table[: -(-span.context_len // block_size)]
+        block_ids += table + [0] * (max_blocks - len(table))
+    return DecodeGroup(
+        rows=uploads.add([span.query_start for span in decodes]),
+        block_ids=uploads.add(block_ids),
+        lengths=uploads.add([span.context_len for span in decodes]),
+        width=max_blocks * block_size,
+    )
+
+
+def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, block_size, Hkv, D] -> this sequence's [1, Hkv, context_len, D]."""
+    if seq.first_block is not None:  # consecutive blocks: a view, no copy
+        blocks = cache[seq.first_block : seq.first_block + seq.block_ids.length]
+    else:
+        num_blocks = seq.block_ids.length
+        blocks = torch.index_select(cache, 0, seq.block_ids.tensor, out=workspace[:num_blocks])
+    return blocks.flatten(0, 1)[: seq.context_len].transpose(0, 1).unsqueeze(0)
+
+
+def causal_mask(
+    query_len: int, context_len: int, device: torch.device, sliding_window: int | None = None
+) -> torch.Tensor | None:
+    """Query row i (at position p = context_len - query_len + i) sees keys 0 .. p, or
+    p - sliding_window + 1 .. p. None when no mask is needed (one query row, no window
+    to apply) or SDPA's own ``is_causal`` applies (the sequence is all new, so its
+    causal mask is the square one)."""
+    windowed = sliding_window is not None and context_len > sliding_window
+    if not windowed and (query_len == 1 or query_len == context_len):
+        return None
+    query_positions = torch.arange(context_len - query_len, context_len, device=device)[:, None]
+    key_positions = torch.arange(context_len, device=device)[None, :]
+    mask = query_positions >= key_positions
+    if windowed:
+        assert sliding_window is not None
+        mask &= key_positions > query_positions - sliding_window
+    return mask
