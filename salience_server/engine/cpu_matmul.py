@@ -30,6 +30,14 @@ def has_16_bit_units() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
+def emulates_16_bit(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` arithmetic on ``device`` is emulated: a 16-bit dtype on a CPU
+    without 16-bit units. Wide products and attention then compute in float32."""
+    return (
+        device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not has_16_bit_units()
+    )
+
+
 def upcast_wide_products(model: torch.nn.Module) -> int:
     """Makes every Linear of ``model`` multiply in float32 from ``MIN_ROWS`` rows on;
     returns how many layers were changed."""

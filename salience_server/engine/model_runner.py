@@ -60,11 +60,7 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        if (
-            self.device.type == "cpu"
-            and self.dtype in (torch.bfloat16, torch.float16)
-            and not cpu_matmul.has_16_bit_units()
-        ):
+        if cpu_matmul.emulates_16_bit(self.device, self.dtype):
             count = cpu_matmul.upcast_wide_products(model)
             log.info(
                 "%d Linear layers multiply in float32 from %d rows on (no 16-bit units)",
@@ -119,7 +115,10 @@ class ModelRunner:
                 ) from error
             log.warning("flash-attn failed on a first forward pass (%s); using torch SDPA", error)
             self.attention = sdpa_attention.SdpaBackend(
-                self.block_size, self._workspace_blocks, self.device
+                self.block_size,
+                self._workspace_blocks,
+                self.device,
+                paged_attention.sdpa_compute_dtype(self.device, self.dtype),
             )
             self.execute(batch)
 

@@ -66,6 +66,8 @@ class SdpaAttentionMetadata:
     """Reused (keys, values) buffers, each [max_blocks, block_size, Hkv, D], that one
     sequence's context is gathered into: fresh allocations per gather cost page faults
     that made gathering ~9x slower on CPU."""
+    compute_dtype: torch.dtype | None = None
+    """The dtype attention computes in, when not the cache's (see ``SdpaBackend``)."""
     window_masks: dict[int | None, tuple[list[torch.Tensor | None], torch.Tensor | None]] = field(
         default_factory=dict
     )
@@ -95,7 +97,14 @@ class SdpaAttentionMetadata:
         output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
         if group is not None and group_mask is not None:
             output[group.rows.tensor] = _attend_decodes(
-                query, key_cache, value_cache, group, group_mask, self.workspace, scaling
+                query,
+                key_cache,
+                value_cache,
+                group,
+                group_mask,
+                self.workspace,
+                scaling,
+                self.compute_dtype,
             )
         for seq, mask in zip(self.sequences, masks, strict=True):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
@@ -116,8 +125,9 @@ class SdpaAttentionMetadata:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
         values = _gather(value_cache, seq, self.workspace[1])
-        return F.scaled_dot_product_attention(
-            query[:, :, rows],
+        queries, keys, values = _cast(self.compute_dtype, query[:, :, rows], keys, values)
+        attended = F.scaled_dot_product_attention(
+            queries,
             keys,
             values,
             attn_mask=mask,
@@ -125,6 +135,7 @@ class SdpaAttentionMetadata:
             scale=scaling,
             enable_gqa=True,
         )
+        return attended.to(query.dtype)
 
     def _masks(
         self, sliding_window: int | None
@@ -145,14 +156,27 @@ class SdpaAttentionMetadata:
 
 
 class SdpaBackend:
-    """torch SDPA over each sequence's gathered blocks; decodes padded into one call."""
+    """torch SDPA over each sequence's gathered blocks; decodes padded into one call.
+
+    ``compute_dtype`` (float32 for a 16-bit model on a CPU without 16-bit units) is the
+    dtype attention computes in: there torch's bfloat16 SDPA emulates the arithmetic and
+    took 0.71 ms for one decode query over 900 cached tokens, against 0.27 ms with the
+    query and context upcast first (4.6 ms against 0.92 ms over 4000 tokens); the pool
+    keeps its 16-bit values."""
 
     name = "torch SDPA"
 
-    def __init__(self, block_size: int, workspace_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        workspace_blocks: int,
+        device: torch.device,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         self.block_size = block_size
         self.workspace_blocks = workspace_blocks
         self.device = device
+        self.compute_dtype = compute_dtype
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def build_metadata(
@@ -162,7 +186,7 @@ class SdpaBackend:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         uploads: Uploads,
     ) -> SdpaAttentionMetadata:
-        return build_metadata(
+        metadata = build_metadata(
             list(spans),
             slot_mapping,
             kv_caches,
@@ -170,6 +194,8 @@ class SdpaBackend:
             self.block_size,
             uploads,
         )
+        metadata.compute_dtype = self.compute_dtype
+        return metadata
 
     def _workspace_for(
         self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -193,6 +219,7 @@ def _attend_decodes(
     mask: torch.Tensor,
     workspace: tuple[torch.Tensor, torch.Tensor],
     scaling: float | None,
+    compute_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """One SDPA call for every single-token sequence: -> [B, H, D]."""
     rows, block_ids = group.rows.tensor, group.block_ids.tensor
@@ -205,10 +232,19 @@ def _attend_decodes(
 
     keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
     queries = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    queries, keys, values = _cast(compute_dtype, queries, keys, values)
     attended = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
     )
-    return attended[:, :, 0]
+    return attended[:, :, 0].to(query.dtype)
+
+
+def _cast(
+    dtype: torch.dtype | None, *tensors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(queries, keys, values) in ``dtype`` (unchanged when None)."""
+    queries, keys, values = (t if dtype is None else t.to(dtype) for t in tensors)
+    return queries, keys, values
 
 
 def build_metadata(

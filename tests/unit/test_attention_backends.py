@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salience_server.engine import flash_attention, paged_attention
+from salience_server.engine import cpu_matmul, flash_attention, paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.sdpa_attention import SdpaBackend
@@ -49,23 +49,26 @@ def _attend_batch(
     shapes: list[tuple[int, int]],
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences of (cached tokens, new tokens) in one batch, their blocks scattered
-    through the pool: -> (backend output [T, H, D], dense oracle [T, H, D])."""
+    through the pool: -> (backend output [T, H, D], dense oracle [T, H, D]). The pool
+    and the inputs are in ``dtype``; the oracle computes in float32 from those values."""
     generator = torch.Generator().manual_seed(seed)
     blocks_needed = [-(-(cached + new) // block_size) for cached, new in shapes]
     num_blocks = sum(blocks_needed) + 3
     pool_ids = list(range(num_blocks))
     random.Random(seed).shuffle(pool_ids)
     pool_shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
-    key_cache, value_cache = torch.randn(pool_shape), torch.randn(pool_shape)  # stale data
+    key_cache = torch.randn(pool_shape).to(dtype)  # stale data
+    value_cache = torch.randn(pool_shape).to(dtype)
     batch = ForwardBatch()
     new_queries, new_keys, new_values, oracle = [], [], [], []
     for (cached, new), count in zip(shapes, blocks_needed, strict=True):
         table, pool_ids = pool_ids[:count], pool_ids[count:]
-        keys = torch.randn(cached + new, NUM_KV_HEADS, HEAD_DIM, generator=generator)
-        values = torch.randn(cached + new, NUM_KV_HEADS, HEAD_DIM, generator=generator)
-        queries = torch.randn(new, NUM_HEADS, HEAD_DIM, generator=generator)
+        keys = torch.randn(cached + new, NUM_KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
+        values = torch.randn(cached + new, NUM_KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
+        queries = torch.randn(new, NUM_HEADS, HEAD_DIM, generator=generator).to(dtype)
         for position in range(cached):  # the context an earlier step left in the pool
             slot = divmod(position, block_size)
             key_cache[table[slot[0]], slot[1]] = keys[position]
@@ -76,9 +79,9 @@ def _attend_batch(
         new_values.append(values[cached:])
         mask = torch.arange(cached, cached + new)[:, None] >= torch.arange(cached + new)[None, :]
         dense = F.scaled_dot_product_attention(
-            queries.transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
+            queries.float().transpose(0, 1),
+            keys.float().transpose(0, 1),
+            values.float().transpose(0, 1),
             attn_mask=mask,
             enable_gqa=True,
         )  # [H, new, D]
@@ -110,6 +113,25 @@ def test_sdpa_backend_equals_dense_attention(block_size: int) -> None:
     backend = SdpaBackend(block_size, workspace_blocks=64, device=torch.device("cpu"))
     got, want = _attend_batch(backend, block_size, MIXED_BATCH)
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_sdpa_backend_computes_16_bit_attention_in_float32_where_a_cpu_emulates_it() -> None:
+    """A bfloat16 pool and queries, attention computed in float32 and rounded once: the
+    output is the float32 oracle rounded to bfloat16 (within one rounding step)."""
+    backend = SdpaBackend(16, 64, torch.device("cpu"), compute_dtype=torch.float32)
+    got, want = _attend_batch(backend, 16, MIXED_BATCH, seed=3, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    step = want.abs().clamp(min=1e-3) * 2.0**-7  # bfloat16 keeps 8 significant bits
+    assert ((got.float() - want).abs() <= step).all()
+    # The backend the runner selects computes in float32 exactly where 16-bit
+    # arithmetic is emulated.
+    cpu = torch.device("cpu")
+    selected = paged_attention.select_backend("sdpa", cpu, torch.bfloat16, HEAD_DIM, 16, 64)
+    emulated = cpu_matmul.emulates_16_bit(cpu, torch.bfloat16)
+    assert isinstance(selected, SdpaBackend)
+    assert selected.compute_dtype == (torch.float32 if emulated else None)
+    fp32 = paged_attention.select_backend("sdpa", cpu, torch.float32, HEAD_DIM, 16, 64)
+    assert isinstance(fp32, SdpaBackend) and fp32.compute_dtype is None
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
