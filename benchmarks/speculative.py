@@ -4,8 +4,10 @@ history) decode, where agents spend their time?
 Baseline: the same server without speculation, in the same run. Three workloads on the
 default model, greedy, one session at a time (batch 1): an agent editing a file it was
 shown (the reply repeats most of the file), a summary of a tool output, and free chat.
-For each: decode tokens per second with and without ``--speculative ngram``, the
-speed-up, and the draft acceptance rate. Greedy outputs must be identical (checked).
+For each: decode tokens per second with and without ``--speculative ngram`` (at the
+default cap of 4 draft tokens and at 8), the speed-up, the draft acceptance rate, and
+how much of the reply copies the prompt (so that the workloads are what they claim).
+Greedy outputs must be identical (checked).
 
     .venv/bin/python benchmarks/speculative.py [--quick]
 """
@@ -66,8 +68,9 @@ WORKLOADS = {
         {"role": "system", "content": "You are a careful coding assistant."},
         {
             "role": "user",
-            "content": f"Here is config.py:\n```python\n{FILE}\n```\nRename load_config to "
-            "read_config and give me the whole file back in a python code block.",
+            "content": f"Here is config.py:\n```python\n{FILE}\n```\nRewrite this file exactly "
+            "as it is, changing only the name load_config to read_config. Output the complete "
+            "file.",
         },
     ],
     "summary": [
@@ -76,6 +79,10 @@ WORKLOADS = {
     ],
     "chat": [{"role": "user", "content": "Tell me a short story about a dragon and a lighthouse."}],
 }
+
+
+DRAFT_LENGTHS = (4, 8)
+"""``--num-speculative-tokens`` values compared: the default, and a longer cap."""
 
 
 def decode(target: str, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], float, pb.Done]:
@@ -114,18 +121,28 @@ def prompts(target: str) -> dict[str, list[int]]:
         }
 
 
+def copied_fraction(prompt_ids: list[int], reply: list[int], n: int = 6) -> float:
+    """The share of the reply's tokens that end an n-gram of the prompt: how much of
+    the reply repeats what the session already held."""
+    grams = {tuple(prompt_ids[i : i + n]) for i in range(len(prompt_ids) - n + 1)}
+    copied = sum(tuple(reply[i - n + 1 : i + 1]) in grams for i in range(n - 1, len(reply)))
+    return copied / len(reply) if reply else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens: a run under 2 min")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens: a run under 3 min")
     parser.add_argument("--max-tokens", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=0, help="alternating runs, best kept")
     args = parser.parse_args()
     max_tokens = args.max_tokens or (64 if args.quick else 256)
     rounds = args.rounds or (1 if args.quick else 2)
-    configurations = {"plain": (), "speculative": ("--speculative", "ngram")}
+    configurations: dict[str, tuple[str, ...]] = {"plain": ()}
+    for k in DRAFT_LENGTHS:
+        configurations[f"K={k}"] = ("--speculative", "ngram", "--num-speculative-tokens", str(k))
     results: dict[str, dict[str, tuple[list[int], float, pb.Done]]] = {}
     with contextlib.ExitStack() as stack:
-        # Both servers up at once, used in turns: a slow moment of the machine hurts both.
+        # All servers up at once, used in turns: a slow moment of the machine hurts all.
         targets = {
             label: stack.enter_context(running_server(*flags))
             for label, flags in configurations.items()
@@ -142,18 +159,28 @@ def main() -> None:
                         results[name][label] = (tokens, rate, done)
                     print(f"[{label}] {name}: {len(tokens)} tokens at {rate:.1f} tok/s", flush=True)
     print()
-    print(
-        f"{'workload':<10} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} {'accepted':>9}"
-    )
-    for name in WORKLOADS:
+    print(f"{'workload':<9} {'copied':>7} {'plain tok/s':>12}", end="")
+    for k in DRAFT_LENGTHS:
+        print(f" | K={k}: {'tok/s':>6} {'speed-up':>9} {'accepted':>9}", end="")
+    print()
+    for name, prompt_ids in workload_prompts.items():
         plain_tokens, plain_rate, _ = results[name]["plain"]
-        spec_tokens, spec_rate, done = results[name]["speculative"]
-        assert spec_tokens == plain_tokens, f"{name}: speculation changed the greedy output"
-        acceptance = done.accepted_tokens / done.drafted_tokens if done.drafted_tokens else 0.0
-        print(
-            f"{name:<10} {plain_rate:>12.1f} {spec_rate:>11.1f} "
-            f"{spec_rate / plain_rate:>8.2f}x {acceptance:>8.0%} of {done.drafted_tokens} drafts"
-        )
+        copied = copied_fraction(prompt_ids, plain_tokens)
+        print(f"{name:<9} {copied:>7.0%} {plain_rate:>12.1f}", end="")
+        for k in DRAFT_LENGTHS:
+            spec_tokens, spec_rate, done = results[name][f"K={k}"]
+            assert spec_tokens == plain_tokens, f"{name}: speculation changed the greedy output"
+            drafted, accepted = done.drafted_tokens, done.accepted_tokens
+            acceptance = accepted / drafted if drafted else 0.0
+            print(
+                f" | K={k}: {spec_rate:>6.1f} {spec_rate / plain_rate:>8.2f}x {acceptance:>8.0%}",
+                end="",
+            )
+        print()
+    print(
+        "copied: the share of the reply's tokens that end a 6-gram of the prompt; "
+        "accepted: of the drafted tokens"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each step is one sentence: schedule, move KV, build, run, commit. Calls from the
 server's event loop (submit, cancel, session management) take the same lock as the
-step's bookkeeping; only the forward pass runs without it. A failure in one request's
+step's bookkeeping; the device's work (KV moves, the forward pass) and sampling run
+without it. A failure in one request's
 part of a step fails that request alone (``outcomes``); if the thread itself dies,
 every call gets UNAVAILABLE.
 """
@@ -348,13 +349,20 @@ class Engine:
 
     def step(self) -> None:
         """Schedule, move KV, build, run, sample, commit. The lock is not held while
-        the model runs or its rows are sampled (the results reach the host first), so
-        the server's event loop never waits on the device."""
+        the device moves KV or runs the model, nor while its rows are sampled (the
+        results reach the host first), so the server's event loop never waits on it."""
         with self._lock:
             output = self.scheduler.schedule()
             self.outcomes.retire(output)
-            self.runner.move_kv(output.kv_moves)
+            moves = self.runner.start_moves(output.kv_moves)
             batch, rows = self._build(output.chunks)
+        if moves:
+            swapped_out = {}
+            try:
+                swapped_out = self.runner.copy_kv(moves)
+            finally:
+                with self._lock:
+                    self.runner.finish_moves(swapped_out)
         if not output.chunks:
             return
         try:

@@ -34,6 +34,12 @@ def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
     return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
 
 
+HostKv = list[tuple[torch.Tensor, torch.Tensor]]
+"""An offloaded session's KV: per layer (keys, values), [num_blocks, block_size, Hkv, D]."""
+PlannedMove = tuple[KvMove, HostKv | None]
+"""A KV move, with the host KV a swap-in restores."""
+
+
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor
@@ -91,7 +97,10 @@ class ModelRunner:
         model.get_decoder().norm.register_forward_hook(self._capture_final_states)
         self._captured: list[torch.Tensor] = []
         # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
-        self.host_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.host_kv: dict[str, HostKv] = {}
+        self._swapping_out: dict[str, list[int]] = {}
+        """Sessions whose swap-out is being copied -> the trims (block counts; 0 is a
+        discard) asked for meanwhile."""
         self.num_swap_outs = 0
         self.num_swap_ins = 0
 
@@ -202,22 +211,44 @@ class ModelRunner:
         )
 
     def move_kv(self, moves: list[KvMove]) -> None:
-        """Makes a step's KV moves in the order the scheduler decided them (see
-        ``evictor``): evicted sessions' blocks to host memory, copy-on-write copies,
-        offloaded sessions' KV back into their new blocks."""
+        """Makes a step's KV moves at once (``start_moves``, ``copy_kv``, ``finish_moves``)."""
+        self.finish_moves(self.copy_kv(self.start_moves(moves)))
+
+    def start_moves(self, moves: list[KvMove]) -> list[PlannedMove]:
+        """Under the engine lock, as the scheduler decides ``moves``: takes the host KV
+        that swap-ins restore, and marks the sessions being swapped out, so that a
+        discard or trim of their host KV from the event loop waits for the copy."""
+        planned: list[PlannedMove] = []
         for move in moves:
+            if isinstance(move, SwapIn):
+                planned.append((move, self.host_kv.pop(move.session_id)))
+            else:
+                if isinstance(move, SwapOut):
+                    self._swapping_out[move.session_id] = []
+                planned.append((move, None))
+        return planned
+
+    def copy_kv(self, planned: list[PlannedMove]) -> dict[str, HostKv]:
+        """Without the engine lock (the device works here): makes the moves in the
+        order the scheduler decided them (see ``evictor``): evicted sessions' blocks to
+        host memory, copy-on-write copies, offloaded sessions' KV back into their new
+        blocks. Only the engine thread touches the pool's values. Returns the swapped-out
+        sessions' host KV, for ``finish_moves``."""
+        swapped_out: dict[str, HostKv] = {}
+        for move, host in planned:
             if isinstance(move, SwapOut):
                 self.num_swap_outs += 1
                 index = self._index(move.block_ids)
-                self.host_kv[move.session_id] = [
+                swapped_out[move.session_id] = [
                     (keys[index].to("cpu"), values[index].to("cpu"))
                     for keys, values in self.kv_caches
                 ]
             elif isinstance(move, SwapIn):
+                assert host is not None
                 self.num_swap_ins += 1
                 index = self._index(move.block_ids)
                 for (keys, values), (host_keys, host_values) in zip(
-                    self.kv_caches, self.host_kv.pop(move.session_id), strict=True
+                    self.kv_caches, host, strict=True
                 ):
                     keys[index] = host_keys[: len(index)].to(self.device)
                     values[index] = host_values[: len(index)].to(self.device)
@@ -227,14 +258,32 @@ class ModelRunner:
                 for keys, values in self.kv_caches:
                     keys[targets] = keys[sources]
                     values[targets] = values[sources]
+        return swapped_out
+
+    def finish_moves(self, swapped_out: dict[str, HostKv]) -> None:
+        """Under the engine lock: keeps the swapped-out KV, then makes the discards and
+        trims that came for it during the copy, in their order. A swap-out whose copy
+        failed leaves no host KV (its session then recomputes)."""
+        in_flight, self._swapping_out = self._swapping_out, {}
+        for session_id, pending in in_flight.items():
+            if session_id in swapped_out:
+                self.host_kv[session_id] = swapped_out[session_id]
+                for num_blocks in pending:
+                    self.trim_host_kv(session_id, num_blocks)
 
     def discard_host_kv(self, session_id: str) -> None:
-        self.host_kv.pop(session_id, None)
+        self.trim_host_kv(session_id, 0)
 
     def trim_host_kv(self, session_id: str, num_blocks: int) -> None:
-        """Keeps the first ``num_blocks`` blocks of an offloaded session's host KV."""
+        """Keeps the first ``num_blocks`` blocks of an offloaded session's host KV (none:
+        forgets it), now or, while its swap-out is being copied, once it is."""
+        if session_id in self._swapping_out:
+            self._swapping_out[session_id].append(num_blocks)
+            return
+        if session_id not in self.host_kv:
+            return
         if num_blocks == 0:
-            self.discard_host_kv(session_id)
+            del self.host_kv[session_id]
             return
         if self.host_kv[session_id][0][0].shape[0] <= num_blocks:
             return

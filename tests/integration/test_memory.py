@@ -363,3 +363,44 @@ def test_rewinding_an_offloaded_session_releases_the_host_memory_it_no_longer_ne
     got, _ = generate(stub, evicted, append_tokens=tokens[:9], max_tokens=5)
     want, _ = generate(stub, open_session(stub), append_tokens=tokens[:9], max_tokens=5)
     assert [t.id for t in got] == [t.id for t in want]
+
+
+def test_kv_moves_run_without_the_engine_lock_and_a_close_meanwhile_frees_the_host_copy(
+    tiny_llama_dir, server_factory
+) -> None:
+    """While a step copies an evicted session's KV to host memory, the event loop can
+    still list sessions and close that very session; its host copy is then dropped once
+    the copy ends, so nothing leaks."""
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=1 << 20,
+    )
+    stub, engine = server.stub, server.engine
+    tokens = random_tokens(60, seed=5)
+    evicted = open_session(stub)
+    generate(stub, evicted, append_tokens=tokens)
+    copy_kv = engine.runner.copy_kv
+    seen: list[list[str]] = []
+
+    def copy_while_the_loop_works(planned):  # type: ignore[no-untyped-def]
+        def event_loop_calls() -> None:
+            seen.append([info.session_id for info in engine.list_sessions()])
+            engine.close_session(evicted)
+
+        caller = threading.Thread(target=event_loop_calls)
+        caller.start()
+        caller.join(timeout=10)  # would time out if the step held the lock
+        assert not caller.is_alive()
+        return copy_kv(planned)
+
+    engine.runner.copy_kv = copy_while_the_loop_works
+    generate(stub, open_session(stub), append_tokens=tokens[::-1])  # pushes it out
+    engine.runner.copy_kv = copy_kv
+    assert seen and evicted in seen[0]
+    assert engine.runner.num_swap_outs == 1
+    assert evicted not in engine.runner.host_kv and engine.evictor.host_bytes_used == 0
+    assert evicted not in [
+        s.session_id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions
+    ]

@@ -92,3 +92,44 @@ def test_a_cow_source_freed_and_reused_in_one_step_is_copied_first() -> None:
     assert parent_host_keys[0].eq(0).all() and parent_host_keys[1].eq(1).all()
     assert child.block_table == [0, 4] and restored.block_table == [1]
     manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def _filled_runner(num_blocks: int) -> ModelRunner:
+    runner = _runner(num_blocks)
+    for keys, values in runner.kv_caches:
+        for block_id in range(num_blocks):
+            keys[block_id] = block_id
+            values[block_id] = -block_id
+    return runner
+
+
+def test_discards_and_trims_that_come_during_a_swap_out_copy_apply_after_it() -> None:
+    """The engine copies KV without its lock, so the event loop may rewind or close an
+    offloaded session while its swap-out is being copied: the trim or discard waits for
+    the copy, in the order they came, and nothing is left behind."""
+    runner = _filled_runner(6)
+    planned = runner.start_moves(
+        [SwapOut("rewound", [0, 1, 2], 12), SwapOut("closed", [3], 4), SwapOut("kept", [4], 4)]
+    )
+    runner.trim_host_kv("rewound", 2)  # a rewind to 8 tokens, then to 4
+    runner.trim_host_kv("rewound", 1)
+    runner.discard_host_kv("closed")
+    assert runner.host_kv == {}  # nothing before the copy
+    runner.finish_moves(runner.copy_kv(planned))
+    assert set(runner.host_kv) == {"rewound", "kept"}
+    for keys, values in runner.host_kv["rewound"]:
+        assert keys.shape[0] == 1 and bool(keys.eq(0).all()) and bool(values.eq(0).all())
+    assert bool(runner.host_kv["kept"][0][0].eq(4).all())
+    runner.discard_host_kv("kept")  # after the copy: at once
+    assert set(runner.host_kv) == {"rewound"}
+
+
+def test_a_swap_in_takes_its_host_kv_when_it_is_planned() -> None:
+    runner = _filled_runner(4)
+    host_keys = torch.full_like(runner.kv_caches[0][0][:1], 7.0)
+    runner.host_kv["restored"] = [(host_keys, -host_keys) for _ in runner.kv_caches]
+    planned = runner.start_moves([SwapIn("restored", [2])])
+    assert "restored" not in runner.host_kv
+    runner.finish_moves(runner.copy_kv(planned))
+    for keys, values in runner.kv_caches:
+        assert bool(keys[2].eq(7).all()) and bool(values[2].eq(-7).all())
