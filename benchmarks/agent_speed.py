@@ -33,6 +33,23 @@ SHAPES = {"1 x 10": (1, 10), "4 x 8": (4, 8)}
 KV_TOKENS = 16384
 
 
+async def run_shapes(
+    running: launch.Running, texts: Texts, shapes: dict[str, tuple[int, int]], name: str
+) -> dict[str, float]:
+    """Each shape's total seconds on one server, through one client (closed at the end)."""
+    totals = {}
+    async with workloads.client(running.base_url) as api:
+        await workloads.warm_up(api, running.model)
+        for shape, (conversations, turns) in shapes.items():
+            sizes = dataclasses.replace(
+                Sizes(), num_conversations=conversations, num_turns=turns, turn_decode_tokens=16
+            )
+            result = await workloads.agent(api, running.model, make_plan(texts, sizes), texts, name)
+            totals[shape] = result["total_s"]
+            print(f"[{name}] {shape}: {result['total_s']:.1f} s", flush=True)
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 x 3 and 2 x 2 turns")
@@ -49,23 +66,8 @@ def main() -> None:
         server.command += flags
         print(f"[{name}] starting", flush=True)
         with launch.started(server, logs / f"{name}.log", 600) as running:
-            api = workloads.client(running.base_url)
-            asyncio.run(workloads.warm_up(api, running.model))
-            for shape, (conversations, turns) in shapes.items():
-                sizes = dataclasses.replace(
-                    Sizes(),
-                    num_conversations=conversations,
-                    num_turns=turns,
-                    turn_decode_tokens=16,
-                )
-                plan = make_plan(texts, sizes)
-                result = asyncio.run(
-                    workloads.agent(
-                        workloads.client(running.base_url), running.model, plan, texts, name
-                    )
-                )
-                totals[name, shape] = result["total_s"]
-                print(f"[{name}] {shape}: {result['total_s']:.1f} s", flush=True)
+            for shape, total in asyncio.run(run_shapes(running, texts, shapes, name)).items():
+                totals[name, shape] = total
     print()
     for shape in shapes:
         base = totals["fp32", shape]
