@@ -10,7 +10,7 @@ import torch
 from salience_server.config import EngineConfig
 from salience_server.engine import paged_attention
 from salience_server.engine.loader import LoadedModel
-from salience_server.engine.model_runner import kv_bytes_per_token, kv_shape
+from salience_server.engine.model_runner import kv_bytes_per_token, kv_dtype, kv_shape
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class PoolSize:
 def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
     """The pool the configured (or default) budget holds, in blocks of the configured (or
     the attention backend's default) size."""
-    bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+    pool_dtype = kv_dtype(loaded.device, loaded.dtype)
+    bytes_per_token = kv_bytes_per_token(loaded.model.config, pool_dtype)
     block_size = config.block_size or paged_attention.default_block_size(
         config.attention_backend, loaded.device, loaded.dtype, kv_shape(loaded.model.config)[2]
     )

@@ -95,9 +95,11 @@ def paged_attention_forward(
     key_cache, value_cache = salience_batch.kv_caches[int(module.layer_idx)]  # type: ignore[arg-type]
     num_kv_heads, head_dim = key_cache.shape[-2:]
     # Write the new tokens' keys and values first: each sequence attends to itself too.
-    key_cache.view(-1, num_kv_heads, head_dim)[salience_batch.slot_mapping] = key[0].transpose(0, 1)
-    value_cache.view(-1, num_kv_heads, head_dim)[salience_batch.slot_mapping] = value[0].transpose(
-        0, 1
+    # (The pool may keep a wider dtype than the model's: ``model_runner.kv_dtype``.)
+    slots = salience_batch.slot_mapping
+    key_cache.view(-1, num_kv_heads, head_dim)[slots] = key[0].transpose(0, 1).to(key_cache.dtype)
+    value_cache.view(-1, num_kv_heads, head_dim)[slots] = (
+        value[0].transpose(0, 1).to(value_cache.dtype)
     )
     sliding_window = kwargs.get("sliding_window")
     output = salience_batch.attend(query, key_cache, value_cache, scaling, sliding_window)
