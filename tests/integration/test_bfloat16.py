@@ -20,6 +20,10 @@ def test_bfloat16_logprobs_stay_close_to_float32(tiny_llama_dir) -> None:
         server = start_server(str(tiny_llama_dir), dtype=dtype, block_size=4)
         try:
             assert server.engine.runner.dtype == getattr(torch, dtype)
+            # Where bf16 arithmetic is emulated, attention and the KV pool are float32.
+            emulated = cpu_matmul.emulates_16_bit(torch.device("cpu"), torch.bfloat16)
+            pool_dtype = torch.float32 if dtype == "float32" or emulated else torch.bfloat16
+            assert server.engine.runner.kv_caches[0][0].dtype == pool_dtype
             tokens, _ = generate(
                 server.stub,
                 open_session(server.stub),
