@@ -404,3 +404,70 @@ def test_kv_moves_run_without_the_engine_lock_and_a_close_meanwhile_frees_the_ho
     assert evicted not in [
         s.session_id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions
     ]
+
+
+def test_a_failed_swap_out_drops_the_session_and_the_next_calls_work(
+    tiny_llama_dir, server_factory
+) -> None:
+    """Host memory runs out while a step copies an evicted session's KV: the step's
+    calls fail, the session that lost its copy is dropped (recomputed from its tokens
+    on its next call) and nothing is left claiming KV it does not have."""
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=1 << 20,
+    )
+    stub, engine = server.stub, server.engine
+    tokens = random_tokens(60, seed=6)
+    evicted = open_session(stub)
+    generate(stub, evicted, append_tokens=tokens)
+    copy_kv = engine.runner.copy_kv
+
+    def out_of_host_memory(planned):  # type: ignore[no-untyped-def]
+        engine.runner.copy_kv = copy_kv  # once
+        raise MemoryError("host memory exhausted")
+
+    engine.runner.copy_kv = out_of_host_memory
+    pusher = open_session(stub)
+    with pytest.raises(grpc.RpcError):
+        generate(stub, pusher, append_tokens=tokens[::-1])  # pushes it out
+    info = _session_info(stub, evicted)
+    assert info.residency == pb.RESIDENCY_DROPPED
+    assert engine.evictor.host_bytes_used == 0 and evicted not in engine.runner.host_kv
+
+    got, _ = generate(stub, evicted, append_tokens=[7, 8], offset=len(tokens), max_tokens=5)
+    want, _ = generate(stub, open_session(stub), append_tokens=tokens + [7, 8], max_tokens=5)
+    assert [t.id for t in got] == [t.id for t in want]
+    again, _ = generate(stub, open_session(stub), append_tokens=tokens[::-1], max_tokens=3)
+    assert len(again) == 3
+
+
+def test_a_failed_swap_in_makes_the_session_recompute(tiny_llama_dir, server_factory) -> None:
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=1 << 20,
+    )
+    stub, engine = server.stub, server.engine
+    tokens = random_tokens(60, seed=7)
+    restored = open_session(stub)
+    generate(stub, restored, append_tokens=tokens)
+    generate(stub, open_session(stub), append_tokens=tokens[::-1])  # pushes it out
+    assert _session_info(stub, restored).residency == pb.RESIDENCY_OFFLOADED
+    copy_kv = engine.runner.copy_kv
+
+    def failing_copy(planned):  # type: ignore[no-untyped-def]
+        engine.runner.copy_kv = copy_kv  # once
+        copy_kv(planned)  # the blocks are written, but the step is failed after
+        raise RuntimeError("device error")
+
+    engine.runner.copy_kv = failing_copy
+    with pytest.raises(grpc.RpcError):
+        generate(stub, restored, append_tokens=[7], offset=len(tokens), max_tokens=2)
+    session = engine.sessions[restored]
+    assert session.num_computed == 0  # its blocks are not trusted
+    got, _ = generate(stub, restored, append_tokens=[8], offset=len(tokens) + 1, max_tokens=5)
+    want, _ = generate(stub, open_session(stub), append_tokens=tokens + [7, 8], max_tokens=5)
+    assert [t.id for t in got] == [t.id for t in want]
