@@ -20,6 +20,16 @@ def _session_info(stub, session_id: str) -> pb.SessionInfo:
     return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
 
 
+def _pool_of_20_blocks(server_factory, model_dir, host_kv_bytes: int):  # type: ignore[no-untyped-def]
+    """A server whose pool holds 80 tokens: a 60-token session is evicted by the next."""
+    return server_factory(
+        model_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=host_kv_bytes,
+    )
+
+
 def _run_cycle(stub, num_sessions: int, rounds: int, on_turn=None) -> list[list[tuple[int, float]]]:
     """Appends to every session in turn; returns each turn's (token, logprob) events."""
     rng = random.Random(11)
@@ -294,12 +304,7 @@ def test_closing_a_session_frees_its_blocks_even_mid_call(tiny_llama_dir, server
 def test_rewinding_an_evicted_session_equals_a_fresh_one(
     host_kv_bytes, tiny_llama_dir, server_factory
 ) -> None:
-    server = server_factory(
-        tiny_llama_dir,
-        block_size=BLOCK_SIZE,
-        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
-        host_kv_bytes=host_kv_bytes,
-    )
+    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes)
     stub = server.stub
     tokens = random_tokens(60, seed=9)
     evicted = open_session(stub)
@@ -334,12 +339,7 @@ def test_rewinding_an_evicted_session_equals_a_fresh_one(
 def test_rewinding_an_offloaded_session_releases_the_host_memory_it_no_longer_needs(
     tiny_llama_dir, server_factory
 ) -> None:
-    server = server_factory(
-        tiny_llama_dir,
-        block_size=BLOCK_SIZE,
-        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
-        host_kv_bytes=1 << 20,
-    )
+    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes=1 << 20)
     stub, engine = server.stub, server.engine
     tokens = random_tokens(60, seed=4)
     evicted = open_session(stub)
@@ -371,12 +371,7 @@ def test_kv_moves_run_without_the_engine_lock_and_a_close_meanwhile_frees_the_ho
     """While a step copies an evicted session's KV to host memory, the event loop can
     still list sessions and close that very session; its host copy is then dropped once
     the copy ends, so nothing leaks."""
-    server = server_factory(
-        tiny_llama_dir,
-        block_size=BLOCK_SIZE,
-        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
-        host_kv_bytes=1 << 20,
-    )
+    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes=1 << 20)
     stub, engine = server.stub, server.engine
     tokens = random_tokens(60, seed=5)
     evicted = open_session(stub)
@@ -412,12 +407,7 @@ def test_a_failed_swap_out_drops_the_session_and_the_next_calls_work(
     """Host memory runs out while a step copies an evicted session's KV: the step's
     calls fail, the session that lost its copy is dropped (recomputed from its tokens
     on its next call) and nothing is left claiming KV it does not have."""
-    server = server_factory(
-        tiny_llama_dir,
-        block_size=BLOCK_SIZE,
-        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
-        host_kv_bytes=1 << 20,
-    )
+    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes=1 << 20)
     stub, engine = server.stub, server.engine
     tokens = random_tokens(60, seed=6)
     evicted = open_session(stub)
@@ -444,12 +434,7 @@ def test_a_failed_swap_out_drops_the_session_and_the_next_calls_work(
 
 
 def test_a_failed_swap_in_makes_the_session_recompute(tiny_llama_dir, server_factory) -> None:
-    server = server_factory(
-        tiny_llama_dir,
-        block_size=BLOCK_SIZE,
-        kv_cache_bytes=20 * BLOCK_SIZE * TOKEN_BYTES,
-        host_kv_bytes=1 << 20,
-    )
+    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes=1 << 20)
     stub, engine = server.stub, server.engine
     tokens = random_tokens(60, seed=7)
     restored = open_session(stub)
