@@ -30,6 +30,16 @@ def _pool_of_20_blocks(server_factory, model_dir, host_kv_bytes: int):  # type: 
     )
 
 
+def _session_of_60_tokens(server_factory, model_dir, seed: int):  # type: ignore[no-untyped-def]
+    """(stub, engine, tokens, session id): a 20-block pool with room for offloading,
+    holding one session of 60 random tokens."""
+    server = _pool_of_20_blocks(server_factory, model_dir, host_kv_bytes=1 << 20)
+    tokens = random_tokens(60, seed=seed)
+    session_id = open_session(server.stub)
+    generate(server.stub, session_id, append_tokens=tokens)
+    return server.stub, server.engine, tokens, session_id
+
+
 def _run_cycle(stub, num_sessions: int, rounds: int, on_turn=None) -> list[list[tuple[int, float]]]:
     """Appends to every session in turn; returns each turn's (token, logprob) events."""
     rng = random.Random(11)
@@ -339,11 +349,7 @@ def test_rewinding_an_evicted_session_equals_a_fresh_one(
 def test_rewinding_an_offloaded_session_releases_the_host_memory_it_no_longer_needs(
     tiny_llama_dir, server_factory
 ) -> None:
-    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes=1 << 20)
-    stub, engine = server.stub, server.engine
-    tokens = random_tokens(60, seed=4)
-    evicted = open_session(stub)
-    generate(stub, evicted, append_tokens=tokens)
+    stub, engine, tokens, evicted = _session_of_60_tokens(server_factory, tiny_llama_dir, seed=4)
     generate(stub, open_session(stub), append_tokens=tokens[::-1])  # pushes it out
     info = _session_info(stub, evicted)
     assert info.residency == pb.RESIDENCY_OFFLOADED and info.kv_bytes == 60 * TOKEN_BYTES
@@ -371,11 +377,7 @@ def test_kv_moves_run_without_the_engine_lock_and_a_close_meanwhile_frees_the_ho
     """While a step copies an evicted session's KV to host memory, the event loop can
     still list sessions and close that very session; its host copy is then dropped once
     the copy ends, so nothing leaks."""
-    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes=1 << 20)
-    stub, engine = server.stub, server.engine
-    tokens = random_tokens(60, seed=5)
-    evicted = open_session(stub)
-    generate(stub, evicted, append_tokens=tokens)
+    stub, engine, tokens, evicted = _session_of_60_tokens(server_factory, tiny_llama_dir, seed=5)
     copy_kv = engine.runner.copy_kv
     seen: list[list[str]] = []
 
@@ -407,11 +409,7 @@ def test_a_failed_swap_out_drops_the_session_and_the_next_calls_work(
     """Host memory runs out while a step copies an evicted session's KV: the step's
     calls fail, the session that lost its copy is dropped (recomputed from its tokens
     on its next call) and nothing is left claiming KV it does not have."""
-    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes=1 << 20)
-    stub, engine = server.stub, server.engine
-    tokens = random_tokens(60, seed=6)
-    evicted = open_session(stub)
-    generate(stub, evicted, append_tokens=tokens)
+    stub, engine, tokens, evicted = _session_of_60_tokens(server_factory, tiny_llama_dir, seed=6)
     copy_kv = engine.runner.copy_kv
 
     def out_of_host_memory(planned):  # type: ignore[no-untyped-def]
@@ -434,11 +432,7 @@ def test_a_failed_swap_out_drops_the_session_and_the_next_calls_work(
 
 
 def test_a_failed_swap_in_makes_the_session_recompute(tiny_llama_dir, server_factory) -> None:
-    server = _pool_of_20_blocks(server_factory, tiny_llama_dir, host_kv_bytes=1 << 20)
-    stub, engine = server.stub, server.engine
-    tokens = random_tokens(60, seed=7)
-    restored = open_session(stub)
-    generate(stub, restored, append_tokens=tokens)
+    stub, engine, tokens, restored = _session_of_60_tokens(server_factory, tiny_llama_dir, seed=7)
     generate(stub, open_session(stub), append_tokens=tokens[::-1])  # pushes it out
     assert _session_info(stub, restored).residency == pb.RESIDENCY_OFFLOADED
     copy_kv = engine.runner.copy_kv
