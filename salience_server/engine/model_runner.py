@@ -229,7 +229,9 @@ class ModelRunner:
         discard or trim of their host KV from the event loop waits for the copy."""
         planned: list[PlannedMove] = []
         for move in moves:
-            if isinstance(move, SwapIn):
+            if isinstance(move, SwapIn) and move.session_id in self._swapping_out:
+                planned.append((move, None))  # swapped out earlier in this step
+            elif isinstance(move, SwapIn):
                 planned.append((move, self.host_kv.pop(move.session_id)))
             else:
                 if isinstance(move, SwapOut):
@@ -253,7 +255,8 @@ class ModelRunner:
                     for keys, values in self.kv_caches
                 ]
             elif isinstance(move, SwapIn):
-                assert host is not None
+                if host is None:  # its swap-out came earlier in this step
+                    host = swapped_out.pop(move.session_id)
                 self.num_swap_ins += 1
                 index = self._index(move.block_ids)
                 for (keys, values), (host_keys, host_values) in zip(

@@ -133,3 +133,16 @@ def test_a_swap_in_takes_its_host_kv_when_it_is_planned() -> None:
     runner.finish_moves(runner.copy_kv(planned))
     for keys, values in runner.kv_caches:
         assert bool(keys[2].eq(7).all()) and bool(values[2].eq(-7).all())
+
+
+def test_a_session_swapped_out_and_back_in_one_step_gets_its_own_kv() -> None:
+    """The scheduler may offload a waiting request's session and restore it later in the
+    same step: the swap-in takes the copy the swap-out just made (found by the stress
+    test once swap-ins took their host KV when planned)."""
+    runner = _filled_runner(5)
+    planned = runner.start_moves([SwapOut("s", [0, 1], 8), SwapIn("s", [3, 2])])
+    runner.finish_moves(runner.copy_kv(planned))
+    for keys, values in runner.kv_caches:
+        assert bool(keys[3].eq(0).all()) and bool(keys[2].eq(1).all())
+        assert bool(values[3].eq(0).all()) and bool(values[2].eq(-1).all())
+    assert runner.host_kv == {}
