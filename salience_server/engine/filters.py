@@ -8,8 +8,9 @@ distribution the previous one left (renormalised):
   token that crosses ``p`` is kept).
 The draw inverts each row's cumulative distribution at one uniform number: token ``i``
 is picked when the number falls in its ``[cdf_{i-1}, cdf_i)``, with probability ``p_i``.
-The sums are in float64, so that even a token of probability 1e-12 keeps its share, and
-a token of probability 0 is never picked. One random number per row, not one per token:
+The running sums are in float64, so that even a token of probability 1e-12 keeps its
+share, and a token of probability 0 is never picked; they run over the masses of blocks
+of 256 tokens, then inside the one block that holds the target. One random number per row, not one per token:
 an exponential race (``argmax(p / q)``, ``q ~ Exp(1)``) spent 18 ms drawing the noise for
 16 rows of a 49,152-token vocabulary on this project's CPU, against 0.6 ms for this.
 Unlike ``torch.multinomial`` (22 ms) it never asserts on the device.
@@ -18,6 +19,7 @@ Unlike ``torch.multinomial`` (22 ms) it never asserts on the device.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from salience_server.engine.request import SamplingParams
 
@@ -62,14 +64,20 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     """[D, V] filtered logits -> [D] token ids drawn from their softmax. Rows with a
     generator draw their noise from it (seeded, reproducible); the others share one
     draw. Raises InvalidDistribution when a row has nothing left to draw."""
-    valid = torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    num_rows, vocab_size = probs.shape
+    # Two levels, so that the sequential sum runs over block masses and one block per
+    # row rather than the whole vocabulary: the block holding the target, then the
+    # token inside it. Padding tokens have no mass, so they are never picked. Block
+    # masses are float32 sums (pairwise: relative error ~1e-7, that of the softmax).
+    blocks = F.pad(probs, (0, -vocab_size % DRAW_BLOCK)).view(num_rows, -1, DRAW_BLOCK)
+    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [D, blocks]
+    # A row of NaN, or with every token filtered out, has NaN mass (softmax of -inf).
+    valid = block_cdf[:, -1] > 0
     if not bool(valid.all()):
         bad = [row for row, ok in enumerate(valid.tolist()) if not ok]
         raise InvalidDistribution(f"rows {bad} have no token left to draw")
-    probs = torch.softmax(logits, dim=-1)
-    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # [D, V]
-    total = cdf[:, -1:].contiguous()
-    uniforms = torch.empty_like(total)
+    uniforms = torch.empty(num_rows, 1, dtype=torch.float64, device=probs.device)
     unseeded = [row for row, generator in enumerate(generators) if generator is None]
     if len(unseeded) == len(generators):
         uniforms.uniform_()
@@ -78,8 +86,21 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     for row, generator in enumerate(generators):
         if generator is not None:
             uniforms[row].uniform_(generator=generator)
-    # The first token whose cumulative mass passes the target has mass of its own.
-    picks = torch.searchsorted(cdf, uniforms * total, right=True)
-    # A target rounded up to the total: the last token with mass.
-    last = torch.searchsorted(cdf, total, right=False)
-    return torch.minimum(picks, last)[:, 0]
+    targets = uniforms * block_cdf[:, -1:]
+    block = _invert(block_cdf, targets)  # [D, 1]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inside = blocks.gather(1, block[:, :, None].expand(-1, -1, DRAW_BLOCK))[:, 0]
+    token_cdf = before + inside.cumsum(dim=-1, dtype=torch.float64)  # [D, DRAW_BLOCK]
+    return (block * DRAW_BLOCK + _invert(token_cdf, targets))[:, 0]
+
+
+DRAW_BLOCK = 256
+
+
+def _invert(cdf: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[D, N] ascending cumulative masses, [D, 1] targets -> [D, 1] the first index whose
+    mass passes its target: an entry with mass of its own. A target that rounding put
+    at or past the last mass gets the last entry with mass."""
+    picks = torch.searchsorted(cdf, targets, right=True)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
+    return torch.minimum(picks, last)
