@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 
 from salience_server.config import EngineConfig
 from salience_server.engine.batch import ForwardBatch
@@ -26,7 +26,7 @@ from salience_server.engine.constraints import (
     ConstraintSpec,
 )
 from salience_server.engine.errors import Code, SalienceError
-from salience_server.engine.evictor import CopyBlocks, Evictor, KvMove, SwapIn, SwapOut
+from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.intake import Intake
 from salience_server.engine.kv_pool import size_pool
@@ -362,7 +362,7 @@ class Engine:
                 swapped_out = self.runner.copy_kv(moves)
             except Exception:
                 with self._lock:
-                    self._recompute_after_failed_moves(output.kv_moves, swapped_out)
+                    self.evictor.recover_from_failed_moves(output.kv_moves)
                 raise
             finally:
                 with self._lock:
@@ -379,29 +379,6 @@ class Engine:
         sampled = self.outcomes.sample(output.chunks, rows, forward)
         with self._lock:
             self.outcomes.commit(output.chunks, rows, forward, sampled)
-
-    def _recompute_after_failed_moves(
-        self, moves: list[KvMove], swapped_out: Collection[str]
-    ) -> None:
-        """KV moves failed part-way (host memory ran out, say): every session they
-        touched recomputes its KV from its tokens, rather than trust blocks the failed
-        copies may have left half-written. A swap-out without its host copy drops."""
-        lost: set[str] = set()
-        touched_blocks: set[int] = set()
-        for move in moves:
-            if isinstance(move, SwapOut) and move.session_id not in swapped_out:
-                lost.add(move.session_id)
-            elif isinstance(move, SwapIn):
-                touched_blocks.update(move.block_ids)
-            elif isinstance(move, CopyBlocks):
-                touched_blocks.update(target for _, target in move.pairs)
-        for session in self.sessions.values():
-            if session.session_id in lost and session.residency == Residency.OFFLOADED:
-                self.evictor.forget(session)
-                session.residency = Residency.DROPPED
-                session.num_computed = 0
-            elif touched_blocks.intersection(session.block_table):
-                session.num_computed = 0
 
     def _build(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, StepRows]:
         return build_batch(chunks, self.block_size, self.images, self.uses_mrope, self.has_readout)

@@ -115,6 +115,26 @@ class Evictor:
         self.host_bytes_used -= session.host_kv_bytes
         session.host_kv_bytes = 0
 
+    def recover_from_failed_moves(self, moves: list[KvMove]) -> None:
+        """A step's KV moves failed part-way (host memory ran out, say), and none of its
+        swap-outs was kept: their sessions drop, and every session whose blocks a swap-in
+        or copy-on-write was to write recomputes its KV from its tokens, rather than
+        trust blocks the failed copies may have left half-written."""
+        swapped_out = {move.session_id for move in moves if isinstance(move, SwapOut)}
+        written: set[int] = set()
+        for move in moves:
+            if isinstance(move, SwapIn):
+                written.update(move.block_ids)
+            elif isinstance(move, CopyBlocks):
+                written.update(target for _, target in move.pairs)
+        for session in self.sessions.values():
+            if session.session_id in swapped_out and session.residency == Residency.OFFLOADED:
+                self.forget(session)
+                session.residency = Residency.DROPPED
+                session.num_computed = 0
+            elif written.intersection(session.block_table):
+                session.num_computed = 0
+
     def can_hold_image(self, num_bytes: int) -> bool:
         """Whether ``num_bytes`` of image embeddings fit, counting offloaded KV as room
         (images come first)."""
