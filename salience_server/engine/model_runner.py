@@ -81,6 +81,9 @@ class ModelRunner:
                 count,
                 cpu_matmul.MIN_ROWS,
             )
+        elif cpu_matmul.prepacks_16_bit(self.device, self.dtype):
+            count = cpu_matmul.prepack_linears(model)
+            log.info("%d Linear layers keep their weights in oneDNN's layout", count)
         self.block_size = block_size
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)

@@ -24,6 +24,11 @@ def test_bfloat16_logprobs_stay_close_to_float32(tiny_llama_dir) -> None:
             emulated = cpu_matmul.emulates_16_bit(torch.device("cpu"), torch.bfloat16)
             pool_dtype = torch.float32 if dtype == "float32" or emulated else torch.bfloat16
             assert server.engine.runner.kv_caches[0][0].dtype == pool_dtype
+            # Where bf16 is native, the Linear weights are kept prepacked for oneDNN.
+            prepacked = dtype == "bfloat16" and cpu_matmul.prepacks_16_bit(
+                torch.device("cpu"), torch.bfloat16
+            )
+            assert server.engine.runner.model.lm_head.weight.is_mkldnn == prepacked
             tokens, _ = generate(
                 server.stub,
                 open_session(server.stub),
@@ -52,3 +57,35 @@ def test_wide_products_run_in_float32_and_narrow_ones_in_bfloat16() -> None:
     assert torch.equal(
         linear(narrow), torch.nn.functional.linear(narrow, linear.weight, linear.bias)
     )
+
+
+def test_prepacked_bfloat16_products_equal_plain_ones() -> None:
+    """Where oneDNN multiplies bfloat16, a prepacked Linear gives bit for bit what
+    ``F.linear`` gives on the plain weight, for any number of rows and input layout; a
+    weight tied to an embedding stays plain there. Elsewhere nothing is prepacked."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(48, 64).to(torch.bfloat16)
+    head = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    head.weight = embedding.weight  # tied, as in the default model
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    weight, bias, head_weight = layer.weight.detach().clone(), layer.bias, embedding.weight
+    head_weight = head_weight.detach().clone()
+    cpu = torch.device("cpu")
+    if not cpu_matmul.prepacks_16_bit(cpu, torch.bfloat16):
+        assert not cpu_matmul.prepacks_16_bit(cpu, torch.float32)
+        assert not torch.ops.mkldnn._is_mkldnn_bf16_supported() or not (
+            cpu_matmul.has_16_bit_units()
+        )
+        return
+    assert cpu_matmul.prepack_linears(torch.nn.ModuleList([embedding, head, layer])) == 2
+    assert layer.weight.is_mkldnn and head.weight.is_mkldnn
+    assert not embedding.weight.is_mkldnn and torch.equal(embedding.weight, head_weight)
+    inputs = [
+        torch.randn(1, 64),
+        torch.randn(5, 64),
+        torch.randn(2, 7, 64),
+        torch.randn(64, 3).t(),  # not contiguous
+    ]
+    for x in (x.to(torch.bfloat16) for x in inputs):
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, weight, bias))
+        assert torch.equal(head(x), torch.nn.functional.linear(x, head_weight))
