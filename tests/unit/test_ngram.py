@@ -78,3 +78,36 @@ def test_acceptance_follows_recent_verifications() -> None:
     for _ in range(10):
         acceptance.record(4, 0)
     assert acceptance.rate < 0.4  # one miss a verification against up to four hits
+
+
+def test_verification_cost_follows_how_the_device_multiplies_extra_rows() -> None:
+    """Extra rows are dear on a CPU multiplying in float32 or emulated 16-bit
+    arithmetic, nearly free on an accelerator or a CPU multiplying bfloat16 natively;
+    ``--speculative-cost`` overrides both."""
+    import torch
+
+    from salience_server.config import EngineConfig
+    from salience_server.engine import cpu_matmul
+    from salience_server.engine.ngram import (
+        ACCELERATOR_DRAFT_COST,
+        CPU_DRAFT_COST,
+        DraftCost,
+        draft_proposer,
+    )
+
+    config = EngineConfig(speculative="ngram")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert draft_proposer(EngineConfig(), cpu, torch.float32) is None
+
+    def cost(device: torch.device, dtype: torch.dtype, config: EngineConfig = config) -> object:
+        proposer = draft_proposer(config, device, dtype)
+        assert proposer is not None
+        return proposer.cost
+
+    assert cost(cpu, torch.float32) == CPU_DRAFT_COST
+    native = cpu_matmul.prepacks_16_bit(cpu, torch.bfloat16)
+    assert cost(cpu, torch.bfloat16) == (ACCELERATOR_DRAFT_COST if native else CPU_DRAFT_COST)
+    assert cost(cuda, torch.bfloat16) == ACCELERATOR_DRAFT_COST
+    assert cost(cuda, torch.float32) == ACCELERATOR_DRAFT_COST
+    chosen = EngineConfig(speculative="ngram", speculative_cost=(0.2, 0.3))
+    assert cost(cpu, torch.float32, chosen) == DraftCost(0.2, 0.3)
