@@ -20,6 +20,7 @@ from salience_server.engine.loader import LoadedModel, load_model
 from salience_server.engine.readout import Readout, load_readout
 from salience_server.metrics import Metrics
 from salience_server.rpc.auth import BearerTokenInterceptor
+from salience_server.rpc.compute_thread import in_own_thread
 from salience_server.rpc.metrics import RequestMetricsInterceptor
 from salience_server.rpc.replica import ReplicaInterceptor
 from salience_server.rpc.servicer import SalienceServicer
@@ -90,11 +91,7 @@ class SalienceServer:
         await self.server.start()
         log.info("listening on %s:%d; loading the model", self.config.host, self.port)
         try:
-            loaded = await asyncio.to_thread(loader or (lambda: load_model(self.config.model)))
-            readout = self._load_readout(loaded)
-            self.engine = await asyncio.to_thread(
-                Engine, loaded, self.config.engine, readout, self.metrics
-            )
+            self.engine = await in_own_thread(self._build_engine, loader)
         except BaseException:
             await self.server.stop(None)
             raise
@@ -105,11 +102,15 @@ class SalienceServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s on %s:%d as replica %s",
-            loaded.model_id,
+            self.engine.loaded.model_id,
             self.config.host,
             self.port,
             self.replica_id,
         )
+
+    def _build_engine(self, loader: Callable[[], LoadedModel] | None) -> Engine:
+        loaded = (loader or (lambda: load_model(self.config.model)))()
+        return Engine(loaded, self.config.engine, self._load_readout(loaded), self.metrics)
 
     def _load_readout(self, loaded: LoadedModel) -> Readout | None:
         if not self.config.readout_path:

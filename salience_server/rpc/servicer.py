@@ -18,6 +18,7 @@ from salience_server.engine.engine import Engine
 from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
 from salience_server.rpc import convert
+from salience_server.rpc.compute_thread import in_own_thread
 from salience_server.rpc.errors import abort
 
 
@@ -192,7 +193,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         session_id, offset, truncating = request.session_id, request.offset, request.truncating
         try:
             engine.check_image_target(session_id, offset, truncating)
-            image = await asyncio.to_thread(engine.encode_image, request.image, request.mime_type)
+            image = await in_own_thread(engine.encode_image, request.image, request.mime_type)
         except SalienceError as error:
             await abort(context, error)
         submit = lambda sink: engine.submit_image(session_id, offset, truncating, image, sink)  # noqa: E731
