@@ -7,9 +7,11 @@ shown (the reply repeats most of the file), a summary of a tool output, and free
 For each: decode tokens per second with and without ``--speculative ngram`` (at the
 default cap of 4 draft tokens and at 8), the speed-up, the draft acceptance rate, and
 how much of the reply copies the prompt (so that the workloads are what they claim).
-Greedy outputs must be identical (checked).
+Greedy outputs must be identical in float32 (checked); in bfloat16 a verification
+pass rounds differently from single steps (as batching does), so where outputs part
+is printed instead.
 
-    .venv/bin/python benchmarks/speculative.py [--quick]
+    .venv/bin/python -m benchmarks.speculative [--quick] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -26,12 +28,8 @@ from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.config import EngineConfig
-from salience_server.engine.ngram import (
-    ACCELERATOR_DRAFT_COST,
-    CPU_DRAFT_COST,
-    DraftCost,
-    NgramIndex,
-)
+from salience_server.engine.loader import resolve_device, resolve_dtype
+from salience_server.engine.ngram import DraftCost, NgramIndex, draft_proposer
 
 FILE = "\n".join(
     [
@@ -90,6 +88,7 @@ WORKLOADS = {
 
 
 DEFAULT = EngineConfig()
+DEFAULT_NGRAM = EngineConfig(speculative="ngram")
 DRAFT_LENGTHS = (4, 8)
 """``--num-speculative-tokens`` values compared: the default, and a longer cap."""
 
@@ -157,17 +156,29 @@ def ceiling(prompt_ids: list[int], reply: list[int], cap: int, cost: DraftCost) 
     return (len(reply) - 1) / steps if steps else 1.0
 
 
+def first_difference(first: list[int], second: list[int]) -> int:
+    """The index of the first token where the two differ (or the shorter's length)."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b),
+        min(len(first), len(second)),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens: a run under 3 min")
     parser.add_argument("--max-tokens", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=0, help="alternating runs, best kept")
+    parser.add_argument("--dtype", default="auto", help="the servers' --dtype")
     args = parser.parse_args()
     max_tokens = args.max_tokens or (64 if args.quick else 256)
     rounds = args.rounds or (1 if args.quick else 2)
-    configurations: dict[str, tuple[str, ...]] = {"plain": ()}
+    configurations: dict[str, tuple[str, ...]] = {"plain": ("--dtype", args.dtype)}
     for k in DRAFT_LENGTHS:
-        configurations[f"K={k}"] = ("--speculative", "ngram", "--num-speculative-tokens", str(k))
+        configurations[f"K={k}"] = (
+            *configurations["plain"],
+            *("--speculative", "ngram", "--num-speculative-tokens", str(k)),
+        )
     results: dict[str, dict[str, tuple[list[int], float, pb.Done]]] = {}
     with contextlib.ExitStack() as stack:
         # All servers up at once, used in turns: a slow moment of the machine hurts all.
@@ -191,15 +202,26 @@ def main() -> None:
     for k in DRAFT_LENGTHS:
         print(f" | K={k}: {'tok/s':>6} {'speed-up':>9} {'accepted':>9} {'ceiling':>8}", end="")
     print()
-    # The servers' device: the default one.
-    draft_cost = ACCELERATOR_DRAFT_COST if torch.cuda.is_available() else CPU_DRAFT_COST
+    # What the servers' proposer assumes a verification step costs (default device).
+    device = resolve_device("auto")
+    proposer = draft_proposer(DEFAULT_NGRAM, device, resolve_dtype(args.dtype, device))
+    assert proposer is not None
+    draft_cost = proposer.cost
+    exact = resolve_dtype(args.dtype, device) == torch.float32
+    differ: list[str] = []
     for name, prompt_ids in workload_prompts.items():
         plain_tokens, plain_rate, _ = results[name]["plain"]
         copied = copied_fraction(prompt_ids, plain_tokens)
         print(f"{name:<9} {copied:>7.0%} {plain_rate:>12.1f}", end="")
         for k in DRAFT_LENGTHS:
             spec_tokens, spec_rate, done = results[name][f"K={k}"]
-            assert spec_tokens == plain_tokens, f"{name}: speculation changed the greedy output"
+            if spec_tokens != plain_tokens:
+                # In float32 a verification pass gives what single steps give; in 16-bit
+                # its other shapes round differently, and a near-tie may flip.
+                assert exact, f"{name}: speculation changed the float32 greedy output"
+                differ.append(
+                    f"{name} K={k} from token {first_difference(plain_tokens, spec_tokens)}"
+                )
             drafted, accepted = done.drafted_tokens, done.accepted_tokens
             acceptance = accepted / drafted if drafted else 0.0
             bound = ceiling(prompt_ids, plain_tokens, k, draft_cost)
@@ -214,6 +236,10 @@ def main() -> None:
         "accepted: of the drafted tokens; ceiling: an oracle choosing each step's draft "
         "length, at the device's draft cost"
     )
+    if differ:
+        print("greedy outputs differ (16-bit rounding of other shapes):", "; ".join(differ))
+    else:
+        print("greedy outputs identical with and without speculation")
 
 
 if __name__ == "__main__":
