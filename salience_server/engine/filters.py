@@ -70,7 +70,8 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     # row rather than the whole vocabulary: the block holding the target, then the
     # token inside it. Padding tokens have no mass, so they are never picked. Block
     # masses are float32 sums (pairwise: relative error ~1e-7, that of the softmax).
-    blocks = F.pad(probs, (0, -vocab_size % DRAW_BLOCK)).view(num_rows, -1, DRAW_BLOCK)
+    padding = -vocab_size % DRAW_BLOCK  # none for most vocabularies: no copy then
+    blocks = (F.pad(probs, (0, padding)) if padding else probs).view(num_rows, -1, DRAW_BLOCK)
     block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [D, blocks]
     # A row of NaN, or with every token filtered out, has NaN mass (softmax of -inf).
     valid = block_cdf[:, -1] > 0

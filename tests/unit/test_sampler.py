@@ -260,6 +260,30 @@ def test_draws_follow_the_filtered_distribution(seeded: bool) -> None:
     assert chi2 < _CHI2_999[int(kept.sum()) - 1]
 
 
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "unseeded"])
+def test_draws_over_a_vocabulary_of_whole_blocks_follow_the_distribution(seeded: bool) -> None:
+    """A vocabulary that is a multiple of the draw's block (no padding): tokens at both
+    ends of both blocks are drawn as often as their probability says."""
+    torch.manual_seed(1)
+    vocab = 2 * filters.DRAW_BLOCK
+    positions = [0, 1, filters.DRAW_BLOCK - 1, filters.DRAW_BLOCK, vocab - 1]
+    logits = torch.full((1, vocab), -torch.inf)
+    logits[0, positions] = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.5])
+    want = torch.softmax(logits[0, positions], dim=-1).double()
+    num_draws = 6000
+    generators = (
+        [torch.Generator().manual_seed(seed) for seed in range(num_draws)]
+        if seeded
+        else [None] * num_draws
+    )
+    token_ids = filters.draw(logits.expand(num_draws, -1), generators)
+    counts = torch.bincount(token_ids, minlength=vocab).double()
+    assert counts.sum() == counts[positions].sum(), "a token without mass was drawn"
+    expected = want * num_draws
+    chi2 = float(((counts[positions] - expected) ** 2 / expected).sum())
+    assert chi2 < _CHI2_999[len(positions) - 1]
+
+
 # ----- speculative verification ---------------------------------------------------------
 
 
