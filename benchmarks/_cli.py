@@ -9,6 +9,14 @@ QUICK_HELP = "smaller shapes of the same question: a run under two minutes"
 
 def is_quick(doc: str | None) -> bool:
     """Parses a benchmark's command line (``--quick`` alone); ``doc`` is its docstring."""
+    return bool(parse_args(doc).quick)
+
+
+def parse_args(doc: str | None, with_dtype: bool = False) -> argparse.Namespace:
+    """A benchmark's command line: ``--quick``, and ``--dtype`` (the server's) where
+    ``with_dtype``."""
     parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
-    return bool(parser.parse_args().quick)
+    if with_dtype:
+        parser.add_argument("--dtype", default="auto", help="the server's --dtype")
+    return parser.parse_args()

@@ -10,7 +10,7 @@ the greedy one. Aim: >= 5x at 8 sessions, sampled as fast as greedy.
 Also prints what the frontend adds to each token: the mean time from the end of the
 engine step that decoded it to its event being written to the client's stream (the
 server's ``salience_token_delivery_seconds``), against the mean step time.
-``--quick``: 1 and 4 sessions, 16 tokens each.
+``--quick``: 1 and 4 sessions, 16 tokens each; ``--dtype``: the server's (default: its own).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from benchmarks._cli import is_quick
+from benchmarks._cli import parse_args
 from benchmarks._server import free_port, running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -87,7 +87,8 @@ async def measure(
 
 
 def main() -> None:
-    quick = is_quick(__doc__)
+    args = parse_args(__doc__, with_dtype=True)
+    quick = args.quick
     levels, num_tokens = (QUICK_LEVELS, QUICK_TOKENS) if quick else (LEVELS, NUM_TOKENS)
     path, _ = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -99,7 +100,7 @@ def main() -> None:
         for i in range(max(levels))
     ]
     metrics_port = free_port()
-    with running_server("--metrics-port", str(metrics_port)) as target:
+    with running_server("--metrics-port", str(metrics_port), "--dtype", args.dtype) as target:
         rates = asyncio.run(measure(target, prompts, levels, num_tokens))
         delivery_s = mean_delivery_s(metrics_port)
     for mode, by_level in rates.items():
