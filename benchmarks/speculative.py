@@ -27,9 +27,11 @@ import torch
 from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_server.config import EngineConfig
-from salience_server.engine.loader import resolve_device, resolve_dtype
-from salience_server.engine.ngram import DraftCost, NgramIndex, draft_proposer
+from salience_server.config import EngineConfig, ModelConfig
+from salience_server.engine import draft_cost
+from salience_server.engine.engine import Engine
+from salience_server.engine.loader import load_model
+from salience_server.engine.ngram import DraftCost, NgramIndex
 
 FILE = "\n".join(
     [
@@ -88,7 +90,6 @@ WORKLOADS = {
 
 
 DEFAULT = EngineConfig()
-DEFAULT_NGRAM = EngineConfig(speculative="ngram")
 DRAFT_LENGTHS = (4, 8)
 """``--num-speculative-tokens`` values compared: the default, and a longer cap."""
 
@@ -156,6 +157,14 @@ def ceiling(prompt_ids: list[int], reply: list[int], cap: int, cost: DraftCost) 
     return (len(reply) - 1) / steps if steps else 1.0
 
 
+def draft_costs(dtype: str) -> tuple[dict[int, DraftCost], torch.dtype]:
+    """What the servers measure a verification step to cost at each draft cap (measured
+    again here, on the model as the engine prepares it), and the model's dtype."""
+    engine = Engine(load_model(ModelConfig(dtype=dtype)), EngineConfig(kv_cache_bytes=16 << 20))
+    model = engine.runner.model
+    return {k: draft_cost.measure(model, k) for k in DRAFT_LENGTHS}, engine.runner.dtype
+
+
 def first_difference(first: list[int], second: list[int]) -> int:
     """The index of the first token where the two differ (or the shorter's length)."""
     return next(
@@ -202,12 +211,8 @@ def main() -> None:
     for k in DRAFT_LENGTHS:
         print(f" | K={k}: {'tok/s':>6} {'speed-up':>9} {'accepted':>9} {'ceiling':>8}", end="")
     print()
-    # What the servers' proposer assumes a verification step costs (default device).
-    device = resolve_device("auto")
-    proposer = draft_proposer(DEFAULT_NGRAM, device, resolve_dtype(args.dtype, device))
-    assert proposer is not None
-    draft_cost = proposer.cost
-    exact = resolve_dtype(args.dtype, device) == torch.float32
+    costs, model_dtype = draft_costs(args.dtype)
+    exact = model_dtype == torch.float32
     differ: list[str] = []
     for name, prompt_ids in workload_prompts.items():
         plain_tokens, plain_rate, _ = results[name]["plain"]
@@ -224,7 +229,7 @@ def main() -> None:
                 )
             drafted, accepted = done.drafted_tokens, done.accepted_tokens
             acceptance = accepted / drafted if drafted else 0.0
-            bound = ceiling(prompt_ids, plain_tokens, k, draft_cost)
+            bound = ceiling(prompt_ids, plain_tokens, k, costs[k])
             print(
                 f" | K={k}: {spec_rate:>6.1f} {spec_rate / plain_rate:>8.2f}x "
                 f"{acceptance:>8.0%} {bound:>7.2f}x",
@@ -234,7 +239,8 @@ def main() -> None:
     print(
         "copied: the share of the reply's tokens that end a 6-gram of the prompt; "
         "accepted: of the drafted tokens; ceiling: an oracle choosing each step's draft "
-        "length, at the device's draft cost"
+        "length, at the draft cost measured here: "
+        + ", ".join(f"K={k}: 1 + {c.switch:.2f} + {c.row:.2f} d" for k, c in costs.items())
     )
     if differ:
         print("greedy outputs differ (16-bit rounding of other shapes):", "; ".join(differ))

@@ -115,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         type=_two_floats,
         default=None,
         help="SWITCH,ROW: a step verifying d drafts costs 1 + SWITCH + ROW*d decode steps "
-        "(default 0.6,0.1 on CPU, 0,0.05 on GPU; 0,0 always drafts the most)",
+        "(default: measured on the model's Linear layers at start-up; 0,0 always drafts "
+        "the most)",
     )
     parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram")
     parser.add_argument("--log-level", default="INFO")

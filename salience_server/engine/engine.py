@@ -96,7 +96,7 @@ class Engine:
             self.max_context,
             pool.block_bytes,
         )
-        proposer = draft_proposer(config, loaded.device, loaded.dtype)
+        proposer = draft_proposer(config, loaded.model)
         self.scheduler = Scheduler(config, self.block_manager, self.evictor, proposer)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.gauges)

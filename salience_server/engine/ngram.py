@@ -8,7 +8,7 @@ Each session keeps its ``NgramIndex`` across calls: for every n-gram (``min_n`` 
 ``max_n`` tokens) that has a following token, where its occurrences end. It grows with
 each committed token and is never rebuilt per step; a rewind only moves its watermark
 back (positions past it are indexed again as tokens come, and every hit is checked
-against the tokens before it is used). Plain Python: no tensors.
+against the tokens before it is used). The index is plain Python: no tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Protocol
 import torch
 
 from salience_server.config import EngineConfig
-from salience_server.engine import cpu_matmul
+from salience_server.engine import draft_cost
+from salience_server.engine.draft_cost import DraftCost
 
 
 @dataclass
@@ -90,27 +91,6 @@ PROBE_EVERY = 16
 notice when a session starts repeating itself."""
 
 
-@dataclass(frozen=True)
-class DraftCost:
-    """What a step verifying d > 0 drafts costs, in decode steps: ``1 + switch + row * d``.
-    On a CPU multiplying in float32 (or emulating 16-bit arithmetic) the first extra row
-    is the dear one (a matrix-vector product becomes a matrix product: measured +0.6 to
-    +0.7 of a step for the default model) and further rows are cheap; on a GPU a step is
-    bound by reading the weights, and rows are nearly free. So they are on a CPU
-    multiplying bfloat16 natively (AMX): the default model's Linear layers took 25 ms
-    for 1 row and 25.4 ms for 5 (float32: 21 and 35 ms)."""
-
-    switch: float
-    row: float
-
-    def steps(self, num_drafts: int) -> float:
-        return 1.0 + (self.switch + self.row * num_drafts if num_drafts else 0.0)
-
-
-CPU_DRAFT_COST = DraftCost(switch=0.6, row=0.1)
-ACCELERATOR_DRAFT_COST = DraftCost(switch=0.0, row=0.05)
-
-
 def best_draft_length(rate: float, cost: DraftCost, max_length: int) -> int:
     """The draft length that maximises expected tokens per unit of step cost: d drafts
     emit 1 + p + ... + p^d tokens on average, at ``cost.steps(d)``."""
@@ -133,7 +113,7 @@ class NgramProposer:
     num_speculative_tokens: int
     min_n: int
     max_n: int
-    cost: DraftCost = ACCELERATOR_DRAFT_COST
+    cost: DraftCost
 
     def propose(self, session: SessionLike, limit: int) -> list[int]:
         """At most ``min(limit, num_speculative_tokens)`` draft tokens for ``session``."""
@@ -148,19 +128,15 @@ class NgramProposer:
         return drafts
 
 
-def draft_proposer(
-    config: EngineConfig, device: torch.device, dtype: torch.dtype
-) -> NgramProposer | None:
-    """The configured proposer (None when speculation is off), with the cost of a
-    verification step for a model in ``dtype`` on ``device``."""
+def draft_proposer(config: EngineConfig, model: torch.nn.Module) -> NgramProposer | None:
+    """The configured proposer (None when speculation is off), with the verification
+    cost ``--speculative-cost`` gives, or else the one measured for ``model``."""
     if config.speculative != "ngram":
         return None
     if config.speculative_cost is not None:
         cost = DraftCost(*config.speculative_cost)
-    elif device.type == "cpu" and not cpu_matmul.prepacks_16_bit(device, dtype):
-        cost = CPU_DRAFT_COST
     else:
-        cost = ACCELERATOR_DRAFT_COST
+        cost = draft_cost.measure(model, config.num_speculative_tokens)
     return NgramProposer(
         config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max, cost
     )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
+
+import pytest
+import torch
 
 from salience_server.engine.ngram import NgramIndex
 
@@ -49,7 +53,9 @@ def test_no_proposal_without_a_recurring_suffix_or_room() -> None:
 
 
 def test_draft_length_maximises_expected_tokens_per_cost() -> None:
-    from salience_server.engine.ngram import CPU_DRAFT_COST, DraftCost, best_draft_length
+    from salience_server.engine.ngram import DraftCost, best_draft_length
+
+    avx2_float32 = DraftCost(0.6, 0.1)  # as measured on an AVX2 CPU in float32
 
     def tokens_per_cost(rate: float, cost: DraftCost, length: int) -> float:
         steps = 1 + (cost.switch + cost.row * length if length else 0)
@@ -62,8 +68,8 @@ def test_draft_length_maximises_expected_tokens_per_cost() -> None:
                 tokens_per_cost(rate, cost, best) >= tokens_per_cost(rate, cost, d)
                 for d in range(7)
             )
-    assert best_draft_length(0.5, CPU_DRAFT_COST, 4) == 0  # drafts cost more than they give
-    assert best_draft_length(0.9, CPU_DRAFT_COST, 4) == 4
+    assert best_draft_length(0.5, avx2_float32, 4) == 0  # drafts cost more than they give
+    assert best_draft_length(0.9, avx2_float32, 4) == 4
     assert best_draft_length(0.9, DraftCost(0, 0.05), 4) == 4
 
 
@@ -80,34 +86,48 @@ def test_acceptance_follows_recent_verifications() -> None:
     assert acceptance.rate < 0.4  # one miss a verification against up to four hits
 
 
-def test_verification_cost_follows_how_the_device_multiplies_extra_rows() -> None:
-    """Extra rows are dear on a CPU multiplying in float32 or emulated 16-bit
-    arithmetic, nearly free on an accelerator or a CPU multiplying bfloat16 natively;
-    ``--speculative-cost`` overrides both."""
-    import torch
+def test_the_verification_cost_is_measured_unless_given(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``--speculative-cost`` the proposer takes the cost measured on the model's
+    Linear layers (decoder and output head); with it, that one, and nothing is timed."""
+    from salience_server.config import EngineConfig, ModelConfig
+    from salience_server.engine import draft_cost
+    from salience_server.engine.draft_cost import DraftCost
+    from salience_server.engine.loader import load_model
+    from salience_server.engine.ngram import draft_proposer
 
-    from salience_server.config import EngineConfig
-    from salience_server.engine import cpu_matmul
-    from salience_server.engine.ngram import (
-        ACCELERATOR_DRAFT_COST,
-        CPU_DRAFT_COST,
-        DraftCost,
-        draft_proposer,
-    )
+    model = load_model(ModelConfig(model=str(tiny_llama_dir))).model
+    assert draft_proposer(EngineConfig(), model) is None
+    timed: list[tuple[int, int]] = []
+    pass_seconds = draft_cost._pass_seconds
 
-    config = EngineConfig(speculative="ngram")
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert draft_proposer(EngineConfig(), cpu, torch.float32) is None
+    def recording(layers: list[torch.nn.Linear], rows: int) -> float:
+        timed.append((len(layers), rows))
+        assert layers[-1] is model.get_output_embeddings()
+        return pass_seconds(layers, rows)
 
-    def cost(device: torch.device, dtype: torch.dtype, config: EngineConfig = config) -> object:
-        proposer = draft_proposer(config, device, dtype)
-        assert proposer is not None
-        return proposer.cost
-
-    assert cost(cpu, torch.float32) == CPU_DRAFT_COST
-    native = cpu_matmul.prepacks_16_bit(cpu, torch.bfloat16)
-    assert cost(cpu, torch.bfloat16) == (ACCELERATOR_DRAFT_COST if native else CPU_DRAFT_COST)
-    assert cost(cuda, torch.bfloat16) == ACCELERATOR_DRAFT_COST
-    assert cost(cuda, torch.float32) == ACCELERATOR_DRAFT_COST
+    monkeypatch.setattr(draft_cost, "_pass_seconds", recording)
+    proposer = draft_proposer(EngineConfig(speculative="ngram", num_speculative_tokens=3), model)
+    assert proposer is not None
+    linears = [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
+    assert timed == [(len(linears) + 1, rows) for rows in (1, 2, 4)]
+    assert proposer.cost.switch >= 0 and proposer.cost.row >= 0
+    timed.clear()
     chosen = EngineConfig(speculative="ngram", speculative_cost=(0.2, 0.3))
-    assert cost(cpu, torch.float32, chosen) == DraftCost(0.2, 0.3)
+    given = draft_proposer(chosen, model)
+    assert given is not None and given.cost == DraftCost(0.2, 0.3) and not timed
+
+
+def test_the_cost_fit_passes_through_the_measured_points() -> None:
+    from salience_server.engine.draft_cost import DraftCost, fit
+
+    # An AVX2 CPU in float32: one draft 1.7 steps, four 2.0.
+    cost = fit({1: 10.0, 2: 17.0, 5: 20.0}, 4)
+    assert abs(cost.steps(1) - 1.7) < 1e-12 and abs(cost.steps(4) - 2.0) < 1e-12
+    # Rows that cost nothing, and a pass that timed faster at more rows (noise).
+    assert fit({1: 10.0, 2: 10.0, 5: 10.0}, 4) == DraftCost(0.0, 0.0)
+    noisy = fit({1: 10.0, 2: 9.5, 5: 14.0}, 4)  # one draft 0.95 steps: no switch
+    assert noisy.switch == 0.0 and abs(noisy.row - 0.15) < 1e-12
+    single = fit({1: 10.0, 2: 12.0}, 1)  # at most one draft: the switch says it all
+    assert abs(single.switch - 0.2) < 1e-12 and single.row == 0.0
