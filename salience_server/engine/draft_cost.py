@@ -46,6 +46,9 @@ def measure(model: torch.nn.Module, max_drafts: int) -> DraftCost:
     """The cost of verifying up to ``max_drafts`` drafts with ``model``, fitted to the
     time its Linear layers take at 1, 2 and ``1 + max_drafts`` rows."""
     layers = _timed_layers(model)
+    if not layers:
+        log.warning("speculation: no Linear layers to time; drafting as if rows were free")
+        return DraftCost(0.0, 0.0)
     start = time.perf_counter()
     seconds = {rows: _pass_seconds(layers, rows) for rows in sorted({1, 2, 1 + max_drafts})}
     cost = fit(seconds, max_drafts)
@@ -86,18 +89,18 @@ def _timed_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
 @torch.inference_mode()
 def _pass_seconds(layers: list[torch.nn.Linear], rows: int) -> float:
     """The best of ``REPEATS`` timed passes over ``layers`` (after one untimed)."""
-    weight = layers[0].weight
+    device = layers[0].weight.device
     inputs = [
-        torch.randn(rows, layer.in_features, dtype=weight.dtype, device=weight.device)
+        torch.randn(rows, layer.in_features, dtype=layer.weight.dtype, device=device)
         for layer in layers
     ]
     best = float("inf")
     for attempt in range(REPEATS + 1):
-        _synchronize(weight.device)
+        _synchronize(device)
         start = time.perf_counter()
         for layer, x in zip(layers, inputs, strict=True):
             layer(x)
-        _synchronize(weight.device)
+        _synchronize(device)
         if attempt:
             best = min(best, time.perf_counter() - start)
     return best

@@ -131,3 +131,16 @@ def test_the_cost_fit_passes_through_the_measured_points() -> None:
     assert noisy.switch == 0.0 and abs(noisy.row - 0.15) < 1e-12
     single = fit({1: 10.0, 2: 12.0}, 1)  # at most one draft: the switch says it all
     assert abs(single.switch - 0.2) < 1e-12 and single.row == 0.0
+
+
+def test_a_model_without_linear_layers_drafts_as_if_rows_were_free() -> None:
+    from salience_server.engine import draft_cost
+
+    class NoLinears(torch.nn.Module):
+        def get_decoder(self) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.ReLU())
+
+        def get_output_embeddings(self) -> None:
+            return None
+
+    assert draft_cost.measure(NoLinears(), 4) == draft_cost.DraftCost(0.0, 0.0)
