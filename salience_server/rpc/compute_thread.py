@@ -13,6 +13,7 @@ engine thread, never run on the event loop or on the executor's reused threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,24 +22,25 @@ T = TypeVar("T")
 
 
 async def in_own_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` in a new thread; returns once that thread has ended."""
+    """``function(*args)`` in a new thread; returns once that thread has ended (raises
+    what it raised as soon as it raised it)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
     def run() -> None:
         try:
-            result = function(*args)
-        except BaseException as error:
-            loop.call_soon_threadsafe(_settle, future, None, error)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            result, error = function(*args), None
+        except BaseException as raised:
+            result, error = None, raised
+        # A loop closed meanwhile (its caller was cancelled and has gone): no one waits.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
     thread = threading.Thread(target=run, name=f"salience-{function.__name__}", daemon=True)
     thread.start()
-    try:
-        return await future
-    finally:
-        await asyncio.to_thread(thread.join)
+    result = await future  # cancelled: the thread finishes on its own, unwaited for
+    await asyncio.to_thread(thread.join)  # it has returned: only its end is awaited
+    return result
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -182,13 +183,34 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    await server.start()
-    if shim is not None:
-        shim.start()
-    await stopping.wait()
-    log.info("stopping")
-    await server.stop()  # the shim's calls in flight drain with the others
-    if shim is not None:
-        await shim.stop()
-    if metrics_server is not None:
-        metrics_server.shutdown()
+    try:
+        if not await _started_unless_stopped(server, stopping):
+            log.info("stopping before the model finished loading")
+            return
+        if shim is not None:
+            shim.start()
+        await stopping.wait()
+        log.info("stopping")
+        await server.stop()  # the shim's calls in flight drain with the others
+        if shim is not None:
+            await shim.stop()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+async def _started_unless_stopped(server: SalienceServer, stopping: asyncio.Event) -> bool:
+    """Starts ``server``; False, with the start abandoned, when ``stopping`` is set
+    first: a signal during a long load or conversion ends the process at once (the
+    loading thread is a daemon, and a conversion only ever renames a finished cache)."""
+    starting = asyncio.ensure_future(server.start())
+    stop_requested = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    stop_requested.cancel()
+    if starting.done():
+        starting.result()  # a model that failed to load raises here
+        return True
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting  # start() stops listening as it is cancelled
+    return False

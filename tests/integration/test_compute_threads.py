@@ -5,11 +5,15 @@ wait (``salience_server.rpc.compute_thread``)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
+from pathlib import Path
 
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
+from salience_server.config import ModelConfig, ServerConfig
 from salience_server.engine.engine import Engine
 from salience_server.rpc import server as server_module
 from salience_server.rpc.compute_thread import in_own_thread
@@ -18,7 +22,7 @@ from tests.helpers import open_session
 from tests.tiny_models import build_tiny_vision_model
 
 
-def test_in_own_thread_returns_or_raises_after_its_thread_ended() -> None:
+def test_in_own_thread_returns_after_its_thread_ended_and_raises_its_error() -> None:
     seen: list[threading.Thread] = []
 
     def work(value: int) -> int:
@@ -32,7 +36,6 @@ def test_in_own_thread_returns_or_raises_after_its_thread_ended() -> None:
         assert not seen[-1].is_alive() and seen[-1] is not threading.current_thread()
         with pytest.raises(ValueError, match="negative"):
             await in_own_thread(work, -1)
-        assert not seen[-1].is_alive()
         assert seen[0] is not seen[1]  # a new thread each time
 
     asyncio.run(main())
@@ -71,3 +74,36 @@ def test_the_model_loads_and_images_encode_on_threads_that_end(
             assert thread is not server.thread  # not the event loop's
     finally:
         server.stop()
+
+
+def test_a_signal_during_a_long_load_stops_the_server_at_once(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the model loads (a first conversion can take minutes) ends
+    ``serve`` without waiting for the load."""
+    loading, release = threading.Event(), threading.Event()
+    load_model = server_module.load_model
+    loaders: list[threading.Thread] = []
+
+    def slow_load(config: ModelConfig) -> object:
+        loaders.append(threading.current_thread())
+        loading.set()
+        release.wait(60)
+        return load_model(config)
+
+    monkeypatch.setattr(server_module, "load_model", slow_load)
+
+    def signal_once_loading() -> None:
+        if loading.wait(60):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_loading, daemon=True).start()
+    config = ServerConfig(port=0, model=ModelConfig(model=str(tiny_llama_dir)))
+    try:
+        asyncio.run(asyncio.wait_for(server_module.serve(config), timeout=30))
+        assert loading.is_set() and not release.is_set()  # the load never finished
+    finally:
+        release.set()
+    (loader,) = loaders
+    loader.join(60)  # it finishes the load on its own, and no one takes the result
+    assert not loader.is_alive()
