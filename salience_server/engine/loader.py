@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ def convert_gguf(gguf_path: Path) -> Path:
     plain.load_state_dict(quantized.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    remove_stale_staging(target.parent)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -129,6 +131,23 @@ def convert_gguf(gguf_path: Path) -> Path:
         raise
     log.info("converted model saved at %s", target)
     return target
+
+
+STAGING_PREFIX = ".converting-"
+STALE_STAGING_S = 3600.0
+"""A staging directory untouched this long was left by a conversion that was killed (a
+signal during loading exits at once); one still in use is younger: conversions take
+seconds to minutes."""
+
+
+def remove_stale_staging(models_dir: Path) -> None:
+    """Removes what killed conversions left in ``models_dir`` (never a finished cache:
+    those are renamed out of staging)."""
+    now = time.time()
+    for path in models_dir.glob(f"{STAGING_PREFIX}*"):
+        if path.is_dir() and now - path.stat().st_mtime > STALE_STAGING_S:
+            log.info("removing %s, left by a conversion that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_model_path(model: str | None) -> tuple[Path, str]:
