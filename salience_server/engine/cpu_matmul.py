@@ -62,14 +62,12 @@ def prepack_linears(model: torch.nn.Module) -> int:
     module keeps the plain one."""
     count = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
         if (
             isinstance(module, torch.nn.Linear)
-            and weight is not None
-            and weight.dtype == torch.bfloat16
-            and not weight.is_mkldnn
+            and module.weight.dtype == torch.bfloat16
+            and not module.weight.is_mkldnn
         ):
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
             module.weight = torch.nn.Parameter(packed, requires_grad=False)
             module.forward = _packed_forward(module)  # type: ignore[method-assign]
             count += 1
