@@ -125,7 +125,9 @@ class SdpaAttentionMetadata:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
         values = _gather(value_cache, seq, self.workspace[1])
-        queries, keys, values = _cast(self.compute_dtype, query[:, :, rows], keys, values)
+        queries = query if seq.query_len == query.shape[2] else query[:, :, rows]
+        if self.compute_dtype is not None:
+            queries, keys, values = _cast(self.compute_dtype, queries, keys, values)
         attended = F.scaled_dot_product_attention(
             queries,
             keys,
@@ -135,7 +137,7 @@ class SdpaAttentionMetadata:
             scale=scaling,
             enable_gqa=True,
         )
-        return attended.to(query.dtype)
+        return attended if attended.dtype == query.dtype else attended.to(query.dtype)
 
     def _masks(
         self, sliding_window: int | None
@@ -308,13 +310,23 @@ def _decode_group(
 
 
 def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size, Hkv, D] -> this sequence's [1, Hkv, context_len, D]."""
-    if seq.first_block is not None:  # consecutive blocks: a view, no copy
-        blocks = cache[seq.first_block : seq.first_block + seq.block_ids.length]
+    """[num_blocks, block_size, Hkv, D] -> this sequence's [1, Hkv, context_len, D]: a
+    view of the pool when its blocks are consecutive, else of ``workspace`` after they
+    are gathered there (one strided view either way: every layer of every step pays
+    each operator's dispatch)."""
+    if seq.first_block is not None:
+        source, first_block = cache, seq.first_block
     else:
         num_blocks = seq.block_ids.length
-        blocks = torch.index_select(cache, 0, seq.block_ids.tensor, out=workspace[:num_blocks])
-    return blocks.flatten(0, 1)[: seq.context_len].transpose(0, 1).unsqueeze(0)
+        torch.index_select(cache, 0, seq.block_ids.tensor, out=workspace[:num_blocks])
+        source, first_block = workspace, 0
+    _, block_size, num_kv_heads, head_dim = source.shape
+    token_stride = num_kv_heads * head_dim
+    return source.as_strided(
+        (1, num_kv_heads, seq.context_len, head_dim),
+        (0, head_dim, token_stride, 1),
+        source.storage_offset() + first_block * block_size * token_stride,
+    )
 
 
 def causal_mask(
