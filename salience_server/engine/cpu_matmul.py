@@ -1,31 +1,62 @@
-"""bfloat16 and float16 matrix products on CPUs, with and without 16-bit units.
+"""How a model's Linear layers multiply on a CPU: three paths, chosen by dtype and CPU.
 
-Without AVX-512 BF16 or AMX, torch's 16-bit GEMM emulates the arithmetic and is several
-times slower than float32 once a product has more than a few rows: on an AVX2 CPU a
-[370, 576] x [576, 1536] bf16 product took 45 ms, against 8.7 ms for the same product
-upcast to float32 (weight conversion included), and the default model's 370-token
-prefill took 5.6 s against 1.2 s. A decode step of a few sequences still gains from
-16-bit weights, which halve the bytes read. So Linear layers keep their 16-bit weights,
-and a product of at least ``MIN_ROWS`` rows runs in float32.
+**oneDNN, weights prepacked** (float32 anywhere oneDNN runs; bfloat16 with AVX-512 BF16
+or AMX): ``F.linear`` goes to MKL, or reorders the weight into oneDNN's blocked layout
+at every call. ``prepack_linears`` reorders each weight once. On an AVX2 CPU (AMD EPYC)
+the default model's decoder Linear layers took 48 ms at one row in float32 through MKL
+and 32 ms prepacked, 85 and 47 ms at eight rows; its output head 14 and 8 ms at one
+row, 36 and 12 ms at eight (and MKL took 1.3x longer for 2 or 3 rows than for 4). With
+AMX in bfloat16: 21 and 14 ms for the decoder at 1 to 16 rows. The float32 sums run in
+another order than MKL's, so products differ from ``F.linear`` in the last bits (about
+1e-6 of their size); with AMX the bfloat16 products were bit-identical.
 
-With AVX-512 BF16 or AMX, oneDNN multiplies bfloat16 natively, but ``F.linear``
-reorders the weight into oneDNN's blocked layout at every call: the default model's
-210 decoder Linear layers took 21 ms per pass at 1 to 16 rows, against 14 ms with the
-weights reordered once (``prepack_linears``; the products are bit-identical).
+**FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units): torch's 16-bit GEMM
+emulates the arithmetic there, and its cost grows with every row: on the AVX2 CPU the
+decoder's bfloat16 Linear layers took 20 ms at one row, 100 ms at five and 270 ms at
+sixteen. FBGEMM's kernel (what torch's dynamic float16 quantization runs) keeps float16
+weights and converts them to float32 inside the kernel (F16C): half the bytes of float32
+at float32's arithmetic, 18, 28 and 61 ms for the same rows, and 630 ms for a 370-row
+prefill against 710 ms in float32 through MKL. A bfloat16 weight whose values all fit
+float16 exactly (those of the default model do) converts without changing a bit, so
+``pack_fp16_linears`` gives such layers that kernel: the product is the float32 product
+of the same bfloat16 values, rounded once to bfloat16.
+
+**Upcast from ``MIN_ROWS`` rows** (16-bit layers FBGEMM cannot take: a value outside
+float16's range or precision, a CPU without FBGEMM): ``upcast_wide_products`` keeps the
+16-bit weight and multiplies products of many rows in float32: a [370, 576] x [576, 1536]
+bf16 product took 45 ms emulated, against 8.7 ms upcast.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 MIN_ROWS = 12
 """From this many rows, the float32 product (with the weight's conversion) is faster.
 Measured on AVX2, with 350 MB of weights streamed as a forward pass streams them
 (ms for all, bf16 against upcast): 1 row 45 / 76, 8 rows 206 / 285, 16 rows 450 / 321,
 64 rows 1832 / 550."""
+
+
+def prepare_linears(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Sets up ``model``'s Linear layers for the path this CPU and ``dtype`` take (see
+    the module's docstring); on other devices, nothing."""
+    if prepacks(device, dtype):
+        count = prepack_linears(model, dtype)
+        log.info("%d Linear layers keep their weights in oneDNN's layout", count)
+    elif emulates_16_bit(device, dtype):
+        packed = pack_fp16_linears(model)
+        if packed:
+            log.info("%d Linear layers multiply float16-held weights in float32", packed)
+        upcast = upcast_wide_products(model)
+        if upcast:
+            log.info("%d Linear layers multiply in float32 from %d rows on", upcast, MIN_ROWS)
 
 
 def has_16_bit_units() -> bool:
@@ -37,25 +68,28 @@ def has_16_bit_units() -> bool:
 
 def emulates_16_bit(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``dtype`` arithmetic on ``device`` is emulated: a 16-bit dtype on a CPU
-    without 16-bit units. Wide products and attention then compute in float32."""
+    without 16-bit units. Products and attention then compute in float32."""
     return (
         device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not has_16_bit_units()
     )
 
 
-def prepacks_16_bit(device: torch.device, dtype: torch.dtype) -> bool:
+def prepacks(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether Linear weights in ``dtype`` on ``device`` are kept in oneDNN's layout:
-    bfloat16 on a CPU with 16-bit units."""
+    float32 wherever oneDNN runs, bfloat16 where the CPU also has 16-bit units."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
     return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
+        dtype == torch.bfloat16
         and has_16_bit_units()
         and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
 
 
-def prepack_linears(model: torch.nn.Module) -> int:
-    """Replaces each bfloat16 Linear weight of ``model`` by the same weight in oneDNN's
+def prepack_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Replaces each ``dtype`` Linear weight of ``model`` by the same weight in oneDNN's
     blocked layout (an opaque tensor of the same shape and dtype), which its forward
     then multiplies by; returns how many layers were changed. A weight tied to another
     module (an output head sharing the embedding) is copied, not moved: the other
@@ -64,7 +98,8 @@ def prepack_linears(model: torch.nn.Module) -> int:
     for module in model.modules():
         if (
             isinstance(module, torch.nn.Linear)
-            and module.weight.dtype == torch.bfloat16
+            and module.weight is not None
+            and module.weight.dtype == dtype
             and not module.weight.is_mkldnn
         ):
             packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
@@ -83,14 +118,59 @@ def _packed_forward(linear: torch.nn.Linear) -> Any:
     return forward
 
 
-def upcast_wide_products(model: torch.nn.Module) -> int:
-    """Makes every Linear of ``model`` multiply in float32 from ``MIN_ROWS`` rows on;
-    returns how many layers were changed."""
+def has_fp16_gemm() -> bool:
+    """Whether torch has FBGEMM's float16-weight GEMM here (x86 with AVX2 or newer)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and (
+        torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    )
+
+
+def pack_fp16_linears(model: torch.nn.Module) -> int:
+    """Gives each 16-bit Linear of ``model`` whose weight float16 holds exactly FBGEMM's
+    float16-weight GEMM, computing in float32 and rounding the result to the input's
+    dtype; returns how many layers were changed. The packed copy replaces the weight,
+    which is dropped (``weight`` becomes None); a weight tied to another module (an
+    output head sharing the embedding) stays with that module."""
+    if not has_fp16_gemm():
+        return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype in (
-            torch.bfloat16,
-            torch.float16,
+        if isinstance(module, torch.nn.Linear) and _fits_float16(module.weight):
+            weight = module.weight.detach().float()
+            bias = module.bias.detach().float() if module.bias is not None else None
+            packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+            module.weight = None  # type: ignore[assignment]
+            module.forward = _fp16_forward(packed)  # type: ignore[method-assign]
+            count += 1
+    return count
+
+
+def _fits_float16(weight: torch.Tensor | None) -> bool:
+    """A 16-bit weight whose every value float16 represents exactly."""
+    if weight is None or weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return weight.dtype == torch.float16 or torch.equal(
+        weight.detach().to(torch.float16).to(weight.dtype), weight.detach()
+    )
+
+
+def _fp16_forward(packed: Any) -> Any:
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        product = torch.ops.quantized.linear_dynamic_fp16(inputs.float(), packed)
+        return product.to(inputs.dtype)
+
+    return forward
+
+
+def upcast_wide_products(model: torch.nn.Module) -> int:
+    """Makes every Linear of ``model`` that still has a 16-bit weight multiply in
+    float32 from ``MIN_ROWS`` rows on; returns how many layers were changed."""
+    count = 0
+    for module in model.modules():
+        if (
+            isinstance(module, torch.nn.Linear)
+            and module.weight is not None
+            and module.weight.dtype in (torch.bfloat16, torch.float16)
         ):
             module.forward = _forward(module)  # type: ignore[method-assign]
             count += 1

@@ -50,7 +50,10 @@ def measure(model: torch.nn.Module, max_drafts: int) -> DraftCost:
         log.warning("speculation: no Linear layers to time; drafting as if rows were free")
         return DraftCost(0.0, 0.0)
     start = time.perf_counter()
-    seconds = {rows: _pass_seconds(layers, rows) for rows in sorted({1, 2, 1 + max_drafts})}
+    embeddings = model.get_input_embeddings().weight  # type: ignore[operator]
+    dtype, device = embeddings.dtype, embeddings.device  # the Linear layers' inputs'
+    rows_timed = sorted({1, 2, 1 + max_drafts})
+    seconds = {rows: _pass_seconds(layers, rows, dtype, device) for rows in rows_timed}
     cost = fit(seconds, max_drafts)
     log.info(
         "speculation: a step verifying d drafts costs 1 + %.2f + %.2f d plain steps "
@@ -76,10 +79,13 @@ def fit(seconds: dict[int, float], max_drafts: int) -> DraftCost:
 def _timed_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
     layers: list[torch.nn.Linear] = []
     num_bytes = 0
+    # A layer's own weight may be packed away (``cpu_matmul``): the embedding's dtype
+    # is the one the model computes in.
+    itemsize = model.get_input_embeddings().weight.dtype.itemsize  # type: ignore[operator]
     for module in model.get_decoder().modules():  # type: ignore[operator]
         if isinstance(module, torch.nn.Linear) and num_bytes < MEASURED_BYTES:
             layers.append(module)
-            num_bytes += module.weight.numel() * module.weight.dtype.itemsize
+            num_bytes += module.in_features * module.out_features * itemsize
     head = model.get_output_embeddings()  # type: ignore[operator]
     if isinstance(head, torch.nn.Linear):
         layers.append(head)
@@ -87,13 +93,11 @@ def _timed_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 
 @torch.inference_mode()
-def _pass_seconds(layers: list[torch.nn.Linear], rows: int) -> float:
+def _pass_seconds(
+    layers: list[torch.nn.Linear], rows: int, dtype: torch.dtype, device: torch.device
+) -> float:
     """The best of ``REPEATS`` timed passes over ``layers`` (after one untimed)."""
-    device = layers[0].weight.device
-    inputs = [
-        torch.randn(rows, layer.in_features, dtype=layer.weight.dtype, device=device)
-        for layer in layers
-    ]
+    inputs = [torch.randn(rows, layer.in_features, dtype=dtype, device=device) for layer in layers]
     best = float("inf")
     for attempt in range(REPEATS + 1):
         _synchronize(device)

@@ -74,16 +74,7 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        if cpu_matmul.emulates_16_bit(self.device, self.dtype):
-            count = cpu_matmul.upcast_wide_products(model)
-            log.info(
-                "%d Linear layers multiply in float32 from %d rows on (no 16-bit units)",
-                count,
-                cpu_matmul.MIN_ROWS,
-            )
-        elif cpu_matmul.prepacks_16_bit(self.device, self.dtype):
-            count = cpu_matmul.prepack_linears(model)
-            log.info("%d Linear layers keep their weights in oneDNN's layout", count)
+        cpu_matmul.prepare_linears(model, self.device, self.dtype)
         self.block_size = block_size
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -182,8 +173,7 @@ class ModelRunner:
             positions = uploads.add([position for axis in axes for position in axis])
         else:
             positions = uploads.add(batch.positions)
-        kept = _pad_rows(batch.logits_rows) if device.type == "cpu" else batch.logits_rows
-        logits_rows = uploads.add(kept)  # [K (+ padding)]
+        logits_rows = uploads.add(batch.logits_rows)  # [K]
         capture_rows = uploads.add(batch.readout_rows if self.readout is not None else [])
         embed_rows = uploads.add(batch.embed_rows)
         uploads.send()
@@ -217,7 +207,7 @@ class ModelRunner:
             readout = self.readout.project(torch.stack(self._captured))  # [R, L, C]
             self._captured = [torch.empty(0)] * len(self.readout.layers)
         return ForwardOutput(
-            logits=output.logits[0, : len(batch.logits_rows)],
+            logits=output.logits[0],
             readout=readout,
             embeddings=embeddings,
         )
@@ -309,12 +299,3 @@ class ModelRunner:
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=self.device)
-
-
-def _pad_rows(rows: list[int]) -> list[int]:
-    """Several logits rows padded to a multiple of 4 with repeats of the last one. The
-    CPU GEMM (MKL) takes up to 2x longer for 4k + 2 or 4k + 3 rows than for the next
-    multiple of 4: the default model's LM head takes 33 ms for 3 rows, 19 ms for 4."""
-    if len(rows) < 2:
-        return rows
-    return rows + [rows[-1]] * (-len(rows) % 4)

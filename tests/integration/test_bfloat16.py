@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from salience_server.engine import cpu_matmul
@@ -13,22 +14,36 @@ BF16_TOLERANCE = 0.05
 8 bits of mantissa, so logits move by about 1e-2 of their size."""
 
 
-def test_bfloat16_logprobs_stay_close_to_float32(tiny_llama_dir) -> None:
+@pytest.mark.parametrize("units", ["this CPU's", "none"])
+def test_bfloat16_logprobs_stay_close_to_float32(
+    tiny_llama_dir, units: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On this CPU as it is, and as a CPU without 16-bit units (where Linear layers take
+    the float16-weight kernel and attention computes in float32), with speculation on
+    (its start-up measurement times the packed layers)."""
+    if units == "none":
+        monkeypatch.setattr(cpu_matmul, "has_16_bit_units", lambda: False)
     token_ids = random_tokens(60, seed=17)
     results = []
     for dtype in ("float32", "bfloat16"):
-        server = start_server(str(tiny_llama_dir), dtype=dtype, block_size=4)
+        server = start_server(str(tiny_llama_dir), dtype=dtype, block_size=4, speculative="ngram")
         try:
-            assert server.engine.runner.dtype == getattr(torch, dtype)
+            runner = server.engine.runner
+            assert runner.dtype == getattr(torch, dtype)
             # Where bf16 arithmetic is emulated, attention and the KV pool are float32.
             emulated = cpu_matmul.emulates_16_bit(torch.device("cpu"), torch.bfloat16)
+            assert emulated or units != "none"
             pool_dtype = torch.float32 if dtype == "float32" or emulated else torch.bfloat16
-            assert server.engine.runner.kv_caches[0][0].dtype == pool_dtype
-            # Where bf16 is native, the Linear weights are kept prepacked for oneDNN.
-            prepacked = dtype == "bfloat16" and cpu_matmul.prepacks_16_bit(
-                torch.device("cpu"), torch.bfloat16
-            )
-            assert server.engine.runner.model.lm_head.weight.is_mkldnn == prepacked
+            assert runner.kv_caches[0][0].dtype == pool_dtype
+            head = runner.model.lm_head.weight
+            cpu = torch.device("cpu")
+            if cpu_matmul.prepacks(cpu, runner.dtype):  # float32; bf16 with 16-bit units
+                assert head.is_mkldnn and head.dtype == runner.dtype
+            elif emulated and cpu_matmul.has_fp16_gemm():  # packed into float16, dropped
+                assert head is None
+            else:
+                assert not head.is_mkldnn and head.dtype == runner.dtype
+            assert runner.model.model.embed_tokens.weight.dtype == runner.dtype  # untied
             tokens, _ = generate(
                 server.stub,
                 open_session(server.stub),
@@ -59,26 +74,30 @@ def test_wide_products_run_in_float32_and_narrow_ones_in_bfloat16() -> None:
     )
 
 
-def test_prepacked_bfloat16_products_equal_plain_ones() -> None:
-    """Where oneDNN multiplies bfloat16, a prepacked Linear gives bit for bit what
-    ``F.linear`` gives on the plain weight, for any number of rows and input layout; a
-    weight tied to an embedding stays plain there. Elsewhere nothing is prepacked."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_products_equal_plain_ones(dtype: torch.dtype) -> None:
+    """Where oneDNN multiplies ``dtype``, a prepacked Linear gives what ``F.linear``
+    gives on the plain weight (bit for bit in bfloat16; float32 sums in another order),
+    for any number of rows and input layout; a weight tied to an embedding stays plain
+    there. Elsewhere nothing is prepacked."""
     torch.manual_seed(0)
-    embedding = torch.nn.Embedding(48, 64).to(torch.bfloat16)
-    head = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    embedding = torch.nn.Embedding(48, 64).to(dtype)
+    head = torch.nn.Linear(64, 48, bias=False).to(dtype)
     head.weight = embedding.weight  # tied, as in the default model
-    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    layer = torch.nn.Linear(64, 32).to(dtype)
+    other = torch.nn.Linear(64, 8).to(torch.float64)  # not the model's dtype: left
     weight, bias, head_weight = layer.weight.detach().clone(), layer.bias, embedding.weight
     head_weight = head_weight.detach().clone()
     cpu = torch.device("cpu")
-    if not cpu_matmul.prepacks_16_bit(cpu, torch.bfloat16):
-        assert not cpu_matmul.prepacks_16_bit(cpu, torch.float32)
-        assert not torch.ops.mkldnn._is_mkldnn_bf16_supported() or not (
-            cpu_matmul.has_16_bit_units()
+    if not cpu_matmul.prepacks(cpu, dtype):
+        assert dtype == torch.bfloat16 or not torch.backends.mkldnn.is_available()
+        assert dtype == torch.float32 or not (
+            torch.ops.mkldnn._is_mkldnn_bf16_supported() and cpu_matmul.has_16_bit_units()
         )
         return
-    assert cpu_matmul.prepack_linears(torch.nn.ModuleList([embedding, head, layer])) == 2
-    assert layer.weight.is_mkldnn and head.weight.is_mkldnn
+    modules = torch.nn.ModuleList([embedding, head, layer, other])
+    assert cpu_matmul.prepack_linears(modules, dtype) == 2
+    assert layer.weight.is_mkldnn and head.weight.is_mkldnn and not other.weight.is_mkldnn
     assert not embedding.weight.is_mkldnn and torch.equal(embedding.weight, head_weight)
     inputs = [
         torch.randn(1, 64),
@@ -86,6 +105,59 @@ def test_prepacked_bfloat16_products_equal_plain_ones() -> None:
         torch.randn(2, 7, 64),
         torch.randn(64, 3).t(),  # not contiguous
     ]
-    for x in (x.to(torch.bfloat16) for x in inputs):
-        assert torch.equal(layer(x), torch.nn.functional.linear(x, weight, bias))
-        assert torch.equal(head(x), torch.nn.functional.linear(x, head_weight))
+    for x in (x.to(dtype) for x in inputs):
+        for got, want in (
+            (layer(x), torch.nn.functional.linear(x, weight, bias)),
+            (head(x), torch.nn.functional.linear(x, head_weight)),
+        ):
+            if dtype == torch.bfloat16:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp16_packed_products_are_float32_products_of_the_same_weights(
+    dtype: torch.dtype,
+) -> None:
+    """A 16-bit Linear whose weight float16 holds exactly multiplies through FBGEMM's
+    float16-weight kernel: the float32 product of the same weights and inputs, rounded
+    once; its own weight is dropped, a tied one stays with its embedding. A weight
+    float16 cannot hold keeps its layer on the upcast path. Where FBGEMM is missing,
+    nothing is packed."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(48, 64).to(dtype)
+    head = torch.nn.Linear(64, 48, bias=False).to(dtype)
+    head.weight = embedding.weight  # tied, as in the default model
+    layer = torch.nn.Linear(64, 32).to(dtype)
+    misfit = torch.nn.Linear(64, 16, bias=False).to(dtype)
+    with torch.no_grad():
+        misfit.weight[0, 0] = 1e-7 if dtype == torch.float16 else 1e6  # beyond float16
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    head_weight = embedding.weight.detach().clone()
+    model = torch.nn.ModuleList([embedding, head, layer, misfit])
+    if not cpu_matmul.has_fp16_gemm():
+        assert cpu_matmul.pack_fp16_linears(model) == 0 and layer.weight is not None
+        return
+    expected = 3 if dtype == torch.float16 else 2  # a float16 weight always fits
+    assert cpu_matmul.pack_fp16_linears(model) == expected
+    assert layer.weight is None and head.weight is None
+    assert torch.equal(embedding.weight, head_weight)
+    assert (misfit.weight is None) == (dtype == torch.float16)
+    assert cpu_matmul.upcast_wide_products(model) == 3 - expected
+    inputs = [
+        torch.randn(1, 64),
+        torch.randn(5, 64),
+        torch.randn(2, 7, 64),
+        torch.randn(64, 3).t(),  # not contiguous
+    ]
+    for x in (x.to(dtype) for x in inputs):
+        for module, w, b in ((layer, weight, bias), (head, head_weight, None)):
+            got = module(x)
+            assert got.dtype == dtype and got.shape == (*x.shape[:-1], w.shape[0])
+            want = torch.nn.functional.linear(
+                x.double(), w.double(), None if b is None else b.double()
+            )
+            # One rounding to 16 bits (8 or 11 significant bits), float32 sums aside.
+            step = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+            assert ((got.double() - want).abs() <= want.abs() * step + 1e-5).all()

@@ -102,10 +102,10 @@ def test_the_verification_cost_is_measured_unless_given(
     timed: list[tuple[int, int]] = []
     pass_seconds = draft_cost._pass_seconds
 
-    def recording(layers: list[torch.nn.Linear], rows: int) -> float:
+    def recording(layers: list[torch.nn.Linear], rows: int, *args: object) -> float:
         timed.append((len(layers), rows))
         assert layers[-1] is model.get_output_embeddings()
-        return pass_seconds(layers, rows)
+        return pass_seconds(layers, rows, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(draft_cost, "_pass_seconds", recording)
     proposer = draft_proposer(EngineConfig(speculative="ngram", num_speculative_tokens=3), model)
@@ -139,6 +139,9 @@ def test_a_model_without_linear_layers_drafts_as_if_rows_were_free() -> None:
     class NoLinears(torch.nn.Module):
         def get_decoder(self) -> torch.nn.Module:
             return torch.nn.Sequential(torch.nn.ReLU())
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return torch.nn.Embedding(8, 4)
 
         def get_output_embeddings(self) -> None:
             return None
