@@ -30,10 +30,12 @@ class InvalidDistribution(ValueError):
 
 
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """[D, V] float32 logits -> the tempered and filtered logits (removed: -inf)."""
+    """[D, V] float32 logits -> the tempered and filtered logits (removed: -inf); the
+    input itself when no row changes it."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    logits = logits / temperature[:, None]
+    if any(p.temperature != 1.0 for p in params):
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        logits = logits / temperature[:, None]
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
         probs = torch.softmax(logits, dim=-1)

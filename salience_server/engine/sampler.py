@@ -83,8 +83,10 @@ def pick_tokens(logits: torch.Tensor, logprobs: torch.Tensor, picks: list[int | 
     result = Picks(token_ids, plain_greedy)
     if drawn:
         draws = [pick for pick in (picks[row] for row in drawn) if isinstance(pick, Draw)]
+        # Every row drawn (a decode step): the logits as they are, not a copy of them.
+        rows = logits.float() if len(drawn) == len(picks) else logits[drawn].float()
         try:
-            token_ids[drawn] = draw_rows(logits[drawn].float(), draws)
+            token_ids[drawn] = draw_rows(rows, draws)
         except Exception:
             for row, one in zip(drawn, draws, strict=True):
                 try:
@@ -149,7 +151,8 @@ def draw_rows(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
         token_ids[greedy] = torch.argmax(logits[greedy], dim=-1)
     sampled = [index for index, d in enumerate(draws) if not d.params.is_greedy]
     if sampled:
-        filtered = filters.filter_logits(logits[sampled], [draws[i].params for i in sampled])
+        rows = logits if len(sampled) == len(draws) else logits[sampled]
+        filtered = filters.filter_logits(rows, [draws[i].params for i in sampled])
         token_ids[sampled] = filters.draw(filtered, [draws[i].generator for i in sampled])
     return token_ids
 
