@@ -80,11 +80,7 @@ def test_prepacked_products_equal_plain_ones(dtype: torch.dtype) -> None:
     gives on the plain weight (bit for bit in bfloat16; float32 sums in another order),
     for any number of rows and input layout; a weight tied to an embedding stays plain
     there. Elsewhere nothing is prepacked."""
-    torch.manual_seed(0)
-    embedding = torch.nn.Embedding(48, 64).to(dtype)
-    head = torch.nn.Linear(64, 48, bias=False).to(dtype)
-    head.weight = embedding.weight  # tied, as in the default model
-    layer = torch.nn.Linear(64, 32).to(dtype)
+    embedding, head, layer = _tied_layers(dtype)
     other = torch.nn.Linear(64, 8).to(torch.float64)  # not the model's dtype: left
     weight, bias, head_weight = layer.weight.detach().clone(), layer.bias, embedding.weight
     head_weight = head_weight.detach().clone()
@@ -99,13 +95,7 @@ def test_prepacked_products_equal_plain_ones(dtype: torch.dtype) -> None:
     assert cpu_matmul.prepack_linears(modules, dtype) == 2
     assert layer.weight.is_mkldnn and head.weight.is_mkldnn and not other.weight.is_mkldnn
     assert not embedding.weight.is_mkldnn and torch.equal(embedding.weight, head_weight)
-    inputs = [
-        torch.randn(1, 64),
-        torch.randn(5, 64),
-        torch.randn(2, 7, 64),
-        torch.randn(64, 3).t(),  # not contiguous
-    ]
-    for x in (x.to(dtype) for x in inputs):
+    for x in _inputs(dtype):
         for got, want in (
             (layer(x), torch.nn.functional.linear(x, weight, bias)),
             (head(x), torch.nn.functional.linear(x, head_weight)),
@@ -125,11 +115,7 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
     once; its own weight is dropped, a tied one stays with its embedding. A weight
     float16 cannot hold keeps its layer on the upcast path. Where FBGEMM is missing,
     nothing is packed."""
-    torch.manual_seed(0)
-    embedding = torch.nn.Embedding(48, 64).to(dtype)
-    head = torch.nn.Linear(64, 48, bias=False).to(dtype)
-    head.weight = embedding.weight  # tied, as in the default model
-    layer = torch.nn.Linear(64, 32).to(dtype)
+    embedding, head, layer = _tied_layers(dtype)
     misfit = torch.nn.Linear(64, 16, bias=False).to(dtype)
     with torch.no_grad():
         misfit.weight[0, 0] = 1e-7 if dtype == torch.float16 else 1e6  # beyond float16
@@ -145,13 +131,7 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
     assert torch.equal(embedding.weight, head_weight)
     assert (misfit.weight is None) == (dtype == torch.float16)
     assert cpu_matmul.upcast_wide_products(model) == 3 - expected
-    inputs = [
-        torch.randn(1, 64),
-        torch.randn(5, 64),
-        torch.randn(2, 7, 64),
-        torch.randn(64, 3).t(),  # not contiguous
-    ]
-    for x in (x.to(dtype) for x in inputs):
+    for x in _inputs(dtype):
         for module, w, b in ((layer, weight, bias), (head, head_weight, None)):
             got = module(x)
             assert got.dtype == dtype and got.shape == (*x.shape[:-1], w.shape[0])
@@ -161,3 +141,18 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
             # One rounding to 16 bits (8 or 11 significant bits), float32 sums aside.
             step = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
             assert ((got.double() - want).abs() <= want.abs() * step + 1e-5).all()
+
+
+def _tied_layers(dtype: torch.dtype) -> tuple[torch.nn.Embedding, torch.nn.Linear, torch.nn.Linear]:
+    """An embedding, an output head tied to it (as in the default model) and a Linear."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(48, 64).to(dtype)
+    head = torch.nn.Linear(64, 48, bias=False).to(dtype)
+    head.weight = embedding.weight
+    return embedding, head, torch.nn.Linear(64, 32).to(dtype)
+
+
+def _inputs(dtype: torch.dtype) -> list[torch.Tensor]:
+    """One row, five rows, a 3-D batch and a non-contiguous input."""
+    inputs = [torch.randn(1, 64), torch.randn(5, 64), torch.randn(2, 7, 64), torch.randn(64, 3).t()]
+    return [x.to(dtype) for x in inputs]
