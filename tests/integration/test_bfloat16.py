@@ -41,6 +41,8 @@ def test_bfloat16_logprobs_stay_close_to_float32(
                 assert head.is_mkldnn and head.dtype == runner.dtype
             elif emulated and cpu_matmul.has_fp16_gemm():  # packed into float16, dropped
                 assert head is None
+                hidden = torch.zeros(1, 1, runner.model.config.hidden_size, dtype=runner.dtype)
+                assert runner.model.lm_head(hidden).dtype == torch.float32  # logits
             else:
                 assert not head.is_mkldnn and head.dtype == runner.dtype
             assert runner.model.model.embed_tokens.weight.dtype == runner.dtype  # untied
@@ -126,7 +128,7 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
         assert cpu_matmul.pack_fp16_linears(model) == 0 and layer.weight is not None
         return
     expected = 3 if dtype == torch.float16 else 2  # a float16 weight always fits
-    assert cpu_matmul.pack_fp16_linears(model) == expected
+    assert cpu_matmul.pack_fp16_linears(model, head) == expected
     assert layer.weight is None and head.weight is None
     assert torch.equal(embedding.weight, head_weight)
     assert (misfit.weight is None) == (dtype == torch.float16)
@@ -134,11 +136,16 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
     for x in _inputs(dtype):
         for module, w, b in ((layer, weight, bias), (head, head_weight, None)):
             got = module(x)
-            assert got.dtype == dtype and got.shape == (*x.shape[:-1], w.shape[0])
+            assert got.shape == (*x.shape[:-1], w.shape[0])
             want = torch.nn.functional.linear(
                 x.double(), w.double(), None if b is None else b.double()
             )
+            if module is head:  # logits stay float32: float32 sums, no rounding
+                assert got.dtype == torch.float32
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+                continue
             # One rounding to 16 bits (8 or 11 significant bits), float32 sums aside.
+            assert got.dtype == dtype
             step = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
             assert ((got.double() - want).abs() <= want.abs() * step + 1e-5).all()
 
