@@ -1,8 +1,8 @@
 """How a model's Linear layers multiply on a CPU: three paths, chosen by dtype and CPU.
 
-**oneDNN, weights prepacked** (float32 anywhere oneDNN runs; bfloat16 with AVX-512 BF16
-or AMX): ``F.linear`` goes to MKL, or reorders the weight into oneDNN's blocked layout
-at every call. ``prepack_linears`` reorders each weight once. On an AVX2 CPU (AMD EPYC)
+**oneDNN, weights prepacked** (float32 on x86 with AVX2 or newer; bfloat16 with
+AVX-512 BF16 or AMX): ``F.linear`` goes to MKL, or reorders the weight into oneDNN's
+blocked layout at every call. ``prepack_linears`` reorders each weight once. On an AVX2 CPU (AMD EPYC)
 the default model's decoder Linear layers took 48 ms at one row in float32 through MKL
 and 32 ms prepacked, 85 and 47 ms at eight rows; its output head 14 and 8 ms at one
 row, 36 and 12 ms at eight (and MKL took 1.3x longer for 2 or 3 rows than for 4). With
@@ -77,11 +77,12 @@ def emulates_16_bit(device: torch.device, dtype: torch.dtype) -> bool:
 
 def prepacks(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether Linear weights in ``dtype`` on ``device`` are kept in oneDNN's layout:
-    float32 wherever oneDNN runs, bfloat16 where the CPU also has 16-bit units."""
+    float32 on x86 CPUs with AVX2 or newer (where it was measured), bfloat16 where the
+    CPU also has 16-bit units."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.float32:
-        return True
+        return _is_x86_avx2()
     return (
         dtype == torch.bfloat16
         and has_16_bit_units()
@@ -121,9 +122,11 @@ def _packed_forward(linear: torch.nn.Linear) -> Any:
 
 def has_fp16_gemm() -> bool:
     """Whether torch has FBGEMM's float16-weight GEMM here (x86 with AVX2 or newer)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines and (
-        torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    )
+    return "fbgemm" in torch.backends.quantized.supported_engines and _is_x86_avx2()
+
+
+def _is_x86_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def pack_fp16_linears(model: torch.nn.Module, head: torch.nn.Module | None = None) -> int:
