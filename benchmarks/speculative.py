@@ -28,8 +28,7 @@ from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.config import EngineConfig, ModelConfig
-from salience_server.engine import draft_cost
-from salience_server.engine.engine import Engine
+from salience_server.engine import cpu_matmul, draft_cost
 from salience_server.engine.loader import load_model
 from salience_server.engine.ngram import DraftCost, NgramIndex
 
@@ -159,10 +158,11 @@ def ceiling(prompt_ids: list[int], reply: list[int], cap: int, cost: DraftCost) 
 
 def draft_costs(dtype: str) -> tuple[dict[int, DraftCost], torch.dtype]:
     """What the servers measure a verification step to cost at each draft cap (measured
-    again here, on the model as the engine prepares it), and the model's dtype."""
-    engine = Engine(load_model(ModelConfig(dtype=dtype)), EngineConfig(kv_cache_bytes=16 << 20))
-    model = engine.runner.model
-    return {k: draft_cost.measure(model, k) for k in DRAFT_LENGTHS}, engine.runner.dtype
+    again here, on the model's Linear layers as the model runner prepares them), and the
+    model's dtype."""
+    loaded = load_model(ModelConfig(dtype=dtype))
+    cpu_matmul.prepare_linears(loaded.model, loaded.device, loaded.dtype)
+    return {k: draft_cost.measure(loaded.model, k) for k in DRAFT_LENGTHS}, loaded.dtype
 
 
 def first_difference(first: list[int], second: list[int]) -> int:

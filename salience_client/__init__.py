@@ -10,7 +10,8 @@ Behind a proxy with several replicas, a session survives the loss of its replica
 from salience_client.aio import AsyncSalienceClient, AsyncSession
 from salience_client.client import DEFAULT_TARGET, SalienceClient
 from salience_client.failover import Failover, FailoverStats
-from salience_client.session import END, GenerateOptions, Session
+from salience_client.generation import END, GenerateOptions
+from salience_client.session import Session
 from salience_client.types import (
     Done,
     Embeddings,

@@ -13,11 +13,7 @@ import grpc
 
 from salience_client.failover import Attempts, StreamProgress
 from salience_client.failover import new_session_id as fresh_session_id
-from salience_client.history import ImageStep
-from salience_client.pb import salience_pb2 as pb
-from salience_client.pb import salience_pb2_grpc
-from salience_client.session import (
-    SYNC_WAIT_S,
+from salience_client.generation import (
     GenerateOptions,
     check_options,
     generate_request,
@@ -25,7 +21,10 @@ from salience_client.session import (
     no_done,
     sum_ranges,
 )
-from salience_client.session_base import SessionBase
+from salience_client.history import ImageStep
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
+from salience_client.session_base import SYNC_WAIT_S, SessionBase
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 _Response = TypeVar("_Response")

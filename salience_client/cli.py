@@ -12,7 +12,8 @@ from typing import Any, TextIO
 import grpc
 
 from salience_client.client import DEFAULT_TARGET, SalienceClient
-from salience_client.session import END, Session
+from salience_client.generation import END
+from salience_client.session import Session
 from salience_client.types import Done, SalienceClientError, TokenEvent
 
 _EXIT_COMMANDS = {"/exit", "/quit"}

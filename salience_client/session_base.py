@@ -28,6 +28,9 @@ from salience_client.history import History, ImageStep, PrefillStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.types import Done, ReadoutManifest, SalienceClientError, TokenEvent
 
+SYNC_WAIT_S = 5.0
+"""How long a re-sync waits for a cancelled call to wind down on the server."""
+
 
 @dataclass(frozen=True)
 class Recovery:

@@ -2,16 +2,17 @@
 
 **oneDNN, weights prepacked** (float32 on x86 with AVX2 or newer; bfloat16 with
 AVX-512 BF16 or AMX): ``F.linear`` goes to MKL, or reorders the weight into oneDNN's
-blocked layout at every call. ``prepack_linears`` reorders each weight once. On an AVX2 CPU (AMD EPYC)
-the default model's decoder Linear layers took 48 ms at one row in float32 through MKL
-and 32 ms prepacked, 85 and 47 ms at eight rows; its output head 14 and 8 ms at one
-row, 36 and 12 ms at eight (and MKL took 1.3x longer for 2 or 3 rows than for 4). With
-AMX in bfloat16: 21 and 14 ms for the decoder at 1 to 16 rows. The float32 sums run in
-another order than MKL's, so products differ from ``F.linear`` in the last bits (about
-1e-6 of their size); with AMX the bfloat16 products were bit-identical.
+blocked layout at every call. ``prepack_linears`` reorders each weight once. On an AVX2
+CPU (AMD EPYC) the default model's decoder Linear layers took 48 ms at one row in
+float32 through MKL and 32 ms prepacked, 85 and 47 ms at eight rows; its output head
+14 and 8 ms at one row, 36 and 12 ms at eight (and MKL took 1.3x longer for 2 or 3 rows
+than for 4). With AMX in bfloat16: 21 and 14 ms for the decoder at 1 to 16 rows. The
+float32 sums run in another order than MKL's, so products differ from ``F.linear`` in
+the last bits (about 1e-6 of their size); with AMX the bfloat16 products were
+bit-identical.
 
-**FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units): torch's 16-bit GEMM
-emulates the arithmetic there, and its cost grows with every row: on the AVX2 CPU the
+**FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units): torch's 16-bit
+GEMM emulates the arithmetic there, and its cost grows with every row: on the AVX2 CPU the
 decoder's bfloat16 Linear layers took 20 ms at one row, 100 ms at five and 270 ms at
 sixteen. FBGEMM's kernel (what torch's dynamic float16 quantization runs) keeps float16
 weights and converts them to float32 inside the kernel (F16C): half the bytes of float32
@@ -134,10 +135,10 @@ def pack_fp16_linears(model: torch.nn.Module, head: torch.nn.Module | None = Non
     float16-weight GEMM, computing in float32 and rounding the result to the input's
     dtype, except for ``head`` (the output head), whose logits stay float32: rounded to
     bfloat16, a logit near 10 moves by up to 0.03, and exact ties between tokens were
-    common; sampling and scoring read float32 anyway, so this costs nothing. Returns how many layers were changed. The
-    packed copy replaces the weight, which is dropped (``weight`` becomes None); a
-    weight tied to another module (an output head sharing the embedding) stays with
-    that module."""
+    common; sampling and scoring read float32 anyway, so this costs nothing. Returns
+    how many layers were changed. The packed copy replaces the weight, which is dropped
+    (``weight`` becomes None); a weight tied to another module (an output head sharing
+    the embedding) stays with that module."""
     if not has_fp16_gemm():
         return 0
     count = 0

@@ -95,9 +95,8 @@ def paged_attention_forward(
     key_cache, value_cache = salience_batch.kv_caches[int(module.layer_idx)]  # type: ignore[arg-type]
     num_kv_heads, head_dim = key_cache.shape[-2:]
     # Write the new tokens' keys and values first: each sequence attends to itself too.
-    # (The pool may keep a wider dtype than the model's: ``model_runner.kv_dtype``.)
-    # (index_copy_ costs two thirds of an indexed assignment, which decoding pays in
-    # every layer.)
+    # The pool may keep a wider dtype than the model's (``model_runner.kv_dtype``), and
+    # index_copy_ costs two thirds of an indexed assignment, paid in every layer.
     slots = salience_batch.slot_mapping
     for cache, new_rows in ((key_cache, key), (value_cache, value)):
         rows = new_rows[0].transpose(0, 1)  # [T, Hkv, D]
