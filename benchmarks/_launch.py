@@ -121,10 +121,11 @@ def transformers_serve(files: ModelFiles, budget: Budget) -> Launch:
     return launch
 
 
-def llama_cpp(files: ModelFiles, budget: Budget, python: str) -> Launch:
-    """llama-cpp-python's server on the GGUF, every core, logits of every position kept
-    (echo + logprobs needs them), and requests queued rather than cut short: by default a
-    new request interrupts the one streaming (``interrupt_requests``)."""
+def llama_cpp(files: ModelFiles, budget: Budget, python: str, logits_all: bool = True) -> Launch:
+    """llama-cpp-python's server on the GGUF, every core, and requests queued rather than
+    cut short: by default a new request interrupts the one streaming
+    (``interrupt_requests``). ``logits_all`` keeps the logits of every position, which
+    echo + logprobs needs and every prompt token then pays the output head for."""
     launch = Launch("llama-cpp", "llama-cpp-python")
     probe = "import llama_cpp, llama_cpp.server; print(llama_cpp.__version__)"
     found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
@@ -140,7 +141,7 @@ def llama_cpp(files: ModelFiles, budget: Budget, python: str) -> Launch:
     launch.command = [python, "-m", "llama_cpp.server", "--model", str(files.gguf)]
     launch.command += ["--host", "127.0.0.1", "--port", str(launch.http_port)]
     launch.command += ["--n_ctx", str(LLAMA_CONTEXT), "--n_threads", threads]
-    launch.command += ["--n_threads_batch", threads, "--logits_all", "true"]
+    launch.command += ["--n_threads_batch", threads, "--logits_all", str(logits_all).lower()]
     launch.command += ["--interrupt_requests", "false", "--verbose", "false"]
     if budget.device == "cuda":
         launch.command += ["--n_gpu_layers", "-1"]

@@ -6,6 +6,10 @@ streamed greedy tokens per turn, through the openai SDK (each turn resends the w
 conversation, as a stateless chat client does; the shim's session pool keeps the KV).
 Two shapes: 1 conversation x 10 turns, and 4 conversations x 8 turns. Baseline: the
 float32 server in the same run; prints each configuration's total time and its ratio.
+Where llama-cpp-python is installed (``pip install -e '.[llama]'``), its OpenAI server on
+the GGUF the model was converted from (SmolLM2's is Q4_1: 98 MB of weights against
+Salience's 538 MB in float32) runs the same turns as a reference, with its default of
+keeping only the last position's logits.
 
     .venv/bin/python -m benchmarks.agent_speed [--quick]
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,11 +64,22 @@ def main() -> None:
     shapes = {"1 x 3": (1, 3), "2 x 2": (2, 2)} if args.quick else SHAPES
     logs = Path(tempfile.mkdtemp(prefix="salience-agent-speed-"))
     totals: dict[tuple[str, str], float] = {}
+    servers: dict[str, tuple[launch.ModelFiles, launch.Launch]] = {}
     for name, (dtype, flags) in CONFIGURATIONS.items():
         files = model_files(None, dtype)
-        texts = Texts(AutoTokenizer.from_pretrained(files.directory))
         server = launch.salience(files, launch.Budget(KV_TOKENS, "cpu", dtype))
         server.command += flags
+        servers[name] = files, server
+    files = model_files(None, "float32")
+    llama = launch.llama_cpp(
+        files, launch.Budget(KV_TOKENS, "cpu", "float32"), sys.executable, False
+    )
+    if llama.unavailable:
+        print(f"[llama-cpp] skipped: {llama.unavailable}", flush=True)
+    else:
+        servers["llama-cpp"] = files, llama
+    for name, (files, server) in servers.items():
+        texts = Texts(AutoTokenizer.from_pretrained(files.directory))
         print(f"[{name}] starting", flush=True)
         with launch.started(server, logs / f"{name}.log", 600) as running:
             for shape, total in asyncio.run(run_shapes(running, texts, shapes, name)).items():
@@ -73,7 +89,7 @@ def main() -> None:
         base = totals["fp32", shape]
         row = ", ".join(
             f"{name} {totals[name, shape]:.1f} s ({totals[name, shape] / base:.2f}x)"
-            for name in CONFIGURATIONS
+            for name in servers
         )
         print(f"{shape}: {row}")
 
