@@ -50,8 +50,11 @@ def measure(model: torch.nn.Module, max_drafts: int) -> DraftCost:
         log.warning("speculation: no Linear layers to time; drafting as if rows were free")
         return DraftCost(0.0, 0.0)
     start = time.perf_counter()
-    embeddings = model.get_input_embeddings().weight  # type: ignore[operator]
-    dtype, device = embeddings.dtype, embeddings.device  # the Linear layers' inputs'
+    # The Linear layers take what the embedding outputs: float32 where 16-bit arithmetic
+    # is emulated (``cpu_matmul.compute_in_float32``), else the model's dtype.
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    device = embedding.weight.device
+    dtype = embedding(torch.zeros(1, dtype=torch.long, device=device)).dtype
     rows_timed = sorted({1, 2, 1 + max_drafts})
     seconds = {rows: _pass_seconds(layers, rows, dtype, device) for rows in rows_timed}
     cost = fit(seconds, max_drafts)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from salience_server.engine import cpu_matmul
 from tests.conftest import start_server
-from tests.helpers import U32_MAX, generate, open_session, random_tokens
+from tests.helpers import U32_MAX, generate, open_session, random_tokens, reference_logprobs
 
 BF16_TOLERANCE = 0.05
 """Largest logprob difference (nats) between bf16 and fp32 on the tiny model: bf16 keeps
@@ -46,6 +47,9 @@ def test_bfloat16_logprobs_stay_close_to_float32(
             else:
                 assert not head.is_mkldnn and head.dtype == runner.dtype
             assert runner.model.model.embed_tokens.weight.dtype == runner.dtype  # untied
+            # Where bf16 is emulated, activations are float32 between layers.
+            norm_dtype = torch.float32 if emulated else runner.dtype
+            assert runner.model.model.norm.weight.dtype == norm_dtype
             tokens, _ = generate(
                 server.stub,
                 open_session(server.stub),
@@ -60,7 +64,42 @@ def test_bfloat16_logprobs_stay_close_to_float32(
     assert (full - half).abs().max().item() > 0  # it really ran in bf16
 
 
+def test_emulated_bfloat16_is_float32_arithmetic_on_bfloat16_weights(
+    tiny_llama_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU without 16-bit units, a bf16 model computes in float32 on its bf16
+    weights: a session's logprobs equal one float32 forward pass of the model with its
+    weights rounded to bf16 (float32 summation order aside), on both of that CPU's
+    Linear paths (the tiny model has layers float16 cannot hold: they multiply these
+    rows in float32 too, being more than ``MIN_ROWS``)."""
+    monkeypatch.setattr(cpu_matmul, "has_16_bit_units", lambda: False)
+    token_ids = random_tokens(40, seed=5)
+    server = start_server(str(tiny_llama_dir), dtype="bfloat16", block_size=4)
+    try:
+        linears = [
+            m for m in server.engine.runner.model.modules() if isinstance(m, torch.nn.Linear)
+        ]
+        if cpu_matmul.has_fp16_gemm():  # both paths are taken
+            assert {linear.weight is None for linear in linears} == {True, False}
+        tokens, _ = generate(
+            server.stub,
+            open_session(server.stub),
+            append_tokens=token_ids,
+            max_tokens=0,
+            logprobs_ranges=[(1, U32_MAX)],
+        )
+    finally:
+        server.stop()
+    got = torch.tensor([t.sampled_logprob for t in tokens])
+    rounded = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).float()
+    reference = reference_logprobs(rounded, token_ids)
+    want = reference[:-1].gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 def test_wide_products_run_in_float32_and_narrow_ones_in_bfloat16() -> None:
+    """The upcast path of 16-bit layers float16 cannot hold, for 16-bit and float32
+    inputs."""
     linear = torch.nn.Linear(64, 32).to(torch.bfloat16)
     reference = torch.nn.Linear(64, 32)
     reference.load_state_dict({k: v.float() for k, v in linear.state_dict().items()})
@@ -74,6 +113,11 @@ def test_wide_products_run_in_float32_and_narrow_ones_in_bfloat16() -> None:
     assert torch.equal(
         linear(narrow), torch.nn.functional.linear(narrow, linear.weight, linear.bias)
     )
+    # float32 activations (``compute_in_float32``): the same products, float32 results,
+    # wide ones not rounded to 16 bits.
+    assert torch.equal(linear(wide.float()), reference(wide.float()))
+    got = linear(narrow.float())
+    assert got.dtype == torch.float32 and torch.equal(got, linear(narrow).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
