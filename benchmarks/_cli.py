@@ -15,8 +15,13 @@ def is_quick(doc: str | None) -> bool:
 def parse_args(doc: str | None, with_dtype: bool = False) -> argparse.Namespace:
     """A benchmark's command line: ``--quick``, and ``--dtype`` (the server's) where
     ``with_dtype``."""
-    parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    return parser(doc, with_dtype).parse_args()
+
+
+def parser(doc: str | None, with_dtype: bool = False) -> argparse.ArgumentParser:
+    """``parse_args``'s parser, for a benchmark that adds options of its own."""
+    parsing = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
+    parsing.add_argument("--quick", action="store_true", help=QUICK_HELP)
     if with_dtype:
-        parser.add_argument("--dtype", default="auto", help="the server's --dtype")
-    return parser.parse_args()
+        parsing.add_argument("--dtype", default="auto", help="the server's --dtype")
+    return parsing

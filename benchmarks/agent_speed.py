@@ -16,13 +16,13 @@ keeping only the last position's logits.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import _cli
 from benchmarks import _launch as launch
 from benchmarks import _openai_workloads as workloads
 from benchmarks._prompts import Texts, make_plan
@@ -56,9 +56,7 @@ async def run_shapes(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 x 3 and 2 x 2 turns")
-    args = parser.parse_args()
+    args = _cli.parse_args(__doc__)
     from transformers import AutoTokenizer
 
     shapes = {"1 x 3": (1, 3), "2 x 2": (2, 2)} if args.quick else SHAPES

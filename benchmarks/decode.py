@@ -7,17 +7,17 @@ in this process (no gRPC), sessions decoding together after a 103-token prompt. 
 ms per step and the ratios: engine ÷ transformers in each dtype, and bf16 ÷ fp32 for
 each.
 
-    .venv/bin/python benchmarks/decode.py [--quick]
+    .venv/bin/python -m benchmarks.decode [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from benchmarks import _cli
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import load_model, resolve_model_path
@@ -86,9 +86,7 @@ def best_of_rounds(decoders: dict[str, object], num_steps: int, rounds: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps: under two minutes")
-    args = parser.parse_args()
+    args = _cli.parse_args(__doc__)
     num_steps, rounds = (8, 2) if args.quick else (16, 4)
     figures: dict[tuple[str, int], tuple[float, float]] = {}
     for batch in (1, 8):

@@ -16,7 +16,6 @@ is printed instead.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import time
@@ -24,6 +23,7 @@ import time
 import grpc
 import torch
 
+from benchmarks import _cli
 from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -174,11 +174,9 @@ def first_difference(first: list[int], second: list[int]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens: a run under 3 min")
+    parser = _cli.parser(__doc__, with_dtype=True)
     parser.add_argument("--max-tokens", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=0, help="alternating runs, best kept")
-    parser.add_argument("--dtype", default="auto", help="the servers' --dtype")
     args = parser.parse_args()
     max_tokens = args.max_tokens or (64 if args.quick else 256)
     rounds = args.rounds or (1 if args.quick else 2)
