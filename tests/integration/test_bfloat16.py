@@ -64,22 +64,27 @@ def test_bfloat16_logprobs_stay_close_to_float32(
     assert (full - half).abs().max().item() > 0  # it really ran in bf16
 
 
-def test_emulated_bfloat16_is_float32_arithmetic_on_bfloat16_weights(
-    tiny_llama_dir, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("model", "dtype"), [("tiny_llama_dir", "bfloat16"), ("tiny_qwen3_dir", "float16")]
+)
+def test_emulated_16_bit_models_are_float32_arithmetic_on_16_bit_weights(
+    model: str, dtype: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a CPU without 16-bit units, a bf16 model computes in float32 on its bf16
-    weights: a session's logprobs equal one float32 forward pass of the model with its
-    weights rounded to bf16 (float32 summation order aside), on both of that CPU's
-    Linear paths (the tiny model has layers float16 cannot hold: they multiply these
-    rows in float32 too, being more than ``MIN_ROWS``)."""
+    """On a CPU without 16-bit units, a bf16 (or fp16) model computes in float32 on its
+    16-bit weights: a session's logprobs equal one float32 forward pass of the model with
+    its weights rounded to that dtype (float32 summation order aside), on both of that
+    CPU's Linear paths (the tiny llama has bf16 layers float16 cannot hold: they multiply
+    these rows in float32 too, being more than ``MIN_ROWS``). Qwen3 adds norms of its
+    queries and keys."""
     monkeypatch.setattr(cpu_matmul, "has_16_bit_units", lambda: False)
+    model_dir = request.getfixturevalue(model)
     token_ids = random_tokens(40, seed=5)
-    server = start_server(str(tiny_llama_dir), dtype="bfloat16", block_size=4)
+    server = start_server(str(model_dir), dtype=dtype, block_size=4)
     try:
         linears = [
             m for m in server.engine.runner.model.modules() if isinstance(m, torch.nn.Linear)
         ]
-        if cpu_matmul.has_fp16_gemm():  # both paths are taken
+        if cpu_matmul.has_fp16_gemm() and dtype == "bfloat16":  # both paths are taken
             assert {linear.weight is None for linear in linears} == {True, False}
         tokens, _ = generate(
             server.stub,
@@ -91,7 +96,8 @@ def test_emulated_bfloat16_is_float32_arithmetic_on_bfloat16_weights(
     finally:
         server.stop()
     got = torch.tensor([t.sampled_logprob for t in tokens])
-    rounded = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).float()
+    rounded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    rounded = rounded.float()
     reference = reference_logprobs(rounded, token_ids)
     want = reference[:-1].gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
