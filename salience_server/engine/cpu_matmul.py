@@ -20,7 +20,8 @@ at float32's arithmetic, 18, 28 and 61 ms for the same rows, and 630 ms for a 37
 prefill against 710 ms in float32 through MKL. A bfloat16 weight whose values all fit
 float16 exactly (those of the default model do) converts without changing a bit, so
 ``pack_fp16_linears`` gives such layers that kernel: the product is the float32 product
-of the same bfloat16 values, rounded once to bfloat16.
+of the same bfloat16 values (rounded once to bfloat16 for a bfloat16 input; the model's
+inputs are float32, below).
 
 **Upcast from ``MIN_ROWS`` rows** (16-bit layers FBGEMM cannot take: a value outside
 float16's range or precision, a CPU without FBGEMM): ``upcast_wide_products`` keeps the
