@@ -38,6 +38,8 @@ class Outcomes:
         Called without the engine's lock: it reads only what the step's busy sessions
         hold, which nothing else changes meanwhile."""
         drafts = {c.request: c.draft_token_ids for c in chunks if c.draft_token_ids}
+        if forward.embeddings is not None:  # pooled under the lock: on the host by then
+            forward.embeddings = forward.embeddings.cpu()
         return outputs.row_results(rows.logits, forward.logits, forward.readout, drafts)
 
     def commit(
