@@ -64,8 +64,7 @@ def prepare_linears(model: torch.nn.Module, device: torch.device, dtype: torch.d
         count = prepack_linears(model, dtype)
         log.info("%d Linear layers keep their weights in oneDNN's layout", count)
     elif emulates_16_bit(device, dtype):
-        head = model.get_output_embeddings()  # type: ignore[operator]
-        packed = pack_fp16_linears(model, head)
+        packed = pack_fp16_linears(model)
         if packed:
             log.info("%d Linear layers multiply float16-held weights in float32", packed)
         upcast = upcast_wide_products(model)
@@ -142,13 +141,10 @@ def _is_x86_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def pack_fp16_linears(model: torch.nn.Module, head: torch.nn.Module | None = None) -> int:
+def pack_fp16_linears(model: torch.nn.Module) -> int:
     """Gives each 16-bit Linear of ``model`` whose weight float16 holds exactly FBGEMM's
-    float16-weight GEMM, computing in float32 and rounding the result to the input's
-    dtype, except for ``head`` (the output head), whose logits stay float32: rounded to
-    bfloat16, a logit near 10 moves by up to 0.03, and exact ties between tokens were
-    common; sampling and scoring read float32 anyway, so this costs nothing. Returns
-    how many layers were changed. The packed copy replaces the weight, which is dropped
+    float16-weight GEMM, computing in float32, the result in the input's dtype (float32
+    in the model: ``compute_in_float32``). Returns how many layers were changed. The packed copy replaces the weight, which is dropped
     (``weight`` becomes None); a weight tied to another module (an output head sharing
     the embedding) stays with that module."""
     if not has_fp16_gemm():
@@ -160,8 +156,7 @@ def pack_fp16_linears(model: torch.nn.Module, head: torch.nn.Module | None = Non
             bias = module.bias.detach().float() if module.bias is not None else None
             packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
             module.weight = None  # type: ignore[assignment]
-            forward = _fp16_forward(packed, keeps_float32=module is head)
-            module.forward = forward  # type: ignore[method-assign]
+            module.forward = _fp16_forward(packed)  # type: ignore[method-assign]
             count += 1
     return count
 
@@ -175,10 +170,9 @@ def _fits_float16(weight: torch.Tensor | None) -> bool:
     )
 
 
-def _fp16_forward(packed: Any, keeps_float32: bool) -> Any:
+def _fp16_forward(packed: Any) -> Any:
     def forward(inputs: torch.Tensor) -> torch.Tensor:
-        product = torch.ops.quantized.linear_dynamic_fp16(inputs.float(), packed)
-        return product if keeps_float32 else product.to(inputs.dtype)
+        return torch.ops.quantized.linear_dynamic_fp16(inputs.float(), packed).to(inputs.dtype)
 
     return forward
 

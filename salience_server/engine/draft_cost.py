@@ -83,7 +83,7 @@ def _timed_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
     layers: list[torch.nn.Linear] = []
     num_bytes = 0
     # A layer's own weight may be packed away (``cpu_matmul``): the embedding's dtype
-    # is the one the model computes in.
+    # is the one its weights are stored in.
     itemsize = model.get_input_embeddings().weight.dtype.itemsize  # type: ignore[operator]
     for module in model.get_decoder().modules():  # type: ignore[operator]
         if isinstance(module, torch.nn.Linear) and num_bytes < MEASURED_BYTES:

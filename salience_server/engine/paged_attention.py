@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from salience_server.config import ATTENTION_BACKENDS
-from salience_server.engine import cpu_matmul, flash_attention
+from salience_server.engine import flash_attention
 from salience_server.engine.sdpa_attention import SdpaBackend
 from salience_server.engine.uploads import Uploads
 
@@ -145,16 +145,9 @@ def select_backend(
             )
         backend = flash
     else:
-        backend = SdpaBackend(
-            block_size, workspace_blocks, device, sdpa_compute_dtype(device, dtype)
-        )
+        backend = SdpaBackend(block_size, workspace_blocks, device)
     log.info("attention: %s", backend.name)
     return backend
-
-
-def sdpa_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-    """float32 where ``dtype`` arithmetic is emulated (see ``SdpaBackend``), else None."""
-    return torch.float32 if cpu_matmul.emulates_16_bit(device, dtype) else None
 
 
 def _flash_kernel(

@@ -66,8 +66,6 @@ class SdpaAttentionMetadata:
     """Reused (keys, values) buffers, each [max_blocks, block_size, Hkv, D], that one
     sequence's context is gathered into: fresh allocations per gather cost page faults
     that made gathering ~9x slower on CPU."""
-    compute_dtype: torch.dtype | None = None
-    """The dtype attention computes in, when not the cache's (see ``SdpaBackend``)."""
     window_masks: dict[int | None, tuple[list[torch.Tensor | None], torch.Tensor | None]] = field(
         default_factory=dict
     )
@@ -104,7 +102,6 @@ class SdpaAttentionMetadata:
                 group_mask,
                 self.workspace,
                 scaling,
-                self.compute_dtype,
             )
         for seq, mask in zip(self.sequences, masks, strict=True):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
@@ -126,8 +123,6 @@ class SdpaAttentionMetadata:
         keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
         values = _gather(value_cache, seq, self.workspace[1])
         queries = query if seq.query_len == query.shape[2] else query[:, :, rows]
-        if self.compute_dtype is not None:
-            queries, keys, values = _cast(self.compute_dtype, queries, keys, values)
         attended = F.scaled_dot_product_attention(
             queries,
             keys,
@@ -159,13 +154,9 @@ class SdpaAttentionMetadata:
 
 class SdpaBackend:
     """torch SDPA over each sequence's gathered blocks; decodes padded into one call.
-
-    ``compute_dtype`` (float32 for a 16-bit model on a CPU without 16-bit units) is the
-    dtype attention computes in: there torch's bfloat16 SDPA emulates the arithmetic and
-    took 0.71 ms for one decode query over 900 cached tokens, against 0.27 ms with the
-    query and context upcast first (4.6 ms against 0.92 ms over 4000 tokens). The pool
-    is then float32 too (``model_runner.kv_dtype``), so only queries and outputs are
-    converted."""
+    It computes in the queries' dtype: float32 for a 16-bit model on a CPU without
+    16-bit units (``cpu_matmul.compute_in_float32``), whose pool is float32 too
+    (``model_runner.kv_dtype``)."""
 
     name = "torch SDPA"
 
@@ -174,12 +165,10 @@ class SdpaBackend:
         block_size: int,
         workspace_blocks: int,
         device: torch.device,
-        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.block_size = block_size
         self.workspace_blocks = workspace_blocks
         self.device = device
-        self.compute_dtype = compute_dtype
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def build_metadata(
@@ -189,7 +178,7 @@ class SdpaBackend:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         uploads: Uploads,
     ) -> SdpaAttentionMetadata:
-        metadata = build_metadata(
+        return build_metadata(
             list(spans),
             slot_mapping,
             kv_caches,
@@ -197,8 +186,6 @@ class SdpaBackend:
             self.block_size,
             uploads,
         )
-        metadata.compute_dtype = self.compute_dtype
-        return metadata
 
     def _workspace_for(
         self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -222,7 +209,6 @@ def _attend_decodes(
     mask: torch.Tensor,
     workspace: tuple[torch.Tensor, torch.Tensor],
     scaling: float | None,
-    compute_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """One SDPA call for every single-token sequence: -> [B, H, D]."""
     rows, block_ids = group.rows.tensor, group.block_ids.tensor
@@ -235,19 +221,10 @@ def _attend_decodes(
 
     keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
     queries = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    queries, keys, values = _cast(compute_dtype, queries, keys, values)
     attended = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
     )
     return attended[:, :, 0].to(query.dtype)
-
-
-def _cast(
-    dtype: torch.dtype | None, *tensors: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(queries, keys, values) in ``dtype`` (unchanged when None)."""
-    queries, keys, values = (t if dtype is None else t.to(dtype) for t in tensors)
-    return queries, keys, values
 
 
 def build_metadata(

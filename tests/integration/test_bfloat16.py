@@ -42,8 +42,10 @@ def test_bfloat16_logprobs_stay_close_to_float32(
                 assert head.is_mkldnn and head.dtype == runner.dtype
             elif emulated and cpu_matmul.has_fp16_gemm():  # packed into float16, dropped
                 assert head is None
-                hidden = torch.zeros(1, 1, runner.model.config.hidden_size, dtype=runner.dtype)
-                assert runner.model.lm_head(hidden).dtype == torch.float32  # logits
+                # The model's activations are float32 there, and so are its logits.
+                embedded = runner.model.model.embed_tokens(torch.tensor([[1]]))
+                assert embedded.dtype == torch.float32
+                assert runner.model.lm_head(embedded).dtype == torch.float32
             else:
                 assert not head.is_mkldnn and head.dtype == runner.dtype
             assert runner.model.model.embed_tokens.weight.dtype == runner.dtype  # untied
@@ -179,7 +181,7 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
         assert cpu_matmul.pack_fp16_linears(model) == 0 and layer.weight is not None
         return
     expected = 3 if dtype == torch.float16 else 2  # a float16 weight always fits
-    assert cpu_matmul.pack_fp16_linears(model, head) == expected
+    assert cpu_matmul.pack_fp16_linears(model) == expected
     assert layer.weight is None and head.weight is None
     assert torch.equal(embedding.weight, head_weight)
     assert (misfit.weight is None) == (dtype == torch.float16)
@@ -191,14 +193,15 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
             want = torch.nn.functional.linear(
                 x.double(), w.double(), None if b is None else b.double()
             )
-            if module is head:  # logits stay float32: float32 sums, no rounding
-                assert got.dtype == torch.float32
-                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-                continue
             # One rounding to 16 bits (8 or 11 significant bits), float32 sums aside.
             assert got.dtype == dtype
             step = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
             assert ((got.double() - want).abs() <= want.abs() * step + 1e-5).all()
+            # float32 inputs (the model's activations, ``compute_in_float32``): float32
+            # results, float32 sums, no rounding.
+            got = module(x.float())
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def _tied_layers(dtype: torch.dtype) -> tuple[torch.nn.Embedding, torch.nn.Linear, torch.nn.Linear]:
