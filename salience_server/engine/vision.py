@@ -88,13 +88,14 @@ class VisionEncoder:
         self.image_processor = image_processor
         self.merge_size = int(model.config.vision_config.spatial_merge_size)
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
 
     @torch.inference_mode()
     def encode(self, image: Image.Image) -> EncodedImage:
         features = self.image_processor(images=[image], return_tensors="pt")
         grid_thw = features["image_grid_thw"].to(self.device)  # [1, 3] in patches
-        pixels = features["pixel_values"].to(self.device, self.dtype)
+        # In the processor's float32: the vision tower casts them to its own dtype, which
+        # is float32 on a CPU that emulates 16-bit arithmetic (``cpu_matmul``).
+        pixels = features["pixel_values"].to(self.device)
         output = self.model.model.get_image_features(pixels, grid_thw)
         embeds = output.pooler_output[0]  # [num_tokens, hidden]
         t, h, w = (int(v) for v in grid_thw[0].tolist())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from salience_server.engine import cpu_matmul
 from tests.conftest import start_server
@@ -102,6 +102,38 @@ def test_emulated_16_bit_models_are_float32_arithmetic_on_16_bit_weights(
     rounded = rounded.float()
     reference = reference_logprobs(rounded, token_ids)
     want = reference[:-1].gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_emulated_bfloat16_image_is_float32_arithmetic_on_bfloat16_weights(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a Qwen2-VL session with an image between text: its logprobs equal a
+    float32 forward pass on the bf16-rounded weights, the image's pixels included (they
+    reach the vision tower unrounded). Every product is made in float32 here
+    (``MIN_ROWS`` 0), as the tiny model has layers float16 cannot hold."""
+    from tests.integration.test_vision import append_pieces, make_image, reference_inputs
+    from tests.tiny_models import build_tiny_vision_model
+
+    monkeypatch.setattr(cpu_matmul, "has_16_bit_units", lambda: False)
+    monkeypatch.setattr(cpu_matmul, "MIN_ROWS", 0)
+    model_dir = build_tiny_vision_model(tmp_path, "qwen2_vl")
+    pieces = [[10, 20, 30], make_image(1), [60, 70, 80, 90]]
+    server = start_server(str(model_dir), dtype="bfloat16", block_size=4, kv_cache_bytes=4 << 20)
+    try:
+        _, events = append_pieces(server, open_session(server.stub), pieces)
+        inputs = reference_inputs(server, pieces)
+    finally:
+        server.stop()
+    rounded = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = rounded.float().eval()(**inputs).logits[0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    token_ids = inputs["input_ids"][0]
+    scored = [e for e in events if e.position > 0]
+    assert len(scored) == 7  # the text tokens after the first, and the vision end
+    got = torch.tensor([e.sampled_logprob for e in scored])
+    want = torch.stack([logprobs[e.position - 1, token_ids[e.position]] for e in scored])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
