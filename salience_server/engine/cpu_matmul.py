@@ -9,7 +9,14 @@ float32 through MKL and 32 ms prepacked, 85 and 47 ms at eight rows; its output 
 than for 4). With AMX in bfloat16: 21 and 14 ms for the decoder at 1 to 16 rows. The
 float32 sums run in another order than MKL's, so products differ from ``F.linear`` in
 the last bits (about 1e-6 of their size); with AMX the bfloat16 products were
-bit-identical.
+bit-identical. MKL's float32 kernels for one or two rows are faster on an Intel Xeon
+(with AMX): 27-31 ms at one row against 36-43 prepacked, 30 against 44-52 at two,
+while prepacked ones win from four rows (44 against 41 ms; 58-64 against 44-46 at
+eight). Where the model's own layers measure so as it starts
+(``plain_products_below``), they keep their plain weights as well, for the products
+narrower than that: twice the memory of those weights, for a decode step 0.8x as
+long. On the EPYC, and for bfloat16 with AMX, the prepacked weights won at every row
+count, and no plain copy is kept.
 
 **FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units): torch's 16-bit
 GEMM emulates the arithmetic there, and its cost grows with every row: on the AVX2 CPU the
@@ -46,6 +53,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from salience_server.engine import layer_timing
+
 log = logging.getLogger(__name__)
 
 _16_BIT = (torch.bfloat16, torch.float16)
@@ -61,8 +70,15 @@ def prepare_linears(model: torch.nn.Module, device: torch.device, dtype: torch.d
     """Sets up ``model``'s Linear layers for the path this CPU and ``dtype`` take (see
     the module's docstring); on other devices, nothing."""
     if prepacks(device, dtype):
-        count = prepack_linears(model, dtype)
+        below = plain_products_below(model, dtype, device)
+        count, kept = prepack_linears(model, dtype, below)
         log.info("%d Linear layers keep their weights in oneDNN's layout", count)
+        if below:
+            log.info(
+                "...and their plain weights for products of fewer than %d rows (%.0f MB more)",
+                below,
+                kept / 2**20,
+            )
     elif emulates_16_bit(device, dtype):
         packed = pack_fp16_linears(model)
         if packed:
@@ -102,13 +118,79 @@ def prepacks(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def prepack_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+PLAIN_ROWS_TIMED = (1, 2, 4)
+"""Row counts at which ``plain_products_below`` times plain weights against prepacked
+ones, in order, until the prepacked ones are as fast."""
+PLAIN_MARGIN = 0.9
+"""Plain weights are kept for a row count only where their pass takes at most this
+share of the prepacked one's: the copy doubles the Linear layers' memory."""
+MIN_TIMED_BYTES = 32 << 20
+"""Smaller models are not timed (nor given plain copies): their weights stay in cache,
+their products take microseconds, and a measurement of them would be noise."""
+
+
+def plain_products_below(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Below how many rows ``model``'s ``dtype`` Linear layers multiply faster on their
+    plain weights (``F.linear``: MKL) than prepacked, timed over the layers a forward
+    pass streams (``layer_timing``) at ``PLAIN_ROWS_TIMED`` rows; 0 where never."""
+    layers = [
+        layer
+        for layer in layer_timing.timed_layers(model)
+        if layer.weight is not None and layer.weight.dtype == dtype and not layer.weight.is_mkldnn
+    ]
+    if sum(layer.weight.numel() * dtype.itemsize for layer in layers) < MIN_TIMED_BYTES:
+        return 0
+    plain = [(_plain_product(layer.weight, layer.bias), layer.in_features) for layer in layers]
+    packed = [
+        (_packed_product(_reorder(layer.weight), layer.bias), layer.in_features) for layer in layers
+    ]
+    seconds: dict[int, tuple[float, float]] = {}
+    for rows in PLAIN_ROWS_TIMED:
+        times = (
+            layer_timing.pass_seconds(plain, rows, dtype, device),
+            layer_timing.pass_seconds(packed, rows, dtype, device),
+        )
+        seconds[rows] = times
+        log.info(
+            "Linear layers at %d rows: %.1f ms a pass on plain weights, %.1f prepacked",
+            rows,
+            times[0] * 1e3,
+            times[1] * 1e3,
+        )
+        if times[0] > PLAIN_MARGIN * times[1]:
+            break
+    return plain_rows_below(seconds)
+
+
+def plain_rows_below(seconds: dict[int, tuple[float, float]]) -> int:
+    """From (plain, prepacked) seconds by row count: the rows below which plain weights
+    are kept, one more than the last of the row counts, taken in order, at which plain
+    ones were faster by ``PLAIN_MARGIN``; 0 when they were not at the first."""
+    below = 0
+    for rows in sorted(seconds):
+        plain, packed = seconds[rows]
+        if plain > PLAIN_MARGIN * packed:
+            break
+        below = rows + 1
+    return below
+
+
+def prepack_linears(
+    model: torch.nn.Module, dtype: torch.dtype, plain_below: int = 0
+) -> tuple[int, int]:
     """Replaces each ``dtype`` Linear weight of ``model`` by the same weight in oneDNN's
     blocked layout (an opaque tensor of the same shape and dtype), which its forward
-    then multiplies by; returns how many layers were changed. A weight tied to another
-    module (an output head sharing the embedding) is copied, not moved: the other
-    module keeps the plain one."""
-    count = 0
+    then multiplies by; products of fewer than ``plain_below`` rows use the plain weight,
+    then kept. Returns how many layers were changed, and the bytes kept in plain weights
+    that no other module holds. A weight tied to another module (an output head sharing
+    the embedding) is copied, not moved: the other module keeps the plain one."""
+    shared = {
+        parameter.data_ptr()
+        for module in model.modules()
+        if not isinstance(module, torch.nn.Linear)
+        for parameter in module.parameters(recurse=False)
+    }
+    count = kept = 0
     for module in model.modules():
         if (
             isinstance(module, torch.nn.Linear)
@@ -116,18 +198,45 @@ def prepack_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
             and module.weight.dtype == dtype
             and not module.weight.is_mkldnn
         ):
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-            module.weight = torch.nn.Parameter(packed, requires_grad=False)
-            module.forward = _packed_forward(module)  # type: ignore[method-assign]
+            weight = module.weight.detach()
+            module.weight = torch.nn.Parameter(_reorder(weight), requires_grad=False)
+            packed = _packed_product(module.weight, module.bias)
+            plain = _plain_product(weight, module.bias) if plain_below > 1 else None
+            module.forward = _packed_forward(packed, plain, plain_below)  # type: ignore[method-assign]
             count += 1
-    return count
+            if plain is not None and weight.data_ptr() not in shared:
+                kept += weight.numel() * weight.element_size()
+    return count, kept
 
 
-def _packed_forward(linear: torch.nn.Linear) -> Any:
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def _plain_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    weight = weight.detach()
+
+    def product(inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, weight, bias)
+
+    return product
+
+
+def _packed_product(packed: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    def product(inputs: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(inputs, packed, bias, "none", [], "")
+
+    return product
+
+
+def _packed_forward(packed: Any, plain: Any, plain_below: int) -> Any:
+    if plain is None:
+        return packed
+
     def forward(inputs: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(
-            inputs, linear.weight, linear.bias, "none", [], ""
-        )
+        if inputs.numel() // inputs.shape[-1] < plain_below:
+            return plain(inputs)
+        return packed(inputs)
 
     return forward
 

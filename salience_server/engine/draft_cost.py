@@ -22,13 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-log = logging.getLogger(__name__)
+from salience_server.engine import layer_timing
 
-MEASURED_BYTES = 512 << 20
-"""The weights timed: the decoder's Linear layers in order up to this many bytes (all
-of a small model), and the output head. Enough to stream from memory rather than cache
-on most machines, as decoding does; little enough to take under a second."""
-REPEATS = 3
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class DraftCost:
 def measure(model: torch.nn.Module, max_drafts: int) -> DraftCost:
     """The cost of verifying up to ``max_drafts`` drafts with ``model``, fitted to the
     time its Linear layers take at 1, 2 and ``1 + max_drafts`` rows."""
-    layers = _timed_layers(model)
+    layers = layer_timing.timed_layers(model)
     if not layers:
         log.warning("speculation: no Linear layers to time; drafting as if rows were free")
         return DraftCost(0.0, 0.0)
@@ -56,7 +52,10 @@ def measure(model: torch.nn.Module, max_drafts: int) -> DraftCost:
     device = embedding.weight.device
     dtype = embedding(torch.zeros(1, dtype=torch.long, device=device)).dtype
     rows_timed = sorted({1, 2, 1 + max_drafts})
-    seconds = {rows: _pass_seconds(layers, rows, dtype, device) for rows in rows_timed}
+    products = [(layer, layer.in_features) for layer in layers]
+    seconds = {
+        rows: layer_timing.pass_seconds(products, rows, dtype, device) for rows in rows_timed
+    }
     cost = fit(seconds, max_drafts)
     log.info(
         "speculation: a step verifying d drafts costs 1 + %.2f + %.2f d plain steps "
@@ -77,42 +76,3 @@ def fit(seconds: dict[int, float], max_drafts: int) -> DraftCost:
     if max_drafts > 1:
         row = max(0.0, (seconds[1 + max_drafts] / seconds[1] - one_draft) / (max_drafts - 1))
     return DraftCost(switch=max(0.0, one_draft - 1.0 - row), row=row)
-
-
-def _timed_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    layers: list[torch.nn.Linear] = []
-    num_bytes = 0
-    # A layer's own weight may be packed away (``cpu_matmul``): the embedding's dtype
-    # is the one its weights are stored in.
-    itemsize = model.get_input_embeddings().weight.dtype.itemsize  # type: ignore[operator]
-    for module in model.get_decoder().modules():  # type: ignore[operator]
-        if isinstance(module, torch.nn.Linear) and num_bytes < MEASURED_BYTES:
-            layers.append(module)
-            num_bytes += module.in_features * module.out_features * itemsize
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    if isinstance(head, torch.nn.Linear):
-        layers.append(head)
-    return layers
-
-
-@torch.inference_mode()
-def _pass_seconds(
-    layers: list[torch.nn.Linear], rows: int, dtype: torch.dtype, device: torch.device
-) -> float:
-    """The best of ``REPEATS`` timed passes over ``layers`` (after one untimed)."""
-    inputs = [torch.randn(rows, layer.in_features, dtype=dtype, device=device) for layer in layers]
-    best = float("inf")
-    for attempt in range(REPEATS + 1):
-        _synchronize(device)
-        start = time.perf_counter()
-        for layer, x in zip(layers, inputs, strict=True):
-            layer(x)
-        _synchronize(device)
-        if attempt:
-            best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

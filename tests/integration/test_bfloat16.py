@@ -8,7 +8,14 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from salience_server.engine import cpu_matmul
 from tests.conftest import start_server
-from tests.helpers import U32_MAX, generate, open_session, random_tokens, reference_logprobs
+from tests.helpers import (
+    U32_MAX,
+    generate,
+    open_session,
+    random_tokens,
+    reference_greedy,
+    reference_logprobs,
+)
 
 BF16_TOLERANCE = 0.05
 """Largest logprob difference (nats) between bf16 and fp32 on the tiny model: bf16 keeps
@@ -160,12 +167,15 @@ def test_wide_products_run_in_float32_and_narrow_ones_in_bfloat16() -> None:
     assert got.dtype == torch.float32 and torch.equal(got, linear(narrow).float())
 
 
+@pytest.mark.parametrize("plain_below", [0, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_products_equal_plain_ones(dtype: torch.dtype) -> None:
+def test_prepacked_products_equal_plain_ones(dtype: torch.dtype, plain_below: int) -> None:
     """Where oneDNN multiplies ``dtype``, a prepacked Linear gives what ``F.linear``
     gives on the plain weight (bit for bit in bfloat16; float32 sums in another order),
     for any number of rows and input layout; a weight tied to an embedding stays plain
-    there. Elsewhere nothing is prepacked."""
+    there. Products of fewer than ``plain_below`` rows multiply the plain weight, kept
+    (for the tied head, the embedding's: no bytes more). Elsewhere nothing is
+    prepacked."""
     embedding, head, layer = _tied_layers(dtype)
     other = torch.nn.Linear(64, 8).to(torch.float64)  # not the model's dtype: left
     weight, bias, head_weight = layer.weight.detach().clone(), layer.bias, embedding.weight
@@ -179,18 +189,119 @@ def test_prepacked_products_equal_plain_ones(dtype: torch.dtype) -> None:
         )
         return
     modules = torch.nn.ModuleList([embedding, head, layer, other])
-    assert cpu_matmul.prepack_linears(modules, dtype) == 2
+    count, kept = cpu_matmul.prepack_linears(modules, dtype, plain_below)
+    assert count == 2 and kept == (weight.numel() * dtype.itemsize if plain_below else 0)
     assert layer.weight.is_mkldnn and head.weight.is_mkldnn and not other.weight.is_mkldnn
     assert not embedding.weight.is_mkldnn and torch.equal(embedding.weight, head_weight)
     for x in _inputs(dtype):
+        narrow = x.numel() // x.shape[-1] < plain_below
         for got, want in (
             (layer(x), torch.nn.functional.linear(x, weight, bias)),
             (head(x), torch.nn.functional.linear(x, head_weight)),
         ):
-            if dtype == torch.bfloat16:
+            if dtype == torch.bfloat16 or narrow:
                 assert torch.equal(got, want)
             else:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_narrow_products_multiply_the_plain_weight_and_wide_ones_the_prepacked() -> None:
+    """Which weight each product reads: zeroing the kept plain weight (the layer's own,
+    not a copy) changes the products of fewer than ``plain_below`` rows only."""
+    cpu = torch.device("cpu")
+    if not cpu_matmul.prepacks(cpu, torch.float32):
+        x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        assert not (torch.backends.mkldnn.is_available() and x86)
+        return
+    _, _, layer = _tied_layers(torch.float32)
+    plain = layer.weight.detach()
+    cpu_matmul.prepack_linears(torch.nn.Sequential(layer), torch.float32, plain_below=3)
+    inputs = {rows: torch.randn(rows, 64) for rows in (1, 2, 3, 8)}
+    before = {rows: layer(x) for rows, x in inputs.items()}
+    plain.zero_()
+    for rows, x in inputs.items():
+        if rows < 3:
+            assert torch.equal(layer(x), layer.bias.expand(rows, -1))
+        else:
+            assert torch.equal(layer(x), before[rows])
+
+
+def test_plain_weights_are_kept_below_the_first_rows_they_do_not_win() -> None:
+    """The rule over measured (plain, prepacked) pass times: rows are taken in order,
+    and plain weights must win by ``PLAIN_MARGIN`` to be kept."""
+    below = cpu_matmul.plain_rows_below
+    # float32 on a Xeon with AMX, in ms: MKL's kernels win at 1 and 2 rows.
+    assert below({1: (27.0, 35.6), 2: (30.0, 52.1), 4: (43.9, 40.5)}) == 3
+    assert below({1: (48.0, 32.0)}) == 0  # float32 on an AVX2 EPYC: never
+    assert below({1: (9.5, 10.0)}) == 0  # within the margin: not worth the memory
+    assert below({1: (1.0, 2.0), 2: (3.0, 2.0), 4: (1.0, 2.0)}) == 2  # in order
+    assert below({rows: (1.0, 2.0) for rows in (1, 2, 4)}) == 5
+
+
+def test_plain_weights_are_timed_against_prepacked_ones_on_models_worth_it(
+    tiny_llama_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``plain_products_below`` times both kinds of product over the layers a forward
+    streams, row counts in order until plain ones stop winning, and leaves the model's
+    weights as they were; a model under ``MIN_TIMED_BYTES`` is not timed."""
+    from salience_server.engine import layer_timing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    cpu = torch.device("cpu")
+    timed: list[tuple[int, int]] = []
+
+    def fake_pass(products: list[tuple[object, int]], rows: int, *args: object) -> float:
+        x = torch.randn(rows, products[0][1])
+        products[0][0](x)  # type: ignore[operator]
+        timed.append((len(products), rows))
+        plain = len(timed) % 2 == 1  # plain products are timed first
+        return {1: 1.0, 2: 1.0}[rows] if plain else 2.0 if rows == 1 else 1.0
+
+    monkeypatch.setattr(layer_timing, "pass_seconds", fake_pass)
+    assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 0
+    assert not timed  # a few kilobytes of weights
+    monkeypatch.setattr(cpu_matmul, "MIN_TIMED_BYTES", 0)
+    assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 2
+    layers = len(layer_timing.timed_layers(model))
+    assert timed == [(layers, 1), (layers, 1), (layers, 2), (layers, 2)]
+    assert not any(m.weight.is_mkldnn for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
+    tiny_llama_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With plain weights for one-row products (the decode steps) and prepacked ones for
+    wider ones (the prompt), greedy decoding equals transformers' and every logprob one
+    forward pass over the whole sequence."""
+    if not cpu_matmul.prepacks(torch.device("cpu"), torch.float32):
+        x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        assert not (torch.backends.mkldnn.is_available() and x86)
+        return
+    monkeypatch.setattr(cpu_matmul, "plain_products_below", lambda *args: 2)
+    prompt = random_tokens(20, seed=8)
+    server = start_server(str(tiny_llama_dir), dtype="float32", block_size=4)
+    try:
+        layer = server.engine.runner.model.model.layers[0].mlp.up_proj
+        assert layer.weight.is_mkldnn and layer.forward.__name__ == "forward"  # dispatching
+        tokens, _ = generate(
+            server.stub,
+            open_session(server.stub),
+            append_tokens=prompt,
+            max_tokens=8,
+            ignore_eos=True,
+            logprobs_ranges=[(1, U32_MAX)],
+        )
+    finally:
+        server.stop()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    decoded = [t.id for t in tokens if not t.is_prefill]
+    assert decoded == reference_greedy(model, prompt, 8)
+    sequence = prompt + decoded
+    assert [t.position for t in tokens] == list(range(1, len(sequence)))
+    reference = reference_logprobs(model, sequence)
+    want = reference[:-1].gather(1, torch.tensor(sequence[1:])[:, None])[:, 0]
+    got = torch.tensor([t.sampled_logprob for t in tokens])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -92,7 +92,7 @@ def test_the_verification_cost_is_measured_unless_given(
     """Without ``--speculative-cost`` the proposer takes the cost measured on the model's
     Linear layers (decoder and output head); with it, that one, and nothing is timed."""
     from salience_server.config import EngineConfig, ModelConfig
-    from salience_server.engine import draft_cost
+    from salience_server.engine import layer_timing
     from salience_server.engine.draft_cost import DraftCost
     from salience_server.engine.loader import load_model
     from salience_server.engine.ngram import draft_proposer
@@ -100,14 +100,14 @@ def test_the_verification_cost_is_measured_unless_given(
     model = load_model(ModelConfig(model=str(tiny_llama_dir))).model
     assert draft_proposer(EngineConfig(), model) is None
     timed: list[tuple[int, int]] = []
-    pass_seconds = draft_cost._pass_seconds
+    pass_seconds = layer_timing.pass_seconds
 
-    def recording(layers: list[torch.nn.Linear], rows: int, *args: object) -> float:
-        timed.append((len(layers), rows))
-        assert layers[-1] is model.get_output_embeddings()
-        return pass_seconds(layers, rows, *args)  # type: ignore[arg-type]
+    def recording(products: list[tuple[torch.nn.Linear, int]], rows: int, *args: object) -> float:
+        timed.append((len(products), rows))
+        assert products[-1][0] is model.get_output_embeddings()
+        return pass_seconds(products, rows, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(draft_cost, "_pass_seconds", recording)
+    monkeypatch.setattr(layer_timing, "pass_seconds", recording)
     proposer = draft_proposer(EngineConfig(speculative="ngram", num_speculative_tokens=3), model)
     assert proposer is not None
     linears = [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
