@@ -166,6 +166,11 @@ def started(launch: Launch, log_path: Path, timeout_s: float) -> Iterator[Runnin
             grpc_target = f"127.0.0.1:{launch.grpc_port}" if launch.grpc_port else None
             elapsed = time.perf_counter() - start
             yield Running(launch, process.pid, base_url, model, grpc_target, elapsed)
+        except Exception as error:
+            if process.poll() is not None:  # the server died under the workload
+                code = process.returncode
+                error.add_note(f"{launch.name} exited (code {code}); its log:\n{tail(log_path)}")
+            raise
         finally:
             stop(process)
 

@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from benchmarks import _cli
@@ -76,20 +77,30 @@ def main() -> None:
         print(f"[llama-cpp] skipped: {llama.unavailable}", flush=True)
     else:
         servers["llama-cpp"] = files, llama
+    failed: dict[str, str] = {}
     for name, (files, server) in servers.items():
         texts = Texts(AutoTokenizer.from_pretrained(files.directory))
         print(f"[{name}] starting", flush=True)
-        with launch.started(server, logs / f"{name}.log", 600) as running:
-            for shape, total in asyncio.run(run_shapes(running, texts, shapes, name)).items():
-                totals[name, shape] = total
+        try:
+            with launch.started(server, logs / f"{name}.log", 600) as running:
+                for shape, total in asyncio.run(run_shapes(running, texts, shapes, name)).items():
+                    totals[name, shape] = total
+        except Exception as error:  # one server failing does not lose the others' figures
+            failed[name] = "".join(traceback.format_exception_only(error)).strip()
+            print(f"[{name}] failed: {failed[name]}", flush=True)
     print()
     for shape in shapes:
-        base = totals["fp32", shape]
-        row = ", ".join(
-            f"{name} {totals[name, shape]:.1f} s ({totals[name, shape] / base:.2f}x)"
-            for name in servers
-        )
-        print(f"{shape}: {row}")
+        base = totals.get(("fp32", shape))
+        cells = []
+        for name in servers:
+            total = totals.get((name, shape))
+            if total is None:
+                cells.append(f"{name} failed")
+            else:
+                cells.append(f"{name} {total:.1f} s" + (f" ({total / base:.2f}x)" if base else ""))
+        print(f"{shape}: {', '.join(cells)}")
+    for name, reason in failed.items():
+        print(f"{name} failed: {reason.splitlines()[0]} (server log: {logs / f'{name}.log'})")
 
 
 if __name__ == "__main__":
