@@ -209,3 +209,34 @@ def test_speculation_under_memory_pressure_and_preemption(tiny_llama_dir, server
         _same(a, b)
     assert tight.engine.scheduler.num_preemptions > 0
     assert tight.engine.metrics.accepted_tokens._value.get() > 0
+
+
+def test_greedy_speculation_is_exact_where_one_row_products_take_plain_weights(
+    tiny_llama_dir, server_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where one-row products multiply plain weights (float32 on a CPU whose MKL kernels
+    win them: ``cpu_matmul.plain_products_below``) and a verification step's rows the
+    prepacked ones, greedy speculation still equals decoding without it."""
+    import torch
+
+    from salience_server.engine import cpu_matmul
+
+    monkeypatch.setattr(cpu_matmul, "plain_products_below", lambda *args: 2)
+    options = dict(block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, dtype="float32")
+    plain = server_factory(tiny_llama_dir, **options)
+    speculating = server_factory(
+        tiny_llama_dir, speculative="ngram", speculative_cost=(0.0, 0.0), **options
+    )
+    if cpu_matmul.prepacks(torch.device("cpu"), torch.float32):  # else: F.linear throughout
+        layer = speculating.engine.runner.model.model.layers[0].self_attn.q_proj
+        assert layer.weight.is_mkldnn and layer.forward.__name__ == "forward"  # dispatching
+    want, _, got, got_done = _both(
+        (plain, speculating),
+        PROMPT,
+        max_tokens=60,
+        ignore_eos=True,
+        logprobs_ranges=[(0, U32_MAX)],
+        logprob_top_k=3,
+    )
+    _same(got, want)
+    assert got_done.accepted_tokens > 10
