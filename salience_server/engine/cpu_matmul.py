@@ -14,8 +14,8 @@ bit-identical. MKL's float32 kernels for one or two rows are faster on an Intel 
 while prepacked ones win from four rows (44 against 41 ms; 58-64 against 44-46 at
 eight). Where the model's own layers measure so as it starts
 (``plain_products_below``), they keep their plain weights as well, for the products
-narrower than that: twice the memory of those weights, for a decode step 0.8x as
-long. On the EPYC, and for bfloat16 with AMX, the prepacked weights won at every row
+narrower than that: twice the memory of those weights (kept only where that fits in
+a quarter of the memory available), for a decode step 0.8x as long. On the EPYC, and for bfloat16 with AMX, the prepacked weights won at every row
 count, and no plain copy is kept.
 
 **FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units): torch's 16-bit
@@ -48,6 +48,7 @@ the float32 model's than transformers' bfloat16 forward is.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -127,6 +128,9 @@ share of the prepacked one's: the copy doubles the Linear layers' memory."""
 MIN_TIMED_BYTES = 32 << 20
 """Smaller models are not timed (nor given plain copies): their weights stay in cache,
 their products take microseconds, and a measurement of them would be noise."""
+PLAIN_MEMORY_SHARE = 0.25
+"""Plain weights are kept only where they take at most this share of the memory
+available as the model loads (the KV pool and the host tier come after them)."""
 
 
 def plain_products_below(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
@@ -139,6 +143,15 @@ def plain_products_below(model: torch.nn.Module, dtype: torch.dtype, device: tor
         if layer.weight is not None and layer.weight.dtype == dtype and not layer.weight.is_mkldnn
     ]
     if sum(layer.weight.numel() * dtype.itemsize for layer in layers) < MIN_TIMED_BYTES:
+        return 0
+    needed, available = _plain_bytes(model, dtype), available_memory()
+    if needed > PLAIN_MEMORY_SHARE * available:
+        log.info(
+            "Linear layers: no plain weights beside the prepacked ones (%.0f MB, with %.0f MB "
+            "of memory available)",
+            needed / 2**20,
+            available / 2**20,
+        )
         return 0
     plain = [(_plain_product(layer.weight, layer.bias), layer.in_features) for layer in layers]
     packed = [
@@ -184,12 +197,7 @@ def prepack_linears(
     then kept. Returns how many layers were changed, and the bytes kept in plain weights
     that no other module holds. A weight tied to another module (an output head sharing
     the embedding) is copied, not moved: the other module keeps the plain one."""
-    shared = {
-        parameter.data_ptr()
-        for module in model.modules()
-        if not isinstance(module, torch.nn.Linear)
-        for parameter in module.parameters(recurse=False)
-    }
+    shared = _shared_pointers(model)
     count = kept = 0
     for module in model.modules():
         if (
@@ -207,6 +215,43 @@ def prepack_linears(
             if plain is not None and weight.data_ptr() not in shared:
                 kept += weight.numel() * weight.element_size()
     return count, kept
+
+
+def _shared_pointers(model: torch.nn.Module) -> set[int]:
+    """Where the parameters of modules other than Linear layers (embeddings) start."""
+    return {
+        parameter.data_ptr()
+        for module in model.modules()
+        if not isinstance(module, torch.nn.Linear)
+        for parameter in module.parameters(recurse=False)
+    }
+
+
+def _plain_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """What keeping the plain ``dtype`` Linear weights beside prepacked ones costs: those
+    no other module holds."""
+    shared = _shared_pointers(model)
+    return sum(
+        module.weight.numel() * module.weight.element_size()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear)
+        and module.weight is not None
+        and module.weight.dtype == dtype
+        and not module.weight.is_mkldnn
+        and module.weight.data_ptr() not in shared
+    )
+
+
+def available_memory() -> int:
+    """Bytes of host memory available now (Linux's MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:

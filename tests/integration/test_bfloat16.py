@@ -243,7 +243,9 @@ def test_plain_weights_are_timed_against_prepacked_ones_on_models_worth_it(
 ) -> None:
     """``plain_products_below`` times both kinds of product over the layers a forward
     streams, row counts in order until plain ones stop winning, and leaves the model's
-    weights as they were; a model under ``MIN_TIMED_BYTES`` is not timed."""
+    weights as they were; a model under ``MIN_TIMED_BYTES`` is not timed, nor one whose
+    plain weights would take more than ``PLAIN_MEMORY_SHARE`` of the memory available
+    (a tied output head's weight costs nothing more)."""
     from salience_server.engine import layer_timing
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -264,7 +266,18 @@ def test_plain_weights_are_timed_against_prepacked_ones_on_models_worth_it(
     assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 2
     layers = len(layer_timing.timed_layers(model))
     assert timed == [(layers, 1), (layers, 1), (layers, 2), (layers, 2)]
-    assert not any(m.weight.is_mkldnn for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not any(m.weight.is_mkldnn for m in linears)
+    plain_bytes = sum(m.weight.numel() * 4 for m in linears)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight.data_ptr() == embedding.weight.data_ptr():
+        plain_bytes -= head.weight.numel() * 4
+    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: 4 * plain_bytes)
+    assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 2
+    timed.clear()
+    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: 4 * plain_bytes - 1)
+    assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 0
+    assert not timed
 
 
 def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
