@@ -2,15 +2,16 @@
 sampled rows cost more than greedy ones?
 
 Runs 1, 4, 8 and 16 sessions decoding at once (48 tokens each, short distinct prompts)
-against one server on the default model, greedy, then sampling at temperature 1.0
-unseeded, then seeded, and prints aggregate decode tokens per second for each as a
-ratio to 1 session of the same kind (the baseline), and each sampled figure against
-the greedy one. Aim: >= 5x at 8 sessions, sampled as fast as greedy.
+against one server on the default model, at each level greedy, sampling at
+temperature 1.0 unseeded, and seeded, side by side, and prints aggregate decode tokens
+per second for each (the best of two rounds) as a ratio to 1 session of the same kind
+(the baseline), and each sampled figure against the greedy one. Aim: >= 5x at 8 sessions, sampled as fast as
+greedy.
 
 Also prints what the frontend adds to each token: the mean time from the end of the
 engine step that decoded it to its event being written to the client's stream (the
 server's ``salience_token_delivery_seconds``), against the mean step time.
-``--quick``: 1 and 4 sessions, 16 tokens each; ``--dtype``: the server's (default: its own).
+``--quick``: 1 and 4 sessions, 16 tokens each, one round; ``--dtype``: the server's (default: its own).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from salience_server.engine.loader import resolve_model_path
 
 NUM_TOKENS = 48
 LEVELS = (1, 4, 8, 16)
+ROUNDS = 2
 QUICK_TOKENS = 16
 QUICK_LEVELS = (1, 4)
 
@@ -73,17 +75,20 @@ async def decode_together(
 
 
 async def measure(
-    target: str, prompts: list[list[int]], levels: tuple[int, ...], num_tokens: int
+    target: str, prompts: list[list[int]], levels: tuple[int, ...], num_tokens: int, rounds: int
 ) -> dict[str, dict[int, float]]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = salience_pb2_grpc.SalienceStub(channel)
         await decode_together(stub, prompts[:2], num_tokens)  # warm-up
         rates: dict[str, dict[int, float]] = {mode: {} for mode in MODES}
         # Modes side by side at each level, so that the machine's drift between runs
-        # weighs on the sampled / greedy ratios as little as it can.
+        # weighs on the sampled / greedy ratios as little as it can; the best of
+        # ``ROUNDS`` rounds, as a run of a few seconds can lose a fifth to a neighbour.
         for n in levels:
-            for mode, sampling in MODES.items():
-                rates[mode][n] = await decode_together(stub, prompts[:n], num_tokens, sampling)
+            for _ in range(rounds):
+                for mode, sampling in MODES.items():
+                    rate = await decode_together(stub, prompts[:n], num_tokens, sampling)
+                    rates[mode][n] = max(rate, rates[mode].get(n, 0.0))
         return rates
 
 
@@ -102,7 +107,7 @@ def main() -> None:
     ]
     metrics_port = free_port()
     with running_server("--metrics-port", str(metrics_port), "--dtype", args.dtype) as target:
-        rates = asyncio.run(measure(target, prompts, levels, num_tokens))
+        rates = asyncio.run(measure(target, prompts, levels, num_tokens, 1 if quick else ROUNDS))
         delivery_s = mean_delivery_s(metrics_port)
     for mode, by_level in rates.items():
         for n, rate in by_level.items():
