@@ -208,10 +208,7 @@ def test_prepacked_products_equal_plain_ones(dtype: torch.dtype, plain_below: in
 def test_narrow_products_multiply_the_plain_weight_and_wide_ones_the_prepacked() -> None:
     """Which weight each product reads: zeroing the kept plain weight (the layer's own,
     not a copy) changes the products of fewer than ``plain_below`` rows only."""
-    cpu = torch.device("cpu")
-    if not cpu_matmul.prepacks(cpu, torch.float32):
-        x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-        assert not (torch.backends.mkldnn.is_available() and x86)
+    if not _float32_prepacks():
         return
     _, _, layer = _tied_layers(torch.float32)
     plain = layer.weight.detach()
@@ -248,6 +245,8 @@ def test_plain_weights_are_timed_against_prepacked_ones_on_models_worth_it(
     (a tied output head's weight costs nothing more)."""
     from salience_server.engine import layer_timing
 
+    if not _float32_prepacks():
+        return
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     cpu = torch.device("cpu")
     timed: list[tuple[int, int]] = []
@@ -286,9 +285,7 @@ def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
     """With plain weights for one-row products (the decode steps) and prepacked ones for
     wider ones (the prompt), greedy decoding equals transformers' and every logprob one
     forward pass over the whole sequence."""
-    if not cpu_matmul.prepacks(torch.device("cpu"), torch.float32):
-        x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-        assert not (torch.backends.mkldnn.is_available() and x86)
+    if not _float32_prepacks():
         return
     monkeypatch.setattr(cpu_matmul, "plain_products_below", lambda *args: 2)
     prompt = random_tokens(20, seed=8)
@@ -358,6 +355,16 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
             got = module(x.float())
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _float32_prepacks() -> bool:
+    """Whether float32 Linear weights are prepacked here; where not, because this is no
+    x86 CPU with AVX2 or newer, or torch was built without oneDNN."""
+    if cpu_matmul.prepacks(torch.device("cpu"), torch.float32):
+        return True
+    x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert not (torch.backends.mkldnn.is_available() and x86)
+    return False
 
 
 def _tied_layers(dtype: torch.dtype) -> tuple[torch.nn.Embedding, torch.nn.Linear, torch.nn.Linear]:
