@@ -5,13 +5,14 @@ Runs 1, 4, 8 and 16 sessions decoding at once (48 tokens each, short distinct pr
 against one server on the default model, at each level greedy, sampling at
 temperature 1.0 unseeded, and seeded, side by side, and prints aggregate decode tokens
 per second for each (the best of two rounds) as a ratio to 1 session of the same kind
-(the baseline), and each sampled figure against the greedy one. Aim: >= 5x at 8 sessions, sampled as fast as
-greedy.
+(the baseline), and each sampled figure against the greedy one. Aim: >= 5x at 8
+sessions, sampled as fast as greedy.
 
 Also prints what the frontend adds to each token: the mean time from the end of the
 engine step that decoded it to its event being written to the client's stream (the
 server's ``salience_token_delivery_seconds``), against the mean step time.
-``--quick``: 1 and 4 sessions, 16 tokens each, one round; ``--dtype``: the server's (default: its own).
+``--quick``: 1 and 4 sessions, 16 tokens each, one round; ``--dtype``: the server's
+(default: its own).
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ while prepacked ones win from four rows (44 against 41 ms; 58-64 against 44-46 a
 eight). Where the model's own layers measure so as it starts
 (``plain_products_below``), they keep their plain weights as well, for the products
 narrower than that: twice the memory of those weights (kept only where that fits in
-a quarter of the memory available), for a decode step 0.8x as long. On the EPYC, and for bfloat16 with AMX, the prepacked weights won at every row
-count, and no plain copy is kept.
+a quarter of the memory available), for a decode step 0.8x as long. On the EPYC, and
+for bfloat16 with AMX, the prepacked weights won at every row count, and no plain copy
+is kept.
 
 **FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units): torch's 16-bit
 GEMM emulates the arithmetic there, and its cost grows with every row: on the AVX2 CPU the
@@ -72,7 +73,8 @@ def prepare_linears(model: torch.nn.Module, device: torch.device, dtype: torch.d
     the module's docstring); on other devices, nothing."""
     if prepacks(device, dtype):
         below = plain_products_below(model, dtype, device)
-        count, kept = prepack_linears(model, dtype, below)
+        kept = plain_bytes(model, dtype) if below else 0
+        count = prepack_linears(model, dtype, below)
         log.info("%d Linear layers keep their weights in oneDNN's layout", count)
         if below:
             log.info(
@@ -144,7 +146,7 @@ def plain_products_below(model: torch.nn.Module, dtype: torch.dtype, device: tor
     ]
     if sum(layer.weight.numel() * dtype.itemsize for layer in layers) < MIN_TIMED_BYTES:
         return 0
-    needed, available = _plain_bytes(model, dtype), available_memory()
+    needed, available = plain_bytes(model, dtype), available_memory()
     if needed > PLAIN_MEMORY_SHARE * available:
         log.info(
             "Linear layers: no plain weights beside the prepacked ones (%.0f MB, with %.0f MB "
@@ -188,17 +190,13 @@ def plain_rows_below(seconds: dict[int, tuple[float, float]]) -> int:
     return below
 
 
-def prepack_linears(
-    model: torch.nn.Module, dtype: torch.dtype, plain_below: int = 0
-) -> tuple[int, int]:
+def prepack_linears(model: torch.nn.Module, dtype: torch.dtype, plain_below: int = 0) -> int:
     """Replaces each ``dtype`` Linear weight of ``model`` by the same weight in oneDNN's
     blocked layout (an opaque tensor of the same shape and dtype), which its forward
     then multiplies by; products of fewer than ``plain_below`` rows use the plain weight,
-    then kept. Returns how many layers were changed, and the bytes kept in plain weights
-    that no other module holds. A weight tied to another module (an output head sharing
+    then kept (``plain_bytes`` more). Returns how many layers were changed. A weight tied to another module (an output head sharing
     the embedding) is copied, not moved: the other module keeps the plain one."""
-    shared = _shared_pointers(model)
-    count = kept = 0
+    count = 0
     for module in model.modules():
         if (
             isinstance(module, torch.nn.Linear)
@@ -212,25 +210,18 @@ def prepack_linears(
             plain = _plain_product(weight, module.bias) if plain_below > 1 else None
             module.forward = _packed_forward(packed, plain, plain_below)  # type: ignore[method-assign]
             count += 1
-            if plain is not None and weight.data_ptr() not in shared:
-                kept += weight.numel() * weight.element_size()
-    return count, kept
+    return count
 
 
-def _shared_pointers(model: torch.nn.Module) -> set[int]:
-    """Where the parameters of modules other than Linear layers (embeddings) start."""
-    return {
+def plain_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """What keeping the plain ``dtype`` Linear weights beside prepacked ones costs: those
+    no other module holds (a tied output head's is the embedding's)."""
+    shared = {
         parameter.data_ptr()
         for module in model.modules()
         if not isinstance(module, torch.nn.Linear)
         for parameter in module.parameters(recurse=False)
     }
-
-
-def _plain_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """What keeping the plain ``dtype`` Linear weights beside prepacked ones costs: those
-    no other module holds."""
-    shared = _shared_pointers(model)
     return sum(
         module.weight.numel() * module.weight.element_size()
         for module in model.modules()
@@ -252,6 +243,11 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rows(inputs: torch.Tensor) -> int:
+    """How many rows a product of ``inputs`` multiplies (all dimensions but the last)."""
+    return inputs.numel() // inputs.shape[-1]
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -279,7 +275,7 @@ def _packed_forward(packed: Any, plain: Any, plain_below: int) -> Any:
         return packed
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
-        if inputs.numel() // inputs.shape[-1] < plain_below:
+        if _rows(inputs) < plain_below:
             return plain(inputs)
         return packed(inputs)
 
@@ -350,7 +346,7 @@ def _forward(linear: torch.nn.Linear) -> Any:
     def forward(inputs: torch.Tensor) -> torch.Tensor:
         """In the weight's dtype below ``MIN_ROWS`` rows, else in float32; the result in
         the inputs' dtype (float32 ones: see ``compute_in_float32``)."""
-        if inputs.numel() // inputs.shape[-1] < MIN_ROWS:
+        if _rows(inputs) < MIN_ROWS:
             weight = linear.weight
             product = F.linear(inputs.to(weight.dtype), weight, linear.bias)
             return product.to(inputs.dtype)

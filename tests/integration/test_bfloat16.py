@@ -189,8 +189,9 @@ def test_prepacked_products_equal_plain_ones(dtype: torch.dtype, plain_below: in
         )
         return
     modules = torch.nn.ModuleList([embedding, head, layer, other])
-    count, kept = cpu_matmul.prepack_linears(modules, dtype, plain_below)
-    assert count == 2 and kept == (weight.numel() * dtype.itemsize if plain_below else 0)
+    # The untied layer's plain weight costs its bytes; the tied head's is the embedding.
+    assert cpu_matmul.plain_bytes(modules, dtype) == weight.numel() * dtype.itemsize
+    assert cpu_matmul.prepack_linears(modules, dtype, plain_below) == 2
     assert layer.weight.is_mkldnn and head.weight.is_mkldnn and not other.weight.is_mkldnn
     assert not embedding.weight.is_mkldnn and torch.equal(embedding.weight, head_weight)
     for x in _inputs(dtype):
