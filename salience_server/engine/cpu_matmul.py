@@ -12,14 +12,18 @@ the last bits (about 1e-6 of their size); with AMX the bfloat16 products were
 bit-identical. MKL's float32 kernels for one or two rows are faster on an Intel Xeon
 (with AMX): 27-31 ms at one row against 36-43 prepacked, 30 against 44-52 at two,
 while prepacked ones win from four rows (44 against 41 ms; 58-64 against 44-46 at
-eight). Where the model's own layers measure so as it starts
-(``plain_products_below``), they keep their plain weights as well, for the products
-narrower than that: twice the memory of those weights (kept only where that fits in
-a quarter of the memory available), for a decode step 0.8x as long. On the EPYC, and
-for bfloat16 with AMX, the prepacked weights won at every row count, and no plain copy
-is kept.
+eight). In bfloat16 on an AMD EPYC with AVX-512 BF16 but no AMX, oneDNN's kernels took
+23-24 ms at one row, 21-22 at four and 19-24 at eight, where FBGEMM's float16-weight
+GEMM (below) took 12-16, 14-17 and 19-25 ms on the same values. Where the model's own
+layers measure so as it starts (``narrow_products_below``), they keep a second copy for
+the products narrower than that (``narrow_product``): the plain float32 weights for
+MKL, float16 ones for FBGEMM. It doubles the memory of those weights (kept only where
+that fits in a quarter of the memory available), for a float32 decode step 0.8x as long
+on the Xeon. On the AVX2 EPYC, and for bfloat16 with AMX, the prepacked weights won at
+every row count, and no copy is kept.
 
-**FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units): torch's 16-bit
+**FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units; narrow bfloat16
+products beside oneDNN's, above, where it is faster): torch's 16-bit
 GEMM emulates the arithmetic there, and its cost grows with every row: on the AVX2 CPU the
 decoder's bfloat16 Linear layers took 20 ms at one row, 100 ms at five and 270 ms at
 sixteen. FBGEMM's kernel (what torch's dynamic float16 quantization runs) keeps float16
@@ -72,13 +76,14 @@ def prepare_linears(model: torch.nn.Module, device: torch.device, dtype: torch.d
     """Sets up ``model``'s Linear layers for the path this CPU and ``dtype`` take (see
     the module's docstring); on other devices, nothing."""
     if prepacks(device, dtype):
-        below = plain_products_below(model, dtype, device)
-        kept = plain_bytes(model, dtype) if below else 0
+        below = narrow_products_below(model, dtype, device)
+        kept = narrow_bytes(model, dtype) if below else 0
         count = prepack_linears(model, dtype, below)
         log.info("%d Linear layers keep their weights in oneDNN's layout", count)
         if below:
             log.info(
-                "...and their plain weights for products of fewer than %d rows (%.0f MB more)",
+                "...and %s for products of fewer than %d rows (%.0f MB more)",
+                NARROW_KERNELS[dtype],
                 below,
                 kept / 2**20,
             )
@@ -121,24 +126,45 @@ def prepacks(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-PLAIN_ROWS_TIMED = (1, 2, 4)
-"""Row counts at which ``plain_products_below`` times plain weights against prepacked
-ones, in order, until the prepacked ones are as fast."""
-PLAIN_MARGIN = 0.9
-"""Plain weights are kept for a row count only where their pass takes at most this
-share of the prepacked one's: the copy doubles the Linear layers' memory."""
+NARROW_KERNELS = {
+    torch.float32: "their plain weights (MKL)",
+    torch.bfloat16: "float16 copies of their weights (FBGEMM)",
+}
+"""What a prepacked layer may keep beside its oneDNN weight for products of few rows
+(``narrow_product``), by dtype, as the log names it."""
+NARROW_ROWS_TIMED = (1, 2, 4)
+"""Row counts at which ``narrow_products_below`` times the narrow kernel against the
+prepacked one, in order, until the prepacked one is as fast."""
+NARROW_MARGIN = 0.9
+"""The narrow kernel is kept for a row count only where its pass takes at most this
+share of the prepacked one's: its copy of the weights costs memory."""
 MIN_TIMED_BYTES = 32 << 20
-"""Smaller models are not timed (nor given plain copies): their weights stay in cache,
+"""Smaller models are not timed (nor given narrow copies): their weights stay in cache,
 their products take microseconds, and a measurement of them would be noise."""
-PLAIN_MEMORY_SHARE = 0.25
-"""Plain weights are kept only where they take at most this share of the memory
+NARROW_MEMORY_SHARE = 0.25
+"""Narrow copies are kept only where they take at most this share of the memory
 available as the model loads (the KV pool and the host tier come after them)."""
 
 
-def plain_products_below(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-    """Below how many rows ``model``'s ``dtype`` Linear layers multiply faster on their
-    plain weights (``F.linear``: MKL) than prepacked, timed over the layers a forward
-    pass streams (``layer_timing``) at ``PLAIN_ROWS_TIMED`` rows; 0 where never."""
+def narrow_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Any | None:
+    """The product that may beat the prepacked one on few rows, on its own copy of
+    ``weight``: for float32, ``F.linear`` (MKL) on the plain weight; for bfloat16,
+    FBGEMM's float16-weight GEMM where float16 holds every value of the weight (the
+    float32 product of the same values, rounded once to bfloat16, as oneDNN's is); None
+    where there is none."""
+    if weight.dtype == torch.float32:
+        return _plain_product(weight, bias)
+    if weight.dtype == torch.bfloat16 and has_fp16_gemm() and _fits_float16(weight):
+        weight = weight.detach().float()
+        wide_bias = bias.detach().float() if bias is not None else None
+        return _fp16_forward(torch.ops.quantized.linear_prepack_fp16(weight, wide_bias))
+    return None
+
+
+def narrow_products_below(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Below how many rows ``model``'s ``dtype`` Linear layers multiply faster by their
+    ``narrow_product`` than prepacked, timed over the layers a forward pass streams
+    (``layer_timing``) at ``NARROW_ROWS_TIMED`` rows; 0 where never."""
     layers = [
         layer
         for layer in layer_timing.timed_layers(model)
@@ -146,56 +172,61 @@ def plain_products_below(model: torch.nn.Module, dtype: torch.dtype, device: tor
     ]
     if sum(layer.weight.numel() * dtype.itemsize for layer in layers) < MIN_TIMED_BYTES:
         return 0
-    needed, available = plain_bytes(model, dtype), available_memory()
-    if needed > PLAIN_MEMORY_SHARE * available:
+    needed, available = narrow_bytes(model, dtype), available_memory()
+    if needed > NARROW_MEMORY_SHARE * available:
         log.info(
-            "Linear layers: no plain weights beside the prepacked ones (%.0f MB, with %.0f MB "
-            "of memory available)",
+            "Linear layers: no narrow copies beside the prepacked weights (%.0f MB, with "
+            "%.0f MB of memory available)",
             needed / 2**20,
             available / 2**20,
         )
         return 0
-    plain = [(_plain_product(layer.weight, layer.bias), layer.in_features) for layer in layers]
     packed = [
         (_packed_product(_reorder(layer.weight), layer.bias), layer.in_features) for layer in layers
     ]
+    narrow = [
+        (narrow_product(layer.weight, layer.bias) or product, width)
+        for layer, (product, width) in zip(layers, packed, strict=True)
+    ]
     seconds: dict[int, tuple[float, float]] = {}
-    for rows in PLAIN_ROWS_TIMED:
+    for rows in NARROW_ROWS_TIMED:
         times = (
-            layer_timing.pass_seconds(plain, rows, dtype, device),
+            layer_timing.pass_seconds(narrow, rows, dtype, device),
             layer_timing.pass_seconds(packed, rows, dtype, device),
         )
         seconds[rows] = times
         log.info(
-            "Linear layers at %d rows: %.1f ms a pass on plain weights, %.1f prepacked",
+            "Linear layers at %d rows: %.1f ms a pass by %s, %.1f prepacked",
             rows,
             times[0] * 1e3,
+            NARROW_KERNELS.get(dtype, "narrow copies"),
             times[1] * 1e3,
         )
-        if times[0] > PLAIN_MARGIN * times[1]:
+        if times[0] > NARROW_MARGIN * times[1]:
             break
-    return plain_rows_below(seconds)
+    return narrow_rows_below(seconds)
 
 
-def plain_rows_below(seconds: dict[int, tuple[float, float]]) -> int:
-    """From (plain, prepacked) seconds by row count: the rows below which plain weights
-    are kept, one more than the last of the row counts, taken in order, at which plain
-    ones were faster by ``PLAIN_MARGIN``; 0 when they were not at the first."""
+def narrow_rows_below(seconds: dict[int, tuple[float, float]]) -> int:
+    """From (narrow, prepacked) seconds by row count: the rows below which narrow copies
+    are kept, one more than the last of the row counts, taken in order, at which the
+    narrow kernel was faster by ``NARROW_MARGIN``; 0 when it was not at the first."""
     below = 0
     for rows in sorted(seconds):
-        plain, packed = seconds[rows]
-        if plain > PLAIN_MARGIN * packed:
+        narrow, packed = seconds[rows]
+        if narrow > NARROW_MARGIN * packed:
             break
         below = rows + 1
     return below
 
 
-def prepack_linears(model: torch.nn.Module, dtype: torch.dtype, plain_below: int = 0) -> int:
+def prepack_linears(model: torch.nn.Module, dtype: torch.dtype, narrow_below: int = 0) -> int:
     """Replaces each ``dtype`` Linear weight of ``model`` by the same weight in oneDNN's
     blocked layout (an opaque tensor of the same shape and dtype), which its forward
-    then multiplies by; products of fewer than ``plain_below`` rows use the plain weight,
-    then kept (``plain_bytes`` more). Returns how many layers were changed. A weight tied to another module (an output head sharing
-    the embedding) is copied, not moved: the other module keeps the plain one."""
+    then multiplies by; products of fewer than ``narrow_below`` rows take the layer's
+    ``narrow_product``, where it has one (``narrow_bytes`` more). Returns how many layers
+    were changed. A weight tied to another module (an output head sharing the
+    embedding) is copied, not moved: the other module keeps the plain one."""
     count = 0
     for module in model.modules():
         if (
@@ -207,15 +238,16 @@ def prepack_linears(model: torch.nn.Module, dtype: torch.dtype, plain_below: int
             weight = module.weight.detach()
             module.weight = torch.nn.Parameter(_reorder(weight), requires_grad=False)
             packed = _packed_product(module.weight, module.bias)
-            plain = _plain_product(weight, module.bias) if plain_below > 1 else None
-            module.forward = _packed_forward(packed, plain, plain_below)  # type: ignore[method-assign]
+            narrow = narrow_product(weight, module.bias) if narrow_below > 1 else None
+            module.forward = _packed_forward(packed, narrow, narrow_below)  # type: ignore[method-assign]
             count += 1
     return count
 
 
-def plain_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """What keeping the plain ``dtype`` Linear weights beside prepacked ones costs: those
-    no other module holds (a tied output head's is the embedding's)."""
+def narrow_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """What the narrow copies of ``model``'s ``dtype`` Linear weights cost beside the
+    prepacked ones, at most: in float32 the plain weights, but for those another module
+    holds (a tied output head's is the embedding's); in bfloat16 a float16 copy of each."""
     shared = {
         parameter.data_ptr()
         for module in model.modules()
@@ -229,7 +261,7 @@ def plain_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
         and module.weight is not None
         and module.weight.dtype == dtype
         and not module.weight.is_mkldnn
-        and module.weight.data_ptr() not in shared
+        and (dtype != torch.float32 or module.weight.data_ptr() not in shared)
     )
 
 
@@ -270,13 +302,13 @@ def _packed_product(packed: torch.Tensor, bias: torch.Tensor | None) -> Any:
     return product
 
 
-def _packed_forward(packed: Any, plain: Any, plain_below: int) -> Any:
-    if plain is None:
+def _packed_forward(packed: Any, narrow: Any | None, narrow_below: int) -> Any:
+    if narrow is None:
         return packed
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
-        if _rows(inputs) < plain_below:
-            return plain(inputs)
+        if _rows(inputs) < narrow_below:
+            return narrow(inputs)
         return packed(inputs)
 
     return forward

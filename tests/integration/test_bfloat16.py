@@ -167,15 +167,16 @@ def test_wide_products_run_in_float32_and_narrow_ones_in_bfloat16() -> None:
     assert got.dtype == torch.float32 and torch.equal(got, linear(narrow).float())
 
 
-@pytest.mark.parametrize("plain_below", [0, 4])
+@pytest.mark.parametrize("narrow_below", [0, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_products_equal_plain_ones(dtype: torch.dtype, plain_below: int) -> None:
+def test_prepacked_products_equal_plain_ones(dtype: torch.dtype, narrow_below: int) -> None:
     """Where oneDNN multiplies ``dtype``, a prepacked Linear gives what ``F.linear``
     gives on the plain weight (bit for bit in bfloat16; float32 sums in another order),
     for any number of rows and input layout; a weight tied to an embedding stays plain
-    there. Products of fewer than ``plain_below`` rows multiply the plain weight, kept
-    (for the tied head, the embedding's: no bytes more). Elsewhere nothing is
-    prepacked."""
+    there. Products of fewer than ``narrow_below`` rows take the narrow kernel on its
+    own copy: in float32 the plain weight, kept (for the tied head, the embedding's: no
+    bytes more); in bfloat16 FBGEMM's on a float16 copy (every weight's), the float32
+    product rounded once. Elsewhere nothing is prepacked."""
     embedding, head, layer = _tied_layers(dtype)
     other = torch.nn.Linear(64, 8).to(torch.float64)  # not the model's dtype: left
     weight, bias, head_weight = layer.weight.detach().clone(), layer.bias, embedding.weight
@@ -189,18 +190,24 @@ def test_prepacked_products_equal_plain_ones(dtype: torch.dtype, plain_below: in
         )
         return
     modules = torch.nn.ModuleList([embedding, head, layer, other])
-    # The untied layer's plain weight costs its bytes; the tied head's is the embedding.
-    assert cpu_matmul.plain_bytes(modules, dtype) == weight.numel() * dtype.itemsize
-    assert cpu_matmul.prepack_linears(modules, dtype, plain_below) == 2
+    copied = weight.numel() + (head_weight.numel() if dtype == torch.bfloat16 else 0)
+    assert cpu_matmul.narrow_bytes(modules, dtype) == copied * dtype.itemsize
+    assert cpu_matmul.prepack_linears(modules, dtype, narrow_below) == 2
     assert layer.weight.is_mkldnn and head.weight.is_mkldnn and not other.weight.is_mkldnn
     assert not embedding.weight.is_mkldnn and torch.equal(embedding.weight, head_weight)
+    fp16_narrow = dtype == torch.bfloat16 and cpu_matmul.has_fp16_gemm()
     for x in _inputs(dtype):
-        narrow = x.numel() // x.shape[-1] < plain_below
-        for got, want in (
-            (layer(x), torch.nn.functional.linear(x, weight, bias)),
-            (head(x), torch.nn.functional.linear(x, head_weight)),
-        ):
-            if dtype == torch.bfloat16 or narrow:
+        narrow = x.numel() // x.shape[-1] < narrow_below
+        for got, w, b in ((layer(x), weight, bias), (head(x), head_weight, None)):
+            want = torch.nn.functional.linear(x, w, b)
+            if narrow and fp16_narrow:
+                assert got.dtype == dtype
+                exact = torch.nn.functional.linear(
+                    x.double(), w.double(), None if b is None else b.double()
+                )
+                # One rounding to bfloat16's 8 significant bits, float32 sums aside.
+                assert ((got.double() - exact).abs() <= exact.abs() * 2.0**-8 + 1e-5).all()
+            elif dtype == torch.bfloat16 or narrow:
                 assert torch.equal(got, want)
             else:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -208,12 +215,12 @@ def test_prepacked_products_equal_plain_ones(dtype: torch.dtype, plain_below: in
 
 def test_narrow_products_multiply_the_plain_weight_and_wide_ones_the_prepacked() -> None:
     """Which weight each product reads: zeroing the kept plain weight (the layer's own,
-    not a copy) changes the products of fewer than ``plain_below`` rows only."""
+    not a copy) changes the products of fewer than ``narrow_below`` rows only."""
     if not _float32_prepacks():
         return
     _, _, layer = _tied_layers(torch.float32)
     plain = layer.weight.detach()
-    cpu_matmul.prepack_linears(torch.nn.Sequential(layer), torch.float32, plain_below=3)
+    cpu_matmul.prepack_linears(torch.nn.Sequential(layer), torch.float32, narrow_below=3)
     inputs = {rows: torch.randn(rows, 64) for rows in (1, 2, 3, 8)}
     before = {rows: layer(x) for rows, x in inputs.items()}
     plain.zero_()
@@ -224,10 +231,10 @@ def test_narrow_products_multiply_the_plain_weight_and_wide_ones_the_prepacked()
             assert torch.equal(layer(x), before[rows])
 
 
-def test_plain_weights_are_kept_below_the_first_rows_they_do_not_win() -> None:
-    """The rule over measured (plain, prepacked) pass times: rows are taken in order,
-    and plain weights must win by ``PLAIN_MARGIN`` to be kept."""
-    below = cpu_matmul.plain_rows_below
+def test_narrow_copies_are_kept_below_the_first_rows_they_do_not_win() -> None:
+    """The rule over measured (narrow, prepacked) pass times: rows are taken in order,
+    and the narrow kernel must win by ``NARROW_MARGIN`` for its copy to be kept."""
+    below = cpu_matmul.narrow_rows_below
     # float32 on a Xeon with AMX, in ms: MKL's kernels win at 1 and 2 rows.
     assert below({1: (27.0, 35.6), 2: (30.0, 52.1), 4: (43.9, 40.5)}) == 3
     assert below({1: (48.0, 32.0)}) == 0  # float32 on an AVX2 EPYC: never
@@ -236,47 +243,50 @@ def test_plain_weights_are_kept_below_the_first_rows_they_do_not_win() -> None:
     assert below({rows: (1.0, 2.0) for rows in (1, 2, 4)}) == 5
 
 
-def test_plain_weights_are_timed_against_prepacked_ones_on_models_worth_it(
-    tiny_llama_dir, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_narrow_kernels_are_timed_against_prepacked_ones_on_models_worth_it(
+    tiny_llama_dir, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``plain_products_below`` times both kinds of product over the layers a forward
-    streams, row counts in order until plain ones stop winning, and leaves the model's
-    weights as they were; a model under ``MIN_TIMED_BYTES`` is not timed, nor one whose
-    plain weights would take more than ``PLAIN_MEMORY_SHARE`` of the memory available
-    (a tied output head's weight costs nothing more)."""
+    """``narrow_products_below`` times both kinds of product over the layers a forward
+    streams, row counts in order until the narrow kernel stops winning, and leaves the
+    model's weights as they were; a model under ``MIN_TIMED_BYTES`` is not timed, nor
+    one whose narrow copies would take more than ``NARROW_MEMORY_SHARE`` of the memory
+    available (in float32 a tied output head's plain weight costs nothing more; in
+    bfloat16 each layer gets a float16 copy)."""
     from salience_server.engine import layer_timing
 
-    if not _float32_prepacks():
-        return
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     cpu = torch.device("cpu")
+    if not cpu_matmul.prepacks(cpu, dtype):
+        assert dtype == torch.bfloat16 or not _float32_prepacks()
+        return
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype)
     timed: list[tuple[int, int]] = []
 
     def fake_pass(products: list[tuple[object, int]], rows: int, *args: object) -> float:
-        x = torch.randn(rows, products[0][1])
+        x = torch.randn(rows, products[0][1], dtype=dtype)
         products[0][0](x)  # type: ignore[operator]
         timed.append((len(products), rows))
-        plain = len(timed) % 2 == 1  # plain products are timed first
-        return {1: 1.0, 2: 1.0}[rows] if plain else 2.0 if rows == 1 else 1.0
+        narrow = len(timed) % 2 == 1  # narrow products are timed first
+        return {1: 1.0, 2: 1.0}[rows] if narrow else 2.0 if rows == 1 else 1.0
 
     monkeypatch.setattr(layer_timing, "pass_seconds", fake_pass)
-    assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 0
+    assert cpu_matmul.narrow_products_below(model, dtype, cpu) == 0
     assert not timed  # a few kilobytes of weights
     monkeypatch.setattr(cpu_matmul, "MIN_TIMED_BYTES", 0)
-    assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 2
+    assert cpu_matmul.narrow_products_below(model, dtype, cpu) == 2
     layers = len(layer_timing.timed_layers(model))
     assert timed == [(layers, 1), (layers, 1), (layers, 2), (layers, 2)]
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert not any(m.weight.is_mkldnn for m in linears)
-    plain_bytes = sum(m.weight.numel() * 4 for m in linears)
+    copies = sum(m.weight.numel() * dtype.itemsize for m in linears)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head.weight.data_ptr() == embedding.weight.data_ptr():
-        plain_bytes -= head.weight.numel() * 4
-    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: 4 * plain_bytes)
-    assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 2
+    if dtype == torch.float32 and head.weight.data_ptr() == embedding.weight.data_ptr():
+        copies -= head.weight.numel() * 4
+    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: 4 * copies)
+    assert cpu_matmul.narrow_products_below(model, dtype, cpu) == 2
     timed.clear()
-    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: 4 * plain_bytes - 1)
-    assert cpu_matmul.plain_products_below(model, torch.float32, cpu) == 0
+    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: 4 * copies - 1)
+    assert cpu_matmul.narrow_products_below(model, dtype, cpu) == 0
     assert not timed
 
 
@@ -288,7 +298,7 @@ def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
     forward pass over the whole sequence."""
     if not _float32_prepacks():
         return
-    monkeypatch.setattr(cpu_matmul, "plain_products_below", lambda *args: 2)
+    monkeypatch.setattr(cpu_matmul, "narrow_products_below", lambda *args: 2)
     prompt = random_tokens(20, seed=8)
     server = start_server(str(tiny_llama_dir), dtype="float32", block_size=4)
     try:
@@ -313,6 +323,47 @@ def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
     want = reference[:-1].gather(1, torch.tensor(sequence[1:])[:, None])[:, 0]
     got = torch.tensor([t.sampled_logprob for t in tokens])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_bfloat16_sessions_with_float16_narrow_products_stay_close_to_float32(
+    tiny_llama_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where bfloat16 weights are prepacked and FBGEMM is there, one-row products (the
+    decode steps) may take its float16-weight kernel on float16 copies, as on an EPYC
+    with AVX-512 BF16: every logprob of a greedy decode stays within ``BF16_TOLERANCE``
+    of one float32 forward pass over the same tokens, and the layers float16 cannot hold
+    (the tiny model has some) stay on oneDNN."""
+    cpu = torch.device("cpu")
+    if not (cpu_matmul.prepacks(cpu, torch.bfloat16) and cpu_matmul.has_fp16_gemm()):
+        assert not cpu_matmul.has_16_bit_units() or not cpu_matmul.has_fp16_gemm()
+        return
+    monkeypatch.setattr(cpu_matmul, "narrow_products_below", lambda *args: 2)
+    prompt = random_tokens(20, seed=9)
+    server = start_server(str(tiny_llama_dir), dtype="bfloat16", block_size=4)
+    try:
+        linears = [
+            m for m in server.engine.runner.model.modules() if isinstance(m, torch.nn.Linear)
+        ]
+        assert all(m.weight.is_mkldnn for m in linears)
+        dispatching = [m for m in linears if m.forward.__name__ == "forward"]
+        assert 0 < len(dispatching) < len(linears)  # some weights float16 cannot hold
+        tokens, _ = generate(
+            server.stub,
+            open_session(server.stub),
+            append_tokens=prompt,
+            max_tokens=8,
+            ignore_eos=True,
+            logprobs_ranges=[(1, U32_MAX)],
+        )
+    finally:
+        server.stop()
+    sequence = prompt + [t.id for t in tokens if not t.is_prefill]
+    assert len(sequence) == 28
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    reference = reference_logprobs(model, sequence)
+    want = reference[:-1].gather(1, torch.tensor(sequence[1:])[:, None])[:, 0]
+    got = torch.tensor([t.sampled_logprob for t in tokens])
+    assert (got - want).abs().max().item() < BF16_TOLERANCE
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

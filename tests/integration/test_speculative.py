@@ -215,13 +215,13 @@ def test_greedy_speculation_is_exact_where_one_row_products_take_plain_weights(
     tiny_llama_dir, server_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where one-row products multiply plain weights (float32 on a CPU whose MKL kernels
-    win them: ``cpu_matmul.plain_products_below``) and a verification step's rows the
+    win them: ``cpu_matmul.narrow_products_below``) and a verification step's rows the
     prepacked ones, greedy speculation still equals decoding without it."""
     import torch
 
     from salience_server.engine import cpu_matmul
 
-    monkeypatch.setattr(cpu_matmul, "plain_products_below", lambda *args: 2)
+    monkeypatch.setattr(cpu_matmul, "narrow_products_below", lambda *args: 2)
     options = dict(block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, dtype="float32")
     plain = server_factory(tiny_llama_dir, **options)
     speculating = server_factory(
