@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -304,14 +306,7 @@ def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
     try:
         layer = server.engine.runner.model.model.layers[0].mlp.up_proj
         assert layer.weight.is_mkldnn and layer.forward.__name__ == "forward"  # dispatching
-        tokens, _ = generate(
-            server.stub,
-            open_session(server.stub),
-            append_tokens=prompt,
-            max_tokens=8,
-            ignore_eos=True,
-            logprobs_ranges=[(1, U32_MAX)],
-        )
+        tokens = _greedy_decode_scored(server, prompt, 8)
     finally:
         server.stop()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -319,10 +314,8 @@ def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
     assert decoded == reference_greedy(model, prompt, 8)
     sequence = prompt + decoded
     assert [t.position for t in tokens] == list(range(1, len(sequence)))
-    reference = reference_logprobs(model, sequence)
-    want = reference[:-1].gather(1, torch.tensor(sequence[1:])[:, None])[:, 0]
     got = torch.tensor([t.sampled_logprob for t in tokens])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got, _scored(model, sequence), rtol=0, atol=1e-4)
 
 
 def test_bfloat16_sessions_with_float16_narrow_products_stay_close_to_float32(
@@ -347,23 +340,14 @@ def test_bfloat16_sessions_with_float16_narrow_products_stay_close_to_float32(
         assert all(m.weight.is_mkldnn for m in linears)
         dispatching = [m for m in linears if m.forward.__name__ == "forward"]
         assert 0 < len(dispatching) < len(linears)  # some weights float16 cannot hold
-        tokens, _ = generate(
-            server.stub,
-            open_session(server.stub),
-            append_tokens=prompt,
-            max_tokens=8,
-            ignore_eos=True,
-            logprobs_ranges=[(1, U32_MAX)],
-        )
+        tokens = _greedy_decode_scored(server, prompt, 8)
     finally:
         server.stop()
     sequence = prompt + [t.id for t in tokens if not t.is_prefill]
     assert len(sequence) == 28
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    reference = reference_logprobs(model, sequence)
-    want = reference[:-1].gather(1, torch.tensor(sequence[1:])[:, None])[:, 0]
     got = torch.tensor([t.sampled_logprob for t in tokens])
-    assert (got - want).abs().max().item() < BF16_TOLERANCE
+    assert (got - _scored(model, sequence)).abs().max().item() < BF16_TOLERANCE
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -407,6 +391,26 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
             got = module(x.float())
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _greedy_decode_scored(server: Any, prompt: list[int], max_tokens: int) -> list[Any]:
+    """The events of a greedy decode of ``max_tokens`` after ``prompt`` in a new
+    session, every position after the first scored."""
+    tokens, _ = generate(
+        server.stub,
+        open_session(server.stub),
+        append_tokens=prompt,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        logprobs_ranges=[(1, U32_MAX)],
+    )
+    return tokens
+
+
+def _scored(model: Any, sequence: list[int]) -> torch.Tensor:
+    """One forward pass's logprob of each token of ``sequence`` after the first."""
+    reference = reference_logprobs(model, sequence)
+    return reference[:-1].gather(1, torch.tensor(sequence[1:])[:, None])[:, 0]
 
 
 def _float32_prepacks() -> bool:
