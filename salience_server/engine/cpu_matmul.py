@@ -199,7 +199,7 @@ def narrow_products_below(model: torch.nn.Module, dtype: torch.dtype, device: to
             "Linear layers at %d rows: %.1f ms a pass by %s, %.1f prepacked",
             rows,
             times[0] * 1e3,
-            NARROW_KERNELS.get(dtype, "narrow copies"),
+            NARROW_KERNELS[dtype],
             times[1] * 1e3,
         )
         if times[0] > NARROW_MARGIN * times[1]:

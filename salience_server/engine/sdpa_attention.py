@@ -124,7 +124,7 @@ class SdpaAttentionMetadata:
         values = _gather(value_cache, seq, self.workspace[1])
         queries = query if seq.query_len == query.shape[2] else query[:, :, rows]
         if seq.query_len == 1:
-            return _one_row_attention(queries, keys, values, mask, scaling).to(query.dtype)
+            return _one_row_attention(queries, keys, values, mask, scaling)
         attended = F.scaled_dot_product_attention(
             queries,
             keys,
@@ -224,8 +224,7 @@ def _attend_decodes(
 
     keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
     queries = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    attended = _one_row_attention(queries, keys, values, mask, scaling)
-    return attended[:, :, 0].to(query.dtype)
+    return _one_row_attention(queries, keys, values, mask, scaling)[:, :, 0]
 
 
 def _one_row_attention(
