@@ -157,10 +157,15 @@ def test_one_missing_block_preempts_the_latest_request_only(tiny_llama_dir, serv
         )
         for index, session_id in enumerate(sessions)
     ]
-    for index, thread in enumerate(threads):  # arrival order 0, 1, 2, all at once
+    # Arrival order 0, 1, 2, all before the first step: on a loaded machine a request
+    # could otherwise finish before the last one arrives, and nothing would be preempted.
+    arrived, step = threading.Event(), server.engine.step
+    server.engine.step = lambda: (arrived.wait(timeout=60), step())  # type: ignore[method-assign]
+    for index, thread in enumerate(threads):
         thread.start()
         while not server.engine.sessions[sessions[index]].is_busy and index not in results:
             threading.Event().wait(0.0005)
+    arrived.set()
     for thread in threads:
         thread.join(timeout=120)
     recomputed = [results[index][1].recomputed_tokens for index in range(3)]
