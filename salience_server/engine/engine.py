@@ -77,7 +77,6 @@ class Engine:
             loaded.model,
             pool.num_blocks,
             self.block_size,
-            self.max_context,
             config.attention_backend,
         )
         self.runner.warm_up(self.uses_mrope, may_fall_back=config.attention_backend == "auto")

@@ -69,7 +69,6 @@ class ModelRunner:
         model: Any,
         num_blocks: int,
         block_size: int,
-        max_context: int,
         attention: str | paged_attention.AttentionBackend = "auto",
     ) -> None:
         """``attention`` names a backend (see ``paged_attention.select_backend``) or is
@@ -90,7 +89,10 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
-        self._workspace_blocks = min(num_blocks, -(-max_context // block_size))
+        # Attention gathers one layer's blocks at a time: a workspace as large as the
+        # pool in blocks costs 1 / num_layers of its memory, and holds any sequence or
+        # decode group (padded) up to the pool's size.
+        self._workspace_blocks = num_blocks
         if isinstance(attention, str):
             attention = paged_attention.select_backend(
                 attention, self.device, self.dtype, head_dim, block_size, self._workspace_blocks

@@ -46,7 +46,7 @@ def test_model_runner_with_the_flash_backend_equals_one_forward_pass(
     backend = FlashAttentionBackend(
         flash_reference.flash_attn_varlen_func, block_size, loaded.device
     )
-    runner = ModelRunner(loaded.model, 40, block_size, 512, attention=backend)
+    runner = ModelRunner(loaded.model, 40, block_size, attention=backend)
     rng = random.Random(5)
     sequences = {name: [rng.randrange(256) for _ in range(40)] for name in "abc"}
     tables = {name: list(range(i * 10, (i + 1) * 10))[::-1] for i, name in enumerate("abc")}
@@ -156,7 +156,7 @@ def test_a_forward_pass_sends_its_integer_inputs_to_the_device_in_one_copy(
         if backend_name == "flash-attn"
         else sdpa_attention.SdpaBackend(4, 40, loaded.device)
     )
-    runner = ModelRunner(loaded.model, 40, 4, 512, attention=backend)
+    runner = ModelRunner(loaded.model, 40, 4, attention=backend)
     metadata: list[Any] = []
     build = backend.build_metadata
     backend.build_metadata = lambda *args: metadata.append(build(*args)) or metadata[-1]

@@ -193,6 +193,39 @@ def test_sdpa_backend_attends_16_bit_single_query_rows_in_float32(
     assert ((got - want).abs() <= want.abs() * 2.0**-8 + 1e-6).all()
 
 
+def _decode_spans(*context_lens: int) -> list[types.SimpleNamespace]:
+    return [types.SimpleNamespace(query_len=1, context_len=length) for length in context_lens]
+
+
+def test_decode_group_takes_every_decode_whose_padding_stays_within_bounds() -> None:
+    """Contexts of similar length go into one padded group, longest first; the longest
+    leave it while padding to them would exceed twice the blocks the contexts fill, or
+    the workspace; fewer than two decodes make no group. Prefill rows never join."""
+    prefill = types.SimpleNamespace(query_len=5, context_len=900)
+    similar = _decode_spans(60, 64, 50, 33)  # 4, 4, 4 and 3 blocks of 16
+    got = sdpa_attention._grouped_decodes([prefill, *similar], 16, 1000)
+    assert [span.context_len for span in got] == [64, 60, 50, 33]
+    outlier = _decode_spans(20, 300, 30, 16)  # 19 blocks beside 2, 2 and 1
+    got = sdpa_attention._grouped_decodes(outlier, 16, 1000)
+    assert [span.context_len for span in got] == [30, 20, 16]
+    # Two decodes pad to at most twice their blocks: they always group where they fit.
+    got = sdpa_attention._grouped_decodes(_decode_spans(300, 30), 16, 1000)
+    assert [span.context_len for span in got] == [300, 30]
+    assert sdpa_attention._grouped_decodes(_decode_spans(300, 290), 16, 20) == []
+    assert sdpa_attention._grouped_decodes(_decode_spans(64), 16, 1000) == []
+    # Four decodes of 4 blocks pad to 16: a 12-block workspace takes the three shorter.
+    got = sdpa_attention._grouped_decodes(_decode_spans(64, 63, 62, 61), 16, 12)
+    assert [span.context_len for span in got] == [63, 62, 61]
+
+
+def test_sdpa_backend_attends_a_long_decode_beside_a_group_and_equals_dense_attention() -> None:
+    """A decode over a long context attends alone; the short ones in one padded call."""
+    backend = SdpaBackend(4, workspace_blocks=256, device=torch.device("cpu"))
+    shapes = [(300, 1), (7, 1), (0, 6), (12, 1), (9, 1)]
+    got, want = _attend_batch(backend, 4, shapes, seed=6)
+    assert (got - want).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_flash_backend_gathers_small_blocks_and_equals_dense_attention(block_size: int) -> None:
     spy = _KernelSpy()

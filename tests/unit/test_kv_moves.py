@@ -28,7 +28,7 @@ def _runner(num_blocks: int) -> ModelRunner:
         num_key_value_heads=1,
     )
     model = AutoModelForCausalLM.from_config(config).eval()
-    return ModelRunner(model, num_blocks, BLOCK_SIZE, 64, "sdpa")
+    return ModelRunner(model, num_blocks, BLOCK_SIZE, "sdpa")
 
 
 def _request(request_id: int, session: Session, max_tokens: int) -> Request:
