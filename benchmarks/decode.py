@@ -3,11 +3,11 @@ bfloat16, against a plain transformers decode loop?
 
 Baseline: the same model's plain transformers greedy loop (DynamicCache, batch 1 and a
 padded batch of 8), in this process, in the same dtype. Measured: the engine stepped
-in this process (no gRPC), sessions decoding together after a 103-token prompt. Prints
-ms per step and the ratios: engine ÷ transformers in each dtype, and bf16 ÷ fp32 for
-each.
+in this process (no gRPC), sessions decoding together after a prompt of ``--context``
+tokens (103 unless told). Prints ms per step and the ratios: engine ÷ transformers in
+each dtype, and bf16 ÷ fp32 for each.
 
-    .venv/bin/python -m benchmarks.decode [--quick]
+    .venv/bin/python -m benchmarks.decode [--quick] [--context 2000]
 """
 
 from __future__ import annotations
@@ -21,19 +21,25 @@ from benchmarks import _cli
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import load_model, resolve_model_path
+from salience_server.engine.model_runner import kv_bytes_per_token, kv_dtype
 from salience_server.engine.request import GenerateParams
 
 PROMPT_TOKENS = 103
+MIN_POOL_BYTES = 256 << 20
 
 
 class EngineDecoder:
     """``batch`` sessions of the engine, stepped in this process, decoding together."""
 
-    def __init__(self, dtype: str, batch: int) -> None:
-        config = EngineConfig(kv_cache_bytes=256 << 20)
-        self.engine = Engine(load_model(ModelConfig(dtype=dtype)), config)
+    def __init__(self, dtype: str, batch: int, prompt_tokens: int = PROMPT_TOKENS) -> None:
+        loaded = load_model(ModelConfig(dtype=dtype))
+        # Room for every session's prompt and a few hundred decoded tokens: a pool that
+        # ran out would measure preemption, not decoding.
+        token_bytes = kv_bytes_per_token(loaded.model.config, kv_dtype(loaded.device, loaded.dtype))
+        pool_bytes = max(MIN_POOL_BYTES, 2 * batch * (prompt_tokens + 256) * token_bytes)
+        self.engine = Engine(loaded, EngineConfig(kv_cache_bytes=pool_bytes))
         self.sessions = [self.engine.open_session() for _ in range(batch)]
-        self.prompts = [[1000 + 7 * i + j for j in range(PROMPT_TOKENS)] for i in range(batch)]
+        self.prompts = [_prompt(i, prompt_tokens) for i in range(batch)]
         self.run(4)  # prefill and warm-up
 
     def run(self, num_steps: int) -> float:
@@ -56,11 +62,11 @@ class EngineDecoder:
 class PlainDecoder:
     """A plain transformers greedy loop over a batch (DynamicCache)."""
 
-    def __init__(self, dtype: str, batch: int) -> None:
+    def __init__(self, dtype: str, batch: int, prompt_tokens: int = PROMPT_TOKENS) -> None:
         path, _ = resolve_model_path(None)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self.model.eval()
-        prompt = [[1000 + 7 * i + j for j in range(PROMPT_TOKENS)] for i in range(batch)]
+        prompt = [_prompt(i, prompt_tokens) for i in range(batch)]
         with torch.inference_mode():
             output = self.model(torch.tensor(prompt), use_cache=True)
         self.cache, self.tokens = output.cache, output.logits[:, -1].argmax(-1)
@@ -75,6 +81,11 @@ class PlainDecoder:
         return (time.perf_counter() - start) / num_steps * 1e3
 
 
+def _prompt(index: int, num_tokens: int) -> list[int]:
+    """Session ``index``'s prompt: distinct token ids, in the vocabulary's middle."""
+    return [1000 + (7 * index + j) % 20000 for j in range(num_tokens)]
+
+
 def best_of_rounds(decoders: dict[str, object], num_steps: int, rounds: int) -> dict[str, float]:
     """Each decoder's best ms per step over ``rounds`` rounds, taking turns, so that a
     slow moment of the machine hurts them alike."""
@@ -86,14 +97,19 @@ def best_of_rounds(decoders: dict[str, object], num_steps: int, rounds: int) -> 
 
 
 def main() -> None:
-    args = _cli.parse_args(__doc__)
+    parsing = _cli.parser(__doc__)
+    parsing.add_argument(
+        "--context", type=int, default=PROMPT_TOKENS, help="prompt tokens before decoding"
+    )
+    args = parsing.parse_args()
     num_steps, rounds = (8, 2) if args.quick else (16, 4)
+    print(f"decoding after a {args.context}-token prompt", flush=True)
     figures: dict[tuple[str, int], tuple[float, float]] = {}
     for batch in (1, 8):
         decoders: dict[str, object] = {}
         for dtype in ("float32", "bfloat16"):
-            decoders[f"engine {dtype}"] = EngineDecoder(dtype, batch)
-            decoders[f"plain {dtype}"] = PlainDecoder(dtype, batch)
+            decoders[f"engine {dtype}"] = EngineDecoder(dtype, batch, args.context)
+            decoders[f"plain {dtype}"] = PlainDecoder(dtype, batch, args.context)
         best = best_of_rounds(decoders, num_steps, rounds)
         for dtype in ("float32", "bfloat16"):
             engine, plain = best[f"engine {dtype}"], best[f"plain {dtype}"]

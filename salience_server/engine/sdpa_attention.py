@@ -246,8 +246,8 @@ def _one_row_attention(
     EPYC with AVX-512 BF16, the default model in bfloat16 (three query heads a key
     head), attention's share of a decode step: 4.8 against 5.8 ms for 8 sessions after
     a 103-token prompt, 104 against 322 ms for 8 sessions over 2,000 tokens; one session
-    over 2,000 tokens took 13-16 against 11-13 ms (its 3 key heads split unevenly over
-    2 threads). float32 took the same time either way. Where a key head has one query
+    over 2,000 tokens took 13-16 against 11-13 ms (its 3 key heads, perhaps, split
+    unevenly over 2 threads). float32 took the same time either way. Where a key head has one query
     head, a 16-bit query is still upcast: the 16-bit kernel took 2-4x as long on one row
     as float32 did, upcast included. The result is rounded once to the queries' dtype."""
     batch, num_heads, _, head_dim = queries.shape
@@ -320,8 +320,8 @@ def _grouped_decodes(spans: list[Any], block_size: int, workspace_blocks: int) -
     ``workspace_blocks`` or ``MAX_GROUP_PADDING`` times the blocks the contexts fill;
     empty when fewer than two remain. One padded call per layer took 0.55x the step of
     calls one sequence at a time for 8 sessions over 2,000 tokens (bfloat16 on an EPYC
-    with AVX-512 BF16; 0.56x in float32): each call's few heads left the CPU's threads
-    unevenly loaded."""
+    with AVX-512 BF16; 0.56x in float32); a call for one sequence has only its few key
+    heads to spread over the CPU's threads."""
     decodes = sorted(
         (span for span in spans if span.query_len == 1),
         key=lambda span: span.context_len,
