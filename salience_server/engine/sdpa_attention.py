@@ -123,8 +123,8 @@ class SdpaAttentionMetadata:
         keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
         values = _gather(value_cache, seq, self.workspace[1])
         queries = query if seq.query_len == query.shape[2] else query[:, :, rows]
-        if seq.query_len == 1:
-            return _one_row_attention(queries, keys, values, mask, scaling)
+        if seq.query_len == 1 or (mask is not None and seq.query_len <= MAX_FOLDED_ROWS):
+            return _folded_attention(queries, keys, values, mask, scaling)
         attended = F.scaled_dot_product_attention(
             queries,
             keys,
@@ -159,7 +159,7 @@ class SdpaBackend:
     It computes in the queries' dtype: float32 for a 16-bit model on a CPU without
     16-bit units (``cpu_matmul.compute_in_float32``), whose pool is float32 too
     (``model_runner.kv_dtype``). Decodes fold the query heads that share a key head
-    into that head's query rows (``_one_row_attention``)."""
+    into that head's query rows (``_folded_attention``)."""
 
     name = "torch SDPA"
 
@@ -224,44 +224,57 @@ def _attend_decodes(
 
     keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
     queries = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    return _one_row_attention(queries, keys, values, mask, scaling)[:, :, 0]
+    return _folded_attention(queries, keys, values, mask, scaling)[:, :, 0]
 
 
-def _one_row_attention(
+MAX_FOLDED_ROWS = 16
+"""A sequence of up to this many query rows (a verification pass, a short append)
+attends with its query heads folded (``_folded_attention``); longer ones, whose cost is
+arithmetic rather than reading keys, as torch's SDPA takes them."""
+
+
+def _folded_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float | None,
 ) -> torch.Tensor:
-    """SDPA of one query row per sequence (decodes): [B, H, 1, D] queries over [B, Hkv,
-    S, D] keys and values -> [B, H, 1, D].
+    """SDPA of few query rows per sequence: [B, H, q, D] queries over [B, Hkv, S, D] keys
+    and values -> [B, H, q, D]. ``mask``: [B, 1, 1, S] or None for one row (decodes),
+    [q, S] for several.
 
     The query heads that share a key head (consecutive ones, as transformers groups
-    them) become that head's query rows: [B, Hkv, H / Hkv, D], so each key head's keys
-    are read once for all of them, where ``enable_gqa`` reads them once per query head.
-    Every row of a decode sees the same keys, so the mask ([B, 1, 1, S]) holds for all.
-    For 16-bit values on a CPU this replaced upcasting to float32 (torch's 16-bit CPU
-    kernel is slow on a single query row, not on three). Measured in the engine on an
-    EPYC with AVX-512 BF16, the default model in bfloat16 (three query heads a key
-    head), attention's share of a decode step: 4.8 against 5.8 ms for 8 sessions after
-    a 103-token prompt, 104 against 322 ms for 8 sessions over 2,000 tokens; one session
-    over 2,000 tokens took 13-16 against 11-13 ms (its 3 key heads, perhaps, split
-    unevenly over 2 threads). float32 took the same time either way. Where a key head has one query
-    head, a 16-bit query is still upcast: the 16-bit kernel took 2-4x as long on one row
-    as float32 did, upcast included. The result is rounded once to the queries' dtype."""
-    batch, num_heads, _, head_dim = queries.shape
+    them) become that head's query rows: [B, Hkv, H / Hkv * q, D], so each key head's
+    keys are read once for all of them, where ``enable_gqa`` reads them once per query
+    head; the mask repeats for each folded head. For 16-bit values on a CPU this
+    replaced upcasting decodes to float32 (torch's 16-bit CPU kernel is slow on a
+    single query row, not on three). Measured in the engine on an EPYC with AVX-512
+    BF16, the default model in bfloat16 (three query heads a key head), attention's
+    share of a decode step: 4.8 against 5.8 ms for 8 sessions after a 103-token
+    prompt, 104 against 322 ms for 8 sessions over 2,000 tokens; one session over 2,000
+    tokens took 13-16 against 11-13 ms (its 3 key heads, perhaps, split unevenly over 2
+    threads). float32 took the same time either way. Five verification rows over 1,000
+    to 2,000 keys took 0.75-0.78x as long in bfloat16, 0.85-0.89x in float32, with
+    bit-identical outputs (at 16 rows and over 300 keys, about the same). Where a
+    fold leaves a single query row (a key head per query head), a 16-bit query is
+    upcast: the 16-bit kernel took 2-4x as long on one row as float32 did, upcast
+    included. The result is rounded once to the queries' dtype."""
+    batch, num_heads, num_rows, head_dim = queries.shape
     num_kv_heads = keys.shape[1]
-    grouped = queries.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    group = num_heads // num_kv_heads
+    folded = queries.reshape(batch, num_kv_heads, group * num_rows, head_dim)
+    if num_rows > 1 and mask is not None and group > 1:
+        mask = mask.repeat(group, 1)  # folded row g * q + i is query row i
     dtype = queries.dtype
     if (
-        grouped.shape[2] == 1
+        folded.shape[2] == 1
         and queries.device.type == "cpu"
         and dtype in (torch.bfloat16, torch.float16)
     ):
-        grouped, keys, values = grouped.float(), keys.float(), values.float()
-    attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
-    return attended.reshape(batch, num_heads, 1, head_dim).to(dtype)
+        folded, keys, values = folded.float(), keys.float(), values.float()
+    attended = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
+    return attended.reshape(batch, num_heads, num_rows, head_dim).to(dtype)
 
 
 def build_metadata(

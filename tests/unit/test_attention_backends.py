@@ -146,7 +146,9 @@ def test_sdpa_backend_attends_decode_rows_as_query_rows_of_their_key_head(
 ) -> None:
     """Rows of one query (decodes, padded into one call or alone) go to SDPA as the
     query rows of their key head ([B, Hkv, H / Hkv, D], without ``enable_gqa``, which
-    reads each key head once per query head), and equal dense attention."""
+    reads each key head once per query head), and so do a few rows over cached context
+    (a verification pass: [1, Hkv, H / Hkv * q, D], the mask repeated); an all-new
+    sequence keeps ``enable_gqa`` and SDPA's causal mask. All equal dense attention."""
     calls: list[tuple[tuple[int, ...], bool]] = []
     sdpa = F.scaled_dot_product_attention
 
@@ -161,7 +163,17 @@ def test_sdpa_backend_attends_decode_rows_as_query_rows_of_their_key_head(
     rows = _decode_rows(shapes)
     assert (got[rows] - want[rows]).abs().max().item() < 1e-5
     assert (got - want).abs().max().item() < 1e-5
-    assert ((len(rows), num_kv_heads, num_heads // num_kv_heads, HEAD_DIM), False) in calls
+    group = num_heads // num_kv_heads
+    assert ((len(rows), num_kv_heads, group, HEAD_DIM), False) in calls
+    for cached, new in shapes:
+        if new > 1:
+            folded = cached > 0 and new <= sdpa_attention.MAX_FOLDED_ROWS
+            shape = (
+                (1, num_kv_heads, group * new, HEAD_DIM)
+                if folded
+                else (1, num_heads, new, HEAD_DIM)
+            )
+            assert (shape, not folded) in calls
 
 
 @pytest.mark.parametrize("shapes", [MIXED_BATCH, [(50, 1)]], ids=["grouped", "alone"])
