@@ -32,25 +32,39 @@ class SequenceAttention:
 
 @dataclass
 class DecodeGroup:
-    """Sequences feeding one token each, attended in one padded call per layer."""
+    """Sequences feeding few tokens each (decodes, verification passes), attended in
+    one call per layer, padded to the most rows and the longest context among them."""
 
     rows: Upload
-    """[B] long: their rows in the batch."""
+    """[B * max_rows] long: each sequence's rows in the batch, its last repeated where
+    it has fewer than ``max_rows``."""
+    kept: Upload
+    """[N] long: the real rows among those (flat indices into ``rows``)."""
+    out_rows: Upload
+    """[N] long: the batch rows the kept ones are."""
     block_ids: Upload
     """[B * max_blocks] long: each sequence's blocks, padded with block 0."""
     lengths: Upload
     """[B] long: each sequence's context length."""
+    query_lens: Upload
+    """[B] long: each sequence's rows."""
+    max_rows: int
     width: int
     """max_blocks * block_size: the padded context each row attends over."""
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, 1, width] bool: the positions inside each context (and window)."""
-        positions = torch.arange(self.width, device=self.lengths.tensor.device)[None, :]
+        """[B, 1, max_rows, width] bool: the keys each row sees: its context up to its own
+        position (and inside the window). A repeated row sees what the last one does."""
+        device = self.lengths.tensor.device
+        keys = torch.arange(self.width, device=device)[None, None, :]
         lengths = self.lengths.tensor[:, None]
-        inside = positions < lengths
+        query_lens = self.query_lens.tensor[:, None]
+        rows = torch.arange(self.max_rows, device=device)[None, :]
+        positions = (lengths - query_lens + torch.minimum(rows, query_lens - 1))[:, :, None]
+        inside = keys <= positions
         if sliding_window is not None:
-            inside &= positions >= lengths - sliding_window
-        return inside[:, None, None, :]
+            inside &= keys > positions - sliding_window
+        return inside[:, None]
 
 
 @dataclass
@@ -94,7 +108,7 @@ class SdpaAttentionMetadata:
             ].transpose(0, 1)
         output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
         if group is not None and group_mask is not None:
-            output[group.rows.tensor] = _attend_decodes(
+            output[group.out_rows.tensor] = _attend_decodes(
                 query,
                 key_cache,
                 value_cache,
@@ -213,18 +227,21 @@ def _attend_decodes(
     workspace: tuple[torch.Tensor, torch.Tensor],
     scaling: float | None,
 ) -> torch.Tensor:
-    """One SDPA call for every single-token sequence: -> [B, H, D]."""
-    rows, block_ids = group.rows.tensor, group.block_ids.tensor
-    num_rows, num_blocks = group.rows.length, group.block_ids.length
-    num_kv_heads, head_dim = key_cache.shape[-2:]
+    """One SDPA call for the group's sequences: -> [N, H, D], the kept rows."""
+    block_ids, num_blocks = group.block_ids.tensor, group.block_ids.length
+    num_sequences = group.lengths.length
+    num_heads, num_kv_heads, head_dim = query.shape[1], *key_cache.shape[-2:]
 
     def gather(cache: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         blocks = torch.index_select(cache, 0, block_ids, out=buffer[:num_blocks])
-        return blocks.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        shape = (num_sequences, -1, num_kv_heads, head_dim)
+        return blocks.view(shape).transpose(1, 2)  # [B, Hkv, S, D]
 
     keys, values = gather(key_cache, workspace[0]), gather(value_cache, workspace[1])
-    queries = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    return _folded_attention(queries, keys, values, mask, scaling)[:, :, 0]
+    queries = query[0, :, group.rows.tensor].view(num_heads, num_sequences, -1, head_dim)
+    attended = _folded_attention(queries.transpose(0, 1), keys, values, mask, scaling)
+    attended = attended.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B * R, H, D]
+    return attended[group.kept.tensor]
 
 
 MAX_FOLDED_ROWS = 16
@@ -241,8 +258,8 @@ def _folded_attention(
     scaling: float | None,
 ) -> torch.Tensor:
     """SDPA of few query rows per sequence: [B, H, q, D] queries over [B, Hkv, S, D] keys
-    and values -> [B, H, q, D]. ``mask``: [B, 1, 1, S] or None for one row (decodes),
-    [q, S] for several.
+    and values -> [B, H, q, D]. ``mask``: [B, 1, q, S] (a group), [q, S] (one
+    sequence), or None (one sequence's one row).
 
     The query heads that share a key head (consecutive ones, as transformers groups
     them) become that head's query rows: [B, Hkv, H / Hkv * q, D], so each key head's
@@ -265,7 +282,8 @@ def _folded_attention(
     group = num_heads // num_kv_heads
     folded = queries.reshape(batch, num_kv_heads, group * num_rows, head_dim)
     if num_rows > 1 and mask is not None and group > 1:
-        mask = mask.repeat(group, 1)  # folded row g * q + i is query row i
+        # Folded row g * q + i is query row i: [q, S] -> [g * q, S], [B, 1, q, S] too.
+        mask = mask.repeat(*[1] * (mask.dim() - 2), group, 1)
     dtype = queries.dtype
     if (
         folded.shape[2] == 1
@@ -328,7 +346,8 @@ the blocks its contexts fill (the longest decodes attend alone until it does).""
 
 
 def _grouped_decodes(spans: list[Any], block_size: int, workspace_blocks: int) -> list[Any]:
-    """The single-token sequences that go into the padded decode group, longest first:
+    """The sequences of up to ``MAX_FOLDED_ROWS`` rows (decodes, verification passes)
+    that go into the padded group, longest context first:
     all of them, less the longest while the padded group would exceed
     ``workspace_blocks`` or ``MAX_GROUP_PADDING`` times the blocks the contexts fill;
     empty when fewer than two remain. One padded call per layer took 0.55x the step of
@@ -336,7 +355,7 @@ def _grouped_decodes(spans: list[Any], block_size: int, workspace_blocks: int) -
     with AVX-512 BF16; 0.56x in float32); a call for one sequence has only its few key
     heads to spread over the CPU's threads."""
     decodes = sorted(
-        (span for span in spans if span.query_len == 1),
+        (span for span in spans if span.query_len <= MAX_FOLDED_ROWS),
         key=lambda span: span.context_len,
         reverse=True,
     )
@@ -353,14 +372,26 @@ def _grouped_decodes(spans: list[Any], block_size: int, workspace_blocks: int) -
 def _decode_group(
     decodes: list[Any], max_blocks: int, block_size: int, uploads: Uploads
 ) -> DecodeGroup:
-    block_ids = []
-    for span in decodes:
+    max_rows = max(span.query_len for span in decodes)
+    block_ids: list[int] = []
+    rows: list[int] = []
+    kept: list[int] = []
+    out_rows: list[int] = []
+    for index, span in enumerate(decodes):
         table = span.block_table[: -(-span.context_len // block_size)]
         block_ids += table + [0] * (max_blocks - len(table))
+        start, count = span.query_start, span.query_len
+        rows += [start + min(row, count - 1) for row in range(max_rows)]
+        kept += range(index * max_rows, index * max_rows + count)
+        out_rows += range(start, start + count)
     return DecodeGroup(
-        rows=uploads.add([span.query_start for span in decodes]),
+        rows=uploads.add(rows),
+        kept=uploads.add(kept),
+        out_rows=uploads.add(out_rows),
         block_ids=uploads.add(block_ids),
         lengths=uploads.add([span.context_len for span in decodes]),
+        query_lens=uploads.add([span.query_len for span in decodes]),
+        max_rows=max_rows,
         width=max_blocks * block_size,
     )
 

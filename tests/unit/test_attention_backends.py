@@ -139,65 +139,81 @@ def _decode_rows(shapes: list[tuple[int, int]]) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("shapes", [MIXED_BATCH, [(50, 1)]], ids=["grouped", "alone"])
+DECODES = [(29, 1), (0, 1), (40, 1)]
+# Few-row sequences (decodes, a verification pass, short appends) beside a prefill too
+# long to join them, and two whose contexts are too long to pad the others to (19 and 5
+# blocks of 16 beside 3, 2, 2, 1 and 1).
+FEW_ROWS = [(13, 5), (29, 1), (0, 1), (300, 1), (40, 1), (3, 9), (0, 20), (77, 2)]
+
+
+@pytest.mark.parametrize(
+    ("shapes", "calls_wanted"),
+    [
+        (DECODES, [(3, 1)]),
+        ([(50, 1)], [(1, 1)]),
+        ([(60, 5)], [(1, 5)]),
+        (FEW_ROWS, [(5, 9), (1, 1), (1, 2), (1, 20)]),
+    ],
+    ids=["decode-group", "decode-alone", "verification-alone", "few-row-group"],
+)
 @pytest.mark.parametrize("heads", [(6, 2), (4, 4)], ids=["3-per-key-head", "1-per-key-head"])
-def test_sdpa_backend_attends_decode_rows_as_query_rows_of_their_key_head(
-    shapes: list[tuple[int, int]], heads: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+def test_sdpa_backend_attends_few_rows_as_query_rows_of_their_key_head(
+    shapes: list[tuple[int, int]],
+    calls_wanted: list[tuple[int, int]],
+    heads: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Rows of one query (decodes, padded into one call or alone) go to SDPA as the
-    query rows of their key head ([B, Hkv, H / Hkv, D], without ``enable_gqa``, which
-    reads each key head once per query head), and so do a few rows over cached context
-    (a verification pass: [1, Hkv, H / Hkv * q, D], the mask repeated); an all-new
-    sequence keeps ``enable_gqa`` and SDPA's causal mask. All equal dense attention."""
+    """Sequences of up to ``MAX_FOLDED_ROWS`` rows go to SDPA as the query rows of their
+    key head ([B, Hkv, H / Hkv * q, D], without ``enable_gqa``, which reads each key
+    head once per query head): several in one call, padded to the most rows and the
+    longest context, except a context too long to pad the others to; alone, one call.
+    A longer sequence keeps ``enable_gqa``. All equal dense attention. ``calls_wanted``:
+    (sequences, rows) of each SDPA call."""
     calls: list[tuple[tuple[int, ...], bool]] = []
     sdpa = F.scaled_dot_product_attention
 
     def spy(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append((tuple(query.shape), bool(kwargs.get("enable_gqa"))))
+        if query.dim() == 4:  # the backend's (the oracle's are [H, q, D])
+            calls.append((tuple(query.shape), bool(kwargs.get("enable_gqa"))))
         return sdpa(query, *args, **kwargs)
 
     monkeypatch.setattr(sdpa_attention.F, "scaled_dot_product_attention", spy)
     num_heads, num_kv_heads = heads
+    group = num_heads // num_kv_heads
     backend = SdpaBackend(16, 64, torch.device("cpu"))
     got, want = _attend_batch(backend, 16, shapes, seed=4, heads=heads)
-    rows = _decode_rows(shapes)
-    assert (got[rows] - want[rows]).abs().max().item() < 1e-5
     assert (got - want).abs().max().item() < 1e-5
-    group = num_heads // num_kv_heads
-    assert ((len(rows), num_kv_heads, group, HEAD_DIM), False) in calls
-    for cached, new in shapes:
-        if new > 1:
-            folded = cached > 0 and new <= sdpa_attention.MAX_FOLDED_ROWS
-            shape = (
-                (1, num_kv_heads, group * new, HEAD_DIM)
-                if folded
-                else (1, num_heads, new, HEAD_DIM)
-            )
-            assert (shape, not folded) in calls
+    wanted = [
+        ((count, num_kv_heads, group * rows, HEAD_DIM), False)
+        if rows <= sdpa_attention.MAX_FOLDED_ROWS
+        else ((count, num_heads, rows, HEAD_DIM), True)
+        for count, rows in calls_wanted
+    ]
+    assert sorted(calls) == sorted(wanted)
 
 
-@pytest.mark.parametrize("shapes", [MIXED_BATCH, [(50, 1)]], ids=["grouped", "alone"])
+@pytest.mark.parametrize("shapes", [FEW_ROWS, [(50, 1)]], ids=["grouped", "alone"])
 def test_sdpa_backend_attends_16_bit_decode_rows_within_bfloat16_error(
     shapes: list[tuple[int, int]],
 ) -> None:
     """Three query heads a key head: 16-bit decode rows go to torch's 16-bit kernel as
-    three query rows (as fast as or faster than upcasting, measured), within bfloat16
-    attention's error of the float32 oracle, as prefill rows are."""
+    three query rows (as fast as or faster than upcasting, measured), and so do the
+    few-row group's padded rows, all within bfloat16 attention's error of the float32
+    oracle, as prefill rows are."""
     backend = SdpaBackend(16, 64, torch.device("cpu"))
     got, want = _attend_batch(backend, 16, shapes, seed=5, dtype=torch.bfloat16, heads=(6, 2))
-    rows = _decode_rows(shapes)
-    got, want = got[rows].float(), want[rows]
-    assert (got - want).abs().max().item() <= 2.0**-7 * want.abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 2.0**-7 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("shapes", [MIXED_BATCH, [(50, 1)]], ids=["grouped", "alone"])
+@pytest.mark.parametrize("shapes", [DECODES, [(50, 1)]], ids=["grouped", "alone"])
 def test_sdpa_backend_attends_16_bit_single_query_rows_in_float32(
     shapes: list[tuple[int, int]],
 ) -> None:
     """One query head a key head: a decode is then a single query row, which torch's
     16-bit CPU kernel took 2-4x as long on as float32 did, upcast included; it is
     attended in float32 on the same 16-bit keys and values and rounded once: each
-    output is the float32 oracle's within one bfloat16 rounding of itself."""
+    output is the float32 oracle's within one bfloat16 rounding of itself. (Padded
+    beside longer sequences in a group, a decode has several rows and stays 16-bit.)"""
     backend = SdpaBackend(16, 64, torch.device("cpu"))
     got, want = _attend_batch(backend, 16, shapes, seed=5, dtype=torch.bfloat16, heads=(4, 4))
     rows = _decode_rows(shapes)
@@ -212,11 +228,13 @@ def _decode_spans(*context_lens: int) -> list[types.SimpleNamespace]:
 def test_decode_group_takes_every_decode_whose_padding_stays_within_bounds() -> None:
     """Contexts of similar length go into one padded group, longest first; the longest
     leave it while padding to them would exceed twice the blocks the contexts fill, or
-    the workspace; fewer than two decodes make no group. Prefill rows never join."""
-    prefill = types.SimpleNamespace(query_len=5, context_len=900)
+    the workspace; fewer than two make no group. A verification pass joins; a sequence
+    of more than ``MAX_FOLDED_ROWS`` rows never does."""
+    prefill = types.SimpleNamespace(query_len=sdpa_attention.MAX_FOLDED_ROWS + 1, context_len=40)
+    verification = types.SimpleNamespace(query_len=5, context_len=55)
     similar = _decode_spans(60, 64, 50, 33)  # 4, 4, 4 and 3 blocks of 16
-    got = sdpa_attention._grouped_decodes([prefill, *similar], 16, 1000)
-    assert [span.context_len for span in got] == [64, 60, 50, 33]
+    got = sdpa_attention._grouped_decodes([prefill, *similar, verification], 16, 1000)
+    assert [span.context_len for span in got] == [64, 60, 55, 50, 33]
     outlier = _decode_spans(20, 300, 30, 16)  # 19 blocks beside 2, 2 and 1
     got = sdpa_attention._grouped_decodes(outlier, 16, 1000)
     assert [span.context_len for span in got] == [30, 20, 16]
