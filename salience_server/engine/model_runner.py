@@ -91,7 +91,7 @@ class ModelRunner:
         ]
         # Attention gathers one layer's blocks at a time: a workspace as large as the
         # pool in blocks costs 1 / num_layers of its memory, and holds any sequence or
-        # decode group (padded) up to the pool's size.
+        # few-row group (padded) up to the pool's size.
         self._workspace_blocks = num_blocks
         if isinstance(attention, str):
             attention = paged_attention.select_backend(

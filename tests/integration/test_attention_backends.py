@@ -179,8 +179,9 @@ def test_a_forward_pass_sends_its_integer_inputs_to_the_device_in_one_copy(
     if backend_name == "flash-attn":
         parts += [meta.query_starts.tensor, meta.context_starts.tensor, meta.context_slots.tensor]
     else:
-        group = meta.decode_group
+        group = meta.few_row_group
         parts += [group.rows.tensor, group.block_ids.tensor, group.lengths.tensor]
+        parts += [group.kept.tensor, group.out_rows.tensor, group.query_lens.tensor]
         parts += [seq.block_ids.tensor for seq in meta.sequences]
     buffer = sent[0].untyped_storage().data_ptr()
     assert all(part.untyped_storage().data_ptr() == buffer for part in parts)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salience_server.engine import flash_attention, paged_attention, sdpa_attention
+from salience_server.engine import few_row_attention, flash_attention, paged_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.sdpa_attention import SdpaBackend
@@ -177,7 +177,7 @@ def test_sdpa_backend_attends_few_rows_as_query_rows_of_their_key_head(
             calls.append((tuple(query.shape), bool(kwargs.get("enable_gqa"))))
         return sdpa(query, *args, **kwargs)
 
-    monkeypatch.setattr(sdpa_attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(few_row_attention.F, "scaled_dot_product_attention", spy)
     num_heads, num_kv_heads = heads
     group = num_heads // num_kv_heads
     backend = SdpaBackend(16, 64, torch.device("cpu"))
@@ -185,7 +185,7 @@ def test_sdpa_backend_attends_few_rows_as_query_rows_of_their_key_head(
     assert (got - want).abs().max().item() < 1e-5
     wanted = [
         ((count, num_kv_heads, group * rows, HEAD_DIM), False)
-        if rows <= sdpa_attention.MAX_FOLDED_ROWS
+        if rows <= few_row_attention.MAX_FOLDED_ROWS
         else ((count, num_heads, rows, HEAD_DIM), True)
         for count, rows in calls_wanted
     ]
@@ -230,21 +230,21 @@ def test_decode_group_takes_every_decode_whose_padding_stays_within_bounds() -> 
     leave it while padding to them would exceed twice the blocks the contexts fill, or
     the workspace; fewer than two make no group. A verification pass joins; a sequence
     of more than ``MAX_FOLDED_ROWS`` rows never does."""
-    prefill = types.SimpleNamespace(query_len=sdpa_attention.MAX_FOLDED_ROWS + 1, context_len=40)
+    prefill = types.SimpleNamespace(query_len=few_row_attention.MAX_FOLDED_ROWS + 1, context_len=40)
     verification = types.SimpleNamespace(query_len=5, context_len=55)
     similar = _decode_spans(60, 64, 50, 33)  # 4, 4, 4 and 3 blocks of 16
-    got = sdpa_attention._grouped_decodes([prefill, *similar, verification], 16, 1000)
+    got = few_row_attention.group_members([prefill, *similar, verification], 16, 1000)
     assert [span.context_len for span in got] == [64, 60, 55, 50, 33]
     outlier = _decode_spans(20, 300, 30, 16)  # 19 blocks beside 2, 2 and 1
-    got = sdpa_attention._grouped_decodes(outlier, 16, 1000)
+    got = few_row_attention.group_members(outlier, 16, 1000)
     assert [span.context_len for span in got] == [30, 20, 16]
     # Two decodes pad to at most twice their blocks: they always group where they fit.
-    got = sdpa_attention._grouped_decodes(_decode_spans(300, 30), 16, 1000)
+    got = few_row_attention.group_members(_decode_spans(300, 30), 16, 1000)
     assert [span.context_len for span in got] == [300, 30]
-    assert sdpa_attention._grouped_decodes(_decode_spans(300, 290), 16, 20) == []
-    assert sdpa_attention._grouped_decodes(_decode_spans(64), 16, 1000) == []
+    assert few_row_attention.group_members(_decode_spans(300, 290), 16, 20) == []
+    assert few_row_attention.group_members(_decode_spans(64), 16, 1000) == []
     # Four decodes of 4 blocks pad to 16: a 12-block workspace takes the three shorter.
-    got = sdpa_attention._grouped_decodes(_decode_spans(64, 63, 62, 61), 16, 12)
+    got = few_row_attention.group_members(_decode_spans(64, 63, 62, 61), 16, 12)
     assert [span.context_len for span in got] == [63, 62, 61]
 
 
