@@ -28,7 +28,7 @@ from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.config import EngineConfig, ModelConfig
-from salience_server.engine import cpu_matmul, draft_cost
+from salience_server.engine import draft_cost, model_runner
 from salience_server.engine.loader import load_model
 from salience_server.engine.ngram import DraftCost, NgramIndex
 
@@ -161,7 +161,7 @@ def draft_costs(dtype: str) -> tuple[dict[int, DraftCost], torch.dtype]:
     again here, on the model's Linear layers as the model runner prepares them), and the
     model's dtype."""
     loaded = load_model(ModelConfig(dtype=dtype))
-    cpu_matmul.prepare_linears(loaded.model, loaded.device, loaded.dtype)
+    model_runner.prepare_linears(loaded.model, loaded.device, loaded.dtype)
     return {k: draft_cost.measure(loaded.model, k) for k in DRAFT_LENGTHS}, loaded.dtype
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from salience_server.engine import cpu_matmul, paged_attention, sdpa_attention
+from salience_server.engine import cpu_matmul, fused_linears, paged_attention, sdpa_attention
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
@@ -37,6 +37,13 @@ def kv_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     1,400 cached tokens, 10 ms of a 120 ms default-model bf16 step). The model's dtype
     elsewhere."""
     return torch.float32 if cpu_matmul.emulates_16_bit(device, dtype) else dtype
+
+
+def prepare_linears(model: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """Stacks the projections of one input (``fused_linears``), then sets up every
+    Linear layer for the device (``cpu_matmul``)."""
+    fused_linears.fuse_projections(model)
+    cpu_matmul.prepare_linears(model, device, dtype)
 
 
 def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
@@ -76,7 +83,7 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        cpu_matmul.prepare_linears(model, self.device, self.dtype)
+        prepare_linears(model, self.device, self.dtype)
         self.block_size = block_size
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)

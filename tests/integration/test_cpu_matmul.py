@@ -182,7 +182,7 @@ def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
     prompt = random_tokens(20, seed=8)
     server = start_server(str(tiny_llama_dir), dtype="float32", block_size=4)
     try:
-        layer = server.engine.runner.model.model.layers[0].mlp.up_proj
+        layer = server.engine.runner.model.model.layers[0].mlp.down_proj
         assert layer.weight.is_mkldnn and layer.forward.__name__ == "forward"  # dispatching
         tokens = _greedy_decode_scored(server, prompt, 8)
     finally:

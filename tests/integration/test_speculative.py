@@ -228,7 +228,7 @@ def test_greedy_speculation_is_exact_where_one_row_products_take_plain_weights(
         tiny_llama_dir, speculative="ngram", speculative_cost=(0.0, 0.0), **options
     )
     if cpu_matmul.prepacks(torch.device("cpu"), torch.float32):  # else: F.linear throughout
-        layer = speculating.engine.runner.model.model.layers[0].self_attn.q_proj
+        layer = speculating.engine.runner.model.model.layers[0].self_attn.o_proj
         assert layer.weight.is_mkldnn and layer.forward.__name__ == "forward"  # dispatching
     want, _, got, got_done = _both(
         (plain, speculating),
