@@ -119,11 +119,14 @@ def _stack(layers: list[torch.nn.Linear]) -> torch.nn.Linear:
 
 
 def _shared_parameters(model: torch.nn.Module) -> set[int]:
-    """Storage of parameters that more than one module holds (tied weights)."""
+    """Storage of parameters that more than one module holds (tied weights). Weights
+    already in oneDNN's layout (a model prepared before) have no storage to compare."""
     seen: set[int] = set()
     shared: set[int] = set()
     for module in model.modules():
         for parameter in module.parameters(recurse=False):
+            if parameter.is_mkldnn:
+                continue
             pointer = parameter.data_ptr()
             (shared if pointer in seen else seen).add(pointer)
     return shared
