@@ -28,8 +28,9 @@ from benchmarks._server import running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.config import EngineConfig, ModelConfig
-from salience_server.engine import draft_cost, model_runner
+from salience_server.engine import draft_cost, paged_attention
 from salience_server.engine.loader import load_model
+from salience_server.engine.model_runner import ModelRunner
 from salience_server.engine.ngram import DraftCost, NgramIndex
 
 FILE = "\n".join(
@@ -158,11 +159,13 @@ def ceiling(prompt_ids: list[int], reply: list[int], cap: int, cost: DraftCost) 
 
 def draft_costs(dtype: str) -> tuple[dict[int, DraftCost], torch.dtype]:
     """What the servers measure a verification step to cost at each draft cap (measured
-    again here, on the model's Linear layers as the model runner prepares them), and the
-    model's dtype."""
+    again here, the same way, on a model runner of this process), and the model's dtype."""
     loaded = load_model(ModelConfig(dtype=dtype))
-    model_runner.prepare_linears(loaded.model, loaded.device, loaded.dtype)
-    return {k: draft_cost.measure(loaded.model, k) for k in DRAFT_LENGTHS}, loaded.dtype
+    block_size = paged_attention.DEFAULT_BLOCK_SIZE
+    tokens = draft_cost.CONTEXT_TOKENS + 1 + max(DRAFT_LENGTHS)
+    runner = ModelRunner(loaded.model, -(-tokens // block_size), block_size)
+    costs = {k: draft_cost.measure(runner, k, loaded.uses_mrope) for k in DRAFT_LENGTHS}
+    return costs, loaded.dtype
 
 
 def first_difference(first: list[int], second: list[int]) -> int:

@@ -1,30 +1,48 @@
 """What a step verifying speculative drafts costs on this device, measured at start-up.
 
-A step verifying d drafts multiplies 1 + d rows where a plain decode step multiplies one,
-and what the extra rows cost depends on the device and dtype as much as on the model.
-Measured over the default model's Linear layers: on an AVX2 CPU in float32 the first
-extra row turned matrix-vector products into matrix products (+0.6 of a step) and later
-ones added 0.1 each; on a CPU whose cache holds the model, float32 rows cost nothing up
-to 2 and then about 0.2 each; with AMX in bfloat16, 16 rows cost what one does; on a
-GPU a step is bound by reading the weights. A fixed guess per device type was wrong on
-all but one of these, and a speculative float32 edit decoded 1.76x faster with it where
-a measured cost gave 1.88x. So the engine times the model's own Linear layers at 1, 2
-and 1 + K rows as it starts (``--speculative-cost`` skips this), and fits
-``DraftCost`` to the times. Linear layers only: the rest of a step grows less with its
-rows, so the fit errs towards drafting less.
+A step verifying d drafts feeds 1 + d rows where a plain decode step feeds one, and
+what the extra rows cost depends on the device and dtype as much as on the model: on an
+AVX2 CPU in float32 the first extra row turned matrix-vector products into matrix
+products (+0.6 of a step) and later ones added 0.1 each; on a CPU whose cache holds the
+model, float32 rows cost nothing up to 2 and then about 0.2 each; with AMX in bfloat16,
+16 rows cost what one does; on a GPU a step is bound by reading the weights. A fixed
+guess per device type was wrong on all but one of these.
+
+So the engine times whole forward passes of the model as it starts (``--speculative-
+cost`` skips this): one sequence over ``CONTEXT_TOKENS`` cached tokens feeding 1, 2 and
+1 + K rows, with the logprobs and argmax of every row, as a verification asks;
+``DraftCost`` is fitted to the median times. Timing the Linear layers alone, as this did
+before, missed what else grows with the rows: on an AVX-512 BF16 CPU in bfloat16 (one
+row: FBGEMM's float16 kernel; five: oneDNN's), it put a 4-draft step at 1.13-1.22 plain
+steps where the engine's steps took 1.39-1.42 (attention over 15 folded query rows
+rather than 3 among the rest; a 5-row pass took 1.21x a 1-row one over 64 cached tokens,
+1.30x over 256, 1.37x over 1,024); the proposer then drafted at acceptance rates where
+drafting lost (free chat: 0.89x the plain speed). Passes of ~30-50 ms on the 2-core CPU
+varied by up to 50% from one to the next, hence medians of ``PASSES``.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from salience_server.engine import layer_timing
+from salience_server.engine.batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from salience_server.engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
+
+CONTEXT_TOKENS = 512
+"""Cached tokens the timed passes attend to (fewer where the pool holds fewer)."""
+PASSES = 9
+"""Timed passes of each width (the widths taking turns, after one untimed each)."""
 
 
 @dataclass(frozen=True)
@@ -38,33 +56,51 @@ class DraftCost:
         return 1.0 + (self.switch + self.row * num_drafts if num_drafts else 0.0)
 
 
-def measure(model: torch.nn.Module, max_drafts: int) -> DraftCost:
-    """The cost of verifying up to ``max_drafts`` drafts with ``model``, fitted to the
-    time its Linear layers take at 1, 2 and ``1 + max_drafts`` rows."""
-    layers = layer_timing.timed_layers(model)
-    if not layers:
-        log.warning("speculation: no Linear layers to time; drafting as if rows were free")
-        return DraftCost(0.0, 0.0)
+def measure(runner: ModelRunner, max_drafts: int, uses_mrope: bool) -> DraftCost:
+    """The cost of verifying up to ``max_drafts`` drafts, fitted to the median time
+    ``runner`` takes for a pass of 1, 2 and ``1 + max_drafts`` rows. The passes write KV
+    into the pool's first blocks, which hold nothing before the engine serves."""
     start = time.perf_counter()
-    # The Linear layers take what the embedding outputs: float32 where 16-bit arithmetic
-    # is emulated (``cpu_matmul.compute_in_float32``), else the model's dtype.
-    embedding = model.get_input_embeddings()  # type: ignore[operator]
-    device = embedding.weight.device
-    dtype = embedding(torch.zeros(1, dtype=torch.long, device=device)).dtype
     rows_timed = sorted({1, 2, 1 + max_drafts})
-    products = [(layer, layer.in_features) for layer in layers]
-    seconds = {
-        rows: layer_timing.pass_seconds(products, rows, dtype, device) for rows in rows_timed
+    capacity = runner.num_blocks * runner.block_size - rows_timed[-1]
+    context = max(0, min(CONTEXT_TOKENS, capacity))
+    batches = {
+        rows: _verification(context, rows, runner.block_size, uses_mrope) for rows in rows_timed
     }
-    cost = fit(seconds, max_drafts)
+    times: dict[int, list[float]] = {rows: [] for rows in rows_timed}
+    for attempt in range(PASSES + 1):
+        for rows, batch in batches.items():
+            layer_timing.synchronize(runner.device)
+            began = time.perf_counter()
+            logits = runner.execute(batch).logits
+            # What the sampler then does with a verification's rows: their logprobs, and
+            # their argmax on the host.
+            torch.log_softmax(logits.float(), dim=-1)
+            torch.argmax(logits, dim=-1).tolist()
+            if attempt:  # the first pass of each width is not timed
+                times[rows].append(time.perf_counter() - began)
+    cost = fit({rows: statistics.median(t) for rows, t in times.items()}, max_drafts)
     log.info(
         "speculation: a step verifying d drafts costs 1 + %.2f + %.2f d plain steps "
-        "(measured in %.1f s; --speculative-cost sets it)",
+        "(measured over %d cached tokens in %.1f s; --speculative-cost sets it)",
         cost.switch,
         cost.row,
+        context,
         time.perf_counter() - start,
     )
     return cost
+
+
+def _verification(context: int, rows: int, block_size: int, uses_mrope: bool) -> ForwardBatch:
+    """One sequence feeding ``rows`` tokens after ``context`` cached ones (blocks 0 on),
+    with logits at every row."""
+    batch = ForwardBatch()
+    positions = range(context, context + rows)
+    rope_positions = [(p, p, p) for p in positions] if uses_mrope else None
+    block_table = list(range(-(-(context + rows) // block_size)))
+    batch.add_sequence([0] * rows, context, block_table, block_size, rope_positions)
+    batch.logits_rows = list(range(rows))
+    return batch
 
 
 def fit(seconds: dict[int, float], max_drafts: int) -> DraftCost:

@@ -95,7 +95,7 @@ class Engine:
             self.max_context,
             pool.block_bytes,
         )
-        proposer = draft_proposer(config, loaded.model)
+        proposer = draft_proposer(config, self.runner, self.uses_mrope)
         self.scheduler = Scheduler(config, self.block_manager, self.evictor, proposer)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.gauges)

@@ -1,5 +1,5 @@
-"""Timing a model's Linear layers as a forward pass streams them, for the choices the
-engine makes at start-up from measurements (``draft_cost``, ``cpu_matmul``)."""
+"""Timing a model's Linear layers as a forward pass streams them, for the choice
+``cpu_matmul`` makes at start-up from measurements."""
 
 from __future__ import annotations
 
@@ -46,16 +46,16 @@ def pass_seconds(
     inputs = [torch.randn(rows, width, dtype=dtype, device=device) for _, width in products]
     best = float("inf")
     for attempt in range(REPEATS + 1):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for (product, _), x in zip(products, inputs, strict=True):
             product(x)
-        _synchronize(device)
+        synchronize(device)
         if attempt:
             best = min(best, time.perf_counter() - start)
     return best
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -85,6 +85,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         prepare_linears(model, self.device, self.dtype)
         self.block_size = block_size
+        self.num_blocks = num_blocks
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         # One (keys, values) pair per layer: [num_blocks, block_size, Hkv, D] each.

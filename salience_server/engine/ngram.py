@@ -14,13 +14,14 @@ against the tokens before it is used). The index is plain Python: no tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from salience_server.config import EngineConfig
 from salience_server.engine import draft_cost
 from salience_server.engine.draft_cost import DraftCost
+
+if TYPE_CHECKING:
+    from salience_server.engine.model_runner import ModelRunner
 
 
 @dataclass
@@ -159,15 +160,17 @@ class NgramProposer:
         return drafts
 
 
-def draft_proposer(config: EngineConfig, model: torch.nn.Module) -> NgramProposer | None:
+def draft_proposer(
+    config: EngineConfig, runner: ModelRunner, uses_mrope: bool
+) -> NgramProposer | None:
     """The configured proposer (None when speculation is off), with the verification
-    cost ``--speculative-cost`` gives, or else the one measured for ``model``."""
+    cost ``--speculative-cost`` gives, or else the one measured on ``runner``."""
     if config.speculative != "ngram":
         return None
     if config.speculative_cost is not None:
         cost = DraftCost(*config.speculative_cost)
     else:
-        cost = draft_cost.measure(model, config.num_speculative_tokens)
+        cost = draft_cost.measure(runner, config.num_speculative_tokens, uses_mrope)
     return NgramProposer(
         config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max, cost
     )

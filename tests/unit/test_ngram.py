@@ -113,34 +113,68 @@ def test_acceptance_follows_recent_verifications() -> None:
 def test_the_verification_cost_is_measured_unless_given(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without ``--speculative-cost`` the proposer takes the cost measured on the model's
-    Linear layers (decoder and output head); with it, that one, and nothing is timed."""
+    """Without ``--speculative-cost`` the proposer takes the cost fitted to whole forward
+    passes of 1, 2 and 1 + K rows, logits at every row, after cached tokens; with it,
+    that one, and nothing runs."""
+    from types import SimpleNamespace
+
     from salience_server.config import EngineConfig, ModelConfig
-    from salience_server.engine import layer_timing
+    from salience_server.engine import draft_cost
+    from salience_server.engine.batch import ForwardBatch
     from salience_server.engine.draft_cost import DraftCost
     from salience_server.engine.loader import load_model
+    from salience_server.engine.model_runner import ModelRunner
     from salience_server.engine.ngram import draft_proposer
 
-    model = load_model(ModelConfig(model=str(tiny_llama_dir))).model
-    assert draft_proposer(EngineConfig(), model) is None
-    timed: list[tuple[int, int]] = []
-    pass_seconds = layer_timing.pass_seconds
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir)))
+    runner = ModelRunner(loaded.model, num_blocks=8, block_size=16)  # 128 tokens
+    config = EngineConfig(speculative="ngram", num_speculative_tokens=3)
+    assert draft_proposer(EngineConfig(), runner, False) is None
+    passes: list[ForwardBatch] = []
+    execute = runner.execute
 
-    def recording(products: list[tuple[torch.nn.Linear, int]], rows: int, *args: object) -> float:
-        timed.append((len(products), rows))
-        assert products[-1][0] is model.get_output_embeddings()
-        return pass_seconds(products, rows, *args)  # type: ignore[arg-type]
+    def recording(batch: ForwardBatch) -> object:
+        passes.append(batch)
+        return execute(batch)
 
-    monkeypatch.setattr(layer_timing, "pass_seconds", recording)
-    proposer = draft_proposer(EngineConfig(speculative="ngram", num_speculative_tokens=3), model)
-    assert proposer is not None
-    linears = [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
-    assert timed == [(len(linears) + 1, rows) for rows in (1, 2, 4)]
-    assert proposer.cost.switch >= 0 and proposer.cost.row >= 0
-    timed.clear()
-    chosen = EngineConfig(speculative="ngram", speculative_cost=(0.2, 0.3))
-    given = draft_proposer(chosen, model)
-    assert given is not None and given.cost == DraftCost(0.2, 0.3) and not timed
+    monkeypatch.setattr(runner, "execute", recording)
+    proposer = draft_proposer(config, runner, False)
+    assert proposer is not None and proposer.cost.switch >= 0 and proposer.cost.row >= 0
+    assert [batch.num_tokens for batch in passes] == [1, 2, 4] * (draft_cost.PASSES + 1)
+    for batch in passes:  # after 124 cached tokens: the pool holds 128, the widest pass 4
+        (sequence,) = batch.sequences
+        assert batch.positions == list(range(124, 124 + batch.num_tokens))
+        assert sequence.context_len == 124 + batch.num_tokens and sequence.block_table == list(
+            range(-(-sequence.context_len // 16))
+        )
+        assert batch.logits_rows == list(range(batch.num_tokens))
+        assert not batch.rope_positions
+
+    # The fit takes the median time of each width: 10, 12 and 15, whatever the outliers.
+    clock = [0.0]
+    timed_passes = draft_cost.PASSES + 1
+    durations = {
+        1: [10.0] * (timed_passes - 1) + [30.0],
+        2: [12.0] * timed_passes,
+        4: [5.0] + [15.0] * (timed_passes - 1),
+    }
+
+    def timed(batch: ForwardBatch) -> SimpleNamespace:
+        passes.append(batch)
+        clock[0] += durations[batch.num_tokens].pop()
+        return SimpleNamespace(logits=torch.zeros(batch.num_tokens, 8))
+
+    monkeypatch.setattr(draft_cost, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(runner, "execute", timed)
+    passes.clear()
+    cost = draft_cost.measure(runner, 3, uses_mrope=True)
+    assert abs(cost.steps(1) - 1.2) < 1e-12 and abs(cost.steps(3) - 1.5) < 1e-12
+    assert passes[0].rope_positions == [(124, 124, 124)]  # t, h and w: one position
+    passes.clear()
+    given = draft_proposer(
+        EngineConfig(speculative="ngram", speculative_cost=(0.2, 0.3)), runner, False
+    )
+    assert given is not None and given.cost == DraftCost(0.2, 0.3) and not passes
 
 
 def test_the_cost_fit_passes_through_the_measured_points() -> None:
@@ -155,19 +189,3 @@ def test_the_cost_fit_passes_through_the_measured_points() -> None:
     assert noisy.switch == 0.0 and abs(noisy.row - 0.15) < 1e-12
     single = fit({1: 10.0, 2: 12.0}, 1)  # at most one draft: the switch says it all
     assert abs(single.switch - 0.2) < 1e-12 and single.row == 0.0
-
-
-def test_a_model_without_linear_layers_drafts_as_if_rows_were_free() -> None:
-    from salience_server.engine import draft_cost
-
-    class NoLinears(torch.nn.Module):
-        def get_decoder(self) -> torch.nn.Module:
-            return torch.nn.Sequential(torch.nn.ReLU())
-
-        def get_input_embeddings(self) -> torch.nn.Module:
-            return torch.nn.Embedding(8, 4)
-
-        def get_output_embeddings(self) -> None:
-            return None
-
-    assert draft_cost.measure(NoLinears(), 4) == draft_cost.DraftCost(0.0, 0.0)
