@@ -21,6 +21,7 @@ from salience_server.engine.few_row_attention import (
     attend_group,
     build_group,
     group_members,
+    sdpa_mask,
 )
 from salience_server.engine.uploads import Upload, Uploads
 
@@ -52,11 +53,12 @@ class SdpaAttentionMetadata:
     """Reused (keys, values) buffers, each [max_blocks, block_size, Hkv, D], that one
     sequence's context is gathered into: fresh allocations per gather cost page faults
     that made gathering ~9x slower on CPU."""
-    window_masks: dict[int | None, tuple[list[torch.Tensor | None], torch.Tensor | None]] = field(
-        default_factory=dict
-    )
-    """Per sliding-window size (None: no window), the sequences' and the few-row group's
-    masks: built by the first layer that needs them, reused by the others."""
+    window_masks: dict[
+        tuple[int | None, int, torch.dtype], tuple[list[torch.Tensor | None], torch.Tensor | None]
+    ] = field(default_factory=dict)
+    """Per sliding-window size (None: no window), query heads per key head and dtype,
+    the sequences' and the few-row group's masks as SDPA takes them (``sdpa_mask``):
+    built by the first layer that needs them, reused by the others."""
 
     @property
     def slot_mapping(self) -> torch.Tensor:
@@ -71,7 +73,7 @@ class SdpaAttentionMetadata:
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """query [1, H, T, D] -> [T, H, D]."""
-        masks, group_mask = self._masks(sliding_window)
+        masks, group_mask = self._masks(sliding_window, query, key_cache)
         group = self.few_row_group
         if group is None and len(self.sequences) == 1:  # one sequence: its rows are all
             seq = self.sequences[0]
@@ -109,7 +111,7 @@ class SdpaAttentionMetadata:
         keys = _gather(key_cache, seq, self.workspace[0])  # [1, Hkv, ctx, D]
         values = _gather(value_cache, seq, self.workspace[1])
         queries = query if seq.query_len == query.shape[2] else query[:, :, rows]
-        if seq.query_len == 1 or (mask is not None and seq.query_len <= MAX_FOLDED_ROWS):
+        if _folds(seq, mask):
             return attend_folded(queries, keys, values, mask, scaling)
         attended = F.scaled_dot_product_attention(
             queries,
@@ -123,10 +125,13 @@ class SdpaAttentionMetadata:
         return attended if attended.dtype == query.dtype else attended.to(query.dtype)
 
     def _masks(
-        self, sliding_window: int | None
+        self, sliding_window: int | None, query: torch.Tensor, key_cache: torch.Tensor
     ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-        group = self.few_row_group
-        if sliding_window not in self.window_masks:
+        """The sequences' and the group's masks as SDPA takes them (``sdpa_mask``)."""
+        heads_per_key_head = query.shape[1] // key_cache.shape[-2]
+        key = (sliding_window, heads_per_key_head, query.dtype)
+        if key not in self.window_masks:
+            group = self.few_row_group
             if sliding_window is None:
                 masks = [seq.mask for seq in self.sequences]
             else:
@@ -135,9 +140,24 @@ class SdpaAttentionMetadata:
                     causal_mask(seq.query_len, seq.context_len, device, sliding_window)
                     for seq in self.sequences
                 ]
-            group_mask = group.mask(sliding_window) if group is not None else None
-            self.window_masks[sliding_window] = (masks, group_mask)
-        return self.window_masks[sliding_window]
+            masks = [
+                sdpa_mask(mask, heads_per_key_head, _folds(seq, mask), query.dtype)
+                for seq, mask in zip(self.sequences, masks, strict=True)
+            ]
+            group_mask = None
+            if group is not None:
+                group_mask = sdpa_mask(
+                    group.mask(sliding_window), heads_per_key_head, True, query.dtype
+                )
+            self.window_masks[key] = (masks, group_mask)
+        return self.window_masks[key]
+
+
+def _folds(seq: SequenceAttention, mask: torch.Tensor | None) -> bool:
+    """Whether a sequence's rows attend folded (``attend_folded``): a decode, or a few
+    rows that need a mask (rows that need none are a whole new sequence: SDPA's own
+    causal mask, unfolded)."""
+    return seq.query_len == 1 or (mask is not None and seq.query_len <= MAX_FOLDED_ROWS)
 
 
 class SdpaBackend:

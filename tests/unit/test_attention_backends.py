@@ -175,6 +175,12 @@ def test_sdpa_backend_attends_few_rows_as_query_rows_of_their_key_head(
     def spy(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if query.dim() == 4:  # the backend's (the oracle's are [H, q, D])
             calls.append((tuple(query.shape), bool(kwargs.get("enable_gqa"))))
+            # Masks come made for SDPA (``sdpa_mask``): additive, one row per query row
+            # (folded ones included), or one row for them all.
+            mask = kwargs.get("attn_mask")
+            assert mask is None or (
+                mask.dtype == query.dtype and mask.shape[-2] in (1, query.shape[2])
+            )
         return sdpa(query, *args, **kwargs)
 
     monkeypatch.setattr(few_row_attention.F, "scaled_dot_product_attention", spy)
