@@ -76,15 +76,30 @@ class Oracle:
         self.readout_vectors = readout_vectors  # [n_concepts, hidden]
         self.info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._image_positions = torch.zeros(0, dtype=torch.bool)
+        self.model.model.get_placeholder_mask = self._placeholder_mask
+
+    def _placeholder_mask(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, **features: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers takes every image token for a placeholder of an image; here only
+        the images' own are (``forward``)."""
+        images = self._image_positions[..., None].expand_as(inputs_embeds)
+        return images, torch.zeros_like(images)
 
     def forward(self, session: SessionModel) -> tuple[torch.Tensor, torch.Tensor]:
         """([L, V] logprobs, [L, n_concepts] readout) of the session's tokens."""
         key = (tuple(session.token_ids), tuple(session.images))
         if key not in self._cache:
             input_ids = torch.tensor([session.token_ids])
+            # The images' own placeholders. A token the model decoded that happens to be
+            # the image token is text, to the server and so to the oracle.
+            self._image_positions = torch.zeros_like(input_ids, dtype=torch.bool)
+            for start, _ in session.images:
+                self._image_positions[0, start : start + 4] = True
             inputs = {
                 "input_ids": input_ids,
-                "mm_token_type_ids": (input_ids == self.info.image_pad_token_id).int(),
+                "mm_token_type_ids": self._image_positions.int(),
             }
             if session.images:
                 features = [
