@@ -39,13 +39,6 @@ def kv_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if cpu_matmul.emulates_16_bit(device, dtype) else dtype
 
 
-def prepare_linears(model: Any, device: torch.device, dtype: torch.dtype) -> None:
-    """Stacks the projections of one input (``fused_linears``), then sets up every
-    Linear layer for the device (``cpu_matmul``)."""
-    fused_linears.fuse_projections(model)
-    cpu_matmul.prepare_linears(model, device, dtype)
-
-
 def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
     """Bytes of keys and values one token needs across all layers."""
     num_layers, num_kv_heads, head_dim = kv_shape(model_config)
@@ -83,7 +76,9 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        prepare_linears(model, self.device, self.dtype)
+        # Projections of one input stacked first, so that the CPU paths see them as one.
+        fused_linears.fuse_projections(model)
+        cpu_matmul.prepare_linears(model, self.device, self.dtype)
         self.block_size = block_size
         self.num_blocks = num_blocks
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
