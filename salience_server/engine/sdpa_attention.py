@@ -80,17 +80,19 @@ class SdpaAttentionMetadata:
             return self._attend_one(query, key_cache, value_cache, seq, masks[0], scaling)[
                 0
             ].transpose(0, 1)
-        output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+        grouped = None
         if group is not None and group_mask is not None:
-            output[group.out_rows.tensor] = attend_group(
-                query,
-                key_cache,
-                value_cache,
-                group,
-                group_mask,
-                self.workspace,
-                scaling,
+            grouped = attend_group(
+                query, key_cache, value_cache, group, group_mask, self.workspace, scaling
             )
+            if group.first_row == 0 and not self.sequences:  # the group is the batch
+                return grouped
+        output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+        if group is not None and grouped is not None:
+            if group.first_row is None:
+                output[group.out_rows.tensor] = grouped
+            else:
+                output[group.first_row : group.first_row + grouped.shape[0]] = grouped
         for seq, mask in zip(self.sequences, masks, strict=True):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             attended = self._attend_one(query, key_cache, value_cache, seq, mask, scaling)
@@ -224,8 +226,7 @@ def build_metadata(
     grouped = group_members(spans, block_size, workspace[0].shape[0])
     group = None
     if grouped:
-        max_blocks = -(-grouped[0].context_len // block_size)
-        group = build_group(grouped, max_blocks, block_size, uploads)
+        group = build_group(grouped, block_size, uploads)
         in_group = {id(span) for span in grouped}
         spans = [span for span in spans if id(span) not in in_group]
     sequences = [

@@ -17,7 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salience_server.engine import few_row_attention, flash_attention, paged_attention
+from salience_server.engine import (
+    few_row_attention,
+    flash_attention,
+    paged_attention,
+    sdpa_attention,
+)
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.sdpa_attention import SdpaBackend
@@ -232,18 +237,18 @@ def _decode_spans(*context_lens: int) -> list[types.SimpleNamespace]:
 
 
 def test_decode_group_takes_every_decode_whose_padding_stays_within_bounds() -> None:
-    """Contexts of similar length go into one padded group, longest first; the longest
-    leave it while padding to them would exceed twice the blocks the contexts fill, or
-    the workspace; fewer than two make no group. A verification pass joins; a sequence
-    of more than ``MAX_FOLDED_ROWS`` rows never does."""
+    """Contexts of similar length go into one padded group, in the batch's order; the
+    longest leave it while padding to them would exceed twice the blocks the contexts
+    fill, or the workspace; fewer than two make no group. A verification pass joins; a
+    sequence of more than ``MAX_FOLDED_ROWS`` rows never does."""
     prefill = types.SimpleNamespace(query_len=few_row_attention.MAX_FOLDED_ROWS + 1, context_len=40)
     verification = types.SimpleNamespace(query_len=5, context_len=55)
     similar = _decode_spans(60, 64, 50, 33)  # 4, 4, 4 and 3 blocks of 16
     got = few_row_attention.group_members([prefill, *similar, verification], 16, 1000)
-    assert [span.context_len for span in got] == [64, 60, 55, 50, 33]
+    assert [span.context_len for span in got] == [60, 64, 50, 33, 55]
     outlier = _decode_spans(20, 300, 30, 16)  # 19 blocks beside 2, 2 and 1
     got = few_row_attention.group_members(outlier, 16, 1000)
-    assert [span.context_len for span in got] == [30, 20, 16]
+    assert [span.context_len for span in got] == [20, 30, 16]
     # Two decodes pad to at most twice their blocks: they always group where they fit.
     got = few_row_attention.group_members(_decode_spans(300, 30), 16, 1000)
     assert [span.context_len for span in got] == [300, 30]
@@ -252,6 +257,38 @@ def test_decode_group_takes_every_decode_whose_padding_stays_within_bounds() -> 
     # Four decodes of 4 blocks pad to 16: a 12-block workspace takes the three shorter.
     got = few_row_attention.group_members(_decode_spans(64, 63, 62, 61), 16, 12)
     assert [span.context_len for span in got] == [63, 62, 61]
+
+
+@pytest.mark.parametrize(
+    ("shapes", "first_row"),
+    [
+        (DECODES, 0),
+        ([(13, 5), (29, 5), (40, 5)], 0),  # verification passes of one width
+        ([(0, 20), (29, 1), (0, 1), (40, 1)], 20),  # after a prefill
+        ([(29, 1), (0, 1), (40, 1), (0, 20)], 0),  # before one
+        ([(29, 1), (0, 20), (40, 1)], None),  # a prefill between them
+        ([(13, 5), (29, 1), (40, 1)], None),  # rows padded to the widest
+    ],
+    ids=["decodes", "verifications", "after-prefill", "before-prefill", "split", "padded"],
+)
+def test_a_group_of_consecutive_rows_takes_them_as_a_slice_and_equals_dense_attention(
+    shapes: list[tuple[int, int]], first_row: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the group's rows are consecutive in the batch, all of one width, the group
+    reads its queries and writes its rows as one slice (``FewRowGroup.first_row``);
+    otherwise it picks and places them by index. Either way: dense attention."""
+    seen: list[int | None] = []
+    attend_group = sdpa_attention.attend_group
+
+    def spy(query: torch.Tensor, key_cache: torch.Tensor, *args: Any) -> torch.Tensor:
+        seen.append(args[1].first_row)
+        return attend_group(query, key_cache, *args)
+
+    monkeypatch.setattr(sdpa_attention, "attend_group", spy)
+    backend = SdpaBackend(16, 64, torch.device("cpu"))
+    got, want = _attend_batch(backend, 16, shapes, seed=7, heads=(6, 2))
+    assert (got - want).abs().max().item() < 1e-5
+    assert seen == [first_row]
 
 
 def test_sdpa_backend_attends_a_long_decode_beside_a_group_and_equals_dense_attention() -> None:
