@@ -23,17 +23,9 @@ on the Xeon. On the AVX2 EPYC, and for bfloat16 with AMX, the prepacked weights 
 every row count, and no copy is kept.
 
 **FBGEMM's float16-weight GEMM** (16-bit models without 16-bit units; narrow bfloat16
-products beside oneDNN's, above, where it is faster): torch's 16-bit
-GEMM emulates the arithmetic there, and its cost grows with every row: on the AVX2 CPU the
-decoder's bfloat16 Linear layers took 20 ms at one row, 100 ms at five and 270 ms at
-sixteen. FBGEMM's kernel (what torch's dynamic float16 quantization runs) keeps float16
-weights and converts them to float32 inside the kernel (F16C): half the bytes of float32
-at float32's arithmetic, 18, 28 and 61 ms for the same rows, and 630 ms for a 370-row
-prefill against 710 ms in float32 through MKL. A bfloat16 weight whose values all fit
-float16 exactly (those of the default model do) converts without changing a bit, so
-``pack_fp16_linears`` gives such layers that kernel: the product is the float32 product
-of the same bfloat16 values (rounded once to bfloat16 for a bfloat16 input; the model's
-inputs are float32, below).
+products beside oneDNN's, above, where it is faster): float16 weights converted to
+float32 inside the kernel, for a bfloat16 weight whose values float16 holds exactly
+(``fp16_gemm``, with its measurements).
 
 **Upcast from ``MIN_ROWS`` rows** (16-bit layers FBGEMM cannot take: a value outside
 float16's range or precision, a CPU without FBGEMM): ``upcast_wide_products`` keeps the
@@ -59,7 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from salience_server.engine import layer_timing
+from salience_server.engine import fp16_gemm, layer_timing
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +68,10 @@ def prepare_linears(model: torch.nn.Module, device: torch.device, dtype: torch.d
     """Sets up ``model``'s Linear layers for the path this CPU and ``dtype`` take (see
     the module's docstring); on other devices, nothing."""
     if prepacks(device, dtype):
-        below = narrow_products_below(model, dtype, device)
+        timed: Prepared = {}
+        below = narrow_products_below(model, dtype, device, timed)
         kept = narrow_bytes(model, dtype) if below else 0
-        count = prepack_linears(model, dtype, below)
+        count = prepack_linears(model, dtype, below, timed)
         log.info("%d Linear layers keep their weights in oneDNN's layout", count)
         if below:
             log.info(
@@ -88,7 +81,7 @@ def prepare_linears(model: torch.nn.Module, device: torch.device, dtype: torch.d
                 kept / 2**20,
             )
     elif emulates_16_bit(device, dtype):
-        packed = pack_fp16_linears(model)
+        packed = fp16_gemm.pack_linears(model)
         if packed:
             log.info("%d Linear layers multiply float16-held weights in float32", packed)
         upcast = upcast_wide_products(model)
@@ -118,7 +111,7 @@ def prepacks(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.float32:
-        return _is_x86_avx2()
+        return fp16_gemm.is_x86_avx2()
     return (
         dtype == torch.bfloat16
         and has_16_bit_units()
@@ -154,17 +147,27 @@ def narrow_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Any | Non
     where there is none."""
     if weight.dtype == torch.float32:
         return _plain_product(weight, bias)
-    if weight.dtype == torch.bfloat16 and has_fp16_gemm() and _fits_float16(weight):
-        weight = weight.detach().float()
-        wide_bias = bias.detach().float() if bias is not None else None
-        return _fp16_forward(torch.ops.quantized.linear_prepack_fp16(weight, wide_bias))
+    if weight.dtype == torch.bfloat16 and fp16_gemm.has_fp16_gemm() and fp16_gemm.fits(weight):
+        return fp16_gemm.product(weight, bias)
     return None
 
 
-def narrow_products_below(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+Prepared = dict[torch.nn.Linear, tuple[torch.Tensor, Any | None]]
+"""Linear layers' weights in oneDNN's layout and their ``narrow_product`` (or None), as
+``narrow_products_below`` made them for its timing, for ``prepack_linears`` to keep:
+making them again took 1.2 s of a 5.5 s start for the default model in bfloat16."""
+
+
+def narrow_products_below(
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    prepared: Prepared | None = None,
+) -> int:
     """Below how many rows ``model``'s ``dtype`` Linear layers multiply faster by their
     ``narrow_product`` than prepacked, timed over the layers a forward pass streams
-    (``layer_timing``) at ``NARROW_ROWS_TIMED`` rows; 0 where never."""
+    (``layer_timing``) at ``NARROW_ROWS_TIMED`` rows; 0 where never. The products it
+    times go into ``prepared``."""
     layers = [
         layer
         for layer in layer_timing.timed_layers(model)
@@ -181,11 +184,14 @@ def narrow_products_below(model: torch.nn.Module, dtype: torch.dtype, device: to
             available / 2**20,
         )
         return 0
+    prepared = {} if prepared is None else prepared
+    for layer in layers:
+        prepared[layer] = (_reorder(layer.weight), narrow_product(layer.weight, layer.bias))
     packed = [
-        (_packed_product(_reorder(layer.weight), layer.bias), layer.in_features) for layer in layers
+        (_packed_product(prepared[layer][0], layer.bias), layer.in_features) for layer in layers
     ]
     narrow = [
-        (narrow_product(layer.weight, layer.bias) or product, width)
+        (prepared[layer][1] or product, width)
         for layer, (product, width) in zip(layers, packed, strict=True)
     ]
     seconds: dict[int, tuple[float, float]] = {}
@@ -220,13 +226,20 @@ def narrow_rows_below(seconds: dict[int, tuple[float, float]]) -> int:
     return below
 
 
-def prepack_linears(model: torch.nn.Module, dtype: torch.dtype, narrow_below: int = 0) -> int:
+def prepack_linears(
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    narrow_below: int = 0,
+    prepared: Prepared | None = None,
+) -> int:
     """Replaces each ``dtype`` Linear weight of ``model`` by the same weight in oneDNN's
     blocked layout (an opaque tensor of the same shape and dtype), which its forward
     then multiplies by; products of fewer than ``narrow_below`` rows take the layer's
-    ``narrow_product``, where it has one (``narrow_bytes`` more). Returns how many layers
-    were changed. A weight tied to another module (an output head sharing the
-    embedding) is copied, not moved: the other module keeps the plain one."""
+    ``narrow_product``, where it has one (``narrow_bytes`` more). Layers in ``prepared``
+    take the ones made there. Returns how many layers were changed. A weight tied to
+    another module (an output head sharing the embedding) is copied, not moved: the
+    other module keeps the plain one."""
+    prepared = {} if prepared is None else prepared
     count = 0
     for module in model.modules():
         if (
@@ -236,9 +249,13 @@ def prepack_linears(model: torch.nn.Module, dtype: torch.dtype, narrow_below: in
             and not module.weight.is_mkldnn
         ):
             weight = module.weight.detach()
-            module.weight = torch.nn.Parameter(_reorder(weight), requires_grad=False)
+            reordered, narrow = prepared.pop(module, (None, None))
+            if reordered is None:
+                reordered = _reorder(weight)
+                narrow = narrow_product(weight, module.bias) if narrow_below > 1 else None
+            module.weight = torch.nn.Parameter(reordered, requires_grad=False)
             packed = _packed_product(module.weight, module.bias)
-            narrow = narrow_product(weight, module.bias) if narrow_below > 1 else None
+            narrow = narrow if narrow_below > 1 else None
             module.forward = _packed_forward(packed, narrow, narrow_below)  # type: ignore[method-assign]
             count += 1
     return count
@@ -314,51 +331,6 @@ def _packed_forward(packed: Any, narrow: Any | None, narrow_below: int) -> Any:
     return forward
 
 
-def has_fp16_gemm() -> bool:
-    """Whether torch has FBGEMM's float16-weight GEMM here (x86 with AVX2 or newer)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines and _is_x86_avx2()
-
-
-def _is_x86_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def pack_fp16_linears(model: torch.nn.Module) -> int:
-    """Gives each 16-bit Linear of ``model`` whose weight float16 holds exactly FBGEMM's
-    float16-weight GEMM, computing in float32, the result in the input's dtype (float32
-    in the model: ``compute_in_float32``). Returns how many layers were changed. The packed copy replaces the weight, which is dropped
-    (``weight`` becomes None); a weight tied to another module (an output head sharing
-    the embedding) stays with that module."""
-    if not has_fp16_gemm():
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and _fits_float16(module.weight):
-            weight = module.weight.detach().float()
-            bias = module.bias.detach().float() if module.bias is not None else None
-            packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
-            module.weight = None  # type: ignore[assignment]
-            module.forward = _fp16_forward(packed)  # type: ignore[method-assign]
-            count += 1
-    return count
-
-
-def _fits_float16(weight: torch.Tensor | None) -> bool:
-    """A 16-bit weight whose every value float16 represents exactly."""
-    if weight is None or weight.dtype not in _16_BIT:
-        return False
-    return weight.dtype == torch.float16 or torch.equal(
-        weight.detach().to(torch.float16).to(weight.dtype), weight.detach()
-    )
-
-
-def _fp16_forward(packed: Any) -> Any:
-    def forward(inputs: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(inputs.float(), packed).to(inputs.dtype)
-
-    return forward
-
-
 def upcast_wide_products(model: torch.nn.Module) -> int:
     """Makes every Linear of ``model`` that still has a 16-bit weight multiply in
     float32 from ``MIN_ROWS`` rows on; returns how many layers were changed."""
@@ -394,7 +366,7 @@ def compute_in_float32(model: torch.nn.Module) -> None:
     Linear layers and embeddings (norm weights, rotary tables, a vision tower's patch
     convolution), so that every operator after the embedding computes in float32.
     Linear and embedding weights keep their 16-bit storage: Linear layers take float32
-    inputs on either CPU path (``pack_fp16_linears``, ``upcast_wide_products``)."""
+    inputs on either CPU path (``fp16_gemm.pack_linears``, ``upcast_wide_products``)."""
 
     def widen(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.float() if tensor.dtype in _16_BIT else tensor

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from salience_server.engine import cpu_matmul
+from salience_server.engine import cpu_matmul, fp16_gemm
 from tests.conftest import start_server
 from tests.helpers import (
     U32_MAX,
@@ -47,7 +47,7 @@ def test_bfloat16_logprobs_stay_close_to_float32(
             cpu = torch.device("cpu")
             if cpu_matmul.prepacks(cpu, runner.dtype):  # float32; bf16 with 16-bit units
                 assert head.is_mkldnn and head.dtype == runner.dtype
-            elif emulated and cpu_matmul.has_fp16_gemm():  # packed into float16, dropped
+            elif emulated and fp16_gemm.has_fp16_gemm():  # packed into float16, dropped
                 assert head is None
                 # The model's activations are float32 there, and so are its logits.
                 embedded = runner.model.model.embed_tokens(torch.tensor([[1]]))
@@ -93,7 +93,7 @@ def test_emulated_16_bit_models_are_float32_arithmetic_on_16_bit_weights(
         linears = [
             m for m in server.engine.runner.model.modules() if isinstance(m, torch.nn.Linear)
         ]
-        if cpu_matmul.has_fp16_gemm() and dtype == "bfloat16":  # both paths are taken
+        if fp16_gemm.has_fp16_gemm() and dtype == "bfloat16":  # both paths are taken
             assert {linear.weight is None for linear in linears} == {True, False}
         tokens, _ = generate(
             server.stub,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from salience_server.engine import cpu_matmul
+from salience_server.engine import cpu_matmul, fp16_gemm
 from tests.conftest import start_server
 from tests.helpers import (
     U32_MAX,
@@ -75,7 +75,7 @@ def test_prepacked_products_equal_plain_ones(dtype: torch.dtype, narrow_below: i
     assert cpu_matmul.prepack_linears(modules, dtype, narrow_below) == 2
     assert layer.weight.is_mkldnn and head.weight.is_mkldnn and not other.weight.is_mkldnn
     assert not embedding.weight.is_mkldnn and torch.equal(embedding.weight, head_weight)
-    fp16_narrow = dtype == torch.bfloat16 and cpu_matmul.has_fp16_gemm()
+    fp16_narrow = dtype == torch.bfloat16 and fp16_gemm.has_fp16_gemm()
     for x in _inputs(dtype):
         narrow = x.numel() // x.shape[-1] < narrow_below
         for got, w, b in ((layer(x), weight, bias), (head(x), head_weight, None)):
@@ -170,6 +170,54 @@ def test_narrow_kernels_are_timed_against_prepacked_ones_on_models_worth_it(
     assert not timed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_start_up_keeps_the_products_it_timed(
+    tiny_llama_dir, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prepare_linears`` keeps the prepacked weights and narrow copies that
+    ``narrow_products_below`` made to time them: each weight is reordered once, every
+    layer keeps its own (the prepared model's logits are the plain model's), and the
+    narrow ones serve the rows they won."""
+    from salience_server.engine import layer_timing
+
+    cpu = torch.device("cpu")
+    if not cpu_matmul.prepacks(cpu, dtype):
+        assert dtype == torch.bfloat16 or not _float32_prepacks()
+        return
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype)
+    inputs = torch.tensor([random_tokens(6, seed=3)])
+    with torch.inference_mode():
+        want = model(inputs).logits.float()
+    calls: list[int] = []
+
+    def fake_pass(products: list[tuple[object, int]], rows: int, *args: object) -> float:
+        calls.append(rows)
+        return 1.0 if len(calls) % 2 == 1 else 2.0  # the narrow kernel (timed first) wins
+
+    reorders: list[torch.Size] = []
+    reorder = cpu_matmul._reorder
+
+    def counted(weight: torch.Tensor) -> torch.Tensor:
+        reorders.append(weight.shape)
+        return reorder(weight)
+
+    monkeypatch.setattr(layer_timing, "pass_seconds", fake_pass)
+    monkeypatch.setattr(cpu_matmul, "MIN_TIMED_BYTES", 0)
+    monkeypatch.setattr(cpu_matmul, "_reorder", counted)
+    cpu_matmul.prepare_linears(model, cpu, dtype)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.is_mkldnn for m in linears)
+    assert len(reorders) == len(linears)
+    with torch.inference_mode():
+        got = model(inputs).logits.float()  # 6 rows: prepacked products
+        one_row = model(inputs[:, :1]).logits.float()  # the narrow ones
+    tolerance = 1e-4 if dtype == torch.float32 else BF16_TOLERANCE
+    assert (got - want).abs().max().item() < tolerance
+    assert (one_row - want[:, :1]).abs().max().item() < tolerance
+    dispatching = [m for m in linears if m.forward.__name__ == "forward"]
+    assert dispatching  # some layers keep a narrow product
+
+
 def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
     tiny_llama_dir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -205,8 +253,8 @@ def test_bfloat16_sessions_with_float16_narrow_products_stay_close_to_float32(
     of one float32 forward pass over the same tokens, and the layers float16 cannot hold
     (the tiny model has some) stay on oneDNN."""
     cpu = torch.device("cpu")
-    if not (cpu_matmul.prepacks(cpu, torch.bfloat16) and cpu_matmul.has_fp16_gemm()):
-        assert not cpu_matmul.has_16_bit_units() or not cpu_matmul.has_fp16_gemm()
+    if not (cpu_matmul.prepacks(cpu, torch.bfloat16) and fp16_gemm.has_fp16_gemm()):
+        assert not cpu_matmul.has_16_bit_units() or not fp16_gemm.has_fp16_gemm()
         return
     monkeypatch.setattr(cpu_matmul, "narrow_products_below", lambda *args: 2)
     prompt = random_tokens(20, seed=9)
@@ -244,11 +292,11 @@ def test_fp16_packed_products_are_float32_products_of_the_same_weights(
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     head_weight = embedding.weight.detach().clone()
     model = torch.nn.ModuleList([embedding, head, layer, misfit])
-    if not cpu_matmul.has_fp16_gemm():
-        assert cpu_matmul.pack_fp16_linears(model) == 0 and layer.weight is not None
+    if not fp16_gemm.has_fp16_gemm():
+        assert fp16_gemm.pack_linears(model) == 0 and layer.weight is not None
         return
     expected = 3 if dtype == torch.float16 else 2  # a float16 weight always fits
-    assert cpu_matmul.pack_fp16_linears(model) == expected
+    assert fp16_gemm.pack_linears(model) == expected
     assert layer.weight is None and head.weight is None
     assert torch.equal(embedding.weight, head_weight)
     assert (misfit.weight is None) == (dtype == torch.float16)
