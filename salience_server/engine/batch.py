@@ -63,6 +63,19 @@ class ForwardBatch:
             self.positions.append(position)
         self.token_ids.extend(token_ids)
 
+    @classmethod
+    def synthetic(cls, context: int, rows: int, block_size: int, uses_mrope: bool) -> ForwardBatch:
+        """One sequence feeding ``rows`` placeholder tokens after ``context`` cached
+        ones, in blocks 0 on, with logits at every row: the passes a runner makes before
+        it serves (its warm-up, the timing of a verification step)."""
+        batch = cls()
+        positions = range(context, context + rows)
+        rope_positions = [(p, p, p) for p in positions] if uses_mrope else None
+        block_table = list(range(-(-(context + rows) // block_size)))
+        batch.add_sequence([0] * rows, context, block_table, block_size, rope_positions)
+        batch.logits_rows = list(range(rows))
+        return batch
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

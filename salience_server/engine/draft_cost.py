@@ -65,7 +65,8 @@ def measure(runner: ModelRunner, max_drafts: int, uses_mrope: bool) -> DraftCost
     capacity = runner.num_blocks * runner.block_size - rows_timed[-1]
     context = max(0, min(CONTEXT_TOKENS, capacity))
     batches = {
-        rows: _verification(context, rows, runner.block_size, uses_mrope) for rows in rows_timed
+        rows: ForwardBatch.synthetic(context, rows, runner.block_size, uses_mrope)
+        for rows in rows_timed
     }
     times: dict[int, list[float]] = {rows: [] for rows in rows_timed}
     for attempt in range(PASSES + 1):
@@ -89,18 +90,6 @@ def measure(runner: ModelRunner, max_drafts: int, uses_mrope: bool) -> DraftCost
         time.perf_counter() - start,
     )
     return cost
-
-
-def _verification(context: int, rows: int, block_size: int, uses_mrope: bool) -> ForwardBatch:
-    """One sequence feeding ``rows`` tokens after ``context`` cached ones (blocks 0 on),
-    with logits at every row."""
-    batch = ForwardBatch()
-    positions = range(context, context + rows)
-    rope_positions = [(p, p, p) for p in positions] if uses_mrope else None
-    block_table = list(range(-(-(context + rows) // block_size)))
-    batch.add_sequence([0] * rows, context, block_table, block_size, rope_positions)
-    batch.logits_rows = list(range(rows))
-    return batch
 
 
 def fit(seconds: dict[int, float], max_drafts: int) -> DraftCost:

@@ -120,10 +120,7 @@ class ModelRunner:
         cannot run on this device fails at start rather than on every call. flash-attn
         picked by ``auto`` then falls back to SDPA; asked for by name, it is an error.
         The pass writes into block 0, which holds nothing yet."""
-        batch = ForwardBatch()
-        rope_positions = [(0, 0, 0), (1, 1, 1)] if uses_mrope else None
-        batch.add_sequence([0, 0], 0, [0], self.block_size, rope_positions)
-        batch.logits_rows = [1]
+        batch = ForwardBatch.synthetic(0, 2, self.block_size, uses_mrope)
         try:
             self.execute(batch)
         except Exception as error:
