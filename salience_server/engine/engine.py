@@ -3,9 +3,8 @@
 Each step is one sentence: schedule, move KV, build, run, commit. Calls from the
 server's event loop (submit, cancel, session management) take the same lock as the
 step's bookkeeping; the device's work (KV moves, the forward pass) and sampling run
-without it. A failure in one request's
-part of a step fails that request alone (``outcomes``); if the thread itself dies,
-every call gets UNAVAILABLE.
+without it. A failure in one request's part of a step fails that request alone
+(``outcomes``); if the thread itself dies, every call gets UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -25,7 +24,13 @@ from salience_server.engine.constraints import (
     ConstraintCompiler,
     ConstraintSpec,
 )
-from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.errors import (
+    Code,
+    SalienceError,
+    images_unsupported,
+    session_busy,
+    shutting_down,
+)
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.intake import Intake
@@ -140,7 +145,7 @@ class Engine:
         with self._lock:
             self._is_stopping = True
             for request in self.scheduler.requests():
-                request.sink(_shutting_down())
+                request.sink(shutting_down())
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
@@ -152,7 +157,7 @@ class Engine:
                 Code.UNAVAILABLE, "ENGINE_FAILED", f"the engine stopped: {self.death!r}"
             )
         if self._is_stopping or self._is_draining:
-            raise _shutting_down()
+            raise shutting_down()
 
     def gauges(self) -> EngineGauges:
         """What the engine holds now, for the metrics endpoint."""
@@ -200,7 +205,7 @@ class Engine:
             self._check_serving()
             parent = self.session_table.get(session_id)
             if parent.is_busy:
-                raise _busy(session_id)
+                raise session_busy(session_id)
             return self.session_table.fork(parent, new_session_id)
 
     def get_session(self, session_id: str) -> SessionInfo:
@@ -225,7 +230,7 @@ class Engine:
             self._check_serving()
             session = self.session_table.get(params.session_id)
             if session.is_busy:
-                raise _busy(params.session_id)
+                raise session_busy(params.session_id)
             self.intake.check(params, session, image)
             self.scheduler.check_room()
             request = self.intake.accept(params, session, sink, image)
@@ -244,11 +249,11 @@ class Engine:
     def check_image_target(self, session_id: str, offset: int, truncating: bool) -> None:
         """The cheap checks of an AppendImage call, made before the image is decoded."""
         if self.vision is None:
-            raise _images_unsupported()
+            raise images_unsupported()
         with self._lock:
             session = self.session_table.get(session_id)
             if session.is_busy:
-                raise _busy(session_id)
+                raise session_busy(session_id)
             mismatch = offset_mismatch(session, offset, truncating)
             if mismatch is not None:
                 raise mismatch
@@ -256,7 +261,7 @@ class Engine:
     def encode_image(self, data: bytes, mime_type: str) -> EncodedImage:
         """Decodes, checks and encodes an image (slow: call it off the event loop)."""
         if self.vision is None:
-            raise _images_unsupported()
+            raise images_unsupported()
         limits = ImageLimits(self.config.max_image_bytes, self.config.max_image_pixels)
         return self.vision.encode(decode_image(data, mime_type, limits))
 
@@ -266,7 +271,7 @@ class Engine:
         """Appends an encoded image as placeholder tokens (a prefill-only request);
         ``sink`` gets a DoneEvent once their KV is written."""
         if self.image_token_id is None:
-            raise _images_unsupported()
+            raise images_unsupported()
         params = GenerateParams(
             session_id=session_id,
             append_tokens=[self.image_token_id] * image.embeds.shape[0],
@@ -398,19 +403,3 @@ class Engine:
             sampled = self.outcomes.sample([chunk], rows, forward)
             with self._lock:
                 self.outcomes.commit([chunk], rows, forward, sampled)
-
-
-def _shutting_down() -> SalienceError:
-    return SalienceError(Code.UNAVAILABLE, "SHUTTING_DOWN", "the server is stopping")
-
-
-def _images_unsupported() -> SalienceError:
-    return SalienceError(
-        Code.FAILED_PRECONDITION, "IMAGES_UNSUPPORTED", "the served model does not take images"
-    )
-
-
-def _busy(session_id: str) -> SalienceError:
-    return SalienceError(
-        Code.FAILED_PRECONDITION, "SESSION_BUSY", f"session {session_id!r} is running another call"
-    )

@@ -44,3 +44,19 @@ def session_not_found(session_id: str) -> SalienceError:
         "SESSION_NOT_FOUND",
         f"no session {session_id!r} (unknown, closed or expired)",
     )
+
+
+def shutting_down() -> SalienceError:
+    return SalienceError(Code.UNAVAILABLE, "SHUTTING_DOWN", "the server is stopping")
+
+
+def images_unsupported() -> SalienceError:
+    return SalienceError(
+        Code.FAILED_PRECONDITION, "IMAGES_UNSUPPORTED", "the served model does not take images"
+    )
+
+
+def session_busy(session_id: str) -> SalienceError:
+    return SalienceError(
+        Code.FAILED_PRECONDITION, "SESSION_BUSY", f"session {session_id!r} is running another call"
+    )
