@@ -249,13 +249,14 @@ def prepack_linears(
             and not module.weight.is_mkldnn
         ):
             weight = module.weight.detach()
-            reordered, narrow = prepared.pop(module, (None, None))
-            if reordered is None:
-                reordered = _reorder(weight)
-                narrow = narrow_product(weight, module.bias) if narrow_below > 1 else None
+            timed = prepared.pop(module, None)
+            reordered, narrow = timed or (_reorder(weight), None)
+            if narrow_below <= 1:
+                narrow = None
+            elif timed is None:
+                narrow = narrow_product(weight, module.bias)
             module.weight = torch.nn.Parameter(reordered, requires_grad=False)
             packed = _packed_product(module.weight, module.bias)
-            narrow = narrow if narrow_below > 1 else None
             module.forward = _packed_forward(packed, narrow, narrow_below)  # type: ignore[method-assign]
             count += 1
     return count
