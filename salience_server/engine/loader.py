@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -100,10 +101,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def convert_gguf(gguf_path: Path) -> Path:
-    """Dequantizes ``gguf_path`` once into a cached safetensors directory; returns it."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    """Dequantizes ``gguf_path`` once into a cached safetensors directory; returns it.
+    The cache is keyed by the file's content, so every copy of one GGUF (the default
+    model in each new environment or checkout) shares one conversion."""
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{content_digest(gguf_path)[:12]}"
     if (target / "config.json").exists():
         log.info("using the converted model cached at %s", target)
         return target
@@ -131,6 +132,53 @@ def convert_gguf(gguf_path: Path) -> Path:
         raise
     log.info("converted model saved at %s", target)
     return target
+
+
+DIGESTS_FILE = "digests.json"
+"""In the models cache: each file hashed so far, by resolved path, with its size and
+modification time then, so a file is read whole once, not at every start."""
+
+
+def content_digest(path: Path) -> str:
+    """The SHA-256 of ``path``'s bytes, hashed once per (path, size, modification time)
+    and remembered in the cache's ``DIGESTS_FILE`` (about a second a GB)."""
+    stat = path.stat()
+    name = str(path.resolve())
+    index_path = cache_dir() / "models" / DIGESTS_FILE
+    index = _read_digests(index_path)
+    known = index.get(name)
+    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return str(known["sha256"])
+    log.info("hashing %s (%.0f MB) to find its conversion", path, stat.st_size / 2**20)
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    index = {key: value for key, value in index.items() if Path(key).exists()}
+    index[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    _write_digests(index_path, index)
+    return digest
+
+
+def _read_digests(index_path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: files are hashed again
+    return index if isinstance(index, dict) else {}
+
+
+def _write_digests(index_path: Path, index: dict[str, dict[str, Any]]) -> None:
+    """Replaces the index atomically; a write that fails only costs a later hash."""
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(dir=index_path.parent, prefix=".digests-")
+        try:
+            with os.fdopen(handle, "w") as file:
+                json.dump(index, file)
+            os.replace(staging, index_path)
+        finally:
+            Path(staging).unlink(missing_ok=True)  # gone already once replaced
+    except OSError as error:
+        log.warning("could not save the digest index %s: %s", index_path, error)
 
 
 STAGING_PREFIX = ".converting-"

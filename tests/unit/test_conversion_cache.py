@@ -1,12 +1,28 @@
-"""The conversion cache: what killed conversions leave behind is removed later."""
+"""The conversion cache: keyed by content, and what killed conversions leave behind is
+removed later."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
-from salience_server.engine.loader import STAGING_PREFIX, STALE_STAGING_S, remove_stale_staging
+import pytest
+from transformers import AutoModelForCausalLM
+
+from salience_server.engine.loader import (
+    DIGESTS_FILE,
+    STAGING_PREFIX,
+    STALE_STAGING_S,
+    content_digest,
+    convert_gguf,
+    default_gguf_path,
+    remove_stale_staging,
+)
 
 
 def test_stale_staging_is_removed_and_fresh_staging_and_caches_are_kept(tmp_path: Path) -> None:
@@ -22,3 +38,56 @@ def test_stale_staging_is_removed_and_fresh_staging_and_caches_are_kept(tmp_path
     remove_stale_staging(tmp_path)
     assert not stale.exists()
     assert (fresh / "model.safetensors").exists() and (cache / "model.safetensors").exists()
+
+
+def test_a_file_is_keyed_by_its_content_and_hashed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
+    hashed: list[str] = []
+    file_digest = hashlib.file_digest
+
+    def counting(file: Any, name: str) -> Any:
+        hashed.append(file.name)
+        return file_digest(file, name)
+
+    monkeypatch.setattr(hashlib, "file_digest", counting)
+    content = bytes(range(256)) * 4096
+    original, copy = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path in (original, copy):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    want = hashlib.sha256(content).hexdigest()
+    assert content_digest(original) == content_digest(copy) == want
+    assert content_digest(original) == want and len(hashed) == 2  # remembered
+    assert json.loads((tmp_path / "cache" / "models" / DIGESTS_FILE).read_text()).keys() == {
+        str(original.resolve()),
+        str(copy.resolve()),
+    }
+    copy.write_bytes(content[:-1] + b"x")  # another model: hashed again, another key
+    changed = content_digest(copy)
+    assert changed == hashlib.sha256(content[:-1] + b"x").hexdigest() != want
+    assert len(hashed) == 3
+    copy.unlink()  # a file gone is forgotten at the next write
+    (tmp_path / "cache" / "models" / DIGESTS_FILE).write_text("{damaged")
+    assert content_digest(original) == want and len(hashed) == 4
+    index = json.loads((tmp_path / "cache" / "models" / DIGESTS_FILE).read_text())
+    assert list(index) == [str(original.resolve())]
+    assert not list((tmp_path / "cache" / "models").glob(".digests-*"))
+
+
+@pytest.mark.skipif("not __import__('tests.conftest').conftest.default_model_available()")
+def test_a_copy_of_the_default_model_uses_its_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new environment or checkout holds its own copy of the default GGUF: it must not
+    convert (and store) the model again."""
+    converted = convert_gguf(default_gguf_path())
+    copy = tmp_path / default_gguf_path().name
+    shutil.copyfile(default_gguf_path(), copy)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    assert convert_gguf(copy) == converted
