@@ -12,7 +12,7 @@ Also prints what the frontend adds to each token: the mean time from the end of 
 engine step that decoded it to its event being written to the client's stream (the
 server's ``salience_token_delivery_seconds``), against the mean step time.
 ``--quick``: 1 and 4 sessions, 16 tokens each, one round; ``--dtype``: the server's
-(default: its own).
+(default: its own); ``--model``: another model directory or GGUF.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from benchmarks._cli import parse_args
+from benchmarks._cli import parser
 from benchmarks._server import free_port, running_server
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -94,10 +94,12 @@ async def measure(
 
 
 def main() -> None:
-    args = parse_args(__doc__, with_dtype=True)
+    parsing = parser(__doc__, with_dtype=True)
+    parsing.add_argument("--model", default=None, help="a model directory or GGUF file")
+    args = parsing.parse_args()
     quick = args.quick
     levels, num_tokens = (QUICK_LEVELS, QUICK_TOKENS) if quick else (LEVELS, NUM_TOKENS)
-    path, _ = resolve_model_path(None)
+    path, _ = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [
         tokenizer.encode(
@@ -107,7 +109,10 @@ def main() -> None:
         for i in range(max(levels))
     ]
     metrics_port = free_port()
-    with running_server("--metrics-port", str(metrics_port), "--dtype", args.dtype) as target:
+    options = ["--metrics-port", str(metrics_port), "--dtype", args.dtype]
+    if args.model:
+        options += ["--model", args.model]
+    with running_server(*options) as target:
         rates = asyncio.run(measure(target, prompts, levels, num_tokens, 1 if quick else ROUNDS))
         delivery_s = mean_delivery_s(metrics_port)
     for mode, by_level in rates.items():

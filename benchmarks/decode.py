@@ -5,9 +5,10 @@ Baseline: the same model's plain transformers greedy loop (DynamicCache, batch 1
 padded batch of 8), in this process, in the same dtype. Measured: the engine stepped
 in this process (no gRPC), sessions decoding together after a prompt of ``--context``
 tokens (103 unless told). Prints ms per step and the ratios: engine ÷ transformers in
-each dtype, and bf16 ÷ fp32 for each.
+each dtype, and bf16 ÷ fp32 for each. ``--model`` takes another model directory or GGUF
+(the default model's), ``--device`` another device (both run there; CUDA when present).
 
-    .venv/bin/python -m benchmarks.decode [--quick] [--context 2000]
+    .venv/bin/python -m benchmarks.decode [--quick] [--context 2000] [--model DIR]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from benchmarks import _cli
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine.engine import Engine
-from salience_server.engine.loader import load_model, resolve_model_path
+from salience_server.engine.loader import load_model, resolve_device, resolve_model_path
 from salience_server.engine.model_runner import kv_bytes_per_token, kv_dtype
 from salience_server.engine.request import GenerateParams
 
@@ -31,8 +32,15 @@ MIN_POOL_BYTES = 256 << 20
 class EngineDecoder:
     """``batch`` sessions of the engine, stepped in this process, decoding together."""
 
-    def __init__(self, dtype: str, batch: int, prompt_tokens: int = PROMPT_TOKENS) -> None:
-        loaded = load_model(ModelConfig(dtype=dtype))
+    def __init__(
+        self,
+        dtype: str,
+        batch: int,
+        prompt_tokens: int = PROMPT_TOKENS,
+        model: str | None = None,
+        device: str = "auto",
+    ) -> None:
+        loaded = load_model(ModelConfig(model=model, dtype=dtype, device=device))
         # Room for every session's prompt and a few hundred decoded tokens: a pool that
         # ran out would measure preemption, not decoding.
         token_bytes = kv_bytes_per_token(loaded.model.config, kv_dtype(loaded.device, loaded.dtype))
@@ -62,13 +70,23 @@ class EngineDecoder:
 class PlainDecoder:
     """A plain transformers greedy loop over a batch (DynamicCache)."""
 
-    def __init__(self, dtype: str, batch: int, prompt_tokens: int = PROMPT_TOKENS) -> None:
-        path, _ = resolve_model_path(None)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    def __init__(
+        self,
+        dtype: str,
+        batch: int,
+        prompt_tokens: int = PROMPT_TOKENS,
+        model: str | None = None,
+        device: str = "auto",
+    ) -> None:
+        path, _ = resolve_model_path(model)
+        self.device = resolve_device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), device_map=self.device
+        )
         self.model.eval()
         prompt = [_prompt(i, prompt_tokens) for i in range(batch)]
         with torch.inference_mode():
-            output = self.model(torch.tensor(prompt), use_cache=True)
+            output = self.model(torch.tensor(prompt, device=self.device), use_cache=True)
         self.cache, self.tokens = output.cache, output.logits[:, -1].argmax(-1)
         self.run(4)
 
@@ -78,6 +96,7 @@ class PlainDecoder:
         for _ in range(num_steps):
             output = self.model(self.tokens[:, None], cache=self.cache, use_cache=True)
             self.cache, self.tokens = output.cache, output.logits[:, -1].argmax(-1)
+        self.tokens.tolist()  # waits for the device, as the engine's step does
         return (time.perf_counter() - start) / num_steps * 1e3
 
 
@@ -101,15 +120,21 @@ def main() -> None:
     parsing.add_argument(
         "--context", type=int, default=PROMPT_TOKENS, help="prompt tokens before decoding"
     )
+    parsing.add_argument("--model", default=None, help="a model directory or GGUF file")
+    parsing.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     args = parsing.parse_args()
     num_steps, rounds = (8, 2) if args.quick else (16, 4)
-    print(f"decoding after a {args.context}-token prompt", flush=True)
+    print(
+        f"decoding after a {args.context}-token prompt on {resolve_device(args.device)}",
+        flush=True,
+    )
     figures: dict[tuple[str, int], tuple[float, float]] = {}
     for batch in (1, 8):
         decoders: dict[str, object] = {}
         for dtype in ("float32", "bfloat16"):
-            decoders[f"engine {dtype}"] = EngineDecoder(dtype, batch, args.context)
-            decoders[f"plain {dtype}"] = PlainDecoder(dtype, batch, args.context)
+            options = dict(model=args.model, device=args.device)
+            decoders[f"engine {dtype}"] = EngineDecoder(dtype, batch, args.context, **options)
+            decoders[f"plain {dtype}"] = PlainDecoder(dtype, batch, args.context, **options)
         best = best_of_rounds(decoders, num_steps, rounds)
         for dtype in ("float32", "bfloat16"):
             engine, plain = best[f"engine {dtype}"], best[f"plain {dtype}"]

@@ -46,6 +46,11 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("SALIENCE_HYPOTHESIS_PROFILE", "ci"))
 
+TEST_DEVICE = os.environ.get("SALIENCE_TEST_DEVICE", "cpu")
+"""Where the servers ``start_server`` starts run their models: ``cpu`` (CI), or ``cuda``
+to hold the same oracles to a GPU (scripts/device_check.sh). Float32 unless a test asks
+for another dtype, so one tolerance serves both."""
+
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -90,7 +95,7 @@ def start_server(
     api_key: str | None = None,
     server_options: dict[str, Any] | None = None,
     replica_id: str = "",
-    dtype: str = "auto",
+    dtype: str = "float32",
     **engine_options: Any,
 ) -> RunningServer:
     """Starts a real gRPC server for ``model`` on port 0 in a background thread
@@ -99,7 +104,7 @@ def start_server(
 
     config = ServerConfig(
         port=0,
-        model=ModelConfig(model=model, dtype=dtype),
+        model=ModelConfig(model=model, dtype=dtype, device=TEST_DEVICE),
         engine=EngineConfig(**engine_options),
         readout_path=readout_path,
         api_key=api_key,

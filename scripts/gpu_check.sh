@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Salience on a CUDA machine, in one run: the test suite with its servers on the GPU
+# (float32: the same oracles and tolerances as on CPU), then benchmarks/decode.py and
+# benchmarks/concurrency.py on a model of the default model's shapes with random weights.
+# Where the machine cannot reach PyPI, run scripts/gpu_bundle.sh here first and copy
+# .gpu-bundle/ beside the checkout there: where the machine's Python lacks Salience's
+# dependencies, the bundle's wheels go to a private directory on PYTHONPATH (nothing is
+# installed into that Python).
+#
+#   scripts/gpu_check.sh OUT_DIR
+#
+# Knobs (environment): CHECK_DEVICE (cuda), CHECK_TESTS (pytest's arguments: tests),
+# CHECK_TEST_SECONDS (300), PYTHON (python3). Everything is written under OUT_DIR:
+# machine.txt, tests.log and tests.xml (JUnit), decode.txt, concurrency.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+device=${CHECK_DEVICE:-cuda}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$python" -c "import grpc_health, fastapi, gguf, llguidance" 2>/dev/null; then
+  site=$(mktemp -d /tmp/salience-site-XXXXXX)
+  "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+    --no-cache-dir --target "$site" .gpu-bundle/wheels/*.whl || exit 1
+  export PYTHONPATH="$site:$PYTHONPATH"
+fi
+
+{
+  nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+  "$python" -c "import sys, torch, transformers, grpc
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
+      '| transformers', transformers.__version__, '| grpcio', grpc.__version__)
+if torch.cuda.is_available(): print(torch.cuda.get_device_name())"
+} 2>&1 | tee "$out/machine.txt"
+
+# The default model's shapes with random weights (its GGUF is too large to carry).
+model=$(mktemp -d /tmp/salience-shapes-XXXXXX)
+shapes=${CHECK_SHAPES:-.gpu-bundle/model}
+"$python" - "$shapes" "$model" <<'PY' || exit 1
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+model.save_pretrained(target)
+for path in source.iterdir():  # the tokenizer and chat template; the config was saved
+    if not path.name.endswith("config.json") or path.name == "tokenizer_config.json":
+        shutil.copy(path, target / path.name)
+print(f"random weights of {source}'s shapes in {target}")
+PY
+
+echo "== tests on $device (at most ${CHECK_TEST_SECONDS:-300} s)"
+# shellcheck disable=SC2086
+SALIENCE_TEST_DEVICE=$device timeout "${CHECK_TEST_SECONDS:-300}" "$python" -m pytest \
+  ${CHECK_TESTS:-tests} -q -p no:cacheprovider --timeout 120 --junitxml "$out/tests.xml" \
+  >"$out/tests.log" 2>&1
+echo "pytest exit status $?"
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -40
+
+echo "== benchmarks/decode.py on $device"
+timeout 240 "$python" -m benchmarks.decode --quick --model "$model" --device "$device" 2>&1 |
+  grep -v "Loading weights" | tee "$out/decode.txt"
+
+echo "== benchmarks/concurrency.py (the server's own device: CUDA where present)"
+timeout 180 "$python" -m benchmarks.concurrency --model "$model" 2>&1 | tee "$out/concurrency.txt"
+rm -rf "$model"
