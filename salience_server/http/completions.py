@@ -35,7 +35,7 @@ from salience_server.http.generation import (
     collect,
     finish_reason,
 )
-from salience_server.http.logprobs import completion_logprobs
+from salience_server.http.logprobs import TextOffsets, completion_logprobs
 from salience_server.http.schemas import MAX_TOKEN_ID, CompletionRequest, parse_body
 from salience_server.http.streaming import (
     Primed,
@@ -86,18 +86,15 @@ class _Choices:
         self._body = body
         self.prompt = prompt
         self.prompt_tokens: list[TokenEvent] = []
-        self._offsets: dict[int, int] = {}
+        self._offsets: dict[int, TextOffsets] = {}
 
     async def logprobs(self, index: int, tokens: list[TokenEvent]) -> dict[str, Any] | None:
         """Legacy logprobs of ``tokens`` for choice ``index``, its text offsets running on."""
         if self._body.logprobs is None:
             return None
         texts = await self._backend.token_texts.for_tokens(tokens)
-        offset = self._offsets.get(index, 0)
-        shaped = completion_logprobs(tokens, texts, self._body.logprobs, offset)
-        if tokens:
-            self._offsets[index] = offset + sum(len(texts[t.token_id].text) for t in tokens)
-        return shaped
+        offsets = self._offsets.setdefault(index, TextOffsets())
+        return completion_logprobs(tokens, texts, self._body.logprobs, offsets)
 
     def echo(self) -> tuple[str, list[TokenEvent]]:
         """The echoed text and scored prompt tokens (empty without ``echo``)."""

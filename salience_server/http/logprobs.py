@@ -10,6 +10,7 @@ the string is their UTF-8 text, with any byte that does not decode written ``\\x
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,13 +81,31 @@ def chat_logprobs(
     }
 
 
+class TextOffsets:
+    """Where each token of one choice starts in its text, in characters: what the bytes of
+    the tokens before it decode to. A token that ends inside a UTF-8 character adds
+    nothing until the token that completes it (``\xf0\x9f``, ``\x98``, ``\x80`` all
+    start at the emoji's offset), so the offsets index the choice's text, not the
+    tokens' printed strings."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0
+
+    def advance(self, raw: bytes) -> int:
+        """The offset of a token of bytes ``raw``; moves past it."""
+        offset = self.chars
+        self.chars += len(self._decoder.decode(raw))
+        return offset
+
+
 def completion_logprobs(
-    tokens: Sequence[TokenEvent], texts: dict[int, TokenText], top_k: int, text_offset: int
+    tokens: Sequence[TokenEvent], texts: dict[int, TokenText], top_k: int, offsets: TextOffsets
 ) -> dict[str, Any]:
     """The legacy shape. A token without a logprob (position 0 of a scored prompt) gets
-    None; ``text_offset`` is each token's offset in the returned text, counted from
-    ``text_offset``."""
-    strings, token_logprobs, top_logprobs, offsets = [], [], [], []
+    None; ``text_offset`` is each token's offset in the choice's text (``offsets`` runs
+    on across a stream's chunks)."""
+    strings, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for token in tokens:
         text = texts[token.token_id].text
         is_first = token.is_prefill and token.position == 0
@@ -96,11 +115,10 @@ def completion_logprobs(
         for token_id, logprob in token.top_logprobs[:top_k]:
             top.setdefault(texts[token_id].text, logprob)  # tokens that print alike: keep the best
         top_logprobs.append(None if is_first or not top_k else top)
-        offsets.append(text_offset)
-        text_offset += len(text)
+        text_offset.append(offsets.advance(texts[token.token_id].raw))
     return {
         "tokens": strings,
         "token_logprobs": token_logprobs,
         "top_logprobs": top_logprobs,
-        "text_offset": offsets,
+        "text_offset": text_offset,
     }

@@ -60,6 +60,28 @@ def test_echo_logprobs_equal_the_grpc_scoring_path(
     assert reply.usage.prompt_tokens == len(token_ids) and reply.usage.completion_tokens == 0
 
 
+def test_text_offsets_index_the_text_when_tokens_split_characters(
+    shim: RunningShim, llama_server: Any, model: str
+) -> None:
+    """The tiny model's tokens are single bytes: each non-ASCII character spans two to
+    four tokens, which print as ``\\xNN``. A token's offset is the index in the text of
+    the character its first byte belongs to (vLLM's and OpenAI's meaning)."""
+    text = "né 😀 ok"
+    with SalienceClient(llama_server.target) as client:
+        pieces = client.token_bytes(client.tokenize(text, add_special_tokens=True))
+    reply = shim.client().completions.create(
+        model=model, prompt=text, max_tokens=0, echo=True, logprobs=0
+    )
+    choice = reply.choices[0]
+    assert choice.text == text and len(choice.logprobs.tokens) == len(pieces) == 11
+    want, seen = [], 0
+    for piece in pieces:  # the longest prefix of the text the earlier tokens' bytes hold
+        want.append(max(k for k in range(len(text) + 1) if len(text[:k].encode()) <= seen))
+        seen += len(piece)
+    assert want == [0, 1, 1, 2, 3, 3, 3, 3, 4, 5, 6]
+    assert choice.logprobs.text_offset == want
+
+
 def test_token_id_prompts_batches_and_decoding(
     shim: RunningShim, llama_server: Any, model: str
 ) -> None:

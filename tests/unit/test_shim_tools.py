@@ -9,7 +9,12 @@ import pytest
 
 from salience_client import TokenEvent
 from salience_server.http.errors import ApiError
-from salience_server.http.logprobs import TokenText, chat_logprobs, completion_logprobs
+from salience_server.http.logprobs import (
+    TextOffsets,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+)
 from salience_server.http.messages import (
     IMAGE_PLACEHOLDER,
     chat_messages,
@@ -266,6 +271,9 @@ def test_a_byte_fragment_token_prints_its_bytes_escaped() -> None:
     ]
     assert entries[0]["top_logprobs"] == [{"token": "\\xa9!", "logprob": -1.0, "bytes": [0xA9, 33]}]
     assert bytes(entries[0]["bytes"] + entries[1]["bytes"]).decode() == "café!"
+    offsets = TextOffsets()  # "é" is split: "\xa9!" starts inside it, at its offset
+    assert completion_logprobs(tokens, texts, 0, offsets)["text_offset"] == [0, 3]
+    assert offsets.chars == len("café!")
 
 
 def _token(position: int, token_id: int, logprob: float, top: list, is_prefill: bool) -> TokenEvent:
@@ -279,7 +287,7 @@ def test_logprob_shapes() -> None:
         _token(1, 2, -0.5, [(2, -0.5), (3, -1.5)], True),
         _token(2, 3, -0.25, [(3, -0.25), (4, -2.0)], False),
     ]
-    legacy = completion_logprobs(tokens, texts, 2, 0)
+    legacy = completion_logprobs(tokens, texts, 2, TextOffsets())
     assert legacy == {
         "tokens": ["He", "llo", "!"],
         "token_logprobs": [None, -0.5, -0.25],
