@@ -9,6 +9,7 @@ from typing import Any
 
 from salience_server.engine.errors import invalid
 from salience_server.engine.validation import check_token_ids
+from salience_server.json_text import lone_surrogate_path
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 """SentencePiece's byte-fallback pieces: ``<0xE2>`` stands for the byte 0xE2."""
@@ -71,9 +72,14 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
 
 def _parse_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise invalid("BAD_JSON", f"{what} is not valid JSON: {error}") from error
+    where = lone_surrogate_path(value)
+    if where is not None:
+        place = f"{what} ({where})" if where else what
+        raise invalid("BAD_JSON", f"{place} holds a lone UTF-16 surrogate: not valid Unicode text")
+    return value
 
 
 def decode(tokenizer: Any, token_ids: list[int], vocab_size: int, skip_special_tokens: bool) -> str:

@@ -30,6 +30,7 @@ from salience_server.http.generation import (
     PromptToken,
     collect,
     finish_reason,
+    reply_limit,
 )
 from salience_server.http.logprobs import chat_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
@@ -102,11 +103,12 @@ class ChatPlan:
         )
 
     def generation(self, backend: Backend) -> Generation:
-        """The Generation this request runs (max_tokens defaults to the context left)."""
+        """The Generation this request runs (max_tokens defaults to, and is capped at,
+        the context left)."""
         body = self.body
-        max_tokens = body.max_reply_tokens
-        if max_tokens is None:
-            max_tokens = max(1, self.model_info.max_context - len(self.prompt_ids))
+        max_tokens = reply_limit(
+            self.model_info.max_context, len(self.prompt_ids), body.max_reply_tokens
+        )
         top_k = self.top_logprobs if body.logprobs else 0
         options = body.decode_options(
             max_tokens,

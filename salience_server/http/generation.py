@@ -313,6 +313,13 @@ class Generation:
                 task.cancel()
 
 
+def reply_limit(max_context: int, num_prompt_tokens: int, asked: int | None) -> int:
+    """The tokens a reply may take: ``asked`` (None: as many as fit) capped at the
+    context left, and at least 1 (the server refuses a prompt that fills the context)."""
+    left = max(1, max_context - num_prompt_tokens)
+    return left if asked is None else min(asked, left)
+
+
 def finish_reason(done: Done) -> str:
     """OpenAI's ``finish_reason`` for the server's: a stop token or string is ``stop``;
     max_tokens, the context limit or a prefill-only call is ``length``."""

@@ -31,6 +31,7 @@ from salience_server.http.generation import (
     GenerationEvent,
     collect,
     finish_reason,
+    reply_limit,
 )
 from salience_server.http.messages import ImageInput, response_input_messages
 from salience_server.http.reasoning import template_reasons
@@ -92,10 +93,11 @@ class ResponsePlan:
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     def generation(self, backend: Backend) -> Generation:
-        """The Generation this request runs (max_output_tokens defaults to the context left)."""
+        """The Generation this request runs (max_output_tokens defaults to, and is capped
+        at, the context left)."""
         body = self.body
-        max_tokens = body.max_output_tokens or max(
-            1, self.model_info.max_context - len(self.prompt_ids)
+        max_tokens = reply_limit(
+            self.model_info.max_context, len(self.prompt_ids), body.max_output_tokens
         )
         options = body.decode_options(
             max_tokens, constraint=self.constraint, extra_stops=self.tools.stop_strings()

@@ -24,6 +24,7 @@ from salience_server.http.constraints import (
 )
 from salience_server.http.errors import invalid, unsupported
 from salience_server.http.generation import DecodeOptions
+from salience_server.json_text import lone_surrogate_path
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -47,7 +48,7 @@ class SamplingFields(Body):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_ID)
     """-1 or 0: no top-k (vLLM's extension)."""
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -60,7 +61,7 @@ class SamplingFields(Body):
     ignore_eos: bool = False
     """Decode past the model's end-of-sequence tokens (``stop_token_ids`` still stop)."""
     stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKEN_ID)
     """End-of-sequence and ``stop_token_ids`` cannot end the reply before this many tokens."""
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     """Lower runs first; equal priorities in arrival order."""
@@ -269,6 +270,12 @@ async def parse_body(request: Request, model: type[_Model]) -> _Model:
         raise invalid(f"The request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object")
+    where = lone_surrogate_path(data)
+    if where is not None:
+        raise invalid(
+            f"{where or 'The body'} holds a lone UTF-16 surrogate: not valid Unicode text",
+            where or None,
+        )
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as error:

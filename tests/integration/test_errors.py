@@ -206,3 +206,26 @@ def test_bad_tokenize_and_detokenize_inputs(llama_server) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.Tokenize(pb.TokenizeRequest(messages=pb.ChatMessages(messages_json="{not json")))
     assert error_reason(caught.value) == "BAD_JSON"
+
+
+def test_a_lone_surrogate_in_json_text_is_bad_json(llama_server) -> None:
+    """JSON may escape a lone UTF-16 surrogate, which is no Unicode text: refused as bad
+    input (not UNKNOWN from the tokenizer), naming where it is."""
+    stub = llama_server.stub
+    cases = [
+        (dict(messages_json='[{"role": "user", "content": "a\\ud800"}]'), "[0].content"),
+        (
+            dict(messages_json='[{"role": "user", "content": "ok"}]', tools_json='["\\udfff"]'),
+            "[0]",
+        ),
+    ]
+    for fields, where in cases:
+        tools = fields.pop("tools_json", "")
+        request = pb.TokenizeRequest(messages=pb.ChatMessages(**fields), tools_json=tools)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Tokenize(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(caught.value) == "BAD_JSON"
+        assert where in caught.value.details() and "surrogate" in caught.value.details()
+    emoji = pb.ChatMessages(messages_json='[{"role": "user", "content": "\\ud83d\\ude00"}]')
+    assert stub.Tokenize(pb.TokenizeRequest(messages=emoji)).token_ids  # a pair is fine

@@ -69,6 +69,65 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         assert error.value.body["type"] == "invalid_request_error"
 
 
+def test_a_lone_surrogate_anywhere_is_400_naming_where(shim: RunningShim, model: str) -> None:
+    """JSON can escape a lone UTF-16 surrogate, which is no Unicode text: refused before
+    it reaches a tokenizer or a protobuf string (it was a 500)."""
+    bad = "a\ud800b"
+    cases = [
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": bad}]},
+            "messages[0].content",
+        ),
+        ("chat/completions", {"messages": HELLO, "stop": [bad]}, "stop[0]"),
+        ("completions", {"prompt": bad}, "prompt"),
+        ("responses", {"input": bad}, "input"),
+        ("embeddings", {"input": bad}, "input"),
+    ]
+    headers = {"content-type": "application/json"}
+    for path, fields, param in cases:
+        body = json.dumps({"model": model, **fields})  # ensure_ascii: "\ud800" stays escaped
+        response = httpx.post(f"{shim.base_url}/{path}", content=body, headers=headers)
+        assert response.status_code == 400, (path, response.text)
+        error = _error(response)
+        assert error["param"] == param and "surrogate" in error["message"], (path, error)
+    root = shim.base_url.removesuffix("/v1")
+    body = json.dumps({"model": model, "prompt": bad})
+    response = httpx.post(f"{root}/tokenize", content=body, headers=headers)
+    assert response.status_code == 400 and _error(response)["param"] == "prompt"
+
+
+def test_integers_beyond_the_wire_are_400_or_capped(shim: RunningShim, model: str) -> None:
+    """Values a uint32 field cannot carry never reach the wire (they were a 500): a
+    reply length beyond the context is capped to it, as an unset one is; top_k and
+    min_tokens beyond any vocabulary or context are refused."""
+    client = shim.client()
+    huge = 10**12
+    reply = client.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=huge, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 512  # the tiny context
+    for fields in (dict(max_completion_tokens=huge), dict(max_tokens=huge, stream=True)):
+        stream = bool(fields.get("stream"))
+        created = client.chat.completions.create(
+            model=model, messages=HELLO, temperature=0, **fields
+        )
+        if stream:
+            assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in created)
+        else:
+            assert created.choices[0].finish_reason in ("stop", "length")
+    response = client.responses.create(model=model, input="hi", max_output_tokens=huge)
+    assert response.status == "completed" or response.incomplete_details is not None
+    for extra, param in ((dict(top_k=2**32), "top_k"), (dict(min_tokens=2**32), "min_tokens")):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=model, messages=HELLO, extra_body=extra)
+        assert error.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model=model, prompt="hi", extra_body=extra)
+        assert error.value.body["param"] == param
+
+
 def test_context_overflow_is_context_length_exceeded(shim: RunningShim, model: str) -> None:
     long = [{"role": "user", "content": "x" * 600}]  # one token per byte; the limit is 512
     for stream in (False, True):
