@@ -9,7 +9,7 @@ from typing import Any
 
 from salience_server.engine.errors import invalid
 from salience_server.engine.validation import check_token_ids
-from salience_server.json_text import lone_surrogate_path
+from salience_server.text_checks import lone_surrogate_path
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 """SentencePiece's byte-fallback pieces: ``<0xE2>`` stands for the byte 0xE2."""

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client import AsyncSalienceClient, ModelInfo
+from salience_server import text_checks
 from salience_server.http.config import ShimConfig
 from salience_server.http.errors import client_errors, invalid, model_not_found
 from salience_server.http.logprobs import TokenTexts
@@ -98,16 +99,32 @@ class Backend:
             return False
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
+    async def check_fits(self, num_chars: int, param: str) -> None:
+        """Refuses (400 ``context_length_exceeded``) a prompt of ``num_chars`` characters
+        that cannot fit the context whatever its tokens, before tokenizing it."""
+        info = await self.model_info()
+        if text_checks.cannot_fit(num_chars, info.max_context):
+            raise invalid(
+                f"This model's maximum context length is {info.max_context} tokens; a "
+                f"prompt of {num_chars} characters is more than that",
+                param,
+                "context_length_exceeded",
+            )
+
     async def render_chat(
         self,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         param: str,
         options: RenderOptions | None = None,
+        bounded: bool = True,
     ) -> list[int]:
         """Chat messages through the model's chat template, as token ids (by default
-        ending with the assistant turn's opening)."""
+        ending with the assistant turn's opening). ``bounded``: a prompt for the model,
+        which must fit its context (``check_fits``)."""
         options = options or RenderOptions()
+        if bounded:
+            await self.check_fits(text_checks.text_length(messages), param)
         info = await self.model_info()
         has_tool_template = template_supports_tools(info.chat_template)
         rendered = template_messages(messages, tools, has_tool_template)
@@ -127,9 +144,11 @@ class Backend:
         return opens_thinking(await self.detokenize(tail, "messages"))
 
     async def tokenize(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
-        """Text to token ids (errors name ``param``)."""
+        """A prompt's text to token ids (errors name ``param``); it must fit the context
+        (``check_fits``)."""
         if not text:
             return []
+        await self.check_fits(len(text), param)
         with client_errors(param):
             return await self.client.tokenize(text, add_special_tokens=add_special_tokens)
 

@@ -24,7 +24,7 @@ from salience_server.http.constraints import (
 )
 from salience_server.http.errors import invalid, unsupported
 from salience_server.http.generation import DecodeOptions
-from salience_server.json_text import lone_surrogate_path
+from salience_server.text_checks import lone_surrogate_path
 
 _Model = TypeVar("_Model", bound=BaseModel)
 

@@ -95,7 +95,9 @@ async def _tokenize_chat(backend: Backend, body: TokenizeRequest) -> list[int]:
         chat_template_kwargs=body.chat_template_kwargs,
     )
     tools = chat_tools(body.tools)
-    token_ids = await backend.render_chat(conversation.messages, tools, "messages", render)
+    token_ids = await backend.render_chat(
+        conversation.messages, tools, "messages", render, bounded=False
+    )
     if body.add_special_tokens:
         # What the tokenizer adds around text (a BOS, say), as for a plain prompt.
         with client_errors("add_special_tokens"):

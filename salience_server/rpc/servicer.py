@@ -12,6 +12,7 @@ import grpc
 
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
+from salience_server import text_checks
 from salience_server.engine import tokenization
 from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.engine import Engine
@@ -363,6 +364,15 @@ def _embed_inputs(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
         raise invalid("INVALID_INPUT", "nothing to embed: give texts or token_lists")
     if count > MAX_EMBED_INPUTS:
         raise invalid("INVALID_INPUT", f"{count} inputs; at most {MAX_EMBED_INPUTS} per call")
+    if request.pooling not in (pb.POOLING_UNSPECIFIED, pb.POOLING_LAST, pb.POOLING_MEAN):
+        raise invalid("INVALID_INPUT", f"unknown pooling {request.pooling}")
+    for index, text in enumerate(request.texts):
+        if text_checks.cannot_fit(len(text), engine.max_context):
+            raise invalid(
+                "CONTEXT_EXCEEDED",
+                f"input {index} ({len(text)} characters) is more tokens than the context "
+                f"limit of {engine.max_context}",
+            )
     tokenizer = engine.loaded.tokenizer
     inputs = [
         tokenization.encode_text(tokenizer, text, request.add_special_tokens)

@@ -13,6 +13,7 @@ import torch
 
 from salience_client import SalienceClient
 from salience_client.pb import salience_pb2 as pb
+from salience_server.text_checks import MAX_CHARS_PER_TOKEN
 from tests.helpers import error_reason, generate, open_session, random_tokens
 from tests.tiny_models import build_tokenizer, reference_model
 
@@ -92,8 +93,19 @@ def test_embeddings_batch_with_generation_in_a_tight_pool(
         (dict(token_lists=[pb.TokenIds(token_ids=[])]), "INVALID_INPUT"),
         (dict(token_lists=[pb.TokenIds(token_ids=[100000])]), "INVALID_TOKEN"),
         (dict(token_lists=[pb.TokenIds(token_ids=[1] * 600)]), "CONTEXT_EXCEEDED"),
+        # More characters than 512 tokens can hold, refused before tokenizing.
+        (dict(texts=["ok", "a" * (512 * MAX_CHARS_PER_TOKEN + 1)]), "CONTEXT_EXCEEDED"),
+        (dict(texts=["a"], pooling=99), "INVALID_INPUT"),
     ],
-    ids=["nothing", "both kinds", "an empty input", "an unknown token", "too long"],
+    ids=[
+        "nothing",
+        "both kinds",
+        "an empty input",
+        "an unknown token",
+        "too long",
+        "too many characters",
+        "an unknown pooling",
+    ],
 )
 def test_bad_embed_calls_are_invalid(llama_server, request_fields, reason) -> None:
     with pytest.raises(grpc.RpcError) as caught:

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from salience_client import SalienceClient
+from salience_server.text_checks import MAX_CHARS_PER_TOKEN
 from tests.conftest import default_model_available
 from tests.shim_support import RunningShim, Script, start_scripted, start_shim
 
@@ -137,6 +138,34 @@ def test_context_overflow_is_context_length_exceeded(shim: RunningShim, model: s
     with pytest.raises(openai.BadRequestError) as error:
         shim.client().completions.create(model=model, prompt="x" * 600)
     assert error.value.body["code"] == "context_length_exceeded"
+
+
+def test_a_prompt_too_long_to_tokenize_in_time_is_refused_at_once(
+    shim: RunningShim, model: str
+) -> None:
+    """Tens of megabytes took the tokenizer past the client's deadline (a 504 after 30
+    s): a text of more characters than the context's tokens could span is refused up
+    front. Just under that bound, the tokenized prompt is refused as before."""
+    over = "a" * (512 * MAX_CHARS_PER_TOKEN + 1)  # the tiny model's context is 512
+    client = shim.client()
+    calls = [
+        lambda text: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": text}]
+        ),
+        lambda text: client.completions.create(model=model, prompt=text),
+        lambda text: client.responses.create(model=model, input=text),
+        lambda text: client.embeddings.create(model=model, input=text),
+    ]
+    for call in calls:
+        for text, fast in ((over, True), (over[:-10], False)):  # "user" counts too
+            with pytest.raises(openai.BadRequestError) as error:
+                call(text)
+            assert error.value.body["code"] == "context_length_exceeded"
+            assert ("characters" in error.value.body["message"]) == fast, error.value.body
+    root = shim.base_url.removesuffix("/v1")  # counting tokens is not bounded
+    messages = [{"role": "user", "content": over}]
+    counted = httpx.post(f"{root}/tokenize", json={"model": model, "messages": messages})
+    assert counted.status_code == 200 and counted.json()["count"] > len(over)
 
 
 def test_an_unknown_model_is_404(shim: RunningShim) -> None:

@@ -1,0 +1,69 @@
+"""Checks on clients' text before it is tokenized, shared by the server and the shim.
+
+- JSON can escape a lone UTF-16 surrogate (``"\\ud800"``), which Python's ``json``
+  decodes into a ``str`` that no UTF-8 encoder, tokenizer or protobuf string field
+  accepts. Both the server (chat messages, tools and template variables sent as JSON)
+  and the HTTP shim (request bodies) refuse such text as bad input, naming where it is.
+- A prompt too long for the context is only known to be so once tokenized, which takes
+  about a second a megabyte here: a client that sends tens of megabytes would wait past
+  its deadline for the refusal, and the tokenizer would run on after it. No token spans
+  more than ``MAX_CHARS_PER_TOKEN`` characters, so a text longer than that many per
+  context token is refused at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def lone_surrogate_path(value: Any, path: str = "") -> str | None:
+    """Where in a decoded JSON ``value`` the first string (or key) holding a lone
+    surrogate is (``messages[0].content``; ``""`` for the value itself), else None."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _is_unicode(key):
+                return path
+            found = lone_surrogate_path(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+MAX_CHARS_PER_TOKEN = 256
+"""More characters than any token spans (SmolLM2's longest token, a run of spaces,
+spans 81 bytes; a character is at least one byte)."""
+
+
+def cannot_fit(num_chars: int, max_context: int) -> bool:
+    """Whether a text of ``num_chars`` characters is surely more tokens than
+    ``max_context``, whatever the tokenizer."""
+    return num_chars > max_context * MAX_CHARS_PER_TOKEN
+
+
+def text_length(value: Any) -> int:
+    """The characters of every string in a decoded JSON ``value`` (keys left out)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_length(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(text_length(item) for item in value)
+    return 0
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
