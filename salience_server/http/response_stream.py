@@ -15,6 +15,11 @@ of one kind is an output item, in order:
 The message opens at its first text, so a reply that is only a tool call has no message
 item; a reply with nothing at all still gets an (empty) message. A non-streamed
 response is built the same way, its events unused.
+
+Logprobs (where asked for) go with the message text their tokens became: each token's
+entry rides on the next ``response.output_text.delta`` (text the parser holds back takes
+its tokens' entries along), and the ``output_text`` part holds them all. Tokens that
+became reasoning or a function call have none.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ from salience_server.http.tool_parser import (
 _Kind = Literal["reasoning", "message", "function_call"]
 
 
-def output_text_part(text: str) -> dict[str, Any]:
+def output_text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A message's ``output_text`` content part."""
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def reasoning_text_part(text: str) -> dict[str, Any]:
@@ -46,9 +51,11 @@ def reasoning_text_part(text: str) -> dict[str, Any]:
     return {"type": "reasoning_text", "text": text}
 
 
-def message_item(message_id: str, text: str, status: str) -> dict[str, Any]:
+def message_item(
+    message_id: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """An assistant message output item (no content parts while in progress)."""
-    content = [] if status == "in_progress" else [output_text_part(text)]
+    content = [] if status == "in_progress" else [output_text_part(text, logprobs)]
     return {
         "id": message_id,
         "type": "message",
@@ -93,6 +100,9 @@ class ResponseStream:
         """The output items so far, each in its latest form."""
         self._open: _Kind | None = None
         self._item_text = ""
+        self._item_logprobs: list[dict[str, Any]] = []
+        self._pending_logprobs: list[dict[str, Any]] = []
+        """Entries of tokens whose text the parser has not let out yet."""
         self.sequence_number = 0
         self.text = ""
         """Every message text of the reply."""
@@ -114,13 +124,18 @@ class ResponseStream:
         self.sequence_number += 1
         return sse_event(kind, payload)
 
-    def push(self, text: str) -> list[str]:
-        """Events for a piece of the model's text."""
+    def push(self, text: str, logprob: dict[str, Any] | None = None) -> list[str]:
+        """Events for a piece of the model's text (one token's, with its ``logprob``
+        entry where logprobs are asked for)."""
+        if logprob is not None:
+            self._pending_logprobs.append(logprob)
         return [sse for event in self._parser.push(text) for sse in self._on(event)]
 
     def finish(self, done: Done | None) -> list[str]:
         """Events that close the output (the open item takes the response's status)."""
         events = [sse for event in self._parser.finish() for sse in self._on(event)]
+        if self._pending_logprobs and (self._open == "message" or not self.items):
+            events += self._text_delta("message", "")  # the last tokens printed nothing
         self.status = status_of(done, self.calls)
         if not self.items:
             events += self._open_item("message")
@@ -132,6 +147,7 @@ class ResponseStream:
         if isinstance(event, TextDelta):
             return self._text_delta("message", event.text)
         if isinstance(event, CallOpened):
+            self._pending_logprobs.clear()
             events = self._close_item("completed")
             self.items.append(function_call_item(event.call, "in_progress"))
             self._open = "function_call"
@@ -159,19 +175,21 @@ class ResponseStream:
         events = [] if self._open == kind else self._close_item("completed")
         events += self._open_item(kind)
         self._item_text += delta
+        logprobs, self._pending_logprobs = self._pending_logprobs, []
         if kind == "message":
             self.text += delta
+            self._item_logprobs += logprobs
         name = (
             "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
         )
-        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
+        extra: dict[str, Any] = {"logprobs": logprobs} if kind == "message" else {}
         events.append(self.event(name, **self._where(), content_index=0, delta=delta, **extra))
         return events
 
     def _open_item(self, kind: _Kind) -> list[str]:
         if self._open == kind:
             return []
-        self._open, self._item_text = kind, ""
+        self._open, self._item_text, self._item_logprobs = kind, "", []
         if kind == "message":
             item_id = self._message_id if not self.text else f"msg_{uuid.uuid4().hex}"
             item, part = message_item(item_id, "", "in_progress"), output_text_part("")
@@ -203,14 +221,14 @@ class ResponseStream:
                     "response.output_item.done", output_index=self._index, item=self.items[-1]
                 ),
             ]
-        text = self._item_text
+        text, logprobs = self._item_text, self._item_logprobs
         extra: dict[str, Any]
         if kind == "message":
-            self.items[-1] = message_item(where["item_id"], text, status)
+            self.items[-1] = message_item(where["item_id"], text, status, logprobs)
             done, part, extra = (
                 "response.output_text.done",
-                output_text_part(text),
-                {"logprobs": []},
+                output_text_part(text, logprobs),
+                {"logprobs": logprobs},
             )
         else:
             self.items[-1] = reasoning_item(where["item_id"], text, status)

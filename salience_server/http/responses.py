@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from salience_client import Done, ModelInfo
+from salience_client import Done, ModelInfo, TokenEvent
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.constraints import Constraint
 from salience_server.http.errors import ApiError, as_api_error, client_errors
@@ -33,6 +33,7 @@ from salience_server.http.generation import (
     finish_reason,
     reply_limit,
 )
+from salience_server.http.logprobs import chat_logprob_entry
 from salience_server.http.messages import ImageInput, response_input_messages
 from salience_server.http.reasoning import template_reasons
 from salience_server.http.reply import ReplyParser
@@ -100,7 +101,10 @@ class ResponsePlan:
             self.model_info.max_context, len(self.prompt_ids), body.max_output_tokens
         )
         options = body.decode_options(
-            max_tokens, constraint=self.constraint, extra_stops=self.tools.stop_strings()
+            max_tokens,
+            logprob_top_k=body.top_logprobs or 0,
+            constraint=self.constraint,
+            extra_stops=self.tools.stop_strings(),
         )
         return Generation(
             backend.pool,
@@ -109,6 +113,14 @@ class ResponsePlan:
             images=self.images,
             image_token_counts=backend.image_token_counts,
         )
+
+    async def logprob(self, backend: Backend, token: TokenEvent) -> dict[str, Any] | None:
+        """A decoded token's entry in the output text's logprobs (None: not asked for,
+        or an end-of-sequence token)."""
+        if not self.body.wants_logprobs or token.token_id in self.model_info.eos_token_ids:
+            return None
+        texts = await backend.token_texts.for_tokens([token])
+        return chat_logprob_entry(token, texts, self.body.top_logprobs or 0)
 
     def reply_stream(self) -> ResponseStream:
         """Builds the output items of one reply (reasoning, text, function calls)."""
@@ -143,6 +155,7 @@ class ResponsePlan:
             "store": body.store,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
+            "top_logprobs": body.top_logprobs,
             "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
             "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [],
@@ -265,7 +278,7 @@ async def create_response(request: Request) -> Response:
     choice = result.choices[0]
     stream = plan.reply_stream()
     for token in choice.tokens:
-        stream.push(token.text)
+        stream.push(token.text, await plan.logprob(backend, token))
     stream.finish(choice.done)
     response = plan.finished(stream, choice.done, result.cached_tokens)
     decoded_ids = [token.token_id for token in choice.tokens]
@@ -287,7 +300,8 @@ async def _stream(
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, ChoiceToken):
-                    for sse in stream.push(event.token.text):
+                    logprob = await plan.logprob(backend, event.token)
+                    for sse in stream.push(event.token.text, logprob):
                         yield sse
                 elif isinstance(event, ChoiceDone):
                     done, decoded_ids = event.done, event.token_ids

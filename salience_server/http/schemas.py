@@ -225,6 +225,9 @@ class CompletionRequest(SamplingFields):
         )
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
 class ResponsesRequest(SamplingFields):
     """POST /v1/responses."""
 
@@ -244,6 +247,16 @@ class ResponsesRequest(SamplingFields):
     conversation: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra variables of the chat template (as in Chat Completions)."""
+    include: list[str] | None = None
+    """Extra output: ``message.output_text.logprobs`` is the one this server has (the
+    others name outputs of tools it does not run)."""
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    """Alternatives per token in the output text's logprobs."""
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Logprobs of the output text: asked for in ``include``, or by ``top_logprobs``."""
+        return LOGPROBS_INCLUDE in (self.include or []) or self.top_logprobs is not None
 
     def check(self, vocab_size: int) -> None:
         """Refuses combinations the schema alone cannot (400)."""

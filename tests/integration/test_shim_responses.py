@@ -91,6 +91,47 @@ def test_the_stream_is_numbered_and_ends_incomplete_at_the_limit(
     assert done.text == text and done.item_id == events[-1].response.output[0].id
 
 
+def _same_logprobs(got: list[Any], want: list[Any]) -> None:
+    got = [entry if isinstance(entry, dict) else entry.model_dump() for entry in got]
+    assert [(e["token"], e["bytes"]) for e in got] == [(e["token"], e["bytes"]) for e in want]
+    assert [e["logprob"] for e in got] == pytest.approx([e["logprob"] for e in want], abs=1e-5)
+    for entry, wanted in zip(got, want, strict=True):
+        assert [t["token"] for t in entry["top_logprobs"]] == [
+            t["token"] for t in wanted["top_logprobs"]
+        ]
+
+
+def test_output_text_logprobs_are_chats_streamed_or_not(shim: RunningShim, model: str) -> None:
+    """``include: ["message.output_text.logprobs"]`` and ``top_logprobs``: the output
+    text's tokens with Chat Completions' entries for the same reply; streamed, each
+    entry rides on a text delta (the tiny model's byte tokens often print nothing until
+    a character is whole, so entries wait for the next delta, the last ones included)."""
+    client = shim.client()
+    asked = dict(model=model, max_output_tokens=12, temperature=0)
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell"}],
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    want = [entry.model_dump() for entry in chat.choices[0].logprobs.content]
+    assert len(want) == 12 and all(len(e["top_logprobs"]) == 2 for e in want)
+    logprobs = dict(include=["message.output_text.logprobs"], top_logprobs=2)
+    response = client.responses.create(input="Tell", **asked, **logprobs)
+    assert response.output_text == chat.choices[0].message.content
+    _same_logprobs(response.output[0].content[0].logprobs, want)
+    events = list(client.responses.create(input="Tell", stream=True, **asked, **logprobs))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    _same_logprobs([entry for e in deltas for entry in e.logprobs], want)
+    done = next(e for e in events if e.type == "response.output_text.done")
+    _same_logprobs(done.logprobs, want)
+    _same_logprobs(events[-1].response.output[0].content[0].logprobs, want)
+    plain = client.responses.create(input="Tell", **asked)  # not asked for: none
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_a_chained_turn_closes_a_cut_reply_and_appends_only_the_new_input(
     shim: RunningShim, llama_server: Any, model: str
 ) -> None:
