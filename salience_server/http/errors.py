@@ -85,12 +85,43 @@ _CONFLICTS = frozenset({"SESSION_BUSY", "SESSION_CLOSED"})
 (409); the other FAILED_PRECONDITION reasons are the request's own fault (400)."""
 
 
+_STOP_REASONS = frozenset({"TOO_MANY_STOP_STRINGS", "STOP_STRING_TOO_LONG"})
+_FIELD_REASONS = frozenset({"INVALID_SAMPLING", "INVALID_TOKEN"})
+"""Reasons whose message begins with the request field at fault."""
+_SAMPLING_FIELDS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "stop_token_ids",
+        "min_tokens",
+    }
+)
+
+
+def _field_at_fault(reason: str, message: str, param: str | None) -> str | None:
+    """The request field a refusal of the server names (where a request's field
+    reaches ``Generate`` under its own name), else ``param``."""
+    if reason in _STOP_REASONS:
+        return "stop"
+    name = message.split(" ", 1)[0]
+    if reason in _FIELD_REASONS and name in _SAMPLING_FIELDS:
+        return name
+    return param
+
+
 def from_client_error(error: SalienceClientError, param: str | None = None) -> ApiError:
     """The HTTP error for a failed gRPC call: INVALID_ARGUMENT and FAILED_PRECONDITION
     400 (``context_length_exceeded`` for a prompt too long), UNAUTHENTICATED 401,
     NOT_FOUND 404, ABORTED and a busy or closed session 409, RESOURCE_EXHAUSTED 429,
     UNAVAILABLE 503, DEADLINE_EXCEEDED 504; 500 only for the server's own failures."""
     code, reason, message = error.code, error.reason, error.message
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        param = _field_at_fault(reason, message, param)
     if code == grpc.StatusCode.INVALID_ARGUMENT and reason == "CONTEXT_EXCEEDED":
         return invalid(
             f"This model's maximum context length was exceeded: {message}",

@@ -164,6 +164,8 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
             if role not in _ROLES - {"tool"}:
                 raise invalid(f"unknown role {role!r}", f"{param}.role")
             content = _content_text(item.get("content"), f"{param}.content", conversation.images)
+            if content is None and role != "assistant":
+                raise invalid("content is required", f"{param}.content")
             messages.append({"role": "system" if role == "developer" else role, "content": content})
         elif kind == "function_call":
             _append_call(messages, item, param)

@@ -35,9 +35,10 @@ as "unset", which is 1)."""
 
 
 class Body(BaseModel):
-    """A request body: unknown fields are kept (``model_extra``), never refused."""
+    """A request body: unknown fields are kept (``model_extra``), never refused. Numbers
+    are finite (Python's JSON reader takes ``Infinity`` and ``NaN``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class SamplingFields(Body):

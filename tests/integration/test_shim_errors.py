@@ -60,6 +60,10 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         ),
         (dict(response_format={"type": "yaml"}), "response_format.type"),
         (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+        # The server's refusals name the request field at fault, not the messages.
+        (dict(extra_body={"stop_token_ids": [999999]}), "stop_token_ids"),
+        (dict(stop=["x" * 100_000]), "stop"),
+        (dict(stop=[f"s{i}" for i in range(1000)]), "stop"),
         (dict(tools=[{"type": "function"}]), "tools[0].function"),
     ]
     for fields, param in bad_calls:
@@ -68,6 +72,11 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
             client.chat.completions.create(**arguments)
         assert error.value.body["param"] == param, fields
         assert error.value.body["type"] == "invalid_request_error"
+    # Python's JSON reader takes Infinity and NaN (the SDK will not send them).
+    for field in ("repetition_penalty", "temperature"):
+        body = json.dumps({"model": model, "messages": HELLO, field: float("inf")})
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and _error(response)["param"] == field
 
 
 def test_a_lone_surrogate_anywhere_is_400_naming_where(shim: RunningShim, model: str) -> None:

@@ -153,6 +153,12 @@ def test_a_chained_turn_closes_a_cut_reply_and_appends_only_the_new_input(
     assert second.usage.input_tokens_details.cached_tokens == session_length - 1
 
 
+def test_an_input_message_without_content_is_400_as_in_chat(shim: RunningShim, model: str) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        shim.client().responses.create(model=model, input=[{"role": "user"}])
+    assert error.value.body["param"] == "input[0].content"
+
+
 def test_an_unknown_previous_response_is_404(shim: RunningShim, model: str) -> None:
     with pytest.raises(openai.NotFoundError) as error:
         shim.client().responses.create(model=model, input="x", previous_response_id="resp_none")
