@@ -166,11 +166,25 @@ class Outcomes:
             self.session_table.free(session)
 
     def retire(self, output: SchedulerOutput) -> None:
+        """Ends the requests the scheduler took out: cancelled ones (their client went
+        away, or a deadline passed) and those it refused (``output.failed``)."""
         for request in output.cancelled:
             self.release(request)
+            log.info(
+                "request %d on session %s: cancelled after %d decoded tokens",
+                request.request_id,
+                request.session.session_id,
+                request.num_decoded,
+            )
         for request, error in output.failed:
             request.sink(error)
             self.release(request)
+            log.info(
+                "request %d on session %s: refused: %s",
+                request.request_id,
+                request.session.session_id,
+                error,
+            )
 
     def fail_running(self) -> None:
         """After a failure of the step itself (not of one request): fail the running

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import grpc
+import pytest
 
 from salience_client.pb import salience_pb2 as pb
 from tests.helpers import generate, open_session
@@ -97,7 +99,7 @@ def test_concurrent_streams_interleave_and_equal_their_solo_runs(
 
 
 def test_cancelled_stream_frees_its_request_and_keeps_committed_tokens(
-    tiny_llama_dir, server_factory
+    tiny_llama_dir, server_factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = server_factory(
         tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20, max_batch_tokens=1
@@ -113,10 +115,13 @@ def test_cancelled_stream_frees_its_request_and_keeps_committed_tokens(
         )
     )
     received = [next(stream) for _ in range(12)]
+    caplog.set_level(logging.INFO, logger="salience_server.engine.outcomes")
     stream.cancel()
     assert _wait_until(
         lambda: not server.engine.scheduler.running and not server.engine.scheduler.waiting
     )
+    ended = [r.getMessage() for r in caplog.records if session_id in r.getMessage()]
+    assert len(ended) == 1 and "cancelled after" in ended[0], ended  # one outcome line
     info = stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
     assert not info.busy
     assert info.length >= 10 + sum(1 for e in received if not e.token.is_prefill)
