@@ -14,6 +14,7 @@ each dtype, and bf16 ÷ fp32 for each. ``--model`` takes another model directory
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -29,18 +30,21 @@ PROMPT_TOKENS = 103
 MIN_POOL_BYTES = 256 << 20
 
 
+@dataclass(frozen=True)
+class Where:
+    """The model decoded (None: the default model) and the device it runs on."""
+
+    model: str | None = None
+    device: str = "auto"
+
+
 class EngineDecoder:
     """``batch`` sessions of the engine, stepped in this process, decoding together."""
 
     def __init__(
-        self,
-        dtype: str,
-        batch: int,
-        prompt_tokens: int = PROMPT_TOKENS,
-        model: str | None = None,
-        device: str = "auto",
+        self, dtype: str, batch: int, prompt_tokens: int = PROMPT_TOKENS, where: Where = Where()
     ) -> None:
-        loaded = load_model(ModelConfig(model=model, dtype=dtype, device=device))
+        loaded = load_model(ModelConfig(model=where.model, dtype=dtype, device=where.device))
         # Room for every session's prompt and a few hundred decoded tokens: a pool that
         # ran out would measure preemption, not decoding.
         token_bytes = kv_bytes_per_token(loaded.model.config, kv_dtype(loaded.device, loaded.dtype))
@@ -71,15 +75,10 @@ class PlainDecoder:
     """A plain transformers greedy loop over a batch (DynamicCache)."""
 
     def __init__(
-        self,
-        dtype: str,
-        batch: int,
-        prompt_tokens: int = PROMPT_TOKENS,
-        model: str | None = None,
-        device: str = "auto",
+        self, dtype: str, batch: int, prompt_tokens: int = PROMPT_TOKENS, where: Where = Where()
     ) -> None:
-        path, _ = resolve_model_path(model)
-        self.device = resolve_device(device)
+        path, _ = resolve_model_path(where.model)
+        self.device = resolve_device(where.device)
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), device_map=self.device
         )
@@ -132,9 +131,9 @@ def main() -> None:
     for batch in (1, 8):
         decoders: dict[str, object] = {}
         for dtype in ("float32", "bfloat16"):
-            options = dict(model=args.model, device=args.device)
-            decoders[f"engine {dtype}"] = EngineDecoder(dtype, batch, args.context, **options)
-            decoders[f"plain {dtype}"] = PlainDecoder(dtype, batch, args.context, **options)
+            where = Where(args.model, args.device)
+            decoders[f"engine {dtype}"] = EngineDecoder(dtype, batch, args.context, where)
+            decoders[f"plain {dtype}"] = PlainDecoder(dtype, batch, args.context, where)
         best = best_of_rounds(decoders, num_steps, rounds)
         for dtype in ("float32", "bfloat16"):
             engine, plain = best[f"engine {dtype}"], best[f"plain {dtype}"]
