@@ -84,7 +84,7 @@ def chat_logprobs(
 class TextOffsets:
     """Where each token of one choice starts in its text, in characters: what the bytes of
     the tokens before it decode to. A token that ends inside a UTF-8 character adds
-    nothing until the token that completes it (``\xf0\x9f``, ``\x98``, ``\x80`` all
+    nothing until the token that completes it (``\\xf0\\x9f``, ``\\x98``, ``\\x80`` all
     start at the emoji's offset), so the offsets index the choice's text, not the
     tokens' printed strings."""
 
