@@ -141,9 +141,13 @@ class SessionBase:
 
     def _forget_unsure(self, progress: StreamProgress, error: SalienceClientError | None) -> None:
         """After a call that ended without its Done: the history keeps only what the
-        server surely holds."""
+        server surely holds, and the length counts it (the append and every token
+        received are committed: SPEC 2.1), so that a call made next, with no re-sync in
+        between (the server was unreachable), starts after them, and a replay restores
+        them instead of dropping them."""
         if progress.is_accepted:
             self._commit(progress)
+            self.length = progress.request.offset + len(progress.committed_ids())
         else:
             self._forget_unsure_at(progress.request.offset, error)
 

@@ -275,6 +275,35 @@ def test_a_stream_that_broke_after_its_last_token_decodes_nothing_more(
         assert session.length == 4 + 3 and session.num_resumes == 2
 
 
+def test_a_stream_that_cannot_resume_keeps_what_it_delivered_for_the_next_replay() -> None:
+    """The replica dies mid-stream and stays away past the retry budget: the call fails,
+    but the append and the tokens it delivered were committed, so the session's length
+    counts them and the next call, on a fresh replica, replays them first (it replayed
+    only what the session held before the failed call, dropping them silently)."""
+    budget = Failover(retry_budget_s=0.3, first_retry_wait_s=0.01)
+    first = start_fake()
+    with SalienceClient(first.target, timeout=10, replay=budget) as client:
+        session = client.open_session()
+        session.prefill([100, 101])
+        first.replica.faults.break_after = 3
+        received = []
+        with pytest.raises(SalienceClientError) as caught:
+            for event in session.generate([102], max_tokens=50):
+                received.append(event.token_id)  # type: ignore[union-attr]
+                if len(received) == 3:
+                    first.stop()  # the stream breaks next; no replica answers its resume
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert received == [103, 104, 105] and session.length == 6
+        fresh = start_fake(port=first.port)  # the session is not there
+        try:
+            client.wait_ready(10)
+            session.prefill([7])
+            assert fresh.replica.sessions[session.session_id] == [100, 101, 102, 103, 104, 105, 7]
+            assert session.length == 7 and session.num_replays == 1
+        finally:
+            fresh.stop()
+
+
 def test_a_server_error_mid_stream_is_not_resumed(fake: RunningFake) -> None:
     """A status the server itself sends (with its reason) is an answer, not a break."""
     with SalienceClient(fake.target, timeout=10, replay=FAST) as client:
