@@ -91,7 +91,10 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def encode(self, image: Image.Image) -> EncodedImage:
-        features = self.image_processor(images=[image], return_tensors="pt")
+        try:
+            features = self.image_processor(images=[image], return_tensors="pt")
+        except ValueError as error:  # an image it cannot take (Qwen2-VL: ratio over 200)
+            raise invalid("BAD_IMAGE", f"the image processor refused the image: {error}") from error
         grid_thw = features["image_grid_thw"].to(self.device)  # [1, 3] in patches
         # In the processor's float32: the vision tower casts them to its own dtype, which
         # is float32 on a CPU that emulates 16-bit arithmetic (``cpu_matmul``).

@@ -200,6 +200,8 @@ BAD_IMAGES = {
     "mime mismatch": (encode(make_image(5), "JPEG"), "image/png", "MIME_MISMATCH"),
     "unsupported type": (encode(make_image(5), "BMP"), "image/bmp", "UNSUPPORTED_IMAGE_TYPE"),
     "20000x20000": (_png_claiming(20000, 20000), "image/png", "IMAGE_TOO_LARGE"),
+    # Qwen2-VL's processor refuses an aspect ratio over 200 (it was UNKNOWN, retried).
+    "1x5000": (encode(make_image(5, (1, 5000))), "image/png", "BAD_IMAGE"),
 }
 
 
