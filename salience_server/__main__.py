@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--metrics-port",
         type=int,
         default=0,
-        help="serve Prometheus metrics here (with --http-port they are at /metrics)",
+        help="serve Prometheus metrics here (with --http-port they are also at its /metrics)",
     )
     parser.add_argument(
         "--stream-buffer-events",

@@ -107,6 +107,15 @@ class ModelConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""
 
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"unknown device {self.device!r}; choose cpu, cuda, cuda:N or auto")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -136,9 +145,12 @@ class ServerConfig:
     keepalive_s: float = 30.0
     """Idle connections are pinged this often; a peer that does not answer is gone."""
     metrics_port: int = 0
-    """Serve Prometheus metrics here when there is no shim (the shim serves /metrics)."""
+    """Serve Prometheus metrics here (0: only at the shim's /metrics, if there is one)."""
 
     def __post_init__(self) -> None:
+        for name in ("port", "http_port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} {getattr(self, name)} is out of range (0 to 65535)")
         if self.grace_s < 0 or self.keepalive_s <= 0 or self.stream_buffer_events <= 0:
             raise ValueError(
                 "grace_s must not be negative; keepalive_s and stream_buffer_events "

@@ -155,7 +155,7 @@ def default_replica_id(host: str, port: int) -> str:
 async def serve(config: ServerConfig) -> None:
     """Runs the server until SIGTERM or SIGINT; with ``http_port``, the OpenAI shim too, in
     this event loop, as a gRPC client of this server's own address. Metrics are served
-    at the shim's ``/metrics``, or on ``metrics_port``."""
+    at the shim's ``/metrics`` and on ``metrics_port``, each where given."""
     server = SalienceServer(config)
     shim = None
     if config.http_port:
@@ -170,7 +170,7 @@ async def serve(config: ServerConfig) -> None:
             server.metrics.registry,
         )  # a taken port fails now
     metrics_server = None
-    if config.metrics_port and shim is None:
+    if config.metrics_port:
         try:
             metrics_server, _ = start_http_server(
                 config.metrics_port, config.host, server.metrics.registry

@@ -10,11 +10,13 @@ import time
 import urllib.request
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
+from salience_server.__main__ import parse_args
 from tests.helpers import error_reason, free_port, server_start_failure
 
 
@@ -103,3 +105,45 @@ def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
         port = taken.getsockname()[1]
         stderr = server_start_failure("--model", str(tiny_llama_dir), "--port", str(port))
     assert f"cannot listen on 127.0.0.1:{port}" in stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--port", "99999"], "port 99999 is out of range"),
+        (["--port", "-1"], "port -1 is out of range"),
+        (["--metrics-port", "70000"], "metrics_port 70000 is out of range"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--dtype", "float8"], "unknown dtype 'float8'"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_starts(
+    flags: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were taken as they came: --port 99999 listened on some other port, --device
+    tpu ended in a traceback once the model loaded."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(flags)
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_metrics_are_served_on_their_port_beside_the_shim(tiny_llama_dir) -> None:
+    """--metrics-port with --http-port: both serve the metrics (the port was ignored)."""
+    http_port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "salience_server", "--model", str(tiny_llama_dir)]
+    command += ["--port", str(free_port()), "--http-port", str(http_port)]
+    process = subprocess.Popen([*command, "--metrics-port", str(metrics_port)])
+    try:
+        for port in (metrics_port, http_port):
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as reply:
+                        assert "salience_requests_total" in reply.read().decode()
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, f"nothing serves metrics on {port}"
+                    time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
