@@ -106,9 +106,12 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
 def parse_token_ids(text: str) -> list[int]:
     """``"1,2 3"`` -> ``[1, 2, 3]``."""
     try:
-        return [int(part) for part in text.replace(",", " ").split()]
+        token_ids = [int(part) for part in text.replace(",", " ").split()]
     except ValueError:
-        raise SystemExit(f"salience: --tokens takes integers, got {text!r}") from None
+        token_ids = [-1]
+    if not all(0 <= token_id <= END for token_id in token_ids):
+        raise SystemExit(f"salience: --tokens takes token ids (integers >= 0), got {text!r}")
+    return token_ids
 
 
 def score(client: SalienceClient, args: argparse.Namespace) -> None:
@@ -188,27 +191,76 @@ def describe(error: SalienceClientError, target: str) -> str:
     return f"{error.message} [{error.code.name}, {error.reason}]"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="salience", description="Talk to a Salience server.")
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address, HOST:PORT")
+def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """``--target``, ``--api-key`` and ``--timeout``, taken before or after the command
+    (after it, only what is given: the defaults come from before it)."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--target", default=default(DEFAULT_TARGET), help="server address, HOST:PORT"
+    )
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("SALIENCE_API_KEY") or None,
+        default=default(os.environ.get("SALIENCE_API_KEY") or None),
         help="bearer token for a server started with --api-key (default: $SALIENCE_API_KEY)",
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per unary call")
+    parser.add_argument(
+        "--timeout", type=_positive(float), default=default(30.0), help="seconds per unary call"
+    )
+
+
+def _at_least(kind: Callable[[str], Any], low: float, high: float | None = None) -> Any:
+    """An argparse type: ``kind`` values in [low, high]."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not low <= value <= (high if high is not None else float("inf")):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text} is not {bound}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _positive(kind: Callable[[str], Any]) -> Any:
+    """An argparse type: ``kind`` values above 0."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="salience", description="Talk to a Salience server.")
+    _connection_options(parser, defaults=True)
+    connection = argparse.ArgumentParser(add_help=False)
+    _connection_options(connection, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chat_parser = commands.add_parser("chat", help="chat with the model (one session per run)")
-    chat_parser.add_argument("--max-tokens", type=int, default=512)
-    chat_parser.add_argument("--temperature", type=float, default=0.7)
-    chat_parser.add_argument("--seed", type=int, help="seed the sampler (reproducible replies)")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, parents=[connection])
+
+    chat_parser = command("chat", "chat with the model (one session per run)")
+    chat_parser.add_argument("--max-tokens", type=_at_least(int, 1, END), default=512)
+    chat_parser.add_argument("--temperature", type=_at_least(float, 0.0, 2.0), default=0.7)
+    chat_parser.add_argument(
+        "--seed", type=_at_least(int, 0, 2**64 - 1), help="seed the sampler (reproducible replies)"
+    )
     chat_parser.add_argument("--system", help="a system message opening the conversation")
-    score_parser = commands.add_parser("score", help="per-token logprobs of a text")
+    score_parser = command("score", "per-token logprobs of a text")
     score_parser.add_argument("text", nargs="?", help="the text to score")
     score_parser.add_argument("--tokens", help="token ids instead of text: '1,2,3'")
     score_parser.add_argument("--add-special-tokens", action="store_true", help="prepend BOS")
-    commands.add_parser("info", help="describe the served model")
-    commands.add_parser("sessions", help="list the live sessions")
+    command("info", "describe the served model")
+    command("sessions", "list the live sessions")
     return parser.parse_args(argv)
 
 

@@ -329,3 +329,28 @@ def test_cli_reports_an_unreachable_server_in_one_line() -> None:
     result = _salience(UNREACHABLE, "info")
     assert result.returncode == 1
     assert result.stderr == f"salience: cannot reach the server at {UNREACHABLE} (is it running?)\n"
+
+
+def test_cli_connection_options_go_before_or_after_the_command(server_target: str) -> None:
+    """The README's `salience info --target HOST:PORT` (it was "unrecognized arguments")."""
+    after = _salience(UNREACHABLE, "info", "--target", server_target, "--timeout", "5")
+    assert after.returncode == 0 and "max context:      512" in after.stdout, after.stderr
+    before = _salience(server_target, "info")
+    assert before.stdout == after.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["chat", "--max-tokens", "-1"],
+        ["chat", "--seed", "-3"],
+        ["chat", "--temperature", "nan"],
+        ["score", "--tokens", "1,-1"],
+        ["info", "--timeout", "0"],
+    ],
+)
+def test_cli_refuses_values_out_of_range_without_a_traceback(args: list[str]) -> None:
+    """They reached the protobuf encoder, which raised with a traceback."""
+    result = _salience(UNREACHABLE, *args)
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+    assert "salience" in result.stderr and ("not" in result.stderr or ">= 0" in result.stderr)
