@@ -15,7 +15,7 @@ from salience_client.failover import Attempts, StreamProgress
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
-    check_options,
+    check_call,
     generate_request,
     last_done,
     no_done,
@@ -64,7 +64,7 @@ class AsyncSession(SessionBase):
         ``truncate_to`` rewinds the session to that length first. Closing the iterator
         before Done cancels the call and re-reads the session's length.
         """
-        check_options(dict(options))
+        check_call(dict(options), append_tokens, truncate_to)
         return self._stream(append_tokens, truncate_to, options)
 
     async def _stream(

@@ -3,6 +3,7 @@ request built from ``generate``'s options, the stream's ``Done`` and range sums.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -54,11 +55,40 @@ class GenerateOptions(TypedDict, total=False):
     ``{"regex": ...}`` or ``{"ebnf": ...}``: the language the decoded text must be in."""
 
 
-def check_options(options: dict[str, Any]) -> None:
-    """Raises TypeError for a keyword ``generate`` does not know."""
+_UINT32_OPTIONS = ("max_tokens", "top_k", "logprob_top_k", "min_tokens")
+
+
+def check_call(
+    options: dict[str, Any], append_tokens: Sequence[int], truncate_to: int | None
+) -> None:
+    """Raises TypeError for a keyword ``generate`` does not know, and ValueError for a
+    value its request field cannot carry, as ``generate`` is called (not at the first
+    ``next()``, from the protobuf encoder, without the field's name)."""
     unknown = sorted(set(options) - set(GenerateOptions.__optional_keys__))
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
+    values: list[tuple[str, Any, int, int]] = [
+        (name, options.get(name, 0), 0, END) for name in _UINT32_OPTIONS
+    ]
+    values.append(("priority", options.get("priority", 0), -(2**31), 2**31 - 1))
+    if options.get("seed") is not None:
+        values.append(("seed", options["seed"], 0, 2**64 - 1))
+    if truncate_to is not None:
+        values.append(("truncate_to", truncate_to, 0, END))
+    for name, ids in (
+        ("append_tokens", append_tokens),
+        ("stop_token_ids", options.get("stop_token_ids", ())),
+    ):
+        values += [(name, token_id, 0, END) for token_id in ids]
+    for name in ("logprobs_ranges", "readout_ranges"):
+        values += [(name, bound, 0, END) for pair in options.get(name, ()) for bound in pair]
+    for name, value, low, high in values:
+        try:
+            fits = low <= operator.index(value) <= high  # numpy integers too
+        except TypeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"generate(): {name} takes integers in [{low}, {high}], got {value!r}")
 
 
 def generate_request(

@@ -17,7 +17,7 @@ from salience_client.failover import Attempts, StreamProgress
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
-    check_options,
+    check_call,
     generate_request,
     last_done,
     no_done,
@@ -70,7 +70,7 @@ class Session(SessionBase):
         the first ``next()``. Leaving the iterator before Done cancels the call and
         re-reads the session's length from the server.
         """
-        check_options(dict(options))
+        check_call(dict(options), append_tokens, truncate_to)
         return self._stream(append_tokens, truncate_to, options)
 
     def _stream(

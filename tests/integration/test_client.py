@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from salience_client import (
@@ -186,6 +187,24 @@ def test_errors_carry_code_reason_and_session_length(client: SalienceClient) -> 
         assert session.prefill([1]).total_tokens == len(PROMPT) + 1
         with pytest.raises(TypeError, match="max_token"):
             session.generate(max_token=3)  # type: ignore[call-arg]
+        # Values their fields cannot carry fail as the call is made, naming the field
+        # (the protobuf encoder raised at the first next(), without it).
+        bad_calls: list[tuple[dict[str, Any], str]] = [
+            (dict(max_tokens=-1), "max_tokens"),
+            (dict(seed=-3), "seed"),
+            (dict(stop_token_ids=[2**32]), "stop_token_ids"),
+            (dict(logprobs_ranges=[(-1, 5)]), "logprobs_ranges"),
+            (dict(priority=2**31), "priority"),
+            (dict(top_k=1.5), "top_k"),
+        ]
+        for options, name in bad_calls:
+            with pytest.raises(ValueError, match=name):
+                session.generate(**options)
+        with pytest.raises(ValueError, match="append_tokens"):
+            session.generate([5, -1])
+        with pytest.raises(ValueError, match="truncate_to"):
+            session.generate(truncate_to=-2)
+        assert session.prefill(np.array([1, 2])).total_tokens == len(PROMPT) + 3  # numpy ids
     with pytest.raises(SalienceClientError) as caught:
         client.get_session("no-such-session")
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
