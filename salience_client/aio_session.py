@@ -62,7 +62,9 @@ class AsyncSession(SessionBase):
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. Closing the iterator
-        before Done cancels the call and re-reads the session's length.
+        (or cancelling its task) before Done cancels the call and re-reads the session's
+        length without waiting: while the server still winds the call down, the
+        session's next call re-reads it first.
         """
         check_call(dict(options), append_tokens, truncate_to)
         return self._stream(append_tokens, truncate_to, options)
@@ -70,6 +72,7 @@ class AsyncSession(SessionBase):
     async def _stream(
         self, append_tokens: Sequence[int], truncate_to: int | None, options: GenerateOptions
     ) -> AsyncGenerator[TokenEvent | Done, None]:
+        await self._settle()
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         manifest = self._manifest
@@ -107,7 +110,7 @@ class AsyncSession(SessionBase):
                 if call is not None:
                     call.cancel()
                 self._forget_unsure(progress, failure)
-                await self._resync(wait=failure is None)
+                await self._resync()
 
     async def _recover_stream(
         self, error: SalienceClientError, progress: StreamProgress, attempts: Attempts
@@ -121,16 +124,21 @@ class AsyncSession(SessionBase):
         eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    async def _resync(self, wait: bool) -> None:
-        """Re-reads the length after a call that ended early; never replays."""
-        deadline = time.monotonic() + (SYNC_WAIT_S if wait else 0.0)
+    async def _resync(self) -> None:
+        """As ``Session._resync``: one read, at once (a cancelled task is not held up)."""
         request = pb.GetSessionRequest(session_id=self.session_id)
         with contextlib.suppress(SalienceClientError):
             info = (await self._unary(self._stub.GetSession, request)).session
-            while info.busy and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-                info = (await self._unary(self._stub.GetSession, request)).session
-            self._synced(info.length)
+            if info.busy:
+                self._unsettled = True
+            else:
+                self._synced(info.length)
+
+    async def _settle(self) -> None:
+        """As ``Session._settle``."""
+        if self._unsettled:
+            with contextlib.suppress(SalienceClientError):
+                await self.sync()
 
     async def sync(self, wait_s: float = SYNC_WAIT_S) -> SessionInfo:
         """Re-reads ``length`` from the server, waiting up to ``wait_s`` while it is busy."""
@@ -164,6 +172,7 @@ class AsyncSession(SessionBase):
     async def fork(self, new_session_id: str = "") -> AsyncSession:
         """A new session sharing this one's committed tokens (copy-on-write KV). It routes
         with this session's ``x-session-id``, so it stays on the replica holding the KV."""
+        await self._settle()
         child_id = new_session_id or fresh_session_id()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = Attempts(self._failover)
@@ -191,6 +200,7 @@ class AsyncSession(SessionBase):
         self, data: bytes, mime_type: str, truncate_to: int | None = None
     ) -> int:
         """Appends one image; returns how many placeholder tokens it became."""
+        await self._settle()
         offset, truncating = self._offset(truncate_to)
         request = pb.AppendImageRequest(
             session_id=self.session_id,
@@ -210,7 +220,7 @@ class AsyncSession(SessionBase):
                 await self._recover(failure, attempts, offset)
             except SalienceClientError:
                 self._forget_unsure_at(offset, failure)
-                await self._resync(wait=False)
+                await self._resync()
                 raise
             request.truncating = True  # whatever a broken try left goes
         self._image_appended(offset, data, mime_type, response)

@@ -68,7 +68,9 @@ class Session(SessionBase):
 
         ``truncate_to`` rewinds the session to that length first. The call starts at
         the first ``next()``. Leaving the iterator before Done cancels the call and
-        re-reads the session's length from the server.
+        re-reads the session's length from the server, without waiting: while the
+        server is still winding the call down, the session's next call re-reads it
+        first.
         """
         check_call(dict(options), append_tokens, truncate_to)
         return self._stream(append_tokens, truncate_to, options)
@@ -76,6 +78,7 @@ class Session(SessionBase):
     def _stream(
         self, append_tokens: Sequence[int], truncate_to: int | None, options: GenerateOptions
     ) -> Generator[TokenEvent | Done, None, None]:
+        self._settle()
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         manifest = self._manifest
@@ -111,7 +114,7 @@ class Session(SessionBase):
                 if call is not None:
                     call.cancel()
                 self._forget_unsure(progress, failure)
-                self._resync(wait=failure is None)
+                self._resync()
 
     def _recover_stream(
         self, error: SalienceClientError, progress: StreamProgress, attempts: Attempts
@@ -126,16 +129,22 @@ class Session(SessionBase):
         eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    def _resync(self, wait: bool) -> None:
-        """Re-reads the length after a call that ended early; never replays."""
-        deadline = time.monotonic() + (SYNC_WAIT_S if wait else 0.0)
+    def _resync(self) -> None:
+        """Re-reads the length after a call that ended early, once (never replays); a
+        session still busy with it is settled before the next call."""
         request = pb.GetSessionRequest(session_id=self.session_id)
         with contextlib.suppress(SalienceClientError):
             info = self._unary(self._stub.GetSession, request).session
-            while info.busy and time.monotonic() < deadline:
-                time.sleep(0.01)
-                info = self._unary(self._stub.GetSession, request).session
-            self._synced(info.length)
+            if info.busy:
+                self._unsettled = True
+            else:
+                self._synced(info.length)
+
+    def _settle(self) -> None:
+        """Before a call: waits for the length a call that ended early left unsure."""
+        if self._unsettled:
+            with contextlib.suppress(SalienceClientError):
+                self.sync()
 
     def sync(self, wait_s: float = SYNC_WAIT_S) -> SessionInfo:
         """Re-reads ``length`` from the server, waiting up to ``wait_s`` while it is busy."""
@@ -166,6 +175,7 @@ class Session(SessionBase):
     def fork(self, new_session_id: str = "") -> Session:
         """A new session sharing this one's committed tokens (copy-on-write KV). It routes
         with this session's ``x-session-id``, so it stays on the replica holding the KV."""
+        self._settle()
         child_id = new_session_id or fresh_session_id()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = Attempts(self._failover)
@@ -191,6 +201,7 @@ class Session(SessionBase):
 
     def append_image(self, data: bytes, mime_type: str, truncate_to: int | None = None) -> int:
         """Appends one image; returns how many placeholder tokens it became."""
+        self._settle()
         offset, truncating = self._offset(truncate_to)
         request = pb.AppendImageRequest(
             session_id=self.session_id,
@@ -210,7 +221,7 @@ class Session(SessionBase):
                 self._recover(failure, attempts, offset)
             except SalienceClientError:
                 self._forget_unsure_at(offset, failure)
-                self._resync(wait=False)
+                self._resync()
                 raise
             request.truncating = True  # whatever a broken try left goes
         self._image_appended(offset, data, mime_type, response)

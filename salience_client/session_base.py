@@ -70,6 +70,9 @@ class SessionBase:
         self.length = length
         """The committed length as this client last saw it; the next call's ``offset``."""
         self.is_closed = False
+        self._unsettled = False
+        """A call ended early while the server was still winding it down: ``length`` is
+        re-read before the next call (``_settle``) rather than waited for then."""
         self.routing_key = routing_key or session_id
         """Sent as ``x-session-id`` metadata on every call of this session."""
         self.replica: str | None = None
@@ -179,6 +182,7 @@ class SessionBase:
 
     def _synced(self, length: int) -> None:
         """The server says the session holds ``length`` positions."""
+        self._unsettled = False
         self.length = length
         self._history.truncate(min(self._history.length, length))
 

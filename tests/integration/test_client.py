@@ -215,14 +215,45 @@ def test_errors_carry_code_reason_and_session_length(client: SalienceClient) -> 
 
 
 def test_an_abandoned_stream_is_cancelled_and_the_length_resynced(client: SalienceClient) -> None:
+    """Leaving the stream cancels the call; the length is re-read at once, or, while the
+    server still winds the call down, before the next call (which then fits)."""
     with client.open_session() as session:
         session.prefill(PROMPT * 10)
         for event in session.generate([1] * 200, max_tokens=200):
             assert isinstance(event, TokenEvent)
             break
+        done = session.prefill([2])
         info = session.info()
-        assert not info.is_busy and session.length == info.length
-        assert session.prefill([2]).total_tokens == info.length + 1
+        assert not info.is_busy and done.total_tokens == info.length == session.length
+
+
+def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
+    tiny_llama_dir: Path, server_factory: Any
+) -> None:
+    """asyncio cancellation (wait_for's timeout) ends the call at once: the client does not
+    wait for the server to wind down the step it is in (it waited up to 5 s: a long
+    prefill's step, 4 s on the default model here; one second of sleep here)."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
+    execute = server.engine.runner.execute
+
+    def slow_execute(batch: Any) -> Any:
+        time.sleep(1.0)
+        return execute(batch)
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(server.target, timeout=30) as client:
+            async with await client.open_session() as session:
+                server.engine.runner.execute = slow_execute
+                start = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(session.prefill([3] * 40), 0.1)
+                assert time.monotonic() - start < 0.6
+                server.engine.runner.execute = execute
+                done = await session.prefill([4])
+                info = await session.info()
+                assert not info.is_busy and done.total_tokens == info.length == session.length
+
+    asyncio.run(scenario())
 
 
 # ----- the async client --------------------------------------------------------------
@@ -251,6 +282,7 @@ async def _async_scenario(target: str, oracle: Any) -> None:
             async with contextlib.aclosing(session.generate([1] * 200, max_tokens=200)) as stream:
                 async for _ in stream:
                     break
+            await session.sync()
             info = await session.info()
             assert not info.is_busy and session.length == info.length
             listed = [s.session_id for s in await client.list_sessions()]
