@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from salience_client import AsyncSalienceClient, ModelInfo
+from salience_client import AsyncSalienceClient, Failover, ModelInfo
 from salience_server import text_checks
 from salience_server.http.config import ShimConfig
 from salience_server.http.errors import client_errors, invalid, model_not_found
@@ -52,7 +52,7 @@ class Backend:
             config.target,
             timeout=config.rpc_timeout_s,
             api_key=config.api_key,
-            replay=config.replay,
+            replay=Failover(replay=config.replay, retry_budget_s=config.retry_budget_s),
         )
         self.pool = SessionPool(self.client, config.max_pooled_sessions)
         self.token_texts = TokenTexts(self.client)

@@ -39,6 +39,11 @@ class ShimConfig:
     replay: bool = True
     """Re-create pooled sessions lost with their replica by replaying their tokens, and
     resume broken streams (SPEC 2.7); off, such failures reach the HTTP client."""
+    retry_budget_s: float = 10.0
+    """How long a call keeps retrying while no server answers (a proxy moving the session
+    to another replica). The shim beside its own server takes 0: there is no other."""
+    graceful_shutdown_s: float = 5.0
+    """On stop, how long open HTTP requests may run on."""
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -49,6 +54,8 @@ class ShimConfig:
             raise ValueError("max_pooled_sessions must be positive, max_stored_responses >= 0")
         if self.rpc_timeout_s <= 0:
             raise ValueError("rpc_timeout_s must be positive")
+        if self.retry_budget_s < 0 or self.graceful_shutdown_s < 0:
+            raise ValueError("retry_budget_s and graceful_shutdown_s must not be negative")
         if self.keepalive_s < 0:
             raise ValueError("keepalive_s must be 0 (off) or positive")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Iterator
 
@@ -16,9 +17,6 @@ from salience_server.http.app import create_app
 from salience_server.http.config import ShimConfig, api_key_from_env
 
 log = logging.getLogger(__name__)
-
-GRACEFUL_SHUTDOWN_S = 5
-"""How long open HTTP requests may run on after a stop is asked for."""
 
 
 class _HostedServer(uvicorn.Server):
@@ -57,7 +55,7 @@ class ShimServer:
         uvicorn_config = uvicorn.Config(
             create_app(config, metrics_registry),
             log_level=config.log_level.lower(),
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_graceful_shutdown=math.ceil(config.graceful_shutdown_s),
         )
         self.server = _HostedServer(uvicorn_config)
 
@@ -78,7 +76,7 @@ class ShimServer:
         self.server.should_exit = True
 
     async def stop(self) -> None:
-        """Stops serving; open requests may finish within GRACEFUL_SHUTDOWN_S."""
+        """Stops serving; open requests may finish within ``graceful_shutdown_s``."""
         self.request_stop()
         if self._task is not None:
             await self._task
@@ -91,16 +89,21 @@ def shim_beside(
     allow_remote_images: bool = False,
     api_key: str | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    grace_s: float = 30.0,
 ) -> ShimServer:
     """The shim of ``salience-server --http-port``: on ``host:http_port``, a client of the
     gRPC server on ``host:grpc_port``. The API key (given, else ``$SALIENCE_API_KEY``)
     guards the HTTP routes and is sent to the gRPC server. ``/metrics`` serves
-    ``metrics_registry`` (the server's)."""
+    ``metrics_registry`` (the server's). On stop, its open requests run on while the
+    server's calls drain (``grace_s``), and end with the server's UNAVAILABLE (503, or an
+    error event) when the grace runs out: its one server has no other replica to retry."""
     config = ShimConfig(
         target=local_target(host, grpc_port),
         host=host,
         port=http_port,
         api_key=api_key or api_key_from_env(),
         allow_remote_images=allow_remote_images,
+        retry_budget_s=0.0,
+        graceful_shutdown_s=grace_s + 2.0,  # the drain, then the last events written
     )
     return ShimServer(config, metrics_registry)

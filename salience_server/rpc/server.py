@@ -168,6 +168,7 @@ async def serve(config: ServerConfig) -> None:
             config.allow_remote_images,
             config.api_key,
             server.metrics.registry,
+            config.grace_s,
         )  # a taken port fails now
     metrics_server = None
     if config.metrics_port:
@@ -191,6 +192,8 @@ async def serve(config: ServerConfig) -> None:
             shim.start()
         await stopping.wait()
         log.info("stopping")
+        if shim is not None:
+            shim.request_stop()  # no new HTTP requests; open ones end with their calls
         await server.stop()  # the shim's calls in flight drain with the others
         if shim is not None:
             await shim.stop()

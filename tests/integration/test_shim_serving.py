@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,58 @@ def test_salience_shim_alone(llama_server: Any, tiny_llama_dir: Path, tmp_path: 
     finally:
         code = _stop(process)
     assert code == 0, log.read_text()
+
+
+@pytest.mark.skipif("not __import__('tests.conftest').conftest.default_model_available()")
+def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(tmp_path: Path) -> None:
+    """SIGTERM with HTTP requests in flight: they run on while the server drains, then end
+    with its UNAVAILABLE as OpenAI's 503 (an error event and [DONE] once a stream has
+    started), and the process exits soon after the grace. The built-in shim retried
+    SHUTTING_DOWN against its own draining server: the stream was cut without an error,
+    the plain request got a bare 500, and the process outlived the grace by seconds.
+    (The default model: its steps are slow enough for 200 tokens to outlast the grace.)"""
+    http_port = _free_port()
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "salience_server", "--port", "0"]
+    command += ["--http-port", str(http_port), "--grace-s", "0.5"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}/v1/completions"
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once", "max_tokens": 200}
+    body["ignore_eos"] = True
+    replies: dict[bool, httpx.Response] = {}
+    streaming = threading.Event()
+
+    def ask(stream: bool) -> None:
+        if not stream:
+            replies[stream] = httpx.post(url, json=body, timeout=60)
+            return
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as reply:
+            lines = []
+            for line in reply.iter_lines():
+                lines.append(line)
+                streaming.set()
+            replies[stream] = httpx.Response(reply.status_code, text="\n".join(lines))
+
+    try:
+        _wait_for(r"OpenAI shim on http://127\.0\.0\.1:\d+/v1", process, log, 120)
+        threads = [threading.Thread(target=ask, args=(stream,)) for stream in (True, False)]
+        for thread in threads:
+            thread.start()
+        assert streaming.wait(60)  # both decode now
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+        assert time.monotonic() - stopped < 0.5 + 5
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    plain = replies[False]
+    assert plain.status_code == 503 and plain.json()["error"]["code"] == "service_unavailable"
+    events = [line for line in replies[True].text.splitlines() if line.startswith("data: ")]
+    assert replies[True].status_code == 200 and events[-1] == "data: [DONE]"
+    assert '"code": "service_unavailable"' in events[-2]
+    text = log.read_text()
+    assert "Traceback" not in text and "Cancel" not in text, text
