@@ -109,29 +109,45 @@ def convert_gguf(gguf_path: Path) -> Path:
         log.info("using the converted model cached at %s", target)
         return target
     log.info("converting %s to safetensors (once) into %s", gguf_path, target)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    directory, name = str(gguf_path.parent), gguf_path.name
-    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
-    # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config.
-    config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target.parent)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
+    staging = _staging_dir(target.parent)  # before the minutes of converting
     try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        _convert_into(gguf_path, staging)
         staging.rename(target)  # atomic: a crash never leaves half a cache behind
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("converted model saved at %s", target)
     return target
+
+
+def _staging_dir(models_dir: Path) -> Path:
+    """A fresh directory to convert into, beside the caches; an unwritable cache is
+    an error that says what to do."""
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(models_dir)
+        return Path(tempfile.mkdtemp(dir=models_dir, prefix=STAGING_PREFIX))
+    except OSError as error:
+        raise OSError(
+            f"cannot write the converted model under {models_dir} ({error}); "
+            "set SALIENCE_CACHE_DIR to a writable directory"
+        ) from error
+
+
+def _convert_into(gguf_path: Path, directory: Path) -> None:
+    """Saves ``gguf_path`` dequantized to float32 in ``directory``, with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, name = str(gguf_path.parent), gguf_path.name
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config.
+    config = AutoConfig.from_pretrained(source, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(directory)
 
 
 DIGESTS_FILE = "digests.json"

@@ -91,3 +91,21 @@ def test_a_copy_of_the_default_model_uses_its_conversion(
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
     assert convert_gguf(copy) == converted
+
+
+def test_an_unwritable_cache_fails_before_converting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It failed after the minutes of converting, with a bare errno message."""
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(blocker / "cache"))  # under a file
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("converting before the cache was known to be writable")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(OSError, match="SALIENCE_CACHE_DIR"):
+        convert_gguf(gguf)
