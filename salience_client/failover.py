@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import Collection
@@ -83,6 +84,17 @@ class FailoverStats:
     """Positions those replays prefilled (image placeholders included)."""
     num_resumes: int = 0
     """Broken streams resumed."""
+
+
+SESSION_ID_PATTERN = re.compile(r"[!-~]{1,128}")
+"""A session id a caller may choose: 1 to 128 visible ASCII characters (every call
+carries it as ``x-session-id`` metadata, which takes no other)."""
+
+
+def check_session_id(session_id: str) -> None:
+    """Raises ValueError for an id no server takes (``SESSION_ID_PATTERN``)."""
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise ValueError(f"session ids are 1 to 128 visible ASCII characters, got {session_id!r}")
 
 
 def new_session_id() -> str:

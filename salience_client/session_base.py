@@ -14,6 +14,7 @@ from salience_client.failover import (
     Failover,
     FailoverStats,
     StreamProgress,
+    check_session_id,
     is_broken,
     is_busy,
     is_refusal,
@@ -61,7 +62,9 @@ class SessionBase:
         """``history``: what the session holds (empty for a handle on a session opened
         elsewhere, which therefore cannot be replayed past position 0); ``routing_key``:
         the ``x-session-id`` value, the session id unless it is a fork (which travels with
-        its family's root, to stay beside the KV it shares)."""
+        its family's root, to stay beside the KV it shares). An id no server takes is a
+        ValueError here, before any call."""
+        check_session_id(session_id)
         self._stub = stub
         self._timeout = timeout
         self.session_id = session_id

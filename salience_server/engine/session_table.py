@@ -10,8 +10,9 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from salience_client.failover import SESSION_ID_PATTERN
 from salience_server.engine.block_manager import BlockManager
-from salience_server.engine.errors import Code, SalienceError, session_not_found
+from salience_server.engine.errors import Code, SalienceError, invalid, session_not_found
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.model_runner import ModelRunner
@@ -57,6 +58,11 @@ class SessionTable:
         return session
 
     def open(self, session_id: str = "", max_context: int = 0) -> Session:
+        if session_id and not SESSION_ID_PATTERN.fullmatch(session_id):
+            raise invalid(
+                "INVALID_SESSION_ID",
+                f"session ids are 1 to 128 visible ASCII characters, got {session_id!r}",
+            )
         session_id = session_id or uuid.uuid4().hex
         if session_id in self.sessions:
             raise SalienceError(

@@ -31,7 +31,9 @@ from salience_client import (
     TokenEvent,
 )
 from salience_client.cli import ChatSession
-from tests.helpers import reference_greedy, reference_logprobs
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
+from tests.helpers import error_reason, reference_greedy, reference_logprobs
 from tests.tiny_models import build_tokenizer, reference_model
 
 TOLERANCE = 1e-4
@@ -405,3 +407,26 @@ def test_cli_refuses_values_out_of_range_without_a_traceback(args: list[str]) ->
     result = _salience(UNREACHABLE, *args)
     assert result.returncode in (1, 2) and "Traceback" not in result.stderr
     assert "salience" in result.stderr and ("not" in result.stderr or ">= 0" in result.stderr)
+
+
+def test_a_session_id_no_server_takes_is_refused_at_once(
+    client: SalienceClient, server_target: str
+) -> None:
+    """Ids travel as x-session-id metadata: a tab or a non-ASCII letter made every call
+    fail inside gRPC, retried for seconds. The client refuses them before any call; the
+    server refuses them from other clients (INVALID_ARGUMENT)."""
+    for bad in ("tab\tid", "ünï", "x" * 129):
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="visible ASCII"):
+            client.open_session(session_id=bad)
+        assert time.monotonic() - start < 0.5
+    channel = grpc.insecure_channel(server_target)
+    stub = salience_pb2_grpc.SalienceStub(channel)
+    for bad in ("ünï", "x" * 129):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.OpenSession(pb.OpenSessionRequest(session_id=bad))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(caught.value) == "INVALID_SESSION_ID"
+    channel.close()
+    with client.open_session(session_id="my-agent:42") as session:  # punctuation is fine
+        assert session.prefill([1]).total_tokens == 1
