@@ -216,6 +216,9 @@ class StreamProgress:
         self.decoded_ids: list[int] = []
         self.next_position = 0
         """Positions below this have delivered their events."""
+        self.is_break_counted = False
+        """The current break was counted (its resuming calls may fail again and again
+        while no replica answers: one break, one resume); an event starts afresh."""
 
     @property
     def base_length(self) -> int:
@@ -236,6 +239,7 @@ class StreamProgress:
     def observe(self, event: TokenEvent | Done) -> bool:
         """Notes an event; False for one delivered before (a call made again)."""
         self.is_accepted = True
+        self.is_break_counted = False
         if isinstance(event, Done):
             return True
         if event.position < self.next_position:

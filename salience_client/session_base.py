@@ -209,9 +209,10 @@ class SessionBase:
         raise error
 
     def _resumed(self, error: SalienceClientError, progress: StreamProgress) -> None:
-        """Counts a broken stream that resumes (once per break: not the lost session its
-        first resuming call may meet)."""
-        if progress.is_accepted and is_broken(error):
+        """Counts a broken stream that resumes, once per break (not again for each of its
+        resuming calls that fails, nor for the lost session the first one may meet)."""
+        if progress.is_accepted and is_broken(error) and not progress.is_break_counted:
+            progress.is_break_counted = True
             self.num_resumes += 1
             self._stats.num_resumes += 1
             log_resume(self.session_id, error, progress)

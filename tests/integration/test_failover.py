@@ -294,6 +294,7 @@ def test_a_stream_that_cannot_resume_keeps_what_it_delivered_for_the_next_replay
                     first.stop()  # the stream breaks next; no replica answers its resume
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
         assert received == [103, 104, 105] and session.length == 6
+        assert session.num_resumes == 1  # one break, however many resuming calls failed
         fresh = start_fake(port=first.port)  # the session is not there
         try:
             client.wait_ready(10)
