@@ -55,6 +55,9 @@ class Faults:
     """ErrorInfo reason of the break ("": none, as a transport or a proxy reset)."""
     num_open_failures: int = 0
     """Fail this many OpenSession calls with UNAVAILABLE."""
+    failures_after_break: int = 0
+    """After the break, fail this many Generate calls with UNAVAILABLE as they start."""
+    num_generate_failures: int = 0
 
 
 @dataclass
@@ -121,11 +124,15 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
     async def _maybe_break(self, num_events: int, context: Any) -> None:
         if self.faults.break_after == num_events:
             self.faults.break_after = None
+            self.faults.num_generate_failures = self.faults.failures_after_break
             await _abort(context, self.faults.break_code, self.faults.break_reason, "broken")
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[pb.GenerateEvent]:
         self._note("Generate", context)
         self.requests.append(request)
+        if self.faults.num_generate_failures > 0:
+            self.faults.num_generate_failures -= 1
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "", "no replica")
         tokens = await self._session(request.session_id, context)
         if request.offset != len(tokens) and not (
             request.truncating and request.offset < len(tokens)

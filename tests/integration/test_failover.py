@@ -234,6 +234,18 @@ def test_a_broken_stream_resumes_asking_only_for_the_rest(
     assert session.num_resumes == client.failover_stats.num_resumes == 1
 
 
+def test_one_break_is_one_resume_however_many_resuming_calls_fail(fake: RunningFake) -> None:
+    """While no replica answers, each resuming call fails: one break still counts (and
+    logs) one resume (it counted one per failed call)."""
+    with SalienceClient(fake.target, timeout=10, replay=FAST) as client:
+        session = client.open_session()
+        faults = fake.replica.faults
+        faults.break_after, faults.failures_after_break = 3, 4
+        events = list(session.generate([100], max_tokens=6))
+    assert _decoded(events) == list(range(101, 107))
+    assert session.num_resumes == client.failover_stats.num_resumes == 1
+
+
 def test_a_stream_broken_before_decoding_is_made_again_without_repeats(
     fake: RunningFake,
 ) -> None:
