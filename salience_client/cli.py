@@ -130,8 +130,10 @@ def score(client: SalienceClient, args: argparse.Namespace) -> None:
         )
         scored = [e for e in events if isinstance(e, TokenEvent)]
     print(f"{'pos':>5}  {'id':>7}  {'token':<20}  {'logprob':>10}  {'rank':>5}")
-    for event in scored:
-        piece = repr(client.detokenize([event.token_id]))
+    # Each token's own bytes, in one call: a piece of a UTF-8 character prints as \xNN.
+    pieces = client.token_bytes([event.token_id for event in scored])
+    for event, raw in zip(scored, pieces, strict=True):
+        piece = repr(raw.decode("utf-8", errors="backslashreplace")).replace("\\\\x", "\\x")
         if event.position == 0:  # no context: nothing to condition on
             print(f"{0:>5}  {event.token_id:>7}  {piece:<20}  {'-':>10}  {'-':>5}")
         else:

@@ -345,6 +345,9 @@ def test_cli_score_prints_each_token_and_the_total(server_target: str, oracle: A
     assert match and float(match.group(1)) == pytest.approx(want, abs=1e-3)
     by_tokens = _salience(server_target, "score", "--tokens", ",".join(map(str, PROMPT)))
     assert by_tokens.stdout == result.stdout
+    # A character split over tokens (the tiny model's tokens are bytes) prints its bytes.
+    split = _salience(server_target, "score", "é").stdout.splitlines()
+    assert "'\\xc3'" in split[1] and "'\\xa9'" in split[2], split
 
 
 def test_cli_chat_keeps_one_session_across_turns(
