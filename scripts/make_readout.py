@@ -65,13 +65,21 @@ def main() -> None:
         for concept, items in pairs.items():
             if not items or not all(isinstance(p, list) and len(p) == 2 for p in items):
                 raise ValueError(f"concept {concept!r} needs a list of [positive, negative] pairs")
+            if not all(isinstance(text, str) and text for pair in items for text in pair):
+                raise ValueError(f"concept {concept!r}: each prompt must be non-empty text")
+            if all(positive == negative for positive, negative in items):
+                raise ValueError(f"concept {concept!r}: its pairs' prompts are all alike")
     except (OSError, ValueError) as error:
         sys.exit(f"make_readout: {error}")
     path, model_id = resolve_model_path(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     num_layers = model.config.get_text_config().num_hidden_layers
-    layers = [int(i) for i in args.layers.split(",")] if args.layers else list(range(num_layers))
+    try:
+        chosen = [int(i) for i in args.layers.split(",")] if args.layers else range(num_layers)
+    except ValueError:
+        sys.exit(f"make_readout: --layers takes comma-separated integers, got {args.layers!r}")
+    layers = sorted(set(chosen))
     if any(not 0 <= i < num_layers for i in layers):
         sys.exit(f"make_readout: layers must be in 0 .. {num_layers - 1}")
     vectors = []  # per concept: [n_layers, hidden]

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -50,3 +51,30 @@ def test_make_readout_writes_mean_differences(tmp_path, tiny_llama_dir) -> None:
     assert torch.allclose(readout.vectors[0, 1], states[0] - states[1], atol=1e-5)
     with safe_open(str(out), framework="pt") as handle:
         assert json.loads(handle.metadata()["concepts"]) == ["upper", "digits"]
+
+
+def _make_readout(tmp_path: Path, model_dir: Path, pairs: object, *flags: str) -> Any:
+    pairs_path = tmp_path / "pairs.json"
+    pairs_path.write_text(json.dumps(pairs))
+    command = [sys.executable, str(ROOT / "scripts" / "make_readout.py"), "--model"]
+    command += [str(model_dir), "--pairs", str(pairs_path), "--out", str(tmp_path / "r.st")]
+    return subprocess.run([*command, *flags], capture_output=True, text=True, timeout=120)
+
+
+def test_make_readout_refuses_pairs_it_cannot_use(tmp_path, tiny_llama_dir) -> None:
+    """An empty prompt ended in a torch traceback; pairs all alike gave a zero vector."""
+    for pairs, says in (
+        ({"c": [["", "x"]]}, "non-empty text"),
+        ({"c": [["same", "same"]]}, "all alike"),
+    ):
+        result = _make_readout(tmp_path, tiny_llama_dir, pairs)
+        assert result.returncode == 1 and says in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_make_readout_takes_each_layer_once(tmp_path, tiny_llama_dir) -> None:
+    """--layers 1,1,0 wrote one tensor a layer but said three layers."""
+    result = _make_readout(tmp_path, tiny_llama_dir, {"c": [["A", "b"]]}, "--layers", "1,1,0")
+    assert result.returncode == 0, result.stderr
+    assert "at 2 layers" in result.stderr
+    assert load_readout(tmp_path / "r.st", num_layers=2, hidden_size=64).layers == [0, 1]
