@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--kv-cache-memory",
         type=parse_bytes,
         default=0,
-        help="KV pool size, e.g. 2GiB (default: 1GiB on CPU, 60%% of free GPU memory)",
+        help="KV pool size, e.g. 2GiB (default, or 0: 1GiB on CPU, 60%% of free GPU memory)",
     )
     parser.add_argument(
         "--host-kv-memory",

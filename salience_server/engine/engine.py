@@ -66,6 +66,13 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
         self.max_context = min(config.max_context or loaded.max_context, loaded.max_context)
+        if config.max_context > loaded.max_context:
+            log.warning(
+                "--max-context %d is beyond the model's %d positions: sessions hold %d",
+                config.max_context,
+                loaded.max_context,
+                self.max_context,
+            )
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.readout = readout
         self.has_readout = readout is not None

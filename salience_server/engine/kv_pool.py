@@ -40,8 +40,15 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
     block_size = config.block_size or paged_attention.default_block_size(
         config.attention_backend, loaded.device, loaded.dtype, kv_shape(loaded.model.config)[2]
     )
-    num_blocks = max(1, _budget_bytes(loaded, config) // (bytes_per_token * block_size))
+    budget = _budget_bytes(loaded, config)
+    num_blocks = max(1, budget // (bytes_per_token * block_size))
     size = PoolSize(block_size, num_blocks, bytes_per_token)
+    if budget < size.block_bytes:
+        log.warning(
+            "the KV budget (%d bytes) is less than one block of %d tokens: the pool holds one",
+            budget,
+            block_size,
+        )
     log.info(
         "KV pool: %d blocks of %d tokens (%.1f MiB)",
         num_blocks,

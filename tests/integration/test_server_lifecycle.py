@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -147,3 +148,16 @@ def test_metrics_are_served_on_their_port_beside_the_shim(tiny_llama_dir) -> Non
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
+
+
+def test_limits_beyond_what_the_model_or_a_block_holds_are_said_in_the_log(
+    tiny_llama_dir, server_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--max-context past the model's positions, and a KV budget under one block, were
+    adjusted without a word."""
+    caplog.set_level(logging.WARNING)
+    server = server_factory(tiny_llama_dir, max_context=100_000, kv_cache_bytes=1, block_size=4)
+    assert server.engine.max_context == 512 and server.engine.block_manager.num_blocks == 1
+    said = " ".join(record.getMessage() for record in caplog.records)
+    assert "--max-context 100000 is beyond the model's 512 positions" in said
+    assert "less than one block of 4 tokens" in said
