@@ -213,14 +213,13 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
     )
 
 
-def _at_least(kind: Callable[[str], Any], low: float, high: float | None = None) -> Any:
-    """An argparse type: ``kind`` values in [low, high]."""
+def _within(kind: Callable[[str], Any], low: float, high: float) -> Any:
+    """An argparse type: ``kind`` values in [low, high] (NaN is not)."""
 
     def parse(text: str) -> Any:
         value = kind(text)
-        if not low <= value <= (high if high is not None else float("inf")):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"{text} is not {bound}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not between {low} and {high}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -251,10 +250,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return commands.add_parser(name, help=help_text, parents=[connection])
 
     chat_parser = command("chat", "chat with the model (one session per run)")
-    chat_parser.add_argument("--max-tokens", type=_at_least(int, 1, END), default=512)
-    chat_parser.add_argument("--temperature", type=_at_least(float, 0.0, 2.0), default=0.7)
+    chat_parser.add_argument("--max-tokens", type=_within(int, 1, END), default=512)
+    chat_parser.add_argument("--temperature", type=_within(float, 0.0, 2.0), default=0.7)
     chat_parser.add_argument(
-        "--seed", type=_at_least(int, 0, 2**64 - 1), help="seed the sampler (reproducible replies)"
+        "--seed", type=_within(int, 0, 2**64 - 1), help="seed the sampler (reproducible replies)"
     )
     chat_parser.add_argument("--system", help="a system message opening the conversation")
     score_parser = command("score", "per-token logprobs of a text")
