@@ -118,7 +118,8 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
     """The HTTP error for a failed gRPC call: INVALID_ARGUMENT and FAILED_PRECONDITION
     400 (``context_length_exceeded`` for a prompt too long), UNAUTHENTICATED 401,
     NOT_FOUND 404, ABORTED and a busy or closed session 409, RESOURCE_EXHAUSTED 429,
-    UNAVAILABLE 503, DEADLINE_EXCEEDED 504; 500 only for the server's own failures."""
+    UNAVAILABLE and a call cut off (CANCELLED without a reason) 503, DEADLINE_EXCEEDED
+    504; 500 only for the server's own failures."""
     code, reason, message = error.code, error.reason, error.message
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         param = _field_at_fault(reason, message, param)
@@ -127,6 +128,16 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
             f"This model's maximum context length was exceeded: {message}",
             param,
             "context_length_exceeded",
+        )
+    if code == grpc.StatusCode.CANCELLED and reason == code.name:
+        # No reason of the server's: the call was cut off (the server stopping at the
+        # end of its grace), not refused; the shim cancels only calls nobody awaits.
+        return ApiError(
+            503,
+            f"The inference server ended the call: {message}",
+            "server_error",
+            code="service_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED):
         if reason in _CONFLICTS:

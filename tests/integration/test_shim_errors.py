@@ -355,6 +355,7 @@ def failing() -> Iterator[tuple[Script, RunningShim]]:
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", 429, "queue_full"),
         (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED", 501, "unimplemented"),
         (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 503, "service_unavailable"),
+        (grpc.StatusCode.CANCELLED, "CANCELLED", 503, "service_unavailable"),  # cut off
         (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", 504, "deadline_exceeded"),
         (grpc.StatusCode.INTERNAL, "INTERNAL", 500, "internal_error"),
     ],
