@@ -129,12 +129,15 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
             param,
             "context_length_exceeded",
         )
-    if code == grpc.StatusCode.CANCELLED and reason == code.name:
-        # No reason of the server's: the call was cut off (the server stopping at the
-        # end of its grace), not refused; the shim cancels only calls nobody awaits.
+    # CANCELLED without a reason of the server's: the call was cut off (the server
+    # stopping at the end of its grace), not refused; the shim cancels only calls nobody
+    # awaits. As UNAVAILABLE, a 503.
+    if code == grpc.StatusCode.UNAVAILABLE or (
+        code == grpc.StatusCode.CANCELLED and reason == code.name
+    ):
         return ApiError(
             503,
-            f"The inference server ended the call: {message}",
+            f"The inference server is unavailable: {message}",
             "server_error",
             code="service_unavailable",
             headers={"Retry-After": str(RETRY_AFTER_S)},
@@ -151,14 +154,6 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
             f"The server is overloaded: {message}",
             "rate_limit_error",
             code=reason.lower(),
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return ApiError(
-            503,
-            f"The inference server is unavailable: {message}",
-            "server_error",
-            code="service_unavailable",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     if code == grpc.StatusCode.UNAUTHENTICATED:
