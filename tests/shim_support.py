@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import httpx
 import openai
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -30,6 +31,15 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.http.config import ShimConfig
 from salience_server.http.serving import ShimServer
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def error_body(response: httpx.Response) -> dict[str, Any]:
+    """An HTTP error's ``error`` object, checked to have OpenAI's four fields."""
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
 
 
 @dataclass

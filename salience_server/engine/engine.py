@@ -43,7 +43,7 @@ from salience_server.engine.readout import Readout
 from salience_server.engine.request import EventSink, GenerateParams, Request
 from salience_server.engine.scheduler import ScheduledChunk, Scheduler
 from salience_server.engine.session import Residency, Session
-from salience_server.engine.session_table import SessionInfo, SessionTable
+from salience_server.engine.session_table import SessionInfo, SessionTable, context_limit
 from salience_server.engine.validation import Limits, offset_mismatch
 from salience_server.engine.vision import EncodedImage, ImageLimits, VisionEncoder, decode_image
 from salience_server.metrics import EngineGauges, Metrics
@@ -65,14 +65,7 @@ class Engine:
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
-        self.max_context = min(config.max_context or loaded.max_context, loaded.max_context)
-        if config.max_context > loaded.max_context:
-            log.warning(
-                "--max-context %d is beyond the model's %d positions: sessions hold %d",
-                config.max_context,
-                loaded.max_context,
-                self.max_context,
-            )
+        self.max_context = context_limit(config.max_context, loaded.max_context)
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.readout = readout
         self.has_readout = readout is not None

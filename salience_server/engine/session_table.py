@@ -33,6 +33,19 @@ class SessionInfo:
     is_busy: bool
 
 
+def context_limit(asked: int, model_limit: int) -> int:
+    """The positions a session may hold: ``asked`` (``--max-context``; 0: the model's),
+    never past the model's own, and the log says when it was asked for more."""
+    if asked > model_limit:
+        log.warning(
+            "--max-context %d is beyond the model's %d positions: sessions hold %d",
+            asked,
+            model_limit,
+            model_limit,
+        )
+    return min(asked or model_limit, model_limit)
+
+
 class SessionTable:
     def __init__(
         self,

@@ -1,12 +1,16 @@
-"""Fixtures of the shim tests: the shim in front of the tiny Llama server."""
+"""Fixtures of the shim tests (the shim in front of the tiny Llama server) and of the
+client and CLI tests (a server process on the tiny Llama, a client of it)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from salience_client import SalienceClient
+from tests.client_support import served_tiny_llama
 from tests.shim_support import RunningShim, start_shim
 
 
@@ -28,3 +32,16 @@ def default_shim(default_server: Any) -> Iterator[RunningShim]:
 @pytest.fixture(scope="module")
 def model(shim: RunningShim) -> str:
     return shim.client().models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def server_target(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a server process on the tiny Llama (one per test module)."""
+    with served_tiny_llama(tiny_llama_dir, tmp_path_factory.mktemp("server")) as target:
+        yield target
+
+
+@pytest.fixture
+def client(server_target: str) -> Iterator[SalienceClient]:
+    with SalienceClient(server_target, timeout=30) as client:
+        yield client

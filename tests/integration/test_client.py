@@ -1,4 +1,4 @@
-"""The Python client and the ``salience`` CLI against a real server in a subprocess.
+"""The Python client against a real server in a subprocess (the CLI: test_cli.py).
 
 Oracles: a plain transformers forward pass (score, decoded logprobs) and transformers
 ``generate(do_sample=False)`` (greedy decoding), on the tiny random Llama of conftest.
@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import random
-import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +25,19 @@ from salience_client import (
     SalienceClientError,
     TokenEvent,
 )
-from salience_client.cli import ChatSession
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
+from tests.client_support import (
+    PROMPT,
+    PROMPT_TEXT,
+    TOKENIZER,
+    UNREACHABLE,
+    oracle_sum,
+)
 from tests.helpers import error_reason, reference_greedy, reference_logprobs
-from tests.tiny_models import build_tokenizer, reference_model
+from tests.tiny_models import reference_model
 
 TOLERANCE = 1e-4
-REPO = Path(__file__).resolve().parents[2]
-PROMPT_TEXT = "Hello, world"
-TOKENIZER = build_tokenizer()
-PROMPT = TOKENIZER.encode(PROMPT_TEXT, add_special_tokens=False)  # one id per byte
-UNREACHABLE = "127.0.0.1:1"
-
-
-def _wait_for_port(process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> int:
-    """The port the server logs once it listens (it was started with --port 0)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
-        if match:
-            return int(match.group(1))
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError(f"the server did not start:\n{log_path.read_text()}")
-
-
-@pytest.fixture(scope="module")
-def server_target(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``host:port`` of a real server process serving the tiny Llama, SERVING."""
-    log_path = tmp_path_factory.mktemp("client-server") / "server.log"
-    options = "--port 0 --block-size 4 --kv-cache-memory 8MiB".split()
-    command = [sys.executable, "-m", "salience_server", "--model", str(tiny_llama_dir), *options]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        target = f"127.0.0.1:{_wait_for_port(process, log_path, 60)}"
-        with SalienceClient(target) as client:
-            client.wait_ready(timeout_s=60)
-        yield target
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +45,10 @@ def oracle(tiny_llama_dir: Path) -> Any:
     return reference_model(tiny_llama_dir)
 
 
-@pytest.fixture
-def client(server_target: str) -> Iterator[SalienceClient]:
-    with SalienceClient(server_target, timeout=30) as client:
-        yield client
-
-
 def _split(events: list[TokenEvent | Done]) -> tuple[list[TokenEvent], Done]:
     *tokens, done = events
     assert isinstance(done, Done) and all(isinstance(t, TokenEvent) for t in tokens)
     return tokens, done  # type: ignore[return-value]
-
-
-def _oracle_sum(logprobs: Any, token_ids: list[int], start: int, end: int) -> float:
-    """Sum of log P(token_p | tokens_<p) for p in [start, end); position 0 counts 0."""
-    return sum(
-        float(logprobs[p - 1, token_ids[p]]) for p in range(max(start, 1), min(end, len(token_ids)))
-    )
 
 
 # ----- the sync client -------------------------------------------------------------
@@ -157,7 +106,7 @@ def test_score_equals_a_plain_forward_pass(client: SalienceClient, oracle: Any) 
         assert session.length == 40
     assert first[1] == 0.0  # position 0 has no context
     for got, (start, end) in zip(first + rest, [(0, 10), (0, 1), (3, 7), *ranges], strict=True):
-        assert got == pytest.approx(_oracle_sum(logprobs, token_ids, start, end), abs=TOLERANCE)
+        assert got == pytest.approx(oracle_sum(logprobs, token_ids, start, end), abs=TOLERANCE)
 
 
 def test_fork_shares_the_prefix_and_diverges(client: SalienceClient, oracle: Any) -> None:
@@ -171,7 +120,7 @@ def test_fork_shares_the_prefix_and_diverges(client: SalienceClient, oracle: Any
         parent_score = parent.score(continuation[::-1], [(len(PROMPT), END)])
     logprobs = reference_logprobs(oracle, PROMPT + continuation)
     assert child_score[0] == pytest.approx(
-        _oracle_sum(logprobs, PROMPT + continuation, len(PROMPT), END), abs=TOLERANCE
+        oracle_sum(logprobs, PROMPT + continuation, len(PROMPT), END), abs=TOLERANCE
     )
     assert parent_score[0] != pytest.approx(child_score[0], abs=TOLERANCE)
 
@@ -296,120 +245,6 @@ async def _async_scenario(target: str, oracle: Any) -> None:
 
 def test_async_client(server_target: str, oracle: Any) -> None:
     asyncio.run(_async_scenario(server_target, oracle))
-
-
-# ----- the CLI -------------------------------------------------------------------------
-
-
-def _salience(target: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).parent / "salience"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "salience_client.cli"]
-    result = subprocess.run(
-        [*command, "--target", target, *args],
-        input=stdin.encode(),
-        capture_output=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    # Decoded by hand: text mode would turn a generated "\r" into "\n".
-    return subprocess.CompletedProcess(
-        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
-    )
-
-
-def test_cli_info_and_sessions(
-    server_target: str, client: SalienceClient, tiny_llama_dir: Path
-) -> None:
-    result = _salience(server_target, "info")
-    assert result.returncode == 0, result.stderr
-    assert f"model:            {tiny_llama_dir.name}" in result.stdout
-    assert (
-        f"vocab size:       {len(TOKENIZER)}" in result.stdout
-        and "max context:      512" in result.stdout
-    )
-    with client.open_session() as session:
-        session.prefill(PROMPT)
-        result = _salience(server_target, "sessions")
-    assert result.returncode == 0, result.stderr
-    [row] = [line for line in result.stdout.splitlines() if session.session_id in line]
-    assert row.split()[1:4] == [str(len(PROMPT)), "512", "resident"]
-
-
-def test_cli_score_prints_each_token_and_the_total(server_target: str, oracle: Any) -> None:
-    result = _salience(server_target, "score", PROMPT_TEXT)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 1 + len(PROMPT) + 1  # header, one line per token, total
-    want = _oracle_sum(reference_logprobs(oracle, PROMPT), PROMPT, 0, END)
-    match = re.fullmatch(rf"total logprob: (\S+) over {len(PROMPT) - 1} tokens .*", lines[-1])
-    assert match and float(match.group(1)) == pytest.approx(want, abs=1e-3)
-    by_tokens = _salience(server_target, "score", "--tokens", ",".join(map(str, PROMPT)))
-    assert by_tokens.stdout == result.stdout
-    # A character split over tokens (the tiny model's tokens are bytes) prints its bytes.
-    split = _salience(server_target, "score", "é").stdout.splitlines()
-    assert "'\\xc3'" in split[1] and "'\\xa9'" in split[2], split
-
-
-def test_cli_chat_keeps_one_session_across_turns(
-    server_target: str, client: SalienceClient
-) -> None:
-    options = {"max_tokens": 8, "temperature": 0.0}
-    with client.open_session() as session:
-        conversation = ChatSession(client, session, system="brief")
-        sent: list[int] = []
-        generate = session.generate
-
-        def spy(append_tokens: Any = (), **kwargs: Any) -> Any:
-            sent.append(len(append_tokens))
-            return generate(append_tokens, **kwargs)
-
-        session.generate = spy  # type: ignore[method-assign]
-        replies = []
-        for text in ("hi", "and then?"):
-            out = io.StringIO()
-            done = conversation.turn(text, out, **options)
-            assert done.total_tokens == session.length == len(conversation.committed_ids)
-            replies.append(out.getvalue())
-        first_prompt = client.tokenize_chat(conversation.messages[:2])
-        second_prompt = client.tokenize_chat(conversation.messages[:4])
-        assert sent[0] == len(first_prompt)
-        assert sent[1] <= len(second_prompt) - len(first_prompt)  # only the new part
-    assert all(reply.strip() for reply in replies)
-    flags = "--system brief --max-tokens 8 --temperature 0".split()
-    result = _salience(server_target, "chat", *flags, stdin="hi\nand then?\n")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "".join(replies)
-
-
-def test_cli_reports_an_unreachable_server_in_one_line() -> None:
-    result = _salience(UNREACHABLE, "info")
-    assert result.returncode == 1
-    assert result.stderr == f"salience: cannot reach the server at {UNREACHABLE} (is it running?)\n"
-
-
-def test_cli_connection_options_go_before_or_after_the_command(server_target: str) -> None:
-    """The README's `salience info --target HOST:PORT` (it was "unrecognized arguments")."""
-    after = _salience(UNREACHABLE, "info", "--target", server_target, "--timeout", "5")
-    assert after.returncode == 0 and "max context:      512" in after.stdout, after.stderr
-    before = _salience(server_target, "info")
-    assert before.stdout == after.stdout
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["chat", "--max-tokens", "-1"],
-        ["chat", "--seed", "-3"],
-        ["chat", "--temperature", "nan"],
-        ["score", "--tokens", "1,-1"],
-        ["info", "--timeout", "0"],
-    ],
-)
-def test_cli_refuses_values_out_of_range_without_a_traceback(args: list[str]) -> None:
-    """They reached the protobuf encoder, which raised with a traceback."""
-    result = _salience(UNREACHABLE, *args)
-    assert result.returncode in (1, 2) and "Traceback" not in result.stderr
-    assert "salience" in result.stderr and ("not" in result.stderr or ">= 0" in result.stderr)
 
 
 def test_a_session_id_no_server_takes_is_refused_at_once(

@@ -1,0 +1,100 @@
+"""The shim's checks of text and numbers before anything is tokenized or sent: OpenAI's
+400 naming the field (or a cap), never a 500 or a timeout."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from salience_server.text_checks import MAX_CHARS_PER_TOKEN
+from tests.shim_support import HELLO, RunningShim, error_body
+
+
+def test_a_lone_surrogate_anywhere_is_400_naming_where(shim: RunningShim, model: str) -> None:
+    """JSON can escape a lone UTF-16 surrogate, which is no Unicode text: refused before
+    it reaches a tokenizer or a protobuf string (it was a 500)."""
+    bad = "a\ud800b"
+    cases = [
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": bad}]},
+            "messages[0].content",
+        ),
+        ("chat/completions", {"messages": HELLO, "stop": [bad]}, "stop[0]"),
+        ("completions", {"prompt": bad}, "prompt"),
+        ("responses", {"input": bad}, "input"),
+        ("embeddings", {"input": bad}, "input"),
+    ]
+    headers = {"content-type": "application/json"}
+    for path, fields, param in cases:
+        body = json.dumps({"model": model, **fields})  # ensure_ascii: "\ud800" stays escaped
+        response = httpx.post(f"{shim.base_url}/{path}", content=body, headers=headers)
+        assert response.status_code == 400, (path, response.text)
+        error = error_body(response)
+        assert error["param"] == param and "surrogate" in error["message"], (path, error)
+    root = shim.base_url.removesuffix("/v1")
+    body = json.dumps({"model": model, "prompt": bad})
+    response = httpx.post(f"{root}/tokenize", content=body, headers=headers)
+    assert response.status_code == 400 and error_body(response)["param"] == "prompt"
+
+
+def test_integers_beyond_the_wire_are_400_or_capped(shim: RunningShim, model: str) -> None:
+    """Values a uint32 field cannot carry never reach the wire (they were a 500): a
+    reply length beyond the context is capped to it, as an unset one is; top_k and
+    min_tokens beyond any vocabulary or context are refused."""
+    client = shim.client()
+    huge = 10**12
+    reply = client.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=huge, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 512  # the tiny context
+    for fields in (dict(max_completion_tokens=huge), dict(max_tokens=huge, stream=True)):
+        stream = bool(fields.get("stream"))
+        created = client.chat.completions.create(
+            model=model, messages=HELLO, temperature=0, **fields
+        )
+        if stream:
+            assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in created)
+        else:
+            assert created.choices[0].finish_reason in ("stop", "length")
+    response = client.responses.create(model=model, input="hi", max_output_tokens=huge)
+    assert response.status == "completed" or response.incomplete_details is not None
+    for extra, param in ((dict(top_k=2**32), "top_k"), (dict(min_tokens=2**32), "min_tokens")):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=model, messages=HELLO, extra_body=extra)
+        assert error.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model=model, prompt="hi", extra_body=extra)
+        assert error.value.body["param"] == param
+
+
+def test_a_prompt_too_long_to_tokenize_in_time_is_refused_at_once(
+    shim: RunningShim, model: str
+) -> None:
+    """Tens of megabytes took the tokenizer past the client's deadline (a 504 after 30
+    s): a text of more characters than the context's tokens could span is refused up
+    front. Just under that bound, the tokenized prompt is refused as before."""
+    over = "a" * (512 * MAX_CHARS_PER_TOKEN + 1)  # the tiny model's context is 512
+    client = shim.client()
+    calls = [
+        lambda text: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": text}]
+        ),
+        lambda text: client.completions.create(model=model, prompt=text),
+        lambda text: client.responses.create(model=model, input=text),
+        lambda text: client.embeddings.create(model=model, input=text),
+    ]
+    for call in calls:
+        for text, fast in ((over, True), (over[:-10], False)):  # "user" counts too
+            with pytest.raises(openai.BadRequestError) as error:
+                call(text)
+            assert error.value.body["code"] == "context_length_exceeded"
+            assert ("characters" in error.value.body["message"]) == fast, error.value.body
+    root = shim.base_url.removesuffix("/v1")  # counting tokens is not bounded
+    messages = [{"role": "user", "content": over}]
+    counted = httpx.post(f"{root}/tokenize", json={"model": model, "messages": messages})
+    assert counted.status_code == 200 and counted.json()["count"] > len(over)
