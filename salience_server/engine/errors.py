@@ -38,11 +38,19 @@ def invalid(reason: str, message: str) -> SalienceError:
     return SalienceError(Code.INVALID_ARGUMENT, reason, message)
 
 
+def shown_id(session_id: str) -> str:
+    """The id as a message quotes it: a long one is cut, as the whole message travels in
+    the status's metadata, whose size gRPC bounds (8 KiB by default)."""
+    if len(session_id) <= 80:
+        return repr(session_id)
+    return f"{session_id[:64]!r}... ({len(session_id)} characters)"
+
+
 def session_not_found(session_id: str) -> SalienceError:
     return SalienceError(
         Code.NOT_FOUND,
         "SESSION_NOT_FOUND",
-        f"no session {session_id!r} (unknown, closed or expired)",
+        f"no session {shown_id(session_id)} (unknown, closed or expired)",
     )
 
 
@@ -58,5 +66,7 @@ def images_unsupported() -> SalienceError:
 
 def session_busy(session_id: str) -> SalienceError:
     return SalienceError(
-        Code.FAILED_PRECONDITION, "SESSION_BUSY", f"session {session_id!r} is running another call"
+        Code.FAILED_PRECONDITION,
+        "SESSION_BUSY",
+        f"session {shown_id(session_id)} is running another call",
     )

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 from salience_client.failover import SESSION_ID_PATTERN
 from salience_server.engine.block_manager import BlockManager
-from salience_server.engine.errors import Code, SalienceError, invalid, session_not_found
+from salience_server.engine.errors import (
+    Code,
+    SalienceError,
+    invalid,
+    session_not_found,
+    shown_id,
+)
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.model_runner import ModelRunner
@@ -74,12 +80,14 @@ class SessionTable:
         if session_id and not SESSION_ID_PATTERN.fullmatch(session_id):
             raise invalid(
                 "INVALID_SESSION_ID",
-                f"session ids are 1 to 128 visible ASCII characters, got {session_id!r}",
+                f"session ids are 1 to 128 visible ASCII characters, got {shown_id(session_id)}",
             )
         session_id = session_id or uuid.uuid4().hex
         if session_id in self.sessions:
             raise SalienceError(
-                Code.ALREADY_EXISTS, "SESSION_EXISTS", f"session {session_id!r} already exists"
+                Code.ALREADY_EXISTS,
+                "SESSION_EXISTS",
+                f"session {shown_id(session_id)} already exists",
             )
         limit = min(max_context, self.max_context) if max_context else self.max_context
         session = Session(session_id, limit)

@@ -11,6 +11,10 @@ from salience_server.engine.errors import Code, SalienceError
 
 ERROR_DOMAIN = "salience.v1"
 SESSION_LENGTH_METADATA = "salience-session-length"
+# The message travels twice in the trailers (grpc-message, percent-encoded, and inside
+# grpc-status-details-bin), which gRPC caps at 8 KiB by default: a message quoting a
+# long input would replace the answer with RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 1024
 
 
 def to_status(error: SalienceError) -> grpc.Status:
@@ -21,9 +25,19 @@ def to_status(error: SalienceError) -> grpc.Status:
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.value), message=error.message, details=[detail]
+        code=getattr(code_pb2, error.code.value),
+        message=_bounded(error.message),
+        details=[detail],
     )
     return rpc_status.to_status(status)
+
+
+def _bounded(message: str) -> str:
+    encoded = message.encode("utf-8", "replace")
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return message
+    kept = encoded[: MAX_MESSAGE_BYTES - 32].decode("utf-8", "ignore")
+    return f"{kept}... ({len(encoded)} bytes, cut)"
 
 
 async def abort(context: grpc.aio.ServicerContext, error: SalienceError) -> None:

@@ -260,11 +260,17 @@ def test_a_session_id_no_server_takes_is_refused_at_once(
         assert time.monotonic() - start < 0.5
     channel = grpc.insecure_channel(server_target)
     stub = salience_pb2_grpc.SalienceStub(channel)
-    for bad in ("ünï", "x" * 129):
+    for bad in ("ünï", "x" * 129, "x" * 100_000):
         with pytest.raises(grpc.RpcError) as caught:
             stub.OpenSession(pb.OpenSessionRequest(session_id=bad))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_reason(caught.value) == "INVALID_SESSION_ID"
+    # The message quotes the id; a whole 100,000-character one overflowed the status's
+    # metadata (RESOURCE_EXHAUSTED from gRPC instead of the server's answer).
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetSession(pb.GetSessionRequest(session_id="y" * 100_000))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "(100000 characters)" in str(caught.value.details())
     channel.close()
     with client.open_session(session_id="my-agent:42") as session:  # punctuation is fine
         assert session.prefill([1]).total_tokens == 1
