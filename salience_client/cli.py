@@ -79,6 +79,7 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
     if args.seed is not None:
         options["seed"] = args.seed
     is_interactive = sys.stdin.isatty()
+    failed = 0
     with client.open_session() as session:
         conversation = ChatSession(client, session, args.system)
         while True:
@@ -88,7 +89,7 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
             if not line and is_interactive:
                 print()  # end the prompt's line on Ctrl-D
             if not line or line.strip() in _EXIT_COMMANDS:
-                return
+                break
             if not line.strip():
                 continue
             try:
@@ -98,9 +99,12 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
                 continue
             except SalienceClientError as error:
                 print(f"salience: {describe(error, args.target)}", file=sys.stderr)
+                failed += 1
                 continue
             if done.finish_reason in ("length", "context"):
                 print(f"[stopped: {done.finish_reason}]", file=sys.stderr)
+    if failed:  # a script feeding turns learns that some got no reply
+        sys.exit(1)
 
 
 def parse_token_ids(text: str) -> list[int]:

@@ -110,6 +110,19 @@ def test_cli_chat_keeps_one_session_across_turns(
     assert result.stdout == "".join(replies)
 
 
+def test_cli_chat_goes_on_after_a_failed_turn_and_exits_1(server_target: str) -> None:
+    """A turn past the context is reported and the conversation goes on; the exit status
+    tells a script that some turn got no reply (it was 0)."""
+    flags = "--max-tokens 4 --temperature 0".split()
+    result = _salience(server_target, "chat", *flags, stdin="hi\n" + "word " * 600 + "\nok\n")
+    assert result.returncode == 1
+    assert "[INVALID_ARGUMENT, CONTEXT_EXCEEDED]" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.count("\n") == 3  # a reply line for each turn, empty for the failed
+    clean = _salience(server_target, "chat", *flags, stdin="hi\n")
+    assert clean.returncode == 0, clean.stderr
+
+
 def test_cli_reports_an_unreachable_server_in_one_line() -> None:
     result = _salience(UNREACHABLE, "info")
     assert result.returncode == 1
