@@ -18,7 +18,6 @@ import grpc
 
 from salience_client import END, Done, GenerateOptions, SalienceClientError, TokenEvent
 from salience_server.http.constraints import Constraint
-from salience_server.http.errors import client_errors
 from salience_server.http.messages import ImageInput
 from salience_server.http.sessions_pool import Lease, SessionPool
 
@@ -198,10 +197,10 @@ class Generation:
             text = ids[index:image_at]
             marker = ids[image_at]
             image = self.images[marker]
-            with client_errors("messages"):
-                async for _ in session.generate(text, truncate_to=truncate_to, max_tokens=0):
-                    pass
-                count = await session.append_image(image.data, image.mime_type)
+            # A refused image raises SalienceClientError: the endpoint names its field.
+            async for _ in session.generate(text, truncate_to=truncate_to, max_tokens=0):
+                pass
+            count = await session.append_image(image.data, image.mime_type)
             self.image_token_counts[marker] = count
             done_ids += text + [marker] * count
             index = image_at

@@ -128,8 +128,26 @@ def test_a_bad_image_is_a_400(shim: RunningShim) -> None:
     client = shim.client()
     model = client.models.list().data[0].id
     bad = "data:image/png;base64," + base64.b64encode(PNG[:100]).decode()
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=model, messages=_messages(bad), max_tokens=2)
+    assert caught.value.param == "messages"
+    for stream in (False, True):  # Responses names its own field (it named "messages")
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(
+                model=model,
+                input=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_text", "text": "What is this?"},
+                            {"type": "input_image", "image_url": bad},
+                        ],
+                    }
+                ],
+                max_output_tokens=2,
+                stream=stream,
+            )
+        assert caught.value.param == "input"
     # The shim and the server go on.
     reply = client.chat.completions.create(
         model=model, messages=_messages(), max_tokens=2, temperature=0
