@@ -6,6 +6,7 @@ import io
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,11 @@ def test_cli_chat_goes_on_after_a_failed_turn_and_exits_1(server_target: str) ->
     assert clean.returncode == 0, clean.stderr
 
 
-def test_cli_reports_an_unreachable_server_in_one_line() -> None:
-    result = _salience(UNREACHABLE, "info")
+@pytest.mark.parametrize("command", [["info"], ["chat"], ["score", "some text"]])
+def test_cli_reports_an_unreachable_server_in_one_line(command: list[str]) -> None:
+    start = time.monotonic()
+    result = _salience(UNREACHABLE, *command, stdin="hi\n")
+    assert time.monotonic() - start < 3  # chat and score took 6 s, retrying OpenSession
     assert result.returncode == 1
     assert result.stderr == f"salience: cannot reach the server at {UNREACHABLE} (is it running?)\n"
 
