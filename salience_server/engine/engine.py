@@ -65,7 +65,6 @@ class Engine:
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
-        self.max_context = context_limit(config.max_context, loaded.max_context)
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.readout = readout
         self.has_readout = readout is not None
@@ -75,6 +74,9 @@ class Engine:
             VisionEncoder(loaded.model, loaded.image_processor) if loaded.supports_images else None
         )
         pool = size_pool(loaded, config)
+        self.max_context = context_limit(
+            config.max_context, loaded.max_context, pool.num_blocks * pool.block_size
+        )
         self.kv_bytes_per_token = pool.bytes_per_token
         self.block_size = pool.block_size
         self.block_manager = BlockManager(pool.num_blocks, self.block_size)

@@ -56,26 +56,14 @@ class Intake:
 
     def check(self, params: GenerateParams, session: Session, image: EncodedImage | None) -> None:
         """Raises the SalienceError a call deserves; changes nothing."""
+        # No session outgrows the KV pool: its context limit is at most the pool's size.
         check_generate(params, session, self.vocab_size, self.has_readout, self.limits)
-        self._check_fits(params)
         if image is not None and not self.evictor.can_hold_image(embeds_bytes(image)):
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "HOST_MEMORY_FULL",
                 f"the image's embeddings ({embeds_bytes(image)} bytes) do not fit in "
                 "the host memory budget beside the other images; raise --host-kv-memory",
-            )
-
-    def _check_fits(self, params: GenerateParams) -> None:
-        """RESOURCE_EXHAUSTED at once for a prompt the whole pool cannot hold."""
-        num_tokens = params.offset + len(params.append_tokens) + 1
-        if self.block_manager.blocks_for(num_tokens) > self.block_manager.num_blocks:
-            capacity = self.block_manager.num_blocks * self.block_manager.block_size
-            raise SalienceError(
-                Code.RESOURCE_EXHAUSTED,
-                "KV_CACHE_FULL",
-                f"{num_tokens} tokens do not fit in the KV pool ({capacity} tokens); "
-                "raise --kv-cache-memory",
             )
 
     def accept(

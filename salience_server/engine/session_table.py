@@ -39,9 +39,11 @@ class SessionInfo:
     is_busy: bool
 
 
-def context_limit(asked: int, model_limit: int) -> int:
+def context_limit(asked: int, model_limit: int, pool_tokens: int) -> int:
     """The positions a session may hold: ``asked`` (``--max-context``; 0: the model's),
-    never past the model's own, and the log says when it was asked for more."""
+    never past the model's own nor past the KV pool (a session's whole KV is on the
+    device while it computes); the log says when either cuts it."""
+    limit = min(asked or model_limit, model_limit)
     if asked > model_limit:
         log.warning(
             "--max-context %d is beyond the model's %d positions: sessions hold %d",
@@ -49,7 +51,15 @@ def context_limit(asked: int, model_limit: int) -> int:
             model_limit,
             model_limit,
         )
-    return min(asked or model_limit, model_limit)
+    if limit > pool_tokens:
+        log.warning(
+            "the KV pool holds %d tokens, fewer than the %d positions a session could "
+            "hold: sessions hold %d; raise --kv-cache-memory for more",
+            pool_tokens,
+            limit,
+            pool_tokens,
+        )
+    return min(limit, pool_tokens)
 
 
 class SessionTable:

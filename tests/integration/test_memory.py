@@ -229,16 +229,35 @@ def test_overload_queues_or_fails_fast_and_every_admitted_output_is_right(
     assert all(o == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL") for o in refused)
 
 
-def test_a_prompt_larger_than_the_pool_fails_at_once(tiny_llama_dir, server_factory) -> None:
+def test_a_session_never_outgrows_the_pool(tiny_llama_dir, server_factory) -> None:
+    """The pool (32 tokens here) bounds the context: a prompt larger is refused at once,
+    one that fills it exactly is taken, and decoding ends at it with finish reason
+    ``context``. (Decoding failed KV_CACHE_FULL halfway and left a session that no
+    later call could run; a prefill filling the pool was refused, counted one token
+    over.)"""
     server = server_factory(
         tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=8 * BLOCK_SIZE * TOKEN_BYTES
     )
-    session_id = open_session(server.stub)
+    stub = server.stub
+    assert stub.GetModelInfo(pb.GetModelInfoRequest()).max_context == 32
+    session_id = open_session(stub)
     with pytest.raises(grpc.RpcError) as caught:
-        generate(server.stub, session_id, append_tokens=[1] * 40)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_reason(caught.value) == "KV_CACHE_FULL"
-    assert _session_info(server.stub, session_id).length == 0
+        generate(stub, session_id, append_tokens=[1] * 40)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "CONTEXT_EXCEEDED"
+    assert _session_info(stub, session_id).length == 0
+    _, done = generate(stub, session_id, append_tokens=random_tokens(32, seed=3))
+    assert done.total_tokens == 32
+    decoding = open_session(stub)
+    tokens, done = generate(
+        stub, decoding, append_tokens=random_tokens(27, seed=4), max_tokens=20, ignore_eos=True
+    )
+    assert (len(tokens), done.finish_reason, done.total_tokens) == (5, 4, 32)  # CONTEXT
+    # The session goes on: a rewind and another turn run.
+    tokens, done = generate(
+        stub, decoding, append_tokens=[7], offset=20, truncating=True, max_tokens=3
+    )
+    assert done.total_tokens == 24
 
 
 def test_idle_sessions_expire_and_free_their_blocks(tiny_llama_dir, server_factory) -> None:
