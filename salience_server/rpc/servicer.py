@@ -18,6 +18,7 @@ from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
+from salience_server.engine.validation import check_token_ids
 from salience_server.rpc import convert
 from salience_server.rpc.compute_thread import in_own_thread
 from salience_server.rpc.errors import abort
@@ -381,6 +382,13 @@ def _embed_inputs(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
     for index, token_ids in enumerate(inputs):
         if not token_ids:
             raise invalid("INVALID_INPUT", f"input {index} has no tokens")
+        check_token_ids(token_ids, engine.vocab_size, f"input {index}")
+        if len(token_ids) > engine.max_context:
+            raise invalid(
+                "CONTEXT_EXCEEDED",
+                f"input {index} has {len(token_ids)} tokens, past the context limit of "
+                f"{engine.max_context}",
+            )
     return inputs
 
 

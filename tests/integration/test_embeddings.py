@@ -85,14 +85,17 @@ def test_embeddings_batch_with_generation_in_a_tight_pool(
     assert engine.block_manager.num_free == engine.block_manager.num_blocks - held
 
 
+OK = pb.TokenIds(token_ids=[1, 2])
+
+
 @pytest.mark.parametrize(
     "request_fields, reason",
     [
         (dict(), "INVALID_INPUT"),
         (dict(texts=["a"], token_lists=[pb.TokenIds(token_ids=[1])]), "INVALID_INPUT"),
         (dict(token_lists=[pb.TokenIds(token_ids=[])]), "INVALID_INPUT"),
-        (dict(token_lists=[pb.TokenIds(token_ids=[100000])]), "INVALID_TOKEN"),
-        (dict(token_lists=[pb.TokenIds(token_ids=[1] * 600)]), "CONTEXT_EXCEEDED"),
+        (dict(token_lists=[OK, pb.TokenIds(token_ids=[100000])]), "INVALID_TOKEN"),
+        (dict(token_lists=[OK, pb.TokenIds(token_ids=[1] * 600)]), "CONTEXT_EXCEEDED"),
         # More characters than 512 tokens can hold, refused before tokenizing.
         (dict(texts=["ok", "a" * (512 * MAX_CHARS_PER_TOKEN + 1)]), "CONTEXT_EXCEEDED"),
         (dict(texts=["a"], pooling=99), "INVALID_INPUT"),
@@ -112,6 +115,8 @@ def test_bad_embed_calls_are_invalid(llama_server, request_fields, reason) -> No
         llama_server.stub.Embed(pb.EmbedRequest(**request_fields))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == reason
+    if len(request_fields.get("token_lists", [])) == 2:  # the message names the input
+        assert caught.value.details().startswith("input 1 "), caught.value.details()
 
 
 def test_openai_embeddings_endpoint(shim, llama_server, oracle, model) -> None:
