@@ -9,11 +9,48 @@
   its deadline for the refusal, and the tokenizer would run on after it. No token spans
   more than ``MAX_CHARS_PER_TOKEN`` characters, so a text longer than that many per
   context token is refused at once.
+- JSON nested past ``MAX_JSON_DEPTH`` is refused as it is read (``load_json``): the code
+  that walks it (these checks, pydantic, jsonschema, chat templates) recurses, and
+  Python's recursion limit turned a few kilobytes of brackets into a 500.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+MAX_JSON_DEPTH = 100
+"""Nesting levels of arrays and objects in any JSON a client sends (a tool's schema at
+the bottom of a request body has room for about 90)."""
+
+
+class JSONTooDeep(ValueError):
+    """JSON nested more than MAX_JSON_DEPTH levels."""
+
+    def __init__(self) -> None:
+        super().__init__(f"it is nested more than {MAX_JSON_DEPTH} levels deep")
+
+
+def load_json(text: str | bytes) -> Any:
+    """``json.loads`` that raises JSONTooDeep past MAX_JSON_DEPTH levels (a ValueError,
+    as the decoding errors are)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise JSONTooDeep() from None
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            item
+            for node in level
+            if isinstance(node, dict | list)
+            for item in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return value
+    if any(isinstance(node, dict | list) for node in level):
+        raise JSONTooDeep()
+    return value
 
 
 def lone_surrogate_path(value: Any, path: str = "") -> str | None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
 import re
 from typing import Any
 
 from salience_server.engine.errors import invalid
 from salience_server.engine.validation import check_token_ids
-from salience_server.text_checks import lone_surrogate_path
+from salience_server.text_checks import load_json, lone_surrogate_path
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 """SentencePiece's byte-fallback pieces: ``<0xE2>`` stands for the byte 0xE2."""
@@ -72,8 +71,8 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
 
 def _parse_json(text: str, what: str) -> Any:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
+        value = load_json(text)
+    except ValueError as error:
         raise invalid("BAD_JSON", f"{what} is not valid JSON: {error}") from error
     where = lone_surrogate_path(value)
     if where is not None:

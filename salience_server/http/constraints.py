@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 
 from salience_server.http.errors import invalid, unsupported
+from salience_server.text_checks import load_json
 
 Constraint = tuple[str, str | bool]
 """The server's ``Constraint`` as (kind, value): ``("json_schema", SCHEMA_JSON)``,
@@ -30,8 +31,8 @@ def json_schema_text(schema: Any, param: str) -> str:
     """A JSON schema as the JSON text the server takes; 400 unless it is a valid schema."""
     if isinstance(schema, str):
         try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as error:
+            schema = load_json(schema)
+        except ValueError as error:
             raise invalid(f"the JSON schema is not valid JSON: {error}", param) from None
     if not isinstance(schema, dict | bool):
         raise invalid("a JSON schema must be an object", param, "invalid_json_schema")

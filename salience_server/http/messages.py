@@ -19,6 +19,7 @@ from typing import Any
 from salience_server.http.errors import invalid, unsupported
 from salience_server.http.tool_parser import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, new_call_id
 from salience_server.http.tools import tools_system_prompt
+from salience_server.text_checks import load_json
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _TEXT_PARTS = {"text", "input_text", "output_text"}
@@ -198,8 +199,8 @@ def _arguments(call: dict[str, Any]) -> Any:
     """A call's arguments as an object when they are JSON (templates expect objects)."""
     text = call["function"]["arguments"]
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+        return load_json(text)
+    except (ValueError, TypeError):
         return text
 
 

@@ -8,7 +8,6 @@ Responses are built as plain dicts where they are made, to keep their shape visi
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
@@ -24,7 +23,7 @@ from salience_server.http.constraints import (
 )
 from salience_server.http.errors import invalid, unsupported
 from salience_server.http.generation import DecodeOptions
-from salience_server.text_checks import lone_surrogate_path
+from salience_server.text_checks import load_json, lone_surrogate_path
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -279,8 +278,8 @@ async def parse_body(request: Request, model: type[_Model]) -> _Model:
     """Reads and validates a JSON body; any problem is a 400 invalid_request_error."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        data = load_json(raw)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, JSONTooDeep
         raise invalid(f"The request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object")

@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from salience_server.text_checks import load_json
+
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _FENCES = ("```json", "```")
@@ -357,8 +359,8 @@ def _partial_suffix(text: str, marker: str) -> int:
 def _call_from_json(text: str, names: set[str]) -> ToolCall | None:
     """A ToolCall from JSON text of an object naming a declared tool, else None."""
     try:
-        value: Any = json.loads(text)
-    except json.JSONDecodeError:
+        value: Any = load_json(text)
+    except ValueError:
         return None
     if not isinstance(value, dict) or value.get("name") not in names:
         return None

@@ -25,6 +25,7 @@ from salience_server.http.tool_parser import (
     ToolCall,
     ToolCallParser,
 )
+from salience_server.text_checks import load_json
 
 TOOLS_SYSTEM_PROMPT = """# Tools
 
@@ -219,8 +220,8 @@ def tool_mode(
 def argument_problem(arguments: str, schema: dict[str, Any]) -> str | None:
     """Why JSON-text ``arguments`` do not match ``schema``; None when they do."""
     try:
-        value = json.loads(arguments)
-    except json.JSONDecodeError as error:
+        value = load_json(arguments)
+    except ValueError as error:
         return f"are not JSON ({error})"
     validator = jsonschema.validators.validator_for(schema)(schema)
     mismatch = jsonschema.exceptions.best_match(validator.iter_errors(value))

@@ -41,6 +41,46 @@ def test_a_lone_surrogate_anywhere_is_400_naming_where(shim: RunningShim, model:
     assert response.status_code == 400 and error_body(response)["param"] == "prompt"
 
 
+def test_json_nested_too_deep_is_400(shim: RunningShim, model: str) -> None:
+    """Brackets nested a few hundred deep (a few kilobytes) hit Python's recursion limit
+    in the code that walks them: a 500 with a traceback. Refused as read, wherever the
+    JSON is: the body, a schema given as text, a tool call's arguments in the history."""
+    deep = "[" * 990 + "]" * 990
+    deep_schema = '{"type": "array", "items": ' * 150 + "{}" + "}" * 150
+    headers = {"content-type": "application/json"}
+    for path, fields in [
+        ("chat/completions", f'"messages": {json.dumps(HELLO)}, "metadata": {deep}'),
+        ("completions", f'"prompt": "hi", "x": {deep}'),
+        ("responses", f'"input": "hi", "text": {deep}'),
+        ("embeddings", f'"input": {"[" * 5000 + "1" + "]" * 5000}'),
+    ]:
+        body = f'{{"model": "{model}", "max_tokens": 1, {fields}}}'
+        response = httpx.post(f"{shim.base_url}/{path}", content=body, headers=headers)
+        assert response.status_code == 400, (path, response.text)
+        assert "nested more than 100 levels" in error_body(response)["message"]
+    client = shim.client()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            max_tokens=1,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "deep", "schema": deep_schema},
+            },
+        )
+    assert "nested more than" in str(caught.value)
+    arguments = "[" * 110 + "]" * 110
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    history = [
+        *HELLO,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    reply = client.chat.completions.create(model=model, messages=history, max_tokens=1)
+    assert reply.choices[0].finish_reason in ("stop", "length")  # the arguments stay text
+
+
 def test_integers_beyond_the_wire_are_400_or_capped(shim: RunningShim, model: str) -> None:
     """Values a uint32 field cannot carry never reach the wire (they were a 500): a
     reply length beyond the context is capped to it, as an unset one is; top_k and

@@ -87,3 +87,7 @@ def test_template_variables_and_an_open_final_message_reach_the_template() -> No
     with pytest.raises(SalienceError) as error:
         tokenization.parse_json_object("[1]", "chat_template_kwargs_json")
     assert error.value.reason == "BAD_JSON"
+    for depth in (101, 5000):  # past the recursion limit it was UNKNOWN (RecursionError)
+        with pytest.raises(SalienceError) as error:
+            tokenization.parse_json_list("[" * depth + "]" * depth, "messages_json")
+        assert error.value.reason == "BAD_JSON" and "nested more than 100" in error.value.message
