@@ -19,6 +19,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+IMAGE_PLACE = "<|vision_start|><|image_pad|><|vision_end|>"
+"""The text that places an image in a chat message (Qwen2-VL's tokens): the one run of
+special strings a message may carry as tokens (any other is read as text)."""
+
 MAX_JSON_DEPTH = 100
 """Nesting levels of arrays and objects in any JSON a client sends (a tool's schema at
 the bottom of a request body has room for about 90)."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import re
+import secrets
 from typing import Any
 
 from salience_server.engine.errors import invalid
 from salience_server.engine.validation import check_token_ids
-from salience_server.text_checks import load_json, lone_surrogate_path
+from salience_server.text_checks import IMAGE_PLACE, load_json, lone_surrogate_path
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 """SentencePiece's byte-fallback pieces: ``<0xE2>`` stands for the byte 0xE2."""
@@ -46,13 +47,76 @@ def encode_chat(
         "continue_final_message": continue_final_message,
         "tokenize": False,
     }
+    escape = _SpecialTokenEscape(tokenizer)
+    messages, tools = escape.hide(messages), escape.hide(tools)
     try:
         text = tokenizer.apply_chat_template(messages, **options)
     except Exception as error:  # the template raised on these messages
         raise invalid(
             "BAD_MESSAGES", f"the chat template rejected the messages: {error}"
         ) from error
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return escape.encode(text)
+
+
+class _SpecialTokenEscape:
+    """Keeps the text of messages and tools text. Tokenizing the rendered template reads
+    every special token's string as that token, so a message holding "<|im_end|>" would
+    end its turn and could forge a system turn after it (OpenAI reads it as text). Each
+    special string in the messages (but ``IMAGE_PLACE``) is hidden behind a marker no
+    client can guess while the template renders; the template's own text is then
+    tokenized as usual, and each hidden string as plain text."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.specials = _special_strings(tokenizer)
+        self.nonce = secrets.token_hex(8)
+        self.hidden: set[str] = set()
+
+    def hide(self, value: Any) -> Any:
+        """``value`` (messages, tools) with the special strings in its text marked."""
+        if isinstance(value, str):
+            if any(special in value for special in self.specials):
+                return self.specials_pattern.sub(self._marker, value)
+            return value
+        if isinstance(value, dict):
+            return {key: self.hide(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.hide(item) for item in value]
+        return value
+
+    def encode(self, text: str) -> list[int]:
+        encode = self.tokenizer.encode
+        if not self.hidden:
+            return list(encode(text, add_special_tokens=False))
+        pattern = re.compile(f"\ue000{self.nonce}:(\\d+)\ue001")
+        token_ids: list[int] = []
+        for index, piece in enumerate(pattern.split(text)):
+            if index % 2 == 0:  # the template's text
+                token_ids += encode(piece, add_special_tokens=False) if piece else []
+            else:  # a hidden special string, as text
+                special = self.specials[int(piece)]
+                token_ids += encode(special, add_special_tokens=False, split_special_tokens=True)
+        return token_ids
+
+    @functools.cached_property
+    def specials_pattern(self) -> re.Pattern[str]:
+        longest_first = sorted([IMAGE_PLACE, *self.specials], key=len, reverse=True)
+        return re.compile("|".join(re.escape(special) for special in longest_first))
+
+    def _marker(self, match: re.Match[str]) -> str:
+        if match.group(0) == IMAGE_PLACE:
+            return IMAGE_PLACE
+        self.hidden.add(match.group(0))
+        return f"\ue000{self.nonce}:{self.specials.index(match.group(0))}\ue001"
+
+
+@functools.lru_cache(maxsize=8)
+def _special_strings(tokenizer: Any) -> list[str]:
+    """The strings the tokenizer reads as special tokens."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    strings = {token.content for token in added.values() if getattr(token, "special", False)}
+    strings.update(tokenizer.all_special_tokens)
+    return sorted(s for s in strings if s)
 
 
 def parse_json_list(text: str, what: str) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from typing import Any
 from salience_server.http.errors import invalid, unsupported
 from salience_server.http.tool_parser import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, new_call_id
 from salience_server.http.tools import tools_system_prompt
-from salience_server.text_checks import load_json
+from salience_server.text_checks import IMAGE_PLACE, load_json
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _TEXT_PARTS = {"text", "input_text", "output_text"}
@@ -27,7 +27,7 @@ _IMAGE_PARTS = {"image_url", "input_image"}
 _DATA_URL = re.compile(r"\Adata:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<b64>;base64)?,(?P<data>.*)\Z", re.S)
 
 
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PLACEHOLDER = IMAGE_PLACE
 """What an image part becomes in the rendered text (the Qwen2-VL family's form): the
 shim appends the start and end tokens as text and the image itself with AppendImage
 where the pad token stands."""
