@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import jsonschema
 
-from salience_server.http.constraints import Constraint
+from salience_server.http.constraints import Constraint, json_schema_text
 from salience_server.http.errors import ApiError, invalid, unsupported
 from salience_server.http.tool_parser import (
     TOOL_CALL_CLOSE,
@@ -70,7 +70,8 @@ def tool_format(chat_template: str) -> ToolFormat:
     return HERMES
 
 
-_EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+_EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+"""A function declared without parameters takes none (OpenAI's rule)."""
 
 
 ChoiceKind = Literal["none", "auto", "required", "named"]
@@ -166,19 +167,27 @@ class ToolMode:
         return ToolCallParser(self.names, max_calls, allow_bare, self.prefix_text())
 
 
-def _function_tool(tool: Any, index: int, param: str) -> dict[str, Any]:
-    """Checks one Chat Completions tool definition."""
+def _function_tool(tool: Any, param: str) -> dict[str, Any]:
+    """Checks one Chat Completions tool definition (``param``: where its function is).
+    Its parameters must be a JSON schema, as for ``response_format``, whether or not a
+    call is forced (a bad one failed only once a forced call compiled it)."""
     if not isinstance(tool, dict) or tool.get("type") != "function":
-        raise unsupported("tools other than functions", f"{param}[{index}].type")
+        raise unsupported("tools other than functions", f"{param.removesuffix('.function')}.type")
     function = tool.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise invalid("a function tool needs a function.name", f"{param}[{index}].function")
+        raise invalid("a function tool needs a name", f"{param}.name")
+    if function.get("parameters") is not None:
+        if not isinstance(function["parameters"], dict):
+            raise invalid(
+                "a function's parameters must be a JSON schema object", f"{param}.parameters"
+            )
+        json_schema_text(function["parameters"], f"{param}.parameters")
     return {"type": "function", "function": function}
 
 
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """Chat Completions ``tools``, checked."""
-    return [_function_tool(tool, i, "tools") for i, tool in enumerate(tools or [])]
+    return [_function_tool(tool, f"tools[{i}].function") for i, tool in enumerate(tools or [])]
 
 
 def responses_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -188,7 +197,9 @@ def responses_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         if tool.get("type") != "function":
             raise unsupported(f"the {tool.get('type')!r} tool", f"tools[{index}].type")
         function = {k: v for k, v in tool.items() if k in ("name", "description", "parameters")}
-        converted.append(_function_tool({"type": "function", "function": function}, index, "tools"))
+        converted.append(
+            _function_tool({"type": "function", "function": function}, f"tools[{index}]")
+        )
     return converted
 
 

@@ -55,7 +55,11 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         (dict(extra_body={"stop_token_ids": [999999]}), "stop_token_ids"),
         (dict(stop=["x" * 100_000]), "stop"),
         (dict(stop=[f"s{i}" for i in range(1000)]), "stop"),
-        (dict(tools=[{"type": "function"}]), "tools[0].function"),
+        (dict(tools=[{"type": "function"}]), "tools[0].function.name"),
+        # A tool's schema is checked whether or not a call is forced (it was 200 unless
+        # forced, then a 400 naming "messages").
+        (dict(tools=[_tool({"type": "bogus"})]), "tools[0].function.parameters"),
+        (dict(tools=[_tool("str")]), "tools[0].function.parameters"),
     ]
     for fields, param in bad_calls:
         arguments = {"model": model, "messages": HELLO, **fields}
@@ -68,6 +72,22 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         body = json.dumps({"model": model, "messages": HELLO, field: float("inf")})
         response = httpx.post(url, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 400 and error_body(response)["param"] == field
+
+
+def _tool(parameters: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+
+
+def test_responses_tools_are_checked_naming_their_flat_fields(
+    shim: RunningShim, model: str
+) -> None:
+    for tool, param in [
+        ({"type": "function", "parameters": {}}, "tools[0].name"),
+        ({"type": "function", "name": "f", "parameters": {"type": 5}}, "tools[0].parameters"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as error:
+            shim.client().responses.create(model=model, input="hi", tools=[tool])
+        assert error.value.body["param"] == param
 
 
 def test_context_overflow_is_context_length_exceeded(shim: RunningShim, model: str) -> None:

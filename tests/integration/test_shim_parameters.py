@@ -230,6 +230,9 @@ def test_forced_tool_calls_are_constrained(scripted: tuple[Script, RunningShim])
         ["get_weather"],
     ]
     assert bytes(script.prompts[-1]).decode().endswith("<tool_call>\n")
+    # A function declared without parameters takes none (its arguments were unconstrained).
+    get_time = json.loads(schema)["anyOf"][0]["properties"]["arguments"]
+    assert get_time == {"type": "object", "properties": {}, "additionalProperties": False}
     # Responses' form of the same.
     script.text = '{"city": "Bern"}'
     response = client.responses.create(
