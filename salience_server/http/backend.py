@@ -157,10 +157,10 @@ class Backend:
         with client_errors(param):
             return await self.client.detokenize(token_ids)
 
-    async def check_images(self, images: list[ImageInput], param: str) -> None:
+    async def check_images(self, images: list[ImageInput], param: str, fetch: bool = True) -> None:
         """Images need a model that takes them (the server answers IMAGES_UNSUPPORTED
-        otherwise); asked up front so that no session is touched. Remote URLs are
-        fetched here when allowed, refused otherwise."""
+        otherwise); asked up front so that no session is touched. With ``fetch``, remote
+        URLs are fetched here when allowed, refused otherwise."""
         if not images:
             return
         info = await self.model_info()
@@ -168,7 +168,7 @@ class Backend:
             raise invalid(
                 f"The model {info.model_id!r} does not take images", param, "images_unsupported"
             )
-        for image in images:
+        for image in images if fetch else []:
             if image.url:
                 if not self.config.allow_remote_images:
                     raise invalid(

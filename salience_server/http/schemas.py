@@ -128,6 +128,29 @@ class SamplingFields(Body):
         return guided_constraint(self.model_extra or {})
 
 
+_UNOFFERED = {
+    "functions": "the legacy functions API (use tools)",
+    "function_call": "the legacy functions API (use tool_choice)",
+    "audio": "audio output",
+    "web_search_options": "web search",
+    "prediction": "predicted outputs",
+    "chat_template": "a chat template sent with the request",
+}
+"""Fields of a request asking for what this server does not do: unknown fields are
+kept and ignored, but ignoring these would answer something else than was asked (a
+forced ``function_call`` answered with plain text)."""
+
+
+def refuse_unoffered(extra: dict[str, Any]) -> None:
+    """400 for a field in ``_UNOFFERED`` (or output ``modalities`` other than text)."""
+    for name, what in _UNOFFERED.items():
+        if extra.get(name) is not None:
+            raise unsupported(what, name)
+    modalities = extra.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise unsupported("output modalities other than text", "modalities")
+
+
 class StreamOptions(Body):
     """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
 
@@ -179,6 +202,7 @@ class ChatCompletionRequest(SamplingFields):
             raise invalid(
                 "continue_final_message needs an assistant message last", "continue_final_message"
             )
+        refuse_unoffered(self.model_extra or {})
 
     def constraint(self) -> Constraint | None:
         """The structured output asked for (``response_format`` or vLLM's fields)."""
@@ -265,6 +289,7 @@ class ResponsesRequest(SamplingFields):
             raise unsupported("background responses", "background")
         if self.conversation is not None:
             raise unsupported("conversation objects (use previous_response_id)", "conversation")
+        refuse_unoffered(self.model_extra or {})
 
     def constraint(self) -> Constraint | None:
         """The structured output asked for (``text.format`` or vLLM's fields)."""

@@ -85,6 +85,7 @@ async def _tokenize_chat(backend: Backend, body: TokenizeRequest) -> list[int]:
     if not body.messages:
         raise invalid("messages must not be empty", "messages")
     conversation = chat_messages(body.messages)
+    await backend.check_images(conversation.images, "messages", fetch=False)
     render = RenderOptions(
         add_generation_prompt=(
             not body.continue_final_message

@@ -60,6 +60,11 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         # forced, then a 400 naming "messages").
         (dict(tools=[_tool({"type": "bogus"})]), "tools[0].function.parameters"),
         (dict(tools=[_tool("str")]), "tools[0].function.parameters"),
+        # Asked for what the server does not do: a 400, not a plain-text answer.
+        (dict(functions=[{"name": "f"}], function_call={"name": "f"}), "functions"),
+        (dict(modalities=["text", "audio"]), "modalities"),
+        (dict(web_search_options={}), "web_search_options"),
+        (dict(extra_body={"chat_template": "{{ messages }}"}), "chat_template"),
     ]
     for fields, param in bad_calls:
         arguments = {"model": model, "messages": HELLO, **fields}
@@ -115,6 +120,11 @@ def test_images_are_refused_while_the_model_takes_none(shim: RunningShim, model:
     with pytest.raises(openai.BadRequestError) as error:
         shim.client().chat.completions.create(model=model, messages=messages)
     assert error.value.body["code"] == "images_unsupported"
+    # /tokenize too (it counted the image place's text as tokens).
+    root = shim.base_url.removesuffix("/v1")
+    response = httpx.post(f"{root}/tokenize", json={"model": model, "messages": messages})
+    assert response.status_code == 400
+    assert error_body(response)["code"] == "images_unsupported"
 
 
 def test_readout_manifest_is_404_while_readout_is_off(shim: RunningShim) -> None:
