@@ -77,7 +77,9 @@ def _content_text(content: Any, param: str, images: list[ImageInput]) -> str | N
     texts = []
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+        if kind in _TEXT_PARTS:
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"a {kind!r} content part needs a 'text' string", f"{param}[{index}]")
             texts.append(part["text"])
         elif kind == "refusal":
             texts.append(str(part.get("refusal", "")))

@@ -21,7 +21,7 @@ from salience_server.http.constraints import (
     response_format_constraint,
     text_format_constraint,
 )
-from salience_server.http.errors import invalid, unsupported
+from salience_server.http.errors import ApiError, invalid, unsupported
 from salience_server.http.generation import DecodeOptions
 from salience_server.text_checks import load_json, lone_surrogate_path
 
@@ -317,6 +317,24 @@ async def parse_body(request: Request, model: type[_Model]) -> _Model:
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise invalid(f"{param}: {first['msg']}" if param else first["msg"], param) from None
+        raise _refusal(error.errors()) from None
+
+
+def _refusal(errors: list[Any]) -> ApiError:
+    """The 400 for pydantic's errors: the first one's field, and every type its union
+    would have taken (``input: Input should be a valid string, or ... a valid list``)."""
+
+    def field(error: Any) -> str:
+        parts = [str(p) for p in error["loc"] if not _is_union_member(p)]
+        return ".".join(parts)
+
+    param = field(errors[0]) or None
+    messages = list(dict.fromkeys(e["msg"] for e in errors if field(e) == (param or "")))
+    message = ", or ".join(messages)
+    return invalid(f"{param}: {message}" if param else message, param)
+
+
+def _is_union_member(part: Any) -> bool:
+    """How pydantic names the member of a union type in an error's location (``str``,
+    ``list[dict[str,any]]``): not a field of the request."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)

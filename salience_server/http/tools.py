@@ -74,6 +74,9 @@ _EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties":
 """A function declared without parameters takes none (OpenAI's rule)."""
 
 
+_HOSTED_TOOLS = ("file_search", "web_search", "web_search_preview", "computer_use_preview")
+"""OpenAI's own tools, which a tool_choice of theirs names."""
+
 ChoiceKind = Literal["none", "auto", "required", "named"]
 
 
@@ -214,7 +217,10 @@ def tool_mode(
     if tool_choice is None:
         return ToolMode(tools, "auto" if tools else "none", None, format, is_parallel)
     if isinstance(tool_choice, dict):
-        if tool_choice.get("type") != "function":
+        kind = tool_choice.get("type")
+        if kind in ("allowed_tools", "custom", "mcp") or kind in _HOSTED_TOOLS:
+            raise unsupported(f"tool_choice of type {kind!r}", "tool_choice.type")
+        if kind != "function":
             raise invalid("tool_choice must name a function", "tool_choice")
         name = tool_choice.get("name") or (tool_choice.get("function") or {}).get("name")
         if name not in {tool["function"]["name"] for tool in tools}:

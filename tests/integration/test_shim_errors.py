@@ -65,6 +65,15 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         (dict(modalities=["text", "audio"]), "modalities"),
         (dict(web_search_options={}), "web_search_options"),
         (dict(extra_body={"chat_template": "{{ messages }}"}), "chat_template"),
+        # The messages named what was wrong ("content part 'text' is not supported").
+        (
+            dict(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+            "messages[0].content[0]",
+        ),
+        (
+            dict(tools=[_tool({})], tool_choice={"type": "allowed_tools", "mode": "auto"}),
+            "tool_choice.type",
+        ),
     ]
     for fields, param in bad_calls:
         arguments = {"model": model, "messages": HELLO, **fields}
@@ -86,6 +95,10 @@ def _tool(parameters: Any) -> dict[str, Any]:
 def test_responses_tools_are_checked_naming_their_flat_fields(
     shim: RunningShim, model: str
 ) -> None:
+    response = httpx.post(f"{shim.base_url}/responses", json={"model": model, "input": 5})
+    error = error_body(response)  # was "input.str", naming a type of pydantic's
+    assert (response.status_code, error["param"]) == (400, "input")
+    assert error["message"].endswith("a valid string, or Input should be a valid list")
     for tool, param in [
         ({"type": "function", "parameters": {}}, "tools[0].name"),
         ({"type": "function", "name": "f", "parameters": {"type": 5}}, "tools[0].parameters"),
