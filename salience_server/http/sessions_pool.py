@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 FORK_MIN_DISCARD = 64
 """Rewinding a session by at least this many tokens forks it instead, when there is room,
 so that another conversation's cached history survives a request sharing only its start."""
+FORK_MIN_SHARED = 64
+"""A request sharing at least this many tokens with an idle session is lent a fork of it,
+the session itself staying idle: requests arriving while it runs (a fan-out over one
+system prompt) share the prefix too. A parent no one else used is closed as its child
+comes back, so a lone conversation holds one session."""
 SETTLE_WAIT_S = 5.0
 """How long a session whose call was cancelled may stay busy on the server before the pool
 gives up on it and closes it."""
@@ -53,6 +58,12 @@ class PooledSession:
     """A prefix of the server's tokens for this session: what the shim knows is committed."""
     last_used: float
     is_leased: bool = True
+    num_forking: int = 0
+    """Forks of it under way: it may be forked again meanwhile, not lent nor rewound."""
+    replaces: PooledSession | None = None
+    """The session this one was forked from to keep it idle (FORK_MIN_SHARED)."""
+    replaces_stamp: float = 0.0
+    """The parent's ``last_used`` as forked: unchanged at release, no one else used it."""
 
 
 @dataclass
@@ -82,10 +93,12 @@ class SessionPool:
         client: AsyncSalienceClient,
         max_sessions: int,
         fork_min_discard: int = FORK_MIN_DISCARD,
+        fork_min_shared: int = FORK_MIN_SHARED,
     ) -> None:
         self._client = client
         self.max_sessions = max_sessions
         self.fork_min_discard = fork_min_discard
+        self.fork_min_shared = fork_min_shared
         self._entries: list[PooledSession] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -108,6 +121,10 @@ class SessionPool:
             discard = len(best.token_ids) - shared
             if discard >= self.fork_min_discard and self._has_room():
                 return await self._fork_idle(best, shared)
+            if (shared >= self.fork_min_shared or best.num_forking) and self._has_room():
+                return await self._fork_idle(best, shared, keeps_parent_idle=True)
+            if best.num_forking:  # no room for another fork
+                return await self._open()
             best.is_leased = True
             return Lease(best, shared)
         victim = None if self._has_room() else self._least_recent_idle()
@@ -129,6 +146,16 @@ class SessionPool:
         entry.token_ids = list(token_ids)
         entry.last_used = time.monotonic()
         entry.is_leased = False
+        parent, entry.replaces = entry.replaces, None
+        if (
+            parent is not None
+            and parent in self._entries
+            and not parent.is_leased
+            and not parent.num_forking
+            and parent.last_used == entry.replaces_stamp
+        ):  # forked for requests that did not come: this child holds its prefix
+            self._entries.remove(parent)
+            self._spawn(self._close(parent.session))
         self._trim()
 
     def abandon(self, lease: Lease, token_ids: Sequence[int]) -> None:
@@ -166,7 +193,7 @@ class SessionPool:
         return len(self._entries) < self.max_sessions
 
     def _least_recent_idle(self) -> PooledSession | None:
-        idle = [entry for entry in self._entries if not entry.is_leased]
+        idle = [e for e in self._entries if not e.is_leased and not e.num_forking]
         return min(idle, key=lambda entry: entry.last_used, default=None)
 
     async def _open(self) -> Lease:
@@ -175,18 +202,25 @@ class SessionPool:
         self._entries.append(entry)
         return Lease(entry, 0)
 
-    async def _fork_idle(self, parent: PooledSession, shared: int) -> Lease:
-        parent.is_leased = True  # no other request may rewind it while it is being forked
+    async def _fork_idle(
+        self, parent: PooledSession, shared: int, keeps_parent_idle: bool = False
+    ) -> Lease:
+        parent.num_forking += 1  # no other request may rewind it while it is being forked
         try:
             child = await parent.session.fork()
         except SalienceClientError as error:
             if error.code != grpc.StatusCode.NOT_FOUND:
                 raise
-            self._entries.remove(parent)  # expired on the server
+            if parent in self._entries:
+                self._entries.remove(parent)  # expired on the server
             return await self._open()
         finally:
-            parent.is_leased = False
-        entry = PooledSession(child, list(parent.token_ids), time.monotonic())
+            parent.num_forking -= 1
+        now = time.monotonic()
+        entry = PooledSession(child, list(parent.token_ids), now)
+        if keeps_parent_idle:
+            parent.last_used = now
+            entry.replaces, entry.replaces_stamp = parent, now
         self._entries.append(entry)
         return Lease(entry, shared)
 

@@ -95,6 +95,35 @@ def test_a_short_match_forks_instead_of_rewinding(llama_server: Any) -> None:
     _run(llama_server.target, test, fork_min_discard=16)
 
 
+def test_concurrent_requests_share_a_long_prefix(llama_server: Any) -> None:
+    """Requests arriving together over one long prefix (a system prompt) each get a fork
+    of the idle session holding it: it was lent to the first alone, and the others
+    prefilled the prefix again. A lone conversation still ends with one session."""
+    long_prompt = list(range(40, 120))  # 80 tokens, past FORK_MIN_SHARED
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        await collect(Generation(pool, long_prompt, DecodeOptions(max_tokens=0)))
+        (parent,) = pool._entries
+        results = await asyncio.gather(
+            *(collect(Generation(pool, long_prompt + [turn], GREEDY)) for turn in (1, 2, 3))
+        )
+        assert [r.cached_tokens for r in results] == [80, 80, 80]
+        assert pool.num_sessions == 3 and parent not in pool._entries  # its children hold it
+        # One conversation, turn after turn: each turn's fork replaces its parent.
+        reply = [t.token_id for t in results[0].choices[0].tokens]
+        follow_up = long_prompt + [1] + reply + [9]
+        second = await collect(Generation(pool, follow_up, GREEDY))
+        assert second.cached_tokens == len(follow_up) - 2  # all but the new and last decoded
+        assert pool.num_sessions == 3
+        for _ in range(100):
+            if len(await client.list_sessions()) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(s.length for s in await client.list_sessions()) == [85, 85, 90]
+
+    _run(llama_server.target, test)
+
+
 def test_the_pool_stays_bounded(llama_server: Any) -> None:
     async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
         for start in (0, 50, 100):  # one after another: the least recent is rewound
