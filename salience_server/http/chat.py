@@ -203,8 +203,9 @@ async def _choice(
         message["reasoning_content"] = reply.reasoning or None
     reason = finish_reason(choice.done)
     plan.tools.check_forced(reply.calls, reason)
-    if reply.calls:
+    if reply.calls or plan.tools.is_forced:
         message["content"] = reply.content or None
+    if reply.calls:
         message["tool_calls"] = [call.chat_dict() for call in reply.calls]
         reason = "tool_calls" if reason == "stop" else reason
     logprobs = None

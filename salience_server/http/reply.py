@@ -43,13 +43,19 @@ class ReplyParser:
         if tools.is_enabled:
             is_json_output = constraint is not None and not tools.is_forced
             parser = tools.parser(allow_bare=not is_json_output)
-        return cls(splitter, parser)
+        return cls(splitter, parser, is_call_only=tools.is_forced)
 
     def __init__(
-        self, splitter: ReasoningSplitter | None = None, tools: ToolCallParser | None = None
+        self,
+        splitter: ReasoningSplitter | None = None,
+        tools: ToolCallParser | None = None,
+        is_call_only: bool = False,
     ) -> None:
         self._splitter = splitter
         self._tools = tools
+        self._is_call_only = is_call_only
+        """A forced call: the reply is the call, and text outside a parsed call is a call
+        cut short (by max_tokens), not content."""
 
     @property
     def calls(self) -> list[ToolCall]:
@@ -85,6 +91,8 @@ class ReplyParser:
         events: list[ReplyEvent] = []
         events += self._tools.push(text) if text else []
         events += self._tools.finish() if is_final else []
+        if self._is_call_only:
+            return [event for event in events if not isinstance(event, TextDelta)]
         return events
 
 

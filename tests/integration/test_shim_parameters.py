@@ -271,6 +271,23 @@ def test_a_forced_call_that_breaks_its_schema_is_a_500(
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_a_required_call_cut_short_leaves_no_markup_in_content(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """tool_choice "required" cut by max_tokens before the call named its function: the
+    reply is an unfinished call, not text (its markup was returned as the content)."""
+    script, shim = scripted
+    script.text = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+    options = dict(model="scripted", messages=HELLO, tools=[WEATHER], tool_choice="required")
+    reply = shim.client().chat.completions.create(**options, max_tokens=6)
+    message = reply.choices[0].message
+    assert (message.content, message.tool_calls) == (None, None)
+    assert reply.choices[0].finish_reason == "length"
+    chunks = list(shim.client().chat.completions.create(**options, max_tokens=6, stream=True))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_parallel_tool_calls_off_stops_after_one_call(scripted: tuple[Script, RunningShim]) -> None:
     script, shim = scripted
     two = (

@@ -174,7 +174,8 @@ def test_forced_calls_are_constrained_to_the_tools_schemas() -> None:
                 "additionalProperties": False,
             }
             for name, parameters in [
-                ("get_time", {"type": "object", "properties": {}}),
+                # Declared without parameters: it takes none.
+                ("get_time", {"type": "object", "properties": {}, "additionalProperties": False}),
                 ("get_weather", WEATHER["function"]["parameters"]),
             ]
         ]
