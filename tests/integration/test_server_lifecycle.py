@@ -157,7 +157,9 @@ def test_limits_beyond_what_the_model_or_a_block_holds_are_said_in_the_log(
     adjusted without a word."""
     caplog.set_level(logging.WARNING)
     server = server_factory(tiny_llama_dir, max_context=100_000, kv_cache_bytes=1, block_size=4)
-    assert server.engine.max_context == 512 and server.engine.block_manager.num_blocks == 1
+    # The one block bounds a session too (a session's whole KV is on the device).
+    assert server.engine.max_context == 4 and server.engine.block_manager.num_blocks == 1
     said = " ".join(record.getMessage() for record in caplog.records)
     assert "--max-context 100000 is beyond the model's 512 positions" in said
     assert "less than one block of 4 tokens" in said
+    assert "the KV pool holds 4 tokens, fewer than the 512 positions" in said
