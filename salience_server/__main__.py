@@ -119,10 +119,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "the most)",
     )
     parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         return ServerConfig(

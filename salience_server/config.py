@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -87,8 +88,17 @@ class EngineConfig:
             raise ValueError(f"unknown speculative method {self.speculative!r}; use ngram")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("prompt lookup n-gram sizes need 1 <= min <= max")
-        if self.num_speculative_tokens < 1:
-            raise ValueError("num_speculative_tokens must be at least 1")
+        if not 1 <= self.num_speculative_tokens < self.max_batch_tokens:
+            raise ValueError(
+                "num_speculative_tokens must be at least 1 and below max_batch_tokens "
+                "(a verification step carries them all)"
+            )
+        if self.speculative_cost is not None and not all(
+            math.isfinite(cost) and cost >= 0 for cost in self.speculative_cost
+        ):
+            raise ValueError("speculative_cost SWITCH,ROW must be finite and not negative")
+        if not (self.session_ttl_s >= 0 and math.isfinite(self.session_ttl_s)):
+            raise ValueError("session_ttl_s must be 0 (no expiry) or a positive number")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attention backend {self.attention_backend!r}; "
@@ -151,8 +161,8 @@ class ServerConfig:
         for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} {getattr(self, name)} is out of range (0 to 65535)")
-        if self.grace_s < 0 or self.keepalive_s <= 0 or self.stream_buffer_events <= 0:
-            raise ValueError(
-                "grace_s must not be negative; keepalive_s and stream_buffer_events "
-                "must be positive"
-            )
+        times_ok = all(math.isfinite(t) for t in (self.grace_s, self.keepalive_s))
+        if not times_ok or self.grace_s < 0 or self.keepalive_s <= 0:
+            raise ValueError("grace_s must be finite, not negative; keepalive_s finite, positive")
+        if self.stream_buffer_events <= 0:
+            raise ValueError("stream_buffer_events must be positive")

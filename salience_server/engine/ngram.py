@@ -13,12 +13,15 @@ against the tokens before it is used). The index is plain Python: no tensors.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from salience_server.config import EngineConfig
 from salience_server.engine import draft_cost
 from salience_server.engine.draft_cost import DraftCost
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from salience_server.engine.model_runner import ModelRunner
@@ -169,6 +172,12 @@ def draft_proposer(
         return None
     if config.speculative_cost is not None:
         cost = DraftCost(*config.speculative_cost)
+        log.info(
+            "speculation: a step verifying d drafts costs 1 + %.2f + %.2f d plain steps "
+            "(--speculative-cost)",
+            cost.switch,
+            cost.row,
+        )
     else:
         cost = draft_cost.measure(runner, config.num_speculative_tokens, uses_mrope)
     return NgramProposer(

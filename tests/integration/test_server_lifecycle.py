@@ -116,6 +116,13 @@ def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
         (["--metrics-port", "70000"], "metrics_port 70000 is out of range"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--dtype", "float8"], "unknown dtype 'float8'"),
+        # A zero-cost verification divided by zero in every step; nan never drafted.
+        (["--speculative-cost=-1,0"], "speculative_cost SWITCH,ROW must be finite"),
+        (["--speculative-cost", "nan,nan"], "speculative_cost SWITCH,ROW must be finite"),
+        (["--num-speculative-tokens", "4096"], "below max_batch_tokens"),
+        (["--log-level", "foo"], "invalid choice: 'FOO'"),  # was a traceback
+        (["--grace-s", "nan"], "grace_s must be finite"),
+        (["--session-ttl", "-5"], "session_ttl_s must be 0 (no expiry) or a positive"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(
