@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from salience_server.config import (
@@ -175,13 +176,31 @@ def _two_floats(text: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
+    # Until the event loop takes them over, a stop signal ends the process at once and
+    # cleanly (SIGTERM killed it with 143, SIGINT left a traceback of the imports).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_before_serving)
     from salience_server.rpc.server import serve
 
     try:
-        asyncio.run(serve(config))
+        finished = asyncio.run(serve(config))
     except (FileNotFoundError, ValueError, OSError) as error:
         logging.getLogger("salience").error("%s", error)
         sys.exit(1)
+    if not finished:  # the model's loading thread is still inside torch: skip clean-up
+        _exit_now()
+
+
+def _stop_before_serving(signum: int, frame: object) -> None:
+    logging.getLogger("salience").info("stopping before the server started")
+    _exit_now()
+
+
+def _exit_now() -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -152,10 +152,13 @@ def default_replica_id(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig) -> bool:
     """Runs the server until SIGTERM or SIGINT; with ``http_port``, the OpenAI shim too, in
     this event loop, as a gRPC client of this server's own address. Metrics are served
-    at the shim's ``/metrics`` and on ``metrics_port``, each where given."""
+    at the shim's ``/metrics`` and on ``metrics_port``, each where given. False when the
+    signal came before the model finished loading: its thread is still inside torch,
+    and the process must end without the interpreter's clean-up (``os._exit``), which
+    would abort it there."""
     server = SalienceServer(config)
     shim = None
     if config.http_port:
@@ -187,7 +190,7 @@ async def serve(config: ServerConfig) -> None:
     try:
         if not await _started_unless_stopped(server, stopping):
             log.info("stopping before the model finished loading")
-            return
+            return False
         if shim is not None:
             shim.start()
         await stopping.wait()
@@ -200,6 +203,7 @@ async def serve(config: ServerConfig) -> None:
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+    return True
 
 
 async def _started_unless_stopped(server: SalienceServer, stopping: asyncio.Event) -> bool:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.__main__ import parse_args
+from tests.conftest import default_model_available
 from tests.helpers import error_reason, free_port, server_start_failure
 
 
@@ -170,3 +171,35 @@ def test_limits_beyond_what_the_model_or_a_block_holds_are_said_in_the_log(
     assert "--max-context 100000 is beyond the model's 512 positions" in said
     assert "less than one block of 4 tokens" in said
     assert "the KV pool holds 4 tokens, fewer than the 512 positions" in said
+
+
+@pytest.mark.parametrize("moment", ["importing", "loading"])
+def test_a_stop_signal_before_serving_exits_0_at_once(moment: str) -> None:
+    """A signal while the model loaded aborted the process (exit 134, "terminate called
+    without an active exception": the interpreter's clean-up met the loading thread
+    inside torch); one while it imported ended it 143 (SIGTERM) or with a traceback."""
+    if moment == "loading" and not default_model_available():
+        pytest.skip("the default model is not installed")  # the tiny one loads too fast
+    command = [sys.executable, "-m", "salience_server", "--port", str(free_port())]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    assert process.stdout is not None
+    lines = []
+    try:
+        if moment == "importing":
+            time.sleep(0.5)
+        else:
+            for line in process.stdout:  # the pool is sized: the warm-up pass is next
+                lines.append(line)
+                if "KV pool" in line:
+                    break
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM if moment == "loading" else signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - start < 5
+        output = "".join(lines) + process.stdout.read()
+        assert "Traceback" not in output and "terminate called" not in output
+    finally:
+        if process.poll() is None:
+            process.kill()
