@@ -1,10 +1,19 @@
-"""Adds ``authorization: Bearer <key>`` metadata to every call of a channel."""
+"""Adds ``authorization: Bearer <key>`` metadata to every call of a channel; and the
+check the server and the shim make of it."""
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import grpc
+
+
+def is_bearer(given: bytes, key: bytes) -> bool:
+    """Whether an authorization value is ``Bearer <key>``: the scheme in any case (HTTP's
+    schemes are case-insensitive), the key compared in constant time."""
+    scheme, _, token = given.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
 def _with_key(details: Any, key: str, details_class: Any) -> Any:

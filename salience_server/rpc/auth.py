@@ -6,12 +6,12 @@ carry ``authorization: Bearer <key>`` metadata; others end UNAUTHENTICATED.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from salience_client.auth import is_bearer
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.rpc.errors import abort
 
@@ -20,7 +20,7 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
+        self._key = api_key.encode()
 
     async def intercept_service(
         self,
@@ -32,7 +32,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(given, self._expected):
+        if is_bearer(given, self._key):
             return handler
         return _refusing(handler)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,7 +28,8 @@ def guarded(tiny_llama_dir):
 
 
 def test_calls_without_the_key_are_unauthenticated(guarded) -> None:
-    for metadata in (None, (("authorization", "Bearer wrong"),)):
+    bad = ("Bearer wrong", f"Basic {KEY}", f"Bearer{KEY}", f"Bearer {KEY}x", KEY)
+    for metadata in (None, *((("authorization", value),) for value in bad)):
         with pytest.raises(grpc.RpcError) as caught:
             guarded.stub.OpenSession(pb.OpenSessionRequest(), metadata=metadata)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -35,6 +37,13 @@ def test_calls_without_the_key_are_unauthenticated(guarded) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             list(guarded.stub.Generate(pb.GenerateRequest(session_id="x"), metadata=metadata))
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The scheme's case is free (HTTP's rule); the key's is not.
+    for value in (f"bearer {KEY}", f"BEARER  {KEY}"):
+        guarded.stub.OpenSession(pb.OpenSessionRequest(), metadata=(("authorization", value),))
+    with pytest.raises(grpc.RpcError):
+        guarded.stub.OpenSession(
+            pb.OpenSessionRequest(), metadata=(("authorization", f"Bearer {KEY.upper()}"),)
+        )
     # Health stays open.
     health = health_pb2_grpc.HealthStub(guarded.channel)
     assert (
@@ -70,5 +79,8 @@ def test_the_shim_passes_its_key_to_the_server(guarded) -> None:
         assert reply.usage.completion_tokens >= 1
         with pytest.raises(openai.AuthenticationError):
             shim.client(api_key="wrong").models.list()
+        for value, status in ((f"bearer {KEY}", 200), (f"Basic {KEY}", 401)):
+            response = httpx.get(f"{shim.base_url}/models", headers={"authorization": value})
+            assert response.status_code == status, value
     finally:
         shim.stop()
