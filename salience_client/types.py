@@ -117,6 +117,10 @@ class Done:
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    drafted_tokens: int = 0
+    """Speculative drafts verified (``--speculative``)."""
+    accepted_tokens: int = 0
+    """Of those, the ones accepted."""
 
     @classmethod
     def from_pb(cls, done: pb.Done) -> Done:
@@ -131,6 +135,8 @@ class Done:
             queue_ms=done.queue_ms,
             prefill_ms=done.prefill_ms,
             decode_ms=done.decode_ms,
+            drafted_tokens=done.drafted_tokens,
+            accepted_tokens=done.accepted_tokens,
         )
 
 

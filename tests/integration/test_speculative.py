@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from salience_client import SalienceClient
 from tests.helpers import U32_MAX, generate, open_session, random_tokens
 from tests.integration.test_readout import write_readout
 
@@ -80,6 +81,13 @@ def test_greedy_output_logprobs_and_readout_equal_decoding_without_speculation(s
     assert got_done.accepted_tokens > 10 and got_done.drafted_tokens >= got_done.accepted_tokens
     assert want_done.drafted_tokens == 0
     assert got_done.total_tokens == want_done.total_tokens
+    # The Python client's Done carries the counts too (it dropped them).
+    with SalienceClient(servers[1].target) as client, client.open_session() as session:
+        done = list(session.generate(PROMPT, max_tokens=60, ignore_eos=True))[-1]
+    assert (done.drafted_tokens, done.accepted_tokens) == (
+        got_done.drafted_tokens,
+        got_done.accepted_tokens,
+    )
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 5, 7])
