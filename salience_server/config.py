@@ -88,7 +88,9 @@ class EngineConfig:
             raise ValueError(f"unknown speculative method {self.speculative!r}; use ngram")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("prompt lookup n-gram sizes need 1 <= min <= max")
-        if not 1 <= self.num_speculative_tokens < self.max_batch_tokens:
+        if self.num_speculative_tokens < 1 or (
+            self.speculative and self.num_speculative_tokens >= self.max_batch_tokens
+        ):
             raise ValueError(
                 "num_speculative_tokens must be at least 1 and below max_batch_tokens "
                 "(a verification step carries them all)"

@@ -120,7 +120,7 @@ def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
         # A zero-cost verification divided by zero in every step; nan never drafted.
         (["--speculative-cost=-1,0"], "speculative_cost SWITCH,ROW must be finite"),
         (["--speculative-cost", "nan,nan"], "speculative_cost SWITCH,ROW must be finite"),
-        (["--num-speculative-tokens", "4096"], "below max_batch_tokens"),
+        (["--speculative", "ngram", "--num-speculative-tokens", "4096"], "below max_batch_tokens"),
         (["--log-level", "foo"], "invalid choice: 'FOO'"),  # was a traceback
         (["--grace-s", "nan"], "grace_s must be finite"),
         (["--session-ttl", "-5"], "session_ttl_s must be 0 (no expiry) or a positive"),
