@@ -49,6 +49,15 @@ def _messages(url: str = DATA_URL) -> list[dict[str, Any]]:
     ]
 
 
+def _responses_input(url: str = DATA_URL) -> list[dict[str, Any]]:
+    """The Responses form of ``_messages``."""
+    content = [
+        {"type": "input_text", "text": "What is this?"},
+        {"type": "input_image", "image_url": url},
+    ]
+    return [{"role": "user", "content": content}]
+
+
 def _grpc_answer(target: str, max_tokens: int) -> tuple[str, int]:
     """The same conversation through the gRPC client: text, image, text, decode."""
     with SalienceClient(target) as client, client.open_session() as session:
@@ -99,15 +108,7 @@ def test_streaming_and_responses_take_images_too(shim: RunningShim, vision_serve
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want_text
     response = client.responses.create(
         model=model,
-        input=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "input_text", "text": "What is this?"},
-                    {"type": "input_image", "image_url": DATA_URL},
-                ],
-            }
-        ],
+        input=_responses_input(),
         max_output_tokens=6,
         temperature=0,
     )
@@ -135,15 +136,7 @@ def test_a_bad_image_is_a_400(shim: RunningShim) -> None:
         with pytest.raises(openai.BadRequestError) as caught:
             client.responses.create(
                 model=model,
-                input=[
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "input_text", "text": "What is this?"},
-                            {"type": "input_image", "image_url": bad},
-                        ],
-                    }
-                ],
+                input=_responses_input(bad),
                 max_output_tokens=2,
                 stream=stream,
             )
