@@ -80,6 +80,8 @@ class ChatPlan:
     tools: ToolMode
     constraint: Constraint | None = None
     """What the reply must be: a forced tool call, else the structured output asked for."""
+    constraint_param: str = "messages"
+    """The field the constraint's refusals name."""
     is_reasoning: bool = False
     """The model thinks first (a reasoning template): its thinking is reasoning_content."""
     opens_thinking: bool = False
@@ -157,8 +159,8 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     prompt_ids += await backend.tokenize(mode.prefix_text(), "tool_choice")
     is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
     opens = is_reasoning and await backend.opens_thinking(prompt_ids)
-    constraint = mode.constraint() or output_constraint
-    return ChatPlan(body, info, prompt_ids, mode, constraint, is_reasoning, opens, images)
+    param, constraint = mode.reply_constraint(output_constraint) or ("messages", None)
+    return ChatPlan(body, info, prompt_ids, mode, constraint, param, is_reasoning, opens, images)
 
 
 @router.post("/v1/chat/completions")
@@ -169,10 +171,12 @@ async def create_chat_completion(request: Request) -> Response:
     generation = plan.generation(backend)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if plan.body.stream:
-        events = await start_stream(generation.events(), "messages", backend.config.keepalive_s)
+        events = await start_stream(
+            generation.events(), "messages", backend.config.keepalive_s, plan.constraint_param
+        )
         stream = ChatStream(backend, plan, generation, completion_id).sse(events)
         return event_stream(stream, backend.config.keepalive_s)
-    with client_errors("messages"):
+    with client_errors("messages", plan.constraint_param):
         result = await until_disconnected(request, collect(generation))
     choices, reasoning_tokens = [], 0
     for choice in result.choices:

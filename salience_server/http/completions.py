@@ -118,7 +118,7 @@ async def create_completion(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     info = await backend.check_model(body.model)
     body.check(info.vocab_size)
-    constraint = body.constraint()
+    constraint_param, constraint = body.constraint() or ("prompt", None)
     prompts = await _prompts(backend, body)
     generations = [
         Generation(
@@ -130,10 +130,10 @@ async def create_completion(request: Request) -> Response:
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     keepalive_s = backend.config.keepalive_s
     if body.stream:
-        first = await start_stream(generations[0].events(), "prompt", keepalive_s)
+        first = await start_stream(generations[0].events(), "prompt", keepalive_s, constraint_param)
         stream = _stream(body, completion_id, generations, builders, first)
         return event_stream(stream, keepalive_s)
-    with client_errors("prompt"):
+    with client_errors("prompt", constraint_param):
         work = asyncio.gather(*(collect(g) for g in generations))
         results = await until_disconnected(request, work)
     choices = []

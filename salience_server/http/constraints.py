@@ -133,10 +133,14 @@ def regex_literal(text: str) -> str:
     return _REGEX_SPECIAL.sub(r"\\\1", text)
 
 
-def one_constraint(*sources: tuple[str, Constraint | None]) -> Constraint | None:
-    """The one constraint among ``(param, constraint)`` sources; 400 if several."""
+Sourced = tuple[str, Constraint]
+"""A constraint and the request field that asked for it (which its errors name)."""
+
+
+def one_constraint(*sources: tuple[str, Constraint | None]) -> Sourced | None:
+    """The one ``(param, constraint)`` among the sources that give one; 400 if several."""
     given = [(param, constraint) for param, constraint in sources if constraint is not None]
     if len(given) > 1:
         params = [param for param, _ in given]
         raise invalid(f"{params[0]} and {params[1]} cannot both constrain the output", params[1])
-    return given[0][1] if given else None
+    return given[0] if given else None

@@ -171,11 +171,14 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
 
 
 @contextlib.contextmanager
-def client_errors(param: str | None = None) -> Iterator[None]:
-    """Turns a SalienceClientError raised inside into the matching ApiError."""
+def client_errors(param: str | None = None, constraint_param: str | None = None) -> Iterator[None]:
+    """Turns a SalienceClientError raised inside into the matching ApiError (a refused
+    output constraint names ``constraint_param``, the field that asked for it)."""
     try:
         yield
     except SalienceClientError as error:
+        if error.reason == "INVALID_CONSTRAINT" and constraint_param:
+            param = constraint_param
         raise from_client_error(error, param) from None
 
 

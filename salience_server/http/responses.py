@@ -81,6 +81,8 @@ class ResponsePlan:
     """What the session must hold before decoding, a forced tool-call opening included."""
     constraint: Constraint | None = None
     """What the reply must be: a forced call, else the ``text.format`` asked for."""
+    constraint_param: str = "input"
+    """The field the constraint's refusals name."""
     is_reasoning: bool = False
     """The model thinks first: its thinking becomes a reasoning item."""
     opens_thinking: bool = False
@@ -247,7 +249,7 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
     prompt_ids = prompt_ids + await backend.tokenize(mode.prefix_text(), "tool_choice")
     is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
     opens = is_reasoning and await backend.opens_thinking(prompt_ids)
-    constraint = mode.constraint() or output_constraint
+    param, constraint = mode.reply_constraint(output_constraint) or ("input", None)
     return ResponsePlan(
         body,
         info,
@@ -256,6 +258,7 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
         rendered,
         prompt_ids,
         constraint,
+        param,
         is_reasoning,
         opens,
         images,
@@ -271,9 +274,11 @@ async def create_response(request: Request) -> Response:
     generation = plan.generation(backend)
     keepalive_s = backend.config.keepalive_s
     if plan.body.stream:
-        events = await start_stream(generation.events(), "input", keepalive_s)
+        events = await start_stream(
+            generation.events(), "input", keepalive_s, plan.constraint_param
+        )
         return event_stream(_stream(backend, plan, generation, events), keepalive_s)
-    with client_errors("input"):
+    with client_errors("input", plan.constraint_param):
         result = await until_disconnected(request, collect(generation))
     choice = result.choices[0]
     stream = plan.reply_stream()

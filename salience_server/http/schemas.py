@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from salience_server.http.constraints import (
     Constraint,
+    Sourced,
     guided_constraint,
     one_constraint,
     response_format_constraint,
@@ -204,7 +205,7 @@ class ChatCompletionRequest(SamplingFields):
             )
         refuse_unoffered(self.model_extra or {})
 
-    def constraint(self) -> Constraint | None:
+    def constraint(self) -> Sourced | None:
         """The structured output asked for (``response_format`` or vLLM's fields)."""
         return one_constraint(
             ("response_format", response_format_constraint(self.response_format)),
@@ -241,7 +242,7 @@ class CompletionRequest(SamplingFields):
         if isinstance(self.prompt, list) and not self.prompt:
             raise invalid("prompt must not be empty", "prompt")
 
-    def constraint(self) -> Constraint | None:
+    def constraint(self) -> Sourced | None:
         """The structured output asked for (``response_format`` or vLLM's fields)."""
         return one_constraint(
             ("response_format", response_format_constraint(self.response_format)),
@@ -291,7 +292,7 @@ class ResponsesRequest(SamplingFields):
             raise unsupported("conversation objects (use previous_response_id)", "conversation")
         refuse_unoffered(self.model_extra or {})
 
-    def constraint(self) -> Constraint | None:
+    def constraint(self) -> Sourced | None:
         """The structured output asked for (``text.format`` or vLLM's fields)."""
         return one_constraint(
             ("text.format", text_format_constraint(self.text)),

@@ -123,10 +123,11 @@ class Primed(AsyncIterator[_Item]):
 
 
 async def start_stream(
-    events: AsyncIterator[_Item], param: str, wait_s: float = 0.0
+    events: AsyncIterator[_Item], param: str, wait_s: float = 0.0, constraint_param: str = ""
 ) -> Primed[_Item]:
     """``events`` with the first asked for now: a failure before anything streamed (a
-    prompt too long, a full queue) is a plain HTTP error. With ``wait_s`` > 0, the
+    prompt too long, a full queue) is a plain HTTP error naming ``param`` (a refused
+    output constraint, ``constraint_param``). With ``wait_s`` > 0, the
     first event is awaited that long at most; after that the stream starts and the
     first event (or error) comes in it."""
     primed = Primed(events)
@@ -134,7 +135,7 @@ async def start_stream(
     try:
         done, _ = await asyncio.wait({first}, timeout=wait_s if wait_s > 0 else None)
         if first in done:
-            with client_errors(param):
+            with client_errors(param, constraint_param):
                 first.result()
         else:
             primed._pending = first

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import jsonschema
 
-from salience_server.http.constraints import Constraint, json_schema_text
+from salience_server.http.constraints import Constraint, Sourced, json_schema_text
 from salience_server.http.errors import ApiError, invalid, unsupported
 from salience_server.http.tool_parser import (
     TOOL_CALL_CLOSE,
@@ -143,6 +143,12 @@ class ToolMode:
             for name in sorted(self.names)
         ]
         return "json_schema", json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls})
+
+    def reply_constraint(self, output: Sourced | None) -> Sourced | None:
+        """What constrains the reply, and the field its errors name: a forced call's
+        schema ("tools"), else the structured ``output`` asked for."""
+        forced = self.constraint()
+        return ("tools", forced) if forced is not None else output
 
     def stop_strings(self) -> tuple[str, ...]:
         """Ends the reply after its first call when only one is allowed (and the format

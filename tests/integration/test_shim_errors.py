@@ -108,6 +108,38 @@ def test_responses_tools_are_checked_naming_their_flat_fields(
         assert error.value.body["param"] == param
 
 
+def test_a_constraint_the_server_refuses_names_the_field_that_asked(
+    shim: RunningShim, model: str
+) -> None:
+    """A schema valid as JSON schema that the grammar engine refuses (a lookaround) is
+    refused by the server: the 400 named "messages" (or "prompt", "input")."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=a)b"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    client = shim.client()
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(
+                model=model, messages=HELLO, response_format=response_format, stream=stream
+            )
+        assert error.value.body["param"] == "response_format", error.value.body
+        assert "look-around" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model=model, messages=HELLO, tools=[_tool(schema)], tool_choice="required"
+        )
+    assert error.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(
+            model=model,
+            input="hi",
+            text={"format": {"type": "json_schema", "name": "s", "schema": schema}},
+        )
+    assert error.value.body["param"] == "text.format"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=model, prompt="hi", extra_body={"guided_regex": "(?=a)b"})
+    assert error.value.body["param"] == "structured_outputs"
+
+
 def test_context_overflow_is_context_length_exceeded(shim: RunningShim, model: str) -> None:
     long = [{"role": "user", "content": "x" * 600}]  # one token per byte; the limit is 512
     for stream in (False, True):
