@@ -84,6 +84,7 @@ class AsyncSalienceClient:
                     health_pb2.HealthCheckRequest(service=""), timeout=1.0
                 )
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    self.failover_stats.is_server_reached = True
                     return
             except grpc.RpcError:
                 pass  # not listening yet
@@ -91,7 +92,9 @@ class AsyncSalienceClient:
         raise not_ready(self.target, timeout_s)
 
     async def _call(self, method: str, request: Any) -> Any:
-        return await call_unary(getattr(self._stub, method), request, self._timeout)
+        response = await call_unary(getattr(self._stub, method), request, self._timeout)
+        self.failover_stats.is_server_reached = True
+        return response
 
     async def open_session(self, max_context: int = 0, session_id: str = "") -> AsyncSession:
         """As ``SalienceClient.open_session``."""

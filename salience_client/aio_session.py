@@ -286,10 +286,6 @@ class AsyncSession(SessionBase):
                 failure = error
             await self._recover(failure, attempts, replay_length)
 
-    def _failure(self, error: grpc.RpcError) -> SalienceClientError:
-        self._note_replica(error.initial_metadata())  # type: ignore[attr-defined]
-        return SalienceClientError.from_rpc_error(error)
-
     async def _recover(
         self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
     ) -> None:

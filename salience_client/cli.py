@@ -282,9 +282,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         with SalienceClient(args.target, timeout=args.timeout, api_key=args.api_key) as client:
-            # One plain call first: with no server there, say so at once (opening a
-            # session retries for the failover's budget, meant for a restarting replica).
-            client.model_info()
             _COMMANDS[args.command](client, args)
     except SalienceClientError as error:
         sys.exit(f"salience: {describe(error, args.target)}")

@@ -123,6 +123,7 @@ class SalienceClient:
             try:
                 response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    self.failover_stats.is_server_reached = True
                     return
             except grpc.RpcError:
                 pass  # not listening yet
@@ -130,7 +131,9 @@ class SalienceClient:
         raise not_ready(self.target, timeout_s)
 
     def _call(self, method: str, request: Any) -> Any:
-        return call_unary(getattr(self._stub, method), request, self._timeout)
+        response = call_unary(getattr(self._stub, method), request, self._timeout)
+        self.failover_stats.is_server_reached = True
+        return response
 
     def open_session(self, max_context: int = 0, session_id: str = "") -> Session:
         """Creates an empty session; ``max_context`` 0 means the server's limit.

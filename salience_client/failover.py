@@ -84,6 +84,10 @@ class FailoverStats:
     """Positions those replays prefilled (image placeholders included)."""
     num_resumes: int = 0
     """Broken streams resumed."""
+    is_server_reached: bool = False
+    """A server answered a call of this client. Until one has, a call no server answered
+    fails at once rather than retrying: nothing listens at the address (a wrong one, or
+    a server not started), which no retry within the budget mends."""
 
 
 SESSION_ID_PATTERN = re.compile(r"[!-~]{1,128}")
@@ -124,7 +128,13 @@ def is_broken(error: SalienceClientError) -> bool:
     never sends without an ErrorInfo reason)."""
     if error.code == grpc.StatusCode.UNAVAILABLE:
         return True
-    return error.code in _BROKEN_WITHOUT_REASON and error.reason == error.code.name
+    return error.code in _BROKEN_WITHOUT_REASON and is_unanswered(error)
+
+
+def is_unanswered(error: SalienceClientError) -> bool:
+    """No server answered the call: the transport failed it (every status a server sends
+    carries an ErrorInfo reason)."""
+    return error.reason == error.code.name
 
 
 def is_busy(error: SalienceClientError) -> bool:

@@ -284,10 +284,6 @@ class Session(SessionBase):
                 failure = error
             self._recover(failure, attempts, replay_length)
 
-    def _failure(self, error: grpc.RpcError) -> SalienceClientError:
-        self._note_replica(error.initial_metadata())  # type: ignore[attr-defined]
-        return SalienceClientError.from_rpc_error(error)
-
     def _read_info(self) -> pb.SessionInfo:
         request = pb.GetSessionRequest(session_id=self.session_id)
         return self._unary(self._stub.GetSession, request).session

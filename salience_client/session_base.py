@@ -19,6 +19,7 @@ from salience_client.failover import (
     is_busy,
     is_refusal,
     is_session_lost,
+    is_unanswered,
     log_replay,
     log_resume,
     replica_of,
@@ -114,7 +115,17 @@ class SessionBase:
             self._metadata = routing_metadata(self.routing_key)
 
     def _note_replica(self, metadata: object) -> None:
+        """Takes the initial metadata of a call a server answered."""
         self.replica = replica_of(metadata, self.replica)
+        self._stats.is_server_reached = True
+
+    def _failure(self, error: grpc.RpcError) -> SalienceClientError:
+        """A failed call as the caller sees it, noting the replica that refused it."""
+        failure = SalienceClientError.from_rpc_error(error)
+        self.replica = replica_of(error.initial_metadata(), self.replica)  # type: ignore[attr-defined]
+        if not is_unanswered(failure):
+            self._stats.is_server_reached = True
+        return failure
 
     # ----- history ---------------------------------------------------------------------
 
@@ -204,6 +215,8 @@ class SessionBase:
                 raise session_lost(self.session_id, replay_length, self._history.length) from error
             attempts.begin_replay(self.session_id, error)
             return Recovery(replay_length)
+        if is_unanswered(error) and not self._stats.is_server_reached:
+            raise error  # no server ever answered: a wrong address, not a lost replica
         if is_broken(error) or (is_busy(error) and attempts.num_retries > 0):
             return Recovery(None, attempts.retry_wait_s(error))
         raise error

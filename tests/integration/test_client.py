@@ -165,6 +165,26 @@ def test_errors_carry_code_reason_and_session_length(client: SalienceClient) -> 
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "asyncio"])
+def test_opening_a_session_where_no_server_ever_answered_fails_at_once(is_async: bool) -> None:
+    """The failover retries a replica that stopped answering, not an address where
+    nothing ever did (it retried OpenSession for its whole 10 s budget)."""
+    start = time.monotonic()
+    with pytest.raises(SalienceClientError) as caught:
+        if is_async:
+            asyncio.run(_open_async(UNREACHABLE))
+        else:
+            with SalienceClient(UNREACHABLE) as client:
+                client.open_session()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - start < 2
+
+
+async def _open_async(target: str) -> None:
+    async with AsyncSalienceClient(target) as client:
+        await client.open_session()
+
+
 def test_an_abandoned_stream_is_cancelled_and_the_length_resynced(client: SalienceClient) -> None:
     """Leaving the stream cancels the call; the length is re-read at once, or, while the
     server still winds the call down, before the next call (which then fits)."""
