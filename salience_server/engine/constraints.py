@@ -94,7 +94,12 @@ class ConstraintCompiler:
         )
         if is_error:
             raise _invalid(spec, "; ".join(messages) or "the grammar does not compile")
-        return CompiledConstraint(spec, grammar)
+        compiled = CompiledConstraint(spec, grammar)
+        try:  # the lexer is built on the first mask: past llguidance's limits, it fails
+            self.matcher(compiled).bitmask()
+        except RuntimeError as error:
+            raise _invalid(spec, str(error)) from None
+        return compiled
 
     def matcher(self, compiled: CompiledConstraint) -> Matcher:
         return Matcher(llguidance.LLMatcher(self.tokenizer, compiled.grammar), self._vocab_size)

@@ -79,3 +79,25 @@ def test_a_constraint_that_does_not_compile_changes_nothing(llama_server) -> Non
     assert "nonsense" in caught.value.details()
     info = llama_server.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
     assert info.length == 3
+
+
+def test_a_constraint_past_the_matchers_limits_is_refused_before_anything(default_server) -> None:
+    """A regex whose lexer outgrows llguidance's limits on a real vocabulary passes its
+    validation and failed the first mask: INTERNAL, with the append committed. It is
+    refused as not compiling, the session untouched."""
+    session_id = open_session(default_server.stub)
+    generate(default_server.stub, session_id, append_tokens=[1, 2, 3])
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(
+            default_server.stub,
+            session_id,
+            offset=3,
+            append_tokens=[4, 5, 6],
+            max_tokens=5,
+            constraint=pb.Constraint(regex="(a|b)*" * 5000),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "INVALID_CONSTRAINT"
+    assert "lexer" in caught.value.details()
+    info = default_server.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
+    assert info.length == 3
