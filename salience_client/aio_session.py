@@ -24,7 +24,7 @@ from salience_client.generation import (
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import SYNC_WAIT_S, SessionBase
+from salience_client.session_base import SETTLE_WAIT_S, SessionBase
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 _Response = TypeVar("_Response")
@@ -62,9 +62,10 @@ class AsyncSession(SessionBase):
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. Closing the iterator
-        (or cancelling its task) before Done cancels the call and re-reads the session's
-        length without waiting: while the server still winds the call down, the
-        session's next call re-reads it first.
+        (or cancelling its task) before Done cancels the call at once; the session then
+        holds what the caller received (the append, once any event came, and the tokens
+        that came): its next call waits for the server to wind the call down, then
+        rewinds what the server committed beyond that. ``sync()`` keeps it instead.
         """
         check_call(dict(options), append_tokens, truncate_to)
         return self._stream(append_tokens, truncate_to, options)
@@ -109,8 +110,7 @@ class AsyncSession(SessionBase):
             if not is_done:
                 if call is not None:
                     call.cancel()
-                self._forget_unsure(progress, failure)
-                await self._resync()
+                self._abandon(progress, failure)
 
     async def _recover_stream(
         self, error: SalienceClientError, progress: StreamProgress, attempts: Attempts
@@ -124,30 +124,30 @@ class AsyncSession(SessionBase):
         eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    async def _resync(self) -> None:
-        """As ``Session._resync``: one read, at once (a cancelled task is not held up)."""
-        request = pb.GetSessionRequest(session_id=self.session_id)
-        with contextlib.suppress(SalienceClientError):
-            info = (await self._unary(self._stub.GetSession, request)).session
-            if info.busy:
-                self._unsettled = True
-            else:
-                self._synced(info.length)
-
     async def _settle(self) -> None:
-        """As ``Session._settle``."""
-        if self._unsettled:
-            with contextlib.suppress(SalienceClientError):
-                await self.sync()
+        """Before a call that follows one its caller left: waits while the server still
+        runs that one (the call then rewinds the session to ``length``)."""
+        if self._abandoned:
+            with contextlib.suppress(SalienceClientError):  # the call itself will say
+                await self._idle_info(SETTLE_WAIT_S)
 
-    async def sync(self, wait_s: float = SYNC_WAIT_S) -> SessionInfo:
-        """Re-reads ``length`` from the server, waiting up to ``wait_s`` while it is busy."""
+    async def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
+        """Takes the server's length as this session's, waiting up to ``wait_s`` while it
+        is busy. After a call its caller left, it keeps what that call committed beyond
+        what the caller received (the next call would otherwise rewind it)."""
+        info = await self._idle_info(wait_s)
+        self._synced(info.length)
+        return info
+
+    async def _idle_info(self, wait_s: float) -> SessionInfo:
+        """The server's view of this session once it is not busy, or after ``wait_s``."""
         deadline = time.monotonic() + wait_s
+        pause = 0.01
         info = await self.info()
         while info.is_busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.2)
             info = await self.info()
-        self._synced(info.length)
         return info
 
     async def _collect(self, events: AsyncIterator[TokenEvent | Done]) -> list[TokenEvent | Done]:
@@ -186,8 +186,11 @@ class AsyncSession(SessionBase):
                 failure = error
             await self._recover(failure, attempts, self.length)
 
-    def _child(self, child_id: str, length: int) -> AsyncSession:
-        return AsyncSession(
+    def _child(self, child_id: str, server_length: int) -> AsyncSession:
+        """A handle on a fork holding ``server_length`` positions; the fork of a session
+        left by a caller is rewound as it would be (SessionBase._abandoned)."""
+        length = self.length if self._abandoned else server_length
+        child = AsyncSession(
             self._stub,
             child_id,
             self.max_context,
@@ -195,6 +198,8 @@ class AsyncSession(SessionBase):
             self._timeout,
             **self._child_options(length),
         )
+        child._abandoned = self._abandoned
+        return child
 
     async def append_image(
         self, data: bytes, mime_type: str, truncate_to: int | None = None
@@ -219,8 +224,7 @@ class AsyncSession(SessionBase):
             try:
                 await self._recover(failure, attempts, offset)
             except SalienceClientError:
-                self._forget_unsure_at(offset, failure)
-                await self._resync()
+                self._abandon_at(offset, failure)
                 raise
             request.truncating = True  # whatever a broken try left goes
         self._image_appended(offset, data, mime_type, response)

@@ -26,7 +26,7 @@ from salience_client.generation import (
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import SYNC_WAIT_S, SessionBase
+from salience_client.session_base import SETTLE_WAIT_S, SessionBase
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 _Response = TypeVar("_Response")
@@ -67,10 +67,11 @@ class Session(SessionBase):
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. The call starts at
-        the first ``next()``. Leaving the iterator before Done cancels the call and
-        re-reads the session's length from the server, without waiting: while the
-        server is still winding the call down, the session's next call re-reads it
-        first.
+        the first ``next()``. Leaving the iterator before Done cancels the call; the
+        session then holds what the caller received (the append, once any event came,
+        and the tokens that came): its next call waits for the server to wind the call
+        down, then rewinds what the server committed beyond that. ``sync()`` keeps it
+        instead.
         """
         check_call(dict(options), append_tokens, truncate_to)
         return self._stream(append_tokens, truncate_to, options)
@@ -113,8 +114,7 @@ class Session(SessionBase):
             if not is_done:
                 if call is not None:
                     call.cancel()
-                self._forget_unsure(progress, failure)
-                self._resync()
+                self._abandon(progress, failure)
 
     def _recover_stream(
         self, error: SalienceClientError, progress: StreamProgress, attempts: Attempts
@@ -129,31 +129,30 @@ class Session(SessionBase):
         eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    def _resync(self) -> None:
-        """Re-reads the length after a call that ended early, once (never replays); a
-        session still busy with it is settled before the next call."""
-        request = pb.GetSessionRequest(session_id=self.session_id)
-        with contextlib.suppress(SalienceClientError):
-            info = self._unary(self._stub.GetSession, request).session
-            if info.busy:
-                self._unsettled = True
-            else:
-                self._synced(info.length)
-
     def _settle(self) -> None:
-        """Before a call: waits for the length a call that ended early left unsure."""
-        if self._unsettled:
-            with contextlib.suppress(SalienceClientError):
-                self.sync()
+        """Before a call that follows one its caller left: waits while the server still
+        runs that one (the call then rewinds the session to ``length``)."""
+        if self._abandoned:
+            with contextlib.suppress(SalienceClientError):  # the call itself will say
+                self._idle_info(SETTLE_WAIT_S)
 
-    def sync(self, wait_s: float = SYNC_WAIT_S) -> SessionInfo:
-        """Re-reads ``length`` from the server, waiting up to ``wait_s`` while it is busy."""
+    def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
+        """Takes the server's length as this session's, waiting up to ``wait_s`` while it
+        is busy. After a call its caller left, it keeps what that call committed beyond
+        what the caller received (the next call would otherwise rewind it)."""
+        info = self._idle_info(wait_s)
+        self._synced(info.length)
+        return info
+
+    def _idle_info(self, wait_s: float) -> SessionInfo:
+        """The server's view of this session once it is not busy, or after ``wait_s``."""
         deadline = time.monotonic() + wait_s
+        pause = 0.01
         info = self.info()
         while info.is_busy and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.2)
             info = self.info()
-        self._synced(info.length)
         return info
 
     def prefill(self, tokens: Sequence[int]) -> Done:
@@ -189,8 +188,11 @@ class Session(SessionBase):
                 failure = error
             self._recover(failure, attempts, self.length)
 
-    def _child(self, child_id: str, length: int) -> Session:
-        return Session(
+    def _child(self, child_id: str, server_length: int) -> Session:
+        """A handle on a fork holding ``server_length`` positions; the fork of a session
+        left by a caller is rewound as it would be (SessionBase._abandoned)."""
+        length = self.length if self._abandoned else server_length
+        child = Session(
             self._stub,
             child_id,
             self.max_context,
@@ -198,6 +200,8 @@ class Session(SessionBase):
             self._timeout,
             **self._child_options(length),
         )
+        child._abandoned = self._abandoned
+        return child
 
     def append_image(self, data: bytes, mime_type: str, truncate_to: int | None = None) -> int:
         """Appends one image; returns how many placeholder tokens it became."""
@@ -220,8 +224,7 @@ class Session(SessionBase):
             try:
                 self._recover(failure, attempts, offset)
             except SalienceClientError:
-                self._forget_unsure_at(offset, failure)
-                self._resync()
+                self._abandon_at(offset, failure)
                 raise
             request.truncating = True  # whatever a broken try left goes
         self._image_appended(offset, data, mime_type, response)

@@ -30,8 +30,9 @@ from salience_client.history import History, ImageStep, PrefillStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.types import Done, ReadoutManifest, SalienceClientError, TokenEvent
 
-SYNC_WAIT_S = 5.0
-"""How long a re-sync waits for a cancelled call to wind down on the server."""
+SETTLE_WAIT_S = 30.0
+"""How long a session waits for a call its caller left to end on the server (it ends at
+the server's next step, which a long prefill on a slow device may take seconds to reach)."""
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,12 @@ class SessionBase:
         self.length = length
         """The committed length as this client last saw it; the next call's ``offset``."""
         self.is_closed = False
-        self._unsettled = False
-        """A call ended early while the server was still winding it down: ``length`` is
-        re-read before the next call (``_settle``) rather than waited for then."""
+        self._abandoned = False
+        """A call ended before its Done (its caller left it, or it failed midway): the
+        server may hold more than ``length`` (what that call committed past what its
+        caller received) and may still be running it. The next call waits for it to end
+        (``_settle``), then rewinds the session to ``length``; ``sync()`` instead takes
+        the server's length."""
         self.routing_key = routing_key or session_id
         """Sent as ``x-session-id`` metadata on every call of this session."""
         self.replica: str | None = None
@@ -104,7 +108,7 @@ class SessionBase:
 
     def _offset(self, truncate_to: int | None) -> tuple[int, bool]:
         """(offset, truncating) for the next call."""
-        return (self.length, False) if truncate_to is None else (truncate_to, True)
+        return (self.length, self._abandoned) if truncate_to is None else (truncate_to, True)
 
     def _opened(self, response: pb.OpenSessionResponse) -> None:
         """Takes what OpenSession answered; a server that ignores the client's choice of
@@ -138,6 +142,7 @@ class SessionBase:
     ) -> TokenEvent | Done | None:
         """Converts one streamed event and notes it; a Done also commits the call. None
         for an event delivered before (a call made again after a break)."""
+        self._abandoned = False  # the call was applied, rewinding if it had to
         if event.HasField("done"):
             done = progress.merged_done(Done.from_pb(event.done), finish_reason)
             progress.observe(done)
@@ -156,24 +161,30 @@ class SessionBase:
             self._history.truncate(offset)
             self._history.extend(progress.committed_ids())
 
-    def _forget_unsure(self, progress: StreamProgress, error: SalienceClientError | None) -> None:
-        """After a call that ended without its Done: the history keeps only what the
-        server surely holds, and the length counts it (the append and every token
-        received are committed: SPEC 2.1), so that a call made next, with no re-sync in
-        between (the server was unreachable), starts after them, and a replay restores
-        them instead of dropping them."""
+    def _abandon(self, progress: StreamProgress, error: SalienceClientError | None) -> None:
+        """After a call that ended without its Done: the session holds what its caller
+        received (the append once any event of the call came, and every token that
+        came), and the next call rewinds it there. The server may hold more (the append
+        with no event received yet, tokens in flight): SPEC 2.1 commits them, but a
+        caller that stopped reading at a token of its choosing continues from there, and
+        a replay can restore what the history holds."""
         if progress.is_accepted:
             self._commit(progress)
-            self.length = progress.request.offset + len(progress.committed_ids())
+            self._abandon_at(progress.request.offset + len(progress.committed_ids()), None)
         else:
-            self._forget_unsure_at(progress.request.offset, error)
+            self._abandon_at(progress.request.offset, error)
 
-    def _forget_unsure_at(self, offset: int, error: SalienceClientError | None) -> None:
-        """A call at ``offset`` failed before anything streamed: unless the server refused
-        it, it may or may not have been applied, and only the history before ``offset`` is
-        sure."""
-        if error is None or not is_refusal(error):
-            self._history.truncate(offset)
+    def _abandon_at(self, length: int, error: SalienceClientError | None) -> None:
+        """A call that may have changed the session ended early: it is taken to hold
+        ``length`` positions from here on. Nothing changes when the server refused it
+        (but a stale length it names, OFFSET_MISMATCH's, is taken)."""
+        if error is not None and is_refusal(error):
+            if error.session_length is not None:
+                self._synced(error.session_length)
+            return
+        self._history.truncate(min(self._history.length, length))
+        self.length = length
+        self._abandoned = True
 
     def _image_appended(
         self, offset: int, data: bytes, mime_type: str, response: pb.AppendImageResponse
@@ -182,6 +193,7 @@ class SessionBase:
             self._history.truncate(offset)
             self._history.add_image(data, mime_type, response.placeholder_count)
         self.length = response.total_length
+        self._abandoned = False
 
     def _child_options(self, length: int) -> dict[str, Any]:
         """What a fork of this session inherits: its routing, its history, the failover."""
@@ -196,7 +208,7 @@ class SessionBase:
 
     def _synced(self, length: int) -> None:
         """The server says the session holds ``length`` positions."""
-        self._unsettled = False
+        self._abandoned = False
         self.length = length
         self._history.truncate(min(self._history.length, length))
 

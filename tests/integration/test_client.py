@@ -185,17 +185,34 @@ async def _open_async(target: str) -> None:
         await client.open_session()
 
 
-def test_an_abandoned_stream_is_cancelled_and_the_length_resynced(client: SalienceClient) -> None:
-    """Leaving the stream cancels the call; the length is re-read at once, or, while the
-    server still winds the call down, before the next call (which then fits)."""
+def test_a_session_left_mid_stream_holds_what_its_caller_received(client: SalienceClient) -> None:
+    """Leaving the stream cancels the call, and the session holds what the caller
+    received: the tokens the server decoded past them meanwhile are rewound by the next
+    call, on the session and on a fork of it. (The length was re-read from the server,
+    so an agent that stopped reading at a token of its choosing appended its next turn
+    after text it never saw.) The next call scores as on a session that held exactly
+    those tokens."""
     with client.open_session() as session:
-        session.prefill(PROMPT * 10)
-        for event in session.generate([1] * 200, max_tokens=200):
+        session.prefill(PROMPT)
+        seen: list[int] = []
+        for event in session.generate([1, 2, 3], max_tokens=300, ignore_eos=True):
             assert isinstance(event, TokenEvent)
-            break
-        done = session.prefill([2])
-        info = session.info()
-        assert not info.is_busy and done.total_tokens == info.length == session.length
+            seen.append(event.token_id)
+            if len(seen) == 3:
+                time.sleep(0.3)  # the server decodes on meanwhile
+                break
+        held = [*PROMPT, 1, 2, 3, *seen]
+        assert session.length == len(held) == session.history.length
+        child = session.fork()
+        assert session.info().length > len(held) and child.length == len(held)
+        for handle in (session, child):
+            (scored,) = handle.score([4], [(len(held), len(held) + 1)])
+            with client.open_session() as control:
+                assert (
+                    abs(scored - control.score([*held, 4], [(len(held), len(held) + 1)])[0]) < 1e-5
+                )
+            assert handle.length == handle.info().length == len(held) + 1
+        child.close()
 
 
 def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
@@ -222,7 +239,8 @@ def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
                 server.engine.runner.execute = execute
                 done = await session.prefill([4])
                 info = await session.info()
-                assert not info.is_busy and done.total_tokens == info.length == session.length
+                # The cancelled append, of which no event came, went: the session holds [4].
+                assert not info.is_busy and done.total_tokens == info.length == session.length == 1
 
     asyncio.run(scenario())
 
