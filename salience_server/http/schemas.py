@@ -36,9 +36,18 @@ as "unset", which is 1)."""
 
 class Body(BaseModel):
     """A request body: unknown fields are kept (``model_extra``), never refused. Numbers
-    are finite (Python's JSON reader takes ``Infinity`` and ``NaN``)."""
+    are finite (Python's JSON reader takes ``Infinity`` and ``NaN``). A field sent as
+    null takes its default, as in OpenAI's API, where every optional field is nullable
+    (clients built from its OpenAPI spec send ``"n": null``)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class SamplingFields(Body):

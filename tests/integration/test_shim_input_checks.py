@@ -138,3 +138,39 @@ def test_a_prompt_too_long_to_tokenize_in_time_is_refused_at_once(
     messages = [{"role": "user", "content": over}]
     counted = httpx.post(f"{root}/tokenize", json={"model": model, "messages": messages})
     assert counted.status_code == 200 and counted.json()["count"] > len(over)
+
+
+def test_fields_sent_as_null_take_their_defaults(shim: RunningShim, model: str) -> None:
+    """OpenAI's optional fields are nullable; clients generated from its OpenAPI spec
+    send them as null (``"n": null`` was a 400 naming n)."""
+    cases = [
+        (
+            "/chat/completions",
+            {"messages": HELLO, "max_tokens": 4, "temperature": 0},
+            ["n", "stream", "stream_options", "logprobs", "top_logprobs", "stop", "tools"],
+        ),
+        (
+            "/completions",
+            {"prompt": "Hello", "temperature": 0},
+            ["n", "stream", "echo", "logprobs", "max_tokens", "suffix", "best_of"],
+        ),
+        (
+            "/responses",
+            {"input": "Hello", "max_output_tokens": 4, "temperature": 0},
+            ["stream", "store", "instructions", "tools", "text"],
+        ),
+    ]
+    with httpx.Client(base_url=shim.base_url, timeout=60) as http:
+        for path, body, nulls in cases:
+            plain = http.post(path, json={"model": model, **body})
+            nulled = http.post(path, json={"model": model, **body, **dict.fromkeys(nulls)})
+            assert plain.status_code == nulled.status_code == 200, nulled.text
+            assert _reply_text(path, nulled.json()) == _reply_text(path, plain.json())
+            assert nulled.json()["usage"]["total_tokens"] == plain.json()["usage"]["total_tokens"]
+
+
+def _reply_text(path: str, reply: dict) -> str:
+    if path == "/responses":
+        return str(reply["output"][0]["content"][0]["text"])
+    choice = reply["choices"][0]
+    return str(choice["message"]["content"] if "message" in choice else choice["text"])
