@@ -66,13 +66,16 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    """The status the call ends with: set by an abort, OK, CANCELLED when the client
-    went away, UNKNOWN for an escaped exception."""
+    """The status the call ends with: set by an abort, OK, DEADLINE_EXCEEDED or
+    CANCELLED when the client's deadline passed or it went away (the handler is then
+    cancelled, or, a stream's, closed at its ``yield``), UNKNOWN for an escaped
+    exception."""
     code = context.code()
     if code is not None:
         return str(code.name if isinstance(code, grpc.StatusCode) else code)
     if error is None:
         return "OK"
-    if isinstance(error, asyncio.CancelledError) or context.cancelled():
-        return "CANCELLED"
+    if isinstance(error, asyncio.CancelledError | GeneratorExit) or context.cancelled():
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     return "UNKNOWN"

@@ -57,3 +57,31 @@ def test_metrics_count_requests_tokens_latencies_and_memory(tiny_llama_dir, serv
         server.engine.block_manager.num_blocks
     )
     assert samples[("salience_preemptions_total", ())] == 0
+
+
+def test_streams_cut_by_the_clients_deadline_are_counted_as_such(
+    tiny_llama_dir, server_factory
+) -> None:
+    """A stream whose deadline passes is counted DEADLINE_EXCEEDED, never UNKNOWN (a
+    stream closed at its ``yield`` ended with GeneratorExit, read as an escaped error:
+    about one in ten such calls)."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
+    num_calls = 30
+    for index in range(num_calls):
+        session_id = open_session(server.stub)
+        request = pb.GenerateRequest(
+            session_id=session_id, append_tokens=[1, 2, 3], max_tokens=10_000, ignore_eos=True
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in server.stub.Generate(request, timeout=0.02 + 0.01 * (index % 10)):
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    key = ("salience_requests_total", (("code", "DEADLINE_EXCEEDED"), ("rpc", "Generate")))
+    deadline = time.monotonic() + 5
+    while _samples(server).get(key, 0) < num_calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    samples = _samples(server)
+    assert (
+        samples.get(("salience_requests_total", (("code", "UNKNOWN"), ("rpc", "Generate")))) is None
+    )
+    assert samples[key] == num_calls
