@@ -173,8 +173,10 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
         elif kind == "function_call":
             _append_call(messages, item, param)
         elif kind == "function_call_output":
-            output = item.get("output")
-            text = output if isinstance(output, str) else json.dumps(output)
+            # A string, or parts (input_text, input_image) as a message's content.
+            text = _content_text(item.get("output"), f"{param}.output", conversation.images)
+            if text is None:
+                raise invalid("output is required", f"{param}.output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
         elif kind == "reasoning":
             continue

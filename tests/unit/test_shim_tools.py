@@ -234,6 +234,29 @@ def test_response_items_become_chat_messages() -> None:
         response_input_messages([{"type": "item_reference", "id": "x"}])
 
 
+def test_a_function_call_output_of_parts_reaches_the_model_as_their_text() -> None:
+    """``output`` may be a list of input parts, as OpenAI takes it (it reached the model
+    as their JSON); one missing is a 400 naming it."""
+    conversation = response_input_messages(
+        [
+            {
+                "type": "function_call_output",
+                "call_id": "call_9",
+                "output": [
+                    {"type": "input_text", "text": "22C"},
+                    {"type": "input_text", "text": "sunny"},
+                ],
+            }
+        ]
+    )
+    assert conversation.messages == [
+        {"role": "tool", "tool_call_id": "call_9", "content": "22C\nsunny"}
+    ]
+    with pytest.raises(ApiError) as caught:
+        response_input_messages([{"type": "function_call_output", "call_id": "call_9"}])
+    assert caught.value.param == "input[0].output"
+
+
 EOS = 99
 
 
