@@ -130,6 +130,8 @@ class Script:
     """Every prompt Generate received (session tokens before decoding), for checks."""
     requests: list[pb.GenerateRequest] = field(default_factory=list)
     """Every GenerateRequest received: what the shim asked the server for."""
+    finish_reason: int | None = None
+    """The Done's reason once the whole text is out (None: FINISH_REASON_STOP)."""
 
 
 class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
@@ -218,6 +220,8 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
         reason = pb.FINISH_REASON_STOP if request.max_tokens else pb.FINISH_REASON_PREFILL
         if 0 < request.max_tokens < len(self.script.text):
             reason = pb.FINISH_REASON_LENGTH
+        elif request.max_tokens and self.script.finish_reason is not None:
+            reason = self.script.finish_reason
         done = pb.Done(
             prompt_tokens=prompt_length,
             completion_tokens=completion,

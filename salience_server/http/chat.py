@@ -45,7 +45,13 @@ from salience_server.http.streaming import (
     until_disconnected,
 )
 from salience_server.http.tool_parser import ArgumentsDelta, CallOpened, TextDelta
-from salience_server.http.tools import ToolMode, chat_tools, tool_format, tool_mode
+from salience_server.http.tools import (
+    ToolMode,
+    chat_tools,
+    tool_calls_reason,
+    tool_format,
+    tool_mode,
+)
 
 router = APIRouter()
 
@@ -206,12 +212,12 @@ async def _choice(
     if plan.is_reasoning:
         message["reasoning_content"] = reply.reasoning or None
     reason = finish_reason(choice.done)
-    plan.tools.check_forced(reply.calls, reason)
+    plan.tools.check_forced(reply.calls, choice.done.finish_reason, bool(plan.body.stop))
     if reply.calls or plan.tools.is_forced:
         message["content"] = reply.content or None
     if reply.calls:
         message["tool_calls"] = [call.chat_dict() for call in reply.calls]
-        reason = "tool_calls" if reason == "stop" else reason
+        reason = tool_calls_reason(reason, reply.calls)
     logprobs = None
     if plan.body.logprobs:
         tokens = [token for token in choice.tokens if plan.is_visible(token)]
@@ -311,9 +317,10 @@ class ChatStream:
         deltas = [d for d in map(delta_of, parser.finish()) if d is not None]
         chunks += [self._delta(index, delta) for delta in deltas]
         reason = finish_reason(event.done)
-        self._plan.tools.check_forced(parser.calls, reason)
-        if parser.calls and reason == "stop":
-            reason = "tool_calls"
+        self._plan.tools.check_forced(
+            parser.calls, event.done.finish_reason, bool(self._plan.body.stop)
+        )
+        reason = tool_calls_reason(reason, parser.calls)
         finish = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
         chunks.append(self._chunk([finish]))
         return chunks

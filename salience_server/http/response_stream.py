@@ -85,7 +85,7 @@ def function_call_item(call: ToolCall, status: str = "completed") -> dict[str, A
 
 def status_of(done: Done | None, calls: list[ToolCall]) -> str:
     """``incomplete`` when the reply was cut by max_output_tokens or the context."""
-    if calls or done is None or done.finish_reason in ("stop", "stop_string"):
+    if done is None or done.finish_reason in ("stop", "stop_string"):
         return "completed"
     return "incomplete"
 
@@ -162,7 +162,9 @@ class ResponseStream:
                 )
             ]
         assert isinstance(event, CallClosed)
-        return self._close_item("completed")
+        return self._close_item(
+            "completed" if self.calls[event.index].is_complete else "incomplete"
+        )
 
     @property
     def _index(self) -> int:

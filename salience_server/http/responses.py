@@ -30,7 +30,6 @@ from salience_server.http.generation import (
     Generation,
     GenerationEvent,
     collect,
-    finish_reason,
     reply_limit,
 )
 from salience_server.http.logprobs import chat_logprob_entry
@@ -184,7 +183,7 @@ class ResponsePlan:
         """The finished Response, once ``stream`` has seen the whole reply; a forced
         call that broke its constraint is a server error."""
         if done is not None:
-            self.tools.check_forced(stream.calls, finish_reason(done))
+            self.tools.check_forced(stream.calls, done.finish_reason)
         usage = self.usage(done, cached, stream.num_reasoning_tokens)
         return self.response(stream.status, stream.items, usage)
 

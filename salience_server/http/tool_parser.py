@@ -45,6 +45,8 @@ class ToolCall:
     arguments: str
     """The arguments as JSON text (what OpenAI's API carries)."""
     call_id: str = field(default_factory=new_call_id)
+    is_complete: bool = True
+    """False for a call the reply ended inside (its arguments unfinished)."""
 
     def chat_dict(self) -> dict[str, Any]:
         """The Chat Completions ``tool_calls`` entry."""
@@ -153,6 +155,7 @@ class ToolCallParser:
         events = self._advance(is_final=True)
         if self._state == "arguments":  # cut inside the arguments
             events += self._arguments(self._buffer)
+            self.calls[-1].is_complete = False
             events.append(CallClosed(len(self.calls) - 1))
         elif self._state == "text" and self._buffer:
             events.append(TextDelta(self._buffer))

@@ -157,11 +157,17 @@ class ToolMode:
             return (self.format.call_close.strip(),)
         return ()
 
-    def check_forced(self, calls: list[ToolCall], finish_reason: str) -> None:
-        """A forced call was constrained to its schema: a reply that stopped (rather than
-        running out of tokens) without one valid call means the server did not keep to
-        the constraint, a server error (500) rather than a broken call handed on."""
-        if not self.is_forced or finish_reason == "length":
+    def check_forced(
+        self, calls: list[ToolCall], done_reason: str, has_client_stops: bool = False
+    ) -> None:
+        """A forced call was constrained to its schema: a reply that ended (an EOS, the
+        call's own close) without one valid call means the server did not keep to the
+        constraint, a server error (500) rather than a broken call handed on. A reply cut
+        short (max_tokens, the context, or, with ``has_client_stops``, a stop string: the
+        client's may have cut it) is no fault. ``done_reason``: the server's."""
+        if not self.is_forced or done_reason not in ("stop", "stop_string"):
+            return
+        if done_reason == "stop_string" and has_client_stops:
             return
         if not calls:
             raise constraint_broken("the reply holds no tool call")
@@ -238,6 +244,15 @@ def tool_mode(
     if tool_choice == "required" and not tools:
         raise invalid("tool_choice 'required' needs tools", "tool_choice")
     return ToolMode(tools, kinds[tool_choice], None, format, is_parallel)
+
+
+def tool_calls_reason(reason: str, calls: list[ToolCall]) -> str:
+    """Chat's finish_reason for a reply holding ``calls``: ``tool_calls`` when it stopped
+    after them; a reply that ended inside a call (an EOS in its arguments, a client's stop
+    string) keeps ``stop``, so that no one parses the unfinished arguments as a call."""
+    if reason == "stop" and calls and all(call.is_complete for call in calls):
+        return "tool_calls"
+    return reason
 
 
 def argument_problem(arguments: str, schema: dict[str, Any]) -> str | None:

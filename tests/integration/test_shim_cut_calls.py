@@ -1,0 +1,118 @@
+"""A reply that ends inside a tool call: cut by a client's stop string, an EOS or the
+token limit, it is never handed on as a finished call (``finish_reason: tool_calls``, a
+completed ``function_call``) whose arguments an application would then parse."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from salience_client.pb import salience_pb2 as pb
+from tests.shim_support import RunningShim, Script, start_scripted, start_shim
+
+HELLO = [{"role": "user", "content": "Weather in Rome?"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+CUT_CALL = '{"name": "get_weather", "arguments": {"city": "Ro'
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[tuple[Script, RunningShim]]:
+    script = Script()
+    server = start_scripted(script)
+    running = start_shim(server.target)
+    yield script, running
+    running.stop()
+    server.stop()
+
+
+def _chat(shim: RunningShim, **options: Any) -> tuple[Any, str, str]:
+    """The non-streamed message, its finish_reason, and the streamed finish_reason."""
+    client = shim.client()
+    request = dict(model="scripted", messages=HELLO, tools=[WEATHER], **options)
+    reply = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    return reply.choices[0].message, reply.choices[0].finish_reason, reasons[-1]
+
+
+def test_a_forced_call_cut_by_the_clients_stop_string_is_no_server_error(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """A stop string the client gave that matches inside a forced call's arguments ends
+    the reply early: a 200 ending "stop" with the unfinished call (it was a 500
+    constraint_violated, which the SDK retried twice)."""
+    script, shim = scripted
+    script.finish_reason = pb.FINISH_REASON_STOP_STRING
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    try:
+        # A named call's opening, its name included, is the shim's; "required" names none.
+        for tool_choice, text in (("required", CUT_CALL), (named, '{"city": "Ro')):
+            script.text = text
+            message, reason, streamed = _chat(shim, tool_choice=tool_choice, stop=["me"])
+            assert (reason, streamed, message.content) == ("stop", "stop", None)
+            assert message.tool_calls[0].function.arguments == '{"city": "Ro'
+    finally:
+        script.finish_reason = None
+
+
+def test_a_call_the_model_ended_inside_does_not_finish_as_tool_calls(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """An EOS inside a call's arguments (tool_choice auto): the reply ends "stop", not
+    "tool_calls" (whose arguments an application parses); a Responses function_call
+    item is "incomplete"."""
+    script, shim = scripted
+    script.text = "<tool_call>\n" + CUT_CALL
+    message, reason, streamed = _chat(shim)
+    assert (reason, streamed) == ("stop", "stop")
+    assert message.tool_calls[0].function.arguments == '{"city": "Ro'
+    script.text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    assert _chat(shim)[1:] == ("tool_calls", "tool_calls")
+    script.text = "<tool_call>\n" + CUT_CALL
+    response = shim.client().responses.create(
+        model="scripted", input="Weather in Rome?", tools=[_flat(WEATHER)]
+    )
+    assert response.status == "completed"
+    assert [(item.type, item.status) for item in response.output] == [
+        ("function_call", "incomplete")
+    ]
+
+
+def test_a_response_cut_by_max_output_tokens_inside_a_call_is_incomplete(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """max_output_tokens inside a call's arguments: the response is "incomplete" for
+    max_output_tokens, as a cut message is (it said "completed")."""
+    script, shim = scripted
+    script.text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    options = dict(model="scripted", input="Weather in Rome?", tools=[_flat(WEATHER)])
+    for stream in (False, True):
+        if stream:
+            events = list(
+                shim.client().responses.create(**options, max_output_tokens=50, stream=True)
+            )
+            response = events[-1].response
+        else:
+            response = shim.client().responses.create(**options, max_output_tokens=50)
+        assert response.status == "incomplete"
+        assert response.incomplete_details.reason == "max_output_tokens"
+        assert [(item.type, item.status) for item in response.output] == [
+            ("function_call", "incomplete")
+        ]
+
+
+def _flat(tool: dict[str, Any]) -> dict[str, Any]:
+    """A Chat Completions tool in the Responses API's flat form."""
+    return {"type": "function", **tool["function"]}
