@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -15,7 +15,7 @@ from salience_client.failover import Attempts, StreamProgress
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
-    check_call,
+    checked_call,
     generate_request,
     last_done,
     no_done,
@@ -54,7 +54,7 @@ class AsyncSession(SessionBase):
 
     def generate(
         self,
-        append_tokens: Sequence[int] = (),
+        append_tokens: Iterable[int] = (),
         *,
         truncate_to: int | None = None,
         **options: Unpack[GenerateOptions],
@@ -67,8 +67,8 @@ class AsyncSession(SessionBase):
         that came): its next call waits for the server to wind the call down, then
         rewinds what the server committed beyond that. ``sync()`` keeps it instead.
         """
-        check_call(dict(options), append_tokens, truncate_to)
-        return self._stream(append_tokens, truncate_to, options)
+        tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
+        return self._stream(tokens, truncate_to, checked)
 
     async def _stream(
         self, append_tokens: Sequence[int], truncate_to: int | None, options: GenerateOptions

@@ -4,7 +4,7 @@ request built from ``generate``'s options, the stream's ``Done`` and range sums.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
 import grpc
@@ -31,7 +31,8 @@ class GenerateOptions(TypedDict, total=False):
     repetition_penalty: float
     seed: int | None
     stop_token_ids: Sequence[int]
-    stop_strings: Sequence[str]
+    stop_strings: str | Sequence[str]
+    """One stop string, or several."""
     return_text: bool
     """Fill ``TokenEvent.text`` for decoded tokens (default True)."""
     logprobs_ranges: Sequence[tuple[int, int]]
@@ -56,17 +57,39 @@ class GenerateOptions(TypedDict, total=False):
 
 
 _UINT32_OPTIONS = ("max_tokens", "top_k", "logprob_top_k", "min_tokens")
+_FLOAT_OPTIONS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
 
 
-def check_call(
-    options: dict[str, Any], append_tokens: Sequence[int], truncate_to: int | None
-) -> None:
-    """Raises TypeError for a keyword ``generate`` does not know, and ValueError for a
-    value its request field cannot carry, as ``generate`` is called (not at the first
-    ``next()``, from the protobuf encoder, without the field's name)."""
+def checked_call(
+    options: dict[str, Any], append_tokens: Iterable[int], truncate_to: int | None
+) -> tuple[list[int], GenerateOptions]:
+    """``generate``'s arguments as its request takes them: iterables (a generator too)
+    read once into lists, a lone stop string as one. Raises TypeError for a keyword
+    ``generate`` does not know, and ValueError naming the argument for a value its
+    request field cannot carry, as ``generate`` is called (not at the first ``next()``,
+    from the protobuf encoder, without the field's name)."""
     unknown = sorted(set(options) - set(GenerateOptions.__optional_keys__))
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
+    tokens = list(append_tokens)
+    for name in ("stop_token_ids", "logprobs_ranges", "readout_ranges"):
+        if name in options:
+            options[name] = list(options[name])
+    stops = options.get("stop_strings", ())
+    options["stop_strings"] = [stops] if isinstance(stops, str) else list(stops)
+    if not all(isinstance(stop, str) for stop in options["stop_strings"]):
+        raise ValueError(f"generate(): stop_strings takes strings, got {stops!r}")
+    for name in _FLOAT_OPTIONS:
+        value = options.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"generate(): {name} takes a number, got {value!r}")
     values: list[tuple[str, Any, int, int]] = [
         (name, options.get(name, 0), 0, END) for name in _UINT32_OPTIONS
     ]
@@ -75,20 +98,23 @@ def check_call(
         values.append(("seed", options["seed"], 0, 2**64 - 1))
     if truncate_to is not None:
         values.append(("truncate_to", truncate_to, 0, END))
-    for name, ids in (
-        ("append_tokens", append_tokens),
-        ("stop_token_ids", options.get("stop_token_ids", ())),
-    ):
-        values += [(name, token_id, 0, END) for token_id in ids]
+    values += [("append_tokens", token_id, 0, END) for token_id in tokens]
+    values += [
+        ("stop_token_ids", token_id, 0, END) for token_id in options.get("stop_token_ids", ())
+    ]
     for name in ("logprobs_ranges", "readout_ranges"):
-        values += [(name, bound, 0, END) for pair in options.get(name, ()) for bound in pair]
+        for pair in options.get(name, ()):
+            if not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ValueError(f"generate(): {name} takes (start, end) pairs, got {pair!r}")
+            values += [(name, bound, 0, END) for bound in pair]
     for name, value, low, high in values:
         try:
-            fits = low <= operator.index(value) <= high  # numpy integers too
-        except TypeError:
+            fits = not isinstance(value, bool) and low <= operator.index(value) <= high
+        except TypeError:  # numpy integers pass operator.index
             fits = False
         if not fits:
             raise ValueError(f"generate(): {name} takes integers in [{low}, {high}], got {value!r}")
+    return tokens, options  # type: ignore[return-value]
 
 
 def generate_request(

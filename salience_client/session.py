@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -17,7 +17,7 @@ from salience_client.failover import Attempts, StreamProgress
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
-    check_call,
+    checked_call,
     generate_request,
     last_done,
     no_done,
@@ -59,7 +59,7 @@ class Session(SessionBase):
 
     def generate(
         self,
-        append_tokens: Sequence[int] = (),
+        append_tokens: Iterable[int] = (),
         *,
         truncate_to: int | None = None,
         **options: Unpack[GenerateOptions],
@@ -73,8 +73,8 @@ class Session(SessionBase):
         down, then rewinds what the server committed beyond that. ``sync()`` keeps it
         instead.
         """
-        check_call(dict(options), append_tokens, truncate_to)
-        return self._stream(append_tokens, truncate_to, options)
+        tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
+        return self._stream(tokens, truncate_to, checked)
 
     def _stream(
         self, append_tokens: Sequence[int], truncate_to: int | None, options: GenerateOptions

@@ -147,6 +147,11 @@ def test_errors_carry_code_reason_and_session_length(client: SalienceClient) -> 
             (dict(logprobs_ranges=[(-1, 5)]), "logprobs_ranges"),
             (dict(priority=2**31), "priority"),
             (dict(top_k=1.5), "top_k"),
+            (dict(max_tokens=True), "max_tokens"),
+            (dict(temperature="0.5"), "temperature"),
+            (dict(logprobs_ranges=[(1, 2, 3)]), "logprobs_ranges"),
+            (dict(logprobs_ranges=(0, 5)), "logprobs_ranges"),
+            (dict(stop_strings=[3]), "stop_strings"),
         ]
         for options, name in bad_calls:
             with pytest.raises(ValueError, match=name):
@@ -156,6 +161,19 @@ def test_errors_carry_code_reason_and_session_length(client: SalienceClient) -> 
         with pytest.raises(ValueError, match="truncate_to"):
             session.generate(truncate_to=-2)
         assert session.prefill(np.array([1, 2])).total_tokens == len(PROMPT) + 3  # numpy ids
+        # Any iterable is read once (a generator was used up by the checks and sent empty),
+        # and a lone stop string is one (it was split into one per character).
+        assert session.prefill(t for t in (3, 4)).total_tokens == len(PROMPT) + 5
+        start = session.length
+        events = list(session.generate(max_tokens=40, ignore_eos=True, return_text=True))
+        text = "".join(e.text for e in events if isinstance(e, TokenEvent))
+        stop = text[5:8]  # three characters the reply holds, at index 5 or earlier
+        events = list(
+            session.generate(truncate_to=start, max_tokens=40, ignore_eos=True, stop_strings=stop)
+        )
+        assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop_string"
+        shown = "".join(e.text for e in events if isinstance(e, TokenEvent))
+        assert shown == text[: text.index(stop)]
     with pytest.raises(SalienceClientError) as caught:
         client.get_session("no-such-session")
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
