@@ -11,6 +11,7 @@ import sys
 
 from salience_server.config import (
     ATTENTION_BACKENDS,
+    STOP_SIGNALS,
     EngineConfig,
     ModelConfig,
     ServerConfig,
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     # Until the event loop takes them over, a stop signal ends the process at once and
     # cleanly (SIGTERM killed it with 143, SIGINT left a traceback of the imports).
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _stop_before_serving)
     from salience_server.rpc.server import serve
 

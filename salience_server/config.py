@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 from dataclasses import dataclass, field
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that stop the server and the shim gracefully: SIGHUP too (a closed terminal
+killed them at once, the calls in flight reset)."""
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn")
 """auto: flash-attn where it can run, else sdpa."""

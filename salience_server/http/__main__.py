@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from salience_client import DEFAULT_TARGET
+from salience_server.config import STOP_SIGNALS
 from salience_server.http.config import ShimConfig, api_key_from_env
 from salience_server.http.serving import ShimServer
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 async def _serve(server: ShimServer) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, server.request_stop)
     await server.serve()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import Callable
 
@@ -15,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from salience_client.pb import salience_pb2, salience_pb2_grpc
-from salience_server.config import ServerConfig
+from salience_server.config import STOP_SIGNALS, ServerConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import LoadedModel, load_model
 from salience_server.engine.readout import Readout, load_readout
@@ -185,7 +184,7 @@ async def serve(config: ServerConfig) -> bool:
             ) from error
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
     try:
         if not await _started_unless_stopped(server, stopping):

@@ -22,9 +22,11 @@ from tests.conftest import default_model_available
 from tests.helpers import error_reason, free_port, server_start_failure
 
 
-def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
+def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, stop_signal) -> None:
     """SIGTERM drains (SPEC 2.6): health turns NOT_SERVING, new calls get UNAVAILABLE,
-    the call in flight runs to its end, and the process exits 0 within the grace."""
+    the call in flight runs to its end, and the process exits 0 within the grace. A
+    terminal's hang-up (SIGHUP) too: it killed the process at once, resetting the call."""
     port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [
@@ -78,7 +80,7 @@ def test_health_reflection_and_sigterm_with_a_call_in_flight(tiny_llama_dir) -> 
             metrics = response.read().decode()
         assert "salience_running_requests 1.0" in metrics
         start = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         refused = None
         while refused is None and time.monotonic() - start < 10:
             try:
