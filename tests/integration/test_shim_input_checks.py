@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import socket
+import time
 
 import httpx
 import openai
 import pytest
 
+from salience_server.http.schemas import MAX_BODY_BYTES
 from salience_server.text_checks import MAX_CHARS_PER_TOKEN
 from tests.shim_support import HELLO, RunningShim, error_body
 
@@ -174,3 +178,33 @@ def _reply_text(path: str, reply: dict) -> str:
         return str(reply["output"][0]["content"][0]["text"])
     choice = reply["choices"][0]
     return str(choice["message"]["content"] if "message" in choice else choice["text"])
+
+
+def test_a_body_past_the_limit_is_413_before_it_is_read(
+    shim: RunningShim, model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body declared or sent larger than MAX_BODY_BYTES is a 413 (a 300 MB body was
+    read whole, and a declared 10 GB one waited for); a client that leaves mid-body is
+    no logged error (it was "unexpected error" with a traceback)."""
+    host, port = shim.base_url.removeprefix("http://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{"
+        )
+        assert sock.recv(100).startswith(b"HTTP/1.1 413")
+    body = b'{"model": "x", "prompt": "' + b"a" * (MAX_BODY_BYTES + 1) + b'"}'
+    chunked = httpx.post(
+        f"{shim.base_url}/completions", content=iter([body[:1000], body[1000:]]), timeout=60
+    )  # sent chunked: no length declared
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    with caplog.at_level(logging.WARNING):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model": '
+            )
+        time.sleep(0.5)
+        reply = shim.client().completions.create(model=model, prompt="Hi", max_tokens=1)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    assert not [record for record in caplog.records if record.exc_info], caplog.text
