@@ -161,6 +161,7 @@ class ResponsePlan:
             "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [],
             "truncation": body.truncation or "disabled",
+            "reasoning": (body.model_extra or {}).get("reasoning"),
             "usage": usage,
             "user": body.user,
             "metadata": body.metadata or {},
@@ -173,7 +174,12 @@ class ResponsePlan:
         output_tokens = done.completion_tokens if done is not None else 0
         return {
             "input_tokens": len(self.prompt_ids),
-            "input_tokens_details": {"cached_tokens": cached_tokens},
+            # Every prompt token not read from the cache was written to it (the session
+            # that holds it is kept for the next request to continue).
+            "input_tokens_details": {
+                "cached_tokens": cached_tokens,
+                "cache_write_tokens": len(self.prompt_ids) - cached_tokens,
+            },
             "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": len(self.prompt_ids) + output_tokens,

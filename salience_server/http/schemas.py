@@ -300,6 +300,8 @@ class ResponsesRequest(SamplingFields):
             raise unsupported("background responses", "background")
         if self.conversation is not None:
             raise unsupported("conversation objects (use previous_response_id)", "conversation")
+        if (self.model_extra or {}).get("prompt") is not None:
+            raise unsupported("stored prompts (send the instructions and input)", "prompt")
         refuse_unoffered(self.model_extra or {})
 
     def constraint(self) -> Sourced | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.responses import Response
 
 from salience_client import SalienceClient
 from tests.conftest import default_model_available
@@ -151,6 +152,10 @@ def test_a_chained_turn_closes_a_cut_reply_and_appends_only_the_new_input(
     session_length = first.usage.input_tokens + first.usage.output_tokens
     assert second.usage.input_tokens == session_length + len(closing) + len(new_turn)
     assert second.usage.input_tokens_details.cached_tokens == session_length - 1
+    # The rest was prefilled into the session, cached for the next turn (a field the
+    # SDK's ResponseUsage requires: strict parsing failed without it).
+    details = second.usage.input_tokens_details
+    assert details.cache_write_tokens == second.usage.input_tokens - details.cached_tokens
 
 
 def test_an_input_message_without_content_is_400_as_in_chat(shim: RunningShim, model: str) -> None:
@@ -355,3 +360,20 @@ def test_thinking_is_a_reasoning_item(scripted: tuple[Script, RunningShim]) -> N
     finally:
         script.chat_template, script.text = "{{ messages }}", "hello"
         shim.backend._model_info = None
+
+
+def test_a_response_parses_as_the_sdks_type_and_echoes_reasoning(
+    shim: RunningShim, model: str
+) -> None:
+    """The raw JSON validates as the SDK's Response, streamed and not (its usage lacked
+    ``cache_write_tokens``, which the type requires); ``reasoning`` is echoed as OpenAI
+    does; a stored ``prompt`` is a 400 (it was ignored: the answer came without it)."""
+    options = dict(model=model, input="Hi", max_output_tokens=3, reasoning={"effort": "low"})
+    raw = shim.client().responses.with_raw_response.create(**options)
+    response = Response.model_validate(raw.http_response.json())
+    assert response.reasoning is not None and response.reasoning.effort == "low"
+    events = list(shim.client().responses.create(**options, stream=True))
+    Response.model_validate(events[-1].response.model_dump(mode="json", exclude_unset=True))
+    with pytest.raises(openai.BadRequestError) as error:
+        shim.client().responses.create(model=model, input="Hi", extra_body={"prompt": {"id": "p"}})
+    assert error.value.body["param"] == "prompt"
