@@ -80,7 +80,7 @@ class BearerAuth:
         error = ApiError(
             401,
             "Incorrect or missing API key (send Authorization: Bearer <key>)",
-            "authentication_error",
+            "invalid_request_error",  # OpenAI's type for a 401
             code="invalid_api_key",
         )
         await error.response()(scope, receive, send)

@@ -70,9 +70,9 @@ def model_not_found(model: str) -> ApiError:
 _PLAIN_STATUSES: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
     grpc.StatusCode.ABORTED: (409, "invalid_request_error"),
     grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
     grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
@@ -160,7 +160,7 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
         return ApiError(
             401,
             f"The inference server refused the credentials: {message}",
-            "authentication_error",
+            "invalid_request_error",
             code="invalid_api_key",
         )
     if code in _PLAIN_STATUSES:
@@ -201,8 +201,12 @@ async def handle_api_error(request: Request, error: Exception) -> JSONResponse:
 async def handle_http_exception(request: Request, error: Exception) -> JSONResponse:
     """FastAPI handler: Starlette's 404/405 in OpenAI's shape."""
     assert isinstance(error, HTTPException)
-    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return ApiError(error.status_code, str(error.detail), kind).response()
+    message = str(error.detail)
+    if error.status_code == 404:  # no such route: OpenAI's words
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    return ApiError(error.status_code, message, headers=error.headers).response()
 
 
 async def handle_unexpected(request: Request, error: Exception) -> JSONResponse:
