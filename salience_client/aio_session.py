@@ -57,21 +57,27 @@ class AsyncSession(SessionBase):
         append_tokens: Iterable[int] = (),
         *,
         truncate_to: int | None = None,
+        timeout: float | None = None,
         **options: Unpack[GenerateOptions],
     ) -> AsyncGenerator[TokenEvent | Done, None]:
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
-        ``truncate_to`` rewinds the session to that length first. Closing the iterator
+        ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
+        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). Closing the iterator
         (or cancelling its task) before Done cancels the call at once; the session then
         holds what the caller received (the append, once any event came, and the tokens
         that came): its next call waits for the server to wind the call down, then
         rewinds what the server committed beyond that. ``sync()`` keeps it instead.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
-        return self._stream(tokens, truncate_to, checked)
+        return self._stream(tokens, truncate_to, checked, timeout)
 
     async def _stream(
-        self, append_tokens: Sequence[int], truncate_to: int | None, options: GenerateOptions
+        self,
+        append_tokens: Sequence[int],
+        truncate_to: int | None,
+        options: GenerateOptions,
+        timeout: float | None,
     ) -> AsyncGenerator[TokenEvent | Done, None]:
         await self._settle()
         offset, truncating = self._offset(truncate_to)
@@ -87,7 +93,7 @@ class AsyncSession(SessionBase):
         is_done = False
         try:
             while not is_done:
-                call = self._stub.Generate(request, metadata=self._metadata)
+                call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
                 try:
                     is_first = True
                     async for event in call:

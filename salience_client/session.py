@@ -62,11 +62,13 @@ class Session(SessionBase):
         append_tokens: Iterable[int] = (),
         *,
         truncate_to: int | None = None,
+        timeout: float | None = None,
         **options: Unpack[GenerateOptions],
     ) -> Generator[TokenEvent | Done, None, None]:
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
-        ``truncate_to`` rewinds the session to that length first. The call starts at
+        ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
+        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). The call starts at
         the first ``next()``. Leaving the iterator before Done cancels the call; the
         session then holds what the caller received (the append, once any event came,
         and the tokens that came): its next call waits for the server to wind the call
@@ -74,10 +76,14 @@ class Session(SessionBase):
         instead.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
-        return self._stream(tokens, truncate_to, checked)
+        return self._stream(tokens, truncate_to, checked, timeout)
 
     def _stream(
-        self, append_tokens: Sequence[int], truncate_to: int | None, options: GenerateOptions
+        self,
+        append_tokens: Sequence[int],
+        truncate_to: int | None,
+        options: GenerateOptions,
+        timeout: float | None,
     ) -> Generator[TokenEvent | Done, None, None]:
         self._settle()
         offset, truncating = self._offset(truncate_to)
@@ -93,7 +99,7 @@ class Session(SessionBase):
         is_done = False
         try:
             while not is_done:
-                call = self._stub.Generate(request, metadata=self._metadata)
+                call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
                 try:
                     for index, event in enumerate(call):
                         if index == 0:

@@ -263,6 +263,42 @@ def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
     asyncio.run(scenario())
 
 
+def test_a_stream_takes_a_deadline(tiny_llama_dir: Path, server_factory: Any) -> None:
+    """``generate(timeout=...)`` bounds the stream (the client's timeout bounds only
+    unary calls, and generate took none): DEADLINE_EXCEEDED, the session then holding
+    what the caller received."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
+    execute = server.engine.runner.execute
+
+    def slow_execute(batch: Any) -> Any:
+        time.sleep(0.05)
+        return execute(batch)
+
+    server.engine.runner.execute = slow_execute
+    with SalienceClient(server.target, timeout=30) as client, client.open_session() as session:
+        received = []
+        start = time.monotonic()
+        with pytest.raises(SalienceClientError) as caught:
+            for event in session.generate([1, 2, 3], max_tokens=200, ignore_eos=True, timeout=0.5):
+                received.append(event)
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - start < 2 and 0 < len(received) < 200
+        server.engine.runner.execute = execute
+        assert session.prefill([4]).total_tokens == 3 + len(received) + 1 == session.length
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(server.target, timeout=30) as client:
+            async with await client.open_session() as session:
+                events = session.generate([1], max_tokens=200, ignore_eos=True, timeout=0.5)
+                with pytest.raises(SalienceClientError) as caught:
+                    async for _ in events:
+                        pass
+                assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    server.engine.runner.execute = slow_execute
+    asyncio.run(scenario())
+
+
 # ----- the async client --------------------------------------------------------------
 
 
