@@ -206,7 +206,7 @@ async def handle_http_exception(request: Request, error: Exception) -> JSONRespo
         message = f"Invalid URL ({request.method} {request.url.path})"
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
-    return ApiError(error.status_code, message, headers=error.headers).response()
+    return ApiError(error.status_code, message, headers=dict(error.headers or {})).response()
 
 
 async def handle_unexpected(request: Request, error: Exception) -> JSONResponse:

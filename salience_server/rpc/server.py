@@ -31,6 +31,10 @@ _FLUSH_S = 5.0
 """After the engine stops: how long the last events may take to reach the clients."""
 
 
+SALIENCE_SERVICE = salience_pb2.DESCRIPTOR.services_by_name["Salience"].full_name
+"""``salience.v1.Salience``: its health is the server's."""
+
+
 class SalienceServer:
     """Owns the grpc.aio server and the engine behind it."""
 
@@ -70,7 +74,7 @@ class SalienceServer:
         salience_pb2_grpc.add_SalienceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         service_names = (
-            salience_pb2.DESCRIPTOR.services_by_name["Salience"].full_name,
+            SALIENCE_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
@@ -87,7 +91,7 @@ class SalienceServer:
     async def start(self, loader: Callable[[], LoadedModel] | None = None) -> None:
         """Listens at once (health NOT_SERVING), loads the model, then serves.
         A model or readout file that fails to load stops the server again."""
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d; loading the model", self.config.host, self.port)
         try:
@@ -99,7 +103,7 @@ class SalienceServer:
         self.engine.on_death = lambda: self._call_soon(loop, self._not_serving)
         self.engine.start()
         self.servicer.engine = self.engine
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s on %s:%d as replica %s",
             self.engine.loaded.model_id,
@@ -128,7 +132,12 @@ class SalienceServer:
 
     def _not_serving(self) -> None:
         """The engine thread died: health says so (calls get UNAVAILABLE already)."""
-        asyncio.ensure_future(self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
+        asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def _set_health(self, status: int) -> None:
+        """The server's health, and the Salience service's by name (probes ask either)."""
+        for service in ("", SALIENCE_SERVICE):
+            await self.health.set(service, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drains (SPEC 2.6): health turns NOT_SERVING and new calls get UNAVAILABLE,

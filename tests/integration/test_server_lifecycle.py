@@ -62,6 +62,8 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
                 pass
             time.sleep(0.1)
         assert status == health_pb2.HealthCheckResponse.SERVING
+        by_name = health_pb2.HealthCheckRequest(service="salience.v1.Salience")
+        assert health.Check(by_name).status == status  # it was NOT_FOUND
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = reflection.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
@@ -89,9 +91,8 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
                 refused = error
         assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
         assert error_reason(refused) == "SHUTTING_DOWN"
-        assert health.Check(health_pb2.HealthCheckRequest()).status == (
-            health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        for request in (health_pb2.HealthCheckRequest(), by_name):
+            assert health.Check(request).status == health_pb2.HealthCheckResponse.NOT_SERVING
         events += list(stream)  # the call in flight completes
         assert events[-1].HasField("done") and events[-1].done.completion_tokens == 400
         assert process.wait(timeout=20) == 0
