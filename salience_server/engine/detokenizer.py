@@ -32,6 +32,17 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         return text[len(prefix) :]
 
+    def flush(self) -> str:
+        """The text held back, at the end of the stream: an incomplete character as the
+        full decode shows it (U+FFFD), so that the deltas join to the decoded text."""
+        decode = self._tokenizer.decode
+        prefix = decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
+        )
+        text = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return text[len(prefix) :]
+
 
 class StopStringMatcher:
     """Finds stop strings in streamed text and holds back text that may start one."""

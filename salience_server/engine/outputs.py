@@ -209,8 +209,8 @@ def decode_token(request: Request, row: RowResult) -> TokenEvent:
         text, matched = request.stop_matcher.push(delta, may_match=stoppable)
         if matched:
             request.finish_reason = FinishReason.STOP_STRING
-        elif not request.wants_decode:
-            text += request.stop_matcher.flush()  # the call ends: release held-back text
+        elif not request.wants_decode:  # the call ends: release held-back text
+            text += request.stop_matcher.flush() + request.detokenizer.flush()
     scored = row.scored
     return TokenEvent(
         position,
@@ -221,4 +221,5 @@ def decode_token(request: Request, row: RowResult) -> TokenEvent:
         scored.top_logprobs,
         text if request.params.return_text else "",
         row.readout,
+        is_last=not request.wants_decode,
     )

@@ -100,6 +100,8 @@ class TokenEvent:
     readout: list[float] = field(default_factory=list)
     made_at: float = field(default_factory=time.monotonic, compare=False, repr=False)
     """When the engine made it: the end of its step (for the delivery latency metric)."""
+    is_last: bool = False
+    """The call's last decoded token: text held back (an incomplete character) goes with it."""
 
 
 @dataclass

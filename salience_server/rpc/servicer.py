@@ -84,6 +84,8 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             if isinstance(event, TokenEvent):
                 if detokenizer is not None and not event.is_prefill:
                     event.text = detokenizer.push(event.token_id)
+                    if event.is_last:
+                        event.text += detokenizer.flush()
                 yield convert.token_event(event)  # returns once gRPC has written it
                 if not event.is_prefill:
                     delivery.observe(time.monotonic() - event.made_at)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from salience_client.pb import salience_pb2 as pb
 from tests.helpers import U32_MAX, generate, open_session, reference_greedy, reference_logprobs
 from tests.tiny_models import reference_model
 
@@ -202,3 +203,28 @@ def test_ignore_eos_decodes_exactly_max_tokens_along_the_argmax_chain(
             want.append(next_id)
     assert [t.id for t in tokens] == want
     assert done.completion_tokens == 30 and done.finish_reason == 3  # LENGTH
+
+
+@pytest.mark.parametrize("stops", [[], ["\x00\x00\x00"]], ids=["plain", "stop-strings"])
+def test_streamed_text_joins_to_the_decoded_tokens(llama_server, stops) -> None:
+    """The token texts of a call join to the decode of its tokens, even when it ends
+    inside a multibyte character (its bytes were held back for good: the text lost
+    them). Byte tokens sampled at temperature 1 end mid-character about half the time;
+    stop strings that never match take the engine's text path."""
+    stub = llama_server.stub
+    for seed in range(12):
+        session_id = open_session(stub)
+        tokens, _ = generate(
+            stub,
+            session_id,
+            append_tokens=[5, 6, 7],
+            max_tokens=5,
+            temperature=1.0,
+            seed=seed,
+            ignore_eos=True,
+            return_text=True,
+            stop_strings=stops,
+        )
+        ids = [t.id for t in tokens]
+        decoded = stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text
+        assert "".join(t.text for t in tokens) == decoded, (seed, ids)

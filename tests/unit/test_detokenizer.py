@@ -19,6 +19,18 @@ def test_multibyte_characters_arrive_whole() -> None:
     assert "" in deltas  # some tokens completed no character
 
 
+def test_a_character_the_stream_ends_inside_is_flushed_as_decoded() -> None:
+    """The deltas and the flush join to the full decode, U+FFFD for a character cut
+    short (it was lost: the streamed text and Detokenize disagreed)."""
+    tokenizer = build_tokenizer()
+    for text, cut in (("ab🙂", 4), ("é", 1), ("abc", 3)):
+        ids = tokenizer.encode(text)[:cut]
+        detokenizer = IncrementalDetokenizer(tokenizer, [])
+        streamed = "".join(detokenizer.push(i) for i in ids) + detokenizer.flush()
+        assert streamed == tokenizer.decode(ids), text
+        assert detokenizer.flush() == ""
+
+
 @pytest.mark.parametrize(
     ("pieces", "stops", "released", "matched"),
     [
