@@ -97,12 +97,25 @@ class ConstraintCompiler:
         compiled = CompiledConstraint(spec, grammar)
         try:  # the lexer is built on the first mask: past llguidance's limits, it fails
             self.matcher(compiled).bitmask()
-        except RuntimeError as error:
+        except ConstraintFailed as error:
             raise _invalid(spec, str(error)) from None
         return compiled
 
     def matcher(self, compiled: CompiledConstraint) -> Matcher:
         return Matcher(llguidance.LLMatcher(self.tokenizer, compiled.grammar), self._vocab_size)
+
+
+MAX_ERROR_CHARS = 300
+"""Of the grammar engine's error in a message (it may quote the whole grammar)."""
+
+
+class ConstraintFailed(RuntimeError):
+    """The grammar engine failed while decoding (a lexer past its limits, met lazily
+    in a state compiling did not reach): the request's fault, not the server's."""
+
+    def __init__(self, what: str) -> None:
+        what = what if len(what) <= MAX_ERROR_CHARS else what[:MAX_ERROR_CHARS] + "..."
+        super().__init__(what)
 
 
 class Matcher:
@@ -117,12 +130,12 @@ class Matcher:
         ``t`` may come next."""
         words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
         if self._matcher.is_error():
-            raise RuntimeError(f"the grammar matcher failed: {self._matcher.get_error()}")
+            raise ConstraintFailed(f"the grammar matcher failed: {self._matcher.get_error()}")
         return words
 
     def consume(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):
-            raise RuntimeError(
+            raise ConstraintFailed(
                 f"token {token_id} breaks the grammar: {self._matcher.get_error() or 'rejected'}"
             )
 

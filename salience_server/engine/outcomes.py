@@ -12,6 +12,7 @@ import torch
 
 from salience_server.engine import outputs
 from salience_server.engine.batch_builder import StepRows
+from salience_server.engine.constraints import ConstraintFailed
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.model_runner import ForwardOutput
 from salience_server.engine.request import Request
@@ -138,7 +139,11 @@ class Outcomes:
 
     def fail(self, request: Request, error: Exception) -> None:
         """Ends one request with INTERNAL after a failure of its own; the rest of the
-        batch goes on."""
+        batch goes on. A constraint that failed while decoding is CONSTRAINT_FAILED."""
+        if isinstance(error, ConstraintFailed):
+            log.warning("request %d: %s", request.request_id, error)
+            self._end_failed(request, "CONSTRAINT_FAILED", f"the constraint failed: {error}")
+            return
         log.error(
             "request %d on session %s failed: %r",
             request.request_id,
@@ -146,14 +151,14 @@ class Outcomes:
             error,
             exc_info=error,
         )
+        self._end_failed(request, "REQUEST_FAILED", f"{type(error).__name__}: {error}")
+
+    def _end_failed(self, request: Request, reason: str, what: str) -> None:
+        """Ends ``request`` with INTERNAL (``reason``), freeing its session."""
         if request in self.scheduler.running:
             self.scheduler.finish(request)
         request.sink(
-            SalienceError(
-                Code.INTERNAL,
-                "REQUEST_FAILED",
-                f"request {request.request_id} failed: {type(error).__name__}: {error}",
-            )
+            SalienceError(Code.INTERNAL, reason, f"request {request.request_id} failed: {what}")
         )
         self.release(request)
 

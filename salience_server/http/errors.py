@@ -163,6 +163,8 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
             "invalid_request_error",
             code="invalid_api_key",
         )
+    if reason == "CONSTRAINT_FAILED":  # the grammar's fault, met while decoding
+        return invalid(message, param, "invalid_constraint")
     if code in _PLAIN_STATUSES:
         status, kind = _PLAIN_STATUSES[code]
         return ApiError(status, message, kind, param if status < 500 else None, reason.lower())
@@ -177,7 +179,7 @@ def client_errors(param: str | None = None, constraint_param: str | None = None)
     try:
         yield
     except SalienceClientError as error:
-        if error.reason == "INVALID_CONSTRAINT" and constraint_param:
+        if error.reason in ("INVALID_CONSTRAINT", "CONSTRAINT_FAILED") and constraint_param:
             param = constraint_param
         raise from_client_error(error, param) from None
 

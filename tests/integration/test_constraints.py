@@ -101,3 +101,22 @@ def test_a_constraint_past_the_matchers_limits_is_refused_before_anything(defaul
     assert "lexer" in caught.value.details()
     info = default_server.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
     assert info.length == 3
+
+
+def test_a_constraint_failing_while_decoding_is_the_requests_error(default_server) -> None:
+    """A JSON schema whose ``pattern`` outgrows the lexer's limits only once decoding
+    enters the string: CONSTRAINT_FAILED, with a short message (it was REQUEST_FAILED
+    quoting the whole grammar, hundreds of kilobytes, logged with a traceback)."""
+    session_id = open_session(default_server.stub)
+    schema = json.dumps({"type": "string", "pattern": "(a|b)*" * 5000})
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(
+            default_server.stub,
+            session_id,
+            append_tokens=[1, 2, 3],
+            max_tokens=5,
+            constraint=pb.Constraint(json_schema=schema),
+        )
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert error_reason(caught.value) == "CONSTRAINT_FAILED"
+    assert "lexer" in caught.value.details() and len(caught.value.details()) < 600

@@ -99,3 +99,23 @@ def test_a_schema_that_does_not_compile_is_400(default_shim: RunningShim) -> Non
             max_tokens=5,
         )
     assert caught.value.status_code == 400
+
+
+def test_a_schema_the_grammar_engine_fails_on_while_decoding_is_400(
+    default_shim: RunningShim,
+) -> None:
+    """A schema whose ``pattern`` outgrows the grammar engine's limits once decoding
+    reaches it: a 400 naming response_format (it was a 500, retried by the SDK)."""
+    schema = {"type": "string", "pattern": "(a|b)*" * 5000}
+    client = default_shim.client()
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Say a or b."}],
+            max_tokens=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        )
+    assert error.value.body["param"] == "response_format"
+    assert error.value.body["code"] == "invalid_constraint"
+    assert len(error.value.body["message"]) < 600
