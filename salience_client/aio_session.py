@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, Unpack
@@ -40,6 +41,17 @@ async def call_unary(
         raise SalienceClientError.from_rpc_error(error) from None
 
 
+def _is_suspended(stream: Any) -> bool:
+    """An async generator started and paused at a ``yield`` (``inspect.getasyncgenstate``
+    says so from Python 3.12; before, a frame not at its first instruction and not
+    running)."""
+    state = getattr(inspect, "getasyncgenstate", None)
+    if state is not None:
+        return bool(state(stream) == "AGEN_SUSPENDED")
+    frame = stream.ag_frame
+    return frame is not None and not stream.ag_running and frame.f_lasti > 0
+
+
 class AsyncSession(SessionBase):
     """A server session (asyncio). Use ``async with`` to close it on exit. It survives
     the loss of its replica as ``Session`` does (SPEC 2.7)."""
@@ -70,7 +82,9 @@ class AsyncSession(SessionBase):
         rewinds what the server committed beyond that. ``sync()`` keeps it instead.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
-        return self._stream(tokens, truncate_to, checked, timeout)
+        stream = self._stream(tokens, truncate_to, checked, timeout)
+        self._streams.add(stream)
+        return stream
 
     async def _stream(
         self,
@@ -131,8 +145,13 @@ class AsyncSession(SessionBase):
         return progress.next_request(eos_token_ids)
 
     async def _settle(self) -> None:
-        """Before a call that follows one its caller left: waits while the server still
-        runs that one (the call then rewinds the session to ``length``)."""
+        """Before a call: closes a stream its caller left open (``break`` does not close
+        an async generator: the event loop finalizes it later), then, after a call its
+        caller left, waits while the server still runs that one (the call then rewinds
+        the session to ``length``)."""
+        for stream in list(self._streams):  # the running one is this call's own
+            if _is_suspended(stream):
+                await stream.aclose()  # its call is cancelled: the session holds what it delivered
         if self._abandoned:
             with contextlib.suppress(SalienceClientError):  # the call itself will say
                 await self._idle_info(SETTLE_WAIT_S)

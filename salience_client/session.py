@@ -7,6 +7,7 @@ It shares the request building and range arithmetic (``generation``) and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, TypeVar, Unpack
@@ -76,7 +77,9 @@ class Session(SessionBase):
         instead.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
-        return self._stream(tokens, truncate_to, checked, timeout)
+        stream = self._stream(tokens, truncate_to, checked, timeout)
+        self._streams.add(stream)
+        return stream
 
     def _stream(
         self,
@@ -136,8 +139,12 @@ class Session(SessionBase):
         return progress.next_request(eos_token_ids)
 
     def _settle(self) -> None:
-        """Before a call that follows one its caller left: waits while the server still
-        runs that one (the call then rewinds the session to ``length``)."""
+        """Before a call: closes a stream its caller left open, then, after a call its
+        caller left, waits while the server still runs that one (the call then rewinds
+        the session to ``length``)."""
+        for stream in list(self._streams):  # the running one is this call's own
+            if inspect.getgeneratorstate(stream) == inspect.GEN_SUSPENDED:
+                stream.close()  # its call is cancelled: the session holds what it delivered
         if self._abandoned:
             with contextlib.suppress(SalienceClientError):  # the call itself will say
                 self._idle_info(SETTLE_WAIT_S)

@@ -4,6 +4,7 @@ its history (for a replay), the replica that served it, and the recovery decisio
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,10 @@ class SessionBase:
         self.length = length
         """The committed length as this client last saw it; the next call's ``offset``."""
         self.is_closed = False
+        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
+        """The ``generate()`` streams not yet collected: one its caller left open (a
+        ``break`` keeping a reference, an async one not yet finalized) is closed by the
+        next call, which supersedes it."""
         self._abandoned = False
         """A call ended before its Done (its caller left it, or it failed midway): the
         server may hold more than ``length`` (what that call committed past what its

@@ -233,6 +233,35 @@ def test_a_session_left_mid_stream_holds_what_its_caller_received(client: Salien
         child.close()
 
 
+def test_a_stream_left_open_is_closed_by_the_sessions_next_call(client: SalienceClient) -> None:
+    """``break`` with the generator still referenced (sync), or from ``async for`` (an
+    async generator is finalized later, by the event loop): the next call closes it and
+    continues from what the caller received (it got SESSION_BUSY, or OFFSET_MISMATCH and
+    then the server's length, holding tokens the caller never saw)."""
+    with client.open_session() as session:
+        stream = session.generate([1, 2, 3], max_tokens=300, ignore_eos=True)
+        received = []
+        for event in stream:
+            received.append(event)
+            if len(received) == 3:
+                break
+        assert session.prefill([4]).total_tokens == 3 + len(received) + 1 == session.length
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(client.target, timeout=30) as aio:
+            async with await aio.open_session() as session:
+                received = []
+                async for event in session.generate([1, 2, 3], max_tokens=300, ignore_eos=True):
+                    received.append(event)
+                    if len(received) == 3:
+                        break
+                await asyncio.sleep(0.2)
+                done = await session.prefill([4])
+                assert done.total_tokens == 3 + 3 + 1 == session.length == session.history.length
+
+    asyncio.run(scenario())
+
+
 def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
     tiny_llama_dir: Path, server_factory: Any
 ) -> None:
