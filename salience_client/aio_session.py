@@ -246,6 +246,9 @@ class AsyncSession(SessionBase):
                 break
             except SalienceClientError as error:
                 failure = error
+            except BaseException:  # cancelled or interrupted: the image may have gone in
+                self._abandon_at(offset, None)
+                raise
             try:
                 await self._recover(failure, attempts, offset)
             except SalienceClientError:

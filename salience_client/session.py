@@ -234,6 +234,9 @@ class Session(SessionBase):
                 break
             except SalienceClientError as error:
                 failure = error
+            except BaseException:  # cancelled or interrupted: the image may have gone in
+                self._abandon_at(offset, None)
+                raise
             try:
                 self._recover(failure, attempts, offset)
             except SalienceClientError:

@@ -362,3 +362,36 @@ def test_the_rust_clients_scoring_flow_through_the_python_client(vision) -> None
         if ids[p] != info.image_pad_token_id
     )
     assert abs(total - want) < 1e-3
+
+
+def test_an_image_append_cancelled_midway_is_rewound_by_the_next_call(vision) -> None:
+    """An asyncio task cancelled while its AppendImage runs (the server has put the
+    image's placeholders in): the session holds what it held before, as after a stream
+    left early; the next call rewinds the image (it met OFFSET_MISMATCH, then kept it)."""
+    import asyncio
+
+    from salience_client import AsyncSalienceClient
+
+    info = _info(vision)
+    execute = vision.engine.runner.execute
+
+    def slow_execute(batch):
+        time.sleep(0.3)
+        return execute(batch)
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(vision.target, timeout=30) as client:
+            async with await client.open_session() as session:
+                await session.prefill([21, 22, info.vision_start_token_id])
+                vision.engine.runner.execute = slow_execute
+                try:
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(
+                            session.append_image(encode(make_image(3)), "image/png"), 0.2
+                        )
+                finally:
+                    vision.engine.runner.execute = execute
+                done = await session.prefill([23])
+                assert done.total_tokens == 4 == session.length == (await session.info()).length
+
+    asyncio.run(scenario())
