@@ -3,6 +3,7 @@ request built from ``generate``'s options, the stream's ``Done`` and range sums.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
@@ -88,7 +89,7 @@ def checked_call(
         raise ValueError(f"generate(): stop_strings takes strings, got {stops!r}")
     for name in _FLOAT_OPTIONS:
         value = options.get(name, 0.0)
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's too
             raise ValueError(f"generate(): {name} takes a number, got {value!r}")
     values: list[tuple[str, Any, int, int]] = [
         (name, options.get(name, 0), 0, END) for name in _UINT32_OPTIONS
@@ -103,10 +104,18 @@ def checked_call(
         ("stop_token_ids", token_id, 0, END) for token_id in options.get("stop_token_ids", ())
     ]
     for name in ("logprobs_ranges", "readout_ranges"):
+        pairs = []
         for pair in options.get(name, ()):
-            if not isinstance(pair, Sequence) or len(pair) != 2:
-                raise ValueError(f"generate(): {name} takes (start, end) pairs, got {pair!r}")
-            values += [(name, bound, 0, END) for bound in pair]
+            try:
+                start, end = pair  # a tuple, a list, a numpy row
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"generate(): {name} takes (start, end) pairs, got {pair!r}"
+                ) from None
+            values += [(name, start, 0, END), (name, end, 0, END)]
+            pairs.append((start, end))
+        if name in options:
+            options[name] = pairs
     for name, value, low, high in values:
         try:
             fits = not isinstance(value, bool) and low <= operator.index(value) <= high

@@ -164,6 +164,13 @@ def test_errors_carry_code_reason_and_session_length(client: SalienceClient) -> 
         # Any iterable is read once (a generator was used up by the checks and sent empty),
         # and a lone stop string is one (it was split into one per character).
         assert session.prefill(t for t in (3, 4)).total_tokens == len(PROMPT) + 5
+        # numpy numbers and rows as options (a check once refused them).
+        (scored,) = session.score(
+            np.array([5, 6]), ranges=np.array([[len(PROMPT) + 5, len(PROMPT) + 7]])
+        )
+        assert scored < 0
+        events = list(session.generate(max_tokens=2, temperature=np.float32(0.5), seed=3))
+        assert isinstance(events[-1], Done) and events[-1].completion_tokens == 2
         start = session.length
         events = list(session.generate(max_tokens=40, ignore_eos=True, return_text=True))
         text = "".join(e.text for e in events if isinstance(e, TokenEvent))
