@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``salience-shim``: serves until SIGTERM or SIGINT."""
+    """``salience-shim``: serves until SIGTERM, SIGINT or SIGHUP."""
     config = parse_args(argv)
     log = logging.getLogger("salience.shim")
     try:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _serve(server: ShimServer) -> None:
-    """Serves until SIGTERM or SIGINT, then stops gracefully."""
+    """Serves until SIGTERM, SIGINT or SIGHUP, then stops gracefully."""
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, server.request_stop)
