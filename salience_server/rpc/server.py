@@ -161,8 +161,8 @@ def default_replica_id(host: str, port: int) -> str:
 
 
 async def serve(config: ServerConfig) -> bool:
-    """Runs the server until SIGTERM, SIGINT or SIGHUP; with ``http_port``, the OpenAI shim too, in
-    this event loop, as a gRPC client of this server's own address. Metrics are served
+    """Runs the server until SIGTERM, SIGINT or SIGHUP; with ``http_port``, the OpenAI
+    shim too, in this event loop, as a gRPC client of this server's own address. Metrics are served
     at the shim's ``/metrics`` and on ``metrics_port``, each where given. False when the
     signal came before the model finished loading: its thread is still inside torch,
     and the process must end without the interpreter's clean-up (``os._exit``), which
