@@ -11,7 +11,7 @@ import pytest
 
 from salience_client import SalienceClient
 from tests.client_support import served_tiny_llama
-from tests.shim_support import RunningShim, start_shim
+from tests.shim_support import RunningShim, Script, start_scripted, start_shim
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,17 @@ def shim(llama_server: Any) -> Iterator[RunningShim]:
     running = start_shim(llama_server.target)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[tuple[Script, RunningShim]]:
+    """A shim in front of a scripted fake server, whose replies the test writes."""
+    script = Script()
+    server = start_scripted(script)
+    running = start_shim(server.target)
+    yield script, running
+    running.stop()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,8 +21,6 @@ from tests.shim_support import (
     greedy_reply,
     messages_json,
     rendered_chat,
-    start_scripted,
-    start_shim,
 )
 
 QUESTION = [{"role": "user", "content": "Tell me a story."}]
@@ -239,16 +236,6 @@ WEATHER_TOOL = {
     },
 }
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-
-
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[tuple[Script, RunningShim]]:
-    script = Script()
-    server = start_scripted(script)
-    running = start_shim(server.target)
-    yield script, running
-    running.stop()
-    server.stop()
 
 
 def test_tool_calls_come_out_as_tool_calls(scripted: tuple[Script, RunningShim]) -> None:

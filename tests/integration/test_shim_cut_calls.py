@@ -4,13 +4,10 @@ completed ``function_call``) whose arguments an application would then parse."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from salience_client.pb import salience_pb2 as pb
-from tests.shim_support import RunningShim, Script, start_scripted, start_shim
+from tests.shim_support import RunningShim, Script
 
 HELLO = [{"role": "user", "content": "Weather in Rome?"}]
 WEATHER = {
@@ -25,16 +22,6 @@ WEATHER = {
     },
 }
 CUT_CALL = '{"name": "get_weather", "arguments": {"city": "Ro'
-
-
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[tuple[Script, RunningShim]]:
-    script = Script()
-    server = start_scripted(script)
-    running = start_shim(server.target)
-    yield script, running
-    running.stop()
-    server.stop()
 
 
 def _chat(shim: RunningShim, **options: Any) -> tuple[Any, str, str]:

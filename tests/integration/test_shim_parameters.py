@@ -9,7 +9,6 @@ exactly, and answers OpenAI's 400s for bad values before any call.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -17,7 +16,7 @@ import pydantic
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.shim_support import RunningShim, Script, rendered_chat, start_scripted, start_shim
+from tests.shim_support import RunningShim, Script, rendered_chat
 
 HELLO = [{"role": "user", "content": "Hello"}]
 WEATHER_PARAMETERS = {
@@ -30,16 +29,6 @@ WEATHER = {
     "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS},
 }
 TIME = {"type": "function", "function": {"name": "get_time"}}
-
-
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[tuple[Script, RunningShim]]:
-    script = Script()
-    server = start_scripted(script)
-    running = start_shim(server.target)
-    yield script, running
-    running.stop()
-    server.stop()
 
 
 def _last(script: Script) -> pb.GenerateRequest:
