@@ -159,23 +159,6 @@ def test_an_unknown_model_is_404(shim: RunningShim) -> None:
         shim.client().responses.create(model="gpt-9", input="hi")
 
 
-def test_unknown_routes_and_methods_answer_as_openai_does(shim: RunningShim) -> None:
-    """An unknown route is OpenAI's 404 ("Invalid URL (POST /v1/...)", an
-    invalid_request_error); a method a route does not take is a 405 that says which it
-    takes (the Allow header was dropped)."""
-    response = httpx.post(f"{shim.base_url}/nothing", json={})
-    assert response.status_code == 404
-    assert error_body(response) == {
-        "message": "Invalid URL (POST /v1/nothing)",
-        "type": "invalid_request_error",
-        "param": None,
-        "code": None,
-    }
-    response = httpx.put(f"{shim.base_url}/models")
-    assert response.status_code == 405 and response.headers["allow"] == "GET"
-    assert error_body(response)["type"] == "invalid_request_error"
-
-
 def test_images_are_refused_while_the_model_takes_none(shim: RunningShim, model: str) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     messages = [{"role": "user", "content": [{"type": "text", "text": "What?"}, image]}]

@@ -20,6 +20,7 @@ import pytest
 
 from salience_server.http.config import ShimConfig
 from salience_server.http.serving import ShimServer
+from tests.shim_support import RunningShim, error_body
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -163,3 +164,20 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(tmp_path: Pat
     assert '"code": "service_unavailable"' in events[-2]
     text = log.read_text()
     assert "Traceback" not in text and "Cancel" not in text, text
+
+
+def test_unknown_routes_and_methods_answer_as_openai_does(shim: RunningShim) -> None:
+    """An unknown route is OpenAI's 404 ("Invalid URL (POST /v1/...)", an
+    invalid_request_error); a method a route does not take is a 405 that says which it
+    takes (the Allow header was dropped)."""
+    response = httpx.post(f"{shim.base_url}/nothing", json={})
+    assert response.status_code == 404
+    assert error_body(response) == {
+        "message": "Invalid URL (POST /v1/nothing)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    response = httpx.put(f"{shim.base_url}/models")
+    assert response.status_code == 405 and response.headers["allow"] == "GET"
+    assert error_body(response)["type"] == "invalid_request_error"

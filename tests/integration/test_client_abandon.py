@@ -1,0 +1,147 @@
+"""A call its caller leaves early (a ``break``, a stream left open, a cancelled task, a
+deadline): the session holds what the caller received, and its next call rewinds what
+the server committed past that, after the server has ended the call. Oracle: a fresh
+session holding exactly the tokens the caller saw."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from salience_client import (
+    AsyncSalienceClient,
+    SalienceClient,
+    SalienceClientError,
+    TokenEvent,
+)
+from tests.client_support import PROMPT
+
+
+def test_a_session_left_mid_stream_holds_what_its_caller_received(client: SalienceClient) -> None:
+    """Leaving the stream cancels the call, and the session holds what the caller
+    received: the tokens the server decoded past them meanwhile are rewound by the next
+    call, on the session and on a fork of it. (The length was re-read from the server,
+    so an agent that stopped reading at a token of its choosing appended its next turn
+    after text it never saw.) The next call scores as on a session that held exactly
+    those tokens."""
+    with client.open_session() as session:
+        session.prefill(PROMPT)
+        seen: list[int] = []
+        for event in session.generate([1, 2, 3], max_tokens=300, ignore_eos=True):
+            assert isinstance(event, TokenEvent)
+            seen.append(event.token_id)
+            if len(seen) == 3:
+                time.sleep(0.3)  # the server decodes on meanwhile
+                break
+        held = [*PROMPT, 1, 2, 3, *seen]
+        assert session.length == len(held) == session.history.length
+        child = session.fork()
+        assert session.info().length > len(held) and child.length == len(held)
+        for handle in (session, child):
+            (scored,) = handle.score([4], [(len(held), len(held) + 1)])
+            with client.open_session() as control:
+                assert (
+                    abs(scored - control.score([*held, 4], [(len(held), len(held) + 1)])[0]) < 1e-5
+                )
+            assert handle.length == handle.info().length == len(held) + 1
+        child.close()
+
+
+def test_a_stream_left_open_is_closed_by_the_sessions_next_call(client: SalienceClient) -> None:
+    """``break`` with the generator still referenced (sync), or from ``async for`` (an
+    async generator is finalized later, by the event loop): the next call closes it and
+    continues from what the caller received (it got SESSION_BUSY, or OFFSET_MISMATCH and
+    then the server's length, holding tokens the caller never saw)."""
+    with client.open_session() as session:
+        stream = session.generate([1, 2, 3], max_tokens=300, ignore_eos=True)
+        received = []
+        for event in stream:
+            received.append(event)
+            if len(received) == 3:
+                break
+        assert session.prefill([4]).total_tokens == 3 + len(received) + 1 == session.length
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(client.target, timeout=30) as aio:
+            async with await aio.open_session() as session:
+                received = []
+                async for event in session.generate([1, 2, 3], max_tokens=300, ignore_eos=True):
+                    received.append(event)
+                    if len(received) == 3:
+                        break
+                await asyncio.sleep(0.2)
+                done = await session.prefill([4])
+                assert done.total_tokens == 3 + 3 + 1 == session.length == session.history.length
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
+    tiny_llama_dir: Path, server_factory: Any
+) -> None:
+    """asyncio cancellation (wait_for's timeout) ends the call at once: the client does not
+    wait for the server to wind down the step it is in (it waited up to 5 s: a long
+    prefill's step, 4 s on the default model here; one second of sleep here)."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
+    execute = server.engine.runner.execute
+
+    def slow_execute(batch: Any) -> Any:
+        time.sleep(1.0)
+        return execute(batch)
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(server.target, timeout=30) as client:
+            async with await client.open_session() as session:
+                server.engine.runner.execute = slow_execute
+                start = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(session.prefill([3] * 40), 0.1)
+                assert time.monotonic() - start < 0.6
+                server.engine.runner.execute = execute
+                done = await session.prefill([4])
+                info = await session.info()
+                # The cancelled append, of which no event came, went: the session holds [4].
+                assert not info.is_busy and done.total_tokens == info.length == session.length == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_takes_a_deadline(tiny_llama_dir: Path, server_factory: Any) -> None:
+    """``generate(timeout=...)`` bounds the stream (the client's timeout bounds only
+    unary calls, and generate took none): DEADLINE_EXCEEDED, the session then holding
+    what the caller received."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
+    execute = server.engine.runner.execute
+
+    def slow_execute(batch: Any) -> Any:
+        time.sleep(0.05)
+        return execute(batch)
+
+    server.engine.runner.execute = slow_execute
+    with SalienceClient(server.target, timeout=30) as client, client.open_session() as session:
+        received = []
+        start = time.monotonic()
+        with pytest.raises(SalienceClientError) as caught:
+            for event in session.generate([1, 2, 3], max_tokens=200, ignore_eos=True, timeout=0.5):
+                received.append(event)
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - start < 2 and 0 < len(received) < 200
+        server.engine.runner.execute = execute
+        assert session.prefill([4]).total_tokens == 3 + len(received) + 1 == session.length
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(server.target, timeout=30) as client:
+            async with await client.open_session() as session:
+                events = session.generate([1], max_tokens=200, ignore_eos=True, timeout=0.5)
+                with pytest.raises(SalienceClientError) as caught:
+                    async for _ in events:
+                        pass
+                assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    server.engine.runner.execute = slow_execute
+    asyncio.run(scenario())
