@@ -211,6 +211,15 @@ class ToolCallParser:
         could_match = any(opening.startswith(compact) for opening, _ in self._openings)
         if could_match and not is_final:
             return []
+        if could_match and compact.startswith(TOOL_CALL_OPEN):
+            named = {
+                name
+                for opening, name in self._openings
+                if opening.startswith(compact) and f'"name":{json.dumps(name)},' in compact
+            }
+            if len(named) == 1:  # the reply ended after the call's name: a cut call
+                self._buffer = ""
+                return self._open(named.pop())
         # Not a call in the streamable form.
         self._state = "tag" if self._buffer.startswith(TOOL_CALL_OPEN) else "text"
         return []

@@ -103,3 +103,26 @@ def test_a_response_cut_by_max_output_tokens_inside_a_call_is_incomplete(
 def _flat(tool: dict[str, Any]) -> dict[str, Any]:
     """A Chat Completions tool in the Responses API's flat form."""
     return {"type": "function", **tool["function"]}
+
+
+def test_a_call_cut_right_after_its_name_is_kept(scripted: tuple[Script, RunningShim]) -> None:
+    """A forced call cut after its name, before its arguments: the call is kept, cut,
+    as one cut inside its arguments is (neither call nor text came back)."""
+    script, shim = scripted
+    script.text = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+    cut = len('{"name": "get_weather",')
+    message, reason, streamed = _chat(shim, tool_choice="required", max_tokens=cut)
+    assert (reason, streamed, message.content) == ("length", "length", None)
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
+        ("get_weather", "")
+    ]
+    response = shim.client().responses.create(
+        model="scripted",
+        input="Weather in Rome?",
+        tools=[_flat(WEATHER)],
+        tool_choice="required",
+        max_output_tokens=cut,
+    )
+    assert [(item.type, item.status) for item in response.output] == [
+        ("function_call", "incomplete")
+    ]
