@@ -75,11 +75,12 @@ class AsyncSession(SessionBase):
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
-        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). Closing the iterator
-        (or cancelling its task) before Done cancels the call at once; the session then
-        holds what the caller received (the append, once any event came, and the tokens
-        that came): its next call waits for the server to wind the call down, then
-        rewinds what the server committed beyond that. ``sync()`` keeps it instead.
+        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). Closing
+        the iterator (or cancelling its task) before Done cancels the call at once; the
+        session then holds what the caller received (the append, once any event came,
+        and the tokens that came): its next call waits for the server to wind the call
+        down, then rewinds what the server committed beyond that. ``sync()`` keeps it
+        instead.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
         stream = self._stream(tokens, truncate_to, checked, timeout)

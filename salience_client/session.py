@@ -69,12 +69,12 @@ class Session(SessionBase):
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
-        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). The call starts at
-        the first ``next()``. Leaving the iterator before Done cancels the call; the
-        session then holds what the caller received (the append, once any event came,
-        and the tokens that came): its next call waits for the server to wind the call
-        down, then rewinds what the server committed beyond that. ``sync()`` keeps it
-        instead.
+        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). The call
+        starts at the first ``next()``. Leaving the iterator before Done cancels the
+        call; the session then holds what the caller received (the append, once any
+        event came, and the tokens that came): its next call waits for the server to
+        wind the call down, then rewinds what the server committed beyond that.
+        ``sync()`` keeps it instead.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
         stream = self._stream(tokens, truncate_to, checked, timeout)
