@@ -112,8 +112,18 @@ class SessionBase:
         return self._manifest
 
     def _offset(self, truncate_to: int | None) -> tuple[int, bool]:
-        """(offset, truncating) for the next call."""
-        return (self.length, self._abandoned) if truncate_to is None else (truncate_to, True)
+        """(offset, truncating) for the next call. After a call its caller left, a
+        ``truncate_to`` past ``length`` would keep tokens the caller never received (and
+        the history cannot replay): a ValueError, ``sync()`` being the way to keep them."""
+        if truncate_to is None:
+            return self.length, self._abandoned
+        if self._abandoned and truncate_to > self.length:
+            raise ValueError(
+                f"truncate_to {truncate_to} is past the {self.length} positions this session "
+                "holds as its caller received them (a call was left early); sync() takes "
+                "the server's length"
+            )
+        return truncate_to, True
 
     def _opened(self, response: pb.OpenSessionResponse) -> None:
         """Takes what OpenSession answered; a server that ignores the client's choice of

@@ -40,6 +40,8 @@ def test_a_session_left_mid_stream_holds_what_its_caller_received(client: Salien
                 break
         held = [*PROMPT, 1, 2, 3, *seen]
         assert session.length == len(held) == session.history.length
+        with pytest.raises(ValueError, match="sync"):  # past what the caller received
+            session.rewind(len(held) + 1)
         child = session.fork()
         assert session.info().length > len(held) and child.length == len(held)
         for handle in (session, child):
