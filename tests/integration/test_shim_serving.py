@@ -73,7 +73,10 @@ def test_salience_server_http_port_serves_both(tiny_llama_dir: Path, tmp_path: P
             time.sleep(0.05)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(
-            model=tiny_llama_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+            model=tiny_llama_dir.name,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            extra_body={"ignore_eos": True},  # sampled: an EOS drawn early ended it at 2
         )
         assert reply.usage.completion_tokens == 3
         # The server's own metrics are on the shim's port.
