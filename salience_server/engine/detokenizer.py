@@ -21,26 +21,27 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text it completes (may be empty)."""
         self._ids.append(token_id)
-        decode = self._tokenizer.decode
-        prefix = decode(
-            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
-        )
-        text = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
-        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+        delta = self._unread()
+        if not delta or delta.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return text[len(prefix) :]
+        return delta
 
     def flush(self) -> str:
         """The text held back, at the end of the stream: an incomplete character as the
         full decode shows it (U+FFFD), so that the deltas join to the decoded text."""
+        delta = self._unread()
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return delta
+
+    def _unread(self) -> str:
+        """The text of the tokens not yet read, rendered after their context."""
         decode = self._tokenizer.decode
         prefix = decode(
             self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
         )
         text = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
-        self._prefix_offset = self._read_offset = len(self._ids)
         return text[len(prefix) :]
 
 
