@@ -277,3 +277,17 @@ def rendered_chat(prompt: list[int]) -> dict[str, Any]:
 def messages_json(prompt: list[int]) -> list[dict[str, Any]]:
     """The chat messages a scripted prompt was rendered from."""
     return list(rendered_chat(prompt)["messages"])
+
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+}
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS},
+}
+"""A Chat Completions tool with one required argument."""
+TIME = {"type": "function", "function": {"name": "get_time"}}
+"""A Chat Completions tool without parameters."""

@@ -7,20 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from salience_client.pb import salience_pb2 as pb
-from tests.shim_support import RunningShim, Script
+from tests.shim_support import WEATHER, RunningShim, Script
 
 HELLO = [{"role": "user", "content": "Weather in Rome?"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 CUT_CALL = '{"name": "get_weather", "arguments": {"city": "Ro'
 
 

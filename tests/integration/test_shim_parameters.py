@@ -16,19 +16,9 @@ import pydantic
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.shim_support import RunningShim, Script, rendered_chat
+from tests.shim_support import TIME, WEATHER, WEATHER_PARAMETERS, RunningShim, Script, rendered_chat
 
 HELLO = [{"role": "user", "content": "Hello"}]
-WEATHER_PARAMETERS = {
-    "type": "object",
-    "properties": {"city": {"type": "string"}},
-    "required": ["city"],
-}
-WEATHER = {
-    "type": "function",
-    "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS},
-}
-TIME = {"type": "function", "function": {"name": "get_time"}}
 
 
 def _last(script: Script) -> pb.GenerateRequest:

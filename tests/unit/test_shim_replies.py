@@ -25,20 +25,9 @@ from salience_server.http.tool_parser import (
     ToolCallParser,
 )
 from salience_server.http.tools import LLAMA3_JSON, chat_tools, tool_format, tool_mode
+from tests.shim_support import TIME, WEATHER
 
 NAMES = {"get_weather", "get_time"}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
-TIME = {"type": "function", "function": {"name": "get_time"}}
 
 
 def _parse(pieces: list[str], **options: Any) -> tuple[list[ParsedEvent], ToolCallParser]:
