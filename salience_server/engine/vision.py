@@ -2,7 +2,7 @@
 
 Checks happen before decoding: the bytes' size, the format in the header against
 the mime type, and the pixel count from the header (a decompression bomb is refused
-before it is decoded). GIFs give their first frame.
+before it is decoded). GIFs give their first frame; transparency is laid over white.
 """
 
 from __future__ import annotations
@@ -75,9 +75,18 @@ def decode_image(data: bytes, mime_type: str, limits: ImageLimits) -> Image.Imag
     try:
         image.seek(0)  # a GIF's first frame
         image.load()
-        return image.convert("RGB")
+        return as_rgb(image)
     except Exception as error:
         raise invalid("BAD_IMAGE", f"the image could not be decoded: {error}") from error
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in RGB, its transparent pixels laid over white, as the transformers image
+    processors read it (a plain conversion drops the alpha: transparent reads black)."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
 class VisionEncoder:

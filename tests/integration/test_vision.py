@@ -141,6 +141,26 @@ def test_text_image_text_equals_one_forward_pass_then_greedy_equals_generate(vis
     assert [t.id for t in tokens] == want
 
 
+def test_a_transparent_image_is_read_as_the_image_processor_reads_it(vision) -> None:
+    """Transparent pixels lie over white, as the transformers processor lays them (a
+    plain RGB conversion read them black)."""
+    rgb = np.asarray(make_image(5, (56, 56)))
+    alpha = np.random.default_rng(6).integers(0, 256, (56, 56, 1), dtype=np.uint8)
+    image = Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA")
+    text = [60, 70, 80]
+    session_id = open_session(vision.stub)
+    length, events = append_pieces(vision, session_id, [[10, 20], image, text], logprobs_from=1)
+    inputs = reference_inputs(vision, [[10, 20], image, text])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(vision.extra["reference"](**inputs).logits[0].float(), -1)
+    ids = inputs["input_ids"][0]
+    after = [e for e in events if e.position >= length - len(text)]
+    assert len(after) == len(text)
+    for event in after:
+        want = logprobs[event.position - 1, ids[event.position]].item()
+        assert abs(event.sampled_logprob - want) < TOLERANCE
+
+
 def test_two_images_and_rewinding_before_the_second(vision) -> None:
     first, second, other = make_image(2), make_image(3, (70, 70)), make_image(4, (100, 50))
     stub = vision.stub
