@@ -150,6 +150,8 @@ class Generation:
         self.n = n
         self.cached_tokens = 0
         """Prompt tokens whose KV the server already held (set once the prompt is in)."""
+        self._reused: int | None = None
+        """What the server held of the prompt before its images went in, once they did."""
 
     async def events(self) -> AsyncGenerator[GenerationEvent, None]:
         """Every event of every choice, in arrival order."""
@@ -198,8 +200,9 @@ class Generation:
             marker = ids[image_at]
             image = self.images[marker]
             # A refused image raises SalienceClientError: the endpoint names its field.
-            async for _ in session.generate(text, truncate_to=truncate_to, max_tokens=0):
-                pass
+            async for event in session.generate(text, truncate_to=truncate_to, max_tokens=0):
+                if isinstance(event, Done) and self._reused is None:
+                    self._reused = event.cached_tokens
             count = await session.append_image(image.data, image.mime_type)
             self.image_token_counts[marker] = count
             done_ids += text + [marker] * count
@@ -229,6 +232,8 @@ class Generation:
                         is_started = True
                         if isinstance(event, ChoiceDone):
                             self.cached_tokens = event.done.cached_tokens
+                            if self._reused is not None:  # the rest was put in just now
+                                self.cached_tokens = self._reused
                             if is_prefill:
                                 yield lease
                                 return

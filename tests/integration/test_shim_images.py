@@ -98,6 +98,28 @@ def test_a_chat_with_a_data_url_image_answers_like_the_grpc_path(
     assert second.usage.prompt_tokens_details.cached_tokens >= reply.usage.prompt_tokens
 
 
+def test_cached_tokens_count_only_what_was_held_before_the_request(vision_server: Any) -> None:
+    """The image and the text before it go in with calls of their own: the last call's
+    Done counts them as cached, which this request put in itself."""
+    fresh = start_shim(vision_server.target)  # an empty pool: nothing is held for it
+    try:
+        client = fresh.client()
+        model = client.models.list().data[0].id
+        first = client.chat.completions.create(
+            model=model, messages=_messages(), max_tokens=2, temperature=0
+        )
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        again = client.responses.create(
+            model=model, input=_responses_input(), max_output_tokens=2, temperature=0
+        )
+        assert again.usage.input_tokens == first.usage.prompt_tokens
+        # The same prompt: all of it but its last token is held (that one is decoded from).
+        cached = again.usage.input_tokens_details.cached_tokens
+        assert cached == again.usage.input_tokens - 1
+    finally:
+        fresh.stop()
+
+
 def test_streaming_and_responses_take_images_too(shim: RunningShim, vision_server: Any) -> None:
     want_text, _ = _grpc_answer(vision_server.target, 6)
     client = shim.client()
