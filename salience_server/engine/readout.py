@@ -56,12 +56,16 @@ def load_readout(path: str | Path, num_layers: int, hidden_size: int) -> Readout
                 raise ValueError(
                     f"readout file {path}: layer {layer} is past the model's {num_layers} layers"
                 )
+            if layer in by_layer:
+                raise ValueError(f"readout file {path}: layer {layer} has two tensors")
             tensor = handle.get_tensor(name)
             if tuple(tensor.shape) != (len(concepts), hidden_size):
                 raise ValueError(
                     f"readout file {path}: {name} has shape {tuple(tensor.shape)}, expected "
                     f"[{len(concepts)} concepts, hidden size {hidden_size}]"
                 )
+            if not torch.isfinite(tensor.float()).all():
+                raise ValueError(f"readout file {path}: {name} is not all finite numbers")
             by_layer[layer] = tensor
     if not by_layer:
         raise ValueError(f"readout file {path} holds no layers.<index> tensors")

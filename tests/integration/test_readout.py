@@ -152,6 +152,25 @@ def test_bad_readout_files_fail_at_start_naming_the_problem(
     assert message in stderr
 
 
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"layers.0": torch.full((3, HIDDEN), float("nan"))}, "layers.0 is not all finite"),
+        (
+            {"layers.1": torch.ones(3, HIDDEN).index_fill(1, torch.tensor([5]), float("inf"))},
+            "finite",
+        ),
+        ({"layers.1": torch.ones(3, HIDDEN), "layers.01": torch.ones(3, HIDDEN)}, "two tensors"),
+    ],
+)
+def test_readout_files_with_unusable_vectors_are_refused(tmp_path, tensors, message) -> None:
+    """A NaN vector reads NaN at every token; a layer named twice kept one tensor."""
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata={"concepts": json.dumps(CONCEPTS)})
+    with pytest.raises(ValueError, match=message):
+        load_readout(path, num_layers=2, hidden_size=HIDDEN)
+
+
 def test_readout_needs_a_configured_file(llama_server) -> None:
     session_id = open_session(llama_server.stub)
     with pytest.raises(grpc.RpcError) as caught:
