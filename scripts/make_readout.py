@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+)
 
 from salience_server.engine.loader import resolve_model_path
 
@@ -49,6 +54,14 @@ def last_token_states(model, tokenizer, text: str, layers: list[int]) -> torch.T
     return torch.stack([captured[i] for i in layers]).float()
 
 
+def load_model(path: Path) -> torch.nn.Module:
+    """The model as the server loads it: a vision model (Qwen2-VL) with its language model
+    inside, else a causal LM; float32, for the vectors' precision."""
+    is_vision = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+    auto = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="HF directory or .gguf file (default: the default model)")
@@ -72,7 +85,7 @@ def main() -> None:
     except (OSError, ValueError) as error:
         sys.exit(f"make_readout: {error}")
     path, model_id = resolve_model_path(args.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_model(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     num_layers = model.config.get_text_config().num_hidden_layers
     try:

@@ -12,7 +12,12 @@ import torch
 from safetensors import safe_open
 
 from salience_server.engine.readout import load_readout
-from tests.tiny_models import build_tokenizer, reference_model
+from tests.tiny_models import (
+    build_tiny_vision_model,
+    build_tokenizer,
+    reference_model,
+    reference_vision_model,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,3 +83,21 @@ def test_make_readout_takes_each_layer_once(tmp_path, tiny_llama_dir) -> None:
     assert result.returncode == 0, result.stderr
     assert "at 2 layers" in result.stderr
     assert load_readout(tmp_path / "r.st", num_layers=2, hidden_size=64).layers == [0, 1]
+
+
+def test_make_readout_takes_a_vision_model(tmp_path) -> None:
+    """The server reads out Qwen2-VL's language model; the script refused the model
+    (AutoModelForCausalLM does not take a Qwen2-VL configuration)."""
+    model_dir = build_tiny_vision_model(tmp_path / "vl", "qwen2_vl")
+    result = _make_readout(tmp_path, model_dir, {"c": [["ABC", "abc"]]}, "--layers", "0")
+    assert result.returncode == 0, result.stderr
+    readout = load_readout(tmp_path / "r.st", num_layers=2, hidden_size=64)
+    model, tokenizer = reference_vision_model(model_dir), build_tokenizer()
+    with torch.no_grad():
+        states = [
+            model(torch.tensor([tokenizer.encode(t)]), output_hidden_states=True).hidden_states[1][
+                0, -1
+            ]
+            for t in ("ABC", "abc")
+        ]
+    assert torch.allclose(readout.vectors[0, 0], states[0] - states[1], atol=1e-5)
