@@ -17,6 +17,11 @@ class IncrementalDetokenizer:
         self._ids = list(context_ids[-_NUM_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        # A character the context ends inside (an earlier call stopped there, or a
+        # stream broke there) comes whole with the token that completes it: read as
+        # context, its U+FFFD would stand for it and the character would be lost.
+        while self._read_offset and self._decode(self._read_offset).endswith("\ufffd"):
+            self._read_offset -= 1
 
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text it completes (may be empty)."""
@@ -37,12 +42,13 @@ class IncrementalDetokenizer:
 
     def _unread(self) -> str:
         """The text of the tokens not yet read, rendered after their context."""
-        decode = self._tokenizer.decode
-        prefix = decode(
-            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
+        prefix = self._decode(self._read_offset)
+        return self._decode(len(self._ids))[len(prefix) :]
+
+    def _decode(self, end: int) -> str:
+        return str(
+            self._tokenizer.decode(self._ids[self._prefix_offset : end], skip_special_tokens=True)
         )
-        text = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
-        return text[len(prefix) :]
 
 
 class StopStringMatcher:

@@ -228,3 +228,22 @@ def test_streamed_text_joins_to_the_decoded_tokens(llama_server, stops) -> None:
         ids = [t.id for t in tokens]
         decoded = stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text
         assert "".join(t.text for t in tokens) == decoded, (seed, ids)
+
+
+def test_a_character_cut_by_a_calls_end_comes_whole_in_the_next_call(llama_server) -> None:
+    """A session decoded in two calls, the first ending inside a multibyte character:
+    the second call's texts begin with that character whole (its completing token gave
+    no text, U+FFFD in the context standing for it: the character was lost)."""
+    stub = llama_server.stub
+    num_cut = 0
+    for seed in range(16):
+        session_id = open_session(stub)
+        options = dict(temperature=1.0, seed=seed, ignore_eos=True, return_text=True)
+        first, done = generate(stub, session_id, append_tokens=[5, 6, 7], max_tokens=4, **options)
+        second, _ = generate(stub, session_id, offset=done.total_tokens, max_tokens=4, **options)
+        ids = [5, 6, 7] + [t.id for t in first]
+        before = stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text
+        num_cut += before.endswith("\ufffd")
+        whole = stub.Detokenize(pb.DetokenizeRequest(token_ids=ids + [t.id for t in second])).text
+        assert "".join(t.text for t in second) == whole[len(before.rstrip("\ufffd")) :], seed
+    assert num_cut  # some first calls did end inside a character

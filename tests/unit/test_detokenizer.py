@@ -31,6 +31,21 @@ def test_a_character_the_stream_ends_inside_is_flushed_as_decoded() -> None:
         assert detokenizer.flush() == ""
 
 
+def test_a_character_the_context_ends_inside_comes_with_the_token_completing_it() -> None:
+    """A call continuing a session (or a resumed stream) cut inside a character: the
+    context's U+FFFD stood for the character, whose completing token then gave no text
+    (the character was lost)."""
+    tokenizer = build_tokenizer()
+    text = "ab🙂cé"
+    ids = tokenizer.encode(text)
+    for cut in range(1, len(ids)):
+        before = tokenizer.decode(ids[:cut]).rstrip("\ufffd")
+        detokenizer = IncrementalDetokenizer(tokenizer, ids[:cut])
+        deltas = [detokenizer.push(i) for i in ids[cut:]]
+        assert "".join(deltas) == text[len(before) :], cut
+        assert all("\ufffd" not in d for d in deltas)
+
+
 @pytest.mark.parametrize(
     ("pieces", "stops", "released", "matched"),
     [
