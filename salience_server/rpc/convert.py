@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from salience_client.pb import salience_pb2 as pb
 from salience_server.engine.constraints import ConstraintSpec
+from salience_server.engine.errors import invalid
 from salience_server.engine.request import (
     DoneEvent,
     FinishReason,
@@ -60,13 +61,21 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
 
 
 def constraint_spec(request: pb.GenerateRequest) -> ConstraintSpec | None:
-    """The request's constraint, if it has one (compiled by the engine, off the loop)."""
+    """The request's constraint, if it has one (compiled by the engine, off the loop);
+    INVALID_CONSTRAINT for one that asks for nothing (a client's mistake, which
+    decoding unconstrained would hide)."""
     if not request.HasField("constraint"):
         return None
     kind = request.constraint.WhichOneof("kind")
     if kind is None:
-        return None
+        raise invalid(
+            "INVALID_CONSTRAINT",
+            "the constraint sets none of json_schema, json_object, regex, ebnf "
+            "(leave it unset for none)",
+        )
     value = getattr(request.constraint, kind)
+    if value is False:
+        raise invalid("INVALID_CONSTRAINT", "json_object must be true (leave it unset for none)")
     return ConstraintSpec(kind, value if isinstance(value, str) else "")
 
 

@@ -60,13 +60,13 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Appends, optionally decodes; streams Token events then one Done."""
         engine = await self._engine(context)
         params = convert.generate_params(request)
-        spec = convert.constraint_spec(request)
-        if spec is not None:
-            try:
+        try:
+            spec = convert.constraint_spec(request)
+            if spec is not None:
                 compiled = await asyncio.to_thread(engine.compile_constraint, spec)
-            except SalienceError as error:
-                await abort(context, error)
-            params = dataclasses.replace(params, constraint=compiled)
+                params = dataclasses.replace(params, constraint=compiled)
+        except SalienceError as error:
+            await abort(context, error)
         # Text with stop strings comes from the engine (it must see them to stop); other
         # text is detokenized here, off the engine thread.
         detokenizer: IncrementalDetokenizer | None = None

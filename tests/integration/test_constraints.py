@@ -62,7 +62,17 @@ def test_json_schema_output_validates_and_logprobs_stay_raw(llama_server, tiny_l
         )
 
 
-def test_a_constraint_that_does_not_compile_changes_nothing(llama_server) -> None:
+@pytest.mark.parametrize(
+    ("constraint", "says"),
+    [
+        (pb.Constraint(json_schema='{"type": "nonsense"}'), "nonsense"),
+        # Asking for nothing decoded unconstrained, hiding the client's mistake.
+        (pb.Constraint(), "sets none of"),
+        (pb.Constraint(json_object=False), "must be true"),
+    ],
+    ids=["not-compiling", "empty", "json-object-false"],
+)
+def test_a_constraint_that_does_not_compile_changes_nothing(llama_server, constraint, says) -> None:
     session_id = open_session(llama_server.stub)
     generate(llama_server.stub, session_id, append_tokens=[1, 2, 3])
     with pytest.raises(grpc.RpcError) as caught:
@@ -72,11 +82,11 @@ def test_a_constraint_that_does_not_compile_changes_nothing(llama_server) -> Non
             offset=3,
             append_tokens=[4],
             max_tokens=3,
-            constraint=pb.Constraint(json_schema='{"type": "nonsense"}'),
+            constraint=constraint,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == "INVALID_CONSTRAINT"
-    assert "nonsense" in caught.value.details()
+    assert says in caught.value.details()
     info = llama_server.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
     assert info.length == 3
 
