@@ -156,12 +156,16 @@ class Generation:
     async def events(self) -> AsyncGenerator[GenerationEvent, None]:
         """Every event of every choice, in arrival order."""
         lease = await self._pool.acquire(self.prompt_ids, reuse=not self.options.score_prompt)
-        if any(token_id < 0 for token_id in self.prompt_ids[lease.shared :]):
-            try:
-                await self._put_images(lease)
-            except BaseException:
+        try:
+            await self._put_images(lease)
+        except SalienceClientError as error:
+            if not is_lost(error, lease):
                 self._pool.discard(lease)
                 raise
+            lease = await self._fresh_lease(lease)
+        except BaseException:
+            self._pool.discard(lease)
+            raise
         max_tokens = self.options.max_tokens if self.n == 1 else 0
         async with contextlib.aclosing(self._first_call(lease, max_tokens)) as first:
             async for event in first:
@@ -183,12 +187,27 @@ class Generation:
             async for event in merged:
                 yield event
 
+    async def _fresh_lease(self, lost: Lease) -> Lease:
+        """A fresh session holding the prompt's images in place of ``lost``, which the
+        server no longer knows (its TTL passed while it was pooled)."""
+        self._pool.discard(lost)
+        lease = await self._pool.acquire(self.prompt_ids, reuse=False)
+        self._reused = None
+        try:
+            await self._put_images(lease)
+        except BaseException:
+            self._pool.discard(lease)
+            raise
+        return lease
+
     async def _put_images(self, lease: Lease) -> None:
-        """Appends the prompt up to its last image to ``lease``'s session: text with
-        Generate (prefill only), each image with AppendImage; the rest of the prompt
-        is left to the decoding call."""
+        """Appends the prompt up to its last image to ``lease``'s session (none past what
+        it holds: nothing to do): text with Generate (prefill only), each image with
+        AppendImage; the rest of the prompt is left to the decoding call."""
         ids, session = self.prompt_ids, lease.session
         start = lease.shared
+        if all(token_id >= 0 for token_id in ids[start:]):
+            return
         while 0 < start < len(ids) and ids[start] < 0 and ids[start - 1] == ids[start]:
             start -= 1  # never resume inside an image's run
         done_ids, index, truncate_to = list(ids[:start]), start, start
@@ -240,10 +259,9 @@ class Generation:
                         yield event
                 return
             except SalienceClientError as error:
-                if not (retry and not is_started and error.code == grpc.StatusCode.NOT_FOUND):
+                if not (retry and not is_started and is_lost(error, lease)):
                     raise
-                self._pool.discard(lease)
-                lease, retry = await self._pool.acquire(self.prompt_ids, reuse=False), False
+                lease, retry = await self._fresh_lease(lease), False
 
     async def _call(
         self,
@@ -315,6 +333,12 @@ class Generation:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+def is_lost(error: SalienceClientError, lease: Lease) -> bool:
+    """The server no longer knows ``lease``'s pooled session (a fresh one is worth a
+    try); replay off, the client does not re-create it itself."""
+    return lease.shared > 0 and error.code == grpc.StatusCode.NOT_FOUND
 
 
 def reply_limit(max_context: int, num_prompt_tokens: int, asked: int | None) -> int:

@@ -120,6 +120,44 @@ def test_cached_tokens_count_only_what_was_held_before_the_request(vision_server
         fresh.stop()
 
 
+def _close_every_session(target: str) -> None:
+    with SalienceClient(target) as client:
+        for info in client.list_sessions():
+            client.session(info.session_id).close()
+
+
+def test_a_pooled_session_the_server_lost_is_made_again_with_its_images(
+    vision_server: Any,
+) -> None:
+    """Replay off, a pooled session gone from the server (its TTL passed) is replaced by
+    a fresh one: a prompt whose images it held was sent with the images' markers as
+    token ids (a 500), one adding an image failed NOT_FOUND."""
+    shim = start_shim(vision_server.target, replay=False)
+    try:
+        client = shim.client()
+        model = client.models.list().data[0].id
+        first = client.chat.completions.create(
+            model=model, messages=_messages(), max_tokens=3, temperature=0
+        )
+        longer = _messages() + [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            *_messages(),  # another image, past what the pooled session holds
+        ]
+        for messages in (_messages(), longer):
+            want = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=3, temperature=0
+            )
+            _close_every_session(vision_server.target)
+            reply = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=3, temperature=0
+            )
+            assert reply.choices[0].message.content == want.choices[0].message.content
+            assert reply.usage.prompt_tokens == want.usage.prompt_tokens
+            assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        shim.stop()
+
+
 def test_streaming_and_responses_take_images_too(shim: RunningShim, vision_server: Any) -> None:
     want_text, _ = _grpc_answer(vision_server.target, 6)
     client = shim.client()
