@@ -226,6 +226,9 @@ class StreamProgress:
         self.decoded_ids: list[int] = []
         self.next_position = 0
         """Positions below this have delivered their events."""
+        self.is_replayed = False
+        """The session was re-created during the call: what the server then held of the
+        prompt, the replay had just put in."""
         self.is_break_counted = False
         """The current break was counted (its resuming calls may fail again and again
         while no replica answers: one break, one resume); an event starts afresh."""
@@ -307,24 +310,32 @@ class StreamProgress:
         return not self.request.ignore_eos and is_min_met and last in eos_token_ids
 
     def merged_done(self, done: Done, finish_reason: str) -> Done:
-        """The Done the caller sees: the whole call's counts, whatever resumed it."""
-        if not self.is_resumed:
-            return done
-        base = self.base_length
-        return dataclasses.replace(
-            done,
-            prompt_tokens=base,
-            completion_tokens=len(self.decoded_ids),
-            finish_reason=finish_reason or done.finish_reason,
-            cached_tokens=min(done.cached_tokens, base),
-        )
+        """The Done the caller sees: the whole call's counts, whatever resumed it. After
+        a replay nothing of the prompt was cached: the positions before the call's
+        offset were recomputed."""
+        if self.is_resumed:
+            base = self.base_length
+            done = dataclasses.replace(
+                done,
+                prompt_tokens=base,
+                completion_tokens=len(self.decoded_ids),
+                finish_reason=finish_reason or done.finish_reason,
+                cached_tokens=min(done.cached_tokens, base),
+            )
+        if self.is_replayed:
+            replayed = min(done.cached_tokens, self.request.offset)
+            done = dataclasses.replace(
+                done, cached_tokens=0, recomputed_tokens=done.recomputed_tokens + replayed
+            )
+        return done
 
 
 def log_replay(
     session_id: str, cause: SalienceClientError, length: int, replica: str | None
 ) -> None:
     log.warning(
-        "session %s was lost (%s); replayed %d positions on replica %s",
+        "session %s was gone from the server (%s: its replica lost, or its TTL passed); "
+        "replayed %d positions on replica %s",
         session_id,
         cause.reason,
         length,

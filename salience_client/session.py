@@ -134,6 +134,7 @@ class Session(SessionBase):
         if not progress.is_resumable:
             raise error
         self._recover(error, attempts, progress.replay_length)
+        progress.is_replayed = attempts.num_replays > 0
         self._resumed(error, progress)
         eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)

@@ -65,6 +65,29 @@ def test_a_lost_session_and_its_fork_replay_to_what_was_never_lost(
             session.close()
 
 
+def test_a_replayed_calls_done_counts_the_replayed_positions_recomputed(
+    llama_server: RunningServer,
+) -> None:
+    """They were counted cached: the server held them when the retried call came, but
+    the replay had just put them in (a shim reported a whole rebuilt history cached)."""
+    with SalienceClient(llama_server.target, timeout=30) as client:
+        dones = []
+        for lose in (False, True):
+            session = client.open_session()
+            session.prefill(random_tokens(9, 0))
+            list(session.generate(random_tokens(5, 1), max_tokens=2))
+            if lose:
+                _lose(llama_server, session.session_id)
+            *_, done = session.generate(random_tokens(4, 2), max_tokens=2)
+            dones.append(done)
+            session.close()
+        kept, replayed = dones
+        assert kept.cached_tokens > 0 and kept.recomputed_tokens == 0
+        assert replayed.cached_tokens == 0
+        assert replayed.recomputed_tokens == 9 + 5 + 2  # the whole session before the call
+        assert replayed.prompt_tokens == kept.prompt_tokens == 20
+
+
 def test_the_async_client_replays_a_lost_session(llama_server: RunningServer) -> None:
     async def scenario() -> None:
         async with AsyncSalienceClient(llama_server.target, timeout=30) as client:
