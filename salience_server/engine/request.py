@@ -206,12 +206,13 @@ class Request:
     def may_speculate(self) -> bool:
         """Whether drafts may be verified for this call: a plain decode, whose token
         distribution does not depend on the tokens drawn before in the step (no
-        penalties, bias, grammar or stop tokens held back by min_tokens)."""
+        penalties, bias, grammar or stop tokens held back by min_tokens: every row of
+        a verification step, the first included, draws from the raw logits)."""
         return (
             not self.params.sampling.shapes_logits
             and self.params.constraint is None
             and not self.params.pooling
-            and self.num_decoded + 1 >= self.params.min_tokens
+            and self.is_stoppable
         )
 
     def room_to_decode(self) -> int:

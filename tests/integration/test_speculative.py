@@ -97,6 +97,27 @@ def test_max_tokens_ends_inside_an_accepted_run(servers, max_tokens) -> None:
     assert got_done.completion_tokens == max_tokens
 
 
+def test_min_tokens_holds_stop_tokens_back_in_a_verification_step(servers) -> None:
+    """The stop token the plain call holds back as token ``min_tokens``: a step verifying
+    drafts from ``min_tokens - 1`` decoded drew that token unbanned and ended the call
+    one token early (here with min_tokens 2 and 5)."""
+    free, _, _, _ = _both(servers, PROMPT, max_tokens=30, ignore_eos=True)
+    num_drafted = 0
+    for min_tokens in (2, 3, 5, 8, 13):
+        want, want_done, got, got_done = _both(
+            servers,
+            PROMPT,
+            max_tokens=30,
+            ignore_eos=True,
+            stop_token_ids=[free[min_tokens - 1].id],
+            min_tokens=min_tokens,
+        )
+        _same(got, want)
+        assert got_done.finish_reason == want_done.finish_reason
+        num_drafted += got_done.drafted_tokens
+    assert num_drafted > 0
+
+
 def test_stop_tokens_and_stop_strings_end_inside_an_accepted_run(servers) -> None:
     free, _, _, _ = _both(servers, PROMPT, max_tokens=30, ignore_eos=True)
     stop = free[9].id  # a token decoded well into the run
