@@ -71,6 +71,7 @@ class Outcomes:
         for chunk in chunks:
             request = chunk.request
             if request.is_cancelled:
+                self._free_draft_blocks(chunk)
                 continue
             error = errors.get(request)
             if error is None:
@@ -84,6 +85,7 @@ class Outcomes:
             if chunk.draft_token_ids and error is None:
                 self._count_speculation(chunk)
             if error is not None:
+                self._free_draft_blocks(chunk)
                 self.fail(request, error)
             elif request.is_finished:
                 self.scheduler.finish(request)
@@ -104,7 +106,14 @@ class Outcomes:
         session.acceptance.record(len(chunk.draft_token_ids), accepted)
         self.metrics.drafted_tokens.inc(len(chunk.draft_token_ids))
         self.metrics.accepted_tokens.inc(accepted)
-        self.session_table.block_manager.truncate(session.block_table, session.length)
+        self._free_draft_blocks(chunk)
+
+    def _free_draft_blocks(self, chunk: ScheduledChunk) -> None:
+        """Gives back the blocks taken for a chunk's drafts past the session's length
+        (also when its request was cancelled or failed in the step)."""
+        if chunk.draft_token_ids:
+            session = chunk.request.session
+            self.session_table.block_manager.truncate(session.block_table, session.length)
 
     def _count_decoded(self, request: Request) -> None:
         now = time.monotonic()

@@ -6,7 +6,9 @@ pressure. The tiny model repeats itself under greedy decoding, so drafts are acc
 from __future__ import annotations
 
 import threading
+import time
 
+import grpc
 import pytest
 
 from salience_client import SalienceClient
@@ -269,3 +271,50 @@ def test_greedy_speculation_is_exact_where_one_row_products_take_plain_weights(
     )
     _same(got, want)
     assert got_done.accepted_tokens > 10
+
+
+def test_a_call_cancelled_in_a_verification_step_frees_its_drafts_blocks(servers) -> None:
+    """A cancel landing while a step verifies drafts: the blocks taken for the drafts'
+    KV stayed with the session (released only by its next verification)."""
+    from salience_client.pb import salience_pb2 as pb
+
+    server = servers[1]
+    engine = server.engine
+    sample = engine.outcomes.sample
+    session_id = open_session(server.stub)
+    stream = server.stub.Generate(
+        pb.GenerateRequest(
+            session_id=session_id, append_tokens=PROMPT, max_tokens=60, ignore_eos=True
+        )
+    )
+
+    cancelled = []
+
+    def cancel_while_verifying(chunks, *args):
+        for chunk in chunks:
+            session = chunk.request.session
+            if len(session.block_table) > -(-session.length // BLOCK_SIZE):  # drafts' own
+                stream.cancel()  # the client goes away mid-step
+                engine.cancel(chunk.request)  # and the server sees it before the commit
+                cancelled.append(chunk.draft_token_ids)
+        return sample(chunks, *args)
+
+    engine.outcomes.sample = cancel_while_verifying
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream)
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+    finally:
+        engine.outcomes.sample = sample
+    deadline = time.monotonic() + 30
+    while (info := _info(server, session_id)).busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not info.busy
+    assert cancelled and cancelled[0]  # in a step verifying drafts
+    assert info.num_blocks == -(-info.length // BLOCK_SIZE)
+
+
+def _info(server, session_id: str):
+    from salience_client.pb import salience_pb2 as pb
+
+    return server.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
