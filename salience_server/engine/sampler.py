@@ -102,37 +102,29 @@ def verify(logits: torch.Tensor, drafts: list[int], draw: Draw) -> list[int]:
     row i predicts the token after draft i (row 0: after the last committed token).
     Returns the tokens emitted: the drafts accepted, then one more.
 
-    Greedy: drafts are accepted while each equals its row's argmax; the first that
-    does not is replaced by the argmax. Sampled (rejection sampling): draft i is
-    accepted with probability p_i(d_i) (min(1, p/q) with q = 1); a rejected draft is
-    replaced by a draw from p_i without d_i, renormalised ((p - q)+); when all are
-    accepted, one more token is drawn from the last row. Each emitted token is then
-    distributed exactly as the model's filtered distribution (the same law as drawing
-    it alone), whatever the drafts."""
-    if draw.params.is_greedy:
-        choices = torch.argmax(logits, dim=-1).tolist()
-        emitted: list[int] = []
-        for row, draft in enumerate(drafts):
-            emitted.append(choices[row])
-            if choices[row] != draft:
-                return emitted
-        return [*emitted, choices[len(drafts)]]
-    params = [draw.params] * logits.shape[0]
-    filtered = filters.filter_logits(logits, params)  # [D + 1, V]
-    probs = torch.softmax(filtered, dim=-1)
-    uniforms = torch.rand(len(drafts), generator=draw.generator, device=logits.device).tolist()
-    accept = probs[torch.arange(len(drafts)), drafts].tolist() if drafts else []
-    for row, draft in enumerate(drafts):
-        if uniforms[row] < accept[row]:
-            continue
-        residual = filtered[row].clone()
-        residual[draft] = -torch.inf  # p without the draft, renormalised by the draw
-        if not bool(torch.isfinite(residual).any()):
-            continue  # the draft held all the mass (rejected only by rounding)
-        token = filters.draw(residual[None], [draw.generator])
-        return [*drafts[:row], int(token[0])]
-    token = filters.draw(filtered[len(drafts)][None], [draw.generator])
-    return [*drafts, int(token[0])]
+    Each row's token is what decoding without drafts would draw there: its argmax
+    (greedy), or the inverse of its filtered distribution's CDF at the next uniform of
+    the request's generator, one uniform per emitted token, as a plain decode spends
+    them. Drafts are accepted while they equal those tokens; the first that does not is
+    replaced by its row's token. Draft i is then accepted with probability p_i(d_i),
+    rejection sampling's min(1, p/q) with q = 1, and each emitted token is distributed
+    as the model's; more, a seeded call emits the tokens it emits without drafts
+    (rounding aside), however much the engine drafted."""
+    is_greedy = draw.params.is_greedy
+    if is_greedy:
+        argmax = torch.argmax(logits, dim=-1).tolist()
+    else:
+        filtered = filters.filter_logits(logits, [draw.params] * logits.shape[0])  # [D + 1, V]
+    emitted: list[int] = []
+    for row in range(len(drafts) + 1):
+        if is_greedy:
+            token = argmax[row]
+        else:  # a uniform spent only for a row emitted
+            token = int(filters.draw(filtered[row : row + 1], [draw.generator])[0])
+        emitted.append(token)
+        if row == len(drafts) or token != drafts[row]:
+            break
+    return emitted
 
 
 def draw_rows(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:

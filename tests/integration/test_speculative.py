@@ -120,6 +120,24 @@ def test_min_tokens_holds_stop_tokens_back_in_a_verification_step(servers) -> No
     assert num_drafted > 0
 
 
+def test_a_seeded_sampled_call_draws_what_it_draws_without_speculation(servers) -> None:
+    """Same seed, same tokens, with drafts verified or not, and whether the prompt came
+    with the decoding call or before it (the drafts, which depend on that, spent the
+    request's random numbers: the tokens changed with them)."""
+    options = dict(max_tokens=40, ignore_eos=True, temperature=0.05, logprobs_ranges=[(0, 0)])
+    num_drafted = 0
+    for seed in range(4):
+        want, _, got, got_done = _both(servers, PROMPT, seed=seed, **options)
+        _same(got, want)
+        num_drafted += got_done.accepted_tokens
+        stub = servers[1].stub
+        split = open_session(stub)
+        generate(stub, split, append_tokens=PROMPT, max_tokens=0)
+        later, _ = generate(stub, split, offset=len(PROMPT), seed=seed, **options)
+        _same(later, want)
+    assert num_drafted > 0
+
+
 def test_stop_tokens_and_stop_strings_end_inside_an_accepted_run(servers) -> None:
     free, _, _, _ = _both(servers, PROMPT, max_tokens=30, ignore_eos=True)
     stop = free[9].id  # a token decoded well into the run

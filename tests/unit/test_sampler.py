@@ -296,6 +296,27 @@ def test_greedy_verification_accepts_drafts_while_they_are_the_argmax() -> None:
     assert sampler.verify(logits, [argmax[0], wrong, 5], draw) == argmax[:2]
 
 
+def test_a_seeded_verification_emits_what_plain_draws_would() -> None:
+    """Row by row, the tokens a seeded request draws without drafts: a draft is kept
+    when it is that token, and the generator spends one uniform per emitted token (a
+    seeded call gave other tokens when the engine drafted)."""
+    logits = _logits(5, seed=13)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    for seed in range(50):
+        plain = sampler.Draw(params, torch.Generator().manual_seed(seed))
+        want = [int(sampler.draw_rows(logits[row : row + 1], [plain])[0]) for row in range(5)]
+        for num_right in range(4):
+            drafts = want[:num_right] + [(want[num_right] + 1) % VOCAB] * (4 - num_right)
+            draw = sampler.Draw(params, torch.Generator().manual_seed(seed))
+            emitted = sampler.verify(logits, drafts, draw)
+            assert emitted == want[: num_right + 1]
+            # The generator goes on as it would have after as many plain draws.
+            rest = sampler.draw_rows(logits[num_right + 1 :], [draw] * (4 - num_right))
+            assert rest.tolist() == want[num_right + 1 :]
+        all_right = sampler.Draw(params, torch.Generator().manual_seed(seed))
+        assert sampler.verify(logits, want[:4], all_right) == want
+
+
 @pytest.mark.parametrize("draft_mass", ["likely", "unlikely"])
 def test_rejection_sampling_keeps_the_models_distribution(draft_mass: str) -> None:
     """Whatever the draft, the first emitted token is distributed as the filtered
