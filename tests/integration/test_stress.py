@@ -251,7 +251,11 @@ class StressMachine(RuleBasedStateMachine):
         offset = data.draw(
             st.sampled_from(model.rewind_points()) | st.just(len(model.token_ids)), label="offset"
         )
-        append = data.draw(st.lists(st.integers(0, 255), max_size=16), label="append")
+        # Or a stretch of the session's own text again, whose continuation n-gram drafts
+        # propose and the tiny model, repeating itself, often accepts.
+        own = [token for token in model.token_ids if token < 256]
+        again = st.integers(0, len(own)).map(lambda start: own[start : start + 16])
+        append = data.draw(st.lists(st.integers(0, 255), max_size=16) | again, label="append")
         append = append[: MAX_CONTEXT - offset]
         prompt_len = offset + len(append)
         max_tokens = data.draw(st.integers(0, min(6, MAX_CONTEXT - prompt_len)), label="max_tokens")
@@ -308,6 +312,7 @@ def stress_server(request, tmp_path_factory) -> RunningServer:
         session_ttl_s=SESSION_TTL_S,
         speculative="ngram" if request.param == "speculative" else "",
         speculative_cost=(0.0, 0.0),
+        prompt_lookup_min=1,  # drafts wherever the last token occurred before: many
     )
     server.extra["reference"] = reference_vision_model(model_dir)
     yield server
