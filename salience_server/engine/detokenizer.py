@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from salience_server.engine.token_bytes import ends_inside_character, pieces_bytes
+
 # Tokens of context decoded before the new ones, so that a leading space or a
 # byte-fallback piece of the first new token renders as it would in the full text.
 _NUM_CONTEXT_TOKENS = 4
@@ -17,11 +19,10 @@ class IncrementalDetokenizer:
         self._ids = list(context_ids[-_NUM_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        # A character the context ends inside (an earlier call stopped there, or a
-        # stream broke there) comes whole with the token that completes it: read as
-        # context, its U+FFFD would stand for it and the character would be lost.
-        while self._read_offset and self._decode(self._read_offset).endswith("\ufffd"):
-            self._read_offset -= 1
+        self._is_context_cut = ends_inside_character(b"".join(pieces_bytes(tokenizer, self._ids)))
+        """The context ends inside a character (an earlier call stopped there, or a stream
+        broke there): its text's last U+FFFD stands for the bytes the next tokens
+        complete, and is not taken as read, so that the character comes whole."""
 
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text it completes (may be empty)."""
@@ -43,6 +44,8 @@ class IncrementalDetokenizer:
     def _unread(self) -> str:
         """The text of the tokens not yet read, rendered after their context."""
         prefix = self._decode(self._read_offset)
+        if self._is_context_cut and self._prefix_offset == 0 and prefix.endswith("\ufffd"):
+            prefix = prefix[:-1]
         return self._decode(len(self._ids))[len(prefix) :]
 
     def _decode(self, end: int) -> str:

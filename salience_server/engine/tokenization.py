@@ -8,13 +8,9 @@ import secrets
 from typing import Any
 
 from salience_server.engine.errors import invalid
+from salience_server.engine.token_bytes import pieces_bytes
 from salience_server.engine.validation import check_token_ids
 from salience_server.text_checks import IMAGE_PLACE, load_json, lone_surrogate_path
-
-_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-"""SentencePiece's byte-fallback pieces: ``<0xE2>`` stands for the byte 0xE2."""
-_METASPACE = "\u2581"
-"""SentencePiece's word-boundary mark, a space in the text."""
 
 
 def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
@@ -152,51 +148,6 @@ def decode(tokenizer: Any, token_ids: list[int], vocab_size: int, skip_special_t
 
 def token_bytes(tokenizer: Any, token_ids: list[int], vocab_size: int) -> list[bytes]:
     """Each token's own bytes, which may be part of a UTF-8 character (so the token's
-    text alone cannot carry them): a byte-level BPE piece maps back to raw bytes through
-    the byte-level alphabet, a SentencePiece byte-fallback piece ``<0xNN>`` is that byte,
-    another SentencePiece piece is its text with ``▁`` as a space, and an added token
-    (special or not) is its text."""
+    text alone cannot carry them; see ``token_bytes.pieces_bytes``)."""
     check_token_ids(token_ids, vocab_size, "token_ids")
-    added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
-    is_byte_level = _has_byte_level_decoder(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(token_ids)
-    result = []
-    for token_id, piece in zip(token_ids, pieces, strict=True):
-        piece = piece or ""
-        fallback = _BYTE_FALLBACK.fullmatch(piece)
-        if token_id in added:
-            result.append(added[token_id].encode())
-        elif fallback is not None:
-            result.append(bytes([int(fallback.group(1), 16)]))
-        elif is_byte_level:
-            alphabet = _byte_level_decoder()
-            result.append(b"".join(_byte_level_char(char, alphabet) for char in piece))
-        else:
-            result.append(piece.replace(_METASPACE, " ").encode())
-    return result
-
-
-def _byte_level_char(char: str, alphabet: dict[str, int]) -> bytes:
-    code = alphabet.get(char)
-    return bytes([code]) if code is not None else char.encode()
-
-
-def _has_byte_level_decoder(tokenizer: Any) -> bool:
-    """Whether the tokenizer decodes through the byte-level alphabet (GPT-2 style)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
-    if decoder is None:
-        return False
-    return b'"ByteLevel"' in decoder.__getstate__()
-
-
-@functools.cache
-def _byte_level_decoder() -> dict[str, int]:
-    """The byte-level alphabet's character -> byte: printable bytes stand for
-    themselves, the others for the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    alphabet = {chr(b): b for b in printable}
-    shifted = [b for b in range(256) if b not in printable]
-    for offset, byte in enumerate(shifted):
-        alphabet[chr(0x100 + offset)] = byte
-    return alphabet
+    return pieces_bytes(tokenizer, token_ids)

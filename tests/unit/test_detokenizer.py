@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from salience_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from tests.tiny_models import build_tokenizer
@@ -44,6 +46,35 @@ def test_a_character_the_context_ends_inside_comes_with_the_token_completing_it(
         deltas = [detokenizer.push(i) for i in ids[cut:]]
         assert "".join(deltas) == text[len(before) :], cut
         assert all("\ufffd" not in d for d in deltas)
+
+
+def _merging_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level with one merge: a space and the first byte of "ä" are one token."""
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["ĠÃ"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "Ã")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_a_cut_character_comes_alone_after_whole_ones_in_its_token() -> None:
+    """The context's last token holds a space and a character's first byte: the next call
+    repeated the space (the whole token was taken as unread)."""
+    tokenizer = _merging_tokenizer()
+    ids = tokenizer.encode("x ä")
+    assert len(ids) == 3  # x, space + first byte, second byte
+    detokenizer = IncrementalDetokenizer(tokenizer, ids[:2])
+    assert detokenizer.push(ids[2]) == "ä"
+
+
+def test_a_context_ending_in_a_real_replacement_character_is_read() -> None:
+    """U+FFFD written in the text (its three bytes whole) is context like any other
+    character: it was sent again with the first token, and matched stop strings."""
+    tokenizer = build_tokenizer()
+    context = tokenizer.encode("The symbol \ufffd")
+    detokenizer = IncrementalDetokenizer(tokenizer, context)
+    assert [detokenizer.push(i) for i in tokenizer.encode(" ok")] == [" ", "o", "k"]
 
 
 @pytest.mark.parametrize(
