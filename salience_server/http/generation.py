@@ -159,7 +159,7 @@ class Generation:
         try:
             await self._put_images(lease)
         except SalienceClientError as error:
-            if not is_lost(error, lease):
+            if not is_lost(error):
                 self._pool.discard(lease)
                 raise
             lease = await self._fresh_lease(lease)
@@ -240,7 +240,7 @@ class Generation:
         fresh session if the server lost the pooled one. With ``max_tokens`` 0 (the
         prefill of n > 1 choices) it ends by yielding the lease, still lent, instead of a
         ChoiceDone."""
-        retry = lease.shared > 0
+        retry = True
         is_prefill = self.n > 1
         while True:
             is_started = False
@@ -259,7 +259,7 @@ class Generation:
                         yield event
                 return
             except SalienceClientError as error:
-                if not (retry and not is_started and is_lost(error, lease)):
+                if not (retry and not is_started and is_lost(error)):
                     raise
                 lease, retry = await self._fresh_lease(lease), False
 
@@ -335,10 +335,11 @@ class Generation:
                 task.cancel()
 
 
-def is_lost(error: SalienceClientError, lease: Lease) -> bool:
-    """The server no longer knows ``lease``'s pooled session (a fresh one is worth a
-    try); replay off, the client does not re-create it itself."""
-    return lease.shared > 0 and error.code == grpc.StatusCode.NOT_FOUND
+def is_lost(error: SalienceClientError) -> bool:
+    """The server no longer knows the lent session, a pooled one (its TTL passed), whether
+    it shares the prompt or was lent to be rewound: a fresh one is worth a try. (With
+    replay on, the client re-creates such a session itself when it can.)"""
+    return error.code == grpc.StatusCode.NOT_FOUND
 
 
 def reply_limit(max_context: int, num_prompt_tokens: int, asked: int | None) -> int:

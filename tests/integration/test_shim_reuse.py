@@ -143,6 +143,28 @@ def test_the_pool_stays_bounded(llama_server: Any) -> None:
     _run(llama_server.target, test, max_sessions=2)
 
 
+def test_a_lost_session_lent_to_be_rewound_is_replaced(llama_server: Any) -> None:
+    """Replay off and the pool full, a prompt sharing nothing is lent the least recent
+    session to rewind; gone from the server (its TTL passed), the request failed 404."""
+
+    async def main() -> None:
+        async with AsyncSalienceClient(llama_server.target, timeout=30, replay=False) as client:
+            pool = SessionPool(client, max_sessions=1)
+            try:
+                await collect(Generation(pool, PROMPT, GREEDY))
+                want = await collect(Generation(SessionPool(client, 1), [1, 2, 3], GREEDY))
+                for info in await client.list_sessions():
+                    await (await client.session(info.session_id)).close()
+                got = await collect(Generation(pool, [1, 2, 3], GREEDY))
+                assert [t.token_id for t in got.choices[0].tokens] == [
+                    t.token_id for t in want.choices[0].tokens
+                ]
+            finally:
+                await pool.close()
+
+    asyncio.run(main())
+
+
 def test_n_choices_share_one_prefill(llama_server: Any) -> None:
     async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
         options = DecodeOptions(max_tokens=5, temperature=1.0, seed=3)
