@@ -31,6 +31,7 @@ from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
+from salience_client.session_base import refuse_calls
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 
 __all__ = ["AsyncSalienceClient", "AsyncSession"]
@@ -71,7 +72,9 @@ class AsyncSalienceClient:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel; sessions opened through it can no longer be used."""
+        """Closes the channel; sessions opened through it can no longer be used (as in
+        ``SalienceClient.close``)."""
+        refuse_calls(self._stub)
         await self._channel.close()
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:

@@ -16,6 +16,7 @@ from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session import Session, call_unary
+from salience_client.session_base import refuse_calls
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -112,7 +113,9 @@ class SalienceClient:
         self.close()
 
     def close(self) -> None:
-        """Closes the channel; sessions opened through it can no longer be used."""
+        """Closes the channel; sessions opened through it can no longer be used (their
+        calls raise ``CLIENT_CLOSED``; closing them is a no-op)."""
+        refuse_calls(self._stub)
         self._channel.close()
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:

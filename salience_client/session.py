@@ -27,7 +27,7 @@ from salience_client.generation import (
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import SETTLE_WAIT_S, SessionBase
+from salience_client.session_base import CLIENT_CLOSED, SETTLE_WAIT_S, SessionBase
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 _Response = TypeVar("_Response")
@@ -261,7 +261,8 @@ class Session(SessionBase):
         try:
             self._unary(self._stub.CloseSession, request)
         except SalienceClientError as error:
-            if error.code != grpc.StatusCode.NOT_FOUND:
+            # Gone already, or its client closed (the server's TTL frees it then).
+            if error.code != grpc.StatusCode.NOT_FOUND and error.reason != CLIENT_CLOSED:
                 raise
 
     def _open(self) -> None:

@@ -36,6 +36,30 @@ SETTLE_WAIT_S = 30.0
 the server's next step, which a long prefill on a slow device may take seconds to reach)."""
 
 
+CLIENT_CLOSED = "CLIENT_CLOSED"
+
+
+def refuse_calls(stub: Any) -> None:
+    """After its client closed: every RPC of ``stub``, which the client's sessions share,
+    raises FAILED_PRECONDITION ``CLIENT_CLOSED`` (grpc's own error, a ValueError or an
+    aio UsageError, escaped code that catches SalienceClientError)."""
+    for method in pb.DESCRIPTOR.services_by_name["Salience"].methods:
+        setattr(stub, method.name, _ClosedMethod())
+
+
+class _ClosedMethod:
+    """An RPC of a closed client: called plainly or ``with_call``, it raises."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise SalienceClientError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            CLIENT_CLOSED,
+            "the client was closed: its sessions can no longer be used",
+        )
+
+    with_call = __call__
+
+
 @dataclass(frozen=True)
 class Recovery:
     """What to do before retrying a failed call."""

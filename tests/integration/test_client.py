@@ -205,6 +205,38 @@ def test_opening_a_session_where_no_server_ever_answered_fails_at_once(is_async:
     assert time.monotonic() - start < 2
 
 
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "asyncio"])
+def test_a_session_of_a_closed_client_says_so(server_target: str, is_async: bool) -> None:
+    """Its calls raised grpc's own ValueError (UsageError in asyncio), which code
+    catching SalienceClientError missed; closing it (a ``with`` block's exit) raised too."""
+
+    async def scenario() -> list[SalienceClientError]:
+        errors = []
+        async with AsyncSalienceClient(server_target, timeout=30) as client:
+            session = await client.open_session()
+        for call in (lambda: session.prefill([1, 2]), session.info, client.model_info):
+            with pytest.raises(SalienceClientError) as caught:
+                await call()
+            errors.append(caught.value)
+        await session.close()  # nothing to do: the server's TTL frees it
+        return errors
+
+    if is_async:
+        errors = asyncio.run(scenario())
+    else:
+        with SalienceClient(server_target, timeout=30) as client:
+            session = client.open_session()
+        errors = []
+        for call in (lambda: session.prefill([1, 2]), session.info, client.model_info):
+            with pytest.raises(SalienceClientError) as caught:
+                call()
+            errors.append(caught.value)
+        session.close()
+    for error in errors:
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.reason == "CLIENT_CLOSED"
+
+
 async def _open_async(target: str) -> None:
     async with AsyncSalienceClient(target) as client:
         await client.open_session()
