@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from salience_server.engine.token_bytes import ends_inside_character, pieces_bytes
@@ -19,10 +20,6 @@ class IncrementalDetokenizer:
         self._ids = list(context_ids[-_NUM_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self._is_context_cut = ends_inside_character(b"".join(pieces_bytes(tokenizer, self._ids)))
-        """The context ends inside a character (an earlier call stopped there, or a stream
-        broke there): its text's last U+FFFD stands for the bytes the next tokens
-        complete, and is not taken as read, so that the character comes whole."""
 
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text it completes (may be empty)."""
@@ -44,9 +41,18 @@ class IncrementalDetokenizer:
     def _unread(self) -> str:
         """The text of the tokens not yet read, rendered after their context."""
         prefix = self._decode(self._read_offset)
-        if self._is_context_cut and self._prefix_offset == 0 and prefix.endswith("\ufffd"):
+        if self._prefix_offset == 0 and prefix.endswith("\ufffd") and self._is_context_cut:
             prefix = prefix[:-1]
         return self._decode(len(self._ids))[len(prefix) :]
+
+    @functools.cached_property
+    def _is_context_cut(self) -> bool:
+        """The context ends inside a character (an earlier call stopped there, or a stream
+        broke there): its text's last U+FFFD stands for the bytes the next tokens
+        complete, and is not taken as read, so that the character comes whole. (Read
+        from the bytes only when the text ends in U+FFFD, which may also be written.)"""
+        context = self._ids[: self._read_offset]  # asked while nothing else was read
+        return ends_inside_character(b"".join(pieces_bytes(self._tokenizer, context)))
 
     def _decode(self, end: int) -> str:
         return str(

@@ -45,17 +45,23 @@ def test_make_readout_writes_mean_differences(tmp_path, tiny_llama_dir) -> None:
     readout = load_readout(out, num_layers=2, hidden_size=64)
     assert readout.concepts == ["upper", "digits"] and readout.layers == [0, 1]
     # The "digits" vector at layer 0, recomputed from output_hidden_states[1].
-    model, tokenizer = reference_model(tiny_llama_dir), build_tokenizer()
-    with torch.no_grad():
-        states = [
-            model(torch.tensor([tokenizer.encode(t)]), output_hidden_states=True).hidden_states[1][
-                0, -1
-            ]
-            for t in ("123", "one")
-        ]
+    states = _layer_0_states(reference_model(tiny_llama_dir), ("123", "one"))
     assert torch.allclose(readout.vectors[0, 1], states[0] - states[1], atol=1e-5)
     with safe_open(str(out), framework="pt") as handle:
         assert json.loads(handle.metadata()["concepts"]) == ["upper", "digits"]
+
+
+def _layer_0_states(model: Any, texts: tuple[str, ...]) -> list[torch.Tensor]:
+    """The state leaving decoder layer 0 at each text's last token
+    (``output_hidden_states[1]``)."""
+    tokenizer = build_tokenizer()
+    with torch.no_grad():
+        return [
+            model(torch.tensor([tokenizer.encode(t)]), output_hidden_states=True).hidden_states[1][
+                0, -1
+            ]
+            for t in texts
+        ]
 
 
 def _make_readout(tmp_path: Path, model_dir: Path, pairs: object, *flags: str) -> Any:
@@ -92,12 +98,5 @@ def test_make_readout_takes_a_vision_model(tmp_path) -> None:
     result = _make_readout(tmp_path, model_dir, {"c": [["ABC", "abc"]]}, "--layers", "0")
     assert result.returncode == 0, result.stderr
     readout = load_readout(tmp_path / "r.st", num_layers=2, hidden_size=64)
-    model, tokenizer = reference_vision_model(model_dir), build_tokenizer()
-    with torch.no_grad():
-        states = [
-            model(torch.tensor([tokenizer.encode(t)]), output_hidden_states=True).hidden_states[1][
-                0, -1
-            ]
-            for t in ("ABC", "abc")
-        ]
+    states = _layer_0_states(reference_vision_model(model_dir), ("ABC", "abc"))
     assert torch.allclose(readout.vectors[0, 0], states[0] - states[1], atol=1e-5)
