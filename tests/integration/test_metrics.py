@@ -84,4 +84,6 @@ def test_streams_cut_by_the_clients_deadline_are_counted_as_such(
     assert (
         samples.get(("salience_requests_total", (("code", "UNKNOWN"), ("rpc", "Generate")))) is None
     )
-    assert samples[key] == num_calls
+    assert samples[key] == num_calls, {
+        k: v for k, v in samples.items() if k[0] == "salience_requests_total"
+    }
