@@ -21,6 +21,7 @@ from salience_server.engine.readout import Readout, load_readout
 from salience_server.metrics import Metrics
 from salience_server.rpc.auth import BearerTokenInterceptor
 from salience_server.rpc.compute_thread import in_own_thread
+from salience_server.rpc.malformed import MalformedRequestInterceptor
 from salience_server.rpc.metrics import RequestMetricsInterceptor
 from salience_server.rpc.replica import ReplicaInterceptor
 from salience_server.rpc.servicer import SalienceServicer
@@ -68,6 +69,8 @@ class SalienceServer:
         ]
         if config.api_key:
             interceptors.append(BearerTokenInterceptor(config.api_key))
+        # Innermost: a call refused UNAUTHENTICATED is refused so whatever its bytes.
+        interceptors.append(MalformedRequestInterceptor())
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.servicer = SalienceServicer(config.stream_buffer_events)
         self.health = health.aio.HealthServicer()

@@ -84,3 +84,15 @@ def test_the_shim_passes_its_key_to_the_server(guarded) -> None:
             assert response.status_code == status, value
     finally:
         shim.stop()
+
+
+def test_unparsable_calls_without_the_key_are_unauthenticated(guarded) -> None:
+    """Auth is checked before the request's bytes: a stranger learns nothing of them."""
+    call = guarded.channel.unary_unary("/salience.v1.Salience/OpenSession")
+    with pytest.raises(grpc.RpcError) as caught:
+        call(b"\xff\xff\xff", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as caught:
+        call(b"\xff\xff\xff", timeout=30, metadata=(("authorization", f"Bearer {KEY}"),))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "MALFORMED_REQUEST"

@@ -229,3 +229,26 @@ def test_a_lone_surrogate_in_json_text_is_bad_json(llama_server) -> None:
         assert where in caught.value.details() and "surrogate" in caught.value.details()
     emoji = pb.ChatMessages(messages_json='[{"role": "user", "content": "\\ud83d\\ude00"}]')
     assert stub.Tokenize(pb.TokenizeRequest(messages=emoji)).token_ids  # a pair is fine
+
+
+# A truncated field, and a session_id (field 1) that is not UTF-8.
+UNPARSABLE = (b"\xff\xff\xff", b"\x0a\x02\xff\xfe")
+
+
+@pytest.mark.parametrize("data", UNPARSABLE)
+def test_unparsable_requests_are_invalid_argument(llama_server, data: bytes) -> None:
+    """Bytes that do not parse as the request end INVALID_ARGUMENT (MALFORMED_REQUEST):
+    grpc's asyncio server answered UNKNOWN, naming the parser's exception."""
+    channel = llama_server.channel
+    for method in ("OpenSession", "GetSession", "CloseSession", "AppendImage", "Tokenize"):
+        call = channel.unary_unary(f"/salience.v1.Salience/{method}")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(data, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+        assert error_reason(caught.value) == "MALFORMED_REQUEST"
+        assert f"/salience.v1.Salience/{method} does not parse" in caught.value.details()
+    stream = channel.unary_stream("/salience.v1.Salience/Generate")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream(data, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "MALFORMED_REQUEST"
