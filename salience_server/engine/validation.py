@@ -117,7 +117,7 @@ def check_limits(params: GenerateParams, limits: Limits) -> None:
                 f"a stop string has {len(stop.encode())} bytes; at most "
                 f"{limits.max_stop_string_bytes} (--max-stop-string-bytes)",
             )
-    if params.max_tokens and params.min_tokens > params.max_tokens:
+    if params.min_tokens > params.max_tokens:  # max_tokens 0 (prefill only) included
         raise invalid(
             "INVALID_SAMPLING",
             f"min_tokens {params.min_tokens} is above max_tokens {params.max_tokens}",

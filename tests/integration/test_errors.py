@@ -121,6 +121,11 @@ BAD_CALLS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_SAMPLING",
     ),
+    "min_tokens on a prefill-only call": (
+        dict(offset=5, append_tokens=[1], max_tokens=0, min_tokens=1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SAMPLING",
+    ),
     "readout without a readout file": (
         dict(offset=5, append_tokens=[3], readout_ranges=[pb.PositionRange(start=5, end=6)]),
         grpc.StatusCode.FAILED_PRECONDITION,
