@@ -61,11 +61,27 @@ def parse_image_url(url: Any, param: str) -> ImageInput:
     match = _DATA_URL.match(url) if isinstance(url, str) else None
     if match is None or not match.group("b64"):
         raise invalid("images must be base64 data URLs (data:image/png;base64,...)", param)
-    try:
-        data = base64.b64decode(match.group("data"), validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid("the image data URL is not valid base64", param) from None
+    data = _base64_bytes(match.group("data"))
+    if data is None:
+        raise invalid("the image data URL is not valid base64", param)
     return ImageInput(data, match.group("mime") or "application/octet-stream")
+
+
+def _base64_bytes(text: str) -> bytes | None:
+    """The bytes of base64 ``text`` as encoders write it: line-wrapped (the ``base64``
+    command wraps at 76 columns), without its padding, or in the URL-safe alphabet; None
+    for anything else (a stray character is refused, not skipped)."""
+    text = "".join(text.split())
+    if "-" in text or "_" in text:
+        text = text.translate(_URL_SAFE)
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 def _content_text(content: Any, param: str, images: list[ImageInput]) -> str | None:

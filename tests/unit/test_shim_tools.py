@@ -3,6 +3,7 @@ template, the Responses chaining arithmetic, logprob shapes."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -186,9 +187,19 @@ def test_images_come_out_of_data_urls_only() -> None:
     )
     assert conversation.messages[0]["content"] == "What is this?\n" + IMAGE_PLACEHOLDER
     assert [(i.mime_type, i.data[:4]) for i in conversation.images] == [("image/png", b"\x89PNG")]
-    for url in ("data:image/png;base64,@@@", "data:,plain"):
+    for url in ("data:image/png;base64,@@@", "data:,plain", "data:image/png;base64,iVBOR*w0"):
         with pytest.raises(ApiError):
             parse_image_url(url, "x")
+    # Base64 as encoders write it: wrapped in lines, unpadded, URL-safe.
+    data = bytes(range(256)) * 2
+    wrapped = base64.encodebytes(data).decode()  # 76 columns, as the base64 command
+    for text in (
+        wrapped,
+        base64.b64encode(data).decode().rstrip("="),
+        base64.urlsafe_b64encode(data).decode(),
+    ):
+        assert text != base64.b64encode(data).decode()
+        assert parse_image_url(f"data:image/png;base64,{text}", "x").data == data
     remote = parse_image_url("https://example.com/cat.png", "x")
     assert (
         remote.url == "https://example.com/cat.png" and remote.data == b""
