@@ -111,6 +111,8 @@ def check_limits(params: GenerateParams, limits: Limits) -> None:
             "(--max-stop-strings)",
         )
     for stop in params.stop_strings:
+        if not stop:  # it would match before every token (vLLM refuses it too)
+            raise invalid("EMPTY_STOP_STRING", "a stop string is empty")
         if len(stop.encode()) > limits.max_stop_string_bytes:
             raise invalid(
                 "STOP_STRING_TOO_LONG",

@@ -121,6 +121,11 @@ BAD_CALLS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_SAMPLING",
     ),
+    "an empty stop string": (
+        dict(offset=5, max_tokens=3, stop_strings=["x", ""]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "EMPTY_STOP_STRING",
+    ),
     "min_tokens on a prefill-only call": (
         dict(offset=5, append_tokens=[1], max_tokens=0, min_tokens=1),
         grpc.StatusCode.INVALID_ARGUMENT,
