@@ -73,6 +73,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--allow-remote-images", action="store_true", help="let the shim fetch http(s) images"
     )
     parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (https://host[:port], or * for any) call the "
+        "HTTP API (CORS); repeatable; default: none",
+    )
+    parser.add_argument(
         "--replica-id",
         default="",
         help="this replica's name in the salience-replica response metadata (default: host:port)",
@@ -162,6 +170,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             keepalive_s=args.keepalive_s,
             readout_path=args.readout,
             allow_remote_images=args.allow_remote_images,
+            cors_origins=tuple(args.cors_origin),
             api_key=args.api_key,
             replica_id=args.replica_id,
         )

@@ -150,6 +150,8 @@ class ServerConfig:
     """Bearer token every call must carry (health and reflection stay open); None: no auth."""
     allow_remote_images: bool = False
     """Let the shim fetch http(s) image URLs (only data: URLs otherwise)."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins whose browser pages may call the shim (``ShimConfig.cors_origins``)."""
     max_message_bytes: int = 64 << 20
     """Largest gRPC message accepted or sent."""
     replica_id: str = ""

@@ -37,6 +37,14 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs"
     )
     parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (https://host[:port], or * for any) call the "
+        "HTTP API (CORS); repeatable; default: none",
+    )
+    parser.add_argument(
         "--keepalive-s",
         type=float,
         default=15.0,
@@ -55,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
     try:
         return ShimConfig(
             allow_remote_images=args.allow_remote_images,
+            cors_origins=tuple(args.cors_origin),
             target=args.target,
             host=args.host,
             port=args.port,

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
@@ -56,6 +57,13 @@ def create_app(config: ShimConfig, metrics_registry: CollectorRegistry | None = 
     app.add_exception_handler(Exception, handle_unexpected)
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key)
+    if config.cors_origins:  # outermost: a browser's preflight carries no API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     return app
 
 

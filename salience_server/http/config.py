@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 API_KEY_ENV = "SALIENCE_API_KEY"
 """Environment variable read for the bearer token when none is given on the command line."""
+
+_ORIGIN = re.compile(r"\A[a-z][a-z0-9+.-]*://[^/\s]+\Z")
+"""An origin as a browser's ``Origin`` header carries it."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class ShimConfig:
     log_level: str = "info"
     allow_remote_images: bool = False
     """Fetch http(s) image URLs; otherwise only data: URLs are accepted (400)."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins (``https://app.example``, or ``*`` for any) whose pages a browser lets call
+    the shim (CORS); none: no CORS headers, so browsers refuse cross-origin calls."""
     max_image_bytes: int = 20 << 20
     """Largest remote image fetched."""
     keepalive_s: float = 15.0
@@ -58,6 +65,12 @@ class ShimConfig:
             raise ValueError("retry_budget_s and graceful_shutdown_s must not be negative")
         if self.keepalive_s < 0:
             raise ValueError("keepalive_s must be 0 (off) or positive")
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"CORS origin {origin!r} is not * or scheme://host[:port] (no path, as "
+                    "a browser sends it)"
+                )
 
 
 def api_key_from_env() -> str | None:

@@ -90,6 +90,7 @@ def shim_beside(
     api_key: str | None = None,
     metrics_registry: CollectorRegistry | None = None,
     grace_s: float = 30.0,
+    cors_origins: tuple[str, ...] = (),
 ) -> ShimServer:
     """The shim of ``salience-server --http-port``: on ``host:http_port``, a client of the
     gRPC server on ``host:grpc_port``. The API key (given, else ``$SALIENCE_API_KEY``)
@@ -103,6 +104,7 @@ def shim_beside(
         port=http_port,
         api_key=api_key or api_key_from_env(),
         allow_remote_images=allow_remote_images,
+        cors_origins=cors_origins,
         retry_budget_s=0.0,
         graceful_shutdown_s=grace_s + 2.0,  # the drain, then the last events written
     )

@@ -183,6 +183,7 @@ async def serve(config: ServerConfig) -> bool:
             config.api_key,
             server.metrics.registry,
             config.grace_s,
+            config.cors_origins,
         )  # a taken port fails now
     metrics_server = None
     if config.metrics_port:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client import AsyncSalienceClient, SalienceClient, SalienceClientError
 from salience_client.pb import salience_pb2 as pb
+from salience_server.http.config import ShimConfig
 from tests.helpers import error_reason
 from tests.shim_support import start_shim
 
@@ -96,3 +97,44 @@ def test_unparsable_calls_without_the_key_are_unauthenticated(guarded) -> None:
         call(b"\xff\xff\xff", timeout=30, metadata=(("authorization", f"Bearer {KEY}"),))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == "MALFORMED_REQUEST"
+
+
+def test_browser_pages_of_allowed_origins_may_call_the_shim(guarded) -> None:
+    """``--cors-origin``: a browser's preflight (which carries no API key) is answered for
+    an allowed origin, and answers carry the origin; other origins get no such headers,
+    and without the flag no origin does."""
+    app_origin = "https://app.example"
+    preflight = {
+        "origin": app_origin,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type",
+    }
+    key = {"authorization": f"Bearer {KEY}"}
+    shim = start_shim(guarded.target, api_key=KEY, cors_origins=(app_origin,))
+    plain = start_shim(guarded.target, api_key=KEY)
+    try:
+        url = f"{shim.base_url}/chat/completions"
+        response = httpx.options(url, headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == app_origin
+        assert "authorization" in response.headers["access-control-allow-headers"].lower()
+        response = httpx.get(f"{shim.base_url}/models", headers={"origin": app_origin, **key})
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == app_origin
+        # The key is still required of the call itself.
+        response = httpx.get(f"{shim.base_url}/models", headers={"origin": app_origin})
+        assert response.status_code == 401
+        other = {**preflight, "origin": "https://evil.example"}
+        assert "access-control-allow-origin" not in httpx.options(url, headers=other).headers
+        response = httpx.get(f"{plain.base_url}/models", headers={"origin": app_origin, **key})
+        assert response.status_code == 200
+        assert "access-control-allow-origin" not in response.headers
+        response = httpx.options(f"{plain.base_url}/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    finally:
+        shim.stop()
+        plain.stop()
+    with pytest.raises(ValueError, match="not \\* or scheme://host"):
+        ShimConfig(cors_origins=("app.example",))
+    with pytest.raises(ValueError, match="not \\* or scheme://host"):
+        ShimConfig(cors_origins=("https://app.example/",))
