@@ -17,6 +17,7 @@ from salience_server.config import (
     ServerConfig,
     parse_bytes,
 )
+from salience_server.http.config import add_cors_argument
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -72,14 +73,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--allow-remote-images", action="store_true", help="let the shim fetch http(s) images"
     )
-    parser.add_argument(
-        "--cors-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="let browser pages from ORIGIN (https://host[:port], or * for any) call the "
-        "HTTP API (CORS); repeatable; default: none",
-    )
+    add_cors_argument(parser)
     parser.add_argument(
         "--replica-id",
         default="",

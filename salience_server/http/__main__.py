@@ -10,7 +10,7 @@ import sys
 
 from salience_client import DEFAULT_TARGET
 from salience_server.config import STOP_SIGNALS
-from salience_server.http.config import ShimConfig, api_key_from_env
+from salience_server.http.config import ShimConfig, add_cors_argument, api_key_from_env
 from salience_server.http.serving import ShimServer
 
 
@@ -36,14 +36,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
     parser.add_argument(
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs"
     )
-    parser.add_argument(
-        "--cors-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="let browser pages from ORIGIN (https://host[:port], or * for any) call the "
-        "HTTP API (CORS); repeatable; default: none",
-    )
+    add_cors_argument(parser)
     parser.add_argument(
         "--keepalive-s",
         type=float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -76,3 +77,15 @@ class ShimConfig:
 def api_key_from_env() -> str | None:
     """The bearer token in ``$SALIENCE_API_KEY``, or None when unset or empty."""
     return os.environ.get(API_KEY_ENV) or None
+
+
+def add_cors_argument(parser: argparse.ArgumentParser) -> None:
+    """``--cors-origin``, which the server (for the shim beside it) and the shim take."""
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (https://host[:port], or * for any) call the "
+        "HTTP API (CORS); repeatable; default: none",
+    )
