@@ -129,20 +129,31 @@ class ToolMode:
             return "json_schema", json.dumps(self.parameters(self.forced_name))
         if self.choice != "required":
             return None
+        return "json_schema", json.dumps(self._call_schema())
+
+    def _call_schema(self) -> dict[str, Any]:
+        """One call object of any declared function. Each function's parameters go under
+        the root's ``$defs`` (``tool_<i>``), their own references rewritten to point there:
+        a reference of theirs (``#/$defs/Point``, as pydantic writes nested models) means
+        their own root, which is no longer the schema's."""
         key = self.format.arguments_key
-        calls = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "enum": [name]},
-                    key: self.parameters(name),
-                },
-                "required": ["name", key],
-                "additionalProperties": False,
-            }
-            for name in sorted(self.names)
-        ]
-        return "json_schema", json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls})
+        calls, definitions = [], {}
+        for index, name in enumerate(sorted(self.names)):
+            where = f"#/$defs/tool_{index}"
+            definitions[f"tool_{index}"] = _rooted_at(self.parameters(name), where)
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "enum": [name]},
+                        key: {"$ref": where},
+                    },
+                    "required": ["name", key],
+                    "additionalProperties": False,
+                }
+            )
+        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return {**schema, "$defs": definitions}
 
     def reply_constraint(self, output: Sourced | None) -> Sourced | None:
         """What constrains the reply, and the field its errors name: a forced call's
@@ -180,6 +191,22 @@ class ToolMode:
         """A parser of one reply, which starts with the forced opening."""
         max_calls = None if self.is_parallel else 1
         return ToolCallParser(self.names, max_calls, allow_bare, self.prefix_text())
+
+
+def _rooted_at(schema: Any, where: str) -> Any:
+    """``schema`` with its local references (``#``, ``#/...``) made to point below
+    ``where``, where it is to be placed; ``$schema`` dropped (only a root has one)."""
+    if isinstance(schema, list):
+        return [_rooted_at(item, where) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    moved = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            moved[key] = where + value[1:]
+        elif key != "$schema":
+            moved[key] = _rooted_at(value, where)
+    return moved
 
 
 def _function_tool(tool: Any, param: str) -> dict[str, Any]:

@@ -119,3 +119,34 @@ def test_a_schema_the_grammar_engine_fails_on_while_decoding_is_400(
     assert error.value.body["param"] == "response_format"
     assert error.value.body["code"] == "invalid_constraint"
     assert len(error.value.body["message"]) < 600
+
+
+class Point(BaseModel):
+    x: int = Field(ge=0, le=9)
+    y: int = Field(ge=0, le=9)
+
+
+class DrawLine(BaseModel):
+    """Draw a line between two points."""
+
+    start: Point
+    end: Point
+
+
+def test_a_required_call_of_a_pydantic_tool_with_nested_models(default_shim: RunningShim) -> None:
+    """pydantic's tools refer to their nested models under ``$defs``: with tool_choice
+    "required" the call's schema placed them where their references no longer
+    resolved (400 invalid_constraint)."""
+    tool = openai.pydantic_function_tool(DrawLine)
+    assert "$defs" in tool["function"]["parameters"]
+    completion = default_shim.client().chat.completions.parse(
+        model=_model_id(default_shim),
+        messages=[{"role": "user", "content": "Draw a line from (1, 2) to (3, 4)."}],
+        tools=[tool],
+        tool_choice="required",
+        max_tokens=80,
+    )
+    (call,) = completion.choices[0].message.tool_calls
+    assert call.function.name == "DrawLine"
+    assert isinstance(call.function.parsed_arguments, DrawLine)
+    assert completion.choices[0].finish_reason == "tool_calls"

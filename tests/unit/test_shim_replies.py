@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema
 import pytest
 
 from salience_client import Done
@@ -144,6 +145,37 @@ def test_a_forced_opening_starts_the_call() -> None:
     assert [c.name for c in required.calls] == ["get_time"]
 
 
+def test_a_required_call_keeps_the_references_of_its_tools_schemas() -> None:
+    """Parameters that refer to their own definitions (pydantic's nested models) keep
+    them when placed in the call's schema (they pointed at a root without them: the
+    schema did not compile, a 400 for every such tool)."""
+    point = {
+        "type": "object",
+        "properties": {"x": {"type": "integer"}, "next": {"$ref": "#/$defs/Point"}},
+        "required": ["x"],
+    }
+    shape = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": {"Point": point},
+        "definitions": {"Name": {"type": "string", "maxLength": 3}},
+        "type": "object",
+        "properties": {"at": {"$ref": "#/$defs/Point"}, "name": {"$ref": "#/definitions/Name"}},
+        "required": ["at", "name"],
+    }
+    tools = chat_tools(
+        [WEATHER, {"type": "function", "function": {"name": "draw", "parameters": shape}}]
+    )
+    kind, schema = tool_mode(tools, "required").constraint() or ("", "")
+    validator = jsonschema.Draft202012Validator(json.loads(str(schema)))
+    call = {"name": "draw", "arguments": {"at": {"x": 1, "next": {"x": 2}}, "name": "abc"}}
+    assert validator.is_valid(call)
+    call["arguments"]["at"]["next"] = {"x": "two"}
+    assert not validator.is_valid(call)
+    call["arguments"] = {"at": {"x": 1}, "name": "abcd"}
+    assert not validator.is_valid(call)
+    assert validator.is_valid({"name": "get_weather", "arguments": {"city": "Rome"}})
+
+
 def test_forced_calls_are_constrained_to_the_tools_schemas() -> None:
     tools = chat_tools([WEATHER, TIME])
     named = tool_mode(tools, {"type": "function", "name": "get_weather"})
@@ -151,23 +183,22 @@ def test_forced_calls_are_constrained_to_the_tools_schemas() -> None:
     assert named.prefix_text() == '<tool_call>\n{"name": "get_weather", "arguments": '
     kind, schema = tool_mode(tools, "required").constraint() or ("", "")
     assert kind == "json_schema"
+    no_parameters = {"type": "object", "properties": {}, "additionalProperties": False}
     assert json.loads(str(schema)) == {
         "anyOf": [
             {
                 "type": "object",
                 "properties": {
                     "name": {"type": "string", "enum": [name]},
-                    "arguments": parameters,
+                    "arguments": {"$ref": f"#/$defs/tool_{index}"},
                 },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for name, parameters in [
-                # Declared without parameters: it takes none.
-                ("get_time", {"type": "object", "properties": {}, "additionalProperties": False}),
-                ("get_weather", WEATHER["function"]["parameters"]),
-            ]
-        ]
+            for index, name in enumerate(["get_time", "get_weather"])
+        ],
+        # Declared without parameters: it takes none.
+        "$defs": {"tool_0": no_parameters, "tool_1": WEATHER["function"]["parameters"]},
     }
     assert tool_mode(tools, "auto").constraint() is None
     # Llama 3's family writes "parameters" and no tags.
