@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -29,6 +29,8 @@ class EngineGauges:
     num_blocks_used: int
     num_blocks_free: int
     host_kv_bytes_used: int
+    num_preemptions: int
+    """Since the start: running requests sent back to wait (the scheduler's count)."""
 
 
 class Metrics:
@@ -60,11 +62,6 @@ class Metrics:
         )
         self.drafted_tokens = speculation.labels(kind="drafted")
         self.accepted_tokens = speculation.labels(kind="accepted")
-        self.preemptions = Counter(
-            "salience_preemptions",
-            "Running requests sent back to wait (their KV evicted) to make room.",
-            registry=self.registry,
-        )
         self.time_to_first_token = Histogram(
             "salience_time_to_first_token_seconds",
             "From a Generate call's arrival to its first decoded token.",
@@ -100,6 +97,11 @@ class _EngineCollector(Collector):
         gauges = self.read_gauges()
         yield GaugeMetricFamily(
             "salience_queue_depth", "Requests waiting to run.", value=gauges.num_waiting
+        )
+        yield CounterMetricFamily(
+            "salience_preemptions",
+            "Running requests sent back to wait (their KV evicted) to make room.",
+            value=gauges.num_preemptions,
         )
         yield GaugeMetricFamily(
             "salience_running_requests",

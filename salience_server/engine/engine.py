@@ -175,6 +175,7 @@ class Engine:
                 num_blocks_used=self.block_manager.num_blocks - num_free,
                 num_blocks_free=num_free,
                 host_kv_bytes_used=self.evictor.host_bytes_used,
+                num_preemptions=self.scheduler.num_preemptions,
             )
 
     # ----- sessions ----------------------------------------------------------------

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from salience_client.pb import salience_pb2 as pb
 from tests.helpers import U32_MAX, generate, open_session, random_tokens, reference_logprobs
@@ -89,6 +90,10 @@ def test_a_preempted_stream_sends_each_position_once(
     for thread in threads:
         thread.join(timeout=120)
     assert server.engine.scheduler.num_preemptions > 0, "the case did not happen"
+    # Operators see them (the counter was registered, never counted).
+    metrics = generate_latest(server.server.metrics.registry).decode()
+    counted = f"salience_preemptions_total {float(server.engine.scheduler.num_preemptions)}"
+    assert counted in metrics.splitlines()
     for name, max_tokens in (("first", 45), ("second", 30)):
         events, done = results[name]
         token_ids = prompts[name] + [e.id for e in events if not e.is_prefill]
