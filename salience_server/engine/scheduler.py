@@ -85,12 +85,17 @@ class Scheduler:
         """Running requests sent back to wait, since start."""
 
     def check_room(self) -> None:
-        """RESOURCE_EXHAUSTED when the queue is full."""
-        if len(self.waiting) >= self.config.max_queue:
+        """RESOURCE_EXHAUSTED when the queue is full: ``max_queue`` requests wait beyond
+        the running set's free places (a request waits for the next step even where a
+        place is free: counted as queued, a burst of ``max_running + max_queue`` calls
+        on an idle server had some refused)."""
+        free_places = max(0, self.config.max_running - len(self.running))
+        if len(self.waiting) >= self.config.max_queue + free_places:
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "QUEUE_FULL",
-                f"{len(self.waiting)} requests already wait; retry later",
+                f"{len(self.waiting)} requests already wait (--max-queue "
+                f"{self.config.max_queue}, {len(self.running)} running); retry later",
             )
 
     def add(self, request: Request) -> None:

@@ -99,14 +99,25 @@ def test_higher_priority_arrival_preempts_at_the_next_step(pool) -> None:
 
 
 def test_queue_is_bounded(pool) -> None:
+    """``max_queue`` bounds what waits beyond the running set's free places: on an idle
+    scheduler a burst of max_running + max_queue requests is taken, one more is not."""
     manager, requests = pool
-    scheduler = make_scheduler(EngineConfig(max_running=1, max_queue=2), manager)
-    requests.extend(make_request(i, 0) for i in range(3))
-    scheduler.add(requests[0])
-    scheduler.add(requests[1])
+    scheduler = make_scheduler(EngineConfig(max_running=2, max_queue=2), manager)
+    requests.extend(make_request(i, 0, max_tokens=50) for i in range(6))
+    for request in requests[:4]:
+        scheduler.add(request)
     with pytest.raises(SalienceError) as caught:
-        scheduler.add(requests[2])
+        scheduler.add(requests[4])
     assert caught.value.reason == "QUEUE_FULL"
+    run_step(scheduler)  # two run, two wait: the queue is full
+    assert len(scheduler.running) == 2
+    with pytest.raises(SalienceError):
+        scheduler.add(requests[4])
+    requests[0].is_cancelled = True
+    run_step(scheduler)  # one leaves and a waiting one runs: room for one
+    scheduler.add(requests[4])
+    with pytest.raises(SalienceError):
+        scheduler.add(requests[5])
 
 
 def test_cancelled_requests_leave_at_the_next_step(pool) -> None:
