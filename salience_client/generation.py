@@ -54,7 +54,8 @@ class GenerateOptions(TypedDict, total=False):
     """EOS and stop_token_ids cannot end the call before this many decoded tokens."""
     constraint: Mapping[str, str | bool]
     """One of ``{"json_schema": SCHEMA_JSON}``, ``{"json_object": True}``,
-    ``{"regex": ...}`` or ``{"ebnf": ...}``: the language the decoded text must be in."""
+    ``{"regex": ...}``, ``{"ebnf": ...}`` (GBNF) or ``{"lark": ...}`` (llguidance's Lark):
+    the language the decoded text must be in."""
 
 
 _UINT32_OPTIONS = ("max_tokens", "top_k", "logprob_top_k", "min_tokens")

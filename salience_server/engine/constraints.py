@@ -46,7 +46,7 @@ class ConstraintSpec:
     """A constraint as the request gives it: its kind and its text."""
 
     kind: str
-    """json_schema, json_object, regex or ebnf."""
+    """json_schema, json_object, regex, ebnf or lark."""
     text: str
 
 
@@ -171,6 +171,8 @@ def _grammar(spec: ConstraintSpec) -> str:
         return str(llguidance.LLMatcher.grammar_from_regex(spec.text))
     if spec.kind == "ebnf":
         return str(llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(spec.text)))
+    if spec.kind == "lark":
+        return str(llguidance.LLMatcher.grammar_from_lark(spec.text))
     raise ValueError(f"unknown constraint kind {spec.kind!r}")
 
 

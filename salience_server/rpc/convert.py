@@ -70,7 +70,7 @@ def constraint_spec(request: pb.GenerateRequest) -> ConstraintSpec | None:
     if kind is None:
         raise invalid(
             "INVALID_CONSTRAINT",
-            "the constraint sets none of json_schema, json_object, regex, ebnf "
+            "the constraint sets none of json_schema, json_object, regex, ebnf, lark "
             "(leave it unset for none)",
         )
     value = getattr(request.constraint, kind)

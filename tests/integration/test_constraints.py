@@ -34,6 +34,24 @@ def test_regex_output_matches_and_ends_when_complete(llama_server, temperature) 
     assert done.finish_reason == pb.FINISH_REASON_STOP and done.completion_tokens == 6
 
 
+def test_a_lark_grammar_with_a_json_schema_rule(llama_server) -> None:
+    """``Constraint.lark``: two JSON objects of the schema, joined by "|" (a grammar
+    around JSON, as the shim's forced parallel tool calls are)."""
+    schema = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"]}
+    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    grammar = 'start: item "|" item\nitem: %json ' + json.dumps({**schema, "x-guidance": layout})
+    tokens, done = generate(
+        llama_server.stub,
+        open_session(llama_server.stub),
+        append_tokens=random_tokens(6, seed=32),
+        max_tokens=60,
+        constraint=pb.Constraint(lark=grammar),
+    )
+    first, second = _text([t.id for t in tokens]).split("|")
+    assert json.loads(first)["a"] in (1, 2) and json.loads(second)["a"] in (1, 2)
+    assert done.finish_reason == pb.FINISH_REASON_STOP
+
+
 def test_json_schema_output_validates_and_logprobs_stay_raw(llama_server, tiny_llama_dir) -> None:
     schema = {
         "type": "object",

@@ -68,6 +68,10 @@ def test_json_schema_regex_and_ebnf_accept_their_language(compiler) -> None:
     assert _walk(compiler, ConstraintSpec("json_object", ""), '{"a": [1, 2]}')
     assert _walk(compiler, ConstraintSpec("regex", "[0-9]{3}-x"), "123-x")
     assert _walk(compiler, ConstraintSpec("ebnf", 'root ::= "yes" | "no"'), "no")
+    # Lark, with JSON Schema rules: one object, or several joined by ";".
+    lark = 'start: item (";" item)*\nitem: %json ' + json.dumps(schema)
+    assert _walk(compiler, ConstraintSpec("lark", lark), '{"n":1};{"n":2}')
+    assert not _walk(compiler, ConstraintSpec("lark", lark), '{"n":1};')
 
 
 def test_a_token_outside_the_grammar_is_refused(compiler) -> None:
@@ -85,8 +89,10 @@ def test_a_token_outside_the_grammar_is_refused(compiler) -> None:
         ConstraintSpec("json_schema", "not json"),
         ConstraintSpec("regex", "[a-"),
         ConstraintSpec("ebnf", "root ::= missing"),
+        ConstraintSpec("lark", "start: missing"),
+        ConstraintSpec("lark", 'root ::= "gbnf"'),
     ],
-    ids=["bad type", "not json", "bad regex", "undefined rule"],
+    ids=["bad type", "not json", "bad regex", "undefined rule", "undefined lark rule", "not lark"],
 )
 def test_a_constraint_that_does_not_compile_is_invalid(compiler, spec) -> None:
     with pytest.raises(SalienceError) as caught:
