@@ -120,7 +120,10 @@ def guided_constraint(fields: dict[str, Any]) -> Constraint | None:
         return "regex", "|".join(f"({regex_literal(choice)})" for choice in value)
     if not isinstance(value, str) or not value:
         raise invalid(f"{param} must be a non-empty string", param)
-    return ("regex" if key == "regex" else "ebnf"), value
+    if key == "regex":
+        return "regex", value
+    # vLLM takes GBNF and Lark grammars both; GBNF's rules are defined with "::=".
+    return ("ebnf" if "::=" in value else "lark"), value
 
 
 _GUIDED = ("json", "regex", "choice", "grammar")

@@ -70,6 +70,10 @@ def tool_format(chat_template: str) -> ToolFormat:
     return HERMES
 
 
+MAX_FORCED_CALLS = 16
+"""Calls a reply forced to call (``required``, parallel calls allowed) may hold: a small
+model that repeats its call stops there."""
+
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 """A function declared without parameters takes none (OpenAI's rule)."""
 
@@ -124,12 +128,26 @@ class ToolMode:
 
     def constraint(self) -> Constraint | None:
         """What a forced call's text after ``prefix_text`` must be: the named function's
-        arguments, or one call object of any declared function."""
+        arguments; for ``required``, one call object of any declared function, or, where
+        parallel calls are allowed and the format closes its calls, up to
+        ``MAX_FORCED_CALLS`` of them, each closed and the next opened in the family's
+        markup (a Lark grammar whose calls are JSON Schema rules)."""
         if self.choice == "named" and self.forced_name is not None:
             return "json_schema", json.dumps(self.parameters(self.forced_name))
         if self.choice != "required":
             return None
-        return "json_schema", json.dumps(self._call_schema())
+        schema = self._call_schema()
+        fmt = self.format
+        if not (self.is_parallel and fmt.call_close.strip()):
+            return "json_schema", json.dumps(schema)
+        between = json.dumps(fmt.call_close + "\n" + fmt.call_open)
+        close = json.dumps(fmt.call_close)
+        layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        grammar = (
+            f"start: call ({between} call){{0,{MAX_FORCED_CALLS - 1}}} {close}?\n"
+            f"call: %json {json.dumps({**schema, 'x-guidance': layout})}\n"
+        )
+        return "lark", grammar
 
     def _call_schema(self) -> dict[str, Any]:
         """One call object of any declared function. Each function's parameters go under

@@ -143,6 +143,9 @@ def test_structured_output_becomes_the_constraint(scripted: tuple[Script, Runnin
         extra_body={"structured_outputs": {"grammar": 'root ::= "a"'}},
     )
     assert _constraint(_last(script)) == ("ebnf", 'root ::= "a"')
+    lark = 'start: "a" item\nitem: %json {"type": "integer"}'
+    client.completions.create(model="scripted", prompt="Q", extra_body={"guided_grammar": lark})
+    assert _constraint(_last(script)) == ("lark", lark)
     client.chat.completions.create(
         model="scripted", messages=HELLO, extra_body={"guided_json": WEATHER_PARAMETERS}
     )
@@ -196,10 +199,14 @@ def test_forced_tool_calls_are_constrained(scripted: tuple[Script, RunningShim])
         .decode()
         .endswith('<tool_call>\n{"name": "get_weather", "arguments": ')
     )
-    # required: one call object of any declared function.
+    # required without parallel calls: one call object of any declared function.
     script.text = '{"name": "get_time", "arguments": {}}'
     reply = client.chat.completions.create(
-        model="scripted", messages=HELLO, tools=[WEATHER, TIME], tool_choice="required"
+        model="scripted",
+        messages=HELLO,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
     )
     assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_time"]
     kind, schema = _constraint(_last(script))
@@ -210,8 +217,27 @@ def test_forced_tool_calls_are_constrained(scripted: tuple[Script, RunningShim])
     ]
     assert bytes(script.prompts[-1]).decode().endswith("<tool_call>\n")
     # A function declared without parameters takes none (its arguments were unconstrained).
-    get_time = json.loads(schema)["anyOf"][0]["properties"]["arguments"]
-    assert get_time == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert json.loads(schema)["$defs"]["tool_0"] == {
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    }
+    # With parallel calls (the default): several calls, each closed and the next opened.
+    script.text = (
+        '{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+        '{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    )
+    reply = client.chat.completions.create(
+        model="scripted", messages=HELLO, tools=[WEATHER, TIME], tool_choice="required"
+    )
+    calls = reply.choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_time", "{}"),
+        ("get_weather", '{"city": "Rome"}'),
+    ]
+    assert reply.choices[0].finish_reason == "tool_calls"
+    kind, grammar = _constraint(_last(script))
+    assert kind == "lark" and grammar.startswith("start: call (")
     # Responses' form of the same.
     script.text = '{"city": "Bern"}'
     response = client.responses.create(

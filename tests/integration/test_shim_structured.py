@@ -144,9 +144,61 @@ def test_a_required_call_of_a_pydantic_tool_with_nested_models(default_shim: Run
         messages=[{"role": "user", "content": "Draw a line from (1, 2) to (3, 4)."}],
         tools=[tool],
         tool_choice="required",
+        parallel_tool_calls=False,  # one call: this small model would repeat it
         max_tokens=80,
     )
     (call,) = completion.choices[0].message.tool_calls
     assert call.function.name == "DrawLine"
     assert isinstance(call.function.parsed_arguments, DrawLine)
     assert completion.choices[0].finish_reason == "tool_calls"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def _weather_calls(city_a: str, city_b: str) -> list[dict]:
+    return [
+        {
+            "id": f"call_{city}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+        }
+        for city in (city_a, city_b)
+    ]
+
+
+def test_a_required_call_may_be_several_parallel_calls(default_shim: RunningShim) -> None:
+    """tool_choice "required" with parallel_tool_calls (the default) lets the model make
+    several calls, as OpenAI does (its grammar allowed one); with them off, one."""
+    history = [
+        {"role": "user", "content": "Weather in Rome and Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": _weather_calls("Rome", "Oslo")},
+        {"role": "tool", "tool_call_id": "call_Rome", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_Oslo", "content": "rain"},
+        {"role": "assistant", "content": "Rome is sunny, Oslo has rain."},
+        {"role": "user", "content": "Weather in Paris and Berlin?"},
+    ]
+    client = default_shim.client()
+    options = dict(
+        model=_model_id(default_shim),
+        messages=history,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=80,
+        temperature=0,
+    )
+    for parallel, cities in ((True, ["Paris", "Berlin"]), (False, ["Paris"])):
+        reply = client.chat.completions.create(**options, parallel_tool_calls=parallel)
+        calls = reply.choices[0].message.tool_calls
+        assert [json.loads(c.function.arguments)["city"] for c in calls] == cities
+        assert reply.choices[0].finish_reason == "tool_calls"

@@ -13,6 +13,7 @@ from salience_server.engine.constraints import (
     apply_bitmasks,
 )
 from salience_server.engine.errors import SalienceError
+from salience_server.http.tools import HERMES, MAX_FORCED_CALLS, chat_tools, tool_mode
 from tests.tiny_models import build_tokenizer
 
 
@@ -103,3 +104,36 @@ def test_a_constraint_that_does_not_compile_is_invalid(compiler, spec) -> None:
 def test_compilation_is_cached(compiler) -> None:
     spec = ConstraintSpec("regex", "[a-z]{2}")
     assert compiler.compile(spec) is compiler.compile(spec)
+
+
+def test_a_required_tool_call_may_be_several_calls_when_parallel(compiler) -> None:
+    """tool_choice "required" with parallel calls allowed: one to MAX_FORCED_CALLS calls
+    in the family's markup, each of a declared tool (it allowed one call only)."""
+
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    tools = chat_tools([weather])
+    kind, grammar = tool_mode(tools, "required").constraint() or ("", "")
+    assert kind == "lark"
+    spec = ConstraintSpec(kind, str(grammar))
+    call = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+    between = HERMES.call_close + "\n" + HERMES.call_open
+    for count in (1, 2, MAX_FORCED_CALLS):
+        assert _walk(compiler, spec, between.join([call] * count))
+        assert _walk(compiler, spec, between.join([call] * count) + HERMES.call_close)
+    with pytest.raises(AssertionError, match="was masked"):
+        _walk(compiler, spec, between.join([call] * (MAX_FORCED_CALLS + 1)))
+    with pytest.raises(AssertionError, match="was masked"):
+        _walk(compiler, spec, call.replace("get_weather", "get_time"))
+    # One call only where parallel calls are off.
+    single = tool_mode(tools, "required", parallel_tool_calls=False).constraint()
+    assert single is not None and single[0] == "json_schema"

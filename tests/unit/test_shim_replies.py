@@ -165,7 +165,7 @@ def test_a_required_call_keeps_the_references_of_its_tools_schemas() -> None:
     tools = chat_tools(
         [WEATHER, {"type": "function", "function": {"name": "draw", "parameters": shape}}]
     )
-    kind, schema = tool_mode(tools, "required").constraint() or ("", "")
+    kind, schema = tool_mode(tools, "required", parallel_tool_calls=False).constraint() or ("", "")
     validator = jsonschema.Draft202012Validator(json.loads(str(schema)))
     call = {"name": "draw", "arguments": {"at": {"x": 1, "next": {"x": 2}}, "name": "abc"}}
     assert validator.is_valid(call)
@@ -181,7 +181,7 @@ def test_forced_calls_are_constrained_to_the_tools_schemas() -> None:
     named = tool_mode(tools, {"type": "function", "name": "get_weather"})
     assert named.constraint() == ("json_schema", json.dumps(WEATHER["function"]["parameters"]))
     assert named.prefix_text() == '<tool_call>\n{"name": "get_weather", "arguments": '
-    kind, schema = tool_mode(tools, "required").constraint() or ("", "")
+    kind, schema = tool_mode(tools, "required", parallel_tool_calls=False).constraint() or ("", "")
     assert kind == "json_schema"
     no_parameters = {"type": "object", "properties": {}, "additionalProperties": False}
     assert json.loads(str(schema)) == {
