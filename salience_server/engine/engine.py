@@ -235,7 +235,7 @@ class Engine:
             if session.is_busy:
                 raise session_busy(params.session_id)
             self.intake.check(params, session, image)
-            self.scheduler.check_room()
+            self.scheduler.check_room(params.priority)
             request = self.intake.accept(params, session, sink, image)
             if request.is_finished:
                 self.outcomes.finish(request)
@@ -296,7 +296,7 @@ class Engine:
             )
             session = Session(f"embed-{next(self._embed_ids)}", self.max_context)
             self.intake.check(params, session, None)
-            self.scheduler.check_room()
+            self.scheduler.check_room(params.priority)
             session.is_closed = True  # freed as its request ends
             request = self.intake.accept(params, session, sink, None)
             self.scheduler.add(request)

@@ -84,23 +84,27 @@ class Scheduler:
         self.num_preemptions = 0
         """Running requests sent back to wait, since start."""
 
-    def check_room(self) -> None:
-        """RESOURCE_EXHAUSTED when the queue is full: ``max_queue`` requests wait beyond
-        the running set's free places (a request waits for the next step even where a
-        place is free: counted as queued, a burst of ``max_running + max_queue`` calls
-        on an idle server had some refused)."""
+    def check_room(self, priority: int) -> None:
+        """RESOURCE_EXHAUSTED when the queue is full for a request of ``priority``:
+        ``max_queue`` requests of its priority or a higher one wait beyond the running
+        set's free places. A request waits for the next step even where a place is free
+        (counted as queued, a burst of ``max_running + max_queue`` calls on an idle
+        server had some refused); lower-priority requests waiting do not count, so that
+        a backlog never locks out urgent calls (which may take the queue past
+        ``max_queue``)."""
         free_places = max(0, self.config.max_running - len(self.running))
-        if len(self.waiting) >= self.config.max_queue + free_places:
+        ahead = sum(1 for _, r in self.waiting if r.priority <= priority)
+        if ahead >= self.config.max_queue + free_places:
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "QUEUE_FULL",
-                f"{len(self.waiting)} requests already wait (--max-queue "
+                f"{ahead} requests of this priority or higher already wait (--max-queue "
                 f"{self.config.max_queue}, {len(self.running)} running); retry later",
             )
 
     def add(self, request: Request) -> None:
-        """Queues a request; RESOURCE_EXHAUSTED when the queue is full."""
-        self.check_room()
+        """Queues a request; RESOURCE_EXHAUSTED when the queue is full for it."""
+        self.check_room(request.priority)
         heapq.heappush(self.waiting, (request.order_key, request))
 
     def requests(self) -> list[Request]:
