@@ -74,6 +74,11 @@ MAX_FORCED_CALLS = 16
 """Calls a reply forced to call (``required``, parallel calls allowed) may hold: a small
 model that repeats its call stops there."""
 
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""How the grammar engine lays out a JSON rule of a Lark grammar: as the server lays out
+a ``json_schema`` constraint's output (``engine.constraints.JSON_LAYOUT``), compact, as
+``json.dumps`` writes it."""
+
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 """A function declared without parameters takes none (OpenAI's rule)."""
 
@@ -142,10 +147,9 @@ class ToolMode:
             return "json_schema", json.dumps(schema)
         between = json.dumps(fmt.call_close + "\n" + fmt.call_open)
         close = json.dumps(fmt.call_close)
-        layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
         grammar = (
             f"start: call ({between} call){{0,{MAX_FORCED_CALLS - 1}}} {close}?\n"
-            f"call: %json {json.dumps({**schema, 'x-guidance': layout})}\n"
+            f"call: %json {json.dumps({**schema, 'x-guidance': _JSON_LAYOUT})}\n"
         )
         return "lark", grammar
 
