@@ -104,7 +104,9 @@ def completion_logprobs(
 ) -> dict[str, Any]:
     """The legacy shape. A token without a logprob (position 0 of a scored prompt) gets
     None; ``text_offset`` is each token's offset in the choice's text (``offsets`` runs
-    on across a stream's chunks)."""
+    on across a stream's chunks). As OpenAI's, each ``top_logprobs`` entry holds the
+    chosen token too (up to ``top_k + 1`` entries; ``logprobs: 0``, the chosen one
+    alone): harnesses read whether it was the most likely there."""
     strings, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for token in tokens:
         text = texts[token.token_id].text
@@ -114,7 +116,8 @@ def completion_logprobs(
         top: dict[str, float] = {}
         for token_id, logprob in token.top_logprobs[:top_k]:
             top.setdefault(texts[token_id].text, logprob)  # tokens that print alike: keep the best
-        top_logprobs.append(None if is_first or not top_k else top)
+        top.setdefault(text, token.logprob)
+        top_logprobs.append(None if is_first else top)
         text_offset.append(offsets.advance(texts[token.token_id].raw))
     return {
         "tokens": strings,

@@ -44,6 +44,8 @@ def test_echo_logprobs_equal_the_grpc_scoring_path(
             for token_id, logprob in token.top_logprobs:
                 (raw,) = client.token_bytes([token_id])
                 top.setdefault(raw.decode("utf-8", errors="backslashreplace"), logprob)
+            (raw,) = client.token_bytes([token.token_id])  # the chosen one, as OpenAI's
+            top.setdefault(raw.decode("utf-8", errors="backslashreplace"), token.logprob)
             tops.append(top)
     reply = shim.client().completions.create(
         model=model, prompt=TEXT, max_tokens=0, echo=True, logprobs=2, temperature=0

@@ -328,6 +328,17 @@ def test_logprob_shapes() -> None:
         "top_logprobs": [None, {"llo": -0.5, "!": -1.5}, {"!": -0.25, "?": -2.0}],
         "text_offset": [0, 2, 5],
     }
+    # The chosen token is always there, as OpenAI's (it was None with logprobs 0, and
+    # missing when outside the top k).
+    assert completion_logprobs(tokens, texts, 0, TextOffsets())["top_logprobs"] == [
+        None,
+        {"llo": -0.5},
+        {"!": -0.25},
+    ]
+    unlikely = [_token(1, 4, -2.0, [(3, -0.25), (4, -2.0)], False)]
+    assert completion_logprobs(unlikely, texts, 1, TextOffsets())["top_logprobs"] == [
+        {"!": -0.25, "?": -2.0}
+    ]
     chat = chat_logprobs(tokens[2:], texts, 1)
     assert chat == {
         "content": [
