@@ -64,6 +64,9 @@ class PooledSession:
     """The session this one was forked from to keep it idle (FORK_MIN_SHARED)."""
     replaces_stamp: float = 0.0
     """The parent's ``last_used`` as forked: unchanged at release, no one else used it."""
+    settled: asyncio.Event | None = None
+    """Set once a session taken back after a call that ended early is idle again (or
+    discarded); None when it is not settling."""
 
 
 @dataclass
@@ -116,6 +119,8 @@ class SessionPool:
         """Lends the idle session sharing the longest prefix with ``prompt_ids``, a fork of
         it, or a fresh session. ``reuse=False`` asks for a session holding nothing useful
         (a call that must score the prompt from position 0)."""
+        if reuse:
+            await self._await_settling(prompt_ids)
         best, shared = self._best_match(prompt_ids) if reuse else (None, 0)
         if best is not None and shared > 0:
             discard = len(best.token_ids) - shared
@@ -162,6 +167,7 @@ class SessionPool:
         """Takes a session back after a call that ended early: it holds at least
         ``token_ids``, and stays lent until the server says it is no longer busy."""
         lease.entry.token_ids = list(token_ids)
+        lease.entry.settled = asyncio.Event()
         self._spawn(self._settle(lease))
 
     def discard(self, lease: Lease) -> None:
@@ -224,17 +230,37 @@ class SessionPool:
         self._entries.append(entry)
         return Lease(entry, shared)
 
+    async def _await_settling(self, prompt_ids: Sequence[int]) -> None:
+        """Waits for the sessions settling after a call that ended early (a client that
+        stopped a stream) which share more of ``prompt_ids`` than any idle one: the
+        client's retry, sent at once, prefilled its whole conversation again in a
+        fresh session."""
+        _, shared = self._best_match(prompt_ids)
+        settling = [
+            entry.settled
+            for entry in self._entries
+            if entry.settled is not None
+            and common_prefix_length(entry.token_ids, prompt_ids) > shared
+        ]
+        if settling:
+            with contextlib.suppress(TimeoutError):
+                waits = (event.wait() for event in settling)
+                await asyncio.wait_for(asyncio.gather(*waits), SETTLE_WAIT_S + 1.0)
+
     async def _settle(self, lease: Lease) -> None:
         try:
             info = await lease.session.sync(wait_s=SETTLE_WAIT_S)
+            if info.is_busy:
+                log.warning("session %s is still busy; closing it", lease.session.session_id)
+                self.discard(lease)
+            else:
+                self.release(lease, lease.entry.token_ids)
         except SalienceClientError:
             self.discard(lease)
-            return
-        if info.is_busy:
-            log.warning("session %s is still busy; closing it", lease.session.session_id)
-            self.discard(lease)
-        else:
-            self.release(lease, lease.entry.token_ids)
+        finally:  # released or discarded by now: whoever waits for it may look again
+            settled, lease.entry.settled = lease.entry.settled, None
+            if settled is not None:
+                settled.set()
 
     def _trim(self) -> None:
         while len(self._entries) > self.max_sessions:

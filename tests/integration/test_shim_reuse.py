@@ -211,3 +211,20 @@ def test_a_twenty_turn_chat_pays_only_for_new_tokens(
                 {"role": "assistant", "content": reply.choices[0].message.content},
                 {"role": "user", "content": f"Tell me more ({turn})."},
             ]
+
+
+def test_a_retry_right_after_a_stopped_call_waits_for_its_session(llama_server: Any) -> None:
+    """A client that stops a stream and sends the request again at once (stop, then
+    regenerate) is lent the stopped call's session once it settles: the retry found it
+    still lent and prefilled the whole conversation in a fresh session."""
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        await collect(Generation(pool, PROMPT, DecodeOptions(max_tokens=0)))
+        lease = await pool.acquire(PROMPT + [7])
+        assert lease.shared == len(PROMPT)
+        pool.abandon(lease, PROMPT)  # its call ended early: it settles in the background
+        retry = await pool.acquire(PROMPT + [7])
+        assert retry.session.session_id == lease.session.session_id
+        assert retry.shared == len(PROMPT) and pool.num_sessions == 1
+
+    _run(llama_server.target, test)
