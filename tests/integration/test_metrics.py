@@ -87,3 +87,26 @@ def test_streams_cut_by_the_clients_deadline_are_counted_as_such(
     assert samples[key] == num_calls, {
         k: v for k, v in samples.items() if k[0] == "salience_requests_total"
     }
+
+
+def test_a_stream_the_client_cancels_early_is_cancelled_whatever_its_deadline(
+    tiny_llama_dir, server_factory
+) -> None:
+    """A cancel long before a short deadline is the client's, not the deadline's (any
+    cancel within a second of it counted DEADLINE_EXCEEDED)."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
+    request = pb.GenerateRequest(
+        session_id=open_session(server.stub),
+        append_tokens=[1, 2, 3],
+        max_tokens=10_000,
+        ignore_eos=True,
+    )
+    stream = server.stub.Generate(request, timeout=0.9)
+    next(stream)
+    stream.cancel()
+    key = ("salience_requests_total", (("code", "CANCELLED"), ("rpc", "Generate")))
+    deadline = time.monotonic() + 5
+    while _samples(server).get(key, 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    samples = _samples(server)
+    assert samples.get(key) == 1, {k: v for k, v in samples.items() if "requests" in k[0]}
