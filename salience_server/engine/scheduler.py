@@ -87,19 +87,21 @@ class Scheduler:
     def check_room(self, priority: int) -> None:
         """RESOURCE_EXHAUSTED when the queue is full for a request of ``priority``:
         ``max_queue`` requests of its priority or a higher one wait beyond the running
-        set's free places. A request waits for the next step even where a place is free
-        (counted as queued, a burst of ``max_running + max_queue`` calls on an idle
-        server had some refused); lower-priority requests waiting do not count, so that
-        a backlog never locks out urgent calls (which may take the queue past
-        ``max_queue``)."""
-        free_places = max(0, self.config.max_running - len(self.running))
+        set's free places, or twice that many of any priority. A request waits for the
+        next step even where a place is free (counted as queued, a burst of
+        ``max_running + max_queue`` calls on an idle server had some refused);
+        lower-priority requests waiting count only towards the second bound, so that a
+        backlog never locks out urgent calls, which may take the queue past
+        ``max_queue`` but no further than twice it."""
+        room = self.config.max_queue + max(0, self.config.max_running - len(self.running))
         ahead = sum(1 for _, r in self.waiting if r.priority <= priority)
-        if ahead >= self.config.max_queue + free_places:
+        if ahead >= room or len(self.waiting) >= 2 * room:
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "QUEUE_FULL",
-                f"{ahead} requests of this priority or higher already wait (--max-queue "
-                f"{self.config.max_queue}, {len(self.running)} running); retry later",
+                f"{len(self.waiting)} requests wait, {ahead} of them of this priority or "
+                f"higher (--max-queue {self.config.max_queue}, {len(self.running)} "
+                "running); retry later",
             )
 
     def add(self, request: Request) -> None:

@@ -254,20 +254,25 @@ def test_evicting_a_forks_partner_ends_the_copies_a_write_needs() -> None:
 def test_lower_priority_waiting_requests_leave_room_for_urgent_ones(pool) -> None:
     """A queue full of lower-priority requests still takes a higher-priority one:
     ``max_queue`` counts those of its priority or higher only (a batch backlog refused
-    every interactive call QUEUE_FULL)."""
+    every interactive call QUEUE_FULL); twice ``max_queue`` bounds the queue whatever
+    the priorities (ever more urgent calls grew it without end)."""
     manager, requests = pool
-    scheduler = make_scheduler(EngineConfig(max_running=1, max_queue=1), manager)
-    batch = [make_request(i, 5, max_tokens=50) for i in range(3)]
-    urgent = [make_request(3 + i, priority) for i, priority in enumerate((0, 0, -1))]
+    scheduler = make_scheduler(EngineConfig(max_running=1, max_queue=2), manager)
+    batch = [make_request(i, 5, max_tokens=50) for i in range(4)]
+    urgent = [make_request(4 + i, priority) for i, priority in enumerate((0, 0, 0, -1))]
     requests.extend(batch + urgent)
     scheduler.add(batch[0])
     run_step(scheduler)  # it runs
-    scheduler.add(batch[1])  # it waits: the queue is full for priority 5
+    scheduler.add(batch[1])
+    scheduler.add(batch[2])  # two wait: the queue is full for priority 5
     with pytest.raises(SalienceError) as caught:
-        scheduler.add(batch[2])
+        scheduler.add(batch[3])
     assert caught.value.reason == "QUEUE_FULL"
     scheduler.add(urgent[0])  # priority 0: nothing of its rank waits
+    scheduler.add(urgent[1])
     with pytest.raises(SalienceError):
-        scheduler.add(urgent[1])  # one of priority 0 waits now
-    scheduler.add(urgent[2])  # priority -1 outranks both
-    assert run_step(scheduler)[0][0] == urgent[2].request_id  # and runs first
+        scheduler.add(urgent[2])  # two of priority 0 wait now
+    # Four wait, twice max_queue: full for anyone, however urgent.
+    with pytest.raises(SalienceError):
+        scheduler.add(urgent[3])
+    assert run_step(scheduler)[0][0] == urgent[0].request_id  # the most urgent runs first
