@@ -215,19 +215,51 @@ class ToolMode:
         return ToolCallParser(self.names, max_calls, allow_bare, self.prefix_text())
 
 
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+"""JSON Schema keywords whose value maps names to subschemas."""
+_SCHEMA_LISTS = {"allOf", "anyOf", "oneOf", "prefixItems"}
+"""...whose value is a list of subschemas."""
+_SCHEMA_VALUES = {
+    "items",
+    "additionalItems",
+    "additionalProperties",
+    "contains",
+    "contentSchema",
+    "else",
+    "if",
+    "not",
+    "propertyNames",
+    "then",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+}
+"""...whose value is a subschema. Other keywords' values (``const``, ``enum``,
+``default``, ``examples``) are data, never read as schemas."""
+
+
 def _rooted_at(schema: Any, where: str) -> Any:
     """``schema`` with its local references (``#``, ``#/...``) made to point below
-    ``where``, where it is to be placed; ``$schema`` dropped (only a root has one)."""
-    if isinstance(schema, list):
-        return [_rooted_at(item, where) for item in schema]
+    ``where``, where it is to be placed; its ``$schema`` dropped (only a root has one).
+    Only schema positions are read: a property named ``$schema``, or ``$ref`` in a
+    ``const``, is data."""
     if not isinstance(schema, dict):
         return schema
-    moved = {}
+    moved: dict[str, Any] = {}
     for key, value in schema.items():
         if key == "$ref" and isinstance(value, str) and value.startswith("#"):
             moved[key] = where + value[1:]
-        elif key != "$schema":
+        elif key == "$schema":
+            continue
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            moved[key] = {name: _rooted_at(item, where) for name, item in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            moved[key] = [_rooted_at(item, where) for item in value]
+        elif key in _SCHEMA_VALUES:
             moved[key] = _rooted_at(value, where)
+        elif key == "dependencies" and isinstance(value, dict):  # draft-07: schemas or names
+            moved[key] = {name: _rooted_at(item, where) for name, item in value.items()}
+        else:
+            moved[key] = value
     return moved
 
 

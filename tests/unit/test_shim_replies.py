@@ -176,6 +176,34 @@ def test_a_required_call_keeps_the_references_of_its_tools_schemas() -> None:
     assert validator.is_valid({"name": "get_weather", "arguments": {"city": "Rome"}})
 
 
+def test_a_required_call_reads_only_schema_positions_of_its_tools() -> None:
+    """A property named ``$schema`` and a ``$ref`` inside a ``const`` are data: they were
+    dropped and rewritten (a 400 for the one, a 500 for the other)."""
+    parameters = {
+        "type": "object",
+        "properties": {
+            "$schema": {"type": "string"},
+            "link": {"const": {"$ref": "#/keep"}},
+            "tags": {"type": "array", "items": {"$ref": "#/$defs/Tag"}},
+            "pair": {
+                "type": "array",
+                "prefixItems": [{"$ref": "#/$defs/Tag"}, {"type": "integer"}],
+            },
+        },
+        "required": ["$schema", "link"],
+        "$defs": {"Tag": {"type": "string", "enum": ["a", "b"]}},
+    }
+    tools = chat_tools([{"type": "function", "function": {"name": "f", "parameters": parameters}}])
+    kind, schema = tool_mode(tools, "required", parallel_tool_calls=False).constraint() or ("", "")
+    validator = jsonschema.Draft202012Validator(json.loads(str(schema)))
+    arguments = {"$schema": "x", "link": {"$ref": "#/keep"}, "tags": ["a"], "pair": ["b", 1]}
+    assert validator.is_valid({"name": "f", "arguments": arguments})
+    assert not validator.is_valid({"name": "f", "arguments": {**arguments, "tags": ["c"]}})
+    placed = json.loads(str(schema))["$defs"]["tool_0"]["properties"]
+    assert placed["link"] == {"const": {"$ref": "#/keep"}}
+    assert placed["pair"]["prefixItems"][0] == {"$ref": "#/$defs/tool_0/$defs/Tag"}
+
+
 def test_forced_calls_are_constrained_to_the_tools_schemas() -> None:
     tools = chat_tools([WEATHER, TIME])
     named = tool_mode(tools, {"type": "function", "name": "get_weather"})
