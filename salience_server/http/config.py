@@ -10,8 +10,9 @@ from dataclasses import dataclass
 API_KEY_ENV = "SALIENCE_API_KEY"
 """Environment variable read for the bearer token when none is given on the command line."""
 
-_ORIGIN = re.compile(r"\A[a-z][a-z0-9+.-]*://[^/\s]+\Z")
-"""An origin as a browser's ``Origin`` header carries it."""
+_ORIGIN = re.compile(r"\A[a-z][a-z0-9+.-]*://[^/\s*A-Z]+\Z")
+"""An origin as a browser's ``Origin`` header carries it: scheme and host in lower case,
+no path, no wildcard (origins are compared as they are)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class ShimConfig:
         for origin in self.cors_origins:
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(
-                    f"CORS origin {origin!r} is not * or scheme://host[:port] (no path, as "
-                    "a browser sends it)"
+                    f"CORS origin {origin!r} is not * or scheme://host[:port] as a browser "
+                    "sends it (lower case, no path, no wildcard)"
                 )
 
 

@@ -136,5 +136,6 @@ def test_browser_pages_of_allowed_origins_may_call_the_shim(guarded) -> None:
         plain.stop()
     with pytest.raises(ValueError, match="not \\* or scheme://host"):
         ShimConfig(cors_origins=("app.example",))
-    with pytest.raises(ValueError, match="not \\* or scheme://host"):
-        ShimConfig(cors_origins=("https://app.example/",))
+    for never_sent in ("https://app.example/", "https://App.example", "https://*.example"):
+        with pytest.raises(ValueError, match="not \\* or scheme://host"):
+            ShimConfig(cors_origins=(never_sent,))
