@@ -41,6 +41,10 @@ async def call_unary(
         raise SalienceClientError.from_rpc_error(error) from None
 
 
+FINALIZE_WAIT_S = 5.0
+"""How long a call waits for the event loop to close a stream its caller dropped."""
+
+
 def _is_suspended(stream: Any) -> bool:
     """An async generator started and paused at a ``yield`` (``inspect.getasyncgenstate``
     says so from Python 3.12; before, a frame not at its first instruction and not
@@ -97,16 +101,17 @@ class AsyncSession(SessionBase):
         await self._settle()
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
-        manifest = self._manifest
-        if request.readout_ranges and manifest is None:
-            manifest = self._set_manifest(await self._model_info())
         progress = StreamProgress(request)
         attempts = Attempts(self._failover)
         finish_reason = ""
         call = None
         failure: SalienceClientError | None = None
         is_done = False
+        self._num_live_streams += 1
         try:
+            manifest = self._manifest
+            if request.readout_ranges and manifest is None:
+                manifest = self._set_manifest(await self._model_info())
             while not is_done:
                 call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
                 try:
@@ -128,6 +133,7 @@ class AsyncSession(SessionBase):
                     request, finish_reason = await self._recover_stream(failure, progress, attempts)
                     failure = None
         finally:
+            self._num_live_streams -= 1
             if not is_done:
                 if call is not None:
                     call.cancel()
@@ -154,6 +160,12 @@ class AsyncSession(SessionBase):
         for stream in list(self._streams):  # the running one is this call's own
             if _is_suspended(stream):
                 await stream.aclose()  # its call is cancelled: the session holds what it delivered
+        # A stream no one refers to any more (a ``break`` out of ``async for`` over
+        # ``generate()`` itself) left the weak set, and the event loop closes it in a
+        # task of its own: the next call, made at once, found the server still busy.
+        deadline = time.monotonic() + FINALIZE_WAIT_S
+        while self._num_live_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
         if self._abandoned:
             with contextlib.suppress(SalienceClientError):  # the call itself will say
                 await self._idle_info(SETTLE_WAIT_S)

@@ -104,6 +104,9 @@ class SessionBase:
         """The ``generate()`` streams not yet collected: one its caller left open (a
         ``break`` keeping a reference, an async one not yet finalized) is closed by the
         next call, which supersedes it."""
+        self._num_live_streams = 0
+        """Async ``generate()`` streams whose call has begun and not yet ended: one the
+        event loop is still closing is no longer in ``_streams``."""
         self._abandoned = False
         """A call ended before its Done (its caller left it, or it failed midway): the
         server may hold more than ``length`` (what that call committed past what its

@@ -68,7 +68,7 @@ def test_a_stream_left_open_is_closed_by_the_sessions_next_call(client: Salience
                 break
         assert session.prefill([4]).total_tokens == 3 + len(received) + 1 == session.length
 
-    async def scenario() -> None:
+    async def scenario(pause_s: float) -> None:
         async with AsyncSalienceClient(client.target, timeout=30) as aio:
             async with await aio.open_session() as session:
                 received = []
@@ -76,11 +76,14 @@ def test_a_stream_left_open_is_closed_by_the_sessions_next_call(client: Salience
                     received.append(event)
                     if len(received) == 3:
                         break
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(pause_s)
                 done = await session.prefill([4])
                 assert done.total_tokens == 3 + 3 + 1 == session.length == session.history.length
 
-    asyncio.run(scenario())
+    # The next call at once, before the event loop closed the dropped generator: it got
+    # SESSION_BUSY (the server still ran the call).
+    for pause_s in (0.2, 0.0):
+        asyncio.run(scenario(pause_s))
 
 
 def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
