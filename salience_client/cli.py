@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -92,6 +93,10 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
                 break
             if not line.strip():
                 continue
+            if not is_utf8(line):
+                print("salience: the line is not valid UTF-8; nothing sent", file=sys.stderr)
+                failed += 1
+                continue
             try:
                 done = conversation.turn(line.rstrip("\n"), sys.stdout, **options)
             except KeyboardInterrupt:
@@ -107,6 +112,16 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` came from valid UTF-8: Python reads other bytes of the command
+    line and of standard input as lone surrogates, which no request can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_token_ids(text: str) -> list[int]:
     """``"1,2 3"`` -> ``[1, 2, 3]``."""
     try:
@@ -120,12 +135,17 @@ def parse_token_ids(text: str) -> list[int]:
 
 def score(client: SalienceClient, args: argparse.Namespace) -> None:
     """Prints each token's logprob given the tokens before it, and the total."""
+    if args.tokens is not None and args.text is not None:
+        raise SystemExit("salience: score takes TEXT or --tokens, not both")
     if args.tokens is not None:
         token_ids = parse_token_ids(args.tokens)
     elif args.text is not None:
-        token_ids = client.tokenize(args.text, add_special_tokens=args.add_special_tokens)
+        text = sys.stdin.read() if args.text == "-" else args.text
+        if not is_utf8(text):
+            raise SystemExit("salience: the text to score is not valid UTF-8")
+        token_ids = client.tokenize(text, add_special_tokens=args.add_special_tokens)
     else:
-        raise SystemExit("salience: score needs TEXT or --tokens")
+        raise SystemExit("salience: score needs TEXT (- for standard input) or --tokens")
     if not token_ids:
         raise SystemExit("salience: nothing to score (no tokens)")
     with client.open_session() as session:
@@ -194,6 +214,8 @@ def describe(error: SalienceClientError, target: str) -> str:
     """One line a person can act on."""
     if error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "UNAVAILABLE":
         return f"cannot reach the server at {target} (is it running?)"
+    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the server did not answer in time (--timeout) [{error.code.name}]"
     return f"{error.message} [{error.code.name}, {error.reason}]"
 
 
@@ -205,7 +227,9 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
         return value if defaults else argparse.SUPPRESS
 
     parser.add_argument(
-        "--target", default=default(DEFAULT_TARGET), help="server address, HOST:PORT"
+        "--target",
+        default=default(DEFAULT_TARGET),
+        help=f"server address, HOST:PORT (default: {DEFAULT_TARGET})",
     )
     parser.add_argument(
         "--api-key",
@@ -213,7 +237,10 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
         help="bearer token for a server started with --api-key (default: $SALIENCE_API_KEY)",
     )
     parser.add_argument(
-        "--timeout", type=_positive(float), default=default(30.0), help="seconds per unary call"
+        "--timeout",
+        type=_positive(float),
+        default=default(30.0),
+        help="seconds per unary call (default: 30)",
     )
 
 
@@ -231,12 +258,12 @@ def _within(kind: Callable[[str], Any], low: float, high: float) -> Any:
 
 
 def _positive(kind: Callable[[str], Any]) -> Any:
-    """An argparse type: ``kind`` values above 0."""
+    """An argparse type: finite ``kind`` values above 0."""
 
     def parse(text: str) -> Any:
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
         return value
 
     parse.__name__ = kind.__name__
@@ -253,17 +280,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, parents=[connection])
 
-    chat_parser = command("chat", "chat with the model (one session per run)")
-    chat_parser.add_argument("--max-tokens", type=_within(int, 1, END), default=512)
-    chat_parser.add_argument("--temperature", type=_within(float, 0.0, 2.0), default=0.7)
+    chat_parser = command(
+        "chat",
+        "chat with the model (one session per run; each line is a turn; /exit or Ctrl-D ends it)",
+    )
+    chat_parser.add_argument(
+        "--max-tokens",
+        type=_within(int, 1, END),
+        default=512,
+        help="most tokens a reply decodes (default: 512)",
+    )
+    chat_parser.add_argument(
+        "--temperature",
+        type=_within(float, 0.0, 2.0),
+        default=0.7,
+        help="sampling temperature, 0 for greedy (default: 0.7)",
+    )
     chat_parser.add_argument(
         "--seed", type=_within(int, 0, 2**64 - 1), help="seed the sampler (reproducible replies)"
     )
     chat_parser.add_argument("--system", help="a system message opening the conversation")
     score_parser = command("score", "per-token logprobs of a text")
-    score_parser.add_argument("text", nargs="?", help="the text to score")
+    score_parser.add_argument("text", nargs="?", help="the text to score (- reads standard input)")
     score_parser.add_argument("--tokens", help="token ids instead of text: '1,2,3'")
-    score_parser.add_argument("--add-special-tokens", action="store_true", help="prepend BOS")
+    score_parser.add_argument(
+        "--add-special-tokens",
+        action="store_true",
+        help="tokenize with the tokenizer's special tokens (a BOS, for models whose "
+        "tokenizer adds one)",
+    )
     command("info", "describe the served model")
     command("sessions", "list the live sessions")
     return parser.parse_args(argv)
@@ -280,6 +325,8 @@ _COMMANDS: dict[str, Callable[[SalienceClient, argparse.Namespace], None]] = {
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``salience``."""
     args = parse_args(argv)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 reach is_utf8
+        sys.stdin.reconfigure(errors="surrogateescape")  # (a UTF-8 locale raised on them)
     try:
         with SalienceClient(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             _COMMANDS[args.command](client, args)

@@ -31,12 +31,14 @@ def oracle(tiny_llama_dir: Path) -> Any:
     return reference_model(tiny_llama_dir)
 
 
-def _salience(target: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def _salience(
+    target: str, *args: str | bytes, stdin: str | bytes = ""
+) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).parent / "salience"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "salience_client.cli"]
     result = subprocess.run(
         [*command, "--target", target, *args],
-        input=stdin.encode(),
+        input=stdin.encode() if isinstance(stdin, str) else stdin,
         capture_output=True,
         timeout=60,
         cwd=REPO,
@@ -78,6 +80,25 @@ def test_cli_score_prints_each_token_and_the_total(server_target: str, oracle: A
     # A character split over tokens (the tiny model's tokens are bytes) prints its bytes.
     split = _salience(server_target, "score", "é").stdout.splitlines()
     assert "'\\xc3'" in split[1] and "'\\xa9'" in split[2], split
+    # "-" reads the text from standard input.
+    assert _salience(server_target, "score", "-", stdin=PROMPT_TEXT).stdout == result.stdout
+
+
+def test_cli_refuses_text_that_is_not_utf8_in_one_line(server_target: str) -> None:
+    """Bytes that are not UTF-8 on the command line or standard input (Python reads them
+    as lone surrogates): score ended in a traceback, chat sent them to the server."""
+    latin1 = "café".encode("latin-1")
+    for result in (
+        _salience(server_target, "score", latin1),
+        _salience(server_target, "score", "-", stdin=latin1),
+    ):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr == "salience: the text to score is not valid UTF-8\n"
+    flags = "--max-tokens 2 --temperature 0".split()
+    chat = _salience(server_target, "chat", *flags, stdin=latin1 + b"\nhi\n")
+    assert chat.returncode == 1 and "Traceback" not in chat.stderr
+    assert chat.stderr.startswith("salience: the line is not valid UTF-8; nothing sent\n")
+    assert chat.stdout.count("\n") == 1  # the next line got its reply
 
 
 def test_cli_chat_keeps_one_session_across_turns(
@@ -149,6 +170,8 @@ def test_cli_connection_options_go_before_or_after_the_command(server_target: st
         ["chat", "--temperature", "nan"],
         ["score", "--tokens", "1,-1"],
         ["info", "--timeout", "0"],
+        ["info", "--timeout", "inf"],
+        ["score", "text", "--tokens", "1"],
     ],
 )
 def test_cli_refuses_values_out_of_range_without_a_traceback(args: list[str]) -> None:
