@@ -15,9 +15,9 @@ from salience_server.config import (
     EngineConfig,
     ModelConfig,
     ServerConfig,
+    add_cors_argument,
     parse_bytes,
 )
-from salience_server.http.config import add_cors_argument
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import signal
@@ -175,3 +176,33 @@ class ServerConfig:
             raise ValueError("grace_s must be finite, not negative; keepalive_s finite, positive")
         if self.stream_buffer_events <= 0:
             raise ValueError("stream_buffer_events must be positive")
+        check_cors_origins(self.cors_origins)
+
+
+_ORIGIN = re.compile(r"\A[a-z][a-z0-9+.-]*://[^/\s*A-Z]+\Z")
+"""An origin as a browser's ``Origin`` header carries it: scheme and host in lower case,
+no path, no wildcard (origins are compared as they are)."""
+
+
+def check_cors_origins(origins: tuple[str, ...]) -> None:
+    """ValueError for an origin no browser sends (so that it would match nothing)."""
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ValueError(
+                f"CORS origin {origin!r} is not * or scheme://host[:port] as a browser "
+                "sends it (lower case, no path, no wildcard)"
+            )
+
+
+def add_cors_argument(parser: argparse.ArgumentParser) -> None:
+    """``--cors-origin``, which the server (for the shim beside it) and the shim take
+    (here, not in the shim's package, whose import takes half a second: the server must
+    reach its signal handlers at once)."""
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (https://host[:port], or * for any) call the "
+        "HTTP API (CORS); repeatable; default: none",
+    )

@@ -9,8 +9,8 @@ import logging
 import sys
 
 from salience_client import DEFAULT_TARGET
-from salience_server.config import STOP_SIGNALS
-from salience_server.http.config import ShimConfig, add_cors_argument, api_key_from_env
+from salience_server.config import STOP_SIGNALS, add_cors_argument
+from salience_server.http.config import ShimConfig, api_key_from_env
 from salience_server.http.serving import ShimServer
 
 

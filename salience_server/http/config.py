@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 from dataclasses import dataclass
+
+from salience_server.config import check_cors_origins
 
 API_KEY_ENV = "SALIENCE_API_KEY"
 """Environment variable read for the bearer token when none is given on the command line."""
-
-_ORIGIN = re.compile(r"\A[a-z][a-z0-9+.-]*://[^/\s*A-Z]+\Z")
-"""An origin as a browser's ``Origin`` header carries it: scheme and host in lower case,
-no path, no wildcard (origins are compared as they are)."""
 
 
 @dataclass(frozen=True)
@@ -67,26 +63,9 @@ class ShimConfig:
             raise ValueError("retry_budget_s and graceful_shutdown_s must not be negative")
         if self.keepalive_s < 0:
             raise ValueError("keepalive_s must be 0 (off) or positive")
-        for origin in self.cors_origins:
-            if origin != "*" and not _ORIGIN.match(origin):
-                raise ValueError(
-                    f"CORS origin {origin!r} is not * or scheme://host[:port] as a browser "
-                    "sends it (lower case, no path, no wildcard)"
-                )
+        check_cors_origins(self.cors_origins)
 
 
 def api_key_from_env() -> str | None:
     """The bearer token in ``$SALIENCE_API_KEY``, or None when unset or empty."""
     return os.environ.get(API_KEY_ENV) or None
-
-
-def add_cors_argument(parser: argparse.ArgumentParser) -> None:
-    """``--cors-origin``, which the server (for the shim beside it) and the shim take."""
-    parser.add_argument(
-        "--cors-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="let browser pages from ORIGIN (https://host[:port], or * for any) call the "
-        "HTTP API (CORS); repeatable; default: none",
-    )

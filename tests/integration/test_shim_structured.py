@@ -13,7 +13,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from tests.shim_support import RunningShim
+from tests.shim_support import WEATHER, RunningShim
 
 
 class City(BaseModel):
@@ -151,19 +151,6 @@ def test_a_required_call_of_a_pydantic_tool_with_nested_models(default_shim: Run
     assert call.function.name == "DrawLine"
     assert isinstance(call.function.parsed_arguments, DrawLine)
     assert completion.choices[0].finish_reason == "tool_calls"
-
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 def _weather_calls(city_a: str, city_b: str) -> list[dict]:

@@ -14,6 +14,7 @@ from salience_server.engine.constraints import (
 )
 from salience_server.engine.errors import SalienceError
 from salience_server.http.tools import HERMES, MAX_FORCED_CALLS, chat_tools, tool_mode
+from tests.shim_support import WEATHER
 from tests.tiny_models import build_tokenizer
 
 
@@ -110,18 +111,7 @@ def test_a_required_tool_call_may_be_several_calls_when_parallel(compiler) -> No
     """tool_choice "required" with parallel calls allowed: one to MAX_FORCED_CALLS calls
     in the family's markup, each of a declared tool (it allowed one call only)."""
 
-    weather = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-    tools = chat_tools([weather])
+    tools = chat_tools([WEATHER])
     kind, grammar = tool_mode(tools, "required").constraint() or ("", "")
     assert kind == "lark"
     spec = ConstraintSpec(kind, str(grammar))
