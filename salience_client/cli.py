@@ -228,6 +228,7 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
 
     parser.add_argument(
         "--target",
+        type=_target,
         default=default(DEFAULT_TARGET),
         help=f"server address, HOST:PORT (default: {DEFAULT_TARGET})",
     )
@@ -242,6 +243,18 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
         default=default(30.0),
         help="seconds per unary call (default: 30)",
     )
+
+
+def _target(text: str) -> str:
+    """An argparse type: a gRPC target (an empty one, or an HTTP URL such as the shim's,
+    failed later with grpc's own error lines)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the target is empty, not HOST:PORT")
+    if text.lower().startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(
+            f"{text} is an HTTP URL; give the gRPC server's HOST:PORT (not the shim's)"
+        )
+    return text
 
 
 def _within(kind: Callable[[str], Any], low: float, high: float) -> Any:

@@ -171,6 +171,8 @@ def test_cli_connection_options_go_before_or_after_the_command(server_target: st
         ["score", "--tokens", "1,-1"],
         ["info", "--timeout", "0"],
         ["info", "--timeout", "inf"],
+        ["info", "--target", ""],
+        ["info", "--target", "http://127.0.0.1:8000"],
         ["score", "text", "--tokens", "1"],
     ],
 )
