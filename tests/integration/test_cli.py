@@ -171,8 +171,6 @@ def test_cli_connection_options_go_before_or_after_the_command(server_target: st
         ["score", "--tokens", "1,-1"],
         ["info", "--timeout", "0"],
         ["info", "--timeout", "inf"],
-        ["info", "--target", ""],
-        ["info", "--target", "http://127.0.0.1:8000"],
         ["score", "text", "--tokens", "1"],
     ],
 )
@@ -181,3 +179,16 @@ def test_cli_refuses_values_out_of_range_without_a_traceback(args: list[str]) ->
     result = _salience(UNREACHABLE, *args)
     assert result.returncode in (1, 2) and "Traceback" not in result.stderr
     assert "salience" in result.stderr and ("not" in result.stderr or ">= 0" in result.stderr)
+
+
+def test_cli_refuses_a_target_that_is_no_grpc_address() -> None:
+    """An empty target printed grpc's C-core error lines; the shim's HTTP URL said the
+    server could not be reached."""
+    for target, says in (
+        ("", "the target is empty, not HOST:PORT"),
+        ("http://127.0.0.1:8000", "is an HTTP URL; give the gRPC server's HOST:PORT"),
+    ):
+        result = _salience(target, "info")
+        assert result.returncode == 2, result.stderr
+        assert says in result.stderr and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 3  # argparse's usage (two lines) and the error
