@@ -9,8 +9,7 @@ marker with a proper status before the service sees it.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from salience_server.engine.errors import SalienceError, invalid
 from salience_server.rpc.errors import abort
+from salience_server.rpc.handlers import with_prelude
 
 
 @dataclass(frozen=True)
@@ -38,19 +38,10 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        if handler.unary_unary:
-            make = grpc.unary_unary_rpc_method_handler
-            behavior = handler.unary_unary
-        elif handler.unary_stream:
-            make = grpc.unary_stream_rpc_method_handler
-            behavior = handler.unary_stream
-        else:  # streaming requests (reflection) keep grpc's own handling
-            return handler
-        return make(
-            _checking(behavior),
-            request_deserializer=_tolerant(handler.request_deserializer, handler_call_details),
-            response_serializer=handler.response_serializer,
-        )
+        if not (handler.unary_unary or handler.unary_stream):
+            return handler  # streaming requests (reflection) keep grpc's own handling
+        parse = _tolerant(handler.request_deserializer, handler_call_details)
+        return with_prelude(handler, _refuse_malformed, parse)
 
 
 def _tolerant(parse: Callable[[bytes], Any], details: grpc.HandlerCallDetails) -> Any:
@@ -70,22 +61,6 @@ def _refusal(request: Malformed) -> SalienceError:
     )
 
 
-def _checking(behavior: Any) -> Any:
-    """Wraps a behavior, keeping its kind (an async generator stays one), so that a
-    ``Malformed`` request is refused before it runs."""
-    if inspect.isasyncgenfunction(behavior):
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, Malformed):
-                await abort(context, _refusal(request))
-            async for response in behavior(request, context):
-                yield response
-
-        return streaming
-
-    async def returning(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Malformed):
-            await abort(context, _refusal(request))
-        return await behavior(request, context)
-
-    return returning
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, Malformed):
+        await abort(context, _refusal(request))

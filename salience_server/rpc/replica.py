@@ -6,11 +6,12 @@ tests and the logs use it to tell the replicas apart.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from salience_server.rpc.handlers import with_prelude
 
 REPLICA_METADATA = "salience-replica"
 
@@ -31,40 +32,9 @@ class ReplicaInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _naming(handler, ((REPLICA_METADATA, self.replica_id),))
+        metadata = ((REPLICA_METADATA, self.replica_id),)
 
-
-def _naming(handler: grpc.RpcMethodHandler, metadata: tuple[tuple[str, str], ...]) -> Any:
-    """A handler of the same shape that sends ``metadata`` first."""
-    if handler.unary_unary:
-        behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-    elif handler.unary_stream:
-        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    elif handler.stream_unary:
-        behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    else:
-        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    return make(
-        _sending_first(behavior, metadata),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _sending_first(behavior: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
-    """Wraps a behavior, keeping its kind: an async generator (yielding responses) stays
-    one; a coroutine (returning a response, or writing through ``context.write``) too."""
-    if inspect.isasyncgenfunction(behavior):
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def send_name(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.send_initial_metadata(metadata)
-            async for response in behavior(request, context):
-                yield response
 
-        return streaming
-
-    async def returning(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.send_initial_metadata(metadata)
-        return await behavior(request, context)
-
-    return returning
+        return with_prelude(handler, send_name)
