@@ -36,6 +36,10 @@ done
 .venv/bin/python -m pip download -q --disable-pip-version-check --no-color --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp "${platforms[@]}" -d "$bundle/wheels" "${pins[@]}" \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# The check runs the suite in parallel processes (pytest-xdist, not a dependency here).
+.venv/bin/python -m pip download -q --disable-pip-version-check --no-color --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation cp "${platforms[@]}" -d "$bundle/wheels" pytest-xdist execnet \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 .venv/bin/python - "$bundle/model" <<'PY'
 import shutil, sys
 from pathlib import Path

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from salience_client.pb import salience_pb2_grpc
 from salience_server.config import EngineConfig, ModelConfig, ServerConfig
+from salience_server.engine.kv_pool import CPU_DEFAULT_KV_BYTES
 from salience_server.engine.loader import default_gguf_path
 from tests.tiny_models import build_tiny_model
 
@@ -103,6 +104,10 @@ def start_server(
     (``server_options``: more ServerConfig fields)."""
     from salience_server.rpc.server import SalienceServer
 
+    if TEST_DEVICE != "cpu":
+        # The CPU's default budget: on a GPU the default is most of its free memory,
+        # which servers of several test processes sharing one GPU would fight over.
+        engine_options.setdefault("kv_cache_bytes", CPU_DEFAULT_KV_BYTES)
     config = ServerConfig(
         port=0,
         model=ModelConfig(model=model, dtype=dtype, device=TEST_DEVICE),

@@ -62,6 +62,10 @@ def _budget_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
     if config.kv_cache_bytes:
         return config.kv_cache_bytes
     if loaded.device.type == "cuda":
+        # Blocks this process's caching allocator keeps from freed tensors (an engine
+        # stopped before, the loading's temporaries) count as used in the driver's
+        # figure: hand them back first, or each engine of a process gets less.
+        torch.cuda.empty_cache()
         free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
         return int(free_bytes * CUDA_KV_FRACTION)
     return CPU_DEFAULT_KV_BYTES
