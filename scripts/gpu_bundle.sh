@@ -20,7 +20,7 @@ packages=(
   click h11 pydantic pydantic-core annotated-types typing-inspection typing-extensions
   openai jiter distro sniffio anyio httpx httpcore llguidance jsonschema
   jsonschema-specifications referencing rpds-py attrs prometheus-client transformers
-  huggingface-hub tokenizers safetensors regex hypothesis sortedcontainers pytest
+  huggingface-hub httpx2 httpcore2 truststore kernels tomlkit opentelemetry-api tokenizers safetensors regex hypothesis sortedcontainers pytest
   pytest-timeout pluggy iniconfig
 )
 pins=()

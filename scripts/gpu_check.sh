@@ -26,6 +26,9 @@ if ! "$python" -c "import grpc_health, fastapi, gguf, llguidance" 2>/dev/null; t
     --no-cache-dir --target "$site" .gpu-bundle/wheels/*.whl || exit 1
   export PYTHONPATH="$site:$PYTHONPATH"
 fi
+# Fails fast where a dependency is still missing.
+"$python" -c "import salience_server.rpc.server, salience_server.http.app, openai" || exit 1
+[ "${CHECK_WORKERS:-8}" -eq 0 ] || "$python" -c "import xdist" || exit 1
 
 {
   nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
