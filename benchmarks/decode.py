@@ -80,8 +80,8 @@ class PlainDecoder:
         path, _ = resolve_model_path(where.model)
         self.device = resolve_device(where.device)
         self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), device_map=self.device
-        )
+            path, dtype=getattr(torch, dtype), device_map=self.device, use_kernels=False
+        )  # the model's own layers, as the engine runs them (and no Hub download)
         self.model.eval()
         prompt = [_prompt(i, prompt_tokens) for i in range(batch)]
         with torch.inference_mode():

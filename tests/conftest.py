@@ -98,19 +98,21 @@ def start_server(
     server_options: dict[str, Any] | None = None,
     replica_id: str = "",
     dtype: str = "float32",
+    device: str = TEST_DEVICE,
     **engine_options: Any,
 ) -> RunningServer:
     """Starts a real gRPC server for ``model`` on port 0 in a background thread
-    (``server_options``: more ServerConfig fields)."""
+    (``server_options``: more ServerConfig fields; ``device``: ``cpu`` for a test of the
+    CPU's own paths)."""
     from salience_server.rpc.server import SalienceServer
 
-    if TEST_DEVICE != "cpu":
+    if device != "cpu":
         # The CPU's default budget: on a GPU the default is most of its free memory,
         # which servers of several test processes sharing one GPU would fight over.
         engine_options.setdefault("kv_cache_bytes", CPU_DEFAULT_KV_BYTES)
     config = ServerConfig(
         port=0,
-        model=ModelConfig(model=model, dtype=dtype, device=TEST_DEVICE),
+        model=ModelConfig(model=model, dtype=dtype, device=device),
         engine=EngineConfig(**engine_options),
         readout_path=readout_path,
         api_key=api_key,

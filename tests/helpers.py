@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -74,14 +75,15 @@ def reference_greedy(
     return output[0, len(prompt_ids) :].tolist()
 
 
-def server_start_failure(*args: str) -> str:
-    """Runs ``salience-server ARGS``, which must fail at start: exit 1, one logged error
-    line, no traceback. Returns its stderr."""
+def server_start_failure(*args: str, env: dict[str, str] | None = None) -> str:
+    """Runs ``salience-server ARGS`` (with ``env`` added to the environment), which must
+    fail at start: exit 1, one logged error line, no traceback. Returns its stderr."""
     result = subprocess.run(
         [sys.executable, "-m", "salience_server", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr

@@ -139,7 +139,7 @@ def _convert_into(gguf_path: Path, directory: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, name = str(gguf_path.parent), gguf_path.name
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, use_kernels=False)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config.
     config = AutoConfig.from_pretrained(source, gguf_file=name)
     if hasattr(config, "quantization_config"):
@@ -260,6 +260,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model = AutoModelForImageTextToText.from_pretrained(
             path,
             dtype=dtype,
+            use_kernels=False,
             attn_implementation={
                 "text_config": paged_attention.ATTENTION_NAME,
                 "vision_config": "sdpa",
@@ -267,8 +268,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
         )
         image_processor = AutoImageProcessor.from_pretrained(path)
     else:
+        # use_kernels=False: transformers otherwise swaps layers for the Hub's kernels
+        # on a GPU, downloading them (nothing is downloaded at run time; the paged
+        # attention and the exactness tests assume the model's own layers).
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=paged_attention.ATTENTION_NAME
+            path,
+            dtype=dtype,
+            attn_implementation=paged_attention.ATTENTION_NAME,
+            use_kernels=False,
         )
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -104,7 +104,9 @@ def _row_results(
         unused.update(indices[len(emitted) :])
     top_ks = [top_k(row.request, t) for row, t in zip(rows, targets, strict=True)]
     on_device = sampler.score_on_device(logprobs, picked.token_ids, top_ks, picked.argmax_rows)
-    readout_rows = readout.flatten(1) if readout is not None else torch.empty(0, 0)  # [R, L * C]
+    readout_rows = (  # [R, L * C]
+        readout.flatten(1) if readout is not None else torch.empty(0, 0, device=logits.device)
+    )
     token_ids, *scored_lists, readout_values = sampler.to_host(
         [picked.token_ids, *on_device, readout_rows]
     )

@@ -211,7 +211,10 @@ def to_host(tensors: list[torch.Tensor], one_copy: bool | None = None) -> list[A
         one_copy = any(tensor.device.type != "cpu" for tensor in tensors)
     if not one_copy:
         return [tensor.tolist() for tensor in tensors]
-    packed = torch.cat([tensor.reshape(-1).to(torch.float64) for tensor in tensors]).cpu()
+    # Where a part is on the host already, it joins the device's buffer (a small copy),
+    # rather than failing the step.
+    device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
+    packed = torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors]).cpu()
     results, start = [], 0
     for tensor in tensors:
         part = packed[start : start + tensor.numel()].reshape(tensor.shape)

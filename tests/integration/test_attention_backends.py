@@ -30,7 +30,7 @@ from tests.helpers import (
     server_start_failure,
     use_flash_backend,
 )
-from tests.tiny_models import reference_model
+from tests.tiny_models import build_tiny_vision_model, reference_model
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])
@@ -86,8 +86,14 @@ def test_engine_on_the_flash_backend_equals_transformers(
 
 
 def test_server_asked_for_flash_attn_without_cuda_exits_with_one_line(tiny_llama_dir) -> None:
-    stderr = server_start_failure(
-        "--model", str(tiny_llama_dir), "--port", "0", "--attention-backend", "flash-attn"
+    stderr = server_start_failure(  # no GPU in sight, on a machine that has one too
+        "--model",
+        str(tiny_llama_dir),
+        "--port",
+        "0",
+        "--attention-backend",
+        "flash-attn",
+        env={"CUDA_VISIBLE_DEVICES": ""},
     )
     assert "--attention-backend flash-attn: flash-attn runs on CUDA only" in stderr
 
@@ -128,6 +134,17 @@ def test_flash_attn_asked_for_by_name_that_cannot_run_fails_at_start(
     config = EngineConfig(attention_backend="flash-attn", block_size=16, kv_cache_bytes=1 << 20)
     with pytest.raises(ValueError, match="a first forward pass failed: CUDA error"):
         Engine(loaded, config)
+
+
+def test_the_model_keeps_its_own_layers_rather_than_the_hubs_kernels(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """transformers swaps a model's layers for kernels from the Hub unless told not to
+    (downloading them on a GPU, where the check found it failing offline): the engine's
+    paged attention and its exactness rest on the model's own layers."""
+    for model_dir in (tiny_llama_dir, build_tiny_vision_model(tmp_path, "qwen2_vl")):
+        loaded = load_model(ModelConfig(model=str(model_dir), device="cpu"))
+        assert loaded.model.use_kernels is False
 
 
 def test_a_model_with_attention_softcapping_is_refused_at_load(tmp_path: Path) -> None:

@@ -34,7 +34,9 @@ def test_bfloat16_logprobs_stay_close_to_float32(
     token_ids = random_tokens(60, seed=17)
     results = []
     for dtype in ("float32", "bfloat16"):
-        server = start_server(str(tiny_llama_dir), dtype=dtype, block_size=4, speculative="ngram")
+        server = start_server(
+            str(tiny_llama_dir), dtype=dtype, block_size=4, speculative="ngram", device="cpu"
+        )
         try:
             runner = server.engine.runner
             assert runner.dtype == getattr(torch, dtype)
@@ -73,6 +75,32 @@ def test_bfloat16_logprobs_stay_close_to_float32(
     assert (full - half).abs().max().item() > 0  # it really ran in bf16
 
 
+def test_bfloat16_logprobs_stay_close_to_float32_where_the_tests_run(tiny_llama_dir) -> None:
+    """The same bound on the tests' device, the CPU or (in the GPU check) a GPU's own
+    bf16 arithmetic, where the KV pool is bf16 too."""
+    token_ids = random_tokens(60, seed=17)
+    results = []
+    for dtype in ("float32", "bfloat16"):
+        server = start_server(str(tiny_llama_dir), dtype=dtype, block_size=4)
+        try:
+            runner = server.engine.runner
+            assert runner.dtype == getattr(torch, dtype)
+            if runner.device.type == "cuda":
+                assert runner.kv_caches[0][0].dtype == runner.dtype
+            tokens, _ = generate(
+                server.stub,
+                open_session(server.stub),
+                append_tokens=token_ids,
+                logprobs_ranges=[(1, U32_MAX)],
+            )
+            results.append(torch.tensor([t.sampled_logprob for t in tokens]))
+        finally:
+            server.stop()
+    full, half = results
+    assert (full - half).abs().max().item() < BF16_TOLERANCE
+    assert (full - half).abs().max().item() > 0  # it really ran in bf16
+
+
 @pytest.mark.parametrize(
     ("model", "dtype"), [("tiny_llama_dir", "bfloat16"), ("tiny_qwen3_dir", "float16")]
 )
@@ -88,7 +116,7 @@ def test_emulated_16_bit_models_are_float32_arithmetic_on_16_bit_weights(
     monkeypatch.setattr(cpu_matmul, "has_16_bit_units", lambda: False)
     model_dir = request.getfixturevalue(model)
     token_ids = random_tokens(40, seed=5)
-    server = start_server(str(model_dir), dtype=dtype, block_size=4)
+    server = start_server(str(model_dir), dtype=dtype, block_size=4, device="cpu")
     try:
         linears = [
             m for m in server.engine.runner.model.modules() if isinstance(m, torch.nn.Linear)
@@ -126,7 +154,9 @@ def test_emulated_bfloat16_image_is_float32_arithmetic_on_bfloat16_weights(
     monkeypatch.setattr(cpu_matmul, "MIN_ROWS", 0)
     model_dir = build_tiny_vision_model(tmp_path, "qwen2_vl")
     pieces = [[10, 20, 30], make_image(1), [60, 70, 80, 90]]
-    server = start_server(str(model_dir), dtype="bfloat16", block_size=4, kv_cache_bytes=4 << 20)
+    server = start_server(
+        str(model_dir), dtype="bfloat16", block_size=4, kv_cache_bytes=4 << 20, device="cpu"
+    )
     try:
         _, events = append_pieces(server, open_session(server.stub), pieces)
         inputs = reference_inputs(server, pieces)

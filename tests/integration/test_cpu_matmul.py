@@ -228,7 +228,7 @@ def test_float32_sessions_with_plain_narrow_products_equal_one_forward(
         return
     monkeypatch.setattr(cpu_matmul, "narrow_products_below", lambda *args: 2)
     prompt = random_tokens(20, seed=8)
-    server = start_server(str(tiny_llama_dir), dtype="float32", block_size=4)
+    server = start_server(str(tiny_llama_dir), dtype="float32", block_size=4, device="cpu")
     try:
         layer = server.engine.runner.model.model.layers[0].mlp.down_proj
         assert layer.weight.is_mkldnn and layer.forward.__name__ == "forward"  # dispatching
@@ -258,7 +258,7 @@ def test_bfloat16_sessions_with_float16_narrow_products_stay_close_to_float32(
         return
     monkeypatch.setattr(cpu_matmul, "narrow_products_below", lambda *args: 2)
     prompt = random_tokens(20, seed=9)
-    server = start_server(str(tiny_llama_dir), dtype="bfloat16", block_size=4)
+    server = start_server(str(tiny_llama_dir), dtype="bfloat16", block_size=4, device="cpu")
     try:
         linears = [
             m for m in server.engine.runner.model.modules() if isinstance(m, torch.nn.Linear)

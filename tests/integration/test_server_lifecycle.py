@@ -64,7 +64,9 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-        assert status == health_pb2.HealthCheckResponse.SERVING
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            process.kill()
+            pytest.fail(f"not serving within a minute; the server said:\n{process.stdout.read()}")
         by_name = health_pb2.HealthCheckRequest(service="salience.v1.Salience")
         assert health.Check(by_name).status == status  # it was NOT_FOUND
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)

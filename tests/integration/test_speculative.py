@@ -271,7 +271,7 @@ def test_greedy_speculation_is_exact_where_one_row_products_take_plain_weights(
     from salience_server.engine import cpu_matmul
 
     monkeypatch.setattr(cpu_matmul, "narrow_products_below", lambda *args: 2)
-    options = dict(block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, dtype="float32")
+    options = dict(block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, dtype="float32", device="cpu")
     plain = server_factory(tiny_llama_dir, **options)
     speculating = server_factory(
         tiny_llama_dir, speculative="ngram", speculative_cost=(0.0, 0.0), **options
