@@ -64,15 +64,22 @@ parallel=()
 # Each worker's own CPU work (the oracles' reference passes) on a share of the cores.
 threads=()
 [ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadfile) && threads=(OMP_NUM_THREADS=2)
-echo "== tests on $device (at most ${CHECK_TEST_SECONDS:-270} s)"
+seconds=${CHECK_TEST_SECONDS:-270}
+echo "== tests on $device (at most $seconds s)"
+# The session timeout stops pytest starting tests at the limit, so its summary (each
+# failure's reason) is still written; the hard limit 30 s later ends the whole process
+# group, workers and their server processes too, before the benchmarks measure.
 # shellcheck disable=SC2086
-env "${threads[@]}" SALIENCE_TEST_DEVICE="$device" timeout "${CHECK_TEST_SECONDS:-270}" "$python" -m pytest \
-  "${parallel[@]}" ${CHECK_TESTS:-tests} -v -p no:cacheprovider --timeout 120 \
-  --junitxml "$out/tests.xml" \
-  >"$out/tests.log" 2>&1
+env "${threads[@]}" SALIENCE_TEST_DEVICE="$device" setsid timeout -s KILL $((seconds + 30)) \
+  "$python" -m pytest "${parallel[@]}" ${CHECK_TESTS:-tests} -v -rfE --tb=short \
+  -p no:cacheprovider --timeout 120 --session-timeout "$seconds" --junitxml "$out/tests.xml" \
+  >"$out/tests.log" 2>&1 &
+tests=$!
+wait $tests
 echo "pytest exit status $?"
+kill -KILL -- -$tests 2>/dev/null
 # -v: each result has its line as it comes, so a run cut short still names its failures.
-grep -E "(FAILED|ERROR)|passed|failed" "$out/tests.log" | grep -v "^\[gw[0-9]*\] PASSED" | tail -40
+grep -E "(FAILED|ERROR)|passed|failed" "$out/tests.log" | grep -v "^\[gw[0-9]*\] PASSED" | tail -60
 
 echo "== benchmarks/decode.py on $device"
 timeout 120 "$python" -m benchmarks.decode --quick --model "$model" --device "$device" 2>&1 |

@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from salience_client import SalienceClient
+from tests.helpers import server_command
 from tests.tiny_models import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def served_tiny_llama(model_dir: Path, log_dir: Path) -> Iterator[str]:
     """``host:port`` of a real server process serving ``model_dir``, SERVING."""
     log_path = log_dir / "server.log"
     options = "--port 0 --block-size 4 --kv-cache-memory 8MiB".split()
-    command = [sys.executable, "-m", "salience_server", "--model", str(model_dir), *options]
+    command = server_command("--model", str(model_dir), *options)
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:

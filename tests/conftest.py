@@ -19,6 +19,7 @@ from salience_client.pb import salience_pb2_grpc
 from salience_server.config import EngineConfig, ModelConfig, ServerConfig
 from salience_server.engine.kv_pool import CPU_DEFAULT_KV_BYTES
 from salience_server.engine.loader import default_gguf_path
+from tests.helpers import TEST_DEVICE
 from tests.tiny_models import build_tiny_model
 
 # Profiles of the model-based stress test (tests/integration/test_stress.py). CI runs
@@ -47,11 +48,6 @@ settings.register_profile(
     database=None,
 )
 settings.load_profile(os.environ.get("SALIENCE_HYPOTHESIS_PROFILE", "ci"))
-
-TEST_DEVICE = os.environ.get("SALIENCE_TEST_DEVICE", "cpu")
-"""Where the servers ``start_server`` starts run their models: ``cpu`` (CI), or ``cuda``
-to hold the same oracles to a GPU (scripts/device_check.sh). Float32 unless a test asks
-for another dtype, so one tolerance serves both."""
 
 
 @pytest.fixture(scope="session")

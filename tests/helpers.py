@@ -75,11 +75,26 @@ def reference_greedy(
     return output[0, len(prompt_ids) :].tolist()
 
 
+TEST_DEVICE = os.environ.get("SALIENCE_TEST_DEVICE", "cpu")
+"""Where the tests' servers run their models: ``cpu`` (CI), or ``cuda`` to hold the same
+oracles to a GPU (scripts/gpu_check.sh). Float32 unless a test asks for another dtype, so
+one tolerance serves both."""
+
+
+def server_command(*args: str) -> list[str]:
+    """``salience-server ARGS`` for a test's server process: on the tests' device, in
+    float32 (the oracles' dtype; a GPU's default is bf16), with the CPU's default KV pool
+    (a GPU's default takes most of its free memory, which the servers of tests running
+    side by side would fight over). ``args`` come last and override these."""
+    defaults = ["--device", TEST_DEVICE, "--dtype", "float32", "--kv-cache-memory", "1GiB"]
+    return [sys.executable, "-m", "salience_server", *defaults, *args]
+
+
 def server_start_failure(*args: str, env: dict[str, str] | None = None) -> str:
     """Runs ``salience-server ARGS`` (with ``env`` added to the environment), which must
     fail at start: exit 1, one logged error line, no traceback. Returns its stderr."""
     result = subprocess.run(
-        [sys.executable, "-m", "salience_server", *args],
+        server_command(*args),
         capture_output=True,
         text=True,
         timeout=120,

@@ -228,6 +228,15 @@ def resolve_model_path(model: str | None) -> tuple[Path, str]:
     )
 
 
+def keep_float32_exact(device: torch.device, dtype: torch.dtype) -> None:
+    """A float32 model on CUDA computes in float32: cuDNN's convolutions (a vision
+    tower's patch embedding) take TF32's 10-bit mantissa by default, which moves
+    logprobs by about 1e-3; PyTorch's matmuls already default to full float32."""
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """Loads the model and tokenizer named by ``config`` onto its device."""
     from transformers import (
@@ -242,6 +251,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     path, model_id = resolve_model_path(config.model)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    keep_float32_exact(device, dtype)
     paged_attention.register()
     log.info(
         "loading %s from %s (%s on %s)", model_id, path, str(dtype).removeprefix("torch."), device

@@ -19,7 +19,14 @@ import pytest
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from tests.conftest import start_server
-from tests.helpers import error_reason, free_port, generate, open_session, random_tokens
+from tests.helpers import (
+    error_reason,
+    free_port,
+    generate,
+    open_session,
+    random_tokens,
+    server_command,
+)
 
 BLOCK_SIZE = 4
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,16 +186,13 @@ def test_two_thousand_session_cycles_return_to_zero(tiny_llama_dir, server_facto
 def _start_server_process(model_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "salience_server",
+        server_command(
             "--model",
             str(model_dir),
             "--port",
             str(port),
             *args,
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -6,7 +6,6 @@ import logging
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -19,7 +18,7 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.__main__ import parse_args
 from tests.conftest import default_model_available
-from tests.helpers import error_reason, free_port, server_start_failure
+from tests.helpers import error_reason, free_port, server_command, server_start_failure
 
 GRACE_S = 40
 """Long enough for the call in flight (one token a step) on a loaded machine."""
@@ -32,10 +31,7 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
     terminal's hang-up (SIGHUP) too: it killed the process at once, resetting the call."""
     port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "salience_server",
+        server_command(
             "--model",
             str(tiny_llama_dir),
             "--port",
@@ -46,7 +42,7 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
             str(GRACE_S),
             "--metrics-port",
             str(metrics_port),
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -147,7 +143,7 @@ def test_bad_flags_are_refused_before_anything_starts(
 def test_metrics_are_served_on_their_port_beside_the_shim(tiny_llama_dir) -> None:
     """--metrics-port with --http-port: both serve the metrics (the port was ignored)."""
     http_port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "salience_server", "--model", str(tiny_llama_dir)]
+    command = server_command("--model", str(tiny_llama_dir))
     command += ["--port", str(free_port()), "--http-port", str(http_port)]
     process = subprocess.Popen([*command, "--metrics-port", str(metrics_port)])
     try:
@@ -188,7 +184,7 @@ def test_a_stop_signal_before_serving_exits_0_at_once(moment: str) -> None:
     inside torch); one while it imported ended it 143 (SIGTERM) or with a traceback."""
     if moment == "loading" and not default_model_available():
         pytest.skip("the default model is not installed")  # the tiny one loads too fast
-    command = [sys.executable, "-m", "salience_server", "--port", str(free_port())]
+    command = server_command("--port", str(free_port()))
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )

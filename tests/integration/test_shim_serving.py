@@ -20,6 +20,7 @@ import pytest
 
 from salience_server.http.config import ShimConfig
 from salience_server.http.serving import ShimServer
+from tests.helpers import server_command
 from tests.shim_support import RunningShim, error_body
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def test_the_shim_never_imports_the_engine() -> None:
 def test_salience_server_http_port_serves_both(tiny_llama_dir: Path, tmp_path: Path) -> None:
     http_port = _free_port()
     log = tmp_path / "server.log"
-    command = [sys.executable, "-m", "salience_server", "--model", str(tiny_llama_dir)]
+    command = server_command("--model", str(tiny_llama_dir))
     command += ["--port", "0", "--http-port", str(http_port)]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -124,7 +125,7 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(tmp_path: Pat
     (The default model: its steps are slow enough for 200 tokens to outlast the grace.)"""
     http_port = _free_port()
     log = tmp_path / "server.log"
-    command = [sys.executable, "-m", "salience_server", "--port", "0"]
+    command = server_command("--port", "0")
     command += ["--http-port", str(http_port), "--grace-s", "0.5"]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
