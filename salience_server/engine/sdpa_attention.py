@@ -115,6 +115,12 @@ class SdpaAttentionMetadata:
         queries = query if seq.query_len == query.shape[2] else query[:, :, rows]
         if _folds(seq, mask):
             return attend_folded(queries, keys, values, mask, scaling)
+        grouped = True
+        if expands_heads(queries.device, mask is not None, queries.shape[1], keys.shape[1]):
+            group = queries.shape[1] // keys.shape[1]
+            keys = keys.repeat_interleave(group, dim=1)  # query head h reads key head h // g
+            values = values.repeat_interleave(group, dim=1)
+            grouped = False
         attended = F.scaled_dot_product_attention(
             queries,
             keys,
@@ -122,7 +128,7 @@ class SdpaAttentionMetadata:
             attn_mask=mask,
             is_causal=mask is None,
             scale=scaling,
-            enable_gqa=True,
+            enable_gqa=grouped,
         )
         return attended if attended.dtype == query.dtype else attended.to(query.dtype)
 
@@ -274,6 +280,17 @@ def _gather(cache: torch.Tensor, seq: SequenceAttention, workspace: torch.Tensor
         (0, head_dim, token_stride, 1),
         source.storage_offset() + first_block * block_size * token_stride,
     )
+
+
+def expands_heads(device: torch.device, masked: bool, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether a masked sequence's keys and values go to SDPA once per query head rather
+    than grouped (``enable_gqa``). On CUDA, SDPA takes grouped heads only in its flash
+    and math kernels, and flash takes no mask: a masked call with grouped heads runs
+    the math kernel, which builds the [H, q, S] scores and their softmax in float32
+    (gigabytes for a long chunk over a long context, outside the KV budget). Expanded
+    keys and values (H x S x D more) let the memory-efficient kernel take the mask. On
+    a CPU grouped heads take the fast kernel."""
+    return device.type != "cpu" and masked and num_heads != num_kv_heads
 
 
 def causal_mask(

@@ -123,6 +123,38 @@ def test_sdpa_backend_equals_dense_attention(block_size: int) -> None:
     assert (got - want).abs().max().item() < 1e-5
 
 
+def test_masked_chunks_expand_their_key_heads_on_a_gpu_and_still_equal_dense_attention(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA a masked SDPA call with grouped heads runs torch's math kernel (flash
+    takes no mask), whose float32 scores are gigabytes for long chunks: there the keys
+    and values go once per query head, so the memory-efficient kernel takes the mask."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sdpa_attention.expands_heads(cuda, True, 4, 2)
+    assert not sdpa_attention.expands_heads(cuda, False, 4, 2)  # is_causal or one row
+    assert not sdpa_attention.expands_heads(cuda, True, 4, 4)
+    assert not sdpa_attention.expands_heads(cpu, True, 4, 2)
+    # The CUDA choice, taken on this CPU: the same attention, and no masked grouped call.
+    monkeypatch.setattr(
+        sdpa_attention, "expands_heads", lambda device, masked, h, hkv: masked and h != hkv
+    )
+    calls: list[tuple[bool, bool]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if args[0].dim() == 4:  # the backend's calls ([1, H, q, D]), not the oracle's
+            calls.append((kwargs.get("attn_mask") is not None, kwargs.get("enable_gqa", False)))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention.F, "scaled_dot_product_attention", spy)
+    backend = SdpaBackend(4, workspace_blocks=64, device=cpu)
+    shapes = [(20, 30), (0, 25), (3, 9), (40, 1)]  # masked chunks, an all-new prefill
+    got, want = _attend_batch(backend, 4, shapes, heads=(6, 2))
+    assert (got - want).abs().max().item() < 1e-5
+    assert (True, False) in calls and (True, True) not in calls
+    assert (False, True) in calls  # the all-new prefill keeps is_causal, grouped
+
+
 def test_sdpa_backend_attends_16_bit_queries_in_their_dtype() -> None:
     """A bfloat16 pool and queries (a bf16 model where the arithmetic is real; where it
     is emulated, the model's activations and pool are float32): the output is the
