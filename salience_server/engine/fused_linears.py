@@ -75,7 +75,11 @@ def fuse_projections(model: torch.nn.Module) -> int:
     with another module; returns how many groups were stacked."""
     shared = _shared_parameters(model)
     count = 0
-    for module in list(model.modules()):
+    # The parents only: a list of every module would keep each replaced Linear alive
+    # until the end, so the stacked copies would briefly take half the model's weight
+    # memory again (gigabytes on a GPU, where a large model could then not start).
+    parents = [m for m in model.modules() if any(hasattr(m, names[0]) for names in GROUPS)]
+    for module in parents:
         for names in GROUPS:
             found = [getattr(module, name, None) for name in names]
             layers = [layer for layer in found if type(layer) is torch.nn.Linear]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,29 @@ def test_stacked_projections_give_the_model_s_logits_and_hold_one_copy(
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     # Every part was taken: no layer keeps its last input or outputs alive.
     assert all(part._stacked.input is None for part in stacked)
+
+
+def test_each_group_s_layers_are_freed_as_it_is_stacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layers a group replaces are gone before the next group is stacked: fusing
+    takes one group's weights more at a time, not the model's q/k/v/gate/up again."""
+    build_tiny_model(tmp_path, "llama")
+    model = reference_model(tmp_path)
+    replaced: list[weakref.ref] = []
+    alive_at_each_stack: list[int] = []
+    stack = fused_linears._stack
+
+    def spy(layers: list[torch.nn.Linear]) -> torch.nn.Linear:
+        gc.collect()
+        alive_at_each_stack.append(sum(ref() is not None for ref in replaced))
+        replaced.extend(weakref.ref(layer) for layer in layers)
+        return stack(layers)
+
+    monkeypatch.setattr(fused_linears, "_stack", spy)
+    assert fused_linears.fuse_projections(model) == 2 * model.config.num_hidden_layers
+    # At each stacking, at most the group just stacked (held by the loop) is alive.
+    assert max(alive_at_each_stack) <= 3, alive_at_each_stack
 
 
 def test_a_part_called_alone_computes_its_own_projection(tmp_path: Path) -> None:
