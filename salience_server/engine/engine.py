@@ -27,6 +27,7 @@ from salience_server.engine.constraints import (
 from salience_server.engine.errors import (
     Code,
     SalienceError,
+    device_lost,
     images_unsupported,
     session_busy,
     shutting_down,
@@ -333,7 +334,9 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception:
+            except Exception as error:
+                if device_lost(error):
+                    raise  # the thread dies: every call UNAVAILABLE, health NOT_SERVING
                 log.exception("engine step failed")
                 with self._lock:
                     self.outcomes.fail_running()
@@ -378,8 +381,8 @@ class Engine:
             return
         try:
             forward = self.runner.execute(batch)
-        except Exception:
-            if len(output.chunks) == 1:
+        except Exception as error:
+            if len(output.chunks) == 1 or device_lost(error):
                 raise
             self._isolate(output.chunks)
             return
@@ -400,6 +403,8 @@ class Engine:
             try:
                 forward = self.runner.execute(batch)
             except Exception as error:
+                if device_lost(error):
+                    raise
                 with self._lock:
                     self.outcomes.fail(chunk.request, error)
                 continue

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+import torch
+
 
 class Code(enum.Enum):
     """The status a failure maps to (names follow grpc.StatusCode)."""
@@ -70,3 +72,11 @@ def session_busy(session_id: str) -> SalienceError:
         "SESSION_BUSY",
         f"session {shown_id(session_id)} is running another call",
     )
+
+
+def device_lost(error: BaseException) -> bool:
+    """A CUDA error (an illegal memory access, a device-side assert) leaves the device's
+    context unusable: every later step fails too, so the engine stops rather than fail
+    each call with it while it looks healthy. Out of memory is not one of them."""
+    fatal = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    return (fatal is not None and isinstance(error, fatal)) or str(error).startswith("CUDA error")

@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client.pb import salience_pb2 as pb
@@ -125,6 +126,50 @@ def test_a_forward_pass_failure_is_narrowed_to_its_request(server, monkeypatch) 
     assert got == want
     assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.INTERNAL
     assert "the kernel refused this input" in outcome.details()
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-a-batch"])
+def test_a_lost_device_stops_the_engine_rather_than_fail_each_call(
+    server, monkeypatch, alone: bool
+) -> None:
+    """A CUDA error (an illegal memory access) leaves the device unusable: the engine
+    stops, every call is UNAVAILABLE and health says NOT_SERVING, where it went on
+    failing each call INTERNAL while looking healthy. A failure of one request's input
+    is still that request's alone (above)."""
+    stub = server.stub
+    lost = getattr(torch, "AcceleratorError", RuntimeError)
+    runner = server.engine.runner
+
+    def execute(batch):
+        raise lost("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner, "execute", execute)
+    calls = 1 if alone else 3
+    outcomes: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            generate(stub, open_session(stub), append_tokens=[1, 2, 3], max_tokens=3)
+        except grpc.RpcError as error:
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(outcomes) == calls
+    assert all(error.code() == grpc.StatusCode.UNAVAILABLE for error in outcomes)  # type: ignore[attr-defined]
+    assert server.engine.death is not None
+    health = health_pb2_grpc.HealthStub(server.channel)
+    deadline = time.monotonic() + 5
+    status = None
+    while time.monotonic() < deadline:
+        status = health.Check(health_pb2.HealthCheckRequest()).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.05)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_a_dead_engine_thread_turns_everything_unavailable(server, monkeypatch) -> None:
