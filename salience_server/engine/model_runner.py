@@ -141,7 +141,7 @@ class ModelRunner:
         # The concept vectors live beside the model: no host-to-device copy per step.
         readout = dataclasses.replace(readout, vectors=readout.vectors.to(self.device))
         self.readout = readout
-        self._captured = [torch.empty(0)] * len(readout.layers)
+        self._captured = [torch.empty(0, device=self.device)] * len(readout.layers)
         layers = self.model.get_decoder().layers
         for slot, layer_index in enumerate(readout.layers):
             layers[layer_index].register_forward_hook(self._capture_hook(slot))
@@ -207,7 +207,7 @@ class ModelRunner:
         readout = None
         if batch.readout_rows and self.readout is not None:
             readout = self.readout.project(torch.stack(self._captured))  # [R, L, C]
-            self._captured = [torch.empty(0)] * len(self.readout.layers)
+            self._captured = [torch.empty(0, device=self.device)] * len(self.readout.layers)
         return ForwardOutput(
             logits=output.logits[0],
             readout=readout,

@@ -35,7 +35,8 @@ class ImageLimits:
 @dataclass
 class EncodedImage:
     embeds: torch.Tensor
-    """[num_tokens, hidden_size] merged vision embeddings, one per placeholder token."""
+    """[num_tokens, hidden_size] merged vision embeddings, one per placeholder token, on
+    the host."""
     grid: tuple[int, int, int]
     """Merged (t, h, w) grid of placeholder tokens."""
 
@@ -109,7 +110,10 @@ class VisionEncoder:
         # is float32 on a CPU that emulates 16-bit arithmetic (``cpu_matmul``).
         pixels = features["pixel_values"].to(self.device)
         output = self.model.model.get_image_features(pixels, grid_thw)
-        embeds = output.pooler_output[0]  # [num_tokens, hidden]
+        # To the host here, in the caller's thread: the image store keeps them there, and
+        # a copy back from a GPU waits for the work queued before it (a whole step),
+        # which the store's add would wait for under the engine lock.
+        embeds = output.pooler_output[0].cpu()  # [num_tokens, hidden]
         t, h, w = (int(v) for v in grid_thw[0].tolist())
         grid = (t, h // self.merge_size, w // self.merge_size)
         assert grid[0] * grid[1] * grid[2] == embeds.shape[0]
