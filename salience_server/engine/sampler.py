@@ -184,7 +184,12 @@ def score_on_device(
         ranks[start:end] = (logprobs[start:end] > chosen[start:end]).sum(dim=1, dtype=torch.int32)
     top_k = min(max(top_ks), logprobs.shape[1])
     values, indices = torch.topk(logprobs, top_k, dim=1)  # [K, top_k] each
-    return chosen[:, 0], ranks, values, indices
+    # Equal values in token-id order, as argmax (greedy's pick) takes the first of a
+    # tie: a greedy token tied with another then leads its top list (topk orders ties
+    # as it likes; in bf16, whose logits come in steps, ties are common).
+    indices, by_id = indices.sort(dim=1)
+    values, by_value = values.gather(1, by_id).sort(dim=1, descending=True, stable=True)
+    return chosen[:, 0], ranks, values, indices.gather(1, by_value)
 
 
 def scored_rows(

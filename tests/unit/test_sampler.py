@@ -41,6 +41,19 @@ def test_scores_equal_each_rows_rank_and_top_k() -> None:
         assert scored.top_logprobs == list(zip(indices.tolist(), values.tolist(), strict=True))
 
 
+def test_tied_top_logprobs_come_in_token_order_so_the_greedy_token_leads() -> None:
+    """bf16 logits come in steps, so ties are common: greedy takes the tie's first token
+    (argmax), and the top list puts that token first (topk ordered ties at will)."""
+    logprobs = torch.full((2, 49152), -20.0)
+    logprobs[0, [3, 24576, 49151]] = -0.5
+    logprobs[1, [7, 9]] = torch.tensor([-1.0, -0.25])
+    greedy = torch.argmax(logprobs, dim=1)
+    scores = sampler.score(logprobs, greedy, [3, 2])
+    assert scores[0].top_logprobs == [(3, -0.5), (24576, -0.5), (49151, -0.5)]
+    assert scores[0].top_logprobs[0][0] == greedy[0].item() and scores[0].rank == 1
+    assert scores[1].top_logprobs == [(9, -0.25), (7, -1.0)]
+
+
 def test_picks_mix_given_greedy_penalized_and_seeded_rows() -> None:
     logits = _logits(6, seed=2)
     logprobs = sampler.log_softmax(logits)
