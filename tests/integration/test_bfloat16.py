@@ -22,6 +22,22 @@ BF16_TOLERANCE = 0.05
 8 bits of mantissa, so logits move by about 1e-2 of their size."""
 
 
+def _logprobs(server, token_ids: list[int]) -> torch.Tensor:
+    """Each token's logprob after its prefix, from one prefill of ``token_ids``."""
+    tokens, _ = generate(
+        server.stub,
+        open_session(server.stub),
+        append_tokens=token_ids,
+        logprobs_ranges=[(1, U32_MAX)],
+    )
+    return torch.tensor([t.sampled_logprob for t in tokens])
+
+
+def _assert_close_in_bf16(full: torch.Tensor, half: torch.Tensor) -> None:
+    assert (full - half).abs().max().item() < BF16_TOLERANCE
+    assert (full - half).abs().max().item() > 0  # it really ran in bf16
+
+
 @pytest.mark.parametrize("units", ["this CPU's", "none"])
 def test_bfloat16_logprobs_stay_close_to_float32(
     tiny_llama_dir, units: str, monkeypatch: pytest.MonkeyPatch
@@ -61,18 +77,10 @@ def test_bfloat16_logprobs_stay_close_to_float32(
             # Where bf16 is emulated, activations are float32 between layers.
             norm_dtype = torch.float32 if emulated else runner.dtype
             assert runner.model.model.norm.weight.dtype == norm_dtype
-            tokens, _ = generate(
-                server.stub,
-                open_session(server.stub),
-                append_tokens=token_ids,  # 60 rows: the float32 product path on CPU
-                logprobs_ranges=[(1, U32_MAX)],
-            )
-            results.append(torch.tensor([t.sampled_logprob for t in tokens]))
+            results.append(_logprobs(server, token_ids))  # 60 rows: float32 products on CPU
         finally:
             server.stop()
-    full, half = results
-    assert (full - half).abs().max().item() < BF16_TOLERANCE
-    assert (full - half).abs().max().item() > 0  # it really ran in bf16
+    _assert_close_in_bf16(*results)
 
 
 def test_bfloat16_logprobs_stay_close_to_float32_where_the_tests_run(tiny_llama_dir) -> None:
@@ -87,18 +95,10 @@ def test_bfloat16_logprobs_stay_close_to_float32_where_the_tests_run(tiny_llama_
             assert runner.dtype == getattr(torch, dtype)
             if runner.device.type == "cuda":
                 assert runner.kv_caches[0][0].dtype == runner.dtype
-            tokens, _ = generate(
-                server.stub,
-                open_session(server.stub),
-                append_tokens=token_ids,
-                logprobs_ranges=[(1, U32_MAX)],
-            )
-            results.append(torch.tensor([t.sampled_logprob for t in tokens]))
+            results.append(_logprobs(server, token_ids))
         finally:
             server.stop()
-    full, half = results
-    assert (full - half).abs().max().item() < BF16_TOLERANCE
-    assert (full - half).abs().max().item() > 0  # it really ran in bf16
+    _assert_close_in_bf16(*results)
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,19 @@ def test_a_forward_pass_failure_is_narrowed_to_its_request(server, monkeypatch) 
     assert "the kernel refused this input" in outcome.details()
 
 
+def _wait_not_serving(server) -> None:
+    """Health turns NOT_SERVING within 5 s."""
+    health = health_pb2_grpc.HealthStub(server.channel)
+    deadline = time.monotonic() + 5
+    status = None
+    while time.monotonic() < deadline:
+        status = health.Check(health_pb2.HealthCheckRequest()).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.05)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-a-batch"])
 def test_a_lost_device_stops_the_engine_rather_than_fail_each_call(
     server, monkeypatch, alone: bool
@@ -161,15 +174,7 @@ def test_a_lost_device_stops_the_engine_rather_than_fail_each_call(
     assert len(outcomes) == calls
     assert all(error.code() == grpc.StatusCode.UNAVAILABLE for error in outcomes)  # type: ignore[attr-defined]
     assert server.engine.death is not None
-    health = health_pb2_grpc.HealthStub(server.channel)
-    deadline = time.monotonic() + 5
-    status = None
-    while time.monotonic() < deadline:
-        status = health.Check(health_pb2.HealthCheckRequest()).status
-        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-            break
-        time.sleep(0.05)
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    _wait_not_serving(server)
 
 
 def test_a_dead_engine_thread_turns_everything_unavailable(server, monkeypatch) -> None:
@@ -197,13 +202,6 @@ def test_a_dead_engine_thread_turns_everything_unavailable(server, monkeypatch) 
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_reason(refused.value) == "ENGINE_FAILED"
     assert time.monotonic() - start < 1.0
-    health = health_pb2_grpc.HealthStub(server.channel)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        status = health.Check(health_pb2.HealthCheckRequest()).status
-        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-            break
-        time.sleep(0.05)
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    _wait_not_serving(server)
     with engine._lock:  # no request is left holding its session
         assert not any(s.is_busy for s in engine.sessions.values())
