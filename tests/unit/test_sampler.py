@@ -54,6 +54,22 @@ def test_tied_top_logprobs_come_in_token_order_so_the_greedy_token_leads() -> No
     assert scores[1].top_logprobs == [(9, -0.25), (7, -1.0)]
 
 
+def test_a_tie_across_the_top_k_cut_keeps_its_lowest_ids() -> None:
+    """topk chose which tied tokens made the list: a token of rank <= k could be left
+    out while a tied one with a higher id was in. The list is the first k by value,
+    then id."""
+    logprobs = torch.full((3, 49152), -30.0)
+    logprobs[0, :8] = torch.tensor([0.0, -1, -1, -1, -2, -1, 0, -3])
+    logprobs[1, [5, 40000, 20000, 3, 49000]] = -2.0  # five tied, three kept
+    logprobs[2, 11] = -1.0  # then the rest, all tied: the lowest id
+    chosen = torch.tensor([3, 49000, 11])
+    scores = sampler.score(logprobs, chosen, [5, 3, 2])
+    assert [i for i, _ in scores[0].top_logprobs] == [0, 6, 1, 2, 3]
+    assert [i for i, _ in scores[1].top_logprobs] == [3, 5, 20000]
+    assert scores[1].rank == 1  # tied with all: in the list or not, rank 1
+    assert [i for i, _ in scores[2].top_logprobs] == [11, 0]
+
+
 def test_picks_mix_given_greedy_penalized_and_seeded_rows() -> None:
     logits = _logits(6, seed=2)
     logprobs = sampler.log_softmax(logits)
