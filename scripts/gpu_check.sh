@@ -11,8 +11,9 @@
 #
 # Knobs (environment): CHECK_DEVICE (cuda), CHECK_TESTS (pytest's arguments: tests),
 # CHECK_WORKERS (pytest-xdist processes, one test file each at a time: 8; 0 runs them in
-# this process), CHECK_TEST_SECONDS (270), PYTHON (python3). The whole run fits in 10
-# minutes. Everything is written under OUT_DIR: machine.txt, tests.log and tests.xml (JUnit), decode.txt, concurrency.txt.
+# this process), CHECK_TEST_SECONDS (240), PYTHON (python3). The whole run fits in 10
+# minutes, each part cut at its limit. Everything is written under OUT_DIR: machine.txt,
+# tests.log and tests.xml (JUnit), decode.txt, concurrency.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
@@ -64,7 +65,7 @@ parallel=()
 # Each worker's own CPU work (the oracles' reference passes) on a share of the cores.
 threads=()
 [ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadfile) && threads=(OMP_NUM_THREADS=2)
-seconds=${CHECK_TEST_SECONDS:-270}
+seconds=${CHECK_TEST_SECONDS:-240}
 echo "== tests on $device (at most $seconds s)"
 # The session timeout stops pytest starting tests at the limit, so its summary (each
 # failure's reason) is still written; the hard limit 30 s later ends the whole process
