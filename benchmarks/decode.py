@@ -51,7 +51,8 @@ class EngineDecoder:
         pool_bytes = max(MIN_POOL_BYTES, 2 * batch * (prompt_tokens + 256) * token_bytes)
         self.engine = Engine(loaded, EngineConfig(kv_cache_bytes=pool_bytes))
         self.sessions = [self.engine.open_session() for _ in range(batch)]
-        self.prompts = [_prompt(i, prompt_tokens) for i in range(batch)]
+        vocab_size = loaded.model.config.get_text_config().vocab_size
+        self.prompts = [_prompt(i, prompt_tokens, vocab_size) for i in range(batch)]
         self.run(4)  # prefill and warm-up
 
     def run(self, num_steps: int) -> float:
@@ -83,7 +84,8 @@ class PlainDecoder:
             path, dtype=getattr(torch, dtype), device_map=self.device, use_kernels=False
         )  # the model's own layers, as the engine runs them (and no Hub download)
         self.model.eval()
-        prompt = [_prompt(i, prompt_tokens) for i in range(batch)]
+        vocab_size = self.model.config.get_text_config().vocab_size
+        prompt = [_prompt(i, prompt_tokens, vocab_size) for i in range(batch)]
         with torch.inference_mode():
             output = self.model(torch.tensor(prompt, device=self.device), use_cache=True)
         self.cache, self.tokens = output.cache, output.logits[:, -1].argmax(-1)
@@ -99,9 +101,10 @@ class PlainDecoder:
         return (time.perf_counter() - start) / num_steps * 1e3
 
 
-def _prompt(index: int, num_tokens: int) -> list[int]:
-    """Session ``index``'s prompt: distinct token ids, in the vocabulary's middle."""
-    return [1000 + (7 * index + j) % 20000 for j in range(num_tokens)]
+def _prompt(index: int, num_tokens: int, vocab_size: int) -> list[int]:
+    """Session ``index``'s prompt: distinct token ids, in the vocabulary's middle (of a
+    small one, wrapped)."""
+    return [(1000 + (7 * index + j) % 20000) % vocab_size for j in range(num_tokens)]
 
 
 def best_of_rounds(decoders: dict[str, object], num_steps: int, rounds: int) -> dict[str, float]:

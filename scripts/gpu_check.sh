@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Salience on a CUDA machine, in one run: the test suite with its servers on the GPU
-# (float32: the same oracles and tolerances as on CPU), then benchmarks/decode.py and
-# benchmarks/concurrency.py on a model of the default model's shapes with random weights.
+# (float32: the same oracles and tolerances as on CPU), then benchmarks/decode.py,
+# step_profile.py and concurrency.py on a model of the default model's shapes with
+# random weights.
 # Where the machine cannot reach PyPI, run scripts/gpu_bundle.sh here first and copy
 # .gpu-bundle/ beside the checkout there: where the machine's Python lacks Salience's
 # dependencies, the bundle's wheels go to a private directory on PYTHONPATH (nothing is
@@ -11,9 +12,9 @@
 #
 # Knobs (environment): CHECK_DEVICE (cuda), CHECK_TESTS (pytest's arguments: tests),
 # CHECK_WORKERS (pytest-xdist processes, one test file each at a time: 8; 0 runs them in
-# this process), CHECK_TEST_SECONDS (240), PYTHON (python3). The whole run fits in 10
+# this process), CHECK_TEST_SECONDS (220), PYTHON (python3). The whole run fits in 10
 # minutes, each part cut at its limit. Everything is written under OUT_DIR: machine.txt,
-# tests.log and tests.xml (JUnit), decode.txt, concurrency.txt.
+# tests.log and tests.xml (JUnit), decode.txt, profile.txt, concurrency.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
@@ -65,7 +66,7 @@ parallel=()
 # Each worker's own CPU work (the oracles' reference passes) on a share of the cores.
 threads=()
 [ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadfile) && threads=(OMP_NUM_THREADS=2)
-seconds=${CHECK_TEST_SECONDS:-240}
+seconds=${CHECK_TEST_SECONDS:-220}
 echo "== tests on $device (at most $seconds s)"
 # The session timeout stops pytest starting tests at the limit, so its summary (each
 # failure's reason) is still written; the hard limit 30 s later ends the whole process
@@ -83,9 +84,15 @@ kill -KILL -- -$tests 2>/dev/null
 grep -E "(FAILED|ERROR)|passed|failed" "$out/tests.log" | grep -v "^\[gw[0-9]*\] PASSED" | tail -60
 
 echo "== benchmarks/decode.py on $device"
-timeout 120 "$python" -m benchmarks.decode --quick --model "$model" --device "$device" 2>&1 |
+timeout 90 "$python" -m benchmarks.decode --quick --model "$model" --device "$device" 2>&1 |
   grep -v "Loading weights" | tee "$out/decode.txt"
 
+echo "== benchmarks/step_profile.py on $device: the device's share of a bf16 step"
+for batch in 1 8; do
+  timeout 45 "$python" -m benchmarks.step_profile --quick --model "$model" --device "$device" \
+    --batch "$batch" 2>&1 | grep -v "Loading weights\|USDT"
+done | tee "$out/profile.txt"
+
 echo "== benchmarks/concurrency.py (the server's own device: CUDA where present)"
-timeout 150 "$python" -m benchmarks.concurrency --model "$model" 2>&1 | tee "$out/concurrency.txt"
+timeout 120 "$python" -m benchmarks.concurrency --model "$model" 2>&1 | tee "$out/concurrency.txt"
 rm -rf "$model"
