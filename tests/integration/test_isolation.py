@@ -158,7 +158,7 @@ def test_a_lost_device_stops_the_engine_rather_than_fail_each_call(
 
     monkeypatch.setattr(runner, "execute", execute)
     calls = 1 if alone else 3
-    outcomes: list[BaseException] = []
+    outcomes: list[grpc.RpcError] = []
 
     def call() -> None:
         try:
@@ -172,7 +172,7 @@ def test_a_lost_device_stops_the_engine_rather_than_fail_each_call(
     for thread in threads:
         thread.join(timeout=30)
     assert len(outcomes) == calls
-    assert all(error.code() == grpc.StatusCode.UNAVAILABLE for error in outcomes)  # type: ignore[attr-defined]
+    assert all(error.code() == grpc.StatusCode.UNAVAILABLE for error in outcomes)
     assert server.engine.death is not None
     _wait_not_serving(server)
 
