@@ -12,8 +12,8 @@
 #
 # Knobs (environment): CHECK_DEVICE (cuda), CHECK_TESTS (pytest's arguments: tests),
 # CHECK_WORKERS (pytest-xdist processes, one test file each at a time: 8; 0 runs them in
-# this process), CHECK_TEST_SECONDS (220), PYTHON (python3). The whole run fits in 10
-# minutes, each part cut at its limit. Everything is written under OUT_DIR: machine.txt,
+# this process), CHECK_TEST_SECONDS (220), PYTHON (python3). The parts' limits add up
+# to 9 minutes; the set-up before them (the wheels, the random model) takes about one. Everything is written under OUT_DIR: machine.txt,
 # tests.log and tests.xml (JUnit), decode.txt, profile.txt, concurrency.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,9 +68,11 @@ threads=()
 [ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadfile) && threads=(OMP_NUM_THREADS=2)
 seconds=${CHECK_TEST_SECONDS:-220}
 echo "== tests on $device (at most $seconds s)"
-# The session timeout stops pytest starting tests at the limit, so its summary (each
-# failure's reason) is still written; the hard limit 30 s later ends the whole process
-# group, workers and their server processes too, before the benchmarks measure.
+# The session timeout stops pytest starting tests at the limit (it is checked between
+# tests), so its summary (each failure's reason) is written unless a test then running
+# outlasts the 30 s grace; -v's per-result lines name the failures either way. The hard
+# limit then ends the whole process group, workers and their servers (not cluster.sh's
+# replicas, which start their own session), before the benchmarks measure.
 # shellcheck disable=SC2086
 env "${threads[@]}" SALIENCE_TEST_DEVICE="$device" setsid timeout -s KILL $((seconds + 30)) \
   "$python" -m pytest "${parallel[@]}" ${CHECK_TESTS:-tests} -v -rfE --tb=short \
