@@ -15,6 +15,7 @@ import torch
 from grpc_status import rpc_status
 
 from salience_client.pb import salience_pb2 as pb
+from salience_server.engine.kv_pool import CPU_DEFAULT_KV_BYTES
 
 U32_MAX = 0xFFFFFFFF
 
@@ -86,7 +87,8 @@ def server_command(*args: str) -> list[str]:
     float32 (the oracles' dtype; a GPU's default is bf16), with the CPU's default KV pool
     (a GPU's default takes most of its free memory, which the servers of tests running
     side by side would fight over). ``args`` come last and override these."""
-    defaults = ["--device", TEST_DEVICE, "--dtype", "float32", "--kv-cache-memory", "1GiB"]
+    kv_bytes = str(CPU_DEFAULT_KV_BYTES)
+    defaults = ["--device", TEST_DEVICE, "--dtype", "float32", "--kv-cache-memory", kv_bytes]
     return [sys.executable, "-m", "salience_server", *defaults, *args]
 
 
