@@ -1,7 +1,7 @@
 """Question: what does turning a step's logits rows into tokens and scores cost?
 
 The engine samples and scores every logits row of a step together (one argmax for the
-greedy rows, one rank and top-k pass for all rows, a few copies to the host). The
+greedy rows, one rank and top-k pass for all rows, one copy to the host). The
 baseline is the per-row loop it replaced: for each row an argmax, a rank and a top-k,
 each read back with ``.item()`` / ``.tolist()``, which on CUDA is a device sync each.
 Two shapes, with the default model's vocabulary (49152): 64 greedy decode rows (a busy
@@ -13,13 +13,15 @@ time per step of each and the ratio. Runs on CUDA when there is one.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from benchmarks._cli import is_quick
-from salience_server.engine import sampler
+from salience_server.engine import sampler, scoring
 from salience_server.engine.request import SamplingParams
+from salience_server.engine.uploads import planned
 
 VOCAB = 49152
 ROUNDS = 20
@@ -44,8 +46,9 @@ def per_row(logprobs: torch.Tensor, picks: list[int | sampler.Draw], top_k: int)
 def batched(
     logprobs: torch.Tensor, picks: list[int | sampler.Draw], top_k: int, logits: torch.Tensor
 ) -> list:
-    chosen = sampler.pick_tokens(logits, logprobs, picks)
-    scores = sampler.score(logprobs, chosen.token_ids, [top_k] * len(picks), chosen.argmax_rows)
+    plan = planned(functools.partial(sampler.plan_picks, picks, [], VOCAB), logits.device)
+    chosen = sampler.pick_tokens(logits, logprobs, plan)
+    scores = scoring.score(logprobs, chosen.token_ids, [top_k] * len(picks), chosen.argmax_rows)
     return list(zip(chosen.token_ids.tolist(), scores, strict=True))
 
 
@@ -67,7 +70,7 @@ def main() -> None:
     greedy = sampler.Draw(SamplingParams(), None)
     for name, rows, top_k in [("64 greedy decode rows", 64, 0), ("512 scored rows, top-5", 512, 5)]:
         logits = torch.randn(rows, VOCAB, generator=generator).to(device)
-        logprobs = sampler.log_softmax(logits)
+        logprobs = scoring.log_softmax(logits)
         if top_k:
             picks: list[int | sampler.Draw] = torch.randint(VOCAB, (rows,)).tolist()
         else:

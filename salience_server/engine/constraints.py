@@ -14,6 +14,7 @@ it consumes the token drawn, and it says when the grammar is complete.
 
 from __future__ import annotations
 
+import array
 import functools
 import threading
 from dataclasses import dataclass
@@ -125,10 +126,10 @@ class Matcher:
         self._matcher = matcher
         self._vocab_size = vocab_size
 
-    def bitmask(self) -> torch.Tensor:
-        """[ceil(V / 32)] int32: bit ``t % 32`` of word ``t // 32`` is set when token
-        ``t`` may come next."""
-        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
+    def bitmask(self) -> list[int]:
+        """[ceil(V / 32)] int32 words: bit ``t % 32`` of word ``t // 32`` is set when token
+        ``t`` may come next. Host data, sent with the step's inputs."""
+        words = array.array("i", self._matcher.compute_bitmask()).tolist()
         if self._matcher.is_error():
             raise ConstraintFailed(f"the grammar matcher failed: {self._matcher.get_error()}")
         return words
@@ -145,21 +146,18 @@ class Matcher:
         return bool(self._matcher.is_stopped())
 
 
-def apply_bitmasks(logits: torch.Tensor, bitmasks: list[torch.Tensor | None]) -> torch.Tensor:
-    """[D, V] logits -> the same with the tokens each row's bitmask forbids at -inf
-    (rows without one unchanged)."""
-    rows = [row for row, mask in enumerate(bitmasks) if mask is not None]
-    if not rows:
-        return logits
-    words = torch.stack([m for m in bitmasks if m is not None]).to(logits.device)  # [C, W]
+def apply_bitmasks(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """[D, V] logits, [C] rows, [C * W] int32 words (``Matcher.bitmask`` of each row, one
+    after the other) -> the logits with the tokens each row's bitmask forbids at -inf
+    (a new tensor; the other rows unchanged)."""
+    words = words.view(rows.shape[0], -1)  # [C, W]
     shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
     allowed = ((words[:, :, None] >> shifts) & 1).flatten(1).bool()  # [C, 32 * W]
     vocab_size = logits.shape[1]
     if allowed.shape[1] < vocab_size:
         allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
     logits = logits.clone()
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed[:, :vocab_size], -torch.inf)
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab_size], -torch.inf)
     return logits
 
 

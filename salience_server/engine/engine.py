@@ -37,14 +37,15 @@ from salience_server.engine.images import ImageStore
 from salience_server.engine.intake import Intake
 from salience_server.engine.kv_pool import size_pool
 from salience_server.engine.loader import LoadedModel
-from salience_server.engine.model_runner import ModelRunner
+from salience_server.engine.model_runner import ForwardOutput, ModelRunner
 from salience_server.engine.ngram import draft_proposer
-from salience_server.engine.outcomes import Outcomes
+from salience_server.engine.outcomes import Outcomes, Sampled
 from salience_server.engine.readout import Readout
 from salience_server.engine.request import EventSink, GenerateParams, Request
 from salience_server.engine.scheduler import ScheduledChunk, Scheduler
 from salience_server.engine.session import Residency, Session
 from salience_server.engine.session_table import SessionInfo, SessionTable, context_limit
+from salience_server.engine.uploads import Uploads
 from salience_server.engine.validation import Limits, offset_mismatch
 from salience_server.engine.vision import EncodedImage, ImageLimits, VisionEncoder, decode_image
 from salience_server.metrics import EngineGauges, Metrics
@@ -380,18 +381,27 @@ class Engine:
         if not output.chunks:
             return
         try:
-            forward = self.runner.execute(batch)
+            forward, sampled = self._run(output.chunks, batch, rows)
         except Exception as error:
             if len(output.chunks) == 1 or device_lost(error):
                 raise
             self._isolate(output.chunks)
             return
-        sampled = self.outcomes.sample(output.chunks, rows, forward)
         with self._lock:
             self.outcomes.commit(output.chunks, rows, forward, sampled)
 
     def _build(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, StepRows]:
         return build_batch(chunks, self.block_size, self.images, self.uses_mrope, self.has_readout)
+
+    def _run(
+        self, chunks: list[ScheduledChunk], batch: ForwardBatch, rows: StepRows
+    ) -> tuple[ForwardOutput, Sampled]:
+        """Plans the sampling, runs the forward pass (the step's inputs, the sampler's
+        with them, go up in one copy) and samples: results reach the host in one copy."""
+        uploads = Uploads(self.runner.device)
+        plan = self.outcomes.plan(chunks, rows, self.vocab_size, uploads)
+        forward = self.runner.execute(batch, uploads)
+        return forward, self.outcomes.sample(chunks, plan, forward)
 
     def _isolate(self, chunks: list[ScheduledChunk]) -> None:
         """After a forward pass over several requests failed: runs each request's
@@ -401,13 +411,12 @@ class Engine:
             with self._lock:
                 batch, rows = self._build([chunk])
             try:
-                forward = self.runner.execute(batch)
+                forward, sampled = self._run([chunk], batch, rows)
             except Exception as error:
                 if device_lost(error):
                     raise
                 with self._lock:
                     self.outcomes.fail(chunk.request, error)
                 continue
-            sampled = self.outcomes.sample([chunk], rows, forward)
             with self._lock:
                 self.outcomes.commit([chunk], rows, forward, sampled)

@@ -19,54 +19,84 @@ Unlike ``torch.multinomial`` (22 ms) it never asserts on the device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from salience_server.engine.request import SamplingParams
+from salience_server.engine.uploads import Upload, Uploads
 
 
 class InvalidDistribution(ValueError):
     """A row left no token to draw (NaN logits, or every token filtered out)."""
 
 
-def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+@dataclass
+class FilterPlan:
+    """The filters of a step's sampled rows, planned on the host before the forward
+    pass: the per-row values are parts of the step's upload, so filtering copies
+    nothing to the device."""
+
+    temperature: Upload | None
+    """[D] floats, when a row's temperature is not 1."""
+    min_p: Upload | None
+    top_k: Upload | None
+    """[D] each row's k - 1 (the vocabulary's size - 1 without top-k)."""
+    max_k: int
+    top_p: Upload | None
+    """[D] floats, when a row has top-p (then the rows are sorted)."""
+
+
+def plan_filters(params: list[SamplingParams], vocab_size: int, uploads: Uploads) -> FilterPlan:
+    temperature = min_p = top_k = top_p = None
+    if any(p.temperature != 1.0 for p in params):
+        temperature = uploads.add_floats([p.temperature for p in params])
+    if any(p.min_p > 0 for p in params):
+        min_p = uploads.add_floats([p.min_p for p in params])
+    top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    if any(p.top_p < 1.0 for p in params):
+        top_p = uploads.add_floats([p.top_p for p in params])
+    if top_p is not None or any(k < vocab_size for k in top_ks):
+        top_k = uploads.add([k - 1 for k in top_ks])
+    return FilterPlan(temperature, min_p, top_k, max(top_ks, default=0), top_p)
+
+
+def filter_logits(logits: torch.Tensor, plan: FilterPlan) -> torch.Tensor:
     """[D, V] float32 logits -> the tempered and filtered logits (removed: -inf); the
     input itself when no row changes it."""
-    device = logits.device
-    if any(p.temperature != 1.0 for p in params):
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        logits = logits / temperature[:, None]
-    if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+    if plan.temperature is not None:
+        logits = logits / plan.temperature.floats[:, None]
+    if plan.min_p is not None:
         probs = torch.softmax(logits, dim=-1)
-        threshold = min_p * probs.max(dim=-1, keepdim=True).values
+        threshold = plan.min_p.floats[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, -torch.inf)
-    vocab_size = logits.shape[1]
-    top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-    top_ps = [p.top_p for p in params]
-    if all(k == vocab_size for k in top_ks) and all(p >= 1.0 for p in top_ps):
+    if plan.top_k is None:
         return logits
-    if all(p >= 1.0 for p in top_ps):  # top-k alone: no full sort needed
-        kth = torch.topk(logits, max(top_ks), dim=-1).values  # [D, max k]
-        index = torch.tensor(top_ks, device=device)[:, None] - 1
+    index = plan.top_k.tensor[:, None]
+    if plan.top_p is None:  # top-k alone: no full sort needed
+        kth = torch.topk(logits, plan.max_k, dim=-1).values  # [D, max k]
         return logits.masked_fill(logits < kth.gather(1, index), -torch.inf)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [D, V] each
-    index = torch.tensor(top_ks, device=device)[:, None] - 1
     sorted_logits = sorted_logits.masked_fill(
         sorted_logits < sorted_logits.gather(1, index), -torch.inf
     )
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    top_p = torch.tensor(top_ps, device=device)[:, None]
+    top_p = plan.top_p.floats[:, None]
     # Rows without top-p keep every token, whatever the rounding of their mass.
     sorted_logits = sorted_logits.masked_fill((mass_before >= top_p) & (top_p < 1.0), -torch.inf)
     return torch.full_like(logits, -torch.inf).scatter(1, order, sorted_logits)
 
 
-def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """[D, V] filtered logits -> [D] token ids drawn from their softmax. Rows with a
-    generator draw their noise from it (seeded, reproducible); the others share one
-    draw. Raises InvalidDistribution when a row has nothing left to draw."""
+def draw(
+    logits: torch.Tensor, generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[D, V] filtered logits -> ([D] token ids drawn from their softmax, [D] bool: the
+    row had a token to draw). Rows with a generator draw their noise from it (seeded,
+    reproducible), in row order; the others share one draw. A row with nothing left to
+    draw (NaN logits, or every token filtered out) gets token 0 and False, which the
+    caller reads on the host with the tokens: no sync here."""
     probs = torch.softmax(logits, dim=-1)
     num_rows, vocab_size = probs.shape
     # Two levels, so that the sequential sum runs over block masses and one block per
@@ -78,15 +108,10 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [D, blocks]
     # A row of NaN, or with every token filtered out, has NaN mass (softmax of -inf).
     valid = block_cdf[:, -1] > 0
-    if not bool(valid.all()):
-        bad = [row for row, ok in enumerate(valid.tolist()) if not ok]
-        raise InvalidDistribution(f"rows {bad} have no token left to draw")
+    block_cdf = torch.where(valid[:, None], block_cdf, 1.0)  # any token, then 0 below
     uniforms = torch.empty(num_rows, 1, dtype=torch.float64, device=probs.device)
-    unseeded = [row for row, generator in enumerate(generators) if generator is None]
-    if len(unseeded) == len(generators):
-        uniforms.uniform_()
-    elif unseeded:
-        uniforms[unseeded] = torch.rand_like(uniforms[unseeded])
+    if any(generator is None for generator in generators):
+        uniforms.uniform_()  # the seeded rows' are drawn again below
     for row, generator in enumerate(generators):
         if generator is not None:
             uniforms[row].uniform_(generator=generator)
@@ -95,7 +120,8 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
     inside = blocks.gather(1, block[:, :, None].expand(-1, -1, DRAW_BLOCK))[:, 0]
     token_cdf = before + inside.cumsum(dim=-1, dtype=torch.float64)  # [D, DRAW_BLOCK]
-    return (block * DRAW_BLOCK + _invert(token_cdf, targets))[:, 0]
+    token_ids = (block * DRAW_BLOCK + _invert(token_cdf, targets))[:, 0]
+    return torch.where(valid, token_ids.clamp(max=vocab_size - 1), 0), valid
 
 
 DRAW_BLOCK = 256

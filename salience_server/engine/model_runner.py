@@ -160,12 +160,13 @@ class ModelRunner:
             self._embeddings = output[0, self._embed_rows].float()
 
     @torch.inference_mode()
-    def execute(self, batch: ForwardBatch) -> ForwardOutput:
+    def execute(self, batch: ForwardBatch, uploads: Uploads | None = None) -> ForwardOutput:
         """Runs one forward pass: logits at ``batch.logits_rows``, readout at
-        ``batch.readout_rows``."""
+        ``batch.readout_rows``. ``uploads``: the step's other inputs (the sampler's),
+        sent with the forward's."""
         device = self.device
-        # Every integer input goes to the device in one copy (``uploads``).
-        uploads = Uploads(device)
+        # Every input goes to the device in one copy (``uploads``).
+        uploads = uploads if uploads is not None else Uploads(device)
         metadata = self.attention.build_metadata(
             batch.sequences, batch.slot_mapping, self.kv_caches, uploads
         )

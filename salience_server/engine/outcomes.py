@@ -18,6 +18,7 @@ from salience_server.engine.model_runner import ForwardOutput
 from salience_server.engine.request import Request
 from salience_server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from salience_server.engine.session_table import SessionTable
+from salience_server.engine.uploads import Uploads
 from salience_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,24 @@ class Outcomes:
         self.session_table = session_table
         self.metrics = metrics
 
+    def plan(
+        self, chunks: list[ScheduledChunk], rows: StepRows, vocab_size: int, uploads: Uploads
+    ) -> outputs.RowsPlan:
+        """Plans the sampling of the step's rows on the host, before its forward pass:
+        their indices and parameters join the forward's inputs in ``uploads``. Called
+        without the engine's lock, as ``sample``."""
+        drafts = {c.request: c.draft_token_ids for c in chunks if c.draft_token_ids}
+        return outputs.plan_rows(rows.logits, drafts, vocab_size, uploads)
+
     def sample(
-        self, chunks: list[ScheduledChunk], rows: StepRows, forward: ForwardOutput
+        self, chunks: list[ScheduledChunk], plan: outputs.RowsPlan, forward: ForwardOutput
     ) -> Sampled:
         """Samples and scores the step's rows (device work, then one trip to the host).
         Called without the engine's lock: it reads only what the step's busy sessions
         hold, which nothing else changes meanwhile."""
-        drafts = {c.request: c.draft_token_ids for c in chunks if c.draft_token_ids}
         if forward.embeddings is not None:  # pooled under the lock: on the host by then
             forward.embeddings = forward.embeddings.cpu()
-        return outputs.row_results(rows.logits, forward.logits, forward.readout, drafts)
+        return outputs.row_results(plan, forward.logits, forward.readout)
 
     def commit(
         self,

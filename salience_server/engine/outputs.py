@@ -9,15 +9,17 @@ lie below the mark and produce nothing.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
 
-from salience_server.engine import penalties, sampler
+from salience_server.engine import penalties, sampler, scoring
 from salience_server.engine.batch_builder import LogitsRow
 from salience_server.engine.request import FinishReason, Request, TokenEvent
 from salience_server.engine.scheduler import ScheduledChunk
+from salience_server.engine.uploads import Uploads, planned
 
 
 @dataclass
@@ -25,7 +27,7 @@ class RowResult:
     """One logits row after sampling and scoring."""
 
     token_id: int
-    scored: sampler.TokenLogprob
+    scored: scoring.TokenLogprob
     readout: list[float]
     """[n_layers * n_concepts], or empty."""
 
@@ -34,34 +36,83 @@ RowResults = dict[Request, dict[int, RowResult]]
 """Per request, its rows' results by fed position."""
 
 
-def row_results(
+@dataclass
+class RowsPlan:
+    """A step's logits rows, planned on the host before its forward pass (their
+    indices and parameters travel in the step's one upload)."""
+
+    rows: list[LogitsRow]
+    picks: sampler.PickPlan
+    verifications: dict[Request, sampler.Verification]
+    top_ks: list[int]
+    errors: dict[Request, Exception]
+    """Requests whose rows could not be planned (a constraint's matcher failed)."""
+
+
+def plan_rows(
     rows: list[LogitsRow],
-    logits: torch.Tensor,
-    readout: torch.Tensor | None,
-    drafts: dict[Request, list[int]] | None = None,
-) -> tuple[RowResults, dict[Request, Exception]]:
-    """Samples and scores every logits row of a step together ([K, V] raw logits,
-    [R, n_layers, n_concepts] readout): tokens, scores and readout reach the host in a
-    few copies, not a few per row (each one a device sync on CUDA). A failure fails
-    only the requests whose rows cause it: after one, each request's rows are retried
-    alone. ``drafts``: the draft tokens each speculating request fed; its rows from the
+    drafts: dict[Request, list[int]],
+    vocab_size: int,
+    uploads: Uploads,
+) -> RowsPlan:
+    """``drafts``: the draft tokens each speculating request fed; its rows from the
     last committed token on verify them, and only the rows of the tokens it emits (the
     accepted drafts and one more) get results."""
-    drafts = drafts or {}
+    targets = [row.fed_position + 1 for row in rows]  # the positions the rows predict
+    verifying: dict[Request, list[int]] = {}  # a speculating request's verification rows
+    picks: list[int | sampler.Draw] = []
+    errors: dict[Request, Exception] = {}
+    for index, (row, target) in enumerate(zip(rows, targets, strict=True)):
+        request = row.request
+        if request in drafts and target >= request.session.length:
+            verifying.setdefault(request, []).append(index)
+            picks.append(0)
+            continue
+        try:
+            picks.append(pick(request, target))
+        except Exception as error:
+            errors[request] = error
+            picks.append(0)
+    verifications = [
+        (indices, drafts[request], sampler.Draw(request.params.sampling, request.generator))
+        for request, indices in verifying.items()
+    ]
+    picked = sampler.plan_picks(picks, verifications, vocab_size, uploads)
+    return RowsPlan(
+        rows,
+        picked,
+        dict(zip(verifying, picked.verifications, strict=True)),
+        [top_k(row.request, t) for row, t in zip(rows, targets, strict=True)],
+        errors,
+    )
+
+
+def row_results(
+    plan: RowsPlan, logits: torch.Tensor, readout: torch.Tensor | None
+) -> tuple[RowResults, dict[Request, Exception]]:
+    """Samples and scores every logits row of a step together ([K, V] raw logits,
+    [R, n_layers, n_concepts] readout): tokens, scores and readout reach the host in
+    one copy, not a few per row (each one a device sync on CUDA). A failure fails only
+    the requests whose rows cause it: after one, each request's rows are retried alone
+    (planned again, each with its own upload)."""
     try:
-        return _row_results(rows, logits, readout, drafts)
+        return _row_results(plan, logits, readout)
     except Exception:
         results: RowResults = {}
-        errors: dict[Request, Exception] = {}
+        errors: dict[Request, Exception] = dict(plan.errors)
         by_request: dict[Request, list[int]] = {}
-        for row_index, row in enumerate(rows):
+        for row_index, row in enumerate(plan.rows):
             by_request.setdefault(row.request, []).append(row_index)
+        drafts = {request: v.drafts for request, v in plan.verifications.items()}
         for request, indices in by_request.items():
+            if request in errors:
+                continue
             own_rows = torch.tensor(indices, dtype=torch.long, device=logits.device)
+            own = [plan.rows[i] for i in indices]
             try:
-                part, part_errors = _row_results(
-                    [rows[i] for i in indices], logits[own_rows], readout, drafts
-                )
+                make = functools.partial(plan_rows, own, drafts, logits.shape[1])
+                alone = planned(make, logits.device)
+                part, part_errors = _row_results(alone, logits[own_rows], readout)
             except Exception as error:
                 errors[request] = error
                 continue
@@ -71,46 +122,35 @@ def row_results(
 
 
 def _row_results(
-    rows: list[LogitsRow],
-    logits: torch.Tensor,
-    readout: torch.Tensor | None,
-    drafts: dict[Request, list[int]],
+    plan: RowsPlan, logits: torch.Tensor, readout: torch.Tensor | None
 ) -> tuple[RowResults, dict[Request, Exception]]:
+    rows = plan.rows
     if not rows:
-        return {}, {}
-    logprobs = sampler.log_softmax(logits)  # [K, V]
-    targets = [row.fed_position + 1 for row in rows]  # the positions the rows predict
-    verifying: dict[Request, list[int]] = {}  # a speculating request's verification rows
-    for index, (row, target) in enumerate(zip(rows, targets, strict=True)):
-        if row.request in drafts and target >= row.request.session.length:
-            verifying.setdefault(row.request, []).append(index)
-    picks = [
-        0 if row.request in verifying and t >= row.request.session.length else pick(row.request, t)
-        for row, t in zip(rows, targets, strict=True)
-    ]
-    picked = sampler.pick_tokens(logits, logprobs, picks)
-    errors = {rows[index].request: error for index, error in picked.errors.items()}
-    unused: set[int] = set()  # verification rows past the first rejected draft
-    for request, indices in verifying.items():
-        draw = sampler.Draw(request.params.sampling, request.generator)
-        try:
-            emitted = sampler.verify(logits[indices].float(), drafts[request], draw)
-        except Exception as error:
-            errors[request] = error
-            continue
-        picked.token_ids[indices[: len(emitted)]] = torch.tensor(
-            emitted, dtype=torch.long, device=logits.device
-        )
-        unused.update(indices[len(emitted) :])
-    top_ks = [top_k(row.request, t) for row, t in zip(rows, targets, strict=True)]
-    on_device = sampler.score_on_device(logprobs, picked.token_ids, top_ks, picked.argmax_rows)
+        return {}, dict(plan.errors)
+    logprobs = scoring.log_softmax(logits)  # [K, V]
+    picked = sampler.pick_tokens(logits, logprobs, plan.picks)
+    on_device = scoring.score_on_device(logprobs, picked.token_ids, plan.top_ks, picked.argmax_rows)
     readout_rows = (  # [R, L * C]
         readout.flatten(1) if readout is not None else torch.empty(0, 0, device=logits.device)
     )
-    token_ids, *scored_lists, readout_values = sampler.to_host(
-        [picked.token_ids, *on_device, readout_rows]
+    token_ids, valid, *scored_lists, readout_values = scoring.to_host(
+        [picked.token_ids, picked.valid, *on_device, readout_rows]
     )
-    scores = sampler.scored_rows(top_ks, *scored_lists) if rows else []
+    errors = dict(plan.errors)
+    for index, error in picked.failed_rows(valid).items():
+        errors.setdefault(rows[index].request, error)
+    unused: set[int] = set()  # verification rows past the first rejected draft
+    for request, verification in plan.verifications.items():
+        indices = verification.rows
+        try:
+            emitted = sampler.emitted(
+                verification, [token_ids[i] for i in indices], [valid[i] for i in indices]
+            )
+        except Exception as error:
+            errors[request] = error
+            continue
+        unused.update(indices[len(emitted) :])
+    scores = scoring.scored_rows(plan.top_ks, *scored_lists)
     results: RowResults = {}
     for index, (row, token_id, scored) in enumerate(zip(rows, token_ids, scores, strict=True)):
         if index in unused:

@@ -12,11 +12,13 @@ sampling only: the logprobs a stream reports stay the raw distribution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from salience_server.engine import constraints
 from salience_server.engine.request import SamplingParams
+from salience_server.engine.uploads import Upload, Uploads
 
 
 class PenaltyState:
@@ -32,21 +34,33 @@ class PenaltyState:
         self.num_synced = 0
         """Session tokens already counted."""
 
+    def plan_sync(
+        self, token_ids: list[int], num_prompt_tokens: int, uploads: Uploads
+    ) -> tuple[Upload, Upload, int]:
+        """The session tokens added since the last step (the decoded ones), as parts of
+        the step's upload: (new tokens, new decoded tokens, the length they reach)."""
+        decoded_from = max(self.num_synced, num_prompt_tokens)
+        return (
+            uploads.add(token_ids[self.num_synced :]),
+            uploads.add(token_ids[decoded_from:]),
+            len(token_ids),
+        )
+
     def sync(
-        self, token_ids: list[int], num_prompt_tokens: int, vocab_size: int, device: torch.device
+        self, new: Upload, decoded: Upload, length: int, vocab_size: int, device: torch.device
     ) -> None:
-        """Counts the session tokens added since the last call (the decoded ones)."""
+        """Counts what ``plan_sync`` planned (in the step, once its upload is sent)."""
         if self.seen is None or self.counts is None:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-        new_ids = token_ids[self.num_synced :]
-        if new_ids:
-            self.seen[torch.tensor(new_ids, device=device)] = True
-        decoded = token_ids[max(self.num_synced, num_prompt_tokens) :]
-        if decoded:
-            index = torch.tensor(decoded, device=device)
-            self.counts.index_add_(0, index, torch.ones(len(decoded), device=device))
-        self.num_synced = len(token_ids)
+        if length <= self.num_synced:
+            return  # counted already (a retried step)
+        if new.length:
+            self.seen.index_fill_(0, new.tensor, True)
+        if decoded.length:
+            ones = torch.ones(decoded.length, dtype=torch.float32, device=device)
+            self.counts.index_add_(0, decoded.tensor, ones)
+        self.num_synced = length
 
 
 @dataclass
@@ -61,49 +75,107 @@ class Shaping:
     banned_ids: list[int]
     """Tokens that cannot be drawn yet (stop tokens before min_tokens)."""
     state: PenaltyState
-    bitmask: torch.Tensor | None = None
-    """[ceil(V / 32)] int32 tokens the constraint allows next (constraints.Matcher)."""
+    bitmask: list[int] | None = None
+    """[ceil(V / 32)] int32 words: the tokens the constraint allows next
+    (``constraints.Matcher.bitmask``)."""
+
+    @property
+    def counts_tokens(self) -> bool:
+        params = self.params
+        return (
+            params.repetition_penalty not in (0.0, 1.0)
+            or bool(params.frequency_penalty)
+            or bool(params.presence_penalty)
+        )
 
 
-def apply(logits: torch.Tensor, rows: list[Shaping]) -> torch.Tensor:
-    """[D, V] float32 raw logits -> the shaped logits (a new tensor)."""
+@dataclass
+class ShapingPlan:
+    """The shaping of some of a step's rows, planned on the host before the forward
+    pass: every id, count and value is a part of the step's upload."""
+
+    rows: list[int]
+    """The shaped rows of the logits ``apply`` is given."""
+    shapings: list[Shaping]
+    counted: list[int] = field(default_factory=list)
+    """Indices into ``rows`` of the rows with penalties."""
+    counted_rows: Upload | None = None
+    syncs: list[tuple[Upload, Upload, int]] = field(default_factory=list)
+    """Per counted row: its state's ``plan_sync``."""
+    penalties: tuple[Upload, Upload, Upload] | None = None
+    """Per counted row: repetition, frequency and presence penalties (floats)."""
+    edits: list[tuple[int, Upload, Upload | None]] = field(default_factory=list)
+    """(row, token ids, values added or None for -inf): logit bias and banned tokens."""
+    masked: tuple[Upload, Upload] | None = None
+    """The rows with a constraint bitmask, and their bitmasks' words."""
+
+
+def plan(rows: list[int], shapings: list[Shaping], uploads: Uploads) -> ShapingPlan:
+    result = ShapingPlan(rows, shapings)
+    counted = [index for index, shaping in enumerate(shapings) if shaping.counts_tokens]
+    if counted:
+        result.counted = counted
+        result.counted_rows = uploads.add([rows[index] for index in counted])
+        counted_shapings = [shapings[index] for index in counted]
+        result.syncs = [
+            s.state.plan_sync(s.token_ids, s.num_prompt_tokens, uploads) for s in counted_shapings
+        ]
+        result.penalties = (
+            uploads.add_floats([s.params.repetition_penalty or 1.0 for s in counted_shapings]),
+            uploads.add_floats([s.params.frequency_penalty for s in counted_shapings]),
+            uploads.add_floats([s.params.presence_penalty for s in counted_shapings]),
+        )
+    for row, shaping in zip(rows, shapings, strict=True):
+        bias = shaping.params.logit_bias
+        if bias:
+            result.edits.append(
+                (row, uploads.add(list(bias)), uploads.add_floats(list(bias.values())))
+            )
+        if shaping.banned_ids:
+            result.edits.append((row, uploads.add(shaping.banned_ids), None))
+    masked = [
+        (row, s.bitmask) for row, s in zip(rows, shapings, strict=True) if s.bitmask is not None
+    ]
+    if masked:
+        words = [word for _, bitmask in masked for word in bitmask]
+        result.masked = (uploads.add([row for row, _ in masked]), uploads.add(words))
+    return result
+
+
+def apply(logits: torch.Tensor, plan: ShapingPlan) -> torch.Tensor:
+    """[D, V] float32 raw logits -> the same with the planned rows shaped (a new tensor)."""
     logits = logits.clone()
     vocab_size, device = logits.shape[1], logits.device
-    counted = [
-        index
-        for index, row in enumerate(rows)
-        if row.params.repetition_penalty not in (0.0, 1.0)
-        or row.params.frequency_penalty
-        or row.params.presence_penalty
-    ]
-    if counted:
-        for index in counted:
-            row = rows[index]
-            row.state.sync(row.token_ids, row.num_prompt_tokens, vocab_size, device)
-        _penalize(logits, [rows[i] for i in counted], counted)
-    for index, row in enumerate(rows):
-        if row.params.logit_bias:
-            ids = torch.tensor(list(row.params.logit_bias), device=device)
-            values = torch.tensor(list(row.params.logit_bias.values()), device=device)
-            logits[index, ids] += values
-        if row.banned_ids:
-            logits[index, torch.tensor(row.banned_ids, device=device)] = -torch.inf
+    if plan.counted_rows is not None and plan.penalties is not None:
+        for index, sync in zip(plan.counted, plan.syncs, strict=True):
+            plan.shapings[index].state.sync(*sync, vocab_size, device)
+        counted = [plan.shapings[index] for index in plan.counted]
+        _penalize(logits, counted, plan.counted_rows.tensor, *plan.penalties)
+    for row, ids, values in plan.edits:
+        if values is None:
+            logits[row].index_fill_(0, ids.tensor, -torch.inf)
+        else:
+            logits[row].index_add_(0, ids.tensor, values.floats)
+    if plan.masked is not None:
+        rows, words = plan.masked
+        logits = constraints.apply_bitmasks(logits, rows.tensor, words.tensor.to(torch.int32))
     return logits
 
 
-def _penalize(logits: torch.Tensor, rows: list[Shaping], indices: list[int]) -> None:
-    """Applies the three penalties to the rows ``indices`` of ``logits``, in place."""
-    device = logits.device
-    index = torch.tensor(indices, device=device)
+def _penalize(
+    logits: torch.Tensor,
+    rows: list[Shaping],
+    index: torch.Tensor,
+    repetition: Upload,
+    frequency: Upload,
+    presence: Upload,
+) -> None:
+    """Applies the three penalties to the rows ``index`` of ``logits``, in place."""
     part = logits[index]  # [C, V]
     seen = torch.stack([row.state.seen for row in rows if row.state.seen is not None])
     counts = torch.stack([row.state.counts for row in rows if row.state.counts is not None])
-    repetition = torch.tensor(
-        [row.params.repetition_penalty or 1.0 for row in rows], device=device
-    )[:, None]
-    penalized = torch.where(part > 0, part / repetition, part * repetition)
+    factor = repetition.floats[:, None]
+    penalized = torch.where(part > 0, part / factor, part * factor)
     part = torch.where(seen, penalized, part)
-    frequency = torch.tensor([row.params.frequency_penalty for row in rows], device=device)
-    presence = torch.tensor([row.params.presence_penalty for row in rows], device=device)
-    part = part - counts * frequency[:, None] - (counts > 0) * presence[:, None]
+    part = part - counts * frequency.floats[:, None] - (counts > 0) * presence.floats[:, None]
     logits[index] = part

@@ -1,31 +1,22 @@
-"""Turns a step's logits rows into tokens and log-probabilities.
+"""Turns a step's logits rows into tokens: the given token of a scored row, a draw for
+a decode row, the verified tokens of a speculating request's rows.
 
-Logprobs, ranks and top-k always come from the raw distribution; sampling uses the
-shaped (``penalties``) and filtered (``filters``) one.
+Sampling uses the shaped (``penalties``) and filtered (``filters``) distribution; the
+logprobs a stream reports come from the raw one (``scoring``). Everything the device
+needs is planned on the host before the step's forward pass (``plan_picks``) and sent
+with its inputs, and nothing is read back here: the step reads its results once.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from salience_server.engine import constraints, filters, penalties
+from salience_server.engine import filters, penalties
 from salience_server.engine.request import SamplingParams
-
-
-@dataclass
-class TokenLogprob:
-    logprob: float
-    rank: int
-    """1 for the most likely token."""
-    top_logprobs: list[tuple[int, float]]
-
-
-def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """[K, V] logits of any dtype -> [K, V] float32 logprobs."""
-    return torch.log_softmax(logits.float(), dim=-1)
+from salience_server.engine.uploads import Upload, Uploads, planned
 
 
 @dataclass
@@ -39,216 +30,251 @@ class Draw:
 
 
 @dataclass
+class DrawPlan:
+    """The draws of some rows, planned on the host: which rows shape their logits,
+    which take the argmax, which are filtered and drawn, and with what."""
+
+    draws: list[Draw]
+    shaping: penalties.ShapingPlan | None
+    greedy: Upload | None
+    sampled: Upload | None
+    filters: filters.FilterPlan | None
+
+
+def plan_draws(draws: list[Draw], vocab_size: int, uploads: Uploads) -> DrawPlan:
+    shaped = [index for index, d in enumerate(draws) if d.shaping is not None]
+    shaping = None
+    if shaped:
+        shapings = [d.shaping for d in draws if d.shaping is not None]
+        shaping = penalties.plan(shaped, shapings, uploads)
+    greedy = [index for index, d in enumerate(draws) if d.params.is_greedy]
+    sampled = [index for index, d in enumerate(draws) if not d.params.is_greedy]
+    return DrawPlan(
+        draws,
+        shaping,
+        uploads.add(greedy) if greedy else None,
+        uploads.add(sampled) if sampled else None,
+        filters.plan_filters([draws[i].params for i in sampled], vocab_size, uploads)
+        if sampled
+        else None,
+    )
+
+
+def draw_rows(logits: torch.Tensor, plan: DrawPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """[D, V] float32 raw logits -> ([D] drawn token ids, [D] bool: the row had a
+    token to draw): shaped (penalties, bias, banned tokens), then greedy rows take
+    their argmax and the others are tempered, filtered and drawn."""
+    if plan.shaping is not None:
+        logits = penalties.apply(logits, plan.shaping)
+    token_ids = torch.empty(len(plan.draws), dtype=torch.long, device=logits.device)
+    valid = torch.ones(len(plan.draws), dtype=torch.bool, device=logits.device)
+    if plan.greedy is not None:
+        greedy = plan.greedy.tensor
+        rows = logits if plan.greedy.length == len(plan.draws) else logits[greedy]
+        token_ids[greedy] = torch.argmax(rows, dim=-1)
+    if plan.sampled is not None and plan.filters is not None:
+        sampled = plan.sampled.tensor
+        rows = logits if plan.sampled.length == len(plan.draws) else logits[sampled]
+        generators = [d.generator for d in plan.draws if not d.params.is_greedy]
+        token_ids[sampled], valid[sampled] = filters.draw(
+            filters.filter_logits(rows, plan.filters), generators
+        )
+    return token_ids, valid
+
+
+@dataclass
+class Verification:
+    """One speculating request's verification rows (speculative decoding): its
+    drafts, checked against the tokens decoding without drafts takes at each row."""
+
+    rows: list[int]
+    """The step's rows: row i predicts the token after draft i (row 0: after the last
+    committed token)."""
+    row_ids: Upload
+    drafts: list[int]
+    draw: Draw
+    filters: filters.FilterPlan | None
+    """The draw's filters over the rows (a sampled request's)."""
+    generator_state: torch.Tensor | None = None
+    """The seeded generator as it was before the rows' draws (``emitted`` winds it
+    back, then on by one uniform per emitted token)."""
+
+
+def plan_verification(
+    rows: list[int], drafts: list[int], draw: Draw, vocab_size: int, uploads: Uploads
+) -> Verification:
+    sampled = not draw.params.is_greedy
+    return Verification(
+        rows,
+        uploads.add(rows),
+        drafts,
+        draw,
+        filters.plan_filters([draw.params] * len(rows), vocab_size, uploads) if sampled else None,
+    )
+
+
+def verify(logits: torch.Tensor, verification: Verification) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative decoding's verification of point-mass drafts (n-gram: the draft
+    distribution q puts all its mass on the draft token), on the device: ``logits``
+    are the step's, of which the verification's rows ([D + 1, V]) are read. Returns
+    each row's token ([D + 1]) and whether it had one to draw; ``emitted`` then reads
+    them on the host.
+
+    Each row's token is what decoding without drafts would draw there: its argmax
+    (greedy), or the inverse of its filtered distribution's CDF at the next uniform of
+    the request's generator. Drafts are accepted while they equal those tokens; the
+    first that does not is replaced by its row's token. Draft i is then accepted with
+    probability p_i(d_i), rejection sampling's min(1, p/q) with q = 1, and each emitted
+    token is distributed as the model's; more, a seeded call emits the tokens it emits
+    without drafts (rounding aside), however much the engine drafted."""
+    rows = logits[verification.row_ids.tensor].float()  # [D + 1, V]
+    if verification.filters is None:  # greedy: as a plain greedy row, always a token
+        return torch.argmax(rows, dim=-1), torch.ones_like(rows[:, 0], dtype=torch.bool)
+    generator = verification.draw.generator
+    if generator is not None:
+        verification.generator_state = generator.get_state()
+    filtered = filters.filter_logits(rows, verification.filters)
+    return filters.draw(filtered, [generator] * len(verification.rows))
+
+
+def emitted(verification: Verification, tokens: list[int], valid: list[bool]) -> list[int]:
+    """The tokens a verification emits (the drafts accepted, then one more), from its
+    rows' tokens read on the host. A seeded generator drew a uniform for every row;
+    it is wound back to spend one per emitted token, as decoding without drafts does.
+    Raises InvalidDistribution when an emitted row had no token to draw."""
+    result: list[int] = []
+    for row, (token, ok) in enumerate(zip(tokens, valid, strict=True)):
+        if not ok:
+            raise filters.InvalidDistribution(f"verification row {row} has no token to draw")
+        result.append(token)
+        if row == len(verification.drafts) or token != verification.drafts[row]:
+            break
+    generator, state = verification.draw.generator, verification.generator_state
+    if generator is not None and state is not None:
+        generator.set_state(state)
+        spent = torch.empty(len(result), 1, dtype=torch.float64, device=generator.device)
+        for row in range(len(result)):  # as ``filters.draw`` spends them: one per row
+            spent[row].uniform_(generator=generator)
+    return result
+
+
+@dataclass
+class PickPlan:
+    """A step's picks, planned on the host before its forward pass, so that every row
+    index and parameter the sampler needs is a part of the step's one upload."""
+
+    num_rows: int
+    given: Upload
+    """[K] each scored row's given token id (0 for the others)."""
+    plain_greedy: list[int]
+    plain_greedy_rows: Upload | None
+    drawn: list[int]
+    drawn_rows: Upload | None
+    draws: DrawPlan | None
+    verifications: list[Verification]
+
+
+def plan_picks(
+    picks: list[int | Draw],
+    verifications: list[tuple[list[int], list[int], Draw]],
+    vocab_size: int,
+    uploads: Uploads,
+) -> PickPlan:
+    """``picks``: each row's given id (a scored row) or draw (a decode row; a row in a
+    verification is given 0, its verification picks it). ``verifications``: (rows,
+    drafts, draw) of each speculating request."""
+    plain_greedy = [
+        row
+        for row, pick in enumerate(picks)
+        if isinstance(pick, Draw) and pick.params.is_greedy and pick.shaping is None
+    ]
+    chosen = set(plain_greedy)
+    drawn = [row for row, pick in enumerate(picks) if isinstance(pick, Draw) and row not in chosen]
+    draws = [pick for pick in (picks[row] for row in drawn) if isinstance(pick, Draw)]
+    # All rows plain greedy (a greedy decode step): no index to send.
+    partly_greedy = plain_greedy and len(plain_greedy) < len(picks)
+    return PickPlan(
+        len(picks),
+        uploads.add([pick if isinstance(pick, int) else 0 for pick in picks]),
+        plain_greedy,
+        uploads.add(plain_greedy) if partly_greedy else None,
+        drawn,
+        uploads.add(drawn) if drawn and len(drawn) < len(picks) else None,
+        plan_draws(draws, vocab_size, uploads) if draws else None,
+        [plan_verification(*one, vocab_size, uploads) for one in verifications],
+    )
+
+
+@dataclass
 class Picks:
     """The tokens of a step's rows, and the rows whose draw failed."""
 
     token_ids: torch.Tensor
     """[K] long, on the logits' device: the given id of a scored row, the drawn one of
     a decode row (0 where the draw failed)."""
+    valid: torch.Tensor
+    """[K] bool, on the device: False where a row had no token to draw (NaN logits, or
+    every token filtered out); read on the host with the tokens (``failed_rows``)."""
     argmax_rows: list[int]
     """Rows whose token is their raw argmax (rank 1 without comparing)."""
     errors: dict[int, Exception] = field(default_factory=dict)
-    """Rows whose draw failed: only their requests fail."""
+    """Rows whose draw raised: only their requests fail."""
+    verified_rows: set[int] = field(default_factory=set)
+    """Verification rows: whether they fail depends on what they emit (``emitted``)."""
+
+    def failed_rows(self, valid: list[bool]) -> dict[int, Exception]:
+        """The rows that failed, given ``valid`` read on the host."""
+        failed = dict(self.errors)
+        for row, ok in enumerate(valid):
+            if not ok and row not in failed and row not in self.verified_rows:
+                failed[row] = filters.InvalidDistribution(f"row {row} has no token left to draw")
+        return failed
 
 
-_RANK_ROWS_CPU, _RANK_ROWS_CUDA = 16, 1024
-"""Rows ranked at a time: ranking compares each row with all V logprobs, and on CPU
-the [rows, V] comparison is fastest while it stays in cache (measured: 16 rows of a
-49152 vocabulary rank 5x faster than 256)."""
-
-
-def pick_tokens(logits: torch.Tensor, logprobs: torch.Tensor, picks: list[int | Draw]) -> Picks:
+def pick_tokens(logits: torch.Tensor, logprobs: torch.Tensor, plan: PickPlan) -> Picks:
     """[K, V] raw logits and logprobs -> each row's token: the given id for a scored
-    row, a draw for a decode row. Plain greedy rows share one argmax; the other draws
-    are shaped, filtered and drawn together. A failure there is retried row by row, so
-    that it fails the rows that caused it and no other. Nothing is copied to the host."""
-    token_ids = torch.tensor(
-        [pick if isinstance(pick, int) else 0 for pick in picks],
-        dtype=torch.long,
-        device=logprobs.device,
-    )
-    plain_greedy = [
-        row
-        for row, pick in enumerate(picks)
-        if isinstance(pick, Draw) and pick.params.is_greedy and pick.shaping is None
-    ]
-    if plain_greedy:
-        rows = torch.tensor(plain_greedy, dtype=torch.long, device=logprobs.device)
-        if 2 * len(plain_greedy) >= len(picks):  # mostly decodes: scan all, copy nothing
+    row, a draw for a decode row, the verified token for a verification row. Plain
+    greedy rows share one argmax; the other draws are shaped, filtered and drawn
+    together. A failure there is retried row by row, so that it fails the rows that
+    caused it and no other. Nothing is copied to or from the host."""
+    device = logprobs.device
+    token_ids = plan.given.tensor.clone()
+    valid = torch.ones(plan.num_rows, dtype=torch.bool, device=device)
+    result = Picks(token_ids, valid, list(plan.plain_greedy))
+    if plan.plain_greedy_rows is None and plan.plain_greedy:  # every row: no index
+        result.token_ids = token_ids = torch.argmax(logprobs, dim=-1)
+    elif plan.plain_greedy_rows is not None:
+        rows = plan.plain_greedy_rows.tensor
+        if 2 * len(plan.plain_greedy) >= plan.num_rows:  # mostly decodes: scan all
             token_ids[rows] = torch.argmax(logprobs, dim=-1)[rows]
-        else:  # mostly scored rows: copy out the few greedy ones
+        else:  # mostly scored rows: the few greedy ones
             token_ids[rows] = torch.argmax(logprobs[rows], dim=-1)
-    chosen = set(plain_greedy)
-    drawn = [row for row, pick in enumerate(picks) if isinstance(pick, Draw) and row not in chosen]
-    result = Picks(token_ids, plain_greedy)
-    if drawn:
-        draws = [pick for pick in (picks[row] for row in drawn) if isinstance(pick, Draw)]
+    if plan.draws is not None:
+        drawn = plan.drawn_rows.tensor if plan.drawn_rows is not None else None
         # Every row drawn (a decode step): the logits as they are, not a copy of them.
-        rows = logits.float() if len(drawn) == len(picks) else logits[drawn].float()
+        rows = logits.float() if drawn is None else logits[drawn].float()
         try:
-            token_ids[drawn] = draw_rows(rows, draws)
+            tokens, ok = draw_rows(rows, plan.draws)
+            if drawn is None:
+                token_ids.copy_(tokens)
+                valid.copy_(ok)
+            else:
+                token_ids[drawn], valid[drawn] = tokens, ok
         except Exception:
-            for row, one in zip(drawn, draws, strict=True):
-                try:
-                    token_ids[row] = draw_rows(logits[row : row + 1].float(), [one])[0]
+            for row, one in zip(plan.drawn, plan.draws.draws, strict=True):
+                try:  # a row alone: its own small upload (a failure's path)
+                    alone = planned(functools.partial(plan_draws, [one], logits.shape[1]), device)
+                    tokens, ok = draw_rows(logits[row : row + 1].float(), alone)
+                    token_ids[row], valid[row] = tokens[0], ok[0]
                 except Exception as error:
                     result.errors[row] = error
+    for verification in plan.verifications:
+        rows = verification.row_ids.tensor
+        token_ids[rows], valid[rows] = verify(logits, verification)
+        result.verified_rows.update(verification.rows)
+        if verification.filters is None:
+            result.argmax_rows.extend(verification.rows)
     return result
-
-
-def verify(logits: torch.Tensor, drafts: list[int], draw: Draw) -> list[int]:
-    """Speculative decoding's verification of point-mass drafts (n-gram: the draft
-    distribution q puts all its mass on the draft token). ``logits`` is [D + 1, V]:
-    row i predicts the token after draft i (row 0: after the last committed token).
-    Returns the tokens emitted: the drafts accepted, then one more.
-
-    Each row's token is what decoding without drafts would draw there: its argmax
-    (greedy), or the inverse of its filtered distribution's CDF at the next uniform of
-    the request's generator, one uniform per emitted token, as a plain decode spends
-    them. Drafts are accepted while they equal those tokens; the first that does not is
-    replaced by its row's token. Draft i is then accepted with probability p_i(d_i),
-    rejection sampling's min(1, p/q) with q = 1, and each emitted token is distributed
-    as the model's; more, a seeded call emits the tokens it emits without drafts
-    (rounding aside), however much the engine drafted."""
-    is_greedy = draw.params.is_greedy
-    if is_greedy:
-        argmax = torch.argmax(logits, dim=-1).tolist()
-    else:
-        filtered = filters.filter_logits(logits, [draw.params] * logits.shape[0])  # [D + 1, V]
-    emitted: list[int] = []
-    for row in range(len(drafts) + 1):
-        if is_greedy:
-            token = argmax[row]
-        else:  # a uniform spent only for a row emitted
-            token = int(filters.draw(filtered[row : row + 1], [draw.generator])[0])
-        emitted.append(token)
-        if row == len(drafts) or token != drafts[row]:
-            break
-    return emitted
-
-
-def draw_rows(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
-    """[D, V] float32 raw logits -> [D] drawn token ids: shaped (penalties, bias,
-    banned tokens), then greedy rows take their argmax and the others are tempered,
-    filtered and drawn."""
-    shaped = [index for index, d in enumerate(draws) if d.shaping is not None]
-    if shaped:
-        shapings = [d.shaping for d in draws if d.shaping is not None]
-        part = penalties.apply(logits[shaped], shapings)
-        logits = logits.clone()
-        logits[shaped] = constraints.apply_bitmasks(part, [s.bitmask for s in shapings])
-    token_ids = torch.empty(len(draws), dtype=torch.long, device=logits.device)
-    greedy = [index for index, d in enumerate(draws) if d.params.is_greedy]
-    if greedy:
-        token_ids[greedy] = torch.argmax(logits[greedy], dim=-1)
-    sampled = [index for index, d in enumerate(draws) if not d.params.is_greedy]
-    if sampled:
-        rows = logits if len(sampled) == len(draws) else logits[sampled]
-        filtered = filters.filter_logits(rows, [draws[i].params for i in sampled])
-        token_ids[sampled] = filters.draw(filtered, [draws[i].generator for i in sampled])
-    return token_ids
-
-
-def score(
-    logprobs: torch.Tensor,
-    token_ids: torch.Tensor,
-    top_ks: list[int],
-    argmax_rows: list[int] | None = None,
-) -> list[TokenLogprob]:
-    """Each row's logprob and rank of its token, and its top ``top_ks[row]``: computed
-    for all rows on their device, then copied to the host together. Rows in
-    ``argmax_rows`` hold their argmax, so their rank is 1 without comparing."""
-    if not top_ks:
-        return []
-    scores = score_on_device(logprobs, token_ids, top_ks, argmax_rows)
-    return scored_rows(top_ks, *to_host(list(scores)))
-
-
-def score_on_device(
-    logprobs: torch.Tensor,
-    token_ids: torch.Tensor,
-    top_ks: list[int],
-    argmax_rows: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """([K] logprobs of the tokens, [K] ranks - 1, [K, k] top values, [K, k] top ids),
-    still on the device; ``scored_rows`` reads them once they are on the host."""
-    chosen = logprobs.gather(1, token_ids[:, None])  # [K, 1]
-    ranks = torch.zeros(len(top_ks), dtype=torch.long, device=logprobs.device)
-    known = set(argmax_rows or ())
-    step = _RANK_ROWS_CUDA if logprobs.is_cuda else _RANK_ROWS_CPU
-    for start in range(0, len(top_ks), step):
-        end = min(start + step, len(top_ks))
-        if all(row in known for row in range(start, end)):
-            continue  # a decode step's greedy rows: rank 1 without comparing
-        # Summed as int32 (a vocabulary fits): 0.31 ms for 16 rows of 49,152, not 0.50.
-        ranks[start:end] = (logprobs[start:end] > chosen[start:end]).sum(dim=1, dtype=torch.int32)
-    top_k = min(max(top_ks), logprobs.shape[1])
-    values, indices = _top_k_lowest_ids_first(logprobs, top_k)  # [K, top_k] each
-    # Equal values in token-id order, as argmax (greedy's pick) takes the first of a
-    # tie: a greedy token tied with another then leads its top list (topk orders ties
-    # as it likes; in bf16, whose logits come in steps, ties are common).
-    indices, by_id = indices.sort(dim=1)
-    values, by_value = values.gather(1, by_id).sort(dim=1, descending=True, stable=True)
-    return chosen[:, 0], ranks, values, indices.gather(1, by_value)
-
-
-def _top_k_lowest_ids_first(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk``, except that where values tied with the k-th fall on both sides of
-    the cut, the lowest ids among them are kept (topk keeps any): the list is the first
-    k tokens in order of value, then id, as greedy's argmax orders them. One more column
-    shows where a tie crosses the cut; such rows (a few in a thousand scored in bf16)
-    are redone over their whole row."""
-    vocab_size = logprobs.shape[1]
-    if k == 0 or k == vocab_size:
-        return torch.topk(logprobs, k, dim=1)
-    values, indices = torch.topk(logprobs, k + 1, dim=1)
-    crossing = (values[:, k] == values[:, k - 1]).nonzero()[:, 0].tolist()
-    values, indices = values[:, :k].contiguous(), indices[:, :k].contiguous()
-    for row in crossing:
-        scores, kth = logprobs[row], values[row, k - 1]
-        above = (scores > kth).nonzero()[:, 0]
-        tied = (scores == kth).nonzero()[:, 0][: k - above.numel()]  # ids ascending
-        indices[row] = torch.cat([above, tied])
-        values[row] = scores[indices[row]]
-    return values, indices
-
-
-def scored_rows(
-    top_ks: list[int],
-    chosen: list[float],
-    ranks: list[int],
-    value_rows: list[list[float]],
-    index_rows: list[list[int]],
-) -> list[TokenLogprob]:
-    """The per-row results of ``score_on_device``, as host lists."""
-    results = []
-    for row, (logprob, rank) in enumerate(zip(chosen, ranks, strict=True)):
-        k = top_ks[row]
-        tops = list(zip(index_rows[row][:k], value_rows[row][:k], strict=True)) if k else []
-        results.append(TokenLogprob(logprob, int(rank) + 1, tops))
-    return results
-
-
-def to_host(tensors: list[torch.Tensor], one_copy: bool | None = None) -> list[Any]:
-    """Each tensor as (nested) Python lists, in one device-to-host copy (each copy is a
-    sync on CUDA): flattened into one float64 buffer, which holds token ids exactly.
-    On the CPU each is simply read (``one_copy`` forces the packed path, for tests)."""
-    if one_copy is None:
-        one_copy = any(tensor.device.type != "cpu" for tensor in tensors)
-    if not one_copy:
-        return [tensor.tolist() for tensor in tensors]
-    # Where a part is on the host already, it joins the device's buffer (a small copy),
-    # rather than failing the step.
-    device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
-    packed = torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors]).cpu()
-    results, start = [], 0
-    for tensor in tensors:
-        part = packed[start : start + tensor.numel()].reshape(tensor.shape)
-        start += tensor.numel()
-        if not tensor.dtype.is_floating_point:
-            part = part.to(torch.long)
-        results.append(part.tolist())
-    return results
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

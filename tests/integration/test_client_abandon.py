@@ -95,9 +95,9 @@ def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
     server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
     execute = server.engine.runner.execute
 
-    def slow_execute(batch: Any) -> Any:
+    def slow_execute(batch: Any, uploads: Any = None) -> Any:
         time.sleep(1.0)
-        return execute(batch)
+        return execute(batch, uploads)
 
     async def scenario() -> None:
         async with AsyncSalienceClient(server.target, timeout=30) as client:
@@ -123,9 +123,9 @@ def test_a_stream_takes_a_deadline(tiny_llama_dir: Path, server_factory: Any) ->
     server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
     execute = server.engine.runner.execute
 
-    def slow_execute(batch: Any) -> Any:
+    def slow_execute(batch: Any, uploads: Any = None) -> Any:
         time.sleep(0.05)
-        return execute(batch)
+        return execute(batch, uploads)
 
     server.engine.runner.execute = slow_execute
     with SalienceClient(server.target, timeout=30) as client, client.open_session() as session:

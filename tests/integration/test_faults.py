@@ -264,9 +264,9 @@ def test_keepalive_finds_a_client_that_stopped_answering(tiny_llama_dir, monkeyp
         runner = server.engine.runner
         real = runner.execute
 
-        def slow(batch):  # 20 ms a step, one token a step: the call would take 8 s
+        def slow(batch, uploads=None):  # 20 ms a step, one token a step: the call would take 8 s
             time.sleep(0.02)
-            return real(batch)
+            return real(batch, uploads)
 
         monkeypatch.setattr(runner, "execute", slow)
         session_id = open_session(server.stub)

@@ -115,10 +115,10 @@ def test_a_forward_pass_failure_is_narrowed_to_its_request(server, monkeypatch) 
     runner = server.engine.runner
     real = runner.execute
 
-    def execute(batch):
+    def execute(batch, uploads=None):
         if poison in batch.token_ids:
             raise RuntimeError("the kernel refused this input")
-        return real(batch)
+        return real(batch, uploads)
 
     monkeypatch.setattr(runner, "execute", execute)
     call = lambda: generate(stub, open_session(stub), append_tokens=[5, poison, 6], max_tokens=3)  # noqa: E731
@@ -153,7 +153,7 @@ def test_a_lost_device_stops_the_engine_rather_than_fail_each_call(
     lost = getattr(torch, "AcceleratorError", RuntimeError)
     runner = server.engine.runner
 
-    def execute(batch):
+    def execute(batch, uploads=None):
         raise lost("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(runner, "execute", execute)

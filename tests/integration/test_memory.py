@@ -163,9 +163,9 @@ def test_eight_sessions_decoding_together_equal_each_alone(tiny_llama_dir, serve
     steps_with_many = []
     original_execute = server.engine.runner.execute
 
-    def counting_execute(batch):
+    def counting_execute(batch, uploads=None):
         steps_with_many.append(len(batch.sequences))
-        return original_execute(batch)
+        return original_execute(batch, uploads)
 
     server.engine.runner.execute = counting_execute
     barrier = threading.Barrier(len(prompts))

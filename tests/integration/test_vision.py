@@ -395,9 +395,9 @@ def test_an_image_append_cancelled_midway_is_rewound_by_the_next_call(vision) ->
     info = _info(vision)
     execute = vision.engine.runner.execute
 
-    def slow_execute(batch):
+    def slow_execute(batch, uploads=None):
         time.sleep(0.3)
-        return execute(batch)
+        return execute(batch, uploads)
 
     async def scenario() -> None:
         async with AsyncSalienceClient(vision.target, timeout=30) as client:

@@ -36,7 +36,9 @@ def test_bitmasks_forbid_exactly_the_unset_bits() -> None:
         for token in tokens:
             words[token // 32] |= 1 << (token % 32)
         masks.append(torch.tensor(words, dtype=torch.int64).to(torch.int32))  # bit 31: sign
-    masked = apply_bitmasks(logits, masks)
+    rows = [row for row, mask in enumerate(masks) if mask is not None]
+    words = torch.cat([mask for mask in masks if mask is not None])
+    masked = apply_bitmasks(logits, torch.tensor(rows), words)
     for row, tokens in enumerate(allowed):
         for token in range(70):
             if tokens is None or token in tokens:

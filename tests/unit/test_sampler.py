@@ -1,5 +1,6 @@
-"""The step's sampling and scoring of all rows together, against one-row definitions:
-each filter and penalty on the full distribution, and the draws' frequencies."""
+"""The step's sampling of all rows together, against one-row definitions: each filter
+and penalty on the full distribution, the draws' frequencies, and speculative
+verification (scoring: ``test_scoring``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from salience_server.engine import filters, penalties, sampler
+from salience_server.engine import filters, penalties, sampler, scoring
 from salience_server.engine.request import SamplingParams
+from salience_server.engine.uploads import planned
 
 VOCAB = 300
 
@@ -28,66 +30,70 @@ def _shaping(params: SamplingParams, token_ids: list[int], num_prompt: int = 0, 
     return penalties.Shaping(params, token_ids, num_prompt, list(banned), penalties.PenaltyState())
 
 
-def test_scores_equal_each_rows_rank_and_top_k() -> None:
-    logprobs = sampler.log_softmax(_logits(40))  # more rows than one ranking chunk
-    token_ids = torch.randint(VOCAB, (40,), generator=torch.Generator().manual_seed(1))
-    top_ks = [row % 4 for row in range(40)]
-    scores = sampler.score(logprobs, token_ids, top_ks)
-    for row, scored in enumerate(scores):
-        chosen = logprobs[row, token_ids[row]]
-        assert scored.logprob == chosen.item()
-        assert scored.rank == int((logprobs[row] > chosen).sum()) + 1
-        values, indices = torch.topk(logprobs[row], top_ks[row])
-        assert scored.top_logprobs == list(zip(indices.tolist(), values.tolist(), strict=True))
+# The step's functions take plans made before the forward pass; these plan and send at once.
+CPU = torch.device("cpu")
 
 
-def test_tied_top_logprobs_come_in_token_order_so_the_greedy_token_leads() -> None:
-    """bf16 logits come in steps, so ties are common: greedy takes the tie's first token
-    (argmax), and the top list puts that token first (topk ordered ties at will)."""
-    logprobs = torch.full((2, 49152), -20.0)
-    logprobs[0, [3, 24576, 49151]] = -0.5
-    logprobs[1, [7, 9]] = torch.tensor([-1.0, -0.25])
-    greedy = torch.argmax(logprobs, dim=1)
-    scores = sampler.score(logprobs, greedy, [3, 2])
-    assert scores[0].top_logprobs == [(3, -0.5), (24576, -0.5), (49151, -0.5)]
-    assert scores[0].top_logprobs[0][0] == greedy[0].item() and scores[0].rank == 1
-    assert scores[1].top_logprobs == [(9, -0.25), (7, -1.0)]
+def _pick(logits: torch.Tensor, logprobs: torch.Tensor, picks: list) -> sampler.Picks:
+    vocab = logits.shape[1]
+    plan = planned(lambda u: sampler.plan_picks(picks, [], vocab, u), CPU)
+    return sampler.pick_tokens(logits, logprobs, plan)
 
 
-def test_a_tie_across_the_top_k_cut_keeps_its_lowest_ids() -> None:
-    """topk chose which tied tokens made the list: a token of rank <= k could be left
-    out while a tied one with a higher id was in. The list is the first k by value,
-    then id."""
-    logprobs = torch.full((3, 49152), -30.0)
-    logprobs[0, :8] = torch.tensor([0.0, -1, -1, -1, -2, -1, 0, -3])
-    logprobs[1, [5, 40000, 20000, 3, 49000]] = -2.0  # five tied, three kept
-    logprobs[2, 11] = -1.0  # then the rest, all tied: the lowest id
-    chosen = torch.tensor([3, 49000, 11])
-    scores = sampler.score(logprobs, chosen, [5, 3, 2])
-    assert [i for i, _ in scores[0].top_logprobs] == [0, 6, 1, 2, 3]
-    assert [i for i, _ in scores[1].top_logprobs] == [3, 5, 20000]
-    assert scores[1].rank == 1  # tied with all: in the list or not, rank 1
-    assert [i for i, _ in scores[2].top_logprobs] == [11, 0]
+def _errors(picked: sampler.Picks) -> dict[int, Exception]:
+    return picked.failed_rows(picked.valid.tolist())
+
+
+def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    return filters.filter_logits(
+        logits, planned(lambda u: filters.plan_filters(params, vocab, u), CPU)
+    )
+
+
+def _draw_tokens(logits: torch.Tensor, generators: list) -> torch.Tensor:
+    token_ids, valid = filters.draw(logits, generators)
+    assert bool(valid.all())
+    return token_ids
+
+
+def _draw_rows(logits: torch.Tensor, draws: list[sampler.Draw]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    plan = planned(lambda u: sampler.plan_draws(draws, vocab, u), CPU)
+    return sampler.draw_rows(logits, plan)[0]
+
+
+def _shape(logits: torch.Tensor, shapings: list[penalties.Shaping]) -> torch.Tensor:
+    rows = list(range(len(shapings)))
+    return penalties.apply(logits, planned(lambda u: penalties.plan(rows, shapings, u), CPU))
+
+
+def _verify(logits: torch.Tensor, drafts: list[int], draw: sampler.Draw) -> list[int]:
+    """One request's verification alone, as a step makes it: on the device, then read."""
+    rows, vocab = list(range(len(drafts) + 1)), logits.shape[1]
+    verification = planned(lambda u: sampler.plan_verification(rows, drafts, draw, vocab, u), CPU)
+    tokens, valid = sampler.verify(logits, verification)
+    return sampler.emitted(verification, tokens.tolist(), valid.tolist())
 
 
 def test_picks_mix_given_greedy_penalized_and_seeded_rows() -> None:
     logits = _logits(6, seed=2)
-    logprobs = sampler.log_softmax(logits)
+    logprobs = scoring.log_softmax(logits)
     greedy = _draw(SamplingParams())
     seen = logits[2].topk(3).indices.tolist()  # the penalty must move the argmax off these
     penalized_params = SamplingParams(repetition_penalty=50.0)
     penalized = _draw(penalized_params, _shaping(penalized_params, seen))
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
     picks: list[int | sampler.Draw] = [17, greedy, penalized, _draw(seeded), 250, greedy]
-    picked = sampler.pick_tokens(logits, logprobs, picks)
+    picked = _pick(logits, logprobs, picks)
     ids = picked.token_ids.tolist()
-    assert ids[0] == 17 and ids[4] == 250 and picked.errors == {}
+    assert ids[0] == 17 and ids[4] == 250 and _errors(picked) == {}
     assert ids[1] == int(logprobs[1].argmax()) and ids[5] == int(logprobs[5].argmax())
     assert picked.argmax_rows == [1, 5]
     assert ids[2] not in seen
-    again = sampler.pick_tokens(logits[3:4], logprobs[3:4], [_draw(seeded)])
+    again = _pick(logits[3:4], logprobs[3:4], [_draw(seeded)])
     assert ids[3] == int(again.token_ids[0])  # seeded draws repeat
-    scores = sampler.score(logprobs, picked.token_ids, [0] * 6, picked.argmax_rows)
+    scores = scoring.score(logprobs, picked.token_ids, [0] * 6, picked.argmax_rows)
     assert [s.rank for s in scores] == [
         int((logprobs[row] > logprobs[row, ids[row]]).sum()) + 1 for row in range(6)
     ]
@@ -96,23 +102,23 @@ def test_picks_mix_given_greedy_penalized_and_seeded_rows() -> None:
 
 def test_a_step_of_only_greedy_decodes_and_an_empty_step() -> None:
     logits = _logits(20, seed=3)
-    logprobs = sampler.log_softmax(logits)
-    picked = sampler.pick_tokens(logits, logprobs, [_draw(SamplingParams())] * 20)
+    logprobs = scoring.log_softmax(logits)
+    picked = _pick(logits, logprobs, [_draw(SamplingParams())] * 20)
     assert picked.token_ids.tolist() == logprobs.argmax(dim=1).tolist()
-    scores = sampler.score(logprobs, picked.token_ids, [2] * 20, picked.argmax_rows)
+    scores = scoring.score(logprobs, picked.token_ids, [2] * 20, picked.argmax_rows)
     assert all(
         s.rank == 1 and s.top_logprobs[0][0] == t
         for s, t in zip(scores, picked.token_ids.tolist(), strict=True)
     )
-    empty = sampler.pick_tokens(logits[:0], logprobs[:0], [])
+    empty = _pick(logits[:0], logprobs[:0], [])
     assert empty.token_ids.shape == (0,) and empty.argmax_rows == []
-    assert sampler.score(logprobs[:0], empty.token_ids, []) == []
+    assert scoring.score(logprobs[:0], empty.token_ids, []) == []
 
 
 def test_a_failing_row_fails_alone() -> None:
     logits = _logits(4, seed=4)
     logits[2] = math.nan  # a broken row: no distribution to draw from
-    logprobs = sampler.log_softmax(logits)
+    logprobs = scoring.log_softmax(logits)
     sampled = SamplingParams(temperature=1.0, seed=3)
     broken_bias = SamplingParams(logit_bias={VOCAB + 5: 1.0})  # an id past the vocabulary
     picks: list[int | sampler.Draw] = [
@@ -121,23 +127,20 @@ def test_a_failing_row_fails_alone() -> None:
         _draw(sampled),
         _draw(sampled),
     ]
-    picked = sampler.pick_tokens(logits, logprobs, picks)
-    assert set(picked.errors) == {1, 2}
-    assert isinstance(picked.errors[2], filters.InvalidDistribution)
-    alone = [
-        sampler.pick_tokens(logits[r : r + 1], logprobs[r : r + 1], [_draw(sampled)])
-        for r in (0, 3)
-    ]
+    picked = _pick(logits, logprobs, picks)
+    assert set(_errors(picked)) == {1, 2}
+    assert isinstance(_errors(picked)[2], filters.InvalidDistribution)
+    alone = [_pick(logits[r : r + 1], logprobs[r : r + 1], [_draw(sampled)]) for r in (0, 3)]
     assert picked.token_ids[0] == alone[0].token_ids[0]
     assert picked.token_ids[3] == alone[1].token_ids[0]
 
 
 def test_a_temperature_below_1e_5_is_greedy() -> None:
     logits = _logits(3, seed=5)
-    logprobs = sampler.log_softmax(logits)
+    logprobs = scoring.log_softmax(logits)
     picks = [_draw(SamplingParams(temperature=t)) for t in (1e-42, 9e-6, 0.0)]
-    picked = sampler.pick_tokens(logits, logprobs, picks)
-    assert picked.token_ids.tolist() == logits.argmax(dim=1).tolist() and not picked.errors
+    picked = _pick(logits, logprobs, picks)
+    assert picked.token_ids.tolist() == logits.argmax(dim=1).tolist() and not _errors(picked)
 
 
 # ----- filters against their definitions on the full distribution ----------------------
@@ -186,7 +189,7 @@ def _kept_by_definition(logits: torch.Tensor, params: SamplingParams) -> torch.T
 )
 def test_filters_equal_their_definitions(params: SamplingParams) -> None:
     logits = _logits(3, seed=6)
-    filtered = filters.filter_logits(logits, [params] * 3)
+    filtered = _filter(logits, [params] * 3)
     for row in range(3):
         got = torch.softmax(filtered[row], dim=-1)
         want = _kept_by_definition(logits[row], params)
@@ -202,9 +205,9 @@ def test_rows_with_different_filters_are_filtered_together() -> None:
         SamplingParams(temperature=1.0, top_p=0.5),
         SamplingParams(temperature=2.0, min_p=0.2),
     ]
-    together = filters.filter_logits(logits, params)
+    together = _filter(logits, params)
     for row, one in enumerate(params):
-        alone = filters.filter_logits(logits[row : row + 1], [one])[0]
+        alone = _filter(logits[row : row + 1], [one])[0]
         assert torch.equal(together[row], alone)
 
 
@@ -215,7 +218,7 @@ def test_repetition_penalty_equals_transformers_processor() -> None:
     logits = _logits(1, seed=8)
     session = [3, 17, 17, 42, 299, 5]
     params = SamplingParams(repetition_penalty=1.7)
-    got = penalties.apply(logits, [_shaping(params, session)])
+    got = _shape(logits, [_shaping(params, session)])
     processor = RepetitionPenaltyLogitsProcessor(penalty=1.7)
     want = processor(torch.tensor([session]), logits.clone())
     assert torch.allclose(got, want, atol=1e-6)
@@ -227,7 +230,7 @@ def test_frequency_presence_and_bias_follow_openai() -> None:
     params = SamplingParams(
         frequency_penalty=0.5, presence_penalty=1.25, logit_bias={4: 3.0, 8: -100.0}
     )
-    got = penalties.apply(logits, [_shaping(params, prompt + decoded, num_prompt=len(prompt))])[0]
+    got = _shape(logits, [_shaping(params, prompt + decoded, num_prompt=len(prompt))])[0]
     want = logits[0].clone()
     for token in set(decoded):
         want[token] -= decoded.count(token) * 0.5 + 1.25
@@ -245,7 +248,7 @@ def test_penalty_counts_grow_with_the_session() -> None:
     for step_token in [7, 7, 8]:
         tokens.append(step_token)
         shaping = penalties.Shaping(params, tokens, 2, [], state)
-        got = penalties.apply(logits, [shaping])[0]
+        got = _shape(logits, [shaping])[0]
     want = logits[0].clone()
     want[7] -= 2.0
     want[8] -= 1.0
@@ -256,8 +259,8 @@ def test_banned_tokens_are_never_drawn() -> None:
     logits = _logits(1, seed=11, vocab=5)
     top = int(logits[0].argmax())
     params = SamplingParams()
-    picked = sampler.pick_tokens(
-        logits, sampler.log_softmax(logits), [_draw(params, _shaping(params, [], banned=[top]))]
+    picked = _pick(
+        logits, scoring.log_softmax(logits), [_draw(params, _shaping(params, [], banned=[top]))]
     )
     assert picked.token_ids.tolist() == [int(logits[0].topk(2).indices[1])]
 
@@ -280,7 +283,7 @@ def test_draws_follow_the_filtered_distribution(seeded: bool) -> None:
         generators = [torch.Generator().manual_seed(seed) for seed in range(num_draws)]
     else:
         generators = [None] * num_draws
-    token_ids = filters.draw(filters.filter_logits(rows, [params] * num_draws), generators)
+    token_ids = _draw_tokens(_filter(rows, [params] * num_draws), generators)
     counts = torch.bincount(token_ids, minlength=logits.shape[1]).double()
     kept = want > 0
     assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
@@ -305,7 +308,7 @@ def test_draws_over_a_vocabulary_of_whole_blocks_follow_the_distribution(seeded:
         if seeded
         else [None] * num_draws
     )
-    token_ids = filters.draw(logits.expand(num_draws, -1), generators)
+    token_ids = _draw_tokens(logits.expand(num_draws, -1), generators)
     counts = torch.bincount(token_ids, minlength=vocab).double()
     assert counts.sum() == counts[positions].sum(), "a token without mass was drawn"
     expected = want * num_draws
@@ -320,9 +323,9 @@ def test_greedy_verification_accepts_drafts_while_they_are_the_argmax() -> None:
     logits = _logits(4, seed=12)
     argmax = logits.argmax(dim=1).tolist()
     draw = _draw(SamplingParams())
-    assert sampler.verify(logits, argmax[:3], draw) == argmax  # all accepted, one more
+    assert _verify(logits, argmax[:3], draw) == argmax  # all accepted, one more
     wrong = (argmax[1] + 1) % VOCAB
-    assert sampler.verify(logits, [argmax[0], wrong, 5], draw) == argmax[:2]
+    assert _verify(logits, [argmax[0], wrong, 5], draw) == argmax[:2]
 
 
 def test_a_seeded_verification_emits_what_plain_draws_would() -> None:
@@ -333,17 +336,17 @@ def test_a_seeded_verification_emits_what_plain_draws_would() -> None:
     params = SamplingParams(temperature=1.0, top_p=0.9)
     for seed in range(50):
         plain = sampler.Draw(params, torch.Generator().manual_seed(seed))
-        want = [int(sampler.draw_rows(logits[row : row + 1], [plain])[0]) for row in range(5)]
+        want = [int(_draw_rows(logits[row : row + 1], [plain])[0]) for row in range(5)]
         for num_right in range(4):
             drafts = want[:num_right] + [(want[num_right] + 1) % VOCAB] * (4 - num_right)
             draw = sampler.Draw(params, torch.Generator().manual_seed(seed))
-            emitted = sampler.verify(logits, drafts, draw)
+            emitted = _verify(logits, drafts, draw)
             assert emitted == want[: num_right + 1]
             # The generator goes on as it would have after as many plain draws.
-            rest = sampler.draw_rows(logits[num_right + 1 :], [draw] * (4 - num_right))
+            rest = _draw_rows(logits[num_right + 1 :], [draw] * (4 - num_right))
             assert rest.tolist() == want[num_right + 1 :]
         all_right = sampler.Draw(params, torch.Generator().manual_seed(seed))
-        assert sampler.verify(logits, want[:4], all_right) == want
+        assert _verify(logits, want[:4], all_right) == want
 
 
 @pytest.mark.parametrize("draft_mass", ["likely", "unlikely"])
@@ -357,18 +360,9 @@ def test_rejection_sampling_keeps_the_models_distribution(draft_mass: str) -> No
     counts = torch.zeros(6, dtype=torch.float64)
     for seed in range(2000):
         draw = sampler.Draw(params, torch.Generator().manual_seed(seed))
-        counts[sampler.verify(logits, [draft], draw)[0]] += 1
+        counts[_verify(logits, [draft], draw)[0]] += 1
     kept = want > 0
     assert counts[~kept].sum() == 0
     expected = want[kept].double() * 2000
     chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
     assert chi2 < _CHI2_999[int(kept.sum()) - 1]
-
-
-def test_one_host_copy_reads_the_same_values() -> None:
-    """The packed path (one device-to-host copy on CUDA) equals reading each tensor."""
-    logits = _logits(5, seed=13)
-    logprobs = sampler.log_softmax(logits)
-    token_ids = torch.tensor([3, 7, 250, 0, 299])
-    tensors = list(sampler.score_on_device(logprobs, token_ids, [0, 2, 5, 1, 3])) + [token_ids]
-    assert sampler.to_host(tensors, one_copy=True) == sampler.to_host(tensors, one_copy=False)
