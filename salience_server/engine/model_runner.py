@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from salience_server.engine import cpu_matmul, fused_linears, paged_attention, sdpa_attention
+from salience_server.engine import (
+    cpu_matmul,
+    decoder_layers,
+    fused_linears,
+    paged_attention,
+    sdpa_attention,
+)
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
@@ -79,6 +85,7 @@ class ModelRunner:
         # Projections of one input stacked first, so that the CPU paths see them as one.
         fused_linears.fuse_projections(model)
         cpu_matmul.prepare_linears(model, self.device, self.dtype)
+        decoder_layers.streamline(model)
         self.block_size = block_size
         self.num_blocks = num_blocks
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
