@@ -14,7 +14,6 @@ it consumes the token drawn, and it says when the grammar is complete.
 
 from __future__ import annotations
 
-import array
 import functools
 import threading
 from dataclasses import dataclass
@@ -126,10 +125,10 @@ class Matcher:
         self._matcher = matcher
         self._vocab_size = vocab_size
 
-    def bitmask(self) -> list[int]:
-        """[ceil(V / 32)] int32 words: bit ``t % 32`` of word ``t // 32`` is set when token
-        ``t`` may come next. Host data, sent with the step's inputs."""
-        words = array.array("i", self._matcher.compute_bitmask()).tolist()
+    def bitmask(self) -> torch.Tensor:
+        """[ceil(V / 32)] int32 words on the host (sent with the step's inputs): bit
+        ``t % 32`` of word ``t // 32`` is set when token ``t`` may come next."""
+        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
         if self._matcher.is_error():
             raise ConstraintFailed(f"the grammar matcher failed: {self._matcher.get_error()}")
         return words

@@ -19,6 +19,7 @@ bfloat16). The projections are still called as modules (``fused_linears`` and
 
 from __future__ import annotations
 
+import sys
 import types
 from typing import Any
 
@@ -40,11 +41,18 @@ def streamline(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         passes_window = LAYERS.get(type(module).__name__)
-        if passes_window is None or not _has_the_expected_parts(module):
+        if (
+            passes_window is None
+            or not type(module).__module__.startswith("transformers.models.")
+            or not _has_the_expected_parts(module)
+        ):
             continue
         attention: Any = module.self_attn
         window = {"sliding_window": attention.sliding_window} if passes_window else {}
         module.__dict__["_salience_attention_kwargs"] = window
+        # transformers' own attention where none is registered under the config's name.
+        eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+        module.__dict__["_salience_eager_attention"] = eager
         module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
         count += 1
     return count
@@ -76,7 +84,11 @@ def forward(
     query, key = query.transpose(1, 2), key.transpose(1, 2)
     query = (query * cos) + (_rotate_half(query) * sin)
     key = (key * cos) + (_rotate_half(key) * sin)
-    attend = ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
+    if cache is not None:  # transformers' own cache (the engine's KV is in attention)
+        key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, self._salience_eager_attention
+    )
     output, _ = attend(
         attention,
         query,
@@ -86,6 +98,8 @@ def forward(
         dropout=0.0,
         scaling=attention.scaling,
         **self._salience_attention_kwargs,
+        position_ids=position_ids,
+        use_cache=use_cache,
         **kwargs,
     )
     output = attention.o_proj(output.reshape(*input_shape, -1).contiguous())

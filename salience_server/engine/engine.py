@@ -399,7 +399,7 @@ class Engine:
         """Plans the sampling, runs the forward pass (the step's inputs, the sampler's
         with them, go up in one copy) and samples: results reach the host in one copy."""
         uploads = Uploads(self.runner.device)
-        plan = self.outcomes.plan(chunks, rows, self.vocab_size, uploads)
+        plan = self.outcomes.plan(chunks, rows, self.runner.logits_width, uploads)
         forward = self.runner.execute(batch, uploads)
         return forward, self.outcomes.sample(chunks, plan, forward)
 

@@ -82,6 +82,10 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        head = model.get_output_embeddings()
+        self.logits_width = int(head.out_features)
+        """V of the [K, V] logits (the output layer's, which may differ from the
+        embedding's rows)."""
         # Projections of one input stacked first, so that the CPU paths see them as one.
         fused_linears.fuse_projections(model)
         cpu_matmul.prepare_linears(model, self.device, self.dtype)

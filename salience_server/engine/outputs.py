@@ -73,11 +73,22 @@ def plan_rows(
         except Exception as error:
             errors[request] = error
             picks.append(0)
-    verifications = [
-        (indices, drafts[request], sampler.Draw(request.params.sampling, request.generator))
-        for request, indices in verifying.items()
-    ]
-    picked = sampler.plan_picks(picks, verifications, vocab_size, uploads)
+    try:
+        picked = _plan_picks(picks, verifying, drafts, vocab_size, uploads)
+    except Exception:  # find the requests that cannot be planned; plan the others
+        for request in dict.fromkeys(row.request for row in rows):
+            own = [i for i, row in enumerate(rows) if row.request is request]
+            local = [own.index(i) for i in verifying.get(request, [])]
+            alone = {request: local} if local else {}
+            try:
+                _plan_picks(
+                    [picks[i] for i in own], alone, drafts, vocab_size, Uploads(uploads.device)
+                )
+            except Exception as error:
+                errors[request] = error
+        picks = [0 if row.request in errors else p for row, p in zip(rows, picks, strict=True)]
+        verifying = {r: indices for r, indices in verifying.items() if r not in errors}
+        picked = _plan_picks(picks, verifying, drafts, vocab_size, uploads)
     return RowsPlan(
         rows,
         picked,
@@ -85,6 +96,20 @@ def plan_rows(
         [top_k(row.request, t) for row, t in zip(rows, targets, strict=True)],
         errors,
     )
+
+
+def _plan_picks(
+    picks: list[int | sampler.Draw],
+    verifying: dict[Request, list[int]],
+    drafts: dict[Request, list[int]],
+    vocab_size: int,
+    uploads: Uploads,
+) -> sampler.PickPlan:
+    verifications = [
+        (indices, drafts[request], sampler.Draw(request.params.sampling, request.generator))
+        for request, indices in verifying.items()
+    ]
+    return sampler.plan_picks(picks, verifications, vocab_size, uploads)
 
 
 def row_results(
@@ -142,6 +167,8 @@ def _row_results(
     unused: set[int] = set()  # verification rows past the first rejected draft
     for request, verification in plan.verifications.items():
         indices = verification.rows
+        if request in errors:
+            continue
         try:
             emitted = sampler.emitted(
                 verification, [token_ids[i] for i in indices], [valid[i] for i in indices]

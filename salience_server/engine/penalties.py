@@ -75,8 +75,8 @@ class Shaping:
     banned_ids: list[int]
     """Tokens that cannot be drawn yet (stop tokens before min_tokens)."""
     state: PenaltyState
-    bitmask: list[int] | None = None
-    """[ceil(V / 32)] int32 words: the tokens the constraint allows next
+    bitmask: torch.Tensor | None = None
+    """[ceil(V / 32)] int32 words on the host: the tokens the constraint allows next
     (``constraints.Matcher.bitmask``)."""
 
     @property
@@ -137,8 +137,8 @@ def plan(rows: list[int], shapings: list[Shaping], uploads: Uploads) -> ShapingP
         (row, s.bitmask) for row, s in zip(rows, shapings, strict=True) if s.bitmask is not None
     ]
     if masked:
-        words = [word for _, bitmask in masked for word in bitmask]
-        result.masked = (uploads.add([row for row, _ in masked]), uploads.add(words))
+        words = torch.cat([bitmask for _, bitmask in masked])  # on the host
+        result.masked = (uploads.add([row for row, _ in masked]), uploads.add_tensor(words))
     return result
 
 

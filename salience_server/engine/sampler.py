@@ -145,7 +145,7 @@ def emitted(verification: Verification, tokens: list[int], valid: list[bool]) ->
     result: list[int] = []
     for row, (token, ok) in enumerate(zip(tokens, valid, strict=True)):
         if not ok:
-            raise filters.InvalidDistribution(f"verification row {row} has no token to draw")
+            raise filters.InvalidDistribution(NOTHING_TO_DRAW)
         result.append(token)
         if row == len(verification.drafts) or token != verification.drafts[row]:
             break
@@ -205,6 +205,9 @@ def plan_picks(
     )
 
 
+NOTHING_TO_DRAW = "no token left to draw (NaN logits, or every token filtered out)"
+
+
 @dataclass
 class Picks:
     """The tokens of a step's rows, and the rows whose draw failed."""
@@ -227,7 +230,7 @@ class Picks:
         failed = dict(self.errors)
         for row, ok in enumerate(valid):
             if not ok and row not in failed and row not in self.verified_rows:
-                failed[row] = filters.InvalidDistribution(f"row {row} has no token left to draw")
+                failed[row] = filters.InvalidDistribution(NOTHING_TO_DRAW)
         return failed
 
 
@@ -269,9 +272,14 @@ def pick_tokens(logits: torch.Tensor, logprobs: torch.Tensor, plan: PickPlan) ->
                 except Exception as error:
                     result.errors[row] = error
     for verification in plan.verifications:
-        rows = verification.row_ids.tensor
-        token_ids[rows], valid[rows] = verify(logits, verification)
         result.verified_rows.update(verification.rows)
+        try:
+            tokens, ok = verify(logits, verification)
+        except Exception as error:  # its request fails, not the step
+            result.errors.update((row, error) for row in verification.rows)
+            continue
+        rows = verification.row_ids.tensor
+        token_ids[rows], valid[rows] = tokens, ok
         if verification.filters is None:
             result.argmax_rows.extend(verification.rows)
     return result

@@ -115,7 +115,8 @@ def _top_k_by_value_then_id(logprobs: torch.Tensor, k: int) -> tuple[torch.Tenso
     reversed_ids = vocab_size - 1 - torch.arange(vocab_size, device=logprobs.device)
     parts = []
     for start in range(0, logprobs.shape[0], _KEY_ROWS):
-        bits = logprobs[start : start + _KEY_ROWS].contiguous().view(torch.int32)
+        # + 0.0: -0.0 becomes 0.0, which it equals (its bits would order it below).
+        bits = (logprobs[start : start + _KEY_ROWS] + 0.0).view(torch.int32)
         ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
         keys = ordered * (1 << 32) + reversed_ids
         parts.append(vocab_size - 1 - (torch.topk(keys, k, dim=1).values & 0xFFFFFFFF))

@@ -45,31 +45,62 @@ class Uploads:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._parts: list[list[int] | torch.Tensor] = []
+        """The host tensors added (``add_tensor``) and the runs of values between them."""
         self._values: list[int] = []
+        """The values added since the last host tensor."""
+        self._length = 0
         self._sent: torch.Tensor | None = None
 
     def add(self, values: Sequence[int]) -> Upload:
         """Appends a part; its tensor can be read once the whole is sent."""
-        if self._sent is not None:
-            raise RuntimeError("the step's inputs were already sent")
-        start = len(self._values)
+        self._check_open()
         self._values.extend(values)
-        return Upload(self, start, len(values))
+        return self._appended(len(values))
 
     def add_floats(self, values: Sequence[float]) -> Upload:
         """Appends a part of floats (as their float64 bits); read it as ``floats``."""
         return self.add(struct.unpack(f"<{len(values)}q", struct.pack(f"<{len(values)}d", *values)))
 
+    def add_tensor(self, values: torch.Tensor) -> Upload:
+        """Appends a host tensor of integers as a part (widened to int64), without
+        making Python values of it (a grammar's bitmask has thousands of words)."""
+        self._check_open()
+        self._flush_values()
+        self._parts.append(values.reshape(-1))
+        return self._appended(values.numel())
+
     def send(self) -> None:
         """One host-to-device copy of every part added (pinned, non-blocking on CUDA)."""
-        if self.device.type == "cpu":
-            self._sent = torch.tensor(self._values, dtype=torch.long)
+        self._check_open()
+        self._flush_values()
+        pinned = self.device.type != "cpu"
+        host = torch.empty(self._length, dtype=torch.long, pin_memory=pinned)
+        parts = [
+            torch.tensor(p, dtype=torch.long) if isinstance(p, list) else p for p in self._parts
+        ]
+        if parts:
+            torch.cat(parts, out=host)
+        if not pinned:
+            self._sent = host
             return
-        pinned = torch.tensor(self._values, dtype=torch.long, pin_memory=True)
         # Non-blocking: the copy is ordered before the step's kernels on the stream, and
         # the step's results come back through a synchronising copy before the pinned
         # buffer could be freed.
-        self._sent = pinned.to(self.device, non_blocking=True)
+        self._sent = host.to(self.device, non_blocking=True)
+
+    def _appended(self, length: int) -> Upload:
+        self._length += length
+        return Upload(self, self._length - length, length)
+
+    def _flush_values(self) -> None:
+        if self._values:
+            self._parts.append(self._values)
+            self._values = []
+
+    def _check_open(self) -> None:
+        if self._sent is not None:
+            raise RuntimeError("the step's inputs were already sent")
 
     @property
     def sent(self) -> torch.Tensor:

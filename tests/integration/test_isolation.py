@@ -105,6 +105,35 @@ def test_a_failure_in_one_requests_rows_fails_it_alone(server, monkeypatch) -> N
     assert done.total_tokens == 8
 
 
+def test_a_request_whose_sampling_cannot_be_planned_fails_alone(server, monkeypatch) -> None:
+    """The step plans its sampling before its forward pass; a failure there (a broken
+    shaping, say) fails the request it belongs to, with its cause, and the others'
+    streams go on unchanged."""
+    from salience_server.engine import penalties
+
+    stub = server.stub
+    prompt = random_tokens(12, seed=6)
+    want = _solo(stub, prompt, 40)
+    real = penalties.plan
+
+    def plan(rows, shapings, uploads):
+        if any(s.params.logit_bias.get(7) == 1.5 for s in shapings):
+            raise RuntimeError("this shaping cannot be planned")
+        return real(rows, shapings, uploads)
+
+    monkeypatch.setattr(penalties, "plan", plan)
+    call = lambda: generate(  # noqa: E731
+        stub, open_session(stub), append_tokens=[5, 6], max_tokens=3, logit_bias={7: 1.5}
+    )
+    got, outcome = _run_beside(stub, prompt, 40, call)
+    assert got == want
+    assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.INTERNAL
+    assert "this shaping cannot be planned" in outcome.details()
+    with pytest.raises(grpc.RpcError) as alone:  # alone in its step: still its own error
+        call()
+    assert "this shaping cannot be planned" in alone.value.details()
+
+
 def test_a_forward_pass_failure_is_narrowed_to_its_request(server, monkeypatch) -> None:
     """When the batch's forward pass fails, each request's chunk runs alone: only the
     one that fails alone fails."""

@@ -349,6 +349,38 @@ def test_a_seeded_verification_emits_what_plain_draws_would() -> None:
         assert _verify(logits, want[:4], all_right) == want
 
 
+def test_a_failing_verification_fails_its_rows_alone(monkeypatch) -> None:
+    """Two seeded requests verify drafts in one step; one's verification fails: its
+    rows carry the error, and the other's tokens are what it verifies alone (its
+    generator untouched by the failure)."""
+    logits = _logits(6, seed=14)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+
+    def step(fail: bool) -> tuple[list[int], dict[int, Exception]]:
+        good = sampler.Draw(params, torch.Generator().manual_seed(1))
+        bad = sampler.Draw(params, torch.Generator().manual_seed(2))
+        verifications = [([0, 1, 2], [5, 6], good), ([3, 4, 5], [7, 8], bad)]
+        plan = planned(lambda u: sampler.plan_picks([0] * 6, verifications, VOCAB, u), CPU)
+        real = sampler.verify
+
+        def verify(logits, verification):
+            if fail and verification.draw is bad:
+                raise RuntimeError("this verification broke")
+            return real(logits, verification)
+
+        monkeypatch.setattr(sampler, "verify", verify)
+        picked = sampler.pick_tokens(logits, scoring.log_softmax(logits), plan)
+        tokens = picked.token_ids.tolist()[:3]
+        emitted = sampler.emitted(plan.verifications[0], tokens, picked.valid.tolist()[:3])
+        return emitted + good.generator.get_state()[:8].tolist(), _errors(picked)
+
+    clean, no_errors = step(fail=False)
+    failed, errors = step(fail=True)
+    assert no_errors == {} and failed == clean
+    assert sorted(errors) == [3, 4, 5]
+    assert all("this verification broke" in str(e) for e in errors.values())
+
+
 @pytest.mark.parametrize("draft_mass", ["likely", "unlikely"])
 def test_rejection_sampling_keeps_the_models_distribution(draft_mass: str) -> None:
     """Whatever the draft, the first emitted token is distributed as the filtered

@@ -61,6 +61,7 @@ def test_top_logprobs_are_the_first_k_by_value_then_id(monkeypatch, reads_host_f
     steps = torch.randint(0, 12, (40, 1000), generator=torch.Generator().manual_seed(21))
     logprobs = scoring.log_softmax(steps.float() / 4)
     logprobs[3] = -7.0
+    logprobs[4, :3] = torch.tensor([-0.0, 0.0, -0.0])  # equal, whatever their sign bit
     for k in (1, 3, 20, 999):
         values, indices = scoring._top_k_lowest_ids_first(logprobs, k)
         want_values, want_indices = torch.sort(logprobs, dim=1, descending=True, stable=True)
