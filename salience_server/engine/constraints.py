@@ -75,9 +75,11 @@ class ConstraintCompiler:
         """llguidance's view of the tokenizer: built once (about a second), on first use."""
         with self._lock:
             if self._tokenizer is None:
+                # Every token the tokenizer knows, also where the model's vocabulary is
+                # smaller (llguidance refuses that); the masks are cut to the logits.
                 self._tokenizer = llguidance.hf.from_tokenizer(
                     self._hf_tokenizer,
-                    n_vocab=self._vocab_size,
+                    n_vocab=max(self._vocab_size, len(self._hf_tokenizer)),
                     eos_token=self._eos_token_ids[0] if self._eos_token_ids else None,
                 )
             return self._tokenizer

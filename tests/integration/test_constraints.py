@@ -148,3 +148,30 @@ def test_a_constraint_failing_while_decoding_is_the_requests_error(default_serve
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert error_reason(caught.value) == "CONSTRAINT_FAILED"
     assert "lexer" in caught.value.details() and len(caught.value.details()) < 600
+
+
+def test_a_tokenizer_longer_than_the_vocabulary_still_takes_grammars(
+    tiny_llama_dir, server_factory, tmp_path
+) -> None:
+    """A tokenizer with a token past the model's vocabulary (the grammar engine refused
+    that, and the call failed UNKNOWN): the constraint holds as on the plain model."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens(["<past-the-vocabulary>"])
+    tokenizer.save_pretrained(model_dir)
+    server = server_factory(model_dir)
+    assert len(server.engine.tokenizer) == server.engine.vocab_size + 1
+    tokens, done = generate(
+        server.stub,
+        open_session(server.stub),
+        append_tokens=random_tokens(6, seed=31),
+        max_tokens=20,
+        constraint=pb.Constraint(regex="[0-9]{3}-[a-c]{2}"),
+    )
+    assert re.fullmatch("[0-9]{3}-[a-c]{2}", _text([t.id for t in tokens]))
+    assert done.finish_reason == pb.FINISH_REASON_STOP
