@@ -25,6 +25,7 @@ from salience_server.rpc.malformed import MalformedRequestInterceptor
 from salience_server.rpc.metrics import RequestMetricsInterceptor
 from salience_server.rpc.replica import ReplicaInterceptor
 from salience_server.rpc.servicer import SalienceServicer
+from salience_server.rpc.unexpected import UnexpectedErrorInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ class SalienceServer:
         ]
         if config.api_key:
             interceptors.append(BearerTokenInterceptor(config.api_key))
-        # Innermost: a call refused UNAUTHENTICATED is refused so whatever its bytes.
+        # A call refused UNAUTHENTICATED is refused so whatever its bytes.
         interceptors.append(MalformedRequestInterceptor())
+        # Innermost: every interceptor above sees INTERNAL, not UNKNOWN, for a handler's
+        # unexpected exception.
+        interceptors.append(UnexpectedErrorInterceptor())
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.servicer = SalienceServicer(config.stream_buffer_events)
         self.health = health.aio.HealthServicer()

@@ -262,3 +262,27 @@ def test_unparsable_requests_are_invalid_argument(llama_server, data: bytes) -> 
         list(stream(data, timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == "MALFORMED_REQUEST"
+
+
+def test_an_unexpected_exception_ends_internal_not_unknown(llama_server, monkeypatch) -> None:
+    """A handler's exception nothing expected (a bug) ends the call INTERNAL with a
+    reason and the exception named, in a unary call and in a stream; grpc alone
+    answered UNKNOWN "Unexpected <class ...>"."""
+    from salience_server.rpc import convert
+
+    engine = llama_server.engine
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(engine, "list_sessions", broken)
+    with pytest.raises(grpc.RpcError) as unary:
+        llama_server.stub.ListSessions(pb.ListSessionsRequest())
+    monkeypatch.setattr(convert, "generate_params", broken)
+    with pytest.raises(grpc.RpcError) as streamed:
+        generate(llama_server.stub, open_session(llama_server.stub), append_tokens=[1])
+    for caught, method in ((unary, "ListSessions"), (streamed, "Generate")):
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert error_reason(caught.value) == "INTERNAL_ERROR"
+        assert method in caught.value.details()
+        assert "ZeroDivisionError: a bug" in caught.value.details()
