@@ -133,6 +133,10 @@ class Matcher:
         words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
         if self._matcher.is_error():
             raise ConstraintFailed(f"the grammar matcher failed: {self._matcher.get_error()}")
+        if not _allows_any_below(words, self._vocab_size):
+            # Only tokens the tokenizer has past the model's vocabulary (added ones, whose
+            # text llguidance spells with them alone): the model cannot go on.
+            raise ConstraintFailed("the grammar allows no token of the model's vocabulary next")
         return words
 
     def consume(self, token_id: int) -> None:
@@ -145,6 +149,14 @@ class Matcher:
     def is_complete(self) -> bool:
         """The grammar admits nothing more: decoding ends here."""
         return bool(self._matcher.is_stopped())
+
+
+def _allows_any_below(words: torch.Tensor, vocab_size: int) -> bool:
+    """Whether a bitmask allows a token id below ``vocab_size``."""
+    whole, rest = divmod(vocab_size, 32)
+    if bool(words[:whole].any()):
+        return True
+    return rest > 0 and whole < words.numel() and bool(int(words[whole]) & ((1 << rest) - 1))
 
 
 def apply_bitmasks(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:

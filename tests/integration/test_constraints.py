@@ -175,3 +175,16 @@ def test_a_tokenizer_longer_than_the_vocabulary_still_takes_grammars(
     )
     assert re.fullmatch("[0-9]{3}-[a-c]{2}", _text([t.id for t in tokens]))
     assert done.finish_reason == pb.FINISH_REASON_STOP
+    # A grammar whose text only that token spells (llguidance keeps added tokens whole):
+    # refused when compiled, not failed while decoding.
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(
+            server.stub,
+            open_session(server.stub),
+            append_tokens=[5],
+            max_tokens=4,
+            constraint=pb.Constraint(regex="<past-the-vocabulary>"),
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(refused.value) == "INVALID_CONSTRAINT"
+    assert "no token of the model's vocabulary" in refused.value.details()

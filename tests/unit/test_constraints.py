@@ -129,3 +129,21 @@ def test_a_required_tool_call_may_be_several_calls_when_parallel(compiler) -> No
     # One call only where parallel calls are off.
     single = tool_mode(tools, "required", parallel_tool_calls=False).constraint()
     assert single is not None and single[0] == "json_schema"
+
+
+def test_a_mask_allows_a_token_below_the_vocabulary_or_not() -> None:
+    """Bits past the model's vocabulary (a tokenizer's added tokens) do not count."""
+    from salience_server.engine.constraints import _allows_any_below
+
+    def mask(tokens: set[int], words: int = 3) -> torch.Tensor:
+        values = [0] * words
+        for token in tokens:
+            values[token // 32] |= 1 << (token % 32)
+        return torch.tensor(values, dtype=torch.int64).to(torch.int32)
+
+    assert _allows_any_below(mask({0}), 70)
+    assert _allows_any_below(mask({31}), 33)  # bit 31: the sign bit
+    assert _allows_any_below(mask({69}), 70)
+    assert not _allows_any_below(mask({70, 71}), 70)
+    assert not _allows_any_below(mask({64}), 64)
+    assert not _allows_any_below(mask(set()), 70)
