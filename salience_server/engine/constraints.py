@@ -130,14 +130,14 @@ class Matcher:
     def bitmask(self) -> torch.Tensor:
         """[ceil(V / 32)] int32 words on the host (sent with the step's inputs): bit
         ``t % 32`` of word ``t // 32`` is set when token ``t`` may come next."""
-        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
+        data = self._matcher.compute_bitmask()
         if self._matcher.is_error():
             raise ConstraintFailed(f"the grammar matcher failed: {self._matcher.get_error()}")
-        if not _allows_any_below(words, self._vocab_size):
+        if not _allows_any_below(data, self._vocab_size):
             # Only tokens the tokenizer has past the model's vocabulary (added ones, whose
             # text llguidance spells with them alone): the model cannot go on.
             raise ConstraintFailed("the grammar allows no token of the model's vocabulary next")
-        return words
+        return torch.frombuffer(bytearray(data), dtype=torch.int32)
 
     def consume(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):
@@ -151,12 +151,14 @@ class Matcher:
         return bool(self._matcher.is_stopped())
 
 
-def _allows_any_below(words: torch.Tensor, vocab_size: int) -> bool:
-    """Whether a bitmask allows a token id below ``vocab_size``."""
+def _allows_any_below(data: bytes, vocab_size: int) -> bool:
+    """Whether a bitmask (little-endian 32-bit words, as llguidance gives it) allows a
+    token id below ``vocab_size``. Read from the bytes: no tensor, nothing to sync."""
     whole, rest = divmod(vocab_size, 32)
-    if bool(words[:whole].any()):
+    if data[: 4 * whole].count(0) < min(4 * whole, len(data)):
         return True
-    return rest > 0 and whole < words.numel() and bool(int(words[whole]) & ((1 << rest) - 1))
+    word = data[4 * whole : 4 * whole + 4]
+    return rest > 0 and len(word) == 4 and bool(int.from_bytes(word, "little") & ((1 << rest) - 1))
 
 
 def apply_bitmasks(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:

@@ -135,11 +135,11 @@ def test_a_mask_allows_a_token_below_the_vocabulary_or_not() -> None:
     """Bits past the model's vocabulary (a tokenizer's added tokens) do not count."""
     from salience_server.engine.constraints import _allows_any_below
 
-    def mask(tokens: set[int], words: int = 3) -> torch.Tensor:
+    def mask(tokens: set[int], words: int = 3) -> bytes:
         values = [0] * words
         for token in tokens:
             values[token // 32] |= 1 << (token % 32)
-        return torch.tensor(values, dtype=torch.int64).to(torch.int32)
+        return b"".join(value.to_bytes(4, "little") for value in values)
 
     assert _allows_any_below(mask({0}), 70)
     assert _allows_any_below(mask({31}), 33)  # bit 31: the sign bit
