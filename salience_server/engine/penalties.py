@@ -79,23 +79,12 @@ class Shaping:
     """[ceil(V / 32)] int32 words on the host: the tokens the constraint allows next
     (``constraints.Matcher.bitmask``)."""
 
-    @property
-    def counts_tokens(self) -> bool:
-        params = self.params
-        return (
-            params.repetition_penalty not in (0.0, 1.0)
-            or bool(params.frequency_penalty)
-            or bool(params.presence_penalty)
-        )
-
 
 @dataclass
 class ShapingPlan:
     """The shaping of some of a step's rows, planned on the host before the forward
     pass: every id, count and value is a part of the step's upload."""
 
-    rows: list[int]
-    """The shaped rows of the logits ``apply`` is given."""
     shapings: list[Shaping]
     counted: list[int] = field(default_factory=list)
     """Indices into ``rows`` of the rows with penalties."""
@@ -111,8 +100,9 @@ class ShapingPlan:
 
 
 def plan(rows: list[int], shapings: list[Shaping], uploads: Uploads) -> ShapingPlan:
-    result = ShapingPlan(rows, shapings)
-    counted = [index for index, shaping in enumerate(shapings) if shaping.counts_tokens]
+    """``shapings`` of the logits' rows ``rows``."""
+    result = ShapingPlan(shapings)
+    counted = [index for index, shaping in enumerate(shapings) if shaping.params.penalizes]
     if counted:
         result.counted = counted
         result.counted_rows = uploads.add([rows[index] for index in counted])

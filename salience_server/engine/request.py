@@ -43,14 +43,18 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
     @property
-    def shapes_logits(self) -> bool:
-        """Whether anything changes the logits before the draw (penalties or bias)."""
+    def penalizes(self) -> bool:
+        """Whether a penalty counts the session's tokens (repetition, frequency, presence)."""
         return (
             self.repetition_penalty not in (0.0, 1.0)
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
-            or bool(self.logit_bias)
         )
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything changes the logits before the draw (penalties or bias)."""
+        return self.penalizes or bool(self.logit_bias)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,16 @@ def with_prelude(
 ) -> Any:
     """A handler of the same kind (unary or streaming, either way) whose behavior runs
     ``prelude`` first; ``request_deserializer`` replaces the handler's when given."""
+    return rewrapped(handler, lambda behavior: _preceded(behavior, prelude), request_deserializer)
+
+
+def rewrapped(
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Any], Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> Any:
+    """A handler of the same kind whose behavior is ``wrap(behavior)`` (which keeps the
+    behavior's kind: async generator or coroutine)."""
     if handler.unary_unary:
         behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
     elif handler.unary_stream:
@@ -29,7 +39,7 @@ def with_prelude(
     else:
         behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
     return make(
-        _preceded(behavior, prelude),
+        wrap(behavior),
         request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

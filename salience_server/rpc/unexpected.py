@@ -18,6 +18,7 @@ import grpc
 
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.rpc.errors import abort
+from salience_server.rpc.handlers import rewrapped
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +33,7 @@ class UnexpectedErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = str(handler_call_details.method)
-        for kind, make in (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        ):
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                return make(
-                    _guarded(behavior, method),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        return rewrapped(handler, lambda behavior: _guarded(behavior, method))
 
 
 def _guarded(behavior: Any, method: str) -> Any:
