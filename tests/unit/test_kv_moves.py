@@ -14,6 +14,7 @@ from salience_server.engine.model_runner import ModelRunner
 from salience_server.engine.request import GenerateParams, Request
 from salience_server.engine.scheduler import Scheduler
 from salience_server.engine.session import Residency, Session
+from tests.helpers import TEST_DEVICE
 
 BLOCK_SIZE = 4
 
@@ -27,8 +28,15 @@ def _runner(num_blocks: int) -> ModelRunner:
         num_attention_heads=2,
         num_key_value_heads=1,
     )
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval().to(TEST_DEVICE)
     return ModelRunner(model, num_blocks, BLOCK_SIZE, "sdpa")
+
+
+def _host_kv(runner: ModelRunner, value: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An offloaded session's KV of one block: ``value`` in its keys, minus it in its
+    values, in every layer."""
+    keys = torch.full_like(runner.kv_caches[0][0][:1], value, device="cpu")
+    return [(keys, -keys) for _ in runner.kv_caches]
 
 
 def _request(request_id: int, session: Session, max_tokens: int) -> Request:
@@ -62,8 +70,7 @@ def test_a_cow_source_freed_and_reused_in_one_step_is_copied_first() -> None:
     restored = Session("restored", 64, token_ids=[5, 6, 7, 8], last_used=0.5)
     restored.num_computed = restored.num_ever_computed = 3
     restored.residency = Residency.OFFLOADED
-    host_keys = torch.full_like(runner.kv_caches[0][0][:1], 77.0)
-    runner.host_kv["restored"] = [(host_keys, -host_keys) for _ in runner.kv_caches]
+    runner.host_kv["restored"] = _host_kv(runner, 77.0)
     sessions = {s.session_id: s for s in (parent, child, running, restored)}
     for session in (child, running, restored):
         session.num_busy = 1
@@ -126,8 +133,7 @@ def test_discards_and_trims_that_come_during_a_swap_out_copy_apply_after_it() ->
 
 def test_a_swap_in_takes_its_host_kv_when_it_is_planned() -> None:
     runner = _filled_runner(4)
-    host_keys = torch.full_like(runner.kv_caches[0][0][:1], 7.0)
-    runner.host_kv["restored"] = [(host_keys, -host_keys) for _ in runner.kv_caches]
+    runner.host_kv["restored"] = _host_kv(runner, 7.0)
     planned = runner.start_moves([SwapIn("restored", [2])])
     assert "restored" not in runner.host_kv
     runner.finish_moves(runner.copy_kv(planned))
@@ -146,3 +152,27 @@ def test_a_session_swapped_out_and_back_in_one_step_gets_its_own_kv() -> None:
         assert bool(keys[3].eq(0).all()) and bool(keys[2].eq(1).all())
         assert bool(values[3].eq(0).all()) and bool(values[2].eq(-1).all())
     assert runner.host_kv == {}
+
+
+def test_host_kv_is_in_host_memory_pinned_beside_cuda() -> None:
+    """A swap-out leaves its KV in host memory, page-locked where the pool is on CUDA
+    (so that its copies run without a wait per layer), and a trim keeps it so."""
+    runner = _filled_runner(6)
+    runner.move_kv([SwapOut("s", [4, 1, 3], 12)])
+    on_cuda = runner.device.type == "cuda"
+    for keys, values in runner.host_kv["s"]:
+        assert keys.device.type == values.device.type == "cpu"
+        assert keys.is_pinned() == values.is_pinned() == on_cuda
+        assert keys[:, 0, 0, 0].tolist() == [4, 1, 3] and values[:, 0, 0, 0].tolist() == [
+            -4,
+            -1,
+            -3,
+        ]
+    runner.trim_host_kv("s", 2)
+    for keys, values in runner.host_kv["s"]:
+        assert keys.is_pinned() == values.is_pinned() == on_cuda
+        assert keys[:, 0, 0, 0].tolist() == [4, 1] and values[:, 0, 0, 0].tolist() == [-4, -1]
+    runner.move_kv([SwapIn("s", [0, 5])])
+    for keys, values in runner.kv_caches:
+        assert bool(keys[0].eq(4).all()) and bool(keys[5].eq(1).all())
+        assert bool(values[0].eq(-4).all()) and bool(values[5].eq(-1).all())
