@@ -163,15 +163,15 @@ def _allows_any_below(data: bytes, vocab_size: int) -> bool:
 
 def apply_bitmasks(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """[D, V] logits, [C] rows, [C * W] int32 words (``Matcher.bitmask`` of each row, one
-    after the other) -> the logits with the tokens each row's bitmask forbids at -inf
-    (a new tensor; the other rows unchanged)."""
+    after the other) -> the logits with the tokens each row's bitmask forbids at -inf, in
+    place (the caller's logits are its own copy: ``penalties.apply``); the other rows
+    unchanged. Returns ``logits``."""
     words = words.view(rows.shape[0], -1)  # [C, W]
     shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
     allowed = ((words[:, :, None] >> shifts) & 1).flatten(1).bool()  # [C, 32 * W]
     vocab_size = logits.shape[1]
     if allowed.shape[1] < vocab_size:
         allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
-    logits = logits.clone()
     logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab_size], -torch.inf)
     return logits
 

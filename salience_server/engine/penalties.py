@@ -148,7 +148,7 @@ def apply(logits: torch.Tensor, plan: ShapingPlan) -> torch.Tensor:
             logits[row].index_add_(0, ids.tensor, values.floats)
     if plan.masked is not None:
         rows, words = plan.masked
-        logits = constraints.apply_bitmasks(logits, rows.tensor, words.tensor.to(torch.int32))
+        constraints.apply_bitmasks(logits, rows.tensor, words.tensor.to(torch.int32))
     return logits
 
 

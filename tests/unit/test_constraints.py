@@ -38,7 +38,8 @@ def test_bitmasks_forbid_exactly_the_unset_bits() -> None:
         masks.append(torch.tensor(words, dtype=torch.int64).to(torch.int32))  # bit 31: sign
     rows = [row for row, mask in enumerate(masks) if mask is not None]
     words = torch.cat([mask for mask in masks if mask is not None])
-    masked = apply_bitmasks(logits, torch.tensor(rows), words)
+    masked = logits.clone()
+    assert apply_bitmasks(masked, torch.tensor(rows), words) is masked  # in place
     for row, tokens in enumerate(allowed):
         for token in range(70):
             if tokens is None or token in tokens:
