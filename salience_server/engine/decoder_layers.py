@@ -14,7 +14,10 @@ still called through its module, so hooks on it, such as readout's, still run) w
 ``forward``, which computes the same operators in the same order as transformers'
 modules, so its outputs are bit for bit the same (a test compares them in float32 and
 bfloat16). The projections are still called as modules (``fused_linears`` and
-``cpu_matmul`` set them up). Other architectures keep transformers' forward.
+``cpu_matmul`` set them up), but a stacked group's product is made here, once, and
+split, without its parts' five module calls per layer: another ~1 ms of a default-model
+decode step on that CPU (0.94x, both dtypes). Other architectures keep transformers'
+forward.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from salience_server.engine import fused_linears
+
 LAYERS = {
     "LlamaDecoderLayer": False,
     "Qwen2DecoderLayer": True,
@@ -33,6 +38,7 @@ LAYERS = {
 }
 """The layers streamlined, and whether their attention passes its ``sliding_window``
 to the attention function (transformers' Qwen2 and Qwen3 do; Llama passes none)."""
+QKV, GATE_UP = fused_linears.GROUPS
 
 
 def streamline(model: torch.nn.Module) -> int:
@@ -48,11 +54,16 @@ def streamline(model: torch.nn.Module) -> int:
         ):
             continue
         attention: Any = module.self_attn
+        mlp: Any = module.mlp
         window = {"sliding_window": attention.sliding_window} if passes_window else {}
         module.__dict__["_salience_attention_kwargs"] = window
         # transformers' own attention where none is registered under the config's name.
         eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
         module.__dict__["_salience_eager_attention"] = eager
+        # Stacked projections (``fused_linears``) multiplied here as one, without
+        # their parts' module calls.
+        module.__dict__["_salience_qkv"] = fused_linears.stacked_group(attention, QKV)
+        module.__dict__["_salience_gate_up"] = fused_linears.stacked_group(mlp, GATE_UP)
         module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
         count += 1
     return count
@@ -73,9 +84,9 @@ def forward(
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, attention.head_dim)
     normed = _rms_norm(hidden_states, self.input_layernorm)
-    query = attention.q_proj(normed).view(hidden_shape)
-    key = attention.k_proj(normed).view(hidden_shape)
-    value = attention.v_proj(normed).view(hidden_shape).transpose(1, 2)
+    query, key, value = _products(attention, QKV, self._salience_qkv, normed)
+    query, key = query.view(hidden_shape), key.view(hidden_shape)
+    value = value.view(hidden_shape).transpose(1, 2)
     if hasattr(attention, "q_norm"):  # Qwen3
         query, key = _rms_norm(query, attention.q_norm), _rms_norm(key, attention.k_norm)
     assert position_embeddings is not None
@@ -105,8 +116,23 @@ def forward(
     output = attention.o_proj(output.reshape(*input_shape, -1).contiguous())
     hidden_states = hidden_states + output
     normed = _rms_norm(hidden_states, self.post_attention_layernorm)
-    output = mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+    gate, up = _products(mlp, GATE_UP, self._salience_gate_up, normed)
+    output = mlp.down_proj(mlp.act_fn(gate) * up)
     return hidden_states + output
+
+
+def _products(
+    module: Any,
+    names: tuple[str, ...],
+    stacked: tuple[torch.nn.Linear, list[int]] | None,
+    inputs: torch.Tensor,
+) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """``module``'s projections ``names`` of ``inputs``: where they are stacked, the
+    stacked product split, as its parts would compute it one by one; else each called."""
+    if stacked is not None:
+        linear, sizes = stacked
+        return linear(inputs).split(sizes, dim=-1)
+    return [getattr(module, name)(inputs) for name in names]
 
 
 def _rms_norm(hidden_states: torch.Tensor, norm: Any) -> torch.Tensor:

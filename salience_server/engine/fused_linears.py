@@ -69,6 +69,23 @@ class FusedPart(torch.nn.Module):
         return self._stacked.part(self._index, inputs)
 
 
+def stacked_group(
+    module: torch.nn.Module, names: tuple[str, ...]
+) -> tuple[torch.nn.Linear, list[int]] | None:
+    """Where ``module``'s projections ``names`` are the parts of one stacked group, in
+    that order: its stacked Linear and the parts' widths, with which a caller may make
+    the group's product itself (``decoder_layers``); else None."""
+    parts = [getattr(module, name, None) for name in names]
+    if not all(isinstance(part, FusedPart) for part in parts):
+        return None
+    stacked = parts[0]._stacked  # type: ignore[union-attr]
+    same = all(
+        part._stacked is stacked and part._index == index  # type: ignore[union-attr]
+        for index, part in enumerate(parts)
+    )
+    return (stacked.linear, stacked.sizes) if same and len(stacked.sizes) == len(names) else None
+
+
 def fuse_projections(model: torch.nn.Module) -> int:
     """Stacks each group of ``GROUPS`` found under one module of ``model``, where its
     members are plain Linear layers of one input width, dtype and device, not shared

@@ -58,6 +58,8 @@ def test_the_lean_layers_equal_transformers_layers_bit_for_bit(
     runner = ModelRunner(loaded.model, 20, BLOCK_SIZE)
     layers = loaded.model.model.layers
     assert all(layer.forward.__func__ is decoder_layers.forward for layer in layers)
+    # Stacked by the runner (fused_linears): the lean forward multiplies each group as one.
+    assert all(layer._salience_qkv and layer._salience_gate_up for layer in layers)
     lean = _steps(runner)
     for layer in layers:
         del layer.forward  # transformers' own again
