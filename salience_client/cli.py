@@ -314,7 +314,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     chat_parser.add_argument("--system", help="a system message opening the conversation")
     score_parser = command("score", "per-token logprobs of a text")
-    score_parser.add_argument("text", nargs="?", help="the text to score (- reads standard input)")
+    score_parser.add_argument(
+        "text",
+        nargs="?",
+        help="the text to score (- reads standard input as it is, a final newline included)",
+    )
     score_parser.add_argument("--tokens", help="token ids instead of text: '1,2,3'")
     score_parser.add_argument(
         "--add-special-tokens",
