@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from salience_server.config import EngineConfig
 from salience_server.engine.batch import ForwardBatch
@@ -304,6 +305,18 @@ class Engine:
             self.scheduler.add(request)
             self._lock.notify_all()
             return request
+
+    def end_of_cancelled_call(self, session_id: str) -> Future[None] | None:
+        """Where ``session_id`` is owned by a call already cancelled (its client went
+        away: the engine drops it at its next step), a future the engine completes once
+        the session is free; else None (free, owned by a live call, or unknown)."""
+        with self._lock:
+            session = self.sessions.get(session_id)
+            if session is None or session.owner is None or not session.owner.is_cancelled:
+                return None
+            waiter: Future[None] = Future()
+            session.free_waiters.append(waiter)
+            return waiter
 
     def cancel(self, request: Request) -> None:
         """Stops a request at the next step (the client went away)."""

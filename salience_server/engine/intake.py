@@ -79,7 +79,6 @@ class Intake:
                 self.runner.discard_host_kv(session_id)
             self.evictor.discarded_host_kv.clear()
         session.token_ids.extend(params.append_tokens)
-        session.num_busy = 1
         session.touch()
         detokenizer = None
         if params.stop_strings:  # they end decoding, so the engine reads the text
@@ -87,6 +86,7 @@ class Intake:
         request = Request(
             next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
         )
+        session.owner = request
         first_fed = request.first_fed_needing_logits()
         if first_fed is not None and first_fed < session.num_computed:
             # Distributions are not kept between calls: the positions scored (the

@@ -183,7 +183,7 @@ class Outcomes:
     def release(self, request: Request) -> None:
         """Gives the session back; frees its blocks if it was closed meanwhile."""
         session = request.session
-        session.num_busy = 0
+        session.free_of_owner()
         session.touch()
         if session.is_closed:
             self.session_table.free(session)

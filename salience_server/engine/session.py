@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from salience_server.engine.ngram import Acceptance, NgramIndex
+
+if TYPE_CHECKING:
+    from salience_server.engine.request import Request
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,12 @@ class Session:
     num_ever_computed: int = 0
     """Tokens (a prefix) whose KV was computed at some point: feeding them again after
     an eviction is a recomputation."""
-    num_busy: int = 0
-    """1 while a Generate call owns the session."""
+    owner: Request | None = None
+    """The request of the call that owns the session (Generate, AppendImage), while
+    one does: one at a time."""
+    free_waiters: list[Future[None]] = field(default_factory=list)
+    """Calls waiting for the session to be free (``Engine.end_of_cancelled_call``),
+    told when its owner ends."""
     is_closed: bool = False
     residency: Residency = Residency.RESIDENT
     host_kv_bytes: int = 0
@@ -88,7 +97,17 @@ class Session:
 
     @property
     def is_busy(self) -> bool:
-        return self.num_busy > 0
+        return self.owner is not None
+
+    def free_of_owner(self) -> None:
+        """Its call ended: the session is free, and the calls waiting for that are told."""
+        self.owner = None
+        waiters, self.free_waiters = self.free_waiters, []
+        for waiter in waiters:
+            try:
+                waiter.set_result(None)
+            except InvalidStateError:
+                pass  # the waiting call stopped waiting
 
     def rewind(self, offset: int) -> list[ImageSpan]:
         """Forgets every token from ``offset`` on (the caller frees their blocks and

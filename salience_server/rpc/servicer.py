@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
@@ -22,6 +23,10 @@ from salience_server.engine.validation import check_token_ids
 from salience_server.rpc import convert
 from salience_server.rpc.compute_thread import in_own_thread
 from salience_server.rpc.errors import abort
+
+CANCELLED_CALL_WAIT_S = 10.0
+"""How long a call waits for its session's cancelled call to end (``_after_cancelled_call``):
+longer than a step, even a long prefill chunk's on a CPU."""
 
 
 class SalienceServicer(salience_pb2_grpc.SalienceServicer):
@@ -80,6 +85,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             return engine_request
 
         delivery = engine.metrics.token_delivery
+        await _after_cancelled_call(engine, params.session_id, context)
         async for event in self._events(context, submit):
             if isinstance(event, TokenEvent):
                 if detokenizer is not None and not event.is_prefill:
@@ -195,6 +201,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Appends one image as placeholder tokens."""
         engine = await self._engine(context)
         session_id, offset, truncating = request.session_id, request.offset, request.truncating
+        await _after_cancelled_call(engine, session_id, context)
         try:
             engine.check_image_target(session_id, offset, truncating)
             image = await in_own_thread(engine.encode_image, request.image, request.mime_type)
@@ -224,6 +231,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     ) -> pb.ForkSessionResponse:
         """A new session sharing the parent's committed prefix, copy-on-write."""
         engine = await self._engine(context)
+        await _after_cancelled_call(engine, request.session_id, context)
         try:
             child = engine.fork_session(request.session_id, request.new_session_id)
         except SalienceError as error:
@@ -397,3 +405,20 @@ def _embed_inputs(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
 def _l2_normalized(vector: list[float]) -> list[float]:
     norm = math.sqrt(sum(value * value for value in vector)) or 1.0
     return [value / norm for value in vector]
+
+
+async def _after_cancelled_call(
+    engine: Engine, session_id: str, context: grpc.aio.ServicerContext
+) -> None:
+    """Waits while ``session_id`` is owned by a call already cancelled, which the engine
+    drops at its next step, up to ``CANCELLED_CALL_WAIT_S`` or the call's deadline: a
+    client that cancels a call and at once makes the next one on the session is not
+    refused SESSION_BUSY for that step. A session owned by a live call is refused at
+    once, as before."""
+    waiter = engine.end_of_cancelled_call(session_id)
+    if waiter is None:
+        return
+    remaining = context.time_remaining()
+    limit = CANCELLED_CALL_WAIT_S if remaining is None else min(CANCELLED_CALL_WAIT_S, remaining)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.wrap_future(waiter), max(limit, 0.0))

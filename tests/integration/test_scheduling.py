@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import generate, open_session
+from tests.helpers import error_reason, generate, open_session
 
 
 def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
@@ -128,6 +128,61 @@ def test_cancelled_stream_frees_its_request_and_keeps_committed_tokens(
     # The session and the server go on: the next call appends at the reported length.
     tokens, done = generate(stub, session_id, append_tokens=[1], offset=info.length, max_tokens=2)
     assert done.total_tokens == info.length + 1 + len(tokens)
+
+
+def test_a_call_made_as_soon_as_its_session_s_call_is_cancelled_waits_for_it(
+    tiny_llama_dir, server_factory
+) -> None:
+    """A client that cancels a stream and at once makes the next call on its session is
+    not refused SESSION_BUSY while the engine is still in the step that will drop the
+    cancelled call: the next call waits for that step. A session whose call is live is
+    refused at once, as before."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
+    stub, engine = server.stub, server.engine
+    session_id = open_session(stub)
+    stream = stub.Generate(
+        pb.GenerateRequest(
+            session_id=session_id, append_tokens=[5] * 10, max_tokens=400, ignore_eos=True
+        )
+    )
+    next(stream)
+    gate, in_step = threading.Event(), threading.Event()
+    execute = engine.runner.execute
+
+    def held_step(*args, **kwargs):  # the engine stays inside a step until the gate opens
+        in_step.set()
+        gate.wait(30)
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = held_step
+    outcome: dict[str, object] = {}
+
+    def next_call() -> None:
+        try:
+            outcome["tokens"] = generate(
+                stub, session_id, offset=10, truncating=True, max_tokens=2, ignore_eos=True
+            )[0]
+        except grpc.RpcError as error:
+            outcome["error"] = error_reason(error)
+
+    try:
+        assert in_step.wait(10)
+        with pytest.raises(grpc.RpcError) as refused:  # the stream is live: refused at once
+            generate(stub, session_id, offset=10, truncating=True, max_tokens=1)
+        assert error_reason(refused.value) == "SESSION_BUSY"
+        stream.cancel()
+        assert _wait_until(lambda: all(r.is_cancelled for r in engine.scheduler.running))
+        caller = threading.Thread(target=next_call)
+        caller.start()
+        caller.join(0.5)
+        assert caller.is_alive() and outcome == {}  # waiting for the step, not refused
+    finally:
+        gate.set()
+        engine.runner.execute = execute
+    caller.join(30)
+    assert not caller.is_alive()
+    assert "error" not in outcome, outcome
+    assert len(outcome["tokens"]) == 2  # type: ignore[arg-type]
 
 
 def test_deadline_stops_the_work(tiny_llama_dir, server_factory) -> None:

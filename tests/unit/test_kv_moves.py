@@ -72,13 +72,13 @@ def test_a_cow_source_freed_and_reused_in_one_step_is_copied_first() -> None:
     restored.residency = Residency.OFFLOADED
     runner.host_kv["restored"] = _host_kv(runner, 77.0)
     sessions = {s.session_id: s for s in (parent, child, running, restored)}
-    for session in (child, running, restored):
-        session.num_busy = 1
     evictor = Evictor(sessions, manager, host_kv_bytes=1 << 20, kv_bytes_per_token=1)
     evictor.host_bytes_used = restored.host_kv_bytes = 3
     scheduler = Scheduler(EngineConfig(), manager, evictor)
     for index, session in enumerate((running, child, restored)):
-        scheduler.add(_request(index, session, max_tokens=4))
+        request = _request(index, session, max_tokens=4)
+        session.owner = request  # busy: not the eviction's to take
+        scheduler.add(request)
 
     output = scheduler.schedule()
 

@@ -243,7 +243,7 @@ def test_evicting_a_forks_partner_ends_the_copies_a_write_needs() -> None:
         set(),
         None,
     )
-    child.num_busy = 1
+    child.owner = request
     scheduler.add(request)
     output = scheduler.schedule()
     assert output.failed == [] and [c.request for c in output.chunks] == [request]
