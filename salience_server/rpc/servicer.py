@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -13,14 +12,12 @@ import grpc
 
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_server import text_checks
 from salience_server.engine import tokenization
 from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.engine import Engine
-from salience_server.engine.errors import Code, SalienceError, invalid
+from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
-from salience_server.engine.validation import check_token_ids
-from salience_server.rpc import convert
+from salience_server.rpc import convert, embed_inputs
 from salience_server.rpc.compute_thread import in_own_thread
 from salience_server.rpc.errors import abort
 
@@ -163,7 +160,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         input is a prefill batched with the engine's other work."""
         engine = await self._engine(context)
         pooling = "mean" if request.pooling == pb.POOLING_MEAN else "last"
-        window = asyncio.Semaphore(_EMBED_WINDOW)  # inputs in the queue at once
+        window = asyncio.Semaphore(embed_inputs.WINDOW)  # inputs in the queue at once
 
         async def embed(token_ids: list[int]) -> list[float]:
             def submit(sink: EventSink) -> Request:
@@ -177,7 +174,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
 
         failure: SalienceError | None = None
         try:
-            inputs = await asyncio.to_thread(_embed_inputs, engine, request)
+            inputs = await asyncio.to_thread(embed_inputs.token_lists, engine, request)
             async with asyncio.TaskGroup() as group:  # one failure cancels the others
                 tasks = [group.create_task(embed(token_ids)) for token_ids in inputs]
         except* SalienceError as failures:  # a refused input, or one that failed
@@ -186,7 +183,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             await abort(context, failure)
         vectors = [task.result() for task in tasks]
         if request.normalize:
-            vectors = [_l2_normalized(vector) for vector in vectors]
+            vectors = [embed_inputs.l2_normalized(vector) for vector in vectors]
         return pb.EmbedResponse(
             embeddings=[
                 pb.Embedding(values=vector, num_tokens=len(token_ids))
@@ -357,54 +354,6 @@ def _slow_reader(limit: int) -> SalienceError:
         f"the client left {limit} events unread; the call was cancelled "
         "(raise --stream-buffer-events, or read faster)",
     )
-
-
-_EMBED_WINDOW = 32
-"""Inputs of one Embed call queued in the engine at once (the rest wait their turn), so
-that one large call cannot fill the engine's queue."""
-MAX_EMBED_INPUTS = 2048
-
-
-def _embed_inputs(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
-    """The token lists of an Embed call (texts tokenized here); INVALID_ARGUMENT when
-    it has none, both kinds, too many or an empty one."""
-    if request.texts and request.token_lists:
-        raise invalid("INVALID_INPUT", "give texts or token_lists, not both")
-    count = len(request.texts) + len(request.token_lists)
-    if count == 0:
-        raise invalid("INVALID_INPUT", "nothing to embed: give texts or token_lists")
-    if count > MAX_EMBED_INPUTS:
-        raise invalid("INVALID_INPUT", f"{count} inputs; at most {MAX_EMBED_INPUTS} per call")
-    if request.pooling not in (pb.POOLING_UNSPECIFIED, pb.POOLING_LAST, pb.POOLING_MEAN):
-        raise invalid("INVALID_INPUT", f"unknown pooling {request.pooling}")
-    for index, text in enumerate(request.texts):
-        if text_checks.cannot_fit(len(text), engine.max_context):
-            raise invalid(
-                "CONTEXT_EXCEEDED",
-                f"input {index} ({len(text)} characters) is more tokens than the context "
-                f"limit of {engine.max_context}",
-            )
-    tokenizer = engine.loaded.tokenizer
-    inputs = [
-        tokenization.encode_text(tokenizer, text, request.add_special_tokens)
-        for text in request.texts
-    ] + [list(tokens.token_ids) for tokens in request.token_lists]
-    for index, token_ids in enumerate(inputs):
-        if not token_ids:
-            raise invalid("INVALID_INPUT", f"input {index} has no tokens")
-        check_token_ids(token_ids, engine.vocab_size, f"input {index}")
-        if len(token_ids) > engine.max_context:
-            raise invalid(
-                "CONTEXT_EXCEEDED",
-                f"input {index} has {len(token_ids)} tokens, past the context limit of "
-                f"{engine.max_context}",
-            )
-    return inputs
-
-
-def _l2_normalized(vector: list[float]) -> list[float]:
-    norm = math.sqrt(sum(value * value for value in vector)) or 1.0
-    return [value / norm for value in vector]
 
 
 async def _after_cancelled_call(

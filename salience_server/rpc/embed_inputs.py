@@ -1,0 +1,59 @@
+"""An Embed call's inputs: their token lists, checked, and the vectors' normalisation."""
+
+from __future__ import annotations
+
+import math
+
+from salience_client.pb import salience_pb2 as pb
+from salience_server import text_checks
+from salience_server.engine import tokenization
+from salience_server.engine.engine import Engine
+from salience_server.engine.errors import invalid
+from salience_server.engine.validation import check_token_ids
+
+WINDOW = 32
+"""Inputs of one Embed call queued in the engine at once (the rest wait their turn), so
+that one large call cannot fill the engine's queue."""
+MAX_EMBED_INPUTS = 2048
+
+
+def token_lists(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
+    """The token lists of an Embed call (texts tokenized here); INVALID_ARGUMENT when
+    it has none, both kinds, too many or an empty one."""
+    if request.texts and request.token_lists:
+        raise invalid("INVALID_INPUT", "give texts or token_lists, not both")
+    count = len(request.texts) + len(request.token_lists)
+    if count == 0:
+        raise invalid("INVALID_INPUT", "nothing to embed: give texts or token_lists")
+    if count > MAX_EMBED_INPUTS:
+        raise invalid("INVALID_INPUT", f"{count} inputs; at most {MAX_EMBED_INPUTS} per call")
+    if request.pooling not in (pb.POOLING_UNSPECIFIED, pb.POOLING_LAST, pb.POOLING_MEAN):
+        raise invalid("INVALID_INPUT", f"unknown pooling {request.pooling}")
+    for index, text in enumerate(request.texts):
+        if text_checks.cannot_fit(len(text), engine.max_context):
+            raise invalid(
+                "CONTEXT_EXCEEDED",
+                f"input {index} ({len(text)} characters) is more tokens than the context "
+                f"limit of {engine.max_context}",
+            )
+    tokenizer = engine.loaded.tokenizer
+    inputs = [
+        tokenization.encode_text(tokenizer, text, request.add_special_tokens)
+        for text in request.texts
+    ] + [list(tokens.token_ids) for tokens in request.token_lists]
+    for index, token_ids in enumerate(inputs):
+        if not token_ids:
+            raise invalid("INVALID_INPUT", f"input {index} has no tokens")
+        check_token_ids(token_ids, engine.vocab_size, f"input {index}")
+        if len(token_ids) > engine.max_context:
+            raise invalid(
+                "CONTEXT_EXCEEDED",
+                f"input {index} has {len(token_ids)} tokens, past the context limit of "
+                f"{engine.max_context}",
+            )
+    return inputs
+
+
+def l2_normalized(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+    return [value / norm for value in vector]
