@@ -88,11 +88,12 @@ class Intake:
         )
         session.owner = request
         first_fed = request.first_fed_needing_logits()
-        if first_fed is not None and first_fed < session.num_computed:
+        if first_fed is not None:
             # Distributions are not kept between calls: the positions scored (the
             # first appended one, or committed ones in a range before offset) are fed
-            # again, their KV rewritten with the same values (not a recomputation).
-            session.num_computed = first_fed
+            # again, their KV rewritten with the same values: not a recomputation, also
+            # where an eviction took that KV (then only the positions before count).
+            session.num_computed = min(session.num_computed, first_fed)
             session.num_ever_computed = min(session.num_ever_computed, first_fed)
         self.session_table.release_rewound_host_kv(session)
         request.num_cached = session.num_computed

@@ -114,9 +114,11 @@ class SessionTable:
         child.images = [self.images.copy(child, span) for span in parent.images]
         if parent.residency == Residency.RESIDENT:
             child.block_table = self.block_manager.share(parent.block_table)
-            child.num_computed = child.num_ever_computed = parent.num_computed
+            child.num_computed = parent.num_computed
         else:  # the child computes its KV on first use
             child.residency = Residency.DROPPED
+        # Its history is the parent's: KV the parent lost is recomputed, not new.
+        child.num_ever_computed = parent.num_ever_computed
         parent.touch()
         return child
 

@@ -104,6 +104,45 @@ def test_listing_reports_residency_blocks_and_idle_time(tiny_llama_dir, server_f
     assert listing[first].length == 30
 
 
+def test_recomputed_tokens_count_only_the_kv_an_eviction_took(
+    tiny_llama_dir, server_factory
+) -> None:
+    """``Done.recomputed_tokens`` of a dropped session's next call: the positions before
+    the call whose KV the eviction took; for a fork of a dropped parent, the prefix it
+    shares with the parent (it was counted new prefill: 0); for a scoring range before
+    offset, only the positions before the range's first fed one (it counted every
+    re-fed position too, which a resident session feeds again as well)."""
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=12 * BLOCK_SIZE * TOKEN_BYTES,
+        host_kv_bytes=0,
+    )
+    stub = server.stub
+    prompt = random_tokens(30, seed=8)
+
+    def dropped_session() -> str:
+        session_id = open_session(stub)
+        generate(stub, session_id, append_tokens=prompt)
+        generate(stub, open_session(stub), append_tokens=[2] * 30)  # takes the pool
+        assert _session_info(stub, session_id).residency == pb.RESIDENCY_DROPPED
+        return session_id
+
+    parent = dropped_session()
+    child = stub.ForkSession(pb.ForkSessionRequest(session_id=parent)).session_id
+    for session_id in (child, parent):
+        _, done = generate(stub, session_id, append_tokens=[5], offset=30, max_tokens=1)
+        assert (done.cached_tokens, done.recomputed_tokens, done.prompt_tokens) == (0, 30, 31)
+    scored = dropped_session()
+    _, done = generate(stub, scored, offset=30, max_tokens=0, logprobs_ranges=[(11, U32_MAX)])
+    # Position 11's logprob is read from position 10's logits: 10 positions were lost.
+    assert (done.cached_tokens, done.recomputed_tokens) == (0, 10)
+    resident = open_session(stub)
+    generate(stub, resident, append_tokens=prompt)
+    _, done = generate(stub, resident, offset=30, max_tokens=0, logprobs_ranges=[(11, U32_MAX)])
+    assert (done.cached_tokens, done.recomputed_tokens) == (10, 0)
+
+
 def test_fork_shares_blocks_and_each_branch_equals_a_fresh_session(
     tiny_llama_dir, server_factory
 ) -> None:
