@@ -379,6 +379,8 @@ class Engine:
             output = self.scheduler.schedule()
             self.outcomes.retire(output)
             moves = self.runner.start_moves(output.kv_moves)
+            for session_id in self.evictor.take_discarded():  # for more recent sessions' KV
+                self.runner.discard_host_kv(session_id)
             batch, rows = self._build(output.chunks)
         if moves:
             swapped_out = {}

@@ -2,7 +2,9 @@
 
 A victim's KV goes to host memory while the host budget allows (offloaded: restored
 by copying back), else it is dropped (recomputed from the session's tokens on next
-use). Tokens are never lost. The host budget also holds the image embeddings kept for
+use). Tokens are never lost. The host tier keeps the most recently used sessions: an
+idle session offloaded earlier, and used less recently than the victim, is dropped to
+make room for the victim's KV (least recently used first), where that makes room. The host budget also holds the image embeddings kept for
 recomputing image placeholders: they come first, and an image that needs room drops
 offloaded KV (least recently used first).
 
@@ -62,7 +64,8 @@ class Evictor:
         self.host_bytes_used = 0
         """Offloaded KV plus kept image embeddings."""
         self.discarded_host_kv: list[str] = []
-        """Sessions whose host KV was given up for images; the engine frees it."""
+        """Sessions whose host KV was given up (for images, or for a more recently used
+        session's KV); the engine frees it (``take_discarded``)."""
 
     def pick_idle(self, protected: set[str]) -> Session | None:
         """The least recently used idle session holding blocks, outside ``protected``;
@@ -79,8 +82,10 @@ class Evictor:
         )
 
     def evict(self, session: Session, moves: list[KvMove]) -> None:
-        """Takes ``session``'s blocks away, offloading its KV if the host budget allows."""
+        """Takes ``session``'s blocks away, offloading its KV if the host budget allows
+        (after dropping less recently used offloaded KV, where that makes room)."""
         num_bytes = session.num_computed * self.kv_bytes_per_token
+        self._make_host_room(num_bytes, session.last_used, moves)
         if 0 < num_bytes <= self.host_kv_bytes - self.host_bytes_used:
             num_blocks = self.block_manager.blocks_for(session.num_computed)
             moves.append(
@@ -93,6 +98,50 @@ class Evictor:
             session.residency = Residency.DROPPED
             session.num_computed = 0
         self.block_manager.free(session.block_table)
+
+    def _make_host_room(self, num_bytes: int, last_used: float, moves: list[KvMove]) -> None:
+        """Drops the host KV of idle sessions used before ``last_used``, least recently
+        used first, until ``num_bytes`` fit; nothing where dropping them all would not
+        make the room. A busy session's host KV stays (its request may be restoring it
+        in this very step)."""
+        free = self.host_kv_bytes - self.host_bytes_used
+        if num_bytes == 0 or num_bytes <= free:
+            return
+        older = sorted(
+            (
+                s
+                for s in self.sessions.values()
+                if s.residency == Residency.OFFLOADED and not s.is_busy and s.last_used < last_used
+            ),
+            key=lambda s: s.last_used,
+        )
+        if free + sum(s.host_kv_bytes for s in older) < num_bytes:
+            return
+        for session in older:
+            if num_bytes <= self.host_kv_bytes - self.host_bytes_used:
+                break
+            self._drop_offloaded(session, moves)
+
+    def _drop_offloaded(self, session: Session, moves: list[KvMove]) -> None:
+        """An offloaded session's KV is given up: its session recomputes it. A swap-out
+        decided earlier in this step is taken back (its copy is not made); host KV
+        from an earlier step is freed by the engine (``take_discarded``)."""
+        self.forget(session)
+        session.residency = Residency.DROPPED
+        session.num_computed = 0
+        pending = [
+            m for m in moves if isinstance(m, SwapOut) and m.session_id == session.session_id
+        ]
+        if pending:
+            moves.remove(pending[0])
+        else:
+            self.discarded_host_kv.append(session.session_id)
+
+    def take_discarded(self) -> list[str]:
+        """The sessions whose host KV was given up since the last call, for the engine
+        to free."""
+        discarded, self.discarded_host_kv = self.discarded_host_kv, []
+        return discarded
 
     def restore(self, session: Session, moves: list[KvMove]) -> None:
         """Marks an offloaded session resident; its blocks must already be allocated."""
@@ -150,10 +199,7 @@ class Evictor:
         for session in offloaded:
             if self.host_bytes_used + num_bytes <= self.host_kv_bytes:
                 break
-            self.forget(session)
-            session.residency = Residency.DROPPED
-            session.num_computed = 0
-            self.discarded_host_kv.append(session.session_id)
+            self._drop_offloaded(session, [])  # images come at intake, not in a step
         self.host_bytes_used += num_bytes
 
     def release_image(self, num_bytes: int) -> None:

@@ -75,9 +75,8 @@ class Intake:
             self.block_manager.truncate(session.block_table, params.offset)
         if image is not None:
             session.images.append(self.images.add(session, image))
-            for session_id in self.evictor.discarded_host_kv:  # made room for the image
+            for session_id in self.evictor.take_discarded():  # made room for the image
                 self.runner.discard_host_kv(session_id)
-            self.evictor.discarded_host_kv.clear()
         session.token_ids.extend(params.append_tokens)
         session.touch()
         detokenizer = None

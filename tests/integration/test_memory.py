@@ -104,6 +104,49 @@ def test_listing_reports_residency_blocks_and_idle_time(tiny_llama_dir, server_f
     assert listing[first].length == 30
 
 
+def test_the_host_tier_keeps_the_most_recently_used_sessions_kv(
+    tiny_llama_dir, server_factory
+) -> None:
+    """With host memory for one session's KV, each eviction offloads the session just
+    evicted and drops the one offloaded before (used less recently), rather than
+    keeping the first offloaded session's KV for good and dropping every later one;
+    the session whose KV was kept comes back without recomputing, exactly."""
+    prompt_bytes = 30 * TOKEN_BYTES
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=12 * BLOCK_SIZE * TOKEN_BYTES,  # one 30-token session at a time
+        host_kv_bytes=prompt_bytes,
+    )
+    stub, engine = server.stub, server.engine
+    prompts = [random_tokens(30, seed=20 + index) for index in range(3)]
+    sessions = []
+    for prompt in prompts:
+        sessions.append(open_session(stub))
+        generate(stub, sessions[-1], append_tokens=prompt)
+    first, second, third = sessions
+    assert _session_info(stub, first).residency == pb.RESIDENCY_DROPPED
+    assert _session_info(stub, second).residency == pb.RESIDENCY_OFFLOADED
+    assert _session_info(stub, third).residency == pb.RESIDENCY_RESIDENT
+    assert set(engine.runner.host_kv) == {second}  # the first's host copy is freed
+    assert engine.evictor.host_bytes_used == prompt_bytes
+    got, done = generate(stub, second, offset=30, max_tokens=3, logprobs_ranges=[(30, U32_MAX)])
+    assert (done.cached_tokens, done.recomputed_tokens) == (29, 0)  # copied back
+    roomy = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
+    want, _ = generate(
+        roomy.stub,
+        open_session(roomy.stub),
+        append_tokens=prompts[1],
+        max_tokens=3,
+        logprobs_ranges=[(30, U32_MAX)],
+    )
+    assert [t.id for t in got] == [t.id for t in want]
+    assert all(
+        abs(a.sampled_logprob - b.sampled_logprob) < TOLERANCE
+        for a, b in zip(got, want, strict=True)
+    )
+
+
 def test_recomputed_tokens_count_only_the_kv_an_eviction_took(
     tiny_llama_dir, server_factory
 ) -> None:

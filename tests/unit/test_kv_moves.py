@@ -176,3 +176,63 @@ def test_host_kv_is_in_host_memory_pinned_beside_cuda() -> None:
     for keys, values in runner.kv_caches:
         assert bool(keys[0].eq(4).all()) and bool(keys[5].eq(1).all())
         assert bool(values[0].eq(-4).all()) and bool(values[5].eq(-1).all())
+
+
+def test_an_offload_taken_back_in_its_step_for_a_more_recent_session_copies_nothing() -> None:
+    """Host memory for one session: evicting the least recently used session offloads
+    it; evicting a more recently used one in the same step drops the first (its
+    swap-out is taken back, not copied and then freed) and offloads the second."""
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    runner = _filled_runner(4)
+    older = _session("older", 8, manager, last_used=1.0)  # blocks 0, 1
+    newer = _session("newer", 8, manager, last_used=2.0)  # blocks 2, 3
+    sessions = {s.session_id: s for s in (older, newer)}
+    evictor = Evictor(sessions, manager, host_kv_bytes=8, kv_bytes_per_token=1)
+    moves: list = []
+    evictor.evict(older, moves)
+    assert moves == [SwapOut("older", [0, 1], 8)] and older.residency == Residency.OFFLOADED
+    evictor.evict(newer, moves)
+    assert moves == [SwapOut("newer", [2, 3], 8)]
+    assert older.residency == Residency.DROPPED and older.num_computed == 0
+    assert newer.residency == Residency.OFFLOADED and evictor.host_bytes_used == 8
+    assert evictor.take_discarded() == []  # nothing of the older one reached host memory
+    runner.move_kv(moves)
+    assert set(runner.host_kv) == {"newer"}
+    assert bool(runner.host_kv["newer"][0][0][1].eq(3).all())
+
+
+def test_host_kv_of_an_earlier_step_is_given_up_for_a_more_recent_session() -> None:
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    older = _session("older", 8, manager, last_used=1.0)
+    newer = _session("newer", 8, manager, last_used=2.0)
+    busy = Session("busy", 64, token_ids=list(range(8)), last_used=0.5)
+    sessions = {s.session_id: s for s in (older, newer, busy)}
+    evictor = Evictor(sessions, manager, host_kv_bytes=16, kv_bytes_per_token=1)
+    busy.residency, busy.host_kv_bytes, busy.num_computed = Residency.OFFLOADED, 8, 8
+    busy.owner = _request(0, busy, max_tokens=1)  # waiting: its KV may be restored now
+    evictor.host_bytes_used = 8
+    evictor.evict(older, [])  # an earlier step
+    moves: list = []
+    evictor.evict(newer, moves)
+    assert moves == [SwapOut("newer", [2, 3], 8)]
+    assert older.residency == Residency.DROPPED and busy.residency == Residency.OFFLOADED
+    assert evictor.take_discarded() == ["older"] and evictor.take_discarded() == []
+    assert evictor.host_bytes_used == 16
+
+
+def test_offloaded_kv_is_not_given_up_where_that_would_not_make_room() -> None:
+    manager = BlockManager(num_blocks=5, block_size=BLOCK_SIZE)
+    older = _session("older", 6, manager, last_used=1.0)  # blocks 0, 1
+    newer = _session("newer", 8, manager, last_used=2.0)  # blocks 2, 3
+    busy = Session("busy", 64, token_ids=list(range(6)), last_used=0.5)
+    busy.residency, busy.host_kv_bytes, busy.num_computed = Residency.OFFLOADED, 6, 6
+    busy.owner = _request(0, busy, max_tokens=1)
+    sessions = {s.session_id: s for s in (older, newer, busy)}
+    evictor = Evictor(sessions, manager, host_kv_bytes=12, kv_bytes_per_token=1)
+    evictor.host_bytes_used = 6
+    evictor.evict(older, [])
+    moves: list = []
+    evictor.evict(newer, moves)  # 8 bytes; only the older session's 6 could be freed
+    assert moves == [] and newer.residency == Residency.DROPPED
+    assert older.residency == Residency.OFFLOADED and evictor.take_discarded() == []
+    assert evictor.host_bytes_used == 12
