@@ -129,13 +129,12 @@ class Evictor:
         self.forget(session)
         session.residency = Residency.DROPPED
         session.num_computed = 0
-        pending = [
-            m for m in moves if isinstance(m, SwapOut) and m.session_id == session.session_id
-        ]
-        if pending:
-            moves.remove(pending[0])
-        else:
-            self.discarded_host_kv.append(session.session_id)
+        for index in range(len(moves) - 1, -1, -1):  # the copy its host KV was to be
+            move = moves[index]
+            if isinstance(move, SwapOut) and move.session_id == session.session_id:
+                del moves[index]
+                return
+        self.discarded_host_kv.append(session.session_id)
 
     def take_discarded(self) -> list[str]:
         """The sessions whose host KV was given up since the last call, for the engine
