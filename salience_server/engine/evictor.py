@@ -4,9 +4,10 @@ A victim's KV goes to host memory while the host budget allows (offloaded: resto
 by copying back), else it is dropped (recomputed from the session's tokens on next
 use). Tokens are never lost. The host tier keeps the most recently used sessions: an
 idle session offloaded earlier, and used less recently than the victim, is dropped to
-make room for the victim's KV (least recently used first), where that makes room. The host budget also holds the image embeddings kept for
-recomputing image placeholders: they come first, and an image that needs room drops
-offloaded KV (least recently used first).
+make room for the victim's KV (least recently used first), where that makes room. The
+host budget also holds the image embeddings kept for recomputing image placeholders:
+they come first, and an image that needs room drops offloaded KV (least recently used
+first).
 
 The KV moves a step needs are returned in the order they were decided, and the model
 runner makes them in that order: a block freed by one eviction and handed to another
