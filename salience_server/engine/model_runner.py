@@ -52,13 +52,7 @@ def kv_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
 
 
 HostKv = list[tuple[torch.Tensor, torch.Tensor]]
-"""An offloaded session's KV in host memory: per layer (keys, values), [num_blocks,
-block_size, Hkv, D]. Pinned where the pool is on CUDA: every copy is then asynchronous,
-and a step's swaps wait for the device once, not once per layer and tensor
-(``copy_kv``). Per layer rather than one tensor: on a CPU, a session's KV in one piece
-is a fresh mapping of tens of MB at each swap-out, whose page faults made a 2,000-token
-round trip 2.4x as long (``benchmarks/swaps.py``); pieces of a layer's size reuse the
-freed heap."""
+"""An offloaded session's KV: per layer (keys, values), [num_blocks, block_size, Hkv, D]."""
 PlannedMove = tuple[KvMove, HostKv | None]
 """A KV move, with the host KV a swap-in restores."""
 
@@ -124,9 +118,8 @@ class ModelRunner:
         self._embeddings: torch.Tensor | None = None
         model.get_decoder().norm.register_forward_hook(self._capture_final_states)
         self._captured: list[torch.Tensor] = []
-        # Offloaded sessions' KV (see HostKv).
+        # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
         self.host_kv: dict[str, HostKv] = {}
-        self._pins_host_kv = self.device.type == "cuda"
         self._swapping_out: dict[str, list[int]] = {}
         """Sessions whose swap-out is being copied -> the trims (block counts; 0 is a
         discard) asked for meanwhile."""
@@ -265,7 +258,7 @@ class ModelRunner:
                 self.num_swap_outs += 1
                 index = self._index(move.block_ids)
                 swapped_out[move.session_id] = [
-                    (self._to_host(keys[index]), self._to_host(values[index]))
+                    (keys[index].to("cpu"), values[index].to("cpu"))
                     for keys, values in self.kv_caches
                 ]
             elif isinstance(move, SwapIn):
@@ -276,36 +269,15 @@ class ModelRunner:
                 for (keys, values), (host_keys, host_values) in zip(
                     self.kv_caches, host, strict=True
                 ):
-                    keys[index] = self._to_device(host_keys[: len(index)])
-                    values[index] = self._to_device(host_values[: len(index)])
+                    keys[index] = host_keys[: len(index)].to(self.device)
+                    values[index] = host_values[: len(index)].to(self.device)
             else:  # all sources are read before any destination is written
                 sources = self._index([source for source, _ in move.pairs])
                 targets = self._index([target for _, target in move.pairs])
                 for keys, values in self.kv_caches:
                     keys[targets] = keys[sources]
                     values[targets] = values[sources]
-        if swapped_out and self._pins_host_kv:
-            # The copies out were asynchronous: the host KV is whole once the device
-            # has made them (a trim reads it on the host). Copies in need no wait: the
-            # caching host allocator keeps a pinned source until its copy is made.
-            torch.cuda.current_stream(self.device).synchronize()
         return swapped_out
-
-    def _to_host(self, blocks: torch.Tensor) -> torch.Tensor:
-        """``blocks`` (gathered from the pool) in host memory: themselves on a CPU, a
-        pinned copy not yet waited for on CUDA, a plain copy elsewhere."""
-        if self.device.type == "cpu":
-            return blocks
-        host = self._host_empty(blocks.shape)
-        return host.copy_(blocks, non_blocking=self._pins_host_kv)
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        return host.to(self.device, non_blocking=self._pins_host_kv)
-
-    def _host_empty(self, shape: torch.Size) -> torch.Tensor:
-        """Host memory for KV of the pool's dtype (pinned where the pool is on CUDA)."""
-        dtype = self.kv_caches[0][0].dtype
-        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self._pins_host_kv)
 
     def finish_moves(self, swapped_out: dict[str, HostKv]) -> None:
         """Under the engine lock: keeps the swapped-out KV, then makes the discards and
@@ -335,13 +307,9 @@ class ModelRunner:
         if self.host_kv[session_id][0][0].shape[0] <= num_blocks:
             return
         self.host_kv[session_id] = [
-            (self._host_copy(keys[:num_blocks]), self._host_copy(values[:num_blocks]))
+            (keys[:num_blocks].clone(), values[:num_blocks].clone())
             for keys, values in self.host_kv[session_id]
         ]
-
-    def _host_copy(self, host: torch.Tensor) -> torch.Tensor:
-        """A copy of host KV, pinned as the pool's host KV is (``clone`` is not)."""
-        return self._host_empty(host.shape).copy_(host)
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=self.device)

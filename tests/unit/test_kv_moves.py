@@ -154,30 +154,6 @@ def test_a_session_swapped_out_and_back_in_one_step_gets_its_own_kv() -> None:
     assert runner.host_kv == {}
 
 
-def test_host_kv_is_in_host_memory_pinned_beside_cuda() -> None:
-    """A swap-out leaves its KV in host memory, page-locked where the pool is on CUDA
-    (so that its copies run without a wait per layer), and a trim keeps it so."""
-    runner = _filled_runner(6)
-    runner.move_kv([SwapOut("s", [4, 1, 3], 12)])
-    on_cuda = runner.device.type == "cuda"
-    for keys, values in runner.host_kv["s"]:
-        assert keys.device.type == values.device.type == "cpu"
-        assert keys.is_pinned() == values.is_pinned() == on_cuda
-        assert keys[:, 0, 0, 0].tolist() == [4, 1, 3] and values[:, 0, 0, 0].tolist() == [
-            -4,
-            -1,
-            -3,
-        ]
-    runner.trim_host_kv("s", 2)
-    for keys, values in runner.host_kv["s"]:
-        assert keys.is_pinned() == values.is_pinned() == on_cuda
-        assert keys[:, 0, 0, 0].tolist() == [4, 1] and values[:, 0, 0, 0].tolist() == [-4, -1]
-    runner.move_kv([SwapIn("s", [0, 5])])
-    for keys, values in runner.kv_caches:
-        assert bool(keys[0].eq(4).all()) and bool(keys[5].eq(1).all())
-        assert bool(values[0].eq(-4).all()) and bool(values[5].eq(-1).all())
-
-
 def test_an_offload_taken_back_in_its_step_for_a_more_recent_session_copies_nothing() -> None:
     """Host memory for one session: evicting the least recently used session offloads
     it; evicting a more recently used one in the same step drops the first (its
