@@ -318,6 +318,12 @@ class Engine:
             session.free_waiters.append(waiter)
             return waiter
 
+    def is_busy(self, session_id: str) -> bool:
+        """Whether ``session_id`` is owned by a call (False for an unknown session)."""
+        with self._lock:
+            session = self.sessions.get(session_id)
+            return session is not None and session.is_busy
+
     def cancel(self, request: Request) -> None:
         """Stops a request at the next step (the client went away)."""
         with self._lock:
