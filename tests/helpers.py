@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -18,6 +20,26 @@ from salience_client.pb import salience_pb2 as pb
 from salience_server.engine.kv_pool import CPU_DEFAULT_KV_BYTES
 
 U32_MAX = 0xFFFFFFFF
+
+
+@contextlib.contextmanager
+def engine_held_in_a_step(engine: Any) -> Iterator[threading.Event]:
+    """Holds ``engine`` inside its next step's forward pass until the block ends;
+    yields an event set once a step is held."""
+    gate, in_step = threading.Event(), threading.Event()
+    execute = engine.runner.execute
+
+    def held_step(*args: Any, **kwargs: Any) -> Any:
+        in_step.set()
+        gate.wait(30)
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = held_step
+    try:
+        yield in_step
+    finally:
+        gate.set()
+        engine.runner.execute = execute
 
 
 def open_session(stub: Any, **kwargs: Any) -> str:

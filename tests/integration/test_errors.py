@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import error_reason, generate, open_session
+from tests.helpers import engine_held_in_a_step, error_reason, generate, open_session
 
 
 def _length(stub, session_id: str) -> int:
@@ -192,8 +192,10 @@ def test_busy_session_is_refused(llama_server, session: str) -> None:
         pb.GenerateRequest(session_id=session, offset=5, append_tokens=[9] * 400, max_tokens=50)
     )
     next(stream)  # the first call is running
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.Generate(pb.GenerateRequest(session_id=session, offset=5)))
+    with engine_held_in_a_step(llama_server.engine) as in_step:  # and still is
+        assert in_step.wait(10)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(pb.GenerateRequest(session_id=session, offset=5)))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(caught.value) == "SESSION_BUSY"
     stream.cancel()

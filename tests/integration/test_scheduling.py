@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import error_reason, generate, open_session
+from tests.helpers import engine_held_in_a_step, error_reason, generate, open_session
 
 
 def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
@@ -146,15 +146,6 @@ def test_a_call_made_as_soon_as_its_session_s_call_is_cancelled_waits_for_it(
         )
     )
     next(stream)
-    gate, in_step = threading.Event(), threading.Event()
-    execute = engine.runner.execute
-
-    def held_step(*args, **kwargs):  # the engine stays inside a step until the gate opens
-        in_step.set()
-        gate.wait(30)
-        return execute(*args, **kwargs)
-
-    engine.runner.execute = held_step
     outcome: dict[str, object] = {}
 
     def next_call() -> None:
@@ -165,7 +156,7 @@ def test_a_call_made_as_soon_as_its_session_s_call_is_cancelled_waits_for_it(
         except grpc.RpcError as error:
             outcome["error"] = error_reason(error)
 
-    try:
+    with engine_held_in_a_step(engine) as in_step:
         assert in_step.wait(10)
         with pytest.raises(grpc.RpcError) as refused:  # the stream is live: refused
             generate(stub, session_id, offset=10, truncating=True, max_tokens=1)
@@ -176,9 +167,6 @@ def test_a_call_made_as_soon_as_its_session_s_call_is_cancelled_waits_for_it(
         caller.start()
         caller.join(0.5)
         assert caller.is_alive() and outcome == {}  # waiting for the step, not refused
-    finally:
-        gate.set()
-        engine.runner.execute = execute
     caller.join(30)
     assert not caller.is_alive()
     assert "error" not in outcome, outcome
