@@ -306,23 +306,20 @@ class Engine:
             self._lock.notify_all()
             return request
 
-    def end_of_cancelled_call(self, session_id: str) -> Future[None] | None:
-        """Where ``session_id`` is owned by a call already cancelled (its client went
-        away: the engine drops it at its next step), a future the engine completes once
-        the session is free; else None (free, owned by a live call, or unknown)."""
+    def end_of_cancelled_call(self, session_id: str) -> tuple[bool, Future[None] | None]:
+        """(whether ``session_id`` is owned by a call, and where that call is already
+        cancelled (its client went away: the engine drops it at its next step) a future
+        the engine completes once the session is free, else None). An unknown session
+        is not owned."""
         with self._lock:
             session = self.sessions.get(session_id)
-            if session is None or session.owner is None or not session.owner.is_cancelled:
-                return None
+            if session is None or session.owner is None:
+                return False, None
+            if not session.owner.is_cancelled:
+                return True, None
             waiter: Future[None] = Future()
             session.free_waiters.append(waiter)
-            return waiter
-
-    def is_busy(self, session_id: str) -> bool:
-        """Whether ``session_id`` is owned by a call (False for an unknown session)."""
-        with self._lock:
-            session = self.sessions.get(session_id)
-            return session is not None and session.is_busy
+            return True, waiter
 
     def cancel(self, request: Request) -> None:
         """Stops a request at the next step (the client went away)."""

@@ -370,11 +370,11 @@ async def _after_cancelled_call(
     client that cancels a call and at once makes the next one on the session is not
     refused SESSION_BUSY for that step. A session whose call stays live for
     ``CANCEL_ARRIVAL_S`` is refused then, as before."""
-    waiter = engine.end_of_cancelled_call(session_id)
+    is_owned, waiter = engine.end_of_cancelled_call(session_id)
     arrival = time.monotonic() + CANCEL_ARRIVAL_S
-    while waiter is None and time.monotonic() < arrival and engine.is_busy(session_id):
+    while is_owned and waiter is None and time.monotonic() < arrival:
         await asyncio.sleep(CANCEL_POLL_S)
-        waiter = engine.end_of_cancelled_call(session_id)
+        is_owned, waiter = engine.end_of_cancelled_call(session_id)
     if waiter is None:
         return
     remaining = context.time_remaining()

@@ -12,7 +12,14 @@ import torch
 from prometheus_client import generate_latest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import U32_MAX, generate, open_session, random_tokens, reference_logprobs
+from tests.helpers import (
+    U32_MAX,
+    engine_held_in_a_step,
+    generate,
+    open_session,
+    random_tokens,
+    reference_logprobs,
+)
 from tests.tiny_models import reference_model
 
 TOLERANCE = 1e-4
@@ -83,10 +90,17 @@ def test_a_preempted_stream_sends_each_position_once(
             ),
         ),
     ]
+    engine = server.engine
     threads[0].start()
-    while server.engine.sessions[first].num_computed < 10:  # the first is decoding
+    while engine.sessions[first].num_computed < 10:  # the first is decoding
         threading.Event().wait(0.001)
-    threads[1].start()
+    # The second arrives before the first has decoded much more (it could otherwise
+    # end first on a fast machine, and nothing would be preempted).
+    with engine_held_in_a_step(engine) as in_step:
+        assert in_step.wait(10)
+        threads[1].start()
+        while not engine.scheduler.waiting:
+            threading.Event().wait(0.001)
     for thread in threads:
         thread.join(timeout=120)
     assert server.engine.scheduler.num_preemptions > 0, "the case did not happen"
