@@ -8,6 +8,28 @@ from typing import Any
 
 import grpc
 
+
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that rewrites the handler of each method the server has
+    (``handler``); a method it does not have passes through untouched."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return self.handler(handler, handler_call_details)
+
+    def handler(
+        self, handler: grpc.RpcMethodHandler, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        """The handler the call runs instead of ``handler``."""
+        raise NotImplementedError
+
+
 Prelude = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
 """What runs before a call's behavior, given its request (or request iterator) and its
 context; it may end the call (``context.abort``)."""

@@ -9,7 +9,7 @@ marker with a proper status before the service sees it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from salience_server.engine.errors import SalienceError, invalid
 from salience_server.rpc.errors import abort
-from salience_server.rpc.handlers import with_prelude
+from salience_server.rpc.handlers import HandlerInterceptor, with_prelude
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,11 @@ class Malformed:
     error: str
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+class MalformedRequestInterceptor(HandlerInterceptor):
+    def handler(
+        self, handler: grpc.RpcMethodHandler, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
+        if handler.request_deserializer is None:
             return handler
         if not (handler.unary_unary or handler.unary_stream):
             return handler  # streaming requests (reflection) keep grpc's own handling

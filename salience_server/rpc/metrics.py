@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from salience_server.metrics import Metrics
+from salience_server.rpc.handlers import HandlerInterceptor
 
 DEADLINE_SLACK_S = 1.0
 """How long before the server's view of a call's deadline a cancel may still count as
@@ -19,18 +20,13 @@ DEADLINE_SLACK_SHARE = 0.5
 cancels a call early on, well before its deadline, is counted CANCELLED."""
 
 
-class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RequestMetricsInterceptor(HandlerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def handler(
+        self, handler: grpc.RpcMethodHandler, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
         count = self.metrics.requests
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):

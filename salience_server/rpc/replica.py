@@ -6,17 +6,16 @@ tests and the logs use it to tell the replicas apart.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from salience_server.rpc.handlers import with_prelude
+from salience_server.rpc.handlers import HandlerInterceptor, with_prelude
 
 REPLICA_METADATA = "salience-replica"
 
 
-class ReplicaInterceptor(grpc.aio.ServerInterceptor):
+class ReplicaInterceptor(HandlerInterceptor):
     """Sends ``salience-replica: <replica_id>`` before anything else, on every call
     (health, reflection and refused calls included)."""
 
@@ -24,14 +23,9 @@ class ReplicaInterceptor(grpc.aio.ServerInterceptor):
         self.replica_id = replica_id
         """Set by the server once its port is bound (the default id is host:port)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def handler(
+        self, handler: grpc.RpcMethodHandler, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         metadata = ((REPLICA_METADATA, self.replica_id),)
 
         async def send_name(request: Any, context: grpc.aio.ServicerContext) -> None:

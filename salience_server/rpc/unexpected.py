@@ -11,27 +11,22 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.rpc.errors import abort
-from salience_server.rpc.handlers import rewrapped
+from salience_server.rpc.handlers import HandlerInterceptor, rewrapped
 
 log = logging.getLogger(__name__)
 
 
-class UnexpectedErrorInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+class UnexpectedErrorInterceptor(HandlerInterceptor):
+    def handler(
+        self, handler: grpc.RpcMethodHandler, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         method = str(handler_call_details.method)
         return rewrapped(handler, lambda behavior: _guarded(behavior, method))
 
