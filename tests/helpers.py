@@ -42,6 +42,18 @@ def engine_held_in_a_step(engine: Any) -> Iterator[threading.Event]:
         engine.runner.execute = execute
 
 
+def is_printed_quotient(
+    quotient: float, numerator: float, denominator: float, places: int, quotient_places: int
+) -> bool:
+    """Whether ``quotient``, printed to ``quotient_places`` decimals, can be the quotient
+    of the two values printed to ``places`` decimals as ``numerator`` and
+    ``denominator`` (a benchmark's ratio of two small times, each rounded)."""
+    half, slack = 0.5 * 10**-places, 0.5 * 10**-quotient_places
+    low = (numerator - half) / (denominator + half)
+    high = (numerator + half) / (denominator - half)
+    return low - slack <= quotient <= high + slack
+
+
 def open_session(stub: Any, **kwargs: Any) -> str:
     return stub.OpenSession(pb.OpenSessionRequest(**kwargs)).session_id
 

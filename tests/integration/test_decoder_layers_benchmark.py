@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import is_printed_quotient
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,4 +30,4 @@ def test_prints_both_forwards_and_their_ratio(tiny_llama_dir: Path) -> None:
     ], result.stdout
     for _, _, ours, theirs, ratio in rows:
         assert float(ours) > 0 and float(theirs) > 0
-        assert abs(float(ratio) - float(ours) / float(theirs)) < 0.01
+        assert is_printed_quotient(float(ratio), float(ours), float(theirs), 2, 3)
