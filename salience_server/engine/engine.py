@@ -146,7 +146,8 @@ class Engine:
             return self._lock.wait_for(lambda: not self.scheduler.has_work(), timeout=grace_s)
 
     def stop(self) -> None:
-        """Fails every pending request with UNAVAILABLE and stops the loop."""
+        """Fails every pending request with UNAVAILABLE, stops the loop, and gives their
+        sessions back (a call waiting for one is then refused at once, UNAVAILABLE)."""
         with self._lock:
             self._is_stopping = True
             for request in self.scheduler.requests():
@@ -154,6 +155,11 @@ class Engine:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            log.warning("the engine thread did not stop within 30 s; its sessions stay busy")
+            return
+        with self._lock:
+            self._release_all()
 
     def _check_serving(self) -> None:
         """UNAVAILABLE while stopping or draining, or after the engine thread died."""
@@ -367,12 +373,17 @@ class Engine:
             self.death = error
             for request in self.scheduler.requests():
                 request.sink(SalienceError(Code.UNAVAILABLE, "ENGINE_FAILED", "the engine stopped"))
-                self.outcomes.release(request)
-            self.scheduler.running.clear()
-            self.scheduler.waiting.clear()
-            self._lock.notify_all()
+            self._release_all()
         if self.on_death is not None:
             self.on_death()
+
+    def _release_all(self) -> None:
+        """Under the lock, with the loop ended: gives every request's session back."""
+        for request in self.scheduler.requests():
+            self.outcomes.release(request)
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        self._lock.notify_all()
 
     def step(self) -> None:
         """Schedule, move KV, build, run, sample, commit. The lock is not held while

@@ -10,7 +10,18 @@ import grpc
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import engine_held_in_a_step, error_reason, generate, open_session
+from salience_server.config import EngineConfig, ModelConfig
+from salience_server.engine.engine import Engine
+from salience_server.engine.errors import SalienceError
+from salience_server.engine.loader import load_model
+from salience_server.engine.request import GenerateParams
+from tests.helpers import (
+    TEST_DEVICE,
+    engine_held_in_a_step,
+    error_reason,
+    generate,
+    open_session,
+)
 
 
 def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
@@ -217,3 +228,23 @@ def test_deadline_stops_the_work(tiny_llama_dir, server_factory) -> None:
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _wait_until(lambda: not server.engine.scheduler.running)
     assert not stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.busy
+
+
+def test_a_stopped_engine_gives_its_calls_sessions_back(tiny_llama_dir) -> None:
+    """``Engine.stop`` ends the calls in flight and frees their sessions: a call waiting
+    for a cancelled call's session is told at once (and then refused, the engine being
+    stopped) rather than waiting out ``CANCELLED_CALL_WAIT_S``."""
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device=TEST_DEVICE))
+    engine = Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))  # not started
+    session_id = engine.open_session().session_id
+    events: list[object] = []
+    params = GenerateParams(session_id=session_id, append_tokens=[1, 2, 3], max_tokens=4)
+    request = engine.submit(params, events.append)
+    engine.cancel(request)
+    is_owned, freed = engine.end_of_cancelled_call(session_id)
+    assert is_owned and freed is not None and not freed.done()
+    engine.stop()
+    assert freed.done()
+    assert not engine.sessions[session_id].is_busy
+    assert [type(event) for event in events] == [SalienceError]
+    assert events[0].reason == "SHUTTING_DOWN"  # type: ignore[attr-defined]
