@@ -31,6 +31,12 @@ class EngineGauges:
     host_kv_bytes_used: int
     num_preemptions: int
     """Since the start: running requests sent back to wait (the scheduler's count)."""
+    num_offloaded: int
+    """Since the start: evictions whose KV went to host memory."""
+    num_dropped: int
+    """Since the start: evictions whose KV was dropped."""
+    num_host_kv_dropped: int
+    """Since the start: offloaded sessions whose host KV was given up later."""
 
 
 class Metrics:
@@ -102,6 +108,21 @@ class _EngineCollector(Collector):
             "salience_preemptions",
             "Running requests sent back to wait (their KV evicted) to make room.",
             value=gauges.num_preemptions,
+        )
+        evictions = CounterMetricFamily(
+            "salience_evictions",
+            "Sessions whose KV left the pool to make room: copied to host memory "
+            "(offloaded) or dropped (recomputed from their tokens on next use).",
+            labels=["outcome"],
+        )
+        evictions.add_metric(["offloaded"], gauges.num_offloaded)
+        evictions.add_metric(["dropped"], gauges.num_dropped)
+        yield evictions
+        yield CounterMetricFamily(
+            "salience_host_kv_dropped",
+            "Offloaded sessions whose host KV was given up for a more recently used "
+            "session's KV or for image embeddings (recomputed on next use).",
+            value=gauges.num_host_kv_dropped,
         )
         yield GaugeMetricFamily(
             "salience_running_requests",

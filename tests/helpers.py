@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 import torch
 from grpc_status import rpc_status
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from salience_client.pb import salience_pb2 as pb
 from salience_server.engine.kv_pool import CPU_DEFAULT_KV_BYTES
@@ -40,6 +42,16 @@ def engine_held_in_a_step(engine: Any) -> Iterator[threading.Event]:
     finally:
         gate.set()
         engine.runner.execute = execute
+
+
+def metric_samples(server: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A running server's metrics: (name, sorted labels) -> value."""
+    text = generate_latest(server.server.metrics.registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def is_printed_quotient(

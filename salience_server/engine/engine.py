@@ -185,6 +185,9 @@ class Engine:
                 num_blocks_free=num_free,
                 host_kv_bytes_used=self.evictor.host_bytes_used,
                 num_preemptions=self.scheduler.num_preemptions,
+                num_offloaded=self.evictor.num_offloaded,
+                num_dropped=self.evictor.num_dropped,
+                num_host_kv_dropped=self.evictor.num_host_kv_dropped,
             )
 
     # ----- sessions ----------------------------------------------------------------

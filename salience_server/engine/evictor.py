@@ -67,6 +67,13 @@ class Evictor:
         self.discarded_host_kv: list[str] = []
         """Sessions whose host KV was given up (for images, or for a more recently used
         session's KV); the engine frees it (``take_discarded``)."""
+        self.num_offloaded = 0
+        """Since the start: evictions whose KV went to host memory."""
+        self.num_dropped = 0
+        """Since the start: evictions whose KV was dropped (no host room for it)."""
+        self.num_host_kv_dropped = 0
+        """Since the start: offloaded sessions whose host KV was given up later (for a
+        more recently used session's KV, or for an image's embeddings)."""
 
     def pick_idle(self, protected: set[str]) -> Session | None:
         """The least recently used idle session holding blocks, outside ``protected``;
@@ -95,9 +102,11 @@ class Evictor:
             session.residency = Residency.OFFLOADED
             session.host_kv_bytes = num_bytes
             self.host_bytes_used += num_bytes
+            self.num_offloaded += 1
         else:
             session.residency = Residency.DROPPED
             session.num_computed = 0
+            self.num_dropped += 1
         self.block_manager.free(session.block_table)
 
     def _make_host_room(self, num_bytes: int, last_used: float, moves: list[KvMove]) -> None:
@@ -130,6 +139,7 @@ class Evictor:
         self.forget(session)
         session.residency = Residency.DROPPED
         session.num_computed = 0
+        self.num_host_kv_dropped += 1
         for index in range(len(moves) - 1, -1, -1):  # the copy its host KV was to be
             move = moves[index]
             if isinstance(move, SwapOut) and move.session_id == session.session_id:

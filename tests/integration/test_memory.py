@@ -9,7 +9,14 @@ import grpc
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import U32_MAX, error_reason, generate, open_session, random_tokens
+from tests.helpers import (
+    U32_MAX,
+    error_reason,
+    generate,
+    metric_samples,
+    open_session,
+    random_tokens,
+)
 
 TOLERANCE = 1e-4
 TOKEN_BYTES = 512  # the tiny models: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes
@@ -132,6 +139,12 @@ def test_the_host_tier_keeps_the_most_recently_used_sessions_kv(
     assert engine.evictor.host_bytes_used == prompt_bytes
     got, done = generate(stub, second, offset=30, max_tokens=3, logprobs_ranges=[(30, U32_MAX)])
     assert (done.cached_tokens, done.recomputed_tokens) == (29, 0)  # copied back
+    # The first and second went to host memory, the first's KV left it for the second's;
+    # the third was dropped for the second's return (the second's own KV, busy, stayed).
+    samples = metric_samples(server)
+    assert samples[("salience_evictions_total", (("outcome", "offloaded"),))] == 2
+    assert samples[("salience_evictions_total", (("outcome", "dropped"),))] == 1
+    assert samples[("salience_host_kv_dropped_total", ())] == 1
     roomy = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
     want, _ = generate(
         roomy.stub,

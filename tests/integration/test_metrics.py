@@ -6,20 +6,9 @@ import time
 
 import grpc
 import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import generate, open_session
-
-
-def _samples(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(server.server.metrics.registry).decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+from tests.helpers import generate, metric_samples, open_session
 
 
 def test_metrics_count_requests_tokens_latencies_and_memory(tiny_llama_dir, server_factory) -> None:
@@ -34,9 +23,9 @@ def test_metrics_count_requests_tokens_latencies_and_memory(tiny_llama_dir, serv
         ("salience_requests_total", (("code", "OK"), ("rpc", "Generate"))),
     ]
     deadline = time.monotonic() + 2  # counted as the handler returns, after the reply
-    while any(key not in _samples(server) for key in counted) and time.monotonic() < deadline:
+    while any(key not in metric_samples(server) for key in counted) and time.monotonic() < deadline:
         time.sleep(0.01)
-    samples = _samples(server)
+    samples = metric_samples(server)
     assert samples[("salience_requests_total", (("code", "OK"), ("rpc", "Generate")))] == 1
     assert samples[("salience_requests_total", (("code", "OK"), ("rpc", "OpenSession")))] == 1
     assert samples[("salience_requests_total", (("code", "NOT_FOUND"), ("rpc", "GetSession")))] == 1
@@ -57,6 +46,9 @@ def test_metrics_count_requests_tokens_latencies_and_memory(tiny_llama_dir, serv
         server.engine.block_manager.num_blocks
     )
     assert samples[("salience_preemptions_total", ())] == 0
+    assert samples[("salience_evictions_total", (("outcome", "offloaded"),))] == 0
+    assert samples[("salience_evictions_total", (("outcome", "dropped"),))] == 0
+    assert samples[("salience_host_kv_dropped_total", ())] == 0
 
 
 def test_streams_cut_by_the_clients_deadline_are_counted_as_such(
@@ -78,9 +70,9 @@ def test_streams_cut_by_the_clients_deadline_are_counted_as_such(
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     key = ("salience_requests_total", (("code", "DEADLINE_EXCEEDED"), ("rpc", "Generate")))
     deadline = time.monotonic() + 5
-    while _samples(server).get(key, 0) < num_calls and time.monotonic() < deadline:
+    while metric_samples(server).get(key, 0) < num_calls and time.monotonic() < deadline:
         time.sleep(0.01)
-    samples = _samples(server)
+    samples = metric_samples(server)
     assert (
         samples.get(("salience_requests_total", (("code", "UNKNOWN"), ("rpc", "Generate")))) is None
     )
@@ -106,7 +98,7 @@ def test_a_stream_the_client_cancels_early_is_cancelled_whatever_its_deadline(
     stream.cancel()
     key = ("salience_requests_total", (("code", "CANCELLED"), ("rpc", "Generate")))
     deadline = time.monotonic() + 5
-    while _samples(server).get(key, 0) < 1 and time.monotonic() < deadline:
+    while metric_samples(server).get(key, 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    samples = _samples(server)
+    samples = metric_samples(server)
     assert samples.get(key) == 1, {k: v for k, v in samples.items() if "requests" in k[0]}
