@@ -1,8 +1,8 @@
 """The engine: sessions, the scheduler and the model runner, stepped in their own thread.
 
-Each step is one sentence: schedule, move KV, build, run, commit. Calls from the
-server's event loop (submit, cancel, session management) take the same lock as the
-step's bookkeeping; the device's work (KV moves, the forward pass) and sampling run
+Each step is one sentence: schedule, move KV, build, run, commit (``stepping``). Calls
+from the server's event loop (submit, cancel, session management) take the same lock as
+the step's bookkeeping; the device's work (KV moves, the forward pass) and sampling run
 without it. A failure in one request's part of a step fails that request alone
 (``outcomes``); if the thread itself dies, every call gets UNAVAILABLE.
 """
@@ -17,8 +17,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from salience_server.config import EngineConfig
-from salience_server.engine.batch import ForwardBatch
-from salience_server.engine.batch_builder import StepRows, build_batch
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.constraints import (
     CompiledConstraint,
@@ -38,15 +36,15 @@ from salience_server.engine.images import ImageStore
 from salience_server.engine.intake import Intake
 from salience_server.engine.kv_pool import size_pool
 from salience_server.engine.loader import LoadedModel
-from salience_server.engine.model_runner import ForwardOutput, ModelRunner
+from salience_server.engine.model_runner import ModelRunner
 from salience_server.engine.ngram import draft_proposer
-from salience_server.engine.outcomes import Outcomes, Sampled
+from salience_server.engine.outcomes import Outcomes
 from salience_server.engine.readout import Readout
 from salience_server.engine.request import EventSink, GenerateParams, Request
-from salience_server.engine.scheduler import ScheduledChunk, Scheduler
+from salience_server.engine.scheduler import Scheduler
 from salience_server.engine.session import Residency, Session
 from salience_server.engine.session_table import SessionInfo, SessionTable, context_limit
-from salience_server.engine.uploads import Uploads
+from salience_server.engine.stepping import Stepper
 from salience_server.engine.validation import Limits, offset_mismatch
 from salience_server.engine.vision import EncodedImage, ImageLimits, VisionEncoder, decode_image
 from salience_server.metrics import EngineGauges, Metrics
@@ -125,6 +123,16 @@ class Engine:
         self.outcomes = Outcomes(self.scheduler, self.session_table, self.metrics)
         self._embed_ids = itertools.count()
         self._lock = threading.Condition()
+        self.stepper = Stepper(
+            self._lock,
+            self.scheduler,
+            self.outcomes,
+            self.runner,
+            self.evictor,
+            self.images,
+            uses_mrope=self.uses_mrope,
+            has_readout=self.has_readout,
+        )
         self._is_stopping = False
         self._is_draining = False
         self.death: BaseException | None = None
@@ -389,66 +397,5 @@ class Engine:
         self._lock.notify_all()
 
     def step(self) -> None:
-        """Schedule, move KV, build, run, sample, commit. The lock is not held while
-        the device moves KV or runs the model, nor while its rows are sampled (the
-        results reach the host first), so the server's event loop never waits on it."""
-        with self._lock:
-            output = self.scheduler.schedule()
-            self.outcomes.retire(output)
-            moves = self.runner.start_moves(output.kv_moves)
-            for session_id in self.evictor.take_discarded():  # for more recent sessions' KV
-                self.runner.discard_host_kv(session_id)
-            batch, rows = self._build(output.chunks)
-        if moves:
-            swapped_out = {}
-            try:
-                swapped_out = self.runner.copy_kv(moves)
-            except Exception:
-                with self._lock:
-                    self.evictor.recover_from_failed_moves(output.kv_moves)
-                raise
-            finally:
-                with self._lock:
-                    self.runner.finish_moves(swapped_out)
-        if not output.chunks:
-            return
-        try:
-            forward, sampled = self._run(output.chunks, batch, rows)
-        except Exception as error:
-            if len(output.chunks) == 1 or device_lost(error):
-                raise
-            self._isolate(output.chunks)
-            return
-        with self._lock:
-            self.outcomes.commit(output.chunks, rows, forward, sampled)
-
-    def _build(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, StepRows]:
-        return build_batch(chunks, self.block_size, self.images, self.uses_mrope, self.has_readout)
-
-    def _run(
-        self, chunks: list[ScheduledChunk], batch: ForwardBatch, rows: StepRows
-    ) -> tuple[ForwardOutput, Sampled]:
-        """Plans the sampling, runs the forward pass (the step's inputs, the sampler's
-        with them, go up in one copy) and samples: results reach the host in one copy."""
-        uploads = Uploads(self.runner.device)
-        plan = self.outcomes.plan(chunks, rows, self.runner.logits_width, uploads)
-        forward = self.runner.execute(batch, uploads)
-        return forward, self.outcomes.sample(chunks, plan, forward)
-
-    def _isolate(self, chunks: list[ScheduledChunk]) -> None:
-        """After a forward pass over several requests failed: runs each request's
-        chunk alone, so that only the ones that fail alone fail. Rewriting the KV the
-        failed pass may have written is harmless: the same values at the same slots."""
-        for chunk in chunks:
-            with self._lock:
-                batch, rows = self._build([chunk])
-            try:
-                forward, sampled = self._run([chunk], batch, rows)
-            except Exception as error:
-                if device_lost(error):
-                    raise
-                with self._lock:
-                    self.outcomes.fail(chunk.request, error)
-                continue
-            with self._lock:
-                self.outcomes.commit([chunk], rows, forward, sampled)
+        """One step (``Stepper.step``)."""
+        self.stepper.step()
