@@ -27,6 +27,7 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from salience_server.engine import fused_linears
@@ -62,8 +63,16 @@ def streamline(model: torch.nn.Module) -> int:
         module.__dict__["_salience_eager_attention"] = eager
         # Stacked projections (``fused_linears``) multiplied here as one, without
         # their parts' module calls.
-        module.__dict__["_salience_qkv"] = fused_linears.stacked_group(attention, QKV)
+        qkv = fused_linears.stacked_group(attention, QKV)
+        module.__dict__["_salience_qkv"] = qkv
+        # Queries and keys rotated as one tensor, where no per-head norm comes between.
+        module.__dict__["_salience_rotates_stacked"] = qkv is not None and not hasattr(
+            attention, "q_norm"
+        )
         module.__dict__["_salience_gate_up"] = fused_linears.stacked_group(mlp, GATE_UP)
+        # SiLU (the family's activation) as the function its module calls.
+        silu = type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")
+        module.__dict__["_salience_act"] = F.silu if silu else mlp.act_fn
         module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
         count += 1
     return count
@@ -84,17 +93,21 @@ def forward(
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, attention.head_dim)
     normed = _rms_norm(hidden_states, self.input_layernorm)
-    query, key, value = _products(attention, QKV, self._salience_qkv, normed)
-    query, key = query.view(hidden_shape), key.view(hidden_shape)
-    value = value.view(hidden_shape).transpose(1, 2)
-    if hasattr(attention, "q_norm"):  # Qwen3
-        query, key = _rms_norm(query, attention.q_norm), _rms_norm(key, attention.k_norm)
     assert position_embeddings is not None
     cos, sin = position_embeddings
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    query, key = query.transpose(1, 2), key.transpose(1, 2)
-    query = (query * cos) + (_rotate_half(query) * sin)
-    key = (key * cos) + (_rotate_half(key) * sin)
+    if self._salience_rotates_stacked:
+        query, key, value = _rotated_stacked_qkv(self._salience_qkv, normed, hidden_shape, cos, sin)
+    else:
+        query, key, value = _products(attention, QKV, self._salience_qkv, normed)
+        query, key = query.view(hidden_shape), key.view(hidden_shape)
+        value = value.view(hidden_shape).transpose(1, 2)
+        if hasattr(attention, "q_norm"):  # Qwen3
+            query, key = _rms_norm(query, attention.q_norm), _rms_norm(key, attention.k_norm)
+        query, key = (
+            _rotated(query.transpose(1, 2), cos, sin),
+            _rotated(key.transpose(1, 2), cos, sin),
+        )
     if cache is not None:  # transformers' own cache (the engine's KV is in attention)
         key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -117,8 +130,32 @@ def forward(
     hidden_states = hidden_states + output
     normed = _rms_norm(hidden_states, self.post_attention_layernorm)
     gate, up = _products(mlp, GATE_UP, self._salience_gate_up, normed)
-    output = mlp.down_proj(mlp.act_fn(gate) * up)
+    output = mlp.down_proj(self._salience_act(gate) * up)
     return hidden_states + output
+
+
+def _rotated_stacked_qkv(
+    stacked: tuple[torch.nn.Linear, list[int]],
+    inputs: torch.Tensor,
+    hidden_shape: tuple[int, ...],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stacked q/k/v product as [B, heads, T, D] queries, keys and values, queries
+    and keys rotated together: the same elementwise operators on the same values as
+    rotating each (bit for bit), in one set of them rather than two (about 8 us of a
+    layer's decode on this project's CPU)."""
+    linear, (query_width, key_width, value_width) = stacked
+    queries_and_keys, value = linear(inputs).split([query_width + key_width, value_width], -1)
+    queries_and_keys = _rotated(queries_and_keys.view(hidden_shape).transpose(1, 2), cos, sin)
+    head_dim = hidden_shape[-1]
+    query, key = queries_and_keys.split([query_width // head_dim, key_width // head_dim], 1)
+    return query, key, value.view(hidden_shape).transpose(1, 2)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` for one of its two tensors."""
+    return (x * cos) + (_rotate_half(x) * sin)
 
 
 def _products(
@@ -137,12 +174,16 @@ def _products(
 
 def _rms_norm(hidden_states: torch.Tensor, norm: Any) -> torch.Tensor:
     """transformers' RMSNorm, operator for operator (``F.rms_norm`` rounds differently
-    in 16-bit dtypes: it scales by the weight before rounding)."""
+    in 16-bit dtypes: it scales by the weight before rounding), without its two
+    conversions where the input is float32 already (no-ops, but two calls each)."""
     dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
+    if dtype != torch.float32:
+        hidden_states = hidden_states.to(torch.float32)
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     hidden_states = hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * hidden_states.to(dtype)
+    if dtype != torch.float32:
+        hidden_states = hidden_states.to(dtype)
+    return norm.weight * hidden_states
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

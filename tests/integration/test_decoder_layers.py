@@ -60,6 +60,8 @@ def test_the_lean_layers_equal_transformers_layers_bit_for_bit(
     assert all(layer.forward.__func__ is decoder_layers.forward for layer in layers)
     # Stacked by the runner (fused_linears): the lean forward multiplies each group as one.
     assert all(layer._salience_qkv and layer._salience_gate_up for layer in layers)
+    # Queries and keys rotated as one, except where a per-head norm (Qwen3's) comes first.
+    assert all(layer._salience_rotates_stacked == (architecture != "qwen3") for layer in layers)
     lean = _steps(runner)
     for layer in layers:
         del layer.forward  # transformers' own again
