@@ -6,8 +6,8 @@ use). Tokens are never lost. The host tier keeps the most recently used sessions
 idle session offloaded earlier, and used less recently than the victim, is dropped to
 make room for the victim's KV (least recently used first), where that makes room. The
 host budget also holds the image embeddings kept for recomputing image placeholders:
-they come first, and an image that needs room drops offloaded KV (least recently used
-first).
+they come first, and an image that needs room drops offloaded KV (idle sessions' least
+recently used first).
 
 The KV moves a step needs are returned in the order they were decided, and the model
 runner makes them in that order: a block freed by one eviction and handed to another
@@ -201,10 +201,11 @@ class Evictor:
         return self.host_bytes_used - offloaded + num_bytes <= self.host_kv_bytes
 
     def hold_image(self, num_bytes: int) -> None:
-        """Budgets image embeddings, dropping offloaded KV (LRU first) to make room."""
+        """Budgets image embeddings, dropping offloaded KV to make room: idle sessions'
+        first (least recently used first), then those of calls waiting to run."""
         offloaded = sorted(
             (s for s in self.sessions.values() if s.residency == Residency.OFFLOADED),
-            key=lambda s: s.last_used,
+            key=lambda s: (s.is_busy, s.last_used),
         )
         for session in offloaded:
             if self.host_bytes_used + num_bytes <= self.host_kv_bytes:

@@ -212,3 +212,26 @@ def test_offloaded_kv_is_not_given_up_where_that_would_not_make_room() -> None:
     assert moves == [] and newer.residency == Residency.DROPPED
     assert older.residency == Residency.OFFLOADED and evictor.take_discarded() == []
     assert evictor.host_bytes_used == 12
+
+
+def test_an_image_takes_host_room_from_idle_sessions_before_a_waiting_call_s() -> None:
+    """Image embeddings come first in host memory: they drop offloaded KV, an idle
+    session's before that of a session whose call waits to restore it, even one used
+    less recently."""
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    busy = Session("busy", 64, token_ids=list(range(8)), last_used=0.5)
+    idle = Session("idle", 64, token_ids=list(range(8)), last_used=1.0)
+    for session in (busy, idle):
+        session.residency, session.host_kv_bytes, session.num_computed = (
+            Residency.OFFLOADED,
+            8,
+            8,
+        )
+    busy.owner = _request(0, busy, max_tokens=1)
+    evictor = Evictor({"busy": busy, "idle": idle}, manager, host_kv_bytes=20, kv_bytes_per_token=1)
+    evictor.host_bytes_used = 16
+    assert evictor.can_hold_image(12)
+    evictor.hold_image(12)
+    assert idle.residency == Residency.DROPPED and busy.residency == Residency.OFFLOADED
+    assert evictor.take_discarded() == ["idle"] and evictor.host_bytes_used == 20
+    assert evictor.num_host_kv_dropped == 1
