@@ -1,4 +1,5 @@
-"""Attention backends against dense attention (the oracle), and their selection.
+"""Attention backends against dense attention (the oracle); their selection is
+``test_attention_selection.py``.
 
 flash-attn cannot run here (no CUDA), so its backend runs over a plain-torch stand-in
 for ``flash_attn_varlen_func`` (``tests/flash_reference.py``); what these tests check
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import random
-import sys
 import types
 from typing import Any
 
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from salience_server.engine import (
     few_row_attention,
-    flash_attention,
     paged_attention,
     sdpa_attention,
 )
@@ -363,58 +362,6 @@ def test_a_kernel_without_block_tables_gathers_even_with_256_token_blocks() -> N
     assert not backend.paged
     got, want = _attend_batch(backend, 256, [(0, 5), (300, 1)], seed=3)
     assert (got - want).abs().max().item() < 1e-5
-
-
-def test_auto_selects_sdpa_on_cpu_and_flash_attn_asked_for_on_cpu_says_why() -> None:
-    cpu = torch.device("cpu")
-    backend = paged_attention.select_backend("auto", cpu, torch.float32, 64, 16, 8)
-    assert isinstance(backend, SdpaBackend)
-    with pytest.raises(ValueError, match="flash-attn runs on CUDA only"):
-        paged_attention.select_backend("flash-attn", cpu, torch.float32, 64, 16, 8)
-
-
-def test_flash_attn_unsupported_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
-    cuda = torch.device("cuda")  # a device object only: nothing is allocated on it
-    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails: not installed
-    assert "not installed" in (flash_attention.unsupported_reason(cuda, torch.bfloat16, 64) or "")
-    assert "float16 or bfloat16" in (
-        flash_attention.unsupported_reason(cuda, torch.float32, 64) or ""
-    )
-    assert "head sizes" in (flash_attention.unsupported_reason(cuda, torch.float16, 512) or "")
-
-
-def test_auto_selects_flash_attn_on_cuda_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.ModuleType("flash_attn")
-    fake.flash_attn_varlen_func = flash_reference.flash_attn_varlen_func  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "flash_attn", fake)
-    cuda = torch.device("cuda")
-    assert flash_attention.unsupported_reason(cuda, torch.bfloat16, 64) is None
-    gathered = paged_attention.select_backend("auto", cuda, torch.bfloat16, 64, 16, 8)
-    paged = paged_attention.select_backend("flash-attn", cuda, torch.float16, 64, 256, 8)
-    assert isinstance(gathered, FlashAttentionBackend) and not gathered.paged
-    assert isinstance(paged, FlashAttentionBackend) and paged.paged
-    fallback = paged_attention.select_backend("auto", cuda, torch.float32, 64, 16, 8)
-    assert isinstance(fallback, SdpaBackend)
-
-
-def test_default_block_size_is_256_only_where_the_paged_kernel_runs(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    fake = types.ModuleType("flash_attn")
-    fake.flash_attn_varlen_func = flash_reference.flash_attn_varlen_func  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "flash_attn", fake)
-    assert paged_attention.default_block_size("auto", cuda, torch.bfloat16, 64) == 256
-    assert paged_attention.default_block_size("flash-attn", cuda, torch.float16, 64) == 256
-    assert paged_attention.default_block_size("sdpa", cuda, torch.bfloat16, 64) == 16
-    assert paged_attention.default_block_size("auto", cuda, torch.float32, 64) == 16
-    assert paged_attention.default_block_size("auto", cpu, torch.float32, 64) == 16
-
-    def old_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):  # type: ignore[no-untyped-def]
-        raise AssertionError("not called")
-
-    fake.flash_attn_varlen_func = old_kernel  # type: ignore[attr-defined]
-    assert paged_attention.default_block_size("auto", cuda, torch.bfloat16, 64) == 16
 
 
 @pytest.mark.parametrize(("name", "feature"), [("softcap", "softcapping"), ("s_aux", "sinks")])
