@@ -247,7 +247,9 @@ class Engine:
         """Checks and queues a Generate call; raises SalienceError for a bad one.
 
         ``sink`` receives TokenEvents, then a DoneEvent or a SalienceError, from the
-        engine thread. Nothing changes when the call is refused.
+        engine thread. Nothing changes when the call is refused. Once the caller has
+        passed the events on, it calls ``delivered``: till then the session does not
+        count as idle (``--session-ttl``).
         """
         with self._lock:
             self._check_serving()
@@ -257,6 +259,7 @@ class Engine:
             self.intake.check(params, session, image)
             self.scheduler.check_room(params.priority)
             request = self.intake.accept(params, session, sink, image)
+            session.num_undelivered_calls += 1
             if request.is_finished:
                 self.outcomes.finish(request)
             else:
@@ -319,6 +322,7 @@ class Engine:
             self.scheduler.check_room(params.priority)
             session.is_closed = True  # freed as its request ends
             request = self.intake.accept(params, session, sink, None)
+            session.num_undelivered_calls += 1  # as ``submit``'s: ``delivered`` ends it
             self.scheduler.add(request)
             self._lock.notify_all()
             return request
@@ -337,6 +341,14 @@ class Engine:
             waiter: Future[None] = Future()
             session.free_waiters.append(waiter)
             return True, waiter
+
+    def delivered(self, request: Request) -> None:
+        """The events of ``request`` (from ``submit``) reached its client, or its
+        client went away: its session's idle time starts now."""
+        with self._lock:
+            session = request.session
+            session.num_undelivered_calls -= 1
+            session.touch()
 
     def cancel(self, request: Request) -> None:
         """Stops a request at the next step (the client went away)."""

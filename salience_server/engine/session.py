@@ -79,6 +79,10 @@ class Session:
     free_waiters: list[Future[None]] = field(default_factory=list)
     """Calls waiting for the session to be free (``Engine.end_of_cancelled_call``),
     told when its owner ends."""
+    num_undelivered_calls: int = 0
+    """Calls accepted whose events have not all reached their client yet
+    (``Engine.delivered``): the session is not idle while a client still reads a
+    call's stream, even one the engine has finished."""
     is_closed: bool = False
     residency: Residency = Residency.RESIDENT
     host_kv_bytes: int = 0
@@ -161,5 +165,10 @@ class Session:
     def touch(self) -> None:
         self.last_used = time.monotonic()
 
+    @property
+    def is_in_use(self) -> bool:
+        """Owned by a call, or a call's stream is still being read: never idle."""
+        return self.owner is not None or self.num_undelivered_calls > 0
+
     def idle_seconds(self) -> float:
-        return 0.0 if self.is_busy else time.monotonic() - self.last_used
+        return 0.0 if self.is_in_use else time.monotonic() - self.last_used

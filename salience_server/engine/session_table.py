@@ -151,7 +151,7 @@ class SessionTable:
         if ttl_s <= 0:
             return
         for session in list(self.sessions.values()):
-            if not session.is_busy and session.idle_seconds() > ttl_s:
+            if not session.is_in_use and session.idle_seconds() > ttl_s:
                 log.info("session %s expired after %.0f s idle", session.session_id, ttl_s)
                 self.remove(session)
 

@@ -158,6 +158,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         finally:
             if not is_done:  # the client went away
                 engine.cancel(engine_request)
+            engine.delivered(engine_request)
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext

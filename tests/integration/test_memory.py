@@ -355,34 +355,6 @@ def test_a_session_never_outgrows_the_pool(tiny_llama_dir, server_factory) -> No
     assert done.total_tokens == 24
 
 
-def test_idle_sessions_expire_and_free_their_blocks(tiny_llama_dir, server_factory) -> None:
-    import time
-
-    server = server_factory(
-        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, session_ttl_s=0.5
-    )
-    stub = server.stub
-    idle = open_session(stub)
-    generate(stub, idle, append_tokens=[1] * 30)
-    busy = open_session(stub)
-    free_before = server.engine.block_manager.num_free
-    # Keep the engine busy past the TTL with short calls on another session.
-    deadline = time.monotonic() + 1.5
-    length = 0
-    while time.monotonic() < deadline:
-        _, done = generate(stub, busy, append_tokens=[2] * 5, offset=0, truncating=True)
-        length = done.total_tokens
-    with pytest.raises(grpc.RpcError) as caught:
-        generate(stub, idle, append_tokens=[3], offset=30)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert free_before == server.engine.block_manager.num_blocks - 8  # the idle one's 30 tokens
-    busy_blocks = _session_info(stub, busy).num_blocks
-    assert (
-        server.engine.block_manager.num_free == server.engine.block_manager.num_blocks - busy_blocks
-    )
-    assert _session_info(stub, busy).length == length  # the active one lives on
-
-
 def test_closing_a_session_frees_its_blocks_even_mid_call(tiny_llama_dir, server_factory) -> None:
     server = server_factory(
         tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, max_batch_tokens=1
