@@ -6,6 +6,7 @@ import math
 
 from salience_client.pb import salience_pb2 as pb
 from salience_server import text_checks
+from salience_server.config import EngineConfig
 from salience_server.engine import tokenization
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import invalid
@@ -13,8 +14,17 @@ from salience_server.engine.validation import check_token_ids
 
 WINDOW = 32
 """Inputs of one Embed call queued in the engine at once (the rest wait their turn), so
-that one large call cannot fill the engine's queue."""
+that one large call cannot fill the engine's queue; at most half of what the engine
+takes at once (``window``)."""
 MAX_EMBED_INPUTS = 2048
+
+
+def window(config: EngineConfig) -> int:
+    """How many inputs of one Embed call are queued in the engine at once: ``WINDOW``,
+    or half the requests an idle engine takes (``--max-running`` + ``--max-queue``)
+    where that is fewer, so that one call is never refused for its own inputs (with 4
+    and 4, a call of 9 inputs was, on an idle server) and leaves others room."""
+    return max(1, min(WINDOW, (config.max_running + config.max_queue) // 2))
 
 
 def token_lists(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:

@@ -167,7 +167,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         input is a prefill batched with the engine's other work."""
         engine = await self._engine(context)
         pooling = "mean" if request.pooling == pb.POOLING_MEAN else "last"
-        window = asyncio.Semaphore(embed_inputs.WINDOW)  # inputs in the queue at once
+        window = asyncio.Semaphore(embed_inputs.window(engine.config))  # queued at once
 
         async def embed(token_ids: list[int]) -> list[float]:
             def submit(sink: EventSink) -> Request:

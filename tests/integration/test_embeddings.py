@@ -85,6 +85,20 @@ def test_embeddings_batch_with_generation_in_a_tight_pool(
     assert engine.block_manager.num_free == engine.block_manager.num_blocks - held
 
 
+def test_a_call_of_more_inputs_than_a_small_queue_holds_is_not_refused(
+    tiny_llama_dir, server_factory, oracle
+) -> None:
+    """With ``--max-running 4 --max-queue 4``, an idle server took 8 inputs of one call
+    and refused 9 or more QUEUE_FULL, every time: the call queued 32 at once. It queues
+    at most half what the engine takes at once now."""
+    server = server_factory(tiny_llama_dir, block_size=4, max_running=4, max_queue=4)
+    inputs = [random_tokens(3 + i, seed=60 + i) for i in range(17)]
+    with SalienceClient(server.target) as client:
+        result = client.embed(token_lists=inputs)
+    for vector, token_ids in zip(result.vectors, inputs, strict=True):
+        assert (torch.tensor(vector) - final_states(oracle, token_ids)[-1]).abs().max() < TOLERANCE
+
+
 OK = pb.TokenIds(token_ids=[1, 2])
 
 
