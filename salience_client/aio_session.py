@@ -98,10 +98,12 @@ class AsyncSession(SessionBase):
         options: GenerateOptions,
         timeout: float | None,
     ) -> AsyncGenerator[TokenEvent | Done, None]:
-        await self._settle()
+        replays = self.num_replays
+        await self._settle()  # may replay the session (a left call's end found it lost)
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         progress = StreamProgress(request)
+        progress.is_replayed = self.num_replays > replays
         attempts = Attempts(self._failover)
         finish_reason = ""
         call = None
@@ -147,7 +149,7 @@ class AsyncSession(SessionBase):
         if not progress.is_resumable:
             raise error
         await self._recover(error, attempts, progress.replay_length)
-        progress.is_replayed = attempts.num_replays > 0
+        progress.is_replayed = progress.is_replayed or attempts.num_replays > 0
         self._resumed(error, progress)
         eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)

@@ -88,13 +88,15 @@ class Session(SessionBase):
         options: GenerateOptions,
         timeout: float | None,
     ) -> Generator[TokenEvent | Done, None, None]:
-        self._settle()
+        replays = self.num_replays
+        self._settle()  # may replay the session (a left call's end found it lost)
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         manifest = self._manifest
         if request.readout_ranges and manifest is None:
             manifest = self._set_manifest(self._model_info())
         progress = StreamProgress(request)
+        progress.is_replayed = self.num_replays > replays
         attempts = Attempts(self._failover)
         finish_reason = ""
         call = None
@@ -134,7 +136,7 @@ class Session(SessionBase):
         if not progress.is_resumable:
             raise error
         self._recover(error, attempts, progress.replay_length)
-        progress.is_replayed = attempts.num_replays > 0
+        progress.is_replayed = progress.is_replayed or attempts.num_replays > 0
         self._resumed(error, progress)
         eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)

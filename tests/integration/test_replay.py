@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from salience_client import END, AsyncSalienceClient, SalienceClient, SalienceClientError
+from salience_client import END, AsyncSalienceClient, Done, SalienceClient, SalienceClientError
 from salience_client import Session as SyncSession
 from salience_client.pb import salience_pb2 as pb
 from tests.conftest import RunningServer, start_server
@@ -65,17 +65,25 @@ def test_a_lost_session_and_its_fork_replay_to_what_was_never_lost(
             session.close()
 
 
+@pytest.mark.parametrize("left", [False, True], ids=["ended", "left"])
 def test_a_replayed_calls_done_counts_the_replayed_positions_recomputed(
-    llama_server: RunningServer,
+    llama_server: RunningServer, left: bool
 ) -> None:
     """They were counted cached: the server held them when the retried call came, but
-    the replay had just put them in (a shim reported a whole rebuilt history cached)."""
+    the replay had just put them in (a shim reported a whole rebuilt history cached).
+    So too where the replay comes as the call settles a previous call its caller left
+    (``left``: the shim leaves a stream whose client went away)."""
     with SalienceClient(llama_server.target, timeout=30) as client:
         dones = []
         for lose in (False, True):
             session = client.open_session()
             session.prefill(random_tokens(9, 0))
-            list(session.generate(random_tokens(5, 1), max_tokens=2))
+            events = session.generate(random_tokens(5, 1), max_tokens=2 if not left else 50)
+            if left:  # two tokens decoded, then the caller leaves: the session holds 16
+                assert all(hasattr(next(events), "token_id") for _ in range(2))
+                events.close()
+            else:
+                list(events)
             if lose:
                 _lose(llama_server, session.session_id)
             *_, done = session.generate(random_tokens(4, 2), max_tokens=2)
@@ -86,6 +94,27 @@ def test_a_replayed_calls_done_counts_the_replayed_positions_recomputed(
         assert replayed.cached_tokens == 0
         assert replayed.recomputed_tokens == 9 + 5 + 2  # the whole session before the call
         assert replayed.prompt_tokens == kept.prompt_tokens == 20
+
+
+def test_the_async_client_counts_a_replay_made_as_it_settles_a_left_call_recomputed(
+    llama_server: RunningServer,
+) -> None:
+    async def scenario() -> Done:
+        async with AsyncSalienceClient(llama_server.target, timeout=30) as client:
+            session = await client.open_session()
+            await session.prefill(random_tokens(9, 0))
+            events = session.generate(random_tokens(5, 1), max_tokens=50)
+            for _ in range(2):
+                assert hasattr(await anext(events), "token_id")
+            await events.aclose()  # left with 16 tokens
+            _lose(llama_server, session.session_id)
+            done = [e async for e in session.generate(random_tokens(4, 2), max_tokens=2)][-1]
+            assert session.num_replays == 1
+            await session.close()
+            return done
+
+    done = asyncio.run(scenario())
+    assert (done.cached_tokens, done.recomputed_tokens, done.prompt_tokens) == (0, 16, 20)
 
 
 def test_the_async_client_replays_a_lost_session(llama_server: RunningServer) -> None:
