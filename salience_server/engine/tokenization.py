@@ -36,6 +36,8 @@ def encode_chat(
         raise invalid(
             "BAD_MESSAGES", "continue_final_message and add_generation_prompt exclude each other"
         )
+    if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+        raise invalid("BAD_MESSAGES", "continue_final_message needs an assistant message last")
     options = {
         **(chat_template_kwargs or {}),
         "tools": tools,

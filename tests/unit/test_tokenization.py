@@ -85,6 +85,9 @@ def test_template_variables_and_an_open_final_message_reach_the_template() -> No
     with pytest.raises(SalienceError) as error:
         tokenization.encode_chat(tokenizer, reply, None, True, None, True)
     assert error.value.reason == "BAD_MESSAGES"
+    with pytest.raises(SalienceError) as error:  # nothing to continue (the shim's 400 too)
+        tokenization.encode_chat(tokenizer, messages, None, False, None, True)
+    assert error.value.reason == "BAD_MESSAGES" and "assistant message last" in error.value.message
     with pytest.raises(SalienceError) as error:
         tokenization.parse_json_object("[1]", "chat_template_kwargs_json")
     assert error.value.reason == "BAD_JSON"
