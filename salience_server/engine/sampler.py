@@ -289,5 +289,18 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     if params.seed is None or params.is_greedy:
         return None
     generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed)
+    generator.manual_seed(params.seed if device.type != "cpu" else cpu_seed(params.seed))
     return generator
+
+
+def cpu_seed(seed: int) -> int:
+    """A 64-bit seed as torch's CPU generator takes it: that generator keeps the low 32
+    bits only (seeds 0, 2**32 and 2**63 drew alike), so a seed of 2**32 or more is
+    mixed first (splitmix64's finaliser), and its 32 bits depend on all 64; seeds below
+    2**32 are unchanged."""
+    if seed < 1 << 32:
+        return seed
+    mask = (1 << 64) - 1
+    seed = ((seed ^ (seed >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    seed = ((seed ^ (seed >> 27)) * 0x94D049BB133111EB) & mask
+    return (seed ^ (seed >> 31)) & 0xFFFFFFFF

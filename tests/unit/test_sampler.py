@@ -398,3 +398,19 @@ def test_rejection_sampling_keeps_the_models_distribution(draft_mass: str) -> No
     expected = want[kept].double() * 2000
     chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
     assert chi2 < _CHI2_999[int(kept.sum()) - 1]
+
+
+def test_seeds_differing_above_32_bits_draw_differently_on_a_cpu() -> None:
+    """torch's CPU generator keeps a seed's low 32 bits: 0, 2**32 and 2**63 drew alike.
+    Seeds below 2**32 draw as they always did."""
+
+    def draws(seed: int) -> list[float]:
+        params = SamplingParams(temperature=1.0, seed=seed)
+        generator = sampler.make_generator(params, torch.device("cpu"))
+        assert generator is not None
+        return torch.rand(4, generator=generator).tolist()
+
+    seeds = [0, 1, 2**32, 2**32 + 1, 2**63, 2**63 + 1, 2**64 - 1]
+    assert len({tuple(draws(seed)) for seed in seeds}) == len(seeds)
+    plain = torch.Generator().manual_seed(123456789)
+    assert draws(123456789) == torch.rand(4, generator=plain).tolist()
