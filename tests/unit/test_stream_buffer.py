@@ -26,6 +26,7 @@ class _Context:
 
 class _Request:
     is_cancelled = False
+    is_delivered = False
 
 
 class _Engine:
@@ -44,6 +45,9 @@ class _Engine:
     def cancel(self, request: Any) -> None:
         request.is_cancelled = True
 
+    def delivered(self, request: Any) -> None:
+        request.is_delivered = True
+
 
 async def _read_all(servicer: SalienceServicer, engine: _Engine) -> list[Any]:
     events = []
@@ -58,6 +62,7 @@ def test_a_reader_within_the_buffer_gets_every_event() -> None:
     events = asyncio.run(_read_all(servicer, servicer.engine))  # type: ignore[arg-type]
     assert [e.position for e in events[:-1]] == list(range(40))
     assert isinstance(events[-1], DoneEvent)
+    assert servicer.engine.request.is_delivered  # type: ignore[attr-defined]
 
 
 def test_a_reader_past_the_buffer_is_cancelled_alone() -> None:
@@ -76,3 +81,4 @@ def test_a_reader_past_the_buffer_is_cancelled_alone() -> None:
     assert "16 events unread" in caught.value.details
     assert [e.position for e in received] == list(range(16))  # nothing lost before the cut
     assert engine.request.is_cancelled  # the engine drops it at its next step
+    assert engine.request.is_delivered  # its session's idle time starts
