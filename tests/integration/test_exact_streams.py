@@ -9,13 +9,13 @@ import threading
 
 import pytest
 import torch
-from prometheus_client import generate_latest
 
 from salience_client.pb import salience_pb2 as pb
 from tests.helpers import (
     U32_MAX,
     engine_held_in_a_step,
     generate,
+    metric_samples,
     open_session,
     random_tokens,
     reference_logprobs,
@@ -105,9 +105,8 @@ def test_a_preempted_stream_sends_each_position_once(
         thread.join(timeout=120)
     assert server.engine.scheduler.num_preemptions > 0, "the case did not happen"
     # Operators see them (the counter was registered, never counted).
-    metrics = generate_latest(server.server.metrics.registry).decode()
-    counted = f"salience_preemptions_total {float(server.engine.scheduler.num_preemptions)}"
-    assert counted in metrics.splitlines()
+    preemptions = metric_samples(server)[("salience_preemptions_total", ())]
+    assert preemptions == server.engine.scheduler.num_preemptions
     for name, max_tokens in (("first", 45), ("second", 30)):
         events, done = results[name]
         token_ids = prompts[name] + [e.id for e in events if not e.is_prefill]
