@@ -7,6 +7,8 @@ and loaded from there afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -15,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,30 +106,73 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantizes ``gguf_path`` once into a cached safetensors directory; returns it.
     The cache is keyed by the file's content, so every copy of one GGUF (the default
-    model in each new environment or checkout) shares one conversion."""
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{content_digest(gguf_path)[:12]}"
-    if (target / "config.json").exists():
-        log.info("using the converted model cached at %s", target)
-        return target
-    log.info("converting %s to safetensors (once) into %s", gguf_path, target)
-    staging = _staging_dir(target.parent)  # before the minutes of converting
-    try:
-        _convert_into(gguf_path, staging)
-        staging.rename(target)  # atomic: a crash never leaves half a cache behind
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    model in each new environment or checkout, under any name) shares one conversion.
+    Processes starting together convert once: the others wait for it (a lock file per
+    conversion), and staging left by a conversion that was killed is removed then."""
+    digest = content_digest(gguf_path)[:12]
+    models_dir = cache_dir() / "models"
+    cached = _converted(models_dir, digest)
+    if cached is not None:
+        log.info("using the converted model cached at %s", cached)
+        return cached
+    target = models_dir / f"{gguf_path.stem}-{digest}"
+    with _conversion_lock(models_dir, target):
+        cached = _converted(models_dir, digest)
+        if cached is not None:  # another process converted it while this one waited
+            log.info("using the converted model cached at %s", cached)
+            return cached
+        log.info("converting %s to safetensors (once) into %s", gguf_path, target)
+        staging = _staging_dir(models_dir, target)  # before the minutes of converting
+        try:
+            _convert_into(gguf_path, staging)
+            staging.rename(target)  # atomic: a crash never leaves half a cache behind
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     log.info("converted model saved at %s", target)
     return target
 
 
-def _staging_dir(models_dir: Path) -> Path:
-    """A fresh directory to convert into, beside the caches; an unwritable cache is
-    an error that says what to do."""
+def _converted(models_dir: Path, digest: str) -> Path | None:
+    """The finished conversion of the GGUF whose digest starts with ``digest``, under
+    whatever file name it was converted."""
+    for path in sorted(models_dir.glob(f"*-{digest}")):
+        if not path.name.startswith(STAGING_PREFIX) and (path / "config.json").exists():
+            return path
+    return None
+
+
+@contextlib.contextmanager
+def _conversion_lock(models_dir: Path, target: Path) -> Iterator[None]:
+    """Held while converting into ``target``: a second process waits here rather than
+    convert the same file again (and then fail to rename its copy over the first). The
+    lock goes with its process, however that ends."""
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(models_dir)
-        return Path(tempfile.mkdtemp(dir=models_dir, prefix=STAGING_PREFIX))
+        handle = open(models_dir / f".{target.name}.lock", "a")  # noqa: SIM115
+    except OSError as error:
+        raise OSError(
+            f"cannot write the converted model under {models_dir} ({error}); "
+            "set SALIENCE_CACHE_DIR to a writable directory"
+        ) from error
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is converting into %s; waiting for it", target)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _staging_dir(models_dir: Path, target: Path) -> Path:
+    """A fresh directory to convert into, beside the caches, after removing what killed
+    conversions into ``target`` left (under the lock, none is in use); an unwritable
+    cache is an error that says what to do."""
+    try:
+        remove_stale_staging(models_dir, target.name)
+        staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f"{STAGING_PREFIX}{target.name}-"))
+        staging.chmod(0o755)  # mkdtemp's 0700 kept other users from a shared cache
+        return staging
     except OSError as error:
         raise OSError(
             f"cannot write the converted model under {models_dir} ({error}); "
@@ -190,6 +236,7 @@ def _write_digests(index_path: Path, index: dict[str, dict[str, Any]]) -> None:
         try:
             with os.fdopen(handle, "w") as file:
                 json.dump(index, file)
+            os.chmod(staging, 0o644)  # mkstemp's 0600, as a shared cache's other files
             os.replace(staging, index_path)
         finally:
             Path(staging).unlink(missing_ok=True)  # gone already once replaced
@@ -204,12 +251,14 @@ signal during loading exits at once); one still in use is younger: conversions t
 seconds to minutes."""
 
 
-def remove_stale_staging(models_dir: Path) -> None:
+def remove_stale_staging(models_dir: Path, target_name: str = "") -> None:
     """Removes what killed conversions left in ``models_dir`` (never a finished cache:
-    those are renamed out of staging)."""
+    those are renamed out of staging): all staging of ``target_name``, whose lock the
+    caller holds, and any other staging untouched for ``STALE_STAGING_S``."""
     now = time.time()
     for path in models_dir.glob(f"{STAGING_PREFIX}*"):
-        if path.is_dir() and now - path.stat().st_mtime > STALE_STAGING_S:
+        is_mine = bool(target_name) and path.name.startswith(f"{STAGING_PREFIX}{target_name}-")
+        if path.is_dir() and (is_mine or now - path.stat().st_mtime > STALE_STAGING_S):
             log.info("removing %s, left by a conversion that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from transformers import AutoModelForCausalLM
 
+from salience_server.engine import loader
 from salience_server.engine.loader import (
     DIGESTS_FILE,
     STAGING_PREFIX,
@@ -109,3 +111,77 @@ def test_an_unwritable_cache_fails_before_converting(
     gguf.write_bytes(b"GGUF")
     with pytest.raises(OSError, match="SALIENCE_CACHE_DIR"):
         convert_gguf(gguf)
+
+
+def _fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str = "m.gguf") -> Path:
+    """A GGUF stand-in, with the conversion itself replaced: it records its calls and
+    writes a config."""
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / name
+    gguf.write_bytes(b"GGUF" + bytes(range(256)))
+    return gguf
+
+
+def _recording_conversion(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    converted: list[Path] = []
+
+    def convert_into(gguf_path: Path, directory: Path) -> None:
+        converted.append(gguf_path)
+        (directory / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loader, "_convert_into", convert_into)
+    return converted
+
+
+def test_a_copy_under_another_name_uses_the_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache was keyed by the file's name and content: a copy renamed converted the
+    model again (another 517 MB for the default one)."""
+    gguf = _fake_gguf(tmp_path, monkeypatch)
+    converted = _recording_conversion(monkeypatch)
+    first = convert_gguf(gguf)
+    renamed = tmp_path / "elsewhere" / "renamed.gguf"
+    renamed.parent.mkdir()
+    shutil.copyfile(gguf, renamed)
+    assert convert_gguf(renamed) == first and converted == [gguf]
+
+
+def test_a_start_while_another_converts_waits_and_uses_its_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers started together on an empty cache both converted, and the second's
+    rename over the first's finished cache failed (it exited 1 after a minute)."""
+    gguf = _fake_gguf(tmp_path, monkeypatch)
+    converted = _recording_conversion(monkeypatch)
+    models = tmp_path / "cache" / "models"
+    target = models / f"m-{content_digest(gguf)[:12]}"
+    result: list[Path] = []
+    waiter = threading.Thread(target=lambda: result.append(convert_gguf(gguf)))
+    with loader._conversion_lock(models, target):  # the first process, converting
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and result == []  # waiting, not converting
+        target.mkdir()
+        (target / "config.json").write_text("{}")  # the first one's conversion lands
+    waiter.join(10)
+    assert result == [target] and converted == []
+
+
+def test_staging_a_killed_conversion_left_is_removed_by_the_next_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It stayed for good once a later start converted (only staging older than an hour
+    was removed, and only when a conversion started): 363 MB after one SIGINT."""
+    gguf = _fake_gguf(tmp_path, monkeypatch)
+    converted = _recording_conversion(monkeypatch)
+    models = tmp_path / "cache" / "models"
+    name = f"m-{content_digest(gguf)[:12]}"
+    left = models / f"{STAGING_PREFIX}{name}-killed"  # young: killed a moment ago
+    other = models / f"{STAGING_PREFIX}other-n-123456789abc-live"  # another conversion's
+    for directory in (left, other):
+        directory.mkdir(parents=True)
+        (directory / "model.safetensors").write_bytes(b"half")
+    assert convert_gguf(gguf) == models / name and converted == [gguf]
+    assert not left.exists() and (other / "model.safetensors").exists()
+    assert not list(models.glob(f"{STAGING_PREFIX}{name}-*"))
