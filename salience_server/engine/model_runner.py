@@ -130,7 +130,8 @@ class ModelRunner:
         """One two-token forward pass before serving, so that an attention kernel that
         cannot run on this device fails at start rather than on every call. flash-attn
         picked by ``auto`` then falls back to SDPA; asked for by name, it is an error.
-        The pass writes into block 0, which holds nothing yet."""
+        The pass writes into block 0, which holds nothing yet; a layer that wrote no KV
+        there is an error (its attention bypassed the pool)."""
         batch = ForwardBatch.synthetic(0, 2, self.block_size, uses_mrope)
         try:
             self.execute(batch)
@@ -146,6 +147,16 @@ class ModelRunner:
                 self.block_size, self._workspace_blocks, self.device
             )
             self.execute(batch)
+        # Every layer's attention must have gone through the paged function, writing its
+        # keys into the pool: a layer that attends some other way would see only the
+        # tokens of each call, and every answer after the first call would be wrong.
+        unwritten = [i for i, (keys, _) in enumerate(self.kv_caches) if not bool(keys[0].any())]
+        if unwritten:
+            raise ValueError(
+                f"the model's layers {unwritten} do not attend through transformers' "
+                "attention interface, which Salience's paged KV cache needs: this "
+                "architecture is not supported"
+            )
 
     def enable_readout(self, readout: Readout) -> None:
         """Captures the readout layers' outputs at the rows a batch asks for."""

@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 from transformers import AutoModelForCausalLM
 
-from salience_server.engine import loader
-from salience_server.engine.loader import (
+from salience_server.engine import conversion
+from salience_server.engine.conversion import (
     DIGESTS_FILE,
     STAGING_PREFIX,
     STALE_STAGING_S,
     content_digest,
     convert_gguf,
-    default_gguf_path,
     remove_stale_staging,
 )
+from salience_server.engine.loader import default_gguf_path
 
 
 def test_stale_staging_is_removed_and_fresh_staging_and_caches_are_kept(tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ def _recording_conversion(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         converted.append(gguf_path)
         (directory / "config.json").write_text("{}")
 
-    monkeypatch.setattr(loader, "_convert_into", convert_into)
+    monkeypatch.setattr(conversion, "_convert_into", convert_into)
     return converted
 
 
@@ -158,7 +158,7 @@ def test_a_start_while_another_converts_waits_and_uses_its_conversion(
     target = models / f"m-{content_digest(gguf)[:12]}"
     result: list[Path] = []
     waiter = threading.Thread(target=lambda: result.append(convert_gguf(gguf)))
-    with loader._conversion_lock(models, target):  # the first process, converting
+    with conversion._conversion_lock(models, target):  # the first process, converting
         waiter.start()
         waiter.join(0.5)
         assert waiter.is_alive() and result == []  # waiting, not converting

@@ -1,0 +1,204 @@
+"""The conversion cache: a GGUF file dequantized once into a safetensors directory under
+``$SALIENCE_CACHE_DIR`` (default ``~/.cache/salience``), keyed by the file's content and
+shared by every process and checkout that loads it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("SALIENCE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "salience"
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantizes ``gguf_path`` once into a cached safetensors directory; returns it.
+    The cache is keyed by the file's content, so every copy of one GGUF (the default
+    model in each new environment or checkout, under any name) shares one conversion.
+    Processes starting together convert once: the others wait for it (a lock file per
+    conversion), and staging left by a conversion that was killed is removed then."""
+    digest = content_digest(gguf_path)[:12]
+    models_dir = cache_dir() / "models"
+    cached = _converted(models_dir, digest)
+    if cached is not None:
+        log.info("using the converted model cached at %s", cached)
+        return cached
+    target = models_dir / f"{gguf_path.stem}-{digest}"
+    with _conversion_lock(models_dir, target):
+        cached = _converted(models_dir, digest)
+        if cached is not None:  # another process converted it while this one waited
+            log.info("using the converted model cached at %s", cached)
+            return cached
+        log.info("converting %s to safetensors (once) into %s", gguf_path, target)
+        staging = _staging_dir(models_dir, target)  # before the minutes of converting
+        try:
+            _convert_read(gguf_path, staging)
+            staging.rename(target)  # atomic: a crash never leaves half a cache behind
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    log.info("converted model saved at %s", target)
+    return target
+
+
+def _converted(models_dir: Path, digest: str) -> Path | None:
+    """The finished conversion of the GGUF whose digest starts with ``digest``, under
+    whatever file name it was converted."""
+    for path in sorted(models_dir.glob(f"*-{digest}")):
+        if not path.name.startswith(STAGING_PREFIX) and (path / "config.json").exists():
+            return path
+    return None
+
+
+@contextlib.contextmanager
+def _conversion_lock(models_dir: Path, target: Path) -> Iterator[None]:
+    """Held while converting into ``target``: a second process waits here rather than
+    convert the same file again (and then fail to rename its copy over the first). The
+    lock goes with its process, however that ends."""
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(models_dir / f".{target.name}.lock", "a")  # noqa: SIM115
+    except OSError as error:
+        raise OSError(
+            f"cannot write the converted model under {models_dir} ({error}); "
+            "set SALIENCE_CACHE_DIR to a writable directory"
+        ) from error
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is converting into %s; waiting for it", target)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _staging_dir(models_dir: Path, target: Path) -> Path:
+    """A fresh directory to convert into, beside the caches, after removing what killed
+    conversions into ``target`` left (under the lock, none is in use); an unwritable
+    cache is an error that says what to do."""
+    try:
+        remove_stale_staging(models_dir, target.name)
+        staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f"{STAGING_PREFIX}{target.name}-"))
+        staging.chmod(0o755)  # mkdtemp's 0700 kept other users from a shared cache
+        return staging
+    except OSError as error:
+        raise OSError(
+            f"cannot write the converted model under {models_dir} ({error}); "
+            "set SALIENCE_CACHE_DIR to a writable directory"
+        ) from error
+
+
+def _convert_read(gguf_path: Path, directory: Path) -> None:
+    """``_convert_into``, with a file it cannot read (truncated, not a model) a one-line
+    ValueError naming it."""
+    try:
+        _convert_into(gguf_path, directory)
+    except Exception as error:
+        log.debug("converting %s failed", gguf_path, exc_info=True)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"cannot convert {gguf_path} ({type(error).__name__}: {first_line}); "
+            "is the file a complete GGUF model?"
+        ) from error
+
+
+def _convert_into(gguf_path: Path, directory: Path) -> None:
+    """Saves ``gguf_path`` dequantized to float32 in ``directory``, with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, name = str(gguf_path.parent), gguf_path.name
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, use_kernels=False)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config.
+    config = AutoConfig.from_pretrained(source, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(directory)
+
+
+DIGESTS_FILE = "digests.json"
+"""In the models cache: each file hashed so far, by resolved path, with its size and
+modification time then, so a file is read whole once, not at every start."""
+
+
+def content_digest(path: Path) -> str:
+    """The SHA-256 of ``path``'s bytes, hashed once per (path, size, modification time)
+    and remembered in the cache's ``DIGESTS_FILE`` (about a second a GB)."""
+    stat = path.stat()
+    name = str(path.resolve())
+    index_path = cache_dir() / "models" / DIGESTS_FILE
+    index = _read_digests(index_path)
+    known = index.get(name)
+    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return str(known["sha256"])
+    log.info("hashing %s (%.0f MB) to find its conversion", path, stat.st_size / 2**20)
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    index = {key: value for key, value in index.items() if Path(key).exists()}
+    index[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    _write_digests(index_path, index)
+    return digest
+
+
+def _read_digests(index_path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: files are hashed again
+    return index if isinstance(index, dict) else {}
+
+
+def _write_digests(index_path: Path, index: dict[str, dict[str, Any]]) -> None:
+    """Replaces the index atomically; a write that fails only costs a later hash."""
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(dir=index_path.parent, prefix=".digests-")
+        try:
+            with os.fdopen(handle, "w") as file:
+                json.dump(index, file)
+            os.chmod(staging, 0o644)  # mkstemp's 0600, as a shared cache's other files
+            os.replace(staging, index_path)
+        finally:
+            Path(staging).unlink(missing_ok=True)  # gone already once replaced
+    except OSError as error:
+        log.warning("could not save the digest index %s: %s", index_path, error)
+
+
+STAGING_PREFIX = ".converting-"
+STALE_STAGING_S = 3600.0
+"""A staging directory untouched this long was left by a conversion that was killed (a
+signal during loading exits at once); one still in use is younger: conversions take
+seconds to minutes."""
+
+
+def remove_stale_staging(models_dir: Path, target_name: str = "") -> None:
+    """Removes what killed conversions left in ``models_dir`` (never a finished cache:
+    those are renamed out of staging): all staging of ``target_name``, whose lock the
+    caller holds, and any other staging untouched for ``STALE_STAGING_S``."""
+    now = time.time()
+    for path in models_dir.glob(f"{STAGING_PREFIX}*"):
+        is_mine = bool(target_name) and path.name.startswith(f"{STAGING_PREFIX}{target_name}-")
+        if path.is_dir() and (is_mine or now - path.stat().st_mtime > STALE_STAGING_S):
+            log.info("removing %s, left by a conversion that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""A model that cannot be served is refused at start with one line naming why: a
+checkpoint that lacks weights (it was served with random ones), a truncated or corrupt
+file, an architecture not laid out as Llama's, a GGUF that is not a complete model (each
+of the last three ended in a stack trace)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from salience_server.config import EngineConfig, ModelConfig
+from salience_server.engine import decoder_layers
+from salience_server.engine.engine import Engine
+from salience_server.engine.loader import UnsupportedModel, load_model
+from tests.tiny_models import build_tokenizer
+
+
+def _copy(model_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    return copy
+
+
+def _load(path: Path) -> None:
+    load_model(ModelConfig(model=str(path), device="cpu"))
+
+
+def test_a_checkpoint_that_lacks_a_weight_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model_dir = _copy(tiny_llama_dir, tmp_path)
+    weights = load_file(model_dir / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModel, match=r"lacks weights: model\.layers\.1\.mlp\.down_proj"):
+        _load(model_dir)
+
+
+def test_a_truncated_checkpoint_is_one_clear_error(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model_dir = _copy(tiny_llama_dir, tmp_path)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cannot load model .* truncated or corrupt") as caught:
+        _load(model_dir)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_architecture_not_laid_out_as_llama_s_is_refused(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer()
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel architecture is not supported"):
+        _load(tmp_path)
+
+
+def test_a_file_that_is_not_a_complete_gguf_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(92))
+    with pytest.raises(ValueError, match="cannot convert .*cut.gguf .* complete GGUF") as caught:
+        _load(gguf)
+    assert "\n" not in str(caught.value)
+    assert not list((tmp_path / "cache" / "models").glob(".converting-*"))  # cleaned up
+
+
+def test_a_layer_whose_attention_bypasses_the_kv_pool_is_refused(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose attention does not call transformers' attention interface would
+    attend over each call's own tokens only: the first forward pass finds no KV written
+    for that layer. Here transformers' own layers run (not the lean ones), and layer 1's
+    attention is replaced by one that never reads or writes KV."""
+    monkeypatch.setattr(decoder_layers, "streamline", lambda model: 0)
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    attention = loaded.model.model.layers[1].self_attn
+
+    def bypassing(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> tuple:
+        return attention.o_proj(torch.zeros_like(hidden_states)), None
+
+    monkeypatch.setattr(attention, "forward", bypassing)
+    with pytest.raises(ValueError, match=r"layers \[1\] do not attend through"):
+        Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
