@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from salience_server.config import EngineConfig
-from salience_server.engine import paged_attention
+from salience_server.engine import cpu_matmul, paged_attention
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import kv_bytes_per_token, kv_dtype, kv_shape
 
@@ -60,12 +60,26 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
 
 def _budget_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
     if config.kv_cache_bytes:
+        free = _free_bytes(loaded.device)
+        if config.kv_cache_bytes > free:  # the allocation failed with a stack trace
+            raise ValueError(
+                f"--kv-cache-memory {config.kv_cache_bytes / 2**30:.1f}GiB is more than the "
+                f"{free / 2**30:.1f}GiB free on {loaded.device} after loading the model; "
+                "lower it"
+            )
         return config.kv_cache_bytes
     if loaded.device.type == "cuda":
-        # Blocks this process's caching allocator keeps from freed tensors (an engine
-        # stopped before, the loading's temporaries) count as used in the driver's
-        # figure: hand them back first, or each engine of a process gets less.
-        torch.cuda.empty_cache()
-        free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
-        return int(free_bytes * CUDA_KV_FRACTION)
+        return int(_free_bytes(loaded.device) * CUDA_KV_FRACTION)
     return CPU_DEFAULT_KV_BYTES
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free for the pool on ``device`` now."""
+    if device.type != "cuda":
+        return cpu_matmul.available_memory()
+    # Blocks this process's caching allocator keeps from freed tensors (an engine
+    # stopped before, the loading's temporaries) count as used in the driver's
+    # figure: hand them back first, or each engine of a process gets less.
+    torch.cuda.empty_cache()
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return int(free_bytes)

@@ -1,7 +1,7 @@
 """A model that cannot be served is refused at start with one line naming why: a
 checkpoint that lacks weights (it was served with random ones), a truncated or corrupt
 file, an architecture not laid out as Llama's, a GGUF that is not a complete model (each
-of the last three ended in a stack trace)."""
+of the last three ended in a stack trace); so is a KV pool larger than the memory."""
 
 from __future__ import annotations
 
@@ -86,3 +86,10 @@ def test_a_layer_whose_attention_bypasses_the_kv_pool_is_refused(
     monkeypatch.setattr(attention, "forward", bypassing)
     with pytest.raises(ValueError, match=r"layers \[1\] do not attend through"):
         Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+
+
+def test_a_kv_pool_larger_than_the_free_memory_is_refused(tiny_llama_dir: Path) -> None:
+    """``--kv-cache-memory 1TiB`` ended in the allocator's stack trace."""
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    with pytest.raises(ValueError, match=r"--kv-cache-memory 1024\.0GiB is more than the"):
+        Engine(loaded, EngineConfig(kv_cache_bytes=1 << 40))
