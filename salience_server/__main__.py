@@ -174,7 +174,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 
 def _two_floats(text: str) -> tuple[float, float]:
-    first, second = (float(part) for part in text.split(","))
+    try:
+        first, second = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not two numbers SWITCH,ROW: {text!r}") from None
     return first, second
 
 

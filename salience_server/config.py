@@ -12,16 +12,23 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """Signals that stop the server and the shim gracefully: SIGHUP too (a closed terminal
 killed them at once, the calls in flight reset)."""
 
+MIN_KEEPALIVE_S = 1.0
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn")
 """auto: flash-attn where it can run, else sdpa."""
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+class SizeError(argparse.ArgumentTypeError, ValueError):
+    """A flag's size that does not parse (argparse shows its message)."""
+
+
 def parse_bytes(text: str) -> int:
-    """Parses a size such as ``2GiB``, ``512M`` or ``1048576`` into bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    """Parses a size such as ``2GiB``, ``512M``, ``1e9`` or ``1048576`` into bytes;
+    argparse.ArgumentTypeError (a ValueError too) names what it takes."""
+    number_pattern = r"\d+(?:\.\d+)?(?:e\d+)?"
+    match = re.fullmatch(rf"\s*({number_pattern})\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if match is None:
-        raise ValueError(f"not a size: {text!r} (try 2GiB, 512MiB or a number of bytes)")
+        raise SizeError(f"not a size: {text!r} (try 2GiB, 512MiB or a number of bytes)")
     number, unit = match.groups()
     return int(float(number) * _SIZE_UNITS[unit.upper()])
 
@@ -77,11 +84,13 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 0:
-            raise ValueError("block_size must not be negative (0 picks a default)")
+            raise ValueError("--block-size must not be negative (0 picks a default)")
         if self.max_batch_tokens <= 0 or self.max_running <= 0:
-            raise ValueError("max_batch_tokens and max_running must be positive")
+            raise ValueError("--max-batch-tokens and --max-running must be positive")
         if self.max_context < 0 or self.kv_cache_bytes < 0 or self.max_queue < 0:
-            raise ValueError("max_context, kv_cache_bytes and max_queue must not be negative")
+            raise ValueError(
+                "--max-context, --kv-cache-memory and --max-queue must not be negative"
+            )
         limits = (
             self.max_logprobs,
             self.max_ranges,
@@ -89,24 +98,29 @@ class EngineConfig:
             self.max_stop_string_bytes,
         )
         if min(limits) < 0:
-            raise ValueError("the per-call limits must not be negative")
+            raise ValueError(
+                "--max-logprobs, --max-ranges, --max-stop-strings and --max-stop-string-bytes "
+                "must not be negative"
+            )
+        if self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
+            raise ValueError("--max-image-bytes and --max-image-pixels must be positive")
         if self.speculative not in ("", "ngram"):
             raise ValueError(f"unknown speculative method {self.speculative!r}; use ngram")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError("prompt lookup n-gram sizes need 1 <= min <= max")
+            raise ValueError("--prompt-lookup-min and --prompt-lookup-max need 1 <= min <= max")
         if self.num_speculative_tokens < 1 or (
             self.speculative and self.num_speculative_tokens >= self.max_batch_tokens
         ):
             raise ValueError(
-                "num_speculative_tokens must be at least 1 and below max_batch_tokens "
+                "--num-speculative-tokens must be at least 1 and below --max-batch-tokens "
                 "(a verification step carries them all)"
             )
         if self.speculative_cost is not None and not all(
             math.isfinite(cost) and cost >= 0 for cost in self.speculative_cost
         ):
-            raise ValueError("speculative_cost SWITCH,ROW must be finite and not negative")
+            raise ValueError("--speculative-cost SWITCH,ROW must be finite and not negative")
         if not (self.session_ttl_s >= 0 and math.isfinite(self.session_ttl_s)):
-            raise ValueError("session_ttl_s must be 0 (no expiry) or a positive number")
+            raise ValueError("--session-ttl must be 0 (no expiry) or a positive number")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attention backend {self.attention_backend!r}; "
@@ -170,12 +184,15 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) < 65536:
-                raise ValueError(f"{name} {getattr(self, name)} is out of range (0 to 65535)")
-        times_ok = all(math.isfinite(t) for t in (self.grace_s, self.keepalive_s))
-        if not times_ok or self.grace_s < 0 or self.keepalive_s <= 0:
-            raise ValueError("grace_s must be finite, not negative; keepalive_s finite, positive")
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(self, name)} is out of range (0 to 65535)")
+        if not (math.isfinite(self.grace_s) and self.grace_s >= 0):
+            raise ValueError("--grace-s must be finite and not negative")
+        if not (math.isfinite(self.keepalive_s) and self.keepalive_s >= MIN_KEEPALIVE_S):
+            # Pings every few milliseconds, each timing out as fast, failed every call.
+            raise ValueError(f"--keepalive-s must be finite and at least {MIN_KEEPALIVE_S:g}")
         if self.stream_buffer_events <= 0:
-            raise ValueError("stream_buffer_events must be positive")
+            raise ValueError("--stream-buffer-events must be positive")
         check_cors_origins(self.cors_origins)
 
 

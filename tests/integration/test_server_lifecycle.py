@@ -116,18 +116,26 @@ def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
 @pytest.mark.parametrize(
     ("flags", "says"),
     [
-        (["--port", "99999"], "port 99999 is out of range"),
-        (["--port", "-1"], "port -1 is out of range"),
-        (["--metrics-port", "70000"], "metrics_port 70000 is out of range"),
+        (["--port", "99999"], "--port 99999 is out of range"),
+        (["--port", "-1"], "--port -1 is out of range"),
+        (["--metrics-port", "70000"], "--metrics-port 70000 is out of range"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--dtype", "float8"], "unknown dtype 'float8'"),
         # A zero-cost verification divided by zero in every step; nan never drafted.
-        (["--speculative-cost=-1,0"], "speculative_cost SWITCH,ROW must be finite"),
-        (["--speculative-cost", "nan,nan"], "speculative_cost SWITCH,ROW must be finite"),
-        (["--speculative", "ngram", "--num-speculative-tokens", "4096"], "below max_batch_tokens"),
+        (["--speculative-cost=-1,0"], "--speculative-cost SWITCH,ROW must be finite"),
+        (["--speculative-cost", "nan,nan"], "--speculative-cost SWITCH,ROW must be finite"),
+        (
+            ["--speculative", "ngram", "--num-speculative-tokens", "4096"],
+            "below --max-batch-tokens",
+        ),
         (["--log-level", "foo"], "invalid choice: 'FOO'"),  # was a traceback
-        (["--grace-s", "nan"], "grace_s must be finite"),
-        (["--session-ttl", "-5"], "session_ttl_s must be 0 (no expiry) or a positive"),
+        (["--grace-s", "nan"], "--grace-s must be finite"),
+        (["--session-ttl", "-5"], "--session-ttl must be 0 (no expiry) or a positive"),
+        (["--keepalive-s", "0.001"], "--keepalive-s must be finite and at least 1"),
+        (["--kv-cache-memory", "lots"], "not a size: 'lots' (try 2GiB"),  # named its parser
+        (["--speculative-cost", "abc"], "not two numbers SWITCH,ROW: 'abc'"),
+        (["--max-image-pixels", "-1"], "--max-image-bytes and --max-image-pixels must be"),
+        (["--max-running", "0"], "--max-batch-tokens and --max-running must be positive"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(
@@ -138,6 +146,12 @@ def test_bad_flags_are_refused_before_anything_starts(
     with pytest.raises(SystemExit) as exited:
         parse_args(flags)
     assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_sizes_take_units_and_exponents() -> None:
+    config = parse_args(["--kv-cache-memory", "1e9", "--host-kv-memory", "1.5GiB"])
+    assert config.engine.kv_cache_bytes == 10**9
+    assert config.engine.host_kv_bytes == 3 << 29
 
 
 def test_metrics_are_served_on_their_port_beside_the_shim(tiny_llama_dir) -> None:
