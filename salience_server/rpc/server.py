@@ -146,6 +146,12 @@ class SalienceServer:
         for service in ("", SALIENCE_SERVICE):
             await self.health.set(service, status)
 
+    async def stop_now(self) -> None:
+        """Ends the drain at once: the calls still in flight get UNAVAILABLE."""
+        if self.engine is not None:
+            log.info("stopping at once")
+            await asyncio.to_thread(self.engine.stop)
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Drains (SPEC 2.6): health turns NOT_SERVING and new calls get UNAVAILABLE,
         while the calls in flight run to their end for up to ``grace_s`` (default: the
@@ -210,7 +216,9 @@ async def serve(config: ServerConfig) -> bool:
         if shim is not None:
             shim.start()
         await stopping.wait()
-        log.info("stopping")
+        log.info("stopping; a second signal ends the calls in flight at once")
+        for signum in STOP_SIGNALS:  # the grace is for calls, not for an operator's patience
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(server.stop_now()))
         if shim is not None:
             shim.request_stop()  # no new HTTP requests; open ones end with their calls
         await server.stop()  # the shim's calls in flight drain with the others

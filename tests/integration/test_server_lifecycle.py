@@ -24,45 +24,38 @@ GRACE_S = 40
 """Long enough for the call in flight (one token a step) on a loaded machine."""
 
 
+def _serving(model_dir, *flags: str) -> tuple[subprocess.Popen[str], grpc.Channel]:
+    """A server process decoding a token a step, with ``GRACE_S``, once it is SERVING."""
+    port = free_port()
+    command = server_command("--model", str(model_dir), "--port", str(port))
+    command += ["--max-batch-tokens", "1", "--grace-s", str(GRACE_S), *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return process, channel
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    assert process.stdout is not None
+    pytest.fail(f"not serving within a minute; the server said:\n{process.stdout.read()}")
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
 def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, stop_signal) -> None:
     """SIGTERM drains (SPEC 2.6): health turns NOT_SERVING, new calls get UNAVAILABLE,
     the call in flight runs to its end, and the process exits 0 within the grace. A
     terminal's hang-up (SIGHUP) too: it killed the process at once, resetting the call."""
-    port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        server_command(
-            "--model",
-            str(tiny_llama_dir),
-            "--port",
-            str(port),
-            "--max-batch-tokens",
-            "1",
-            "--grace-s",
-            str(GRACE_S),
-            "--metrics-port",
-            str(metrics_port),
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    metrics_port = free_port()
+    process, channel = _serving(tiny_llama_dir, "--metrics-port", str(metrics_port))
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        status = None
-        while time.monotonic() < deadline:
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-        if status != health_pb2.HealthCheckResponse.SERVING:
-            process.kill()
-            pytest.fail(f"not serving within a minute; the server said:\n{process.stdout.read()}")
+        status = health_pb2.HealthCheckResponse.SERVING
         by_name = health_pb2.HealthCheckRequest(service="salience.v1.Salience")
         assert health.Check(by_name).status == status  # it was NOT_FOUND
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -99,6 +92,34 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
         assert process.wait(timeout=GRACE_S) == 0
         assert time.monotonic() - start < GRACE_S
         assert "Traceback" not in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_a_second_stop_signal_ends_the_calls_in_flight_at_once(tiny_llama_dir) -> None:
+    """The grace is for the calls in flight, not a wait an operator cannot cut short: a
+    second SIGINT waited out the whole grace, as the first."""
+    process, channel = _serving(tiny_llama_dir)
+    try:
+        stub = salience_pb2_grpc.SalienceStub(channel)
+        session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
+        stream = stub.Generate(
+            pb.GenerateRequest(
+                session_id=session_id, append_tokens=[3] * 10, max_tokens=5000, ignore_eos=True
+            )
+        )
+        next(stream)
+        start = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        with pytest.raises(grpc.RpcError) as ended:
+            list(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert process.wait(timeout=GRACE_S) == 0
+        assert time.monotonic() - start < GRACE_S / 2
+        assert process.stdout is not None and "Traceback" not in process.stdout.read()
     finally:
         if process.poll() is None:
             process.kill()
