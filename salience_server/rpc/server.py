@@ -210,11 +210,13 @@ async def serve(config: ServerConfig) -> bool:
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
     try:
+        if shim is not None:
+            shim.start()  # answers at once: /health is 503 until the model is loaded
         if not await _started_unless_stopped(server, stopping):
             log.info("stopping before the model finished loading")
+            if shim is not None:
+                await shim.stop()  # its requests get 503 at once while the model loads
             return False
-        if shim is not None:
-            shim.start()
         await stopping.wait()
         log.info("stopping; a second signal ends the calls in flight at once")
         for signum in STOP_SIGNALS:  # the grace is for calls, not for an operator's patience

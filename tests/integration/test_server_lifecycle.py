@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -194,6 +195,35 @@ def test_metrics_are_served_on_their_port_beside_the_shim(tiny_llama_dir) -> Non
                     time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+
+
+@pytest.mark.skipif(not default_model_available(), reason="the default model is not installed")
+def test_the_shim_answers_while_the_model_loads() -> None:
+    """Its port took connections during loading but answered none until the model was
+    loaded: an HTTP liveness probe on /health failed for the whole load (a first start's
+    conversion takes a minute), where it should say 503 until then."""
+    http_port = free_port()
+    command = server_command("--port", str(free_port()), "--http-port", str(http_port))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    statuses: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while 200 not in statuses and time.monotonic() < deadline:
+            try:
+                url = f"http://127.0.0.1:{http_port}/health"
+                with urllib.request.urlopen(url, timeout=1) as reply:
+                    statuses.append(reply.status)
+            except urllib.error.HTTPError as error:
+                statuses.append(error.code)
+            except OSError:  # not listening yet, or no answer within the second
+                statuses.append(0)
+            time.sleep(0.05)
+        assert statuses[-1] == 200
+        loading = statuses[statuses.index(503) :] if 503 in statuses else []
+        assert loading and set(loading) == {503, 200}, statuses  # 503 until loaded, no hang
+    finally:
+        process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
 
 
