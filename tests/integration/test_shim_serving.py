@@ -147,7 +147,7 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(tmp_path: Pat
             replies[stream] = httpx.Response(reply.status_code, text="\n".join(lines))
 
     try:
-        _wait_for(r"OpenAI shim on http://127\.0\.0\.1:\d+/v1", process, log, 120)
+        _wait_for(r"serving SmolLM2", process, log, 120)  # the shim answers from the start
         threads = [threading.Thread(target=ask, args=(stream,)) for stream in (True, False)]
         for thread in threads:
             thread.start()
