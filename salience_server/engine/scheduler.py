@@ -139,7 +139,9 @@ class Scheduler:
                     self.running.append(request)
                 step.budget -= num_tokens + len(drafts)
                 step.scheduled.add(request.session.session_id)
-            elif not step.scheduled:  # everything else was evicted: it can never fit
+            elif not step.scheduled and not step.output.cancelled:
+                # Everything else was evicted: it can never fit. (A call cancelled in
+                # this step still owns its session, which the step's end frees: wait.)
                 self._remove(request)
                 step.output.failed.append((request, _kv_cache_full()))
             elif not is_waiting:

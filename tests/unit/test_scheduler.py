@@ -276,3 +276,27 @@ def test_lower_priority_waiting_requests_leave_room_for_urgent_ones(pool) -> Non
     with pytest.raises(SalienceError):
         scheduler.add(urgent[3])
     assert run_step(scheduler)[0][0] == urgent[0].request_id  # the most urgent runs first
+
+
+def test_a_request_waits_for_the_room_a_call_cancelled_in_its_step_leaves() -> None:
+    """A request that fit was refused KV_CACHE_FULL when it came in the step that
+    dropped a cancelled call (a soak saw 20, each beside a cancel): that call's session
+    was still owned, so not evictable, and nothing else was scheduled, which read as
+    "can never fit". It waits a step instead, and then runs."""
+    manager = BlockManager(num_blocks=4, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(), manager, sessions)
+    first = make_request(0, 0, prompt_len=12, max_tokens=50)
+    second = make_request(1, 0, prompt_len=12)
+    for request in (first, second):
+        sessions[request.session.session_id] = request.session
+        request.session.owner = request
+    scheduler.add(first)
+    run_step(scheduler)  # the first holds 3 of the 4 blocks
+    first.is_cancelled = True
+    scheduler.add(second)
+    output = scheduler.schedule()
+    assert output.failed == [] and output.chunks == [] and output.cancelled == [first]
+    first.session.free_of_owner()  # as the step's end retires it
+    output = scheduler.schedule()
+    assert output.failed == [] and [chunk.request for chunk in output.chunks] == [second]
