@@ -114,11 +114,15 @@ def _convert_read(gguf_path: Path, directory: Path) -> None:
         _convert_into(gguf_path, directory)
     except Exception as error:
         log.debug("converting %s failed", gguf_path, exc_info=True)
-        first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"cannot convert {gguf_path} ({type(error).__name__}: {first_line}); "
-            "is the file a complete GGUF model?"
+            f"cannot convert {gguf_path} ({in_one_line(error)}); is the file a complete GGUF model?"
         ) from error
+
+
+def in_one_line(error: BaseException) -> str:
+    """An error's type and the first line of its message (a library's may run on)."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}"
 
 
 def _convert_into(gguf_path: Path, directory: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from salience_server.config import ModelConfig
 from salience_server.engine import paged_attention
-from salience_server.engine.conversion import convert_gguf
+from salience_server.engine.conversion import convert_gguf, in_one_line
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
         raise
     except Exception as error:  # a truncated or corrupt file, an unknown format
         log.debug("loading %s failed", path, exc_info=True)
-        first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"cannot load {model_id} from {path} ({type(error).__name__}: {first_line}); "
-            "is a file truncated or corrupt, or the architecture unknown to transformers?"
+            f"cannot load {model_id} from {path} ({in_one_line(error)}); is a file truncated "
+            "or corrupt, or the architecture unknown to transformers?"
         ) from error
     model = model.to(device).eval()
     text_config = model.config.get_text_config()
