@@ -208,7 +208,7 @@ def test_the_shim_answers_while_the_model_loads() -> None:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     statuses: list[int] = []
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a first start converts the model first
         while 200 not in statuses and time.monotonic() < deadline:
             try:
                 url = f"http://127.0.0.1:{http_port}/health"
