@@ -91,5 +91,5 @@ def test_a_layer_whose_attention_bypasses_the_kv_pool_is_refused(
 def test_a_kv_pool_larger_than_the_free_memory_is_refused(tiny_llama_dir: Path) -> None:
     """``--kv-cache-memory 1TiB`` ended in the allocator's stack trace."""
     loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
-    with pytest.raises(ValueError, match=r"--kv-cache-memory 1024\.0GiB is more than the"):
-        Engine(loaded, EngineConfig(kv_cache_bytes=1 << 40))
+    with pytest.raises(ValueError, match=r"--kv-cache-memory 1048576\.0GiB is more than the"):
+        Engine(loaded, EngineConfig(kv_cache_bytes=1 << 50))  # a PiB: more than any host
