@@ -212,7 +212,13 @@ async def serve(config: ServerConfig) -> bool:
     try:
         if shim is not None:
             shim.start()  # answers at once: /health is 503 until the model is loaded
-        if not await _started_unless_stopped(server, stopping):
+        try:
+            started = await _started_unless_stopped(server, stopping)
+        except BaseException:  # the model failed to load: the shim goes quietly with it
+            if shim is not None:
+                await shim.stop()
+            raise
+        if not started:
             log.info("stopping before the model finished loading")
             if shim is not None:
                 await shim.stop()  # its requests get 503 at once while the model loads

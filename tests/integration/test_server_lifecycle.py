@@ -126,6 +126,14 @@ def test_a_second_stop_signal_ends_the_calls_in_flight_at_once(tiny_llama_dir) -
             process.kill()
 
 
+def test_a_model_that_fails_to_load_is_one_line_with_the_shim_too(tmp_path) -> None:
+    """With --http-port the shim answers while the model loads; a load that failed left
+    it to asyncio's shutdown, which logged uvicorn's cancelled tasks' tracebacks."""
+    (tmp_path / "config.json").write_text("{}")
+    stderr = server_start_failure("--model", str(tmp_path), "--http-port", str(free_port()))
+    assert "cannot load" in stderr
+
+
 def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
