@@ -43,13 +43,13 @@ def convert_gguf(gguf_path: Path) -> Path:
         log.info("using the converted model cached at %s", cached)
         return cached
     target = models_dir / f"{gguf_path.stem}-{digest}"
-    with _conversion_lock(models_dir, target):
+    with _conversion_lock(models_dir, digest):
         cached = _converted(models_dir, digest)
         if cached is not None:  # another process converted it while this one waited
             log.info("using the converted model cached at %s", cached)
             return cached
         log.info("converting %s to safetensors (once) into %s", gguf_path, target)
-        staging = _staging_dir(models_dir, target)  # before the minutes of converting
+        staging = _staging_dir(models_dir, digest)  # before the minutes of converting
         try:
             _convert_read(gguf_path, staging)
             staging.rename(target)  # atomic: a crash never leaves half a cache behind
@@ -70,34 +70,37 @@ def _converted(models_dir: Path, digest: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def _conversion_lock(models_dir: Path, target: Path) -> Iterator[None]:
-    """Held while converting into ``target``: a second process waits here rather than
-    convert the same file again (and then fail to rename its copy over the first). The
-    lock goes with its process, however that ends."""
+def _conversion_lock(models_dir: Path, digest: str) -> Iterator[None]:
+    """Held while converting the GGUF whose digest starts with ``digest``, under any of
+    its names: a second process waits here rather than convert it again (and then fail
+    to rename its copy over the first). The lock goes with its process, however that
+    ends; its file is opened read-only, so that users sharing the cache share it."""
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(models_dir / f".{target.name}.lock", "a")  # noqa: SIM115
+        descriptor = os.open(models_dir / f".{digest}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as error:
         raise OSError(
             f"cannot write the converted model under {models_dir} ({error}); "
             "set SALIENCE_CACHE_DIR to a writable directory"
         ) from error
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is converting into %s; waiting for it", target)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
-def _staging_dir(models_dir: Path, target: Path) -> Path:
-    """A fresh directory to convert into, beside the caches, after removing what killed
-    conversions into ``target`` left (under the lock, none is in use); an unwritable
-    cache is an error that says what to do."""
     try:
-        remove_stale_staging(models_dir, target.name)
-        staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f"{STAGING_PREFIX}{target.name}-"))
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is converting this model; waiting for it")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _staging_dir(models_dir: Path, digest: str) -> Path:
+    """A fresh directory to convert into, beside the caches, after removing what killed
+    conversions of this GGUF left (under its lock, none is in use); an unwritable cache
+    is an error that says what to do."""
+    try:
+        remove_stale_staging(models_dir, digest)
+        staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f"{STAGING_PREFIX}{digest}-"))
         staging.chmod(0o755)  # mkdtemp's 0700 kept other users from a shared cache
         return staging
     except OSError as error:
@@ -196,13 +199,13 @@ signal during loading exits at once); one still in use is younger: conversions t
 seconds to minutes."""
 
 
-def remove_stale_staging(models_dir: Path, target_name: str = "") -> None:
+def remove_stale_staging(models_dir: Path, digest: str = "") -> None:
     """Removes what killed conversions left in ``models_dir`` (never a finished cache:
-    those are renamed out of staging): all staging of ``target_name``, whose lock the
-    caller holds, and any other staging untouched for ``STALE_STAGING_S``."""
+    those are renamed out of staging): all staging of the GGUF ``digest`` names, whose
+    lock the caller holds, and any other staging untouched for ``STALE_STAGING_S``."""
     now = time.time()
     for path in models_dir.glob(f"{STAGING_PREFIX}*"):
-        is_mine = bool(target_name) and path.name.startswith(f"{STAGING_PREFIX}{target_name}-")
+        is_mine = bool(digest) and path.name.startswith(f"{STAGING_PREFIX}{digest}-")
         if path.is_dir() and (is_mine or now - path.stat().st_mtime > STALE_STAGING_S):
             log.info("removing %s, left by a conversion that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)

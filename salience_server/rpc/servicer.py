@@ -77,19 +77,21 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             await abort(context, error)
         # Text with stop strings comes from the engine (it must see them to stop); other
         # text is detokenized here, off the engine thread.
+        detokenizes = params.return_text and not params.stop_strings
         detokenizer: IncrementalDetokenizer | None = None
+        prompt: list[int] = []
 
         def submit(sink: EventSink) -> Request:
-            nonlocal detokenizer
             engine_request = engine.submit(params, sink)
-            if params.return_text and not params.stop_strings:
-                prompt = engine_request.session.token_ids[: engine_request.prompt_len]
-                detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt)
+            if detokenizes:  # nothing after the submit may raise: the call is on
+                prompt.extend(engine_request.session.token_ids[: engine_request.prompt_len])
             return engine_request
 
         delivery = engine.metrics.token_delivery
         await _after_cancelled_call(engine, params.session_id, context)
         async for event in self._events(context, submit):
+            if detokenizes and detokenizer is None:  # built within the stream's clean-up
+                detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt)
             if isinstance(event, TokenEvent):
                 if detokenizer is not None and not event.is_prefill:
                     event.text = detokenizer.push(event.token_id)

@@ -151,14 +151,19 @@ def test_a_start_while_another_converts_waits_and_uses_its_conversion(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two servers started together on an empty cache both converted, and the second's
-    rename over the first's finished cache failed (it exited 1 after a minute)."""
+    rename over the first's finished cache failed (it exited 1 after a minute). The
+    second waits, even for a copy of the file under another name (its lock is the
+    content's, not the name's)."""
     gguf = _fake_gguf(tmp_path, monkeypatch)
+    renamed = tmp_path / "renamed.gguf"
+    shutil.copyfile(gguf, renamed)
     converted = _recording_conversion(monkeypatch)
     models = tmp_path / "cache" / "models"
-    target = models / f"m-{content_digest(gguf)[:12]}"
+    digest = content_digest(gguf)[:12]
+    target = models / f"m-{digest}"
     result: list[Path] = []
-    waiter = threading.Thread(target=lambda: result.append(convert_gguf(gguf)))
-    with conversion._conversion_lock(models, target):  # the first process, converting
+    waiter = threading.Thread(target=lambda: result.append(convert_gguf(renamed)))
+    with conversion._conversion_lock(models, digest):  # the first process, converting
         waiter.start()
         waiter.join(0.5)
         assert waiter.is_alive() and result == []  # waiting, not converting
@@ -176,12 +181,12 @@ def test_staging_a_killed_conversion_left_is_removed_by_the_next_conversion(
     gguf = _fake_gguf(tmp_path, monkeypatch)
     converted = _recording_conversion(monkeypatch)
     models = tmp_path / "cache" / "models"
-    name = f"m-{content_digest(gguf)[:12]}"
-    left = models / f"{STAGING_PREFIX}{name}-killed"  # young: killed a moment ago
-    other = models / f"{STAGING_PREFIX}other-n-123456789abc-live"  # another conversion's
+    digest = content_digest(gguf)[:12]
+    left = models / f"{STAGING_PREFIX}{digest}-killed"  # young: killed a moment ago
+    other = models / f"{STAGING_PREFIX}123456789abc-live"  # another model's, converting
     for directory in (left, other):
         directory.mkdir(parents=True)
         (directory / "model.safetensors").write_bytes(b"half")
-    assert convert_gguf(gguf) == models / name and converted == [gguf]
+    assert convert_gguf(gguf) == models / f"m-{digest}" and converted == [gguf]
     assert not left.exists() and (other / "model.safetensors").exists()
-    assert not list(models.glob(f"{STAGING_PREFIX}{name}-*"))
+    assert not list(models.glob(f"{STAGING_PREFIX}{digest}-*"))
