@@ -134,9 +134,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
         raise
     except Exception as error:  # a truncated or corrupt file, an unknown format
         log.debug("loading %s failed", path, exc_info=True)
+        # Memory, permissions and missing packages say what they are; the rest (a
+        # safetensors or JSON parse error, a KeyError deep in transformers) does not.
+        is_plain = isinstance(error, MemoryError | OSError | ImportError)
+        hint = "" if is_plain else "; is a file truncated or corrupt, or the architecture new?"
         raise ValueError(
-            f"cannot load {model_id} from {path} ({in_one_line(error)}); is a file truncated "
-            "or corrupt, or the architecture unknown to transformers?"
+            f"cannot load {model_id} from {path} ({in_one_line(error)}){hint}"
         ) from error
     model = model.to(device).eval()
     text_config = model.config.get_text_config()
