@@ -15,7 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client.pb import salience_pb2 as pb
 from salience_server.engine import outputs
-from tests.helpers import error_reason, generate, open_session, random_tokens
+from tests.helpers import (
+    engine_held_in_a_step,
+    error_reason,
+    generate,
+    open_session,
+    random_tokens,
+)
 
 BLOCK_SIZE = 4
 
@@ -220,7 +226,13 @@ def test_a_dead_engine_thread_turns_everything_unavailable(server, monkeypatch) 
     def broken(ttl: float) -> None:
         raise RuntimeError("a bug outside any request")
 
-    monkeypatch.setattr(engine.session_table, "expire", broken)
+    # Held in a step past the next expiry, so that the loop calls the broken expiry
+    # before the stream's next step (a tiny model's 200 tokens could end within the
+    # 0.25 s between expiries, and the stream then ended without the engine dying).
+    with engine_held_in_a_step(engine) as in_step:
+        assert in_step.wait(10)
+        monkeypatch.setattr(engine.session_table, "expire", broken)
+        time.sleep(0.3)
     with pytest.raises(grpc.RpcError) as caught:
         for _ in stream:
             pass
