@@ -70,6 +70,11 @@ def open_session(stub: Any, **kwargs: Any) -> str:
     return stub.OpenSession(pb.OpenSessionRequest(**kwargs)).session_id
 
 
+def session_info(stub: Any, session_id: str) -> pb.SessionInfo:
+    """GetSession's view of ``session_id``."""
+    return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
+
+
 def generate(stub: Any, session_id: str, **kwargs: Any) -> tuple[list[pb.Token], pb.Done]:
     """Runs one Generate call to the end: (token events, done)."""
     ranges = {

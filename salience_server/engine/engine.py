@@ -259,7 +259,6 @@ class Engine:
             self.intake.check(params, session, image)
             self.scheduler.check_room(params.priority)
             request = self.intake.accept(params, session, sink, image)
-            session.num_undelivered_calls += 1
             if request.is_finished:
                 self.outcomes.finish(request)
             else:
@@ -322,7 +321,6 @@ class Engine:
             self.scheduler.check_room(params.priority)
             session.is_closed = True  # freed as its request ends
             request = self.intake.accept(params, session, sink, None)
-            session.num_undelivered_calls += 1  # as ``submit``'s: ``delivered`` ends it
             self.scheduler.add(request)
             self._lock.notify_all()
             return request

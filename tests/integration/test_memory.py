@@ -16,15 +16,12 @@ from tests.helpers import (
     metric_samples,
     open_session,
     random_tokens,
+    session_info,
 )
 
 TOLERANCE = 1e-4
 TOKEN_BYTES = 512  # the tiny models: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes
 BLOCK_SIZE = 4
-
-
-def _session_info(stub, session_id: str) -> pb.SessionInfo:
-    return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
 
 
 def _run_cycle(stub, num_sessions: int, rounds: int, on_turn=None) -> list[list[tuple[int, float]]]:
@@ -76,7 +73,7 @@ def test_cycling_five_sessions_through_a_pool_for_two(
 
     def record(round_index: int, session_id: str) -> None:
         if round_index == 1:
-            seen_residency.append(_session_info(tight.stub, session_id).residency)
+            seen_residency.append(session_info(tight.stub, session_id).residency)
 
     want = _run_cycle(roomy.stub, 5, 2)
     got = _run_cycle(tight.stub, 5, 2, on_turn=record)
@@ -132,9 +129,9 @@ def test_the_host_tier_keeps_the_most_recently_used_sessions_kv(
         sessions.append(open_session(stub))
         generate(stub, sessions[-1], append_tokens=prompt)
     first, second, third = sessions
-    assert _session_info(stub, first).residency == pb.RESIDENCY_DROPPED
-    assert _session_info(stub, second).residency == pb.RESIDENCY_OFFLOADED
-    assert _session_info(stub, third).residency == pb.RESIDENCY_RESIDENT
+    assert session_info(stub, first).residency == pb.RESIDENCY_DROPPED
+    assert session_info(stub, second).residency == pb.RESIDENCY_OFFLOADED
+    assert session_info(stub, third).residency == pb.RESIDENCY_RESIDENT
     assert set(engine.runner.host_kv) == {second}  # the first's host copy is freed
     assert engine.evictor.host_bytes_used == prompt_bytes
     got, done = generate(stub, second, offset=30, max_tokens=3, logprobs_ranges=[(30, U32_MAX)])
@@ -181,7 +178,7 @@ def test_recomputed_tokens_count_only_the_kv_an_eviction_took(
         session_id = open_session(stub)
         generate(stub, session_id, append_tokens=prompt)
         generate(stub, open_session(stub), append_tokens=[2] * 30)  # takes the pool
-        assert _session_info(stub, session_id).residency == pb.RESIDENCY_DROPPED
+        assert session_info(stub, session_id).residency == pb.RESIDENCY_DROPPED
         return session_id
 
     parent = dropped_session()
@@ -340,7 +337,7 @@ def test_a_session_never_outgrows_the_pool(tiny_llama_dir, server_factory) -> No
         generate(stub, session_id, append_tokens=[1] * 40)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == "CONTEXT_EXCEEDED"
-    assert _session_info(stub, session_id).length == 0
+    assert session_info(stub, session_id).length == 0
     _, done = generate(stub, session_id, append_tokens=random_tokens(32, seed=3))
     assert done.total_tokens == 32
     decoding = open_session(stub)

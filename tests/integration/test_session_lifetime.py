@@ -9,18 +9,13 @@ import time
 import grpc
 import pytest
 
-from salience_client.pb import salience_pb2 as pb
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import load_model
 from salience_server.engine.request import DoneEvent, GenerateParams
-from tests.helpers import TEST_DEVICE, generate, open_session
+from tests.helpers import TEST_DEVICE, generate, open_session, session_info
 
 BLOCK_SIZE = 4
-
-
-def _session_info(stub, session_id: str) -> pb.SessionInfo:
-    return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
 
 
 def test_idle_sessions_expire_and_free_their_blocks(tiny_llama_dir, server_factory) -> None:
@@ -42,11 +37,11 @@ def test_idle_sessions_expire_and_free_their_blocks(tiny_llama_dir, server_facto
         generate(stub, idle, append_tokens=[3], offset=30)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert free_before == server.engine.block_manager.num_blocks - 8  # the idle one's 30 tokens
-    busy_blocks = _session_info(stub, busy).num_blocks
+    busy_blocks = session_info(stub, busy).num_blocks
     assert (
         server.engine.block_manager.num_free == server.engine.block_manager.num_blocks - busy_blocks
     )
-    assert _session_info(stub, busy).length == length  # the active one lives on
+    assert session_info(stub, busy).length == length  # the active one lives on
 
 
 def test_a_session_is_not_idle_until_its_call_s_events_are_delivered(tiny_llama_dir) -> None:
