@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import U32_MAX, generate, open_session, random_tokens
-from tests.integration.test_memory import BLOCK_SIZE, TOKEN_BYTES, TOLERANCE, _session_info
+from tests.helpers import U32_MAX, generate, open_session, random_tokens, session_info
+from tests.integration.test_memory import BLOCK_SIZE, TOKEN_BYTES, TOLERANCE
 
 
 def _pool_of_20_blocks(server_factory, model_dir, host_kv_bytes: int):  # type: ignore[no-untyped-def]
@@ -45,7 +45,7 @@ def test_rewinding_an_evicted_session_equals_a_fresh_one(
     other = open_session(stub)
     generate(stub, other, append_tokens=tokens[::-1])  # pushes the first one out
     expected = pb.RESIDENCY_DROPPED if host_kv_bytes == 0 else pb.RESIDENCY_OFFLOADED
-    assert _session_info(stub, evicted).residency == expected
+    assert session_info(stub, evicted).residency == expected
     got, _ = generate(
         stub,
         evicted,
@@ -74,19 +74,19 @@ def test_rewinding_an_offloaded_session_releases_the_host_memory_it_no_longer_ne
 ) -> None:
     stub, engine, tokens, evicted = _session_of_60_tokens(server_factory, tiny_llama_dir, seed=4)
     generate(stub, open_session(stub), append_tokens=tokens[::-1])  # pushes it out
-    info = _session_info(stub, evicted)
+    info = session_info(stub, evicted)
     assert info.residency == pb.RESIDENCY_OFFLOADED and info.kv_bytes == 60 * TOKEN_BYTES
     assert engine.evictor.host_bytes_used == 60 * TOKEN_BYTES
 
     generate(stub, evicted, offset=21, truncating=True)  # a rewind alone: nothing to run
-    info = _session_info(stub, evicted)
+    info = session_info(stub, evicted)
     assert info.residency == pb.RESIDENCY_OFFLOADED and info.kv_bytes == 21 * TOKEN_BYTES
     assert engine.evictor.host_bytes_used == 21 * TOKEN_BYTES
     host_keys = engine.runner.host_kv[evicted][0][0]
     assert host_keys.shape[0] == -(-21 // BLOCK_SIZE)
 
     generate(stub, evicted, offset=0, truncating=True)
-    assert _session_info(stub, evicted).residency == pb.RESIDENCY_DROPPED
+    assert session_info(stub, evicted).residency == pb.RESIDENCY_DROPPED
     assert engine.evictor.host_bytes_used == 0 and evicted not in engine.runner.host_kv
 
     got, _ = generate(stub, evicted, append_tokens=tokens[:9], max_tokens=5)
@@ -143,7 +143,7 @@ def test_a_failed_swap_out_drops_the_session_and_the_next_calls_work(
     pusher = open_session(stub)
     with pytest.raises(grpc.RpcError):
         generate(stub, pusher, append_tokens=tokens[::-1])  # pushes it out
-    info = _session_info(stub, evicted)
+    info = session_info(stub, evicted)
     assert info.residency == pb.RESIDENCY_DROPPED
     assert engine.evictor.host_bytes_used == 0 and evicted not in engine.runner.host_kv
 
@@ -157,7 +157,7 @@ def test_a_failed_swap_out_drops_the_session_and_the_next_calls_work(
 def test_a_failed_swap_in_makes_the_session_recompute(tiny_llama_dir, server_factory) -> None:
     stub, engine, tokens, restored = _session_of_60_tokens(server_factory, tiny_llama_dir, seed=7)
     generate(stub, open_session(stub), append_tokens=tokens[::-1])  # pushes it out
-    assert _session_info(stub, restored).residency == pb.RESIDENCY_OFFLOADED
+    assert session_info(stub, restored).residency == pb.RESIDENCY_OFFLOADED
     copy_kv = engine.runner.copy_kv
 
     def failing_copy(planned):  # type: ignore[no-untyped-def]
