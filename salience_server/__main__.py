@@ -6,18 +6,17 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from salience_server.config import (
     ATTENTION_BACKENDS,
-    STOP_SIGNALS,
     EngineConfig,
     ModelConfig,
     ServerConfig,
     add_cors_argument,
     parse_bytes,
 )
+from salience_server.stop_signals import exit_at_once_on_stop_signals, exit_now
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -183,10 +182,7 @@ def _two_floats(text: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
-    # Until the event loop takes them over, a stop signal ends the process at once and
-    # cleanly (SIGTERM killed it with 143, SIGINT left a traceback of the imports).
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop_before_serving)
+    exit_at_once_on_stop_signals("stopping before the server started")
     from salience_server.rpc.server import serve
 
     try:
@@ -195,19 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("salience").error("%s", error)
         sys.exit(1)
     if not finished:  # the model's loading thread is still inside torch: skip clean-up
-        _exit_now()
-
-
-def _stop_before_serving(signum: int, frame: object) -> None:
-    logging.getLogger("salience").info("stopping before the server started")
-    _exit_now()
-
-
-def _exit_now() -> None:
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        exit_now()
 
 
 if __name__ == "__main__":

@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import signal
 from dataclasses import dataclass, field
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-"""Signals that stop the server and the shim gracefully: SIGHUP too (a closed terminal
-killed them at once, the calls in flight reset)."""
 
 MIN_KEEPALIVE_S = 1.0
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn")

@@ -9,9 +9,12 @@ import logging
 import sys
 
 from salience_client import DEFAULT_TARGET
-from salience_server.config import STOP_SIGNALS, add_cors_argument
+from salience_server import stop_signals
+from salience_server.config import add_cors_argument
 from salience_server.http.config import ShimConfig, api_key_from_env
 from salience_server.http.serving import ShimServer
+
+log = logging.getLogger("salience.shim")
 
 
 def parse_args(argv: list[str] | None = None) -> ShimConfig:
@@ -76,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
 def main(argv: list[str] | None = None) -> None:
     """``salience-shim``: serves until SIGTERM, SIGINT or SIGHUP."""
     config = parse_args(argv)
-    log = logging.getLogger("salience.shim")
+    stop_signals.exit_at_once_on_stop_signals()
     try:
         server = ShimServer(config)
     except OSError as error:
@@ -87,11 +90,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _serve(server: ShimServer) -> None:
-    """Serves until SIGTERM, SIGINT or SIGHUP, then stops gracefully."""
-    loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, server.request_stop)
-    await server.serve()
+    """Serves until SIGTERM, SIGINT or SIGHUP, then stops gracefully: open requests may
+    finish within the grace. A second signal ends the process at once."""
+
+    def on_stop_signal() -> None:
+        if server.server.should_exit:
+            log.info("stopping at once")
+            stop_signals.exit_now()
+        server.request_stop()
+
+    with stop_signals.handled_in(asyncio.get_running_loop(), on_stop_signal):
+        await server.serve()
 
 
 if __name__ == "__main__":

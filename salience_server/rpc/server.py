@@ -7,6 +7,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from salience_client.pb import salience_pb2, salience_pb2_grpc
-from salience_server.config import STOP_SIGNALS, ServerConfig
+from salience_server.config import ServerConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import LoadedModel, load_model
 from salience_server.engine.readout import Readout, load_readout
@@ -26,6 +27,10 @@ from salience_server.rpc.metrics import RequestMetricsInterceptor
 from salience_server.rpc.replica import ReplicaInterceptor
 from salience_server.rpc.servicer import SalienceServicer
 from salience_server.rpc.unexpected import UnexpectedErrorInterceptor
+
+if TYPE_CHECKING:
+    from salience_server.http.serving import ShimServer
+from salience_server import stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -206,35 +211,50 @@ async def serve(config: ServerConfig) -> bool:
                 f"cannot serve metrics on {config.host}:{config.metrics_port}: {error}"
             ) from error
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stopping.set)
+
+    def on_stop_signal() -> None:
+        """The first signal drains; any later one ends the calls in flight at once (the
+        grace is for calls, not for an operator's patience). One handler for both: a
+        second signal that came while the loop was busy is handled in the same turn as
+        the first, before a handler installed on the first could take it."""
+        if stopping.is_set():
+            asyncio.ensure_future(server.stop_now())
+        else:
+            stopping.set()
+
     try:
-        if shim is not None:
-            shim.start()  # answers at once: /health is 503 until the model is loaded
-        try:
-            started = await _started_unless_stopped(server, stopping)
-        except BaseException:  # the model failed to load: the shim goes quietly with it
-            if shim is not None:
-                await shim.stop()
-            raise
-        if not started:
-            log.info("stopping before the model finished loading")
-            if shim is not None:
-                await shim.stop()  # its requests get 503 at once while the model loads
-            return False
-        await stopping.wait()
-        log.info("stopping; a second signal ends the calls in flight at once")
-        for signum in STOP_SIGNALS:  # the grace is for calls, not for an operator's patience
-            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(server.stop_now()))
-        if shim is not None:
-            shim.request_stop()  # no new HTTP requests; open ones end with their calls
-        await server.stop()  # the shim's calls in flight drain with the others
-        if shim is not None:
-            await shim.stop()
+        with stop_signals.handled_in(asyncio.get_running_loop(), on_stop_signal):
+            return await _serve_until_stopped(server, shim, stopping)
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+
+
+async def _serve_until_stopped(
+    server: SalienceServer, shim: ShimServer | None, stopping: asyncio.Event
+) -> bool:
+    """Starts ``server`` (and ``shim``), and drains them once ``stopping`` is set; False
+    when it was set before the model finished loading."""
+    if shim is not None:
+        shim.start()  # answers at once: /health is 503 until the model is loaded
+    try:
+        started = await _started_unless_stopped(server, stopping)
+    except BaseException:  # the model failed to load: the shim goes quietly with it
+        if shim is not None:
+            await shim.stop()
+        raise
+    if not started:
+        log.info("stopping before the model finished loading")
+        if shim is not None:
+            await shim.stop()  # its requests get 503 at once while the model loads
+        return False
+    await stopping.wait()
+    log.info("stopping; a second signal ends the calls in flight at once")
+    if shim is not None:
+        shim.request_stop()  # no new HTTP requests; open ones end with their calls
+    await server.stop()  # the shim's calls in flight drain with the others
+    if shim is not None:
+        await shim.stop()
     return True
 
 

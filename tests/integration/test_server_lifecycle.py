@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,16 +100,22 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
             process.kill()
 
 
-def test_a_second_stop_signal_ends_the_calls_in_flight_at_once(tiny_llama_dir) -> None:
+def test_a_second_stop_signal_ends_the_calls_in_flight_at_once(tiny_llama_dir, tmp_path) -> None:
     """The grace is for the calls in flight, not a wait an operator cannot cut short: a
-    second SIGINT waited out the whole grace, as the first."""
-    process, channel = _serving(tiny_llama_dir)
+    second SIGINT waited out the whole grace, as the first. The call would run for a
+    minute or more, one token a step (the tiny model's 512 positions ended it in 0.5 s,
+    as the second signal came)."""
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "long-context")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 65536
+    (model_dir / "config.json").write_text(json.dumps(config))
+    process, channel = _serving(model_dir)
     try:
         stub = salience_pb2_grpc.SalienceStub(channel)
         session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
         stream = stub.Generate(
             pb.GenerateRequest(
-                session_id=session_id, append_tokens=[3] * 10, max_tokens=5000, ignore_eos=True
+                session_id=session_id, append_tokens=[3] * 10, max_tokens=60000, ignore_eos=True
             )
         )
         next(stream)
@@ -120,6 +128,22 @@ def test_a_second_stop_signal_ends_the_calls_in_flight_at_once(tiny_llama_dir) -
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert process.wait(timeout=GRACE_S) == 0
         assert time.monotonic() - start < GRACE_S / 2
+        assert process.stdout is not None and "Traceback" not in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_stop_signals_in_a_burst_end_the_server_cleanly(tiny_llama_dir) -> None:
+    """An operator pressing Ctrl-C again and again: every signal, whenever it comes
+    (draining, stopping, in the interpreter's clean-up), ends the process with 0 and
+    no traceback. One that came after the event loop closed raised KeyboardInterrupt."""
+    process, _ = _serving(tiny_llama_dir)
+    try:
+        while process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.005)
+        assert process.returncode == 0
         assert process.stdout is not None and "Traceback" not in process.stdout.read()
     finally:
         if process.poll() is None:
