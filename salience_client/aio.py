@@ -9,6 +9,7 @@ dropped is cancelled when it is garbage-collected).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +32,7 @@ from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import refuse_calls
+from salience_client.session_base import OUTCOME_UNKNOWN, refuse_calls
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 
 __all__ = ["AsyncSalienceClient", "AsyncSession"]
@@ -102,7 +103,13 @@ class AsyncSalienceClient:
     async def open_session(self, max_context: int = 0, session_id: str = "") -> AsyncSession:
         """As ``SalienceClient.open_session``."""
         session = self._session(session_id or fresh_session_id(), max_context, 0, "")
-        await session._open()
+        try:
+            await session._open()
+        except SalienceClientError as error:
+            if not session_id and error.code in OUTCOME_UNKNOWN:  # as in SalienceClient
+                with contextlib.suppress(SalienceClientError):
+                    await session.close()
+            raise
         return session
 
     async def session(self, session_id: str, routing_key: str = "") -> AsyncSession:

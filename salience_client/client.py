@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session import Session, call_unary
-from salience_client.session_base import refuse_calls
+from salience_client.session_base import OUTCOME_UNKNOWN, refuse_calls
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -143,7 +144,16 @@ class SalienceClient:
         ``session_id``: the caller's choice (ALREADY_EXISTS when taken), else a fresh
         random id chosen here, so that a proxy can route even this first call."""
         session = self._session(session_id or new_session_id(), max_context, 0, "", History())
-        session._open()
+        try:
+            session._open()
+        except SalienceClientError as error:
+            # The call may have made the session all the same (its answer came too late,
+            # or the connection broke on the way back): close it, rather than leave it
+            # to the server's TTL. Only an id chosen here is surely no one else's.
+            if not session_id and error.code in OUTCOME_UNKNOWN:
+                with contextlib.suppress(SalienceClientError):
+                    session.close()
+            raise
         return session
 
     def session(self, session_id: str, routing_key: str = "") -> Session:

@@ -38,6 +38,13 @@ the server's next step, which a long prefill on a slow device may take seconds t
 
 CLIENT_CLOSED = "CLIENT_CLOSED"
 
+OUTCOME_UNKNOWN = (
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNAVAILABLE,
+)
+"""A call that failed so may still have been carried out on the server."""
+
 
 def refuse_calls(stub: Any) -> None:
     """After its client closed: every RPC of ``stub``, which the client's sessions share,

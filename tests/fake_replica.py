@@ -55,6 +55,9 @@ class Faults:
     """ErrorInfo reason of the break ("": none, as a transport or a proxy reset)."""
     num_open_failures: int = 0
     """Fail this many OpenSession calls with UNAVAILABLE."""
+    open_delay_s: float = 0.0
+    """Answer the next OpenSession this late, the session made (past a client's
+    deadline: the client cannot tell whether it was)."""
     failures_after_break: int = 0
     """After the break, fail this many Generate calls with UNAVAILABLE as they start."""
     num_generate_failures: int = 0
@@ -88,6 +91,9 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
         if request.session_id in self.sessions:
             await _abort(context, grpc.StatusCode.ALREADY_EXISTS, "SESSION_EXISTS", "taken")
         self.sessions[request.session_id] = []
+        if self.faults.open_delay_s:
+            delay, self.faults.open_delay_s = self.faults.open_delay_s, 0.0
+            await asyncio.sleep(delay)
         return pb.OpenSessionResponse(session_id=request.session_id, max_context=1000)
 
     async def ForkSession(self, request: Any, context: Any) -> pb.ForkSessionResponse:

@@ -191,6 +191,33 @@ def test_a_session_the_client_cannot_replay_is_a_clear_error(fake: RunningFake) 
     assert "knows 0" in caught.value.message
 
 
+def test_an_open_that_timed_out_closes_what_it_may_have_made(fake: RunningFake) -> None:
+    """OpenSession's answer came after the client's deadline, the session made: the
+    client closes it (it stayed until the server's TTL, 30 minutes by default, unknown
+    to anyone). An id the caller chose may be someone else's, and stays."""
+    with SalienceClient(fake.target, timeout=0.3) as client:
+        fake.replica.faults.open_delay_s = 2.0
+        with pytest.raises(SalienceClientError) as caught:
+            client.open_session()
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert fake.replica.sessions == {}
+        assert [method for method, _ in fake.replica.calls] == ["OpenSession", "CloseSession"]
+        fake.replica.faults.open_delay_s = 2.0
+        with pytest.raises(SalienceClientError):
+            client.open_session(session_id="chosen")
+        assert list(fake.replica.sessions) == ["chosen"]
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(fake.target, timeout=0.3) as client:
+            fake.replica.faults.open_delay_s = 2.0
+            with pytest.raises(SalienceClientError) as caught:
+                await client.open_session()
+            assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    asyncio.run(scenario())
+    assert list(fake.replica.sessions) == ["chosen"]
+
+
 def test_with_replay_off_failures_reach_the_caller(fake: RunningFake) -> None:
     with SalienceClient(fake.target, timeout=10, replay=False) as client:
         session = client.open_session()
