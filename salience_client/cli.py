@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -30,6 +31,43 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return length
 
 
+class LineTracking(io.TextIOBase):
+    """A text stream passed through, knowing whether its last line is unfinished."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.is_mid_line = False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.is_mid_line = not text.endswith("\n")
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+class Notices(logging.Handler):
+    """The client library's warnings (a lost session replayed, a broken stream resumed)
+    as ``salience: ...`` lines on stderr. On a terminal, one that comes in the middle of
+    a streamed reply first ends the reply's line; it was printed into the reply. Where
+    the reply goes elsewhere (a file, a pipe), its text is left whole."""
+
+    def __init__(self, replies: LineTracking, errors: TextIO) -> None:
+        super().__init__(logging.WARNING)
+        self.replies = replies
+        self.errors = errors
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.replies.is_mid_line and self.replies.isatty():
+            self.replies.write("\n")
+            self.replies.flush()
+        print(f"salience: {record.getMessage()}", file=self.errors, flush=True)
+
+
 class ChatSession:
     """One conversation kept in one server session; each turn sends only new tokens."""
 
@@ -42,7 +80,7 @@ class ChatSession:
         self.committed_ids: list[int] = []
         """What this client believes the session holds."""
 
-    def turn(self, user_text: str, out: TextIO, **options: Any) -> Done:
+    def turn(self, user_text: str, out: TextIO | LineTracking, **options: Any) -> Done:
         """Adds the user's message, streams the reply to ``out``; returns its Done."""
         messages = [*self.messages, {"role": "user", "content": user_text}]
         prompt_ids = self.client.tokenize_chat(messages, add_generation_prompt=True)
@@ -80,6 +118,11 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
     if args.seed is not None:
         options["seed"] = args.seed
     is_interactive = sys.stdin.isatty()
+    replies = LineTracking(sys.stdout)
+    notices = Notices(replies, sys.stderr)
+    client_log = logging.getLogger("salience_client")
+    client_log.addHandler(notices)
+    client_log.propagate = False
     failed = 0
     with client.open_session() as session:
         conversation = ChatSession(client, session, args.system)
@@ -98,7 +141,7 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
                 failed += 1
                 continue
             try:
-                done = conversation.turn(line.rstrip("\n"), sys.stdout, **options)
+                done = conversation.turn(line.rstrip("\n"), replies, **options)
             except KeyboardInterrupt:
                 print("[interrupted]", file=sys.stderr)
                 continue
