@@ -34,6 +34,7 @@ from salience_server.http.generation import (
     PromptToken,
     collect,
     finish_reason,
+    reply_limit,
 )
 from salience_server.http.logprobs import TextOffsets, completion_logprobs
 from salience_server.http.schemas import MAX_TOKEN_ID, CompletionRequest, parse_body
@@ -106,7 +107,7 @@ class _Choices:
 def _options(
     body: CompletionRequest, info: ModelInfo, num_prompt_tokens: int, constraint: Constraint | None
 ) -> DecodeOptions:
-    max_tokens = min(body.max_tokens, max(0, info.max_context - num_prompt_tokens))
+    max_tokens = reply_limit(info.max_context, num_prompt_tokens, body.max_tokens, "prompt")
     score_prompt = body.echo and body.logprobs is not None
     return body.decode_options(max_tokens, body.stop, body.logprobs or 0, score_prompt, constraint)
 

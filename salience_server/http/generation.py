@@ -18,6 +18,7 @@ import grpc
 
 from salience_client import END, Done, GenerateOptions, SalienceClientError, TokenEvent
 from salience_server.http.constraints import Constraint
+from salience_server.http.errors import ApiError, invalid
 from salience_server.http.messages import ImageInput
 from salience_server.http.sessions_pool import Lease, SessionPool
 
@@ -342,11 +343,26 @@ def is_lost(error: SalienceClientError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND
 
 
-def reply_limit(max_context: int, num_prompt_tokens: int, asked: int | None) -> int:
+def reply_limit(max_context: int, num_prompt_tokens: int, asked: int | None, param: str) -> int:
     """The tokens a reply may take: ``asked`` (None: as many as fit) capped at the
-    context left, and at least 1 (the server refuses a prompt that fills the context)."""
-    left = max(1, max_context - num_prompt_tokens)
+    context left. A prompt that leaves no room is refused (400
+    ``context_length_exceeded``, naming ``param``), as OpenAI refuses it; the server
+    took it, prefilled it all, and ended the reply empty."""
+    if asked == 0:  # scoring, or a prefill (a prompt too long is the server's to refuse)
+        return 0
+    left = max_context - num_prompt_tokens
+    if left <= 0:
+        raise no_room_for_a_reply(max_context, num_prompt_tokens, param)
     return left if asked is None else min(asked, left)
+
+
+def no_room_for_a_reply(max_context: int, num_prompt_tokens: int, param: str) -> ApiError:
+    return invalid(
+        f"This model's maximum context length is {max_context} tokens; the prompt has "
+        f"{num_prompt_tokens}, which leaves no room for a reply",
+        param,
+        "context_length_exceeded",
+    )
 
 
 def finish_reason(done: Done) -> str:

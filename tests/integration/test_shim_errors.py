@@ -124,11 +124,6 @@ def test_a_constraint_the_server_refuses_names_the_field_that_asked(
         assert error.value.body["param"] == "response_format", error.value.body
         assert "look-around" in error.value.body["message"]
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(
-            model=model, messages=HELLO, tools=[_tool(schema)], tool_choice="required"
-        )
-    assert error.value.body["param"] == "tools"
-    with pytest.raises(openai.BadRequestError) as error:
         client.responses.create(
             model=model,
             input="hi",
@@ -149,6 +144,35 @@ def test_context_overflow_is_context_length_exceeded(shim: RunningShim, model: s
     with pytest.raises(openai.BadRequestError) as error:
         shim.client().completions.create(model=model, prompt="x" * 600)
     assert error.value.body["code"] == "context_length_exceeded"
+
+
+def test_a_prompt_that_fills_the_context_is_refused_at_once(shim: RunningShim, model: str) -> None:
+    """No room for a reply: 400, as OpenAI answers (the whole prompt was prefilled, then
+    a 200 came with an empty reply). Scoring such a prompt (``max_tokens`` 0) stays."""
+    client = shim.client()
+    full = [3] * 512
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=model, prompt=full, max_tokens=3)
+    assert error.value.body["code"] == "context_length_exceeded"
+    assert "the prompt has 512, which leaves no room" in error.value.body["message"]
+    assert error.value.body["param"] == "prompt"
+    scored = client.completions.create(model=model, prompt=full, max_tokens=0, echo=True)
+    assert scored.usage.prompt_tokens == 512 and scored.choices[0].finish_reason == "length"
+    root = shim.base_url.removesuffix("/v1")
+    empty = [{"role": "user", "content": ""}]
+    overhead = httpx.post(f"{root}/tokenize", json={"model": model, "messages": empty})
+    messages = [{"role": "user", "content": "x" * (512 - overhead.json()["count"])}]
+    counted = httpx.post(f"{root}/tokenize", json={"model": model, "messages": messages})
+    assert counted.json()["count"] == 512  # with the assistant turn's opening
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=model, messages=messages, stream=stream)
+        assert error.value.body["code"] == "context_length_exceeded"
+        assert error.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(model=model, input=messages)
+    assert error.value.body["code"] == "context_length_exceeded"
+    assert error.value.body["param"] == "input"
 
 
 def test_an_unknown_model_is_404(shim: RunningShim) -> None:
@@ -345,6 +369,23 @@ def test_each_grpc_status_is_its_http_status(
                 assert response.headers["retry-after"] == "1"
     finally:
         script.fail_with = None
+
+
+def test_a_refused_constraint_of_the_tools_names_them(
+    failing: tuple[Script, RunningShim],
+) -> None:
+    """The tools' constraint (``tool_choice`` required) refused by the server names
+    "tools". (On the tiny model the tools' description leaves no room in its context.)"""
+    script, shim = failing
+    script.fail_with = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CONSTRAINT")
+    try:
+        with pytest.raises(openai.BadRequestError) as error:
+            shim.client().chat.completions.create(
+                model="scripted", messages=HELLO, tools=[_tool({})], tool_choice="required"
+            )
+    finally:
+        script.fail_with = None
+    assert (error.value.body["param"], error.value.body["code"]) == ("tools", "invalid_constraint")
 
 
 def test_keep_alives_while_the_first_token_is_awaited(failing: tuple[Script, RunningShim]) -> None:
