@@ -178,7 +178,11 @@ async def create_chat_completion(request: Request) -> Response:
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if plan.body.stream:
         events = await start_stream(
-            generation.events(), "messages", backend.config.keepalive_s, plan.constraint_param
+            request,
+            generation.events(),
+            "messages",
+            backend.config.keepalive_s,
+            plan.constraint_param,
         )
         stream = ChatStream(backend, plan, generation, completion_id).sse(events)
         return event_stream(stream, backend.config.keepalive_s)

@@ -131,7 +131,9 @@ async def create_completion(request: Request) -> Response:
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     keepalive_s = backend.config.keepalive_s
     if body.stream:
-        first = await start_stream(generations[0].events(), "prompt", keepalive_s, constraint_param)
+        first = await start_stream(
+            request, generations[0].events(), "prompt", keepalive_s, constraint_param
+        )
         stream = _stream(body, completion_id, generations, builders, first)
         return event_stream(stream, keepalive_s)
     with client_errors("prompt", constraint_param):

@@ -280,7 +280,7 @@ async def create_response(request: Request) -> Response:
     keepalive_s = backend.config.keepalive_s
     if plan.body.stream:
         events = await start_stream(
-            generation.events(), "input", keepalive_s, plan.constraint_param
+            request, generation.events(), "input", keepalive_s, plan.constraint_param
         )
         return event_stream(_stream(backend, plan, generation, events), keepalive_s)
     with client_errors("input", plan.constraint_param):

@@ -123,13 +123,24 @@ class Primed(AsyncIterator[_Item]):
 
 
 async def start_stream(
-    events: AsyncIterator[_Item], param: str, wait_s: float = 0.0, constraint_param: str = ""
+    request: Request,
+    events: AsyncIterator[_Item],
+    param: str,
+    wait_s: float = 0.0,
+    constraint_param: str = "",
 ) -> Primed[_Item]:
     """``events`` with the first asked for now: a failure before anything streamed (a
     prompt too long, a full queue) is a plain HTTP error naming ``param`` (a refused
     output constraint, ``constraint_param``). With ``wait_s`` > 0, the
     first event is awaited that long at most; after that the stream starts and the
-    first event (or error) comes in it."""
+    first event (or error) comes in it. A client that leaves meanwhile cancels the
+    call at once (its prefill ran on to the first keep-alive, ``wait_s`` later)."""
+    return await until_disconnected(request, _primed(events, param, wait_s, constraint_param))
+
+
+async def _primed(
+    events: AsyncIterator[_Item], param: str, wait_s: float, constraint_param: str
+) -> Primed[_Item]:
     primed = Primed(events)
     first = asyncio.ensure_future(primed.prime())
     try:

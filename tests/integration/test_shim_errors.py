@@ -318,6 +318,36 @@ def test_a_dropped_plain_request_stops_the_generation(
     assert max(s.length for s in sessions) < 300
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("chat/completions", {"messages": HELLO}),
+        ("completions", {"prompt": "x"}),
+        ("responses", {"input": "x"}),
+    ],
+)
+def test_a_stream_dropped_before_its_first_token_stops_the_call_at_once(
+    path: str, body: dict[str, Any]
+) -> None:
+    """The client leaves while the first token is awaited (a long prefill, a queue):
+    the call ends then. It ran on until the first keep-alive (15 s by default), or with
+    keep-alives off, until its first token however long that took."""
+    script = Script(first_token_delay_s=60)
+    server = start_scripted(script)
+    running = start_shim(server.target, keepalive_s=0)
+    try:
+        request = {"model": "scripted", "stream": True, **body}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{running.base_url}/{path}", json=request, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while running.backend.pool.num_leased and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.backend.pool.num_leased == 0
+    finally:
+        running.stop()
+        server.stop()
+
+
 # ----- every gRPC status, on a scripted server --------------------------------------
 
 
