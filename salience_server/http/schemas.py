@@ -41,7 +41,7 @@ class Body(BaseModel):
     null takes its default, as in OpenAI's API, where every optional field is nullable
     (clients built from its OpenAPI spec send ``"n": null``)."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     @pydantic.model_validator(mode="before")
     @classmethod

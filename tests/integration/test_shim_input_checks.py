@@ -7,12 +7,13 @@ import json
 import logging
 import socket
 import time
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from salience_server.http.schemas import MAX_BODY_BYTES
+from salience_server.http.schemas import MAX_BODY_BYTES, ChatCompletionRequest
 from salience_server.text_checks import MAX_CHARS_PER_TOKEN
 from tests.shim_support import HELLO, RunningShim, error_body
 
@@ -171,6 +172,51 @@ def test_fields_sent_as_null_take_their_defaults(shim: RunningShim, model: str) 
             assert plain.status_code == nulled.status_code == 200, nulled.text
             assert _reply_text(path, nulled.json()) == _reply_text(path, plain.json())
             assert nulled.json()["usage"]["total_tokens"] == plain.json()["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/chat/completions", "max_tokens", "5"),
+        ("/chat/completions", "max_tokens", 5.0),
+        ("/chat/completions", "max_tokens", True),
+        ("/chat/completions", "temperature", "0.5"),
+        ("/chat/completions", "temperature", True),
+        ("/chat/completions", "stream", "true"),
+        ("/chat/completions", "stream", 1),
+        ("/chat/completions", "n", "2"),
+        ("/chat/completions", "logprobs", 1),
+        ("/chat/completions", "seed", "1"),
+        ("/chat/completions", "parallel_tool_calls", "no"),
+        ("/completions", "logprobs", True),
+        ("/completions", "echo", "yes"),
+        ("/responses", "max_output_tokens", "5"),
+        ("/responses", "store", 0),
+    ],
+)
+def test_a_value_of_the_wrong_json_type_is_refused_naming_its_field(
+    shim: RunningShim, model: str, path: str, field: str, value: Any
+) -> None:
+    """As OpenAI refuses them: "5" for max_tokens was taken as 5, true as 1, "no" for
+    parallel_tool_calls as false, "true" for stream as true."""
+    bodies = {
+        "/chat/completions": {"messages": HELLO, "max_tokens": 2},
+        "/completions": {"prompt": "Hello", "max_tokens": 2},
+        "/responses": {"input": "Hello", "max_output_tokens": 2},
+    }
+    response = httpx.post(
+        f"{shim.base_url}{path}", json={"model": model, **bodies[path], field: value}, timeout=60
+    )
+    assert response.status_code == 400, response.text
+    assert error_body(response)["param"] == field
+
+
+def test_an_integer_is_a_number() -> None:
+    """JSON has one number type: 1 is a valid temperature (strict types refuse only
+    strings, booleans and fractions where they do not belong)."""
+    body = {"model": "m", "messages": HELLO, "temperature": 1, "top_p": 1}
+    parsed = ChatCompletionRequest.model_validate(body)
+    assert (parsed.temperature, parsed.top_p) == (1.0, 1.0)
 
 
 def _reply_text(path: str, reply: dict) -> str:
