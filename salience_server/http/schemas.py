@@ -370,8 +370,14 @@ def _refusal(errors: list[Any]) -> ApiError:
     would have taken (``input: Input should be a valid string, or ... a valid list``)."""
 
     def field(error: Any) -> str:
-        parts = [str(p) for p in error["loc"] if not _is_union_member(p)]
-        return ".".join(parts)
+        """The field's path as OpenAI writes it: ``messages[0].content``."""
+        path = ""
+        for part in error["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif not _is_union_member(part):
+                path += f".{part}" if path else str(part)
+        return path
 
     param = field(errors[0]) or None
     messages = list(dict.fromkeys(e["msg"] for e in errors if field(e) == (param or "")))

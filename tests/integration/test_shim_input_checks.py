@@ -211,6 +211,19 @@ def test_a_value_of_the_wrong_json_type_is_refused_naming_its_field(
     assert error_body(response)["param"] == field
 
 
+def test_a_nested_field_is_named_as_openai_names_it(shim: RunningShim, model: str) -> None:
+    """``messages[0]``, as OpenAI writes the path and as the shim's own checks did;
+    pydantic's errors said ``messages.0``."""
+    for body, param in [
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": HELLO, "stop_token_ids": [1, "a"]}, "stop_token_ids[1]"),
+    ]:
+        response = httpx.post(
+            f"{shim.base_url}/chat/completions", json={"model": model, **body}, timeout=60
+        )
+        assert response.status_code == 400 and error_body(response)["param"] == param
+
+
 def test_an_integer_is_a_number() -> None:
     """JSON has one number type: 1 is a valid temperature (strict types refuse only
     strings, booleans and fractions where they do not belong)."""
