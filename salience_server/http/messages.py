@@ -90,9 +90,13 @@ def _content_text(content: Any, param: str, images: list[ImageInput]) -> str | N
         return content
     if not isinstance(content, list):
         raise invalid("content must be a string or a list of parts", param)
+    if not content:  # as OpenAI refuses it
+        raise invalid("content is an empty array: give at least one part", param)
     texts = []
     for index, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise invalid("a content part must be an object with a 'type'", f"{param}[{index}]")
+        kind = part["type"]
         if kind in _TEXT_PARTS:
             if not isinstance(part.get("text"), str):
                 raise invalid(f"a {kind!r} content part needs a 'text' string", f"{param}[{index}]")
@@ -147,8 +151,11 @@ def chat_messages(raw: list[dict[str, Any]]) -> Conversation:
             raise invalid("content is required", f"{param}.content")
         if role == "tool":
             normalised["tool_call_id"] = message.get("tool_call_id") or message.get("name") or ""
-        if isinstance(message.get("name"), str):
-            normalised["name"] = message["name"]
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise invalid("name must be a string", f"{param}.name")
+        if name is not None:
+            normalised["name"] = name
         conversation.messages.append(normalised)
     return conversation
 

@@ -224,6 +224,24 @@ def test_a_nested_field_is_named_as_openai_names_it(shim: RunningShim, model: st
         assert response.status_code == 400 and error_body(response)["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("message", "param", "says"),
+    [
+        ({"role": "user", "content": []}, "messages[0].content", "an empty array"),
+        ({"role": "user", "content": ["hi"]}, "messages[0].content[0]", "an object with"),
+        ({"role": "user", "content": "hi", "name": 5}, "messages[0].name", "must be a string"),
+    ],
+)
+def test_a_malformed_message_is_refused_as_openai_refuses_it(
+    shim: RunningShim, model: str, message: dict[str, Any], param: str, says: str
+) -> None:
+    """Empty content was taken as empty text, a bare string part was "content part
+    None is not supported", and a number for a name was dropped."""
+    with pytest.raises(openai.BadRequestError) as error:
+        shim.client().chat.completions.create(model=model, messages=[message], max_tokens=2)
+    assert error.value.body["param"] == param and says in error.value.body["message"]
+
+
 def test_an_integer_is_a_number() -> None:
     """JSON has one number type: 1 is a valid temperature (strict types refuse only
     strings, booleans and fractions where they do not belong)."""
