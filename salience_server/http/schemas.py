@@ -162,6 +162,18 @@ def refuse_unoffered(extra: dict[str, Any]) -> None:
         raise unsupported("output modalities other than text", "modalities")
 
 
+_CHAT_ONLY = {
+    "messages": "send them as input",
+    "max_tokens": "use max_output_tokens",
+    "max_completion_tokens": "use max_output_tokens",
+    "stop": "only Chat Completions and Completions take stop strings",
+    "n": "make one request per reply",
+}
+"""Chat Completions fields that a request ported to the Responses API may still carry,
+where OpenAI refuses them as unknown: the shim keeps unknown fields, so these did
+nothing and said nothing (no stop, one reply)."""
+
+
 class StreamOptions(Body):
     """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
 
@@ -300,9 +312,17 @@ class ResponsesRequest(SamplingFields):
             raise unsupported("background responses", "background")
         if self.conversation is not None:
             raise unsupported("conversation objects (use previous_response_id)", "conversation")
-        if (self.model_extra or {}).get("prompt") is not None:
+        extra = self.model_extra or {}
+        if extra.get("prompt") is not None:
             raise unsupported("stored prompts (send the instructions and input)", "prompt")
-        refuse_unoffered(self.model_extra or {})
+        for name, instead in _CHAT_ONLY.items():
+            if extra.get(name) is not None:  # it would do nothing, and say nothing
+                raise invalid(
+                    f"Unknown parameter: '{name}' is not a Responses API parameter; {instead}",
+                    name,
+                    "unknown_parameter",
+                )
+        refuse_unoffered(extra)
 
     def constraint(self) -> Sourced | None:
         """The structured output asked for (``text.format`` or vLLM's fields)."""

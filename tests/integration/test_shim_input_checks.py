@@ -242,6 +242,21 @@ def test_a_malformed_message_is_refused_as_openai_refuses_it(
     assert error.value.body["param"] == param and says in error.value.body["message"]
 
 
+@pytest.mark.parametrize("field", ["stop", "n", "max_tokens", "messages"])
+def test_a_chat_field_sent_to_the_responses_api_is_refused(
+    shim: RunningShim, model: str, field: str
+) -> None:
+    """A request ported from Chat Completions: its stop, n or max_tokens did nothing
+    and said nothing (unknown fields are kept); OpenAI refuses them as unknown."""
+    values = {"stop": "there", "n": 2, "max_tokens": 3, "messages": HELLO}
+    with pytest.raises(openai.BadRequestError) as error:
+        shim.client().responses.create(
+            model=model, input="Hello", max_output_tokens=2, extra_body={field: values[field]}
+        )
+    assert error.value.body["param"] == field
+    assert error.value.body["code"] == "unknown_parameter"
+
+
 def test_an_integer_is_a_number() -> None:
     """JSON has one number type: 1 is a valid temperature (strict types refuse only
     strings, booleans and fractions where they do not belong)."""
