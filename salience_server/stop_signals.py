@@ -32,6 +32,10 @@ def exit_at_once_on_stop_signals(message: str | None = None) -> None:
         signal.signal(signum, stop)
 
 
+def _exit_at_once(signum: int, frame: object) -> None:
+    exit_now()
+
+
 @contextlib.contextmanager
 def handled_in(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> Iterator[None]:
     """Within: each stop signal calls ``handler`` in ``loop``. After: a stop signal ends
@@ -43,9 +47,12 @@ def handled_in(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> 
     try:
         yield
     finally:
-        for signum in STOP_SIGNALS:
-            loop.remove_signal_handler(signum)
-        exit_at_once_on_stop_signals()
+        try:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)  # which puts back Python's default
+                signal.signal(signum, _exit_at_once)
+        except KeyboardInterrupt:  # a Ctrl-C came in between: the default took it
+            exit_now()
 
 
 def exit_now() -> None:
