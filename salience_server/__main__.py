@@ -186,12 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     from salience_server.rpc.server import serve
 
     try:
-        finished = asyncio.run(serve(config))
+        asyncio.run(serve(config))
     except (FileNotFoundError, ValueError, OSError) as error:
         logging.getLogger("salience").error("%s", error)
         sys.exit(1)
-    if not finished:  # the model's loading thread is still inside torch: skip clean-up
-        exit_now()
+    # The interpreter's clean-up is skipped: after a stop during loading, the model's
+    # loading thread is still inside torch; after a drain there is nothing left to
+    # clean, and the clean-up gave the signals back to the system's defaults, so that
+    # another Ctrl-C then killed the process (exit -2).
+    exit_now()
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     log.info("OpenAI shim for %s on http://%s:%d/v1", config.target, config.host, server.port)
     asyncio.run(_serve(server))
+    stop_signals.exit_now()  # the interpreter's clean-up gave the signals back to the system
 
 
 async def _serve(server: ShimServer) -> None:
