@@ -33,38 +33,46 @@ def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
     return False
 
 
-def test_waiting_requests_start_in_priority_order(tiny_llama_dir, server_factory) -> None:
+def test_waiting_requests_start_in_priority_order(
+    tiny_llama_dir, server_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The order is the server's, read from its outcome lines in the order it wrote
+    them: the order the client threads woke up in was not it (three short prefills end
+    within a few steps, and the threads raced under load)."""
     server = server_factory(
         tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20, max_running=1, max_batch_tokens=1
     )
     stub = server.stub
+    caplog.set_level(logging.INFO, logger="salience_server.engine.outcomes")
     blocker = open_session(stub)
-    blocker_stream = stub.Generate(
-        pb.GenerateRequest(session_id=blocker, append_tokens=[7] * 300, priority=-1)
-    )
-    finished: list[int] = []
-    lock = threading.Lock()
-
-    def run(priority: int) -> None:
-        session_id = open_session(stub)
-        generate(stub, session_id, append_tokens=[1, 2, 3], priority=priority)
-        with lock:
-            finished.append(priority)
-
-    threads = []
-    for priority in (5, 0, 3):
-        thread = threading.Thread(target=run, args=(priority,))
-        thread.start()
-        threads.append(thread)
-        num_queued = len(threads)
-        assert _wait_until(lambda: len(server.engine.scheduler.waiting) == num_queued)  # noqa: B023
-    # All three were queued while the blocker still ran: the test holds.
-    assert stub.GetSession(pb.GetSessionRequest(session_id=blocker)).session.busy
+    sessions = {open_session(stub): priority for priority in (5, 0, 3)}
+    threads = [
+        threading.Thread(
+            target=generate,
+            args=(stub, session_id),
+            kwargs={"append_tokens": [1, 2, 3], "priority": priority},
+        )
+        for session_id, priority in sessions.items()
+    ]
+    with engine_held_in_a_step(server.engine) as in_step:
+        blocker_stream = stub.Generate(
+            pb.GenerateRequest(session_id=blocker, append_tokens=[7] * 30, priority=-1)
+        )
+        assert in_step.wait(10)  # the blocker runs (max_running=1): the others wait
+        for number, thread in enumerate(threads, start=1):
+            thread.start()
+            assert _wait_until(lambda: len(server.engine.scheduler.waiting) == number)  # noqa: B023
     list(blocker_stream)
     for thread in threads:
         thread.join(timeout=30)
+    ended = [
+        priority
+        for record in caplog.records
+        for session_id, priority in sessions.items()
+        if session_id in record.getMessage()
+    ]
     # max_running=1: each runs to the end before the next starts.
-    assert finished == [0, 3, 5]
+    assert ended == [0, 3, 5]
 
 
 def test_concurrent_streams_interleave_and_equal_their_solo_runs(
@@ -128,9 +136,12 @@ def test_cancelled_stream_frees_its_request_and_keeps_committed_tokens(
     received = [next(stream) for _ in range(12)]
     caplog.set_level(logging.INFO, logger="salience_server.engine.outcomes")
     stream.cancel()
-    assert _wait_until(
-        lambda: not server.engine.scheduler.running and not server.engine.scheduler.waiting
-    )
+
+    def settled() -> bool:  # between steps: a step drops the request, then logs it
+        with server.engine._lock:
+            return not server.engine.scheduler.running and not server.engine.scheduler.waiting
+
+    assert _wait_until(settled)
     ended = [r.getMessage() for r in caplog.records if session_id in r.getMessage()]
     assert len(ended) == 1 and "cancelled after" in ended[0], ended  # one outcome line
     info = stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
