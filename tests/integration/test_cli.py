@@ -149,7 +149,7 @@ def test_cli_chat_goes_on_after_a_failed_turn_and_exits_1(server_target: str) ->
 def test_cli_reports_an_unreachable_server_in_one_line(command: list[str]) -> None:
     start = time.monotonic()
     result = _salience(UNREACHABLE, *command, stdin="hi\n")
-    assert time.monotonic() - start < 3  # chat and score took 6 s, retrying OpenSession
+    assert time.monotonic() - start < 5  # chat and score took 6 s, retrying OpenSession
     assert result.returncode == 1
     assert result.stderr == f"salience: cannot reach the server at {UNREACHABLE} (is it running?)\n"
 

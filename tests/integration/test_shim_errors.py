@@ -425,9 +425,10 @@ def test_keep_alives_while_the_first_token_is_awaited(failing: tuple[Script, Run
         body = {"model": "scripted", "messages": HELLO, "stream": True}
         raw = httpx.post(f"{shim.base_url}/chat/completions", json=body).text
         events = raw.split("\n\n")
-        # The role chunk waits for the first token; comments come every 0.1 s before it.
+        # The role chunk waits for the first token; comments come every 0.1 s before it
+        # (about 5, with slack for a loaded machine).
         first_data = next(i for i, e in enumerate(events) if e.startswith("data:"))
-        assert 3 <= first_data <= 6 and set(events[:first_data]) == {": keep-alive"}
+        assert 2 <= first_data <= 12 and set(events[:first_data]) == {": keep-alive"}
         assert events[-2:] == ["data: [DONE]", ""]
         # The SDK reads through them.
         stream = shim.client().chat.completions.create(
