@@ -20,15 +20,16 @@ BLOCK_SIZE = 4
 
 def test_idle_sessions_expire_and_free_their_blocks(tiny_llama_dir, server_factory) -> None:
     server = server_factory(
-        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, session_ttl_s=0.5
+        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, session_ttl_s=1.0
     )
     stub = server.stub
     idle = open_session(stub)
     generate(stub, idle, append_tokens=[1] * 30)
     busy = open_session(stub)
     free_before = server.engine.block_manager.num_free
-    # Keep the engine busy past the TTL with short calls on another session.
-    deadline = time.monotonic() + 1.5
+    # Keep the engine busy past the TTL with short calls on another session (a stall of
+    # the TTL between two of them on a loaded machine would expire it too: 1 s of slack).
+    deadline = time.monotonic() + 2.5
     length = 0
     while time.monotonic() < deadline:
         _, done = generate(stub, busy, append_tokens=[2] * 5, offset=0, truncating=True)
