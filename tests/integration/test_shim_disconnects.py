@@ -4,24 +4,13 @@ plain request, the call ends and the session goes back to the pool."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from salience_client import SalienceClient
-from tests.conftest import default_model_available
 from tests.shim_support import HELLO, RunningShim, Script, start_scripted, start_shim
-
-
-@pytest.fixture(scope="module")
-def default_shim(default_server: Any) -> Iterator[RunningShim]:
-    if not default_model_available():
-        pytest.skip("the default model is not installed")
-    running = start_shim(default_server.target)
-    yield running
-    running.stop()
 
 
 def _settled(target: str, shim: RunningShim, timeout_s: float = 10.0) -> list[Any]:

@@ -16,7 +16,6 @@ import pytest
 from openai.types.responses import Response
 
 from salience_client import SalienceClient
-from tests.conftest import default_model_available
 from tests.shim_support import (
     RunningShim,
     Script,
@@ -178,15 +177,6 @@ def test_an_unknown_previous_response_is_404(shim: RunningShim, model: str) -> N
 
 
 # ----- the default model: real text, real end of turn --------------------------------
-
-
-@pytest.fixture(scope="module")
-def default_shim(default_server: Any) -> Iterator[RunningShim]:
-    if not default_model_available():
-        pytest.skip("the default model is not installed")
-    running = start_shim(default_server.target)
-    yield running
-    running.stop()
 
 
 TURNS = ["What is the capital of France?", "And of Italy?", "And of Spain?"]

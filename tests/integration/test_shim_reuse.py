@@ -4,16 +4,12 @@ the openai SDK that pays each turn only for its new tokens."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from salience_client import AsyncSalienceClient, SalienceClient
 from salience_server.http.generation import DecodeOptions, Generation, collect
 from salience_server.http.sessions_pool import SessionPool
-from tests.conftest import default_model_available
-from tests.shim_support import RunningShim, start_shim
+from tests.shim_support import RunningShim
 
 PROMPT = list(range(40, 60))
 GREEDY = DecodeOptions(max_tokens=4, temperature=0.0)
@@ -176,15 +172,6 @@ def test_n_choices_share_one_prefill(llama_server: Any) -> None:
         assert pool.num_sessions == 3 and pool.num_leased == 0
 
     _run(llama_server.target, test)
-
-
-@pytest.fixture(scope="module")
-def default_shim(default_server: Any) -> Iterator[RunningShim]:
-    if not default_model_available():
-        pytest.skip("the default model is not installed")
-    running = start_shim(default_server.target)
-    yield running
-    running.stop()
 
 
 def test_a_twenty_turn_chat_pays_only_for_new_tokens(
