@@ -24,12 +24,11 @@ def exit_at_once_on_stop_signals(message: str | None = None) -> None:
     (where given) and ends the process with 0, skipping the interpreter's clean-up."""
 
     def stop(signum: int, frame: object) -> None:
-        if message:
-            logging.getLogger("salience").info("%s", message)
+        logging.getLogger("salience").info("%s", message)
         exit_now()
 
     for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
+        signal.signal(signum, stop if message else _exit_at_once)
 
 
 def _exit_at_once(signum: int, frame: object) -> None:
