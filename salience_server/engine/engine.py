@@ -341,12 +341,12 @@ class Engine:
             return True, waiter
 
     def delivered(self, request: Request) -> None:
-        """The events of ``request`` (from ``submit``) reached its client, or its
-        client went away: its session's idle time starts now."""
-        with self._lock:
-            session = request.session
-            session.num_undelivered_calls -= 1
-            session.touch()
+        """An event of ``request`` (from ``submit``) reached its client, or its stream
+        ended: its session's idle time starts again. A stream still being written after
+        the engine finished keeps the session alive while its client reads it, and no
+        longer. Without the lock (the event loop calls it for every event): one float
+        is written, and the expiry reading an older one only delays an expiry."""
+        request.session.touch()
 
     def cancel(self, request: Request) -> None:
         """Stops a request at the next step (the client went away)."""

@@ -86,7 +86,6 @@ class Intake:
             next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
         )
         session.owner = request
-        session.num_undelivered_calls += 1  # until the caller says so (Engine.delivered)
         first_fed = request.first_fed_needing_logits()
         if first_fed is not None:
             # Distributions are not kept between calls: the positions scored (the

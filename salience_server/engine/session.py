@@ -79,15 +79,14 @@ class Session:
     free_waiters: list[Future[None]] = field(default_factory=list)
     """Calls waiting for the session to be free (``Engine.end_of_cancelled_call``),
     told when its owner ends."""
-    num_undelivered_calls: int = 0
-    """Calls accepted whose events have not all reached their client yet
-    (``Engine.delivered``): the session is not idle while a client still reads a
-    call's stream, even one the engine has finished."""
     is_closed: bool = False
     residency: Residency = Residency.RESIDENT
     host_kv_bytes: int = 0
     """Bytes of this session's KV held in host memory while offloaded."""
     last_used: float = field(default_factory=time.monotonic)
+    """When a call last worked on the session or its client last read one of its
+    events (``Engine.delivered``): a client still reading a finished call's stream keeps
+    it alive, one that stopped reading does not."""
     images: list[ImageSpan] = field(default_factory=list)
     """Image placeholder spans, in session order."""
     ngram_index: NgramIndex | None = None
@@ -165,10 +164,6 @@ class Session:
     def touch(self) -> None:
         self.last_used = time.monotonic()
 
-    @property
-    def is_in_use(self) -> bool:
-        """Owned by a call, or a call's stream is still being read: never idle."""
-        return self.owner is not None or self.num_undelivered_calls > 0
-
     def idle_seconds(self) -> float:
-        return 0.0 if self.is_in_use else time.monotonic() - self.last_used
+        """0 while a call owns the session, else the time since ``last_used``."""
+        return 0.0 if self.is_busy else time.monotonic() - self.last_used

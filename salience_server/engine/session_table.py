@@ -147,11 +147,12 @@ class SessionTable:
         self.runner.trim_host_kv(session.session_id, num_blocks)
 
     def expire(self, ttl_s: float) -> None:
-        """Closes sessions idle for longer than ``ttl_s`` (0: never)."""
+        """Closes sessions idle for longer than ``ttl_s`` (0: never): no call owns them,
+        and their clients have read none of their events for that long."""
         if ttl_s <= 0:
             return
         for session in list(self.sessions.values()):
-            if not session.is_in_use and session.idle_seconds() > ttl_s:
+            if not session.is_busy and session.idle_seconds() > ttl_s:
                 log.info("session %s expired after %.0f s idle", session.session_id, ttl_s)
                 self.remove(session)
 

@@ -120,7 +120,8 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         SalienceError event is raised. If the caller stops early (the client went
         away), the request is cancelled. A client that reads too slowly
         (``stream_buffer_events`` unread) is cancelled with RESOURCE_EXHAUSTED: the
-        engine never waits for a reader."""
+        engine never waits for a reader. Each event passed on renews the session
+        (``Engine.delivered``), so it expires only once its client stops reading."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         limit = self.stream_buffer_events
@@ -156,7 +157,8 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                     is_done = True
                     raise event
                 is_done = isinstance(event, DoneEvent)
-                yield event
+                yield event  # resumed once the caller has passed it on
+                engine.delivered(engine_request)
         finally:
             if not is_done:  # the client went away
                 engine.cancel(engine_request)

@@ -1,14 +1,17 @@
 """How long a session lives: idle sessions expire after ``--session-ttl``; a session
-is not idle while a call owns it or while its call's events are still being written to
-its client."""
+is not idle while a call owns it, nor while its client reads a call's events (each one
+read starts its idle time again)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import load_model
@@ -45,24 +48,76 @@ def test_idle_sessions_expire_and_free_their_blocks(tiny_llama_dir, server_facto
     assert session_info(stub, busy).length == length  # the active one lives on
 
 
-def test_a_session_is_not_idle_until_its_call_s_events_are_delivered(tiny_llama_dir) -> None:
-    """A call the engine has finished, whose events its caller has not passed on yet (a
-    stream the server is still writing), keeps its session from expiring; once
-    ``delivered``, the session's idle time starts."""
+def test_a_session_is_idle_once_its_client_stops_reading_its_events(tiny_llama_dir) -> None:
+    """A call the engine has finished, whose events its caller is still passing on (a
+    stream the server is still writing), keeps its session alive while they are read:
+    each ``delivered`` event starts its idle time again. A client that stops reading
+    does not keep it: the session expires a TTL after the last event it read."""
     loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device=TEST_DEVICE))
     engine = Engine(loaded, EngineConfig(block_size=BLOCK_SIZE, kv_cache_bytes=1 << 20))
     session = engine.open_session()  # the engine is stepped here, not started
     events: list[object] = []
     params = GenerateParams(session_id=session.session_id, append_tokens=[1, 2, 3], max_tokens=2)
     request = engine.submit(params, events.append)
+    engine.session_table.expire(0.01)
+    assert session.idle_seconds() == 0.0  # owned: never idle
     while not any(isinstance(event, DoneEvent) for event in events):
         engine.step()
     assert not session.is_busy
-    time.sleep(0.02)
-    engine.session_table.expire(0.01)
-    assert session.session_id in engine.sessions and session.idle_seconds() == 0.0
-    engine.delivered(request)
-    time.sleep(0.02)
-    assert session.idle_seconds() > 0.01
-    engine.session_table.expire(0.01)
+    for _ in range(3):  # read at a pace within the TTL: it lives on
+        time.sleep(0.03)
+        engine.delivered(request)
+        engine.session_table.expire(0.05)
+        assert session.session_id in engine.sessions
+        assert session.idle_seconds() < 0.05
+    time.sleep(0.06)  # then no event read for the TTL
+    engine.session_table.expire(0.05)
     assert session.session_id not in engine.sessions
+
+
+def test_a_client_that_stops_reading_a_finished_stream_lets_its_session_expire(
+    tiny_llama_dir, server_factory
+) -> None:
+    """A client that keeps its connection but stops reading a stream the engine has
+    finished (its unread events fill the HTTP/2 window, so the server's writes wait)
+    kept its session alive for good; it now expires a TTL after the last event read.
+    A client that reads on at its own pace keeps its session."""
+    server = server_factory(
+        tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, session_ttl_s=1.0
+    )
+    # A small window, not grown by bandwidth probes: 200 events with top-20 logprobs
+    # (about 100 KB) are far more than it holds.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        stub = salience_pb2_grpc.SalienceStub(channel)
+        stalled, reading = open_session(stub), open_session(stub)
+
+        def call(session_id: str) -> Iterator[pb.GenerateEvent]:
+            request = pb.GenerateRequest(
+                session_id=session_id,
+                append_tokens=[1, 2, 3],
+                max_tokens=200,
+                ignore_eos=True,
+                logprobs_ranges=[pb.PositionRange(start=3, end=2**32 - 1)],
+                logprob_top_k=20,
+            )
+            return stub.Generate(request, timeout=30)
+
+        stalled_stream, reading_stream = call(stalled), call(reading)
+        next(stalled_stream)
+        responses = []
+        deadline = time.monotonic() + 10
+        while server.engine.scheduler.has_work() and time.monotonic() < deadline:
+            responses.append(next(reading_stream))  # slowly: the engine finishes both
+            time.sleep(0.01)
+        assert not server.engine.scheduler.has_work()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and stalled in server.engine.sessions:
+            responses.append(next(reading_stream))  # 0.05 s apart: well within the TTL
+            time.sleep(0.05)
+            assert responses[-1].WhichOneof("event") == "token", "the stalled session outlived it"
+        assert stalled not in server.engine.sessions
+        responses.extend(reading_stream)
+        assert responses[-1].WhichOneof("event") == "done"
+        assert reading in server.engine.sessions
+        stalled_stream.cancel()
