@@ -50,7 +50,7 @@ def response_format_constraint(value: dict[str, Any] | None) -> Constraint | Non
     ``json_schema`` with ``{"json_schema": {"name", "schema", "strict"}}``."""
     if value is None:
         return None
-    kind = value.get("type", "text")
+    kind = value.get("type")
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or "schema" not in spec:
@@ -70,7 +70,7 @@ def text_format_constraint(text: dict[str, Any] | None) -> Constraint | None:
         return None
     if not isinstance(value, dict):
         raise invalid("text.format must be an object", "text.format")
-    kind = value.get("type", "text")
+    kind = value.get("type")
     if kind == "json_schema":
         if "schema" not in value:
             raise invalid("text.format json_schema needs a schema", "text.format.schema")
@@ -79,6 +79,12 @@ def text_format_constraint(text: dict[str, Any] | None) -> Constraint | None:
 
 
 def _plain_format(kind: Any, param: str) -> Constraint | None:
+    if kind is None:  # as OpenAI refuses ``{}``
+        raise invalid(
+            f"{param} needs a type: text, json_object or json_schema",
+            f"{param}.type",
+            "missing_required_parameter",
+        )
     if kind == "text":
         return None
     if kind == "json_object":

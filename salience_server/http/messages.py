@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from salience_server.http.errors import invalid, unsupported
+from salience_server.http.errors import ApiError, invalid, unsupported
 from salience_server.http.tool_parser import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, new_call_id
 from salience_server.http.tools import tools_system_prompt
 from salience_server.text_checks import IMAGE_PLACE, load_json
@@ -138,8 +138,14 @@ def chat_messages(raw: list[dict[str, Any]]) -> Conversation:
     for index, message in enumerate(raw):
         param = f"messages[{index}]"
         role = message.get("role")
-        if role == "function":  # the deprecated form of a tool result
-            role = "tool"
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise invalid("name must be a string", f"{param}.name")
+        call_id = message.get("tool_call_id")
+        if role == "function":  # the deprecated form of a tool result, named by its function
+            role, call_id = "tool", name
+            if call_id is None:
+                raise _missing("a function message needs the function's name", f"{param}.name")
         if role not in _ROLES:
             raise invalid(f"unknown role {role!r}", f"{param}.role")
         content = _content_text(message.get("content"), f"{param}.content", conversation.images)
@@ -147,17 +153,23 @@ def chat_messages(raw: list[dict[str, Any]]) -> Conversation:
         normalised["content"] = content
         if role == "assistant" and message.get("tool_calls"):
             normalised["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
-        elif content is None and role != "assistant":
-            raise invalid("content is required", f"{param}.content")
+        elif content is None:
+            needs = "content or tool_calls" if role == "assistant" else "content"
+            raise _missing(f"a message with role {role!r} needs {needs}", f"{param}.content")
         if role == "tool":
-            normalised["tool_call_id"] = message.get("tool_call_id") or message.get("name") or ""
-        name = message.get("name")
-        if name is not None and not isinstance(name, str):
-            raise invalid("name must be a string", f"{param}.name")
+            if not isinstance(call_id, str) or not call_id:
+                raise _missing(
+                    "a tool message needs the tool_call_id it answers", f"{param}.tool_call_id"
+                )
+            normalised["tool_call_id"] = call_id
         if name is not None:
             normalised["name"] = name
         conversation.messages.append(normalised)
     return conversation
+
+
+def _missing(message: str, param: str) -> ApiError:
+    return invalid(message, param, "missing_required_parameter")
 
 
 def _append_call(messages: list[dict[str, Any]], item: dict[str, Any], param: str) -> None:
@@ -190,8 +202,8 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
             if role not in _ROLES - {"tool"}:
                 raise invalid(f"unknown role {role!r}", f"{param}.role")
             content = _content_text(item.get("content"), f"{param}.content", conversation.images)
-            if content is None and role != "assistant":
-                raise invalid("content is required", f"{param}.content")
+            if content is None:
+                raise _missing("a message item needs content", f"{param}.content")
             messages.append({"role": "system" if role == "developer" else role, "content": content})
         elif kind == "function_call":
             _append_call(messages, item, param)
@@ -199,8 +211,11 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
             # A string, or parts (input_text, input_image) as a message's content.
             text = _content_text(item.get("output"), f"{param}.output", conversation.images)
             if text is None:
-                raise invalid("output is required", f"{param}.output")
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+                raise _missing("a function_call_output item needs its output", f"{param}.output")
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _missing("a function_call_output item needs its call_id", f"{param}.call_id")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
         elif kind == "reasoning":
             continue
         else:

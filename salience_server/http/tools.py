@@ -307,6 +307,8 @@ def tool_mode(
 ) -> ToolMode:
     """Resolves ``tool_choice`` (either API's form) against the declared tools."""
     is_parallel = parallel_tool_calls is not False
+    if not tools and tool_choice not in (None, "none"):  # as OpenAI and vLLM refuse it
+        raise invalid("tool_choice is only allowed when tools are given", "tool_choice")
     if tool_choice is None:
         return ToolMode(tools, "auto" if tools else "none", None, format, is_parallel)
     if isinstance(tool_choice, dict):
@@ -322,8 +324,6 @@ def tool_mode(
     kinds: dict[str, ChoiceKind] = {"none": "none", "auto": "auto", "required": "required"}
     if tool_choice not in kinds:
         raise invalid(f"tool_choice {tool_choice!r} is not none, auto or required", "tool_choice")
-    if tool_choice == "required" and not tools:
-        raise invalid("tool_choice 'required' needs tools", "tool_choice")
     return ToolMode(tools, kinds[tool_choice], None, format, is_parallel)
 
 

@@ -230,16 +230,48 @@ def test_a_nested_field_is_named_as_openai_names_it(shim: RunningShim, model: st
         ({"role": "user", "content": []}, "messages[0].content", "an empty array"),
         ({"role": "user", "content": ["hi"]}, "messages[0].content[0]", "an object with"),
         ({"role": "user", "content": "hi", "name": 5}, "messages[0].name", "must be a string"),
+        ({"role": "assistant", "content": None}, "messages[0].content", "content or tool_calls"),
+        ({"role": "tool", "content": "42"}, "messages[0].tool_call_id", "needs the tool_call_id"),
+        ({"role": "function", "content": "42"}, "messages[0].name", "the function's name"),
     ],
 )
 def test_a_malformed_message_is_refused_as_openai_refuses_it(
     shim: RunningShim, model: str, message: dict[str, Any], param: str, says: str
 ) -> None:
     """Empty content was taken as empty text, a bare string part was "content part
-    None is not supported", and a number for a name was dropped."""
+    None is not supported", a number for a name was dropped, an assistant message with
+    neither content nor calls was rendered empty, and a tool result answering no call
+    was rendered with an empty id."""
     with pytest.raises(openai.BadRequestError) as error:
         shim.client().chat.completions.create(model=model, messages=[message], max_tokens=2)
     assert error.value.body["param"] == param and says in error.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("chat/completions", {"messages": HELLO, "tool_choice": "auto"}, "tool_choice"),
+        ("responses", {"input": "Hello", "tool_choice": "required"}, "tool_choice"),
+        ("chat/completions", {"messages": HELLO, "response_format": {}}, "response_format.type"),
+        ("responses", {"input": "Hello", "text": {"format": {}}}, "text.format.type"),
+        (
+            "responses",
+            {"input": [{"type": "function_call_output", "output": "42"}]},
+            "input[0].call_id",
+        ),
+        ("responses", {"input": [{"role": "user", "content": None}]}, "input[0].content"),
+    ],
+)
+def test_a_request_openai_refuses_is_refused_naming_its_field(
+    shim: RunningShim, model: str, path: str, fields: dict[str, Any], param: str
+) -> None:
+    """Each was taken silently: a tool_choice without tools (nothing to choose from), a
+    format without a type (as plain text), a tool result naming no call, a message item
+    without content."""
+    body = {"model": model, "max_tokens" if path.startswith("chat") else "max_output_tokens": 2}
+    response = httpx.post(f"{shim.base_url}/{path}", json={**body, **fields})
+    assert response.status_code == 400, response.text
+    assert error_body(response)["param"] == param
 
 
 @pytest.mark.parametrize("field", ["stop", "n", "max_tokens", "messages"])
