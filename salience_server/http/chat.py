@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from salience_client import ModelInfo, TokenEvent
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.constraints import Constraint
-from salience_server.http.errors import as_api_error, client_errors, invalid
+from salience_server.http.errors import ApiError, as_api_error, client_errors, invalid
 from salience_server.http.generation import (
     ChoiceResult,
     ChoiceToken,
@@ -169,6 +169,21 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     return ChatPlan(body, info, prompt_ids, mode, constraint, param, is_reasoning, opens, images)
 
 
+@contextlib.contextmanager
+def _counting_own_stops(own: tuple[str, ...]) -> Iterator[None]:
+    """The server's refusal of too many stop strings counts the shim's ``own`` too: it
+    says so, or the client is told of one more than it sent."""
+    try:
+        yield
+    except ApiError as error:
+        if own and error.code == "too_many_stop_strings":
+            error.message += (
+                f"; they include {own[0]!r}, which the shim adds to end the reply after "
+                "its one tool call (parallel_tool_calls false)"
+            )
+        raise
+
+
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: Request) -> Response:
     """OpenAI's Chat Completions."""
@@ -176,18 +191,19 @@ async def create_chat_completion(request: Request) -> Response:
     plan = await plan_chat(backend, await parse_body(request, ChatCompletionRequest))
     generation = plan.generation(backend)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    if plan.body.stream:
-        events = await start_stream(
-            request,
-            generation.events(),
-            "messages",
-            backend.config.keepalive_s,
-            plan.constraint_param,
-        )
-        stream = ChatStream(backend, plan, generation, completion_id).sse(events)
-        return event_stream(stream, backend.config.keepalive_s)
-    with client_errors("messages", plan.constraint_param):
-        result = await until_disconnected(request, collect(generation))
+    with _counting_own_stops(plan.tools.stop_strings()):
+        if plan.body.stream:
+            events = await start_stream(
+                request,
+                generation.events(),
+                "messages",
+                backend.config.keepalive_s,
+                plan.constraint_param,
+            )
+            stream = ChatStream(backend, plan, generation, completion_id).sse(events)
+            return event_stream(stream, backend.config.keepalive_s)
+        with client_errors("messages", plan.constraint_param):
+            result = await until_disconnected(request, collect(generation))
     choices, reasoning_tokens = [], 0
     for choice in result.choices:
         message, num_reasoning = await _choice(backend, plan, choice)

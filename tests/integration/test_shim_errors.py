@@ -85,6 +85,22 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         assert response.status_code == 400 and error_body(response)["param"] == field
 
 
+def test_too_many_stop_strings_counting_the_shim_s_own_says_so(
+    shim: RunningShim, model: str
+) -> None:
+    """With one tool call allowed, the shim ends the reply with a stop string of its own:
+    16 stop strings from the client (the server's limit) were refused as "17 stop
+    strings", with nothing to say where the 17th came from. Without it, 16 pass."""
+    client, stops = shim.client(), [f"s{i}" for i in range(16)]
+    arguments = dict(model=model, messages=HELLO, max_tokens=2, stop=stops, tools=[_tool({})])
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(**arguments, parallel_tool_calls=False)
+    assert error.value.body["param"] == "stop"
+    assert "17 stop strings" in error.value.body["message"]
+    assert "'</tool_call>', which the shim adds" in error.value.body["message"]
+    assert len(client.chat.completions.create(**arguments).choices) == 1
+
+
 def _tool(parameters: Any) -> dict[str, Any]:
     return {"type": "function", "function": {"name": "f", "parameters": parameters}}
 
