@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import grpc
 
+from salience_client.cli_notices import LineTracking, Notices
 from salience_client.client import DEFAULT_TARGET, SalienceClient
 from salience_client.generation import END
 from salience_client.session import Session
@@ -29,43 +30,6 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
             break
         length += 1
     return length
-
-
-class LineTracking(io.TextIOBase):
-    """A text stream passed through, knowing whether its last line is unfinished."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.is_mid_line = False
-
-    def write(self, text: str) -> int:
-        if text:
-            self.is_mid_line = not text.endswith("\n")
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-
-class Notices(logging.Handler):
-    """The client library's warnings (a lost session replayed, a broken stream resumed)
-    as ``salience: ...`` lines on stderr. On a terminal, one that comes in the middle of
-    a streamed reply first ends the reply's line; it was printed into the reply. Where
-    the reply goes elsewhere (a file, a pipe), its text is left whole."""
-
-    def __init__(self, replies: LineTracking, errors: TextIO) -> None:
-        super().__init__(logging.WARNING)
-        self.replies = replies
-        self.errors = errors
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.replies.is_mid_line and self.replies.isatty():
-            self.replies.write("\n")
-            self.replies.flush()
-        print(f"salience: {record.getMessage()}", file=self.errors, flush=True)
 
 
 class ChatSession:

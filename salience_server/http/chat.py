@@ -36,7 +36,8 @@ from salience_server.http.logprobs import chat_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
 from salience_server.http.reasoning import template_reasons
 from salience_server.http.reply import ParsedReply, ReasoningDelta, ReplyEvent, ReplyParser
-from salience_server.http.schemas import ChatCompletionRequest, parse_body
+from salience_server.http.request_body import parse_body
+from salience_server.http.schemas import ChatCompletionRequest
 from salience_server.http.streaming import (
     Primed,
     event_stream,

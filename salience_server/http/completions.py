@@ -37,7 +37,8 @@ from salience_server.http.generation import (
     reply_limit,
 )
 from salience_server.http.logprobs import TextOffsets, completion_logprobs
-from salience_server.http.schemas import MAX_TOKEN_ID, CompletionRequest, parse_body
+from salience_server.http.request_body import parse_body
+from salience_server.http.schemas import MAX_TOKEN_ID, CompletionRequest
 from salience_server.http.streaming import (
     Primed,
     event_stream,

@@ -19,7 +19,8 @@ from pydantic import Field
 
 from salience_server.http.backend import Backend
 from salience_server.http.errors import client_errors, invalid
-from salience_server.http.schemas import MAX_TOKEN_ID, Body, parse_body
+from salience_server.http.request_body import parse_body
+from salience_server.http.schemas import MAX_TOKEN_ID, Body
 
 router = APIRouter()
 

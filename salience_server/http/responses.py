@@ -36,9 +36,10 @@ from salience_server.http.logprobs import chat_logprob_entry
 from salience_server.http.messages import ImageInput, response_input_messages
 from salience_server.http.reasoning import template_reasons
 from salience_server.http.reply import ReplyParser
+from salience_server.http.request_body import parse_body
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.response_stream import ResponseStream
-from salience_server.http.schemas import ResponsesRequest, parse_body
+from salience_server.http.schemas import ResponsesRequest
 from salience_server.http.streaming import Primed, event_stream, start_stream, until_disconnected
 from salience_server.http.tool_parser import ToolCall
 from salience_server.http.tools import ToolMode, responses_tools, tool_format, tool_mode

@@ -8,12 +8,10 @@ Responses are built as plain dicts where they are made, to keep their shape visi
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import pydantic
-from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import ClientDisconnect
 
 from salience_server.http.constraints import (
     Constraint,
@@ -23,11 +21,8 @@ from salience_server.http.constraints import (
     response_format_constraint,
     text_format_constraint,
 )
-from salience_server.http.errors import ApiError, invalid, unsupported
-from salience_server.http.generation import DecodeOptions
-from salience_server.text_checks import load_json, lone_surrogate_path
-
-_Model = TypeVar("_Model", bound=BaseModel)
+from salience_server.http.decode_options import DecodeOptions
+from salience_server.http.errors import invalid, unsupported
 
 MAX_TOKEN_ID = 2**32 - 1
 _MIN_TOP_P = 1e-6
@@ -330,82 +325,3 @@ class ResponsesRequest(SamplingFields):
             ("text.format", text_format_constraint(self.text)),
             ("structured_outputs", self.guided()),
         )
-
-
-MAX_BODY_BYTES = 64 << 20
-"""The largest request body read: the gRPC message limit, which an image in it travels
-within too. A larger one is a 413 before it is read (or as soon as it passes this)."""
-
-
-async def parse_body(request: Request, model: type[_Model]) -> _Model:
-    """Reads and validates a JSON body; any problem is a 400 invalid_request_error."""
-    raw = await read_body(request)
-    try:
-        data = load_json(raw)
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, JSONTooDeep
-        raise invalid(f"The request body is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise invalid("The request body must be a JSON object")
-    where = lone_surrogate_path(data)
-    if where is not None:
-        raise invalid(
-            f"{where or 'The body'} holds a lone UTF-16 surrogate: not valid Unicode text",
-            where or None,
-        )
-    try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as error:
-        raise _refusal(error.errors()) from None
-
-
-async def read_body(request: Request) -> bytes:
-    """The body, read up to MAX_BODY_BYTES (413 past it). A client that leaves before
-    sending it all gets a 400 no one reads, instead of an "unexpected error" logged
-    with its traceback."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large()
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise _too_large()
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise invalid("The client disconnected before sending the whole body") from None
-    return b"".join(chunks)
-
-
-def _too_large() -> ApiError:
-    return ApiError(
-        413,
-        f"The request body is larger than {MAX_BODY_BYTES >> 20} MiB",
-        code="request_too_large",
-    )
-
-
-def _refusal(errors: list[Any]) -> ApiError:
-    """The 400 for pydantic's errors: the first one's field, and every type its union
-    would have taken (``input: Input should be a valid string, or ... a valid list``)."""
-
-    def field(error: Any) -> str:
-        """The field's path as OpenAI writes it: ``messages[0].content``."""
-        path = ""
-        for part in error["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif not _is_union_member(part):
-                path += f".{part}" if path else str(part)
-        return path
-
-    param = field(errors[0]) or None
-    messages = list(dict.fromkeys(e["msg"] for e in errors if field(e) == (param or "")))
-    message = ", or ".join(messages)
-    return invalid(f"{param}: {message}" if param else message, param)
-
-
-def _is_union_member(part: Any) -> bool:
-    """How pydantic names the member of a union type in an error's location (``str``,
-    ``list[dict[str,any]]``): not a field of the request."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)

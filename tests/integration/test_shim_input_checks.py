@@ -13,7 +13,8 @@ import httpx
 import openai
 import pytest
 
-from salience_server.http.schemas import MAX_BODY_BYTES, ChatCompletionRequest
+from salience_server.http.request_body import MAX_BODY_BYTES
+from salience_server.http.schemas import ChatCompletionRequest
 from salience_server.text_checks import MAX_CHARS_PER_TOKEN
 from tests.shim_support import HELLO, RunningShim, error_body
 

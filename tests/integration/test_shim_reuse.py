@@ -7,7 +7,8 @@ import asyncio
 from typing import Any
 
 from salience_client import AsyncSalienceClient, SalienceClient
-from salience_server.http.generation import DecodeOptions, Generation, collect
+from salience_server.http.decode_options import DecodeOptions
+from salience_server.http.generation import Generation, collect
 from salience_server.http.sessions_pool import SessionPool
 from tests.shim_support import RunningShim
 

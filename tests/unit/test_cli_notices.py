@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from salience_client.cli import LineTracking, Notices
+from salience_client.cli_notices import LineTracking, Notices
 from salience_client.failover import StreamProgress, log_resume
 from salience_client.pb import salience_pb2 as pb
 from salience_client.types import SalienceClientError
