@@ -61,11 +61,14 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
 def _budget_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
     if config.kv_cache_bytes:
         free = _free_bytes(loaded.device)
-        if config.kv_cache_bytes > free:  # the allocation failed with a stack trace
+        # Attention gathers one layer's KV at a time into a workspace of that size.
+        workspace = config.kv_cache_bytes // kv_shape(loaded.model.config)[0]
+        if config.kv_cache_bytes + workspace > free:  # the allocation failed with a stack trace
             raise ValueError(
-                f"--kv-cache-memory {config.kv_cache_bytes / 2**30:.1f}GiB is more than the "
-                f"{free / 2**30:.1f}GiB free on {loaded.device} after loading the model; "
-                "lower it"
+                f"--kv-cache-memory {config.kv_cache_bytes / 2**30:.1f}GiB, with the "
+                f"{workspace / 2**30:.2f}GiB attention gathers one layer's KV into, is more "
+                f"than the {free / 2**30:.1f}GiB free on {loaded.device} after loading the "
+                "model; lower it"
             )
         return config.kv_cache_bytes
     if loaded.device.type == "cuda":

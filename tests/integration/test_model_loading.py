@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from salience_server.config import EngineConfig, ModelConfig
-from salience_server.engine import decoder_layers
+from salience_server.engine import cpu_matmul, decoder_layers
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import UnsupportedModel, load_model
 from tests.tiny_models import build_tokenizer
@@ -91,5 +91,21 @@ def test_a_layer_whose_attention_bypasses_the_kv_pool_is_refused(
 def test_a_kv_pool_larger_than_the_free_memory_is_refused(tiny_llama_dir: Path) -> None:
     """``--kv-cache-memory 1TiB`` ended in the allocator's stack trace."""
     loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
-    with pytest.raises(ValueError, match=r"--kv-cache-memory 1048576\.0GiB is more than the"):
+    with pytest.raises(ValueError, match=r"--kv-cache-memory 1048576\.0GiB, with the"):
         Engine(loaded, EngineConfig(kv_cache_bytes=1 << 50))  # a PiB: more than any host
+
+
+def test_the_free_memory_must_also_hold_the_attention_workspace(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attention gathers one layer's KV into a workspace of that size: a pool that just
+    fit the free memory left none for it, and failed as the first steps ran."""
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    pool = 8 << 20
+    workspace = pool // loaded.model.config.num_hidden_layers
+    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: pool + workspace - 1)
+    with pytest.raises(ValueError, match=r"attention gathers one layer's KV into"):
+        Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=pool))
+    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: pool + workspace)
+    engine = Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=pool))
+    assert engine.block_manager.num_free * engine.block_size * engine.kv_bytes_per_token == pool
