@@ -40,11 +40,17 @@ class DecodeOptions:
     """Also return the logprob of every prompt position (the session is not reused)."""
 
     def generate_options(
-        self, index: int, decode_start: int, is_prompt_call: bool, max_tokens: int
+        self,
+        index: int,
+        decode_start: int,
+        is_prompt_call: bool,
+        max_tokens: int,
+        score_from: int = 0,
     ) -> GenerateOptions:
         """The keyword options of ``AsyncSession.generate`` for choice ``index``;
-        ``is_prompt_call``: this call appends the prompt (and may score it). What shapes
-        decoding goes only with calls that decode (``max_tokens > 0``)."""
+        ``is_prompt_call``: this call appends the prompt (and may score it, from position
+        ``score_from``: the scores of those before are kept). What shapes decoding goes
+        only with calls that decode (``max_tokens > 0``)."""
         options = GenerateOptions(
             max_tokens=max_tokens,
             return_text=True,
@@ -54,7 +60,7 @@ class DecodeOptions:
             options.update(self._decoding(index))
         ranges = []
         if self.score_prompt and is_prompt_call:
-            ranges.append((0, END))
+            ranges.append((score_from, END))
         elif self.logprob_top_k:
             ranges.append((decode_start, END))
         if ranges:

@@ -20,7 +20,7 @@ from salience_client import Done, SalienceClientError, TokenEvent
 from salience_server.http.decode_options import DecodeOptions
 from salience_server.http.errors import ApiError, invalid
 from salience_server.http.messages import ImageInput
-from salience_server.http.sessions_pool import Lease, SessionPool
+from salience_server.http.sessions_pool import Lease, Scores, SessionPool
 
 
 @dataclass
@@ -79,7 +79,11 @@ class Generation:
 
     async def events(self) -> AsyncGenerator[GenerationEvent, None]:
         """Every event of every choice, in arrival order."""
-        lease = await self._pool.acquire(self.prompt_ids, reuse=not self.options.score_prompt)
+        lease = await self._pool.acquire(
+            self.prompt_ids,
+            reuse=self._keeps_scores or not self.options.score_prompt,
+            scoring=self.options.logprob_top_k if self._keeps_scores else None,
+        )
         try:
             await self._put_images(lease)
         except SalienceClientError as error:
@@ -110,6 +114,13 @@ class Generation:
         async with contextlib.aclosing(self._merge(leases)) as merged:
             async for event in merged:
                 yield event
+
+    @property
+    def _keeps_scores(self) -> bool:
+        """Whether this call's prompt scores are kept with its session, and it may be
+        scored from where a pooled session's kept scores end (not with images: their
+        positions carry none, and their runs change length as they go in)."""
+        return self.options.score_prompt and all(token_id >= 0 for token_id in self.prompt_ids)
 
     async def _fresh_lease(self, lost: Lease) -> Lease:
         """A fresh session holding the prompt's images in place of ``lost``, which the
@@ -201,24 +212,34 @@ class Generation:
         and it finished)."""
         append = self.prompt_ids[truncate_to:]
         base_ids = lease.known_ids[:truncate_to] + append
+        scored: list[TokenEvent] = []  # kept scores first, then this call's
+        if is_prompt_call and self._keeps_scores:
+            scored = lease.entry.scores.up_to(truncate_to, self.options.logprob_top_k)
         options = self.options.generate_options(
-            index, len(self.prompt_ids), is_prompt_call, max_tokens
+            index, len(self.prompt_ids), is_prompt_call, max_tokens, len(scored)
         )
-        decoded: list[int] = []
+        kept, decoded = list(scored), list[int]()
         is_accepted = is_finished = False
         events = lease.session.generate(append, truncate_to=truncate_to, **options)
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
-                    is_accepted = True  # the server has applied the append
+                    if not is_accepted:  # the server has applied the append
+                        is_accepted = True
+                        for token in kept:
+                            yield PromptToken(token)
                     if isinstance(event, Done):
                         is_finished = True
+                        held, scores = base_ids + decoded, self._scores(scored)
                         if keep_lease:
-                            lease.entry.token_ids = base_ids + decoded
+                            lease.entry.hold(held, scores)
                         else:
-                            self._pool.release(lease, base_ids + decoded)
+                            self._pool.release(lease, held, scores)
                         yield ChoiceDone(index, event, decoded)
-                    elif event.is_prefill:
+                        continue
+                    if self._keeps_scores and is_prompt_call:
+                        scored.append(event)
+                    if event.is_prefill:
                         yield PromptToken(event)
                     else:
                         decoded.append(event.token_id)
@@ -227,6 +248,13 @@ class Generation:
             if not is_finished:
                 known = base_ids + decoded if is_accepted else lease.known_ids[:truncate_to]
                 self._pool.abandon(lease, known)
+
+    def _scores(self, scored: list[TokenEvent]) -> Scores | None:
+        """What a call that scored ``scored`` (every position from 0, in order) leaves
+        kept with its session; None to keep what was (a call that scored nothing)."""
+        if not scored or any(event.position != i for i, event in enumerate(scored)):
+            return None
+        return Scores(scored, self.options.logprob_top_k)
 
     async def _merge(self, leases: list[Lease]) -> AsyncGenerator[GenerationEvent, None]:
         """Decodes one choice per lease concurrently and interleaves their events."""

@@ -6,6 +6,9 @@ and lends each request the idle session that shares the longest prefix with its 
 the request then sends ``offset`` = that shared length with ``truncating``, so the server
 prefills only the new tokens. A lent session is never lent twice at once.
 
+A session also keeps the scores (logprobs) an echo request returned for its positions,
+so that a later one sharing them is scored only past them (``Scores``).
+
 What the pool knows about a session is always a prefix of the server's truth: after a
 call that ended early (cancelled, failed) the server may hold more tokens than the shim
 saw, which is harmless because every call truncates to a length the shim knows.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -23,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from salience_client import AsyncSalienceClient, AsyncSession, SalienceClientError
+from salience_client import AsyncSalienceClient, AsyncSession, SalienceClientError, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,33 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return limit
 
 
+@dataclass(frozen=True)
+class Scores:
+    """The logprobs a scoring call returned for a session's first positions, kept with
+    it: a later prompt sharing them is scored from where they end (an echo request
+    would otherwise recompute its whole prompt, since the server keeps no
+    distributions)."""
+
+    events: list[TokenEvent]
+    """Position ``i``'s event at index ``i``, from 0."""
+    top_k: int
+    """How many alternatives each event holds (at most)."""
+
+    def up_to(self, end: int, top_k: int) -> list[TokenEvent]:
+        """Events of positions ``0 .. end - 1``, with at most ``top_k`` alternatives."""
+        return [
+            dataclasses.replace(event, top_logprobs=event.top_logprobs[:top_k])
+            for event in self.events[:end]
+        ]
+
+    def serves(self, top_k: int) -> int:
+        """How many positions these scores serve a call asking ``top_k`` alternatives."""
+        return len(self.events) if top_k <= self.top_k else 0
+
+
+NO_SCORES = Scores([], 0)
+
+
 @dataclass(eq=False)
 class PooledSession:
     """One server session the pool keeps."""
@@ -57,6 +88,8 @@ class PooledSession:
     token_ids: list[int]
     """A prefix of the server's tokens for this session: what the shim knows is committed."""
     last_used: float
+    scores: Scores = NO_SCORES
+    """Scored positions of ``token_ids``' start (kept in step by ``hold``)."""
     is_leased: bool = True
     num_forking: int = 0
     """Forks of it under way: it may be forked again meanwhile, not lent nor rewound."""
@@ -67,6 +100,14 @@ class PooledSession:
     settled: asyncio.Event | None = None
     """Set once a session taken back after a call that ended early is idle again (or
     discarded); None when it is not settling."""
+
+    def hold(self, token_ids: Sequence[int], scores: Scores | None = None) -> None:
+        """The session now holds ``token_ids`` (scored at its start by ``scores``, or by
+        what was scored before, as far as the tokens are the same)."""
+        scores = self.scores if scores is None else scores
+        kept = common_prefix_length([e.token_id for e in scores.events], token_ids)
+        self.token_ids = list(token_ids)
+        self.scores = Scores(scores.events[:kept], scores.top_k) if kept else NO_SCORES
 
 
 @dataclass
@@ -115,13 +156,16 @@ class SessionPool:
         """Sessions lent to requests right now."""
         return sum(entry.is_leased for entry in self._entries)
 
-    async def acquire(self, prompt_ids: Sequence[int], reuse: bool = True) -> Lease:
+    async def acquire(
+        self, prompt_ids: Sequence[int], reuse: bool = True, scoring: int | None = None
+    ) -> Lease:
         """Lends the idle session sharing the longest prefix with ``prompt_ids``, a fork of
-        it, or a fresh session. ``reuse=False`` asks for a session holding nothing useful
-        (a call that must score the prompt from position 0)."""
-        if reuse:
+        it, or a fresh session. ``reuse=False`` asks for a session holding nothing useful.
+        ``scoring``: the call scores every position with that many alternatives, so only
+        positions whose scores the session keeps count as shared."""
+        if reuse and scoring is None:
             await self._await_settling(prompt_ids)
-        best, shared = self._best_match(prompt_ids) if reuse else (None, 0)
+        best, shared = self._best_match(prompt_ids, scoring) if reuse else (None, 0)
         if best is not None and shared > 0:
             discard = len(best.token_ids) - shared
             if discard >= self.fork_min_discard and self._has_room():
@@ -141,14 +185,16 @@ class SessionPool:
     async def fork(self, lease: Lease, token_ids: Sequence[int]) -> Lease:
         """A child of a leased session that holds exactly ``token_ids``, leased too."""
         child = await lease.session.fork()
-        entry = PooledSession(child, list(token_ids), time.monotonic())
+        entry = PooledSession(child, [], time.monotonic())
+        entry.hold(token_ids, lease.entry.scores)
         self._entries.append(entry)
         return Lease(entry, len(token_ids))
 
-    def release(self, lease: Lease, token_ids: Sequence[int]) -> None:
-        """Takes a session back after a call that finished: it now holds ``token_ids``."""
+    def release(self, lease: Lease, token_ids: Sequence[int], scores: Scores | None = None) -> None:
+        """Takes a session back after a call that finished: it now holds ``token_ids``
+        (with ``scores``, when the call scored it)."""
         entry = lease.entry
-        entry.token_ids = list(token_ids)
+        entry.hold(token_ids, scores)
         entry.last_used = time.monotonic()
         entry.is_leased = False
         parent, entry.replaces = entry.replaces, None
@@ -166,7 +212,7 @@ class SessionPool:
     def abandon(self, lease: Lease, token_ids: Sequence[int]) -> None:
         """Takes a session back after a call that ended early: it holds at least
         ``token_ids``, and stays lent until the server says it is no longer busy."""
-        lease.entry.token_ids = list(token_ids)
+        lease.entry.hold(token_ids)
         lease.entry.settled = asyncio.Event()
         self._spawn(self._settle(lease))
 
@@ -185,12 +231,17 @@ class SessionPool:
 
     # ----- internals -----------------------------------------------------------------
 
-    def _best_match(self, prompt_ids: Sequence[int]) -> tuple[PooledSession | None, int]:
+    def _best_match(
+        self, prompt_ids: Sequence[int], scoring: int | None = None
+    ) -> tuple[PooledSession | None, int]:
         best, best_key = None, (0, 0.0)
         for entry in self._entries:
             if entry.is_leased:
                 continue
-            key = (common_prefix_length(entry.token_ids, prompt_ids), entry.last_used)
+            shared = common_prefix_length(entry.token_ids, prompt_ids)
+            if scoring is not None:
+                shared = min(shared, entry.scores.serves(scoring))
+            key = (shared, entry.last_used)
             if key > best_key:
                 best, best_key = entry, key
         return best, best_key[0]
@@ -223,7 +274,8 @@ class SessionPool:
         finally:
             parent.num_forking -= 1
         now = time.monotonic()
-        entry = PooledSession(child, list(parent.token_ids), now)
+        entry = PooledSession(child, [], now)
+        entry.hold(parent.token_ids, parent.scores)
         if keeps_parent_idle:
             parent.last_used = now
             entry.replaces, entry.replaces_stamp = parent, now

@@ -29,6 +29,21 @@ def _scored(target: str, token_ids: list[int], top_k: int) -> list[Any]:
     return tokens
 
 
+def _top_dicts(client: SalienceClient, scored: list[Any]) -> list[dict[str, float]]:
+    """OpenAI's ``top_logprobs`` of scored positions 1 on: the alternatives, then the
+    chosen token, by their printed bytes."""
+    tops = []
+    for token in scored[1:]:
+        top: dict[str, float] = {}
+        for token_id, logprob in token.top_logprobs:
+            (raw,) = client.token_bytes([token_id])
+            top.setdefault(raw.decode("utf-8", errors="backslashreplace"), logprob)
+        (raw,) = client.token_bytes([token.token_id])  # the chosen one, as OpenAI's
+        top.setdefault(raw.decode("utf-8", errors="backslashreplace"), token.logprob)
+        tops.append(top)
+    return tops
+
+
 def test_echo_logprobs_equal_the_grpc_scoring_path(
     shim: RunningShim, llama_server: Any, model: str
 ) -> None:
@@ -38,15 +53,7 @@ def test_echo_logprobs_equal_the_grpc_scoring_path(
         with client.open_session() as session:
             total = session.score(token_ids, [(1, len(token_ids))])[0]
         scored = _scored(llama_server.target, token_ids, 2)
-        tops = []
-        for token in scored[1:]:
-            top: dict[str, float] = {}
-            for token_id, logprob in token.top_logprobs:
-                (raw,) = client.token_bytes([token_id])
-                top.setdefault(raw.decode("utf-8", errors="backslashreplace"), logprob)
-            (raw,) = client.token_bytes([token.token_id])  # the chosen one, as OpenAI's
-            top.setdefault(raw.decode("utf-8", errors="backslashreplace"), token.logprob)
-            tops.append(top)
+        tops = _top_dicts(client, scored)
     reply = shim.client().completions.create(
         model=model, prompt=TEXT, max_tokens=0, echo=True, logprobs=2, temperature=0
     )
@@ -60,6 +67,57 @@ def test_echo_logprobs_equal_the_grpc_scoring_path(
     assert logprobs.top_logprobs[1:] == [pytest.approx(top, abs=1e-5) for top in tops]
     assert logprobs.text_offset == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
     assert reply.usage.prompt_tokens == len(token_ids) and reply.usage.completion_tokens == 0
+
+
+def test_echo_scoring_of_a_shared_context_scores_only_what_is_new(
+    shim: RunningShim, llama_server: Any, model: str
+) -> None:
+    """Multiple-choice scoring sends one context with each continuation. The server keeps
+    no distributions, so each echo request recomputed its whole prompt; the scores of a
+    pooled session's positions are now kept, and a prompt sharing them is scored from
+    where they end. Each answer still equals scoring the whole prompt at once; one that
+    asks for more alternatives than the last scoring kept is scored whole again."""
+    context = list(range(40, 90))
+    continuations = [[7, 8, 9], [11, 12], [13, 14, 15, 16], [17]]
+    top_ks = [2, 1, 1, 2]  # after the first: fewer alternatives, as many, more
+    replies = []
+    for continuation, top_k in zip(continuations, top_ks, strict=True):
+        replies.append(
+            shim.client().completions.create(
+                model=model, prompt=context + continuation, max_tokens=0, echo=True, logprobs=top_k
+            )
+        )
+    cached = [reply.usage.prompt_tokens_details.cached_tokens for reply in replies]
+    assert cached[0] == 0 and cached[3] == 0
+    assert cached[1] >= len(context) - 1 and cached[2] >= len(context) - 1
+    with SalienceClient(llama_server.target) as client:
+        for continuation, top_k, reply in zip(continuations, top_ks, replies, strict=True):
+            prompt = context + continuation
+            scored = _scored(llama_server.target, prompt, top_k)
+            logprobs = reply.choices[0].logprobs
+            assert len(logprobs.token_logprobs) == len(prompt)
+            assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+            want = [t.logprob for t in scored[1:]]
+            assert logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+            tops = _top_dicts(client, scored)
+            assert logprobs.top_logprobs[1:] == [pytest.approx(top, abs=1e-5) for top in tops]
+        # Tokens a scoring call decoded are kept scored too: a prompt that goes on
+        # through them is scored from their end.
+        prompt = context + continuations[0]
+        decoding = shim.client().completions.create(
+            model=model, prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0
+        )
+        with client.open_session() as session:  # greedy: the tokens the shim decoded
+            *tokens, _ = session.generate(prompt, max_tokens=3)
+        assert decoding.choices[0].text.endswith("".join(t.text for t in tokens))
+        longer = prompt + [t.token_id for t in tokens]
+        reply = shim.client().completions.create(
+            model=model, prompt=longer, max_tokens=0, echo=True, logprobs=1
+        )
+        assert reply.usage.prompt_tokens_details.cached_tokens >= len(longer) - 1
+        scored = _scored(llama_server.target, longer, 1)
+        want = [t.logprob for t in scored[1:]]
+        assert reply.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
 
 
 def test_text_offsets_index_the_text_when_tokens_split_characters(
