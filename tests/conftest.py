@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -53,6 +55,23 @@ settings.load_profile(os.environ.get("SALIENCE_HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+LONG_CONTEXT = 65536
+"""The positions of ``long_context_llama_dir``."""
+
+
+@pytest.fixture(scope="session")
+def long_context_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with ``LONG_CONTEXT`` positions (the same weights: its tokens up to
+    512 are the tiny Llama's), for a call that must still run when the test acts on it
+    (a signal, a kill, a deadline): 60,000 tokens take a minute or more, where the tiny
+    Llama's 512 positions end any call in about half a second."""
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path_factory.mktemp("long-context") / "llama")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = LONG_CONTEXT
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return Path(model_dir)
 
 
 @pytest.fixture(scope="session")

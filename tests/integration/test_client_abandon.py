@@ -20,6 +20,7 @@ from salience_client import (
     TokenEvent,
 )
 from tests.client_support import PROMPT
+from tests.helpers import engine_held_in_a_step
 
 
 def test_a_session_left_mid_stream_holds_what_its_caller_received(client: SalienceClient) -> None:
@@ -91,23 +92,22 @@ def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
 ) -> None:
     """asyncio cancellation (wait_for's timeout) ends the call at once: the client does not
     wait for the server to wind down the step it is in (it waited up to 5 s: a long
-    prefill's step, 4 s on the default model here; one second of sleep here)."""
+    prefill's step, 4 s on the default model here). The engine is held inside the
+    prefill's step until the cancelled call has returned, so a client that waited for
+    the step would wait out its own limit (a one-second step here was the bound: a
+    cancel slowed past 0.6 s on a loaded machine failed a client that had not waited)."""
     server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=8 << 20)
-    execute = server.engine.runner.execute
-
-    def slow_execute(batch: Any, uploads: Any = None) -> Any:
-        time.sleep(1.0)
-        return execute(batch, uploads)
 
     async def scenario() -> None:
         async with AsyncSalienceClient(server.target, timeout=30) as client:
             async with await client.open_session() as session:
-                server.engine.runner.execute = slow_execute
-                start = time.monotonic()
-                with pytest.raises(TimeoutError):
-                    await asyncio.wait_for(session.prefill([3] * 40), 0.1)
-                assert time.monotonic() - start < 0.6
-                server.engine.runner.execute = execute
+                with engine_held_in_a_step(server.engine) as in_step:
+                    prefill = asyncio.ensure_future(session.prefill([3] * 40))
+                    assert await asyncio.to_thread(in_step.wait, 10), "the prefill never ran"
+                    start = time.monotonic()
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(prefill, 0.1)
+                    assert time.monotonic() - start < 2.5
                 done = await session.prefill([4])
                 info = await session.info()
                 # The cancelled append, of which no event came, went: the session holds [4].

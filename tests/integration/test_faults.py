@@ -20,6 +20,7 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from tests.conftest import start_server
 from tests.helpers import (
+    engine_held_in_a_step,
     error_reason,
     free_port,
     generate,
@@ -123,36 +124,48 @@ def test_fifty_cancelled_streams_leave_nothing_behind(tiny_llama_dir, server_fac
 
 
 def test_overload_past_the_queue_is_refused_within_100_ms(tiny_llama_dir, server_factory) -> None:
+    """One runs, two wait: a fourth call is refused QUEUE_FULL within 100 ms. The engine
+    is held inside the running call's step throughout, so the queue stays full (the
+    running call ended at the context's end in half a second, letting a waiting one in
+    and the fourth wait in the queue), and refusing never waits on a step."""
     server = server_factory(
         tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, max_running=1, max_queue=2
     )
-    stub = server.stub
+    stub, scheduler = server.stub, server.engine.scheduler
     streams = []
-    for _ in range(3):  # one runs, two wait: the queue is full
-        streams.append(
-            stub.Generate(
-                pb.GenerateRequest(
-                    session_id=open_session(stub),
-                    append_tokens=[1],
-                    max_tokens=300,
-                    ignore_eos=True,
+    try:
+        with engine_held_in_a_step(server.engine) as in_step:
+            for _ in range(3):  # one runs, two wait: the queue is full
+                streams.append(
+                    stub.Generate(
+                        pb.GenerateRequest(
+                            session_id=open_session(stub),
+                            append_tokens=[1],
+                            max_tokens=300,
+                            ignore_eos=True,
+                        )
+                    )
                 )
-            )
-        )
-    next(streams[0])
-    while len(server.engine.scheduler.waiting) < 2:
-        time.sleep(0.001)
-    session_id = open_session(stub)
-    start = time.monotonic()
-    with pytest.raises(grpc.RpcError) as caught:
-        generate(stub, session_id, append_tokens=[1], max_tokens=3)
-    refused_s = time.monotonic() - start
+            assert in_step.wait(10), "no call ran"
+            deadline = time.monotonic() + 10
+            while len(scheduler.running) != 1 or len(scheduler.waiting) != 2:
+                assert time.monotonic() < deadline, (
+                    f"{len(scheduler.running)} running and {len(scheduler.waiting)} waiting "
+                    "after 10 s, not 1 and 2"
+                )
+                time.sleep(0.001)
+            session_id = open_session(stub)
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                generate(stub, session_id, append_tokens=[1], max_tokens=3)
+            refused_s = time.monotonic() - start
+    finally:
+        for stream in streams:
+            stream.cancel()
     print(f"overload: refused in {refused_s * 1e3:.1f} ms")
     assert refused_s < 0.1
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_reason(caught.value) == "QUEUE_FULL"
-    for stream in streams:
-        stream.cancel()
 
 
 def _rss_bytes() -> int:
@@ -211,13 +224,16 @@ def _start_server_process(model_dir: Path, *args: str) -> tuple[subprocess.Popen
     return process, target
 
 
-def test_kill_9_mid_stream_ends_the_stream_unavailable(tiny_llama_dir) -> None:
-    process, target = _start_server_process(tiny_llama_dir, "--max-batch-tokens", "1")
+def test_kill_9_mid_stream_ends_the_stream_unavailable(long_context_llama_dir) -> None:
+    """The call would run for a minute or more, one token a step, so the kill comes
+    mid-stream (on the tiny Llama's 512 positions it ended in half a second: a kill
+    that came after it found nothing to cut)."""
+    process, target = _start_server_process(long_context_llama_dir, "--max-batch-tokens", "1")
     try:
         stub = salience_pb2_grpc.SalienceStub(grpc.insecure_channel(target))
         stream = stub.Generate(
             pb.GenerateRequest(
-                session_id=open_session(stub), append_tokens=[1], max_tokens=5000, ignore_eos=True
+                session_id=open_session(stub), append_tokens=[1], max_tokens=60000, ignore_eos=True
             ),
             timeout=30,
         )

@@ -52,17 +52,19 @@ def test_metrics_count_requests_tokens_latencies_and_memory(tiny_llama_dir, serv
 
 
 def test_streams_cut_by_the_clients_deadline_are_counted_as_such(
-    tiny_llama_dir, server_factory
+    long_context_llama_dir, server_factory
 ) -> None:
     """A stream whose deadline passes is counted DEADLINE_EXCEEDED, never UNKNOWN (a
     stream closed at its ``yield`` ended with GeneratorExit, read as an escaped error:
-    about one in ten such calls)."""
-    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
+    about one in ten such calls). Each call would run for a minute or more, so the
+    deadline always cuts it (the tiny Llama's 512 positions end a call in half a second
+    here, sooner on a faster machine than the 110 ms deadline)."""
+    server = server_factory(long_context_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
     num_calls = 30
     for index in range(num_calls):
         session_id = open_session(server.stub)
         request = pb.GenerateRequest(
-            session_id=session_id, append_tokens=[1, 2, 3], max_tokens=10_000, ignore_eos=True
+            session_id=session_id, append_tokens=[1, 2, 3], max_tokens=60_000, ignore_eos=True
         )
         with pytest.raises(grpc.RpcError) as caught:
             for _ in server.stub.Generate(request, timeout=0.02 + 0.01 * (index % 10)):
@@ -82,15 +84,20 @@ def test_streams_cut_by_the_clients_deadline_are_counted_as_such(
 
 
 def test_a_stream_the_client_cancels_early_is_cancelled_whatever_its_deadline(
-    tiny_llama_dir, server_factory
+    long_context_llama_dir, server_factory
 ) -> None:
     """A cancel long before a short deadline is the client's, not the deadline's (any
-    cancel within a second of it counted DEADLINE_EXCEEDED)."""
-    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
+    cancel within a second of it counted DEADLINE_EXCEEDED). The deadline must stay
+    under a second to tell the two apart, and the cancel must come in its first half
+    (``DEADLINE_SLACK_SHARE``): a first call warms the server (its first step's one-off
+    costs came inside that half), and the call would run for a minute or more (on the
+    tiny Llama's 512 positions it could end, counted OK, before the cancel)."""
+    server = server_factory(long_context_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
+    generate(server.stub, open_session(server.stub), append_tokens=[1, 2, 3], max_tokens=2)
     request = pb.GenerateRequest(
         session_id=open_session(server.stub),
         append_tokens=[1, 2, 3],
-        max_tokens=10_000,
+        max_tokens=60_000,
         ignore_eos=True,
     )
     stream = server.stub.Generate(request, timeout=0.9)

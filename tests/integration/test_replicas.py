@@ -3,7 +3,9 @@
 Three replicas of the tiny Llama run as processes (so that one can be killed with
 SIGKILL) behind HAProxy with deploy/haproxy/haproxy.cfg; clients connect to the proxy.
 The oracle is a control run of the same turns on one server that never fails
-(``llama_server``): greedy tokens equal, token for token. Where sessions live is read
+(``llama_server``): greedy tokens equal, token for token. The replicas serve the tiny
+Llama with more positions (``long_context_llama_dir``, the same weights: the same
+tokens), so that a stream can outlast a kill. Where sessions live is read
 from each replica directly (ListSessions), not only from what the client reports.
 """
 
@@ -45,9 +47,9 @@ FAILOVER = Failover(retry_budget_s=15.0)
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_llama_dir: Path) -> Iterator[LocalCluster]:
+def cluster(long_context_llama_dir: Path) -> Iterator[LocalCluster]:
     with LocalCluster(
-        3, ["--model", str(tiny_llama_dir), *SERVER_ARGS], check_interval="500ms"
+        3, ["--model", str(long_context_llama_dir), *SERVER_ARGS], check_interval="500ms"
     ) as running:
         yield running
 
@@ -190,11 +192,16 @@ def test_a_killed_replica_s_sessions_replay_elsewhere_and_stay_when_it_returns(
 
 
 def test_a_replica_killed_mid_stream_the_stream_completes_as_the_control(
-    healthy: LocalCluster, llama_server: RunningServer
+    healthy: LocalCluster, long_context_llama_dir: Path, server_factory: Any
 ) -> None:
+    """Killed once 20 tokens came, the replica has 1,980 steps left, seconds of work: the
+    kill cuts the stream (a stream of 300 tokens, near all the tiny Llama's positions
+    allow, was done a third of a second after, a race with the client's kill on a loaded
+    machine). The control runs on the same long-context model."""
     prompt = random_tokens(12, 7)
-    options: dict[str, Any] = {"max_tokens": 300, "ignore_eos": True}
-    with SalienceClient(llama_server.target, timeout=30) as control:
+    options: dict[str, Any] = {"max_tokens": 2000, "ignore_eos": True}
+    control_server = server_factory(long_context_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
+    with SalienceClient(control_server.target, timeout=30) as control:
         with control.open_session() as session:
             want = [
                 e.token_id for e in session.generate(prompt, **options) if isinstance(e, TokenEvent)
@@ -220,8 +227,8 @@ def test_a_replica_killed_mid_stream_the_stream_completes_as_the_control(
 
     decoded, done = asyncio.run(through_the_proxy())
     assert decoded == want
-    assert (done.prompt_tokens, done.completion_tokens) == (len(prompt), 300)
-    assert done.total_tokens == len(prompt) + 300 and done.finish_reason == "length"
+    assert (done.prompt_tokens, done.completion_tokens) == (len(prompt), 2000)
+    assert done.total_tokens == len(prompt) + 2000 and done.finish_reason == "length"
 
 
 def test_cluster_sh_starts_replicas_behind_the_proxy_and_stops_them(tiny_llama_dir: Path) -> None:

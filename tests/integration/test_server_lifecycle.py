@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import signal
 import socket
 import subprocess
@@ -100,16 +98,12 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
             process.kill()
 
 
-def test_a_second_stop_signal_ends_the_calls_in_flight_at_once(tiny_llama_dir, tmp_path) -> None:
+def test_a_second_stop_signal_ends_the_calls_in_flight_at_once(long_context_llama_dir) -> None:
     """The grace is for the calls in flight, not a wait an operator cannot cut short: a
     second SIGINT waited out the whole grace, as the first. The call would run for a
     minute or more, one token a step (the tiny model's 512 positions ended it in 0.5 s,
     as the second signal came)."""
-    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "long-context")
-    config = json.loads((model_dir / "config.json").read_text())
-    config["max_position_embeddings"] = 65536
-    (model_dir / "config.json").write_text(json.dumps(config))
-    process, channel = _serving(model_dir)
+    process, channel = _serving(long_context_llama_dir)
     try:
         stub = salience_pb2_grpc.SalienceStub(channel)
         session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id

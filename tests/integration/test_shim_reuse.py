@@ -4,6 +4,7 @@ the openai SDK that pays each turn only for its new tokens."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from salience_client import AsyncSalienceClient, SalienceClient
@@ -30,6 +31,18 @@ def _run(target: str, test: Any, **pool_options: Any) -> Any:
                 await pool.close()
 
     return asyncio.run(main())
+
+
+async def _wait_for_sessions(client: AsyncSalienceClient, count: int) -> None:
+    """Until the server holds ``count`` sessions (the pool closes the ones it lets go in
+    the background), for at most 10 s."""
+    deadline = time.monotonic() + 10
+    while len(sessions := await client.list_sessions()) != count:
+        assert time.monotonic() < deadline, (
+            f"the server holds {len(sessions)} sessions after 10 s, not {count}: "
+            f"{[(s.session_id, s.length) for s in sessions]}"
+        )
+        await asyncio.sleep(0.01)
 
 
 def test_the_longest_shared_prefix_is_lent_and_never_twice(llama_server: Any) -> None:
@@ -112,10 +125,7 @@ def test_concurrent_requests_share_a_long_prefix(llama_server: Any) -> None:
         second = await collect(Generation(pool, follow_up, GREEDY))
         assert second.cached_tokens == len(follow_up) - 2  # all but the new and last decoded
         assert pool.num_sessions == 3
-        for _ in range(100):
-            if len(await client.list_sessions()) == 3:
-                break
-            await asyncio.sleep(0.01)
+        await _wait_for_sessions(client, 3)
         assert sorted(s.length for s in await client.list_sessions()) == [85, 85, 90]
 
     _run(llama_server.target, test)
@@ -131,10 +141,7 @@ def test_the_pool_stays_bounded(llama_server: Any) -> None:
         for lease in leases:
             pool.release(lease, [])
         assert pool.num_sessions == 2  # the least recently used was closed
-        for _ in range(100):
-            if len(await client.list_sessions()) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await _wait_for_sessions(client, 2)
         assert len(await client.list_sessions()) == 2
 
     _run(llama_server.target, test, max_sessions=2)

@@ -120,44 +120,47 @@ def test_salience_shim_alone(llama_server: Any, tiny_llama_dir: Path, tmp_path: 
     assert code == 0 and "Traceback" not in log.read_text(), log.read_text()
 
 
-@pytest.mark.skipif("not __import__('tests.conftest').conftest.default_model_available()")
-def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(tmp_path: Path) -> None:
+def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(
+    long_context_llama_dir: Path, tmp_path: Path
+) -> None:
     """SIGTERM with HTTP requests in flight: they run on while the server drains, then end
     with its UNAVAILABLE as OpenAI's 503 (an error event and [DONE] once a stream has
     started), and the process exits soon after the grace. The built-in shim retried
     SHUTTING_DOWN against its own draining server: the stream was cut without an error,
     the plain request got a bare 500, and the process outlived the grace by seconds.
-    (The default model: its steps are slow enough for 200 tokens to outlast the grace.)"""
+    (The long-context model: 60,000 tokens outlast the grace on any machine, where the
+    default model's 200 tokens outlasted it only for its slow steps; and the signal
+    waits until the server runs both requests, where it waited for the stream alone.)"""
     http_port = _free_port()
     log = tmp_path / "server.log"
-    command = server_command("--port", "0")
+    command = server_command("--model", str(long_context_llama_dir), "--port", "0")
     command += ["--http-port", str(http_port), "--grace-s", "0.5"]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}/v1/completions"
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once", "max_tokens": 200}
+    base = f"http://127.0.0.1:{http_port}"
+    body = {"model": long_context_llama_dir.name, "prompt": "Once", "max_tokens": 60000}
     body["ignore_eos"] = True
     replies: dict[bool, httpx.Response] = {}
-    streaming = threading.Event()
 
     def ask(stream: bool) -> None:
+        url = f"{base}/v1/completions"
         if not stream:
             replies[stream] = httpx.post(url, json=body, timeout=60)
             return
         with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as reply:
-            lines = []
-            for line in reply.iter_lines():
-                lines.append(line)
-                streaming.set()
+            lines = list(reply.iter_lines())
             replies[stream] = httpx.Response(reply.status_code, text="\n".join(lines))
 
     try:
-        _wait_for(r"serving SmolLM2", process, log, 120)  # the shim answers from the start
+        _wait_for(r"serving \S+ on", process, log, 120)  # the shim answers from the start
         threads = [threading.Thread(target=ask, args=(stream,)) for stream in (True, False)]
         for thread in threads:
             thread.start()
-        assert streaming.wait(60)  # both decode now
-        stopped = time.monotonic()
+        deadline = time.monotonic() + 60
+        while "salience_running_requests 2.0" not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < deadline, "the two requests did not both run within 60 s"
+            time.sleep(0.05)
+        stopped = time.monotonic()  # both decode now
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
         assert time.monotonic() - stopped < 0.5 + 5

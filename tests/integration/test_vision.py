@@ -227,6 +227,9 @@ BAD_IMAGES = {
 
 @pytest.mark.parametrize("name", list(BAD_IMAGES))
 def test_bad_images_are_refused_fast_and_change_nothing(name: str, vision) -> None:
+    """Refused by checks made before the vision encoder (most before decoding), in a few
+    milliseconds here: the bound is 5 s, far above that, so that a loaded machine's
+    stalls do not fail it (it was 1 s)."""
     data, mime, reason = BAD_IMAGES[name]
     session_id = open_session(vision.stub)
     generate(vision.stub, session_id, append_tokens=[1, 2, 3])
@@ -235,7 +238,7 @@ def test_bad_images_are_refused_fast_and_change_nothing(name: str, vision) -> No
         vision.stub.AppendImage(
             pb.AppendImageRequest(session_id=session_id, image=data, mime_type=mime, offset=3)
         )
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 5.0
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == reason
     assert vision.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.length == 3

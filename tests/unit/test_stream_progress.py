@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from salience_client import failover
 from salience_client.failover import (
     Attempts,
     Failover,
@@ -45,7 +46,21 @@ def test_breaks_are_told_from_answers() -> None:
     assert not is_refusal(_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV_CACHE_FULL"))
 
 
-def test_replays_are_counted_and_retries_bounded_in_time() -> None:
+class _Clock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_replays_are_counted_and_retries_bounded_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock of the test's (the budget is wall time: a real clock that moved 0.1 s
+    between the first and third retry, on a loaded machine, spent it)."""
+    clock = _Clock()
+    monkeypatch.setattr(failover, "time", clock)
     attempts = Attempts(Failover(max_replays=2, retry_budget_s=0.3, first_retry_wait_s=0.1))
     lost = _error(grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
     attempts.begin_replay("s", lost)
@@ -57,6 +72,15 @@ def test_replays_are_counted_and_retries_bounded_in_time() -> None:
     assert [attempts.retry_wait_s(down) for _ in range(3)] == [0.0, 0.1, 0.2]
     with pytest.raises(SalienceClientError) as caught:
         attempts.retry_wait_s(down)  # 0.4 s more would pass the 0.3 s budget
+    assert caught.value is down
+    # The time that passes counts: 0.25 s after the first try, the third (0.2 s) passes it.
+    attempts = Attempts(Failover(retry_budget_s=0.3, first_retry_wait_s=0.1))
+    assert attempts.retry_wait_s(down) == 0.0
+    clock.now += 0.15
+    assert attempts.retry_wait_s(down) == 0.1
+    clock.now += 0.1
+    with pytest.raises(SalienceClientError) as caught:
+        attempts.retry_wait_s(down)
     assert caught.value is down
 
 
