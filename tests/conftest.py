@@ -192,15 +192,3 @@ def default_server() -> Iterator[RunningServer]:
     server = start_server(None, kv_cache_bytes=256 << 20)
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def default_shim(default_server: RunningServer) -> Iterator[Any]:
-    """The shim in front of ``default_server`` (skipped without the default model)."""
-    from tests.shim_support import start_shim
-
-    if not default_model_available():
-        pytest.skip("the default model is not installed")
-    running = start_shim(default_server.target)
-    yield running
-    running.stop()
