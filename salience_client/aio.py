@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from salience_client.aio_session import AsyncSession, call_unary
+from salience_client.aio_session import AsyncSession, call_unary, closed_client_calls
 from salience_client.auth import async_bearer_token
 from salience_client.client import (
     CHANNEL_OPTIONS,
@@ -96,7 +96,8 @@ class AsyncSalienceClient:
         raise not_ready(self.target, timeout_s)
 
     async def _call(self, method: str, request: Any) -> Any:
-        response = await call_unary(getattr(self._stub, method), request, self._timeout)
+        with closed_client_calls(self._stub):
+            response = await call_unary(getattr(self._stub, method), request, self._timeout)
         self.failover_stats.is_server_reached = True
         return response
 

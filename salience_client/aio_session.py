@@ -7,7 +7,15 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -25,7 +33,13 @@ from salience_client.generation import (
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import CLIENT_CLOSED, SETTLE_WAIT_S, SessionBase
+from salience_client.session_base import (
+    CLIENT_CLOSED,
+    SETTLE_WAIT_S,
+    SessionBase,
+    client_closed,
+    is_refusing,
+)
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 _Response = TypeVar("_Response")
@@ -39,6 +53,20 @@ async def call_unary(
         return await method(request, timeout=timeout)
     except grpc.RpcError as error:
         raise SalienceClientError.from_rpc_error(error) from None
+
+
+@contextlib.contextmanager
+def closed_client_calls(stub: Any) -> Iterator[None]:
+    """Turns the ``asyncio.CancelledError`` of a call cut off by its client's close into
+    CLIENT_CLOSED (grpc.aio cancels a closed channel's calls); the cancellation of the
+    task itself passes through."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if is_refusing(stub) and task is not None and not task.cancelling():
+            raise client_closed() from None
+        raise
 
 
 FINALIZE_WAIT_S = 5.0
@@ -118,14 +146,15 @@ class AsyncSession(SessionBase):
                 call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
                 try:
                     is_first = True
-                    async for event in call:
-                        if is_first:
-                            self._note_replica(await call.initial_metadata())
-                            is_first = False
-                        converted = self._event(event, manifest, progress, finish_reason)
-                        if converted is not None:
-                            is_done = isinstance(converted, Done)
-                            yield converted
+                    with closed_client_calls(self._stub):
+                        async for event in call:
+                            if is_first:
+                                self._note_replica(await call.initial_metadata())
+                                is_first = False
+                            converted = self._event(event, manifest, progress, finish_reason)
+                            if converted is not None:
+                                is_done = isinstance(converted, Done)
+                                yield converted
                 except grpc.RpcError as rpc_error:
                     failure = self._failure(rpc_error)
                 if failure is None and not is_done:
@@ -318,7 +347,8 @@ class AsyncSession(SessionBase):
         """One call of a unary session RPC with the session's metadata."""
         call = method(request, timeout=self._timeout, metadata=self._metadata)
         try:
-            response = await call
+            with closed_client_calls(self._stub):
+                response = await call
         except grpc.RpcError as error:
             raise self._failure(error) from None
         self._note_replica(await call.initial_metadata())

@@ -54,15 +54,25 @@ def refuse_calls(stub: Any) -> None:
         setattr(stub, method.name, _ClosedMethod())
 
 
+def is_refusing(stub: Any) -> bool:
+    """Whether ``stub``'s client was closed (``refuse_calls``)."""
+    return isinstance(getattr(stub, "Generate", None), _ClosedMethod)
+
+
+def client_closed() -> SalienceClientError:
+    """The error of a call through a closed client."""
+    return SalienceClientError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        CLIENT_CLOSED,
+        "the client was closed: its sessions can no longer be used",
+    )
+
+
 class _ClosedMethod:
     """An RPC of a closed client: called plainly or ``with_call``, it raises."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise SalienceClientError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            CLIENT_CLOSED,
-            "the client was closed: its sessions can no longer be used",
-        )
+        raise client_closed()
 
     with_call = __call__
 
@@ -269,6 +279,8 @@ class SessionBase:
         """What to do about a failed call before retrying it; raises the error when the
         failover is off or cannot help. ``replay_length``: the positions a re-created
         session needs for this call (None: never re-create it for this call)."""
+        if is_refusing(self._stub):  # the caller closed the client: nothing broke
+            raise client_closed() from error
         if not self._failover.replay or self.is_closed:
             raise error
         if is_session_lost(error) and replay_length is not None:

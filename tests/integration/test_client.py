@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from pathlib import Path
@@ -235,6 +236,44 @@ def test_a_session_of_a_closed_client_says_so(server_target: str, is_async: bool
     for error in errors:
         assert error.code == grpc.StatusCode.FAILED_PRECONDITION
         assert error.reason == "CLIENT_CLOSED"
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "asyncio"])
+def test_closing_the_client_mid_stream_is_no_broken_stream(
+    server_target: str, is_async: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream of a client closed by its caller ends CLIENT_CLOSED. Its channel's
+    cancellation looked like a stream broken in transit: the client logged "the stream
+    broke ...; resuming" and counted a resume that never was."""
+
+    async def scenario() -> tuple[SalienceClientError, int, int]:
+        client = AsyncSalienceClient(server_target, timeout=30)
+        session = await client.open_session()
+        stream = session.generate([1, 2, 3], max_tokens=400, ignore_eos=True)
+        await anext(stream)
+        await client.close()
+        with pytest.raises(SalienceClientError) as caught:
+            async for _ in stream:
+                pass
+        return caught.value, session.num_resumes, client.failover_stats.num_resumes
+
+    caplog.set_level(logging.WARNING, logger="salience_client")
+    if is_async:
+        error, num_resumes, total_resumes = asyncio.run(scenario())
+    else:
+        client = SalienceClient(server_target, timeout=30)
+        session = client.open_session()
+        stream = session.generate([1, 2, 3], max_tokens=400, ignore_eos=True)
+        next(stream)
+        client.close()
+        with pytest.raises(SalienceClientError) as caught:
+            for _ in stream:
+                pass
+        error, num_resumes = caught.value, session.num_resumes
+        total_resumes = client.failover_stats.num_resumes
+    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CLIENT_CLOSED")
+    assert num_resumes == total_resumes == 0
+    assert not [r for r in caplog.records if "resuming" in r.getMessage()]
 
 
 async def _open_async(target: str) -> None:
