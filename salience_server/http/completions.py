@@ -23,11 +23,11 @@ from salience_client import ModelInfo, TokenEvent
 from salience_server.http.backend import Backend
 from salience_server.http.chat import usage
 from salience_server.http.constraints import Constraint
+from salience_server.http.decode_options import DecodeOptions
 from salience_server.http.errors import as_api_error, client_errors, invalid
 from salience_server.http.generation import (
     ChoiceDone,
     ChoiceToken,
-    DecodeOptions,
     Generation,
     GenerationEvent,
     GenerationResult,
@@ -138,7 +138,7 @@ async def create_completion(request: Request) -> Response:
         stream = _stream(body, completion_id, generations, builders, first)
         return event_stream(stream, keepalive_s)
     with client_errors("prompt", constraint_param):
-        work = asyncio.gather(*(collect(g) for g in generations))
+        work = _collect_all(generations, backend.pool.fork_min_shared)
         results = await until_disconnected(request, work)
     choices = []
     for prompt_index, (builder, result) in enumerate(zip(builders, results, strict=True)):
@@ -158,6 +158,31 @@ async def create_completion(request: Request) -> Response:
             "system_fingerprint": None,
         }
     )
+
+
+async def _collect_all(generations: list[Generation], min_shared: int) -> list[GenerationResult]:
+    """The batch's generations run side by side. With echo scoring, a prompt whose first
+    ``min_shared`` tokens an earlier one's are waits for that one to end, and is then
+    scored past the scores its session keeps (multiple choice in one request: each
+    continuation of one context); the others of its group then run side by side."""
+    leaders: dict[tuple[int, ...], asyncio.Event] = {}
+
+    async def run(generation: Generation) -> GenerationResult:
+        ids = generation.prompt_ids
+        if not generation.options.score_prompt or len(ids) <= min_shared:
+            return await collect(generation)
+        key = tuple(ids[:min_shared])
+        leader = leaders.get(key)
+        if leader is not None:
+            await leader.wait()
+            return await collect(generation)
+        leaders[key] = ended = asyncio.Event()
+        try:
+            return await collect(generation)
+        finally:
+            ended.set()
+
+    return await asyncio.gather(*(run(generation) for generation in generations))
 
 
 async def _finished_choices(

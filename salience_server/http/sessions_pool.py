@@ -168,9 +168,10 @@ class SessionPool:
         best, shared = self._best_match(prompt_ids, scoring) if reuse else (None, 0)
         if best is not None and shared > 0:
             discard = len(best.token_ids) - shared
-            if discard >= self.fork_min_discard and self._has_room():
+            if discard >= self.fork_min_discard and self._room_beside(best):
                 return await self._fork_idle(best, shared)
-            if (shared >= self.fork_min_shared or best.num_forking) and self._has_room():
+            wants_fork = shared >= self.fork_min_shared or best.num_forking
+            if wants_fork and self._room_beside(best):
                 return await self._fork_idle(best, shared, keeps_parent_idle=True)
             if best.num_forking:  # no room for another fork
                 return await self._open()
@@ -249,8 +250,21 @@ class SessionPool:
     def _has_room(self) -> bool:
         return len(self._entries) < self.max_sessions
 
-    def _least_recent_idle(self) -> PooledSession | None:
-        idle = [e for e in self._entries if not e.is_leased and not e.num_forking]
+    def _room_beside(self, kept: PooledSession) -> bool:
+        """Whether there is room for one more session, closing the least recently used
+        idle one other than ``kept`` if need be (a full pool forked nothing: requests
+        sharing a prefix then each prefilled it in a session of their own)."""
+        if self._has_room():
+            return True
+        victim = self._least_recent_idle(kept)
+        if victim is None:
+            return False
+        self._entries.remove(victim)
+        self._spawn(self._close(victim.session))
+        return True
+
+    def _least_recent_idle(self, kept: PooledSession | None = None) -> PooledSession | None:
+        idle = [e for e in self._entries if not e.is_leased and not e.num_forking and e is not kept]
         return min(idle, key=lambda entry: entry.last_used, default=None)
 
     async def _open(self) -> Lease:

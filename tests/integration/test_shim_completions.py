@@ -120,6 +120,22 @@ def test_echo_scoring_of_a_shared_context_scores_only_what_is_new(
         assert reply.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
 
 
+def test_a_batch_of_continuations_of_one_context_prefills_it_once(
+    shim: RunningShim, llama_server: Any, model: str
+) -> None:
+    """lm-eval with a batch size sends a context's continuations in one request: they
+    ran side by side, each scoring the whole context. The first now runs alone, and the
+    rest are scored past the context's kept scores, side by side."""
+    context = list(range(100, 170))  # past the pool's 64 shared tokens
+    prompts = [context + [i, i + 1] for i in (3, 5, 7)] + [list(range(200, 240))]
+    body = {"model": model, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}
+    reply = httpx.post(f"{shim.base_url}/completions", json=body).json()
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= 2 * (len(context) - 1)
+    for prompt, choice in zip(prompts, reply["choices"], strict=True):
+        want = [t.logprob for t in _scored(llama_server.target, prompt, 1)[1:]]
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+
+
 def test_text_offsets_index_the_text_when_tokens_split_characters(
     shim: RunningShim, llama_server: Any, model: str
 ) -> None:

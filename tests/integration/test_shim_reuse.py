@@ -131,6 +131,30 @@ def test_concurrent_requests_share_a_long_prefix(llama_server: Any) -> None:
     _run(llama_server.target, test)
 
 
+def test_a_full_pool_makes_room_to_share_a_long_prefix(llama_server: Any) -> None:
+    """Once the pool held its most sessions, requests arriving together over one long
+    prefix no longer shared it: the first was lent the session holding it, the others
+    prefilled it again. Forking now closes the least recently used idle session first."""
+    long_prompt = list(range(40, 120))  # 80 tokens, past FORK_MIN_SHARED
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        for start in (200, 210):  # the pool full of other conversations
+            await collect(Generation(pool, list(range(start, start + 5)), GREEDY))
+        await collect(Generation(pool, long_prompt, DecodeOptions(max_tokens=0)))
+        assert pool.num_sessions == 3
+        results = await asyncio.gather(
+            *(collect(Generation(pool, long_prompt + [turn], GREEDY)) for turn in (1, 2))
+        )
+        assert [r.cached_tokens for r in results] == [80, 80]
+        # Each fork closed the least recent conversation; the prefix's session, which
+        # its children hold, went as they came back.
+        assert pool.num_sessions == 2
+        await _wait_for_sessions(client, 2)
+        assert sorted(s.length for s in await client.list_sessions()) == [85, 85]
+
+    _run(llama_server.target, test, max_sessions=3)
+
+
 def test_the_pool_stays_bounded(llama_server: Any) -> None:
     async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
         for start in (0, 50, 100):  # one after another: the least recent is rewound
