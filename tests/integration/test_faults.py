@@ -39,7 +39,7 @@ _CLIENT = textwrap.dedent(
     stub = salience_pb2_grpc.SalienceStub(grpc.insecure_channel(sys.argv[1]))
     streams = [
         stub.Generate(pb.GenerateRequest(
-            session_id=s, append_tokens=[1, 2, 3], max_tokens=400, ignore_eos=True))
+            session_id=s, append_tokens=[1, 2, 3], max_tokens=4000, ignore_eos=True))
         for s in sys.argv[2:]
     ]
     for stream in streams:
@@ -63,11 +63,14 @@ def _start_client_process(target: str, session_ids: list[str]) -> subprocess.Pop
     return process
 
 
-def test_fifty_cancelled_streams_leave_nothing_behind(tiny_llama_dir, server_factory) -> None:
+def test_fifty_cancelled_streams_leave_nothing_behind(
+    long_context_llama_dir, server_factory
+) -> None:
     """25 streams cancelled by the client, 25 whose client process is killed, at random
     moments, while 10 control streams run: within 2 s nothing runs any more, every
-    block comes back once the sessions close, and the controls get their solo tokens."""
-    server = server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=16 << 20)
+    block comes back once the sessions close, and the controls get their solo tokens.
+    The streams would run 4,000 tokens (400 could end before their cancel or kill)."""
+    server = server_factory(long_context_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=16 << 20)
     stub, engine = server.stub, server.engine
     rng = random.Random(7)
     controls = [random_tokens(6 + i, seed=100 + i) for i in range(10)]
@@ -84,7 +87,7 @@ def test_fifty_cancelled_streams_leave_nothing_behind(tiny_llama_dir, server_fac
     def cancelled(session_id: str, delay_s: float) -> None:
         call = stub.Generate(
             pb.GenerateRequest(
-                session_id=session_id, append_tokens=[4, 5], max_tokens=400, ignore_eos=True
+                session_id=session_id, append_tokens=[4, 5], max_tokens=4000, ignore_eos=True
             )
         )
         next(call)

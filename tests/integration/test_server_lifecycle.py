@@ -48,12 +48,16 @@ def _serving(model_dir, *flags: str) -> tuple[subprocess.Popen[str], grpc.Channe
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
-def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, stop_signal) -> None:
+def test_health_reflection_and_a_drain_with_a_call_in_flight(
+    long_context_llama_dir, stop_signal
+) -> None:
     """SIGTERM drains (SPEC 2.6): health turns NOT_SERVING, new calls get UNAVAILABLE,
     the call in flight runs to its end, and the process exits 0 within the grace. A
-    terminal's hang-up (SIGHUP) too: it killed the process at once, resetting the call."""
+    terminal's hang-up (SIGHUP) too: it killed the process at once, resetting the call.
+    The call is 2,000 tokens long, seconds here, so that it is still running when the
+    signal comes (200 tokens could end first, and the drain then had nothing to wait for)."""
     metrics_port = free_port()
-    process, channel = _serving(tiny_llama_dir, "--metrics-port", str(metrics_port))
+    process, channel = _serving(long_context_llama_dir, "--metrics-port", str(metrics_port))
     try:
         health = health_pb2_grpc.HealthStub(channel)
         status = health_pb2.HealthCheckResponse.SERVING
@@ -69,7 +73,7 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
         session_id = stub.OpenSession(pb.OpenSessionRequest()).session_id
         stream = stub.Generate(
             pb.GenerateRequest(
-                session_id=session_id, append_tokens=[3] * 10, max_tokens=200, ignore_eos=True
+                session_id=session_id, append_tokens=[3] * 10, max_tokens=2000, ignore_eos=True
             )
         )
         events = [next(stream)]  # it runs
@@ -89,7 +93,7 @@ def test_health_reflection_and_a_drain_with_a_call_in_flight(tiny_llama_dir, sto
         for request in (health_pb2.HealthCheckRequest(), by_name):
             assert health.Check(request).status == health_pb2.HealthCheckResponse.NOT_SERVING
         events += list(stream)  # the call in flight completes
-        assert events[-1].HasField("done") and events[-1].done.completion_tokens == 200
+        assert events[-1].HasField("done") and events[-1].done.completion_tokens == 2000
         assert process.wait(timeout=GRACE_S) == 0
         assert time.monotonic() - start < GRACE_S
         assert "Traceback" not in process.stdout.read()
