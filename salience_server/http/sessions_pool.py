@@ -67,6 +67,8 @@ class Scores:
 
     def up_to(self, end: int, top_k: int) -> list[TokenEvent]:
         """Events of positions ``0 .. end - 1``, with at most ``top_k`` alternatives."""
+        if top_k >= self.top_k:
+            return self.events[:end]
         return [
             dataclasses.replace(event, top_logprobs=event.top_logprobs[:top_k])
             for event in self.events[:end]
