@@ -165,16 +165,21 @@ async def _collect_all(generations: list[Generation], min_shared: int) -> list[G
     ``min_shared`` tokens an earlier one's are waits for that one to end, and is then
     scored past the scores its session keeps (multiple choice in one request: each
     continuation of one context); the others of its group then run side by side."""
+    groups: dict[tuple[int, ...], list[Generation]] = {}
+    for generation in generations:
+        ids = generation.prompt_ids
+        if generation.options.score_prompt and len(ids) > min_shared:
+            groups.setdefault(tuple(ids[:min_shared]), []).append(generation)
     leaders: dict[tuple[int, ...], asyncio.Event] = {}
 
     async def run(generation: Generation) -> GenerationResult:
-        ids = generation.prompt_ids
-        if not generation.options.score_prompt or len(ids) <= min_shared:
+        key = tuple(generation.prompt_ids[:min_shared])
+        group = groups.get(key, [])
+        if len(group) < 2:
             return await collect(generation)
-        key = tuple(ids[:min_shared])
-        leader = leaders.get(key)
-        if leader is not None:
-            await leader.wait()
+        if generation is not group[0]:
+            generation.has_siblings = len(group) > 2  # the followers start together
+            await leaders[key].wait()
             return await collect(generation)
         leaders[key] = ended = asyncio.Event()
         try:

@@ -76,6 +76,8 @@ class Generation:
         """Prompt tokens whose KV the server already held (set once the prompt is in)."""
         self._reused: int | None = None
         """What the server held of the prompt before its images went in, once they did."""
+        self.has_siblings = False
+        """Generations sharing this one's prefix start with it (``SessionPool.acquire``)."""
 
     async def events(self) -> AsyncGenerator[GenerationEvent, None]:
         """Every event of every choice, in arrival order."""
@@ -83,6 +85,7 @@ class Generation:
             self.prompt_ids,
             reuse=self._keeps_scores or not self.options.score_prompt,
             scoring=self.options.logprob_top_k if self._keeps_scores else None,
+            has_siblings=self.has_siblings,
         )
         try:
             await self._put_images(lease)

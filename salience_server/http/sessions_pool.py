@@ -159,12 +159,18 @@ class SessionPool:
         return sum(entry.is_leased for entry in self._entries)
 
     async def acquire(
-        self, prompt_ids: Sequence[int], reuse: bool = True, scoring: int | None = None
+        self,
+        prompt_ids: Sequence[int],
+        reuse: bool = True,
+        scoring: int | None = None,
+        has_siblings: bool = False,
     ) -> Lease:
         """Lends the idle session sharing the longest prefix with ``prompt_ids``, a fork of
         it, or a fresh session. ``reuse=False`` asks for a session holding nothing useful.
         ``scoring``: the call scores every position with that many alternatives, so only
-        positions whose scores the session keeps count as shared."""
+        positions whose scores the session keeps count as shared. ``has_siblings``:
+        requests sharing this one's prefix come at once (a batch's prompts), so a full
+        pool makes room to fork it for each."""
         if reuse and scoring is None:
             await self._await_settling(prompt_ids)
         best, shared = self._best_match(prompt_ids, scoring) if reuse else (None, 0)
@@ -173,7 +179,11 @@ class SessionPool:
             if discard >= self.fork_min_discard and self._room_beside(best):
                 return await self._fork_idle(best, shared)
             wants_fork = shared >= self.fork_min_shared or best.num_forking
-            if wants_fork and self._room_beside(best):
+            # A full pool closes a session for this fork only where others will share
+            # its parent: for a lone request it would close the parent as its child came
+            # back, one conversation's history gone for nothing.
+            may_close = bool(best.num_forking) or has_siblings
+            if wants_fork and (self._has_room() or may_close and self._room_beside(best)):
                 return await self._fork_idle(best, shared, keeps_parent_idle=True)
             if best.num_forking:  # no room for another fork
                 return await self._open()
@@ -255,7 +265,8 @@ class SessionPool:
     def _room_beside(self, kept: PooledSession) -> bool:
         """Whether there is room for one more session, closing the least recently used
         idle one other than ``kept`` if need be (a full pool forked nothing: requests
-        sharing a prefix then each prefilled it in a session of their own)."""
+        sharing a prefix then each prefilled it in a session of their own, and one
+        branching off a long history rewound it)."""
         if self._has_room():
             return True
         victim = self._least_recent_idle(kept)

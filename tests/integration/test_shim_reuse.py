@@ -134,7 +134,8 @@ def test_concurrent_requests_share_a_long_prefix(llama_server: Any) -> None:
 def test_a_full_pool_makes_room_to_share_a_long_prefix(llama_server: Any) -> None:
     """Once the pool held its most sessions, requests arriving together over one long
     prefix no longer shared it: the first was lent the session holding it, the others
-    prefilled it again. Forking now closes the least recently used idle session first."""
+    prefilled it again. Siblings (a batch's prompts) now fork it, the least recently
+    used idle session closing to make room."""
     long_prompt = list(range(40, 120))  # 80 tokens, past FORK_MIN_SHARED
 
     async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
@@ -142,15 +143,35 @@ def test_a_full_pool_makes_room_to_share_a_long_prefix(llama_server: Any) -> Non
             await collect(Generation(pool, list(range(start, start + 5)), GREEDY))
         await collect(Generation(pool, long_prompt, DecodeOptions(max_tokens=0)))
         assert pool.num_sessions == 3
-        results = await asyncio.gather(
-            *(collect(Generation(pool, long_prompt + [turn], GREEDY)) for turn in (1, 2))
-        )
+        generations = [Generation(pool, long_prompt + [turn], GREEDY) for turn in (1, 2)]
+        for generation in generations:
+            generation.has_siblings = True
+        results = await asyncio.gather(*(collect(g) for g in generations))
         assert [r.cached_tokens for r in results] == [80, 80]
         # Each fork closed the least recent conversation; the prefix's session, which
         # its children hold, went as they came back.
         assert pool.num_sessions == 2
         await _wait_for_sessions(client, 2)
         assert sorted(s.length for s in await client.list_sessions()) == [85, 85]
+
+    _run(llama_server.target, test, max_sessions=3)
+
+
+def test_a_full_pool_lends_a_lone_conversation_its_own_session(llama_server: Any) -> None:
+    """As many conversations as the pool holds, taking turns: each turn is lent its own
+    conversation's session. A full pool that closed another session to fork each turn
+    (the fork's parent then closed as the turn came back) lost one conversation a turn."""
+    conversations = [list(range(start, start + 70)) for start in (20, 100, 180)]
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        for conversation in conversations:
+            await collect(Generation(pool, conversation, DecodeOptions(max_tokens=0)))
+        for _ in range(2):  # rounds of one turn each
+            for conversation in conversations:
+                conversation += [7, 8]
+                result = await collect(Generation(pool, conversation, DecodeOptions(max_tokens=0)))
+                assert result.cached_tokens == len(conversation) - 2
+        assert pool.num_sessions == 3
 
     _run(llama_server.target, test, max_sessions=3)
 
