@@ -161,7 +161,7 @@ async def create_completion(request: Request) -> Response:
 
 
 async def _collect_all(generations: list[Generation], min_shared: int) -> list[GenerationResult]:
-    """The batch's generations run side by side. With echo scoring, a prompt whose first
+    """The batch's generations run side by side, until one fails. With echo scoring, a prompt whose first
     ``min_shared`` tokens an earlier one's are waits for that one to end, and is then
     scored past the scores its session keeps (multiple choice in one request: each
     continuation of one context); the others of its group then run side by side."""
@@ -187,7 +187,15 @@ async def _collect_all(generations: list[Generation], min_shared: int) -> list[G
         finally:
             ended.set()
 
-    return await asyncio.gather(*(run(generation) for generation in generations))
+    failure: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as group:  # a failed prompt cancels the others
+            tasks = [group.create_task(run(generation)) for generation in generations]
+    except* Exception as failures:
+        failure = failures.exceptions[0]
+    if failure is not None:
+        raise failure
+    return [task.result() for task in tasks]
 
 
 async def _finished_choices(

@@ -6,6 +6,7 @@ Oracle: the gRPC scoring path (a session's prompt logprobs over the same token i
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from salience_client import END, SalienceClient
-from tests.shim_support import RunningShim
+from tests.shim_support import RunningShim, start_shim
 from tests.tiny_models import reference_model
 
 TEXT = "The quick brown fox"
@@ -134,6 +135,30 @@ def test_a_batch_of_continuations_of_one_context_prefills_it_once(
     for prompt, choice in zip(prompts, reply["choices"], strict=True):
         want = [t.logprob for t in _scored(llama_server.target, prompt, 1)[1:]]
         assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+
+
+def test_a_failed_prompt_of_a_batch_stops_the_others(
+    long_context_llama_dir: Any, server_factory: Any
+) -> None:
+    """The 400 for a bad prompt came back at once while the batch's other prompts ran on
+    to their ends, for no one (a minute here)."""
+    server = server_factory(long_context_llama_dir, block_size=4, kv_cache_bytes=64 << 20)
+    running = start_shim(server.target)
+    try:
+        body = {
+            "model": running.client().models.list().data[0].id,
+            "prompt": [[5, 6, 7], [5, 10**6]],  # the second holds no token of the vocabulary
+            "max_tokens": 60000,
+            "ignore_eos": True,
+        }
+        response = httpx.post(f"{running.base_url}/completions", json=body, timeout=60)
+        assert response.status_code == 400
+        deadline = time.monotonic() + 5
+        while server.engine.scheduler.has_work() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server.engine.scheduler.has_work(), "the batch's other prompt runs on"
+    finally:
+        running.stop()
 
 
 def test_text_offsets_index_the_text_when_tokens_split_characters(
