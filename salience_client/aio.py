@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from salience_client.aio_session import AsyncSession, call_unary, closed_client_calls
+from salience_client.aio_session import AsyncSession, call_unary
 from salience_client.auth import async_bearer_token
 from salience_client.client import (
     CHANNEL_OPTIONS,
@@ -32,7 +32,7 @@ from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import OUTCOME_UNKNOWN, refuse_calls
+from salience_client.session_base import OUTCOME_UNKNOWN, closed_client_calls, refuse_calls
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 
 __all__ = ["AsyncSalienceClient", "AsyncSession"]

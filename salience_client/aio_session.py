@@ -13,7 +13,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Sequence,
 )
 from typing import Any, TypeVar, Unpack
@@ -37,8 +36,7 @@ from salience_client.session_base import (
     CLIENT_CLOSED,
     SETTLE_WAIT_S,
     SessionBase,
-    client_closed,
-    is_refusing,
+    closed_client_calls,
 )
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
@@ -53,20 +51,6 @@ async def call_unary(
         return await method(request, timeout=timeout)
     except grpc.RpcError as error:
         raise SalienceClientError.from_rpc_error(error) from None
-
-
-@contextlib.contextmanager
-def closed_client_calls(stub: Any) -> Iterator[None]:
-    """Turns the ``asyncio.CancelledError`` of a call cut off by its client's close into
-    CLIENT_CLOSED (grpc.aio cancels a closed channel's calls); the cancellation of the
-    task itself passes through."""
-    try:
-        yield
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if is_refusing(stub) and task is not None and not task.cancelling():
-            raise client_closed() from None
-        raise
 
 
 FINALIZE_WAIT_S = 5.0

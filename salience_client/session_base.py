@@ -4,7 +4,10 @@ its history (for a replay), the replica that served it, and the recovery decisio
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +69,20 @@ def client_closed() -> SalienceClientError:
         CLIENT_CLOSED,
         "the client was closed: its sessions can no longer be used",
     )
+
+
+@contextlib.contextmanager
+def closed_client_calls(stub: Any) -> Iterator[None]:
+    """Turns the ``asyncio.CancelledError`` of a call cut off by its client's close into
+    CLIENT_CLOSED (grpc.aio cancels a closed channel's calls); the cancellation of the
+    task itself passes through."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if is_refusing(stub) and task is not None and not task.cancelling():
+            raise client_closed() from None
+        raise
 
 
 class _ClosedMethod:
