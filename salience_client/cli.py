@@ -93,10 +93,10 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
         while True:
             if is_interactive:
                 print("> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line and is_interactive:
+            line = read_message(sys.stdin, is_interactive)
+            if line is None and is_interactive:
                 print()  # end the prompt's line on Ctrl-D
-            if not line or line.strip() in _EXIT_COMMANDS:
+            if line is None or line.strip() in _EXIT_COMMANDS:
                 break
             if not line.strip():
                 continue
@@ -117,6 +117,23 @@ def chat(client: SalienceClient, args: argparse.Namespace) -> None:
                 print(f"[stopped: {done.finish_reason}]", file=sys.stderr)
     if failed:  # a script feeding turns learns that some got no reply
         sys.exit(1)
+
+
+def read_message(lines: TextIO, is_interactive: bool) -> str | None:
+    """The next message: a line, or lines joined while each ends with a backslash (the
+    backslash goes, the line break stays), as a shell continues a command; None at the
+    end of the input."""
+    parts: list[str] = []
+    while True:
+        line = lines.readline()
+        if not line:
+            return "".join(parts) if parts else None
+        text = line.rstrip("\r\n")
+        if not text.endswith("\\"):
+            return "".join(parts) + line
+        parts.append(text[:-1] + "\n")
+        if is_interactive:
+            print("... ", end="", flush=True)
 
 
 def is_utf8(text: str) -> bool:

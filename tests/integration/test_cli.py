@@ -132,6 +132,21 @@ def test_cli_chat_keeps_one_session_across_turns(
     assert result.stdout == "".join(replies)
 
 
+def test_cli_chat_takes_a_message_of_several_lines(
+    server_target: str, client: SalienceClient
+) -> None:
+    """A line ending in a backslash goes on to the next: one turn, its lines joined by
+    line breaks (each line was a turn of its own)."""
+    with client.open_session() as session:
+        out = io.StringIO()
+        chat = ChatSession(client, session, system=None)
+        chat.turn("first line\nsecond line", out, max_tokens=8, temperature=0.0)
+    flags = "--max-tokens 8 --temperature 0".split()
+    result = _salience(server_target, "chat", *flags, stdin="first line\\\nsecond line\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == out.getvalue()
+
+
 def test_cli_chat_goes_on_after_a_failed_turn_and_exits_1(server_target: str) -> None:
     """A turn past the context is reported and the conversation goes on; the exit status
     tells a script that some turn got no reply (it was 0)."""
