@@ -319,7 +319,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     chat_parser = command(
         "chat",
-        "chat with the model (one session per run; each line is a turn; /exit or Ctrl-D ends it)",
+        "chat with the model (one session per run; each line is a turn, a line ending in \\ "
+        "going on to the next; /exit or Ctrl-D ends it)",
     )
     chat_parser.add_argument(
         "--max-tokens",
