@@ -11,7 +11,7 @@ import torch
 
 from salience_client.pb import salience_pb2 as pb
 from tests.conftest import RunningServer
-from tests.integration.test_vision import make_image
+from tests.vision_support import make_image
 
 TOLERANCE = 1e-4
 IMAGE_SIZE = (56, 56)  # 4 placeholder tokens

@@ -12,6 +12,7 @@ import pytest
 from salience_client import SalienceClient
 from tests.client_support import served_tiny_llama
 from tests.shim_support import RunningShim, Script, start_scripted, start_shim
+from tests.tiny_models import build_tiny_vision_model, reference_vision_model
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,16 @@ def server_target(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
 def client(server_target: str) -> Iterator[SalienceClient]:
     with SalienceClient(server_target, timeout=30) as client:
         yield client
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def vision(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A server on a tiny Qwen2-VL (and Qwen2.5-VL), with its model directory and the
+    transformers reference model."""
+    from tests.conftest import start_server  # the root conftest, loaded first
+
+    model_dir = build_tiny_vision_model(tmp_path_factory.mktemp(request.param), request.param)
+    server = start_server(str(model_dir), block_size=4, kv_cache_bytes=4 << 20)
+    server.extra.update(model_dir=model_dir, reference=reference_vision_model(model_dir))
+    yield server
+    server.stop()

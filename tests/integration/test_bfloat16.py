@@ -147,8 +147,8 @@ def test_emulated_bfloat16_image_is_float32_arithmetic_on_bfloat16_weights(
     float32 forward pass on the bf16-rounded weights, the image's pixels included (they
     reach the vision tower unrounded). Every product is made in float32 here
     (``MIN_ROWS`` 0), as the tiny model has layers float16 cannot hold."""
-    from tests.integration.test_vision import append_pieces, make_image, reference_inputs
     from tests.tiny_models import build_tiny_vision_model
+    from tests.vision_support import append_pieces, make_image, reference_inputs
 
     monkeypatch.setattr(cpu_matmul, "has_16_bit_units", lambda: False)
     monkeypatch.setattr(cpu_matmul, "MIN_ROWS", 0)

@@ -60,7 +60,7 @@ def test_the_model_loads_and_images_encode_on_threads_that_end(
     model_dir = build_tiny_vision_model(tmp_path_factory.mktemp("vl"), "qwen2_vl")
     server = start_server(str(model_dir), block_size=4, kv_cache_bytes=4 << 20)
     try:
-        from tests.integration.test_vision import encode, make_image
+        from tests.vision_support import encode, make_image
 
         session_id = open_session(server.stub)
         server.stub.AppendImage(

@@ -11,9 +11,9 @@ import pytest
 
 from salience_client import SalienceClient
 from salience_server.http.messages import IMAGE_PLACEHOLDER
-from tests.integration.test_vision import encode, make_image
 from tests.shim_support import RunningShim, start_shim
 from tests.tiny_models import build_tiny_vision_model
+from tests.vision_support import encode, make_image
 
 
 @pytest.fixture(scope="module")

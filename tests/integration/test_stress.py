@@ -32,9 +32,9 @@ from salience_client.pb import salience_pb2 as pb
 from tests.conftest import RunningServer, start_server
 from tests.helpers import U32_MAX, error_reason
 from tests.integration.test_readout import write_readout
-from tests.integration.test_vision import encode, make_image
 from tests.stress_model import IMAGE_SIZE, READOUT_LAYER, Call, Oracle, SessionModel, check_call
 from tests.tiny_models import build_tiny_vision_model, reference_vision_model
+from tests.vision_support import encode, make_image
 
 MAX_CONTEXT = 40
 BLOCK_SIZE = 4

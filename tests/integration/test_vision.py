@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import time
 import zlib
@@ -15,102 +14,18 @@ from PIL import Image
 
 from salience_client.pb import salience_pb2 as pb
 from tests.helpers import U32_MAX, error_reason, generate, open_session
-from tests.tiny_models import build_tiny_vision_model, reference_vision_model
-
-TOLERANCE = 1e-4
-
-
-def make_image(seed: int, size=(90, 60)) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def vision(request, tmp_path_factory):
-    from tests.conftest import start_server
-
-    model_dir = build_tiny_vision_model(tmp_path_factory.mktemp(request.param), request.param)
-    server = start_server(str(model_dir), block_size=4, kv_cache_bytes=4 << 20)
-    server.extra.update(model_dir=model_dir, reference=reference_vision_model(model_dir))
-    yield server
-    server.stop()
-
-
-def _info(server) -> pb.GetModelInfoResponse:
-    return server.stub.GetModelInfo(pb.GetModelInfoRequest())
-
-
-def reference_inputs(server, pieces: list) -> dict:
-    """transformers inputs for a sequence of token lists and PIL images."""
-    info = _info(server)
-    processor = server.engine.loaded.image_processor
-    ids, images = [], []
-    for piece in pieces:
-        if isinstance(piece, Image.Image):
-            features = processor(images=[piece], return_tensors="pt")
-            num_tokens = int(features["image_grid_thw"].prod()) // 4
-            ids += (
-                [info.vision_start_token_id]
-                + [info.image_pad_token_id] * num_tokens
-                + [info.vision_end_token_id]
-            )
-            images.append(features)
-        else:
-            ids += piece
-    input_ids = torch.tensor([ids])
-    inputs = {
-        "input_ids": input_ids,
-        "mm_token_type_ids": (input_ids == info.image_pad_token_id).int(),
-    }
-    if images:
-        inputs["pixel_values"] = torch.cat([f["pixel_values"] for f in images])
-        inputs["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in images])
-    return inputs
-
-
-def append_pieces(
-    server, session_id: str, pieces: list, logprobs_from: int = 0
-) -> tuple[int, list]:
-    """Appends text pieces (Generate) and images (AppendImage, wrapped in the vision
-    start/end tokens as a client writes them); returns (length, token events)."""
-    info = _info(server)
-    length, events = 0, []
-    for piece in pieces:
-        if isinstance(piece, Image.Image):
-            generate(
-                server.stub, session_id, append_tokens=[info.vision_start_token_id], offset=length
-            )
-            response = server.stub.AppendImage(
-                pb.AppendImageRequest(
-                    session_id=session_id,
-                    image=encode(piece),
-                    mime_type="image/png",
-                    offset=length + 1,
-                )
-            )
-            assert response.total_length == length + 1 + response.placeholder_count
-            length = response.total_length
-            piece = [info.vision_end_token_id]
-        tokens, done = generate(
-            server.stub,
-            session_id,
-            append_tokens=piece,
-            offset=length,
-            logprobs_ranges=[(max(length, logprobs_from), U32_MAX)],
-        )
-        events += tokens
-        length = done.total_tokens
-    return length, events
+from tests.vision_support import (
+    TOLERANCE,
+    append_pieces,
+    encode,
+    make_image,
+    model_info,
+    reference_inputs,
+)
 
 
 def test_model_info_reports_images(vision) -> None:
-    info = _info(vision)
+    info = model_info(vision)
     assert info.supports_images
     assert info.image_pad_token_id and info.vision_start_token_id and info.vision_end_token_id
 
@@ -172,7 +87,7 @@ def test_two_images_and_rewinding_before_the_second(vision) -> None:
         generate(stub, rewound, append_tokens=[1], offset=cut + 3, truncating=True)
     assert error_reason(caught.value) == "TRUNCATES_IMAGE"
     generate(stub, rewound, append_tokens=[], offset=cut, truncating=True)
-    info = _info(vision)
+    info = model_info(vision)
     generate(stub, rewound, append_tokens=[info.vision_start_token_id], offset=cut)
     response = stub.AppendImage(
         pb.AppendImageRequest(
@@ -244,37 +159,6 @@ def test_bad_images_are_refused_fast_and_change_nothing(name: str, vision) -> No
     assert vision.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.length == 3
 
 
-def test_image_survives_eviction_and_recompute(vision, server_factory) -> None:
-    # The host budget holds the image's embeddings (6 x 64 float32), not the KV: dropped.
-    tight = server_factory(
-        vision.extra["model_dir"], block_size=4, kv_cache_bytes=7 * 4 * 512, host_kv_bytes=2048
-    )
-    roomy = server_factory(vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20)
-    image = make_image(6)
-    results = []
-    for server in (roomy, tight):
-        first = open_session(server.stub)
-        length, _ = append_pieces(server, first, [[1, 2], image, [3]])
-        other = open_session(server.stub)  # pushes the first session out of the tight pool
-        generate(server.stub, other, append_tokens=[9] * 20)
-        tokens, done = generate(
-            server.stub,
-            first,
-            append_tokens=[4, 5],
-            offset=length,
-            max_tokens=6,
-            logprobs_ranges=[(length, U32_MAX)],
-        )
-        results.append((tokens, done))
-    (want, _), (got, done) = results
-    assert done.recomputed_tokens > 0
-    assert [t.id for t in got] == [t.id for t in want]
-    assert (
-        max(abs(a.sampled_logprob - b.sampled_logprob) for a, b in zip(got, want, strict=True))
-        < TOLERANCE
-    )
-
-
 def test_one_scoring_call_over_committed_text_and_an_image(vision) -> None:
     """The Rust client's scoring flow (SPEC 2.1): prefill-only chunks and an image
     first, then one call whose range covers them all. Text positions equal one forward
@@ -297,7 +181,7 @@ def test_one_scoring_call_over_committed_text_and_an_image(vision) -> None:
     assert [t.id for t in tokens] == ids[1:].tolist()
     with torch.no_grad():
         logprobs = torch.log_softmax(vision.extra["reference"](**inputs).logits[0].float(), -1)
-    pad = _info(vision).image_pad_token_id
+    pad = model_info(vision).image_pad_token_id
     for token in tokens:
         if token.id == pad:
             assert token.sampled_logprob == 0.0 and not token.top_logprobs and token.rank == 0
@@ -307,65 +191,13 @@ def test_one_scoring_call_over_committed_text_and_an_image(vision) -> None:
     assert done.recomputed_tokens == 0
 
 
-def test_image_embeddings_are_held_in_the_host_budget(vision, server_factory) -> None:
-    """Embeddings live in host memory, counted once however many forks share them; an
-    image that cannot fit is refused before anything changes."""
-    image_bytes = 6 * 64 * 4  # 6 placeholders of 64 float32
-    server = server_factory(
-        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=image_bytes
-    )
-    engine = server.engine
-    first = open_session(server.stub)
-    length, _ = append_pieces(server, first, [[1, 2], make_image(6), [3]])
-    assert engine.evictor.host_bytes_used == image_bytes
-    child = server.stub.ForkSession(pb.ForkSessionRequest(session_id=first)).session_id
-    assert engine.evictor.host_bytes_used == image_bytes  # shared, counted once
-    second = open_session(server.stub)
-    generate(server.stub, second, append_tokens=[6])
-    with pytest.raises(grpc.RpcError) as caught:
-        server.stub.AppendImage(
-            pb.AppendImageRequest(
-                session_id=second, image=encode(make_image(8)), mime_type="image/png", offset=1
-            )
-        )
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_reason(caught.value) == "HOST_MEMORY_FULL"
-    assert server.stub.GetSession(pb.GetSessionRequest(session_id=second)).session.length == 1
-    server.stub.CloseSession(pb.CloseSessionRequest(session_id=first))
-    assert engine.evictor.host_bytes_used == image_bytes  # the fork still holds it
-    server.stub.CloseSession(pb.CloseSessionRequest(session_id=child))
-    assert engine.evictor.host_bytes_used == 0 and len(engine.images) == 0
-
-
-def test_an_image_pushes_offloaded_kv_out_of_host_memory(vision, server_factory) -> None:
-    image_bytes = 6 * 64 * 4
-    server = server_factory(
-        vision.extra["model_dir"],
-        block_size=4,
-        kv_cache_bytes=8 * 4 * 512,  # 32 tokens
-        host_kv_bytes=image_bytes + 12 * 512,  # one image and 12 tokens of KV
-    )
-    stub = server.stub
-    first = open_session(stub)
-    length, _ = append_pieces(server, first, [[1, 2], make_image(6), [3]])  # 11 tokens
-    generate(stub, open_session(stub), append_tokens=[9] * 24)  # pushes the first out
-    residency = lambda: stub.GetSession(pb.GetSessionRequest(session_id=first)).session.residency  # noqa: E731
-    assert residency() == pb.RESIDENCY_OFFLOADED
-    append_pieces(server, open_session(stub), [[4], make_image(7), [5]])
-    assert residency() == pb.RESIDENCY_DROPPED  # its host KV made room for the image
-    assert server.engine.evictor.host_bytes_used == 2 * image_bytes
-    assert first not in server.engine.runner.host_kv
-    _, done = generate(stub, first, offset=length, append_tokens=[8], max_tokens=2)
-    assert done.recomputed_tokens == length  # recomputed from its tokens and its image
-
-
 def test_the_rust_clients_scoring_flow_through_the_python_client(vision) -> None:
     """Prefill-only chunks and an image through ``Session``, then one ``score`` call
     whose range covers committed text on both sides of the image, against one forward
     pass (image positions carry no logprob, so they add nothing to the sum)."""
     from salience_client import SalienceClient
 
-    info = _info(vision)
+    info = model_info(vision)
     image = make_image(5)
     before, middle, scored = [21, 22, 23], [24, 25], [26, 27, 28]
     with SalienceClient(vision.target) as client, client.open_session() as session:
@@ -395,7 +227,7 @@ def test_an_image_append_cancelled_midway_is_rewound_by_the_next_call(vision) ->
 
     from salience_client import AsyncSalienceClient
 
-    info = _info(vision)
+    info = model_info(vision)
     execute = vision.engine.runner.execute
 
     def slow_execute(batch, uploads=None):

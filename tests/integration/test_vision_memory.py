@@ -1,0 +1,95 @@
+"""Images under memory pressure on tiny Qwen2-VL and Qwen2.5-VL models: an image's
+session evicted and recomputed, image embeddings in the host budget, and an image
+making room in host memory."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from salience_client.pb import salience_pb2 as pb
+from tests.helpers import U32_MAX, error_reason, generate, open_session
+from tests.vision_support import TOLERANCE, append_pieces, encode, make_image
+
+
+def test_image_survives_eviction_and_recompute(vision, server_factory) -> None:
+    # The host budget holds the image's embeddings (6 x 64 float32), not the KV: dropped.
+    tight = server_factory(
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=7 * 4 * 512, host_kv_bytes=2048
+    )
+    roomy = server_factory(vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20)
+    image = make_image(6)
+    results = []
+    for server in (roomy, tight):
+        first = open_session(server.stub)
+        length, _ = append_pieces(server, first, [[1, 2], image, [3]])
+        other = open_session(server.stub)  # pushes the first session out of the tight pool
+        generate(server.stub, other, append_tokens=[9] * 20)
+        tokens, done = generate(
+            server.stub,
+            first,
+            append_tokens=[4, 5],
+            offset=length,
+            max_tokens=6,
+            logprobs_ranges=[(length, U32_MAX)],
+        )
+        results.append((tokens, done))
+    (want, _), (got, done) = results
+    assert done.recomputed_tokens > 0
+    assert [t.id for t in got] == [t.id for t in want]
+    assert (
+        max(abs(a.sampled_logprob - b.sampled_logprob) for a, b in zip(got, want, strict=True))
+        < TOLERANCE
+    )
+
+
+def test_image_embeddings_are_held_in_the_host_budget(vision, server_factory) -> None:
+    """Embeddings live in host memory, counted once however many forks share them; an
+    image that cannot fit is refused before anything changes."""
+    image_bytes = 6 * 64 * 4  # 6 placeholders of 64 float32
+    server = server_factory(
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=image_bytes
+    )
+    engine = server.engine
+    first = open_session(server.stub)
+    length, _ = append_pieces(server, first, [[1, 2], make_image(6), [3]])
+    assert engine.evictor.host_bytes_used == image_bytes
+    child = server.stub.ForkSession(pb.ForkSessionRequest(session_id=first)).session_id
+    assert engine.evictor.host_bytes_used == image_bytes  # shared, counted once
+    second = open_session(server.stub)
+    generate(server.stub, second, append_tokens=[6])
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.AppendImage(
+            pb.AppendImageRequest(
+                session_id=second, image=encode(make_image(8)), mime_type="image/png", offset=1
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(caught.value) == "HOST_MEMORY_FULL"
+    assert server.stub.GetSession(pb.GetSessionRequest(session_id=second)).session.length == 1
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=first))
+    assert engine.evictor.host_bytes_used == image_bytes  # the fork still holds it
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=child))
+    assert engine.evictor.host_bytes_used == 0 and len(engine.images) == 0
+
+
+def test_an_image_pushes_offloaded_kv_out_of_host_memory(vision, server_factory) -> None:
+    image_bytes = 6 * 64 * 4
+    server = server_factory(
+        vision.extra["model_dir"],
+        block_size=4,
+        kv_cache_bytes=8 * 4 * 512,  # 32 tokens
+        host_kv_bytes=image_bytes + 12 * 512,  # one image and 12 tokens of KV
+    )
+    stub = server.stub
+    first = open_session(stub)
+    length, _ = append_pieces(server, first, [[1, 2], make_image(6), [3]])  # 11 tokens
+    generate(stub, open_session(stub), append_tokens=[9] * 24)  # pushes the first out
+    residency = lambda: stub.GetSession(pb.GetSessionRequest(session_id=first)).session.residency  # noqa: E731
+    assert residency() == pb.RESIDENCY_OFFLOADED
+    append_pieces(server, open_session(stub), [[4], make_image(7), [5]])
+    assert residency() == pb.RESIDENCY_DROPPED  # its host KV made room for the image
+    assert server.engine.evictor.host_bytes_used == 2 * image_bytes
+    assert first not in server.engine.runner.host_kv
+    _, done = generate(stub, first, offset=length, append_tokens=[8], max_tokens=2)
+    assert done.recomputed_tokens == length  # recomputed from its tokens and its image
