@@ -16,14 +16,16 @@ CHOICES = [" Paris", " London", " Berlin", " Madrid"]
 
 
 def main() -> None:
-    with SalienceClient(TARGET) as client, client.open_session() as question:
-        question.prefill(client.tokenize(QUESTION))
-        for choice in CHOICES:
-            with question.fork() as branch:
-                ids = client.tokenize(choice)
-                start = branch.length
-                (total,) = branch.score(ids, ranges=[(start, start + len(ids))])
-            print(f"{total:8.3f}  {choice.strip()}")
+    with SalienceClient(TARGET) as client:
+        client.wait_ready()  # a server just started may still be loading its model
+        with client.open_session() as question:
+            question.prefill(client.tokenize(QUESTION))
+            for choice in CHOICES:
+                with question.fork() as branch:
+                    ids = client.tokenize(choice)
+                    start = branch.length
+                    (total,) = branch.score(ids, ranges=[(start, start + len(ids))])
+                print(f"{total:8.3f}  {choice.strip()}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # 3.12, manylinux x86-64), and the default model's config and tokenizer (its weights are
 # drawn at random there: the check measures speed on the model's shapes, not its text).
 #
-#   scripts/gpu_bundle.sh        # here, after make setup; about 45 MB
+#   scripts/gpu_bundle.sh        # here, after make setup; about 48 MB
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=.gpu-bundle
