@@ -39,6 +39,9 @@ FORK_MIN_SHARED = 64
 the session itself staying idle: requests arriving while it runs (a fan-out over one
 system prompt) share the prefix too. A parent no one else used is closed as its child
 comes back, so a lone conversation holds one session."""
+MAX_KEPT_SCORES = 1 << 18
+"""Scored positions the pool keeps at most over all its sessions (a few hundred MB with
+five alternatives each); past it, the least recently used sessions' scores go first."""
 SETTLE_WAIT_S = 5.0
 """How long a session whose call was cancelled may stay busy on the server before the pool
 gives up on it and closes it."""
@@ -140,9 +143,11 @@ class SessionPool:
         max_sessions: int,
         fork_min_discard: int = FORK_MIN_DISCARD,
         fork_min_shared: int = FORK_MIN_SHARED,
+        max_kept_scores: int = MAX_KEPT_SCORES,
     ) -> None:
         self._client = client
         self.max_sessions = max_sessions
+        self.max_kept_scores = max_kept_scores
         self.fork_min_discard = fork_min_discard
         self.fork_min_shared = fork_min_shared
         self._entries: list[PooledSession] = []
@@ -345,9 +350,15 @@ class SessionPool:
         while len(self._entries) > self.max_sessions:
             victim = self._least_recent_idle()
             if victim is None:
-                return
+                break
             self._entries.remove(victim)
             self._spawn(self._close(victim.session))
+        kept = sum(len(entry.scores.events) for entry in self._entries)
+        for entry in sorted(self._entries, key=lambda entry: entry.last_used):
+            if kept <= self.max_kept_scores:
+                return
+            kept -= len(entry.scores.events)
+            entry.scores = NO_SCORES  # a call scoring from them has its own copy
 
     async def _close(self, session: AsyncSession) -> None:
         with contextlib.suppress(SalienceClientError):

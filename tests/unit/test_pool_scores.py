@@ -55,3 +55,16 @@ def test_a_scoring_request_is_lent_the_session_whose_scores_it_shares() -> None:
     assert pool._best_match(prompt, scoring=0) == (narrow, 4)
     best: Any = pool._best_match(prompt, scoring=5)
     assert best[1] == 0  # none serves it: a session is lent to be rewound
+
+
+def test_the_pool_keeps_scores_up_to_its_bound_the_most_recent_first() -> None:
+    pool = SessionPool(client=None, max_sessions=4, max_kept_scores=10)  # type: ignore[arg-type]
+    old, new = _entry([1, 2, 3, 4, 5, 6], 1, last_used=1.0), _entry([7, 8, 9, 10], 1, 2.0)
+    pool._entries = [new, old]
+    pool._trim()
+    assert len(old.scores.events) == 6 and len(new.scores.events) == 4  # 10: within
+    newest = _entry([11, 12], 1, last_used=3.0)
+    pool._entries.append(newest)
+    pool._trim()
+    assert old.scores is NO_SCORES and len(new.scores.events) == 4
+    assert len(newest.scores.events) == 2
