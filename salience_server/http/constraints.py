@@ -58,6 +58,7 @@ def response_format_constraint(value: dict[str, Any] | None) -> Constraint | Non
                 "response_format json_schema needs json_schema.schema",
                 "response_format.json_schema",
             )
+        _check_name(spec.get("name"), "response_format.json_schema.name")
         return "json_schema", json_schema_text(spec["schema"], "response_format.json_schema")
     return _plain_format(kind, "response_format")
 
@@ -74,8 +75,17 @@ def text_format_constraint(text: dict[str, Any] | None) -> Constraint | None:
     if kind == "json_schema":
         if "schema" not in value:
             raise invalid("text.format json_schema needs a schema", "text.format.schema")
+        _check_name(value.get("name"), "text.format.name")
         return "json_schema", json_schema_text(value["schema"], "text.format.schema")
     return _plain_format(kind, "text.format")
+
+
+def _check_name(name: Any, param: str) -> None:
+    """A JSON schema format's ``name``, which OpenAI and vLLM both require."""
+    if name is None:
+        raise invalid("a json_schema format needs a name", param, "missing_required_parameter")
+    if not isinstance(name, str) or not name:
+        raise invalid("the json_schema format's name must be a non-empty string", param)
 
 
 def _plain_format(kind: Any, param: str) -> Constraint | None:

@@ -261,6 +261,19 @@ def test_a_malformed_message_is_refused_as_openai_refuses_it(
             "input[0].call_id",
         ),
         ("responses", {"input": [{"role": "user", "content": None}]}, "input[0].content"),
+        (
+            "chat/completions",
+            {
+                "messages": HELLO,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {}}},
+            },
+            "response_format.json_schema.name",
+        ),
+        (
+            "responses",
+            {"input": "Hello", "text": {"format": {"type": "json_schema", "schema": {}}}},
+            "text.format.name",
+        ),
     ],
 )
 def test_a_request_openai_refuses_is_refused_naming_its_field(
@@ -268,7 +281,7 @@ def test_a_request_openai_refuses_is_refused_naming_its_field(
 ) -> None:
     """Each was taken silently: a tool_choice without tools (nothing to choose from), a
     format without a type (as plain text), a tool result naming no call, a message item
-    without content."""
+    without content, a JSON schema format without the name OpenAI and vLLM require."""
     body = {"model": model, "max_tokens" if path.startswith("chat") else "max_output_tokens": 2}
     response = httpx.post(f"{shim.base_url}/{path}", json={**body, **fields})
     assert response.status_code == 400, response.text
