@@ -59,7 +59,27 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int) 
         return f"flash-attn takes head sizes up to {_MAX_HEAD_DIM} in steps of 8, not {head_dim}"
     if load_kernel() is None:
         return "flash-attn is not installed (pip install flash-attn --no-build-isolation)"
+    version = _installed_version()
+    if version is not None and version < _MIN_VERSION:
+        # Before 2.1 its causal mask aligns to the top left (a decode row would see only
+        # the first key: wrong, silently); 2.3 adds the sliding window.
+        return f"flash-attn {'.'.join(map(str, version))} is older than 2.3; upgrade it"
     return None
+
+
+_MIN_VERSION = (2, 3)
+
+
+def _installed_version() -> tuple[int, ...] | None:
+    """flash-attn's version as numbers (``2.7.4.post1`` is (2, 7, 4)); None if unknown."""
+    import flash_attn
+
+    numbers = []
+    for part in str(getattr(flash_attn, "__version__", "")).split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers) or None
 
 
 def takes_block_table(kernel: VarlenKernel) -> bool:

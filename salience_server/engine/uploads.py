@@ -84,9 +84,9 @@ class Uploads:
         if not pinned:
             self._sent = host
             return
-        # Non-blocking: the copy is ordered before the step's kernels on the stream, and
-        # the step's results come back through a synchronising copy before the pinned
-        # buffer could be freed.
+        # Non-blocking: the copy is ordered before the step's kernels on the stream. The
+        # pinned buffer is let go when this returns, which is safe: torch's pinned-memory
+        # cache records an event on the copy and reuses the block only once it is done.
         self._sent = host.to(self.device, non_blocking=True)
 
     def _appended(self, length: int) -> Upload:

@@ -32,11 +32,18 @@ def test_flash_attn_unsupported_reasons(monkeypatch: pytest.MonkeyPatch) -> None
         flash_attention.unsupported_reason(cuda, torch.float32, 64) or ""
     )
     assert "head sizes" in (flash_attention.unsupported_reason(cuda, torch.float16, 512) or "")
+    old = types.ModuleType("flash_attn")  # its causal mask aligned to the top left
+    old.flash_attn_varlen_func = flash_reference.flash_attn_varlen_func  # type: ignore[attr-defined]
+    old.__version__ = "2.0.9"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn", old)
+    reason = flash_attention.unsupported_reason(cuda, torch.float16, 64) or ""
+    assert "flash-attn 2.0.9 is older than 2.3" in reason
 
 
 def test_auto_selects_flash_attn_on_cuda_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = types.ModuleType("flash_attn")
     fake.flash_attn_varlen_func = flash_reference.flash_attn_varlen_func  # type: ignore[attr-defined]
+    fake.__version__ = "2.7.4.post1"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     cuda = torch.device("cuda")
     assert flash_attention.unsupported_reason(cuda, torch.bfloat16, 64) is None
