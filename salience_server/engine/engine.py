@@ -88,6 +88,9 @@ class Engine:
             config.attention_backend,
         )
         self.runner.warm_up(self.uses_mrope, may_fall_back=config.attention_backend == "auto")
+        # Ids past the output layer's width have no logit to score or bias (on CUDA an
+        # index past it is a device assert, fatal to the engine): valid ids are below both.
+        self.vocab_size = min(self.vocab_size, self.runner.logits_width)
         if readout is not None:
             self.runner.enable_readout(readout)
         self.sessions: dict[str, Session] = {}

@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine import cpu_matmul, decoder_layers
 from salience_server.engine.engine import Engine
+from salience_server.engine.errors import SalienceError
 from salience_server.engine.loader import UnsupportedModel, load_model
+from salience_server.engine.request import GenerateParams, SamplingParams
 from tests.tiny_models import build_tokenizer
 
 
@@ -86,6 +88,30 @@ def test_a_layer_whose_attention_bypasses_the_kv_pool_is_refused(
     monkeypatch.setattr(attention, "forward", bypassing)
     with pytest.raises(ValueError, match=r"layers \[1\] do not attend through"):
         Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+
+
+def test_token_ids_past_the_output_layer_are_refused(tiny_llama_dir: Path) -> None:
+    """A model whose output layer is narrower than its embedding: an id between the two
+    passed the check (the embedding's rows) and failed as the step scored or biased it
+    (on CUDA, a device assert that ends the engine). Valid ids are below both."""
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    rows, hidden = loaded.model.get_input_embeddings().weight.shape
+    loaded.model.lm_head = torch.nn.Linear(hidden, rows - 10, bias=False)
+    engine = Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+    assert engine.vocab_size == rows - 10
+    session = engine.open_session()
+    for params in (
+        GenerateParams(session_id=session.session_id, append_tokens=[1, rows - 5]),
+        GenerateParams(
+            session_id=session.session_id,
+            append_tokens=[1],
+            max_tokens=1,
+            sampling=SamplingParams(logit_bias={rows - 5: 1.0}),
+        ),
+    ):
+        with pytest.raises(SalienceError) as refused:
+            engine.submit(params, lambda event: None)
+        assert refused.value.reason == "INVALID_TOKEN"
 
 
 def test_a_kv_pool_larger_than_the_free_memory_is_refused(tiny_llama_dir: Path) -> None:
