@@ -291,3 +291,14 @@ WEATHER = {
 """A Chat Completions tool with one required argument."""
 TIME = {"type": "function", "function": {"name": "get_time"}}
 """A Chat Completions tool without parameters."""
+
+
+def last_decoding_request(script: Script) -> pb.GenerateRequest:
+    """The last decoding GenerateRequest the scripted server received."""
+    return next(r for r in reversed(script.requests) if r.max_tokens > 0)
+
+
+def request_constraint(request: pb.GenerateRequest) -> tuple[str | None, Any]:
+    """(kind, value) of a GenerateRequest's constraint; (None, None) without one."""
+    kind = request.constraint.WhichOneof("kind")
+    return kind, getattr(request.constraint, kind) if kind else None
