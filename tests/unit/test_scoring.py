@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from salience_server.engine import scoring
-from tests.unit.test_sampler import VOCAB, _logits
+from tests.sampling_support import VOCAB, random_logits
 
 
 def test_scores_equal_each_rows_rank_and_top_k() -> None:
-    logprobs = scoring.log_softmax(_logits(40))  # more rows than one ranking chunk
+    logprobs = scoring.log_softmax(random_logits(40))  # more rows than one ranking chunk
     token_ids = torch.randint(VOCAB, (40,), generator=torch.Generator().manual_seed(1))
     top_ks = [row % 4 for row in range(40)]
     scores = scoring.score(logprobs, token_ids, top_ks)
@@ -78,7 +78,7 @@ def test_top_logprobs_are_the_first_k_by_value_then_id(monkeypatch, reads_host_f
 
 def test_one_host_copy_reads_the_same_values() -> None:
     """The packed path (one device-to-host copy on CUDA) equals reading each tensor."""
-    logits = _logits(5, seed=13)
+    logits = random_logits(5, seed=13)
     logprobs = scoring.log_softmax(logits)
     token_ids = torch.tensor([3, 7, 250, 0, 299])
     tensors = list(scoring.score_on_device(logprobs, token_ids, [0, 2, 5, 1, 3])) + [token_ids]
