@@ -188,20 +188,22 @@ class Attempts:
         self.num_replays += 1
 
     def retry_wait_s(self, error: SalienceClientError) -> float:
-        """How long to wait before retrying after ``error``; raises it when the budget
-        is spent."""
+        """How long to wait before retrying after ``error``: doubling waits, the last cut
+        to end at the budget's end, so that a replica back before then is found (the
+        client gave up as soon as a doubled wait would pass it: 6.4 s into a 10 s
+        budget). Raises ``error`` once the budget is spent."""
         now = time.monotonic()
         if self._deadline is None:
             self._deadline = now + self.policy.retry_budget_s
+        if self.num_retries and now >= self._deadline:
+            raise error
         wait = (
             0.0
             if self.num_retries == 0
             else self.policy.first_retry_wait_s * 2 ** min(self.num_retries - 1, 10)
         )
-        if self.num_retries and now + wait > self._deadline:
-            raise error
         self.num_retries += 1
-        return wait
+        return min(wait, self._deadline - now)
 
 
 class StreamProgress:

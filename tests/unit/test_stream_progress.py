@@ -69,16 +69,31 @@ def test_replays_are_counted_and_retries_bounded_in_time(monkeypatch: pytest.Mon
         attempts.begin_replay("s", lost)
     assert caught.value.reason == "REPLAY_FAILED" and "failed 2 times" in caught.value.message
     down = _error(grpc.StatusCode.UNAVAILABLE)
-    assert [attempts.retry_wait_s(down) for _ in range(3)] == [0.0, 0.1, 0.2]
-    with pytest.raises(SalienceClientError) as caught:
-        attempts.retry_wait_s(down)  # 0.4 s more would pass the 0.3 s budget
-    assert caught.value is down
-    # The time that passes counts: 0.25 s after the first try, the third (0.2 s) passes it.
+
+    def waits(attempts: Attempts) -> list[float]:
+        """The waits until the budget is spent, each slept on the test's clock."""
+        taken = []
+        while True:
+            try:
+                taken.append(round(attempts.retry_wait_s(down), 6))
+            except SalienceClientError as error:
+                assert error is down
+                return taken
+            clock.now += taken[-1]
+
+    # Doubling waits; the last is cut to end at the budget's end, where the retries
+    # stop (they stopped as soon as a doubled wait would pass it: 0.05 s early here).
+    assert waits(attempts) == [0.0, 0.1, 0.2]
+    budget = Attempts(Failover(retry_budget_s=0.35, first_retry_wait_s=0.1))
+    assert waits(budget) == [0.0, 0.1, 0.2, 0.05]
+    # The time the calls themselves take counts: 0.25 s after the first try, 0.05 s left.
     attempts = Attempts(Failover(retry_budget_s=0.3, first_retry_wait_s=0.1))
     assert attempts.retry_wait_s(down) == 0.0
     clock.now += 0.15
     assert attempts.retry_wait_s(down) == 0.1
     clock.now += 0.1
+    assert round(attempts.retry_wait_s(down), 6) == 0.05
+    clock.now += 0.05
     with pytest.raises(SalienceClientError) as caught:
         attempts.retry_wait_s(down)
     assert caught.value is down
