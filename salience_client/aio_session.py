@@ -183,7 +183,7 @@ class AsyncSession(SessionBase):
             await asyncio.sleep(0.001)
         if self._abandoned:
             with contextlib.suppress(SalienceClientError):  # the call itself will say
-                await self._idle_info(SETTLE_WAIT_S)
+                await self._idle_info(SETTLE_WAIT_S, recovers=False)
 
     async def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
         """Takes the server's length as this session's, waiting up to ``wait_s`` while it
@@ -193,16 +193,24 @@ class AsyncSession(SessionBase):
         self._synced(info.length)
         return info
 
-    async def _idle_info(self, wait_s: float) -> SessionInfo:
-        """The server's view of this session once it is not busy, or after ``wait_s``."""
+    async def _idle_info(self, wait_s: float, recovers: bool = True) -> SessionInfo:
+        """The server's view of this session once it is not busy, or after ``wait_s``.
+        Without ``recovers``, each look is one call, neither replaying nor retrying (a
+        call that settles first would spend its retry budget twice)."""
         deadline = time.monotonic() + wait_s
         pause = 0.01
-        info = await self.info()
+        info = await self._looked_up(recovers)
         while info.is_busy and time.monotonic() < deadline:
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.2)
-            info = await self.info()
+            info = await self._looked_up(recovers)
         return info
+
+    async def _looked_up(self, recovers: bool) -> SessionInfo:
+        if recovers:
+            return await self.info()
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        return SessionInfo.from_pb((await self._unary(self._stub.GetSession, request)).session)
 
     async def _collect(self, events: AsyncIterator[TokenEvent | Done]) -> list[TokenEvent | Done]:
         return [event async for event in events]

@@ -150,7 +150,7 @@ class Session(SessionBase):
                 stream.close()  # its call is cancelled: the session holds what it delivered
         if self._abandoned:
             with contextlib.suppress(SalienceClientError):  # the call itself will say
-                self._idle_info(SETTLE_WAIT_S)
+                self._idle_info(SETTLE_WAIT_S, recovers=False)
 
     def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
         """Takes the server's length as this session's, waiting up to ``wait_s`` while it
@@ -160,16 +160,24 @@ class Session(SessionBase):
         self._synced(info.length)
         return info
 
-    def _idle_info(self, wait_s: float) -> SessionInfo:
-        """The server's view of this session once it is not busy, or after ``wait_s``."""
+    def _idle_info(self, wait_s: float, recovers: bool = True) -> SessionInfo:
+        """The server's view of this session once it is not busy, or after ``wait_s``.
+        Without ``recovers``, each look is one call, neither replaying nor retrying (a
+        call that settles first would spend its retry budget twice)."""
         deadline = time.monotonic() + wait_s
         pause = 0.01
-        info = self.info()
+        info = self._looked_up(recovers)
         while info.is_busy and time.monotonic() < deadline:
             time.sleep(pause)
             pause = min(2 * pause, 0.2)
-            info = self.info()
+            info = self._looked_up(recovers)
         return info
+
+    def _looked_up(self, recovers: bool) -> SessionInfo:
+        if recovers:
+            return self.info()
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        return SessionInfo.from_pb((self._unary(self._stub.GetSession, request)).session)
 
     def prefill(self, tokens: Sequence[int]) -> Done:
         """Appends ``tokens`` without decoding."""

@@ -11,6 +11,7 @@ replicas killed behind a real proxy, is test_replicas.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -342,6 +343,40 @@ def test_a_stream_that_cannot_resume_keeps_what_it_delivered_for_the_next_replay
             assert session.length == 7 and session.num_replays == 1
         finally:
             fresh.stop()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "asyncio"])
+def test_a_call_after_a_failed_one_spends_one_retry_budget(is_async: bool) -> None:
+    """No replica answers: a call fails after its retry budget, and so does the next,
+    once. The next spent a whole budget first looking whether the failed call's session
+    was still busy (twice the budget in all)."""
+    budget = Failover(retry_budget_s=1.0, first_retry_wait_s=0.05)
+    running = start_fake()
+
+    async def next_call_async() -> float:
+        async with AsyncSalienceClient(running.target, timeout=10, replay=budget) as client:
+            session = await client.open_session()
+            running.stop()
+            with pytest.raises(SalienceClientError):
+                await session.prefill([1, 2])
+            start = time.monotonic()
+            with pytest.raises(SalienceClientError):
+                await session.prefill([3])
+            return time.monotonic() - start
+
+    if is_async:
+        elapsed = asyncio.run(next_call_async())
+    else:
+        with SalienceClient(running.target, timeout=10, replay=budget) as client:
+            session = client.open_session()
+            running.stop()
+            with pytest.raises(SalienceClientError):
+                session.prefill([1, 2])
+            start = time.monotonic()
+            with pytest.raises(SalienceClientError):
+                session.prefill([3])
+            elapsed = time.monotonic() - start
+    assert 0.9 < elapsed < 1.7
 
 
 def test_a_server_error_mid_stream_is_not_resumed(fake: RunningFake) -> None:
