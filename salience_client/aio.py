@@ -25,9 +25,10 @@ from salience_client.client import (
     embed_request,
     failover_policy,
     not_ready,
+    retries_unanswered,
     tokenize_chat_request,
 )
-from salience_client.failover import Failover, FailoverStats, routing_metadata
+from salience_client.failover import Attempts, Failover, FailoverStats, routing_metadata
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
@@ -96,10 +97,19 @@ class AsyncSalienceClient:
         raise not_ready(self.target, timeout_s)
 
     async def _call(self, method: str, request: Any) -> Any:
-        with closed_client_calls(self._stub):
-            response = await call_unary(getattr(self._stub, method), request, self._timeout)
-        self.failover_stats.is_server_reached = True
-        return response
+        """As ``SalienceClient._call``."""
+        attempts = Attempts(self.failover)
+        while True:
+            try:
+                with closed_client_calls(self._stub):
+                    response = await call_unary(getattr(self._stub, method), request, self._timeout)
+            except SalienceClientError as error:
+                if not retries_unanswered(self.failover, self.failover_stats, error):
+                    raise
+                await asyncio.sleep(attempts.retry_wait_s(error))
+                continue
+            self.failover_stats.is_server_reached = True
+            return response
 
     async def open_session(self, max_context: int = 0, session_id: str = "") -> AsyncSession:
         """As ``SalienceClient.open_session``."""

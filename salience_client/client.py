@@ -12,7 +12,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client.auth import BearerToken
-from salience_client.failover import Failover, FailoverStats, new_session_id, routing_metadata
+from salience_client.failover import (
+    Attempts,
+    Failover,
+    FailoverStats,
+    is_broken,
+    new_session_id,
+    routing_metadata,
+)
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -64,6 +71,12 @@ def embed_request(
         normalize=normalize,
         add_special_tokens=add_special_tokens,
     )
+
+
+def retries_unanswered(policy: Failover, stats: FailoverStats, error: SalienceClientError) -> bool:
+    """Whether a call that is no session's retries after ``error``: no replica answered
+    it (and one has answered this client before: a wrong address fails at once)."""
+    return policy.replay and stats.is_server_reached and is_broken(error)
 
 
 def failover_policy(replay: bool | Failover) -> Failover:
@@ -135,9 +148,19 @@ class SalienceClient:
         raise not_ready(self.target, timeout_s)
 
     def _call(self, method: str, request: Any) -> Any:
-        response = call_unary(getattr(self._stub, method), request, self._timeout)
-        self.failover_stats.is_server_reached = True
-        return response
+        """A call that is no session's; while no replica answers, it retries within the
+        failover's budget as a session's call does (it failed at once)."""
+        attempts = Attempts(self.failover)
+        while True:
+            try:
+                response = call_unary(getattr(self._stub, method), request, self._timeout)
+            except SalienceClientError as error:
+                if not retries_unanswered(self.failover, self.failover_stats, error):
+                    raise
+                time.sleep(attempts.retry_wait_s(error))
+                continue
+            self.failover_stats.is_server_reached = True
+            return response
 
     def open_session(self, max_context: int = 0, session_id: str = "") -> Session:
         """Creates an empty session; ``max_context`` 0 means the server's limit.
