@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.shim_support import (
+    HELLO,
     TIME,
     WEATHER,
     WEATHER_PARAMETERS,
@@ -23,7 +24,6 @@ from tests.shim_support import (
     request_constraint,
 )
 
-HELLO = [{"role": "user", "content": "Hello"}]
 LLAMA3_TEMPLATE = (
     '{{ messages }}{% if tools %}Respond as {"name": function name, "parameters": '
     "dictionary of argument name and its value}{{ tools }}{% endif %}"

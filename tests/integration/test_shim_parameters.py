@@ -17,6 +17,7 @@ import pytest
 
 from salience_client.pb import salience_pb2 as pb
 from tests.shim_support import (
+    HELLO,
     WEATHER_PARAMETERS,
     RunningShim,
     Script,
@@ -24,9 +25,6 @@ from tests.shim_support import (
     rendered_chat,
     request_constraint,
 )
-
-HELLO = [{"role": "user", "content": "Hello"}]
-
 
 SAMPLING = dict(
     temperature=0.5,
