@@ -168,7 +168,7 @@ async def _collect_all(generations: list[Generation], min_shared: int) -> list[G
     groups: dict[tuple[int, ...], list[Generation]] = {}
     for generation in generations:
         ids = generation.prompt_ids
-        if generation.options.score_prompt and len(ids) > min_shared:
+        if generation.keeps_scores and len(ids) > min_shared:
             groups.setdefault(tuple(ids[:min_shared]), []).append(generation)
     leaders: dict[tuple[int, ...], asyncio.Event] = {}
 

@@ -83,8 +83,8 @@ class Generation:
         """Every event of every choice, in arrival order."""
         lease = await self._pool.acquire(
             self.prompt_ids,
-            reuse=self._keeps_scores or not self.options.score_prompt,
-            scoring=self.options.logprob_top_k if self._keeps_scores else None,
+            reuse=self.keeps_scores or not self.options.score_prompt,
+            scoring=self.options.logprob_top_k if self.keeps_scores else None,
             has_siblings=self.has_siblings,
         )
         try:
@@ -119,7 +119,7 @@ class Generation:
                 yield event
 
     @property
-    def _keeps_scores(self) -> bool:
+    def keeps_scores(self) -> bool:
         """Whether this call's prompt scores are kept with its session, and it may be
         scored from where a pooled session's kept scores end (not with images: their
         positions carry none, and their runs change length as they go in)."""
@@ -215,8 +215,9 @@ class Generation:
         and it finished)."""
         append = self.prompt_ids[truncate_to:]
         base_ids = lease.known_ids[:truncate_to] + append
+        keeps = is_prompt_call and self.keeps_scores
         scored: list[TokenEvent] = []  # kept scores first, then this call's
-        if is_prompt_call and self._keeps_scores:
+        if keeps:
             scored = lease.entry.scores.up_to(truncate_to, self.options.logprob_top_k)
         options = self.options.generate_options(
             index, len(self.prompt_ids), is_prompt_call, max_tokens, len(scored)
@@ -240,7 +241,7 @@ class Generation:
                             self._pool.release(lease, held, scores)
                         yield ChoiceDone(index, event, decoded)
                         continue
-                    if self._keeps_scores and is_prompt_call:
+                    if keeps:
                         scored.append(event)
                     if event.is_prefill:
                         yield PromptToken(event)
