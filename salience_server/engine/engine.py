@@ -10,10 +10,7 @@ without it. A failure in one request's part of a step fails that request alone
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import Future
 
 from salience_server.config import EngineConfig
@@ -23,13 +20,12 @@ from salience_server.engine.constraints import (
     ConstraintCompiler,
     ConstraintSpec,
 )
+from salience_server.engine.engine_thread import EngineThread
 from salience_server.engine.errors import (
     Code,
     SalienceError,
-    device_lost,
     images_unsupported,
     session_busy,
-    shutting_down,
 )
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
@@ -48,10 +44,6 @@ from salience_server.engine.stepping import Stepper
 from salience_server.engine.validation import Limits, offset_mismatch
 from salience_server.engine.vision import EncodedImage, ImageLimits, VisionEncoder, decode_image
 from salience_server.metrics import EngineGauges, Metrics
-
-log = logging.getLogger(__name__)
-
-_EXPIRY_PERIOD_S = 0.25
 
 
 class Engine:
@@ -136,50 +128,34 @@ class Engine:
             uses_mrope=self.uses_mrope,
             has_readout=self.has_readout,
         )
-        self._is_stopping = False
-        self._is_draining = False
-        self.death: BaseException | None = None
-        """What killed the engine thread, if it died; every call is then UNAVAILABLE."""
-        self.on_death: Callable[[], None] | None = None
-        """Called (from the dying thread) when the engine thread dies."""
-        self._thread = threading.Thread(target=self._loop, name="salience-engine", daemon=True)
+        self.thread = EngineThread(
+            self._lock,
+            self.scheduler,
+            self.session_table,
+            self.outcomes,
+            self.step,
+            config.session_ttl_s,
+        )
 
     # ----- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def drain(self, grace_s: float) -> bool:
-        """Refuses new work (UNAVAILABLE) and waits up to ``grace_s`` for the calls in
-        flight to end; True if they all did."""
-        with self._lock:
-            self._is_draining = True
-            return self._lock.wait_for(lambda: not self.scheduler.has_work(), timeout=grace_s)
+        """Refuses new work and waits up to ``grace_s`` for the calls in flight to end
+        (``EngineThread.drain``)."""
+        return self.thread.drain(grace_s)
 
     def stop(self) -> None:
-        """Fails every pending request with UNAVAILABLE, stops the loop, and gives their
-        sessions back (a call waiting for one is then refused at once, UNAVAILABLE)."""
-        with self._lock:
-            self._is_stopping = True
-            for request in self.scheduler.requests():
-                request.sink(shutting_down())
-            self._lock.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-        if self._thread.is_alive():
-            log.warning("the engine thread did not stop within 30 s; its sessions stay busy")
-            return
-        with self._lock:
-            self._release_all()
+        """Fails every pending request with UNAVAILABLE and stops the thread
+        (``EngineThread.stop``)."""
+        self.thread.stop()
 
-    def _check_serving(self) -> None:
-        """UNAVAILABLE while stopping or draining, or after the engine thread died."""
-        if self.death is not None:
-            raise SalienceError(
-                Code.UNAVAILABLE, "ENGINE_FAILED", f"the engine stopped: {self.death!r}"
-            )
-        if self._is_stopping or self._is_draining:
-            raise shutting_down()
+    @property
+    def death(self) -> BaseException | None:
+        """What killed the engine thread, if it died; every call is then UNAVAILABLE."""
+        return self.thread.death
 
     def gauges(self) -> EngineGauges:
         """What the engine holds now, for the metrics endpoint."""
@@ -205,7 +181,7 @@ class Engine:
 
     def open_session(self, session_id: str = "", max_context: int = 0) -> Session:
         with self._lock:
-            self._check_serving()
+            self.thread.check_serving()
             return self.session_table.open(session_id, max_context)
 
     def close_session(self, session_id: str) -> None:
@@ -228,7 +204,7 @@ class Engine:
     def fork_session(self, session_id: str, new_session_id: str = "") -> Session:
         """A child sharing the parent's committed tokens and KV blocks (copy-on-write)."""
         with self._lock:
-            self._check_serving()
+            self.thread.check_serving()
             parent = self.session_table.get(session_id)
             if parent.is_busy:
                 raise session_busy(session_id)
@@ -255,7 +231,7 @@ class Engine:
         count as idle (``--session-ttl``).
         """
         with self._lock:
-            self._check_serving()
+            self.thread.check_serving()
             session = self.session_table.get(params.session_id)
             if session.is_busy:
                 raise session_busy(params.session_id)
@@ -315,7 +291,7 @@ class Engine:
         that lives for this request only (never listed; freed when it ends). ``sink``
         gets a DoneEvent whose ``embedding`` is the pooled final hidden state."""
         with self._lock:
-            self._check_serving()
+            self.thread.check_serving()
             params = GenerateParams(
                 session_id="", append_tokens=token_ids, pooling=pooling, priority=priority
             )
@@ -356,58 +332,6 @@ class Engine:
         with self._lock:
             request.is_cancelled = True
             self._lock.notify_all()
-
-    # ----- the loop ----------------------------------------------------------------
-
-    def _loop(self) -> None:
-        try:
-            self._serve()
-        except BaseException as error:  # the thread must not die silently
-            log.critical("the engine thread died", exc_info=True)
-            self._die(error)
-
-    def _serve(self) -> None:
-        next_expiry = 0.0
-        while True:
-            with self._lock:
-                while True:
-                    if time.monotonic() >= next_expiry:  # also while busy
-                        self.session_table.expire(self.config.session_ttl_s)
-                        next_expiry = time.monotonic() + _EXPIRY_PERIOD_S
-                    if self._is_stopping or self.scheduler.has_work():
-                        break
-                    self._lock.wait(timeout=_EXPIRY_PERIOD_S)
-                if self._is_stopping:
-                    return
-            try:
-                self.step()
-            except Exception as error:
-                if device_lost(error):
-                    raise  # the thread dies: every call UNAVAILABLE, health NOT_SERVING
-                log.exception("engine step failed")
-                with self._lock:
-                    self.outcomes.fail_running()
-            if self._is_draining:
-                with self._lock:
-                    self._lock.notify_all()  # drain() waits for the work to end
-
-    def _die(self, error: BaseException) -> None:
-        """The engine thread is dying: every call in flight and to come is UNAVAILABLE."""
-        with self._lock:
-            self.death = error
-            for request in self.scheduler.requests():
-                request.sink(SalienceError(Code.UNAVAILABLE, "ENGINE_FAILED", "the engine stopped"))
-            self._release_all()
-        if self.on_death is not None:
-            self.on_death()
-
-    def _release_all(self) -> None:
-        """Under the lock, with the loop ended: gives every request's session back."""
-        for request in self.scheduler.requests():
-            self.outcomes.release(request)
-        self.scheduler.running.clear()
-        self.scheduler.waiting.clear()
-        self._lock.notify_all()
 
     def step(self) -> None:
         """One step (``Stepper.step``)."""

@@ -112,7 +112,7 @@ class SalienceServer:
             await self.server.stop(None)
             raise
         loop = asyncio.get_running_loop()
-        self.engine.on_death = lambda: self._call_soon(loop, self._not_serving)
+        self.engine.thread.on_death = lambda: self._call_soon(loop, self._not_serving)
         self.engine.start()
         self.servicer.engine = self.engine
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
