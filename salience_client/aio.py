@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from salience_client.aio_session import AsyncSession, call_unary
+from salience_client.aio_session import AsyncSession
 from salience_client.auth import async_bearer_token
 from salience_client.client import (
     CHANNEL_OPTIONS,
@@ -35,6 +35,7 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import OUTCOME_UNKNOWN, closed_client_calls, refuse_calls
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
+from salience_client.unary import await_unary
 
 __all__ = ["AsyncSalienceClient", "AsyncSession"]
 
@@ -102,7 +103,9 @@ class AsyncSalienceClient:
         while True:
             try:
                 with closed_client_calls(self._stub):
-                    response = await call_unary(getattr(self._stub, method), request, self._timeout)
+                    response = await await_unary(
+                        getattr(self._stub, method), request, self._timeout
+                    )
             except SalienceClientError as error:
                 if not retries_unanswered(self.failover, self.failover_stats, error):
                     raise

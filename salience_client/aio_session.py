@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar, Unpack
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from typing import Any, Unpack
 
 import grpc
 
@@ -32,19 +32,7 @@ from salience_client.session_base import (
     closed_client_calls,
 )
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
-
-_Response = TypeVar("_Response")
-
-
-async def call_unary(
-    method: Callable[..., Awaitable[_Response]], request: Any, timeout: float | None
-) -> _Response:
-    """Awaits a unary RPC, turning a failed call into SalienceClientError."""
-    try:
-        return await method(request, timeout=timeout)
-    except grpc.RpcError as error:
-        raise SalienceClientError.from_rpc_error(error) from None
-
+from salience_client.unary import await_unary
 
 FINALIZE_WAIT_S = 5.0
 """How long a call waits for the event loop to close a stream its caller dropped."""
@@ -394,7 +382,7 @@ class AsyncSession(SessionBase):
         self._replayed(cause, length)
 
     async def _model_info(self) -> pb.GetModelInfoResponse:
-        return await call_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
+        return await await_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
 
     async def _eos_ids(self) -> list[int]:
         if self._eos_token_ids is None:

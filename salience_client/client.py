@@ -23,9 +23,10 @@ from salience_client.failover import (
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session import Session, call_unary
+from salience_client.session import Session
 from salience_client.session_base import OUTCOME_UNKNOWN, refuse_calls
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
+from salience_client.unary import call_unary
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 2**20

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
-from typing import Any, TypeVar, Unpack
+from collections.abc import Generator, Iterable, Sequence
+from typing import Any, Unpack
 
 import grpc
 
@@ -29,16 +29,7 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import CLIENT_CLOSED, SETTLE_WAIT_S, SessionBase
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
-
-_Response = TypeVar("_Response")
-
-
-def call_unary(method: Callable[..., _Response], request: Any, timeout: float | None) -> _Response:
-    """Calls a unary RPC, turning a failed call into SalienceClientError."""
-    try:
-        return method(request, timeout=timeout)
-    except grpc.RpcError as error:
-        raise SalienceClientError.from_rpc_error(error) from None
+from salience_client.unary import call_unary
 
 
 class Session(SessionBase):
