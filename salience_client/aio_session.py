@@ -91,12 +91,11 @@ class AsyncSession(SessionBase):
         options: GenerateOptions,
         timeout: float | None,
     ) -> AsyncGenerator[TokenEvent | Done, None]:
-        replays = self.num_replays
         await self._settle()  # may replay the session (a left call's end found it lost)
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         progress = StreamProgress(request)
-        progress.is_replayed = self.num_replays > replays
+        progress.is_replayed = self._takes_replay()
         attempts = Attempts(self._failover)
         finish_reason = ""
         call = None
@@ -143,7 +142,7 @@ class AsyncSession(SessionBase):
         if not progress.is_resumable:
             raise error
         await self._recover(error, attempts, progress.replay_length)
-        progress.is_replayed = progress.is_replayed or attempts.num_replays > 0
+        progress.is_replayed = self._takes_replay() or progress.is_replayed
         self._resumed(error, progress)
         eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
@@ -242,6 +241,7 @@ class AsyncSession(SessionBase):
             **self._child_options(length),
         )
         child._abandoned = self._abandoned
+        child._is_replay_unbilled = self._is_replay_unbilled  # the KV it shares
         return child
 
     async def append_image(

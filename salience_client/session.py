@@ -79,7 +79,6 @@ class Session(SessionBase):
         options: GenerateOptions,
         timeout: float | None,
     ) -> Generator[TokenEvent | Done, None, None]:
-        replays = self.num_replays
         self._settle()  # may replay the session (a left call's end found it lost)
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
@@ -87,7 +86,7 @@ class Session(SessionBase):
         if request.readout_ranges and manifest is None:
             manifest = self._set_manifest(self._model_info())
         progress = StreamProgress(request)
-        progress.is_replayed = self.num_replays > replays
+        progress.is_replayed = self._takes_replay()
         attempts = Attempts(self._failover)
         finish_reason = ""
         call = None
@@ -127,7 +126,7 @@ class Session(SessionBase):
         if not progress.is_resumable:
             raise error
         self._recover(error, attempts, progress.replay_length)
-        progress.is_replayed = progress.is_replayed or attempts.num_replays > 0
+        progress.is_replayed = self._takes_replay() or progress.is_replayed
         self._resumed(error, progress)
         eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
@@ -216,6 +215,7 @@ class Session(SessionBase):
             **self._child_options(length),
         )
         child._abandoned = self._abandoned
+        child._is_replay_unbilled = self._is_replay_unbilled  # the KV it shares
         return child
 
     def append_image(self, data: bytes, mime_type: str, truncate_to: int | None = None) -> int:

@@ -155,6 +155,10 @@ class SessionBase:
         """Times this session was re-created on another replica."""
         self.num_resumes = 0
         """Broken streams of this session that resumed."""
+        self._is_replay_unbilled = False
+        """A replay restored this session's KV since a call last counted one (``fork``,
+        ``info`` or ``sync`` may replay): the next call counts what it finds cached
+        as recomputed, as a call that replays does."""
         self._history = history if history is not None else History()
         self._failover = failover or Failover()
         self._stats = stats or FailoverStats()
@@ -320,6 +324,11 @@ class SessionBase:
             self._stats.num_resumes += 1
             log_resume(self.session_id, error, progress)
 
+    def _takes_replay(self) -> bool:
+        """Whether a replay since the last call's is this call's to count (it then is)."""
+        is_unbilled, self._is_replay_unbilled = self._is_replay_unbilled, False
+        return is_unbilled
+
     def _replay_steps(self, length: int, is_fresh: bool) -> list[PrefillStep | ImageStep]:
         """The calls that rebuild the first ``length`` positions; on a stale copy (the id
         was taken) they start by rewinding it to position 0."""
@@ -332,6 +341,7 @@ class SessionBase:
         """Counts and logs a replay that restored ``length`` positions."""
         self.length = length
         self.num_replays += 1
+        self._is_replay_unbilled = True
         self._stats.num_replays += 1
         self._stats.num_replayed_tokens += length
         log_replay(self.session_id, cause, length, self.replica)

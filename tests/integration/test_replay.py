@@ -96,6 +96,34 @@ def test_a_replayed_calls_done_counts_the_replayed_positions_recomputed(
         assert replayed.prompt_tokens == kept.prompt_tokens == 20
 
 
+@pytest.mark.parametrize("replayed_by", ["info", "fork"])
+def test_a_replay_made_by_info_or_fork_is_counted_by_the_next_call(
+    llama_server: RunningServer, replayed_by: str
+) -> None:
+    """``info()`` and ``fork()`` replay a lost session too; the KV the next call then
+    finds (on the session, or shared by its fork) was just recomputed, not cached."""
+    with SalienceClient(llama_server.target, timeout=30) as client:
+        session = client.open_session()
+        session.prefill(random_tokens(9, 0))
+        _lose(llama_server, session.session_id)
+        if replayed_by == "info":
+            assert session.info().length == 9
+            caller = session
+        else:
+            caller = session.fork()
+        assert session.num_replays == 1
+        *_, done = caller.generate(random_tokens(4, 2), max_tokens=2)
+        assert (done.cached_tokens, done.recomputed_tokens, done.prompt_tokens) == (0, 9, 13)
+        *_, again = caller.generate(random_tokens(3, 3), max_tokens=1)
+        # Counted once; the last decoded token has no KV yet.
+        assert (again.cached_tokens, again.recomputed_tokens) == (9 + 4 + 1, 0)
+        if caller is not session:
+            *_, parent_done = session.generate(random_tokens(4, 2), max_tokens=2)
+            assert (parent_done.cached_tokens, parent_done.recomputed_tokens) == (0, 9)
+            caller.close()
+        session.close()
+
+
 def test_the_async_client_counts_a_replay_made_as_it_settles_a_left_call_recomputed(
     llama_server: RunningServer,
 ) -> None:
