@@ -196,7 +196,7 @@ class Attempts:
         if self._deadline is None:
             self._deadline = now + self.policy.retry_budget_s
         if self.num_retries and now >= self._deadline:
-            raise error
+            raise error.retried_for(self.policy.retry_budget_s) from error
         wait = (
             0.0
             if self.num_retries == 0

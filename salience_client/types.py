@@ -278,4 +278,13 @@ class SalienceClientError(Exception):
         trailing = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
         length = trailing.get(SESSION_LENGTH_METADATA, metadata.get("session_length"))
         session_length = int(length) if isinstance(length, str) and length.isdigit() else None
+        if reason == code.name and code == grpc.StatusCode.UNAVAILABLE and "status: 503" in message:
+            message += " (a proxy answers 503 when no replica behind it is in service)"
         return cls(code, reason, message, metadata, session_length)
+
+    def retried_for(self, budget_s: float) -> SalienceClientError:
+        """This error, saying that it outlasted the retries of ``budget_s`` seconds."""
+        message = f"{self.message} (still so after retrying for {budget_s:g} s)"
+        return SalienceClientError(
+            self.code, self.reason, message, self.metadata, self.session_length
+        )

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
-from salience_client import Failover, SalienceClient
+from salience_client import Failover, SalienceClient, SalienceClientError
 from salience_server.cluster import Proxy
 from tests.fake_replica import RunningFake, start_fake
 
@@ -92,3 +93,21 @@ def test_sessions_stick_and_a_moved_session_stays_moved(proxied: Proxied) -> Non
         assert {session.replica for session in sessions} == {"fake0"}
         assert client.failover_stats.num_replays == len(moved)  # no second replay
         assert fakes[1].replica.sessions == {}
+
+
+def test_with_no_replica_in_service_the_error_says_so(proxied: Proxied) -> None:
+    """HAProxy answers HTTP 503 when every replica is down; gRPC reports only "Received
+    http2 header with status: 503". The client says what that means, and that its
+    retries outlasted the budget."""
+    proxy, fakes = proxied.proxy, proxied.fakes
+    budget = Failover(retry_budget_s=0.5, first_retry_wait_s=0.05)
+    with SalienceClient(proxy.target, timeout=10, replay=budget) as client:
+        session = client.open_session()
+        for fake in fakes:
+            fake.set_serving(False)
+        proxy.wait_states({"fake0": "DOWN", "fake1": "DOWN"}, 10)
+        with pytest.raises(SalienceClientError) as raised:
+            session.prefill([1])
+        assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "no replica behind it is in service" in raised.value.message
+        assert "after retrying for 0.5 s" in raised.value.message
