@@ -251,6 +251,18 @@ class StreamProgress:
     def is_resumable(self) -> bool:
         return not (self.decoded_ids and self.request.HasField("constraint"))
 
+    def unresumable(self, error: SalienceClientError) -> SalienceClientError:
+        """``error``, which broke a stream that cannot resume, saying why: the state of
+        a constraint's grammar after the tokens decoded was the lost call's."""
+        message = (
+            f"{error.message} (the stream broke after {len(self.decoded_ids)} decoded "
+            "tokens, and a constrained call cannot resume where it broke: the session "
+            "keeps what was received; call again to decode under the constraint anew)"
+        )
+        return SalienceClientError(
+            error.code, error.reason, message, error.metadata, error.session_length
+        )
+
     def observe(self, event: TokenEvent | Done) -> bool:
         """Notes an event; False for one delivered before (a call made again)."""
         self.is_accepted = True

@@ -124,7 +124,7 @@ class Session(SessionBase):
         the stream, and the finish reason it settles on when nothing is left."""
         self._commit(progress)  # a replay restores what has streamed too
         if not progress.is_resumable:
-            raise error
+            raise self._unresumable(error, progress)
         self._recover(error, attempts, progress.replay_length)
         progress.is_replayed = self._takes_replay() or progress.is_replayed
         self._resumed(error, progress)

@@ -329,6 +329,16 @@ class SessionBase:
         is_unbilled, self._is_replay_unbilled = self._is_replay_unbilled, False
         return is_unbilled
 
+    def _unresumable(
+        self, error: SalienceClientError, progress: StreamProgress
+    ) -> SalienceClientError:
+        """What a stream that cannot resume (``StreamProgress.is_resumable``) fails with."""
+        if is_refusing(self._stub):
+            return client_closed()
+        if self._failover.replay and (is_broken(error) or is_session_lost(error)):
+            return progress.unresumable(error)
+        return error
+
     def _replay_steps(self, length: int, is_fresh: bool) -> list[PrefillStep | ImageStep]:
         """The calls that rebuild the first ``length`` positions; on a stale copy (the id
         was taken) they start by rewinding it to position 0."""

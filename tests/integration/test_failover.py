@@ -344,6 +344,24 @@ def test_a_stream_that_cannot_resume_keeps_what_it_delivered_for_the_next_replay
             fresh.stop()
 
 
+def test_a_broken_constrained_stream_says_it_cannot_resume(fake: RunningFake) -> None:
+    """A constraint's grammar state after the decoded tokens was the lost call's: the
+    stream fails (it failed with the transport's bare message), saying so, and keeps
+    what it delivered."""
+    with SalienceClient(fake.target, timeout=10, replay=FAST) as client:
+        session = client.open_session()
+        fake.replica.faults.break_after = 3
+        received = []
+        with pytest.raises(SalienceClientError) as caught:
+            for event in session.generate([100], max_tokens=8, constraint={"regex": "[a-z]+"}):
+                received.append(event.token_id)  # type: ignore[union-attr]
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "after 3 decoded tokens" in caught.value.message
+        assert "a constrained call cannot resume" in caught.value.message
+        assert received == [101, 102, 103] and session.length == 4
+        assert session.num_resumes == 0 and len(fake.replica.requests) == 1
+
+
 def test_a_server_error_mid_stream_is_not_resumed(fake: RunningFake) -> None:
     """A status the server itself sends (with its reason) is an answer, not a break."""
     with SalienceClient(fake.target, timeout=10, replay=FAST) as client:
