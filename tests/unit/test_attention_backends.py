@@ -27,6 +27,7 @@ from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.sdpa_attention import SdpaBackend
 from salience_server.engine.uploads import Uploads
 from tests import flash_reference
+from tests.helpers import TEST_DEVICE
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
 
@@ -55,17 +56,23 @@ def _attend_batch(
     extra: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     heads: tuple[int, int] = (NUM_HEADS, NUM_KV_HEADS),
+    device: torch.device | None = None,
+    is_scattered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences of (cached tokens, new tokens) in one batch, their blocks scattered
     through the pool: -> (backend output [T, H, D], dense oracle [T, H, D]). The pool
     and the inputs are in ``dtype``; the oracle computes in float32 from those values.
-    ``heads``: (query heads, key heads)."""
+    ``heads``: (query heads, key heads). ``device``: where the pool and the inputs go
+    (the backend's; the oracle is computed on the CPU). Without ``is_scattered`` each
+    sequence's blocks are consecutive ids (the backend then reads a view of the pool).
+    The output comes back on the CPU."""
     num_heads, num_kv_heads = heads
     generator = torch.Generator().manual_seed(seed)
     blocks_needed = [-(-(cached + new) // block_size) for cached, new in shapes]
     num_blocks = sum(blocks_needed) + 3
     pool_ids = list(range(num_blocks))
-    random.Random(seed).shuffle(pool_ids)
+    if is_scattered:
+        random.Random(seed).shuffle(pool_ids)
     pool_shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
     key_cache = torch.randn(pool_shape).to(dtype)  # stale data
     value_cache = torch.randn(pool_shape).to(dtype)
@@ -93,21 +100,22 @@ def _attend_batch(
             enable_gqa=True,
         )  # [H, new, D]
         oracle.append(dense.transpose(0, 1))
-    kv_caches = [(key_cache, value_cache)]
-    uploads = Uploads(key_cache.device)
+    device = device or torch.device("cpu")
+    kv_caches = [(key_cache.to(device), value_cache.to(device))]
+    uploads = Uploads(device)
     metadata = backend.build_metadata(batch.sequences, batch.slot_mapping, kv_caches, uploads)
     uploads.send()
     output, _ = paged_attention.paged_attention_forward(
         _Layer(),
-        torch.cat(new_queries).transpose(0, 1).unsqueeze(0),  # [1, H, T, D]
-        torch.cat(new_keys).transpose(0, 1).unsqueeze(0),  # [1, Hkv, T, D]
-        torch.cat(new_values).transpose(0, 1).unsqueeze(0),
+        torch.cat(new_queries).to(device).transpose(0, 1).unsqueeze(0),  # [1, H, T, D]
+        torch.cat(new_keys).to(device).transpose(0, 1).unsqueeze(0),  # [1, Hkv, T, D]
+        torch.cat(new_values).to(device).transpose(0, 1).unsqueeze(0),
         None,
         scaling=HEAD_DIM**-0.5,
         salience_batch=metadata,
         **(extra or {}),
     )
-    return output[0], torch.cat(oracle)
+    return output[0].cpu(), torch.cat(oracle)
 
 
 # (cached, new): an all-new prefill, chunks over cached context (one crossing a block
@@ -261,6 +269,35 @@ def test_sdpa_backend_attends_16_bit_single_query_rows_in_float32(
     rows = _decode_rows(shapes)
     got, want = got[rows].float(), want[rows]
     assert ((got - want).abs() <= want.abs() * 2.0**-8 + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)], ids=["3-per-key-head", "1-per-key-head"])
+@pytest.mark.parametrize("is_scattered", [True, False], ids=["scattered", "consecutive"])
+def test_sdpa_backend_on_the_test_device_equals_dense_attention(
+    dtype: torch.dtype, heads: tuple[int, int], is_scattered: bool
+) -> None:
+    """On the device the suite runs on (``SALIENCE_TEST_DEVICE``: CUDA in
+    ``scripts/gpu_check.sh``), where SDPA picks its kernels by dtype, mask and strides:
+    the pool's gathered blocks, its views (consecutive blocks) and the few-row group's
+    stride-0 and padded inputs all give dense attention, within float32's or bfloat16's
+    error."""
+    device = torch.device(TEST_DEVICE)
+    backend = SdpaBackend(16, 64, device)
+    shapes = MIXED_BATCH + FEW_ROWS
+    got, want = _attend_batch(
+        backend,
+        16,
+        shapes,
+        seed=8,
+        dtype=dtype,
+        heads=heads,
+        device=device,
+        is_scattered=is_scattered,
+    )
+    scale = want.abs().max().item()
+    tolerance = (1e-5 if device.type == "cpu" else 1e-4) if dtype == torch.float32 else 2.0**-7
+    assert (got.float() - want).abs().max().item() <= tolerance * max(scale, 1.0)
 
 
 def _decode_spans(*context_lens: int) -> list[types.SimpleNamespace]:
