@@ -25,6 +25,7 @@ from salience_server.engine.engine import Engine
 from salience_server.engine.loader import load_model, resolve_device, resolve_model_path
 from salience_server.engine.model_runner import kv_bytes_per_token, kv_dtype
 from salience_server.engine.request import GenerateParams
+from salience_server.engine.session import Session
 
 PROMPT_TOKENS = 103
 MIN_POOL_BYTES = 256 << 20
@@ -58,18 +59,23 @@ class EngineDecoder:
     def run(self, num_steps: int) -> float:
         """Decodes ``num_steps`` tokens in every session; ms per step."""
         for session, prompt in zip(self.sessions, self.prompts, strict=True):
-            params = GenerateParams(
-                session_id=session.session_id,
-                append_tokens=prompt if session.length == 0 else [],
-                offset=session.length,
-                max_tokens=num_steps,
-                ignore_eos=True,
-            )
-            self.engine.submit(params, lambda event: None)
+            self.submit(session, prompt if session.length == 0 else [], num_steps)
         start = time.perf_counter()
         while self.engine.scheduler.has_work():
             self.engine.step()
         return (time.perf_counter() - start) / num_steps * 1e3
+
+    def submit(self, session: Session, append_tokens: list[int], max_tokens: int) -> None:
+        """Queues a call on ``session`` that appends ``append_tokens`` and decodes
+        ``max_tokens`` (EOS ignored); its events go nowhere."""
+        params = GenerateParams(
+            session_id=session.session_id,
+            append_tokens=append_tokens,
+            offset=session.length,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+        )
+        self.engine.submit(params, lambda event: None)
 
 
 class PlainDecoder:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Salience on a CUDA machine, in one run: the test suite with its servers on the GPU
 # (float32: the same oracles and tolerances as on CPU), then benchmarks/decode.py,
-# step_profile.py and concurrency.py on a model of the default model's shapes with
+# step_profile.py, swap.py and concurrency.py on a model of the default model's shapes with
 # random weights.
 # Where the machine cannot reach PyPI, run scripts/gpu_bundle.sh here first and copy
 # .gpu-bundle/ beside the checkout there: where the machine's Python lacks Salience's
@@ -12,9 +12,9 @@
 #
 # Knobs (environment): CHECK_DEVICE (cuda), CHECK_TESTS (pytest's arguments: tests),
 # CHECK_WORKERS (pytest-xdist processes, one test file each at a time: 8; 0 runs them in
-# this process), CHECK_TEST_SECONDS (220), PYTHON (python3). The parts' limits add up
+# this process), CHECK_TEST_SECONDS (190), PYTHON (python3). The parts' limits add up
 # to 9 minutes; the set-up before them (the wheels, the random model) takes about one. Everything is written under OUT_DIR: machine.txt,
-# tests.log and tests.xml (JUnit), decode.txt, profile.txt, concurrency.txt.
+# tests.log and tests.xml (JUnit), decode.txt, profile.txt, swap.txt, concurrency.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
@@ -66,7 +66,7 @@ parallel=()
 # Each worker's own CPU work (the oracles' reference passes) on a share of the cores.
 threads=()
 [ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadfile) && threads=(OMP_NUM_THREADS=2)
-seconds=${CHECK_TEST_SECONDS:-220}
+seconds=${CHECK_TEST_SECONDS:-190}
 echo "== tests on $device (at most $seconds s)"
 # The session timeout stops pytest starting tests at the limit (it is checked between
 # tests), so its summary (each failure's reason) is written unless a test then running
@@ -94,6 +94,10 @@ for batch in 1 8; do
   timeout 45 "$python" -m benchmarks.step_profile --quick --model "$model" --device "$device" \
     --batch "$batch" 2>&1 | grep -v "Loading weights\|USDT"
 done | tee "$out/profile.txt"
+
+echo "== benchmarks/swap.py on $device: offloading a bf16 session's KV against recomputing it"
+timeout 60 "$python" -m benchmarks.swap --context 4000 --dtype bfloat16 --model "$model" \
+  --device "$device" 2>&1 | grep -v "Loading weights" | tee "$out/swap.txt"
 
 echo "== benchmarks/concurrency.py (the server's own device: CUDA where present)"
 timeout 120 "$python" -m benchmarks.concurrency --model "$model" 2>&1 | tee "$out/concurrency.txt"
