@@ -228,22 +228,6 @@ class AsyncSession(SessionBase):
                 failure = error
             await self._recover(failure, attempts, self.length)
 
-    def _child(self, child_id: str, server_length: int) -> AsyncSession:
-        """A handle on a fork holding ``server_length`` positions; the fork of a session
-        left by a caller is rewound as it would be (SessionBase._abandoned)."""
-        length = self.length if self._abandoned else server_length
-        child = AsyncSession(
-            self._stub,
-            child_id,
-            self.max_context,
-            length,
-            self._timeout,
-            **self._child_options(length),
-        )
-        child._abandoned = self._abandoned
-        child._is_replay_unbilled = self._is_replay_unbilled  # the KV it shares
-        return child
-
     async def append_image(
         self, data: bytes, mime_type: str, truncate_to: int | None = None
     ) -> int:

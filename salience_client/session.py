@@ -202,22 +202,6 @@ class Session(SessionBase):
                 failure = error
             self._recover(failure, attempts, self.length)
 
-    def _child(self, child_id: str, server_length: int) -> Session:
-        """A handle on a fork holding ``server_length`` positions; the fork of a session
-        left by a caller is rewound as it would be (SessionBase._abandoned)."""
-        length = self.length if self._abandoned else server_length
-        child = Session(
-            self._stub,
-            child_id,
-            self.max_context,
-            length,
-            self._timeout,
-            **self._child_options(length),
-        )
-        child._abandoned = self._abandoned
-        child._is_replay_unbilled = self._is_replay_unbilled  # the KV it shares
-        return child
-
     def append_image(self, data: bytes, mime_type: str, truncate_to: int | None = None) -> int:
         """Appends one image; returns how many placeholder tokens it became."""
         self._settle()

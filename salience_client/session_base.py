@@ -9,7 +9,7 @@ import contextlib
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -275,16 +275,27 @@ class SessionBase:
         self.length = response.total_length
         self._abandoned = False
 
-    def _child_options(self, length: int) -> dict[str, Any]:
-        """What a fork of this session inherits: its routing, its history, the failover."""
+    def _child(self, child_id: str, server_length: int) -> Self:
+        """A handle on a fork holding ``server_length`` positions, of this handle's class;
+        the fork of a session left by a caller is rewound as it would be (``_abandoned``).
+        It inherits its routing, its history, the failover."""
+        length = self.length if self._abandoned else server_length
         history = self._history.copy()
         history.truncate(min(history.length, length))
-        return {
-            "routing_key": self.routing_key,
-            "history": history,
-            "failover": self._failover,
-            "stats": self._stats,
-        }
+        child = type(self)(
+            self._stub,
+            child_id,
+            self.max_context,
+            length,
+            self._timeout,
+            routing_key=self.routing_key,
+            history=history,
+            failover=self._failover,
+            stats=self._stats,
+        )
+        child._abandoned = self._abandoned
+        child._is_replay_unbilled = self._is_replay_unbilled  # the KV it shares
+        return child
 
     def _synced(self, length: int) -> None:
         """The server says the session holds ``length`` positions."""
