@@ -206,9 +206,10 @@ class AsyncSalienceClient:
         request = pb.GetSessionRequest(session_id=session_id)
         metadata = routing_metadata(routing_key or session_id)
         try:
-            response = await self._stub.GetSession(
-                request, timeout=self._timeout, metadata=metadata
-            )
+            with closed_client_calls(self._stub):
+                response = await self._stub.GetSession(
+                    request, timeout=self._timeout, metadata=metadata
+                )
         except grpc.RpcError as error:
             raise SalienceClientError.from_rpc_error(error) from None
         return SessionInfo.from_pb(response.session)

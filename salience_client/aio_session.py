@@ -337,7 +337,7 @@ class AsyncSession(SessionBase):
                 return
             except SalienceClientError as failed:
                 cause = failed
-            attempts.begin_replay(self.session_id, cause)
+            self._replay_failed(attempts, cause)
             await asyncio.sleep(self._failover.first_retry_wait_s)
 
     async def _replay(self, length: int, cause: SalienceClientError) -> None:
@@ -358,15 +358,18 @@ class AsyncSession(SessionBase):
                 continue
             call = self._stub.Generate(self._replay_prefill_request(step), metadata=self._metadata)
             try:
-                async for _ in call:
-                    pass
+                with closed_client_calls(self._stub):
+                    async for _ in call:
+                        pass
             except grpc.RpcError as error:
                 raise self._failure(error) from None
             self._note_replica(await call.initial_metadata())
         self._replayed(cause, length)
 
     async def _model_info(self) -> pb.GetModelInfoResponse:
-        return await await_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
+        with closed_client_calls(self._stub):
+            request = pb.GetModelInfoRequest()
+            return await await_unary(self._stub.GetModelInfo, request, self._timeout)
 
     async def _eos_ids(self) -> list[int]:
         if self._eos_token_ids is None:

@@ -310,7 +310,7 @@ class Session(SessionBase):
                 return
             except SalienceClientError as failed:
                 cause = failed
-            attempts.begin_replay(self.session_id, cause)
+            self._replay_failed(attempts, cause)
             time.sleep(self._failover.first_retry_wait_s)
 
     def _replay(self, length: int, cause: SalienceClientError) -> None:

@@ -340,6 +340,14 @@ class SessionBase:
         is_unbilled, self._is_replay_unbilled = self._is_replay_unbilled, False
         return is_unbilled
 
+    def _replay_failed(self, attempts: Attempts, error: SalienceClientError) -> None:
+        """A replay failed with ``error``: counts the next try, or raises when none is
+        left, or CLIENT_CLOSED when the client was closed meanwhile (its calls fail: no
+        replay can succeed, and the session was not lost again)."""
+        if is_refusing(self._stub):
+            raise client_closed() from error
+        attempts.begin_replay(self.session_id, error)
+
     def _unresumable(
         self, error: SalienceClientError, progress: StreamProgress
     ) -> SalienceClientError:

@@ -61,6 +61,9 @@ class Faults:
     failures_after_break: int = 0
     """After the break, fail this many Generate calls with UNAVAILABLE as they start."""
     num_generate_failures: int = 0
+    prefill_delay_s: float = 0.0
+    """Hold the next prefill-only Generate this long before it starts (a replay in
+    flight)."""
 
 
 @dataclass
@@ -139,6 +142,9 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
         if self.faults.num_generate_failures > 0:
             self.faults.num_generate_failures -= 1
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "", "no replica")
+        if self.faults.prefill_delay_s and request.max_tokens == 0:
+            delay_s, self.faults.prefill_delay_s = self.faults.prefill_delay_s, 0.0
+            await asyncio.sleep(delay_s)
         tokens = await self._session(request.session_id, context)
         if request.offset != len(tokens) and not (
             request.truncating and request.offset < len(tokens)

@@ -1,5 +1,6 @@
 """Fixtures of the shim tests (the shim in front of the tiny Llama server) and of the
-client and CLI tests (a server process on the tiny Llama, a client of it)."""
+client and CLI tests (a server process on the tiny Llama, a client of it; a fake
+replica)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ import pytest
 
 from salience_client import SalienceClient
 from tests.client_support import served_tiny_llama
+from tests.fake_replica import RunningFake, start_fake
 from tests.shim_support import RunningShim, Script, start_scripted, start_shim
 from tests.tiny_models import build_tiny_vision_model, reference_vision_model
+
+
+@pytest.fixture
+def fake() -> Iterator[RunningFake]:
+    """A fake replica (``tests/fake_replica.py``): sessions as token lists, scripted
+    faults."""
+    running = start_fake()
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ replicas killed behind a real proxy, is test_replicas.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -34,13 +33,6 @@ from tests.helpers import error_reason
 
 TOLERANCE = 1e-4
 FAST = Failover(retry_budget_s=2.0, first_retry_wait_s=0.01)
-
-
-@pytest.fixture
-def fake() -> Iterator[RunningFake]:
-    running = start_fake()
-    yield running
-    running.stop()
 
 
 def _decoded(events: list[TokenEvent | Done]) -> list[int]:

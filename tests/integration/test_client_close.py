@@ -1,0 +1,60 @@
+"""Closing a client while one of its sessions recovers (SPEC 2.7): the call ends
+CLIENT_CLOSED, as a call cut off mid-stream by the close does (``test_client.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+
+from salience_client import AsyncSalienceClient, Failover, SalienceClient, SalienceClientError
+from tests.fake_replica import RunningFake
+
+FAST = Failover(retry_budget_s=5.0, first_retry_wait_s=0.05)
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "asyncio"])
+def test_closing_the_client_during_a_replay_ends_the_call_client_closed(
+    fake: RunningFake, is_async: bool
+) -> None:
+    """The replica lost the session, so the call replays it; the client is closed while
+    the replay's prefill runs. The sync client counted the cut replay as a failed one
+    and tried again (REPLAY_FAILED, "gone from the server"); the async one let the
+    channel's cancellation out as a bare ``asyncio.CancelledError`` of a task no one
+    cancelled."""
+
+    async def scenario() -> SalienceClientError:
+        client = AsyncSalienceClient(fake.target, timeout=10, replay=FAST)
+        session = await client.open_session()
+        await session.prefill([1, 2, 3, 4])
+        fake.replica.sessions.clear()
+        fake.replica.faults.prefill_delay_s = 5.0
+
+        async def close_soon() -> None:
+            await asyncio.sleep(0.3)
+            await client.close()
+
+        closing = asyncio.create_task(close_soon())
+        with pytest.raises(SalienceClientError) as caught:
+            async for _ in session.generate([5], max_tokens=2):
+                pass
+        await closing
+        assert session.num_replays == 0
+        return caught.value
+
+    if is_async:
+        error = asyncio.run(scenario())
+    else:
+        client = SalienceClient(fake.target, timeout=10, replay=FAST)
+        session = client.open_session()
+        session.prefill([1, 2, 3, 4])
+        fake.replica.sessions.clear()
+        fake.replica.faults.prefill_delay_s = 5.0
+        threading.Timer(0.3, client.close).start()
+        with pytest.raises(SalienceClientError) as caught:
+            list(session.generate([5], max_tokens=2))
+        error = caught.value
+        assert session.num_replays == 0
+    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CLIENT_CLOSED")
