@@ -124,6 +124,10 @@ class AsyncSalienceClient:
                 with contextlib.suppress(SalienceClientError):
                     await session.close()
             raise
+        except asyncio.CancelledError:
+            if not session_id:  # the server may have made it, and only we know its id
+                session.close_in_background(session.session_id)
+            raise
         return session
 
     async def session(self, session_id: str, routing_key: str = "") -> AsyncSession:

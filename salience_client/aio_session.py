@@ -32,7 +32,7 @@ from salience_client.session_base import (
     closed_client_calls,
 )
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
-from salience_client.unary import await_unary
+from salience_client.unary import await_unary, close_in_background
 
 FINALIZE_WAIT_S = 5.0
 """How long a call waits for the event loop to close a stream its caller dropped."""
@@ -214,8 +214,16 @@ class AsyncSession(SessionBase):
     async def fork(self, new_session_id: str = "") -> AsyncSession:
         """A new session sharing this one's committed tokens (copy-on-write KV). It routes
         with this session's ``x-session-id``, so it stays on the replica holding the KV."""
-        await self._settle()
         child_id = new_session_id or fresh_session_id()
+        try:
+            return await self._fork(child_id)
+        except asyncio.CancelledError:
+            if not new_session_id:  # the server may have made it, and only we know its id
+                self.close_in_background(child_id)
+            raise
+
+    async def _fork(self, child_id: str) -> AsyncSession:
+        await self._settle()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = Attempts(self._failover)
         while True:
@@ -227,6 +235,12 @@ class AsyncSession(SessionBase):
                     return self._child(child_id, self.length)  # an earlier try went through
                 failure = error
             await self._recover(failure, attempts, self.length)
+
+    def close_in_background(self, session_id: str) -> None:
+        """Closes ``session_id`` (this session or one of its family: it routes with this
+        session's key) in a task of its own, ignoring failures: a call that was to make
+        it was cancelled after the server may have made it."""
+        close_in_background(self._stub, session_id, self._metadata, self._timeout)
 
     async def append_image(
         self, data: bytes, mime_type: str, truncate_to: int | None = None

@@ -58,6 +58,8 @@ class Faults:
     open_delay_s: float = 0.0
     """Answer the next OpenSession this late, the session made (past a client's
     deadline: the client cannot tell whether it was)."""
+    fork_delay_s: float = 0.0
+    """Answer the next ForkSession this late, the fork made."""
     failures_after_break: int = 0
     """After the break, fail this many Generate calls with UNAVAILABLE as they start."""
     num_generate_failures: int = 0
@@ -103,6 +105,9 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
         self._note("ForkSession", context)
         tokens = await self._session(request.session_id, context)
         self.sessions[request.new_session_id] = list(tokens)
+        if self.faults.fork_delay_s:
+            delay, self.faults.fork_delay_s = self.faults.fork_delay_s, 0.0
+            await asyncio.sleep(delay)
         return pb.ForkSessionResponse(session_id=request.new_session_id, length=len(tokens))
 
     async def CloseSession(self, request: Any, context: Any) -> pb.CloseSessionResponse:

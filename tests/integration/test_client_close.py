@@ -58,3 +58,39 @@ def test_closing_the_client_during_a_replay_ends_the_call_client_closed(
         error = caught.value
         assert session.num_replays == 0
     assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CLIENT_CLOSED")
+
+
+@pytest.mark.parametrize("call", ["fork", "open"])
+def test_a_cancelled_fork_or_open_closes_what_the_server_made(fake: RunningFake, call: str) -> None:
+    """The task awaiting a fork (or an open) is cancelled after the server made the
+    session but before its answer came: the client closes it in the background. It
+    stayed, with its KV, till its TTL passed: only the cancelled call knew its id (the
+    shim's pool, whose batches cancel their other prompts when one fails, left such
+    forks behind)."""
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(fake.target, timeout=10, replay=FAST) as client:
+            parent = await client.open_session()
+            await parent.prefill([1, 2, 3])
+            if call == "fork":
+                fake.replica.faults.fork_delay_s = 5.0
+                pending = asyncio.create_task(parent.fork())
+            else:
+                fake.replica.faults.open_delay_s = 5.0
+                pending = asyncio.create_task(client.open_session())
+            while len(fake.replica.sessions) < 2:  # the server made it; no answer yet
+                await asyncio.sleep(0.01)
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            for _ in range(200):
+                if set(fake.replica.sessions) == {parent.session_id}:
+                    break
+                await asyncio.sleep(0.01)
+            assert set(fake.replica.sessions) == {parent.session_id}
+            closes = [key for method, key in fake.replica.calls if method == "CloseSession"]
+            # A fork routes with its family's key (to its parent's replica), an open
+            # with its own id.
+            assert len(closes) == 1 and (closes[0] == parent.routing_key) == (call == "fork")
+
+    asyncio.run(scenario())
