@@ -226,9 +226,9 @@ class Engine:
         """Checks and queues a Generate call; raises SalienceError for a bad one.
 
         ``sink`` receives TokenEvents, then a DoneEvent or a SalienceError, from the
-        engine thread. Nothing changes when the call is refused. Once the caller has
-        passed the events on, it calls ``delivered``: till then the session does not
-        count as idle (``--session-ttl``).
+        engine thread. Nothing changes when the call is refused. The caller calls
+        ``delivered`` for each event it passes on: each renews the session's idle time
+        (``--session-ttl``), so a client still reading keeps it alive.
         """
         with self._lock:
             self.thread.check_serving()
