@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from salience_client.pb import salience_pb2 as pb
 from salience_server import text_checks
 from salience_server.config import EngineConfig
 from salience_server.engine import tokenization
 from salience_server.engine.engine import Engine
-from salience_server.engine.errors import invalid
+from salience_server.engine.errors import SalienceError, invalid
 from salience_server.engine.validation import check_token_ids
 
 WINDOW = 32
@@ -18,6 +21,8 @@ that one large call cannot fill the engine's queue; at most half of what the eng
 takes at once (``window``)."""
 MAX_EMBED_INPUTS = 2048
 
+_Vector = TypeVar("_Vector")
+
 
 def window(config: EngineConfig) -> int:
     """How many inputs of one Embed call are queued in the engine at once: ``WINDOW``,
@@ -25,6 +30,42 @@ def window(config: EngineConfig) -> int:
     where that is fewer, so that one call is never refused for its own inputs (with 4
     and 4, a call of 9 inputs was, on an idle server) and leaves others room."""
     return max(1, min(WINDOW, (config.max_running + config.max_queue) // 2))
+
+
+class InputWindow:
+    """How one Embed call's inputs enter the engine: ``size`` at most at once. An input
+    the engine's queue refuses (QUEUE_FULL) while others of the call are in it waits
+    for one of them to end, then tries again: the call was admitted, and its own inputs
+    make the room that other calls' inputs took meanwhile (several calls at once were
+    refused halfway, the vectors already made thrown away). Refused with none of its
+    own in the engine, the call is refused."""
+
+    def __init__(self, size: int) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._num_in_engine = 0
+        self._an_input_ended = asyncio.Event()
+        """Set when an input of the call ends (and replaced by a fresh one)."""
+
+    async def run(self, embed: Callable[[], Awaitable[_Vector]]) -> _Vector:
+        """``embed()``'s vector, once a slot is free and the queue takes the input."""
+        async with self._slots:
+            while True:
+                ended = self._an_input_ended
+                num_others = self._num_in_engine
+                self._num_in_engine += 1
+                is_refused = False
+                try:
+                    return await embed()
+                except SalienceError as error:
+                    is_refused = error.reason == "QUEUE_FULL"
+                    if not is_refused or (num_others == 0 and not ended.is_set()):
+                        raise
+                finally:
+                    self._num_in_engine -= 1
+                    if not is_refused:
+                        self._an_input_ended = asyncio.Event()
+                        ended.set()
+                await ended.wait()
 
 
 def token_lists(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:

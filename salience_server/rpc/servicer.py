@@ -171,17 +171,19 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         input is a prefill batched with the engine's other work."""
         engine = await self._engine(context)
         pooling = "mean" if request.pooling == pb.POOLING_MEAN else "last"
-        window = asyncio.Semaphore(embed_inputs.window(engine.config))  # queued at once
+        window = embed_inputs.InputWindow(embed_inputs.window(engine.config))
 
-        async def embed(token_ids: list[int]) -> list[float]:
+        async def embed_one(token_ids: list[int]) -> list[float]:
             def submit(sink: EventSink) -> Request:
                 return engine.submit_embedding(token_ids, pooling, request.priority, sink)
 
-            async with window:
-                async for event in self._engine_events(engine, submit):
-                    if isinstance(event, DoneEvent) and event.embedding is not None:
-                        return event.embedding
+            async for event in self._engine_events(engine, submit):
+                if isinstance(event, DoneEvent) and event.embedding is not None:
+                    return event.embedding
             raise SalienceError(Code.INTERNAL, "REQUEST_FAILED", "an input ended without a vector")
+
+        async def embed(token_ids: list[int]) -> list[float]:
+            return await window.run(lambda: embed_one(token_ids))
 
         failure: SalienceError | None = None
         try:

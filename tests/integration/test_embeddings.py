@@ -99,6 +99,36 @@ def test_a_call_of_more_inputs_than_a_small_queue_holds_is_not_refused(
         assert (torch.tensor(vector) - final_states(oracle, token_ids)[-1]).abs().max() < TOLERANCE
 
 
+def test_embed_calls_at_once_share_a_small_queue_without_refusals(
+    tiny_llama_dir, server_factory, oracle
+) -> None:
+    """Two calls of 12 inputs at once where the engine takes 8 (``--max-running 4
+    --max-queue 4``), each queueing 4 at a time: every vector is exact. (An input the
+    full queue refuses waits for its call's own to make room: the rule is tested
+    exactly in ``tests/unit/test_embed_window.py``.)"""
+    server = server_factory(tiny_llama_dir, block_size=4, max_running=4, max_queue=4)
+    calls = [[random_tokens(3 + i, seed=100 * c + i) for i in range(12)] for c in range(2)]
+    results: list[object] = [None] * len(calls)
+
+    def embed(index: int) -> None:
+        with SalienceClient(server.target) as client:
+            try:
+                results[index] = client.embed(token_lists=calls[index])
+            except Exception as error:  # noqa: BLE001 - the test reports it
+                results[index] = error
+
+    threads = [threading.Thread(target=embed, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for result, inputs in zip(results, calls, strict=True):
+        assert not isinstance(result, Exception), result
+        for vector, token_ids in zip(result.vectors, inputs, strict=True):  # type: ignore[attr-defined]
+            want = final_states(oracle, token_ids)[-1]
+            assert (torch.tensor(vector) - want).abs().max() < TOLERANCE
+
+
 OK = pb.TokenIds(token_ids=[1, 2])
 
 
