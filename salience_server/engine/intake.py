@@ -59,11 +59,16 @@ class Intake:
         # No session outgrows the KV pool: its context limit is at most the pool's size.
         check_generate(params, session, self.vocab_size, self.has_readout, self.limits)
         if image is not None and not self.evictor.can_hold_image(embeds_bytes(image)):
+            where = (
+                "beside the other images"
+                if self.evictor.host_kv_bytes
+                else "(the server keeps none: --host-kv-memory is 0)"
+            )
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "HOST_MEMORY_FULL",
                 f"the image's embeddings ({embeds_bytes(image)} bytes) do not fit in "
-                "the host memory budget beside the other images; raise --host-kv-memory",
+                f"the host memory budget {where}; raise --host-kv-memory",
             )
 
     def accept(

@@ -42,7 +42,8 @@ class SessionInfo:
 def context_limit(asked: int, model_limit: int, pool_tokens: int) -> int:
     """The positions a session may hold: ``asked`` (``--max-context``; 0: the model's),
     never past the model's own nor past the KV pool (a session's whole KV is on the
-    device while it computes); the log says when either cuts it."""
+    device while it computes); the log says when either cuts it (and
+    ``context_limit_source`` says which bound it is)."""
     limit = min(asked or model_limit, model_limit)
     if asked > model_limit:
         log.warning(
@@ -60,6 +61,15 @@ def context_limit(asked: int, model_limit: int, pool_tokens: int) -> int:
             pool_tokens,
         )
     return min(limit, pool_tokens)
+
+
+def context_limit_source(asked: int, model_limit: int, pool_tokens: int) -> str:
+    """What sets ``context_limit``'s value, for the errors of calls that pass it."""
+    if pool_tokens < min(asked or model_limit, model_limit):
+        return "the KV pool's size: raise --kv-cache-memory for more"
+    if asked and asked < model_limit:
+        return "--max-context"
+    return "the model's positions"
 
 
 class SessionTable:

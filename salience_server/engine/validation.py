@@ -20,15 +20,29 @@ class Limits:
     max_ranges: int = 64
     max_stop_strings: int = 16
     max_stop_string_bytes: int = 256
+    max_context: int = 0
+    """The server's context limit (0: none known here), which a session's may be below."""
+    max_context_source: str = ""
+    """What sets ``max_context`` (``session_table.context_limit_source``)."""
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Limits:
+    def from_config(cls, config: EngineConfig, max_context: int = 0, source: str = "") -> Limits:
         return cls(
             config.max_logprobs,
             config.max_ranges,
             config.max_stop_strings,
             config.max_stop_string_bytes,
+            max_context,
+            source,
         )
+
+    def context_note(self, session_limit: int) -> str:
+        """Why a session's context limit is what it is, for CONTEXT_EXCEEDED."""
+        if session_limit < self.max_context:
+            return " (the max_context it was opened with)"
+        if self.max_context_source and session_limit == self.max_context:
+            return f" (set by {self.max_context_source})"
+        return ""
 
 
 def offset_mismatch(session: Session, offset: int, truncating: bool) -> SalienceError | None:
@@ -147,7 +161,8 @@ def check_generate(
     if new_length > session.max_context:
         raise invalid(
             "CONTEXT_EXCEEDED",
-            f"{new_length} tokens exceed the session's context limit of {session.max_context}",
+            f"{new_length} tokens exceed the session's context limit of {session.max_context}"
+            + limits.context_note(session.max_context),
         )
     if params.max_tokens > 0 and new_length == 0:
         raise invalid("EMPTY_SESSION", "decoding needs at least one token in the session")

@@ -85,7 +85,8 @@ def token_lists(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
             raise invalid(
                 "CONTEXT_EXCEEDED",
                 f"input {index} ({len(text)} characters) is more tokens than the context "
-                f"limit of {engine.max_context}",
+                f"limit of {engine.max_context}"
+                + engine.intake.limits.context_note(engine.max_context),
             )
     tokenizer = engine.loaded.tokenizer
     inputs = [
@@ -100,7 +101,7 @@ def token_lists(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
             raise invalid(
                 "CONTEXT_EXCEEDED",
                 f"input {index} has {len(token_ids)} tokens, past the context limit of "
-                f"{engine.max_context}",
+                f"{engine.max_context}" + engine.intake.limits.context_note(engine.max_context),
             )
     return inputs
 

@@ -337,6 +337,17 @@ def test_a_session_never_outgrows_the_pool(tiny_llama_dir, server_factory) -> No
         generate(stub, session_id, append_tokens=[1] * 40)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == "CONTEXT_EXCEEDED"
+    # It says what sets the limit (the model's 512 positions would hold the prompt).
+    assert caught.value.details() == (
+        "40 tokens exceed the session's context limit of 32 (set by the KV pool's size: "
+        "raise --kv-cache-memory for more)"
+    )
+    small = stub.OpenSession(pb.OpenSessionRequest(max_context=16)).session_id
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(stub, small, append_tokens=[1] * 20)
+    assert caught.value.details() == (
+        "20 tokens exceed the session's context limit of 16 (the max_context it was opened with)"
+    )
     assert session_info(stub, session_id).length == 0
     _, done = generate(stub, session_id, append_tokens=random_tokens(32, seed=3))
     assert done.total_tokens == 32

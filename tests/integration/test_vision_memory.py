@@ -93,3 +93,24 @@ def test_an_image_pushes_offloaded_kv_out_of_host_memory(vision, server_factory)
     assert first not in server.engine.runner.host_kv
     _, done = generate(stub, first, offset=length, append_tokens=[8], max_tokens=2)
     assert done.recomputed_tokens == length  # recomputed from its tokens and its image
+
+
+def test_an_image_on_a_server_without_host_memory_says_so(vision, server_factory) -> None:
+    """With ``--host-kv-memory 0`` no image fits: the error says the server keeps no host
+    memory (it spoke of "the other images", of which there were none)."""
+    server = server_factory(
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=0
+    )
+    session = open_session(server.stub)
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.AppendImage(
+            pb.AppendImageRequest(
+                session_id=session, image=encode(make_image(6)), mime_type="image/png"
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(caught.value) == "HOST_MEMORY_FULL"
+    assert caught.value.details() == (
+        f"the image's embeddings ({6 * 64 * 4} bytes) do not fit in the host memory budget "
+        "(the server keeps none: --host-kv-memory is 0); raise --host-kv-memory"
+    )
