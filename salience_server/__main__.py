@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--session-ttl", type=float, default=1800.0, help="seconds; 0 disables")
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=16384,
+        help="sessions open at once, forks included (more: RESOURCE_EXHAUSTED)",
+    )
     parser.add_argument("--max-image-bytes", type=parse_bytes, default=20 << 20)
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     parser.add_argument("--readout", help="readout safetensors file (SPEC 2.3)")
@@ -147,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                 max_running=args.max_running,
                 max_queue=args.max_queue,
                 session_ttl_s=args.session_ttl,
+                max_sessions=args.max_sessions,
                 max_logprobs=args.max_logprobs,
                 max_ranges=args.max_ranges,
                 max_stop_strings=args.max_stop_strings,

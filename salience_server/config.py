@@ -46,6 +46,10 @@ class EngineConfig:
     """Requests that may wait for room; more fail with RESOURCE_EXHAUSTED."""
     session_ttl_s: float = 1800.0
     """Idle sessions older than this are closed; 0 disables expiry."""
+    max_sessions: int = 16384
+    """Sessions that may be open at once (forks included); more are refused with
+    RESOURCE_EXHAUSTED, so that clients opening sessions without end cannot exhaust the
+    host's memory before their TTL passes."""
     host_kv_bytes: int = 1 << 30
     """Bytes of host memory for offloaded KV and kept image embeddings; 0 disables
     offloading (and images)."""
@@ -80,8 +84,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 0:
             raise ValueError("--block-size must not be negative (0 picks a default)")
-        if self.max_batch_tokens <= 0 or self.max_running <= 0:
-            raise ValueError("--max-batch-tokens and --max-running must be positive")
+        if self.max_batch_tokens <= 0 or self.max_running <= 0 or self.max_sessions <= 0:
+            raise ValueError(
+                "--max-batch-tokens, --max-running and --max-sessions must be positive"
+            )
         if self.max_context < 0 or self.kv_cache_bytes < 0 or self.max_queue < 0:
             raise ValueError(
                 "--max-context, --kv-cache-memory and --max-queue must not be negative"

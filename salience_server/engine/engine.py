@@ -101,6 +101,7 @@ class Engine:
             self.runner,
             self.max_context,
             pool.block_bytes,
+            config.max_sessions,
         )
         proposer = draft_proposer(config, self.runner, self.uses_mrope)
         self.scheduler = Scheduler(config, self.block_manager, self.evictor, proposer)

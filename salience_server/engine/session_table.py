@@ -81,8 +81,10 @@ class SessionTable:
         runner: ModelRunner,
         max_context: int,
         block_bytes: int,
+        max_sessions: int = 16384,
     ) -> None:
         self.sessions: dict[str, Session] = evictor.sessions
+        self.max_sessions = max_sessions
         self.block_manager = block_manager
         self.evictor = evictor
         self.images = images
@@ -108,6 +110,13 @@ class SessionTable:
                 Code.ALREADY_EXISTS,
                 "SESSION_EXISTS",
                 f"session {shown_id(session_id)} already exists",
+            )
+        if len(self.sessions) >= self.max_sessions:
+            raise SalienceError(
+                Code.RESOURCE_EXHAUSTED,
+                "TOO_MANY_SESSIONS",
+                f"{len(self.sessions)} sessions are open (--max-sessions "
+                f"{self.max_sessions}): close some, or wait for idle ones to expire",
             )
         limit = min(max_context, self.max_context) if max_context else self.max_context
         session = Session(session_id, limit)

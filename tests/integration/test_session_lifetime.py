@@ -16,7 +16,7 @@ from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine.engine import Engine
 from salience_server.engine.loader import load_model
 from salience_server.engine.request import DoneEvent, GenerateParams
-from tests.helpers import TEST_DEVICE, generate, open_session, session_info
+from tests.helpers import TEST_DEVICE, error_reason, generate, open_session, session_info
 
 BLOCK_SIZE = 4
 
@@ -121,3 +121,28 @@ def test_a_client_that_stops_reading_a_finished_stream_lets_its_session_expire(
         assert responses[-1].WhichOneof("event") == "done"
         assert reading in server.engine.sessions
         stalled_stream.cancel()
+
+
+def test_sessions_past_max_sessions_are_refused_until_one_closes(
+    tiny_llama_dir, server_factory
+) -> None:
+    """``--max-sessions`` bounds the sessions open at once, forks included (nothing did:
+    a client opening sessions without end grew the server's memory till their TTL)."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=1 << 20, max_sessions=3)
+    stub = server.stub
+    sessions = [open_session(stub) for _ in range(2)]
+    sessions.append(stub.ForkSession(pb.ForkSessionRequest(session_id=sessions[0])).session_id)
+    for refused in (
+        lambda: stub.OpenSession(pb.OpenSessionRequest()),
+        lambda: stub.ForkSession(pb.ForkSessionRequest(session_id=sessions[0])),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            refused()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_reason(caught.value) == "TOO_MANY_SESSIONS"
+        assert caught.value.details() == (
+            "3 sessions are open (--max-sessions 3): close some, or wait for idle ones to expire"
+        )
+    stub.CloseSession(pb.CloseSessionRequest(session_id=sessions[1]))
+    assert open_session(stub)
+    assert len(stub.ListSessions(pb.ListSessionsRequest()).sessions) == 3
