@@ -187,7 +187,8 @@ def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
         (["--kv-cache-memory", "lots"], "not a size: 'lots' (try 2GiB"),  # named its parser
         (["--speculative-cost", "abc"], "not two numbers SWITCH,ROW: 'abc'"),
         (["--max-image-pixels", "-1"], "--max-image-bytes and --max-image-pixels must be"),
-        (["--max-running", "0"], "--max-batch-tokens and --max-running must be positive"),
+        (["--max-running", "0"], "--max-batch-tokens, --max-running and --max-sessions must"),
+        (["--max-sessions", "0"], "--max-batch-tokens, --max-running and --max-sessions must"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(
