@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -22,6 +23,8 @@ takes at once (``window``)."""
 MAX_EMBED_INPUTS = 2048
 
 _Vector = TypeVar("_Vector")
+_FIRST_RETRY_PAUSE_S = 0.01
+_MAX_RETRY_PAUSE_S = 0.2
 
 
 def window(config: EngineConfig) -> int:
@@ -33,39 +36,46 @@ def window(config: EngineConfig) -> int:
 
 
 class InputWindow:
-    """How one Embed call's inputs enter the engine: ``size`` at most at once. An input
-    the engine's queue refuses (QUEUE_FULL) while others of the call are in it waits
-    for one of them to end, then tries again: the call was admitted, and its own inputs
-    make the room that other calls' inputs took meanwhile (several calls at once were
-    refused halfway, the vectors already made thrown away). Refused with none of its
-    own in the engine, the call is refused."""
+    """How one Embed call's inputs enter the engine: ``size`` at most at once. Once the
+    call is admitted (one of its inputs was taken), an input the engine's queue refuses
+    (QUEUE_FULL: other calls' inputs took the room) waits and tries again: until one of
+    the call's own inputs ends, or a short pause where none is in the engine (concurrent
+    calls failed halfway, vectors made for nothing). An input refused before any of its
+    call's was taken refuses the call, before any work."""
 
     def __init__(self, size: int) -> None:
         self._slots = asyncio.Semaphore(size)
         self._num_in_engine = 0
+        self._num_ended = 0
         self._an_input_ended = asyncio.Event()
-        """Set when an input of the call ends (and replaced by a fresh one)."""
+        """Set when an input of the call ends, then replaced by a fresh one."""
 
     async def run(self, embed: Callable[[], Awaitable[_Vector]]) -> _Vector:
-        """``embed()``'s vector, once a slot is free and the queue takes the input."""
+        """``embed()``'s vector, once a slot is free and the queue takes the input.
+        (A refusal comes as ``embed`` submits, before it first waits: an input counted
+        in the engine when another is tried was taken.)"""
         async with self._slots:
+            pause_s = _FIRST_RETRY_PAUSE_S
             while True:
                 ended = self._an_input_ended
-                num_others = self._num_in_engine
+                is_admitted = self._num_in_engine > 0 or self._num_ended > 0
                 self._num_in_engine += 1
                 is_refused = False
                 try:
                     return await embed()
                 except SalienceError as error:
                     is_refused = error.reason == "QUEUE_FULL"
-                    if not is_refused or (num_others == 0 and not ended.is_set()):
+                    if not (is_refused and is_admitted):
                         raise
                 finally:
                     self._num_in_engine -= 1
                     if not is_refused:
-                        self._an_input_ended = asyncio.Event()
-                        ended.set()
-                await ended.wait()
+                        self._num_ended += 1
+                        current, self._an_input_ended = self._an_input_ended, asyncio.Event()
+                        current.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), pause_s)
+                pause_s = min(2 * pause_s, _MAX_RETRY_PAUSE_S)
 
 
 def token_lists(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """``embed_inputs.InputWindow`` over a fake engine queue of a fixed capacity: the inputs
-of a call already admitted wait for their own to make room; a call refused at its
-first input is refused; other errors pass through."""
+of a call already admitted wait for room (their own call's, or another's); a call
+refused at its first input is refused; other errors pass through."""
 
 from __future__ import annotations
 
@@ -82,3 +82,64 @@ def test_other_failures_are_not_retried() -> None:
     with pytest.raises(SalienceError) as caught:
         asyncio.run(scenario())
     assert caught.value.reason == "CONTEXT_EXCEEDED" and len(calls) == 1
+
+
+def _refused_once() -> tuple[list[int], object]:
+    """An input refused QUEUE_FULL on its first try, taken on the next; and its tries."""
+    tries: list[int] = []
+
+    async def embed() -> str:
+        tries.append(1)
+        if len(tries) == 1:
+            raise SalienceError(Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "full")
+        return "C"
+
+    return tries, embed
+
+
+def test_a_refused_input_is_tried_again_when_a_later_input_of_its_call_ends() -> None:
+    """A and B are in the engine; A ends; C is refused and waits; B ends: C is tried
+    again. (Each end set the event its input saw as it began, not the one then
+    current: B's end set A's, already set, and C waited for good.)"""
+
+    async def scenario() -> list[str]:
+        window = InputWindow(3)
+        a_done, b_done = asyncio.Event(), asyncio.Event()
+
+        async def wait_for(done: asyncio.Event, name: str) -> str:
+            await done.wait()
+            return name
+
+        a = asyncio.create_task(window.run(lambda: wait_for(a_done, "A")))
+        b = asyncio.create_task(window.run(lambda: wait_for(b_done, "B")))
+        await asyncio.sleep(0.01)
+        a_done.set()
+        await asyncio.sleep(0.01)
+        tries, embed = _refused_once()
+        c = asyncio.create_task(window.run(embed))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert len(tries) == 1  # refused, waiting for B
+        b_done.set()
+        return [await a, await b, await asyncio.wait_for(c, 0.15)]
+
+    assert asyncio.run(scenario()) == ["A", "B", "C"]
+
+
+def test_an_input_refused_after_its_call_made_vectors_waits_for_room() -> None:
+    """Input 0 made its vector; input 1 is refused while none of the call's is in the
+    engine (other calls filled it): it tries again after a pause, and the call does not
+    fail halfway."""
+
+    async def scenario() -> list[str]:
+        window = InputWindow(2)
+
+        async def made() -> str:
+            return "vector"
+
+        first = await window.run(made)
+        tries, embed = _refused_once()
+        second = await asyncio.wait_for(window.run(embed), 1.0)  # type: ignore[arg-type]
+        assert len(tries) == 2
+        return [first, second]
+
+    assert asyncio.run(scenario()) == ["vector", "C"]
