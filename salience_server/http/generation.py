@@ -20,7 +20,8 @@ from salience_client import Done, SalienceClientError, TokenEvent
 from salience_server.http.decode_options import DecodeOptions
 from salience_server.http.errors import ApiError, invalid
 from salience_server.http.messages import ImageInput
-from salience_server.http.sessions_pool import Lease, Scores, SessionPool
+from salience_server.http.pooled_session import Scores
+from salience_server.http.sessions_pool import Lease, SessionPool
 
 
 @dataclass

@@ -7,7 +7,7 @@ the request then sends ``offset`` = that shared length with ``truncating``, so t
 prefills only the new tokens. A lent session is never lent twice at once.
 
 A session also keeps the scores (logprobs) an echo request returned for its positions,
-so that a later one sharing them is scored only past them (``Scores``).
+so that a later one sharing them is scored only past them (``pooled_session.Scores``).
 
 What the pool knows about a session is always a prefix of the server's truth: after a
 call that ended early (cancelled, failed) the server may hold more tokens than the shim
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -27,7 +26,13 @@ from typing import Any
 
 import grpc
 
-from salience_client import AsyncSalienceClient, AsyncSession, SalienceClientError, TokenEvent
+from salience_client import AsyncSalienceClient, AsyncSession, SalienceClientError
+from salience_server.http.pooled_session import (
+    NO_SCORES,
+    PooledSession,
+    Scores,
+    common_prefix_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,74 +51,6 @@ sessions' scores go first."""
 SETTLE_WAIT_S = 5.0
 """How long a session whose call was cancelled may stay busy on the server before the pool
 gives up on it and closes it."""
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    limit = min(len(a), len(b))
-    for index in range(limit):
-        if a[index] != b[index]:
-            return index
-    return limit
-
-
-@dataclass(frozen=True)
-class Scores:
-    """The logprobs a scoring call returned for a session's first positions, kept with
-    it: a later prompt sharing them is scored from where they end (an echo request
-    would otherwise recompute its whole prompt, since the server keeps no
-    distributions)."""
-
-    events: list[TokenEvent]
-    """Position ``i``'s event at index ``i``, from 0."""
-    top_k: int
-    """How many alternatives each event holds (at most)."""
-
-    def up_to(self, end: int, top_k: int) -> list[TokenEvent]:
-        """Events of positions ``0 .. end - 1``, with at most ``top_k`` alternatives."""
-        if top_k >= self.top_k:
-            return self.events[:end]
-        return [
-            dataclasses.replace(event, top_logprobs=event.top_logprobs[:top_k])
-            for event in self.events[:end]
-        ]
-
-    def serves(self, top_k: int) -> int:
-        """How many positions these scores serve a call asking ``top_k`` alternatives."""
-        return len(self.events) if top_k <= self.top_k else 0
-
-
-NO_SCORES = Scores([], 0)
-
-
-@dataclass(eq=False)
-class PooledSession:
-    """One server session the pool keeps."""
-
-    session: AsyncSession
-    token_ids: list[int]
-    """A prefix of the server's tokens for this session: what the shim knows is committed."""
-    last_used: float
-    scores: Scores = NO_SCORES
-    """Scored positions of ``token_ids``' start (kept in step by ``hold``)."""
-    is_leased: bool = True
-    num_forking: int = 0
-    """Forks of it under way: it may be forked again meanwhile, not lent nor rewound."""
-    replaces: PooledSession | None = None
-    """The session this one was forked from to keep it idle (FORK_MIN_SHARED)."""
-    replaces_stamp: float = 0.0
-    """The parent's ``last_used`` as forked: unchanged at release, no one else used it."""
-    settled: asyncio.Event | None = None
-    """Set once a session taken back after a call that ended early is idle again (or
-    discarded); None when it is not settling."""
-
-    def hold(self, token_ids: Sequence[int], scores: Scores | None = None) -> None:
-        """The session now holds ``token_ids`` (scored at its start by ``scores``, or by
-        what was scored before, as far as the tokens are the same)."""
-        scores = self.scores if scores is None else scores
-        kept = common_prefix_length([e.token_id for e in scores.events], token_ids)
-        self.token_ids = list(token_ids)
-        self.scores = Scores(scores.events[:kept], scores.top_k) if kept else NO_SCORES
 
 
 @dataclass
@@ -287,7 +224,17 @@ class SessionPool:
         return min(idle, key=lambda entry: entry.last_used, default=None)
 
     async def _open(self) -> Lease:
-        session = await self._client.open_session()
+        """A fresh session; where the server holds no more (``--max-sessions``), the
+        least recently used idle one of the pool, to be rewound (the pool kept idle
+        sessions while the server refused the shim new ones: 429s till their TTL)."""
+        try:
+            session = await self._client.open_session()
+        except SalienceClientError as error:
+            victim = self._least_recent_idle() if _is_server_full(error) else None
+            if victim is None:
+                raise
+            victim.is_leased = True
+            return Lease(victim, 0)
         entry = PooledSession(session, [], time.monotonic())
         self._entries.append(entry)
         return Lease(entry, 0)
@@ -299,13 +246,13 @@ class SessionPool:
         try:
             child = await parent.session.fork()
         except SalienceClientError as error:
-            if error.code != grpc.StatusCode.NOT_FOUND:
-                raise
-            if parent in self._entries:
-                self._entries.remove(parent)  # expired on the server
-            return await self._open()
+            failure: SalienceClientError | None = error
+        else:
+            failure = None
         finally:
             parent.num_forking -= 1
+        if failure is not None:
+            return await self._instead_of_fork(parent, shared, failure)
         now = time.monotonic()
         entry = PooledSession(child, [], now)
         entry.hold(parent.token_ids, parent.scores)
@@ -314,6 +261,23 @@ class SessionPool:
             entry.replaces, entry.replaces_stamp = parent, now
         self._entries.append(entry)
         return Lease(entry, shared)
+
+    async def _instead_of_fork(
+        self, parent: PooledSession, shared: int, error: SalienceClientError
+    ) -> Lease:
+        """A fork of ``parent`` failed with ``error``: where the parent expired on the
+        server, a fresh session; where the server holds no more sessions, the parent
+        itself, to be rewound to what is shared (if no other fork of it is under way);
+        else the error."""
+        if error.code == grpc.StatusCode.NOT_FOUND:
+            if parent in self._entries:
+                self._entries.remove(parent)
+            return await self._open()
+        is_free = parent in self._entries and not parent.is_leased and not parent.num_forking
+        if _is_server_full(error) and is_free:
+            parent.is_leased = True
+            return Lease(parent, shared)
+        raise error
 
     async def _await_settling(self, prompt_ids: Sequence[int]) -> None:
         """Waits for the sessions settling after a call that ended early (a client that
@@ -370,3 +334,8 @@ class SessionPool:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _is_server_full(error: SalienceClientError) -> bool:
+    """The server holds as many sessions as it may (``--max-sessions``)."""
+    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "TOO_MANY_SESSIONS"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from salience_client import END, SalienceClient
-from salience_server.http.sessions_pool import common_prefix_length
+from salience_server.http.pooled_session import common_prefix_length
 from tests.shim_support import (
     RunningShim,
     Script,

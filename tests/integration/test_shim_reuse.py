@@ -268,3 +268,37 @@ def test_a_retry_right_after_a_stopped_call_waits_for_its_session(llama_server: 
         assert retry.shared == len(PROMPT) and pool.num_sessions == 1
 
     _run(llama_server.target, test)
+
+
+def test_a_server_full_of_sessions_gets_the_pools_own_idle_ones_reused(
+    tiny_llama_dir: Any, server_factory: Any
+) -> None:
+    """The server holds at most 3 sessions (``--max-sessions``), the pool may keep 8.
+    With the server full, a prompt sharing nothing reuses the pool's least recently used
+    idle session, and one that would fork a long shared prefix is lent its parent: each
+    got a 429 (TOO_MANY_SESSIONS) while the pool held idle sessions, till their TTL."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20, max_sessions=3)
+    prefix = list(range(100, 170))  # past FORK_MIN_SHARED
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        outsider = await client.open_session()  # another client's: the pool may not take it
+        for prompt in (prefix + [1], [7, 8, 9]):
+            await collect(Generation(pool, prompt, GREEDY))
+        assert len(await client.list_sessions()) == 3  # the server is full
+        forking = Generation(pool, prefix + [2], GREEDY)  # would fork: lent the parent
+        forked = await collect(forking)
+        assert forking.cached_tokens >= len(prefix)  # the prefix was not prefilled again
+        got = await collect(Generation(pool, [20, 21, 22], GREEDY))  # shares nothing
+        assert pool.num_sessions == 2 and len(await client.list_sessions()) == 3
+        await outsider.close()  # room for the references, each from a fresh session
+        for result, prompt in ((got, [20, 21, 22]), (forked, prefix + [2])):
+            reference = SessionPool(client, 1)
+            try:
+                want = await collect(Generation(reference, prompt, GREEDY))
+            finally:
+                await reference.close()
+            assert [t.token_id for t in result.choices[0].tokens] == [
+                t.token_id for t in want.choices[0].tokens
+            ]
+
+    _run(server.target, test)

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from salience_client import TokenEvent
-from salience_server.http.sessions_pool import Lease, Scores, SessionPool
+from salience_server.http.pooled_session import Scores
+from salience_server.http.sessions_pool import Lease, SessionPool
 
 MAX_SESSIONS = 3
 MAX_KEPT_SCORES = 20

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from salience_client import TokenEvent
-from salience_server.http.sessions_pool import NO_SCORES, PooledSession, Scores, SessionPool
+from salience_server.http.pooled_session import NO_SCORES, PooledSession, Scores
+from salience_server.http.sessions_pool import SessionPool
 
 
 def _events(token_ids: list[int], top_k: int) -> list[TokenEvent]:
