@@ -138,7 +138,7 @@ async def create_completion(request: Request) -> Response:
         stream = _stream(body, completion_id, generations, builders, first)
         return event_stream(stream, keepalive_s)
     with client_errors("prompt", constraint_param):
-        work = _collect_all(generations, backend.pool.fork_min_shared)
+        work = _collect_all(generations, backend.pool.fork_min_shared, constraint_param)
         results = await until_disconnected(request, work)
     choices = []
     for prompt_index, (builder, result) in enumerate(zip(builders, results, strict=True)):
@@ -160,8 +160,11 @@ async def create_completion(request: Request) -> Response:
     )
 
 
-async def _collect_all(generations: list[Generation], min_shared: int) -> list[GenerationResult]:
-    """The batch's generations run side by side, until one fails. With echo scoring, a prompt whose first
+async def _collect_all(
+    generations: list[Generation], min_shared: int, constraint_param: str
+) -> list[GenerationResult]:
+    """The batch's generations run side by side, until one fails: its error names its
+    prompt (``prompt[i]`` in a batch). With echo scoring, a prompt whose first
     ``min_shared`` tokens an earlier one's are waits for that one to end, and is then
     scored past the scores its session keeps (multiple choice in one request: each
     continuation of one context); the others of its group then run side by side."""
@@ -172,7 +175,12 @@ async def _collect_all(generations: list[Generation], min_shared: int) -> list[G
             groups.setdefault(tuple(ids[:min_shared]), []).append(generation)
     leaders: dict[tuple[int, ...], asyncio.Event] = {}
 
-    async def run(generation: Generation) -> GenerationResult:
+    async def run(index: int, generation: Generation) -> GenerationResult:
+        param = "prompt" if len(generations) == 1 else f"prompt[{index}]"
+        with client_errors(param, constraint_param):
+            return await run_in_group(generation)
+
+    async def run_in_group(generation: Generation) -> GenerationResult:
         key = tuple(generation.prompt_ids[:min_shared])
         group = groups.get(key, [])
         if len(group) < 2:
@@ -190,7 +198,7 @@ async def _collect_all(generations: list[Generation], min_shared: int) -> list[G
     failure: BaseException | None = None
     try:
         async with asyncio.TaskGroup() as group:  # a failed prompt cancels the others
-            tasks = [group.create_task(run(generation)) for generation in generations]
+            tasks = [group.create_task(run(i, g)) for i, g in enumerate(generations)]
     except* Exception as failures:
         failure = failures.exceptions[0]
     if failure is not None:

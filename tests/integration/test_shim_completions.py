@@ -141,7 +141,7 @@ def test_a_failed_prompt_of_a_batch_stops_the_others(
     long_context_llama_dir: Any, server_factory: Any
 ) -> None:
     """The 400 for a bad prompt came back at once while the batch's other prompts ran on
-    to their ends, for no one (a minute here)."""
+    to their ends, for no one (a minute here). It names the prompt that failed."""
     server = server_factory(long_context_llama_dir, block_size=4, kv_cache_bytes=64 << 20)
     running = start_shim(server.target)
     try:
@@ -153,6 +153,7 @@ def test_a_failed_prompt_of_a_batch_stops_the_others(
         }
         response = httpx.post(f"{running.base_url}/completions", json=body, timeout=60)
         assert response.status_code == 400
+        assert response.json()["error"]["param"] == "prompt[1]"  # it said "prompt"
         deadline = time.monotonic() + 5
         while server.engine.scheduler.has_work() and time.monotonic() < deadline:
             time.sleep(0.02)
