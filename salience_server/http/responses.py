@@ -43,6 +43,7 @@ from salience_server.http.schemas import ResponsesRequest
 from salience_server.http.streaming import Primed, event_stream, start_stream, until_disconnected
 from salience_server.http.tool_parser import ToolCall
 from salience_server.http.tools import ToolMode, responses_tools, tool_format, tool_mode
+from salience_server.http.truncation import without_oldest
 
 router = APIRouter()
 
@@ -145,6 +146,7 @@ class ResponsePlan:
             "id": self.response_id,
             "object": "response",
             "created_at": self.created_at,
+            "completed_at": int(time.time()) if status == "completed" else None,
             "status": status,
             "error": error,
             "incomplete_details": incomplete,
@@ -248,6 +250,13 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
     render = RenderOptions(chat_template_kwargs=body.chat_template_kwargs)
     rendered = await backend.render_chat(system + conversation, offered, "input", render)
     all_images = (previous.images if previous else []) + new_input.images
+    while body.truncation == "auto" and len(rendered) >= info.max_context:
+        shorter = without_oldest(conversation)
+        if shorter is None:
+            break  # the new input alone is too long: context_length_exceeded
+        conversation, num_images = shorter
+        all_images = all_images[num_images:]
+        rendered = await backend.render_chat(system + conversation, offered, "input", render)
     images = backend.mark_images(rendered, all_images, "input")
     prompt_ids = list(rendered)
     if previous is not None:

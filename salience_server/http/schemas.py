@@ -268,6 +268,19 @@ class CompletionRequest(SamplingFields):
 
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+INCLUDABLE = {
+    LOGPROBS_INCLUDE,
+    "code_interpreter_call.outputs",
+    "computer_call_output.output.image_url",
+    "file_search_call.results",
+    "message.input_image.image_url",
+    "reasoning.encrypted_content",
+    "web_search_call.action.sources",
+    "web_search_call.results",
+}
+"""The ``include`` values OpenAI knows (all but the logprobs name outputs of tools this
+server does not run: asking for them changes nothing)."""
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 
 class ResponsesRequest(SamplingFields):
@@ -303,6 +316,15 @@ class ResponsesRequest(SamplingFields):
     def check(self, vocab_size: int) -> None:
         """Refuses combinations the schema alone cannot (400)."""
         self.check_sampling(vocab_size, self.max_output_tokens)
+        for index, value in enumerate(self.include or []):
+            if value not in INCLUDABLE:
+                raise invalid(
+                    f"Invalid value: {value!r}. Supported values are: "
+                    + ", ".join(repr(v) for v in sorted(INCLUDABLE)),
+                    f"include[{index}]",
+                    "invalid_value",
+                )
+        check_metadata(self.metadata)
         if self.background:
             raise unsupported("background responses", "background")
         if self.conversation is not None:
@@ -325,3 +347,30 @@ class ResponsesRequest(SamplingFields):
             ("text.format", text_format_constraint(self.text)),
             ("structured_outputs", self.guided()),
         )
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's bounds on ``metadata``: 16 pairs, keys of 64 characters, values of 512."""
+    pairs = metadata or {}
+    if len(pairs) > MAX_METADATA_PAIRS:
+        raise invalid(
+            f"Invalid 'metadata': too many properties. Expected at most {MAX_METADATA_PAIRS}, "
+            f"got {len(pairs)}",
+            "metadata",
+            "object_above_max_properties",
+        )
+    for key, value in pairs.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise invalid(
+                f"Invalid 'metadata': key {key[:20]!r}... is longer than "
+                f"{MAX_METADATA_KEY_CHARS} characters",
+                "metadata",
+                "string_above_max_length",
+            )
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise invalid(
+                f"Invalid 'metadata.{key}': string too long. Expected a string with at most "
+                f"{MAX_METADATA_VALUE_CHARS} characters, got {len(value)}",
+                f"metadata.{key}",
+                "string_above_max_length",
+            )

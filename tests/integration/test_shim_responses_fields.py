@@ -1,0 +1,96 @@
+"""Responses API fields beyond the reply itself: ``truncation``, ``include``,
+``metadata`` and ``completed_at``, through the openai SDK against the tiny Llama (512
+positions, one token per byte)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.shim_support import RunningShim, Script
+
+# Twelve alternating messages of about 60 tokens each: more than the 512 positions.
+LONG = [
+    {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i:02d} " + "xy" * 25}
+    for i in range(11)
+] + [{"role": "user", "content": "and now the question"}]
+
+
+def _reply(shim: RunningShim, model: str, conversation: list[dict[str, str]], **fields: object):
+    return shim.client().responses.create(
+        model=model, input=conversation, max_output_tokens=5, temperature=0, **fields
+    )
+
+
+def test_truncation_auto_drops_the_oldest_items_until_the_input_fits(
+    shim: RunningShim, model: str
+) -> None:
+    """It answered 400 ``context_length_exceeded``, as ``disabled`` does, while saying
+    ``truncation: "auto"``. The reply now equals that to the longest tail of the
+    conversation that fits (found with truncation disabled)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        _reply(shim, model, LONG)
+    assert caught.value.code == "context_length_exceeded"
+    for start in range(1, len(LONG)):
+        try:
+            want = _reply(shim, model, LONG[start:])
+            break
+        except openai.BadRequestError:
+            continue
+    got = _reply(shim, model, LONG, truncation="auto")
+    assert got.truncation == "auto" and got.output_text == want.output_text
+    assert got.usage.input_tokens == want.usage.input_tokens < 512
+    # Continuing it works from what was kept.
+    follow = _reply(shim, model, [{"role": "user", "content": "more"}], previous_response_id=got.id)
+    assert follow.status in ("completed", "incomplete")
+
+
+def test_truncation_auto_keeps_a_new_input_too_long_alone_refused(
+    shim: RunningShim, model: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        _reply(shim, model, [{"role": "user", "content": "z" * 600}], truncation="auto")
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_an_unknown_include_value_is_refused_and_a_known_one_taken(
+    shim: RunningShim, model: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        _reply(shim, model, "Hi", include=["message.output_text.logprobs", "bogus.value"])
+    assert caught.value.code == "invalid_value"
+    assert caught.value.param == "include[1]"
+    assert _reply(shim, model, "Hi", include=["reasoning.encrypted_content"]).output_text
+
+
+@pytest.mark.parametrize(
+    ("metadata", "param", "code"),
+    [
+        ({f"k{i}": "v" for i in range(17)}, "metadata", "object_above_max_properties"),
+        ({"k" * 65: "v"}, "metadata", "string_above_max_length"),
+        ({"key": "v" * 513}, "metadata.key", "string_above_max_length"),
+    ],
+    ids=["17 pairs", "a 65-character key", "a 513-character value"],
+)
+def test_metadata_past_openais_bounds_is_refused(
+    shim: RunningShim, model: str, metadata: dict[str, str], param: str, code: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        _reply(shim, model, "Hi", metadata=metadata)
+    assert (caught.value.param, caught.value.code) == (param, code)
+    kept = {f"k{i}": "v" * 512 for i in range(16)}
+    assert _reply(shim, model, "Hi", metadata=kept).metadata == kept
+
+
+def test_a_completed_response_has_its_completion_time(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """``completed_at`` was always null; a response cut at its limit has none."""
+    script, shim = scripted  # a fake server that says "hello" and stops
+    client = shim.client()
+    done = client.responses.create(model="scripted", input="Hi")
+    assert done.status == "completed" and done.output_text == "hello"
+    completed_at = done.model_dump()["completed_at"]
+    assert completed_at is not None and completed_at >= done.created_at
+    cut = client.responses.create(model="scripted", input="Hi", max_output_tokens=2)
+    assert cut.status == "incomplete" and cut.model_dump()["completed_at"] is None
