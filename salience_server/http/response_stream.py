@@ -141,6 +141,21 @@ class ResponseStream:
             events += self._open_item("message")
         return events + self._close_item(self.status)
 
+    def fail(self) -> list[str]:
+        """Events that close the item open when the reply failed midway, as incomplete
+        (it was left without its ``output_item.done``, and out of ``response.failed``'s
+        output); ``items`` then holds what was streamed."""
+        self.status = "failed"
+        if self._open == "function_call":  # its arguments may be cut anywhere
+            self._open = None
+            self.items[-1] = {**self.items[-1], "status": "incomplete"}
+            return [
+                self.event(
+                    "response.output_item.done", output_index=self._index, item=self.items[-1]
+                )
+            ]
+        return self._close_item("incomplete")
+
     def _on(self, event: ReplyEvent) -> list[str]:
         if isinstance(event, ReasoningDelta):
             return self._text_delta("reasoning", event.text)

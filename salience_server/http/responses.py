@@ -333,11 +333,14 @@ async def _stream(
         yield stream.event(final, response=response)
     except Exception as error:
         api_error = as_api_error(error)
+        for sse in stream.fail():
+            yield sse
         yield stream.event(
             "error", code=api_error.code, message=api_error.message, param=api_error.param
         )
         failure = {"code": api_error.code or "server_error", "message": api_error.message}
-        yield stream.event("response.failed", response=plan.response("failed", [], error=failure))
+        failed = plan.response("failed", stream.items, error=failure)
+        yield stream.event("response.failed", response=failed)
 
 
 @router.get("/v1/responses/{response_id}")

@@ -315,6 +315,16 @@ def test_an_error_midway_is_an_error_event_then_failed(
     assert types.count("response.output_text.delta") == 3
     assert events[-2].code == "service_unavailable"
     assert events[-1].response.status == "failed" and events[-1].response.error.code
+    # The message streamed so far is closed, incomplete, and in the failed response
+    # (it had no output_item.done, and the failed response's output was empty).
+    assert types[-5:-2] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    (item,) = events[-1].response.output
+    assert item.status == "incomplete" and item.content[0].text == "abc"
+    assert events[-3].item.status == "incomplete"
 
 
 def test_thinking_is_a_reasoning_item(scripted: tuple[Script, RunningShim]) -> None:
