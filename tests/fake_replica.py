@@ -58,6 +58,8 @@ class Faults:
     open_delay_s: float = 0.0
     """Answer the next OpenSession this late, the session made (past a client's
     deadline: the client cannot tell whether it was)."""
+    get_session_delay_s: float = 0.0
+    """Answer every GetSession this late (calls in flight together)."""
     fork_delay_s: float = 0.0
     """Answer the next ForkSession this late, the fork made."""
     failures_after_break: int = 0
@@ -118,6 +120,7 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
 
     async def GetSession(self, request: Any, context: Any) -> pb.GetSessionResponse:
         self._note("GetSession", context)
+        await asyncio.sleep(self.faults.get_session_delay_s)
         tokens = await self._session(request.session_id, context)
         info = pb.SessionInfo(session_id=request.session_id, length=len(tokens), max_context=1000)
         return pb.GetSessionResponse(session=info)

@@ -5,6 +5,8 @@ stays there when the replica returns. The same with real models: test_replicas.p
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ import grpc
 import pytest
 
 from salience_client import Failover, SalienceClient, SalienceClientError
+from salience_client.pb import salience_pb2 as pb
 from salience_server.cluster import Proxy
 from tests.fake_replica import RunningFake, start_fake
 
@@ -54,18 +57,19 @@ def test_a_replica_not_serving_gets_no_calls_until_it_serves_again(proxied: Prox
     fakes[1].set_serving(False)
     proxy.wait_states({"fake0": "UP", "fake1": "DOWN"}, 10)
     with SalienceClient(proxy.target, timeout=10, replay=FAST) as client:
-        sessions = [client.open_session() for _ in range(4)]
+        # Fixed ids: new sessions go where their id hashes (these spread over both).
+        sessions = [client.open_session(session_id=f"first-{i}") for i in range(8)]
         assert {session.replica for session in sessions} == {"fake0"}
         fakes[1].set_serving(True)
         proxy.wait_states({"fake0": "UP", "fake1": "UP"}, 10)
-        later = [client.open_session() for _ in range(4)]
+        later = [client.open_session(session_id=f"later-{i}") for i in range(8)]
         assert {session.replica for session in later} == {"fake0", "fake1"}
 
 
 def test_sessions_stick_and_a_moved_session_stays_moved(proxied: Proxied) -> None:
     proxy, fakes = proxied.proxy, proxied.fakes
     with SalienceClient(proxy.target, timeout=10, replay=FAST) as client:
-        sessions = [client.open_session() for _ in range(4)]
+        sessions = [client.open_session(session_id=f"sticky-{i}") for i in range(8)]
         for turn in range(3):
             for session in sessions:
                 session.prefill([turn])
@@ -112,4 +116,36 @@ def test_with_no_replica_in_service_the_error_says_so(proxied: Proxied) -> None:
         assert raised.value.code == grpc.StatusCode.UNAVAILABLE
         assert raised.value.message == (
             "no replica in service behind the proxy (still so after retrying for 0.5 s)"
+        )
+
+
+def test_calls_in_flight_together_for_one_key_go_to_one_replica(proxied: Proxied) -> None:
+    """A fork family's members share their root's key and may call at once. HAProxy
+    writes a stick entry only once a replica answers, so calls in flight together for a
+    key not yet in the table (a new family, or one whose replica was just lost) were each
+    placed by ``leastconn``: on different replicas, where the family was then replayed
+    twice and left copies behind. The key's hash now places them all on one."""
+    proxy, fakes = proxied.proxy, proxied.fakes
+    for fake in fakes:
+        fake.replica.faults.get_session_delay_s = 0.3
+    with SalienceClient(proxy.target, timeout=10, replay=FAST) as client:
+        for family in ("family-a", "family-b", "family-c"):
+            threads = [
+                threading.Thread(target=_call_ignoring_errors, args=(client, family))
+                for _ in range(3)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=10)
+            placed = [fake.replica.calls.count(("GetSession", family)) for fake in fakes]
+            assert sorted(placed) == [0, 3], (family, placed)
+
+
+def _call_ignoring_errors(client: SalienceClient, key: str) -> None:
+    """One GetSession through the proxy with ``key`` as its routing key (the session is
+    unknown: NOT_FOUND, as the replica that got it answers)."""
+    with contextlib.suppress(grpc.RpcError):
+        client._stub.GetSession(
+            pb.GetSessionRequest(session_id="member"), metadata=(("x-session-id", key),)
         )

@@ -41,6 +41,8 @@ from tests.shim_support import start_shim
 REPO = Path(__file__).resolve().parents[2]
 SERVER_ARGS = ["--block-size", "4", "--kv-cache-memory", "4MiB", "--log-level", "WARNING"]
 NUM_SESSIONS = 6
+"""Sessions of each test, with fixed ids: the proxy places a new session where its id
+hashes, so these land on several replicas every run."""
 TURN_TOKENS = 8
 DECODE_TOKENS = 6
 FAILOVER = Failover(retry_budget_s=15.0)
@@ -77,7 +79,7 @@ def _turn(session: SyncSession, session_index: int, turn: int) -> list[int]:
 def _control(server: RunningServer, num_turns: int) -> list[list[list[int]]]:
     """[session][turn] decoded ids of the same turns on one server that never fails."""
     with SalienceClient(server.target, timeout=30) as client:
-        sessions = [client.open_session() for _ in range(NUM_SESSIONS)]
+        sessions = [client.open_session(session_id=f"t1-{i}") for i in range(NUM_SESSIONS)]
         outputs = [[_turn(s, i, turn) for turn in range(num_turns)] for i, s in enumerate(sessions)]
         for session in sessions:
             session.close()
@@ -101,7 +103,7 @@ def test_sessions_stay_on_one_replica_each_and_use_several(
 ) -> None:
     want = _control(llama_server, 3)
     with SalienceClient(healthy.target, timeout=30, replay=FAILOVER) as client:
-        sessions = [client.open_session() for _ in range(NUM_SESSIONS)]
+        sessions = [client.open_session(session_id=f"t2-{i}") for i in range(NUM_SESSIONS)]
         got: list[list[list[int]]] = [[] for _ in sessions]
         replicas: list[set[str | None]] = [set() for _ in sessions]
         for turn in range(3):
@@ -165,7 +167,7 @@ def test_a_killed_replica_s_sessions_replay_elsewhere_and_stay_when_it_returns(
 ) -> None:
     want = _control(llama_server, 4)
     with SalienceClient(healthy.target, timeout=30, replay=FAILOVER) as client:
-        sessions = [client.open_session() for _ in range(NUM_SESSIONS)]
+        sessions = [client.open_session(session_id=f"t3-{i}") for i in range(NUM_SESSIONS)]
         got = [[_turn(s, i, turn) for turn in range(2)] for i, s in enumerate(sessions)]
         homes = [session.replica for session in sessions]
         victim = healthy.replica(max(set(homes), key=homes.count))
