@@ -12,6 +12,7 @@ from typing import Any, Unpack
 
 import grpc
 
+from salience_client.closing import CLIENT_CLOSED, closed_client_calls
 from salience_client.failover import Attempts, StreamProgress
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
@@ -25,12 +26,7 @@ from salience_client.generation import (
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import (
-    CLIENT_CLOSED,
-    SETTLE_WAIT_S,
-    SessionBase,
-    closed_client_calls,
-)
+from salience_client.session_base import SETTLE_WAIT_S, SessionBase
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 from salience_client.unary import await_unary, close_in_background
 
