@@ -138,7 +138,7 @@ class Engine:
             self.scheduler,
             self.session_table,
             self.outcomes,
-            self.step,
+            lambda: self.step(),  # looked up at each step: tests instrument engine.step
             config.session_ttl_s,
         )
 
