@@ -149,3 +149,22 @@ def _call_ignoring_errors(client: SalienceClient, key: str) -> None:
         client._stub.GetSession(
             pb.GetSessionRequest(session_id="member"), metadata=(("x-session-id", key),)
         )
+
+
+def test_sequential_session_ids_spread_over_the_replicas(tmp_path: Path) -> None:
+    """Client-chosen ids that differ only at their end hash to far apart points of the
+    ring (``avalanche``); raw sdbm put them side by side: over three replicas, all on
+    one."""
+    fakes = [start_fake(f"fake{index}") for index in range(3)]
+    named = [Named(f"fake{index}", fake.target) for index, fake in enumerate(fakes)]
+    proxy = Proxy(named, tmp_path, check_interval="100ms")  # type: ignore[arg-type]
+    try:
+        proxy.start()
+        proxy.wait_states({f"fake{index}": "UP" for index in range(3)}, 10)
+        with SalienceClient(proxy.target, timeout=10, replay=FAST) as client:
+            homes = [client.open_session(session_id=f"agent-{i:03d}").replica for i in range(30)]
+        assert min(homes.count(f"fake{index}") for index in range(3)) >= 4, homes
+    finally:
+        proxy.stop()
+        for fake in fakes:
+            fake.stop()
