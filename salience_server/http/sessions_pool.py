@@ -267,17 +267,22 @@ class SessionPool:
     ) -> Lease:
         """A fork of ``parent`` failed with ``error``: where the parent expired on the
         server, a fresh session; where the server holds no more sessions, the parent
-        itself, to be rewound to what is shared (if no other fork of it is under way);
-        else the error."""
+        itself, to be rewound to what is shared (if no other fork of it is under way),
+        else the pool's least recently used idle session; else the error."""
         if error.code == grpc.StatusCode.NOT_FOUND:
             if parent in self._entries:
                 self._entries.remove(parent)
             return await self._open()
-        is_free = parent in self._entries and not parent.is_leased and not parent.num_forking
-        if _is_server_full(error) and is_free:
+        if not _is_server_full(error):
+            raise error
+        if parent in self._entries and not parent.is_leased and not parent.num_forking:
             parent.is_leased = True
             return Lease(parent, shared)
-        raise error
+        victim = self._least_recent_idle()  # the parent is taken (a sibling's fork)
+        if victim is None:
+            raise error
+        victim.is_leased = True
+        return Lease(victim, 0)
 
     async def _await_settling(self, prompt_ids: Sequence[int]) -> None:
         """Waits for the sessions settling after a call that ended early (a client that

@@ -302,3 +302,34 @@ def test_a_server_full_of_sessions_gets_the_pools_own_idle_ones_reused(
             ]
 
     _run(server.target, test)
+
+
+def test_siblings_forking_one_session_on_a_full_server_each_get_one(
+    tiny_llama_dir: Any, server_factory: Any, llama_server: Any
+) -> None:
+    """Two prompts of one batch fork the same idle session while the server is full: the
+    first refusal found the parent still being forked by the other and answered 429,
+    though the pool held another idle session. One is lent the parent, the other that
+    idle session."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20, max_sessions=2)
+    prefix = list(range(100, 170))
+    prompts = [prefix + [2], prefix + [3]]
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> list[list[int]]:
+        await collect(Generation(pool, prefix + [1], GREEDY))
+        await collect(Generation(pool, [7, 8, 9], GREEDY))  # the server is full
+        siblings = [Generation(pool, prompt, GREEDY) for prompt in prompts]
+        for generation in siblings:
+            generation.has_siblings = True
+        results = await asyncio.gather(*(collect(g) for g in siblings))
+        assert pool.num_sessions == 2
+        return [[t.token_id for t in r.choices[0].tokens] for r in results]
+
+    got = _run(server.target, test)
+    want = [_run(llama_server.target, lambda pool, _c, p=p: _tokens_of(pool, p)) for p in prompts]
+    assert got == want
+
+
+async def _tokens_of(pool: SessionPool, prompt: list[int]) -> list[int]:
+    result = await collect(Generation(pool, prompt, GREEDY))
+    return [t.token_id for t in result.choices[0].tokens]
