@@ -49,6 +49,8 @@ class InputWindow:
         self._num_ended = 0
         self._an_input_ended = asyncio.Event()
         """Set when an input of the call ends, then replaced by a fresh one."""
+        self._refusal: SalienceError | None = None
+        """Why the call was refused (its first input was): no other input is tried."""
 
     async def run(self, embed: Callable[[], Awaitable[_Vector]]) -> _Vector:
         """``embed()``'s vector, once a slot is free and the queue takes the input.
@@ -57,6 +59,8 @@ class InputWindow:
         async with self._slots:
             pause_s = _FIRST_RETRY_PAUSE_S
             while True:
+                if self._refusal is not None:  # inputs not yet cancelled submit nothing
+                    raise self._refusal
                 ended = self._an_input_ended
                 is_admitted = self._num_in_engine > 0 or self._num_ended > 0
                 self._num_in_engine += 1
@@ -65,6 +69,8 @@ class InputWindow:
                     return await embed()
                 except SalienceError as error:
                     is_refused = error.reason == "QUEUE_FULL"
+                    if is_refused and not is_admitted:
+                        self._refusal = error
                     if not (is_refused and is_admitted):
                         raise
                 finally:

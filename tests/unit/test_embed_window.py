@@ -143,3 +143,29 @@ def test_an_input_refused_after_its_call_made_vectors_waits_for_room() -> None:
         return [first, second]
 
     assert asyncio.run(scenario()) == ["vector", "C"]
+
+
+def test_a_refused_call_submits_no_other_input() -> None:
+    """The call's first input was refused (QUEUE_FULL, nothing of it in the engine): its
+    other inputs, until the call's task group cancels them, submit nothing, even where
+    room came meanwhile (they did: work for a refused call)."""
+
+    async def scenario() -> list[int]:
+        window = InputWindow(3)
+        submitted: list[int] = []
+
+        async def refused() -> str:
+            raise SalienceError(Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "full")
+
+        async def would_fit() -> str:
+            submitted.append(1)
+            return "vector"
+
+        with pytest.raises(SalienceError):
+            await window.run(refused)
+        with pytest.raises(SalienceError) as caught:
+            await window.run(would_fit)
+        assert caught.value.reason == "QUEUE_FULL"
+        return submitted
+
+    assert asyncio.run(scenario()) == []
