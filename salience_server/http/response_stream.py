@@ -148,7 +148,7 @@ class ResponseStream:
         self.status = "failed"
         if self._open == "function_call":  # its arguments may be cut anywhere
             self._open = None
-            self.items[-1] = {**self.items[-1], "status": "incomplete"}
+            self.items[-1] = function_call_item(self.calls[-1], "incomplete")
             return [
                 self.event(
                     "response.output_item.done", output_index=self._index, item=self.items[-1]
