@@ -248,20 +248,20 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     offered = mode.tools if mode.is_enabled else []
     render = RenderOptions(chat_template_kwargs=body.chat_template_kwargs)
-    rendered = await backend.render_chat(system + conversation, offered, "input", render)
     all_images = (previous.images if previous else []) + new_input.images
-    while body.truncation == "auto" and len(rendered) >= info.max_context:
-        shorter = without_oldest(conversation)
-        if shorter is None:
-            break  # the new input alone is too long: context_length_exceeded
+    prefix_ids = await backend.tokenize(mode.prefix_text(), "tool_choice")
+    while True:  # with truncation "auto", until what is sent fits the context
+        rendered = await backend.render_chat(system + conversation, offered, "input", render)
+        images = backend.mark_images(rendered, all_images, "input")  # their known lengths
+        prompt_ids = list(rendered)
+        if previous is not None:
+            prompt_ids = continue_session(previous, rendered, set(info.eos_token_ids))
+        prompt_ids = prompt_ids + prefix_ids
+        shorter = without_oldest(conversation) if body.truncation == "auto" else None
+        if len(prompt_ids) < info.max_context or shorter is None:
+            break  # it fits, or the new input alone does not: context_length_exceeded
         conversation, num_images = shorter
         all_images = all_images[num_images:]
-        rendered = await backend.render_chat(system + conversation, offered, "input", render)
-    images = backend.mark_images(rendered, all_images, "input")
-    prompt_ids = list(rendered)
-    if previous is not None:
-        prompt_ids = continue_session(previous, rendered, set(info.eos_token_ids))
-    prompt_ids = prompt_ids + await backend.tokenize(mode.prefix_text(), "tool_choice")
     is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
     opens = is_reasoning and await backend.opens_thinking(prompt_ids)
     param, constraint = mode.reply_constraint(output_constraint) or ("input", None)

@@ -206,3 +206,41 @@ def test_a_bad_image_is_a_400(shim: RunningShim) -> None:
         model=model, messages=_messages(), max_tokens=2, temperature=0
     )
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_truncation_auto_counts_images_at_their_length(tmp_path: Any) -> None:
+    """A Responses conversation of image turns past a 300-token context, with truncation
+    "auto": it measured each image as its one pad token, found the input fitting, and
+    answered 400 ``context_length_exceeded``. The images count at their known length."""
+    from tests.conftest import start_server
+
+    model_dir = build_tiny_vision_model(tmp_path, "qwen2_vl")
+    server = start_server(str(model_dir), block_size=4, kv_cache_bytes=8 << 20, max_context=300)
+    running = start_shim(server.target)
+    try:
+        client = running.client()
+        model = client.models.list().data[0].id
+        client.responses.create(  # the image's length is known from here on
+            model=model, input=_responses_input(), max_output_tokens=2, temperature=0
+        )
+        conversation: list[dict[str, Any]] = []
+        for turn in range(12):
+            conversation += [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": f"turn {turn}"},
+                        {"type": "input_image", "image_url": DATA_URL},
+                    ],
+                },
+                {"role": "assistant", "content": f"answer {turn}"},
+            ]
+        conversation.append({"role": "user", "content": "and now?"})
+        options = dict(model=model, input=conversation, max_output_tokens=2, temperature=0)
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(**options)
+        response = client.responses.create(**options, truncation="auto")
+        assert response.usage.input_tokens < 300
+    finally:
+        running.stop()
+        server.stop()
