@@ -115,3 +115,35 @@ def test_a_call_cut_right_after_its_name_is_kept(scripted: tuple[Script, Running
     assert [(item.type, item.status) for item in response.output] == [
         ("function_call", "incomplete")
     ]
+
+
+def test_a_stream_failing_inside_a_call_closes_it_with_its_arguments_so_far(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """The server fails midway through a call's arguments: the function_call item is
+    closed "incomplete" with the arguments streamed so far, and ``response.failed``
+    carries it (the item was left open, then closed with empty arguments)."""
+    script, shim = scripted
+    script.text = "<tool_call>\n" + CUT_CALL + 'me"}}\n</tool_call>'
+    script.fail_after = len("<tool_call>\n" + CUT_CALL)
+    try:
+        events = list(
+            shim.client().responses.create(
+                model="scripted", input="Weather in Rome?", tools=[_flat(WEATHER)], stream=True
+            )
+        )
+    finally:
+        script.fail_after = None
+    assert [e.type for e in events][-3:] == [
+        "response.output_item.done",
+        "error",
+        "response.failed",
+    ]
+    streamed = "".join(
+        e.delta for e in events if e.type == "response.function_call_arguments.delta"
+    )
+    closed = events[-3].item
+    assert closed.type == "function_call" and closed.status == "incomplete"
+    assert closed.arguments == streamed and streamed.startswith('{"city": "Ro')
+    (carried,) = events[-1].response.output
+    assert carried.arguments == streamed
