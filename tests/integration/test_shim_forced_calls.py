@@ -8,6 +8,7 @@ Oracle: the requests a scripted server recorded, and the replies it was scripted
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import openai
 import pytest
@@ -30,17 +31,22 @@ LLAMA3_TEMPLATE = (
 )
 
 
-def test_forced_tool_calls_are_constrained(scripted: tuple[Script, RunningShim]) -> None:
-    script, shim = scripted
-    client = shim.client()
-    # A named function: the call's opening is in the prompt, the arguments are constrained.
-    script.text = '{"city": "Rome"}'
-    reply = client.chat.completions.create(
+def _forced_weather(client: Any) -> Any:
+    """A chat offering the weather and time tools, forced to call get_weather."""
+    return client.chat.completions.create(
         model="scripted",
         messages=HELLO,
         tools=[WEATHER, TIME],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
+
+
+def test_forced_tool_calls_are_constrained(scripted: tuple[Script, RunningShim]) -> None:
+    script, shim = scripted
+    client = shim.client()
+    # A named function: the call's opening is in the prompt, the arguments are constrained.
+    script.text = '{"city": "Rome"}'
+    reply = _forced_weather(client)
     (call,) = reply.choices[0].message.tool_calls
     assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Rome"}')
     assert reply.choices[0].finish_reason == "tool_calls"
@@ -187,12 +193,7 @@ def test_a_llama3_template_gets_its_own_call_format(scripted: tuple[Script, Runn
     try:
         client = shim.client()
         script.text = '{"city": "Oslo"}'
-        reply = client.chat.completions.create(
-            model="scripted",
-            messages=HELLO,
-            tools=[WEATHER, TIME],
-            tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        )
+        reply = _forced_weather(client)
         assert bytes(script.prompts[-1]).decode().endswith('{"name": "get_weather", "parameters": ')
         (call,) = reply.choices[0].message.tool_calls
         assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
