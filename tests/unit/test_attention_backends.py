@@ -1,15 +1,8 @@
-"""Attention backends against dense attention (the oracle); their selection is
-``test_attention_selection.py``.
-
-flash-attn cannot run here (no CUDA), so its backend runs over a plain-torch stand-in
-for ``flash_attn_varlen_func`` (``tests/flash_reference.py``); what these tests check
-is everything around the kernel: packing, cu_seqlens, block tables, causal alignment
-of chunks over cached context, and GQA."""
+"""The SDPA attention backend against dense attention (the oracle); flash-attn's is
+``test_flash_attention_backend.py``, their selection ``test_attention_selection.py``."""
 
 from __future__ import annotations
 
-import inspect
-import random
 import types
 from typing import Any
 
@@ -19,108 +12,12 @@ import torch.nn.functional as F
 
 from salience_server.engine import (
     few_row_attention,
-    paged_attention,
     sdpa_attention,
 )
-from salience_server.engine.batch import ForwardBatch
-from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.sdpa_attention import SdpaBackend
-from salience_server.engine.uploads import Uploads
-from tests import flash_reference
+from tests.attention_support import HEAD_DIM, MIXED_BATCH, NUM_HEADS
+from tests.attention_support import attend_batch as _attend_batch
 from tests.helpers import TEST_DEVICE
-
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
-
-
-class _Layer(torch.nn.Module):
-    layer_idx = 0
-
-
-class _KernelSpy:
-    """The reference kernel, remembering whether it was handed a block table."""
-
-    def __init__(self) -> None:
-        self.block_tables: list[Any] = []
-        self.__signature__ = inspect.signature(flash_reference.flash_attn_varlen_func)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.block_tables.append(kwargs.get("block_table"))
-        return flash_reference.flash_attn_varlen_func(*args, **kwargs)
-
-
-def _attend_batch(
-    backend: Any,
-    block_size: int,
-    shapes: list[tuple[int, int]],
-    seed: int = 0,
-    extra: dict[str, Any] | None = None,
-    dtype: torch.dtype = torch.float32,
-    heads: tuple[int, int] = (NUM_HEADS, NUM_KV_HEADS),
-    device: torch.device | None = None,
-    is_scattered: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences of (cached tokens, new tokens) in one batch, their blocks scattered
-    through the pool: -> (backend output [T, H, D], dense oracle [T, H, D]). The pool
-    and the inputs are in ``dtype``; the oracle computes in float32 from those values.
-    ``heads``: (query heads, key heads). ``device``: where the pool and the inputs go
-    (the backend's; the oracle is computed on the CPU). Without ``is_scattered`` each
-    sequence's blocks are consecutive ids (the backend then reads a view of the pool).
-    The output comes back on the CPU."""
-    num_heads, num_kv_heads = heads
-    generator = torch.Generator().manual_seed(seed)
-    blocks_needed = [-(-(cached + new) // block_size) for cached, new in shapes]
-    num_blocks = sum(blocks_needed) + 3
-    pool_ids = list(range(num_blocks))
-    if is_scattered:
-        random.Random(seed).shuffle(pool_ids)
-    pool_shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
-    key_cache = torch.randn(pool_shape).to(dtype)  # stale data
-    value_cache = torch.randn(pool_shape).to(dtype)
-    batch = ForwardBatch()
-    new_queries, new_keys, new_values, oracle = [], [], [], []
-    for (cached, new), count in zip(shapes, blocks_needed, strict=True):
-        table, pool_ids = pool_ids[:count], pool_ids[count:]
-        keys = torch.randn(cached + new, num_kv_heads, HEAD_DIM, generator=generator).to(dtype)
-        values = torch.randn(cached + new, num_kv_heads, HEAD_DIM, generator=generator).to(dtype)
-        queries = torch.randn(new, num_heads, HEAD_DIM, generator=generator).to(dtype)
-        for position in range(cached):  # the context an earlier step left in the pool
-            slot = divmod(position, block_size)
-            key_cache[table[slot[0]], slot[1]] = keys[position]
-            value_cache[table[slot[0]], slot[1]] = values[position]
-        batch.add_sequence([0] * new, cached, table, block_size)
-        new_queries.append(queries)
-        new_keys.append(keys[cached:])
-        new_values.append(values[cached:])
-        mask = torch.arange(cached, cached + new)[:, None] >= torch.arange(cached + new)[None, :]
-        dense = F.scaled_dot_product_attention(
-            queries.float().transpose(0, 1),
-            keys.float().transpose(0, 1),
-            values.float().transpose(0, 1),
-            attn_mask=mask,
-            enable_gqa=True,
-        )  # [H, new, D]
-        oracle.append(dense.transpose(0, 1))
-    device = device or torch.device("cpu")
-    kv_caches = [(key_cache.to(device), value_cache.to(device))]
-    uploads = Uploads(device)
-    metadata = backend.build_metadata(batch.sequences, batch.slot_mapping, kv_caches, uploads)
-    uploads.send()
-    output, _ = paged_attention.paged_attention_forward(
-        _Layer(),
-        torch.cat(new_queries).to(device).transpose(0, 1).unsqueeze(0),  # [1, H, T, D]
-        torch.cat(new_keys).to(device).transpose(0, 1).unsqueeze(0),  # [1, Hkv, T, D]
-        torch.cat(new_values).to(device).transpose(0, 1).unsqueeze(0),
-        None,
-        scaling=HEAD_DIM**-0.5,
-        salience_batch=metadata,
-        **(extra or {}),
-    )
-    return output[0].cpu(), torch.cat(oracle)
-
-
-# (cached, new): an all-new prefill, chunks over cached context (one crossing a block
-# boundary), decodes of different lengths, a decode of a one-token context.
-MIXED_BATCH = [(0, 7), (13, 5), (29, 1), (0, 1), (40, 1), (3, 9), (77, 2)]
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -364,40 +261,6 @@ def test_sdpa_backend_attends_a_long_decode_beside_a_group_and_equals_dense_atte
     backend = SdpaBackend(4, workspace_blocks=256, device=torch.device("cpu"))
     shapes = [(300, 1), (7, 1), (0, 6), (12, 1), (9, 1)]
     got, want = _attend_batch(backend, 4, shapes, seed=6)
-    assert (got - want).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_flash_backend_gathers_small_blocks_and_equals_dense_attention(block_size: int) -> None:
-    spy = _KernelSpy()
-    backend = FlashAttentionBackend(spy, block_size, torch.device("cpu"))
-    assert not backend.paged
-    got, want = _attend_batch(backend, block_size, MIXED_BATCH, seed=1)
-    assert (got - want).abs().max().item() < 1e-5
-    assert spy.block_tables == [None]  # one call for the whole batch, over packed context
-
-
-def test_flash_backend_reads_256_token_pages_in_place_and_equals_dense_attention() -> None:
-    spy = _KernelSpy()
-    backend = FlashAttentionBackend(spy, 256, torch.device("cpu"))
-    assert backend.paged
-    shapes = [(0, 300), (250, 10), (511, 1), (0, 1), (700, 1), (255, 2)]
-    got, want = _attend_batch(backend, 256, shapes, seed=2)
-    assert (got - want).abs().max().item() < 1e-5
-    [table] = spy.block_tables
-    assert table.dtype == torch.int32 and table.shape == (len(shapes), 3)
-
-
-def test_a_kernel_without_block_tables_gathers_even_with_256_token_blocks() -> None:
-    def old_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):  # type: ignore[no-untyped-def]
-        assert "block_table" not in kwargs
-        return flash_reference.flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs
-        )
-
-    backend = FlashAttentionBackend(old_kernel, 256, torch.device("cpu"))
-    assert not backend.paged
-    got, want = _attend_batch(backend, 256, [(0, 5), (300, 1)], seed=3)
     assert (got - want).abs().max().item() < 1e-5
 
 
