@@ -196,7 +196,9 @@ class Attempts:
         if self._deadline is None:
             self._deadline = now + self.policy.retry_budget_s
         if self.num_retries and now >= self._deadline:
-            raise error.retried_for(self.policy.retry_budget_s) from error
+            raise error.noted(
+                f"still so after retrying for {self.policy.retry_budget_s:g} s"
+            ) from error
         wait = (
             0.0
             if self.num_retries == 0
@@ -254,13 +256,10 @@ class StreamProgress:
     def unresumable(self, error: SalienceClientError) -> SalienceClientError:
         """``error``, which broke a stream that cannot resume, saying why: the state of
         a constraint's grammar after the tokens decoded was the lost call's."""
-        message = (
-            f"{error.message} (the stream broke after {len(self.decoded_ids)} decoded "
-            "tokens, and a constrained call cannot resume where it broke: the session "
-            "keeps what was received; call again to decode under the constraint anew)"
-        )
-        return SalienceClientError(
-            error.code, error.reason, message, error.metadata, error.session_length
+        return error.noted(
+            f"the stream broke after {len(self.decoded_ids)} decoded tokens, and a "
+            "constrained call cannot resume where it broke: the session keeps what was "
+            "received; call again to decode under the constraint anew"
         )
 
     def observe(self, event: TokenEvent | Done) -> bool:

@@ -282,9 +282,10 @@ class SalienceClientError(Exception):
             message += " (a proxy answers 503 when no replica behind it is in service)"
         return cls(code, reason, message, metadata, session_length)
 
-    def retried_for(self, budget_s: float) -> SalienceClientError:
-        """This error, saying that it outlasted the retries of ``budget_s`` seconds."""
-        message = f"{self.message} (still so after retrying for {budget_s:g} s)"
+    def noted(self, note: str) -> SalienceClientError:
+        """This error, its message followed by ``note`` in parentheses (what the client
+        knows of it that the server did not say)."""
+        message = f"{self.message} ({note})"
         return SalienceClientError(
             self.code, self.reason, message, self.metadata, self.session_length
         )
