@@ -43,7 +43,6 @@ from salience_server.engine.session_table import (
     SessionInfo,
     SessionTable,
     context_limit,
-    context_limit_source,
 )
 from salience_server.engine.stepping import Stepper
 from salience_server.engine.validation import Limits, offset_mismatch
@@ -72,8 +71,9 @@ class Engine:
             VisionEncoder(loaded.model, loaded.image_processor) if loaded.supports_images else None
         )
         pool = size_pool(loaded, config)
-        bounds = (config.max_context, loaded.max_context, pool.num_blocks * pool.block_size)
-        self.max_context = context_limit(*bounds)
+        self.max_context, context_source = context_limit(
+            config.max_context, loaded.max_context, pool.num_blocks * pool.block_size
+        )
         self.kv_bytes_per_token = pool.bytes_per_token
         self.block_size = pool.block_size
         self.block_manager = BlockManager(pool.num_blocks, self.block_size)
@@ -118,7 +118,7 @@ class Engine:
             self.vocab_size,
             self.eos_token_ids,
             self.has_readout,
-            Limits.from_config(config, self.max_context, context_limit_source(*bounds)),
+            Limits.from_config(config, self.max_context, context_source),
         )
         self.outcomes = Outcomes(self.scheduler, self.session_table, self.metrics)
         self._embed_ids = itertools.count()

@@ -39,12 +39,13 @@ class SessionInfo:
     is_busy: bool
 
 
-def context_limit(asked: int, model_limit: int, pool_tokens: int) -> int:
-    """The positions a session may hold: ``asked`` (``--max-context``; 0: the model's),
-    never past the model's own nor past the KV pool (a session's whole KV is on the
-    device while it computes); the log says when either cuts it (and
-    ``context_limit_source`` says which bound it is)."""
+def context_limit(asked: int, model_limit: int, pool_tokens: int) -> tuple[int, str]:
+    """The positions a session may hold, and what sets them (for the errors of calls
+    that pass it): ``asked`` (``--max-context``; 0: the model's), never past the model's
+    own nor past the KV pool (a session's whole KV is on the device while it computes);
+    the log says when either cuts it."""
     limit = min(asked or model_limit, model_limit)
+    source = "--max-context" if asked and asked < model_limit else "the model's positions"
     if asked > model_limit:
         log.warning(
             "--max-context %d is beyond the model's %d positions: sessions hold %d",
@@ -60,16 +61,8 @@ def context_limit(asked: int, model_limit: int, pool_tokens: int) -> int:
             limit,
             pool_tokens,
         )
-    return min(limit, pool_tokens)
-
-
-def context_limit_source(asked: int, model_limit: int, pool_tokens: int) -> str:
-    """What sets ``context_limit``'s value, for the errors of calls that pass it."""
-    if pool_tokens < min(asked or model_limit, model_limit):
-        return "the KV pool's size: raise --kv-cache-memory for more"
-    if asked and asked < model_limit:
-        return "--max-context"
-    return "the model's positions"
+        return pool_tokens, "the KV pool's size: raise --kv-cache-memory for more"
+    return limit, source
 
 
 class SessionTable:

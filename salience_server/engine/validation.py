@@ -23,7 +23,7 @@ class Limits:
     max_context: int = 0
     """The server's context limit (0: none known here), which a session's may be below."""
     max_context_source: str = ""
-    """What sets ``max_context`` (``session_table.context_limit_source``)."""
+    """What sets ``max_context`` (``session_table.context_limit``)."""
 
     @classmethod
     def from_config(cls, config: EngineConfig, max_context: int = 0, source: str = "") -> Limits:
