@@ -132,11 +132,8 @@ class SessionPool:
                 return await self._open()
             best.is_leased = True
             return Lease(best, shared)
-        victim = None if self._has_room() else self._least_recent_idle()
-        if victim is None:
-            return await self._open()
-        victim.is_leased = True
-        return Lease(victim, 0)
+        reused = None if self._has_room() else self._lend_least_recent()
+        return reused or await self._open()
 
     async def fork(self, lease: Lease, token_ids: Sequence[int]) -> Lease:
         """A child of a leased session that holds exactly ``token_ids``, leased too."""
@@ -223,6 +220,15 @@ class SessionPool:
         idle = [e for e in self._entries if not e.is_leased and not e.num_forking and e is not kept]
         return min(idle, key=lambda entry: entry.last_used, default=None)
 
+    def _lend_least_recent(self) -> Lease | None:
+        """The least recently used idle session, lent to be rewound to nothing; None
+        when every session is lent or being forked."""
+        victim = self._least_recent_idle()
+        if victim is None:
+            return None
+        victim.is_leased = True
+        return Lease(victim, 0)
+
     async def _open(self) -> Lease:
         """A fresh session; where the server holds no more (``--max-sessions``), the
         least recently used idle one of the pool, to be rewound (the pool kept idle
@@ -230,11 +236,10 @@ class SessionPool:
         try:
             session = await self._client.open_session()
         except SalienceClientError as error:
-            victim = self._least_recent_idle() if _is_server_full(error) else None
-            if victim is None:
+            reused = self._lend_least_recent() if _is_server_full(error) else None
+            if reused is None:
                 raise
-            victim.is_leased = True
-            return Lease(victim, 0)
+            return reused
         entry = PooledSession(session, [], time.monotonic())
         self._entries.append(entry)
         return Lease(entry, 0)
@@ -278,11 +283,10 @@ class SessionPool:
         if parent in self._entries and not parent.is_leased and not parent.num_forking:
             parent.is_leased = True
             return Lease(parent, shared)
-        victim = self._least_recent_idle()  # the parent is taken (a sibling's fork)
-        if victim is None:
+        reused = self._lend_least_recent()  # the parent is taken (a sibling's fork)
+        if reused is None:
             raise error
-        victim.is_leased = True
-        return Lease(victim, 0)
+        return reused
 
     async def _await_settling(self, prompt_ids: Sequence[int]) -> None:
         """Waits for the sessions settling after a call that ended early (a client that
