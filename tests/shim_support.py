@@ -126,6 +126,8 @@ class Script:
     """Fail every Generate at once with this status and ErrorInfo reason."""
     first_token_delay_s: float = 0.0
     """Wait this long before answering a decoding call (a queue wait, a long prefill)."""
+    token_delay_s: float = 0.0
+    """Wait this long after each decoded token but the first (a slow decode)."""
     prompts: list[list[int]] = field(default_factory=list)
     """Every prompt Generate received (session tokens before decoding), for checks."""
     requests: list[pb.GenerateRequest] = field(default_factory=list)
@@ -215,7 +217,7 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
             token = pb.Token(id=ord(char) % 256, position=len(tokens), text=char)
             tokens.append(token.id)
             yield pb.GenerateEvent(token=token)
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.script.token_delay_s)
         completion = len(tokens) - prompt_length
         reason = pb.FINISH_REASON_STOP if request.max_tokens else pb.FINISH_REASON_PREFILL
         if 0 < request.max_tokens < len(self.script.text):

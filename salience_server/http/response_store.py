@@ -2,8 +2,11 @@
 
 A stored response remembers the conversation it ended (as Chat Completions messages)
 and the exact tokens its session holds, so that a chained request continues that
-session: it appends only the new input. The store is bounded; the least recently used
-responses are forgotten first, after which their ids give 404.
+session: it appends only the new input. A streamed response is stored from its start
+(``in_progress``) and replaced as it ends, ``failed`` and ``cancelled`` (its client
+went away) included, so that its id, once sent, can be read back. The store is
+bounded; the least recently used responses are forgotten first, after which their ids
+give 404.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ class StoredResponse:
     """One finished response and what a chained request needs to continue it."""
 
     response: dict[str, Any]
-    """The Response object, as it was returned."""
-    conversation: list[dict[str, Any]]
+    """The Response object, as it was returned (or as far as its stream came)."""
+    conversation: list[dict[str, Any]] = field(default_factory=list)
     """Every message so far as Chat Completions messages, this response's reply last
     (the instructions are not among them: they apply to one request only)."""
-    rendered_ids: list[int]
+    rendered_ids: list[int] = field(default_factory=list)
     """The chat template's rendering of the conversation this response answered (up to
     the assistant turn's opening): what a chained rendering must start with."""
     session_ids: list[int] = field(default_factory=list)
@@ -33,6 +36,15 @@ class StoredResponse:
     when the model produced it)."""
     images: list[ImageInput] = field(default_factory=list)
     """Every image of the conversation, in order."""
+
+    @property
+    def can_continue(self) -> bool:
+        """A finished response (completed, or cut by ``max_output_tokens``) can be
+        continued; one still streaming, failed or cancelled is kept only to be read."""
+        return self.response["status"] in CONTINUABLE
+
+
+CONTINUABLE = ("completed", "incomplete")
 
 
 class ResponseStore:

@@ -10,6 +10,7 @@ previous one (other instructions or tools), the whole conversation is rendered a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -220,6 +221,18 @@ class ResponsePlan:
             )
         )
 
+    def store_unfinished(
+        self,
+        backend: Backend,
+        status: str,
+        items: list[dict[str, Any]],
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """Keeps a streamed response that has not finished (``in_progress``), or never
+        will (``failed``, ``cancelled``), to be read back by its id, not continued."""
+        if self.body.store:
+            backend.responses.put(StoredResponse(self.response(status, items, error=error)))
+
 
 async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePlan:
     """Checks the request, finds the response it continues, renders its prompt."""
@@ -243,6 +256,15 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
                 f"Previous response with id {body.previous_response_id!r} not found",
                 param="previous_response_id",
                 code="previous_response_not_found",
+            )
+        if not previous.can_continue:
+            status = previous.response["status"]
+            raise ApiError(
+                400,
+                f"Previous response with id {body.previous_response_id!r} is {status}: only "
+                "a completed or incomplete response can be continued",
+                param="previous_response_id",
+                code="invalid_value",
             )
     conversation = (previous.conversation if previous else []) + new_input.messages
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
@@ -312,10 +334,12 @@ async def _stream(
     """The Responses event family, in OpenAI's order, each event numbered; an error
     midway is an ``error`` event, then ``response.failed``."""
     stream = plan.reply_stream()
+    plan.store_unfinished(backend, "in_progress", [])
     yield stream.event("response.created", response=plan.response("in_progress", []))
     yield stream.event("response.in_progress", response=plan.response("in_progress", []))
     done: Done | None = None
     decoded_ids: list[int] = []
+    ended = False
     try:
         async with contextlib.aclosing(events):
             async for event in events:
@@ -329,6 +353,7 @@ async def _stream(
             yield sse
         response = plan.finished(stream, done, generation.cached_tokens)
         plan.store(backend, response, stream.text, stream.calls, decoded_ids)
+        ended = True
         final = "response.completed" if stream.status == "completed" else "response.incomplete"
         yield stream.event(final, response=response)
     except Exception as error:
@@ -339,8 +364,14 @@ async def _stream(
             "error", code=api_error.code, message=api_error.message, param=api_error.param
         )
         failure = {"code": api_error.code or "server_error", "message": api_error.message}
+        plan.store_unfinished(backend, "failed", stream.items, failure)
         failed = plan.response("failed", stream.items, error=failure)
         yield stream.event("response.failed", response=failed)
+    except (GeneratorExit, asyncio.CancelledError):  # the client went away
+        if not ended:
+            stream.fail()
+            plan.store_unfinished(backend, "cancelled", stream.items)
+        raise
 
 
 @router.get("/v1/responses/{response_id}")

@@ -325,6 +325,14 @@ def test_an_error_midway_is_an_error_event_then_failed(
     (item,) = events[-1].response.output
     assert item.status == "incomplete" and item.content[0].text == "abc"
     assert events[-3].item.status == "incomplete"
+    # Its id, sent at the start, reads back the failed response (it was a 404), which
+    # cannot be continued.
+    client = shim.client()
+    stored = client.responses.retrieve(events[0].response.id)
+    assert stored.status == "failed" and stored.output_text == "abc"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="scripted", input="y", previous_response_id=stored.id)
+    assert caught.value.param == "previous_response_id" and "is failed" in caught.value.message
 
 
 def test_thinking_is_a_reasoning_item(scripted: tuple[Script, RunningShim]) -> None:

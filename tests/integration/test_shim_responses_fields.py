@@ -1,8 +1,11 @@
 """Responses API fields beyond the reply itself: ``truncation``, ``include``,
-``metadata`` and ``completed_at``, through the openai SDK against the tiny Llama (512
-positions, one token per byte)."""
+``metadata``, ``completed_at`` and what a streamed response's id reads back, through the
+openai SDK against the tiny Llama (512 positions, one token per byte) or a scripted
+server."""
 
 from __future__ import annotations
+
+import time
 
 import openai
 import pytest
@@ -94,3 +97,33 @@ def test_a_completed_response_has_its_completion_time(
     assert completed_at is not None and completed_at >= done.created_at
     cut = client.responses.create(model="scripted", input="Hi", max_output_tokens=2)
     assert cut.status == "incomplete" and cut.model_dump()["completed_at"] is None
+
+
+def test_a_streamed_response_reads_back_while_it_runs_and_after_its_client_left(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """A streamed response's id is sent first, but GET answered 404 until it completed,
+    and for good once its client went away midway. It is now ``in_progress``, then
+    ``cancelled``; neither can be continued."""
+    script, shim = scripted
+    client = shim.client()
+    script.token_delay_s = 1.0
+    try:
+        with client.responses.create(model="scripted", input="Hi", stream=True) as stream:
+            created = next(iter(stream))
+            assert created.type == "response.created"
+            response_id = created.response.id
+            assert client.responses.retrieve(response_id).status == "in_progress"
+    finally:
+        script.token_delay_s = 0.0
+    deadline = time.monotonic() + 10
+    while (status := client.responses.retrieve(response_id).status) == "in_progress":
+        assert time.monotonic() < deadline, "the shim did not see its client leave"
+        time.sleep(0.05)
+    assert status == "cancelled"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="scripted", input="y", previous_response_id=response_id)
+    assert "is cancelled" in caught.value.message
+    done = client.responses.create(model="scripted", input="Hi", stream=True)
+    final = list(done)[-1].response
+    assert final.status == "completed" and client.responses.retrieve(final.id).status == "completed"
