@@ -24,8 +24,8 @@ from salience_server.http.messages import (
     template_messages,
 )
 from salience_server.http.pooled_session import common_prefix_length
+from salience_server.http.response_plan import continue_session
 from salience_server.http.response_store import StoredResponse
-from salience_server.http.responses import continue_session
 from salience_server.http.tool_parser import parse_reply
 from salience_server.http.tools import chat_tools, responses_tools, tool_mode
 
