@@ -80,3 +80,18 @@ def device_lost(error: BaseException) -> bool:
     each call with it while it looks healthy. Out of memory is not one of them."""
     fatal = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
     return (fatal is not None and isinstance(error, fatal)) or str(error).startswith("CUDA error")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """The device (or, on CPU, the host) could not allocate what a step needed: the step's
+    activations and logits come from memory the KV pool leaves free."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def release_cached_memory() -> None:
+    """Hands the CUDA caching allocator's free blocks back, so that a step that ran out
+    of memory can run again in one piece rather than in the fragments they left."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

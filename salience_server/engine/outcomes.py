@@ -13,7 +13,7 @@ import torch
 from salience_server.engine import outputs
 from salience_server.engine.batch_builder import StepRows
 from salience_server.engine.constraints import ConstraintFailed
-from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.errors import Code, SalienceError, out_of_memory
 from salience_server.engine.model_runner import ForwardOutput
 from salience_server.engine.request import Request
 from salience_server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -157,10 +157,20 @@ class Outcomes:
 
     def fail(self, request: Request, error: Exception) -> None:
         """Ends one request with INTERNAL after a failure of its own; the rest of the
-        batch goes on. A constraint that failed while decoding is CONSTRAINT_FAILED."""
+        batch goes on. A constraint that failed while decoding is CONSTRAINT_FAILED; a
+        step of this request alone that ran out of memory is RESOURCE_EXHAUSTED."""
         if isinstance(error, ConstraintFailed):
             log.warning("request %d: %s", request.request_id, error)
             self._end_failed(request, "CONSTRAINT_FAILED", f"the constraint failed: {error}")
+            return
+        if out_of_memory(error):
+            log.warning("request %d: its step ran out of memory: %s", request.request_id, error)
+            what = (
+                "its step ran out of memory, even alone (the memory the KV pool leaves free "
+                "holds each step's activations and logits): lower --kv-cache-memory or "
+                "--max-batch-tokens, or ask for fewer scored positions per call"
+            )
+            self._end_failed(request, "OUT_OF_MEMORY", what, Code.RESOURCE_EXHAUSTED)
             return
         log.error(
             "request %d on session %s failed: %r",
@@ -171,13 +181,13 @@ class Outcomes:
         )
         self._end_failed(request, "REQUEST_FAILED", f"{type(error).__name__}: {error}")
 
-    def _end_failed(self, request: Request, reason: str, what: str) -> None:
-        """Ends ``request`` with INTERNAL (``reason``), freeing its session."""
+    def _end_failed(
+        self, request: Request, reason: str, what: str, code: Code = Code.INTERNAL
+    ) -> None:
+        """Ends ``request`` with ``code`` (``reason``), freeing its session."""
         if request in self.scheduler.running:
             self.scheduler.finish(request)
-        request.sink(
-            SalienceError(Code.INTERNAL, reason, f"request {request.request_id} failed: {what}")
-        )
+        request.sink(SalienceError(code, reason, f"request {request.request_id} failed: {what}"))
         self.release(request)
 
     def release(self, request: Request) -> None:

@@ -12,7 +12,7 @@ import threading
 
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.batch_builder import StepRows, build_batch
-from salience_server.engine.errors import device_lost
+from salience_server.engine.errors import device_lost, out_of_memory, release_cached_memory
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.model_runner import ForwardOutput, ModelRunner
@@ -70,7 +70,11 @@ class Stepper:
         try:
             forward, sampled = self._run(output.chunks, batch, rows)
         except Exception as error:
-            if len(output.chunks) == 1 or device_lost(error):
+            if device_lost(error):
+                raise
+            if out_of_memory(error):  # each chunk alone needs less; a lone one tries again
+                release_cached_memory()
+            elif len(output.chunks) == 1:
                 raise
             self._isolate(output.chunks)
             return

@@ -163,6 +163,62 @@ def test_a_forward_pass_failure_is_narrowed_to_its_request(server, monkeypatch) 
     assert "the kernel refused this input" in outcome.details()
 
 
+def test_a_step_out_of_memory_runs_its_requests_alone(server, monkeypatch) -> None:
+    """A batch whose step needs more memory than is free (its activations, its logits)
+    runs each request's chunk alone, and each gets exactly its solo tokens."""
+    stub = server.stub
+    prompt, other = random_tokens(12, seed=7), random_tokens(9, seed=8)
+    want, want_other = _solo(stub, prompt, 30), _solo(stub, other, 12)
+    runner = server.engine.runner
+    real = runner.execute
+    refused: list[int] = []
+
+    def execute(batch, uploads=None):
+        if len(batch.sequences) > 1:
+            refused.append(len(batch.sequences))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch, uploads)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    got, outcome = _run_beside(stub, prompt, 30, lambda: _solo(stub, other, 12))
+    assert refused, "the two calls never shared a step"
+    assert (got, outcome) == (want, want_other)
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-a-batch"])
+def test_a_request_out_of_memory_alone_is_resource_exhausted(
+    server, monkeypatch, alone: bool
+) -> None:
+    """One that runs out of memory even alone fails RESOURCE_EXHAUSTED, saying what to
+    change; alone in its step it failed the step (INTERNAL STEP_FAILED), beside others
+    INTERNAL with the allocator's message. The others go on unchanged."""
+    stub = server.stub
+    prompt = random_tokens(12, seed=9)
+    want = _solo(stub, prompt, 30)
+    poison = 257  # a token id no other request uses
+    runner = server.engine.runner
+    real = runner.execute
+
+    def execute(batch, uploads=None):
+        if poison in batch.token_ids:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ...")
+        return real(batch, uploads)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    call = lambda: generate(stub, open_session(stub), append_tokens=[5, poison], max_tokens=3)  # noqa: E731
+    if alone:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        outcome = caught.value
+    else:
+        got, outcome = _run_beside(stub, prompt, 30, call)
+        assert got == want
+    assert isinstance(outcome, grpc.RpcError)
+    assert outcome.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(outcome) == "OUT_OF_MEMORY"
+    assert "--kv-cache-memory" in outcome.details()
+
+
 def _wait_not_serving(server) -> None:
     """Health turns NOT_SERVING within 5 s."""
     health = health_pb2_grpc.HealthStub(server.channel)
