@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from salience_server.engine.errors import invalid
+from salience_server.engine.errors import (
+    Code,
+    SalienceError,
+    invalid,
+    out_of_memory,
+    release_cached_memory,
+)
 
 MIME_FORMATS = {
     "image/png": "PNG",
@@ -109,7 +115,19 @@ class VisionEncoder:
         # In the processor's float32: the vision tower casts them to its own dtype, which
         # is float32 on a CPU that emulates 16-bit arithmetic (``cpu_matmul``).
         pixels = features["pixel_values"].to(self.device)
-        output = self.model.model.get_image_features(pixels, grid_thw)
+        try:
+            output = self.model.model.get_image_features(pixels, grid_thw)
+        except Exception as error:
+            if not out_of_memory(error):
+                raise
+            release_cached_memory()
+            raise SalienceError(
+                Code.RESOURCE_EXHAUSTED,
+                "OUT_OF_MEMORY",
+                f"encoding the image ({image.width}x{image.height}, {pixels.shape[0]} patches) "
+                "ran out of memory: send a smaller image, or lower --max-image-pixels or "
+                "--kv-cache-memory",
+            ) from error
         # To the host here, in the caller's thread: the image store keeps them there, and
         # a copy back from a GPU waits for the work queued before it (a whole step),
         # which the store's add would wait for under the engine lock.

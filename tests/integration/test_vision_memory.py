@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import torch
 
 from salience_client.pb import salience_pb2 as pb
 from tests.helpers import U32_MAX, error_reason, generate, open_session
@@ -114,3 +115,30 @@ def test_an_image_on_a_server_without_host_memory_says_so(vision, server_factory
         f"the image's embeddings ({6 * 64 * 4} bytes) do not fit in the host memory budget "
         "(the server keeps none: --host-kv-memory is 0); raise --host-kv-memory"
     )
+
+
+def test_an_image_whose_encoding_runs_out_of_memory_says_so(
+    vision, server_factory, monkeypatch
+) -> None:
+    """The vision tower's attention grows with the square of an image's patches: one that
+    runs out of memory is RESOURCE_EXHAUSTED, saying what to change (it was INTERNAL, "a
+    bug"), and the session is unchanged."""
+    server = server_factory(vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20)
+    model = server.engine.vision.model.model
+
+    def get_image_features(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB")
+
+    monkeypatch.setattr(model, "get_image_features", get_image_features)
+    session = open_session(server.stub)
+    generate(server.stub, session, append_tokens=[1, 2])
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.AppendImage(
+            pb.AppendImageRequest(
+                session_id=session, image=encode(make_image(6)), mime_type="image/png", offset=2
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(caught.value) == "OUT_OF_MEMORY"
+    assert "--max-image-pixels" in caught.value.details()
+    assert server.stub.GetSession(pb.GetSessionRequest(session_id=session)).session.length == 2
