@@ -22,6 +22,16 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(*args: str, timeout_s: float = 600) -> Iterator[str]:
     """Yields the target of a server started with ``args``, once it reports SERVING."""
+    with started_server(*args, timeout_s=timeout_s) as (target, _):
+        yield target
+
+
+@contextlib.contextmanager
+def started_server(
+    *args: str, timeout_s: float = 600
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Yields the target and the process of a server started with ``args``, once it
+    reports SERVING."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -52,7 +62,7 @@ def running_server(*args: str, timeout_s: float = 600) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the server did not become ready")
                 time.sleep(0.2)
-        yield target
+        yield target, process
     finally:
         process.terminate()
         process.wait(timeout=30)
