@@ -60,6 +60,8 @@ class PooledSession:
     scores: Scores = NO_SCORES
     """Scored positions of ``token_ids``' start (kept in step by ``hold``)."""
     is_leased: bool = True
+    sent: int = 0
+    """Tokens the request it was last lent to sent (its prompt); the rest it decoded."""
     num_forking: int = 0
     """Forks of it under way: it may be forked again meanwhile, not lent nor rewound."""
     replaces: PooledSession | None = None

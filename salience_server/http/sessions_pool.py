@@ -116,16 +116,28 @@ class SessionPool:
         pool makes room to fork it for each."""
         if reuse and scoring is None:
             await self._await_settling(prompt_ids)
+        lease = await self._lease(prompt_ids, reuse, scoring, has_siblings)
+        lease.entry.sent = len(prompt_ids)
+        return lease
+
+    async def _lease(
+        self, prompt_ids: Sequence[int], reuse: bool, scoring: int | None, has_siblings: bool
+    ) -> Lease:
         best, shared = self._best_match(prompt_ids, scoring) if reuse else (None, 0)
         if best is not None and shared > 0:
             discard = len(best.token_ids) - shared
             if discard >= self.fork_min_discard and self._room_beside(best):
                 return await self._fork_idle(best, shared)
             wants_fork = shared >= self.fork_min_shared or best.num_forking
-            # A full pool closes a session for this fork only where others will share
-            # its parent: for a lone request it would close the parent as its child came
-            # back, one conversation's history gone for nothing.
-            may_close = bool(best.num_forking) or has_siblings
+            # A full pool closes a session for this fork only where others may share its
+            # parent: a batch's prompts, a fork under way, or a request branching off
+            # inside what an earlier one sent (requests sent together over one system
+            # prompt: lent the parent itself, the first took it from the others). A
+            # conversation's next turn, which goes on past what its last request sent,
+            # is lent its own session: a fork would close the least recently used
+            # session every turn, one conversation's history gone for nothing.
+            branches = shared < min(best.sent, len(best.token_ids))
+            may_close = bool(best.num_forking) or has_siblings or branches
             if wants_fork and (self._has_room() or may_close and self._room_beside(best)):
                 return await self._fork_idle(best, shared, keeps_parent_idle=True)
             if best.num_forking:  # no room for another fork
@@ -138,7 +150,7 @@ class SessionPool:
     async def fork(self, lease: Lease, token_ids: Sequence[int]) -> Lease:
         """A child of a leased session that holds exactly ``token_ids``, leased too."""
         child = await lease.session.fork()
-        entry = PooledSession(child, [], time.monotonic())
+        entry = PooledSession(child, [], time.monotonic(), sent=len(token_ids))
         entry.hold(token_ids, lease.entry.scores)
         self._entries.append(entry)
         return Lease(entry, len(token_ids))

@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from salience_client import AsyncSalienceClient, SalienceClient
+from salience_client import AsyncSalienceClient, SalienceClient, TokenEvent
 from salience_server.http.decode_options import DecodeOptions
 from salience_server.http.generation import Generation, collect
 from salience_server.http.sessions_pool import SessionPool
@@ -155,6 +155,31 @@ def test_a_full_pool_makes_room_to_share_a_long_prefix(llama_server: Any) -> Non
         assert sorted(s.length for s in await client.list_sessions()) == [85, 85]
 
     _run(llama_server.target, test, max_sessions=3)
+
+
+def test_a_full_pool_forks_for_requests_branching_off_together(llama_server: Any) -> None:
+    """Separate requests sent together over one system prompt into a full pool (an RL
+    pipeline's rollouts, each its own request): the first was lent the session holding
+    the prompt and an earlier conversation, and the others prefilled the prompt again
+    (cached 80, then far less). A request branching off inside what an earlier one sent
+    now forks that session, so the others find it too."""
+    long_prompt = list(range(40, 120))  # 80 tokens, past FORK_MIN_SHARED
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        for start in (200, 210, 220):  # the pool full of other conversations
+            await collect(Generation(pool, list(range(start, start + 5)), GREEDY))
+        await collect(Generation(pool, long_prompt + [1, 2], GREEDY))  # one over the prompt
+        assert pool.num_sessions == 4
+        prompts = [long_prompt + [turn] for turn in (3, 4, 5)]
+        results = await asyncio.gather(*(collect(Generation(pool, p, GREEDY)) for p in prompts))
+        assert [r.cached_tokens for r in results] == [80, 80, 80]
+        for prompt, result in zip(prompts, results, strict=True):  # as from a fresh session
+            async with await client.open_session() as fresh:
+                events = fresh.generate(prompt, max_tokens=GREEDY.max_tokens)
+                want = [e.token_id async for e in events if isinstance(e, TokenEvent)]
+            assert [t.token_id for t in result.choices[0].tokens] == want
+
+    _run(llama_server.target, test, max_sessions=4)
 
 
 def test_a_full_pool_lends_a_lone_conversation_its_own_session(llama_server: Any) -> None:
