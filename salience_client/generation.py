@@ -34,6 +34,8 @@ class GenerateOptions(TypedDict, total=False):
     stop_token_ids: Sequence[int]
     stop_strings: str | Sequence[str]
     """One stop string, or several."""
+    include_stop_string: bool
+    """The text ends just after the stop string that matched, not just before it."""
     return_text: bool
     """Fill ``TokenEvent.text`` for decoded tokens (default True)."""
     logprobs_ranges: Sequence[tuple[int, int]]
@@ -155,6 +157,7 @@ def generate_request(
         repetition_penalty=options.get("repetition_penalty", 0.0),
         stop_token_ids=list(options.get("stop_token_ids", ())),
         stop_strings=list(options.get("stop_strings", ())),
+        include_stop_string=options.get("include_stop_string", False),
         return_text=options.get("return_text", True),
         priority=options.get("priority", 0),
         ignore_eos=options.get("ignore_eos", False),

@@ -63,8 +63,10 @@ class IncrementalDetokenizer:
 class StopStringMatcher:
     """Finds stop strings in streamed text and holds back text that may start one."""
 
-    def __init__(self, stop_strings: list[str]) -> None:
+    def __init__(self, stop_strings: list[str], include_match: bool = False) -> None:
         self._stop_strings = [s for s in stop_strings if s]
+        self._include_match = include_match
+        """Release the matched stop string too (the text then ends just after it)."""
         self._pending = ""  # text received but not yet released
 
     def push(self, delta: str, may_match: bool = True) -> tuple[str, bool]:
@@ -76,12 +78,12 @@ class StopStringMatcher:
         if not self._stop_strings or not may_match:
             released, self._pending = self._pending, ""
             return released, False
-        cut = min(
-            (i for i in (self._pending.find(s) for s in self._stop_strings) if i >= 0),
-            default=-1,
-        )
-        if cut >= 0:
-            released, self._pending = self._pending[:cut], ""
+        found = [(i, len(s)) for s in self._stop_strings if (i := self._pending.find(s)) >= 0]
+        if found:
+            # The earliest match; of those starting there, the shortest completed first.
+            cut, length = min(found)
+            end = cut + length if self._include_match else cut
+            released, self._pending = self._pending[:end], ""
             return released, True
         keep = self._longest_partial_match()
         released = self._pending[: len(self._pending) - keep]

@@ -72,6 +72,8 @@ class GenerateParams:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
+    include_stop_string: bool = False
+    """The text released ends after the stop string that matched, not before it."""
     return_text: bool = False
     priority: int = 0
     ignore_eos: bool = False
@@ -159,7 +161,7 @@ class Request:
         eos = set() if params.ignore_eos else eos_token_ids
         self.stop_token_ids = eos | set(params.stop_token_ids)
         self.detokenizer = detokenizer
-        self.stop_matcher = StopStringMatcher(params.stop_strings)
+        self.stop_matcher = StopStringMatcher(params.stop_strings, params.include_stop_string)
         self.num_decoded = 0
         self.next_event_position = min(
             [params.offset] + [start for start, _ in params.logprobs_ranges + params.readout_ranges]

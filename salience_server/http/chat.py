@@ -243,7 +243,9 @@ async def _choice(
     if plan.body.logprobs:
         tokens = [token for token in choice.tokens if plan.is_visible(token)]
         texts = await backend.token_texts.for_tokens(tokens)
-        logprobs = chat_logprobs(tokens, texts, plan.top_logprobs)
+        logprobs = chat_logprobs(
+            tokens, texts, plan.top_logprobs, plan.body.return_tokens_as_token_ids
+        )
     shaped = {"index": choice.index, "message": message, "logprobs": logprobs}
     return {**shaped, "finish_reason": reason}, reply.num_reasoning_tokens
 
@@ -327,7 +329,8 @@ class ChatStream:
             logprobs = None
             if self._plan.body.logprobs and self._plan.is_visible(event.token):
                 texts = await self._backend.token_texts.for_tokens([event.token])
-                logprobs = chat_logprobs([event.token], texts, self._plan.top_logprobs)
+                top_k, as_ids = self._plan.top_logprobs, self._plan.body.return_tokens_as_token_ids
+                logprobs = chat_logprobs([event.token], texts, top_k, as_ids)
             if logprobs is not None and not deltas:
                 deltas = [{"content": ""}]
             for position, delta in enumerate(deltas):

@@ -92,11 +92,13 @@ class _Choices:
 
     async def logprobs(self, index: int, tokens: list[TokenEvent]) -> dict[str, Any] | None:
         """Legacy logprobs of ``tokens`` for choice ``index``, its text offsets running on."""
-        if self._body.logprobs is None:
+        body = self._body
+        if body.logprobs is None:
             return None
         texts = await self._backend.token_texts.for_tokens(tokens)
         offsets = self._offsets.setdefault(index, TextOffsets())
-        return completion_logprobs(tokens, texts, self._body.logprobs, offsets)
+        as_ids = body.return_tokens_as_token_ids
+        return completion_logprobs(tokens, texts, body.logprobs, offsets, as_ids)
 
     def echo(self) -> tuple[str, list[TokenEvent]]:
         """The echoed text and scored prompt tokens (empty without ``echo``)."""

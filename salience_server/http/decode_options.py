@@ -27,6 +27,8 @@ class DecodeOptions:
     seed: int | None = None
     """Choice ``i`` uses ``seed + i`` so that n > 1 choices differ."""
     stop_strings: tuple[str, ...] = ()
+    include_stop_string: bool = False
+    """vLLM's ``include_stop_str_in_output``: the text keeps the stop string matched."""
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
@@ -80,6 +82,7 @@ class DecodeOptions:
             presence_penalty=self.presence_penalty,
             logit_bias=dict(self.logit_bias),
             stop_strings=list(self.stop_strings),
+            include_stop_string=self.include_stop_string,
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,

@@ -55,28 +55,35 @@ class TokenTexts:
         return await self.load(ids)
 
 
+def token_string(token_id: int, texts: dict[int, TokenText], as_id: bool = False) -> str:
+    """How a token prints in logprobs: its text, or ``token_id:N`` (vLLM's
+    ``return_tokens_as_token_ids``, for clients that need the ids themselves: texts do
+    not map back to ids one to one)."""
+    return f"token_id:{token_id}" if as_id else texts[token_id].text
+
+
 def chat_logprob_entry(
-    token: TokenEvent, texts: dict[int, TokenText], top_k: int
+    token: TokenEvent, texts: dict[int, TokenText], top_k: int, as_ids: bool = False
 ) -> dict[str, Any]:
-    """One ``logprobs.content`` entry: the token, its logprob and its top alternatives."""
-    piece = texts[token.token_id]
+    """One ``logprobs.content`` entry: the token, its logprob and its top alternatives
+    (``as_ids``: each token written ``token_id:N``; its bytes are still its own)."""
     return {
-        "token": piece.text,
+        "token": token_string(token.token_id, texts, as_ids),
         "logprob": token.logprob,
-        "bytes": list(piece.raw),
+        "bytes": list(texts[token.token_id].raw),
         "top_logprobs": [
-            {"token": texts[i].text, "logprob": lp, "bytes": list(texts[i].raw)}
+            {"token": token_string(i, texts, as_ids), "logprob": lp, "bytes": list(texts[i].raw)}
             for i, lp in token.top_logprobs[:top_k]
         ],
     }
 
 
 def chat_logprobs(
-    tokens: Sequence[TokenEvent], texts: dict[int, TokenText], top_k: int
+    tokens: Sequence[TokenEvent], texts: dict[int, TokenText], top_k: int, as_ids: bool = False
 ) -> dict[str, Any]:
     """A choice's (or a chunk's) ``logprobs`` object."""
     return {
-        "content": [chat_logprob_entry(t, texts, top_k) for t in tokens],
+        "content": [chat_logprob_entry(t, texts, top_k, as_ids) for t in tokens],
         "refusal": None,
     }
 
@@ -100,22 +107,28 @@ class TextOffsets:
 
 
 def completion_logprobs(
-    tokens: Sequence[TokenEvent], texts: dict[int, TokenText], top_k: int, offsets: TextOffsets
+    tokens: Sequence[TokenEvent],
+    texts: dict[int, TokenText],
+    top_k: int,
+    offsets: TextOffsets,
+    as_ids: bool = False,
 ) -> dict[str, Any]:
     """The legacy shape. A token without a logprob (position 0 of a scored prompt) gets
     None; ``text_offset`` is each token's offset in the choice's text (``offsets`` runs
     on across a stream's chunks). As OpenAI's, each ``top_logprobs`` entry holds the
     chosen token too (up to ``top_k + 1`` entries; ``logprobs: 0``, the chosen one
-    alone): harnesses read whether it was the most likely there."""
+    alone): harnesses read whether it was the most likely there. ``as_ids``: tokens
+    written ``token_id:N``."""
     strings, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for token in tokens:
-        text = texts[token.token_id].text
+        text = token_string(token.token_id, texts, as_ids)
         is_first = token.is_prefill and token.position == 0
         strings.append(text)
         token_logprobs.append(None if is_first else token.logprob)
         top: dict[str, float] = {}
         for token_id, logprob in token.top_logprobs[:top_k]:
-            top.setdefault(texts[token_id].text, logprob)  # tokens that print alike: keep the best
+            # Tokens that print alike: keep the best.
+            top.setdefault(token_string(token_id, texts, as_ids), logprob)
         top.setdefault(text, token.logprob)
         top_logprobs.append(None if is_first else top)
         text_offset.append(offsets.advance(texts[token.token_id].raw))

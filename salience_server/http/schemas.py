@@ -71,6 +71,8 @@ class SamplingFields(Body):
     """End-of-sequence and ``stop_token_ids`` cannot end the reply before this many tokens."""
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     """Lower runs first; equal priorities in arrival order."""
+    include_stop_str_in_output: bool = False
+    """vLLM's: the reply's text keeps the stop string that ended it."""
 
     def decode_options(
         self,
@@ -96,6 +98,7 @@ class SamplingFields(Body):
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
             seed=self.seed,
             stop_strings=tuple(dict.fromkeys(s for s in [*stops, *extra_stops] if s)),
+            include_stop_string=self.include_stop_str_in_output,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
@@ -187,6 +190,8 @@ class ChatCompletionRequest(SamplingFields):
     stop: str | list[str] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: logprobs write each token as ``token_id:N``."""
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -242,6 +247,8 @@ class CompletionRequest(SamplingFields):
     stop: str | list[str] | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: logprobs write each token as ``token_id:N``."""
     best_of: int | None = None
     suffix: str | None = None
     response_format: dict[str, Any] | None = None

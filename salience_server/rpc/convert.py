@@ -53,6 +53,7 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         ),
         stop_token_ids=list(request.stop_token_ids),
         stop_strings=list(request.stop_strings),
+        include_stop_string=request.include_stop_string,
         return_text=request.return_text,
         priority=request.priority,
         ignore_eos=request.ignore_eos,

@@ -42,6 +42,7 @@ VLLM_EXTRAS = dict(
     stop_token_ids=[3, 4],
     min_tokens=2,
     priority=-5,
+    include_stop_str_in_output=True,
 )
 
 
@@ -54,6 +55,7 @@ def _check_sampling(request: pb.GenerateRequest) -> None:
     assert request.min_p == pytest.approx(0.05)
     assert request.ignore_eos and list(request.stop_token_ids) == [3, 4]
     assert (request.min_tokens, request.priority) == (2, -5)
+    assert request.include_stop_string
 
 
 def test_every_sampling_parameter_reaches_the_server(

@@ -103,3 +103,23 @@ def test_text_that_may_begin_a_stop_string_is_held_back() -> None:
     matcher = StopStringMatcher(["</end>"])
     assert matcher.push("answer </e") == ("answer ", False)
     assert matcher.push("xtra") == ("</extra", False)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "released"),
+    [
+        (["Hello", " wor", "ld and more"], ["world"], "Hello world"),
+        (["x ab", "cd"], ["abcd", "ab"], "x ab"),  # of two at one place, the shorter
+        (["one. two", "!"], ["!", "two"], "one. two"),  # the earlier one
+    ],
+)
+def test_stop_strings_kept_in_the_text(pieces: list[str], stops: list[str], released: str) -> None:
+    """vLLM's ``include_stop_str_in_output``: the text ends just after the match."""
+    matcher = StopStringMatcher(stops, include_match=True)
+    out = ""
+    for piece in pieces:
+        text, hit = matcher.push(piece)
+        out += text
+        if hit:
+            break
+    assert (out, hit) == (released, True)

@@ -1,0 +1,113 @@
+"""vLLM's fields that RL and evaluation pipelines send to read tokens back exactly:
+``return_tokens_as_token_ids`` (logprobs name each token ``token_id:N``) and
+``include_stop_str_in_output`` (the text keeps the stop string that ended it). Both were
+taken and ignored.
+
+Oracles: the gRPC path's token ids for the same prompt ids, and the same greedy reply
+without a stop string, on the tiny Llama (one token per byte)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from salience_client import END, SalienceClient
+from tests.shim_support import RunningShim
+
+PROMPT = "The quick brown fox"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def _grpc_greedy(target: str, token_ids: list[int], count: int) -> list[Any]:
+    with SalienceClient(target) as client, client.open_session() as session:
+        *tokens, _ = session.generate(
+            token_ids, max_tokens=count, logprobs_ranges=[(len(token_ids), END)], logprob_top_k=2
+        )
+    return tokens
+
+
+def test_completions_name_tokens_by_id(shim: RunningShim, llama_server: Any, model: str) -> None:
+    with SalienceClient(llama_server.target) as client:
+        prompt_ids = client.tokenize(PROMPT, add_special_tokens=True)
+    decoded = _grpc_greedy(llama_server.target, prompt_ids, 6)
+    reply = shim.client().completions.create(
+        model=model,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    logprobs = reply.choices[0].logprobs
+    want = [f"token_id:{i}" for i in [*prompt_ids, *(t.token_id for t in decoded)]]
+    assert logprobs.tokens == want
+    for top, token in zip(logprobs.top_logprobs[len(prompt_ids) :], decoded, strict=True):
+        named = {f"token_id:{i}": lp for i, lp in token.top_logprobs}
+        named.setdefault(f"token_id:{token.token_id}", token.logprob)
+        assert top == pytest.approx(named, abs=1e-5)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chat_names_tokens_by_id(
+    shim: RunningShim, llama_server: Any, model: str, stream: bool
+) -> None:
+    client = shim.client()
+    fields: dict[str, Any] = dict(
+        model=model, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True
+    )
+    plain = client.chat.completions.create(**fields, top_logprobs=2)
+    named = client.chat.completions.create(
+        **fields, top_logprobs=2, stream=stream, extra_body={"return_tokens_as_token_ids": True}
+    )
+    if stream:
+        chunks = [c for c in named if c.choices and c.choices[0].logprobs]
+        entries = [e for chunk in chunks for e in chunk.choices[0].logprobs.content]
+    else:
+        entries = named.choices[0].logprobs.content
+    want = plain.choices[0].logprobs.content
+    assert [e.token.startswith("token_id:") for e in entries] == [True] * len(want)
+    ids = [int(e.token.removeprefix("token_id:")) for e in entries]
+    # Each id's bytes are the token the plain reply printed.
+    assert [bytes(e.bytes) for e in entries] == [bytes(e.bytes) for e in want]
+    with SalienceClient(llama_server.target) as grpc_client:
+        assert grpc_client.token_bytes(ids) == [bytes(e.bytes) for e in want]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in want], abs=1e-5)
+
+
+def _stop_in(text: str) -> tuple[str, int]:
+    """A two-character printable stop string of ``text`` and where it first starts."""
+    for start in range(1, len(text) - 1):
+        stop = text[start : start + 2]
+        if stop.isascii() and stop.isprintable() and text.find(stop) == start:
+            return stop, start
+    raise AssertionError(f"no printable pair in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_the_stop_string_kept_in_the_text(shim: RunningShim, model: str, stream: bool) -> None:
+    client = shim.client()
+
+    def chat(**fields: Any) -> str:
+        reply = client.chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=30, temperature=0, stream=stream, **fields
+        )
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+        return reply.choices[0].message.content
+
+    def complete(**fields: Any) -> str:
+        reply = client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=30, temperature=0, stream=stream, **fields
+        )
+        if stream:
+            return "".join(c.choices[0].text for c in reply if c.choices)
+        return reply.choices[0].text
+
+    for ask in (chat, complete):
+        full = ask()
+        stop, start = _stop_in(full)
+        assert ask(stop=[stop]) == full[:start]
+        kept = ask(stop=[stop], extra_body={"include_stop_str_in_output": True})
+        assert kept == full[: start + len(stop)]
