@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from salience_client import ModelInfo, TokenEvent
+from salience_client import ModelInfo
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.constraints import Constraint
 from salience_server.http.errors import ApiError, as_api_error, client_errors, invalid
@@ -100,10 +100,6 @@ class ChatPlan:
     def top_logprobs(self) -> int:
         """Alternatives asked for per token (0: none)."""
         return self.body.top_logprobs or 0
-
-    def is_visible(self, token: TokenEvent) -> bool:
-        """Whether a token belongs in ``logprobs`` (end-of-sequence tokens do not)."""
-        return token.token_id not in self.model_info.eos_token_ids
 
     def reply_parser(self) -> ReplyParser:
         """Splits one choice's text into reasoning, content and tool calls."""
@@ -241,7 +237,9 @@ async def _choice(
         reason = tool_calls_reason(reason, reply.calls)
     logprobs = None
     if plan.body.logprobs:
-        tokens = [token for token in choice.tokens if plan.is_visible(token)]
+        # Every decoded token, the end-of-turn one included (as vLLM's; usage counts it,
+        # and a trainer needs the probability of ending there).
+        tokens = choice.tokens
         texts = await backend.token_texts.for_tokens(tokens)
         logprobs = chat_logprobs(
             tokens, texts, plan.top_logprobs, plan.body.return_tokens_as_token_ids
@@ -327,7 +325,7 @@ class ChatStream:
         if isinstance(event, ChoiceToken):
             deltas = [d for d in map(delta_of, parser.push(event.token.text)) if d is not None]
             logprobs = None
-            if self._plan.body.logprobs and self._plan.is_visible(event.token):
+            if self._plan.body.logprobs:
                 texts = await self._backend.token_texts.for_tokens([event.token])
                 top_k, as_ids = self._plan.top_logprobs, self._plan.body.return_tokens_as_token_ids
                 logprobs = chat_logprobs([event.token], texts, top_k, as_ids)

@@ -1,7 +1,7 @@
-"""vLLM's fields that RL and evaluation pipelines send to read tokens back exactly:
+"""What RL and evaluation pipelines need to read tokens back exactly, as vLLM gives it:
 ``return_tokens_as_token_ids`` (logprobs name each token ``token_id:N``) and
-``include_stop_str_in_output`` (the text keeps the stop string that ended it). Both were
-taken and ignored.
+``include_stop_str_in_output`` (the text keeps the stop string that ended it), both
+taken and ignored before, and chat logprobs holding the end-of-turn token.
 
 Oracles: the gRPC path's token ids for the same prompt ids, and the same greedy reply
 without a stop string, on the tiny Llama (one token per byte)."""
@@ -111,3 +111,40 @@ def test_the_stop_string_kept_in_the_text(shim: RunningShim, model: str, stream:
         assert ask(stop=[stop]) == full[:start]
         kept = ask(stop=[stop], extra_body={"include_stop_str_in_output": True})
         assert kept == full[: start + len(stop)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chat_logprobs_hold_the_end_of_turn_token(
+    shim: RunningShim, llama_server: Any, model: str, stream: bool
+) -> None:
+    """Each decoded token has its entry, the end-of-turn one included (as vLLM's): it was
+    left out while ``usage`` counted it, and a trainer needs the probability of ending
+    the reply where it ended."""
+    with SalienceClient(llama_server.target) as client:
+        (eos, *_) = client.model_info().eos_token_ids
+        (eos_bytes,) = client.token_bytes([eos])
+    reply = shim.client().chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        logit_bias={str(eos): 100},  # the reply ends at once
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+    )
+    if stream:
+        chunks = list(reply)
+        entries = [
+            e
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for e in c.choices[0].logprobs.content
+        ]
+        usage, finish = chunks[-1].usage, chunks[-2].choices[0].finish_reason
+    else:
+        entries, usage = reply.choices[0].logprobs.content, reply.usage
+        finish = reply.choices[0].finish_reason
+    assert (finish, usage.completion_tokens) == ("stop", 1)
+    assert [bytes(e.bytes) for e in entries] == [eos_bytes]
+    assert entries[0].logprob <= 0
