@@ -21,7 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from salience_client import ModelInfo
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.constraints import Constraint
-from salience_server.http.errors import ApiError, as_api_error, client_errors, invalid
+from salience_server.http.errors import (
+    ApiError,
+    as_api_error,
+    client_errors,
+    invalid,
+    unsupported,
+)
 from salience_server.http.generation import (
     ChoiceResult,
     ChoiceToken,
@@ -32,7 +38,7 @@ from salience_server.http.generation import (
     finish_reason,
     reply_limit,
 )
-from salience_server.http.logprobs import chat_logprobs
+from salience_server.http.logprobs import chat_logprobs, prompt_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
 from salience_server.http.reasoning import template_reasons
 from salience_server.http.reply import ParsedReply, ReasoningDelta, ReplyEvent, ReplyParser
@@ -118,7 +124,8 @@ class ChatPlan:
         options = body.decode_options(
             max_tokens,
             body.stop,
-            top_k,
+            max(top_k, body.prompt_logprobs or 0),
+            score_prompt=body.prompt_logprobs is not None,
             constraint=self.constraint,
             extra_stops=self.tools.stop_strings(),
         )
@@ -138,6 +145,8 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     body.check(info.vocab_size)
     conversation = chat_messages(body.messages)
     await backend.check_images(conversation.images, "messages")
+    if conversation.images and body.prompt_logprobs is not None:
+        raise unsupported("prompt_logprobs of a prompt with images", "prompt_logprobs")
     mode = tool_mode(
         chat_tools(body.tools),
         body.tool_choice,
@@ -206,17 +215,21 @@ async def create_chat_completion(request: Request) -> Response:
         message, num_reasoning = await _choice(backend, plan, choice)
         choices.append(message)
         reasoning_tokens += num_reasoning
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": plan.body.model,
-            "choices": choices,
-            "usage": plan.usage(result.completion_tokens, result.cached_tokens, reasoning_tokens),
-            "system_fingerprint": None,
-        }
-    )
+    reply = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": plan.body.model,
+        "choices": choices,
+        "usage": plan.usage(result.completion_tokens, result.cached_tokens, reasoning_tokens),
+        "system_fingerprint": None,
+    }
+    if plan.body.prompt_logprobs is not None:
+        texts = await backend.token_texts.for_tokens(result.prompt_tokens)
+        reply["prompt_logprobs"] = prompt_logprobs(
+            result.prompt_tokens, texts, plan.body.prompt_logprobs
+        )
+    return JSONResponse(reply)
 
 
 async def _choice(

@@ -36,7 +36,7 @@ from salience_server.http.generation import (
     finish_reason,
     reply_limit,
 )
-from salience_server.http.logprobs import TextOffsets, completion_logprobs
+from salience_server.http.logprobs import TextOffsets, completion_logprobs, prompt_logprobs
 from salience_server.http.request_body import parse_body
 from salience_server.http.schemas import MAX_TOKEN_ID, CompletionRequest
 from salience_server.http.streaming import (
@@ -100,6 +100,17 @@ class _Choices:
         as_ids = body.return_tokens_as_token_ids
         return completion_logprobs(tokens, texts, body.logprobs, offsets, as_ids)
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self._body.prompt_logprobs is not None
+
+    async def prompt_logprobs(self) -> list[dict[str, dict[str, Any]] | None] | None:
+        """vLLM's ``prompt_logprobs`` of the prompt (None: not asked for)."""
+        if self._body.prompt_logprobs is None:
+            return None
+        texts = await self._backend.token_texts.for_tokens(self.prompt_tokens)
+        return prompt_logprobs(self.prompt_tokens, texts, self._body.prompt_logprobs)
+
     def echo(self) -> tuple[str, list[TokenEvent]]:
         """The echoed text and scored prompt tokens (empty without ``echo``)."""
         if not self._body.echo:
@@ -111,8 +122,10 @@ def _options(
     body: CompletionRequest, info: ModelInfo, num_prompt_tokens: int, constraint: Constraint | None
 ) -> DecodeOptions:
     max_tokens = reply_limit(info.max_context, num_prompt_tokens, body.max_tokens, "prompt")
-    score_prompt = body.echo and body.logprobs is not None
-    return body.decode_options(max_tokens, body.stop, body.logprobs or 0, score_prompt, constraint)
+    wants_prompt_logprobs = body.prompt_logprobs is not None
+    score_prompt = body.echo and body.logprobs is not None or wants_prompt_logprobs
+    top_k = max(body.logprobs or 0, body.prompt_logprobs or 0)
+    return body.decode_options(max_tokens, body.stop, top_k, score_prompt, constraint)
 
 
 @router.post("/v1/completions")
@@ -216,14 +229,15 @@ async def _finished_choices(
         assert choice.done is not None
         echo_text, echo_tokens = builder.echo()
         tokens = echo_tokens + choice.tokens
-        choices.append(
-            {
-                "index": first_index + choice.index,
-                "text": echo_text + choice.text,
-                "logprobs": await builder.logprobs(choice.index, tokens),
-                "finish_reason": finish_reason(choice.done),
-            }
-        )
+        shaped = {
+            "index": first_index + choice.index,
+            "text": echo_text + choice.text,
+            "logprobs": await builder.logprobs(choice.index, tokens),
+            "finish_reason": finish_reason(choice.done),
+        }
+        if builder.wants_prompt_logprobs:
+            shaped["prompt_logprobs"] = await builder.prompt_logprobs()
+        choices.append(shaped)
     return choices
 
 

@@ -138,3 +138,27 @@ def completion_logprobs(
         "top_logprobs": top_logprobs,
         "text_offset": text_offset,
     }
+
+
+def prompt_logprobs(
+    tokens: Sequence[TokenEvent], texts: dict[int, TokenText], top_k: int
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: for each prompt position, None at position 0, else
+    the prompt token and its ``top_k`` most likely alternatives by token id (as a
+    string), each with its logprob, rank and text."""
+    entries: list[dict[str, dict[str, Any]] | None] = []
+    for token in tokens:
+        if token.position == 0:
+            entries.append(None)
+            continue
+        entry = {str(token.token_id): _ranked(token.token_id, token.logprob, token.rank, texts)}
+        for rank, (token_id, logprob) in enumerate(token.top_logprobs[:top_k], start=1):
+            entry.setdefault(str(token_id), _ranked(token_id, logprob, rank, texts))
+        entries.append(entry)
+    return entries
+
+
+def _ranked(
+    token_id: int, logprob: float, rank: int, texts: dict[int, TokenText]
+) -> dict[str, Any]:
+    return {"logprob": logprob, "rank": rank, "decoded_token": texts[token_id].text}

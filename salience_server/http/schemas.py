@@ -192,6 +192,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     return_tokens_as_token_ids: bool = False
     """vLLM's: logprobs write each token as ``token_id:N``."""
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    """vLLM's: each prompt token's logprob, rank and this many alternatives."""
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -216,6 +218,8 @@ class ChatCompletionRequest(SamplingFields):
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise invalid("prompt_logprobs is not available when stream is true", "prompt_logprobs")
         if self.continue_final_message and self.add_generation_prompt:
             raise invalid(
                 "continue_final_message and add_generation_prompt cannot both be true",
@@ -249,6 +253,8 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     return_tokens_as_token_ids: bool = False
     """vLLM's: logprobs write each token as ``token_id:N``."""
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    """vLLM's: each prompt token's logprob, rank and this many alternatives."""
     best_of: int | None = None
     suffix: str | None = None
     response_format: dict[str, Any] | None = None
@@ -263,6 +269,8 @@ class CompletionRequest(SamplingFields):
             raise unsupported("best_of other than n", "best_of")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise invalid("prompt_logprobs is not available when stream is true", "prompt_logprobs")
         if isinstance(self.prompt, list) and not self.prompt:
             raise invalid("prompt must not be empty", "prompt")
 

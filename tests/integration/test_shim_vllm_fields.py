@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
 import pytest
 
 from salience_client import END, SalienceClient
@@ -148,3 +149,84 @@ def test_chat_logprobs_hold_the_end_of_turn_token(
     assert (finish, usage.completion_tokens) == ("stop", 1)
     assert [bytes(e.bytes) for e in entries] == [eos_bytes]
     assert entries[0].logprob <= 0
+
+
+def _vllm_prompt_logprobs(target: str, token_ids: list[int], top_k: int) -> list[Any]:
+    """vLLM's ``prompt_logprobs`` of ``token_ids`` from the gRPC scoring path."""
+    with SalienceClient(target) as client:
+        with client.open_session() as session:
+            *scored, _ = session.generate(
+                token_ids, max_tokens=0, logprobs_ranges=[(0, END)], logprob_top_k=top_k
+            )
+        entries: list[Any] = [None]
+        for token in scored[1:]:
+            (text,) = [
+                raw.decode("utf-8", "backslashreplace")
+                for raw in client.token_bytes([token.token_id])
+            ]
+            entry = {
+                str(token.token_id): {
+                    "logprob": token.logprob,
+                    "rank": token.rank,
+                    "decoded_token": text,
+                }
+            }
+            for rank, (token_id, logprob) in enumerate(token.top_logprobs, start=1):
+                (raw,) = client.token_bytes([token_id])
+                entry.setdefault(
+                    str(token_id),
+                    {
+                        "logprob": logprob,
+                        "rank": rank,
+                        "decoded_token": raw.decode("utf-8", "backslashreplace"),
+                    },
+                )
+            entries.append(entry)
+    return entries
+
+
+def _approx(entries: list[Any]) -> list[Any]:
+    return [
+        None
+        if entry is None
+        else {k: {**v, "logprob": pytest.approx(v["logprob"], abs=1e-5)} for k, v in entry.items()}
+        for entry in entries
+    ]
+
+
+def test_prompt_logprobs_of_completions_and_chat(
+    shim: RunningShim, llama_server: Any, model: str
+) -> None:
+    """vLLM's ``prompt_logprobs`` (a reference model's scores for RL, over the chat
+    template too) was taken and ignored."""
+    client = shim.client()
+    with SalienceClient(llama_server.target) as grpc_client:
+        prompt_ids = grpc_client.tokenize(PROMPT, add_special_tokens=True)
+        chat_ids = grpc_client.tokenize_chat(MESSAGES, add_generation_prompt=True)
+    want = _vllm_prompt_logprobs(llama_server.target, prompt_ids, 2)
+    for _ in range(2):  # the second is scored from what the pooled session kept
+        reply = client.completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=3,
+            n=2,
+            temperature=0,
+            extra_body={"prompt_logprobs": 2},
+        )
+        for choice in reply.choices:
+            assert choice.model_extra["prompt_logprobs"] == _approx(want)
+    chat = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=2,
+        temperature=0,
+        extra_body={"prompt_logprobs": 1},
+    )
+    assert chat.usage.prompt_tokens == len(chat_ids)
+    got = chat.model_extra["prompt_logprobs"]
+    assert got == _approx(_vllm_prompt_logprobs(llama_server.target, chat_ids, 1))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=model, messages=MESSAGES, stream=True, extra_body={"prompt_logprobs": 1}
+        )
+    assert caught.value.param == "prompt_logprobs"
