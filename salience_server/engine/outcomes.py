@@ -117,6 +117,13 @@ class Outcomes:
         self.metrics.accepted_tokens.inc(accepted)
         self._free_draft_blocks(chunk)
 
+    def _free_drafts(self, request: Request) -> None:
+        """Gives back any blocks past ``request``'s session's length: only a step's
+        drafts take them, and a request that failed outside ``commit`` (run alone, or in
+        a step that failed as a whole) still holds them."""
+        session = request.session
+        self.session_table.block_manager.truncate(session.block_table, session.length)
+
     def _free_draft_blocks(self, chunk: ScheduledChunk) -> None:
         """Gives back the blocks taken for a chunk's drafts past the session's length
         (also when its request was cancelled or failed in the step)."""
@@ -159,6 +166,7 @@ class Outcomes:
         """Ends one request with INTERNAL after a failure of its own; the rest of the
         batch goes on. A constraint that failed while decoding is CONSTRAINT_FAILED; a
         step of this request alone that ran out of memory is RESOURCE_EXHAUSTED."""
+        self._free_drafts(request)
         if isinstance(error, ConstraintFailed):
             log.warning("request %d: %s", request.request_id, error)
             self._end_failed(request, "CONSTRAINT_FAILED", f"the constraint failed: {error}")
@@ -224,6 +232,7 @@ class Outcomes:
         requests, keep serving."""
         for request in list(self.scheduler.running):
             self.scheduler.finish(request)
+            self._free_drafts(request)
             request.sink(
                 SalienceError(
                     Code.INTERNAL,

@@ -8,7 +8,9 @@ request's part of a forward pass fails that request alone (``_isolate``).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.batch_builder import StepRows, build_batch
@@ -19,6 +21,11 @@ from salience_server.engine.model_runner import ForwardOutput, ModelRunner
 from salience_server.engine.outcomes import Outcomes, Sampled
 from salience_server.engine.scheduler import ScheduledChunk, Scheduler
 from salience_server.engine.uploads import Uploads
+
+log = logging.getLogger(__name__)
+
+OUT_OF_MEMORY_WARNING_S = 60.0
+"""At most one warning of steps out of memory in this many seconds."""
 
 
 class Stepper:
@@ -42,6 +49,9 @@ class Stepper:
         self.images = images
         self.uses_mrope = uses_mrope
         self.has_readout = has_readout
+        self._out_of_memory_steps = 0
+        """Steps that ran out of memory since the last warning."""
+        self._out_of_memory_warned = -OUT_OF_MEMORY_WARNING_S
 
     def step(self) -> None:
         """Schedule, move KV, build, run, sample, commit. The lock is not held while
@@ -70,16 +80,35 @@ class Stepper:
         try:
             forward, sampled = self._run(output.chunks, batch, rows)
         except Exception as error:
-            if device_lost(error):
+            if device_lost(error) or not out_of_memory(error) and len(output.chunks) == 1:
                 raise
-            if out_of_memory(error):  # each chunk alone needs less; a lone one tries again
-                release_cached_memory()
-            elif len(output.chunks) == 1:
-                raise
-            self._isolate(output.chunks)
+            ran_out = out_of_memory(error)
+        else:
+            with self.lock:
+                self.outcomes.commit(output.chunks, rows, forward, sampled)
             return
-        with self.lock:
-            self.outcomes.commit(output.chunks, rows, forward, sampled)
+        # Out of the handler: its traceback held the failed pass's activations, which
+        # the cache could not give back while it lived.
+        if ran_out:  # each chunk alone needs less; a lone one tries again
+            release_cached_memory()
+            self._warn_out_of_memory(len(output.chunks))
+        self._isolate(output.chunks)
+
+    def _warn_out_of_memory(self, num_chunks: int) -> None:
+        """Logs, at most once a minute, that steps run out of memory: each then runs
+        as a failed pass and one pass per request, a server too tight for its load."""
+        self._out_of_memory_steps += 1
+        now = time.monotonic()
+        if now - self._out_of_memory_warned < OUT_OF_MEMORY_WARNING_S:
+            return
+        log.warning(
+            "%d step(s) ran out of memory since the last warning (this one with %d "
+            "requests), each then run a request at a time: lower --max-batch-tokens or "
+            "--kv-cache-memory",
+            self._out_of_memory_steps,
+            num_chunks,
+        )
+        self._out_of_memory_steps, self._out_of_memory_warned = 0, now
 
     def _build(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, StepRows]:
         block_size = self.runner.block_size

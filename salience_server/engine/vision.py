@@ -120,6 +120,10 @@ class VisionEncoder:
         except Exception as error:
             if not out_of_memory(error):
                 raise
+            ran_out = str(error)
+        else:
+            ran_out = ""
+        if ran_out:  # out of the handler, whose traceback held the tower's activations
             release_cached_memory()
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
@@ -127,7 +131,7 @@ class VisionEncoder:
                 f"encoding the image ({image.width}x{image.height}, {pixels.shape[0]} patches) "
                 "ran out of memory: send a smaller image, or lower --max-image-pixels or "
                 "--kv-cache-memory",
-            ) from error
+            )
         # To the host here, in the caller's thread: the image store keeps them there, and
         # a copy back from a GPU waits for the work queued before it (a whole step),
         # which the store's add would wait for under the engine lock.

@@ -117,7 +117,8 @@ def _field_at_fault(reason: str, message: str, param: str | None) -> str | None:
 def from_client_error(error: SalienceClientError, param: str | None = None) -> ApiError:
     """The HTTP error for a failed gRPC call: INVALID_ARGUMENT and FAILED_PRECONDITION
     400 (``context_length_exceeded`` for a prompt too long), UNAUTHENTICATED 401,
-    NOT_FOUND 404, ABORTED and a busy or closed session 409, RESOURCE_EXHAUSTED 429,
+    NOT_FOUND 404, ABORTED and a busy or closed session 409, RESOURCE_EXHAUSTED 429
+    (but a request out of memory even alone, 400: it would fail again),
     UNAVAILABLE and a call cut off (CANCELLED without a reason) 503, DEADLINE_EXCEEDED
     504; 500 only for the server's own failures."""
     code, reason, message = error.code, error.reason, error.message
@@ -148,6 +149,10 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             return invalid(message, param, reason.lower())
         return ApiError(499, f"The call was cancelled: {message}", code=reason.lower())
+    if reason == "OUT_OF_MEMORY":  # the request alone; SDKs would retry a 429 in vain
+        return invalid(
+            f"The request needs more memory than the server has: {message}", param, "out_of_memory"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(
             429,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import grpc
 import pytest
@@ -183,6 +184,64 @@ def test_a_step_out_of_memory_runs_its_requests_alone(server, monkeypatch) -> No
     got, outcome = _run_beside(stub, prompt, 30, lambda: _solo(stub, other, 12))
     assert refused, "the two calls never shared a step"
     assert (got, outcome) == (want, want_other)
+
+
+def test_a_step_out_of_memory_frees_its_memory_before_running_alone(server, monkeypatch) -> None:
+    """The requests of a step that ran out of memory ran again alone inside the error's
+    handler, whose traceback held the failed pass's tensors: the memory it needed was
+    still taken. Each retry now finds the failed pass's tensors gone."""
+    stub = server.stub
+    runner = server.engine.runner
+    real = runner.execute
+    held: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def execute(batch, uploads=None):
+        if len(batch.sequences) > 1:
+            activations = torch.empty(1 << 20)  # what the failed pass had allocated
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        alive_at_retry.extend(ref() is not None for ref in held)
+        return real(batch, uploads)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    prompt, other = random_tokens(12, seed=10), random_tokens(9, seed=11)
+    _run_beside(stub, prompt, 20, lambda: _solo(stub, other, 8))
+    assert held and alive_at_retry and not any(alive_at_retry)
+
+
+def test_a_failed_speculating_request_gives_its_draft_blocks_back(
+    tiny_llama_dir, server_factory, monkeypatch
+) -> None:
+    """A request that failed outside the step's commit (run alone, or in a step that
+    failed as a whole) kept the blocks its drafts had taken past its session's length."""
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=4 << 20,
+        speculative="ngram",
+        speculative_cost=(0.0, 0.0),  # always draft
+    )
+    engine = server.engine
+    runner = engine.runner
+    real = runner.execute
+    prompt = [5, 6, 7, 8, 9] * 8  # its history proposes drafts
+    verified: list[int] = []
+
+    def execute(batch, uploads=None):
+        if batch.positions[0] >= len(prompt) and len(batch.token_ids) > 1:  # a verification
+            verified.append(len(batch.token_ids))
+            raise RuntimeError("the kernel refused this input")
+        return real(batch, uploads)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    session_id = open_session(server.stub)
+    with pytest.raises(grpc.RpcError):
+        generate(server.stub, session_id, append_tokens=prompt, max_tokens=12, ignore_eos=True)
+    assert verified, "no step verified drafts"
+    session = engine.sessions[session_id]
+    blocks = engine.session_table.block_manager.blocks_for(session.length)
+    assert len(session.block_table) == blocks
 
 
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-a-batch"])
