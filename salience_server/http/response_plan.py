@@ -189,8 +189,10 @@ class ResponsePlan:
         text: str,
         calls: list[ToolCall],
         decoded_ids: list[int],
+        replacing: bool = False,
     ) -> None:
-        """Keeps the finished response for ``previous_response_id`` (if ``store``)."""
+        """Keeps the finished response for ``previous_response_id`` (if ``store``);
+        ``replacing``: in place of the one its stream stored at its start."""
         if not self.body.store:
             return
         reply: dict[str, Any] = {"role": "assistant", "content": text or None}
@@ -203,7 +205,8 @@ class ResponsePlan:
                 rendered_ids=self.rendered_ids,
                 session_ids=self.prompt_ids + decoded_ids,
                 images=self.all_images,
-            )
+            ),
+            replacing,
         )
 
     def store_unfinished(
@@ -213,10 +216,12 @@ class ResponsePlan:
         items: list[dict[str, Any]],
         error: dict[str, Any] | None = None,
     ) -> None:
-        """Keeps a streamed response that has not finished (``in_progress``), or never
-        will (``failed``, ``cancelled``), to be read back by its id, not continued."""
+        """Keeps a streamed response that has not finished (``in_progress``, as its
+        stream starts), or never will (``failed``, ``cancelled``: in place of that one),
+        to be read back by its id, not continued."""
         if self.body.store:
-            backend.responses.put(StoredResponse(self.response(status, items, error=error)))
+            stored = StoredResponse(self.response(status, items, error=error))
+            backend.responses.put(stored, replacing=status != "in_progress")
 
 
 async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePlan:

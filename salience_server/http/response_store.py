@@ -57,9 +57,13 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._responses)
 
-    def put(self, stored: StoredResponse) -> None:
-        """Keeps ``stored`` under its response id, forgetting the oldest beyond the bound."""
+    def put(self, stored: StoredResponse, replacing: bool = False) -> None:
+        """Keeps ``stored`` under its response id, forgetting the oldest beyond the bound.
+        ``replacing``: only in place of the one stored under that id (a streamed
+        response as it ends), which a DELETE meanwhile, or the bound, has forgotten."""
         response_id = stored.response["id"]
+        if replacing and response_id not in self._responses:
+            return
         self._responses[response_id] = stored
         self._responses.move_to_end(response_id)
         while len(self._responses) > self.max_responses:

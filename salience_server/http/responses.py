@@ -63,13 +63,13 @@ async def _stream(
     midway is an ``error`` event, then ``response.failed``."""
     stream = plan.reply_stream()
     plan.store_unfinished(backend, "in_progress", [])
-    yield stream.event("response.created", response=plan.response("in_progress", []))
-    yield stream.event("response.in_progress", response=plan.response("in_progress", []))
     done: Done | None = None
     decoded_ids: list[int] = []
     ended = False
     try:
-        async with contextlib.aclosing(events):
+        async with contextlib.aclosing(events):  # closed however the stream ends
+            yield stream.event("response.created", response=plan.response("in_progress", []))
+            yield stream.event("response.in_progress", response=plan.response("in_progress", []))
             async for event in events:
                 if isinstance(event, ChoiceToken):
                     logprob = await plan.logprob(backend, event.token)
@@ -80,7 +80,7 @@ async def _stream(
         for sse in stream.finish(done):
             yield sse
         response = plan.finished(stream, done, generation.cached_tokens)
-        plan.store(backend, response, stream.text, stream.calls, decoded_ids)
+        plan.store(backend, response, stream.text, stream.calls, decoded_ids, replacing=True)
         ended = True
         final = "response.completed" if stream.status == "completed" else "response.incomplete"
         yield stream.event(final, response=response)
