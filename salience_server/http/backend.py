@@ -4,7 +4,9 @@ cache, the response store, and the served model's description."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -16,13 +18,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from salience_client import AsyncSalienceClient, Failover, ModelInfo
 from salience_server import text_checks
 from salience_server.http.config import ShimConfig
-from salience_server.http.errors import client_errors, invalid, model_not_found
+from salience_server.http.errors import ApiError, client_errors, invalid, model_not_found
 from salience_server.http.logprobs import TokenTexts
 from salience_server.http.messages import (
     ImageInput,
     template_messages,
     template_supports_tools,
 )
+from salience_server.http.pooled_session import common_prefix_length
 from salience_server.http.reasoning import opens_thinking
 from salience_server.http.response_store import ResponseStore
 from salience_server.http.sessions_pool import SessionPool
@@ -59,6 +62,8 @@ class Backend:
         self.responses = ResponseStore(config.max_stored_responses)
         self.created = int(time.time())
         self._model_info: ModelInfo | None = None
+        self._generation_prompt_lengths: dict[str, int] = {}
+        """By the template variables they were measured with (``generation_prompt_length``)."""
         self.image_token_counts: dict[int, int] = {}
         """Placeholder tokens each image (by marker) took when it was appended."""
         # A channel of its own, so that /health works whatever the client is doing.
@@ -136,6 +141,25 @@ class Backend:
                 chat_template_kwargs=options.chat_template_kwargs,
                 continue_final_message=options.continue_final_message,
             )
+
+    async def generation_prompt_length(self, options: RenderOptions) -> int:
+        """Tokens the chat template ends a prompt with to open the assistant's turn
+        (``add_generation_prompt``; with ``options``' template variables), measured
+        once: what the next turn's rendering of the conversation may write otherwise
+        (``<think>``). 0 where the template cannot render a lone user message."""
+        if not options.add_generation_prompt:
+            return 0
+        key = json.dumps(options.chat_template_kwargs or {}, sort_keys=True, default=str)
+        if key not in self._generation_prompt_lengths:
+            probe = [{"role": "user", "content": "x"}]
+            closed = dataclasses.replace(options, add_generation_prompt=False)
+            try:
+                opened = await self.render_chat(probe, [], "messages", options, bounded=False)
+                kept = await self.render_chat(probe, [], "messages", closed, bounded=False)
+            except ApiError:
+                return 0
+            self._generation_prompt_lengths[key] = len(opened) - common_prefix_length(opened, kept)
+        return self._generation_prompt_lengths[key]
 
     async def opens_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether a rendered prompt ends inside an open ``<think>`` (its last tokens,

@@ -101,6 +101,8 @@ class ChatPlan:
     """The prompt ends inside an open ``<think>``: the reply starts in the thinking."""
     images: dict[int, ImageInput] = field(default_factory=dict)
     """The images of the conversation by their marker in ``prompt_ids``."""
+    prompt_tail: int = 0
+    """The prompt's last tokens that open the reply (``SessionPool.acquire``)."""
 
     @property
     def top_logprobs(self) -> int:
@@ -130,7 +132,13 @@ class ChatPlan:
             extra_stops=self.tools.stop_strings(),
         )
         return Generation(
-            backend.pool, self.prompt_ids, options, body.n, self.images, backend.image_token_counts
+            backend.pool,
+            self.prompt_ids,
+            options,
+            body.n,
+            self.images,
+            backend.image_token_counts,
+            self.prompt_tail,
         )
 
     def usage(self, completion_tokens: int, cached_tokens: int, reasoning_tokens: int) -> Any:
@@ -166,13 +174,16 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs,
     )
-    prompt_ids = await backend.render_chat(conversation.messages, offered, "messages", render)
-    images = backend.mark_images(prompt_ids, conversation.images, "messages")
-    prompt_ids += await backend.tokenize(mode.prefix_text(), "tool_choice")
+    rendered = await backend.render_chat(conversation.messages, offered, "messages", render)
+    images = backend.mark_images(rendered, conversation.images, "messages")
+    prompt_ids = rendered + await backend.tokenize(mode.prefix_text(), "tool_choice")
     is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
     opens = is_reasoning and await backend.opens_thinking(prompt_ids)
     param, constraint = mode.reply_constraint(output_constraint) or ("messages", None)
-    return ChatPlan(body, info, prompt_ids, mode, constraint, param, is_reasoning, opens, images)
+    tail = await backend.generation_prompt_length(render) + len(prompt_ids) - len(rendered)
+    return ChatPlan(
+        body, info, prompt_ids, mode, constraint, param, is_reasoning, opens, images, tail
+    )
 
 
 @contextlib.contextmanager

@@ -63,8 +63,11 @@ class Generation:
         n: int = 1,
         images: dict[int, ImageInput] | None = None,
         image_token_counts: dict[int, int] | None = None,
+        prompt_tail: int = 0,
     ) -> None:
         self._pool = pool
+        self.prompt_tail = prompt_tail
+        """The prompt's last tokens that open the reply (``SessionPool.acquire``)."""
         self.prompt_ids = prompt_ids
         """The prompt; negative ids are image markers (see Backend.mark_images). Once the
         images are in the session, each image's run of markers has its true length:
@@ -87,6 +90,7 @@ class Generation:
             reuse=self.keeps_scores or not self.options.score_prompt,
             scoring=self.options.logprob_top_k if self.keeps_scores else None,
             has_siblings=self.has_siblings,
+            prompt_tail=self.prompt_tail,
         )
         try:
             await self._put_images(lease)

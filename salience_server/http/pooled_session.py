@@ -60,8 +60,10 @@ class PooledSession:
     scores: Scores = NO_SCORES
     """Scored positions of ``token_ids``' start (kept in step by ``hold``)."""
     is_leased: bool = True
-    sent: int = 0
-    """Tokens the request it was last lent to sent (its prompt); the rest it decoded."""
+    history_length: int = 0
+    """Tokens of the prompt of the request it was last lent to that the conversation's
+    next request keeps: that prompt but the generation prompt's tail, which a template
+    may write otherwise in history (``<think>``). Past it, the request decoded."""
     num_forking: int = 0
     """Forks of it under way: it may be forked again meanwhile, not lent nor rewound."""
     replaces: PooledSession | None = None

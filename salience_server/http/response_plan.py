@@ -78,6 +78,8 @@ class ResponsePlan:
     """Images by their marker in ``prompt_ids``."""
     all_images: list[ImageInput] = field(default_factory=list)
     """Every image of the conversation, in order (kept for chained requests)."""
+    prompt_tail: int = 0
+    """The prompt's last tokens that open the reply (``SessionPool.acquire``)."""
     response_id: str = field(default_factory=lambda: _new_id("resp"))
     message_id: str = field(default_factory=lambda: _new_id("msg"))
     created_at: int = field(default_factory=lambda: int(time.time()))
@@ -101,6 +103,7 @@ class ResponsePlan:
             options,
             images=self.images,
             image_token_counts=backend.image_token_counts,
+            prompt_tail=self.prompt_tail,
         )
 
     async def logprob(self, backend: Backend, token: TokenEvent) -> dict[str, Any] | None:
@@ -290,4 +293,5 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
         opens,
         images,
         all_images,
+        prompt_tail=await backend.generation_prompt_length(render) + len(prefix_ids),
     )

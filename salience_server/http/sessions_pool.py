@@ -107,17 +107,20 @@ class SessionPool:
         reuse: bool = True,
         scoring: int | None = None,
         has_siblings: bool = False,
+        prompt_tail: int = 0,
     ) -> Lease:
         """Lends the idle session sharing the longest prefix with ``prompt_ids``, a fork of
         it, or a fresh session. ``reuse=False`` asks for a session holding nothing useful.
         ``scoring``: the call scores every position with that many alternatives, so only
         positions whose scores the session keeps count as shared. ``has_siblings``:
         requests sharing this one's prefix come at once (a batch's prompts), so a full
-        pool makes room to fork it for each."""
+        pool makes room to fork it for each. ``prompt_tail``: the prompt's last tokens
+        that open the reply (the chat template's generation prompt), which the next
+        turn of the conversation may render otherwise."""
         if reuse and scoring is None:
             await self._await_settling(prompt_ids)
         lease = await self._lease(prompt_ids, reuse, scoring, has_siblings)
-        lease.entry.sent = len(prompt_ids)
+        lease.entry.history_length = len(prompt_ids) - prompt_tail
         return lease
 
     async def _lease(
@@ -131,12 +134,12 @@ class SessionPool:
             wants_fork = shared >= self.fork_min_shared or best.num_forking
             # A full pool closes a session for this fork only where others may share its
             # parent: a batch's prompts, a fork under way, or a request branching off
-            # inside what an earlier one sent (requests sent together over one system
-            # prompt: lent the parent itself, the first took it from the others). A
-            # conversation's next turn, which goes on past what its last request sent,
-            # is lent its own session: a fork would close the least recently used
-            # session every turn, one conversation's history gone for nothing.
-            branches = shared < min(best.sent, len(best.token_ids))
+            # inside the history an earlier one sent (requests sent together over one
+            # system prompt: lent the parent itself, the first took it from the others).
+            # A conversation's next turn, which keeps that history, is lent its own
+            # session: a fork would close the least recently used session every turn,
+            # one conversation's history gone for nothing.
+            branches = shared < min(best.history_length, len(best.token_ids))
             may_close = bool(best.num_forking) or has_siblings or branches
             if wants_fork and (self._has_room() or may_close and self._room_beside(best)):
                 return await self._fork_idle(best, shared, keeps_parent_idle=True)
@@ -150,7 +153,8 @@ class SessionPool:
     async def fork(self, lease: Lease, token_ids: Sequence[int]) -> Lease:
         """A child of a leased session that holds exactly ``token_ids``, leased too."""
         child = await lease.session.fork()
-        entry = PooledSession(child, [], time.monotonic(), sent=len(token_ids))
+        history = lease.entry.history_length
+        entry = PooledSession(child, [], time.monotonic(), history_length=history)
         entry.hold(token_ids, lease.entry.scores)
         self._entries.append(entry)
         return Lease(entry, len(token_ids))
