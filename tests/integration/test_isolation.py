@@ -59,6 +59,23 @@ def _run_beside(stub, prompt: list[int], max_tokens: int, bad_call) -> tuple[lis
     return tokens, outcome[0]
 
 
+POISON = 257
+"""A token id no other request uses."""
+
+
+def _fail_on_poison(server, monkeypatch, error: Exception) -> None:
+    """Every forward pass holding ``POISON`` raises ``error``."""
+    runner = server.engine.runner
+    real = runner.execute
+
+    def execute(batch, uploads=None):
+        if POISON in batch.token_ids:
+            raise error
+        return real(batch, uploads)
+
+    monkeypatch.setattr(runner, "execute", execute)
+
+
 @pytest.fixture
 def server(tiny_llama_dir, server_factory):
     return server_factory(tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
@@ -147,17 +164,8 @@ def test_a_forward_pass_failure_is_narrowed_to_its_request(server, monkeypatch) 
     stub = server.stub
     prompt = random_tokens(12, seed=5)
     want = _solo(stub, prompt, 40)
-    poison = 257  # a token id no other request uses
-    runner = server.engine.runner
-    real = runner.execute
-
-    def execute(batch, uploads=None):
-        if poison in batch.token_ids:
-            raise RuntimeError("the kernel refused this input")
-        return real(batch, uploads)
-
-    monkeypatch.setattr(runner, "execute", execute)
-    call = lambda: generate(stub, open_session(stub), append_tokens=[5, poison, 6], max_tokens=3)  # noqa: E731
+    _fail_on_poison(server, monkeypatch, RuntimeError("the kernel refused this input"))
+    call = lambda: generate(stub, open_session(stub), append_tokens=[5, POISON, 6], max_tokens=3)  # noqa: E731
     got, outcome = _run_beside(stub, prompt, 40, call)
     assert got == want
     assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.INTERNAL
@@ -254,17 +262,9 @@ def test_a_request_out_of_memory_alone_is_resource_exhausted(
     stub = server.stub
     prompt = random_tokens(12, seed=9)
     want = _solo(stub, prompt, 30)
-    poison = 257  # a token id no other request uses
-    runner = server.engine.runner
-    real = runner.execute
-
-    def execute(batch, uploads=None):
-        if poison in batch.token_ids:
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ...")
-        return real(batch, uploads)
-
-    monkeypatch.setattr(runner, "execute", execute)
-    call = lambda: generate(stub, open_session(stub), append_tokens=[5, poison], max_tokens=3)  # noqa: E731
+    out_of_memory = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ...")
+    _fail_on_poison(server, monkeypatch, out_of_memory)
+    call = lambda: generate(stub, open_session(stub), append_tokens=[5, POISON], max_tokens=3)  # noqa: E731
     if alone:
         with pytest.raises(grpc.RpcError) as caught:
             call()
