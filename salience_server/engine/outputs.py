@@ -266,14 +266,20 @@ def decode_token(request: Request, row: RowResult) -> TokenEvent:
     session.token_ids.append(token_id)
     request.num_decoded += 1
     stoppable = request.is_stoppable
-    if stoppable and token_id in request.stop_token_ids:
+    is_stop_token = stoppable and token_id in request.stop_token_ids
+    if is_stop_token:
         request.finish_reason = FinishReason.STOP
     if request.matcher is not None:
         request.matcher.consume(token_id)
         if request.matcher.is_complete:  # the output is whole: decoding ends
             request.finish_reason = FinishReason.STOP
     text = ""
-    if request.detokenizer is not None:
+    hides_text = is_stop_token and not request.params.include_stop_string
+    if request.detokenizer is not None and hides_text:
+        # The stop token's own text is left out, as a stop string's is (and as vLLM
+        # does); what was held back before it comes out.
+        text = request.stop_matcher.flush() + request.detokenizer.flush()
+    elif request.detokenizer is not None:
         delta = request.detokenizer.push(token_id)
         text, matched = request.stop_matcher.push(delta, may_match=stoppable)
         if matched:
@@ -291,4 +297,5 @@ def decode_token(request: Request, row: RowResult) -> TokenEvent:
         text if request.params.return_text else "",
         row.readout,
         is_last=not request.wants_decode,
+        hides_text=hides_text,
     )

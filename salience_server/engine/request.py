@@ -108,6 +108,9 @@ class TokenEvent:
     """When the engine made it: the end of its step (for the delivery latency metric)."""
     is_last: bool = False
     """The call's last decoded token: text held back (an incomplete character) goes with it."""
+    hides_text: bool = False
+    """A stop token that ended the call: its own text is left out (unless the call asked
+    for ``include_stop_string``), as a stop string's is."""
 
 
 @dataclass

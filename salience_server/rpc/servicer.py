@@ -94,7 +94,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt)
             if isinstance(event, TokenEvent):
                 if detokenizer is not None and not event.is_prefill:
-                    event.text = detokenizer.push(event.token_id)
+                    event.text = "" if event.hides_text else detokenizer.push(event.token_id)
                     if event.is_last:
                         event.text += detokenizer.flush()
                 yield convert.token_event(event)  # returns once gRPC has written it

@@ -230,3 +230,44 @@ def test_prompt_logprobs_of_completions_and_chat(
             model=model, messages=MESSAGES, stream=True, extra_body={"prompt_logprobs": 1}
         )
     assert caught.value.param == "prompt_logprobs"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("stop", [None, ["never here"]], ids=["server", "engine"])
+def test_a_stop_token_s_text_is_left_out_unless_asked_for(
+    shim: RunningShim, llama_server: Any, model: str, stream: bool, stop: list[str] | None
+) -> None:
+    """A ``stop_token_ids`` token that ends the reply leaves its text out, as a stop
+    string's, unless ``include_stop_str_in_output`` (vLLM's rule): it was always in.
+    Text is made by the server's handler, or by the engine where stop strings are."""
+    with SalienceClient(llama_server.target) as client:
+        prompt_ids = client.tokenize(PROMPT, add_special_tokens=True)
+        decoded = [t.token_id for t in _grpc_greedy(llama_server.target, prompt_ids, 20)]
+        pieces = client.token_bytes(decoded)
+    # The first token that prints as one ASCII character not seen before it.
+    at = next(
+        i
+        for i, raw in enumerate(pieces)
+        if i > 0
+        and len(raw) == 1
+        and raw.isascii()
+        and raw.decode().isprintable()
+        and decoded[i] not in decoded[:i]
+    )
+    before = b"".join(pieces[:at]).decode("utf-8", "replace")
+
+    def complete(**extra: Any) -> str:
+        reply = shim.client().completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=20,
+            temperature=0,
+            stream=stream,
+            extra_body={"stop_token_ids": [decoded[at]], **extra},
+        )
+        if stream:
+            return "".join(c.choices[0].text for c in reply if c.choices)
+        return reply.choices[0].text
+
+    assert complete() == before
+    assert complete(include_stop_str_in_output=True) == before + pieces[at].decode()
