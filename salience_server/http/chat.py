@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,38 +20,33 @@ from fastapi.responses import JSONResponse, Response
 
 from salience_client import ModelInfo
 from salience_server.http.backend import Backend, RenderOptions
+from salience_server.http.chat_stream import ChatStream
 from salience_server.http.constraints import Constraint
 from salience_server.http.errors import (
     ApiError,
-    as_api_error,
     client_errors,
     invalid,
     unsupported,
 )
 from salience_server.http.generation import (
     ChoiceResult,
-    ChoiceToken,
     Generation,
-    GenerationEvent,
-    PromptToken,
     collect,
     finish_reason,
+    model_token_ids,
     reply_limit,
 )
 from salience_server.http.logprobs import chat_logprobs, prompt_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
 from salience_server.http.reasoning import template_reasons
-from salience_server.http.reply import ParsedReply, ReasoningDelta, ReplyEvent, ReplyParser
+from salience_server.http.reply import ParsedReply, ReplyParser
 from salience_server.http.request_body import parse_body
 from salience_server.http.schemas import ChatCompletionRequest
 from salience_server.http.streaming import (
-    Primed,
     event_stream,
-    sse_data,
     start_stream,
     until_disconnected,
 )
-from salience_server.http.tool_parser import ArgumentsDelta, CallOpened, TextDelta
 from salience_server.http.tools import (
     ToolMode,
     chat_tools,
@@ -108,6 +103,11 @@ class ChatPlan:
     def top_logprobs(self) -> int:
         """Alternatives asked for per token (0: none)."""
         return self.body.top_logprobs or 0
+
+    @property
+    def model_prompt_ids(self) -> list[int]:
+        """The prompt's ids as the model read them (once its images are in)."""
+        return model_token_ids(self.prompt_ids, self.model_info.image_pad_token_id)
 
     def reply_parser(self) -> ReplyParser:
         """Splits one choice's text into reasoning, content and tool calls."""
@@ -235,6 +235,8 @@ async def create_chat_completion(request: Request) -> Response:
         "usage": plan.usage(result.completion_tokens, result.cached_tokens, reasoning_tokens),
         "system_fingerprint": None,
     }
+    if plan.body.return_token_ids:
+        reply["prompt_token_ids"] = plan.model_prompt_ids
     if plan.body.prompt_logprobs is not None:
         texts = await backend.token_texts.for_tokens(result.prompt_tokens)
         reply["prompt_logprobs"] = prompt_logprobs(
@@ -269,104 +271,6 @@ async def _choice(
             tokens, texts, plan.top_logprobs, plan.body.return_tokens_as_token_ids
         )
     shaped = {"index": choice.index, "message": message, "logprobs": logprobs}
+    if plan.body.return_token_ids:
+        shaped["token_ids"] = [token.token_id for token in choice.tokens]
     return {**shaped, "finish_reason": reason}, reply.num_reasoning_tokens
-
-
-def delta_of(event: ReplyEvent) -> dict[str, Any] | None:
-    """The chunk ``delta`` of one parsed piece of a reply (None: nothing to send)."""
-    if isinstance(event, ReasoningDelta):
-        return {"reasoning_content": event.text}
-    if isinstance(event, TextDelta):
-        return {"content": event.text}
-    if isinstance(event, CallOpened):
-        opened = {**event.call.chat_dict(), "index": event.index}
-        opened["function"] = {"name": event.call.name, "arguments": ""}
-        return {"tool_calls": [opened]}
-    if isinstance(event, ArgumentsDelta):
-        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
-    return None
-
-
-class ChatStream:
-    """Turns generation events into ``chat.completion.chunk`` events."""
-
-    def __init__(
-        self, backend: Backend, plan: ChatPlan, generation: Generation, completion_id: str
-    ) -> None:
-        self._backend = backend
-        self._plan = plan
-        self._generation = generation
-        self._base = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": plan.body.model,
-            "system_fingerprint": None,
-        }
-        options = plan.body.stream_options
-        self._include_usage = options is not None and options.include_usage
-        self._parsers: dict[int, ReplyParser] = {}
-        self._num_completion_tokens = 0
-        self._num_reasoning_tokens = 0
-
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        chunk: dict[str, Any] = {**self._base, "choices": choices}
-        if self._include_usage:
-            chunk["usage"] = usage
-        return sse_data(chunk)
-
-    def _delta(self, index: int, delta: dict[str, Any], logprobs: Any = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
-        return self._chunk([choice])
-
-    async def sse(self, events: Primed[GenerationEvent]) -> AsyncIterator[str]:
-        """Every chunk, then the usage chunk if asked for, then ``[DONE]``; an error
-        mid-stream becomes a ``{"error": ...}`` event before ``[DONE]``."""
-        try:
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    for chunk in await self._on_event(event):
-                        yield chunk
-            if self._include_usage:
-                cached = self._generation.cached_tokens
-                totals = self._plan.usage(
-                    self._num_completion_tokens, cached, self._num_reasoning_tokens
-                )
-                yield self._chunk([], totals)
-        except Exception as error:
-            yield sse_data({"error": as_api_error(error).error()})
-        yield sse_data("[DONE]")
-
-    async def _on_event(self, event: GenerationEvent) -> list[str]:
-        chunks: list[str] = []
-        if isinstance(event, PromptToken):
-            return chunks
-        index = event.index
-        if index not in self._parsers:  # each choice opens with the assistant's role
-            self._parsers[index] = self._plan.reply_parser()
-            chunks.append(self._delta(index, {"role": "assistant", "content": ""}))
-        parser = self._parsers[index]
-        if isinstance(event, ChoiceToken):
-            deltas = [d for d in map(delta_of, parser.push(event.token.text)) if d is not None]
-            logprobs = None
-            if self._plan.body.logprobs:
-                texts = await self._backend.token_texts.for_tokens([event.token])
-                top_k, as_ids = self._plan.top_logprobs, self._plan.body.return_tokens_as_token_ids
-                logprobs = chat_logprobs([event.token], texts, top_k, as_ids)
-            if logprobs is not None and not deltas:
-                deltas = [{"content": ""}]
-            for position, delta in enumerate(deltas):
-                chunks.append(self._delta(index, delta, logprobs if position == 0 else None))
-            return chunks
-        self._num_completion_tokens += event.done.completion_tokens
-        self._num_reasoning_tokens += parser.num_reasoning_tokens
-        deltas = [d for d in map(delta_of, parser.finish()) if d is not None]
-        chunks += [self._delta(index, delta) for delta in deltas]
-        reason = finish_reason(event.done)
-        self._plan.tools.check_forced(
-            parser.calls, event.done.finish_reason, bool(self._plan.body.stop)
-        )
-        reason = tool_calls_reason(reason, parser.calls)
-        finish = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
-        chunks.append(self._chunk([finish]))
-        return chunks

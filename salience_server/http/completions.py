@@ -104,6 +104,11 @@ class _Choices:
     def wants_prompt_logprobs(self) -> bool:
         return self._body.prompt_logprobs is not None
 
+    @property
+    def wants_token_ids(self) -> bool:
+        """vLLM's ``return_token_ids``: the prompt's and each choice's token ids."""
+        return self._body.return_token_ids
+
     async def prompt_logprobs(self) -> list[dict[str, dict[str, Any]] | None] | None:
         """vLLM's ``prompt_logprobs`` of the prompt (None: not asked for)."""
         if self._body.prompt_logprobs is None:
@@ -237,6 +242,9 @@ async def _finished_choices(
         }
         if builder.wants_prompt_logprobs:
             shaped["prompt_logprobs"] = await builder.prompt_logprobs()
+        if builder.wants_token_ids:
+            shaped["prompt_token_ids"] = builder.prompt.token_ids
+            shaped["token_ids"] = [token.token_id for token in choice.tokens]
         choices.append(shaped)
     return choices
 
@@ -277,23 +285,29 @@ async def _stream(
                         builder.prompt_tokens.append(event.token)
                         continue
                     index, text, tokens = event.index, "", list[TokenEvent]()
-                    if index not in started:
+                    is_first = index not in started
+                    if is_first:
                         started.add(index)
                         text, tokens = builder.echo()
-                    reason = None
+                    reason, decoded = None, list[int]()
                     if isinstance(event, ChoiceToken):
                         text += event.token.text
                         tokens = [*tokens, event.token]
+                        decoded = [event.token.token_id]
                     elif isinstance(event, ChoiceDone):
                         completion_tokens += event.done.completion_tokens
                         reason = finish_reason(event.done)
-                    if text or tokens or reason:
+                    if text or tokens or reason or builder.wants_token_ids and is_first:
                         choice = {
                             "index": prompt_index * body.n + index,
                             "text": text,
                             "logprobs": await builder.logprobs(index, tokens),
                             "finish_reason": reason,
                         }
+                        if builder.wants_token_ids:
+                            if is_first:
+                                choice["prompt_token_ids"] = builder.prompt.token_ids
+                            choice["token_ids"] = decoded
                         yield chunk([choice])
         if include_usage:
             prompt_tokens = sum(len(b.prompt.token_ids) for b in builders)

@@ -52,6 +52,13 @@ class ChoiceDone:
 GenerationEvent = PromptToken | ChoiceToken | ChoiceDone
 
 
+def model_token_ids(prompt_ids: list[int], image_pad_token_id: int | None) -> list[int]:
+    """A prompt's token ids as the model read them (vLLM's ``prompt_token_ids``): an
+    image's markers as the image pad token its placeholders are."""
+    pad = image_pad_token_id if image_pad_token_id is not None else 0
+    return [token_id if token_id >= 0 else pad for token_id in prompt_ids]
+
+
 class Generation:
     """Decodes ``prompt_ids`` into ``n`` choices; iterate ``events()`` once."""
 

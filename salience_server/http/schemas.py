@@ -194,6 +194,9 @@ class ChatCompletionRequest(SamplingFields):
     """vLLM's: logprobs write each token as ``token_id:N``."""
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     """vLLM's: each prompt token's logprob, rank and this many alternatives."""
+    return_token_ids: bool = False
+    """vLLM's: each choice carries its decoded ``token_ids``, and the reply its
+    ``prompt_token_ids`` (per choice in completions)."""
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -255,6 +258,9 @@ class CompletionRequest(SamplingFields):
     """vLLM's: logprobs write each token as ``token_id:N``."""
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     """vLLM's: each prompt token's logprob, rank and this many alternatives."""
+    return_token_ids: bool = False
+    """vLLM's: each choice carries its decoded ``token_ids``, and the reply its
+    ``prompt_token_ids`` (per choice in completions)."""
     best_of: int | None = None
     suffix: str | None = None
     response_format: dict[str, Any] | None = None

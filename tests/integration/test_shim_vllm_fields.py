@@ -1,7 +1,8 @@
 """What RL and evaluation pipelines need to read tokens back exactly, as vLLM gives it:
-``return_tokens_as_token_ids`` (logprobs name each token ``token_id:N``) and
-``include_stop_str_in_output`` (the text keeps the stop string that ended it), both
-taken and ignored before, and chat logprobs holding the end-of-turn token.
+``return_token_ids``, ``return_tokens_as_token_ids`` (logprobs name each token
+``token_id:N``), ``include_stop_str_in_output`` (the text keeps the stop string or stop
+token that ended it) and ``prompt_logprobs``, all taken and ignored before, and chat
+logprobs holding the end-of-turn token.
 
 Oracles: the gRPC path's token ids for the same prompt ids, and the same greedy reply
 without a stop string, on the tiny Llama (one token per byte)."""
@@ -271,3 +272,44 @@ def test_a_stop_token_s_text_is_left_out_unless_asked_for(
 
     assert complete() == before
     assert complete(include_stop_str_in_output=True) == before + pieces[at].decode()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_token_ids_of_the_prompt_and_each_choice(
+    shim: RunningShim, llama_server: Any, model: str, stream: bool
+) -> None:
+    """vLLM's ``return_token_ids`` (what RL frameworks train on, without retokenizing
+    the text) was taken and ignored."""
+    client = shim.client()
+    with SalienceClient(llama_server.target) as grpc_client:
+        prompt_ids = grpc_client.tokenize(PROMPT, add_special_tokens=True)
+        chat_ids = grpc_client.tokenize_chat(MESSAGES, add_generation_prompt=True)
+    fields: dict[str, Any] = dict(
+        model=model,
+        max_tokens=5,
+        temperature=0,
+        stream=stream,
+        extra_body={"return_token_ids": True},
+    )
+    replies = [
+        (client.completions.create(prompt=PROMPT, n=2, **fields), prompt_ids),
+        (client.chat.completions.create(messages=MESSAGES, **fields), chat_ids),
+    ]
+    for reply, ids in replies:
+        want = [t.token_id for t in _grpc_greedy(llama_server.target, ids, 5)]
+        got: dict[int, list[int]] = {}
+        if stream:
+            chunks = list(reply)
+            # Chat: at the top of each choice's first chunk; completions: in it.
+            sent = [c.model_extra.get("prompt_token_ids") for c in chunks]
+            sent += [ch.model_extra.get("prompt_token_ids") for c in chunks for ch in c.choices]
+            for c in chunks:
+                for ch in c.choices:
+                    got.setdefault(ch.index, []).extend(ch.model_extra["token_ids"])
+            assert [s for s in sent if s] == [ids] * len(got)  # once for each choice
+        else:
+            top = reply.model_extra.get("prompt_token_ids")
+            for ch in reply.choices:
+                assert (top or ch.model_extra["prompt_token_ids"]) == ids
+                got[ch.index] = ch.model_extra["token_ids"]
+        assert list(got.values()) == [want] * len(got) and got
