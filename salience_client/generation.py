@@ -35,7 +35,10 @@ class GenerateOptions(TypedDict, total=False):
     stop_strings: str | Sequence[str]
     """One stop string, or several."""
     include_stop_string: bool
-    """The text ends just after the stop string that matched, not just before it."""
+    """The text ends just after the stop string (or stop token) that matched, not just
+    before it."""
+    keep_special_tokens: bool
+    """Special tokens' text is written (by default they have none)."""
     return_text: bool
     """Fill ``TokenEvent.text`` for decoded tokens (default True)."""
     logprobs_ranges: Sequence[tuple[int, int]]
@@ -158,6 +161,7 @@ def generate_request(
         stop_token_ids=list(options.get("stop_token_ids", ())),
         stop_strings=list(options.get("stop_strings", ())),
         include_stop_string=options.get("include_stop_string", False),
+        keep_special_tokens=options.get("keep_special_tokens", False),
         return_text=options.get("return_text", True),
         priority=options.get("priority", 0),
         ignore_eos=options.get("ignore_eos", False),

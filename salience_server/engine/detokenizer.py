@@ -15,8 +15,11 @@ _NUM_CONTEXT_TOKENS = 4
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas, holding back incomplete characters."""
 
-    def __init__(self, tokenizer: Any, context_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer: Any, context_ids: list[int], keep_special_tokens: bool = False
+    ) -> None:
         self._tokenizer = tokenizer
+        self._skips_special = not keep_special_tokens
         self._ids = list(context_ids[-_NUM_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -56,7 +59,9 @@ class IncrementalDetokenizer:
 
     def _decode(self, end: int) -> str:
         return str(
-            self._tokenizer.decode(self._ids[self._prefix_offset : end], skip_special_tokens=True)
+            self._tokenizer.decode(
+                self._ids[self._prefix_offset : end], skip_special_tokens=self._skips_special
+            )
         )
 
 

@@ -86,7 +86,9 @@ class Intake:
         session.touch()
         detokenizer = None
         if params.stop_strings:  # they end decoding, so the engine reads the text
-            detokenizer = IncrementalDetokenizer(self.tokenizer, session.token_ids)
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer, session.token_ids, params.keep_special_tokens
+            )
         request = Request(
             next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
         )

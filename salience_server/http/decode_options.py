@@ -28,6 +28,8 @@ class DecodeOptions:
     """Choice ``i`` uses ``seed + i`` so that n > 1 choices differ."""
     stop_strings: tuple[str, ...] = ()
     include_stop_string: bool = False
+    keep_special_tokens: bool = False
+    """vLLM's ``skip_special_tokens: false``: special tokens' text is in the reply."""
     """vLLM's ``include_stop_str_in_output``: the text keeps the stop string matched."""
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -83,6 +85,7 @@ class DecodeOptions:
             logit_bias=dict(self.logit_bias),
             stop_strings=list(self.stop_strings),
             include_stop_string=self.include_stop_string,
+            keep_special_tokens=self.keep_special_tokens,
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,

@@ -73,6 +73,8 @@ class SamplingFields(Body):
     """Lower runs first; equal priorities in arrival order."""
     include_stop_str_in_output: bool = False
     """vLLM's: the reply's text keeps the stop string that ended it."""
+    skip_special_tokens: bool = True
+    """vLLM's: false writes special tokens' text in the reply."""
 
     def decode_options(
         self,
@@ -99,6 +101,7 @@ class SamplingFields(Body):
             seed=self.seed,
             stop_strings=tuple(dict.fromkeys(s for s in [*stops, *extra_stops] if s)),
             include_stop_string=self.include_stop_str_in_output,
+            keep_special_tokens=not self.skip_special_tokens,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,

@@ -54,6 +54,7 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         stop_token_ids=list(request.stop_token_ids),
         stop_strings=list(request.stop_strings),
         include_stop_string=request.include_stop_string,
+        keep_special_tokens=request.keep_special_tokens,
         return_text=request.return_text,
         priority=request.priority,
         ignore_eos=request.ignore_eos,

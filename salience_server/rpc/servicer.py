@@ -91,7 +91,9 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         await _after_cancelled_call(engine, params.session_id, context)
         async for event in self._events(context, submit):
             if detokenizes and detokenizer is None:  # built within the stream's clean-up
-                detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt)
+                detokenizer = IncrementalDetokenizer(
+                    engine.tokenizer, prompt, params.keep_special_tokens
+                )
             if isinstance(event, TokenEvent):
                 if detokenizer is not None and not event.is_prefill:
                     event.text = "" if event.hides_text else detokenizer.push(event.token_id)

@@ -313,3 +313,29 @@ def test_token_ids_of_the_prompt_and_each_choice(
                 assert (top or ch.model_extra["prompt_token_ids"]) == ids
                 got[ch.index] = ch.model_extra["token_ids"]
         assert list(got.values()) == [want] * len(got) and got
+
+
+@pytest.mark.parametrize("stop", [None, ["never here"]], ids=["server", "engine"])
+def test_special_tokens_written_when_not_skipped(
+    shim: RunningShim, llama_server: Any, model: str, stop: list[str] | None
+) -> None:
+    """vLLM's ``skip_special_tokens: false`` (a client parsing a template's markers)
+    was taken and ignored: special tokens never had text."""
+    with SalienceClient(llama_server.target) as client:
+        (eos, *_) = client.model_info().eos_token_ids
+        (eos_text,) = [raw.decode() for raw in client.token_bytes([eos])]
+
+    def complete(**extra: Any) -> str:
+        reply = shim.client().completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=3,
+            temperature=0,
+            stop=stop,
+            logit_bias={str(eos): 100},  # three end-of-sequence tokens, decoded past
+            extra_body={"ignore_eos": True, **extra},
+        )
+        return reply.choices[0].text
+
+    assert complete() == ""
+    assert complete(skip_special_tokens=False) == eos_text * 3
