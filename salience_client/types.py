@@ -121,6 +121,8 @@ class Done:
     """Speculative drafts verified (``--speculative``)."""
     accepted_tokens: int = 0
     """Of those, the ones accepted."""
+    stop_string: str = ""
+    """The stop string that ended the call (``stop_string``); else empty."""
 
     @classmethod
     def from_pb(cls, done: pb.Done) -> Done:
@@ -137,6 +139,7 @@ class Done:
             decode_ms=done.decode_ms,
             drafted_tokens=done.drafted_tokens,
             accepted_tokens=done.accepted_tokens,
+            stop_string=done.stop_string,
         )
 
 

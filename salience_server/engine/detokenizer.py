@@ -72,6 +72,8 @@ class StopStringMatcher:
         self._stop_strings = [s for s in stop_strings if s]
         self._include_match = include_match
         """Release the matched stop string too (the text then ends just after it)."""
+        self.matched = ""
+        """The stop string that matched, once one has."""
         self._pending = ""  # text received but not yet released
 
     def push(self, delta: str, may_match: bool = True) -> tuple[str, bool]:
@@ -87,6 +89,7 @@ class StopStringMatcher:
         if found:
             # The earliest match; of those starting there, the shortest completed first.
             cut, length = min(found)
+            self.matched = self._pending[cut : cut + length]
             end = cut + length if self._include_match else cut
             released, self._pending = self._pending[:end], ""
             return released, True

@@ -130,6 +130,8 @@ class DoneEvent:
     """An Embed input's pooled vector."""
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    stop_string: str = ""
+    """The stop string that ended the call, if one did."""
 
 
 Event = TokenEvent | DoneEvent | SalienceError
@@ -326,6 +328,7 @@ class Request:
             recomputed_tokens=self.num_recomputed,
             drafted_tokens=self.num_drafted,
             accepted_tokens=self.num_accepted,
+            stop_string=self.stop_matcher.matched,
             queue_ms=(started - self.arrival_time) * 1e3,
             prefill_ms=(prefilled - started) * 1e3,
             decode_ms=(now - prefilled) * 1e3,

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from salience_client import ModelInfo
+from salience_client import Done, ModelInfo
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.chat_stream import ChatStream
 from salience_server.http.constraints import Constraint
@@ -35,6 +35,7 @@ from salience_server.http.generation import (
     finish_reason,
     model_token_ids,
     reply_limit,
+    stop_reason,
 )
 from salience_server.http.logprobs import chat_logprobs, prompt_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
@@ -103,6 +104,10 @@ class ChatPlan:
     def top_logprobs(self) -> int:
         """Alternatives asked for per token (0: none)."""
         return self.body.top_logprobs or 0
+
+    def stop_reason(self, done: Done, decoded_ids: list[int]) -> str | int | None:
+        """vLLM's ``stop_reason`` of a choice (``generation.stop_reason``)."""
+        return stop_reason(done, decoded_ids, self.body.stop, self.body.stop_token_ids or [])
 
     @property
     def model_prompt_ids(self) -> list[int]:
@@ -271,6 +276,12 @@ async def _choice(
             tokens, texts, plan.top_logprobs, plan.body.return_tokens_as_token_ids
         )
     shaped = {"index": choice.index, "message": message, "logprobs": logprobs}
+    decoded = [token.token_id for token in choice.tokens]
     if plan.body.return_token_ids:
-        shaped["token_ids"] = [token.token_id for token in choice.tokens]
-    return {**shaped, "finish_reason": reason}, reply.num_reasoning_tokens
+        shaped["token_ids"] = decoded
+    stopped_by = plan.stop_reason(choice.done, decoded)
+    return {
+        **shaped,
+        "finish_reason": reason,
+        "stop_reason": stopped_by,
+    }, reply.num_reasoning_tokens

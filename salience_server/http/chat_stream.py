@@ -80,6 +80,7 @@ class ChatStream:
         token_ids: list[int] | None = None,
         top: dict[str, Any] | None = None,
         finish_reason: str | None = None,
+        stop_reason: str | int | None = None,
     ) -> str:
         """One choice's chunk (``top``: fields of the chunk itself)."""
         choice = {
@@ -87,6 +88,7 @@ class ChatStream:
             "delta": delta,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
         }
         if self._plan.body.return_token_ids:
             choice["token_ids"] = token_ids or []
@@ -146,5 +148,6 @@ class ChatStream:
             parser.calls, event.done.finish_reason, bool(self._plan.body.stop)
         )
         reason = tool_calls_reason(reason, parser.calls)
-        chunks.append(self._delta(index, {}, finish_reason=reason))
+        stopped_by = self._plan.stop_reason(event.done, event.token_ids)
+        chunks.append(self._delta(index, {}, finish_reason=reason, stop_reason=stopped_by))
         return chunks

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from salience_client import ModelInfo, TokenEvent
+from salience_client import Done, ModelInfo, TokenEvent
 from salience_server.http.backend import Backend
 from salience_server.http.chat import usage
 from salience_server.http.constraints import Constraint
@@ -35,6 +35,7 @@ from salience_server.http.generation import (
     collect,
     finish_reason,
     reply_limit,
+    stop_reason,
 )
 from salience_server.http.logprobs import TextOffsets, completion_logprobs, prompt_logprobs
 from salience_server.http.request_body import parse_body
@@ -103,6 +104,10 @@ class _Choices:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self._body.prompt_logprobs is not None
+
+    def stop_reason(self, done: Done, decoded_ids: list[int]) -> str | int | None:
+        """vLLM's ``stop_reason`` of a choice (``generation.stop_reason``)."""
+        return stop_reason(done, decoded_ids, self._body.stop, self._body.stop_token_ids or [])
 
     @property
     def wants_token_ids(self) -> bool:
@@ -239,6 +244,7 @@ async def _finished_choices(
             "text": echo_text + choice.text,
             "logprobs": await builder.logprobs(choice.index, tokens),
             "finish_reason": finish_reason(choice.done),
+            "stop_reason": builder.stop_reason(choice.done, [t.token_id for t in choice.tokens]),
         }
         if builder.wants_prompt_logprobs:
             shaped["prompt_logprobs"] = await builder.prompt_logprobs()
@@ -289,7 +295,7 @@ async def _stream(
                     if is_first:
                         started.add(index)
                         text, tokens = builder.echo()
-                    reason, decoded = None, list[int]()
+                    reason, stopped_by, decoded = None, None, list[int]()
                     if isinstance(event, ChoiceToken):
                         text += event.token.text
                         tokens = [*tokens, event.token]
@@ -297,12 +303,14 @@ async def _stream(
                     elif isinstance(event, ChoiceDone):
                         completion_tokens += event.done.completion_tokens
                         reason = finish_reason(event.done)
+                        stopped_by = builder.stop_reason(event.done, event.token_ids)
                     if text or tokens or reason or builder.wants_token_ids and is_first:
                         choice = {
                             "index": prompt_index * body.n + index,
                             "text": text,
                             "logprobs": await builder.logprobs(index, tokens),
                             "finish_reason": reason,
+                            "stop_reason": stopped_by,
                         }
                         if builder.wants_token_ids:
                             if is_first:

@@ -338,6 +338,20 @@ def finish_reason(done: Done) -> str:
     return "stop" if done.finish_reason in ("stop", "stop_string") else "length"
 
 
+def stop_reason(
+    done: Done, decoded_ids: list[int], stops: str | list[str] | None, stop_token_ids: list[int]
+) -> str | int | None:
+    """vLLM's ``stop_reason``: the stop string (of ``stops``, the request's own) or the
+    ``stop_token_ids`` token that ended the choice; None for an end-of-sequence token,
+    a limit, or a stop string the shim added."""
+    requested = [stops] if isinstance(stops, str) else list(stops or [])
+    if done.finish_reason == "stop_string" and done.stop_string in requested:
+        return done.stop_string
+    if done.finish_reason == "stop" and decoded_ids and decoded_ids[-1] in stop_token_ids:
+        return decoded_ids[-1]
+    return None
+
+
 @dataclass
 class ChoiceResult:
     """Everything one choice decoded."""

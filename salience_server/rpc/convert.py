@@ -107,6 +107,7 @@ def done_event(event: DoneEvent) -> pb.GenerateEvent:
             recomputed_tokens=event.recomputed_tokens,
             drafted_tokens=event.drafted_tokens,
             accepted_tokens=event.accepted_tokens,
+            stop_string=event.stop_string,
             queue_ms=event.queue_ms,
             prefill_ms=event.prefill_ms,
             decode_ms=event.decode_ms,

@@ -339,3 +339,30 @@ def test_special_tokens_written_when_not_skipped(
 
     assert complete() == ""
     assert complete(skip_special_tokens=False) == eos_text * 3
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_stop_reason_names_the_stop_that_ended_a_choice(
+    shim: RunningShim, llama_server: Any, model: str, stream: bool
+) -> None:
+    """vLLM's ``stop_reason``: the stop string, or the ``stop_token_ids`` token, that
+    ended the choice (a new ``Done.stop_string`` says which string); null for a limit."""
+    client = shim.client()
+
+    def reason(**fields: Any) -> Any:
+        reply = client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=30, temperature=0, stream=stream, **fields
+        )
+        if stream:
+            (last,) = [c.choices[0] for c in reply if c.choices and c.choices[0].finish_reason]
+            return last.finish_reason, last.model_extra["stop_reason"]
+        return reply.choices[0].finish_reason, reply.choices[0].model_extra["stop_reason"]
+
+    full = client.completions.create(model=model, prompt=PROMPT, max_tokens=30, temperature=0)
+    stop, _ = _stop_in(full.choices[0].text)
+    assert reason(stop=["never here", stop]) == ("stop", stop)
+    with SalienceClient(llama_server.target) as grpc_client:
+        prompt_ids = grpc_client.tokenize(PROMPT, add_special_tokens=True)
+    third = _grpc_greedy(llama_server.target, prompt_ids, 3)[2].token_id
+    assert reason(extra_body={"stop_token_ids": [third]}) == ("stop", third)
+    assert reason() == ("length", None)
