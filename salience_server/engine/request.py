@@ -73,9 +73,10 @@ class GenerateParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     include_stop_string: bool = False
+    """The text released ends after the stop string that matched, not before it, and a
+    stop token's own text is kept."""
     keep_special_tokens: bool = False
     """Special tokens' text is written (by default they have none)."""
-    """The text released ends after the stop string that matched, not before it."""
     return_text: bool = False
     priority: int = 0
     ignore_eos: bool = False

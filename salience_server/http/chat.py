@@ -107,7 +107,8 @@ class ChatPlan:
 
     def stop_reason(self, done: Done, decoded_ids: list[int]) -> str | int | None:
         """vLLM's ``stop_reason`` of a choice (``generation.stop_reason``)."""
-        return stop_reason(done, decoded_ids, self.body.stop, self.body.stop_token_ids or [])
+        body, eos = self.body, self.model_info.eos_token_ids
+        return stop_reason(done, decoded_ids, body.stop, body.stop_token_ids or [], eos)
 
     @property
     def model_prompt_ids(self) -> list[int]:

@@ -84,9 +84,12 @@ class _Choices:
     every token, end-of-sequence tokens included (as vLLM's do): scoring harnesses slice
     them by position (lm-eval drops the last, the one decoded token)."""
 
-    def __init__(self, backend: Backend, body: CompletionRequest, prompt: Prompt) -> None:
+    def __init__(
+        self, backend: Backend, body: CompletionRequest, prompt: Prompt, info: ModelInfo
+    ) -> None:
         self._backend = backend
         self._body = body
+        self._eos_token_ids = info.eos_token_ids
         self.prompt = prompt
         self.prompt_tokens: list[TokenEvent] = []
         self._offsets: dict[int, TextOffsets] = {}
@@ -107,7 +110,8 @@ class _Choices:
 
     def stop_reason(self, done: Done, decoded_ids: list[int]) -> str | int | None:
         """vLLM's ``stop_reason`` of a choice (``generation.stop_reason``)."""
-        return stop_reason(done, decoded_ids, self._body.stop, self._body.stop_token_ids or [])
+        body, eos = self._body, self._eos_token_ids
+        return stop_reason(done, decoded_ids, body.stop, body.stop_token_ids or [], eos)
 
     @property
     def wants_token_ids(self) -> bool:
@@ -153,7 +157,7 @@ async def create_completion(request: Request) -> Response:
         )
         for p in prompts
     ]
-    builders = [_Choices(backend, body, prompt) for prompt in prompts]
+    builders = [_Choices(backend, body, prompt, info) for prompt in prompts]
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     keepalive_s = backend.config.keepalive_s
     if body.stream:

@@ -28,9 +28,10 @@ class DecodeOptions:
     """Choice ``i`` uses ``seed + i`` so that n > 1 choices differ."""
     stop_strings: tuple[str, ...] = ()
     include_stop_string: bool = False
+    """vLLM's ``include_stop_str_in_output``: the text keeps the stop string matched (or
+    the stop token's text)."""
     keep_special_tokens: bool = False
     """vLLM's ``skip_special_tokens: false``: special tokens' text is in the reply."""
-    """vLLM's ``include_stop_str_in_output``: the text keeps the stop string matched."""
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0

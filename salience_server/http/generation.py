@@ -339,16 +339,22 @@ def finish_reason(done: Done) -> str:
 
 
 def stop_reason(
-    done: Done, decoded_ids: list[int], stops: str | list[str] | None, stop_token_ids: list[int]
+    done: Done,
+    decoded_ids: list[int],
+    stops: str | list[str] | None,
+    stop_token_ids: list[int],
+    eos_token_ids: list[int],
 ) -> str | int | None:
     """vLLM's ``stop_reason``: the stop string (of ``stops``, the request's own) or the
-    ``stop_token_ids`` token that ended the choice; None for an end-of-sequence token,
-    a limit, or a stop string the shim added."""
+    ``stop_token_ids`` token that ended the choice; None for an end-of-sequence token
+    (listed in ``stop_token_ids`` too, as vLLM), a limit, or a stop string the shim
+    added."""
     requested = [stops] if isinstance(stops, str) else list(stops or [])
     if done.finish_reason == "stop_string" and done.stop_string in requested:
         return done.stop_string
-    if done.finish_reason == "stop" and decoded_ids and decoded_ids[-1] in stop_token_ids:
-        return decoded_ids[-1]
+    last = decoded_ids[-1] if decoded_ids else None
+    if done.finish_reason == "stop" and last in stop_token_ids and last not in eos_token_ids:
+        return last
     return None
 
 

@@ -264,6 +264,7 @@ def test_a_stop_token_s_text_is_left_out_unless_asked_for(
             max_tokens=20,
             temperature=0,
             stream=stream,
+            stop=stop,
             extra_body={"stop_token_ids": [decoded[at]], **extra},
         )
         if stream:
@@ -363,6 +364,10 @@ def test_stop_reason_names_the_stop_that_ended_a_choice(
     assert reason(stop=["never here", stop]) == ("stop", stop)
     with SalienceClient(llama_server.target) as grpc_client:
         prompt_ids = grpc_client.tokenize(PROMPT, add_special_tokens=True)
+        (eos, *_) = grpc_client.model_info().eos_token_ids
     third = _grpc_greedy(llama_server.target, prompt_ids, 3)[2].token_id
     assert reason(extra_body={"stop_token_ids": [third]}) == ("stop", third)
     assert reason() == ("length", None)
+    # The end-of-sequence token is no stop_reason, listed or not (as vLLM's).
+    forced = {"logit_bias": {str(eos): 100}}
+    assert reason(**forced, extra_body={"stop_token_ids": [eos]}) == ("stop", None)
