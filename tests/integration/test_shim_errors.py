@@ -29,6 +29,9 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         (dict(top_logprobs=3), "top_logprobs"),
         (dict(presence_penalty=2.5), "presence_penalty"),
         (dict(frequency_penalty=-3), "frequency_penalty"),
+        # Past 64 bits a seed was wrapped silently (vLLM and OpenAI take 64-bit integers).
+        (dict(seed=2**63), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
         (dict(logit_bias={"12": 101}), "logit_bias"),
         (dict(logit_bias={"not-a-token": 1}), "logit_bias"),
         (dict(logit_bias={"999999": 1}), "logit_bias"),
