@@ -182,18 +182,16 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(SamplingFields):
-    """POST /v1/chat/completions."""
+class ReplyFields(SamplingFields):
+    """What Chat Completions and Completions share beyond sampling: the stream, ``n``,
+    stop strings, structured output, and vLLM's fields for reading tokens back."""
 
-    messages: list[dict[str, Any]] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=64)
     stop: str | list[str] | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    """``json_object`` or ``json_schema`` (vLLM's in Completions too)."""
     return_tokens_as_token_ids: bool = False
     """vLLM's: logprobs write each token as ``token_id:N``."""
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
@@ -201,10 +199,33 @@ class ChatCompletionRequest(SamplingFields):
     return_token_ids: bool = False
     """vLLM's: each choice carries its decoded ``token_ids``, and the reply its
     ``prompt_token_ids`` (per choice in completions)."""
+
+    def check_stream(self) -> None:
+        """Refuses what needs a stream, or cannot have one (400)."""
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options is only allowed when stream is true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise invalid("prompt_logprobs is not available when stream is true", "prompt_logprobs")
+
+    def constraint(self) -> Sourced | None:
+        """The structured output asked for (``response_format`` or vLLM's fields)."""
+        return one_constraint(
+            ("response_format", response_format_constraint(self.response_format)),
+            ("structured_outputs", self.guided()),
+        )
+
+
+class ChatCompletionRequest(ReplyFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra variables of the chat template (vLLM's; Qwen3's ``enable_thinking``)."""
     add_generation_prompt: bool | None = None
@@ -223,10 +244,7 @@ class ChatCompletionRequest(SamplingFields):
         self.check_sampling(vocab_size, self.max_reply_tokens)
         if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.stream_options is not None and not self.stream:
-            raise invalid("stream_options is only allowed when stream is true", "stream_options")
-        if self.prompt_logprobs is not None and self.stream:
-            raise invalid("prompt_logprobs is not available when stream is true", "prompt_logprobs")
+        self.check_stream()
         if self.continue_final_message and self.add_generation_prompt:
             raise invalid(
                 "continue_final_message and add_generation_prompt cannot both be true",
@@ -238,37 +256,17 @@ class ChatCompletionRequest(SamplingFields):
             )
         refuse_unoffered(self.model_extra or {})
 
-    def constraint(self) -> Sourced | None:
-        """The structured output asked for (``response_format`` or vLLM's fields)."""
-        return one_constraint(
-            ("response_format", response_format_constraint(self.response_format)),
-            ("structured_outputs", self.guided()),
-        )
 
-
-class CompletionRequest(SamplingFields):
+class CompletionRequest(ReplyFields):
     """POST /v1/completions (the legacy text completion API)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     max_tokens: int = Field(16, ge=0)
     """0: score the prompt only (with ``echo`` and ``logprobs``)."""
-    n: int = Field(1, ge=1, le=64)
-    stop: str | list[str] | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    return_tokens_as_token_ids: bool = False
-    """vLLM's: logprobs write each token as ``token_id:N``."""
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)
-    """vLLM's: each prompt token's logprob, rank and this many alternatives."""
-    return_token_ids: bool = False
-    """vLLM's: each choice carries its decoded ``token_ids``, and the reply its
-    ``prompt_token_ids`` (per choice in completions)."""
     best_of: int | None = None
     suffix: str | None = None
-    response_format: dict[str, Any] | None = None
-    """vLLM's: ``json_object`` or ``json_schema``, as in Chat Completions."""
 
     def check(self, vocab_size: int) -> None:
         """Refuses combinations the schema alone cannot (400)."""
@@ -277,19 +275,9 @@ class CompletionRequest(SamplingFields):
             raise unsupported("suffix", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise unsupported("best_of other than n", "best_of")
-        if self.stream_options is not None and not self.stream:
-            raise invalid("stream_options is only allowed when stream is true", "stream_options")
-        if self.prompt_logprobs is not None and self.stream:
-            raise invalid("prompt_logprobs is not available when stream is true", "prompt_logprobs")
+        self.check_stream()
         if isinstance(self.prompt, list) and not self.prompt:
             raise invalid("prompt must not be empty", "prompt")
-
-    def constraint(self) -> Sourced | None:
-        """The structured output asked for (``response_format`` or vLLM's fields)."""
-        return one_constraint(
-            ("response_format", response_format_constraint(self.response_format)),
-            ("structured_outputs", self.guided()),
-        )
 
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
