@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from salience_client import Done, ModelInfo
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.chat_stream import ChatStream
+from salience_server.http.choice_fields import finish_reason, model_token_ids, stop_reason
 from salience_server.http.constraints import Constraint
 from salience_server.http.errors import (
     ApiError,
@@ -32,10 +33,7 @@ from salience_server.http.generation import (
     ChoiceResult,
     Generation,
     collect,
-    finish_reason,
-    model_token_ids,
     reply_limit,
-    stop_reason,
 )
 from salience_server.http.logprobs import chat_logprobs, prompt_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
@@ -106,7 +104,7 @@ class ChatPlan:
         return self.body.top_logprobs or 0
 
     def stop_reason(self, done: Done, decoded_ids: list[int]) -> str | int | None:
-        """vLLM's ``stop_reason`` of a choice (``generation.stop_reason``)."""
+        """vLLM's ``stop_reason`` of a choice (``choice_fields.stop_reason``)."""
         body, eos = self.body, self.model_info.eos_token_ids
         return stop_reason(done, decoded_ids, body.stop, body.stop_token_ids or [], eos)
 

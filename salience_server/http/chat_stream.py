@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from salience_server.http.backend import Backend
+from salience_server.http.choice_fields import finish_reason
 from salience_server.http.errors import as_api_error
 from salience_server.http.generation import (
     ChoiceToken,
     Generation,
     GenerationEvent,
     PromptToken,
-    finish_reason,
 )
 from salience_server.http.logprobs import chat_logprobs
 from salience_server.http.reply import ReasoningDelta, ReplyEvent, ReplyParser

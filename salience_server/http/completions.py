@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from salience_client import Done, ModelInfo, TokenEvent
 from salience_server.http.backend import Backend
 from salience_server.http.chat import usage
+from salience_server.http.choice_fields import finish_reason, stop_reason
 from salience_server.http.constraints import Constraint
 from salience_server.http.decode_options import DecodeOptions
 from salience_server.http.errors import as_api_error, client_errors, invalid
@@ -33,9 +34,7 @@ from salience_server.http.generation import (
     GenerationResult,
     PromptToken,
     collect,
-    finish_reason,
     reply_limit,
-    stop_reason,
 )
 from salience_server.http.logprobs import TextOffsets, completion_logprobs, prompt_logprobs
 from salience_server.http.request_body import parse_body
@@ -109,7 +108,7 @@ class _Choices:
         return self._body.prompt_logprobs is not None
 
     def stop_reason(self, done: Done, decoded_ids: list[int]) -> str | int | None:
-        """vLLM's ``stop_reason`` of a choice (``generation.stop_reason``)."""
+        """vLLM's ``stop_reason`` of a choice (``choice_fields.stop_reason``)."""
         body, eos = self._body, self._eos_token_ids
         return stop_reason(done, decoded_ids, body.stop, body.stop_token_ids or [], eos)
 
