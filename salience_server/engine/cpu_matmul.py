@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from salience_server.engine import fp16_gemm, layer_timing
+from salience_server.engine import fp16_gemm, kernel_caches, layer_timing
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +64,11 @@ Measured on AVX2, with 350 MB of weights streamed as a forward pass streams them
 64 rows 1832 / 550."""
 
 
-KERNEL_CACHE_ENTRIES = 256
-"""Kernels oneDNN keeps, in each of its two caches, for the shapes of prepacked products.
-
-Each product of a prepacked weight makes a kernel for its row count, kept in ideep's
-cache of computations (``LRU_CACHE_CAPACITY``) and oneDNN's primitive cache
-(``ONEDNN_PRIMITIVE_CACHE_CAPACITY``), 1,024 each by default, about 0.3-0.6 MiB an
-entry at the default model's shapes: a server whose prefills came in many lengths grew
-by about 1 GiB before they were full (``benchmarks/soak.py``). A kernel made afresh
-costs 0.3-0.7 ms against 0.04 ms cached at one row, so the bound keeps what decoding
-uses (a few weight shapes times the batch sizes of recent steps) and lets rare prefill
-lengths go."""
-
-
-def bound_kernel_caches() -> None:
-    """Bounds oneDNN's kernel caches (``KERNEL_CACHE_ENTRIES``) unless the environment
-    sets them; they read it when first used, so call it before any product."""
-    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
-        os.environ.setdefault(name, str(KERNEL_CACHE_ENTRIES))
-
-
 def prepare_linears(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Sets up ``model``'s Linear layers for the path this CPU and ``dtype`` take (see
     the module's docstring); on other devices, nothing."""
     if prepacks(device, dtype):
-        bound_kernel_caches()
+        kernel_caches.bound()
         timed: Prepared = {}
         below = narrow_products_below(model, dtype, device, timed)
         kept = narrow_bytes(model, dtype) if below else 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from salience_server.engine import cpu_matmul
+from salience_server.engine import cpu_matmul, kernel_caches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def _measure(environment: dict[str, str]) -> dict:
 )
 def test_products_of_many_row_counts_stop_growing_memory() -> None:
     bounded = _measure({})
-    entries = str(cpu_matmul.KERNEL_CACHE_ENTRIES)
+    entries = str(kernel_caches.KERNEL_CACHE_ENTRIES)
     assert bounded["entries"] == [entries, entries]
     # Rows 301 to 600 are new row counts past the bound: their kernels replace others.
     assert bounded["grown_mib"] < 8, bounded
