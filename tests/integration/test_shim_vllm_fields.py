@@ -21,6 +21,22 @@ PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
+def _prompt_ids(target: str) -> tuple[list[int], list[int]]:
+    """The token ids of ``PROMPT`` (completions) and of ``MESSAGES`` (chat, rendered)."""
+    with SalienceClient(target) as client:
+        return (
+            client.tokenize(PROMPT, add_special_tokens=True),
+            client.tokenize_chat(MESSAGES, add_generation_prompt=True),
+        )
+
+
+def _completion_text(reply: Any, stream: bool) -> str:
+    """The text of a completion's first choice, streamed or whole."""
+    if stream:
+        return "".join(c.choices[0].text for c in reply if c.choices)
+    return str(reply.choices[0].text)
+
+
 def _grpc_greedy(target: str, token_ids: list[int], count: int) -> list[Any]:
     with SalienceClient(target) as client, client.open_session() as session:
         *tokens, _ = session.generate(
@@ -103,9 +119,7 @@ def test_the_stop_string_kept_in_the_text(shim: RunningShim, model: str, stream:
         reply = client.completions.create(
             model=model, prompt=PROMPT, max_tokens=30, temperature=0, stream=stream, **fields
         )
-        if stream:
-            return "".join(c.choices[0].text for c in reply if c.choices)
-        return reply.choices[0].text
+        return _completion_text(reply, stream)
 
     for ask in (chat, complete):
         full = ask()
@@ -201,9 +215,7 @@ def test_prompt_logprobs_of_completions_and_chat(
     """vLLM's ``prompt_logprobs`` (a reference model's scores for RL, over the chat
     template too) was taken and ignored."""
     client = shim.client()
-    with SalienceClient(llama_server.target) as grpc_client:
-        prompt_ids = grpc_client.tokenize(PROMPT, add_special_tokens=True)
-        chat_ids = grpc_client.tokenize_chat(MESSAGES, add_generation_prompt=True)
+    prompt_ids, chat_ids = _prompt_ids(llama_server.target)
     want = _vllm_prompt_logprobs(llama_server.target, prompt_ids, 2)
     for _ in range(2):  # the second is scored from what the pooled session kept
         reply = client.completions.create(
@@ -267,9 +279,7 @@ def test_a_stop_token_s_text_is_left_out_unless_asked_for(
             stop=stop,
             extra_body={"stop_token_ids": [decoded[at]], **extra},
         )
-        if stream:
-            return "".join(c.choices[0].text for c in reply if c.choices)
-        return reply.choices[0].text
+        return _completion_text(reply, stream)
 
     assert complete() == before
     assert complete(include_stop_str_in_output=True) == before + pieces[at].decode()
@@ -282,9 +292,7 @@ def test_token_ids_of_the_prompt_and_each_choice(
     """vLLM's ``return_token_ids`` (what RL frameworks train on, without retokenizing
     the text) was taken and ignored."""
     client = shim.client()
-    with SalienceClient(llama_server.target) as grpc_client:
-        prompt_ids = grpc_client.tokenize(PROMPT, add_special_tokens=True)
-        chat_ids = grpc_client.tokenize_chat(MESSAGES, add_generation_prompt=True)
+    prompt_ids, chat_ids = _prompt_ids(llama_server.target)
     fields: dict[str, Any] = dict(
         model=model,
         max_tokens=5,
