@@ -48,7 +48,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--kv-cache-memory",
         type=parse_bytes,
         default=0,
-        help="KV pool size, e.g. 2GiB (default, or 0: 1GiB on CPU, 60%% of free GPU memory)",
+        help="KV pool size, e.g. 2GiB (default, or 0: 1GiB on CPU; on CUDA what "
+        "--gpu-memory-utilization leaves)",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="share of the GPU's memory the server may use: the model, the largest step's "
+        "activations (measured at start) and, in what is left, the KV pool",
     )
     parser.add_argument(
         "--host-kv-memory",
@@ -146,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                 block_size=args.block_size,
                 attention_backend=args.attention_backend,
                 kv_cache_bytes=args.kv_cache_memory,
+                gpu_memory_utilization=args.gpu_memory_utilization,
                 host_kv_bytes=args.host_kv_memory,
                 max_image_bytes=args.max_image_bytes,
                 max_image_pixels=args.max_image_pixels,

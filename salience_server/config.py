@@ -37,7 +37,11 @@ class EngineConfig:
     block_size: int = 0
     """Tokens per KV block; 0 picks 256 where flash-attn's paged kernel runs, else 16."""
     kv_cache_bytes: int = 0
-    """Bytes of accelerator memory for the KV block pool; 0 picks a default."""
+    """Bytes of accelerator memory for the KV block pool; 0 picks a default (on CUDA,
+    what ``gpu_memory_utilization`` leaves; on a CPU, 1 GiB)."""
+    gpu_memory_utilization: float = 0.9
+    """Of a GPU's total memory, the share the server may take (the model, the largest
+    step's activations, the KV pool) where ``kv_cache_bytes`` is 0."""
     max_batch_tokens: int = 2048
     """Tokens one forward pass may carry (decodes plus prefill chunks)."""
     max_running: int = 64
@@ -92,6 +96,8 @@ class EngineConfig:
             raise ValueError(
                 "--max-context, --kv-cache-memory and --max-queue must not be negative"
             )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("--gpu-memory-utilization must be above 0 and at most 1")
         limits = (
             self.max_logprobs,
             self.max_ranges,

@@ -30,7 +30,7 @@ from salience_server.engine.errors import (
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
 from salience_server.engine.intake import Intake
-from salience_server.engine.kv_pool import size_pool
+from salience_server.engine.kv_pool import fit_pool, size_pool
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import ModelRunner
 from salience_server.engine.ngram import draft_proposer
@@ -71,19 +71,23 @@ class Engine:
             VisionEncoder(loaded.model, loaded.image_processor) if loaded.supports_images else None
         )
         pool = size_pool(loaded, config)
+        self.runner = ModelRunner(
+            loaded.model,
+            pool.num_blocks,
+            pool.block_size,
+            config.attention_backend,
+        )
+        self.runner.warm_up(self.uses_mrope, may_fall_back=config.attention_backend == "auto")
+        if pool.provisional:  # sized from what the largest step takes, measured now
+            pool = fit_pool(
+                pool, self.runner, config, uses_mrope=self.uses_mrope, vision=self.vision
+            )
         self.max_context, context_source = context_limit(
             config.max_context, loaded.max_context, pool.num_blocks * pool.block_size
         )
         self.kv_bytes_per_token = pool.bytes_per_token
         self.block_size = pool.block_size
         self.block_manager = BlockManager(pool.num_blocks, self.block_size)
-        self.runner = ModelRunner(
-            loaded.model,
-            pool.num_blocks,
-            self.block_size,
-            config.attention_backend,
-        )
-        self.runner.warm_up(self.uses_mrope, may_fall_back=config.attention_backend == "auto")
         # Ids past the output layer's width have no logit to score or bias (on CUDA an
         # index past it is a device assert, fatal to the engine): valid ids are below both.
         self.vocab_size = min(self.vocab_size, self.runner.logits_width)

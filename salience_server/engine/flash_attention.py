@@ -175,6 +175,10 @@ class FlashAttentionBackend:
         self.device = device
         self.paged = block_size % PAGE_MULTIPLE == 0 and takes_block_table(kernel)
 
+    def resize_workspace(self, blocks: int) -> None:
+        """Nothing to resize: flash-attn reads the pool in place, or gathers each
+        batch's context into memory of that batch's size."""
+
     @property
     def name(self) -> str:
         how = "paged" if self.paged else f"gathered from {self.block_size}-token blocks"

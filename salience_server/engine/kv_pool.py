@@ -1,22 +1,90 @@
-"""How large the KV block pool is: its block size and its number of blocks."""
+"""How large the KV block pool is: its block size and its number of blocks.
+
+On CUDA, unless ``--kv-cache-memory`` sets it, the pool takes what is left of
+``--gpu-memory-utilization`` of the GPU's memory once the model is loaded and the step
+that takes the most memory has run once and been measured (``fit_pool``), as vLLM
+sizes its cache: the runner starts with a pool that holds that step alone, runs it,
+then gets the pool it keeps.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from salience_server.config import EngineConfig
-from salience_server.engine import cpu_matmul, paged_attention
+from salience_server.engine import cpu_matmul, filters, paged_attention, scoring
+from salience_server.engine.batch import ForwardBatch
+from salience_server.engine.errors import out_of_memory, release_cached_memory
 from salience_server.engine.loader import LoadedModel
-from salience_server.engine.model_runner import kv_bytes_per_token, kv_dtype, kv_shape
+from salience_server.engine.model_runner import (
+    ModelRunner,
+    kv_bytes_per_token,
+    kv_dtype,
+    kv_shape,
+)
+from salience_server.engine.request import SamplingParams
+from salience_server.engine.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
-CUDA_KV_FRACTION = 0.6
-"""Of the memory free after loading the model."""
+PROFILED_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05)
+"""What the measured step's drawn rows are filtered with: every filter at once."""
+
+
+class DeviceMemory(Protocol):
+    """The device's memory, as the pool's size is measured from it."""
+
+    def free_and_total(self) -> tuple[int, int]:
+        """Bytes free on the device now (this process's cached blocks given back
+        first) and its total."""
+        ...
+
+    def held(self) -> int:
+        """Bytes this process holds on the device now (the model's weights, buffers)."""
+        ...
+
+    def peak_of(self, work: Callable[[], Any]) -> int:
+        """Runs ``work``; the most bytes it held at once beyond what was held before."""
+        ...
+
+
+class CudaMemory:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def free_and_total(self) -> tuple[int, int]:
+        # Blocks this process's caching allocator keeps from freed tensors (an engine
+        # stopped before, the loading's temporaries) count as used in the driver's
+        # figure: hand them back first, or each engine of a process gets less.
+        torch.cuda.synchronize(self.device)
+        release_cached_memory()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(free), int(total)
+
+    def held(self) -> int:
+        release_cached_memory()
+        return int(torch.cuda.memory_reserved(self.device))
+
+    def peak_of(self, work: Callable[[], Any]) -> int:
+        torch.cuda.synchronize(self.device)
+        release_cached_memory()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        work()
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device) - before)
+
+
+def device_memory(device: torch.device) -> DeviceMemory | None:
+    """What measures ``device``'s memory where the pool is sized from a measured step
+    (CUDA); None where the pool has a fixed default (a CPU's)."""
+    return CudaMemory(device) if device.type == "cuda" else None
 
 
 @dataclass(frozen=True)
@@ -26,6 +94,8 @@ class PoolSize:
     num_blocks: int
     bytes_per_token: int
     """Keys and values of one token across all layers."""
+    provisional: bool = False
+    """A pool for the start-up passes only, which ``fit_pool`` replaces."""
 
     @property
     def block_bytes(self) -> int:
@@ -40,6 +110,10 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
     block_size = config.block_size or paged_attention.default_block_size(
         config.attention_backend, loaded.device, loaded.dtype, kv_shape(loaded.model.config)[2]
     )
+    if not config.kv_cache_bytes and device_memory(loaded.device) is not None:
+        # The measured step's tokens, in blocks from block 0, and one more.
+        num_blocks = -(-config.max_batch_tokens // block_size) + 1
+        return PoolSize(block_size, num_blocks, bytes_per_token, provisional=True)
     budget = _budget_bytes(loaded, config)
     num_blocks = max(1, budget // (bytes_per_token * block_size))
     size = PoolSize(block_size, num_blocks, bytes_per_token)
@@ -59,30 +133,108 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
 
 
 def _budget_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
-    if config.kv_cache_bytes:
-        free = _free_bytes(loaded.device)
-        # Attention gathers one layer's KV at a time into a workspace of that size.
-        workspace = config.kv_cache_bytes // kv_shape(loaded.model.config)[0]
-        if config.kv_cache_bytes + workspace > free:  # the allocation failed with a stack trace
-            raise ValueError(
-                f"--kv-cache-memory {config.kv_cache_bytes / 2**30:.1f}GiB, with the "
-                f"{workspace / 2**30:.2f}GiB attention gathers one layer's KV into, is more "
-                f"than the {free / 2**30:.1f}GiB free on {loaded.device} after loading the "
-                "model; lower it"
-            )
-        return config.kv_cache_bytes
-    if loaded.device.type == "cuda":
-        return int(_free_bytes(loaded.device) * CUDA_KV_FRACTION)
-    return CPU_DEFAULT_KV_BYTES
+    if not config.kv_cache_bytes:
+        return CPU_DEFAULT_KV_BYTES
+    free = _free_bytes(loaded.device)
+    # Attention gathers one layer's KV at a time into a workspace of that size.
+    workspace = config.kv_cache_bytes // kv_shape(loaded.model.config)[0]
+    if config.kv_cache_bytes + workspace > free:  # the allocation failed with a stack trace
+        raise ValueError(
+            f"--kv-cache-memory {config.kv_cache_bytes / 2**30:.1f}GiB, with the "
+            f"{workspace / 2**30:.2f}GiB attention gathers one layer's KV into, is more "
+            f"than the {free / 2**30:.1f}GiB free on {loaded.device} after loading the "
+            "model; lower it"
+        )
+    return config.kv_cache_bytes
 
 
 def _free_bytes(device: torch.device) -> int:
     """Memory free for the pool on ``device`` now."""
-    if device.type != "cuda":
-        return cpu_matmul.available_memory()
-    # Blocks this process's caching allocator keeps from freed tensors (an engine
-    # stopped before, the loading's temporaries) count as used in the driver's
-    # figure: hand them back first, or each engine of a process gets less.
-    torch.cuda.empty_cache()
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return int(free_bytes)
+    memory = device_memory(device)
+    return cpu_matmul.available_memory() if memory is None else memory.free_and_total()[0]
+
+
+def fit_pool(
+    pool: PoolSize,
+    runner: ModelRunner,
+    config: EngineConfig,
+    *,
+    uses_mrope: bool,
+    vision: Any = None,
+) -> PoolSize:
+    """Replaces the runner's provisional ``pool`` with the largest that fits, beside
+    the most one step takes (measured: ``profile_step``) while an image of the largest
+    size is encoded (``vision``, a VisionEncoder; images are encoded beside the steps),
+    both in ``--gpu-memory-utilization`` of the device's memory less what this process
+    holds (the model; replicas sharing a GPU each take their share) and in the memory
+    free (other processes')."""
+    memory = device_memory(runner.device)
+    assert memory is not None and pool.provisional
+    peak = memory.peak_of(lambda: profile_step(runner, config, uses_mrope=uses_mrope))
+    image_peak = 0
+    if vision is not None:
+        image = vision.largest_image(config.max_image_pixels)
+        image_peak = memory.peak_of(lambda: vision.encode(image))
+    runner.release_pool()
+    free, total = memory.free_and_total()
+    held = memory.held()
+    share = int(config.gpu_memory_utilization * total) - held
+    room = min(share, free) - peak - image_peak
+    # Attention's workspace takes 1 / num_layers of the pool beside it.
+    num_layers = kv_shape(runner.model.config)[0]
+    num_blocks = room * num_layers // (num_layers + 1) // pool.block_bytes
+    gib = 2**30
+    sizes = (
+        f"--gpu-memory-utilization {config.gpu_memory_utilization:g} of the "
+        f"{total / gib:.1f}GiB on {runner.device} less the {held / gib:.1f}GiB the model "
+        f"holds is {share / gib:.1f}GiB, {free / gib:.1f}GiB is free, and a step of "
+        f"--max-batch-tokens {config.max_batch_tokens} takes {peak / gib:.2f}GiB"
+        + (f" (an image {image_peak / gib:.2f}GiB)" if vision is not None else "")
+    )
+    if num_blocks < 1:
+        raise ValueError(
+            f"no room for a KV pool: {sizes}; raise --gpu-memory-utilization or lower "
+            "--max-batch-tokens (or set --kv-cache-memory)"
+        )
+    try:
+        runner.resize_pool(num_blocks)
+    except Exception as error:
+        if not out_of_memory(error):
+            raise
+        failed = True  # out of the handler, which holds what was allocated
+    else:
+        failed = False
+    if failed:
+        runner.release_pool()
+        raise ValueError(
+            f"the KV pool of {num_blocks * pool.block_bytes / gib:.1f}GiB did not fit: the "
+            "device's free memory shrank as it was sized (another process starting?); "
+            "start again, or set --gpu-memory-utilization or --kv-cache-memory"
+        )
+    log.info(
+        "KV pool: %d blocks of %d tokens (%.1f GiB): %s",
+        num_blocks,
+        pool.block_size,
+        num_blocks * pool.block_bytes / gib,
+        sizes,
+    )
+    return PoolSize(pool.block_size, num_blocks, pool.bytes_per_token)
+
+
+@torch.inference_mode()
+def profile_step(runner: ModelRunner, config: EngineConfig, *, uses_mrope: bool) -> None:
+    """Runs the step that takes the most memory once: ``--max-batch-tokens`` tokens
+    of one prefill with logits at every row, each scored with the top
+    ``--max-logprobs`` (a prompt scored throughout), the first ``--max-running`` rows
+    also tempered, filtered and drawn."""
+    rows = config.max_batch_tokens
+    batch = ForwardBatch.synthetic(0, rows, runner.block_size, uses_mrope)
+    logits = runner.execute(batch).logits  # [rows, V]
+    token_ids = torch.zeros(rows, dtype=torch.long, device=runner.device)
+    top_ks = [max(1, config.max_logprobs)] * rows
+    scoring.score_on_device(scoring.log_softmax(logits), token_ids, top_ks)
+    draws = min(config.max_running, rows)
+    uploads = Uploads(runner.device)
+    plan = filters.plan_filters([PROFILED_SAMPLING] * draws, runner.logits_width, uploads)
+    uploads.send()
+    filters.draw(filters.filter_logits(logits[:draws].float(), plan), [None] * draws)

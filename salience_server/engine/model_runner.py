@@ -92,22 +92,14 @@ class ModelRunner:
         decoder_layers.streamline(model)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        num_layers, num_kv_heads, head_dim = kv_shape(model.config)
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        # One (keys, values) pair per layer: [num_blocks, block_size, Hkv, D] each.
-        pool_dtype = kv_dtype(self.device, self.dtype)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=pool_dtype, device=self.device),
-                torch.zeros(shape, dtype=pool_dtype, device=self.device),
-            )
-            for _ in range(num_layers)
-        ]
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._allocate_pool()
         # Attention gathers one layer's blocks at a time: a workspace as large as the
         # pool in blocks costs 1 / num_layers of its memory, and holds any sequence or
         # few-row group (padded) up to the pool's size.
         self._workspace_blocks = num_blocks
         if isinstance(attention, str):
+            head_dim = kv_shape(model.config)[2]
             attention = paged_attention.select_backend(
                 attention, self.device, self.dtype, head_dim, block_size, self._workspace_blocks
             )
@@ -157,6 +149,34 @@ class ModelRunner:
                 "attention interface, which Salience's paged KV cache needs: this "
                 "architecture is not supported"
             )
+
+    def _allocate_pool(self) -> None:
+        """One (keys, values) pair per layer: [num_blocks, block_size, Hkv, D] each, zeros."""
+        num_layers, num_kv_heads, head_dim = kv_shape(self.model.config)
+        shape = (self.num_blocks, self.block_size, num_kv_heads, head_dim)
+        pool_dtype = kv_dtype(self.device, self.dtype)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=pool_dtype, device=self.device),
+                torch.zeros(shape, dtype=pool_dtype, device=self.device),
+            )
+            for _ in range(num_layers)
+        ]
+
+    def release_pool(self) -> None:
+        """Gives the KV pool and attention's workspace back to the device, before it
+        serves (``kv_pool.fit_pool`` measures the memory left without them); nothing
+        runs until ``resize_pool``."""
+        self.kv_caches = []
+        self.attention.resize_workspace(0)
+
+    def resize_pool(self, num_blocks: int) -> None:
+        """A new, empty pool of ``num_blocks`` blocks, and attention's workspace to
+        match, before the runner serves: what the old pool held is dropped."""
+        self.release_pool()
+        self.num_blocks = self._workspace_blocks = num_blocks
+        self._allocate_pool()
+        self.attention.resize_workspace(num_blocks)
 
     def enable_readout(self, readout: Readout) -> None:
         """Captures the readout layers' outputs at the rows a batch asks for."""

@@ -63,6 +63,11 @@ class AttentionBackend(Protocol):
     @property
     def name(self) -> str: ...
 
+    def resize_workspace(self, blocks: int) -> None:
+        """Sizes what the backend gathers a layer's blocks into for a pool of ``blocks``
+        blocks (0: the pool was released)."""
+        ...
+
     def build_metadata(
         self,
         spans: Sequence[Any],

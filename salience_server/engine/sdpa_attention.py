@@ -188,6 +188,12 @@ class SdpaBackend:
         self.device = device
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def resize_workspace(self, blocks: int) -> None:
+        """The workspace holds ``blocks`` blocks from now on (0: none yet); it is
+        allocated again at the next batch."""
+        self.workspace_blocks = blocks
+        self._workspace = None
+
     def build_metadata(
         self,
         spans: Sequence[Any],

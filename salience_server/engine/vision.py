@@ -8,6 +8,7 @@ before it is decoded). GIFs give their first frame; transparency is laid over wh
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,19 @@ class VisionEncoder:
         self.image_processor = image_processor
         self.merge_size = int(model.config.vision_config.spatial_merge_size)
         self.device = next(model.parameters()).device
+
+    def largest_image(self, max_pixels: int) -> Image.Image:
+        """A square image of the most pixels the vision tower is given: ``max_pixels``,
+        or the image processor's own bound where that is less (it scales larger images
+        down to it). What its memory is measured with as the server starts."""
+        size = getattr(self.image_processor, "size", None)  # Qwen2-VL's: a pixel count
+        if isinstance(size, dict):
+            bound = size.get("longest_edge") or size.get("max_pixels")
+        else:
+            bound = getattr(size, "longest_edge", None)
+        bound = bound or getattr(self.image_processor, "max_pixels", None)
+        side = math.isqrt(min(max_pixels, int(bound)) if bound else max_pixels)
+        return Image.new("RGB", (side, side), (128, 128, 128))
 
     @torch.inference_mode()
     def encode(self, image: Image.Image) -> EncodedImage:

@@ -1,0 +1,231 @@
+"""The KV pool on a GPU: what ``--gpu-memory-utilization`` of its memory leaves beside
+the model, what else the device holds, and the largest step, measured as the server
+starts (``kv_pool.fit_pool``). On a CPU a stand-in reports the device's memory as CUDA's
+allocator would; with SALIENCE_TEST_DEVICE=cuda the server measures the GPU itself."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from salience_server.config import EngineConfig, ModelConfig
+from salience_server.engine import kv_pool
+from salience_server.engine.engine import Engine
+from salience_server.engine.loader import load_model
+from salience_server.engine.model_runner import ModelRunner, kv_shape
+from salience_server.engine.vision import VisionEncoder
+from tests.helpers import TEST_DEVICE, check_sessions_against_transformers
+from tests.tiny_models import build_tiny_vision_model, reference_model
+
+MIB = 1 << 20
+
+
+class MeasuredMemory:
+    """A device of ``total`` bytes of which this process holds ``held`` (the model) and
+    other processes ``others`` before the pool; each piece of work measured holds
+    ``peak`` bytes at most. Records the pool's size in blocks while each piece ran."""
+
+    def __init__(self, total: int, held: int, peak: int, others: int = 0) -> None:
+        self.total, self.held_bytes, self.peak, self.others = total, held, peak, others
+        self.runner_blocks: list[int] = []
+        self.runners: list[ModelRunner] = []
+
+    def free_and_total(self) -> tuple[int, int]:
+        return self.total - self.held_bytes - self.others, self.total
+
+    def held(self) -> int:
+        return self.held_bytes
+
+    def peak_of(self, work: Callable[[], Any]) -> int:
+        work()
+        self.runner_blocks.append(self.runners[-1].kv_caches[0][0].shape[0])
+        return self.peak
+
+
+@pytest.fixture
+def measured(monkeypatch: pytest.MonkeyPatch) -> MeasuredMemory:
+    """Servers and engines started after this size their pool as on a GPU of 256 MiB
+    of which the model holds 100 MiB, where each piece of work measured takes 8 MiB."""
+    memory = MeasuredMemory(total=256 * MIB, held=100 * MIB, peak=8 * MIB)
+    monkeypatch.setattr(kv_pool, "device_memory", lambda device: memory)
+    init = ModelRunner.__init__
+
+    def recording_init(runner: ModelRunner, *args: Any, **kwargs: Any) -> None:
+        init(runner, *args, **kwargs)
+        memory.runners.append(runner)
+
+    monkeypatch.setattr(ModelRunner, "__init__", recording_init)
+    return memory
+
+
+def expected_blocks(memory: MeasuredMemory, utilization: float, peaks: int, engine: Any) -> int:
+    """What the pool and attention's workspace (1 / num_layers of the pool) fill of the
+    room the utilization leaves, in the memory free."""
+    free, total = memory.free_and_total()
+    room = min(int(utilization * total) - memory.held_bytes, free) - peaks * memory.peak
+    num_layers = kv_shape(engine.loaded.model.config)[0]
+    block_bytes = engine.block_size * engine.kv_bytes_per_token
+    return room * num_layers // (num_layers + 1) // block_bytes
+
+
+def test_the_pool_fills_what_the_measured_step_leaves_and_serves_exactly(
+    tiny_llama_dir: Path, server_factory: Any, measured: MeasuredMemory, monkeypatch: Any
+) -> None:
+    """The runner starts with a pool that holds the largest step (64 tokens, logits at
+    each), runs it under measurement, then gets the pool that fills the rest of 60% of
+    the device, less the attention workspace; the server then scores and decodes as one
+    transformers forward pass and generate do (a pool or workspace left at the
+    provisional size would fail both)."""
+    passes: list[tuple[int, int]] = []
+    execute = ModelRunner.execute
+
+    def recording_execute(runner: ModelRunner, batch: Any, *args: Any) -> Any:
+        passes.append((batch.num_tokens, len(batch.logits_rows)))
+        return execute(runner, batch, *args)
+
+    monkeypatch.setattr(ModelRunner, "execute", recording_execute)
+    server = server_factory(
+        tiny_llama_dir,
+        device="cpu",
+        block_size=4,
+        max_batch_tokens=64,
+        gpu_memory_utilization=0.6,
+    )
+    engine = server.engine
+    assert passes[:2] == [(2, 2), (64, 64)]  # the warm-up, then the measured step
+    assert measured.runner_blocks == [64 // 4 + 1]  # the provisional pool: that step's blocks
+    blocks = expected_blocks(measured, 0.6, 1, engine)
+    assert blocks > 64 // 4 + 1
+    runner = engine.runner
+    assert engine.block_manager.num_free == runner.num_blocks == blocks
+    assert all(keys.shape[0] == values.shape[0] == blocks for keys, values in runner.kv_caches)
+    assert runner.attention.workspace_blocks == blocks
+    check_sessions_against_transformers(
+        server.stub, reference_model(tiny_llama_dir), [0, 9, 10, 90, 110], 6, 12
+    )
+    assert runner.attention._workspace[0].shape[0] == blocks  # the workspace in use
+
+
+def test_a_utilization_that_leaves_no_pool_is_refused_in_one_line(
+    tiny_llama_dir: Path, measured: MeasuredMemory
+) -> None:
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    with pytest.raises(ValueError) as refused:  # 0.4 of 256 MiB: less than 100 + 8 MiB
+        Engine(loaded, EngineConfig(block_size=4, gpu_memory_utilization=0.4))
+    assert str(refused.value) == (
+        "no room for a KV pool: --gpu-memory-utilization 0.4 of the 0.2GiB on cpu less the "
+        "0.1GiB the model holds is 0.0GiB, 0.2GiB is free, and a step of --max-batch-tokens "
+        "2048 takes 0.01GiB; raise --gpu-memory-utilization or lower --max-batch-tokens (or "
+        "set --kv-cache-memory)"
+    )
+
+
+def test_the_pool_leaves_what_other_processes_hold(
+    tiny_llama_dir: Path, measured: MeasuredMemory
+) -> None:
+    """Another process (a replica sharing the GPU) holds 100 MiB: the pool fits in the
+    56 MiB free, less the step, though 0.9 of the device less the model would be 130."""
+    measured.others = 100 * MIB
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    engine = Engine(loaded, EngineConfig(block_size=4, max_batch_tokens=64))
+    blocks = expected_blocks(measured, 0.9, 1, engine)
+    assert engine.runner.num_blocks == blocks
+    pool_bytes = blocks * engine.block_size * engine.kv_bytes_per_token
+    num_layers = kv_shape(loaded.model.config)[0]
+    with_workspace = pool_bytes * (num_layers + 1) / num_layers
+    assert 47 * MIB < with_workspace <= 48 * MIB  # the 56 MiB free less the step's 8
+
+
+def test_a_pool_that_no_longer_fits_as_it_is_allocated_is_refused_in_one_line(
+    tiny_llama_dir: Path, measured: MeasuredMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process took the memory between the measurement and the allocation."""
+    allocate = ModelRunner._allocate_pool
+
+    def failing_the_second(runner: ModelRunner) -> None:
+        if measured.runner_blocks:  # after the measured step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 MiB")
+        allocate(runner)
+
+    monkeypatch.setattr(ModelRunner, "_allocate_pool", failing_the_second)
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    with pytest.raises(ValueError, match=r"^the KV pool of 0\.1GiB did not fit: the device's"):
+        Engine(loaded, EngineConfig(block_size=4, max_batch_tokens=64))
+    assert measured.runners[-1].kv_caches == []
+
+
+def test_a_set_kv_cache_memory_is_not_measured(
+    tiny_llama_dir: Path, measured: MeasuredMemory
+) -> None:
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    engine = Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=MIB))
+    assert measured.runner_blocks == []
+    assert engine.block_manager.num_free * engine.block_size * engine.kv_bytes_per_token == MIB
+
+
+def test_a_vision_model_measures_an_image_of_the_largest_size_too(
+    tmp_path: Path, measured: MeasuredMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images are encoded beside the steps: the room for the pool leaves the largest
+    image's encoding too, an image as large as the processor keeps (112 x 112 pixels
+    here, under --max-image-pixels)."""
+    model_dir = build_tiny_vision_model(tmp_path, "qwen2_vl")
+    sizes: list[tuple[int, int]] = []
+    encode = VisionEncoder.encode
+
+    def recording_encode(encoder: VisionEncoder, image: Any) -> Any:
+        sizes.append(image.size)
+        return encode(encoder, image)
+
+    monkeypatch.setattr(VisionEncoder, "encode", recording_encode)
+    loaded = load_model(ModelConfig(model=str(model_dir), device="cpu"))
+    engine = Engine(loaded, EngineConfig(block_size=4, max_batch_tokens=32))
+    assert sizes == [(112, 112)]
+    assert len(measured.runner_blocks) == 2
+    assert engine.runner.num_blocks == expected_blocks(measured, 0.9, 2, engine)
+    small = Engine(loaded, EngineConfig(block_size=4, max_batch_tokens=32, max_image_pixels=3000))
+    assert sizes[-1] == (math.isqrt(3000),) * 2 and small.runner.num_blocks > 0
+
+
+@pytest.mark.skipif(TEST_DEVICE == "cpu", reason="measures a GPU's memory (scripts/gpu_check.sh)")
+def test_a_gpu_pool_is_sized_from_the_measured_step(
+    tiny_llama_dir: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the GPU itself: the step measured holds at least its float32 logprobs (2048
+    rows of the vocabulary), the pool outgrows the provisional one, and the server is
+    exact. The utilization leaves 5% of the GPU beyond what is in use (other test
+    processes may share it)."""
+    peaks: list[int] = []
+    measure = kv_pool.device_memory
+
+    def spying(device: torch.device) -> Any:
+        memory = measure(device)
+        assert isinstance(memory, kv_pool.CudaMemory)
+        peak_of = memory.peak_of
+
+        def recorded_peak_of(work: Callable[[], Any]) -> int:
+            peaks.append(peak_of(work))
+            return peaks[-1]
+
+        memory.peak_of = recorded_peak_of  # type: ignore[method-assign]
+        return memory
+
+    monkeypatch.setattr(kv_pool, "device_memory", spying)
+    free, total = torch.cuda.mem_get_info(torch.device(TEST_DEVICE))
+    server = server_factory(
+        tiny_llama_dir,
+        block_size=16,
+        kv_cache_bytes=0,
+        gpu_memory_utilization=min(1.0, (total - free) / total + 0.05),
+    )
+    vocab = server.engine.vocab_size
+    assert len(peaks) == 1 and peaks[0] >= 2048 * vocab * 4
+    assert server.engine.runner.num_blocks > 2048 // 16 + 1
+    check_sessions_against_transformers(
+        server.stub, reference_model(tiny_llama_dir), [0, 9, 10, 90, 110], 6, 12
+    )
