@@ -92,7 +92,7 @@ class Evictor:
     def evict(self, session: Session, moves: list[KvMove]) -> None:
         """Takes ``session``'s blocks away, offloading its KV if the host budget allows
         (after dropping less recently used offloaded KV, where that makes room)."""
-        num_bytes = session.num_computed * self.kv_bytes_per_token
+        num_bytes = self._host_bytes(session.num_computed)
         self._make_host_room(num_bytes, session.last_used, moves)
         if 0 < num_bytes <= self.host_kv_bytes - self.host_bytes_used:
             num_blocks = self.block_manager.blocks_for(session.num_computed)
@@ -108,6 +108,12 @@ class Evictor:
             session.num_computed = 0
             self.num_dropped += 1
         self.block_manager.free(session.block_table)
+
+    def _host_bytes(self, num_tokens: int) -> int:
+        """Host memory the KV of a session's first ``num_tokens`` tokens takes there:
+        whole blocks (with 256-token blocks, a 20-token session's KV takes 256 tokens')."""
+        num_blocks = self.block_manager.blocks_for(num_tokens)
+        return num_blocks * self.block_manager.block_size * self.kv_bytes_per_token
 
     def _make_host_room(self, num_bytes: int, last_used: float, moves: list[KvMove]) -> None:
         """Drops the host KV of idle sessions used before ``last_used``, least recently
@@ -163,7 +169,7 @@ class Evictor:
     def shrink(self, session: Session) -> None:
         """An offloaded session was rewound: only the host KV of the tokens it still has
         stays budgeted; with none left it counts as dropped."""
-        num_bytes = session.num_computed * self.kv_bytes_per_token
+        num_bytes = self._host_bytes(session.num_computed)
         self.host_bytes_used -= session.host_kv_bytes - num_bytes
         session.host_kv_bytes = num_bytes
         if num_bytes == 0:

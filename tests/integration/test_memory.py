@@ -115,7 +115,7 @@ def test_the_host_tier_keeps_the_most_recently_used_sessions_kv(
     evicted and drops the one offloaded before (used less recently), rather than
     keeping the first offloaded session's KV for good and dropping every later one;
     the session whose KV was kept comes back without recomputing, exactly."""
-    prompt_bytes = 30 * TOKEN_BYTES
+    prompt_bytes = 32 * TOKEN_BYTES  # 30 tokens in whole blocks
     server = server_factory(
         tiny_llama_dir,
         block_size=BLOCK_SIZE,

@@ -198,20 +198,20 @@ def test_host_kv_of_an_earlier_step_is_given_up_for_a_more_recent_session() -> N
 
 def test_offloaded_kv_is_not_given_up_where_that_would_not_make_room() -> None:
     manager = BlockManager(num_blocks=5, block_size=BLOCK_SIZE)
-    older = _session("older", 6, manager, last_used=1.0)  # blocks 0, 1
-    newer = _session("newer", 8, manager, last_used=2.0)  # blocks 2, 3
+    older = _session("older", 3, manager, last_used=1.0)  # block 0: 4 bytes on the host
+    newer = _session("newer", 8, manager, last_used=2.0)  # blocks 1, 2
     busy = Session("busy", 64, token_ids=list(range(6)), last_used=0.5)
     busy.residency, busy.host_kv_bytes, busy.num_computed = Residency.OFFLOADED, 6, 6
     busy.owner = _request(0, busy, max_tokens=1)
     sessions = {s.session_id: s for s in (older, newer, busy)}
-    evictor = Evictor(sessions, manager, host_kv_bytes=12, kv_bytes_per_token=1)
+    evictor = Evictor(sessions, manager, host_kv_bytes=10, kv_bytes_per_token=1)
     evictor.host_bytes_used = 6
     evictor.evict(older, [])
     moves: list = []
-    evictor.evict(newer, moves)  # 8 bytes; only the older session's 6 could be freed
+    evictor.evict(newer, moves)  # 8 bytes; only the older session's 4 could be freed
     assert moves == [] and newer.residency == Residency.DROPPED
     assert older.residency == Residency.OFFLOADED and evictor.take_discarded() == []
-    assert evictor.host_bytes_used == 12
+    assert evictor.host_bytes_used == 10
 
 
 def test_an_image_takes_host_room_from_idle_sessions_before_a_waiting_call_s() -> None:
