@@ -17,6 +17,7 @@ import torch
 
 from salience_server.engine import penalties, sampler, scoring
 from salience_server.engine.batch_builder import LogitsRow
+from salience_server.engine.errors import device_lost
 from salience_server.engine.request import FinishReason, Request, TokenEvent
 from salience_server.engine.scheduler import ScheduledChunk
 from salience_server.engine.uploads import Uploads, planned
@@ -122,7 +123,9 @@ def row_results(
     (planned again, each with its own upload)."""
     try:
         return _row_results(plan, logits, readout)
-    except Exception:
+    except Exception as error:
+        if device_lost(error):  # the device's context is gone: no request can go on
+            raise
         results: RowResults = {}
         errors: dict[Request, Exception] = dict(plan.errors)
         by_request: dict[Request, list[int]] = {}
@@ -139,6 +142,8 @@ def row_results(
                 alone = planned(make, logits.device)
                 part, part_errors = _row_results(alone, logits[own_rows], readout)
             except Exception as error:
+                if device_lost(error):
+                    raise
                 errors[request] = error
                 continue
             results.update(part)
@@ -174,6 +179,8 @@ def _row_results(
                 verification, [token_ids[i] for i in indices], [valid[i] for i in indices]
             )
         except Exception as error:
+            if device_lost(error):
+                raise
             errors[request] = error
             continue
         unused.update(indices[len(emitted) :])

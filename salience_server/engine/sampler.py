@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from salience_server.engine import filters, penalties
+from salience_server.engine.errors import device_lost
 from salience_server.engine.request import SamplingParams
 from salience_server.engine.uploads import Upload, Uploads, planned
 
@@ -263,19 +264,25 @@ def pick_tokens(logits: torch.Tensor, logprobs: torch.Tensor, plan: PickPlan) ->
                 valid.copy_(ok)
             else:
                 token_ids[drawn], valid[drawn] = tokens, ok
-        except Exception:
+        except Exception as error:
+            if device_lost(error):  # the device's context is gone: no row can go on
+                raise
             for row, one in zip(plan.drawn, plan.draws.draws, strict=True):
                 try:  # a row alone: its own small upload (a failure's path)
                     alone = planned(functools.partial(plan_draws, [one], logits.shape[1]), device)
                     tokens, ok = draw_rows(logits[row : row + 1].float(), alone)
                     token_ids[row], valid[row] = tokens[0], ok[0]
-                except Exception as error:
-                    result.errors[row] = error
+                except Exception as row_error:
+                    if device_lost(row_error):
+                        raise
+                    result.errors[row] = row_error
     for verification in plan.verifications:
         result.verified_rows.update(verification.rows)
         try:
             tokens, ok = verify(logits, verification)
         except Exception as error:  # its request fails, not the step
+            if device_lost(error):
+                raise
             result.errors.update((row, error) for row in verification.rows)
             continue
         rows = verification.row_ids.tensor

@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client.pb import salience_pb2 as pb
-from salience_server.engine import outputs
+from salience_server.engine import outputs, sampler, scoring
 from tests.helpers import (
     engine_held_in_a_step,
     error_reason,
@@ -292,27 +292,36 @@ def _wait_not_serving(server) -> None:
 
 
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-a-batch"])
+@pytest.mark.parametrize("where", ["forward", "results", "sampling"])
 def test_a_lost_device_stops_the_engine_rather_than_fail_each_call(
-    server, monkeypatch, alone: bool
+    server, monkeypatch, alone: bool, where: str
 ) -> None:
     """A CUDA error (an illegal memory access) leaves the device unusable: the engine
     stops, every call is UNAVAILABLE and health says NOT_SERVING, where it went on
-    failing each call INTERNAL while looking healthy. A failure of one request's input
-    is still that request's alone (above)."""
+    failing each call INTERNAL while looking healthy. Asynchronous, it surfaces where
+    the step next waits for the device: its forward pass, the one read of its results
+    (whose failure was retried request by request, each failing INTERNAL), or a draw.
+    A failure of one request's input is still that request's alone (above)."""
     stub = server.stub
     lost = getattr(torch, "AcceleratorError", RuntimeError)
-    runner = server.engine.runner
 
-    def execute(batch, uploads=None):
+    def fail(*args: object, **kwargs: object) -> None:
         raise lost("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(runner, "execute", execute)
+    targets = {
+        "forward": (server.engine.runner, "execute"),
+        "results": (scoring, "to_host"),
+        "sampling": (sampler, "draw_rows"),
+    }
+    monkeypatch.setattr(*targets[where], fail)
     calls = 1 if alone else 3
     outcomes: list[grpc.RpcError] = []
 
     def call() -> None:
         try:
-            generate(stub, open_session(stub), append_tokens=[1, 2, 3], max_tokens=3)
+            generate(
+                stub, open_session(stub), append_tokens=[1, 2, 3], max_tokens=3, temperature=0.8
+            )
         except grpc.RpcError as error:
             outcomes.append(error)
 
