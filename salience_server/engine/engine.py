@@ -91,6 +91,9 @@ class Engine:
         # Ids past the output layer's width have no logit to score or bias (on CUDA an
         # index past it is a device assert, fatal to the engine): valid ids are below both.
         self.vocab_size = min(self.vocab_size, self.runner.logits_width)
+        # An EOS id past them is never decoded, and banned (``min_tokens``) it indexed
+        # past the logits.
+        self.eos_token_ids = {t for t in self.eos_token_ids if t < self.vocab_size}
         if readout is not None:
             self.runner.enable_readout(readout)
         self.sessions: dict[str, Session] = {}

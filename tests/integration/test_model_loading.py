@@ -18,7 +18,7 @@ from salience_server.engine import cpu_matmul, decoder_layers
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import SalienceError
 from salience_server.engine.loader import UnsupportedModel, load_model
-from salience_server.engine.request import GenerateParams, SamplingParams
+from salience_server.engine.request import DoneEvent, GenerateParams, SamplingParams
 from tests.tiny_models import build_tokenizer
 
 
@@ -112,6 +112,26 @@ def test_token_ids_past_the_output_layer_are_refused(tiny_llama_dir: Path) -> No
         with pytest.raises(SalienceError) as refused:
             engine.submit(params, lambda event: None)
         assert refused.value.reason == "INVALID_TOKEN"
+
+
+def test_an_eos_id_past_the_logits_is_no_stop_token(tiny_llama_dir: Path) -> None:
+    """A generation config's EOS id past the output layer can never be decoded; kept as
+    a stop token, a call with ``min_tokens`` banned it by indexing past the logits (on
+    CUDA, a device assert that ends the engine; here the call failed)."""
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    rows = int(loaded.model.get_input_embeddings().weight.shape[0])
+    loaded.eos_token_ids = [2, rows + 3]
+    engine = Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+    assert engine.eos_token_ids == {2}
+    session = engine.open_session()
+    events: list[object] = []
+    params = GenerateParams(
+        session_id=session.session_id, append_tokens=[1, 5, 7], max_tokens=4, min_tokens=3
+    )
+    engine.submit(params, events.append)
+    while not any(isinstance(event, (DoneEvent, SalienceError)) for event in events):
+        engine.step()
+    assert isinstance(events[-1], DoneEvent) and events[-1].completion_tokens >= 3
 
 
 def test_a_kv_pool_larger_than_the_free_memory_is_refused(tiny_llama_dir: Path) -> None:
