@@ -9,6 +9,7 @@ then gets the pool it keeps.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,12 +64,12 @@ class CudaMemory:
         # stopped before, the loading's temporaries) count as used in the driver's
         # figure: hand them back first, or each engine of a process gets less.
         torch.cuda.synchronize(self.device)
-        release_cached_memory()
+        _release_unreferenced()
         free, total = torch.cuda.mem_get_info(self.device)
         return int(free), int(total)
 
     def held(self) -> int:
-        release_cached_memory()
+        _release_unreferenced()
         return int(torch.cuda.memory_reserved(self.device))
 
     def peak_of(self, work: Callable[[], Any]) -> int:
@@ -79,6 +80,13 @@ class CudaMemory:
         work()
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.max_memory_allocated(self.device) - before)
+
+
+def _release_unreferenced() -> None:
+    """Frees what only reference cycles keep (an engine stopped before: its model and
+    runner refer to each other through hooks) and hands the cached blocks back."""
+    gc.collect()
+    release_cached_memory()
 
 
 def device_memory(device: torch.device) -> DeviceMemory | None:

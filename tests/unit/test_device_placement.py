@@ -10,6 +10,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+import torch
+
+from salience_server.engine.loader import resolve_device
+
 ENGINE = Path(__file__).resolve().parents[2] / "salience_server" / "engine"
 FACTORIES = {
     "tensor",
@@ -66,3 +71,24 @@ def test_the_check_finds_a_factory_without_a_device(tmp_path: Path) -> None:
         "    return torch.cat([placed, torch.empty(0, 0)])\n"
     )
     assert _factories_without_device(source) == [("step.py", 4, "torch.empty(0, 0)")]
+
+
+def test_a_device_the_server_cannot_run_on_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--device`` that torch cannot parse, an index past the GPUs, or a kind of
+    device the engine was never built for: one line naming the flag (torch's own
+    RuntimeError went out as a stack trace, and ``cuda:3`` failed at the first tensor)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name, message in [
+        ("cuda:x", "--device 'cuda:x' is not a device (try cpu, cuda or cuda:1)"),
+        ("tpu", "--device 'tpu' is not a device (try cpu, cuda or cuda:1)"),
+        ("cuda:2", "--device cuda:2: this machine has 2 GPU(s)"),
+        ("mps", "--device mps: Salience runs on cpu or cuda"),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            resolve_device(name)
+        assert str(refused.value) == message
