@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from salience_server.config import ATTENTION_BACKENDS
 from salience_server.engine import flash_attention
@@ -176,11 +175,8 @@ def _flash_kernel(
     return None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The model's own mask is unused: paged attention builds per-sequence masks."""
-    return None
-
-
 def register() -> None:
+    """Paged attention builds its own per-sequence masks. With no mask function
+    registered under its name, transformers makes none and returns before looking
+    for packed sequences in the positions (a read of the device, a sync per pass)."""
     AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)

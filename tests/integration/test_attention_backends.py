@@ -202,3 +202,39 @@ def test_a_forward_pass_sends_its_integer_inputs_to_the_device_in_one_copy(
         parts += [seq.block_ids.tensor for seq in meta.sequences]
     buffer = sent[0].untyped_storage().data_ptr()
     assert all(part.untyped_storage().data_ptr() == buffer for part in parts)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_a_forward_pass_makes_no_mask_of_transformers(
+    architecture: str, tiny_llama_dir: Path, tiny_qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paged attention masks each sequence itself: transformers' mask making, whose
+    search for packed sequences reads the positions on the host (a device sync per pass
+    on CUDA), is never entered."""
+    from transformers import masking_utils
+
+    packed_searches: list[object] = []
+    early_exits: list[bool] = []
+    find_packed = masking_utils.find_packed_sequence_indices
+    preprocess = masking_utils._preprocess_mask_arguments
+
+    def searching(*args: Any) -> Any:
+        packed_searches.append(args)
+        return find_packed(*args)
+
+    def preprocessing(*args: Any) -> Any:
+        result = preprocess(*args)
+        early_exits.append(result[0])
+        return result
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", searching)
+    monkeypatch.setattr(masking_utils, "_preprocess_mask_arguments", preprocessing)
+    model_dir = tiny_llama_dir if architecture == "llama" else tiny_qwen3_dir
+    loaded = load_model(ModelConfig(model=str(model_dir), device="cpu"))
+    runner = ModelRunner(loaded.model, 40, 4)
+    batch = ForwardBatch()
+    batch.add_sequence(list(range(1, 10)), 0, [5, 2, 9], 4)
+    batch.add_sequence([7], 6, [1, 3], 4)
+    batch.logits_rows = [8, 9]
+    runner.execute(batch)
+    assert early_exits and all(early_exits) and packed_searches == []
