@@ -108,7 +108,9 @@ def new_session_id() -> str:
 
 
 def routing_metadata(routing_key: str) -> tuple[tuple[str, str], ...]:
-    """The metadata every call of a session carries."""
+    """The metadata every call of a session carries (ValueError for a key it cannot
+    carry, rather than grpc's INTERNAL "Invalid metadata")."""
+    check_session_id(routing_key)
     return ((SESSION_ID_METADATA, routing_key),)
 
 

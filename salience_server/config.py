@@ -198,6 +198,7 @@ class ServerConfig:
         if not (math.isfinite(self.keepalive_s) and self.keepalive_s >= MIN_KEEPALIVE_S):
             # Pings every few milliseconds, each timing out as fast, failed every call.
             raise ValueError(f"--keepalive-s must be finite and at least {MIN_KEEPALIVE_S:g}")
+        check_api_key(self.api_key)
         if self.stream_buffer_events <= 0:
             raise ValueError("--stream-buffer-events must be positive")
         check_cors_origins(self.cors_origins)
@@ -206,6 +207,16 @@ class ServerConfig:
 _ORIGIN = re.compile(r"\A[a-z][a-z0-9+.-]*://[^/\s*A-Z]+\Z")
 """An origin as a browser's ``Origin`` header carries it: scheme and host in lower case,
 no path, no wildcard (origins are compared as they are)."""
+
+
+def check_api_key(api_key: str | None) -> None:
+    """The bearer token travels in HTTP headers and gRPC metadata, which carry visible
+    ASCII only: another key started a server no call could reach (each INTERNAL)."""
+    if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):
+        raise ValueError(
+            "--api-key (or $SALIENCE_API_KEY) must be visible ASCII characters, no spaces: "
+            "it travels in HTTP headers and gRPC metadata"
+        )
 
 
 def check_cors_origins(origins: tuple[str, ...]) -> None:

@@ -23,30 +23,56 @@ class IncrementalDetokenizer:
         self._ids = list(context_ids[-_NUM_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._released = 0
+        """Characters of the unread tokens' text already returned: those before a
+        character their last token left incomplete."""
 
     def push(self, token_id: int) -> str:
-        """Adds one token; returns the text it completes (may be empty)."""
+        """Adds one token; returns the text it completes (may be empty): everything up
+        to a character it leaves incomplete, which waits for the next tokens (a U+FFFD
+        that stands for no incomplete bytes, one written or for invalid bytes, is text)."""
         self._ids.append(token_id)
-        delta = self._unread()
-        if not delta or delta.endswith("\ufffd"):
-            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        unread = self._unread()
+        if not unread:  # nothing yet (a character the context began, still incomplete)
+            return ""
+        if unread.endswith("\ufffd") and self._ends_inside_character():
+            released, self._released = (
+                unread[self._released : -1],
+                max(self._released, len(unread) - 1),
+            )
+            return released
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return delta
+        released, self._released = unread[self._released :], 0
+        return released
 
     def flush(self) -> str:
         """The text held back, at the end of the stream: an incomplete character as the
         full decode shows it (U+FFFD), so that the deltas join to the decoded text."""
-        delta = self._unread()
+        released = self._unread()[self._released :]
         self._prefix_offset = self._read_offset = len(self._ids)
-        return delta
+        self._released = 0
+        return released
 
     def _unread(self) -> str:
-        """The text of the tokens not yet read, rendered after their context."""
+        """The text of the tokens not yet read, rendered after their context. Where the
+        context ends inside a character that these tokens complete, the character comes
+        whole; where they do not complete it, its U+FFFD was the context's."""
         prefix = self._decode(self._read_offset)
-        if self._prefix_offset == 0 and prefix.endswith("\ufffd") and self._is_context_cut:
+        text = self._decode(len(self._ids))
+        if (
+            self._prefix_offset == 0
+            and prefix.endswith("\ufffd")
+            and self._is_context_cut
+            and text[len(prefix) - 1 : len(prefix)] != "\ufffd"
+        ):
             prefix = prefix[:-1]
-        return self._decode(len(self._ids))[len(prefix) :]
+        return text[len(prefix) :]
+
+    def _ends_inside_character(self) -> bool:
+        """Whether the tokens so far end inside a UTF-8 character."""
+        tail = self._ids[self._prefix_offset :]
+        return ends_inside_character(b"".join(pieces_bytes(self._tokenizer, tail)))
 
     @functools.cached_property
     def _is_context_cut(self) -> bool:

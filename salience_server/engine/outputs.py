@@ -263,6 +263,19 @@ def prefill_token(request: Request, position: int, row: RowResult | None) -> Tok
     )
 
 
+def _held_back_text(request: Request, stoppable: bool) -> str:
+    """At the call's end, the text held back: the detokenizer's (a character left
+    incomplete, as the full decode shows it) through the stop strings, then what they
+    held. A stop string matched there ends the call as one (a stop token's end stays)."""
+    assert request.detokenizer is not None
+    text, matched = request.stop_matcher.push(request.detokenizer.flush(), may_match=stoppable)
+    if not matched:
+        return text + request.stop_matcher.flush()
+    if request.finish_reason is not FinishReason.STOP:
+        request.finish_reason = FinishReason.STOP_STRING
+    return text
+
+
 def decode_token(request: Request, row: RowResult) -> TokenEvent:
     """Commits the drawn token to the session and checks the stops."""
     session = request.session
@@ -285,14 +298,14 @@ def decode_token(request: Request, row: RowResult) -> TokenEvent:
     if request.detokenizer is not None and hides_text:
         # The stop token's own text is left out, as a stop string's is (and as vLLM
         # does); what was held back before it comes out.
-        text = request.stop_matcher.flush() + request.detokenizer.flush()
+        text = _held_back_text(request, stoppable)
     elif request.detokenizer is not None:
         delta = request.detokenizer.push(token_id)
         text, matched = request.stop_matcher.push(delta, may_match=stoppable)
         if matched:
             request.finish_reason = FinishReason.STOP_STRING
         elif not request.wants_decode:  # the call ends: release held-back text
-            text += request.stop_matcher.flush() + request.detokenizer.flush()
+            text += _held_back_text(request, stoppable)
     scored = row.scored
     return TokenEvent(
         position,

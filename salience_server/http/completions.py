@@ -124,11 +124,20 @@ class _Choices:
         texts = await self._backend.token_texts.for_tokens(self.prompt_tokens)
         return prompt_logprobs(self.prompt_tokens, texts, self._body.prompt_logprobs)
 
-    def echo(self) -> tuple[str, list[TokenEvent]]:
-        """The echoed text and scored prompt tokens (empty without ``echo``)."""
+    async def echo(self, completion_ids: list[int]) -> tuple[str, list[TokenEvent]]:
+        """The echoed text and scored prompt tokens (empty without ``echo``). Prompt ids
+        that end inside a character show it as U+FFFD; where the completion's first
+        tokens (``completion_ids``) complete it, the completion's text holds it whole,
+        and the echo leaves its U+FFFD out, so that the two join to the decoded text."""
         if not self._body.echo:
             return "", []
-        return self.prompt.text, self.prompt_tokens
+        text = self.prompt.text
+        if text.endswith("\ufffd") and completion_ids:
+            ids = self.prompt.token_ids + completion_ids
+            joined = await self._backend.detokenize(ids, "prompt")
+            if joined[len(text) - 1 : len(text)] != "\ufffd":
+                text = text[:-1]
+        return text, self.prompt_tokens
 
 
 def _options(
@@ -240,7 +249,7 @@ async def _finished_choices(
     choices = []
     for choice in result.choices:
         assert choice.done is not None
-        echo_text, echo_tokens = builder.echo()
+        echo_text, echo_tokens = await builder.echo([t.token_id for t in choice.tokens])
         tokens = echo_tokens + choice.tokens
         shaped = {
             "index": first_index + choice.index,
@@ -297,7 +306,8 @@ async def _stream(
                     is_first = index not in started
                     if is_first:
                         started.add(index)
-                        text, tokens = builder.echo()
+                        first_ids = [event.token.token_id] if isinstance(event, ChoiceToken) else []
+                        text, tokens = await builder.echo(first_ids)
                     reason, stopped_by, decoded = None, None, list[int]()
                     if isinstance(event, ChoiceToken):
                         text += event.token.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from salience_server.config import check_cors_origins
+from salience_server.config import check_api_key, check_cors_origins
 
 API_KEY_ENV = "SALIENCE_API_KEY"
 """Environment variable read for the bearer token when none is given on the command line."""
@@ -64,6 +64,7 @@ class ShimConfig:
         if self.keepalive_s < 0:
             raise ValueError("keepalive_s must be 0 (off) or positive")
         check_cors_origins(self.cors_origins)
+        check_api_key(self.api_key)
 
 
 def api_key_from_env() -> str | None:

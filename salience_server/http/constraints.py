@@ -36,13 +36,26 @@ def json_schema_text(schema: Any, param: str) -> str:
             raise invalid(f"the JSON schema is not valid JSON: {error}", param) from None
     if not isinstance(schema, dict | bool):
         raise invalid("a JSON schema must be an object", param, "invalid_json_schema")
+    validator = jsonschema.validators.validator_for(schema)
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        validator.check_schema(schema, format_checker=_schema_formats(validator))
     except jsonschema.SchemaError as error:
         raise invalid(
             f"invalid JSON schema: {error.message}", param, "invalid_json_schema"
         ) from None
     return json.dumps(schema, ensure_ascii=False)
+
+
+def _schema_formats(validator: Any) -> jsonschema.FormatChecker:
+    """The formats a schema's own values are checked for, less ``regex``: Python's
+    ``re`` refuses patterns of JSON Schema's dialect (``\\p{L}``, ``\\p{Han}``), which the
+    server's grammar engine compiles (and refuses, as INVALID_CONSTRAINT, where it
+    cannot)."""
+    checkers = validator.FORMAT_CHECKER.checkers
+    formats = [name for name in checkers if name != "regex"]
+    checker = jsonschema.FormatChecker(formats=())
+    checker.checkers = {name: checkers[name] for name in formats}
+    return checker
 
 
 def response_format_constraint(value: dict[str, Any] | None) -> Constraint | None:

@@ -121,7 +121,7 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
             raise invalid("a tool call needs function.name", f"{param}[{index}]")
         arguments = function.get("arguments", "{}")
         if not isinstance(arguments, str):
-            arguments = json.dumps(arguments)
+            arguments = json.dumps(arguments, ensure_ascii=False)
         calls.append(
             {
                 "id": call.get("id") or new_call_id(),
@@ -231,7 +231,9 @@ def template_supports_tools(chat_template: str) -> bool:
 def _hermes_calls(calls: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"{TOOL_CALL_OPEN}\n"
-        + json.dumps({"name": c["function"]["name"], "arguments": _arguments(c)})
+        + json.dumps(
+            {"name": c["function"]["name"], "arguments": _arguments(c)}, ensure_ascii=False
+        )
         + f"\n{TOOL_CALL_CLOSE}"
         for c in calls
     )

@@ -46,7 +46,7 @@ async def read_body(request: Request) -> bytes:
     sending it all gets a 400 no one reads, instead of an "unexpected error" logged
     with its traceback."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _too_large()
     chunks, size = [], 0
     try:

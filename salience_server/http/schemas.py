@@ -117,7 +117,8 @@ class SamplingFields(Body):
         the vocabulary and its values lie in [-100, 100] (OpenAI's rules);
         ``min_tokens`` is at most ``max_tokens`` (vLLM's)."""
         for key, value in (self.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= vocab_size:
+            # ASCII digits only: str.isdigit takes "²" (which int() refuses) and "٨".
+            if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
                 raise invalid(
                     f"Invalid key in 'logit_bias': {key!r}. Keys must be token ids "
                     f"(non-negative integers below the vocabulary size, {vocab_size}).",

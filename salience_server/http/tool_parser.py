@@ -16,6 +16,7 @@ deltas, exactly the JSON text the model writes, until the value closes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -215,7 +216,8 @@ class ToolCallParser:
             named = {
                 name
                 for opening, name in self._openings
-                if opening.startswith(compact) and f'"name":{json.dumps(name)},' in compact
+                if opening.startswith(compact)
+                and any(f'"name":{spelled},' in compact for spelled in _spellings(name))
             }
             if len(named) == 1:  # the reply ended after the call's name: a cut call
                 self._buffer = ""
@@ -336,8 +338,8 @@ class ToolCallParser:
         name it declares."""
         openings = []
         for name in self.names:
-            for key in _ARGUMENT_KEYS:
-                call = f'{{"name":{json.dumps(name)},"{key}":'
+            for key, spelled in itertools.product(_ARGUMENT_KEYS, _spellings(name)):
+                call = f'{{"name":{spelled},"{key}":'
                 openings.append((TOOL_CALL_OPEN + call, name))
                 if self.allow_bare:
                     for fence in ("", *_FENCES):
@@ -347,6 +349,12 @@ class ToolCallParser:
 
 def _could_open(char: str) -> bool:
     return char in "{[`<"
+
+
+def _spellings(name: str) -> list[str]:
+    """A name as a JSON string, as a model writes it: its characters as they are (as
+    chat templates' ``tojson`` shows them), or escaped past ASCII (as ``json.dumps``)."""
+    return list(dict.fromkeys([json.dumps(name, ensure_ascii=False), json.dumps(name)]))
 
 
 def _index_after(text: str, num_visible: int) -> int:

@@ -127,7 +127,7 @@ class ToolMode:
         if self.choice == "required":
             return fmt.call_open
         if self.choice == "named":
-            name = json.dumps(self.forced_name)
+            name = json.dumps(self.forced_name, ensure_ascii=False)
             return f'{fmt.call_open}{{"name": {name}, "{fmt.arguments_key}": '
         return ""
 
@@ -359,4 +359,7 @@ def constraint_broken(what: str) -> ApiError:
 
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
     """The Hermes tool description for templates that do not render ``tools`` themselves."""
-    return TOOLS_SYSTEM_PROMPT.format(tools="\n".join(json.dumps(t) for t in tools))
+    # Characters as they are, as chat templates' ``tojson`` writes them: a description
+    # in Japanese stays readable to the model.
+    tools_json = (json.dumps(tool, ensure_ascii=False) for tool in tools)
+    return TOOLS_SYSTEM_PROMPT.format(tools="\n".join(tools_json))

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client import AsyncSalienceClient, SalienceClient, SalienceClientError
 from salience_client.pb import salience_pb2 as pb
+from salience_server.config import ServerConfig
 from salience_server.http.config import ShimConfig
 from tests.helpers import error_reason
 from tests.shim_support import start_shim
@@ -139,3 +140,13 @@ def test_browser_pages_of_allowed_origins_may_call_the_shim(guarded) -> None:
     for never_sent in ("https://app.example/", "https://App.example", "https://*.example"):
         with pytest.raises(ValueError, match="not \\* or scheme://host"):
             ShimConfig(cors_origins=(never_sent,))
+
+
+def test_a_key_headers_cannot_carry_is_refused_at_start() -> None:
+    """A key past visible ASCII started a server and a shim that no call could reach: the
+    shim answered 500 with grpc's reprs, the client INTERNAL "Invalid metadata"."""
+    for key in ("clé", "two words", "tab\tkey"):
+        for make in (ServerConfig, ShimConfig):
+            with pytest.raises(ValueError, match=r"--api-key \(or \$SALIENCE_API_KEY\) must be"):
+                make(api_key=key)
+    assert ServerConfig(api_key="sk-1.2_3~x").api_key == "sk-1.2_3~x"

@@ -331,6 +331,9 @@ def test_a_session_id_no_server_takes_is_refused_at_once(
         start = time.monotonic()
         with pytest.raises(ValueError, match="visible ASCII"):
             client.open_session(session_id=bad)
+        for handle in (client.session, client.get_session):  # INTERNAL "Invalid metadata"
+            with pytest.raises(ValueError, match="visible ASCII"):
+                handle(bad)
         assert time.monotonic() - start < 0.5
     channel = grpc.insecure_channel(server_target)
     stub = salience_pb2_grpc.SalienceStub(channel)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from salience_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from salience_server.engine.token_bytes import (
+    _byte_level_decoder,
+    ends_inside_character,
+    pieces_bytes,
+)
 from tests.tiny_models import build_tokenizer
 
 
@@ -75,6 +84,65 @@ def test_a_context_ending_in_a_real_replacement_character_is_read() -> None:
     context = tokenizer.encode("The symbol \ufffd")
     detokenizer = IncrementalDetokenizer(tokenizer, context)
     assert [detokenizer.push(i) for i in tokenizer.encode(" ok")] == [" ", "o", "k"]
+
+
+UNITS = [b"a", b" ", "\u00e9".encode(), "\u00e4".encode(), "\u4f60".encode(), "\U0001f642".encode()]
+UNITS += ["\ufffd".encode(), b"\x80", b"\xe4\xbd"]
+"""Whole characters (``ä`` begins with the byte the merging tokenizer joins to a space),
+a written U+FFFD, a lone continuation byte and a character's first two bytes alone."""
+
+
+def _ids_of(tokenizer: PreTrainedTokenizerFast, data: bytes) -> list[int]:
+    """The byte-level tokens of ``data``, a space and 0xC3 merged into one."""
+    alphabet = {byte: char for char, byte in _byte_level_decoder().items()}
+    ids = []
+    for byte in data:
+        merged = ids and byte == 0xC3 and ids[-1] == tokenizer.convert_tokens_to_ids("Ġ")
+        if merged:
+            ids[-1] = tokenizer.convert_tokens_to_ids("ĠÃ")
+        else:
+            ids.append(tokenizer.convert_tokens_to_ids(alphabet[byte]))
+    return ids
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(UNITS), min_size=1, max_size=12), st.data())
+def test_text_comes_as_soon_as_its_characters_are_whole(units: list[bytes], data: Any) -> None:
+    """After each token the text released is all the text whose characters are whole
+    (a stop string is matched as soon as it is there: text before a character a token
+    left incomplete waited with it), never more than the full decode shows, and with the
+    flush the whole of it; after a context, from the end of the context's text (where
+    the context ends inside a character the new tokens complete, with that character)."""
+    tokenizer = _merging_tokenizer()
+    ids = _ids_of(tokenizer, b"".join(units))
+    cut = data.draw(st.integers(0, len(ids) - 1))
+    context, new = ids[:cut], ids[cut:]
+    read = tokenizer.decode(context)
+
+    def owed(end: int) -> str:
+        """The new tokens' text up to ``end`` (the context's U+FFFD theirs where they
+        complete its character), less a character they leave incomplete."""
+        text = tokenizer.decode(context + new[:end])
+        cut_char = ends_inside_character(bytes_of(tokenizer, context))
+        start = (
+            len(read) - 1 if cut_char and text[len(read) - 1 : len(read)] != "\ufffd" else len(read)
+        )
+        if ends_inside_character(bytes_of(tokenizer, context + new[:end])):
+            text = text.removesuffix("\ufffd")
+        return text[start:] if len(text) > start else ""
+
+    detokenizer = IncrementalDetokenizer(tokenizer, context)
+    released = ""
+    for end in range(1, len(new) + 1):
+        released += detokenizer.push(new[end - 1])
+        assert released == owed(end), (units, cut, end)
+    full = tokenizer.decode(context + new)
+    whole = released + detokenizer.flush()
+    assert whole == full[len(full) - len(whole) :] and full.startswith(read.removesuffix("\ufffd"))
+
+
+def bytes_of(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> bytes:
+    return b"".join(pieces_bytes(tokenizer, ids))
 
 
 @pytest.mark.parametrize(
