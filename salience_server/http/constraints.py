@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 import jsonschema
+import regex  # transformers' own dependency
 
 from salience_server.http.errors import invalid, unsupported
 from salience_server.text_checks import load_json
@@ -47,15 +48,19 @@ def json_schema_text(schema: Any, param: str) -> str:
 
 
 def _schema_formats(validator: Any) -> jsonschema.FormatChecker:
-    """The formats a schema's own values are checked for, less ``regex``: Python's
-    ``re`` refuses patterns of JSON Schema's dialect (``\\p{L}``, ``\\p{Han}``), which the
-    server's grammar engine compiles (and refuses, as INVALID_CONSTRAINT, where it
-    cannot)."""
-    checkers = validator.FORMAT_CHECKER.checkers
-    formats = [name for name in checkers if name != "regex"]
+    """The formats a schema's own values are checked for, ``regex`` (its patterns) by
+    the ``regex`` module: Python's ``re`` refuses patterns of JSON Schema's dialect
+    (``\\p{L}``, ``\\p{Han}``) that the server's grammar engine compiles."""
     checker = jsonschema.FormatChecker(formats=())
-    checker.checkers = {name: checkers[name] for name in formats}
+    checker.checkers = dict(validator.FORMAT_CHECKER.checkers)
+    checker.checks("regex", raises=regex.error)(_compiles)
     return checker
+
+
+def _compiles(pattern: object) -> bool:
+    if isinstance(pattern, str):
+        regex.compile(pattern)
+    return True
 
 
 def response_format_constraint(value: dict[str, Any] | None) -> Constraint | None:
