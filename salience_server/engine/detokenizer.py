@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-from salience_server.engine.token_bytes import ends_inside_character, pieces_bytes
+from salience_server.engine.token_bytes import decodes_bytes_alike, incomplete_tail_of, pieces_bytes
 
 # Tokens of context decoded before the new ones, so that a leading space or a
 # byte-fallback piece of the first new token renders as it would in the full text.
 _NUM_CONTEXT_TOKENS = 4
+
+
+def _context_window(tokenizer: Any, context_ids: list[int]) -> list[int]:
+    """The last ``_NUM_CONTEXT_TOKENS`` tokens of the context, and before them those
+    that hold the rest of a character they begin inside (byte pieces of one character,
+    which SentencePiece's byte fallback shows all as U+FFFD when cut)."""
+    start = max(0, len(context_ids) - _NUM_CONTEXT_TOKENS)
+    for _ in range(3):  # a character has at most three bytes after its first
+        if start == 0:
+            break
+        first = pieces_bytes(tokenizer, context_ids[start : start + 1])[0][:1]
+        if not first or first[0] & 0xC0 != 0x80:  # not a continuation byte
+            break
+        start -= 1
+    return list(context_ids[start:])
 
 
 class IncrementalDetokenizer:
@@ -20,29 +34,43 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skips_special = not keep_special_tokens
-        self._ids = list(context_ids[-_NUM_CONTEXT_TOKENS:])
+        self._ids = _context_window(tokenizer, context_ids)
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._released = 0
         """Characters of the unread tokens' text already returned: those before a
-        character their last token left incomplete."""
+        character their last token left incomplete (byte-level tokenizers)."""
+        self._byte_level = decodes_bytes_alike(tokenizer)
+        self._context_tail = incomplete_tail_of(tokenizer, self._ids)
+        """Bytes at the context's end that begin a character it does not complete, until
+        the tokens after them are read."""
+        if self._context_tail and not self._byte_level:
+            # Byte pieces, one byte each: unread, so that a character they begin comes
+            # whole once completed.
+            self._read_offset = max(0, len(self._ids) - self._context_tail)
 
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text it completes (may be empty): everything up
-        to a character it leaves incomplete, which waits for the next tokens (a U+FFFD
-        that stands for no incomplete bytes, one written or for invalid bytes, is text)."""
+        to a character it leaves incomplete, which waits for the tokens that complete it
+        (a U+FFFD that stands for no incomplete bytes, one written or for invalid bytes,
+        is text)."""
         self._ids.append(token_id)
         unread = self._unread()
         if not unread:  # nothing yet (a character the context began, still incomplete)
             return ""
-        if unread.endswith("\ufffd") and self._ends_inside_character():
-            released, self._released = (
-                unread[self._released : -1],
-                max(self._released, len(unread) - 1),
-            )
+        # Bytes that end inside a character show as U+FFFD: only then are they read.
+        if unread.endswith("\ufffd") and incomplete_tail_of(
+            self._tokenizer, self._ids[self._prefix_offset :]
+        ):
+            # Byte-level, the text before that U+FFFD is whole; through byte fallback
+            # a whole character in a run of byte pieces shows as U+FFFD too, so all waits
+            # (whole characters come in other pieces than the byte pieces of a cut one).
+            whole = unread[:-1] if self._byte_level else ""
+            released, self._released = whole[self._released :], max(self._released, len(whole))
             return released
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
+        self._context_tail = 0  # read now, with whatever completed it
         released, self._released = unread[self._released :], 0
         return released
 
@@ -51,37 +79,23 @@ class IncrementalDetokenizer:
         full decode shows it (U+FFFD), so that the deltas join to the decoded text."""
         released = self._unread()[self._released :]
         self._prefix_offset = self._read_offset = len(self._ids)
-        self._released = 0
+        self._released = self._context_tail = 0
         return released
 
     def _unread(self) -> str:
         """The text of the tokens not yet read, rendered after their context. Where the
         context ends inside a character that these tokens complete, the character comes
-        whole; where they do not complete it, its U+FFFD was the context's."""
+        whole; where they do not complete it, its U+FFFD was the context's text."""
         prefix = self._decode(self._read_offset)
         text = self._decode(len(self._ids))
-        if (
-            self._prefix_offset == 0
-            and prefix.endswith("\ufffd")
-            and self._is_context_cut
-            and text[len(prefix) - 1 : len(prefix)] != "\ufffd"
-        ):
-            prefix = prefix[:-1]
-        return text[len(prefix) :]
-
-    def _ends_inside_character(self) -> bool:
-        """Whether the tokens so far end inside a UTF-8 character."""
-        tail = self._ids[self._prefix_offset :]
-        return ends_inside_character(b"".join(pieces_bytes(self._tokenizer, tail)))
-
-    @functools.cached_property
-    def _is_context_cut(self) -> bool:
-        """The context ends inside a character (an earlier call stopped there, or a stream
-        broke there): its text's last U+FFFD stands for the bytes the next tokens
-        complete, and is not taken as read, so that the character comes whole. (Read
-        from the bytes only when the text ends in U+FFFD, which may also be written.)"""
-        context = self._ids[: self._read_offset]  # asked while nothing else was read
-        return ends_inside_character(b"".join(pieces_bytes(self._tokenizer, context)))
+        start = len(prefix)
+        if self._context_tail:  # not yet read past
+            if self._byte_level:  # the context's text ends in one U+FFFD for its tail
+                if text[start - 1 : start] != prefix[start - 1 :]:  # completed
+                    start -= 1
+            elif text[start : start + self._context_tail] == "\ufffd" * self._context_tail:
+                start += self._context_tail  # its byte pieces' U+FFFD were the context's
+        return text[start:]
 
     def _decode(self, end: int) -> str:
         return str(

@@ -42,6 +42,12 @@ def pieces_bytes(tokenizer: Any, token_ids: list[int]) -> list[bytes]:
 def ends_inside_character(data: bytes) -> bool:
     """Whether ``data`` ends inside a UTF-8 character: its last lead byte announces more
     bytes than follow it."""
+    return incomplete_tail(data) > 0
+
+
+def incomplete_tail(data: bytes) -> int:
+    """How many bytes at the end of ``data`` begin a character they do not complete
+    (0: none)."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if byte & 0xC0 == 0x80:  # a continuation byte: the lead is further back
@@ -49,8 +55,22 @@ def ends_inside_character(data: bytes) -> bool:
         length = (
             2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if byte >= 0xF0 else 1
         )
-        return length > back
-    return False
+        return back if length > back else 0
+    return 0
+
+
+def incomplete_tail_of(tokenizer: Any, token_ids: list[int]) -> int:
+    """``incomplete_tail`` of the tokens' bytes."""
+    return incomplete_tail(b"".join(pieces_bytes(tokenizer, token_ids)))
+
+
+def decodes_bytes_alike(tokenizer: Any) -> bool:
+    """Whether the tokenizer decodes through the byte-level alphabet (GPT-2's, Llama
+    3's, Qwen's): its text of a longer sequence begins with the text of a shorter one
+    but for one U+FFFD standing for a character the shorter ends inside. (SentencePiece's
+    byte fallback shows every byte of a run of byte pieces holding an incomplete
+    character as U+FFFD, whole characters before it included.)"""
+    return _has_byte_level_decoder(tokenizer)
 
 
 def _byte_level_char(char: str, alphabet: dict[str, int]) -> bytes:
@@ -58,6 +78,7 @@ def _byte_level_char(char: str, alphabet: dict[str, int]) -> bytes:
     return bytes([code]) if code is not None else char.encode()
 
 
+@functools.lru_cache(maxsize=16)
 def _has_byte_level_decoder(tokenizer: Any) -> bool:
     """Whether the tokenizer decodes through the byte-level alphabet (GPT-2 style)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

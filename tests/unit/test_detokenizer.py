@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from salience_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from salience_server.engine.token_bytes import (
     _byte_level_decoder,
-    ends_inside_character,
+    incomplete_tail,
     pieces_bytes,
 )
 from tests.tiny_models import build_tokenizer
@@ -92,10 +92,27 @@ UNITS += ["\ufffd".encode(), b"\x80", b"\xe4\xbd"]
 a written U+FFFD, a lone continuation byte and a character's first two bytes alone."""
 
 
-def _ids_of(tokenizer: PreTrainedTokenizerFast, data: bytes) -> list[int]:
-    """The byte-level tokens of ``data``, a space and 0xC3 merged into one."""
+def _byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece's shape (Llama 2, Mistral): "a" and the word mark are pieces, every
+    other byte a byte-fallback piece ``<0xNN>``, each shown as U+FFFD while it is no
+    character."""
+    vocab = {"<unk>": 0, "a": 1, "▁": 2}
+    vocab.update({f"<0x{byte:02X}>": 3 + byte for byte in range(256)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def _ids_of(tokenizer: PreTrainedTokenizerFast, data: bytes, byte_level: bool) -> list[int]:
+    """The tokens of ``data``: byte-level, a space and 0xC3 merged into one; or
+    SentencePiece's, "a" and the space as pieces and the other bytes as fallbacks."""
+    if not byte_level:
+        pieces = {ord("a"): "a", ord(" "): "▁"}
+        return tokenizer.convert_tokens_to_ids([pieces.get(b, f"<0x{b:02X}>") for b in data])
     alphabet = {byte: char for char, byte in _byte_level_decoder().items()}
-    ids = []
+    ids: list[int] = []
     for byte in data:
         merged = ids and byte == 0xC3 and ids[-1] == tokenizer.convert_tokens_to_ids("Ġ")
         if merged:
@@ -105,40 +122,78 @@ def _ids_of(tokenizer: PreTrainedTokenizerFast, data: bytes) -> list[int]:
     return ids
 
 
+def _released_after_each_token(
+    tokenizer: PreTrainedTokenizerFast, context: list[int], new: list[int]
+) -> tuple[list[str], str]:
+    """The text released after each of ``new``'s tokens, summed, and the flush."""
+    detokenizer = IncrementalDetokenizer(tokenizer, context)
+    released, sums = "", []
+    for token_id in new:
+        released += detokenizer.push(token_id)
+        sums.append(released)
+    return sums, detokenizer.flush()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(UNITS), min_size=1, max_size=12), st.data())
-def test_text_comes_as_soon_as_its_characters_are_whole(units: list[bytes], data: Any) -> None:
+def test_byte_level_text_comes_as_soon_as_its_characters_are_whole(
+    units: list[bytes], data: Any
+) -> None:
     """After each token the text released is all the text whose characters are whole
     (a stop string is matched as soon as it is there: text before a character a token
-    left incomplete waited with it), never more than the full decode shows, and with the
-    flush the whole of it; after a context, from the end of the context's text (where
-    the context ends inside a character the new tokens complete, with that character)."""
+    left incomplete waited with it, a space in the same token as an emoji's first
+    bytes), never more than the full decode shows, and with the flush the whole of it;
+    after a context, from the end of the context's text (where the context ends inside
+    a character the new tokens complete, with that character)."""
     tokenizer = _merging_tokenizer()
-    ids = _ids_of(tokenizer, b"".join(units))
+    ids = _ids_of(tokenizer, b"".join(units), byte_level=True)
     cut = data.draw(st.integers(0, len(ids) - 1))
     context, new = ids[:cut], ids[cut:]
     read = tokenizer.decode(context)
 
     def owed(end: int) -> str:
         """The new tokens' text up to ``end`` (the context's U+FFFD theirs where they
-        complete its character), less a character they leave incomplete."""
+        complete its character), less one U+FFFD for a character they leave incomplete."""
         text = tokenizer.decode(context + new[:end])
-        cut_char = ends_inside_character(bytes_of(tokenizer, context))
-        start = (
-            len(read) - 1 if cut_char and text[len(read) - 1 : len(read)] != "\ufffd" else len(read)
-        )
-        if ends_inside_character(bytes_of(tokenizer, context + new[:end])):
+        start = len(read)
+        if incomplete_tail(bytes_of(tokenizer, context)) and text[start - 1 : start] != "\ufffd":
+            start -= 1
+        if incomplete_tail(bytes_of(tokenizer, context + new[:end])):
             text = text.removesuffix("\ufffd")
-        return text[start:] if len(text) > start else ""
+        return text[start:]
 
-    detokenizer = IncrementalDetokenizer(tokenizer, context)
-    released = ""
-    for end in range(1, len(new) + 1):
-        released += detokenizer.push(new[end - 1])
-        assert released == owed(end), (units, cut, end)
+    sums, flushed = _released_after_each_token(tokenizer, context, new)
+    assert sums == [owed(end) for end in range(1, len(new) + 1)], (units, cut)
     full = tokenizer.decode(context + new)
-    whole = released + detokenizer.flush()
+    whole = sums[-1] + flushed
     assert whole == full[len(full) - len(whole) :] and full.startswith(read.removesuffix("\ufffd"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(UNITS[:6]), min_size=1, max_size=12), st.data())
+def test_byte_fallback_text_comes_once_its_byte_pieces_are_whole(
+    units: list[bytes], data: Any
+) -> None:
+    """SentencePiece's byte fallback shows every byte of a run of byte pieces holding an
+    incomplete character as U+FFFD, whole characters before it included: the text of
+    the pieces before the cut one's comes at once, the run's once it is whole, and a
+    context cut inside a character gives it whole with the piece completing it (its
+    byte pieces' U+FFFD were taken as read: only one was dropped, for any number)."""
+    tokenizer = _byte_fallback_tokenizer()
+    ids = _ids_of(tokenizer, b"".join(units), byte_level=False)
+    cut = data.draw(st.integers(0, len(ids) - 1))
+    context, new = ids[:cut], ids[cut:]
+
+    def whole_text(token_ids: list[int]) -> str:
+        """The decode without the byte pieces of a character they end inside."""
+        tail = incomplete_tail(bytes_of(tokenizer, token_ids))
+        return tokenizer.decode(token_ids[: len(token_ids) - tail])
+
+    read = whole_text(context)
+    sums, flushed = _released_after_each_token(tokenizer, context, new)
+    for end, released in enumerate(sums, start=1):
+        assert released == whole_text(context + new[:end])[len(read) :], (units, cut, end)
+    assert sums[-1] + flushed == tokenizer.decode(ids)[len(read) :]
 
 
 def bytes_of(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> bytes:
