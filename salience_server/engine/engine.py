@@ -78,9 +78,16 @@ class Engine:
             config.attention_backend,
         )
         self.runner.warm_up(self.uses_mrope, may_fall_back=config.attention_backend == "auto")
+        if readout is not None:
+            self.runner.enable_readout(readout)
         if pool.provisional:  # sized from what the largest step takes, measured now
             pool = fit_pool(
-                pool, self.runner, config, uses_mrope=self.uses_mrope, vision=self.vision
+                pool,
+                self.runner,
+                config,
+                max_context=config.max_context or loaded.max_context,
+                uses_mrope=self.uses_mrope,
+                vision=self.vision,
             )
         self.max_context, context_source = context_limit(
             config.max_context, loaded.max_context, pool.num_blocks * pool.block_size
@@ -94,8 +101,6 @@ class Engine:
         # An EOS id past them is never decoded, and banned (``min_tokens``) it indexed
         # past the logits.
         self.eos_token_ids = {t for t in self.eos_token_ids if t < self.vocab_size}
-        if readout is not None:
-            self.runner.enable_readout(readout)
         self.sessions: dict[str, Session] = {}
         self.evictor = Evictor(
             self.sessions, self.block_manager, config.host_kv_bytes, self.kv_bytes_per_token

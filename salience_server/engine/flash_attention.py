@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from salience_server.engine.model_shape import kv_shape
 from salience_server.engine.uploads import Upload, Uploads
 
 PAGE_MULTIPLE = 256
@@ -174,6 +175,16 @@ class FlashAttentionBackend:
         self.block_size = block_size
         self.device = device
         self.paged = block_size % PAGE_MULTIPLE == 0 and takes_block_table(kernel)
+
+    has_workspace = False
+
+    def chunk_bytes(self, rows: int, context: int, model_config: Any, dtype: torch.dtype) -> int:
+        """Paged: none. Gathered: each layer's call copies the batch's context keys and
+        values to one place first."""
+        if self.paged:
+            return 0
+        _, num_kv_heads, head_dim = kv_shape(model_config)
+        return 2 * context * num_kv_heads * head_dim * dtype.itemsize
 
     def resize_workspace(self, blocks: int) -> None:
         """Nothing to resize: flash-attn reads the pool in place, or gathers each

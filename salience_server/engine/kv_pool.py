@@ -10,6 +10,7 @@ then gets the pool it keeps.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from salience_server.config import EngineConfig
 from salience_server.engine import cpu_matmul, filters, paged_attention, scoring
 from salience_server.engine.batch import ForwardBatch
-from salience_server.engine.errors import out_of_memory, release_cached_memory
+from salience_server.engine.errors import SalienceError, out_of_memory, release_cached_memory
 from salience_server.engine.loader import LoadedModel
 from salience_server.engine.model_runner import (
     ModelRunner,
@@ -46,10 +47,6 @@ class DeviceMemory(Protocol):
         first) and its total."""
         ...
 
-    def held(self) -> int:
-        """Bytes this process holds on the device now (the model's weights, buffers)."""
-        ...
-
     def peak_of(self, work: Callable[[], Any]) -> int:
         """Runs ``work``; the most bytes it held at once beyond what was held before."""
         ...
@@ -67,10 +64,6 @@ class CudaMemory:
         _release_unreferenced()
         free, total = torch.cuda.mem_get_info(self.device)
         return int(free), int(total)
-
-    def held(self) -> int:
-        _release_unreferenced()
-        return int(torch.cuda.memory_reserved(self.device))
 
     def peak_of(self, work: Callable[[], Any]) -> int:
         torch.cuda.synchronize(self.device)
@@ -167,37 +160,38 @@ def fit_pool(
     runner: ModelRunner,
     config: EngineConfig,
     *,
+    max_context: int,
     uses_mrope: bool,
     vision: Any = None,
 ) -> PoolSize:
     """Replaces the runner's provisional ``pool`` with the largest that fits, beside
-    the most one step takes (measured: ``profile_step``) while an image of the largest
-    size is encoded (``vision``, a VisionEncoder; images are encoded beside the steps),
-    both in ``--gpu-memory-utilization`` of the device's memory less what this process
-    holds (the model; replicas sharing a GPU each take their share) and in the memory
-    free (other processes')."""
+    the most one step takes (measured, ``profile_step``, with what attention adds for a
+    chunk over a context of ``max_context``) while an image of the largest size is
+    encoded (``vision``, a VisionEncoder; images are encoded beside the steps): within
+    ``--gpu-memory-utilization`` of the device's memory less the model's weights (replicas
+    sharing a GPU each take their share), and within the memory free."""
     memory = device_memory(runner.device)
     assert memory is not None and pool.provisional
-    peak = memory.peak_of(lambda: profile_step(runner, config, uses_mrope=uses_mrope))
-    image_peak = 0
-    if vision is not None:
-        image = vision.largest_image(config.max_image_pixels)
-        image_peak = memory.peak_of(lambda: vision.encode(image))
+    step, image = _measure(memory, runner, config, uses_mrope, vision)
+    dtype = runner.kv_caches[0][0].dtype
+    rows = config.max_batch_tokens
+    step += runner.attention.chunk_bytes(rows, max_context, runner.model.config, dtype)
     runner.release_pool()
     free, total = memory.free_and_total()
-    held = memory.held()
+    held = model_bytes(runner.model)
     share = int(config.gpu_memory_utilization * total) - held
-    room = min(share, free) - peak - image_peak
-    # Attention's workspace takes 1 / num_layers of the pool beside it.
+    room = min(share, free) - step - image
     num_layers = kv_shape(runner.model.config)[0]
-    num_blocks = room * num_layers // (num_layers + 1) // pool.block_bytes
+    if runner.attention.has_workspace:  # 1 / num_layers of the pool beside it
+        room = room * num_layers // (num_layers + 1)
+    num_blocks = room // pool.block_bytes
     gib = 2**30
     sizes = (
         f"--gpu-memory-utilization {config.gpu_memory_utilization:g} of the "
-        f"{total / gib:.1f}GiB on {runner.device} less the {held / gib:.1f}GiB the model "
-        f"holds is {share / gib:.1f}GiB, {free / gib:.1f}GiB is free, and a step of "
-        f"--max-batch-tokens {config.max_batch_tokens} takes {peak / gib:.2f}GiB"
-        + (f" (an image {image_peak / gib:.2f}GiB)" if vision is not None else "")
+        f"{total / gib:.1f}GiB on {runner.device} less the model's {held / gib:.1f}GiB is "
+        f"{share / gib:.1f}GiB, {free / gib:.1f}GiB is free, and a step of "
+        f"--max-batch-tokens {rows} takes {step / gib:.2f}GiB"
+        + (f" (an image {image / gib:.2f}GiB)" if vision is not None else "")
     )
     if num_blocks < 1:
         raise ValueError(
@@ -229,14 +223,57 @@ def fit_pool(
     return PoolSize(pool.block_size, num_blocks, pool.bytes_per_token)
 
 
+def _measure(
+    memory: DeviceMemory, runner: ModelRunner, config: EngineConfig, uses_mrope: bool, vision: Any
+) -> tuple[int, int]:
+    """The most memory the largest step and the largest image's encoding hold; a step
+    or an image that does not fit even with no pool beside it is a ValueError."""
+    try:
+        step = memory.peak_of(lambda: profile_step(runner, config, uses_mrope=uses_mrope))
+        image = 0
+        if vision is not None:
+            largest = vision.largest_image(config.max_image_pixels)
+            image = memory.peak_of(lambda: vision.encode(largest))
+    except (SalienceError, torch.OutOfMemoryError) as error:
+        if isinstance(error, SalienceError) and error.reason != "OUT_OF_MEMORY":
+            raise
+        failed = str(error)
+    else:
+        return step, image
+    runner.release_pool()  # out of the handler, which holds the pass's memory
+    release_cached_memory()
+    raise ValueError(
+        f"the largest step (--max-batch-tokens {config.max_batch_tokens}, scored throughout"
+        + (f"; an image of --max-image-pixels {config.max_image_pixels}" if vision else "")
+        + f") does not fit on {runner.device} beside the model: lower them, or set "
+        f"--kv-cache-memory ({failed.splitlines()[0] if failed else 'out of memory'})"
+    )
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """The memory the model's weights and buffers take (tied weights once)."""
+    storages: dict[int, int] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        try:
+            storage = tensor.untyped_storage()
+        except NotImplementedError:  # oneDNN's prepacked weights on a CPU have none
+            storages[id(tensor)] = tensor.numel() * tensor.element_size()
+            continue
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 @torch.inference_mode()
 def profile_step(runner: ModelRunner, config: EngineConfig, *, uses_mrope: bool) -> None:
     """Runs the step that takes the most memory once: ``--max-batch-tokens`` tokens
-    of one prefill with logits at every row, each scored with the top
+    of one prefill with logits (and readout) at every row, each scored with the top
     ``--max-logprobs`` (a prompt scored throughout), the first ``--max-running`` rows
-    also tempered, filtered and drawn."""
+    also tempered, filtered and drawn. (What attention adds for a chunk over cached
+    context is the backend's ``chunk_bytes``.)"""
     rows = config.max_batch_tokens
     batch = ForwardBatch.synthetic(0, rows, runner.block_size, uses_mrope)
+    if runner.readout is not None:
+        batch.readout_rows = list(range(rows))
     logits = runner.execute(batch).logits  # [rows, V]
     token_ids = torch.zeros(rows, dtype=torch.long, device=runner.device)
     top_ks = [max(1, config.max_logprobs)] * rows

@@ -19,19 +19,11 @@ from salience_server.engine import (
 from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
+from salience_server.engine.model_shape import kv_shape
 from salience_server.engine.readout import Readout
 from salience_server.engine.uploads import Uploads
 
 log = logging.getLogger(__name__)
-
-
-def kv_shape(model_config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a transformers model's text config."""
-    model_config = model_config.get_text_config()
-    num_heads = model_config.num_attention_heads
-    num_kv_heads = getattr(model_config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // num_heads
-    return model_config.num_hidden_layers, num_kv_heads, head_dim
 
 
 def kv_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

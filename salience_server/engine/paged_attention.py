@@ -67,6 +67,17 @@ class AttentionBackend(Protocol):
         blocks (0: the pool was released)."""
         ...
 
+    @property
+    def has_workspace(self) -> bool:
+        """Whether it keeps a workspace of one layer's pool (1 / num_layers of it)."""
+        ...
+
+    def chunk_bytes(self, rows: int, context: int, model_config: Any, dtype: torch.dtype) -> int:
+        """Memory a layer's attention holds beyond the pool and its workspace for a chunk
+        of ``rows`` new tokens over ``context`` cached ones (not seen in a pass that
+        starts from nothing cached)."""
+        ...
+
     def build_metadata(
         self,
         spans: Sequence[Any],

@@ -23,6 +23,7 @@ from salience_server.engine.few_row_attention import (
     group_members,
     sdpa_mask,
 )
+from salience_server.engine.model_shape import kv_shape
 from salience_server.engine.uploads import Upload, Uploads
 
 
@@ -187,6 +188,22 @@ class SdpaBackend:
         self.workspace_blocks = workspace_blocks
         self.device = device
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    has_workspace = True
+
+    def chunk_bytes(self, rows: int, context: int, model_config: Any, dtype: torch.dtype) -> int:
+        """A chunk over cached context needs a mask, kept for the pass (bool, then
+        additive in the queries' dtype), and on CUDA, with grouped heads, its keys and
+        values once per query head (``expands_heads``) for each layer's call."""
+        text_config = model_config.get_text_config()
+        num_heads = text_config.num_attention_heads
+        _, num_kv_heads, head_dim = kv_shape(model_config)
+        keys = rows + context
+        masks = rows * keys * (1 + dtype.itemsize)
+        expanded = 0
+        if expands_heads(self.device, True, num_heads, num_kv_heads):
+            expanded = 2 * num_heads * keys * head_dim * dtype.itemsize
+        return masks + expanded
 
     def resize_workspace(self, blocks: int) -> None:
         """The workspace holds ``blocks`` blocks from now on (0: none yet); it is

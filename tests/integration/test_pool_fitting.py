@@ -6,6 +6,7 @@ allocator would; with SALIENCE_TEST_DEVICE=cuda the server measures the GPU itse
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,27 +20,26 @@ from salience_server.engine.engine import Engine
 from salience_server.engine.loader import load_model
 from salience_server.engine.model_runner import ModelRunner, kv_shape
 from salience_server.engine.vision import VisionEncoder
-from tests.helpers import TEST_DEVICE, check_sessions_against_transformers
+from tests import flash_reference
+from tests.helpers import TEST_DEVICE, check_sessions_against_transformers, use_flash_backend
 from tests.tiny_models import build_tiny_vision_model, reference_model
 
 MIB = 1 << 20
 
 
 class MeasuredMemory:
-    """A device of ``total`` bytes of which this process holds ``held`` (the model) and
-    other processes ``others`` before the pool; each piece of work measured holds
-    ``peak`` bytes at most. Records the pool's size in blocks while each piece ran."""
+    """A device of ``total`` bytes of which ``used`` are in use before the pool (this
+    process's model and context) and ``others`` by other processes; each piece of work
+    measured holds ``peak`` bytes at most. Records the pool's size in blocks while each
+    piece ran."""
 
-    def __init__(self, total: int, held: int, peak: int, others: int = 0) -> None:
-        self.total, self.held_bytes, self.peak, self.others = total, held, peak, others
+    def __init__(self, total: int, used: int, peak: int, others: int = 0) -> None:
+        self.total, self.used, self.peak, self.others = total, used, peak, others
         self.runner_blocks: list[int] = []
         self.runners: list[ModelRunner] = []
 
     def free_and_total(self) -> tuple[int, int]:
-        return self.total - self.held_bytes - self.others, self.total
-
-    def held(self) -> int:
-        return self.held_bytes
+        return self.total - self.used - self.others, self.total
 
     def peak_of(self, work: Callable[[], Any]) -> int:
         work()
@@ -50,8 +50,8 @@ class MeasuredMemory:
 @pytest.fixture
 def measured(monkeypatch: pytest.MonkeyPatch) -> MeasuredMemory:
     """Servers and engines started after this size their pool as on a GPU of 256 MiB
-    of which the model holds 100 MiB, where each piece of work measured takes 8 MiB."""
-    memory = MeasuredMemory(total=256 * MIB, held=100 * MIB, peak=8 * MIB)
+    with 100 MiB in use, where each piece of work measured takes 8 MiB."""
+    memory = MeasuredMemory(total=256 * MIB, used=100 * MIB, peak=8 * MIB)
     monkeypatch.setattr(kv_pool, "device_memory", lambda device: memory)
     init = ModelRunner.__init__
 
@@ -63,11 +63,17 @@ def measured(monkeypatch: pytest.MonkeyPatch) -> MeasuredMemory:
     return memory
 
 
-def expected_blocks(memory: MeasuredMemory, utilization: float, peaks: int, engine: Any) -> int:
+def expected_blocks(
+    memory: MeasuredMemory, utilization: float, peaks: int, engine: Any, rows: int
+) -> int:
     """What the pool and attention's workspace (1 / num_layers of the pool) fill of the
-    room the utilization leaves, in the memory free."""
+    room the utilization leaves beside the model's weights, in the memory free, less the
+    pieces measured and the masks (bool and float32) of a chunk of ``rows`` over the
+    longest context (SDPA on a CPU keeps grouped heads)."""
     free, total = memory.free_and_total()
-    room = min(int(utilization * total) - memory.held_bytes, free) - peaks * memory.peak
+    share = int(utilization * total) - kv_pool.model_bytes(engine.runner.model)
+    masks = rows * (rows + engine.loaded.max_context) * (1 + 4)
+    room = min(share, free) - peaks * memory.peak - masks
     num_layers = kv_shape(engine.loaded.model.config)[0]
     block_bytes = engine.block_size * engine.kv_bytes_per_token
     return room * num_layers // (num_layers + 1) // block_bytes
@@ -99,7 +105,7 @@ def test_the_pool_fills_what_the_measured_step_leaves_and_serves_exactly(
     engine = server.engine
     assert passes[:2] == [(2, 2), (64, 64)]  # the warm-up, then the measured step
     assert measured.runner_blocks == [64 // 4 + 1]  # the provisional pool: that step's blocks
-    blocks = expected_blocks(measured, 0.6, 1, engine)
+    blocks = expected_blocks(measured, 0.6, 1, engine, rows=64)
     assert blocks > 64 // 4 + 1
     runner = engine.runner
     assert engine.block_manager.num_free == runner.num_blocks == blocks
@@ -115,30 +121,66 @@ def test_a_utilization_that_leaves_no_pool_is_refused_in_one_line(
     tiny_llama_dir: Path, measured: MeasuredMemory
 ) -> None:
     loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
-    with pytest.raises(ValueError) as refused:  # 0.4 of 256 MiB: less than 100 + 8 MiB
-        Engine(loaded, EngineConfig(block_size=4, gpu_memory_utilization=0.4))
-    assert str(refused.value) == (
-        "no room for a KV pool: --gpu-memory-utilization 0.4 of the 0.2GiB on cpu less the "
-        "0.1GiB the model holds is 0.0GiB, 0.2GiB is free, and a step of --max-batch-tokens "
-        "2048 takes 0.01GiB; raise --gpu-memory-utilization or lower --max-batch-tokens (or "
-        "set --kv-cache-memory)"
+    with pytest.raises(ValueError) as refused:  # 3% of 256 MiB: less than the step's 8 MiB
+        Engine(loaded, EngineConfig(block_size=4, gpu_memory_utilization=0.03))
+    assert re.fullmatch(
+        r"no room for a KV pool: --gpu-memory-utilization 0\.03 of the 0\.2GiB on cpu less "
+        r"the model's 0\.0GiB is 0\.0GiB, 0\.2GiB is free, and a step of --max-batch-tokens "
+        r"2048 takes 0\.0\dGiB; raise --gpu-memory-utilization or lower --max-batch-tokens "
+        r"\(or set --kv-cache-memory\)",
+        str(refused.value),
     )
+
+
+def test_a_step_that_does_not_fit_beside_the_model_is_refused_in_one_line(
+    tiny_llama_dir: Path, measured: MeasuredMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The measured step itself ran out of memory (a --max-batch-tokens too large for the
+    GPU): it went out as the allocator's stack trace."""
+
+    def out_of_memory(work: Callable[[], Any]) -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(measured, "peak_of", out_of_memory)
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    with pytest.raises(ValueError) as refused:
+        Engine(loaded, EngineConfig(block_size=4, max_batch_tokens=64))
+    assert str(refused.value) == (
+        "the largest step (--max-batch-tokens 64, scored throughout) does not fit on cpu "
+        "beside the model: lower them, or set --kv-cache-memory (CUDA out of memory. Tried "
+        "to allocate 9.00 GiB)"
+    )
+    assert measured.runners[-1].kv_caches == []
 
 
 def test_the_pool_leaves_what_other_processes_hold(
     tiny_llama_dir: Path, measured: MeasuredMemory
 ) -> None:
     """Another process (a replica sharing the GPU) holds 100 MiB: the pool fits in the
-    56 MiB free, less the step, though 0.9 of the device less the model would be 130."""
+    56 MiB free, less the step, though 0.9 of the device less the model would be 230."""
     measured.others = 100 * MIB
     loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
     engine = Engine(loaded, EngineConfig(block_size=4, max_batch_tokens=64))
-    blocks = expected_blocks(measured, 0.9, 1, engine)
+    blocks = expected_blocks(measured, 0.9, 1, engine, rows=64)
     assert engine.runner.num_blocks == blocks
     pool_bytes = blocks * engine.block_size * engine.kv_bytes_per_token
     num_layers = kv_shape(loaded.model.config)[0]
     with_workspace = pool_bytes * (num_layers + 1) / num_layers
     assert 47 * MIB < with_workspace <= 48 * MIB  # the 56 MiB free less the step's 8
+
+
+def test_a_pool_flash_attn_reads_in_place_keeps_no_workspace_room(
+    tiny_llama_dir: Path, measured: MeasuredMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paged flash-attn gathers nothing: the room is the pool's alone, and a chunk over
+    a long context adds no masks."""
+    use_flash_backend(monkeypatch, flash_reference.flash_attn_varlen_func, 256)
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    engine = Engine(loaded, EngineConfig(block_size=256, max_batch_tokens=64))
+    share = int(0.9 * measured.total) - kv_pool.model_bytes(engine.runner.model)
+    room = min(share, measured.total - measured.used) - measured.peak
+    block_bytes = engine.block_size * engine.kv_bytes_per_token
+    assert engine.runner.attention.paged and engine.runner.num_blocks == room // block_bytes
 
 
 def test_a_pool_that_no_longer_fits_as_it_is_allocated_is_refused_in_one_line(
@@ -187,7 +229,7 @@ def test_a_vision_model_measures_an_image_of_the_largest_size_too(
     engine = Engine(loaded, EngineConfig(block_size=4, max_batch_tokens=32))
     assert sizes == [(112, 112)]
     assert len(measured.runner_blocks) == 2
-    assert engine.runner.num_blocks == expected_blocks(measured, 0.9, 2, engine)
+    assert engine.runner.num_blocks == expected_blocks(measured, 0.9, 2, engine, rows=32)
     small = Engine(loaded, EngineConfig(block_size=4, max_batch_tokens=32, max_image_pixels=3000))
     assert sizes[-1] == (math.isqrt(3000),) * 2 and small.runner.num_blocks > 0
 
