@@ -134,6 +134,9 @@ class Script:
     """Every GenerateRequest received: what the shim asked the server for."""
     finish_reason: int | None = None
     """The Done's reason once the whole text is out (None: FINISH_REASON_STOP)."""
+    tokens: list[tuple[int, str]] | None = None
+    """(id, text) of each decoded token, in place of one per character of ``text``: a
+    character's bytes, say, the text all with the last."""
 
 
 class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
@@ -210,17 +213,18 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
         self.sessions[request.session_id] = tokens
         self.script.prompts.append(list(tokens))
         prompt_length = len(tokens)
-        for count, char in enumerate(self.script.text[: request.max_tokens]):
+        scripted = self.script.tokens or [(ord(char) % 256, char) for char in self.script.text]
+        for count, (token_id, text) in enumerate(scripted[: request.max_tokens]):
             if self.script.fail_after is not None and count == self.script.fail_after:
                 status = _abort_status(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", "stopping")
                 await context.abort(status.code, status.details, status.trailing_metadata)
-            token = pb.Token(id=ord(char) % 256, position=len(tokens), text=char)
+            token = pb.Token(id=token_id, position=len(tokens), text=text)
             tokens.append(token.id)
             yield pb.GenerateEvent(token=token)
             await asyncio.sleep(self.script.token_delay_s)
         completion = len(tokens) - prompt_length
         reason = pb.FINISH_REASON_STOP if request.max_tokens else pb.FINISH_REASON_PREFILL
-        if 0 < request.max_tokens < len(self.script.text):
+        if 0 < request.max_tokens < len(scripted):
             reason = pb.FINISH_REASON_LENGTH
         elif request.max_tokens and self.script.finish_reason is not None:
             reason = self.script.finish_reason

@@ -57,6 +57,9 @@ class Prompt:
     token_ids: list[int]
     text: str
     """What ``echo`` returns: the prompt as sent, or its ids decoded."""
+    is_ids: bool = False
+    """Sent as token ids, which may end inside a character (their text then ends in
+    U+FFFD)."""
 
 
 async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
@@ -74,7 +77,7 @@ async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
         if not item or not all(0 <= i <= MAX_TOKEN_ID for i in item):
             raise invalid("token ids must be a non-empty list of non-negative integers", param)
         text = await backend.detokenize(item, param) if body.echo else ""
-        prompts.append(Prompt(list(item), text))
+        prompts.append(Prompt(list(item), text, is_ids=True))
     return prompts
 
 
@@ -124,15 +127,22 @@ class _Choices:
         texts = await self._backend.token_texts.for_tokens(self.prompt_tokens)
         return prompt_logprobs(self.prompt_tokens, texts, self._body.prompt_logprobs)
 
+    @property
+    def echo_may_be_cut(self) -> bool:
+        """Whether the echo's last character may be one the completion completes (its
+        U+FFFD then left out): prompt ids whose text ends in U+FFFD."""
+        return self._body.echo and self.prompt.is_ids and self.prompt.text.endswith("\ufffd")
+
     async def echo(self, completion_ids: list[int]) -> tuple[str, list[TokenEvent]]:
         """The echoed text and scored prompt tokens (empty without ``echo``). Prompt ids
         that end inside a character show it as U+FFFD; where the completion's first
-        tokens (``completion_ids``) complete it, the completion's text holds it whole,
-        and the echo leaves its U+FFFD out, so that the two join to the decoded text."""
+        tokens (``completion_ids``: up to its first text) complete it, the completion's
+        text holds it whole, and the echo leaves its U+FFFD out, so that the two join to
+        the decoded text."""
         if not self._body.echo:
             return "", []
         text = self.prompt.text
-        if text.endswith("\ufffd") and completion_ids:
+        if self.echo_may_be_cut and completion_ids:
             ids = self.prompt.token_ids + completion_ids
             joined = await self._backend.detokenize(ids, "prompt")
             if joined[len(text) - 1 : len(text)] != "\ufffd":
@@ -297,6 +307,9 @@ async def _stream(
         ):
             events = first if prompt_index == 0 else Primed(generation.events())
             started: set[int] = set()
+            # A choice's first tokens, while they have no text and the echo waits to
+            # know whether they complete the prompt's last character.
+            waiting: dict[int, list[TokenEvent]] = {}
             async with contextlib.aclosing(events):
                 async for event in events:
                     if isinstance(event, PromptToken):
@@ -304,15 +317,23 @@ async def _stream(
                         continue
                     index, text, tokens = event.index, "", list[TokenEvent]()
                     is_first = index not in started
+                    held = waiting.setdefault(index, [])
+                    if is_first and builder.echo_may_be_cut and isinstance(event, ChoiceToken):
+                        if not event.token.text:
+                            held.append(event.token)
+                            continue
                     if is_first:
                         started.add(index)
-                        first_ids = [event.token.token_id] if isinstance(event, ChoiceToken) else []
-                        text, tokens = await builder.echo(first_ids)
-                    reason, stopped_by, decoded = None, None, list[int]()
+                        opening = [*held, event.token] if isinstance(event, ChoiceToken) else held
+                        text, tokens = await builder.echo([t.token_id for t in opening])
+                        text += "".join(t.text for t in held)
+                        tokens = [*tokens, *held]
+                    reason, stopped_by, decoded = None, None, [t.token_id for t in held]
+                    waiting[index] = []
                     if isinstance(event, ChoiceToken):
                         text += event.token.text
                         tokens = [*tokens, event.token]
-                        decoded = [event.token.token_id]
+                        decoded = [*decoded, event.token.token_id]
                     elif isinstance(event, ChoiceDone):
                         completion_tokens += event.done.completion_tokens
                         reason = finish_reason(event.done)

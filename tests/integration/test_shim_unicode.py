@@ -114,6 +114,27 @@ def test_prompt_ids_ending_inside_a_character_echo_as_decoded(
             assert text == want, (bias, echo)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_echo_waits_for_the_tokens_completing_its_last_character(
+    scripted: tuple[Script, RunningShim], stream: bool
+) -> None:
+    """Prompt ids ending with 🙂's first byte, a completion of its other three, one
+    token each (the text all with the last): a stream decided the echo's U+FFFD on the
+    first token alone, and echoed it before the whole character."""
+    script, shim = scripted
+    script.tokens = [(0x9F, ""), (0x99, ""), (0x82, "\U0001f642"), (ord("x"), "x")]
+    try:
+        fields: dict[str, Any] = dict(model="scripted", prompt=[ord("a"), 0xF0], echo=True)
+        if stream:
+            chunks = shim.client().completions.create(**fields, stream=True)
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+        else:
+            text = shim.client().completions.create(**fields).choices[0].text
+    finally:
+        script.tokens = None
+    assert text == "a\U0001f642x"
+
+
 def test_a_tool_named_past_ascii_streams_and_keeps_a_cut_call(
     scripted: tuple[Script, RunningShim],
 ) -> None:
