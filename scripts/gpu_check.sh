@@ -29,7 +29,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # What the bundle brings (installed into a private directory where any is missing), then
 # what it leaves to the machine's Python (torch's own dependencies).
 bundled="grpc grpc_tools grpc_health grpc_reflection grpc_status grpc_testing google.protobuf
-  gguf accelerate fastapi uvicorn pydantic openai httpx llguidance prometheus_client
+  gguf accelerate fastapi starlette uvicorn pydantic openai httpx llguidance jsonschema regex
+  prometheus_client
   transformers tokenizers safetensors hypothesis pytest pytest_timeout xdist"
 assumed="numpy PIL yaml tqdm packaging psutil filelock fsspec"
 missing() { "$python" -c "import importlib.util, sys
