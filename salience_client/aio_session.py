@@ -92,7 +92,7 @@ class AsyncSession(SessionBase):
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         progress = StreamProgress(request)
         progress.is_replayed = self._takes_replay()
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         finish_reason = ""
         call = None
         failure: SalienceClientError | None = None
@@ -221,11 +221,18 @@ class AsyncSession(SessionBase):
     async def _fork(self, child_id: str) -> AsyncSession:
         await self._settle()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         while True:
             try:
                 response = await self._unary(self._stub.ForkSession, request)
-                return self._child(response.session_id or child_id, response.length)
+                if not self._forked_mid_replay(response.length, attempts):
+                    return self._child(response.session_id or child_id, response.length)
+                with contextlib.suppress(SalienceClientError):
+                    close = pb.CloseSessionRequest(session_id=child_id)
+                    await self._unary(self._stub.CloseSession, close)
+                async with self._replay_lock:  # until the replay is done
+                    attempts.replays_seen = self.num_replays
+                continue
             except SalienceClientError as error:
                 if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
                     return self._child(child_id, self.length)  # an earlier try went through
@@ -251,7 +258,7 @@ class AsyncSession(SessionBase):
             offset=offset,
             truncating=truncating,
         )
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         while True:
             try:
                 response = await self._unary(self._stub.AppendImage, request)
@@ -293,7 +300,7 @@ class AsyncSession(SessionBase):
         """Creates this session on the server under its id (retrying while no replica
         answers)."""
         request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         while True:
             try:
                 self._opened(await self._unary(self._stub.OpenSession, request))
@@ -324,7 +331,7 @@ class AsyncSession(SessionBase):
     async def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
         """A unary session RPC that recovers: replays (to ``replay_length``) a lost
         session, retries while no replica answers."""
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         while True:
             try:
                 return await self._unary(method, request)
@@ -340,15 +347,22 @@ class AsyncSession(SessionBase):
         if recovery.replay_length is None:
             await asyncio.sleep(recovery.wait_s)
             return
-        cause = error
-        while True:
-            try:
-                await self._replay(recovery.replay_length, cause)
+        async with self._replay_lock:
+            if self._replayed_meanwhile(attempts):
                 return
-            except SalienceClientError as failed:
-                cause = failed
-            self._replay_failed(attempts, cause)
-            await asyncio.sleep(self._failover.first_retry_wait_s)
+            cause = error
+            while True:
+                try:
+                    await self._replay(recovery.replay_length, cause)
+                    attempts.replays_seen = self.num_replays
+                    return
+                except SalienceClientError as failed:
+                    cause = failed
+                self._replay_failed(attempts, cause)
+                await asyncio.sleep(self._failover.first_retry_wait_s)
+
+    def _new_replay_lock(self) -> Any:
+        return asyncio.Lock()
 
     async def _replay(self, length: int, cause: SalienceClientError) -> None:
         """As ``Session._replay``."""

@@ -177,11 +177,14 @@ def session_lost(session_id: str, needed: int, known: int) -> SalienceClientErro
 class Attempts:
     """The recovery budget of one call: replays tried, and retries within a time budget."""
 
-    def __init__(self, policy: Failover) -> None:
+    def __init__(self, policy: Failover, replays_seen: int = 0) -> None:
         self.policy = policy
         self.num_replays = 0
         self.num_retries = 0
         self._deadline: float | None = None
+        self.replays_seen = replays_seen
+        """The session's replays when the call began, or when it last recovered: one
+        more since means another call of the session re-created it meanwhile."""
 
     def begin_replay(self, session_id: str, error: SalienceClientError) -> None:
         """Counts a replay about to start; raises REPLAY_FAILED when none are left."""

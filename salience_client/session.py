@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import time
 from collections.abc import Generator, Iterable, Sequence
 from typing import Any, Unpack
@@ -88,7 +89,7 @@ class Session(SessionBase):
             manifest = self._set_manifest(self._model_info())
         progress = StreamProgress(request)
         progress.is_replayed = self._takes_replay()
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         finish_reason = ""
         call = None
         failure: SalienceClientError | None = None
@@ -192,11 +193,19 @@ class Session(SessionBase):
         self._settle()
         child_id = new_session_id or fresh_session_id()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         while True:
             try:
                 response = self._unary(self._stub.ForkSession, request)
-                return self._child(response.session_id or child_id, response.length)
+                if not self._forked_mid_replay(response.length, attempts):
+                    return self._child(response.session_id or child_id, response.length)
+                with contextlib.suppress(SalienceClientError):
+                    self._unary(
+                        self._stub.CloseSession, pb.CloseSessionRequest(session_id=child_id)
+                    )
+                with self._replay_lock:  # until the replay is done
+                    attempts.replays_seen = self.num_replays
+                continue
             except SalienceClientError as error:
                 if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
                     return self._child(child_id, self.length)  # an earlier try went through
@@ -214,7 +223,7 @@ class Session(SessionBase):
             offset=offset,
             truncating=truncating,
         )
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         while True:
             try:
                 response = self._unary(self._stub.AppendImage, request)
@@ -255,7 +264,7 @@ class Session(SessionBase):
         """Creates this session on the server under its id (retrying while no replica
         answers)."""
         request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         while True:
             try:
                 self._opened(self._unary(self._stub.OpenSession, request))
@@ -283,7 +292,7 @@ class Session(SessionBase):
     def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
         """A unary session RPC that recovers: replays (to ``replay_length``) a lost
         session, retries while no replica answers."""
-        attempts = Attempts(self._failover)
+        attempts = self._attempts()
         while True:
             try:
                 return self._unary(method, request)
@@ -304,15 +313,22 @@ class Session(SessionBase):
         if recovery.replay_length is None:
             time.sleep(recovery.wait_s)
             return
-        cause = error
-        while True:
-            try:
-                self._replay(recovery.replay_length, cause)
+        with self._replay_lock:
+            if self._replayed_meanwhile(attempts):
                 return
-            except SalienceClientError as failed:
-                cause = failed
-            self._replay_failed(attempts, cause)
-            time.sleep(self._failover.first_retry_wait_s)
+            cause = error
+            while True:
+                try:
+                    self._replay(recovery.replay_length, cause)
+                    attempts.replays_seen = self.num_replays
+                    return
+                except SalienceClientError as failed:
+                    cause = failed
+                self._replay_failed(attempts, cause)
+                time.sleep(self._failover.first_retry_wait_s)
+
+    def _new_replay_lock(self) -> Any:
+        return threading.Lock()
 
     def _replay(self, length: int, cause: SalienceClientError) -> None:
         """Re-creates the session under its id on whichever replica now serves it, holding

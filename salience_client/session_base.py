@@ -113,6 +113,9 @@ class SessionBase:
         self._history = history if history is not None else History()
         self._failover = failover or Failover()
         self._stats = stats or FailoverStats()
+        self._replay_lock = self._new_replay_lock()
+        """Held while the session is re-created: calls that found it lost together (forks
+        of one parent) replay it once, not each over the others' replay."""
         self._metadata = routing_metadata(self.routing_key)
         self._manifest: ReadoutManifest | None = None
         self._eos_token_ids: list[int] | None = None
@@ -255,6 +258,27 @@ class SessionBase:
         self._history.truncate(min(self._history.length, length))
 
     # ----- recovery ----------------------------------------------------------------------
+
+    def _new_replay_lock(self) -> Any:
+        raise NotImplementedError
+
+    def _attempts(self) -> Attempts:
+        """A call's recovery budget, knowing the session's replays so far."""
+        return Attempts(self._failover, replays_seen=self.num_replays)
+
+    def _forked_mid_replay(self, length: int, attempts: Attempts) -> bool:
+        """Whether a fork answered with ``length`` copied this session while another call
+        was re-creating it (partly replayed: fewer positions than it holds); the fork is
+        then closed and made again once the replay is done."""
+        replaying = self._replay_lock.locked() or self.num_replays != attempts.replays_seen
+        return replaying and length != self.length
+
+    def _replayed_meanwhile(self, attempts: Attempts) -> bool:
+        """Under the replay lock: whether another call re-created the session since this
+        one began (or last recovered); this one then retries on it."""
+        replayed = self.num_replays != attempts.replays_seen
+        attempts.replays_seen = self.num_replays
+        return replayed
 
     def _recovery(
         self, error: SalienceClientError, attempts: Attempts, replay_length: int | None

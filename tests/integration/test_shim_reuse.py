@@ -102,6 +102,30 @@ def test_concurrent_requests_share_a_long_prefix(llama_server: Any) -> None:
     run_with_pool(llama_server.target, test)
 
 
+def test_requests_forking_a_lost_session_together_all_succeed(llama_server: Any) -> None:
+    """The server lost the pooled session holding a long prefix (its TTL passed, it
+    restarted) and requests over that prefix arrive together: each fork's failover
+    replayed the parent over the others' replays, and two to four of six failed (409
+    "offset past the end", SESSION_BUSY, REPLAY_FAILED). Each now equals the same
+    request alone on a fresh session."""
+    long_prompt = list(range(40, 120))
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        await collect(Generation(pool, long_prompt, DecodeOptions(max_tokens=0)))
+        for round_index in range(2):
+            for info in await client.list_sessions():
+                await (await client.session(info.session_id)).close()
+            prompts = [long_prompt + [round_index, turn] for turn in range(6)]
+            results = await asyncio.gather(*(collect(Generation(pool, p, GREEDY)) for p in prompts))
+            for prompt, result in zip(prompts, results, strict=True):
+                alone = await collect(Generation(SessionPool(client, 1), prompt, GREEDY))
+                assert [t.token_id for t in result.choices[0].tokens] == [
+                    t.token_id for t in alone.choices[0].tokens
+                ]
+
+    run_with_pool(llama_server.target, test)
+
+
 def test_a_lost_session_lent_to_be_rewound_is_replaced(llama_server: Any) -> None:
     """Replay off and the pool full, a prompt sharing nothing is lent the least recent
     session to rewind; gone from the server (its TTL passed), the request failed 404."""
