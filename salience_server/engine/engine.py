@@ -134,6 +134,8 @@ class Engine:
         )
         self.outcomes = Outcomes(self.scheduler, self.session_table, self.metrics)
         self._embed_ids = itertools.count()
+        self._image_turn = threading.Lock()
+        """Held while an image is decoded and encoded (``encode_image``)."""
         self._lock = threading.Condition()
         self.stepper = Stepper(
             self._lock,
@@ -280,11 +282,15 @@ class Engine:
                 raise mismatch
 
     def encode_image(self, data: bytes, mime_type: str) -> EncodedImage:
-        """Decodes, checks and encodes an image (slow: call it off the event loop)."""
+        """Decodes, checks and encodes an image (slow: call it off the event loop). One
+        image at a time: each takes host memory for its pixels and the device's for the
+        vision tower's activations (the start-up measurement leaves room for one), so
+        that calls arriving together wait rather than hold them all at once."""
         if self.vision is None:
             raise images_unsupported()
         limits = ImageLimits(self.config.max_image_bytes, self.config.max_image_pixels)
-        return self.vision.encode(decode_image(data, mime_type, limits))
+        with self._image_turn:
+            return self.vision.encode(decode_image(data, mime_type, limits))
 
     def submit_image(
         self, session_id: str, offset: int, truncating: bool, image: EncodedImage, sink: EventSink
