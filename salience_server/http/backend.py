@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,8 +203,8 @@ class Backend:
                         param,
                         "remote_images_disabled",
                     )
-                image.data, image.mime_type = await asyncio.to_thread(
-                    fetch_image, image.url, self.config.max_image_bytes
+                image.data, image.mime_type = await fetch_image_async(
+                    image.url, self.config.max_image_bytes
                 )
                 image.url = ""
 
@@ -234,14 +236,51 @@ def image_marker(data: bytes) -> int:
     return -1 - int.from_bytes(hashlib.sha256(data).digest()[:4], "big") % (2**31 - 1)
 
 
-def fetch_image(url: str, max_bytes: int) -> tuple[bytes, str]:
-    """GETs an image URL (bounded size and time); an ApiError 400 when it fails."""
+FETCH_WORKERS = 4
+"""Image downloads at once: their own threads, so that slow hosts hold none of the
+threads the server's other work runs in (its default executor: tokenization)."""
+FETCH_TIMEOUT_S = 10.0
+"""Each wait on the image's host (connecting, each read)."""
+FETCH_DEADLINE_S = 30.0
+"""A whole download: a host sending a byte every few seconds gets no longer."""
+_fetches: ThreadPoolExecutor | None = None
+
+
+async def fetch_image_async(url: str, max_bytes: int) -> tuple[bytes, str]:
+    """``fetch_image`` in the downloads' own threads; a request that is cancelled (its
+    client left) stops its download at the next read."""
+    global _fetches
+    if _fetches is None:
+        _fetches = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="salience-fetch")
+    cancelled = threading.Event()
+    loop = asyncio.get_running_loop()
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
-            data = response.read(max_bytes + 1)
+        return await loop.run_in_executor(_fetches, fetch_image, url, max_bytes, cancelled)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
+def fetch_image(
+    url: str, max_bytes: int, cancelled: threading.Event | None = None
+) -> tuple[bytes, str]:
+    """GETs an image URL (bounded size and time: ``FETCH_TIMEOUT_S`` a wait,
+    ``FETCH_DEADLINE_S`` in all); an ApiError 400 when it fails."""
+    deadline = time.monotonic() + FETCH_DEADLINE_S
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:  # noqa: S310
             mime_type = response.headers.get_content_type()
+            while size <= max_bytes and (chunk := response.read1(64 << 10)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the download took over {FETCH_DEADLINE_S:g} s")
+                if cancelled is not None and cancelled.is_set():
+                    raise TimeoutError("the request was cancelled")
     except Exception as error:
         raise invalid(f"could not fetch the image {url!r}: {error}", "image_url") from error
-    if len(data) > max_bytes:
+    if size > max_bytes:
         raise invalid(f"the image at {url!r} is larger than {max_bytes} bytes", "image_url")
-    return data, mime_type
+    return b"".join(chunks), mime_type

@@ -1,0 +1,96 @@
+"""Remote images (``--allow-remote-images``): a slow host gets a bounded time, and its
+downloads hold none of the threads the server's other work runs in."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from salience_server.http import backend
+from salience_server.http.errors import ApiError
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """Headers at once, then a byte every 0.3 s for as long as the client reads."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        for _ in range(1000):
+            try:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.3)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/image.png"
+    server.shutdown()
+
+
+def test_a_host_sending_a_byte_at_a_time_gets_a_bounded_time(
+    slow_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket timeout bounds each wait, not the download: a byte every few seconds
+    held the request (and a thread) for as long as the host liked."""
+    monkeypatch.setattr(backend, "FETCH_DEADLINE_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(ApiError, match="the download took over 1 s"):
+        backend.fetch_image(slow_url, 1 << 20)
+    assert time.monotonic() - start < 3
+
+
+def test_slow_downloads_leave_the_default_threads_free(
+    slow_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloads ran in the event loop's default executor (6 threads on 2 cores), which
+    gRPC's Tokenize shares: eight slow images stalled every other request. They have
+    their own threads now, and a request that is cancelled stops its download."""
+    monkeypatch.setattr(backend, "FETCH_DEADLINE_S", 60.0)
+
+    async def scenario() -> float:
+        downloads = [
+            asyncio.create_task(backend.fetch_image_async(slow_url, 1 << 20)) for _ in range(8)
+        ]
+        await asyncio.sleep(0.5)
+        start = time.monotonic()
+        await asyncio.to_thread(lambda: None)  # what Tokenize waits for
+        waited = time.monotonic() - start
+        for download in downloads:
+            download.cancel()
+        await asyncio.gather(*downloads, return_exceptions=True)
+        return waited
+
+    assert asyncio.run(scenario()) < 0.5
+    deadline = time.monotonic() + 3
+    while _downloading():  # each stops at its next byte
+        assert time.monotonic() < deadline, "cancelled downloads went on"
+        time.sleep(0.1)
+
+
+def _downloading() -> int:
+    """Threads now inside ``fetch_image``."""
+    count = 0
+    for frame in sys._current_frames().values():
+        while frame is not None and frame.f_code is not backend.fetch_image.__code__:
+            frame = frame.f_back  # type: ignore[assignment]
+        count += frame is not None
+    return count
