@@ -144,8 +144,15 @@ def is_busy(error: SalienceClientError) -> bool:
     return error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "SESSION_BUSY"
 
 
+_REFUSED_FOR_ROOM = ("HOST_MEMORY_FULL", "QUEUE_FULL", "TOO_MANY_SESSIONS")
+"""RESOURCE_EXHAUSTED reasons the server answers before accepting a call (others, such
+as OUT_OF_MEMORY, come after the call's append or rewind was committed)."""
+
+
 def is_refusal(error: SalienceClientError) -> bool:
     """The server refused the call before changing anything (SPEC 2.1, 2.5)."""
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return error.reason in _REFUSED_FOR_ROOM
     return error.code in _REFUSALS
 
 

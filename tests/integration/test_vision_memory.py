@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 
+from salience_client import SalienceClient, SalienceClientError
 from salience_client.pb import salience_pb2 as pb
 from tests.helpers import U32_MAX, error_reason, generate, open_session
 from tests.vision_support import TOLERANCE, append_pieces, encode, make_image
@@ -183,3 +184,21 @@ def test_images_arriving_together_are_encoded_one_at_a_time(vision, monkeypatch)
     with ThreadPoolExecutor(6) as pool:
         counts = list(pool.map(append, range(6)))
     assert most[0] == 1 and all(count > 0 for count in counts)
+
+
+def test_a_truncating_image_refused_for_host_memory_changes_nothing_client_side(
+    vision, server_factory
+) -> None:
+    """HOST_MEMORY_FULL is answered before the call is accepted: the server keeps the
+    session as it was, and so must the client (it took the truncation as made, then
+    applied it with its next call)."""
+    server = server_factory(
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=64
+    )
+    with SalienceClient(server.target) as client, client.open_session() as session:
+        session.prefill(list(range(1, 30)))
+        with pytest.raises(SalienceClientError) as refused:
+            session.append_image(encode(make_image(7)), "image/png", truncate_to=2)
+        assert refused.value.reason == "HOST_MEMORY_FULL"
+        assert session.length == session.info().length == 29
+        assert session.history.length == 29
