@@ -165,7 +165,7 @@ class Generation:
             async for event in session.generate(text, truncate_to=truncate_to, max_tokens=0):
                 if isinstance(event, Done) and self._reused is None:
                     self._reused = event.cached_tokens
-            count = await session.append_image(image.data, image.mime_type)
+            count = await self._append_image(lease, image)
             self.image_token_counts[marker] = count
             done_ids += text + [marker] * count
             index = image_at
@@ -175,6 +175,20 @@ class Generation:
         ids[:] = done_ids + ids[index:]
         lease.entry.token_ids = list(done_ids)
         lease.shared = len(done_ids)
+
+    async def _append_image(self, lease: Lease, image: ImageInput) -> int:
+        """Appends ``image`` to the lease's session; where the server's host memory for
+        image embeddings is full, the pool's idle sessions holding images are closed,
+        least recently used first, until it fits (they held it for good: every new image
+        was refused 429 until their TTL passed)."""
+        while True:
+            try:
+                return await lease.session.append_image(image.data, image.mime_type)
+            except SalienceClientError as error:
+                if error.reason != "HOST_MEMORY_FULL":
+                    raise
+                if not await self._pool.free_image_memory(lease.entry):
+                    raise
 
     async def _first_call(
         self, lease: Lease, max_tokens: int

@@ -236,6 +236,25 @@ class SessionPool:
         idle = [e for e in self._entries if not e.is_leased and not e.num_forking and e is not kept]
         return min(idle, key=lambda entry: entry.last_used, default=None)
 
+    async def free_image_memory(self, kept: PooledSession) -> bool:
+        """Closes the least recently used idle session holding images (other than
+        ``kept``), for the server's host memory their embeddings take; False when there
+        is none. (An image shared with a session still open stays held.)"""
+        holders = [
+            entry
+            for entry in self._entries
+            if not entry.is_leased
+            and not entry.num_forking
+            and entry is not kept
+            and any(token_id < 0 for token_id in entry.token_ids)
+        ]
+        victim = min(holders, key=lambda entry: entry.last_used, default=None)
+        if victim is None:
+            return False
+        self._entries.remove(victim)
+        await self._close(victim.session)
+        return True
+
     def _lend_least_recent(self) -> Lease | None:
         """The least recently used idle session, lent to be rewound to nothing; None
         when every session is lent or being forked."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -22,6 +23,7 @@ def vision_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     model_dir = build_tiny_vision_model(tmp_path_factory.mktemp("shim-vl"), "qwen2_vl")
     server = start_server(str(model_dir), block_size=4, kv_cache_bytes=8 << 20)
+    server.extra["model_dir"] = model_dir
     yield server
     server.stop()
 
@@ -244,3 +246,44 @@ def test_truncation_auto_counts_images_at_their_length(tmp_path: Any) -> None:
     finally:
         running.stop()
         server.stop()
+
+
+def test_the_pool_closes_idle_sessions_holding_images_for_new_images(
+    vision_server: Any, server_factory: Any
+) -> None:
+    """The server's host memory for image embeddings held what the pool's idle sessions
+    had appended: requests with new images were then refused 429 until their TTL
+    passed. Three conversations leave three idle sessions of one image each; two new
+    ones of two images each, together, take two of those sessions (rewinding them) and
+    need room for one more image than the rest leaves: the pool closes the third."""
+    with SalienceClient(vision_server.target) as client, client.open_session() as probe:
+        count = probe.append_image(PNG, "image/png")
+    hidden = vision_server.engine.loaded.model.config.get_text_config().hidden_size
+    image_bytes = count * hidden * 4  # float32 embeddings on the host
+    tight = server_factory(
+        vision_server.extra["model_dir"],
+        block_size=4,
+        kv_cache_bytes=8 << 20,
+        host_kv_bytes=int(4.5 * image_bytes),
+    )
+    running = start_shim(tight.target)
+    try:
+        client = running.client()
+        model = client.models.list().data[0].id
+
+        def ask(name: str, seeds: list[int]) -> str | None:
+            content: list[dict[str, Any]] = [{"type": "text", "text": f"Album {name}."}]
+            for seed in seeds:
+                url = "data:image/png;base64," + base64.b64encode(encode(make_image(seed))).decode()
+                content.append({"type": "image_url", "image_url": {"url": url}})
+            messages = [{"role": "user", "content": content}]
+            reply = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(ask, "abc", [[41], [42], [43]]))
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(ask, "de", [[44, 45], [46, 47]]))
+        assert all(reply is not None for reply in replies)
+    finally:
+        running.stop()
