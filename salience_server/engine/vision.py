@@ -56,7 +56,8 @@ def decode_image(data: bytes, mime_type: str, limits: ImageLimits) -> Image.Imag
         raise invalid(
             "IMAGE_TOO_LARGE", f"the image has {len(data)} bytes; the limit is {limits.max_bytes}"
         )
-    expected = MIME_FORMATS.get(mime_type.lower().strip()) if mime_type else None
+    mime_type = mime_type.split(";")[0].strip().lower()  # "image/png; charset=binary"
+    expected = MIME_FORMATS.get(mime_type) if mime_type else None
     if mime_type and expected is None:
         raise invalid(
             "UNSUPPORTED_IMAGE_TYPE",
@@ -70,9 +71,10 @@ def decode_image(data: bytes, mime_type: str, limits: ImageLimits) -> Image.Imag
         raise invalid("IMAGE_TOO_LARGE", f"the image is too large to decode: {error}") from error
     except Exception as error:
         raise invalid("BAD_IMAGE", "the bytes are not an image Pillow can read") from error
-    if image.format not in set(MIME_FORMATS.values()):
+    image_format = _JPEG_FORMS.get(image.format or "", image.format)
+    if image_format not in set(MIME_FORMATS.values()):
         raise invalid("UNSUPPORTED_IMAGE_TYPE", f"{image.format} images are not supported")
-    if expected is not None and image.format != expected:
+    if expected is not None and image_format != expected:
         raise invalid("MIME_MISMATCH", f"the bytes are {image.format}, not {mime_type}")
     width, height = image.size
     if width * height > limits.max_pixels:
@@ -86,6 +88,11 @@ def decode_image(data: bytes, mime_type: str, limits: ImageLimits) -> Image.Imag
         return as_rgb(image)
     except Exception as error:
         raise invalid("BAD_IMAGE", f"the image could not be decoded: {error}") from error
+
+
+_JPEG_FORMS = {"MPO": "JPEG"}
+"""Formats Pillow names that are JPEG files: MPO, the multi-picture JPEG of many phone
+cameras (a JPEG whose first picture is the photo)."""
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

@@ -24,7 +24,12 @@ from salience_server.text_checks import IMAGE_PLACE, load_json
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _TEXT_PARTS = {"text", "input_text", "output_text"}
 _IMAGE_PARTS = {"image_url", "input_image"}
-_DATA_URL = re.compile(r"\Adata:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<b64>;base64)?,(?P<data>.*)\Z", re.S)
+_DATA_URL = re.compile(
+    r"\Adata:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*(?P<b64>;base64)?,(?P<data>.*)\Z",
+    re.S,
+)
+"""RFC 2397's ``data:[<mediatype>][;base64],<data>``, the media type's parameters
+(``;charset=binary``) taken and left."""
 
 
 IMAGE_PLACEHOLDER = IMAGE_PLACE
@@ -64,7 +69,7 @@ def parse_image_url(url: Any, param: str) -> ImageInput:
     data = _base64_bytes(match.group("data"))
     if data is None:
         raise invalid("the image data URL is not valid base64", param)
-    return ImageInput(data, match.group("mime") or "application/octet-stream")
+    return ImageInput(data, match.group("mime") or "")  # none: the server reads the bytes
 
 
 def _base64_bytes(text: str) -> bytes | None:

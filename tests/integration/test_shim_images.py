@@ -177,6 +177,17 @@ def test_streaming_and_responses_take_images_too(shim: RunningShim, vision_serve
     assert response.output_text == want_text
 
 
+def test_a_data_url_without_a_media_type_is_read_from_its_bytes(shim: RunningShim) -> None:
+    """``data:;base64,...`` went to the server as application/octet-stream, which it
+    refuses; it reads an image's type from its bytes when told none."""
+    client = shim.client()
+    url = "data:;base64," + base64.b64encode(PNG).decode()
+    reply = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=_messages(url), max_tokens=2
+    )
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0
+
+
 def test_remote_images_are_refused_unless_allowed(shim: RunningShim) -> None:
     client = shim.client()
     model = client.models.list().data[0].id

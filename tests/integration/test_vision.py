@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import time
 import zlib
@@ -138,6 +139,27 @@ BAD_IMAGES = {
     # Qwen2-VL's processor refuses an aspect ratio over 200 (it was UNKNOWN, retried).
     "1x5000": (encode(make_image(5, (1, 5000))), "image/png", "BAD_IMAGE"),
 }
+
+
+def _mpo() -> bytes:
+    """A phone camera's JPEG: MPO, a JPEG whose first picture is the photo."""
+    buffer = io.BytesIO()
+    make_image(6).save(buffer, format="MPO", save_all=True, append_images=[make_image(7)])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "mime"),
+    [(_mpo(), "image/jpeg"), (encode(make_image(6)), "image/png; charset=binary")],
+    ids=["mpo-as-jpeg", "mime-with-parameters"],
+)
+def test_images_as_cameras_and_clients_send_them_are_taken(data: bytes, mime: str, vision) -> None:
+    """Both were UNSUPPORTED_IMAGE_TYPE: MPO is how many phones write JPEGs, and a MIME
+    type may carry parameters. The image is the first picture, as JPEG readers show it."""
+    session_id = open_session(vision.stub)
+    generate(vision.stub, session_id, append_tokens=[1, 2, 3])
+    request = pb.AppendImageRequest(session_id=session_id, image=data, mime_type=mime, offset=3)
+    assert vision.stub.AppendImage(request).placeholder_count > 0
 
 
 @pytest.mark.parametrize("name", list(BAD_IMAGES))
