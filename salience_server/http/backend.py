@@ -4,6 +4,7 @@ cache, the response store, and the served model's description."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import json
@@ -66,7 +67,7 @@ class Backend:
         self._model_info: ModelInfo | None = None
         self._generation_prompt_lengths: dict[str, int] = {}
         """By the template variables they were measured with (``generation_prompt_length``)."""
-        self.image_token_counts: dict[int, int] = {}
+        self.image_token_counts: dict[int, int] = RecentCounts()
         """Placeholder tokens each image (by marker) took when it was appended."""
         # A channel of its own, so that /health works whatever the client is doing.
         self._health_channel = grpc.aio.insecure_channel(config.target)
@@ -234,6 +235,21 @@ def image_marker(data: bytes) -> int:
     """A negative pseudo token id standing for an image's placeholders in the shim's
     token lists (never sent to the server)."""
     return -1 - int.from_bytes(hashlib.sha256(data).digest()[:4], "big") % (2**31 - 1)
+
+
+MAX_KNOWN_IMAGES = 4096
+"""Images whose placeholder counts the shim keeps (a screenshot agent sends new ones
+without end)."""
+
+
+class RecentCounts(collections.OrderedDict[int, int]):
+    """The ``MAX_KNOWN_IMAGES`` most recently stored entries."""
+
+    def __setitem__(self, key: int, value: int) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > MAX_KNOWN_IMAGES:
+            self.popitem(last=False)
 
 
 FETCH_WORKERS = 4

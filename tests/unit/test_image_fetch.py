@@ -1,5 +1,6 @@
 """Remote images (``--allow-remote-images``): a slow host gets a bounded time, and its
-downloads hold none of the threads the server's other work runs in."""
+downloads hold none of the threads the server's other work runs in; and the images the
+shim remembers stay bounded."""
 
 from __future__ import annotations
 
@@ -94,3 +95,15 @@ def _downloading() -> int:
             frame = frame.f_back  # type: ignore[assignment]
         count += frame is not None
     return count
+
+
+def test_the_images_known_are_the_most_recent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image's placeholder count was kept for good: a screenshot agent's shim grew
+    without end."""
+    monkeypatch.setattr(backend, "MAX_KNOWN_IMAGES", 3)
+    counts = backend.RecentCounts()
+    for marker in range(-1, -6, -1):
+        counts[marker] = 16
+    counts[-3] = 20  # stored again: the most recent
+    counts[-6] = 16
+    assert list(counts) == [-5, -3, -6]
