@@ -10,7 +10,7 @@ import sys
 
 from salience_client import DEFAULT_TARGET
 from salience_server import stop_signals
-from salience_server.config import add_cors_argument
+from salience_server.config import add_cors_argument, parse_bytes
 from salience_server.http.config import ShimConfig, api_key_from_env
 from salience_server.http.serving import ShimServer
 
@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
     )
     parser.add_argument("--max-pooled-sessions", type=int, default=32)
     parser.add_argument("--max-stored-responses", type=int, default=1024)
+    parser.add_argument(
+        "--max-stored-image-bytes",
+        type=parse_bytes,
+        default=parse_bytes("256MiB"),
+        help="bytes of images the stored responses may keep (older responses go first)",
+    )
     parser.add_argument(
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs"
     )
@@ -67,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
             served_model_names=tuple(args.served_model_name),
             max_pooled_sessions=args.max_pooled_sessions,
             max_stored_responses=args.max_stored_responses,
+            max_stored_image_bytes=args.max_stored_image_bytes,
             keepalive_s=args.keepalive_s,
             log_level=args.log_level,
             replay=not args.no_replay,

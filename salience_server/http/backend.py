@@ -62,7 +62,7 @@ class Backend:
         )
         self.pool = SessionPool(self.client, config.max_pooled_sessions)
         self.token_texts = TokenTexts(self.client)
-        self.responses = ResponseStore(config.max_stored_responses)
+        self.responses = ResponseStore(config.max_stored_responses, config.max_stored_image_bytes)
         self.created = int(time.time())
         self._model_info: ModelInfo | None = None
         self._generation_prompt_lengths: dict[str, int] = {}

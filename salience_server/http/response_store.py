@@ -5,8 +5,9 @@ and the exact tokens its session holds, so that a chained request continues that
 session: it appends only the new input. A streamed response is stored from its start
 (``in_progress``) and replaced as it ends, ``failed`` and ``cancelled`` (its client
 went away) included, so that its id, once sent, can be read back. The store is
-bounded; the least recently used responses are forgotten first, after which their ids
-give 404.
+bounded in responses and in the bytes of the images they keep (a chained request
+appends them to a session made again); the least recently used responses are forgotten
+first, after which their ids give 404.
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ CONTINUABLE = ("completed", "incomplete")
 
 
 class ResponseStore:
-    """Response id to StoredResponse, least recently used forgotten beyond ``max_responses``."""
+    """Response id to StoredResponse, least recently used forgotten beyond ``max_responses``
+    or ``max_image_bytes`` of images (an image a chain shares counted once); the one
+    just stored is kept whatever its images take."""
 
-    def __init__(self, max_responses: int) -> None:
+    def __init__(self, max_responses: int, max_image_bytes: int = 256 << 20) -> None:
         self.max_responses = max_responses
+        self.max_image_bytes = max_image_bytes
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
 
     def __len__(self) -> int:
@@ -68,6 +72,13 @@ class ResponseStore:
         self._responses.move_to_end(response_id)
         while len(self._responses) > self.max_responses:
             self._responses.popitem(last=False)
+        while len(self._responses) > 1 and self.image_bytes() > self.max_image_bytes:
+            self._responses.popitem(last=False)
+
+    def image_bytes(self) -> int:
+        """The bytes of the images kept, each image once."""
+        images = {id(i.data): len(i.data) for s in self._responses.values() for i in s.images}
+        return sum(images.values())
 
     def get(self, response_id: str) -> StoredResponse | None:
         """The stored response, or None if unknown or forgotten."""
