@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, Unpack
@@ -27,22 +26,12 @@ from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S, SessionBase
+from salience_client.stream_state import is_async_suspended
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 from salience_client.unary import await_unary, close_in_background
 
 FINALIZE_WAIT_S = 5.0
 """How long a call waits for the event loop to close a stream its caller dropped."""
-
-
-def _is_suspended(stream: Any) -> bool:
-    """An async generator started and paused at a ``yield`` (``inspect.getasyncgenstate``
-    says so from Python 3.12; before, a frame not at its first instruction and not
-    running)."""
-    state = getattr(inspect, "getasyncgenstate", None)
-    if state is not None:
-        return bool(state(stream) == "AGEN_SUSPENDED")
-    frame = stream.ag_frame
-    return frame is not None and not stream.ag_running and frame.f_lasti > 0
 
 
 class AsyncSession(SessionBase):
@@ -149,7 +138,7 @@ class AsyncSession(SessionBase):
         caller left, waits while the server still runs that one (the call then rewinds
         the session to ``length``)."""
         for stream in list(self._streams):  # the running one is this call's own
-            if _is_suspended(stream):
+            if is_async_suspended(stream):
                 await stream.aclose()  # its call is cancelled: the session holds what it delivered
         # A stream no one refers to any more (a ``break`` out of ``async for`` over
         # ``generate()`` itself) left the weak set, and the event loop closes it in a

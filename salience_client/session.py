@@ -7,7 +7,6 @@ It shares the request building and range arithmetic (``generation``) and
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 import time
 from collections.abc import Generator, Iterable, Sequence
@@ -30,6 +29,7 @@ from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S, SessionBase
+from salience_client.stream_state import is_suspended
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 from salience_client.unary import call_unary
 
@@ -138,7 +138,7 @@ class Session(SessionBase):
         caller left, waits while the server still runs that one (the call then rewinds
         the session to ``length``)."""
         for stream in list(self._streams):  # the running one is this call's own
-            if inspect.getgeneratorstate(stream) == inspect.GEN_SUSPENDED:
+            if is_suspended(stream):
                 stream.close()  # its call is cancelled: the session holds what it delivered
         if self._abandoned:
             with contextlib.suppress(SalienceClientError):  # the call itself will say
