@@ -243,13 +243,20 @@ without end)."""
 
 
 class RecentCounts(collections.OrderedDict[int, int]):
-    """The ``MAX_KNOWN_IMAGES`` most recently stored entries."""
+    """The ``MAX_KNOWN_IMAGES`` most recently stored or read entries (an image a
+    conversation keeps is read at each of its turns: its count must stay, or the next
+    turn's prompt would hold one placeholder where its session holds them all)."""
 
     def __setitem__(self, key: int, value: int) -> None:
         super().__setitem__(key, value)
         self.move_to_end(key)
         while len(self) > MAX_KNOWN_IMAGES:
             self.popitem(last=False)
+
+    def get(self, key: int, default: Any = None) -> Any:
+        if key in self:
+            self.move_to_end(key)
+        return super().get(key, default)
 
 
 FETCH_WORKERS = 4

@@ -107,3 +107,6 @@ def test_the_images_known_are_the_most_recent(monkeypatch: pytest.MonkeyPatch) -
     counts[-3] = 20  # stored again: the most recent
     counts[-6] = 16
     assert list(counts) == [-5, -3, -6]
+    assert counts.get(-5) == 16  # read (a conversation's image, each turn): recent too
+    counts[-7] = 16
+    assert list(counts) == [-6, -5, -7] and counts.get(-1, 1) == 1
