@@ -12,7 +12,7 @@ from typing import Any, Unpack
 import grpc
 
 from salience_client.closing import CLIENT_CLOSED, closed_client_calls
-from salience_client.failover import Attempts, StreamProgress
+from salience_client.failover import Attempts, StreamProgress, is_busy
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -211,19 +211,23 @@ class AsyncSession(SessionBase):
         await self._settle()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = self._attempts()
+        closed_partial = False  # a fork made mid-replay, closed: its id is no success
         while True:
             try:
                 response = await self._unary(self._stub.ForkSession, request)
+                made = response.session_id or child_id
                 if not self._forked_mid_replay(response.length, attempts):
-                    return self._child(response.session_id or child_id, response.length)
+                    return self._child(made, response.length)
                 with contextlib.suppress(SalienceClientError):
-                    close = pb.CloseSessionRequest(session_id=child_id)
+                    close = pb.CloseSessionRequest(session_id=made)
                     await self._unary(self._stub.CloseSession, close)
+                closed_partial = True
                 async with self._replay_lock:  # until the replay is done
                     attempts.replays_seen = self.num_replays
                 continue
             except SalienceClientError as error:
-                if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
+                is_taken = error.code == grpc.StatusCode.ALREADY_EXISTS
+                if is_taken and attempts.num_retries and not closed_partial:
                     return self._child(child_id, self.length)  # an earlier try went through
                 failure = error
             await self._recover(failure, attempts, self.length)
@@ -332,12 +336,16 @@ class AsyncSession(SessionBase):
         self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
     ) -> None:
         """As ``Session._recover``."""
+        if self._replay_under_way(error, attempts):
+            async with self._replay_lock:  # until it is done
+                if self._replayed_meanwhile(attempts, replay_length) or is_busy(error):
+                    return
         recovery = self._recovery(error, attempts, replay_length)
         if recovery.replay_length is None:
             await asyncio.sleep(recovery.wait_s)
             return
         async with self._replay_lock:
-            if self._replayed_meanwhile(attempts):
+            if self._replayed_meanwhile(attempts, recovery.replay_length):
                 return
             cause = error
             while True:

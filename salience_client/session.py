@@ -15,7 +15,7 @@ from typing import Any, Unpack
 import grpc
 
 from salience_client.closing import CLIENT_CLOSED
-from salience_client.failover import Attempts, StreamProgress
+from salience_client.failover import Attempts, StreamProgress, is_busy
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -194,20 +194,22 @@ class Session(SessionBase):
         child_id = new_session_id or fresh_session_id()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = self._attempts()
+        closed_partial = False  # a fork made mid-replay, closed: its id is no success
         while True:
             try:
                 response = self._unary(self._stub.ForkSession, request)
+                made = response.session_id or child_id
                 if not self._forked_mid_replay(response.length, attempts):
-                    return self._child(response.session_id or child_id, response.length)
+                    return self._child(made, response.length)
                 with contextlib.suppress(SalienceClientError):
-                    self._unary(
-                        self._stub.CloseSession, pb.CloseSessionRequest(session_id=child_id)
-                    )
+                    self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=made))
+                closed_partial = True
                 with self._replay_lock:  # until the replay is done
                     attempts.replays_seen = self.num_replays
                 continue
             except SalienceClientError as error:
-                if error.code == grpc.StatusCode.ALREADY_EXISTS and attempts.num_retries:
+                is_taken = error.code == grpc.StatusCode.ALREADY_EXISTS
+                if is_taken and attempts.num_retries and not closed_partial:
                     return self._child(child_id, self.length)  # an earlier try went through
                 failure = error
             self._recover(failure, attempts, self.length)
@@ -309,12 +311,16 @@ class Session(SessionBase):
     ) -> None:
         """Does what ``_recovery`` decides: waits, or re-creates the session (trying again
         until the replays are spent); raises when nothing can be done."""
+        if self._replay_under_way(error, attempts):
+            with self._replay_lock:  # until it is done
+                if self._replayed_meanwhile(attempts, replay_length) or is_busy(error):
+                    return
         recovery = self._recovery(error, attempts, replay_length)
         if recovery.replay_length is None:
             time.sleep(recovery.wait_s)
             return
         with self._replay_lock:
-            if self._replayed_meanwhile(attempts):
+            if self._replayed_meanwhile(attempts, recovery.replay_length):
                 return
             cause = error
             while True:

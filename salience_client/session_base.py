@@ -273,12 +273,21 @@ class SessionBase:
         replaying = self._replay_lock.locked() or self.num_replays != attempts.replays_seen
         return replaying and length != self.length
 
-    def _replayed_meanwhile(self, attempts: Attempts) -> bool:
+    def _replay_under_way(self, error: SalienceClientError, attempts: Attempts) -> bool:
+        """Whether a call failed busy or lost while another call of the session re-creates
+        it (or since it did): it then waits for that replay rather than spend one of its
+        own, and goes on from what it restored (a fork meeting the replay's prefill was
+        refused SESSION_BUSY)."""
+        replaying = self._replay_lock.locked() or self.num_replays != attempts.replays_seen
+        return replaying and (is_busy(error) or is_session_lost(error))
+
+    def _replayed_meanwhile(self, attempts: Attempts, needed: int | None) -> bool:
         """Under the replay lock: whether another call re-created the session since this
-        one began (or last recovered); this one then retries on it."""
+        one began (or last recovered), with the ``needed`` positions; this one then
+        retries on it."""
         replayed = self.num_replays != attempts.replays_seen
         attempts.replays_seen = self.num_replays
-        return replayed
+        return replayed and (needed is None or self.length >= needed)
 
     def _recovery(
         self, error: SalienceClientError, attempts: Attempts, replay_length: int | None

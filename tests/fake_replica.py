@@ -80,6 +80,9 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
     """(method, x-session-id) of every call, in order."""
     requests: list[Any] = field(default_factory=list)
     """Every GenerateRequest, in order."""
+    running: set[str] = field(default_factory=set)
+    """Sessions a Generate is running on: a fork of one is refused SESSION_BUSY, as the
+    server refuses it."""
 
     def _note(self, method: str, context: Any) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -106,6 +109,8 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
     async def ForkSession(self, request: Any, context: Any) -> pb.ForkSessionResponse:
         self._note("ForkSession", context)
         tokens = await self._session(request.session_id, context)
+        if request.session_id in self.running:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "SESSION_BUSY", "busy")
         self.sessions[request.new_session_id] = list(tokens)
         if self.faults.fork_delay_s:
             delay, self.faults.fork_delay_s = self.faults.fork_delay_s, 0.0
@@ -145,6 +150,14 @@ class FakeReplica(salience_pb2_grpc.SalienceServicer):
             await _abort(context, self.faults.break_code, self.faults.break_reason, "broken")
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[pb.GenerateEvent]:
+        self.running.add(request.session_id)
+        try:
+            async for event in self._generate(request, context):
+                yield event
+        finally:
+            self.running.discard(request.session_id)
+
+    async def _generate(self, request: Any, context: Any) -> AsyncIterator[pb.GenerateEvent]:
         self._note("Generate", context)
         self.requests.append(request)
         if self.faults.num_generate_failures > 0:

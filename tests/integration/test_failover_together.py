@@ -41,3 +41,26 @@ def test_forks_that_find_their_parent_lost_together_replay_it_once(fake: Running
         assert parent.num_replays == 1
         assert all(fake.replica.sessions[child.session_id] == want for child in children)
         assert fake.replica.sessions[parent.session_id] == want
+
+
+def test_a_fork_arriving_while_its_parent_is_replayed_waits_for_the_replay(
+    fake: RunningFake,
+) -> None:
+    """The server refuses a fork of a session a call runs on (SESSION_BUSY), and a
+    replay's prefill is such a call: a request forking the parent 0.2 s into another's
+    replay failed at once (the shim's 409). It waits for the replay, spending none of
+    its own, and forks what it restored."""
+
+    async def scenario() -> None:
+        async with AsyncSalienceClient(fake.target, timeout=10, replay=FAST) as client:
+            parent = await client.open_session()
+            await parent.prefill([70, 71, 72, 73])
+            _lose(fake, parent.session_id)
+            fake.replica.faults.prefill_delay_s = 0.5  # the replay's prefill takes a while
+            first = asyncio.create_task(parent.fork())
+            await asyncio.sleep(0.2)
+            children = await asyncio.gather(first, parent.fork())
+            assert parent.num_replays == 1
+            assert [fake.replica.sessions[c.session_id] for c in children] == [[70, 71, 72, 73]] * 2
+
+    asyncio.run(scenario())
