@@ -57,6 +57,9 @@ class ResponseStore:
         self.max_responses = max_responses
         self.max_image_bytes = max_image_bytes
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._images: dict[int, list[int]] = {}
+        """id of an image's bytes -> [their length, the responses keeping them]."""
+        self._image_bytes = 0
 
     def __len__(self) -> int:
         return len(self._responses)
@@ -68,17 +71,17 @@ class ResponseStore:
         response_id = stored.response["id"]
         if replacing and response_id not in self._responses:
             return
+        self.delete(response_id)
         self._responses[response_id] = stored
-        self._responses.move_to_end(response_id)
+        self._count_images(stored, 1)
         while len(self._responses) > self.max_responses:
-            self._responses.popitem(last=False)
-        while len(self._responses) > 1 and self.image_bytes() > self.max_image_bytes:
-            self._responses.popitem(last=False)
+            self._forget_oldest()
+        while len(self._responses) > 1 and self._image_bytes > self.max_image_bytes:
+            self._forget_oldest()
 
     def image_bytes(self) -> int:
         """The bytes of the images kept, each image once."""
-        images = {id(i.data): len(i.data) for s in self._responses.values() for i in s.images}
-        return sum(images.values())
+        return self._image_bytes
 
     def get(self, response_id: str) -> StoredResponse | None:
         """The stored response, or None if unknown or forgotten."""
@@ -89,4 +92,25 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> bool:
         """Forgets a response; False if it was not there."""
-        return self._responses.pop(response_id, None) is not None
+        stored = self._responses.pop(response_id, None)
+        if stored is None:
+            return False
+        self._count_images(stored, -1)
+        return True
+
+    def _forget_oldest(self) -> None:
+        _, stored = self._responses.popitem(last=False)
+        self._count_images(stored, -1)
+
+    def _count_images(self, stored: StoredResponse, change: int) -> None:
+        """Counts ``stored``'s images in (``change`` 1) or out (-1), each image once."""
+        for key, data in {id(image.data): image.data for image in stored.images}.items():
+            if change > 0:
+                entry = self._images.setdefault(key, [len(data), 0])
+                self._image_bytes += entry[0] if entry[1] == 0 else 0
+                entry[1] += 1
+            elif (entry := self._images.get(key)) is not None:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._image_bytes -= entry[0]
+                    del self._images[key]

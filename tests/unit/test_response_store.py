@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from salience_server.http.messages import ImageInput
 from salience_server.http.response_store import ResponseStore, StoredResponse
 
@@ -24,3 +26,20 @@ def test_images_are_bounded_in_bytes_each_counted_once() -> None:
     assert (len(store), store.image_bytes()) == (1, 1000) and store.get("r3") is not None
     store.put(_stored("r4", [ImageInput(b"w" * 5000, "image/png")]))
     assert len(store) == 1 and store.get("r4") is not None  # over the bound alone: kept
+
+
+def test_a_long_chain_of_images_is_bounded_at_no_great_cost() -> None:
+    """Each put summed every image of every response again, and each eviction once more:
+    a 1,024-turn chain of screenshots, then a large image, took 21 s in one put, the
+    shim's event loop stalled meanwhile."""
+    store = ResponseStore(max_responses=2048, max_image_bytes=200 << 20)
+    images: list[ImageInput] = []
+    for turn in range(1024):
+        images = [*images, ImageInput(bytes(200 << 10), "image/png")]
+        store.put(_stored(f"r{turn}", images))
+    start = time.monotonic()
+    store.put(_stored("big", [ImageInput(bytes(70 << 20), "image/png")]))
+    assert time.monotonic() - start < 1.0
+    # The chain's older responses free nothing (its newest holds their images): all go.
+    assert (len(store), store.image_bytes()) == (1, 70 << 20)
+    assert store.delete("big") and (len(store), store.image_bytes()) == (0, 0)
