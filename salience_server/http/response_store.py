@@ -109,8 +109,8 @@ class ResponseStore:
                 entry = self._images.setdefault(key, [len(data), 0])
                 self._image_bytes += entry[0] if entry[1] == 0 else 0
                 entry[1] += 1
-            elif (entry := self._images.get(key)) is not None:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    self._image_bytes -= entry[0]
+            elif (kept := self._images.get(key)) is not None:
+                kept[1] -= 1
+                if kept[1] == 0:
+                    self._image_bytes -= kept[0]
                     del self._images[key]

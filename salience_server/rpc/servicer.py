@@ -38,6 +38,9 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Set once the model is loaded; calls before that get UNAVAILABLE."""
         self.stream_buffer_events = stream_buffer_events
         """Events one stream may hold unread; past that it alone is cancelled."""
+        self._image_turn = asyncio.Semaphore(1)
+        """Images are encoded one at a time (``Engine.encode_image``): a call waits its
+        turn here, so that one cancelled or past its deadline meanwhile starts none."""
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.engine is None:
@@ -216,7 +219,8 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         await _after_cancelled_call(engine, session_id, context)
         try:
             engine.check_image_target(session_id, offset, truncating)
-            image = await in_own_thread(engine.encode_image, request.image, request.mime_type)
+            async with self._image_turn:
+                image = await in_own_thread(engine.encode_image, request.image, request.mime_type)
         except SalienceError as error:
             await abort(context, error)
         submit = lambda sink: engine.submit_image(session_id, offset, truncating, image, sink)  # noqa: E731

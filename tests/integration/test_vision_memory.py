@@ -202,3 +202,37 @@ def test_a_truncating_image_refused_for_host_memory_changes_nothing_client_side(
         assert refused.value.reason == "HOST_MEMORY_FULL"
         assert session.length == session.info().length == 29
         assert session.history.length == 29
+
+
+def test_an_image_call_that_gives_up_while_waiting_its_turn_encodes_nothing(
+    vision, monkeypatch
+) -> None:
+    """A call whose deadline passed while another image was encoded still decoded and
+    encoded its image once its turn came, for no one, delaying every later image."""
+    engine = vision.engine
+    encode_one = engine.vision.encode
+    encoded: list[Any] = []
+
+    def slow(image: Any) -> Any:
+        encoded.append(image)
+        time.sleep(0.5)
+        return encode_one(image)
+
+    monkeypatch.setattr(engine.vision, "encode", slow)
+    requests = [
+        pb.AppendImageRequest(
+            session_id=open_session(vision.stub),
+            image=encode(make_image(30 + i)),
+            mime_type="image/png",
+        )
+        for i in range(2)
+    ]
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(vision.stub.AppendImage, requests[0])
+        time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as late:
+            vision.stub.AppendImage(requests[1], timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert first.result().placeholder_count > 0
+    time.sleep(0.7)  # where the late call's image would have been encoded
+    assert len(encoded) == 1
