@@ -3,15 +3,11 @@ cache, the response store, and the served model's description."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import hashlib
 import json
-import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client import AsyncSalienceClient, Failover, ModelInfo
 from salience_server import text_checks
+from salience_server.http import image_fetch
 from salience_server.http.config import ShimConfig
 from salience_server.http.errors import ApiError, client_errors, invalid, model_not_found
 from salience_server.http.logprobs import TokenTexts
@@ -204,7 +201,7 @@ class Backend:
                         param,
                         "remote_images_disabled",
                     )
-                image.data, image.mime_type = await fetch_image_async(
+                image.data, image.mime_type = await image_fetch.fetch(
                     image.url, self.config.max_image_bytes
                 )
                 image.url = ""
@@ -257,53 +254,3 @@ class RecentCounts(collections.OrderedDict[int, int]):
         if key in self:
             self.move_to_end(key)
         return super().get(key, default)
-
-
-FETCH_WORKERS = 4
-"""Image downloads at once: their own threads, so that slow hosts hold none of the
-threads the server's other work runs in (its default executor: tokenization)."""
-FETCH_TIMEOUT_S = 10.0
-"""Each wait on the image's host (connecting, each read)."""
-FETCH_DEADLINE_S = 30.0
-"""A whole download: a host sending a byte every few seconds gets no longer."""
-_fetches: ThreadPoolExecutor | None = None
-
-
-async def fetch_image_async(url: str, max_bytes: int) -> tuple[bytes, str]:
-    """``fetch_image`` in the downloads' own threads; a request that is cancelled (its
-    client left) stops its download at the next read."""
-    global _fetches
-    if _fetches is None:
-        _fetches = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="salience-fetch")
-    cancelled = threading.Event()
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.run_in_executor(_fetches, fetch_image, url, max_bytes, cancelled)
-    except asyncio.CancelledError:
-        cancelled.set()
-        raise
-
-
-def fetch_image(
-    url: str, max_bytes: int, cancelled: threading.Event | None = None
-) -> tuple[bytes, str]:
-    """GETs an image URL (bounded size and time: ``FETCH_TIMEOUT_S`` a wait,
-    ``FETCH_DEADLINE_S`` in all); an ApiError 400 when it fails."""
-    deadline = time.monotonic() + FETCH_DEADLINE_S
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:  # noqa: S310
-            mime_type = response.headers.get_content_type()
-            while size <= max_bytes and (chunk := response.read1(64 << 10)):
-                chunks.append(chunk)
-                size += len(chunk)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the download took over {FETCH_DEADLINE_S:g} s")
-                if cancelled is not None and cancelled.is_set():
-                    raise TimeoutError("the request was cancelled")
-    except Exception as error:
-        raise invalid(f"could not fetch the image {url!r}: {error}", "image_url") from error
-    if size > max_bytes:
-        raise invalid(f"the image at {url!r} is larger than {max_bytes} bytes", "image_url")
-    return b"".join(chunks), mime_type

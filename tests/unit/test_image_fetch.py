@@ -13,8 +13,25 @@ from collections.abc import Iterator
 
 import pytest
 
-from salience_server.http import backend
+from salience_server.http import backend, image_fetch
 from salience_server.http.errors import ApiError
+
+
+class _TrickledHeaders(http.server.BaseHTTPRequestHandler):
+    """Its status line and headers a byte every 0.3 s."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n" + b"X-Pad: " + b"p" * 200
+        for byte in head:
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.3)
+
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 class _Trickle(http.server.BaseHTTPRequestHandler):
@@ -37,9 +54,8 @@ class _Trickle(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def slow_url() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -47,15 +63,37 @@ def slow_url() -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.fixture
+def slow_url() -> Iterator[str]:
+    yield from _serving(_Trickle)
+
+
+@pytest.fixture
+def slow_headers_url() -> Iterator[str]:
+    yield from _serving(_TrickledHeaders)
+
+
 def test_a_host_sending_a_byte_at_a_time_gets_a_bounded_time(
     slow_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The socket timeout bounds each wait, not the download: a byte every few seconds
     held the request (and a thread) for as long as the host liked."""
-    monkeypatch.setattr(backend, "FETCH_DEADLINE_S", 1.0)
+    monkeypatch.setattr(image_fetch, "FETCH_DEADLINE_S", 1.0)
     start = time.monotonic()
     with pytest.raises(ApiError, match="the download took over 1 s"):
-        backend.fetch_image(slow_url, 1 << 20)
+        image_fetch.fetch_image(slow_url, 1 << 20)
+    assert time.monotonic() - start < 3
+
+
+def test_headers_a_byte_at_a_time_get_the_same_bound(
+    slow_headers_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound was checked between reads of the body: headers trickled in took as long
+    as the host liked (each byte within the socket timeout)."""
+    monkeypatch.setattr(image_fetch, "FETCH_DEADLINE_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(ApiError, match="the download took over 1 s"):
+        image_fetch.fetch_image(slow_headers_url, 1 << 20)
     assert time.monotonic() - start < 3
 
 
@@ -65,12 +103,10 @@ def test_slow_downloads_leave_the_default_threads_free(
     """Downloads ran in the event loop's default executor (6 threads on 2 cores), which
     gRPC's Tokenize shares: eight slow images stalled every other request. They have
     their own threads now, and a request that is cancelled stops its download."""
-    monkeypatch.setattr(backend, "FETCH_DEADLINE_S", 60.0)
+    monkeypatch.setattr(image_fetch, "FETCH_DEADLINE_S", 60.0)
 
     async def scenario() -> float:
-        downloads = [
-            asyncio.create_task(backend.fetch_image_async(slow_url, 1 << 20)) for _ in range(8)
-        ]
+        downloads = [asyncio.create_task(image_fetch.fetch(slow_url, 1 << 20)) for _ in range(8)]
         await asyncio.sleep(0.5)
         start = time.monotonic()
         await asyncio.to_thread(lambda: None)  # what Tokenize waits for
@@ -91,7 +127,7 @@ def _downloading() -> int:
     """Threads now inside ``fetch_image``."""
     count = 0
     for frame in sys._current_frames().values():
-        while frame is not None and frame.f_code is not backend.fetch_image.__code__:
+        while frame is not None and frame.f_code is not image_fetch.fetch_image.__code__:
             frame = frame.f_back  # type: ignore[assignment]
         count += frame is not None
     return count
