@@ -7,7 +7,8 @@ long one over its cached context, a decode of the other and a third session's pr
 flash-attn paged (256-token blocks) and gathered (16-token blocks) against SDPA
 (16-token blocks). Prints each one's largest logprob difference from SDPA's and how
 many rows pick the same argmax, beside SDPA's own in bfloat16 against float32 (the
-rounding a bfloat16 pass brings anyway).
+rounding a bfloat16 pass brings anyway), then PASS, or FAIL (exit 1) where flash-attn
+differs by more than twice that rounding (at least 0.1) or agrees on 5% fewer argmaxes.
 
     python scripts/flash_check.py MODEL_DIR [cuda]
 """
@@ -66,12 +67,23 @@ def main() -> None:
         return
     print(f"flash-attn {flash_attn.__version__}")
     reference = run(model_dir, device, "sdpa", 16)
-    compare(run(model_dir, device, "sdpa", 16, "float32"), reference)
+    rounding = compare(run(model_dir, device, "sdpa", 16, "float32"), reference)
+    failed = False
     for block_size in (256, 16):
-        compare(run(model_dir, device, "flash-attn", block_size), reference)
+        found = compare(run(model_dir, device, "flash-attn", block_size), reference)
+        for (diff, same), (bf16_diff, bf16_same) in zip(found, rounding, strict=True):
+            failed |= diff > max(2 * bf16_diff, 0.1) or same < bf16_same - 0.05
+    print(
+        "FAIL: flash-attn differs from SDPA by more than bf16 rounding does"
+        if failed
+        else "PASS: flash-attn agrees with SDPA within bf16 rounding"
+    )
+    sys.exit(1 if failed else 0)
 
 
-def compare(got: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
+def compare(got: list[torch.Tensor], reference: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """Each step's largest logprob difference and share of rows with the same argmax."""
+    found = []
     for index, (mine, theirs) in enumerate(zip(got, reference, strict=True)):
         diff = (mine - theirs).abs().max().item()
         same = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
@@ -79,6 +91,8 @@ def compare(got: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
             f"  against SDPA bf16, step {index + 1}: {mine.shape[0]} rows, largest logprob "
             f"difference {diff:.4f}, same argmax in {same:.1%} of rows"
         )
+        found.append((diff, same))
+    return found
 
 
 if __name__ == "__main__":
