@@ -7,6 +7,7 @@ before it is decoded). GIFs give their first frame; transparency is laid over wh
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -112,6 +113,10 @@ class VisionEncoder:
         self.image_processor = image_processor
         self.merge_size = int(model.config.vision_config.spatial_merge_size)
         self.device = next(model.parameters()).device
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        """On CUDA, images are encoded on a stream of their own: a step's one read of its
+        results waits for the step's own work only, not for a vision tower queued
+        beside it on the default stream (nor an image's read for a step)."""
 
     def largest_image(self, max_pixels: int) -> Image.Image:
         """A square image of the most pixels the vision tower is given: ``max_pixels``,
@@ -132,6 +137,11 @@ class VisionEncoder:
             features = self.image_processor(images=[image], return_tensors="pt")
         except ValueError as error:  # an image it cannot take (Qwen2-VL: ratio over 200)
             raise invalid("BAD_IMAGE", f"the image processor refused the image: {error}") from error
+        stream = torch.cuda.stream(self._stream) if self._stream is not None else None
+        with stream if stream is not None else contextlib.nullcontext():
+            return self._run_tower(features, image)
+
+    def _run_tower(self, features: Any, image: Image.Image) -> EncodedImage:
         grid_thw = features["image_grid_thw"].to(self.device)  # [1, 3] in patches
         # In the processor's float32: the vision tower casts them to its own dtype, which
         # is float32 on a CPU that emulates 16-bit arithmetic (``cpu_matmul``).
