@@ -154,6 +154,7 @@ class Engine:
             self.outcomes,
             lambda: self.step(),  # looked up at each step: tests instrument engine.step
             config.session_ttl_s,
+            device=loaded.device,
         )
 
     # ----- lifecycle -------------------------------------------------------------

@@ -12,6 +12,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
+
 from salience_server.engine.errors import Code, SalienceError, device_lost, shutting_down
 from salience_server.engine.outcomes import Outcomes
 from salience_server.engine.scheduler import Scheduler
@@ -31,7 +33,12 @@ class EngineThread:
         outcomes: Outcomes,
         step: Callable[[], None],
         session_ttl_s: float,
+        device: torch.device | None = None,
     ) -> None:
+        """``device``: the model's; on CUDA the thread makes it its current device (each
+        thread's starts as GPU 0, where pinned memory for the step's inputs would make
+        a context of a few hundred MB for a model on another GPU)."""
+        self._device = device
         self._lock = lock
         self.scheduler = scheduler
         self.session_table = session_table
@@ -83,6 +90,8 @@ class EngineThread:
 
     def _loop(self) -> None:
         try:
+            if self._device is not None and self._device.type == "cuda":
+                torch.cuda.set_device(self._device)
             self._serve()
         except BaseException as error:  # the thread must not die silently
             log.critical("the engine thread died", exc_info=True)

@@ -8,11 +8,14 @@ refused it). This reads the engine's code for tensor factories that name no devi
 from __future__ import annotations
 
 import ast
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from salience_server.engine.engine_thread import EngineThread
 from salience_server.engine.loader import resolve_device
 
 ENGINE = Path(__file__).resolve().parents[2] / "salience_server" / "engine"
@@ -92,3 +95,29 @@ def test_a_device_the_server_cannot_run_on_is_refused_in_one_line(
         with pytest.raises(ValueError) as refused:
             resolve_device(name)
         assert str(refused.value) == message
+
+
+def test_the_engine_thread_makes_the_models_gpu_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread's current CUDA device starts as GPU 0: for a model on ``cuda:1`` the
+    engine thread's pinned memory (the step's inputs) made a context on GPU 0 too."""
+    made_current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    idle = SimpleNamespace(has_work=lambda: False, requests=lambda: [], running=[], waiting=[])
+    table = SimpleNamespace(expire=lambda ttl: None)
+    for device, want in (
+        (torch.device("cuda", 1), [torch.device("cuda", 1)]),
+        (torch.device("cpu"), []),
+    ):
+        thread = EngineThread(
+            threading.Condition(),
+            idle,
+            table,
+            outcomes=None,
+            step=lambda: None,  # type: ignore[arg-type]
+            session_ttl_s=0,
+            device=device,
+        )
+        thread.start()
+        thread.stop()
+        assert made_current == want
+        made_current.clear()
