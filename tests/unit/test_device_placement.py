@@ -113,7 +113,7 @@ def test_the_engine_thread_makes_the_models_gpu_its_own(monkeypatch: pytest.Monk
             idle,
             table,
             outcomes=None,
-            step=lambda: None,  # type: ignore[arg-type]
+            step=lambda: None,
             session_ttl_s=0,
             device=device,
         )
