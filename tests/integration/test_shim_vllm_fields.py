@@ -30,8 +30,12 @@ def _prompt_ids(target: str) -> tuple[list[int], list[int]]:
         )
 
 
-def _completion_text(reply: Any, stream: bool) -> str:
-    """The text of a completion's first choice, streamed or whole."""
+def _completion_text(shim: RunningShim, model: str, stream: bool = False, **fields: Any) -> str:
+    """The text of the first choice of a greedy completion of ``PROMPT``, streamed or
+    whole."""
+    reply = shim.client().completions.create(
+        model=model, prompt=PROMPT, temperature=0, stream=stream, **fields
+    )
     if stream:
         return "".join(c.choices[0].text for c in reply if c.choices)
     return str(reply.choices[0].text)
@@ -116,10 +120,7 @@ def test_the_stop_string_kept_in_the_text(shim: RunningShim, model: str, stream:
         return reply.choices[0].message.content
 
     def complete(**fields: Any) -> str:
-        reply = client.completions.create(
-            model=model, prompt=PROMPT, max_tokens=30, temperature=0, stream=stream, **fields
-        )
-        return _completion_text(reply, stream)
+        return _completion_text(shim, model, stream, max_tokens=30, **fields)
 
     for ask in (chat, complete):
         full = ask()
@@ -270,16 +271,10 @@ def test_a_stop_token_s_text_is_left_out_unless_asked_for(
     before = b"".join(pieces[:at]).decode("utf-8", "replace")
 
     def complete(**extra: Any) -> str:
-        reply = shim.client().completions.create(
-            model=model,
-            prompt=PROMPT,
-            max_tokens=20,
-            temperature=0,
-            stream=stream,
-            stop=stop,
-            extra_body={"stop_token_ids": [decoded[at]], **extra},
+        extra_body = {"stop_token_ids": [decoded[at]], **extra}
+        return _completion_text(
+            shim, model, stream, max_tokens=20, stop=stop, extra_body=extra_body
         )
-        return _completion_text(reply, stream)
 
     assert complete() == before
     assert complete(include_stop_str_in_output=True) == before + pieces[at].decode()
@@ -335,16 +330,14 @@ def test_special_tokens_written_when_not_skipped(
         (eos_text,) = [raw.decode() for raw in client.token_bytes([eos])]
 
     def complete(**extra: Any) -> str:
-        reply = shim.client().completions.create(
-            model=model,
-            prompt=PROMPT,
+        return _completion_text(
+            shim,
+            model,
             max_tokens=3,
-            temperature=0,
             stop=stop,
             logit_bias={str(eos): 100},  # three end-of-sequence tokens, decoded past
             extra_body={"ignore_eos": True, **extra},
         )
-        return reply.choices[0].text
 
     assert complete() == ""
     assert complete(skip_special_tokens=False) == eos_text * 3
