@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from salience_server.engine.token_bytes import decodes_bytes_alike, incomplete_tail_of, pieces_bytes
+from salience_server.engine.token_bytes import incomplete_tail_of, is_byte_level, pieces_bytes
 
 # Tokens of context decoded before the new ones, so that a leading space or a
 # byte-fallback piece of the first new token renders as it would in the full text.
@@ -40,7 +40,7 @@ class IncrementalDetokenizer:
         self._released = 0
         """Characters of the unread tokens' text already returned: those before a
         character their last token left incomplete (byte-level tokenizers)."""
-        self._byte_level = decodes_bytes_alike(tokenizer)
+        self._byte_level = is_byte_level(tokenizer)
         self._context_tail = incomplete_tail_of(tokenizer, self._ids)
         """Bytes at the context's end that begin a character it does not complete, until
         the tokens after them are read."""

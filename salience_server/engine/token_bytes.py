@@ -21,7 +21,7 @@ def pieces_bytes(tokenizer: Any, token_ids: list[int]) -> list[bytes]:
     """Each token's own bytes (ids the vocabulary holds; an id the tokenizer has no
     piece for has none)."""
     added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
-    is_byte_level = _has_byte_level_decoder(tokenizer)
+    byte_level = is_byte_level(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(token_ids)
     result = []
     for token_id, piece in zip(token_ids, pieces, strict=True):
@@ -31,7 +31,7 @@ def pieces_bytes(tokenizer: Any, token_ids: list[int]) -> list[bytes]:
             result.append(added[token_id].encode())
         elif fallback is not None:
             result.append(bytes([int(fallback.group(1), 16)]))
-        elif is_byte_level:
+        elif byte_level:
             alphabet = _byte_level_decoder()
             result.append(b"".join(_byte_level_char(char, alphabet) for char in piece))
         else:
@@ -39,15 +39,9 @@ def pieces_bytes(tokenizer: Any, token_ids: list[int]) -> list[bytes]:
     return result
 
 
-def ends_inside_character(data: bytes) -> bool:
-    """Whether ``data`` ends inside a UTF-8 character: its last lead byte announces more
-    bytes than follow it."""
-    return incomplete_tail(data) > 0
-
-
 def incomplete_tail(data: bytes) -> int:
     """How many bytes at the end of ``data`` begin a character they do not complete
-    (0: none)."""
+    (0: none): its last lead byte announces more bytes than follow it."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if byte & 0xC0 == 0x80:  # a continuation byte: the lead is further back
@@ -64,23 +58,18 @@ def incomplete_tail_of(tokenizer: Any, token_ids: list[int]) -> int:
     return incomplete_tail(b"".join(pieces_bytes(tokenizer, token_ids)))
 
 
-def decodes_bytes_alike(tokenizer: Any) -> bool:
-    """Whether the tokenizer decodes through the byte-level alphabet (GPT-2's, Llama
-    3's, Qwen's): its text of a longer sequence begins with the text of a shorter one
-    but for one U+FFFD standing for a character the shorter ends inside. (SentencePiece's
-    byte fallback shows every byte of a run of byte pieces holding an incomplete
-    character as U+FFFD, whole characters before it included.)"""
-    return _has_byte_level_decoder(tokenizer)
-
-
 def _byte_level_char(char: str, alphabet: dict[str, int]) -> bytes:
     code = alphabet.get(char)
     return bytes([code]) if code is not None else char.encode()
 
 
 @functools.lru_cache(maxsize=16)
-def _has_byte_level_decoder(tokenizer: Any) -> bool:
-    """Whether the tokenizer decodes through the byte-level alphabet (GPT-2 style)."""
+def is_byte_level(tokenizer: Any) -> bool:
+    """Whether the tokenizer decodes through the byte-level alphabet (GPT-2's, Llama
+    3's, Qwen's): its text of a longer sequence begins with the text of a shorter one
+    but for one U+FFFD standing for a character the shorter ends inside. (SentencePiece's
+    byte fallback shows every byte of a run of byte pieces holding an incomplete
+    character as U+FFFD, whole characters before it included.)"""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = getattr(backend, "decoder", None)
     if decoder is None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from salience_client.pb import salience_pb2 as pb
-from salience_server.engine.token_bytes import ends_inside_character
+from salience_server.engine.token_bytes import incomplete_tail
 from tests.helpers import U32_MAX, generate, open_session, reference_greedy, reference_logprobs
 from tests.tiny_models import reference_model
 
@@ -246,7 +246,7 @@ def test_a_character_cut_by_a_calls_end_comes_whole_in_the_next_call(llama_serve
         second, _ = generate(stub, session_id, offset=done.total_tokens, max_tokens=4, **options)
         ids = [5, 6, 7] + [t.id for t in first]
         decoded = stub.Detokenize(pb.DetokenizeRequest(token_ids=ids, return_token_bytes=True))
-        is_cut = ends_inside_character(b"".join(decoded.token_bytes))
+        is_cut = incomplete_tail(b"".join(decoded.token_bytes)) > 0
         num_cut += is_cut
         whole = stub.Detokenize(pb.DetokenizeRequest(token_ids=ids + [t.id for t in second])).text
         text = decoded.text
