@@ -270,16 +270,18 @@ class SessionBase:
         """Whether a fork answered with ``length`` copied this session while another call
         was re-creating it (partly replayed: fewer positions than it holds); the fork is
         then closed and made again once the replay is done."""
-        replaying = self._replay_lock.locked() or self.num_replays != attempts.replays_seen
-        return replaying and length != self.length
+        return self._is_replaying(attempts) and length != self.length
 
     def _replay_under_way(self, error: SalienceClientError, attempts: Attempts) -> bool:
         """Whether a call failed busy or lost while another call of the session re-creates
         it (or since it did): it then waits for that replay rather than spend one of its
         own, and goes on from what it restored (a fork meeting the replay's prefill was
         refused SESSION_BUSY)."""
-        replaying = self._replay_lock.locked() or self.num_replays != attempts.replays_seen
-        return replaying and (is_busy(error) or is_session_lost(error))
+        return self._is_replaying(attempts) and (is_busy(error) or is_session_lost(error))
+
+    def _is_replaying(self, attempts: Attempts) -> bool:
+        """Whether another call re-creates the session now, or did since this one began."""
+        return self._replay_lock.locked() or self.num_replays != attempts.replays_seen
 
     def _replayed_meanwhile(self, attempts: Attempts, needed: int | None) -> bool:
         """Under the replay lock: whether another call re-created the session since this
