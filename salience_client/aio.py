@@ -167,12 +167,20 @@ class AsyncSalienceClient:
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
+        images: Sequence[tuple[bytes, str]] = (),
     ) -> list[int]:
         """Chat messages through the model's chat template to token ids.
         ``chat_template_kwargs`` are extra template variables (``enable_thinking``);
-        ``continue_final_message`` leaves the last (assistant) message open."""
+        ``continue_final_message`` leaves the last (assistant) message open. ``images``,
+        (bytes, mime type) for each image pad token of the rendered messages in order,
+        make each of those as many pad tokens as ``append_image`` makes of its image."""
         request = tokenize_chat_request(
-            messages, add_generation_prompt, tools, chat_template_kwargs, continue_final_message
+            messages,
+            add_generation_prompt,
+            tools,
+            chat_template_kwargs,
+            continue_final_message,
+            images,
         )
         return list((await self._call("Tokenize", request)).token_ids)
 

@@ -44,15 +44,17 @@ def tokenize_chat_request(
     tools: list[dict[str, Any]] | None,
     chat_template_kwargs: dict[str, Any] | None = None,
     continue_final_message: bool = False,
+    images: Sequence[tuple[bytes, str]] = (),
 ) -> pb.TokenizeRequest:
     """Chat messages (and tools, template variables) as JSON, so tool calls and content
-    parts pass unchanged."""
+    parts pass unchanged; ``images`` as (bytes, mime type)."""
     return pb.TokenizeRequest(
         messages=pb.ChatMessages(messages_json=json.dumps(messages)),
         add_generation_prompt=add_generation_prompt,
         tools_json=json.dumps(tools) if tools else "",
         chat_template_kwargs_json=json.dumps(chat_template_kwargs) if chat_template_kwargs else "",
         continue_final_message=continue_final_message,
+        images=[pb.ImageData(data=data, mime_type=mime_type) for data, mime_type in images],
     )
 
 
@@ -219,12 +221,20 @@ class SalienceClient:
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
+        images: Sequence[tuple[bytes, str]] = (),
     ) -> list[int]:
         """Chat messages through the model's chat template to token ids.
         ``chat_template_kwargs`` are extra template variables (``enable_thinking``);
-        ``continue_final_message`` leaves the last (assistant) message open."""
+        ``continue_final_message`` leaves the last (assistant) message open. ``images``,
+        (bytes, mime type) for each image pad token of the rendered messages in order,
+        make each of those as many pad tokens as ``append_image`` makes of its image."""
         request = tokenize_chat_request(
-            messages, add_generation_prompt, tools, chat_template_kwargs, continue_final_message
+            messages,
+            add_generation_prompt,
+            tools,
+            chat_template_kwargs,
+            continue_final_message,
+            images,
         )
         return list(self._call("Tokenize", request).token_ids)
 

@@ -46,7 +46,13 @@ from salience_server.engine.session_table import (
 )
 from salience_server.engine.stepping import Stepper
 from salience_server.engine.validation import Limits, offset_mismatch
-from salience_server.engine.vision import EncodedImage, ImageLimits, VisionEncoder, decode_image
+from salience_server.engine.vision import (
+    EncodedImage,
+    ImageLimits,
+    VisionEncoder,
+    decode_image,
+    open_image,
+)
 from salience_server.metrics import EngineGauges, Metrics
 
 
@@ -292,6 +298,14 @@ class Engine:
         limits = ImageLimits(self.config.max_image_bytes, self.config.max_image_pixels)
         with self._image_turn:
             return self.vision.encode(decode_image(data, mime_type, limits))
+
+    def image_placeholder_count(self, data: bytes, mime_type: str) -> int:
+        """The placeholder tokens ``encode_image`` would make of an image, from its
+        checked header (nothing decoded: quick, and no turn taken)."""
+        if self.vision is None:
+            raise images_unsupported()
+        limits = ImageLimits(self.config.max_image_bytes, self.config.max_image_pixels)
+        return self.vision.placeholder_count(open_image(data, mime_type, limits))
 
     def submit_image(
         self, session_id: str, offset: int, truncating: bool, image: EncodedImage, sink: EventSink

@@ -51,6 +51,17 @@ class EncodedImage:
 
 def decode_image(data: bytes, mime_type: str, limits: ImageLimits) -> Image.Image:
     """Decodes ``data`` into an RGB image; INVALID_ARGUMENT with a reason when it is bad."""
+    image = open_image(data, mime_type, limits)
+    try:
+        image.seek(0)  # a GIF's first frame
+        image.load()
+        return as_rgb(image)
+    except Exception as error:
+        raise invalid("BAD_IMAGE", f"the image could not be decoded: {error}") from error
+
+
+def open_image(data: bytes, mime_type: str, limits: ImageLimits) -> Image.Image:
+    """``data``'s image, its header read and checked but its pixels not yet decoded."""
     if not data:
         raise invalid("EMPTY_IMAGE", "the image has no bytes")
     if len(data) > limits.max_bytes:
@@ -83,12 +94,7 @@ def decode_image(data: bytes, mime_type: str, limits: ImageLimits) -> Image.Imag
             "IMAGE_TOO_LARGE",
             f"the image is {width}x{height}; the limit is {limits.max_pixels} pixels",
         )
-    try:
-        image.seek(0)  # a GIF's first frame
-        image.load()
-        return as_rgb(image)
-    except Exception as error:
-        raise invalid("BAD_IMAGE", f"the image could not be decoded: {error}") from error
+    return image
 
 
 _JPEG_FORMS = {"MPO": "JPEG"}
@@ -130,6 +136,15 @@ class VisionEncoder:
         bound = bound or getattr(self.image_processor, "max_pixels", None)
         side = math.isqrt(min(max_pixels, int(bound)) if bound else max_pixels)
         return Image.new("RGB", (side, side), (128, 128, 128))
+
+    def placeholder_count(self, image: Image.Image) -> int:
+        """The placeholder tokens ``encode`` makes of ``image``, from its size alone
+        (the processor's resize; nothing decoded or encoded)."""
+        try:
+            patches = self.image_processor.get_number_of_image_patches(image.height, image.width)
+        except ValueError as error:  # as ``encode`` refuses it
+            raise invalid("BAD_IMAGE", f"the image processor refused the image: {error}") from error
+        return int(patches) // (self.merge_size * self.merge_size)
 
     @torch.inference_mode()
     def encode(self, image: Image.Image) -> EncodedImage:

@@ -123,10 +123,12 @@ class Backend:
         param: str,
         options: RenderOptions | None = None,
         bounded: bool = True,
+        images: list[ImageInput] | None = None,
     ) -> list[int]:
         """Chat messages through the model's chat template, as token ids (by default
         ending with the assistant turn's opening). ``bounded``: a prompt for the model,
-        which must fit its context (``check_fits``)."""
+        which must fit its context (``check_fits``). With ``images`` (fetched), each
+        image's place is as many pad tokens as the image takes; else one."""
         options = options or RenderOptions()
         if bounded:
             await self.check_fits(text_checks.text_length(messages), param)
@@ -140,6 +142,7 @@ class Backend:
                 tools=tools if has_tool_template else None,
                 chat_template_kwargs=options.chat_template_kwargs,
                 continue_final_message=options.continue_final_message,
+                images=[(image.data, image.mime_type) for image in images or []],
             )
 
     async def generation_prompt_length(self, options: RenderOptions) -> int:
@@ -181,10 +184,10 @@ class Backend:
         with client_errors(param):
             return await self.client.detokenize(token_ids)
 
-    async def check_images(self, images: list[ImageInput], param: str, fetch: bool = True) -> None:
+    async def check_images(self, images: list[ImageInput], param: str) -> None:
         """Images need a model that takes them (the server answers IMAGES_UNSUPPORTED
-        otherwise); asked up front so that no session is touched. With ``fetch``, remote
-        URLs are fetched here when allowed, refused otherwise."""
+        otherwise); asked up front so that no session is touched. Remote URLs are
+        fetched here when allowed, refused otherwise."""
         if not images:
             return
         info = await self.model_info()
@@ -192,7 +195,7 @@ class Backend:
             raise invalid(
                 f"The model {info.model_id!r} does not take images", param, "images_unsupported"
             )
-        for image in images if fetch else []:
+        for image in images:
             if image.url:
                 if not self.config.allow_remote_images:
                     raise invalid(

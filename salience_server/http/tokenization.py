@@ -81,12 +81,13 @@ async def tokenize(request: Request) -> dict[str, Any]:
 
 
 async def _tokenize_chat(backend: Backend, body: TokenizeRequest) -> list[int]:
-    """The messages through the chat template (an image counts as one pad token here)."""
+    """The messages through the chat template, each image as many pad tokens as it
+    takes (remote images are fetched, or refused, as a chat completion's are)."""
     assert body.messages is not None
     if not body.messages:
         raise invalid("messages must not be empty", "messages")
     conversation = chat_messages(body.messages)
-    await backend.check_images(conversation.images, "messages", fetch=False)
+    await backend.check_images(conversation.images, "messages")
     render = RenderOptions(
         add_generation_prompt=(
             not body.continue_final_message
@@ -98,7 +99,7 @@ async def _tokenize_chat(backend: Backend, body: TokenizeRequest) -> list[int]:
     )
     tools = chat_tools(body.tools)
     token_ids = await backend.render_chat(
-        conversation.messages, tools, "messages", render, bounded=False
+        conversation.messages, tools, "messages", render, bounded=False, images=conversation.images
     )
     if body.add_special_tokens:
         # What the tokenizer adds around text (a BOS, say), as for a plain prompt.

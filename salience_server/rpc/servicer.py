@@ -17,7 +17,7 @@ from salience_server.engine.detokenizer import IncrementalDetokenizer
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
-from salience_server.rpc import convert, embed_inputs
+from salience_server.rpc import chat_tokens, convert, embed_inputs
 from salience_server.rpc.compute_thread import in_own_thread
 from salience_server.rpc.errors import abort
 
@@ -310,33 +310,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         tokenizer = engine.loaded.tokenizer
         try:
             if request.WhichOneof("input") == "messages":
-                chat = request.messages
-                messages = (
-                    tokenization.parse_json_list(chat.messages_json, "messages_json")
-                    if chat.messages_json
-                    else [{"role": m.role, "content": m.content} for m in chat.messages]
-                )
-                tools = (
-                    tokenization.parse_json_list(request.tools_json, "tools_json")
-                    if request.tools_json
-                    else None
-                )
-                template_kwargs = (
-                    tokenization.parse_json_object(
-                        request.chat_template_kwargs_json, "chat_template_kwargs_json"
-                    )
-                    if request.chat_template_kwargs_json
-                    else None
-                )
-                token_ids = await asyncio.to_thread(
-                    tokenization.encode_chat,
-                    tokenizer,
-                    messages,
-                    tools,
-                    request.add_generation_prompt,
-                    template_kwargs,
-                    request.continue_final_message,
-                )
+                token_ids = await chat_tokens.tokenize_chat(engine, request)
             else:
                 token_ids = await asyncio.to_thread(
                     tokenization.encode_text, tokenizer, request.text, request.add_special_tokens

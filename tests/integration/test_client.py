@@ -64,6 +64,9 @@ def test_model_info_and_tokenizer_round_trip(client: SalienceClient, tiny_llama_
     assert client.detokenize(PROMPT) == PROMPT_TEXT
     chat_ids = client.tokenize_chat([{"role": "user", "content": "hi"}])
     assert client.detokenize(chat_ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(SalienceClientError) as caught:  # a model that takes no images
+        client.tokenize_chat([{"role": "user", "content": "hi"}], images=[(b"png", "image/png")])
+    assert caught.value.reason == "IMAGES_UNSUPPORTED"
 
 
 def test_prefill_generate_and_rewind_track_the_length(client: SalienceClient) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -196,6 +197,28 @@ def test_remote_images_are_refused_unless_allowed(shim: RunningShim) -> None:
             model=model, messages=_messages("https://example.com/cat.png"), max_tokens=2
         )
     assert "allow-remote-images" in str(caught.value)
+
+
+def test_tokenize_counts_an_image_as_the_chat_completion_does(vision_server: Any) -> None:
+    """On a fresh shim (no image's count known from an earlier append): /tokenize of the
+    messages gives as many tokens as the chat completion's prompt; remote images are
+    refused as the chat refuses them (they were counted one token each)."""
+    fresh = start_shim(vision_server.target)
+    try:
+        root = fresh.base_url.removesuffix("/v1")
+        tokenized = httpx.post(f"{root}/tokenize", json={"messages": _messages()})
+        client = fresh.client()
+        reply = client.chat.completions.create(
+            model=client.models.list().data[0].id, messages=_messages(), max_tokens=1
+        )
+        remote = httpx.post(
+            f"{root}/tokenize", json={"messages": _messages("https://example.com/cat.png")}
+        )
+    finally:
+        fresh.stop()
+    assert tokenized.status_code == 200, tokenized.text
+    assert tokenized.json()["count"] == reply.usage.prompt_tokens
+    assert remote.status_code == 400 and "allow-remote-images" in remote.text
 
 
 def test_a_bad_image_is_a_400(shim: RunningShim) -> None:

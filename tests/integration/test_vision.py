@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from salience_client import SalienceClient, SalienceClientError
 from salience_client.pb import salience_pb2 as pb
+from salience_server.text_checks import IMAGE_PLACE
 from tests.helpers import U32_MAX, error_reason, generate, open_session
 from tests.vision_support import (
     TOLERANCE,
@@ -272,3 +274,29 @@ def test_an_image_append_cancelled_midway_is_rewound_by_the_next_call(vision) ->
                 assert done.total_tokens == 4 == session.length == (await session.info()).length
 
     asyncio.run(scenario())
+
+
+def test_tokenize_makes_each_image_place_the_tokens_append_image_makes(vision) -> None:
+    """Oracle: AppendImage's placeholder count for each image (of sizes the processor
+    resizes differently). Without images each place stays one pad token; images that do
+    not match the places, or a model without images, are refused."""
+    images = [encode(make_image(seed, size)) for seed, size in [(1, (90, 60)), (2, (31, 203))]]
+    messages = [
+        {"role": "user", "content": f"one {IMAGE_PLACE} two {IMAGE_PLACE} done"},
+    ]
+    with SalienceClient(vision.target) as client:
+        pad = client.model_info().image_pad_token_id
+        plain = client.tokenize_chat(messages)
+        counted = client.tokenize_chat(messages, images=[(data, "image/png") for data in images])
+        with client.open_session() as session:
+            session.prefill([1, 2])
+            want = [session.append_image(data, "image/png") for data in images]
+        with pytest.raises(SalienceClientError) as caught:
+            client.tokenize_chat(messages, images=[(images[0], "image/png")])
+    assert want[0] != want[1]
+    assert plain.count(pad) == 2
+    expected = []
+    for token_id in plain:
+        expected += [pad] * want.pop(0) if token_id == pad else [token_id]
+    assert counted == expected
+    assert caught.value.reason == "BAD_MESSAGES"
