@@ -237,9 +237,10 @@ class SessionPool:
         return min(idle, key=lambda entry: entry.last_used, default=None)
 
     async def free_image_memory(self, kept: PooledSession) -> bool:
-        """Closes the least recently used idle session holding images (other than
-        ``kept``), for the server's host memory their embeddings take; False when there
-        is none. (An image shared with a session still open stays held.)"""
+        """Closes an idle session holding images (other than ``kept``), for the server's
+        host memory their embeddings take; False when there is none. The server holds
+        an image while any session holds it (forks share it), so sessions holding an
+        image no other session holds go first, the least recently used first."""
         holders = [
             entry
             for entry in self._entries
@@ -248,7 +249,12 @@ class SessionPool:
             and entry is not kept
             and any(token_id < 0 for token_id in entry.token_ids)
         ]
-        victim = min(holders, key=lambda entry: entry.last_used, default=None)
+
+        def frees_nothing(entry: PooledSession) -> bool:
+            others = {t for e in self._entries if e is not entry for t in e.token_ids if t < 0}
+            return all(token_id in others for token_id in entry.token_ids if token_id < 0)
+
+        victim = min(holders, key=lambda e: (frees_nothing(e), e.last_used), default=None)
         if victim is None:
             return False
         self._entries.remove(victim)
