@@ -144,7 +144,7 @@ def is_busy(error: SalienceClientError) -> bool:
     return error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "SESSION_BUSY"
 
 
-_REFUSED_FOR_ROOM = ("HOST_MEMORY_FULL", "QUEUE_FULL", "TOO_MANY_SESSIONS")
+_REFUSED_FOR_ROOM = ("HOST_MEMORY_FULL", "QUEUE_FULL", "TOO_MANY_SESSIONS", "IMAGE_OUT_OF_MEMORY")
 """RESOURCE_EXHAUSTED reasons the server answers before accepting a call (others, such
 as OUT_OF_MEMORY, come after the call's append or rewind was committed)."""
 

@@ -15,7 +15,7 @@ from salience_server.engine import sampler
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.constraints import ConstraintCompiler
 from salience_server.engine.detokenizer import IncrementalDetokenizer
-from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore, embeds_bytes
 from salience_server.engine.model_runner import ModelRunner
@@ -58,17 +58,27 @@ class Intake:
         """Raises the SalienceError a call deserves; changes nothing."""
         # No session outgrows the KV pool: its context limit is at most the pool's size.
         check_generate(params, session, self.vocab_size, self.has_readout, self.limits)
-        if image is not None and not self.evictor.can_hold_image(embeds_bytes(image)):
-            where = (
-                "beside the other images"
-                if self.evictor.host_kv_bytes
-                else "(the server keeps none: --host-kv-memory is 0)"
+        if image is not None:
+            self._check_room_for(image)
+
+    def _check_room_for(self, image: EncodedImage) -> None:
+        """An image whose embeddings exceed the whole host budget is refused as too
+        large (INVALID_ARGUMENT: no retry or room made elsewhere can take it); one that
+        does not fit beside the other images is HOST_MEMORY_FULL."""
+        num_bytes, budget = embeds_bytes(image), self.evictor.host_kv_bytes
+        if num_bytes > budget:
+            where = f"{budget} bytes" if budget else "the server keeps none: --host-kv-memory is 0"
+            raise invalid(
+                "IMAGE_TOO_LARGE",
+                f"the image's embeddings ({num_bytes} bytes) exceed the whole host memory "
+                f"budget ({where}); send a smaller image or raise --host-kv-memory",
             )
+        if not self.evictor.can_hold_image(num_bytes):
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "HOST_MEMORY_FULL",
-                f"the image's embeddings ({embeds_bytes(image)} bytes) do not fit in "
-                f"the host memory budget {where}; raise --host-kv-memory",
+                f"the image's embeddings ({num_bytes} bytes) do not fit in the host memory "
+                "budget beside the other images; raise --host-kv-memory",
             )
 
     def accept(

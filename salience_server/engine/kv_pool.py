@@ -235,7 +235,10 @@ def _measure(
             largest = vision.largest_image(config.max_image_pixels)
             image = memory.peak_of(lambda: vision.encode(largest))
     except (SalienceError, torch.OutOfMemoryError) as error:
-        if isinstance(error, SalienceError) and error.reason != "OUT_OF_MEMORY":
+        if isinstance(error, SalienceError) and error.reason not in (
+            "OUT_OF_MEMORY",
+            "IMAGE_OUT_OF_MEMORY",
+        ):
             raise
         failed = str(error)
     else:

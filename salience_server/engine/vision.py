@@ -173,7 +173,7 @@ class VisionEncoder:
             release_cached_memory()
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
-                "OUT_OF_MEMORY",
+                "IMAGE_OUT_OF_MEMORY",
                 f"encoding the image ({image.width}x{image.height}, {pixels.shape[0]} patches) "
                 "ran out of memory: send a smaller image, or lower --max-image-pixels or "
                 "--kv-cache-memory",

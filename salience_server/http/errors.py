@@ -149,7 +149,7 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             return invalid(message, param, reason.lower())
         return ApiError(499, f"The call was cancelled: {message}", code=reason.lower())
-    if reason == "OUT_OF_MEMORY":  # the request alone; SDKs would retry a 429 in vain
+    if reason in ("OUT_OF_MEMORY", "IMAGE_OUT_OF_MEMORY"):  # SDKs would retry a 429 in vain
         return invalid(
             f"The request needs more memory than the server has: {message}", param, "out_of_memory"
         )

@@ -305,6 +305,7 @@ def failing() -> Iterator[tuple[Script, RunningShim]]:
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", 429, "queue_full"),
         # Not a 429: it fails again on every retry (SDKs retry 429s by themselves).
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "OUT_OF_MEMORY", 400, "out_of_memory"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "IMAGE_OUT_OF_MEMORY", 400, "out_of_memory"),
         (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED", 501, "unimplemented"),
         (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 503, "service_unavailable"),
         (grpc.StatusCode.CANCELLED, "CANCELLED", 503, "service_unavailable"),  # cut off

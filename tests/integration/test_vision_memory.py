@@ -102,11 +102,19 @@ def test_an_image_pushes_offloaded_kv_out_of_host_memory(vision, server_factory)
     assert done.recomputed_tokens == length  # recomputed from its tokens and its image
 
 
-def test_an_image_on_a_server_without_host_memory_says_so(vision, server_factory) -> None:
-    """With ``--host-kv-memory 0`` no image fits: the error says the server keeps no host
-    memory (it spoke of "the other images", of which there were none)."""
+@pytest.mark.parametrize(
+    ("budget", "where"),
+    [(0, "the server keeps none: --host-kv-memory is 0"), (6 * 64 * 4 - 1, "1535 bytes")],
+)
+def test_an_image_larger_than_the_whole_host_budget_is_too_large(
+    budget: int, where: str, vision, server_factory
+) -> None:
+    """No room made can take it, so it is INVALID_ARGUMENT, not RESOURCE_EXHAUSTED
+    (which clients retry, and for which the shim closed every idle session holding
+    images before its 429). With ``--host-kv-memory 0`` the error says the server keeps
+    none (it spoke of "the other images", of which there were none)."""
     server = server_factory(
-        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=0
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=budget
     )
     session = open_session(server.stub)
     with pytest.raises(grpc.RpcError) as caught:
@@ -115,11 +123,11 @@ def test_an_image_on_a_server_without_host_memory_says_so(vision, server_factory
                 session_id=session, image=encode(make_image(6)), mime_type="image/png"
             )
         )
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_reason(caught.value) == "HOST_MEMORY_FULL"
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "IMAGE_TOO_LARGE"
     assert caught.value.details() == (
-        f"the image's embeddings ({6 * 64 * 4} bytes) do not fit in the host memory budget "
-        "(the server keeps none: --host-kv-memory is 0); raise --host-kv-memory"
+        f"the image's embeddings ({6 * 64 * 4} bytes) exceed the whole host memory budget "
+        f"({where}); send a smaller image or raise --host-kv-memory"
     )
 
 
@@ -145,9 +153,17 @@ def test_an_image_whose_encoding_runs_out_of_memory_says_so(
             )
         )
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_reason(caught.value) == "OUT_OF_MEMORY"
+    assert error_reason(caught.value) == "IMAGE_OUT_OF_MEMORY"
     assert "--max-image-pixels" in caught.value.details()
     assert server.stub.GetSession(pb.GetSessionRequest(session_id=session)).session.length == 2
+    # Answered before the call is accepted: a truncating append changes nothing client-side
+    # either (the client took OUT_OF_MEMORY as a committed call's, truncation made).
+    with SalienceClient(server.target) as client, client.open_session() as held:
+        held.prefill([1, 2, 3, 4])
+        with pytest.raises(SalienceClientError) as refused:
+            held.append_image(encode(make_image(6)), "image/png", truncate_to=2)
+        assert refused.value.reason == "IMAGE_OUT_OF_MEMORY"
+        assert held.length == held.info().length == held.history.length == 4
 
 
 def test_images_arriving_together_are_encoded_one_at_a_time(vision, monkeypatch) -> None:
@@ -192,10 +208,16 @@ def test_a_truncating_image_refused_for_host_memory_changes_nothing_client_side(
     """HOST_MEMORY_FULL is answered before the call is accepted: the server keeps the
     session as it was, and so must the client (it took the truncation as made, then
     applied it with its next call)."""
+    image_bytes = 6 * 64 * 4
     server = server_factory(
-        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=64
+        vision.extra["model_dir"], block_size=4, kv_cache_bytes=4 << 20, host_kv_bytes=image_bytes
     )
-    with SalienceClient(server.target) as client, client.open_session() as session:
+    with (
+        SalienceClient(server.target) as client,
+        client.open_session() as other,
+        client.open_session() as session,
+    ):
+        other.append_image(encode(make_image(6)), "image/png")  # the one image it takes
         session.prefill(list(range(1, 30)))
         with pytest.raises(SalienceClientError) as refused:
             session.append_image(encode(make_image(7)), "image/png", truncate_to=2)
