@@ -106,9 +106,29 @@ class FlashAttentionMetadata:
     max_seqlen_k: int
     pages: Upload | None
     """[B * max_blocks], padded with block 0: the paged kernel's block table."""
-    context_slots: Upload | None
-    """[sum of context lengths] long: the pool slots to gather, sequence after
-    sequence, when the kernel cannot read the pool's pages itself."""
+    context_blocks: Upload | None
+    """When the kernel cannot read the pool's pages itself: the blocks each sequence's
+    context lies in, sequence after sequence (``context_slots`` is made of them)."""
+    block_size: int = 0
+    total_context_len: int = 0
+    """The batch's context tokens, all sequences together."""
+
+    @cached_property
+    def context_slots(self) -> torch.Tensor:
+        """[total_context_len] long: the pool slots to gather, sequence after sequence,
+        worked out on the device once per step from the blocks (a host list of them
+        took a Python int per context token)."""
+        assert self.context_blocks is not None
+        size, num_tokens = self.block_size, self.total_context_len
+        starts = self.context_starts.tensor
+        lengths = starts[1:] - starts[:-1]
+        num_blocks = (lengths + size - 1) // size
+        first_blocks = torch.cumsum(num_blocks, 0) - num_blocks
+        sequences = torch.arange(lengths.numel(), device=starts.device)
+        sequence = torch.repeat_interleave(sequences, lengths, output_size=num_tokens)
+        position = torch.arange(num_tokens, device=starts.device) - starts[sequence]
+        blocks = self.context_blocks.tensor[first_blocks[sequence] + position // size]
+        return blocks * size + position % size
 
     @property
     def slot_mapping(self) -> torch.Tensor:
@@ -148,9 +168,8 @@ class FlashAttentionMetadata:
             keys, values = key_cache, value_cache
             options["block_table"] = self.block_table
         else:
-            assert self.context_slots is not None
             num_kv_heads, head_dim = key_cache.shape[-2:]
-            slots = self.context_slots.tensor
+            slots = self.context_slots
             keys = key_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
             values = value_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
         return self.kernel(
@@ -207,18 +226,12 @@ class FlashAttentionBackend:
         context_lens = [span.context_len for span in spans]
         size = self.block_size
         tables = [span.block_table[: -(-span.context_len // size)] for span in spans]
-        pages = context_slots = None
+        pages = context_blocks = None
         if self.paged:
             width = max(len(table) for table in tables)
             pages = uploads.add([b for table in tables for b in table + [0] * (width - len(table))])
         else:
-            context_slots = uploads.add(
-                [
-                    table[position // size] * size + position % size
-                    for table, length in zip(tables, context_lens, strict=True)
-                    for position in range(length)
-                ]
-            )
+            context_blocks = uploads.add([b for table in tables for b in table])
         return FlashAttentionMetadata(
             kv_caches=kv_caches,
             slots=uploads.add(slot_mapping),
@@ -228,5 +241,7 @@ class FlashAttentionBackend:
             max_seqlen_q=max(query_lens),
             max_seqlen_k=max(context_lens),
             pages=pages,
-            context_slots=context_slots,
+            context_blocks=context_blocks,
+            block_size=size,
+            total_context_len=sum(context_lens),
         )

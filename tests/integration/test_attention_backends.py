@@ -194,7 +194,8 @@ def test_a_forward_pass_sends_its_integer_inputs_to_the_device_in_one_copy(
     parts = [meta.slot_mapping, inputs["input_ids"], inputs["position_ids"]]
     parts.append(inputs["logits_to_keep"])
     if backend_name == "flash-attn":
-        parts += [meta.query_starts.tensor, meta.context_starts.tensor, meta.context_slots.tensor]
+        parts += [meta.query_starts.tensor, meta.context_starts.tensor, meta.context_blocks.tensor]
+        assert meta.context_blocks.length == 3 + 2 + 3  # blocks, not context tokens (26)
     else:
         group = meta.few_row_group
         parts += [group.rows.tensor, group.block_ids.tensor, group.lengths.tensor]
