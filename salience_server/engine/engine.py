@@ -137,6 +137,7 @@ class Engine:
             self.eos_token_ids,
             self.has_readout,
             Limits.from_config(config, self.max_context, context_source),
+            self.image_token_id,
         )
         self.outcomes = Outcomes(self.scheduler, self.session_table, self.metrics)
         self._embed_ids = itertools.count()

@@ -39,6 +39,7 @@ class Intake:
         eos_token_ids: set[int],
         has_readout: bool,
         limits: Limits,
+        image_token_id: int | None = None,
     ) -> None:
         self.constraints = constraints
         self.session_table = session_table
@@ -52,6 +53,8 @@ class Intake:
         self.eos_token_ids = eos_token_ids
         self.has_readout = has_readout
         self.limits = limits
+        self.image_token_id = image_token_id
+        """The vision model's image pad token: AppendImage's placeholders, never text."""
         self._request_ids = itertools.count()
 
     def check(self, params: GenerateParams, session: Session, image: EncodedImage | None) -> None:
@@ -60,6 +63,14 @@ class Intake:
         check_generate(params, session, self.vocab_size, self.has_readout, self.limits)
         if image is not None:
             self._check_room_for(image)
+        elif self.image_token_id is not None and self.image_token_id in params.append_tokens:
+            at = params.append_tokens.index(self.image_token_id)
+            raise invalid(
+                "INVALID_TOKEN",
+                f"the tokens hold the image pad token {self.image_token_id} at {at}: it "
+                "stands for an image's embeddings, which only AppendImage puts there (append "
+                "the tokens before the image, the image, then the tokens after it)",
+            )
 
     def _check_room_for(self, image: EncodedImage) -> None:
         """An image whose embeddings exceed the whole host budget is refused as too

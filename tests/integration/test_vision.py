@@ -300,3 +300,21 @@ def test_tokenize_makes_each_image_place_the_tokens_append_image_makes(vision) -
         expected += [pad] * want.pop(0) if token_id == pad else [token_id]
     assert counted == expected
     assert caught.value.reason == "BAD_MESSAGES"
+
+
+def test_the_image_pad_token_is_refused_as_text(vision) -> None:
+    """It stands for an image's embeddings: appended as text (what Tokenize's ids of a
+    chat with images hold) it was embedded as a word, and the reply was silently wrong.
+    Generate and Embed refuse it; the session is unchanged."""
+    pad = model_info(vision).image_pad_token_id
+    session_id = open_session(vision.stub)
+    generate(vision.stub, session_id, append_tokens=[1, 2, 3])
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(vision.stub, session_id, offset=3, append_tokens=[4, pad, 5], max_tokens=1)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "INVALID_TOKEN"
+    assert "AppendImage" in caught.value.details()
+    assert vision.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.length == 3
+    with pytest.raises(grpc.RpcError) as caught:
+        vision.stub.Embed(pb.EmbedRequest(token_lists=[pb.TokenIds(token_ids=[1, pad])]))
+    assert error_reason(caught.value) == "INVALID_TOKEN"
