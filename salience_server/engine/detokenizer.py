@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from salience_server.engine.token_bytes import incomplete_tail_of, is_byte_level, pieces_bytes
+from salience_server.engine.token_bytes import (
+    incomplete_tail_of,
+    is_byte_level,
+    pieces_bytes,
+    skipped_special_ids,
+)
 
 # Tokens of context decoded before the new ones, so that a leading space or a
 # byte-fallback piece of the first new token renders as it would in the full text.
@@ -33,7 +38,9 @@ class IncrementalDetokenizer:
         self, tokenizer: Any, context_ids: list[int], keep_special_tokens: bool = False
     ) -> None:
         self._tokenizer = tokenizer
-        self._skips_special = not keep_special_tokens
+        self._skipped = skipped_special_ids(tokenizer) if not keep_special_tokens else frozenset()
+        """Ids that add no text: pushed, they release nothing and read nothing, so that
+        a character they fall inside comes whole, as the full decode joins it."""
         self._ids = _context_window(tokenizer, context_ids)
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -55,12 +62,14 @@ class IncrementalDetokenizer:
         (a U+FFFD that stands for no incomplete bytes, one written or for invalid bytes,
         is text)."""
         self._ids.append(token_id)
+        if token_id in self._skipped:
+            return ""
         unread = self._unread()
         if not unread:  # nothing yet (a character the context began, still incomplete)
             return ""
         # Bytes that end inside a character show as U+FFFD: only then are they read.
         if unread.endswith("\ufffd") and incomplete_tail_of(
-            self._tokenizer, self._ids[self._prefix_offset :]
+            self._tokenizer, [t for t in self._ids[self._prefix_offset :] if t not in self._skipped]
         ):
             # Byte-level, the text before that U+FFFD is whole; through byte fallback
             # a whole character in a run of byte pieces shows as U+FFFD too, so all waits
@@ -100,7 +109,7 @@ class IncrementalDetokenizer:
     def _decode(self, end: int) -> str:
         return str(
             self._tokenizer.decode(
-                self._ids[self._prefix_offset : end], skip_special_tokens=self._skips_special
+                self._ids[self._prefix_offset : end], skip_special_tokens=bool(self._skipped)
             )
         )
 

@@ -64,6 +64,14 @@ def _byte_level_char(char: str, alphabet: dict[str, int]) -> bytes:
 
 
 @functools.lru_cache(maxsize=16)
+def skipped_special_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids a decode with ``skip_special_tokens`` leaves out: special added tokens."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = {token_id for token_id, token in added.items() if getattr(token, "special", False)}
+    return frozenset(special | set(getattr(tokenizer, "all_special_ids", ())))
+
+
+@functools.lru_cache(maxsize=16)
 def is_byte_level(tokenizer: Any) -> bool:
     """Whether the tokenizer decodes through the byte-level alphabet (GPT-2's, Llama
     3's, Qwen's): its text of a longer sequence begins with the text of a shorter one

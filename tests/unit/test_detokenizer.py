@@ -196,6 +196,31 @@ def test_byte_fallback_text_comes_once_its_byte_pieces_are_whole(
     assert sums[-1] + flushed == tokenizer.decode(ids)[len(read) :]
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(UNITS[:6]), min_size=1, max_size=10), st.booleans(), st.data())
+def test_a_skipped_special_token_adds_no_text_even_inside_a_character(
+    units: list[bytes], byte_level: bool, data: Any
+) -> None:
+    """A special token the text leaves out (a chat marker the model emits) releases
+    nothing and changes nothing released after it, wherever it falls, as the full
+    decode joins the bytes around it (inside a character, the character came as one
+    U+FFFD and the rest of it was lost)."""
+    tokenizer = _merging_tokenizer() if byte_level else _byte_fallback_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<sp>"]})
+    special = tokenizer.convert_tokens_to_ids("<sp>")
+    ids = _ids_of(tokenizer, b"".join(units), byte_level)
+    cut = data.draw(st.integers(0, len(ids) - 1))
+    at = data.draw(st.integers(cut, len(ids)))
+    marked = [*ids[:at], special, *ids[at:]]
+    want, want_flushed = _released_after_each_token(tokenizer, ids[:cut], ids[cut:])
+    sums, flushed = _released_after_each_token(tokenizer, marked[:cut], marked[cut:])
+    before = sums.pop(at - cut)
+    assert before == (sums[at - cut - 1] if at > cut else "")
+    assert (sums, flushed) == (want, want_flushed), (units, cut, at)
+    full = tokenizer.decode(marked, skip_special_tokens=True)
+    assert full.endswith(sums[-1] + flushed) and full == tokenizer.decode(ids)
+
+
 def bytes_of(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> bytes:
     return b"".join(pieces_bytes(tokenizer, ids))
 
