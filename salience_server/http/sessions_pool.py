@@ -17,6 +17,7 @@ saw, which is harmless because every call truncates to a length the shim knows.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -249,10 +250,12 @@ class SessionPool:
             and entry is not kept
             and any(token_id < 0 for token_id in entry.token_ids)
         ]
+        holding = collections.Counter(
+            marker for entry in self._entries for marker in _image_markers(entry)
+        )
 
         def frees_nothing(entry: PooledSession) -> bool:
-            others = {t for e in self._entries if e is not entry for t in e.token_ids if t < 0}
-            return all(token_id in others for token_id in entry.token_ids if token_id < 0)
+            return all(holding[marker] > 1 for marker in _image_markers(entry))
 
         victim = min(holders, key=lambda e: (frees_nothing(e), e.last_used), default=None)
         if victim is None:
@@ -384,6 +387,11 @@ class SessionPool:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _image_markers(entry: PooledSession) -> set[int]:
+    """The images a session holds, by their markers (negative ids)."""
+    return {token_id for token_id in entry.token_ids if token_id < 0}
 
 
 def _is_server_full(error: SalienceClientError) -> bool:
