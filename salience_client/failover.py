@@ -124,6 +124,17 @@ def is_session_lost(error: SalienceClientError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND and error.reason == "SESSION_NOT_FOUND"
 
 
+def is_behind(error: SalienceClientError, needed: int) -> bool:
+    """The server holds fewer than the ``needed`` positions this client saw committed
+    (OFFSET_MISMATCH naming a shorter length): a stale copy on a replica the proxy came
+    back to, or a replay cut short (a refused step left the session part-built)."""
+    return (
+        error.reason == "OFFSET_MISMATCH"
+        and error.session_length is not None
+        and error.session_length < needed
+    )
+
+
 def is_broken(error: SalienceClientError) -> bool:
     """The call was cut off rather than answered: no replica reachable, the server
     stopping, or a stream reset by the transport or a proxy (a status the server itself
@@ -358,11 +369,15 @@ class StreamProgress:
 def log_replay(
     session_id: str, cause: SalienceClientError, length: int, replica: str | None
 ) -> None:
+    why = (
+        f"held {cause.session_length} of them: a stale copy, or a replay cut short"
+        if cause.reason == "OFFSET_MISMATCH"
+        else f"{cause.reason}: its replica lost, or its TTL passed"
+    )
     log.warning(
-        "session %s was gone from the server (%s: its replica lost, or its TTL passed); "
-        "replayed %d positions on replica %s",
+        "session %s was gone from the server (%s); replayed %d positions on replica %s",
         session_id,
-        cause.reason,
+        why,
         length,
         replica or "?",
     )

@@ -17,6 +17,7 @@ from salience_client.failover import (
     FailoverStats,
     StreamProgress,
     check_session_id,
+    is_behind,
     is_broken,
     is_busy,
     is_refusal,
@@ -306,6 +307,11 @@ class SessionBase:
                 raise session_lost(self.session_id, replay_length, self._history.length) from error
             attempts.begin_replay(self.session_id, error)
             return Recovery(replay_length)
+        if replay_length is not None and is_behind(error, replay_length):
+            if self._history.length < replay_length:
+                raise error  # a handle without the history: the server's length is taken
+            attempts.begin_replay(self.session_id, error)
+            return Recovery(replay_length)  # rewritten from position 0: the copy may differ
         if is_unanswered(error) and not self._stats.is_server_reached:
             raise error  # no server ever answered: a wrong address, not a lost replica
         if is_broken(error) or (is_busy(error) and attempts.num_retries > 0):

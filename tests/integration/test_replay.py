@@ -165,6 +165,62 @@ def test_the_async_client_replays_a_lost_session(llama_server: RunningServer) ->
     asyncio.run(scenario())
 
 
+def _cut_behind_the_clients_back(server: RunningServer, session_id: str, length: int) -> None:
+    """The server's copy now holds only the first ``length`` positions: a stale copy on a
+    replica the proxy came back to, or a replay a refused step left part-built."""
+    request = pb.GenerateRequest(
+        session_id=session_id, offset=length, truncating=True, max_tokens=0
+    )
+    list(server.stub.Generate(request))
+
+
+@pytest.mark.parametrize("kept", [0, 10])
+def test_a_server_copy_shorter_than_the_history_is_replayed_not_believed(
+    llama_server: RunningServer, kept: int
+) -> None:
+    """OFFSET_MISMATCH naming fewer positions than the client saw committed: the client
+    took the server's length and cut its history to it, and the next call went on
+    without the lost turns (silently, under a framework that retries). It rebuilds the
+    session from its history and retries, as for a lost one."""
+    turns = [random_tokens(9, seed) for seed in range(3)]
+    with SalienceClient(llama_server.target, timeout=30) as client:
+        cut, control = client.open_session(), client.open_session()
+        for turn in turns[:2]:
+            _assert_same(_turn(cut, turn), _turn(control, turn))
+        _cut_behind_the_clients_back(llama_server, cut.session_id, kept)
+        _assert_same(_turn(cut, turns[2]), _turn(control, turns[2]))
+        assert cut.num_replays == 1
+        assert cut.length == cut.info().length == cut.history.length == control.length
+
+    async def asynchronous() -> None:
+        async with AsyncSalienceClient(llama_server.target, timeout=30) as client:
+            session = await client.open_session()
+            await session.prefill(turns[0] + turns[1])
+            _cut_behind_the_clients_back(llama_server, session.session_id, kept)
+            events = [e async for e in session.generate(turns[2], max_tokens=0)]
+            assert session.num_replays == 1 and isinstance(events[-1], Done)
+            assert session.length == (await session.info()).length == 27
+            await session.close()
+
+    asyncio.run(asynchronous())
+
+
+def test_a_handle_without_the_history_takes_the_shorter_servers_length(
+    llama_server: RunningServer,
+) -> None:
+    """Where the client cannot rebuild the session (a handle on a session opened
+    elsewhere), OFFSET_MISMATCH reaches the caller and the server's length is taken."""
+    with SalienceClient(llama_server.target, timeout=30) as client:
+        owner = client.open_session()
+        owner.prefill(random_tokens(9, 0))
+        handle = client.session(owner.session_id)
+        _cut_behind_the_clients_back(llama_server, owner.session_id, 4)
+        with pytest.raises(SalienceClientError) as caught:
+            handle.prefill([5])
+        assert caught.value.reason == "OFFSET_MISMATCH" and handle.length == 4
+        owner.close()
+
+
 def test_the_server_names_itself_as_told_even_when_refusing(tiny_llama_dir: Path) -> None:
     server = start_server(str(tiny_llama_dir), api_key="key", replica_id="replica-7")
     try:
