@@ -57,7 +57,16 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
         action="store_true",
         help="do not re-create sessions lost with their replica nor resume broken streams",
     )
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds open requests may run on before they are ended "
+        "(a stream with an error event)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error")
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -75,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
             max_stored_responses=args.max_stored_responses,
             max_stored_image_bytes=args.max_stored_image_bytes,
             keepalive_s=args.keepalive_s,
+            grace_s=args.grace_s,
             log_level=args.log_level,
             replay=not args.no_replay,
         )

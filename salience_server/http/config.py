@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -49,8 +50,15 @@ class ShimConfig:
     retry_budget_s: float = 10.0
     """How long a call keeps retrying while no server answers (a proxy moving the session
     to another replica). The shim beside its own server takes 0: there is no other."""
-    graceful_shutdown_s: float = 5.0
-    """On stop, how long open HTTP requests may run on."""
+    grace_s: float = 30.0
+    """On stop, how long open requests may run on; then the shim ends them (a streaming
+    one with an error event and ``[DONE]``, as any error after its start)."""
+
+    @property
+    def graceful_shutdown_s(self) -> float:
+        """How long uvicorn lets requests run after a stop: the grace, then the last
+        events written."""
+        return self.grace_s + 2.0
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -63,10 +71,12 @@ class ShimConfig:
             raise ValueError("max_pooled_sessions must be positive, max_stored_responses >= 0")
         if self.rpc_timeout_s <= 0:
             raise ValueError("rpc_timeout_s must be positive")
-        if self.retry_budget_s < 0 or self.graceful_shutdown_s < 0:
-            raise ValueError("retry_budget_s and graceful_shutdown_s must not be negative")
-        if self.keepalive_s < 0:
-            raise ValueError("keepalive_s must be 0 (off) or positive")
+        if not (math.isfinite(self.retry_budget_s) and self.retry_budget_s >= 0):
+            raise ValueError("retry_budget_s must be a number >= 0")
+        if not (math.isfinite(self.grace_s) and self.grace_s >= 0):
+            raise ValueError("grace_s must be a number of seconds >= 0")
+        if not (math.isfinite(self.keepalive_s) and self.keepalive_s >= 0):
+            raise ValueError("keepalive_s must be 0 (off) or a positive number of seconds")
         check_cors_origins(self.cors_origins)
         check_api_key(self.api_key)
 

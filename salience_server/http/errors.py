@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from salience_client import SalienceClientError
+from salience_client.closing import CLIENT_CLOSED
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,11 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
     # CANCELLED without a reason of the server's: the call was cut off (the server
     # stopping at the end of its grace), not refused; the shim cancels only calls nobody
     # awaits. As UNAVAILABLE, a 503.
-    if code == grpc.StatusCode.UNAVAILABLE or (
-        code == grpc.StatusCode.CANCELLED and reason == code.name
+    # CLIENT_CLOSED: the shim itself is stopping (its grace ran out, ``serving``).
+    if (
+        code == grpc.StatusCode.UNAVAILABLE
+        or (code == grpc.StatusCode.CANCELLED and reason == code.name)
+        or reason == CLIENT_CLOSED
     ):
         return ApiError(
             503,

@@ -18,6 +18,9 @@ from salience_server.http.config import ShimConfig, api_key_from_env
 
 log = logging.getLogger(__name__)
 
+STOP_POLL_S = 0.1
+"""How often a stop is looked for (as uvicorn looks for it)."""
+
 
 class _HostedServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to the program hosting it."""
@@ -50,10 +53,12 @@ class ShimServer:
         except OSError as error:
             raise OSError(f"cannot listen on {config.host}:{config.port}: {error}") from error
         self.host = config.host
+        self._grace_s = config.grace_s
         self.port: int = self.socket.getsockname()[1]
         self._task: asyncio.Task[None] | None = None
+        self._app = create_app(config, metrics_registry)
         uvicorn_config = uvicorn.Config(
-            create_app(config, metrics_registry),
+            self._app,
             log_level=config.log_level.lower(),
             timeout_graceful_shutdown=math.ceil(config.graceful_shutdown_s),
         )
@@ -61,10 +66,24 @@ class ShimServer:
 
     async def serve(self) -> None:
         """Serves until ``stop``."""
+        ending = asyncio.get_running_loop().create_task(self._end_calls_after_grace())
         try:
             await self.server.serve(sockets=[self.socket])
         finally:
+            ending.cancel()
             self.socket.close()
+
+    async def _end_calls_after_grace(self) -> None:
+        """Once a stop is asked for and the grace has passed, closes the gRPC client: the
+        calls still open fail, and their requests end with an error (a stream with an
+        error event and ``[DONE]``) before uvicorn cuts their connections (a stream
+        just stopped, and a traceback was logged)."""
+        while not self.server.should_exit:
+            await asyncio.sleep(STOP_POLL_S)
+        await asyncio.sleep(self._grace_s)
+        backend = getattr(self._app.state, "backend", None)
+        if backend is not None:  # None: stopped before it started
+            await backend.client.close()
 
     def start(self) -> None:
         """Serves in a task of the running event loop."""
@@ -76,7 +95,7 @@ class ShimServer:
         self.server.should_exit = True
 
     async def stop(self) -> None:
-        """Stops serving; open requests may finish within ``graceful_shutdown_s``."""
+        """Stops serving; open requests may finish within the grace."""
         self.request_stop()
         if self._task is not None:
             await self._task
@@ -106,6 +125,6 @@ def shim_beside(
         allow_remote_images=allow_remote_images,
         cors_origins=cors_origins,
         retry_budget_s=0.0,
-        graceful_shutdown_s=grace_s + 2.0,  # the drain, then the last events written
+        grace_s=grace_s,
     )
     return ShimServer(config, metrics_registry)

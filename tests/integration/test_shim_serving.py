@@ -138,24 +138,9 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http_port}"
-    body = {"model": long_context_llama_dir.name, "prompt": "Once", "max_tokens": 60000}
-    body["ignore_eos"] = True
-    replies: dict[bool, httpx.Response] = {}
-
-    def ask(stream: bool) -> None:
-        url = f"{base}/v1/completions"
-        if not stream:
-            replies[stream] = httpx.post(url, json=body, timeout=60)
-            return
-        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as reply:
-            lines = list(reply.iter_lines())
-            replies[stream] = httpx.Response(reply.status_code, text="\n".join(lines))
-
     try:
         _wait_for(r"serving \S+ on", process, log, 120)  # the shim answers from the start
-        threads = [threading.Thread(target=ask, args=(stream,)) for stream in (True, False)]
-        for thread in threads:
-            thread.start()
+        threads, replies, _ = _ask_without_end(base, long_context_llama_dir.name)
         deadline = time.monotonic() + 60
         while "salience_running_requests 2.0" not in httpx.get(f"{base}/metrics").text:
             assert time.monotonic() < deadline, "the two requests did not both run within 60 s"
@@ -169,13 +154,82 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(
     finally:
         if process.poll() is None:
             process.kill()
+    _assert_ended_unavailable(replies)
+    text = log.read_text()
+    assert "Traceback" not in text and "Cancel" not in text, text
+
+
+def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
+    long_context_llama_dir: Path, tmp_path: Path
+) -> None:
+    """The shim alone, its server going on: on SIGTERM its open requests run on for
+    ``--grace-s``, then end as OpenAI's 503 (an error event and [DONE] once a stream has
+    started), and it exits. Its grace was a fixed 5 s, after which uvicorn cut the stream
+    with no error event and logged a traceback."""
+    from tests.conftest import start_server
+
+    server = start_server(str(long_context_llama_dir), block_size=16, kv_cache_bytes=64 << 20)
+    port = _free_port()
+    log = tmp_path / "shim.log"
+    command = [sys.executable, "-m", "salience_server.http", "--target", server.target]
+    command += ["--port", str(port), "--grace-s", "0.5"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(r"Application startup complete", process, log, 30)
+        base = f"http://127.0.0.1:{port}"
+        threads, replies, streaming = _ask_without_end(base, long_context_llama_dir.name)
+        assert streaming.wait(60), "the stream sent nothing within 60 s"
+        time.sleep(0.5)  # the plain request runs too
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+        assert time.monotonic() - stopped < 0.5 + 5
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        server.stop()
+    _assert_ended_unavailable(replies)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def _ask_without_end(
+    base: str, model: str
+) -> tuple[list[threading.Thread], dict[bool, httpx.Response], threading.Event]:
+    """A streamed and a plain completion that decode on and on, each in a thread: the
+    threads, the replies (by ``stream``) once they end, and an event set at the stream's
+    first line."""
+    body = {"model": model, "prompt": "Once", "max_tokens": 60000, "ignore_eos": True}
+    replies: dict[bool, httpx.Response] = {}
+    streaming = threading.Event()
+
+    def ask(stream: bool) -> None:
+        url = f"{base}/v1/completions"
+        if not stream:
+            replies[stream] = httpx.post(url, json=body, timeout=60)
+            return
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as reply:
+            lines = []
+            for line in reply.iter_lines():
+                streaming.set()
+                lines.append(line)
+            replies[stream] = httpx.Response(reply.status_code, text="\n".join(lines))
+
+    threads = [threading.Thread(target=ask, args=(stream,)) for stream in (True, False)]
+    for thread in threads:
+        thread.start()
+    return threads, replies, streaming
+
+
+def _assert_ended_unavailable(replies: dict[bool, httpx.Response]) -> None:
+    """The plain request answered 503; the stream ended with such an error event."""
     plain = replies[False]
     assert plain.status_code == 503 and plain.json()["error"]["code"] == "service_unavailable"
     events = [line for line in replies[True].text.splitlines() if line.startswith("data: ")]
     assert replies[True].status_code == 200 and events[-1] == "data: [DONE]"
     assert '"code": "service_unavailable"' in events[-2]
-    text = log.read_text()
-    assert "Traceback" not in text and "Cancel" not in text, text
 
 
 def test_unknown_routes_and_methods_answer_as_openai_does(shim: RunningShim) -> None:
