@@ -15,6 +15,7 @@ from salience_server.config import (
     ServerConfig,
     add_cors_argument,
     parse_bytes,
+    show_defaults,
 )
 from salience_server.stop_signals import exit_at_once_on_stop_signals, exit_now
 
@@ -139,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
+    show_defaults(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -229,6 +229,30 @@ def check_cors_origins(origins: tuple[str, ...]) -> None:
             )
 
 
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Ends each option's help with its default, where it has one its help does not
+    already name (operators read ``--help``, not the README)."""
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default in (None, False, argparse.SUPPRESS, []):
+            continue
+        if "default" in (action.help or "") or action.dest == "api_key":  # never shown
+            continue
+        if action.type is parse_bytes:
+            default = _bytes_text(default)
+        action.help = (
+            f"{action.help} (default: {default})" if action.help else f"default: {default}"
+        )
+
+
+def _bytes_text(num_bytes: int) -> str:
+    """``num_bytes`` as ``parse_bytes`` reads it back, in the largest unit that divides it."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if num_bytes and num_bytes % (1 << shift) == 0:
+            return f"{num_bytes >> shift}{unit}"
+    return str(num_bytes)
+
+
 def add_cors_argument(parser: argparse.ArgumentParser) -> None:
     """``--cors-origin``, which the server (for the shim beside it) and the shim take
     (here, not in the shim's package, whose import takes half a second: the server must

@@ -10,7 +10,7 @@ import sys
 
 from salience_client import DEFAULT_TARGET
 from salience_server import stop_signals
-from salience_server.config import add_cors_argument, parse_bytes
+from salience_server.config import add_cors_argument, parse_bytes, show_defaults
 from salience_server.http.config import ShimConfig, api_key_from_env
 from salience_server.http.serving import ShimServer
 
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
     parser.add_argument(
         "--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error")
     )
+    show_defaults(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -1,0 +1,51 @@
+"""The command lines of ``salience-server`` and ``salience-shim``: bad values are one usage
+line (exit 2), never a traceback; ``--help`` names the defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from salience_server.http.__main__ import parse_args
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "bogus"],  # a ValueError traceback from logging
+        ["--keepalive-s", "nan"],  # taken
+        ["--grace-s", "-1"],
+        ["--grace-s", "inf"],
+    ],
+)
+def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: salience-shim") and "Traceback" not in error
+
+
+def test_the_grace_and_log_level_are_taken() -> None:
+    config = parse_args(["--grace-s", "2.5", "--log-level", "WARNING"])
+    assert config.grace_s == 2.5 and config.graceful_shutdown_s == 4.5
+    assert config.log_level == "warning"
+
+
+@pytest.mark.parametrize("module", ["salience_server", "salience_server.http"])
+def test_help_shows_defaults_but_never_the_api_key(
+    module: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Operators read --help: each option's default is there (most were missing),
+    sizes as the flag takes them, and the key from the environment is not."""
+    import importlib
+
+    monkeypatch.setenv("SALIENCE_API_KEY", "sekrit-from-env")
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"{module}.__main__").parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sekrit" not in text
+    assert "--port PORT default:" in text and "--host HOST default: 127.0.0.1" in text
+    if module == "salience_server":
+        assert "--max-image-bytes MAX_IMAGE_BYTES default: 20MiB" in text
+    else:
+        assert "(default: 256MiB)" in text
