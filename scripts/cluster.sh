@@ -10,8 +10,10 @@
 # wheel), else $SALIENCE_HAPROXY or haproxy on PATH. See docs/scale-out.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ $# -lt 1 ]; then
-  echo "usage: scripts/cluster.sh N [--port P] [-- salience-server flags]" >&2
+usage="usage: scripts/cluster.sh N [--port P] [-- salience-server flags]"
+# The count is checked before set-up: a typo on a fresh checkout cost a whole install.
+if [ $# -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$usage" >&2
   exit 2
 fi
 scripts/setup.sh

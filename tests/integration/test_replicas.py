@@ -233,6 +233,23 @@ def test_a_replica_killed_mid_stream_the_stream_completes_as_the_control(
     assert done.total_tokens == len(prompt) + 2000 and done.finish_reason == "length"
 
 
+@pytest.mark.parametrize("count", ["abc", "0"])
+def test_cluster_sh_checks_its_count_before_setting_up(count: str, tmp_path: Path) -> None:
+    """A bad count is a usage line before ``scripts/setup.sh`` runs (a typo on a fresh
+    checkout cost a whole install): a copy of the script with a set-up that fails proves
+    it never ran."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "cluster.sh").write_text((REPO / "scripts" / "cluster.sh").read_text())
+    (scripts / "setup.sh").write_text("#!/usr/bin/env bash\necho SET-UP RAN; exit 7\n")
+    (scripts / "setup.sh").chmod(0o755)
+    ran = subprocess.run(
+        ["bash", str(scripts / "cluster.sh"), count], capture_output=True, text=True
+    )
+    assert ran.returncode == 2 and ran.stderr.startswith("usage: scripts/cluster.sh N")
+    assert "SET-UP RAN" not in ran.stdout
+
+
 def test_cluster_sh_starts_replicas_behind_the_proxy_and_stops_them(tiny_llama_dir: Path) -> None:
     port = free_port()
     command = [str(REPO / "scripts" / "cluster.sh"), "1", "--port", str(port)]

@@ -24,6 +24,10 @@ def test_replicas_report_their_pod_name_and_are_ready_by_grpc_health() -> None:
     [container] = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"]
     assert "--replica-id=$(POD_NAME)" in container["args"]
     assert container["readinessProbe"]["grpc"]["port"] == 50051
+    # The pod outlives the drain (the kubelet killed it as the drain ended), and is scraped.
+    grace = next(int(a.split("=")[1]) for a in container["args"] if a.startswith("--grace-s="))
+    assert docs["StatefulSet"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+    assert "--metrics-port=9400" in container["args"]
 
 
 def test_envoy_hashes_the_session_header_onto_a_ring_of_replicas() -> None:
