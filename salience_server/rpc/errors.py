@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from collections.abc import Callable
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -40,8 +45,46 @@ def _bounded(message: str) -> str:
     return f"{kept}... ({len(encoded)} bytes, cut)"
 
 
+log = logging.getLogger("salience.rpc")
+
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class RefusalLog:
+    """Calls refused for room (RESOURCE_EXHAUSTED: a full queue, too many sessions, a slow
+    reader) as warnings, each reason at most once per interval with how many came since
+    it was last logged: an operator sees them in the log (only the metrics counted them),
+    and an overload's thousands do not flood it."""
+
+    def __init__(
+        self,
+        interval_s: float = REFUSAL_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}
+        """By reason: when it was last logged, and how many came since."""
+
+    def note(self, error: SalienceError) -> None:
+        if error.code != Code.RESOURCE_EXHAUSTED:
+            return
+        now = self._clock()
+        logged_at, unlogged = self._last.get(error.reason, (-math.inf, 0))
+        if now - logged_at < self.interval_s:
+            self._last[error.reason] = (logged_at, unlogged + 1)
+            return
+        self._last[error.reason] = (now, 0)
+        since = f" ({unlogged} more since the last)" if unlogged else ""
+        log.warning("refused a call, %s%s: %s", error.reason, since, error.message)
+
+
+refusals = RefusalLog()
+
+
 async def abort(context: grpc.aio.ServicerContext, error: SalienceError) -> None:
     """Ends the call with ``error`` (raises, as context.abort does)."""
+    refusals.note(error)
     status = to_status(error)
     metadata = tuple(status.trailing_metadata)
     if "session_length" in error.metadata:

@@ -1,12 +1,13 @@
 """The status an engine error becomes stays within gRPC's metadata limits; the client's
-reading of a status no server sent."""
+reading of a status no server sent; refusals for room reach the log, boundedly."""
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from salience_client import SalienceClientError
-from salience_server.engine.errors import Code, SalienceError, session_not_found
-from salience_server.rpc.errors import MAX_MESSAGE_BYTES, to_status
+from salience_server.engine.errors import Code, SalienceError, invalid, session_not_found
+from salience_server.rpc.errors import MAX_MESSAGE_BYTES, RefusalLog, to_status
 
 
 def _trailer_bytes(status) -> int:
@@ -69,3 +70,25 @@ def test_a_proxys_http_503_says_what_it_means() -> None:
         _TransportError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
     )
     assert plain.message == "failed to connect to all addresses"
+
+
+def test_refusals_for_room_are_logged_once_per_interval_with_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """QUEUE_FULL, TOO_MANY_SESSIONS, SLOW_READER reached no log (metrics alone counted
+    them); under overload they come by the thousand, so each reason is logged at most
+    once per interval, saying how many came since. Other errors are the caller's."""
+    now = [0.0]
+    refusals = RefusalLog(interval_s=10.0, clock=lambda: now[0])
+    full = SalienceError(Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "the queue holds 256 calls")
+    with caplog.at_level("WARNING", logger="salience.rpc"):
+        for at in (0.0, 1.0, 2.0, 9.9, 10.5, 11.0):
+            now[0] = at
+            refusals.note(full)
+        refusals.note(SalienceError(Code.RESOURCE_EXHAUSTED, "SLOW_READER", "unread"))
+        refusals.note(invalid("INVALID_TOKEN", "bad"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused a call, QUEUE_FULL: the queue holds 256 calls",
+        "refused a call, QUEUE_FULL (3 more since the last): the queue holds 256 calls",
+        "refused a call, SLOW_READER: unread",
+    ]
