@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -199,6 +200,9 @@ class ServerConfig:
             # Pings every few milliseconds, each timing out as fast, failed every call.
             raise ValueError(f"--keepalive-s must be finite and at least {MIN_KEEPALIVE_S:g}")
         check_api_key(self.api_key)
+        if self.readout_path is not None and not os.path.isfile(self.readout_path):
+            # Checked before the model loads (and converts, the first time).
+            raise ValueError(f"--readout {self.readout_path!r}: no such file")
         if self.stream_buffer_events <= 0:
             raise ValueError("--stream-buffer-events must be positive")
         check_cors_origins(self.cors_origins)

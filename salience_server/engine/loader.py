@@ -103,6 +103,8 @@ def resolve_model_path(model: str | None) -> tuple[Path, str]:
         return convert_gguf(path), path.stem
     if path.is_dir() and (path / "config.json").exists():
         return path, path.name
+    if not path.exists():
+        raise FileNotFoundError(f"--model {model!r}: no such file or directory")
     raise FileNotFoundError(
         f"--model {model!r} is neither a Hugging Face model directory nor a .gguf file"
     )

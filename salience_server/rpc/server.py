@@ -94,7 +94,9 @@ class SalienceServer:
         try:
             self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         except RuntimeError as error:  # grpc's bind failure
-            raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)") from error
+            raise OSError(
+                f"cannot listen on {config.host}:{config.port}: {_bind_failure(config.host)}"
+            ) from error
         self.replica_id = config.replica_id or default_replica_id(config.host, self.port)
         """Sent as ``salience-replica`` initial metadata on every response."""
         self._replica.replica_id = self.replica_id
@@ -273,3 +275,13 @@ async def _started_unless_stopped(server: SalienceServer, stopping: asyncio.Even
     with contextlib.suppress(asyncio.CancelledError):
         await starting  # start() stops listening as it is cancelled
     return False
+
+
+def _bind_failure(host: str) -> str:
+    """Why binding ``host`` failed, as far as can be told: a name that does not resolve
+    (``999.1.1.1``, a typo) said "in use?" as a port taken does."""
+    try:
+        socket.getaddrinfo(host.strip("[]"), None)
+    except (OSError, UnicodeError):
+        return f"the host {host!r} does not resolve to an address of this machine"
+    return "the port is in use, or the address is not this machine's"

@@ -162,7 +162,16 @@ def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         stderr = server_start_failure("--model", str(tiny_llama_dir), "--port", str(port))
-    assert f"cannot listen on 127.0.0.1:{port}" in stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in stderr
+
+
+def test_a_missing_model_and_a_host_that_does_not_resolve_say_so(tmp_path, tiny_llama_dir) -> None:
+    """A missing .gguf was "neither a Hugging Face model directory nor a .gguf file";
+    a host name that resolves nowhere was "(in use?)"."""
+    stderr = server_start_failure("--model", str(tmp_path / "model.gguf"))
+    assert "model.gguf': no such file or directory" in stderr
+    stderr = server_start_failure("--model", str(tiny_llama_dir), "--host", "999.1.1.1")
+    assert "the host '999.1.1.1' does not resolve" in stderr
 
 
 @pytest.mark.parametrize(
@@ -182,6 +191,8 @@ def test_a_port_in_use_fails_at_once_with_a_message(tiny_llama_dir) -> None:
         ),
         (["--log-level", "foo"], "invalid choice: 'FOO'"),  # was a traceback
         (["--grace-s", "nan"], "--grace-s must be finite"),
+        # Checked before the model loads (or converts, the first time).
+        (["--readout", "/nonexistent/readout.safetensors"], "readout.safetensors': no such file"),
         (["--session-ttl", "-5"], "--session-ttl must be 0 (no expiry) or a positive"),
         (["--keepalive-s", "0.001"], "--keepalive-s must be finite and at least 1"),
         (["--kv-cache-memory", "lots"], "not a size: 'lots' (try 2GiB"),  # named its parser
