@@ -237,10 +237,11 @@ class StreamProgress:
 
     Once a token was decoded, the resuming call continues from the last one received;
     before that (only scored prompt positions arrived, or nothing) the call is made
-    again and the events already delivered are dropped. Exact for greedy decoding; a
-    sampled continuation is a fresh draw; a call under a ``constraint`` cannot resume
-    once it decoded (its grammar state lived on the lost replica); stop strings are
-    matched on the text decoded since the break.
+    again and the events already delivered are dropped. Exact for greedy decoding, its
+    penalties and stop strings included (``decode_start``: the server counts the tokens
+    decoded before the break as the call's, and its stop strings' held-back text goes
+    on); a sampled continuation is a fresh draw; a call under a ``constraint`` cannot
+    resume once it decoded (its grammar state lived on the lost replica).
     """
 
     def __init__(self, request: pb.GenerateRequest) -> None:
@@ -314,6 +315,7 @@ class StreamProgress:
         num_decoded = len(self.decoded_ids)
         del request.append_tokens[:]
         request.offset = self.base_length + num_decoded
+        request.decode_start = self.base_length  # penalties and stop strings go on
         request.max_tokens = max(0, self.request.max_tokens - num_decoded)
         request.min_tokens = max(0, self.request.min_tokens - num_decoded)
         for ranges in (request.logprobs_ranges, request.readout_ranges):

@@ -19,7 +19,13 @@ from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore, embeds_bytes
 from salience_server.engine.model_runner import ModelRunner
-from salience_server.engine.request import EventSink, GenerateParams, Request, TokenEvent
+from salience_server.engine.request import (
+    EventSink,
+    FinishReason,
+    GenerateParams,
+    Request,
+    TokenEvent,
+)
 from salience_server.engine.session import Session
 from salience_server.engine.session_table import SessionTable
 from salience_server.engine.validation import Limits, check_generate
@@ -106,13 +112,17 @@ class Intake:
         session.token_ids.extend(params.append_tokens)
         session.touch()
         detokenizer = None
+        prompt_end = params.offset + len(params.append_tokens)
+        decode_start = prompt_end if params.decode_start is None else params.decode_start
         if params.stop_strings:  # they end decoding, so the engine reads the text
             detokenizer = IncrementalDetokenizer(
-                self.tokenizer, session.token_ids, params.keep_special_tokens
+                self.tokenizer, session.token_ids[:decode_start], params.keep_special_tokens
             )
         request = Request(
             next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
         )
+        if detokenizer is not None and decode_start < prompt_end:
+            _resume_stop_strings(request, session.token_ids[decode_start:prompt_end])
         session.owner = request
         first_fed = request.first_fed_needing_logits()
         if first_fed is not None:
@@ -139,3 +149,18 @@ class Intake:
             params.max_tokens,
         )
         return request
+
+
+def _resume_stop_strings(request: Request, decoded: list[int]) -> None:
+    """A resumed stream: its stop strings read the broken call's decoded tokens again,
+    their text dropped (the client has what was released), so that the text held back
+    for a stop string it may begin goes on; one they already hold ends the call at once
+    (the broken call ended there: its Done was lost). Before ``min_tokens`` (which the
+    client lowers by the tokens received) nothing matches."""
+    assert request.detokenizer is not None
+    may_match = request.params.min_tokens == 0
+    for token_id in decoded:
+        _, matched = request.stop_matcher.push(request.detokenizer.push(token_id), may_match)
+        if matched:
+            request.finish_reason = FinishReason.STOP_STRING
+            return

@@ -211,7 +211,7 @@ def pick(request: Request, position: int) -> int | sampler.Draw:
         shaping = penalties.Shaping(
             params.sampling,
             session.token_ids,
-            request.prompt_len,
+            request.decode_start,
             banned,
             request.penalty_state,
             request.matcher.bitmask() if request.matcher is not None else None,

@@ -87,6 +87,9 @@ class GenerateParams:
     pooling: str = ""
     """An Embed input: "last" or "mean" pooling of the final hidden states (nothing is
     decoded or streamed); empty for a Generate call."""
+    decode_start: int | None = None
+    """A resumed stream's: where the broken call began decoding (the tokens since count
+    as this call's for the penalties and the stop strings); None: the prompt's end."""
 
 
 class FinishReason(enum.Enum):
@@ -166,6 +169,9 @@ class Request:
         self.session = session
         self.sink = sink
         self.prompt_len = params.offset + len(params.append_tokens)
+        self.decode_start = self.prompt_len if params.decode_start is None else params.decode_start
+        """Where this call's decoded tokens begin, for the penalties and the stop strings
+        (before the prompt's end where the call resumes a broken stream)."""
         eos = set() if params.ignore_eos else eos_token_ids
         self.stop_token_ids = eos | set(params.stop_token_ids)
         self.detokenizer = detokenizer

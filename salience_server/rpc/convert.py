@@ -59,6 +59,7 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         priority=request.priority,
         ignore_eos=request.ignore_eos,
         min_tokens=request.min_tokens,
+        decode_start=request.decode_start if request.HasField("decode_start") else None,
     )
 
 

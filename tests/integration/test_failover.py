@@ -250,6 +250,7 @@ def test_a_broken_stream_resumes_asking_only_for_the_rest(
     resumed = fake.replica.requests[-1]
     assert list(resumed.append_tokens) == [] and resumed.offset == 6 and resumed.truncating
     assert resumed.max_tokens == 5
+    assert resumed.decode_start == 3  # penalties and stop strings go on (test_resume_exact)
     assert session.num_resumes == client.failover_stats.num_resumes == 1
 
 

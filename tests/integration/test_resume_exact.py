@@ -1,0 +1,120 @@
+"""A broken stream resumed with ``decode_start`` goes on as the unbroken call would: its
+frequency and presence penalties count the tokens decoded before the break, and the text
+its stop strings held back at the break comes with the next tokens. The break is made as
+a client leaving a stream (read some events, cancel); the resumed call is what the
+Python client sends (``StreamProgress.next_request``). Oracle: the same call unbroken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from salience_client.pb import salience_pb2 as pb
+from tests.conftest import RunningServer
+from tests.helpers import open_session, random_tokens
+
+PROMPT = random_tokens(12, 3)
+BREAK_AFTER = 10
+
+
+def _call(**options: Any) -> pb.GenerateRequest:
+    """The call, greedy with OpenAI's penalties (they depend on every token decoded)."""
+    return pb.GenerateRequest(
+        max_tokens=24,
+        frequency_penalty=1.5,
+        presence_penalty=0.7,
+        ignore_eos=True,
+        return_text=True,
+        **options,
+    )
+
+
+def _tokens(stub: Any, request: pb.GenerateRequest, limit: int | None = None) -> list[pb.Token]:
+    """The decoded token events of ``request`` (its first ``limit``, then the call is
+    left: cancelled, as a client leaves it)."""
+    call = stub.Generate(request)
+    tokens = []
+    for event in call:
+        if event.HasField("token") and not event.token.is_prefill:
+            tokens.append(event.token)
+            if len(tokens) == limit:
+                call.cancel()
+                break
+    return tokens
+
+
+def _unbroken(stub: Any, **options: Any) -> list[pb.Token]:
+    session_id = open_session(stub)
+    return _tokens(stub, _call(session_id=session_id, append_tokens=PROMPT, **options))
+
+
+def _broken_then_resumed(
+    stub: Any, with_decode_start: bool, **options: Any
+) -> tuple[list[pb.Token], list[pb.Token]]:
+    session_id = open_session(stub)
+    first = _call(session_id=session_id, append_tokens=PROMPT, **options)
+    before = _tokens(stub, first, limit=BREAK_AFTER)
+    resumed = _call(session_id=session_id, **options)
+    resumed.offset, resumed.truncating = len(PROMPT) + BREAK_AFTER, True
+    resumed.max_tokens = first.max_tokens - BREAK_AFTER
+    if with_decode_start:
+        resumed.decode_start = len(PROMPT)
+    return before, _tokens(stub, resumed)
+
+
+@pytest.mark.parametrize("with_decode_start", [True, False], ids=["resumed", "old-resume"])
+def test_a_resumed_stream_goes_on_as_the_unbroken_call(
+    llama_server: RunningServer, with_decode_start: bool
+) -> None:
+    stub = llama_server.stub
+    plain = _unbroken(stub)
+    # A stop string that the last token before the break begins and nothing completes:
+    # that token's text is held back when the stream breaks.
+    held = plain[BREAK_AFTER - 1].text
+    assert held and held.isprintable(), "pick another prompt: the token has no plain text"
+    stop = held + "\u2603\u2603"
+    whole = _unbroken(stub, stop_strings=[stop])
+    before, after = _broken_then_resumed(stub, with_decode_start, stop_strings=[stop])
+    got_ids = [t.id for t in before + after]
+    got_text = "".join(t.text for t in before + after)
+    want_ids = [t.id for t in whole]
+    assert [t.id for t in plain] == want_ids  # the stop string never matched
+    if with_decode_start:
+        assert got_ids == want_ids
+        assert got_text == "".join(t.text for t in whole)
+        assert "".join(t.text for t in before) == "".join(t.text for t in whole[:BREAK_AFTER])
+    else:  # what a resume without it did: other tokens, the held text lost
+        assert got_ids != want_ids
+
+
+def test_a_stop_string_the_broken_call_had_matched_ends_the_resumed_call_at_once(
+    llama_server: RunningServer,
+) -> None:
+    """The break came after the token completing a stop string, before its Done: the
+    resumed call ends at once, finish stop_string, nothing more decoded."""
+    stub = llama_server.stub
+    plain = _unbroken(stub)
+    stop = plain[BREAK_AFTER - 2].text + plain[BREAK_AFTER - 1].text
+    assert stop.isprintable() and stop not in "".join(t.text for t in plain[: BREAK_AFTER - 1])
+    session_id = open_session(stub)
+    first = _call(session_id=session_id, append_tokens=PROMPT)  # decodes past it
+    _tokens(stub, first, limit=BREAK_AFTER)
+    resumed = _call(session_id=session_id, stop_strings=[stop], decode_start=len(PROMPT))
+    resumed.offset, resumed.truncating = len(PROMPT) + BREAK_AFTER, True
+    events = list(stub.Generate(resumed))
+    done = events[-1].done
+    assert done.finish_reason == pb.FINISH_REASON_STOP_STRING and done.completion_tokens == 0
+    assert done.stop_string == stop and done.total_tokens == len(PROMPT) + BREAK_AFTER
+
+
+def test_a_decode_start_past_the_prompt_is_refused(llama_server: RunningServer) -> None:
+    import grpc
+
+    from tests.helpers import error_reason
+
+    session_id = open_session(llama_server.stub)
+    request = _call(session_id=session_id, append_tokens=PROMPT, decode_start=len(PROMPT) + 1)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(llama_server.stub.Generate(request))
+    assert error_reason(caught.value) == "INVALID_RANGE"
