@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     log.info("OpenAI shim for %s on http://%s:%d/v1", config.target, config.host, server.port)
     asyncio.run(_serve(server))
+    log.info("stopped")
     stop_signals.exit_now()  # the interpreter's clean-up gave the signals back to the system
 
 

@@ -22,6 +22,24 @@ STOP_POLL_S = 0.1
 """How often a stop is looked for (as uvicorn looks for it)."""
 
 
+PROBE_PATHS = frozenset({"/health", "/metrics"})
+
+
+class _NoProbes(logging.Filter):
+    """Leaves health checks and metrics scrapes out of the access log: probes every few
+    seconds (dozens while the model loads) buried the requests among them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) > 2 and args[2] in PROBE_PATHS)
+
+
+def _quiet_probes() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _NoProbes) for f in access.filters):
+        access.addFilter(_NoProbes())
+
+
 class _HostedServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to the program hosting it."""
 
@@ -63,6 +81,7 @@ class ShimServer:
             timeout_graceful_shutdown=math.ceil(config.graceful_shutdown_s),
         )
         self.server = _HostedServer(uvicorn_config)
+        _quiet_probes()
 
     async def serve(self) -> None:
         """Serves until ``stop``."""

@@ -257,6 +257,7 @@ async def _serve_until_stopped(
     await server.stop()  # the shim's calls in flight drain with the others
     if shim is not None:
         await shim.stop()
+    log.info("stopped")
     return True
 
 

@@ -1,5 +1,5 @@
 """The command lines of ``salience-server`` and ``salience-shim``: bad values are one usage
-line (exit 2), never a traceback; ``--help`` names the defaults."""
+line (exit 2), never a traceback; ``--help`` names the defaults; the logs they write."""
 
 from __future__ import annotations
 
@@ -49,3 +49,24 @@ def test_help_shows_defaults_but_never_the_api_key(
         assert "--max-image-bytes MAX_IMAGE_BYTES default: 20MiB" in text
     else:
         assert "(default: 256MiB)" in text
+
+
+def test_probes_are_left_out_of_the_shims_access_log() -> None:
+    """Health checks and metrics scrapes (dozens while a model loads) buried requests."""
+    import logging
+
+    from salience_server.http.config import ShimConfig
+    from salience_server.http.serving import ShimServer
+
+    server = ShimServer(ShimConfig(port=0))
+    server.socket.close()
+    access = logging.getLogger("uvicorn.access")
+
+    def kept(path: str) -> bool:
+        args = ("127.0.0.1:5000", "GET", path, "1.1", 200)
+        record = logging.LogRecord(
+            "uvicorn.access", logging.INFO, "", 0, "%s %s %s %s %d", args, None
+        )
+        return all(f.filter(record) for f in access.filters)  # type: ignore[union-attr]
+
+    assert not kept("/health") and not kept("/metrics") and kept("/v1/chat/completions")
