@@ -33,6 +33,10 @@ from salience_server.engine.vision import EncodedImage
 
 log = logging.getLogger(__name__)
 
+CONTEXT_TAIL = 16
+"""Context tokens a call's detokenizer is given: more than it reads (a few, and those
+of a character they begin inside), without copying a long session's list."""
+
 
 class Intake:
     def __init__(
@@ -115,8 +119,9 @@ class Intake:
         prompt_end = params.offset + len(params.append_tokens)
         decode_start = prompt_end if params.decode_start is None else params.decode_start
         if params.stop_strings:  # they end decoding, so the engine reads the text
+            context = session.token_ids[max(0, decode_start - CONTEXT_TAIL) : decode_start]
             detokenizer = IncrementalDetokenizer(
-                self.tokenizer, session.token_ids[:decode_start], params.keep_special_tokens
+                self.tokenizer, context, params.keep_special_tokens
             )
         request = Request(
             next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
