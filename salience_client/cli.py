@@ -161,6 +161,8 @@ def score(client: SalienceClient, args: argparse.Namespace) -> None:
     """Prints each token's logprob given the tokens before it, and the total."""
     if args.tokens is not None and args.text is not None:
         raise SystemExit("salience: score takes TEXT or --tokens, not both")
+    if args.tokens is not None and args.add_special_tokens:
+        raise SystemExit("salience: --add-special-tokens is for TEXT, not --tokens")
     if args.tokens is not None:
         token_ids = parse_token_ids(args.tokens)
     elif args.text is not None:

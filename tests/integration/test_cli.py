@@ -187,6 +187,7 @@ def test_cli_connection_options_go_before_or_after_the_command(server_target: st
         ["info", "--timeout", "0"],
         ["info", "--timeout", "inf"],
         ["score", "text", "--tokens", "1"],
+        ["score", "--tokens", "1", "--add-special-tokens"],  # taken, and nothing added
     ],
 )
 def test_cli_refuses_values_out_of_range_without_a_traceback(args: list[str]) -> None:
