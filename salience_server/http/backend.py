@@ -4,6 +4,7 @@ cache, the response store, and the served model's description."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,7 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from salience_client import AsyncSalienceClient, Failover, ModelInfo
+from salience_client import AsyncSalienceClient, Failover, ModelInfo, SalienceClientError
 from salience_server import text_checks
 from salience_server.http import image_fetch
 from salience_server.http.config import ShimConfig
@@ -31,6 +32,8 @@ from salience_server.http.response_store import ResponseStore
 from salience_server.http.sessions_pool import SessionPool
 
 HEALTH_TIMEOUT_S = 2.0
+CLOSE_TIMEOUT_S = 5.0
+"""Bound on each call closing the pool's sessions at the end of a stop's grace."""
 THINKING_TAIL_TOKENS = 32
 """Prompt tokens decoded to see whether the prompt leaves a ``<think>`` open."""
 
@@ -68,6 +71,22 @@ class Backend:
         """Placeholder tokens each image (by marker) took when it was appended."""
         # A channel of its own, so that /health works whatever the client is doing.
         self._health_channel = grpc.aio.insecure_channel(config.target)
+
+    async def end_calls(self) -> None:
+        """At the end of a stop's grace: the calls still open fail CLIENT_CLOSED (their
+        requests end as a 503), and the pool's sessions are closed on the server through
+        a client of their own (this one, closed, no longer can: they held the server's
+        KV and image memory till their TTL)."""
+        routes = self.pool.routes()
+        await self.client.close()
+        config = self.config
+        closer = AsyncSalienceClient(
+            config.target, timeout=CLOSE_TIMEOUT_S, api_key=config.api_key, replay=False
+        )
+        async with closer:
+            for session_id, routing_key in routes:
+                with contextlib.suppress(SalienceClientError):
+                    await (await closer.session(session_id, routing_key)).close()
 
     async def close(self) -> None:
         """Closes the pooled sessions and the channels."""

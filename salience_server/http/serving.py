@@ -102,7 +102,7 @@ class ShimServer:
         await asyncio.sleep(self._grace_s)
         backend = getattr(self._app.state, "backend", None)
         if backend is not None:  # None: stopped before it started
-            await backend.client.close()
+            await backend.end_calls()
 
     def start(self) -> None:
         """Serves in a task of the running event loop."""

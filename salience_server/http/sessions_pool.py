@@ -192,6 +192,10 @@ class SessionPool:
             self._entries.remove(lease.entry)
         self._spawn(self._close(lease.session))
 
+    def routes(self) -> list[tuple[str, str]]:
+        """(session id, routing key) of every session held, lent or idle."""
+        return [(entry.session.session_id, entry.session.routing_key) for entry in self._entries]
+
     async def close(self) -> None:
         """Closes every session (at shutdown); errors are ignored."""
         entries, self._entries = self._entries, []

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from salience_client import SalienceClient
 from salience_server.http.config import ShimConfig
 from salience_server.http.serving import ShimServer
 from tests.helpers import server_command
@@ -164,8 +165,9 @@ def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
 ) -> None:
     """The shim alone, its server going on: on SIGTERM its open requests run on for
     ``--grace-s``, then end as OpenAI's 503 (an error event and [DONE] once a stream has
-    started), and it exits. Its grace was a fixed 5 s, after which uvicorn cut the stream
-    with no error event and logged a traceback."""
+    started), and it exits, its pool's sessions closed on the server. Its grace was a
+    fixed 5 s, after which uvicorn cut the stream with no error event and logged a
+    traceback; the first mend left the pool's sessions open (its client was closed)."""
     from tests.conftest import start_server
 
     server = start_server(str(long_context_llama_dir), block_size=16, kv_cache_bytes=64 << 20)
@@ -178,6 +180,8 @@ def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
     try:
         _wait_for(r"Application startup complete", process, log, 30)
         base = f"http://127.0.0.1:{port}"
+        done = {"model": long_context_llama_dir.name, "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(f"{base}/v1/completions", json=done, timeout=60).status_code == 200
         threads, replies, streaming = _ask_without_end(base, long_context_llama_dir.name)
         assert streaming.wait(60), "the stream sent nothing within 60 s"
         time.sleep(0.5)  # the plain request runs too
@@ -187,6 +191,8 @@ def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
         assert time.monotonic() - stopped < 0.5 + 5
         for thread in threads:
             thread.join(timeout=30)
+        with SalienceClient(server.target) as client:
+            assert client.list_sessions() == []  # an idle one and two lent ones were held
     finally:
         if process.poll() is None:
             process.kill()
