@@ -317,7 +317,7 @@ class StreamProgress:
         request.offset = self.base_length + num_decoded
         request.decode_start = self.base_length  # penalties and stop strings go on
         request.max_tokens = max(0, self.request.max_tokens - num_decoded)
-        request.min_tokens = max(0, self.request.min_tokens - num_decoded)
+        # min_tokens stays the call's: the server counts it from decode_start.
         for ranges in (request.logprobs_ranges, request.readout_ranges):
             kept = [
                 pb.PositionRange(start=max(r.start, request.offset), end=r.end)

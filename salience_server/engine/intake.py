@@ -160,11 +160,11 @@ def _resume_stop_strings(request: Request, decoded: list[int]) -> None:
     """A resumed stream: its stop strings read the broken call's decoded tokens again,
     their text dropped (the client has what was released), so that the text held back
     for a stop string it may begin goes on; one they already hold ends the call at once
-    (the broken call ended there: its Done was lost). Before ``min_tokens`` (which the
-    client lowers by the tokens received) nothing matches."""
+    (the broken call ended there: its Done was lost). Before ``min_tokens``, which counts
+    from ``decode_start``, nothing matches, as in the broken call."""
     assert request.detokenizer is not None
-    may_match = request.params.min_tokens == 0
-    for token_id in decoded:
+    for count, token_id in enumerate(decoded, start=1):
+        may_match = count >= request.params.min_tokens
         _, matched = request.stop_matcher.push(request.detokenizer.push(token_id), may_match)
         if matched:
             request.finish_reason = FinishReason.STOP_STRING

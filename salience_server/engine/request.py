@@ -247,8 +247,9 @@ class Request:
 
     @property
     def is_stoppable(self) -> bool:
-        """Whether stop tokens and stop strings may end the call yet (min_tokens)."""
-        return self.num_decoded >= self.params.min_tokens
+        """Whether stop tokens and stop strings may end the call yet (min_tokens, which
+        counts from ``decode_start``: a resumed stream's tokens before the break too)."""
+        return self.num_decoded + self.prompt_len - self.decode_start >= self.params.min_tokens
 
     @property
     def wants_decode(self) -> bool:

@@ -1,8 +1,9 @@
 """A broken stream resumed with ``decode_start`` goes on as the unbroken call would: its
 frequency and presence penalties count the tokens decoded before the break, and the text
 its stop strings held back at the break comes with the next tokens. The break is made as
-a client leaving a stream (read some events, cancel); the resumed call is what the
-Python client sends (``StreamProgress.next_request``). Oracle: the same call unbroken."""
+a client leaving a stream (read some events, cancel); the resumed call is built as the
+Python client builds it (``StreamProgress.next_request``, whose request
+``test_stream_progress.py`` checks). Oracle: the same call unbroken."""
 
 from __future__ import annotations
 
@@ -86,6 +87,27 @@ def test_a_resumed_stream_goes_on_as_the_unbroken_call(
         assert "".join(t.text for t in before) == "".join(t.text for t in whole[:BREAK_AFTER])
     else:  # what a resume without it did: other tokens, the held text lost
         assert got_ids != want_ids
+
+
+def test_min_tokens_counts_from_where_the_broken_call_began_decoding(
+    llama_server: RunningServer,
+) -> None:
+    """A stop string in the first tokens, which min_tokens kept from matching in the
+    broken call, does not end the resumed one (it ended at once: the client had lowered
+    min_tokens to 0, and the tokens read again matched); one completed after the break,
+    once min_tokens is met counting from where the call began decoding, ends it where it
+    ended the unbroken call (the resumed call counted its own tokens alone)."""
+    stub = llama_server.stub
+    plain = _unbroken(stub)
+    early, late = plain[0].text + plain[1].text, plain[11].text + plain[12].text
+    text = "".join(t.text for t in plain)
+    assert text.find(late) == len("".join(t.text for t in plain[:11])), "pick another prompt"
+    options = {"stop_strings": [early, late], "min_tokens": BREAK_AFTER + 2}
+    whole = _unbroken(stub, **options)
+    assert len(whole) == 13  # ended by the late one, the early one held off
+    before, after = _broken_then_resumed(stub, True, **options)
+    assert [t.id for t in before + after] == [t.id for t in whole]
+    assert "".join(t.text for t in before + after) == "".join(t.text for t in whole)
 
 
 def test_a_stop_string_the_broken_call_had_matched_ends_the_resumed_call_at_once(

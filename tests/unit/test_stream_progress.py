@@ -116,7 +116,9 @@ def test_after_decoded_tokens_only_the_rest_is_asked_for() -> None:
     assert progress.replay_length == 15 and progress.committed_ids() == [5, 6, 7, 50, 51]
     request, finish_reason = progress.next_request([EOS])
     assert (request.offset, list(request.append_tokens), request.truncating) == (15, [], True)
-    assert (request.max_tokens, request.min_tokens, finish_reason) == (4, 2, "")
+    # min_tokens stays the call's: the server counts it from decode_start, the prompt's end.
+    assert (request.max_tokens, request.min_tokens, finish_reason) == (4, 4, "")
+    assert request.decode_start == 13
     assert [(r.start, r.end) for r in request.logprobs_ranges] == [(15, 2**32 - 1)]
     assert not progress.observe(_token(13, 50))  # delivered before
     assert progress.observe(_token(15, 52))
