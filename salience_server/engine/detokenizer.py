@@ -14,6 +14,10 @@ from salience_server.engine.token_bytes import (
 # Tokens of context decoded before the new ones, so that a leading space or a
 # byte-fallback piece of the first new token renders as it would in the full text.
 _NUM_CONTEXT_TOKENS = 4
+CONTEXT_TAIL = 16
+"""Context tokens to give a detokenizer: more than it reads (``_NUM_CONTEXT_TOKENS``, and
+before them at most three of a character they begin inside), so that callers need not
+copy a long session's tokens."""
 
 
 def _context_window(tokenizer: Any, context_ids: list[int]) -> list[int]:

@@ -14,7 +14,7 @@ import torch
 from salience_server.engine import sampler
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.constraints import ConstraintCompiler
-from salience_server.engine.detokenizer import IncrementalDetokenizer
+from salience_server.engine.detokenizer import CONTEXT_TAIL, IncrementalDetokenizer
 from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore, embeds_bytes
@@ -33,9 +33,10 @@ from salience_server.engine.vision import EncodedImage
 
 log = logging.getLogger(__name__)
 
-CONTEXT_TAIL = 16
-"""Context tokens a call's detokenizer is given: more than it reads (a few, and those
-of a character they begin inside), without copying a long session's list."""
+RESUME_TAIL_BYTES = 2
+"""Tokens read again per byte of the longest stop string (``_resume_stop_strings``),
+beyond the detokenizer's context: a token other than a skipped special one holds a byte
+at least, and a skipped one may stand between."""
 
 
 class Intake:
@@ -118,16 +119,22 @@ class Intake:
         detokenizer = None
         prompt_end = params.offset + len(params.append_tokens)
         decode_start = prompt_end if params.decode_start is None else params.decode_start
+        # A resumed stream's stop strings read its tokens since the break's call began
+        # decoding again: as many as the longest stop string may span, the rest could not
+        # hold what they match.
+        longest = max((len(s.encode()) for s in params.stop_strings), default=0)
+        read_from = max(decode_start, prompt_end - RESUME_TAIL_BYTES * longest)
         if params.stop_strings:  # they end decoding, so the engine reads the text
-            context = session.token_ids[max(0, decode_start - CONTEXT_TAIL) : decode_start]
+            context = session.token_ids[max(0, read_from - CONTEXT_TAIL) : read_from]
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer, context, params.keep_special_tokens
             )
         request = Request(
             next(self._request_ids), params, session, sink, self.eos_token_ids, detokenizer
         )
-        if detokenizer is not None and decode_start < prompt_end:
-            _resume_stop_strings(request, session.token_ids[decode_start:prompt_end])
+        if detokenizer is not None and read_from < prompt_end:
+            tail = session.token_ids[read_from:prompt_end]
+            _resume_stop_strings(request, tail, read_from - decode_start)
         session.owner = request
         first_fed = request.first_fed_needing_logits()
         if first_fed is not None:
@@ -156,14 +163,15 @@ class Intake:
         return request
 
 
-def _resume_stop_strings(request: Request, decoded: list[int]) -> None:
+def _resume_stop_strings(request: Request, decoded: list[int], num_before: int) -> None:
     """A resumed stream: its stop strings read the broken call's decoded tokens again,
-    their text dropped (the client has what was released), so that the text held back
+    their text dropped (the client has what was released; ``num_before`` tokens decoded
+    before them are not read: too far back to matter), so that the text held back
     for a stop string it may begin goes on; one they already hold ends the call at once
     (the broken call ended there: its Done was lost). Before ``min_tokens``, which counts
     from ``decode_start``, nothing matches, as in the broken call."""
     assert request.detokenizer is not None
-    for count, token_id in enumerate(decoded, start=1):
+    for count, token_id in enumerate(decoded, start=num_before + 1):
         may_match = count >= request.params.min_tokens
         _, matched = request.stop_matcher.push(request.detokenizer.push(token_id), may_match)
         if matched:

@@ -13,7 +13,7 @@ import grpc
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_server.engine import tokenization
-from salience_server.engine.detokenizer import IncrementalDetokenizer
+from salience_server.engine.detokenizer import CONTEXT_TAIL, IncrementalDetokenizer
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import Code, SalienceError
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
@@ -87,7 +87,8 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         def submit(sink: EventSink) -> Request:
             engine_request = engine.submit(params, sink)
             if detokenizes:  # nothing after the submit may raise: the call is on
-                prompt.extend(engine_request.session.token_ids[: engine_request.prompt_len])
+                end = engine_request.prompt_len
+                prompt.extend(engine_request.session.token_ids[max(0, end - CONTEXT_TAIL) : end])
             return engine_request
 
         delivery = engine.metrics.token_delivery

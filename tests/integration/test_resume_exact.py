@@ -140,3 +140,27 @@ def test_a_decode_start_past_the_prompt_is_refused(llama_server: RunningServer) 
     with pytest.raises(grpc.RpcError) as caught:
         list(llama_server.stub.Generate(request))
     assert error_reason(caught.value) == "INVALID_RANGE"
+
+
+def test_a_resume_reads_again_only_what_its_stop_strings_may_span(
+    llama_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokens are read again under the engine's lock: a resume far from where its
+    call began decoding (a long generation) read them all, stalling every stream."""
+    from salience_server.engine.detokenizer import IncrementalDetokenizer
+    from salience_server.engine.intake import RESUME_TAIL_BYTES
+
+    stub = llama_server.stub
+    session_id = open_session(stub)
+    list(stub.Generate(pb.GenerateRequest(session_id=session_id, append_tokens=PROMPT * 40)))
+    pushed = []
+    push = IncrementalDetokenizer.push
+    monkeypatch.setattr(
+        IncrementalDetokenizer,
+        "push",
+        lambda self, token_id: pushed.append(token_id) or push(self, token_id),
+    )
+    resumed = _call(session_id=session_id, stop_strings=["xy"], decode_start=0)
+    resumed.offset, resumed.truncating, resumed.max_tokens = len(PROMPT) * 40, True, 0
+    list(stub.Generate(resumed))
+    assert len(pushed) == RESUME_TAIL_BYTES * 2  # not the 480 since decode_start
