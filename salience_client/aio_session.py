@@ -12,7 +12,7 @@ from typing import Any, Unpack
 import grpc
 
 from salience_client.closing import CLIENT_CLOSED, closed_client_calls
-from salience_client.failover import Attempts, StreamProgress, is_busy
+from salience_client.failover import Attempts, is_busy
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -26,6 +26,7 @@ from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S, SessionBase
+from salience_client.stream_progress import StreamProgress
 from salience_client.stream_state import is_async_suspended
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 from salience_client.unary import await_unary, close_in_background

@@ -15,7 +15,7 @@ from typing import Any, Unpack
 import grpc
 
 from salience_client.closing import CLIENT_CLOSED
-from salience_client.failover import Attempts, StreamProgress, is_busy
+from salience_client.failover import Attempts, is_busy
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -29,6 +29,7 @@ from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S, SessionBase
+from salience_client.stream_progress import StreamProgress
 from salience_client.stream_state import is_suspended
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 from salience_client.unary import call_unary

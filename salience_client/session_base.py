@@ -15,7 +15,6 @@ from salience_client.failover import (
     Attempts,
     Failover,
     FailoverStats,
-    StreamProgress,
     check_session_id,
     is_behind,
     is_broken,
@@ -31,6 +30,7 @@ from salience_client.failover import (
 )
 from salience_client.history import History, ImageStep, PrefillStep
 from salience_client.pb import salience_pb2 as pb
+from salience_client.stream_progress import StreamProgress
 from salience_client.types import Done, ReadoutManifest, SalienceClientError, TokenEvent
 
 SETTLE_WAIT_S = 30.0
