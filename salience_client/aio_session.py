@@ -11,6 +11,7 @@ from typing import Any, Unpack
 
 import grpc
 
+from salience_client import replay
 from salience_client.closing import CLIENT_CLOSED, closed_client_calls
 from salience_client.failover import Attempts, is_busy
 from salience_client.failover import new_session_id as fresh_session_id
@@ -374,11 +375,15 @@ class AsyncSession(SessionBase):
             is_fresh = False  # a stale copy: every step rewrites it from position 0
         for step in self._replay_steps(length, is_fresh):
             if isinstance(step, ImageStep):
-                image_request = self._replay_image_request(step)
-                response = await self._unary(self._stub.AppendImage, image_request)
-                self._check_replayed_image(step, response.placeholder_count)
+                request = replay.image_request(self.session_id, step)
+                response = await self._unary(self._stub.AppendImage, request)
+                replay.check_replayed_image(
+                    self.session_id, self.replica, step, response.placeholder_count
+                )
                 continue
-            call = self._stub.Generate(self._replay_prefill_request(step), metadata=self._metadata)
+            call = self._stub.Generate(
+                replay.prefill_request(self.session_id, step), metadata=self._metadata
+            )
             try:
                 with closed_client_calls(self._stub):
                     async for _ in call:

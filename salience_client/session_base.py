@@ -367,33 +367,5 @@ class SessionBase:
         self._stats.num_replayed_tokens += length
         log_replay(self.session_id, cause, length, self.replica)
 
-    def _replay_prefill_request(self, step: PrefillStep) -> pb.GenerateRequest:
-        return pb.GenerateRequest(
-            session_id=self.session_id,
-            append_tokens=step.token_ids,
-            offset=step.offset,
-            truncating=True,
-            max_tokens=0,
-        )
-
-    def _replay_image_request(self, step: ImageStep) -> pb.AppendImageRequest:
-        return pb.AppendImageRequest(
-            session_id=self.session_id,
-            image=step.image.data,
-            mime_type=step.image.mime_type,
-            offset=step.offset,
-            truncating=True,
-        )
-
-    def _check_replayed_image(self, step: ImageStep, placeholder_count: int) -> None:
-        if placeholder_count != step.image.num_tokens:
-            raise SalienceClientError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "REPLAY_MISMATCH",
-                f"the image at position {step.offset} of session {self.session_id!r} became "
-                f"{placeholder_count} placeholders on replica {self.replica}, "
-                f"{step.image.num_tokens} before: the replicas serve different models",
-            )
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.session_id!r}, length={self.length})"
