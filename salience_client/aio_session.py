@@ -13,7 +13,7 @@ import grpc
 
 from salience_client import replay
 from salience_client.closing import CLIENT_CLOSED, closed_client_calls
-from salience_client.failover import Attempts, is_busy
+from salience_client.failover import Attempts, is_busy, time_left_s
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -59,7 +59,8 @@ class AsyncSession(SessionBase):
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
-        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). Closing
+        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again; a replay
+        first: as ``Session.generate``). Closing
         the iterator (or cancelling its task) before Done cancels the call at once; the
         session then holds what the caller received (the append, once any event came,
         and the tokens that came): its next call waits for the server to wind the call
@@ -83,7 +84,7 @@ class AsyncSession(SessionBase):
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         progress = StreamProgress(request)
         progress.is_replayed = self._takes_replay()
-        attempts = self._attempts()
+        attempts = self._attempts(request.priority, timeout)
         finish_reason = ""
         call = None
         failure: SalienceClientError | None = None
@@ -182,20 +183,39 @@ class AsyncSession(SessionBase):
     async def _collect(self, events: AsyncIterator[TokenEvent | Done]) -> list[TokenEvent | Done]:
         return [event async for event in events]
 
-    async def prefill(self, tokens: Sequence[int]) -> Done:
-        """Appends ``tokens`` without decoding."""
-        return last_done(
-            await self._collect(self.generate(tokens, max_tokens=0, return_text=False))
+    async def prefill(
+        self, tokens: Sequence[int], *, priority: int = 0, timeout: float | None = None
+    ) -> Done:
+        """As ``Session.prefill``."""
+        events = self.generate(
+            tokens, max_tokens=0, return_text=False, priority=priority, timeout=timeout
         )
+        return last_done(await self._collect(events))
 
-    async def rewind(self, offset: int) -> Done:
-        """Truncates the session (and its KV) to ``offset`` tokens."""
-        return last_done(await self._collect(self.generate((), truncate_to=offset, max_tokens=0)))
+    async def rewind(self, offset: int, *, priority: int = 0, timeout: float | None = None) -> Done:
+        """As ``Session.rewind``."""
+        events = self.generate(
+            (), truncate_to=offset, max_tokens=0, priority=priority, timeout=timeout
+        )
+        return last_done(await self._collect(events))
 
-    async def score(self, tokens: Sequence[int], ranges: Sequence[tuple[int, int]]) -> list[float]:
-        """Appends ``tokens``; returns, per absolute position range, the summed logprob of
-        the tokens in it (each under the model, given every token before it)."""
-        events = self.generate(tokens, max_tokens=0, logprobs_ranges=ranges, return_text=False)
+    async def score(
+        self,
+        tokens: Sequence[int],
+        ranges: Sequence[tuple[int, int]],
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> list[float]:
+        """As ``Session.score``."""
+        events = self.generate(
+            tokens,
+            max_tokens=0,
+            logprobs_ranges=ranges,
+            return_text=False,
+            priority=priority,
+            timeout=timeout,
+        )
         return sum_ranges(await self._collect(events), ranges)
 
     async def fork(self, new_session_id: str = "") -> AsyncSession:
@@ -312,9 +332,10 @@ class AsyncSession(SessionBase):
 
     # ----- calls and recovery ------------------------------------------------------------
 
-    async def _unary(self, method: Any, request: Any) -> Any:
-        """One call of a unary session RPC with the session's metadata."""
-        call = method(request, timeout=self._timeout, metadata=self._metadata)
+    async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        """As ``Session._unary``."""
+        timeout = self._timeout if timeout is None else timeout
+        call = method(request, timeout=timeout, metadata=self._metadata)
         try:
             with closed_client_calls(self._stub):
                 response = await call
@@ -352,7 +373,7 @@ class AsyncSession(SessionBase):
             cause = error
             while True:
                 try:
-                    await self._replay(recovery.replay_length, cause)
+                    await self._replay(recovery.replay_length, cause, attempts)
                     attempts.replays_seen = self.num_replays
                     return
                 except SalienceClientError as failed:
@@ -363,27 +384,28 @@ class AsyncSession(SessionBase):
     def _new_replay_lock(self) -> Any:
         return asyncio.Lock()
 
-    async def _replay(self, length: int, cause: SalienceClientError) -> None:
+    async def _replay(self, length: int, cause: SalienceClientError, attempts: Attempts) -> None:
         """As ``Session._replay``."""
+        deadline = attempts.replay_deadline()
         request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
         try:
-            await self._unary(self._stub.OpenSession, request)
+            await self._unary(self._stub.OpenSession, request, time_left_s(deadline))
             is_fresh = True
         except SalienceClientError as error:
             if error.code != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             is_fresh = False  # a stale copy: every step rewrites it from position 0
         for step in self._replay_steps(length, is_fresh):
+            timeout = time_left_s(deadline)
             if isinstance(step, ImageStep):
-                request = replay.image_request(self.session_id, step)
-                response = await self._unary(self._stub.AppendImage, request)
+                image = replay.image_request(self.session_id, step)
+                response = await self._unary(self._stub.AppendImage, image, timeout)
                 replay.check_replayed_image(
                     self.session_id, self.replica, step, response.placeholder_count
                 )
                 continue
-            call = self._stub.Generate(
-                replay.prefill_request(self.session_id, step), metadata=self._metadata
-            )
+            prefill = replay.prefill_request(self.session_id, step, attempts.priority)
+            call = self._stub.Generate(prefill, timeout=timeout, metadata=self._metadata)
             try:
                 with closed_client_calls(self._stub):
                     async for _ in call:

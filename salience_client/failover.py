@@ -190,10 +190,31 @@ def session_lost(session_id: str, needed: int, known: int) -> SalienceClientErro
     )
 
 
+def time_left_s(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (``time.monotonic()``), not below 0; None for none."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def replay_timed_out(
+    session_id: str, error: SalienceClientError, timeout_s: float
+) -> SalienceClientError:
+    """The error of a call whose replay did not end within the call's timeout."""
+    return error.noted(
+        f"session {session_id!r} was gone from the server (its replica lost, or its TTL "
+        f"passed) and re-creating it did not end within the call's timeout of {timeout_s:g} s"
+    )
+
+
 class Attempts:
     """The recovery budget of one call: replays tried, and retries within a time budget."""
 
-    def __init__(self, policy: Failover, replays_seen: int = 0) -> None:
+    def __init__(
+        self,
+        policy: Failover,
+        replays_seen: int = 0,
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> None:
         self.policy = policy
         self.num_replays = 0
         self.num_retries = 0
@@ -201,6 +222,16 @@ class Attempts:
         self.replays_seen = replays_seen
         """The session's replays when the call began, or when it last recovered: one
         more since means another call of the session re-created it meanwhile."""
+        self.priority = priority
+        """The call's priority: a replay it makes runs at it (an urgent call does not
+        wait for its replay behind background work)."""
+        self.timeout_s = timeout_s
+        """The call's timeout: a replay it makes ends within it, all its steps together
+        (None: unbounded)."""
+
+    def replay_deadline(self) -> float | None:
+        """When a replay starting now must be done (``time.monotonic()``), or None."""
+        return None if self.timeout_s is None else time.monotonic() + self.timeout_s
 
     def begin_replay(self, session_id: str, error: SalienceClientError) -> None:
         """Counts a replay about to start; raises REPLAY_FAILED when none are left."""

@@ -11,14 +11,16 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.types import SalienceClientError
 
 
-def prefill_request(session_id: str, step: PrefillStep) -> pb.GenerateRequest:
-    """The Generate call that puts ``step``'s tokens back, decoding nothing."""
+def prefill_request(session_id: str, step: PrefillStep, priority: int) -> pb.GenerateRequest:
+    """The Generate call that puts ``step``'s tokens back, decoding nothing, at the
+    ``priority`` of the call that needs the session."""
     return pb.GenerateRequest(
         session_id=session_id,
         append_tokens=step.token_ids,
         offset=step.offset,
         truncating=True,
         max_tokens=0,
+        priority=priority,
     )
 
 

@@ -16,7 +16,7 @@ import grpc
 
 from salience_client import replay
 from salience_client.closing import CLIENT_CLOSED
-from salience_client.failover import Attempts, is_busy
+from salience_client.failover import Attempts, is_busy, time_left_s
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -64,8 +64,10 @@ class Session(SessionBase):
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
-        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). The call
-        starts at the first ``next()``. Leaving the iterator before Done cancels the
+        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). A replay
+        that must first re-create the session (its replica lost, its TTL passed) runs at
+        the call's ``priority`` and within its ``timeout`` (the client's when None), and
+        the call then gets its ``timeout`` again. The call starts at the first ``next()``. Leaving the iterator before Done cancels the
         call; the session then holds what the caller received (the append, once any
         event came, and the tokens that came): its next call waits for the server to
         wind the call down, then rewinds what the server committed beyond that.
@@ -91,7 +93,7 @@ class Session(SessionBase):
             manifest = self._set_manifest(self._model_info())
         progress = StreamProgress(request)
         progress.is_replayed = self._takes_replay()
-        attempts = self._attempts()
+        attempts = self._attempts(request.priority, timeout)
         finish_reason = ""
         call = None
         failure: SalienceClientError | None = None
@@ -173,21 +175,44 @@ class Session(SessionBase):
         request = pb.GetSessionRequest(session_id=self.session_id)
         return SessionInfo.from_pb((self._unary(self._stub.GetSession, request)).session)
 
-    def prefill(self, tokens: Sequence[int]) -> Done:
-        """Appends ``tokens`` without decoding."""
-        return last_done(list(self.generate(tokens, max_tokens=0, return_text=False)))
-
-    def rewind(self, offset: int) -> Done:
-        """Truncates the session (and its KV) to ``offset`` tokens."""
-        return last_done(list(self.generate((), truncate_to=offset, max_tokens=0)))
-
-    def score(self, tokens: Sequence[int], ranges: Sequence[tuple[int, int]]) -> list[float]:
-        """Appends ``tokens``; returns, per absolute position range, the summed logprob of
-        the tokens in it (each under the model, given every token before it)."""
-        events = list(
-            self.generate(tokens, max_tokens=0, logprobs_ranges=ranges, return_text=False)
+    def prefill(
+        self, tokens: Sequence[int], *, priority: int = 0, timeout: float | None = None
+    ) -> Done:
+        """Appends ``tokens`` without decoding (``priority``, ``timeout``: as
+        ``generate``'s)."""
+        events = self.generate(
+            tokens, max_tokens=0, return_text=False, priority=priority, timeout=timeout
         )
-        return sum_ranges(events, ranges)
+        return last_done(list(events))
+
+    def rewind(self, offset: int, *, priority: int = 0, timeout: float | None = None) -> Done:
+        """Truncates the session (and its KV) to ``offset`` tokens (``priority``,
+        ``timeout``: as ``generate``'s)."""
+        events = self.generate(
+            (), truncate_to=offset, max_tokens=0, priority=priority, timeout=timeout
+        )
+        return last_done(list(events))
+
+    def score(
+        self,
+        tokens: Sequence[int],
+        ranges: Sequence[tuple[int, int]],
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> list[float]:
+        """Appends ``tokens``; returns, per absolute position range, the summed logprob of
+        the tokens in it (each under the model, given every token before it).
+        ``priority``, ``timeout``: as ``generate``'s."""
+        events = self.generate(
+            tokens,
+            max_tokens=0,
+            logprobs_ranges=ranges,
+            return_text=False,
+            priority=priority,
+            timeout=timeout,
+        )
+        return sum_ranges(list(events), ranges)
 
     def fork(self, new_session_id: str = "") -> Session:
         """A new session sharing this one's committed tokens (copy-on-write KV). It routes
@@ -282,12 +307,12 @@ class Session(SessionBase):
 
     # ----- calls and recovery ------------------------------------------------------------
 
-    def _unary(self, method: Any, request: Any) -> Any:
-        """One call of a unary session RPC with the session's metadata."""
+    def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        """One call of a unary session RPC with the session's metadata, bounded by
+        ``timeout`` (the client's when None)."""
+        timeout = self._timeout if timeout is None else timeout
         try:
-            response, call = method.with_call(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            response, call = method.with_call(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise self._failure(error) from None
         self._note_replica(call.initial_metadata())
@@ -327,7 +352,7 @@ class Session(SessionBase):
             cause = error
             while True:
                 try:
-                    self._replay(recovery.replay_length, cause)
+                    self._replay(recovery.replay_length, cause, attempts)
                     attempts.replays_seen = self.num_replays
                     return
                 except SalienceClientError as failed:
@@ -338,29 +363,30 @@ class Session(SessionBase):
     def _new_replay_lock(self) -> Any:
         return threading.Lock()
 
-    def _replay(self, length: int, cause: SalienceClientError) -> None:
+    def _replay(self, length: int, cause: SalienceClientError, attempts: Attempts) -> None:
         """Re-creates the session under its id on whichever replica now serves it, holding
-        the first ``length`` positions of its history."""
+        the first ``length`` positions of its history, at the priority and within the
+        timeout of the call that needs it (``attempts``)."""
+        deadline = attempts.replay_deadline()
         request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
         try:
-            self._unary(self._stub.OpenSession, request)
+            self._unary(self._stub.OpenSession, request, time_left_s(deadline))
             is_fresh = True
         except SalienceClientError as error:
             if error.code != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             is_fresh = False  # a stale copy: every step rewrites it from position 0
         for step in self._replay_steps(length, is_fresh):
+            timeout = time_left_s(deadline)
             if isinstance(step, ImageStep):
-                response = self._unary(
-                    self._stub.AppendImage, replay.image_request(self.session_id, step)
-                )
+                image = replay.image_request(self.session_id, step)
+                response = self._unary(self._stub.AppendImage, image, timeout)
                 replay.check_replayed_image(
                     self.session_id, self.replica, step, response.placeholder_count
                 )
                 continue
-            call = self._stub.Generate(
-                replay.prefill_request(self.session_id, step), metadata=self._metadata
-            )
+            prefill = replay.prefill_request(self.session_id, step, attempts.priority)
+            call = self._stub.Generate(prefill, timeout=timeout, metadata=self._metadata)
             try:
                 for _ in call:
                     pass

@@ -24,6 +24,7 @@ from salience_client.failover import (
     is_unanswered,
     log_replay,
     log_resume,
+    replay_timed_out,
     replica_of,
     routing_metadata,
     session_lost,
@@ -263,9 +264,12 @@ class SessionBase:
     def _new_replay_lock(self) -> Any:
         raise NotImplementedError
 
-    def _attempts(self) -> Attempts:
-        """A call's recovery budget, knowing the session's replays so far."""
-        return Attempts(self._failover, replays_seen=self.num_replays)
+    def _attempts(self, priority: int = 0, timeout: float | None = None) -> Attempts:
+        """A call's recovery budget, knowing the session's replays so far; a replay it
+        makes runs at its ``priority`` and within its ``timeout`` (the client's when the
+        call gives none)."""
+        timeout_s = self._timeout if timeout is None else timeout
+        return Attempts(self._failover, self.num_replays, priority, timeout_s)
 
     def _forked_mid_replay(self, length: int, attempts: Attempts) -> bool:
         """Whether a fork answered with ``length`` copied this session while another call
@@ -335,9 +339,16 @@ class SessionBase:
     def _replay_failed(self, attempts: Attempts, error: SalienceClientError) -> None:
         """A replay failed with ``error``: counts the next try, or raises when none is
         left, or CLIENT_CLOSED when the client was closed meanwhile (its calls fail: no
-        replay can succeed, and the session was not lost again)."""
+        replay can succeed, and the session was not lost again), or DEADLINE_EXCEEDED
+        when it ran out of the call's timeout."""
         if is_refusing(self._stub):
             raise client_closed() from error
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and attempts.timeout_s is not None:
+            # The call's time is spent: another try would only end later. A step may
+            # still wind down on the server: the next call waits for it, then finds the
+            # copy part-built (fewer positions than ``length``) and replays it anew.
+            self._abandoned = True
+            raise replay_timed_out(self.session_id, error, attempts.timeout_s) from error
         attempts.begin_replay(self.session_id, error)
 
     def _unresumable(
