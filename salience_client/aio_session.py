@@ -57,14 +57,13 @@ class AsyncSession(AsyncSessionCalls):
     ) -> AsyncGenerator[TokenEvent | Done, None]:
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
-        ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
-        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again; a replay
-        first: as ``Session.generate``). Closing
-        the iterator (or cancelling its task) before Done cancels the call at once; the
-        session then holds what the caller received (the append, once any event came,
-        and the tokens that came): its next call waits for the server to wind the call
-        down, then rewinds what the server committed beyond that. ``sync()`` keeps it
-        instead.
+        As ``Session.generate`` (``truncate_to``, ``timeout``, a replay first; ``length``
+        and ``history`` following the events as they are delivered, so they are right
+        as soon as a ``break`` leaves ``async for``, though the event loop finalizes the
+        stream later). Closing the iterator (or cancelling its task) before Done cancels
+        the call at once; the session's next call waits for the server to wind it down,
+        then rewinds what the server committed beyond what the caller received.
+        ``sync()`` keeps it instead.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
         stream = self._stream(tokens, truncate_to, checked, timeout)

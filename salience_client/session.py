@@ -65,11 +65,13 @@ class Session(SessionCalls):
         bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). A replay
         that must first re-create the session (its replica lost, its TTL passed) runs at
         the call's ``priority`` and within its ``timeout`` (the client's when None), and
-        the call then gets its ``timeout`` again. The call starts at the first ``next()``. Leaving the iterator before Done cancels the
-        call; the session then holds what the caller received (the append, once any
-        event came, and the tokens that came): its next call waits for the server to
-        wind the call down, then rewinds what the server committed beyond that.
-        ``sync()`` keeps it instead.
+        the call then gets its ``timeout`` again. The call starts at the first ``next()``.
+
+        ``length`` and ``history`` follow the events as they are delivered: the session
+        holds what the caller received (the append, once any event came, and the tokens
+        that came). Leaving the iterator before Done cancels the call; the session's next
+        call waits for the server to wind it down, then rewinds what the server committed
+        beyond what the caller received. ``sync()`` keeps it instead.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
         stream = self._stream(tokens, truncate_to, checked, timeout)

@@ -85,7 +85,8 @@ class SessionBase:
         self.max_context = max_context
         """Tokens this session may hold, image placeholders included."""
         self.length = length
-        """The committed length as this client last saw it; the next call's ``offset``."""
+        """The session's length as its caller has received it, following each event of a
+        call as it is delivered; the next call's ``offset``."""
         self.is_closed = False
         self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
         """The ``generate()`` streams not yet collected: one its caller left open (a
@@ -178,8 +179,8 @@ class SessionBase:
     ) -> TokenEvent | Done | None:
         """Converts one streamed event and notes it; a Done also commits the call. None
         for an event delivered before (a call made again after a break)."""
-        self._abandoned = False  # the call was applied, rewinding if it had to
         if event.HasField("done"):
+            self._abandoned = False  # the call was applied, rewinding if it had to
             done = progress.merged_done(Done.from_pb(event.done), finish_reason)
             progress.observe(done)
             self._commit(progress)
@@ -187,13 +188,33 @@ class SessionBase:
             self._history.truncate(done.total_tokens)
             return done
         token = TokenEvent.from_pb(event.token, manifest)
-        return token if progress.observe(token) else None
+        if not progress.observe(token):
+            return None
+        self._received(progress, token)
+        return token
+
+    def _received(self, progress: StreamProgress, token: TokenEvent) -> None:
+        """The caller receives ``token`` of a call not yet done: from here on the session
+        holds what the caller has received, as after a call it left (``_abandon``), so
+        that ``length`` and ``history`` are right however it leaves the stream (a
+        ``break`` out of ``async for`` leaves it to the event loop to finalize, later).
+        Its next call rewinds what the server committed beyond that, unless this one's
+        Done comes first."""
+        length = progress.base_length + len(progress.decoded_ids)
+        recorded = self._history.length if progress.is_recorded else -1
+        if recorded == length - 1 and not token.is_prefill:
+            self._history.extend([token.token_id])  # one more decoded token: no rewrite
+        elif recorded != length:  # (a scored prompt position: written with the append)
+            self._commit(progress)
+        self.length = length
+        self._abandoned = True
 
     def _commit(self, progress: StreamProgress) -> None:
         """Writes what an accepted call put in the session into the history (again if
         need be: it rewrites from the call's offset)."""
         offset = progress.request.offset
-        if progress.is_accepted and self._history.length >= offset:
+        progress.is_recorded = progress.is_accepted and self._history.length >= offset
+        if progress.is_recorded:
             self._history.truncate(offset)
             self._history.extend(progress.committed_ids())
 
@@ -203,8 +224,12 @@ class SessionBase:
         came), and the next call rewinds it there. The server may hold more (the append
         with no event received yet, tokens in flight): SPEC 2.1 commits them, but a
         caller that stopped reading at a token of its choosing continues from there, and
-        a replay can restore what the history holds."""
+        a replay can restore what the history holds. Once an event came, nothing is
+        changed when the session has moved on since (``sync()`` took the server's length,
+        a later call ended: a stream the event loop finalized late)."""
         if progress.is_accepted:
+            if not self._abandoned:
+                return
             self._commit(progress)
             self._abandon_at(progress.request.offset + len(progress.committed_ids()), None)
         else:

@@ -39,6 +39,9 @@ class StreamProgress:
         self.is_break_counted = False
         """The current break was counted (its resuming calls may fail again and again
         while no replica answers: one break, one resume); an event starts afresh."""
+        self.is_recorded = False
+        """The session's history holds what the call committed, as far as the client
+        saw (``SessionBase._commit``): each token decoded since is added to it alone."""
 
     @property
     def base_length(self) -> int:
