@@ -27,7 +27,7 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S
 from salience_client.stream_progress import StreamProgress
-from salience_client.stream_state import is_async_suspended
+from salience_client.streams import AsyncGenerateStream
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 from salience_client.unary import close_in_background
 
@@ -54,7 +54,7 @@ class AsyncSession(AsyncSessionCalls):
         truncate_to: int | None = None,
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
-    ) -> AsyncGenerator[TokenEvent | Done, None]:
+    ) -> AsyncGenerateStream:
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         As ``Session.generate`` (``truncate_to``, ``timeout``, a replay first; ``length``
@@ -63,10 +63,12 @@ class AsyncSession(AsyncSessionCalls):
         stream later). Closing the iterator (or cancelling its task) before Done cancels
         the call at once; the session's next call waits for the server to wind it down,
         then rewinds what the server committed beyond what the caller received.
-        ``sync()`` keeps it instead.
+        ``sync()`` keeps it instead. A later call supersedes the stream as it does
+        ``Session.generate``'s.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
-        stream = self._stream(tokens, truncate_to, checked, timeout)
+        events = self._stream(tokens, truncate_to, checked, timeout)
+        stream = AsyncGenerateStream(events, self.session_id)
         self._streams.add(stream)
         return stream
 
@@ -77,7 +79,7 @@ class AsyncSession(AsyncSessionCalls):
         options: GenerateOptions,
         timeout: float | None,
     ) -> AsyncGenerator[TokenEvent | Done, None]:
-        await self._settle()  # may replay the session (a left call's end found it lost)
+        await self._settle("generate()")
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         progress = StreamProgress(request)
@@ -133,14 +135,11 @@ class AsyncSession(AsyncSessionCalls):
         eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    async def _settle(self) -> None:
-        """Before a call: closes a stream its caller left open (``break`` does not close
-        an async generator: the event loop finalizes it later), then, after a call its
-        caller left, waits while the server still runs that one (the call then rewinds
-        the session to ``length``)."""
+    async def _settle(self, call: str) -> None:
+        """As ``Session._settle`` (``break`` does not close an async generator: the event
+        loop finalizes it later)."""
         for stream in list(self._streams):  # the running one is this call's own
-            if is_async_suspended(stream):
-                await stream.aclose()  # its call is cancelled: the session holds what it delivered
+            await stream.supersede(call)
         # A stream no one refers to any more (a ``break`` out of ``async for`` over
         # ``generate()`` itself) left the weak set, and the event loop closes it in a
         # task of its own: the next call, made at once, found the server still busy.
@@ -228,7 +227,7 @@ class AsyncSession(AsyncSessionCalls):
             raise
 
     async def _fork(self, child_id: str) -> AsyncSession:
-        await self._settle()
+        await self._settle("fork()")
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = self._attempts()
         closed_partial = False  # a fork made mid-replay, closed: its id is no success
@@ -262,7 +261,7 @@ class AsyncSession(AsyncSessionCalls):
         self, data: bytes, mime_type: str, truncate_to: int | None = None
     ) -> int:
         """Appends one image; returns how many placeholder tokens it became."""
-        await self._settle()
+        await self._settle("append_image()")
         offset, truncating = self._offset(truncate_to)
         request = pb.AppendImageRequest(
             session_id=self.session_id,

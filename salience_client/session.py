@@ -30,7 +30,7 @@ from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S
 from salience_client.session_calls import SessionCalls
 from salience_client.stream_progress import StreamProgress
-from salience_client.stream_state import is_suspended
+from salience_client.streams import GenerateStream
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 
@@ -58,7 +58,7 @@ class Session(SessionCalls):
         truncate_to: int | None = None,
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
-    ) -> Generator[TokenEvent | Done, None, None]:
+    ) -> GenerateStream:
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
@@ -72,9 +72,14 @@ class Session(SessionCalls):
         that came). Leaving the iterator before Done cancels the call; the session's next
         call waits for the server to wind it down, then rewinds what the server committed
         beyond what the caller received. ``sync()`` keeps it instead.
+
+        One call at a time: a later call on the session supersedes this stream while it
+        is open; its next iteration then raises ``SUPERSEDED`` (``streams``).
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
-        stream = self._stream(tokens, truncate_to, checked, timeout)
+        stream = GenerateStream(
+            self._stream(tokens, truncate_to, checked, timeout), self.session_id
+        )
         self._streams.add(stream)
         return stream
 
@@ -85,7 +90,7 @@ class Session(SessionCalls):
         options: GenerateOptions,
         timeout: float | None,
     ) -> Generator[TokenEvent | Done, None, None]:
-        self._settle()  # may replay the session (a left call's end found it lost)
+        self._settle("generate()")
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         manifest = self._manifest
@@ -137,13 +142,12 @@ class Session(SessionCalls):
         eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    def _settle(self) -> None:
-        """Before a call: closes a stream its caller left open, then, after a call its
-        caller left, waits while the server still runs that one (the call then rewinds
-        the session to ``length``)."""
+    def _settle(self, call: str) -> None:
+        """Before ``call``: closes a stream left open, which it supersedes (the session
+        holds what that delivered), then, after a call its caller left, waits while the
+        server still runs that one (the call then rewinds the session to ``length``)."""
         for stream in list(self._streams):  # the running one is this call's own
-            if is_suspended(stream):
-                stream.close()  # its call is cancelled: the session holds what it delivered
+            stream.supersede(call)
         if self._abandoned:
             with contextlib.suppress(SalienceClientError):  # the call itself will say
                 self._idle_info(SETTLE_WAIT_S, recovers=False)
@@ -217,7 +221,7 @@ class Session(SessionCalls):
     def fork(self, new_session_id: str = "") -> Session:
         """A new session sharing this one's committed tokens (copy-on-write KV). It routes
         with this session's ``x-session-id``, so it stays on the replica holding the KV."""
-        self._settle()
+        self._settle("fork()")
         child_id = new_session_id or fresh_session_id()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = self._attempts()
@@ -243,7 +247,7 @@ class Session(SessionCalls):
 
     def append_image(self, data: bytes, mime_type: str, truncate_to: int | None = None) -> int:
         """Appends one image; returns how many placeholder tokens it became."""
-        self._settle()
+        self._settle("append_image()")
         offset, truncating = self._offset(truncate_to)
         request = pb.AppendImageRequest(
             session_id=self.session_id,
