@@ -88,6 +88,24 @@ class FailoverStats:
     a server not started), which no retry within the budget mends."""
 
 
+OUTCOME_UNKNOWN = (
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNAVAILABLE,
+)
+"""A call that failed so may still have been carried out on the server."""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What to do before retrying a failed call."""
+
+    replay_length: int | None
+    """Re-create the session holding this many positions first; None: do not."""
+    wait_s: float = 0.0
+    """Wait this long first (no replica answered, or the session was still busy)."""
+
+
 SESSION_ID_PATTERN = re.compile(r"[!-~]{1,128}")
 """A session id a caller may choose: 1 to 128 visible ASCII characters (every call
 carries it as ``x-session-id`` metadata, which takes no other)."""

@@ -5,7 +5,6 @@ its history (for a replay), the replica that served it, and the recovery decisio
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Any, Self
 
 import grpc
@@ -15,6 +14,7 @@ from salience_client.failover import (
     Attempts,
     Failover,
     FailoverStats,
+    Recovery,
     check_session_id,
     is_behind,
     is_broken,
@@ -37,24 +37,6 @@ from salience_client.types import Done, ReadoutManifest, SalienceClientError, To
 SETTLE_WAIT_S = 30.0
 """How long a session waits for a call its caller left to end on the server (it ends at
 the server's next step, which a long prefill on a slow device may take seconds to reach)."""
-
-
-OUTCOME_UNKNOWN = (
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNAVAILABLE,
-)
-"""A call that failed so may still have been carried out on the server."""
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """What to do before retrying a failed call."""
-
-    replay_length: int | None
-    """Re-create the session holding this many positions first; None: do not."""
-    wait_s: float = 0.0
-    """Wait this long first (no replica answered, or the session was still busy)."""
 
 
 class SessionBase:
