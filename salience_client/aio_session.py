@@ -151,11 +151,10 @@ class AsyncSession(AsyncSessionCalls):
                 await self._idle_info(SETTLE_WAIT_S, recovers=False)
 
     async def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
-        """Takes the server's length as this session's, waiting up to ``wait_s`` while it
-        is busy. After a call its caller left, it keeps what that call committed beyond
-        what the caller received (the next call would otherwise rewind it)."""
+        """As ``Session.sync`` (the session then cannot be re-created past its
+        ``history``, as the tokens kept are unknown to this client)."""
         info = await self._idle_info(wait_s)
-        self._synced(info.length)
+        self._kept(info.length)
         return info
 
     async def _idle_info(self, wait_s: float, recovers: bool = True) -> SessionInfo:

@@ -86,7 +86,7 @@ class AsyncSessionCalls(SessionBase):
             if error.code != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             is_fresh = False  # a stale copy: every step rewrites it from position 0
-        for step in self._replay_steps(length, is_fresh):
+        for step in replay.steps(self._history, length, is_fresh):
             timeout = time_left_s(deadline)
             if isinstance(step, ImageStep):
                 image = replay.image_request(self.session_id, step)

@@ -196,15 +196,17 @@ def replay_failed(
     )
 
 
-def session_lost(session_id: str, needed: int, known: int) -> SalienceClientError:
-    """The error of a lost session this client cannot replay."""
+def session_lost(session_id: str, needed: int, known: int, cause: str) -> SalienceClientError:
+    """The error of a lost session this client cannot replay: it held positions the
+    client never received (``cause``: how)."""
     return SalienceClientError(
         grpc.StatusCode.NOT_FOUND,
         "SESSION_LOST",
         f"session {session_id!r} is gone from the server (its replica lost, or its TTL "
         f"passed) and cannot be re-created: the call needs its first {needed} positions "
-        f"and this client knows {known} (a handle on a session it did not open, or a call "
-        "that ended before its Done)",
+        f"and this client knows {known}; the session held tokens this client never "
+        f"received ({cause}), which no replay can restore. A call that rewinds it to at "
+        f"most {known} positions (truncate_to) re-creates it",
     )
 
 

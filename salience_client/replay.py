@@ -6,9 +6,18 @@ from __future__ import annotations
 
 import grpc
 
-from salience_client.history import ImageStep, PrefillStep
+from salience_client.history import History, ImageStep, PrefillStep, ReplayStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.types import SalienceClientError
+
+
+def steps(history: History, length: int, is_fresh: bool) -> list[ReplayStep]:
+    """The calls that rebuild the first ``length`` positions of ``history``; on a stale
+    copy (``is_fresh`` False: the id was taken) they start by rewinding it to position 0."""
+    replay_steps = history.replay_steps(length)
+    if not is_fresh and not replay_steps:
+        replay_steps = [PrefillStep(0, [])]
+    return replay_steps
 
 
 def prefill_request(session_id: str, step: PrefillStep, priority: int) -> pb.GenerateRequest:

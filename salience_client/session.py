@@ -155,9 +155,15 @@ class Session(SessionCalls):
     def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
         """Takes the server's length as this session's, waiting up to ``wait_s`` while it
         is busy. After a call its caller left, it keeps what that call committed beyond
-        what the caller received (the next call would otherwise rewind it)."""
+        what the caller received (the next call would otherwise rewind it).
+
+        Those tokens are unknown to this client (no RPC returns a session's tokens), and
+        its ``history`` stops before them: should the session be lost (its replica gone,
+        its TTL passed), it cannot be re-created, and a call that needs them fails
+        SESSION_LOST saying so. A call that rewinds the session to within its history
+        (``truncate_to`` at most ``history.length``) still re-creates it."""
         info = self._idle_info(wait_s)
-        self._synced(info.length)
+        self._kept(info.length)
         return info
 
     def _idle_info(self, wait_s: float, recovers: bool = True) -> SessionInfo:

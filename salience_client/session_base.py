@@ -29,7 +29,7 @@ from salience_client.failover import (
     routing_metadata,
     session_lost,
 )
-from salience_client.history import History, ImageStep, PrefillStep
+from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.stream_progress import StreamProgress
 from salience_client.types import Done, ReadoutManifest, SalienceClientError, TokenEvent
@@ -96,6 +96,10 @@ class SessionBase:
         ``info`` or ``sync`` may replay): the next call counts what it finds cached
         as recomputed, as a call that replays does."""
         self._history = history if history is not None else History()
+        self._unknown_cause = "a handle on a session this client did not open"
+        """Why the history stops short of what the session holds, when it does: the
+        session holds tokens this client never received (no RPC returns a session's
+        tokens), which no replay can restore."""
         self._failover = failover or Failover()
         self._stats = stats or FailoverStats()
         self._replay_lock = self._new_replay_lock()
@@ -223,7 +227,8 @@ class SessionBase:
         (but a stale length it names, OFFSET_MISMATCH's, is taken)."""
         if error is not None and is_refusal(error):
             if error.session_length is not None:
-                self._synced(error.session_length)
+                cause = f"{error.reason} named a length this client had not seen"
+                self._synced(error.session_length, cause)
             return
         self._history.truncate(min(self._history.length, length))
         self.length = length
@@ -257,11 +262,21 @@ class SessionBase:
             stats=self._stats,
         )
         child._abandoned = self._abandoned
+        child._unknown_cause = self._unknown_cause
         child._is_replay_unbilled = self._is_replay_unbilled  # the KV it shares
         return child
 
-    def _synced(self, length: int) -> None:
-        """The server says the session holds ``length`` positions."""
+    def _kept(self, length: int) -> None:
+        """``sync()``: the session holds ``length`` positions, as the server says."""
+        known = self._history.length
+        self._synced(length, f"sync() kept {length - known} positions past the {known} it knew")
+
+    def _synced(self, length: int, cause: str) -> None:
+        """The server says the session holds ``length`` positions; ``cause``: how it came
+        to hold positions this client never received, should it hold more than the
+        history."""
+        if length > self._history.length:
+            self._unknown_cause = cause
         self._abandoned = False
         self.length = length
         self._history.truncate(min(self._history.length, length))
@@ -315,7 +330,9 @@ class SessionBase:
             raise error
         if is_session_lost(error) and replay_length is not None:
             if self._history.length < replay_length:
-                raise session_lost(self.session_id, replay_length, self._history.length) from error
+                known = self._history.length
+                lost = session_lost(self.session_id, replay_length, known, self._unknown_cause)
+                raise lost from error
             attempts.begin_replay(self.session_id, error)
             return Recovery(replay_length)
         if replay_length is not None and is_behind(error, replay_length):
@@ -367,14 +384,6 @@ class SessionBase:
         if self._failover.replay and (is_broken(error) or is_session_lost(error)):
             return progress.unresumable(error)
         return error
-
-    def _replay_steps(self, length: int, is_fresh: bool) -> list[PrefillStep | ImageStep]:
-        """The calls that rebuild the first ``length`` positions; on a stale copy (the id
-        was taken) they start by rewinding it to position 0."""
-        steps = self._history.replay_steps(length)
-        if not is_fresh and not steps:
-            steps = [PrefillStep(0, [])]
-        return steps
 
     def _replayed(self, cause: SalienceClientError, length: int) -> None:
         """Counts and logs a replay that restored ``length`` positions."""
