@@ -12,6 +12,7 @@ from salience_client.client import DEFAULT_TARGET, SalienceClient
 from salience_client.failover import Failover, FailoverStats
 from salience_client.generation import END, GenerateOptions
 from salience_client.session import Session
+from salience_client.streams import AsyncGenerateStream, GenerateStream
 from salience_client.types import (
     Done,
     Embeddings,
@@ -26,6 +27,7 @@ from salience_client.types import (
 __all__ = [
     "DEFAULT_TARGET",
     "END",
+    "AsyncGenerateStream",
     "AsyncSalienceClient",
     "AsyncSession",
     "Done",
@@ -33,6 +35,7 @@ __all__ = [
     "Failover",
     "FailoverStats",
     "GenerateOptions",
+    "GenerateStream",
     "ModelInfo",
     "ReadoutManifest",
     "ReadoutValues",

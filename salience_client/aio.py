@@ -29,12 +29,17 @@ from salience_client.client import (
     tokenize_chat_request,
 )
 from salience_client.closing import closed_client_calls, refuse_calls
-from salience_client.failover import Attempts, Failover, FailoverStats, routing_metadata
+from salience_client.failover import (
+    OUTCOME_UNKNOWN,
+    Attempts,
+    Failover,
+    FailoverStats,
+    routing_metadata,
+)
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import OUTCOME_UNKNOWN
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 from salience_client.unary import await_unary
 

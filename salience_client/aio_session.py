@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from typing import Any, Unpack
+from typing import Unpack
 
 import grpc
 
+from salience_client.aio_session_calls import AsyncSessionCalls
 from salience_client.closing import CLIENT_CLOSED, closed_client_calls
-from salience_client.failover import Attempts, StreamProgress, is_busy
+from salience_client.failover import Attempts
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -22,19 +23,19 @@ from salience_client.generation import (
     no_done,
     sum_ranges,
 )
-from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import SETTLE_WAIT_S, SessionBase
-from salience_client.stream_state import is_async_suspended
+from salience_client.session_base import SETTLE_WAIT_S
+from salience_client.stream_progress import StreamProgress
+from salience_client.streams import AsyncGenerateStream
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
-from salience_client.unary import await_unary, close_in_background
+from salience_client.unary import close_in_background
 
 FINALIZE_WAIT_S = 5.0
 """How long a call waits for the event loop to close a stream its caller dropped."""
 
 
-class AsyncSession(SessionBase):
+class AsyncSession(AsyncSessionCalls):
     """A server session (asyncio). Use ``async with`` to close it on exit. It survives
     the loss of its replica as ``Session`` does (SPEC 2.7)."""
 
@@ -53,19 +54,21 @@ class AsyncSession(SessionBase):
         truncate_to: int | None = None,
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
-    ) -> AsyncGenerator[TokenEvent | Done, None]:
+    ) -> AsyncGenerateStream:
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
-        ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
-        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). Closing
-        the iterator (or cancelling its task) before Done cancels the call at once; the
-        session then holds what the caller received (the append, once any event came,
-        and the tokens that came): its next call waits for the server to wind the call
-        down, then rewinds what the server committed beyond that. ``sync()`` keeps it
-        instead.
+        As ``Session.generate`` (``truncate_to``, ``timeout``, a replay first; ``length``
+        and ``history`` following the events as they are delivered, so they are right
+        as soon as a ``break`` leaves ``async for``, though the event loop finalizes the
+        stream later). Closing the iterator (or cancelling its task) before Done cancels
+        the call at once; the session's next call waits for the server to wind it down,
+        then rewinds what the server committed beyond what the caller received.
+        ``sync()`` keeps it instead. A later call supersedes the stream as it does
+        ``Session.generate``'s.
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
-        stream = self._stream(tokens, truncate_to, checked, timeout)
+        events = self._stream(tokens, truncate_to, checked, timeout)
+        stream = AsyncGenerateStream(events, self.session_id)
         self._streams.add(stream)
         return stream
 
@@ -76,12 +79,12 @@ class AsyncSession(SessionBase):
         options: GenerateOptions,
         timeout: float | None,
     ) -> AsyncGenerator[TokenEvent | Done, None]:
-        await self._settle()  # may replay the session (a left call's end found it lost)
+        await self._settle("generate()")
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         progress = StreamProgress(request)
         progress.is_replayed = self._takes_replay()
-        attempts = self._attempts()
+        attempts = self._attempts(request.priority, timeout)
         finish_reason = ""
         call = None
         failure: SalienceClientError | None = None
@@ -132,14 +135,11 @@ class AsyncSession(SessionBase):
         eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    async def _settle(self) -> None:
-        """Before a call: closes a stream its caller left open (``break`` does not close
-        an async generator: the event loop finalizes it later), then, after a call its
-        caller left, waits while the server still runs that one (the call then rewinds
-        the session to ``length``)."""
+    async def _settle(self, call: str) -> None:
+        """As ``Session._settle`` (``break`` does not close an async generator: the event
+        loop finalizes it later)."""
         for stream in list(self._streams):  # the running one is this call's own
-            if is_async_suspended(stream):
-                await stream.aclose()  # its call is cancelled: the session holds what it delivered
+            await stream.supersede(call)
         # A stream no one refers to any more (a ``break`` out of ``async for`` over
         # ``generate()`` itself) left the weak set, and the event loop closes it in a
         # task of its own: the next call, made at once, found the server still busy.
@@ -151,11 +151,10 @@ class AsyncSession(SessionBase):
                 await self._idle_info(SETTLE_WAIT_S, recovers=False)
 
     async def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
-        """Takes the server's length as this session's, waiting up to ``wait_s`` while it
-        is busy. After a call its caller left, it keeps what that call committed beyond
-        what the caller received (the next call would otherwise rewind it)."""
+        """As ``Session.sync`` (the session then cannot be re-created past its
+        ``history``, as the tokens kept are unknown to this client)."""
         info = await self._idle_info(wait_s)
-        self._synced(info.length)
+        self._kept(info.length)
         return info
 
     async def _idle_info(self, wait_s: float, recovers: bool = True) -> SessionInfo:
@@ -180,20 +179,39 @@ class AsyncSession(SessionBase):
     async def _collect(self, events: AsyncIterator[TokenEvent | Done]) -> list[TokenEvent | Done]:
         return [event async for event in events]
 
-    async def prefill(self, tokens: Sequence[int]) -> Done:
-        """Appends ``tokens`` without decoding."""
-        return last_done(
-            await self._collect(self.generate(tokens, max_tokens=0, return_text=False))
+    async def prefill(
+        self, tokens: Sequence[int], *, priority: int = 0, timeout: float | None = None
+    ) -> Done:
+        """As ``Session.prefill``."""
+        events = self.generate(
+            tokens, max_tokens=0, return_text=False, priority=priority, timeout=timeout
         )
+        return last_done(await self._collect(events))
 
-    async def rewind(self, offset: int) -> Done:
-        """Truncates the session (and its KV) to ``offset`` tokens."""
-        return last_done(await self._collect(self.generate((), truncate_to=offset, max_tokens=0)))
+    async def rewind(self, offset: int, *, priority: int = 0, timeout: float | None = None) -> Done:
+        """As ``Session.rewind``."""
+        events = self.generate(
+            (), truncate_to=offset, max_tokens=0, priority=priority, timeout=timeout
+        )
+        return last_done(await self._collect(events))
 
-    async def score(self, tokens: Sequence[int], ranges: Sequence[tuple[int, int]]) -> list[float]:
-        """Appends ``tokens``; returns, per absolute position range, the summed logprob of
-        the tokens in it (each under the model, given every token before it)."""
-        events = self.generate(tokens, max_tokens=0, logprobs_ranges=ranges, return_text=False)
+    async def score(
+        self,
+        tokens: Sequence[int],
+        ranges: Sequence[tuple[int, int]],
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> list[float]:
+        """As ``Session.score``."""
+        events = self.generate(
+            tokens,
+            max_tokens=0,
+            logprobs_ranges=ranges,
+            return_text=False,
+            priority=priority,
+            timeout=timeout,
+        )
         return sum_ranges(await self._collect(events), ranges)
 
     async def fork(self, new_session_id: str = "") -> AsyncSession:
@@ -208,7 +226,7 @@ class AsyncSession(SessionBase):
             raise
 
     async def _fork(self, child_id: str) -> AsyncSession:
-        await self._settle()
+        await self._settle("fork()")
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = self._attempts()
         closed_partial = False  # a fork made mid-replay, closed: its id is no success
@@ -242,7 +260,7 @@ class AsyncSession(SessionBase):
         self, data: bytes, mime_type: str, truncate_to: int | None = None
     ) -> int:
         """Appends one image; returns how many placeholder tokens it became."""
-        await self._settle()
+        await self._settle("append_image()")
         offset, truncating = self._offset(truncate_to)
         request = pb.AppendImageRequest(
             session_id=self.session_id,
@@ -307,92 +325,3 @@ class AsyncSession(SessionBase):
                     return
                 failure = error
             await self._recover(failure, attempts, None)
-
-    # ----- calls and recovery ------------------------------------------------------------
-
-    async def _unary(self, method: Any, request: Any) -> Any:
-        """One call of a unary session RPC with the session's metadata."""
-        call = method(request, timeout=self._timeout, metadata=self._metadata)
-        try:
-            with closed_client_calls(self._stub):
-                response = await call
-        except grpc.RpcError as error:
-            raise self._failure(error) from None
-        self._note_replica(await call.initial_metadata())
-        return response
-
-    async def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
-        """A unary session RPC that recovers: replays (to ``replay_length``) a lost
-        session, retries while no replica answers."""
-        attempts = self._attempts()
-        while True:
-            try:
-                return await self._unary(method, request)
-            except SalienceClientError as error:
-                failure = error
-            await self._recover(failure, attempts, replay_length)
-
-    async def _recover(
-        self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
-    ) -> None:
-        """As ``Session._recover``."""
-        if self._replay_under_way(error, attempts):
-            async with self._replay_lock:  # until it is done
-                if self._replayed_meanwhile(attempts, replay_length) or is_busy(error):
-                    return
-        recovery = self._recovery(error, attempts, replay_length)
-        if recovery.replay_length is None:
-            await asyncio.sleep(recovery.wait_s)
-            return
-        async with self._replay_lock:
-            if self._replayed_meanwhile(attempts, recovery.replay_length):
-                return
-            cause = error
-            while True:
-                try:
-                    await self._replay(recovery.replay_length, cause)
-                    attempts.replays_seen = self.num_replays
-                    return
-                except SalienceClientError as failed:
-                    cause = failed
-                self._replay_failed(attempts, cause)
-                await asyncio.sleep(self._failover.first_retry_wait_s)
-
-    def _new_replay_lock(self) -> Any:
-        return asyncio.Lock()
-
-    async def _replay(self, length: int, cause: SalienceClientError) -> None:
-        """As ``Session._replay``."""
-        request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
-        try:
-            await self._unary(self._stub.OpenSession, request)
-            is_fresh = True
-        except SalienceClientError as error:
-            if error.code != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-            is_fresh = False  # a stale copy: every step rewrites it from position 0
-        for step in self._replay_steps(length, is_fresh):
-            if isinstance(step, ImageStep):
-                image_request = self._replay_image_request(step)
-                response = await self._unary(self._stub.AppendImage, image_request)
-                self._check_replayed_image(step, response.placeholder_count)
-                continue
-            call = self._stub.Generate(self._replay_prefill_request(step), metadata=self._metadata)
-            try:
-                with closed_client_calls(self._stub):
-                    async for _ in call:
-                        pass
-            except grpc.RpcError as error:
-                raise self._failure(error) from None
-            self._note_replica(await call.initial_metadata())
-        self._replayed(cause, length)
-
-    async def _model_info(self) -> pb.GetModelInfoResponse:
-        with closed_client_calls(self._stub):
-            request = pb.GetModelInfoRequest()
-            return await await_unary(self._stub.GetModelInfo, request, self._timeout)
-
-    async def _eos_ids(self) -> list[int]:
-        if self._eos_token_ids is None:
-            self._eos_token_ids = list((await self._model_info()).eos_token_ids)
-        return self._eos_token_ids

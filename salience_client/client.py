@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from salience_client.auth import BearerToken
 from salience_client.closing import refuse_calls
 from salience_client.failover import (
+    OUTCOME_UNKNOWN,
     Attempts,
     Failover,
     FailoverStats,
@@ -25,7 +26,6 @@ from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session import Session
-from salience_client.session_base import OUTCOME_UNKNOWN
 from salience_client.types import Embeddings, ModelInfo, SalienceClientError, SessionInfo
 from salience_client.unary import call_unary
 

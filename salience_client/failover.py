@@ -1,5 +1,5 @@
 """Surviving a lost replica (SPEC 2.7): which failures a session recovers from, within what
-budget, and how a broken Generate stream resumes.
+budget (a broken Generate stream resumes through ``StreamProgress``).
 
 A session is sticky to the replica that holds its KV. When that replica is gone the proxy
 sends the next call elsewhere, which answers NOT_FOUND: the session is re-created there
@@ -12,18 +12,16 @@ Everything here is plain logic; ``Session`` and ``AsyncSession`` do the calls.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
 import uuid
-from collections.abc import Collection
 from dataclasses import dataclass
 
 import grpc
 
-from salience_client.pb import salience_pb2 as pb
-from salience_client.types import Done, SalienceClientError, TokenEvent
+from salience_client.stream_progress import StreamProgress
+from salience_client.types import SalienceClientError
 
 log = logging.getLogger("salience_client")
 
@@ -88,6 +86,24 @@ class FailoverStats:
     """A server answered a call of this client. Until one has, a call no server answered
     fails at once rather than retrying: nothing listens at the address (a wrong one, or
     a server not started), which no retry within the budget mends."""
+
+
+OUTCOME_UNKNOWN = (
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNAVAILABLE,
+)
+"""A call that failed so may still have been carried out on the server."""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What to do before retrying a failed call."""
+
+    replay_length: int | None
+    """Re-create the session holding this many positions first; None: do not."""
+    wait_s: float = 0.0
+    """Wait this long first (no replica answered, or the session was still busy)."""
 
 
 SESSION_ID_PATTERN = re.compile(r"[!-~]{1,128}")
@@ -180,22 +196,45 @@ def replay_failed(
     )
 
 
-def session_lost(session_id: str, needed: int, known: int) -> SalienceClientError:
-    """The error of a lost session this client cannot replay."""
+def session_lost(session_id: str, needed: int, known: int, cause: str) -> SalienceClientError:
+    """The error of a lost session this client cannot replay: it held positions the
+    client never received (``cause``: how)."""
     return SalienceClientError(
         grpc.StatusCode.NOT_FOUND,
         "SESSION_LOST",
         f"session {session_id!r} is gone from the server (its replica lost, or its TTL "
         f"passed) and cannot be re-created: the call needs its first {needed} positions "
-        f"and this client knows {known} (a handle on a session it did not open, or a call "
-        "that ended before its Done)",
+        f"and this client knows {known}; the session held tokens this client never "
+        f"received ({cause}), which no replay can restore. A call that rewinds it to at "
+        f"most {known} positions (truncate_to) re-creates it",
+    )
+
+
+def time_left_s(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (``time.monotonic()``), not below 0; None for none."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def replay_timed_out(
+    session_id: str, error: SalienceClientError, timeout_s: float
+) -> SalienceClientError:
+    """The error of a call whose replay did not end within the call's timeout."""
+    return error.noted(
+        f"session {session_id!r} was gone from the server (its replica lost, or its TTL "
+        f"passed) and re-creating it did not end within the call's timeout of {timeout_s:g} s"
     )
 
 
 class Attempts:
     """The recovery budget of one call: replays tried, and retries within a time budget."""
 
-    def __init__(self, policy: Failover, replays_seen: int = 0) -> None:
+    def __init__(
+        self,
+        policy: Failover,
+        replays_seen: int = 0,
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> None:
         self.policy = policy
         self.num_replays = 0
         self.num_retries = 0
@@ -203,6 +242,16 @@ class Attempts:
         self.replays_seen = replays_seen
         """The session's replays when the call began, or when it last recovered: one
         more since means another call of the session re-created it meanwhile."""
+        self.priority = priority
+        """The call's priority: a replay it makes runs at it (an urgent call does not
+        wait for its replay behind background work)."""
+        self.timeout_s = timeout_s
+        """The call's timeout: a replay it makes ends within it, all its steps together
+        (None: unbounded)."""
+
+    def replay_deadline(self) -> float | None:
+        """When a replay starting now must be done (``time.monotonic()``), or None."""
+        return None if self.timeout_s is None else time.monotonic() + self.timeout_s
 
     def begin_replay(self, session_id: str, error: SalienceClientError) -> None:
         """Counts a replay about to start; raises REPLAY_FAILED when none are left."""
@@ -229,143 +278,6 @@ class Attempts:
         )
         self.num_retries += 1
         return min(wait, self._deadline - now)
-
-
-class StreamProgress:
-    """What one Generate call has streamed so far, so that a broken stream can resume
-    asking only for the rest.
-
-    Once a token was decoded, the resuming call continues from the last one received;
-    before that (only scored prompt positions arrived, or nothing) the call is made
-    again and the events already delivered are dropped. Exact for greedy decoding, its
-    penalties and stop strings included (``decode_start``: the server counts the tokens
-    decoded before the break as the call's, and its stop strings' held-back text goes
-    on); a sampled continuation is a fresh draw; a call under a ``constraint`` cannot
-    resume once it decoded (its grammar state lived on the lost replica).
-    """
-
-    def __init__(self, request: pb.GenerateRequest) -> None:
-        self.request = request
-        """The call as the caller made it."""
-        self.is_accepted = False
-        """The server applied the append: an event arrived."""
-        self.is_resumed = False
-        """The stream continues from decoded tokens received before a break."""
-        self.decoded_ids: list[int] = []
-        self.next_position = 0
-        """Positions below this have delivered their events."""
-        self.is_replayed = False
-        """The session was re-created during the call: what the server then held of the
-        prompt, the replay had just put in."""
-        self.is_break_counted = False
-        """The current break was counted (its resuming calls may fail again and again
-        while no replica answers: one break, one resume); an event starts afresh."""
-
-    @property
-    def base_length(self) -> int:
-        """The session's length once the append is in."""
-        return self.request.offset + len(self.request.append_tokens)
-
-    @property
-    def replay_length(self) -> int:
-        """Positions a replay must restore before the next try."""
-        if self.decoded_ids:
-            return self.base_length + len(self.decoded_ids)
-        return self.request.offset
-
-    @property
-    def is_resumable(self) -> bool:
-        return not (self.decoded_ids and self.request.HasField("constraint"))
-
-    def unresumable(self, error: SalienceClientError) -> SalienceClientError:
-        """``error``, which broke a stream that cannot resume, saying why: the state of
-        a constraint's grammar after the tokens decoded was the lost call's."""
-        return error.noted(
-            f"the stream broke after {len(self.decoded_ids)} decoded tokens, and a "
-            "constrained call cannot resume where it broke: the session keeps what was "
-            "received; call again to decode under the constraint anew"
-        )
-
-    def observe(self, event: TokenEvent | Done) -> bool:
-        """Notes an event; False for one delivered before (a call made again)."""
-        self.is_accepted = True
-        self.is_break_counted = False
-        if isinstance(event, Done):
-            return True
-        if event.position < self.next_position:
-            return False
-        self.next_position = event.position + 1
-        if not event.is_prefill:
-            self.decoded_ids.append(event.token_id)
-        return True
-
-    def committed_ids(self) -> list[int]:
-        """What the call put after ``request.offset`` as far as the client saw."""
-        return [*self.request.append_tokens, *self.decoded_ids] if self.is_accepted else []
-
-    def next_request(self, eos_token_ids: Collection[int]) -> tuple[pb.GenerateRequest, str]:
-        """The call that continues this one, and the finish reason to report when it
-        only settles the session (nothing is left to decode); "" otherwise."""
-        request = pb.GenerateRequest()
-        request.CopyFrom(self.request)
-        request.truncating = True  # whatever the broken call left on a live replica goes
-        if not self.decoded_ids:
-            return request, ""
-        self.is_resumed = True
-        num_decoded = len(self.decoded_ids)
-        del request.append_tokens[:]
-        request.offset = self.base_length + num_decoded
-        request.decode_start = self.base_length  # penalties and stop strings go on
-        request.max_tokens = max(0, self.request.max_tokens - num_decoded)
-        # min_tokens stays the call's: the server counts it from decode_start.
-        for ranges in (request.logprobs_ranges, request.readout_ranges):
-            kept = [
-                pb.PositionRange(start=max(r.start, request.offset), end=r.end)
-                for r in ranges
-                if max(r.start, request.offset) < r.end
-            ]
-            del ranges[:]
-            ranges.extend(kept)
-        finish_reason = ""
-        if self._has_stopped(eos_token_ids):
-            finish_reason = "stop"
-        elif request.max_tokens == 0:
-            finish_reason = "length"
-        if finish_reason:
-            request.max_tokens = 0
-        return request, finish_reason
-
-    def needs_eos_ids(self) -> bool:
-        """Whether ``next_request`` must know the model's EOS ids (the last decoded token
-        may have ended the call just before its Done was lost)."""
-        return bool(self.decoded_ids and not self.request.ignore_eos)
-
-    def _has_stopped(self, eos_token_ids: Collection[int]) -> bool:
-        last = self.decoded_ids[-1]
-        if last in self.request.stop_token_ids:
-            return True
-        is_min_met = len(self.decoded_ids) >= self.request.min_tokens
-        return not self.request.ignore_eos and is_min_met and last in eos_token_ids
-
-    def merged_done(self, done: Done, finish_reason: str) -> Done:
-        """The Done the caller sees: the whole call's counts, whatever resumed it. After
-        a replay nothing of the prompt was cached: the positions before the call's
-        offset were recomputed."""
-        if self.is_resumed:
-            base = self.base_length
-            done = dataclasses.replace(
-                done,
-                prompt_tokens=base,
-                completion_tokens=len(self.decoded_ids),
-                finish_reason=finish_reason or done.finish_reason,
-                cached_tokens=min(done.cached_tokens, base),
-            )
-        if self.is_replayed:
-            replayed = min(done.cached_tokens, self.request.offset)
-            done = dataclasses.replace(
-                done, cached_tokens=0, recomputed_tokens=done.recomputed_tokens + replayed
-            )
-        return done
 
 
 def log_replay(

@@ -1,21 +1,21 @@
 """``Session``: one server session, tracking its committed length and sending ``offset``.
 
 It shares the request building and range arithmetic (``generation``) and
-``SessionBase`` (its state and the failover decisions) with ``AsyncSession``.
+``SessionBase`` (its state and the failover decisions) with ``AsyncSession``; its calls
+to the server, and their recovery, are ``SessionCalls``'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Generator, Iterable, Sequence
-from typing import Any, Unpack
+from typing import Unpack
 
 import grpc
 
 from salience_client.closing import CLIENT_CLOSED
-from salience_client.failover import Attempts, StreamProgress, is_busy
+from salience_client.failover import Attempts
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -25,16 +25,16 @@ from salience_client.generation import (
     no_done,
     sum_ranges,
 )
-from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
-from salience_client.session_base import SETTLE_WAIT_S, SessionBase
-from salience_client.stream_state import is_suspended
+from salience_client.session_base import SETTLE_WAIT_S
+from salience_client.session_calls import SessionCalls
+from salience_client.stream_progress import StreamProgress
+from salience_client.streams import GenerateStream
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
-from salience_client.unary import call_unary
 
 
-class Session(SessionBase):
+class Session(SessionCalls):
     """A server session (sync). Use as a context manager to close it on exit.
 
     Every call carries the session's ``x-session-id``; behind a proxy with several
@@ -58,19 +58,28 @@ class Session(SessionBase):
         truncate_to: int | None = None,
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
-    ) -> Generator[TokenEvent | Done, None, None]:
+    ) -> GenerateStream:
         """Appends ``append_tokens`` and decodes; yields TokenEvents, then one Done.
 
         ``truncate_to`` rewinds the session to that length first. ``timeout`` (seconds)
-        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). The call
-        starts at the first ``next()``. Leaving the iterator before Done cancels the
-        call; the session then holds what the caller received (the append, once any
-        event came, and the tokens that came): its next call waits for the server to
-        wind the call down, then rewinds what the server committed beyond that.
-        ``sync()`` keeps it instead.
+        bounds the stream (DEADLINE_EXCEEDED; a resumed stream gets it again). A replay
+        that must first re-create the session (its replica lost, its TTL passed) runs at
+        the call's ``priority`` and within its ``timeout`` (the client's when None), and
+        the call then gets its ``timeout`` again. The call starts at the first ``next()``.
+
+        ``length`` and ``history`` follow the events as they are delivered: the session
+        holds what the caller received (the append, once any event came, and the tokens
+        that came). Leaving the iterator before Done cancels the call; the session's next
+        call waits for the server to wind it down, then rewinds what the server committed
+        beyond what the caller received. ``sync()`` keeps it instead.
+
+        One call at a time: a later call on the session supersedes this stream while it
+        is open; its next iteration then raises ``SUPERSEDED`` (``streams``).
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
-        stream = self._stream(tokens, truncate_to, checked, timeout)
+        stream = GenerateStream(
+            self._stream(tokens, truncate_to, checked, timeout), self.session_id
+        )
         self._streams.add(stream)
         return stream
 
@@ -81,7 +90,7 @@ class Session(SessionBase):
         options: GenerateOptions,
         timeout: float | None,
     ) -> Generator[TokenEvent | Done, None, None]:
-        self._settle()  # may replay the session (a left call's end found it lost)
+        self._settle("generate()")
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         manifest = self._manifest
@@ -89,7 +98,7 @@ class Session(SessionBase):
             manifest = self._set_manifest(self._model_info())
         progress = StreamProgress(request)
         progress.is_replayed = self._takes_replay()
-        attempts = self._attempts()
+        attempts = self._attempts(request.priority, timeout)
         finish_reason = ""
         call = None
         failure: SalienceClientError | None = None
@@ -133,13 +142,12 @@ class Session(SessionBase):
         eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    def _settle(self) -> None:
-        """Before a call: closes a stream its caller left open, then, after a call its
-        caller left, waits while the server still runs that one (the call then rewinds
-        the session to ``length``)."""
+    def _settle(self, call: str) -> None:
+        """Before ``call``: closes a stream left open, which it supersedes (the session
+        holds what that delivered), then, after a call its caller left, waits while the
+        server still runs that one (the call then rewinds the session to ``length``)."""
         for stream in list(self._streams):  # the running one is this call's own
-            if is_suspended(stream):
-                stream.close()  # its call is cancelled: the session holds what it delivered
+            stream.supersede(call)
         if self._abandoned:
             with contextlib.suppress(SalienceClientError):  # the call itself will say
                 self._idle_info(SETTLE_WAIT_S, recovers=False)
@@ -147,9 +155,15 @@ class Session(SessionBase):
     def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
         """Takes the server's length as this session's, waiting up to ``wait_s`` while it
         is busy. After a call its caller left, it keeps what that call committed beyond
-        what the caller received (the next call would otherwise rewind it)."""
+        what the caller received (the next call would otherwise rewind it).
+
+        Those tokens are unknown to this client (no RPC returns a session's tokens), and
+        its ``history`` stops before them: should the session be lost (its replica gone,
+        its TTL passed), it cannot be re-created, and a call that needs them fails
+        SESSION_LOST saying so. A call that rewinds the session to within its history
+        (``truncate_to`` at most ``history.length``) still re-creates it."""
         info = self._idle_info(wait_s)
-        self._synced(info.length)
+        self._kept(info.length)
         return info
 
     def _idle_info(self, wait_s: float, recovers: bool = True) -> SessionInfo:
@@ -171,26 +185,49 @@ class Session(SessionBase):
         request = pb.GetSessionRequest(session_id=self.session_id)
         return SessionInfo.from_pb((self._unary(self._stub.GetSession, request)).session)
 
-    def prefill(self, tokens: Sequence[int]) -> Done:
-        """Appends ``tokens`` without decoding."""
-        return last_done(list(self.generate(tokens, max_tokens=0, return_text=False)))
-
-    def rewind(self, offset: int) -> Done:
-        """Truncates the session (and its KV) to ``offset`` tokens."""
-        return last_done(list(self.generate((), truncate_to=offset, max_tokens=0)))
-
-    def score(self, tokens: Sequence[int], ranges: Sequence[tuple[int, int]]) -> list[float]:
-        """Appends ``tokens``; returns, per absolute position range, the summed logprob of
-        the tokens in it (each under the model, given every token before it)."""
-        events = list(
-            self.generate(tokens, max_tokens=0, logprobs_ranges=ranges, return_text=False)
+    def prefill(
+        self, tokens: Sequence[int], *, priority: int = 0, timeout: float | None = None
+    ) -> Done:
+        """Appends ``tokens`` without decoding (``priority``, ``timeout``: as
+        ``generate``'s)."""
+        events = self.generate(
+            tokens, max_tokens=0, return_text=False, priority=priority, timeout=timeout
         )
-        return sum_ranges(events, ranges)
+        return last_done(list(events))
+
+    def rewind(self, offset: int, *, priority: int = 0, timeout: float | None = None) -> Done:
+        """Truncates the session (and its KV) to ``offset`` tokens (``priority``,
+        ``timeout``: as ``generate``'s)."""
+        events = self.generate(
+            (), truncate_to=offset, max_tokens=0, priority=priority, timeout=timeout
+        )
+        return last_done(list(events))
+
+    def score(
+        self,
+        tokens: Sequence[int],
+        ranges: Sequence[tuple[int, int]],
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> list[float]:
+        """Appends ``tokens``; returns, per absolute position range, the summed logprob of
+        the tokens in it (each under the model, given every token before it).
+        ``priority``, ``timeout``: as ``generate``'s."""
+        events = self.generate(
+            tokens,
+            max_tokens=0,
+            logprobs_ranges=ranges,
+            return_text=False,
+            priority=priority,
+            timeout=timeout,
+        )
+        return sum_ranges(list(events), ranges)
 
     def fork(self, new_session_id: str = "") -> Session:
         """A new session sharing this one's committed tokens (copy-on-write KV). It routes
         with this session's ``x-session-id``, so it stays on the replica holding the KV."""
-        self._settle()
+        self._settle("fork()")
         child_id = new_session_id or fresh_session_id()
         request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=child_id)
         attempts = self._attempts()
@@ -216,7 +253,7 @@ class Session(SessionBase):
 
     def append_image(self, data: bytes, mime_type: str, truncate_to: int | None = None) -> int:
         """Appends one image; returns how many placeholder tokens it became."""
-        self._settle()
+        self._settle("append_image()")
         offset, truncating = self._offset(truncate_to)
         request = pb.AppendImageRequest(
             session_id=self.session_id,
@@ -277,94 +314,3 @@ class Session(SessionBase):
                     return
                 failure = error
             self._recover(failure, attempts, None)
-
-    # ----- calls and recovery ------------------------------------------------------------
-
-    def _unary(self, method: Any, request: Any) -> Any:
-        """One call of a unary session RPC with the session's metadata."""
-        try:
-            response, call = method.with_call(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as error:
-            raise self._failure(error) from None
-        self._note_replica(call.initial_metadata())
-        return response
-
-    def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
-        """A unary session RPC that recovers: replays (to ``replay_length``) a lost
-        session, retries while no replica answers."""
-        attempts = self._attempts()
-        while True:
-            try:
-                return self._unary(method, request)
-            except SalienceClientError as error:
-                failure = error
-            self._recover(failure, attempts, replay_length)
-
-    def _read_info(self) -> pb.SessionInfo:
-        request = pb.GetSessionRequest(session_id=self.session_id)
-        return self._unary(self._stub.GetSession, request).session
-
-    def _recover(
-        self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
-    ) -> None:
-        """Does what ``_recovery`` decides: waits, or re-creates the session (trying again
-        until the replays are spent); raises when nothing can be done."""
-        if self._replay_under_way(error, attempts):
-            with self._replay_lock:  # until it is done
-                if self._replayed_meanwhile(attempts, replay_length) or is_busy(error):
-                    return
-        recovery = self._recovery(error, attempts, replay_length)
-        if recovery.replay_length is None:
-            time.sleep(recovery.wait_s)
-            return
-        with self._replay_lock:
-            if self._replayed_meanwhile(attempts, recovery.replay_length):
-                return
-            cause = error
-            while True:
-                try:
-                    self._replay(recovery.replay_length, cause)
-                    attempts.replays_seen = self.num_replays
-                    return
-                except SalienceClientError as failed:
-                    cause = failed
-                self._replay_failed(attempts, cause)
-                time.sleep(self._failover.first_retry_wait_s)
-
-    def _new_replay_lock(self) -> Any:
-        return threading.Lock()
-
-    def _replay(self, length: int, cause: SalienceClientError) -> None:
-        """Re-creates the session under its id on whichever replica now serves it, holding
-        the first ``length`` positions of its history."""
-        request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
-        try:
-            self._unary(self._stub.OpenSession, request)
-            is_fresh = True
-        except SalienceClientError as error:
-            if error.code != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-            is_fresh = False  # a stale copy: every step rewrites it from position 0
-        for step in self._replay_steps(length, is_fresh):
-            if isinstance(step, ImageStep):
-                response = self._unary(self._stub.AppendImage, self._replay_image_request(step))
-                self._check_replayed_image(step, response.placeholder_count)
-                continue
-            call = self._stub.Generate(self._replay_prefill_request(step), metadata=self._metadata)
-            try:
-                for _ in call:
-                    pass
-            except grpc.RpcError as error:
-                raise self._failure(error) from None
-            self._note_replica(call.initial_metadata())
-        self._replayed(cause, length)
-
-    def _model_info(self) -> pb.GetModelInfoResponse:
-        return call_unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._timeout)
-
-    def _eos_ids(self) -> list[int]:
-        if self._eos_token_ids is None:
-            self._eos_token_ids = list(self._model_info().eos_token_ids)
-        return self._eos_token_ids

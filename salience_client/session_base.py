@@ -5,7 +5,6 @@ its history (for a replay), the replica that served it, and the recovery decisio
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Any, Self
 
 import grpc
@@ -15,7 +14,7 @@ from salience_client.failover import (
     Attempts,
     Failover,
     FailoverStats,
-    StreamProgress,
+    Recovery,
     check_session_id,
     is_behind,
     is_broken,
@@ -25,35 +24,19 @@ from salience_client.failover import (
     is_unanswered,
     log_replay,
     log_resume,
+    replay_timed_out,
     replica_of,
     routing_metadata,
     session_lost,
 )
-from salience_client.history import History, ImageStep, PrefillStep
+from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
+from salience_client.stream_progress import StreamProgress
 from salience_client.types import Done, ReadoutManifest, SalienceClientError, TokenEvent
 
 SETTLE_WAIT_S = 30.0
 """How long a session waits for a call its caller left to end on the server (it ends at
 the server's next step, which a long prefill on a slow device may take seconds to reach)."""
-
-
-OUTCOME_UNKNOWN = (
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNAVAILABLE,
-)
-"""A call that failed so may still have been carried out on the server."""
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """What to do before retrying a failed call."""
-
-    replay_length: int | None
-    """Re-create the session holding this many positions first; None: do not."""
-    wait_s: float = 0.0
-    """Wait this long first (no replica answered, or the session was still busy)."""
 
 
 class SessionBase:
@@ -84,7 +67,8 @@ class SessionBase:
         self.max_context = max_context
         """Tokens this session may hold, image placeholders included."""
         self.length = length
-        """The committed length as this client last saw it; the next call's ``offset``."""
+        """The session's length as its caller has received it, following each event of a
+        call as it is delivered; the next call's ``offset``."""
         self.is_closed = False
         self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
         """The ``generate()`` streams not yet collected: one its caller left open (a
@@ -112,6 +96,10 @@ class SessionBase:
         ``info`` or ``sync`` may replay): the next call counts what it finds cached
         as recomputed, as a call that replays does."""
         self._history = history if history is not None else History()
+        self._unknown_cause = "a handle on a session this client did not open"
+        """Why the history stops short of what the session holds, when it does: the
+        session holds tokens this client never received (no RPC returns a session's
+        tokens), which no replay can restore."""
         self._failover = failover or Failover()
         self._stats = stats or FailoverStats()
         self._replay_lock = self._new_replay_lock()
@@ -177,8 +165,8 @@ class SessionBase:
     ) -> TokenEvent | Done | None:
         """Converts one streamed event and notes it; a Done also commits the call. None
         for an event delivered before (a call made again after a break)."""
-        self._abandoned = False  # the call was applied, rewinding if it had to
         if event.HasField("done"):
+            self._abandoned = False  # the call was applied, rewinding if it had to
             done = progress.merged_done(Done.from_pb(event.done), finish_reason)
             progress.observe(done)
             self._commit(progress)
@@ -186,13 +174,33 @@ class SessionBase:
             self._history.truncate(done.total_tokens)
             return done
         token = TokenEvent.from_pb(event.token, manifest)
-        return token if progress.observe(token) else None
+        if not progress.observe(token):
+            return None
+        self._received(progress, token)
+        return token
+
+    def _received(self, progress: StreamProgress, token: TokenEvent) -> None:
+        """The caller receives ``token`` of a call not yet done: from here on the session
+        holds what the caller has received, as after a call it left (``_abandon``), so
+        that ``length`` and ``history`` are right however it leaves the stream (a
+        ``break`` out of ``async for`` leaves it to the event loop to finalize, later).
+        Its next call rewinds what the server committed beyond that, unless this one's
+        Done comes first."""
+        length = progress.base_length + len(progress.decoded_ids)
+        recorded = self._history.length if progress.is_recorded else -1
+        if recorded == length - 1 and not token.is_prefill:
+            self._history.extend([token.token_id])  # one more decoded token: no rewrite
+        elif recorded != length:  # (a scored prompt position: written with the append)
+            self._commit(progress)
+        self.length = length
+        self._abandoned = True
 
     def _commit(self, progress: StreamProgress) -> None:
         """Writes what an accepted call put in the session into the history (again if
         need be: it rewrites from the call's offset)."""
         offset = progress.request.offset
-        if progress.is_accepted and self._history.length >= offset:
+        progress.is_recorded = progress.is_accepted and self._history.length >= offset
+        if progress.is_recorded:
             self._history.truncate(offset)
             self._history.extend(progress.committed_ids())
 
@@ -202,8 +210,12 @@ class SessionBase:
         came), and the next call rewinds it there. The server may hold more (the append
         with no event received yet, tokens in flight): SPEC 2.1 commits them, but a
         caller that stopped reading at a token of its choosing continues from there, and
-        a replay can restore what the history holds."""
+        a replay can restore what the history holds. Once an event came, nothing is
+        changed when the session has moved on since (``sync()`` took the server's length,
+        a later call ended: a stream the event loop finalized late)."""
         if progress.is_accepted:
+            if not self._abandoned:
+                return
             self._commit(progress)
             self._abandon_at(progress.request.offset + len(progress.committed_ids()), None)
         else:
@@ -215,7 +227,8 @@ class SessionBase:
         (but a stale length it names, OFFSET_MISMATCH's, is taken)."""
         if error is not None and is_refusal(error):
             if error.session_length is not None:
-                self._synced(error.session_length)
+                cause = f"{error.reason} named a length this client had not seen"
+                self._synced(error.session_length, cause)
             return
         self._history.truncate(min(self._history.length, length))
         self.length = length
@@ -249,11 +262,21 @@ class SessionBase:
             stats=self._stats,
         )
         child._abandoned = self._abandoned
+        child._unknown_cause = self._unknown_cause
         child._is_replay_unbilled = self._is_replay_unbilled  # the KV it shares
         return child
 
-    def _synced(self, length: int) -> None:
-        """The server says the session holds ``length`` positions."""
+    def _kept(self, length: int) -> None:
+        """``sync()``: the session holds ``length`` positions, as the server says."""
+        known = self._history.length
+        self._synced(length, f"sync() kept {length - known} positions past the {known} it knew")
+
+    def _synced(self, length: int, cause: str) -> None:
+        """The server says the session holds ``length`` positions; ``cause``: how it came
+        to hold positions this client never received, should it hold more than the
+        history."""
+        if length > self._history.length:
+            self._unknown_cause = cause
         self._abandoned = False
         self.length = length
         self._history.truncate(min(self._history.length, length))
@@ -263,9 +286,12 @@ class SessionBase:
     def _new_replay_lock(self) -> Any:
         raise NotImplementedError
 
-    def _attempts(self) -> Attempts:
-        """A call's recovery budget, knowing the session's replays so far."""
-        return Attempts(self._failover, replays_seen=self.num_replays)
+    def _attempts(self, priority: int = 0, timeout: float | None = None) -> Attempts:
+        """A call's recovery budget, knowing the session's replays so far; a replay it
+        makes runs at its ``priority`` and within its ``timeout`` (the client's when the
+        call gives none)."""
+        timeout_s = self._timeout if timeout is None else timeout
+        return Attempts(self._failover, self.num_replays, priority, timeout_s)
 
     def _forked_mid_replay(self, length: int, attempts: Attempts) -> bool:
         """Whether a fork answered with ``length`` copied this session while another call
@@ -304,7 +330,9 @@ class SessionBase:
             raise error
         if is_session_lost(error) and replay_length is not None:
             if self._history.length < replay_length:
-                raise session_lost(self.session_id, replay_length, self._history.length) from error
+                known = self._history.length
+                lost = session_lost(self.session_id, replay_length, known, self._unknown_cause)
+                raise lost from error
             attempts.begin_replay(self.session_id, error)
             return Recovery(replay_length)
         if replay_length is not None and is_behind(error, replay_length):
@@ -335,9 +363,16 @@ class SessionBase:
     def _replay_failed(self, attempts: Attempts, error: SalienceClientError) -> None:
         """A replay failed with ``error``: counts the next try, or raises when none is
         left, or CLIENT_CLOSED when the client was closed meanwhile (its calls fail: no
-        replay can succeed, and the session was not lost again)."""
+        replay can succeed, and the session was not lost again), or DEADLINE_EXCEEDED
+        when it ran out of the call's timeout."""
         if is_refusing(self._stub):
             raise client_closed() from error
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and attempts.timeout_s is not None:
+            # The call's time is spent: another try would only end later. A step may
+            # still wind down on the server: the next call waits for it, then finds the
+            # copy part-built (fewer positions than ``length``) and replays it anew.
+            self._abandoned = True
+            raise replay_timed_out(self.session_id, error, attempts.timeout_s) from error
         attempts.begin_replay(self.session_id, error)
 
     def _unresumable(
@@ -350,14 +385,6 @@ class SessionBase:
             return progress.unresumable(error)
         return error
 
-    def _replay_steps(self, length: int, is_fresh: bool) -> list[PrefillStep | ImageStep]:
-        """The calls that rebuild the first ``length`` positions; on a stale copy (the id
-        was taken) they start by rewinding it to position 0."""
-        steps = self._history.replay_steps(length)
-        if not is_fresh and not steps:
-            steps = [PrefillStep(0, [])]
-        return steps
-
     def _replayed(self, cause: SalienceClientError, length: int) -> None:
         """Counts and logs a replay that restored ``length`` positions."""
         self.length = length
@@ -366,34 +393,6 @@ class SessionBase:
         self._stats.num_replays += 1
         self._stats.num_replayed_tokens += length
         log_replay(self.session_id, cause, length, self.replica)
-
-    def _replay_prefill_request(self, step: PrefillStep) -> pb.GenerateRequest:
-        return pb.GenerateRequest(
-            session_id=self.session_id,
-            append_tokens=step.token_ids,
-            offset=step.offset,
-            truncating=True,
-            max_tokens=0,
-        )
-
-    def _replay_image_request(self, step: ImageStep) -> pb.AppendImageRequest:
-        return pb.AppendImageRequest(
-            session_id=self.session_id,
-            image=step.image.data,
-            mime_type=step.image.mime_type,
-            offset=step.offset,
-            truncating=True,
-        )
-
-    def _check_replayed_image(self, step: ImageStep, placeholder_count: int) -> None:
-        if placeholder_count != step.image.num_tokens:
-            raise SalienceClientError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "REPLAY_MISMATCH",
-                f"the image at position {step.offset} of session {self.session_id!r} became "
-                f"{placeholder_count} placeholders on replica {self.replica}, "
-                f"{step.image.num_tokens} before: the replicas serve different models",
-            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.session_id!r}, length={self.length})"

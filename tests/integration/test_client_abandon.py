@@ -87,6 +87,52 @@ def test_a_stream_left_open_is_closed_by_the_sessions_next_call(client: Salience
         asyncio.run(scenario(pause_s))
 
 
+def test_length_and_history_follow_what_the_caller_received_at_once(
+    client: SalienceClient,
+) -> None:
+    """Right after a ``break``, before any other call: ``length`` and ``history`` are
+    what the caller received (an ``async for`` leaves the generator to the event loop,
+    which finalized it turns later: until then they were those before the call, and a
+    framework reading ``length`` for its next ``truncate_to`` cut off the turn). The
+    next call still rewinds what the server decoded beyond; ``sync()`` keeps it."""
+
+    def check(session: Any, seen: list[int]) -> None:
+        held = [*PROMPT, 1, 2, 3, *seen]
+        assert session.length == len(held)
+        assert session.history.token_ids.tolist() == held
+
+    with client.open_session() as session:
+        session.prefill(PROMPT)
+        stream = session.generate([1, 2, 3], max_tokens=300, ignore_eos=True)
+        seen = [next(stream).token_id for _ in range(3)]  # the stream stays open
+        check(session, seen)
+        assert session.prefill([4]).total_tokens == len(PROMPT) + 3 + 3 + 1 == session.length
+
+    async def scenario(keeps: bool) -> None:
+        async with AsyncSalienceClient(client.target, timeout=30) as aio:
+            async with await aio.open_session() as session:
+                await session.prefill(PROMPT)
+                seen: list[int] = []
+                async for event in session.generate([1, 2, 3], max_tokens=300, ignore_eos=True):
+                    seen.append(event.token_id)  # type: ignore[union-attr]
+                    if len(seen) == 3:
+                        await asyncio.sleep(0.3)  # the server decodes on meanwhile
+                        break
+                check(session, seen)  # no await since the break
+                if keeps:
+                    info = await session.sync()
+                    assert info.length == session.length > len(PROMPT) + 3 + 3
+                    assert session.history.length == len(PROMPT) + 3 + 3  # all it knows
+                    expected = info.length + 1
+                else:
+                    expected = len(PROMPT) + 3 + 3 + 1
+                done = await session.prefill([4])
+                assert done.total_tokens == expected == session.length
+
+    for keeps in (False, True):
+        asyncio.run(scenario(keeps))
+
+
 def test_a_cancelled_async_call_returns_at_once_and_the_next_call_fits(
     tiny_llama_dir: Path, server_factory: Any
 ) -> None:

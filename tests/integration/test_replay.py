@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from salience_client import END, AsyncSalienceClient, Done, SalienceClient, SalienceClientError
+from salience_client import (
+    END,
+    AsyncSalienceClient,
+    Done,
+    SalienceClient,
+    SalienceClientError,
+    TokenEvent,
+)
 from salience_client import Session as SyncSession
 from salience_client.pb import salience_pb2 as pb
 from tests.conftest import RunningServer, start_server
@@ -34,6 +43,10 @@ def _turn(session: SyncSession, tokens: list[int], max_tokens: int = 6) -> list[
     ranges = [(max(1, session.length), END)]
     events = session.generate(tokens, max_tokens=max_tokens, logprobs_ranges=ranges)
     return [(e.token_id, e.logprob) for e in events if hasattr(e, "token_id")]
+
+
+def _scored(events: Iterable[TokenEvent | Done]) -> list[tuple[int, float]]:
+    return [(e.token_id, e.logprob) for e in events if isinstance(e, TokenEvent)]
 
 
 def _assert_same(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
@@ -219,6 +232,45 @@ def test_a_handle_without_the_history_takes_the_shorter_servers_length(
             handle.prefill([5])
         assert caught.value.reason == "OFFSET_MISMATCH" and handle.length == 4
         owner.close()
+
+
+def test_a_session_sync_made_hold_unseen_tokens_says_why_it_cannot_be_replayed(
+    llama_server: RunningServer,
+) -> None:
+    """``sync()`` keeps what a left call committed past what its caller received: tokens
+    the client never saw (no RPC returns them), so its history stops there and the
+    session cannot be re-created past it. A call that finds it lost says why (it blamed
+    a handle on a session opened elsewhere, or a call that ended before its Done). One
+    that rewinds to within the history still re-creates it, and decodes what a control
+    holding those tokens does."""
+    with SalienceClient(llama_server.target, timeout=30) as client:
+        session = client.open_session()
+        session.prefill(random_tokens(9, 0))
+        stream = session.generate(random_tokens(3, 1), max_tokens=100, ignore_eos=True)
+        next(stream), next(stream)
+        time.sleep(0.3)  # the server decodes on meanwhile
+        stream.close()
+        session.sync()
+        known = session.history.token_ids.tolist()
+        assert len(known) == 9 + 3 + 2 < session.length
+        _turn(session, random_tokens(4, 2))
+        assert session.history.length == len(known)  # still all this client knows
+        _lose(llama_server, session.session_id)
+        with pytest.raises(SalienceClientError) as caught:
+            _turn(session, random_tokens(4, 3))
+        assert caught.value.reason == "SESSION_LOST"
+        assert "sync() kept" in caught.value.message
+        assert f"at most {len(known)} positions" in caught.value.message
+        with client.open_session() as control:
+            control.prefill(known)
+            turn, ranges = random_tokens(4, 3), [(len(known), END)]
+            options: dict[str, Any] = {"max_tokens": 6, "logprobs_ranges": ranges}
+            got = session.generate(turn, truncate_to=len(known), **options)
+            want = control.generate(turn, **options)
+            _assert_same(*[_scored(events) for events in (got, want)])
+        assert session.num_replays == 1
+        assert session.history.length == session.length == control.length
+        session.close()
 
 
 def test_the_server_names_itself_as_told_even_when_refusing(tiny_llama_dir: Path) -> None:

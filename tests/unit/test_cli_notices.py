@@ -8,8 +8,9 @@ import logging
 import grpc
 
 from salience_client.cli_notices import LineTracking, Notices
-from salience_client.failover import StreamProgress, log_resume
+from salience_client.failover import log_resume
 from salience_client.pb import salience_pb2 as pb
+from salience_client.stream_progress import StreamProgress
 from salience_client.types import SalienceClientError
 
 NOTICE = "salience: session s1: the stream broke after 0 decoded tokens (UNAVAILABLE); resuming\n"

@@ -10,12 +10,12 @@ from salience_client import failover
 from salience_client.failover import (
     Attempts,
     Failover,
-    StreamProgress,
     is_broken,
     is_refusal,
     is_session_lost,
 )
 from salience_client.pb import salience_pb2 as pb
+from salience_client.stream_progress import StreamProgress
 from salience_client.types import Done, SalienceClientError, TokenEvent
 
 EOS = 99

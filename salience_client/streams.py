@@ -1,0 +1,132 @@
+"""The streams ``generate()`` returns: ``GenerateStream`` (``Session``) and
+``AsyncGenerateStream`` (``AsyncSession``), iterators over one Generate call's events.
+
+A session runs one call at a time. A later call on it supersedes a stream still open
+and paused between events (its caller left it with a ``break`` that kept a reference, or
+another task or thread is still reading it): it closes the stream, cancelling its call,
+and the session holds what the stream delivered. Closing is quiet; but should the
+stream be read again, its next iteration raises ``SUPERSEDED`` (a consumer in another
+task or thread would otherwise see its loop end as if the call had, with no Done).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+
+import grpc
+
+from salience_client.types import Done, SalienceClientError, TokenEvent
+
+SUPERSEDED = "SUPERSEDED"
+
+Event = TokenEvent | Done
+
+
+def superseded(session_id: str, call: str) -> SalienceClientError:
+    """The error of a stream that a later call on its session closed before its Done."""
+    return SalienceClientError(
+        grpc.StatusCode.CANCELLED,
+        SUPERSEDED,
+        f"this stream of session {session_id!r} was closed before its Done by a later call "
+        f"on the session ({call}), which superseded it: a session runs one call at a time. "
+        "The session holds what this stream delivered",
+    )
+
+
+class GenerateStream(Iterator[Event]):
+    """``Session.generate``'s events: TokenEvents, then one Done. ``close()`` leaves the
+    call (cancelling it if it has not ended)."""
+
+    def __init__(self, events: Generator[Event, None, None], session_id: str) -> None:
+        self._events = events
+        self._session_id = session_id
+        self._lock = threading.Lock()
+        """Held while an event is read, so that a later call on the session, in another
+        thread, never closes the stream mid-read."""
+        self._superseded_by = ""
+        """The later call that closed this stream, until its next iteration says so."""
+        self._is_done = False
+        """Its Done was delivered: nothing is left to supersede."""
+
+    def __iter__(self) -> GenerateStream:
+        return self
+
+    def __next__(self) -> Event:
+        with self._lock:
+            if self._superseded_by:
+                call, self._superseded_by = self._superseded_by, ""
+                raise superseded(self._session_id, call)
+            event = next(self._events)
+            self._is_done = isinstance(event, Done)
+            return event
+
+    def close(self) -> None:
+        """Leaves the stream: cancels its call if it has not ended."""
+        with self._lock:
+            self._superseded_by = ""
+            self._events.close()
+
+    def supersede(self, call: str) -> None:
+        """Closes the stream for a later ``call`` on its session if it is open and paused
+        between events; one being read in another thread is left to end (the later call
+        waits for the server to end it)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if inspect.getgeneratorstate(self._events) == inspect.GEN_SUSPENDED:
+                self._superseded_by = "" if self._is_done else call
+                self._events.close()
+        finally:
+            self._lock.release()
+
+
+class AsyncGenerateStream(AsyncIterator[Event]):
+    """``AsyncSession.generate``'s events: TokenEvents, then one Done. ``aclose()``
+    leaves the call (cancelling it if it has not ended)."""
+
+    def __init__(self, events: AsyncGenerator[Event, None], session_id: str) -> None:
+        self._events = events
+        self._session_id = session_id
+        self._is_started = False
+        self._is_reading = False
+        """An ``__anext__`` awaits an event (in this task or another)."""
+        self._is_ended = False
+        """Its call ended, or it was closed."""
+        self._is_done = False
+        """Its Done was delivered: nothing is left to supersede."""
+        self._superseded_by = ""
+        """The later call that closed this stream, until its next iteration says so."""
+
+    def __aiter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._superseded_by:
+            call, self._superseded_by = self._superseded_by, ""
+            raise superseded(self._session_id, call)
+        self._is_started = self._is_reading = True
+        try:
+            event = await self._events.__anext__()
+        except BaseException:  # its end, or its failure: either ends an async generator
+            self._is_ended = True
+            raise
+        finally:
+            self._is_reading = False
+        self._is_done = isinstance(event, Done)
+        return event
+
+    async def aclose(self) -> None:
+        """Leaves the stream: cancels its call at once if it has not ended."""
+        self._superseded_by = ""
+        self._is_ended = True
+        await self._events.aclose()
+
+    async def supersede(self, call: str) -> None:
+        """As ``GenerateStream.supersede``: a stream another task is reading is left to
+        end."""
+        if self._is_started and not (self._is_ended or self._is_reading):
+            self._is_ended = True
+            self._superseded_by = "" if self._is_done else call
+            await self._events.aclose()
