@@ -238,7 +238,8 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
     already name (operators read ``--help``, not the README)."""
     for action in parser._actions:
         default = action.default
-        if not action.option_strings or default in (None, False, argparse.SUPPRESS, []):
+        unset = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if not action.option_strings or unset:
             continue
         if "default" in (action.help or "") or action.dest == "api_key":  # never shown
             continue

@@ -79,12 +79,8 @@ class RefusalLog:
         log.warning("refused a call, %s%s: %s", error.reason, since, error.message)
 
 
-refusals = RefusalLog()
-
-
 async def abort(context: grpc.aio.ServicerContext, error: SalienceError) -> None:
     """Ends the call with ``error`` (raises, as context.abort does)."""
-    refusals.note(error)
     status = to_status(error)
     metadata = tuple(status.trailing_metadata)
     if "session_length" in error.metadata:

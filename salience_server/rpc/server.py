@@ -281,6 +281,8 @@ async def _started_unless_stopped(server: SalienceServer, stopping: asyncio.Even
 def _bind_failure(host: str) -> str:
     """Why binding ``host`` failed, as far as can be told: a name that does not resolve
     (``999.1.1.1``, a typo) said "in use?" as a port taken does."""
+    if host in ("", "0.0.0.0", "::", "[::]"):  # every interface
+        return "the port is in use"
     try:
         socket.getaddrinfo(host.strip("[]"), None)
     except (OSError, UnicodeError):

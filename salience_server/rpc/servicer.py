@@ -15,11 +15,11 @@ from salience_client.pb import salience_pb2_grpc
 from salience_server.engine import tokenization
 from salience_server.engine.detokenizer import CONTEXT_TAIL, IncrementalDetokenizer
 from salience_server.engine.engine import Engine
-from salience_server.engine.errors import Code, SalienceError
+from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
 from salience_server.rpc import chat_tokens, convert, embed_inputs
 from salience_server.rpc.compute_thread import in_own_thread
-from salience_server.rpc.errors import abort
+from salience_server.rpc.errors import RefusalLog, abort
 
 CANCELLED_CALL_WAIT_S = 10.0
 """How long a call waits for its session's cancelled call to end (``_after_cancelled_call``):
@@ -38,9 +38,16 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Set once the model is loaded; calls before that get UNAVAILABLE."""
         self.stream_buffer_events = stream_buffer_events
         """Events one stream may hold unread; past that it alone is cancelled."""
+        self._refusals = RefusalLog()
+        """Refusals for room, logged at most once per interval a reason."""
         self._image_turn = asyncio.Semaphore(1)
         """Images are encoded one at a time (``Engine.encode_image``): a call waits its
         turn here, so that one cancelled or past its deadline meanwhile starts none."""
+
+    async def _abort(self, context: grpc.aio.ServicerContext, error: SalienceError) -> None:
+        """Ends the call with ``error``, a refusal for room noted in the log."""
+        self._refusals.note(error)
+        await abort(context, error)
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.engine is None:
@@ -58,7 +65,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         try:
             session = engine.open_session(request.session_id, request.max_context)
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
         return pb.OpenSessionResponse(
             session_id=session.session_id,
             max_context=session.max_context,
@@ -77,7 +84,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 compiled = await asyncio.to_thread(engine.compile_constraint, spec)
                 params = dataclasses.replace(params, constraint=compiled)
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
         # Text with stop strings comes from the engine (it must see them to stop); other
         # text is detokenized here, off the engine thread.
         detokenizes = params.return_text and not params.stop_strings
@@ -117,7 +124,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             async for event in self._engine_events(await self._engine(context), submit):
                 yield event
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
 
     async def _engine_events(
         self, engine: Engine, submit: Callable[[EventSink], Request]
@@ -199,7 +206,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         except* SalienceError as failures:  # a refused input, or one that failed
             failure = failures.exceptions[0]  # type: ignore[assignment]
         if failure is not None:
-            await abort(context, failure)
+            await self._abort(context, failure)
         vectors = [task.result() for task in tasks]
         if request.normalize:
             vectors = [embed_inputs.l2_normalized(vector) for vector in vectors]
@@ -223,7 +230,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             async with self._image_turn:
                 image = await in_own_thread(engine.encode_image, request.image, request.mime_type)
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
         submit = lambda sink: engine.submit_image(session_id, offset, truncating, image, sink)  # noqa: E731
         async for event in self._events(context, submit):
             if isinstance(event, DoneEvent):
@@ -240,7 +247,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         try:
             engine.close_session(request.session_id)
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
         return pb.CloseSessionResponse()
 
     async def ForkSession(
@@ -252,7 +259,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         try:
             child = engine.fork_session(request.session_id, request.new_session_id)
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
         return pb.ForkSessionResponse(session_id=child.session_id, length=child.length)
 
     async def GetSession(
@@ -263,7 +270,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         try:
             info = engine.get_session(request.session_id)
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
         return pb.GetSessionResponse(session=convert.session_info(info))
 
     async def ListSessions(
@@ -312,12 +319,14 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         try:
             if request.WhichOneof("input") == "messages":
                 token_ids = await chat_tokens.tokenize_chat(engine, request)
+            elif request.images:
+                raise invalid("INVALID_INPUT", "images go with chat messages, not with text")
             else:
                 token_ids = await asyncio.to_thread(
                     tokenization.encode_text, tokenizer, request.text, request.add_special_tokens
                 )
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
         return pb.TokenizeResponse(token_ids=token_ids)
 
     async def Detokenize(
@@ -337,7 +346,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 else []
             )
         except SalienceError as error:
-            await abort(context, error)
+            await self._abort(context, error)
         return pb.DetokenizeResponse(text=text, token_bytes=token_bytes)
 
 

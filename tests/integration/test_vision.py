@@ -293,6 +293,11 @@ def test_tokenize_makes_each_image_place_the_tokens_append_image_makes(vision) -
             want = [session.append_image(data, "image/png") for data in images]
         with pytest.raises(SalienceClientError) as caught:
             client.tokenize_chat(messages, images=[(images[0], "image/png")])
+        with pytest.raises(grpc.RpcError) as as_text:  # they were ignored
+            vision.stub.Tokenize(
+                pb.TokenizeRequest(text="one", images=[pb.ImageData(data=images[0])])
+            )
+        assert error_reason(as_text.value) == "INVALID_INPUT"
     assert want[0] != want[1]
     assert plain.count(pad) == 2
     expected = []

@@ -47,6 +47,7 @@ def test_help_shows_defaults_but_never_the_api_key(
     assert "--port PORT default:" in text and "--host HOST default: 127.0.0.1" in text
     if module == "salience_server":
         assert "--max-image-bytes MAX_IMAGE_BYTES default: 20MiB" in text
+        assert "shim here (default: 0)" in text  # a 0 was taken for no default
     else:
         assert "(default: 256MiB)" in text
 
@@ -70,3 +71,12 @@ def test_probes_are_left_out_of_the_shims_access_log() -> None:
         return all(f.filter(record) for f in access.filters)  # type: ignore[union-attr]
 
     assert not kept("/health") and not kept("/metrics") and kept("/v1/chat/completions")
+
+
+def test_a_bind_failure_on_every_interface_is_the_port() -> None:
+    """An empty host (every interface) does not resolve by name: a taken port was
+    reported as a host that does not resolve."""
+    from salience_server.rpc.server import _bind_failure
+
+    assert _bind_failure("") == _bind_failure("0.0.0.0") == "the port is in use"
+    assert "does not resolve" in _bind_failure("999.1.1.1")
