@@ -263,7 +263,11 @@ class Attempts:
         """How long to wait before retrying after ``error``: doubling waits, the last cut
         to end at the budget's end, so that a replica back before then is found (the
         client gave up as soon as a doubled wait would pass it: 6.4 s into a 10 s
-        budget). Raises ``error`` once the budget is spent."""
+        budget). Raises ``error`` once the budget is spent, and at once with none (the
+        shim beside its own server: no other replica to go to, and a retry it logged as
+        resuming only failed again, "after retrying for 0 s")."""
+        if self.policy.retry_budget_s == 0:
+            raise error
         now = time.monotonic()
         if self._deadline is None:
             self._deadline = now + self.policy.retry_budget_s

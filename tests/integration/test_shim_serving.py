@@ -158,6 +158,7 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(
     _assert_ended_unavailable(replies)
     text = log.read_text()
     assert "Traceback" not in text and "Cancel" not in text, text
+    assert "resuming" not in text, text  # its one server has no other replica to retry
 
 
 def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(

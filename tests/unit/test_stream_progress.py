@@ -88,6 +88,9 @@ def test_replays_are_counted_and_retries_bounded_in_time(monkeypatch: pytest.Mon
     assert waits(attempts) == [0.0, 0.1, 0.2]
     budget = Attempts(Failover(retry_budget_s=0.35, first_retry_wait_s=0.1))
     assert waits(budget) == [0.0, 0.1, 0.2, 0.05]
+    with pytest.raises(SalienceClientError) as caught:  # no budget: no retry, not one at once
+        Attempts(Failover(retry_budget_s=0.0)).retry_wait_s(down)
+    assert caught.value is down
     # The time the calls themselves take counts: 0.25 s after the first try, 0.05 s left.
     attempts = Attempts(Failover(retry_budget_s=0.3, first_retry_wait_s=0.1))
     assert attempts.retry_wait_s(down) == 0.0
