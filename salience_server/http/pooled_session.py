@@ -4,6 +4,7 @@ it as far as the shim knows, and the scores a scoring call returned for them."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,3 +82,31 @@ class PooledSession:
         kept = common_prefix_length([e.token_id for e in scores.events], token_ids)
         self.token_ids = list(token_ids)
         self.scores = Scores(scores.events[:kept], scores.top_k) if kept else NO_SCORES
+
+
+def image_memory_victim(
+    entries: Sequence[PooledSession], kept: PooledSession
+) -> PooledSession | None:
+    """The idle session (other than ``kept``) to close for the server's host memory its
+    images' embeddings take, or None. The server holds an image while any session holds
+    it (forks share it), so a session holding an image no other session holds goes
+    first, the least recently used first."""
+    holding = collections.Counter(marker for entry in entries for marker in _image_markers(entry))
+    holders = [
+        entry
+        for entry in entries
+        if not entry.is_leased
+        and not entry.num_forking
+        and entry is not kept
+        and any(token_id < 0 for token_id in entry.token_ids)
+    ]
+
+    def frees_nothing(entry: PooledSession) -> bool:
+        return all(holding[marker] > 1 for marker in _image_markers(entry))
+
+    return min(holders, key=lambda entry: (frees_nothing(entry), entry.last_used), default=None)
+
+
+def _image_markers(entry: PooledSession) -> set[int]:
+    """The images a session holds, by their markers (negative ids)."""
+    return {token_id for token_id in entry.token_ids if token_id < 0}

@@ -17,7 +17,6 @@ saw, which is harmless because every call truncates to a length the shim knows.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -33,6 +32,7 @@ from salience_server.http.pooled_session import (
     PooledSession,
     Scores,
     common_prefix_length,
+    image_memory_victim,
 )
 
 log = logging.getLogger(__name__)
@@ -243,25 +243,9 @@ class SessionPool:
 
     async def free_image_memory(self, kept: PooledSession) -> bool:
         """Closes an idle session holding images (other than ``kept``), for the server's
-        host memory their embeddings take; False when there is none. The server holds
-        an image while any session holds it (forks share it), so sessions holding an
-        image no other session holds go first, the least recently used first."""
-        holders = [
-            entry
-            for entry in self._entries
-            if not entry.is_leased
-            and not entry.num_forking
-            and entry is not kept
-            and any(token_id < 0 for token_id in entry.token_ids)
-        ]
-        holding = collections.Counter(
-            marker for entry in self._entries for marker in _image_markers(entry)
-        )
-
-        def frees_nothing(entry: PooledSession) -> bool:
-            return all(holding[marker] > 1 for marker in _image_markers(entry))
-
-        victim = min(holders, key=lambda e: (frees_nothing(e), e.last_used), default=None)
+        host memory their embeddings take (``image_memory_victim``); False when there is
+        none."""
+        victim = image_memory_victim(self._entries, kept)
         if victim is None:
             return False
         self._entries.remove(victim)
@@ -391,11 +375,6 @@ class SessionPool:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _image_markers(entry: PooledSession) -> set[int]:
-    """The images a session holds, by their markers (negative ids)."""
-    return {token_id for token_id in entry.token_ids if token_id < 0}
 
 
 def _is_server_full(error: SalienceClientError) -> bool:
