@@ -61,15 +61,15 @@ class AsyncSessionCalls(SessionBase):
         async with self._replay_lock:
             if self._replayed_meanwhile(attempts, recovery.replay_length):
                 return
-            cause = error
             while True:
-                try:
-                    await self._replay(recovery.replay_length, cause, attempts)
+                try:  # logged as caused by ``error``, not by a failed try before it
+                    await self._replay(recovery.replay_length, error, attempts)
                     attempts.replays_seen = self.num_replays
+                    attempts.replay_done()
                     return
                 except SalienceClientError as failed:
-                    cause = failed
-                self._replay_failed(attempts, cause)
+                    failure = failed
+                self._replay_failed(attempts, failure)
                 await asyncio.sleep(self._failover.first_retry_wait_s)
 
     def _new_replay_lock(self) -> Any:

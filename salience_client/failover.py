@@ -248,10 +248,22 @@ class Attempts:
         self.timeout_s = timeout_s
         """The call's timeout: a replay it makes ends within it, all its steps together
         (None: unbounded)."""
+        self._replay_deadline: float | None = None
 
     def replay_deadline(self) -> float | None:
-        """When a replay starting now must be done (``time.monotonic()``), or None."""
-        return None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        """When this call's replays must be done (``time.monotonic()``), or None: its
+        timeout from the first of them, shared by the tries after it (each try had a
+        whole timeout of its own: two tries took twice it)."""
+        if self.timeout_s is None:
+            return None
+        if self._replay_deadline is None:
+            self._replay_deadline = time.monotonic() + self.timeout_s
+        return self._replay_deadline
+
+    def replay_done(self) -> None:
+        """A replay went through: a later one of this call (its stream broke again) has
+        the call's timeout anew."""
+        self._replay_deadline = None
 
     def begin_replay(self, session_id: str, error: SalienceClientError) -> None:
         """Counts a replay about to start; raises REPLAY_FAILED when none are left."""

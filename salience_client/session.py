@@ -30,7 +30,7 @@ from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S
 from salience_client.session_calls import SessionCalls
 from salience_client.stream_progress import StreamProgress
-from salience_client.streams import GenerateStream
+from salience_client.streams import CallCut, GenerateStream
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 
@@ -77,8 +77,9 @@ class Session(SessionCalls):
         is open; its next iteration then raises ``SUPERSEDED`` (``streams``).
         """
         tokens, checked = checked_call(dict(options), append_tokens, truncate_to)
+        cut = CallCut()
         stream = GenerateStream(
-            self._stream(tokens, truncate_to, checked, timeout), self.session_id
+            self._stream(tokens, truncate_to, checked, timeout, cut), self.session_id, cut
         )
         self._streams.add(stream)
         return stream
@@ -89,6 +90,7 @@ class Session(SessionCalls):
         truncate_to: int | None,
         options: GenerateOptions,
         timeout: float | None,
+        cut: CallCut,
     ) -> Generator[TokenEvent | Done, None, None]:
         self._settle("generate()")
         offset, truncating = self._offset(truncate_to)
@@ -104,8 +106,9 @@ class Session(SessionCalls):
         failure: SalienceClientError | None = None
         is_done = False
         try:
-            while not is_done:
+            while not is_done and not cut.is_cut:
                 call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+                cut.follow(call)
                 try:
                     for index, event in enumerate(call):
                         if index == 0:
@@ -115,6 +118,8 @@ class Session(SessionCalls):
                             is_done = isinstance(converted, Done)
                             yield converted
                 except grpc.RpcError as rpc_error:
+                    if cut.is_cut:  # closed or superseded mid-read: left
+                        return
                     failure = self._failure(rpc_error)
                 if failure is None and not is_done:
                     failure = no_done()

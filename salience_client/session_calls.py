@@ -67,15 +67,15 @@ class SessionCalls(SessionBase):
         with self._replay_lock:
             if self._replayed_meanwhile(attempts, recovery.replay_length):
                 return
-            cause = error
             while True:
-                try:
-                    self._replay(recovery.replay_length, cause, attempts)
+                try:  # logged as caused by ``error``, not by a failed try before it
+                    self._replay(recovery.replay_length, error, attempts)
                     attempts.replays_seen = self.num_replays
+                    attempts.replay_done()
                     return
                 except SalienceClientError as failed:
-                    cause = failed
-                self._replay_failed(attempts, cause)
+                    failure = failed
+                self._replay_failed(attempts, failure)
                 time.sleep(self._failover.first_retry_wait_s)
 
     def _new_replay_lock(self) -> Any:

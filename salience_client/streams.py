@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from typing import Any
 
 import grpc
 
@@ -35,18 +36,42 @@ def superseded(session_id: str, call: str) -> SalienceClientError:
     )
 
 
+class CallCut:
+    """A stream's gRPC call in flight, which ``cut`` cancels from outside the thread
+    reading it (``close()`` from another thread or a signal handler, a later call on the
+    session): the stream then ends as one its caller left (``Session._stream``)."""
+
+    def __init__(self) -> None:
+        self.call: Any = None
+        self.is_cut = False
+
+    def cut(self) -> None:
+        self.is_cut = True
+        call = self.call
+        if call is not None:
+            call.cancel()
+
+    def follow(self, call: Any) -> None:
+        """``call`` is now the stream's (cancelled at once if the stream was cut)."""
+        self.call = call
+        if self.is_cut:
+            call.cancel()
+
+
 class GenerateStream(Iterator[Event]):
     """``Session.generate``'s events: TokenEvents, then one Done. ``close()`` leaves the
-    call (cancelling it if it has not ended)."""
+    call (cancelling it at once if it has not ended, even mid-read)."""
 
-    def __init__(self, events: Generator[Event, None, None], session_id: str) -> None:
+    def __init__(self, events: Generator[Event, None, None], session_id: str, cut: CallCut) -> None:
         self._events = events
         self._session_id = session_id
-        self._lock = threading.Lock()
+        self._cut = cut
+        self._lock = threading.RLock()
         """Held while an event is read, so that a later call on the session, in another
-        thread, never closes the stream mid-read."""
+        thread, never closes the stream mid-read (re-entrant: a signal handler in the
+        reading thread may close it)."""
         self._superseded_by = ""
-        """The later call that closed this stream, until its next iteration says so."""
+        """The later call that closed or cut this stream, until its next iteration says so."""
         self._is_done = False
         """Its Done was delivered: nothing is left to supersede."""
 
@@ -58,28 +83,49 @@ class GenerateStream(Iterator[Event]):
             if self._superseded_by:
                 call, self._superseded_by = self._superseded_by, ""
                 raise superseded(self._session_id, call)
-            event = next(self._events)
+            try:
+                event = next(self._events)
+            except StopIteration:
+                if self._superseded_by:  # cut mid-read by a later call
+                    call, self._superseded_by = self._superseded_by, ""
+                    raise superseded(self._session_id, call) from None
+                raise
             self._is_done = isinstance(event, Done)
             return event
 
     def close(self) -> None:
-        """Leaves the stream: cancels its call if it has not ended."""
-        with self._lock:
-            self._superseded_by = ""
-            self._events.close()
+        """Leaves the stream: cancels its call if it has not ended. Never waits: a read
+        under way (another thread's, or this thread's from a signal handler) has its call
+        cancelled, and ends the stream."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if inspect.getgeneratorstate(self._events) != inspect.GEN_RUNNING:
+                    self._superseded_by = ""
+                    self._events.close()
+                    return
+            finally:
+                self._lock.release()
+        self._cut.cut()
 
     def supersede(self, call: str) -> None:
-        """Closes the stream for a later ``call`` on its session if it is open and paused
-        between events; one being read in another thread is left to end (the later call
-        waits for the server to end it)."""
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            if inspect.getgeneratorstate(self._events) == inspect.GEN_SUSPENDED:
-                self._superseded_by = "" if self._is_done else call
-                self._events.close()
-        finally:
-            self._lock.release()
+        """Closes the stream for a later ``call`` on its session if it is open. One paused
+        between events is closed; one being read in another thread has its call cut, and
+        the later call waits for that read to end, so that the session holds what the
+        stream delivered before it goes on (it went on, and the stream's late Done then
+        overwrote its length)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if inspect.getgeneratorstate(self._events) == inspect.GEN_SUSPENDED:
+                    self._superseded_by = "" if self._is_done else call
+                    self._events.close()
+                return  # GEN_RUNNING here: this thread reads it (a signal handler)
+            finally:
+                self._lock.release()
+        if not self._is_done:
+            self._superseded_by = call
+        self._cut.cut()
+        with self._lock:  # the read ends promptly: its call is cancelled
+            pass
 
 
 class AsyncGenerateStream(AsyncIterator[Event]):

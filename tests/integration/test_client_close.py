@@ -94,3 +94,66 @@ def test_a_cancelled_fork_or_open_closes_what_the_server_made(fake: RunningFake,
             assert len(closes) == 1 and (closes[0] == parent.routing_key) == (call == "fork")
 
     asyncio.run(scenario())
+
+
+def test_closing_a_stream_mid_read_cancels_its_call_at_once(fake: RunningFake) -> None:
+    """``close()`` from another thread while a read waits on the server waited for the
+    next event (and cancelled nothing); from a signal handler in the reading thread it
+    hung for good. Either now cuts the call: the read ends at once, the stream quietly,
+    and the session holds what was delivered."""
+    import signal
+    import time
+
+    with SalienceClient(fake.target, timeout=10) as client:
+        session = client.open_session()
+        session.prefill([100, 101])
+        for closer in ("thread", "signal"):
+            fake.replica.faults.prefill_delay_s = 3.0  # the next prefill is held
+            stream = session.generate([102], max_tokens=0)
+            start = time.monotonic()
+            if closer == "thread":
+                threading.Timer(0.3, stream.close).start()
+            else:
+                signal.signal(signal.SIGALRM, lambda *_, stream=stream: stream.close())
+                signal.setitimer(signal.ITIMER_REAL, 0.3)
+            try:
+                assert list(stream) == []
+            finally:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            assert time.monotonic() - start < 2.0, closer
+            assert session.length == 2
+        *_, done = session.generate([5], max_tokens=1)  # rewinds what a cut prefill put in
+        assert done.total_tokens == session.length == 4
+
+
+def test_a_later_call_cuts_a_stream_read_in_another_thread_and_waits_for_it(
+    fake: RunningFake,
+) -> None:
+    """The later call waited for the server alone, and went on while the reader still
+    applied the stream's events: its late Done overwrote the later call's length (the
+    next call then met OFFSET_MISMATCH). It cuts the stream's call, waits for the read
+    to end, and goes on; the reader gets SUPERSEDED."""
+    import time
+
+    with SalienceClient(fake.target, timeout=10) as client:
+        session = client.open_session()
+        session.prefill([100, 101])
+        fake.replica.faults.prefill_delay_s = 3.0
+        stream = session.generate([102], max_tokens=0)
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                list(stream)
+            except SalienceClientError as error:
+                failures.append(error)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.3)  # the reader waits on the held prefill
+        start = time.monotonic()
+        *_, done = session.generate([7], max_tokens=1)
+        reader.join(timeout=10)
+        assert time.monotonic() - start < 2.0
+        assert [getattr(f, "reason", f) for f in failures] == ["SUPERSEDED"]
+        assert done.total_tokens == session.length == session.info().length == 4

@@ -104,6 +104,21 @@ def test_replays_are_counted_and_retries_bounded_in_time(monkeypatch: pytest.Mon
     assert caught.value.__cause__ is down
 
 
+def test_a_calls_replays_share_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each try of a replay had a whole timeout of its own: two tries, a failed one
+    then one that went through, took twice the call's timeout and succeeded."""
+    clock = _Clock()
+    monkeypatch.setattr(failover, "time", clock)
+    attempts = Attempts(Failover(), timeout_s=0.5)
+    first = attempts.replay_deadline()
+    clock.now += 0.4  # the first try failed after 0.4 s
+    assert attempts.replay_deadline() == first == 0.5 + clock.now - 0.4
+    attempts.replay_done()  # a later replay of the call (its stream broke again)
+    clock.now += 10.0
+    assert attempts.replay_deadline() == clock.now + 0.5
+    assert Attempts(Failover()).replay_deadline() is None
+
+
 def test_before_anything_streamed_the_call_is_made_again_truncating() -> None:
     progress = StreamProgress(_request(max_tokens=4))
     request, finish_reason = progress.next_request([EOS])
