@@ -103,12 +103,8 @@ def test_a_taken_port_fails_at_once() -> None:
 def test_salience_shim_alone(llama_server: Any, tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Served alone; stopped by a burst of Ctrl-C, which ends it with 0 and no traceback
     (one that came after its event loop closed raised KeyboardInterrupt)."""
-    port = _free_port()
     log = tmp_path / "shim.log"
-    command = [sys.executable, "-m", "salience_server.http", "--target", llama_server.target]
-    command += ["--port", str(port), "--served-model-name", "tiny"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    process, port = _shim_alone(llama_server.target, log, "--served-model-name", "tiny")
     try:
         _wait_for(r"Application startup complete", process, log, 30)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
@@ -172,12 +168,8 @@ def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
     from tests.conftest import start_server
 
     server = start_server(str(long_context_llama_dir), block_size=16, kv_cache_bytes=64 << 20)
-    port = _free_port()
     log = tmp_path / "shim.log"
-    command = [sys.executable, "-m", "salience_server.http", "--target", server.target]
-    command += ["--port", str(port), "--grace-s", "0.5"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    process, port = _shim_alone(server.target, log, "--grace-s", "0.5")
     try:
         _wait_for(r"Application startup complete", process, log, 30)
         base = f"http://127.0.0.1:{port}"
@@ -200,6 +192,16 @@ def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
         server.stop()
     _assert_ended_unavailable(replies)
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def _shim_alone(target: str, log: Path, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
+    """``salience-shim`` for ``target`` on a free port, writing to ``log``."""
+    port = _free_port()
+    command = [sys.executable, "-m", "salience_server.http", "--target", target]
+    command += ["--port", str(port), *flags]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    return process, port
 
 
 def _ask_without_end(
