@@ -177,7 +177,10 @@ def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
         assert httpx.post(f"{base}/v1/completions", json=done, timeout=60).status_code == 200
         threads, replies, streaming = _ask_without_end(base, long_context_llama_dir.name)
         assert streaming.wait(60), "the stream sent nothing within 60 s"
-        time.sleep(0.5)  # the plain request runs too
+        deadline = time.monotonic() + 60
+        while len(server.engine.scheduler.running) < 2:  # the plain request runs too
+            assert time.monotonic() < deadline, "the two requests did not both run within 60 s"
+            time.sleep(0.05)
         stopped = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
