@@ -72,6 +72,7 @@ class ShimServer:
             raise OSError(f"cannot listen on {config.host}:{config.port}: {error}") from error
         self.host = config.host
         self._grace_s = config.grace_s
+        self._is_ending_calls = False
         self.port: int = self.socket.getsockname()[1]
         self._task: asyncio.Task[None] | None = None
         self._app = create_app(config, metrics_registry)
@@ -89,7 +90,10 @@ class ShimServer:
         try:
             await self.server.serve(sockets=[self.socket])
         finally:
-            ending.cancel()
+            if self._is_ending_calls:  # uvicorn is done once the calls it ends are
+                await ending  # the pool's sessions are still being closed
+            else:
+                ending.cancel()
             self.socket.close()
 
     async def _end_calls_after_grace(self) -> None:
@@ -100,6 +104,7 @@ class ShimServer:
         while not self.server.should_exit:
             await asyncio.sleep(STOP_POLL_S)
         await asyncio.sleep(self._grace_s)
+        self._is_ending_calls = True
         backend = getattr(self._app.state, "backend", None)
         if backend is not None:  # None: stopped before it started
             await backend.end_calls()
