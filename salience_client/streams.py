@@ -80,18 +80,17 @@ class GenerateStream(Iterator[Event]):
 
     def __next__(self) -> Event:
         with self._lock:
-            if self._superseded_by:
-                call, self._superseded_by = self._superseded_by, ""
-                raise superseded(self._session_id, call)
-            try:
-                event = next(self._events)
-            except StopIteration:
-                if self._superseded_by:  # cut mid-read by a later call
-                    call, self._superseded_by = self._superseded_by, ""
-                    raise superseded(self._session_id, call) from None
-                raise
-            self._is_done = isinstance(event, Done)
-            return event
+            if not self._superseded_by:
+                try:
+                    event = next(self._events)
+                except StopIteration:
+                    if not self._superseded_by:  # else cut mid-read by a later call
+                        raise
+                else:
+                    self._is_done = isinstance(event, Done)
+                    return event
+            call, self._superseded_by = self._superseded_by, ""
+            raise superseded(self._session_id, call)
 
     def close(self) -> None:
         """Leaves the stream: cancels its call if it has not ended. Never waits: a read

@@ -117,8 +117,7 @@ class Intake:
         session.token_ids.extend(params.append_tokens)
         session.touch()
         detokenizer = None
-        prompt_end = params.offset + len(params.append_tokens)
-        decode_start = prompt_end if params.decode_start is None else params.decode_start
+        prompt_end, decode_start = params.prompt_end, params.decoding_from
         # A resumed stream's stop strings read its tokens since the break's call began
         # decoding again: as many as the longest stop string may span, the rest could not
         # hold what they match.

@@ -91,6 +91,16 @@ class GenerateParams:
     """A resumed stream's: where the broken call began decoding (the tokens since count
     as this call's for the penalties and the stop strings); None: the prompt's end."""
 
+    @property
+    def prompt_end(self) -> int:
+        """The session's length once the append is in."""
+        return self.offset + len(self.append_tokens)
+
+    @property
+    def decoding_from(self) -> int:
+        """Where this call's decoded tokens begin: ``decode_start``, else the prompt's end."""
+        return self.prompt_end if self.decode_start is None else self.decode_start
+
 
 class FinishReason(enum.Enum):
     STOP = "stop"
@@ -168,8 +178,8 @@ class Request:
         self.params = params
         self.session = session
         self.sink = sink
-        self.prompt_len = params.offset + len(params.append_tokens)
-        self.decode_start = self.prompt_len if params.decode_start is None else params.decode_start
+        self.prompt_len = params.prompt_end
+        self.decode_start = params.decoding_from
         """Where this call's decoded tokens begin, for the penalties and the stop strings
         (before the prompt's end where the call resumes a broken stream)."""
         eos = set() if params.ignore_eos else eos_token_ids

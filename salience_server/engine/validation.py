@@ -155,15 +155,14 @@ def check_generate(
         )
     check_token_ids(params.append_tokens, vocab_size, "append_tokens")
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
-    prompt_end = params.offset + len(params.append_tokens)
-    if params.decode_start is not None and params.decode_start > prompt_end:
+    if params.decoding_from > params.prompt_end:
         raise invalid(
             "INVALID_RANGE",
-            f"decode_start {params.decode_start} is past the prompt's end at {prompt_end}",
+            f"decode_start {params.decode_start} is past the prompt's end at {params.prompt_end}",
         )
     check_sampling(params.sampling, vocab_size)
     check_limits(params, limits)
-    new_length = params.offset + len(params.append_tokens)
+    new_length = params.prompt_end
     if new_length > session.max_context:
         raise invalid(
             "CONTEXT_EXCEEDED",
