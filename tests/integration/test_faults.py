@@ -126,11 +126,14 @@ def test_fifty_cancelled_streams_leave_nothing_behind(
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
-def test_overload_past_the_queue_is_refused_within_100_ms(tiny_llama_dir, server_factory) -> None:
+def test_overload_past_the_queue_is_refused_within_100_ms(
+    tiny_llama_dir, server_factory, caplog
+) -> None:
     """One runs, two wait: a fourth call is refused QUEUE_FULL within 100 ms. The engine
     is held inside the running call's step throughout, so the queue stays full (the
     running call ended at the context's end in half a second, letting a waiting one in
-    and the fourth wait in the queue), and refusing never waits on a step."""
+    and the fourth wait in the queue), and refusing never waits on a step. The refusal
+    reaches the server's log (only the metrics counted it)."""
     server = server_factory(
         tiny_llama_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, max_running=1, max_queue=2
     )
@@ -159,7 +162,7 @@ def test_overload_past_the_queue_is_refused_within_100_ms(tiny_llama_dir, server
                 time.sleep(0.001)
             session_id = open_session(stub)
             start = time.monotonic()
-            with pytest.raises(grpc.RpcError) as caught:
+            with pytest.raises(grpc.RpcError) as caught, caplog.at_level("WARNING", "salience.rpc"):
                 generate(stub, session_id, append_tokens=[1], max_tokens=3)
             refused_s = time.monotonic() - start
     finally:
@@ -169,6 +172,7 @@ def test_overload_past_the_queue_is_refused_within_100_ms(tiny_llama_dir, server
     assert refused_s < 0.1
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_reason(caught.value) == "QUEUE_FULL"
+    assert any("refused a call, QUEUE_FULL" in r.getMessage() for r in caplog.records)
 
 
 def _rss_bytes() -> int:
