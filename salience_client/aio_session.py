@@ -13,7 +13,7 @@ import grpc
 
 from salience_client.aio_session_calls import AsyncSessionCalls
 from salience_client.closing import CLIENT_CLOSED, closed_client_calls
-from salience_client.failover import Attempts
+from salience_client.failover import Attempts, time_left_s
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -27,7 +27,12 @@ from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S
 from salience_client.stream_progress import StreamProgress
-from salience_client.streams import AsyncGenerateStream
+from salience_client.streams import (
+    STILL_RUNNING,
+    AsyncGenerateStream,
+    settle_timed_out,
+    settle_wait_s,
+)
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 from salience_client.unary import close_in_background
 
@@ -79,7 +84,8 @@ class AsyncSession(AsyncSessionCalls):
         options: GenerateOptions,
         timeout: float | None,
     ) -> AsyncGenerator[TokenEvent | Done, None]:
-        await self._settle("generate()")
+        deadline = await self._settle("generate()", timeout)
+        call_timeout = timeout if timeout is None else time_left_s(deadline)  # what is left
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         progress = StreamProgress(request)
@@ -90,12 +96,14 @@ class AsyncSession(AsyncSessionCalls):
         failure: SalienceClientError | None = None
         is_done = False
         self._num_live_streams += 1
+        self._no_live_streams.clear()
         try:
             manifest = self._manifest
             if request.readout_ranges and manifest is None:
                 manifest = self._set_manifest(await self._model_info())
             while not is_done:
-                call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+                call = self._stub.Generate(request, timeout=call_timeout, metadata=self._metadata)
+                call_timeout = timeout  # a resuming call has it again
                 try:
                     is_first = True
                     with closed_client_calls(self._stub):
@@ -117,6 +125,8 @@ class AsyncSession(AsyncSessionCalls):
                     failure = None
         finally:
             self._num_live_streams -= 1
+            if not self._num_live_streams:
+                self._no_live_streams.set()
             if not is_done:
                 if call is not None:
                     call.cancel()
@@ -135,24 +145,37 @@ class AsyncSession(AsyncSessionCalls):
         eos_token_ids = await self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    async def _settle(self, call: str) -> None:
+    async def _settle(self, call: str, timeout: float | None = None) -> float | None:
         """As ``Session._settle`` (``break`` does not close an async generator: the event
         loop finalizes it later)."""
-        for stream in list(self._streams):  # the running one is this call's own
-            await stream.supersede(call)
+        timeout_s = self._timeout if timeout is None else timeout
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        await self._supersede(call)
         # A stream no one refers to any more (a ``break`` out of ``async for`` over
         # ``generate()`` itself) left the weak set, and the event loop closes it in a
         # task of its own: the next call, made at once, found the server still busy.
-        deadline = time.monotonic() + FINALIZE_WAIT_S
-        while self._num_live_streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.001)
+        # (So does a stream another task still reads, which is left to end.)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settle_wait_s(deadline, FINALIZE_WAIT_S)):
+                await self._no_live_streams.wait()
         if self._abandoned:
-            with contextlib.suppress(SalienceClientError):  # the call itself will say
-                await self._idle_info(SETTLE_WAIT_S, recovers=False)
+            try:
+                wait_s = settle_wait_s(deadline, SETTLE_WAIT_S)
+                info = await self._idle_info(wait_s, recovers=False)
+            except SalienceClientError:
+                return deadline  # the call itself will say
+            if info.is_busy and time_left_s(deadline) == 0:
+                raise settle_timed_out(self.session_id, call, timeout_s, STILL_RUNNING)
+        return deadline
+
+    async def _supersede(self, call: str) -> None:
+        for stream in list(self._streams):  # the running one is this call's own
+            await stream.supersede(call)
 
     async def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
         """As ``Session.sync`` (the session then cannot be re-created past its
         ``history``, as the tokens kept are unknown to this client)."""
+        await self._supersede("sync()")
         info = await self._idle_info(wait_s)
         self._kept(info.length)
         return info
@@ -295,10 +318,13 @@ class AsyncSession(AsyncSessionCalls):
         return SessionInfo.from_pb(response.session)
 
     async def close(self) -> None:
-        """Frees the session on the server; closing twice, or an expired one, is fine."""
+        """Frees the session on the server; closing twice, or an expired one, is fine. As
+        ``Session.close``, it supersedes a stream of the session left open (one another
+        task reads ends with the server's answer to the close)."""
         if self.is_closed:
             return
         self.is_closed = True
+        await self._supersede("close()")
         request = pb.CloseSessionRequest(session_id=self.session_id)
         try:
             await self._unary(self._stub.CloseSession, request)

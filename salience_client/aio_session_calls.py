@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from salience_client import replay
 from salience_client.closing import closed_client_calls
-from salience_client.failover import Attempts, is_busy, time_left_s
+from salience_client.failover import Attempts, is_busy, replay_outwaited, time_left_s
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -22,6 +24,13 @@ class AsyncSessionCalls(SessionBase):
     """The calls of an ``AsyncSession``; it adds the public methods."""
 
     _stub: salience_pb2_grpc.SalienceStub
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._no_live_streams = asyncio.Event()
+        """Set while no ``generate()`` call of the session is under way
+        (``_num_live_streams`` is 0)."""
+        self._no_live_streams.set()
 
     async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         """As ``SessionCalls._unary``."""
@@ -51,14 +60,14 @@ class AsyncSessionCalls(SessionBase):
     ) -> None:
         """As ``SessionCalls._recover``."""
         if self._replay_under_way(error, attempts):
-            async with self._replay_lock:  # until it is done
+            async with self._replay_turn(attempts, error):  # until it is done
                 if self._replayed_meanwhile(attempts, replay_length) or is_busy(error):
                     return
         recovery = self._recovery(error, attempts, replay_length)
         if recovery.replay_length is None:
             await asyncio.sleep(recovery.wait_s)
             return
-        async with self._replay_lock:
+        async with self._replay_turn(attempts, error):
             if self._replayed_meanwhile(attempts, recovery.replay_length):
                 return
             while True:
@@ -74,6 +83,21 @@ class AsyncSessionCalls(SessionBase):
 
     def _new_replay_lock(self) -> Any:
         return asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def _replay_turn(
+        self, attempts: Attempts, error: SalienceClientError
+    ) -> AsyncIterator[None]:
+        """As ``SessionCalls._replay_turn``."""
+        try:
+            async with asyncio.timeout(time_left_s(attempts.replay_deadline())):
+                await self._replay_lock.acquire()
+        except TimeoutError:
+            raise replay_outwaited(self.session_id, error, attempts.timeout_s) from None
+        try:
+            yield
+        finally:
+            self._replay_lock.release()
 
     async def _replay(self, length: int, cause: SalienceClientError, attempts: Attempts) -> None:
         """As ``SessionCalls._replay``."""

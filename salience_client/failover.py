@@ -225,6 +225,19 @@ def replay_timed_out(
     )
 
 
+def replay_outwaited(
+    session_id: str, error: SalienceClientError, timeout_s: float | None
+) -> SalienceClientError:
+    """The error of a call whose timeout ended while it waited for another call's
+    re-creation of the session (``error``: what the call met)."""
+    return SalienceClientError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.DEADLINE_EXCEEDED.name,
+        f"session {session_id!r} ({error.reason}) is being re-created by another call, "
+        f"which did not end within this call's timeout of {timeout_s or 0:g} s",
+    )
+
+
 class Attempts:
     """The recovery budget of one call: replays tried, and retries within a time budget."""
 

@@ -15,7 +15,7 @@ from typing import Unpack
 import grpc
 
 from salience_client.closing import CLIENT_CLOSED
-from salience_client.failover import Attempts
+from salience_client.failover import Attempts, time_left_s
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -30,7 +30,14 @@ from salience_client.pb import salience_pb2_grpc
 from salience_client.session_base import SETTLE_WAIT_S
 from salience_client.session_calls import SessionCalls
 from salience_client.stream_progress import StreamProgress
-from salience_client.streams import CallCut, GenerateStream
+from salience_client.streams import (
+    STILL_READ,
+    STILL_RUNNING,
+    CallCut,
+    GenerateStream,
+    settle_timed_out,
+    settle_wait_s,
+)
 from salience_client.types import Done, SalienceClientError, SessionInfo, TokenEvent
 
 
@@ -92,7 +99,8 @@ class Session(SessionCalls):
         timeout: float | None,
         cut: CallCut,
     ) -> Generator[TokenEvent | Done, None, None]:
-        self._settle("generate()")
+        deadline = self._settle("generate()", timeout)
+        call_timeout = timeout if timeout is None else time_left_s(deadline)  # what is left
         offset, truncating = self._offset(truncate_to)
         request = generate_request(self.session_id, append_tokens, offset, truncating, options)
         manifest = self._manifest
@@ -107,7 +115,8 @@ class Session(SessionCalls):
         is_done = False
         try:
             while not is_done and not cut.is_cut:
-                call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+                call = self._stub.Generate(request, timeout=call_timeout, metadata=self._metadata)
+                call_timeout = timeout  # a resuming call has it again
                 cut.follow(call)
                 try:
                     for index, event in enumerate(call):
@@ -147,15 +156,32 @@ class Session(SessionCalls):
         eos_token_ids = self._eos_ids() if progress.needs_eos_ids() else []
         return progress.next_request(eos_token_ids)
 
-    def _settle(self, call: str) -> None:
+    def _settle(self, call: str, timeout: float | None = None) -> float | None:
         """Before ``call``: closes a stream left open, which it supersedes (the session
         holds what that delivered), then, after a call its caller left, waits while the
-        server still runs that one (the call then rewinds the session to ``length``)."""
-        for stream in list(self._streams):  # the running one is this call's own
-            stream.supersede(call)
+        server still runs that one (the call then rewinds the session to ``length``).
+        It waits within the call's ``timeout`` (the client's when None), DEADLINE_EXCEEDED
+        after, and returns when that ends (``time.monotonic()``; None for none)."""
+        timeout_s = self._timeout if timeout is None else timeout
+        deadline = self._supersede(call, timeout_s)
         if self._abandoned:
-            with contextlib.suppress(SalienceClientError):  # the call itself will say
-                self._idle_info(SETTLE_WAIT_S, recovers=False)
+            try:
+                info = self._idle_info(settle_wait_s(deadline, SETTLE_WAIT_S), recovers=False)
+            except SalienceClientError:
+                return deadline  # the call itself will say
+            if info.is_busy and time_left_s(deadline) == 0:
+                raise settle_timed_out(self.session_id, call, timeout_s, STILL_RUNNING)
+        return deadline
+
+    def _supersede(self, call: str, timeout_s: float | None) -> float | None:
+        """Closes the streams ``call`` supersedes, waiting ``timeout_s`` at most (None: no
+        bound) for one that another thread reads (DEADLINE_EXCEEDED after); the call's
+        deadline (``time.monotonic()``), None for none."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for stream in list(self._streams):  # the running one is this call's own
+            if not stream.supersede(call, time_left_s(deadline)):
+                raise settle_timed_out(self.session_id, call, timeout_s, STILL_READ)
+        return deadline
 
     def sync(self, wait_s: float = SETTLE_WAIT_S) -> SessionInfo:
         """Takes the server's length as this session's, waiting up to ``wait_s`` while it
@@ -166,7 +192,10 @@ class Session(SessionCalls):
         its ``history`` stops before them: should the session be lost (its replica gone,
         its TTL passed), it cannot be re-created, and a call that needs them fails
         SESSION_LOST saying so. A call that rewinds the session to within its history
-        (``truncate_to`` at most ``history.length``) still re-creates it."""
+        (``truncate_to`` at most ``history.length``) still re-creates it.
+
+        A stream of the session still open is superseded first, as by any later call."""
+        self._supersede("sync()", self._timeout)
         info = self._idle_info(wait_s)
         self._kept(info.length)
         return info
@@ -292,10 +321,14 @@ class Session(SessionCalls):
         return SessionInfo.from_pb(self._call(self._stub.GetSession, request, self.length).session)
 
     def close(self) -> None:
-        """Frees the session on the server; closing twice, or an expired one, is fine."""
+        """Frees the session on the server; closing twice, or an expired one, is fine. A
+        stream of the session still open is superseded, without waiting for a read under
+        way in another thread (its call is cancelled)."""
         if self.is_closed:
             return
         self.is_closed = True
+        for stream in list(self._streams):
+            stream.supersede("close()", 0)
         request = pb.CloseSessionRequest(session_id=self.session_id)
         try:
             self._unary(self._stub.CloseSession, request)

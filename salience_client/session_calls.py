@@ -4,14 +4,16 @@ the replay that re-creates a lost session from its history."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
 from salience_client import replay
-from salience_client.failover import Attempts, is_busy, time_left_s
+from salience_client.failover import Attempts, is_busy, replay_outwaited, time_left_s
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -57,14 +59,14 @@ class SessionCalls(SessionBase):
         """Does what ``_recovery`` decides: waits, or re-creates the session (trying again
         until the replays are spent); raises when nothing can be done."""
         if self._replay_under_way(error, attempts):
-            with self._replay_lock:  # until it is done
+            with self._replay_turn(attempts, error):  # until it is done
                 if self._replayed_meanwhile(attempts, replay_length) or is_busy(error):
                     return
         recovery = self._recovery(error, attempts, replay_length)
         if recovery.replay_length is None:
             time.sleep(recovery.wait_s)
             return
-        with self._replay_lock:
+        with self._replay_turn(attempts, error):
             if self._replayed_meanwhile(attempts, recovery.replay_length):
                 return
             while True:
@@ -80,6 +82,18 @@ class SessionCalls(SessionBase):
 
     def _new_replay_lock(self) -> Any:
         return threading.Lock()
+
+    @contextlib.contextmanager
+    def _replay_turn(self, attempts: Attempts, error: SalienceClientError) -> Iterator[None]:
+        """Holds the replay lock, waiting for another call's replay within this call's
+        timeout (DEADLINE_EXCEEDED after: it waited however long that one took)."""
+        wait_s = time_left_s(attempts.replay_deadline())
+        if not self._replay_lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise replay_outwaited(self.session_id, error, attempts.timeout_s)
+        try:
+            yield
+        finally:
+            self._replay_lock.release()
 
     def _replay(self, length: int, cause: SalienceClientError, attempts: Attempts) -> None:
         """Re-creates the session under its id on whichever replica now serves it, holding

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import Any
 
@@ -23,6 +24,29 @@ from salience_client.types import Done, SalienceClientError, TokenEvent
 SUPERSEDED = "SUPERSEDED"
 
 Event = TokenEvent | Done
+
+
+def settle_wait_s(deadline: float | None, most_s: float) -> float:
+    """How long a call may wait before it starts for what came before it to end: at most
+    ``most_s``, and no later than its ``deadline`` (``time.monotonic()``; None: none)."""
+    return most_s if deadline is None else max(0.0, min(most_s, deadline - time.monotonic()))
+
+
+STILL_READ = "another thread still reads the stream it supersedes (re-creating the session)"
+STILL_RUNNING = "the server still runs the call its caller left before it"
+
+
+def settle_timed_out(
+    session_id: str, call: str, timeout_s: float | None, cause: str
+) -> SalienceClientError:
+    """The error of a call whose timeout ended before it could start, for ``cause``
+    (``STILL_READ``, ``STILL_RUNNING``)."""
+    return SalienceClientError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.DEADLINE_EXCEEDED.name,
+        f"{call} on session {session_id!r} did not start within its timeout of "
+        f"{timeout_s or 0:g} s: {cause}",
+    )
 
 
 def superseded(session_id: str, call: str) -> SalienceClientError:
@@ -106,25 +130,29 @@ class GenerateStream(Iterator[Event]):
                 self._lock.release()
         self._cut.cut()
 
-    def supersede(self, call: str) -> None:
+    def supersede(self, call: str, wait_s: float | None = None) -> bool:
         """Closes the stream for a later ``call`` on its session if it is open. One paused
         between events is closed; one being read in another thread has its call cut, and
         the later call waits for that read to end, so that the session holds what the
         stream delivered before it goes on (it went on, and the stream's late Done then
-        overwrote its length)."""
+        overwrote its length). The read ends promptly, its call cancelled, unless it is
+        re-creating the session; False when it has not ended within ``wait_s`` (None:
+        no bound; 0: the later call does not wait, as ``close()``)."""
         if self._lock.acquire(blocking=False):
             try:
                 if inspect.getgeneratorstate(self._events) == inspect.GEN_SUSPENDED:
                     self._superseded_by = "" if self._is_done else call
                     self._events.close()
-                return  # GEN_RUNNING here: this thread reads it (a signal handler)
+                return True  # GEN_RUNNING here: this thread reads it (a signal handler)
             finally:
                 self._lock.release()
         if not self._is_done:
             self._superseded_by = call
         self._cut.cut()
-        with self._lock:  # the read ends promptly: its call is cancelled
-            pass
+        if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            return False
+        self._lock.release()
+        return True
 
 
 class AsyncGenerateStream(AsyncIterator[Event]):

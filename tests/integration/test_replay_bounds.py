@@ -221,3 +221,94 @@ def test_a_replay_ends_within_the_timeout_of_the_call_that_needs_it(
     lost_call.released.set()
     thread.join(WAIT_S)
     _assert_same(*lost_call.turns)
+
+
+@pytest.mark.parametrize(
+    ("is_async", "replaying_call"),
+    [(False, "info"), (False, "generate"), (True, "info")],
+    ids=["sync", "sync-stream", "async"],
+)
+def test_a_call_waiting_for_another_calls_replay_ends_within_its_timeout(
+    tiny_llama_dir: Any, server_factory: Any, is_async: bool, replaying_call: str
+) -> None:
+    """A call that finds its session being re-created by another call of the session
+    (``info()``, whose replay's prefill waits behind the background call) waits for that
+    replay within its own timeout, then fails DEADLINE_EXCEEDED (it waited as long as
+    the replay took, here until the background call let it run). The replay then goes
+    through, and the next call goes on from it. So with a stream read in another thread
+    that replays (``generate``): the later call supersedes it, and waits for its read
+    within its timeout."""
+    server, background_id = _busy_server(server_factory, tiny_llama_dir)
+    scheduler = server.engine.scheduler
+
+    def replay_waits(session_id: str) -> bool:
+        return any(r.session.session_id == session_id for _, r in scheduler.waiting)
+
+    def check(error: SalienceClientError, elapsed_s: float) -> None:
+        assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED, error
+        if replaying_call == "info":
+            assert "is being re-created by another call" in error.message
+        else:
+            assert "another thread still reads the stream it supersedes" in error.message
+        assert 0.5 <= elapsed_s < 3.5, elapsed_s
+
+    def replay(session: Session, ended: list[Any]) -> None:
+        try:
+            if replaying_call == "info":
+                ended.append(session.info())
+            else:
+                list(session.generate([7], max_tokens=1))
+        except SalienceClientError as error:
+            ended.append(error)
+
+    def run_sync() -> None:
+        with SalienceClient(server.target, timeout=30) as client:
+            lost = client.open_session()
+            lost.prefill(PROMPT)
+            server.stub.CloseSession(pb.CloseSessionRequest(session_id=lost.session_id))
+            infos: list[Any] = []
+            with engine_held_in_a_step(server.engine) as in_step:
+                background = _background_call(server, background_id)
+                assert in_step.wait(WAIT_S)
+                replayer = threading.Thread(target=replay, args=(lost, infos))
+                replayer.start()
+                assert _wait_until(lambda: replay_waits(lost.session_id))
+                start = time.monotonic()
+                with pytest.raises(SalienceClientError) as caught:
+                    lost.prefill([5], timeout=0.5)
+                check(caught.value, time.monotonic() - start)
+            list(background)
+            replayer.join(WAIT_S)
+            if replaying_call == "info":
+                assert [info.length for info in infos] == [len(PROMPT)]
+            else:  # superseded once its replay went through; it sent nothing after
+                assert [error.reason for error in infos] == ["SUPERSEDED"]
+            done = lost.prefill([5])
+            assert done.total_tokens == lost.length == lost.info().length == len(PROMPT) + 1
+            assert lost.num_replays == 1
+
+    async def run_async() -> None:
+        async with AsyncSalienceClient(server.target, timeout=30) as client:
+            lost = await client.open_session()
+            await lost.prefill(PROMPT)
+            server.stub.CloseSession(pb.CloseSessionRequest(session_id=lost.session_id))
+            with engine_held_in_a_step(server.engine) as in_step:
+                background = _background_call(server, background_id)
+                assert await asyncio.to_thread(in_step.wait, WAIT_S)
+                replayer = asyncio.create_task(lost.info())
+                assert await asyncio.to_thread(_wait_until, lambda: replay_waits(lost.session_id))
+                start = time.monotonic()
+                with pytest.raises(SalienceClientError) as caught:
+                    await lost.prefill([5], timeout=0.5)
+                check(caught.value, time.monotonic() - start)
+            await asyncio.to_thread(list, background)
+            assert (await replayer).length == len(PROMPT)
+            done = await lost.prefill([5])
+            info = await lost.info()
+            assert done.total_tokens == lost.length == info.length == len(PROMPT) + 1
+            assert lost.num_replays == 1
+
+    if is_async:
+        asyncio.run(run_async())
+    else:
+        run_sync()
