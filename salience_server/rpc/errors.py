@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -50,19 +51,31 @@ log = logging.getLogger("salience.rpc")
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 
+def _call_later(delay_s: float, callback: Callable[[], None]) -> None:
+    """Runs ``callback`` on the running event loop after ``delay_s`` (none outside one)."""
+    try:
+        asyncio.get_running_loop().call_later(delay_s, callback)
+    except RuntimeError:
+        pass
+
+
 class RefusalLog:
     """Calls refused for room (RESOURCE_EXHAUSTED: a full queue, too many sessions, a slow
     reader) as warnings, each reason at most once per interval with how many came since
     it was last logged: an operator sees them in the log (only the metrics counted them),
-    and an overload's thousands do not flood it."""
+    and an overload's thousands do not flood it. Those held back are counted in a line of
+    their own once the interval ends, should no refusal come then to carry the count (a
+    burst's tail was never logged)."""
 
     def __init__(
         self,
         interval_s: float = REFUSAL_LOG_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        call_later: Callable[[float, Callable[[], None]], None] = _call_later,
     ) -> None:
         self.interval_s = interval_s
         self._clock = clock
+        self._call_later = call_later
         self._last: dict[str, tuple[float, int]] = {}
         """By reason: when it was last logged, and how many came since."""
 
@@ -70,13 +83,24 @@ class RefusalLog:
         if error.code != Code.RESOURCE_EXHAUSTED:
             return
         now = self._clock()
-        logged_at, unlogged = self._last.get(error.reason, (-math.inf, 0))
+        reason = error.reason
+        logged_at, unlogged = self._last.get(reason, (-math.inf, 0))
         if now - logged_at < self.interval_s:
-            self._last[error.reason] = (logged_at, unlogged + 1)
+            self._last[reason] = (logged_at, unlogged + 1)
+            if not unlogged:  # the first held back: its count is logged at the latest then
+                self._call_later(logged_at + self.interval_s - now, lambda: self._tail(reason))
             return
-        self._last[error.reason] = (now, 0)
+        self._last[reason] = (now, 0)
         since = f" ({unlogged} more since the last)" if unlogged else ""
-        log.warning("refused a call, %s%s: %s", error.reason, since, error.message)
+        log.warning("refused a call, %s%s: %s", reason, since, error.message)
+
+    def _tail(self, reason: str) -> None:
+        """The interval after ``reason`` was last logged has ended: the refusals held back
+        since, unless one that came since logged them."""
+        logged_at, unlogged = self._last[reason]
+        if unlogged and self._clock() - logged_at >= self.interval_s:
+            self._last[reason] = (self._clock(), 0)
+            log.warning("refused %d more calls, %s, since the last", unlogged, reason)
 
 
 async def abort(context: grpc.aio.ServicerContext, error: SalienceError) -> None:

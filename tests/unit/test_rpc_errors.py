@@ -1,6 +1,8 @@
 """The status an engine error becomes stays within gRPC's metadata limits; the client's
 reading of a status no server sent; refusals for room reach the log, boundedly."""
 
+from typing import Any
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -77,18 +79,64 @@ def test_refusals_for_room_are_logged_once_per_interval_with_a_count(
 ) -> None:
     """QUEUE_FULL, TOO_MANY_SESSIONS, SLOW_READER reached no log (metrics alone counted
     them); under overload they come by the thousand, so each reason is logged at most
-    once per interval, saying how many came since. Other errors are the caller's."""
+    once per interval, saying how many came since. Those held back are logged once the
+    interval ends (a burst's tail was never logged), unless a refusal then logs them.
+    Other errors are the caller's. A fake clock and timer stand for the event loop's."""
     now = [0.0]
-    refusals = RefusalLog(interval_s=10.0, clock=lambda: now[0])
+    timers: list[tuple[float, Any]] = []
+
+    def advance(to: float) -> None:
+        while due := sorted((t for t in timers if t[0] <= to), key=lambda t: t[0]):
+            timers.remove(due[0])
+            now[0] = due[0][0]
+            due[0][1]()
+        now[0] = to
+
+    refusals = RefusalLog(
+        interval_s=10.0,
+        clock=lambda: now[0],
+        call_later=lambda delay, callback: timers.append((now[0] + delay, callback)),
+    )
     full = SalienceError(Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "the queue holds 256 calls")
     with caplog.at_level("WARNING", logger="salience.rpc"):
         for at in (0.0, 1.0, 2.0, 9.9, 10.5, 11.0):
-            now[0] = at
+            advance(at)
             refusals.note(full)
         refusals.note(SalienceError(Code.RESOURCE_EXHAUSTED, "SLOW_READER", "unread"))
         refusals.note(invalid("INVALID_TOKEN", "bad"))
+        advance(35.0)  # the burst is over
+        refusals.note(full)  # a refusal long after: logged at once, with no count
+        advance(50.0)
     assert [r.getMessage() for r in caplog.records] == [
         "refused a call, QUEUE_FULL: the queue holds 256 calls",
-        "refused a call, QUEUE_FULL (3 more since the last): the queue holds 256 calls",
+        "refused 3 more calls, QUEUE_FULL, since the last",  # at 10.0
         "refused a call, SLOW_READER: unread",
+        "refused 2 more calls, QUEUE_FULL, since the last",  # at 20.0
+        "refused a call, QUEUE_FULL: the queue holds 256 calls",
+    ]
+    assert not timers
+
+
+def test_a_refusal_after_its_interval_carries_the_count_before_the_timer_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A timer that fires late (a busy loop) finds the count already logged: once."""
+    now = [0.0]
+    timers: list[Any] = []
+    refusals = RefusalLog(
+        interval_s=10.0,
+        clock=lambda: now[0],
+        call_later=lambda _, callback: timers.append(callback),
+    )
+    full = SalienceError(Code.RESOURCE_EXHAUSTED, "QUEUE_FULL", "full")
+    with caplog.at_level("WARNING", logger="salience.rpc"):
+        for at in (0.0, 5.0, 12.0):
+            now[0] = at
+            refusals.note(full)
+        now[0] = 12.5
+        for callback in timers:
+            callback()
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused a call, QUEUE_FULL: full",
+        "refused a call, QUEUE_FULL (1 more since the last): full",
     ]
