@@ -88,9 +88,10 @@ def image_memory_victim(
     entries: Sequence[PooledSession], kept: PooledSession
 ) -> PooledSession | None:
     """The idle session (other than ``kept``) to close for the server's host memory its
-    images' embeddings take, or None. The server holds an image while any session holds
-    it (forks share it), so a session holding an image no other session holds goes
-    first, the least recently used first."""
+    images' embeddings take, or None. The server holds an image while any session of its
+    family of forks holds it (forks share it; the same bytes in another family are
+    another embedding), so a session holding an image no other session holds goes first,
+    the least recently used first."""
     holding = collections.Counter(marker for entry in entries for marker in _image_markers(entry))
     holders = [
         entry
@@ -107,6 +108,8 @@ def image_memory_victim(
     return min(holders, key=lambda entry: (frees_nothing(entry), entry.last_used), default=None)
 
 
-def _image_markers(entry: PooledSession) -> set[int]:
-    """The images a session holds, by their markers (negative ids)."""
-    return {token_id for token_id in entry.token_ids if token_id < 0}
+def _image_markers(entry: PooledSession) -> set[tuple[str, int]]:
+    """The images a session holds, by its family (its routing key, the root's id) and
+    their markers (negative ids)."""
+    family = entry.session.routing_key
+    return {(family, token_id) for token_id in entry.token_ids if token_id < 0}
