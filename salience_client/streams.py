@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from typing import Any
 
 import grpc
@@ -82,7 +82,7 @@ class CallCut:
             call.cancel()
 
 
-class GenerateStream(Iterator[Event]):
+class GenerateStream(Generator[Event, None, None]):
     """``Session.generate``'s events: TokenEvents, then one Done. ``close()`` leaves the
     call (cancelling it at once if it has not ended, even mid-read)."""
 
@@ -115,6 +115,20 @@ class GenerateStream(Iterator[Event]):
                     return event
             call, self._superseded_by = self._superseded_by, ""
             raise superseded(self._session_id, call)
+
+    def send(self, value: None) -> Event:
+        """As a generator's: ``send(None)`` is ``next()`` (a stream takes no values)."""
+        if value is not None:
+            raise TypeError("a GenerateStream takes no values: send None")
+        return self.__next__()
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Event:
+        """As a generator's: raises the exception where the stream is paused, which leaves
+        its call (cancelled, as ``close()``), and it propagates."""
+        with self._lock:
+            if val is None and tb is None:
+                return self._events.throw(typ)
+            return self._events.throw(typ, val, tb)
 
     def close(self) -> None:
         """Leaves the stream: cancels its call if it has not ended. Never waits: a read
@@ -155,7 +169,7 @@ class GenerateStream(Iterator[Event]):
         return True
 
 
-class AsyncGenerateStream(AsyncIterator[Event]):
+class AsyncGenerateStream(AsyncGenerator[Event, None]):
     """``AsyncSession.generate``'s events: TokenEvents, then one Done. ``aclose()``
     leaves the call (cancelling it if it has not ended)."""
 
@@ -189,6 +203,20 @@ class AsyncGenerateStream(AsyncIterator[Event]):
             self._is_reading = False
         self._is_done = isinstance(event, Done)
         return event
+
+    async def asend(self, value: None) -> Event:
+        """As an async generator's: ``asend(None)`` is ``anext()``."""
+        if value is not None:
+            raise TypeError("an AsyncGenerateStream takes no values: send None")
+        return await self.__anext__()
+
+    async def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> Event:
+        """As an async generator's: raises the exception where the stream is paused, which
+        leaves its call (cancelled, as ``aclose()``), and it propagates."""
+        self._is_ended = True
+        if val is None and tb is None:
+            return await self._events.athrow(typ)
+        return await self._events.athrow(typ, val, tb)
 
     async def aclose(self) -> None:
         """Leaves the stream: cancels its call at once if it has not ended."""

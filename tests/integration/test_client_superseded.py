@@ -156,22 +156,38 @@ def test_a_stream_its_caller_left_is_closed_quietly(client: SalienceClient) -> N
 
 
 def test_the_streams_work_as_the_generators_did(client: SalienceClient) -> None:
-    """``for``, ``list()``, ``next()``, ``close()``; ``async for``, ``anext()``,
-    ``aclose()``."""
+    """``for``, ``list()``, ``next()``, ``send(None)``, ``throw()``, ``close()``; ``async
+    for``, ``anext()``, ``asend(None)``, ``athrow()``, ``aclose()``. An exception thrown
+    in leaves the call, as ``close()``: the session holds what was delivered."""
     with client.open_session() as session:
-        stream = session.generate([1], max_tokens=2)
+        stream = session.generate([1], max_tokens=2, ignore_eos=True)
         assert iter(stream) is stream and isinstance(next(stream), TokenEvent)
+        assert isinstance(stream.send(None), TokenEvent)
         assert isinstance(list(stream)[-1], Done)
         with pytest.raises(StopIteration):
             next(stream)
+        thrown = session.generate([2], max_tokens=50, ignore_eos=True)
+        assert isinstance(next(thrown), TokenEvent)
+        with pytest.raises(KeyError):
+            thrown.throw(KeyError("stop"))
+        assert list(thrown) == []
+        assert session.prefill([3]).total_tokens == 1 + 2 + 1 + 1 + 1 == session.length
 
     async def scenario() -> None:
         async with AsyncSalienceClient(client.target, timeout=30) as aio:
             async with await aio.open_session() as session:
-                stream = session.generate([1], max_tokens=5)
+                stream = session.generate([1], max_tokens=5, ignore_eos=True)
                 assert isinstance(await anext(stream), TokenEvent)
+                assert isinstance(await stream.asend(None), TokenEvent)
                 await stream.aclose()
                 assert [e async for e in stream] == []
-                assert session.length == 2
+                assert session.length == 3
+                thrown = session.generate([2], max_tokens=50, ignore_eos=True)
+                assert isinstance(await anext(thrown), TokenEvent)
+                with pytest.raises(KeyError):
+                    await thrown.athrow(KeyError("stop"))
+                assert [e async for e in thrown] == []
+                done = await session.prefill([3])
+                assert done.total_tokens == 3 + 1 + 1 + 1 == session.length
 
     asyncio.run(scenario())
