@@ -12,10 +12,12 @@ function also writes the name, and constrains the arguments to its parameters' s
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jsonschema
+import regex  # transformers' own dependency
 
 from salience_server.http.constraints import Constraint, Sourced, json_schema_text
 from salience_server.http.errors import ApiError, invalid, unsupported
@@ -337,14 +339,45 @@ def tool_calls_reason(reason: str, calls: list[ToolCall]) -> str:
 
 
 def argument_problem(arguments: str, schema: dict[str, Any]) -> str | None:
-    """Why JSON-text ``arguments`` do not match ``schema``; None when they do."""
+    """Why JSON-text ``arguments`` do not match ``schema``; None when they do. Patterns
+    are JSON Schema's dialect (``\\p{L}``), read by the ``regex`` module as the schema's
+    check at the door reads them; where ``jsonschema`` itself still meets one that
+    Python's ``re`` refuses (``patternProperties`` beside ``additionalProperties``),
+    the arguments pass: the grammar engine kept them to the schema."""
     try:
         value = load_json(arguments)
     except ValueError as error:
         return f"are not JSON ({error})"
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    mismatch = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    validator = _with_schema_patterns(jsonschema.validators.validator_for(schema))(schema)
+    try:
+        mismatch = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except re.error:
+        return None
     return None if mismatch is None else f"do not match the schema: {mismatch.message}"
+
+
+def _with_schema_patterns(validator: Any) -> Any:
+    """``validator`` with ``pattern`` and ``patternProperties`` matched by the ``regex``
+    module (``jsonschema``'s own use Python's ``re``, which refuses ``\\p{L}``)."""
+    return jsonschema.validators.extend(
+        validator, {"pattern": _pattern, "patternProperties": _pattern_properties}
+    )
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    if validator.is_type(instance, "string") and not regex.search(pattern, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+) -> Any:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if regex.search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
 def constraint_broken(what: str) -> ApiError:

@@ -137,6 +137,40 @@ def test_a_forced_call_that_breaks_its_schema_is_a_500(
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_a_forced_call_is_checked_against_patterns_of_json_schemas_dialect(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """A parameter's ``pattern`` in JSON Schema's dialect (``\\p{L}``, which Python's
+    ``re`` refuses) is checked as the grammar engine reads it: the call comes back (it
+    was a 500 internal_error, the check's own failure, after the call was decoded)."""
+    script, shim = scripted
+    letters = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "pattern": "^\\p{L}+$"}},
+        "required": ["city"],
+    }
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": letters}}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    client = shim.client()
+    script.text = '{"city": "Zürich"}'
+    for tool_choice in (named, "required"):
+        if tool_choice == "required":
+            script.text = '{"name": "get_weather", "arguments": {"city": "Zürich"}}'
+        reply = client.chat.completions.create(
+            model="scripted", messages=HELLO, tools=[tool], tool_choice=tool_choice
+        )
+        (call,) = reply.choices[0].message.tool_calls
+        assert json.loads(call.function.arguments) == {"city": "Zürich"}
+        assert reply.choices[0].finish_reason == "tool_calls"
+    script.text = '{"city": "Zürich 8000"}'  # the pattern still holds the arguments to it
+    with pytest.raises(openai.InternalServerError) as error:
+        client.chat.completions.create(
+            model="scripted", messages=HELLO, tools=[tool], tool_choice=named
+        )
+    assert error.value.body["code"] == "constraint_violated"
+    assert "does not match" in error.value.body["message"]
+
+
 def test_a_required_call_cut_short_leaves_no_markup_in_content(
     scripted: tuple[Script, RunningShim],
 ) -> None:
