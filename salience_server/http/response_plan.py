@@ -41,9 +41,10 @@ def _new_id(prefix: str) -> str:
 def continue_session(previous: StoredResponse, rendered: list[int], eos_ids: set[int]) -> list[int]:
     """The prompt continuing ``previous``'s session: its tokens, the turn's closing unless
     the model wrote it, and the rest of ``rendered``; ``rendered`` itself when the
-    rendering does not extend the previous one."""
+    rendering does not extend the previous one, or the session does not hold the reply
+    as the conversation has it (no ``session_ids``)."""
     base = previous.rendered_ids
-    if rendered[: len(base)] != base:
+    if not previous.session_ids or rendered[: len(base)] != base:
         return rendered
     tail = rendered[len(base) :]
     # The assistant's reply as rendered ends at the first end-of-turn token.
@@ -201,12 +202,17 @@ class ResponsePlan:
         reply: dict[str, Any] = {"role": "assistant", "content": text or None}
         if calls:
             reply["tool_calls"] = [call.chat_dict() for call in calls]
+        # A forced call's session holds the opening the shim wrote and the arguments the
+        # grammar allowed, not the call's closing (``}``, ``</tool_call>``): a chained
+        # request renders the call as the template writes it, the pool still lending
+        # this session for the prefix they share.
+        session_ids = [] if self.tools.is_forced else self.prompt_ids + decoded_ids
         backend.responses.put(
             StoredResponse(
                 response=response,
                 conversation=[*self.conversation, reply],
                 rendered_ids=self.rendered_ids,
-                session_ids=self.prompt_ids + decoded_ids,
+                session_ids=session_ids,
                 images=self.all_images,
             ),
             replacing,

@@ -32,9 +32,10 @@ class StoredResponse:
     """The chat template's rendering of the conversation this response answered (up to
     the assistant turn's opening): what a chained rendering must start with."""
     session_ids: list[int] = field(default_factory=list)
-    """Exactly what the session holds after this response: its prompt, a forced
-    tool-call opening if any, and every decoded token (the end-of-turn token included
-    when the model produced it)."""
+    """Exactly what the session holds after this response: its prompt and every decoded
+    token (the end-of-turn token included when the model produced it); empty after a
+    forced tool call, whose session lacks the call's closing: a chained request is
+    rendered afresh."""
     images: list[ImageInput] = field(default_factory=list)
     """Every image of the conversation, in order."""
 
