@@ -120,11 +120,14 @@ def _plain_format(kind: Any, param: str) -> Constraint | None:
     raise unsupported(f"{param} of type {kind!r}", f"{param}.type")
 
 
-def guided_constraint(fields: dict[str, Any]) -> Constraint | None:
+def guided_constraint(fields: dict[str, Any]) -> Sourced | None:
     """vLLM's structured-output fields, from the request's extra fields: the older
     ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` and
     ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``,
-    ``json_object``). A choice becomes a regex matching exactly one of the strings."""
+    ``json_object``), with the field that gave it (``guided_regex``,
+    ``structured_outputs.regex``: what its errors name). A choice becomes a regex
+    matching exactly one of the strings. A ``structural_tag`` is refused (400), not
+    left unconstrained."""
     given = {
         f"guided_{key}": fields[f"guided_{key}"] for key in _GUIDED if f"guided_{key}" in fields
     }
@@ -132,6 +135,8 @@ def guided_constraint(fields: dict[str, Any]) -> Constraint | None:
     if outputs is not None:
         if not isinstance(outputs, dict):
             raise invalid("structured_outputs must be an object", "structured_outputs")
+        if outputs.get("structural_tag") is not None:
+            raise unsupported("a structural_tag", "structured_outputs.structural_tag")
         given |= {
             f"structured_outputs.{key}": outputs[key]
             for key in (*_GUIDED, "json_object")
@@ -143,6 +148,12 @@ def guided_constraint(fields: dict[str, Any]) -> Constraint | None:
     if len(given) > 1:
         raise invalid(f"give only one structured-output field, not {sorted(given)}", None)
     ((param, value),) = given.items()
+    constraint = _guided_value(param, value)
+    return None if constraint is None else (param, constraint)
+
+
+def _guided_value(param: str, value: Any) -> Constraint | None:
+    """The constraint of one of vLLM's fields (``param``) with ``value``."""
     key = param.rsplit(".", 1)[-1].removeprefix("guided_")
     if key == "json":
         return "json_schema", json_schema_text(value, param)

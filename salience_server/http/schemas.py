@@ -137,9 +137,10 @@ class SamplingFields(Body):
                 "min_tokens",
             )
 
-    def guided(self) -> Constraint | None:
-        """vLLM's structured-output extra fields (``guided_*``, ``structured_outputs``)."""
-        return guided_constraint(self.model_extra or {})
+    def guided(self) -> tuple[str, Constraint | None]:
+        """vLLM's structured-output extra fields (``guided_*``, ``structured_outputs``),
+        with the field that gave one."""
+        return guided_constraint(self.model_extra or {}) or ("structured_outputs", None)
 
 
 _UNOFFERED = {
@@ -212,7 +213,7 @@ class ReplyFields(SamplingFields):
         """The structured output asked for (``response_format`` or vLLM's fields)."""
         return one_constraint(
             ("response_format", response_format_constraint(self.response_format)),
-            ("structured_outputs", self.guided()),
+            self.guided(),
         )
 
 
@@ -359,7 +360,7 @@ class ResponsesRequest(SamplingFields):
         """The structured output asked for (``text.format`` or vLLM's fields)."""
         return one_constraint(
             ("text.format", text_format_constraint(self.text)),
-            ("structured_outputs", self.guided()),
+            self.guided(),
         )
 
 

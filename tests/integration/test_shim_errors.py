@@ -148,7 +148,12 @@ def test_a_constraint_the_server_refuses_names_the_field_that_asked(
     assert error.value.body["param"] == "text.format"
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model=model, prompt="hi", extra_body={"guided_regex": "(?=a)b"})
-    assert error.value.body["param"] == "structured_outputs"
+    assert error.value.body["param"] == "guided_regex"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(
+            model=model, prompt="hi", extra_body={"structured_outputs": {"regex": "(?=a)b"}}
+        )
+    assert error.value.body["param"] == "structured_outputs.regex"
 
 
 def test_context_overflow_is_context_length_exceeded(shim: RunningShim, model: str) -> None:

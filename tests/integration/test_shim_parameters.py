@@ -161,11 +161,23 @@ def test_conflicting_or_bad_structured_output_is_400(scripted: tuple[Script, Run
     bad = [
         (
             dict(response_format={"type": "json_object"}, extra_body={"guided_regex": "a+"}),
-            "structured_outputs",
+            "guided_regex",  # the field sent (it named structured_outputs)
+        ),
+        (
+            dict(
+                response_format={"type": "json_object"},
+                extra_body={"structured_outputs": {"regex": "a"}},
+            ),
+            "structured_outputs.regex",
         ),
         (dict(extra_body={"guided_json": {"type": 5}}), "guided_json"),
         (dict(extra_body={"guided_choice": []}), "guided_choice"),
         (dict(extra_body={"structured_outputs": {"regex": "a", "grammar": "b"}}), None),
+        # Refused, not ignored: the reply was unconstrained.
+        (
+            dict(extra_body={"structured_outputs": {"structural_tag": '{"type": "x"}'}}),
+            "structured_outputs.structural_tag",
+        ),
     ]
     for fields, param in bad:
         with pytest.raises(openai.BadRequestError) as error:
