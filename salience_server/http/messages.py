@@ -156,6 +156,10 @@ def chat_messages(raw: list[dict[str, Any]]) -> Conversation:
         content = _content_text(message.get("content"), f"{param}.content", conversation.images)
         normalised: dict[str, Any] = {"role": "system" if role == "developer" else role}
         normalised["content"] = content
+        if role == "assistant":
+            reasoning = _reasoning(message, param)
+            if reasoning is not None:
+                normalised["reasoning_content"] = reasoning
         if role == "assistant" and message.get("tool_calls"):
             normalised["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
         elif content is None:
@@ -171,6 +175,20 @@ def chat_messages(raw: list[dict[str, Any]]) -> Conversation:
             normalised["name"] = name
         conversation.messages.append(normalised)
     return conversation
+
+
+def _reasoning(message: dict[str, Any], param: str) -> str | None:
+    """An assistant message's thinking sent back (``reasoning_content``, as the shim
+    returns it, or vLLM's ``reasoning``): the chat template renders it (Qwen3 keeps the
+    thinking of the turn under way, between its tool calls)."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise invalid(f"{key} must be a string", f"{param}.{key}")
+        return value
+    return None
 
 
 def _missing(message: str, param: str) -> ApiError:
@@ -199,6 +217,7 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
         return Conversation([{"role": "user", "content": value}])
     conversation = Conversation([])
     messages = conversation.messages
+    reasoning: str | None = None  # a reasoning item's, for the assistant turn after it
     for index, item in enumerate(value):
         param = f"input[{index}]"
         kind = item.get("type", "message")
@@ -209,9 +228,14 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
             content = _content_text(item.get("content"), f"{param}.content", conversation.images)
             if content is None:
                 raise _missing("a message item needs content", f"{param}.content")
-            messages.append({"role": "system" if role == "developer" else role, "content": content})
+            message = {"role": "system" if role == "developer" else role, "content": content}
+            if role == "assistant" and reasoning is not None:
+                message["reasoning_content"] = reasoning
+            messages.append(message)
         elif kind == "function_call":
             _append_call(messages, item, param)
+            if reasoning is not None:
+                messages[-1].setdefault("reasoning_content", reasoning)
         elif kind == "function_call_output":
             # A string, or parts (input_text, input_image) as a message's content.
             text = _content_text(item.get("output"), f"{param}.output", conversation.images)
@@ -222,10 +246,30 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
                 raise _missing("a function_call_output item needs its call_id", f"{param}.call_id")
             messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
         elif kind == "reasoning":
+            reasoning = _reasoning_item_text(item)
             continue
         else:
             raise unsupported(f"input items of type {kind!r}", f"{param}.type")
+        reasoning = None
     return conversation
+
+
+def _reasoning_item_text(item: dict[str, Any]) -> str | None:
+    """A reasoning item's thinking: its ``reasoning_text`` content (as the shim writes
+    it), else its summary's text; None when it holds neither."""
+    for key, part_type in (("content", "reasoning_text"), ("summary", "summary_text")):
+        parts = item.get(key)
+        if isinstance(parts, list):
+            texts = [
+                part["text"]
+                for part in parts
+                if isinstance(part, dict)
+                and part.get("type") == part_type
+                and isinstance(part.get("text"), str)
+            ]
+            if texts:
+                return "\n".join(texts)
+    return None
 
 
 def template_supports_tools(chat_template: str) -> bool:
@@ -262,6 +306,8 @@ def template_messages(
     rendered = []
     for message in messages:
         out = dict(message, content=message.get("content") or "")
+        if "reasoning_content" in message:  # templates read either name (as vLLM gives them)
+            out["reasoning"] = message["reasoning_content"]
         calls = message.get("tool_calls")
         if calls and has_tool_template:
             out["tool_calls"] = [

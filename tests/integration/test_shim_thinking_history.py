@@ -1,0 +1,86 @@
+"""A reasoning model's thinking sent back in the conversation reaches the chat template
+(Qwen3's renders the thinking of the turn under way, between its tool calls), as vLLM
+passes it: an assistant message's ``reasoning_content`` or ``reasoning``, a Responses
+``reasoning`` item before the call or message it led to.
+
+Oracle: the messages the scripted server was asked to render."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from tests.shim_support import WEATHER, RunningShim, Script, messages_json
+
+QUESTION = [{"role": "user", "content": "Weather in Oslo?"}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+@pytest.fixture
+def thinking(scripted: tuple[Script, RunningShim]) -> Any:
+    script, shim = scripted
+    script.chat_template = "{{ messages }}{{ tools }}<think></think><tool_call>"
+    shim.backend._model_info = None  # ask again
+    yield script, shim
+    script.chat_template, script.text = "{{ messages }}", "hello"
+    shim.backend._model_info = None
+
+
+def test_a_chat_turns_thinking_sent_back_reaches_the_template(
+    thinking: tuple[Script, RunningShim],
+) -> None:
+    """The SDK's message appended to the conversation, as an agent loop does, carries
+    its ``reasoning_content``: the template got the call without it (it was dropped)."""
+    script, shim = thinking
+    client = shim.client()
+    script.text = f"<think>\nI need Oslo's weather.\n</think>\n\n{CALL}"
+    reply = client.chat.completions.create(model="scripted", messages=QUESTION, tools=[WEATHER])
+    message = reply.choices[0].message
+    assert message.reasoning_content == "I need Oslo's weather.\n"
+    result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "-3 C"}
+    script.text = "Cold."
+    client.chat.completions.create(
+        model="scripted", messages=[*QUESTION, message, result], tools=[WEATHER]
+    )
+    assistant = messages_json(script.prompts[-1])[1]
+    assert assistant["reasoning_content"] == "I need Oslo's weather.\n"
+    assert assistant["reasoning"] == "I need Oslo's weather.\n"  # the name newer templates read
+    # vLLM's own field name is taken too; anything but a string is a 400 naming it.
+    sent = {"role": "assistant", "content": "Sunny.", "reasoning": "Recall."}
+    client.chat.completions.create(model="scripted", messages=[*QUESTION, sent, *QUESTION])
+    assert messages_json(script.prompts[-1])[1]["reasoning_content"] == "Recall."
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model="scripted", messages=[*QUESTION, {**sent, "reasoning": ["x"]}]
+        )
+    assert error.value.body["param"] == "messages[1].reasoning"
+
+
+def test_a_responses_reasoning_item_reaches_the_template_with_its_call(
+    thinking: tuple[Script, RunningShim],
+) -> None:
+    """A stateless Responses client sends the output items back as input: the reasoning
+    item's text goes with the function call after it (reasoning items were skipped)."""
+    script, shim = thinking
+    client = shim.client()
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": WEATHER["function"]["parameters"],
+    }
+    script.text = f"<think>I need Oslo's weather.</think>{CALL}"
+    first = client.responses.create(model="scripted", input="Weather in Oslo?", tools=[tool])
+    reasoning, call = first.output
+    assert reasoning.type == "reasoning" and call.type == "function_call"
+    items = [item.model_dump(exclude_none=True) for item in first.output]
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "-3 C"}
+    script.text = "Cold."
+    client.responses.create(
+        model="scripted", input=[{"role": "user", "content": "Weather in Oslo?"}, *items, result]
+    )
+    user, assistant, tool_result = messages_json(script.prompts[-1])
+    assert assistant["reasoning_content"] == "I need Oslo's weather."
+    assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert "reasoning_content" not in tool_result and "reasoning_content" not in user
