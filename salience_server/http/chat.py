@@ -260,8 +260,8 @@ async def _choice(
         message["reasoning_content"] = reply.reasoning or None
     reason = finish_reason(choice.done)
     plan.tools.check_forced(reply.calls, choice.done.finish_reason, bool(plan.body.stop))
-    if reply.calls or plan.tools.is_forced:
-        message["content"] = reply.content or None
+    if reply.calls or plan.tools.is_forced or reply.reasoning:
+        message["content"] = reply.content or None  # all thinking: none, as vLLM's
     if reply.calls:
         message["tool_calls"] = [call.chat_dict() for call in reply.calls]
         reason = tool_calls_reason(reason, reply.calls)

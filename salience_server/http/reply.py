@@ -116,6 +116,4 @@ class ParsedReply:
                 reply.reasoning += event.text
             elif isinstance(event, TextDelta):
                 reply.content += event.text
-        if reply.calls:
-            reply.content = reply.content.strip()
-        return reply
+        return reply  # the text the stream's deltas give, as it gives them
