@@ -79,6 +79,15 @@ class BlockManager:
         """Releases every block of ``table`` and empties it."""
         self.truncate(table, 0)
 
+    def num_freed_by(self, tables: list[list[int]]) -> int:
+        """Blocks that freeing every one of ``tables`` would give back: those no other
+        table shares."""
+        counts: dict[int, int] = {}
+        for table in tables:
+            for block_id in table:
+                counts[block_id] = counts.get(block_id, 0) + 1
+        return sum(1 for block_id, count in counts.items() if count == self._ref_counts[block_id])
+
     def num_owned(self, table: list[int]) -> int:
         """Blocks of ``table`` no other table shares."""
         return sum(1 for block_id in table if self._ref_counts[block_id] == 1)

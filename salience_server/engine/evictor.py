@@ -75,16 +75,19 @@ class Evictor:
         """Since the start: offloaded sessions whose host KV was given up later (for a
         more recently used session's KV, or for an image's embeddings)."""
 
-    def pick_idle(self, protected: set[str]) -> Session | None:
-        """The least recently used idle session holding blocks, outside ``protected``;
-        sessions that free blocks before ones sharing all theirs with forks."""
-        candidates = [
+    def idle_sessions(self, protected: set[str]) -> list[Session]:
+        """The idle sessions holding blocks, outside ``protected``."""
+        return [
             s
             for s in self.sessions.values()
             if s.block_table and not s.is_busy and s.session_id not in protected
         ]
+
+    def pick_idle(self, protected: set[str]) -> Session | None:
+        """The least recently used idle session holding blocks, outside ``protected``;
+        sessions that free blocks before ones sharing all theirs with forks."""
         return min(
-            candidates,
+            self.idle_sessions(protected),
             key=lambda s: (self.block_manager.num_owned(s.block_table) == 0, s.last_used),
             default=None,
         )

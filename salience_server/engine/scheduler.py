@@ -14,7 +14,8 @@ already scheduled:
    (the most recently arrived, lowest priority first, as vLLM does): sent back to
    wait, their KV evicted. Their streams stay exact (``Request.next_event_position``).
 A request that still finds no room waits (preempted) while others hold memory, and
-fails with KV_CACHE_FULL only when nothing else holds any.
+fails with KV_CACHE_FULL only when nothing else holds any. One that would not fit even
+with all of that gone evicts and preempts no one: it waits for the earlier work to end.
 """
 
 from __future__ import annotations
@@ -188,6 +189,8 @@ class Scheduler:
         it, restoring its session's KV if it was offloaded."""
         session = request.session
         start = session.num_computed
+        if not self._may_fit(request, start + num_tokens, step):
+            return False  # evicting or preempting anyone would be in vain
         # Recounted after each eviction: evicting a fork's partner can end the sharing
         # of blocks, and with it the copies this chunk would need.
         while self.block_manager.num_free < self.block_manager.num_new_blocks(
@@ -204,6 +207,37 @@ class Scheduler:
         step.output.chunks.append(ScheduledChunk(request, start, num_tokens, drafts or []))
         return True
 
+    def _may_fit(self, request: Request, num_tokens: int, step: _Step) -> bool:
+        """Whether ``request``'s session can hold ``num_tokens`` once every session that
+        ``_make_room`` may evict for it is gone (copies of shared blocks not counted:
+        evicting a partner can end them). Where it cannot, nothing is evicted or
+        preempted for it: a request waiting for earlier work to end otherwise preempted
+        a later one each step, which then recomputed its KV each time it ran."""
+        table = request.session.block_table
+        grow = max(0, self.block_manager.blocks_for(num_tokens) - len(table))
+        if grow <= self.block_manager.num_free:
+            return True
+        protected = step.scheduled | {request.session.session_id}
+        victims = {s.session_id: s for s in self.evictor.idle_sessions(protected)}
+        holders, later = self._holders(request, protected)
+        victims.update((r.session.session_id, r.session) for r in holders + later)
+        freed = self.block_manager.num_freed_by([s.block_table for s in victims.values()])
+        return grow <= self.block_manager.num_free + freed
+
+    def _holders(
+        self, request: Request, protected: set[str]
+    ) -> tuple[list[Request], list[Request]]:
+        """The requests whose sessions' KV may make room for ``request``: the waiting
+        ones, and the running ones later in order (to be preempted)."""
+        holders = [
+            r
+            for r in self.requests()
+            if r.session.block_table and r.session.session_id not in protected
+        ]
+        waiting = [r for r in holders if r not in self.running]
+        later = [r for r in holders if r in self.running and r.order_key > request.order_key]
+        return waiting, later
+
     def _make_room(self, request: Request, step: _Step) -> bool:
         """Evicts one session for ``request`` (see the module docstring for the order);
         False when none may be evicted."""
@@ -213,16 +247,10 @@ class Scheduler:
         if idle is not None:
             self.evictor.evict(idle, moves)
             return True
-        holders = [
-            r
-            for r in self.requests()
-            if r.session.block_table and r.session.session_id not in protected
-        ]
-        waiting = [r for r in holders if r not in self.running]
+        waiting, later = self._holders(request, protected)
         if waiting:
             self.evictor.evict(max(waiting, key=lambda r: r.order_key).session, moves)
             return True
-        later = [r for r in holders if r.order_key > request.order_key]
         if later:
             victim = max(later, key=lambda r: r.order_key)
             self._preempt(victim, step)

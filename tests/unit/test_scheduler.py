@@ -300,3 +300,29 @@ def test_a_request_waits_for_the_room_a_call_cancelled_in_its_step_leaves() -> N
     first.session.free_of_owner()  # as the step's end retires it
     output = scheduler.schedule()
     assert output.failed == [] and [chunk.request for chunk in output.chunks] == [second]
+
+
+def test_a_request_that_cannot_fit_yet_preempts_no_one() -> None:
+    """A waiting request that would not fit even after preempting every later one
+    preempts none: it waits for the earlier work to end. (It preempted a later request
+    every other step, which then recomputed its whole prompt for each token it decoded.)"""
+    manager = BlockManager(num_blocks=10, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(), manager, sessions)
+    first = make_request(0, 0, prompt_len=16, max_tokens=8)  # 4 blocks, then 5 and 6
+    second = make_request(1, 0, prompt_len=23, max_tokens=4)  # 6 blocks
+    late = make_request(2, 0, prompt_len=12, max_tokens=4)  # 3 blocks
+    for request in (first, second, late):
+        sessions[request.session.session_id] = request.session
+        request.session.owner = request
+    scheduler.add(first)
+    scheduler.add(second)
+    assert run_step(scheduler) == [(0, 16), (1, 23)]  # the pool is full
+    assert run_step(scheduler) == [(0, 1)]  # the first grows: the second makes room
+    scheduler.add(late)  # the second needs 6 blocks of the 5 free; the late one fits
+    preemptions = scheduler.num_preemptions
+    assert run_step(scheduler) == [(0, 1), (2, 12)]
+    for _ in range(3):
+        assert run_step(scheduler) == [(0, 1), (2, 1)]
+    assert scheduler.num_preemptions == preemptions and late.num_recomputed == 0
+    manager.check_invariants([s.block_table for s in sessions.values()])
