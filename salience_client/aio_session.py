@@ -280,9 +280,10 @@ class AsyncSession(AsyncSessionCalls):
         close_in_background(self._stub, session_id, self._metadata, self._timeout)
 
     async def append_image(
-        self, data: bytes, mime_type: str, truncate_to: int | None = None
+        self, data: bytes, mime_type: str, truncate_to: int | None = None, *, priority: int = 0
     ) -> int:
-        """Appends one image; returns how many placeholder tokens it became."""
+        """Appends one image; returns how many placeholder tokens it became (``priority``:
+        as ``generate``'s)."""
         await self._settle("append_image()")
         offset, truncating = self._offset(truncate_to)
         request = pb.AppendImageRequest(
@@ -291,8 +292,9 @@ class AsyncSession(AsyncSessionCalls):
             mime_type=mime_type,
             offset=offset,
             truncating=truncating,
+            priority=priority,
         )
-        attempts = self._attempts()
+        attempts = self._attempts(priority)
         while True:
             try:
                 response = await self._unary(self._stub.AppendImage, request)

@@ -113,7 +113,7 @@ class AsyncSessionCalls(SessionBase):
         for step in replay.steps(self._history, length, is_fresh):
             timeout = time_left_s(deadline)
             if isinstance(step, ImageStep):
-                image = replay.image_request(self.session_id, step)
+                image = replay.image_request(self.session_id, step, attempts.priority)
                 response = await self._unary(self._stub.AppendImage, image, timeout)
                 replay.check_replayed_image(
                     self.session_id, self.replica, step, response.placeholder_count

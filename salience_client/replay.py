@@ -33,14 +33,16 @@ def prefill_request(session_id: str, step: PrefillStep, priority: int) -> pb.Gen
     )
 
 
-def image_request(session_id: str, step: ImageStep) -> pb.AppendImageRequest:
-    """The AppendImage call that puts ``step``'s image back."""
+def image_request(session_id: str, step: ImageStep, priority: int) -> pb.AppendImageRequest:
+    """The AppendImage call that puts ``step``'s image back, at the ``priority`` of the
+    call that needs the session."""
     return pb.AppendImageRequest(
         session_id=session_id,
         image=step.image.data,
         mime_type=step.image.mime_type,
         offset=step.offset,
         truncating=True,
+        priority=priority,
     )
 
 

@@ -285,8 +285,11 @@ class Session(SessionCalls):
                 failure = error
             self._recover(failure, attempts, self.length)
 
-    def append_image(self, data: bytes, mime_type: str, truncate_to: int | None = None) -> int:
-        """Appends one image; returns how many placeholder tokens it became."""
+    def append_image(
+        self, data: bytes, mime_type: str, truncate_to: int | None = None, *, priority: int = 0
+    ) -> int:
+        """Appends one image; returns how many placeholder tokens it became (``priority``:
+        as ``generate``'s)."""
         self._settle("append_image()")
         offset, truncating = self._offset(truncate_to)
         request = pb.AppendImageRequest(
@@ -295,8 +298,9 @@ class Session(SessionCalls):
             mime_type=mime_type,
             offset=offset,
             truncating=truncating,
+            priority=priority,
         )
-        attempts = self._attempts()
+        attempts = self._attempts(priority)
         while True:
             try:
                 response = self._unary(self._stub.AppendImage, request)

@@ -212,18 +212,20 @@ class GenerateEvent(_message.Message):
     def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
 
 class AppendImageRequest(_message.Message):
-    __slots__ = ("session_id", "image", "mime_type", "offset", "truncating")
+    __slots__ = ("session_id", "image", "mime_type", "offset", "truncating", "priority")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TRUNCATING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     image: bytes
     mime_type: str
     offset: int
     truncating: bool
-    def __init__(self, session_id: _Optional[str] = ..., image: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., offset: _Optional[int] = ..., truncating: _Optional[bool] = ...) -> None: ...
+    priority: int
+    def __init__(self, session_id: _Optional[str] = ..., image: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., offset: _Optional[int] = ..., truncating: _Optional[bool] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class AppendImageResponse(_message.Message):
     __slots__ = ("placeholder_count", "total_length")

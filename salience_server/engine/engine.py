@@ -309,10 +309,16 @@ class Engine:
         return self.vision.placeholder_count(open_image(data, mime_type, limits))
 
     def submit_image(
-        self, session_id: str, offset: int, truncating: bool, image: EncodedImage, sink: EventSink
+        self,
+        session_id: str,
+        offset: int,
+        truncating: bool,
+        image: EncodedImage,
+        sink: EventSink,
+        priority: int = 0,
     ) -> Request:
-        """Appends an encoded image as placeholder tokens (a prefill-only request);
-        ``sink`` gets a DoneEvent once their KV is written."""
+        """Appends an encoded image as placeholder tokens (a prefill-only request at
+        ``priority``); ``sink`` gets a DoneEvent once their KV is written."""
         if self.image_token_id is None:
             raise images_unsupported()
         params = GenerateParams(
@@ -320,6 +326,7 @@ class Engine:
             append_tokens=[self.image_token_id] * image.embeds.shape[0],
             offset=offset,
             truncating=truncating,
+            priority=priority,
         )
         return self.submit(params, sink, image)
 

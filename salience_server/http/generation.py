@@ -146,7 +146,8 @@ class Generation:
     async def _put_images(self, lease: Lease) -> None:
         """Appends the prompt up to its last image to ``lease``'s session (none past what
         it holds: nothing to do): text with Generate (prefill only), each image with
-        AppendImage; the rest of the prompt is left to the decoding call."""
+        AppendImage, each at the request's priority; the rest of the prompt is left to
+        the decoding call."""
         ids, session = self.prompt_ids, lease.session
         start = lease.shared
         if all(token_id >= 0 for token_id in ids[start:]):
@@ -162,7 +163,9 @@ class Generation:
             marker = ids[image_at]
             image = self.images[marker]
             # A refused image raises SalienceClientError: the endpoint names its field.
-            async for event in session.generate(text, truncate_to=truncate_to, max_tokens=0):
+            async for event in session.generate(
+                text, truncate_to=truncate_to, max_tokens=0, priority=self.options.priority
+            ):
                 if isinstance(event, Done) and self._reused is None:
                     self._reused = event.cached_tokens
             count = await self._append_image(lease, image)
@@ -183,7 +186,9 @@ class Generation:
         was refused 429 until their TTL passed)."""
         while True:
             try:
-                return await lease.session.append_image(image.data, image.mime_type)
+                return await lease.session.append_image(
+                    image.data, image.mime_type, priority=self.options.priority
+                )
             except SalienceClientError as error:
                 if error.reason != "HOST_MEMORY_FULL":
                     raise

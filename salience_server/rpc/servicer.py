@@ -231,7 +231,9 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 image = await in_own_thread(engine.encode_image, request.image, request.mime_type)
         except SalienceError as error:
             await self._abort(context, error)
-        submit = lambda sink: engine.submit_image(session_id, offset, truncating, image, sink)  # noqa: E731
+        submit = lambda sink: engine.submit_image(  # noqa: E731
+            session_id, offset, truncating, image, sink, request.priority
+        )
         async for event in self._events(context, submit):
             if isinstance(event, DoneEvent):
                 return pb.AppendImageResponse(

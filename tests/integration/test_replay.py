@@ -326,3 +326,32 @@ def test_a_lost_session_replays_its_images(vision_server: RunningServer) -> None
             lost.rewind(image_at + 1)
         assert caught.value.reason == "TRUNCATES_IMAGE"
         _assert_same(_turn(lost, [11]), _turn(control, [11]))
+
+
+def test_a_replay_puts_the_images_back_at_the_calls_priority(
+    vision_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every call of a replay runs at the priority of the call that needs the session,
+    its AppendImage calls included (they ran at 0: ahead of the call's own background
+    work, behind an urgent call's)."""
+    engine = vision_server.engine
+    submitted: list[tuple[bool, int]] = []  # (an image, priority)
+    submit = engine.submit
+
+    def recording_submit(params: Any, sink: Any, image: Any = None) -> Any:
+        submitted.append((image is not None, params.priority))
+        return submit(params, sink, image)
+
+    with SalienceClient(vision_server.target, timeout=30) as client:
+        info = client.model_info()
+        assert info.vision_start_token_id is not None and info.vision_end_token_id is not None
+        session = client.open_session()
+        session.prefill([5, 6, info.vision_start_token_id])
+        session.append_image(_png(2), "image/png")
+        session.prefill([info.vision_end_token_id, 7])
+        _lose(vision_server, session.session_id)
+        monkeypatch.setattr(engine, "submit", recording_submit)
+        list(session.generate([8], max_tokens=2, priority=9))
+        assert session.num_replays == 1
+    assert (True, 9) in submitted
+    assert {priority for _, priority in submitted} == {9}

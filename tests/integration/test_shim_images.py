@@ -321,3 +321,32 @@ def test_the_pool_closes_idle_sessions_holding_images_for_new_images(
         assert all(reply is not None for reply in replies)
     finally:
         running.stop()
+
+
+def test_a_requests_priority_goes_with_its_images(
+    shim: RunningShim, vision_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's ``priority`` reaches every call a request makes: the text before an image,
+    the image, and the decoding call (the first two ran at 0)."""
+    engine = vision_server.engine
+    submitted: list[tuple[bool, int]] = []  # (an image, priority)
+    submit = engine.submit
+
+    def recording_submit(params: Any, sink: Any, image: Any = None) -> Any:
+        submitted.append((image is not None, params.priority))
+        return submit(params, sink, image)
+
+    monkeypatch.setattr(engine, "submit", recording_submit)
+    client = shim.client()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Which is it, 7?"}]}]
+    messages += _messages(
+        url="data:image/png;base64," + base64.b64encode(encode(make_image(8))).decode()
+    )
+    client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=messages,
+        max_tokens=2,
+        extra_body={"priority": 4},
+    )
+    assert (True, 4) in submitted and len(submitted) >= 3
+    assert {priority for _, priority in submitted} == {4}

@@ -276,6 +276,34 @@ def test_an_image_append_cancelled_midway_is_rewound_by_the_next_call(vision) ->
     asyncio.run(scenario())
 
 
+def test_an_image_runs_at_its_calls_priority(vision, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AppendImage takes a priority as Generate does (every image ran at 0), through the
+    raw stub and the client alike."""
+    engine = vision.engine
+    submitted: list[int] = []
+    submit = engine.submit
+
+    def recording_submit(params, sink, image=None):  # type: ignore[no-untyped-def]
+        if image is not None:
+            submitted.append(params.priority)
+        return submit(params, sink, image)
+
+    monkeypatch.setattr(engine, "submit", recording_submit)
+    info = model_info(vision)
+    session_id = open_session(vision.stub)
+    generate(vision.stub, session_id, append_tokens=[21, info.vision_start_token_id])
+    request = pb.AppendImageRequest(
+        session_id=session_id, image=encode(make_image(4)), mime_type="image/png", offset=2
+    )
+    request.priority = 6
+    vision.stub.AppendImage(request)
+    with SalienceClient(vision.target, timeout=30) as client:
+        with client.open_session() as session:
+            session.prefill([21, info.vision_start_token_id])
+            session.append_image(encode(make_image(4)), "image/png", priority=-2)
+    assert submitted == [6, -2]
+
+
 def test_tokenize_makes_each_image_place_the_tokens_append_image_makes(vision) -> None:
     """Oracle: AppendImage's placeholder count for each image (of sizes the processor
     resizes differently). Without images each place stays one pad token; images that do
