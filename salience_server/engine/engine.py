@@ -192,7 +192,7 @@ class Engine:
                 by_residency[session.residency.value] += 1
             num_free = self.block_manager.num_free
             return EngineGauges(
-                num_waiting=len(self.scheduler.waiting),
+                num_waiting=self.scheduler.num_waiting,
                 num_running=len(self.scheduler.running),
                 sessions_by_residency=by_residency,
                 num_blocks_used=self.block_manager.num_blocks - num_free,

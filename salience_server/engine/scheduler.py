@@ -93,14 +93,16 @@ class Scheduler:
         ``max_running + max_queue`` calls on an idle server had some refused);
         lower-priority requests waiting count only towards the second bound, so that a
         backlog never locks out urgent calls, which may take the queue past
-        ``max_queue`` but no further than twice it."""
+        ``max_queue`` but no further than twice it. A request cancelled while it waits
+        (its client left) holds no place, though it leaves only at the next step."""
         room = self.config.max_queue + max(0, self.config.max_running - len(self.running))
-        ahead = sum(1 for _, r in self.waiting if r.priority <= priority)
-        if ahead >= room or len(self.waiting) >= 2 * room:
+        waiting = [r for _, r in self.waiting if not r.is_cancelled]
+        ahead = sum(1 for r in waiting if r.priority <= priority)
+        if ahead >= room or len(waiting) >= 2 * room:
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "QUEUE_FULL",
-                f"{len(self.waiting)} requests wait, {ahead} of them of this priority or "
+                f"{len(waiting)} requests wait, {ahead} of them of this priority or "
                 f"higher (--max-queue {self.config.max_queue}, {len(self.running)} "
                 "running); retry later",
             )
@@ -109,6 +111,12 @@ class Scheduler:
         """Queues a request; RESOURCE_EXHAUSTED when the queue is full for it."""
         self.check_room(request.priority)
         heapq.heappush(self.waiting, (request.order_key, request))
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting to run (not those cancelled meanwhile, which leave at the
+        next step)."""
+        return sum(1 for _, r in self.waiting if not r.is_cancelled)
 
     def requests(self) -> list[Request]:
         """Every request the scheduler holds, running or waiting."""

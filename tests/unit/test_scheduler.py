@@ -326,3 +326,23 @@ def test_a_request_that_cannot_fit_yet_preempts_no_one() -> None:
         assert run_step(scheduler) == [(0, 1), (2, 1)]
     assert scheduler.num_preemptions == preemptions and late.num_recomputed == 0
     manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_requests_cancelled_while_waiting_leave_their_places_at_once(pool) -> None:
+    """A call whose client left (a deadline passed) while it waited no longer holds a
+    place in the queue, though the engine drops it only at its next step (a long step
+    refused new calls QUEUE_FULL for a queue of calls nobody waited for)."""
+    manager, requests = pool
+    scheduler = make_scheduler(EngineConfig(max_running=1, max_queue=1), manager)
+    requests.extend(make_request(i, 0, max_tokens=50) for i in range(4))
+    scheduler.add(requests[0])
+    run_step(scheduler)
+    scheduler.add(requests[1])  # the queue is full
+    with pytest.raises(SalienceError):
+        scheduler.add(requests[2])
+    requests[1].is_cancelled = True
+    scheduler.add(requests[2])
+    with pytest.raises(SalienceError):
+        scheduler.add(requests[3])
+    output = scheduler.schedule()
+    assert output.cancelled == [requests[1]]
