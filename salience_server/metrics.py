@@ -106,7 +106,8 @@ class _EngineCollector(Collector):
         )
         yield CounterMetricFamily(
             "salience_preemptions",
-            "Running requests sent back to wait (their KV evicted) to make room.",
+            "Running requests sent back to wait: for a more urgent request's place in "
+            "the running set (their KV kept), or for room in the KV pool.",
             value=gauges.num_preemptions,
         )
         evictions = CounterMetricFamily(
