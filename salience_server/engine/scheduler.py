@@ -138,9 +138,9 @@ class Scheduler:
             if request.request_id in step.preempted:
                 continue
             is_waiting = request not in self.running
-            if is_waiting and not self._free_slot(request, step):
-                continue
             num_tokens = min(request.num_tokens_to_feed, step.budget)
+            if is_waiting and not self._free_slot(request, num_tokens, step):
+                continue
             drafts = self._drafts(request, num_tokens, step.budget)
             if self._reserve(request, num_tokens + len(drafts), step, drafts):
                 if is_waiting:
@@ -157,13 +157,16 @@ class Scheduler:
                 self._preempt(request, step)  # room comes back as this step's work ends
         return step.output
 
-    def _free_slot(self, request: Request, step: _Step) -> bool:
+    def _free_slot(self, request: Request, num_tokens: int, step: _Step) -> bool:
         """A place in the running set for waiting ``request``: free, or taken from the
-        lowest-priority running request when ``request`` outranks it."""
+        lowest-priority running request when ``request`` outranks it and may fit once
+        its next ``num_tokens`` are fed (else the place would be taken for nothing)."""
         if len(self.running) < self.config.max_running:
             return True
         worst = max(self.running, key=lambda r: r.order_key)
         if request.priority >= worst.priority:
+            return False
+        if not self._may_fit(request, request.session.num_computed + num_tokens, step):
             return False
         self._preempt(worst, step)
         return True

@@ -346,3 +346,25 @@ def test_requests_cancelled_while_waiting_leave_their_places_at_once(pool) -> No
         scheduler.add(requests[3])
     output = scheduler.schedule()
     assert output.cancelled == [requests[1]]
+
+
+def test_an_urgent_request_that_cannot_fit_yet_takes_no_ones_place() -> None:
+    """A more urgent waiting request that would not fit even with the place's holder
+    gone leaves it running: it took the place every other step, for nothing."""
+    manager = BlockManager(num_blocks=10, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(max_running=2), manager, sessions)
+    first = make_request(0, 0, prompt_len=24, max_tokens=20)  # 6 blocks, then 7
+    background = make_request(1, 5, prompt_len=4, max_tokens=20)  # 1 block, then 2
+    urgent = make_request(2, 0, prompt_len=16, max_tokens=4)  # 4 blocks
+    for request in (first, background, urgent):
+        sessions[request.session.session_id] = request.session
+        request.session.owner = request
+    scheduler.add(first)
+    scheduler.add(background)
+    assert run_step(scheduler) == [(0, 24), (1, 4)]
+    scheduler.add(urgent)  # it needs 4 blocks: 3 are free, and 1 more is the background's
+    for _ in range(4):
+        assert run_step(scheduler) == [(0, 1), (1, 1)]
+    assert scheduler.num_preemptions == 0
+    manager.check_invariants([s.block_table for s in sessions.values()])
