@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 from google.protobuf import any_pb2
@@ -14,6 +15,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from salience_server.engine.errors import Code, SalienceError
+
+try:  # gRPC core's error for a write to a call that has ended (not public API)
+    from grpc._cython.cygrpc import ExecuteBatchError as _CallEnded
+except ImportError:  # another gRPC: such a write fails as before, logged as unexpected
+    _CallEnded = ()  # type: ignore[assignment,misc]
 
 ERROR_DOMAIN = "salience.v1"
 SESSION_LENGTH_METADATA = "salience-session-length"
@@ -109,7 +115,20 @@ async def abort(context: grpc.aio.ServicerContext, error: SalienceError) -> None
     metadata = tuple(status.trailing_metadata)
     if "session_length" in error.metadata:
         metadata += ((SESSION_LENGTH_METADATA, error.metadata["session_length"]),)
-    await context.abort(status.code, status.details, metadata)
+    with client_gone_is_cancelled():
+        await context.abort(status.code, status.details, metadata)
+
+
+@contextlib.contextmanager
+def client_gone_is_cancelled() -> Iterator[None]:
+    """Writing to a call whose client has gone (it cancelled, its deadline passed) fails
+    in gRPC's core (``ExecuteBatchError``): the call ends as cancelled, quietly, rather
+    than as a handler's unexpected failure logged with its traceback (and aborted a
+    second time: "Abort already called!")."""
+    try:
+        yield
+    except _CallEnded:
+        raise asyncio.CancelledError("the client has gone") from None
 
 
 def unimplemented(what: str) -> SalienceError:

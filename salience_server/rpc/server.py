@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _FLUSH_S = 5.0
 """After the engine stops: how long the last events may take to reach the clients."""
+PENDING_CALLS = 16_384
+"""Calls that may wait for the event loop to take them up; past it gRPC refuses a share
+of new calls, growing to all of them at half as many again. Its own defaults, 1,000 and
+3,000, cancelled calls of a burst (CANCELLED, no reason: a shim's batch of 5,000 prompts
+was a 503 "server unavailable") before the server's own admission could answer them."""
 
 
 SALIENCE_SERVICE = salience_pb2.DESCRIPTOR.services_by_name["Salience"].full_name
@@ -65,6 +70,8 @@ class SalienceServer:
             ("grpc.http2.min_time_between_pings_ms", keepalive_ms),
             # Clients may ping as often as every 10 s without being cut off.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.server.max_pending_requests", PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS * 3 // 2),
         ]
         # The replica interceptor comes first, so that even a refused call names the replica.
         self._replica = ReplicaInterceptor(config.replica_id)

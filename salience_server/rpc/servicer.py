@@ -334,22 +334,25 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
-        """Token ids to text; with ``return_token_bytes``, also each token's own bytes."""
+        """Token ids to text; with ``return_token_bytes``, also each token's own bytes.
+        Decoded off the event loop, as Tokenize encodes: a request may carry millions of
+        ids (16 million took 8 s), and every other call would wait that long."""
         engine = await self._engine(context)
-        tokenizer = engine.loaded.tokenizer
-        token_ids = list(request.token_ids)
         try:
-            text = tokenization.decode(
-                tokenizer, token_ids, engine.vocab_size, request.skip_special_tokens
-            )
-            token_bytes = (
-                tokenization.token_bytes(tokenizer, token_ids, engine.vocab_size)
-                if request.return_token_bytes
-                else []
-            )
+            text, token_bytes = await asyncio.to_thread(_detokenize, engine, request)
         except SalienceError as error:
             await self._abort(context, error)
         return pb.DetokenizeResponse(text=text, token_bytes=token_bytes)
+
+
+def _detokenize(engine: Engine, request: pb.DetokenizeRequest) -> tuple[str, list[bytes]]:
+    """Detokenize's text and, with ``return_token_bytes``, each token's bytes."""
+    tokenizer = engine.loaded.tokenizer
+    token_ids = list(request.token_ids)
+    text = tokenization.decode(tokenizer, token_ids, engine.vocab_size, request.skip_special_tokens)
+    if not request.return_token_bytes:
+        return text, []
+    return text, tokenization.token_bytes(tokenizer, token_ids, engine.vocab_size)
 
 
 def _slow_reader(limit: int) -> SalienceError:

@@ -4,7 +4,8 @@
 Left alone, grpc's asyncio server ends such a call UNKNOWN with "Unexpected <class
 ...>": a status clients cannot act on, and for bad input one SPEC 2.5 rules out (a bug
 that lets some input through to an exception is still the server's fault, so INTERNAL).
-The call's own endings (``context.abort``, a cancellation) pass through untouched.
+The call's own endings (``context.abort``, a cancellation) pass through untouched, and
+so does a write to a call whose client has gone (``client_gone_is_cancelled``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import grpc
 
 from salience_server.engine.errors import Code, SalienceError
-from salience_server.rpc.errors import abort
+from salience_server.rpc.errors import abort, client_gone_is_cancelled
 from salience_server.rpc.handlers import HandlerInterceptor, rewrapped
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ def _guarded(behavior: Any, method: str) -> Any:
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for response in behavior(request, context):
-                    yield response
+                with client_gone_is_cancelled():
+                    async for response in behavior(request, context):
+                        yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
@@ -48,7 +50,8 @@ def _guarded(behavior: Any, method: str) -> Any:
 
     async def returning(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            with client_gone_is_cancelled():
+                return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as error:

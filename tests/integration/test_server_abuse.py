@@ -1,0 +1,128 @@
+"""Hostile or careless traffic against the gRPC server: a burst of calls, a huge
+Detokenize, clients that leave while their call is being answered. Each gets its
+answer (or goes quietly), and the other clients are served meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from typing import Any
+
+import grpc
+import pytest
+
+from salience_client.pb import salience_pb2 as pb
+from salience_client.pb import salience_pb2_grpc
+from salience_server.engine import tokenization
+from salience_server.engine.errors import Code, SalienceError
+from salience_server.rpc.errors import abort
+from salience_server.rpc.replica import ReplicaInterceptor
+from salience_server.rpc.unexpected import UnexpectedErrorInterceptor
+
+
+def test_a_burst_of_calls_on_one_connection_is_answered_not_cancelled(llama_server) -> None:
+    """4,000 calls sent at once: gRPC's default backlog (1,000 calls, all refused past
+    3,000) cancelled a third of them, CANCELLED with no reason, before the event loop
+    could take them up."""
+
+    async def burst() -> collections.Counter[str]:
+        outcomes: collections.Counter[str] = collections.Counter()
+        async with grpc.aio.insecure_channel(llama_server.target) as channel:
+            stub = salience_pb2_grpc.SalienceStub(channel)
+
+            async def one() -> None:
+                try:
+                    await stub.Tokenize(pb.TokenizeRequest(text="a b c"), timeout=120)
+                    outcomes["OK"] += 1
+                except grpc.aio.AioRpcError as error:
+                    outcomes[error.code().name] += 1
+
+            await asyncio.gather(*(one() for _ in range(4000)))
+        return outcomes
+
+    assert asyncio.run(burst()) == {"OK": 4000}
+
+
+def test_a_huge_detokenize_does_not_stall_the_other_calls(
+    llama_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Detokenize decodes off the event loop: 16 million ids (within the 64 MiB message
+    limit) held every other call, streams included, for 8 s."""
+    entered, gate = threading.Event(), threading.Event()
+    decode = tokenization.decode
+
+    def slow_decode(*args: Any, **kwargs: Any) -> str:
+        entered.set()
+        gate.wait(20)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenization, "decode", slow_decode)
+    answer: dict[str, str] = {}
+    caller = threading.Thread(
+        target=lambda: answer.update(
+            text=llama_server.stub.Detokenize(pb.DetokenizeRequest(token_ids=[5, 6])).text
+        )
+    )
+    caller.start()
+    try:
+        assert entered.wait(10)
+        info = llama_server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        assert info.vocab_size > 0
+    finally:
+        gate.set()
+        caller.join(30)
+    assert answer["text"] == decode(llama_server.engine.loaded.tokenizer, [5, 6], 10**6, False)
+
+
+def _serve_and_leave(interceptors: list[grpc.aio.ServerInterceptor]) -> None:
+    """A server with ``interceptors`` whose one streaming method sends one message, then
+    waits; a client that reads it and cancels. The handler, cancelled, answers with an
+    error, as a Generate does when the engine's SESSION_CLOSED comes just as its client
+    leaves."""
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+        yield b"first"
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            closed = SalienceError(Code.CANCELLED, "SESSION_CLOSED", "the session was closed")
+            await abort(context, closed)
+            raise
+
+    async def main() -> None:
+        server = grpc.aio.server(interceptors=interceptors)
+        method = grpc.unary_stream_rpc_method_handler(handler)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("t.T", {"S": method}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_stream("/t.T/S")(b"")
+                async for _ in call:
+                    break
+                call.cancel()
+                await asyncio.sleep(1.0)  # the server notices, and ends the call
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_while_its_call_is_answered_logs_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An error status for a call whose client has just gone cannot be sent: the call
+    ends cancelled, quietly. It was logged as the handler's unexpected failure, with
+    three tracebacks, then aborted again ("Abort already called!", logged by gRPC)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ReplicaInterceptor("r"),
+        UnexpectedErrorInterceptor(),
+    ]
+    with caplog.at_level(logging.DEBUG):
+        _serve_and_leave(interceptors)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
