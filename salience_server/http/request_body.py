@@ -3,6 +3,8 @@ against its schema, any problem a 400 naming the field as OpenAI names it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, TypeVar
 
 import pydantic
@@ -18,6 +20,11 @@ _Model = TypeVar("_Model", bound=BaseModel)
 MAX_BODY_BYTES = 64 << 20
 """The largest request body read: the gRPC message limit, which an image in it travels
 within too. A larger one is a 413 before it is read (or as soon as it passes this)."""
+BODY_IDLE_S = 30.0
+"""How long the body may pause between two of its chunks: a client that sends headers
+and then nothing (or never finishes) held its connection and its request forever."""
+BODY_TOTAL_S = 300.0
+"""How long the whole body may take to arrive (a client trickling a byte at a time)."""
 
 
 async def parse_body(request: Request, model: type[_Model]) -> _Model:
@@ -49,8 +56,17 @@ async def read_body(request: Request) -> bytes:
     if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _too_large()
     chunks, size = [], 0
+    stream = aiter(request.stream())
+    ends = time.monotonic() + BODY_TOTAL_S
     try:
-        async for chunk in request.stream():
+        while True:
+            wait_s = min(BODY_IDLE_S, ends - time.monotonic())
+            try:
+                chunk = await asyncio.wait_for(anext(stream), max(wait_s, 0.0))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise _too_slow() from None
             size += len(chunk)
             if size > MAX_BODY_BYTES:
                 raise _too_large()
@@ -58,6 +74,15 @@ async def read_body(request: Request) -> bytes:
     except ClientDisconnect:
         raise invalid("The client disconnected before sending the whole body") from None
     return b"".join(chunks)
+
+
+def _too_slow() -> ApiError:
+    return ApiError(
+        408,
+        f"The request body did not arrive in time (a pause of {BODY_IDLE_S:g} s, or "
+        f"{BODY_TOTAL_S:g} s in all)",
+        code="request_timeout",
+    )
 
 
 def _too_large() -> ApiError:
