@@ -146,11 +146,13 @@ class Backend:
     ) -> list[int]:
         """Chat messages through the model's chat template, as token ids (by default
         ending with the assistant turn's opening). ``bounded``: a prompt for the model,
-        which must fit its context (``check_fits``). With ``images`` (fetched), each
-        image's place is as many pad tokens as the image takes; else one."""
+        which must fit its context (``check_fits``: the tools' text too, which the
+        prompt holds). With ``images`` (fetched), each image's place is as many pad
+        tokens as the image takes; else one."""
         options = options or RenderOptions()
         if bounded:
-            await self.check_fits(text_checks.text_length(messages), param)
+            num_chars = text_checks.text_length(messages) + text_checks.text_length(tools)
+            await self.check_fits(num_chars, param)
         info = await self.model_info()
         has_tool_template = template_supports_tools(info.chat_template)
         rendered = template_messages(messages, tools, has_tool_template)
