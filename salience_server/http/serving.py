@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from salience_server.http.app import create_app
 from salience_server.http.config import ShimConfig, api_key_from_env
+from salience_server.http.connections import HeadersInTime
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class ShimServer:
         self._app = create_app(config, metrics_registry)
         uvicorn_config = uvicorn.Config(
             self._app,
+            http=HeadersInTime,
             log_level=config.log_level.lower(),
             timeout_graceful_shutdown=math.ceil(config.graceful_shutdown_s),
         )

@@ -1,5 +1,6 @@
 """A client that sends its request's body slowly, or never finishes it, gets a 408 and
-its connection closed, instead of holding them forever."""
+its connection closed, instead of holding them forever; one that never finishes its
+request's headers, or sends none, has its connection closed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from salience_server.http import request_body
+from salience_server.http import connections, request_body
 
 
 def _answer(port: int, head: bytes, body_parts: list[bytes], pause_s: float) -> bytes:
@@ -64,3 +65,37 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(
     assert time.monotonic() - started < 10
     error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["code"] == "request_timeout"
+
+
+def _closed_within(connection: socket.socket, limit_s: float) -> float | None:
+    """Seconds until the shim closed ``connection`` (reading it to its end), or None."""
+    started = time.monotonic()
+    connection.settimeout(limit_s)
+    try:
+        while connection.recv(65536):
+            pass
+    except TimeoutError:
+        return None
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("sends", ["nothing", "part of its headers", "a request, then part"])
+def test_a_connection_whose_headers_do_not_come_is_closed(
+    shim, monkeypatch: pytest.MonkeyPatch, sends: str
+) -> None:
+    """uvicorn bounded only a keep-alive connection's idle wait, and stopped that bound at
+    the first byte: these connections were held forever. A request that came whole, and
+    the keep-alive wait after it, are as they were."""
+    monkeypatch.setattr(connections, "HEADERS_TIMEOUT_S", 0.5)
+    partial = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    with socket.create_connection(("127.0.0.1", shim.server.port), timeout=20) as connection:
+        if sends == "part of its headers":
+            connection.sendall(partial)
+        elif sends == "a request, then part":
+            connection.sendall(partial + b"\r\n")
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(1.0)  # idle past the bound: the keep-alive wait (5 s) is uvicorn's
+            connection.sendall(partial)
+        closed_after = _closed_within(connection, 10)
+    assert closed_after is not None, "the connection was held"
+    assert closed_after < 5
