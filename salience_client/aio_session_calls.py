@@ -59,6 +59,14 @@ class AsyncSessionCalls(SessionBase):
         self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
     ) -> None:
         """As ``SessionCalls._recover``."""
+        try:
+            await self._recover_in_time(error, attempts, replay_length)
+        finally:
+            attempts.replay_done()
+
+    async def _recover_in_time(
+        self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
+    ) -> None:
         if self._replay_under_way(error, attempts):
             async with self._replay_turn(attempts, error):  # until it is done
                 if self._replayed_meanwhile(attempts, replay_length) or is_busy(error):

@@ -274,8 +274,9 @@ class Attempts:
         return self._replay_deadline
 
     def replay_done(self) -> None:
-        """A replay went through: a later one of this call (its stream broke again) has
-        the call's timeout anew."""
+        """A recovery ended (a replay went through, or another call's did, waited for):
+        a later replay of this call (its stream broke again) has the call's timeout
+        anew."""
         self._replay_deadline = None
 
     def begin_replay(self, session_id: str, error: SalienceClientError) -> None:

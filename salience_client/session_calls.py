@@ -57,7 +57,16 @@ class SessionCalls(SessionBase):
         self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
     ) -> None:
         """Does what ``_recovery`` decides: waits, or re-creates the session (trying again
-        until the replays are spent); raises when nothing can be done."""
+        until the replays are spent); raises when nothing can be done. The call's timeout
+        bounds this recovery's waits and replays; a later one has it anew."""
+        try:
+            self._recover_in_time(error, attempts, replay_length)
+        finally:
+            attempts.replay_done()
+
+    def _recover_in_time(
+        self, error: SalienceClientError, attempts: Attempts, replay_length: int | None
+    ) -> None:
         if self._replay_under_way(error, attempts):
             with self._replay_turn(attempts, error):  # until it is done
                 if self._replayed_meanwhile(attempts, replay_length) or is_busy(error):
