@@ -76,12 +76,20 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _closing() -> dict[str, str]:
+    """Headers of a 408: the connection is closed after it (uvicorn went on reading the
+    body for as long as it came, its keep-alive timer stopped at the first byte: a
+    client trickling its body held the connection forever)."""
+    return {"Connection": "close"}
+
+
 def _too_slow() -> ApiError:
     return ApiError(
         408,
         f"The request body did not arrive in time (a pause of {BODY_IDLE_S:g} s, or "
         f"{BODY_TOTAL_S:g} s in all)",
         code="request_timeout",
+        headers=_closing(),
     )
 
 

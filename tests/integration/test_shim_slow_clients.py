@@ -99,3 +99,28 @@ def test_a_connection_whose_headers_do_not_come_is_closed(
         closed_after = _closed_within(connection, 10)
     assert closed_after is not None, "the connection was held"
     assert closed_after < 5
+
+
+def test_a_connection_is_closed_after_its_408(shim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 408 closes the connection: uvicorn read the rest of the body for as long as it
+    trickled (its keep-alive timer stopped at each byte), holding the connection forever."""
+    monkeypatch.setattr(request_body, "BODY_IDLE_S", 0.5, raising=False)
+    monkeypatch.setattr(request_body, "BODY_TOTAL_S", 1.0, raising=False)
+    with socket.create_connection(("127.0.0.1", shim.server.port), timeout=20) as connection:
+        connection.sendall(_head(100_000) + b"{")
+        answer = b""
+        while b"request_timeout" not in answer:
+            chunk = connection.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < 8:  # past the keep-alive's 5 s
+            try:
+                connection.sendall(b" ")
+                if select.select([connection], [], [], 0.3)[0]:
+                    closed = connection.recv(65536) == b""
+            except OSError:  # reset: closed with the trickle unread
+                closed = True
+    assert closed, "the connection was held after its 408, its body still trickling"
