@@ -137,8 +137,6 @@ class AsyncSession(AsyncSessionCalls):
     ) -> tuple[pb.GenerateRequest, str]:
         """As ``Session._recover_stream``."""
         self._commit(progress)
-        if not progress.is_resumable:
-            raise self._unresumable(error, progress)
         await self._recover(error, attempts, progress.replay_length)
         progress.is_replayed = self._takes_replay() or progress.is_replayed
         self._resumed(error, progress)

@@ -148,8 +148,6 @@ class Session(SessionCalls):
         """Re-creates the session or waits, as the failure asks; the call that resumes
         the stream, and the finish reason it settles on when nothing is left."""
         self._commit(progress)  # a replay restores what has streamed too
-        if not progress.is_resumable:
-            raise self._unresumable(error, progress)
         self._recover(error, attempts, progress.replay_length)
         progress.is_replayed = self._takes_replay() or progress.is_replayed
         self._resumed(error, progress)

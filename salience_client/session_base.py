@@ -375,16 +375,6 @@ class SessionBase:
             raise replay_timed_out(self.session_id, error, attempts.timeout_s) from error
         attempts.begin_replay(self.session_id, error)
 
-    def _unresumable(
-        self, error: SalienceClientError, progress: StreamProgress
-    ) -> SalienceClientError:
-        """What a stream that cannot resume (``StreamProgress.is_resumable``) fails with."""
-        if is_refusing(self._stub):
-            return client_closed()
-        if self._failover.replay and (is_broken(error) or is_session_lost(error)):
-            return progress.unresumable(error)
-        return error
-
     def _replayed(self, cause: SalienceClientError, length: int) -> None:
         """Counts and logs a replay that restored ``length`` positions."""
         self.length = length

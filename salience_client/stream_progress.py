@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Collection
 
 from salience_client.pb import salience_pb2 as pb
-from salience_client.types import Done, SalienceClientError, TokenEvent
+from salience_client.types import Done, TokenEvent
 
 
 class StreamProgress:
@@ -17,10 +17,9 @@ class StreamProgress:
     Once a token was decoded, the resuming call continues from the last one received;
     before that (only scored prompt positions arrived, or nothing) the call is made
     again and the events already delivered are dropped. Exact for greedy decoding, its
-    penalties and stop strings included (``decode_start``: the server counts the tokens
-    decoded before the break as the call's, and its stop strings' held-back text goes
-    on); a sampled continuation is a fresh draw; a call under a ``constraint`` cannot
-    resume once it decoded (its grammar state lived on the lost replica).
+    penalties, stop strings and constraint included (``decode_start``: the server counts
+    the tokens decoded before the break as the call's, its stop strings' held-back text
+    goes on, and its grammar reads them again); a sampled continuation is a fresh draw.
     """
 
     def __init__(self, request: pb.GenerateRequest) -> None:
@@ -55,19 +54,6 @@ class StreamProgress:
             return self.base_length + len(self.decoded_ids)
         return self.request.offset
 
-    @property
-    def is_resumable(self) -> bool:
-        return not (self.decoded_ids and self.request.HasField("constraint"))
-
-    def unresumable(self, error: SalienceClientError) -> SalienceClientError:
-        """``error``, which broke a stream that cannot resume, saying why: the state of
-        a constraint's grammar after the tokens decoded was the lost call's."""
-        return error.noted(
-            f"the stream broke after {len(self.decoded_ids)} decoded tokens, and a "
-            "constrained call cannot resume where it broke: the session keeps what was "
-            "received; call again to decode under the constraint anew"
-        )
-
     def observe(self, event: TokenEvent | Done) -> bool:
         """Notes an event; False for one delivered before (a call made again)."""
         self.is_accepted = True
@@ -97,7 +83,7 @@ class StreamProgress:
         num_decoded = len(self.decoded_ids)
         del request.append_tokens[:]
         request.offset = self.base_length + num_decoded
-        request.decode_start = self.base_length  # penalties and stop strings go on
+        request.decode_start = self.base_length  # penalties, stop strings, grammar go on
         request.max_tokens = max(0, self.request.max_tokens - num_decoded)
         # min_tokens stays the call's: the server counts it from decode_start.
         for ranges in (request.logprobs_ranges, request.readout_ranges):

@@ -126,10 +126,27 @@ class Matcher:
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._matcher = matcher
         self._vocab_size = vocab_size
+        self._failure: ConstraintFailed | None = None
+        """Why the tokens ``catch_up`` read broke the grammar, raised at the first mask."""
+
+    def catch_up(self, token_ids: list[int]) -> None:
+        """Reads the tokens a resumed stream's broken call decoded, so that the grammar
+        goes on where that call was (it started again: a JSON object resumed midway
+        began a second one). Tokens that break it fail the call at its first step."""
+        for token_id in token_ids:
+            if not self._matcher.consume_token(token_id):
+                why = self._matcher.get_error() or "rejected"
+                self._failure = ConstraintFailed(
+                    f"token {token_id}, decoded before decode_start's resume, breaks the "
+                    f"grammar: {why}"
+                )
+                return
 
     def bitmask(self) -> torch.Tensor:
         """[ceil(V / 32)] int32 words on the host (sent with the step's inputs): bit
         ``t % 32`` of word ``t // 32`` is set when token ``t`` may come next."""
+        if self._failure is not None:
+            raise self._failure
         data = self._matcher.compute_bitmask()
         if self._matcher.is_error():
             raise ConstraintFailed(f"the grammar matcher failed: {self._matcher.get_error()}")
@@ -148,7 +165,7 @@ class Matcher:
     @property
     def is_complete(self) -> bool:
         """The grammar admits nothing more: decoding ends here."""
-        return bool(self._matcher.is_stopped())
+        return self._failure is None and bool(self._matcher.is_stopped())
 
 
 def _allows_any_below(data: bytes, vocab_size: int) -> bool:

@@ -151,6 +151,12 @@ class Intake:
         request.generator = sampler.make_generator(params.sampling, self.device)
         if params.constraint is not None:
             request.matcher = self.constraints.matcher(params.constraint)
+            # A resumed stream: the grammar reads every token the broken call decoded
+            # (its state depends on each), and one they complete ends the call at once,
+            # as a stop string they hold does.
+            request.matcher.catch_up(session.token_ids[decode_start:prompt_end])
+            if request.matcher.is_complete and request.finish_reason is None:
+                request.finish_reason = FinishReason.STOP
         log.debug(
             "request %d on session %s: %d appended at %d, max_tokens %d",
             request.request_id,

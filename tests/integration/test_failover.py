@@ -337,22 +337,20 @@ def test_a_stream_that_cannot_resume_keeps_what_it_delivered_for_the_next_replay
             fresh.stop()
 
 
-def test_a_broken_constrained_stream_says_it_cannot_resume(fake: RunningFake) -> None:
-    """A constraint's grammar state after the decoded tokens was the lost call's: the
-    stream fails (it failed with the transport's bare message), saying so, and keeps
-    what it delivered."""
+def test_a_broken_constrained_stream_resumes_under_its_grammar(fake: RunningFake) -> None:
+    """The resuming call carries the constraint and ``decode_start``: the server's
+    grammar reads the tokens decoded before the break again and goes on from there
+    (``test_resume_exact.py``). It failed, saying a constrained call cannot resume."""
     with SalienceClient(fake.target, timeout=10, replay=FAST) as client:
         session = client.open_session()
         fake.replica.faults.break_after = 3
-        received = []
-        with pytest.raises(SalienceClientError) as caught:
-            for event in session.generate([100], max_tokens=8, constraint={"regex": "[a-z]+"}):
-                received.append(event.token_id)  # type: ignore[union-attr]
-        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-        assert "after 3 decoded tokens" in caught.value.message
-        assert "a constrained call cannot resume" in caught.value.message
-        assert received == [101, 102, 103] and session.length == 4
-        assert session.num_resumes == 0 and len(fake.replica.requests) == 1
+        constraint = {"regex": "[a-z]+"}
+        events = list(session.generate([100], max_tokens=8, constraint=constraint))
+        assert [e.token_id for e in events[:-1]] == list(range(101, 109))  # type: ignore[union-attr]
+        assert session.length == 9 and session.num_resumes == 1
+        resumed = fake.replica.requests[-1]
+        assert resumed.constraint == pb.Constraint(regex="[a-z]+")
+        assert resumed.decode_start == 1 and resumed.offset == 4 and resumed.max_tokens == 5
 
 
 def test_a_server_error_mid_stream_is_not_resumed(fake: RunningFake) -> None:

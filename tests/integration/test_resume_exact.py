@@ -164,3 +164,50 @@ def test_a_resume_reads_again_only_what_its_stop_strings_may_span(
     resumed.offset, resumed.truncating, resumed.max_tokens = len(PROMPT) * 40, True, 0
     list(stub.Generate(resumed))
     assert len(pushed) == RESUME_TAIL_BYTES * 2  # not the 480 since decode_start
+
+
+@pytest.mark.parametrize("num_digits", [14, BREAK_AFTER], ids=["midway", "at-its-end"])
+def test_a_resumed_constrained_stream_goes_on_in_its_grammar(
+    llama_server: RunningServer, num_digits: int
+) -> None:
+    """The grammar reads the broken call's tokens again: the resumed call goes on where
+    the broken one was in it (it started the grammar again: a second match began after
+    the first one's start), and one the break came after the grammar's end ends at once,
+    finish stop, nothing more decoded (a whole second match followed)."""
+    stub = llama_server.stub
+    options = {"constraint": pb.Constraint(regex=f"[0-9]{{{num_digits}}}")}
+    whole = _unbroken(stub, **options)
+    assert len(whole) == num_digits and all(t.text.isdigit() for t in whole)
+    session_id = open_session(stub)
+    first = _call(session_id=session_id, append_tokens=PROMPT, **options)
+    before = _tokens(stub, first, limit=BREAK_AFTER)
+    resumed = _call(session_id=session_id, decode_start=len(PROMPT), **options)
+    resumed.offset, resumed.truncating = len(PROMPT) + BREAK_AFTER, True
+    events = list(stub.Generate(resumed))
+    after = [e.token for e in events if e.HasField("token") and not e.token.is_prefill]
+    assert [t.id for t in before + after] == [t.id for t in whole]
+    done = events[-1].done
+    assert done.finish_reason == pb.FINISH_REASON_STOP
+    assert done.completion_tokens == num_digits - BREAK_AFTER
+
+
+def test_a_resume_whose_tokens_break_the_grammar_fails_clearly(
+    llama_server: RunningServer,
+) -> None:
+    """A decode_start naming tokens the constraint cannot have made: the call fails
+    CONSTRAINT_FAILED, as one whose grammar the engine cannot follow does, saying so."""
+    import grpc
+
+    from tests.helpers import error_reason
+
+    session_id = open_session(llama_server.stub)
+    request = _call(
+        session_id=session_id,
+        append_tokens=PROMPT,
+        decode_start=len(PROMPT) - 3,
+        constraint=pb.Constraint(regex="[0-9]{4}"),
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        list(llama_server.stub.Generate(request))
+    assert error_reason(caught.value) == "CONSTRAINT_FAILED"
+    assert "decoded before decode_start's resume, breaks the grammar" in caught.value.details()

@@ -166,8 +166,11 @@ def test_a_call_whose_last_token_came_is_settled_not_continued(
     assert request.max_tokens == (0 if want else 9 - 2)
 
 
-def test_a_constrained_call_cannot_resume_once_it_decoded() -> None:
-    progress = StreamProgress(_request(max_tokens=5, constraint=pb.Constraint(json_object=True)))
-    assert progress.is_resumable
+def test_a_constrained_call_resumes_with_its_constraint_from_its_decode_start() -> None:
+    """The server's grammar reads the tokens since ``decode_start`` again."""
+    constraint = pb.Constraint(json_object=True)
+    progress = StreamProgress(_request(max_tokens=5, constraint=constraint))
     progress.observe(_token(13, 50))
-    assert not progress.is_resumable
+    request, finish_reason = progress.next_request([EOS])
+    assert finish_reason == "" and request.constraint == constraint
+    assert request.decode_start == progress.base_length and request.offset == 14
