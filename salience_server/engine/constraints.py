@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 import llguidance.hf
@@ -133,14 +133,7 @@ class Matcher:
         """Reads the tokens a resumed stream's broken call decoded, so that the grammar
         goes on where that call was (it started again: a JSON object resumed midway
         began a second one). Tokens that break it fail the call at its first step."""
-        for token_id in token_ids:
-            if not self._matcher.consume_token(token_id):
-                why = self._matcher.get_error() or "rejected"
-                self._failure = ConstraintFailed(
-                    f"token {token_id}, decoded before decode_start's resume, breaks the "
-                    f"grammar: {why}"
-                )
-                return
+        self._failure = _caught_up(self, token_ids)
 
     def bitmask(self) -> torch.Tensor:
         """[ceil(V / 32)] int32 words on the host (sent with the step's inputs): bit
@@ -166,6 +159,64 @@ class Matcher:
     def is_complete(self) -> bool:
         """The grammar admits nothing more: decoding ends here."""
         return self._failure is None and bool(self._matcher.is_stopped())
+
+
+class ThinkingMatcher:
+    """A matcher leaving a reasoning model's thinking free (``GenerateParams.thinking``):
+    the grammar applies once the end token has been decoded. With a start token, the
+    reply's first token may be it (the thinking opens) or one the grammar allows."""
+
+    def __init__(self, inner: Matcher, start: int | None, end: int) -> None:
+        self._inner = inner
+        self._start = start
+        self._end = end
+        self._state: Literal["start", "thinking", "answer"] = (
+            "thinking" if start is None else "start"
+        )
+        self._failure: ConstraintFailed | None = None
+
+    def catch_up(self, token_ids: list[int]) -> None:
+        """As ``Matcher.catch_up``."""
+        self._failure = _caught_up(self, token_ids)
+
+    def bitmask(self) -> torch.Tensor | None:
+        """The grammar's mask, the start token allowed too at the reply's start; None
+        (no mask) while thinking."""
+        if self._failure is not None:
+            raise self._failure
+        if self._state == "thinking":
+            return None
+        mask = self._inner.bitmask()
+        if self._state == "start" and self._start is not None:
+            word, bit = divmod(self._start, 32)
+            if word < mask.shape[0]:
+                value = int(mask[word]) | (1 << bit)
+                mask[word] = value - (1 << 32) if value >= 1 << 31 else value
+        return mask
+
+    def consume(self, token_id: int) -> None:
+        if self._state == "start" and token_id == self._start:
+            self._state = "thinking"
+        elif self._state == "thinking":
+            if token_id == self._end:
+                self._state = "answer"
+        else:
+            self._state = "answer"
+            self._inner.consume(token_id)
+
+    @property
+    def is_complete(self) -> bool:
+        return self._failure is None and self._state == "answer" and self._inner.is_complete
+
+
+def _caught_up(matcher: Matcher | ThinkingMatcher, token_ids: list[int]) -> ConstraintFailed | None:
+    """Feeds ``matcher`` a resumed stream's earlier tokens; why they break it, if they do."""
+    for token_id in token_ids:
+        try:
+            matcher.consume(token_id)
+        except ConstraintFailed as error:
+            return ConstraintFailed(f"a token decoded before decode_start's resume: {error}")
+    return None
 
 
 def _allows_any_below(data: bytes, vocab_size: int) -> bool:

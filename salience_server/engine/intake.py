@@ -13,7 +13,7 @@ import torch
 
 from salience_server.engine import sampler
 from salience_server.engine.block_manager import BlockManager
-from salience_server.engine.constraints import ConstraintCompiler
+from salience_server.engine.constraints import ConstraintCompiler, ThinkingMatcher
 from salience_server.engine.detokenizer import CONTEXT_TAIL, IncrementalDetokenizer
 from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.evictor import Evictor
@@ -151,6 +151,8 @@ class Intake:
         request.generator = sampler.make_generator(params.sampling, self.device)
         if params.constraint is not None:
             request.matcher = self.constraints.matcher(params.constraint)
+            if params.thinking is not None:  # the thinking is free, its answer constrained
+                request.matcher = ThinkingMatcher(request.matcher, *params.thinking)
             # A resumed stream: the grammar reads every token the broken call decoded
             # (its state depends on each), and one they complete ends the call at once,
             # as a stop string they hold does.

@@ -84,6 +84,10 @@ class GenerateParams:
     """EOS and stop tokens cannot end the call before this many decoded tokens."""
     constraint: Any = None
     """A constraints.CompiledConstraint the decoded tokens must follow, or None."""
+    thinking: tuple[int | None, int] | None = None
+    """The constraint leaves a reasoning model's thinking free: (the token that may open
+    the reply's thinking, None when the reply starts inside it; the token that ends it).
+    None: the constraint applies from the first decoded token."""
     pooling: str = ""
     """An Embed input: "last" or "mean" pooling of the final hidden states (nothing is
     decoded or streamed); empty for a Generate call."""

@@ -155,6 +155,10 @@ def check_generate(
         )
     check_token_ids(params.append_tokens, vocab_size, "append_tokens")
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
+    if params.thinking is not None:
+        start, end = params.thinking
+        thinking = [end] if start is None else [start, end]
+        check_token_ids(thinking, vocab_size, "the constraint's thinking tokens")
     if params.decoding_from > params.prompt_end:
         raise invalid(
             "INVALID_RANGE",

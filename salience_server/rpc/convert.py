@@ -60,7 +60,18 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         ignore_eos=request.ignore_eos,
         min_tokens=request.min_tokens,
         decode_start=request.decode_start if request.HasField("decode_start") else None,
+        thinking=_thinking(request),
     )
+
+
+def _thinking(request: pb.GenerateRequest) -> tuple[int | None, int] | None:
+    """The constraint's thinking tokens (``GenerateParams.thinking``; a start token
+    without an end is refused by ``constraint_spec``)."""
+    constraint = request.constraint
+    if not request.HasField("constraint") or not constraint.HasField("thinking_end_token"):
+        return None
+    start = constraint.thinking_start_token if constraint.HasField("thinking_start_token") else None
+    return start, constraint.thinking_end_token
 
 
 def constraint_spec(request: pb.GenerateRequest) -> ConstraintSpec | None:
@@ -79,6 +90,11 @@ def constraint_spec(request: pb.GenerateRequest) -> ConstraintSpec | None:
     value = getattr(request.constraint, kind)
     if value is False:
         raise invalid("INVALID_CONSTRAINT", "json_object must be true (leave it unset for none)")
+    thinking = request.constraint
+    if thinking.HasField("thinking_start_token") and not thinking.HasField("thinking_end_token"):
+        raise invalid(
+            "INVALID_CONSTRAINT", "the constraint's thinking_start_token needs a thinking_end_token"
+        )
     return ConstraintSpec(kind, value if isinstance(value, str) else "")
 
 

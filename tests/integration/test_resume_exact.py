@@ -210,4 +210,4 @@ def test_a_resume_whose_tokens_break_the_grammar_fails_clearly(
     with pytest.raises(grpc.RpcError) as caught:
         list(llama_server.stub.Generate(request))
     assert error_reason(caught.value) == "CONSTRAINT_FAILED"
-    assert "decoded before decode_start's resume, breaks the grammar" in caught.value.details()
+    assert "a token decoded before decode_start's resume: token" in caught.value.details()
