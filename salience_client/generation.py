@@ -57,7 +57,7 @@ class GenerateOptions(TypedDict, total=False):
     """Token id -> value in [-100, 100] added to its logit."""
     min_tokens: int
     """EOS and stop_token_ids cannot end the call before this many decoded tokens."""
-    constraint: Mapping[str, str | bool]
+    constraint: Mapping[str, str | bool | int]
     """One of ``{"json_schema": SCHEMA_JSON}``, ``{"json_object": True}``,
     ``{"regex": ...}``, ``{"ebnf": ...}`` (GBNF) or ``{"lark": ...}`` (llguidance's Lark):
     the language the decoded text must be in."""

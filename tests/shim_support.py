@@ -137,6 +137,9 @@ class Script:
     tokens: list[tuple[int, str]] | None = None
     """(id, text) of each decoded token, in place of one per character of ``text``: a
     character's bytes, say, the text all with the last."""
+    single_tokens: dict[str, int] = field(default_factory=dict)
+    """Texts Tokenize gives as one token (added tokens, as a reasoning model's
+    ``<think>``); every other text is a token per byte."""
 
 
 class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
@@ -193,6 +196,8 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
             text = json.dumps(rendered) + "\n"
         else:
             text = request.text
+            if text in self.script.single_tokens:
+                return pb.TokenizeResponse(token_ids=[self.script.single_tokens[text]])
         return pb.TokenizeResponse(token_ids=list(text.encode()))
 
     async def Detokenize(self, request: Any, context: Any) -> pb.DetokenizeResponse:

@@ -9,6 +9,7 @@ there (``n > 1`` through forks). Each choice's text is parsed as it streams
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -93,6 +94,9 @@ class ChatPlan:
     """The model thinks first (a reasoning template): its thinking is reasoning_content."""
     opens_thinking: bool = False
     """The prompt ends inside an open ``<think>``: the reply starts in the thinking."""
+    thinking: tuple[int | None, int] | None = None
+    """The thinking tags' tokens, which a structured-output constraint leaves free
+    (``DecodeOptions.thinking``); None: no thinking under a constraint."""
     images: dict[int, ImageInput] = field(default_factory=dict)
     """The images of the conversation by their marker in ``prompt_ids``."""
     prompt_tail: int = 0
@@ -116,7 +120,11 @@ class ChatPlan:
     def reply_parser(self) -> ReplyParser:
         """Splits one choice's text into reasoning, content and tool calls."""
         return ReplyParser.for_request(
-            self.tools, self.constraint, self.is_reasoning, self.opens_thinking
+            self.tools,
+            self.constraint,
+            self.is_reasoning,
+            self.opens_thinking,
+            thinks_first=self.thinking is not None,
         )
 
     def generation(self, backend: Backend) -> Generation:
@@ -135,6 +143,7 @@ class ChatPlan:
             constraint=self.constraint,
             extra_stops=self.tools.stop_strings(),
         )
+        options = dataclasses.replace(options, thinking=self.thinking)
         return Generation(
             backend.pool,
             self.prompt_ids,
@@ -185,8 +194,21 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     opens = is_reasoning and await backend.opens_thinking(prompt_ids)
     param, constraint = mode.reply_constraint(output_constraint) or ("messages", None)
     tail = await backend.generation_prompt_length(render) + len(prompt_ids) - len(rendered)
+    thinking = None
+    if is_reasoning and constraint is not None:  # the answer is constrained, not the thinking
+        thinking = await backend.thinking_tokens(opens)
     return ChatPlan(
-        body, info, prompt_ids, mode, constraint, param, is_reasoning, opens, images, tail
+        body,
+        info,
+        prompt_ids,
+        mode,
+        constraint,
+        param,
+        is_reasoning,
+        opens,
+        thinking,
+        images,
+        tail,
     )
 
 

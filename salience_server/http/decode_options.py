@@ -39,6 +39,10 @@ class DecodeOptions:
     """Lower runs first (vLLM's sense)."""
     constraint: Constraint | None = None
     """The language the decoded text must be in (structured output, forced tool calls)."""
+    thinking: tuple[int | None, int] | None = None
+    """A reasoning model's thinking tokens, which the constraint leaves free: (the one
+    the reply may open with, None when the prompt opened the thinking; the one ending
+    it). None: the constraint applies from the first token."""
     logprob_top_k: int = 0
     """Most likely alternatives returned with each decoded token."""
     score_prompt: bool = False
@@ -93,7 +97,13 @@ class DecodeOptions:
         )
         if self.constraint is not None:
             kind, value = self.constraint
-            options["constraint"] = {kind: value}
+            constraint: dict[str, str | bool | int] = {kind: value}
+            if self.thinking is not None:
+                start, end = self.thinking
+                constraint["thinking_end_token"] = end
+                if start is not None:
+                    constraint["thinking_start_token"] = start
+            options["constraint"] = constraint
         if self.seed is not None:
             options["seed"] = (self.seed + index) % 2**64
         return options

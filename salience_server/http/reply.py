@@ -30,14 +30,20 @@ class ReplyParser:
 
     @classmethod
     def for_request(
-        cls, tools: ToolMode, constraint: Constraint | None, is_reasoning: bool, is_thinking: bool
+        cls,
+        tools: ToolMode,
+        constraint: Constraint | None,
+        is_reasoning: bool,
+        is_thinking: bool,
+        thinks_first: bool = False,
     ) -> ReplyParser:
         """The parser of one reply to a request: with ``tools`` when they are offered,
         reasoning when the template reasons (``is_thinking``: the prompt left a
-        ``<think>`` open). A constrained reply has no thinking; under a structured-output
-        constraint, no bare JSON call."""
+        ``<think>`` open). A constrained reply has no thinking, unless the constraint
+        leaves it free (``thinks_first``); under a structured-output constraint, no bare
+        JSON call."""
         splitter = None
-        if is_reasoning and constraint is None:
+        if is_reasoning and (constraint is None or thinks_first):
             splitter = ReasoningSplitter(is_thinking)
         parser = None
         if tools.is_enabled:

@@ -12,6 +12,7 @@ previous one (other instructions or tools), the whole conversation is rendered a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -75,6 +76,9 @@ class ResponsePlan:
     """The model thinks first: its thinking becomes a reasoning item."""
     opens_thinking: bool = False
     """The prompt ends inside an open ``<think>``."""
+    thinking: tuple[int | None, int] | None = None
+    """The thinking tags' tokens, which a ``text.format`` constraint leaves free
+    (``DecodeOptions.thinking``); None: no thinking under a constraint."""
     images: dict[int, ImageInput] = field(default_factory=dict)
     """Images by their marker in ``prompt_ids``."""
     all_images: list[ImageInput] = field(default_factory=list)
@@ -98,6 +102,7 @@ class ResponsePlan:
             constraint=self.constraint,
             extra_stops=self.tools.stop_strings(),
         )
+        options = dataclasses.replace(options, thinking=self.thinking)
         return Generation(
             backend.pool,
             self.prompt_ids,
@@ -118,7 +123,11 @@ class ResponsePlan:
     def reply_stream(self) -> ResponseStream:
         """Builds the output items of one reply (reasoning, text, function calls)."""
         parser = ReplyParser.for_request(
-            self.tools, self.constraint, self.is_reasoning, self.opens_thinking
+            self.tools,
+            self.constraint,
+            self.is_reasoning,
+            self.opens_thinking,
+            thinks_first=self.thinking is not None,
         )
         return ResponseStream(parser, self.message_id)
 
@@ -286,6 +295,9 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
     is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
     opens = is_reasoning and await backend.opens_thinking(prompt_ids)
     param, constraint = mode.reply_constraint(output_constraint) or ("input", None)
+    thinking = None
+    if is_reasoning and constraint is not None:  # the answer is constrained, not the thinking
+        thinking = await backend.thinking_tokens(opens)
     return ResponsePlan(
         body,
         info,
@@ -297,6 +309,7 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
         param,
         is_reasoning,
         opens,
+        thinking,
         images,
         all_images,
         prompt_tail=await backend.generation_prompt_length(render) + len(prefix_ids),
