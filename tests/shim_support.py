@@ -140,6 +140,9 @@ class Script:
     single_tokens: dict[str, int] = field(default_factory=dict)
     """Texts Tokenize gives as one token (added tokens, as a reasoning model's
     ``<think>``); every other text is a token per byte."""
+    generation_prompt: str = ""
+    """What the rendered prompt ends with after ``add_generation_prompt`` (Qwen3's
+    ``<think>\n\n</think>\n\n`` with its thinking off), past the rendered JSON's line."""
 
 
 class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
@@ -194,6 +197,8 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
             if not request.add_generation_prompt:
                 rendered["add_generation_prompt"] = False
             text = json.dumps(rendered) + "\n"
+            if request.add_generation_prompt:
+                text += self.script.generation_prompt
         else:
             text = request.text
             if text in self.script.single_tokens:

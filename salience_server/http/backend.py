@@ -27,7 +27,12 @@ from salience_server.http.messages import (
     template_supports_tools,
 )
 from salience_server.http.pooled_session import common_prefix_length
-from salience_server.http.reasoning import THINK_CLOSE, THINK_OPEN, opens_thinking
+from salience_server.http.reasoning import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    closes_thinking,
+    opens_thinking,
+)
 from salience_server.http.response_store import ResponseStore
 from salience_server.http.sessions_pool import SessionPool
 
@@ -188,18 +193,28 @@ class Backend:
     async def opens_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether a rendered prompt ends inside an open ``<think>`` (its last tokens,
         images left out, decoded)."""
-        tail = [token_id for token_id in prompt_ids[-THINKING_TAIL_TOKENS:] if token_id >= 0]
-        return opens_thinking(await self.detokenize(tail, "messages"))
+        return opens_thinking(await self._prompt_tail(prompt_ids))
 
-    async def thinking_tokens(self, opens: bool) -> tuple[int | None, int] | None:
+    async def thinking_tokens(
+        self, prompt_ids: list[int], opens: bool
+    ) -> tuple[int | None, int] | None:
         """The tokens of a reasoning model's thinking tags, for a constraint that leaves
         the thinking free (``DecodeOptions.thinking``): the opening one (None when the
         prompt ``opens`` the thinking) and the closing one; None where a tag is not one
-        token (the constraint then applies from the first token, no thinking)."""
+        token, or where the prompt ends with the thinking closed (Qwen3's generation
+        prompt with ``enable_thinking: false``): the constraint then applies from the
+        first token, no thinking (the reply may not open one)."""
+        if not opens and closes_thinking(await self._prompt_tail(prompt_ids)):
+            return None
         tags = [await self.tokenize(tag, "messages") for tag in (THINK_OPEN, THINK_CLOSE)]
         if any(len(ids) != 1 for ids in tags):
             return None
         return None if opens else tags[0][0], tags[1][0]
+
+    async def _prompt_tail(self, prompt_ids: list[int]) -> str:
+        """The text of a prompt's last tokens (images left out)."""
+        tail = [token_id for token_id in prompt_ids[-THINKING_TAIL_TOKENS:] if token_id >= 0]
+        return await self.detokenize(tail, "messages")
 
     async def tokenize(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
         """A prompt's text to token ids (errors name ``param``); it must fit the context

@@ -196,7 +196,7 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     tail = await backend.generation_prompt_length(render) + len(prompt_ids) - len(rendered)
     thinking = None
     if is_reasoning and constraint is not None:  # the answer is constrained, not the thinking
-        thinking = await backend.thinking_tokens(opens)
+        thinking = await backend.thinking_tokens(prompt_ids, opens)
     return ChatPlan(
         body,
         info,

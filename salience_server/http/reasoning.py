@@ -26,6 +26,12 @@ def opens_thinking(prompt_text: str) -> bool:
     return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
 
 
+def closes_thinking(prompt_text: str) -> bool:
+    """Whether a rendered prompt ends with a closed thinking (``</think>``, then only
+    whitespace): the reply is the answer (Qwen3 with ``enable_thinking: false``)."""
+    return prompt_text.rstrip().endswith(THINK_CLOSE)
+
+
 class ReasoningSplitter:
     """Feed the reply with ``push``; each call returns (reasoning, answer) text released
     now. Tags are held back until they are whole; the whitespace that opens the

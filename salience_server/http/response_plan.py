@@ -297,7 +297,7 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
     param, constraint = mode.reply_constraint(output_constraint) or ("input", None)
     thinking = None
     if is_reasoning and constraint is not None:  # the answer is constrained, not the thinking
-        thinking = await backend.thinking_tokens(opens)
+        thinking = await backend.thinking_tokens(prompt_ids, opens)
     return ResponsePlan(
         body,
         info,
