@@ -97,3 +97,50 @@ def test_a_start_token_without_an_end_is_refused(llama_server: Any) -> None:
             constraint=pb.Constraint(regex=REGEX, thinking_end_token=10**6),
         )
     assert error_reason(caught.value) == "INVALID_TOKEN"
+
+
+@pytest.mark.parametrize("where", ["in-the-thinking", "in-the-answer"])
+def test_a_resumed_stream_goes_on_through_the_thinking_and_the_grammar(
+    llama_server: Any, where: str
+) -> None:
+    """A stream broken inside the thinking, or inside the answer, resumed with
+    ``decode_start`` (as the client resumes it): the thinking's state and the
+    grammar's are read again from the tokens decoded before, so the whole equals the
+    unbroken call."""
+    stub = llama_server.stub
+    free, _ = _ids(stub, PROMPT, ignore_eos=True)
+    end_at = _thinking_end(free)
+    constraint = pb.Constraint(
+        regex=REGEX, thinking_start_token=free[0], thinking_end_token=free[end_at]
+    )
+    whole, _ = _ids(stub, PROMPT, ignore_eos=True, constraint=constraint)
+    break_after = 2 if where == "in-the-thinking" else end_at + 3
+    session_id = open_session(stub)
+    first = stub.Generate(
+        pb.GenerateRequest(
+            session_id=session_id,
+            append_tokens=PROMPT,
+            max_tokens=12,
+            ignore_eos=True,
+            constraint=constraint,
+        )
+    )
+    before = []
+    for event in first:
+        if event.HasField("token"):
+            before.append(event.token.id)
+            if len(before) == break_after:
+                first.cancel()
+                break
+    after, done = generate(
+        stub,
+        session_id,
+        offset=len(PROMPT) + break_after,
+        truncating=True,
+        max_tokens=12 - break_after,
+        ignore_eos=True,
+        constraint=constraint,
+        decode_start=len(PROMPT),
+    )
+    assert before + [t.id for t in after] == whole
+    assert done.finish_reason == pb.FINISH_REASON_STOP
