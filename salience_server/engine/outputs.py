@@ -204,8 +204,10 @@ def pick(request: Request, position: int) -> int | sampler.Draw:
         return session.token_ids[position]
     params = request.params
     banned = [] if request.is_stoppable else sorted(request.stop_token_ids)
+    # None also while a reasoning model thinks under its constraint: the plain path.
+    mask = request.matcher.bitmask() if request.matcher is not None else None
     shaping = None
-    if params.sampling.shapes_logits or banned or request.matcher is not None:
+    if params.sampling.shapes_logits or banned or mask is not None:
         if request.penalty_state is None:
             request.penalty_state = penalties.PenaltyState()
         shaping = penalties.Shaping(
@@ -214,7 +216,7 @@ def pick(request: Request, position: int) -> int | sampler.Draw:
             request.decode_start,
             banned,
             request.penalty_state,
-            request.matcher.bitmask() if request.matcher is not None else None,
+            mask,
         )
     return sampler.Draw(params.sampling, request.generator, shaping)
 
