@@ -208,10 +208,14 @@ class AsyncSalienceClient:
         pooling: str = "last",
         normalize: bool = False,
         add_special_tokens: bool = False,
+        priority: int = 0,
     ) -> Embeddings:
         """One vector per text (or token list): the final hidden state of the last
-        token, or the mean over all tokens, optionally L2-normalised."""
-        request = embed_request(texts, token_lists, pooling, normalize, add_special_tokens)
+        token, or the mean over all tokens, optionally L2-normalised; ``priority``: lower
+        runs first, as in ``generate``."""
+        request = embed_request(
+            texts, token_lists, pooling, normalize, add_special_tokens, priority
+        )
         return Embeddings.from_pb(await self._call("Embed", request))
 
     async def list_sessions(self) -> list[SessionInfo]:

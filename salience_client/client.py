@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -64,16 +65,24 @@ def embed_request(
     pooling: str,
     normalize: bool,
     add_special_tokens: bool,
+    priority: int = 0,
 ) -> pb.EmbedRequest:
     """An EmbedRequest: texts or token lists, ``pooling`` "last" or "mean"."""
     if pooling not in ("last", "mean"):
         raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
+    try:
+        fits = not isinstance(priority, bool) and -(2**31) <= operator.index(priority) < 2**31
+    except TypeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"embed(): priority takes a 32-bit integer, got {priority!r}")
     return pb.EmbedRequest(
         texts=list(texts or ()),
         token_lists=[pb.TokenIds(token_ids=list(tokens)) for tokens in token_lists or ()],
         pooling=pb.POOLING_MEAN if pooling == "mean" else pb.POOLING_LAST,
         normalize=normalize,
         add_special_tokens=add_special_tokens,
+        priority=priority,
     )
 
 
@@ -257,10 +266,14 @@ class SalienceClient:
         pooling: str = "last",
         normalize: bool = False,
         add_special_tokens: bool = False,
+        priority: int = 0,
     ) -> Embeddings:
         """One vector per text (or token list): the final hidden state of the last
-        token, or the mean over all tokens, optionally L2-normalised."""
-        request = embed_request(texts, token_lists, pooling, normalize, add_special_tokens)
+        token, or the mean over all tokens, optionally L2-normalised; ``priority``: lower
+        runs first, as in ``generate``."""
+        request = embed_request(
+            texts, token_lists, pooling, normalize, add_special_tokens, priority
+        )
         return Embeddings.from_pb(self._call("Embed", request))
 
     def list_sessions(self) -> list[SessionInfo]:

@@ -35,7 +35,7 @@ class EmbeddingsRequest(Body):
     pooling: Literal["last", "mean"] = "last"
     normalize: bool = True
     add_special_tokens: bool = False
-    priority: int = 0
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
 
 
 @router.post("/v1/embeddings")
@@ -54,6 +54,7 @@ async def create_embeddings(request: Request) -> dict[str, Any]:
             pooling=body.pooling,
             normalize=body.normalize,
             add_special_tokens=body.add_special_tokens,
+            priority=body.priority,
         )
     return {
         "object": "list",

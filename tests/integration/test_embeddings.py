@@ -8,6 +8,7 @@ import struct
 import threading
 
 import grpc
+import httpx
 import pytest
 import torch
 
@@ -181,3 +182,29 @@ def test_openai_embeddings_endpoint(shim, llama_server, oracle, model) -> None:
     values = struct.unpack(f"<{len(base64.b64decode(encoded)) // 4}f", base64.b64decode(encoded))
     want = torch.nn.functional.normalize(final_states(oracle, [5, 6, 7])[-1], dim=0)
     assert (torch.tensor(values) - want).abs().max() < TOLERANCE
+
+
+def test_embeddings_run_at_the_priority_asked(
+    shim, llama_server, model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shim took vLLM's ``priority`` and dropped it, and the clients' ``embed`` had
+    none: every input ran at priority 0."""
+    engine = llama_server.engine
+    submit = engine.submit_embedding
+    priorities: list[int] = []
+
+    def recording(token_ids, pooling, priority, sink):  # type: ignore[no-untyped-def]
+        priorities.append(priority)
+        return submit(token_ids, pooling, priority, sink)
+
+    monkeypatch.setattr(engine, "submit_embedding", recording)
+    shim.client().embeddings.create(model=model, input=["a", "b"], extra_body={"priority": -3})
+    with SalienceClient(llama_server.target) as client:
+        client.embed(texts=["c"], priority=7)
+        with pytest.raises(ValueError, match="priority"):
+            client.embed(texts=["c"], priority=2**31)
+    assert priorities == [-3, -3, 7]
+    reply = httpx.post(
+        f"{shim.base_url}/embeddings", json={"model": model, "input": "a", "priority": 2**31}
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "priority"
