@@ -76,7 +76,13 @@ def main() -> None:
         if not isinstance(pairs, dict) or not pairs:
             raise ValueError("the pairs file must map concept names to lists of pairs")
         for concept, items in pairs.items():
-            if not items or not all(isinstance(p, list) and len(p) == 2 for p in items):
+            if not concept:  # the server refuses a file with an unnamed concept
+                raise ValueError("concept names must be non-empty")
+            if (
+                not isinstance(items, list)
+                or not items
+                or not all(isinstance(p, list) and len(p) == 2 for p in items)
+            ):
                 raise ValueError(f"concept {concept!r} needs a list of [positive, negative] pairs")
             if not all(isinstance(text, str) and text for pair in items for text in pair):
                 raise ValueError(f"concept {concept!r}: each prompt must be non-empty text")

@@ -77,6 +77,10 @@ def test_make_readout_refuses_pairs_it_cannot_use(tmp_path, tiny_llama_dir) -> N
     for pairs, says in (
         ({"c": [["", "x"]]}, "non-empty text"),
         ({"c": [["same", "same"]]}, "all alike"),
+        # A number in place of the list ended in a traceback; an empty name wrote a
+        # file the server refuses to load.
+        ({"c": 5}, "list of [positive, negative] pairs"),
+        ({"": [["ABC", "abc"]]}, "concept names must be non-empty"),
     ):
         result = _make_readout(tmp_path, tiny_llama_dir, pairs)
         assert result.returncode == 1 and says in result.stderr, result.stderr
