@@ -5,7 +5,8 @@ lists, as in OpenAI's API; ``encoding_format`` is ``float`` (the default) or
 ``base64`` (little-endian float32, as the openai SDK decodes it). Vectors are the final
 hidden state of the last token (``pooling``, vLLM's extra field, may say ``mean``),
 L2-normalised unless ``normalize`` is false, as embedding endpoints return them.
-``dimensions`` is refused: these vectors cannot be shortened meaningfully.
+``dimensions`` is refused: these vectors cannot be shortened meaningfully. vLLM's
+``truncate_prompt_tokens`` keeps each input's last k tokens (-1: the model's context).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class EmbeddingsRequest(Body):
     normalize: bool = True
     add_special_tokens: bool = False
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
 
 @router.post("/v1/embeddings")
@@ -47,6 +49,9 @@ async def create_embeddings(request: Request) -> dict[str, Any]:
     if body.dimensions is not None:
         raise invalid("dimensions is not supported by this model", param="dimensions")
     texts, token_lists = _inputs(body.input)
+    if body.truncate_prompt_tokens is not None:
+        token_lists = await _truncated(backend, body, texts, token_lists)
+        texts = []
     with client_errors("input"):
         result = await backend.client.embed(
             texts=texts,
@@ -65,6 +70,24 @@ async def create_embeddings(request: Request) -> dict[str, Any]:
         "model": body.model,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
+
+
+async def _truncated(
+    backend: Backend, body: EmbeddingsRequest, texts: list[str], token_lists: list[list[int]]
+) -> list[list[int]]:
+    """vLLM's ``truncate_prompt_tokens``: each input's last k tokens (texts tokenized
+    here, as the server would), k = -1 meaning the model's context (it was ignored)."""
+    keep = body.truncate_prompt_tokens
+    if keep == 0:
+        raise invalid("truncate_prompt_tokens must be -1 or at least 1", "truncate_prompt_tokens")
+    if keep == -1:
+        keep = (await backend.model_info()).max_context
+    assert keep is not None
+    with client_errors("input"):
+        for text in texts:
+            tokens = await backend.client.tokenize(text, add_special_tokens=body.add_special_tokens)
+            token_lists.append(tokens)
+    return [tokens[-keep:] for tokens in token_lists]
 
 
 def _inputs(value: Any) -> tuple[list[str], list[list[int]]]:

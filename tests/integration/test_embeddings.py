@@ -9,6 +9,7 @@ import threading
 
 import grpc
 import httpx
+import openai
 import pytest
 import torch
 
@@ -208,3 +209,34 @@ def test_embeddings_run_at_the_priority_asked(
         f"{shim.base_url}/embeddings", json={"model": model, "input": "a", "priority": 2**31}
     )
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "priority"
+
+
+def test_truncate_prompt_tokens_keeps_each_inputs_last_tokens(shim, oracle, model) -> None:
+    """vLLM's ``truncate_prompt_tokens`` (it was kept and ignored): token ids and texts
+    alike are embedded from their last k tokens; -1 is the context (nothing cut here);
+    0 is a 400."""
+    client = shim.client()
+    tokenizer = build_tokenizer()
+    text = "one fish, two fish"
+    reply = client.embeddings.create(
+        model=model,
+        input=[text],
+        extra_body={"truncate_prompt_tokens": 3, "normalize": False},
+    )
+    last = tokenizer.encode(text, add_special_tokens=False)[-3:]
+    want = final_states(oracle, last)[-1]
+    assert (torch.tensor(reply.data[0].embedding) - want).abs().max() < TOLERANCE
+    assert reply.usage.prompt_tokens == 3
+    ids = [[5, 6, 7, 8, 9]]
+    cut = client.embeddings.create(
+        model=model, input=ids, extra_body={"truncate_prompt_tokens": 2, "normalize": False}
+    )
+    want = final_states(oracle, [8, 9])[-1]
+    assert (torch.tensor(cut.data[0].embedding) - want).abs().max() < TOLERANCE
+    whole = client.embeddings.create(
+        model=model, input=ids, extra_body={"truncate_prompt_tokens": -1}
+    )
+    assert whole.usage.prompt_tokens == 5
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model=model, input=ids, extra_body={"truncate_prompt_tokens": 0})
+    assert caught.value.body["param"] == "truncate_prompt_tokens"
