@@ -46,8 +46,13 @@ class ReadoutValues:
     """[n_layers][n_concepts]."""
 
     def __getitem__(self, key: tuple[int, str]) -> float:
-        """``readout[layer, concept]``."""
+        """``readout[layer, concept]``; KeyError naming the ones read out for a layer or
+        concept that was not (it was list.index's ValueError)."""
         layer, concept = key
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer!r} was not read out; the layers are {self.layers}")
+        if concept not in self.concepts:
+            raise KeyError(f"no concept {concept!r}; the concepts are {self.concepts}")
         return self.values[self.layers.index(layer)][self.concepts.index(concept)]
 
     def as_dict(self) -> dict[int, dict[str, float]]:
