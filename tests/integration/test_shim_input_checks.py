@@ -144,6 +144,13 @@ def test_a_prompt_too_long_to_tokenize_in_time_is_refused_at_once(
     messages = [{"role": "user", "content": over}]
     counted = httpx.post(f"{root}/tokenize", json={"model": model, "messages": messages})
     assert counted.status_code == 200 and counted.json()["count"] > len(over)
+    # So are tools past that bound, before the template renders them (50,000 tools
+    # took 31 s to render before the same 400).
+    tool = {"type": "function", "function": {"name": "f", "description": over}}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=model, messages=HELLO, tools=[tool])
+    assert error.value.body["code"] == "context_length_exceeded"
+    assert "characters" in error.value.body["message"]
 
 
 def test_fields_sent_as_null_take_their_defaults(shim: RunningShim, model: str) -> None:
