@@ -32,6 +32,7 @@ from salience_server.http.reasoning import (
     THINK_OPEN,
     closes_thinking,
     opens_thinking,
+    template_reasons,
 )
 from salience_server.http.response_store import ResponseStore
 from salience_server.http.sessions_pool import SessionPool
@@ -190,26 +191,27 @@ class Backend:
             self._generation_prompt_lengths[key] = len(opened) - common_prefix_length(opened, kept)
         return self._generation_prompt_lengths[key]
 
-    async def opens_thinking(self, prompt_ids: list[int]) -> bool:
-        """Whether a rendered prompt ends inside an open ``<think>`` (its last tokens,
-        images left out, decoded)."""
-        return opens_thinking(await self._prompt_tail(prompt_ids))
-
-    async def thinking_tokens(
-        self, prompt_ids: list[int], opens: bool
-    ) -> tuple[int | None, int] | None:
-        """The tokens of a reasoning model's thinking tags, for a constraint that leaves
-        the thinking free (``DecodeOptions.thinking``): the opening one (None when the
-        prompt ``opens`` the thinking) and the closing one; None where a tag is not one
-        token, or where the prompt ends with the thinking closed (Qwen3's generation
-        prompt with ``enable_thinking: false``): the constraint then applies from the
-        first token, no thinking (the reply may not open one)."""
-        if not opens and closes_thinking(await self._prompt_tail(prompt_ids)):
-            return None
+    async def reasoning(
+        self, prompt_ids: list[int], chat_template: str, is_forced: bool, is_constrained: bool
+    ) -> tuple[bool, bool, tuple[int | None, int] | None]:
+        """How a reply to ``prompt_ids`` reasons: whether the model thinks first (a
+        reasoning template, no forced tool call); whether the prompt ends inside an open
+        ``<think>`` (its last tokens, images left out, decoded); and, for a constrained
+        reply, the thinking tags' tokens the constraint leaves the thinking free with
+        (``DecodeOptions.thinking``: the opening one, None when the prompt opened it,
+        and the closing one), None where a tag is not one token or where the prompt
+        ends with the thinking closed (Qwen3's with ``enable_thinking: false``): the
+        constraint then applies from the first token, with no thinking."""
+        if not template_reasons(chat_template) or is_forced:
+            return False, False, None
+        tail = await self._prompt_tail(prompt_ids)
+        opens = opens_thinking(tail)
+        if not is_constrained or (not opens and closes_thinking(tail)):
+            return True, opens, None
         tags = [await self.tokenize(tag, "messages") for tag in (THINK_OPEN, THINK_CLOSE)]
         if any(len(ids) != 1 for ids in tags):
-            return None
-        return None if opens else tags[0][0], tags[1][0]
+            return True, opens, None
+        return True, opens, (None if opens else tags[0][0], tags[1][0])
 
     async def _prompt_tail(self, prompt_ids: list[int]) -> str:
         """The text of a prompt's last tokens (images left out)."""

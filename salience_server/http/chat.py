@@ -38,7 +38,6 @@ from salience_server.http.generation import (
 )
 from salience_server.http.logprobs import chat_logprobs, prompt_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
-from salience_server.http.reasoning import template_reasons
 from salience_server.http.reply import ParsedReply, ReplyParser
 from salience_server.http.request_body import parse_body
 from salience_server.http.schemas import ChatCompletionRequest
@@ -190,13 +189,11 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     rendered = await backend.render_chat(conversation.messages, offered, "messages", render)
     images = backend.mark_images(rendered, conversation.images, "messages")
     prompt_ids = rendered + await backend.tokenize(mode.prefix_text(), "tool_choice")
-    is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
-    opens = is_reasoning and await backend.opens_thinking(prompt_ids)
     param, constraint = mode.reply_constraint(output_constraint) or ("messages", None)
     tail = await backend.generation_prompt_length(render) + len(prompt_ids) - len(rendered)
-    thinking = None
-    if is_reasoning and constraint is not None:  # the answer is constrained, not the thinking
-        thinking = await backend.thinking_tokens(prompt_ids, opens)
+    is_reasoning, opens, thinking = await backend.reasoning(
+        prompt_ids, info.chat_template, mode.is_forced, constraint is not None
+    )
     return ChatPlan(
         body,
         info,

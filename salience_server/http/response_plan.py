@@ -25,7 +25,6 @@ from salience_server.http.errors import ApiError
 from salience_server.http.generation import Generation, reply_limit
 from salience_server.http.logprobs import chat_logprob_entry
 from salience_server.http.messages import ImageInput, response_input_messages
-from salience_server.http.reasoning import template_reasons
 from salience_server.http.reply import ReplyParser
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.response_stream import ResponseStream
@@ -292,12 +291,10 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
             break  # it fits, or the new input alone does not: context_length_exceeded
         conversation, num_images = shorter
         all_images = all_images[num_images:]
-    is_reasoning = template_reasons(info.chat_template) and not mode.is_forced
-    opens = is_reasoning and await backend.opens_thinking(prompt_ids)
     param, constraint = mode.reply_constraint(output_constraint) or ("input", None)
-    thinking = None
-    if is_reasoning and constraint is not None:  # the answer is constrained, not the thinking
-        thinking = await backend.thinking_tokens(prompt_ids, opens)
+    is_reasoning, opens, thinking = await backend.reasoning(
+        prompt_ids, info.chat_template, mode.is_forced, constraint is not None
+    )
     return ResponsePlan(
         body,
         info,
