@@ -16,6 +16,9 @@ already scheduled:
 A request that still finds no room waits (preempted) while others hold memory, and
 fails with KV_CACHE_FULL only when nothing else holds any. One that would not fit even
 with all of that gone evicts and preempts no one: it waits for the earlier work to end.
+A step that preempts a request admits no waiting request later in order than it (as
+vLLM admits none in a step that preempted): the room is short, and a later arrival
+would otherwise take the place the preempted request resumes in.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class _Step:
     """Sessions fed in this step: their blocks are untouchable."""
     preempted: set[int] = field(default_factory=set)
     """Request ids sent back to wait in this step (not fed again in it)."""
+    first_preempted: tuple[int, int] | None = None
+    """The earliest ``order_key`` among them: no later waiting request is admitted."""
 
 
 class Scheduler:
@@ -138,6 +143,8 @@ class Scheduler:
             if request.request_id in step.preempted:
                 continue
             is_waiting = request not in self.running
+            if is_waiting and _after(request, step.first_preempted):
+                continue
             num_tokens = min(request.num_tokens_to_feed, step.budget)
             if is_waiting and not self._free_slot(request, num_tokens, step):
                 continue
@@ -274,6 +281,8 @@ class Scheduler:
         self.running.remove(request)
         heapq.heappush(self.waiting, (request.order_key, request))
         step.preempted.add(request.request_id)
+        if not _after(request, step.first_preempted):
+            step.first_preempted = request.order_key
         self.num_preemptions += 1
 
     def _remove(self, request: Request) -> None:
@@ -292,6 +301,10 @@ class Scheduler:
         self.running = [r for r in self.running if not r.is_cancelled]
         self.waiting = [(k, r) for k, r in self.waiting if not r.is_cancelled]
         heapq.heapify(self.waiting)
+
+
+def _after(request: Request, order_key: tuple[int, int] | None) -> bool:
+    return order_key is not None and request.order_key > order_key
 
 
 def _kv_cache_full() -> SalienceError:

@@ -7,44 +7,10 @@ import pytest
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.errors import SalienceError
-from salience_server.engine.evictor import Evictor, SwapIn
+from salience_server.engine.evictor import SwapIn
 from salience_server.engine.request import GenerateParams, Request
-from salience_server.engine.scheduler import Scheduler
 from salience_server.engine.session import Residency, Session
-
-
-def make_scheduler(
-    config: EngineConfig, manager: BlockManager, sessions=None, host_bytes=0
-) -> Scheduler:
-    evictor = Evictor(sessions if sessions is not None else {}, manager, host_bytes, 1)
-    return Scheduler(config, manager, evictor)
-
-
-def make_request(
-    request_id: int, priority: int, prompt_len: int = 4, max_tokens: int = 4
-) -> Request:
-    session = Session(f"s{request_id}", max_context=128, token_ids=list(range(prompt_len)))
-    params = GenerateParams(
-        session_id=session.session_id,
-        append_tokens=list(range(prompt_len)),
-        max_tokens=max_tokens,
-        priority=priority,
-    )
-    return Request(request_id, params, session, lambda event: None, set(), None)
-
-
-def run_step(scheduler: Scheduler) -> list[tuple[int, int]]:
-    """Schedules one step and pretends the model ran it: (request id, tokens fed)."""
-    output = scheduler.schedule()
-    for chunk in output.chunks:
-        session = chunk.request.session
-        session.num_computed = chunk.start + chunk.num_tokens
-        if session.num_computed == session.length and chunk.request.wants_decode:
-            session.token_ids.append(0)
-            chunk.request.num_decoded += 1
-        if chunk.request.is_finished:
-            scheduler.finish(chunk.request)
-    return [(chunk.request.request_id, chunk.num_tokens) for chunk in output.chunks]
+from tests.scheduler_support import make_request, make_scheduler, run_step
 
 
 @pytest.fixture
@@ -202,28 +168,6 @@ def test_offloaded_session_is_restored_into_fresh_blocks() -> None:
     manager.check_invariants([session.block_table])
 
 
-def test_request_short_of_memory_waits_while_others_run() -> None:
-    manager = BlockManager(num_blocks=4, block_size=4)
-    scheduler = make_scheduler(EngineConfig(), manager)
-    first, second = make_request(0, 0, prompt_len=8), make_request(1, 0, prompt_len=8)
-    sessions = {r.session.session_id: r.session for r in (first, second)}
-    scheduler.evictor.sessions.update(sessions)
-    scheduler.add(first)
-    scheduler.add(second)
-    output = scheduler.schedule()
-    # Both fit (2 blocks each). Decoding grows both: the pool is full after one more block.
-    assert len(output.chunks) == 2
-    for request in (first, second):
-        request.session.mark_computed(0, 8)
-        request.session.token_ids.extend([0] * 4)  # pretend they decoded past a block boundary
-        request.session.num_computed = 11
-    output = scheduler.schedule()
-    assert [c.request for c in output.chunks] == [first]
-    assert second not in scheduler.running and output.failed == []
-    assert second.session.residency == Residency.DROPPED  # its KV made room for the first
-    manager.check_invariants([s.block_table for s in sessions.values()])
-
-
 def test_evicting_a_forks_partner_ends_the_copies_a_write_needs() -> None:
     """A fork writing into blocks it shares needs copies; if the only room comes from
     evicting its idle parent, the blocks are then its own and need no copy. (Found by
@@ -302,32 +246,6 @@ def test_a_request_waits_for_the_room_a_call_cancelled_in_its_step_leaves() -> N
     assert output.failed == [] and [chunk.request for chunk in output.chunks] == [second]
 
 
-def test_a_request_that_cannot_fit_yet_preempts_no_one() -> None:
-    """A waiting request that would not fit even after preempting every later one
-    preempts none: it waits for the earlier work to end. (It preempted a later request
-    every other step, which then recomputed its whole prompt for each token it decoded.)"""
-    manager = BlockManager(num_blocks=10, block_size=4)
-    sessions: dict[str, Session] = {}
-    scheduler = make_scheduler(EngineConfig(), manager, sessions)
-    first = make_request(0, 0, prompt_len=16, max_tokens=8)  # 4 blocks, then 5 and 6
-    second = make_request(1, 0, prompt_len=23, max_tokens=4)  # 6 blocks
-    late = make_request(2, 0, prompt_len=12, max_tokens=4)  # 3 blocks
-    for request in (first, second, late):
-        sessions[request.session.session_id] = request.session
-        request.session.owner = request
-    scheduler.add(first)
-    scheduler.add(second)
-    assert run_step(scheduler) == [(0, 16), (1, 23)]  # the pool is full
-    assert run_step(scheduler) == [(0, 1)]  # the first grows: the second makes room
-    scheduler.add(late)  # the second needs 6 blocks of the 5 free; the late one fits
-    preemptions = scheduler.num_preemptions
-    assert run_step(scheduler) == [(0, 1), (2, 12)]
-    for _ in range(3):
-        assert run_step(scheduler) == [(0, 1), (2, 1)]
-    assert scheduler.num_preemptions == preemptions and late.num_recomputed == 0
-    manager.check_invariants([s.block_table for s in sessions.values()])
-
-
 def test_requests_cancelled_while_waiting_leave_their_places_at_once(pool) -> None:
     """A call whose client left (a deadline passed) while it waited no longer holds a
     place in the queue, though the engine drops it only at its next step (a long step
@@ -346,25 +264,3 @@ def test_requests_cancelled_while_waiting_leave_their_places_at_once(pool) -> No
         scheduler.add(requests[3])
     output = scheduler.schedule()
     assert output.cancelled == [requests[1]]
-
-
-def test_an_urgent_request_that_cannot_fit_yet_takes_no_ones_place() -> None:
-    """A more urgent waiting request that would not fit even with the place's holder
-    gone leaves it running: it took the place every other step, for nothing."""
-    manager = BlockManager(num_blocks=10, block_size=4)
-    sessions: dict[str, Session] = {}
-    scheduler = make_scheduler(EngineConfig(max_running=2), manager, sessions)
-    first = make_request(0, 0, prompt_len=24, max_tokens=20)  # 6 blocks, then 7
-    background = make_request(1, 5, prompt_len=4, max_tokens=20)  # 1 block, then 2
-    urgent = make_request(2, 0, prompt_len=16, max_tokens=4)  # 4 blocks
-    for request in (first, background, urgent):
-        sessions[request.session.session_id] = request.session
-        request.session.owner = request
-    scheduler.add(first)
-    scheduler.add(background)
-    assert run_step(scheduler) == [(0, 24), (1, 4)]
-    scheduler.add(urgent)  # it needs 4 blocks: 3 are free, and 1 more is the background's
-    for _ in range(4):
-        assert run_step(scheduler) == [(0, 1), (1, 1)]
-    assert scheduler.num_preemptions == 0
-    manager.check_invariants([s.block_table for s in sessions.values()])

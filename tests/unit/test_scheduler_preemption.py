@@ -1,0 +1,102 @@
+"""The scheduler short of room: who is preempted, who waits, who takes whose place.
+A real block pool and hand-made requests; no model."""
+
+from __future__ import annotations
+
+from salience_server.config import EngineConfig
+from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.session import Residency, Session
+from tests.scheduler_support import make_request, make_scheduler, run_step
+
+
+def test_request_short_of_memory_waits_while_others_run() -> None:
+    manager = BlockManager(num_blocks=4, block_size=4)
+    scheduler = make_scheduler(EngineConfig(), manager)
+    first, second = make_request(0, 0, prompt_len=8), make_request(1, 0, prompt_len=8)
+    sessions = {r.session.session_id: r.session for r in (first, second)}
+    scheduler.evictor.sessions.update(sessions)
+    scheduler.add(first)
+    scheduler.add(second)
+    output = scheduler.schedule()
+    # Both fit (2 blocks each). Decoding grows both: the pool is full after one more block.
+    assert len(output.chunks) == 2
+    for request in (first, second):
+        request.session.mark_computed(0, 8)
+        request.session.token_ids.extend([0] * 4)  # pretend they decoded past a block boundary
+        request.session.num_computed = 11
+    output = scheduler.schedule()
+    assert [c.request for c in output.chunks] == [first]
+    assert second not in scheduler.running and output.failed == []
+    assert second.session.residency == Residency.DROPPED  # its KV made room for the first
+    manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_a_request_that_cannot_fit_yet_preempts_no_one() -> None:
+    """A waiting request that would not fit even after preempting every later one
+    preempts none: it waits for the earlier work to end. (It preempted a later request
+    every other step, which then recomputed its whole prompt for each token it decoded.)"""
+    manager = BlockManager(num_blocks=10, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(), manager, sessions)
+    first = make_request(0, 0, prompt_len=16, max_tokens=8)  # 4 blocks, then 5 and 6
+    second = make_request(1, 0, prompt_len=23, max_tokens=4)  # 6 blocks
+    late = make_request(2, 0, prompt_len=12, max_tokens=4)  # 3 blocks
+    for request in (first, second, late):
+        sessions[request.session.session_id] = request.session
+        request.session.owner = request
+    scheduler.add(first)
+    scheduler.add(second)
+    assert run_step(scheduler) == [(0, 16), (1, 23)]  # the pool is full
+    assert run_step(scheduler) == [(0, 1)]  # the first grows: the second makes room
+    scheduler.add(late)  # the second needs 6 blocks of the 5 free; the late one fits
+    preemptions = scheduler.num_preemptions
+    assert run_step(scheduler) == [(0, 1), (2, 12)]
+    for _ in range(3):
+        assert run_step(scheduler) == [(0, 1), (2, 1)]
+    assert scheduler.num_preemptions == preemptions and late.num_recomputed == 0
+    manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_an_urgent_request_that_cannot_fit_yet_takes_no_ones_place() -> None:
+    """A more urgent waiting request that would not fit even with the place's holder
+    gone leaves it running: it took the place every other step, for nothing."""
+    manager = BlockManager(num_blocks=10, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(max_running=2), manager, sessions)
+    first = make_request(0, 0, prompt_len=24, max_tokens=20)  # 6 blocks, then 7
+    background = make_request(1, 5, prompt_len=4, max_tokens=20)  # 1 block, then 2
+    urgent = make_request(2, 0, prompt_len=16, max_tokens=4)  # 4 blocks
+    for request in (first, background, urgent):
+        sessions[request.session.session_id] = request.session
+        request.session.owner = request
+    scheduler.add(first)
+    scheduler.add(background)
+    assert run_step(scheduler) == [(0, 24), (1, 4)]
+    scheduler.add(urgent)  # it needs 4 blocks: 3 are free, and 1 more is the background's
+    for _ in range(4):
+        assert run_step(scheduler) == [(0, 1), (1, 1)]
+    assert scheduler.num_preemptions == 0
+    manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_a_step_that_preempts_admits_no_later_arrival() -> None:
+    """The step that sends a request back to wait for room admits no waiting request
+    later in order (vLLM admits none in such a step): the room is short, and the later
+    arrival took a place before the preempted request could resume in it."""
+    manager = BlockManager(num_blocks=8, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(max_running=2), manager, sessions)
+    first = make_request(0, 0, prompt_len=8, max_tokens=12)  # 2 blocks, growing to 5
+    second = make_request(1, 0, prompt_len=8, max_tokens=12)
+    late = make_request(2, 0, prompt_len=4, max_tokens=4)  # 1 block
+    for request in (first, second, late):
+        sessions[request.session.session_id] = request.session
+        request.session.owner = request
+        scheduler.add(request)
+    assert run_step(scheduler) == [(0, 8), (1, 8)]  # the late one waits for a place
+    for _ in range(8):
+        assert run_step(scheduler) == [(0, 1), (1, 1)]  # the pool fills up
+    assert run_step(scheduler) == [(0, 1)]  # the second makes room for the first
+    assert scheduler.num_preemptions == 1 and late not in scheduler.running
+    assert run_step(scheduler) == [(0, 1), (2, 4)]  # the second needs 5 blocks, 3 are free
+    manager.check_invariants([s.block_table for s in sessions.values()])
