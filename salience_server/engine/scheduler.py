@@ -98,9 +98,14 @@ class Scheduler:
         ``max_running + max_queue`` calls on an idle server had some refused);
         lower-priority requests waiting count only towards the second bound, so that a
         backlog never locks out urgent calls, which may take the queue past
-        ``max_queue`` but no further than twice it. A request cancelled while it waits
-        (its client left) holds no place, though it leaves only at the next step."""
-        room = self.config.max_queue + max(0, self.config.max_running - len(self.running))
+        ``max_queue`` but no further than twice it. The running set's places held by
+        less urgent requests count as free for it: it would take them (with
+        ``max_queue`` 0, an urgent call was refused while it would have preempted). A
+        request cancelled while it waits (its client left) holds no place, though it
+        leaves only at the next step."""
+        free = self.config.max_running - len(self.running)
+        free += sum(1 for r in self.running if r.priority > priority)
+        room = self.config.max_queue + max(0, free)
         waiting = [r for _, r in self.waiting if not r.is_cancelled]
         ahead = sum(1 for r in waiting if r.priority <= priority)
         if ahead >= room or len(waiting) >= 2 * room:

@@ -198,12 +198,12 @@ def test_evicting_a_forks_partner_ends_the_copies_a_write_needs() -> None:
 def test_lower_priority_waiting_requests_leave_room_for_urgent_ones(pool) -> None:
     """A queue full of lower-priority requests still takes a higher-priority one:
     ``max_queue`` counts those of its priority or higher only (a batch backlog refused
-    every interactive call QUEUE_FULL); twice ``max_queue`` bounds the queue whatever
+    every interactive call QUEUE_FULL); twice that room bounds the queue whatever
     the priorities (ever more urgent calls grew it without end)."""
     manager, requests = pool
     scheduler = make_scheduler(EngineConfig(max_running=1, max_queue=2), manager)
     batch = [make_request(i, 5, max_tokens=50) for i in range(4)]
-    urgent = [make_request(4 + i, priority) for i, priority in enumerate((0, 0, 0, -1))]
+    urgent = [make_request(4 + i, p) for i, p in enumerate((0, 0, 0, 0, -1, -1))]
     requests.extend(batch + urgent)
     scheduler.add(batch[0])
     run_step(scheduler)  # it runs
@@ -212,14 +212,15 @@ def test_lower_priority_waiting_requests_leave_room_for_urgent_ones(pool) -> Non
     with pytest.raises(SalienceError) as caught:
         scheduler.add(batch[3])
     assert caught.value.reason == "QUEUE_FULL"
-    scheduler.add(urgent[0])  # priority 0: nothing of its rank waits
-    scheduler.add(urgent[1])
+    for request in urgent[:3]:  # priority 0: nothing of its rank waits, and one of
+        scheduler.add(request)  # them will take the running batch request's place
     with pytest.raises(SalienceError):
-        scheduler.add(urgent[2])  # two of priority 0 wait now
-    # Four wait, twice max_queue: full for anyone, however urgent.
+        scheduler.add(urgent[3])  # three of priority 0 wait now
+    scheduler.add(urgent[4])
+    # Six wait, twice the room of any call: full for anyone, however urgent.
     with pytest.raises(SalienceError):
-        scheduler.add(urgent[3])
-    assert run_step(scheduler)[0][0] == urgent[0].request_id  # the most urgent runs first
+        scheduler.add(urgent[5])
+    assert run_step(scheduler)[0][0] == urgent[4].request_id  # the most urgent runs first
 
 
 def test_a_request_waits_for_the_room_a_call_cancelled_in_its_step_leaves() -> None:
@@ -264,3 +265,26 @@ def test_requests_cancelled_while_waiting_leave_their_places_at_once(pool) -> No
         scheduler.add(requests[3])
     output = scheduler.schedule()
     assert output.cancelled == [requests[1]]
+
+
+def test_an_urgent_call_is_queued_where_it_would_preempt(pool) -> None:
+    """Places in the running set held by less urgent requests count as free for a
+    call: with ``max_queue`` 0 and the running set full, an urgent call was refused
+    QUEUE_FULL though it would have taken a place at the next step."""
+    manager, requests = pool
+    scheduler = make_scheduler(EngineConfig(max_running=1, max_queue=0), manager)
+    background, same, urgent, second = (
+        make_request(0, 5, max_tokens=50),
+        make_request(1, 5),
+        make_request(2, 0),
+        make_request(3, 0),
+    )
+    requests.extend([background, same, urgent, second])
+    scheduler.add(background)
+    run_step(scheduler)
+    with pytest.raises(SalienceError):
+        scheduler.add(same)  # it would wait: no queue
+    scheduler.add(urgent)
+    with pytest.raises(SalienceError):
+        scheduler.add(second)  # the one place it could take is claimed
+    assert run_step(scheduler) == [(2, 4)]
