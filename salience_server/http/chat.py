@@ -176,7 +176,7 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     if mode.is_forced and body.continue_final_message:
         raise invalid("a forced tool call cannot continue the final message", "tool_choice")
     output_constraint = body.constraint()
-    offered = mode.tools if mode.is_enabled else []
+    offered = mode.tools  # with tool_choice "none" too, as vLLM renders them
     render = RenderOptions(
         add_generation_prompt=(
             not body.continue_final_message

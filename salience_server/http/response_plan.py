@@ -275,7 +275,7 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
             )
     conversation = (previous.conversation if previous else []) + new_input.messages
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    offered = mode.tools if mode.is_enabled else []
+    offered = mode.tools  # with tool_choice "none" too, as vLLM renders them
     render = RenderOptions(chat_template_kwargs=body.chat_template_kwargs)
     all_images = (previous.images if previous else []) + new_input.images
     prefix_ids = await backend.tokenize(mode.prefix_text(), "tool_choice")

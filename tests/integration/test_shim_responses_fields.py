@@ -1,5 +1,5 @@
 """Responses API fields beyond the reply itself: ``truncation``, ``include``,
-``metadata``, ``completed_at`` and what a streamed response's id reads back, through the
+``metadata``, ``completed_at``, ``tool_choice: "none"`` and what a streamed response's id reads back, through the
 openai SDK against the tiny Llama (512 positions, one token per byte) or a scripted
 server."""
 
@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from tests.shim_support import RunningShim, Script
+from tests.shim_support import RunningShim, Script, messages_json
 
 # Twelve alternating messages of about 60 tokens each: more than the 512 positions.
 LONG = [
@@ -127,3 +127,18 @@ def test_a_streamed_response_reads_back_while_it_runs_and_after_its_client_left(
     done = client.responses.create(model="scripted", input="Hi", stream=True)
     final = list(done)[-1].response
     assert final.status == "completed" and client.responses.retrieve(final.id).status == "completed"
+
+
+def test_tool_choice_none_shows_the_tools_and_parses_no_call(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """As OpenAI and vLLM: the model still sees the tools; its reply is text."""
+    script, shim = scripted
+    script.text = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    response = shim.client().responses.create(
+        model="scripted", input="Weather?", tools=[tool], tool_choice="none"
+    )
+    assert [item.type for item in response.output] == ["message"]
+    assert response.output_text == script.text
+    assert '"get_weather"' in messages_json(script.prompts[-1])[0]["content"]
