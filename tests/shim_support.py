@@ -140,6 +140,8 @@ class Script:
     single_tokens: dict[str, int] = field(default_factory=dict)
     """Texts Tokenize gives as one token (added tokens, as a reasoning model's
     ``<think>``); every other text is a token per byte."""
+    texts_tokenized: list[str] = field(default_factory=list)
+    """Every text (not messages) Tokenize was asked for."""
     generation_prompt: str = ""
     """What the rendered prompt ends with after ``add_generation_prompt`` (Qwen3's
     ``<think>\n\n</think>\n\n`` with its thinking off), past the rendered JSON's line."""
@@ -201,6 +203,7 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
                 text += self.script.generation_prompt
         else:
             text = request.text
+            self.script.texts_tokenized.append(text)
             if text in self.script.single_tokens:
                 return pb.TokenizeResponse(token_ids=[self.script.single_tokens[text]])
         return pb.TokenizeResponse(token_ids=list(text.encode()))

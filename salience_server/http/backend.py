@@ -72,6 +72,10 @@ class Backend:
         self.created = int(time.time())
         self._model_info: ModelInfo | None = None
         self._generation_prompt_lengths: dict[str, int] = {}
+        self._thinking_tags: tuple[int, int] | None = None
+        """``<think>`` and ``</think>``'s token ids, when each is one token."""
+        self._tags_of: ModelInfo | None = None
+        """The model info they were asked with (asked again when it is)."""
         """By the template variables they were measured with (``generation_prompt_length``)."""
         self.image_token_counts: dict[int, int] = RecentCounts()
         """Placeholder tokens each image (by marker) took when it was appended."""
@@ -208,10 +212,21 @@ class Backend:
         opens = opens_thinking(tail)
         if not is_constrained or (not opens and closes_thinking(tail)):
             return True, opens, None
-        tags = [await self.tokenize(tag, "messages") for tag in (THINK_OPEN, THINK_CLOSE)]
-        if any(len(ids) != 1 for ids in tags):
+        tags = await self.thinking_tags()
+        if tags is None:
             return True, opens, None
-        return True, opens, (None if opens else tags[0][0], tags[1][0])
+        return True, opens, (None if opens else tags[0], tags[1])
+
+    async def thinking_tags(self) -> tuple[int, int] | None:
+        """``<think>`` and ``</think>``'s token ids; None unless each is one token. Asked
+        of the server once per model info (it was twice per constrained request)."""
+        info = await self.model_info()
+        if self._tags_of is not info:
+            tags = [await self.tokenize(tag, "messages") for tag in (THINK_OPEN, THINK_CLOSE)]
+            is_single = all(len(ids) == 1 for ids in tags)
+            self._thinking_tags = (tags[0][0], tags[1][0]) if is_single else None
+            self._tags_of = info
+        return self._thinking_tags
 
     async def _prompt_tail(self, prompt_ids: list[int]) -> str:
         """The text of a prompt's last tokens (images left out)."""

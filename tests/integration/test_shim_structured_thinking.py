@@ -76,6 +76,12 @@ def test_a_structured_reply_may_think_first(scripted: tuple[Script, RunningShim]
             200,
             201,
         )
+        asked = len(script.texts_tokenized)
+        client.chat.completions.create(
+            model="scripted", messages=QUESTION, response_format=json_object
+        )
+        assert script.requests[-1].constraint.thinking_end_token == 201
+        assert len(script.texts_tokenized) == asked  # the tags were asked once, not per request
         chunks = list(
             client.chat.completions.create(
                 model="scripted", messages=QUESTION, response_format=json_object, stream=True
@@ -93,6 +99,7 @@ def test_a_structured_reply_may_think_first(scripted: tuple[Script, RunningShim]
         assert response.output_text == '{"a": 1}'
         assert script.requests[-1].constraint.thinking_end_token == 201
         script.single_tokens = {}  # the tags are no tokens of their own: no thinking
+        shim.backend._model_info = None  # another model (the tags are asked per model)
         plain = client.chat.completions.create(
             model="scripted", messages=QUESTION, response_format=json_object
         )
