@@ -116,8 +116,7 @@ class ConstraintFailed(RuntimeError):
     in a state compiling did not reach): the request's fault, not the server's."""
 
     def __init__(self, what: str) -> None:
-        what = what if len(what) <= MAX_ERROR_CHARS else what[:MAX_ERROR_CHARS] + "..."
-        super().__init__(what)
+        super().__init__(_shortened(what))
 
 
 class Matcher:
@@ -258,5 +257,11 @@ def _grammar(spec: ConstraintSpec) -> str:
 
 
 def _invalid(spec: ConstraintSpec, why: str) -> Exception:
-    error = invalid("INVALID_CONSTRAINT", f"the {spec.kind} constraint does not compile: {why}")
-    return error
+    why = _shortened(why)
+    return invalid("INVALID_CONSTRAINT", f"the {spec.kind} constraint does not compile: {why}")
+
+
+def _shortened(what: str) -> str:
+    """The grammar engine's message, cut to ``MAX_ERROR_CHARS``: it may quote the whole
+    grammar (9 KB for a 3,000-character regex)."""
+    return what if len(what) <= MAX_ERROR_CHARS else what[:MAX_ERROR_CHARS] + "..."

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from salience_server.engine.constraints import (
+    MAX_ERROR_CHARS,
     ConstraintCompiler,
     ConstraintSpec,
     apply_bitmasks,
@@ -103,6 +104,22 @@ def test_a_constraint_that_does_not_compile_is_invalid(compiler, spec) -> None:
     with pytest.raises(SalienceError) as caught:
         compiler.compile(spec)
     assert caught.value.reason == "INVALID_CONSTRAINT" and spec.kind in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ConstraintSpec("regex", "[a-" + "b" * 3000),
+        ConstraintSpec("lark", "start: " + " ".join(f'"x{i}"' for i in range(400)) + " missing"),
+    ],
+    ids=["regex", "lark"],
+)
+def test_a_compile_error_quotes_a_bounded_part_of_the_grammar(compiler, spec) -> None:
+    """The grammar engine's message quotes the grammar: 9 KB of a long regex came back."""
+    with pytest.raises(SalienceError) as caught:
+        compiler.compile(spec)
+    assert len(caught.value.message) < MAX_ERROR_CHARS + 100
+    assert "at 1(" in caught.value.message  # where the engine found the problem
 
 
 def test_compilation_is_cached(compiler) -> None:
