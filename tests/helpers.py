@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import socket
@@ -158,11 +159,23 @@ def server_start_failure(*args: str, env: dict[str, str] | None = None) -> str:
     return result.stderr
 
 
+_PORTS = (10_000 + (os.getpid() * 211 + i) % 10_000 for i in itertools.count())
+"""Ports from 10,000 to 19,999 in turn, from a start of this process's own."""
+
+
 def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on loopback now, never handed out twice in one process, and
+    below the kernel's ephemeral range (from 32,768): a port the kernel chose for a
+    bind to port 0 could be taken by an outgoing connection before the server bound it
+    (a test under load once found its metrics port held)."""
+    for port in _PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("unreachable: the ports go on for ever")
 
 
 def random_tokens(count: int, seed: int) -> list[int]:

@@ -21,16 +21,10 @@ import pytest
 from salience_client import SalienceClient
 from salience_server.http.config import ShimConfig
 from salience_server.http.serving import ShimServer
-from tests.helpers import server_command
+from tests.helpers import free_port, server_command
 from tests.shim_support import RunningShim, error_body
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_for(pattern: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
@@ -60,7 +54,7 @@ def test_the_shim_never_imports_the_engine() -> None:
 
 
 def test_salience_server_http_port_serves_both(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    http_port = _free_port()
+    http_port = free_port()
     log = tmp_path / "server.log"
     command = server_command("--model", str(tiny_llama_dir))
     command += ["--port", "0", "--http-port", str(http_port)]
@@ -128,7 +122,7 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(
     (The long-context model: 60,000 tokens outlast the grace on any machine, where the
     default model's 200 tokens outlasted it only for its slow steps; and the signal
     waits until the server runs both requests, where it waited for the stream alone.)"""
-    http_port = _free_port()
+    http_port = free_port()
     log = tmp_path / "server.log"
     command = server_command("--model", str(long_context_llama_dir), "--port", "0")
     command += ["--http-port", str(http_port), "--grace-s", "0.5"]
@@ -199,7 +193,7 @@ def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
 
 def _shim_alone(target: str, log: Path, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
     """``salience-shim`` for ``target`` on a free port, writing to ``log``."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "salience_server.http", "--target", target]
     command += ["--port", str(port), *flags]
     with log.open("wb") as out:
