@@ -35,7 +35,8 @@ class EmbeddingsRequest(Body):
     dimensions: int | None = None
     pooling: Literal["last", "mean"] = "last"
     normalize: bool = True
-    add_special_tokens: bool = False
+    add_special_tokens: bool = True
+    """vLLM's default: a model's BOS (a Llama 3's) is part of what it embeds."""
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
 

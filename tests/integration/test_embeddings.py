@@ -240,3 +240,23 @@ def test_truncate_prompt_tokens_keeps_each_inputs_last_tokens(shim, oracle, mode
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=model, input=ids, extra_body={"truncate_prompt_tokens": 0})
     assert caught.value.body["param"] == "truncate_prompt_tokens"
+
+
+def test_embeddings_add_special_tokens_by_default(
+    shim, model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's default is true (a Llama 3 embeds its text after its BOS); the shim's was
+    false. The tiny tokenizer adds no special token, so what the shim asks is checked."""
+    backend = shim.backend
+    embed = backend.client.embed
+    asked: list[bool] = []
+
+    async def recording(**fields):  # type: ignore[no-untyped-def]
+        asked.append(fields["add_special_tokens"])
+        return await embed(**fields)
+
+    monkeypatch.setattr(backend.client, "embed", recording)
+    client = shim.client()
+    client.embeddings.create(model=model, input="a")
+    client.embeddings.create(model=model, input="a", extra_body={"add_special_tokens": False})
+    assert asked == [True, False]
