@@ -30,6 +30,7 @@ from salience_server.http.pooled_session import common_prefix_length
 from salience_server.http.reasoning import (
     THINK_CLOSE,
     THINK_OPEN,
+    Reasoning,
     closes_thinking,
     opens_thinking,
     template_reasons,
@@ -197,25 +198,24 @@ class Backend:
 
     async def reasoning(
         self, prompt_ids: list[int], chat_template: str, is_forced: bool, is_constrained: bool
-    ) -> tuple[bool, bool, tuple[int | None, int] | None]:
+    ) -> Reasoning:
         """How a reply to ``prompt_ids`` reasons: whether the model thinks first (a
         reasoning template, no forced tool call); whether the prompt ends inside an open
         ``<think>`` (its last tokens, images left out, decoded); and, for a constrained
-        reply, the thinking tags' tokens the constraint leaves the thinking free with
-        (``DecodeOptions.thinking``: the opening one, None when the prompt opened it,
-        and the closing one), None where a tag is not one token or where the prompt
-        ends with the thinking closed (Qwen3's with ``enable_thinking: false``): the
-        constraint then applies from the first token, with no thinking."""
+        reply, the thinking tags' tokens the constraint leaves the thinking free with,
+        none where a tag is not one token or where the prompt ends with the thinking
+        closed (Qwen3's with ``enable_thinking: false``): the constraint then applies
+        from the first token, with no thinking."""
         if not template_reasons(chat_template) or is_forced:
-            return False, False, None
+            return Reasoning()
         tail = await self._prompt_tail(prompt_ids)
         opens = opens_thinking(tail)
         if not is_constrained or (not opens and closes_thinking(tail)):
-            return True, opens, None
+            return Reasoning(True, opens)
         tags = await self.thinking_tags()
         if tags is None:
-            return True, opens, None
-        return True, opens, (None if opens else tags[0], tags[1])
+            return Reasoning(True, opens)
+        return Reasoning(True, opens, (None if opens else tags[0], tags[1]))
 
     async def thinking_tags(self) -> tuple[int, int] | None:
         """``<think>`` and ``</think>``'s token ids; None unless each is one token. Asked

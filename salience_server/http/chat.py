@@ -38,6 +38,7 @@ from salience_server.http.generation import (
 )
 from salience_server.http.logprobs import chat_logprobs, prompt_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
+from salience_server.http.reasoning import Reasoning
 from salience_server.http.reply import ParsedReply, ReplyParser
 from salience_server.http.request_body import parse_body
 from salience_server.http.schemas import ChatCompletionRequest
@@ -89,13 +90,8 @@ class ChatPlan:
     """What the reply must be: a forced tool call, else the structured output asked for."""
     constraint_param: str = "messages"
     """The field the constraint's refusals name."""
-    is_reasoning: bool = False
-    """The model thinks first (a reasoning template): its thinking is reasoning_content."""
-    opens_thinking: bool = False
-    """The prompt ends inside an open ``<think>``: the reply starts in the thinking."""
-    thinking: tuple[int | None, int] | None = None
-    """The thinking tags' tokens, which a structured-output constraint leaves free
-    (``DecodeOptions.thinking``); None: no thinking under a constraint."""
+    reasoning: Reasoning = Reasoning()
+    """How the reply reasons: its thinking is ``reasoning_content``."""
     images: dict[int, ImageInput] = field(default_factory=dict)
     """The images of the conversation by their marker in ``prompt_ids``."""
     prompt_tail: int = 0
@@ -118,13 +114,7 @@ class ChatPlan:
 
     def reply_parser(self) -> ReplyParser:
         """Splits one choice's text into reasoning, content and tool calls."""
-        return ReplyParser.for_request(
-            self.tools,
-            self.constraint,
-            self.is_reasoning,
-            self.opens_thinking,
-            thinks_first=self.thinking is not None,
-        )
+        return ReplyParser.for_request(self.tools, self.constraint, self.reasoning)
 
     def generation(self, backend: Backend) -> Generation:
         """The Generation this request runs (max_tokens defaults to, and is capped at,
@@ -142,7 +132,7 @@ class ChatPlan:
             constraint=self.constraint,
             extra_stops=self.tools.stop_strings(),
         )
-        options = dataclasses.replace(options, thinking=self.thinking)
+        options = dataclasses.replace(options, thinking=self.reasoning.tags)
         return Generation(
             backend.pool,
             self.prompt_ids,
@@ -155,7 +145,7 @@ class ChatPlan:
 
     def usage(self, completion_tokens: int, cached_tokens: int, reasoning_tokens: int) -> Any:
         """The usage object of this request."""
-        reasoning = reasoning_tokens if self.is_reasoning else None
+        reasoning = reasoning_tokens if self.reasoning.is_reasoning else None
         return usage(len(self.prompt_ids), completion_tokens, cached_tokens, reasoning)
 
 
@@ -191,22 +181,10 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     prompt_ids = rendered + await backend.tokenize(mode.prefix_text(), "tool_choice")
     param, constraint = mode.reply_constraint(output_constraint) or ("messages", None)
     tail = await backend.generation_prompt_length(render) + len(prompt_ids) - len(rendered)
-    is_reasoning, opens, thinking = await backend.reasoning(
+    reasoning = await backend.reasoning(
         prompt_ids, info.chat_template, mode.is_forced, constraint is not None
     )
-    return ChatPlan(
-        body,
-        info,
-        prompt_ids,
-        mode,
-        constraint,
-        param,
-        is_reasoning,
-        opens,
-        thinking,
-        images,
-        tail,
-    )
+    return ChatPlan(body, info, prompt_ids, mode, constraint, param, reasoning, images, tail)
 
 
 @contextlib.contextmanager
@@ -275,7 +253,7 @@ async def _choice(
     assert choice.done is not None
     reply = ParsedReply.of(plan.reply_parser(), [token.text for token in choice.tokens])
     message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
-    if plan.is_reasoning:
+    if plan.reasoning.is_reasoning:
         message["reasoning_content"] = reply.reasoning or None
     reason = finish_reason(choice.done)
     plan.tools.check_forced(reply.calls, choice.done.finish_reason, bool(plan.body.stop))

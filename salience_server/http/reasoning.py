@@ -10,10 +10,31 @@ with ``<think>`` is all answer (Qwen3 with ``enable_thinking: false``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """How a reply to a prompt reasons (``Backend.reasoning``)."""
+
+    is_reasoning: bool = False
+    """The model thinks first (a reasoning template, no forced tool call): its thinking
+    is ``reasoning_content`` or a reasoning item."""
+    opens_thinking: bool = False
+    """The prompt ends inside an open ``<think>``: the reply starts in the thinking."""
+    tags: tuple[int | None, int] | None = None
+    """Under a structured-output constraint, the thinking tags' tokens it leaves the
+    thinking free with (``DecodeOptions.thinking``: the opening one, None when the
+    prompt opened it, and the closing one); None: no thinking under a constraint."""
+
+    @property
+    def thinks_first(self) -> bool:
+        """A constrained reply may think before its constrained answer."""
+        return self.tags is not None
 
 
 def template_reasons(chat_template: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from salience_server.http.constraints import Constraint
-from salience_server.http.reasoning import ReasoningSplitter
+from salience_server.http.reasoning import Reasoning, ReasoningSplitter
 from salience_server.http.tool_parser import ParsedEvent, TextDelta, ToolCall, ToolCallParser
 from salience_server.http.tools import ToolMode
 
@@ -33,18 +33,15 @@ class ReplyParser:
         cls,
         tools: ToolMode,
         constraint: Constraint | None,
-        is_reasoning: bool,
-        is_thinking: bool,
-        thinks_first: bool = False,
+        reasoning: Reasoning,
     ) -> ReplyParser:
         """The parser of one reply to a request: with ``tools`` when they are offered,
-        reasoning when the template reasons (``is_thinking``: the prompt left a
-        ``<think>`` open). A constrained reply has no thinking, unless the constraint
-        leaves it free (``thinks_first``); under a structured-output constraint, no bare
-        JSON call."""
+        reasoning when the template reasons. A constrained reply has no thinking,
+        unless the constraint leaves it free (``thinks_first``); under a
+        structured-output constraint, no bare JSON call."""
         splitter = None
-        if is_reasoning and (constraint is None or thinks_first):
-            splitter = ReasoningSplitter(is_thinking)
+        if reasoning.is_reasoning and (constraint is None or reasoning.thinks_first):
+            splitter = ReasoningSplitter(reasoning.opens_thinking)
         parser = None
         if tools.is_enabled:
             is_json_output = constraint is not None and not tools.is_forced

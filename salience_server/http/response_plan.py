@@ -25,6 +25,7 @@ from salience_server.http.errors import ApiError
 from salience_server.http.generation import Generation, reply_limit
 from salience_server.http.logprobs import chat_logprob_entry
 from salience_server.http.messages import ImageInput, response_input_messages
+from salience_server.http.reasoning import Reasoning
 from salience_server.http.reply import ReplyParser
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.response_stream import ResponseStream
@@ -71,13 +72,8 @@ class ResponsePlan:
     """What the reply must be: a forced call, else the ``text.format`` asked for."""
     constraint_param: str = "input"
     """The field the constraint's refusals name."""
-    is_reasoning: bool = False
-    """The model thinks first: its thinking becomes a reasoning item."""
-    opens_thinking: bool = False
-    """The prompt ends inside an open ``<think>``."""
-    thinking: tuple[int | None, int] | None = None
-    """The thinking tags' tokens, which a ``text.format`` constraint leaves free
-    (``DecodeOptions.thinking``); None: no thinking under a constraint."""
+    reasoning: Reasoning = Reasoning()
+    """How the reply reasons: its thinking becomes a reasoning item."""
     images: dict[int, ImageInput] = field(default_factory=dict)
     """Images by their marker in ``prompt_ids``."""
     all_images: list[ImageInput] = field(default_factory=list)
@@ -101,7 +97,7 @@ class ResponsePlan:
             constraint=self.constraint,
             extra_stops=self.tools.stop_strings(),
         )
-        options = dataclasses.replace(options, thinking=self.thinking)
+        options = dataclasses.replace(options, thinking=self.reasoning.tags)
         return Generation(
             backend.pool,
             self.prompt_ids,
@@ -121,13 +117,7 @@ class ResponsePlan:
 
     def reply_stream(self) -> ResponseStream:
         """Builds the output items of one reply (reasoning, text, function calls)."""
-        parser = ReplyParser.for_request(
-            self.tools,
-            self.constraint,
-            self.is_reasoning,
-            self.opens_thinking,
-            thinks_first=self.thinking is not None,
-        )
+        parser = ReplyParser.for_request(self.tools, self.constraint, self.reasoning)
         return ResponseStream(parser, self.message_id)
 
     def response(
@@ -292,7 +282,7 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
         conversation, num_images = shorter
         all_images = all_images[num_images:]
     param, constraint = mode.reply_constraint(output_constraint) or ("input", None)
-    is_reasoning, opens, thinking = await backend.reasoning(
+    reasoning = await backend.reasoning(
         prompt_ids, info.chat_template, mode.is_forced, constraint is not None
     )
     return ResponsePlan(
@@ -304,9 +294,7 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
         prompt_ids,
         constraint,
         param,
-        is_reasoning,
-        opens,
-        thinking,
+        reasoning,
         images,
         all_images,
         prompt_tail=await backend.generation_prompt_length(render) + len(prefix_ids),
