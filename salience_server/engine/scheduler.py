@@ -154,7 +154,7 @@ class Scheduler:
             if is_waiting and not self._free_slot(request, num_tokens, step):
                 continue
             drafts = self._drafts(request, num_tokens, step.budget)
-            if self._reserve(request, num_tokens + len(drafts), step, drafts):
+            if self._reserve(request, num_tokens, step, drafts):
                 if is_waiting:
                     self._remove_waiting(request)
                     self.running.append(request)
@@ -167,6 +167,7 @@ class Scheduler:
                 step.output.failed.append((request, _kv_cache_full()))
             elif not is_waiting:
                 self._preempt(request, step)  # room comes back as this step's work ends
+        self._place_drafts(step)
         return step.output
 
     def _free_slot(self, request: Request, num_tokens: int, step: _Step) -> bool:
@@ -192,24 +193,34 @@ class Scheduler:
         if not request.may_speculate:
             return []
         limit = min(budget - 1, request.room_to_decode() - 1)
-        drafts = self.proposer.propose(request.session, limit)
-        # Drafts use free blocks only: a guess never evicts or preempts anyone.
-        session, start = request.session, request.session.num_computed
-        while (
-            drafts
-            and self.block_manager.num_new_blocks(
-                session.block_table, start + 1 + len(drafts), start
-            )
-            > self.block_manager.num_free
-        ):
-            drafts.pop()
-        return drafts
+        return self.proposer.propose(request.session, limit)
+
+    def _place_drafts(self, step: _Step) -> None:
+        """Gives the step's drafts their blocks once every chunk has its own, from the
+        blocks still free, dropping the drafts that find none: a guess never evicts or
+        preempts anyone, nor takes a block that a later request in the step needs (that
+        request then evicted an idle session, or was preempted)."""
+        for chunk in step.output.chunks:
+            drafts, table = chunk.draft_token_ids, chunk.request.session.block_table
+            first = chunk.start + chunk.num_tokens  # the first draft's position
+            while (
+                drafts
+                and self.block_manager.num_new_blocks(table, first + len(drafts), first)
+                > self.block_manager.num_free
+            ):
+                drafts.pop()
+            if drafts:
+                copies = self.block_manager.append(table, first + len(drafts), first)
+                if copies:
+                    step.output.kv_moves.append(CopyBlocks(copies))
+                chunk.num_tokens += len(drafts)
 
     def _reserve(
         self, request: Request, num_tokens: int, step: _Step, drafts: list[int] | None = None
     ) -> bool:
         """Makes room in the block pool for the next chunk of ``request`` and schedules
-        it, restoring its session's KV if it was offloaded."""
+        it, restoring its session's KV if it was offloaded (its ``drafts`` get their
+        blocks later in the step: ``_place_drafts``)."""
         session = request.session
         start = session.num_computed
         if not self._may_fit(request, start + num_tokens, step):

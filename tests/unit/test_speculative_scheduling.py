@@ -1,0 +1,81 @@
+"""Speculation's drafts in the scheduler, with a real block pool and hand-made
+requests; no model. Drafts take free blocks only: a guess never evicts or preempts
+anyone, neither for itself nor by taking blocks that later requests in the step need."""
+
+from __future__ import annotations
+
+import pytest
+
+from salience_server.config import EngineConfig
+from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.draft_cost import DraftCost
+from salience_server.engine.evictor import Evictor
+from salience_server.engine.ngram import NgramProposer
+from salience_server.engine.request import GenerateParams, Request
+from salience_server.engine.scheduler import Scheduler
+from salience_server.engine.session import Residency, Session
+
+BLOCK_SIZE = 4
+
+
+def decoding(
+    manager: BlockManager, request_id: int, tokens: list[int], priority: int = 0
+) -> Request:
+    """A running call about to decode: every token but the last has KV."""
+    session = Session(f"s{request_id}", max_context=128, token_ids=list(tokens))
+    manager.append(session.block_table, len(tokens) - 1, 0)
+    session.num_computed = len(tokens) - 1
+    params = GenerateParams(session.session_id, list(tokens), max_tokens=50, priority=priority)
+    request = Request(request_id, params, session, lambda event: None, set(), None)
+    session.owner = request
+    return request
+
+
+@pytest.mark.parametrize("with_idle_session", [True, False])
+def test_drafts_take_no_block_a_later_decode_in_the_step_needs(with_idle_session: bool) -> None:
+    """A speculating call first in order drafted into the pool's last free block; the
+    decode after it, which needed that block for its own token, then evicted an idle
+    session (here dropping its KV) or, with none, was preempted: without speculation
+    neither. Now the drafts get what the step leaves free."""
+    manager = BlockManager(num_blocks=8 if with_idle_session else 6, block_size=BLOCK_SIZE)
+    first = decoding(manager, 0, [1, 2, 3] * 3 + [1])  # position 9: its block is there
+    later = decoding(manager, 1, [7, 8, 9, 10] * 2 + [5], priority=1)  # 8: a new block
+    sessions = {r.session.session_id: r.session for r in (first, later)}
+    idle = Session("idle", max_context=128, token_ids=list(range(8)))
+    if with_idle_session:
+        manager.append(idle.block_table, 8, 0)
+        idle.num_computed = 8
+        sessions[idle.session_id] = idle
+    assert manager.num_free == 1
+    proposer = NgramProposer(4, 2, 4, DraftCost(0.0, 0.0))
+    evictor = Evictor(sessions, manager, 0, 1)
+    scheduler = Scheduler(EngineConfig(speculative="ngram"), manager, evictor, proposer)
+    scheduler.running.extend([first, later])
+    output = scheduler.schedule()
+    fed = [(c.request.request_id, c.num_tokens, c.draft_token_ids) for c in output.chunks]
+    assert fed == [(0, 3, [2, 3]), (1, 1, [])]  # the drafts that still fit block 2
+    assert scheduler.num_preemptions == 0 and scheduler.running == [first, later]
+    assert evictor.num_dropped == 0
+    if with_idle_session:
+        assert idle.residency == Residency.RESIDENT and len(idle.block_table) == 2
+    assert manager.num_free == 0
+    manager.truncate(first.session.block_table, first.session.length)  # the step's end
+    tables = [s.block_table for s in sessions.values()]
+    manager.check_invariants(tables)
+
+
+def test_drafts_take_the_blocks_left_free_at_the_end_of_the_step() -> None:
+    """With room, the first call drafts as many as it finds (a new block for them)."""
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE)
+    first = decoding(manager, 0, [1, 2, 3] * 3 + [1])
+    later = decoding(manager, 1, [7, 8, 9, 10] * 2 + [5], priority=1)
+    sessions = {r.session.session_id: r.session for r in (first, later)}
+    proposer = NgramProposer(4, 2, 4, DraftCost(0.0, 0.0))
+    scheduler = Scheduler(
+        EngineConfig(speculative="ngram"), manager, Evictor(sessions, manager, 0, 1), proposer
+    )
+    scheduler.running.extend([first, later])
+    output = scheduler.schedule()
+    fed = [(c.request.request_id, c.num_tokens, c.draft_token_ids) for c in output.chunks]
+    assert fed == [(0, 4, [2, 3, 1]), (1, 1, [])]  # position 12: a new block
+    assert len(first.session.block_table) == 4 and len(later.session.block_table) == 3
