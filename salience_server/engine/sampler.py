@@ -114,23 +114,29 @@ def plan_verification(
     )
 
 
-def verify(logits: torch.Tensor, verification: Verification) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(
+    logits: torch.Tensor, logprobs: torch.Tensor, verification: Verification
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative decoding's verification of point-mass drafts (n-gram: the draft
     distribution q puts all its mass on the draft token), on the device: ``logits``
-    are the step's, of which the verification's rows ([D + 1, V]) are read. Returns
-    each row's token ([D + 1]) and whether it had one to draw; ``emitted`` then reads
-    them on the host.
+    and ``logprobs`` are the step's, of which the verification's rows ([D + 1, V]) are
+    read. Returns each row's token ([D + 1]) and whether it had one to draw;
+    ``emitted`` then reads them on the host.
 
-    Each row's token is what decoding without drafts would draw there: its argmax
-    (greedy), or the inverse of its filtered distribution's CDF at the next uniform of
+    Each row's token is what decoding without drafts would draw there: the argmax of
+    its logprobs (greedy), as a plain greedy row takes it (that of the logits differs
+    where log_softmax rounds two logits a hair apart to one logprob: the plain row
+    takes the first of the tied tokens, and a greedy call gave other tokens when the
+    engine drafted), or the inverse of its filtered distribution's CDF at the next uniform of
     the request's generator. Drafts are accepted while they equal those tokens; the
     first that does not is replaced by its row's token. Draft i is then accepted with
     probability p_i(d_i), rejection sampling's min(1, p/q) with q = 1, and each emitted
     token is distributed as the model's; more, a seeded call emits the tokens it emits
     without drafts (rounding aside), however much the engine drafted."""
-    rows = logits[verification.row_ids.tensor].float()  # [D + 1, V]
     if verification.filters is None:  # greedy: as a plain greedy row, always a token
-        return torch.argmax(rows, dim=-1), torch.ones_like(rows[:, 0], dtype=torch.bool)
+        greedy = torch.argmax(logprobs[verification.row_ids.tensor], dim=-1)
+        return greedy, torch.ones_like(greedy, dtype=torch.bool)
+    rows = logits[verification.row_ids.tensor].float()  # [D + 1, V]
     generator = verification.draw.generator
     if generator is not None:
         verification.generator_state = generator.get_state()
@@ -279,7 +285,7 @@ def pick_tokens(logits: torch.Tensor, logprobs: torch.Tensor, plan: PickPlan) ->
     for verification in plan.verifications:
         result.verified_rows.update(verification.rows)
         try:
-            tokens, ok = verify(logits, verification)
+            tokens, ok = verify(logits, logprobs, verification)
         except Exception as error:  # its request fails, not the step
             if device_lost(error):
                 raise

@@ -336,3 +336,33 @@ def _info(server, session_id: str):
     from salience_client.pb import salience_pb2 as pb
 
     return server.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session
+
+
+def test_greedy_near_ties_go_as_without_speculation(tiny_llama_dir, server_factory, tmp_path):
+    """Two tokens whose float32 logits differ by less than log_softmax keeps: a plain
+    greedy step takes the first (its logprobs tie); a verification took the argmax of
+    the logits, the second, and the greedy outputs differed from the third token on."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "near-ties")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        row = torch.randn(model.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+        model.lm_head.weight.zero_()  # every other logit 0: the pair wins when positive
+        model.lm_head.weight[5] = row * 1e-3
+        model.lm_head.weight[7] = row * 1e-3 * (1 + 1e-6)
+    model.save_pretrained(model_dir)
+    options = dict(block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
+    plain = server_factory(model_dir, **options)
+    speculating = server_factory(
+        model_dir, speculative="ngram", speculative_cost=(0.0, 0.0), **options
+    )
+    want, _, got, got_done = _both(
+        (plain, speculating), [5, 0] * 3 + [5], max_tokens=40, ignore_eos=True
+    )
+    assert 7 not in [e.id for e in want]
+    _same(got, want)
+    assert got_done.accepted_tokens > 0

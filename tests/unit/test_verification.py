@@ -27,7 +27,7 @@ def verified(logits: torch.Tensor, drafts: list[int], draw: sampler.Draw) -> lis
     """One request's verification alone, as a step makes it: on the device, then read."""
     rows, vocab = list(range(len(drafts) + 1)), logits.shape[1]
     verification = planned(lambda u: sampler.plan_verification(rows, drafts, draw, vocab, u), CPU)
-    tokens, valid = sampler.verify(logits, verification)
+    tokens, valid = sampler.verify(logits, scoring.log_softmax(logits), verification)
     return sampler.emitted(verification, tokens.tolist(), valid.tolist())
 
 
@@ -38,6 +38,24 @@ def test_greedy_verification_accepts_drafts_while_they_are_the_argmax() -> None:
     assert verified(logits, argmax[:3], draw) == argmax  # all accepted, one more
     wrong = (argmax[1] + 1) % VOCAB
     assert verified(logits, [argmax[0], wrong, 5], draw) == argmax[:2]
+
+
+def test_greedy_verification_takes_the_token_a_plain_greedy_row_takes() -> None:
+    """Two logits a hair apart that log_softmax rounds to one logprob: a plain greedy
+    row takes the first of the tied tokens (the argmax of the logprobs), and so must
+    the verification, which took the argmax of the logits (the later token): a greedy
+    call's tokens changed where the engine drafted."""
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 5], logits[:, 7] = 1e-3, 1e-3 + 1e-7
+    assert logits[0, 7] > logits[0, 5]
+    logprobs = scoring.log_softmax(logits)
+    assert logprobs[0, 7] == logprobs[0, 5]
+    draw = draw_of(SamplingParams())
+    plan = planned(lambda u: sampler.plan_picks([draw], [], VOCAB, u), CPU)
+    plain = sampler.pick_tokens(logits[:1], logprobs[:1], plan).token_ids.tolist()
+    assert plain == [5]
+    assert verified(logits, [5, 5], draw) == [5, 5, 5]
+    assert verified(logits, [7, 5], draw) == [5]
 
 
 def test_a_seeded_verification_emits_what_plain_draws_would() -> None:
@@ -75,10 +93,10 @@ def test_a_failing_verification_fails_its_rows_alone(monkeypatch) -> None:
         plan = planned(lambda u: sampler.plan_picks([0] * 6, verifications, VOCAB, u), CPU)
         real = sampler.verify
 
-        def verify(logits, verification):
+        def verify(logits, logprobs, verification):
             if fail and verification.draw is bad:
                 raise RuntimeError("this verification broke")
-            return real(logits, verification)
+            return real(logits, logprobs, verification)
 
         monkeypatch.setattr(sampler, "verify", verify)
         picked = sampler.pick_tokens(logits, scoring.log_softmax(logits), plan)
