@@ -153,12 +153,12 @@ class Scheduler:
             num_tokens = min(request.num_tokens_to_feed, step.budget)
             if is_waiting and not self._free_slot(request, num_tokens, step):
                 continue
-            drafts = self._drafts(request, num_tokens, step.budget)
+            drafts = self._drafts(request, num_tokens)
             if self._reserve(request, num_tokens, step, drafts):
                 if is_waiting:
                     self._remove_waiting(request)
                     self.running.append(request)
-                step.budget -= num_tokens + len(drafts)
+                step.budget -= num_tokens
                 step.scheduled.add(request.session.session_id)
             elif not step.scheduled and not step.output.cancelled:
                 # Everything else was evicted: it can never fit. (A call cancelled in
@@ -184,7 +184,7 @@ class Scheduler:
         self._preempt(worst, step)
         return True
 
-    def _drafts(self, request: Request, num_tokens: int, budget: int) -> list[int]:
+    def _drafts(self, request: Request, num_tokens: int) -> list[int]:
         """Draft tokens to verify beside a decode step, when speculation is on."""
         if self.proposer is None or num_tokens != 1 or not request.wants_decode:
             return []
@@ -192,16 +192,20 @@ class Scheduler:
             return []  # not a plain decode step
         if not request.may_speculate:
             return []
-        limit = min(budget - 1, request.room_to_decode() - 1)
-        return self.proposer.propose(request.session, limit)
+        return self.proposer.propose(request.session, request.room_to_decode() - 1)
 
     def _place_drafts(self, step: _Step) -> None:
-        """Gives the step's drafts their blocks once every chunk has its own, from the
-        blocks still free, dropping the drafts that find none: a guess never evicts or
-        preempts anyone, nor takes a block that a later request in the step needs (that
-        request then evicted an idle session, or was preempted)."""
+        """Adds the step's drafts to their chunks once every chunk has its own tokens,
+        in order, while the token budget and the free blocks last, dropping the drafts
+        that find no room: a guess never evicts or preempts anyone, nor takes what a
+        later request in the step needs (that request then evicted an idle session or
+        was preempted for a block, or was left out of the step for the budget, at every
+        step while the drafts came: with ``--max-batch-tokens 8`` and 4 drafts, the
+        third decoding call never ran). What the step feeds of the requests' own tokens
+        is what it feeds without speculation."""
         for chunk in step.output.chunks:
             drafts, table = chunk.draft_token_ids, chunk.request.session.block_table
+            del drafts[step.budget :]
             first = chunk.start + chunk.num_tokens  # the first draft's position
             while (
                 drafts
@@ -209,6 +213,7 @@ class Scheduler:
                 > self.block_manager.num_free
             ):
                 drafts.pop()
+            step.budget -= len(drafts)
             if drafts:
                 copies = self.block_manager.append(table, first + len(drafts), first)
                 if copies:

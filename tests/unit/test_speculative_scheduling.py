@@ -79,3 +79,19 @@ def test_drafts_take_the_blocks_left_free_at_the_end_of_the_step() -> None:
     fed = [(c.request.request_id, c.num_tokens, c.draft_token_ids) for c in output.chunks]
     assert fed == [(0, 4, [2, 3, 1]), (1, 1, [])]  # position 12: a new block
     assert len(first.session.block_table) == 4 and len(later.session.block_table) == 3
+
+
+def test_drafts_take_the_token_budget_the_steps_own_tokens_leave() -> None:
+    """With ``--max-batch-tokens 8`` and 4 drafts, the first two calls' drafts took the
+    whole budget and the third call was left out of the step, at every step while
+    drafts came; now each call's own token comes first, and drafts share the rest."""
+    manager = BlockManager(num_blocks=64, block_size=BLOCK_SIZE)
+    requests = [decoding(manager, i, [1, 2, 3] * 4 + [1]) for i in range(3)]
+    proposer = NgramProposer(4, 2, 4, DraftCost(0.0, 0.0))
+    config = EngineConfig(speculative="ngram", max_batch_tokens=8, num_speculative_tokens=4)
+    scheduler = Scheduler(config, manager, Evictor({}, manager, 0, 1), proposer)
+    scheduler.running.extend(requests)
+    output = scheduler.schedule()
+    fed = [(c.request.request_id, c.num_tokens, c.draft_token_ids) for c in output.chunks]
+    assert fed == [(0, 4, [2, 3, 1]), (1, 3, [2, 3]), (2, 1, [])]
+    assert scheduler.running == requests and scheduler.num_preemptions == 0
