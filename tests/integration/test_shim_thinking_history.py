@@ -84,3 +84,41 @@ def test_a_responses_reasoning_item_reaches_the_template_with_its_call(
     assert assistant["reasoning_content"] == "I need Oslo's weather."
     assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
     assert "reasoning_content" not in tool_result and "reasoning_content" not in user
+
+
+def test_a_chained_response_rendered_again_keeps_its_reasoning(
+    thinking: tuple[Script, RunningShim],
+) -> None:
+    """A ``previous_response_id`` turn whose conversation the template renders anew (it
+    does not extend the previous prompt: other instructions or tools, images, a
+    template writing earlier turns otherwise, as the scripted one) sends the stored
+    reply with its thinking, as a stateless client sending the output items back does:
+    the stored reply had none, so the model saw a call without the thinking that led
+    to it, which its session held."""
+    script, shim = thinking
+    client = shim.client()
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": WEATHER["function"]["parameters"],
+    }
+    script.text = f"<think>I need Oslo's weather.</think>{CALL}"
+    first = client.responses.create(model="scripted", input="Weather in Oslo?", tools=[tool])
+    call = first.output[-1]
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "-3 C"}
+    script.text = "Cold."
+    client.responses.create(
+        model="scripted", previous_response_id=first.id, input=[result], tools=[tool]
+    )
+    user, assistant, tool_result = messages_json(script.prompts[-1])
+    assert assistant["reasoning_content"] == "I need Oslo's weather."
+    assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
+    # A streamed reply of text alone keeps its thinking too.
+    script.text = "<think>Say it plainly.</think>Cold indeed."
+    events = client.responses.create(model="scripted", input="Weather in Oslo?", stream=True)
+    second = [event.response for event in events if event.type == "response.completed"][0]
+    script.text = "Yes."
+    client.responses.create(model="scripted", previous_response_id=second.id, input="Sure?")
+    assistant = messages_json(script.prompts[-1])[1]
+    assert assistant["content"] == "Cold indeed."
+    assert assistant["reasoning_content"] == "Say it plainly."
