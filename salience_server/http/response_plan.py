@@ -4,7 +4,7 @@ objects it reports.
 
 A request with ``previous_response_id`` continues the live session of that response:
 its prompt is the session's exact tokens, then the end of the assistant turn as the chat
-template writes it (only if the model did not end the turn itself), then the new input.
+template writes it (in place of the model's own end-of-sequence token), then the new input.
 The pool lends that session back (it shares the whole prefix), so only the new input is
 prefilled. When the template's rendering of the conversation does not extend the
 previous one (other instructions or tools), the whole conversation is rendered afresh.
@@ -40,10 +40,11 @@ def _new_id(prefix: str) -> str:
 
 
 def continue_session(previous: StoredResponse, rendered: list[int], eos_ids: set[int]) -> list[int]:
-    """The prompt continuing ``previous``'s session: its tokens, the turn's closing unless
-    the model wrote it, and the rest of ``rendered``; ``rendered`` itself when the
-    rendering does not extend the previous one, or the session does not hold the reply
-    as the conversation has it (no ``session_ids``)."""
+    """The prompt continuing ``previous``'s session: its tokens (less the end-of-sequence
+    token the model ended with, if any), the turn's closing as the template writes it,
+    and the rest of ``rendered``; ``rendered`` itself when the rendering does not extend
+    the previous one, or the session does not hold the reply as the conversation has it
+    (no ``session_ids``)."""
     base = previous.rendered_ids
     if not previous.session_ids or rendered[: len(base)] != base:
         return rendered
@@ -52,8 +53,11 @@ def continue_session(previous: StoredResponse, rendered: list[int], eos_ids: set
     end = next((i for i, token_id in enumerate(tail) if token_id in eos_ids), None)
     if end is None:
         return rendered
-    has_ended = bool(previous.session_ids) and previous.session_ids[-1] in eos_ids
-    return previous.session_ids + tail[end + 1 if has_ended else end :]
+    if previous.session_ids[-1] in eos_ids:
+        # The model ended its turn: the template's closing stands for its end token,
+        # which may be another than the one the template closes turns with.
+        return previous.session_ids[:-1] + tail[end:]
+    return previous.session_ids + tail[end:]
 
 
 @dataclass

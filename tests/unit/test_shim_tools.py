@@ -289,6 +289,18 @@ def test_a_chained_prompt_continues_the_live_session() -> None:
     assert continue_session(previous, [1, 2, 3, 70, 4], {EOS}) == [1, 2, 3, 70, 4]
 
 
+def test_a_chained_prompt_closes_the_turn_as_the_template_does_after_another_eos() -> None:
+    """A model with several end-of-sequence tokens (Qwen's ``<|endoftext|>`` beside
+    ``<|im_end|>``, Llama 3's ``<|eom_id|>`` beside ``<|eot_id|>``) that ended its reply
+    with one the template does not close turns with: the chained prompt kept that token
+    in place of the template's closing, which the conversation sent whole has."""
+    other_eos = 98
+    previous = _stored([1, 2, 3], [1, 2, 3, 7, 8, other_eos])
+    rendered = [1, 2, 3, 70, 80, EOS, 50, 4, 5]
+    chained = continue_session(previous, rendered, {EOS, other_eos})
+    assert chained == [1, 2, 3, 7, 8, EOS, 50, 4, 5]
+
+
 def test_common_prefix_length() -> None:
     assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix_length([1, 2], [1, 2, 3]) == 2
