@@ -13,6 +13,7 @@ previous one (other instructions or tools), the whole conversation is rendered a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +59,17 @@ def continue_session(previous: StoredResponse, rendered: list[int], eos_ids: set
         # which may be another than the one the template closes turns with.
         return previous.session_ids[:-1] + tail[end:]
     return previous.session_ids + tail[end:]
+
+
+def with_image_lengths(token_ids: list[int], counts: dict[int, int]) -> list[int]:
+    """``token_ids`` with each image's run of markers as long as the image took once it
+    went in (``counts``): a rendering holds one marker for an image not seen before, so
+    the next turn's rendering, with them all, would not extend it."""
+    resized: list[int] = []
+    for token_id, run in itertools.groupby(token_ids):
+        length = len(list(run))
+        resized += [token_id] * (counts.get(token_id, length) if token_id < 0 else length)
+    return resized
 
 
 @dataclass
@@ -224,7 +236,7 @@ class ResponsePlan:
             StoredResponse(
                 response=response,
                 conversation=[*self.conversation, reply],
-                rendered_ids=self.rendered_ids,
+                rendered_ids=with_image_lengths(self.rendered_ids, backend.image_token_counts),
                 session_ids=session_ids,
                 images=self.all_images,
             ),

@@ -350,3 +350,27 @@ def test_a_requests_priority_goes_with_its_images(
     )
     assert (True, 4) in submitted and len(submitted) >= 3
     assert {priority for _, priority in submitted} == {4}
+
+
+def test_a_chained_response_after_an_image_continues_its_session(shim: RunningShim) -> None:
+    """A ``previous_response_id`` turn after one that sent a new image appends only the
+    new input: the stored rendering held one placeholder for the image (its length
+    unknown until it went in), so the next rendering never extended it and the whole
+    conversation was rendered again, the reply prefilled anew from its text."""
+    client = shim.client()
+    model = client.models.list().data[0].id
+    url = "data:image/png;base64," + base64.b64encode(encode(make_image(41))).decode()
+    first = client.responses.create(
+        model=model, input=_responses_input(url), max_output_tokens=4, temperature=0
+    )
+    second = client.responses.create(
+        model=model,
+        previous_response_id=first.id,
+        input="And now?",
+        max_output_tokens=2,
+        temperature=0,
+    )
+    assert first.usage is not None and second.usage is not None
+    held = first.usage.input_tokens + first.usage.output_tokens
+    # All but the last token of the first turn (decoded, never fed to the model).
+    assert second.usage.input_tokens_details.cached_tokens == held - 1
