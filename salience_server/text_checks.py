@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 IMAGE_PLACE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -75,6 +76,25 @@ def lone_surrogate_path(value: Any, path: str = "") -> str | None:
             found = lone_surrogate_path(item, f"{path}[{index}]")
             if found is not None:
                 return found
+    return None
+
+
+def non_finite_path(value: Any, path: str = "") -> str | None:
+    """Where in a decoded JSON ``value`` the first NaN or infinity is (Python's reader
+    takes ``NaN`` and ``Infinity``, which are no JSON, and no reply echoing them can be
+    written), in ``lone_surrogate_path``'s notation, else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = non_finite_path(item, where)
+        if found is not None:
+            return found
     return None
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from salience_server.http.errors import ApiError, invalid
-from salience_server.text_checks import load_json, lone_surrogate_path
+from salience_server.text_checks import load_json, lone_surrogate_path, non_finite_path
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -42,6 +42,9 @@ async def parse_body(request: Request, model: type[_Model]) -> _Model:
             f"{where or 'The body'} holds a lone UTF-16 surrogate: not valid Unicode text",
             where or None,
         )
+    where = non_finite_path(data)
+    if where is not None:
+        raise invalid(f"{where or 'The body'} is NaN or infinite: not a JSON number", where or None)
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as error:

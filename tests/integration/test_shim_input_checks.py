@@ -47,6 +47,42 @@ def test_a_lone_surrogate_anywhere_is_400_naming_where(shim: RunningShim, model:
     assert response.status_code == 400 and error_body(response)["param"] == "prompt"
 
 
+def test_nan_or_infinity_anywhere_is_400_naming_where(
+    shim: RunningShim, model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Python's JSON reader takes NaN and Infinity, which no JSON has: in a field the
+    Responses API echoes back (``reasoning``, ``tools``, ``text``) the reply could not be
+    written, a 500 with two tracebacks logged. Refused as read, naming where."""
+    cases = [
+        ("responses", '"input": "hi", "reasoning": NaN', "reasoning"),
+        ("responses", '"input": "hi", "reasoning": {"effort": NaN}', "reasoning.effort"),
+        (
+            "responses",
+            '"input": "hi", "text": {"format": {"type": "text", "x": -Infinity}}',
+            "text.format.x",
+        ),
+        (
+            "responses",
+            '"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"x": NaN}}]',
+            "tools[0].parameters.x",
+        ),
+        (
+            "chat/completions",
+            f'"messages": {json.dumps(HELLO)}, "metadata": {{"a": NaN}}',
+            "metadata.a",
+        ),
+    ]
+    headers = {"content-type": "application/json"}
+    with caplog.at_level(logging.ERROR):
+        for path, fields, param in cases:
+            length = "max_output_tokens" if path == "responses" else "max_tokens"
+            body = f'{{"model": "{model}", "{length}": 1, {fields}}}'
+            response = httpx.post(f"{shim.base_url}/{path}", content=body, headers=headers)
+            assert response.status_code == 400, (path, response.text)
+            assert error_body(response)["param"] == param, (path, response.text)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
 def test_json_nested_too_deep_is_400(shim: RunningShim, model: str) -> None:
     """Brackets nested a few hundred deep (a few kilobytes) hit Python's recursion limit
     in the code that walks them: a 500 with a traceback. Refused as read, wherever the
