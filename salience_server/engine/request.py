@@ -94,6 +94,10 @@ class GenerateParams:
     decode_start: int | None = None
     """A resumed stream's: where the broken call began decoding (the tokens since count
     as this call's for the penalties and the stop strings); None: the prompt's end."""
+    arrival_time: float | None = None
+    """When the call arrived (``time.monotonic()``), where work came before the engine
+    took it (a constraint's compilation): TTFT and ``queue_ms`` count from it. None:
+    when the engine takes it."""
 
     @property
     def prompt_end(self) -> int:
@@ -217,7 +221,7 @@ class Request:
         self.penalty_state: Any = None
         """The sampler's running token counts (penalties.PenaltyState), made on the
         first draw that needs them."""
-        self.arrival_time = time.monotonic()
+        self.arrival_time = time.monotonic() if params.arrival_time is None else params.arrival_time
         self.first_scheduled_time: float | None = None
         self.prefill_done_time: float | None = None
         self.last_token_time: float | None = None

@@ -109,3 +109,29 @@ def test_a_stream_the_client_cancels_early_is_cancelled_whatever_its_deadline(
         time.sleep(0.01)
     samples = metric_samples(server)
     assert samples.get(key) == 1, {k: v for k, v in samples.items() if "requests" in k[0]}
+
+
+def test_time_to_first_token_counts_from_the_call_s_arrival(tiny_llama_dir, server_factory) -> None:
+    """A constraint compiled for the call (the first use of a schema: 350 ms for one of 30
+    fields on the default model) is part of its wait: TTFT and Done.queue_ms start when
+    the call arrives, not when the engine takes it after the compilation."""
+    server = server_factory(tiny_llama_dir, block_size=4, kv_cache_bytes=4 << 20)
+    engine, delay_s = server.engine, 0.3
+    compile_constraint = engine.compile_constraint
+
+    def slow_compile(spec):  # type: ignore[no-untyped-def]
+        time.sleep(delay_s)
+        return compile_constraint(spec)
+
+    engine.compile_constraint = slow_compile
+    _, done = generate(
+        server.stub,
+        open_session(server.stub),
+        append_tokens=[1, 2, 3],
+        max_tokens=1,
+        constraint=pb.Constraint(regex="[a-z]+"),
+    )
+    samples = metric_samples(server)
+    assert samples[("salience_time_to_first_token_seconds_count", ())] == 1
+    assert samples[("salience_time_to_first_token_seconds_sum", ())] >= delay_s
+    assert done.queue_ms >= delay_s * 1e3
