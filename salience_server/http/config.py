@@ -33,6 +33,7 @@ class ShimConfig:
     rpc_timeout_s: float = 30.0
     """Bound on every unary gRPC call (streams are not bounded)."""
     log_level: str = "info"
+    """uvicorn's (its start, stop and access log); empty: the process's own."""
     allow_remote_images: bool = False
     """Fetch http(s) image URLs; otherwise only data: URLs are accepted (400)."""
     cors_origins: tuple[str, ...] = ()

@@ -80,7 +80,10 @@ class ShimServer:
         uvicorn_config = uvicorn.Config(
             self._app,
             http=HeadersInTime,
-            log_level=config.log_level.lower(),
+            # uvicorn's records go to the program's handlers, in its format (its own
+            # wrote "INFO:     ..." without the time, at INFO whatever the level).
+            log_config=None,
+            log_level=config.log_level.lower() or None,
             timeout_graceful_shutdown=math.ceil(config.graceful_shutdown_s),
         )
         self.server = _HostedServer(uvicorn_config)
@@ -152,5 +155,6 @@ def shim_beside(
         cors_origins=cors_origins,
         retry_budget_s=0.0,
         grace_s=grace_s,
+        log_level="",  # the server's (--log-level)
     )
     return ShimServer(config, metrics_registry)

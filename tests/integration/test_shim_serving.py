@@ -4,6 +4,7 @@ into the shim."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -83,6 +84,53 @@ def test_salience_server_http_port_serves_both(tiny_llama_dir: Path, tmp_path: P
     finally:
         code = _stop(process)
     assert code == 0, log.read_text()
+
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+"""The start of every log line (``--log-level``'s format)."""
+
+
+def test_the_shim_beside_the_server_logs_at_its_log_level(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """``--log-level warning`` quietens the shim beside the server too: uvicorn's own
+    handlers logged each HTTP request and its start and stop at INFO whatever the level,
+    and without the time or the logger's name."""
+    http_port = _free_port()
+    log = tmp_path / "server.log"
+    command = server_command("--model", str(tiny_llama_dir), "--port", "0")
+    command += ["--http-port", str(http_port), "--log-level", "WARNING"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{http_port}/health").status_code == 200:
+                    break
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{http_port}/v1/models").status_code == 200
+    finally:
+        code = _stop(process)
+    assert code == 0, log.read_text()
+    assert "INFO" not in log.read_text(), log.read_text()
+
+
+def test_the_shim_alone_writes_every_log_line_in_one_format(tmp_path: Path) -> None:
+    """uvicorn's lines (its start, each request, its stop) carry the time, the level and
+    the logger's name as the shim's own do (they read ``INFO:     127.0.0.1:5 - ...``)."""
+    log = tmp_path / "shim.log"
+    process, port = _shim_alone(f"127.0.0.1:{_free_port()}", log)  # no server there
+    try:
+        _wait_for(r"Application startup complete", process, log, 30)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 503
+        _wait_for(r"GET /v1/models", process, log, 10)
+    finally:
+        code = _stop(process)
+    assert code == 0, log.read_text()
+    lines = log.read_text().splitlines()
+    assert lines and all(LOG_LINE.match(line) for line in lines), "\n".join(lines)
 
 
 def test_a_taken_port_fails_at_once() -> None:
