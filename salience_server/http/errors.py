@@ -200,7 +200,23 @@ def as_api_error(error: BaseException) -> ApiError:
     if isinstance(error, SalienceClientError):
         return from_client_error(error)
     log.exception("unexpected error", exc_info=error)
+    with contextlib.suppress(AttributeError):  # an exception without a __dict__
+        setattr(error, _LOGGED, True)
     return ApiError(500, f"Internal error: {error}", "server_error", code="internal_error")
+
+
+_LOGGED = "_salience_logged"
+"""Set on an exception whose traceback ``as_api_error`` logged."""
+
+
+class LoggedOnce(logging.Filter):
+    """Drops a record of an exception logged already: Starlette re-raises a handler's
+    exception after the 500 is sent, and uvicorn logged its traceback a second time
+    ("Exception in ASGI application")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not getattr(error, _LOGGED, False)
 
 
 async def handle_api_error(request: Request, error: Exception) -> JSONResponse:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from salience_server.http.app import create_app
 from salience_server.http.config import ShimConfig, api_key_from_env
 from salience_server.http.connections import HeadersInTime
+from salience_server.http.errors import LoggedOnce
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,14 @@ class _NoProbes(logging.Filter):
 
 
 def _quiet_probes() -> None:
+    """Leaves probes out of the access log, and tracebacks logged already out of
+    uvicorn's error log."""
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, _NoProbes) for f in access.filters):
         access.addFilter(_NoProbes())
+    errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, LoggedOnce) for f in errors.filters):
+        errors.addFilter(LoggedOnce())
 
 
 class _HostedServer(uvicorn.Server):

@@ -5,6 +5,7 @@ into the shim."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import signal
 import socket
@@ -301,3 +302,22 @@ def test_unknown_routes_and_methods_answer_as_openai_does(shim: RunningShim) -> 
     response = httpx.put(f"{shim.base_url}/models")
     assert response.status_code == 405 and response.headers["allow"] == "GET"
     assert error_body(response)["type"] == "invalid_request_error"
+
+
+def test_an_unexpected_error_is_logged_once(
+    shim: RunningShim, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's unexpected exception is a 500 logged with its traceback once: Starlette
+    re-raises it after the shim's handler has answered, and uvicorn logged it again
+    ("Exception in ASGI application", the same traceback)."""
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(shim.backend, "model_info", broken)
+    with caplog.at_level(logging.ERROR):
+        response = httpx.get(f"{shim.base_url}/models")
+        assert response.status_code == 500
+        assert error_body(response)["code"] == "internal_error"
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
