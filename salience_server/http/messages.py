@@ -151,7 +151,7 @@ def chat_messages(raw: list[dict[str, Any]]) -> Conversation:
             role, call_id = "tool", name
             if call_id is None:
                 raise _missing("a function message needs the function's name", f"{param}.name")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a list's or dict's was a 500
             raise invalid(f"unknown role {role!r}", f"{param}.role")
         content = _content_text(message.get("content"), f"{param}.content", conversation.images)
         normalised: dict[str, Any] = {"role": "system" if role == "developer" else role}
@@ -223,7 +223,7 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
-            if role not in _ROLES - {"tool"}:
+            if not isinstance(role, str) or role not in _ROLES - {"tool"}:
                 raise invalid(f"unknown role {role!r}", f"{param}.role")
             content = _content_text(item.get("content"), f"{param}.content", conversation.images)
             if content is None:

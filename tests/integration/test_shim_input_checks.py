@@ -277,6 +277,8 @@ def test_a_nested_field_is_named_as_openai_names_it(shim: RunningShim, model: st
         ({"role": "assistant", "content": None}, "messages[0].content", "content or tool_calls"),
         ({"role": "tool", "content": "42"}, "messages[0].tool_call_id", "needs the tool_call_id"),
         ({"role": "function", "content": "42"}, "messages[0].name", "the function's name"),
+        ({"role": ["user"], "content": "hi"}, "messages[0].role", "unknown role"),  # was a 500
+        ({"role": {}, "content": "hi"}, "messages[0].role", "unknown role"),
     ],
 )
 def test_a_malformed_message_is_refused_as_openai_refuses_it(
@@ -304,6 +306,7 @@ def test_a_malformed_message_is_refused_as_openai_refuses_it(
             "input[0].call_id",
         ),
         ("responses", {"input": [{"role": "user", "content": None}]}, "input[0].content"),
+        ("responses", {"input": [{"role": ["user"], "content": "hi"}]}, "input[0].role"),
         (
             "chat/completions",
             {
