@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 IMAGE_PLACE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -58,43 +59,36 @@ def load_json(text: str | bytes) -> Any:
     return value
 
 
-def lone_surrogate_path(value: Any, path: str = "") -> str | None:
+def lone_surrogate_path(value: Any) -> str | None:
     """Where in a decoded JSON ``value`` the first string (or key) holding a lone
     surrogate is (``messages[0].content``; ``""`` for the value itself), else None."""
-    if isinstance(value, str):
-        return None if _is_unicode(value) else path
+    return _first_path(value, lambda item: isinstance(item, str) and not _is_unicode(item))
+
+
+def non_finite_path(value: Any) -> str | None:
+    """Where in a decoded JSON ``value`` the first NaN or infinity is (Python's reader
+    takes ``NaN`` and ``Infinity``, which are no JSON, and no reply echoing them can be
+    written), in ``lone_surrogate_path``'s notation, else None."""
+    return _first_path(value, lambda item: isinstance(item, float) and not math.isfinite(item))
+
+
+def _first_path(value: Any, is_bad: Callable[[Any], bool], path: str = "") -> str | None:
+    """Where in a decoded JSON ``value`` the first item or key ``is_bad`` holds for is
+    (a key's: the object's path), else None."""
+    if is_bad(value):
+        return path
     if isinstance(value, dict):
         for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str) and not _is_unicode(key):
+            if is_bad(key):
                 return path
-            found = lone_surrogate_path(item, where)
+            found = _first_path(item, is_bad, f"{path}.{key}" if path else str(key))
             if found is not None:
                 return found
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            found = lone_surrogate_path(item, f"{path}[{index}]")
+            found = _first_path(item, is_bad, f"{path}[{index}]")
             if found is not None:
                 return found
-    return None
-
-
-def non_finite_path(value: Any, path: str = "") -> str | None:
-    """Where in a decoded JSON ``value`` the first NaN or infinity is (Python's reader
-    takes ``NaN`` and ``Infinity``, which are no JSON, and no reply echoing them can be
-    written), in ``lone_surrogate_path``'s notation, else None."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path
-    if isinstance(value, dict):
-        items: Any = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
-    elif isinstance(value, list):
-        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
-    else:
-        return None
-    for where, item in items:
-        found = non_finite_path(item, where)
-        if found is not None:
-            return found
     return None
 
 

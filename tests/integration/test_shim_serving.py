@@ -97,7 +97,7 @@ def test_the_shim_beside_the_server_logs_at_its_log_level(
     """``--log-level warning`` quietens the shim beside the server too: uvicorn's own
     handlers logged each HTTP request and its start and stop at INFO whatever the level,
     and without the time or the logger's name."""
-    http_port = _free_port()
+    http_port = free_port()
     log = tmp_path / "server.log"
     command = server_command("--model", str(tiny_llama_dir), "--port", "0")
     command += ["--http-port", str(http_port), "--log-level", "WARNING"]
@@ -122,7 +122,7 @@ def test_the_shim_alone_writes_every_log_line_in_one_format(tmp_path: Path) -> N
     """uvicorn's lines (its start, each request, its stop) carry the time, the level and
     the logger's name as the shim's own do (they read ``INFO:     127.0.0.1:5 - ...``)."""
     log = tmp_path / "shim.log"
-    process, port = _shim_alone(f"127.0.0.1:{_free_port()}", log)  # no server there
+    process, port = _shim_alone(f"127.0.0.1:{free_port()}", log)  # no server there
     try:
         _wait_for(r"Application startup complete", process, log, 30)
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 503
