@@ -168,7 +168,10 @@ class Outcomes:
         step of this request alone that ran out of memory is RESOURCE_EXHAUSTED."""
         self._free_drafts(request)
         if isinstance(error, ConstraintFailed):
-            log.warning("request %d: %s", request.request_id, error)
+            # The grammar engine's message names the token and may quote text: not at
+            # INFO or above (the logs name ids only), its client has it.
+            log.warning("request %d: its constraint failed while decoding", request.request_id)
+            log.debug("request %d: %s", request.request_id, error)
             self._end_failed(request, "CONSTRAINT_FAILED", f"the constraint failed: {error}")
             return
         if out_of_memory(error):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import grpc
@@ -131,10 +132,14 @@ def test_a_constraint_past_the_matchers_limits_is_refused_before_anything(defaul
     assert info.length == 3
 
 
-def test_a_constraint_failing_while_decoding_is_the_requests_error(default_server) -> None:
+def test_a_constraint_failing_while_decoding_is_the_requests_error(
+    default_server, caplog: pytest.LogCaptureFixture
+) -> None:
     """A JSON schema whose ``pattern`` outgrows the lexer's limits only once decoding
     enters the string: CONSTRAINT_FAILED, with a short message (it was REQUEST_FAILED
-    quoting the whole grammar, hundreds of kilobytes, logged with a traceback)."""
+    quoting the whole grammar, hundreds of kilobytes, logged with a traceback). The log
+    says which request failed, not the grammar engine's words (they may name tokens)."""
+    caplog.set_level(logging.INFO)
     session_id = open_session(default_server.stub)
     schema = json.dumps({"type": "string", "pattern": "(a|b)*" * 5000})
     with pytest.raises(grpc.RpcError) as caught:
@@ -148,6 +153,8 @@ def test_a_constraint_failing_while_decoding_is_the_requests_error(default_serve
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert error_reason(caught.value) == "CONSTRAINT_FAILED"
     assert "lexer" in caught.value.details() and len(caught.value.details()) < 600
+    failed = [r.getMessage() for r in caplog.records if "constraint" in r.getMessage()]
+    assert failed and all("lexer" not in message for message in failed), failed
 
 
 def test_a_tokenizer_longer_than_the_vocabulary_still_takes_grammars(
