@@ -153,8 +153,7 @@ class Scheduler:
             num_tokens = min(request.num_tokens_to_feed, step.budget)
             if is_waiting and not self._free_slot(request, num_tokens, step):
                 continue
-            drafts = self._drafts(request, num_tokens)
-            if self._reserve(request, num_tokens, step, drafts):
+            if self._reserve(request, num_tokens, step):
                 if is_waiting:
                     self._remove_waiting(request)
                     self.running.append(request)
@@ -184,28 +183,32 @@ class Scheduler:
         self._preempt(worst, step)
         return True
 
-    def _drafts(self, request: Request, num_tokens: int) -> list[int]:
-        """Draft tokens to verify beside a decode step, when speculation is on."""
-        if self.proposer is None or num_tokens != 1 or not request.wants_decode:
+    def _drafts(self, chunk: ScheduledChunk, budget: int) -> list[int]:
+        """At most ``budget`` draft tokens to verify beside a decode step, when
+        speculation is on. Asked only for drafts the step can feed: the proposer counts
+        a proposal as its session's probe, and proposing costs every decode each step."""
+        request = chunk.request
+        if self.proposer is None or chunk.num_tokens != 1 or not request.wants_decode:
             return []
         if request.session.num_computed != request.session.length - 1:
             return []  # not a plain decode step
         if not request.may_speculate:
             return []
-        return self.proposer.propose(request.session, request.room_to_decode() - 1)
+        limit = min(budget, request.room_to_decode() - 1)
+        return self.proposer.propose(request.session, limit)
 
     def _place_drafts(self, step: _Step) -> None:
-        """Adds the step's drafts to their chunks once every chunk has its own tokens,
-        in order, while the token budget and the free blocks last, dropping the drafts
-        that find no room: a guess never evicts or preempts anyone, nor takes what a
-        later request in the step needs (that request then evicted an idle session or
+        """Proposes the step's drafts once every chunk has its own tokens, in order,
+        while the token budget and the free blocks last, dropping the drafts that find
+        no room: a guess never evicts or preempts anyone, nor takes what a later
+        request in the step needs (that request then evicted an idle session or
         was preempted for a block, or was left out of the step for the budget, at every
         step while the drafts came: with ``--max-batch-tokens 8`` and 4 drafts, the
         third decoding call never ran). What the step feeds of the requests' own tokens
         is what it feeds without speculation."""
         for chunk in step.output.chunks:
-            drafts, table = chunk.draft_token_ids, chunk.request.session.block_table
-            del drafts[step.budget :]
+            drafts = self._drafts(chunk, step.budget)
+            table = chunk.request.session.block_table
             first = chunk.start + chunk.num_tokens  # the first draft's position
             while (
                 drafts
@@ -215,17 +218,16 @@ class Scheduler:
                 drafts.pop()
             step.budget -= len(drafts)
             if drafts:
+                chunk.draft_token_ids = drafts
                 copies = self.block_manager.append(table, first + len(drafts), first)
                 if copies:
                     step.output.kv_moves.append(CopyBlocks(copies))
                 chunk.num_tokens += len(drafts)
 
-    def _reserve(
-        self, request: Request, num_tokens: int, step: _Step, drafts: list[int] | None = None
-    ) -> bool:
+    def _reserve(self, request: Request, num_tokens: int, step: _Step) -> bool:
         """Makes room in the block pool for the next chunk of ``request`` and schedules
-        it, restoring its session's KV if it was offloaded (its ``drafts`` get their
-        blocks later in the step: ``_place_drafts``)."""
+        it, restoring its session's KV if it was offloaded (drafts come later in the
+        step: ``_place_drafts``)."""
         session = request.session
         start = session.num_computed
         if not self._may_fit(request, start + num_tokens, step):
@@ -243,7 +245,7 @@ class Scheduler:
         if session.residency == Residency.OFFLOADED:
             self.evictor.restore(session, step.output.kv_moves)
         session.residency = Residency.RESIDENT
-        step.output.chunks.append(ScheduledChunk(request, start, num_tokens, drafts or []))
+        step.output.chunks.append(ScheduledChunk(request, start, num_tokens))
         return True
 
     def _may_fit(self, request: Request, num_tokens: int, step: _Step) -> bool:

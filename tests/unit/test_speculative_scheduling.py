@@ -4,13 +4,15 @@ anyone, neither for itself nor by taking blocks that later requests in the step 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.draft_cost import DraftCost
 from salience_server.engine.evictor import Evictor
-from salience_server.engine.ngram import NgramProposer
+from salience_server.engine.ngram import PROBE_EVERY, NgramProposer
 from salience_server.engine.request import GenerateParams, Request
 from salience_server.engine.scheduler import Scheduler
 from salience_server.engine.session import Residency, Session
@@ -95,3 +97,22 @@ def test_drafts_take_the_token_budget_the_steps_own_tokens_leave() -> None:
     fed = [(c.request.request_id, c.num_tokens, c.draft_token_ids) for c in output.chunks]
     assert fed == [(0, 4, [2, 3, 1]), (1, 3, [2, 3]), (2, 1, [])]
     assert scheduler.running == requests and scheduler.num_preemptions == 0
+
+
+def test_a_probe_that_finds_no_budget_is_kept_for_a_later_step() -> None:
+    """A session drafting nothing (its acceptance too low to pay) probes with full
+    drafts every ``PROBE_EVERY`` steps. Drafts are proposed once the step's own tokens
+    have the budget: proposed before, with no budget left for them, they were dropped,
+    yet the probe counted as made (and every decode ran the proposer in every step)."""
+    manager = BlockManager(num_blocks=64, block_size=BLOCK_SIZE)
+    requests = [decoding(manager, i, [1, 2, 3] * 4 + [1]) for i in range(5)]
+    requests[0].session.acceptance.steps_since_drafts = PROBE_EVERY  # its probe is due
+    proposer = NgramProposer(4, 2, 4, DraftCost(10.0, 10.0))  # drafts never pay
+    config = EngineConfig(speculative="ngram", max_batch_tokens=5, num_speculative_tokens=4)
+    scheduler = Scheduler(config, manager, Evictor({}, manager, 0, 1), proposer)
+    scheduler.running.extend(requests)
+    output = scheduler.schedule()
+    assert [(c.num_tokens, c.draft_token_ids) for c in output.chunks] == [(1, [])] * 5
+    scheduler.config = dataclasses.replace(config, max_batch_tokens=8)  # room at last
+    output = scheduler.schedule()
+    assert (output.chunks[0].num_tokens, output.chunks[0].draft_token_ids) == (4, [2, 3, 1])
