@@ -73,11 +73,11 @@ class Backend:
         self.created = int(time.time())
         self._model_info: ModelInfo | None = None
         self._generation_prompt_lengths: dict[str, int] = {}
+        """By the template variables they were measured with (``generation_prompt_length``)."""
         self._thinking_tags: tuple[int, int] | None = None
         """``<think>`` and ``</think>``'s token ids, when each is one token."""
         self._tags_of: ModelInfo | None = None
-        """The model info they were asked with (asked again when it is)."""
-        """By the template variables they were measured with (``generation_prompt_length``)."""
+        """The model info they were asked with (they are asked again for another)."""
         self.image_token_counts: dict[int, int] = RecentCounts()
         """Placeholder tokens each image (by marker) took when it was appended."""
         # A channel of its own, so that /health works whatever the client is doing.
