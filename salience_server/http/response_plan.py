@@ -214,17 +214,6 @@ class ResponsePlan:
         if not self.body.store:
             return
         reply: dict[str, Any] = {"role": "assistant", "content": text or None}
-        # The thinking goes with the reply, as a stateless client sends the reasoning
-        # item back: a conversation rendered anew (it no longer extends the previous
-        # prompt) holds it where the template writes it, as the session did.
-        reasoning = [
-            part["text"]
-            for item in response["output"]
-            if item["type"] == "reasoning"
-            for part in item["content"]
-        ]
-        if reasoning:
-            reply["reasoning_content"] = "\n".join(reasoning)
         if calls:
             reply["tool_calls"] = [call.chat_dict() for call in calls]
         # A forced call's session holds the opening the shim wrote and the arguments the
