@@ -17,8 +17,10 @@ A request that still finds no room waits (preempted) while others hold memory, a
 fails with KV_CACHE_FULL only when nothing else holds any. One that would not fit even
 with all of that gone evicts and preempts no one: it waits for the earlier work to end.
 A step that preempts a request admits no waiting request later in order than it (as
-vLLM admits none in a step that preempted): the room is short, and a later arrival
-would otherwise take the place the preempted request resumes in.
+vLLM admits none in a step that preempted): the room was short, and a later arrival
+would take what the preempted request just gave back. From the next step on, the
+preempted request waits as any other: first in order, and where it cannot fit yet,
+later ones that fit may run meanwhile.
 """
 
 from __future__ import annotations
