@@ -1,12 +1,13 @@
 """What shapes a decode row's logits before the draw: penalties, bias and min_tokens.
 
-All of them act on the raw logits (SPEC 2.1), as transformers and vLLM do, and shape
-sampling only: the logprobs a stream reports stay the raw distribution.
-- ``repetition_penalty`` (transformers' and CTRL's): the logit of a token already in
-  the session is divided by it when positive, multiplied when negative.
+All of them act on the logits before temperature and the filters (SPEC 2.1), as
+transformers and vLLM do, and shape sampling only: the logprobs a stream reports stay
+the raw distribution. In their order (vLLM's and transformers'):
+- ``logit_bias``: added.
+- ``repetition_penalty`` (transformers' and CTRL's): the (biased) logit of a token
+  already in the session is divided by it when positive, multiplied when negative.
 - ``frequency_penalty`` and ``presence_penalty`` (OpenAI's): subtracted, times each
   token's count among the tokens decoded in this call, and once for each such token.
-- ``logit_bias``: added.
 - ``min_tokens``: the stop tokens cannot be drawn until that many tokens are decoded.
 """
 
@@ -136,6 +137,11 @@ def apply(logits: torch.Tensor, plan: ShapingPlan) -> torch.Tensor:
     """[D, V] float32 raw logits -> the same with the planned rows shaped (a new tensor)."""
     logits = logits.clone()
     vocab_size, device = logits.shape[1], logits.device
+    # The bias first, then the penalties (vLLM's and transformers' order): a repetition
+    # penalty divides or multiplies the biased logit.
+    for row, ids, values in plan.edits:
+        if values is not None:
+            logits[row].index_add_(0, ids.tensor, values.floats)
     if plan.counted_rows is not None and plan.penalties is not None:
         for index, sync in zip(plan.counted, plan.syncs, strict=True):
             plan.shapings[index].state.sync(*sync, vocab_size, device)
@@ -144,8 +150,6 @@ def apply(logits: torch.Tensor, plan: ShapingPlan) -> torch.Tensor:
     for row, ids, values in plan.edits:
         if values is None:
             logits[row].index_fill_(0, ids.tensor, -torch.inf)
-        else:
-            logits[row].index_add_(0, ids.tensor, values.floats)
     if plan.masked is not None:
         rows, words = plan.masked
         constraints.apply_bitmasks(logits, rows.tensor, words.tensor.to(torch.int32))

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
 
 from salience_server.engine import filters, penalties, sampler, scoring
 from salience_server.engine.request import SamplingParams
@@ -169,6 +169,21 @@ def test_repetition_penalty_equals_transformers_processor() -> None:
     got = _shape(logits, [_shaping(params, session)])
     processor = RepetitionPenaltyLogitsProcessor(penalty=1.7)
     want = processor(torch.tensor([session]), logits.clone())
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_logit_bias_comes_before_the_repetition_penalty() -> None:
+    """vLLM and transformers add the bias, then penalise: the penalty divides (or
+    multiplies) the biased logit of a token already in the session."""
+    logits = random_logits(1, seed=12)
+    session = [3, 17, 42]
+    bias = {3: 4.0, 17: -4.0, 42: 1.5, 99: 2.0}
+    params = SamplingParams(repetition_penalty=2.0, logit_bias=bias)
+    got = _shape(logits, [_shaping(params, session)])
+    sequence_bias = SequenceBiasLogitsProcessor({(token,): value for token, value in bias.items()})
+    repetition = RepetitionPenaltyLogitsProcessor(penalty=2.0)
+    input_ids = torch.tensor([session])
+    want = repetition(input_ids, sequence_bias(input_ids, logits.clone()))
     assert torch.allclose(got, want, atol=1e-6)
 
 
