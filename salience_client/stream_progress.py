@@ -19,7 +19,9 @@ class StreamProgress:
     again and the events already delivered are dropped. Exact for greedy decoding, its
     penalties, stop strings and constraint included (``decode_start``: the server counts
     the tokens decoded before the break as the call's, its stop strings' held-back text
-    goes on, and its grammar reads them again); a sampled continuation is a fresh draw.
+    goes on, and its grammar reads them again), and for seeded sampling (the server moves
+    the seed on past the tokens decoded before the break); an unseeded sampled
+    continuation is a fresh draw.
     """
 
     def __init__(self, request: pb.GenerateRequest) -> None:

@@ -149,6 +149,10 @@ class Intake:
             sink(TokenEvent(position=0, token_id=session.token_ids[0], is_prefill=True))
             request.next_event_position = 1
         request.generator = sampler.make_generator(params.sampling, self.device)
+        if request.generator is not None:
+            # A resumed stream: the broken call drew one uniform per token it decoded;
+            # the seed goes on from there, as the call would have without the break.
+            sampler.spend_uniforms(request.generator, prompt_end - decode_start)
         if params.constraint is not None:
             request.matcher = self.constraints.matcher(params.constraint)
             if params.thinking is not None:  # the thinking is free, its answer constrained

@@ -159,10 +159,18 @@ def emitted(verification: Verification, tokens: list[int], valid: list[bool]) ->
     generator, state = verification.draw.generator, verification.generator_state
     if generator is not None and state is not None:
         generator.set_state(state)
-        spent = torch.empty(len(result), 1, dtype=torch.float64, device=generator.device)
-        for row in range(len(result)):  # as ``filters.draw`` spends them: one per row
-            spent[row].uniform_(generator=generator)
+        spend_uniforms(generator, len(result))
     return result
+
+
+def spend_uniforms(generator: torch.Generator, count: int) -> None:
+    """Moves a seeded generator on by the uniforms ``count`` decoded tokens draw, as
+    ``filters.draw`` spends them: one per row."""
+    if count <= 0:
+        return
+    spent = torch.empty(count, 1, dtype=torch.float64, device=generator.device)
+    for row in range(count):
+        spent[row].uniform_(generator=generator)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """A broken stream resumed with ``decode_start`` goes on as the unbroken call would: its
-frequency and presence penalties count the tokens decoded before the break, and the text
-its stop strings held back at the break comes with the next tokens. The break is made as
-a client leaving a stream (read some events, cancel); the resumed call is built as the
-Python client builds it (``StreamProgress.next_request``, whose request
+frequency and presence penalties count the tokens decoded before the break, a seeded call
+draws on from where its seed was, and the text its stop strings held back at the break
+comes with the next tokens. The break is made as a client leaving a stream (read some
+events, cancel); the resumed call is built as the Python client builds it (``StreamProgress.next_request``, whose request
 ``test_stream_progress.py`` checks). Oracle: the same call unbroken."""
 
 from __future__ import annotations
@@ -87,6 +87,19 @@ def test_a_resumed_stream_goes_on_as_the_unbroken_call(
         assert "".join(t.text for t in before) == "".join(t.text for t in whole[:BREAK_AFTER])
     else:  # what a resume without it did: other tokens, the held text lost
         assert got_ids != want_ids
+
+
+def test_a_resumed_seeded_stream_draws_what_the_unbroken_call_draws(
+    llama_server: RunningServer,
+) -> None:
+    """The seed goes on where the break left it (one uniform per token decoded before
+    it), rather than from its start: the resumed tokens are the unbroken call's."""
+    stub = llama_server.stub
+    sampling = dict(temperature=1.0, top_k=50, top_p=0.95)
+    for seed in range(3):
+        whole = _unbroken(stub, seed=seed, **sampling)
+        before, after = _broken_then_resumed(stub, True, seed=seed, **sampling)
+        assert [t.id for t in before + after] == [t.id for t in whole], seed
 
 
 def test_min_tokens_counts_from_where_the_broken_call_began_decoding(
