@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from salience_server.engine import constraints
-from salience_server.engine.request import SamplingParams
+from salience_server.engine.request import GREEDY_BELOW, SamplingParams
 from salience_server.engine.uploads import Upload, Uploads
+
+PENALIZED_LIMIT = torch.finfo(torch.float32).max * GREEDY_BELOW / 4
+"""The largest magnitude a repetition penalty gives a logit: divided by a temperature of
+``GREEDY_BELOW`` (the smallest that samples), it stays finite, with room to spare."""
 
 
 class PenaltyState:
@@ -169,7 +173,12 @@ def _penalize(
     seen = torch.stack([row.state.seen for row in rows if row.state.seen is not None])
     counts = torch.stack([row.state.counts for row in rows if row.state.counts is not None])
     factor = repetition.floats[:, None]
-    penalized = torch.where(part > 0, part / factor, part * factor)
+    # A penalty far from 1 (1e-40, 1e38: in range, as vLLM's) would take logits past
+    # float32's range, then the softmax to NaN and the call to INTERNAL: they stop at
+    # PENALIZED_LIMIT, which even the smallest sampled temperature keeps finite.
+    penalized = torch.where(part > 0, part / factor, part * factor).clamp(
+        -PENALIZED_LIMIT, PENALIZED_LIMIT
+    )
     part = torch.where(seen, penalized, part)
     part = part - counts * frequency.floats[:, None] - (counts > 0) * presence.floats[:, None]
     logits[index] = part

@@ -187,6 +187,25 @@ def test_logit_bias_comes_before_the_repetition_penalty() -> None:
     assert torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("penalty", [1e-40, 3e38], ids=["tiny", "huge"])
+def test_an_extreme_repetition_penalty_still_draws_a_token(penalty: float) -> None:
+    """A penalty in range but far from 1 took the penalised logits past float32's range
+    (inf / inf in the softmax: NaN), and the call failed INTERNAL. Nearly greedy, a tiny
+    one picks a session's token of positive logit; a huge one, another token."""
+    logits = random_logits(1, seed=13)
+    logprobs = scoring.log_softmax(logits)
+    session = list(range(0, VOCAB, 2))  # the even tokens
+    for temperature in (1e-5, 1.0):
+        params = SamplingParams(temperature=temperature, repetition_penalty=penalty, seed=1)
+        picked = _pick(logits, logprobs, [draw_of(params, _shaping(params, session))])
+        assert not row_errors(picked)
+        token = int(picked.token_ids[0])
+        if temperature < 1 and penalty < 1:
+            assert token % 2 == 0 and logits[0, token] > 0
+        elif temperature < 1:
+            assert token % 2 == 1
+
+
 def test_frequency_presence_and_bias_follow_openai() -> None:
     logits = random_logits(1, seed=9)
     prompt, decoded = [1, 2, 3, 9], [9, 9, 4, 9, 7]  # 9 thrice in the output, 1..3 only before
