@@ -59,7 +59,7 @@ class SamplingFields(Body):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    """A 64-bit integer, as OpenAI's and vLLM's."""
+    """A 64-bit integer, as OpenAI's and vLLM's; -1 is no seed, as in vLLM."""
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -99,7 +99,7 @@ class SamplingFields(Body):
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
-            seed=self.seed,
+            seed=None if self.seed == -1 else self.seed,  # vLLM's -1: no seed
             stop_strings=tuple(dict.fromkeys(s for s in [*stops, *extra_stops] if s)),
             include_stop_string=self.include_stop_str_in_output,
             keep_special_tokens=not self.skip_special_tokens,
@@ -136,6 +136,10 @@ class SamplingFields(Body):
                 f"tokens ({max_tokens})",
                 "min_tokens",
             )
+        extra = self.model_extra or {}
+        for name, what in _UNOFFERED_SAMPLING.items():
+            if extra.get(name):  # None, false and empty lists ask for nothing
+                raise unsupported(what, name)
 
     def guided(self) -> tuple[str, Constraint | None]:
         """vLLM's structured-output extra fields (``guided_*``, ``structured_outputs``),
@@ -176,6 +180,16 @@ _CHAT_ONLY = {
 """Chat Completions fields that a request ported to the Responses API may still carry,
 where OpenAI refuses them as unknown: the shim keeps unknown fields, so these did
 nothing and said nothing (no stop, one reply)."""
+
+
+_UNOFFERED_SAMPLING = {
+    "allowed_token_ids": "vLLM's allowed_token_ids (use logit_bias or a guided_regex)",
+    "bad_words": "vLLM's bad_words (use logit_bias)",
+    "logits_processors": "vLLM's logits_processors",
+    "use_beam_search": "beam search",
+}
+"""vLLM's sampling fields this server does not implement: kept as unknown fields they
+were ignored, and the reply held the very tokens they were to rule out."""
 
 
 class StreamOptions(Body):
