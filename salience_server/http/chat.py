@@ -54,6 +54,7 @@ from salience_server.http.tools import (
     tool_format,
     tool_mode,
 )
+from salience_server.http.truncation import last_tokens
 
 router = APIRouter()
 
@@ -179,6 +180,7 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     rendered = await backend.render_chat(conversation.messages, offered, "messages", render)
     images = backend.mark_images(rendered, conversation.images, "messages")
     prompt_ids = rendered + await backend.tokenize(mode.prefix_text(), "tool_choice")
+    prompt_ids = last_tokens(prompt_ids, body.truncate_prompt_tokens, info.max_context)
     param, constraint = mode.reply_constraint(output_constraint) or ("messages", None)
     tail = await backend.generation_prompt_length(render) + len(prompt_ids) - len(rendered)
     reasoning = await backend.reasoning(

@@ -46,6 +46,7 @@ from salience_server.http.streaming import (
     start_stream,
     until_disconnected,
 )
+from salience_server.http.truncation import last_tokens
 
 router = APIRouter()
 
@@ -63,6 +64,24 @@ class Prompt:
 
 
 async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
+    """The batch: every prompt as token ids and text, each cut to its last
+    ``truncate_prompt_tokens`` (``echo`` then returns what is left)."""
+    prompts = await _whole_prompts(backend, body)
+    if body.truncate_prompt_tokens is None:
+        return prompts
+    max_context = (await backend.model_info()).max_context
+    cut = []
+    for prompt in prompts:
+        ids = last_tokens(prompt.token_ids, body.truncate_prompt_tokens, max_context)
+        if len(ids) == len(prompt.token_ids):
+            cut.append(prompt)
+            continue
+        text = await backend.detokenize(ids, "prompt") if body.echo else ""
+        cut.append(Prompt(ids, text, is_ids=True))
+    return cut
+
+
+async def _whole_prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
     """The batch: every prompt as token ids and text."""
     raw = body.prompt
     items: list[Any]

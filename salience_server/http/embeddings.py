@@ -22,6 +22,7 @@ from salience_server.http.backend import Backend
 from salience_server.http.errors import client_errors, invalid
 from salience_server.http.request_body import parse_body
 from salience_server.http.schemas import MAX_TOKEN_ID, Body
+from salience_server.http.truncation import last_tokens
 
 router = APIRouter()
 
@@ -78,17 +79,13 @@ async def _truncated(
 ) -> list[list[int]]:
     """vLLM's ``truncate_prompt_tokens``: each input's last k tokens (texts tokenized
     here, as the server would), k = -1 meaning the model's context (it was ignored)."""
-    keep = body.truncate_prompt_tokens
-    if keep == 0:
-        raise invalid("truncate_prompt_tokens must be -1 or at least 1", "truncate_prompt_tokens")
-    if keep == -1:
-        keep = (await backend.model_info()).max_context
-    assert keep is not None
+    keep, max_context = body.truncate_prompt_tokens, (await backend.model_info()).max_context
+    last_tokens([], keep, max_context)  # 0 is refused before anything is tokenized
     with client_errors("input"):
         for text in texts:
             tokens = await backend.client.tokenize(text, add_special_tokens=body.add_special_tokens)
             token_lists.append(tokens)
-    return [tokens[-keep:] for tokens in token_lists]
+    return [last_tokens(tokens, keep, max_context) for tokens in token_lists]
 
 
 def _inputs(value: Any) -> tuple[list[str], list[list[int]]]:

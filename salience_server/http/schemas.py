@@ -215,6 +215,8 @@ class ReplyFields(SamplingFields):
     return_token_ids: bool = False
     """vLLM's: each choice carries its decoded ``token_ids``, and the reply its
     ``prompt_token_ids`` (per choice in completions)."""
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    """vLLM's: only the prompt's last k tokens are sent (-1: the model's context)."""
 
     def check_stream(self) -> None:
         """Refuses what needs a stream, or cannot have one (400)."""

@@ -1,0 +1,78 @@
+"""vLLM's ``truncate_prompt_tokens`` in Completions and Chat Completions: only the
+prompt's last k tokens are sent (it was kept as an unknown field and ignored: the whole
+prompt ran, or failed for the context). Oracle: the same request sent as those last k
+token ids, through the openai SDK against the tiny Llama (one token per byte)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from salience_server.http.errors import ApiError
+from salience_server.http.truncation import last_tokens
+from tests.shim_support import RunningShim
+
+PROMPT = "one fish, two fish, red fish, blue fish"
+
+
+def _complete(shim: RunningShim, model: str, prompt: str | list[int], **extra: object):
+    return shim.client().completions.create(
+        model=model, prompt=prompt, max_tokens=6, temperature=0, logprobs=1, extra_body=extra
+    )
+
+
+def test_a_completion_runs_on_the_prompts_last_tokens(shim: RunningShim, model: str) -> None:
+    whole = _complete(shim, model, PROMPT, return_token_ids=True)
+    ids = whole.choices[0].prompt_token_ids
+    cut = _complete(shim, model, PROMPT, truncate_prompt_tokens=9, echo=True)
+    want = _complete(shim, model, ids[-9:])
+    assert cut.usage.prompt_tokens == 9
+    assert cut.choices[0].text == PROMPT[-9:] + want.choices[0].text  # echo: what was sent
+    assert cut.choices[0].logprobs.token_logprobs[9:] == pytest.approx(
+        want.choices[0].logprobs.token_logprobs, abs=1e-4
+    )
+    longer = _complete(shim, model, PROMPT, truncate_prompt_tokens=1000)
+    assert (
+        longer.usage.prompt_tokens == len(ids) and longer.choices[0].text == whole.choices[0].text
+    )
+    context = _complete(shim, model, PROMPT, truncate_prompt_tokens=-1)
+    assert context.choices[0].text == whole.choices[0].text
+
+
+def test_a_chat_runs_on_the_rendered_prompts_last_tokens(shim: RunningShim, model: str) -> None:
+    messages = [{"role": "user", "content": PROMPT}]
+    client = shim.client()
+    whole = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    ids = whole.prompt_token_ids
+    cut = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"truncate_prompt_tokens": 12, "return_token_ids": True},
+    )
+    assert cut.usage.prompt_tokens == 12 and cut.prompt_token_ids == ids[-12:]
+    want = _complete(shim, model, ids[-12:])
+    assert cut.choices[0].message.content == want.choices[0].text
+
+
+def test_zero_and_negative_are_refused(shim: RunningShim, model: str) -> None:
+    for keep in (0, -2):
+        with pytest.raises(openai.BadRequestError) as caught:
+            _complete(shim, model, PROMPT, truncate_prompt_tokens=keep)
+        assert caught.value.body["param"] == "truncate_prompt_tokens"
+
+
+def test_a_cut_inside_an_image_is_refused() -> None:
+    """An image is a run of one negative marker in the shim's prompt ids."""
+    ids = [5, 6, -9, -9, -9, 7]
+    assert last_tokens(ids, 4, 100) == [-9, -9, -9, 7]  # the whole image
+    assert last_tokens(ids, 1, 100) == [7]
+    with pytest.raises(ApiError, match="image"):
+        last_tokens(ids, 3, 100)
