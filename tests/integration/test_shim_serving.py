@@ -87,6 +87,19 @@ def test_salience_server_http_port_serves_both(tiny_llama_dir: Path, tmp_path: P
     assert code == 0, log.read_text()
 
 
+def _server_with_shim(
+    model_dir: Path, log: Path, *flags: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The server and its shim, on a port of its own, writing to ``log``; and the shim's
+    base URL."""
+    http_port = free_port()
+    command = server_command("--model", str(model_dir), "--port", "0", *flags)
+    command += ["--http-port", str(http_port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{http_port}"
+
+
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
 """The start of every log line (``--log-level``'s format)."""
 
@@ -97,21 +110,17 @@ def test_the_shim_beside_the_server_logs_at_its_log_level(
     """``--log-level warning`` quietens the shim beside the server too: uvicorn's own
     handlers logged each HTTP request and its start and stop at INFO whatever the level,
     and without the time or the logger's name."""
-    http_port = free_port()
     log = tmp_path / "server.log"
-    command = server_command("--model", str(tiny_llama_dir), "--port", "0")
-    command += ["--http-port", str(http_port), "--log-level", "WARNING"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    process, base = _server_with_shim(tiny_llama_dir, log, "--log-level", "WARNING")
     try:
         deadline = time.monotonic() + 120
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{http_port}/health").status_code == 200:
+                if httpx.get(f"{base}/health").status_code == 200:
                     break
             assert time.monotonic() < deadline and process.poll() is None, log.read_text()
             time.sleep(0.1)
-        assert httpx.get(f"http://127.0.0.1:{http_port}/v1/models").status_code == 200
+        assert httpx.get(f"{base}/v1/models").status_code == 200
     finally:
         code = _stop(process)
     assert code == 0, log.read_text()
@@ -171,13 +180,8 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(
     (The long-context model: 60,000 tokens outlast the grace on any machine, where the
     default model's 200 tokens outlasted it only for its slow steps; and the signal
     waits until the server runs both requests, where it waited for the stream alone.)"""
-    http_port = free_port()
     log = tmp_path / "server.log"
-    command = server_command("--model", str(long_context_llama_dir), "--port", "0")
-    command += ["--http-port", str(http_port), "--grace-s", "0.5"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http_port}"
+    process, base = _server_with_shim(long_context_llama_dir, log, "--grace-s", "0.5")
     try:
         _wait_for(r"serving \S+ on", process, log, 120)  # the shim answers from the start
         threads, replies, _ = _ask_without_end(base, long_context_llama_dir.name)
