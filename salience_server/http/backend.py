@@ -22,7 +22,11 @@ from salience_server.http.config import ShimConfig
 from salience_server.http.errors import ApiError, client_errors, invalid, model_not_found
 from salience_server.http.logprobs import TokenTexts
 from salience_server.http.messages import (
+    SYSTEM_PROBE,
+    TOOL_PROBE,
     ImageInput,
+    TemplateRoles,
+    needs_roles,
     template_messages,
     template_supports_tools,
 )
@@ -78,6 +82,9 @@ class Backend:
         """``<think>`` and ``</think>``'s token ids, when each is one token."""
         self._tags_of: ModelInfo | None = None
         """The model info they were asked with (they are asked again for another)."""
+        self._roles: TemplateRoles = TemplateRoles()
+        self._roles_of: ModelInfo | None = None
+        """The model info ``_roles`` were probed with."""
         self.image_token_counts: dict[int, int] = RecentCounts()
         """Placeholder tokens each image (by marker) took when it was appended."""
         # A channel of its own, so that /health works whatever the client is doing.
@@ -166,7 +173,11 @@ class Backend:
             await self.check_fits(num_chars, param)
         info = await self.model_info()
         has_tool_template = template_supports_tools(info.chat_template)
-        rendered = template_messages(messages, tools, has_tool_template)
+        roles = None
+        if needs_roles(messages, tools, has_tool_template):
+            with client_errors(param):
+                roles = await self.template_roles()
+        rendered = template_messages(messages, tools, has_tool_template, roles)
         with client_errors(param):
             return await self.client.tokenize_chat(
                 rendered,
@@ -176,6 +187,26 @@ class Backend:
                 continue_final_message=options.continue_final_message,
                 images=[(image.data, image.mime_type) for image in images or []],
             )
+
+    async def template_roles(self) -> TemplateRoles:
+        """Whether the chat template renders a system message and a ``tool`` one
+        (``TemplateRoles``), probed once per model info."""
+        info = await self.model_info()
+        if self._roles_of is not info:
+
+            async def render(messages: list[dict[str, Any]]) -> list[int] | None:
+                try:
+                    return await self.client.tokenize_chat(messages, add_generation_prompt=False)
+                except SalienceClientError as error:
+                    if error.reason != "BAD_MESSAGES":  # not the template's answer
+                        raise
+                    return None
+
+            with_tool = await render(TOOL_PROBE)
+            tool = with_tool is not None and with_tool != await render(TOOL_PROBE[:-1])
+            self._roles = TemplateRoles(await render(SYSTEM_PROBE) is not None, tool)
+            self._roles_of = info
+        return self._roles
 
     async def generation_prompt_length(self, options: RenderOptions) -> int:
         """Tokens the chat template ends a prompt with to open the assistant's turn

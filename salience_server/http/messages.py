@@ -297,13 +297,50 @@ def _arguments(call: dict[str, Any]) -> Any:
         return text
 
 
-def template_messages(
+@dataclass(frozen=True)
+class TemplateRoles:
+    """Which roles a chat template without tool support renders, so that the shim's
+    Hermes fallback fits it. Gemma's and Mistral v0.1's templates raise on a system
+    message (the tools' description goes into the first user message instead) and on a
+    ``tool`` one; Phi-3's silently drops a ``tool`` message (tool results are then user
+    messages, consecutive ones merged, as Qwen2.5's template writes them)."""
+
+    system: bool = True
+    tool: bool = True
+
+
+SYSTEM_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+"""Rendered to learn whether a template takes a system message."""
+TOOL_PROBE = [
+    {"role": "user", "content": "u"},
+    {"role": "assistant", "content": "a"},
+    {"role": "tool", "content": "t", "tool_call_id": "c"},
+]
+"""Rendered with and without its last message to learn whether a template renders a
+``tool`` message."""
+
+
+def needs_roles(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]], has_tool_template: bool
+) -> bool:
+    """Whether rendering ``messages`` depends on ``TemplateRoles`` (the fallback's)."""
+    return not has_tool_template and (bool(tools) or any(m["role"] == "tool" for m in messages))
+
+
+def template_messages(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    has_tool_template: bool,
+    roles: TemplateRoles | None = None,
 ) -> list[dict[str, Any]]:
     """Chat Completions messages as the chat template takes them. Without tool support in
-    the template, the tools are described in the system message, and calls and results
-    are written as Hermes text."""
-    rendered = []
+    the template, the tools are described in the system message (the first user message
+    where ``roles`` says it takes none), and calls and results are written as Hermes
+    text (results as user messages where it renders no ``tool`` one)."""
+    roles = roles or TemplateRoles()
+    as_user = not has_tool_template and not roles.tool
+    rendered: list[dict[str, Any]] = []
+    follows_result = False  # the last rendered message is tool results as a user's
     for message in messages:
         out = dict(message, content=message.get("content") or "")
         if "reasoning_content" in message:  # templates read either name (as vLLM gives them)
@@ -318,11 +355,20 @@ def template_messages(
             out["content"] = "\n".join(filter(None, [out["content"], _hermes_calls(calls)]))
         elif message["role"] == "tool" and not has_tool_template:
             out["content"] = f"<tool_response>\n{out['content']}\n</tool_response>"
+            if as_user and follows_result:
+                merged = f"{rendered[-1]['content']}\n{out['content']}"
+                rendered[-1] = dict(rendered[-1], content=merged)
+                continue
+            if as_user:
+                out = {"role": "user", "content": out["content"]}
+        follows_result = as_user and message["role"] == "tool"
         rendered.append(out)
     if tools and not has_tool_template:
         description = tools_system_prompt(tools)
         if rendered and rendered[0]["role"] == "system":
             rendered[0] = dict(rendered[0], content=f"{rendered[0]['content']}\n\n{description}")
+        elif not roles.system and rendered and rendered[0]["role"] == "user":
+            rendered[0] = dict(rendered[0], content=f"{description}\n\n{rendered[0]['content']}")
         else:
             rendered.insert(0, {"role": "system", "content": description})
     return rendered

@@ -1,0 +1,107 @@
+"""Real-world chat templates without tool support (Gemma, Mistral v0.1, Phi-3) given
+tools and tool results through the shim's Hermes fallback: the rendering must neither
+fail nor lose the tool results.
+
+Oracle: the tokenizer's own template rendering of the messages the shim adapts, and
+the text of the rendering (the description and the results must be in it)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from salience_client import SalienceClientError
+from salience_server.engine import tokenization
+from salience_server.engine.errors import SalienceError
+from salience_server.http.backend import Backend
+from salience_server.http.config import ShimConfig
+from salience_server.http.messages import chat_messages
+from tests.chat_templates import FAMILIES, Family
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+TOOL_TURN = [
+    {"role": "user", "content": "Weather in Rome and Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "snowy"},
+]
+
+
+def _tokenizer(family: Family) -> PreTrainedTokenizerFast:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=family.bos, eos_token=family.eos
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": family.specials})
+    tokenizer.chat_template = family.template
+    return tokenizer
+
+
+class _TemplateClient:
+    """The server's Tokenize of chat messages, run here on a tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    async def tokenize_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **_: Any
+    ) -> list[int]:
+        try:
+            return tokenization.encode_chat(self.tokenizer, messages, None, add_generation_prompt)
+        except SalienceError as error:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            raise SalienceClientError(code, error.reason, error.message) from error
+
+
+class _Info:
+    chat_template: str
+    max_context = 1 << 20
+
+
+def _render(family: Family, messages: list[dict[str, Any]], tools: list[Any]) -> str:
+    """The shim's rendering of ``messages`` (Backend.render_chat) as text."""
+    tokenizer = _tokenizer(family)
+    info = _Info()
+    info.chat_template = family.template
+
+    async def model_info() -> Any:
+        return info
+
+    async def render() -> list[int]:
+        backend = Backend(ShimConfig(target="127.0.0.1:26999"))
+        backend.client = _TemplateClient(tokenizer)  # type: ignore[assignment]
+        backend.model_info = model_info  # type: ignore[method-assign]
+        conversation = chat_messages(messages)
+        return await backend.render_chat(conversation.messages, tools, "messages")
+
+    return str(tokenizer.decode(asyncio.run(render())))
+
+
+@pytest.mark.parametrize("name", ["gemma", "mistral_v1", "phi3"])
+def test_tools_reach_a_template_without_system_or_tool_roles(name: str) -> None:
+    text = _render(FAMILIES[name], [{"role": "user", "content": "Weather?"}], [WEATHER])
+    assert "<tools>" in text and '"get_weather"' in text and "Weather?" in text
+    text = _render(FAMILIES[name], TOOL_TURN, [WEATHER])
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+    assert "<tool_response>\nsnowy\n</tool_response>" in text
+
+
+def test_a_template_that_renders_tool_messages_keeps_them() -> None:
+    text = _render(FAMILIES["chatml"], TOOL_TURN, [WEATHER])
+    assert "<|im_start|>tool\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
+    assert text.startswith("<|im_start|>system\n# Tools")
