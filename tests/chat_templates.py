@@ -5,79 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LLAMA31 = """{{- bos_token }}
-{%- if custom_tools is defined %}{%- set tools = custom_tools %}{%- endif %}
-{%- if not tools_in_user_message is defined %}{%- set tools_in_user_message = true %}{%- endif %}
-{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}
-{%- if not tools is defined %}{%- set tools = none %}{%- endif %}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
-{%- if builtin_tools is defined or tools is not none %}{{- "Environment: ipython\\n" }}{%- endif %}
-{{- "Cutting Knowledge Date: December 2023\\n" }}
-{{- "Today Date: " + date_string + "\\n\\n" }}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-{%- if tools_in_user_message and not tools is none %}
-    {%- if messages | length != 0 %}
-        {%- set first_user_message = messages[0]['content']|trim %}
-        {%- set messages = messages[1:] %}
-    {%- else %}
-        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
-    {%- endif %}
-    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
-    {{- "Given the following functions, please respond with a JSON for a function call " }}
-    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.\\n\\n" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "\\n\\n" }}
-    {%- endfor %}
-    {{- first_user_message + "<|eot_id|>"}}
-{%- endif %}
-{%- for message in messages %}
-    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
-        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
-    {%- elif 'tool_calls' in message %}
-        {%- if not message.tool_calls|length == 1 %}
-            {{- raise_exception("This model only supports single tool-calls at once!") }}
-        {%- endif %}
-        {%- set tool_call = message.tool_calls[0].function %}
-        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}
-            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
-            {{- "<|python_tag|>" + tool_call.name + ".call(" }}
-            {{- ")" }}
-        {%- else  %}
-            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
-            {{- '{"name": "' + tool_call.name + '", ' }}
-            {{- '"parameters": ' }}
-            {{- tool_call.arguments | tojson }}
-            {{- "}" }}
-        {%- endif %}
-        {%- if builtin_tools is defined %}
-            {{- "<|eom_id|>" }}
-        {%- else %}
-            {{- "<|eot_id|>" }}
-        {%- endif %}
-    {%- elif message.role == "tool" or message.role == "ipython" %}
-        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
-        {%- if message.content is mapping or message.content is iterable %}
-            {{- message.content | tojson }}
-        {%- else %}
-            {{- message.content }}
-        {%- endif %}
-        {{- "<|eot_id|>" }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""
+from tests.chat_templates_tools import LLAMA31, MISTRAL_V3
 
 MISTRAL_V1 = (
     "{{ bos_token }}{% for message in messages %}"
@@ -256,8 +184,6 @@ class Family:
     specials: list[str]
     added: list[str] = field(default_factory=list)
     """Added tokens that are not special (``<tool_call>``, ``<think>``)."""
-    eos_ids: list[str] = field(default_factory=list)
-    """The generation config's end tokens (the tokenizer's eos when empty)."""
 
 
 IM = ["<|im_start|>", "<|im_end|>"]
@@ -278,16 +204,22 @@ FAMILIES = {
                 "<|python_tag|>",
                 "<|end_of_text|>",
             ],
-            eos_ids=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
         ),
         Family("mistral_v1", MISTRAL_V1, "<s>", "</s>", ["<s>", "</s>"]),
+        Family(
+            "mistral_v3",
+            MISTRAL_V3,
+            "<s>",
+            "</s>",
+            ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]"]
+            + ["[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
+        ),
         Family(
             "gemma",
             GEMMA,
             "<bos>",
             "<eos>",
             ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
-            eos_ids=["<eos>", "<end_of_turn>"],
         ),
         Family(
             "phi3",
@@ -295,7 +227,6 @@ FAMILIES = {
             "<s>",
             "<|endoftext|>",
             ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-            eos_ids=["<|endoftext|>", "<|end|>"],
         ),
         Family(
             "deepseek_r1",
@@ -326,7 +257,6 @@ FAMILIES = {
             "<|im_end|>",
             ["<|endoftext|>", *IM],
             added=["<tool_call>", "</tool_call>"],
-            eos_ids=["<|im_end|>", "<|endoftext|>"],
         ),
         Family(
             "qwen3",
@@ -335,7 +265,6 @@ FAMILIES = {
             "<|im_end|>",
             ["<|endoftext|>", *IM],
             added=["<tool_call>", "</tool_call>", "<think>", "</think>"],
-            eos_ids=["<|im_end|>", "<|endoftext|>"],
         ),
         Family("chatml", CHATML, "<s>", "<|im_end|>", ["<s>", *IM]),
         Family("raises", RAISES, "<s>", "<|im_end|>", ["<s>", *IM]),

@@ -29,6 +29,7 @@ from salience_server.http.messages import (
     needs_roles,
     template_messages,
     template_supports_tools,
+    template_wants_short_call_ids,
 )
 from salience_server.http.pooled_session import common_prefix_length
 from salience_server.http.reasoning import (
@@ -177,7 +178,8 @@ class Backend:
         if needs_roles(messages, tools, has_tool_template):
             with client_errors(param):
                 roles = await self.template_roles()
-        rendered = template_messages(messages, tools, has_tool_template, roles)
+        short_ids = template_wants_short_call_ids(info.chat_template)
+        rendered = template_messages(messages, tools, has_tool_template, roles, short_ids)
         with client_errors(param):
             return await self.client.tokenize_chat(
                 rendered,

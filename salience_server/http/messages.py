@@ -277,6 +277,22 @@ def template_supports_tools(chat_template: str) -> bool:
     return "tools" in chat_template
 
 
+_NINE_CHARACTER_IDS = re.compile(r"id\s*\|\s*length\s*!=\s*9")
+"""Mistral's templates refuse a tool call id that is not 9 letters or digits."""
+
+
+def template_wants_short_call_ids(chat_template: str) -> bool:
+    """Whether the chat template takes tool call ids of 9 letters or digits only
+    (Mistral v0.3's raises on the shim's own, ``call_`` and 24 hex digits)."""
+    return bool(_NINE_CHARACTER_IDS.search(chat_template))
+
+
+def short_call_id(call_id: str) -> str:
+    """A tool call id as Mistral's templates take it: its last 9 letters or digits (as
+    vLLM cuts them), zeros before where it has fewer; the same id gives the same."""
+    return re.sub(r"[^A-Za-z0-9]", "", call_id)[-9:].rjust(9, "0")
+
+
 def _hermes_calls(calls: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"{TOOL_CALL_OPEN}\n"
@@ -332,11 +348,13 @@ def template_messages(
     tools: list[dict[str, Any]],
     has_tool_template: bool,
     roles: TemplateRoles | None = None,
+    short_call_ids: bool = False,
 ) -> list[dict[str, Any]]:
     """Chat Completions messages as the chat template takes them. Without tool support in
     the template, the tools are described in the system message (the first user message
     where ``roles`` says it takes none), and calls and results are written as Hermes
-    text (results as user messages where it renders no ``tool`` one)."""
+    text (results as user messages where it renders no ``tool`` one). With
+    ``short_call_ids``, call ids are cut to 9 characters (``short_call_id``)."""
     roles = roles or TemplateRoles()
     as_user = not has_tool_template and not roles.tool
     rendered: list[dict[str, Any]] = []
@@ -346,9 +364,16 @@ def template_messages(
         if "reasoning_content" in message:  # templates read either name (as vLLM gives them)
             out["reasoning"] = message["reasoning_content"]
         calls = message.get("tool_calls")
+        if short_call_ids and "tool_call_id" in out:
+            out["tool_call_id"] = short_call_id(out["tool_call_id"])
         if calls and has_tool_template:
             out["tool_calls"] = [
-                {**c, "function": {**c["function"], "arguments": _arguments(c)}} for c in calls
+                {
+                    **c,
+                    "id": short_call_id(c["id"]) if short_call_ids else c["id"],
+                    "function": {**c["function"], "arguments": _arguments(c)},
+                }
+                for c in calls
             ]
         elif calls:
             del out["tool_calls"]

@@ -1,9 +1,12 @@
-"""Real-world chat templates without tool support (Gemma, Mistral v0.1, Phi-3) given
-tools and tool results through the shim's Hermes fallback: the rendering must neither
-fail nor lose the tool results.
+"""Real-world chat templates of several families through the shim's rendering: a plain
+conversation renders as the template renders it; tools and tool results reach the
+templates that render tools (Llama 3.1, Qwen2.5, Qwen3, Mistral v0.3, whose tool call
+ids must be 9 characters) as they render them, and those without tool support (Gemma,
+Mistral v0.1, Phi-3) through the shim's Hermes fallback, which must neither fail nor
+lose the tool results.
 
-Oracle: the tokenizer's own template rendering of the messages the shim adapts, and
-the text of the rendering (the description and the results must be in it)."""
+Oracle: the tokenizer's own rendering (transformers' ``apply_chat_template``), and the
+text of the rendering where the shim adapts the messages."""
 
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ def _tokenizer(family: Family) -> PreTrainedTokenizerFast:
         tokenizer_object=backend, bos_token=family.bos, eos_token=family.eos
     )
     tokenizer.add_special_tokens({"additional_special_tokens": family.specials})
+    tokenizer.add_tokens(family.added)
     tokenizer.chat_template = family.template
     return tokenizer
 
@@ -59,10 +63,16 @@ class _TemplateClient:
         self.tokenizer = tokenizer
 
     async def tokenize_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **_: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **_: Any,
     ) -> list[int]:
         try:
-            return tokenization.encode_chat(self.tokenizer, messages, None, add_generation_prompt)
+            # No tools travel as none, as the client sends them.
+            tools = tools or None
+            return tokenization.encode_chat(self.tokenizer, messages, tools, add_generation_prompt)
         except SalienceError as error:
             code = grpc.StatusCode.INVALID_ARGUMENT
             raise SalienceClientError(code, error.reason, error.message) from error
@@ -105,3 +115,47 @@ def test_a_template_that_renders_tool_messages_keeps_them() -> None:
     text = _render(FAMILIES["chatml"], TOOL_TURN, [WEATHER])
     assert "<|im_start|>tool\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
     assert text.startswith("<|im_start|>system\n# Tools")
+
+
+PLAIN = [
+    {"role": "user", "content": "Hello there"},
+    {"role": "assistant", "content": "Hi! How can I help?"},
+    {"role": "user", "content": "Tell me a joke."},
+]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_plain_conversation_renders_as_the_template_does(name: str) -> None:
+    family = FAMILIES[name]
+    want = _tokenizer(family).apply_chat_template(PLAIN, tokenize=False, add_generation_prompt=True)
+    assert _render(family, PLAIN, []) == want
+
+
+ONE_CALL = TOOL_TURN[:2] + TOOL_TURN[2:3]
+ONE_CALL[1] = {"role": "assistant", "content": None, "tool_calls": [CALL]}
+"""A call and its result (Llama 3.1's template takes one call per message)."""
+
+
+@pytest.mark.parametrize(
+    "name, call_id",
+    [
+        ("llama31", "call_1"),
+        ("qwen25", "call_1"),
+        ("qwen3", "call_1"),
+        ("mistral_v3", "0000call1"),  # its last 9 letters or digits
+    ],
+)
+def test_tools_reach_a_template_that_renders_them_as_it_does(name: str, call_id: str) -> None:
+    """Mistral v0.3's template raises on a call id that is not 9 characters (the shim's
+    own are ``call_`` and 24 hex digits): they are cut, as vLLM cuts them."""
+    family = FAMILIES[name]
+    call = {**CALL, "id": call_id, "function": {**CALL["function"], "arguments": {}}}
+    as_given = [  # arguments as objects, as vLLM passes them to a template
+        ONE_CALL[0],
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {**ONE_CALL[2], "tool_call_id": call_id},
+    ]
+    want = _tokenizer(family).apply_chat_template(
+        as_given, tools=[WEATHER], tokenize=False, add_generation_prompt=True
+    )
+    assert _render(family, ONE_CALL, [WEATHER]) == want
