@@ -370,3 +370,16 @@ def test_a_dead_engine_thread_turns_everything_unavailable(server, monkeypatch) 
     _wait_not_serving(server)
     with engine._lock:  # no request is left holding its session
         assert not any(s.is_busy for s in engine.sessions.values())
+    # Every call, the ones that only read included: GetSession answered a session that
+    # no call could use any more, as if the replica were fine.
+    for call in (
+        lambda: stub.GetSession(pb.GetSessionRequest(session_id=session_id)),
+        lambda: stub.ListSessions(pb.ListSessionsRequest()),
+        lambda: stub.CloseSession(pb.CloseSessionRequest(session_id=session_id)),
+        lambda: stub.GetModelInfo(pb.GetModelInfoRequest()),
+        lambda: stub.Tokenize(pb.TokenizeRequest(text="a")),
+        lambda: stub.Detokenize(pb.DetokenizeRequest(token_ids=[1])),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert error_reason(refused.value) == "ENGINE_FAILED"

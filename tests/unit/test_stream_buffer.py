@@ -32,6 +32,8 @@ class _Request:
 class _Engine:
     """Sends ``num_events`` events at once from the engine's side, as one step can."""
 
+    death = None  # a live engine thread
+
     def __init__(self, num_events: int) -> None:
         self.num_events = num_events
         self.request = _Request()
