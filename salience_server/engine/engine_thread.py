@@ -79,12 +79,16 @@ class EngineThread:
         with self._lock:
             self._release_all()
 
-    def check_serving(self) -> None:
-        """UNAVAILABLE while stopping or draining, or after the thread died."""
+    def check_alive(self) -> None:
+        """UNAVAILABLE (ENGINE_FAILED) after the thread died."""
         if self.death is not None:
             raise SalienceError(
                 Code.UNAVAILABLE, "ENGINE_FAILED", f"the engine stopped: {self.death!r}"
             )
+
+    def check_serving(self) -> None:
+        """UNAVAILABLE while stopping or draining, or after the thread died."""
+        self.check_alive()
         if self.is_stopping or self.is_draining:
             raise shutting_down()
 

@@ -55,15 +55,12 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 context, SalienceError(Code.UNAVAILABLE, "LOADING", "the model is still loading")
             )
         assert self.engine is not None
-        if self.engine.death is not None:
+        try:
             # SPEC 2.6: every call, the ones that only read too (they would describe
             # sessions no call can use any more, and keep a client on a dead replica).
-            await abort(
-                context,
-                SalienceError(
-                    Code.UNAVAILABLE, "ENGINE_FAILED", f"the engine stopped: {self.engine.death!r}"
-                ),
-            )
+            self.engine.thread.check_alive()
+        except SalienceError as error:
+            await abort(context, error)
         return self.engine
 
     async def OpenSession(

@@ -29,14 +29,18 @@ class _Request:
     is_delivered = False
 
 
+class _Thread:
+    def check_alive(self) -> None:
+        """A live engine thread."""
+
+
 class _Engine:
     """Sends ``num_events`` events at once from the engine's side, as one step can."""
-
-    death = None  # a live engine thread
 
     def __init__(self, num_events: int) -> None:
         self.num_events = num_events
         self.request = _Request()
+        self.thread = _Thread()
 
     def submit(self, sink: Any) -> _Request:
         for position in range(self.num_events):
