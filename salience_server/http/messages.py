@@ -319,7 +319,8 @@ class TemplateRoles:
     Hermes fallback fits it. Gemma's and Mistral v0.1's templates raise on a system
     message (the tools' description goes into the first user message instead) and on a
     ``tool`` one; Phi-3's silently drops a ``tool`` message (tool results are then user
-    messages, consecutive ones merged, as Qwen2.5's template writes them)."""
+    messages, consecutive ones merged, as Qwen2.5's template writes them, and a user
+    message after them merged too, as roles must alternate in Gemma's)."""
 
     system: bool = True
     tool: bool = True
@@ -352,8 +353,9 @@ def template_messages(
 ) -> list[dict[str, Any]]:
     """Chat Completions messages as the chat template takes them. Without tool support in
     the template, the tools are described in the system message (the first user message
-    where ``roles`` says it takes none), and calls and results are written as Hermes
-    text (results as user messages where it renders no ``tool`` one). With
+    where ``roles`` says it takes none, the system message's text then opening it too),
+    and calls and results are written as Hermes text (results as user messages where it
+    renders no ``tool`` one, merged with the results or user message after them). With
     ``short_call_ids``, call ids are cut to 9 characters (``short_call_id``)."""
     roles = roles or TemplateRoles()
     as_user = not has_tool_template and not roles.tool
@@ -380,12 +382,14 @@ def template_messages(
             out["content"] = "\n".join(filter(None, [out["content"], _hermes_calls(calls)]))
         elif message["role"] == "tool" and not has_tool_template:
             out["content"] = f"<tool_response>\n{out['content']}\n</tool_response>"
-            if as_user and follows_result:
-                merged = f"{rendered[-1]['content']}\n{out['content']}"
-                rendered[-1] = dict(rendered[-1], content=merged)
-                continue
             if as_user:
                 out = {"role": "user", "content": out["content"]}
+        if follows_result and out["role"] == "user":
+            # Results and a user message after them are one user message: the templates
+            # that take no tool role may require roles to alternate (Gemma's raised).
+            merged = f"{rendered[-1]['content']}\n{out['content']}"
+            rendered[-1] = dict(rendered[-1], content=merged)
+            continue
         follows_result = as_user and message["role"] == "tool"
         rendered.append(out)
     if tools and not has_tool_template:
@@ -396,4 +400,9 @@ def template_messages(
             rendered[0] = dict(rendered[0], content=f"{description}\n\n{rendered[0]['content']}")
         else:
             rendered.insert(0, {"role": "system", "content": description})
+    opens = rendered[:2] if not roles.system else []
+    if [m["role"] for m in opens] == ["system", "user"]:
+        # The system message (with the tools' description) opens the first user message.
+        system = rendered.pop(0)
+        rendered[0] = dict(rendered[0], content=f"{system['content']}\n\n{rendered[0]['content']}")
     return rendered

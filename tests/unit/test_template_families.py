@@ -159,3 +159,26 @@ def test_tools_reach_a_template_that_renders_them_as_it_does(name: str, call_id:
         as_given, tools=[WEATHER], tokenize=False, add_generation_prompt=True
     )
     assert _render(family, ONE_CALL, [WEATHER]) == want
+
+
+@pytest.mark.parametrize("name", ["gemma", "mistral_v1", "phi3"])
+def test_a_user_message_after_tool_results_reaches_a_template_without_tool_roles(
+    name: str,
+) -> None:
+    """The results become a user message: Gemma's and Mistral v0.1's templates raised
+    on the user message after it (roles must alternate), a 400."""
+    after = {"role": "user", "content": "And in Paris?"}
+    text = _render(FAMILIES[name], [*TOOL_TURN, after], [WEATHER])
+    assert "<tool_response>\nsnowy\n</tool_response>" in text and "And in Paris?" in text
+
+
+@pytest.mark.parametrize("name", ["gemma", "mistral_v1"])
+def test_a_system_message_reaches_a_template_without_a_system_role_with_tools(
+    name: str,
+) -> None:
+    """The system message goes into the first user message with the tools' description
+    (it went to the template as a system message, which raised: a 400)."""
+    system = {"role": "system", "content": "Answer in French."}
+    text = _render(FAMILIES[name], [system, *TOOL_TURN], [WEATHER])
+    assert text.index("Answer in French.") < text.index("<tools>") < text.index("Weather in")
+    assert "<tool_response>\nsunny\n</tool_response>" in text
