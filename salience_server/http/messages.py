@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -293,6 +294,27 @@ def short_call_id(call_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "", call_id)[-9:].rjust(9, "0")
 
 
+class ShortCallIds:
+    """One conversation's tool call ids cut to 9 letters or digits (``short_call_id``),
+    each kept distinct: an id whose cut another id took already is given 9 hex digits of
+    its hash instead (two calls and their results would otherwise share one id). Ids are
+    cut in the conversation's order, so a longer conversation cuts its beginning the
+    same (its rendering extends the previous one's)."""
+
+    def __init__(self) -> None:
+        self._cut: dict[str, str] = {}
+
+    def __call__(self, call_id: str) -> str:
+        if call_id not in self._cut:
+            taken = set(self._cut.values())
+            cut, attempt = short_call_id(call_id), 0
+            while cut in taken:
+                attempt += 1
+                cut = hashlib.sha256(f"{attempt}:{call_id}".encode()).hexdigest()[:9]
+            self._cut[call_id] = cut
+        return self._cut[call_id]
+
+
 def _hermes_calls(calls: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"{TOOL_CALL_OPEN}\n"
@@ -356,8 +378,9 @@ def template_messages(
     where ``roles`` says it takes none, the system message's text then opening it too),
     and calls and results are written as Hermes text (results as user messages where it
     renders no ``tool`` one, merged with the results or user message after them). With
-    ``short_call_ids``, call ids are cut to 9 characters (``short_call_id``)."""
+    ``short_call_ids``, call ids are cut to 9 characters (``ShortCallIds``)."""
     roles = roles or TemplateRoles()
+    short = ShortCallIds()
     as_user = not has_tool_template and not roles.tool
     rendered: list[dict[str, Any]] = []
     follows_result = False  # the last rendered message is tool results as a user's
@@ -367,12 +390,12 @@ def template_messages(
             out["reasoning"] = message["reasoning_content"]
         calls = message.get("tool_calls")
         if short_call_ids and "tool_call_id" in out:
-            out["tool_call_id"] = short_call_id(out["tool_call_id"])
+            out["tool_call_id"] = short(out["tool_call_id"])
         if calls and has_tool_template:
             out["tool_calls"] = [
                 {
                     **c,
-                    "id": short_call_id(c["id"]) if short_call_ids else c["id"],
+                    "id": short(c["id"]) if short_call_ids else c["id"],
                     "function": {**c["function"], "arguments": _arguments(c)},
                 }
                 for c in calls

@@ -11,6 +11,7 @@ text of the rendering where the shim adapts the messages."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import grpc
@@ -182,3 +183,19 @@ def test_a_system_message_reaches_a_template_without_a_system_role_with_tools(
     text = _render(FAMILIES[name], [system, *TOOL_TURN], [WEATHER])
     assert text.index("Answer in French.") < text.index("<tools>") < text.index("Weather in")
     assert "<tool_response>\nsunny\n</tool_response>" in text
+
+
+def test_call_ids_cut_for_mistral_v3_stay_distinct() -> None:
+    """Two ids with the same last 9 letters or digits were cut to one id: the model
+    could not tell which result answers which call. The first keeps vLLM's cut."""
+    ids = ["rome-000000001", "oslo-000000001"]
+    turn = [
+        TOOL_TURN[0],
+        {"role": "assistant", "content": None, "tool_calls": [{**CALL, "id": i} for i in ids]},
+        {"role": "tool", "tool_call_id": ids[0], "content": "sunny"},
+        {"role": "tool", "tool_call_id": ids[1], "content": "snowy"},
+    ]
+    text = _render(FAMILIES["mistral_v3"], turn, [WEATHER])
+    calls = re.findall(r'"id": "(\w+)"', text)
+    results = re.findall(r'"call_id": "(\w+)"', text)
+    assert calls == results and len(set(calls)) == 2 and calls[0] == "000000001"
