@@ -24,6 +24,7 @@ from salience_server.engine import tokenization
 from salience_server.engine.errors import SalienceError
 from salience_server.http.backend import Backend
 from salience_server.http.config import ShimConfig
+from salience_server.http.errors import ApiError
 from salience_server.http.messages import chat_messages
 from tests.chat_templates import FAMILIES, Family
 
@@ -199,3 +200,38 @@ def test_call_ids_cut_for_mistral_v3_stay_distinct() -> None:
     calls = re.findall(r'"id": "(\w+)"', text)
     results = re.findall(r'"call_id": "(\w+)"', text)
     assert calls == results and len(set(calls)) == 2 and calls[0] == "000000001"
+
+
+def test_the_roles_probe_runs_once_and_a_failed_one_is_a_503_tried_again() -> None:
+    """The probe's answer is kept for the model; a server that does not answer it (not
+    a template's refusal) is the request's 503, and the next request probes again."""
+    family = FAMILIES["gemma"]
+    info = _Info()
+    info.chat_template = family.template
+    calls: list[list[dict[str, Any]]] = []
+    fails = [SalienceClientError(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", "draining")]
+
+    class Client(_TemplateClient):
+        async def tokenize_chat(self, messages: Any, *args: Any, **kwargs: Any) -> list[int]:
+            calls.append(messages)
+            if fails:
+                raise fails.pop()
+            return await super().tokenize_chat(messages, *args, **kwargs)
+
+    async def model_info() -> Any:
+        return info
+
+    async def run() -> None:
+        backend = Backend(ShimConfig(target="127.0.0.1:26999"))
+        backend.client = Client(_tokenizer(family))  # type: ignore[assignment]
+        backend.model_info = model_info  # type: ignore[method-assign]
+        user = [{"role": "user", "content": "Weather?"}]
+        with pytest.raises(ApiError) as refused:
+            await backend.render_chat(user, [WEATHER], "messages")
+        assert refused.value.status == 503
+        for num_calls in (3, 1):  # the probes and the prompt; then the prompt alone
+            calls.clear()
+            await backend.render_chat(user, [WEATHER], "messages")
+            assert len(calls) == num_calls
+
+    asyncio.run(run())
