@@ -383,3 +383,20 @@ def test_a_dead_engine_thread_turns_everything_unavailable(server, monkeypatch) 
         with pytest.raises(grpc.RpcError) as refused:
             call()
         assert error_reason(refused.value) == "ENGINE_FAILED"
+
+
+def test_a_draining_server_still_answers_the_calls_that_only_read(server, monkeypatch) -> None:
+    """Only a dead engine thread refuses every call (ENGINE_FAILED); a drain refuses new
+    work (SHUTTING_DOWN) while the calls that read or free still answer."""
+    stub = server.stub
+    session_id = open_session(stub)
+    monkeypatch.setattr(server.engine.thread, "is_draining", True)
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(stub, session_id, offset=0, append_tokens=[1])
+    assert error_reason(refused.value) == "SHUTTING_DOWN"
+    stub.GetSession(pb.GetSessionRequest(session_id=session_id))
+    stub.ListSessions(pb.ListSessionsRequest())
+    stub.GetModelInfo(pb.GetModelInfoRequest())
+    stub.Tokenize(pb.TokenizeRequest(text="a"))
+    stub.Detokenize(pb.DetokenizeRequest(token_ids=[1]))
+    stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
