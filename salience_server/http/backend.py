@@ -206,7 +206,10 @@ class Backend:
 
             with_tool = await render(TOOL_PROBE)
             tool = with_tool is not None and with_tool != await render(TOOL_PROBE[:-1])
-            self._roles = TemplateRoles(await render(SYSTEM_PROBE) is not None, tool)
+            # Rendered, and not dropped (as Phi-3-medium's template drops it).
+            with_system = await render(SYSTEM_PROBE)
+            system = with_system is not None and with_system != await render(SYSTEM_PROBE[1:])
+            self._roles = TemplateRoles(system, tool)
             self._roles_of = info
         return self._roles
 

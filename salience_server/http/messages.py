@@ -339,8 +339,9 @@ def _arguments(call: dict[str, Any]) -> Any:
 class TemplateRoles:
     """Which roles a chat template without tool support renders, so that the shim's
     Hermes fallback fits it. Gemma's and Mistral v0.1's templates raise on a system
-    message (the tools' description goes into the first user message instead) and on a
-    ``tool`` one; Phi-3's silently drops a ``tool`` message (tool results are then user
+    message and Phi-3-medium's drops it (the tools' description goes into the first user
+    message instead); they raise on a ``tool`` one, and Phi-3's silently drops a ``tool``
+    message (tool results are then user
     messages, consecutive ones merged, as Qwen2.5's template writes them, and a user
     message after them merged too, as roles must alternate in Gemma's)."""
 
@@ -349,7 +350,8 @@ class TemplateRoles:
 
 
 SYSTEM_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-"""Rendered to learn whether a template takes a system message."""
+"""Rendered with and without its first message to learn whether a template renders a
+system message (one may raise on it, or drop it)."""
 TOOL_PROBE = [
     {"role": "user", "content": "u"},
     {"role": "assistant", "content": "a"},

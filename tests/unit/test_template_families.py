@@ -11,6 +11,7 @@ text of the rendering where the shim adapts the messages."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from typing import Any
 
@@ -235,3 +236,22 @@ def test_the_roles_probe_runs_once_and_a_failed_one_is_a_503_tried_again() -> No
             assert len(calls) == num_calls
 
     asyncio.run(run())
+
+
+PHI3_DROPPING_SYSTEM = (
+    "{% for message in messages %}{% if (message['role'] == 'user') %}"
+    "{{'<|user|>' + '\\n' + message['content'] + '<|end|>' + '\\n' + '<|assistant|>' + '\\n'}}"
+    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\\n'}}"
+    "{% endif %}{% endfor %}"
+)
+"""Phi-3-medium's style: system and ``tool`` messages are dropped without an error."""
+
+
+def test_tools_reach_a_template_that_drops_system_messages() -> None:
+    """The probe took a system message rendered without an error for one the template
+    renders: the tools' description went into a system message the template dropped,
+    and the model never saw the tools."""
+    family = dataclasses.replace(FAMILIES["phi3"], template=PHI3_DROPPING_SYSTEM)
+    text = _render(family, TOOL_TURN, [WEATHER])
+    assert "<tools>" in text and '"get_weather"' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text
