@@ -21,16 +21,7 @@ from salience_server.http import image_fetch
 from salience_server.http.config import ShimConfig
 from salience_server.http.errors import ApiError, client_errors, invalid, model_not_found
 from salience_server.http.logprobs import TokenTexts
-from salience_server.http.messages import (
-    SYSTEM_PROBE,
-    TOOL_PROBE,
-    ImageInput,
-    TemplateRoles,
-    needs_roles,
-    template_messages,
-    template_supports_tools,
-    template_wants_short_call_ids,
-)
+from salience_server.http.messages import ImageInput
 from salience_server.http.pooled_session import common_prefix_length
 from salience_server.http.reasoning import (
     THINK_CLOSE,
@@ -42,6 +33,15 @@ from salience_server.http.reasoning import (
 )
 from salience_server.http.response_store import ResponseStore
 from salience_server.http.sessions_pool import SessionPool
+from salience_server.http.template_messages import (
+    SYSTEM_PROBE,
+    TOOL_PROBE,
+    TemplateRoles,
+    needs_roles,
+    template_messages,
+    template_supports_tools,
+    template_wants_short_call_ids,
+)
 
 HEALTH_TIMEOUT_S = 2.0
 CLOSE_TIMEOUT_S = 5.0

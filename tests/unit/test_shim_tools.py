@@ -21,11 +21,11 @@ from salience_server.http.messages import (
     chat_messages,
     parse_image_url,
     response_input_messages,
-    template_messages,
 )
 from salience_server.http.pooled_session import common_prefix_length
 from salience_server.http.response_plan import continue_session
 from salience_server.http.response_store import StoredResponse
+from salience_server.http.template_messages import template_messages
 from salience_server.http.tool_parser import parse_reply
 from salience_server.http.tools import chat_tools, responses_tools, tool_mode
 
