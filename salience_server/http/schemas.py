@@ -23,6 +23,7 @@ from salience_server.http.constraints import (
 )
 from salience_server.http.decode_options import DecodeOptions
 from salience_server.http.errors import invalid, unsupported
+from salience_server.http.refused_fields import CHAT_ONLY, UNOFFERED_SAMPLING, refuse_unoffered
 
 MAX_TOKEN_ID = 2**32 - 1
 _MIN_TOP_P = 1e-6
@@ -137,7 +138,7 @@ class SamplingFields(Body):
                 "min_tokens",
             )
         extra = self.model_extra or {}
-        for name, what in _UNOFFERED_SAMPLING.items():
+        for name, what in UNOFFERED_SAMPLING.items():
             if extra.get(name):  # None, false and empty lists ask for nothing
                 raise unsupported(what, name)
 
@@ -145,51 +146,6 @@ class SamplingFields(Body):
         """vLLM's structured-output extra fields (``guided_*``, ``structured_outputs``),
         with the field that gave one."""
         return guided_constraint(self.model_extra or {}) or ("structured_outputs", None)
-
-
-_UNOFFERED = {
-    "functions": "the legacy functions API (use tools)",
-    "function_call": "the legacy functions API (use tool_choice)",
-    "audio": "audio output",
-    "web_search_options": "web search",
-    "prediction": "predicted outputs",
-    "chat_template": "a chat template sent with the request",
-}
-"""Fields of a request asking for what this server does not do: unknown fields are
-kept and ignored, but ignoring these would answer something else than was asked (a
-forced ``function_call`` answered with plain text)."""
-
-
-def refuse_unoffered(extra: dict[str, Any]) -> None:
-    """400 for a field in ``_UNOFFERED`` (or output ``modalities`` other than text)."""
-    for name, what in _UNOFFERED.items():
-        if extra.get(name) is not None:
-            raise unsupported(what, name)
-    modalities = extra.get("modalities")
-    if modalities is not None and modalities != ["text"]:
-        raise unsupported("output modalities other than text", "modalities")
-
-
-_CHAT_ONLY = {
-    "messages": "send them as input",
-    "max_tokens": "use max_output_tokens",
-    "max_completion_tokens": "use max_output_tokens",
-    "stop": "only Chat Completions and Completions take stop strings",
-    "n": "make one request per reply",
-}
-"""Chat Completions fields that a request ported to the Responses API may still carry,
-where OpenAI refuses them as unknown: the shim keeps unknown fields, so these did
-nothing and said nothing (no stop, one reply)."""
-
-
-_UNOFFERED_SAMPLING = {
-    "allowed_token_ids": "vLLM's allowed_token_ids (use logit_bias or a guided_regex)",
-    "bad_words": "vLLM's bad_words (use logit_bias)",
-    "logits_processors": "vLLM's logits_processors",
-    "use_beam_search": "beam search",
-}
-"""vLLM's sampling fields this server does not implement: kept as unknown fields they
-were ignored, and the reply held the very tokens they were to rule out."""
 
 
 class StreamOptions(Body):
@@ -363,7 +319,7 @@ class ResponsesRequest(SamplingFields):
         extra = self.model_extra or {}
         if extra.get("prompt") is not None:
             raise unsupported("stored prompts (send the instructions and input)", "prompt")
-        for name, instead in _CHAT_ONLY.items():
+        for name, instead in CHAT_ONLY.items():
             if extra.get(name) is not None:  # it would do nothing, and say nothing
                 raise invalid(
                     f"Unknown parameter: '{name}' is not a Responses API parameter; {instead}",
