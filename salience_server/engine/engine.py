@@ -169,9 +169,9 @@ class Engine:
     def start(self) -> None:
         self.thread.start()
 
-    def drain(self, grace_s: float) -> bool:
-        """Refuses new work and waits up to ``grace_s`` for the calls in flight to end
-        (``EngineThread.drain``)."""
+    def drain(self, grace_s: float) -> int:
+        """Refuses new work and waits up to ``grace_s`` for the calls in flight to end;
+        how many did not (``EngineThread.drain``)."""
         return self.thread.drain(grace_s)
 
     def stop(self) -> None:

@@ -56,12 +56,13 @@ class EngineThread:
     def start(self) -> None:
         self._thread.start()
 
-    def drain(self, grace_s: float) -> bool:
+    def drain(self, grace_s: float) -> int:
         """Refuses new work (UNAVAILABLE) and waits up to ``grace_s`` for the calls in
-        flight to end; True if they all did."""
+        flight to end; how many are still in flight then (0: they all ended)."""
         with self._lock:
             self.is_draining = True
-            return self._lock.wait_for(lambda: not self.scheduler.has_work(), timeout=grace_s)
+            self._lock.wait_for(lambda: not self.scheduler.has_work(), timeout=grace_s)
+            return len(self.scheduler.requests())
 
     def stop(self) -> None:
         """Fails every pending request with UNAVAILABLE, stops the loop, and gives their

@@ -174,8 +174,13 @@ class SalienceServer:
         await self.health.enter_graceful_shutdown()
         if self.engine is not None:
             log.info("draining: calls in flight may run for up to %.0f s", grace_s)
-            if not await asyncio.to_thread(self.engine.drain, grace_s):
-                log.warning("the grace period ended with calls in flight; they end UNAVAILABLE")
+            left = await asyncio.to_thread(self.engine.drain, grace_s)
+            if left:
+                log.warning(
+                    "the grace period ended with %d call%s in flight; they end UNAVAILABLE",
+                    left,
+                    "" if left == 1 else "s",
+                )
             await asyncio.to_thread(self.engine.stop)
         await self.server.stop(_FLUSH_S)
 

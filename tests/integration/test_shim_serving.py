@@ -202,6 +202,7 @@ def test_stopping_ends_open_shim_requests_cleanly_within_the_grace(
     text = log.read_text()
     assert "Traceback" not in text and "Cancel" not in text, text
     assert "resuming" not in text, text  # its one server has no other replica to retry
+    assert "the grace period ended with 2 calls in flight" in text, text  # it said how many
 
 
 def test_stopping_the_shim_alone_ends_open_requests_cleanly_after_its_grace(
