@@ -9,8 +9,9 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -49,6 +50,8 @@ CLOSE_TIMEOUT_S = 5.0
 THINKING_TAIL_TOKENS = 32
 """Prompt tokens decoded to see whether the prompt leaves a ``<think>`` open."""
 
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True)
 class RenderOptions:
@@ -77,15 +80,9 @@ class Backend:
         self.responses = ResponseStore(config.max_stored_responses, config.max_stored_image_bytes)
         self.created = int(time.time())
         self._model_info: ModelInfo | None = None
-        self._generation_prompt_lengths: dict[str, int] = {}
-        """By the template variables they were measured with (``generation_prompt_length``)."""
-        self._thinking_tags: tuple[int, int] | None = None
-        """``<think>`` and ``</think>``'s token ids, when each is one token."""
-        self._tags_of: ModelInfo | None = None
-        """The model info they were asked with (they are asked again for another)."""
-        self._roles: TemplateRoles = TemplateRoles()
-        self._roles_of: ModelInfo | None = None
-        """The model info ``_roles`` were probed with."""
+        self._facts: dict[str, Any] = {}
+        """What was learned of the served model by asking the server (``_learned``):
+        forgotten when its model info is asked again."""
         self.image_token_counts: dict[int, int] = RecentCounts()
         """Placeholder tokens each image (by marker) took when it was appended."""
         # A channel of its own, so that /health works whatever the client is doing.
@@ -118,7 +115,17 @@ class Backend:
         if self._model_info is None:
             with client_errors():
                 self._model_info = await self.client.model_info()
+            self._facts = {}
         return self._model_info
+
+    async def _learned(self, key: str, learn: Callable[[], Awaitable[_T]]) -> _T:
+        """What ``learn`` finds out about the served model (its template's roles, its
+        thinking tags' tokens), asked of the server once per model info; a failure is
+        not kept, and is asked again."""
+        await self.model_info()
+        if key not in self._facts:
+            self._facts[key] = await learn()
+        return cast(_T, self._facts[key])
 
     def model_names(self, info: ModelInfo) -> list[str]:
         """Names the ``model`` field may use."""
@@ -193,25 +200,24 @@ class Backend:
     async def template_roles(self) -> TemplateRoles:
         """Whether the chat template renders a system message and a ``tool`` one
         (``TemplateRoles``), probed once per model info."""
-        info = await self.model_info()
-        if self._roles_of is not info:
 
-            async def render(messages: list[dict[str, Any]]) -> list[int] | None:
-                try:
-                    return await self.client.tokenize_chat(messages, add_generation_prompt=False)
-                except SalienceClientError as error:
-                    if error.reason != "BAD_MESSAGES":  # not the template's answer
-                        raise
-                    return None
+        async def render(messages: list[dict[str, Any]]) -> list[int] | None:
+            try:
+                return await self.client.tokenize_chat(messages, add_generation_prompt=False)
+            except SalienceClientError as error:
+                if error.reason != "BAD_MESSAGES":  # not the template's answer
+                    raise
+                return None
 
+        async def probe() -> TemplateRoles:
             with_tool = await render(TOOL_PROBE)
             tool = with_tool is not None and with_tool != await render(TOOL_PROBE[:-1])
             # Rendered, and not dropped (as Phi-3-medium's template drops it).
             with_system = await render(SYSTEM_PROBE)
             system = with_system is not None and with_system != await render(SYSTEM_PROBE[1:])
-            self._roles = TemplateRoles(system, tool)
-            self._roles_of = info
-        return self._roles
+            return TemplateRoles(system, tool)
+
+        return await self._learned("template roles", probe)
 
     async def generation_prompt_length(self, options: RenderOptions) -> int:
         """Tokens the chat template ends a prompt with to open the assistant's turn
@@ -221,16 +227,18 @@ class Backend:
         if not options.add_generation_prompt:
             return 0
         key = json.dumps(options.chat_template_kwargs or {}, sort_keys=True, default=str)
-        if key not in self._generation_prompt_lengths:
+
+        async def measure() -> int:
             probe = [{"role": "user", "content": "x"}]
             closed = dataclasses.replace(options, add_generation_prompt=False)
-            try:
-                opened = await self.render_chat(probe, [], "messages", options, bounded=False)
-                kept = await self.render_chat(probe, [], "messages", closed, bounded=False)
-            except ApiError:
-                return 0
-            self._generation_prompt_lengths[key] = len(opened) - common_prefix_length(opened, kept)
-        return self._generation_prompt_lengths[key]
+            opened = await self.render_chat(probe, [], "messages", options, bounded=False)
+            kept = await self.render_chat(probe, [], "messages", closed, bounded=False)
+            return len(opened) - common_prefix_length(opened, kept)
+
+        try:
+            return await self._learned(f"generation prompt length {key}", measure)
+        except ApiError:
+            return 0
 
     async def reasoning(
         self, prompt_ids: list[int], chat_template: str, is_forced: bool, is_constrained: bool
@@ -256,13 +264,12 @@ class Backend:
     async def thinking_tags(self) -> tuple[int, int] | None:
         """``<think>`` and ``</think>``'s token ids; None unless each is one token. Asked
         of the server once per model info (it was twice per constrained request)."""
-        info = await self.model_info()
-        if self._tags_of is not info:
+
+        async def ask() -> tuple[int, int] | None:
             tags = [await self.tokenize(tag, "messages") for tag in (THINK_OPEN, THINK_CLOSE)]
-            is_single = all(len(ids) == 1 for ids in tags)
-            self._thinking_tags = (tags[0][0], tags[1][0]) if is_single else None
-            self._tags_of = info
-        return self._thinking_tags
+            return (tags[0][0], tags[1][0]) if all(len(ids) == 1 for ids in tags) else None
+
+        return await self._learned("thinking tags", ask)
 
     async def _prompt_tail(self, prompt_ids: list[int]) -> str:
         """The text of a prompt's last tokens (images left out)."""
