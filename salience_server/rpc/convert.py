@@ -30,7 +30,11 @@ _RESIDENCIES = {
 }
 
 
-def generate_params(request: pb.GenerateRequest) -> GenerateParams:
+def generate_params(
+    request: pb.GenerateRequest, arrival_time: float | None = None
+) -> GenerateParams:
+    """A Generate call's parameters; ``arrival_time``: when the call came
+    (``GenerateParams.arrival_time``)."""
     return GenerateParams(
         session_id=request.session_id,
         append_tokens=list(request.append_tokens),
@@ -61,6 +65,7 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         min_tokens=request.min_tokens,
         decode_start=request.decode_start if request.HasField("decode_start") else None,
         thinking=_thinking(request),
+        arrival_time=arrival_time,
     )
 
 

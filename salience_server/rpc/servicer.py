@@ -83,9 +83,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         """Appends, optionally decodes; streams Token events then one Done."""
         engine = await self._engine(context)
-        params = dataclasses.replace(
-            convert.generate_params(request), arrival_time=time.monotonic()
-        )
+        params = convert.generate_params(request, arrival_time=time.monotonic())
         try:
             spec = convert.constraint_spec(request)
             if spec is not None:
