@@ -43,3 +43,11 @@ def run_step(scheduler: Scheduler) -> list[tuple[int, int]]:
         if chunk.request.is_finished:
             scheduler.finish(chunk.request)
     return [(chunk.request.request_id, chunk.num_tokens) for chunk in output.chunks]
+
+
+def owning(sessions: dict[str, Session], *requests: Request) -> None:
+    """The requests' sessions in the engine's table, each owned by its call (as the
+    engine holds a session busy while its call runs)."""
+    for request in requests:
+        sessions[request.session.session_id] = request.session
+        request.session.owner = request

@@ -10,7 +10,7 @@ from salience_server.engine.errors import SalienceError
 from salience_server.engine.evictor import SwapIn
 from salience_server.engine.request import GenerateParams, Request
 from salience_server.engine.session import Residency, Session
-from tests.scheduler_support import make_request, make_scheduler, run_step
+from tests.scheduler_support import make_request, make_scheduler, owning, run_step
 
 
 @pytest.fixture
@@ -233,9 +233,7 @@ def test_a_request_waits_for_the_room_a_call_cancelled_in_its_step_leaves() -> N
     scheduler = make_scheduler(EngineConfig(), manager, sessions)
     first = make_request(0, 0, prompt_len=12, max_tokens=50)
     second = make_request(1, 0, prompt_len=12)
-    for request in (first, second):
-        sessions[request.session.session_id] = request.session
-        request.session.owner = request
+    owning(sessions, first, second)
     scheduler.add(first)
     run_step(scheduler)  # the first holds 3 of the 4 blocks
     first.is_cancelled = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.session import Residency, Session
-from tests.scheduler_support import make_request, make_scheduler, run_step
+from tests.scheduler_support import make_request, make_scheduler, owning, run_step
 
 
 def test_request_short_of_memory_waits_while_others_run() -> None:
@@ -41,9 +41,7 @@ def test_a_request_that_cannot_fit_yet_preempts_no_one() -> None:
     first = make_request(0, 0, prompt_len=16, max_tokens=8)  # 4 blocks, then 5 and 6
     second = make_request(1, 0, prompt_len=23, max_tokens=4)  # 6 blocks
     late = make_request(2, 0, prompt_len=12, max_tokens=4)  # 3 blocks
-    for request in (first, second, late):
-        sessions[request.session.session_id] = request.session
-        request.session.owner = request
+    owning(sessions, first, second, late)
     scheduler.add(first)
     scheduler.add(second)
     assert run_step(scheduler) == [(0, 16), (1, 23)]  # the pool is full
@@ -66,9 +64,7 @@ def test_an_urgent_request_that_cannot_fit_yet_takes_no_ones_place() -> None:
     first = make_request(0, 0, prompt_len=24, max_tokens=20)  # 6 blocks, then 7
     background = make_request(1, 5, prompt_len=4, max_tokens=20)  # 1 block, then 2
     urgent = make_request(2, 0, prompt_len=16, max_tokens=4)  # 4 blocks
-    for request in (first, background, urgent):
-        sessions[request.session.session_id] = request.session
-        request.session.owner = request
+    owning(sessions, first, background, urgent)
     scheduler.add(first)
     scheduler.add(background)
     assert run_step(scheduler) == [(0, 24), (1, 4)]
@@ -89,9 +85,8 @@ def test_a_step_that_preempts_admits_no_later_arrival() -> None:
     first = make_request(0, 0, prompt_len=8, max_tokens=12)  # 2 blocks, growing to 5
     second = make_request(1, 0, prompt_len=8, max_tokens=12)
     late = make_request(2, 0, prompt_len=4, max_tokens=4)  # 1 block
+    owning(sessions, first, second, late)
     for request in (first, second, late):
-        sessions[request.session.session_id] = request.session
-        request.session.owner = request
         scheduler.add(request)
     assert run_step(scheduler) == [(0, 8), (1, 8)]  # the late one waits for a place
     for _ in range(8):
