@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ from salience_server.http.errors import (
     handle_http_exception,
     handle_unexpected,
 )
+from salience_server.http.server_health import watch_health
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 """Paths that never need the API key."""
@@ -34,12 +36,20 @@ def create_app(config: ShimConfig, metrics_registry: CollectorRegistry | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        """Opens the Backend in the serving loop; closes its sessions and channels."""
-        app.state.backend = Backend(config)
+        """Opens the Backend in the serving loop, watching the server's health; closes its
+        sessions and channels."""
+        app.state.backend = backend = Backend(config)
+        watch = None
+        if config.watch_interval_s:
+            watch = asyncio.get_running_loop().create_task(
+                watch_health(backend.health_channel, config.target, config.watch_interval_s)
+            )
         try:
             yield
         finally:
-            await app.state.backend.close()
+            if watch is not None:
+                watch.cancel()
+            await backend.close()
 
     app = FastAPI(title="Salience OpenAI shim", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config

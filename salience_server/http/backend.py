@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience_client import AsyncSalienceClient, Failover, ModelInfo, SalienceClientError
 from salience_server import text_checks
@@ -33,6 +32,7 @@ from salience_server.http.reasoning import (
     template_reasons,
 )
 from salience_server.http.response_store import ResponseStore
+from salience_server.http.server_health import Health, check_health
 from salience_server.http.sessions_pool import SessionPool
 from salience_server.http.template_messages import (
     SYSTEM_PROBE,
@@ -44,7 +44,6 @@ from salience_server.http.template_messages import (
     template_wants_short_call_ids,
 )
 
-HEALTH_TIMEOUT_S = 2.0
 CLOSE_TIMEOUT_S = 5.0
 """Bound on each call closing the pool's sessions at the end of a stop's grace."""
 THINKING_TAIL_TOKENS = 32
@@ -86,7 +85,7 @@ class Backend:
         self.image_token_counts: dict[int, int] = RecentCounts()
         """Placeholder tokens each image (by marker) took when it was appended."""
         # A channel of its own, so that /health works whatever the client is doing.
-        self._health_channel = grpc.aio.insecure_channel(config.target)
+        self.health_channel = grpc.aio.insecure_channel(config.target)
 
     async def end_calls(self) -> None:
         """At the end of a stop's grace: the calls still open fail CLIENT_CLOSED (their
@@ -108,7 +107,7 @@ class Backend:
         """Closes the pooled sessions and the channels."""
         await self.pool.close()
         await self.client.close()
-        await self._health_channel.close()
+        await self.health_channel.close()
 
     async def model_info(self) -> ModelInfo:
         """The served model (asked once, then cached)."""
@@ -140,14 +139,7 @@ class Backend:
 
     async def is_serving(self) -> bool:
         """Whether the gRPC server's health service says SERVING."""
-        stub = health_pb2_grpc.HealthStub(self._health_channel)
-        try:
-            response = await stub.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT_S
-            )
-        except grpc.RpcError:
-            return False
-        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+        return (await check_health(self.health_channel)).health == Health.SERVING
 
     async def check_fits(self, num_chars: int, param: str) -> None:
         """Refuses (400 ``context_length_exceeded``) a prompt of ``num_chars`` characters

@@ -54,6 +54,10 @@ class ShimConfig:
     grace_s: float = 30.0
     """On stop, how long open requests may run on; then the shim ends them (a streaming
     one with an error event and ``[DONE]``, as any error after its start)."""
+    watch_interval_s: float = 5.0
+    """How often the shim asks the server's health, logging each change (cannot be
+    reached, not serving, serving). 0: never (the shim beside its own server, which logs
+    its own state)."""
 
     @property
     def graceful_shutdown_s(self) -> float:
@@ -78,6 +82,8 @@ class ShimConfig:
             raise ValueError("grace_s must be a number of seconds >= 0")
         if not (math.isfinite(self.keepalive_s) and self.keepalive_s >= 0):
             raise ValueError("keepalive_s must be 0 (off) or a positive number of seconds")
+        if not (math.isfinite(self.watch_interval_s) and self.watch_interval_s >= 0):
+            raise ValueError("watch_interval_s must be 0 (off) or a positive number of seconds")
         check_cors_origins(self.cors_origins)
         check_api_key(self.api_key)
 

@@ -162,5 +162,6 @@ def shim_beside(
         retry_budget_s=0.0,
         grace_s=grace_s,
         log_level="",  # the server's (--log-level)
+        watch_interval_s=0.0,
     )
     return ShimServer(config, metrics_registry)
