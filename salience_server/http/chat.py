@@ -47,11 +47,11 @@ from salience_server.http.streaming import (
     start_stream,
     until_disconnected,
 )
+from salience_server.http.tool_format import tool_format
 from salience_server.http.tools import (
     ToolMode,
     chat_tools,
     tool_calls_reason,
-    tool_format,
     tool_mode,
 )
 from salience_server.http.truncation import last_tokens

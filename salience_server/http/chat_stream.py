@@ -20,7 +20,7 @@ from salience_server.http.generation import (
 from salience_server.http.logprobs import chat_logprobs
 from salience_server.http.reply import ReasoningDelta, ReplyEvent, ReplyParser
 from salience_server.http.streaming import Primed, sse_data
-from salience_server.http.tool_parser import ArgumentsDelta, CallOpened, TextDelta
+from salience_server.http.tool_call import ArgumentsDelta, CallOpened, TextDelta
 from salience_server.http.tools import tool_calls_reason
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salience_server.http.errors import ApiError, invalid, unsupported
-from salience_server.http.tool_parser import new_call_id
+from salience_server.http.tool_call import new_call_id
 from salience_server.text_checks import IMAGE_PLACE
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}

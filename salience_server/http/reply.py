@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from salience_server.http.constraints import Constraint
 from salience_server.http.reasoning import Reasoning, ReasoningSplitter
-from salience_server.http.tool_parser import ParsedEvent, TextDelta, ToolCall, ToolCallParser
+from salience_server.http.tool_call import ParsedEvent, TextDelta, ToolCall
+from salience_server.http.tool_parser import ToolCallParser
 from salience_server.http.tools import ToolMode
 
 

@@ -31,8 +31,9 @@ from salience_server.http.reply import ReplyParser
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.response_stream import ResponseStream
 from salience_server.http.schemas import ResponsesRequest
-from salience_server.http.tool_parser import ToolCall
-from salience_server.http.tools import ToolMode, responses_tools, tool_format, tool_mode
+from salience_server.http.tool_call import ToolCall
+from salience_server.http.tool_format import tool_format
+from salience_server.http.tools import ToolMode, responses_tools, tool_mode
 from salience_server.http.truncation import without_oldest
 
 

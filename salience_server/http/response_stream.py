@@ -30,7 +30,7 @@ from typing import Any, Literal
 from salience_client import Done
 from salience_server.http.reply import ReasoningDelta, ReplyEvent, ReplyParser
 from salience_server.http.streaming import sse_event
-from salience_server.http.tool_parser import (
+from salience_server.http.tool_call import (
     ArgumentsDelta,
     CallClosed,
     CallOpened,

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from salience_server.http.tool_parser import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from salience_server.http.call_forms import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from salience_server.http.tools import tools_system_prompt
 from salience_server.text_checks import load_json
 

@@ -1,11 +1,5 @@
-"""``ToolCallParser``: tool calls recognised in a model's reply while it streams.
-
-The forms recognised, with ``"arguments"`` or ``"parameters"`` for the arguments key:
-- Hermes, Qwen2.5 and Qwen3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
-  any number of them, anywhere in the reply;
-- Llama 3 JSON: a reply that is a call object ``{"name": ..., "parameters": {...}}``
-  (several separated by ``;``), a list of them (Mistral-style), or either inside a
-  code fence.
+"""``ToolCallParser``: tool calls recognised in a model's reply while it streams, in
+any of the forms of ``call_forms``.
 
 Text streams as it comes. Only what may still open a call is held back: the opening of
 a reply that may be a bare call (``{``, ``[``, a code fence) until it either names a
@@ -16,105 +10,31 @@ deltas, exactly the JSON text the model writes, until the value closes.
 
 from __future__ import annotations
 
-import itertools
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from salience_server.http.call_forms import (
+    BETWEEN_CALLS,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    Opening,
+    call_openings,
+    could_open,
+    spellings,
+)
+from salience_server.http.json_depth import JsonDepth
+from salience_server.http.tool_call import (
+    ArgumentsDelta,
+    CallClosed,
+    CallOpened,
+    ParsedEvent,
+    TextDelta,
+    ToolCall,
+)
 from salience_server.text_checks import load_json
 
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
-_FENCES = ("```json", "```")
-_ARGUMENT_KEYS = ("arguments", "parameters")
-_BETWEEN_CALLS = (TOOL_CALL_CLOSE, "```", "]", ";", ",")
-"""What may stand between (or after) calls and is not text: closing tags and fences,
-the end of a list of calls, separators."""
-
-
-def new_call_id() -> str:
-    """A fresh ``call_...`` id."""
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-@dataclass
-class ToolCall:
-    """One call the model made."""
-
-    name: str
-    arguments: str
-    """The arguments as JSON text (what OpenAI's API carries)."""
-    call_id: str = field(default_factory=new_call_id)
-    is_complete: bool = True
-    """False for a call the reply ended inside (its arguments unfinished)."""
-
-    def chat_dict(self) -> dict[str, Any]:
-        """The Chat Completions ``tool_calls`` entry."""
-        return {
-            "id": self.call_id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-
-
-@dataclass
-class TextDelta:
-    """Reply text that is not part of any call."""
-
-    text: str
-
-
-@dataclass
-class CallOpened:
-    """A call begins: its name is known, its arguments follow as deltas."""
-
-    index: int
-    call: ToolCall
-
-
-@dataclass
-class ArgumentsDelta:
-    """A piece of call ``index``'s arguments (JSON text)."""
-
-    index: int
-    text: str
-
-
-@dataclass
-class CallClosed:
-    """Call ``index`` is complete (or the reply ended inside it)."""
-
-    index: int
-
-
-ParsedEvent = TextDelta | CallOpened | ArgumentsDelta | CallClosed
-
 _State = Literal["text", "opening", "tag", "arguments", "rest", "after", "ignore"]
-
-
-@dataclass
-class _Json:
-    """Tracks how deep a JSON text is nested, char by char (strings and escapes aware)."""
-
-    depth: int = 0
-    in_string: bool = False
-    escaped: bool = False
-
-    def feed(self, char: str) -> None:
-        if self.in_string:
-            if self.escaped:
-                self.escaped = False
-            elif char == "\\":
-                self.escaped = True
-            elif char == '"':
-                self.in_string = False
-        elif char == '"':
-            self.in_string = True
-        elif char in "{[":
-            self.depth += 1
-        elif char in "}]":
-            self.depth -= 1
 
 
 @dataclass
@@ -138,11 +58,11 @@ class ToolCallParser:
     _state: _State = "text"
     _at_start: bool = True
     """Nothing but whitespace has been released: a bare call may still start."""
-    _json: _Json = field(default_factory=_Json)
-    _openings: list[tuple[str, str]] = field(default_factory=list)
+    _json: JsonDepth = field(default_factory=JsonDepth)
+    _openings: list[Opening] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._openings = self._all_openings()
+        self._openings = call_openings(self.names, self.allow_bare)
         self._buffer = self.prefix
 
     def push(self, text: str) -> list[ParsedEvent]:
@@ -189,7 +109,7 @@ class ToolCallParser:
             if not stripped:
                 return []
             self._at_start = False
-            if _could_open(stripped[0]):
+            if could_open(stripped[0]):
                 self._state = "opening"
                 return []
         cut = self._buffer.find(TOOL_CALL_OPEN)
@@ -205,19 +125,19 @@ class ToolCallParser:
     def _opening(self, is_final: bool) -> list[ParsedEvent]:
         """The buffer starts where a call may open: wait until it does or cannot."""
         compact = "".join(self._buffer.split())
-        for opening, name in self._openings:
-            if compact.startswith(opening):
-                self._buffer = self._buffer[_index_after(self._buffer, len(opening)) :]
-                return self._open(name)
-        could_match = any(opening.startswith(compact) for opening, _ in self._openings)
+        for opening in self._openings:
+            if compact.startswith(opening.text):
+                self._buffer = self._buffer[_index_after(self._buffer, len(opening.text)) :]
+                return self._open(opening.name)
+        could_match = any(opening.text.startswith(compact) for opening in self._openings)
         if could_match and not is_final:
             return []
         if could_match and compact.startswith(TOOL_CALL_OPEN):
             named = {
-                name
-                for opening, name in self._openings
-                if opening.startswith(compact)
-                and any(f'"name":{spelled},' in compact for spelled in _spellings(name))
+                opening.name
+                for opening in self._openings
+                if opening.text.startswith(compact)
+                and any(f'"name":{spelled},' in compact for spelled in spellings(opening.name))
             }
             if len(named) == 1:  # the reply ended after the call's name: a cut call
                 self._buffer = ""
@@ -252,7 +172,7 @@ class ToolCallParser:
             return []
         call = ToolCall(name, "")
         self.calls.append(call)
-        self._state, self._json = "arguments", _Json()
+        self._state, self._json = "arguments", JsonDepth()
         return [CallOpened(len(self.calls) - 1, call)]
 
     def _arguments_value(self, is_final: bool) -> list[ParsedEvent]:
@@ -279,7 +199,7 @@ class ToolCallParser:
         Anything else that is not an object (null, say) stands for no arguments."""
         if text[0] != '"':
             return self._close("{}")
-        scanner = _Json()
+        scanner = JsonDepth()
         for position, char in enumerate(text):
             scanner.feed(char)
             if position > 0 and not scanner.in_string:
@@ -294,7 +214,7 @@ class ToolCallParser:
     def _close(self, last_piece: str) -> list[ParsedEvent]:
         events = self._arguments(last_piece)
         events.append(CallClosed(len(self.calls) - 1))
-        self._state, self._json = "rest", _Json(depth=1)
+        self._state, self._json = "rest", JsonDepth(depth=1)
         return events
 
     def _arguments(self, text: str) -> list[ParsedEvent]:
@@ -318,43 +238,20 @@ class ToolCallParser:
         """Between calls: closing tags, fences, list ends and separators are skipped;
         another call opens, or text follows."""
         rest = self._buffer.lstrip()
-        for junk in _BETWEEN_CALLS:
+        for junk in BETWEEN_CALLS:
             if rest.startswith(junk):
                 self._buffer = rest[len(junk) :]
                 return []
-        if any(junk.startswith(rest) for junk in _BETWEEN_CALLS):  # "" or a part of one
+        if any(junk.startswith(rest) for junk in BETWEEN_CALLS):  # "" or a part of one
             self._buffer = "" if is_final else rest
             return []
         self._buffer = rest
-        self._state = "opening" if _could_open(rest[0]) else "text"
+        self._state = "opening" if could_open(rest[0]) else "text"
         return []
 
     def _ignore(self, is_final: bool) -> list[ParsedEvent]:
         self._buffer = ""
         return []
-
-    def _all_openings(self) -> list[tuple[str, str]]:
-        """Every whitespace-free opening of a call up to its arguments' value, with the
-        name it declares."""
-        openings = []
-        for name in self.names:
-            for key, spelled in itertools.product(_ARGUMENT_KEYS, _spellings(name)):
-                call = f'{{"name":{spelled},"{key}":'
-                openings.append((TOOL_CALL_OPEN + call, name))
-                if self.allow_bare:
-                    for fence in ("", *_FENCES):
-                        openings += [(fence + call, name), (fence + "[" + call, name)]
-        return openings
-
-
-def _could_open(char: str) -> bool:
-    return char in "{[`<"
-
-
-def _spellings(name: str) -> list[str]:
-    """A name as a JSON string, as a model writes it: its characters as they are (as
-    chat templates' ``tojson`` shows them), or escaped past ASCII (as ``json.dumps``)."""
-    return list(dict.fromkeys([json.dumps(name, ensure_ascii=False), json.dumps(name)]))
 
 
 def _index_after(text: str, num_visible: int) -> int:

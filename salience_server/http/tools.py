@@ -2,9 +2,7 @@
 model's family.
 
 Calls are parsed out of the model's text by ``tool_parser``. The format a family's chat
-template teaches decides how a call is forced: Hermes and Qwen (``<tool_call>`` tags;
-also what the shim describes to a template without tool support) or Llama 3 JSON
-(``{"name", "parameters"}``). ``required`` starts the assistant's turn with the call's
+template teaches (``tool_format``) decides how a call is forced. ``required`` starts the assistant's turn with the call's
 opening and constrains the rest to a JSON schema over the declared tools; a named
 function also writes the name, and constrains the arguments to its parameters' schema.
 """
@@ -12,22 +10,15 @@ function also writes the name, and constrains the arguments to its parameters' s
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import jsonschema
-import regex  # transformers' own dependency
-
 from salience_server.http.constraints import Constraint, Sourced, json_schema_text
-from salience_server.http.errors import ApiError, invalid, unsupported
-from salience_server.http.tool_parser import (
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    ToolCall,
-    ToolCallParser,
-)
-from salience_server.text_checks import load_json
+from salience_server.http.errors import invalid, unsupported
+from salience_server.http.tool_call import ToolCall
+from salience_server.http.tool_format import HERMES, ToolFormat
+from salience_server.http.tool_parser import ToolCallParser
+from salience_server.http.tool_schema import argument_problem, constraint_broken, rooted_at
 
 TOOLS_SYSTEM_PROMPT = """# Tools
 
@@ -44,32 +35,6 @@ For each function call, return a json object with function name and arguments wi
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
 """Describes the tools to a model whose chat template does not take ``tools`` itself."""
-
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """How a model family writes a tool call."""
-
-    name: str
-    call_open: str
-    """Text before a call's JSON object."""
-    call_close: str
-    """Text after it (a stop string when only one call is allowed)."""
-    arguments_key: str
-
-
-HERMES = ToolFormat("hermes", f"{TOOL_CALL_OPEN}\n", f"\n{TOOL_CALL_CLOSE}", "arguments")
-LLAMA3_JSON = ToolFormat("llama3_json", "", "", "parameters")
-
-
-def tool_format(chat_template: str) -> ToolFormat:
-    """The family's format, read from its chat template: Llama 3's mentions the
-    ``"parameters"`` of a call (or its ``<|python_tag|>``); Hermes otherwise."""
-    if TOOL_CALL_OPEN not in chat_template and (
-        '"parameters"' in chat_template or "<|python_tag|>" in chat_template
-    ):
-        return LLAMA3_JSON
-    return HERMES
 
 
 MAX_FORCED_CALLS = 16
@@ -164,7 +129,7 @@ class ToolMode:
         calls, definitions = [], {}
         for index, name in enumerate(sorted(self.names)):
             where = f"#/$defs/tool_{index}"
-            definitions[f"tool_{index}"] = _rooted_at(self.parameters(name), where)
+            definitions[f"tool_{index}"] = rooted_at(self.parameters(name), where)
             calls.append(
                 {
                     "type": "object",
@@ -215,54 +180,6 @@ class ToolMode:
         """A parser of one reply, which starts with the forced opening."""
         max_calls = None if self.is_parallel else 1
         return ToolCallParser(self.names, max_calls, allow_bare, self.prefix_text())
-
-
-_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-"""JSON Schema keywords whose value maps names to subschemas."""
-_SCHEMA_LISTS = {"allOf", "anyOf", "oneOf", "prefixItems"}
-"""...whose value is a list of subschemas."""
-_SCHEMA_VALUES = {
-    "items",
-    "additionalItems",
-    "additionalProperties",
-    "contains",
-    "contentSchema",
-    "else",
-    "if",
-    "not",
-    "propertyNames",
-    "then",
-    "unevaluatedItems",
-    "unevaluatedProperties",
-}
-"""...whose value is a subschema. Other keywords' values (``const``, ``enum``,
-``default``, ``examples``) are data, never read as schemas."""
-
-
-def _rooted_at(schema: Any, where: str) -> Any:
-    """``schema`` with its local references (``#``, ``#/...``) made to point below
-    ``where``, where it is to be placed; its ``$schema`` dropped (only a root has one).
-    Only schema positions are read: a property named ``$schema``, or ``$ref`` in a
-    ``const``, is data."""
-    if not isinstance(schema, dict):
-        return schema
-    moved: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
-            moved[key] = where + value[1:]
-        elif key == "$schema":
-            continue
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            moved[key] = {name: _rooted_at(item, where) for name, item in value.items()}
-        elif key in _SCHEMA_LISTS and isinstance(value, list):
-            moved[key] = [_rooted_at(item, where) for item in value]
-        elif key in _SCHEMA_VALUES:
-            moved[key] = _rooted_at(value, where)
-        elif key == "dependencies" and isinstance(value, dict):  # draft-07: schemas or names
-            moved[key] = {name: _rooted_at(item, where) for name, item in value.items()}
-        else:
-            moved[key] = value
-    return moved
 
 
 def _function_tool(tool: Any, param: str) -> dict[str, Any]:
@@ -336,58 +253,6 @@ def tool_calls_reason(reason: str, calls: list[ToolCall]) -> str:
     if reason == "stop" and calls and all(call.is_complete for call in calls):
         return "tool_calls"
     return reason
-
-
-def argument_problem(arguments: str, schema: dict[str, Any]) -> str | None:
-    """Why JSON-text ``arguments`` do not match ``schema``; None when they do. Patterns
-    are JSON Schema's dialect (``\\p{L}``), read by the ``regex`` module as the schema's
-    check at the door reads them; where ``jsonschema`` itself still meets one that
-    Python's ``re`` refuses (``patternProperties`` beside ``additionalProperties``),
-    the arguments pass: the grammar engine kept them to the schema."""
-    try:
-        value = load_json(arguments)
-    except ValueError as error:
-        return f"are not JSON ({error})"
-    validator = _with_schema_patterns(jsonschema.validators.validator_for(schema))(schema)
-    try:
-        mismatch = jsonschema.exceptions.best_match(validator.iter_errors(value))
-    except re.error:
-        return None
-    return None if mismatch is None else f"do not match the schema: {mismatch.message}"
-
-
-def _with_schema_patterns(validator: Any) -> Any:
-    """``validator`` with ``pattern`` and ``patternProperties`` matched by the ``regex``
-    module (``jsonschema``'s own use Python's ``re``, which refuses ``\\p{L}``)."""
-    return jsonschema.validators.extend(
-        validator, {"pattern": _pattern, "patternProperties": _pattern_properties}
-    )
-
-
-def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
-    if validator.is_type(instance, "string") and not regex.search(pattern, instance):
-        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
-
-
-def _pattern_properties(
-    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
-) -> Any:
-    if not validator.is_type(instance, "object"):
-        return
-    for pattern, subschema in patterns.items():
-        for key, value in instance.items():
-            if regex.search(pattern, key):
-                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
-
-
-def constraint_broken(what: str) -> ApiError:
-    """500: the server's output broke the constraint the shim asked for."""
-    return ApiError(
-        500,
-        f"The server did not keep to the forced tool call's schema: {what}",
-        "server_error",
-        code="constraint_violated",
-    )
 
 
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:

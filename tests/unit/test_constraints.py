@@ -14,7 +14,8 @@ from salience_server.engine.constraints import (
     apply_bitmasks,
 )
 from salience_server.engine.errors import SalienceError
-from salience_server.http.tools import HERMES, MAX_FORCED_CALLS, chat_tools, tool_mode
+from salience_server.http.tool_format import HERMES
+from salience_server.http.tools import MAX_FORCED_CALLS, chat_tools, tool_mode
 from tests.shim_support import WEATHER
 from tests.tiny_models import build_tokenizer
 

@@ -17,15 +17,16 @@ from salience_server.http.errors import ApiError
 from salience_server.http.reasoning import ReasoningSplitter, opens_thinking, template_reasons
 from salience_server.http.reply import ParsedReply, ReasoningDelta, ReplyParser
 from salience_server.http.response_stream import ResponseStream
-from salience_server.http.tool_parser import (
+from salience_server.http.tool_call import (
     ArgumentsDelta,
     CallClosed,
     CallOpened,
     ParsedEvent,
     TextDelta,
-    ToolCallParser,
 )
-from salience_server.http.tools import LLAMA3_JSON, chat_tools, tool_format, tool_mode
+from salience_server.http.tool_format import LLAMA3_JSON, tool_format
+from salience_server.http.tool_parser import ToolCallParser
+from salience_server.http.tools import chat_tools, tool_mode
 from tests.shim_support import TIME, WEATHER
 
 NAMES = {"get_weather", "get_time"}

@@ -1,0 +1,60 @@
+"""The written forms of a tool call that ``ToolCallParser`` recognises, as openings: a
+call's text up to its arguments' value, whitespace removed, one per declared name.
+
+- Hermes, Qwen2.5 and Qwen3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
+- Llama 3 JSON: a bare call object ``{"name": ..., "parameters": {...}}`` (several
+  separated by ``;``), a list of them, or either inside a code fence.
+
+Either arguments key (``"arguments"``, ``"parameters"``) is taken in every form.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+FENCES = ("```json", "```")
+ARGUMENT_KEYS = ("arguments", "parameters")
+BETWEEN_CALLS = (TOOL_CALL_CLOSE, "```", "]", ";", ",")
+"""What may stand between (or after) calls and is not text: closing tags and fences,
+the end of a list of calls, separators."""
+MARKERS = (TOOL_CALL_OPEN,)
+"""Text that opens calls wherever it stands in a reply."""
+
+
+@dataclass(frozen=True)
+class Opening:
+    """How one call of a declared function opens."""
+
+    text: str
+    """The call's text up to its arguments' value, whitespace removed."""
+    name: str
+    """The function it calls."""
+
+
+def call_openings(names: set[str], allow_bare: bool) -> list[Opening]:
+    """Every opening of a call of ``names``; bare JSON ones (no tag before them) where
+    ``allow_bare``."""
+    openings = []
+    for name in names:
+        for key, spelled in itertools.product(ARGUMENT_KEYS, spellings(name)):
+            call = f'{{"name":{spelled},"{key}":'
+            openings.append(Opening(TOOL_CALL_OPEN + call, name))
+            if allow_bare:
+                for fence in ("", *FENCES):
+                    openings += [Opening(fence + call, name), Opening(fence + "[" + call, name)]
+    return openings
+
+
+def could_open(char: str) -> bool:
+    """Whether a reply (or the text after a call) starting with ``char`` may be a call."""
+    return char in "{[`<"
+
+
+def spellings(name: str) -> list[str]:
+    """A name as a JSON string, as a model writes it: its characters as they are (as
+    chat templates' ``tojson`` shows them), or escaped past ASCII (as ``json.dumps``)."""
+    return list(dict.fromkeys([json.dumps(name, ensure_ascii=False), json.dumps(name)]))
