@@ -3,7 +3,12 @@ call's text up to its arguments' value, whitespace removed, one per declared nam
 
 - Hermes, Qwen2.5 and Qwen3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
 - Llama 3 JSON: a bare call object ``{"name": ..., "parameters": {...}}`` (several
-  separated by ``;``), a list of them, or either inside a code fence.
+  separated by ``;``), a list of them, or either inside a code fence;
+- Mistral: ``[TOOL_CALLS]`` and a list of call objects (or one), each perhaps with an
+  ``"id"`` after its arguments; Llama 3.2: ``<|python_tag|>`` and a call object.
+
+These markers are special tokens, whose text a reply shows only with
+``skip_special_tokens: false``: without them, the JSON after them is a bare call.
 
 Either arguments key (``"arguments"``, ``"parameters"``) is taken in every form.
 """
@@ -21,7 +26,9 @@ ARGUMENT_KEYS = ("arguments", "parameters")
 BETWEEN_CALLS = (TOOL_CALL_CLOSE, "```", "]", ";", ",")
 """What may stand between (or after) calls and is not text: closing tags and fences,
 the end of a list of calls, separators."""
-MARKERS = (TOOL_CALL_OPEN,)
+MISTRAL_CALLS = "[TOOL_CALLS]"
+PYTHON_TAG = "<|python_tag|>"
+MARKERS = (TOOL_CALL_OPEN, MISTRAL_CALLS, PYTHON_TAG)
 """Text that opens calls wherever it stands in a reply."""
 
 
@@ -43,6 +50,8 @@ def call_openings(names: set[str], allow_bare: bool) -> list[Opening]:
         for key, spelled in itertools.product(ARGUMENT_KEYS, spellings(name)):
             call = f'{{"name":{spelled},"{key}":'
             openings.append(Opening(TOOL_CALL_OPEN + call, name))
+            for marker in (MISTRAL_CALLS, PYTHON_TAG):
+                openings += [Opening(marker + call, name), Opening(marker + "[" + call, name)]
             if allow_bare:
                 for fence in ("", *FENCES):
                     openings += [Opening(fence + call, name), Opening(fence + "[" + call, name)]

@@ -4,7 +4,7 @@ any of the forms of ``call_forms``.
 Text streams as it comes. Only what may still open a call is held back: the opening of
 a reply that may be a bare call (``{``, ``[``, a code fence) until it either names a
 declared tool and reaches its arguments, or cannot anymore (then it is plain text after
-all), and a possible ``<tool_call>`` tag. Once a call is open, its arguments stream as
+all), and a possible marker (``<tool_call>``, ``[TOOL_CALLS]``, ...). Once a call is open, its arguments stream as
 deltas, exactly the JSON text the model writes, until the value closes.
 """
 
@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from salience_server.http.call_forms import (
     BETWEEN_CALLS,
+    MARKERS,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     Opening,
@@ -103,7 +104,7 @@ class ToolCallParser:
                 return events
 
     def _text(self, is_final: bool) -> list[ParsedEvent]:
-        """Plain text: released up to a possible ``<tool_call>`` (or a bare call's start)."""
+        """Plain text: released up to a possible marker (or a bare call's start)."""
         if self._at_start and self.allow_bare:
             stripped = self._buffer.lstrip()
             if not stripped:
@@ -112,13 +113,14 @@ class ToolCallParser:
             if could_open(stripped[0]):
                 self._state = "opening"
                 return []
-        cut = self._buffer.find(TOOL_CALL_OPEN)
+        cut = min((i for i in map(self._buffer.find, MARKERS) if i >= 0), default=-1)
         if cut >= 0:
             self._state = "opening"
         elif is_final:
             cut = len(self._buffer)
         else:
-            cut = len(self._buffer) - _partial_suffix(self._buffer, TOOL_CALL_OPEN)
+            held = max(_partial_suffix(self._buffer, marker) for marker in MARKERS)
+            cut = len(self._buffer) - held
         released, self._buffer = self._buffer[:cut], self._buffer[cut:]
         return [TextDelta(released)] if released else []
 
@@ -132,7 +134,7 @@ class ToolCallParser:
         could_match = any(opening.text.startswith(compact) for opening in self._openings)
         if could_match and not is_final:
             return []
-        if could_match and compact.startswith(TOOL_CALL_OPEN):
+        if could_match and compact.startswith(MARKERS):
             named = {
                 opening.name
                 for opening in self._openings
@@ -144,7 +146,9 @@ class ToolCallParser:
                 return self._open(named.pop())
         # Not a call in the streamable form.
         self._state = "tag" if self._buffer.startswith(TOOL_CALL_OPEN) else "text"
-        return []
+        marker = next((m for m in MARKERS[1:] if self._buffer.startswith(m)), "")
+        self._buffer = self._buffer[len(marker) :]  # no call after it: text
+        return [TextDelta(marker)] if marker else []
 
     def _tag(self, is_final: bool) -> list[ParsedEvent]:
         """A ``<tool_call>`` whose content is not in the streamable form (keys in another

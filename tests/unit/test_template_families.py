@@ -3,7 +3,8 @@ conversation renders as the template renders it; tools and tool results reach th
 templates that render tools (Llama 3.1, Qwen2.5, Qwen3, Mistral v0.3, whose tool call
 ids must be 9 characters) as they render them, and those without tool support (Gemma,
 Mistral v0.1, Phi-3) through the shim's Hermes fallback, which must neither fail nor
-lose the tool results.
+lose the tool results. A call as a template writes it in an assistant turn, decoded
+with special tokens skipped or kept, is parsed back into the same call.
 
 Oracle: the tokenizer's own rendering (transformers' ``apply_chat_template``), and the
 text of the rendering where the shim adapts the messages."""
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 from typing import Any
 
@@ -27,6 +29,11 @@ from salience_server.http.backend import Backend
 from salience_server.http.config import ShimConfig
 from salience_server.http.errors import ApiError
 from salience_server.http.messages import chat_messages
+from salience_server.http.pooled_session import common_prefix_length
+from salience_server.http.reasoning import Reasoning
+from salience_server.http.reply import ParsedReply, ReplyParser
+from salience_server.http.tool_format import tool_format
+from salience_server.http.tools import tool_mode
 from tests.chat_templates import FAMILIES, Family
 
 WEATHER = {
@@ -255,3 +262,50 @@ def test_tools_reach_a_template_that_drops_system_messages() -> None:
     text = _render(family, TOOL_TURN, [WEATHER])
     assert "<tools>" in text and '"get_weather"' in text
     assert "<tool_response>\nsunny\n</tool_response>" in text
+
+
+ROME = {"city": "Rome"}
+
+
+def _call_turn_ids(family: Family, tokenizer: Any) -> list[int]:
+    """The token ids of an assistant turn calling get_weather(city="Rome") as the
+    template writes it: its rendering past the prompt's, less the end of sequence."""
+    user = [{"role": "user", "content": "Weather in Rome?"}]
+    arguments = ROME if family.name != "deepseek_r1" else '{"city": "Rome"}'  # it joins text
+    function = {"name": "get_weather", "arguments": arguments}
+    call = {"id": "abc123def", "type": "function", "function": function}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    options: dict[str, Any] = {"tools": [WEATHER], "return_dict": False}
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, **options)
+    whole = tokenizer.apply_chat_template([*user, turn], **options)
+    shared = common_prefix_length(prompt, whole)
+    return [i for i in whole[shared:] if i != tokenizer.eos_token_id]
+
+
+def _parsed(family: Family, pieces: list[str]) -> ParsedReply:
+    tools = tool_mode([WEATHER], "auto", tool_format(family.template))
+    return ParsedReply.of(ReplyParser.for_request(tools, None, Reasoning()), pieces)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("name", ["mistral_v3", "llama31", "llama32_python_tag"])
+def test_a_call_as_the_template_writes_it_is_parsed_back(
+    name: str, skip_special_tokens: bool
+) -> None:
+    """Mistral's ``[TOOL_CALLS]`` and Llama's ``<|python_tag|>`` are special tokens: a
+    reply decoded with ``skip_special_tokens: false`` shows them, and was content with
+    no call (it parsed only because they were skipped). Streamed a token at a time or
+    whole, the reply is the call, and nothing of its markup is content."""
+    family = FAMILIES[name.removesuffix("_python_tag").replace("llama32", "llama31")]
+    tokenizer = _tokenizer(family)
+    if name == "llama32_python_tag":  # Llama 3.2's own calls open with the tag
+        text = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}'
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = _call_turn_ids(family, tokenizer)
+    pieces = [tokenizer.decode([i], skip_special_tokens=skip_special_tokens) for i in ids]
+    whole = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert "".join(pieces) == whole
+    for reply in (_parsed(family, pieces), _parsed(family, [whole])):
+        assert [(c.name, json.loads(c.arguments)) for c in reply.calls] == [("get_weather", ROME)]
+        assert reply.content.strip() == "" and all(c.is_complete for c in reply.calls)
