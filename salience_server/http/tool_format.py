@@ -1,33 +1,71 @@
-"""``ToolFormat``: how a model family writes a tool call, read from its chat template."""
+"""``ToolFormat``: how a model family writes a tool call, read from its chat template.
+
+The format decides how a call is forced: the text that opens the assistant's turn (the
+format's ``opening``, then, for a named function, the call's ``head``), what stands
+between calls and after the last, and where a reply allowed one call only stops.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from salience_server.http.call_forms import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from salience_server.http.call_forms import (
+    MISTRAL_CALLS,
+    PYTHON_TAG,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+)
 
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """How a model family writes a tool call."""
+    """How a model family writes its tool calls."""
 
     name: str
-    call_open: str
-    """Text before a call's JSON object."""
-    call_close: str
-    """Text after it (a stop string when only one call is allowed)."""
+    opening: str
+    """Text before the first call."""
+    separator: str
+    """Text between two calls; empty where the format writes one call only."""
+    closing: str
+    """Text after the last call."""
     arguments_key: str
+    """The key of a call object's arguments, beside ``"name"``."""
+    stop: str = ""
+    """Ends a reply after its first call, where only one is allowed (empty: no text
+    does; a call's own text may hold any other)."""
+
+    def head(self, name: str) -> str:
+        """A call of ``name`` up to its arguments' value, as the family writes it."""
+        spelled = json.dumps(name, ensure_ascii=False)
+        return f'{{"name": {spelled}, "{self.arguments_key}": '
 
 
-HERMES = ToolFormat("hermes", f"{TOOL_CALL_OPEN}\n", f"\n{TOOL_CALL_CLOSE}", "arguments")
-LLAMA3_JSON = ToolFormat("llama3_json", "", "", "parameters")
+HERMES = ToolFormat(
+    "hermes",
+    f"{TOOL_CALL_OPEN}\n",
+    f"\n{TOOL_CALL_CLOSE}\n{TOOL_CALL_OPEN}\n",
+    f"\n{TOOL_CALL_CLOSE}",
+    "arguments",
+    TOOL_CALL_CLOSE,
+)
+"""Hermes, Qwen2.5 and Qwen3; also what the shim describes to a template without tool
+support."""
+LLAMA3_JSON = ToolFormat("llama3_json", "", "", "", "parameters")
+"""Llama 3.1's: a bare call object (its template takes one call per message)."""
+MISTRAL = ToolFormat("mistral", f"{MISTRAL_CALLS} [", ", ", "]", "arguments")
+"""Mistral v0.3's: ``[TOOL_CALLS]`` and a JSON list of call objects."""
 
 
 def tool_format(chat_template: str) -> ToolFormat:
-    """The family's format, read from its chat template: Llama 3's mentions the
+    """The family's format, read from its chat template: Hermes where it writes
+    ``<tool_call>``; Mistral's where it writes ``[TOOL_CALLS]`` and a list (not the
+    ``[ARGS]`` of Mistral's later templates); Llama 3's where it mentions the
     ``"parameters"`` of a call (or its ``<|python_tag|>``); Hermes otherwise."""
-    if TOOL_CALL_OPEN not in chat_template and (
-        '"parameters"' in chat_template or "<|python_tag|>" in chat_template
-    ):
+    if TOOL_CALL_OPEN in chat_template:
+        return HERMES
+    if MISTRAL_CALLS in chat_template and "[ARGS]" not in chat_template:
+        return MISTRAL
+    if '"parameters"' in chat_template or PYTHON_TAG in chat_template:
         return LLAMA3_JSON
     return HERMES

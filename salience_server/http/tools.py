@@ -90,30 +90,27 @@ class ToolMode:
 
     def prefix_text(self) -> str:
         """Text that opens the assistant's turn, forcing a call (empty unless forced)."""
-        fmt = self.format
         if self.choice == "required":
-            return fmt.call_open
-        if self.choice == "named":
-            name = json.dumps(self.forced_name, ensure_ascii=False)
-            return f'{fmt.call_open}{{"name": {name}, "{fmt.arguments_key}": '
+            return self.format.opening
+        if self.choice == "named" and self.forced_name is not None:
+            return self.format.opening + self.format.head(self.forced_name)
         return ""
 
     def constraint(self) -> Constraint | None:
         """What a forced call's text after ``prefix_text`` must be: the named function's
         arguments; for ``required``, one call object of any declared function, or, where
-        parallel calls are allowed and the format closes its calls, up to
-        ``MAX_FORCED_CALLS`` of them, each closed and the next opened in the family's
-        markup (a Lark grammar whose calls are JSON Schema rules)."""
+        parallel calls are allowed and the format writes several, up to
+        ``MAX_FORCED_CALLS`` of them, separated and closed in the family's markup (a
+        Lark grammar whose calls are JSON Schema rules)."""
         if self.choice == "named" and self.forced_name is not None:
             return "json_schema", json.dumps(self.parameters(self.forced_name))
         if self.choice != "required":
             return None
         schema = self._call_schema()
         fmt = self.format
-        if not (self.is_parallel and fmt.call_close.strip()):
+        if not (self.is_parallel and fmt.separator):
             return "json_schema", json.dumps(schema)
-        between = json.dumps(fmt.call_close + "\n" + fmt.call_open)
-        close = json.dumps(fmt.call_close)
+        between, close = json.dumps(fmt.separator), json.dumps(fmt.closing)
         grammar = (
             f"start: call ({between} call){{0,{MAX_FORCED_CALLS - 1}}} {close}?\n"
             f"call: %json {json.dumps({**schema, 'x-guidance': _JSON_LAYOUT})}\n"
@@ -151,10 +148,10 @@ class ToolMode:
         return ("tools", forced) if forced is not None else output
 
     def stop_strings(self) -> tuple[str, ...]:
-        """Ends the reply after its first call when only one is allowed (and the format
-        closes calls)."""
-        if self.is_enabled and not self.is_parallel and self.format.call_close.strip():
-            return (self.format.call_close.strip(),)
+        """Ends the reply after its first call when only one is allowed (where the
+        format has a text that ends one, and no call may hold: ``</tool_call>``)."""
+        if self.is_enabled and not self.is_parallel and self.format.stop:
+            return (self.format.stop,)
         return ()
 
     def check_forced(

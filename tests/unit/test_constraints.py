@@ -14,7 +14,7 @@ from salience_server.engine.constraints import (
     apply_bitmasks,
 )
 from salience_server.engine.errors import SalienceError
-from salience_server.http.tool_format import HERMES
+from salience_server.http.tool_format import HERMES, MISTRAL
 from salience_server.http.tools import MAX_FORCED_CALLS, chat_tools, tool_mode
 from tests.shim_support import WEATHER
 from tests.tiny_models import build_tokenizer
@@ -128,19 +128,21 @@ def test_compilation_is_cached(compiler) -> None:
     assert compiler.compile(spec) is compiler.compile(spec)
 
 
-def test_a_required_tool_call_may_be_several_calls_when_parallel(compiler) -> None:
+@pytest.mark.parametrize("family", [HERMES, MISTRAL], ids=lambda family: family.name)
+def test_a_required_tool_call_may_be_several_calls_when_parallel(compiler, family) -> None:
     """tool_choice "required" with parallel calls allowed: one to MAX_FORCED_CALLS calls
-    in the family's markup, each of a declared tool (it allowed one call only)."""
+    in the family's markup (Hermes' tags, Mistral's list), each of a declared tool (it
+    allowed one call only)."""
 
     tools = chat_tools([WEATHER])
-    kind, grammar = tool_mode(tools, "required").constraint() or ("", "")
+    kind, grammar = tool_mode(tools, "required", family).constraint() or ("", "")
     assert kind == "lark"
     spec = ConstraintSpec(kind, str(grammar))
     call = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
-    between = HERMES.call_close + "\n" + HERMES.call_open
+    between = family.separator
     for count in (1, 2, MAX_FORCED_CALLS):
         assert _walk(compiler, spec, between.join([call] * count))
-        assert _walk(compiler, spec, between.join([call] * count) + HERMES.call_close)
+        assert _walk(compiler, spec, between.join([call] * count) + family.closing)
     with pytest.raises(AssertionError, match="was masked"):
         _walk(compiler, spec, between.join([call] * (MAX_FORCED_CALLS + 1)))
     with pytest.raises(AssertionError, match="was masked"):

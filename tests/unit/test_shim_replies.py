@@ -101,9 +101,6 @@ def test_a_plain_reply_that_looks_like_json_still_streams(reply: str) -> None:
         '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]',  # a list of calls
         '```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```',
         '<tool_call>{"arguments": {"city": "Oslo"}, "name": "get_weather"}</tool_call>',
-        # Mistral's and Llama 3.2's markers, shown with skip_special_tokens: false
-        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}, "id": "a1b2c3d4e"}]',
-        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}',
     ],
 )
 def test_every_family_form_is_a_call(reply: str) -> None:
@@ -112,17 +109,6 @@ def test_every_family_form_is_a_call(reply: str) -> None:
         ("get_weather", {"city": "Oslo"})
     ]
     assert _text(events) == "" and _arguments(events, 0) == parser.calls[0].arguments
-
-
-def test_a_marker_after_text_opens_calls_and_one_without_a_call_is_text() -> None:
-    reply = 'Checking.[TOOL_CALLS] [{"name": "get_time", "arguments": {}}, '
-    reply += '{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
-    events, parser = _parse(list(reply))
-    assert [c.name for c in parser.calls] == ["get_time", "get_weather"]
-    assert _text(events) == "Checking."
-    for text in ("[TOOL_CALLS] no call", 'Hi <|python_tag|>{"name": "launch"}'):
-        events, parser = _parse(list(text))
-        assert parser.calls == [] and _text(events) == text
 
 
 def test_llama3_calls_separated_by_semicolons() -> None:

@@ -309,3 +309,25 @@ def test_a_call_as_the_template_writes_it_is_parsed_back(
     for reply in (_parsed(family, pieces), _parsed(family, [whole])):
         assert [(c.name, json.loads(c.arguments)) for c in reply.calls] == [("get_weather", ROME)]
         assert reply.content.strip() == "" and all(c.is_complete for c in reply.calls)
+
+
+@pytest.mark.parametrize("choice", ["named", "required"])
+@pytest.mark.parametrize("name", ["llama31", "qwen25", "mistral_v3"])
+def test_a_forced_call_opens_as_the_family_writes_its_calls(name: str, choice: str) -> None:
+    """The opening of a forced call is, token for token, how the template writes a call
+    in an assistant turn, and the rest of that turn parses as the call. Mistral v0.3's
+    opened with Hermes' ``<tool_call>``, which it never writes."""
+    family = FAMILIES[name]
+    tokenizer = _tokenizer(family)
+    tool_choice = {"type": "function", "name": "get_weather"} if choice == "named" else choice
+    mode = tool_mode([WEATHER], tool_choice, tool_format(family.template))
+    opening_ids = tokenizer.encode(mode.prefix_text(), add_special_tokens=False)
+    turn_ids = _call_turn_ids(family, tokenizer)
+    assert turn_ids[: len(opening_ids)] == opening_ids
+    written = [
+        tokenizer.decode([i], skip_special_tokens=True) for i in turn_ids[len(opening_ids) :]
+    ]
+    parser = ReplyParser.for_request(mode, mode.constraint(), Reasoning())
+    reply = ParsedReply.of(parser, written)
+    assert [(c.name, json.loads(c.arguments)) for c in reply.calls] == [("get_weather", ROME)]
+    assert reply.content == ""

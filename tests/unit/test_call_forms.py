@@ -1,0 +1,86 @@
+"""The written forms of tool calls beyond Hermes' and Llama 3's bare JSON, and the
+family format read from a chat template, no server: Mistral's ``[TOOL_CALLS]`` list,
+Llama 3.2's ``<|python_tag|>`` (markers a reply shows with ``skip_special_tokens:
+false``).
+
+Oracles: a reply pushed one character at a time gives the calls and text it gives whole;
+exact calls and text; the real templates of ``tests.chat_templates``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from salience_server.http.tool_call import TextDelta
+from salience_server.http.tool_format import tool_format
+from salience_server.http.tool_parser import ToolCallParser
+from salience_server.http.tools import chat_tools, tool_mode
+from tests.chat_templates import FAMILIES
+from tests.shim_support import TIME, WEATHER
+
+NAMES = {"get_weather", "get_time"}
+
+
+def _parse(pieces: list[str]) -> tuple[str, list[tuple[str, Any]]]:
+    """(the text, the calls as (name, arguments)) of a reply given in ``pieces``."""
+    parser = ToolCallParser(NAMES)
+    events = [event for piece in pieces for event in parser.push(piece)] + parser.finish()
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    return text, [(c.name, json.loads(c.arguments)) for c in parser.calls]
+
+
+@pytest.mark.parametrize(
+    "reply, want_text",
+    [
+        ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}, "id": "a1"}]', ""),
+        ('[TOOL_CALLS]{"name": "get_weather", "arguments": {"city": "Oslo"}}', ""),
+        ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}', ""),
+        (
+            'Checking.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]',
+            "Checking.",
+        ),
+    ],
+)
+def test_a_marked_call_is_a_call_wherever_it_stands(reply: str, want_text: str) -> None:
+    for pieces in (list(reply), [reply]):
+        assert _parse(pieces) == (want_text, [("get_weather", {"city": "Oslo"})])
+
+
+def test_a_mistral_list_of_calls_is_every_call() -> None:
+    reply = '[TOOL_CALLS] [{"name": "get_time", "arguments": {}}, '
+    reply += '{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    assert _parse(list(reply)) == ("", [("get_time", {}), ("get_weather", {"city": "Oslo"})])
+
+
+@pytest.mark.parametrize(
+    "reply", ["[TOOL_CALLS] no call", 'Hi <|python_tag|>{"name": "launch"}', "a [TOOL_CALL"]
+)
+def test_a_marker_without_a_call_after_it_is_text(reply: str) -> None:
+    assert _parse(list(reply)) == (reply, []) == _parse([reply])
+
+
+@pytest.mark.parametrize(
+    "name, format_name",
+    [
+        ("qwen25", "hermes"),
+        ("qwen3", "hermes"),
+        ("llama31", "llama3_json"),
+        ("mistral_v3", "mistral"),
+        ("gemma", "hermes"),  # no tool support: the shim describes Hermes' format
+    ],
+)
+def test_the_family_format_of_a_real_template(name: str, format_name: str) -> None:
+    assert tool_format(FAMILIES[name].template).name == format_name
+
+
+def test_a_forced_mistral_call_opens_its_list() -> None:
+    """Calls in Mistral's list are separated by commas: no text stops a reply after its
+    first (a call's arguments may hold any)."""
+    tools = chat_tools([WEATHER, TIME])
+    mistral = tool_format(FAMILIES["mistral_v3"].template)
+    named = tool_mode(tools, {"type": "function", "name": "get_weather"}, mistral)
+    assert named.prefix_text() == '[TOOL_CALLS] [{"name": "get_weather", "arguments": '
+    assert tool_mode(tools, "required", mistral).prefix_text() == "[TOOL_CALLS] ["
+    assert tool_mode(tools, "auto", mistral, parallel_tool_calls=False).stop_strings() == ()
