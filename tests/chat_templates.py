@@ -67,6 +67,14 @@ DEEPSEEK_R1 = (
     "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}"
 )
 
+DEEPSEEK_R1_TOOLS = (
+    "{%- if tools %}{%- set described = '## Tools\\n\\n' + tools | tojson %}"
+    "{%- set messages = [{'role': 'system', 'content': described}] + messages %}{%- endif %}"
+    + DEEPSEEK_R1
+)
+"""DeepSeek-R1's template with the tools described in a system message of their own
+(R1's renders none; templates written for its calls, as vLLM's examples, add them)."""
+
 _QWEN_TOOLS = (
     '{{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'
     'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
@@ -187,6 +195,21 @@ class Family:
 
 
 IM = ["<|im_start|>", "<|im_end|>"]
+DEEPSEEK_SPECIALS = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+]
 FAMILIES = {
     f.name: f
     for f in [
@@ -233,21 +256,15 @@ FAMILIES = {
             DEEPSEEK_R1,
             "<｜begin▁of▁sentence｜>",
             "<｜end▁of▁sentence｜>",
-            [
-                "<｜begin▁of▁sentence｜>",
-                "<｜end▁of▁sentence｜>",
-                "<｜User｜>",
-                "<｜Assistant｜>",
-                "<｜tool▁calls▁begin｜>",
-                "<｜tool▁calls▁end｜>",
-                "<｜tool▁call▁begin｜>",
-                "<｜tool▁call▁end｜>",
-                "<｜tool▁sep｜>",
-                "<｜tool▁outputs▁begin｜>",
-                "<｜tool▁outputs▁end｜>",
-                "<｜tool▁output▁begin｜>",
-                "<｜tool▁output▁end｜>",
-            ],
+            DEEPSEEK_SPECIALS,
+            added=["<think>", "</think>"],
+        ),
+        Family(
+            "deepseek_r1_tools",
+            DEEPSEEK_R1_TOOLS,
+            "<｜begin▁of▁sentence｜>",
+            "<｜end▁of▁sentence｜>",
+            DEEPSEEK_SPECIALS,
             added=["<think>", "</think>"],
         ),
         Family(

@@ -5,10 +5,16 @@ call's text up to its arguments' value, whitespace removed, one per declared nam
 - Llama 3 JSON: a bare call object ``{"name": ..., "parameters": {...}}`` (several
   separated by ``;``), a list of them, or either inside a code fence;
 - Mistral: ``[TOOL_CALLS]`` and a list of call objects (or one), each perhaps with an
-  ``"id"`` after its arguments; Llama 3.2: ``<|python_tag|>`` and a call object.
+  ``"id"`` after its arguments; Llama 3.2: ``<|python_tag|>`` and a call object;
+- DeepSeek-V3 and R1: ``<｜tool▁calls▁begin｜>``, then calls written
+  ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>``,
+  then ``<｜tool▁calls▁end｜>``; DeepSeek-V3.1's calls are
+  ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>``. The name is no JSON
+  string here, and the arguments stand alone, in no call object.
 
-These markers are special tokens, whose text a reply shows only with
+Mistral's and Llama's markers are special tokens, whose text a reply shows only with
 ``skip_special_tokens: false``: without them, the JSON after them is a bare call.
+DeepSeek's calls parse only where its markers reach the reply's text.
 
 Either arguments key (``"arguments"``, ``"parameters"``) is taken in every form.
 """
@@ -23,13 +29,18 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 FENCES = ("```json", "```")
 ARGUMENT_KEYS = ("arguments", "parameters")
-BETWEEN_CALLS = (TOOL_CALL_CLOSE, "```", "]", ";", ",")
-"""What may stand between (or after) calls and is not text: closing tags and fences,
-the end of a list of calls, separators."""
 MISTRAL_CALLS = "[TOOL_CALLS]"
 PYTHON_TAG = "<|python_tag|>"
-MARKERS = (TOOL_CALL_OPEN, MISTRAL_CALLS, PYTHON_TAG)
+DEEPSEEK_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+DEEPSEEK_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+DEEPSEEK_SEP = "<｜tool▁sep｜>"
+DEEPSEEK_CALL_END = "<｜tool▁call▁end｜>"
+DEEPSEEK_CALLS_END = "<｜tool▁calls▁end｜>"
+MARKERS = (TOOL_CALL_OPEN, MISTRAL_CALLS, PYTHON_TAG, DEEPSEEK_CALLS_BEGIN, DEEPSEEK_CALL_BEGIN)
 """Text that opens calls wherever it stands in a reply."""
+BETWEEN_CALLS = (TOOL_CALL_CLOSE, DEEPSEEK_CALL_END, DEEPSEEK_CALLS_END, "```", "]", ";", ",")
+"""What may stand between (or after) calls and is not text: closing tags and fences,
+the end of a list of calls, separators."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,9 @@ class Opening:
     """The call's text up to its arguments' value, whitespace removed."""
     name: str
     """The function it calls."""
+    in_object: bool = True
+    """The arguments are a value in the call's JSON object, whose rest follows them
+    (False: they stand alone, as DeepSeek's)."""
 
 
 def call_openings(names: set[str], allow_bare: bool) -> list[Opening]:
@@ -55,6 +69,9 @@ def call_openings(names: set[str], allow_bare: bool) -> list[Opening]:
             if allow_bare:
                 for fence in ("", *FENCES):
                     openings += [Opening(fence + call, name), Opening(fence + "[" + call, name)]
+        for begin in (DEEPSEEK_CALLS_BEGIN + DEEPSEEK_CALL_BEGIN, DEEPSEEK_CALL_BEGIN):
+            openings.append(Opening(f"{begin}function{DEEPSEEK_SEP}{name}```json", name, False))
+            openings.append(Opening(f"{begin}{name}{DEEPSEEK_SEP}", name, False))
     return openings
 
 

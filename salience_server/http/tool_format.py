@@ -11,6 +11,11 @@ import json
 from dataclasses import dataclass
 
 from salience_server.http.call_forms import (
+    DEEPSEEK_CALL_BEGIN,
+    DEEPSEEK_CALL_END,
+    DEEPSEEK_CALLS_BEGIN,
+    DEEPSEEK_CALLS_END,
+    DEEPSEEK_SEP,
     MISTRAL_CALLS,
     PYTHON_TAG,
     TOOL_CALL_CLOSE,
@@ -34,9 +39,14 @@ class ToolFormat:
     stop: str = ""
     """Ends a reply after its first call, where only one is allowed (empty: no text
     does; a call's own text may hold any other)."""
+    is_json_call: bool = True
+    """A call is a JSON object of ``"name"`` and ``arguments_key``; False: its name is
+    written before its arguments, outside any JSON (DeepSeek's)."""
 
     def head(self, name: str) -> str:
         """A call of ``name`` up to its arguments' value, as the family writes it."""
+        if not self.is_json_call:
+            return f"{name}\n```json\n"
         spelled = json.dumps(name, ensure_ascii=False)
         return f'{{"name": {spelled}, "{self.arguments_key}": '
 
@@ -55,17 +65,38 @@ LLAMA3_JSON = ToolFormat("llama3_json", "", "", "", "parameters")
 """Llama 3.1's: a bare call object (its template takes one call per message)."""
 MISTRAL = ToolFormat("mistral", f"{MISTRAL_CALLS} [", ", ", "]", "arguments")
 """Mistral v0.3's: ``[TOOL_CALLS]`` and a JSON list of call objects."""
+DEEPSEEK = ToolFormat(
+    "deepseek",
+    f"{DEEPSEEK_CALLS_BEGIN}{DEEPSEEK_CALL_BEGIN}function{DEEPSEEK_SEP}",
+    "",
+    f"\n```{DEEPSEEK_CALL_END}{DEEPSEEK_CALLS_END}",
+    "",
+    is_json_call=False,
+)
+"""DeepSeek-V3's and R1's: each call's name, then its arguments in a JSON code fence,
+between markers. A forced reply holds one call: the markers between two are special
+tokens, which no text of a grammar stands for."""
 
 
 def tool_format(chat_template: str) -> ToolFormat:
     """The family's format, read from its chat template: Hermes where it writes
     ``<tool_call>``; Mistral's where it writes ``[TOOL_CALLS]`` and a list (not the
-    ``[ARGS]`` of Mistral's later templates); Llama 3's where it mentions the
+    ``[ARGS]`` of Mistral's later templates); DeepSeek's where it renders tools and
+    writes calls as DeepSeek-V3 and R1 do; Llama 3's where it mentions the
     ``"parameters"`` of a call (or its ``<|python_tag|>``); Hermes otherwise."""
     if TOOL_CALL_OPEN in chat_template:
         return HERMES
     if MISTRAL_CALLS in chat_template and "[ARGS]" not in chat_template:
         return MISTRAL
+    if _writes_deepseek_calls(chat_template):
+        return DEEPSEEK
     if '"parameters"' in chat_template or PYTHON_TAG in chat_template:
         return LLAMA3_JSON
     return HERMES
+
+
+def _writes_deepseek_calls(chat_template: str) -> bool:
+    """Whether the template renders tools and writes calls as DeepSeek-V3 and R1 do (a
+    name, then its arguments in a JSON code fence). R1's own template renders no tools:
+    the shim describes them in Hermes' format, which the model is then to write."""
+    return "tools" in chat_template and DEEPSEEK_SEP in chat_template and "```json" in chat_template

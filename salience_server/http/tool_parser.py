@@ -61,6 +61,8 @@ class ToolCallParser:
     """Nothing but whitespace has been released: a bare call may still start."""
     _json: JsonDepth = field(default_factory=JsonDepth)
     _openings: list[Opening] = field(default_factory=list)
+    _in_object: bool = True
+    """The open call's arguments are inside its JSON object (``Opening.in_object``)."""
 
     def __post_init__(self) -> None:
         self._openings = call_openings(self.names, self.allow_bare)
@@ -130,7 +132,7 @@ class ToolCallParser:
         for opening in self._openings:
             if compact.startswith(opening.text):
                 self._buffer = self._buffer[_index_after(self._buffer, len(opening.text)) :]
-                return self._open(opening.name)
+                return self._open(opening.name, opening.in_object)
         could_match = any(opening.text.startswith(compact) for opening in self._openings)
         if could_match and not is_final:
             return []
@@ -170,13 +172,13 @@ class ToolCallParser:
         self._state = "after"
         return events
 
-    def _open(self, name: str) -> list[ParsedEvent]:
+    def _open(self, name: str, in_object: bool = True) -> list[ParsedEvent]:
         if self.max_calls is not None and len(self.calls) >= self.max_calls:
             self._state, self._buffer = "ignore", ""
             return []
         call = ToolCall(name, "")
         self.calls.append(call)
-        self._state, self._json = "arguments", JsonDepth()
+        self._state, self._json, self._in_object = "arguments", JsonDepth(), in_object
         return [CallOpened(len(self.calls) - 1, call)]
 
     def _arguments_value(self, is_final: bool) -> list[ParsedEvent]:
@@ -218,7 +220,8 @@ class ToolCallParser:
     def _close(self, last_piece: str) -> list[ParsedEvent]:
         events = self._arguments(last_piece)
         events.append(CallClosed(len(self.calls) - 1))
-        self._state, self._json = "rest", JsonDepth(depth=1)
+        self._state = "rest" if self._in_object else "after"
+        self._json = JsonDepth(depth=1)
         return events
 
     def _arguments(self, text: str) -> list[ParsedEvent]:

@@ -98,7 +98,8 @@ class ToolMode:
 
     def constraint(self) -> Constraint | None:
         """What a forced call's text after ``prefix_text`` must be: the named function's
-        arguments; for ``required``, one call object of any declared function, or, where
+        arguments; for ``required``, one call of any declared function (a call object,
+        or the name and arguments of DeepSeek's format), or, where
         parallel calls are allowed and the format writes several, up to
         ``MAX_FORCED_CALLS`` of them, separated and closed in the family's markup (a
         Lark grammar whose calls are JSON Schema rules)."""
@@ -106,6 +107,8 @@ class ToolMode:
             return "json_schema", json.dumps(self.parameters(self.forced_name))
         if self.choice != "required":
             return None
+        if not self.format.is_json_call:
+            return "lark", self._named_calls_grammar()
         schema = self._call_schema()
         fmt = self.format
         if not (self.is_parallel and fmt.separator):
@@ -116,6 +119,17 @@ class ToolMode:
             f"call: %json {json.dumps({**schema, 'x-guidance': _JSON_LAYOUT})}\n"
         )
         return "lark", grammar
+
+    def _named_calls_grammar(self) -> str:
+        """One call of any declared function where the name is outside the JSON: the
+        call's head (its name as the family writes it), then its arguments."""
+        rules = [
+            f"call_{index}: {json.dumps(self.format.head(name))} "
+            f"%json {json.dumps({**self.parameters(name), 'x-guidance': _JSON_LAYOUT})}"
+            for index, name in enumerate(sorted(self.names))
+        ]
+        start = " | ".join(f"call_{index}" for index in range(len(rules)))
+        return "\n".join([f"start: {start}", *rules]) + "\n"
 
     def _call_schema(self) -> dict[str, Any]:
         """One call object of any declared function. Each function's parameters go under

@@ -246,61 +246,6 @@ def test_a_llama3_template_gets_its_own_call_format(scripted: tuple[Script, Runn
         shim.backend._model_info = None
 
 
-MISTRAL_TEMPLATE = "{{ messages }}{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]"
-
-
-def test_a_mistral_template_gets_its_own_call_format(scripted: tuple[Script, RunningShim]) -> None:
-    """Mistral v0.3's calls are ``[TOOL_CALLS]`` and a JSON list: a forced call opens
-    the list (it opened Hermes' ``<tool_call>``), ``required`` takes several calls
-    separated by commas, and a reply that shows its marker (``skip_special_tokens:
-    false``) is its calls, streamed or not."""
-    script, shim = scripted
-    script.chat_template = MISTRAL_TEMPLATE
-    shim.backend._model_info = None  # ask again
-    try:
-        client = shim.client()
-        script.text = '{"city": "Oslo"}'
-        reply = _forced_weather(client)
-        prompt = bytes(script.prompts[-1]).decode()
-        assert prompt.endswith('[TOOL_CALLS] [{"name": "get_weather", "arguments": ')
-        (call,) = reply.choices[0].message.tool_calls
-        assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
-        script.text = two = (
-            '{"name": "get_time", "arguments": {}}, '
-            '{"name": "get_weather", "arguments": {"city": "Rome"}}]'
-        )
-        options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
-        reply = client.chat.completions.create(**options, tool_choice="required")
-        names = [c.function.name for c in reply.choices[0].message.tool_calls]
-        assert names == ["get_time", "get_weather"]
-        assert bytes(script.prompts[-1]).decode().endswith("[TOOL_CALLS] [")
-        kind, grammar = request_constraint(last_decoding_request(script))
-        assert kind == "lark" and '", "' in grammar and '"]"?' in grammar
-        script.text = "[TOOL_CALLS] [" + two
-        for stream in (False, True):
-            reply = client.chat.completions.create(
-                **options, stream=stream, extra_body={"skip_special_tokens": False}
-            )
-            chunks = list(reply) if stream else []
-            if stream:
-                content = "".join(c.choices[0].delta.content or "" for c in chunks)
-                streamed = [
-                    call.function.name
-                    for c in chunks
-                    for call in c.choices[0].delta.tool_calls or []
-                    if call.function.name
-                ]
-                assert (content, streamed) == ("", names)
-                assert chunks[-1].choices[0].finish_reason == "tool_calls"
-            else:
-                message = reply.choices[0].message
-                assert message.content is None
-                assert [c.function.name for c in message.tool_calls] == names
-    finally:
-        script.chat_template, script.text = "{{ messages }}", "hello"
-        shim.backend._model_info = None
-
-
 def test_json_looking_text_streams_while_tools_are_offered(
     scripted: tuple[Script, RunningShim],
 ) -> None:

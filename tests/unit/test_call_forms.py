@@ -1,7 +1,7 @@
 """The written forms of tool calls beyond Hermes' and Llama 3's bare JSON, and the
 family format read from a chat template, no server: Mistral's ``[TOOL_CALLS]`` list,
 Llama 3.2's ``<|python_tag|>`` (markers a reply shows with ``skip_special_tokens:
-false``).
+false``), DeepSeek-V3's and R1's calls between their markers (and V3.1's).
 
 Oracles: a reply pushed one character at a time gives the calls and text it gives whole;
 exact calls and text; the real templates of ``tests.chat_templates``."""
@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from salience_server.http.reasoning import Reasoning
+from salience_server.http.reply import ParsedReply, ReplyParser
 from salience_server.http.tool_call import TextDelta
 from salience_server.http.tool_format import tool_format
 from salience_server.http.tool_parser import ToolCallParser
@@ -23,9 +25,9 @@ from tests.shim_support import TIME, WEATHER
 NAMES = {"get_weather", "get_time"}
 
 
-def _parse(pieces: list[str]) -> tuple[str, list[tuple[str, Any]]]:
+def _parse(pieces: list[str], max_calls: int | None = None) -> tuple[str, list[tuple[str, Any]]]:
     """(the text, the calls as (name, arguments)) of a reply given in ``pieces``."""
-    parser = ToolCallParser(NAMES)
+    parser = ToolCallParser(NAMES, max_calls)
     events = [event for piece in pieces for event in parser.push(piece)] + parser.finish()
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     return text, [(c.name, json.loads(c.arguments)) for c in parser.calls]
@@ -69,6 +71,8 @@ def test_a_marker_without_a_call_after_it_is_text(reply: str) -> None:
         ("llama31", "llama3_json"),
         ("mistral_v3", "mistral"),
         ("gemma", "hermes"),  # no tool support: the shim describes Hermes' format
+        ("deepseek_r1", "hermes"),  # renders no tools: the shim describes Hermes' format
+        ("deepseek_r1_tools", "deepseek"),
     ],
 )
 def test_the_family_format_of_a_real_template(name: str, format_name: str) -> None:
@@ -84,3 +88,75 @@ def test_a_forced_mistral_call_opens_its_list() -> None:
     assert named.prefix_text() == '[TOOL_CALLS] [{"name": "get_weather", "arguments": '
     assert tool_mode(tools, "required", mistral).prefix_text() == "[TOOL_CALLS] ["
     assert tool_mode(tools, "auto", mistral, parallel_tool_calls=False).stop_strings() == ()
+
+
+def _deepseek_call(name: str, arguments: str) -> str:
+    return (
+        f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n{arguments}\n```"
+        "<｜tool▁call▁end｜>"
+    )
+
+
+DEEPSEEK_TWO_CALLS = (
+    "<｜tool▁calls▁begin｜>"
+    + _deepseek_call("get_weather", '{"city": "Oslo"}')
+    + "\n"
+    + _deepseek_call("get_time", "{}")
+    + "<｜tool▁calls▁end｜>"
+)
+
+
+@pytest.mark.parametrize("before", ["", "Let me look.\n\n"])
+def test_deepseek_calls_are_parsed_as_they_stream(before: str) -> None:
+    reply = before + DEEPSEEK_TWO_CALLS
+    want = (before.strip(), [("get_weather", {"city": "Oslo"}), ("get_time", {})])
+    for pieces in (list(reply), [reply]):
+        text, calls = _parse(pieces)
+        assert (text.strip(), calls) == want
+    assert _parse(list(reply), max_calls=1)[1] == want[1][:1]
+
+
+def test_a_deepseek_v31_call_is_parsed() -> None:
+    reply = (
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Oslo"}'
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+    )
+    assert _parse(list(reply)) == ("", [("get_weather", {"city": "Oslo"})]) == _parse([reply])
+
+
+def test_a_deepseek_reasoning_reply_with_calls() -> None:
+    """R1 thinks first, then calls: the thinking is reasoning, the calls no content."""
+    tools = tool_mode(chat_tools([WEATHER, TIME]), "auto")
+    reply = "<think>\nThe user wants Oslo.\n</think>\n\n" + DEEPSEEK_TWO_CALLS
+    for pieces in (list(reply), [reply]):
+        parser = ReplyParser.for_request(tools, None, Reasoning(is_reasoning=True))
+        parsed = ParsedReply.of(parser, pieces)
+        assert (parsed.reasoning, parsed.content) == ("The user wants Oslo.\n", "")
+        assert [c.name for c in parsed.calls] == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "<｜tool▁calls▁begin｜>no call",
+        "<｜tool▁call▁begin｜>function<｜tool▁sep｜>launch\n```json\n{}\n```",
+    ],
+)
+def test_a_deepseek_marker_without_a_declared_call_is_text(reply: str) -> None:
+    assert _parse(list(reply)) == (reply, []) == _parse([reply])
+
+
+def test_a_forced_deepseek_call_opens_as_the_family_writes_it() -> None:
+    tools = chat_tools([WEATHER, TIME])
+    deepseek = tool_format(FAMILIES["deepseek_r1_tools"].template)
+    named = tool_mode(tools, {"type": "function", "name": "get_weather"}, deepseek)
+    opening = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"
+    assert named.prefix_text() == opening + "get_weather\n```json\n"
+    required = tool_mode(tools, "required", deepseek)
+    assert required.prefix_text() == opening
+    parser = required.parser()
+    parser.push("get_time\n```json\n{}")
+    parser.finish()
+    assert [(c.name, c.arguments, c.is_complete) for c in parser.calls] == [
+        ("get_time", "{}", True)
+    ]

@@ -14,9 +14,9 @@ from salience_server.engine.constraints import (
     apply_bitmasks,
 )
 from salience_server.engine.errors import SalienceError
-from salience_server.http.tool_format import HERMES, MISTRAL
+from salience_server.http.tool_format import DEEPSEEK, HERMES, MISTRAL
 from salience_server.http.tools import MAX_FORCED_CALLS, chat_tools, tool_mode
-from tests.shim_support import WEATHER
+from tests.shim_support import TIME, WEATHER
 from tests.tiny_models import build_tokenizer
 
 
@@ -150,6 +150,20 @@ def test_a_required_tool_call_may_be_several_calls_when_parallel(compiler, famil
     # One call only where parallel calls are off.
     single = tool_mode(tools, "required", parallel_tool_calls=False).constraint()
     assert single is not None and single[0] == "json_schema"
+
+
+def test_a_required_deepseek_call_is_a_declared_name_and_its_arguments(compiler) -> None:
+    """DeepSeek's calls write the name outside the JSON: one call of a declared function,
+    its name as the format writes it, then arguments of that function's schema."""
+    tools = chat_tools([WEATHER, TIME])
+    kind, grammar = tool_mode(tools, "required", DEEPSEEK).constraint() or ("", "")
+    assert kind == "lark"
+    spec = ConstraintSpec(kind, str(grammar))
+    assert _walk(compiler, spec, 'get_weather\n```json\n{"city": "Rome"}')
+    assert _walk(compiler, spec, "get_time\n```json\n{}")
+    for broken in ('get_weather\n```json\n{"town": "Rome"}', "launch\n```json\n{}"):
+        with pytest.raises(AssertionError, match="was masked"):
+            _walk(compiler, spec, broken)
 
 
 def test_a_mask_allows_a_token_below_the_vocabulary_or_not() -> None:

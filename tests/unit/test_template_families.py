@@ -271,7 +271,8 @@ def _call_turn_ids(family: Family, tokenizer: Any) -> list[int]:
     """The token ids of an assistant turn calling get_weather(city="Rome") as the
     template writes it: its rendering past the prompt's, less the end of sequence."""
     user = [{"role": "user", "content": "Weather in Rome?"}]
-    arguments = ROME if family.name != "deepseek_r1" else '{"city": "Rome"}'  # it joins text
+    deepseek = family.name.startswith("deepseek")
+    arguments = '{"city": "Rome"}' if deepseek else ROME  # DeepSeek's joins them as text
     function = {"name": "get_weather", "arguments": arguments}
     call = {"id": "abc123def", "type": "function", "function": function}
     turn = {"role": "assistant", "content": "", "tool_calls": [call]}
@@ -287,15 +288,26 @@ def _parsed(family: Family, pieces: list[str]) -> ParsedReply:
     return ParsedReply.of(ReplyParser.for_request(tools, None, Reasoning()), pieces)
 
 
-@pytest.mark.parametrize("skip_special_tokens", [True, False])
-@pytest.mark.parametrize("name", ["mistral_v3", "llama31", "llama32_python_tag"])
+@pytest.mark.parametrize(
+    "name, skip_special_tokens",
+    [
+        *[
+            (name, skip)
+            for name in ("mistral_v3", "llama31", "llama32_python_tag")
+            for skip in (True, False)
+        ],
+        ("deepseek_r1", False),
+    ],
+)
 def test_a_call_as_the_template_writes_it_is_parsed_back(
     name: str, skip_special_tokens: bool
 ) -> None:
     """Mistral's ``[TOOL_CALLS]`` and Llama's ``<|python_tag|>`` are special tokens: a
     reply decoded with ``skip_special_tokens: false`` shows them, and was content with
-    no call (it parsed only because they were skipped). Streamed a token at a time or
-    whole, the reply is the call, and nothing of its markup is content."""
+    no call (it parsed only because they were skipped). DeepSeek's calls, between its
+    markers, were never parsed (its markers are special tokens here: skipped, nothing
+    tells where a name ends). Streamed a token at a time or whole, the reply is the
+    call, and nothing of its markup is content."""
     family = FAMILIES[name.removesuffix("_python_tag").replace("llama32", "llama31")]
     tokenizer = _tokenizer(family)
     if name == "llama32_python_tag":  # Llama 3.2's own calls open with the tag
@@ -312,11 +324,11 @@ def test_a_call_as_the_template_writes_it_is_parsed_back(
 
 
 @pytest.mark.parametrize("choice", ["named", "required"])
-@pytest.mark.parametrize("name", ["llama31", "qwen25", "mistral_v3"])
+@pytest.mark.parametrize("name", ["llama31", "qwen25", "mistral_v3", "deepseek_r1_tools"])
 def test_a_forced_call_opens_as_the_family_writes_its_calls(name: str, choice: str) -> None:
     """The opening of a forced call is, token for token, how the template writes a call
     in an assistant turn, and the rest of that turn parses as the call. Mistral v0.3's
-    opened with Hermes' ``<tool_call>``, which it never writes."""
+    and DeepSeek's opened with Hermes' ``<tool_call>``, which they never write."""
     family = FAMILIES[name]
     tokenizer = _tokenizer(family)
     tool_choice = {"type": "function", "name": "get_weather"} if choice == "named" else choice

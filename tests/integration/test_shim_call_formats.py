@@ -1,0 +1,134 @@
+"""Tool-call formats of the families beyond Hermes' and Llama 3's, through the shim:
+the opening a forced call is given in the prompt, the constraint of ``required``, and
+replies in the family's own markup (as ``skip_special_tokens: false`` shows it),
+streamed or not.
+
+Oracle: the requests a scripted server recorded, and the replies it was scripted to give.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.chat_templates import DEEPSEEK_R1_TOOLS
+from tests.shim_support import (
+    HELLO,
+    TIME,
+    WEATHER,
+    RunningShim,
+    Script,
+    last_decoding_request,
+    request_constraint,
+)
+
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def _streamed(chunks: list[Any]) -> tuple[str, list[str], list[str], str | None]:
+    """(content, reasoning, the names of the calls, the finish reason) of a stream."""
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    content = "".join(d.content or "" for d in deltas)
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    names = [c.function.name for d in deltas for c in d.tool_calls or [] if c.function.name]
+    return content, reasoning, names, chunks[-1].choices[0].finish_reason
+
+
+MISTRAL_TEMPLATE = "{{ messages }}{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]"
+
+
+def test_a_mistral_template_gets_its_own_call_format(scripted: tuple[Script, RunningShim]) -> None:
+    """Mistral v0.3's calls are ``[TOOL_CALLS]`` and a JSON list: a forced call opens
+    the list (it opened Hermes' ``<tool_call>``), ``required`` takes several calls
+    separated by commas, and a reply that shows its marker (``skip_special_tokens:
+    false``) is its calls, streamed or not."""
+    script, shim = scripted
+    script.chat_template = MISTRAL_TEMPLATE
+    shim.backend._model_info = None  # ask again
+    try:
+        client = shim.client()
+        options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
+        script.text = '{"city": "Oslo"}'
+        reply = client.chat.completions.create(**options, tool_choice=NAMED)
+        prompt = bytes(script.prompts[-1]).decode()
+        assert prompt.endswith('[TOOL_CALLS] [{"name": "get_weather", "arguments": ')
+        (call,) = reply.choices[0].message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
+        script.text = two = (
+            '{"name": "get_time", "arguments": {}}, '
+            '{"name": "get_weather", "arguments": {"city": "Rome"}}]'
+        )
+        reply = client.chat.completions.create(**options, tool_choice="required")
+        names = [c.function.name for c in reply.choices[0].message.tool_calls]
+        assert names == ["get_time", "get_weather"]
+        assert bytes(script.prompts[-1]).decode().endswith("[TOOL_CALLS] [")
+        kind, grammar = request_constraint(last_decoding_request(script))
+        assert kind == "lark" and '", "' in grammar and '"]"?' in grammar
+        script.text = "[TOOL_CALLS] [" + two
+        for stream in (False, True):
+            reply = client.chat.completions.create(
+                **options, stream=stream, extra_body={"skip_special_tokens": False}
+            )
+            if stream:
+                assert _streamed(list(reply)) == ("", "", names, "tool_calls")
+            else:
+                message = reply.choices[0].message
+                assert message.content is None
+                assert [c.function.name for c in message.tool_calls] == names
+    finally:
+        script.chat_template, script.text = "{{ messages }}", "hello"
+        shim.backend._model_info = None
+
+
+DEEPSEEK_CALLS = (
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n{}\n```"
+    "<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+    '{"city": "Rome"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+)
+
+
+def test_a_deepseek_template_gets_its_own_call_format(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """DeepSeek-R1's calls (its template given the tools to render): a forced call opens
+    with its markers and the function's name (it opened Hermes' ``<tool_call>``), and a
+    reply that thinks, then calls, is reasoning and calls, streamed or not (its calls
+    were content)."""
+    script, shim = scripted
+    script.chat_template = DEEPSEEK_R1_TOOLS
+    shim.backend._model_info = None  # ask again
+    try:
+        client = shim.client()
+        options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
+        script.text = '{"city": "Oslo"}'
+        reply = client.chat.completions.create(**options, tool_choice=NAMED)
+        opening = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"
+        assert bytes(script.prompts[-1]).decode().endswith(opening + "get_weather\n```json\n")
+        (call,) = reply.choices[0].message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
+        script.text = "get_time\n```json\n{}"
+        reply = client.chat.completions.create(**options, tool_choice="required")
+        assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_time"]
+        assert bytes(script.prompts[-1]).decode().endswith(opening)
+        kind, grammar = request_constraint(last_decoding_request(script))
+        assert kind == "lark" and grammar.startswith("start: call_0 | call_1\n")
+        script.generation_prompt = "<think>\n"  # R1's: the reply starts in its thinking
+        script.text = "Rome, then the time.\n</think>\n\n" + DEEPSEEK_CALLS
+        want = ("", "Rome, then the time.\n", ["get_time", "get_weather"], "tool_calls")
+        for stream in (False, True):
+            reply = client.chat.completions.create(
+                **options, stream=stream, extra_body={"skip_special_tokens": False}
+            )
+            if stream:
+                assert _streamed(list(reply)) == want
+            else:
+                (choice,) = reply.choices
+                message = choice.message
+                calls = [c.function.name for c in message.tool_calls]
+                reasoning = getattr(message, "reasoning_content", None)
+                assert (message.content, reasoning, calls, choice.finish_reason) == (
+                    None,
+                    *want[1:],
+                )
+    finally:
+        script.chat_template, script.text, script.generation_prompt = "{{ messages }}", "hello", ""
+        shim.backend._model_info = None
