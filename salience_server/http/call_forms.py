@@ -36,7 +36,9 @@ DEEPSEEK_CALL_BEGIN = "<｜tool▁call▁begin｜>"
 DEEPSEEK_SEP = "<｜tool▁sep｜>"
 DEEPSEEK_CALL_END = "<｜tool▁call▁end｜>"
 DEEPSEEK_CALLS_END = "<｜tool▁calls▁end｜>"
-MARKERS = (TOOL_CALL_OPEN, MISTRAL_CALLS, PYTHON_TAG, DEEPSEEK_CALLS_BEGIN, DEEPSEEK_CALL_BEGIN)
+JSON_MARKERS = (MISTRAL_CALLS, PYTHON_TAG)
+"""Markers that a JSON value of calls follows: a call object, or a list of them."""
+MARKERS = (TOOL_CALL_OPEN, *JSON_MARKERS, DEEPSEEK_CALLS_BEGIN, DEEPSEEK_CALL_BEGIN)
 """Text that opens calls wherever it stands in a reply."""
 BETWEEN_CALLS = (TOOL_CALL_CLOSE, DEEPSEEK_CALL_END, DEEPSEEK_CALLS_END, "```", "]", ";", ",")
 """What may stand between (or after) calls and is not text: closing tags and fences,
@@ -64,7 +66,7 @@ def call_openings(names: set[str], allow_bare: bool) -> list[Opening]:
         for key, spelled in itertools.product(ARGUMENT_KEYS, spellings(name)):
             call = f'{{"name":{spelled},"{key}":'
             openings.append(Opening(TOOL_CALL_OPEN + call, name))
-            for marker in (MISTRAL_CALLS, PYTHON_TAG):
+            for marker in JSON_MARKERS:
                 openings += [Opening(marker + call, name), Opening(marker + "[" + call, name)]
             if allow_bare:
                 for fence in ("", *FENCES):

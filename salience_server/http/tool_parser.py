@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from salience_server.http.call_forms import (
     BETWEEN_CALLS,
+    JSON_MARKERS,
     MARKERS,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
@@ -35,7 +36,7 @@ from salience_server.http.tool_call import (
 )
 from salience_server.text_checks import load_json
 
-_State = Literal["text", "opening", "tag", "arguments", "rest", "after", "ignore"]
+_State = Literal["text", "opening", "tag", "marked", "arguments", "rest", "after", "ignore"]
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ToolCallParser:
             "text": self._text,
             "opening": self._opening,
             "tag": self._tag,
+            "marked": self._marked,
             "arguments": self._arguments_value,
             "rest": self._rest_of_call,
             "after": self._after_call,
@@ -146,11 +148,43 @@ class ToolCallParser:
             if len(named) == 1:  # the reply ended after the call's name: a cut call
                 self._buffer = ""
                 return self._open(named.pop())
-        # Not a call in the streamable form.
-        self._state = "tag" if self._buffer.startswith(TOOL_CALL_OPEN) else "text"
-        marker = next((m for m in MARKERS[1:] if self._buffer.startswith(m)), "")
-        self._buffer = self._buffer[len(marker) :]  # no call after it: text
+        # Not a call in the streamable form: parsed whole, or text.
+        if self._buffer.startswith(TOOL_CALL_OPEN):
+            self._state = "tag"
+        elif self._buffer.startswith(JSON_MARKERS):
+            self._state = "marked"
+        else:
+            self._state = "text"
+            return self._marker_as_text()
+        return []
+
+    def _marker_as_text(self) -> list[ParsedEvent]:
+        """The marker the buffer starts with (if any) is text: no call follows it."""
+        marker = next((m for m in MARKERS if self._buffer.startswith(m)), "")
+        self._buffer = self._buffer[len(marker) :]
         return [TextDelta(marker)] if marker else []
+
+    def _marked(self, is_final: bool) -> list[ParsedEvent]:
+        """``[TOOL_CALLS]`` or ``<|python_tag|>`` before JSON not in the streamable form
+        (keys in another order, say): parsed whole once its value closes; the marker is
+        text if no calls follow it."""
+        marker = next(m for m in JSON_MARKERS if self._buffer.startswith(m))
+        value = self._buffer[len(marker) :].lstrip()
+        end = _value_end(value)
+        if end is None and not is_final:
+            return []
+        calls = _calls_from_json(value[:end], self.names) if end else []
+        if not calls:
+            self._state = "text"
+            return self._marker_as_text()
+        self._buffer, events = value[end:], []
+        for call in calls:
+            events += self._open(call.name)
+            if self._state == "ignore":
+                return events
+            events += [*self._arguments(call.arguments), CallClosed(len(self.calls) - 1)]
+        self._state = "after"
+        return events
 
     def _tag(self, is_final: bool) -> list[ParsedEvent]:
         """A ``<tool_call>`` whose content is not in the streamable form (keys in another
@@ -280,12 +314,40 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-def _call_from_json(text: str, names: set[str]) -> ToolCall | None:
-    """A ToolCall from JSON text of an object naming a declared tool, else None."""
+def _value_end(text: str) -> int | None:
+    """The index just after the JSON object or list ``text`` opens with; 0 where it
+    opens none, None where it has not closed yet."""
+    if not text.startswith(("{", "[")):
+        return 0
+    scanner = JsonDepth()
+    for position, char in enumerate(text):
+        scanner.feed(char)
+        if scanner.depth == 0:
+            return position + 1
+    return None
+
+
+def _calls_from_json(text: str, names: set[str]) -> list[ToolCall]:
+    """The calls of JSON text of a call object or a list of them, each naming a declared
+    tool; none where anything else is in it."""
     try:
         value: Any = load_json(text)
     except ValueError:
+        return []
+    calls = [_call_of(item, names) for item in (value if isinstance(value, list) else [value])]
+    return [call for call in calls if call is not None] if all(calls) else []
+
+
+def _call_from_json(text: str, names: set[str]) -> ToolCall | None:
+    """A ToolCall from JSON text of an object naming a declared tool, else None."""
+    try:
+        return _call_of(load_json(text), names)
+    except ValueError:
         return None
+
+
+def _call_of(value: Any, names: set[str]) -> ToolCall | None:
+    """A ToolCall from a JSON object naming a declared tool, else None."""
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
     arguments = value.get("arguments", value.get("parameters", {}))

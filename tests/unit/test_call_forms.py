@@ -56,8 +56,27 @@ def test_a_mistral_list_of_calls_is_every_call() -> None:
     assert _parse(list(reply)) == ("", [("get_time", {}), ("get_weather", {"city": "Oslo"})])
 
 
+def test_calls_after_a_marker_in_another_key_order_are_parsed_whole() -> None:
+    """Not the streamable form (the name after the arguments): the calls come once the
+    JSON after the marker closes (it was text)."""
+    reply = '[TOOL_CALLS] [{"arguments": {}, "name": "get_time"}, '
+    reply += '{"arguments": {"city": "Oslo"}, "name": "get_weather"}] Done.'
+    want = ("Done.", [("get_time", {}), ("get_weather", {"city": "Oslo"})])
+    assert _parse(list(reply)) == want == _parse([reply])
+    assert _parse(list(reply), max_calls=1) == ("", want[1][:1])
+    tagged = '<|python_tag|>{"parameters": {"city": "Oslo"}, "name": "get_weather"}'
+    assert _parse(list(tagged)) == ("", [("get_weather", {"city": "Oslo"})])
+
+
 @pytest.mark.parametrize(
-    "reply", ["[TOOL_CALLS] no call", 'Hi <|python_tag|>{"name": "launch"}', "a [TOOL_CALL"]
+    "reply",
+    [
+        "[TOOL_CALLS] no call",
+        'Hi <|python_tag|>{"name": "launch"}',
+        "a [TOOL_CALL",
+        '[TOOL_CALLS] [{"arguments": {}, "name": "get_time"}, 3]',
+        '[TOOL_CALLS] [{"arguments": {}, "na',
+    ],
 )
 def test_a_marker_without_a_call_after_it_is_text(reply: str) -> None:
     assert _parse(list(reply)) == (reply, []) == _parse([reply])
