@@ -15,6 +15,7 @@ from tests.shim_support import (
     HELLO,
     TIME,
     WEATHER,
+    WEATHER_PARAMETERS,
     RunningShim,
     Script,
     last_decoding_request,
@@ -38,7 +39,7 @@ MISTRAL_TEMPLATE = "{{ messages }}{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% e
 
 def test_a_mistral_template_gets_its_own_call_format(scripted: tuple[Script, RunningShim]) -> None:
     """Mistral v0.3's calls are ``[TOOL_CALLS]`` and a JSON list: a forced call opens
-    the list (it opened Hermes' ``<tool_call>``), ``required`` takes several calls
+    the list (it opened Hermes' ``<tool_call>``), in either API, ``required`` takes several calls
     separated by commas, and a reply that shows its marker (``skip_special_tokens:
     false``) is its calls, streamed or not."""
     script, shim = scripted
@@ -53,6 +54,16 @@ def test_a_mistral_template_gets_its_own_call_format(scripted: tuple[Script, Run
         assert prompt.endswith('[TOOL_CALLS] [{"name": "get_weather", "arguments": ')
         (call,) = reply.choices[0].message.tool_calls
         assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
+        response = client.responses.create(  # Responses' form of the same
+            model="scripted",
+            input="Weather?",
+            tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}],
+            tool_choice={"type": "function", "name": "get_weather"},
+        )
+        assert [(o.type, o.arguments) for o in response.output] == [
+            ("function_call", '{"city": "Oslo"}')
+        ]
+        assert bytes(script.prompts[-1]).decode().endswith(prompt[prompt.rindex("[TOOL_CALLS]") :])
         script.text = two = (
             '{"name": "get_time", "arguments": {}}, '
             '{"name": "get_weather", "arguments": {"city": "Rome"}}]'
