@@ -2,9 +2,10 @@
 model's family.
 
 Calls are parsed out of the model's text by ``tool_parser``. The format a family's chat
-template teaches (``tool_format``) decides how a call is forced. ``required`` starts the assistant's turn with the call's
-opening and constrains the rest to a JSON schema over the declared tools; a named
-function also writes the name, and constrains the arguments to its parameters' schema.
+template teaches (``tool_format``) decides how a call is forced: ``required`` starts the
+assistant's turn with the format's opening and constrains the rest to calls of the
+declared tools; a named function also writes the call's head (its name), and constrains
+the arguments to its parameters' schema.
 """
 
 from __future__ import annotations
@@ -99,10 +100,10 @@ class ToolMode:
     def constraint(self) -> Constraint | None:
         """What a forced call's text after ``prefix_text`` must be: the named function's
         arguments; for ``required``, one call of any declared function (a call object,
-        or the name and arguments of DeepSeek's format), or, where
-        parallel calls are allowed and the format writes several, up to
-        ``MAX_FORCED_CALLS`` of them, separated and closed in the family's markup (a
-        Lark grammar whose calls are JSON Schema rules)."""
+        or the name and arguments of DeepSeek's format), or, where parallel calls are
+        allowed and the format writes several, up to ``MAX_FORCED_CALLS`` of them,
+        separated and closed in the family's markup (a Lark grammar whose calls are JSON
+        Schema rules)."""
         if self.choice == "named" and self.forced_name is not None:
             return "json_schema", json.dumps(self.parameters(self.forced_name))
         if self.choice != "required":
