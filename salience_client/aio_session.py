@@ -13,7 +13,7 @@ import grpc
 
 from salience_client.aio_session_calls import AsyncSessionCalls
 from salience_client.closing import CLIENT_CLOSED, closed_client_calls
-from salience_client.failover import Attempts, time_left_s
+from salience_client.failover import Attempts, fork_fell_short, time_left_s
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -255,15 +255,20 @@ class AsyncSession(AsyncSessionCalls):
             try:
                 response = await self._unary(self._stub.ForkSession, request)
                 made = response.session_id or child_id
+                short = None
                 if not self._forked_mid_replay(response.length, attempts):
-                    return self._child(made, response.length)
+                    short = fork_fell_short(self.session_id, response.length, self.length)
+                    if short is None:
+                        return self._child(made, response.length)
                 with contextlib.suppress(SalienceClientError):
                     close = pb.CloseSessionRequest(session_id=made)
                     await self._unary(self._stub.CloseSession, close)
                 closed_partial = True
-                async with self._replay_lock:  # until the replay is done
-                    attempts.replays_seen = self.num_replays
-                continue
+                if short is None:
+                    async with self._replay_lock:  # until the replay is done
+                        attempts.replays_seen = self.num_replays
+                    continue
+                failure = short
             except SalienceClientError as error:
                 is_taken = error.code == grpc.StatusCode.ALREADY_EXISTS
                 if is_taken and attempts.num_retries and not closed_partial:

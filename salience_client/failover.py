@@ -183,6 +183,23 @@ def is_refusal(error: SalienceClientError) -> bool:
     return error.code in _REFUSALS
 
 
+def fork_fell_short(session_id: str, copied: int, holds: int) -> SalienceClientError | None:
+    """The error to recover from when a fork copied fewer positions than the session
+    holds (no replay of it under way): the server's copy is part-built, a replay cut off
+    after it opened the session (its caller cancelled), or stale. None when it copied
+    them all. The fork is closed, the session rebuilt from its history (as
+    OFFSET_MISMATCH naming a shorter length has it) and forked again: a child taken to
+    hold what was copied failed its next call past that length."""
+    if copied >= holds:
+        return None
+    return SalienceClientError(
+        grpc.StatusCode.ABORTED,
+        "OFFSET_MISMATCH",
+        f"a fork of session {session_id!r} copied {copied} positions; it holds {holds}",
+        session_length=copied,
+    )
+
+
 def replay_failed(
     session_id: str, error: SalienceClientError, attempts: int
 ) -> SalienceClientError:

@@ -15,7 +15,7 @@ from typing import Unpack
 import grpc
 
 from salience_client.closing import CLIENT_CLOSED
-from salience_client.failover import Attempts, time_left_s
+from salience_client.failover import Attempts, fork_fell_short, time_left_s
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -268,14 +268,19 @@ class Session(SessionCalls):
             try:
                 response = self._unary(self._stub.ForkSession, request)
                 made = response.session_id or child_id
+                short = None
                 if not self._forked_mid_replay(response.length, attempts):
-                    return self._child(made, response.length)
+                    short = fork_fell_short(self.session_id, response.length, self.length)
+                    if short is None:
+                        return self._child(made, response.length)
                 with contextlib.suppress(SalienceClientError):
                     self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=made))
                 closed_partial = True
-                with self._replay_lock:  # until the replay is done
-                    attempts.replays_seen = self.num_replays
-                continue
+                if short is None:
+                    with self._replay_lock:  # until the replay is done
+                        attempts.replays_seen = self.num_replays
+                    continue
+                failure = short
             except SalienceClientError as error:
                 is_taken = error.code == grpc.StatusCode.ALREADY_EXISTS
                 if is_taken and attempts.num_retries and not closed_partial:

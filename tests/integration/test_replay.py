@@ -218,6 +218,35 @@ def test_a_server_copy_shorter_than_the_history_is_replayed_not_believed(
     asyncio.run(asynchronous())
 
 
+def test_a_fork_of_a_server_copy_shorter_than_the_history_rebuilds_it_first(
+    llama_server: RunningServer,
+) -> None:
+    """A replay cut off after it opened the session (its caller cancelled) leaves the
+    server's copy part-built. A fork of it copied what was there and the child was taken
+    to hold that, so its next call past it failed OFFSET_MISMATCH (the shim's pooled
+    forks answered 409). The fork rebuilds the parent from its history first."""
+    tokens = random_tokens(20, 0)
+    with SalienceClient(llama_server.target, timeout=30) as client:
+        parent = client.open_session()
+        parent.prefill(tokens)
+        _cut_behind_the_clients_back(llama_server, parent.session_id, 0)
+        child = parent.fork()
+        assert parent.num_replays == 1 and parent.info().length == 20
+        assert child.length == child.info().length == 20
+        assert isinstance(list(child.generate([5], truncate_to=12, max_tokens=0))[-1], Done)
+
+    async def asynchronous() -> None:
+        async with AsyncSalienceClient(llama_server.target, timeout=30) as client:
+            parent = await client.open_session()
+            await parent.prefill(tokens)
+            _cut_behind_the_clients_back(llama_server, parent.session_id, 5)
+            child = await parent.fork()
+            assert parent.num_replays == 1 and (await parent.info()).length == 20
+            assert child.length == (await child.info()).length == 20
+
+    asyncio.run(asynchronous())
+
+
 def test_a_handle_without_the_history_takes_the_shorter_servers_length(
     llama_server: RunningServer,
 ) -> None:
