@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
         help="bytes of images the stored responses may keep (older responses go first)",
     )
     parser.add_argument(
+        "--max-stored-tokens",
+        type=int,
+        default=4 << 20,
+        help="token ids the stored responses may keep, each its whole conversation's "
+        "(older responses go first; about 36 bytes each)",
+    )
+    parser.add_argument(
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs"
     )
     add_cors_argument(parser)
@@ -84,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
             max_pooled_sessions=args.max_pooled_sessions,
             max_stored_responses=args.max_stored_responses,
             max_stored_image_bytes=args.max_stored_image_bytes,
+            max_stored_tokens=args.max_stored_tokens,
             keepalive_s=args.keepalive_s,
             grace_s=args.grace_s,
             log_level=args.log_level,

@@ -76,7 +76,9 @@ class Backend:
         )
         self.pool = SessionPool(self.client, config.max_pooled_sessions)
         self.token_texts = TokenTexts(self.client)
-        self.responses = ResponseStore(config.max_stored_responses, config.max_stored_image_bytes)
+        self.responses = ResponseStore(
+            config.max_stored_responses, config.max_stored_image_bytes, config.max_stored_tokens
+        )
         self.created = int(time.time())
         self._model_info: ModelInfo | None = None
         self._facts: dict[str, Any] = {}

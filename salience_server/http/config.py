@@ -30,6 +30,9 @@ class ShimConfig:
     """Responses kept for ``previous_response_id``; older ones are forgotten (404)."""
     max_stored_image_bytes: int = 256 << 20
     """Bytes of images those responses may keep (older ones are forgotten first)."""
+    max_stored_tokens: int = 4 << 20
+    """Token ids those responses may keep, each its whole conversation's (older ones are
+    forgotten first): about 36 bytes each in the shim's memory."""
     rpc_timeout_s: float = 30.0
     """Bound on every unary gRPC call (streams are not bounded)."""
     log_level: str = "info"
@@ -70,8 +73,8 @@ class ShimConfig:
             raise ValueError("target must be host:port of a Salience server")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
-        if self.max_stored_image_bytes < 0:
-            raise ValueError("max_stored_image_bytes must not be negative")
+        if self.max_stored_image_bytes < 0 or self.max_stored_tokens < 0:
+            raise ValueError("max_stored_image_bytes and max_stored_tokens must not be negative")
         if self.max_pooled_sessions < 1 or self.max_stored_responses < 0:
             raise ValueError("max_pooled_sessions must be positive, max_stored_responses >= 0")
         if self.rpc_timeout_s <= 0:

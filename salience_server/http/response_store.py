@@ -5,9 +5,11 @@ and the exact tokens its session holds, so that a chained request continues that
 session: it appends only the new input. A streamed response is stored from its start
 (``in_progress``) and replaced as it ends, ``failed`` and ``cancelled`` (its client
 went away) included, so that its id, once sent, can be read back. The store is
-bounded in responses and in the bytes of the images they keep (a chained request
-appends them to a session made again); the least recently used responses are forgotten
-first, after which their ids give 404.
+bounded in responses, in the token ids they keep (each holds its whole conversation's:
+a long-context model's responses took ~36 bytes a token, GBs at 1,024 of them), and in
+the bytes of the images they keep (a chained request appends them to a session made
+again); the least recently used responses are forgotten first, after which their ids
+give 404.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class StoredResponse:
     """Every image of the conversation, in order."""
 
     @property
+    def num_tokens(self) -> int:
+        """The token ids it keeps."""
+        return len(self.rendered_ids) + len(self.session_ids)
+
+    @property
     def can_continue(self) -> bool:
         """A finished response (completed, or cut by ``max_output_tokens``) can be
         continued; one still streaming, failed or cancelled is kept only to be read."""
@@ -50,14 +57,18 @@ CONTINUABLE = ("completed", "incomplete")
 
 
 class ResponseStore:
-    """Response id to StoredResponse, least recently used forgotten beyond ``max_responses``
-    or ``max_image_bytes`` of images (an image a chain shares counted once); the one
-    just stored is kept whatever its images take."""
+    """Response id to StoredResponse, least recently used forgotten beyond ``max_responses``,
+    ``max_tokens`` token ids or ``max_image_bytes`` of images (an image a chain shares
+    counted once); the one just stored is kept whatever it takes."""
 
-    def __init__(self, max_responses: int, max_image_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, max_responses: int, max_image_bytes: int = 256 << 20, max_tokens: int = 4 << 20
+    ) -> None:
         self.max_responses = max_responses
         self.max_image_bytes = max_image_bytes
+        self.max_tokens = max_tokens
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._num_tokens = 0
         self._images: dict[int, list[int]] = {}
         """id of an image's bytes -> [their length, the responses keeping them]."""
         self._image_bytes = 0
@@ -74,11 +85,17 @@ class ResponseStore:
             return
         self.delete(response_id)
         self._responses[response_id] = stored
-        self._count_images(stored, 1)
+        self._count_in(stored, 1)
         while len(self._responses) > self.max_responses:
             self._forget_oldest()
-        while len(self._responses) > 1 and self._image_bytes > self.max_image_bytes:
+        while len(self._responses) > 1 and (
+            self._image_bytes > self.max_image_bytes or self._num_tokens > self.max_tokens
+        ):
             self._forget_oldest()
+
+    def num_tokens(self) -> int:
+        """The token ids kept."""
+        return self._num_tokens
 
     def image_bytes(self) -> int:
         """The bytes of the images kept, each image once."""
@@ -96,12 +113,17 @@ class ResponseStore:
         stored = self._responses.pop(response_id, None)
         if stored is None:
             return False
-        self._count_images(stored, -1)
+        self._count_in(stored, -1)
         return True
 
     def _forget_oldest(self) -> None:
         _, stored = self._responses.popitem(last=False)
-        self._count_images(stored, -1)
+        self._count_in(stored, -1)
+
+    def _count_in(self, stored: StoredResponse, change: int) -> None:
+        """Counts ``stored``'s tokens and images in (``change`` 1) or out (-1)."""
+        self._num_tokens += change * stored.num_tokens
+        self._count_images(stored, change)
 
     def _count_images(self, stored: StoredResponse, change: int) -> None:
         """Counts ``stored``'s images in (``change`` 1) or out (-1), each image once."""

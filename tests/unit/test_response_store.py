@@ -1,4 +1,4 @@
-"""The Responses store's bounds: responses, and the bytes of the images they keep."""
+"""The Responses store's bounds: responses, their token ids, and the bytes of their images."""
 
 from __future__ import annotations
 
@@ -43,3 +43,28 @@ def test_a_long_chain_of_images_is_bounded_at_no_great_cost() -> None:
     # The chain's older responses free nothing (its newest holds their images): all go.
     assert (len(store), store.image_bytes()) == (1, 70 << 20)
     assert store.delete("big") and (len(store), store.image_bytes()) == (0, 0)
+
+
+def test_token_ids_are_bounded() -> None:
+    """Each stored response keeps its whole conversation's token ids (twice: as rendered,
+    and as its session holds them): bounded by count alone, 1,024 responses of a
+    long-context model's conversations took GBs. The oldest go first past the token
+    bound; the one just stored is kept whatever it holds; a DELETE gives its back."""
+    store = ResponseStore(max_responses=100, max_tokens=250)
+
+    def with_tokens(response_id: str, count: int) -> StoredResponse:
+        half = list(range(1000, 1000 + count // 2))
+        return StoredResponse(
+            {"id": response_id, "status": "completed"}, rendered_ids=half, session_ids=half
+        )
+
+    store.put(with_tokens("r1", 100))
+    store.put(with_tokens("r2", 100))
+    assert (len(store), store.num_tokens()) == (2, 200)
+    store.put(with_tokens("r3", 100))  # 300 > 250: r1 goes
+    assert store.get("r1") is None and store.num_tokens() == 200
+    store.put(with_tokens("r2", 40), replacing=True)  # a stream ending: counted anew
+    assert (len(store), store.num_tokens()) == (2, 140)
+    store.put(with_tokens("big", 1000))
+    assert len(store) == 1 and store.get("big") is not None and store.num_tokens() == 1000
+    assert store.delete("big") and store.num_tokens() == 0
