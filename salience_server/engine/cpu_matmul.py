@@ -258,7 +258,7 @@ def prepack_linears(
     count = 0
     for module in model.modules():
         if (
-            isinstance(module, torch.nn.Linear)
+            layer_timing.is_plain_linear(module)
             and module.weight is not None
             and module.weight.dtype == dtype
             and not module.weight.is_mkldnn
@@ -290,7 +290,7 @@ def narrow_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return sum(
         module.weight.numel() * module.weight.element_size()
         for module in model.modules()
-        if isinstance(module, torch.nn.Linear)
+        if layer_timing.is_plain_linear(module)
         and module.weight is not None
         and module.weight.dtype == dtype
         and not module.weight.is_mkldnn
@@ -353,7 +353,7 @@ def upcast_wide_products(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         if (
-            isinstance(module, torch.nn.Linear)
+            layer_timing.is_plain_linear(module)
             and module.weight is not None
             and module.weight.dtype in _16_BIT
         ):
@@ -382,13 +382,14 @@ def compute_in_float32(model: torch.nn.Module) -> None:
     Linear layers and embeddings (norm weights, rotary tables, a vision tower's patch
     convolution), so that every operator after the embedding computes in float32.
     Linear and embedding weights keep their 16-bit storage: Linear layers take float32
-    inputs on either CPU path (``fp16_gemm.pack_linears``, ``upcast_wide_products``)."""
+    inputs on either CPU path (``fp16_gemm.pack_linears``, ``upcast_wide_products``).
+    A Linear subclass with its own forward, which neither path takes, is widened."""
 
     def widen(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.float() if tensor.dtype in _16_BIT else tensor
 
     for module in model.modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        if not (layer_timing.is_plain_linear(module) or isinstance(module, torch.nn.Embedding)):
             module._apply(widen, recurse=False)
     embedding = model.get_input_embeddings()  # type: ignore[operator]
     embedding.register_forward_hook(lambda module, inputs, output: widen(output))

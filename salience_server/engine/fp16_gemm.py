@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from salience_server.engine.layer_timing import is_plain_linear
+
 _16_BIT = (torch.bfloat16, torch.float16)
 
 
@@ -63,7 +65,7 @@ def pack_linears(model: torch.nn.Module) -> int:
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and fits(module.weight):
+        if is_plain_linear(module) and fits(module.weight):
             module.forward = product(module.weight, module.bias)  # type: ignore[method-assign]
             module.weight = None  # type: ignore[assignment]
             count += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeGuard
 
 import torch
 
@@ -17,6 +18,13 @@ REPEATS = 3
 Product = Callable[[torch.Tensor], torch.Tensor]
 
 
+def is_plain_linear(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
+    """Whether ``module`` is a Linear layer whose product is torch's own: a subclass
+    with a forward of its own (Phi-MoE's router returns its top experts) computes
+    something else, so the CPU paths leave it as it is."""
+    return isinstance(module, torch.nn.Linear) and (type(module).forward is torch.nn.Linear.forward)
+
+
 def timed_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """The Linear layers to time (see ``MEASURED_BYTES``), in the forward's order."""
     layers: list[torch.nn.Linear] = []
@@ -25,11 +33,11 @@ def timed_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
     # is the one its weights are stored in.
     itemsize = model.get_input_embeddings().weight.dtype.itemsize  # type: ignore[operator]
     for module in model.get_decoder().modules():  # type: ignore[operator]
-        if isinstance(module, torch.nn.Linear) and num_bytes < MEASURED_BYTES:
+        if is_plain_linear(module) and num_bytes < MEASURED_BYTES:
             layers.append(module)
             num_bytes += module.in_features * module.out_features * itemsize
     head = model.get_output_embeddings()  # type: ignore[operator]
-    if isinstance(head, torch.nn.Linear):
+    if is_plain_linear(head):
         layers.append(head)
     return layers
 

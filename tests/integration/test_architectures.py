@@ -1,0 +1,75 @@
+"""Architectures beyond the Llama family, served through paged attention, against
+transformers' own forward of the same tokens (float32, within 1e-4): chunked appends
+crossing KV blocks and sliding windows score like one forward pass, eight sessions
+decoding together each equal ``generate``, and a fork and a rewind score like the
+sequences they hold."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from salience_client.pb import salience_pb2 as pb
+from tests.architectures import ARCHITECTURES, build_architecture
+from tests.helpers import (
+    U32_MAX,
+    check_sessions_against_transformers,
+    generate,
+    open_session,
+    reference_logprobs,
+)
+from tests.tiny_models import reference_model
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def architecture(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    model_dir = build_architecture(tmp_path_factory.mktemp(request.param), request.param)
+    return model_dir, reference_model(model_dir)
+
+
+def _scored(stub: Any, session_id: str, token_ids: list[int], start: int, **kwargs: Any) -> Any:
+    """Appends ``token_ids[start:]`` at ``start``: the logprobs of those tokens."""
+    tokens, _ = generate(
+        stub,
+        session_id,
+        append_tokens=token_ids[start:],
+        offset=start,
+        logprobs_ranges=[(start, U32_MAX)],
+        **kwargs,
+    )
+    return torch.tensor([token.sampled_logprob for token in tokens])
+
+
+def _wanted(oracle: Any, token_ids: list[int], start: int) -> torch.Tensor:
+    logprobs = reference_logprobs(oracle, token_ids)
+    return logprobs[torch.arange(start - 1, len(token_ids) - 1), torch.tensor(token_ids[start:])]
+
+
+def check_fork_and_rewind(stub: Any, oracle: Any) -> None:
+    """A child forked at 20 tokens and its parent each go on their own way; then the
+    parent rewinds to 12 and takes other tokens: each scores as its whole sequence."""
+    rng = random.Random(5)
+    shared = [rng.randrange(256) for _ in range(20)]
+    parent = open_session(stub)
+    generate(stub, parent, append_tokens=shared)
+    child = stub.ForkSession(pb.ForkSessionRequest(session_id=parent)).session_id
+    for session_id in (child, parent):
+        token_ids = shared + [rng.randrange(256) for _ in range(15)]
+        got = _scored(stub, session_id, token_ids, 20)
+        assert (got - _wanted(oracle, token_ids, 20)).abs().max().item() < 1e-4
+    token_ids = shared[:12] + [rng.randrange(256) for _ in range(18)]
+    got = _scored(stub, parent, token_ids, 12, truncating=True)
+    assert (got - _wanted(oracle, token_ids, 12)).abs().max().item() < 1e-4
+
+
+def test_served_architectures_equal_transformers(
+    architecture: tuple[Path, Any], server_factory: Any
+) -> None:
+    model_dir, oracle = architecture
+    server = server_factory(model_dir, block_size=4, kv_cache_bytes=8 << 20, max_batch_tokens=16)
+    check_sessions_against_transformers(server.stub, oracle, [0, 5, 6, 30, 50], 4, 14)
+    check_fork_and_rewind(server.stub, oracle)
