@@ -73,6 +73,7 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "smollm3": ("smollm3", {}),
     "glm4": ("glm4", {}),
     "internlm3": ("internlm3", {}),
+    "afmoe": ("afmoe", dict(sliding_window=WINDOW, **MOE)),
 }
 """Name -> (transformers model type, config values beyond the common ones)."""
 

@@ -120,7 +120,10 @@ def paged_attention_forward(
         cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, rows)
     sliding_window = kwargs.get("sliding_window")
     output = salience_batch.attend(query, key_cache, value_cache, scaling, sliding_window)
-    return output.unsqueeze(0), None
+    # Contiguous, as transformers' own attention functions return it: some models view
+    # the output (AFMoE), where a sequence attended alone comes back transposed. Most
+    # reshape it, copying a transposed output anyway; a contiguous one then is a view.
+    return output.unsqueeze(0).contiguous(), None
 
 
 DEFAULT_BLOCK_SIZE = 16
