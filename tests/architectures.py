@@ -77,14 +77,35 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """Name -> (transformers model type, config values beyond the common ones)."""
 
+REFUSED_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "deepseek-v3": (
+        "deepseek_v3",
+        dict(
+            head_dim=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            kv_lora_rank=32,
+            q_lora_rank=None,
+            first_k_dense_replace=1,
+            **MOE,
+        ),
+    ),
+    "jetmoe": ("jetmoe", MOE),
+    "diffllama": ("diffllama", {}),
+    "stablelm": ("stablelm", {}),
+    "gemma4-text": ("gemma4_text", dict(sliding_window=WINDOW)),
+}
+"""Architectures that load in transformers but that Salience cannot serve right."""
+
 
 def build_architecture(directory: Path, name: str, seed: int = 0, **overrides: Any) -> Path:
-    """Saves a random tiny model of ``ARCHITECTURES[name]`` (with ``overrides``) and the
-    tests' tokenizer to ``directory``."""
-    model_type, options = ARCHITECTURES[name]
+    """Saves a random tiny model of ``ARCHITECTURES[name]`` or
+    ``REFUSED_ARCHITECTURES[name]`` (with ``overrides``) and the tests' tokenizer to
+    ``directory``."""
+    model_type, options = (ARCHITECTURES | REFUSED_ARCHITECTURES)[name]
     tokenizer = build_tokenizer()
-    config = AutoConfig.for_model(
-        model_type,
+    values: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -98,8 +119,11 @@ def build_architecture(directory: Path, name: str, seed: int = 0, **overrides: A
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        **(options | overrides),
     )
+    values |= options | overrides
+    if values["head_dim"] is None:  # the config derives its own (multi-head latent attention)
+        del values["head_dim"]
+    config = AutoConfig.for_model(model_type, **values)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).float().save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -18,6 +18,7 @@ import torch
 from salience_server.config import ModelConfig
 from salience_server.engine import paged_attention
 from salience_server.engine.conversion import convert_gguf, in_one_line
+from salience_server.engine.model_shape import kv_shape
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,14 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             f"{model_id} uses attention logit softcapping (Gemma 2), "
             "which Salience's paged attention does not implement"
         )
+    try:
+        kv_shape(hf_config)
+    except RuntimeError as error:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        raise UnsupportedModel(
+            f"{model_id}: its layers' keys and values are not all of one shape "
+            f"({str(error).split('. ')[0]}), where Salience's KV pool holds one shape "
+            "for every layer"
+        ) from None
     is_vision = getattr(hf_config, "vision_config", None) is not None
     loaded: Any  # (model, loading info): output_loading_info
     image_processor = None

@@ -17,6 +17,7 @@ from salience_server.engine import (
     sdpa_attention,
 )
 from salience_server.engine.batch import ForwardBatch
+from salience_server.engine.conversion import in_one_line
 from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
 from salience_server.engine.model_shape import kv_shape
@@ -57,6 +58,10 @@ class ForwardOutput:
     """[R, n_layers, n_concepts] float32 at the batch's readout_rows, or None."""
     embeddings: torch.Tensor | None = None
     """[E, hidden] float32 final hidden states at the batch's embed_rows, or None."""
+
+
+class _FirstPassFailed(ValueError):
+    """The start-up pass failed (the error is its cause)."""
 
 
 class ModelRunner:
@@ -109,17 +114,23 @@ class ModelRunner:
         discard) asked for meanwhile."""
         self.num_swap_outs = 0
         self.num_swap_ins = 0
+        self._checked_calls: list[int] | None = None
+        """Each layer's attention calls, counted on the start-up pass (``warm_up``)."""
 
     def warm_up(self, uses_mrope: bool, may_fall_back: bool) -> None:
         """One two-token forward pass before serving, so that an attention kernel that
         cannot run on this device fails at start rather than on every call. flash-attn
         picked by ``auto`` then falls back to SDPA; asked for by name, it is an error.
-        The pass writes into block 0, which holds nothing yet; a layer that wrote no KV
-        there is an error (its attention bypassed the pool)."""
+        The pass writes into block 0, which holds nothing yet. Each layer must attend
+        through the paged function once: one that attends some other way would see only
+        the tokens of each call, and one that attends twice (DiffLlama's two value
+        halves) would overwrite its own KV, so every answer after the first call would
+        be wrong. Any failure is a ValueError of one line."""
         batch = ForwardBatch.synthetic(0, 2, self.block_size, uses_mrope)
         try:
-            self.execute(batch)
-        except Exception as error:
+            calls = self._counted_pass(batch)
+        except _FirstPassFailed as failed:
+            error = failed.__cause__
             if not isinstance(self.attention, FlashAttentionBackend):
                 raise
             if not may_fall_back:
@@ -130,17 +141,42 @@ class ModelRunner:
             self.attention = sdpa_attention.SdpaBackend(
                 self.block_size, self._workspace_blocks, self.device
             )
-            self.execute(batch)
-        # Every layer's attention must have gone through the paged function, writing its
-        # keys into the pool: a layer that attends some other way would see only the
-        # tokens of each call, and every answer after the first call would be wrong.
+            calls = self._counted_pass(batch)
+        name = type(self.model).__name__
         unwritten = [i for i, (keys, _) in enumerate(self.kv_caches) if not bool(keys[0].any())]
         if unwritten:
-            raise ValueError(
-                f"the model's layers {unwritten} do not attend through transformers' "
+            raise paged_attention.UnsupportedAttention(
+                f"{name}: the model's layers {unwritten} do not attend through transformers' "
                 "attention interface, which Salience's paged KV cache needs: this "
                 "architecture is not supported"
             )
+        repeated = [layer for layer, count in enumerate(calls) if count > 1]
+        if repeated:
+            raise paged_attention.UnsupportedAttention(
+                f"{name}: the model's layers {repeated} attend more than once per forward pass, "
+                "where Salience's paged KV cache keeps one key and value per layer and "
+                "token: this architecture is not supported"
+            )
+
+    def _counted_pass(self, batch: ForwardBatch) -> list[int]:
+        """Runs ``batch`` with each layer's attention calls counted (and their keys and
+        values checked against the pool: ``paged_attention``); a failure other than
+        ``UnsupportedAttention`` comes as ``_FirstPassFailed``, in one line."""
+        name = type(self.model).__name__
+        calls = [0] * len(self.kv_caches)
+        self._checked_calls = calls
+        try:
+            self.execute(batch)
+        except paged_attention.UnsupportedAttention as error:
+            raise paged_attention.UnsupportedAttention(f"{name}: {error}") from None
+        except Exception as error:
+            raise _FirstPassFailed(
+                f"{name}: a first forward pass failed "
+                f"({in_one_line(error)}); is the architecture one Salience can run?"
+            ) from error
+        finally:
+            self._checked_calls = None
+        return calls
 
     def _allocate_pool(self) -> None:
         """One (keys, values) pair per layer: [num_blocks, block_size, Hkv, D] each, zeros."""
@@ -228,6 +264,7 @@ class ModelRunner:
             self._capture_rows = capture_rows.tensor
         if embed_rows.length:
             self._embed_rows = embed_rows.tensor
+        checked = {} if self._checked_calls is None else {"salience_calls": self._checked_calls}
         try:
             output = self.model(
                 **inputs,
@@ -235,6 +272,7 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=logits_rows.tensor,
                 salience_batch=metadata,
+                **checked,
             )
         finally:
             self._capture_rows = self._embed_rows = None

@@ -34,6 +34,11 @@ _UNSUPPORTED_FEATURES = {"softcap": "attention logit softcapping", "s_aux": "att
 """Keyword arguments some models pass that change attention's result."""
 
 
+class UnsupportedAttention(ValueError):
+    """A model whose attention layers paged attention cannot serve right, found as the
+    first forward pass runs."""
+
+
 class AttentionMetadata(Protocol):
     """What one forward pass's attention layers need: built once per batch."""
 
@@ -99,16 +104,28 @@ def paged_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     salience_batch: AttentionMetadata | None = None,
+    salience_calls: list[int] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """query [1, H, T, D], key/value [1, Hkv, T, D] -> output [1, T, H, D]."""
-    if salience_batch is None:
-        raise RuntimeError("salience_paged attention needs salience_batch")
+    """query [1, H, T, D], key/value [1, Hkv, T, D] -> output [1, T, H, D].
+    ``salience_calls``, on the start-up pass only: each layer's calls, counted here
+    once its keys and values are found to fit the pool."""
+    if salience_batch is None:  # the start-up pass meets each of these first
+        raise UnsupportedAttention(
+            "the model's layers do not pass transformers' attention arguments on to "
+            "their attention, which Salience's paged attention needs"
+        )
     for name, feature in _UNSUPPORTED_FEATURES.items():
-        if kwargs.get(name) is not None:  # the start-up pass meets this first
-            raise ValueError(f"the model uses {feature}, which paged attention does not implement")
-    key_cache, value_cache = salience_batch.kv_caches[int(module.layer_idx)]  # type: ignore[arg-type]
+        if kwargs.get(name) is not None:
+            raise UnsupportedAttention(
+                f"the model uses {feature}, which paged attention does not implement"
+            )
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    key_cache, value_cache = salience_batch.kv_caches[layer]
     num_kv_heads, head_dim = key_cache.shape[-2:]
+    if salience_calls is not None:
+        _check_shapes(layer, key, value, (num_kv_heads, head_dim))
+        salience_calls[layer] += 1
     # Write the new tokens' keys and values first: each sequence attends to itself too.
     # The pool may keep a wider dtype than the model's (``model_runner.kv_dtype``), and
     # index_copy_ costs two thirds of an indexed assignment, paid in every layer.
@@ -124,6 +141,22 @@ def paged_attention_forward(
     # the output (AFMoE), where a sequence attended alone comes back transposed. Most
     # reshape it, copying a transposed output anyway; a contiguous one then is a view.
     return output.unsqueeze(0).contiguous(), None
+
+
+def _check_shapes(
+    layer: int, key: torch.Tensor, value: torch.Tensor, pool: tuple[int, int]
+) -> None:
+    """Keys and values must have the pool's (heads, width): the pool is sized from the
+    config, which does not describe every layout."""
+    for name, tensor in (("keys", key), ("values", value)):
+        shape = (int(tensor.shape[1]), int(tensor.shape[3]))
+        if shape != pool:
+            raise UnsupportedAttention(
+                f"layer {layer} attends over {name} of {shape[0]} heads of {shape[1]}, "
+                f"where the KV pool, sized from the config, holds {pool[0]} heads of "
+                f"{pool[1]}: a layout Salience does not support (multi-head latent "
+                "attention, as DeepSeek-V2/V3 use; keys repeated per expert, as JetMoE's)"
+            )
 
 
 DEFAULT_BLOCK_SIZE = 16
