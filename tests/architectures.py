@@ -17,6 +17,8 @@ WINDOW = 8
 """The sliding window of the architectures that have one: the tests' sequences are
 several times longer."""
 HEAD_DIM = 16
+LONGROPE_ORIGINAL = 64
+"""The original context of the LongRoPE model: its long factors apply past it."""
 MOE = dict(
     num_experts=4,
     num_local_experts=4,
@@ -74,6 +76,18 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "glm4": ("glm4", {}),
     "internlm3": ("internlm3", {}),
     "afmoe": ("afmoe", dict(sliding_window=WINDOW, **MOE)),
+    "phi3-longrope": (
+        "phi3",
+        dict(
+            rope_parameters=_rope(
+                "longrope",
+                short_factor=[1.0 + i / 8 for i in range(HEAD_DIM // 2)],
+                long_factor=[2.0 + i / 4 for i in range(HEAD_DIM // 2)],
+                original_max_position_embeddings=LONGROPE_ORIGINAL,
+            ),
+            original_max_position_embeddings=LONGROPE_ORIGINAL,
+        ),
+    ),
 }
 """Name -> (transformers model type, config values beyond the common ones)."""
 

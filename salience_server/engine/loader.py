@@ -160,7 +160,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         path=path,
         device=device,
         dtype=dtype,
-        max_context=int(getattr(text_config, "max_position_embeddings", 0) or 4096),
+        max_context=_max_context(model_id, text_config),
         eos_token_ids=_eos_token_ids(path, tokenizer, GenerationConfig),
         image_processor=image_processor,
     )
@@ -232,6 +232,33 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             "runs decoders laid out as Llama's: Llama, Mistral, Qwen2, Qwen3, Qwen2-VL and kin)"
         )
     return model, image_processor, AutoTokenizer.from_pretrained(path)
+
+
+def _max_context(model_id: str, text_config: Any) -> int:
+    """The positions a session may hold: the config's, but no more than a LongRoPE
+    model's original context. Past it, LongRoPE rotates every position of a sequence by
+    other frequencies (its long factors, where transformers' forward sees the longer
+    sequence), which keys already cached cannot follow: answers would differ from one
+    forward pass over the same tokens (and batched sessions would rotate by the
+    longest one's)."""
+    limit = int(getattr(text_config, "max_position_embeddings", 0) or 4096)
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    # One set of parameters, or one per layer type (Gemma 3's).
+    sets = [rope] if "rope_type" in rope else [p for p in rope.values() if isinstance(p, dict)]
+    for parameters in sets:
+        original = parameters.get("original_max_position_embeddings")
+        if parameters.get("rope_type") == "longrope" and original and int(original) < limit:
+            log.warning(
+                "%s uses LongRoPE, whose frequencies change for the whole sequence past "
+                "its original %d positions, which cached keys cannot follow: sessions "
+                "hold %d tokens (the config says %d)",
+                model_id,
+                int(original),
+                int(original),
+                limit,
+            )
+            limit = int(original)
+    return limit
 
 
 def _eos_token_ids(path: Path, tokenizer: Any, generation_config_class: Any) -> list[int]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from salience_client.pb import salience_pb2 as pb
-from tests.architectures import ARCHITECTURES, build_architecture
+from tests.architectures import ARCHITECTURES, LONGROPE_ORIGINAL, build_architecture
 from tests.helpers import (
     U32_MAX,
     check_sessions_against_transformers,
@@ -73,3 +73,20 @@ def test_served_architectures_equal_transformers(
     server = server_factory(model_dir, block_size=4, kv_cache_bytes=8 << 20, max_batch_tokens=16)
     check_sessions_against_transformers(server.stub, oracle, [0, 5, 6, 30, 50], 4, 14)
     check_fork_and_rewind(server.stub, oracle)
+
+
+def test_a_longrope_model_holds_no_more_than_its_original_context(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    """Past its original positions, LongRoPE rotates the whole sequence by its long
+    factors (in transformers' forward over it), which keys already cached cannot
+    follow: served up to its 512 positions, a session that grew past 64 tokens scored
+    far from transformers. Sessions hold the original context."""
+    model_dir = build_architecture(tmp_path, "phi3-longrope")
+    server = server_factory(model_dir, block_size=4, kv_cache_bytes=8 << 20)
+    opened = server.stub.OpenSession(pb.OpenSessionRequest())
+    assert opened.max_context == LONGROPE_ORIGINAL
+    token_ids = [random.Random(3).randrange(256) for _ in range(LONGROPE_ORIGINAL)]
+    generate(server.stub, opened.session_id, append_tokens=token_ids[:1])
+    got = _scored(server.stub, opened.session_id, token_ids, 1)
+    assert (got - _wanted(reference_model(model_dir), token_ids, 1)).abs().max().item() < 1e-4
