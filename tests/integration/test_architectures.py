@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from salience_client.pb import salience_pb2 as pb
+from tests import flash_reference
 from tests.architectures import ARCHITECTURES, LONGROPE_ORIGINAL, build_architecture
 from tests.helpers import (
     U32_MAX,
@@ -21,14 +22,16 @@ from tests.helpers import (
     generate,
     open_session,
     reference_logprobs,
+    use_flash_backend,
 )
 from tests.tiny_models import reference_model
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
-def architecture(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+def architecture(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Any]:
+    """(name, model directory, transformers' model of it)."""
     model_dir = build_architecture(tmp_path_factory.mktemp(request.param), request.param)
-    return model_dir, reference_model(model_dir)
+    return request.param, model_dir, reference_model(model_dir)
 
 
 def _scored(stub: Any, session_id: str, token_ids: list[int], start: int, **kwargs: Any) -> Any:
@@ -66,10 +69,20 @@ def check_fork_and_rewind(stub: Any, oracle: Any) -> None:
     assert (got - _wanted(oracle, token_ids, 12)).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flash-attn"])
 def test_served_architectures_equal_transformers(
-    architecture: tuple[Path, Any], server_factory: Any
+    backend: str,
+    architecture: tuple[str, Path, Any],
+    server_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model_dir, oracle = architecture
+    """On SDPA (what ``auto`` and ``sdpa`` pick on a CPU), and on flash-attn's backend
+    (through its plain-torch stand-in) for the models with a sliding window."""
+    name, model_dir, oracle = architecture
+    if backend == "flash-attn":
+        if "sliding_window" not in ARCHITECTURES[name][1]:
+            pytest.skip("no sliding window: the Llama-family tests cover this backend")
+        use_flash_backend(monkeypatch, flash_reference.flash_attn_varlen_func, 4)
     server = server_factory(model_dir, block_size=4, kv_cache_bytes=8 << 20, max_batch_tokens=16)
     check_sessions_against_transformers(server.stub, oracle, [0, 5, 6, 30, 50], 4, 14)
     check_fork_and_rewind(server.stub, oracle)
