@@ -76,6 +76,8 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "glm4": ("glm4", {}),
     "internlm3": ("internlm3", {}),
     "afmoe": ("afmoe", dict(sliding_window=WINDOW, **MOE)),
+    "stablelm": ("stablelm", {}),
+    "nemotron": ("nemotron", {}),
     "phi3-longrope": (
         "phi3",
         dict(
@@ -107,7 +109,6 @@ REFUSED_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "jetmoe": ("jetmoe", MOE),
     "diffllama": ("diffllama", {}),
-    "stablelm": ("stablelm", {}),
     "gemma4-text": ("gemma4_text", dict(sliding_window=WINDOW)),
 }
 """Architectures that load in transformers but that Salience cannot serve right."""

@@ -114,8 +114,8 @@ class ModelRunner:
         discard) asked for meanwhile."""
         self.num_swap_outs = 0
         self.num_swap_ins = 0
-        self._checked_calls: list[int] | None = None
-        """Each layer's attention calls, counted on the start-up pass (``warm_up``)."""
+        self._slot = paged_attention.BatchSlot()
+        paged_attention.attach_slot(model, self._slot)
 
     def warm_up(self, uses_mrope: bool, may_fall_back: bool) -> None:
         """One two-token forward pass before serving, so that an attention kernel that
@@ -164,7 +164,7 @@ class ModelRunner:
         ``UnsupportedAttention`` comes as ``_FirstPassFailed``, in one line."""
         name = type(self.model).__name__
         calls = [0] * len(self.kv_caches)
-        self._checked_calls = calls
+        self._slot.calls = calls
         try:
             self.execute(batch)
         except paged_attention.UnsupportedAttention as error:
@@ -175,7 +175,7 @@ class ModelRunner:
                 f"({in_one_line(error)}); is the architecture one Salience can run?"
             ) from error
         finally:
-            self._checked_calls = None
+            self._slot.calls = None
         return calls
 
     def _allocate_pool(self) -> None:
@@ -264,7 +264,8 @@ class ModelRunner:
             self._capture_rows = capture_rows.tensor
         if embed_rows.length:
             self._embed_rows = embed_rows.tensor
-        checked = {} if self._checked_calls is None else {"salience_calls": self._checked_calls}
+        checked = {} if self._slot.calls is None else {"salience_calls": self._slot.calls}
+        self._slot.metadata = metadata
         try:
             output = self.model(
                 **inputs,
@@ -276,6 +277,7 @@ class ModelRunner:
             )
         finally:
             self._capture_rows = self._embed_rows = None
+            self._slot.metadata = None
         embeddings, self._embeddings = self._embeddings, None
         readout = None
         if batch.readout_rows and self.readout is not None:

@@ -5,7 +5,9 @@ every attention layer with the projected, rotated queries, keys and values, and 
 the model's extra keyword arguments down. We register ``salience_paged`` and pass an
 ``AttentionMetadata`` as ``salience_batch``: the function writes the new keys and
 values into the pool through the slot mapping, then the metadata attends each
-sequence over its own blocks. Llama, Qwen2 and Qwen3 models work unchanged.
+sequence over its own blocks. Llama, Qwen2 and Qwen3 models work unchanged. A decoder
+layer that drops those keyword arguments (StableLM's) leaves its attention to find the
+batch in the ``BatchSlot`` its module holds.
 
 Two backends build that metadata: ``sdpa_attention.SdpaBackend`` (any device: torch SDPA per
 prefill sequence, one padded call for all single-token decodes) and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -61,6 +64,28 @@ class AttentionMetadata(Protocol):
         -> [T, H, D]. With ``sliding_window`` w, the query at position p sees keys
         p - w + 1 .. p (transformers' sliding-window layers)."""
         ...
+
+
+@dataclass
+class BatchSlot:
+    """The batch of the forward pass running now, held by every attention module of
+    the model (``attach_slot``) for the decoder layers that do not pass transformers'
+    keyword arguments on to their attention (StableLM's, Nemotron's)."""
+
+    metadata: AttentionMetadata | None = None
+    calls: list[int] | None = None
+    """On the start-up pass only: each layer's attention calls, counted."""
+
+
+def attach_slot(model: torch.nn.Module, slot: BatchSlot) -> None:
+    """Gives ``slot`` to each of ``model``'s modules that has a layer index (its
+    attention modules, which the attention function is handed)."""
+    for module in model.modules():
+        if hasattr(module, "layer_idx"):
+            module.__dict__[_SLOT] = slot
+
+
+_SLOT = "_salience_batch_slot"
 
 
 class AttentionBackend(Protocol):
@@ -110,11 +135,14 @@ def paged_attention_forward(
     """query [1, H, T, D], key/value [1, Hkv, T, D] -> output [1, T, H, D].
     ``salience_calls``, on the start-up pass only: each layer's calls, counted here
     once its keys and values are found to fit the pool."""
-    if salience_batch is None:  # the start-up pass meets each of these first
-        raise UnsupportedAttention(
-            "the model's layers do not pass transformers' attention arguments on to "
-            "their attention, which Salience's paged attention needs"
-        )
+    if salience_batch is None:  # a decoder layer dropped the keyword arguments
+        slot = module.__dict__.get(_SLOT)
+        if slot is None or slot.metadata is None:  # the start-up pass meets this first
+            raise UnsupportedAttention(
+                "the model's attention modules are not handed the batch (they have no "
+                "layer index), which Salience's paged attention needs"
+            )
+        salience_batch, salience_calls = slot.metadata, slot.calls
     for name, feature in _UNSUPPORTED_FEATURES.items():
         if kwargs.get(name) is not None:
             raise UnsupportedAttention(

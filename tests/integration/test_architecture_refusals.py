@@ -2,8 +2,7 @@
 are refused at start, in one line naming why (each was served wrong, or failed with a
 stack trace): keys and values of another shape than the pool's (multi-head latent
 attention; JetMoE's keys repeated per expert), two attention calls per layer
-(DiffLlama), layers that do not pass the batch on to attention (StableLM), and
-layers of different shapes (Gemma 4)."""
+(DiffLlama), and layers of different shapes (Gemma 4)."""
 
 from __future__ import annotations
 
@@ -24,8 +23,6 @@ REASONS = {
     "jetmoe": r"JetMoeForCausalLM: layer 0 attends over keys of 4 heads of 16, where the KV "
     r"pool, sized from the config, holds 2 heads of 16",
     "diffllama": r"DiffLlamaForCausalLM: the model's layers \[0, 1\] attend more than once",
-    "stablelm": r"StableLmForCausalLM: the model's layers do not pass transformers' attention "
-    r"arguments on to their attention",
     "gemma4-text": r"its layers' keys and values are not all of one shape \('head_dim' is a "
     r"per-layer attribute",
 }
@@ -46,10 +43,10 @@ def test_an_architecture_served_wrong_is_refused_at_start(name: str, tmp_path: P
 
 
 def test_the_server_refuses_it_in_one_line(tmp_path: Path) -> None:
-    """The command exits 1 with the reason, no stack trace (StableLM's was one)."""
-    model_dir = build_architecture(tmp_path, "stablelm")
+    """The command exits 1 with the reason, no stack trace (DeepSeek-V3's was one)."""
+    model_dir = build_architecture(tmp_path, "deepseek-v3")
     stderr = server_start_failure("--model", str(model_dir), "--port", "0")
-    assert "do not pass transformers' attention arguments" in stderr.splitlines()[-1]
+    assert "multi-head latent attention" in stderr.splitlines()[-1]
 
 
 def test_any_failure_of_the_first_forward_pass_is_one_line(
