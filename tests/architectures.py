@@ -29,6 +29,8 @@ MOE = dict(
     n_shared_experts=1,
 )
 """Expert counts under the names the MoE configs use (each takes the ones it knows)."""
+MULTI_HEAD = dict(num_key_value_heads=None, head_dim=None)
+"""For the configs that have no such fields (their heads are all query heads' width)."""
 
 
 def _rope(rope_type: str, **parameters: Any) -> dict[str, Any]:
@@ -78,6 +80,13 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "afmoe": ("afmoe", dict(sliding_window=WINDOW, **MOE)),
     "stablelm": ("stablelm", {}),
     "nemotron": ("nemotron", {}),
+    "phi": ("phi", MULTI_HEAD),
+    "gpt2": ("gpt2", MULTI_HEAD),
+    "gpt-neox": ("gpt_neox", MULTI_HEAD),
+    "falcon": ("falcon", MULTI_HEAD),
+    "opt": ("opt", MULTI_HEAD),
+    "persimmon": ("persimmon", MULTI_HEAD),
+    "gpt-bigcode": ("gpt_bigcode", dict(MULTI_HEAD, multi_query=True)),
     "phi3-longrope": (
         "phi3",
         dict(
@@ -110,6 +119,7 @@ REFUSED_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "jetmoe": ("jetmoe", MOE),
     "diffllama": ("diffllama", {}),
     "gemma4-text": ("gemma4_text", dict(sliding_window=WINDOW)),
+    "falcon-h1": ("falcon_h1", {}),
 }
 """Architectures that load in transformers but that Salience cannot serve right."""
 
@@ -135,9 +145,13 @@ def build_architecture(directory: Path, name: str, seed: int = 0, **overrides: A
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    values |= options | overrides
-    if values["head_dim"] is None:  # the config derives its own (multi-head latent attention)
-        del values["head_dim"]
+    # A common value given as None is left to the config (which derives it or has none).
+    dropped = {name for name, value in (options | overrides).items() if value is None}
+    values = {
+        name: value
+        for name, value in (values | options | overrides).items()
+        if not (name in dropped and name in values)
+    }
     config = AutoConfig.for_model(model_type, **values)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).float().save_pretrained(directory)

@@ -18,7 +18,7 @@ import torch
 from salience_server.config import ModelConfig
 from salience_server.engine import paged_attention
 from salience_server.engine.conversion import convert_gguf, in_one_line
-from salience_server.engine.model_shape import kv_shape
+from salience_server.engine.model_shape import decoder_parts, kv_shape
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,12 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             f"({str(error).split('. ')[0]}), where Salience's KV pool holds one shape "
             "for every layer"
         ) from None
+    if _has_recurrent_state(hf_config):
+        raise UnsupportedModel(
+            f"{model_id}: its layers keep a recurrent state (state-space or linear "
+            "attention, as Mamba's, Jamba's, Falcon-H1's and Qwen3-Next's), which "
+            "Salience's paged KV cache does not hold"
+        )
     is_vision = getattr(hf_config, "vision_config", None) is not None
     loaded: Any  # (model, loading info): output_loading_info
     image_processor = None
@@ -225,13 +231,22 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         )
         raise UnsupportedModel(f"{model_id}: the checkpoint at {path} lacks weights: {shown}")
-    decoder = model.get_decoder()
-    if not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
+    if decoder_parts(model) is None:
         raise UnsupportedModel(
             f"{model_id}: the {type(model).__name__} architecture is not supported (Salience "
             "runs decoders laid out as Llama's: Llama, Mistral, Qwen2, Qwen3, Qwen2-VL and kin)"
         )
     return model, image_processor, AutoTokenizer.from_pretrained(path)
+
+
+def _has_recurrent_state(hf_config: Any) -> bool:
+    """Whether transformers' cache for this model keeps a recurrent state for any layer
+    (beside or instead of its keys and values)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    cache = DynamicCache(config=hf_config.get_text_config())
+    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
 
 
 def _max_context(model_id: str, text_config: Any) -> int:

@@ -20,7 +20,7 @@ from salience_server.engine.batch import ForwardBatch
 from salience_server.engine.conversion import in_one_line
 from salience_server.engine.evictor import KvMove, SwapIn, SwapOut
 from salience_server.engine.flash_attention import FlashAttentionBackend
-from salience_server.engine.model_shape import kv_shape
+from salience_server.engine.model_shape import decoder_parts, kv_shape
 from salience_server.engine.readout import Readout
 from salience_server.engine.uploads import Uploads
 
@@ -105,7 +105,11 @@ class ModelRunner:
         self._capture_rows: torch.Tensor | None = None
         self._embed_rows: torch.Tensor | None = None
         self._embeddings: torch.Tensor | None = None
-        model.get_decoder().norm.register_forward_hook(self._capture_final_states)
+        parts = decoder_parts(model)
+        assert parts is not None, "the loader refuses a decoder without its parts"
+        self.layers: Any = parts[0]
+        """The decoder's layers (``model_shape.decoder_parts``)."""
+        parts[1].register_forward_hook(self._capture_final_states)  # its final norm
         self._captured: list[torch.Tensor] = []
         # Offloaded sessions' KV: per layer (keys, values), [num_blocks, block_size, Hkv, D].
         self.host_kv: dict[str, HostKv] = {}
@@ -212,7 +216,7 @@ class ModelRunner:
         readout = dataclasses.replace(readout, vectors=readout.vectors.to(self.device))
         self.readout = readout
         self._captured = [torch.empty(0, device=self.device)] * len(readout.layers)
-        layers = self.model.get_decoder().layers
+        layers = self.layers
         for slot, layer_index in enumerate(readout.layers):
             layers[layer_index].register_forward_hook(self._capture_hook(slot))
 

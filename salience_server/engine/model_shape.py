@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+LAYER_NAMES = ("layers", "h", "blocks")
+"""What transformers' decoders call their list of layers (Llama's, GPT-2's, MPT's)."""
+NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
+"""...and their final norm (Llama's; Phi's; GPT-NeoX's; GPT-2's and Falcon's; Mamba's)."""
+
+
+def decoder_parts(model: Any) -> tuple[Any, Any] | None:
+    """(the decoder's layers, its final norm) of a transformers causal LM, or None where
+    they are not found under the names transformers' decoders give them."""
+    decoder = model.get_decoder()
+    layers = next((getattr(decoder, n) for n in LAYER_NAMES if hasattr(decoder, n)), None)
+    norm = next((getattr(decoder, n) for n in NORM_NAMES if hasattr(decoder, n)), None)
+    return None if layers is None or norm is None else (layers, norm)
+
 
 def kv_shape(model_config: Any) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a transformers model's text config."""

@@ -2,7 +2,8 @@
 are refused at start, in one line naming why (each was served wrong, or failed with a
 stack trace): keys and values of another shape than the pool's (multi-head latent
 attention; JetMoE's keys repeated per expert), two attention calls per layer
-(DiffLlama), and layers of different shapes (Gemma 4)."""
+(DiffLlama), layers of different shapes (Gemma 4), and layers that keep a recurrent
+state beside their attention (Falcon-H1)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ REASONS = {
     "jetmoe": r"JetMoeForCausalLM: layer 0 attends over keys of 4 heads of 16, where the KV "
     r"pool, sized from the config, holds 2 heads of 16",
     "diffllama": r"DiffLlamaForCausalLM: the model's layers \[0, 1\] attend more than once",
+    "falcon-h1": r": its layers keep a recurrent state \(state-space or linear "
+    r"attention",
     "gemma4-text": r"its layers' keys and values are not all of one shape \('head_dim' is a "
     r"per-layer attribute",
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, BioGptConfig
 
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine import cpu_matmul, decoder_layers
@@ -52,10 +52,16 @@ def test_a_truncated_checkpoint_is_one_clear_error(tiny_llama_dir: Path, tmp_pat
 
 def test_an_architecture_not_laid_out_as_llama_s_is_refused(tmp_path: Path) -> None:
     tokenizer = build_tokenizer()
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+    config = BioGptConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel architecture is not supported"):
+    with pytest.raises(UnsupportedModel, match="BioGptForCausalLM architecture is not supported"):
         _load(tmp_path)
 
 
