@@ -120,6 +120,8 @@ REFUSED_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "diffllama": ("diffllama", {}),
     "gemma4-text": ("gemma4_text", dict(sliding_window=WINDOW)),
     "falcon-h1": ("falcon_h1", {}),
+    "falcon-alibi": ("falcon", dict(MULTI_HEAD, alibi=True)),
+    "mpt": ("mpt", MULTI_HEAD),
 }
 """Architectures that load in transformers but that Salience cannot serve right."""
 

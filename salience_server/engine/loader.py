@@ -191,6 +191,11 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             f"({str(error).split('. ')[0]}), where Salience's KV pool holds one shape "
             "for every layer"
         ) from None
+    if _uses_alibi(hf_config.get_text_config()):
+        raise UnsupportedModel(
+            f"{model_id} uses ALiBi position biases (as Falcon's and MPT's alibi option), "
+            "which Salience's paged attention does not apply"
+        )
     if _has_recurrent_state(hf_config):
         raise UnsupportedModel(
             f"{model_id}: its layers keep a recurrent state (state-space or linear "
@@ -237,6 +242,15 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             "runs decoders laid out as Llama's: Llama, Mistral, Qwen2, Qwen3, Qwen2-VL and kin)"
         )
     return model, image_processor, AutoTokenizer.from_pretrained(path)
+
+
+def _uses_alibi(text_config: Any) -> bool:
+    """Whether attention adds ALiBi's biases (Falcon's ``alibi``, MPT's
+    ``attn_config.alibi``): transformers passes them in the attention mask."""
+    attention = getattr(text_config, "attn_config", None)
+    if isinstance(attention, dict):
+        return bool(attention.get("alibi"))
+    return bool(getattr(text_config, "alibi", False) or getattr(attention, "alibi", False))
 
 
 def _has_recurrent_state(hf_config: Any) -> bool:

@@ -2,8 +2,8 @@
 are refused at start, in one line naming why (each was served wrong, or failed with a
 stack trace): keys and values of another shape than the pool's (multi-head latent
 attention; JetMoE's keys repeated per expert), two attention calls per layer
-(DiffLlama), layers of different shapes (Gemma 4), and layers that keep a recurrent
-state beside their attention (Falcon-H1)."""
+(DiffLlama), layers of different shapes (Gemma 4), layers that keep a recurrent
+state beside their attention (Falcon-H1), and ALiBi (Falcon's option, MPT's)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ REASONS = {
     "diffllama": r"DiffLlamaForCausalLM: the model's layers \[0, 1\] attend more than once",
     "falcon-h1": r": its layers keep a recurrent state \(state-space or linear "
     r"attention",
+    "falcon-alibi": r" uses ALiBi position biases",
+    "mpt": r" uses ALiBi position biases",
     "gemma4-text": r"its layers' keys and values are not all of one shape \('head_dim' is a "
     r"per-layer attribute",
 }
