@@ -87,6 +87,8 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "opt": ("opt", MULTI_HEAD),
     "persimmon": ("persimmon", MULTI_HEAD),
     "gpt-bigcode": ("gpt_bigcode", dict(MULTI_HEAD, multi_query=True)),
+    "gpt-j": ("gptj", dict(MULTI_HEAD, rotary_dim=8)),
+    "codegen": ("codegen", dict(MULTI_HEAD, rotary_dim=8)),
     "phi3-longrope": (
         "phi3",
         dict(
