@@ -239,7 +239,8 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
     if decoder_parts(model) is None:
         raise UnsupportedModel(
             f"{model_id}: the {type(model).__name__} architecture is not supported (Salience "
-            "runs decoders laid out as Llama's: Llama, Mistral, Qwen2, Qwen3, Qwen2-VL and kin)"
+            "runs decoders with a list of layers and a final norm under the names "
+            "transformers' decoders give them: Llama's, GPT-2's, Phi's and kin)"
         )
     return model, image_processor, AutoTokenizer.from_pretrained(path)
 
@@ -259,7 +260,11 @@ def _has_recurrent_state(hf_config: Any) -> bool:
     from transformers import DynamicCache
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-    cache = DynamicCache(config=hf_config.get_text_config())
+    try:
+        cache = DynamicCache(config=hf_config.get_text_config())
+    except Exception:  # a config it cannot read: the start-up pass checks the layers
+        log.debug("no cache layout for this config", exc_info=True)
+        return False
     return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
 
 
