@@ -108,6 +108,8 @@ def test_a_request_that_cannot_get_blocks_fails_instead_of_hanging() -> None:
     output = scheduler.schedule()
     assert output.chunks == [] and output.failed[0][0] is request
     assert output.failed[0][1].reason == "KV_CACHE_FULL"
+    assert not scheduler.has_work()  # it leaves with the output, failing once
+    assert scheduler.schedule().failed == []
     manager.check_invariants([request.session.block_table])
 
 
@@ -258,7 +260,9 @@ def test_requests_cancelled_while_waiting_leave_their_places_at_once(pool) -> No
     with pytest.raises(SalienceError):
         scheduler.add(requests[2])
     requests[1].is_cancelled = True
+    assert scheduler.num_waiting == 0  # the queue depth the metrics report
     scheduler.add(requests[2])
+    assert scheduler.num_waiting == 1
     with pytest.raises(SalienceError):
         scheduler.add(requests[3])
     output = scheduler.schedule()
