@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
+from salience_server.engine.request import GenerateParams, Request
 from salience_server.engine.session import Residency, Session
 from tests.scheduler_support import make_request, make_scheduler, owning, run_step
 
@@ -94,4 +95,79 @@ def test_a_step_that_preempts_admits_no_later_arrival() -> None:
     assert run_step(scheduler) == [(0, 1)]  # the second makes room for the first
     assert scheduler.num_preemptions == 1 and late not in scheduler.running
     assert run_step(scheduler) == [(0, 1), (2, 4)]  # the second needs 5 blocks, 3 are free
+    manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_a_waiting_requests_kv_makes_room_before_anyone_is_preempted() -> None:
+    """With no idle session to evict, the KV of a session whose call waits for a place
+    makes room for a running request's next block; no running request is preempted."""
+    manager = BlockManager(num_blocks=4, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(max_running=1), manager, sessions)
+    first = make_request(0, 0, prompt_len=8, max_tokens=50)  # 2 blocks, then 3
+    waiting = make_request(1, 0, prompt_len=12)
+    manager.append(waiting.session.block_table, 8, 0)  # KV from an earlier call
+    waiting.session.num_computed = waiting.session.num_ever_computed = 8
+    owning(sessions, first, waiting)
+    scheduler.add(first)
+    assert run_step(scheduler) == [(0, 8)]
+    scheduler.add(waiting)  # no place for it: it waits, holding 2 blocks, the pool full
+    assert run_step(scheduler) == [(0, 1)]  # position 8 takes a third block
+    assert waiting.session.residency == Residency.DROPPED
+    assert waiting.session.block_table == [] and waiting.session.num_computed == 0
+    assert scheduler.num_preemptions == 0 and scheduler.running == [first]
+    manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_a_request_preempted_for_room_is_not_fed_again_in_that_step() -> None:
+    """The running request preempted to make room for an earlier one goes back to wait:
+    the step does not feed it again, even where the budget and the blocks left would
+    let it recompute part of what it just gave up."""
+    manager = BlockManager(num_blocks=4, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(max_batch_tokens=4), manager, sessions)
+    first = make_request(0, 0, prompt_len=8, max_tokens=50)
+    second = make_request(1, 1, prompt_len=8, max_tokens=50)
+    owning(sessions, first, second)
+    for request in (first, second):  # each about to decode position 8: 2 blocks held
+        manager.append(request.session.block_table, 8, 0)
+        request.session.num_computed = 8
+        request.session.token_ids.append(0)
+        request.num_decoded = 1
+    scheduler.running.extend([first, second])
+    assert run_step(scheduler) == [(0, 1)]  # 1 block and 3 tokens of budget are left
+    assert second.session.block_table == [] and scheduler.num_preemptions == 1
+    assert [r for _, r in scheduler.waiting] == [second]
+    manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_a_fork_whose_copies_find_no_room_waits_for_the_step_to_end() -> None:
+    """A fork writing into the blocks it shares with a session fed in the same step
+    needs copies no eviction can give (that session is untouchable in the step, and
+    nothing else holds blocks): it waits, the step goes on without it."""
+    manager = BlockManager(num_blocks=3, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(), manager, sessions)
+    parent = make_request(0, 0, prompt_len=8, max_tokens=50)
+    manager.append(parent.session.block_table, 8, 0)
+    parent.session.num_computed = 8
+    parent.session.token_ids.append(0)  # about to decode position 8: a third block
+    parent.num_decoded = 1
+    child_session = Session("child", max_context=128, token_ids=list(range(8)))
+    child_session.block_table = manager.share(parent.session.block_table)
+    child_session.num_computed = 4  # rescoring from position 4: block 1 must be copied
+    child = Request(
+        1,
+        GenerateParams(session_id="child", offset=8, max_tokens=0),
+        child_session,
+        lambda event: None,
+        set(),
+        None,
+    )
+    owning(sessions, parent, child)
+    scheduler.running.append(parent)
+    scheduler.add(child)
+    output = scheduler.schedule()
+    assert [c.request for c in output.chunks] == [parent] and output.failed == []
+    assert [r for _, r in scheduler.waiting] == [child] and output.kv_moves == []
     manager.check_invariants([s.block_table for s in sessions.values()])
