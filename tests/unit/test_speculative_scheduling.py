@@ -81,6 +81,7 @@ def test_drafts_take_the_blocks_left_free_at_the_end_of_the_step() -> None:
     fed = [(c.request.request_id, c.num_tokens, c.draft_token_ids) for c in output.chunks]
     assert fed == [(0, 4, [2, 3, 1]), (1, 1, [])]  # position 12: a new block
     assert len(first.session.block_table) == 4 and len(later.session.block_table) == 3
+    assert output.kv_moves == []  # fresh blocks, nothing shared: nothing to copy
 
 
 def test_drafts_take_the_token_budget_the_steps_own_tokens_leave() -> None:
@@ -116,3 +117,19 @@ def test_a_probe_that_finds_no_budget_is_kept_for_a_later_step() -> None:
     scheduler.config = dataclasses.replace(config, max_batch_tokens=8)  # room at last
     output = scheduler.schedule()
     assert (output.chunks[0].num_tokens, output.chunks[0].draft_token_ids) == (4, [2, 3, 1])
+
+
+@pytest.mark.parametrize("room", [1, 2, 3])
+def test_drafts_leave_room_for_the_token_after_them(room: int) -> None:
+    """A verification emits its accepted drafts and one token more: a call that may
+    decode ``room`` more tokens drafts at most ``room - 1``."""
+    manager = BlockManager(num_blocks=64, block_size=BLOCK_SIZE)
+    request = decoding(manager, 0, [1, 2, 3] * 4 + [1])
+    request.num_decoded = request.params.max_tokens - room
+    proposer = NgramProposer(4, 2, 4, DraftCost(0.0, 0.0))
+    config = EngineConfig(speculative="ngram", num_speculative_tokens=4)
+    scheduler = Scheduler(config, manager, Evictor({}, manager, 0, 1), proposer)
+    scheduler.running.append(request)
+    (chunk,) = scheduler.schedule().chunks
+    assert chunk.draft_token_ids == [2, 3, 1][: room - 1]  # the proposal: [2, 3, 1]
+    assert chunk.num_tokens == room
