@@ -48,6 +48,19 @@ def test_all_running_requests_share_each_step_up_to_the_token_budget(pool) -> No
     assert run_step(scheduler) == [(0, 1), (1, 1)]
 
 
+def test_a_request_the_spent_budget_leaves_out_is_not_admitted(pool) -> None:
+    """Once the step's token budget is spent, the requests after take no place in the
+    running set (nor an empty chunk): the third runs when the first two leave room."""
+    manager, requests = pool
+    scheduler = make_scheduler(EngineConfig(max_batch_tokens=8), manager)
+    requests.extend(make_request(i, 0, prompt_len=4, max_tokens=1) for i in range(3))
+    for request in requests:
+        scheduler.add(request)
+    assert run_step(scheduler) == [(0, 4), (1, 4)]
+    assert scheduler.running == [] and [r for _, r in scheduler.waiting] == [requests[2]]
+    assert run_step(scheduler) == [(2, 4)]
+
+
 def test_higher_priority_arrival_preempts_at_the_next_step(pool) -> None:
     manager, requests = pool
     scheduler = make_scheduler(EngineConfig(max_running=1), manager)
