@@ -100,21 +100,26 @@ def test_a_step_that_preempts_admits_no_later_arrival() -> None:
 
 def test_a_waiting_requests_kv_makes_room_before_anyone_is_preempted() -> None:
     """With no idle session to evict, the KV of a session whose call waits for a place
-    makes room for a running request's next block; no running request is preempted."""
+    makes room for a running request's next block, the latest in order first; no
+    running request is preempted."""
     manager = BlockManager(num_blocks=4, block_size=4)
     sessions: dict[str, Session] = {}
     scheduler = make_scheduler(EngineConfig(max_running=1), manager, sessions)
     first = make_request(0, 0, prompt_len=8, max_tokens=50)  # 2 blocks, then 3
-    waiting = make_request(1, 0, prompt_len=12)
-    manager.append(waiting.session.block_table, 8, 0)  # KV from an earlier call
-    waiting.session.num_computed = waiting.session.num_ever_computed = 8
-    owning(sessions, first, waiting)
+    earlier, later = make_request(1, 0, prompt_len=8), make_request(2, 0, prompt_len=8)
+    for waiting in (earlier, later):  # KV of an earlier call: a block each
+        manager.append(waiting.session.block_table, 4, 0)
+        waiting.session.num_computed = waiting.session.num_ever_computed = 4
+    owning(sessions, first, earlier, later)
     scheduler.add(first)
     assert run_step(scheduler) == [(0, 8)]
-    scheduler.add(waiting)  # no place for it: it waits, holding 2 blocks, the pool full
+    scheduler.add(earlier)  # no place for them: they wait, the pool full
+    scheduler.add(later)
     assert run_step(scheduler) == [(0, 1)]  # position 8 takes a third block
-    assert waiting.session.residency == Residency.DROPPED
-    assert waiting.session.block_table == [] and waiting.session.num_computed == 0
+    assert later.session.residency == Residency.DROPPED
+    assert later.session.block_table == [] and later.session.num_computed == 0
+    assert earlier.session.residency == Residency.RESIDENT
+    assert len(earlier.session.block_table) == 1 and earlier.session.num_computed == 4
     assert scheduler.num_preemptions == 0 and scheduler.running == [first]
     manager.check_invariants([s.block_table for s in sessions.values()])
 
