@@ -183,6 +183,30 @@ def test_offloaded_session_is_restored_into_fresh_blocks() -> None:
     manager.check_invariants([session.block_table])
 
 
+def test_a_dropped_session_is_resident_again_once_fed() -> None:
+    """A session whose KV was dropped recomputes it from its tokens when a call feeds
+    it: from that step on it is resident again (forks share its blocks; the session
+    list says so)."""
+    manager = BlockManager(num_blocks=4, block_size=4)
+    session = _idle_session(manager, "s0", 8, last_used=1.0)
+    scheduler = make_scheduler(EngineConfig(), manager, {"s0": session})
+    scheduler.evictor.evict(session, [])
+    assert session.residency == Residency.DROPPED and session.num_computed == 0
+    request = Request(
+        1,
+        GenerateParams(session_id="s0", offset=8, max_tokens=1),
+        session,
+        lambda e: None,
+        set(),
+        None,
+    )
+    scheduler.add(request)
+    output = scheduler.schedule()
+    assert [(c.start, c.num_tokens) for c in output.chunks] == [(0, 8)]
+    assert output.kv_moves == [] and session.residency == Residency.RESIDENT
+    manager.check_invariants([session.block_table])
+
+
 def test_evicting_a_forks_partner_ends_the_copies_a_write_needs() -> None:
     """A fork writing into blocks it shares needs copies; if the only room comes from
     evicting its idle parent, the blocks are then its own and need no copy. (Found by
