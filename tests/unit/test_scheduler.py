@@ -126,6 +126,19 @@ def test_a_request_that_cannot_get_blocks_fails_instead_of_hanging() -> None:
     manager.check_invariants([request.session.block_table])
 
 
+def test_a_running_request_that_outgrows_the_pool_fails_and_leaves() -> None:
+    manager = BlockManager(num_blocks=2, block_size=4)
+    scheduler = make_scheduler(EngineConfig(), manager)
+    request = make_request(0, 0, prompt_len=8, max_tokens=4)
+    scheduler.add(request)
+    assert run_step(scheduler) == [(0, 8)]  # the whole pool; position 8 needs a third
+    output = scheduler.schedule()
+    assert output.chunks == [] and [r for r, _ in output.failed] == [request]
+    assert output.failed[0][1].reason == "KV_CACHE_FULL"
+    assert scheduler.running == [] and not scheduler.has_work()
+    manager.check_invariants([request.session.block_table])
+
+
 def _idle_session(manager: BlockManager, name: str, num_tokens: int, last_used: float) -> Session:
     session = Session(name, max_context=128, token_ids=list(range(num_tokens)))
     manager.append(session.block_table, num_tokens, 0)
