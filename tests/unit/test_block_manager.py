@@ -69,3 +69,32 @@ def test_invariant_check_catches_a_leak() -> None:
     manager.append(table, 3, 0)
     with pytest.raises(AssertionError):
         manager.check_invariants([])  # the table was forgotten without free()
+
+
+def test_owned_and_freed_blocks_agree_with_the_tables(pool) -> None:
+    """``num_owned`` and ``num_freed_by`` against a count over the live tables."""
+    manager, tables = pool
+    parent: list[int] = []
+    manager.append(parent, 12, 0)  # 3 blocks
+    child = manager.share(parent)
+    manager.append(child, 13, 9)  # copies the last block, adds a fourth
+    other: list[int] = []
+    manager.append(other, 4, 0)
+    tables.extend([parent, child, other])
+
+    def users(block_id: int) -> int:
+        return sum(table.count(block_id) for table in tables)
+
+    for table in tables:
+        assert manager.num_owned(table) == sum(1 for b in table if users(b) == 1)
+    assert [manager.num_owned(t) for t in tables] == [1, 2, 1]
+    for chosen in ([parent], [child], [parent, child], [parent, other], []):
+        blocks = {b for table in chosen for b in table}
+        freed = sum(1 for b in blocks if users(b) == sum(t.count(b) for t in chosen))
+        assert manager.num_freed_by(chosen) == freed
+    assert manager.num_freed_by([parent, child]) == 5
+
+
+def test_a_pool_needs_a_block() -> None:
+    with pytest.raises(ValueError):
+        BlockManager(num_blocks=0, block_size=4)
