@@ -172,6 +172,25 @@ def test_least_recently_used_idle_session_is_evicted_first(host_bytes: int) -> N
     manager.check_invariants([s.block_table for s in sessions.values()])
 
 
+def test_an_idle_session_that_frees_blocks_goes_before_one_sharing_all_of_its() -> None:
+    """Evicting a session whose blocks a fork shares frees none: an idle session that
+    owns blocks goes first, though more recently used."""
+    manager = BlockManager(num_blocks=6, block_size=4)
+    old = _idle_session(manager, "old", 8, last_used=1.0)
+    fork = Session("fork", max_context=128, token_ids=list(range(8)), last_used=3.0)
+    fork.block_table = manager.share(old.block_table)
+    fork.num_computed = 8
+    sessions = {"old": old, "fork": fork, "new": _idle_session(manager, "new", 8, 2.0)}
+    scheduler = make_scheduler(EngineConfig(), manager, sessions)
+    request = make_request(0, 0, prompt_len=12)  # 3 blocks, 2 free
+    sessions["s0"] = request.session
+    scheduler.add(request)
+    assert [c.request for c in scheduler.schedule().chunks] == [request]
+    assert sessions["new"].residency == Residency.DROPPED
+    assert old.residency == fork.residency == Residency.RESIDENT
+    manager.check_invariants([s.block_table for s in sessions.values()])
+
+
 def test_offloaded_session_is_restored_into_fresh_blocks() -> None:
     manager = BlockManager(num_blocks=4, block_size=4)
     session = _idle_session(manager, "s0", 8, last_used=1.0)
