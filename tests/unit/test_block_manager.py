@@ -44,6 +44,8 @@ def test_shared_blocks_are_counted_once_and_copied_on_write(pool) -> None:
     child = manager.share(parent)
     tables.extend([parent, child])
     assert manager.num_free == 6  # shared, not duplicated
+    # A write into the first block alone copies it alone, however long the table.
+    assert manager.num_new_blocks(child, 4, 0) == 1
     copies = manager.append(child, 7, 6)  # writes into the half-full shared block
     assert copies == [(parent[1], child[1])]
     assert child[0] == parent[0] and child[1] != parent[1]
