@@ -58,7 +58,8 @@ def test_open_checks_the_id_and_the_number_of_sessions() -> None:
     table = make_table(max_sessions=2)
     first = table.open("a", max_context=10)
     assert first.max_context == 10 and table.get("a") is first
-    assert table.open().max_context == 64  # the server's limit, and an id made up
+    made = table.open()  # the server's limit, and an id made up
+    assert made.max_context == 64 and made.session_id and table.get(made.session_id) is made
     with pytest.raises(SalienceError) as caught:
         table.open("b")
     assert caught.value.reason == "TOO_MANY_SESSIONS"  # two open: the limit
