@@ -18,6 +18,7 @@ from tests.sampling_support import (
     CPU,
     VOCAB,
     draw_of,
+    draw_rows,
     kept_by_definition,
     random_logits,
     row_errors,
@@ -75,6 +76,26 @@ def test_picks_mix_given_greedy_penalized_and_seeded_rows() -> None:
         int((logprobs[row] > logprobs[row, ids[row]]).sum()) + 1 for row in range(6)
     ]
     assert scores[1].rank == scores[5].rank == 1
+
+
+def test_shaped_greedy_and_sampled_rows_draw_together_as_each_alone() -> None:
+    """The draws that are not plain greedy (penalized greedy rows, sampled rows) are
+    drawn together, each as it would be alone (seeded rows: the same tokens)."""
+    logits = random_logits(4, seed=5)
+    penalized_params = SamplingParams(repetition_penalty=50.0)
+    seen = logits[0].topk(3).indices.tolist()
+
+    def draws() -> list[sampler.Draw]:  # fresh generators each time
+        return [
+            draw_of(penalized_params, _shaping(penalized_params, seen)),
+            draw_of(SamplingParams(temperature=2.0, seed=11)),
+            draw_of(penalized_params, _shaping(penalized_params, seen)),
+            draw_of(SamplingParams(temperature=2.0, top_k=50, seed=12)),
+        ]
+
+    together = draw_rows(logits, draws()).tolist()
+    alone = [int(draw_rows(logits[r : r + 1], [draws()[r]])[0]) for r in range(4)]
+    assert together == alone and together[0] not in seen
 
 
 def test_a_step_of_only_greedy_decodes_and_an_empty_step() -> None:
@@ -310,3 +331,13 @@ def test_seeds_differing_above_32_bits_draw_differently_on_a_cpu() -> None:
     assert len({tuple(draws(seed)) for seed in seeds}) == len(seeds)
     plain = torch.Generator().manual_seed(123456789)
     assert draws(123456789) == torch.rand(4, generator=plain).tolist()
+
+
+def test_seeds_of_64_bits_are_mixed_by_splitmix64() -> None:
+    """A seed of 2**32 or more is splitmix64's finaliser of it, cut to 32 bits: the
+    published outputs of splitmix64 seeded with 0 (its state advanced by the golden
+    gamma) are 0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4, 0x06c45d188009454f."""
+    gamma = 0x9E3779B97F4A7C15
+    states = [(gamma * i) % 2**64 for i in (1, 2, 3)]
+    assert [sampler.cpu_seed(s) for s in states] == [0x7B1DCDAF, 0xA1B965F4, 0x8009454F]
+    assert sampler.cpu_seed(2**32 - 1) == 2**32 - 1
