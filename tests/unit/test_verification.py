@@ -58,6 +58,21 @@ def test_greedy_verification_takes_the_token_a_plain_greedy_row_takes() -> None:
     assert verified(logits, [7, 5], draw) == [5]
 
 
+def test_a_greedy_verifications_rows_are_argmax_rows_a_sampled_ones_are_not() -> None:
+    """The step tells scoring which rows hold their raw argmax (rank 1 without
+    comparing): a greedy verification's rows, not a sampled one's."""
+    logits = random_logits(6, seed=15)
+    logprobs = scoring.log_softmax(logits)
+    greedy = draw_of(SamplingParams())
+    sampled = draw_of(SamplingParams(temperature=1.0, seed=4))
+    verifications = [([1, 2], [3], greedy), ([3, 4, 5], [1, 2], sampled)]
+    picks: list[int | sampler.Draw] = [9, 0, 0, 0, 0, 0]
+    plan = planned(lambda u: sampler.plan_picks(picks, verifications, VOCAB, u), CPU)
+    picked = sampler.pick_tokens(logits, logprobs, plan)
+    assert picked.argmax_rows == [1, 2] and picked.verified_rows == {1, 2, 3, 4, 5}
+    assert picked.token_ids.tolist()[:3] == [9, *logprobs[1:3].argmax(dim=1).tolist()]
+
+
 def test_a_seeded_verification_emits_what_plain_draws_would() -> None:
     """Row by row, the tokens a seeded request draws without drafts: a draft is kept
     when it is that token, and the generator spends one uniform per emitted token (a
