@@ -293,6 +293,17 @@ def test_draws_follow_the_filtered_distribution(seeded: bool) -> None:
     assert chi2 < CHI2_999[int(kept.sum()) - 1]
 
 
+def test_a_target_at_the_total_mass_inverts_to_the_last_entry_with_mass() -> None:
+    """Rounding may put a row's target at its total mass (a uniform a hair below 1):
+    it picks the last entry that has mass, never a zero-mass entry after it (padding,
+    or a token filtered out)."""
+    cdf = torch.tensor([[0.25, 0.5, 1.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.75, 0.75]])
+    targets = torch.tensor([[1.0], [0.75]])
+    assert filters._invert(cdf, targets).tolist() == [[2], [2]]
+    inside = torch.tensor([[0.0], [0.5], [0.6]])  # the first entry whose mass passes it
+    assert filters._invert(cdf[:1].repeat(3, 1), inside).tolist() == [[0], [2], [2]]
+
+
 @pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "unseeded"])
 def test_draws_over_a_vocabulary_of_whole_blocks_follow_the_distribution(seeded: bool) -> None:
     """A vocabulary that is a multiple of the draw's block (no padding): tokens at both
