@@ -258,6 +258,20 @@ def test_penalty_counts_grow_with_the_session() -> None:
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_a_retried_step_counts_its_tokens_once() -> None:
+    """A failed forward pass is retried one request at a time, applying the same plan
+    again: the tokens it added were counted the first time."""
+    logits = random_logits(1, seed=11)
+    params = SamplingParams(frequency_penalty=1.0, presence_penalty=0.5)
+    shaping = penalties.Shaping(params, [5, 7, 7], 1, [], penalties.PenaltyState())
+    plan = planned(lambda u: penalties.plan([0], [shaping], u), CPU)
+    first = penalties.apply(logits, plan)[0]
+    again = penalties.apply(logits, plan)[0]
+    want = logits[0].clone()
+    want[7] -= 2.0 + 0.5
+    assert torch.allclose(first, want, atol=1e-6) and torch.equal(again, first)
+
+
 def test_banned_tokens_are_never_drawn() -> None:
     logits = random_logits(1, seed=11, vocab=5)
     top = int(logits[0].argmax())
