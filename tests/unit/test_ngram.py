@@ -45,6 +45,7 @@ def test_proposals_equal_a_brute_force_search_as_the_history_grows_and_rewinds()
             index.rewind(cut)
         tokens.extend(rng.choice([1, 2, 3, 4, 5]) for _ in range(rng.randrange(1, 4)))
         assert index.propose(tokens, 4) == brute_force(tokens, 2, 4, 4)
+        assert index.num_indexed == len(tokens)  # indexed once: the next call adds to it
 
 
 def test_the_occurrence_with_the_longest_agreeing_context_wins_then_the_earliest() -> None:
@@ -74,6 +75,14 @@ def test_no_proposal_without_a_recurring_suffix_or_room() -> None:
     index = NgramIndex(2, 4)
     assert index.propose([1, 2, 3, 4, 5], 4) == []
     assert index.propose([1, 2, 1, 2], 0) == []
+    assert NgramIndex(2, 4).propose([1, 2, 3, 1], 4) == []  # a recurring 1-gram: too short
+
+
+def test_a_history_shorter_than_the_longest_n_gram() -> None:
+    """The longest suffix tried is the whole history but its first token."""
+    for tokens in ([5, 5, 5], [5, 5, 5, 5], [1, 2, 1, 2, 1]):
+        assert NgramIndex(2, 4).propose(tokens, 3) == brute_force(tokens, 2, 4, 3)
+    assert NgramIndex(2, 4).propose([5, 5, 5], 3) == [5]
 
 
 def test_draft_length_maximises_expected_tokens_per_cost() -> None:
@@ -189,3 +198,17 @@ def test_the_cost_fit_passes_through_the_measured_points() -> None:
     assert noisy.switch == 0.0 and abs(noisy.row - 0.15) < 1e-12
     single = fit({1: 10.0, 2: 12.0}, 1)  # at most one draft: the switch says it all
     assert abs(single.switch - 0.2) < 1e-12 and single.row == 0.0
+
+
+def test_a_session_whose_drafts_do_not_pay_probes_every_probe_every_steps() -> None:
+    """Drafting nothing while drafts cost more than they give, a session still tries
+    full-length drafts after ``PROBE_EVERY`` draftless decode steps, then waits again."""
+    from salience_server.engine.ngram import PROBE_EVERY, DraftCost, NgramProposer
+    from salience_server.engine.session import Session
+
+    proposer = NgramProposer(4, 2, 4, DraftCost(10.0, 10.0))
+    session = Session("s", max_context=128, token_ids=[1, 2, 3] * 4 + [1])
+    got = [proposer.propose(session, 4) for _ in range(2 * PROBE_EVERY + 2)]
+    probe = [[]] * PROBE_EVERY + [[2, 3, 1]]
+    assert got == probe + probe
+    assert proposer.propose(session, 2) == [] and session.acceptance.steps_since_drafts == 1
