@@ -119,6 +119,20 @@ def test_acceptance_follows_recent_verifications() -> None:
     assert acceptance.rate < 0.4  # one miss a verification against up to four hits
 
 
+def test_acceptance_rate_is_the_decayed_counts_with_a_uniform_prior() -> None:
+    from salience_server.engine.ngram import ACCEPTANCE_DECAY, Acceptance
+
+    acceptance, hits, misses = Acceptance(), 0.0, 0.0
+    for drafted, accepted in [(4, 4), (3, 1), (2, 0), (4, 4), (1, 1), (4, 2)]:
+        acceptance.record(drafted, accepted)
+        hits = ACCEPTANCE_DECAY * hits + accepted
+        misses = ACCEPTANCE_DECAY * misses + (1 if accepted < drafted else 0)
+        assert acceptance.rate == pytest.approx((hits + 1) / (hits + misses + 2), abs=1e-12)
+    fresh = Acceptance()
+    fresh.record(4, 0)
+    assert fresh.rate == pytest.approx(1 / 3, abs=1e-12)  # no hit, one miss
+
+
 def test_the_verification_cost_is_measured_unless_given(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
