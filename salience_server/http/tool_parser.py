@@ -36,7 +36,9 @@ from salience_server.http.tool_call import (
 )
 from salience_server.text_checks import load_json
 
-_State = Literal["text", "opening", "tag", "marked", "arguments", "rest", "after", "ignore"]
+_State = Literal[
+    "text", "opening", "tag", "marked", "element", "arguments", "rest", "after", "ignore"
+]
 
 
 @dataclass
@@ -64,9 +66,14 @@ class ToolCallParser:
     _openings: list[Opening] = field(default_factory=list)
     _in_object: bool = True
     """The open call's arguments are inside its JSON object (``Opening.in_object``)."""
+    _in_list: bool = False
+    """Inside a list of calls (``[TOOL_CALLS] [...]``): its next item is a call object,
+    bare, whether or not a bare call may stand alone."""
+    _item_openings: list[Opening] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._openings = call_openings(self.names, self.allow_bare)
+        self._item_openings = [o for o in call_openings(self.names, True) if o.text[0] == "{"]
         self._buffer = self.prefix
 
     def push(self, text: str) -> list[ParsedEvent]:
@@ -96,6 +103,7 @@ class ToolCallParser:
             "opening": self._opening,
             "tag": self._tag,
             "marked": self._marked,
+            "element": self._element,
             "arguments": self._arguments_value,
             "rest": self._rest_of_call,
             "after": self._after_call,
@@ -134,6 +142,7 @@ class ToolCallParser:
         for opening in self._openings:
             if compact.startswith(opening.text):
                 self._buffer = self._buffer[_index_after(self._buffer, len(opening.text)) :]
+                self._in_list = opening.text.partition('{"name"')[0].endswith("[")
                 return self._open(opening.name, opening.in_object)
         could_match = any(opening.text.startswith(compact) for opening in self._openings)
         if could_match and not is_final:
@@ -177,7 +186,32 @@ class ToolCallParser:
         if not calls:
             self._state = "text"
             return self._marker_as_text()
-        self._buffer, events = value[end:], []
+        self._buffer = value[end:]
+        return self._whole_calls(calls)
+
+    def _element(self, is_final: bool) -> list[ParsedEvent]:
+        """The next item of a list of calls: streamed where it is in the streamable form,
+        else parsed whole once it closes; an item that is no call ends the calls, text."""
+        compact = "".join(self._buffer.split())
+        for opening in self._item_openings:
+            if compact.startswith(opening.text):
+                self._buffer = self._buffer[_index_after(self._buffer, len(opening.text)) :]
+                return self._open(opening.name)
+        if not is_final and any(o.text.startswith(compact) for o in self._item_openings):
+            return []
+        end = _value_end(self._buffer)
+        if end is None and not is_final:
+            return []
+        calls = _calls_from_json(self._buffer[:end], self.names) if end else []
+        if not calls:
+            self._state, self._in_list = "text", False
+            return []
+        self._buffer = self._buffer[end:]
+        return self._whole_calls(calls)
+
+    def _whole_calls(self, calls: list[ToolCall]) -> list[ParsedEvent]:
+        """Events of calls parsed whole (not streamed)."""
+        events: list[ParsedEvent] = []
         for call in calls:
             events += self._open(call.name)
             if self._state == "ignore":
@@ -199,12 +233,7 @@ class ToolCallParser:
         if call is None:
             self._state = "text"
             return [TextDelta(whole)]
-        opened = self._open(call.name)
-        if self._state == "ignore":
-            return opened
-        events = [*opened, *self._arguments(call.arguments), CallClosed(len(self.calls) - 1)]
-        self._state = "after"
-        return events
+        return self._whole_calls([call])
 
     def _open(self, name: str, in_object: bool = True) -> list[ParsedEvent]:
         if self.max_calls is not None and len(self.calls) >= self.max_calls:
@@ -282,12 +311,16 @@ class ToolCallParser:
         for junk in BETWEEN_CALLS:
             if rest.startswith(junk):
                 self._buffer = rest[len(junk) :]
+                self._in_list = self._in_list and junk != "]"
                 return []
         if any(junk.startswith(rest) for junk in BETWEEN_CALLS):  # "" or a part of one
             self._buffer = "" if is_final else rest
             return []
         self._buffer = rest
-        self._state = "opening" if could_open(rest[0]) else "text"
+        if self._in_list and rest[0] == "{":
+            self._state = "element"
+        else:
+            self._state = "opening" if could_open(rest[0]) else "text"
         return []
 
     def _ignore(self, is_final: bool) -> list[ParsedEvent]:

@@ -56,6 +56,36 @@ def test_a_mistral_list_of_calls_is_every_call() -> None:
     assert _parse(list(reply)) == ("", [("get_time", {}), ("get_weather", {"city": "Oslo"})])
 
 
+@pytest.mark.parametrize(
+    "second",
+    [
+        '{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+        '{"arguments": {"city": "Oslo"}, "name": "get_weather"}',  # another key order
+    ],
+)
+@pytest.mark.parametrize("allow_bare", [True, False])
+def test_each_call_of_a_mistral_list_is_a_call(second: str, allow_bare: bool) -> None:
+    """The calls after the first in a marked list are calls whether or not a bare call
+    may stand alone (not under a structured-output constraint), and in either key
+    order, as the first is."""
+    reply = f'[TOOL_CALLS] [{{"name": "get_time", "arguments": {{}}}}, {second}] Done.'
+    for pieces in (list(reply), [reply]):
+        parser = ToolCallParser(NAMES, allow_bare=allow_bare)
+        events = [event for piece in pieces for event in parser.push(piece)] + parser.finish()
+        text = "".join(e.text for e in events if isinstance(e, TextDelta))
+        calls = [(c.name, json.loads(c.arguments)) for c in parser.calls]
+        assert (text.strip(), calls) == (
+            "Done.",
+            [("get_time", {}), ("get_weather", {"city": "Oslo"})],
+        )
+
+
+def test_a_list_item_that_is_no_call_ends_the_calls_as_text() -> None:
+    reply = '[TOOL_CALLS] [{"name": "get_time", "arguments": {}}, {"note": 1}]'
+    assert _parse(list(reply)) == ('{"note": 1}]', [("get_time", {})])
+    assert _parse([reply]) == ('{"note": 1}]', [("get_time", {})])
+
+
 def test_calls_after_a_marker_in_another_key_order_are_parsed_whole() -> None:
     """Not the streamable form (the name after the arguments): the calls come once the
     JSON after the marker closes (it was text)."""
