@@ -67,8 +67,8 @@ class ToolCallParser:
     _in_object: bool = True
     """The open call's arguments are inside its JSON object (``Opening.in_object``)."""
     _in_list: bool = False
-    """Inside a list of calls (``[TOOL_CALLS] [...]``): its next item is a call object,
-    bare, whether or not a bare call may stand alone."""
+    """Inside a list of calls (``[...]``, or calls after a marker separated by ``;``):
+    its next item is a call object, bare, whether or not a bare call may stand alone."""
     _item_openings: list[Opening] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -142,7 +142,8 @@ class ToolCallParser:
         for opening in self._openings:
             if compact.startswith(opening.text):
                 self._buffer = self._buffer[_index_after(self._buffer, len(opening.text)) :]
-                self._in_list = opening.text.partition('{"name"')[0].endswith("[")
+                before = opening.text.partition('{"name"')[0]
+                self._in_list = before.endswith(("[", *JSON_MARKERS))
                 return self._open(opening.name, opening.in_object)
         could_match = any(opening.text.startswith(compact) for opening in self._openings)
         if could_match and not is_final:
@@ -320,6 +321,7 @@ class ToolCallParser:
         if self._in_list and rest[0] == "{":
             self._state = "element"
         else:
+            self._in_list = False
             self._state = "opening" if could_open(rest[0]) else "text"
         return []
 

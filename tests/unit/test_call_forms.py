@@ -80,6 +80,20 @@ def test_each_call_of_a_mistral_list_is_a_call(second: str, allow_bare: bool) ->
         )
 
 
+def test_each_call_after_a_python_tag_is_a_call() -> None:
+    """Llama's calls after ``<|python_tag|>`` separated by ``;``, under a
+    structured-output constraint too."""
+    reply = '<|python_tag|>{"name": "get_time", "parameters": {}}; '
+    reply += '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    for allow_bare in (True, False):
+        for pieces in (list(reply), [reply]):
+            parser = ToolCallParser(NAMES, allow_bare=allow_bare)
+            events = [e for piece in pieces for e in parser.push(piece)] + parser.finish()
+            assert not [e for e in events if isinstance(e, TextDelta)]
+            calls = [(c.name, json.loads(c.arguments)) for c in parser.calls]
+            assert calls == [("get_time", {}), ("get_weather", {"city": "Oslo"})]
+
+
 def test_a_list_item_that_is_no_call_ends_the_calls_as_text() -> None:
     reply = '[TOOL_CALLS] [{"name": "get_time", "arguments": {}}, {"note": 1}]'
     assert _parse(list(reply)) == ('{"note": 1}]', [("get_time", {})])
