@@ -134,13 +134,13 @@ class ModelRunner:
         try:
             calls = self._counted_pass(batch)
         except _FirstPassFailed as failed:
-            error = failed.__cause__
             if not isinstance(self.attention, FlashAttentionBackend):
                 raise
+            error = in_one_line(failed.__cause__ or failed)  # a CUDA error runs on
             if not may_fall_back:
                 raise ValueError(
-                    f"--attention-backend flash-attn: a first forward pass failed: {error}"
-                ) from error
+                    f"--attention-backend flash-attn: a first forward pass failed ({error})"
+                ) from failed.__cause__
             log.warning("flash-attn failed on a first forward pass (%s); using torch SDPA", error)
             self.attention = sdpa_attention.SdpaBackend(
                 self.block_size, self._workspace_blocks, self.device

@@ -110,7 +110,10 @@ def _install_broken_flash_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """flash-attn that imports but cannot run here (as on a GPU it was not built for)."""
 
     def kernel(*args: Any, **kwargs: Any) -> torch.Tensor:
-        raise RuntimeError("CUDA error: no kernel image is available for execution")
+        raise RuntimeError(
+            "CUDA error: no kernel image is available for execution on the device\n"
+            "CUDA kernel errors might be asynchronously reported at some other API call"
+        )
 
     use_flash_backend(monkeypatch, kernel, 16)
 
@@ -132,8 +135,11 @@ def test_flash_attn_asked_for_by_name_that_cannot_run_fails_at_start(
     _install_broken_flash_kernel(monkeypatch)
     loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
     config = EngineConfig(attention_backend="flash-attn", block_size=16, kv_cache_bytes=1 << 20)
-    with pytest.raises(ValueError, match="a first forward pass failed: CUDA error"):
+    with pytest.raises(
+        ValueError, match=r"a first forward pass failed \(RuntimeError: CUDA error: no kernel"
+    ) as refused:
         Engine(loaded, config)
+    assert "\n" not in str(refused.value)  # the server's last line says why
 
 
 def test_the_model_keeps_its_own_layers_rather_than_the_hubs_kernels(
