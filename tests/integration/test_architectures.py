@@ -7,6 +7,7 @@ sequences they hold."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,23 @@ from tests.helpers import (
 )
 from tests.tiny_models import reference_model
 
+WINDOWED = sorted(name for name, (_, config) in ARCHITECTURES.items() if "sliding_window" in config)
+"""The architectures with a sliding window, served on flash-attn's backend too (the
+Llama-family tests cover that backend otherwise)."""
 
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
-def architecture(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Any]:
-    """(name, model directory, transformers' model of it)."""
-    model_dir = build_architecture(tmp_path_factory.mktemp(request.param), request.param)
-    return request.param, model_dir, reference_model(model_dir)
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Any]]:
+    """Builds an architecture once per module: (model directory, transformers' model)."""
+    models: dict[str, tuple[Path, Any]] = {}
+
+    def build(name: str) -> tuple[Path, Any]:
+        if name not in models:
+            model_dir = build_architecture(tmp_path_factory.mktemp(name), name)
+            models[name] = model_dir, reference_model(model_dir)
+        return models[name]
+
+    return build
 
 
 def _scored(stub: Any, session_id: str, token_ids: list[int], start: int, **kwargs: Any) -> Any:
@@ -69,23 +81,31 @@ def check_fork_and_rewind(stub: Any, oracle: Any) -> None:
     assert (got - _wanted(oracle, token_ids, 12)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flash-attn"])
-def test_served_architectures_equal_transformers(
-    backend: str,
-    architecture: tuple[str, Path, Any],
-    server_factory: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """On SDPA (what ``auto`` and ``sdpa`` pick on a CPU), and on flash-attn's backend
-    (through its plain-torch stand-in) for the models with a sliding window."""
-    name, model_dir, oracle = architecture
-    if backend == "flash-attn":
-        if "sliding_window" not in ARCHITECTURES[name][1]:
-            pytest.skip("no sliding window: the Llama-family tests cover this backend")
-        use_flash_backend(monkeypatch, flash_reference.flash_attn_varlen_func, 4)
+def _check_served(model_dir: Path, oracle: Any, server_factory: Any) -> None:
     server = server_factory(model_dir, block_size=4, kv_cache_bytes=8 << 20, max_batch_tokens=16)
     check_sessions_against_transformers(server.stub, oracle, [0, 5, 6, 30, 50], 4, 14)
     check_fork_and_rewind(server.stub, oracle)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_served_architectures_equal_transformers(
+    name: str, built: Callable[[str], tuple[Path, Any]], server_factory: Any
+) -> None:
+    """On SDPA, what ``auto`` and ``sdpa`` pick on a CPU."""
+    _check_served(*built(name), server_factory)
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_windowed_architectures_equal_transformers_on_flash_attn(
+    name: str,
+    built: Callable[[str], tuple[Path, Any]],
+    server_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On flash-attn's backend (through its plain-torch stand-in), which windows its
+    attention itself."""
+    use_flash_backend(monkeypatch, flash_reference.flash_attn_varlen_func, 4)
+    _check_served(*built(name), server_factory)
 
 
 def test_a_longrope_model_holds_no_more_than_its_original_context(
