@@ -257,15 +257,19 @@ def _uses_alibi(text_config: Any) -> bool:
 def _has_recurrent_state(hf_config: Any) -> bool:
     """Whether transformers' cache for this model keeps a recurrent state for any layer
     (beside or instead of its keys and values)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    from transformers import DynamicCache, cache_utils
 
+    # A transformers without this class (it came in 5.x) would fail every load on the
+    # import: the start-up pass still refuses layers that do not attend.
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+    if recurrent is None:
+        return False
     try:
         cache = DynamicCache(config=hf_config.get_text_config())
     except Exception:  # a config it cannot read: the start-up pass checks the layers
         log.debug("no cache layout for this config", exc_info=True)
         return False
-    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
+    return any(isinstance(layer, recurrent) for layer in cache.layers)
 
 
 def _max_context(model_id: str, text_config: Any) -> int:

@@ -73,3 +73,15 @@ def test_any_failure_of_the_first_forward_pass_is_one_line(
     ) as refused:
         Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
     assert "\n" not in str(refused.value)
+
+
+def test_a_transformers_without_the_recurrent_cache_class_still_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recurrent-state check reads a class transformers added in 5.x (the project asks
+    for any 5.x): without it, a plain model still loads (the import failed every load)."""
+    import transformers.cache_utils
+
+    monkeypatch.delattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin")
+    engine = _start(build_architecture(tmp_path, "granite"))
+    assert engine.max_context > 0
