@@ -1,11 +1,14 @@
-"""``ToolCall``: one call a model made; and the events a reply's parse gives as it
-streams (text, a call opened, a piece of its arguments, a call closed)."""
+"""``ToolCall``: one call a model made, read from JSON; and the events a reply's parse
+gives as it streams (text, a call opened, a piece of its arguments, a call closed)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from salience_server.text_checks import load_json
 
 
 def new_call_id() -> str:
@@ -64,3 +67,32 @@ class CallClosed:
 
 
 ParsedEvent = TextDelta | CallOpened | ArgumentsDelta | CallClosed
+
+
+def calls_from_json(text: str, names: set[str]) -> list[ToolCall]:
+    """The calls of JSON text of a call object or a list of them, each naming a declared
+    tool; none where anything else is in it."""
+    try:
+        value: Any = load_json(text)
+    except ValueError:
+        return []
+    calls = [call_of(item, names) for item in (value if isinstance(value, list) else [value])]
+    return [call for call in calls if call is not None] if all(calls) else []
+
+
+def call_from_json(text: str, names: set[str]) -> ToolCall | None:
+    """A ToolCall from JSON text of an object naming a declared tool, else None."""
+    try:
+        return call_of(load_json(text), names)
+    except ValueError:
+        return None
+
+
+def call_of(value: Any, names: set[str]) -> ToolCall | None:
+    """A ToolCall from a JSON object naming a declared tool, else None."""
+    if not isinstance(value, dict) or value.get("name") not in names:
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(value["name"], arguments)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from salience_server.http.call_forms import (
     BETWEEN_CALLS,
@@ -33,8 +33,9 @@ from salience_server.http.tool_call import (
     ParsedEvent,
     TextDelta,
     ToolCall,
+    call_from_json,
+    calls_from_json,
 )
-from salience_server.text_checks import load_json
 
 _State = Literal[
     "text", "opening", "tag", "marked", "element", "arguments", "rest", "after", "ignore"
@@ -183,7 +184,7 @@ class ToolCallParser:
         end = _value_end(value)
         if end is None and not is_final:
             return []
-        calls = _calls_from_json(value[:end], self.names) if end else []
+        calls = calls_from_json(value[:end], self.names) if end else []
         if not calls:
             self._state = "text"
             return self._marker_as_text()
@@ -203,7 +204,7 @@ class ToolCallParser:
         end = _value_end(self._buffer)
         if end is None and not is_final:
             return []
-        calls = _calls_from_json(self._buffer[:end], self.names) if end else []
+        calls = calls_from_json(self._buffer[:end], self.names) if end else []
         if not calls:
             self._state, self._in_list = "text", False
             return []
@@ -230,7 +231,7 @@ class ToolCallParser:
         stop = len(self._buffer) if end < 0 else end + len(TOOL_CALL_CLOSE)
         body = self._buffer[len(TOOL_CALL_OPEN) : stop - (len(TOOL_CALL_CLOSE) if end >= 0 else 0)]
         whole, self._buffer = self._buffer[:stop], self._buffer[stop:]
-        call = _call_from_json(body.strip(), self.names)
+        call = call_from_json(body.strip(), self.names)
         if call is None:
             self._state = "text"
             return [TextDelta(whole)]
@@ -360,35 +361,6 @@ def _value_end(text: str) -> int | None:
         if scanner.depth == 0:
             return position + 1
     return None
-
-
-def _calls_from_json(text: str, names: set[str]) -> list[ToolCall]:
-    """The calls of JSON text of a call object or a list of them, each naming a declared
-    tool; none where anything else is in it."""
-    try:
-        value: Any = load_json(text)
-    except ValueError:
-        return []
-    calls = [_call_of(item, names) for item in (value if isinstance(value, list) else [value])]
-    return [call for call in calls if call is not None] if all(calls) else []
-
-
-def _call_from_json(text: str, names: set[str]) -> ToolCall | None:
-    """A ToolCall from JSON text of an object naming a declared tool, else None."""
-    try:
-        return _call_of(load_json(text), names)
-    except ValueError:
-        return None
-
-
-def _call_of(value: Any, names: set[str]) -> ToolCall | None:
-    """A ToolCall from a JSON object naming a declared tool, else None."""
-    if not isinstance(value, dict) or value.get("name") not in names:
-        return None
-    arguments = value.get("arguments", value.get("parameters", {}))
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(value["name"], arguments)
 
 
 def parse_reply(text: str, names: set[str], allow_bare: bool = True) -> tuple[str, list[ToolCall]]:
