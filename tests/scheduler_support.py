@@ -31,6 +31,12 @@ def make_request(
     return Request(request_id, params, session, lambda event: None, set(), None)
 
 
+def continuing(request_id: int, session: Session, offset: int, max_tokens: int = 1) -> Request:
+    """A call on ``session`` as it stands (``offset`` its length, nothing appended)."""
+    params = GenerateParams(session_id=session.session_id, offset=offset, max_tokens=max_tokens)
+    return Request(request_id, params, session, lambda event: None, set(), None)
+
+
 def run_step(scheduler: Scheduler) -> list[tuple[int, int]]:
     """Schedules one step and pretends the model ran it: (request id, tokens fed)."""
     output = scheduler.schedule()

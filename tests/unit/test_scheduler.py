@@ -8,9 +8,9 @@ from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.errors import SalienceError
 from salience_server.engine.evictor import SwapIn
-from salience_server.engine.request import GenerateParams, Request
+from salience_server.engine.request import Request
 from salience_server.engine.session import Residency, Session
-from tests.scheduler_support import make_request, make_scheduler, owning, run_step
+from tests.scheduler_support import continuing, make_request, make_scheduler, owning, run_step
 
 
 @pytest.fixture
@@ -198,14 +198,7 @@ def test_offloaded_session_is_restored_into_fresh_blocks() -> None:
     scheduler = make_scheduler(EngineConfig(), manager, sessions, host_bytes=1000)
     scheduler.evictor.evict(session, [])
     assert session.residency == Residency.OFFLOADED and scheduler.evictor.host_bytes_used == 8
-    request = Request(
-        1,
-        GenerateParams(session_id="s0", offset=8, max_tokens=1),
-        session,
-        lambda e: None,
-        set(),
-        None,
-    )
+    request = continuing(1, session, 8, 1)
     session.num_computed = 7  # the engine feeds the last token again for its distribution
     scheduler.add(request)
     output = scheduler.schedule()
@@ -224,14 +217,7 @@ def test_a_dropped_session_is_resident_again_once_fed() -> None:
     scheduler = make_scheduler(EngineConfig(), manager, {"s0": session})
     scheduler.evictor.evict(session, [])
     assert session.residency == Residency.DROPPED and session.num_computed == 0
-    request = Request(
-        1,
-        GenerateParams(session_id="s0", offset=8, max_tokens=1),
-        session,
-        lambda e: None,
-        set(),
-        None,
-    )
+    request = continuing(1, session, 8, 1)
     scheduler.add(request)
     output = scheduler.schedule()
     assert [(c.start, c.num_tokens) for c in output.chunks] == [(0, 8)]
@@ -250,14 +236,7 @@ def test_evicting_a_forks_partner_ends_the_copies_a_write_needs() -> None:
     child.num_computed = child.num_ever_computed = 22  # rescoring from position 22
     sessions = {"parent": parent, "child": child}
     scheduler = make_scheduler(EngineConfig(), manager, sessions)
-    request = Request(
-        0,
-        GenerateParams(session_id="child", offset=40, max_tokens=0),
-        child,
-        lambda event: None,
-        set(),
-        None,
-    )
+    request = continuing(0, child, 40, 0)
     child.owner = request
     scheduler.add(request)
     output = scheduler.schedule()

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from salience_server.config import EngineConfig
 from salience_server.engine.block_manager import BlockManager
-from salience_server.engine.request import GenerateParams, Request
 from salience_server.engine.session import Residency, Session
-from tests.scheduler_support import make_request, make_scheduler, owning, run_step
+from tests.scheduler_support import continuing, make_request, make_scheduler, owning, run_step
 
 
 def test_request_short_of_memory_waits_while_others_run() -> None:
@@ -161,14 +160,7 @@ def test_a_fork_whose_copies_find_no_room_waits_for_the_step_to_end() -> None:
     child_session = Session("child", max_context=128, token_ids=list(range(8)))
     child_session.block_table = manager.share(parent.session.block_table)
     child_session.num_computed = 4  # rescoring from position 4: block 1 must be copied
-    child = Request(
-        1,
-        GenerateParams(session_id="child", offset=8, max_tokens=0),
-        child_session,
-        lambda event: None,
-        set(),
-        None,
-    )
+    child = continuing(1, child_session, 8, 0)
     owning(sessions, parent, child)
     scheduler.running.append(parent)
     scheduler.add(child)
