@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from salience_server.engine import fp16_gemm, kernel_caches, layer_timing
+from salience_server.engine.model_shape import is_plain_linear
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def prepack_linears(
     count = 0
     for module in model.modules():
         if (
-            layer_timing.is_plain_linear(module)
+            is_plain_linear(module)
             and module.weight is not None
             and module.weight.dtype == dtype
             and not module.weight.is_mkldnn
@@ -290,7 +291,7 @@ def narrow_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return sum(
         module.weight.numel() * module.weight.element_size()
         for module in model.modules()
-        if layer_timing.is_plain_linear(module)
+        if is_plain_linear(module)
         and module.weight is not None
         and module.weight.dtype == dtype
         and not module.weight.is_mkldnn
@@ -352,11 +353,7 @@ def upcast_wide_products(model: torch.nn.Module) -> int:
     float32 from ``MIN_ROWS`` rows on; returns how many layers were changed."""
     count = 0
     for module in model.modules():
-        if (
-            layer_timing.is_plain_linear(module)
-            and module.weight is not None
-            and module.weight.dtype in _16_BIT
-        ):
+        if is_plain_linear(module) and module.weight is not None and module.weight.dtype in _16_BIT:
             module.forward = _forward(module)  # type: ignore[method-assign]
             count += 1
     return count
@@ -389,7 +386,7 @@ def compute_in_float32(model: torch.nn.Module) -> None:
         return tensor.float() if tensor.dtype in _16_BIT else tensor
 
     for module in model.modules():
-        if not (layer_timing.is_plain_linear(module) or isinstance(module, torch.nn.Embedding)):
+        if not (is_plain_linear(module) or isinstance(module, torch.nn.Embedding)):
             module._apply(widen, recurse=False)
     embedding = model.get_input_embeddings()  # type: ignore[operator]
     embedding.register_forward_hook(lambda module, inputs, output: widen(output))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from salience_server.engine.layer_timing import is_plain_linear
+from salience_server.engine.model_shape import is_plain_linear
 
 _16_BIT = (torch.bfloat16, torch.float16)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeGuard
 
 import torch
+
+from salience_server.engine.model_shape import is_plain_linear
 
 MEASURED_BYTES = 512 << 20
 """The weights timed: the decoder's Linear layers in order up to this many bytes (all
@@ -16,13 +17,6 @@ on most machines, as decoding does; little enough to take under a second."""
 REPEATS = 3
 
 Product = Callable[[torch.Tensor], torch.Tensor]
-
-
-def is_plain_linear(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
-    """Whether ``module`` is a Linear layer whose product is torch's own: a subclass
-    with a forward of its own (Phi-MoE's router returns its top experts) computes
-    something else, so the CPU paths leave it as it is."""
-    return isinstance(module, torch.nn.Linear) and (type(module).forward is torch.nn.Linear.forward)
 
 
 def timed_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:

@@ -1,8 +1,11 @@
-"""The shape of a model's keys and values, read from its transformers config."""
+"""The shape of a model: its keys and values (read from its transformers config), its
+decoder's parts, and which of its Linear layers compute torch's own product."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
+
+import torch
 
 LAYER_NAMES = ("layers", "h", "blocks")
 """What transformers' decoders call their list of layers (Llama's, GPT-2's, MPT's)."""
@@ -26,3 +29,10 @@ def kv_shape(model_config: Any) -> tuple[int, int, int]:
     num_kv_heads = getattr(model_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // num_heads
     return model_config.num_hidden_layers, num_kv_heads, head_dim
+
+
+def is_plain_linear(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
+    """Whether ``module`` is a Linear layer whose product is torch's own: a subclass
+    with a forward of its own (Phi-MoE's router returns its top experts) computes
+    something else, so the CPU paths leave it as it is."""
+    return isinstance(module, torch.nn.Linear) and (type(module).forward is torch.nn.Linear.forward)
