@@ -142,6 +142,9 @@ class Script:
     ``<think>``); every other text is a token per byte."""
     texts_tokenized: list[str] = field(default_factory=list)
     """Every text (not messages) Tokenize was asked for."""
+    special_texts: tuple[str, ...] = ()
+    """Texts of special tokens in ``text``: a decode that does not keep special tokens
+    leaves them out, as the server's detokenizer does."""
     generation_prompt: str = ""
     """What the rendered prompt ends with after ``add_generation_prompt`` (Qwen3's
     ``<think>\n\n</think>\n\n`` with its thinking off), past the rendered JSON's line."""
@@ -226,7 +229,10 @@ class ScriptedSalience(salience_pb2_grpc.SalienceServicer):
         self.sessions[request.session_id] = tokens
         self.script.prompts.append(list(tokens))
         prompt_length = len(tokens)
-        scripted = self.script.tokens or [(ord(char) % 256, char) for char in self.script.text]
+        text = self.script.text
+        for special in self.script.special_texts if not request.keep_special_tokens else ():
+            text = text.replace(special, "")
+        scripted = self.script.tokens or [(ord(char) % 256, char) for char in text]
         for count, (token_id, text) in enumerate(scripted[: request.max_tokens]):
             if self.script.fail_after is not None and count == self.script.fail_after:
                 status = _abort_status(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", "stopping")

@@ -12,9 +12,10 @@ call's text up to its arguments' value, whitespace removed, one per declared nam
   ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>``. The name is no JSON
   string here, and the arguments stand alone, in no call object.
 
-Mistral's and Llama's markers are special tokens, whose text a reply shows only with
-``skip_special_tokens: false``: without them, the JSON after them is a bare call.
-DeepSeek's calls parse only where its markers reach the reply's text.
+Mistral's and Llama's markers are special tokens, whose text a reply shows only when
+special tokens are kept (the shim keeps them where it reads a reply for calls, unless
+the client sets ``skip_special_tokens``): without them, the JSON after them is a bare
+call. DeepSeek's calls parse only where its markers reach the reply's text.
 
 Either arguments key (``"arguments"``, ``"parameters"``) is taken in every form.
 """

@@ -132,6 +132,7 @@ class ChatPlan:
             score_prompt=body.prompt_logprobs is not None,
             constraint=self.constraint,
             extra_stops=self.tools.stop_strings(),
+            reads_markers=self.tools.is_enabled,
         )
         options = dataclasses.replace(options, thinking=self.reasoning.tags)
         return Generation(

@@ -113,6 +113,7 @@ class ResponsePlan:
             logprob_top_k=body.top_logprobs or 0,
             constraint=self.constraint,
             extra_stops=self.tools.stop_strings(),
+            reads_markers=self.tools.is_enabled,
         )
         options = dataclasses.replace(options, thinking=self.reasoning.tags)
         return Generation(

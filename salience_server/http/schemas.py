@@ -76,7 +76,8 @@ class SamplingFields(Body):
     include_stop_str_in_output: bool = False
     """vLLM's: the reply's text keeps the stop string that ended it."""
     skip_special_tokens: bool = True
-    """vLLM's: false writes special tokens' text in the reply."""
+    """vLLM's: false writes special tokens' text in the reply. Unset, it is false where
+    the reply is read for tool calls (``decode_options``' ``reads_markers``)."""
 
     def decode_options(
         self,
@@ -86,9 +87,19 @@ class SamplingFields(Body):
         score_prompt: bool = False,
         constraint: Constraint | None = None,
         extra_stops: tuple[str, ...] = (),
+        reads_markers: bool = False,
     ) -> DecodeOptions:
         """The server-side decoding options these fields ask for (OpenAI's default
-        temperature is 1)."""
+        temperature is 1). ``reads_markers``: the reply is parsed for markers that are
+        special tokens in some models (Mistral's ``[TOOL_CALLS]``, Llama's
+        ``<|python_tag|>``, DeepSeek's, some models' ``<tool_call>``): unless the client
+        chose, their text is kept, or a call after text would stay text (vLLM keeps them
+        likewise for its tool parsers)."""
+        skips_special = (
+            self.skip_special_tokens
+            if "skip_special_tokens" in self.model_fields_set
+            else not reads_markers
+        )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return DecodeOptions(
             max_tokens=max_tokens,
@@ -103,7 +114,7 @@ class SamplingFields(Body):
             seed=None if self.seed == -1 else self.seed,  # vLLM's -1: no seed
             stop_strings=tuple(dict.fromkeys(s for s in [*stops, *extra_stops] if s)),
             include_stop_string=self.include_stop_str_in_output,
-            keep_special_tokens=not self.skip_special_tokens,
+            keep_special_tokens=not skips_special,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,

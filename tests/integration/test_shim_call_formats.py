@@ -143,3 +143,50 @@ def test_a_deepseek_template_gets_its_own_call_format(
     finally:
         script.chat_template, script.text, script.generation_prompt = "{{ messages }}", "hello", ""
         shim.backend._model_info = None
+
+
+def test_markers_after_text_reach_the_parser_unless_the_client_skips_them(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """Mistral's ``[TOOL_CALLS]`` is a special token: a reply that wrote text before
+    its calls lost the marker to the default ``skip_special_tokens`` and its calls were
+    content. Where the reply is read for calls, special tokens' text is kept unless the
+    client set the field (as vLLM does), in either API; with ``tool_choice: "none"``, or
+    an explicit ``skip_special_tokens: true``, the marker is skipped as before."""
+    script, shim = scripted
+    script.chat_template = MISTRAL_TEMPLATE
+    script.special_texts = ("[TOOL_CALLS]",)
+    script.text = 'Checking.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Rome"}}]'
+    shim.backend._model_info = None  # ask again
+    try:
+        client = shim.client()
+        options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
+        for stream in (False, True):
+            reply = client.chat.completions.create(**options, stream=stream)
+            assert last_decoding_request(script).keep_special_tokens
+            if stream:
+                assert _streamed(list(reply)) == ("Checking.", "", ["get_weather"], "tool_calls")
+            else:
+                message = reply.choices[0].message
+                assert message.content == "Checking."
+                (call,) = message.tool_calls
+                assert call.function.arguments == '{"city": "Rome"}'
+        response = client.responses.create(
+            model="scripted",
+            input="Weather?",
+            tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}],
+        )
+        assert [o.type for o in response.output] == ["message", "function_call"]
+        bare = script.text.replace("[TOOL_CALLS]", "")
+        reply = client.chat.completions.create(**options, tool_choice="none")
+        assert not last_decoding_request(script).keep_special_tokens
+        assert reply.choices[0].message.content == bare
+        reply = client.chat.completions.create(**options, extra_body={"skip_special_tokens": True})
+        assert not last_decoding_request(script).keep_special_tokens
+        assert (reply.choices[0].message.content, reply.choices[0].message.tool_calls) == (
+            bare,
+            None,
+        )
+    finally:
+        script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
+        shim.backend._model_info = None
