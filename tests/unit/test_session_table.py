@@ -1,57 +1,17 @@
-"""The session table with a real block pool, evictor and image store; no model (the
-runner is a stand-in that records what it is told to do with host KV)."""
+"""The session table with a real block pool, evictor and image store; no model
+(``tests.session_support``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from salience_server.engine.block_manager import BlockManager
 from salience_server.engine.errors import SalienceError
-from salience_server.engine.evictor import Evictor
-from salience_server.engine.images import ImageStore
 from salience_server.engine.ngram import NgramIndex
-from salience_server.engine.session import Residency, Session
-from salience_server.engine.session_table import SessionTable, context_limit
+from salience_server.engine.session import Residency
+from salience_server.engine.session_table import context_limit
 from salience_server.engine.vision import EncodedImage
-
-BLOCK_SIZE = 4
-BLOCK_BYTES = 100
-
-
-class RecordingRunner:
-    """What the table asks of the model runner: only host KV to discard or trim."""
-
-    def __init__(self) -> None:
-        self.discarded: list[str] = []
-        self.trimmed: list[tuple[str, int]] = []
-
-    def discard_host_kv(self, session_id: str) -> None:
-        self.discarded.append(session_id)
-
-    def trim_host_kv(self, session_id: str, num_blocks: int) -> None:
-        self.trimmed.append((session_id, num_blocks))
-
-
-def make_table(max_sessions: int = 16, host_bytes: int = 10_000) -> SessionTable:
-    manager = BlockManager(num_blocks=16, block_size=BLOCK_SIZE)
-    evictor = Evictor({}, manager, host_bytes, kv_bytes_per_token=1)
-    runner = RecordingRunner()
-    return SessionTable(
-        manager, evictor, ImageStore(evictor), runner, 64, BLOCK_BYTES, max_sessions
-    )
-
-
-def computed(table: SessionTable, session: Session, num_tokens: int) -> Session:
-    """``session`` holding ``num_tokens`` tokens, all with KV."""
-    session.token_ids = list(range(num_tokens))
-    table.block_manager.append(session.block_table, num_tokens, 0)
-    session.num_computed = session.num_ever_computed = num_tokens
-    return session
-
-
-def check_pool(table: SessionTable) -> None:
-    table.block_manager.check_invariants([s.block_table for s in table.sessions.values()])
+from tests.session_support import BLOCK_BYTES, check_pool, computed, make_table
 
 
 def test_open_checks_the_id_and_the_number_of_sessions() -> None:
