@@ -134,6 +134,17 @@ class Intake:
         if detokenizer is not None and read_from < prompt_end:
             tail = session.token_ids[read_from:prompt_end]
             _resume_stop_strings(request, tail, read_from - decode_start)
+        if params.constraint is not None:
+            request.matcher = self.constraints.matcher(params.constraint)
+            if params.thinking is not None:  # the thinking is free, its answer constrained
+                request.matcher = ThinkingMatcher(request.matcher, *params.thinking)
+            # A resumed stream: the grammar reads every token the broken call decoded
+            # (its state depends on each), and one they complete ends the call at once,
+            # as a stop string they hold does (before the KV to feed again is decided:
+            # an ended call decodes nothing).
+            request.matcher.catch_up(session.token_ids[decode_start:prompt_end])
+            if request.matcher.is_complete and request.finish_reason is None:
+                request.finish_reason = FinishReason.STOP
         session.owner = request
         first_fed = request.first_fed_needing_logits()
         if first_fed is not None:
@@ -153,16 +164,6 @@ class Intake:
             # A resumed stream: the broken call drew one uniform per token it decoded;
             # the seed goes on from there, as the call would have without the break.
             sampler.spend_uniforms(request.generator, prompt_end - decode_start)
-        if params.constraint is not None:
-            request.matcher = self.constraints.matcher(params.constraint)
-            if params.thinking is not None:  # the thinking is free, its answer constrained
-                request.matcher = ThinkingMatcher(request.matcher, *params.thinking)
-            # A resumed stream: the grammar reads every token the broken call decoded
-            # (its state depends on each), and one they complete ends the call at once,
-            # as a stop string they hold does.
-            request.matcher.catch_up(session.token_ids[decode_start:prompt_end])
-            if request.matcher.is_complete and request.finish_reason is None:
-                request.finish_reason = FinishReason.STOP
         log.debug(
             "request %d on session %s: %d appended at %d, max_tokens %d",
             request.request_id,

@@ -138,6 +138,17 @@ def test_a_grammar_resumed_midway_goes_on_from_the_decoded_tokens(
     assert request.matcher.is_complete
 
 
+def test_a_grammar_the_decoded_tokens_complete_ends_the_call_at_once(
+    compiler: ConstraintCompiler,
+) -> None:
+    """As a stop string they hold does: nothing is fed again, no token decoded, and
+    the whole prompt counts as cached."""
+    constraint = compiler.compile(ConstraintSpec("regex", "abc"))
+    request, session = resumed(compiler, ids("hi"), ids("abc"), constraint=constraint)
+    assert request.finish_reason == FinishReason.STOP and request.is_finished
+    assert (session.num_computed, request.num_cached) == (5, 5)
+
+
 def test_a_stop_string_that_ended_the_broken_call_is_its_reason_over_the_grammar(
     compiler: ConstraintCompiler,
 ) -> None:
