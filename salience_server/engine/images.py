@@ -65,6 +65,21 @@ class ImageStore:
                 del self._num_users[owner]
                 self.evictor.release_image(embeds.numel() * embeds.element_size())
 
+    def bytes_freed_by_dropping(self, spans: list[ImageSpan]) -> int:
+        """The host memory ``drop(spans)`` would give back: the embeddings of which
+        ``spans`` hold every copy left (a fork may share the others)."""
+        dropping: dict[str, int] = {}
+        freed = 0
+        for span in spans:
+            embeds = self._embeds.get(span.image_key)
+            if embeds is None:
+                continue
+            owner = self._owners[span.image_key]
+            dropping[owner] = dropping.get(owner, 0) + 1
+            if dropping[owner] == self._num_users[owner]:
+                freed += embeds.numel() * embeds.element_size()
+        return freed
+
     def rows(self, session: Session, start: int, end: int, first_row: int) -> list[tuple[int, Any]]:
         """(batch row, embeddings) for the image tokens among positions start .. end - 1
         of ``session``, fed from batch row ``first_row``."""

@@ -73,7 +73,7 @@ class Intake:
         # No session outgrows the KV pool: its context limit is at most the pool's size.
         check_generate(params, session, self.vocab_size, self.has_readout, self.limits)
         if image is not None:
-            self._check_room_for(image)
+            self._check_room_for(image, session, params.offset)
         elif self.image_token_id is not None and self.image_token_id in params.append_tokens:
             at = params.append_tokens.index(self.image_token_id)
             raise invalid(
@@ -83,10 +83,11 @@ class Intake:
                 "the tokens before the image, the image, then the tokens after it)",
             )
 
-    def _check_room_for(self, image: EncodedImage) -> None:
+    def _check_room_for(self, image: EncodedImage, session: Session, offset: int) -> None:
         """An image whose embeddings exceed the whole host budget is refused as too
         large (INVALID_ARGUMENT: no retry or room made elsewhere can take it); one that
-        does not fit beside the other images is HOST_MEMORY_FULL."""
+        does not fit beside the other images is HOST_MEMORY_FULL. Images the call
+        rewinds past are not among them (``accept`` drops them first)."""
         num_bytes, budget = embeds_bytes(image), self.evictor.host_kv_bytes
         if num_bytes > budget:
             where = f"{budget} bytes" if budget else "the server keeps none: --host-kv-memory is 0"
@@ -95,7 +96,9 @@ class Intake:
                 f"the image's embeddings ({num_bytes} bytes) exceed the whole host memory "
                 f"budget ({where}); send a smaller image or raise --host-kv-memory",
             )
-        if not self.evictor.can_hold_image(num_bytes):
+        rewound = [span for span in session.images if span.start >= offset]
+        freed = self.images.bytes_freed_by_dropping(rewound)
+        if not self.evictor.can_hold_image(num_bytes - freed):
             raise SalienceError(
                 Code.RESOURCE_EXHAUSTED,
                 "HOST_MEMORY_FULL",

@@ -229,6 +229,19 @@ def test_no_event_is_sent_at_once_for_a_range_after_0_or_an_empty_session() -> N
     assert events == [] and request.next_event_position == 0  # the offset: nothing sent
 
 
+def test_an_image_replacing_one_its_rewind_drops_fits_where_only_one_does() -> None:
+    """The rewind gives the old image's host memory back before the new one is held:
+    counting both would refuse every such call, retries included."""
+    table = make_table(host_bytes=32)
+    intake = make_intake(table)
+    session = table.open("s")
+    admitted(intake, GenerateParams("s", [IMAGE_PAD] * 4), session, image_of(4))
+    session.owner = None
+    params = GenerateParams("s", [IMAGE_PAD] * 4, offset=0, truncating=True)
+    admitted(intake, params, session, image_of(4))
+    assert len(session.images) == 1 and table.evictor.host_bytes_used == 32
+
+
 def test_an_image_a_fork_still_shares_frees_nothing_when_rewound() -> None:
     table = make_table(host_bytes=32)
     intake = make_intake(table)
