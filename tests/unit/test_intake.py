@@ -6,6 +6,8 @@ strings, grammars and seeds: test_intake_resume."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -119,10 +121,11 @@ def test_an_appended_call_commits_its_tokens_and_owns_the_session() -> None:
     intake = make_intake(table)
     session = computed(table, table.open("s"), 8)
     session.last_used -= 100
+    now = time.monotonic()
     events, request = admitted(intake, GenerateParams("s", [7, 8], offset=8), session)
     assert session.token_ids == list(range(8)) + [7, 8] and session.owner is request
     assert (session.num_computed, session.num_ever_computed, request.num_cached) == (8, 8, 8)
-    assert session.idle_seconds() < 50 and events == []
+    assert session.last_used >= now and events == []  # used now (for eviction's order)
     session.owner = None
     _, later = admitted(intake, GenerateParams("s", [9], offset=10), session)
     assert later.request_id > request.request_id
@@ -206,6 +209,13 @@ def test_a_range_from_position_0_sends_its_event_at_once() -> None:
     events, request = admitted(make_intake(table), params, session)
     assert events == [TokenEvent(position=0, token_id=7, is_prefill=True)]
     assert request.next_event_position == 1
+
+
+def test_a_one_token_sessions_position_0_event_is_sent_too() -> None:
+    table = make_table()
+    params = GenerateParams("s", [7], logprobs_ranges=[(0, 1)])
+    events, _ = admitted(make_intake(table), params, table.open("s"))
+    assert events == [TokenEvent(position=0, token_id=7, is_prefill=True)]
 
 
 def test_a_range_over_earlier_calls_tokens_from_0_sends_position_0_too() -> None:

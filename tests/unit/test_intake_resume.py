@@ -121,6 +121,42 @@ def test_text_held_back_for_a_stop_string_goes_on_across_the_break(
     assert next_text(request, ids("b")) == ("", True)
 
 
+def test_the_stop_string_reported_is_the_first_the_decoded_tokens_hold(
+    compiler: ConstraintCompiler,
+) -> None:
+    request, _ = resumed(compiler, ids("hi"), ids("xbcde"), stop_strings=["de", "bc"])
+    assert request.done_event().stop_string == "bc"
+
+
+def test_the_longest_stop_string_sets_how_far_back_the_tokens_are_read(
+    compiler: ConstraintCompiler,
+) -> None:
+    """Two tokens a byte (special tokens between may hold none): "abc", held back for
+    "abcd", lies within the last 8 tokens, whatever the shorter stop string."""
+    decoded = ids("xabc") + [SPECIAL] * 5
+    request, _ = resumed(compiler, ids("hi"), decoded, stop_strings=["z", "abcd"])
+    assert request.finish_reason is None
+    assert next_text(request, ids("d")) == ("", True)
+
+
+def test_the_prompts_text_never_matches_a_stop_string(compiler: ConstraintCompiler) -> None:
+    """Stop strings match the text decoded in the call (SPEC 2.1), also where the
+    tokens read again would reach into the prompt."""
+    request, _ = resumed(compiler, ids("hib"), ids("c"), stop_strings=["bc"])
+    assert request.finish_reason is None
+
+
+def test_the_first_token_read_again_renders_after_the_prompts_text(
+    compiler: ConstraintCompiler,
+) -> None:
+    """The prompt ends inside "€" (its first two bytes): the decoded byte completing it
+    renders whole from the prompt's tail, and "€!" is found in the decoded text."""
+    euro = ids("€")
+    decoded = euro[2:] + ids("!" + "y" * 14)
+    request, _ = resumed(compiler, euro[:2], decoded, stop_strings=["€!", "q" * 20])
+    assert request.done_event().stop_string == "€!"
+
+
 def test_text_the_broken_call_released_is_not_released_again(
     compiler: ConstraintCompiler,
 ) -> None:
