@@ -10,12 +10,13 @@ lie below the mark and produce nothing.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from salience_server.engine import penalties, sampler, scoring
+from salience_server.engine import filters, penalties, sampler, scoring
 from salience_server.engine.batch_builder import LogitsRow
 from salience_server.engine.errors import device_lost
 from salience_server.engine.request import FinishReason, Request, TokenEvent
@@ -189,11 +190,23 @@ def _row_results(
     for index, (row, token_id, scored) in enumerate(zip(rows, token_ids, scores, strict=True)):
         if index in unused:
             continue
+        if math.isnan(scored.logprob):  # a greedy pick read NaNs as the largest logit
+            errors.setdefault(row.request, _nan_logits(row.fed_position + 1))
         values: list[float] = []
         if row.readout_index is not None and readout_values:
             values = readout_values[row.readout_index]
         results.setdefault(row.request, {})[row.fed_position] = RowResult(token_id, scored, values)
     return results, errors
+
+
+def _nan_logits(position: int) -> filters.InvalidDistribution:
+    """A row whose logits hold NaN (an overflow in the model's dtype, say) fails its
+    request, whatever it was for: a sampled row has nothing to draw, a greedy one would
+    pick a meaningless token and a scored one report a NaN logprob."""
+    return filters.InvalidDistribution(
+        f"the model's logits predicting position {position} are NaN (an overflow in the "
+        "model's dtype?)"
+    )
 
 
 def pick(request: Request, position: int) -> int | sampler.Draw:

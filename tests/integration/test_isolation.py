@@ -273,3 +273,54 @@ def test_a_request_out_of_memory_alone_is_resource_exhausted(
     assert outcome.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_reason(outcome) == "OUT_OF_MEMORY"
     assert "--kv-cache-memory" in outcome.details()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_tokens": 4}, {"max_tokens": 4, "temperature": 1.0}, {"logprobs_ranges": [(0, 3)]}],
+    ids=["greedy", "sampled", "scored"],
+)
+def test_nan_logits_fail_their_request_alone(server, options: dict) -> None:
+    """A request whose logits turn NaN (an overflow in the model's dtype) fails with
+    INTERNAL naming them, whatever its rows were for: a greedy one decoded token 0 with
+    a NaN logprob to its max_tokens, a scored one reported NaN logprobs (which no JSON
+    holds). Its batch mate's stream is its solo one."""
+    stub = server.stub
+    prompt = random_tokens(12, seed=12)
+    want = _solo(stub, prompt, 30)
+    with torch.no_grad():  # the poison token's embedding: NaN from it on, in its sequence
+        server.engine.runner.model.get_input_embeddings().weight[POISON] = float("nan")
+    session_id = open_session(stub)
+    call = lambda: generate(stub, session_id, append_tokens=[5, POISON, 6], **options)  # noqa: E731
+    got, outcome = _run_beside(stub, prompt, 30, call)
+    assert got == want
+    assert isinstance(outcome, grpc.RpcError), outcome
+    assert outcome.code() == grpc.StatusCode.INTERNAL and "NaN" in outcome.details()
+    assert not server.engine.sessions[session_id].is_busy
+
+
+def test_a_failure_sampling_a_batch_is_narrowed_to_its_request(server, monkeypatch) -> None:
+    """When sampling or scoring a step's rows fails as a whole, each request's rows are
+    sampled again alone: the one whose rows fail alone fails, with its cause; the others
+    get exactly their solo tokens."""
+    stub = server.stub
+    prompt = random_tokens(12, seed=13)
+    want = _solo(stub, prompt, 30)
+    poisoned = open_session(stub)
+    real = outputs._row_results
+    narrowed: list[int] = []
+
+    def row_results(plan, logits, readout):
+        requests = {row.request for row in plan.rows}
+        if any(r.session.session_id == poisoned for r in requests):
+            narrowed.append(len(requests))
+            raise RuntimeError("these rows cannot be scored")
+        return real(plan, logits, readout)
+
+    monkeypatch.setattr(outputs, "_row_results", row_results)
+    call = lambda: generate(stub, poisoned, append_tokens=[5, 6], max_tokens=3)  # noqa: E731
+    got, outcome = _run_beside(stub, prompt, 30, call)
+    assert got == want
+    assert 2 in narrowed, "the two calls never shared a step"
+    assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.INTERNAL
+    assert "these rows cannot be scored" in outcome.details()
