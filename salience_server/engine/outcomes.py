@@ -23,6 +23,8 @@ from salience_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+NAN_STATES = "the model's final hidden states are NaN (an overflow in the model's dtype?)"
+
 Sampled = tuple[outputs.RowResults, dict[Request, Exception]]
 """Each request's row results, and the requests whose rows failed."""
 
@@ -146,6 +148,9 @@ class Outcomes:
             pooled = request.pooled
             if request.params.pooling == "mean":
                 pooled = pooled / request.session.length
+            if torch.isnan(pooled).any():  # no vector a client could use (nor JSON hold)
+                self.fail(request, ValueError(NAN_STATES))
+                return
             done.embedding = pooled.tolist()
         request.sink(done)
         self.release(request)

@@ -324,3 +324,23 @@ def test_a_failure_sampling_a_batch_is_narrowed_to_its_request(server, monkeypat
     assert 2 in narrowed, "the two calls never shared a step"
     assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.INTERNAL
     assert "these rows cannot be scored" in outcome.details()
+
+
+def test_an_embedding_of_nan_states_fails_its_call(server) -> None:
+    """Pooled final hidden states that turned NaN were returned as NaN values (which no
+    JSON holds: the shim's /v1/embeddings failed on them): the call fails INTERNAL
+    naming them, and the next Embed is served."""
+    stub = server.stub
+    clean = pb.EmbedRequest(token_lists=[pb.TokenIds(token_ids=[5, 6, 7])], pooling=pb.POOLING_MEAN)
+    want = stub.Embed(clean).embeddings[0].values
+    with torch.no_grad():
+        server.engine.runner.model.get_input_embeddings().weight[POISON] = float("nan")
+    for pooling in (pb.POOLING_MEAN, pb.POOLING_LAST):
+        poisoned = pb.EmbedRequest(
+            token_lists=[pb.TokenIds(token_ids=[5, POISON, 7])], pooling=pooling
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Embed(poisoned)
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert "NaN" in caught.value.details()
+    assert stub.Embed(clean).embeddings[0].values == want
