@@ -26,6 +26,11 @@ from salience_server.http.errors import invalid, unsupported
 from salience_server.http.refused_fields import CHAT_ONLY, UNOFFERED_SAMPLING, refuse_unoffered
 
 MAX_TOKEN_ID = 2**32 - 1
+MAX_BATCH_CHOICES = 2048
+"""The most choices one Completions request may ask for (its prompts times ``n``), as
+many as the server embeds in one call. Unbounded, a 120 KB body of 20,000 one-letter
+prompts tokenized each prompt, then started every generation at once: 90 s later a
+504, and meanwhile the shim answered even ``/health`` 15 s late."""
 _MIN_TOP_P = 1e-6
 """What an explicit ``top_p: 0`` becomes: only the most likely token (the server reads 0
 as "unset", which is 1)."""
@@ -263,6 +268,14 @@ class CompletionRequest(ReplyFields):
         self.check_stream()
         if isinstance(self.prompt, list) and not self.prompt:
             raise invalid("prompt must not be empty", "prompt")
+        batch = 1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else None
+        num_prompts = batch or len(self.prompt)
+        if num_prompts * self.n > MAX_BATCH_CHOICES:
+            raise invalid(
+                f"{num_prompts} prompts times n={self.n} make {num_prompts * self.n} choices; "
+                f"at most {MAX_BATCH_CHOICES} per request",
+                "prompt",
+            )
 
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
