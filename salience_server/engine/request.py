@@ -345,16 +345,20 @@ class Request:
         now = time.monotonic()
         started = self.first_scheduled_time or now
         prefilled = self.prefill_done_time or now
+        reason = self.final_reason()
+        # A stop token's end stays its own even where the text it released matched a
+        # stop string (a U+FFFD the stop token's flush wrote): no stop string ended it.
+        stop_string = self.stop_matcher.matched if reason is FinishReason.STOP_STRING else ""
         return DoneEvent(
             prompt_tokens=self.prompt_len,
             completion_tokens=self.num_decoded,
             total_tokens=self.session.length,
-            finish_reason=self.final_reason(),
+            finish_reason=reason,
             cached_tokens=self.num_cached,
             recomputed_tokens=self.num_recomputed,
             drafted_tokens=self.num_drafted,
             accepted_tokens=self.num_accepted,
-            stop_string=self.stop_matcher.matched,
+            stop_string=stop_string,
             queue_ms=(started - self.arrival_time) * 1e3,
             prefill_ms=(prefilled - started) * 1e3,
             decode_ms=(now - prefilled) * 1e3,
