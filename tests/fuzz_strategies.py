@@ -37,7 +37,7 @@ proto_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
 """Text a proto string field can hold (valid UTF-8: no lone surrogates)."""
 odd_text = (
     proto_text
-    | st.sampled_from(["", " ", "\x00", "\u202e", "\U0001f600" * 3, "a" * 300, "\n\r\t"])
+    | st.sampled_from(["", " ", "\x00", "\u202e", "\U0001f600" * 3, "a" * 300, "\n\r\t", "\ufffd"])
     | st.just("é" * 200)
 )
 

@@ -110,9 +110,12 @@ class Fuzzer:
         if prefix:
             self.generate(pb.GenerateRequest(session_id=session_id, append_tokens=prefix))
 
-    def call(self, method: str, request: Any) -> Any:
-        """``request`` answered, or None where it was refused (checked against SPEC)."""
+    def call(self, method: str, request: Any, cancel_after: int | None = None) -> Any:
+        """``request`` answered, or None where it was refused (checked against SPEC);
+        a Generate stream is cancelled after ``cancel_after`` events, if given."""
         try:
+            if method == "Generate" and cancel_after is not None:
+                return self.cancel(request, cancel_after)
             if method == "Generate":
                 response = self.generate(request)
             else:
@@ -141,8 +144,29 @@ class Fuzzer:
         assert done.completion_tokens <= request.max_tokens
         positions = [e.token.position for e in events[:-1]]
         assert positions == sorted(set(positions)), "positions repeated or out of order"
+        if done.stop_string or done.finish_reason == pb.FINISH_REASON_STOP_STRING:
+            assert done.finish_reason == pb.FINISH_REASON_STOP_STRING, done
+            assert done.stop_string in request.stop_strings, done
         self.lengths[request.session_id] = done.total_tokens
         return done
+
+    def cancel(self, request: pb.GenerateRequest, num_read: int) -> None:
+        """Reads ``num_read`` events, then cancels; the session's length is then
+        whatever the call committed before the cancel reached it."""
+        stream = self.stub.Generate(request, timeout=DEADLINE_S)
+        for _ in zip(range(num_read), stream, strict=False):
+            pass
+        stream.cancel()
+        if request.session_id not in self.lengths:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            info = self.stub.GetSession(pb.GetSessionRequest(session_id=request.session_id))
+            if not info.session.busy:
+                self.lengths[request.session_id] = info.session.length
+                return
+            time.sleep(0.01)
+        raise AssertionError("a cancelled call kept its session busy")
 
     def check_refusal(self, method: str, error: grpc.RpcError) -> None:
         code, message = error.code(), error.details() or ""
@@ -193,7 +217,8 @@ def run_example(server: RunningServer, errors: ErrorLog, data: st.DataObject, ca
         fuzzer.open(data.draw(prefix, label="prefix"))
         for _ in range(data.draw(st.integers(1, 4), label="calls")):
             method, request = data.draw(calls(fuzzer), label="call")
-            fuzzer.call(method, request)
+            cancel = data.draw(st.none() | st.none() | st.integers(0, 3), label="cancel after")
+            fuzzer.call(method, request, cancel)
         fuzzer.finish()
     finally:  # a failed example leaves nothing to the next one
         close_all(server)
