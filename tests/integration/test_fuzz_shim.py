@@ -3,12 +3,13 @@
 Each example sends one body drawn from ``tests/fuzz_bodies.py`` (a valid request with
 some fields replaced by wrong types, nulls, huge numbers, deep nesting, odd unicode,
 bad image URLs; streaming on or off) or raw bytes that are barely JSON, to the shim in
-front of the tiny Llama server. The answer must come within a deadline, never be a
-5xx, and an error must have OpenAI's shape with a one-line message free of Python
-internals; a stream must be well-formed SSE that ends with ``[DONE]`` or an error
-event. After the example the shim leases no session, the server runs no request and
-holds no busy session, every server session is one the shim's pool knows, and the
-block pool balances. A plain greedy chat completion still answers as before.
+front of the tiny Llama server (or the tiny Qwen2-VL, for image parts); sometimes the
+client leaves after the first line of the answer. The answer must come within a
+deadline, never be a 5xx, and an error must have OpenAI's shape with a one-line message
+free of Python internals; a stream must be well-formed SSE that ends with ``[DONE]`` or
+an error event. After the example the shim leases no session, the server runs no
+request and holds no busy session, every server session is one the shim's pool knows,
+and the block pool balances. A plain greedy chat completion still answers as before.
 
 CI runs a bounded, derandomized profile; ``SALIENCE_FUZZ_EXAMPLES=N`` runs longer.
 """
@@ -93,6 +94,16 @@ def post(shim: RunningShim, path: str, content: bytes) -> httpx.Response:
     url = shim.base_url.removesuffix("/v1") + path
     headers = {"content-type": "application/json"}
     return httpx.post(url, content=content, headers=headers, timeout=DEADLINE_S)
+
+
+def leave_early(shim: RunningShim, path: str, content: bytes) -> None:
+    """Sends the body, reads the answer's first line (a stream's first event), and
+    closes the connection: the shim must stop the generation and free its session."""
+    url = shim.base_url.removesuffix("/v1") + path
+    headers = {"content-type": "application/json"}
+    with httpx.stream("POST", url, content=content, headers=headers, timeout=DEADLINE_S) as r:
+        assert r.status_code < 500, (path, r.status_code)
+        next(r.iter_lines(), None)
 
 
 def check_answer(response: httpx.Response, what: Any) -> None:
@@ -191,6 +202,9 @@ def fuzz_one(
         request = data.draw(body(path, model, images), label="body")
         content = encode(request)
         what = (path, request)
-    check_answer(post(shim, path, content), what)
+    if data.draw(st.integers(0, 4), label="leave early?") == 0:
+        leave_early(shim, path, content)
+    else:
+        check_answer(post(shim, path, content), what)
     left_nothing(shim, server)
     assert greedy(shim, model) == expected
