@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -308,6 +309,29 @@ class Backend:
                     image.url, self.config.max_image_bytes
                 )
                 image.url = ""
+
+    async def learn_image_counts(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        param: str,
+        options: RenderOptions,
+        images: list[ImageInput],
+    ) -> None:
+        """Asks the server how many placeholder tokens each image it has not yet seen
+        takes (``image_token_counts``), for a prompt that is cut by token count before
+        any image is appended: ``mark_images`` would count an unseen image as one token,
+        so the same request kept more tokens, or cut inside the image, only the first
+        time. One more render, the images' places each as many pad tokens as they take."""
+        if all(image_marker(image.data) in self.image_token_counts for image in images):
+            return
+        expanded = await self.render_chat(messages, tools, param, options, False, images)
+        pad_id = (await self.model_info()).image_pad_token_id
+        grouped = itertools.groupby(expanded, lambda token_id: token_id == pad_id)
+        runs = [len(list(run)) for is_pad, run in grouped if is_pad]
+        if len(runs) == len(images):  # else each counts as one token, as before
+            for image, count in zip(images, runs, strict=True):
+                self.image_token_counts[image_marker(image.data)] = count
 
     def mark_images(
         self, prompt_ids: list[int], images: list[ImageInput], param: str

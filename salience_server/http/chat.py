@@ -179,6 +179,10 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
         chat_template_kwargs=body.chat_template_kwargs,
     )
     rendered = await backend.render_chat(conversation.messages, offered, "messages", render)
+    if body.truncate_prompt_tokens is not None and conversation.images:
+        await backend.learn_image_counts(
+            conversation.messages, offered, "messages", render, conversation.images
+        )
     images = backend.mark_images(rendered, conversation.images, "messages")
     prompt_ids = rendered + await backend.tokenize(mode.prefix_text(), "tool_choice")
     prompt_ids = last_tokens(prompt_ids, body.truncate_prompt_tokens, info.max_context)
