@@ -299,3 +299,26 @@ def test_fuzzed_image_calls_get_spec_statuses_and_leave_nothing_behind(
     vision_server: RunningServer, errors: ErrorLog, data: st.DataObject
 ) -> None:
     run_example(vision_server, errors, data, vision_calls)
+
+
+@FUZZ
+@given(method=st.sampled_from(sorted(ALLOWED)), raw=st.binary(max_size=64))
+def test_fuzzed_bytes_get_spec_statuses(
+    text_server: RunningServer, errors: ErrorLog, method: str, raw: bytes
+) -> None:
+    """Bytes on the wire rather than a message: those that parse are whatever request
+    they spell (unknown fields, odd varints, a session id of any bytes)."""
+    errors.records.clear()
+    fuzzer = Fuzzer(text_server, errors)
+    identity = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    path = f"/salience.v1.Salience/{method}"
+    try:
+        if method == "Generate":
+            list(text_server.channel.unary_stream(path, **identity)(raw, timeout=DEADLINE_S))
+        else:
+            text_server.channel.unary_unary(path, **identity)(raw, timeout=DEADLINE_S)
+    except grpc.RpcError as error:
+        fuzzer.check_refusal(method, error)
+    finally:
+        close_all(text_server)
+    fuzzer.finish()
