@@ -1,4 +1,5 @@
-"""``JsonDepth``: how deep a JSON text is nested, read one character at a time."""
+"""``JsonDepth``: how deep a JSON text is nested, read one character at a time; and
+``value_end``: where the JSON object or list a text opens with closes."""
 
 from __future__ import annotations
 
@@ -29,3 +30,16 @@ class JsonDepth:
             self.depth += 1
         elif char in "}]":
             self.depth -= 1
+
+
+def value_end(text: str) -> int | None:
+    """The index just after the JSON object or list ``text`` opens with; 0 where it
+    opens none, None where it has not closed yet."""
+    if not text.startswith(("{", "[")):
+        return 0
+    scanner = JsonDepth()
+    for position, char in enumerate(text):
+        scanner.feed(char)
+        if scanner.depth == 0:
+            return position + 1
+    return None

@@ -25,7 +25,7 @@ from salience_server.http.call_forms import (
     could_open,
     spellings,
 )
-from salience_server.http.json_depth import JsonDepth
+from salience_server.http.json_depth import JsonDepth, value_end
 from salience_server.http.tool_call import (
     ArgumentsDelta,
     CallClosed,
@@ -181,7 +181,7 @@ class ToolCallParser:
         text if no calls follow it."""
         marker = next(m for m in JSON_MARKERS if self._buffer.startswith(m))
         value = self._buffer[len(marker) :].lstrip()
-        end = _value_end(value)
+        end = value_end(value)
         if end is None and not is_final:
             return []
         calls = calls_from_json(value[:end], self.names) if end else []
@@ -201,7 +201,7 @@ class ToolCallParser:
                 return self._open(opening.name)
         if not is_final and any(o.text.startswith(compact) for o in self._item_openings):
             return []
-        end = _value_end(self._buffer)
+        end = value_end(self._buffer)
         if end is None and not is_final:
             return []
         calls = calls_from_json(self._buffer[:end], self.names) if end else []
@@ -348,19 +348,6 @@ def _partial_suffix(text: str, marker: str) -> int:
         if text.endswith(marker[:size]):
             return size
     return 0
-
-
-def _value_end(text: str) -> int | None:
-    """The index just after the JSON object or list ``text`` opens with; 0 where it
-    opens none, None where it has not closed yet."""
-    if not text.startswith(("{", "[")):
-        return 0
-    scanner = JsonDepth()
-    for position, char in enumerate(text):
-        scanner.feed(char)
-        if scanner.depth == 0:
-            return position + 1
-    return None
 
 
 def parse_reply(text: str, names: set[str], allow_bare: bool = True) -> tuple[str, list[ToolCall]]:
