@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tests.chat_templates_tools import LLAMA31, MISTRAL_V3
+from tests.chat_templates_tools import LLAMA31, MISTRAL_V3, MISTRAL_V11, MISTRAL_V13
 
 MISTRAL_V1 = (
     "{{ bos_token }}{% for message in messages %}"
@@ -210,6 +210,11 @@ DEEPSEEK_SPECIALS = [
     "<｜tool▁output▁begin｜>",
     "<｜tool▁output▁end｜>",
 ]
+MISTRAL_NATIVE_SPECIALS = [
+    *["<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"],
+    *["[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"],
+    *["[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
+]
 FAMILIES = {
     f.name: f
     for f in [
@@ -237,6 +242,8 @@ FAMILIES = {
             ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]"]
             + ["[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
         ),
+        Family("mistral_v11", MISTRAL_V11, "<s>", "</s>", MISTRAL_NATIVE_SPECIALS),
+        Family("mistral_v13", MISTRAL_V13, "<s>", "</s>", MISTRAL_NATIVE_SPECIALS),
         Family(
             "gemma",
             GEMMA,

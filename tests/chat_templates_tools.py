@@ -1,5 +1,6 @@
 """Chat templates that render tools themselves, as their models ship them: Llama 3.1
-(tools in the first user turn) and Mistral v0.3 (tool call ids of 9 characters)."""
+(tools in the first user turn) and Mistral v0.3 (tool call ids of 9 characters); and
+minimal ones of our own for Mistral's native calls from its tokenizer v11."""
 
 LLAMA31 = """{{- bos_token }}
 {%- if custom_tools is defined %}{%- set tools = custom_tools %}{%- endif %}
@@ -160,3 +161,39 @@ MISTRAL_V3 = """{%- if messages[0]["role"] == "system" %}
     {%- endif %}
 {%- endfor %}
 """
+
+MISTRAL_V13 = """{{- bos_token }}
+{%- if messages[0].role == "system" %}
+    {{- "[SYSTEM_PROMPT]" + messages[0].content + "[/SYSTEM_PROMPT]" }}
+    {%- set messages = messages[1:] %}
+{%- endif %}
+{%- if tools %}{{ "[AVAILABLE_TOOLS]" + tools | tojson + "[/AVAILABLE_TOOLS]" }}{% endif %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- "[INST]" + message.content + "[/INST]" }}
+    {%- elif message.role == "tool" %}
+        {{- "[TOOL_RESULTS]" + message.content + "[/TOOL_RESULTS]" }}
+    {%- elif message.role == "assistant" %}
+        {{- message.content or "" }}
+        {%- if message.tool_calls is defined and message.tool_calls %}
+            {%- for call in message.tool_calls %}
+                {{- "[TOOL_CALLS]" + call.function.name }}
+                {%- set arguments = call.function.arguments %}
+                {{- "[ARGS]" + (arguments if arguments is string else arguments | tojson) }}
+            {%- endfor %}
+        {%- endif %}
+        {{- eos_token }}
+    {%- endif %}
+{%- endfor %}
+"""
+"""Mistral's native calls as its tokenizers v13 write them (Small 3.2, Magistral):
+``[TOOL_CALLS]NAME[ARGS]{...}``, a marker before each call. Our own minimal template,
+written for these tests."""
+
+MISTRAL_V11 = MISTRAL_V13.replace(
+    '{{- "[TOOL_CALLS]" + call.function.name }}',
+    '{%- if call.id | length != 9 %}{{ raise_exception("Tool call ids have 9 characters") }}'
+    '{% endif %}{{- "[TOOL_CALLS]" + call.function.name + "[CALL_ID]" + call.id }}',
+)
+"""Mistral v11's (Small 3.1): each call's id, of 9 characters, between its name and
+``[ARGS]``."""

@@ -4,18 +4,23 @@ call's text up to its arguments' value, whitespace removed, one per declared nam
 - Hermes, Qwen2.5 and Qwen3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
 - Llama 3 JSON: a bare call object ``{"name": ..., "parameters": {...}}`` (several
   separated by ``;``), a list of them, or either inside a code fence;
-- Mistral: ``[TOOL_CALLS]`` and a list of call objects (or one), each perhaps with an
-  ``"id"`` after its arguments; Llama 3.2: ``<|python_tag|>`` and a call object;
+- Mistral v0.3: ``[TOOL_CALLS]`` and a list of call objects (or one), each perhaps with
+  an ``"id"`` after its arguments; Llama 3.2: ``<|python_tag|>`` and a call object;
+- Mistral's tokenizers v11 and later (Small 3.1 and 3.2, Devstral, Magistral, Ministral
+  3): ``[TOOL_CALLS]NAME[ARGS]{...}``, each call after a marker of its own, perhaps with
+  an id, ``[TOOL_CALLS]NAME[CALL_ID]ID[ARGS]{...}``. After one ``[TOOL_CALLS]``, a ``[``
+  or ``{`` opens v0.3's JSON and a name this form;
 - DeepSeek-V3 and R1: ``<｜tool▁calls▁begin｜>``, then calls written
   ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>``,
   then ``<｜tool▁calls▁end｜>``; DeepSeek-V3.1's calls are
   ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>``. The name is no JSON
   string here, and the arguments stand alone, in no call object.
 
-Mistral's and Llama's markers are special tokens, whose text a reply shows only when
-special tokens are kept (the shim keeps them where it reads a reply for calls, unless
-the client sets ``skip_special_tokens``): without them, the JSON after them is a bare
-call. DeepSeek's calls parse only where its markers reach the reply's text.
+Mistral's markers (``[ARGS]`` and ``[CALL_ID]`` too) and Llama's are special tokens,
+whose text a reply shows only when special tokens are kept (the shim keeps them where it
+reads a reply for calls, unless the client sets ``skip_special_tokens``): without them,
+the JSON after them is a bare call. DeepSeek's calls, and Mistral's from v11, parse only
+where their markers reach the reply's text.
 
 Either arguments key (``"arguments"``, ``"parameters"``) is taken in every form.
 """
@@ -31,6 +36,8 @@ TOOL_CALL_CLOSE = "</tool_call>"
 FENCES = ("```json", "```")
 ARGUMENT_KEYS = ("arguments", "parameters")
 MISTRAL_CALLS = "[TOOL_CALLS]"
+MISTRAL_ARGS = "[ARGS]"
+MISTRAL_CALL_ID = "[CALL_ID]"
 PYTHON_TAG = "<|python_tag|>"
 DEEPSEEK_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 DEEPSEEK_CALL_BEGIN = "<｜tool▁call▁begin｜>"
@@ -57,6 +64,9 @@ class Opening:
     in_object: bool = True
     """The arguments are a value in the call's JSON object, whose rest follows them
     (False: they stand alone, as DeepSeek's)."""
+    then_id: bool = False
+    """The call's id follows, then ``[ARGS]`` and the arguments (Mistral v11's
+    ``[CALL_ID]``)."""
 
 
 def call_openings(names: set[str], allow_bare: bool) -> list[Opening]:
@@ -75,6 +85,8 @@ def call_openings(names: set[str], allow_bare: bool) -> list[Opening]:
         for begin in (DEEPSEEK_CALLS_BEGIN + DEEPSEEK_CALL_BEGIN, DEEPSEEK_CALL_BEGIN):
             openings.append(Opening(f"{begin}function{DEEPSEEK_SEP}{name}```json", name, False))
             openings.append(Opening(f"{begin}{name}{DEEPSEEK_SEP}", name, False))
+        openings.append(Opening(f"{MISTRAL_CALLS}{name}{MISTRAL_ARGS}", name, False))
+        openings.append(Opening(f"{MISTRAL_CALLS}{name}{MISTRAL_CALL_ID}", name, False, True))
     return openings
 
 

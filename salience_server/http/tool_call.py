@@ -1,19 +1,36 @@
-"""``ToolCall``: one call a model made, read from JSON; and the events a reply's parse
-gives as it streams (text, a call opened, a piece of its arguments, a call closed)."""
+"""``ToolCall``: one call a model made, read from JSON, and its id; and the events a
+reply's parse gives as it streams (text, a call opened, a piece of its arguments, a call
+closed)."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from salience_server.text_checks import load_json
 
+_WRITTEN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""An id a model writes that the shim hands on as it is: what OpenAI's own ids and
+function names are made of, and no longer than a function's name may be."""
+
 
 def new_call_id() -> str:
     """A fresh ``call_...`` id."""
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def written_call_id(written: str, taken: Collection[str]) -> str:
+    """The id a model wrote for its call (Mistral v11's after ``[CALL_ID]``), kept so
+    that the conversation sent back shows the model its own id; a fresh one where it is
+    not of ``_WRITTEN_ID``'s shape or an earlier call of the reply has it (two calls
+    with one id could not be told apart by their results)."""
+    if _WRITTEN_ID.fullmatch(written) and written not in taken:
+        return written
+    return new_call_id()
 
 
 @dataclass

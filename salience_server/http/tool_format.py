@@ -16,6 +16,7 @@ from salience_server.http.call_forms import (
     DEEPSEEK_CALLS_BEGIN,
     DEEPSEEK_CALLS_END,
     DEEPSEEK_SEP,
+    MISTRAL_ARGS,
     MISTRAL_CALLS,
     PYTHON_TAG,
     TOOL_CALL_CLOSE,
@@ -41,12 +42,14 @@ class ToolFormat:
     does; a call's own text may hold any other)."""
     is_json_call: bool = True
     """A call is a JSON object of ``"name"`` and ``arguments_key``; False: its name is
-    written before its arguments, outside any JSON (DeepSeek's)."""
+    written before its arguments, outside any JSON (DeepSeek's, Mistral v11's)."""
+    name_end: str = ""
+    """Where the name is outside JSON: what stands between it and the arguments."""
 
     def head(self, name: str) -> str:
         """A call of ``name`` up to its arguments' value, as the family writes it."""
         if not self.is_json_call:
-            return f"{name}\n```json\n"
+            return name + self.name_end
         spelled = json.dumps(name, ensure_ascii=False)
         return f'{{"name": {spelled}, "{self.arguments_key}": '
 
@@ -72,22 +75,35 @@ DEEPSEEK = ToolFormat(
     f"\n```{DEEPSEEK_CALL_END}{DEEPSEEK_CALLS_END}",
     "",
     is_json_call=False,
+    name_end="\n```json\n",
 )
 """DeepSeek-V3's and R1's: each call's name, then its arguments in a JSON code fence,
 between markers. A forced reply holds one call: the markers between two are special
 tokens, which no text of a grammar stands for."""
+MISTRAL_V11 = ToolFormat(
+    "mistral_v11", MISTRAL_CALLS, "", "", "", is_json_call=False, name_end=MISTRAL_ARGS
+)
+"""Mistral's from its tokenizer v11 (Small 3.1 and 3.2, Devstral, Magistral, Ministral
+3): ``[TOOL_CALLS]``, the name, ``[ARGS]`` and the arguments' JSON, each call after its
+own ``[TOOL_CALLS]``. A forced named call's ``[ARGS]`` is in the prompt, the special
+token the template writes. A ``required`` reply holds one call, as DeepSeek's: the
+``[TOOL_CALLS]`` between two is a special token, which no text of a grammar stands for;
+for the same reason the ``[ARGS]`` after the name it constrains is ordinary text (the
+characters, not the special token), which the model writes less readily, though it
+parses the same. No text stops a reply after its first call: ``[TOOL_CALLS]`` opens the
+first too."""
 
 
 def tool_format(chat_template: str) -> ToolFormat:
     """The family's format, read from its chat template: Hermes where it writes
-    ``<tool_call>``; Mistral's where it writes ``[TOOL_CALLS]`` and a list (not the
-    ``[ARGS]`` of Mistral's later templates); DeepSeek's where it renders tools and
+    ``<tool_call>``; Mistral v11's where it writes ``[TOOL_CALLS]`` and ``[ARGS]``,
+    v0.3's where ``[TOOL_CALLS]`` alone (and a list); DeepSeek's where it renders tools and
     writes calls as DeepSeek-V3 and R1 do; Llama 3's where it mentions the
     ``"parameters"`` of a call (or its ``<|python_tag|>``); Hermes otherwise."""
     if TOOL_CALL_OPEN in chat_template:
         return HERMES
-    if MISTRAL_CALLS in chat_template and "[ARGS]" not in chat_template:
-        return MISTRAL
+    if MISTRAL_CALLS in chat_template:
+        return MISTRAL_V11 if MISTRAL_ARGS in chat_template else MISTRAL
     if _writes_deepseek_calls(chat_template):
         return DEEPSEEK
     if '"parameters"' in chat_template or PYTHON_TAG in chat_template:

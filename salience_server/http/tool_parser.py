@@ -18,6 +18,7 @@ from salience_server.http.call_forms import (
     BETWEEN_CALLS,
     JSON_MARKERS,
     MARKERS,
+    MISTRAL_ARGS,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     Opening,
@@ -35,10 +36,20 @@ from salience_server.http.tool_call import (
     ToolCall,
     call_from_json,
     calls_from_json,
+    written_call_id,
 )
 
 _State = Literal[
-    "text", "opening", "tag", "marked", "element", "arguments", "rest", "after", "ignore"
+    "text",
+    "opening",
+    "tag",
+    "marked",
+    "element",
+    "call_id",
+    "arguments",
+    "rest",
+    "after",
+    "ignore",
 ]
 
 
@@ -71,6 +82,8 @@ class ToolCallParser:
     """Inside a list of calls (``[...]``, or calls after a marker separated by ``;``):
     its next item is a call object, bare, whether or not a bare call may stand alone."""
     _item_openings: list[Opening] = field(default_factory=list)
+    _named: str = ""
+    """The function of a call whose id is being read (``call_id`` state)."""
 
     def __post_init__(self) -> None:
         self._openings = call_openings(self.names, self.allow_bare)
@@ -105,6 +118,7 @@ class ToolCallParser:
             "tag": self._tag,
             "marked": self._marked,
             "element": self._element,
+            "call_id": self._call_id,
             "arguments": self._arguments_value,
             "rest": self._rest_of_call,
             "after": self._after_call,
@@ -145,6 +159,9 @@ class ToolCallParser:
                 self._buffer = self._buffer[_index_after(self._buffer, len(opening.text)) :]
                 before = opening.text.partition('{"name"')[0]
                 self._in_list = before.endswith(("[", *JSON_MARKERS))
+                if opening.then_id:
+                    self._state, self._named = "call_id", opening.name
+                    return []
                 return self._open(opening.name, opening.in_object)
         could_match = any(opening.text.startswith(compact) for opening in self._openings)
         if could_match and not is_final:
@@ -237,11 +254,22 @@ class ToolCallParser:
             return [TextDelta(whole)]
         return self._whole_calls([call])
 
-    def _open(self, name: str, in_object: bool = True) -> list[ParsedEvent]:
+    def _call_id(self, is_final: bool) -> list[ParsedEvent]:
+        """Mistral v11's id of a call, between ``[CALL_ID]`` and ``[ARGS]``: the call
+        opens with it once ``[ARGS]`` comes (``written_call_id``), or, where the reply
+        ends first, opens cut, with an id of its own."""
+        end = self._buffer.find(MISTRAL_ARGS)
+        if end < 0 and not is_final:
+            return []
+        written = self._buffer[:end].strip() if end >= 0 else ""
+        self._buffer = self._buffer[end + len(MISTRAL_ARGS) :] if end >= 0 else ""
+        return self._open(self._named, False, written)
+
+    def _open(self, name: str, in_object: bool = True, written_id: str = "") -> list[ParsedEvent]:
         if self.max_calls is not None and len(self.calls) >= self.max_calls:
             self._state, self._buffer = "ignore", ""
             return []
-        call = ToolCall(name, "")
+        call = ToolCall(name, "", written_call_id(written_id, {c.call_id for c in self.calls}))
         self.calls.append(call)
         self._state, self._json, self._in_object = "arguments", JsonDepth(), in_object
         return [CallOpened(len(self.calls) - 1, call)]

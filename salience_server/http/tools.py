@@ -100,7 +100,7 @@ class ToolMode:
     def constraint(self) -> Constraint | None:
         """What a forced call's text after ``prefix_text`` must be: the named function's
         arguments; for ``required``, one call of any declared function (a call object,
-        or the name and arguments of DeepSeek's format), or, where parallel calls are
+        or the name and arguments of DeepSeek's and Mistral v11's), or, where parallel calls are
         allowed and the format writes several, up to ``MAX_FORCED_CALLS`` of them,
         separated and closed in the family's markup (a Lark grammar whose calls are JSON
         Schema rules)."""

@@ -297,6 +297,8 @@ def _parsed(family: Family, pieces: list[str]) -> ParsedReply:
             for skip in (True, False)
         ],
         ("deepseek_r1", False),
+        ("mistral_v11", False),
+        ("mistral_v13", False),
     ],
 )
 def test_a_call_as_the_template_writes_it_is_parsed_back(
@@ -306,8 +308,10 @@ def test_a_call_as_the_template_writes_it_is_parsed_back(
     reply decoded with ``skip_special_tokens: false`` shows them, and was content with
     no call (it parsed only because they were skipped). DeepSeek's calls, between its
     markers, were never parsed (its markers are special tokens here: skipped, nothing
-    tells where a name ends). Streamed a token at a time or whole, the reply is the
-    call, and nothing of its markup is content."""
+    tells where a name ends), nor were Mistral's native ones from its tokenizer v11
+    (``[TOOL_CALLS]NAME[ARGS]{...}``: skipped, nothing tells where a name ends either).
+    Streamed a token at a time or whole, the reply is the call, and nothing of its
+    markup is content."""
     family = FAMILIES[name.removesuffix("_python_tag").replace("llama32", "llama31")]
     tokenizer = _tokenizer(family)
     if name == "llama32_python_tag":  # Llama 3.2's own calls open with the tag
@@ -323,12 +327,27 @@ def test_a_call_as_the_template_writes_it_is_parsed_back(
         assert reply.content.strip() == "" and all(c.is_complete for c in reply.calls)
 
 
+def test_the_id_a_mistral_v11_call_is_written_with_is_parsed_back() -> None:
+    """Mistral v11's template writes each call's id after ``[CALL_ID]``: the parsed call
+    has that id, which the template is given back as it is (it takes 9 characters)."""
+    family = FAMILIES["mistral_v11"]
+    tokenizer = _tokenizer(family)
+    ids = _call_turn_ids(family, tokenizer)
+    pieces = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    for reply in (_parsed(family, pieces), _parsed(family, ["".join(pieces)])):
+        assert [c.call_id for c in reply.calls] == ["abc123def"]
+
+
 @pytest.mark.parametrize("choice", ["named", "required"])
-@pytest.mark.parametrize("name", ["llama31", "qwen25", "mistral_v3", "deepseek_r1_tools"])
+@pytest.mark.parametrize(
+    "name", ["llama31", "qwen25", "mistral_v3", "deepseek_r1_tools", "mistral_v13"]
+)
 def test_a_forced_call_opens_as_the_family_writes_its_calls(name: str, choice: str) -> None:
     """The opening of a forced call is, token for token, how the template writes a call
-    in an assistant turn, and the rest of that turn parses as the call. Mistral v0.3's
-    and DeepSeek's opened with Hermes' ``<tool_call>``, which they never write."""
+    in an assistant turn, and the rest of that turn, decoded with special tokens' text
+    (as the shim decodes a reply read for calls), parses as the call. Mistral v0.3's,
+    its native calls' and DeepSeek's opened with Hermes' ``<tool_call>``, which they
+    never write."""
     family = FAMILIES[name]
     tokenizer = _tokenizer(family)
     tool_choice = {"type": "function", "name": "get_weather"} if choice == "named" else choice
@@ -337,7 +356,7 @@ def test_a_forced_call_opens_as_the_family_writes_its_calls(name: str, choice: s
     turn_ids = _call_turn_ids(family, tokenizer)
     assert turn_ids[: len(opening_ids)] == opening_ids
     written = [
-        tokenizer.decode([i], skip_special_tokens=True) for i in turn_ids[len(opening_ids) :]
+        tokenizer.decode([i], skip_special_tokens=False) for i in turn_ids[len(opening_ids) :]
     ]
     parser = ReplyParser.for_request(mode, mode.constraint(), Reasoning())
     reply = ParsedReply.of(parser, written)
