@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.chat_templates import DEEPSEEK_R1_TOOLS
+from tests.chat_templates_tools import MISTRAL_V13
 from tests.shim_support import (
     HELLO,
     TIME,
@@ -187,6 +188,81 @@ def test_markers_after_text_reach_the_parser_unless_the_client_skips_them(
             bare,
             None,
         )
+    finally:
+        script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
+        shim.backend._model_info = None
+
+
+MISTRAL_NATIVE_REPLY = (
+    "Checking both.[TOOL_CALLS]get_time[ARGS]{}"
+    '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Rome"}'
+)
+
+
+def test_a_mistral_native_template_gets_its_own_call_format(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """Mistral's calls from its tokenizer v11 (``[TOOL_CALLS]NAME[ARGS]{...}``, its
+    markers special tokens): a forced named call opens with the marker, the name and
+    ``[ARGS]`` (it opened Hermes' ``<tool_call>``), in either API; ``required`` with the
+    marker, a grammar of one call after it; a reply of text, then two calls, is that
+    content and the two calls, streamed or not (they were content), the id it wrote
+    the second call's."""
+    script, shim = scripted
+    script.chat_template = MISTRAL_V13
+    script.special_texts = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+    shim.backend._model_info = None  # ask again
+    try:
+        client = shim.client()
+        options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
+        script.text = '{"city": "Oslo"}'
+        reply = client.chat.completions.create(**options, tool_choice=NAMED)
+        assert bytes(script.prompts[-1]).decode().endswith("[TOOL_CALLS]get_weather[ARGS]")
+        (call,) = reply.choices[0].message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
+        response = client.responses.create(
+            model="scripted",
+            input="Weather?",
+            tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}],
+            tool_choice={"type": "function", "name": "get_weather"},
+        )
+        assert [(o.type, o.arguments) for o in response.output] == [
+            ("function_call", '{"city": "Oslo"}')
+        ]
+        assert bytes(script.prompts[-1]).decode().endswith("[TOOL_CALLS]get_weather[ARGS]")
+        script.text = "get_time[ARGS]{}"
+        reply = client.chat.completions.create(**options, tool_choice="required")
+        assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_time"]
+        assert bytes(script.prompts[-1]).decode().endswith("[TOOL_CALLS]")
+        kind, grammar = request_constraint(last_decoding_request(script))
+        assert kind == "lark" and grammar.startswith("start: call_0 | call_1\n")
+        script.text = MISTRAL_NATIVE_REPLY
+        names = ["get_time", "get_weather"]
+        for stream in (False, True):
+            reply = client.chat.completions.create(**options, stream=stream)
+            if stream:
+                chunks = list(reply)
+                assert _streamed(chunks) == ("Checking both.", "", names, "tool_calls")
+                deltas = [c.choices[0].delta for c in chunks if c.choices]
+                ids = [call.id for d in deltas for call in d.tool_calls or [] if call.id]
+                assert ids[1] == "a1B2c3D4e"
+            else:
+                message = reply.choices[0].message
+                assert message.content == "Checking both."
+                assert [c.function.name for c in message.tool_calls] == names
+                assert message.tool_calls[1].id == "a1B2c3D4e"
+        response = client.responses.create(
+            model="scripted",
+            input="Weather?",
+            tools=[
+                {"type": "function", "name": "get_time"},
+                {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS},
+            ],
+        )
+        output = [(o.type, getattr(o, "call_id", None)) for o in response.output]
+        assert output[0][0] == "message" and output[2] == ("function_call", "a1B2c3D4e")
+        assert response.output[0].content[0].text == "Checking both."
+        assert [getattr(o, "name", None) for o in response.output] == [None, *names]
     finally:
         script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
         shim.backend._model_info = None
