@@ -266,6 +266,19 @@ class Backend:
 
         return await self._learned("thinking tags", ask)
 
+    async def marker_tokens(self, markers: tuple[str, ...]) -> dict[str, int]:
+        """The token id of each of ``markers`` (a tool format's) that is one token of the
+        model's tokenizer: a grammar writes it as that token, a special token's text
+        being no spelling of it. Asked of the server once per model info."""
+        if not markers:
+            return {}
+
+        async def ask() -> dict[str, int]:
+            ids = {marker: await self.tokenize(marker, "tool_choice") for marker in markers}
+            return {marker: tokens[0] for marker, tokens in ids.items() if len(tokens) == 1}
+
+        return await self._learned(f"marker tokens {' '.join(markers)}", ask)
+
     async def _prompt_tail(self, prompt_ids: list[int]) -> str:
         """The text of a prompt's last tokens (images left out)."""
         tail = [token_id for token_id in prompt_ids[-THINKING_TAIL_TOKENS:] if token_id >= 0]

@@ -165,6 +165,7 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
         tool_format(info.chat_template),
         body.parallel_tool_calls,
     )
+    mode = dataclasses.replace(mode, marker_ids=await backend.marker_tokens(mode.grammar_markers))
     if mode.is_forced and body.continue_final_message:
         raise invalid("a forced tool call cannot continue the final message", "tool_choice")
     output_constraint = body.constraint()

@@ -261,6 +261,7 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
         tool_format(info.chat_template),
         body.parallel_tool_calls,
     )
+    mode = dataclasses.replace(mode, marker_ids=await backend.marker_tokens(mode.grammar_markers))
     output_constraint = body.constraint()
     previous = None
     if body.previous_response_id is not None:

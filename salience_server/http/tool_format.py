@@ -23,6 +23,19 @@ from salience_server.http.call_forms import (
     TOOL_CALL_OPEN,
 )
 
+_MARKERS = (
+    TOOL_CALL_OPEN,
+    TOOL_CALL_CLOSE,
+    MISTRAL_CALLS,
+    MISTRAL_ARGS,
+    DEEPSEEK_CALLS_BEGIN,
+    DEEPSEEK_CALL_BEGIN,
+    DEEPSEEK_SEP,
+    DEEPSEEK_CALL_END,
+    DEEPSEEK_CALLS_END,
+)
+"""Every family's markers, which may be tokens of their own."""
+
 
 @dataclass(frozen=True)
 class ToolFormat:
@@ -45,6 +58,18 @@ class ToolFormat:
     written before its arguments, outside any JSON (DeepSeek's, Mistral v11's)."""
     name_end: str = ""
     """Where the name is outside JSON: what stands between it and the arguments."""
+    has_token_markers: bool = False
+    """Its markers are special tokens in the family's tokenizers, which no text of a
+    grammar stands for: a forced reply holds several calls only where each marker
+    between and after them is one token, which the grammar then names by its id
+    (DeepSeek's, Mistral v11's)."""
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The markers a forced reply's grammar writes (between calls, after the last,
+        after a name): each is written as its token where it is one token."""
+        written = self.separator + self.closing + self.name_end
+        return tuple(marker for marker in _MARKERS if marker in written)
 
     def head(self, name: str) -> str:
         """A call of ``name`` up to its arguments' value, as the family writes it."""
@@ -71,27 +96,38 @@ MISTRAL = ToolFormat("mistral", f"{MISTRAL_CALLS} [", ", ", "]", "arguments")
 DEEPSEEK = ToolFormat(
     "deepseek",
     f"{DEEPSEEK_CALLS_BEGIN}{DEEPSEEK_CALL_BEGIN}function{DEEPSEEK_SEP}",
-    "",
+    f"\n```{DEEPSEEK_CALL_END}\n{DEEPSEEK_CALL_BEGIN}function{DEEPSEEK_SEP}",
     f"\n```{DEEPSEEK_CALL_END}{DEEPSEEK_CALLS_END}",
     "",
     is_json_call=False,
     name_end="\n```json\n",
+    has_token_markers=True,
 )
 """DeepSeek-V3's and R1's: each call's name, then its arguments in a JSON code fence,
-between markers. A forced reply holds one call: the markers between two are special
-tokens, which no text of a grammar stands for."""
+between markers, two calls separated as the template writes them (the fence and
+``<｜tool▁call▁end｜>`` closing one, a newline and ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>``
+opening the next). The markers are special tokens: a forced reply holds several calls
+where each is one token of the model's tokenizer, the grammar naming it by its id, and
+one call otherwise (no text of a grammar stands for a special token)."""
 MISTRAL_V11 = ToolFormat(
-    "mistral_v11", MISTRAL_CALLS, "", "", "", is_json_call=False, name_end=MISTRAL_ARGS
+    "mistral_v11",
+    MISTRAL_CALLS,
+    MISTRAL_CALLS,
+    "",
+    "",
+    is_json_call=False,
+    name_end=MISTRAL_ARGS,
+    has_token_markers=True,
 )
 """Mistral's from its tokenizer v11 (Small 3.1 and 3.2, Devstral, Magistral, Ministral
 3): ``[TOOL_CALLS]``, the name, ``[ARGS]`` and the arguments' JSON, each call after its
 own ``[TOOL_CALLS]``. A forced named call's ``[ARGS]`` is in the prompt, the special
-token the template writes. A ``required`` reply holds one call, as DeepSeek's: the
-``[TOOL_CALLS]`` between two is a special token, which no text of a grammar stands for;
-for the same reason the ``[ARGS]`` after the name it constrains is ordinary text (the
-characters, not the special token), which the model writes less readily, though it
-parses the same. No text stops a reply after its first call: ``[TOOL_CALLS]`` opens the
-first too."""
+token the template writes. Under ``required``, the grammar names ``[ARGS]`` after the
+name and the ``[TOOL_CALLS]`` before each further call by their token ids, as the model
+writes them, where each is one token; where ``[TOOL_CALLS]`` is not, the reply holds
+one call, as DeepSeek's (and an ``[ARGS]`` that is not one token is spelled in
+characters, which parse the same). No text stops a reply after its first call:
+``[TOOL_CALLS]`` opens the first too."""
 
 
 def tool_format(chat_template: str) -> ToolFormat:

@@ -11,9 +11,11 @@ the arguments to its parameters' schema.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from salience_server.http.call_grammar import CallGrammar, json_rule
 from salience_server.http.constraints import Constraint, Sourced, json_schema_text
 from salience_server.http.errors import invalid, unsupported
 from salience_server.http.tool_call import ToolCall
@@ -42,11 +44,6 @@ MAX_FORCED_CALLS = 16
 """Calls a reply forced to call (``required``, parallel calls allowed) may hold: a small
 model that repeats its call stops there."""
 
-_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-"""How the grammar engine lays out a JSON rule of a Lark grammar: as the server lays out
-a ``json_schema`` constraint's output (``engine.constraints.JSON_LAYOUT``), compact, as
-``json.dumps`` writes it."""
-
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 """A function declared without parameters takes none (OpenAI's rule)."""
 
@@ -68,6 +65,9 @@ class ToolMode:
     format: ToolFormat = HERMES
     is_parallel: bool = True
     """``parallel_tool_calls``: more than one call per reply."""
+    marker_ids: Mapping[str, int] = field(default_factory=dict)
+    """The token id of each of the format's markers that is one token of the model's
+    (``grammar_markers``, asked of the server): ``required``'s grammar writes it so."""
 
     @property
     def is_enabled(self) -> bool:
@@ -89,6 +89,11 @@ class ToolMode:
         tool = next(t for t in self.tools if t["function"]["name"] == name)
         return tool["function"].get("parameters") or _EMPTY_PARAMETERS
 
+    @property
+    def grammar_markers(self) -> tuple[str, ...]:
+        """The format's markers that a forced reply's grammar writes (``required``'s)."""
+        return self.format.markers if self.choice == "required" and self.tools else ()
+
     def prefix_text(self) -> str:
         """Text that opens the assistant's turn, forcing a call (empty unless forced)."""
         if self.choice == "required":
@@ -100,37 +105,24 @@ class ToolMode:
     def constraint(self) -> Constraint | None:
         """What a forced call's text after ``prefix_text`` must be: the named function's
         arguments; for ``required``, one call of any declared function (a call object,
-        or the name and arguments of DeepSeek's and Mistral v11's), or, where parallel calls are
-        allowed and the format writes several, up to ``MAX_FORCED_CALLS`` of them,
-        separated and closed in the family's markup (a Lark grammar whose calls are JSON
-        Schema rules)."""
+        or the name and arguments of DeepSeek's and Mistral v11's), or, where parallel
+        calls are allowed and the grammar can write what stands between calls, up to
+        ``MAX_FORCED_CALLS`` of them, separated and closed in the family's markup (a
+        Lark grammar whose calls are JSON Schema rules, and whose markers that are one
+        token are that token, ``CallGrammar``)."""
         if self.choice == "named" and self.forced_name is not None:
             return "json_schema", json.dumps(self.parameters(self.forced_name))
         if self.choice != "required":
             return None
+        grammar = CallGrammar(self.format, self.marker_ids)
+        max_calls = MAX_FORCED_CALLS if self.is_parallel else 1
         if not self.format.is_json_call:
-            return "lark", self._named_calls_grammar()
+            parameters = {name: self.parameters(name) for name in self.names}
+            return "lark", grammar.named_calls(parameters, max_calls)
         schema = self._call_schema()
-        fmt = self.format
-        if not (self.is_parallel and fmt.separator):
+        if max_calls == 1 or not grammar.can_chain:
             return "json_schema", json.dumps(schema)
-        between, close = json.dumps(fmt.separator), json.dumps(fmt.closing)
-        grammar = (
-            f"start: call ({between} call){{0,{MAX_FORCED_CALLS - 1}}} {close}?\n"
-            f"call: %json {json.dumps({**schema, 'x-guidance': _JSON_LAYOUT})}\n"
-        )
-        return "lark", grammar
-
-    def _named_calls_grammar(self) -> str:
-        """One call of any declared function where the name is outside the JSON: the
-        call's head (its name as the family writes it), then its arguments."""
-        rules = [
-            f"call_{index}: {json.dumps(self.format.head(name))} "
-            f"%json {json.dumps({**self.parameters(name), 'x-guidance': _JSON_LAYOUT})}"
-            for index, name in enumerate(sorted(self.names))
-        ]
-        start = " | ".join(f"call_{index}" for index in range(len(rules)))
-        return "\n".join([f"start: {start}", *rules]) + "\n"
+        return "lark", grammar.chained(max_calls) + f"call: {json_rule(schema)}\n"
 
     def _call_schema(self) -> dict[str, Any]:
         """One call object of any declared function. Each function's parameters go under
