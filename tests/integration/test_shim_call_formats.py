@@ -266,3 +266,62 @@ def test_a_mistral_native_template_gets_its_own_call_format(
     finally:
         script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
         shim.backend._model_info = None
+
+
+DEEPSEEK_MARKER_IDS = {
+    "<｜tool▁call▁begin｜>": 240,
+    "<｜tool▁sep｜>": 241,
+    "<｜tool▁call▁end｜>": 242,
+    "<｜tool▁calls▁end｜>": 243,
+}
+MISTRAL_MARKER_IDS = {"[TOOL_CALLS]": 250, "[ARGS]": 251}
+
+
+def test_required_writes_single_token_markers_by_id_and_takes_several_calls(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """Where the family's markers are one token each of the model's (as special tokens
+    are), ``required``'s grammar names them by id (``<[id]>``) and lets a second call
+    follow in the family's markup (it took one call, its markers as text), in DeepSeek's
+    and Mistral v11's formats; the reply's two calls are both the client's. The markers
+    are asked of the server once per model info."""
+    script, shim = scripted
+    formats = [
+        (
+            DEEPSEEK_R1_TOOLS,
+            DEEPSEEK_MARKER_IDS,
+            DEEPSEEK_CALLS.split("function<｜tool▁sep｜>", 1)[1],
+        ),
+        (MISTRAL_V13, MISTRAL_MARKER_IDS, MISTRAL_NATIVE_REPLY.split("[TOOL_CALLS]", 1)[1]),
+    ]
+    try:
+        for template, marker_ids, reply_text in formats:
+            script.chat_template, script.single_tokens = template, marker_ids
+            script.special_texts = tuple(marker_ids)
+            shim.backend._model_info = None  # ask again
+            client = shim.client()
+            script.text = reply_text
+            options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
+            reply = client.chat.completions.create(**options, tool_choice="required")
+            names = [c.function.name for c in reply.choices[0].message.tool_calls]
+            assert names == ["get_time", "get_weather"]
+            kind, grammar = request_constraint(last_decoding_request(script))
+            assert kind == "lark" and grammar.startswith("start: call (")
+            for marker, token_id in marker_ids.items():
+                assert f"<[{token_id}]>" in grammar and marker not in grammar
+            asked = len(script.texts_tokenized)
+            client.responses.create(
+                model="scripted", input="Weather?", tools=RESPONSES_TOOLS, tool_choice="required"
+            )
+            assert request_constraint(last_decoding_request(script)) == (kind, grammar)
+            assert len(script.texts_tokenized) == asked + 1  # the opening only
+    finally:
+        script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
+        script.single_tokens = {}
+        shim.backend._model_info = None
+
+
+RESPONSES_TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "name": "get_time"},
+    {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS},
+]
