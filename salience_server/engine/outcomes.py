@@ -23,7 +23,10 @@ from salience_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-NAN_STATES = "the model's final hidden states are NaN (an overflow in the model's dtype?)"
+NAN_STATES = (
+    "the model's final hidden states are not finite (NaN or infinite: an overflow in the "
+    "model's dtype?)"
+)
 
 Sampled = tuple[outputs.RowResults, dict[Request, Exception]]
 """Each request's row results, and the requests whose rows failed."""
@@ -148,7 +151,7 @@ class Outcomes:
             pooled = request.pooled
             if request.params.pooling == "mean":
                 pooled = pooled / request.session.length
-            if torch.isnan(pooled).any():  # no vector a client could use (nor JSON hold)
+            if not torch.isfinite(pooled).all():  # no vector a client could use (nor JSON hold)
                 self.fail(request, ValueError(NAN_STATES))
                 return
             done.embedding = pooled.tolist()

@@ -82,7 +82,8 @@ class SamplingFields(Body):
     """vLLM's: the reply's text keeps the stop string that ended it."""
     skip_special_tokens: bool = True
     """vLLM's: false writes special tokens' text in the reply. Unset, it is false where
-    the reply is read for tool calls (``decode_options``' ``reads_markers``)."""
+    the reply is read for tool calls (``decode_options``' ``reads_markers``) and the
+    stop's text is not asked for."""
 
     def decode_options(
         self,
@@ -103,7 +104,8 @@ class SamplingFields(Body):
         skips_special = (
             self.skip_special_tokens
             if "skip_special_tokens" in self.model_fields_set
-            else not reads_markers
+            # include_stop_str_in_output would then write the end-of-turn token's text.
+            else not reads_markers or self.include_stop_str_in_output
         )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return DecodeOptions(

@@ -184,6 +184,9 @@ def test_markers_after_text_reach_the_parser_unless_the_client_skips_them(
         assert reply.choices[0].message.content == bare
         reply = client.chat.completions.create(**options, extra_body={"skip_special_tokens": True})
         assert not last_decoding_request(script).keep_special_tokens
+        # The stop's text asked for: special tokens kept would show the end-of-turn's.
+        client.chat.completions.create(**options, extra_body={"include_stop_str_in_output": True})
+        assert not last_decoding_request(script).keep_special_tokens
         assert (reply.choices[0].message.content, reply.choices[0].message.tool_calls) == (
             bare,
             None,

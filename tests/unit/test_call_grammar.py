@@ -178,3 +178,20 @@ def test_llguidance_takes_two_mistral_calls_with_the_markers_as_tokens(special_m
     # The markers' characters are not the markers.
     assert not _accepts(tokenizer, compiler, grammar, ["get_time[ARGS]{}"])
     assert not _accepts(tokenizer, compiler, grammar, ["get_time", ids["[ARGS]"], "{}[TOOL_CALLS]"])
+
+
+def test_llguidance_takes_two_hermes_calls_with_added_tag_tokens() -> None:
+    """Qwen's ``<tool_call>`` tags are added tokens, not special ones: written by id,
+    the grammar takes two calls with the tags as those tokens. Spelled as text, as
+    before, llguidance let the tag's token through the mask and then refused it."""
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=False)
+    compiler = ConstraintCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    ids = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in ("<tool_call>", "</tool_call>")}
+    grammar = _grammar(_required(HERMES, ids))
+    first = json.dumps({"name": "get_time", "arguments": {}})
+    second = json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})
+    two_calls = [first, "\n", ids["</tool_call>"], "\n", ids["<tool_call>"], "\n", second]
+    two_calls += ["\n", ids["</tool_call>"]]
+    assert _accepts(tokenizer, compiler, grammar, two_calls)
+    assert _accepts(tokenizer, compiler, grammar, [first])  # one call
