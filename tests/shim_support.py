@@ -318,6 +318,18 @@ TIME = {"type": "function", "function": {"name": "get_time"}}
 """A Chat Completions tool without parameters."""
 
 
+def forced_weather_outputs(client: Any) -> list[tuple[str, str]]:
+    """(type, arguments) of each output item of a Responses call forced to call
+    ``get_weather`` (the Responses form of a named ``tool_choice``)."""
+    response = client.responses.create(
+        model="scripted",
+        input="Weather?",
+        tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}],
+        tool_choice={"type": "function", "name": "get_weather"},
+    )
+    return [(o.type, o.arguments) for o in response.output]
+
+
 def last_decoding_request(script: Script) -> pb.GenerateRequest:
     """The last decoding GenerateRequest the scripted server received."""
     return next(r for r in reversed(script.requests) if r.max_tokens > 0)

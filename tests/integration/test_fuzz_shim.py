@@ -17,31 +17,22 @@ CI runs a bounded, derandomized profile; ``SALIENCE_FUZZ_EXAMPLES=N`` runs longe
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from tests.conftest import RunningServer, start_server
 from tests.fuzz_bodies import ENDPOINTS, body, encode
-from tests.integration.test_fuzz_grpc import INTERNALS
+from tests.integration.test_fuzz_grpc import FUZZ, INTERNALS
 from tests.shim_support import RunningShim, start_shim
 from tests.tiny_models import build_tiny_vision_model
 
 DEADLINE_S = 60.0
-FUZZ = settings(
-    max_examples=int(os.environ.get("SALIENCE_FUZZ_EXAMPLES", "25")),
-    deadline=None,
-    derandomize="SALIENCE_FUZZ_EXAMPLES" not in os.environ,
-    database=None,
-    phases=[Phase.explicit, Phase.generate, Phase.shrink],
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 RAW = [
     b"",
     b"{",

@@ -19,6 +19,7 @@ from tests.shim_support import (
     WEATHER_PARAMETERS,
     RunningShim,
     Script,
+    forced_weather_outputs,
     last_decoding_request,
     request_constraint,
 )
@@ -55,15 +56,9 @@ def test_a_mistral_template_gets_its_own_call_format(scripted: tuple[Script, Run
         assert prompt.endswith('[TOOL_CALLS] [{"name": "get_weather", "arguments": ')
         (call,) = reply.choices[0].message.tool_calls
         assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
-        response = client.responses.create(  # Responses' form of the same
-            model="scripted",
-            input="Weather?",
-            tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}],
-            tool_choice={"type": "function", "name": "get_weather"},
-        )
-        assert [(o.type, o.arguments) for o in response.output] == [
+        assert forced_weather_outputs(client) == [
             ("function_call", '{"city": "Oslo"}')
-        ]
+        ]  # Responses' form of the same
         assert bytes(script.prompts[-1]).decode().endswith(prompt[prompt.rindex("[TOOL_CALLS]") :])
         script.text = two = (
             '{"name": "get_time", "arguments": {}}, '
@@ -223,15 +218,7 @@ def test_a_mistral_native_template_gets_its_own_call_format(
         assert bytes(script.prompts[-1]).decode().endswith("[TOOL_CALLS]get_weather[ARGS]")
         (call,) = reply.choices[0].message.tool_calls
         assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
-        response = client.responses.create(
-            model="scripted",
-            input="Weather?",
-            tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}],
-            tool_choice={"type": "function", "name": "get_weather"},
-        )
-        assert [(o.type, o.arguments) for o in response.output] == [
-            ("function_call", '{"city": "Oslo"}')
-        ]
+        assert forced_weather_outputs(client) == [("function_call", '{"city": "Oslo"}')]
         assert bytes(script.prompts[-1]).decode().endswith("[TOOL_CALLS]get_weather[ARGS]")
         script.text = "get_time[ARGS]{}"
         reply = client.chat.completions.create(**options, tool_choice="required")

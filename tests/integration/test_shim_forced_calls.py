@@ -20,6 +20,7 @@ from tests.shim_support import (
     WEATHER_PARAMETERS,
     RunningShim,
     Script,
+    forced_weather_outputs,
     last_decoding_request,
     rendered_chat,
     request_constraint,
@@ -98,15 +99,7 @@ def test_forced_tool_calls_are_constrained(scripted: tuple[Script, RunningShim])
     assert kind == "lark" and grammar.startswith("start: call (")
     # Responses' form of the same.
     script.text = '{"city": "Bern"}'
-    response = client.responses.create(
-        model="scripted",
-        input="Weather?",
-        tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}],
-        tool_choice={"type": "function", "name": "get_weather"},
-    )
-    assert [(o.type, o.arguments) for o in response.output] == [
-        ("function_call", '{"city": "Bern"}')
-    ]
+    assert forced_weather_outputs(client) == [("function_call", '{"city": "Bern"}')]
     assert request_constraint(last_decoding_request(script)) == (
         "json_schema",
         json.dumps(WEATHER_PARAMETERS),
