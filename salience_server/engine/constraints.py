@@ -15,6 +15,7 @@ it consumes the token drawn, and it says when the grammar is complete.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -262,6 +263,14 @@ def _invalid(spec: ConstraintSpec, why: str) -> Exception:
 
 
 def _shortened(what: str) -> str:
-    """The grammar engine's message, cut to ``MAX_ERROR_CHARS``: it may quote the whole
-    grammar (9 KB for a 3,000-character regex)."""
+    """The grammar engine's message on one line, cut to ``MAX_ERROR_CHARS``: it may quote
+    the whole grammar (9 KB for a 3,000-character regex), and it quotes the lines around
+    a compile error with a caret under the place, which its ``line(column)`` names."""
+    lines = (line.strip() for line in what.splitlines())
+    what = " ".join(line for line in lines if line and not _QUOTED_LINE.match(line))
     return what if len(what) <= MAX_ERROR_CHARS else what[:MAX_ERROR_CHARS] + "..."
+
+
+_QUOTED_LINE = re.compile(r"\d+ \| |\^+$")
+"""A line of the grammar quoted under a compile error (``  2 | foo: bar``), or the caret
+under it."""

@@ -123,6 +123,16 @@ def test_a_compile_error_quotes_a_bounded_part_of_the_grammar(compiler, spec) ->
     assert "at 1(" in caught.value.message  # where the engine found the problem
 
 
+def test_a_compile_error_is_one_line_naming_the_place(compiler) -> None:
+    """The grammar engine quotes the lines around the error with a caret under the
+    place: a status message (and a log line) of four lines. Its ``line(column)`` is kept."""
+    with pytest.raises(SalienceError) as caught:
+        compiler.compile(ConstraintSpec("lark", 'start: foo\nfoo: "a" | bar'))
+    message = caught.value.message
+    assert "\n" not in message and "^" not in message and "|" not in message
+    assert message.endswith('at 2(6): unknown name: "bar"'), message
+
+
 def test_compilation_is_cached(compiler) -> None:
     spec = ConstraintSpec("regex", "[a-z]{2}")
     assert compiler.compile(spec) is compiler.compile(spec)
