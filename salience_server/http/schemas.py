@@ -26,6 +26,9 @@ from salience_server.http.errors import invalid, unsupported
 from salience_server.http.refused_fields import CHAT_ONLY, UNOFFERED_SAMPLING, refuse_unoffered
 
 MAX_TOKEN_ID = 2**32 - 1
+MAX_FLOAT = 3.4028234663852886e38
+"""The largest float the protocol's float fields hold (float32's); beyond it a value
+would reach the server as infinity."""
 MAX_BATCH_CHOICES = 2048
 """The most choices one Completions request may ask for (its prompts times ``n``), as
 many as the server embeds in one call. Unbounded, a 120 KB body of 20,000 one-letter
@@ -63,7 +66,7 @@ class SamplingFields(Body):
     top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_ID)
     """-1 or 0: no top-k (vLLM's extension)."""
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_FLOAT)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     """A 64-bit integer, as OpenAI's and vLLM's; -1 is no seed, as in vLLM."""
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)

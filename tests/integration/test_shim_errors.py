@@ -86,6 +86,13 @@ def test_invalid_json_and_fields_are_400(shim: RunningShim, model: str) -> None:
         body = json.dumps({"model": model, "messages": HELLO, field: float("inf")})
         response = httpx.post(url, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 400 and error_body(response)["param"] == field
+    # Past float32's range a value reached the server as infinity: "got inf".
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model=model, messages=HELLO, extra_body={"repetition_penalty": 1e300}
+        )
+    assert error.value.body["param"] == "repetition_penalty"
+    assert "inf" not in error.value.body["message"], error.value.body["message"]
 
 
 def test_too_many_stop_strings_counting_the_shim_s_own_says_so(
