@@ -1,5 +1,5 @@
-"""Errors through the shim: OpenAI's shape, the right status, the SDK's matching exception;
-bearer auth; and a client that goes away stops the work on the server."""
+"""Errors through the shim: OpenAI's shape, the right status, the SDK's matching exception,
+the field named; an unknown model, an unreachable server; bearer auth."""
 
 from __future__ import annotations
 
