@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salience_client import Done, ModelInfo, TokenEvent
+from salience_server import text_checks
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.constraints import Constraint
 from salience_server.http.errors import ApiError
@@ -289,15 +290,18 @@ async def plan_response(backend: Backend, body: ResponsesRequest) -> ResponsePla
     all_images = (previous.images if previous else []) + new_input.images
     prefix_ids = await backend.tokenize(mode.prefix_text(), "tool_choice")
     while True:  # with truncation "auto", until what is sent fits the context
-        rendered = await backend.render_chat(system + conversation, offered, "input", render)
-        images = backend.mark_images(rendered, all_images, "input")  # their known lengths
-        prompt_ids = list(rendered)
-        if previous is not None:
-            prompt_ids = continue_session(previous, rendered, set(info.eos_token_ids))
-        prompt_ids = prompt_ids + prefix_ids
         shorter = without_oldest(conversation) if body.truncation == "auto" else None
-        if len(prompt_ids) < info.max_context or shorter is None:
-            break  # it fits, or the new input alone does not: context_length_exceeded
+        # One too long to fit whatever its tokens is dropped before it is tokenized.
+        num_chars = text_checks.text_length([system, conversation, offered])
+        if shorter is None or not text_checks.cannot_fit(num_chars, info.max_context):
+            rendered = await backend.render_chat(system + conversation, offered, "input", render)
+            images = backend.mark_images(rendered, all_images, "input")  # their known lengths
+            prompt_ids = list(rendered)
+            if previous is not None:
+                prompt_ids = continue_session(previous, rendered, set(info.eos_token_ids))
+            prompt_ids = prompt_ids + prefix_ids
+            if len(prompt_ids) < info.max_context or shorter is None:
+                break  # it fits, or the new input alone does not: context_length_exceeded
         conversation, num_images = shorter
         all_images = all_images[num_images:]
     param, constraint = mode.reply_constraint(output_constraint) or ("input", None)

@@ -56,6 +56,23 @@ def test_truncation_auto_keeps_a_new_input_too_long_alone_refused(
     assert caught.value.code == "context_length_exceeded"
 
 
+def test_truncation_auto_drops_items_longer_than_the_context_could_hold(
+    shim: RunningShim, model: str
+) -> None:
+    """An item of more characters than any 512 tokens span (256 each) was refused 400
+    before anything was dropped; it is dropped as any item too long is. Oracle: the
+    conversation without it, with truncation disabled."""
+    tail = [
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "and now the question"},
+    ]
+    conversation = [{"role": "user", "content": "y" * (512 * 256 + 1)}, *tail]
+    want = _reply(shim, model, tail)
+    got = _reply(shim, model, conversation, truncation="auto")
+    assert got.output_text == want.output_text
+    assert got.usage.input_tokens == want.usage.input_tokens
+
+
 def test_an_unknown_include_value_is_refused_and_a_known_one_taken(
     shim: RunningShim, model: str
 ) -> None:
