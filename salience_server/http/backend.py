@@ -284,12 +284,15 @@ class Backend:
         tail = [token_id for token_id in prompt_ids[-THINKING_TAIL_TOKENS:] if token_id >= 0]
         return await self.detokenize(tail, "messages")
 
-    async def tokenize(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
-        """A prompt's text to token ids (errors name ``param``); it must fit the context
-        (``check_fits``)."""
+    async def tokenize(
+        self, text: str, param: str, add_special_tokens: bool = False, bounded: bool = True
+    ) -> list[int]:
+        """A prompt's text to token ids (errors name ``param``); ``bounded``: it must fit
+        the context (``check_fits``; not a prompt to be cut to its last tokens)."""
         if not text:
             return []
-        await self.check_fits(len(text), param)
+        if bounded:
+            await self.check_fits(len(text), param)
         with client_errors(param):
             return await self.client.tokenize(text, add_special_tokens=add_special_tokens)
 

@@ -179,7 +179,11 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs,
     )
-    rendered = await backend.render_chat(conversation.messages, offered, "messages", render)
+    # A prompt to be cut to its last tokens may be longer than the context could hold.
+    bounded = body.truncate_prompt_tokens is None
+    rendered = await backend.render_chat(
+        conversation.messages, offered, "messages", render, bounded=bounded
+    )
     if body.truncate_prompt_tokens is not None and conversation.images:
         await backend.learn_image_counts(
             conversation.messages, offered, "messages", render, conversation.images

@@ -90,7 +90,8 @@ async def _whole_prompts(backend: Backend, body: CompletionRequest) -> list[Prom
     for index, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt[{index}]"
         if isinstance(item, str):
-            ids = await backend.tokenize(item, param, add_special_tokens=True)
+            bounded = body.truncate_prompt_tokens is None  # else cut to fit
+            ids = await backend.tokenize(item, param, add_special_tokens=True, bounded=bounded)
             prompts.append(Prompt(ids, item))
             continue
         if not item or not all(0 <= i <= MAX_TOKEN_ID for i in item):

@@ -76,3 +76,28 @@ def test_a_cut_inside_an_image_is_refused() -> None:
     assert last_tokens(ids, 1, 100) == [7]
     with pytest.raises(ApiError, match="image"):
         last_tokens(ids, 3, 100)
+
+
+def test_a_prompt_longer_than_the_context_could_hold_is_cut_rather_than_refused(
+    shim: RunningShim, model: str
+) -> None:
+    """A prompt of more characters than any 512 tokens span (256 each) was refused as
+    too long before it was tokenized, ``truncate_prompt_tokens`` or not (Embeddings
+    took it). Its last tokens are those of its end alone: the oracle."""
+    long = "x" * (512 * 256 + 1) + PROMPT
+    cut = _complete(shim, model, long, truncate_prompt_tokens=9)
+    want = _complete(shim, model, PROMPT, truncate_prompt_tokens=9)
+    assert cut.usage.prompt_tokens == 9 and cut.choices[0].text == want.choices[0].text
+    client = shim.client()
+    replies = [
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=6,
+            temperature=0,
+            extra_body={"truncate_prompt_tokens": 12, "return_token_ids": True},
+        )
+        for content in (long, PROMPT)
+    ]
+    assert replies[0].prompt_token_ids == replies[1].prompt_token_ids
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
