@@ -122,7 +122,11 @@ class ChatPlan:
         the context left)."""
         body = self.body
         max_tokens = reply_limit(
-            self.model_info.max_context, len(self.prompt_ids), body.max_reply_tokens, "messages"
+            self.model_info.max_context,
+            len(self.prompt_ids),
+            body.max_reply_tokens,
+            "messages",
+            body.min_tokens,
         )
         top_k = self.top_logprobs if body.logprobs else 0
         options = body.decode_options(

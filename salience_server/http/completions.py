@@ -173,7 +173,9 @@ class _Choices:
 def _options(
     body: CompletionRequest, info: ModelInfo, num_prompt_tokens: int, constraint: Constraint | None
 ) -> DecodeOptions:
-    max_tokens = reply_limit(info.max_context, num_prompt_tokens, body.max_tokens, "prompt")
+    max_tokens = reply_limit(
+        info.max_context, num_prompt_tokens, body.max_tokens, "prompt", body.min_tokens
+    )
     wants_prompt_logprobs = body.prompt_logprobs is not None
     score_prompt = body.echo and body.logprobs is not None or wants_prompt_logprobs
     top_k = max(body.logprobs or 0, body.prompt_logprobs or 0)

@@ -322,16 +322,27 @@ def is_lost(error: SalienceClientError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND
 
 
-def reply_limit(max_context: int, num_prompt_tokens: int, asked: int | None, param: str) -> int:
+def reply_limit(
+    max_context: int, num_prompt_tokens: int, asked: int | None, param: str, min_tokens: int = 0
+) -> int:
     """The tokens a reply may take: ``asked`` (None: as many as fit) capped at the
     context left. A prompt that leaves no room is refused (400
     ``context_length_exceeded``, naming ``param``), as OpenAI refuses it; the server
-    took it, prefilled it all, and ended the reply empty."""
+    took it, prefilled it all, and ended the reply empty. So is one that leaves less
+    room than ``min_tokens`` (the server refused it naming a max_tokens never asked)."""
     if asked == 0:  # scoring, or a prefill (a prompt too long is the server's to refuse)
         return 0
     left = max_context - num_prompt_tokens
     if left <= 0:
         raise no_room_for_a_reply(max_context, num_prompt_tokens, param)
+    if left < min_tokens:
+        raise invalid(
+            f"This model's maximum context length is {max_context} tokens; the prompt has "
+            f"{num_prompt_tokens}, which leaves room for {left} tokens, fewer than "
+            f"min_tokens {min_tokens}",
+            param,
+            "context_length_exceeded",
+        )
     return left if asked is None else min(asked, left)
 
 

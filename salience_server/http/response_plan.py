@@ -107,7 +107,11 @@ class ResponsePlan:
         at, the context left)."""
         body = self.body
         max_tokens = reply_limit(
-            self.model_info.max_context, len(self.prompt_ids), body.max_output_tokens, "input"
+            self.model_info.max_context,
+            len(self.prompt_ids),
+            body.max_output_tokens,
+            "input",
+            body.min_tokens,
         )
         options = body.decode_options(
             max_tokens,

@@ -201,6 +201,45 @@ def test_a_prompt_that_fills_the_context_is_refused_at_once(shim: RunningShim, m
     assert error.value.body["param"] == "input"
 
 
+def test_min_tokens_past_the_context_left_is_context_length_exceeded(
+    shim: RunningShim, model: str
+) -> None:
+    """A prompt that leaves 2 tokens and min_tokens 5: the server refused the capped
+    call as ``invalid_sampling``, "min_tokens 5 is above max_tokens 2", a max_tokens
+    nobody asked for. It is the context that is short, and the numbers say so; a
+    min_tokens that fits still runs to the end of the context."""
+    client = shim.client()
+    message = "the prompt has 510, which leaves room for 2 tokens, fewer than min_tokens 5"
+    for max_tokens in (None, 10):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(
+                model=model, prompt=[3] * 510, max_tokens=max_tokens, extra_body={"min_tokens": 5}
+            )
+        assert error.value.body["code"] == "context_length_exceeded"
+        assert message in error.value.body["message"]
+        assert error.value.body["param"] == "prompt"
+    root = shim.base_url.removesuffix("/v1")
+    empty = [{"role": "user", "content": ""}]
+    overhead = httpx.post(f"{root}/tokenize", json={"model": model, "messages": empty})
+    messages = [{"role": "user", "content": "x" * (510 - overhead.json()["count"])}]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=model, messages=messages, extra_body={"min_tokens": 5})
+    assert (error.value.body["code"], error.value.body["param"]) == (
+        "context_length_exceeded",
+        "messages",
+    )
+    assert message in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(model=model, input=messages, extra_body={"min_tokens": 5})
+    assert (error.value.body["code"], error.value.body["param"]) == (
+        "context_length_exceeded",
+        "input",
+    )
+    assert message in error.value.body["message"]
+    fits = client.completions.create(model=model, prompt=[3] * 510, extra_body={"min_tokens": 2})
+    assert fits.usage.completion_tokens == 2 and fits.choices[0].finish_reason == "length"
+
+
 def test_an_unknown_model_is_404(shim: RunningShim) -> None:
     with pytest.raises(openai.NotFoundError) as error:
         shim.client().chat.completions.create(model="gpt-9", messages=HELLO)
