@@ -216,6 +216,12 @@ class Generation:
                             if self._reused is not None:  # the rest was put in just now
                                 self.cached_tokens = self._reused
                             if is_prefill:
+                                if self.options.max_tokens > 0:
+                                    # Each choice's call feeds the prompt's last token again
+                                    # for its logits, as a lone call does (the prefill's
+                                    # Done counted the whole prompt held as cached).
+                                    last = len(self.prompt_ids) - 1
+                                    self.cached_tokens = min(self.cached_tokens, last)
                                 yield lease
                                 return
                         yield event

@@ -161,6 +161,27 @@ def test_n_choices_share_one_prefill(llama_server: Any) -> None:
     run_with_pool(llama_server.target, test)
 
 
+def test_n_choices_over_a_held_prompt_count_its_last_token_as_fed_again(
+    llama_server: Any,
+) -> None:
+    """A prompt the pool holds whole: a lone call feeds its last token again (for its
+    logits) and counts the rest as cached; n > 1 choices each do too, but counted the
+    whole prompt (their prefill's Done, which fed nothing)."""
+
+    async def test(pool: SessionPool, client: AsyncSalienceClient) -> None:
+        await collect(Generation(pool, PROMPT, GREEDY))
+        alone = await collect(Generation(pool, PROMPT, GREEDY))
+        assert alone.cached_tokens == len(PROMPT) - 1
+        options = DecodeOptions(max_tokens=4, temperature=1.0, seed=3)
+        for _ in range(2):  # held with its decoded tokens, then exactly
+            choices = await collect(Generation(pool, PROMPT, options, n=2))
+            assert choices.cached_tokens == alone.cached_tokens
+        scoring = await collect(Generation(pool, PROMPT, DecodeOptions(max_tokens=0), n=2))
+        assert scoring.cached_tokens == len(PROMPT)  # nothing fed again: nothing decoded
+
+    run_with_pool(llama_server.target, test)
+
+
 def test_a_twenty_turn_chat_pays_only_for_new_tokens(
     default_shim: RunningShim, default_server: Any
 ) -> None:
