@@ -97,6 +97,8 @@ class ChatPlan:
     """The images of the conversation by their marker in ``prompt_ids``."""
     prompt_tail: int = 0
     """The prompt's last tokens that open the reply (``SessionPool.acquire``)."""
+    echoed: str = ""
+    """What each choice's content opens with (``echo``)."""
 
     @property
     def top_logprobs(self) -> int:
@@ -200,7 +202,21 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
     reasoning = await backend.reasoning(
         prompt_ids, info.chat_template, mode.is_forced, constraint is not None
     )
-    return ChatPlan(body, info, prompt_ids, mode, constraint, param, reasoning, images, tail)
+    echoed = _echoed(body.messages[-1], render.add_generation_prompt) if body.echo else ""
+    return ChatPlan(
+        body, info, prompt_ids, mode, constraint, param, reasoning, images, tail, echoed
+    )
+
+
+def _echoed(last: dict[str, Any], adds_generation_prompt: bool) -> str:
+    """vLLM's chat ``echo``: the last message's text where the reply goes on in its role
+    (the assistant's after a generation prompt, else the last message's own), else ""."""
+    if adds_generation_prompt and last.get("role") != "assistant":
+        return ""
+    content = last.get("content") or ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
 @contextlib.contextmanager
@@ -275,6 +291,8 @@ async def _choice(
     plan.tools.check_forced(reply.calls, choice.done.finish_reason, bool(plan.body.stop))
     if reply.calls or plan.tools.is_forced or reply.reasoning:
         message["content"] = reply.content or None  # all thinking: none, as vLLM's
+    if plan.echoed:
+        message["content"] = plan.echoed + (message["content"] or "")
     if reply.calls:
         message["tool_calls"] = [call.chat_dict() for call in reply.calls]
         reason = tool_calls_reason(reason, reply.calls)

@@ -122,6 +122,8 @@ class ChatStream:
             self._parsers[index] = self._plan.reply_parser()
             top = {"prompt_token_ids": self._plan.model_prompt_ids} if body.return_token_ids else {}
             chunks.append(self._delta(index, {"role": "assistant", "content": ""}, top=top))
+            if self._plan.echoed:
+                chunks.append(self._delta(index, {"content": self._plan.echoed}))
         parser = self._parsers[index]
         if isinstance(event, ChoiceToken):
             deltas = [d for d in map(delta_of, parser.push(event.token.text)) if d is not None]

@@ -228,6 +228,9 @@ class ChatCompletionRequest(ReplyFields):
     when ``continue_final_message``)."""
     continue_final_message: bool = False
     """The last message is an assistant message to continue, left open (vLLM's)."""
+    echo: bool = False
+    """Each choice's content opens with the last message's text where the reply goes on
+    in its role (vLLM's: the assistant's, the last message's without a generation prompt)."""
 
     @property
     def max_reply_tokens(self) -> int | None:

@@ -221,3 +221,42 @@ def test_chat_template_options_reach_the_template(scripted: tuple[Script, Runnin
         with pytest.raises(openai.BadRequestError) as error:
             client.chat.completions.create(model="scripted", messages=HELLO, extra_body=extra)
         assert error.value.body["param"] == param
+
+
+def test_chat_echo_opens_the_reply_with_the_message_it_goes_on_from(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """vLLM's chat ``echo``: each choice's content opens with the last message's text
+    where the reply goes on in its role (it was kept as an unknown field and ignored).
+    Oracle: the same request without ``echo``, streamed or not."""
+    _, shim = scripted
+    client = shim.client()
+    opened = [*HELLO, {"role": "assistant", "content": "Hel"}]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ]
+    for messages, extra, echoed in [
+        (opened, {"continue_final_message": True}, "Hel"),
+        (parts, {"add_generation_prompt": False}, "a\nb"),  # the reply goes on as the user's
+        (HELLO, {}, ""),  # the assistant's reply after a user message: nothing to echo
+    ]:
+        for stream in (False, True):
+            texts = []
+            for echo in (True, False):
+                body = {**extra, "echo": echo}
+                if stream:
+                    chunks = client.chat.completions.create(
+                        model="scripted", messages=messages, n=2, stream=True, extra_body=body
+                    )
+                    by_choice = ["", ""]
+                    for chunk in chunks:
+                        for choice in chunk.choices:
+                            by_choice[choice.index] += choice.delta.content or ""
+                    texts.append(by_choice)
+                else:
+                    reply = client.chat.completions.create(
+                        model="scripted", messages=messages, n=2, extra_body=body
+                    )
+                    texts.append([choice.message.content for choice in reply.choices])
+            with_echo, without = texts
+            assert without[0] and with_echo == [echoed + text for text in without]
