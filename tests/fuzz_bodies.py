@@ -229,6 +229,7 @@ CHAT = (
         "chat_template_kwargs": st.sampled_from([{}, {"enable_thinking": False}, {"messages": 1}]),
         "add_generation_prompt": st.booleans(),
         "continue_final_message": st.booleans(),
+        "echo": st.booleans(),
     }
 )
 COMPLETIONS = (
