@@ -195,10 +195,13 @@ async def plan_chat(backend: Backend, body: ChatCompletionRequest) -> ChatPlan:
             conversation.messages, offered, "messages", render, conversation.images
         )
     images = backend.mark_images(rendered, conversation.images, "messages")
-    prompt_ids = rendered + await backend.tokenize(mode.prefix_text(), "tool_choice")
-    prompt_ids = last_tokens(prompt_ids, body.truncate_prompt_tokens, info.max_context)
+    prefix_ids = await backend.tokenize(mode.prefix_text(), "tool_choice")
+    prompt_ids = last_tokens(rendered + prefix_ids, body.truncate_prompt_tokens, info.max_context)
     param, constraint = mode.reply_constraint(output_constraint) or ("messages", None)
-    tail = await backend.generation_prompt_length(render) + len(prompt_ids) - len(rendered)
+    # Counted from the prompt's end: a prompt cut to its last tokens keeps its tail (it
+    # was counted from the cut prompt's length less the whole rendering's, below zero).
+    tail = await backend.generation_prompt_length(render) + len(prefix_ids)
+    tail = min(tail, len(prompt_ids))
     reasoning = await backend.reasoning(
         prompt_ids, info.chat_template, mode.is_forced, constraint is not None
     )

@@ -5,12 +5,14 @@ token ids, through the openai SDK against the tiny Llama (one token per byte).""
 
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 import pytest
 
 from salience_server.http.errors import ApiError
 from salience_server.http.truncation import last_tokens
-from tests.shim_support import RunningShim
+from tests.shim_support import RunningShim, start_shim
 
 PROMPT = "one fish, two fish, red fish, blue fish"
 
@@ -101,3 +103,34 @@ def test_a_prompt_longer_than_the_context_could_hold_is_cut_rather_than_refused(
     ]
     assert replies[0].prompt_token_ids == replies[1].prompt_token_ids
     assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+
+
+def test_a_cut_chat_sent_again_leaves_other_conversations_sessions(
+    llama_server: Any, model: str
+) -> None:
+    """A cut chat prompt sent again (regenerated) continues its session. Its tail (the
+    generation prompt) was counted from the whole rendering's length, below zero, so the
+    pool took each resend for a branch off the session's history: it forked it, closing
+    the least recently used idle session, another conversation's, with a full pool.
+    Oracle: that conversation's next request, as when the prompt is not cut."""
+    shim = start_shim(llama_server.target, max_pooled_sessions=2)
+    try:
+        client = shim.client()
+        system = {"role": "system", "content": "Answer briefly about the sea. " * 4}
+        cut = [system, {"role": "user", "content": PROMPT}]
+        other = [{"role": "user", "content": "something else entirely " * 4}]
+
+        def cached(messages: list[dict[str, Any]], **extra: Any) -> tuple[int, int]:
+            usage = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=2, temperature=0, extra_body=extra
+            ).usage
+            return usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens
+
+        cached(other)
+        assert cached(cut, truncate_prompt_tokens=100) == (0, 100)
+        for _ in range(2):
+            assert cached(cut, truncate_prompt_tokens=100) == (99, 100)
+        held, length = cached(other)
+        assert held == length - 1
+    finally:
+        shim.stop()
