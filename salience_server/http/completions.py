@@ -81,6 +81,11 @@ async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
     return cut
 
 
+def _param(index: int, num_prompts: int) -> str:
+    """A prompt's name in errors: ``prompt``, or ``prompt[i]`` in a batch."""
+    return "prompt" if num_prompts == 1 else f"prompt[{index}]"
+
+
 async def _whole_prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
     """The batch: every prompt as token ids and text."""
     raw = body.prompt
@@ -88,7 +93,7 @@ async def _whole_prompts(backend: Backend, body: CompletionRequest) -> list[Prom
     items = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
     prompts = []
     for index, item in enumerate(items):
-        param = "prompt" if len(items) == 1 else f"prompt[{index}]"
+        param = _param(index, len(items))
         if isinstance(item, str):
             bounded = body.truncate_prompt_tokens is None  # else cut to fit
             ids = await backend.tokenize(item, param, add_special_tokens=True, bounded=bounded)
@@ -171,10 +176,15 @@ class _Choices:
 
 
 def _options(
-    body: CompletionRequest, info: ModelInfo, num_prompt_tokens: int, constraint: Constraint | None
+    body: CompletionRequest,
+    info: ModelInfo,
+    num_prompt_tokens: int,
+    constraint: Constraint | None,
+    param: str,
 ) -> DecodeOptions:
+    """The prompt's decoding options (``param``: the prompt's name, in errors)."""
     max_tokens = reply_limit(
-        info.max_context, num_prompt_tokens, body.max_tokens, "prompt", body.min_tokens
+        info.max_context, num_prompt_tokens, body.max_tokens, param, body.min_tokens
     )
     wants_prompt_logprobs = body.prompt_logprobs is not None
     score_prompt = body.echo and body.logprobs is not None or wants_prompt_logprobs
@@ -193,9 +203,12 @@ async def create_completion(request: Request) -> Response:
     prompts = await _prompts(backend, body)
     generations = [
         Generation(
-            backend.pool, p.token_ids, _options(body, info, len(p.token_ids), constraint), body.n
+            backend.pool,
+            p.token_ids,
+            _options(body, info, len(p.token_ids), constraint, _param(index, len(prompts))),
+            body.n,
         )
-        for p in prompts
+        for index, p in enumerate(prompts)
     ]
     builders = [_Choices(backend, body, prompt, info) for prompt in prompts]
     completion_id = f"cmpl-{uuid.uuid4().hex}"
@@ -245,8 +258,7 @@ async def _collect_all(
     leaders: dict[tuple[int, ...], asyncio.Event] = {}
 
     async def run(index: int, generation: Generation) -> GenerationResult:
-        param = "prompt" if len(generations) == 1 else f"prompt[{index}]"
-        with client_errors(param, constraint_param):
+        with client_errors(_param(index, len(generations)), constraint_param):
             return await run_in_group(generation)
 
     async def run_in_group(generation: Generation) -> GenerationResult:

@@ -344,7 +344,7 @@ def reply_limit(
     if left < min_tokens:
         raise invalid(
             f"This model's maximum context length is {max_context} tokens; the prompt has "
-            f"{num_prompt_tokens}, which leaves room for {left} tokens, fewer than "
+            f"{num_prompt_tokens} tokens, which leaves room for {left}, fewer than "
             f"min_tokens {min_tokens}",
             param,
             "context_length_exceeded",
@@ -353,9 +353,11 @@ def reply_limit(
 
 
 def no_room_for_a_reply(max_context: int, num_prompt_tokens: int, param: str) -> ApiError:
+    beyond = num_prompt_tokens > max_context
     return invalid(
         f"This model's maximum context length is {max_context} tokens; the prompt has "
-        f"{num_prompt_tokens}, which leaves no room for a reply",
+        f"{num_prompt_tokens} tokens, "
+        + ("more than that" if beyond else "which leaves no room for a reply"),
         param,
         "context_length_exceeded",
     )

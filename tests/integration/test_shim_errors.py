@@ -180,8 +180,14 @@ def test_a_prompt_that_fills_the_context_is_refused_at_once(shim: RunningShim, m
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model=model, prompt=full, max_tokens=3)
     assert error.value.body["code"] == "context_length_exceeded"
-    assert "the prompt has 512, which leaves no room" in error.value.body["message"]
+    assert "the prompt has 512 tokens, which leaves no room" in error.value.body["message"]
     assert error.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as error:  # in a batch: the prompt's place
+        client.completions.create(model=model, prompt=[[3, 4], full], max_tokens=3)
+    assert error.value.body["param"] == "prompt[1]"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=model, prompt=[*full, 3], max_tokens=3)
+    assert "the prompt has 513 tokens, more than that" in error.value.body["message"]
     scored = client.completions.create(model=model, prompt=full, max_tokens=0, echo=True)
     assert scored.usage.prompt_tokens == 512 and scored.choices[0].finish_reason == "length"
     root = shim.base_url.removesuffix("/v1")
@@ -209,7 +215,7 @@ def test_min_tokens_past_the_context_left_is_context_length_exceeded(
     nobody asked for. It is the context that is short, and the numbers say so; a
     min_tokens that fits still runs to the end of the context."""
     client = shim.client()
-    message = "the prompt has 510, which leaves room for 2 tokens, fewer than min_tokens 5"
+    message = "the prompt has 510 tokens, which leaves room for 2, fewer than min_tokens 5"
     for max_tokens in (None, 10):
         with pytest.raises(openai.BadRequestError) as error:
             client.completions.create(
