@@ -31,12 +31,16 @@ from transformers import (
 )
 
 from salience_server.engine.loader import resolve_model_path
+from salience_server.engine.model_shape import decoder_parts
 
 
 def last_token_states(model, tokenizer, text: str, layers: list[int]) -> torch.Tensor:
     """[n_layers, hidden] states leaving each chosen decoder layer at the last token."""
     captured: dict[int, torch.Tensor] = {}
-    decoder_layers = model.get_decoder().layers
+    parts = decoder_parts(model)
+    if parts is None:  # the server refuses such a model too
+        sys.exit("make_readout: the model's decoder layers are not found by their usual names")
+    decoder_layers = parts[0]  # ``layers``, GPT-2's and Falcon's ``h``, ...
     hooks = [
         decoder_layers[i].register_forward_hook(
             lambda module, inputs, output, i=i: captured.__setitem__(

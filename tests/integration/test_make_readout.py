@@ -104,3 +104,16 @@ def test_make_readout_takes_a_vision_model(tmp_path) -> None:
     readout = load_readout(tmp_path / "r.st", num_layers=2, hidden_size=64)
     states = _layer_0_states(reference_vision_model(model_dir), ("ABC", "abc"))
     assert torch.allclose(readout.vectors[0, 0], states[0] - states[1], atol=1e-5)
+
+
+def test_make_readout_takes_a_model_whose_layers_are_named_h(tmp_path) -> None:
+    """The server reads out GPT-2 (its layers are ``transformer.h``); the script looked
+    for ``layers`` only and failed with a traceback."""
+    from tests.architectures import build_architecture
+
+    model_dir = build_architecture(tmp_path / "gpt2", "gpt2")
+    result = _make_readout(tmp_path, model_dir, {"c": [["ABC", "abc"]]}, "--layers", "0")
+    assert result.returncode == 0, result.stderr
+    readout = load_readout(tmp_path / "r.st", num_layers=2, hidden_size=64)
+    states = _layer_0_states(reference_model(model_dir), ("ABC", "abc"))
+    assert torch.allclose(readout.vectors[0, 0], states[0] - states[1], atol=1e-5)
