@@ -133,19 +133,82 @@ def generate_request(draw: st.DrawFn, live: dict[str, int]) -> pb.GenerateReques
     )
     fields = generate_fields(live, sid)
     for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=4, unique=True)):
-        value = draw(fields[name], label=name)
-        if name == "constraint":
-            if value is not None:
-                request.constraint.CopyFrom(value)
-        elif name in ("logprobs_ranges", "readout_ranges", "append_tokens", "stop_token_ids"):
-            request.ClearField(name)
-            getattr(request, name).extend(value)
-        elif name == "stop_strings":
-            request.stop_strings.extend(value)
-        elif name == "logit_bias":
-            request.logit_bias.update(value)
-        else:
-            setattr(request, name, value)
+        _apply(request, name, draw(fields[name], label=name))
+    return request
+
+
+def readout_ranges(length: int) -> st.SearchStrategy[list[pb.PositionRange]]:
+    """Readout ranges around a session of ``length`` (that a call may grow): over
+    committed positions (recomputed), over the new ones and past them, through the
+    end, empty, reversed, at position 0 and the uint32 edges, and ``ranges``' odd ones.
+    Its choices do not depend on ``length`` (only their values do), so that a test
+    whose lengths vary from run to run draws the same way."""
+    edge = st.sampled_from([0, 1, max(0, length - 1), length, length + 1, U32_MAX - 1, U32_MAX])
+    start = edge | st.integers(0, 60)
+    width = st.sampled_from([0, 1, 2, 5, 60, U32_MAX])
+
+    def build(start: int, width: int) -> pb.PositionRange:
+        return pb.PositionRange(start=start, end=min(start + width, U32_MAX))
+
+    sane = st.lists(st.builds(build, start, width), min_size=1, max_size=3)
+    return st.sampled_from([sane] * 7 + [ranges()]).flatmap(lambda strategy: strategy)
+
+
+def _apply(request: pb.GenerateRequest, name: str, value: Any) -> None:
+    """Sets field ``name`` of ``request`` to ``value`` (repeated and map fields replaced)."""
+    if name == "constraint":
+        request.ClearField("constraint")
+        if value is not None:
+            request.constraint.CopyFrom(value)
+    elif name in ("logprobs_ranges", "readout_ranges", "append_tokens", "stop_token_ids"):
+        request.ClearField(name)
+        getattr(request, name).extend(value)
+    elif name == "stop_strings":
+        request.ClearField(name)
+        request.stop_strings.extend(value)
+    elif name == "logit_bias":
+        request.logit_bias.clear()
+        request.logit_bias.update(value)
+    else:
+        setattr(request, name, value)
+
+
+@st.composite
+def readout_request(draw: st.DrawFn, session_id: str, length: int) -> pb.GenerateRequest:
+    """A Generate call on session ``session_id`` of ``length`` tokens that asks for
+    readout, with the call's other features: a rewind (an offset below the length,
+    truncating), prefill only, scored ranges with top-k, stop strings and stop tokens,
+    sampling (seeded or not), priorities (a call ahead of others preempts them), an
+    append that repeats itself (drafts for n-gram speculation to verify); now and then
+    one field given an odd value
+    (``generate_fields``). Its choices do not depend on ``length``."""
+    back = draw(st.sampled_from([0, 0, 1, 2, 5, 48]))
+    offset = max(0, length - back)
+    append = draw(st.lists(st.integers(3, 255), max_size=8))
+    if draw(st.booleans()):
+        append = (append * 4)[:12]
+    request = pb.GenerateRequest(
+        session_id=session_id,
+        offset=offset,
+        truncating=offset < length,
+        append_tokens=append,
+        max_tokens=draw(st.sampled_from([0, 0, 1, 2, 5, 9, 24])),
+        readout_ranges=draw(readout_ranges(offset + len(append))),
+        logprobs_ranges=draw(st.just([]) | readout_ranges(offset + len(append))),
+        logprob_top_k=draw(st.sampled_from([0, 0, 1, 5])),
+        temperature=draw(st.sampled_from([0.0, 0.0, 0.7, 1.0])),
+        ignore_eos=draw(st.booleans()),
+        return_text=draw(st.booleans()),
+        stop_strings=draw(st.lists(st.sampled_from(["a", "e", "\x00", "ab"]), max_size=2)),
+        stop_token_ids=draw(st.lists(st.integers(3, 255), max_size=2)),
+        priority=draw(st.sampled_from([0, 0, -1, 1])),
+    )
+    if draw(st.booleans()):
+        request.seed = draw(st.integers(0, 2**64 - 1))
+    if draw(st.integers(0, 4)) == 0:
+        fields = generate_fields({session_id: length}, session_id)
+        name = draw(st.sampled_from(sorted(fields)))
+        _apply(request, name, draw(fields[name], label=name))
     return request
 
 

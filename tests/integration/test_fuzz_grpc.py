@@ -147,8 +147,12 @@ class Fuzzer:
         if done.stop_string or done.finish_reason == pb.FINISH_REASON_STOP_STRING:
             assert done.finish_reason == pb.FINISH_REASON_STOP_STRING, done
             assert done.stop_string in request.stop_strings, done
+        self.checked(request, events)
         self.lengths[request.session_id] = done.total_tokens
         return done
+
+    def checked(self, request: pb.GenerateRequest, events: list[pb.GenerateEvent]) -> None:
+        """Further checks of a finished Generate's events (``test_fuzz_readout``'s oracle)."""
 
     def cancel(self, request: pb.GenerateRequest, num_read: int) -> None:
         """Reads ``num_read`` events, then cancels; the session's length is then
