@@ -9,8 +9,10 @@ without it. A failure in one request's part of a step fails that request alone
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 
 from salience_server.config import EngineConfig
@@ -210,6 +212,23 @@ class Engine:
         with self._lock:
             self.thread.check_serving()
             return self.session_table.open(session_id, max_context)
+
+    @contextlib.contextmanager
+    def preparing_call(self, session_id: str) -> Iterator[None]:
+        """While a call on ``session_id`` is prepared before its submit (its image
+        encoded, its constraint compiled), the session does not expire; its idle time
+        starts again after. An unknown session holds nothing (the submit refuses it)."""
+        with self._lock:
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.num_preparing += 1
+        try:
+            yield
+        finally:
+            if session is not None:
+                with self._lock:
+                    session.num_preparing -= 1
+                    session.touch()
 
     def close_session(self, session_id: str) -> None:
         """Frees the session; a call running on it is cancelled first."""

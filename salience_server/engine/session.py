@@ -80,6 +80,9 @@ class Session:
     """Calls waiting for the session to be free (``Engine.end_of_cancelled_call``),
     told when its owner ends."""
     is_closed: bool = False
+    num_preparing: int = 0
+    """Calls on the session being prepared off the engine (an image decoded and encoded,
+    a constraint compiled, a turn waited for) before they own it: never idle meanwhile."""
     residency: Residency = Residency.RESIDENT
     host_kv_bytes: int = 0
     """Bytes of this session's KV held in host memory while offloaded."""
@@ -165,5 +168,8 @@ class Session:
         self.last_used = time.monotonic()
 
     def idle_seconds(self) -> float:
-        """0 while a call owns the session, else the time since ``last_used``."""
-        return 0.0 if self.is_busy else time.monotonic() - self.last_used
+        """0 while a call owns the session or one is being prepared for it, else the
+        time since ``last_used``."""
+        if self.is_busy or self.num_preparing:
+            return 0.0
+        return time.monotonic() - self.last_used

@@ -84,13 +84,15 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Appends, optionally decodes; streams Token events then one Done."""
         engine = await self._engine(context)
         params = convert.generate_params(request, arrival_time=time.monotonic())
-        try:
-            spec = convert.constraint_spec(request)
-            if spec is not None:
-                compiled = await asyncio.to_thread(engine.compile_constraint, spec)
-                params = dataclasses.replace(params, constraint=compiled)
-        except SalienceError as error:
-            await self._abort(context, error)
+        with engine.preparing_call(params.session_id):  # the session waits, never expires
+            try:
+                spec = convert.constraint_spec(request)
+                if spec is not None:
+                    compiled = await asyncio.to_thread(engine.compile_constraint, spec)
+                    params = dataclasses.replace(params, constraint=compiled)
+            except SalienceError as error:
+                await self._abort(context, error)
+            await _after_cancelled_call(engine, params.session_id, context)
         # Text with stop strings comes from the engine (it must see them to stop); other
         # text is detokenized here, off the engine thread.
         detokenizes = params.return_text and not params.stop_strings
@@ -105,7 +107,6 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             return engine_request
 
         delivery = engine.metrics.token_delivery
-        await _after_cancelled_call(engine, params.session_id, context)
         async for event in self._events(context, submit):
             if detokenizes and detokenizer is None:  # built within the stream's clean-up
                 detokenizer = IncrementalDetokenizer(
@@ -230,13 +231,16 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Appends one image as placeholder tokens."""
         engine = await self._engine(context)
         session_id, offset, truncating = request.session_id, request.offset, request.truncating
-        await _after_cancelled_call(engine, session_id, context)
-        try:
-            engine.check_image_target(session_id, offset, truncating)
-            async with self._image_turn:
-                image = await in_own_thread(engine.encode_image, request.image, request.mime_type)
-        except SalienceError as error:
-            await self._abort(context, error)
+        with engine.preparing_call(session_id):  # the session waits, never expires
+            await _after_cancelled_call(engine, session_id, context)
+            try:
+                engine.check_image_target(session_id, offset, truncating)
+                async with self._image_turn:
+                    image = await in_own_thread(
+                        engine.encode_image, request.image, request.mime_type
+                    )
+            except SalienceError as error:
+                await self._abort(context, error)
         submit = lambda sink: engine.submit_image(  # noqa: E731
             session_id, offset, truncating, image, sink, request.priority
         )

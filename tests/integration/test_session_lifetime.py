@@ -17,6 +17,8 @@ from salience_server.engine.engine import Engine
 from salience_server.engine.loader import load_model
 from salience_server.engine.request import DoneEvent, GenerateParams
 from tests.helpers import TEST_DEVICE, error_reason, generate, open_session, session_info
+from tests.tiny_models import build_tiny_vision_model
+from tests.vision_support import encode, make_image
 
 BLOCK_SIZE = 4
 
@@ -121,6 +123,49 @@ def test_a_client_that_stops_reading_a_finished_stream_lets_its_session_expire(
         assert responses[-1].WhichOneof("event") == "done"
         assert reading in server.engine.sessions
         stalled_stream.cancel()
+
+
+def test_a_call_prepared_past_the_ttl_keeps_its_session(
+    tmp_path, server_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An AppendImage whose image is still encoded, or a Generate whose constraint still
+    compiles, when the session's TTL passes: the call did not own the session yet, so it
+    expired under it and the call, found valid on arrival, ended NOT_FOUND. The session
+    now waits for it, and expires a TTL after the call ends."""
+    model_dir = build_tiny_vision_model(tmp_path, "qwen2_vl")
+    server = server_factory(
+        model_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20, session_ttl_s=0.5
+    )
+    stub, engine = server.stub, server.engine
+    encode_image, compile_constraint = engine.encode_image, engine.compile_constraint
+    monkeypatch.setattr(engine, "encode_image", lambda *a: time.sleep(1.0) or encode_image(*a))
+    monkeypatch.setattr(
+        engine, "compile_constraint", lambda *a: time.sleep(1.0) or compile_constraint(*a)
+    )
+    session_id = open_session(stub)
+    generate(stub, session_id, append_tokens=[1, 2])
+    image = encode(make_image(1))
+    appended = stub.AppendImage(
+        pb.AppendImageRequest(session_id=session_id, image=image, mime_type="image/png", offset=2)
+    )
+    placeholders = engine.image_placeholder_count(image, "image/png")
+    assert (appended.placeholder_count, appended.total_length) == (placeholders, 2 + placeholders)
+    tokens, done = generate(
+        stub,
+        session_id,
+        offset=appended.total_length,
+        append_tokens=[3],
+        max_tokens=3,
+        constraint=pb.Constraint(regex="[0-9]{3}"),
+    )
+    assert done.prompt_tokens == appended.total_length + 1 and len(tokens) == done.completion_tokens
+    assert session_info(stub, session_id).length == done.total_tokens
+    deadline = time.monotonic() + 5
+    while session_id in engine.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session_id not in engine.sessions, "the session outlived its TTL after the calls"
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+    assert len(engine.images) == 0
 
 
 def test_sessions_past_max_sessions_are_refused_until_one_closes(
