@@ -119,7 +119,8 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
     """The HTTP error for a failed gRPC call: INVALID_ARGUMENT and FAILED_PRECONDITION
     400 (``context_length_exceeded`` for a prompt too long), UNAUTHENTICATED 401,
     NOT_FOUND 404, ABORTED and a busy or closed session 409, RESOURCE_EXHAUSTED 429
-    (but a request out of memory even alone, 400: it would fail again),
+    (but a request out of memory even alone, or one whose request or answer passes the
+    gRPC message limit, 400: it would fail again),
     UNAVAILABLE and a call cut off (CANCELLED without a reason) 503, DEADLINE_EXCEEDED
     504; 500 only for the server's own failures."""
     code, reason, message = error.code, error.reason, error.message
@@ -157,6 +158,12 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
         return invalid(
             f"The request needs more memory than the server has: {message}", param, "out_of_memory"
         )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _is_past_message_limit(error):
+        return invalid(
+            f"The call's request or answer is larger than a gRPC message may be: {message}",
+            param,
+            "message_too_large",
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(
             429,
@@ -179,6 +186,12 @@ def from_client_error(error: SalienceClientError, param: str | None = None) -> A
         return ApiError(status, message, kind, param if status < 500 else None, reason.lower())
     log.error("unexpected gRPC error: %s", error)
     return ApiError(500, f"Internal error: {error}", "server_error", code="internal_error")
+
+
+def _is_past_message_limit(error: SalienceClientError) -> bool:
+    """gRPC's own refusal of a message past its size limit (no reason of the server's):
+    the same call is refused again, so it is no 429 to retry after a while."""
+    return error.reason == error.code.name and "message larger than max" in error.message
 
 
 @contextlib.contextmanager

@@ -152,3 +152,31 @@ def test_enable_thinking_reaches_the_template_of_a_chat(
         model=model, messages=HELLO, max_tokens=6, temperature=0
     )
     assert default.choices[0].message.content == plain
+
+
+def test_an_answer_past_the_grpc_message_limit_is_400_not_429(tiny_llama_dir: Path) -> None:
+    """A /detokenize whose text passes the server's gRPC message limit (1 MiB here, 64
+    MiB by default) is refused by gRPC itself: it was a 429 "the server is overloaded"
+    with Retry-After, which a client retries in vain. The server serves on."""
+    server = start_server(
+        str(tiny_llama_dir),
+        server_options={"max_message_bytes": 1 << 20},
+        block_size=4,
+        kv_cache_bytes=1 << 20,
+    )
+    shim = start_shim(server.target)
+    try:
+        tokenizer = server.engine.loaded.tokenizer
+        special = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        tokens = [special] * ((1 << 20) // len("<|im_start|>") + 1)
+        response = httpx.post(f"{_root(shim)}/detokenize", json={"tokens": tokens})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "message_too_large" and "retry-after" not in response.headers
+        assert "larger than max" in error["message"]
+        response = httpx.post(f"{_root(shim)}/detokenize", json={"tokens": tokens[:1000]})
+        assert response.status_code == 200
+        assert response.json()["prompt"] == tokenizer.decode(tokens[:1000])
+    finally:
+        shim.stop()
+        server.stop()
