@@ -55,7 +55,7 @@ def generate_params(
             logit_bias=dict(request.logit_bias),
             seed=request.seed if request.HasField("seed") else None,
         ),
-        stop_token_ids=list(request.stop_token_ids),
+        stop_token_ids=list(dict.fromkeys(request.stop_token_ids)),
         stop_strings=list(request.stop_strings),
         include_stop_string=request.include_stop_string,
         keep_special_tokens=request.keep_special_tokens,

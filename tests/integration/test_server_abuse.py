@@ -20,6 +20,7 @@ from salience_server.engine.errors import Code, SalienceError
 from salience_server.rpc.errors import abort
 from salience_server.rpc.replica import ReplicaInterceptor
 from salience_server.rpc.unexpected import UnexpectedErrorInterceptor
+from tests.helpers import engine_held_in_a_step, generate, open_session
 
 
 def test_a_burst_of_calls_on_one_connection_is_answered_not_cancelled(llama_server) -> None:
@@ -126,3 +127,32 @@ def test_a_client_that_leaves_while_its_call_is_answered_logs_no_error(
         _serve_and_leave(interceptors)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+def test_a_stop_list_of_repeated_ids_is_held_once_per_id(llama_server) -> None:
+    """A Generate whose 4 million stop_token_ids repeat four ids (8 MiB on the wire) kept
+    the whole list for as long as it ran: 32 MB of Python list, four times its message,
+    per call. Each id is kept once now (at most the vocabulary), and the call decodes
+    as the same call with each id once."""
+    stub, engine = llama_server.stub, llama_server.engine
+    prompt = [5, 6, 7]
+    solo, _ = generate(stub, open_session(stub), append_tokens=prompt, max_tokens=6)
+    stops = [solo[3].id, *(i for i in (250, 251, 252) if i != solo[3].id)]
+    once_tokens, once = generate(
+        stub, open_session(stub), append_tokens=prompt, max_tokens=6, stop_token_ids=stops
+    )
+    request = pb.GenerateRequest(
+        session_id=open_session(stub),
+        append_tokens=prompt,
+        max_tokens=6,
+        stop_token_ids=stops * 10**6,
+    )
+    with engine_held_in_a_step(engine) as in_step:
+        stream = stub.Generate(request, timeout=30)
+        assert in_step.wait(10)
+        with engine._lock:
+            (running,) = engine.scheduler.running
+            assert running.params.stop_token_ids == stops
+    *tokens, done = list(stream)
+    assert [t.token.id for t in tokens] == [t.id for t in once_tokens]
+    assert done.done.finish_reason == once.finish_reason == pb.FINISH_REASON_STOP
