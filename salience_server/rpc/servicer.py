@@ -84,15 +84,14 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Appends, optionally decodes; streams Token events then one Done."""
         engine = await self._engine(context)
         params = convert.generate_params(request, arrival_time=time.monotonic())
-        with engine.preparing_call(params.session_id):  # the session waits, never expires
-            try:
-                spec = convert.constraint_spec(request)
-                if spec is not None:
+        try:
+            spec = convert.constraint_spec(request)
+            if spec is not None:
+                with engine.preparing_call(params.session_id):  # the session never expires
                     compiled = await asyncio.to_thread(engine.compile_constraint, spec)
-                    params = dataclasses.replace(params, constraint=compiled)
-            except SalienceError as error:
-                await self._abort(context, error)
-            await _after_cancelled_call(engine, params.session_id, context)
+                params = dataclasses.replace(params, constraint=compiled)
+        except SalienceError as error:
+            await self._abort(context, error)
         # Text with stop strings comes from the engine (it must see them to stop); other
         # text is detokenized here, off the engine thread.
         detokenizes = params.return_text and not params.stop_strings
@@ -107,6 +106,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             return engine_request
 
         delivery = engine.metrics.token_delivery
+        await _after_cancelled_call(engine, params.session_id, context)
         async for event in self._events(context, submit):
             if detokenizes and detokenizer is None:  # built within the stream's clean-up
                 detokenizer = IncrementalDetokenizer(
