@@ -21,7 +21,7 @@ from pydantic import Field
 from salience_server.http.backend import Backend
 from salience_server.http.errors import client_errors, invalid
 from salience_server.http.request_body import parse_body
-from salience_server.http.schemas import MAX_TOKEN_ID, Body
+from salience_server.http.schemas import MAX_TOKEN_ID, Body, Each
 from salience_server.http.truncation import last_tokens
 
 router = APIRouter()
@@ -31,7 +31,12 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 class EmbeddingsRequest(Body):
     model: str
-    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    input: (
+        str
+        | Annotated[list[str], Each]
+        | Annotated[list[TokenId], Each]
+        | Annotated[list[list[TokenId]], Each]
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     pooling: Literal["last", "mean"] = "last"

@@ -29,6 +29,9 @@ MAX_TOKEN_ID = 2**32 - 1
 MAX_FLOAT = 3.4028234663852886e38
 """The largest float the protocol's float fields hold (float32's); beyond it a value
 would reach the server as infinity."""
+Each = Field(fail_fast=True)
+"""A list in a union of lists checked up to its first bad item: a prompt of 30 million
+token ids took 16 s to refuse as a list of strings, one error an id."""
 MAX_BATCH_CHOICES = 2048
 """The most choices one Completions request may ask for (its prompts times ``n``), as
 many as the server embeds in one call. Unbounded, a 120 KB body of 20,000 one-letter
@@ -258,7 +261,12 @@ class ChatCompletionRequest(ReplyFields):
 class CompletionRequest(ReplyFields):
     """POST /v1/completions (the legacy text completion API)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        str
+        | Annotated[list[str], Each]
+        | Annotated[list[int], Each]
+        | Annotated[list[list[int]], Each]
+    )
     max_tokens: int = Field(16, ge=0)
     """0: score the prompt only (with ``echo`` and ``logprobs``)."""
     echo: bool = False

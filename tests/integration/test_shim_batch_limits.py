@@ -4,6 +4,7 @@ any prompt is tokenized or any generation starts."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -45,3 +46,42 @@ def test_a_batch_within_the_limit_is_answered(shim: RunningShim, model: str) -> 
     )
     assert response.status_code == 200, response.text[:300]
     assert [c["index"] for c in response.json()["choices"]] == [0, 1, 2, 3]
+
+
+def test_a_huge_body_does_not_stall_the_other_requests(shim: RunningShim, model: str) -> None:
+    """A 12 MiB body of 6 million token ids, decoded and checked on the event loop
+    (and refused as a list of strings one error an id), held every other request for
+    seconds (a 64 MiB one for a minute, /health included). It is decoded off the loop
+    now, and refused as the same prompt of a few ids too many."""
+    body = b'{"model": "%s", "max_tokens": 1, "prompt": [%s]}' % (
+        model.encode(),
+        b",".join([b"5"] * 6_000_000),
+    )
+    answer: dict[str, httpx.Response] = {}
+
+    def post() -> None:
+        answer["big"] = httpx.post(
+            f"{shim.base_url}/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=120,
+        )
+
+    caller = threading.Thread(target=post)
+    caller.start()
+    slowest = 0.0
+    while caller.is_alive():
+        start = time.monotonic()
+        assert httpx.get(f"{shim.base_url}/models", timeout=120).status_code == 200
+        slowest = max(slowest, time.monotonic() - start)
+    caller.join()
+    small = httpx.post(
+        f"{shim.base_url}/completions",
+        json={"model": model, "max_tokens": 1, "prompt": [5] * 600},
+        timeout=60,
+    )
+    assert answer["big"].status_code == small.status_code == 400
+    assert error_body(answer["big"])["code"] == error_body(small)["code"]
+    assert error_body(small)["code"] == "context_length_exceeded"
+    print(f"slowest small request: {slowest:.2f} s")
+    assert slowest < 3.0, f"a small request waited {slowest:.1f} s behind the big body"
