@@ -24,10 +24,9 @@ from salience_server.engine.constraints import (
 )
 from salience_server.engine.engine_thread import EngineThread
 from salience_server.engine.errors import (
-    Code,
-    SalienceError,
     images_unsupported,
     session_busy,
+    session_closed,
 )
 from salience_server.engine.evictor import Evictor
 from salience_server.engine.images import ImageStore
@@ -217,7 +216,8 @@ class Engine:
     def preparing_call(self, session_id: str) -> Iterator[None]:
         """While a call on ``session_id`` is prepared before its submit (its image
         encoded, its constraint compiled), the session does not expire; its idle time
-        starts again after. An unknown session holds nothing (the submit refuses it)."""
+        starts again after. An unknown session holds nothing (the submit refuses it); one
+        closed meanwhile ends the call CANCELLED (SESSION_CLOSED), as a call running is."""
         with self._lock:
             session = self.sessions.get(session_id)
             if session is not None:
@@ -229,6 +229,8 @@ class Engine:
                 with self._lock:
                     session.num_preparing -= 1
                     session.touch()
+        if session is not None and session.is_closed:
+            raise session_closed()
 
     def close_session(self, session_id: str) -> None:
         """Frees the session; a call running on it is cancelled first."""
@@ -237,13 +239,7 @@ class Engine:
             for request in self.scheduler.requests():
                 if request.session is session and not request.is_cancelled:
                     request.is_cancelled = True
-                    request.sink(
-                        SalienceError(
-                            Code.CANCELLED,
-                            "SESSION_CLOSED",
-                            "the session was closed during the call",
-                        )
-                    )
+                    request.sink(session_closed())
             self.session_table.remove(session)
             self._lock.notify_all()
 

@@ -74,6 +74,10 @@ def session_busy(session_id: str) -> SalienceError:
     )
 
 
+def session_closed() -> SalienceError:
+    return SalienceError(Code.CANCELLED, "SESSION_CLOSED", "the session was closed during the call")
+
+
 def device_lost(error: BaseException) -> bool:
     """A CUDA error (an illegal memory access, a device-side assert) leaves the device's
     context unusable: every later step fails too, so the engine stops rather than fail

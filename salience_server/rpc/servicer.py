@@ -231,16 +231,16 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         """Appends one image as placeholder tokens."""
         engine = await self._engine(context)
         session_id, offset, truncating = request.session_id, request.offset, request.truncating
-        with engine.preparing_call(session_id):  # the session waits, never expires
-            await _after_cancelled_call(engine, session_id, context)
-            try:
+        try:
+            with engine.preparing_call(session_id):  # the session waits, never expires
+                await _after_cancelled_call(engine, session_id, context)
                 engine.check_image_target(session_id, offset, truncating)
                 async with self._image_turn:
                     image = await in_own_thread(
                         engine.encode_image, request.image, request.mime_type
                     )
-            except SalienceError as error:
-                await self._abort(context, error)
+        except SalienceError as error:
+            await self._abort(context, error)
         submit = lambda sink: engine.submit_image(  # noqa: E731
             session_id, offset, truncating, image, sink, request.priority
         )

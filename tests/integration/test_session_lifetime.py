@@ -4,6 +4,7 @@ read starts its idle time again)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -166,6 +167,41 @@ def test_a_call_prepared_past_the_ttl_keeps_its_session(
     assert session_id not in engine.sessions, "the session outlived its TTL after the calls"
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
     assert len(engine.images) == 0
+
+
+def test_a_session_closed_while_a_call_is_prepared_ends_it_session_closed(
+    tmp_path, server_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session closed while an AppendImage's image is encoded: the call ends as one
+    running does, CANCELLED (SESSION_CLOSED), not NOT_FOUND (which a client takes for
+    a lost replica's session, and re-creates); nothing of it is left."""
+    model_dir = build_tiny_vision_model(tmp_path, "qwen2_vl")
+    server = server_factory(model_dir, block_size=BLOCK_SIZE, kv_cache_bytes=4 << 20)
+    stub, engine = server.stub, server.engine
+    encoding, gate = threading.Event(), threading.Event()
+    encode_image = engine.encode_image
+
+    def held_encode(*args: object) -> object:
+        encoding.set()
+        gate.wait(10)
+        return encode_image(*args)
+
+    monkeypatch.setattr(engine, "encode_image", held_encode)
+    session_id = open_session(stub)
+    request = pb.AppendImageRequest(
+        session_id=session_id, image=encode(make_image(1)), mime_type="image/png"
+    )
+    call = stub.AppendImage.future(request, timeout=30)
+    assert encoding.wait(10)
+    stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    gate.set()
+    with pytest.raises(grpc.RpcError) as caught:
+        call.result()
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert error_reason(caught.value) == "SESSION_CLOSED"
+    assert len(engine.sessions) == 0 and len(engine.images) == 0
+    assert engine.evictor.host_bytes_used == 0
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
 def test_sessions_past_max_sessions_are_refused_until_one_closes(
