@@ -20,7 +20,7 @@ from salience_server.engine.errors import Code, SalienceError
 from salience_server.rpc.errors import abort
 from salience_server.rpc.replica import ReplicaInterceptor
 from salience_server.rpc.unexpected import UnexpectedErrorInterceptor
-from tests.helpers import engine_held_in_a_step, generate, open_session
+from tests.helpers import engine_held_in_a_step, error_reason, generate, open_session
 
 
 def test_a_burst_of_calls_on_one_connection_is_answered_not_cancelled(llama_server) -> None:
@@ -156,3 +156,28 @@ def test_a_stop_list_of_repeated_ids_is_held_once_per_id(llama_server) -> None:
     *tokens, done = list(stream)
     assert [t.token.id for t in tokens] == [t.id for t in once_tokens]
     assert done.done.finish_reason == once.finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_a_text_past_the_tokenize_limit_is_refused_before_it_is_tokenized(
+    llama_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 60 MB text held the server at 10 GB for four minutes (the tokenizer keeps about
+    160 bytes a character), and an answer over the message limit was refused at the end.
+    A text, or a chat as rendered, past MAX_TOKENIZED_CHARS is TEXT_TOO_LONG at once; a
+    text at the limit is tokenized (a lower limit here: the oracle is the tokenizer)."""
+    monkeypatch.setattr(tokenization, "MAX_TOKENIZED_CHARS", 64)
+    stub, tokenizer = llama_server.stub, llama_server.engine.loaded.tokenizer
+    text = "the cat sat on the mat. " * 2 + "abcdefghijklmnop"
+    assert len(text) == 64
+    got = stub.Tokenize(pb.TokenizeRequest(text=text)).token_ids
+    assert list(got) == tokenizer.encode(text, add_special_tokens=False)
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)])
+    for request in (
+        pb.TokenizeRequest(text=text + "q"),
+        pb.TokenizeRequest(messages=chat, add_generation_prompt=True),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Tokenize(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(caught.value) == "TEXT_TOO_LONG"
+        assert "at most 64 are tokenized" in caught.value.details()

@@ -16,6 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from salience_client import SalienceClient
+from salience_server.engine import tokenization
 from tests.conftest import RunningServer, start_server
 from tests.shim_support import RunningShim, greedy_reply, start_shim
 from tests.tiny_models import build_tiny_model
@@ -180,3 +181,27 @@ def test_an_answer_past_the_grpc_message_limit_is_400_not_429(tiny_llama_dir: Pa
     finally:
         shim.stop()
         server.stop()
+
+
+def test_a_text_past_the_tokenize_limit_is_400(
+    shim: RunningShim, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server tokenizes at most MAX_TOKENIZED_CHARS characters a call (a 60 MB text
+    took it to 10 GB): past them /tokenize, and a chat cut by truncate_prompt_tokens
+    (which may be longer than the context), are a 400 naming the field."""
+    monkeypatch.setattr(tokenization, "MAX_TOKENIZED_CHARS", 200)
+    long = "word " * 60
+    response = httpx.post(f"{_root(shim)}/tokenize", json={"model": model, "prompt": long})
+    assert response.status_code == 400, response.text
+    assert "at most 200 are tokenized" in response.json()["error"]["message"]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": long}],
+        "max_tokens": 2,
+        "truncate_prompt_tokens": 8,
+    }
+    response = httpx.post(f"{shim.base_url}/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages"
+    body["messages"] = [{"role": "user", "content": "word " * 20}]
+    assert httpx.post(f"{shim.base_url}/chat/completions", json=body).status_code == 200
