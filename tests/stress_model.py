@@ -148,7 +148,8 @@ def check_call(
         p = event.position
         assert event.id == after.token_ids[p]
         assert event.is_prefill == (p < prompt_len)
-        if p == 0 or p in pads:
+        scored_here = not event.is_prefill or _in(p, call.logprobs_ranges)
+        if p == 0 or p in pads or not scored_here:  # read out only: no logits computed
             assert event.sampled_logprob == 0.0 and not event.top_logprobs
         else:
             assert abs(event.sampled_logprob - logprobs[p - 1, event.id].item()) < TOLERANCE

@@ -30,6 +30,16 @@ class LogitsRow:
 
 
 @dataclass
+class ReadoutRow:
+    """A row read out with no logits (a prefill position in readout ranges only)."""
+
+    request: Request
+    fed_position: int
+    readout_index: int
+    """Index into the step's readout rows."""
+
+
+@dataclass
 class StepRows:
     """What the rows a forward pass returns are for."""
 
@@ -37,6 +47,8 @@ class StepRows:
     """One per ``ForwardBatch.logits_rows`` entry."""
     embeds: list[EmbedRow] = field(default_factory=list)
     """One per ``ForwardBatch.embed_rows`` entry."""
+    readouts: list[ReadoutRow] = field(default_factory=list)
+    """The ``ForwardBatch.readout_rows`` entries that are no logits row."""
 
 
 def build_batch(
@@ -68,12 +80,15 @@ def build_batch(
                 batch.embed_rows.append(first_row + position - chunk.start)
                 rows.embeds.append(EmbedRow(request, position))
             # A draft's row verifies it and predicts the next (position >= length).
-            if position >= session.length or request.needs_logits_at(position):
-                row = first_row + position - chunk.start
+            has_logits = position >= session.length or request.needs_logits_at(position)
+            reads_out = has_readout and request.needs_readout_at(position)
+            row = first_row + position - chunk.start
+            readout_index = len(batch.readout_rows) if reads_out else None
+            if readout_index is not None:
+                batch.readout_rows.append(row)
+            if has_logits:
                 batch.logits_rows.append(row)
-                readout_index = None
-                if has_readout and request.wants_readout(position + 1):
-                    readout_index = len(batch.readout_rows)
-                    batch.readout_rows.append(row)
                 rows.logits.append(LogitsRow(request, position, readout_index))
+            elif readout_index is not None:
+                rows.readouts.append(ReadoutRow(request, position, readout_index))
     return batch, rows

@@ -45,7 +45,7 @@ class Outcomes:
         their indices and parameters join the forward's inputs in ``uploads``. Called
         without the engine's lock, as ``sample``."""
         drafts = {c.request: c.draft_token_ids for c in chunks if c.draft_token_ids}
-        return outputs.plan_rows(rows.logits, drafts, vocab_size, uploads)
+        return outputs.plan_rows(rows.logits, rows.readouts, drafts, vocab_size, uploads)
 
     def sample(
         self, chunks: list[ScheduledChunk], plan: outputs.RowsPlan, forward: ForwardOutput

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from salience_server.engine import filters, penalties, sampler, scoring
-from salience_server.engine.batch_builder import LogitsRow
+from salience_server.engine.batch_builder import LogitsRow, ReadoutRow
 from salience_server.engine.errors import device_lost
 from salience_server.engine.request import FinishReason, Request, TokenEvent
 from salience_server.engine.scheduler import ScheduledChunk
@@ -26,10 +26,11 @@ from salience_server.engine.uploads import Uploads, planned
 
 @dataclass
 class RowResult:
-    """One logits row after sampling and scoring."""
+    """One row after sampling and scoring (a logits row), or reading out only."""
 
     token_id: int
-    scored: scoring.TokenLogprob
+    scored: scoring.TokenLogprob | None
+    """None for a row read out only."""
     readout: list[float]
     """[n_layers * n_concepts], or empty."""
 
@@ -44,6 +45,8 @@ class RowsPlan:
     indices and parameters travel in the step's one upload)."""
 
     rows: list[LogitsRow]
+    readouts: list[ReadoutRow]
+    """The rows read out with no logits."""
     picks: sampler.PickPlan
     verifications: dict[Request, sampler.Verification]
     top_ks: list[int]
@@ -53,6 +56,7 @@ class RowsPlan:
 
 def plan_rows(
     rows: list[LogitsRow],
+    readouts: list[ReadoutRow],
     drafts: dict[Request, list[int]],
     vocab_size: int,
     uploads: Uploads,
@@ -93,6 +97,7 @@ def plan_rows(
         picked = _plan_picks(picks, verifying, drafts, vocab_size, uploads)
     return RowsPlan(
         rows,
+        readouts,
         picked,
         dict(zip(verifying, picked.verifications, strict=True)),
         [top_k(row.request, t) for row, t in zip(rows, targets, strict=True)],
@@ -129,7 +134,7 @@ def row_results(
             raise
         results: RowResults = {}
         errors: dict[Request, Exception] = dict(plan.errors)
-        by_request: dict[Request, list[int]] = {}
+        by_request: dict[Request, list[int]] = {row.request: [] for row in plan.readouts}
         for row_index, row in enumerate(plan.rows):
             by_request.setdefault(row.request, []).append(row_index)
         drafts = {request: v.drafts for request, v in plan.verifications.items()}
@@ -138,8 +143,9 @@ def row_results(
                 continue
             own_rows = torch.tensor(indices, dtype=torch.long, device=logits.device)
             own = [plan.rows[i] for i in indices]
+            own_readouts = [row for row in plan.readouts if row.request is request]
             try:
-                make = functools.partial(plan_rows, own, drafts, logits.shape[1])
+                make = functools.partial(plan_rows, own, own_readouts, drafts, logits.shape[1])
                 alone = planned(make, logits.device)
                 part, part_errors = _row_results(alone, logits[own_rows], readout)
             except Exception as error:
@@ -156,14 +162,18 @@ def _row_results(
     plan: RowsPlan, logits: torch.Tensor, readout: torch.Tensor | None
 ) -> tuple[RowResults, dict[Request, Exception]]:
     rows = plan.rows
-    if not rows:
-        return {}, dict(plan.errors)
-    logprobs = scoring.log_softmax(logits)  # [K, V]
-    picked = sampler.pick_tokens(logits, logprobs, plan.picks)
-    on_device = scoring.score_on_device(logprobs, picked.token_ids, plan.top_ks, picked.argmax_rows)
     readout_rows = (  # [R, L * C]
         readout.flatten(1) if readout is not None else torch.empty(0, 0, device=logits.device)
     )
+    results: RowResults = {}
+    if not rows:  # none, or rows read out only
+        if plan.readouts:
+            (readout_values,) = scoring.to_host([readout_rows])
+            _add_readouts(plan.readouts, readout_values, results)
+        return results, dict(plan.errors)
+    logprobs = scoring.log_softmax(logits)  # [K, V]
+    picked = sampler.pick_tokens(logits, logprobs, plan.picks)
+    on_device = scoring.score_on_device(logprobs, picked.token_ids, plan.top_ks, picked.argmax_rows)
     token_ids, valid, *scored_lists, readout_values = scoring.to_host(
         [picked.token_ids, picked.valid, *on_device, readout_rows]
     )
@@ -186,7 +196,6 @@ def _row_results(
             continue
         unused.update(indices[len(emitted) :])
     scores = scoring.scored_rows(plan.top_ks, *scored_lists)
-    results: RowResults = {}
     for index, (row, token_id, scored) in enumerate(zip(rows, token_ids, scores, strict=True)):
         if index in unused:
             continue
@@ -196,7 +205,18 @@ def _row_results(
         if row.readout_index is not None and readout_values:
             values = readout_values[row.readout_index]
         results.setdefault(row.request, {})[row.fed_position] = RowResult(token_id, scored, values)
+    _add_readouts(plan.readouts, readout_values, results)
     return results, errors
+
+
+def _add_readouts(
+    readouts: list[ReadoutRow], readout_values: list[list[float]], results: RowResults
+) -> None:
+    """The results of the rows read out only: the committed token, no score."""
+    for read in readouts:
+        token_id = read.request.session.token_ids[read.fed_position + 1]
+        values = readout_values[read.readout_index] if readout_values else []
+        results.setdefault(read.request, {})[read.fed_position] = RowResult(token_id, None, values)
 
 
 def _nan_logits(position: int) -> filters.InvalidDistribution:
@@ -266,13 +286,12 @@ def chunk_events(
 
 def prefill_token(request: Request, position: int, row: RowResult | None) -> TokenEvent:
     """The event for committed token ``position``, scored by the row that predicted
-    it; an image placeholder has no row, or one kept for its readout only, and carries
-    no logprob."""
+    it; one read out only, or an image placeholder, carries no logprob."""
     token_id = request.session.token_ids[position]
     readout = row.readout if row is not None else []
-    if row is None or request.session.is_image_position(position):
+    scored = row.scored if row is not None else None
+    if scored is None or request.session.is_image_position(position):
         return TokenEvent(position, token_id, True, readout=readout)
-    scored = row.scored
     return TokenEvent(
         position, token_id, True, scored.logprob, scored.rank, scored.top_logprobs, readout=readout
     )
@@ -322,6 +341,7 @@ def decode_token(request: Request, row: RowResult) -> TokenEvent:
         elif not request.wants_decode:  # the call ends: release held-back text
             text += _held_back_text(request, stoppable)
     scored = row.scored
+    assert scored is not None  # a decode row is a logits row
     return TokenEvent(
         position,
         token_id,

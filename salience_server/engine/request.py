@@ -292,19 +292,26 @@ class Request:
 
     def needs_logits_at(self, fed_position: int) -> bool:
         """Whether the distribution computed at ``fed_position`` is used: it samples
-        the next token, or scores (or reads out) position ``fed_position + 1``, whose
-        event is still owed. Image placeholders carry no logprob: they need a row
-        only for their readout."""
+        the next token, or scores position ``fed_position + 1``, whose event is still
+        owed. Image placeholders carry no logprob; a position read out only is not
+        scored either (no logits for a whole prompt read out)."""
         target = fed_position + 1
         if target == self.session.length:
             return self.wants_decode
         if target < self.next_event_position:
             return False
-        if in_ranges(target, self.params.readout_ranges):
-            return True
         return in_ranges(target, self.params.logprobs_ranges) and not (
             self.session.is_image_position(target)
         )
+
+    def needs_readout_at(self, fed_position: int) -> bool:
+        """Whether the hidden states at ``fed_position`` are read out: for the token it
+        draws (or a draft it verifies), or for position ``fed_position + 1``, whose
+        event is still owed."""
+        target = fed_position + 1
+        if target >= self.session.length:
+            return self.wants_decode and self.wants_readout(target)
+        return target >= self.next_event_position and self.wants_readout(target)
 
     def first_fed_needing_logits(self) -> int | None:
         """The lowest fed position whose logits this request needs (the session's KV

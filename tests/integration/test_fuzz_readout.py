@@ -122,7 +122,9 @@ class ReadoutFuzzer(Fuzzer):
             else:
                 got = torch.tensor(list(token.readout)).view(readout.shape[1:])
                 assert (got - readout[position - 1]).abs().max().item() < TOLERANCE, position
-            if position == 0:
+            scored = not token.is_prefill or in_ranges(position, request.logprobs_ranges)
+            if position == 0 or not scored:  # read out only: no logits computed
+                assert token.sampled_logprob == 0.0 and not token.top_logprobs, position
                 continue
             want = logprobs[position - 1]
             assert abs(token.sampled_logprob - want[token.id].item()) < TOLERANCE, position

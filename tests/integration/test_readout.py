@@ -83,6 +83,42 @@ def test_prefill_and_decoded_readout_equal_the_hidden_state_projection(
         assert (got - want[token.position - 1]).abs().max().item() < 1e-4
 
 
+def test_a_prompt_read_out_only_computes_no_logits(
+    tiny_llama_dir, readout_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logits are computed for the positions scored and the one decoded from, never for a
+    whole prompt (SPEC): a prompt in readout_ranges alone computed [T, V] logits and
+    its events carried logprobs. Its events carry its readout and no logprob; the
+    decoded tokens (and a position also scored) keep theirs."""
+    engine = readout_server.engine
+    execute, logits_rows = engine.runner.execute, []
+
+    def counted_execute(batch, *args, **kwargs):
+        logits_rows.append(len(batch.logits_rows))
+        return execute(batch, *args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "execute", counted_execute)
+    stub, prompt = readout_server.stub, random_tokens(30, seed=5)
+    session_id = open_session(stub)
+    tokens, _ = generate(
+        stub,
+        session_id,
+        append_tokens=prompt,
+        max_tokens=3,
+        readout_ranges=[(0, U32_MAX)],
+        logprobs_ranges=[(7, 8)],
+    )
+    assert sum(logits_rows) == 1 + 3  # position 7's, and one a decode step
+    sequence = prompt + [t.id for t in tokens if not t.is_prefill]
+    want = oracle_readout(tiny_llama_dir, readout_server.extra["readout_path"], sequence)
+    assert [t.position for t in tokens] == list(range(len(sequence)))
+    for token in tokens[1:]:
+        got = torch.tensor(list(token.readout)).view(len(LAYERS), len(CONCEPTS))
+        assert (got - want[token.position - 1]).abs().max().item() < 1e-4
+        scored = not token.is_prefill or token.position == 7
+        assert (token.sampled_logprob != 0.0) == scored, token.position
+
+
 def test_readout_in_a_batch_with_requests_that_ask_for_none(tiny_llama_dir, readout_server) -> None:
     import threading
 
