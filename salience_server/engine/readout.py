@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-_LAYER_NAME = re.compile(r"layers\.(\d+)")
+_LAYER_NAME = re.compile(r"layers\.([0-9]+)")
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,8 @@ def test_bad_readout_files_fail_at_start_naming_the_problem(
             "finite",
         ),
         ({"layers.1": torch.ones(3, HIDDEN), "layers.01": torch.ones(3, HIDDEN)}, "two tensors"),
+        # int() reads other scripts' digits: an Arabic-Indic one was layer 1.
+        ({"layers.\u0661": torch.ones(3, HIDDEN)}, "not named layers.<index>"),
     ],
 )
 def test_readout_files_with_unusable_vectors_are_refused(tmp_path, tensors, message) -> None:
