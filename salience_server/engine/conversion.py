@@ -49,9 +49,11 @@ def convert_gguf(gguf_path: Path) -> Path:
             log.info("using the converted model cached at %s", cached)
             return cached
         log.info("converting %s to safetensors (once) into %s", gguf_path, target)
-        staging = _staging_dir(models_dir, digest)  # before the minutes of converting
+        staging = _staging_dir(models_dir, digest, target)  # before the minutes of converting
         try:
             _convert_read(gguf_path, staging)
+            for path in staging.iterdir():
+                path.chmod(0o644)  # safetensors writes its files 0600: share them as the rest
             staging.rename(target)  # atomic: a crash never leaves half a cache behind
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -94,12 +96,18 @@ def _conversion_lock(models_dir: Path, digest: str) -> Iterator[None]:
         os.close(descriptor)  # releases the lock
 
 
-def _staging_dir(models_dir: Path, digest: str) -> Path:
+def _staging_dir(models_dir: Path, digest: str, target: Path) -> Path:
     """A fresh directory to convert into, beside the caches, after removing what killed
-    conversions of this GGUF left (under its lock, none is in use); an unwritable cache
-    is an error that says what to do."""
+    conversions of this GGUF left (under its lock, none is in use) and a ``target``
+    that is no finished conversion (its config gone: the rename onto it would fail);
+    an unwritable cache is an error that says what to do."""
     try:
         remove_stale_staging(models_dir, digest)
+        if target.is_dir():
+            log.warning("removing %s, a conversion with files missing", target)
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
         staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f"{STAGING_PREFIX}{digest}-"))
         staging.chmod(0o755)  # mkdtemp's 0700 kept other users from a shared cache
         return staging

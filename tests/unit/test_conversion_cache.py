@@ -25,6 +25,7 @@ from salience_server.engine.conversion import (
     remove_stale_staging,
 )
 from salience_server.engine.loader import default_gguf_path
+from tests.gguf_models import build_tiny_gguf
 
 
 def test_stale_staging_is_removed_and_fresh_staging_and_caches_are_kept(tmp_path: Path) -> None:
@@ -190,3 +191,33 @@ def test_staging_a_killed_conversion_left_is_removed_by_the_next_conversion(
     assert convert_gguf(gguf) == models / f"m-{digest}" and converted == [gguf]
     assert not left.exists() and (other / "model.safetensors").exists()
     assert not list(models.glob(f"{STAGING_PREFIX}{digest}-*"))
+
+
+def test_a_conversion_is_readable_by_every_user_of_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is shared (its directories 0755, its lock and index readable by all),
+    but safetensors wrote the converted weights 0600: another user's server sharing the
+    cache found the conversion and failed to read it."""
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
+    converted = convert_gguf(build_tiny_gguf(tmp_path / "tiny.gguf", quant="Q8_0"))
+    files = sorted(path.name for path in converted.iterdir())
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    modes = {path.name: path.stat().st_mode & 0o777 for path in converted.iterdir()}
+    assert modes == dict.fromkeys(files, 0o644)
+
+
+def test_a_conversion_with_its_config_gone_is_converted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached conversion that lost files (its config.json) is no conversion: the GGUF
+    was converted again, and every start failed renaming it onto the old one ("Directory
+    not empty")."""
+    gguf = _fake_gguf(tmp_path, monkeypatch)
+    converted = _recording_conversion(monkeypatch)
+    target = tmp_path / "cache" / "models" / f"m-{content_digest(gguf)[:12]}"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"weights")
+    assert convert_gguf(gguf) == target and converted == [gguf]
+    assert sorted(path.name for path in target.iterdir()) == ["config.json"]
+    assert convert_gguf(gguf) == target and converted == [gguf]  # once
