@@ -174,7 +174,6 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
         AutoImageProcessor,
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
-        AutoTokenizer,
     )
 
     hf_config = AutoConfig.from_pretrained(path)
@@ -202,6 +201,7 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             "attention, as Mamba's, Jamba's, Falcon-H1's and Qwen3-Next's), which "
             "Salience's paged KV cache does not hold"
         )
+    tokenizer = _load_tokenizer(path, model_id)  # before the model's minutes of loading
     is_vision = getattr(hf_config, "vision_config", None) is not None
     loaded: Any  # (model, loading info): output_loading_info
     image_processor = None
@@ -216,6 +216,7 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
                 "vision_config": "sdpa",
             },
             output_loading_info=True,
+            ignore_mismatched_sizes=True,  # refused below, naming the first
         )
         image_processor = AutoImageProcessor.from_pretrained(path)
     else:
@@ -228,6 +229,7 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             attn_implementation=paged_attention.ATTENTION_NAME,
             use_kernels=False,
             output_loading_info=True,
+            ignore_mismatched_sizes=True,  # refused below, naming the first
         )
     model, loading_info = loaded
     missing = sorted(loading_info["missing_keys"])
@@ -236,13 +238,39 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         )
         raise UnsupportedModel(f"{model_id}: the checkpoint at {path} lacks weights: {shown}")
+    mismatched = sorted(loading_info["mismatched_keys"])
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise UnsupportedModel(
+            f"{model_id}: the checkpoint at {path} does not match its config.json: "
+            f"{name} is {list(stored)} there, where the config makes it {list(expected)}{more}"
+        )
     if decoder_parts(model) is None:
         raise UnsupportedModel(
             f"{model_id}: the {type(model).__name__} architecture is not supported (Salience "
             "runs decoders with a list of layers and a final norm under the names "
             "transformers' decoders give them: Llama's, GPT-2's, Phi's and kin)"
         )
-    return model, image_processor, AutoTokenizer.from_pretrained(path)
+    return model, image_processor, tokenizer
+
+
+def _load_tokenizer(path: Path, model_id: str) -> Any:
+    """The tokenizer saved with the model; UnsupportedModel, naming it, where there is
+    none or it cannot be read (transformers' own message did not say "tokenizer")."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (MemoryError, ImportError):
+        raise
+    except Exception as error:
+        log.debug("loading the tokenizer of %s failed", path, exc_info=True)
+        raise UnsupportedModel(
+            f"{model_id}: cannot load its tokenizer from {path} ({in_one_line(error)}); "
+            "a model directory needs its tokenizer's files (tokenizer.json and "
+            "tokenizer_config.json, as save_pretrained writes them)"
+        ) from error
 
 
 def _uses_alibi(text_config: Any) -> bool:

@@ -5,6 +5,7 @@ of the last three ended in a stack trace); so is a KV pool larger than the memor
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,41 @@ def test_a_truncated_checkpoint_is_one_clear_error(tiny_llama_dir: Path, tmp_pat
     with pytest.raises(ValueError, match="cannot load model .* truncated or corrupt") as caught:
         _load(model_dir)
     assert "\n" not in str(caught.value)
+
+
+def test_a_config_that_does_not_fit_the_weights_names_a_weight(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A config.json missing a field (its class's default then differs from the
+    weights) failed with transformers' "look at the above report" as the reason."""
+    model_dir = _copy(tiny_llama_dir, tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["num_key_value_heads"]  # 2; Llama's default: as many as query heads, 4
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        UnsupportedModel,
+        match=r"does not match its config\.json: model\.layers\.0\.self_attn\.k_proj\.weight "
+        r"is \[32, 64\] there, where the config makes it \[64, 64\] \(and 3 more\)",
+    ) as caught:
+        _load(model_dir)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_model_without_its_tokenizer_is_refused_before_loading_weights(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reason named no tokenizer ("Couldn't instantiate the backend tokenizer from
+    one of: "), and came after the weights had loaded (minutes for a large model)."""
+    model_dir = _copy(tiny_llama_dir, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model_dir / name).unlink()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded first")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(UnsupportedModel, match=r"model: cannot load its tokenizer from .*model \("):
+        _load(model_dir)
 
 
 def test_an_architecture_not_laid_out_as_llama_s_is_refused(tmp_path: Path) -> None:
