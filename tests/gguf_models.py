@@ -52,6 +52,10 @@ def build_tiny_gguf(
     config = LlamaConfig(**options) if architecture == "llama" else Qwen2Config(**options)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms and biases of no round values: F16 or BF16 would move them
+        for name, vector in model.named_parameters():
+            if vector.ndim == 1:
+                vector.add_(torch.randn_like(vector) * 0.1 + (0.01 if "norm" in name else 0.0))
     arch = ARCHITECTURES[architecture]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(f"tiny-{architecture}")

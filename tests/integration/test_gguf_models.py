@@ -1,0 +1,56 @@
+"""GGUF files other than the default model's: Llama and Qwen2, tied and untied, in
+float and block-quantized types. Each converts once into the cache and serves exactly
+what transformers computes from the same file (scores over a session built in chunks,
+greedy decodes batched together), with the tokenizer, EOS and chat template the file
+states."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from salience_server.config import ModelConfig
+from salience_server.engine import conversion
+from salience_server.engine.loader import load_model
+from tests.conftest import start_server
+from tests.gguf_models import build_tiny_gguf
+from tests.helpers import check_sessions_against_transformers
+
+
+@pytest.mark.parametrize(
+    ("architecture", "quant", "tied"),
+    [("llama", "Q8_0", False), ("qwen2", "Q4_0", True), ("llama", "BF16", True)],
+)
+def test_a_gguf_serves_what_transformers_computes_from_it(
+    architecture: str, quant: str, tied: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = build_tiny_gguf(
+        tmp_path / f"tiny-{quant}.gguf", architecture, quant, tie_word_embeddings=tied
+    )
+    source, name = str(tmp_path), gguf.name
+    oracle = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+    server = start_server(str(gguf), block_size=4, kv_cache_bytes=4 << 20)
+    try:
+        check_sessions_against_transformers(server.stub, oracle.eval(), [0, 5, 17, 40], 3, 8)
+    finally:
+        server.stop()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(conversion, "_convert_into", refuse)
+    loaded = load_model(ModelConfig(model=str(gguf), device="cpu"))
+    assert (
+        loaded.model_id == f"tiny-{quant}" and loaded.path.parent == tmp_path / "cache" / "models"
+    )
+    assert loaded.model.config.tie_word_embeddings is tied
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+    text = "<|im_start|>user\nHé, 1+1?<|im_end|>\n"
+    assert loaded.tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert loaded.tokenizer.chat_template == tokenizer.chat_template
+    assert loaded.eos_token_ids == [tokenizer.eos_token_id]
