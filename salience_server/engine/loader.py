@@ -17,7 +17,7 @@ import torch
 
 from salience_server.config import ModelConfig
 from salience_server.engine import paged_attention
-from salience_server.engine.conversion import convert_gguf, in_one_line
+from salience_server.engine.conversion import cache_dir, convert_gguf, in_one_line
 from salience_server.engine.model_shape import decoder_parts, kv_shape
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         # safetensors or JSON parse error, a KeyError deep in transformers) does not.
         is_plain = isinstance(error, MemoryError | OSError | ImportError)
         hint = "" if is_plain else "; is a file truncated or corrupt, or the architecture new?"
+        if not is_plain and path.parent == cache_dir() / "models":
+            hint = f"; a file of this cached conversion is damaged: remove {path} to convert again"
         raise ValueError(
             f"cannot load {model_id} from {path} ({in_one_line(error)}){hint}"
         ) from error

@@ -6,6 +6,7 @@ states."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,22 @@ def test_a_gguf_serves_what_transformers_computes_from_it(
     assert loaded.tokenizer(text).input_ids == tokenizer(text).input_ids
     assert loaded.tokenizer.chat_template == tokenizer.chat_template
     assert loaded.eos_token_ids == [tokenizer.eos_token_id]
+
+
+def test_a_damaged_conversion_says_to_remove_it_and_is_then_converted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached conversion whose weights were cut short (a crash before the disk had
+    them) failed every start asking whether the file was corrupt "or the architecture
+    new", with nothing saying the directory is a cache that may be removed."""
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = build_tiny_gguf(tmp_path / "tiny.gguf")
+    converted = load_model(ModelConfig(model=str(gguf), device="cpu")).path
+    weights = converted / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=f"damaged: remove {converted} to convert again$"):
+        load_model(ModelConfig(model=str(gguf), device="cpu"))
+    shutil.rmtree(converted)
+    assert load_model(ModelConfig(model=str(gguf), device="cpu")).path == converted
+    assert weights.read_bytes() == whole
