@@ -2,7 +2,8 @@
 float and block-quantized types. Each converts once into the cache and serves exactly
 what transformers computes from the same file (scores over a session built in chunks,
 greedy decodes batched together), with the tokenizer, EOS and chat template the file
-states."""
+states. A damaged conversion says to remove it; a GGUF of an architecture transformers
+cannot read is refused in one line."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,7 +22,7 @@ from salience_server.engine import conversion
 from salience_server.engine.loader import load_model
 from tests.conftest import start_server
 from tests.gguf_models import build_tiny_gguf
-from tests.helpers import check_sessions_against_transformers
+from tests.helpers import check_sessions_against_transformers, server_start_failure
 
 
 @pytest.mark.parametrize(
@@ -74,3 +77,25 @@ def test_a_damaged_conversion_says_to_remove_it_and_is_then_converted_again(
     shutil.rmtree(converted)
     assert load_model(ModelConfig(model=str(gguf), device="cpu")).path == converted
     assert weights.read_bytes() == whole
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_read_is_one_line(tmp_path: Path) -> None:
+    """RWKV-6, which llama.cpp runs and transformers does not convert: the server exits 1
+    naming the architecture, with no stack trace and no staging left in the cache."""
+    gguf_path = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(str(gguf_path), "rwkv6")
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cache = tmp_path / "cache"
+    stderr = server_start_failure(
+        "--model", str(gguf_path), "--port", "0", env={"SALIENCE_CACHE_DIR": str(cache)}
+    )
+    assert "GGUF model with architecture rwkv6 is not supported" in stderr.splitlines()[-1]
+    assert [path.name for path in (cache / "models").iterdir() if path.is_dir()] == []
