@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def resolve_model_path(model: str | None) -> tuple[Path, str]:
     if path.is_file() and path.suffix == ".gguf":
         return convert_gguf(path), path.stem
     if path.is_dir() and (path / "config.json").exists():
-        return path, path.name
+        # The directory's own name, also for "." or "..": not a symlink's target's.
+        return path, Path(os.path.abspath(path)).name
     if not path.exists():
         raise FileNotFoundError(f"--model {model!r}: no such file or directory")
     raise FileNotFoundError(

@@ -18,7 +18,7 @@ from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine import cpu_matmul, decoder_layers
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import SalienceError
-from salience_server.engine.loader import UnsupportedModel, load_model
+from salience_server.engine.loader import UnsupportedModel, load_model, resolve_model_path
 from salience_server.engine.request import DoneEvent, GenerateParams, SamplingParams
 from tests.tiny_models import build_tokenizer
 
@@ -197,3 +197,21 @@ def test_the_free_memory_must_also_hold_the_attention_workspace(
     monkeypatch.setattr(cpu_matmul, "available_memory", lambda: pool + workspace)
     engine = Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=pool))
     assert engine.block_manager.num_free * engine.block_size * engine.kv_bytes_per_token == pool
+
+
+def test_a_model_named_by_a_relative_path_is_served_under_its_directory_s_name(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model .`` from inside the model's directory served it as model "" (the shim
+    listed id "" and answered 404 for the directory's name); ``..`` as "..". A symlink
+    keeps its own name, not its target's."""
+    model_dir = _copy(tiny_llama_dir, tmp_path)
+    (model_dir / "sub").mkdir()
+    (tmp_path / "current").symlink_to(model_dir)
+    monkeypatch.chdir(model_dir)
+    assert load_model(ModelConfig(model=".", device="cpu")).model_id == "model"
+    assert resolve_model_path("./")[1] == "model"
+    assert resolve_model_path("sub/..")[1] == "model"
+    monkeypatch.chdir(model_dir / "sub")
+    assert resolve_model_path("..")[1] == "model"
+    assert resolve_model_path(str(tmp_path / "current"))[1] == "current"
