@@ -34,6 +34,17 @@ def check_length(text: str, what: str) -> None:
         )
 
 
+def chat_template_text(tokenizer: Any) -> str:
+    """The model's chat template as one text ("" for none). A tokenizer with named
+    templates (Hermes 2 Pro's and Command R's "default" and "tool_use") holds a dict:
+    the one transformers renders a call with tools through, where there is one, so
+    that what reads the template (the shim, for the tool call format) reads that one."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        return str(template.get("tool_use") or template.get("default") or "")
+    return str(template or "")
+
+
 def encode_chat(
     tokenizer: Any,
     messages: list[dict[str, Any]],

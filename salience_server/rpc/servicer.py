@@ -306,7 +306,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             vocab_size=engine.vocab_size,
             max_context=engine.max_context,
             eos_token_ids=sorted(engine.eos_token_ids),
-            chat_template=tokenizer.chat_template or "",
+            chat_template=tokenization.chat_template_text(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             supports_images=loaded.supports_images,
             image_pad_token_id=loaded.special_token_id("image_token_id"),

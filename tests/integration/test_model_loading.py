@@ -12,15 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, BioGptConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BioGptConfig
 
+from salience_client.pb import salience_pb2 as pb
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine import cpu_matmul, decoder_layers
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import SalienceError
 from salience_server.engine.loader import UnsupportedModel, load_model, resolve_model_path
 from salience_server.engine.request import DoneEvent, GenerateParams, SamplingParams
-from tests.tiny_models import build_tokenizer
+from tests.conftest import start_server
+from tests.shim_support import start_shim
+from tests.tiny_models import CHAT_TEMPLATE, build_tokenizer
 
 
 def _copy(model_dir: Path, tmp_path: Path) -> Path:
@@ -215,3 +218,43 @@ def test_a_model_named_by_a_relative_path_is_served_under_its_directory_s_name(
     monkeypatch.chdir(model_dir / "sub")
     assert resolve_model_path("..")[1] == "model"
     assert resolve_model_path(str(tmp_path / "current"))[1] == "current"
+
+
+def test_a_tokenizer_with_named_chat_templates_is_served(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A tokenizer with a "default" and a "tool_use" template (Hermes 2 Pro's, Command
+    R's) holds them as a dict: GetModelInfo failed on it (TypeError), so the shim
+    answered every call 500. A call without tools renders through "default", one with
+    tools through "tool_use", as transformers renders them."""
+    model_dir = _copy(tiny_llama_dir, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tool_use = "{{ tools | tojson }}" + CHAT_TEMPLATE
+    tokenizer.chat_template = {"default": CHAT_TEMPLATE, "tool_use": tool_use}
+    tokenizer.save_pretrained(model_dir)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Hi"}]
+    want = [
+        len(
+            tokenizer.apply_chat_template(messages, tools=t, add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
+        for t in (None, tools)
+    ]
+    server = start_server(str(model_dir), block_size=4, kv_cache_bytes=1 << 20)
+    shim = start_shim(server.target)
+    try:
+        info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert info.model_id == "model" and info.chat_template == tool_use
+        client = shim.client()
+        got = [
+            client.chat.completions.create(
+                model="model", messages=messages, max_tokens=1, **options
+            ).usage.prompt_tokens
+            for options in ({}, {"tools": tools})
+        ]
+    finally:
+        shim.stop()
+        server.stop()
+    assert got == want and want[0] < want[1]
