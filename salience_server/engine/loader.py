@@ -165,7 +165,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         device=device,
         dtype=dtype,
         max_context=_max_context(model_id, text_config),
-        eos_token_ids=_eos_token_ids(path, tokenizer, GenerationConfig),
+        eos_token_ids=_eos_token_ids(path, model, tokenizer, GenerationConfig),
         image_processor=image_processor,
     )
 
@@ -331,11 +331,17 @@ def _max_context(model_id: str, text_config: Any) -> int:
     return limit
 
 
-def _eos_token_ids(path: Path, tokenizer: Any, generation_config_class: Any) -> list[int]:
-    """The generation config's EOS ids, else the tokenizer's."""
+def _eos_token_ids(
+    path: Path, model: Any, tokenizer: Any, generation_config_class: Any
+) -> list[int]:
+    """The generation config's EOS ids, else the tokenizer's. Without a
+    generation_config.json, the one transformers' ``generate`` derives from config.json
+    (whose list, as Llama 3's, may hold more ids than the tokenizer's one)."""
     ids: Any = None
     if (path / "generation_config.json").exists():
         ids = generation_config_class.from_pretrained(path).eos_token_id
+    elif getattr(model, "generation_config", None) is not None:
+        ids = model.generation_config.eos_token_id
     if ids is None:
         ids = tokenizer.eos_token_id
     if ids is None:

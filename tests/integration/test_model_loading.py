@@ -258,3 +258,24 @@ def test_a_tokenizer_with_named_chat_templates_is_served(
         shim.stop()
         server.stop()
     assert got == want and want[0] < want[1]
+
+
+@pytest.mark.parametrize("has_generation_config", [True, False])
+def test_decoding_stops_at_every_eos_transformers_stops_at(
+    has_generation_config: bool, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """EOS ids are the generation config's, or without a generation_config.json, those
+    transformers derives from config.json: a config.json list (Llama 3's) was cut to
+    the tokenizer's one id, so decoding ran past the others."""
+    model_dir = _copy(tiny_llama_dir, tmp_path)
+    generation_config = model_dir / "generation_config.json"
+    if has_generation_config:
+        generation_config.write_text(json.dumps({"eos_token_id": [65, 258]}))
+    else:
+        generation_config.unlink()
+        config = json.loads((model_dir / "config.json").read_text())
+        config["eos_token_id"] = [65, 258]
+        (model_dir / "config.json").write_text(json.dumps(config))
+    want = AutoModelForCausalLM.from_pretrained(model_dir).generation_config.eos_token_id
+    assert want == [65, 258] != [AutoTokenizer.from_pretrained(model_dir).eos_token_id]
+    assert load_model(ModelConfig(model=str(model_dir), device="cpu")).eos_token_ids == want
