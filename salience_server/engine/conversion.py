@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,10 @@ def cache_dir() -> Path:
     return Path(base) / "salience"
 
 
-def convert_gguf(gguf_path: Path) -> Path:
+def convert_gguf(gguf_path: Path, check: Callable[[Path], None] | None = None) -> Path:
     """Dequantizes ``gguf_path`` once into a cached safetensors directory; returns it.
+    ``check`` runs on the file before it is converted (not when a conversion is cached):
+    what it raises costs no conversion.
     The cache is keyed by the file's content, so every copy of one GGUF (the default
     model in each new environment or checkout, under any name) shares one conversion.
     Processes starting together convert once: the others wait for it (a lock file per
@@ -48,6 +50,8 @@ def convert_gguf(gguf_path: Path) -> Path:
         if cached is not None:  # another process converted it while this one waited
             log.info("using the converted model cached at %s", cached)
             return cached
+        if check is not None:
+            check(gguf_path)
         log.info("converting %s to safetensors (once) into %s", gguf_path, target)
         staging = _staging_dir(models_dir, digest, target)  # before the minutes of converting
         try:

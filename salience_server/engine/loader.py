@@ -102,7 +102,7 @@ def resolve_model_path(model: str | None) -> tuple[Path, str]:
         return convert_gguf(default_gguf_path()), DEFAULT_MODEL_ID
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path), path.stem
+        return convert_gguf(path, check=lambda gguf: _refuse_gguf(gguf, path.stem)), path.stem
     if path.is_dir() and (path / "config.json").exists():
         # The directory's own name, also for "." or "..": not a symlink's target's.
         return path, Path(os.path.abspath(path)).name
@@ -111,6 +111,20 @@ def resolve_model_path(model: str | None) -> tuple[Path, str]:
     raise FileNotFoundError(
         f"--model {model!r} is neither a Hugging Face model directory nor a .gguf file"
     )
+
+
+def _refuse_gguf(gguf_path: Path, model_id: str) -> None:
+    """``_refuse_config`` on a GGUF's metadata, before the minutes (and the disk: float32
+    weights) of converting it; a file whose config cannot be read is left to the
+    conversion, which says why."""
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception:
+        log.debug("no config read from %s before converting it", gguf_path, exc_info=True)
+        return
+    _refuse_config(hf_config, model_id)
 
 
 def keep_float32_exact(device: torch.device, dtype: torch.dtype) -> None:
@@ -181,30 +195,7 @@ def _load_parts(path: Path, model_id: str, dtype: torch.dtype) -> tuple[Any, Any
     )
 
     hf_config = AutoConfig.from_pretrained(path)
-    if getattr(hf_config.get_text_config(), "attn_logit_softcapping", None):
-        raise UnsupportedModel(
-            f"{model_id} uses attention logit softcapping (Gemma 2), "
-            "which Salience's paged attention does not implement"
-        )
-    try:
-        kv_shape(hf_config)
-    except RuntimeError as error:  # transformers' AmbiguousGlobalPerLayerAttributeError
-        raise UnsupportedModel(
-            f"{model_id}: its layers' keys and values are not all of one shape "
-            f"({str(error).split('. ')[0]}), where Salience's KV pool holds one shape "
-            "for every layer"
-        ) from None
-    if _uses_alibi(hf_config.get_text_config()):
-        raise UnsupportedModel(
-            f"{model_id} uses ALiBi position biases (as Falcon's and MPT's alibi option), "
-            "which Salience's paged attention does not apply"
-        )
-    if _has_recurrent_state(hf_config):
-        raise UnsupportedModel(
-            f"{model_id}: its layers keep a recurrent state (state-space or linear "
-            "attention, as Mamba's, Jamba's, Falcon-H1's and Qwen3-Next's), which "
-            "Salience's paged KV cache does not hold"
-        )
+    _refuse_config(hf_config, model_id)
     tokenizer = _load_tokenizer(path, model_id)  # before the model's minutes of loading
     is_vision = getattr(hf_config, "vision_config", None) is not None
     loaded: Any  # (model, loading info): output_loading_info
@@ -275,6 +266,35 @@ def _load_tokenizer(path: Path, model_id: str) -> Any:
             "a model directory needs its tokenizer's files (tokenizer.json and "
             "tokenizer_config.json, as save_pretrained writes them)"
         ) from error
+
+
+def _refuse_config(hf_config: Any, model_id: str) -> None:
+    """Refuses (UnsupportedModel) a model whose config alone shows that paged attention
+    cannot serve it right."""
+    if getattr(hf_config.get_text_config(), "attn_logit_softcapping", None):
+        raise UnsupportedModel(
+            f"{model_id} uses attention logit softcapping (Gemma 2), "
+            "which Salience's paged attention does not implement"
+        )
+    try:
+        kv_shape(hf_config)
+    except RuntimeError as error:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        raise UnsupportedModel(
+            f"{model_id}: its layers' keys and values are not all of one shape "
+            f"({str(error).split('. ')[0]}), where Salience's KV pool holds one shape "
+            "for every layer"
+        ) from None
+    if _uses_alibi(hf_config.get_text_config()):
+        raise UnsupportedModel(
+            f"{model_id} uses ALiBi position biases (as Falcon's and MPT's alibi option), "
+            "which Salience's paged attention does not apply"
+        )
+    if _has_recurrent_state(hf_config):
+        raise UnsupportedModel(
+            f"{model_id}: its layers keep a recurrent state (state-space or linear "
+            "attention, as Mamba's, Jamba's, Falcon-H1's and Qwen3-Next's), which "
+            "Salience's paged KV cache does not hold"
+        )
 
 
 def _uses_alibi(text_config: Any) -> bool:

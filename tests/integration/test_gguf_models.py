@@ -3,7 +3,7 @@ float and block-quantized types. Each converts once into the cache and serves ex
 what transformers computes from the same file (scores over a session built in chunks,
 greedy decodes batched together), with the tokenizer, EOS and chat template the file
 states. A damaged conversion says to remove it; a GGUF of an architecture transformers
-cannot read is refused in one line."""
+cannot read is refused in one line, and one Salience cannot serve before converting."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from salience_server.config import ModelConfig
 from salience_server.engine import conversion
-from salience_server.engine.loader import load_model
+from salience_server.engine.loader import UnsupportedModel, load_model
 from tests.conftest import start_server
 from tests.gguf_models import build_tiny_gguf
 from tests.helpers import check_sessions_against_transformers, server_start_failure
@@ -99,3 +99,35 @@ def test_a_gguf_of_an_architecture_transformers_cannot_read_is_one_line(tmp_path
     )
     assert "GGUF model with architecture rwkv6 is not supported" in stderr.splitlines()[-1]
     assert [path.name for path in (cache / "models").iterdir() if path.is_dir()] == []
+
+
+def test_a_gguf_salience_cannot_serve_is_refused_before_converting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Gemma 2 GGUF (attention logit softcapping) was converted first, minutes and
+    float32 weights written to the cache, and refused only then; its metadata says so."""
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf_path = tmp_path / "gemma-2.gguf"
+    writer = gguf.GGUFWriter(str(gguf_path), "gemma2")
+    writer.add_context_length(64)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_key_length(16)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("converted")
+
+    monkeypatch.setattr(conversion, "_convert_into", refuse)
+    with pytest.raises(UnsupportedModel, match=r"^gemma-2 uses attention logit softcapping"):
+        load_model(ModelConfig(model=str(gguf_path), device="cpu"))
