@@ -107,10 +107,10 @@ def _staging_dir(models_dir: Path, digest: str, target: Path) -> Path:
     an unwritable cache is an error that says what to do."""
     try:
         remove_stale_staging(models_dir, digest)
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             log.warning("removing %s, a conversion with files missing", target)
             shutil.rmtree(target)
-        elif target.exists():
+        elif target.is_symlink() or target.exists():
             target.unlink()
         staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f"{STAGING_PREFIX}{digest}-"))
         staging.chmod(0o755)  # mkdtemp's 0700 kept other users from a shared cache

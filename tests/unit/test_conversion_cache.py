@@ -221,3 +221,7 @@ def test_a_conversion_with_its_config_gone_is_converted_again(
     assert convert_gguf(gguf) == target and converted == [gguf]
     assert sorted(path.name for path in target.iterdir()) == ["config.json"]
     assert convert_gguf(gguf) == target and converted == [gguf]  # once
+    shutil.rmtree(target)
+    target.symlink_to(tmp_path / "gone")  # a link left dangling: replaced, its target kept
+    assert convert_gguf(gguf) == target and converted == [gguf, gguf]
+    assert not target.is_symlink() and (target / "config.json").exists()
