@@ -314,8 +314,8 @@ class Request:
         return target >= self.next_event_position and self.wants_readout(target)
 
     def first_fed_needing_logits(self) -> int | None:
-        """The lowest fed position whose logits this request needs (the session's KV
-        must be recomputed from there), or None."""
+        """The lowest fed position whose logits (or readout) this request needs (the
+        session's KV must be recomputed from there), or None."""
         session = self.session
         owed = first_in_ranges(
             max(self.next_event_position, 1),
