@@ -126,12 +126,27 @@ def _convert_read(gguf_path: Path, directory: Path) -> None:
     """``_convert_into``, with a file it cannot read (truncated, not a model) a one-line
     ValueError naming it."""
     try:
-        _convert_into(gguf_path, directory)
+        with readable_gguf(gguf_path) as readable:
+            _convert_into(readable, directory)
     except Exception as error:
         log.debug("converting %s failed", gguf_path, exc_info=True)
         raise ValueError(
             f"cannot convert {gguf_path} ({in_one_line(error)}); is the file a complete GGUF model?"
         ) from error
+
+
+@contextlib.contextmanager
+def readable_gguf(gguf_path: Path) -> Iterator[Path]:
+    """``gguf_path``, or a link to it named ``.gguf`` while the block runs: transformers
+    reads a file as GGUF by its suffix (a file named by its digest, as Ollama's blobs,
+    or ``.GGUF``, it took for a torch checkpoint)."""
+    if gguf_path.suffix == ".gguf":
+        yield gguf_path
+        return
+    with tempfile.TemporaryDirectory() as linked:
+        link = Path(linked) / f"{gguf_path.name}.gguf"
+        link.symlink_to(gguf_path.resolve())
+        yield link
 
 
 def in_one_line(error: BaseException) -> str:

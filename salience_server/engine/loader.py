@@ -18,7 +18,12 @@ import torch
 
 from salience_server.config import ModelConfig
 from salience_server.engine import paged_attention
-from salience_server.engine.conversion import cache_dir, convert_gguf, in_one_line
+from salience_server.engine.conversion import (
+    cache_dir,
+    convert_gguf,
+    in_one_line,
+    readable_gguf,
+)
 from salience_server.engine.model_shape import decoder_parts, kv_shape
 
 log = logging.getLogger(__name__)
@@ -101,8 +106,9 @@ def resolve_model_path(model: str | None) -> tuple[Path, str]:
     if model is None:
         return convert_gguf(default_gguf_path()), DEFAULT_MODEL_ID
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path, check=lambda gguf: _refuse_gguf(gguf, path.stem)), path.stem
+    if _is_gguf(path):
+        model_id = path.stem if path.suffix.lower() == ".gguf" else path.name
+        return convert_gguf(path, check=lambda gguf: _refuse_gguf(gguf, model_id)), model_id
     if path.is_dir() and (path / "config.json").exists():
         # The directory's own name, also for "." or "..": not a symlink's target's.
         return path, Path(os.path.abspath(path)).name
@@ -113,6 +119,20 @@ def resolve_model_path(model: str | None) -> tuple[Path, str]:
     )
 
 
+def _is_gguf(path: Path) -> bool:
+    """A GGUF file by its name (``.gguf``, any case) or its magic bytes (as a file named
+    by its digest, Ollama's blobs, is)."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with path.open("rb") as file:
+            return file.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def _refuse_gguf(gguf_path: Path, model_id: str) -> None:
     """``_refuse_config`` on a GGUF's metadata, before the minutes (and the disk: float32
     weights) of converting it; a file whose config cannot be read is left to the
@@ -120,7 +140,8 @@ def _refuse_gguf(gguf_path: Path, model_id: str) -> None:
     from transformers import AutoConfig
 
     try:
-        hf_config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        with readable_gguf(gguf_path) as readable:
+            hf_config = AutoConfig.from_pretrained(readable.parent, gguf_file=readable.name)
     except Exception:
         log.debug("no config read from %s before converting it", gguf_path, exc_info=True)
         return

@@ -60,6 +60,26 @@ def test_a_gguf_serves_what_transformers_computes_from_it(
     assert loaded.eos_token_ids == [tokenizer.eos_token_id]
 
 
+def test_a_gguf_is_known_by_its_magic_bytes_or_any_case_of_its_suffix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GGUF named by its digest (Ollama's blobs) or ``.GGUF`` was "neither a Hugging
+    Face model directory nor a .gguf file". Both load, converted once between them."""
+    monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = build_tiny_gguf(tmp_path / "tiny.gguf")
+    blob = tmp_path / "sha256-0123abcd"
+    upper = tmp_path / "Tiny.GGUF"
+    shutil.copyfile(gguf, blob)
+    shutil.copyfile(gguf, upper)
+    first = load_model(ModelConfig(model=str(blob), device="cpu"))
+    second = load_model(ModelConfig(model=str(upper), device="cpu"))
+    assert (first.model_id, second.model_id) == ("sha256-0123abcd", "Tiny")
+    assert first.path == second.path  # one conversion: the cache is keyed by content
+    (tmp_path / "notes").write_text("not a model")
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face model directory"):
+        load_model(ModelConfig(model=str(tmp_path / "notes"), device="cpu"))
+
+
 def test_a_damaged_conversion_says_to_remove_it_and_is_then_converted_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
