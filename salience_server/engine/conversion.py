@@ -130,9 +130,13 @@ def _convert_read(gguf_path: Path, directory: Path) -> None:
             _convert_into(readable, directory)
     except Exception as error:
         log.debug("converting %s failed", gguf_path, exc_info=True)
-        raise ValueError(
-            f"cannot convert {gguf_path} ({in_one_line(error)}); is the file a complete GGUF model?"
-        ) from error
+        unread = "architecture" in str(error) and "not supported" in str(error)
+        hint = (
+            "transformers does not read this architecture from GGUF"
+            if unread
+            else "is the file a complete GGUF model?"
+        )
+        raise ValueError(f"cannot convert {gguf_path} ({in_one_line(error)}); {hint}") from error
 
 
 @contextlib.contextmanager

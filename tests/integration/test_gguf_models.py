@@ -117,7 +117,9 @@ def test_a_gguf_of_an_architecture_transformers_cannot_read_is_one_line(tmp_path
     stderr = server_start_failure(
         "--model", str(gguf_path), "--port", "0", env={"SALIENCE_CACHE_DIR": str(cache)}
     )
-    assert "GGUF model with architecture rwkv6 is not supported" in stderr.splitlines()[-1]
+    last = stderr.splitlines()[-1]
+    assert "GGUF model with architecture rwkv6 is not supported" in last
+    assert last.endswith("transformers does not read this architecture from GGUF"), last
     assert [path.name for path in (cache / "models").iterdir() if path.is_dir()] == []
 
 
