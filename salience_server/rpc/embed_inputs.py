@@ -84,6 +84,20 @@ class InputWindow:
                 pause_s = min(2 * pause_s, _MAX_RETRY_PAUSE_S)
 
 
+def check_answer_size(request: pb.EmbedRequest, engine: Engine, max_bytes: int) -> None:
+    """INVALID_ARGUMENT (INVALID_INPUT) for a call whose vectors could not travel in one
+    answer of at most ``max_bytes``: gRPC refused it once every input was computed."""
+    count = len(request.texts) + len(request.token_lists)
+    width = engine.loaded.model.config.get_text_config().hidden_size
+    per_vector = 4 * width + 16  # packed floats, and each message's few tags and lengths
+    if count * per_vector > max_bytes:
+        raise invalid(
+            "INVALID_INPUT",
+            f"{count} vectors of {width} floats pass the {max_bytes:,}-byte message limit; "
+            f"send at most {max_bytes // per_vector} inputs per call",
+        )
+
+
 def token_lists(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
     """The token lists of an Embed call (texts tokenized here); INVALID_ARGUMENT when
     it has none, both kinds, too many or an empty one."""

@@ -88,7 +88,7 @@ class SalienceServer:
         # unexpected exception.
         interceptors.append(UnexpectedErrorInterceptor())
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        self.servicer = SalienceServicer(config.stream_buffer_events)
+        self.servicer = SalienceServicer(config.stream_buffer_events, config.max_message_bytes)
         self.health = health.aio.HealthServicer()
         salience_pb2_grpc.add_SalienceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

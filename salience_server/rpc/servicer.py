@@ -33,11 +33,15 @@ CANCEL_POLL_S = 0.005
 
 
 class SalienceServicer(salience_pb2_grpc.SalienceServicer):
-    def __init__(self, stream_buffer_events: int = 1 << 16) -> None:
+    def __init__(
+        self, stream_buffer_events: int = 1 << 16, max_message_bytes: int = 64 << 20
+    ) -> None:
         self.engine: Engine | None = None
         """Set once the model is loaded; calls before that get UNAVAILABLE."""
         self.stream_buffer_events = stream_buffer_events
         """Events one stream may hold unread; past that it alone is cancelled."""
+        self.max_message_bytes = max_message_bytes
+        """The largest answer gRPC sends (an Embed past it is refused before its work)."""
         self._refusals = RefusalLog()
         """Refusals for room, logged at most once per interval a reason."""
         self._image_turn = asyncio.Semaphore(1)
@@ -207,6 +211,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
 
         failure: SalienceError | None = None
         try:
+            embed_inputs.check_answer_size(request, engine, self.max_message_bytes)
             inputs = await asyncio.to_thread(embed_inputs.token_lists, engine, request)
             async with asyncio.TaskGroup() as group:  # one failure cancels the others
                 tasks = [group.create_task(embed(token_ids)) for token_ids in inputs]

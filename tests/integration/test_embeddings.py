@@ -101,6 +101,28 @@ def test_a_call_of_more_inputs_than_a_small_queue_holds_is_not_refused(
         assert (torch.tensor(vector) - final_states(oracle, token_ids)[-1]).abs().max() < TOLERANCE
 
 
+def test_a_call_whose_vectors_pass_the_message_limit_is_refused_before_its_work(
+    tiny_llama_dir, server_factory, oracle
+) -> None:
+    """2,048 inputs of a model 8,192 wide answer 64 MiB: gRPC refused the answer once
+    every input was computed. A call past the limit is INVALID_INPUT at once, saying how
+    many inputs fit; one at it is answered."""
+    limit = 64 << 10  # the tiny model's vectors are 64 floats: 272 bytes each
+    server = server_factory(tiny_llama_dir, server_options={"max_message_bytes": limit})
+    fits = limit // (4 * 64 + 16)
+    inputs = [random_tokens(3, seed=70 + i) for i in range(fits + 30)]  # 71 KB of answer
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub.Embed(pb.EmbedRequest(token_lists=[pb.TokenIds(token_ids=t) for t in inputs]))
+    assert error_reason(caught.value) == "INVALID_INPUT"
+    assert f"send at most {fits} inputs per call" in caught.value.details()
+    result = server.stub.Embed(
+        pb.EmbedRequest(token_lists=[pb.TokenIds(token_ids=t) for t in inputs[:fits]])
+    )
+    assert len(result.embeddings) == fits
+    want = final_states(oracle, inputs[0])[-1]
+    assert (torch.tensor(list(result.embeddings[0].values)) - want).abs().max() < TOLERANCE
+
+
 def test_embed_calls_at_once_share_a_small_queue_without_refusals(
     tiny_llama_dir, server_factory, oracle
 ) -> None:
