@@ -172,6 +172,22 @@ def _parse_json(text: str, what: str) -> Any:
     return value
 
 
+MAX_DETOKENIZED_IDS = 4 << 20
+"""The most token ids one call decodes: a 64 MiB message holds 67 million one-byte ids,
+gigabytes as Python ints and the tokenizer's pieces, and text past the message limit
+(its answer then refused after the work)."""
+
+
+def check_count(token_ids: Any) -> None:
+    """INVALID_ARGUMENT (TOO_MANY_TOKENS) for more ids than ``MAX_DETOKENIZED_IDS``."""
+    if len(token_ids) > MAX_DETOKENIZED_IDS:
+        raise invalid(
+            "TOO_MANY_TOKENS",
+            f"{len(token_ids):,} token ids; at most {MAX_DETOKENIZED_IDS:,} are decoded in "
+            "one call (send them in parts)",
+        )
+
+
 def decode(tokenizer: Any, token_ids: list[int], vocab_size: int, skip_special_tokens: bool) -> str:
     check_token_ids(token_ids, vocab_size, "token_ids")
     return str(tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))

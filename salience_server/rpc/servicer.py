@@ -363,6 +363,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
 def _detokenize(engine: Engine, request: pb.DetokenizeRequest) -> tuple[str, list[bytes]]:
     """Detokenize's text and, with ``return_token_bytes``, each token's bytes."""
     tokenizer = engine.loaded.tokenizer
+    tokenization.check_count(request.token_ids)
     token_ids = list(request.token_ids)
     text = tokenization.decode(tokenizer, token_ids, engine.vocab_size, request.skip_special_tokens)
     if not request.return_token_bytes:

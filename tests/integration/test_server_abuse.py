@@ -181,3 +181,20 @@ def test_a_text_past_the_tokenize_limit_is_refused_before_it_is_tokenized(
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_reason(caught.value) == "TEXT_TOO_LONG"
         assert "at most 64 are tokenized" in caught.value.details()
+
+
+def test_too_many_ids_to_detokenize_are_refused_before_they_are_decoded(
+    llama_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 64 MiB Detokenize holds 67 million one-byte ids (gigabytes once decoded, and a
+    text past the message limit, refused after the work): past MAX_DETOKENIZED_IDS it is
+    TOO_MANY_TOKENS at once; at the limit it is decoded (a lower limit here)."""
+    monkeypatch.setattr(tokenization, "MAX_DETOKENIZED_IDS", 8)
+    stub, tokenizer = llama_server.stub, llama_server.engine.loaded.tokenizer
+    ids = [5, 6, 7, 8, 9, 10, 11, 12]
+    assert stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text == tokenizer.decode(ids)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Detokenize(pb.DetokenizeRequest(token_ids=[*ids, 13], return_token_bytes=True))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "TOO_MANY_TOKENS"
+    assert "at most 8 are decoded" in caught.value.details()
