@@ -176,25 +176,30 @@ def _convert_into(gguf_path: Path, directory: Path) -> None:
 
 
 DIGESTS_FILE = "digests.json"
-"""In the models cache: each file hashed so far, by resolved path, with its size and
-modification time then, so a file is read whole once, not at every start."""
+"""In the models cache: each file hashed so far, by resolved path, with its size,
+inode and modification and change times then, so a file is read whole once, not at
+every start."""
 
 
 def content_digest(path: Path) -> str:
-    """The SHA-256 of ``path``'s bytes, hashed once per (path, size, modification time)
-    and remembered in the cache's ``DIGESTS_FILE`` (about a second a GB)."""
+    """The SHA-256 of ``path``'s bytes, hashed once per (path, size, inode, times) and
+    remembered in the cache's ``DIGESTS_FILE`` (about a second a GB)."""
     stat = path.stat()
     name = str(path.resolve())
     index_path = cache_dir() / "models" / DIGESTS_FILE
     index = _read_digests(index_path)
     known = index.get(name)
-    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+    # The inode and change time too: a copy that keeps the size and modification time
+    # (rsync -a, cp -p of another model over it) is a new file, its ctime new.
+    seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    seen |= {"ino": stat.st_ino, "ctime_ns": stat.st_ctime_ns}
+    if known and all(known.get(key) == value for key, value in seen.items()):
         return str(known["sha256"])
     log.info("hashing %s (%.0f MB) to find its conversion", path, stat.st_size / 2**20)
     with open(path, "rb") as file:
         digest = hashlib.file_digest(file, "sha256").hexdigest()
     index = {key: value for key, value in index.items() if Path(key).exists()}
-    index[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    index[name] = {**seen, "sha256": digest}
     _write_digests(index_path, index)
     return digest
 

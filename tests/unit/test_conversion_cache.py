@@ -71,9 +71,17 @@ def test_a_file_is_keyed_by_its_content_and_hashed_once(
     changed = content_digest(copy)
     assert changed == hashlib.sha256(content[:-1] + b"x").hexdigest() != want
     assert len(hashed) == 3
+    # Another model of the same size copied over it keeping the time (rsync -a, cp -p):
+    # a new inode and change time, hashed again (the size and mtime alone matched).
+    other = tmp_path / "other.gguf"
+    other.write_bytes(content[:-1] + b"y")
+    os.utime(other, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns))
+    os.replace(other, copy)
+    assert content_digest(copy) == hashlib.sha256(content[:-1] + b"y").hexdigest()
+    assert len(hashed) == 4
     copy.unlink()  # a file gone is forgotten at the next write
     (tmp_path / "cache" / "models" / DIGESTS_FILE).write_text("{damaged")
-    assert content_digest(original) == want and len(hashed) == 4
+    assert content_digest(original) == want and len(hashed) == 5
     index = json.loads((tmp_path / "cache" / "models" / DIGESTS_FILE).read_text())
     assert list(index) == [str(original.resolve())]
     assert not list((tmp_path / "cache" / "models").glob(".digests-*"))
