@@ -117,6 +117,22 @@ class StreamProgress:
         is_min_met = len(self.decoded_ids) >= self.request.min_tokens
         return not self.request.ignore_eos and is_min_met and last in eos_token_ids
 
+    @property
+    def cached_bound(self) -> int:
+        """The most the unbroken call could have found cached: the positions before its
+        offset, less the one before a range reaching back to the offset or before it,
+        and what follows (fed again to score the range). The resuming call's own count
+        is of a longer prompt (it reported the whole appended prompt cached). After a
+        call that decoded, the server never fed the session's last token, which the
+        client cannot tell: the bound is then one more than the count."""
+        scored_from = [
+            r.start
+            for ranges in (self.request.logprobs_ranges, self.request.readout_ranges)
+            for r in ranges
+            if r.start <= self.request.offset
+        ]
+        return min([self.request.offset, *(max(0, start - 1) for start in scored_from)])
+
     def merged_done(self, done: Done, finish_reason: str) -> Done:
         """The Done the caller sees: the whole call's counts, whatever resumed it. After
         a replay nothing of the prompt was cached: the positions before the call's
@@ -128,7 +144,7 @@ class StreamProgress:
                 prompt_tokens=base,
                 completion_tokens=len(self.decoded_ids),
                 finish_reason=finish_reason or done.finish_reason,
-                cached_tokens=min(done.cached_tokens, base),
+                cached_tokens=min(done.cached_tokens, self.cached_bound),
             )
         if self.is_replayed:
             replayed = min(done.cached_tokens, self.request.offset)
