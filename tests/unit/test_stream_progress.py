@@ -3,6 +3,8 @@ that resumes a broken stream."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 
@@ -143,6 +145,35 @@ def test_after_decoded_tokens_only_the_rest_is_asked_for() -> None:
     done = Done(prompt_tokens=15, completion_tokens=1, total_tokens=16, finish_reason="length")
     merged = progress.merged_done(done, finish_reason)
     assert (merged.prompt_tokens, merged.completion_tokens, merged.total_tokens) == (13, 3, 16)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "is_replayed", "cached", "recomputed"),
+    [
+        ([], False, 10, 0),
+        ([], True, 0, 10),
+        ([(4, 2**32 - 1)], False, 3, 0),  # fed again from position 3
+        ([(4, 2**32 - 1)], True, 0, 3),
+        ([(10, 11)], False, 9, 0),  # scores the first appended token: 9 feeds it
+        ([(12, 2**32 - 1)], False, 10, 0),  # starts inside the append: nothing fed again
+    ],
+)
+def test_a_resumed_call_counts_cached_what_the_unbroken_call_would_have(
+    ranges: list[tuple[int, int]], is_replayed: bool, cached: int, recomputed: int
+) -> None:
+    """The resuming call finds its whole prompt in the KV (and, after a replay, the
+    count of what the replay put in came from it): the caller's Done counts what the
+    call it made found, the positions before its offset less those a range fed again,
+    as the server counts them (test_resume_counts.py). It counted the whole prompt."""
+    scored = [pb.PositionRange(start=start, end=end) for start, end in ranges]
+    progress = StreamProgress(_request(max_tokens=6, logprobs_ranges=scored))
+    progress.is_replayed = is_replayed
+    assert progress.observe(_token(13, 50))
+    progress.next_request([EOS])
+    done = Done(prompt_tokens=14, completion_tokens=5, total_tokens=19, finish_reason="length")
+    merged = progress.merged_done(dataclasses.replace(done, cached_tokens=13), "")
+    assert (merged.prompt_tokens, merged.completion_tokens) == (13, 1)
+    assert (merged.cached_tokens, merged.recomputed_tokens) == (cached, recomputed)
 
 
 @pytest.mark.parametrize(
