@@ -13,7 +13,7 @@ import grpc
 
 from salience_client.aio_session_calls import AsyncSessionCalls
 from salience_client.closing import CLIENT_CLOSED, closed_client_calls
-from salience_client.failover import Attempts, fork_fell_short, time_left_s
+from salience_client.failover import Attempts, fork_fell_short, is_stale, time_left_s
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -109,8 +109,13 @@ class AsyncSession(AsyncSessionCalls):
                     with closed_client_calls(self._stub):
                         async for event in call:
                             if is_first:
-                                self._note_replica(await call.initial_metadata())
+                                metadata = await call.initial_metadata()
+                                self._note_replica(metadata)
                                 is_first = False
+                                failure = self._stale_answer(metadata)
+                                if failure is not None:  # an old copy's: nothing is taken
+                                    call.cancel()
+                                    break
                             converted = self._event(event, manifest, progress, finish_reason)
                             if converted is not None:
                                 is_done = isinstance(converted, Done)
@@ -253,7 +258,7 @@ class AsyncSession(AsyncSessionCalls):
         closed_partial = False  # a fork made mid-replay, closed: its id is no success
         while True:
             try:
-                response = await self._unary(self._stub.ForkSession, request)
+                response = await self._unary(self._stub.ForkSession, request, checks_copy=True)
                 made = response.session_id or child_id
                 short = None
                 if not self._forked_mid_replay(response.length, attempts):
@@ -270,6 +275,11 @@ class AsyncSession(AsyncSessionCalls):
                     continue
                 failure = short
             except SalienceClientError as error:
+                if is_stale(error):  # a fork of an old copy: it goes too
+                    with contextlib.suppress(SalienceClientError):
+                        close = pb.CloseSessionRequest(session_id=child_id)
+                        await self._unary(self._stub.CloseSession, close)
+                    closed_partial = True
                 is_taken = error.code == grpc.StatusCode.ALREADY_EXISTS
                 if is_taken and attempts.num_retries and not closed_partial:
                     return self._child(child_id, self.length)  # an earlier try went through
@@ -300,7 +310,7 @@ class AsyncSession(AsyncSessionCalls):
         attempts = self._attempts(priority)
         while True:
             try:
-                response = await self._unary(self._stub.AppendImage, request)
+                response = await self._unary(self._stub.AppendImage, request, checks_copy=True)
                 break
             except SalienceClientError as error:
                 failure = error

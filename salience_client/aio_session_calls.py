@@ -11,7 +11,13 @@ import grpc
 
 from salience_client import replay
 from salience_client.closing import closed_client_calls
-from salience_client.failover import Attempts, is_busy, replay_outwaited, time_left_s
+from salience_client.failover import (
+    Attempts,
+    is_busy,
+    is_stale,
+    replay_outwaited,
+    time_left_s,
+)
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -32,7 +38,9 @@ class AsyncSessionCalls(SessionBase):
         (``_num_live_streams`` is 0)."""
         self._no_live_streams.set()
 
-    async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+    async def _unary(
+        self, method: Any, request: Any, timeout: float | None = None, *, checks_copy: bool = False
+    ) -> Any:
         """As ``SessionCalls._unary``."""
         timeout = self._timeout if timeout is None else timeout
         call = method(request, timeout=timeout, metadata=self._metadata)
@@ -41,7 +49,11 @@ class AsyncSessionCalls(SessionBase):
                 response = await call
         except grpc.RpcError as error:
             raise self._failure(error) from None
-        self._note_replica(await call.initial_metadata())
+        metadata = await call.initial_metadata()
+        self._note_replica(metadata)
+        stale = self._stale_answer(metadata) if checks_copy else None
+        if stale is not None:
+            raise stale
         return response
 
     async def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
@@ -50,7 +62,7 @@ class AsyncSessionCalls(SessionBase):
         attempts = self._attempts()
         while True:
             try:
-                return await self._unary(method, request)
+                return await self._unary(method, request, checks_copy=True)
             except SalienceClientError as error:
                 failure = error
             await self._recover(failure, attempts, replay_length)
@@ -110,6 +122,10 @@ class AsyncSessionCalls(SessionBase):
     async def _replay(self, length: int, cause: SalienceClientError, attempts: Attempts) -> None:
         """As ``SessionCalls._replay``."""
         deadline = attempts.replay_deadline()
+        if is_stale(cause):  # the old copy goes, with what the call did to it
+            close = pb.CloseSessionRequest(session_id=self.session_id)
+            with contextlib.suppress(SalienceClientError):
+                await self._unary(self._stub.CloseSession, close, time_left_s(deadline))
         request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
         try:
             await self._unary(self._stub.OpenSession, request, time_left_s(deadline))

@@ -140,6 +140,25 @@ def is_session_lost(error: SalienceClientError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND and error.reason == "SESSION_NOT_FOUND"
 
 
+def stale_copy(session_id: str, replica: str, holder: str) -> SalienceClientError:
+    """The error to recover from when ``replica`` answered a call of a session whose copy
+    this client knows to be on ``holder``: the session moved (its replica was lost, and
+    it was replayed elsewhere) and the proxy came back to a replica that still holds an
+    old copy, which may be long enough for the call and yet differ. The answer is not
+    taken: that copy is closed, the session replayed there, and the call made again."""
+    return SalienceClientError(
+        grpc.StatusCode.NOT_FOUND,
+        "STALE_COPY",
+        f"replica {replica} answered for session {session_id!r} from an old copy of it "
+        f"(the session moved to replica {holder} since)",
+    )
+
+
+def is_stale(error: SalienceClientError) -> bool:
+    """A replica answered from an old copy of the session (``stale_copy``)."""
+    return error.code == grpc.StatusCode.NOT_FOUND and error.reason == "STALE_COPY"
+
+
 def is_behind(error: SalienceClientError, needed: int) -> bool:
     """The server holds fewer than the ``needed`` positions this client saw committed
     (OFFSET_MISMATCH naming a shorter length): a stale copy on a replica the proxy came
@@ -330,11 +349,11 @@ class Attempts:
 def log_replay(
     session_id: str, cause: SalienceClientError, length: int, replica: str | None
 ) -> None:
-    why = (
-        f"held {cause.session_length} of them: a stale copy, or a replay cut short"
-        if cause.reason == "OFFSET_MISMATCH"
-        else f"{cause.reason}: its replica lost, or its TTL passed"
-    )
+    why = f"{cause.reason}: its replica lost, or its TTL passed"
+    if cause.reason == "OFFSET_MISMATCH":
+        why = f"held {cause.session_length} of them: a stale copy, or a replay cut short"
+    elif is_stale(cause):
+        why = "STALE_COPY: the replica held an old copy, the session having moved since"
     log.warning(
         "session %s was gone from the server (%s); replayed %d positions on replica %s",
         session_id,

@@ -15,7 +15,7 @@ from typing import Unpack
 import grpc
 
 from salience_client.closing import CLIENT_CLOSED
-from salience_client.failover import Attempts, fork_fell_short, time_left_s
+from salience_client.failover import Attempts, fork_fell_short, is_stale, time_left_s
 from salience_client.failover import new_session_id as fresh_session_id
 from salience_client.generation import (
     GenerateOptions,
@@ -122,6 +122,10 @@ class Session(SessionCalls):
                     for index, event in enumerate(call):
                         if index == 0:
                             self._note_replica(call.initial_metadata())
+                            failure = self._stale_answer(call.initial_metadata())
+                            if failure is not None:  # an old copy's: nothing of it is taken
+                                call.cancel()
+                                break
                         converted = self._event(event, manifest, progress, finish_reason)
                         if converted is not None:
                             is_done = isinstance(converted, Done)
@@ -266,7 +270,7 @@ class Session(SessionCalls):
         closed_partial = False  # a fork made mid-replay, closed: its id is no success
         while True:
             try:
-                response = self._unary(self._stub.ForkSession, request)
+                response = self._unary(self._stub.ForkSession, request, checks_copy=True)
                 made = response.session_id or child_id
                 short = None
                 if not self._forked_mid_replay(response.length, attempts):
@@ -282,6 +286,11 @@ class Session(SessionCalls):
                     continue
                 failure = short
             except SalienceClientError as error:
+                if is_stale(error):  # a fork of an old copy: it goes too
+                    with contextlib.suppress(SalienceClientError):
+                        close = pb.CloseSessionRequest(session_id=child_id)
+                        self._unary(self._stub.CloseSession, close)
+                    closed_partial = True
                 is_taken = error.code == grpc.StatusCode.ALREADY_EXISTS
                 if is_taken and attempts.num_retries and not closed_partial:
                     return self._child(child_id, self.length)  # an earlier try went through
@@ -306,7 +315,7 @@ class Session(SessionCalls):
         attempts = self._attempts(priority)
         while True:
             try:
-                response = self._unary(self._stub.AppendImage, request)
+                response = self._unary(self._stub.AppendImage, request, checks_copy=True)
                 break
             except SalienceClientError as error:
                 failure = error

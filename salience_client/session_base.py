@@ -21,6 +21,7 @@ from salience_client.failover import (
     is_busy,
     is_refusal,
     is_session_lost,
+    is_stale,
     is_unanswered,
     log_replay,
     log_resume,
@@ -28,6 +29,7 @@ from salience_client.failover import (
     replica_of,
     routing_metadata,
     session_lost,
+    stale_copy,
 )
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
@@ -87,6 +89,9 @@ class SessionBase:
         """Sent as ``x-session-id`` metadata on every call of this session."""
         self.replica: str | None = None
         """The replica that answered this session's last call (``salience-replica``)."""
+        self._holder: str | None = None
+        """The replica known to hold this client's copy of the session (the one that
+        opened or last re-created it; None: unknown, and the next to answer is taken)."""
         self.num_replays = 0
         """Times this session was re-created on another replica."""
         self.num_resumes = 0
@@ -137,6 +142,7 @@ class SessionBase:
         """Takes what OpenSession answered; a server that ignores the client's choice of
         id (an old one) is followed, though a proxy then cannot route by it."""
         self.max_context = response.max_context
+        self._holder = self.replica
         if response.session_id and response.session_id != self.session_id:
             self.session_id = self.routing_key = response.session_id
             self._metadata = routing_metadata(self.routing_key)
@@ -145,6 +151,17 @@ class SessionBase:
         """Takes the initial metadata of a call a server answered."""
         self.replica = replica_of(metadata, self.replica)
         self._stats.is_server_reached = True
+
+    def _stale_answer(self, metadata: object) -> SalienceClientError | None:
+        """After a call that reads or changes the session was answered (``metadata``: its
+        initial metadata): the error to recover from when another replica than the one
+        holding this client's copy answered, from an old copy (``stale_copy``); None when
+        it is that one, or either is unknown (a server not naming itself)."""
+        answered = replica_of(metadata, None)
+        if answered is None or self._holder in (None, answered):
+            self._holder = self._holder or answered
+            return None
+        return stale_copy(self.session_id, answered, self._holder)
 
     def _failure(self, error: grpc.RpcError) -> SalienceClientError:
         """A failed call as the caller sees it, noting the replica that refused it."""
@@ -264,6 +281,7 @@ class SessionBase:
         child._abandoned = self._abandoned
         child._unknown_cause = self._unknown_cause
         child._is_replay_unbilled = self._is_replay_unbilled  # the KV it shares
+        child._holder = self._holder
         return child
 
     def _kept(self, length: int) -> None:
@@ -304,7 +322,8 @@ class SessionBase:
         it (or since it did): it then waits for that replay rather than spend one of its
         own, and goes on from what it restored (a fork meeting the replay's prefill was
         refused SESSION_BUSY)."""
-        return self._is_replaying(attempts) and (is_busy(error) or is_session_lost(error))
+        is_lost = is_session_lost(error) or is_stale(error)
+        return self._is_replaying(attempts) and (is_busy(error) or is_lost)
 
     def _is_replaying(self, attempts: Attempts) -> bool:
         """Whether another call re-creates the session now, or did since this one began."""
@@ -328,7 +347,7 @@ class SessionBase:
             raise client_closed() from error
         if not self._failover.replay or self.is_closed:
             raise error
-        if is_session_lost(error) and replay_length is not None:
+        if (is_session_lost(error) or is_stale(error)) and replay_length is not None:
             if self._history.length < replay_length:
                 known = self._history.length
                 lost = session_lost(self.session_id, replay_length, known, self._unknown_cause)
@@ -378,6 +397,7 @@ class SessionBase:
     def _replayed(self, cause: SalienceClientError, length: int) -> None:
         """Counts and logs a replay that restored ``length`` positions."""
         self.length = length
+        self._holder = self.replica
         self.num_replays += 1
         self._is_replay_unbilled = True
         self._stats.num_replays += 1

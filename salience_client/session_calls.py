@@ -13,7 +13,13 @@ from typing import Any
 import grpc
 
 from salience_client import replay
-from salience_client.failover import Attempts, is_busy, replay_outwaited, time_left_s
+from salience_client.failover import (
+    Attempts,
+    is_busy,
+    is_stale,
+    replay_outwaited,
+    time_left_s,
+)
 from salience_client.history import ImageStep
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -27,15 +33,22 @@ class SessionCalls(SessionBase):
 
     _stub: salience_pb2_grpc.SalienceStub
 
-    def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+    def _unary(
+        self, method: Any, request: Any, timeout: float | None = None, *, checks_copy: bool = False
+    ) -> Any:
         """One call of a unary session RPC with the session's metadata, bounded by
-        ``timeout`` (the client's when None)."""
+        ``timeout`` (the client's when None). ``checks_copy``: the call reads or changes
+        the session, and an answer from an old copy of it raises ``STALE_COPY`` (its
+        effect on that copy is undone by the replay that follows)."""
         timeout = self._timeout if timeout is None else timeout
         try:
             response, call = method.with_call(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise self._failure(error) from None
         self._note_replica(call.initial_metadata())
+        stale = self._stale_answer(call.initial_metadata()) if checks_copy else None
+        if stale is not None:
+            raise stale
         return response
 
     def _call(self, method: Any, request: Any, replay_length: int | None) -> Any:
@@ -44,7 +57,7 @@ class SessionCalls(SessionBase):
         attempts = self._attempts()
         while True:
             try:
-                return self._unary(method, request)
+                return self._unary(method, request, checks_copy=True)
             except SalienceClientError as error:
                 failure = error
             self._recover(failure, attempts, replay_length)
@@ -109,6 +122,10 @@ class SessionCalls(SessionBase):
         the first ``length`` positions of its history, at the priority and within the
         timeout of the call that needs it (``attempts``)."""
         deadline = attempts.replay_deadline()
+        if is_stale(cause):  # the old copy goes, with what the call did to it
+            close = pb.CloseSessionRequest(session_id=self.session_id)
+            with contextlib.suppress(SalienceClientError):
+                self._unary(self._stub.CloseSession, close, time_left_s(deadline))
         request = pb.OpenSessionRequest(session_id=self.session_id, max_context=self.max_context)
         try:
             self._unary(self._stub.OpenSession, request, time_left_s(deadline))
