@@ -159,6 +159,12 @@ def is_stale(error: SalienceClientError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND and error.reason == "STALE_COPY"
 
 
+def is_copy_lost(error: SalienceClientError) -> bool:
+    """The session must be re-created: the replica that answered knows it not, or only
+    an old copy of it."""
+    return is_session_lost(error) or is_stale(error)
+
+
 def is_behind(error: SalienceClientError, needed: int) -> bool:
     """The server holds fewer than the ``needed`` positions this client saw committed
     (OFFSET_MISMATCH naming a shorter length): a stale copy on a replica the proxy came

@@ -19,9 +19,8 @@ from salience_client.failover import (
     is_behind,
     is_broken,
     is_busy,
+    is_copy_lost,
     is_refusal,
-    is_session_lost,
-    is_stale,
     is_unanswered,
     log_replay,
     log_resume,
@@ -153,10 +152,9 @@ class SessionBase:
         self._stats.is_server_reached = True
 
     def _stale_answer(self, metadata: object) -> SalienceClientError | None:
-        """After a call that reads or changes the session was answered (``metadata``: its
-        initial metadata): the error to recover from when another replica than the one
-        holding this client's copy answered, from an old copy (``stale_copy``); None when
-        it is that one, or either is unknown (a server not naming itself)."""
+        """For a call that reads or changes the session (``metadata``: its answer's): the
+        error to recover from when a replica other than the one holding this client's
+        copy answered (``stale_copy``); None when it held it, or either is unknown."""
         answered = replica_of(metadata, None)
         if answered is None or self._holder in (None, answered):
             self._holder = self._holder or answered
@@ -322,8 +320,7 @@ class SessionBase:
         it (or since it did): it then waits for that replay rather than spend one of its
         own, and goes on from what it restored (a fork meeting the replay's prefill was
         refused SESSION_BUSY)."""
-        is_lost = is_session_lost(error) or is_stale(error)
-        return self._is_replaying(attempts) and (is_busy(error) or is_lost)
+        return self._is_replaying(attempts) and (is_busy(error) or is_copy_lost(error))
 
     def _is_replaying(self, attempts: Attempts) -> bool:
         """Whether another call re-creates the session now, or did since this one began."""
@@ -347,7 +344,7 @@ class SessionBase:
             raise client_closed() from error
         if not self._failover.replay or self.is_closed:
             raise error
-        if (is_session_lost(error) or is_stale(error)) and replay_length is not None:
+        if is_copy_lost(error) and replay_length is not None:
             if self._history.length < replay_length:
                 known = self._history.length
                 lost = session_lost(self.session_id, replay_length, known, self._unknown_cause)
