@@ -140,12 +140,16 @@ def is_session_lost(error: SalienceClientError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND and error.reason == "SESSION_NOT_FOUND"
 
 
-def stale_copy(session_id: str, replica: str, holder: str) -> SalienceClientError:
-    """The error to recover from when ``replica`` answered a call of a session whose copy
-    this client knows to be on ``holder``: the session moved (its replica was lost, and
-    it was replayed elsewhere) and the proxy came back to a replica that still holds an
-    old copy, which may be long enough for the call and yet differ. The answer is not
-    taken: that copy is closed, the session replayed there, and the call made again."""
+def stale_copy(session_id: str, metadata: object, holder: str | None) -> SalienceClientError | None:
+    """The error to recover from when the replica that answered (``metadata``: the
+    answer's) is not ``holder``, the one this client's copy of the session is on: the
+    session moved (its replica was lost, and it was replayed elsewhere) and the proxy
+    came back to a replica that still holds an old copy, which may be long enough for
+    the call and yet differ. The answer is not taken: that copy is closed, the session
+    replayed there, and the call made again. None where either replica is unknown."""
+    replica = replica_of(metadata, None)
+    if replica is None or holder in (None, replica):
+        return None
     return SalienceClientError(
         grpc.StatusCode.NOT_FOUND,
         "STALE_COPY",

@@ -89,8 +89,7 @@ class SessionBase:
         self.replica: str | None = None
         """The replica that answered this session's last call (``salience-replica``)."""
         self._holder: str | None = None
-        """The replica known to hold this client's copy of the session (the one that
-        opened or last re-created it; None: unknown, and the next to answer is taken)."""
+        """The replica that opened or last re-created it (None: unknown; the next to answer)."""
         self.num_replays = 0
         """Times this session was re-created on another replica."""
         self.num_resumes = 0
@@ -152,14 +151,9 @@ class SessionBase:
         self._stats.is_server_reached = True
 
     def _stale_answer(self, metadata: object) -> SalienceClientError | None:
-        """For a call that reads or changes the session (``metadata``: its answer's): the
-        error to recover from when a replica other than the one holding this client's
-        copy answered (``stale_copy``); None when it held it, or either is unknown."""
-        answered = replica_of(metadata, None)
-        if answered is None or self._holder in (None, answered):
-            self._holder = self._holder or answered
-            return None
-        return stale_copy(self.session_id, answered, self._holder)
+        """``stale_copy`` for the answer (``metadata``) of a call reading or changing it."""
+        self._holder = self._holder or replica_of(metadata, None)
+        return stale_copy(self.session_id, metadata, self._holder)
 
     def _failure(self, error: grpc.RpcError) -> SalienceClientError:
         """A failed call as the caller sees it, noting the replica that refused it."""
