@@ -5,7 +5,8 @@ runs behind a real server whose KV pool holds about two sessions, so that nearly
 every step offloads, drops, recomputes or preempts. Rules open, fork, generate (with
 appends, rewinds, ranges before and after ``offset``, top-k, readout, stop tokens),
 append images, cancel mid-stream, close and expire sessions, and run several calls at
-once. The model of the state is each session's tokens and images; the oracle is one
+once; the rules of ``tests/stress_cancel.py`` end calls at random moments (a cancel, a
+deadline) and close sessions while their calls and forks run. The model of the state is each session's tokens and images; the oracle is one
 plain transformers forward pass over them (both in ``tests/stress_model.py``). After
 every call: the stream's events are exactly the positions owed, in order; every
 logprob, top-k and readout equals the forward pass (1e-4); greedy tokens are its argmax. After every rule: each session's
@@ -32,6 +33,7 @@ from salience_client.pb import salience_pb2 as pb
 from tests.conftest import RunningServer, start_server
 from tests.helpers import U32_MAX, error_reason
 from tests.integration.test_readout import write_readout
+from tests.stress_cancel import CancelRules
 from tests.stress_model import IMAGE_SIZE, READOUT_LAYER, Call, Oracle, SessionModel, check_call
 from tests.tiny_models import build_tiny_vision_model, reference_vision_model
 from tests.vision_support import encode, make_image
@@ -43,9 +45,10 @@ IMAGE_BYTES = 4 * 64 * 4  # their embeddings: 4 x 64 float32
 SESSION_TTL_S = 600.0
 
 
-class StressMachine(RuleBasedStateMachine):
+class StressMachine(CancelRules, RuleBasedStateMachine):
     server: RunningServer
     oracle: Oracle
+    max_context = MAX_CONTEXT
 
     sessions = Bundle("sessions")
 
