@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, consumes, rule
 
 from salience_client.pb import salience_pb2 as pb
-from tests.helpers import U32_MAX, error_reason
+from tests.helpers import U32_MAX, engine_held_in_a_step, error_reason
 from tests.stress_model import IMAGE_SIZE, TOLERANCE, Call, SessionModel, check_call
 from tests.vision_support import encode, make_image
 
@@ -61,6 +61,18 @@ def _read_early(stream, how: tuple[str, float]) -> tuple[list[pb.Token], pb.Done
     return events, done
 
 
+def _rest_of(stream) -> list[pb.Token]:
+    """The events left in a stream the client cancelled (or that ended)."""
+    events = []
+    try:
+        for event in stream:
+            if event.HasField("token"):
+                events.append(event.token)
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.CANCELLED, error.details()
+    return events
+
+
 class CancelRules:
     """Rules of ``StressMachine``: they use its models, stub, oracle and helpers."""
 
@@ -79,16 +91,17 @@ class CancelRules:
     ) -> None:
         """A call ended early at a random moment; then the session's next call at once
         (it rewinds to the call's offset and decodes: the oracle's greedy tokens and
-        logprobs), a fork of it at once, or a look at what the call committed."""
+        logprobs), a fork of it at once, or a look at what the call committed. Then the
+        session goes back to the call's offset, however the call ended: what the machine
+        draws next must not depend on timing."""
         model = self.models[session_id]
         call = self._draw_long_call(model, session_id, data)
         kind, amount = how
         timeout = amount if kind == "deadline" else 120
         events, done = _read_early(self.stub.Generate(call.request(), timeout=timeout), how)
         if done is not None:  # it ended before the cancel: a whole call
-            self.models[session_id] = check_call(self.oracle, model, call, events, done)
-            return
-        if then == "call":  # at once, rewinding to the call's offset
+            check_call(self.oracle, model, call, events, done)
+        elif then == "call":  # at once, rewinding to the call's offset
             append = call.append[:4]
             room = self.max_context - call.offset - len(append)
             max_tokens = min(2, room) if call.offset + len(append) else 0
@@ -104,6 +117,49 @@ class CancelRules:
         else:
             self._wait_idle(session_id)
             self._check_committed(model, call, events, self._held(session_id))
+        self._run(Call(session_id, call.offset, [], 0, [], [], 0, []))
+        self.models[session_id] = SessionModel(
+            model.token_ids[: call.offset],
+            [(start, seed) for start, seed in model.images if start < call.offset],
+        )
+        self._wait_engine_idle()
+
+    @rule(session_id=sessions, data=st.data(), reads=st.integers(0, 3))
+    def cancel_in_a_step(self, session_id: str, data: st.DataObject, reads: int) -> None:
+        """A call cancelled while the engine is inside one of its steps (held in the
+        forward pass until the cancel has reached the engine): it stops there. The
+        session holds exactly what it held when that step began (the step's own
+        results are not committed), and nothing after."""
+        model = self.models[session_id]
+        call = self._draw_long_call(model, session_id, data)
+        engine = self.server.engine
+        stream = self.stub.Generate(call.request(), timeout=120)
+        events, done = [], None
+        while done is None and len(events) < reads:
+            event = next(stream)
+            if event.HasField("done"):
+                done = event.done
+            else:
+                events.append(event.token)
+        held = None
+        with engine_held_in_a_step(engine) as in_step:
+            while done is None and not in_step.wait(0.005):
+                with engine._lock:
+                    if not engine.scheduler.has_work():
+                        break  # it ended in the step under way
+            if in_step.is_set():
+                held = self._held(session_id)  # the step's forward runs without the lock
+                stream.cancel()
+                deadline = time.monotonic() + 10
+                while not self._owner_cancelled(session_id):
+                    assert time.monotonic() < deadline, "the cancel never reached the engine"
+                    time.sleep(0.002)
+        for event in _rest_of(stream):
+            events.append(event)
+        self._wait_idle(session_id)
+        if held is not None:
+            assert self._held(session_id) == held, "the call went on after its cancel"
+            self._check_committed(model, call, events, held)
         self._run(Call(session_id, call.offset, [], 0, [], [], 0, []))
         self.models[session_id] = SessionModel(
             model.token_ids[: call.offset],
@@ -214,15 +270,20 @@ class CancelRules:
         raise AssertionError("a call ended early stays in the engine")
 
     def _draw_long_call(self, model: SessionModel, session_id: str, data: st.DataObject) -> Call:
-        """A call that runs for several steps: prefill chunks, then decoding to the
-        session's context limit."""
+        """A call that runs for several steps: prefill chunks, then a dozen decodes."""
         offset = data.draw(st.sampled_from(model.rewind_points()), label="offset")
         append = data.draw(st.lists(st.integers(0, 255), max_size=24), label="append")
         append = append[: self.max_context - offset]
         end = offset + len(append)
-        max_tokens = self.max_context - end if end else 0
+        max_tokens = min(12, self.max_context - end) if end else 0
         ranges = data.draw(st.sampled_from([[], [(offset, U32_MAX)]]), label="logprobs_ranges")
         return Call(session_id, offset, append, max_tokens, ranges, [], 0, [])
+
+    def _owner_cancelled(self, session_id: str) -> bool:
+        engine = self.server.engine
+        with engine._lock:
+            owner = engine.sessions[session_id].owner
+            return owner is not None and owner.is_cancelled
 
     def _held(self, session_id: str) -> list[int]:
         """The session's committed tokens, as the server holds them."""
@@ -241,9 +302,9 @@ class CancelRules:
         if held != before.token_ids:  # taken: all it decoded is greedy
             assert held[: len(prompt)] == prompt, "the append was not committed whole"
             decoded = list(range(len(prompt), len(held)))
-        elif not decoded:  # never taken, or it left the session as it was
-            return
         assert set(e.position for e in events if not e.is_prefill) <= set(decoded)
+        if not decoded and not events:  # never taken, a rewind, an append not prefilled
+            return
         after = SessionModel(held, [(s, seed) for s, seed in before.images if s < call.offset])
         logprobs, _ = self.oracle.forward(after)
         for position in decoded:
