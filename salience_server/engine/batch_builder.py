@@ -82,6 +82,8 @@ def build_batch(
             # A draft's row verifies it and predicts the next (position >= length).
             has_logits = position >= session.length or request.needs_logits_at(position)
             reads_out = has_readout and request.needs_readout_at(position)
+            if not (has_logits or reads_out):  # most of a prefill
+                continue
             row = first_row + position - chunk.start
             readout_index = len(batch.readout_rows) if reads_out else None
             if readout_index is not None:
