@@ -8,6 +8,7 @@ cannot read is refused in one line, and one Salience cannot serve before convert
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +103,12 @@ def test_a_damaged_conversion_says_to_remove_it_and_is_then_converted_again(
 def test_a_gguf_of_an_architecture_transformers_cannot_read_is_one_line(tmp_path: Path) -> None:
     """RWKV-6, which llama.cpp runs and transformers does not convert: the server exits 1
     naming the architecture, with no stack trace and no staging left in the cache."""
-    gguf_path = tmp_path / "rwkv.gguf"
-    writer = gguf.GGUFWriter(str(gguf_path), "rwkv6")
-    writer.add_block_count(2)
-    writer.add_embedding_length(64)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(["a", "b"])
-    writer.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def shape(writer: gguf.GGUFWriter) -> None:
+        writer.add_block_count(2)
+        writer.add_embedding_length(64)
+
+    gguf_path = _bare_gguf(tmp_path / "rwkv.gguf", "rwkv6", shape)
     cache = tmp_path / "cache"
     stderr = server_start_failure(
         "--model", str(gguf_path), "--port", "0", env={"SALIENCE_CACHE_DIR": str(cache)}
@@ -129,23 +125,18 @@ def test_a_gguf_salience_cannot_serve_is_refused_before_converting(
     """A Gemma 2 GGUF (attention logit softcapping) was converted first, minutes and
     float32 weights written to the cache, and refused only then; its metadata says so."""
     monkeypatch.setenv("SALIENCE_CACHE_DIR", str(tmp_path / "cache"))
-    gguf_path = tmp_path / "gemma-2.gguf"
-    writer = gguf.GGUFWriter(str(gguf_path), "gemma2")
-    writer.add_context_length(64)
-    writer.add_embedding_length(64)
-    writer.add_block_count(2)
-    writer.add_feed_forward_length(128)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_key_length(16)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(["a", "b"])
-    writer.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def shape(writer: gguf.GGUFWriter) -> None:
+        writer.add_context_length(64)
+        writer.add_embedding_length(64)
+        writer.add_block_count(2)
+        writer.add_feed_forward_length(128)
+        writer.add_head_count(4)
+        writer.add_head_count_kv(2)
+        writer.add_key_length(16)
+        writer.add_layer_norm_rms_eps(1e-6)
+
+    gguf_path = _bare_gguf(tmp_path / "gemma-2.gguf", "gemma2", shape)
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("converted")
@@ -153,3 +144,18 @@ def test_a_gguf_salience_cannot_serve_is_refused_before_converting(
     monkeypatch.setattr(conversion, "_convert_into", refuse)
     with pytest.raises(UnsupportedModel, match=r"^gemma-2 uses attention logit softcapping"):
         load_model(ModelConfig(model=str(gguf_path), device="cpu"))
+
+
+def _bare_gguf(path: Path, architecture: str, shape: Callable[[gguf.GGUFWriter], None]) -> Path:
+    """A GGUF of ``architecture`` with the metadata ``shape`` writes, a two-token
+    vocabulary and an embedding only: enough for its config to be read."""
+    writer = gguf.GGUFWriter(str(path), architecture)
+    shape(writer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
