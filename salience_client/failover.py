@@ -158,6 +158,17 @@ def stale_copy(session_id: str, metadata: object, holder: str | None) -> Salienc
     )
 
 
+def stale_refusal(
+    session_id: str, failure: SalienceClientError, metadata: object, holder: str | None
+) -> SalienceClientError:
+    """``failure``, or ``stale_copy``'s error where it is an OFFSET_MISMATCH from another
+    replica than ``holder``: an old copy there, whatever its length (one longer than the
+    session is no copy cut short, and was the caller's error)."""
+    if failure.reason != "OFFSET_MISMATCH":
+        return failure
+    return stale_copy(session_id, metadata, holder) or failure
+
+
 def is_stale(error: SalienceClientError) -> bool:
     """A replica answered from an old copy of the session (``stale_copy``)."""
     return error.code == grpc.StatusCode.NOT_FOUND and error.reason == "STALE_COPY"

@@ -29,6 +29,7 @@ from salience_client.failover import (
     routing_metadata,
     session_lost,
     stale_copy,
+    stale_refusal,
 )
 from salience_client.history import History
 from salience_client.pb import salience_pb2 as pb
@@ -157,8 +158,10 @@ class SessionBase:
 
     def _failure(self, error: grpc.RpcError) -> SalienceClientError:
         """A failed call as the caller sees it, noting the replica that refused it."""
+        metadata = error.initial_metadata()  # type: ignore[attr-defined]
+        self.replica = replica_of(metadata, self.replica)
         failure = SalienceClientError.from_rpc_error(error)
-        self.replica = replica_of(error.initial_metadata(), self.replica)  # type: ignore[attr-defined]
+        failure = stale_refusal(self.session_id, failure, metadata, self._holder)
         if not is_unanswered(failure):
             self._stats.is_server_reached = True
         return failure

@@ -181,3 +181,33 @@ def test_the_async_client_rewrites_an_old_copy_and_replays_under_an_image(
         assert session.replica == "fake0" and session.num_replays == 2
 
     asyncio.run(scenario())
+
+
+def test_an_old_copy_longer_than_the_session_is_rewritten_there(
+    proxied: Proxied, fake: RunningFake
+) -> None:
+    """s, rewound on fake1 to 4 positions, comes back to fake0's old copy of 6: the next
+    call, appending at 4, was refused OFFSET_MISMATCH naming a longer length (no replay:
+    only a shorter copy was taken for an old one), and the caller got the error."""
+
+    def calls(session: Any, moves: Proxied | None) -> list[list[Any]]:
+        outputs = [list(session.generate([1, 2, 3, 4, 5, 6], max_tokens=0))]
+        if moves:
+            moves.move_away()
+        outputs.append(list(session.generate([7], max_tokens=0)))
+        outputs.append(list(session.generate([80], truncate_to=3, max_tokens=0)))
+        if moves:
+            moves.come_back()
+        outputs.append(list(session.generate([120], max_tokens=2)))
+        return outputs
+
+    with SalienceClient(proxied.proxy.target, timeout=10, replay=FAST) as client:
+        session = _on_fake0(client)
+        outputs = calls(session, proxied)
+        held = proxied.fakes[0].replica.sessions[session.session_id]
+    with SalienceClient(fake.target, timeout=10) as alone:
+        oracle = alone.open_session(session_id=session.session_id)
+        assert outputs == calls(oracle, None)
+    assert held == list(session.history.token_ids) == fake.replica.sessions[oracle.session_id]
+    assert held == [1, 2, 3, 80, 120, 121, 122]
+    assert session.replica == "fake0" and session.num_replays == 2
