@@ -138,8 +138,8 @@ class SessionBase:
         return truncate_to, True
 
     def _opened(self, response: pb.OpenSessionResponse) -> None:
-        """Takes what OpenSession answered; a server that ignores the client's choice of
-        id (an old one) is followed, though a proxy then cannot route by it."""
+        """Takes OpenSession's answer; a server ignoring the client's id (an old one) is
+        followed, though a proxy then cannot route by it."""
         self.max_context = response.max_context
         self._holder = self.replica
         if response.session_id and response.session_id != self.session_id:
@@ -162,11 +162,8 @@ class SessionBase:
         self.replica = replica_of(metadata, self.replica)
         failure = SalienceClientError.from_rpc_error(error)
         failure = stale_refusal(self.session_id, failure, metadata, self._holder)
-        if not is_unanswered(failure):
-            self._stats.is_server_reached = True
+        self._stats.is_server_reached |= not is_unanswered(failure)
         return failure
-
-    # ----- history ---------------------------------------------------------------------
 
     def _event(
         self,
@@ -293,8 +290,6 @@ class SessionBase:
         self._abandoned = False
         self.length = length
         self._history.truncate(min(self._history.length, length))
-
-    # ----- recovery ----------------------------------------------------------------------
 
     def _new_replay_lock(self) -> Any:
         raise NotImplementedError
