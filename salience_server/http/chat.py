@@ -34,7 +34,6 @@ from salience_server.http.generation import (
     ChoiceResult,
     Generation,
     collect,
-    reply_limit,
 )
 from salience_server.http.logprobs import chat_logprobs, prompt_logprobs
 from salience_server.http.messages import ImageInput, chat_messages
@@ -54,7 +53,7 @@ from salience_server.http.tools import (
     tool_calls_reason,
     tool_mode,
 )
-from salience_server.http.truncation import last_tokens
+from salience_server.http.truncation import last_tokens, reply_limit
 
 router = APIRouter()
 

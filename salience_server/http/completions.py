@@ -34,7 +34,6 @@ from salience_server.http.generation import (
     GenerationResult,
     PromptToken,
     collect,
-    reply_limit,
 )
 from salience_server.http.logprobs import TextOffsets, completion_logprobs, prompt_logprobs
 from salience_server.http.request_body import parse_body
@@ -46,7 +45,7 @@ from salience_server.http.streaming import (
     start_stream,
     until_disconnected,
 )
-from salience_server.http.truncation import last_tokens
+from salience_server.http.truncation import last_tokens, reply_limit
 
 router = APIRouter()
 

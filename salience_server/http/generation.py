@@ -18,7 +18,6 @@ import grpc
 
 from salience_client import Done, SalienceClientError, TokenEvent
 from salience_server.http.decode_options import DecodeOptions
-from salience_server.http.errors import ApiError, invalid
 from salience_server.http.messages import ImageInput
 from salience_server.http.pooled_session import Scores
 from salience_server.http.sessions_pool import Lease, SessionPool
@@ -326,41 +325,6 @@ def is_lost(error: SalienceClientError) -> bool:
     it shares the prompt or was lent to be rewound: a fresh one is worth a try. (With
     replay on, the client re-creates such a session itself when it can.)"""
     return error.code == grpc.StatusCode.NOT_FOUND
-
-
-def reply_limit(
-    max_context: int, num_prompt_tokens: int, asked: int | None, param: str, min_tokens: int = 0
-) -> int:
-    """The tokens a reply may take: ``asked`` (None: as many as fit) capped at the
-    context left. A prompt that leaves no room is refused (400
-    ``context_length_exceeded``, naming ``param``), as OpenAI refuses it; the server
-    took it, prefilled it all, and ended the reply empty. So is one that leaves less
-    room than ``min_tokens`` (the server refused it naming a max_tokens never asked)."""
-    if asked == 0:  # scoring, or a prefill (a prompt too long is the server's to refuse)
-        return 0
-    left = max_context - num_prompt_tokens
-    if left <= 0:
-        raise no_room_for_a_reply(max_context, num_prompt_tokens, param)
-    if left < min_tokens:
-        raise invalid(
-            f"This model's maximum context length is {max_context} tokens; the prompt has "
-            f"{num_prompt_tokens} tokens, which leaves room for {left}, fewer than "
-            f"min_tokens {min_tokens}",
-            param,
-            "context_length_exceeded",
-        )
-    return left if asked is None else min(asked, left)
-
-
-def no_room_for_a_reply(max_context: int, num_prompt_tokens: int, param: str) -> ApiError:
-    beyond = num_prompt_tokens > max_context
-    return invalid(
-        f"This model's maximum context length is {max_context} tokens; the prompt has "
-        f"{num_prompt_tokens} tokens, "
-        + ("more than that" if beyond else "which leaves no room for a reply"),
-        param,
-        "context_length_exceeded",
-    )
 
 
 @dataclass

@@ -24,18 +24,18 @@ from salience_server import text_checks
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.constraints import Constraint
 from salience_server.http.errors import ApiError
-from salience_server.http.generation import Generation, reply_limit
+from salience_server.http.generation import Generation
 from salience_server.http.logprobs import chat_logprob_entry
 from salience_server.http.messages import ImageInput, response_input_messages
 from salience_server.http.reasoning import Reasoning
 from salience_server.http.reply import ReplyParser
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.response_stream import ResponseStream
-from salience_server.http.schemas import ResponsesRequest
+from salience_server.http.responses_schema import ResponsesRequest
 from salience_server.http.tool_call import ToolCall
 from salience_server.http.tool_format import tool_format
 from salience_server.http.tools import ToolMode, responses_tools, tool_mode
-from salience_server.http.truncation import without_oldest
+from salience_server.http.truncation import reply_limit, without_oldest
 
 
 def _new_id(prefix: str) -> str:

@@ -25,7 +25,7 @@ from salience_server.http.generation import (
 )
 from salience_server.http.request_body import parse_body
 from salience_server.http.response_plan import ResponsePlan, plan_response
-from salience_server.http.schemas import ResponsesRequest
+from salience_server.http.responses_schema import ResponsesRequest
 from salience_server.http.streaming import Primed, event_stream, start_stream, until_disconnected
 
 router = APIRouter()

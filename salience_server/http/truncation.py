@@ -1,12 +1,13 @@
 """Prompts cut to fit: ``truncation: "auto"`` of the Responses API (a conversation too
 long for the context loses its oldest items until its input fits, as OpenAI drops items
-from its start), and vLLM's ``truncate_prompt_tokens`` (a prompt's last k tokens)."""
+from its start), and vLLM's ``truncate_prompt_tokens`` (a prompt's last k tokens); and
+the room a prompt leaves its reply."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from salience_server.http.errors import invalid
+from salience_server.http.errors import ApiError, invalid
 from salience_server.http.messages import IMAGE_PLACEHOLDER
 
 TRUNCATE_PARAM = "truncate_prompt_tokens"
@@ -43,3 +44,38 @@ def without_oldest(conversation: list[dict[str, Any]]) -> tuple[list[dict[str, A
         str(message.get("content") or "").count(IMAGE_PLACEHOLDER) for message in conversation[:end]
     )
     return conversation[end:], num_images
+
+
+def reply_limit(
+    max_context: int, num_prompt_tokens: int, asked: int | None, param: str, min_tokens: int = 0
+) -> int:
+    """The tokens a reply may take: ``asked`` (None: as many as fit) capped at the
+    context left. A prompt that leaves no room is refused (400
+    ``context_length_exceeded``, naming ``param``), as OpenAI refuses it; the server
+    took it, prefilled it all, and ended the reply empty. So is one that leaves less
+    room than ``min_tokens`` (the server refused it naming a max_tokens never asked)."""
+    if asked == 0:  # scoring, or a prefill (a prompt too long is the server's to refuse)
+        return 0
+    left = max_context - num_prompt_tokens
+    if left <= 0:
+        raise no_room_for_a_reply(max_context, num_prompt_tokens, param)
+    if left < min_tokens:
+        raise invalid(
+            f"This model's maximum context length is {max_context} tokens; the prompt has "
+            f"{num_prompt_tokens} tokens, which leaves room for {left}, fewer than "
+            f"min_tokens {min_tokens}",
+            param,
+            "context_length_exceeded",
+        )
+    return left if asked is None else min(asked, left)
+
+
+def no_room_for_a_reply(max_context: int, num_prompt_tokens: int, param: str) -> ApiError:
+    beyond = num_prompt_tokens > max_context
+    return invalid(
+        f"This model's maximum context length is {max_context} tokens; the prompt has "
+        f"{num_prompt_tokens} tokens, "
+        + ("more than that" if beyond else "which leaves no room for a reply"),
+        param,
+        "context_length_exceeded",
+    )
