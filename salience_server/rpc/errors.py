@@ -133,3 +133,13 @@ def client_gone_is_cancelled() -> Iterator[None]:
 
 def unimplemented(what: str) -> SalienceError:
     return SalienceError(Code.UNIMPLEMENTED, "UNIMPLEMENTED", f"{what} is not implemented yet")
+
+
+def slow_reader(limit: int) -> SalienceError:
+    """A stream whose client left ``limit`` events unread: it alone is cancelled."""
+    return SalienceError(
+        Code.RESOURCE_EXHAUSTED,
+        "SLOW_READER",
+        f"the client left {limit} events unread; the call was cancelled "
+        "(raise --stream-buffer-events, or read faster)",
+    )

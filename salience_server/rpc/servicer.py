@@ -19,7 +19,7 @@ from salience_server.engine.errors import Code, SalienceError, invalid
 from salience_server.engine.request import DoneEvent, Event, EventSink, Request, TokenEvent
 from salience_server.rpc import chat_tokens, convert, embed_inputs
 from salience_server.rpc.compute_thread import in_own_thread
-from salience_server.rpc.errors import RefusalLog, abort
+from salience_server.rpc.errors import RefusalLog, abort, slow_reader
 
 CANCELLED_CALL_WAIT_S = 10.0
 """How long a call waits for its session's cancelled call to end (``_after_cancelled_call``):
@@ -162,7 +162,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
                 overflowed[0] = True
                 if engine_request is not None:  # under the engine's lock: safe to mark
                     engine_request.is_cancelled = True  # dropped at the next step
-                event = _slow_reader(limit)
+                event = slow_reader(limit)
             num_sent[0] += 1
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
@@ -369,15 +369,6 @@ def _detokenize(engine: Engine, request: pb.DetokenizeRequest) -> tuple[str, lis
     if not request.return_token_bytes:
         return text, []
     return text, tokenization.token_bytes(tokenizer, token_ids, engine.vocab_size)
-
-
-def _slow_reader(limit: int) -> SalienceError:
-    return SalienceError(
-        Code.RESOURCE_EXHAUSTED,
-        "SLOW_READER",
-        f"the client left {limit} events unread; the call was cancelled "
-        "(raise --stream-buffer-events, or read faster)",
-    )
 
 
 async def _after_cancelled_call(
