@@ -4,6 +4,8 @@ even where the text its end releases matches a stop string."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from salience_client.pb import salience_pb2 as pb
 from tests.conftest import RunningServer
 from tests.helpers import generate, open_session
@@ -13,19 +15,13 @@ def test_a_stop_token_s_end_names_no_stop_string(llama_server: RunningServer) ->
     """The stop token is a UTF-8 lead byte: kept in the text (``include_stop_string``),
     the call's end writes it as U+FFFD, which the stop string U+FFFD matches. The call
     still ended on the stop token (``min_tokens`` keeps it from being drawn first)."""
-    stub = llama_server.stub
-    lead_byte = stub.Tokenize(pb.TokenizeRequest(text="é")).token_ids[0]
-    tokens, done = generate(
-        stub,
-        open_session(stub),
-        append_tokens=[1, 2],
+    lead_byte = _lead_byte(llama_server)
+    tokens, done = _forced(
+        llama_server,
         max_tokens=5,
         min_tokens=1,
         stop_token_ids=[lead_byte],
-        logit_bias={lead_byte: 100.0},
-        stop_strings=["\ufffd"],
         include_stop_string=True,
-        return_text=True,
     )
     assert tokens[-1].id == lead_byte and tokens[-1].text == "\ufffd"
     assert done.finish_reason == pb.FINISH_REASON_STOP
@@ -33,16 +29,26 @@ def test_a_stop_token_s_end_names_no_stop_string(llama_server: RunningServer) ->
 
 
 def test_a_stop_string_s_end_names_it(llama_server: RunningServer) -> None:
-    stub = llama_server.stub
-    lead_byte = stub.Tokenize(pb.TokenizeRequest(text="é")).token_ids[0]
-    tokens, done = generate(
+    tokens, done = _forced(llama_server, max_tokens=1)
+    assert done.finish_reason == pb.FINISH_REASON_STOP_STRING
+    assert done.stop_string == "\ufffd" and tokens[-1].text == ""
+
+
+def _lead_byte(server: RunningServer) -> int:
+    """The token of "é"'s first UTF-8 byte alone (its text is U+FFFD until the next)."""
+    return int(server.stub.Tokenize(pb.TokenizeRequest(text="é")).token_ids[0])
+
+
+def _forced(server: RunningServer, **options: Any) -> tuple[list[pb.Token], pb.Done]:
+    """A call on a fresh session whose first token is forced to be ``_lead_byte``, with
+    the stop string U+FFFD."""
+    stub, lead_byte = server.stub, _lead_byte(server)
+    return generate(  # type: ignore[no-any-return]
         stub,
         open_session(stub),
         append_tokens=[1, 2],
-        max_tokens=1,
         logit_bias={lead_byte: 100.0},
         stop_strings=["\ufffd"],
         return_text=True,
+        **options,
     )
-    assert done.finish_reason == pb.FINISH_REASON_STOP_STRING
-    assert done.stop_string == "\ufffd" and tokens[-1].text == ""
