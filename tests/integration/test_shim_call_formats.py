@@ -8,6 +8,8 @@ Oracle: the requests a scripted server recorded, and the replies it was scripted
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from tests.chat_templates import DEEPSEEK_R1_TOOLS
@@ -45,9 +47,7 @@ def test_a_mistral_template_gets_its_own_call_format(scripted: tuple[Script, Run
     separated by commas, and a reply that shows its marker (``skip_special_tokens:
     false``) is its calls, streamed or not."""
     script, shim = scripted
-    script.chat_template = MISTRAL_TEMPLATE
-    shim.backend._model_info = None  # ask again
-    try:
+    with _serving(script, shim, MISTRAL_TEMPLATE):
         client = shim.client()
         options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
         script.text = '{"city": "Oslo"}'
@@ -81,9 +81,6 @@ def test_a_mistral_template_gets_its_own_call_format(scripted: tuple[Script, Run
                 message = reply.choices[0].message
                 assert message.content is None
                 assert [c.function.name for c in message.tool_calls] == names
-    finally:
-        script.chat_template, script.text = "{{ messages }}", "hello"
-        shim.backend._model_info = None
 
 
 DEEPSEEK_CALLS = (
@@ -101,9 +98,7 @@ def test_a_deepseek_template_gets_its_own_call_format(
     reply that thinks, then calls, is reasoning and calls, streamed or not (its calls
     were content)."""
     script, shim = scripted
-    script.chat_template = DEEPSEEK_R1_TOOLS
-    shim.backend._model_info = None  # ask again
-    try:
+    with _serving(script, shim, DEEPSEEK_R1_TOOLS):
         client = shim.client()
         options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
         script.text = '{"city": "Oslo"}'
@@ -136,9 +131,6 @@ def test_a_deepseek_template_gets_its_own_call_format(
                     None,
                     *want[1:],
                 )
-    finally:
-        script.chat_template, script.text, script.generation_prompt = "{{ messages }}", "hello", ""
-        shim.backend._model_info = None
 
 
 def test_markers_after_text_reach_the_parser_unless_the_client_skips_them(
@@ -150,11 +142,8 @@ def test_markers_after_text_reach_the_parser_unless_the_client_skips_them(
     client set the field (as vLLM does), in either API; with ``tool_choice: "none"``, or
     an explicit ``skip_special_tokens: true``, the marker is skipped as before."""
     script, shim = scripted
-    script.chat_template = MISTRAL_TEMPLATE
-    script.special_texts = ("[TOOL_CALLS]",)
     script.text = 'Checking.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Rome"}}]'
-    shim.backend._model_info = None  # ask again
-    try:
+    with _serving(script, shim, MISTRAL_TEMPLATE, ("[TOOL_CALLS]",)):
         client = shim.client()
         options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
         for stream in (False, True):
@@ -186,9 +175,6 @@ def test_markers_after_text_reach_the_parser_unless_the_client_skips_them(
             bare,
             None,
         )
-    finally:
-        script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
-        shim.backend._model_info = None
 
 
 MISTRAL_NATIVE_REPLY = (
@@ -207,10 +193,7 @@ def test_a_mistral_native_template_gets_its_own_call_format(
     content and the two calls, streamed or not (they were content), the id it wrote
     the second call's."""
     script, shim = scripted
-    script.chat_template = MISTRAL_V13
-    script.special_texts = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
-    shim.backend._model_info = None  # ask again
-    try:
+    with _serving(script, shim, MISTRAL_V13, ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")):
         client = shim.client()
         options: dict[str, Any] = dict(model="scripted", messages=HELLO, tools=[WEATHER, TIME])
         script.text = '{"city": "Oslo"}'
@@ -253,9 +236,6 @@ def test_a_mistral_native_template_gets_its_own_call_format(
         assert output[0][0] == "message" and output[2] == ("function_call", "a1B2c3D4e")
         assert response.output[0].content[0].text == "Checking both."
         assert [getattr(o, "name", None) for o in response.output] == [None, *names]
-    finally:
-        script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
-        shim.backend._model_info = None
 
 
 DEEPSEEK_MARKER_IDS = {
@@ -284,7 +264,7 @@ def test_required_writes_single_token_markers_by_id_and_takes_several_calls(
         ),
         (MISTRAL_V13, MISTRAL_MARKER_IDS, MISTRAL_NATIVE_REPLY.split("[TOOL_CALLS]", 1)[1]),
     ]
-    try:
+    with _serving(script, shim):
         for template, marker_ids, reply_text in formats:
             script.chat_template, script.single_tokens = template, marker_ids
             script.special_texts = tuple(marker_ids)
@@ -305,13 +285,26 @@ def test_required_writes_single_token_markers_by_id_and_takes_several_calls(
             )
             assert request_constraint(last_decoding_request(script)) == (kind, grammar)
             assert len(script.texts_tokenized) == asked + 1  # the opening only
-    finally:
-        script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
-        script.single_tokens = {}
-        shim.backend._model_info = None
 
 
 RESPONSES_TOOLS: list[dict[str, Any]] = [
     {"type": "function", "name": "get_time"},
     {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS},
 ]
+
+
+@contextlib.contextmanager
+def _serving(
+    script: Script, shim: RunningShim, template: str | None = None, special: tuple[str, ...] = ()
+) -> Iterator[None]:
+    """The scripted server with ``template`` (and the markers it reads as special
+    tokens), the shim asking its model info again; after, both as the fixture made them."""
+    if template is not None:
+        script.chat_template, script.special_texts = template, special
+        shim.backend._model_info = None  # ask again
+    try:
+        yield
+    finally:
+        script.chat_template, script.text, script.special_texts = "{{ messages }}", "hello", ()
+        script.generation_prompt, script.single_tokens = "", {}
+        shim.backend._model_info = None
