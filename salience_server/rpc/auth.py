@@ -6,7 +6,6 @@ carry ``authorization: Bearer <key>`` metadata; others end UNAUTHENTICATED.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -44,19 +43,15 @@ def _refusal() -> SalienceError:
 
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that ends the call UNAUTHENTICATED."""
+    """A handler of the same shape that ends the call UNAUTHENTICATED (a stream's, as
+    every stream's handler here, a coroutine that writes: it writes nothing)."""
 
-    async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await abort(context, _refusal())
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await abort(context, _refusal())
-        yield  # an async generator, as a streaming handler must be
-
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            refuse_stream, handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        refuse_unary, handler.request_deserializer, handler.response_serializer
+    make = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.unary_unary_rpc_method_handler
     )
+    return make(refuse, handler.request_deserializer, handler.response_serializer)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -50,8 +49,8 @@ def rewrapped(
     wrap: Callable[[Any], Any],
     request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> Any:
-    """A handler of the same kind whose behavior is ``wrap(behavior)`` (which keeps the
-    behavior's kind: async generator or coroutine)."""
+    """A handler of the same kind (unary or streaming, either way) whose behavior is
+    ``wrap(behavior)``."""
     if handler.unary_unary:
         behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
     elif handler.unary_stream:
@@ -68,16 +67,8 @@ def rewrapped(
 
 
 def _preceded(behavior: Any, prelude: Prelude) -> Any:
-    """Wraps a behavior, keeping its kind: an async generator (yielding responses) stays
-    one; a coroutine (returning a response, or writing through ``context.write``) too."""
-    if inspect.isasyncgenfunction(behavior):
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await prelude(request, context)
-            async for response in behavior(request, context):
-                yield response
-
-        return streaming
+    """Wraps a behavior, a coroutine (returning a response, or writing through
+    ``context.write``: every stream's handler is one outside UnexpectedErrorInterceptor)."""
 
     async def returning(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await prelude(request, context)

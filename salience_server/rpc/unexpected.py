@@ -6,13 +6,21 @@ Left alone, grpc's asyncio server ends such a call UNKNOWN with "Unexpected <cla
 that lets some input through to an exception is still the server's fault, so INTERNAL).
 The call's own endings (``context.abort``, a cancellation) pass through untouched, and
 so does a write to a call whose client has gone (``client_gone_is_cancelled``).
+
+A streaming handler's responses are written here (``context.write``), not yielded to
+gRPC: a write that fails because the client has just gone then fails inside the call,
+where it ends cancelled. Yielded, each was written by gRPC's own loop, which logs such a
+failure at ERROR ("ExecuteBatchError raised in core") when the core has not yet told the
+server that the client left; and the handler, left suspended at its ``yield``, was only
+closed when the garbage collector came to it. Every interceptor outside this one sees a
+coroutine that writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -36,11 +44,12 @@ def _guarded(behavior: Any, method: str) -> Any:
     """The behavior, of the same kind, ending INTERNAL where it raised unexpectedly."""
     if inspect.isasyncgenfunction(behavior):
 
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> None:
             try:
                 with client_gone_is_cancelled():
-                    async for response in behavior(request, context):
-                        yield response
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:
+                            await context.write(response)
             except grpc.aio.AbortError:
                 raise
             except Exception as error:

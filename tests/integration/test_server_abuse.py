@@ -8,10 +8,12 @@ import asyncio
 import collections
 import logging
 import threading
+import types
 from typing import Any
 
 import grpc
 import pytest
+from grpc._cython.cygrpc import ExecuteBatchError
 
 from salience_client.pb import salience_pb2 as pb
 from salience_client.pb import salience_pb2_grpc
@@ -127,6 +129,39 @@ def test_a_client_that_leaves_while_its_call_is_answered_logs_no_error(
         _serve_and_leave(interceptors)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+def test_a_write_to_a_client_that_has_just_gone_ends_the_call_cancelled() -> None:
+    """A stream's write fails in gRPC's core when its client has just gone, before the
+    core has told the server so. Yielded to gRPC, the response was written by gRPC's own
+    loop, which logged that failure at ERROR ("ExecuteBatchError raised in core by
+    servicer method"; it failed one CI run) and left the handler suspended at its
+    ``yield``. The interceptor writes each response itself: the call ends cancelled, and
+    the handler is closed at once (its clean-up cancels the engine's request)."""
+    events: list[str] = []
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            yield b"first"
+            yield b"second"
+        finally:
+            events.append("closed")
+
+    class ClientGone:
+        async def write(self, message: bytes) -> None:
+            events.append(f"write {message!r}")
+            raise ExecuteBatchError('Failed "execute_batch"')
+
+    method = grpc.unary_stream_rpc_method_handler(handler)
+    details = types.SimpleNamespace(method="/t.T/S")
+    guarded = UnexpectedErrorInterceptor().handler(method, details).unary_stream
+
+    async def main() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await guarded(b"", ClientGone())
+
+    asyncio.run(main())
+    assert events == ["write b'first'", "closed"]
 
 
 def test_a_stop_list_of_repeated_ids_is_held_once_per_id(llama_server) -> None:
