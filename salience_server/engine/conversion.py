@@ -42,14 +42,12 @@ def convert_gguf(gguf_path: Path, check: Callable[[Path], None] | None = None) -
     models_dir = cache_dir() / "models"
     cached = _converted(models_dir, digest)
     if cached is not None:
-        log.info("using the converted model cached at %s", cached)
-        return cached
+        return _reused(cached)
     target = models_dir / f"{gguf_path.stem}-{digest}"
     with _conversion_lock(models_dir, digest):
         cached = _converted(models_dir, digest)
         if cached is not None:  # another process converted it while this one waited
-            log.info("using the converted model cached at %s", cached)
-            return cached
+            return _reused(cached)
         if check is not None:
             check(gguf_path)
         log.info("converting %s to safetensors (once) into %s", gguf_path, target)
@@ -64,6 +62,21 @@ def convert_gguf(gguf_path: Path, check: Callable[[Path], None] | None = None) -
             raise
     log.info("converted model saved at %s", target)
     return target
+
+
+def _reused(cached: Path) -> Path:
+    """A cached conversion, its files readable by every user of the cache: those this
+    user converted before conversions were shared (0600, as safetensors writes them)
+    are made 0644; another user's are left as they are."""
+    log.info("using the converted model cached at %s", cached)
+    for path in cached.iterdir():
+        try:
+            info = path.stat()
+            if info.st_uid == os.getuid() and info.st_mode & 0o044 != 0o044:
+                path.chmod(info.st_mode | 0o044)
+        except OSError:  # a read-only cache, a file gone meanwhile: used as it is
+            continue
+    return cached
 
 
 def _converted(models_dir: Path, digest: str) -> Path | None:

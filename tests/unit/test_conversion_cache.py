@@ -215,6 +215,25 @@ def test_a_conversion_is_readable_by_every_user_of_the_cache(
     assert modes == dict.fromkeys(files, 0o644)
 
 
+def test_a_conversion_cached_unreadable_to_others_is_shared_when_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conversions made before they were shared kept their 0600 weights until converted
+    again: another user's server found them and failed to read them. Using one makes
+    its files readable by all (a file already readable keeps its mode)."""
+    gguf = _fake_gguf(tmp_path, monkeypatch)
+    converted = _recording_conversion(monkeypatch)
+    target = tmp_path / "cache" / "models" / f"m-{content_digest(gguf)[:12]}"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"weights")
+    (target / "model.safetensors").chmod(0o600)
+    (target / "config.json").chmod(0o664)
+    assert convert_gguf(gguf) == target and converted == []
+    modes = {path.name: path.stat().st_mode & 0o777 for path in target.iterdir()}
+    assert modes == {"config.json": 0o664, "model.safetensors": 0o644}
+
+
 def test_a_conversion_with_its_config_gone_is_converted_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
