@@ -32,7 +32,6 @@ from salience_server.http.reply import ReplyParser
 from salience_server.http.response_store import StoredResponse
 from salience_server.http.response_stream import ResponseStream
 from salience_server.http.responses_schema import ResponsesRequest
-from salience_server.http.tool_call import ToolCall
 from salience_server.http.tool_format import tool_format
 from salience_server.http.tools import ToolMode, responses_tools, tool_mode
 from salience_server.http.truncation import reply_limit, without_oldest
@@ -211,18 +210,21 @@ class ResponsePlan:
         self,
         backend: Backend,
         response: dict[str, Any],
-        text: str,
-        calls: list[ToolCall],
+        stream: ResponseStream,
         decoded_ids: list[int],
         replacing: bool = False,
     ) -> None:
         """Keeps the finished response for ``previous_response_id`` (if ``store``);
-        ``replacing``: in place of the one its stream stored at its start."""
+        ``replacing``: in place of the one its stream stored at its start. Its reply
+        keeps its thinking, as its reasoning item sent back would (a conversation
+        rendered afresh, as when the instructions change, lost it)."""
         if not self.body.store:
             return
-        reply: dict[str, Any] = {"role": "assistant", "content": text or None}
-        if calls:
-            reply["tool_calls"] = [call.chat_dict() for call in calls]
+        reply: dict[str, Any] = {"role": "assistant", "content": stream.text or None}
+        if stream.calls:
+            reply["tool_calls"] = [call.chat_dict() for call in stream.calls]
+        if stream.reasoning:
+            reply["reasoning_content"] = stream.reasoning
         # A forced call's session holds the opening the shim wrote and the arguments the
         # grammar allowed, not the call's closing (``}``, ``</tool_call>``): a chained
         # request renders the call as the template writes it, the pool still lending

@@ -106,6 +106,8 @@ class ResponseStream:
         self.sequence_number = 0
         self.text = ""
         """Every message text of the reply."""
+        self.reasoning = ""
+        """Every reasoning text of the reply (its thinking)."""
         self.status = "in_progress"
 
     @property
@@ -196,6 +198,8 @@ class ResponseStream:
         if kind == "message":
             self.text += delta
             self._item_logprobs += logprobs
+        else:
+            self.reasoning += delta
         name = (
             "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
         )

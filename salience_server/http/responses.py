@@ -52,7 +52,7 @@ async def create_response(request: Request) -> Response:
     stream.finish(choice.done)
     response = plan.finished(stream, choice.done, result.cached_tokens)
     decoded_ids = [token.token_id for token in choice.tokens]
-    plan.store(backend, response, stream.text, stream.calls, decoded_ids)
+    plan.store(backend, response, stream, decoded_ids)
     return JSONResponse(response)
 
 
@@ -80,7 +80,7 @@ async def _stream(
         for sse in stream.finish(done):
             yield sse
         response = plan.finished(stream, done, generation.cached_tokens)
-        plan.store(backend, response, stream.text, stream.calls, decoded_ids, replacing=True)
+        plan.store(backend, response, stream, decoded_ids, replacing=True)
         ended = True
         final = "response.completed" if stream.status == "completed" else "response.incomplete"
         yield stream.event(final, response=response)

@@ -84,3 +84,36 @@ def test_a_responses_reasoning_item_reaches_the_template_with_its_call(
     assert assistant["reasoning_content"] == "I need Oslo's weather."
     assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
     assert "reasoning_content" not in tool_result and "reasoning_content" not in user
+
+
+def test_a_chained_responses_thinking_reaches_the_template_as_if_sent_back(
+    thinking: tuple[Script, RunningShim],
+) -> None:
+    """A response continued by ``previous_response_id`` keeps its reply's thinking: the
+    conversation rendered afresh (the scripted template never extends the previous
+    rendering, as when the instructions change) holds it as a stateless client's items
+    sent back do (it was dropped: the template got the call without its thinking)."""
+    script, shim = thinking
+    client = shim.client()
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": WEATHER["function"]["parameters"],
+    }
+    script.text = f"<think>I need Oslo's weather.</think>{CALL}"
+    first = client.responses.create(model="scripted", input="Weather in Oslo?", tools=[tool])
+    call = first.output[-1]
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "-3 C"}
+    script.text = "Cold."
+    client.responses.create(
+        model="scripted", previous_response_id=first.id, input=[result], tools=[tool]
+    )
+    chained = messages_json(script.prompts[-1])
+    items = [item.model_dump(exclude_none=True) for item in first.output]
+    client.responses.create(
+        model="scripted",
+        input=[{"role": "user", "content": "Weather in Oslo?"}, *items, result],
+        tools=[tool],
+    )
+    assert chained == messages_json(script.prompts[-1])
+    assert chained[1]["reasoning_content"] == "I need Oslo's weather."
