@@ -22,7 +22,12 @@ from fastapi.responses import JSONResponse, Response
 from salience_client import Done, ModelInfo
 from salience_server.http.backend import Backend, RenderOptions
 from salience_server.http.chat_stream import ChatStream
-from salience_server.http.choice_fields import finish_reason, model_token_ids, stop_reason
+from salience_server.http.choice_fields import (
+    client_stopped,
+    finish_reason,
+    model_token_ids,
+    stop_reason,
+)
 from salience_server.http.constraints import Constraint
 from salience_server.http.errors import (
     ApiError,
@@ -290,7 +295,10 @@ async def _choice(
     if plan.reasoning.is_reasoning:
         message["reasoning_content"] = reply.reasoning or None
     reason = finish_reason(choice.done)
-    plan.tools.check_forced(reply.calls, choice.done.finish_reason, bool(plan.body.stop))
+    decoded = [token.token_id for token in choice.tokens]
+    stopped_by = plan.stop_reason(choice.done, decoded)
+    is_client_stop = client_stopped(choice.done, plan.body.stop, stopped_by)
+    plan.tools.check_forced(reply.calls, choice.done.finish_reason, is_client_stop)
     if reply.calls or plan.tools.is_forced or reply.reasoning:
         message["content"] = reply.content or None  # all thinking: none, as vLLM's
     if plan.echoed:
@@ -308,10 +316,8 @@ async def _choice(
             tokens, texts, plan.top_logprobs, plan.body.return_tokens_as_token_ids
         )
     shaped = {"index": choice.index, "message": message, "logprobs": logprobs}
-    decoded = [token.token_id for token in choice.tokens]
     if plan.body.return_token_ids:
         shaped["token_ids"] = decoded
-    stopped_by = plan.stop_reason(choice.done, decoded)
     return {
         **shaped,
         "finish_reason": reason,

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from salience_server.http.backend import Backend
-from salience_server.http.choice_fields import finish_reason
+from salience_server.http.choice_fields import client_stopped, finish_reason
 from salience_server.http.errors import as_api_error
 from salience_server.http.generation import (
     ChoiceToken,
@@ -146,10 +146,9 @@ class ChatStream:
         deltas = [d for d in map(delta_of, parser.finish()) if d is not None]
         chunks += [self._delta(index, delta) for delta in deltas]
         reason = finish_reason(event.done)
-        self._plan.tools.check_forced(
-            parser.calls, event.done.finish_reason, bool(self._plan.body.stop)
-        )
-        reason = tool_calls_reason(reason, parser.calls)
         stopped_by = self._plan.stop_reason(event.done, event.token_ids)
+        is_client_stop = client_stopped(event.done, self._plan.body.stop, stopped_by)
+        self._plan.tools.check_forced(parser.calls, event.done.finish_reason, is_client_stop)
+        reason = tool_calls_reason(reason, parser.calls)
         chunks.append(self._delta(index, {}, finish_reason=reason, stop_reason=stopped_by))
         return chunks

@@ -37,3 +37,12 @@ def stop_reason(
     if done.finish_reason == "stop" and last in stop_token_ids and last not in eos_token_ids:
         return last
     return None
+
+
+def client_stopped(
+    done: Done, stops: str | list[str] | None, stop_reason: str | int | None
+) -> bool:
+    """Whether a stop of the client's own ended the choice: its ``stop_reason`` (a stop
+    string or ``stop_token_ids`` token it gave), or a stop string where it gave some
+    (one whose ``Done.stop_string`` the server left unnamed)."""
+    return stop_reason is not None or (done.finish_reason == "stop_string" and bool(stops))

@@ -22,6 +22,7 @@ from typing import Any
 from salience_client import Done, ModelInfo, TokenEvent
 from salience_server import text_checks
 from salience_server.http.backend import Backend, RenderOptions
+from salience_server.http.choice_fields import stop_reason
 from salience_server.http.constraints import Constraint
 from salience_server.http.errors import ApiError
 from salience_server.http.generation import Generation
@@ -198,11 +199,16 @@ class ResponsePlan:
             "total_tokens": len(self.prompt_ids) + output_tokens,
         }
 
-    def finished(self, stream: ResponseStream, done: Done | None, cached: int) -> dict[str, Any]:
-        """The finished Response, once ``stream`` has seen the whole reply; a forced
-        call that broke its constraint is a server error."""
+    def finished(
+        self, stream: ResponseStream, done: Done | None, cached: int, decoded_ids: list[int]
+    ) -> dict[str, Any]:
+        """The finished Response, once ``stream`` has seen the whole reply (its tokens,
+        ``decoded_ids``); a forced call that broke its constraint is a server error (not
+        one the client's ``stop_token_ids`` cut)."""
         if done is not None:
-            self.tools.check_forced(stream.calls, done.finish_reason)
+            stop_ids, eos = self.body.stop_token_ids or [], self.model_info.eos_token_ids
+            stopped_by = stop_reason(done, decoded_ids, None, stop_ids, eos)
+            self.tools.check_forced(stream.calls, done.finish_reason, stopped_by is not None)
         usage = self.usage(done, cached, stream.num_reasoning_tokens)
         return self.response(stream.status, stream.items, usage)
 

@@ -50,8 +50,8 @@ async def create_response(request: Request) -> Response:
     for token in choice.tokens:
         stream.push(token.text, await plan.logprob(backend, token))
     stream.finish(choice.done)
-    response = plan.finished(stream, choice.done, result.cached_tokens)
     decoded_ids = [token.token_id for token in choice.tokens]
+    response = plan.finished(stream, choice.done, result.cached_tokens, decoded_ids)
     plan.store(backend, response, stream, decoded_ids)
     return JSONResponse(response)
 
@@ -79,7 +79,7 @@ async def _stream(
                     done, decoded_ids = event.done, event.token_ids
         for sse in stream.finish(done):
             yield sse
-        response = plan.finished(stream, done, generation.cached_tokens)
+        response = plan.finished(stream, done, generation.cached_tokens, decoded_ids)
         plan.store(backend, response, stream, decoded_ids, replacing=True)
         ended = True
         final = "response.completed" if stream.status == "completed" else "response.incomplete"

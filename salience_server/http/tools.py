@@ -162,16 +162,15 @@ class ToolMode:
         return ()
 
     def check_forced(
-        self, calls: list[ToolCall], done_reason: str, has_client_stops: bool = False
+        self, calls: list[ToolCall], done_reason: str, is_client_stop: bool = False
     ) -> None:
         """A forced call was constrained to its schema: a reply that ended (an EOS, the
         call's own close) without one valid call means the server did not keep to the
         constraint, a server error (500) rather than a broken call handed on. A reply cut
-        short (max_tokens, the context, or, with ``has_client_stops``, a stop string: the
-        client's may have cut it) is no fault. ``done_reason``: the server's."""
-        if not self.is_forced or done_reason not in ("stop", "stop_string"):
-            return
-        if done_reason == "stop_string" and has_client_stops:
+        short (max_tokens, the context, or, ``is_client_stop``, a stop of the client's
+        own: a stop string or ``stop_token_ids`` token, which the grammar may allow
+        inside the call, ``client_stopped``) is no fault. ``done_reason``: the server's."""
+        if not self.is_forced or done_reason not in ("stop", "stop_string") or is_client_stop:
             return
         if not calls:
             raise constraint_broken("the reply holds no tool call")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
+import pytest
+
 from salience_client.pb import salience_pb2 as pb
 from tests.shim_support import WEATHER, RunningShim, Script
 
@@ -41,6 +44,39 @@ def test_a_forced_call_cut_by_the_clients_stop_string_is_no_server_error(
             assert message.tool_calls[0].function.arguments == '{"city": "Ro'
     finally:
         script.finish_reason = None
+
+
+def test_a_forced_call_cut_by_the_clients_stop_token_is_no_server_error(
+    scripted: tuple[Script, RunningShim],
+) -> None:
+    """A ``stop_token_ids`` token the client gave, decoded inside a forced call's
+    arguments (the grammar allows it there), ends the reply as its stop string does: a
+    200 with the unfinished call, in chat and in responses, streamed or not (it was a
+    500 constraint_violated, blaming the server). The same reply ended by a token the
+    client did not list still breaks the server's promise."""
+    script, shim = scripted
+    script.text = '{"city": "Ro'  # the named call's arguments, cut after "o"
+    stop = {"stop_token_ids": [ord("o")]}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    message, reason, streamed = _chat(shim, tool_choice=named, extra_body=stop)
+    assert (reason, streamed, message.content) == ("stop", "stop", None)
+    assert message.tool_calls[0].function.arguments == '{"city": "Ro'
+    client = shim.client()
+    options = dict(
+        model="scripted",
+        input="Weather in Rome?",
+        tools=[_flat(WEATHER)],
+        tool_choice={"type": "function", "name": "get_weather"},
+    )
+    whole = client.responses.create(**options, extra_body=stop)
+    events = list(client.responses.create(**options, extra_body=stop, stream=True))
+    for response in (whole, events[-1].response):
+        assert response.status == "completed"
+        assert [(item.type, item.status, item.arguments) for item in response.output] == [
+            ("function_call", "incomplete", '{"city": "Ro')
+        ]
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(**options, extra_body={"stop_token_ids": [ord("R")]})
 
 
 def test_a_call_the_model_ended_inside_does_not_finish_as_tool_calls(
