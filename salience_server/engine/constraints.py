@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -217,6 +218,17 @@ def _caught_up(matcher: Matcher | ThinkingMatcher, token_ids: list[int]) -> Cons
         except ConstraintFailed as error:
             return ConstraintFailed(f"a token decoded before decode_start's resume: {error}")
     return None
+
+
+def allows_any_but(mask: torch.Tensor, excluded: Collection[int], vocab_size: int) -> bool:
+    """Whether a bitmask (``Matcher.bitmask``) allows a token below ``vocab_size`` other
+    than those ``excluded`` (bit ``t % 8`` of byte ``t // 8``: the words are
+    little-endian)."""
+    data = bytearray(mask.numpy().tobytes())
+    for token_id in excluded:
+        if token_id // 8 < len(data):
+            data[token_id // 8] &= 0xFF ^ (1 << token_id % 8)
+    return _allows_any_below(bytes(data), vocab_size)
 
 
 def _allows_any_below(data: bytes, vocab_size: int) -> bool:

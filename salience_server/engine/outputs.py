@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from salience_server.engine import filters, penalties, sampler, scoring
+from salience_server.engine import constraints, filters, penalties, sampler, scoring
 from salience_server.engine.batch_builder import LogitsRow, ReadoutRow
 from salience_server.engine.errors import device_lost
 from salience_server.engine.request import FinishReason, Request, TokenEvent
@@ -75,7 +75,7 @@ def plan_rows(
             picks.append(0)
             continue
         try:
-            picks.append(pick(request, target))
+            picks.append(pick(request, target, vocab_size))
         except Exception as error:
             errors[request] = error
             picks.append(0)
@@ -229,9 +229,12 @@ def _nan_logits(position: int) -> filters.InvalidDistribution:
     )
 
 
-def pick(request: Request, position: int) -> int | sampler.Draw:
+def pick(request: Request, position: int, vocab_size: int) -> int | sampler.Draw:
     """What the logits row predicting ``position`` is for: scoring the committed token
-    there, or drawing the next one."""
+    there, or drawing the next one. A constraint that allows next only the stop tokens
+    ``min_tokens`` holds back leaves nothing to draw: the call fails, as a constraint
+    that cannot go on (greedy, it took token 0; sampled, it failed as the server's
+    fault)."""
     session = request.session
     if position < session.length:
         return session.token_ids[position]
@@ -239,6 +242,11 @@ def pick(request: Request, position: int) -> int | sampler.Draw:
     banned = [] if request.is_stoppable else sorted(request.stop_token_ids)
     # None also while a reasoning model thinks under its constraint: the plain path.
     mask = request.matcher.bitmask() if request.matcher is not None else None
+    if mask is not None and banned and not constraints.allows_any_but(mask, banned, vocab_size):
+        raise constraints.ConstraintFailed(
+            f"it allows only stop tokens next, which min_tokens ({params.min_tokens}) "
+            "holds back"
+        )
     shaping = None
     if params.sampling.shapes_logits or banned or mask is not None:
         if request.penalty_state is None:

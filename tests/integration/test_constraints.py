@@ -195,3 +195,48 @@ def test_a_tokenizer_longer_than_the_vocabulary_still_takes_grammars(
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(refused.value) == "INVALID_CONSTRAINT"
     assert "no token of the model's vocabulary" in refused.value.details()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_stop_tokens_min_tokens_holds_back_are_out_of_the_constraints_choices(
+    llama_server, temperature, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before ``min_tokens``, the stop tokens are held back from what the constraint
+    allows: the reply keeps to both (the digits 1-9 stop the call, so only 0 is left).
+    A constraint that then allows nothing else fails the call, CONSTRAINT_FAILED
+    naming min_tokens: greedy, it took token 0, which broke the grammar ("token 0 breaks
+    the grammar"); sampled, it failed as the server's fault (REQUEST_FAILED, INTERNAL,
+    logged at ERROR with its traceback)."""
+    stub, tokenizer = llama_server.stub, build_tokenizer()
+    digits = [tokenizer.convert_tokens_to_ids(str(digit)) for digit in range(1, 10)]
+    tokens, done = generate(
+        stub,
+        open_session(stub),
+        append_tokens=random_tokens(6, seed=33),
+        max_tokens=10,
+        min_tokens=3,
+        stop_token_ids=digits,
+        temperature=temperature,
+        seed=5,
+        constraint=pb.Constraint(regex="[0-9]{3}"),
+    )
+    assert _text([t.id for t in tokens]) == "000" and done.finish_reason == pb.FINISH_REASON_STOP
+    session_id = open_session(stub)
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(
+            stub,
+            session_id,
+            append_tokens=random_tokens(6, seed=33),
+            max_tokens=10,
+            min_tokens=2,
+            stop_token_ids=[tokenizer.convert_tokens_to_ids("a")],
+            temperature=temperature,
+            seed=5,
+            constraint=pb.Constraint(regex="ab"),
+        )
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert error_reason(caught.value) == "CONSTRAINT_FAILED"
+    assert "allows only stop tokens next, which min_tokens (2) holds back" in (
+        caught.value.details()
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
