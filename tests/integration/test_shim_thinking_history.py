@@ -58,6 +58,21 @@ def test_a_chat_turns_thinking_sent_back_reaches_the_template(
     assert error.value.body["param"] == "messages[1].reasoning"
 
 
+RESPONSES_WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": WEATHER["function"]["parameters"],
+}
+
+
+def _thought_then_called(script: Script, client: Any) -> Any:
+    """A Responses call whose reply thinks, then calls ``get_weather``."""
+    script.text = f"<think>I need Oslo's weather.</think>{CALL}"
+    return client.responses.create(
+        model="scripted", input="Weather in Oslo?", tools=[RESPONSES_WEATHER]
+    )
+
+
 def test_a_responses_reasoning_item_reaches_the_template_with_its_call(
     thinking: tuple[Script, RunningShim],
 ) -> None:
@@ -65,13 +80,7 @@ def test_a_responses_reasoning_item_reaches_the_template_with_its_call(
     item's text goes with the function call after it (reasoning items were skipped)."""
     script, shim = thinking
     client = shim.client()
-    tool = {
-        "type": "function",
-        "name": "get_weather",
-        "parameters": WEATHER["function"]["parameters"],
-    }
-    script.text = f"<think>I need Oslo's weather.</think>{CALL}"
-    first = client.responses.create(model="scripted", input="Weather in Oslo?", tools=[tool])
+    first = _thought_then_called(script, client)
     reasoning, call = first.output
     assert reasoning.type == "reasoning" and call.type == "function_call"
     items = [item.model_dump(exclude_none=True) for item in first.output]
@@ -95,25 +104,19 @@ def test_a_chained_responses_thinking_reaches_the_template_as_if_sent_back(
     sent back do (it was dropped: the template got the call without its thinking)."""
     script, shim = thinking
     client = shim.client()
-    tool = {
-        "type": "function",
-        "name": "get_weather",
-        "parameters": WEATHER["function"]["parameters"],
-    }
-    script.text = f"<think>I need Oslo's weather.</think>{CALL}"
-    first = client.responses.create(model="scripted", input="Weather in Oslo?", tools=[tool])
+    first = _thought_then_called(script, client)
     call = first.output[-1]
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "-3 C"}
     script.text = "Cold."
     client.responses.create(
-        model="scripted", previous_response_id=first.id, input=[result], tools=[tool]
+        model="scripted", previous_response_id=first.id, input=[result], tools=[RESPONSES_WEATHER]
     )
     chained = messages_json(script.prompts[-1])
     items = [item.model_dump(exclude_none=True) for item in first.output]
     client.responses.create(
         model="scripted",
         input=[{"role": "user", "content": "Weather in Oslo?"}, *items, result],
-        tools=[tool],
+        tools=[RESPONSES_WEATHER],
     )
     assert chained == messages_json(script.prompts[-1])
     assert chained[1]["reasoning_content"] == "I need Oslo's weather."
