@@ -244,8 +244,7 @@ def pick(request: Request, position: int, vocab_size: int) -> int | sampler.Draw
     mask = request.matcher.bitmask() if request.matcher is not None else None
     if mask is not None and banned and not constraints.allows_any_but(mask, banned, vocab_size):
         raise constraints.ConstraintFailed(
-            f"it allows only stop tokens next, which min_tokens ({params.min_tokens}) "
-            "holds back"
+            f"it allows only stop tokens next, which min_tokens ({params.min_tokens}) holds back"
         )
     shaping = None
     if params.sampling.shapes_logits or banned or mask is not None:
