@@ -131,10 +131,6 @@ def client_gone_is_cancelled() -> Iterator[None]:
         raise asyncio.CancelledError("the client has gone") from None
 
 
-def unimplemented(what: str) -> SalienceError:
-    return SalienceError(Code.UNIMPLEMENTED, "UNIMPLEMENTED", f"{what} is not implemented yet")
-
-
 def slow_reader(limit: int) -> SalienceError:
     """A stream whose client left ``limit`` events unread: it alone is cancelled."""
     return SalienceError(
