@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI shim here")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--max-context", type=int, default=0, help="per-session token limit")
+    parser.add_argument(
+        "--max-context", type=int, default=0, help="per-session token limit (0: the model's)"
+    )
     parser.add_argument(
         "--block-size",
         type=int,
@@ -97,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--grace-s",
         type=float,
         default=30.0,
-        help="on SIGTERM, how long calls in flight may run on (default 30)",
+        help="on SIGTERM, SIGINT or SIGHUP, how long calls in flight may run on (default 30)",
     )
     parser.add_argument(
         "--metrics-port",

@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> ShimConfig:
         "--grace-s",
         type=float,
         default=30.0,
-        help="on SIGTERM/SIGINT, seconds open requests may run on before they are ended "
-        "(a stream with an error event)",
+        help="on SIGTERM, SIGINT or SIGHUP, seconds open requests may run on before they are "
+        "ended (a stream with an error event)",
     )
     parser.add_argument(
         "--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error")
