@@ -237,3 +237,22 @@ def test_paths_the_docs_name_exist() -> None:
             if not (REPO / path).exists() and not (doc.parent / path).exists():
                 wrong.append(f"{doc.name}: {path}")
     assert not wrong
+
+
+def environment_variables() -> set[str]:
+    """The variables the product reads or sets: the names (``A_B``) in its modules that
+    touch ``os.environ``."""
+    found: set[str] = set()
+    for package in ("salience_server", "salience_client"):
+        for path in (REPO / package).rglob("*.py"):
+            text = path.read_text()
+            if "os.environ" in text:
+                found.update(re.findall(r"\"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)\"", text))
+    return found
+
+
+def test_every_environment_variable_is_documented() -> None:
+    names = environment_variables()
+    assert {"SALIENCE_API_KEY", "SALIENCE_CACHE_DIR", "LRU_CACHE_CAPACITY"} <= names
+    docs = "".join(doc.read_text() for doc in DOCS)
+    assert not {name for name in names if name not in docs}, "variables no doc names"
