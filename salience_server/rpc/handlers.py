@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -67,8 +68,17 @@ def rewrapped(
 
 
 def _preceded(behavior: Any, prelude: Prelude) -> Any:
-    """Wraps a behavior, a coroutine (returning a response, or writing through
-    ``context.write``: every stream's handler is one outside UnexpectedErrorInterceptor)."""
+    """Wraps a behavior, keeping its kind: an async generator (yielding responses) stays
+    one; a coroutine (returning a response, or writing through ``context.write``, as
+    every stream's handler is outside UnexpectedErrorInterceptor) too."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await prelude(request, context)
+            async for response in behavior(request, context):
+                yield response
+
+        return streaming
 
     async def returning(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await prelude(request, context)
