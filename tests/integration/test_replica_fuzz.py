@@ -22,7 +22,7 @@ while that one lived: taken out of the proxy, or the proxy forgot where it was).
 
 The schedule is plain seeded randomness rather than hypothesis: shrinking cannot replay
 a schedule of live processes (which stream a kill meets is timing), and a short run
-needs every step to do something. CI runs seed 1; by hand, for many more steps:
+needs every step to do something. CI runs seed 1 (sync) and 2 (asyncio); by hand, for many more steps:
   SALIENCE_REPLICA_FUZZ_SEEDS=1,2,3,4,5 SALIENCE_REPLICA_FUZZ_STEPS=60 \
       .venv/bin/pytest tests/integration/test_replica_fuzz.py --timeout=0
 A failure names its seed and lists the steps it took.
@@ -55,7 +55,8 @@ MAX_LENGTH = 200
 CALL_TIMEOUT_S = 60.0
 FAILOVER = Failover(retry_budget_s=20.0, max_replays=3)
 STEPS = int(os.environ.get("SALIENCE_REPLICA_FUZZ_STEPS", "20"))
-SEEDS = [int(seed) for seed in os.environ.get("SALIENCE_REPLICA_FUZZ_SEEDS", "1").split(",")]
+SEEDS = [int(seed) for seed in os.environ.get("SALIENCE_REPLICA_FUZZ_SEEDS", "").split(",") if seed]
+"""The schedules each client runs (by default seed 1 for the sync client, 2 for asyncio)."""
 
 
 @dataclass
@@ -468,35 +469,32 @@ class ReplicaFuzz:
 
 
 @pytest.fixture(scope="module")
-def fuzz_cluster(tiny_llama_dir: Path) -> Iterator[LocalCluster]:
-    with LocalCluster(
-        3, ["--model", str(tiny_llama_dir), *SERVER_ARGS, "--grace-s", "5"], check_interval="300ms"
-    ) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def control_target(fuzz_cluster: LocalCluster, tiny_llama_dir: Path) -> Iterator[str]:
-    """A replica outside the proxy that nothing faults: the unbroken run."""
-    replica = Replica(
-        "control", ["--model", str(tiny_llama_dir), *SERVER_ARGS], fuzz_cluster.work_dir
-    )
-    replica.start()
+def cluster_and_control(
+    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalCluster, str]]:
+    """The replicas behind the proxy, and beside them a replica outside it that nothing
+    faults (the unbroken run), its address; all four load at once."""
+    server_args = ["--model", str(tiny_llama_dir), *SERVER_ARGS]
+    control = Replica("control", server_args, tmp_path_factory.mktemp("control"))
+    control.start()
     try:
-        replica.wait_serving(300)
-        yield replica.target
+        with LocalCluster(3, [*server_args, "--grace-s", "5"], check_interval="300ms") as cluster:
+            control.wait_serving(300)
+            yield cluster, control.target
     finally:
-        replica.stop()
+        control.stop()
 
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "asyncio"])
 def test_sessions_through_replica_faults_match_one_unbroken_run(
-    is_async: bool, fuzz_cluster: LocalCluster, control_target: str, tiny_llama_dir: Path
+    is_async: bool, cluster_and_control: tuple[LocalCluster, str], tiny_llama_dir: Path
 ) -> None:
+    cluster, control_target = cluster_and_control
     reference = reference_model(tiny_llama_dir)
+    seeds = SEEDS or [2 if is_async else 1]
     with SalienceClient(control_target, timeout=CALL_TIMEOUT_S, replay=False) as control:
-        for seed in SEEDS:
-            fuzz = ReplicaFuzz(fuzz_cluster, control, reference, is_async, random.Random(seed))
+        for seed in seeds:
+            fuzz = ReplicaFuzz(cluster, control, reference, is_async, random.Random(seed))
             try:
                 fuzz.run(STEPS)
             except BaseException as error:
