@@ -219,6 +219,13 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
     for index, item in enumerate(value):
         param = f"input[{index}]"
         kind = item.get("type", "message")
+        is_assistant = kind == "function_call" or (kind, item.get("role")) == (
+            "message",
+            "assistant",
+        )
+        if reasoning is not None and not is_assistant and kind != "reasoning":
+            messages.append(_thinking_only(reasoning))  # a reply cut while it thought
+            reasoning = None
         if kind == "message":
             role = item.get("role")
             if not isinstance(role, str) or role not in _ROLES - {"tool"}:
@@ -249,7 +256,15 @@ def response_input_messages(value: str | list[dict[str, Any]]) -> Conversation:
         else:
             raise unsupported(f"input items of type {kind!r}", f"{param}.type")
         reasoning = None
+    if reasoning is not None:
+        messages.append(_thinking_only(reasoning))
     return conversation
+
+
+def _thinking_only(reasoning: str) -> dict[str, Any]:
+    """The assistant turn of a reasoning item nothing followed (a reply cut while it
+    thought), as a response chained by ``previous_response_id`` keeps it."""
+    return {"role": "assistant", "content": None, "reasoning_content": reasoning}
 
 
 def _reasoning_item_text(item: dict[str, Any]) -> str | None:

@@ -120,3 +120,30 @@ def test_a_chained_responses_thinking_reaches_the_template_as_if_sent_back(
     )
     assert chained == messages_json(script.prompts[-1])
     assert chained[1]["reasoning_content"] == "I need Oslo's weather."
+
+
+def test_a_reply_cut_inside_its_thinking_is_the_same_turn_chained_or_sent_back(
+    thinking: tuple[Script, RunningShim],
+) -> None:
+    """A response cut while it thought has a reasoning item and nothing after it. Sent
+    back as input before the next user message, that item was dropped, while the same
+    response chained by ``previous_response_id`` kept its assistant turn with the
+    thinking: the two renderings of one conversation differed."""
+    script, shim = thinking
+    client = shim.client()
+    script.text = "<think>Oslo is in Norway, so I should look up"
+    first = client.responses.create(
+        model="scripted", input="Weather in Oslo?", max_output_tokens=12
+    )
+    assert [item.type for item in first.output] == ["reasoning"]
+    script.text = "Cold."
+    client.responses.create(model="scripted", previous_response_id=first.id, input="Well?")
+    chained = messages_json(script.prompts[-1])
+    items = [item.model_dump(exclude_none=True) for item in first.output]
+    client.responses.create(
+        model="scripted",
+        input=[*QUESTION, *items, {"role": "user", "content": "Well?"}],
+    )
+    assert messages_json(script.prompts[-1]) == chained
+    assert [m["role"] for m in chained] == ["user", "assistant", "user"]
+    assert chained[1]["reasoning_content"].startswith("Oslo")
