@@ -27,6 +27,10 @@ from salience_server.http.truncation import last_tokens
 router = APIRouter()
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+MAX_INPUTS = 2048
+"""The most inputs the server embeds in one call (its ``MAX_EMBED_INPUTS``), refused
+here before any is tokenized: with ``truncate_prompt_tokens`` the shim tokenizes each
+text itself, one call each, and 20,000 one-letter texts took 30 s to be refused."""
 
 
 class EmbeddingsRequest(Body):
@@ -99,10 +103,12 @@ def _inputs(value: Any) -> tuple[list[str], list[list[int]]]:
         return [value], []
     if not value:
         raise invalid("input must not be empty", param="input")
-    if all(isinstance(item, str) for item in value):
-        return list(value), []
     if all(isinstance(item, int) for item in value):
         return [], [list(value)]
+    if len(value) > MAX_INPUTS:
+        raise invalid(f"{len(value)} inputs; at most {MAX_INPUTS} per call", param="input")
+    if all(isinstance(item, str) for item in value):
+        return list(value), []
     return [], [list(item) for item in value]
 
 

@@ -15,6 +15,8 @@ import torch
 
 from salience_client import SalienceClient
 from salience_client.pb import salience_pb2 as pb
+from salience_server.http.embeddings import MAX_INPUTS
+from salience_server.rpc.embed_inputs import MAX_EMBED_INPUTS
 from salience_server.text_checks import MAX_CHARS_PER_TOKEN
 from tests.helpers import error_reason, generate, open_session, random_tokens
 from tests.tiny_models import build_tokenizer, reference_model
@@ -262,6 +264,34 @@ def test_truncate_prompt_tokens_keeps_each_inputs_last_tokens(shim, oracle, mode
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=model, input=ids, extra_body={"truncate_prompt_tokens": 0})
     assert caught.value.body["param"] == "truncate_prompt_tokens"
+
+
+def test_too_many_inputs_are_refused_before_any_is_tokenized(
+    shim, model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``truncate_prompt_tokens`` the shim tokenizes each text itself, one call each,
+    and only then did the server refuse a call of more than 2,048 inputs (20,000
+    one-letter texts: 30 s of work for a 400). The shim refuses them first now."""
+    backend = shim.backend
+    tokenize = backend.client.tokenize
+    tokenized: list[str] = []
+
+    async def recording(text, *args, **kwargs):  # type: ignore[no-untyped-def]
+        tokenized.append(text)
+        return await tokenize(text, *args, **kwargs)
+
+    monkeypatch.setattr(backend.client, "tokenize", recording)
+    for value in (["a"] * 2049, [[5]] * 2049):
+        reply = httpx.post(
+            f"{shim.base_url}/embeddings",
+            json={"model": model, "input": value, "truncate_prompt_tokens": 1},
+            timeout=60,
+        )
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == "input" and "at most 2048" in error["message"]
+    assert tokenized == []
+    assert MAX_INPUTS == MAX_EMBED_INPUTS  # the shim's limit is the server's
 
 
 def test_embeddings_add_special_tokens_by_default(
