@@ -125,7 +125,7 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
     """The special tokens, the chat template and the context limit."""
     backend: Backend = request.app.state.backend
     info = await backend.model_info()
-    special = {
+    special = {  # the tokenizer's EOS comes first of the EOS ids
         "eos_token": info.eos_token_ids[0] if info.eos_token_ids else None,
         "bos_token": info.bos_token_id,
     }

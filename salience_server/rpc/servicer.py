@@ -302,7 +302,10 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        """The served model: ids, limits, special tokens, capabilities."""
+        """The served model: ids, limits, special tokens, capabilities. The EOS ids are
+        sorted, the tokenizer's own EOS first where it is one of them (what the shim's
+        /tokenizer_info names: Llama 3.1's and Qwen2.5's instruct models list a smaller
+        one in their generation config, and it named that)."""
         engine = await self._engine(context)
         loaded = engine.loaded
         tokenizer = loaded.tokenizer
@@ -310,7 +313,9 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             model_id=loaded.model_id,
             vocab_size=engine.vocab_size,
             max_context=engine.max_context,
-            eos_token_ids=sorted(engine.eos_token_ids),
+            eos_token_ids=sorted(
+                engine.eos_token_ids, key=lambda i: (i != tokenizer.eos_token_id, i)
+            ),
             chat_template=tokenization.chat_template_text(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             supports_images=loaded.supports_images,

@@ -7,6 +7,8 @@ Oracle: the same tokenizer and template run by transformers in the test.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,30 @@ def test_tokenizer_info(shim: RunningShim, tokenizer: Any) -> None:
     assert info["eos_token"] == tokenizer.eos_token == "<|im_end|>"
     assert info["bos_token"] == tokenizer.bos_token
     assert info["chat_template"] == THINKING_TEMPLATE and info["model_max_length"] == 512
+
+
+def test_tokenizer_info_names_the_tokenizers_eos_among_several(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Llama 3.1's and Qwen2.5's instruct models list more EOS ids in their generation
+    config than the tokenizer's one, some smaller: /tokenizer_info named the smallest
+    (``<|endoftext|>`` for Qwen2.5's ``<|im_end|>``) as the tokenizer's EOS."""
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    smaller = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert smaller < tokenizer.eos_token_id
+    config = {"eos_token_id": [tokenizer.eos_token_id, smaller]}
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    server = start_server(str(model_dir), block_size=4, kv_cache_bytes=1 << 20)
+    shim = start_shim(server.target)
+    try:
+        info = httpx.get(f"{_root(shim)}/tokenizer_info").json()
+        assert info["eos_token"] == tokenizer.eos_token == "<|im_end|>"
+        with SalienceClient(server.target) as client:  # both still stop decoding
+            assert set(client.model_info().eos_token_ids) == {tokenizer.eos_token_id, smaller}
+    finally:
+        shim.stop()
+        server.stop()
 
 
 def test_the_server_gives_each_tokens_bytes(thinking_server: RunningServer) -> None:
