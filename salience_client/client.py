@@ -67,7 +67,8 @@ def embed_request(
     add_special_tokens: bool,
     priority: int = 0,
 ) -> pb.EmbedRequest:
-    """An EmbedRequest: texts or token lists, ``pooling`` "last" or "mean"."""
+    """An EmbedRequest: texts or token lists, ``pooling`` "last" or "mean". A str is
+    one text (it was a sequence of texts: one vector per character)."""
     if pooling not in ("last", "mean"):
         raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
     try:
@@ -77,7 +78,7 @@ def embed_request(
     if not fits:
         raise ValueError(f"embed(): priority takes a 32-bit integer, got {priority!r}")
     return pb.EmbedRequest(
-        texts=list(texts or ()),
+        texts=[texts] if isinstance(texts, str) else list(texts or ()),
         token_lists=[pb.TokenIds(token_ids=list(tokens)) for tokens in token_lists or ()],
         pooling=pb.POOLING_MEAN if pooling == "mean" else pb.POOLING_LAST,
         normalize=normalize,

@@ -3,6 +3,7 @@ final hidden states of one plain transformers forward pass (the oracle)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import threading
@@ -13,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from salience_client import SalienceClient
+from salience_client import AsyncSalienceClient, SalienceClient
 from salience_client.pb import salience_pb2 as pb
 from salience_server.http.embeddings import MAX_INPUTS
 from salience_server.rpc.embed_inputs import MAX_EMBED_INPUTS
@@ -55,6 +56,22 @@ def test_texts_are_tokenized_by_the_server(llama_server, oracle) -> None:
     for vector, text in zip(result.vectors, ["hello world", "zebra"], strict=True):
         want = final_states(oracle, tokenizer.encode(text, add_special_tokens=False))[-1]
         assert (torch.tensor(vector) - want).abs().max() < TOLERANCE
+
+
+def test_a_text_given_alone_is_one_input(llama_server, oracle) -> None:
+    """``embed(texts="hello world")`` (a str is a sequence of str) gave one vector per
+    character; it is one text, as a stop string given alone is one stop string."""
+    want = final_states(oracle, build_tokenizer().encode("hello world"))[-1]
+    with SalienceClient(llama_server.target) as client:
+        result = client.embed(texts="hello world")
+    assert result.num_tokens == [11] and len(result.vectors) == 1
+    assert (torch.tensor(result.vectors[0]) - want).abs().max() < TOLERANCE
+
+    async def embed_async() -> list[list[float]]:
+        async with AsyncSalienceClient(llama_server.target) as client:
+            return (await client.embed(texts="hello world")).vectors
+
+    assert asyncio.run(embed_async()) == result.vectors
 
 
 def test_embeddings_batch_with_generation_in_a_tight_pool(
