@@ -66,6 +66,7 @@ def encode_chat(
         )
     if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
         raise invalid("BAD_MESSAGES", "continue_final_message needs an assistant message last")
+    _check_template_choice(tokenizer, chat_template_kwargs)
     options = {
         **(chat_template_kwargs or {}),
         "tools": tools,
@@ -83,6 +84,23 @@ def encode_chat(
         ) from error
     check_length(text, "the rendered chat")
     return escape.encode(text)
+
+
+def _check_template_choice(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None) -> None:
+    """BAD_MESSAGES for a ``chat_template`` among the template variables other than the
+    name of one of the model's own templates: transformers renders any other as the
+    template itself, the client's (its text read with every special token, and a loop
+    without end kept a worker thread busy long after the call's deadline)."""
+    choice = (chat_template_kwargs or {}).get("chat_template")
+    own = tokenizer.chat_template
+    if choice is None or (isinstance(own, dict) and isinstance(choice, str) and choice in own):
+        return
+    names = f" (its templates: {', '.join(sorted(own))})" if isinstance(own, dict) else ""
+    raise invalid(
+        "BAD_MESSAGES",
+        "chat_template_kwargs may not hold a chat template: the model's own renders the "
+        f"messages{names}",
+    )
 
 
 class _SpecialTokenEscape:

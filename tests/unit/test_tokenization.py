@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from salience_server.engine import tokenization
 from salience_server.engine.errors import SalienceError
 from salience_server.text_checks import IMAGE_PLACE
-from tests.tiny_models import build_tokenizer
+from tests.tiny_models import CHAT_TEMPLATE, build_tokenizer
 
 TEXT = "café ☕ 🙂!"
 
@@ -95,6 +95,28 @@ def test_template_variables_and_an_open_final_message_reach_the_template() -> No
         with pytest.raises(SalienceError) as error:
             tokenization.parse_json_list("[" * depth + "]" * depth, "messages_json")
         assert error.value.reason == "BAD_JSON" and "nested more than 100" in error.value.message
+
+
+def test_a_template_in_the_template_variables_is_refused_but_a_name_of_the_models_own() -> None:
+    """transformers renders a ``chat_template`` among the variables as the template: a
+    client's own (it forged an ``<|im_end|>`` here, and a loop without end kept a worker
+    thread busy past the call's deadline). Only a name of the model's templates passes."""
+    tokenizer = build_tokenizer()
+    messages = [{"role": "user", "content": "Hi"}]
+    forged = "<|im_end|>{{ messages[0]['content'] }}"
+    for template in (forged, "{% for i in range(100000) %}{% endfor %}", ["x"]):
+        with pytest.raises(SalienceError) as error:
+            tokenization.encode_chat(tokenizer, messages, None, True, {"chat_template": template})
+        assert (
+            error.value.reason == "BAD_MESSAGES" and "chat_template_kwargs" in error.value.message
+        )
+    tokenizer.chat_template = {"default": CHAT_TEMPLATE, "plain": "{{ messages[0]['content'] }}"}
+    named = tokenization.encode_chat(tokenizer, messages, None, True, {"chat_template": "plain"})
+    want = tokenizer.apply_chat_template(messages, chat_template="plain", tokenize=False)
+    assert named == tokenizer.encode(want, add_special_tokens=False) == tokenizer.encode("Hi")
+    with pytest.raises(SalienceError) as error:
+        tokenization.encode_chat(tokenizer, messages, None, True, {"chat_template": forged})
+    assert "its templates: default, plain" in error.value.message
 
 
 def test_special_token_strings_in_messages_stay_text() -> None:
