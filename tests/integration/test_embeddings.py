@@ -226,6 +226,56 @@ def test_openai_embeddings_endpoint(shim, llama_server, oracle, model) -> None:
     assert (torch.tensor(values) - want).abs().max() < TOLERANCE
 
 
+def test_base64_vectors_are_the_float_vectors_bit_for_bit(shim, model) -> None:
+    """One input a call, so that each is computed alone every time (the same rows in
+    every forward pass: the same bits)."""
+    client = shim.client()
+    for text in ["e\u0301 👩\u200d👩\u200d👧", "zebra"]:
+        floats = client.embeddings.create(model=model, input=text, encoding_format="float")
+        default = client.embeddings.create(model=model, input=text)  # the SDK asks base64
+        raw = client.embeddings.with_raw_response.create(
+            model=model, input=text, encoding_format="base64"
+        )
+        packed = base64.b64decode(raw.http_response.json()["data"][0]["embedding"])
+        want = floats.data[0].embedding
+        assert list(struct.unpack(f"<{len(packed) // 4}f", packed)) == want
+        assert default.data[0].embedding == want
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        (dict(input=""), "input"),
+        (dict(input=[]), "input"),
+        (dict(input=["a", ""]), "input"),
+        (dict(input=[[5], []]), "input"),
+        (dict(input=["a", 5]), "input"),
+        (dict(input=[5, [6]]), "input"),
+        (dict(input=[-1]), "input"),
+        (dict(input="a", dimensions=64), "dimensions"),
+        (dict(input="a", encoding_format="int8"), "encoding_format"),
+        (dict(input=[[5] * 513]), "input"),
+    ],
+    ids=[
+        "empty text",
+        "no input",
+        "an empty text among others",
+        "an empty token list",
+        "text and ids mixed",
+        "ids and lists mixed",
+        "a negative id",
+        "dimensions",
+        "an unknown encoding",
+        "past the context",
+    ],
+)
+def test_bad_embeddings_bodies_are_openai_400s(shim, model, fields, param) -> None:
+    reply = httpx.post(f"{shim.base_url}/embeddings", json={"model": model, **fields}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
 def test_embeddings_run_at_the_priority_asked(
     shim, llama_server, model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
