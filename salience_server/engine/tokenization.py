@@ -67,15 +67,15 @@ def encode_chat(
     if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
         raise invalid("BAD_MESSAGES", "continue_final_message needs an assistant message last")
     _check_template_choice(tokenizer, chat_template_kwargs)
+    escape = _SpecialTokenEscape(tokenizer)
     options = {
         **(chat_template_kwargs or {}),
-        "tools": tools,
+        "tools": escape.hide(tools),  # hidden before they are passed (they were not)
         "add_generation_prompt": add_generation_prompt,
         "continue_final_message": continue_final_message,
         "tokenize": False,
     }
-    escape = _SpecialTokenEscape(tokenizer)
-    messages, tools = escape.hide(messages), escape.hide(tools)
+    messages = escape.hide(messages)
     try:
         text = tokenizer.apply_chat_template(messages, **options)
     except Exception as error:  # the template raised on these messages
