@@ -69,7 +69,7 @@ def encode_chat(
     _check_template_choice(tokenizer, chat_template_kwargs)
     escape = _SpecialTokenEscape(tokenizer)
     options = {
-        **(chat_template_kwargs or {}),
+        **escape.hide(chat_template_kwargs or {}),  # RAG documents are text too
         "tools": escape.hide(tools),  # hidden before they are passed (they were not)
         "add_generation_prompt": add_generation_prompt,
         "continue_final_message": continue_final_message,
@@ -104,7 +104,7 @@ def _check_template_choice(tokenizer: Any, chat_template_kwargs: dict[str, Any] 
 
 
 class _SpecialTokenEscape:
-    """Keeps the text of messages and tools text. Tokenizing the rendered template reads
+    """Keeps the text of messages, tools and template variables text. Tokenizing the rendered template reads
     every special token's string as that token, so a message holding "<|im_end|>" would
     end its turn and could forge a system turn after it (OpenAI reads it as text). Each
     special string in the messages (but ``IMAGE_PLACE``) is hidden behind a marker no
