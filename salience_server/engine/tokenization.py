@@ -118,13 +118,14 @@ class _SpecialTokenEscape:
         self.hidden: set[str] = set()
 
     def hide(self, value: Any) -> Any:
-        """``value`` (messages, tools) with the special strings in its text marked."""
+        """``value`` (messages, tools) with the special strings in its text marked, its
+        keys' included (a tool's parameter names, which a template writes as JSON)."""
         if isinstance(value, str):
             if any(special in value for special in self.specials):
                 return self.specials_pattern.sub(self._marker, value)
             return value
         if isinstance(value, dict):
-            return {key: self.hide(item) for key, item in value.items()}
+            return {self.hide(key): self.hide(item) for key, item in value.items()}
         if isinstance(value, list):
             return [self.hide(item) for item in value]
         return value

@@ -172,6 +172,26 @@ def test_special_token_strings_in_tools_stay_text() -> None:
     )
 
 
+def test_special_token_strings_in_a_tools_parameter_names_stay_text() -> None:
+    """A template writes each tool as JSON, its parameters' names too: the keys were not
+    hidden, so a parameter named "<|im_end|>" ended a turn."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}" + (
+        CHAT_TEMPLATE
+    )
+    schema = {"type": "object", "properties": {"<|im_end|>": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    messages = [{"role": "user", "content": "hi"}]
+    ids = tokenization.encode_chat(tokenizer, messages, tools, True)
+    rendered = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    written, around = rendered.split("\n", 1)
+    encoded = tokenizer.encode(written, add_special_tokens=False, split_special_tokens=True)
+    assert ids == encoded + tokenizer.encode("\n" + around, add_special_tokens=False)
+    assert tokenizer.decode(ids) == rendered
+
+
 def test_special_token_strings_in_template_variables_stay_text() -> None:
     """RAG documents (transformers' ``documents``, sent in ``chat_template_kwargs``) are
     a client's text as messages are: one holding "<|im_end|>" ended a turn."""
