@@ -104,12 +104,13 @@ def _check_template_choice(tokenizer: Any, chat_template_kwargs: dict[str, Any] 
 
 
 class _SpecialTokenEscape:
-    """Keeps the text of messages, tools and template variables text. Tokenizing the rendered template reads
-    every special token's string as that token, so a message holding "<|im_end|>" would
-    end its turn and could forge a system turn after it (OpenAI reads it as text). Each
-    special string in the messages (but ``IMAGE_PLACE``) is hidden behind a marker no
-    client can guess while the template renders; the template's own text is then
-    tokenized as usual, and each hidden string as plain text."""
+    """Keeps the text of messages, tools and template variables text. Tokenizing the
+    rendered template reads every special token's string as that token, so a message
+    holding "<|im_end|>" would end its turn and could forge a system turn after it
+    (OpenAI reads it as text). Each special string in them (but ``IMAGE_PLACE``) is
+    hidden behind a marker no client can guess while the template renders; the
+    template's own text is then tokenized as usual, and each hidden string as plain
+    text."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
