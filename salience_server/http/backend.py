@@ -49,6 +49,8 @@ CLOSE_TIMEOUT_S = 5.0
 """Bound on each call closing the pool's sessions at the end of a stop's grace."""
 THINKING_TAIL_TOKENS = 32
 """Prompt tokens decoded to see whether the prompt leaves a ``<think>`` open."""
+_PROBE = "Hello world"
+"""A text tokenized with and without special tokens, to see which the tokenizer adds."""
 
 _T = TypeVar("_T")
 
@@ -278,6 +280,22 @@ class Backend:
             return {marker: tokens[0] for marker, tokens in ids.items() if len(tokens) == 1}
 
         return await self._learned(f"marker tokens {' '.join(markers)}", ask)
+
+    async def added_special_tokens(self) -> tuple[int, int]:
+        """How many special tokens the tokenizer adds at a text's start and end (a BOS:
+        (1, 0)); (0, 0) where it adds none, or they cannot be told apart from the text's
+        own. Asked of the server once per model info."""
+
+        async def ask() -> tuple[int, int]:
+            with client_errors():
+                plain = await self.client.tokenize(_PROBE, add_special_tokens=False)
+                added = await self.client.tokenize(_PROBE, add_special_tokens=True)
+            for front in range(len(added) - len(plain) + 1):
+                if added[front : front + len(plain)] == plain:
+                    return front, len(added) - front - len(plain)
+            return 0, 0
+
+        return await self._learned("added special tokens", ask)
 
     async def _prompt_tail(self, prompt_ids: list[int]) -> str:
         """The text of a prompt's last tokens (images left out)."""

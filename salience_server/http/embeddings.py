@@ -87,14 +87,20 @@ async def _truncated(
     backend: Backend, body: EmbeddingsRequest, texts: list[str], token_lists: list[list[int]]
 ) -> list[list[int]]:
     """vLLM's ``truncate_prompt_tokens``: each input's last k tokens (texts tokenized
-    here, as the server would), k = -1 meaning the model's context (it was ignored)."""
+    here, as the server would, keeping the special tokens the tokenizer adds: a BOS), k
+    = -1 meaning the model's context (it was ignored)."""
     keep, max_context = body.truncate_prompt_tokens, (await backend.model_info()).max_context
     last_tokens([], keep, max_context)  # 0 is refused before anything is tokenized
-    with client_errors("input"):
-        for text in texts:
-            tokens = await backend.client.tokenize(text, add_special_tokens=body.add_special_tokens)
-            token_lists.append(tokens)
-    return [last_tokens(tokens, keep, max_context) for tokens in token_lists]
+    cut = [last_tokens(tokens, keep, max_context) for tokens in token_lists]  # ids as sent
+    if texts:
+        added = await backend.added_special_tokens() if body.add_special_tokens else (0, 0)
+        with client_errors("input"):
+            for text in texts:
+                tokens = await backend.client.tokenize(
+                    text, add_special_tokens=body.add_special_tokens
+                )
+                cut.append(last_tokens(tokens, keep, max_context, added))
+    return cut
 
 
 def _inputs(value: Any) -> tuple[list[str], list[list[int]]]:

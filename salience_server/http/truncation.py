@@ -13,10 +13,15 @@ from salience_server.http.messages import IMAGE_PLACEHOLDER
 TRUNCATE_PARAM = "truncate_prompt_tokens"
 
 
-def last_tokens(token_ids: list[int], keep: int | None, max_context: int) -> list[int]:
+def last_tokens(
+    token_ids: list[int], keep: int | None, max_context: int, added: tuple[int, int] = (0, 0)
+) -> list[int]:
     """vLLM's ``truncate_prompt_tokens``: ``token_ids``' last ``keep`` tokens (-1: the
     model's context; None: all of them). 0 is a 400, and so is a cut inside an image's
-    run of placeholder tokens (negative ids, one run per image)."""
+    run of placeholder tokens (negative ids, one run per image). ``added``: how many
+    special tokens the tokenizer put at the text's start and end (a BOS): they stay, and
+    count among the ``keep``, as vLLM's truncation in the tokenizer keeps them (a prompt
+    cut to its last words without its BOS reads otherwise to a Llama 3)."""
     if keep is None:
         return token_ids
     if keep == 0:
@@ -24,6 +29,11 @@ def last_tokens(token_ids: list[int], keep: int | None, max_context: int) -> lis
     keep = max_context if keep == -1 else keep
     if keep >= len(token_ids):
         return token_ids
+    front, back = added
+    if front + back:
+        end = len(token_ids) - back
+        kept = max(keep - front - back, 0)
+        return token_ids[:front] + token_ids[end - kept : end] + token_ids[end:]
     cut = len(token_ids) - keep
     if token_ids[cut] < 0 and token_ids[cut - 1] == token_ids[cut]:
         raise invalid(f"{TRUNCATE_PARAM} {keep} would cut an image in two", TRUNCATE_PARAM)

@@ -134,3 +134,45 @@ def test_a_cut_chat_sent_again_leaves_other_conversations_sessions(
         assert held == length - 1
     finally:
         shim.stop()
+
+
+def test_a_texts_bos_stays_when_the_text_is_cut(tiny_llama_dir, server_factory, tmp_path) -> None:
+    """vLLM cuts a text in its tokenizer, which keeps the special tokens it adds: the
+    BOS and the last k - 1 tokens. The BOS was cut away with the rest (a Llama 3 reads
+    a text without its BOS quite otherwise), in Completions and Embeddings; token ids
+    sent as such are cut as they are. Oracle: the same call sent as the kept ids."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    tokenizer.save_pretrained(model_dir)
+    shim = start_shim(server_factory(model_dir).target)
+    try:
+        model = shim.client().models.list().data[0].id
+        ids = _complete(shim, model, PROMPT, return_token_ids=True).choices[0].prompt_token_ids
+        assert ids[0] == bos and bos not in ids[1:]
+        kept = [bos, *ids[-8:]]
+        cut = _complete(shim, model, PROMPT, truncate_prompt_tokens=9)
+        want = _complete(shim, model, kept)
+        assert cut.usage.prompt_tokens == 9 and cut.choices[0].text == want.choices[0].text
+        assert cut.choices[0].logprobs.token_logprobs == pytest.approx(
+            want.choices[0].logprobs.token_logprobs, abs=1e-4
+        )
+        embed = shim.client().embeddings.create
+        cut_vector = embed(model=model, input=PROMPT, extra_body={"truncate_prompt_tokens": 9})
+        want_vector = embed(model=model, input=[kept])
+        assert cut_vector.usage.prompt_tokens == 9
+        assert cut_vector.data[0].embedding == pytest.approx(want_vector.data[0].embedding)
+        as_ids = embed(model=model, input=[ids], extra_body={"truncate_prompt_tokens": 9})
+        last = embed(model=model, input=[ids[-9:]])
+        assert as_ids.data[0].embedding == pytest.approx(last.data[0].embedding)
+    finally:
+        shim.stop()
