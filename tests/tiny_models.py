@@ -6,12 +6,14 @@ position or a stale cache entry moves the logprobs visibly.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -81,6 +83,21 @@ def build_tiny_model(directory: Path, architecture: str = "llama", seed: int = 0
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(configs[architecture]())
     model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def with_special_tokens_around_text(source: Path, directory: Path, template: str) -> Path:
+    """A copy of the model at ``source`` whose tokenizer adds special tokens around a
+    text, as ``template`` says (tokenizers' TemplateProcessing: "<s> $A", "<s> $A </s>";
+    each must be a special token of the tokenizer)."""
+    shutil.copytree(source, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    names = {name for name in template.split() if name != "$A"}
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template,
+        special_tokens=[(name, tokenizer.convert_tokens_to_ids(name)) for name in names],
+    )
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -281,19 +281,19 @@ class Backend:
 
         return await self._learned(f"marker tokens {' '.join(markers)}", ask)
 
-    async def added_special_tokens(self) -> tuple[int, int]:
-        """How many special tokens the tokenizer adds at a text's start and end (a BOS:
-        (1, 0)); (0, 0) where it adds none, or they cannot be told apart from the text's
-        own. Asked of the server once per model info."""
+    async def added_special_tokens(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer adds at a text's start and at its end (a BOS:
+        ([bos], [])); none where it adds none, or they cannot be told apart from the
+        text's own. Asked of the server once per model info."""
 
-        async def ask() -> tuple[int, int]:
+        async def ask() -> tuple[list[int], list[int]]:
             with client_errors():
                 plain = await self.client.tokenize(_PROBE, add_special_tokens=False)
                 added = await self.client.tokenize(_PROBE, add_special_tokens=True)
             for front in range(len(added) - len(plain) + 1):
                 if added[front : front + len(plain)] == plain:
-                    return front, len(added) - front - len(plain)
-            return 0, 0
+                    return added[:front], added[front + len(plain) :]
+            return [], []
 
         return await self._learned("added special tokens", ask)
 

@@ -72,7 +72,7 @@ async def _prompts(backend: Backend, body: CompletionRequest) -> list[Prompt]:
     cut = []
     for prompt in prompts:
         # A text keeps the special tokens its tokenizing added (a BOS), as vLLM's does.
-        added = (0, 0) if prompt.is_ids else await backend.added_special_tokens()
+        added = ([], []) if prompt.is_ids else await backend.added_special_tokens()
         ids = last_tokens(prompt.token_ids, body.truncate_prompt_tokens, max_context, added)
         if len(ids) == len(prompt.token_ids):
             cut.append(prompt)

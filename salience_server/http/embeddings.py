@@ -93,7 +93,7 @@ async def _truncated(
     last_tokens([], keep, max_context)  # 0 is refused before anything is tokenized
     cut = [last_tokens(tokens, keep, max_context) for tokens in token_lists]  # ids as sent
     if texts:
-        added = await backend.added_special_tokens() if body.add_special_tokens else (0, 0)
+        added = await backend.added_special_tokens() if body.add_special_tokens else ([], [])
         with client_errors("input"):
             for text in texts:
                 tokens = await backend.client.tokenize(

@@ -102,11 +102,12 @@ async def _tokenize_chat(backend: Backend, body: TokenizeRequest) -> list[int]:
         conversation.messages, tools, "messages", render, bounded=False, images=conversation.images
     )
     if body.add_special_tokens:
-        # What the tokenizer adds around text (a BOS, say), as for a plain prompt.
-        with client_errors("add_special_tokens"):
-            special = await backend.client.tokenize("", add_special_tokens=True)
-        if token_ids[: len(special)] != special:
-            token_ids = special + token_ids
+        # What the tokenizer adds around text (a BOS, say), as for a plain prompt; the
+        # start's not twice where the template wrote it already.
+        front, back = await backend.added_special_tokens()
+        if token_ids[: len(front)] != front:
+            token_ids = front + token_ids
+        token_ids += back
     return token_ids
 
 

@@ -14,13 +14,16 @@ TRUNCATE_PARAM = "truncate_prompt_tokens"
 
 
 def last_tokens(
-    token_ids: list[int], keep: int | None, max_context: int, added: tuple[int, int] = (0, 0)
+    token_ids: list[int],
+    keep: int | None,
+    max_context: int,
+    added: tuple[list[int], list[int]] = ([], []),
 ) -> list[int]:
     """vLLM's ``truncate_prompt_tokens``: ``token_ids``' last ``keep`` tokens (-1: the
     model's context; None: all of them). 0 is a 400, and so is a cut inside an image's
-    run of placeholder tokens (negative ids, one run per image). ``added``: how many
-    special tokens the tokenizer put at the text's start and end (a BOS): they stay, and
-    count among the ``keep``, as vLLM's truncation in the tokenizer keeps them (a prompt
+    run of placeholder tokens (negative ids, one run per image). ``added``: the special
+    tokens the tokenizer put at the text's start and end (a BOS): they stay, and count
+    among the ``keep``, as vLLM's truncation in the tokenizer keeps them (a prompt
     cut to its last words without its BOS reads otherwise to a Llama 3)."""
     if keep is None:
         return token_ids
@@ -29,7 +32,7 @@ def last_tokens(
     keep = max_context if keep == -1 else keep
     if keep >= len(token_ids):
         return token_ids
-    front, back = added
+    front, back = len(added[0]), len(added[1])
     if front + back:
         end = len(token_ids) - back
         kept = max(keep - front - back, 0)

@@ -21,7 +21,7 @@ from salience_client import SalienceClient
 from salience_server.engine import tokenization
 from tests.conftest import RunningServer, start_server
 from tests.shim_support import RunningShim, greedy_reply, start_shim
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model, with_special_tokens_around_text
 from tests.unit.test_tokenization import THINKING_TEMPLATE
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -231,3 +231,23 @@ def test_a_text_past_the_tokenize_limit_is_400(
     assert response.json()["error"]["param"] == "messages"
     body["messages"] = [{"role": "user", "content": "word " * 20}]
     assert httpx.post(f"{shim.base_url}/chat/completions", json=body).status_code == 200
+
+
+def test_tokenize_messages_adds_the_special_tokens_a_text_gets_where_it_gets_them(
+    tiny_llama_dir: Path, server_factory: Any, tmp_path: Path
+) -> None:
+    """``add_special_tokens`` on messages tokenizes the rendered chat as a text, as vLLM
+    does: a tokenizer that adds an EOS after a text has it at the end (everything an
+    empty text tokenizes to was put in front, the EOS with the BOS)."""
+    model_dir = with_special_tokens_around_text(
+        tiny_llama_dir, tmp_path / "model", "<s> $A <|im_end|>"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rendered = tokenizer.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    shim = start_shim(server_factory(model_dir).target)
+    try:
+        body = _tokenize(shim, messages=HELLO, add_special_tokens=True)
+        assert body["tokens"] == tokenizer(rendered)["input_ids"]
+        assert body["tokens"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    finally:
+        shim.stop()

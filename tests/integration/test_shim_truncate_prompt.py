@@ -9,10 +9,12 @@ from typing import Any
 
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from salience_server.http.errors import ApiError
 from salience_server.http.truncation import last_tokens
 from tests.shim_support import RunningShim, start_shim
+from tests.tiny_models import with_special_tokens_around_text
 
 PROMPT = "one fish, two fish, red fish, blue fish"
 
@@ -136,33 +138,27 @@ def test_a_cut_chat_sent_again_leaves_other_conversations_sessions(
         shim.stop()
 
 
-def test_a_texts_bos_stays_when_the_text_is_cut(tiny_llama_dir, server_factory, tmp_path) -> None:
-    """vLLM cuts a text in its tokenizer, which keeps the special tokens it adds: the
-    BOS and the last k - 1 tokens. The BOS was cut away with the rest (a Llama 3 reads
-    a text without its BOS quite otherwise), in Completions and Embeddings; token ids
-    sent as such are cut as they are. Oracle: the same call sent as the kept ids."""
-    import shutil
-
-    from tokenizers import processors
-    from transformers import AutoTokenizer
-
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_llama_dir, model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    bos = tokenizer.bos_token_id
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos)]
+def test_the_special_tokens_a_text_gets_stay_when_it_is_cut(
+    tiny_llama_dir, server_factory, tmp_path
+) -> None:
+    """vLLM cuts a text in its tokenizer, which keeps the special tokens it adds: a BOS,
+    the last tokens, an EOS where the tokenizer adds one, k in all. They were cut away
+    with the rest (a Llama 3 reads a text without its BOS quite otherwise), in
+    Completions and Embeddings; token ids sent as such are cut as they are. Oracle: the
+    tokenizer's own truncation, and the same call sent as the ids it keeps."""
+    model_dir = with_special_tokens_around_text(
+        tiny_llama_dir, tmp_path / "model", "<s> $A <|im_end|>"
     )
-    tokenizer.save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
+    kept = tokenizer(PROMPT, truncation=True, max_length=9)["input_ids"]
+    assert len(kept) == 9 and kept[0] == tokenizer.bos_token_id
     shim = start_shim(server_factory(model_dir).target)
     try:
         model = shim.client().models.list().data[0].id
-        ids = _complete(shim, model, PROMPT, return_token_ids=True).choices[0].prompt_token_ids
-        assert ids[0] == bos and bos not in ids[1:]
-        kept = [bos, *ids[-8:]]
-        cut = _complete(shim, model, PROMPT, truncate_prompt_tokens=9)
+        cut = _complete(shim, model, PROMPT, truncate_prompt_tokens=9, return_token_ids=True)
         want = _complete(shim, model, kept)
-        assert cut.usage.prompt_tokens == 9 and cut.choices[0].text == want.choices[0].text
+        assert cut.choices[0].prompt_token_ids == kept
+        assert cut.choices[0].text == want.choices[0].text
         assert cut.choices[0].logprobs.token_logprobs == pytest.approx(
             want.choices[0].logprobs.token_logprobs, abs=1e-4
         )
@@ -171,6 +167,7 @@ def test_a_texts_bos_stays_when_the_text_is_cut(tiny_llama_dir, server_factory, 
         want_vector = embed(model=model, input=[kept])
         assert cut_vector.usage.prompt_tokens == 9
         assert cut_vector.data[0].embedding == pytest.approx(want_vector.data[0].embedding)
+        ids = tokenizer(PROMPT)["input_ids"]
         as_ids = embed(model=model, input=[ids], extra_body={"truncate_prompt_tokens": 9})
         last = embed(model=model, input=[ids[-9:]])
         assert as_ids.data[0].embedding == pytest.approx(last.data[0].embedding)
