@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -59,17 +60,37 @@ def load_json(text: str | bytes) -> Any:
     return value
 
 
-def lone_surrogate_path(value: Any) -> str | None:
+def lone_surrogate_path(value: Any, raw: str | bytes | None = None) -> str | None:
     """Where in a decoded JSON ``value`` the first string (or key) holding a lone
-    surrogate is (``messages[0].content``; ``""`` for the value itself), else None."""
+    surrogate is (``messages[0].content``; ``""`` for the value itself), else None.
+    ``raw``: the JSON text ``value`` was read from, scanned first: only a ``\\uD800``
+    to ``\\uDFFF`` escape writes a surrogate (UTF-8 cannot), and a text without one
+    is not walked (seconds for millions of token ids)."""
+    if raw is not None and not _may_hold(_SURROGATE_ESCAPE, raw):
+        return None
     return _first_path(value, lambda item: isinstance(item, str) and not _is_unicode(item))
 
 
-def non_finite_path(value: Any) -> str | None:
+def non_finite_path(value: Any, raw: str | bytes | None = None) -> str | None:
     """Where in a decoded JSON ``value`` the first NaN or infinity is (Python's reader
     takes ``NaN`` and ``Infinity``, which are no JSON, and no reply echoing them can be
-    written), in ``lone_surrogate_path``'s notation, else None."""
+    written), in ``lone_surrogate_path``'s notation, else None. ``raw``, as there: only
+    those words, an exponent of three digits or a run of 200 digits (with a two-digit
+    exponent, 1e299 at most) read as infinite."""
+    if raw is not None and not _may_hold(_NON_FINITE, raw):
+        return None
     return _first_path(value, lambda item: isinstance(item, float) and not math.isfinite(item))
+
+
+_SURROGATE_ESCAPE = r"\\u[dD][89a-fA-F]"
+_NON_FINITE = r"NaN|Infinity|[eE]\+?[0-9]{3}|[0-9]{200}"
+
+
+def _may_hold(pattern: str, raw: str | bytes) -> bool:
+    """Whether ``pattern`` occurs in ``raw`` (a text or its UTF-8 bytes)."""
+    if isinstance(raw, bytes):
+        return re.search(pattern.encode(), raw) is not None
+    return re.search(pattern, raw) is not None
 
 
 def _first_path(value: Any, is_bad: Callable[[Any], bool], path: str = "") -> str | None:

@@ -48,13 +48,13 @@ def _parsed(raw: bytes, model: type[_Model]) -> _Model:
         raise invalid(f"The request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object")
-    where = lone_surrogate_path(data)
+    where = lone_surrogate_path(data, raw)
     if where is not None:
         raise invalid(
             f"{where or 'The body'} holds a lone UTF-16 surrogate: not valid Unicode text",
             where or None,
         )
-    where = non_finite_path(data)
+    where = non_finite_path(data, raw)
     if where is not None:
         raise invalid(f"{where or 'The body'} is NaN or infinite: not a JSON number", where or None)
     try:
