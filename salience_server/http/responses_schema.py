@@ -70,6 +70,13 @@ class ResponsesRequest(SamplingFields):
                     "invalid_value",
                 )
         check_metadata(self.metadata)
+        if self.input == [] and self.previous_response_id is None:  # nothing to answer
+            raise invalid(
+                "Invalid 'input': empty array. Give at least one item, or continue a "
+                "response (previous_response_id)",
+                "input",
+                "empty_array",
+            )
         if self.background:
             raise unsupported("background responses", "background")
         if self.conversation is not None:

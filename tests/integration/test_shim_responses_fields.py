@@ -102,6 +102,19 @@ def test_metadata_past_openais_bounds_is_refused(
     assert _reply(shim, model, "Hi", metadata=kept).metadata == kept
 
 
+def test_an_empty_input_is_refused_unless_it_continues_a_response(
+    shim: RunningShim, model: str
+) -> None:
+    """``input: []`` alone rendered an empty conversation and answered it (OpenAI
+    refuses it); after a response, it continues that one."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        _reply(shim, model, [])
+    assert (caught.value.param, caught.value.code) == ("input", "empty_array")
+    first = _reply(shim, model, "Hi")
+    continued = _reply(shim, model, [], previous_response_id=first.id)
+    assert continued.status in ("completed", "incomplete") and continued.usage.output_tokens
+
+
 def test_a_completed_response_has_its_completion_time(
     scripted: tuple[Script, RunningShim],
 ) -> None:
