@@ -197,10 +197,13 @@ def _append_call(messages: list[dict[str, Any]], item: dict[str, Any], param: st
     """A ``function_call`` item joins the assistant message just before it, or starts one."""
     if not isinstance(item.get("name"), str):
         raise invalid("a function_call item needs a name", param)
+    # A call cut before its arguments has "" (as a chained response keeps it): only a
+    # missing one is "{}".
+    arguments = item.get("arguments")
     call = {
         "id": item.get("call_id") or new_call_id(),
         "type": "function",
-        "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"},
+        "function": {"name": item["name"], "arguments": "{}" if arguments is None else arguments},
     }
     if messages and messages[-1]["role"] == "assistant":
         messages[-1].setdefault("tool_calls", []).append(call)

@@ -147,3 +147,35 @@ def test_a_reply_cut_inside_its_thinking_is_the_same_turn_chained_or_sent_back(
     assert messages_json(script.prompts[-1]) == chained
     assert [m["role"] for m in chained] == ["user", "assistant", "user"]
     assert chained[1]["reasoning_content"].startswith("Oslo")
+
+
+def test_a_call_cut_before_its_arguments_is_the_same_turn_chained_or_sent_back(
+    thinking: tuple[Script, RunningShim],
+) -> None:
+    """A call cut before its arguments has ``arguments: ""``; sent back as an item, it
+    became "{}" where the chained response keeps "": two renderings of one
+    conversation (the pool's cached prefix lost at the call)."""
+    script, shim = thinking
+    client = shim.client()
+    opening = '<tool_call>\n{"name": "get_weather", "arguments": '
+    script.text = opening + '{"city": "Oslo"}}\n</tool_call>'
+    first = client.responses.create(
+        model="scripted",
+        input="Weather in Oslo?",
+        tools=[RESPONSES_WEATHER],
+        max_output_tokens=len(opening),
+    )
+    (call,) = first.output
+    assert call.type == "function_call" and call.arguments == ""
+    script.text = "Cold."
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "-3 C"}
+    client.responses.create(
+        model="scripted", previous_response_id=first.id, input=[result], tools=[RESPONSES_WEATHER]
+    )
+    chained = messages_json(script.prompts[-1])
+    items = [item.model_dump(exclude_none=True) for item in first.output]
+    client.responses.create(
+        model="scripted", input=[*QUESTION, *items, result], tools=[RESPONSES_WEATHER]
+    )
+    assert messages_json(script.prompts[-1]) == chained
+    assert chained[1]["tool_calls"][0]["function"]["arguments"] == ""
