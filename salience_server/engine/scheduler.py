@@ -9,10 +9,14 @@ running set is full takes its place.
 Room in the KV pool (SPEC 2.4) is made in this order, never touching what this step
 already scheduled:
 1. idle sessions lose residency, least recently used first (``Evictor``);
-2. then the sessions of waiting requests, latest in order first;
-3. then running requests later in order than the one that needs room are preempted
-   (the most recently arrived, lowest priority first, as vLLM does): sent back to
-   wait, their KV evicted. Their streams stay exact (``Request.next_event_position``).
+2. then the sessions of waiting requests later in order than the one that needs room,
+   latest first;
+3. then running requests later in order than it are preempted (the most recently
+   arrived, lowest priority first, as vLLM does): sent back to wait, their KV
+   evicted. Their streams stay exact (``Request.next_event_position``).
+A request never takes memory from one ahead of it in order, running or waiting: a
+lower-priority call that fitted only by evicting the KV of a more urgent one waiting
+for room made that one restore or recompute it.
 A request that still finds no room waits (preempted) while others hold memory, and
 fails with KV_CACHE_FULL only when nothing else holds any. One that would not fit even
 with all of that gone evicts and preempts no one: it waits for the earlier work to end.
@@ -161,9 +165,10 @@ class Scheduler:
                     self.running.append(request)
                 step.budget -= num_tokens
                 step.scheduled.add(request.session.session_id)
-            elif not step.scheduled and not step.output.cancelled:
+            elif not step.scheduled and not step.output.cancelled and not self._ahead_hold(request):
                 # Everything else was evicted: it can never fit. (A call cancelled in
-                # this step still owns its session, which the step's end frees: wait.)
+                # this step still owns its session, which the step's end frees, and a
+                # waiting one ahead keeps its KV until it runs: wait.)
                 self._remove(request)
                 step.output.failed.append((request, _kv_cache_full()))
             elif not is_waiting:
@@ -271,15 +276,24 @@ class Scheduler:
         self, request: Request, protected: set[str]
     ) -> tuple[list[Request], list[Request]]:
         """The requests whose sessions' KV may make room for ``request``: the waiting
-        ones, and the running ones later in order (to be preempted)."""
+        ones and the running ones (to be preempted) later in order."""
         holders = [
             r
             for r in self.requests()
-            if r.session.block_table and r.session.session_id not in protected
+            if r.session.block_table
+            and r.session.session_id not in protected
+            and r.order_key > request.order_key
         ]
         waiting = [r for r in holders if r not in self.running]
-        later = [r for r in holders if r in self.running and r.order_key > request.order_key]
+        later = [r for r in holders if r in self.running]
         return waiting, later
+
+    def _ahead_hold(self, request: Request) -> bool:
+        """Whether a waiting request ahead of ``request`` in order holds KV, which
+        ``request`` may not take: it may fit once that one has run."""
+        return any(
+            r.session.block_table and r.order_key < request.order_key for _, r in self.waiting
+        )
 
     def _make_room(self, request: Request, step: _Step) -> bool:
         """Evicts one session for ``request`` (see the module docstring for the order);

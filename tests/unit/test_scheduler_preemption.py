@@ -168,3 +168,30 @@ def test_a_fork_whose_copies_find_no_room_waits_for_the_step_to_end() -> None:
     assert [c.request for c in output.chunks] == [parent] and output.failed == []
     assert [r for _, r in scheduler.waiting] == [child] and output.kv_moves == []
     manager.check_invariants([s.block_table for s in sessions.values()])
+
+
+def test_a_later_request_never_takes_the_kv_of_a_waiting_one_ahead_of_it() -> None:
+    """A request never takes memory from one ahead of it in order, waiting ones
+    included: a background call that fitted only by evicting the resident history of an
+    urgent call waiting for room dropped that history (recomputed when the urgent call
+    ran), and a lower-priority call ran on memory taken from a higher-priority one."""
+    manager = BlockManager(num_blocks=10, block_size=4)
+    sessions: dict[str, Session] = {}
+    scheduler = make_scheduler(EngineConfig(), manager, sessions)
+    first = make_request(0, 0, prompt_len=22, max_tokens=2)  # 6 blocks
+    urgent = make_request(1, 0, prompt_len=20, max_tokens=2)  # 5 blocks, 3 of them resident
+    manager.append(urgent.session.block_table, 12, 0)
+    urgent.session.num_computed = urgent.session.num_ever_computed = 12
+    background = make_request(2, 10, prompt_len=8, max_tokens=2)  # 2 blocks
+    owning(sessions, first, urgent, background)
+    scheduler.add(first)
+    assert run_step(scheduler) == [(0, 22)]  # 1 block is left free
+    scheduler.add(urgent)  # it needs 2 more blocks: it waits for the first to end
+    scheduler.add(background)  # it needs 2 blocks: only the urgent call's KV would give them
+    assert run_step(scheduler) == [(0, 1)]
+    assert urgent.session.residency == Residency.RESIDENT and urgent.session.num_computed == 12
+    assert len(urgent.session.block_table) == 3 and background.session.block_table == []
+    first.session.free_of_owner()  # the first ended: its session is idle, its KV evictable
+    assert run_step(scheduler) == [(1, 8), (2, 8)]  # the first's KV makes room for both
+    assert urgent.num_recomputed == 0 and scheduler.num_preemptions == 0
+    manager.check_invariants([s.block_table for s in sessions.values()])
