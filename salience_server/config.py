@@ -26,7 +26,10 @@ def parse_bytes(text: str) -> int:
     if match is None:
         raise SizeError(f"not a size: {text!r} (try 2GiB, 512MiB or a number of bytes)")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.upper()])
+    num_bytes = float(number) * _SIZE_UNITS[unit.upper()]
+    if not math.isfinite(num_bytes):  # int() of it was an OverflowError's traceback
+        raise SizeError(f"too large a size: {text!r} (try 2GiB, 512MiB or a number of bytes)")
+    return int(num_bytes)
 
 
 @dataclass(frozen=True)

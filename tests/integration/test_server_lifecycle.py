@@ -196,6 +196,7 @@ def test_a_missing_model_and_a_host_that_does_not_resolve_say_so(tmp_path, tiny_
         (["--session-ttl", "-5"], "--session-ttl must be 0 (no expiry) or a positive"),
         (["--keepalive-s", "0.001"], "--keepalive-s must be finite and at least 1"),
         (["--kv-cache-memory", "lots"], "not a size: 'lots' (try 2GiB"),  # named its parser
+        (["--host-kv-memory", "1e999"], "too large a size: '1e999'"),  # was an OverflowError
         (["--speculative-cost", "abc"], "not two numbers SWITCH,ROW: 'abc'"),
         (["--max-image-pixels", "-1"], "--max-image-bytes and --max-image-pixels must be"),
         (["--max-running", "0"], "--max-batch-tokens, --max-running and --max-sessions must"),
