@@ -119,6 +119,10 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
     num_blocks = max(1, budget // (bytes_per_token * block_size))
     size = PoolSize(block_size, num_blocks, bytes_per_token)
     if budget < size.block_bytes:
+        # One block above the budget: its memory was taken unchecked (--block-size
+        # 100000000 filled the host's memory as the pool was zeroed).
+        what = f"--block-size {block_size}: the pool's one block of {_gib(size.block_bytes)}"
+        _check_free(loaded, size.block_bytes, what)
         log.warning(
             "the KV budget (%d bytes) is less than one block of %d tokens: the pool holds one",
             budget,
@@ -136,17 +140,28 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
 def _budget_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
     if not config.kv_cache_bytes:
         return CPU_DEFAULT_KV_BYTES
+    what = f"--kv-cache-memory {_gib(config.kv_cache_bytes)}"
+    _check_free(loaded, config.kv_cache_bytes, what)
+    return config.kv_cache_bytes
+
+
+def _check_free(loaded: LoadedModel, pool_bytes: int, what: str) -> None:
+    """ValueError, naming ``what`` sets the size, where a pool of ``pool_bytes`` and
+    the workspace beside it are more than the device's free memory (the allocation
+    failed with a stack trace)."""
     free = _free_bytes(loaded.device)
     # Attention gathers one layer's KV at a time into a workspace of that size.
-    workspace = config.kv_cache_bytes // kv_shape(loaded.model.config)[0]
-    if config.kv_cache_bytes + workspace > free:  # the allocation failed with a stack trace
+    workspace = pool_bytes // kv_shape(loaded.model.config)[0]
+    if pool_bytes + workspace > free:
         raise ValueError(
-            f"--kv-cache-memory {config.kv_cache_bytes / 2**30:.1f}GiB, with the "
-            f"{workspace / 2**30:.2f}GiB attention gathers one layer's KV into, is more "
-            f"than the {free / 2**30:.1f}GiB free on {loaded.device} after loading the "
-            "model; lower it"
+            f"{what}, with the {workspace / 2**30:.2f}GiB attention gathers one layer's KV "
+            f"into, is more than the {_gib(free)} free on {loaded.device} after loading "
+            "the model; lower it"
         )
-    return config.kv_cache_bytes
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f}GiB"
 
 
 def _free_bytes(device: torch.device) -> int:

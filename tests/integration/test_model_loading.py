@@ -20,6 +20,7 @@ from salience_server.engine import cpu_matmul, decoder_layers
 from salience_server.engine.engine import Engine
 from salience_server.engine.errors import SalienceError
 from salience_server.engine.loader import UnsupportedModel, load_model, resolve_model_path
+from salience_server.engine.model_runner import kv_bytes_per_token
 from salience_server.engine.request import DoneEvent, GenerateParams, SamplingParams
 from tests.conftest import start_server
 from tests.shim_support import start_shim
@@ -200,6 +201,23 @@ def test_the_free_memory_must_also_hold_the_attention_workspace(
     monkeypatch.setattr(cpu_matmul, "available_memory", lambda: pool + workspace)
     engine = Engine(loaded, EngineConfig(block_size=4, kv_cache_bytes=pool))
     assert engine.block_manager.num_free * engine.block_size * engine.kv_bytes_per_token == pool
+
+
+def test_a_block_larger_than_the_budget_must_fit_the_free_memory(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where one block is more than the budget the pool holds one block anyway: its
+    memory went unchecked, and --block-size 100000000 filled the host's memory."""
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    block_size = 1 << 17
+    block = block_size * kv_bytes_per_token(loaded.model.config, torch.float32)  # 64 MiB
+    workspace = block // loaded.model.config.num_hidden_layers
+    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: block + workspace - 1)
+    with pytest.raises(ValueError, match=r"--block-size 131072: the pool's one block of"):
+        Engine(loaded, EngineConfig(block_size=block_size, kv_cache_bytes=1 << 20))
+    monkeypatch.setattr(cpu_matmul, "available_memory", lambda: block + workspace)
+    engine = Engine(loaded, EngineConfig(block_size=block_size, kv_cache_bytes=1 << 20))
+    assert engine.block_manager.num_blocks == 1
 
 
 def test_a_model_named_by_a_relative_path_is_served_under_its_directory_s_name(
