@@ -35,6 +35,10 @@ from salience_server.engine.uploads import Uploads
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
+MIN_POOL_TOKENS = 2
+"""The least a pool holds: a prompt's token and the one decoded after it (the start-up
+pass feeds two: with --block-size 1, a one-block pool failed it, "is the architecture
+one Salience can run?")."""
 PROFILED_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05)
 """What the measured step's drawn rows are filtered with: every filter at once."""
 
@@ -116,16 +120,20 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
         num_blocks = -(-config.max_batch_tokens // block_size) + 1
         return PoolSize(block_size, num_blocks, bytes_per_token, provisional=True)
     budget = _budget_bytes(loaded, config)
-    num_blocks = max(1, budget // (bytes_per_token * block_size))
+    min_blocks = -(-MIN_POOL_TOKENS // block_size)
+    num_blocks = max(min_blocks, budget // (bytes_per_token * block_size))
     size = PoolSize(block_size, num_blocks, bytes_per_token)
-    if budget < size.block_bytes:
-        # One block above the budget: its memory was taken unchecked (--block-size
-        # 100000000 filled the host's memory as the pool was zeroed).
-        what = f"--block-size {block_size}: the pool's one block of {_gib(size.block_bytes)}"
-        _check_free(loaded, size.block_bytes, what)
+    if budget < min_blocks * size.block_bytes:
+        # Above the budget: its memory was taken unchecked (--block-size 100000000
+        # filled the host's memory as the pool was zeroed).
+        least = min_blocks * size.block_bytes
+        what = f"the least pool, {min_blocks} block(s) of --block-size {block_size} ({_gib(least)})"
+        _check_free(loaded, least, what)
         log.warning(
-            "the KV budget (%d bytes) is less than one block of %d tokens: the pool holds one",
+            "the KV budget (%d bytes) is less than %d block(s) of %d tokens: the pool holds "
+            "that many",
             budget,
+            min_blocks,
             block_size,
         )
     log.info(
@@ -208,7 +216,7 @@ def fit_pool(
         f"--max-batch-tokens {rows} takes {step / gib:.2f}GiB"
         + (f" (an image {image / gib:.2f}GiB)" if vision is not None else "")
     )
-    if num_blocks < 1:
+    if num_blocks * pool.block_size < MIN_POOL_TOKENS:
         raise ValueError(
             f"no room for a KV pool: {sizes}; raise --gpu-memory-utilization or lower "
             "--max-batch-tokens (or set --kv-cache-memory)"

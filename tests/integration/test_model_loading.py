@@ -213,7 +213,7 @@ def test_a_block_larger_than_the_budget_must_fit_the_free_memory(
     block = block_size * kv_bytes_per_token(loaded.model.config, torch.float32)  # 64 MiB
     workspace = block // loaded.model.config.num_hidden_layers
     monkeypatch.setattr(cpu_matmul, "available_memory", lambda: block + workspace - 1)
-    with pytest.raises(ValueError, match=r"--block-size 131072: the pool's one block of"):
+    with pytest.raises(ValueError, match=r"the least pool, 1 block\(s\) of --block-size 131072"):
         Engine(loaded, EngineConfig(block_size=block_size, kv_cache_bytes=1 << 20))
     monkeypatch.setattr(cpu_matmul, "available_memory", lambda: block + workspace)
     engine = Engine(loaded, EngineConfig(block_size=block_size, kv_cache_bytes=1 << 20))
