@@ -58,11 +58,15 @@ class DraftCost:
 
 def measure(runner: ModelRunner, max_drafts: int, uses_mrope: bool) -> DraftCost:
     """The cost of verifying up to ``max_drafts`` drafts, fitted to the median time
-    ``runner`` takes for a pass of 1, 2 and ``1 + max_drafts`` rows. The passes write KV
-    into the pool's first blocks, which hold nothing before the engine serves."""
+    ``runner`` takes for a pass of 1, 2 and ``1 + max_drafts`` rows (no more rows than
+    the pool holds: no session holds more, so no step verifies more; a wider pass wrote
+    past the pool, an IndexError's traceback at start). The passes write KV into the
+    pool's first blocks, which hold nothing before the engine serves."""
     start = time.perf_counter()
+    pool_tokens = runner.num_blocks * runner.block_size
+    max_drafts = max(1, min(max_drafts, pool_tokens - 1))
     rows_timed = sorted({1, 2, 1 + max_drafts})
-    capacity = runner.num_blocks * runner.block_size - rows_timed[-1]
+    capacity = pool_tokens - rows_timed[-1]
     context = max(0, min(CONTEXT_TOKENS, capacity))
     batches = {
         rows: ForwardBatch.synthetic(context, rows, runner.block_size, uses_mrope)
