@@ -118,7 +118,14 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
     if not config.kv_cache_bytes and device_memory(loaded.device) is not None:
         # The measured step's tokens, in blocks from block 0, and one more.
         num_blocks = -(-config.max_batch_tokens // block_size) + 1
-        return PoolSize(block_size, num_blocks, bytes_per_token, provisional=True)
+        size = PoolSize(block_size, num_blocks, bytes_per_token, provisional=True)
+        what = (
+            f"--max-batch-tokens {config.max_batch_tokens} in blocks of --block-size "
+            f"{block_size}: the pool the largest step is measured with, "
+            f"{_gib(num_blocks * size.block_bytes)}"
+        )
+        _check_free(loaded, num_blocks * size.block_bytes, what, "lower them")
+        return size
     budget = _budget_bytes(loaded, config)
     min_blocks = -(-MIN_POOL_TOKENS // block_size)
     num_blocks = max(min_blocks, budget // (bytes_per_token * block_size))
@@ -153,10 +160,10 @@ def _budget_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
     return config.kv_cache_bytes
 
 
-def _check_free(loaded: LoadedModel, pool_bytes: int, what: str) -> None:
-    """ValueError, naming ``what`` sets the size, where a pool of ``pool_bytes`` and
-    the workspace beside it are more than the device's free memory (the allocation
-    failed with a stack trace)."""
+def _check_free(loaded: LoadedModel, pool_bytes: int, what: str, fix: str = "lower it") -> None:
+    """ValueError, naming ``what`` sets the size and ``fix``, where a pool of
+    ``pool_bytes`` and the workspace beside it are more than the device's free memory
+    (the allocation failed with a stack trace)."""
     free = _free_bytes(loaded.device)
     # Attention gathers one layer's KV at a time into a workspace of that size.
     workspace = pool_bytes // kv_shape(loaded.model.config)[0]
@@ -164,7 +171,7 @@ def _check_free(loaded: LoadedModel, pool_bytes: int, what: str) -> None:
         raise ValueError(
             f"{what}, with the {workspace / 2**30:.2f}GiB attention gathers one layer's KV "
             f"into, is more than the {_gib(free)} free on {loaded.device} after loading "
-            "the model; lower it"
+            f"the model; {fix}"
         )
 
 

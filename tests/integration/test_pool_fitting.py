@@ -153,6 +153,23 @@ def test_a_step_that_does_not_fit_beside_the_model_is_refused_in_one_line(
     assert measured.runners[-1].kv_caches == []
 
 
+def test_a_pool_to_measure_the_step_with_that_cannot_fit_is_refused_in_one_line(
+    tiny_llama_dir: Path, measured: MeasuredMemory
+) -> None:
+    """The pool the largest step is measured with holds that step's tokens in blocks of
+    --block-size: it was allocated unchecked (on a GPU, --block-size 100000000 ended in
+    the allocator's stack trace), here 2 blocks of 128 MiB where 156 MiB are free."""
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    with pytest.raises(ValueError) as refused:
+        Engine(loaded, EngineConfig(block_size=1 << 18))
+    assert str(refused.value) == (
+        "--max-batch-tokens 2048 in blocks of --block-size 262144: the pool the largest step "
+        "is measured with, 0.2GiB, with the 0.12GiB attention gathers one layer's KV into, "
+        "is more than the 0.2GiB free on cpu after loading the model; lower them"
+    )
+    assert measured.runners == []
+
+
 def test_the_pool_leaves_what_other_processes_hold(
     tiny_llama_dir: Path, measured: MeasuredMemory
 ) -> None:
