@@ -56,17 +56,23 @@ class DraftCost:
         return 1.0 + (self.switch + self.row * num_drafts if num_drafts else 0.0)
 
 
-def measure(runner: ModelRunner, max_drafts: int, uses_mrope: bool) -> DraftCost:
+def measure(
+    runner: ModelRunner, max_drafts: int, uses_mrope: bool, max_context: int | None = None
+) -> DraftCost:
     """The cost of verifying up to ``max_drafts`` drafts, fitted to the median time
-    ``runner`` takes for a pass of 1, 2 and ``1 + max_drafts`` rows (no more rows than
-    the pool holds: no session holds more, so no step verifies more; a wider pass wrote
-    past the pool, an IndexError's traceback at start). The passes write KV into the
-    pool's first blocks, which hold nothing before the engine serves."""
+    ``runner`` takes for a pass of 1, 2 and ``1 + max_drafts`` rows, at positions a
+    session may hold: below ``max_context`` (the model's and the pool's limits, or the
+    pool's where None). No session holds more, so no step verifies more; wider passes,
+    or ones past the positions a model with learned positions has (GPT-2, OPT), ended
+    the start in an IndexError's traceback. The passes write KV into the pool's first
+    blocks, which hold nothing before the engine serves."""
     start = time.perf_counter()
-    pool_tokens = runner.num_blocks * runner.block_size
-    max_drafts = max(1, min(max_drafts, pool_tokens - 1))
+    room = runner.num_blocks * runner.block_size
+    if max_context is not None:
+        room = min(room, max_context)
+    max_drafts = max(1, min(max_drafts, room - 1))
     rows_timed = sorted({1, 2, 1 + max_drafts})
-    capacity = pool_tokens - rows_timed[-1]
+    capacity = room - rows_timed[-1]
     context = max(0, min(CONTEXT_TOKENS, capacity))
     batches = {
         rows: ForwardBatch.synthetic(context, rows, runner.block_size, uses_mrope)

@@ -122,7 +122,7 @@ class Engine:
             pool.block_bytes,
             config.max_sessions,
         )
-        proposer = draft_proposer(config, self.runner, self.uses_mrope)
+        proposer = draft_proposer(config, self.runner, self.uses_mrope, self.max_context)
         self.scheduler = Scheduler(config, self.block_manager, self.evictor, proposer)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.gauges)

@@ -164,10 +164,11 @@ class NgramProposer:
 
 
 def draft_proposer(
-    config: EngineConfig, runner: ModelRunner, uses_mrope: bool
+    config: EngineConfig, runner: ModelRunner, uses_mrope: bool, max_context: int | None = None
 ) -> NgramProposer | None:
     """The configured proposer (None when speculation is off), with the verification
-    cost ``--speculative-cost`` gives, or else the one measured on ``runner``."""
+    cost ``--speculative-cost`` gives, or else the one measured on ``runner`` (within
+    ``max_context`` positions: ``draft_cost.measure``)."""
     if config.speculative != "ngram":
         return None
     if config.speculative_cost is not None:
@@ -179,7 +180,7 @@ def draft_proposer(
             cost.row,
         )
     else:
-        cost = draft_cost.measure(runner, config.num_speculative_tokens, uses_mrope)
+        cost = draft_cost.measure(runner, config.num_speculative_tokens, uses_mrope, max_context)
     return NgramProposer(
         config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max, cost
     )

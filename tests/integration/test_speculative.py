@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from salience_client import SalienceClient
+from tests.architectures import build_architecture
 from tests.helpers import U32_MAX, generate, open_session, random_tokens
 from tests.integration.test_readout import write_readout
 
@@ -276,6 +277,22 @@ def test_more_drafts_than_the_pool_holds_are_measured_within_it(
     )
     _same(got, want)
     assert got_done.finish_reason == want_done.finish_reason == 4  # CONTEXT, at 40 tokens
+
+
+def test_a_model_of_learned_positions_measures_drafts_within_them(server_factory, tmp_path) -> None:
+    """GPT-2's 512 learned positions: the start-up timing of verification passes after
+    512 cached tokens fed positions past them (an IndexError's traceback at start).
+    Greedy decoding is decoding's without speculation."""
+    model_dir = build_architecture(tmp_path / "gpt2", "gpt2")
+    plain = server_factory(model_dir, block_size=BLOCK_SIZE)
+    speculating = server_factory(
+        model_dir, block_size=BLOCK_SIZE, speculative="ngram", num_speculative_tokens=8
+    )
+    want, want_done, got, got_done = _both(
+        (plain, speculating), PROMPT, max_tokens=20, logprobs_ranges=[(0, U32_MAX)]
+    )
+    _same(got, want)
+    assert got_done.total_tokens == want_done.total_tokens
 
 
 def test_greedy_speculation_is_exact_where_one_row_products_take_plain_weights(
