@@ -92,7 +92,7 @@ class Engine:
                 pool,
                 self.runner,
                 config,
-                max_context=config.max_context or loaded.max_context,
+                max_context=min(config.max_context or loaded.max_context, loaded.max_context),
                 uses_mrope=self.uses_mrope,
                 vision=self.vision,
             )

@@ -202,7 +202,7 @@ def fit_pool(
     sharing a GPU each take their share), and within the memory free."""
     memory = device_memory(runner.device)
     assert memory is not None and pool.provisional
-    step, image = _measure(memory, runner, config, uses_mrope, vision)
+    step, image = _measure(memory, runner, config, uses_mrope, vision, max_context)
     dtype = runner.kv_caches[0][0].dtype
     rows = config.max_batch_tokens
     step += runner.attention.chunk_bytes(rows, max_context, runner.model.config, dtype)
@@ -254,12 +254,20 @@ def fit_pool(
 
 
 def _measure(
-    memory: DeviceMemory, runner: ModelRunner, config: EngineConfig, uses_mrope: bool, vision: Any
+    memory: DeviceMemory,
+    runner: ModelRunner,
+    config: EngineConfig,
+    uses_mrope: bool,
+    vision: Any,
+    max_context: int,
 ) -> tuple[int, int]:
-    """The most memory the largest step and the largest image's encoding hold; a step
-    or an image that does not fit even with no pool beside it is a ValueError."""
+    """The most memory the largest step (of prefills of at most ``max_context`` tokens)
+    and the largest image's encoding hold; a step or an image that does not fit even
+    with no pool beside it is a ValueError."""
     try:
-        step = memory.peak_of(lambda: profile_step(runner, config, uses_mrope=uses_mrope))
+        step = memory.peak_of(
+            lambda: profile_step(runner, config, uses_mrope=uses_mrope, max_context=max_context)
+        )
         image = 0
         if vision is not None:
             largest = vision.largest_image(config.max_image_pixels)
@@ -297,14 +305,25 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def profile_step(runner: ModelRunner, config: EngineConfig, *, uses_mrope: bool) -> None:
+def profile_step(
+    runner: ModelRunner, config: EngineConfig, *, uses_mrope: bool, max_context: int
+) -> None:
     """Runs the step that takes the most memory once: ``--max-batch-tokens`` tokens
-    of one prefill with logits (and readout) at every row, each scored with the top
-    ``--max-logprobs`` (a prompt scored throughout), the first ``--max-running`` rows
+    of prefills with logits (and readout) at every row, each scored with the top
+    ``--max-logprobs`` (prompts scored throughout), the first ``--max-running`` rows
     also tempered, filtered and drawn. (What attention adds for a chunk over cached
-    context is the backend's ``chunk_bytes``.)"""
+    context is the backend's ``chunk_bytes``.) Each prefill is at most ``max_context``
+    tokens, as a session's: one longer fed positions a model of learned positions does
+    not have (GPT-2's 1,024 under the default 2,048 tokens: an IndexError's traceback).
+    They all write blocks from 0 on, whose contents nothing reads."""
     rows = config.max_batch_tokens
-    batch = ForwardBatch.synthetic(0, rows, runner.block_size, uses_mrope)
+    batch = ForwardBatch()
+    for first in range(0, rows, max_context):
+        num_tokens = min(max_context, rows - first)
+        rope = [(p, p, p) for p in range(num_tokens)] if uses_mrope else None
+        blocks = list(range(-(-num_tokens // runner.block_size)))
+        batch.add_sequence([0] * num_tokens, 0, blocks, runner.block_size, rope)
+    batch.logits_rows = list(range(rows))
     if runner.readout is not None:
         batch.readout_rows = list(range(rows))
     logits = runner.execute(batch).logits  # [rows, V]

@@ -21,6 +21,7 @@ from salience_server.engine.loader import load_model
 from salience_server.engine.model_runner import ModelRunner, kv_shape
 from salience_server.engine.vision import VisionEncoder
 from tests import flash_reference
+from tests.architectures import build_architecture
 from tests.helpers import TEST_DEVICE, check_sessions_against_transformers, use_flash_backend
 from tests.tiny_models import build_tiny_vision_model, reference_model
 
@@ -115,6 +116,30 @@ def test_the_pool_fills_what_the_measured_step_leaves_and_serves_exactly(
         server.stub, reference_model(tiny_llama_dir), [0, 9, 10, 90, 110], 6, 12
     )
     assert runner.attention._workspace[0].shape[0] == blocks  # the workspace in use
+
+
+def test_the_measured_step_feeds_prefills_no_longer_than_a_session(
+    server_factory: Any, measured: MeasuredMemory, monkeypatch: Any, tmp_path: Path
+) -> None:
+    """A step of --max-batch-tokens 1100 on GPT-2's 512 learned positions: it was one
+    prefill of 1100 tokens, past them (an IndexError's traceback at start; real GPT-2
+    has 1,024 under the default 2,048 tokens). Prefills of 512, 512 and 76 tokens are
+    measured; the server then scores and decodes as transformers does."""
+    model_dir = build_architecture(tmp_path / "gpt2", "gpt2")
+    passes: list[list[int]] = []
+    execute = ModelRunner.execute
+
+    def recording_execute(runner: ModelRunner, batch: Any, *args: Any) -> Any:
+        passes.append([span.query_len for span in batch.sequences])
+        return execute(runner, batch, *args)
+
+    monkeypatch.setattr(ModelRunner, "execute", recording_execute)
+    server = server_factory(model_dir, device="cpu", block_size=4, max_batch_tokens=1100)
+    assert passes[:2] == [[2], [512, 512, 76]]  # the warm-up, then the measured step
+    assert measured.runner_blocks == [1100 // 4 + 1]
+    check_sessions_against_transformers(
+        server.stub, reference_model(model_dir), [0, 9, 10, 90, 110], 6, 12
+    )
 
 
 def test_a_utilization_that_leaves_no_pool_is_refused_in_one_line(
