@@ -3,10 +3,8 @@ cache, the response store, and the served model's description."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import time
@@ -21,6 +19,7 @@ from salience_server import text_checks
 from salience_server.http import image_fetch
 from salience_server.http.config import ShimConfig
 from salience_server.http.errors import ApiError, client_errors, invalid, model_not_found
+from salience_server.http.image_markers import RecentCounts, image_marker
 from salience_server.http.logprobs import TokenTexts
 from salience_server.http.messages import ImageInput
 from salience_server.http.pooled_session import common_prefix_length
@@ -387,31 +386,3 @@ class Backend:
             count = self.image_token_counts.get(marker, 1)
             prompt_ids[position : position + 1] = [marker] * count
         return markers
-
-
-def image_marker(data: bytes) -> int:
-    """A negative pseudo token id standing for an image's placeholders in the shim's
-    token lists (never sent to the server)."""
-    return -1 - int.from_bytes(hashlib.sha256(data).digest()[:4], "big") % (2**31 - 1)
-
-
-MAX_KNOWN_IMAGES = 4096
-"""Images whose placeholder counts the shim keeps (a screenshot agent sends new ones
-without end)."""
-
-
-class RecentCounts(collections.OrderedDict[int, int]):
-    """The ``MAX_KNOWN_IMAGES`` most recently stored or read entries (an image a
-    conversation keeps is read at each of its turns: its count must stay, or the next
-    turn's prompt would hold one placeholder where its session holds them all)."""
-
-    def __setitem__(self, key: int, value: int) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > MAX_KNOWN_IMAGES:
-            self.popitem(last=False)
-
-    def get(self, key: int, default: Any = None) -> Any:
-        if key in self:
-            self.move_to_end(key)
-        return super().get(key, default)

@@ -16,10 +16,8 @@ from tests.helpers import (
     metric_samples,
     open_session,
     random_tokens,
-    reference_logprobs,
     session_info,
 )
-from tests.tiny_models import reference_model
 
 TOLERANCE = 1e-4
 TOKEN_BYTES = 512  # the tiny models: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes
@@ -363,26 +361,6 @@ def test_a_session_never_outgrows_the_pool(tiny_llama_dir, server_factory) -> No
         stub, decoding, append_tokens=[7], offset=20, truncating=True, max_tokens=3
     )
     assert done.total_tokens == 24
-
-
-def test_the_least_pool_holds_a_prompt_token_and_the_one_decoded(
-    tiny_llama_dir, server_factory
-) -> None:
-    """A budget under two tokens' KV (--block-size 1 --kv-cache-memory 1) held one
-    one-token block, which the start-up pass of two tokens overran: the server refused
-    to start, asking whether the architecture was one it could run."""
-    server = server_factory(tiny_llama_dir, block_size=1, kv_cache_bytes=1)
-    stub = server.stub
-    assert stub.GetModelInfo(pb.GetModelInfoRequest()).max_context == 2
-    oracle = reference_model(tiny_llama_dir)
-    for prompt in ([17], [200]):  # the second session evicts the first
-        tokens, done = generate(
-            stub, open_session(stub), append_tokens=prompt, max_tokens=5, logprobs_ranges=[(1, 2)]
-        )
-        want = reference_logprobs(oracle, prompt)[0]
-        assert [t.id for t in tokens] == [int(want.argmax())]
-        assert abs(tokens[0].sampled_logprob - want.max().item()) < TOLERANCE
-        assert (done.finish_reason, done.total_tokens) == (4, 2)  # CONTEXT
 
 
 def test_closing_a_session_frees_its_blocks_even_mid_call(tiny_llama_dir, server_factory) -> None:

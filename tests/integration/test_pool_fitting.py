@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from salience_client.pb import salience_pb2 as pb
 from salience_server.config import EngineConfig, ModelConfig
 from salience_server.engine import kv_pool
 from salience_server.engine.engine import Engine
@@ -22,7 +23,14 @@ from salience_server.engine.model_runner import ModelRunner, kv_shape
 from salience_server.engine.vision import VisionEncoder
 from tests import flash_reference
 from tests.architectures import build_architecture
-from tests.helpers import TEST_DEVICE, check_sessions_against_transformers, use_flash_backend
+from tests.helpers import (
+    TEST_DEVICE,
+    check_sessions_against_transformers,
+    generate,
+    open_session,
+    reference_logprobs,
+    use_flash_backend,
+)
 from tests.tiny_models import build_tiny_vision_model, reference_model
 
 MIB = 1 << 20
@@ -310,3 +318,23 @@ def test_a_gpu_pool_is_sized_from_the_measured_step(
     check_sessions_against_transformers(
         server.stub, reference_model(tiny_llama_dir), [0, 9, 10, 90, 110], 6, 12
     )
+
+
+def test_the_least_pool_holds_a_prompt_token_and_the_one_decoded(
+    tiny_llama_dir, server_factory
+) -> None:
+    """A budget under two tokens' KV (--block-size 1 --kv-cache-memory 1) held one
+    one-token block, which the start-up pass of two tokens overran: the server refused
+    to start, asking whether the architecture was one it could run."""
+    server = server_factory(tiny_llama_dir, block_size=1, kv_cache_bytes=1)
+    stub = server.stub
+    assert stub.GetModelInfo(pb.GetModelInfoRequest()).max_context == 2
+    oracle = reference_model(tiny_llama_dir)
+    for prompt in ([17], [200]):  # the second session evicts the first
+        tokens, done = generate(
+            stub, open_session(stub), append_tokens=prompt, max_tokens=5, logprobs_ranges=[(1, 2)]
+        )
+        want = reference_logprobs(oracle, prompt)[0]
+        assert [t.id for t in tokens] == [int(want.argmax())]
+        assert abs(tokens[0].sampled_logprob - want.max().item()) < 1e-4
+        assert (done.finish_reason, done.total_tokens) == (4, 2)  # CONTEXT

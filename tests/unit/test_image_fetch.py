@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from salience_server.http import backend, image_fetch
+from salience_server.http import image_fetch, image_markers
 from salience_server.http.errors import ApiError
 
 
@@ -121,8 +121,8 @@ def _downloading() -> int:
 def test_the_images_known_are_the_most_recent(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each image's placeholder count was kept for good: a screenshot agent's shim grew
     without end."""
-    monkeypatch.setattr(backend, "MAX_KNOWN_IMAGES", 3)
-    counts = backend.RecentCounts()
+    monkeypatch.setattr(image_markers, "MAX_KNOWN_IMAGES", 3)
+    counts = image_markers.RecentCounts()
     for marker in range(-1, -6, -1):
         counts[marker] = 16
     counts[-3] = 20  # stored again: the most recent
