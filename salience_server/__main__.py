@@ -147,6 +147,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.speculative is None:
+        given = [
+            dest for dest in SPECULATION_DESTS if getattr(args, dest) != parser.get_default(dest)
+        ]
+        unused = ["--" + dest.replace("_", "-") for dest in given]
+        if unused:
+            logging.getLogger("salience").warning(
+                "%s take%s effect only with --speculative ngram",
+                ", ".join(unused),
+                "s" if len(unused) == 1 else "",
+            )
     try:
         return ServerConfig(
             host=args.host,
@@ -190,6 +201,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     except ValueError as error:
         parser.error(str(error))
         raise
+
+
+SPECULATION_DESTS = (
+    "num_speculative_tokens",
+    "prompt_lookup_min",
+    "prompt_lookup_max",
+    "speculative_cost",
+)
+"""Flags that shape speculative decoding, which do nothing without ``--speculative``."""
 
 
 def _two_floats(text: str) -> tuple[float, float]:

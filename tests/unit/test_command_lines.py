@@ -3,6 +3,8 @@ line (exit 2), never a traceback; ``--help`` names the defaults; the logs they w
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from salience_server.http.__main__ import parse_args
@@ -80,3 +82,24 @@ def test_a_bind_failure_on_every_interface_is_the_port() -> None:
 
     assert _bind_failure("") == _bind_failure("0.0.0.0") == "the port is in use"
     assert "does not resolve" in _bind_failure("999.1.1.1")
+
+
+def test_speculation_flags_without_speculation_are_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--num-speculative-tokens and the n-gram sizes did nothing without --speculative,
+    and nothing said so."""
+    from salience_server.__main__ import parse_args as server_args
+
+    with caplog.at_level(logging.WARNING):
+        server_args(["--num-speculative-tokens", "8", "--prompt-lookup-max", "5"])
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage() == (
+        "--num-speculative-tokens, --prompt-lookup-max take effect only with --speculative ngram"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        config = server_args(["--speculative", "ngram", "--num-speculative-tokens", "8"])
+        server_args([])
+    assert config.engine.num_speculative_tokens == 8
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
