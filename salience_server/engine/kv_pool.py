@@ -137,11 +137,13 @@ def size_pool(loaded: LoadedModel, config: EngineConfig) -> PoolSize:
         what = f"the least pool, {min_blocks} block(s) of --block-size {block_size} ({_gib(least)})"
         _check_free(loaded, least, what)
         log.warning(
-            "the KV budget (%d bytes) is less than %d block(s) of %d tokens: the pool holds "
-            "that many",
+            "the KV budget (%d bytes) is less than the least pool, %d block%s of %d "
+            "token%s: the pool holds that",
             budget,
             min_blocks,
+            "" if min_blocks == 1 else "s",
             block_size,
+            "" if block_size == 1 else "s",
         )
     log.info(
         "KV pool: %d blocks of %d tokens (%.1f MiB)",

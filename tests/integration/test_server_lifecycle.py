@@ -281,7 +281,7 @@ def test_limits_beyond_what_the_model_or_a_block_holds_are_said_in_the_log(
     assert server.engine.max_context == 4 and server.engine.block_manager.num_blocks == 1
     said = " ".join(record.getMessage() for record in caplog.records)
     assert "--max-context 100000 is beyond the model's 512 positions" in said
-    assert "less than one block of 4 tokens" in said
+    assert "less than the least pool, 1 block of 4 tokens" in said
     assert "the KV pool holds 4 tokens, fewer than the 512 positions" in said
 
 
