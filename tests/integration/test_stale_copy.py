@@ -92,17 +92,27 @@ def _scenario(session: Any, moves: Proxied | None) -> list[list[Any]]:
     return outputs
 
 
-def test_a_session_back_on_an_old_copy_is_rewritten_there(
-    proxied: Proxied, fake: RunningFake, caplog: pytest.LogCaptureFixture
-) -> None:
+def _through_the_moves_and_alone(
+    proxied: Proxied, fake: RunningFake, calls: Callable[[Any, Proxied | None], list[Any]]
+) -> tuple[Any, list[int]]:
+    """``calls`` on a session opened on fake0 through the proxy, moving it away and back
+    (the session, and what fake0 holds of it at the end), checked against the same calls
+    on one replica alone, unmoved: the outputs, and the tokens both hold."""
     with SalienceClient(proxied.proxy.target, timeout=10, replay=FAST) as client:
         session = _on_fake0(client)
-        outputs = _scenario(session, proxied)
+        outputs = calls(session, proxied)
         held = proxied.fakes[0].replica.sessions[session.session_id]
     with SalienceClient(fake.target, timeout=10) as alone:
         oracle = alone.open_session(session_id=session.session_id)
-        assert outputs == _scenario(oracle, None)
+        assert outputs == calls(oracle, None)
     assert held == list(session.history.token_ids) == fake.replica.sessions[oracle.session_id]
+    return session, held
+
+
+def test_a_session_back_on_an_old_copy_is_rewritten_there(
+    proxied: Proxied, fake: RunningFake, caplog: pytest.LogCaptureFixture
+) -> None:
+    session, held = _through_the_moves_and_alone(proxied, fake, _scenario)
     assert held == [1, 2, 3, 80, 90, 120, 121, 122]
     assert session.replica == "fake0" and session.num_replays == 2
     assert "STALE_COPY" in caplog.text
@@ -201,13 +211,6 @@ def test_an_old_copy_longer_than_the_session_is_rewritten_there(
         outputs.append(list(session.generate([120], max_tokens=2)))
         return outputs
 
-    with SalienceClient(proxied.proxy.target, timeout=10, replay=FAST) as client:
-        session = _on_fake0(client)
-        outputs = calls(session, proxied)
-        held = proxied.fakes[0].replica.sessions[session.session_id]
-    with SalienceClient(fake.target, timeout=10) as alone:
-        oracle = alone.open_session(session_id=session.session_id)
-        assert outputs == calls(oracle, None)
-    assert held == list(session.history.token_ids) == fake.replica.sessions[oracle.session_id]
+    session, held = _through_the_moves_and_alone(proxied, fake, calls)
     assert held == [1, 2, 3, 80, 120, 121, 122]
     assert session.replica == "fake0" and session.num_replays == 2
