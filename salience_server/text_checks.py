@@ -117,6 +117,10 @@ MAX_CHARS_PER_TOKEN = 256
 """More characters than any token spans (SmolLM2's longest token, a run of spaces,
 spans 81 bytes; a character is at least one byte)."""
 
+MAX_EMBED_INPUTS = 2048
+"""Inputs of one Embed call at most: the server's limit, which the shim checks before it
+tokenizes any (with ``truncate_prompt_tokens`` it tokenizes each text itself)."""
+
 
 def cannot_fit(num_chars: int, max_context: int) -> bool:
     """Whether a text of ``num_chars`` characters is surely more tokens than

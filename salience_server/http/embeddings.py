@@ -23,14 +23,11 @@ from salience_server.http.errors import client_errors, invalid
 from salience_server.http.request_body import parse_body
 from salience_server.http.schemas import MAX_TOKEN_ID, Body, Each
 from salience_server.http.truncation import last_tokens
+from salience_server.text_checks import MAX_EMBED_INPUTS
 
 router = APIRouter()
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
-MAX_INPUTS = 2048
-"""The most inputs the server embeds in one call (its ``MAX_EMBED_INPUTS``), refused
-here before any is tokenized: with ``truncate_prompt_tokens`` the shim tokenizes each
-text itself, one call each, and 20,000 one-letter texts took 30 s to be refused."""
 
 
 class EmbeddingsRequest(Body):
@@ -111,8 +108,8 @@ def _inputs(value: Any) -> tuple[list[str], list[list[int]]]:
         raise invalid("input must not be empty", param="input")
     if all(isinstance(item, int) for item in value):
         return [], [list(value)]
-    if len(value) > MAX_INPUTS:
-        raise invalid(f"{len(value)} inputs; at most {MAX_INPUTS} per call", param="input")
+    if len(value) > MAX_EMBED_INPUTS:  # before any is tokenized (20,000 texts took 30 s)
+        raise invalid(f"{len(value)} inputs; at most {MAX_EMBED_INPUTS} per call", param="input")
     if all(isinstance(item, str) for item in value):
         return list(value), []
     return [], [list(item) for item in value]

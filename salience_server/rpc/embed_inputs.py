@@ -20,7 +20,6 @@ WINDOW = 32
 """Inputs of one Embed call queued in the engine at once (the rest wait their turn), so
 that one large call cannot fill the engine's queue; at most half of what the engine
 takes at once (``window``)."""
-MAX_EMBED_INPUTS = 2048
 
 _Vector = TypeVar("_Vector")
 _FIRST_RETRY_PAUSE_S = 0.01
@@ -106,8 +105,10 @@ def token_lists(engine: Engine, request: pb.EmbedRequest) -> list[list[int]]:
     count = len(request.texts) + len(request.token_lists)
     if count == 0:
         raise invalid("INVALID_INPUT", "nothing to embed: give texts or token_lists")
-    if count > MAX_EMBED_INPUTS:
-        raise invalid("INVALID_INPUT", f"{count} inputs; at most {MAX_EMBED_INPUTS} per call")
+    if count > text_checks.MAX_EMBED_INPUTS:
+        raise invalid(
+            "INVALID_INPUT", f"{count} inputs; at most {text_checks.MAX_EMBED_INPUTS} per call"
+        )
     if request.pooling not in (pb.POOLING_UNSPECIFIED, pb.POOLING_LAST, pb.POOLING_MEAN):
         raise invalid("INVALID_INPUT", f"unknown pooling {request.pooling}")
     for index, text in enumerate(request.texts):

@@ -16,8 +16,6 @@ import torch
 
 from salience_client import AsyncSalienceClient, SalienceClient
 from salience_client.pb import salience_pb2 as pb
-from salience_server.http.embeddings import MAX_INPUTS
-from salience_server.rpc.embed_inputs import MAX_EMBED_INPUTS
 from salience_server.text_checks import MAX_CHARS_PER_TOKEN
 from tests.helpers import error_reason, generate, open_session, random_tokens
 from tests.tiny_models import build_tokenizer, reference_model
@@ -358,7 +356,6 @@ def test_too_many_inputs_are_refused_before_any_is_tokenized(
         error = reply.json()["error"]
         assert error["param"] == "input" and "at most 2048" in error["message"]
     assert tokenized == []
-    assert MAX_INPUTS == MAX_EMBED_INPUTS  # the shim's limit is the server's
 
 
 def test_embeddings_add_special_tokens_by_default(
